@@ -1,0 +1,2 @@
+//! Disk image formats behind one trait: raw and qcow2 (with backing chains), and the rules for
+//! creating, checking and converting them. Knows nothing of KVM or virtio.

@@ -1,0 +1,1 @@
+//! Devices the guest sees, and the contexts (event loops) that run them.

@@ -1,0 +1,3 @@
+//! The `vmm` binary.
+
+fn main() {}
