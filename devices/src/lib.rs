@@ -1,1 +1,3 @@
 //! Devices the guest sees, and the contexts (event loops) that run them.
+
+pub mod context;

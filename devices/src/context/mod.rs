@@ -1,0 +1,484 @@
+//! The context that the main loop and every iothread run, after QEMU's `AioContext`: an event
+//! loop over epoll, a nestable acquire/release lock, bottom halves and timers.
+//!
+//! One iteration of the loop ([`Context::run_once`]) waits in `epoll_wait` holding nothing, then
+//! takes the context (through the optional dispatch hook, with which the vmm's main loop takes
+//! the global lock first), runs the handler of every ready file descriptor and every pending
+//! bottom half, and lets go. So a context is held only while short, non-blocking work runs;
+//! a thread that acquires it from outside (a vCPU writing a device's configuration, the monitor)
+//! waits at most for the iteration in progress: the loop hands the lock over to waiting threads
+//! before starting another (see `lock.rs`). The loop never holds its context while blocked in
+//! `epoll_wait`, so an outside acquirer never has to wake it; a bottom half or [`Context::notify`]
+//! does, through the context's eventfd.
+//!
+//! Why epoll through vmm-sys-util rather than event-manager: event-manager's `run` waits and
+//! dispatches in one call and owns its subscribers (`&mut self`), so the loop could not release
+//! the context while waiting, and the devices it runs could not also be reached from vCPUs. Here a
+//! handler is an `Arc`'d closure looked up under a short table lock; tokens carry a generation so
+//! an event that raced with a removal is dropped, never delivered to a newcomer in the same slot.
+
+mod bh;
+mod iothread;
+mod lock;
+mod timer;
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use std::{fmt, io};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use bh::Bh;
+pub use iothread::IoThread;
+pub use lock::{
+    debug_assert_may_take_global_lock, global_lock_held, in_iothread, set_global_lock_held,
+};
+pub use timer::Timer;
+
+use bh::{BhQueue, Work};
+use lock::NestLock;
+
+/// Errors of the context module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `epoll_create1` failed.
+    #[error("cannot create the epoll instance of context {0}")]
+    EpollCreate(String, #[source] io::Error),
+    /// Creating the context's wake-up eventfd failed.
+    #[error("cannot create the wake-up eventfd of context {0}")]
+    WakeEventFd(String, #[source] io::Error),
+    /// `EPOLL_CTL_ADD` failed.
+    #[error("cannot add fd {fd} to context {name}")]
+    AddFd {
+        /// The context.
+        name: String,
+        /// The file descriptor.
+        fd: RawFd,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// `EPOLL_CTL_DEL` failed.
+    #[error("cannot remove fd {fd} from context {name}")]
+    RemoveFd {
+        /// The context.
+        name: String,
+        /// The file descriptor.
+        fd: RawFd,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The handler id is not (or no longer) registered.
+    #[error("no handler {0:?} in context {1}")]
+    UnknownHandler(HandlerId, String),
+    /// `epoll_wait` failed.
+    #[error("waiting for events in context {0} failed")]
+    Wait(String, #[source] io::Error),
+    /// Creating a timer's timerfd failed.
+    #[error("cannot create a timerfd")]
+    TimerCreate(#[source] io::Error),
+    /// Arming or disarming a timerfd failed.
+    #[error("cannot set a timerfd")]
+    TimerSet(#[source] vmm_sys_util::errno::Error),
+    /// Spawning an iothread failed.
+    #[error("cannot spawn iothread {0}")]
+    Spawn(String, #[source] io::Error),
+    /// An iothread's loop stopped on an error.
+    #[error("iothread {0} stopped on an error")]
+    IoThreadFailed(String, #[source] Box<Error>),
+    /// An iothread panicked.
+    #[error("iothread {0} panicked")]
+    IoThreadPanicked(String),
+}
+
+/// A handler for a ready file descriptor, run in the context's thread with the context held.
+pub type Handler = Arc<dyn Fn(&Context, EventSet) + Send + Sync>;
+
+/// Runs one dispatch (the closure) in whatever surroundings the owner of a loop needs: the vmm's
+/// main loop takes the global lock around it.
+pub type DispatchHook = Box<dyn Fn(&mut dyn FnMut()) + Send + Sync>;
+
+/// Identifies a registered file descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandlerId(u64);
+
+/// The epoll token of the context's own eventfd.
+const WAKE_TOKEN: u64 = u64::MAX;
+/// Events taken from epoll per iteration.
+const MAX_EVENTS: usize = 32;
+
+/// Contexts get distinct non-zero ids.
+static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A registered file descriptor.
+struct Entry {
+    generation: u32,
+    fd: RawFd,
+    handler: Handler,
+}
+
+/// Handlers by slot, with a generation per slot.
+#[derive(Default)]
+struct HandlerTable {
+    slots: Vec<Option<Entry>>,
+    free: Vec<usize>,
+    next_generation: u32,
+}
+
+impl HandlerTable {
+    fn split(token: u64) -> (usize, u32) {
+        let slot = usize::try_from(token & 0xffff_ffff).unwrap_or(usize::MAX);
+        let generation = u32::try_from(token >> 32).unwrap_or(u32::MAX);
+        (slot, generation)
+    }
+
+    fn get(&self, token: u64) -> Option<&Entry> {
+        let (slot, generation) = Self::split(token);
+        self.slots
+            .get(slot)?
+            .as_ref()
+            .filter(|e| e.generation == generation)
+    }
+}
+
+/// A context: see the module documentation.
+pub struct Context {
+    id: u64,
+    name: String,
+    epoll: Epoll,
+    wake: EventFd,
+    lock: NestLock,
+    handlers: Mutex<HandlerTable>,
+    bottom_halves: BhQueue,
+    hook: Option<DispatchHook>,
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One level of a held context; dropping it releases that level.
+#[derive(Debug)]
+#[must_use = "the context is released when the guard is dropped"]
+pub struct ContextGuard<'a> {
+    ctx: &'a Context,
+}
+
+impl Drop for ContextGuard<'_> {
+    fn drop(&mut self) {
+        self.ctx.lock.release();
+    }
+}
+
+impl Context {
+    /// A context named `name` (an iothread id, or "main-loop").
+    pub fn new(name: &str) -> Result<Arc<Self>, Error> {
+        Self::build(name, None)
+    }
+
+    /// A context whose every dispatch runs inside `hook` (the main loop's takes the global lock).
+    pub fn with_dispatch_hook(name: &str, hook: DispatchHook) -> Result<Arc<Self>, Error> {
+        Self::build(name, Some(hook))
+    }
+
+    fn build(name: &str, hook: Option<DispatchHook>) -> Result<Arc<Self>, Error> {
+        let epoll = Epoll::new().map_err(|e| Error::EpollCreate(name.to_owned(), e))?;
+        let wake =
+            EventFd::new(EFD_NONBLOCK).map_err(|e| Error::WakeEventFd(name.to_owned(), e))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                wake.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, WAKE_TOKEN),
+            )
+            .map_err(|source| Error::AddFd {
+                name: name.to_owned(),
+                fd: wake.as_raw_fd(),
+                source,
+            })?;
+        let id = NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(Context {
+            id,
+            name: name.to_owned(),
+            epoll,
+            wake,
+            lock: NestLock::new(id),
+            handlers: Mutex::new(HandlerTable::default()),
+            bottom_halves: BhQueue::new(),
+            hook,
+        }))
+    }
+
+    /// The context's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn table(&self) -> MutexGuard<'_, HandlerTable> {
+        // The table is only modified by short, non-panicking code.
+        self.handlers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Acquires one level of the context: blocks while another thread holds it, nests when the
+    /// current thread does. Must not be called while holding another context.
+    pub fn acquire(&self) -> ContextGuard<'_> {
+        self.lock.acquire();
+        ContextGuard { ctx: self }
+    }
+
+    /// Whether the current thread holds the context.
+    pub fn held_by_current_thread(&self) -> bool {
+        self.lock.held_by_current_thread()
+    }
+
+    /// Runs `f` with every level of the context that the current thread holds released, and
+    /// acquires them all again afterwards: how a reset or shutdown waits for in-flight requests
+    /// without blocking the context's loop (DESIGN.md, "Draining").
+    pub fn unlocked<R>(&self, f: impl FnOnce() -> R) -> R {
+        let depth = self.lock.release_all();
+        let result = f();
+        self.lock.reacquire(depth);
+        result
+    }
+
+    /// Watches `fd` for `events`; `handler` runs in the context's thread, with the context held,
+    /// each time they occur (level-triggered unless `events` says otherwise).
+    pub fn add_fd(
+        &self,
+        fd: RawFd,
+        events: EventSet,
+        handler: Handler,
+    ) -> Result<HandlerId, Error> {
+        let mut table = self.table();
+        let generation = table.next_generation;
+        table.next_generation = table.next_generation.wrapping_add(1);
+        let slot = match table.free.pop() {
+            Some(slot) => slot,
+            None => {
+                table.slots.push(None);
+                table.slots.len() - 1
+            }
+        };
+        let token = (u64::from(generation) << 32) | u64::try_from(slot).unwrap_or(u64::MAX);
+        if let Err(source) =
+            self.epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+        {
+            table.free.push(slot);
+            return Err(Error::AddFd {
+                name: self.name.clone(),
+                fd,
+                source,
+            });
+        }
+        table.slots[slot] = Some(Entry {
+            generation,
+            fd,
+            handler,
+        });
+        Ok(HandlerId(token))
+    }
+
+    /// Stops watching a file descriptor. Once this returns (with the context held by the caller,
+    /// or from a handler) the handler never runs again.
+    pub fn remove_fd(&self, id: HandlerId) -> Result<(), Error> {
+        let mut table = self.table();
+        let fd = table
+            .get(id.0)
+            .map(|e| e.fd)
+            .ok_or_else(|| Error::UnknownHandler(id, self.name.clone()))?;
+        let (slot, _) = HandlerTable::split(id.0);
+        table.slots[slot] = None;
+        table.free.push(slot);
+        self.epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+            .map_err(|source| Error::RemoveFd {
+                name: self.name.clone(),
+                fd,
+                source,
+            })
+    }
+
+    /// Wakes the loop's thread (for a stop request, say). Takes no lock.
+    pub fn notify(&self) {
+        // An eventfd write only fails when the counter would overflow, which still leaves it
+        // readable: the loop wakes either way.
+        let _ = self.wake.write(1);
+    }
+
+    pub(crate) fn push_work(&self, work: Work) {
+        self.bottom_halves.push(work);
+        self.notify();
+    }
+
+    /// Schedules `f` to run once in the context's thread with the context held. Takes no lock.
+    pub fn schedule(&self, f: impl FnOnce(&Context) + Send + 'static) {
+        self.push_work(Work::Once(Box::new(f)));
+    }
+
+    /// Runs one iteration: waits up to `timeout` (forever with `None`) for events without holding
+    /// the context, then dispatches the ready handlers and the pending bottom halves with the
+    /// context held. Returns how many handlers and bottom halves ran.
+    pub fn run_once(&self, timeout: Option<Duration>) -> Result<usize, Error> {
+        let timeout_ms = match timeout {
+            None => -1,
+            Some(t) => i32::try_from(t.as_millis()).unwrap_or(i32::MAX),
+        };
+        let mut events = [EpollEvent::default(); MAX_EVENTS];
+        let ready = match self.epoll.wait(timeout_ms, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(Error::Wait(self.name.clone(), e)),
+        };
+        let mut ran = 0;
+        let mut dispatch = || ran = self.dispatch(&events[..ready]);
+        match &self.hook {
+            Some(hook) => hook(&mut dispatch),
+            None => dispatch(),
+        }
+        Ok(ran)
+    }
+
+    /// Runs the handlers of `events` and the pending bottom halves, holding the context.
+    fn dispatch(&self, events: &[EpollEvent]) -> usize {
+        self.lock.acquire_for_loop();
+        let mut ran = 0;
+        for event in events {
+            if event.data() == WAKE_TOKEN {
+                // Nothing to do but clear it; the bottom halves run below in any case.
+                let _ = self.wake.read();
+                continue;
+            }
+            // Looked up with the context held, so a handler removed since the wait never runs.
+            let handler = self
+                .table()
+                .get(event.data())
+                .map(|e| Arc::clone(&e.handler));
+            if let Some(handler) = handler {
+                handler(self, event.event_set());
+                ran += 1;
+                debug_assert!(
+                    !(lock::in_iothread() && lock::global_lock_held()),
+                    "an iothread handler took the global lock"
+                );
+            }
+        }
+        for work in self.bottom_halves.take_all() {
+            work.run(self);
+            ran += 1;
+        }
+        self.lock.release();
+        ran
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn handler_runs_when_its_fd_is_ready_and_not_after_removal() {
+        let ctx = Context::new("t").unwrap();
+        let efd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = Arc::clone(&hits);
+        let reader = efd.try_clone().unwrap();
+        let id = ctx
+            .add_fd(
+                efd.as_raw_fd(),
+                EventSet::IN,
+                Arc::new(move |ctx: &Context, _| {
+                    assert!(ctx.held_by_current_thread());
+                    reader.read().unwrap();
+                    h.fetch_add(1, Ordering::SeqCst);
+                }),
+            )
+            .unwrap();
+        efd.write(1).unwrap();
+        assert_eq!(ctx.run_once(Some(Duration::from_secs(5))).unwrap(), 1);
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        ctx.remove_fd(id).unwrap();
+        efd.write(1).unwrap();
+        assert_eq!(ctx.run_once(Some(Duration::ZERO)).unwrap(), 0);
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        assert!(matches!(ctx.remove_fd(id), Err(Error::UnknownHandler(..))));
+    }
+
+    #[test]
+    fn adding_a_bad_fd_is_an_error() {
+        let ctx = Context::new("t").unwrap();
+        let err = ctx.add_fd(-1, EventSet::IN, Arc::new(|_: &Context, _| {}));
+        assert!(matches!(err, Err(Error::AddFd { fd: -1, .. })));
+    }
+
+    #[test]
+    fn bottom_halves_run_in_order_and_a_reusable_one_is_queued_once() {
+        let ctx = Context::new("t").unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for i in 0..3 {
+            let log = Arc::clone(&log);
+            ctx.schedule(move |_| log.lock().unwrap().push(i));
+        }
+        let runs = Arc::new(AtomicUsize::new(0));
+        let r = Arc::clone(&runs);
+        let bh = Bh::new(Arc::clone(&ctx), move |_| {
+            r.fetch_add(1, Ordering::SeqCst);
+        });
+        bh.schedule();
+        bh.schedule();
+        assert_eq!(ctx.run_once(Some(Duration::from_secs(5))).unwrap(), 4);
+        assert_eq!(*log.lock().unwrap(), vec![0, 1, 2]);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        bh.schedule();
+        assert_eq!(ctx.run_once(Some(Duration::from_secs(5))).unwrap(), 1);
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn dispatch_hook_wraps_every_dispatch() {
+        let wrapped = Arc::new(AtomicUsize::new(0));
+        let w = Arc::clone(&wrapped);
+        let ctx = Context::with_dispatch_hook(
+            "main-loop",
+            Box::new(move |dispatch: &mut dyn FnMut()| {
+                set_global_lock_held(true);
+                dispatch();
+                set_global_lock_held(false);
+                w.fetch_add(1, Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+        ctx.schedule(|_| assert!(global_lock_held()));
+        ctx.run_once(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(wrapped.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn unlocked_releases_every_level_and_restores_them() {
+        let ctx = Context::new("t").unwrap();
+        let _a = ctx.acquire();
+        let _b = ctx.acquire();
+        let other = Arc::clone(&ctx);
+        ctx.unlocked(|| {
+            assert!(!other.held_by_current_thread());
+            // Another thread can take it meanwhile.
+            let c = Arc::clone(&other);
+            std::thread::spawn(move || drop(c.acquire()))
+                .join()
+                .unwrap();
+        });
+        assert!(ctx.held_by_current_thread());
+    }
+}
