@@ -87,9 +87,21 @@ impl Args {
     }
 }
 
+/// Parses a plain number, decimal or `0x` hexadecimal (qemu-io's patterns).
+pub fn number(s: &str) -> Result<u64, CliError> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| CliError::Usage(format!("invalid number '{s}'")))
+}
+
 /// Parses a size with an optional k/M/G/T suffix (binary units, as qemu-img and qemu-io).
 pub fn size(s: &str) -> Result<u64, CliError> {
     let bad = || CliError::Usage(format!("invalid size '{s}'"));
+    if s.starts_with("0x") {
+        return number(s);
+    }
     let (num, mult) = match s.chars().last() {
         Some(c) if c.is_ascii_alphabetic() => {
             let m: u64 = match c.to_ascii_lowercase() {
@@ -104,11 +116,7 @@ pub fn size(s: &str) -> Result<u64, CliError> {
         }
         _ => (s, 1),
     };
-    let n: u64 = if let Some(h) = num.strip_prefix("0x") {
-        u64::from_str_radix(h, 16).map_err(|_| bad())?
-    } else {
-        num.parse().map_err(|_| bad())?
-    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
     n.checked_mul(mult).ok_or_else(bad)
 }
 

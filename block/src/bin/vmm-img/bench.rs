@@ -35,7 +35,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     let start = num("o", 0)?;
     let bufsize = num("s", 4096)?;
     let step = num("S", bufsize)?;
-    let pattern = u8::try_from(num("pattern", 0)?)
+    let pattern = u8::try_from(a.value("pattern").map_or(Ok(0), args::number)?)
         .map_err(|_| CliError::Usage("--pattern must be a byte".into()))?;
     let write = a.has("w");
     let t = a.value("t").unwrap_or("writeback");

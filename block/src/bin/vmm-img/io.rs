@@ -48,7 +48,7 @@ fn parse(line: &str) -> Result<Cmd, CliError> {
                 let p = it
                     .next()
                     .ok_or_else(|| CliError::Usage(format!("{name}: -P needs a pattern")))?;
-                let v = args::size(p)?;
+                let v = args::number(p)?;
                 pattern = Some(u8::try_from(v & 0xff).unwrap_or(0));
             }
             "-z" => zero = true,
