@@ -13,7 +13,7 @@ use block::{open, DiskImage, Format, OpenOptions};
 use common::*;
 
 /// One slot per write, so later writes never overwrite what is being verified.
-const SLOT: u64 = 96 * 1024;
+const SLOT: u64 = 40 * 1024;
 
 #[test]
 fn killed_writers_leave_consistent_images() {
@@ -74,6 +74,7 @@ fn killed_writers_leave_consistent_images() {
                 planned.push((off, len, byte));
                 slot += 1;
             }
+            assert!(!planned.is_empty(), "the image ran out of slots");
             let mut args = vec!["io".to_string(), "-f".into(), "qcow2".into()];
             for c in &cmds {
                 args.push("-c".into());
