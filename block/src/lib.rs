@@ -13,7 +13,7 @@ mod raw;
 pub use error::{Error, ErrorKind};
 pub use file::CacheMode;
 pub use image::{Allocation, BlockStatus, DiskImage};
-pub use open::{create, open, probe, Format, Image, OpenOptions};
+pub use open::{create, open, probe, resolve_backing, Format, Image, OpenOptions};
 pub use raw::Raw;
 
 /// Checks that `[offset, offset + len)` lies within a disk of `size` bytes.

@@ -15,7 +15,8 @@ pub fn run(tool: &str, args: &[&str]) -> String {
         .unwrap_or_else(|e| panic!("{tool} is required (ci/setup installs it): {e}"));
     assert!(
         out.status.success(),
-        "{tool} {args:?} failed: {}{}",
+        "{tool} {args:?} failed ({}): {}{}",
+        out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
