@@ -1,0 +1,844 @@
+//! The virtio-blk device: what it offers (features, configuration space), how it starts
+//! (activation registers its queue notifications and its completion eventfd with its context)
+//! and how it stops (reset and shutdown drain in-flight requests as DESIGN.md, "Draining", asks).
+//!
+//! Draining: the device is marked quiescing (no new request is taken from the queues), every
+//! nesting level of its context is released, and the thread waits until the worker pool has run
+//! every submitted request ([`block::aio::Aio::wait_idle`], which needs nothing from the
+//! context's thread). It then acquires the context again and completes what is left itself. So
+//! a vCPU resetting a main-loop device with the global lock held never waits for the main loop
+//! (which would need that lock to run), and an iothread keeps serving its other devices, and may
+//! complete this one's requests, meanwhile.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+
+use block::aio::{Aio, AioError};
+use block::DiskImage;
+use std::os::fd::AsRawFd;
+use virtio_queue::QueueT;
+use vmm_sys_util::epoll::EventSet;
+
+use super::event_handler::QueueState;
+use super::request::Buf;
+use super::stats::BlockStats;
+use super::{features, DEVICE_ID, ID_BYTES, SECTOR_SHIFT};
+use crate::context::{Context, HandlerId};
+use crate::virtio::{
+    features as common, ActivateError, Activation, GuestMemoryMmap, Interrupt, VirtioDevice,
+};
+
+/// Errors of creating a virtio-blk device.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Starting the worker pool failed.
+    #[error("cannot start the I/O workers of drive {0}")]
+    Aio(String, #[source] AioError),
+    /// A queue size that is not a power of two between 2 and 32768 (virtio 1.2, 2.7).
+    #[error("queue size {0} is not a power of two between 2 and 32768")]
+    QueueSize(u16),
+    /// Zero queues, or more than the 64 the device supports.
+    #[error("{0} queues is not between 1 and 64")]
+    NumQueues(u16),
+}
+
+/// How a disk is presented.
+#[derive(Debug, Clone)]
+pub struct BlockConfig {
+    /// The drive's id (names the worker threads).
+    pub id: String,
+    /// GET_ID answer (`-device ...,serial=`); at most 20 bytes are used.
+    pub serial: String,
+    /// Number of request queues (`num-queues`).
+    pub num_queues: u16,
+    /// Maximum size of each queue (`queue-size`).
+    pub queue_size: u16,
+    /// Whether discard requests reach the image (`discard=unmap`) or are ignored (`ignore`).
+    pub discard: bool,
+    /// Worker threads for image I/O.
+    pub io_workers: usize,
+}
+
+impl Default for BlockConfig {
+    /// QEMU's defaults for virtio-blk: one queue of 256, `discard=ignore`.
+    fn default() -> Self {
+        BlockConfig {
+            id: "drive".to_owned(),
+            serial: String::new(),
+            num_queues: 1,
+            queue_size: 256,
+            discard: false,
+            io_workers: 4,
+        }
+    }
+}
+
+/// Size of the configuration space we fill: `struct virtio_blk_config` up to
+/// `write_zeroes_may_unmap` and its padding (5.2.4).
+const CONFIG_LEN: usize = 60;
+/// Largest segment the driver may use (`size_max`): 1 MiB.
+const SIZE_MAX: u32 = 1 << 20;
+/// Discard and write-zeroes limits in sectors: QEMU's `BDRV_REQUEST_MAX_SECTORS`.
+const MAX_DISCARD_SECTORS: u32 = (i32::MAX as u32) >> SECTOR_SHIFT;
+
+/// State while the driver has the device running.
+#[derive(Debug)]
+pub(super) struct Active {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<Interrupt>,
+    pub queues: Vec<QueueState>,
+    pub handlers: Vec<HandlerId>,
+    pub acked_features: u64,
+    /// Set once the device entered DEVICE_NEEDS_RESET: nothing more is processed.
+    pub broken: bool,
+    /// Set while draining: no new request is taken from the queues.
+    pub quiescing: bool,
+    /// Requests taken from the queues and not yet completed.
+    pub in_flight: usize,
+    /// Segment lists returned by completions, reused by later requests.
+    pub seg_pool: Vec<Vec<block::aio::IoSeg>>,
+    /// Reused buffer for walking a descriptor chain.
+    pub scratch: Vec<Buf>,
+}
+
+/// A virtio-blk device on a disk image, served in one context.
+pub struct Block {
+    pub(super) me: Weak<Block>,
+    pub(super) ctx: Arc<Context>,
+    pub(super) config: BlockConfig,
+    pub(super) features: u64,
+    pub(super) config_space: [u8; CONFIG_LEN],
+    pub(super) queue_sizes: Vec<u16>,
+    pub(super) capacity: u64,
+    pub(super) aio: Aio,
+    pub(super) stats: BlockStats,
+    pub(super) active: Mutex<Option<Active>>,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("id", &self.config.id)
+            .field("context", &self.ctx.name())
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Block {
+    /// A device presenting `image`, served in `ctx`.
+    pub fn new(
+        config: BlockConfig,
+        image: Arc<dyn DiskImage>,
+        ctx: Arc<Context>,
+    ) -> Result<Arc<Self>, Error> {
+        let size = config.queue_size;
+        if !size.is_power_of_two() || !(2..=32768).contains(&size) {
+            return Err(Error::QueueSize(size));
+        }
+        if config.num_queues == 0 || config.num_queues > 64 {
+            return Err(Error::NumQueues(config.num_queues));
+        }
+        // Each queue has at most `size` requests in flight (one per head index), so the pool
+        // never refuses one.
+        let depth = usize::from(config.num_queues) * usize::from(size);
+        let capacity = image.size() >> SECTOR_SHIFT;
+        let read_only = image.read_only();
+        let aio = Aio::new(&config.id, image, config.io_workers, depth)
+            .map_err(|e| Error::Aio(config.id.clone(), e))?;
+        let mut features = common::VERSION_1
+            | common::RING_INDIRECT_DESC
+            | common::RING_EVENT_IDX
+            | features::SIZE_MAX
+            | features::SEG_MAX
+            | features::BLK_SIZE
+            | features::FLUSH
+            | features::TOPOLOGY
+            | features::MQ
+            | features::DISCARD
+            | features::WRITE_ZEROES;
+        if read_only {
+            features |= features::RO;
+        }
+        let config_space = config_space(capacity, size, config.num_queues, config.discard);
+        Ok(Arc::new_cyclic(|me| Block {
+            me: me.clone(),
+            ctx,
+            queue_sizes: vec![size; usize::from(config.num_queues)],
+            config,
+            features,
+            config_space,
+            capacity,
+            aio,
+            stats: BlockStats::default(),
+            active: Mutex::new(None),
+        }))
+    }
+
+    pub(super) fn active(&self) -> MutexGuard<'_, Option<Active>> {
+        debug_assert!(
+            self.ctx.held_by_current_thread(),
+            "virtio-blk state touched without its context"
+        );
+        // Only taken with the context held, by code that does not panic while holding it.
+        self.active.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The device's statistics (readable from any thread, no context needed).
+    pub fn stats(&self) -> &BlockStats {
+        &self.stats
+    }
+
+    /// The GET_ID answer: the serial, truncated or zero-padded to 20 bytes.
+    pub(super) fn device_id(&self) -> [u8; ID_BYTES] {
+        let mut id = [0u8; ID_BYTES];
+        let serial = self.config.serial.as_bytes();
+        let n = serial.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&serial[..n]);
+        id
+    }
+
+    /// Stops the device for good: drains it, flushes the image, and leaves its context.
+    /// Acquires the context itself (nested if the caller holds it).
+    pub fn shutdown(&self) -> Result<(), block::Error> {
+        let _guard = self.ctx.acquire();
+        self.drain_and_stop();
+        let image = Arc::clone(self.aio.image());
+        // Not on the context: the flush may take long.
+        self.ctx.unlocked(|| image.flush())
+    }
+
+    /// Drains in-flight requests (see the module documentation) and deactivates.
+    fn drain_and_stop(&self) {
+        match self.active().as_mut() {
+            Some(active) => active.quiescing = true,
+            None => return,
+        }
+        self.ctx.unlocked(|| self.aio.wait_idle());
+        let mut guard = self.active();
+        if let Some(active) = guard.as_mut() {
+            self.complete_all(active);
+            debug_assert_eq!(active.in_flight, 0, "requests in flight after draining");
+            for id in active.handlers.drain(..) {
+                if let Err(e) = self.ctx.remove_fd(id) {
+                    log::warn!("virtio-blk {}: {e}", self.config.id);
+                }
+            }
+        }
+        *guard = None;
+    }
+}
+
+/// Builds `struct virtio_blk_config` (virtio 1.2, 5.2.4), little-endian.
+fn config_space(
+    capacity: u64,
+    queue_size: u16,
+    num_queues: u16,
+    discard: bool,
+) -> [u8; CONFIG_LEN] {
+    let mut c = [0u8; CONFIG_LEN];
+    let mut put =
+        |offset: usize, bytes: &[u8]| c[offset..offset + bytes.len()].copy_from_slice(bytes);
+    put(0, &capacity.to_le_bytes());
+    put(8, &SIZE_MAX.to_le_bytes());
+    // seg_max: the queue less the header and status descriptors, as QEMU's seg-max-adjust.
+    put(12, &u32::from(queue_size - 2).to_le_bytes());
+    // geometry (16..20) is not offered.
+    put(20, &512u32.to_le_bytes()); // blk_size
+    put(24, &[0]); // topology.physical_block_exp: one logical block per physical block
+    put(25, &[0]); // topology.alignment_offset
+    put(26, &1u16.to_le_bytes()); // topology.min_io_size, in blocks
+    put(28, &0u32.to_le_bytes()); // topology.opt_io_size: no preference
+    put(32, &[0]); // writeback: CONFIG_WCE is not offered
+    put(34, &num_queues.to_le_bytes());
+    put(36, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
+    put(40, &1u32.to_le_bytes()); // max_discard_seg
+    put(44, &1u32.to_le_bytes()); // discard_sector_alignment
+    put(48, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+    put(52, &1u32.to_le_bytes()); // max_write_zeroes_seg
+    put(56, &[u8::from(discard)]); // write_zeroes_may_unmap
+    c
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(src) = self.config_space.get(start..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    fn write_config(&self, offset: u64, data: &[u8]) {
+        // Only `writeback` is writable, and only with CONFIG_WCE, which is not offered.
+        log::warn!(
+            "virtio-blk {}: ignored {}-byte config write at {offset}",
+            self.config.id,
+            data.len()
+        );
+    }
+
+    fn activate(&self, activation: Activation) -> Result<(), ActivateError> {
+        let mut guard = self.active();
+        if guard.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let mut handlers = Vec::new();
+        let register = |handlers: &mut Vec<HandlerId>, fd, handler| {
+            self.ctx
+                .add_fd(fd, EventSet::IN, handler)
+                .map(|id| handlers.push(id))
+                .map_err(ActivateError::Register)
+        };
+        let mut queues = Vec::with_capacity(activation.queues.len());
+        let result = (|| {
+            for (index, (queue, event)) in activation
+                .queues
+                .into_iter()
+                .zip(activation.queue_events)
+                .enumerate()
+            {
+                if queue.ready() {
+                    let me = self.me.clone();
+                    let fd = event.as_raw_fd();
+                    register(
+                        &mut handlers,
+                        fd,
+                        Arc::new(move |_: &Context, _| {
+                            if let Some(dev) = me.upgrade() {
+                                dev.queue_notified(index);
+                            }
+                        }),
+                    )?;
+                }
+                queues.push(QueueState::new(queue, event));
+            }
+            let me = self.me.clone();
+            register(
+                &mut handlers,
+                self.aio.completion_fd(),
+                Arc::new(move |_: &Context, _| {
+                    if let Some(dev) = me.upgrade() {
+                        dev.completions_ready();
+                    }
+                }),
+            )
+        })();
+        if let Err(e) = result {
+            for id in handlers {
+                // Just added; removal only fails if the fd was closed meanwhile.
+                let _ = self.ctx.remove_fd(id);
+            }
+            return Err(e);
+        }
+        *guard = Some(Active {
+            mem: activation.mem,
+            interrupt: activation.interrupt,
+            queues,
+            handlers,
+            acked_features: activation.acked_features,
+            broken: false,
+            quiescing: false,
+            in_flight: 0,
+            seg_pool: Vec::new(),
+            scratch: Vec::with_capacity(usize::from(self.config.queue_size)),
+        });
+        drop(guard);
+        // Requests the driver queued before DRIVER_OK (allowed, 3.1.1) are served now.
+        for index in 0..self.queue_sizes.len() {
+            self.queue_notified(index);
+        }
+        Ok(())
+    }
+
+    fn reset(&self) {
+        self.drain_and_stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::super::test_util::*;
+    use super::super::{request_type as t, status as st, SECTOR_SIZE};
+    use super::*;
+    use crate::context::IoThread;
+    use crate::virtio::status as dev_status;
+    use virtio_queue::desc::split::Descriptor;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const HDR: u64 = DATA;
+    const STATUS: u64 = DATA + 0x100;
+    const BUF: u64 = DATA + 0x1000;
+
+    fn main_loop_rig(size: usize, read_only: bool) -> Rig {
+        Rig::new(
+            Context::new("main-loop").unwrap(),
+            MemImage::new(size, read_only),
+            1,
+            true,
+        )
+    }
+
+    #[test]
+    fn config_space_and_features() {
+        let rig = main_loop_rig(1 << 20, true);
+        let f = rig.dev.features();
+        assert_ne!(f & features::RO, 0);
+        assert_ne!(f & common::RING_EVENT_IDX, 0);
+        let mut cap = [0u8; 8];
+        rig.transport.read(0x100, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), (1 << 20) / SECTOR_SIZE);
+        assert_eq!(rig.reg(0x100 + 12), u32::from(QSIZE - 2)); // seg_max
+        assert_eq!(rig.reg(0x100 + 20), 512); // blk_size
+        let mut nq = [0u8; 2];
+        rig.transport.read(0x100 + 34, &mut nq);
+        assert_eq!(u16::from_le_bytes(nq), 1);
+        // Past the end of configuration space reads as zero.
+        assert_eq!(rig.reg(0x100 + 0x80), 0);
+        assert_eq!(rig.reg(0), 0x7472_6976);
+        assert_eq!(rig.reg(4), 2);
+        assert_eq!(rig.reg(8), DEVICE_ID);
+    }
+
+    #[test]
+    fn write_then_read_back_split_across_descriptors() {
+        let rig = main_loop_rig(1 << 20, false);
+        rig.start(!0);
+        let data: Vec<u8> = (0..1024u32).map(|i| (i % 251) as u8).collect();
+        rig.mem.write_slice(&data, GuestAddress(BUF)).unwrap();
+        rig.header(HDR, t::OUT, 3);
+        rig.submit(0, 0, &[(HDR, 16, 0), (BUF, 1024, 0), (STATUS, 1, F_WRITE)]);
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        assert_eq!(rig.used(0, 0), (0, 1));
+        assert_eq!(
+            &rig.image.data.lock().unwrap()[3 * 512..3 * 512 + 1024],
+            &data[..]
+        );
+        assert!(rig.irq_fired());
+        assert_eq!(rig.reg(0x60) & 1, 1);
+        rig.set_reg(0x64, 1);
+        assert_eq!(rig.reg(0x60), 0);
+
+        // Read it back into two buffers, the header and status sharing no descriptor.
+        rig.header(HDR, t::IN, 3);
+        rig.submit(
+            0,
+            4,
+            &[
+                (HDR, 16, 0),
+                (BUF + 0x2000, 512, F_WRITE),
+                (BUF + 0x3000, 512, F_WRITE),
+                (STATUS, 1, F_WRITE),
+            ],
+        );
+        rig.run_until_used(0, 2);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        assert_eq!(rig.used(0, 1), (4, 1025));
+        let mut back = vec![0u8; 1024];
+        rig.mem
+            .read_slice(&mut back[..512], GuestAddress(BUF + 0x2000))
+            .unwrap();
+        rig.mem
+            .read_slice(&mut back[512..], GuestAddress(BUF + 0x3000))
+            .unwrap();
+        assert_eq!(back, data);
+        let s = rig.dev.stats().snapshot();
+        assert_eq!(
+            (s.rd.operations, s.rd.bytes, s.wr.operations, s.wr.bytes),
+            (1, 1024, 1, 1024)
+        );
+    }
+
+    #[test]
+    fn flush_get_id_and_unknown_types() {
+        let rig = main_loop_rig(1 << 20, false);
+        rig.start(!0);
+        rig.header(HDR, t::FLUSH, 0);
+        rig.submit(0, 0, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]);
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+
+        rig.header(HDR, t::GET_ID, 0);
+        rig.submit(
+            0,
+            2,
+            &[(HDR, 16, 0), (BUF, 20, F_WRITE), (STATUS + 1, 1, F_WRITE)],
+        );
+        rig.run_until_used(0, 2);
+        assert_eq!(rig.byte(STATUS + 1), st::OK);
+        assert_eq!(rig.used(0, 1), (2, 21));
+        let mut id = [0u8; 20];
+        rig.mem.read_slice(&mut id, GuestAddress(BUF)).unwrap();
+        assert_eq!(&id, b"serial-0123456789abc");
+
+        rig.header(HDR, 99, 0);
+        rig.submit(0, 5, &[(HDR, 16, 0), (STATUS + 2, 1, F_WRITE)]);
+        rig.run_until_used(0, 3);
+        assert_eq!(rig.byte(STATUS + 2), st::UNSUPP);
+        assert_eq!(rig.dev.stats().snapshot().flush.operations, 1);
+    }
+
+    #[test]
+    fn out_of_range_overflowing_and_unaligned_requests_fail_with_ioerr() {
+        let rig = main_loop_rig(8 * 512, false);
+        rig.start(!0);
+        let cases: [(u64, u32); 4] = [
+            (8, 512),        // starts at the end
+            (7, 1024),       // runs past the end
+            (u64::MAX, 512), // sector arithmetic overflows
+            (0, 100),        // not whole sectors
+        ];
+        for (i, (sector, len)) in cases.iter().enumerate() {
+            let i = u16::try_from(i).unwrap();
+            let status = STATUS + u64::from(i);
+            rig.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+            rig.header(HDR + 0x20 * u64::from(i), t::IN, *sector);
+            rig.submit(
+                0,
+                i * 3,
+                &[
+                    (HDR + 0x20 * u64::from(i), 16, 0),
+                    (BUF, *len, F_WRITE),
+                    (status, 1, F_WRITE),
+                ],
+            );
+            rig.run_until_used(0, i + 1);
+            assert_eq!(rig.byte(status), st::IOERR, "case {i}");
+        }
+        assert_eq!(rig.dev.stats().snapshot().rd.invalid_operations, 4);
+        assert_eq!(rig.reg(0x70) & dev_status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn read_only_disk_refuses_writes_and_keeps_the_image() {
+        let rig = main_loop_rig(1 << 16, true);
+        rig.start(!0);
+        rig.mem
+            .write_slice(&[0xaa; 512], GuestAddress(BUF))
+            .unwrap();
+        rig.header(HDR, t::OUT, 0);
+        rig.submit(0, 0, &[(HDR, 16, 0), (BUF, 512, 0), (STATUS, 1, F_WRITE)]);
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::IOERR);
+        assert!(rig.image.data.lock().unwrap().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_failing_image_gives_ioerr_and_counts_as_failed() {
+        let rig = main_loop_rig(1 << 16, false);
+        rig.start(!0);
+        rig.image
+            .fail_reads
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        rig.header(HDR, t::IN, 0);
+        rig.submit(
+            0,
+            0,
+            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+        );
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::IOERR);
+        assert_eq!(rig.used(0, 0), (0, 1));
+        assert_eq!(rig.dev.stats().snapshot().rd.failed_operations, 1);
+    }
+
+    /// Writes a discard/write-zeroes segment at `addr`.
+    fn dwz(rig: &Rig, addr: u64, sector: u64, num: u32, flags: u32) {
+        let mut s = [0u8; 16];
+        s[..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&num.to_le_bytes());
+        s[12..].copy_from_slice(&flags.to_le_bytes());
+        rig.mem.write_slice(&s, GuestAddress(addr)).unwrap();
+    }
+
+    #[test]
+    fn discard_and_write_zeroes() {
+        let rig = main_loop_rig(1 << 16, false);
+        rig.image.data.lock().unwrap().fill(0x55);
+        rig.start(!0);
+        // Write zeroes over sectors 2..4, with unmap allowed.
+        rig.header(HDR, t::WRITE_ZEROES, 0);
+        dwz(&rig, BUF, 2, 2, super::super::WRITE_ZEROES_FLAG_UNMAP);
+        rig.submit(0, 0, &[(HDR, 16, 0), (BUF, 16, 0), (STATUS, 1, F_WRITE)]);
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        {
+            let d = rig.image.data.lock().unwrap();
+            assert!(d[1024..2048].iter().all(|&b| b == 0));
+            assert_eq!(d[1023], 0x55);
+            assert_eq!(d[2048], 0x55);
+        }
+        // Discard sector 0 (discard=unmap reaches the image).
+        rig.header(HDR, t::DISCARD, 0);
+        dwz(&rig, BUF, 0, 1, 0);
+        rig.submit(
+            0,
+            3,
+            &[(HDR, 16, 0), (BUF, 16, 0), (STATUS + 1, 1, F_WRITE)],
+        );
+        rig.run_until_used(0, 2);
+        assert_eq!(rig.byte(STATUS + 1), st::OK);
+        assert!(rig.image.data.lock().unwrap()[..512]
+            .iter()
+            .all(|&b| b == 0));
+        // Unmap flag on a discard, unknown flags, two segments: UNSUPP; past the end: IOERR.
+        let bad: [(u32, u64, u32, u32, u8); 4] = [
+            (t::DISCARD, 0, 1, 1, st::UNSUPP),
+            (t::WRITE_ZEROES, 0, 1, 2, st::UNSUPP),
+            (t::WRITE_ZEROES, 0, 1, 0, st::UNSUPP), // sent with 32 bytes below
+            (t::WRITE_ZEROES, 127, 2, 0, st::IOERR),
+        ];
+        for (i, (ty, sector, num, flags, want)) in bad.iter().enumerate() {
+            let i = u16::try_from(i).unwrap();
+            let status = STATUS + 2 + u64::from(i);
+            rig.header(HDR, *ty, 0);
+            dwz(&rig, BUF, *sector, *num, *flags);
+            let len = if i == 2 { 32 } else { 16 };
+            rig.submit(0, 0, &[(HDR, 16, 0), (BUF, len, 0), (status, 1, F_WRITE)]);
+            rig.run_until_used(0, 3 + i);
+            assert_eq!(rig.byte(status), *want, "case {i}");
+        }
+        let s = rig.dev.stats().snapshot();
+        assert_eq!((s.wr.operations, s.unmap.operations), (1, 1));
+    }
+
+    #[test]
+    fn indirect_descriptors() {
+        let rig = main_loop_rig(1 << 16, false);
+        rig.image.data.lock().unwrap()[512..1024].fill(0x77);
+        rig.start(!0);
+        rig.header(HDR, t::IN, 1);
+        let table = DATA + 0x8000;
+        let descs = [
+            Descriptor::new(HDR, 16, F_NEXT, 1),
+            Descriptor::new(BUF, 512, F_WRITE | F_NEXT, 2),
+            Descriptor::new(STATUS, 1, F_WRITE, 0),
+        ];
+        for (i, d) in descs.iter().enumerate() {
+            rig.mem
+                .write_obj(*d, GuestAddress(table + 16 * u64::try_from(i).unwrap()))
+                .unwrap();
+        }
+        rig.store_desc(0, 0, Descriptor::new(table, 48, F_INDIRECT, 0));
+        rig.publish(0, 0);
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        assert_eq!(rig.used(0, 0), (0, 513));
+        assert_eq!(rig.byte(BUF + 511), 0x77);
+    }
+
+    #[test]
+    fn event_idx_suppresses_interrupts_the_driver_does_not_want() {
+        let rig = main_loop_rig(1 << 16, false);
+        rig.start(!0);
+        // used_event = 1: the driver wants an interrupt only once the used index passes 1.
+        rig.set_used_event(0, 1);
+        for i in 0..2u16 {
+            rig.header(HDR, t::FLUSH, 0);
+            rig.submit(0, i * 2, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]);
+            rig.run_until_used(0, i + 1);
+            assert_eq!(rig.irq_fired(), i == 1, "request {i}");
+        }
+        // The device asks to be notified at the next available index (avail_event).
+        assert_eq!(rig.avail_event(0), 2);
+    }
+
+    #[test]
+    fn several_queues_complete_on_their_own_ring() {
+        let rig = Rig::new(
+            Context::new("main-loop").unwrap(),
+            MemImage::new(1 << 16, false),
+            2,
+            false,
+        );
+        rig.start(!0);
+        rig.header(HDR, t::FLUSH, 0);
+        rig.submit(1, 0, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]);
+        rig.run_until_used(1, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        assert_eq!(rig.used_idx(0), 0);
+    }
+
+    #[test]
+    fn hostile_chains_put_the_device_in_needs_reset_and_reset_recovers() {
+        let loop_chain = |rig: &Rig| {
+            rig.store_desc(0, 0, Descriptor::new(HDR, 16, F_NEXT, 1));
+            rig.store_desc(0, 1, Descriptor::new(STATUS, 1, F_WRITE | F_NEXT, 0));
+            rig.publish(0, 0);
+        };
+        let outside = |rig: &Rig| {
+            rig.submit(
+                0,
+                0,
+                &[
+                    (HDR, 16, 0),
+                    (MEM_SIZE - 8, 512, F_WRITE),
+                    (STATUS, 1, F_WRITE),
+                ],
+            )
+        };
+        let no_status = |rig: &Rig| rig.submit(0, 0, &[(HDR, 16, 0), (BUF, 512, 0)]);
+        let short_header = |rig: &Rig| rig.submit(0, 0, &[(HDR, 8, 0), (STATUS, 1, F_WRITE)]);
+        let wrong_order =
+            |rig: &Rig| rig.submit(0, 0, &[(HDR, 16, 0), (STATUS, 1, F_WRITE), (BUF, 512, 0)]);
+        let bad_next = |rig: &Rig| {
+            rig.store_desc(0, 0, Descriptor::new(HDR, 16, F_NEXT, 999));
+            rig.publish(0, 0);
+        };
+        let bad_avail = |rig: &Rig| {
+            rig.set_avail_idx(0, QSIZE + 5);
+            rig.set_reg(0x50, 0);
+        };
+        let cases: [&dyn Fn(&Rig); 7] = [
+            &loop_chain,
+            &outside,
+            &no_status,
+            &short_header,
+            &wrong_order,
+            &bad_next,
+            &bad_avail,
+        ];
+        let rig = main_loop_rig(1 << 16, false);
+        for (i, case) in cases.iter().enumerate() {
+            rig.start(!0);
+            rig.header(HDR, t::FLUSH, 0);
+            case(&rig);
+            rig.ctx
+                .run_once(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            assert_ne!(
+                rig.reg(0x70) & dev_status::DEVICE_NEEDS_RESET,
+                0,
+                "case {i}"
+            );
+            assert_ne!(rig.reg(0x60) & 2, 0, "case {i}: configuration interrupt");
+            // Reset, wipe the rings, and the device works again.
+            rig.set_reg(0x70, 0);
+            assert_eq!(rig.reg(0x70), 0);
+            rig.mem.write_slice(&[0u8; 0x1000], queue_addr(0)).unwrap();
+            rig.start(!0);
+            rig.header(HDR, t::FLUSH, 0);
+            rig.submit(0, 0, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]);
+            rig.run_until_used(0, 1);
+            assert_eq!(rig.byte(STATUS), st::OK, "case {i}");
+            rig.set_reg(0x70, 0);
+            rig.mem.write_slice(&[0u8; 0x1000], queue_addr(0)).unwrap();
+        }
+    }
+
+    #[test]
+    fn iothread_serves_requests_and_reset_drains_in_flight_ones() {
+        let io = IoThread::spawn("io-blk").unwrap();
+        let rig = Rig::new(
+            io.context().clone(),
+            MemImage::new(1 << 16, false),
+            1,
+            false,
+        );
+        rig.start(!0);
+        rig.image.set_gate(false);
+        rig.header(HDR, t::IN, 0);
+        rig.submit(
+            0,
+            0,
+            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+        );
+        // The request gets stuck in a worker; the iothread stays responsive meanwhile.
+        while rig
+            .image
+            .reads_started
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        for _ in 0..10 {
+            assert_eq!(rig.reg(0x100 + 20), 512);
+        }
+        let image = rig.image.clone();
+        let opener = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            image.set_gate(true);
+        });
+        // Reset waits for the read, with the context released, then completes it.
+        rig.set_reg(0x70, 0);
+        assert!(*rig.image.gate.lock().unwrap());
+        assert_eq!(rig.used_idx(0), 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        opener.join().unwrap();
+        rig.dev.shutdown().unwrap();
+        io.stop().unwrap();
+    }
+
+    #[test]
+    fn no_deadlock_mixing_register_accesses_and_iothread_io() {
+        let io = IoThread::spawn("io-stress").unwrap();
+        let rig = Arc::new(Rig::new(
+            io.context().clone(),
+            MemImage::new(1 << 20, false),
+            1,
+            false,
+        ));
+        rig.start(!0);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let vcpus: Vec<_> = (0..2)
+            .map(|_| {
+                let rig = Arc::clone(&rig);
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        assert_eq!(rig.reg(0x100 + 20), 512);
+                        rig.set_reg(0x100 + 32, 1); // config write: ignored, takes the context
+                        let pending = rig.reg(0x60);
+                        rig.set_reg(0x64, pending);
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        for i in 0..200u16 {
+            let head = (i % 4) * 3;
+            rig.header(HDR + u64::from(head) * 0x20, t::OUT, u64::from(i % 64));
+            rig.submit(
+                0,
+                head,
+                &[
+                    (HDR + u64::from(head) * 0x20, 16, 0),
+                    (BUF, 4096, 0),
+                    (STATUS + u64::from(head), 1, F_WRITE),
+                ],
+            );
+            rig.wait_used(0, i + 1);
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for v in vcpus {
+            assert!(v.join().unwrap() > 0);
+        }
+        assert_eq!(rig.dev.stats().snapshot().wr.operations, 200);
+        rig.dev.shutdown().unwrap();
+        io.stop().unwrap();
+    }
+}

@@ -1,0 +1,414 @@
+//! The work a virtio-blk device does in its context: taking requests from a queue when the
+//! driver notifies it (ioeventfd), answering the ones that need no I/O at once, submitting the
+//! others to the worker pool, and completing them when the pool's eventfd fires (status byte,
+//! used ring, interrupt if the driver wants one, with event idx where negotiated).
+//!
+//! Every function here runs with the device's context held, never the global lock (DESIGN.md).
+
+use std::time::Instant;
+
+use block::aio::{Completion, IoSeg, Op, Request};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::{Active, Block};
+use super::request::{self, Parsed};
+use super::stats::Kind;
+use super::{
+    features, request_type, status, DISCARD_SEGMENT_LEN, HEADER_LEN, SECTOR_SHIFT,
+    WRITE_ZEROES_FLAG_UNMAP,
+};
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+
+/// A request handed to the worker pool.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct InFlight {
+    status: GuestAddress,
+    /// Bytes the device writes into the chain on success (data and status).
+    used_len: u32,
+    kind: Kind,
+    bytes: u64,
+    start: Instant,
+}
+
+/// One queue and its requests in flight, by head index.
+#[derive(Debug)]
+pub(super) struct QueueState {
+    queue: Queue,
+    event: EventFd,
+    in_flight: Vec<Option<InFlight>>,
+}
+
+impl QueueState {
+    pub(super) fn new(queue: Queue, event: EventFd) -> Self {
+        let in_flight = (0..queue.max_size()).map(|_| None).collect();
+        QueueState {
+            queue,
+            event,
+            in_flight,
+        }
+    }
+}
+
+/// How a request that did not go to the pool ends.
+enum Immediate {
+    /// Write this status; `used` bytes were written before it.
+    Status(u8, u32),
+    /// Submitted to the pool.
+    Submitted,
+}
+
+/// The token of a request: queue index and head index.
+fn token(queue: usize, head: u16) -> u64 {
+    (u64::try_from(queue).unwrap_or(u64::MAX) << 16) | u64::from(head)
+}
+
+fn untoken(token: u64) -> (usize, usize) {
+    let queue = usize::try_from(token >> 16).unwrap_or(usize::MAX);
+    let head = usize::try_from(token & 0xffff).unwrap_or(usize::MAX);
+    (queue, head)
+}
+
+impl Block {
+    /// The driver notified queue `index`.
+    pub(super) fn queue_notified(&self, index: usize) {
+        let mut guard = self.active();
+        let Some(active) = guard.as_mut() else {
+            return;
+        };
+        if let Some(q) = active.queues.get(index) {
+            // Nothing to read just means a spurious wake-up.
+            let _ = q.event.read();
+        }
+        if active.broken || active.quiescing {
+            return;
+        }
+        if let Err(e) = self.process_queue(active, index) {
+            log::error!("virtio-blk {}: queue {index}: {e}", self.config.id);
+            active.broken = true;
+            active.interrupt.set_needs_reset();
+        }
+    }
+
+    /// The worker pool has completions.
+    pub(super) fn completions_ready(&self) {
+        let mut guard = self.active();
+        if let Some(active) = guard.as_mut() {
+            self.complete_all(active);
+        }
+    }
+
+    /// Takes every available request from queue `index`.
+    fn process_queue(&self, active: &mut Active, index: usize) -> Result<(), String> {
+        let Active {
+            mem,
+            queues,
+            scratch,
+            seg_pool,
+            in_flight,
+            acked_features,
+            ..
+        } = active;
+        let Some(qs) = queues.get_mut(index) else {
+            return Ok(());
+        };
+        if !qs.queue.ready() {
+            return Ok(());
+        }
+        let mut notify = false;
+        loop {
+            qs.queue
+                .disable_notification(&*mem)
+                .map_err(|e| e.to_string())?;
+            // A driver claiming more available entries than the queue holds is broken (2.7.6).
+            let avail = qs
+                .queue
+                .avail_idx(&*mem, Ordering::Acquire)
+                .map_err(|e| e.to_string())?;
+            if (avail - Wrapping(qs.queue.next_avail())).0 > qs.queue.size() {
+                return Err(format!("available index {} is out of range", avail.0));
+            }
+            while let Some(chain) = qs.queue.pop_descriptor_chain(&*mem) {
+                let parsed = request::parse(chain, mem, scratch, usize::from(qs.queue.size()))
+                    .map_err(|e| e.to_string())?;
+                let outcome = self.start_request(
+                    mem,
+                    scratch,
+                    seg_pool,
+                    *acked_features,
+                    index,
+                    &parsed,
+                    &mut qs.in_flight,
+                );
+                match outcome {
+                    Immediate::Submitted => *in_flight += 1,
+                    Immediate::Status(st, used) => {
+                        mem.write_obj(st, parsed.status)
+                            .map_err(|e| e.to_string())?;
+                        qs.queue
+                            .add_used(&*mem, parsed.head, used.saturating_add(1))
+                            .map_err(|e| e.to_string())?;
+                        notify = true;
+                    }
+                }
+            }
+            // Re-enable notifications; if the driver added more meanwhile, go round again.
+            if !qs
+                .queue
+                .enable_notification(&*mem)
+                .map_err(|e| e.to_string())?
+            {
+                break;
+            }
+        }
+        if notify
+            && qs
+                .queue
+                .needs_notification(&*mem)
+                .map_err(|e| e.to_string())?
+        {
+            active.interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+
+    /// Answers a request at once or submits it to the pool.
+    #[allow(clippy::too_many_arguments)]
+    fn start_request(
+        &self,
+        mem: &crate::virtio::GuestMemoryMmap,
+        bufs: &[request::Buf],
+        seg_pool: &mut Vec<Vec<IoSeg>>,
+        acked: u64,
+        queue: usize,
+        req: &Parsed,
+        table: &mut [Option<InFlight>],
+    ) -> Immediate {
+        let read_only = self.features & features::RO != 0;
+        let (readable, writable) = bufs.split_at(req.readable);
+        let (kind, op, offset, bytes, used) = match req.req_type {
+            request_type::IN | request_type::OUT => {
+                let (kind, len) = if req.req_type == request_type::IN {
+                    (Kind::Read, req.in_len)
+                } else {
+                    (Kind::Write, req.out_len)
+                };
+                let Some(offset) = req.disk_range(len, self.capacity) else {
+                    self.stats.invalid(kind);
+                    return Immediate::Status(status::IOERR, 0);
+                };
+                if kind == Kind::Write && read_only {
+                    self.stats.invalid(kind);
+                    return Immediate::Status(status::IOERR, 0);
+                }
+                let used = if kind == Kind::Read { len } else { 0 };
+                let Ok(used) = u32::try_from(used) else {
+                    self.stats.invalid(kind);
+                    return Immediate::Status(status::IOERR, 0);
+                };
+                let op = if kind == Kind::Read {
+                    Op::Read
+                } else {
+                    Op::Write
+                };
+                (kind, op, offset, len, used)
+            }
+            request_type::FLUSH => (Kind::Flush, Op::Flush, 0, 0, 0),
+            request_type::GET_ID => {
+                let written = request::copy_to_guest(mem, writable, 0, &self.device_id()[..])
+                    .ok()
+                    .and_then(|n| u32::try_from(n).ok());
+                return match written {
+                    Some(n) => Immediate::Status(status::OK, n),
+                    None => Immediate::Status(status::IOERR, 0),
+                };
+            }
+            request_type::DISCARD | request_type::WRITE_ZEROES => {
+                match self.discard_or_zeroes(mem, readable, acked, req, read_only) {
+                    Ok((kind, op, offset, len)) => (kind, op, offset, len, 0),
+                    Err(st) => return Immediate::Status(st, 0),
+                }
+            }
+            _ => return Immediate::Status(status::UNSUPP, 0),
+        };
+        let start = Instant::now();
+        if bytes == 0 && matches!(op, Op::Read | Op::Write) {
+            self.stats.done(kind, 0, start, true);
+            return Immediate::Status(status::OK, 0);
+        }
+        // With discard=ignore a discard succeeds without touching the image, as in QEMU.
+        if matches!(op, Op::Discard { .. }) && !self.config.discard {
+            self.stats.done(kind, bytes, start, true);
+            return Immediate::Status(status::OK, 0);
+        }
+        let mut segs = seg_pool.pop().unwrap_or_default();
+        segs.clear();
+        let mapped = match op {
+            Op::Read => request::host_pieces(mem, writable, 0, bytes, |p, n| {
+                // SAFETY: the piece is guest memory, mapped as long as the device holds `mem`,
+                // which it does until every request in flight has completed (drain on reset and
+                // shutdown); the device does not touch the buffer before the completion.
+                segs.push(unsafe { IoSeg::new(p, n) })
+            }),
+            Op::Write => request::host_pieces(mem, readable, HEADER_LEN, bytes, |p, n| {
+                // SAFETY: as above.
+                segs.push(unsafe { IoSeg::new(p, n) })
+            }),
+            _ => Ok(()),
+        };
+        if mapped.is_err() {
+            seg_pool.push(segs);
+            self.stats.invalid(kind);
+            return Immediate::Status(status::IOERR, 0);
+        }
+        let Some(slot) = table.get_mut(usize::from(req.head)) else {
+            seg_pool.push(segs);
+            return Immediate::Status(status::IOERR, 0);
+        };
+        match self.aio.submit(Request {
+            op,
+            offset,
+            segs,
+            token: token(queue, req.head),
+        }) {
+            Ok(()) => {
+                *slot = Some(InFlight {
+                    status: req.status,
+                    used_len: used,
+                    kind,
+                    bytes,
+                    start,
+                });
+                Immediate::Submitted
+            }
+            Err(refused) => {
+                // Cannot happen (the pool's depth covers every head of every queue), but a
+                // refused request is failed rather than lost.
+                seg_pool.push(refused.segs);
+                self.stats.done(kind, bytes, start, false);
+                Immediate::Status(status::IOERR, 0)
+            }
+        }
+    }
+
+    /// Checks a discard or write-zeroes request (5.2.6.2) and returns what to submit, or the
+    /// status to answer with.
+    fn discard_or_zeroes(
+        &self,
+        mem: &crate::virtio::GuestMemoryMmap,
+        readable: &[request::Buf],
+        acked: u64,
+        req: &Parsed,
+        read_only: bool,
+    ) -> Result<(Kind, Op, u64, u64), u8> {
+        let discard = req.req_type == request_type::DISCARD;
+        let (kind, feature) = if discard {
+            (Kind::Unmap, features::DISCARD)
+        } else {
+            (Kind::Write, features::WRITE_ZEROES)
+        };
+        if acked & feature == 0 {
+            return Err(status::UNSUPP);
+        }
+        // One segment only (max_discard_seg = max_write_zeroes_seg = 1), as in QEMU.
+        if req.out_len != DISCARD_SEGMENT_LEN {
+            self.stats.invalid(kind);
+            return Err(status::UNSUPP);
+        }
+        let mut seg = [0u8; 16];
+        request::copy_from_guest(mem, readable, HEADER_LEN, &mut seg)
+            .map_err(|()| status::IOERR)?;
+        let (sector, rest) = seg.split_at(8);
+        let (num, flags) = rest.split_at(4);
+        let sector = u64::from_le_bytes(sector.try_into().map_err(|_| status::IOERR)?);
+        let num = u32::from_le_bytes(num.try_into().map_err(|_| status::IOERR)?);
+        let flags = u32::from_le_bytes(flags.try_into().map_err(|_| status::IOERR)?);
+        // Unknown flags, or unmap on a discard: UNSUPP (5.2.6.2).
+        if flags & !WRITE_ZEROES_FLAG_UNMAP != 0 || (discard && flags != 0) {
+            self.stats.invalid(kind);
+            return Err(status::UNSUPP);
+        }
+        let range = Parsed { sector, ..*req };
+        let len = u64::from(num) << SECTOR_SHIFT;
+        let Some(offset) = range.disk_range(len, self.capacity) else {
+            self.stats.invalid(kind);
+            return Err(status::IOERR);
+        };
+        if read_only {
+            self.stats.invalid(kind);
+            return Err(status::IOERR);
+        }
+        let op = if discard {
+            Op::Discard { len }
+        } else {
+            Op::WriteZeroes {
+                len,
+                may_unmap: flags & WRITE_ZEROES_FLAG_UNMAP != 0 && self.config.discard,
+            }
+        };
+        Ok((kind, op, offset, len))
+    }
+
+    /// Completes every request the pool has finished, and interrupts the driver where needed.
+    pub(super) fn complete_all(&self, active: &mut Active) {
+        if active.in_flight == 0 && self.aio.in_flight() == 0 {
+            return;
+        }
+        let mut notify: u64 = 0;
+        let mut failed = false;
+        self.aio.reap(|done| match self.complete(active, done) {
+            Ok(queue) => {
+                notify |= 1u64
+                    .checked_shl(u32::try_from(queue).unwrap_or(64))
+                    .unwrap_or(0)
+            }
+            Err(()) => failed = true,
+        });
+        for (index, qs) in active.queues.iter_mut().enumerate() {
+            if notify & (1 << index) != 0 {
+                match qs.queue.needs_notification(&active.mem) {
+                    Ok(true) => active.interrupt.signal_used_queue(),
+                    Ok(false) => {}
+                    Err(_) => failed = true,
+                }
+            }
+        }
+        if failed && !active.broken {
+            log::error!("virtio-blk {}: cannot complete a request", self.config.id);
+            active.broken = true;
+            active.interrupt.set_needs_reset();
+        }
+    }
+
+    /// Completes one request; returns its queue.
+    fn complete(&self, active: &mut Active, done: Completion) -> Result<usize, ()> {
+        let Completion { request, result } = done;
+        let (queue, head) = untoken(request.token);
+        active.seg_pool.push(request.segs);
+        let qs = active.queues.get_mut(queue).ok_or(())?;
+        let info = qs
+            .in_flight
+            .get_mut(head)
+            .and_then(Option::take)
+            .ok_or(())?;
+        active.in_flight -= 1;
+        let ok = result.is_ok();
+        if let Err(e) = &result {
+            log::warn!("virtio-blk {}: {e}", self.config.id);
+        }
+        self.stats.done(info.kind, info.bytes, info.start, ok);
+        let (st, used) = if ok {
+            (status::OK, info.used_len)
+        } else {
+            (status::IOERR, 0)
+        };
+        let head = u16::try_from(head).map_err(|_| ())?;
+        active.mem.write_obj(st, info.status).map_err(|_| ())?;
+        qs.queue
+            .add_used(&active.mem, head, used.saturating_add(1))
+            .map_err(|_| ())?;
+        Ok(queue)
+    }
+}

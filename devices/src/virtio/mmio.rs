@@ -1,0 +1,431 @@
+//! The virtio-mmio transport, modern interface only (virtio 1.2, 4.2 "Virtio Over MMIO", register
+//! layout version 2).
+//!
+//! `read` and `write` take an offset into the device's 0x200-byte window, so the transport plugs
+//! into any bus. Registers are 32-bit and aligned (4.2.2.2); other accesses to them are ignored
+//! (reads give zeroes). Configuration space (from 0x100) takes any width.
+//!
+//! Locking: the transport's own state (feature selection, queue set-up, status) is behind a
+//! mutex that only vCPUs take. Accesses that reach the device (configuration space, activation at
+//! DRIVER_OK, reset) acquire the device's context under that mutex, so the order is: global lock,
+//! transport, context. InterruptStatus and InterruptACK use the atomics of [`Interrupt`] and
+//! take neither. QueueNotify is normally an ioeventfd the vmm registers at
+//! `base + QUEUE_NOTIFY_OFFSET` with the queue index as datamatch; a write that does reach the
+//! transport signals the same eventfd.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{
+    features, status, ActivateError, Activation, GuestMemoryMmap, Interrupt, VirtioDevice,
+};
+
+/// Size of a virtio-mmio device's MMIO window (registers and configuration space).
+pub const MMIO_SIZE: u64 = 0x200;
+/// Offset of QueueNotify, where the vmm registers the queues' ioeventfds.
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+
+/// "virt" in little-endian (4.2.2).
+const MAGIC: u32 = 0x7472_6976;
+/// The modern register layout.
+const VERSION: u32 = 2;
+/// Our vendor id: "RVMM" would do as well; QEMU's is used by no driver check, so any value works.
+const VENDOR_ID: u32 = 0x554D_4551;
+/// Where configuration space starts.
+const CONFIG_OFFSET: u64 = 0x100;
+
+/// The registers of 4.2.2, by offset.
+mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    pub const SHM_BASE_LOW: u64 = 0x0b8;
+    pub const SHM_BASE_HIGH: u64 = 0x0bc;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+}
+
+/// What the driver set up for one queue before DRIVER_OK.
+#[derive(Debug, Clone, Copy, Default)]
+struct QueueSetup {
+    size: u16,
+    ready: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+/// Transport state, changed by vCPUs only.
+#[derive(Debug)]
+struct State {
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<QueueSetup>,
+    active: bool,
+}
+
+/// A virtio-mmio transport for one device.
+pub struct MmioTransport {
+    device: Arc<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queue_events: Vec<EventFd>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Replaces the low or high half of a 64-bit value.
+fn set_half(value: &mut u64, half: u32, high: bool) {
+    *value = if high {
+        (*value & 0xffff_ffff) | (u64::from(half) << 32)
+    } else {
+        (*value & !0xffff_ffff) | u64::from(half)
+    };
+}
+
+/// The low or high half of a 64-bit value.
+fn half(value: u64, high: bool) -> u32 {
+    let shifted = if high { value >> 32 } else { value };
+    u32::try_from(shifted & 0xffff_ffff).unwrap_or(0)
+}
+
+impl MmioTransport {
+    /// A transport for `device`, with one notification eventfd per queue and an interrupt.
+    pub fn new(
+        device: Arc<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+    ) -> Result<Self, std::io::Error> {
+        let count = device.queue_max_sizes().len();
+        let queue_events = (0..count)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MmioTransport {
+            device,
+            mem,
+            interrupt: Arc::new(Interrupt::new()?),
+            queue_events,
+            state: Mutex::new(State {
+                status: 0,
+                device_features_sel: 0,
+                driver_features_sel: 0,
+                driver_features: 0,
+                queue_sel: 0,
+                queues: vec![QueueSetup::default(); count],
+                active: false,
+            }),
+        })
+    }
+
+    /// The eventfds to register as ioeventfds at `base + QUEUE_NOTIFY_OFFSET`, datamatch = index.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    /// The device's interrupt (its irqfd is what the vmm registers with KVM).
+    pub fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // State updates are plain field stores that cannot panic half-way.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A guest read of `data.len()` bytes at `offset` in the window.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_OFFSET {
+            let ctx = Arc::clone(self.device.context());
+            let _guard = ctx.acquire();
+            self.device.read_config(offset - CONFIG_OFFSET, data);
+            return;
+        }
+        data.fill(0);
+        let len = data.len();
+        let Ok(out) = <&mut [u8; 4]>::try_from(data) else {
+            log::warn!("virtio-mmio: ignored {len}-byte read at {offset:#x}");
+            return;
+        };
+        if !offset.is_multiple_of(4) {
+            log::warn!("virtio-mmio: ignored unaligned read at {offset:#x}");
+            return;
+        }
+        *out = self.read_register(offset).to_le_bytes();
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        // No lock for the interrupt status: vCPUs read it on every interrupt.
+        if offset == reg::INTERRUPT_STATUS {
+            return self.interrupt.status();
+        }
+        let state = self.state();
+        let selected = usize::try_from(state.queue_sel).ok().and_then(|i| {
+            state
+                .queues
+                .get(i)
+                .copied()
+                .zip(self.device.queue_max_sizes().get(i))
+        });
+        match offset {
+            reg::MAGIC => MAGIC,
+            reg::VERSION => VERSION,
+            reg::DEVICE_ID => self.device.device_type(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match state.device_features_sel {
+                0 => half(self.device.features(), false),
+                1 => half(self.device.features(), true),
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => selected.map_or(0, |(_, max)| u32::from(*max)),
+            reg::QUEUE_READY => selected.map_or(0, |(q, _)| u32::from(q.ready)),
+            reg::STATUS => {
+                let needs_reset = if self.interrupt.needs_reset() {
+                    status::DEVICE_NEEDS_RESET
+                } else {
+                    0
+                };
+                state.status | needs_reset
+            }
+            reg::QUEUE_DESC_LOW | reg::QUEUE_DESC_HIGH => {
+                selected.map_or(0, |(q, _)| half(q.desc, offset == reg::QUEUE_DESC_HIGH))
+            }
+            reg::QUEUE_DRIVER_LOW | reg::QUEUE_DRIVER_HIGH => {
+                selected.map_or(0, |(q, _)| half(q.driver, offset == reg::QUEUE_DRIVER_HIGH))
+            }
+            reg::QUEUE_DEVICE_LOW | reg::QUEUE_DEVICE_HIGH => {
+                selected.map_or(0, |(q, _)| half(q.device, offset == reg::QUEUE_DEVICE_HIGH))
+            }
+            // No shared memory regions: their length reads as -1 (4.2.2).
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
+                u32::MAX
+            }
+            // Configuration space never changes behind the driver's back.
+            reg::CONFIG_GENERATION => 0,
+            _ => {
+                log::warn!("virtio-mmio: read of unknown register {offset:#x}");
+                0
+            }
+        }
+    }
+
+    /// A guest write of `data` at `offset` in the window.
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_OFFSET {
+            let ctx = Arc::clone(self.device.context());
+            let _guard = ctx.acquire();
+            self.device.write_config(offset - CONFIG_OFFSET, data);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            log::warn!(
+                "virtio-mmio: ignored {}-byte write at {offset:#x}",
+                data.len()
+            );
+            return;
+        };
+        if !offset.is_multiple_of(4) {
+            log::warn!("virtio-mmio: ignored unaligned write at {offset:#x}");
+            return;
+        }
+        self.write_register(offset, u32::from_le_bytes(bytes));
+    }
+
+    fn write_register(&self, offset: u64, value: u32) {
+        match offset {
+            reg::INTERRUPT_ACK => return self.interrupt.ack(value),
+            reg::QUEUE_NOTIFY => {
+                match usize::try_from(value)
+                    .ok()
+                    .and_then(|i| self.queue_events.get(i))
+                {
+                    Some(event) => {
+                        if let Err(e) = event.write(1) {
+                            log::warn!("virtio-mmio: cannot signal queue {value}: {e}");
+                        }
+                    }
+                    None => log::warn!("virtio-mmio: notify of missing queue {value}"),
+                }
+                return;
+            }
+            _ => {}
+        }
+        let mut state = self.state();
+        // Queue and feature set-up is only allowed before the device is live (4.2.3.1.1).
+        let setting_up = state.status & status::DRIVER_OK == 0;
+        let sel = usize::try_from(state.queue_sel).unwrap_or(usize::MAX);
+        match offset {
+            reg::DEVICE_FEATURES_SEL => state.device_features_sel = value,
+            reg::DRIVER_FEATURES_SEL => state.driver_features_sel = value,
+            reg::DRIVER_FEATURES if setting_up && state.status & status::FEATURES_OK == 0 => {
+                match state.driver_features_sel {
+                    0 => set_half(&mut state.driver_features, value, false),
+                    1 => set_half(&mut state.driver_features, value, true),
+                    _ => {}
+                }
+            }
+            reg::QUEUE_SEL => state.queue_sel = value,
+            reg::QUEUE_NUM
+            | reg::QUEUE_READY
+            | reg::QUEUE_DESC_LOW
+            | reg::QUEUE_DESC_HIGH
+            | reg::QUEUE_DRIVER_LOW
+            | reg::QUEUE_DRIVER_HIGH
+            | reg::QUEUE_DEVICE_LOW
+            | reg::QUEUE_DEVICE_HIGH
+                if setting_up =>
+            {
+                if let Some(q) = state.queues.get_mut(sel) {
+                    match offset {
+                        reg::QUEUE_NUM => q.size = u16::try_from(value).unwrap_or(0),
+                        reg::QUEUE_READY => q.ready = value == 1,
+                        reg::QUEUE_DESC_LOW | reg::QUEUE_DESC_HIGH => {
+                            set_half(&mut q.desc, value, offset == reg::QUEUE_DESC_HIGH)
+                        }
+                        reg::QUEUE_DRIVER_LOW | reg::QUEUE_DRIVER_HIGH => {
+                            set_half(&mut q.driver, value, offset == reg::QUEUE_DRIVER_HIGH)
+                        }
+                        _ => set_half(&mut q.device, value, offset == reg::QUEUE_DEVICE_HIGH),
+                    }
+                }
+            }
+            reg::STATUS => self.write_status(&mut state, value),
+            _ => log::warn!("virtio-mmio: ignored write {value:#x} at {offset:#x}"),
+        }
+    }
+
+    /// A Status write: reset (0), feature negotiation (FEATURES_OK) and activation (DRIVER_OK).
+    fn write_status(&self, state: &mut State, value: u32) {
+        if value == 0 {
+            self.reset(state);
+            return;
+        }
+        // The driver only ever adds bits (3.1.1); anything else is ignored.
+        if value & state.status != state.status {
+            log::warn!(
+                "virtio-mmio: status {:#x} -> {value:#x} ignored",
+                state.status
+            );
+            return;
+        }
+        let mut value = value;
+        let added = value & !state.status;
+        if added & status::FEATURES_OK != 0 {
+            let offered = self.device.features();
+            let acked = state.driver_features;
+            // Modern devices only, and nothing the device did not offer (3.1.1, 6.1).
+            if acked & !offered != 0 || acked & features::VERSION_1 == 0 {
+                log::warn!("virtio-mmio: driver features {acked:#x} refused");
+                value &= !status::FEATURES_OK;
+            }
+        }
+        state.status = value;
+        if added & status::DRIVER_OK != 0 && value & status::FEATURES_OK != 0 && !state.active {
+            if let Err(e) = self.activate(state) {
+                log::error!("virtio-mmio: {e}");
+                self.interrupt.set_needs_reset();
+            }
+        }
+    }
+
+    /// Builds the queues from the driver's set-up and starts the device.
+    fn activate(&self, state: &mut State) -> Result<(), ActivateError> {
+        let event_idx = state.driver_features & features::RING_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (setup, max) in state.queues.iter().zip(self.device.queue_max_sizes()) {
+            let mut queue = Queue::new(*max).map_err(|_| ActivateError::QueueSize(*max))?;
+            if setup.ready {
+                // A queue the driver set up wrongly (size, alignment, rings outside memory) is
+                // never used: the device sees it not ready.
+                let usable = queue.try_set_size(setup.size).is_ok()
+                    && queue
+                        .try_set_desc_table_address(GuestAddress(setup.desc))
+                        .is_ok()
+                    && queue
+                        .try_set_avail_ring_address(GuestAddress(setup.driver))
+                        .is_ok()
+                    && queue
+                        .try_set_used_ring_address(GuestAddress(setup.device))
+                        .is_ok();
+                queue.set_event_idx(event_idx);
+                queue.set_ready(usable);
+                if usable && !queue.is_valid(&self.mem) {
+                    queue.set_ready(false);
+                }
+            }
+            queues.push(queue);
+        }
+        let queue_events = self
+            .queue_events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                e.try_clone()
+                    .map_err(|err| ActivateError::CloneEventFd(i, err))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let ctx = Arc::clone(self.device.context());
+        let _guard = ctx.acquire();
+        self.device.activate(Activation {
+            mem: self.mem.clone(),
+            queues,
+            queue_events,
+            interrupt: Arc::clone(&self.interrupt),
+            acked_features: state.driver_features,
+        })?;
+        state.active = true;
+        Ok(())
+    }
+
+    /// Resets device and transport (a Status write of 0).
+    fn reset(&self, state: &mut State) {
+        if state.active {
+            let ctx = Arc::clone(self.device.context());
+            let _guard = ctx.acquire();
+            self.device.reset();
+        }
+        let count = state.queues.len();
+        *state = State {
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queues: vec![QueueSetup::default(); count],
+            active: false,
+        };
+        self.interrupt.reset();
+    }
+}
