@@ -90,6 +90,21 @@ struct State {
     active: bool,
 }
 
+impl State {
+    /// The state after a reset, for a device with `queues` queues.
+    fn new(queues: usize) -> Self {
+        State {
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queues: vec![QueueSetup::default(); queues],
+            active: false,
+        }
+    }
+}
+
 /// A virtio-mmio transport for one device.
 pub struct MmioTransport {
     device: Arc<dyn VirtioDevice>,
@@ -138,15 +153,7 @@ impl MmioTransport {
             mem,
             interrupt: Arc::new(Interrupt::new()?),
             queue_events,
-            state: Mutex::new(State {
-                status: 0,
-                device_features_sel: 0,
-                driver_features_sel: 0,
-                driver_features: 0,
-                queue_sel: 0,
-                queues: vec![QueueSetup::default(); count],
-                active: false,
-            }),
+            state: Mutex::new(State::new(count)),
         })
     }
 
@@ -416,16 +423,223 @@ impl MmioTransport {
             let _guard = ctx.acquire();
             self.device.reset();
         }
-        let count = state.queues.len();
-        *state = State {
-            status: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            queue_sel: 0,
-            queues: vec![QueueSetup::default(); count],
-            active: false,
-        };
+        *state = State::new(state.queues.len());
         self.interrupt.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::context::Context;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A device that records what the transport asks of it.
+    struct Recorder {
+        ctx: Arc<Context>,
+        sizes: Vec<u16>,
+        activations: Mutex<Vec<Activation>>,
+        resets: Mutex<u32>,
+    }
+
+    impl VirtioDevice for Recorder {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.sizes
+        }
+        fn features(&self) -> u64 {
+            features::VERSION_1 | features::RING_EVENT_IDX | 1
+        }
+        fn context(&self) -> &Arc<Context> {
+            &self.ctx
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            assert!(self.ctx.held_by_current_thread());
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = u8::try_from(offset).unwrap() + u8::try_from(i).unwrap();
+            }
+        }
+        fn write_config(&self, _: u64, _: &[u8]) {
+            assert!(self.ctx.held_by_current_thread());
+        }
+        fn activate(&self, a: Activation) -> Result<(), ActivateError> {
+            assert!(self.ctx.held_by_current_thread());
+            self.activations.lock().unwrap().push(a);
+            Ok(())
+        }
+        fn reset(&self) {
+            assert!(self.ctx.held_by_current_thread());
+            *self.resets.lock().unwrap() += 1;
+        }
+    }
+
+    fn rig() -> (Arc<Recorder>, MmioTransport) {
+        let dev = Arc::new(Recorder {
+            ctx: Context::new("t").unwrap(),
+            sizes: vec![16, 8],
+            activations: Mutex::new(Vec::new()),
+            resets: Mutex::new(0),
+        });
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let t = MmioTransport::new(dev.clone(), mem).unwrap();
+        (dev, t)
+    }
+
+    fn get(t: &MmioTransport, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn set(t: &MmioTransport, offset: u64, v: u32) {
+        t.write(offset, &v.to_le_bytes());
+    }
+
+    fn negotiate(t: &MmioTransport, low: u32, high: u32) -> bool {
+        set(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        set(t, reg::DRIVER_FEATURES_SEL, 0);
+        set(t, reg::DRIVER_FEATURES, low);
+        set(t, reg::DRIVER_FEATURES_SEL, 1);
+        set(t, reg::DRIVER_FEATURES, high);
+        set(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        get(t, reg::STATUS) & status::FEATURES_OK != 0
+    }
+
+    #[test]
+    fn identification_and_features() {
+        let (_, t) = rig();
+        assert_eq!(get(&t, reg::MAGIC), MAGIC);
+        assert_eq!(get(&t, reg::VERSION), 2);
+        assert_eq!(get(&t, reg::DEVICE_ID), 42);
+        set(&t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(get(&t, reg::DEVICE_FEATURES), 1); // VERSION_1 is bit 32
+        set(&t, reg::DEVICE_FEATURES_SEL, 0);
+        assert_eq!(get(&t, reg::DEVICE_FEATURES), (1 << 29) | 1);
+        assert_eq!(get(&t, reg::SHM_LEN_LOW), u32::MAX);
+    }
+
+    #[test]
+    fn legacy_drivers_and_unoffered_features_are_refused() {
+        let (_, t) = rig();
+        assert!(!negotiate(&t, 1, 0)); // no VERSION_1
+        set(&t, reg::STATUS, 0);
+        assert!(!negotiate(&t, 1 << 3, 1)); // bit 3 not offered
+        set(&t, reg::STATUS, 0);
+        assert!(negotiate(&t, 1, 1));
+    }
+
+    #[test]
+    fn activation_hands_over_the_queues_and_later_setup_is_ignored() {
+        let (dev, t) = rig();
+        assert!(negotiate(&t, 1 << 29, 1));
+        for (q, size) in [(0u32, 16u32), (1, 3)] {
+            set(&t, reg::QUEUE_SEL, q);
+            assert_eq!(get(&t, reg::QUEUE_NUM_MAX), 16 >> q);
+            set(&t, reg::QUEUE_NUM, size);
+            let base = 0x1000 * (q + 1);
+            set(&t, reg::QUEUE_DESC_LOW, base);
+            set(&t, reg::QUEUE_DRIVER_LOW, base + 0x100);
+            set(&t, reg::QUEUE_DEVICE_LOW, base + 0x200);
+            set(&t, reg::QUEUE_READY, 1);
+            assert_eq!(get(&t, reg::QUEUE_DESC_LOW), base);
+        }
+        let ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        set(&t, reg::STATUS, ok);
+        {
+            let acts = dev.activations.lock().unwrap();
+            assert_eq!(acts.len(), 1);
+            let a = &acts[0];
+            assert_eq!(a.acked_features, (1 << 32) | (1 << 29));
+            assert!(a.queues[0].ready());
+            assert!(a.queues[0].event_idx_enabled());
+            // Size 3 is not a power of two: that queue is never used.
+            assert!(!a.queues[1].ready());
+            assert_eq!(a.queue_events.len(), 2);
+        }
+        set(&t, reg::QUEUE_SEL, 0);
+        set(&t, reg::QUEUE_DESC_LOW, 0x9000);
+        assert_eq!(get(&t, reg::QUEUE_DESC_LOW), 0x1000);
+        // Bits cannot be taken away except by a reset, which reaches the device.
+        set(&t, reg::STATUS, status::ACKNOWLEDGE);
+        assert_eq!(get(&t, reg::STATUS), ok);
+        set(&t, reg::STATUS, 0);
+        assert_eq!(get(&t, reg::STATUS), 0);
+        assert_eq!(*dev.resets.lock().unwrap(), 1);
+        assert_eq!(get(&t, reg::QUEUE_DESC_LOW), 0);
+    }
+
+    #[test]
+    fn config_space_goes_through_the_device_with_its_context() {
+        let (_, t) = rig();
+        let mut b = [0u8; 3];
+        t.read(CONFIG_OFFSET + 5, &mut b);
+        assert_eq!(b, [5, 6, 7]);
+        t.write(CONFIG_OFFSET, &[1]);
+    }
+
+    #[test]
+    fn odd_sizes_and_unaligned_register_accesses_are_ignored() {
+        let (_, t) = rig();
+        let mut b = [0xffu8; 2];
+        t.read(reg::MAGIC, &mut b);
+        assert_eq!(b, [0, 0]);
+        let mut b = [0xffu8; 4];
+        t.read(reg::MAGIC + 2, &mut b);
+        assert_eq!(b, [0; 4]);
+        set(&t, reg::QUEUE_SEL + 2, 1);
+        t.write(reg::QUEUE_SEL, &[1, 0]);
+        assert_eq!(get(&t, reg::QUEUE_NUM_MAX), 16); // still queue 0 (queue 1 has 8)
+        set(&t, reg::QUEUE_SEL, 7);
+        assert_eq!(get(&t, reg::QUEUE_NUM_MAX), 0); // no such queue
+    }
+
+    #[test]
+    fn queue_notify_signals_the_queue_eventfd() {
+        let (_, t) = rig();
+        set(&t, reg::QUEUE_NOTIFY, 1);
+        assert_eq!(t.queue_events()[1].read().unwrap(), 1);
+        assert!(t.queue_events()[0].read().is_err());
+        set(&t, reg::QUEUE_NOTIFY, 9); // no such queue: ignored
+    }
+
+    #[test]
+    fn interrupt_status_and_ack_do_not_need_the_context() {
+        let (dev, t) = rig();
+        let t = Arc::new(t);
+        t.interrupt().signal_used_queue();
+        // Another thread holds the device's context for the whole test.
+        let (held_tx, held_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let ctx = Arc::clone(&dev.ctx);
+        let holder = std::thread::spawn(move || {
+            let _g = ctx.acquire();
+            held_tx.send(()).unwrap();
+            done_rx.recv().unwrap();
+        });
+        held_rx.recv().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let vcpu = {
+            let t = Arc::clone(&t);
+            std::thread::spawn(move || {
+                let pending = get(&t, reg::INTERRUPT_STATUS);
+                set(&t, reg::INTERRUPT_ACK, pending);
+                tx.send((pending, get(&t, reg::INTERRUPT_STATUS))).unwrap();
+            })
+        };
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        done_tx.send(()).unwrap();
+        holder.join().unwrap();
+        vcpu.join().unwrap();
+        assert_eq!(got.unwrap(), (1, 0));
+        assert_eq!(t.interrupt().irqfd().read().unwrap(), 1);
     }
 }
