@@ -412,3 +412,342 @@ impl Block {
         Ok(queue)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::super::test_util::*;
+    use super::super::{request_type as t, status as st};
+    use crate::context::Context;
+    use crate::virtio::status as dev_status;
+    use virtio_queue::desc::split::Descriptor;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn write_then_read_back_split_across_descriptors() {
+        let rig = main_loop_rig(1 << 20, false);
+        rig.start(!0);
+        let data: Vec<u8> = (0..1024u32).map(|i| (i % 251) as u8).collect();
+        rig.mem.write_slice(&data, GuestAddress(BUF)).unwrap();
+        rig.header(HDR, t::OUT, 3);
+        rig.submit(0, 0, &[(HDR, 16, 0), (BUF, 1024, 0), (STATUS, 1, F_WRITE)]);
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        assert_eq!(rig.used(0, 0), (0, 1));
+        assert_eq!(
+            &rig.image.data.lock().unwrap()[3 * 512..3 * 512 + 1024],
+            &data[..]
+        );
+        assert!(rig.irq_fired());
+        assert_eq!(rig.reg(0x60) & 1, 1);
+        rig.set_reg(0x64, 1);
+        assert_eq!(rig.reg(0x60), 0);
+
+        // Read it back into two buffers, the header and status sharing no descriptor.
+        rig.header(HDR, t::IN, 3);
+        rig.submit(
+            0,
+            4,
+            &[
+                (HDR, 16, 0),
+                (BUF + 0x2000, 512, F_WRITE),
+                (BUF + 0x3000, 512, F_WRITE),
+                (STATUS, 1, F_WRITE),
+            ],
+        );
+        rig.run_until_used(0, 2);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        assert_eq!(rig.used(0, 1), (4, 1025));
+        let mut back = vec![0u8; 1024];
+        rig.mem
+            .read_slice(&mut back[..512], GuestAddress(BUF + 0x2000))
+            .unwrap();
+        rig.mem
+            .read_slice(&mut back[512..], GuestAddress(BUF + 0x3000))
+            .unwrap();
+        assert_eq!(back, data);
+        let s = rig.dev.stats().snapshot();
+        assert_eq!(
+            (s.rd.operations, s.rd.bytes, s.wr.operations, s.wr.bytes),
+            (1, 1024, 1, 1024)
+        );
+    }
+
+    #[test]
+    fn flush_get_id_and_unknown_types() {
+        let rig = main_loop_rig(1 << 20, false);
+        rig.start(!0);
+        rig.header(HDR, t::FLUSH, 0);
+        rig.submit(0, 0, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]);
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+
+        rig.header(HDR, t::GET_ID, 0);
+        rig.submit(
+            0,
+            2,
+            &[(HDR, 16, 0), (BUF, 20, F_WRITE), (STATUS + 1, 1, F_WRITE)],
+        );
+        rig.run_until_used(0, 2);
+        assert_eq!(rig.byte(STATUS + 1), st::OK);
+        assert_eq!(rig.used(0, 1), (2, 21));
+        let mut id = [0u8; 20];
+        rig.mem.read_slice(&mut id, GuestAddress(BUF)).unwrap();
+        assert_eq!(&id, b"serial-0123456789abc");
+
+        rig.header(HDR, 99, 0);
+        rig.submit(0, 5, &[(HDR, 16, 0), (STATUS + 2, 1, F_WRITE)]);
+        rig.run_until_used(0, 3);
+        assert_eq!(rig.byte(STATUS + 2), st::UNSUPP);
+        assert_eq!(rig.dev.stats().snapshot().flush.operations, 1);
+    }
+
+    #[test]
+    fn out_of_range_overflowing_and_unaligned_requests_fail_with_ioerr() {
+        let rig = main_loop_rig(8 * 512, false);
+        rig.start(!0);
+        let cases: [(u64, u32); 4] = [
+            (8, 512),        // starts at the end
+            (7, 1024),       // runs past the end
+            (u64::MAX, 512), // sector arithmetic overflows
+            (0, 100),        // not whole sectors
+        ];
+        for (i, (sector, len)) in cases.iter().enumerate() {
+            let i = u16::try_from(i).unwrap();
+            let status = STATUS + u64::from(i);
+            rig.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+            rig.header(HDR + 0x20 * u64::from(i), t::IN, *sector);
+            rig.submit(
+                0,
+                i * 3,
+                &[
+                    (HDR + 0x20 * u64::from(i), 16, 0),
+                    (BUF, *len, F_WRITE),
+                    (status, 1, F_WRITE),
+                ],
+            );
+            rig.run_until_used(0, i + 1);
+            assert_eq!(rig.byte(status), st::IOERR, "case {i}");
+        }
+        assert_eq!(rig.dev.stats().snapshot().rd.invalid_operations, 4);
+        assert_eq!(rig.reg(0x70) & dev_status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn read_only_disk_refuses_writes_and_keeps_the_image() {
+        let rig = main_loop_rig(1 << 16, true);
+        rig.start(!0);
+        rig.mem
+            .write_slice(&[0xaa; 512], GuestAddress(BUF))
+            .unwrap();
+        rig.header(HDR, t::OUT, 0);
+        rig.submit(0, 0, &[(HDR, 16, 0), (BUF, 512, 0), (STATUS, 1, F_WRITE)]);
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::IOERR);
+        assert!(rig.image.data.lock().unwrap().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_failing_image_gives_ioerr_and_counts_as_failed() {
+        let rig = main_loop_rig(1 << 16, false);
+        rig.start(!0);
+        rig.image
+            .fail_reads
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        rig.header(HDR, t::IN, 0);
+        rig.submit(
+            0,
+            0,
+            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+        );
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::IOERR);
+        assert_eq!(rig.used(0, 0), (0, 1));
+        assert_eq!(rig.dev.stats().snapshot().rd.failed_operations, 1);
+    }
+
+    /// Writes a discard/write-zeroes segment at `addr`.
+    fn dwz(rig: &Rig, addr: u64, sector: u64, num: u32, flags: u32) {
+        let mut s = [0u8; 16];
+        s[..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&num.to_le_bytes());
+        s[12..].copy_from_slice(&flags.to_le_bytes());
+        rig.mem.write_slice(&s, GuestAddress(addr)).unwrap();
+    }
+
+    #[test]
+    fn discard_and_write_zeroes() {
+        let rig = main_loop_rig(1 << 16, false);
+        rig.image.data.lock().unwrap().fill(0x55);
+        rig.start(!0);
+        // Write zeroes over sectors 2..4, with unmap allowed.
+        rig.header(HDR, t::WRITE_ZEROES, 0);
+        dwz(&rig, BUF, 2, 2, super::super::WRITE_ZEROES_FLAG_UNMAP);
+        rig.submit(0, 0, &[(HDR, 16, 0), (BUF, 16, 0), (STATUS, 1, F_WRITE)]);
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        {
+            let d = rig.image.data.lock().unwrap();
+            assert!(d[1024..2048].iter().all(|&b| b == 0));
+            assert_eq!(d[1023], 0x55);
+            assert_eq!(d[2048], 0x55);
+        }
+        // Discard sector 0 (discard=unmap reaches the image).
+        rig.header(HDR, t::DISCARD, 0);
+        dwz(&rig, BUF, 0, 1, 0);
+        rig.submit(
+            0,
+            3,
+            &[(HDR, 16, 0), (BUF, 16, 0), (STATUS + 1, 1, F_WRITE)],
+        );
+        rig.run_until_used(0, 2);
+        assert_eq!(rig.byte(STATUS + 1), st::OK);
+        assert!(rig.image.data.lock().unwrap()[..512]
+            .iter()
+            .all(|&b| b == 0));
+        // Unmap flag on a discard, unknown flags, two segments: UNSUPP; past the end: IOERR.
+        let bad: [(u32, u64, u32, u32, u8); 4] = [
+            (t::DISCARD, 0, 1, 1, st::UNSUPP),
+            (t::WRITE_ZEROES, 0, 1, 2, st::UNSUPP),
+            (t::WRITE_ZEROES, 0, 1, 0, st::UNSUPP), // sent with 32 bytes below
+            (t::WRITE_ZEROES, 127, 2, 0, st::IOERR),
+        ];
+        for (i, (ty, sector, num, flags, want)) in bad.iter().enumerate() {
+            let i = u16::try_from(i).unwrap();
+            let status = STATUS + 2 + u64::from(i);
+            rig.header(HDR, *ty, 0);
+            dwz(&rig, BUF, *sector, *num, *flags);
+            let len = if i == 2 { 32 } else { 16 };
+            rig.submit(0, 0, &[(HDR, 16, 0), (BUF, len, 0), (status, 1, F_WRITE)]);
+            rig.run_until_used(0, 3 + i);
+            assert_eq!(rig.byte(status), *want, "case {i}");
+        }
+        let s = rig.dev.stats().snapshot();
+        assert_eq!((s.wr.operations, s.unmap.operations), (1, 1));
+    }
+
+    #[test]
+    fn indirect_descriptors() {
+        let rig = main_loop_rig(1 << 16, false);
+        rig.image.data.lock().unwrap()[512..1024].fill(0x77);
+        rig.start(!0);
+        rig.header(HDR, t::IN, 1);
+        let table = DATA + 0x8000;
+        let descs = [
+            Descriptor::new(HDR, 16, F_NEXT, 1),
+            Descriptor::new(BUF, 512, F_WRITE | F_NEXT, 2),
+            Descriptor::new(STATUS, 1, F_WRITE, 0),
+        ];
+        for (i, d) in descs.iter().enumerate() {
+            rig.mem
+                .write_obj(*d, GuestAddress(table + 16 * u64::try_from(i).unwrap()))
+                .unwrap();
+        }
+        rig.store_desc(0, 0, Descriptor::new(table, 48, F_INDIRECT, 0));
+        rig.publish(0, 0);
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        assert_eq!(rig.used(0, 0), (0, 513));
+        assert_eq!(rig.byte(BUF + 511), 0x77);
+    }
+
+    #[test]
+    fn event_idx_suppresses_interrupts_the_driver_does_not_want() {
+        let rig = main_loop_rig(1 << 16, false);
+        rig.start(!0);
+        // used_event = 1: the driver wants an interrupt only once the used index passes 1.
+        rig.set_used_event(0, 1);
+        for i in 0..2u16 {
+            rig.header(HDR, t::FLUSH, 0);
+            rig.submit(0, i * 2, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]);
+            rig.run_until_used(0, i + 1);
+            assert_eq!(rig.irq_fired(), i == 1, "request {i}");
+        }
+        // The device asks to be notified at the next available index (avail_event).
+        assert_eq!(rig.avail_event(0), 2);
+    }
+
+    #[test]
+    fn several_queues_complete_on_their_own_ring() {
+        let rig = Rig::new(
+            Context::new("main-loop").unwrap(),
+            MemImage::new(1 << 16, false),
+            2,
+            false,
+        );
+        rig.start(!0);
+        rig.header(HDR, t::FLUSH, 0);
+        rig.submit(1, 0, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]);
+        rig.run_until_used(1, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        assert_eq!(rig.used_idx(0), 0);
+    }
+
+    #[test]
+    fn hostile_chains_put_the_device_in_needs_reset_and_reset_recovers() {
+        let loop_chain = |rig: &Rig| {
+            rig.store_desc(0, 0, Descriptor::new(HDR, 16, F_NEXT, 1));
+            rig.store_desc(0, 1, Descriptor::new(STATUS, 1, F_WRITE | F_NEXT, 0));
+            rig.publish(0, 0);
+        };
+        let outside = |rig: &Rig| {
+            rig.submit(
+                0,
+                0,
+                &[
+                    (HDR, 16, 0),
+                    (MEM_SIZE - 8, 512, F_WRITE),
+                    (STATUS, 1, F_WRITE),
+                ],
+            )
+        };
+        let no_status = |rig: &Rig| rig.submit(0, 0, &[(HDR, 16, 0), (BUF, 512, 0)]);
+        let short_header = |rig: &Rig| rig.submit(0, 0, &[(HDR, 8, 0), (STATUS, 1, F_WRITE)]);
+        let wrong_order =
+            |rig: &Rig| rig.submit(0, 0, &[(HDR, 16, 0), (STATUS, 1, F_WRITE), (BUF, 512, 0)]);
+        let bad_next = |rig: &Rig| {
+            rig.store_desc(0, 0, Descriptor::new(HDR, 16, F_NEXT, 999));
+            rig.publish(0, 0);
+        };
+        let bad_avail = |rig: &Rig| {
+            rig.set_avail_idx(0, QSIZE + 5);
+            rig.set_reg(0x50, 0);
+        };
+        let cases: [&dyn Fn(&Rig); 7] = [
+            &loop_chain,
+            &outside,
+            &no_status,
+            &short_header,
+            &wrong_order,
+            &bad_next,
+            &bad_avail,
+        ];
+        let rig = main_loop_rig(1 << 16, false);
+        for (i, case) in cases.iter().enumerate() {
+            rig.start(!0);
+            rig.header(HDR, t::FLUSH, 0);
+            case(&rig);
+            rig.ctx
+                .run_once(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            assert_ne!(
+                rig.reg(0x70) & dev_status::DEVICE_NEEDS_RESET,
+                0,
+                "case {i}"
+            );
+            assert_ne!(rig.reg(0x60) & 2, 0, "case {i}: configuration interrupt");
+            // Reset, wipe the rings, and the device works again.
+            rig.set_reg(0x70, 0);
+            assert_eq!(rig.reg(0x70), 0);
+            rig.mem.write_slice(&[0u8; 0x1000], queue_addr(0)).unwrap();
+            rig.start(!0);
+            rig.header(HDR, t::FLUSH, 0);
+            rig.submit(0, 0, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]);
+            rig.run_until_used(0, 1);
+            assert_eq!(rig.byte(STATUS), st::OK, "case {i}");
+            rig.set_reg(0x70, 0);
+            rig.mem.write_slice(&[0u8; 0x1000], queue_addr(0)).unwrap();
+        }
+    }
+}

@@ -28,6 +28,23 @@ pub const QSIZE: u16 = 16;
 pub const MEM_SIZE: u64 = 16 << 20;
 /// Where data buffers start.
 pub const DATA: u64 = 0x10_0000;
+/// Where the tests put request headers.
+pub const HDR: u64 = DATA;
+/// Where the tests put status bytes.
+pub const STATUS: u64 = DATA + 0x100;
+/// Where the tests put data.
+pub const BUF: u64 = DATA + 0x1000;
+
+/// A device on a fresh main-loop context (run by the test thread) with one queue and
+/// `discard=unmap`.
+pub fn main_loop_rig(size: usize, read_only: bool) -> Rig {
+    Rig::new(
+        Context::new("main-loop").unwrap(),
+        MemImage::new(size, read_only),
+        1,
+        true,
+    )
+}
 
 /// A disk image in memory, with a gate that can hold reads back.
 #[derive(Debug)]
