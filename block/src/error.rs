@@ -3,6 +3,8 @@
 
 use std::io;
 
+use crate::qcow2::FormatError;
+
 /// What went wrong, in the few categories a caller acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -47,14 +49,138 @@ pub enum Error {
     /// A write, discard or write-zeroes on an image opened read-only.
     #[error("image is read-only")]
     ReadOnly,
+    /// Opening a host file failed.
+    #[error("cannot open {path}")]
+    Open {
+        /// The host file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading the metadata of a host file (its size) failed.
+    #[error("cannot stat {path}")]
+    Stat {
+        /// The host file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Creating a host file failed.
+    #[error("cannot create {path}")]
+    Create {
+        /// The host file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Setting or testing an OFD lock failed for a reason other than a conflict.
+    #[error("cannot lock {path}")]
+    Lock {
+        /// The host file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds a lock that conflicts with this open (QEMU's lock byte ranges).
+    #[error("{path} is locked: another process is using the image for {perm}")]
+    Locked {
+        /// The host file.
+        path: String,
+        /// The permission the other process holds or refuses to share ("write" or "read").
+        perm: &'static str,
+    },
+    /// The image's qcow2 metadata is malformed or uses something unsupported.
+    #[error("{path}")]
+    Format {
+        /// The image file.
+        path: String,
+        /// What is wrong with it.
+        #[source]
+        source: FormatError,
+    },
+    /// A read-write open of an image that uses a feature whose write path does not exist.
+    #[error("{path} uses {feature}, which can only be opened read-only")]
+    WriteUnsupported {
+        /// The image file.
+        path: String,
+        /// The feature.
+        feature: &'static str,
+    },
+    /// A backing chain names an image that is already in the chain.
+    #[error("backing chain loops: {path} appears twice")]
+    BackingLoop {
+        /// The image named a second time.
+        path: String,
+    },
+    /// A backing chain deeper than the engine opens.
+    #[error("backing chain of {path} is deeper than {max} images")]
+    BackingTooDeep {
+        /// The top image.
+        path: String,
+        /// The depth limit.
+        max: usize,
+    },
+    /// Opening the backing image of an overlay failed.
+    #[error("cannot open backing image {backing} of {path}")]
+    Backing {
+        /// The overlay.
+        path: String,
+        /// The backing image's resolved path.
+        backing: String,
+        /// Why it failed.
+        #[source]
+        source: Box<Error>,
+    },
+    /// An overlay names a backing image with no format, and the file could not be opened as raw
+    /// safely (it carries a qcow2 header, which a guest could have written).
+    #[error(
+        "backing image {backing} of {path} has no format and looks like qcow2: refusing to probe"
+    )]
+    BackingProbe {
+        /// The overlay.
+        path: String,
+        /// The backing image.
+        backing: String,
+    },
+    /// An invalid option for creating an image.
+    #[error("invalid image option: {0}")]
+    InvalidOption(String),
+    /// Image metadata needs more memory than the engine allows for one structure.
+    #[error("{path}: {what} of {bytes} bytes exceeds the engine's limit")]
+    TooLarge {
+        /// The image file.
+        path: String,
+        /// The structure.
+        what: &'static str,
+        /// Its size.
+        bytes: u64,
+    },
 }
 
 impl Error {
     /// The stable category of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Io { .. } => ErrorKind::Io,
-            Error::OutOfRange { .. } | Error::ReadOnly => ErrorKind::InvalidRequest,
+            Error::Io { .. }
+            | Error::Open { .. }
+            | Error::Stat { .. }
+            | Error::Create { .. }
+            | Error::Lock { .. } => ErrorKind::Io,
+            Error::OutOfRange { .. } | Error::ReadOnly | Error::InvalidOption(_) => {
+                ErrorKind::InvalidRequest
+            }
+            Error::Locked { .. } => ErrorKind::Locked,
+            Error::Format { source, .. } => source.kind(),
+            Error::WriteUnsupported { .. }
+            | Error::BackingTooDeep { .. }
+            | Error::BackingProbe { .. }
+            | Error::TooLarge { .. } => ErrorKind::Unsupported,
+            Error::BackingLoop { .. } => ErrorKind::Corrupt,
+            Error::Backing { source, .. } => source.kind(),
         }
     }
 }

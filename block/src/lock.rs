@@ -1,0 +1,144 @@
+//! Image locking compatible with QEMU's: open file description (OFD) locks on single bytes of the
+//! image file. Byte `100 + n` is read-locked while a user holds permission `n`; byte `200 + n` is
+//! read-locked while a user refuses to share permission `n` (QEMU `block/file-posix.c`,
+//! `raw_apply_lock_bytes`). Permission bits (QEMU `BLK_PERM_*`): 0 consistent read, 1 write.
+//!
+//! Like QEMU, a writer holds consistent-read and write and refuses to share write; a reader holds
+//! consistent read and refuses to share write. So readers share with readers, and a writer
+//! excludes everyone else, in both directions with QEMU's tools. OFD locks belong to the open file
+//! description: they go away when the file is closed, or when the process dies.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use crate::Error;
+
+/// QEMU's base byte of the "permission held" locks.
+const LOCK_BASE_PERM: i64 = 100;
+/// QEMU's base byte of the "permission not shared" locks.
+const LOCK_BASE_SHARED: i64 = 200;
+/// QEMU `BLK_PERM_CONSISTENT_READ`'s bit number.
+const PERM_CONSISTENT_READ: i64 = 0;
+/// QEMU `BLK_PERM_WRITE`'s bit number.
+const PERM_WRITE: i64 = 1;
+
+/// `F_RDLCK`, `F_WRLCK`, `F_UNLCK` and `SEEK_SET` are small constants that fit `c_short`.
+fn short(v: libc::c_int) -> libc::c_short {
+    libc::c_short::try_from(v).unwrap_or(libc::c_short::MAX)
+}
+
+fn flock_at(byte: i64, kind: libc::c_short) -> libc::flock {
+    // SAFETY: flock is a plain C struct for which all-zero bytes are a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = short(libc::SEEK_SET);
+    fl.l_start = byte;
+    fl.l_len = 1;
+    fl
+}
+
+fn set(file: &File, path: &str, byte: i64) -> Result<bool, Error> {
+    let mut fl = flock_at(byte, short(libc::F_RDLCK));
+    // SAFETY: fcntl with F_OFD_SETLK on our own descriptor and a valid flock struct.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+        _ => Err(Error::Lock {
+            path: path.to_string(),
+            source: e,
+        }),
+    }
+}
+
+/// Whether another open file description holds a lock on `byte`.
+fn taken(file: &File, path: &str, byte: i64) -> Result<bool, Error> {
+    let mut fl = flock_at(byte, short(libc::F_WRLCK));
+    // SAFETY: fcntl with F_OFD_GETLK on our own descriptor and a valid flock struct.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    if r != 0 {
+        return Err(Error::Lock {
+            path: path.to_string(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(fl.l_type != short(libc::F_UNLCK))
+}
+
+/// Takes QEMU-compatible locks on an image file for a read-only or read-write open. The locks
+/// last as long as `file` stays open.
+pub fn lock_image(file: &File, path: &str, write: bool) -> Result<(), Error> {
+    let locked = |perm| Error::Locked {
+        path: path.to_string(),
+        perm,
+    };
+    // Our own lock bytes first: if someone refuses to share what we hold, or holds what we refuse
+    // to share, the byte we test is theirs, never ours (OFD locks of one description never
+    // conflict with themselves).
+    let mut held = vec![
+        LOCK_BASE_PERM + PERM_CONSISTENT_READ,
+        LOCK_BASE_SHARED + PERM_WRITE,
+    ];
+    if write {
+        held.push(LOCK_BASE_PERM + PERM_WRITE);
+    }
+    for byte in held {
+        if !set(file, path, byte)? {
+            return Err(locked("write"));
+        }
+    }
+    // Someone holds write, which we refuse to share.
+    if taken(file, path, LOCK_BASE_PERM + PERM_WRITE)? && !write {
+        return Err(locked("write"));
+    }
+    if write {
+        // With our own read lock on 101 in place, a conflicting test means a second holder.
+        // F_OFD_GETLK ignores our own locks, so any lock reported is another user's.
+        if taken(file, path, LOCK_BASE_PERM + PERM_WRITE)?
+            || taken(file, path, LOCK_BASE_SHARED + PERM_WRITE)?
+        {
+            return Err(locked("write"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn writers_exclude_each_other_and_readers_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, [0u8; 512]).unwrap();
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .unwrap()
+        };
+        let r1 = open();
+        let r2 = open();
+        lock_image(&r1, "img", false).unwrap();
+        lock_image(&r2, "img", false).unwrap();
+        let w = open();
+        assert!(matches!(
+            lock_image(&w, "img", true),
+            Err(Error::Locked { .. })
+        ));
+        drop((r1, r2, w));
+        let w = open();
+        lock_image(&w, "img", true).unwrap();
+        let r3 = open();
+        assert!(matches!(
+            lock_image(&r3, "img", false),
+            Err(Error::Locked { .. })
+        ));
+    }
+}

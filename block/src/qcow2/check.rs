@@ -1,0 +1,322 @@
+//! Consistency check and repair (QEMU's `qemu-img check` for qcow2): every cluster's references
+//! are counted by walking the header, the L1 tables (active and snapshots), the L2 tables, the
+//! refcount structures and the snapshot table, then compared with the stored refcounts. A
+//! refcount below its references is a corruption; above, a leak. Repair (and the rebuild a dirty
+//! lazy-refcounts image needs before its first allocation) writes a fresh refcount table and
+//! blocks at the end of the file, then points the header at them.
+
+use super::l2::{Mapping, COMPRESSED, COPIED, OFFSET_MASK};
+use super::meta::{decode_words, encode_words, Meta};
+use super::refcount::set_entry;
+use super::{snapshot, Qcow2};
+use crate::file::HostFile;
+use crate::Error;
+
+/// Most clusters a check counts (1 GiB of counters); larger files are refused.
+const MAX_CHECK_CLUSTERS: u64 = 1 << 27;
+
+/// What to repair, as `qemu-img check -r`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repair {
+    /// Report only.
+    None,
+    /// Fix leaked clusters.
+    Leaks,
+    /// Fix leaks and corruptions.
+    All,
+}
+
+/// The result of a check, with qemu-img's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Refcounts below their references, and other metadata errors.
+    pub corruptions: u64,
+    /// Refcounts above their references.
+    pub leaks: u64,
+    /// Corruptions repaired.
+    pub corruptions_fixed: u64,
+    /// Leaks repaired.
+    pub leaks_fixed: u64,
+    /// One line per problem found.
+    pub messages: Vec<String>,
+    /// Clusters of the virtual disk.
+    pub total_clusters: u64,
+    /// Virtual clusters allocated in this image.
+    pub allocated_clusters: u64,
+    /// Allocated clusters not following their predecessor on the host.
+    pub fragmented_clusters: u64,
+    /// Compressed clusters.
+    pub compressed_clusters: u64,
+    /// End of the last cluster in use.
+    pub image_end_offset: u64,
+}
+
+/// Counted references.
+struct Refs {
+    counts: Vec<u64>,
+    report: CheckReport,
+}
+
+impl Refs {
+    fn add(&mut self, cs: u64, off: u64, len: u64, what: &str) {
+        if len == 0 {
+            return;
+        }
+        let first = off / cs;
+        let last = (off + len - 1) / cs;
+        for c in first..=last {
+            match usize::try_from(c).ok().and_then(|i| self.counts.get_mut(i)) {
+                Some(v) => *v += 1,
+                None => {
+                    self.report.corruptions += 1;
+                    self.report.messages.push(format!(
+                        "ERROR {what} at {off:#x} is past the end of the file"
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn read_words(f: &HostFile, off: u64, count: u64) -> Result<Vec<u64>, Error> {
+    let mut b = vec![0u8; usize::try_from(count * 8).unwrap_or(0)];
+    f.read_at(&mut b, off)?;
+    Ok(decode_words(&b))
+}
+
+/// Counts every reference; with `with_refcounts`, the refcount table and blocks too.
+fn count_refs(f: &HostFile, m: &mut Meta, with_refcounts: bool) -> Result<Refs, Error> {
+    let cs = m.cs();
+    let n = f.len()?.div_ceil(cs);
+    if n > MAX_CHECK_CLUSTERS {
+        return Err(Error::TooLarge {
+            path: f.path().to_string(),
+            what: "file to check",
+            bytes: n * cs,
+        });
+    }
+    let mut r = Refs {
+        counts: vec![0; usize::try_from(n).unwrap_or(0)],
+        report: CheckReport::default(),
+    };
+    let h = m.header.clone();
+    r.add(cs, 0, cs, "header");
+    if with_refcounts {
+        r.add(
+            cs,
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+            "refcount table",
+        );
+        for &e in &m.rc_table {
+            if e != 0 {
+                r.add(cs, e, cs, "refcount block");
+            }
+        }
+    }
+    let mut l1s = vec![(h.l1_table_offset, h.l1_size, true)];
+    if h.nb_snapshots > 0 {
+        let (snaps, len) = snapshot::read_table(f, &h)?;
+        r.add(cs, h.snapshots_offset, len, "snapshot table");
+        l1s.extend(snaps.iter().map(|s| (s.offset, s.size, false)));
+    }
+    let mut copied_checks = Vec::new();
+    for (l1_off, l1_size, active) in l1s {
+        r.add(cs, l1_off, u64::from(l1_size) * 8, "L1 table");
+        let l1 = if active {
+            m.l1.clone()
+        } else {
+            read_words(f, l1_off, u64::from(l1_size))?
+        };
+        for (i, &e) in l1.iter().enumerate() {
+            let l2 = e & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            r.add(cs, l2, cs, "L2 table");
+            if active {
+                copied_checks.push((l2, e & COPIED != 0, format!("L2 table for L1 index {i}")));
+            }
+            let t = read_words(f, l2, cs / 8)?;
+            let words = m.geo.words();
+            let mut prev_end = 0;
+            for (j, pair) in t.chunks_exact(words).enumerate() {
+                let guest = ((i as u64) * m.geo.l2_entries() + j as u64) * cs;
+                let (entry, bitmap) = (pair[0], pair.get(1).copied().unwrap_or(0));
+                match m.geo.decode(entry, bitmap, guest) {
+                    Err(e) => {
+                        r.report.corruptions += 1;
+                        r.report.messages.push(format!("ERROR {e}"));
+                    }
+                    Ok((Mapping::Compressed { host, len }, _)) => {
+                        r.add(cs, host, len, "compressed cluster");
+                        if active {
+                            r.report.allocated_clusters += 1;
+                            r.report.compressed_clusters += 1;
+                        }
+                    }
+                    Ok(_) => {
+                        let host = entry & OFFSET_MASK;
+                        if host == 0 || entry & COMPRESSED != 0 {
+                            continue;
+                        }
+                        r.add(cs, host, cs, "data cluster");
+                        if active {
+                            r.report.allocated_clusters += 1;
+                            if prev_end != 0 && host != prev_end {
+                                r.report.fragmented_clusters += 1;
+                            }
+                            prev_end = host + cs;
+                            copied_checks.push((
+                                host,
+                                entry & COPIED != 0,
+                                format!("data cluster for guest offset {guest:#x}"),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (host, copied, what) in copied_checks {
+        let refs = usize::try_from(host / cs)
+            .ok()
+            .and_then(|i| r.counts.get(i))
+            .copied()
+            .unwrap_or(0);
+        if copied != (refs == 1) {
+            r.report.corruptions += 1;
+            r.report
+                .messages
+                .push(format!("ERROR OFLAG_COPIED {what}: references={refs}"));
+        }
+    }
+    Ok(r)
+}
+
+/// Writes a fresh refcount structure for `counts` (references without refcount structures) at
+/// the end of the file and points the header at it.
+fn write_refcounts(f: &HostFile, m: &mut Meta, mut counts: Vec<u64>) -> Result<(), Error> {
+    let cs = m.cs();
+    let per = m.rc_per_block();
+    let start = counts.len() as u64;
+    let (mut tc, mut nb) = (1u64, 1u64);
+    loop {
+        let total = start + tc + nb;
+        let nb2 = total.div_ceil(per);
+        let tc2 = (nb2 * 8).div_ceil(cs);
+        if (nb2, tc2) == (nb, tc) {
+            break;
+        }
+        (nb, tc) = (nb2, tc2);
+    }
+    if tc * cs > super::validate::MAX_REFTABLE_BYTES {
+        return Err(Error::TooLarge {
+            path: f.path().to_string(),
+            what: "refcount table",
+            bytes: tc * cs,
+        });
+    }
+    counts.resize(usize::try_from(start + tc + nb).unwrap_or(0), 0);
+    for c in &mut counts[usize::try_from(start).unwrap_or(0)..] {
+        *c = 1;
+    }
+    let max = m.rc_max();
+    if let Some(c) = counts.iter().position(|&c| c > max) {
+        return Err(Error::Format {
+            path: f.path().to_string(),
+            source: super::FormatError::RefcountOverflow(c as u64 * cs),
+        });
+    }
+    let order = m.header.refcount_order;
+    let mut table = vec![0u64; usize::try_from(tc * cs / 8).unwrap_or(0)];
+    let per_us = usize::try_from(per).unwrap_or(1);
+    for (bi, chunk) in counts.chunks(per_us).enumerate() {
+        let mut b = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+        for (i, &v) in chunk.iter().enumerate() {
+            set_entry(&mut b, order, i as u64, v);
+        }
+        let off = (start + tc + bi as u64) * cs;
+        f.write_at(&b, off)?;
+        table[bi] = off;
+    }
+    f.write_at(&encode_words(&table), start * cs)?;
+    f.sync()?;
+    let clusters = u32::try_from(tc).unwrap_or(u32::MAX);
+    let mut hdr = (start * cs).to_be_bytes().to_vec();
+    hdr.extend_from_slice(&clusters.to_be_bytes());
+    f.write_at(&hdr, 48)?;
+    f.sync()?;
+    m.header.refcount_table_offset = start * cs;
+    m.header.refcount_table_clusters = clusters;
+    m.rc_table = table;
+    m.rc_blocks.clear();
+    m.free_hint = 1;
+    m.end = start + tc + nb;
+    Ok(())
+}
+
+/// Rebuilds the refcounts of an image from its references (dirty lazy-refcounts image).
+pub fn rebuild_refcounts(f: &HostFile, m: &mut Meta) -> Result<(), Error> {
+    let refs = count_refs(f, m, false)?;
+    write_refcounts(f, m, refs.counts)
+}
+
+impl Qcow2 {
+    /// Checks the image's consistency and repairs what `repair` allows (the image must then be
+    /// open for writing).
+    pub fn check(&self, repair: Repair) -> Result<CheckReport, Error> {
+        if repair != Repair::None && self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let mut m = self.lock();
+        if !self.read_only {
+            m.write_back(&self.file)?;
+            m.write_back(&self.file)?;
+        }
+        let cs = m.cs();
+        let mut refs = count_refs(&self.file, &mut m, true)?;
+        let mut rep = std::mem::take(&mut refs.report);
+        for (c, &want) in refs.counts.iter().enumerate() {
+            let have = m.refcount(&self.file, c as u64)?;
+            if have < want {
+                rep.corruptions += 1;
+                rep.messages.push(format!(
+                    "ERROR cluster {c} refcount={have} reference={want}"
+                ));
+            } else if have > want {
+                rep.leaks += 1;
+                rep.messages.push(format!(
+                    "Leaked cluster {c} refcount={have} reference={want}"
+                ));
+            }
+            if want > 0 || have > 0 {
+                rep.image_end_offset = (c as u64 + 1) * cs;
+            }
+        }
+        rep.total_clusters = self.size.div_ceil(cs);
+        let fix = match repair {
+            Repair::None => false,
+            Repair::Leaks => rep.leaks > 0 && rep.corruptions == 0,
+            Repair::All => rep.leaks > 0 || rep.corruptions > 0,
+        };
+        if fix {
+            let base = count_refs(&self.file, &mut m, false)?;
+            write_refcounts(&self.file, &mut m, base.counts)?;
+            rep.leaks_fixed = rep.leaks;
+            if repair == Repair::All {
+                rep.corruptions_fixed = rep.corruptions;
+            }
+            let after = count_refs(&self.file, &mut m, true)?;
+            let mut end = 0;
+            for (c, &want) in after.counts.iter().enumerate() {
+                if want > 0 {
+                    end = (c as u64 + 1) * cs;
+                }
+            }
+            rep.image_end_offset = end;
+        }
+        Ok(rep)
+    }
+}

@@ -1,0 +1,227 @@
+//! Creating empty qcow2 images, laid out as QEMU does: the header (with the backing format
+//! extension and the backing file name right after the extensions' end marker), the refcount
+//! table, its blocks, then the L1 table, every cluster of it refcounted.
+
+use std::path::Path;
+
+use super::header::{Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_EXTL2};
+use super::meta::encode_words;
+use super::refcount::set_entry;
+use super::validate::{MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS};
+use crate::Error;
+
+/// What a new qcow2 image looks like (qemu-img's `-o` options).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Cluster size in bytes (power of two, 512 B to 2 MiB).
+    pub cluster_size: u64,
+    /// 2 (`compat=0.10`) or 3 (`compat=1.1`).
+    pub version: u32,
+    /// Refcount width in bits (power of two, 1 to 64).
+    pub refcount_bits: u64,
+    /// `lazy_refcounts=on` (v3 only).
+    pub lazy_refcounts: bool,
+    /// `extended_l2=on` (v3, clusters of 16 KiB or more).
+    pub extended_l2: bool,
+    /// Backing file name (as stored) and format.
+    pub backing: Option<(String, String)>,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            cluster_size: 65536,
+            version: 3,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            extended_l2: false,
+            backing: None,
+        }
+    }
+}
+
+fn invalid(msg: String) -> Error {
+    Error::InvalidOption(msg)
+}
+
+/// Builds the header and metadata bytes of a new image: (offset, bytes) pieces and file length.
+/// Bytes to write at host offsets.
+type Pieces = Vec<(u64, Vec<u8>)>;
+
+fn layout(o: &CreateOptions) -> Result<(Pieces, u64), Error> {
+    let cs = o.cluster_size;
+    if !cs.is_power_of_two() {
+        return Err(invalid(format!("cluster_size {cs} is not a power of two")));
+    }
+    let cluster_bits = cs.trailing_zeros();
+    if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+        return Err(invalid(format!("cluster_size {cs} outside 512..2M")));
+    }
+    if !o.refcount_bits.is_power_of_two() || o.refcount_bits > 64 {
+        return Err(invalid(format!(
+            "refcount_bits {} is not 1..64 in powers of two",
+            o.refcount_bits
+        )));
+    }
+    let refcount_order = o.refcount_bits.trailing_zeros();
+    if o.version == 2 && (refcount_order != 4 || o.lazy_refcounts || o.extended_l2) {
+        return Err(invalid(
+            "compat=0.10 needs refcount_bits=16, no lazy_refcounts, no extended_l2".into(),
+        ));
+    }
+    if o.extended_l2 && cluster_bits < 14 {
+        return Err(invalid(format!(
+            "extended_l2 needs cluster_size of 16k or more, not {cs}"
+        )));
+    }
+    let l2_entries = cs / if o.extended_l2 { 16 } else { 8 };
+    let l1_size = o.size.div_ceil(l2_entries * cs);
+    if l1_size * 8 > MAX_L1_BYTES {
+        return Err(invalid(format!(
+            "size {} too large for cluster_size {cs}",
+            o.size
+        )));
+    }
+    let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+    let per = cs * 8 / o.refcount_bits;
+    let (mut rt, mut rb) = (1u64, 1u64);
+    loop {
+        let total = 1 + rt + rb + l1_clusters;
+        let rb2 = total.div_ceil(per);
+        let rt2 = (rb2 * 8).div_ceil(cs);
+        if (rt2, rb2) == (rt, rb) {
+            break;
+        }
+        (rt, rb) = (rt2, rb2);
+    }
+    let total = 1 + rt + rb + l1_clusters;
+    let mut h = Header {
+        version: o.version,
+        cluster_bits,
+        size: o.size,
+        l1_size: u32::try_from(l1_size).map_err(|_| invalid("size too large".into()))?,
+        l1_table_offset: (1 + rt + rb) * cs,
+        refcount_table_offset: cs,
+        refcount_table_clusters: u32::try_from(rt).map_err(|_| invalid("size too large".into()))?,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible: if o.extended_l2 { INCOMPAT_EXTL2 } else { 0 },
+        compatible: if o.lazy_refcounts {
+            COMPAT_LAZY_REFCOUNTS
+        } else {
+            0
+        },
+        autoclear: 0,
+        refcount_order,
+        header_length: if o.version == 3 {
+            super::header::V3_HEADER_LEN
+        } else {
+            super::header::V2_HEADER_LEN
+        },
+        compression: Compression::Zlib,
+        tail: if o.version == 3 {
+            vec![0; 7]
+        } else {
+            Vec::new()
+        },
+        extensions: Vec::new(),
+        backing: o
+            .backing
+            .as_ref()
+            .map(|(n, f)| (n.clone(), Some(f.clone()))),
+    };
+    if o.version == 2 {
+        h.tail.clear();
+    }
+    let hdr = h.encode().map_err(|e| invalid(e.to_string()))?;
+    let mut table = vec![0u64; usize::try_from(rt * cs / 8).unwrap_or(0)];
+    let mut pieces = vec![(0, hdr)];
+    let per_us = usize::try_from(per).unwrap_or(1);
+    let counts = vec![1u64; usize::try_from(total).unwrap_or(0)];
+    for (bi, chunk) in counts.chunks(per_us).enumerate() {
+        let mut b = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+        for i in 0..chunk.len() {
+            set_entry(&mut b, refcount_order, i as u64, 1);
+        }
+        let off = (1 + rt + bi as u64) * cs;
+        table[bi] = off;
+        pieces.push((off, b));
+    }
+    pieces.push((cs, encode_words(&table)));
+    Ok((pieces, total * cs))
+}
+
+/// Creates a new qcow2 image at `path` (truncating an existing file).
+pub fn create(path: &Path, o: &CreateOptions) -> Result<(), Error> {
+    let (pieces, len) = layout(o)?;
+    let p = path.display().to_string();
+    let io = |source| Error::Create {
+        path: p.clone(),
+        source,
+    };
+    let file = std::fs::File::create(path).map_err(io)?;
+    use std::os::unix::fs::FileExt;
+    file.set_len(len).map_err(io)?;
+    for (off, b) in pieces {
+        file.write_all_at(&b, off).map_err(io)?;
+    }
+    file.sync_all().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn bad_options_are_refused() {
+        for o in [
+            CreateOptions {
+                cluster_size: 1000,
+                ..Default::default()
+            },
+            CreateOptions {
+                cluster_size: 256,
+                ..Default::default()
+            },
+            CreateOptions {
+                refcount_bits: 3,
+                ..Default::default()
+            },
+            CreateOptions {
+                version: 2,
+                lazy_refcounts: true,
+                ..Default::default()
+            },
+            CreateOptions {
+                extended_l2: true,
+                cluster_size: 4096,
+                ..Default::default()
+            },
+            CreateOptions {
+                size: 1 << 60,
+                cluster_size: 512,
+                ..Default::default()
+            },
+        ] {
+            assert!(matches!(layout(&o), Err(Error::InvalidOption(_))), "{o:?}");
+        }
+    }
+
+    #[test]
+    fn layout_parses_back() {
+        let o = CreateOptions {
+            size: 1 << 30,
+            backing: Some(("base.raw".into(), "raw".into())),
+            ..Default::default()
+        };
+        let (pieces, len) = layout(&o).unwrap();
+        assert_eq!(len, 4 * 65536);
+        let h = Header::parse(&pieces[0].1).unwrap();
+        assert_eq!(h.backing, Some(("base.raw".into(), Some("raw".into()))));
+        assert_eq!(h.l1_table_offset, 3 * 65536);
+    }
+}

@@ -1,0 +1,431 @@
+//! qcow2 images (QEMU's `docs/interop/qcow2.txt`), v2 and v3, split by specification section:
+//! `header` (header, extensions, backing name), `validate` (limits and errors), `l2` (cluster
+//! mapping entries), `cache` (bounded table caches), `meta` (metadata state and write ordering),
+//! `refcount` (refcounts and allocation), `compress`, `write` (allocation and copy-on-write),
+//! `snapshot` (the snapshot table), `check` (consistency check and refcount rebuild), `create`.
+//!
+//! Locking: one mutex guards the metadata (`Meta`). A request takes it only to look up (or
+//! change) a mapping; data reads, and writes to clusters that are ours alone, happen after it is
+//! released, so independent requests overlap on the host file. Allocating writes keep the lock
+//! while they fill the new cluster, so nobody sees an L2 entry before its data.
+
+mod cache;
+pub mod check;
+mod compress;
+pub mod create;
+mod header;
+mod l2;
+mod meta;
+mod refcount;
+mod snapshot;
+mod validate;
+mod write;
+
+use std::collections::BTreeSet;
+use std::sync::{Mutex, MutexGuard};
+
+pub use header::{Compression, Header};
+pub use l2::Mapping;
+pub use validate::FormatError;
+
+/// The qcow2 magic number, for format probing.
+pub fn validate_magic() -> u32 {
+    validate::MAGIC
+}
+
+use crate::file::HostFile;
+use crate::{Allocation, BlockStatus, DiskImage, Error};
+use cache::TableCache;
+use header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use l2::Geometry;
+use meta::{decode_words, Meta};
+
+/// Memory the L2 cache may use at most (QEMU's default maximum on Linux: 32 MiB).
+const L2_CACHE_BYTES: u64 = 32 << 20;
+/// Memory the refcount block cache may use at most.
+const RC_CACHE_BYTES: u64 = 8 << 20;
+
+/// An open qcow2 image.
+#[derive(Debug)]
+pub struct Qcow2 {
+    file: HostFile,
+    read_only: bool,
+    size: u64,
+    geo: Geometry,
+    compression: Compression,
+    version: u32,
+    backing: Option<Box<crate::Image>>,
+    meta: Mutex<Meta>,
+}
+
+/// What `Qcow2::open` needs besides the file.
+#[derive(Debug)]
+pub struct OpenParts {
+    /// The opened (and locked) host file.
+    pub file: HostFile,
+    /// Read-only open.
+    pub read_only: bool,
+}
+
+fn fmt_err(f: &HostFile, source: FormatError) -> Error {
+    Error::Format {
+        path: f.path().to_string(),
+        source,
+    }
+}
+
+/// Reads a table of `count` 64-bit words at `offset`, after checking it lies inside the file
+/// (so the allocation is bounded by the file's real size).
+fn read_table(
+    f: &HostFile,
+    file_len: u64,
+    table: &'static str,
+    offset: u64,
+    count: u64,
+) -> Result<Vec<u64>, Error> {
+    let len = count * 8;
+    if offset.checked_add(len).is_none_or(|end| end > file_len) {
+        return Err(fmt_err(
+            f,
+            FormatError::TablePastEnd {
+                table,
+                offset,
+                len,
+                file_len,
+            },
+        ));
+    }
+    let mut b = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    f.read_at(&mut b, offset)?;
+    Ok(decode_words(&b))
+}
+
+/// Reads and parses the header of an open qcow2 file.
+pub fn read_header(f: &HostFile) -> Result<Header, Error> {
+    let file_len = f.len()?;
+    let mut probe = vec![0u8; header::PROBE_LEN];
+    f.read_at(&mut probe, 0)?;
+    let probe_len = usize::try_from(file_len)
+        .unwrap_or(usize::MAX)
+        .min(probe.len());
+    let bits = header::probe_cluster_bits(&probe[..probe_len]).map_err(|e| fmt_err(f, e))?;
+    let first = (1u64 << bits).min(file_len);
+    let mut b = vec![0u8; usize::try_from(first).unwrap_or(0)];
+    f.read_at(&mut b, 0)?;
+    Header::parse(&b).map_err(|e| fmt_err(f, e))
+}
+
+impl Qcow2 {
+    /// Opens a qcow2 image on an already opened file; `backing` is its opened backing image
+    /// (the caller resolves and opens it from `header.backing`).
+    pub fn open(
+        parts: OpenParts,
+        header: Header,
+        backing: Option<Box<crate::Image>>,
+    ) -> Result<Qcow2, Error> {
+        let OpenParts { file: f, read_only } = parts;
+        if !read_only && header.incompatible & INCOMPAT_CORRUPT != 0 {
+            return Err(fmt_err(&f, FormatError::CorruptBit));
+        }
+        let file_len = f.len()?;
+        let cs = header.cluster_size();
+        let l1 = read_table(
+            &f,
+            file_len,
+            "L1 table",
+            header.l1_table_offset,
+            u64::from(header.l1_size),
+        )?;
+        let rc_table = read_table(
+            &f,
+            file_len,
+            "refcount table",
+            header.refcount_table_offset,
+            u64::from(header.refcount_table_clusters) * cs / 8,
+        )?;
+        if header.nb_snapshots > 0 && header.snapshots_offset >= file_len {
+            return Err(fmt_err(
+                &f,
+                FormatError::TablePastEnd {
+                    table: "snapshot table",
+                    offset: header.snapshots_offset,
+                    len: 0,
+                    file_len,
+                },
+            ));
+        }
+        let geo = Geometry {
+            cluster_bits: header.cluster_bits,
+            extended: header.extended_l2(),
+        };
+        let l2_cap = (L2_CACHE_BYTES / cs).min(u64::from(header.l1_size)).max(4);
+        let rc_cap = (RC_CACHE_BYTES / cs).min(rc_table.len() as u64).max(4);
+        let meta = Meta {
+            geo,
+            l1,
+            l1_dirty: BTreeSet::new(),
+            l2: TableCache::new(usize::try_from(l2_cap).unwrap_or(4)),
+            rc_table,
+            rc_blocks: TableCache::new(usize::try_from(rc_cap).unwrap_or(4)),
+            free_hint: 1,
+            end: file_len.div_ceil(cs),
+            pending_frees: Vec::new(),
+            header,
+        };
+        let img = Qcow2 {
+            read_only,
+            size: meta.header.size,
+            geo,
+            compression: meta.header.compression,
+            version: meta.header.version,
+            backing,
+            meta: Mutex::new(meta),
+            file: f,
+        };
+        if !read_only {
+            img.prepare_for_writing()?;
+        }
+        Ok(img)
+    }
+
+    /// On a read-write open: rebuilds the refcounts of a dirty image (lazy refcounts), and clears
+    /// the dirty bit and every autoclear bit (we maintain none of the autoclear features).
+    fn prepare_for_writing(&self) -> Result<(), Error> {
+        let mut m = self.lock();
+        let dirty = m.header.incompatible & INCOMPAT_DIRTY != 0;
+        if dirty {
+            check::rebuild_refcounts(&self.file, &mut m)?;
+        }
+        if dirty || m.header.autoclear != 0 {
+            m.header.incompatible &= !INCOMPAT_DIRTY;
+            m.header.autoclear = 0;
+            let b = m.header.encode().map_err(|e| fmt_err(&self.file, e))?;
+            self.file.write_at(&b, 0)?;
+            self.file.sync()?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Meta> {
+        // A poisoned lock means a panic mid-update on another thread; the metadata in memory is
+        // what that thread left, which is no worse than a crash, so keep going.
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The header as it stands (for `info`).
+    pub fn header(&self) -> Header {
+        self.lock().header.clone()
+    }
+
+    /// Whether lazy refcounts are enabled.
+    pub fn lazy_refcounts(&self) -> bool {
+        self.lock().header.compatible & COMPAT_LAZY_REFCOUNTS != 0
+    }
+
+    /// The backing image, if any.
+    pub fn backing(&self) -> Option<&crate::Image> {
+        self.backing.as_deref()
+    }
+
+    /// The host file.
+    pub fn file(&self) -> &HostFile {
+        &self.file
+    }
+
+    /// Looks up the mapping of `guest` with the metadata locked by the caller; returns it and
+    /// the length of the run from `guest` that shares it (within one cluster, or the span of an
+    /// unallocated L2 table).
+    fn lookup_locked(&self, m: &mut Meta, guest: u64) -> Result<(Mapping, u64), Error> {
+        let i = m.l1_index(guest);
+        let (l2, _) = m.l1_entry(&self.file, i)?;
+        if l2 == 0 {
+            let span = self.geo.cluster_size() * self.geo.l2_entries();
+            return Ok((Mapping::Unallocated, span - guest % span));
+        }
+        m.load_l2(&self.file, l2)?;
+        let (entry, bitmap) = m.l2_words(l2, guest);
+        let r = self
+            .geo
+            .decode(entry, bitmap, guest)
+            .map_err(|e| fmt_err(&self.file, e))?;
+        if let Mapping::Data { host, .. } = r.0 {
+            if host < self.geo.cluster_size() {
+                return Err(fmt_err(&self.file, FormatError::PointsAtHeader(host)));
+            }
+        }
+        Ok(r)
+    }
+
+    /// Looks up the mapping of `guest` (taking the metadata lock for the lookup only).
+    pub fn lookup(&self, guest: u64) -> Result<(Mapping, u64), Error> {
+        let mut m = self.lock();
+        self.lookup_locked(&mut m, guest)
+    }
+
+    /// Reads `buf` at `guest` given its mapping (no metadata lock needed).
+    fn read_mapped(&self, m: Mapping, buf: &mut [u8], guest: u64) -> Result<(), Error> {
+        match m {
+            Mapping::Unallocated => self.read_backing(buf, guest),
+            Mapping::Zero { .. } => {
+                buf.fill(0);
+                Ok(())
+            }
+            Mapping::Data { host, .. } => self.file.read_at(buf, host),
+            Mapping::Compressed { host, len } => {
+                let cs = self.geo.cluster_size();
+                let mut cluster = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+                // The compressed length is bounded by the descriptor's sector count field.
+                let mut input = vec![0u8; usize::try_from(len).unwrap_or(0)];
+                self.file.read_at(&mut input, host)?;
+                if !compress::decompress(self.compression, &input, &mut cluster) {
+                    return Err(fmt_err(&self.file, FormatError::Decompress { guest, host }));
+                }
+                let at = usize::try_from(guest % cs).unwrap_or(0);
+                buf.copy_from_slice(&cluster[at..at + buf.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads from the backing image, or zeroes past its end or without one.
+    fn read_backing(&self, buf: &mut [u8], guest: u64) -> Result<(), Error> {
+        let Some(b) = &self.backing else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let bsize = b.size();
+        let avail = usize::try_from(bsize.saturating_sub(guest))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let (inside, past) = buf.split_at_mut(avail);
+        if !inside.is_empty() {
+            b.read_at(inside, guest)?;
+        }
+        past.fill(0);
+        Ok(())
+    }
+
+    /// Reads with the metadata already locked (copy-on-write needs the current contents).
+    fn read_locked(&self, m: &mut Meta, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let guest = offset + pos as u64;
+            let (map, run) = self.lookup_locked(m, guest)?;
+            let n = usize::try_from(run)
+                .unwrap_or(usize::MAX)
+                .min(buf.len() - pos);
+            self.read_mapped(map, &mut buf[pos..pos + n], guest)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Checks a request's range and, for a modifying one, that the image is writable.
+    fn check_request(&self, offset: u64, len: u64, write: bool) -> Result<(), Error> {
+        if write && self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        crate::check_range(offset, len, self.size)
+    }
+}
+
+impl DiskImage for Qcow2 {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        self.check_request(offset, buf.len() as u64, false)?;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let guest = offset + pos as u64;
+            let (mut map, run) = self.lookup(guest)?;
+            let mut n = usize::try_from(run)
+                .unwrap_or(usize::MAX)
+                .min(buf.len() - pos);
+            // Merge following clusters that continue the same host run into one read.
+            while let Mapping::Data { host, copied } = map {
+                let next = guest + n as u64;
+                if pos + n >= buf.len() {
+                    break;
+                }
+                match self.lookup(next)? {
+                    (Mapping::Data { host: h2, .. }, r2) if h2 == host + n as u64 => {
+                        n = (n + usize::try_from(r2).unwrap_or(usize::MAX)).min(buf.len() - pos);
+                        map = Mapping::Data { host, copied };
+                    }
+                    _ => break,
+                }
+            }
+            self.read_mapped(map, &mut buf[pos..pos + n], guest)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
+        self.check_request(offset, buf.len() as u64, true)?;
+        self.write_inner(buf, offset)
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.lock().write_back(&self.file)?;
+        self.file.sync()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), Error> {
+        self.check_request(offset, len, true)?;
+        self.discard_inner(offset, len, false)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), Error> {
+        self.check_request(offset, len, true)?;
+        self.write_zeroes_inner(offset, len, may_unmap)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus, Error> {
+        self.check_request(offset, len, false)?;
+        let (m, run) = self.lookup(offset)?;
+        let allocation = match m {
+            Mapping::Unallocated if self.backing.is_some() => Allocation::Backing,
+            Mapping::Unallocated | Mapping::Zero { .. } => Allocation::Zero,
+            Mapping::Data { host, .. } => Allocation::Data {
+                host_offset: Some(host),
+            },
+            Mapping::Compressed { .. } => Allocation::Data { host_offset: None },
+        };
+        Ok(BlockStatus {
+            allocation,
+            len: run.min(len),
+        })
+    }
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        if self.read_only {
+            return;
+        }
+        let mut m = self.lock();
+        // The first pass may queue refcount drops that the second writes.
+        for _ in 0..2 {
+            if !m.has_dirty() {
+                break;
+            }
+            if let Err(e) = m.write_back(&self.file).and_then(|()| self.file.sync()) {
+                log::error!(
+                    "{}: writing back metadata on close failed: {e}",
+                    self.file.path()
+                );
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Raw images: the virtual disk is the host file, byte for byte. No metadata, so no lock: every
+//! request goes straight to `pread`/`pwrite` from the caller's thread.
+
+use crate::file::HostFile;
+use crate::{Allocation, BlockStatus, DiskImage, Error};
+
+/// A raw image file.
+#[derive(Debug)]
+pub struct Raw {
+    file: HostFile,
+    size: u64,
+    read_only: bool,
+}
+
+impl Raw {
+    /// Wraps an opened host file; the virtual size is the file's length at open.
+    pub fn new(file: HostFile, read_only: bool) -> Result<Raw, Error> {
+        let size = file.len()?;
+        Ok(Raw {
+            file,
+            size,
+            read_only,
+        })
+    }
+
+    fn check(&self, offset: u64, len: u64, write: bool) -> Result<(), Error> {
+        if write && self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        crate::check_range(offset, len, self.size)
+    }
+}
+
+impl DiskImage for Raw {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        self.check(offset, buf.len() as u64, false)?;
+        self.file.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
+        self.check(offset, buf.len() as u64, true)?;
+        self.file.write_at(buf, offset)
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), Error> {
+        self.check(offset, len, true)?;
+        self.file.punch_hole(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<(), Error> {
+        self.check(offset, len, true)?;
+        self.file.punch_hole(offset, len)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus, Error> {
+        self.check(offset, len, false)?;
+        Ok(BlockStatus {
+            allocation: Allocation::Data {
+                host_offset: Some(offset),
+            },
+            len,
+        })
+    }
+}

@@ -1,0 +1,4 @@
+# Starts busybox acpid so an ACPI power button press (QMP system_powerdown) shuts the guest down: the
+# button driver reports the press on an evdev device, and acpid runs /etc/acpi/PWRF/00000080.
+acpid
+echo "GUEST-ACPID"
