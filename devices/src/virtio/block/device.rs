@@ -382,6 +382,7 @@ mod tests {
     use super::super::{request_type as t, status as st, SECTOR_SIZE};
     use super::*;
     use crate::context::IoThread;
+    use vm_memory::Bytes;
 
     #[test]
     fn config_space_and_features() {
@@ -497,5 +498,112 @@ mod tests {
         assert_eq!(rig.dev.stats().snapshot().wr.operations, 200);
         rig.dev.shutdown().unwrap();
         io.stop().unwrap();
+    }
+
+    /// Runs a QEMU tool, failing loudly when it is missing (ci/setup installs it).
+    fn qemu(tool: &str, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(tool)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("{tool} is needed for this test (ci/setup installs it): {e}")
+            })
+    }
+
+    #[test]
+    fn qcow2_overlay_on_an_iothread_stays_consistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        let (base_s, top_s) = (base.to_str().unwrap(), top.to_str().unwrap());
+        assert!(
+            qemu("qemu-img", &["create", "-q", "-f", "qcow2", base_s, "4M"])
+                .status
+                .success()
+        );
+        let fill = qemu(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 0x11 0 64k", base_s],
+        );
+        assert!(fill.status.success());
+        let base_before = std::fs::read(&base).unwrap();
+        let o = block::qcow2::create::CreateOptions {
+            size: 4 << 20,
+            cluster_size: 65536,
+            backing: Some(("base.qcow2".into(), "qcow2".into())),
+            ..Default::default()
+        };
+        block::create(&top, block::Format::Qcow2, &o).unwrap();
+        let opts = block::OpenOptions {
+            format: Some(block::Format::Qcow2),
+            read_only: false,
+            ..Default::default()
+        };
+        let image = Arc::new(block::open(&top, opts).unwrap());
+
+        let io = IoThread::spawn("io-qcow2").unwrap();
+        let rig = Rig::new(io.context().clone(), image, 1, false);
+        rig.start(!0);
+        // Write 4 KiB of 0x5a at byte 4096: a copy-on-write of the backing cluster.
+        rig.mem
+            .write_slice(&[0x5a; 4096], vm_memory::GuestAddress(BUF))
+            .unwrap();
+        rig.header(HDR, t::OUT, 8);
+        rig.submit(0, 0, &[(HDR, 16, 0), (BUF, 4096, 0), (STATUS, 1, F_WRITE)]);
+        rig.wait_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        // Read the whole first cluster back: backing data around the new write.
+        rig.header(HDR, t::IN, 0);
+        rig.submit(
+            0,
+            3,
+            &[
+                (HDR, 16, 0),
+                (BUF + 0x10000, 65536, F_WRITE),
+                (STATUS + 1, 1, F_WRITE),
+            ],
+        );
+        rig.wait_used(0, 2);
+        assert_eq!(rig.byte(STATUS + 1), st::OK);
+        let mut back = vec![0u8; 65536];
+        rig.mem
+            .read_slice(&mut back, vm_memory::GuestAddress(BUF + 0x10000))
+            .unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0x11));
+        assert!(back[4096..8192].iter().all(|&b| b == 0x5a));
+        assert!(back[8192..].iter().all(|&b| b == 0x11));
+        rig.header(HDR, t::FLUSH, 0);
+        rig.submit(0, 6, &[(HDR, 16, 0), (STATUS + 2, 1, F_WRITE)]);
+        rig.wait_used(0, 3);
+        assert_eq!(rig.byte(STATUS + 2), st::OK);
+        rig.dev.shutdown().unwrap();
+        drop(rig);
+        io.stop().unwrap();
+
+        let check = qemu("qemu-img", &["check", top_s]);
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+        let verify = qemu(
+            "qemu-io",
+            &[
+                "-r",
+                "-f",
+                "qcow2",
+                "-c",
+                "read -P 0x5a 4096 4096",
+                "-c",
+                "read -P 0x11 8192 4096",
+                top_s,
+            ],
+        );
+        let out = String::from_utf8_lossy(&verify.stdout);
+        assert!(
+            verify.status.success() && !out.contains("verification failed"),
+            "{out}"
+        );
+        assert_eq!(std::fs::read(&base).unwrap(), base_before);
     }
 }

@@ -147,16 +147,16 @@ impl DiskImage for MemImage {
 }
 
 /// A device, its transport and guest memory, with `queues` queues placed at 0x1000 * (i + 1).
-pub struct Rig {
+pub struct Rig<I: DiskImage = MemImage> {
     pub mem: GuestMemoryMmap,
     pub ctx: Arc<Context>,
-    pub image: Arc<MemImage>,
+    pub image: Arc<I>,
     pub dev: Arc<Block>,
     pub transport: MmioTransport,
 }
 
-impl Rig {
-    pub fn new(ctx: Arc<Context>, image: Arc<MemImage>, queues: u16, discard: bool) -> Self {
+impl<I: DiskImage + 'static> Rig<I> {
+    pub fn new(ctx: Arc<Context>, image: Arc<I>, queues: u16, discard: bool) -> Self {
         let mem =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), usize::try_from(MEM_SIZE).unwrap())])
                 .unwrap();
