@@ -20,7 +20,8 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    features, status, ActivateError, Activation, GuestMemoryMmap, Interrupt, VirtioDevice,
+    features, status, ActivateError, Activation, GuestMemoryMmap, Interrupt, TransportError,
+    VirtioDevice,
 };
 
 /// Size of a virtio-mmio device's MMIO window (registers and configuration space).
@@ -143,15 +144,15 @@ impl MmioTransport {
     pub fn new(
         device: Arc<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
-    ) -> Result<Self, std::io::Error> {
+    ) -> Result<Self, TransportError> {
         let count = device.queue_max_sizes().len();
         let queue_events = (0..count)
-            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .map(|i| EventFd::new(EFD_NONBLOCK).map_err(|e| TransportError::QueueEventFd(i, e)))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(MmioTransport {
             device,
             mem,
-            interrupt: Arc::new(Interrupt::new()?),
+            interrupt: Arc::new(Interrupt::new().map_err(TransportError::Irqfd)?),
             queue_events,
             state: Mutex::new(State::new(count)),
         })

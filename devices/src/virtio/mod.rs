@@ -58,6 +58,17 @@ pub mod interrupt_status {
     pub const CONFIG: u32 = 2;
 }
 
+/// Errors of creating a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Creating a queue's notification eventfd failed.
+    #[error("cannot create the notification eventfd of queue {0}")]
+    QueueEventFd(usize, #[source] io::Error),
+    /// Creating the interrupt's eventfd failed.
+    #[error("cannot create the interrupt eventfd")]
+    Irqfd(#[source] io::Error),
+}
+
 /// Errors of activating a device.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {

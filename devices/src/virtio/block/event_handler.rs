@@ -16,8 +16,8 @@ use super::device::{Active, Block};
 use super::request::{self, Parsed};
 use super::stats::Kind;
 use super::{
-    features, request_type, status, DISCARD_SEGMENT_LEN, HEADER_LEN, SECTOR_SHIFT,
-    WRITE_ZEROES_FLAG_UNMAP,
+    error_chain, features, request_type, status, QueueError, DISCARD_SEGMENT_LEN, HEADER_LEN,
+    SECTOR_SHIFT, WRITE_ZEROES_FLAG_UNMAP,
 };
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
@@ -86,7 +86,7 @@ impl Block {
             return;
         }
         if let Err(e) = self.process_queue(active, index) {
-            log::error!("virtio-blk {}: queue {index}: {e}", self.config.id);
+            log::error!("virtio-blk {}: {}", self.config.id, error_chain(&e));
             active.broken = true;
             active.interrupt.set_needs_reset();
         }
@@ -101,7 +101,7 @@ impl Block {
     }
 
     /// Takes every available request from queue `index`.
-    fn process_queue(&self, active: &mut Active, index: usize) -> Result<(), String> {
+    fn process_queue(&self, active: &mut Active, index: usize) -> Result<(), QueueError> {
         let Active {
             mem,
             queues,
@@ -121,18 +121,23 @@ impl Block {
         loop {
             qs.queue
                 .disable_notification(&*mem)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| QueueError::DisableNotification(index, e))?;
             // A driver claiming more available entries than the queue holds is broken (2.7.6).
             let avail = qs
                 .queue
                 .avail_idx(&*mem, Ordering::Acquire)
-                .map_err(|e| e.to_string())?;
-            if (avail - Wrapping(qs.queue.next_avail())).0 > qs.queue.size() {
-                return Err(format!("available index {} is out of range", avail.0));
+                .map_err(|e| QueueError::AvailIdx(index, e))?;
+            let next = qs.queue.next_avail();
+            if (avail - Wrapping(next)).0 > qs.queue.size() {
+                return Err(QueueError::AvailOutOfRange {
+                    queue: index,
+                    avail: avail.0,
+                    next,
+                });
             }
             while let Some(chain) = qs.queue.pop_descriptor_chain(&*mem) {
                 let parsed = request::parse(chain, mem, scratch, usize::from(qs.queue.size()))
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| QueueError::Chain(index, e))?;
                 let outcome = self.start_request(
                     mem,
                     scratch,
@@ -145,11 +150,21 @@ impl Block {
                 match outcome {
                     Immediate::Submitted => *in_flight += 1,
                     Immediate::Status(st, used) => {
-                        mem.write_obj(st, parsed.status)
-                            .map_err(|e| e.to_string())?;
+                        let head = parsed.head;
+                        mem.write_obj(st, parsed.status).map_err(|source| {
+                            QueueError::WriteStatus {
+                                queue: index,
+                                head,
+                                source,
+                            }
+                        })?;
                         qs.queue
-                            .add_used(&*mem, parsed.head, used.saturating_add(1))
-                            .map_err(|e| e.to_string())?;
+                            .add_used(&*mem, head, used.saturating_add(1))
+                            .map_err(|source| QueueError::AddUsed {
+                                queue: index,
+                                head,
+                                source,
+                            })?;
                         notify = true;
                     }
                 }
@@ -158,7 +173,7 @@ impl Block {
             if !qs
                 .queue
                 .enable_notification(&*mem)
-                .map_err(|e| e.to_string())?
+                .map_err(|e| QueueError::EnableNotification(index, e))?
             {
                 break;
             }
@@ -167,7 +182,7 @@ impl Block {
             && qs
                 .queue
                 .needs_notification(&*mem)
-                .map_err(|e| e.to_string())?
+                .map_err(|e| QueueError::NeedsNotification(index, e))?
         {
             active.interrupt.signal_used_queue();
         }
@@ -356,47 +371,50 @@ impl Block {
         if active.in_flight == 0 && self.aio.in_flight() == 0 {
             return;
         }
+        // Queues that got used entries (the device has at most 64).
         let mut notify: u64 = 0;
-        let mut failed = false;
+        let mut fault = None;
         self.aio.reap(|done| match self.complete(active, done) {
-            Ok(queue) => {
-                notify |= 1u64
-                    .checked_shl(u32::try_from(queue).unwrap_or(64))
-                    .unwrap_or(0)
-            }
-            Err(()) => failed = true,
+            Ok(queue) => notify |= 1 << queue,
+            Err(e) => fault = Some(e),
         });
         for (index, qs) in active.queues.iter_mut().enumerate() {
             if notify & (1 << index) != 0 {
                 match qs.queue.needs_notification(&active.mem) {
                     Ok(true) => active.interrupt.signal_used_queue(),
                     Ok(false) => {}
-                    Err(_) => failed = true,
+                    Err(e) => fault = Some(QueueError::NeedsNotification(index, e)),
                 }
             }
         }
-        if failed && !active.broken {
-            log::error!("virtio-blk {}: cannot complete a request", self.config.id);
-            active.broken = true;
-            active.interrupt.set_needs_reset();
+        if let Some(e) = fault {
+            log::error!("virtio-blk {}: {}", self.config.id, error_chain(&e));
+            if !active.broken {
+                active.broken = true;
+                active.interrupt.set_needs_reset();
+            }
         }
     }
 
     /// Completes one request; returns its queue.
-    fn complete(&self, active: &mut Active, done: Completion) -> Result<usize, ()> {
+    fn complete(&self, active: &mut Active, done: Completion) -> Result<usize, QueueError> {
         let Completion { request, result } = done;
         let (queue, head) = untoken(request.token);
         active.seg_pool.push(request.segs);
-        let qs = active.queues.get_mut(queue).ok_or(())?;
-        let info = qs
-            .in_flight
-            .get_mut(head)
-            .and_then(Option::take)
-            .ok_or(())?;
+        let unknown = QueueError::UnknownCompletion { queue, head };
+        let Some(qs) = active.queues.get_mut(queue) else {
+            return Err(unknown);
+        };
+        let (Some(info), Ok(head)) = (
+            qs.in_flight.get_mut(head).and_then(Option::take),
+            u16::try_from(head),
+        ) else {
+            return Err(unknown);
+        };
         active.in_flight -= 1;
         let ok = result.is_ok();
         if let Err(e) = &result {
-            log::warn!("virtio-blk {}: {e}", self.config.id);
+            log::warn!("virtio-blk {}: {}", self.config.id, error_chain(e));
         }
         self.stats.done(info.kind, info.bytes, info.start, ok);
         let (st, used) = if ok {
@@ -404,11 +422,21 @@ impl Block {
         } else {
             (status::IOERR, 0)
         };
-        let head = u16::try_from(head).map_err(|_| ())?;
-        active.mem.write_obj(st, info.status).map_err(|_| ())?;
+        active
+            .mem
+            .write_obj(st, info.status)
+            .map_err(|source| QueueError::WriteStatus {
+                queue,
+                head,
+                source,
+            })?;
         qs.queue
             .add_used(&active.mem, head, used.saturating_add(1))
-            .map_err(|_| ())?;
+            .map_err(|source| QueueError::AddUsed {
+                queue,
+                head,
+                source,
+            })?;
         Ok(queue)
     }
 }

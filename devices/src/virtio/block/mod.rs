@@ -82,5 +82,77 @@ pub mod status {
 /// The `flags` bit of a discard/write-zeroes segment that allows unmapping (5.2.6).
 pub const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 
+/// Faults of the driver's rings that put the device in DEVICE_NEEDS_RESET (virtio 1.2, 2.1.2).
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Suppressing notifications (used ring flags) failed.
+    #[error("cannot disable notifications of queue {0}")]
+    DisableNotification(usize, #[source] virtio_queue::Error),
+    /// Reading the available index failed.
+    #[error("cannot read the available index of queue {0}")]
+    AvailIdx(usize, #[source] virtio_queue::Error),
+    /// The driver made more entries available than the queue holds (2.7.6).
+    #[error("available index {avail} of queue {queue} is more than a queue ahead of {next}")]
+    AvailOutOfRange {
+        /// Queue index.
+        queue: usize,
+        /// The driver's available index.
+        avail: u16,
+        /// The next entry the device would take.
+        next: u16,
+    },
+    /// A descriptor chain the device cannot answer.
+    #[error("malformed request on queue {0}")]
+    Chain(usize, #[source] ChainError),
+    /// Writing a request's status byte failed.
+    #[error("cannot write the status of request {head} on queue {queue}")]
+    WriteStatus {
+        /// Queue index.
+        queue: usize,
+        /// Head descriptor index.
+        head: u16,
+        /// The memory error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// Adding a used ring entry failed.
+    #[error("cannot add request {head} to the used ring of queue {queue}")]
+    AddUsed {
+        /// Queue index.
+        queue: usize,
+        /// Head descriptor index.
+        head: u16,
+        /// The queue error.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// Re-enabling notifications (used ring flags or `avail_event`) failed.
+    #[error("cannot enable notifications of queue {0}")]
+    EnableNotification(usize, #[source] virtio_queue::Error),
+    /// Reading `used_event` or the available ring flags failed.
+    #[error("cannot tell whether queue {0} needs an interrupt")]
+    NeedsNotification(usize, #[source] virtio_queue::Error),
+    /// A completion whose token names no request in flight.
+    #[error("completion for unknown request {head} on queue {queue}")]
+    UnknownCompletion {
+        /// Queue index from the token.
+        queue: usize,
+        /// Head index from the token.
+        head: usize,
+    },
+}
+
+/// An error and its causes on one line, for the log.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}
+
 #[cfg(test)]
 mod test_util;
