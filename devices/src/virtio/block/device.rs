@@ -56,6 +56,8 @@ pub struct BlockConfig {
     pub discard: bool,
     /// Worker threads for image I/O.
     pub io_workers: usize,
+    /// Intervals in seconds for `timed_stats` (`-drive stats-intervals=`).
+    pub stats_intervals: Vec<u32>,
 }
 
 impl Default for BlockConfig {
@@ -68,6 +70,7 @@ impl Default for BlockConfig {
             queue_size: 256,
             discard: false,
             io_workers: 4,
+            stats_intervals: Vec::new(),
         }
     }
 }
@@ -160,6 +163,7 @@ impl Block {
             features |= features::RO;
         }
         let config_space = config_space(capacity, size, config.num_queues, config.discard);
+        let stats = BlockStats::new(&config.stats_intervals);
         Ok(Arc::new_cyclic(|me| Block {
             me: me.clone(),
             ctx,
@@ -169,7 +173,7 @@ impl Block {
             config_space,
             capacity,
             aio,
-            stats: BlockStats::default(),
+            stats,
             active: Mutex::new(None),
         }))
     }

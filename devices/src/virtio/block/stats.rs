@@ -129,11 +129,170 @@ pub enum HistogramError {
     TooMany(usize),
 }
 
+/// Latency of one kind in one window; written by one thread at a time (the device's context
+/// serializes completions), read by any.
+#[derive(Debug)]
+struct Window {
+    /// Start of the window (ns on the shifted clock, see `TimedStats::record`); 0 = never used.
+    start: AtomicU64,
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+    min_ns: AtomicU64,
+    max_ns: AtomicU64,
+}
+
+impl Window {
+    fn new() -> Self {
+        Window {
+            start: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+            sum_ns: AtomicU64::new(0),
+            min_ns: AtomicU64::new(u64::MAX),
+            max_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Latency per interval, after QEMU's `TimedAverage` (`util/timed-average.c`): two windows of the
+/// interval's length, staggered by half of it, each restarted when it expires; a query reads the
+/// one that has run longer, so it always covers between half and all of the interval.
+#[derive(Debug)]
+struct TimedStats {
+    interval_ns: u64,
+    /// `[kind][window]` for reads, writes and flushes.
+    windows: [[Window; 2]; 3],
+}
+
+/// The kinds QEMU keeps timed statistics for, by index into `TimedStats::windows`.
+fn timed_index(kind: Kind) -> Option<usize> {
+    match kind {
+        Kind::Read => Some(0),
+        Kind::Write => Some(1),
+        Kind::Flush => Some(2),
+        Kind::Unmap => None,
+    }
+}
+
+impl TimedStats {
+    fn new(interval_ns: u64) -> Self {
+        TimedStats {
+            interval_ns,
+            windows: std::array::from_fn(|_| [Window::new(), Window::new()]),
+        }
+    }
+
+    /// Where window `w` that is running at `t` started. Times are shifted by one interval, so
+    /// both windows have started by the time of the first request.
+    fn window_start(&self, w: usize, t: u64) -> u64 {
+        let offset = if w == 0 { 0 } else { self.interval_ns / 2 };
+        let t = t.saturating_add(self.interval_ns) - offset;
+        t - t % self.interval_ns + offset
+    }
+
+    fn record(&self, kind: Kind, now_ns: u64, latency_ns: u64) {
+        let Some(k) = timed_index(kind) else {
+            return;
+        };
+        for (w, win) in self.windows[k].iter().enumerate() {
+            let start = self.window_start(w, now_ns);
+            if win.start.load(Ordering::Relaxed) != start {
+                win.count.store(0, Ordering::Relaxed);
+                win.sum_ns.store(0, Ordering::Relaxed);
+                win.min_ns.store(u64::MAX, Ordering::Relaxed);
+                win.max_ns.store(0, Ordering::Relaxed);
+                win.start.store(start, Ordering::Relaxed);
+            }
+            win.count.fetch_add(1, Ordering::Relaxed);
+            win.sum_ns.fetch_add(latency_ns, Ordering::Relaxed);
+            win.min_ns.fetch_min(latency_ns, Ordering::Relaxed);
+            win.max_ns.fetch_max(latency_ns, Ordering::Relaxed);
+        }
+    }
+
+    /// (min, max, avg latency, queue depth) of `k` at `now_ns`, from the longer-running window.
+    fn query(&self, k: usize, now_ns: u64) -> (u64, u64, u64, f64) {
+        let w = usize::from(self.window_start(1, now_ns) < self.window_start(0, now_ns));
+        let win = &self.windows[k][w];
+        let start = self.window_start(w, now_ns);
+        if win.start.load(Ordering::Relaxed) != start {
+            return (0, 0, 0, 0.0);
+        }
+        let count = win.count.load(Ordering::Relaxed);
+        let sum = win.sum_ns.load(Ordering::Relaxed);
+        if count == 0 {
+            return (0, 0, 0, 0.0);
+        }
+        let elapsed = now_ns
+            .saturating_add(self.interval_ns)
+            .saturating_sub(start)
+            .max(1);
+        // Little's law, as QEMU's `block_account_queue_depth`: time spent in flight over time.
+        #[allow(clippy::cast_precision_loss)]
+        let depth = sum as f64 / elapsed as f64;
+        (
+            win.min_ns.load(Ordering::Relaxed),
+            win.max_ns.load(Ordering::Relaxed),
+            sum / count,
+            depth,
+        )
+    }
+
+    fn snapshot(&self, now_ns: u64) -> TimedSnapshot {
+        let lat = |k| {
+            let (min_ns, max_ns, avg_ns, _) = self.query(k, now_ns);
+            Latency {
+                min_ns,
+                max_ns,
+                avg_ns,
+            }
+        };
+        TimedSnapshot {
+            interval_length: self.interval_ns / 1_000_000_000,
+            rd: lat(0),
+            wr: lat(1),
+            flush: lat(2),
+            avg_rd_queue_depth: self.query(0, now_ns).3,
+            avg_wr_queue_depth: self.query(1, now_ns).3,
+        }
+    }
+}
+
+/// Latency over an interval, in nanoseconds (`min_rd_latency_ns`, `max_rd_latency_ns`,
+/// `avg_rd_latency_ns` and the same for `wr` and `flush`); zeroes when nothing completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Latency {
+    /// Shortest.
+    pub min_ns: u64,
+    /// Longest.
+    pub max_ns: u64,
+    /// Mean.
+    pub avg_ns: u64,
+}
+
+/// One entry of `timed_stats` (QEMU's `BlockDeviceTimedStats`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimedSnapshot {
+    /// `interval_length`, in seconds.
+    pub interval_length: u64,
+    /// Read latency.
+    pub rd: Latency,
+    /// Write latency.
+    pub wr: Latency,
+    /// Flush latency.
+    pub flush: Latency,
+    /// `avg_rd_queue_depth`.
+    pub avg_rd_queue_depth: f64,
+    /// `avg_wr_queue_depth`.
+    pub avg_wr_queue_depth: f64,
+}
+
 /// One disk's statistics.
 #[derive(Debug)]
 pub struct BlockStats {
     kinds: [Counters; 4],
     histograms: [Histogram; 4],
+    /// One per `-drive stats-intervals=` entry.
+    timed: Vec<TimedStats>,
     /// Since when times are measured.
     epoch: Instant,
     /// Nanoseconds from `epoch` to the last completion, plus one; 0 before the first.
@@ -142,12 +301,7 @@ pub struct BlockStats {
 
 impl Default for BlockStats {
     fn default() -> Self {
-        BlockStats {
-            kinds: Default::default(),
-            histograms: std::array::from_fn(|_| Histogram::new()),
-            epoch: Instant::now(),
-            last_completion: AtomicU64::new(0),
-        }
+        Self::new(&[])
     }
 }
 
@@ -157,9 +311,26 @@ fn nanos(d: Duration) -> u64 {
 }
 
 impl BlockStats {
-    /// Counts a completed request of `bytes` that started at `start`.
+    /// Statistics with `timed_stats` over each of `intervals` (seconds, each at least 1;
+    /// `-drive stats-intervals=`).
+    pub fn new(intervals: &[u32]) -> Self {
+        BlockStats {
+            kinds: Default::default(),
+            histograms: std::array::from_fn(|_| Histogram::new()),
+            timed: intervals
+                .iter()
+                .map(|&s| TimedStats::new(u64::from(s.max(1)) * 1_000_000_000))
+                .collect(),
+            epoch: Instant::now(),
+            last_completion: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a completed request of `bytes` that started at `start`. Called by one thread at a
+    /// time (the device's context serializes completions).
     pub fn done(&self, kind: Kind, bytes: u64, start: Instant, ok: bool) {
         let now = Instant::now();
+        let since = nanos(now.saturating_duration_since(self.epoch));
         let c = &self.kinds[kind.index()];
         if ok {
             let ns = nanos(now.saturating_duration_since(start));
@@ -167,10 +338,12 @@ impl BlockStats {
             c.bytes.fetch_add(bytes, Ordering::Relaxed);
             c.total_time_ns.fetch_add(ns, Ordering::Relaxed);
             self.histograms[kind.index()].record(ns);
+            for t in &self.timed {
+                t.record(kind, since, ns);
+            }
         } else {
             c.failed.fetch_add(1, Ordering::Relaxed);
         }
-        let since = nanos(now.saturating_duration_since(self.epoch));
         self.last_completion
             .store(since.saturating_add(1), Ordering::Relaxed);
     }
@@ -212,14 +385,16 @@ impl BlockStats {
                 latency_histogram: self.histograms[kind.index()].snapshot(),
             }
         };
+        let now = nanos(self.epoch.elapsed());
         let last = self.last_completion.load(Ordering::Relaxed);
-        let idle_time_ns = (last > 0).then(|| nanos(self.epoch.elapsed()).saturating_sub(last - 1));
+        let idle_time_ns = (last > 0).then(|| now.saturating_sub(last - 1));
         StatsSnapshot {
             rd: get(Kind::Read),
             wr: get(Kind::Write),
             flush: get(Kind::Flush),
             unmap: get(Kind::Unmap),
             idle_time_ns,
+            timed_stats: self.timed.iter().map(|t| t.snapshot(now)).collect(),
         }
     }
 }
@@ -244,7 +419,7 @@ pub struct KindSnapshot {
 }
 
 /// A disk's statistics at one moment, by QEMU's names.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StatsSnapshot {
     /// `rd_*`.
     pub rd: KindSnapshot,
@@ -256,6 +431,8 @@ pub struct StatsSnapshot {
     pub unmap: KindSnapshot,
     /// `idle_time_ns`: time since the last completion; absent before the first, as in QEMU.
     pub idle_time_ns: Option<u64>,
+    /// `timed_stats`, one per interval.
+    pub timed_stats: Vec<TimedSnapshot>,
 }
 
 #[cfg(test)]
@@ -280,6 +457,14 @@ mod tests {
         assert_eq!(s.unmap.invalid_operations, 1);
         assert_eq!(s.flush.operations, 0);
         assert!(s.idle_time_ns.is_some());
+        assert!(s.timed_stats.is_empty());
+        let timed = BlockStats::new(&[60, 3600]);
+        timed.done(Kind::Write, 512, start, true);
+        let s = timed.snapshot();
+        assert_eq!(s.timed_stats.len(), 2);
+        assert_eq!(s.timed_stats[1].interval_length, 3600);
+        assert!(s.timed_stats[0].wr.max_ns > 0);
+        assert_eq!(s.timed_stats[0].rd.max_ns, 0);
     }
 
     #[test]
@@ -298,6 +483,27 @@ mod tests {
         assert_eq!(h.bins, vec![0, 1, 0]);
         stats.set_histogram(Kind::Flush, None).expect("removal");
         assert_eq!(stats.snapshot().flush.latency_histogram, None);
+    }
+
+    #[test]
+    fn timed_windows_keep_min_max_avg_and_expire() {
+        let t = TimedStats::new(10);
+        // Window starts: window 0 at multiples of 10, window 1 at 5 + multiples of 10 (shifted).
+        assert_eq!(t.window_start(0, 3), 10);
+        assert_eq!(t.window_start(1, 3), 5);
+        assert_eq!(t.window_start(1, 7), 15);
+        t.record(Kind::Read, 1, 100);
+        t.record(Kind::Read, 2, 300);
+        t.record(Kind::Unmap, 2, 7);
+        // At 4 window 1 (started at 5) has run longer than window 0 (started at 10).
+        assert_eq!(t.query(0, 4), (100, 300, 200, 400.0 / 9.0));
+        assert_eq!(t.query(1, 4), (0, 0, 0, 0.0));
+        // At 9, window 1 restarted at 15 and window 0 (10..20) holds the samples.
+        assert_eq!(t.query(0, 9).0, 100);
+        // Much later every window has expired.
+        assert_eq!(t.query(0, 100), (0, 0, 0, 0.0));
+        let s = t.snapshot(4);
+        assert_eq!((s.interval_length, s.rd.max_ns, s.wr.max_ns), (0, 300, 0));
     }
 
     #[test]

@@ -167,6 +167,7 @@ impl<I: DiskImage + 'static> Rig<I> {
             queue_size: QSIZE,
             discard,
             io_workers: 2,
+            stats_intervals: vec![60],
         };
         let dev = Block::new(config, image.clone(), ctx.clone()).unwrap();
         let transport = MmioTransport::new(dev.clone(), mem.clone()).unwrap();
