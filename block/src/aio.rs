@@ -392,21 +392,16 @@ mod tests {
 
     use super::*;
     use crate::BlockStatus;
-    use std::fs::{File, OpenOptions};
-    use std::os::unix::fs::FileExt;
-    use std::path::PathBuf;
-    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    static NEXT_FILE: AtomicU32 = AtomicU32::new(0);
-
-    /// A raw image in a temporary file, deleted on drop.
+    /// The crate's raw engine on a temporary file, with a gate that can hold reads back (to
+    /// keep requests in flight on purpose) and counters.
     #[derive(Debug)]
     struct RawFile {
-        file: File,
-        path: PathBuf,
-        size: u64,
-        /// While closed, reads wait (to keep requests in flight on purpose).
+        inner: crate::Image,
+        _dir: tempfile::TempDir,
+        /// While closed, reads wait.
         gate: Mutex<bool>,
         gate_cond: Condvar,
         /// Reads that entered `read_at`.
@@ -416,23 +411,21 @@ mod tests {
 
     impl RawFile {
         fn new(size: u64) -> Arc<Self> {
-            let path = std::env::temp_dir().join(format!(
-                "aio-test-{}-{}.raw",
-                std::process::id(),
-                NEXT_FILE.fetch_add(1, Ordering::SeqCst)
-            ));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .unwrap();
-            file.set_len(size).unwrap();
-            Arc::new(RawFile {
-                file,
-                path,
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("disk.raw");
+            let create = crate::qcow2::create::CreateOptions {
                 size,
+                ..Default::default()
+            };
+            crate::create(&path, crate::Format::Raw, &create).unwrap();
+            let opts = crate::OpenOptions {
+                format: Some(crate::Format::Raw),
+                read_only: false,
+                ..Default::default()
+            };
+            Arc::new(RawFile {
+                inner: crate::open(&path, opts).unwrap(),
+                _dir: dir,
                 gate: Mutex::new(true),
                 gate_cond: Condvar::new(),
                 reads_started: AtomicUsize::new(0),
@@ -444,41 +437,14 @@ mod tests {
             *self.gate.lock().unwrap() = open;
             self.gate_cond.notify_all();
         }
-
-        fn check(&self, offset: u64, len: usize) -> Result<(), Error> {
-            let len = u64::try_from(len).unwrap();
-            match offset.checked_add(len) {
-                Some(end) if end <= self.size => Ok(()),
-                _ => Err(Error::OutOfRange {
-                    offset,
-                    len,
-                    size: self.size,
-                }),
-            }
-        }
-
-        fn io_err(op: &'static str, offset: u64, source: io::Error) -> Error {
-            Error::Io {
-                op,
-                path: "test".into(),
-                offset,
-                source,
-            }
-        }
-    }
-
-    impl Drop for RawFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.path);
-        }
     }
 
     impl DiskImage for RawFile {
         fn size(&self) -> u64 {
-            self.size
+            self.inner.size()
         }
         fn read_only(&self) -> bool {
-            false
+            self.inner.read_only()
         }
         fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
             self.reads_started.fetch_add(1, Ordering::SeqCst);
@@ -487,35 +453,23 @@ mod tests {
                 open = self.gate_cond.wait(open).unwrap();
             }
             drop(open);
-            self.check(offset, buf.len())?;
-            self.file
-                .read_exact_at(buf, offset)
-                .map_err(|e| Self::io_err("read", offset, e))
+            self.inner.read_at(buf, offset)
         }
         fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
-            self.check(offset, buf.len())?;
-            self.file
-                .write_all_at(buf, offset)
-                .map_err(|e| Self::io_err("write", offset, e))
+            self.inner.write_at(buf, offset)
         }
         fn flush(&self) -> Result<(), Error> {
             self.flushes.fetch_add(1, Ordering::SeqCst);
-            self.file
-                .sync_all()
-                .map_err(|e| Self::io_err("flush", 0, e))
+            self.inner.flush()
         }
         fn discard(&self, offset: u64, len: u64) -> Result<(), Error> {
-            self.write_zeroes(offset, len, true)
+            self.inner.discard(offset, len)
         }
-        fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<(), Error> {
-            let zeroes = vec![0u8; usize::try_from(len).unwrap()];
-            self.write_at(&zeroes, offset)
+        fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), Error> {
+            self.inner.write_zeroes(offset, len, may_unmap)
         }
-        fn block_status(&self, _offset: u64, len: u64) -> Result<BlockStatus, Error> {
-            Ok(BlockStatus {
-                allocation: crate::Allocation::Data { host_offset: None },
-                len,
-            })
+        fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus, Error> {
+            self.inner.block_status(offset, len)
         }
     }
 
@@ -606,7 +560,7 @@ mod tests {
     #[test]
     fn flush_discard_and_write_zeroes_reach_the_image() {
         let image = RawFile::new(8192);
-        image.file.write_all_at(&[0xffu8; 8192], 0).unwrap();
+        image.inner.write_at(&[0xffu8; 8192], 0).unwrap();
         let aio = Aio::new("t", image.clone(), 1, 4).unwrap();
         for (token, op) in [
             (1, Op::Flush),
@@ -632,7 +586,7 @@ mod tests {
         }
         assert_eq!(image.flushes.load(Ordering::SeqCst), 1);
         let mut back = [0u8; 8192];
-        image.file.read_exact_at(&mut back, 0).unwrap();
+        image.inner.read_at(&mut back, 0).unwrap();
         assert!(back[..512].iter().all(|&x| x == 0));
         assert!(back[512..4096].iter().all(|&x| x == 0xff));
         assert!(back[4096..4608].iter().all(|&x| x == 0));

@@ -1,0 +1,613 @@
+//! The virtio-blk device: what it offers (features, configuration space), how it starts
+//! (activation registers its queue notifications and its completion eventfd with its context)
+//! and how it stops (reset and shutdown drain in-flight requests as DESIGN.md, "Draining", asks).
+//!
+//! Draining: the device is marked quiescing (no new request is taken from the queues), every
+//! nesting level of its context is released, and the thread waits until the worker pool has run
+//! every submitted request ([`block::aio::Aio::wait_idle`], which needs nothing from the
+//! context's thread). It then acquires the context again and completes what is left itself. So
+//! a vCPU resetting a main-loop device with the global lock held never waits for the main loop
+//! (which would need that lock to run), and an iothread keeps serving its other devices, and may
+//! complete this one's requests, meanwhile.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+
+use block::aio::{Aio, AioError};
+use block::DiskImage;
+use std::os::fd::AsRawFd;
+use virtio_queue::QueueT;
+use vmm_sys_util::epoll::EventSet;
+
+use super::event_handler::QueueState;
+use super::request::Buf;
+use super::stats::BlockStats;
+use super::{features, DEVICE_ID, ID_BYTES, SECTOR_SHIFT};
+use crate::context::{Context, HandlerId};
+use crate::virtio::{
+    features as common, ActivateError, Activation, GuestMemoryMmap, Interrupt, VirtioDevice,
+};
+
+/// Errors of creating a virtio-blk device.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Starting the worker pool failed.
+    #[error("cannot start the I/O workers of drive {0}")]
+    Aio(String, #[source] AioError),
+    /// A queue size that is not a power of two between 2 and 32768 (virtio 1.2, 2.7).
+    #[error("queue size {0} is not a power of two between 2 and 32768")]
+    QueueSize(u16),
+    /// Zero queues, or more than the 64 the device supports.
+    #[error("{0} queues is not between 1 and 64")]
+    NumQueues(u16),
+}
+
+/// How a disk is presented.
+#[derive(Debug, Clone)]
+pub struct BlockConfig {
+    /// The drive's id (names the worker threads).
+    pub id: String,
+    /// GET_ID answer (`-device ...,serial=`); at most 20 bytes are used.
+    pub serial: String,
+    /// Number of request queues (`num-queues`).
+    pub num_queues: u16,
+    /// Maximum size of each queue (`queue-size`).
+    pub queue_size: u16,
+    /// Whether discard requests reach the image (`discard=unmap`) or are ignored (`ignore`).
+    pub discard: bool,
+    /// Worker threads for image I/O.
+    pub io_workers: usize,
+    /// Intervals in seconds for `timed_stats` (`-drive stats-intervals=`).
+    pub stats_intervals: Vec<u32>,
+}
+
+impl Default for BlockConfig {
+    /// QEMU's defaults for virtio-blk: one queue of 256, `discard=ignore`.
+    fn default() -> Self {
+        BlockConfig {
+            id: "drive".to_owned(),
+            serial: String::new(),
+            num_queues: 1,
+            queue_size: 256,
+            discard: false,
+            io_workers: 4,
+            stats_intervals: Vec::new(),
+        }
+    }
+}
+
+/// Size of the configuration space we fill: `struct virtio_blk_config` up to
+/// `write_zeroes_may_unmap` and its padding (5.2.4).
+const CONFIG_LEN: usize = 60;
+/// Largest segment the driver may use (`size_max`): 1 MiB.
+const SIZE_MAX: u32 = 1 << 20;
+/// Discard and write-zeroes limits in sectors: QEMU's `BDRV_REQUEST_MAX_SECTORS`.
+const MAX_DISCARD_SECTORS: u32 = (i32::MAX as u32) >> SECTOR_SHIFT;
+
+/// State while the driver has the device running.
+#[derive(Debug)]
+pub(super) struct Active {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<Interrupt>,
+    pub queues: Vec<QueueState>,
+    pub handlers: Vec<HandlerId>,
+    pub acked_features: u64,
+    /// Set once the device entered DEVICE_NEEDS_RESET: nothing more is processed.
+    pub broken: bool,
+    /// Set while draining: no new request is taken from the queues.
+    pub quiescing: bool,
+    /// Requests taken from the queues and not yet completed.
+    pub in_flight: usize,
+    /// Segment lists returned by completions, reused by later requests.
+    pub seg_pool: Vec<Vec<block::aio::IoSeg>>,
+    /// Reused buffer for walking a descriptor chain.
+    pub scratch: Vec<Buf>,
+}
+
+/// A virtio-blk device on a disk image, served in one context.
+pub struct Block {
+    pub(super) me: Weak<Block>,
+    pub(super) ctx: Arc<Context>,
+    pub(super) config: BlockConfig,
+    pub(super) features: u64,
+    pub(super) config_space: [u8; CONFIG_LEN],
+    pub(super) queue_sizes: Vec<u16>,
+    pub(super) capacity: u64,
+    pub(super) aio: Aio,
+    pub(super) stats: BlockStats,
+    pub(super) active: Mutex<Option<Active>>,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("id", &self.config.id)
+            .field("context", &self.ctx.name())
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Block {
+    /// A device presenting `image`, served in `ctx`.
+    pub fn new(
+        config: BlockConfig,
+        image: Arc<dyn DiskImage>,
+        ctx: Arc<Context>,
+    ) -> Result<Arc<Self>, Error> {
+        let size = config.queue_size;
+        if !size.is_power_of_two() || !(2..=32768).contains(&size) {
+            return Err(Error::QueueSize(size));
+        }
+        if config.num_queues == 0 || config.num_queues > 64 {
+            return Err(Error::NumQueues(config.num_queues));
+        }
+        // Each queue has at most `size` requests in flight (one per head index), so the pool
+        // never refuses one.
+        let depth = usize::from(config.num_queues) * usize::from(size);
+        let capacity = image.size() >> SECTOR_SHIFT;
+        let read_only = image.read_only();
+        let aio = Aio::new(&config.id, image, config.io_workers, depth)
+            .map_err(|e| Error::Aio(config.id.clone(), e))?;
+        let mut features = common::VERSION_1
+            | common::RING_INDIRECT_DESC
+            | common::RING_EVENT_IDX
+            | features::SIZE_MAX
+            | features::SEG_MAX
+            | features::BLK_SIZE
+            | features::FLUSH
+            | features::TOPOLOGY
+            | features::MQ
+            | features::DISCARD
+            | features::WRITE_ZEROES;
+        if read_only {
+            features |= features::RO;
+        }
+        let config_space = config_space(capacity, size, config.num_queues, config.discard);
+        let stats = BlockStats::new(&config.stats_intervals);
+        Ok(Arc::new_cyclic(|me| Block {
+            me: me.clone(),
+            ctx,
+            queue_sizes: vec![size; usize::from(config.num_queues)],
+            config,
+            features,
+            config_space,
+            capacity,
+            aio,
+            stats,
+            active: Mutex::new(None),
+        }))
+    }
+
+    pub(super) fn active(&self) -> MutexGuard<'_, Option<Active>> {
+        debug_assert!(
+            self.ctx.held_by_current_thread(),
+            "virtio-blk state touched without its context"
+        );
+        // Only taken with the context held, by code that does not panic while holding it.
+        self.active.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The device's statistics (readable from any thread, no context needed).
+    pub fn stats(&self) -> &BlockStats {
+        &self.stats
+    }
+
+    /// The GET_ID answer: the serial, truncated or zero-padded to 20 bytes.
+    pub(super) fn device_id(&self) -> [u8; ID_BYTES] {
+        let mut id = [0u8; ID_BYTES];
+        let serial = self.config.serial.as_bytes();
+        let n = serial.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&serial[..n]);
+        id
+    }
+
+    /// Stops the device for good: drains it, flushes the image, and leaves its context.
+    /// Acquires the context itself (nested if the caller holds it).
+    pub fn shutdown(&self) -> Result<(), block::Error> {
+        let _guard = self.ctx.acquire();
+        self.drain_and_stop();
+        let image = Arc::clone(self.aio.image());
+        // Not on the context: the flush may take long.
+        self.ctx.unlocked(|| image.flush())
+    }
+
+    /// Drains in-flight requests (see the module documentation) and deactivates.
+    fn drain_and_stop(&self) {
+        match self.active().as_mut() {
+            Some(active) => active.quiescing = true,
+            None => return,
+        }
+        self.ctx.unlocked(|| self.aio.wait_idle());
+        let mut guard = self.active();
+        if let Some(active) = guard.as_mut() {
+            self.complete_all(active);
+            debug_assert_eq!(active.in_flight, 0, "requests in flight after draining");
+            for id in active.handlers.drain(..) {
+                if let Err(e) = self.ctx.remove_fd(id) {
+                    log::warn!("virtio-blk {}: {e}", self.config.id);
+                }
+            }
+        }
+        *guard = None;
+    }
+}
+
+/// Builds `struct virtio_blk_config` (virtio 1.2, 5.2.4), little-endian.
+fn config_space(
+    capacity: u64,
+    queue_size: u16,
+    num_queues: u16,
+    discard: bool,
+) -> [u8; CONFIG_LEN] {
+    let mut c = [0u8; CONFIG_LEN];
+    let mut put =
+        |offset: usize, bytes: &[u8]| c[offset..offset + bytes.len()].copy_from_slice(bytes);
+    put(0, &capacity.to_le_bytes());
+    put(8, &SIZE_MAX.to_le_bytes());
+    // seg_max: the queue less the header and status descriptors, as QEMU's seg-max-adjust.
+    put(12, &u32::from(queue_size - 2).to_le_bytes());
+    // geometry (16..20) is not offered.
+    put(20, &512u32.to_le_bytes()); // blk_size
+    put(24, &[0]); // topology.physical_block_exp: one logical block per physical block
+    put(25, &[0]); // topology.alignment_offset
+    put(26, &1u16.to_le_bytes()); // topology.min_io_size, in blocks
+    put(28, &0u32.to_le_bytes()); // topology.opt_io_size: no preference
+    put(32, &[0]); // writeback: CONFIG_WCE is not offered
+    put(34, &num_queues.to_le_bytes());
+    put(36, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
+    put(40, &1u32.to_le_bytes()); // max_discard_seg
+    put(44, &1u32.to_le_bytes()); // discard_sector_alignment
+    put(48, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+    put(52, &1u32.to_le_bytes()); // max_write_zeroes_seg
+    put(56, &[u8::from(discard)]); // write_zeroes_may_unmap
+    c
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(src) = self.config_space.get(start..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    fn write_config(&self, offset: u64, data: &[u8]) {
+        // Only `writeback` is writable, and only with CONFIG_WCE, which is not offered.
+        log::warn!(
+            "virtio-blk {}: ignored {}-byte config write at {offset}",
+            self.config.id,
+            data.len()
+        );
+    }
+
+    fn activate(&self, activation: Activation) -> Result<(), ActivateError> {
+        let mut guard = self.active();
+        if guard.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let mut handlers = Vec::new();
+        let register = |handlers: &mut Vec<HandlerId>, fd, handler| {
+            self.ctx
+                .add_fd(fd, EventSet::IN, handler)
+                .map(|id| handlers.push(id))
+                .map_err(ActivateError::Register)
+        };
+        let mut queues = Vec::with_capacity(activation.queues.len());
+        let result = (|| {
+            for (index, (queue, event)) in activation
+                .queues
+                .into_iter()
+                .zip(activation.queue_events)
+                .enumerate()
+            {
+                if queue.ready() {
+                    let me = self.me.clone();
+                    let fd = event.as_raw_fd();
+                    register(
+                        &mut handlers,
+                        fd,
+                        Arc::new(move |_: &Context, _| {
+                            if let Some(dev) = me.upgrade() {
+                                dev.queue_notified(index);
+                            }
+                        }),
+                    )?;
+                }
+                queues.push(QueueState::new(queue, event));
+            }
+            let me = self.me.clone();
+            register(
+                &mut handlers,
+                self.aio.completion_fd(),
+                Arc::new(move |_: &Context, _| {
+                    if let Some(dev) = me.upgrade() {
+                        dev.completions_ready();
+                    }
+                }),
+            )
+        })();
+        if let Err(e) = result {
+            for id in handlers {
+                // Just added; removal only fails if the fd was closed meanwhile.
+                let _ = self.ctx.remove_fd(id);
+            }
+            return Err(e);
+        }
+        *guard = Some(Active {
+            mem: activation.mem,
+            interrupt: activation.interrupt,
+            queues,
+            handlers,
+            acked_features: activation.acked_features,
+            broken: false,
+            quiescing: false,
+            in_flight: 0,
+            seg_pool: Vec::new(),
+            scratch: Vec::with_capacity(usize::from(self.config.queue_size)),
+        });
+        drop(guard);
+        // Requests the driver queued before DRIVER_OK (allowed, 3.1.1) are served now.
+        for index in 0..self.queue_sizes.len() {
+            self.queue_notified(index);
+        }
+        Ok(())
+    }
+
+    fn reset(&self) {
+        self.drain_and_stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::super::test_util::*;
+    use super::super::{request_type as t, status as st, SECTOR_SIZE};
+    use super::*;
+    use crate::context::IoThread;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn config_space_and_features() {
+        let rig = main_loop_rig(1 << 20, true);
+        let f = rig.dev.features();
+        assert_ne!(f & features::RO, 0);
+        assert_ne!(f & common::RING_EVENT_IDX, 0);
+        let mut cap = [0u8; 8];
+        rig.transport.read(0x100, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), (1 << 20) / SECTOR_SIZE);
+        assert_eq!(rig.reg(0x100 + 12), u32::from(QSIZE - 2)); // seg_max
+        assert_eq!(rig.reg(0x100 + 20), 512); // blk_size
+        let mut nq = [0u8; 2];
+        rig.transport.read(0x100 + 34, &mut nq);
+        assert_eq!(u16::from_le_bytes(nq), 1);
+        // Past the end of configuration space reads as zero.
+        assert_eq!(rig.reg(0x100 + 0x80), 0);
+        assert_eq!(rig.reg(0), 0x7472_6976);
+        assert_eq!(rig.reg(4), 2);
+        assert_eq!(rig.reg(8), DEVICE_ID);
+    }
+
+    #[test]
+    fn iothread_serves_requests_and_reset_drains_in_flight_ones() {
+        let io = IoThread::spawn("io-blk").unwrap();
+        let rig = Rig::new(
+            io.context().clone(),
+            MemImage::new(1 << 16, false),
+            1,
+            false,
+        );
+        rig.start(!0);
+        rig.image.set_gate(false);
+        rig.header(HDR, t::IN, 0);
+        rig.submit(
+            0,
+            0,
+            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+        );
+        // The request gets stuck in a worker; the iothread stays responsive meanwhile.
+        while rig
+            .image
+            .reads_started
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        for _ in 0..10 {
+            assert_eq!(rig.reg(0x100 + 20), 512);
+        }
+        let image = rig.image.clone();
+        let opener = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            image.set_gate(true);
+        });
+        // Reset waits for the read, with the context released, then completes it.
+        rig.set_reg(0x70, 0);
+        assert!(*rig.image.gate.lock().unwrap());
+        assert_eq!(rig.used_idx(0), 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        opener.join().unwrap();
+        rig.dev.shutdown().unwrap();
+        io.stop().unwrap();
+    }
+
+    #[test]
+    fn no_deadlock_mixing_register_accesses_and_iothread_io() {
+        let io = IoThread::spawn("io-stress").unwrap();
+        let rig = Arc::new(Rig::new(
+            io.context().clone(),
+            MemImage::new(1 << 20, false),
+            1,
+            false,
+        ));
+        rig.start(!0);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let vcpus: Vec<_> = (0..2)
+            .map(|_| {
+                let rig = Arc::clone(&rig);
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        assert_eq!(rig.reg(0x100 + 20), 512);
+                        rig.set_reg(0x100 + 32, 1); // config write: ignored, takes the context
+                        let pending = rig.reg(0x60);
+                        rig.set_reg(0x64, pending);
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        for i in 0..200u16 {
+            let head = (i % 4) * 3;
+            rig.header(HDR + u64::from(head) * 0x20, t::OUT, u64::from(i % 64));
+            rig.submit(
+                0,
+                head,
+                &[
+                    (HDR + u64::from(head) * 0x20, 16, 0),
+                    (BUF, 4096, 0),
+                    (STATUS + u64::from(head), 1, F_WRITE),
+                ],
+            );
+            rig.wait_used(0, i + 1);
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for v in vcpus {
+            assert!(v.join().unwrap() > 0);
+        }
+        assert_eq!(rig.dev.stats().snapshot().wr.operations, 200);
+        rig.dev.shutdown().unwrap();
+        io.stop().unwrap();
+    }
+
+    /// Runs a QEMU tool, failing loudly when it is missing (ci/setup installs it).
+    fn qemu(tool: &str, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(tool)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("{tool} is needed for this test (ci/setup installs it): {e}")
+            })
+    }
+
+    #[test]
+    fn qcow2_overlay_on_an_iothread_stays_consistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        let (base_s, top_s) = (base.to_str().unwrap(), top.to_str().unwrap());
+        assert!(
+            qemu("qemu-img", &["create", "-q", "-f", "qcow2", base_s, "4M"])
+                .status
+                .success()
+        );
+        let fill = qemu(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 0x11 0 64k", base_s],
+        );
+        assert!(fill.status.success());
+        let base_before = std::fs::read(&base).unwrap();
+        let o = block::qcow2::create::CreateOptions {
+            size: 4 << 20,
+            cluster_size: 65536,
+            backing: Some(("base.qcow2".into(), "qcow2".into())),
+            ..Default::default()
+        };
+        block::create(&top, block::Format::Qcow2, &o).unwrap();
+        let opts = block::OpenOptions {
+            format: Some(block::Format::Qcow2),
+            read_only: false,
+            ..Default::default()
+        };
+        let image = Arc::new(block::open(&top, opts).unwrap());
+
+        let io = IoThread::spawn("io-qcow2").unwrap();
+        let rig = Rig::new(io.context().clone(), image, 1, false);
+        rig.start(!0);
+        // Write 4 KiB of 0x5a at byte 4096: a copy-on-write of the backing cluster.
+        rig.mem
+            .write_slice(&[0x5a; 4096], vm_memory::GuestAddress(BUF))
+            .unwrap();
+        rig.header(HDR, t::OUT, 8);
+        rig.submit(0, 0, &[(HDR, 16, 0), (BUF, 4096, 0), (STATUS, 1, F_WRITE)]);
+        rig.wait_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        // Read the whole first cluster back: backing data around the new write.
+        rig.header(HDR, t::IN, 0);
+        rig.submit(
+            0,
+            3,
+            &[
+                (HDR, 16, 0),
+                (BUF + 0x10000, 65536, F_WRITE),
+                (STATUS + 1, 1, F_WRITE),
+            ],
+        );
+        rig.wait_used(0, 2);
+        assert_eq!(rig.byte(STATUS + 1), st::OK);
+        let mut back = vec![0u8; 65536];
+        rig.mem
+            .read_slice(&mut back, vm_memory::GuestAddress(BUF + 0x10000))
+            .unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0x11));
+        assert!(back[4096..8192].iter().all(|&b| b == 0x5a));
+        assert!(back[8192..].iter().all(|&b| b == 0x11));
+        rig.header(HDR, t::FLUSH, 0);
+        rig.submit(0, 6, &[(HDR, 16, 0), (STATUS + 2, 1, F_WRITE)]);
+        rig.wait_used(0, 3);
+        assert_eq!(rig.byte(STATUS + 2), st::OK);
+        rig.dev.shutdown().unwrap();
+        drop(rig);
+        io.stop().unwrap();
+
+        let check = qemu("qemu-img", &["check", top_s]);
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+        let verify = qemu(
+            "qemu-io",
+            &[
+                "-r",
+                "-f",
+                "qcow2",
+                "-c",
+                "read -P 0x5a 4096 4096",
+                "-c",
+                "read -P 0x11 8192 4096",
+                top_s,
+            ],
+        );
+        let out = String::from_utf8_lossy(&verify.stdout);
+        assert!(
+            verify.status.success() && !out.contains("verification failed"),
+            "{out}"
+        );
+        assert_eq!(std::fs::read(&base).unwrap(), base_before);
+    }
+}

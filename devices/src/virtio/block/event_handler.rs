@@ -1,0 +1,781 @@
+//! The work a virtio-blk device does in its context: taking requests from a queue when the
+//! driver notifies it (ioeventfd), answering the ones that need no I/O at once, submitting the
+//! others to the worker pool, and completing them when the pool's eventfd fires (status byte,
+//! used ring, interrupt if the driver wants one, with event idx where negotiated).
+//!
+//! Every function here runs with the device's context held, never the global lock (DESIGN.md).
+
+use std::time::Instant;
+
+use block::aio::{Completion, IoSeg, Op, Request};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::{Active, Block};
+use super::request::{self, Parsed};
+use super::stats::Kind;
+use super::{
+    error_chain, features, request_type, status, QueueError, DISCARD_SEGMENT_LEN, HEADER_LEN,
+    SECTOR_SHIFT, WRITE_ZEROES_FLAG_UNMAP,
+};
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+
+/// A request handed to the worker pool.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct InFlight {
+    status: GuestAddress,
+    /// Bytes the device writes into the chain on success (data and status).
+    used_len: u32,
+    kind: Kind,
+    bytes: u64,
+    start: Instant,
+}
+
+/// One queue and its requests in flight, by head index.
+#[derive(Debug)]
+pub(super) struct QueueState {
+    queue: Queue,
+    event: EventFd,
+    in_flight: Vec<Option<InFlight>>,
+}
+
+impl QueueState {
+    pub(super) fn new(queue: Queue, event: EventFd) -> Self {
+        let in_flight = (0..queue.max_size()).map(|_| None).collect();
+        QueueState {
+            queue,
+            event,
+            in_flight,
+        }
+    }
+}
+
+/// How a request that did not go to the pool ends.
+enum Immediate {
+    /// Write this status; `used` bytes were written before it.
+    Status(u8, u32),
+    /// Submitted to the pool.
+    Submitted,
+}
+
+/// The token of a request: queue index and head index.
+fn token(queue: usize, head: u16) -> u64 {
+    (u64::try_from(queue).unwrap_or(u64::MAX) << 16) | u64::from(head)
+}
+
+fn untoken(token: u64) -> (usize, usize) {
+    let queue = usize::try_from(token >> 16).unwrap_or(usize::MAX);
+    let head = usize::try_from(token & 0xffff).unwrap_or(usize::MAX);
+    (queue, head)
+}
+
+impl Block {
+    /// The driver notified queue `index`.
+    pub(super) fn queue_notified(&self, index: usize) {
+        let mut guard = self.active();
+        let Some(active) = guard.as_mut() else {
+            return;
+        };
+        if let Some(q) = active.queues.get(index) {
+            // Nothing to read just means a spurious wake-up.
+            let _ = q.event.read();
+        }
+        if active.broken || active.quiescing {
+            return;
+        }
+        if let Err(e) = self.process_queue(active, index) {
+            log::error!("virtio-blk {}: {}", self.config.id, error_chain(&e));
+            active.broken = true;
+            active.interrupt.set_needs_reset();
+        }
+    }
+
+    /// The worker pool has completions.
+    pub(super) fn completions_ready(&self) {
+        let mut guard = self.active();
+        if let Some(active) = guard.as_mut() {
+            self.complete_all(active);
+        }
+    }
+
+    /// Takes every available request from queue `index`.
+    fn process_queue(&self, active: &mut Active, index: usize) -> Result<(), QueueError> {
+        let Active {
+            mem,
+            queues,
+            scratch,
+            seg_pool,
+            in_flight,
+            acked_features,
+            ..
+        } = active;
+        let Some(qs) = queues.get_mut(index) else {
+            return Ok(());
+        };
+        if !qs.queue.ready() {
+            return Ok(());
+        }
+        let mut notify = false;
+        loop {
+            qs.queue
+                .disable_notification(&*mem)
+                .map_err(|e| QueueError::DisableNotification(index, e))?;
+            // A driver claiming more available entries than the queue holds is broken (2.7.6).
+            let avail = qs
+                .queue
+                .avail_idx(&*mem, Ordering::Acquire)
+                .map_err(|e| QueueError::AvailIdx(index, e))?;
+            let next = qs.queue.next_avail();
+            if (avail - Wrapping(next)).0 > qs.queue.size() {
+                return Err(QueueError::AvailOutOfRange {
+                    queue: index,
+                    avail: avail.0,
+                    next,
+                });
+            }
+            while let Some(chain) = qs.queue.pop_descriptor_chain(&*mem) {
+                let parsed = request::parse(chain, mem, scratch, usize::from(qs.queue.size()))
+                    .map_err(|e| QueueError::Chain(index, e))?;
+                let outcome = self.start_request(
+                    mem,
+                    scratch,
+                    seg_pool,
+                    *acked_features,
+                    index,
+                    &parsed,
+                    &mut qs.in_flight,
+                );
+                match outcome {
+                    Immediate::Submitted => *in_flight += 1,
+                    Immediate::Status(st, used) => {
+                        let head = parsed.head;
+                        mem.write_obj(st, parsed.status).map_err(|source| {
+                            QueueError::WriteStatus {
+                                queue: index,
+                                head,
+                                source,
+                            }
+                        })?;
+                        qs.queue
+                            .add_used(&*mem, head, used.saturating_add(1))
+                            .map_err(|source| QueueError::AddUsed {
+                                queue: index,
+                                head,
+                                source,
+                            })?;
+                        notify = true;
+                    }
+                }
+            }
+            // Re-enable notifications; if the driver added more meanwhile, go round again.
+            if !qs
+                .queue
+                .enable_notification(&*mem)
+                .map_err(|e| QueueError::EnableNotification(index, e))?
+            {
+                break;
+            }
+        }
+        if notify
+            && qs
+                .queue
+                .needs_notification(&*mem)
+                .map_err(|e| QueueError::NeedsNotification(index, e))?
+        {
+            active.interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+
+    /// Answers a request at once or submits it to the pool.
+    #[allow(clippy::too_many_arguments)]
+    fn start_request(
+        &self,
+        mem: &crate::virtio::GuestMemoryMmap,
+        bufs: &[request::Buf],
+        seg_pool: &mut Vec<Vec<IoSeg>>,
+        acked: u64,
+        queue: usize,
+        req: &Parsed,
+        table: &mut [Option<InFlight>],
+    ) -> Immediate {
+        let read_only = self.features & features::RO != 0;
+        let (readable, writable) = bufs.split_at(req.readable);
+        let (kind, op, offset, bytes, used) = match req.req_type {
+            request_type::IN | request_type::OUT => {
+                let (kind, len) = if req.req_type == request_type::IN {
+                    (Kind::Read, req.in_len)
+                } else {
+                    (Kind::Write, req.out_len)
+                };
+                let Some(offset) = req.disk_range(len, self.capacity) else {
+                    self.stats.invalid(kind);
+                    return Immediate::Status(status::IOERR, 0);
+                };
+                if kind == Kind::Write && read_only {
+                    self.stats.invalid(kind);
+                    return Immediate::Status(status::IOERR, 0);
+                }
+                let used = if kind == Kind::Read { len } else { 0 };
+                let Ok(used) = u32::try_from(used) else {
+                    self.stats.invalid(kind);
+                    return Immediate::Status(status::IOERR, 0);
+                };
+                let op = if kind == Kind::Read {
+                    Op::Read
+                } else {
+                    Op::Write
+                };
+                (kind, op, offset, len, used)
+            }
+            request_type::FLUSH => (Kind::Flush, Op::Flush, 0, 0, 0),
+            request_type::GET_ID => {
+                let written = request::copy_to_guest(mem, writable, 0, &self.device_id()[..])
+                    .ok()
+                    .and_then(|n| u32::try_from(n).ok());
+                return match written {
+                    Some(n) => Immediate::Status(status::OK, n),
+                    None => Immediate::Status(status::IOERR, 0),
+                };
+            }
+            request_type::DISCARD | request_type::WRITE_ZEROES => {
+                match self.discard_or_zeroes(mem, readable, acked, req, read_only) {
+                    Ok((kind, op, offset, len)) => (kind, op, offset, len, 0),
+                    Err(st) => return Immediate::Status(st, 0),
+                }
+            }
+            _ => return Immediate::Status(status::UNSUPP, 0),
+        };
+        let start = Instant::now();
+        if bytes == 0 && matches!(op, Op::Read | Op::Write) {
+            self.stats.done(kind, 0, start, true);
+            return Immediate::Status(status::OK, 0);
+        }
+        // With discard=ignore a discard succeeds without touching the image, as in QEMU.
+        if matches!(op, Op::Discard { .. }) && !self.config.discard {
+            self.stats.done(kind, bytes, start, true);
+            return Immediate::Status(status::OK, 0);
+        }
+        let mut segs = seg_pool.pop().unwrap_or_default();
+        segs.clear();
+        let mapped = match op {
+            Op::Read => request::host_pieces(mem, writable, 0, bytes, |p, n| {
+                // SAFETY: the piece is guest memory, mapped as long as the device holds `mem`,
+                // which it does until every request in flight has completed (drain on reset and
+                // shutdown); the device does not touch the buffer before the completion.
+                segs.push(unsafe { IoSeg::new(p, n) })
+            }),
+            Op::Write => request::host_pieces(mem, readable, HEADER_LEN, bytes, |p, n| {
+                // SAFETY: as above.
+                segs.push(unsafe { IoSeg::new(p, n) })
+            }),
+            _ => Ok(()),
+        };
+        if mapped.is_err() {
+            seg_pool.push(segs);
+            self.stats.invalid(kind);
+            return Immediate::Status(status::IOERR, 0);
+        }
+        let Some(slot) = table.get_mut(usize::from(req.head)) else {
+            seg_pool.push(segs);
+            return Immediate::Status(status::IOERR, 0);
+        };
+        match self.aio.submit(Request {
+            op,
+            offset,
+            segs,
+            token: token(queue, req.head),
+        }) {
+            Ok(()) => {
+                *slot = Some(InFlight {
+                    status: req.status,
+                    used_len: used,
+                    kind,
+                    bytes,
+                    start,
+                });
+                Immediate::Submitted
+            }
+            Err(refused) => {
+                // Cannot happen (the pool's depth covers every head of every queue), but a
+                // refused request is failed rather than lost.
+                seg_pool.push(refused.segs);
+                self.stats.done(kind, bytes, start, false);
+                Immediate::Status(status::IOERR, 0)
+            }
+        }
+    }
+
+    /// Checks a discard or write-zeroes request (5.2.6.2) and returns what to submit, or the
+    /// status to answer with.
+    fn discard_or_zeroes(
+        &self,
+        mem: &crate::virtio::GuestMemoryMmap,
+        readable: &[request::Buf],
+        acked: u64,
+        req: &Parsed,
+        read_only: bool,
+    ) -> Result<(Kind, Op, u64, u64), u8> {
+        let discard = req.req_type == request_type::DISCARD;
+        let (kind, feature) = if discard {
+            (Kind::Unmap, features::DISCARD)
+        } else {
+            (Kind::Write, features::WRITE_ZEROES)
+        };
+        if acked & feature == 0 {
+            return Err(status::UNSUPP);
+        }
+        // One segment only (max_discard_seg = max_write_zeroes_seg = 1), as in QEMU.
+        if req.out_len != DISCARD_SEGMENT_LEN {
+            self.stats.invalid(kind);
+            return Err(status::UNSUPP);
+        }
+        let mut seg = [0u8; 16];
+        request::copy_from_guest(mem, readable, HEADER_LEN, &mut seg)
+            .map_err(|()| status::IOERR)?;
+        let (sector, rest) = seg.split_at(8);
+        let (num, flags) = rest.split_at(4);
+        let sector = u64::from_le_bytes(sector.try_into().map_err(|_| status::IOERR)?);
+        let num = u32::from_le_bytes(num.try_into().map_err(|_| status::IOERR)?);
+        let flags = u32::from_le_bytes(flags.try_into().map_err(|_| status::IOERR)?);
+        // Unknown flags, or unmap on a discard: UNSUPP (5.2.6.2).
+        if flags & !WRITE_ZEROES_FLAG_UNMAP != 0 || (discard && flags != 0) {
+            self.stats.invalid(kind);
+            return Err(status::UNSUPP);
+        }
+        let range = Parsed { sector, ..*req };
+        let len = u64::from(num) << SECTOR_SHIFT;
+        let Some(offset) = range.disk_range(len, self.capacity) else {
+            self.stats.invalid(kind);
+            return Err(status::IOERR);
+        };
+        if read_only {
+            self.stats.invalid(kind);
+            return Err(status::IOERR);
+        }
+        let op = if discard {
+            Op::Discard { len }
+        } else {
+            Op::WriteZeroes {
+                len,
+                may_unmap: flags & WRITE_ZEROES_FLAG_UNMAP != 0 && self.config.discard,
+            }
+        };
+        Ok((kind, op, offset, len))
+    }
+
+    /// Completes every request the pool has finished, and interrupts the driver where needed.
+    pub(super) fn complete_all(&self, active: &mut Active) {
+        if active.in_flight == 0 && self.aio.in_flight() == 0 {
+            return;
+        }
+        // Queues that got used entries (the device has at most 64).
+        let mut notify: u64 = 0;
+        let mut fault = None;
+        self.aio.reap(|done| match self.complete(active, done) {
+            Ok(queue) => notify |= 1 << queue,
+            Err(e) => fault = Some(e),
+        });
+        for (index, qs) in active.queues.iter_mut().enumerate() {
+            if notify & (1 << index) != 0 {
+                match qs.queue.needs_notification(&active.mem) {
+                    Ok(true) => active.interrupt.signal_used_queue(),
+                    Ok(false) => {}
+                    Err(e) => fault = Some(QueueError::NeedsNotification(index, e)),
+                }
+            }
+        }
+        if let Some(e) = fault {
+            log::error!("virtio-blk {}: {}", self.config.id, error_chain(&e));
+            if !active.broken {
+                active.broken = true;
+                active.interrupt.set_needs_reset();
+            }
+        }
+    }
+
+    /// Completes one request; returns its queue.
+    fn complete(&self, active: &mut Active, done: Completion) -> Result<usize, QueueError> {
+        let Completion { request, result } = done;
+        let (queue, head) = untoken(request.token);
+        active.seg_pool.push(request.segs);
+        let unknown = QueueError::UnknownCompletion { queue, head };
+        let Some(qs) = active.queues.get_mut(queue) else {
+            return Err(unknown);
+        };
+        let (Some(info), Ok(head)) = (
+            qs.in_flight.get_mut(head).and_then(Option::take),
+            u16::try_from(head),
+        ) else {
+            return Err(unknown);
+        };
+        active.in_flight -= 1;
+        let ok = result.is_ok();
+        if let Err(e) = &result {
+            log::warn!("virtio-blk {}: {}", self.config.id, error_chain(e));
+        }
+        self.stats.done(info.kind, info.bytes, info.start, ok);
+        let (st, used) = if ok {
+            (status::OK, info.used_len)
+        } else {
+            (status::IOERR, 0)
+        };
+        active
+            .mem
+            .write_obj(st, info.status)
+            .map_err(|source| QueueError::WriteStatus {
+                queue,
+                head,
+                source,
+            })?;
+        qs.queue
+            .add_used(&active.mem, head, used.saturating_add(1))
+            .map_err(|source| QueueError::AddUsed {
+                queue,
+                head,
+                source,
+            })?;
+        Ok(queue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::super::test_util::*;
+    use super::super::{request_type as t, status as st};
+    use crate::context::Context;
+    use crate::virtio::status as dev_status;
+    use virtio_queue::desc::split::Descriptor;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn write_then_read_back_split_across_descriptors() {
+        let rig = main_loop_rig(1 << 20, false);
+        rig.start(!0);
+        let data: Vec<u8> = (0..1024u32).map(|i| (i % 251) as u8).collect();
+        rig.mem.write_slice(&data, GuestAddress(BUF)).unwrap();
+        rig.header(HDR, t::OUT, 3);
+        rig.submit(0, 0, &[(HDR, 16, 0), (BUF, 1024, 0), (STATUS, 1, F_WRITE)]);
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        assert_eq!(rig.used(0, 0), (0, 1));
+        assert_eq!(
+            &rig.image.data.lock().unwrap()[3 * 512..3 * 512 + 1024],
+            &data[..]
+        );
+        assert!(rig.irq_fired());
+        assert_eq!(rig.reg(0x60) & 1, 1);
+        rig.set_reg(0x64, 1);
+        assert_eq!(rig.reg(0x60), 0);
+
+        // Read it back into two buffers, the header and status sharing no descriptor.
+        rig.header(HDR, t::IN, 3);
+        rig.submit(
+            0,
+            4,
+            &[
+                (HDR, 16, 0),
+                (BUF + 0x2000, 512, F_WRITE),
+                (BUF + 0x3000, 512, F_WRITE),
+                (STATUS, 1, F_WRITE),
+            ],
+        );
+        rig.run_until_used(0, 2);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        assert_eq!(rig.used(0, 1), (4, 1025));
+        let mut back = vec![0u8; 1024];
+        rig.mem
+            .read_slice(&mut back[..512], GuestAddress(BUF + 0x2000))
+            .unwrap();
+        rig.mem
+            .read_slice(&mut back[512..], GuestAddress(BUF + 0x3000))
+            .unwrap();
+        assert_eq!(back, data);
+        let s = rig.dev.stats().snapshot();
+        assert_eq!(
+            (s.rd.operations, s.rd.bytes, s.wr.operations, s.wr.bytes),
+            (1, 1024, 1, 1024)
+        );
+    }
+
+    #[test]
+    fn flush_get_id_and_unknown_types() {
+        let rig = main_loop_rig(1 << 20, false);
+        rig.start(!0);
+        rig.header(HDR, t::FLUSH, 0);
+        rig.submit(0, 0, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]);
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+
+        rig.header(HDR, t::GET_ID, 0);
+        rig.submit(
+            0,
+            2,
+            &[(HDR, 16, 0), (BUF, 20, F_WRITE), (STATUS + 1, 1, F_WRITE)],
+        );
+        rig.run_until_used(0, 2);
+        assert_eq!(rig.byte(STATUS + 1), st::OK);
+        assert_eq!(rig.used(0, 1), (2, 21));
+        let mut id = [0u8; 20];
+        rig.mem.read_slice(&mut id, GuestAddress(BUF)).unwrap();
+        assert_eq!(&id, b"serial-0123456789abc");
+
+        rig.header(HDR, 99, 0);
+        rig.submit(0, 5, &[(HDR, 16, 0), (STATUS + 2, 1, F_WRITE)]);
+        rig.run_until_used(0, 3);
+        assert_eq!(rig.byte(STATUS + 2), st::UNSUPP);
+        assert_eq!(rig.dev.stats().snapshot().flush.operations, 1);
+    }
+
+    #[test]
+    fn out_of_range_overflowing_and_unaligned_requests_fail_with_ioerr() {
+        let rig = main_loop_rig(8 * 512, false);
+        rig.start(!0);
+        let cases: [(u64, u32); 4] = [
+            (8, 512),        // starts at the end
+            (7, 1024),       // runs past the end
+            (u64::MAX, 512), // sector arithmetic overflows
+            (0, 100),        // not whole sectors
+        ];
+        for (i, (sector, len)) in cases.iter().enumerate() {
+            let i = u16::try_from(i).unwrap();
+            let status = STATUS + u64::from(i);
+            rig.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+            rig.header(HDR + 0x20 * u64::from(i), t::IN, *sector);
+            rig.submit(
+                0,
+                i * 3,
+                &[
+                    (HDR + 0x20 * u64::from(i), 16, 0),
+                    (BUF, *len, F_WRITE),
+                    (status, 1, F_WRITE),
+                ],
+            );
+            rig.run_until_used(0, i + 1);
+            assert_eq!(rig.byte(status), st::IOERR, "case {i}");
+        }
+        assert_eq!(rig.dev.stats().snapshot().rd.invalid_operations, 4);
+        assert_eq!(rig.reg(0x70) & dev_status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn read_only_disk_refuses_writes_and_keeps_the_image() {
+        let rig = main_loop_rig(1 << 16, true);
+        rig.start(!0);
+        rig.mem
+            .write_slice(&[0xaa; 512], GuestAddress(BUF))
+            .unwrap();
+        rig.header(HDR, t::OUT, 0);
+        rig.submit(0, 0, &[(HDR, 16, 0), (BUF, 512, 0), (STATUS, 1, F_WRITE)]);
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::IOERR);
+        assert!(rig.image.data.lock().unwrap().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_failing_image_gives_ioerr_and_counts_as_failed() {
+        let rig = main_loop_rig(1 << 16, false);
+        rig.start(!0);
+        rig.image
+            .fail_reads
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        rig.header(HDR, t::IN, 0);
+        rig.submit(
+            0,
+            0,
+            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+        );
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::IOERR);
+        assert_eq!(rig.used(0, 0), (0, 1));
+        assert_eq!(rig.dev.stats().snapshot().rd.failed_operations, 1);
+    }
+
+    /// Writes a discard/write-zeroes segment at `addr`.
+    fn dwz(rig: &Rig, addr: u64, sector: u64, num: u32, flags: u32) {
+        let mut s = [0u8; 16];
+        s[..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&num.to_le_bytes());
+        s[12..].copy_from_slice(&flags.to_le_bytes());
+        rig.mem.write_slice(&s, GuestAddress(addr)).unwrap();
+    }
+
+    #[test]
+    fn discard_and_write_zeroes() {
+        let rig = main_loop_rig(1 << 16, false);
+        rig.image.data.lock().unwrap().fill(0x55);
+        rig.start(!0);
+        // Write zeroes over sectors 2..4, with unmap allowed.
+        rig.header(HDR, t::WRITE_ZEROES, 0);
+        dwz(&rig, BUF, 2, 2, super::super::WRITE_ZEROES_FLAG_UNMAP);
+        rig.submit(0, 0, &[(HDR, 16, 0), (BUF, 16, 0), (STATUS, 1, F_WRITE)]);
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        {
+            let d = rig.image.data.lock().unwrap();
+            assert!(d[1024..2048].iter().all(|&b| b == 0));
+            assert_eq!(d[1023], 0x55);
+            assert_eq!(d[2048], 0x55);
+        }
+        // Discard sector 0 (discard=unmap reaches the image).
+        rig.header(HDR, t::DISCARD, 0);
+        dwz(&rig, BUF, 0, 1, 0);
+        rig.submit(
+            0,
+            3,
+            &[(HDR, 16, 0), (BUF, 16, 0), (STATUS + 1, 1, F_WRITE)],
+        );
+        rig.run_until_used(0, 2);
+        assert_eq!(rig.byte(STATUS + 1), st::OK);
+        assert!(rig.image.data.lock().unwrap()[..512]
+            .iter()
+            .all(|&b| b == 0));
+        // Unmap flag on a discard, unknown flags, two segments: UNSUPP; past the end: IOERR.
+        let bad: [(u32, u64, u32, u32, u8); 4] = [
+            (t::DISCARD, 0, 1, 1, st::UNSUPP),
+            (t::WRITE_ZEROES, 0, 1, 2, st::UNSUPP),
+            (t::WRITE_ZEROES, 0, 1, 0, st::UNSUPP), // sent with 32 bytes below
+            (t::WRITE_ZEROES, 127, 2, 0, st::IOERR),
+        ];
+        for (i, (ty, sector, num, flags, want)) in bad.iter().enumerate() {
+            let i = u16::try_from(i).unwrap();
+            let status = STATUS + 2 + u64::from(i);
+            rig.header(HDR, *ty, 0);
+            dwz(&rig, BUF, *sector, *num, *flags);
+            let len = if i == 2 { 32 } else { 16 };
+            rig.submit(0, 0, &[(HDR, 16, 0), (BUF, len, 0), (status, 1, F_WRITE)]);
+            rig.run_until_used(0, 3 + i);
+            assert_eq!(rig.byte(status), *want, "case {i}");
+        }
+        let s = rig.dev.stats().snapshot();
+        assert_eq!((s.wr.operations, s.unmap.operations), (1, 1));
+    }
+
+    #[test]
+    fn indirect_descriptors() {
+        let rig = main_loop_rig(1 << 16, false);
+        rig.image.data.lock().unwrap()[512..1024].fill(0x77);
+        rig.start(!0);
+        rig.header(HDR, t::IN, 1);
+        let table = DATA + 0x8000;
+        let descs = [
+            Descriptor::new(HDR, 16, F_NEXT, 1),
+            Descriptor::new(BUF, 512, F_WRITE | F_NEXT, 2),
+            Descriptor::new(STATUS, 1, F_WRITE, 0),
+        ];
+        for (i, d) in descs.iter().enumerate() {
+            rig.mem
+                .write_obj(*d, GuestAddress(table + 16 * u64::try_from(i).unwrap()))
+                .unwrap();
+        }
+        rig.store_desc(0, 0, Descriptor::new(table, 48, F_INDIRECT, 0));
+        rig.publish(0, 0);
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        assert_eq!(rig.used(0, 0), (0, 513));
+        assert_eq!(rig.byte(BUF + 511), 0x77);
+    }
+
+    #[test]
+    fn event_idx_suppresses_interrupts_the_driver_does_not_want() {
+        let rig = main_loop_rig(1 << 16, false);
+        rig.start(!0);
+        // used_event = 1: the driver wants an interrupt only once the used index passes 1.
+        rig.set_used_event(0, 1);
+        for i in 0..2u16 {
+            rig.header(HDR, t::FLUSH, 0);
+            rig.submit(0, i * 2, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]);
+            rig.run_until_used(0, i + 1);
+            assert_eq!(rig.irq_fired(), i == 1, "request {i}");
+        }
+        // The device asks to be notified at the next available index (avail_event).
+        assert_eq!(rig.avail_event(0), 2);
+    }
+
+    #[test]
+    fn several_queues_complete_on_their_own_ring() {
+        let rig = Rig::new(
+            Context::new("main-loop").unwrap(),
+            MemImage::new(1 << 16, false),
+            2,
+            false,
+        );
+        rig.start(!0);
+        rig.header(HDR, t::FLUSH, 0);
+        rig.submit(1, 0, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]);
+        rig.run_until_used(1, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        assert_eq!(rig.used_idx(0), 0);
+    }
+
+    #[test]
+    fn hostile_chains_put_the_device_in_needs_reset_and_reset_recovers() {
+        let loop_chain = |rig: &Rig| {
+            rig.store_desc(0, 0, Descriptor::new(HDR, 16, F_NEXT, 1));
+            rig.store_desc(0, 1, Descriptor::new(STATUS, 1, F_WRITE | F_NEXT, 0));
+            rig.publish(0, 0);
+        };
+        let outside = |rig: &Rig| {
+            rig.submit(
+                0,
+                0,
+                &[
+                    (HDR, 16, 0),
+                    (MEM_SIZE - 8, 512, F_WRITE),
+                    (STATUS, 1, F_WRITE),
+                ],
+            )
+        };
+        let no_status = |rig: &Rig| rig.submit(0, 0, &[(HDR, 16, 0), (BUF, 512, 0)]);
+        let short_header = |rig: &Rig| rig.submit(0, 0, &[(HDR, 8, 0), (STATUS, 1, F_WRITE)]);
+        let wrong_order =
+            |rig: &Rig| rig.submit(0, 0, &[(HDR, 16, 0), (STATUS, 1, F_WRITE), (BUF, 512, 0)]);
+        let bad_next = |rig: &Rig| {
+            rig.store_desc(0, 0, Descriptor::new(HDR, 16, F_NEXT, 999));
+            rig.publish(0, 0);
+        };
+        let bad_avail = |rig: &Rig| {
+            rig.set_avail_idx(0, QSIZE + 5);
+            rig.set_reg(0x50, 0);
+        };
+        let cases: [&dyn Fn(&Rig); 7] = [
+            &loop_chain,
+            &outside,
+            &no_status,
+            &short_header,
+            &wrong_order,
+            &bad_next,
+            &bad_avail,
+        ];
+        let rig = main_loop_rig(1 << 16, false);
+        for (i, case) in cases.iter().enumerate() {
+            rig.start(!0);
+            rig.header(HDR, t::FLUSH, 0);
+            case(&rig);
+            rig.ctx
+                .run_once(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            assert_ne!(
+                rig.reg(0x70) & dev_status::DEVICE_NEEDS_RESET,
+                0,
+                "case {i}"
+            );
+            assert_ne!(rig.reg(0x60) & 2, 0, "case {i}: configuration interrupt");
+            // Reset, wipe the rings, and the device works again.
+            rig.set_reg(0x70, 0);
+            assert_eq!(rig.reg(0x70), 0);
+            rig.mem.write_slice(&[0u8; 0x1000], queue_addr(0)).unwrap();
+            rig.start(!0);
+            rig.header(HDR, t::FLUSH, 0);
+            rig.submit(0, 0, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]);
+            rig.run_until_used(0, 1);
+            assert_eq!(rig.byte(STATUS), st::OK, "case {i}");
+            rig.set_reg(0x70, 0);
+            rig.mem.write_slice(&[0u8; 0x1000], queue_addr(0)).unwrap();
+        }
+    }
+}

@@ -1,0 +1,646 @@
+//! The virtio-mmio transport, modern interface only (virtio 1.2, 4.2 "Virtio Over MMIO", register
+//! layout version 2).
+//!
+//! `read` and `write` take an offset into the device's 0x200-byte window, so the transport plugs
+//! into any bus. Registers are 32-bit and aligned (4.2.2.2); other accesses to them are ignored
+//! (reads give zeroes). Configuration space (from 0x100) takes any width.
+//!
+//! Locking: the transport's own state (feature selection, queue set-up, status) is behind a
+//! mutex that only vCPUs take. Accesses that reach the device (configuration space, activation at
+//! DRIVER_OK, reset) acquire the device's context under that mutex, so the order is: global lock,
+//! transport, context. InterruptStatus and InterruptACK use the atomics of [`Interrupt`] and
+//! take neither. QueueNotify is normally an ioeventfd the vmm registers at
+//! `base + QUEUE_NOTIFY_OFFSET` with the queue index as datamatch; a write that does reach the
+//! transport signals the same eventfd.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{
+    features, status, ActivateError, Activation, GuestMemoryMmap, Interrupt, TransportError,
+    VirtioDevice,
+};
+
+/// Size of a virtio-mmio device's MMIO window (registers and configuration space).
+pub const MMIO_SIZE: u64 = 0x200;
+/// Offset of QueueNotify, where the vmm registers the queues' ioeventfds.
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+
+/// "virt" in little-endian (4.2.2).
+const MAGIC: u32 = 0x7472_6976;
+/// The modern register layout.
+const VERSION: u32 = 2;
+/// Our vendor id: "RVMM" would do as well; QEMU's is used by no driver check, so any value works.
+const VENDOR_ID: u32 = 0x554D_4551;
+/// Where configuration space starts.
+const CONFIG_OFFSET: u64 = 0x100;
+
+/// The registers of 4.2.2, by offset.
+mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    pub const SHM_BASE_LOW: u64 = 0x0b8;
+    pub const SHM_BASE_HIGH: u64 = 0x0bc;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+}
+
+/// What the driver set up for one queue before DRIVER_OK.
+#[derive(Debug, Clone, Copy, Default)]
+struct QueueSetup {
+    size: u16,
+    ready: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+/// Transport state, changed by vCPUs only.
+#[derive(Debug)]
+struct State {
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<QueueSetup>,
+    active: bool,
+}
+
+impl State {
+    /// The state after a reset, for a device with `queues` queues.
+    fn new(queues: usize) -> Self {
+        State {
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queues: vec![QueueSetup::default(); queues],
+            active: false,
+        }
+    }
+}
+
+/// A virtio-mmio transport for one device.
+pub struct MmioTransport {
+    device: Arc<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queue_events: Vec<EventFd>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Replaces the low or high half of a 64-bit value.
+fn set_half(value: &mut u64, half: u32, high: bool) {
+    *value = if high {
+        (*value & 0xffff_ffff) | (u64::from(half) << 32)
+    } else {
+        (*value & !0xffff_ffff) | u64::from(half)
+    };
+}
+
+/// The low or high half of a 64-bit value.
+fn half(value: u64, high: bool) -> u32 {
+    let shifted = if high { value >> 32 } else { value };
+    u32::try_from(shifted & 0xffff_ffff).unwrap_or(0)
+}
+
+impl MmioTransport {
+    /// A transport for `device`, with one notification eventfd per queue and an interrupt.
+    pub fn new(
+        device: Arc<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+    ) -> Result<Self, TransportError> {
+        let count = device.queue_max_sizes().len();
+        let queue_events = (0..count)
+            .map(|i| EventFd::new(EFD_NONBLOCK).map_err(|e| TransportError::QueueEventFd(i, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MmioTransport {
+            device,
+            mem,
+            interrupt: Arc::new(Interrupt::new().map_err(TransportError::Irqfd)?),
+            queue_events,
+            state: Mutex::new(State::new(count)),
+        })
+    }
+
+    /// The eventfds to register as ioeventfds at `base + QUEUE_NOTIFY_OFFSET`, datamatch = index.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    /// The device's interrupt (its irqfd is what the vmm registers with KVM).
+    pub fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // State updates are plain field stores that cannot panic half-way.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A guest read of `data.len()` bytes at `offset` in the window.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_OFFSET {
+            let ctx = Arc::clone(self.device.context());
+            let _guard = ctx.acquire();
+            self.device.read_config(offset - CONFIG_OFFSET, data);
+            return;
+        }
+        data.fill(0);
+        let len = data.len();
+        let Ok(out) = <&mut [u8; 4]>::try_from(data) else {
+            log::warn!("virtio-mmio: ignored {len}-byte read at {offset:#x}");
+            return;
+        };
+        if !offset.is_multiple_of(4) {
+            log::warn!("virtio-mmio: ignored unaligned read at {offset:#x}");
+            return;
+        }
+        *out = self.read_register(offset).to_le_bytes();
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        // No lock for the interrupt status: vCPUs read it on every interrupt.
+        if offset == reg::INTERRUPT_STATUS {
+            return self.interrupt.status();
+        }
+        let state = self.state();
+        let selected = usize::try_from(state.queue_sel).ok().and_then(|i| {
+            state
+                .queues
+                .get(i)
+                .copied()
+                .zip(self.device.queue_max_sizes().get(i))
+        });
+        match offset {
+            reg::MAGIC => MAGIC,
+            reg::VERSION => VERSION,
+            reg::DEVICE_ID => self.device.device_type(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match state.device_features_sel {
+                0 => half(self.device.features(), false),
+                1 => half(self.device.features(), true),
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => selected.map_or(0, |(_, max)| u32::from(*max)),
+            reg::QUEUE_READY => selected.map_or(0, |(q, _)| u32::from(q.ready)),
+            reg::STATUS => {
+                let needs_reset = if self.interrupt.needs_reset() {
+                    status::DEVICE_NEEDS_RESET
+                } else {
+                    0
+                };
+                state.status | needs_reset
+            }
+            reg::QUEUE_DESC_LOW | reg::QUEUE_DESC_HIGH => {
+                selected.map_or(0, |(q, _)| half(q.desc, offset == reg::QUEUE_DESC_HIGH))
+            }
+            reg::QUEUE_DRIVER_LOW | reg::QUEUE_DRIVER_HIGH => {
+                selected.map_or(0, |(q, _)| half(q.driver, offset == reg::QUEUE_DRIVER_HIGH))
+            }
+            reg::QUEUE_DEVICE_LOW | reg::QUEUE_DEVICE_HIGH => {
+                selected.map_or(0, |(q, _)| half(q.device, offset == reg::QUEUE_DEVICE_HIGH))
+            }
+            // No shared memory regions: their length reads as -1 (4.2.2).
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
+                u32::MAX
+            }
+            // Configuration space never changes behind the driver's back.
+            reg::CONFIG_GENERATION => 0,
+            _ => {
+                log::warn!("virtio-mmio: read of unknown register {offset:#x}");
+                0
+            }
+        }
+    }
+
+    /// A guest write of `data` at `offset` in the window.
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_OFFSET {
+            let ctx = Arc::clone(self.device.context());
+            let _guard = ctx.acquire();
+            self.device.write_config(offset - CONFIG_OFFSET, data);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            log::warn!(
+                "virtio-mmio: ignored {}-byte write at {offset:#x}",
+                data.len()
+            );
+            return;
+        };
+        if !offset.is_multiple_of(4) {
+            log::warn!("virtio-mmio: ignored unaligned write at {offset:#x}");
+            return;
+        }
+        self.write_register(offset, u32::from_le_bytes(bytes));
+    }
+
+    fn write_register(&self, offset: u64, value: u32) {
+        match offset {
+            reg::INTERRUPT_ACK => return self.interrupt.ack(value),
+            reg::QUEUE_NOTIFY => {
+                match usize::try_from(value)
+                    .ok()
+                    .and_then(|i| self.queue_events.get(i))
+                {
+                    Some(event) => {
+                        if let Err(e) = event.write(1) {
+                            log::warn!("virtio-mmio: cannot signal queue {value}: {e}");
+                        }
+                    }
+                    None => log::warn!("virtio-mmio: notify of missing queue {value}"),
+                }
+                return;
+            }
+            _ => {}
+        }
+        let mut state = self.state();
+        // Queue and feature set-up is only allowed before the device is live (4.2.3.1.1).
+        let setting_up = state.status & status::DRIVER_OK == 0;
+        let sel = usize::try_from(state.queue_sel).unwrap_or(usize::MAX);
+        match offset {
+            reg::DEVICE_FEATURES_SEL => state.device_features_sel = value,
+            reg::DRIVER_FEATURES_SEL => state.driver_features_sel = value,
+            reg::DRIVER_FEATURES if setting_up && state.status & status::FEATURES_OK == 0 => {
+                match state.driver_features_sel {
+                    0 => set_half(&mut state.driver_features, value, false),
+                    1 => set_half(&mut state.driver_features, value, true),
+                    _ => {}
+                }
+            }
+            reg::QUEUE_SEL => state.queue_sel = value,
+            reg::QUEUE_NUM
+            | reg::QUEUE_READY
+            | reg::QUEUE_DESC_LOW
+            | reg::QUEUE_DESC_HIGH
+            | reg::QUEUE_DRIVER_LOW
+            | reg::QUEUE_DRIVER_HIGH
+            | reg::QUEUE_DEVICE_LOW
+            | reg::QUEUE_DEVICE_HIGH
+                if setting_up =>
+            {
+                if let Some(q) = state.queues.get_mut(sel) {
+                    match offset {
+                        reg::QUEUE_NUM => q.size = u16::try_from(value).unwrap_or(0),
+                        reg::QUEUE_READY => q.ready = value == 1,
+                        reg::QUEUE_DESC_LOW | reg::QUEUE_DESC_HIGH => {
+                            set_half(&mut q.desc, value, offset == reg::QUEUE_DESC_HIGH)
+                        }
+                        reg::QUEUE_DRIVER_LOW | reg::QUEUE_DRIVER_HIGH => {
+                            set_half(&mut q.driver, value, offset == reg::QUEUE_DRIVER_HIGH)
+                        }
+                        _ => set_half(&mut q.device, value, offset == reg::QUEUE_DEVICE_HIGH),
+                    }
+                }
+            }
+            reg::STATUS => self.write_status(&mut state, value),
+            _ => log::warn!("virtio-mmio: ignored write {value:#x} at {offset:#x}"),
+        }
+    }
+
+    /// A Status write: reset (0), feature negotiation (FEATURES_OK) and activation (DRIVER_OK).
+    fn write_status(&self, state: &mut State, value: u32) {
+        if value == 0 {
+            self.reset(state);
+            return;
+        }
+        // The driver only ever adds bits (3.1.1); anything else is ignored.
+        if value & state.status != state.status {
+            log::warn!(
+                "virtio-mmio: status {:#x} -> {value:#x} ignored",
+                state.status
+            );
+            return;
+        }
+        let mut value = value;
+        let added = value & !state.status;
+        if added & status::FEATURES_OK != 0 {
+            let offered = self.device.features();
+            let acked = state.driver_features;
+            // Modern devices only, and nothing the device did not offer (3.1.1, 6.1).
+            if acked & !offered != 0 || acked & features::VERSION_1 == 0 {
+                log::warn!("virtio-mmio: driver features {acked:#x} refused");
+                value &= !status::FEATURES_OK;
+            }
+        }
+        state.status = value;
+        if added & status::DRIVER_OK != 0 && value & status::FEATURES_OK != 0 && !state.active {
+            if let Err(e) = self.activate(state) {
+                log::error!("virtio-mmio: {e}");
+                self.interrupt.set_needs_reset();
+            }
+        }
+    }
+
+    /// Builds the queues from the driver's set-up and starts the device.
+    fn activate(&self, state: &mut State) -> Result<(), ActivateError> {
+        let event_idx = state.driver_features & features::RING_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (setup, max) in state.queues.iter().zip(self.device.queue_max_sizes()) {
+            let mut queue = Queue::new(*max).map_err(|_| ActivateError::QueueSize(*max))?;
+            if setup.ready {
+                // A queue the driver set up wrongly (size, alignment, rings outside memory) is
+                // never used: the device sees it not ready.
+                let usable = queue.try_set_size(setup.size).is_ok()
+                    && queue
+                        .try_set_desc_table_address(GuestAddress(setup.desc))
+                        .is_ok()
+                    && queue
+                        .try_set_avail_ring_address(GuestAddress(setup.driver))
+                        .is_ok()
+                    && queue
+                        .try_set_used_ring_address(GuestAddress(setup.device))
+                        .is_ok();
+                queue.set_event_idx(event_idx);
+                queue.set_ready(usable);
+                if usable && !queue.is_valid(&self.mem) {
+                    queue.set_ready(false);
+                }
+            }
+            queues.push(queue);
+        }
+        let queue_events = self
+            .queue_events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                e.try_clone()
+                    .map_err(|err| ActivateError::CloneEventFd(i, err))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let ctx = Arc::clone(self.device.context());
+        let _guard = ctx.acquire();
+        self.device.activate(Activation {
+            mem: self.mem.clone(),
+            queues,
+            queue_events,
+            interrupt: Arc::clone(&self.interrupt),
+            acked_features: state.driver_features,
+        })?;
+        state.active = true;
+        Ok(())
+    }
+
+    /// Resets device and transport (a Status write of 0).
+    fn reset(&self, state: &mut State) {
+        if state.active {
+            let ctx = Arc::clone(self.device.context());
+            let _guard = ctx.acquire();
+            self.device.reset();
+        }
+        *state = State::new(state.queues.len());
+        self.interrupt.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::context::Context;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A device that records what the transport asks of it.
+    struct Recorder {
+        ctx: Arc<Context>,
+        sizes: Vec<u16>,
+        activations: Mutex<Vec<Activation>>,
+        resets: Mutex<u32>,
+    }
+
+    impl VirtioDevice for Recorder {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.sizes
+        }
+        fn features(&self) -> u64 {
+            features::VERSION_1 | features::RING_EVENT_IDX | 1
+        }
+        fn context(&self) -> &Arc<Context> {
+            &self.ctx
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            assert!(self.ctx.held_by_current_thread());
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = u8::try_from(offset).unwrap() + u8::try_from(i).unwrap();
+            }
+        }
+        fn write_config(&self, _: u64, _: &[u8]) {
+            assert!(self.ctx.held_by_current_thread());
+        }
+        fn activate(&self, a: Activation) -> Result<(), ActivateError> {
+            assert!(self.ctx.held_by_current_thread());
+            self.activations.lock().unwrap().push(a);
+            Ok(())
+        }
+        fn reset(&self) {
+            assert!(self.ctx.held_by_current_thread());
+            *self.resets.lock().unwrap() += 1;
+        }
+    }
+
+    fn rig() -> (Arc<Recorder>, MmioTransport) {
+        let dev = Arc::new(Recorder {
+            ctx: Context::new("t").unwrap(),
+            sizes: vec![16, 8],
+            activations: Mutex::new(Vec::new()),
+            resets: Mutex::new(0),
+        });
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let t = MmioTransport::new(dev.clone(), mem).unwrap();
+        (dev, t)
+    }
+
+    fn get(t: &MmioTransport, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn set(t: &MmioTransport, offset: u64, v: u32) {
+        t.write(offset, &v.to_le_bytes());
+    }
+
+    fn negotiate(t: &MmioTransport, low: u32, high: u32) -> bool {
+        set(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        set(t, reg::DRIVER_FEATURES_SEL, 0);
+        set(t, reg::DRIVER_FEATURES, low);
+        set(t, reg::DRIVER_FEATURES_SEL, 1);
+        set(t, reg::DRIVER_FEATURES, high);
+        set(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        get(t, reg::STATUS) & status::FEATURES_OK != 0
+    }
+
+    #[test]
+    fn identification_and_features() {
+        let (_, t) = rig();
+        assert_eq!(get(&t, reg::MAGIC), MAGIC);
+        assert_eq!(get(&t, reg::VERSION), 2);
+        assert_eq!(get(&t, reg::DEVICE_ID), 42);
+        set(&t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(get(&t, reg::DEVICE_FEATURES), 1); // VERSION_1 is bit 32
+        set(&t, reg::DEVICE_FEATURES_SEL, 0);
+        assert_eq!(get(&t, reg::DEVICE_FEATURES), (1 << 29) | 1);
+        assert_eq!(get(&t, reg::SHM_LEN_LOW), u32::MAX);
+    }
+
+    #[test]
+    fn legacy_drivers_and_unoffered_features_are_refused() {
+        let (_, t) = rig();
+        assert!(!negotiate(&t, 1, 0)); // no VERSION_1
+        set(&t, reg::STATUS, 0);
+        assert!(!negotiate(&t, 1 << 3, 1)); // bit 3 not offered
+        set(&t, reg::STATUS, 0);
+        assert!(negotiate(&t, 1, 1));
+    }
+
+    #[test]
+    fn activation_hands_over_the_queues_and_later_setup_is_ignored() {
+        let (dev, t) = rig();
+        assert!(negotiate(&t, 1 << 29, 1));
+        for (q, size) in [(0u32, 16u32), (1, 3)] {
+            set(&t, reg::QUEUE_SEL, q);
+            assert_eq!(get(&t, reg::QUEUE_NUM_MAX), 16 >> q);
+            set(&t, reg::QUEUE_NUM, size);
+            let base = 0x1000 * (q + 1);
+            set(&t, reg::QUEUE_DESC_LOW, base);
+            set(&t, reg::QUEUE_DRIVER_LOW, base + 0x100);
+            set(&t, reg::QUEUE_DEVICE_LOW, base + 0x200);
+            set(&t, reg::QUEUE_READY, 1);
+            assert_eq!(get(&t, reg::QUEUE_DESC_LOW), base);
+        }
+        let ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        set(&t, reg::STATUS, ok);
+        {
+            let acts = dev.activations.lock().unwrap();
+            assert_eq!(acts.len(), 1);
+            let a = &acts[0];
+            assert_eq!(a.acked_features, (1 << 32) | (1 << 29));
+            assert!(a.queues[0].ready());
+            assert!(a.queues[0].event_idx_enabled());
+            // Size 3 is not a power of two: that queue is never used.
+            assert!(!a.queues[1].ready());
+            assert_eq!(a.queue_events.len(), 2);
+        }
+        set(&t, reg::QUEUE_SEL, 0);
+        set(&t, reg::QUEUE_DESC_LOW, 0x9000);
+        assert_eq!(get(&t, reg::QUEUE_DESC_LOW), 0x1000);
+        // Bits cannot be taken away except by a reset, which reaches the device.
+        set(&t, reg::STATUS, status::ACKNOWLEDGE);
+        assert_eq!(get(&t, reg::STATUS), ok);
+        set(&t, reg::STATUS, 0);
+        assert_eq!(get(&t, reg::STATUS), 0);
+        assert_eq!(*dev.resets.lock().unwrap(), 1);
+        assert_eq!(get(&t, reg::QUEUE_DESC_LOW), 0);
+    }
+
+    #[test]
+    fn config_space_goes_through_the_device_with_its_context() {
+        let (_, t) = rig();
+        let mut b = [0u8; 3];
+        t.read(CONFIG_OFFSET + 5, &mut b);
+        assert_eq!(b, [5, 6, 7]);
+        t.write(CONFIG_OFFSET, &[1]);
+    }
+
+    #[test]
+    fn odd_sizes_and_unaligned_register_accesses_are_ignored() {
+        let (_, t) = rig();
+        let mut b = [0xffu8; 2];
+        t.read(reg::MAGIC, &mut b);
+        assert_eq!(b, [0, 0]);
+        let mut b = [0xffu8; 4];
+        t.read(reg::MAGIC + 2, &mut b);
+        assert_eq!(b, [0; 4]);
+        set(&t, reg::QUEUE_SEL + 2, 1);
+        t.write(reg::QUEUE_SEL, &[1, 0]);
+        assert_eq!(get(&t, reg::QUEUE_NUM_MAX), 16); // still queue 0 (queue 1 has 8)
+        set(&t, reg::QUEUE_SEL, 7);
+        assert_eq!(get(&t, reg::QUEUE_NUM_MAX), 0); // no such queue
+    }
+
+    #[test]
+    fn queue_notify_signals_the_queue_eventfd() {
+        let (_, t) = rig();
+        set(&t, reg::QUEUE_NOTIFY, 1);
+        assert_eq!(t.queue_events()[1].read().unwrap(), 1);
+        assert!(t.queue_events()[0].read().is_err());
+        set(&t, reg::QUEUE_NOTIFY, 9); // no such queue: ignored
+    }
+
+    #[test]
+    fn interrupt_status_and_ack_do_not_need_the_context() {
+        let (dev, t) = rig();
+        let t = Arc::new(t);
+        t.interrupt().signal_used_queue();
+        // Another thread holds the device's context for the whole test.
+        let (held_tx, held_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let ctx = Arc::clone(&dev.ctx);
+        let holder = std::thread::spawn(move || {
+            let _g = ctx.acquire();
+            held_tx.send(()).unwrap();
+            done_rx.recv().unwrap();
+        });
+        held_rx.recv().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let vcpu = {
+            let t = Arc::clone(&t);
+            std::thread::spawn(move || {
+                let pending = get(&t, reg::INTERRUPT_STATUS);
+                set(&t, reg::INTERRUPT_ACK, pending);
+                tx.send((pending, get(&t, reg::INTERRUPT_STATUS))).unwrap();
+            })
+        };
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        done_tx.send(()).unwrap();
+        holder.join().unwrap();
+        vcpu.join().unwrap();
+        assert_eq!(got.unwrap(), (1, 0));
+        assert_eq!(t.interrupt().irqfd().read().unwrap(), 1);
+    }
+}

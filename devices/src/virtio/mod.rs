@@ -1,0 +1,189 @@
+//! Virtio devices: the virtio-mmio transport that sits on the bus, the interface a device behind
+//! it implements, and the interrupt state both share.
+//!
+//! Threads and locks (DESIGN.md, "Threads and locks"): a device lives in a context (the main
+//! loop's or an iothread's), where its queue notifications and completions are handled. vCPUs
+//! reach it through the transport: register accesses that touch the device (configuration space,
+//! activation, reset) acquire the device's context first; interrupt status and acknowledge are
+//! the atomics of [`Interrupt`], read and cleared without it.
+
+pub mod block;
+mod mmio;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::context::Context;
+
+pub use mmio::{MmioTransport, MMIO_SIZE, QUEUE_NOTIFY_OFFSET};
+
+/// The one guest memory type of the VMM (no dirty-page tracking).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Device status bits (virtio 1.2, 2.1 "Device Status Field").
+pub mod status {
+    /// The guest found the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready to drive it.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error the driver must reset it to recover from.
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    /// The driver gave up on the device.
+    pub const FAILED: u32 = 0x80;
+}
+
+/// Feature bits common to every device (virtio 1.2, 6 "Reserved Feature Bits").
+pub mod features {
+    /// Indirect descriptor tables (2.7.5.3).
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    /// `used_event` / `avail_event` notification suppression (2.7.7, 2.7.10).
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    /// Compliance with virtio 1.x (the only mode offered: no legacy interface).
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// InterruptStatus bits (virtio 1.2, 4.2.2 "MMIO Device Register Layout").
+pub mod interrupt_status {
+    /// A used buffer notification.
+    pub const VRING: u32 = 1;
+    /// A configuration change notification.
+    pub const CONFIG: u32 = 2;
+}
+
+/// Errors of creating a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Creating a queue's notification eventfd failed.
+    #[error("cannot create the notification eventfd of queue {0}")]
+    QueueEventFd(usize, #[source] io::Error),
+    /// Creating the interrupt's eventfd failed.
+    #[error("cannot create the interrupt eventfd")]
+    Irqfd(#[source] io::Error),
+}
+
+/// Errors of activating a device.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// Cloning a queue's notification eventfd failed.
+    #[error("cannot clone the notification eventfd of queue {0}")]
+    CloneEventFd(usize, #[source] io::Error),
+    /// Registering a file descriptor with the device's context failed.
+    #[error("cannot register with context")]
+    Register(#[source] crate::context::Error),
+    /// The device's maximum queue size is not a power of two up to 32768.
+    #[error("invalid maximum queue size {0}")]
+    QueueSize(u16),
+    /// The device is already active.
+    #[error("device already active")]
+    AlreadyActive,
+}
+
+/// A device's interrupt line and status, shared by the device (which raises it from its context)
+/// and the transport (which vCPUs read and acknowledge it through, without the context).
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    needs_reset: AtomicBool,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    /// A new interrupt whose line is `irqfd` (the vmm registers it with KVM as an irqfd).
+    pub fn new() -> Result<Self, io::Error> {
+        Ok(Interrupt {
+            status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            irqfd: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// The eventfd to register with KVM as this device's irqfd.
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+
+    fn raise(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::AcqRel);
+        if let Err(e) = self.irqfd.write(1) {
+            log::warn!("cannot signal a virtio interrupt: {e}");
+        }
+    }
+
+    /// Signals a used buffer notification.
+    pub fn signal_used_queue(&self) {
+        self.raise(interrupt_status::VRING);
+    }
+
+    /// Puts the device in DEVICE_NEEDS_RESET and signals a configuration change, as virtio 1.2,
+    /// 2.1.2 asks of a device that hit an error.
+    pub fn set_needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::Release);
+        self.raise(interrupt_status::CONFIG);
+    }
+
+    /// Whether the device asked for a reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// InterruptStatus, as a vCPU reads it.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// InterruptACK: clears the acknowledged bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// Clears everything (device reset).
+    fn reset(&self) {
+        self.status.store(0, Ordering::Release);
+        self.needs_reset.store(false, Ordering::Release);
+    }
+}
+
+/// What a device receives when the driver sets DRIVER_OK.
+#[derive(Debug)]
+pub struct Activation {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The queues as the driver configured them (ready or not), in index order.
+    pub queues: Vec<Queue>,
+    /// Each queue's notification eventfd (the ioeventfd the vmm registered, or the one the
+    /// transport writes on a QueueNotify exit).
+    pub queue_events: Vec<EventFd>,
+    /// The device's interrupt.
+    pub interrupt: Arc<Interrupt>,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+}
+
+/// A virtio device behind a transport. The transport calls `read_config`, `write_config`,
+/// `activate` and `reset` with the device's context held by the calling thread.
+pub trait VirtioDevice: Send + Sync {
+    /// The virtio device id (virtio 1.2, 5 "Device Types").
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The features the device offers.
+    fn features(&self) -> u64;
+    /// The context the device is served in.
+    fn context(&self) -> &Arc<Context>;
+    /// Reads device configuration space at `offset`; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration space at `offset`.
+    fn write_config(&self, offset: u64, data: &[u8]);
+    /// Starts the device with the driver's queues.
+    fn activate(&self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stops the device and drains its in-flight requests, back to the state before activation.
+    fn reset(&self);
+}
