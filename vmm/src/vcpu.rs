@@ -2,7 +2,7 @@
 //!
 //! The thread holds no lock while in `KVM_RUN`. An exit is decoded by [`handle_exit`], a free
 //! function that takes the global lock only to dispatch a PIO or MMIO access to the bus. Between
-//! exits, the vCPU looks at [`Machine::request`] only after a kick, under the global lock.
+//! exits, the vCPU looks at [`crate::global::Machine::request`] only after a kick, under the global lock.
 //!
 //! Kicking ([`Kicker`]) follows QEMU's `kvm_cpu_kick`: set `immediate_exit` in the vCPU's
 //! `kvm_run`, then signal its thread. A vCPU in `KVM_RUN` leaves it on the signal; a vCPU about to

@@ -420,3 +420,150 @@ pub fn configure_vcpu(
     setup_lint(vcpu).map_err(VcpuSetupError::Regs)?;
     Ok(())
 }
+
+/// The tiny guests and image builders the binary's tests use (kept beside them).
+#[cfg(test)]
+#[path = "../../../tests/common/images.rs"]
+mod test_images;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::x86_64::memory::create_guest_memory;
+    use vm_memory::Bytes;
+
+    use super::test_images as images;
+
+    /// A file in the temp directory holding `bytes`, removed when dropped.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, bytes: &[u8]) -> Self {
+            let path = std::env::temp_dir().join(format!("vmm-boot-{}-{name}", std::process::id()));
+            std::fs::write(&path, bytes).expect("temp dir is writable");
+            Self(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn load(
+        kernel: &Path,
+        initrd: Option<&Path>,
+        mem_bytes: u64,
+    ) -> Result<(GuestMemory, EntryPoint), BootError> {
+        let mem = create_guest_memory(mem_bytes, u64::MAX).expect("maps");
+        let cfg = BootConfig {
+            kernel,
+            initrd,
+            cmdline: "console=ttyS0",
+            cpus: 2,
+            mem_bytes,
+            dsdt_devices: &[],
+        };
+        load_guest(&mem, &cfg).map(|entry| (mem, entry))
+    }
+
+    #[test]
+    fn bzimage_boot_fills_the_zero_page() {
+        let kernel = TempFile::new("bz", &images::bzimage(&images::spin_guest()));
+        let initrd = TempFile::new("bz-initrd", &[0x5a; 5000]);
+        let (mem, entry) = load(&kernel.0, Some(&initrd.0), 32 << 20).expect("boots");
+        assert_eq!(
+            entry,
+            EntryPoint::Linux64(GuestAddress(HIMEM_START + 0x200))
+        );
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).expect("in RAM");
+        let hdr = params.hdr;
+        assert_eq!({ hdr.type_of_loader }, LOADER_TYPE_UNDEFINED);
+        assert_eq!({ hdr.cmd_line_ptr }, 0x20000);
+        assert_eq!({ hdr.ramdisk_size }, 5000);
+        // The initramfs is page-aligned at the top of RAM.
+        assert_eq!(u64::from(hdr.ramdisk_image), (32 << 20) - 8192);
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe0000);
+        assert_eq!(params.e820_entries, 3);
+        let mut cmdline = [0u8; 14];
+        mem.read_slice(&mut cmdline, GuestAddress(CMDLINE_START))
+            .expect("in RAM");
+        assert_eq!(&cmdline, b"console=ttyS0\0");
+    }
+
+    #[test]
+    fn pvh_boot_fills_start_info() {
+        let kernel = TempFile::new("pvh", &images::pvh_elf(&images::pvh_poweroff_guest(), true));
+        let initrd = TempFile::new("pvh-initrd", &[1; 100]);
+        let (mem, entry) = load(&kernel.0, Some(&initrd.0), 16 << 20).expect("boots");
+        assert_eq!(entry, EntryPoint::Pvh(GuestAddress(HIMEM_START)));
+        let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).expect("in RAM");
+        assert_eq!(
+            (info.magic, info.nr_modules, info.memmap_entries),
+            (PVH_MAGIC, 1, 3)
+        );
+        assert_eq!(
+            (info.rsdp_paddr, info.cmdline_paddr),
+            (0xe0000, CMDLINE_START)
+        );
+        let module: hvm_modlist_entry = mem
+            .read_obj(GuestAddress(PVH_MODLIST_START))
+            .expect("in RAM");
+        assert_eq!((module.paddr, module.size), ((16 << 20) - 4096, 100));
+    }
+
+    #[test]
+    fn each_boot_error_by_variant() {
+        let missing = Path::new("/nonexistent/kernel");
+        assert!(matches!(
+            load(missing, None, 16 << 20),
+            Err(BootError::OpenKernel { .. })
+        ));
+        let text = TempFile::new("text", b"not a kernel at all");
+        assert!(matches!(
+            load(&text.0, None, 16 << 20),
+            Err(BootError::NotAKernel { .. })
+        ));
+        let old = TempFile::new("old", &images::bzimage_with(&[0xf4], 0x020a, 0));
+        assert!(matches!(
+            load(&old.0, None, 16 << 20),
+            Err(BootError::No64BitEntry {
+                version: 0x020a,
+                ..
+            })
+        ));
+        let no_note = TempFile::new("nonote", &images::pvh_elf(&[0xf4], false));
+        assert!(matches!(
+            load(&no_note.0, None, 16 << 20),
+            Err(BootError::NoPvhEntry { .. })
+        ));
+        let kernel = TempFile::new("ok", &images::bzimage(&[0xf4]));
+        assert!(matches!(
+            load(&kernel.0, Some(missing), 16 << 20),
+            Err(BootError::OpenInitrd { .. })
+        ));
+        let big = TempFile::new("big", &vec![0; 17 << 20]);
+        assert!(matches!(
+            load(&kernel.0, Some(&big.0), 16 << 20),
+            Err(BootError::InitrdTooLarge { .. })
+        ));
+        // A kernel larger than guest memory.
+        let huge = TempFile::new("huge", &images::bzimage(&vec![0x90; 9 << 20]));
+        assert!(matches!(
+            load(&huge.0, None, 8 << 20),
+            Err(BootError::LoadKernel { .. })
+        ));
+        let long = "x".repeat(CMDLINE_MAX_SIZE + 1);
+        let mem = create_guest_memory(16 << 20, u64::MAX).expect("maps");
+        let cfg = BootConfig {
+            kernel: &kernel.0,
+            initrd: None,
+            cmdline: &long,
+            cpus: 1,
+            mem_bytes: 16 << 20,
+            dsdt_devices: &[],
+        };
+        assert!(matches!(load_guest(&mem, &cfg), Err(BootError::Cmdline(_))));
+    }
+}

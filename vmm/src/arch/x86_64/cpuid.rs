@@ -36,7 +36,7 @@ pub enum CpuidError {
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// Leaf 1 ECX: running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-/// Leaf 0xB/0x1F ECX[15:8] level types.
+/// Leaf 0xB/0x1F level types, in ECX bits 15:8.
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
 
