@@ -298,15 +298,18 @@ impl Vcpu {
         }
     }
 
-    /// Logs the registers, ends the VM with `message`, and finishes this vCPU.
-    fn fail(&self, message: String) -> State {
-        log::error!("vCPU {}: {message}", self.index);
+    /// Logs the registers, ends the VM with `message` (and the instruction pointer), and
+    /// finishes this vCPU.
+    fn fail(&self, mut message: String) -> State {
         match (self.fd.get_regs(), self.fd.get_sregs()) {
             (Ok(regs), Ok(sregs)) => {
+                message.push_str(&format!(" at rip {:#x}", regs.rip));
+                log::error!("vCPU {}: {message}", self.index);
                 log::error!("vCPU {} registers: {regs:#x?}", self.index);
                 log::error!("vCPU {} special registers: {sregs:#x?}", self.index);
             }
             (Err(e), _) | (_, Err(e)) => {
+                log::error!("vCPU {}: {message}", self.index);
                 log::error!("vCPU {}: cannot read its registers: {e}", self.index);
             }
         }

@@ -10,7 +10,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{
-    bzimage, long_mode_reset_guest, pvh_elf, pvh_poweroff_guest, run_vmm, spin_guest, vmm, Scratch,
+    bzimage, emulation_failure_guest, long_mode_reset_guest, pvh_elf, pvh_poweroff_guest, run_vmm,
+    spin_guest, vmm, Scratch,
 };
 
 fn stdout_of(out: &std::process::Output) -> String {
@@ -128,4 +129,26 @@ fn ctrl_a_x_on_the_console_quits() {
     let mut stdin = child.stdin.take().expect("piped");
     stdin.write_all(b"typed\x01x").expect("vmm reads stdin");
     assert_eq!(wait_for(&mut child, Duration::from_secs(5)), Some(0));
+}
+
+#[test]
+fn emulation_failure_is_reported_with_registers_in_the_debug_log() {
+    let dir = Scratch::new("emulation");
+    let kernel = dir.file("bzImage", &bzimage(&emulation_failure_guest()));
+    let log = dir.0.join("debug.log");
+    let out = run_vmm(
+        Some(&kernel),
+        &["-m", "16", "-D", log.to_str().expect("utf-8 temp path")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("vCPU 0 stopped: KVM emulation failure"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("rip 0x100211"), "{stderr}");
+    let log = std::fs::read_to_string(&log).expect("debug log written");
+    assert!(log.contains("vCPU 0 registers: kvm_regs {"), "{log}");
+    assert!(log.contains("rax: 0x2000000"), "{log}");
 }

@@ -64,6 +64,22 @@ pub fn spin_guest() -> Vec<u8> {
     code
 }
 
+/// 64-bit: `fxsave` to an address with no RAM behind it (32 MiB, in a 16 MiB guest), an MMIO
+/// access that KVM's instruction emulator does not handle on this kind of host: a KVM emulation
+/// failure. The reset after it only runs if the emulation unexpectedly succeeds.
+pub fn emulation_failure_guest() -> Vec<u8> {
+    vec![
+        0x0f, 0x20, 0xe0, //                   mov %cr4, %rax
+        0x48, 0x0d, 0x00, 0x06, 0x00, 0x00, // or $0x600, %rax   # OSFXSR, OSXMMEXCPT
+        0x0f, 0x22, 0xe0, //                   mov %rax, %cr4
+        0xb8, 0x00, 0x00, 0x00, 0x02, //       mov $0x2000000, %eax
+        0x0f, 0xae, 0x00, //                   fxsave (%rax)
+        0xb0, 0xfe, //                         mov $0xfe, %al
+        0xe6, 0x64, //                         out %al, $0x64
+        0xf4, //                               hlt
+    ]
+}
+
 /// 32-bit PVH: checks the `hvm_start_info` magic at `%ebx`, reports it, then powers off through
 /// the ACPI sleep control register (SLP_TYP 5, SLP_EN).
 pub fn pvh_poweroff_guest() -> Vec<u8> {
