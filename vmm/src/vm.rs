@@ -306,9 +306,41 @@ impl Vm {
             Box::new(ConsoleInput::default()),
         ));
 
-        let mut threads: Vec<(u8, JoinHandle<Vcpu>)> = Vec::new();
-        let mut kickers: Vec<Kicker> = Vec::new();
-        let mut outcome = Ok(None);
+        let (threads, started) = VcpuThreads::start(vcpus);
+        let outcome = started.and_then(|()| main_loop(&global, &mut manager));
+        threads.shutdown(&global)?;
+        outcome
+    }
+}
+
+/// Runs the main loop until something records why the VM ends.
+fn main_loop(
+    global: &GlobalLock,
+    manager: &mut EventManager<Locked>,
+) -> Result<ExitReason, VmError> {
+    loop {
+        if let Some(reason) = global.lock().exit.clone() {
+            return Ok(reason);
+        }
+        manager.run().map_err(VmError::MainLoop)?;
+    }
+}
+
+/// The running vCPU threads and their kickers.
+#[derive(Debug)]
+struct VcpuThreads {
+    threads: Vec<(u8, JoinHandle<Vcpu>)>,
+    kickers: Vec<Kicker>,
+}
+
+impl VcpuThreads {
+    /// Starts one thread per vCPU; on a failure, the threads already started are returned with
+    /// the error (to be shut down).
+    fn start(vcpus: Vec<Vcpu>) -> (Self, Result<(), VmError>) {
+        let mut started = Self {
+            threads: Vec::with_capacity(vcpus.len()),
+            kickers: Vec::with_capacity(vcpus.len()),
+        };
         for (index, vcpu) in (0u8..).zip(vcpus) {
             let kick = vcpu.kick_handle();
             let spawned = std::thread::Builder::new()
@@ -316,50 +348,97 @@ impl Vm {
                 .spawn(move || vcpu.run());
             match spawned {
                 Ok(handle) => {
-                    kickers.push(kick.on_thread(handle.as_pthread_t()));
-                    threads.push((index, handle));
+                    started.kickers.push(kick.on_thread(handle.as_pthread_t()));
+                    started.threads.push((index, handle));
                 }
-                Err(source) => {
-                    outcome = Err(VmError::SpawnVcpu { index, source });
-                    break;
-                }
+                Err(source) => return (started, Err(VmError::SpawnVcpu { index, source })),
             }
         }
+        (started, Ok(()))
+    }
 
-        while let Ok(None) = outcome {
-            let exit = global.lock().exit.clone();
-            outcome = match exit {
-                Some(reason) => Ok(Some(reason)),
-                None => manager.run().map(|_| None).map_err(VmError::MainLoop),
-            };
+    /// Pauses every vCPU, tells them to stop, and joins their threads; the vCPUs (and their
+    /// `kvm_run` mappings, which the kickers point into) are dropped only after that.
+    fn shutdown(self, global: &GlobalLock) -> Result<(), VmError> {
+        let guard = global.lock();
+        let mut guard = global.pause_all(guard, &self.kickers);
+        global.release_all(&mut guard, VcpuRequest::Stop);
+        drop(guard);
+        let mut joined = Vec::with_capacity(self.threads.len());
+        let mut panicked = None;
+        for (index, handle) in self.threads {
+            match handle.join() {
+                Ok(vcpu) => joined.push(vcpu),
+                Err(_) => panicked = panicked.or(Some(index)),
+            }
         }
-        shutdown(&global, threads, &kickers)?;
-        // The loop above only ends on an error or a reason.
-        outcome.map(|reason| reason.unwrap_or(ExitReason::ConsoleQuit))
+        drop(self.kickers);
+        match panicked {
+            Some(index) => Err(VmError::VcpuPanicked { index }),
+            None => Ok(()),
+        }
     }
 }
 
-/// Pauses every vCPU, tells them to stop, and joins their threads; the vCPUs (and their
-/// `kvm_run` mappings, which the kickers point into) are dropped only after that.
-fn shutdown(
-    global: &GlobalLock,
-    threads: Vec<(u8, JoinHandle<Vcpu>)>,
-    kickers: &[Kicker],
-) -> Result<(), VmError> {
-    let guard = global.lock();
-    let mut guard = global.pause_all(guard, kickers);
-    global.release_all(&mut guard, VcpuRequest::Stop);
-    drop(guard);
-    let mut joined = Vec::with_capacity(threads.len());
-    let mut panicked = None;
-    for (index, handle) in threads {
-        match handle.join() {
-            Ok(vcpu) => joined.push(vcpu),
-            Err(_) => panicked = panicked.or(Some(index)),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::x86_64::boot::test_images;
+    use std::time::{Duration, Instant};
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// The guest's counter.
+    fn counter(vm_memory: &GuestMemory) -> u64 {
+        vm_memory.read_obj(GuestAddress(0x8000)).expect("in RAM")
+    }
+
+    /// Waits until the counter passes `value`.
+    fn wait_past(vm_memory: &GuestMemory, value: u64) {
+        let start = Instant::now();
+        while counter(vm_memory) <= value {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "guest is not running"
+            );
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
-    match panicked {
-        Some(index) => Err(VmError::VcpuPanicked { index }),
-        None => Ok(()),
+
+    #[test]
+    fn vcpus_pause_resume_and_stop() {
+        let kernel = std::env::temp_dir().join(format!("vmm-pause-{}", std::process::id()));
+        std::fs::write(&kernel, test_images::bzimage(&test_images::counter_guest()))
+            .expect("temp dir is writable");
+        let cfg = Config {
+            mem_bytes: 16 << 20,
+            cpus: 2,
+            kernel: kernel.clone(),
+            initrd: None,
+            append: String::new(),
+            debug_log: None,
+        };
+        let vm = Vm::build(&cfg).expect("builds");
+        let _ = std::fs::remove_file(&kernel);
+        install_kick_handler().expect("handler installs");
+        let (threads, started) = VcpuThreads::start(vm.vcpus);
+        started.expect("threads start");
+        wait_past(&vm._memory, 0);
+
+        // Paused: both vCPUs (the second waits for a SIPI inside KVM_RUN) report in, and the
+        // guest's counter stands still.
+        let guard = vm.global.lock();
+        let mut guard = vm.global.pause_all(guard, &threads.kickers);
+        assert_eq!((guard.paused, guard.finished), (2, 0));
+        let frozen = counter(&vm._memory);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(counter(&vm._memory), frozen);
+
+        // Resumed: it counts again.
+        vm.global.release_all(&mut guard, VcpuRequest::Run);
+        drop(guard);
+        wait_past(&vm._memory, frozen);
+
+        threads.shutdown(&vm.global).expect("joins");
+        assert_eq!(vm.global.lock().finished, 2);
     }
 }

@@ -80,6 +80,14 @@ pub fn emulation_failure_guest() -> Vec<u8> {
     ]
 }
 
+/// 64-bit: counts, forever, in the quadword at 0x8000 (below the boot stack, otherwise unused).
+pub fn counter_guest() -> Vec<u8> {
+    vec![
+        0xf0, 0x48, 0xff, 0x04, 0x25, 0x00, 0x80, 0x00, 0x00, // 1: lock incq 0x8000
+        0xeb, 0xf5, //                                           jmp 1b
+    ]
+}
+
 /// 32-bit PVH: checks the `hvm_start_info` magic at `%ebx`, reports it, then powers off through
 /// the ACPI sleep control register (SLP_TYP 5, SLP_EN).
 pub fn pvh_poweroff_guest() -> Vec<u8> {

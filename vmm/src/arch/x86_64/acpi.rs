@@ -8,7 +8,7 @@
 //!   power-off goes through the sleep control and status registers at [`ACPI_SLEEP_PORT`].
 //! - MADT (5.2.12): one local APIC per vCPU (APIC id = vCPU index) and the IOAPIC; this is how a
 //!   kernel without MP-table support finds every CPU.
-//! - DSDT (5.2.11.1): COM1 (`PNP0501`), the `\_S5_` package Linux needs before it registers ACPI
+//! - DSDT (5.2.11.1): COM1 (`PNP0501`), the CMOS RTC (`PNP0B00`), the `\_S5_` package Linux needs before it registers ACPI
 //!   power-off, and whatever devices the caller adds ([`DsdtDevice`], for virtio-mmio later).
 
 use acpi_tables::aml;
@@ -24,7 +24,8 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
-    ACPI_END, ACPI_SLEEP_PORT, ACPI_START, APIC_START, COM1_IRQ, COM1_PORT, IOAPIC_START,
+    ACPI_END, ACPI_SLEEP_PORT, ACPI_START, APIC_START, COM1_IRQ, COM1_PORT, IOAPIC_START, RTC_IRQ,
+    RTC_PORT,
 };
 use super::memory::GuestMemory;
 use devices::legacy::SLEEP_TYPE_S5;
@@ -77,7 +78,7 @@ pub fn aml_bytes(aml: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT body: `\_SB_` with COM1 and `extra`, and `\_S5_`.
+/// The DSDT body: `\_SB_` with COM1, the RTC and `extra`, and `\_S5_`.
 fn dsdt(extra: &[DsdtDevice]) -> Vec<u8> {
     let com1_port = u16::try_from(COM1_PORT).unwrap_or(0x3f8);
     // ISA serial interrupts are edge-triggered and active high.
@@ -95,7 +96,24 @@ fn dsdt(extra: &[DsdtDevice]) -> Vec<u8> {
             ),
         ],
     ));
+    // The CMOS RTC: without this entry a hardware-reduced kernel has no legacy IRQ 8 to give the
+    // rtc_cmos platform device, and its probe fails.
+    let rtc_port = u16::try_from(RTC_PORT).unwrap_or(0x70);
+    let rtc = aml_bytes(&aml::Device::new(
+        "RTC_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(rtc_port, rtc_port, 1, 2),
+                    &aml::Interrupt::new(true, true, false, false, RTC_IRQ),
+                ]),
+            ),
+        ],
+    ));
     let mut sb_children = com1;
+    sb_children.extend(rtc);
     sb_children.extend(extra.iter().flatten());
     let sb = aml::Scope::raw("\\_SB_".into(), sb_children);
     // \_S5_: SLP_TYPa (and SLP_TYPb, unused on hardware-reduced platforms) for soft-off.
@@ -285,7 +303,7 @@ mod tests {
         let dsdt = table(&mem, u64_at(&fadt, 140));
         assert_eq!(&dsdt[..4], b"DSDT");
         let find = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
-        assert!(find(b"_S5_") && find(b"COM1") && find(b"_CRS"));
+        assert!(find(b"_S5_") && find(b"COM1") && find(b"RTC_") && find(b"_CRS"));
     }
 
     #[test]

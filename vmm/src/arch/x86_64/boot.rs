@@ -424,7 +424,7 @@ pub fn configure_vcpu(
 /// The tiny guests and image builders the binary's tests use (kept beside them).
 #[cfg(test)]
 #[path = "../../../tests/common/images.rs"]
-mod test_images;
+pub mod test_images;
 
 #[cfg(test)]
 mod tests {

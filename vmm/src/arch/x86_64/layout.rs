@@ -62,6 +62,8 @@ pub const COM1_IRQ: u32 = 4;
 pub const I8042_PORT: u64 = 0x60;
 /// The CMOS RTC: index at 0x70, data at 0x71.
 pub const RTC_PORT: u64 = 0x70;
+/// The CMOS RTC's ISA interrupt line.
+pub const RTC_IRQ: u32 = 8;
 /// The ACPI sleep control (0x600) and sleep status (0x601) registers, one byte each; the port is
 /// QEMU's PM base, free on a machine without PCI.
 pub const ACPI_SLEEP_PORT: u64 = 0x600;
