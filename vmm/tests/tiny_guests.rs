@@ -10,8 +10,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{
-    bzimage, emulation_failure_guest, long_mode_reset_guest, pvh_elf, pvh_poweroff_guest, run_vmm,
-    spin_guest, vmm, Scratch,
+    bzimage, emulation_failure_guest, long_mode_reset_guest, pvh_elf, pvh_poweroff_guest,
+    real_mode_reboot_guest, run_vmm, spin_guest, vmm, Scratch,
 };
 
 fn stdout_of(out: &std::process::Output) -> String {
@@ -151,4 +151,19 @@ fn emulation_failure_is_reported_with_registers_in_the_debug_log() {
     let log = std::fs::read_to_string(&log).expect("debug log written");
     assert!(log.contains("vCPU 0 registers: kvm_regs {"), "{log}");
     assert!(log.contains("rax: 0x2000000"), "{log}");
+}
+
+#[test]
+fn reboot_through_the_reset_vector_ends_the_vm() {
+    let dir = Scratch::new("reset-vector");
+    let kernel = dir.file("vmlinux", &pvh_elf(&real_mode_reboot_guest(), true));
+    let log = dir.0.join("debug.log");
+    let out = run_vmm(
+        Some(&kernel),
+        &["-m", "16", "-D", log.to_str().expect("utf-8 temp path")],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let log = std::fs::read_to_string(&log).expect("debug log written");
+    // The main loop saw the i8042 reset (a triple fault would show up on vcpu0 instead).
+    assert!(log.contains("main: VM exit requested: GuestReset"), "{log}");
 }

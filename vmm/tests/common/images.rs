@@ -88,6 +88,33 @@ pub fn counter_guest() -> Vec<u8> {
     ]
 }
 
+/// 32-bit PVH: goes back to real mode and jumps to the reset vector (F000:FFF0), as Linux's
+/// `machine_real_restart` does when it reboots through the BIOS.
+pub fn real_mode_reboot_guest() -> Vec<u8> {
+    let mut code = vec![
+        0x0f, 0x01, 0x15, 0x40, 0x00, 0x10, 0x00, // lgdt gdtr
+        0xea, 0x0e, 0x00, 0x00, 0x00, 0x08, 0x00, // ljmp $0x08, $(pm16 - start)
+        // .code16
+        0xb8, 0x10, 0x00, //                         pm16: mov $0x10, %ax
+        0x8e, 0xd8, //                               mov %ax, %ds
+        0x0f, 0x20, 0xc0, //                         mov %cr0, %eax
+        0x66, 0x83, 0xe0, 0xfe, //                   and $~1, %eax   # clear PE
+        0x0f, 0x22, 0xc0, //                         mov %eax, %cr0
+        0xea, 0xf0, 0xff, 0x00, 0xf0, //             ljmp $0xf000, $0xfff0
+    ];
+    code.resize(0x28, 0x90); // .align 8, then gdt:
+    for descriptor in [
+        0u64,                  //                null
+        0x0000_9b10_0000_ffff, // 16-bit code, base 0x100000 (this code), limit 64 KiB
+        0x0000_9300_0000_ffff, // 16-bit data, base 0
+    ] {
+        code.extend_from_slice(&descriptor.to_le_bytes());
+    }
+    // gdtr: limit 23, base 0x100028
+    code.extend_from_slice(&[0x17, 0x00, 0x28, 0x00, 0x10, 0x00]);
+    code
+}
+
 /// 32-bit PVH: checks the `hvm_start_info` magic at `%ebx`, reports it, then powers off through
 /// the ACPI sleep control register (SLP_TYP 5, SLP_EN).
 pub fn pvh_poweroff_guest() -> Vec<u8> {

@@ -9,7 +9,8 @@
 //! 4. the ACPI tables (see [`super::acpi`]);
 //! 5. the boot information, pointing at all of the above plus the E820 map: the zero page for a
 //!    bzImage (`boot_params`, with `acpi_rsdp_addr`), or `hvm_start_info` with its memory map and
-//!    module list for PVH.
+//!    module list for PVH;
+//! 6. the reset-vector stub at [`RESET_VECTOR`], for a guest that reboots through the BIOS.
 //!
 //! It returns the [`EntryPoint`]. Then [`configure_vcpu`] sets up each vCPU, in this order:
 //! CPUID (APIC id and topology), MSRs, general registers, special registers with the boot GDT and
@@ -36,7 +37,7 @@ use super::acpi::{create_acpi_tables, AcpiError, DsdtDevice};
 use super::cpuid::{setup_cpuid, CpuidError};
 use super::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_GAP_START, PVH_INFO_START, PVH_MEMMAP_START,
-    PVH_MODLIST_START, ZERO_PAGE_START,
+    PVH_MODLIST_START, RESET_VECTOR, ZERO_PAGE_START,
 };
 use super::memory::{e820_map, GuestMemory};
 use super::msr::{setup_msrs, MsrError};
@@ -57,6 +58,13 @@ const PVH_MAGIC: u32 = 0x336e_c578;
 const PVH_VERSION: u32 = 1;
 /// The ELF magic, `\x7fELF`.
 const ELF_MAGIC: [u8; 4] = *b"\x7fELF";
+/// The stub at the reset vector (16-bit real mode): pulse the i8042 reset line, then halt.
+const RESET_STUB: [u8; 7] = [
+    0xb0, 0xfe, // mov $0xfe, %al
+    0xe6, 0x64, // out %al, $0x64
+    0xf4, //       1: hlt
+    0xeb, 0xfd, // jmp 1b
+];
 /// Page size, the initramfs alignment.
 const PAGE_SIZE: u64 = 4096;
 
@@ -152,6 +160,9 @@ pub enum BootError {
     /// Writing the zero page or `hvm_start_info` failed.
     #[error("Cannot write the boot parameters")]
     BootParams(#[source] linux_loader::configurator::Error),
+    /// Writing the reset-vector stub failed.
+    #[error("Cannot write the reset-vector stub at {:#x}", RESET_VECTOR)]
+    ResetStub(#[source] vm_memory::GuestMemoryError),
 }
 
 /// Errors from configuring a vCPU, one per step.
@@ -398,6 +409,9 @@ pub fn load_guest(mem: &GuestMemory, cfg: &BootConfig) -> Result<EntryPoint, Boo
             PvhBootConfigurator::write_bootparams(&params, mem).map_err(BootError::BootParams)?;
         }
     }
+    // 6. Reset vector.
+    mem.write_slice(&RESET_STUB, GuestAddress(RESET_VECTOR))
+        .map_err(BootError::ResetStub)?;
     Ok(kernel.entry)
 }
 
@@ -490,6 +504,10 @@ mod tests {
         mem.read_slice(&mut cmdline, GuestAddress(CMDLINE_START))
             .expect("in RAM");
         assert_eq!(&cmdline, b"console=ttyS0\0");
+        let mut stub = [0u8; 7];
+        mem.read_slice(&mut stub, GuestAddress(RESET_VECTOR))
+            .expect("in RAM");
+        assert_eq!(stub, RESET_STUB);
     }
 
     #[test]

@@ -37,8 +37,13 @@ pub const EBDA_START: u64 = 0x9fc00;
 /// The ACPI tables, RSDP first, in the BIOS area where a kernel also scans for the RSDP
 /// (0xE0000 to 0xFFFFF, ACPI 6.5 section 5.2.5.1).
 pub const ACPI_START: u64 = 0xe0000;
-/// End of the ACPI table area (and of the reserved area below 1 MiB).
-pub const ACPI_END: u64 = 0x10_0000;
+/// End of the ACPI table area.
+pub const ACPI_END: u64 = 0xf0000;
+/// The reset vector, F000:FFF0, where a CPU starts after a reset and where Linux jumps, in real
+/// mode, when it reboots "through the BIOS" (`machine_real_restart`, its choice on a
+/// hardware-reduced ACPI platform without EFI). A BIOS would reset the machine from there; we put
+/// a stub that pulses the i8042 reset line, so such a reboot ends the VM too.
+pub const RESET_VECTOR: u64 = 0xffff0;
 /// Start of high memory (1 MiB): where a bzImage's protected-mode kernel loads
 /// (`code32_start`) and the kernel's lowest acceptable load address.
 pub const HIMEM_START: u64 = 0x10_0000;
@@ -94,9 +99,11 @@ mod tests {
             (PDE_START, 0x1000),
             (CMDLINE_START, CMDLINE_MAX_SIZE as u64),
             (ACPI_START, ACPI_END - ACPI_START),
+            (RESET_VECTOR, 16),
         ];
         for pair in used.windows(2) {
             assert!(pair[0].0 + pair[0].1 <= pair[1].0, "{pair:x?}");
         }
+        assert_eq!(RESET_VECTOR + 16, HIMEM_START);
     }
 }

@@ -7,7 +7,7 @@
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use super::layout::{ACPI_END, EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
+use super::layout::{EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
 
 /// The concrete guest-memory type used everywhere in the VMM.
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -92,7 +92,7 @@ pub fn create_guest_memory(bytes: u64, host_bytes: u64) -> Result<GuestMemory, M
 pub fn e820_map(bytes: u64) -> Vec<(u64, u64, u32)> {
     let mut map = vec![
         (0, EBDA_START, E820_RAM),
-        (EBDA_START, ACPI_END - EBDA_START, E820_RESERVED),
+        (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
     ];
     for (start, len) in ram_ranges(bytes) {
         let (start, len) = if start.0 == 0 {
@@ -143,7 +143,7 @@ mod tests {
             map,
             vec![
                 (0, EBDA_START, E820_RAM),
-                (EBDA_START, ACPI_END - EBDA_START, E820_RESERVED),
+                (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
                 (HIMEM_START, 3 * GIB - HIMEM_START, E820_RAM),
                 (4 * GIB, 2 * GIB, E820_RAM),
             ]
