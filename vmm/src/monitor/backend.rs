@@ -223,11 +223,11 @@ pub trait MonitorBackend {
     fn resume(&mut self) -> Result<(), BackendError>;
 
     /// Presses the ACPI power button (the Generic Event Device notifies the `PNP0C0C` button); the
-    /// guest decides what to do. The monitor sends `POWERDOWN` after its reply.
+    /// guest decides what to do. The monitor sends `POWERDOWN` afterwards.
     fn powerdown(&mut self) -> Result<(), BackendError>;
 
-    /// Asks the VMM to exit (`quit`): only requests it, without waiting, so that the reply and the
-    /// `SHUTDOWN` event leave first; the main loop ends after this handler returns.
+    /// Asks the VMM to exit (`quit`): only requests it, without waiting, so that the `SHUTDOWN`
+    /// event and the reply leave first; the main loop ends after this handler returns.
     fn request_quit(&mut self);
 
     /// Every iothread, in creation order.

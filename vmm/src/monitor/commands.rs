@@ -1,8 +1,7 @@
 //! One client's QMP session without the socket: capabilities negotiation, then the commands, each
 //! acting on the VM through [`MonitorBackend`]. Input is one framed JSON text; output is the reply
-//! plus the events the command caused, split into those QEMU sends before the reply (`STOP` and
-//! `RESUME` are raised while the command runs) and those it sends after (`POWERDOWN` and `SHUTDOWN`
-//! are raised by the main loop once the request is handled).
+//! plus the events the command caused, which go out before the reply: that is the order QEMU 10's
+//! monitor shows for all four (`STOP`, `RESUME`, `POWERDOWN`, and `SHUTDOWN` after `quit`).
 
 use std::time::SystemTime;
 
@@ -34,21 +33,12 @@ pub const COMMANDS: [&str; 12] = [
 ];
 
 /// What handling one input produced.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Outcome {
-    /// Events for every client, sent before the reply.
-    pub events_before: Vec<Value>,
-    /// The reply for the requesting client (none for input QEMU would not answer).
-    pub reply: Option<Value>,
-    /// Events for every client, sent after the reply.
-    pub events_after: Vec<Value>,
-}
-
-/// The events a command raises, in the two groups of [`Outcome`].
-#[derive(Debug, Default)]
-struct Effects {
-    before: Vec<QmpEvent>,
-    after: Vec<QmpEvent>,
+    /// Events for every client in command mode, sent before the reply.
+    pub events: Vec<Value>,
+    /// The reply for the requesting client.
+    pub reply: Value,
 }
 
 /// Protocol state of one connection.
@@ -68,8 +58,8 @@ impl Session {
     pub fn frame_error(&self, error: FrameError) -> Outcome {
         let error = QmpError::generic(format!("JSON parse error, {error}"));
         Outcome {
-            reply: Some(protocol::failure(&error, None)),
-            ..Outcome::default()
+            events: Vec::new(),
+            reply: protocol::failure(&error, None),
         }
     }
 
@@ -80,8 +70,8 @@ impl Session {
             Err(e) => {
                 let error = QmpError::generic(format!("JSON parse error, {e}"));
                 return Outcome {
-                    reply: Some(protocol::failure(&error, None)),
-                    ..Outcome::default()
+                    events: Vec::new(),
+                    reply: protocol::failure(&error, None),
                 };
             }
         };
@@ -89,12 +79,12 @@ impl Session {
             Ok(r) => r,
             Err(rejected) => {
                 return Outcome {
-                    reply: Some(protocol::failure(&rejected.error, rejected.id)),
-                    ..Outcome::default()
+                    events: Vec::new(),
+                    reply: protocol::failure(&rejected.error, rejected.id),
                 }
             }
         };
-        let mut effects = Effects::default();
+        let mut raised = Vec::new();
         let args = Args::new(request.arguments);
         let result = if !self.negotiated {
             if request.command == "qmp_capabilities" {
@@ -108,17 +98,15 @@ impl Session {
                 ))
             }
         } else {
-            execute(&request.command, args, backend, &mut effects)
+            execute(&request.command, args, backend, &mut raised)
         };
         let now = SystemTime::now();
-        let stamp = |events: Vec<QmpEvent>| events.into_iter().map(|e| e.to_message(now)).collect();
         Outcome {
-            events_before: stamp(effects.before),
-            reply: Some(match result {
+            events: raised.into_iter().map(|e| e.to_message(now)).collect(),
+            reply: match result {
                 Ok(ret) => protocol::success(ret, request.id),
                 Err(error) => protocol::failure(&error, request.id),
-            }),
-            events_after: stamp(effects.after),
+            },
         }
     }
 }
@@ -147,7 +135,7 @@ fn execute(
     command: &str,
     mut args: Args,
     backend: &mut dyn MonitorBackend,
-    effects: &mut Effects,
+    raised: &mut Vec<QmpEvent>,
 ) -> Result<Value, QmpError> {
     let backend_err = |e: super::backend::BackendError| QmpError::generic(e.0);
     match command {
@@ -177,7 +165,7 @@ fn execute(
             // As QEMU's vm_stop(): only a running VM stops and raises STOP.
             if backend.run_state() == RunState::Running {
                 backend.pause().map_err(backend_err)?;
-                effects.before.push(QmpEvent::Stop);
+                raised.push(QmpEvent::Stop);
             }
             Ok(json!({}))
         }
@@ -192,7 +180,7 @@ fn execute(
                 }
                 RunState::Paused | RunState::Prelaunch => {
                     backend.resume().map_err(backend_err)?;
-                    effects.before.push(QmpEvent::Resume);
+                    raised.push(QmpEvent::Resume);
                 }
             }
             Ok(json!({}))
@@ -200,15 +188,13 @@ fn execute(
         "system_powerdown" => {
             args.finish()?;
             backend.powerdown().map_err(backend_err)?;
-            effects.after.push(QmpEvent::Powerdown);
+            raised.push(QmpEvent::Powerdown);
             Ok(json!({}))
         }
         "quit" => {
             args.finish()?;
             backend.request_quit();
-            effects
-                .after
-                .push(QmpEvent::Shutdown(ShutdownCause::HostQmpQuit));
+            raised.push(QmpEvent::Shutdown(ShutdownCause::HostQmpQuit));
             Ok(json!({}))
         }
         "query-iothreads" => {
@@ -399,9 +385,7 @@ mod tests {
         }
 
         fn send(&mut self, text: &str) -> Value {
-            self.outcome(text)
-                .reply
-                .expect("every request gets a reply")
+            self.outcome(text).reply
         }
 
         /// The error class and description of a reply that must be an error.
@@ -479,11 +463,7 @@ mod tests {
             .expect("desc")
             .starts_with("JSON parse error, "));
         assert!(reply.get("id").is_none());
-        let reply = f
-            .session
-            .frame_error(FrameError::StrayClose(b'}'))
-            .reply
-            .expect("reply");
+        let reply = f.session.frame_error(FrameError::StrayClose(b'}')).reply;
         assert_eq!(
             reply,
             json!({"error": {"class": "GenericError", "desc": "JSON parse error, stray '}'"}})
@@ -562,21 +542,20 @@ mod tests {
             json!({"running": false, "status": "prelaunch"})
         );
         // Stopping a VM that is not running changes nothing and raises nothing.
-        let out = f.outcome(r#"{"execute": "stop"}"#);
-        assert!(out.events_before.is_empty() && out.events_after.is_empty());
+        assert!(f.outcome(r#"{"execute": "stop"}"#).events.is_empty());
         let out = f.outcome(r#"{"execute": "cont", "id": 5}"#);
-        assert_eq!(out.reply, Some(json!({"return": {}, "id": 5})));
-        assert_eq!(out.events_before.len(), 1);
-        assert_eq!(out.events_before[0]["event"], "RESUME");
+        assert_eq!(out.reply, json!({"return": {}, "id": 5}));
+        assert_eq!(out.events.len(), 1);
+        assert_eq!(out.events[0]["event"], "RESUME");
         assert_eq!(
             f.send(r#"{"execute": "query-status"}"#)["return"],
             json!({"running": true, "status": "running"})
         );
         // cont while running: no event.
-        assert!(f.outcome(r#"{"execute": "cont"}"#).events_before.is_empty());
+        assert!(f.outcome(r#"{"execute": "cont"}"#).events.is_empty());
         let out = f.outcome(r#"{"execute": "stop"}"#);
-        assert_eq!(out.events_before[0]["event"], "STOP");
-        assert!(out.events_before[0]["timestamp"]["seconds"].is_u64());
+        assert_eq!(out.events[0]["event"], "STOP");
+        assert!(out.events[0]["timestamp"]["seconds"].is_u64());
         assert_eq!(
             f.send(r#"{"execute": "query-status"}"#)["return"]["status"],
             "paused"
@@ -602,24 +581,21 @@ mod tests {
         let out = f.outcome(r#"{"execute": "stop", "id": 1}"#);
         assert_eq!(
             out.reply,
-            Some(
-                json!({"error": {"class": "GenericError", "desc": "vCPU 1 did not stop"}, "id": 1})
-            )
+            json!({"error": {"class": "GenericError", "desc": "vCPU 1 did not stop"}, "id": 1})
         );
-        assert!(out.events_before.is_empty());
+        assert!(out.events.is_empty());
     }
 
     #[test]
-    fn powerdown_and_quit_raise_their_events_after_the_reply() {
+    fn powerdown_and_quit_raise_their_events() {
         let mut f = Fixture::negotiated(RunState::Running);
         let out = f.outcome(r#"{"execute": "system_powerdown"}"#);
-        assert_eq!(out.reply, Some(json!({"return": {}})));
-        assert!(out.events_before.is_empty());
-        assert_eq!(out.events_after[0]["event"], "POWERDOWN");
+        assert_eq!(out.reply, json!({"return": {}}));
+        assert_eq!(out.events[0]["event"], "POWERDOWN");
         let out = f.outcome(r#"{"execute": "quit"}"#);
-        assert_eq!(out.events_after[0]["event"], "SHUTDOWN");
+        assert_eq!(out.events[0]["event"], "SHUTDOWN");
         assert_eq!(
-            out.events_after[0]["data"],
+            out.events[0]["data"],
             json!({"guest": false, "reason": "host-qmp-quit"})
         );
         assert_eq!(f.calls(), ["powerdown", "quit"]);

@@ -240,18 +240,13 @@ impl<B: MonitorBackend> Monitor<B> {
 
     /// Sends what one request produced.
     fn deliver(&mut self, client: &mut Client, outcome: Outcome) {
-        for event in &outcome.events_before {
+        for event in &outcome.events {
             self.broadcast(event, Some(&mut *client));
         }
-        if let Some(reply) = outcome.reply {
-            let mut bytes = Vec::new();
-            protocol::encode_into(&reply, &mut bytes);
-            client.queue(&bytes);
-            client.flush();
-        }
-        for event in &outcome.events_after {
-            self.broadcast(event, Some(&mut *client));
-        }
+        let mut bytes = Vec::new();
+        protocol::encode_into(&outcome.reply, &mut bytes);
+        client.queue(&bytes);
+        client.flush();
     }
 
     /// Handles a client's buffered requests until none is left or its output backs up.

@@ -259,17 +259,16 @@ fn events_reach_every_negotiated_client() {
     let mut b = h.session();
     let mut unnegotiated = h.connect();
     unnegotiated.greeting();
-    // STOP is raised while the command runs: before the reply.
+    // Events raised by a command precede its reply, as in QEMU.
     a.send(br#"{"execute": "stop", "id": "s"}"#);
     let first = a.recv();
     assert_eq!(first["event"], "STOP");
     assert!(first["timestamp"]["microseconds"].is_u64());
     assert_eq!(a.recv(), json!({"return": {}, "id": "s"}));
     assert_eq!(b.recv()["event"], "STOP");
-    // POWERDOWN follows the reply.
     a.send(br#"{"execute": "system_powerdown"}"#);
-    assert_eq!(a.recv(), json!({"return": {}}));
     assert_eq!(a.recv()["event"], "POWERDOWN");
+    assert_eq!(a.recv(), json!({"return": {}}));
     assert_eq!(b.recv()["event"], "POWERDOWN");
     // An event raised by the VM from another thread.
     let sender = h.events.clone();
@@ -416,4 +415,46 @@ fn events_raised_while_the_loop_winds_down_are_still_delivered() {
     let mut rest = String::new();
     assert_eq!(c.reader.read_line(&mut rest).expect("eof"), 0);
     assert!(!Path::new(&path).exists());
+}
+
+/// The Python of the venv that ci/qmp-venv makes (ci/setup runs it), with `qemu.qmp` installed.
+fn qemu_qmp_python() -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/qmp/bin/python3");
+    assert!(
+        python.exists(),
+        "{} is missing: run ci/qmp-venv (ci/setup runs it)",
+        python.display()
+    );
+    python
+}
+
+#[test]
+fn qemu_qmp_client_and_qmp_shell_work_unchanged() {
+    let h = Harness::start("qemu-qmp", RunState::Running);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/qemu_client.py");
+    let out = std::process::Command::new(qemu_qmp_python())
+        .arg(script)
+        .arg(&h.path)
+        .arg("protocol")
+        .output()
+        .expect("run the qemu.qmp client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    println!("{stdout}");
+    let calls = h.calls();
+    let expected = [
+        "histogram d0 Set(HistogramBoundaries { read: Some([10000, 50000]), write: Some([10000, 50000]), zone_append: Some([10000, 50000]), flush: Some([10000, 50000]) })",
+        "pause",
+        "resume",
+        "powerdown",
+        "histogram d1 Set(HistogramBoundaries { read: None, write: Some([1000, 2000]), zone_append: None, flush: None })",
+        "quit",
+    ];
+    let acting: Vec<&str> = calls
+        .iter()
+        .map(String::as_str)
+        .filter(|c| !c.starts_with("stats "))
+        .collect();
+    assert_eq!(acting, expected, "{stdout}");
 }
