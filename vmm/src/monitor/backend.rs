@@ -75,7 +75,7 @@ pub struct ImageDescription {
     pub actual_size: Option<u64>,
     /// qcow2 cluster size in bytes.
     pub cluster_size: Option<u64>,
-    /// qcow2 dirty bit (lazy refcounts in use and not yet cleaned).
+    /// qcow2 dirty bit (lazy refcounts in use and not yet cleaned); QEMU reports `false` for raw.
     pub dirty_flag: Option<bool>,
     /// The backing image, if any.
     pub backing: Option<Box<ImageDescription>>,

@@ -40,7 +40,7 @@ fn chain() -> ImageDescription {
         virtual_size: 1 << 30,
         actual_size: Some(4096),
         cluster_size: None,
-        dirty_flag: None,
+        dirty_flag: Some(false),
         backing: None,
     };
     ImageDescription {

@@ -458,3 +458,99 @@ fn qemu_qmp_client_and_qmp_shell_work_unchanged() {
         .collect();
     assert_eq!(acting, expected, "{stdout}");
 }
+
+/// A QEMU 10 under `-S` with the same iothread, drive and device ids as the test backend.
+struct Qemu {
+    child: std::process::Child,
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Qemu {
+    fn start(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("vmm-qmp-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        // A qcow2 over a raw base, like the test backend's chain.
+        let base = dir.join("base.raw");
+        let image = dir.join("top.qcow2");
+        for args in [
+            vec!["create", "-q", "-f", "raw", path_str(&base), "64M"],
+            vec![
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "-b",
+                path_str(&base),
+                path_str(&image),
+            ],
+        ] {
+            let status = std::process::Command::new("qemu-img")
+                .args(&args)
+                .status()
+                .expect("qemu-img is missing: run ci/setup");
+            assert!(status.success(), "qemu-img {args:?} failed");
+        }
+        let socket = dir.join("qemu.sock");
+        let child = std::process::Command::new("qemu-system-x86_64")
+            .args([
+                "-machine",
+                "microvm",
+                "-accel",
+                "tcg",
+                "-nodefaults",
+                "-display",
+                "none",
+            ])
+            .args(["-S", "-object", "iothread,id=io0", "-qmp"])
+            .arg(format!("unix:{},server=on,wait=off", socket.display()))
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=qcow2,if=none,id=d0",
+                image.display()
+            ))
+            .args(["-device", "virtio-blk-device,drive=d0,id=vd0,iothread=io0"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 is missing: run ci/setup");
+        for _ in 0..500 {
+            if UnixStream::connect(&socket).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, socket, dir }
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        // QEMU normally exited on the script's `quit`; these only clean up after a failure.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+#[test]
+fn replies_match_qemu_10() {
+    let qemu = Qemu::start("compare");
+    let h = Harness::start("compare", RunState::Prelaunch);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/compare_with_qemu.py");
+    let out = std::process::Command::new(qemu_qmp_python())
+        .arg(script)
+        .arg(&h.path)
+        .arg(&qemu.socket)
+        .output()
+        .expect("run the comparison");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    println!("{stdout}");
+}
