@@ -6,8 +6,10 @@
 //! 2. before the VM starts, [`Listener::bind`] binds the socket (and, for `wait=on`, waits for the
 //!    first client, as QEMU does) and [`event_channel`] makes the channel through which the VM's
 //!    threads raise events (`SHUTDOWN` when the guest powers off, say) with an [`EventSender`];
-//! 3. [`Monitor::new`] joins the listener, a [`MonitorBackend`] (the VM) and the channel's receiver,
-//!    and the result is added to the main loop's event manager as a subscriber.
+//! 3. [`Monitor::new`] takes the listener, the channel's receiver and the tag under which the main
+//!    loop registers the monitor's descriptors; the main loop's subscriber for that tag calls
+//!    [`Monitor::init`] once and [`Monitor::process`] for each event, with the global lock held,
+//!    passing the [`MonitorBackend`] (the VM) that commands act on.
 //!
 //! Files: `options.rs` (the flag), `listener.rs` (sockets), `framing.rs` (splitting the byte stream
 //! into JSON texts), `protocol.rs` (messages on the wire), `args.rs` (argument checks),

@@ -1,8 +1,11 @@
-//! The monitor's sockets on the main loop: [`Monitor`] is an event-manager subscriber that owns the
-//! listening socket, the event channel's eventfd and every client connection, all non-blocking.
+//! The monitor's sockets on the main loop: [`Monitor`] owns the listening socket, the event channel's
+//! eventfd and every client connection, all non-blocking, and is driven by the main loop's event
+//! manager: the loop's subscriber calls [`Monitor::init`] once and [`Monitor::process`] for each
+//! event, passing the [`MonitorBackend`] to act on (so the backend may borrow the state behind the
+//! global lock that the loop holds). Every descriptor is registered with the one tag the loop gives
+//! the monitor, and told apart by its file descriptor.
 //!
-//! Each descriptor is registered with a tag: the listener, the event channel, and one tag per
-//! client. Clients: several at once (up to [`MAX_CLIENTS`]; QEMU serves one per monitor and leaves
+//! Clients: several at once (up to [`MAX_CLIENTS`]; QEMU serves one per monitor and leaves
 //! the next waiting in the backlog, which is what happens here past the limit: the listener stops
 //! being watched until a client leaves). Each client has its own framer, session and output buffer.
 //! A client that does not read its replies gets no more requests processed once
@@ -17,7 +20,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::os::unix::io::{AsRawFd, RawFd};
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, EventSet, Events};
 use serde_json::Value;
 
 use super::backend::MonitorBackend;
@@ -35,13 +38,6 @@ pub const OUTPUT_SOFT_LIMIT: usize = 256 << 10;
 pub const OUTPUT_HARD_LIMIT: usize = 4 << 20;
 /// Bytes read from a client per wake-up.
 const READ_CHUNK: usize = 16 << 10;
-
-/// Tag of the listening socket.
-const TAG_LISTENER: u32 = 0;
-/// Tag of the event channel's eventfd.
-const TAG_EVENTS: u32 = 1;
-/// First tag given to a client.
-const FIRST_CLIENT_TAG: u32 = 2;
 
 /// One connected client.
 #[derive(Debug)]
@@ -140,57 +136,47 @@ impl Client {
     }
 }
 
-/// The QMP monitor, generic over the VM it drives.
+/// The QMP monitor's sockets and sessions.
 #[derive(Debug)]
-pub struct Monitor<B> {
+pub struct Monitor {
     listener: Listener,
-    backend: B,
     events: EventReceiver,
-    clients: BTreeMap<u32, Client>,
-    next_tag: u32,
+    /// Clients by file descriptor.
+    clients: BTreeMap<RawFd, Client>,
+    /// The tag every descriptor of the monitor is registered with.
+    tag: u32,
     /// The listener is watched (false while [`MAX_CLIENTS`] are connected).
     listening: bool,
-    /// Clients accepted before `init` registered anything (the `wait=on` client).
-    unregistered: Vec<u32>,
+    /// The client accepted before `init` registered anything (the `wait=on` client).
+    unregistered: Option<RawFd>,
 }
 
-impl<B: MonitorBackend> Monitor<B> {
-    /// A monitor serving `listener` (and the client it waited for, if any), acting on `backend`,
-    /// delivering the events raised through the sender paired with `events`.
-    pub fn new(mut listener: Listener, backend: B, events: EventReceiver) -> Self {
+impl Monitor {
+    /// A monitor serving `listener` (and the client it waited for, if any), delivering the events
+    /// raised through the sender paired with `events`; its descriptors are registered with `tag`.
+    pub fn new(mut listener: Listener, events: EventReceiver, tag: u32) -> Self {
         let waiting = listener.take_waiting_client();
         let mut monitor = Self {
             listener,
-            backend,
             events,
             clients: BTreeMap::new(),
-            next_tag: FIRST_CLIENT_TAG,
+            tag,
             listening: false,
-            unregistered: Vec::new(),
+            unregistered: None,
         };
         if let Some(stream) = waiting {
-            let tag = monitor.add_client(stream);
-            monitor.unregistered.push(tag);
+            monitor.unregistered = Some(monitor.add_client(stream));
         }
         monitor
     }
 
-    /// The backend, for the VM code that owns the monitor.
-    pub fn backend(&self) -> &B {
-        &self.backend
-    }
-
-    /// Stores a new client under a free tag and sends its greeting.
-    fn add_client(&mut self, stream: Stream) -> u32 {
-        while self.next_tag < FIRST_CLIENT_TAG || self.clients.contains_key(&self.next_tag) {
-            self.next_tag = self.next_tag.wrapping_add(1);
-        }
-        let tag = self.next_tag;
-        self.next_tag = self.next_tag.wrapping_add(1);
+    /// Stores a new client and sends its greeting.
+    fn add_client(&mut self, stream: Stream) -> RawFd {
         let mut client = Client::new(stream);
         client.flush();
-        self.clients.insert(tag, client);
-        tag
+        let fd = client.fd();
+        self.clients.insert(fd, client);
+        fd
     }
 
     /// Accepts every waiting connection, up to [`MAX_CLIENTS`].
@@ -198,8 +184,8 @@ impl<B: MonitorBackend> Monitor<B> {
         while self.clients.len() < MAX_CLIENTS {
             match self.listener.accept() {
                 Ok(stream) => {
-                    let tag = self.add_client(stream);
-                    self.register(tag, ops);
+                    let fd = self.add_client(stream);
+                    self.register(fd, ops);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -212,12 +198,12 @@ impl<B: MonitorBackend> Monitor<B> {
     }
 
     /// Registers a client's descriptor with the event loop.
-    fn register(&mut self, tag: u32, ops: &mut EventOps) {
-        let Some(client) = self.clients.get_mut(&tag) else {
+    fn register(&mut self, fd: RawFd, ops: &mut EventOps) {
+        let Some(client) = self.clients.get_mut(&fd) else {
             return;
         };
         client.registered = client.wanted();
-        if let Err(e) = ops.add(Events::with_data_raw(client.fd(), tag, client.registered)) {
+        if let Err(e) = ops.add(Events::with_data_raw(fd, self.tag, client.registered)) {
             log::warn!("monitor: cannot watch a client: {e}");
             client.dead = true;
             client.registered = EventSet::empty();
@@ -250,13 +236,13 @@ impl<B: MonitorBackend> Monitor<B> {
     }
 
     /// Handles a client's buffered requests until none is left or its output backs up.
-    fn run_requests(&mut self, client: &mut Client) {
+    fn run_requests(&mut self, client: &mut Client, backend: &mut dyn MonitorBackend) {
         while client.output.len() < OUTPUT_SOFT_LIMIT && !client.dead {
             let Some(frame) = client.framer.next_frame() else {
                 break;
             };
             let outcome = match frame {
-                Frame::Text(text) => client.session.handle(&text, &mut self.backend),
+                Frame::Text(text) => client.session.handle(&text, backend),
                 Frame::Error(e) => client.session.frame_error(e),
             };
             self.deliver(client, outcome);
@@ -264,17 +250,17 @@ impl<B: MonitorBackend> Monitor<B> {
     }
 
     /// Serves one client's readiness.
-    fn serve(&mut self, tag: u32, set: EventSet) {
-        let Some(mut client) = self.clients.remove(&tag) else {
+    fn serve(&mut self, fd: RawFd, set: EventSet, backend: &mut dyn MonitorBackend) {
+        let Some(mut client) = self.clients.remove(&fd) else {
             return;
         };
         if set.contains(EventSet::OUT) {
             client.flush();
-            self.run_requests(&mut client);
+            self.run_requests(&mut client, backend);
         }
         if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
             client.read_some();
-            self.run_requests(&mut client);
+            self.run_requests(&mut client, backend);
         }
         client.flush();
         // Gone for good: both directions shut, or half-closed with everything answered.
@@ -283,31 +269,29 @@ impl<B: MonitorBackend> Monitor<B> {
         {
             client.dead = true;
         }
-        self.clients.insert(tag, client);
+        self.clients.insert(fd, client);
     }
 
     /// Removes dead clients, updates what each remaining one is watched for, and watches the
     /// listener again once there is room.
     fn tidy(&mut self, ops: &mut EventOps) {
-        let dead: Vec<u32> = self
+        let dead: Vec<RawFd> = self
             .clients
             .iter()
             .filter(|(_, c)| c.dead)
-            .map(|(t, _)| *t)
+            .map(|(fd, _)| *fd)
             .collect();
-        for tag in dead {
-            if let Some(client) = self.clients.remove(&tag) {
-                if let Err(e) =
-                    ops.remove(Events::with_data_raw(client.fd(), tag, client.registered))
-                {
+        for fd in dead {
+            if let Some(client) = self.clients.remove(&fd) {
+                if let Err(e) = ops.remove(Events::with_data_raw(fd, self.tag, client.registered)) {
                     log::warn!("monitor: cannot unwatch a client: {e}");
                 }
             }
         }
-        for (tag, client) in &mut self.clients {
+        for (fd, client) in &mut self.clients {
             let wanted = client.wanted();
             if wanted != client.registered {
-                match ops.modify(Events::with_data_raw(client.fd(), *tag, wanted)) {
+                match ops.modify(Events::with_data_raw(*fd, self.tag, wanted)) {
                     Ok(()) => client.registered = wanted,
                     Err(e) => log::warn!("monitor: cannot update a client's events: {e}"),
                 }
@@ -320,7 +304,7 @@ impl<B: MonitorBackend> Monitor<B> {
             } else {
                 EventSet::empty()
             };
-            match ops.modify(Events::with_data_raw(self.listener.fd(), TAG_LISTENER, set)) {
+            match ops.modify(Events::with_data_raw(self.listener.fd(), self.tag, set)) {
                 Ok(()) => self.listening = want_listen,
                 Err(e) => log::warn!("monitor: cannot update the listener's events: {e}"),
             }
@@ -328,42 +312,47 @@ impl<B: MonitorBackend> Monitor<B> {
     }
 }
 
-impl<B: MonitorBackend> MutEventSubscriber for Monitor<B> {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data_raw(
-            self.listener.fd(),
-            TAG_LISTENER,
-            EventSet::IN,
-        )) {
+impl Monitor {
+    /// Registers the listener, the event channel and the `wait=on` client with the event loop.
+    pub fn init(&mut self, ops: &mut EventOps) {
+        let listener = Events::with_data_raw(self.listener.fd(), self.tag, EventSet::IN);
+        if let Err(e) = ops.add(listener) {
             log::error!("monitor: cannot watch the listening socket: {e}");
         } else {
             self.listening = true;
         }
         let wake = self.events.wake_fd().as_raw_fd();
-        if let Err(e) = ops.add(Events::with_data_raw(wake, TAG_EVENTS, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data_raw(wake, self.tag, EventSet::IN)) {
             log::error!("monitor: cannot watch the event channel: {e}");
         }
-        for tag in std::mem::take(&mut self.unregistered) {
-            self.register(tag, ops);
+        if let Some(fd) = self.unregistered.take() {
+            self.register(fd, ops);
         }
         self.tidy(ops);
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            TAG_LISTENER => self.accept_clients(ops),
-            TAG_EVENTS => {
-                for event in self.events.drain() {
-                    self.broadcast(&event, None);
-                }
+    /// Handles one event on one of the monitor's descriptors; commands act on `backend`.
+    pub fn process(
+        &mut self,
+        backend: &mut dyn MonitorBackend,
+        events: Events,
+        ops: &mut EventOps,
+    ) {
+        let fd = events.fd();
+        if fd == self.listener.fd() {
+            self.accept_clients(ops);
+        } else if fd == self.events.wake_fd().as_raw_fd() {
+            for event in self.events.drain() {
+                self.broadcast(&event, None);
             }
-            tag => self.serve(tag, events.event_set()),
+        } else {
+            self.serve(fd, events.event_set(), backend);
         }
         self.tidy(ops);
     }
 }
 
-impl<B> Drop for Monitor<B> {
+impl Drop for Monitor {
     /// Delivers events raised while the main loop was winding down (the guest's `SHUTDOWN`) and
     /// gives every client one last non-blocking write.
     fn drop(&mut self) {

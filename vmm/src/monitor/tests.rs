@@ -10,12 +10,28 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use event_manager::{EventManager, SubscriberOps};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use serde_json::{json, Value};
 
 use super::server::MAX_CLIENTS;
 use super::test_backend::RecordingBackend;
 use super::*;
+
+/// The monitor and the test backend as one event-manager subscriber, as a main loop would hold them.
+struct Subscriber {
+    monitor: Monitor,
+    backend: RecordingBackend,
+}
+
+impl MutEventSubscriber for Subscriber {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.monitor.init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        self.monitor.process(&mut self.backend, events, ops);
+    }
+}
 
 /// A monitor on its own event loop.
 struct Harness {
@@ -52,8 +68,11 @@ impl Harness {
         let (finish, finish_rx) = mpsc::channel::<()>();
         let stop2 = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
-            let mut manager = EventManager::<Monitor<RecordingBackend>>::new().expect("epoll");
-            manager.add_subscriber(Monitor::new(listener, backend, receiver));
+            let mut manager = EventManager::<Subscriber>::new().expect("epoll");
+            manager.add_subscriber(Subscriber {
+                monitor: Monitor::new(listener, receiver, 7),
+                backend,
+            });
             while !stop2.load(Ordering::Acquire) {
                 manager.run_with_timeout(20).expect("event loop");
             }
