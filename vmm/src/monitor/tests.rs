@@ -573,3 +573,56 @@ fn replies_match_qemu_10() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     println!("{stdout}");
 }
+
+/// Random bytes and mutated requests through the framer and the session: no panic, one reply per
+/// frame, and a well-formed request still answered afterwards.
+#[test]
+fn hostile_input_never_panics() {
+    // xorshift64: deterministic, no dependency.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let seeds: [&[u8]; 4] = [
+        br#"{"execute": "qmp_capabilities"}"#,
+        br#"{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0", "boundaries": [1, 2]}, "id": [1]}"#,
+        br#"{"execute": "query-blockstats", "arguments": {"query-nodes": false}}"#,
+        b"[{\"\\u00e9\": \"\\\"}\"}, 1e999, -0, null]",
+    ];
+    let mut backend = RecordingBackend::new(RunState::Running);
+    for round in 0..2000 {
+        let seed = seeds[usize::try_from(next() % 4).expect("small")];
+        let mut input = seed.to_vec();
+        for _ in 0..(next() % 6) {
+            let pos = usize::try_from(next() % (input.len() as u64 + 1)).expect("small");
+            let byte = u8::try_from(next() & 0xff).expect("masked");
+            match next() % 3 {
+                0 => input.insert(pos, byte),
+                1 if pos < input.len() => input[pos] = byte,
+                _ => input.truncate(pos),
+            }
+        }
+        let mut session = commands::Session::default();
+        let mut framer = framing::JsonStreamer::default();
+        framer.feed(&input);
+        framer.feed(b" \xff {\"execute\": \"qmp_capabilities\"} {\"execute\": \"query-status\", \"id\": \"last\"}");
+        let mut last = None;
+        while let Some(frame) = framer.next_frame() {
+            let outcome = match frame {
+                framing::Frame::Text(t) => session.handle(&t, &mut backend),
+                framing::Frame::Error(e) => session.frame_error(e),
+            };
+            assert!(outcome.reply.is_object(), "round {round}");
+            last = Some(outcome.reply);
+        }
+        let last = last.expect("the trailing request is framed");
+        assert_eq!(last["id"], "last", "round {round}: {input:?}");
+        assert!(
+            last["return"]["status"].is_string(),
+            "round {round}: {last}"
+        );
+    }
+}
