@@ -11,6 +11,9 @@ mod console;
 mod global;
 mod logger;
 mod main_loop;
+// Wired into the VM by the VM assembly; until then nothing in main uses it.
+#[allow(dead_code, unused_imports)]
+mod monitor;
 mod options;
 mod vcpu;
 mod vm;
