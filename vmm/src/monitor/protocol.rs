@@ -246,7 +246,7 @@ mod tests {
     fn encoding_uses_qemu_spacing_and_crlf() {
         assert_eq!(
             encode(&success(json!({}), Some(json!("x")))),
-            "{\"id\": \"x\", \"return\": {}}\r\n"
+            "{\"return\": {}, \"id\": \"x\"}\r\n"
         );
         assert_eq!(encode(&json!([1, 2])), "[1, 2]\r\n");
     }

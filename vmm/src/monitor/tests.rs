@@ -214,7 +214,7 @@ fn greeting_negotiation_and_wire_format() {
     assert_eq!(reply["error"]["class"], "CommandNotFound");
     assert_eq!(reply["id"], "early");
     c.send(br#"{"execute":"qmp_capabilities","id":1}"#);
-    assert_eq!(c.line(), "{\"id\": 1, \"return\": {}}\r\n");
+    assert_eq!(c.line(), "{\"return\": {}, \"id\": 1}\r\n");
     let status = c.cmd(r#"{"execute": "query-status"}"#);
     assert_eq!(
         status,
