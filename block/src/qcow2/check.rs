@@ -63,7 +63,13 @@ impl Refs {
             return;
         }
         let first = off / cs;
-        let last = (off + len - 1) / cs;
+        let Some(last) = off.checked_add(len - 1).map(|end| end / cs) else {
+            self.report.corruptions += 1;
+            self.report
+                .messages
+                .push(format!("ERROR {what} at {off:#x} overflows"));
+            return;
+        };
         for c in first..=last {
             match usize::try_from(c).ok().and_then(|i| self.counts.get_mut(i)) {
                 Some(v) => *v += 1,
