@@ -142,3 +142,27 @@ fn locks_exclude_qemu_io_writers_both_ways() {
     child.wait().unwrap();
     open(&p, opts(false)).unwrap();
 }
+
+#[test]
+fn read_write_opens_clear_autoclear_bits_and_keep_extensions() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "a.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1M"]);
+    // Autoclear bits 0 (bitmaps) and 5 (unknown).
+    poke(&p, 88, &0x21u64.to_be_bytes());
+    let before = std::fs::read(&p).unwrap();
+    open(&p, opts(true)).unwrap();
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        before,
+        "a read-only open changed the image"
+    );
+    drop(open(&p, opts(false)).unwrap());
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(after[88..96], [0u8; 8]);
+    // Everything else in the first cluster (the feature name table extension QEMU wrote, the
+    // end marker) is as it was.
+    assert_eq!(after[..88], before[..88]);
+    assert_eq!(after[96..4096], before[96..4096]);
+    assert_check_clean(&p);
+}

@@ -284,10 +284,13 @@ impl Qcow2 {
         let cs = m.cs();
         let mut refs = count_refs(&self.file, &mut m, true)?;
         let mut rep = std::mem::take(&mut refs.report);
+        // Refcount mismatches are what a rebuild repairs; other corruptions stay.
+        let mut rc_corruptions = 0;
         for (c, &want) in refs.counts.iter().enumerate() {
             let have = m.refcount(&self.file, c as u64)?;
             if have < want {
                 rep.corruptions += 1;
+                rc_corruptions += 1;
                 rep.messages.push(format!(
                     "ERROR cluster {c} refcount={have} reference={want}"
                 ));
@@ -312,7 +315,7 @@ impl Qcow2 {
             write_refcounts(&self.file, &mut m, base.counts)?;
             rep.leaks_fixed = rep.leaks;
             if repair == Repair::All {
-                rep.corruptions_fixed = rep.corruptions;
+                rep.corruptions_fixed = rc_corruptions;
             }
             let after = count_refs(&self.file, &mut m, true)?;
             let mut end = 0;

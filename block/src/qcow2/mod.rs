@@ -376,7 +376,9 @@ impl DiskImage for Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        self.lock().write_back(&self.file)?;
+        // The ordered metadata write-back needs the lock; the final sync does not.
+        let written = self.lock().write_back(&self.file);
+        written?;
         self.file.sync()
     }
 
