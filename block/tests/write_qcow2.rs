@@ -251,3 +251,52 @@ fn a_dirty_lazy_refcount_image_is_repaired_before_writing() {
     }
     check_and_compare(&p, &mirror);
 }
+
+#[test]
+fn threads_write_and_read_disjoint_ranges_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tmp(&dir, "b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "16M"]);
+    qemu_io(&base, "qcow2", &["write -P 0x42 0 16M"]);
+    let p = tmp(&dir, "t.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        p.to_str().unwrap(),
+    ]);
+    let img = rw(&p);
+    let quarter = 4usize << 20;
+    std::thread::scope(|s| {
+        for t in 0..4usize {
+            let img = &img;
+            s.spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(t as u64);
+                let mut mine = vec![0x42u8; quarter];
+                for i in 0..300 {
+                    let off = rng.usize(0..quarter - 10_000);
+                    let len = rng.usize(1..10_000);
+                    let byte = (t * 50 + i % 50) as u8;
+                    img.write_at(&vec![byte; len], (t * quarter + off) as u64)
+                        .unwrap();
+                    mine[off..off + len].fill(byte);
+                    let mut back = vec![0u8; len];
+                    img.read_at(&mut back, (t * quarter + off) as u64).unwrap();
+                    assert!(back.iter().all(|&b| b == byte));
+                }
+                let mut all = vec![0u8; quarter];
+                img.read_at(&mut all, (t * quarter) as u64).unwrap();
+                assert_eq!(all, mine, "thread {t}");
+            });
+        }
+    });
+    drop(img);
+    assert_check_clean(&p);
+}
