@@ -45,16 +45,7 @@ fn raw_images_in_both_cache_modes() {
 fn qcow2_with_cache_none() {
     let dir = tempfile::tempdir().unwrap();
     let p = tmp(&dir, "d.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        p.to_str().unwrap(),
-        "8M",
-    ]);
+    create_qcow2(&["-o", "cluster_size=4096", p.to_str().unwrap(), "8M"]);
     let mut mirror = vec![0u8; 8 << 20];
     {
         let img = open(&p, opts(Format::Qcow2, CacheMode::None)).unwrap();

@@ -322,10 +322,7 @@ impl Qcow2 {
 
     /// Checks a request's range and, for a modifying one, that the image is writable.
     fn check_request(&self, offset: u64, len: u64, write: bool) -> Result<(), Error> {
-        if write && self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        crate::check_range(offset, len, self.size)
+        crate::check_request(offset, len, self.size, write, self.read_only)
     }
 }
 
