@@ -345,23 +345,8 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Checks a request's range and, for a modifying one, that the image is writable.
-    fn check_request(&self, offset: u64, len: u64, write: bool) -> Result<(), Error> {
-        crate::check_request(offset, len, self.size, write, self.read_only)
-    }
-}
-
-impl DiskImage for Qcow2 {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
-        self.check_request(offset, buf.len() as u64, false)?;
+    /// Reads the virtual disk (range already checked), taking the metadata lock per lookup.
+    fn read_virtual(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
         let mut pos = 0usize;
         while pos < buf.len() {
             let guest = offset + pos as u64;
@@ -387,6 +372,26 @@ impl DiskImage for Qcow2 {
             pos += n;
         }
         Ok(())
+    }
+
+    /// Checks a request's range and, for a modifying one, that the image is writable.
+    fn check_request(&self, offset: u64, len: u64, write: bool) -> Result<(), Error> {
+        crate::check_request(offset, len, self.size, write, self.read_only)
+    }
+}
+
+impl DiskImage for Qcow2 {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        self.check_request(offset, buf.len() as u64, false)?;
+        self.read_virtual(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
