@@ -40,11 +40,7 @@ fn deep_mixed_chain_reads_like_qemu_and_writes_leave_backing_untouched() {
         } else {
             "cluster_size=65536".to_string()
         };
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
+        create_qcow2(&[
             "-o",
             &opts,
             "-b",
@@ -69,15 +65,7 @@ fn deep_mixed_chain_reads_like_qemu_and_writes_leave_backing_untouched() {
     let before = std::fs::read(&base).unwrap();
     let mid = read_qemu(&sub.join("l6.qcow2"), "qcow2");
     {
-        let img = open(
-            &top,
-            OpenOptions {
-                format: Some(Format::Qcow2),
-                read_only: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let img = open_rw(&top);
         img.write_at(&[0x5a; 70000], 1_000_000).unwrap();
         img.discard(0, 1 << 20).unwrap();
         img.flush().unwrap();
@@ -93,19 +81,8 @@ fn a_loop_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let a = tmp(&dir, "a.qcow2");
     let b = tmp(&dir, "b.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", a.to_str().unwrap(), "1M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "a.qcow2",
-        "-F",
-        "qcow2",
-        b.to_str().unwrap(),
-        "1M",
-    ]);
+    create_qcow2(&[a.to_str().unwrap(), "1M"]);
+    create_qcow2(&["-b", "a.qcow2", "-F", "qcow2", b.to_str().unwrap(), "1M"]);
     qemu_img(&[
         "rebase",
         "-u",
@@ -131,29 +108,11 @@ fn a_backing_file_without_format_is_probed_only_as_raw() {
     let raw = tmp(&dir, "r.raw");
     std::fs::write(&raw, vec![3u8; 1 << 20]).unwrap();
     let q = tmp(&dir, "q.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "1M"]);
+    create_qcow2(&[q.to_str().unwrap(), "1M"]);
     let top = tmp(&dir, "top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "r.raw",
-        "-F",
-        "raw",
-        top.to_str().unwrap(),
-        "1M",
-    ]);
+    create_qcow2(&["-b", "r.raw", "-F", "raw", top.to_str().unwrap(), "1M"]);
     drop_backing_format(&top);
-    let img = open(
-        &top,
-        OpenOptions {
-            format: Some(Format::Qcow2),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let img = open_ro(&top);
     let mut b = [0u8; 4];
     img.read_at(&mut b, 5).unwrap();
     assert_eq!(b, [3; 4]);

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use block::{open, DiskImage, Format, OpenOptions};
+use block::DiskImage;
 use common::*;
 
 /// One slot per write, so later writes never overwrite what is being verified.
@@ -20,14 +20,7 @@ fn killed_writers_leave_consistent_images() {
     let dir = tempfile::tempdir().unwrap();
     let base = tmp(&dir, "base.qcow2");
     let size: u64 = 48 << 20;
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        &size.to_string(),
-    ]);
+    create_qcow2(&[base.to_str().unwrap(), &size.to_string()]);
     qemu_io(&base, "qcow2", &["write -P 0xee 0 48M"]);
     let mut rng = fastrand::Rng::with_seed(0x5eed);
     for opts in [
@@ -37,19 +30,7 @@ fn killed_writers_leave_consistent_images() {
     ] {
         let top = tmp(&dir, "top.qcow2");
         let t = top.to_str().unwrap().to_string();
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            &t,
-        ]);
+        create_qcow2(&["-o", opts, "-b", "base.qcow2", "-F", "qcow2", &t]);
         // (offset, length, expected byte) of every write known durable.
         let mut durable: Vec<(u64, u64, u8)> = Vec::new();
         let mut slot = 0u64;
@@ -128,14 +109,7 @@ fn killed_writers_leave_consistent_images() {
                 "{opts}: qemu-img check after a kill: {}",
                 String::from_utf8_lossy(&out.stdout)
             );
-            let img = open(
-                &top,
-                OpenOptions {
-                    format: Some(Format::Qcow2),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+            let img = open_ro(&top);
             for &(off, len, byte) in &durable {
                 let mut b = vec![0u8; usize::try_from(len).unwrap()];
                 img.read_at(&mut b, off).unwrap();

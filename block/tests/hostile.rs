@@ -25,7 +25,7 @@ fn poke(p: &std::path::Path, at: u64, bytes: &[u8]) {
 fn the_corrupt_bit_allows_read_only_opens_only() {
     let dir = tempfile::tempdir().unwrap();
     let p = tmp(&dir, "c.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1M"]);
+    create_qcow2(&[p.to_str().unwrap(), "1M"]);
     poke(&p, 72, &2u64.to_be_bytes());
     let e = open(&p, opts(false)).unwrap_err();
     assert!(matches!(
@@ -43,7 +43,7 @@ fn the_corrupt_bit_allows_read_only_opens_only() {
 fn tables_past_the_end_and_bad_entries_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let p = tmp(&dir, "t.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1M"]);
+    create_qcow2(&[p.to_str().unwrap(), "1M"]);
     // L1 table at 64 MiB, far past the end of a 256 KiB file.
     poke(&p, 40, &(64u64 << 20).to_be_bytes());
     let e = open(&p, opts(true)).unwrap_err();
@@ -60,7 +60,7 @@ fn tables_past_the_end_and_bad_entries_are_refused() {
     assert_eq!(e.kind(), ErrorKind::Corrupt);
 
     let p = tmp(&dir, "e.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1M"]);
+    create_qcow2(&[p.to_str().unwrap(), "1M"]);
     // An L1 entry with reserved bits: reading fails with a corrupt-image error, no panic.
     poke(
         &p,
@@ -87,7 +87,7 @@ fn tables_past_the_end_and_bad_entries_are_refused() {
 fn requests_past_the_end_and_writes_to_read_only_images_fail() {
     let dir = tempfile::tempdir().unwrap();
     let p = tmp(&dir, "r.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1M"]);
+    create_qcow2(&[p.to_str().unwrap(), "1M"]);
     let img = open(&p, opts(true)).unwrap();
     let mut b = [0u8; 2];
     assert!(matches!(
@@ -102,7 +102,7 @@ fn requests_past_the_end_and_writes_to_read_only_images_fail() {
 fn locks_exclude_qemu_io_writers_both_ways() {
     let dir = tempfile::tempdir().unwrap();
     let p = tmp(&dir, "l.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1M"]);
+    create_qcow2(&[p.to_str().unwrap(), "1M"]);
     // We hold it for writing: qemu-io cannot open it for writing, nor qemu-img for reading.
     let img = open(&p, opts(false)).unwrap();
     let out = std::process::Command::new("qemu-io")
@@ -141,4 +141,28 @@ fn locks_exclude_qemu_io_writers_both_ways() {
     drop(child.stdin.take());
     child.wait().unwrap();
     open(&p, opts(false)).unwrap();
+}
+
+#[test]
+fn read_write_opens_clear_autoclear_bits_and_keep_extensions() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "a.qcow2");
+    create_qcow2(&[p.to_str().unwrap(), "1M"]);
+    // Autoclear bits 0 (bitmaps) and 5 (unknown).
+    poke(&p, 88, &0x21u64.to_be_bytes());
+    let before = std::fs::read(&p).unwrap();
+    open(&p, opts(true)).unwrap();
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        before,
+        "a read-only open changed the image"
+    );
+    drop(open(&p, opts(false)).unwrap());
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(after[88..96], [0u8; 8]);
+    // Everything else in the first cluster (the feature name table extension QEMU wrote, the
+    // end marker) is as it was.
+    assert_eq!(after[..88], before[..88]);
+    assert_eq!(after[96..4096], before[96..4096]);
+    assert_check_clean(&p);
 }

@@ -93,19 +93,9 @@ fn info_check_and_map_speak_qemu_img_json() {
     let dir = tempfile::tempdir().unwrap();
     let base = tmp(&dir, "b.qcow2");
     let top = tmp(&dir, "t.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
+    create_qcow2(&[base.to_str().unwrap(), "8M"]);
     qemu_io(&base, "qcow2", &["write -P 1 0 3M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "b.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
+    create_qcow2(&["-b", "b.qcow2", "-F", "qcow2", top.to_str().unwrap()]);
     qemu_io(
         &top,
         "qcow2",
@@ -156,7 +146,7 @@ fn check_exit_codes_and_repair() {
     let dir = tempfile::tempdir().unwrap();
     let p = tmp(&dir, "l.qcow2");
     let ps = p.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", ps, "4M"]);
+    create_qcow2(&[ps, "4M"]);
     qemu_io(&p, "qcow2", &["write 0 64k"]);
     // Leak: the L1 table's refcount (cluster 3; refcount block at cluster 2, 16-bit entries)
     // raised to 2.
@@ -200,17 +190,7 @@ fn convert_flattens_chains_and_io_edits_like_qemu_io() {
     let top = tmp(&dir, "top.qcow2");
     qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "6M"]);
     qemu_io(&base, "raw", &["write -P 9 0 6M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        top.to_str().unwrap(),
-    ]);
+    create_qcow2(&["-b", "base.raw", "-F", "raw", top.to_str().unwrap()]);
     let edits = [
         "write -P 3 100k 1M",
         "write -z 3M 512k",
@@ -257,7 +237,7 @@ fn io_and_qemu_io_refuse_each_others_writers() {
     let dir = tempfile::tempdir().unwrap();
     let p = tmp(&dir, "lock.qcow2");
     let ps = p.to_str().unwrap().to_string();
-    qemu_img(&["create", "-q", "-f", "qcow2", &ps, "1M"]);
+    create_qcow2(&[&ps, "1M"]);
     let mut child = Command::new("qemu-io")
         .args(["-f", "qcow2", &ps])
         .stdin(std::process::Stdio::piped())

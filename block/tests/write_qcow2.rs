@@ -8,20 +8,8 @@
 )] // Test data: byte patterns from indices.
 
 mod common;
-use block::{open, DiskImage, Format, OpenOptions};
+use block::{DiskImage, Format};
 use common::*;
-
-fn rw(path: &std::path::Path) -> block::Image {
-    open(
-        path,
-        OpenOptions {
-            format: Some(Format::Qcow2),
-            read_only: false,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-}
 
 /// Applies `n` random operations to `img` and to `mirror` (a byte vector of the expected
 /// contents); discarded whole clusters read back as zeroes (v3 zero clusters, or no backing).
@@ -95,19 +83,10 @@ fn random_sequences_on_every_layout() {
     for (k, (opts, cs)) in layouts.iter().enumerate() {
         let p = tmp(&dir, &format!("w{k}.qcow2"));
         let size: u64 = 6 << 20;
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            p.to_str().unwrap(),
-            &size.to_string(),
-        ]);
+        create_qcow2(&["-o", opts, p.to_str().unwrap(), &size.to_string()]);
         let mut mirror = vec![0u8; usize::try_from(size).unwrap()];
         {
-            let img = rw(&p);
+            let img = open_rw(&p);
             random_ops(&img, &mut mirror, *cs, 150, k as u64);
         }
         check_and_compare(&p, &mirror);
@@ -121,11 +100,7 @@ fn refcount_table_grows_with_small_clusters() {
     let p = tmp(&dir, "grow.qcow2");
     // 512-byte clusters with 64-bit refcounts: one block covers 64 clusters, one table cluster
     // 64 blocks, so 2 MiB of data needs the table to grow.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
+    create_qcow2(&[
         "-o",
         "cluster_size=512,refcount_bits=64",
         p.to_str().unwrap(),
@@ -133,7 +108,7 @@ fn refcount_table_grows_with_small_clusters() {
     ]);
     let data: Vec<u8> = (0..(3 << 20)).map(|i: u32| (i % 253) as u8).collect();
     {
-        let img = rw(&p);
+        let img = open_rw(&p);
         img.write_at(&data, 4096).unwrap();
     }
     let mut mirror = vec![0u8; 8 << 20];
@@ -145,15 +120,11 @@ fn refcount_table_grows_with_small_clusters() {
 fn overlay_writes_copy_partial_clusters_from_backing() {
     let dir = tempfile::tempdir().unwrap();
     let base = tmp(&dir, "base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "4M"]);
+    create_qcow2(&[base.to_str().unwrap(), "4M"]);
     qemu_io(&base, "qcow2", &["write -P 7 0 4M"]);
     for opts in ["cluster_size=65536", "extended_l2=on"] {
         let top = tmp(&dir, "top.qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
+        create_qcow2(&[
             "-o",
             opts,
             "-b",
@@ -165,7 +136,7 @@ fn overlay_writes_copy_partial_clusters_from_backing() {
         ]);
         let mut mirror = vec![7u8; 4 << 20];
         {
-            let img = rw(&top);
+            let img = open_rw(&top);
             // Discard exposes the backing image on overlays of v3 only as zeroes (QEMU's rule).
             random_ops(&img, &mut mirror, 65536, 120, 99);
         }
@@ -194,7 +165,7 @@ fn compressed_and_snapshot_clusters_are_copied_on_write() {
     qemu_img(&["snapshot", "-c", "s1", c.to_str().unwrap()]);
     let snap_before = read_qemu(&c, "qcow2");
     {
-        let img = rw(&c);
+        let img = open_rw(&c);
         random_ops(&img, &mut mirror, 65536, 100, 7);
     }
     check_and_compare(&c, &mirror);
@@ -218,16 +189,7 @@ fn compressed_and_snapshot_clusters_are_copied_on_write() {
 fn a_dirty_lazy_refcount_image_is_repaired_before_writing() {
     let dir = tempfile::tempdir().unwrap();
     let p = tmp(&dir, "dirty.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        p.to_str().unwrap(),
-        "4M",
-    ]);
+    create_qcow2(&["-o", "lazy_refcounts=on", p.to_str().unwrap(), "4M"]);
     // qemu-io with lazy refcounts leaves the image dirty when killed; emulate by aborting.
     let out = std::process::Command::new("qemu-io")
         .args([
@@ -245,9 +207,95 @@ fn a_dirty_lazy_refcount_image_is_repaired_before_writing() {
     let mut mirror = vec![0u8; 4 << 20];
     mirror[..1 << 20].fill(9);
     {
-        let img = rw(&p);
+        let img = open_rw(&p);
         img.write_at(&[1; 5000], 2 << 20).unwrap();
         mirror[2 << 20..(2 << 20) + 5000].fill(1);
     }
     check_and_compare(&p, &mirror);
+}
+
+#[test]
+fn threads_write_and_read_disjoint_ranges_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tmp(&dir, "b.qcow2");
+    create_qcow2(&[base.to_str().unwrap(), "16M"]);
+    qemu_io(&base, "qcow2", &["write -P 0x42 0 16M"]);
+    let p = tmp(&dir, "t.qcow2");
+    create_qcow2(&[
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        p.to_str().unwrap(),
+    ]);
+    let img = open_rw(&p);
+    let quarter = 4usize << 20;
+    std::thread::scope(|s| {
+        for t in 0..4usize {
+            let img = &img;
+            s.spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(t as u64);
+                let mut mine = vec![0x42u8; quarter];
+                for i in 0..300 {
+                    let off = rng.usize(0..quarter - 10_000);
+                    let len = rng.usize(1..10_000);
+                    let byte = (t * 50 + i % 50) as u8;
+                    img.write_at(&vec![byte; len], (t * quarter + off) as u64)
+                        .unwrap();
+                    mine[off..off + len].fill(byte);
+                    let mut back = vec![0u8; len];
+                    img.read_at(&mut back, (t * quarter + off) as u64).unwrap();
+                    assert!(back.iter().all(|&b| b == byte));
+                }
+                let mut all = vec![0u8; quarter];
+                img.read_at(&mut all, (t * quarter) as u64).unwrap();
+                assert_eq!(all, mine, "thread {t}");
+            });
+        }
+    });
+    drop(img);
+    assert_check_clean(&p);
+}
+
+#[test]
+fn threads_writing_stripes_of_the_same_clusters_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tmp(&dir, "b.qcow2");
+    create_qcow2(&[base.to_str().unwrap(), "4M"]);
+    qemu_io(&base, "qcow2", &["write -P 0x42 0 4M"]);
+    for opts in ["cluster_size=65536", "extended_l2=on"] {
+        let p = tmp(&dir, "s.qcow2");
+        create_qcow2(&[
+            "-o",
+            opts,
+            "-b",
+            "b.qcow2",
+            "-F",
+            "qcow2",
+            p.to_str().unwrap(),
+        ]);
+        let img = open_rw(&p);
+        // Four threads, each writing its own 512-byte stripe of every 2 KiB: every cluster is
+        // allocated by whichever thread gets there first while the others race for it.
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let img = &img;
+                s.spawn(move || {
+                    let data = [t as u8 + 1; 512];
+                    for k in 0..(4u64 << 20) / 2048 {
+                        img.write_at(&data, k * 2048 + t * 512).unwrap();
+                    }
+                });
+            }
+        });
+        let mut all = vec![0u8; 4 << 20];
+        img.read_at(&mut all, 0).unwrap();
+        for (i, &b) in all.iter().enumerate() {
+            assert_eq!(b, (i % 2048 / 512) as u8 + 1, "{opts}: byte {i}");
+        }
+        drop(img);
+        assert_check_clean(&p);
+    }
 }

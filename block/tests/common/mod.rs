@@ -28,6 +28,38 @@ pub fn qemu_img(args: &[&str]) -> String {
     run("qemu-img", args)
 }
 
+/// `qemu-img create -q -f qcow2 ARGS...`.
+pub fn create_qcow2(args: &[&str]) {
+    let mut all = vec!["create", "-q", "-f", "qcow2"];
+    all.extend_from_slice(args);
+    qemu_img(&all);
+}
+
+/// Opens a qcow2 image read-only.
+pub fn open_ro(path: &Path) -> block::Image {
+    open(
+        path,
+        OpenOptions {
+            format: Some(Format::Qcow2),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Opens a qcow2 image read-write.
+pub fn open_rw(path: &Path) -> block::Image {
+    open(
+        path,
+        OpenOptions {
+            format: Some(Format::Qcow2),
+            read_only: false,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 /// Runs qemu-io on a qcow2 image with commands.
 pub fn qemu_io(path: &Path, fmt: &str, cmds: &[&str]) {
     let p = path.to_str().unwrap();

@@ -8,7 +8,7 @@ use block::{CacheMode, DiskImage};
 
 use crate::args::{self, Args};
 use crate::chain::{open_image, status};
-use crate::{CliError, CmdResult};
+use crate::CmdResult;
 
 /// Largest piece copied at once.
 const CHUNK: u64 = 2 << 20;
@@ -24,21 +24,7 @@ pub fn run(argv: &[String]) -> CmdResult {
         size: input.size(),
         ..Default::default()
     };
-    for (k, v) in a
-        .values("o")
-        .iter()
-        .map(|s| args::options(s))
-        .collect::<Result<Vec<_>, _>>()?
-        .concat()
-    {
-        match k.as_str() {
-            "cluster_size" => o.cluster_size = args::size(&v)?,
-            "refcount_bits" => o.refcount_bits = args::size(&v)?,
-            "compat" if v == "0.10" => o.version = 2,
-            "compat" if v == "1.1" => o.version = 3,
-            _ => return Err(CliError::Usage(format!("unsupported option '{k}={v}'"))),
-        }
-    }
+    crate::create::apply_options(&mut o, a.values("o"))?;
     block::create(std::path::Path::new(&files[1]), out_fmt, &o)?;
     let output = open_image(
         &files[1],

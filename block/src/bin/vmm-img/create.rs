@@ -15,6 +15,29 @@ fn on_off(k: &str, v: &str) -> Result<bool, CliError> {
     }
 }
 
+/// Applies qemu-img's `-o` options for qcow2 (every `-o` given, in order).
+pub fn apply_options(o: &mut CreateOptions, lists: &[String]) -> Result<(), CliError> {
+    for list in lists {
+        for (k, v) in args::options(list)? {
+            match k.as_str() {
+                "cluster_size" => o.cluster_size = args::size(&v)?,
+                "refcount_bits" => o.refcount_bits = args::size(&v)?,
+                "lazy_refcounts" => o.lazy_refcounts = on_off(&k, &v)?,
+                "extended_l2" => o.extended_l2 = on_off(&k, &v)?,
+                "compat" => {
+                    o.version = match v.as_str() {
+                        "0.10" | "v2" => 2,
+                        "1.1" | "v3" => 3,
+                        _ => return Err(CliError::Usage(format!("unknown compat '{v}'"))),
+                    }
+                }
+                _ => return Err(CliError::Usage(format!("unsupported option '{k}'"))),
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn run(argv: &[String]) -> CmdResult {
     let a = Args::parse(argv, &["f", "b", "F", "o"])?;
     a.only(&["f", "b", "F", "o", "q", "u"])?;
@@ -25,28 +48,7 @@ pub fn run(argv: &[String]) -> CmdResult {
         _ => return Err(CliError::Usage("expected FILE [SIZE]".into())),
     };
     let mut o = CreateOptions::default();
-    for (k, v) in a
-        .values("o")
-        .iter()
-        .map(|s| args::options(s))
-        .collect::<Result<Vec<_>, _>>()?
-        .concat()
-    {
-        match k.as_str() {
-            "cluster_size" => o.cluster_size = args::size(&v)?,
-            "refcount_bits" => o.refcount_bits = args::size(&v)?,
-            "lazy_refcounts" => o.lazy_refcounts = on_off(&k, &v)?,
-            "extended_l2" => o.extended_l2 = on_off(&k, &v)?,
-            "compat" => {
-                o.version = match v.as_str() {
-                    "0.10" | "v2" => 2,
-                    "1.1" | "v3" => 3,
-                    _ => return Err(CliError::Usage(format!("unknown compat '{v}'"))),
-                }
-            }
-            _ => return Err(CliError::Usage(format!("unsupported option '{k}'"))),
-        }
-    }
+    apply_options(&mut o, a.values("o"))?;
     if let Some(b) = a.value("b") {
         let bfmt = a
             .value("F")
