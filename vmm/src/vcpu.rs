@@ -1,4 +1,5 @@
-//! A vCPU thread: a small state machine (running, paused, finished) around `KVM_RUN`.
+//! A vCPU thread: a small state machine (running, paused, stopped by the guest, finished) around
+//! `KVM_RUN`.
 //!
 //! The thread holds no lock while in `KVM_RUN`. An exit is decoded by [`handle_exit`], a free
 //! function that takes the global lock only to dispatch a PIO or MMIO access to the bus. Between
@@ -119,8 +120,13 @@ pub fn handle_exit(exit: VcpuExit<'_>, global: &GlobalLock) -> Result<ExitOutcom
 /// The vCPU's place in its state machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
+    /// In the run loop.
     Running,
+    /// Paused by the VMM, until asked to run or stop.
     Paused,
+    /// The guest ended the VM: waiting, counted as paused, for the VMM to stop every vCPU.
+    GuestStopped,
+    /// Out of the run loop for good.
     Finished,
 }
 
@@ -220,6 +226,7 @@ impl Vcpu {
             state = match state {
                 State::Running => self.running(),
                 State::Paused => self.paused(),
+                State::GuestStopped => self.guest_stopped(),
                 State::Finished => State::Finished,
             };
         }
@@ -251,8 +258,8 @@ impl Vcpu {
                     StopReason::Reset => ExitReason::GuestReset,
                 };
                 self.end_vm(reason);
-                // Wait for the main loop to stop every vCPU; running on could loop on the exit.
-                State::Paused
+                // Running on could loop on the same exit.
+                State::GuestStopped
             }
             Err(ExitError::Internal) => {
                 // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the
@@ -288,6 +295,18 @@ impl Vcpu {
         }
         guard.paused -= 1;
         self.after_kick(guard)
+    }
+
+    /// Waits, counted as paused, until the VMM stops every vCPU.
+    fn guest_stopped(&self) -> State {
+        let mut guard = self.global.lock();
+        guard.paused += 1;
+        self.global.notify();
+        while guard.request != VcpuRequest::Stop {
+            guard = self.global.wait(guard);
+        }
+        guard.paused -= 1;
+        State::Finished
     }
 
     /// Records `reason` as why the VM ends and wakes the main loop.

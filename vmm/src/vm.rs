@@ -155,9 +155,12 @@ pub struct Vm {
     exit_events: ExitEvents,
 }
 
-/// Opens `/dev/kvm`, telling a missing device from a forbidden one.
-fn open_kvm() -> Result<Kvm, VmError> {
-    Kvm::new().map_err(|e| match e.errno() {
+/// The KVM device.
+const KVM_PATH: &std::ffi::CStr = c"/dev/kvm";
+
+/// Opens the KVM device at `path`, telling a missing device from a forbidden one.
+fn open_kvm(path: &std::ffi::CStr) -> Result<Kvm, VmError> {
+    Kvm::new_with_path(path).map_err(|e| match e.errno() {
         libc::ENOENT => VmError::NoKvm,
         libc::EACCES | libc::EPERM => VmError::KvmPermission,
         _ => VmError::OpenKvm(e),
@@ -223,7 +226,7 @@ fn legacy_devices(vm_fd: &VmFd, reset: &EventFd, poweroff: &EventFd) -> Result<B
 impl Vm {
     /// Builds the VM `cfg` describes (the steps are in the module doc).
     pub fn build(cfg: &Config) -> Result<Self, VmError> {
-        let kvm = open_kvm()?;
+        let kvm = open_kvm(KVM_PATH)?;
         let max = kvm.get_max_vcpus();
         if usize::from(cfg.cpus) > max {
             return Err(VmError::TooManyCpus {
@@ -402,6 +405,13 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    #[test]
+    fn kvm_device_errors() {
+        assert!(matches!(open_kvm(c"/nonexistent/kvm"), Err(VmError::NoKvm)));
+        // A directory cannot be opened read-write.
+        assert!(matches!(open_kvm(c"/"), Err(VmError::OpenKvm(_))));
     }
 
     #[test]

@@ -167,3 +167,61 @@ fn reboot_through_the_reset_vector_ends_the_vm() {
     // The main loop saw the i8042 reset (a triple fault would show up on vcpu0 instead).
     assert!(log.contains("main: VM exit requested: GuestReset"), "{log}");
 }
+
+/// The `c_lflag` of the terminal at `fd`.
+fn local_flags(fd: i32) -> libc::tcflag_t {
+    // SAFETY: termios is plain data, filled in by tcgetattr.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a valid pointer.
+    assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0);
+    t.c_lflag
+}
+
+#[test]
+fn terminal_is_raw_while_running_and_restored_after() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let dir = Scratch::new("pty");
+    let kernel = dir.file("bzImage", &bzimage(&spin_guest()));
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: valid out-pointers; null name, termios and window size are allowed.
+    let ret = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(ret, 0, "openpty");
+    // SAFETY: openpty returned two new descriptors that nothing else owns.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    use std::os::fd::AsRawFd;
+    let cooked = local_flags(slave.as_raw_fd());
+    assert_ne!(cooked & libc::ICANON, 0, "a new pty starts cooked");
+    let mut child = vmm()
+        .arg("-kernel")
+        .arg(kernel)
+        .args(["-m", "16"])
+        .stdin(Stdio::from(slave.try_clone().expect("dup")))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vmm starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .expect("guest output");
+    assert_eq!(line, "spinning\n");
+    let raw = local_flags(slave.as_raw_fd());
+    assert_eq!(
+        raw & (libc::ICANON | libc::ECHO | libc::ISIG),
+        0,
+        "raw while running"
+    );
+    // Ctrl-C goes to the guest in raw mode; Ctrl-A x quits.
+    let mut master = std::fs::File::from(master);
+    master.write_all(b"\x03\x01x").expect("pty writable");
+    assert_eq!(wait_for(&mut child, Duration::from_secs(5)), Some(0));
+    assert_eq!(local_flags(slave.as_raw_fd()), cooked, "restored on exit");
+}

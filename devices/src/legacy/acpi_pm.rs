@@ -8,7 +8,7 @@
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bus::BusDevice;
+use super::ByteRegisters;
 
 /// `SLP_EN`, bit 5 of the sleep control register (ACPI 6.5, table 4.20).
 pub const SLEEP_ENABLE: u8 = 1 << 5;
@@ -32,20 +32,18 @@ impl AcpiSleep {
     }
 }
 
-impl BusDevice for AcpiSleep {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
+impl ByteRegisters for AcpiSleep {
+    fn read_byte(&mut self, offset: u8) -> u8 {
         // The status register reads as "woken", so a guest that polls it after a sleep request we
         // do not support (S1 to S4) does not spin.
         if offset == 1 {
-            if let Some(first) = data.first_mut() {
-                *first = WAKE_STATUS;
-            }
+            WAKE_STATUS
+        } else {
+            0
         }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        let Some(&value) = data.first() else { return };
+    fn write_byte(&mut self, offset: u8, value: u8) {
         if offset != 0 || value & SLEEP_ENABLE == 0 {
             return;
         }
@@ -63,6 +61,7 @@ impl BusDevice for AcpiSleep {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::BusDevice;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[test]

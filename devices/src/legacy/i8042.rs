@@ -9,8 +9,7 @@
 
 use vm_superio::I8042Device;
 
-use super::EventFdTrigger;
-use crate::bus::BusDevice;
+use super::{ByteRegisters, EventFdTrigger};
 
 /// The i8042 controller on the PIO bus.
 #[derive(Debug)]
@@ -27,19 +26,12 @@ impl I8042 {
     }
 }
 
-impl BusDevice for I8042 {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let value = u8::try_from(offset).map_or(0xff, |o| self.inner.read(o));
-        data.fill(0);
-        if let Some(first) = data.first_mut() {
-            *first = value;
-        }
+impl ByteRegisters for I8042 {
+    fn read_byte(&mut self, offset: u8) -> u8 {
+        self.inner.read(offset)
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        let (Ok(offset), Some(&value)) = (u8::try_from(offset), data.first()) else {
-            return;
-        };
+    fn write_byte(&mut self, offset: u8, value: u8) {
         if let Err(e) = self.inner.write(offset, value) {
             log::error!("i8042: cannot signal the reset request: {e}");
         }
@@ -49,6 +41,7 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::BusDevice;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     #[test]

@@ -9,7 +9,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::bus::BusDevice;
+use super::ByteRegisters;
 
 /// Seconds, minutes, hours, day of week, day of month, month, year, century (MC146818A).
 const REG_SECONDS: u8 = 0x00;
@@ -101,10 +101,9 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     (year, month, day)
 }
 
-impl BusDevice for Rtc {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let value = match offset {
+impl ByteRegisters for Rtc {
+    fn read_byte(&mut self, offset: u8) -> u8 {
+        match offset {
             0 => self.index,
             1 => {
                 let now = SystemTime::now()
@@ -113,14 +112,10 @@ impl BusDevice for Rtc {
                 self.register(self.index, now)
             }
             _ => 0xff,
-        };
-        if let Some(first) = data.first_mut() {
-            *first = value;
         }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        let Some(&value) = data.first() else { return };
+    fn write_byte(&mut self, offset: u8, value: u8) {
         match offset {
             0 => self.index = value & INDEX_MASK,
             1 => match self.index {
@@ -135,6 +130,7 @@ impl BusDevice for Rtc {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::BusDevice;
 
     #[test]
     fn calendar_matches_known_dates() {

@@ -9,8 +9,7 @@ use std::io::Write;
 
 use vm_superio::serial::NoEvents;
 
-use super::EventFdTrigger;
-use crate::bus::BusDevice;
+use super::{ByteRegisters, EventFdTrigger};
 
 /// Where the UART's output goes.
 pub type SerialOutput = Box<dyn Write + Send>;
@@ -50,19 +49,12 @@ impl Serial {
     }
 }
 
-impl BusDevice for Serial {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let value = u8::try_from(offset).map_or(0xff, |o| self.inner.read(o));
-        data.fill(0);
-        if let Some(first) = data.first_mut() {
-            *first = value;
-        }
+impl ByteRegisters for Serial {
+    fn read_byte(&mut self, offset: u8) -> u8 {
+        self.inner.read(offset)
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        let (Ok(offset), Some(&value)) = (u8::try_from(offset), data.first()) else {
-            return;
-        };
+    fn write_byte(&mut self, offset: u8, value: u8) {
         if let Err(e) = self.inner.write(offset, value) {
             log::error!("serial: write of {value:#x} at offset {offset}: {e}");
         }
@@ -72,6 +64,7 @@ impl BusDevice for Serial {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::BusDevice;
     use std::sync::{Arc, Mutex};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
