@@ -13,6 +13,7 @@ use std::time::Duration;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use serde_json::{json, Value};
 
+use super::events::EventSender;
 use super::server::MAX_CLIENTS;
 use super::test_backend::RecordingBackend;
 use super::*;
