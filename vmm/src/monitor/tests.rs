@@ -627,3 +627,39 @@ fn hostile_input_never_panics() {
         );
     }
 }
+
+#[test]
+fn a_client_buried_in_events_is_dropped_and_others_carry_on() {
+    let h = Harness::start("flood", RunState::Running);
+    let mut idle = h.session();
+    let mut busy = h.session();
+    // About 100 bytes each: far past the hard limit for a client that never reads.
+    let n = server::OUTPUT_HARD_LIMIT / 50;
+    let sender = h.events.clone();
+    let reader = std::thread::spawn(move || {
+        // The busy client reads everything; it must see every event.
+        let mut seen = 0;
+        while seen < n {
+            assert_eq!(busy.recv()["event"], "POWERDOWN");
+            seen += 1;
+        }
+        busy
+    });
+    for _ in 0..n {
+        sender.send(QmpEvent::Powerdown);
+    }
+    let mut busy = reader.join().expect("busy reader");
+    // The idle client was cut off: what it was sent before that, then end of stream.
+    let mut received = 0usize;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match idle.reader.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => received += 1,
+            Err(e) => panic!("idle client: {e}"),
+        }
+    }
+    assert!(received < n, "dropped before all {n} events ({received})");
+    assert_eq!(busy.cmd(r#"{"execute": "query-status", "id": 9}"#)["id"], 9);
+}
