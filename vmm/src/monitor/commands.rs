@@ -41,6 +41,16 @@ pub struct Outcome {
     pub reply: Value,
 }
 
+impl Outcome {
+    /// An error reply and no event.
+    fn failed(error: &QmpError, id: Option<Value>) -> Self {
+        Self {
+            events: Vec::new(),
+            reply: protocol::failure(error, id),
+        }
+    }
+}
+
 /// Protocol state of one connection.
 #[derive(Debug, Default)]
 pub struct Session {
@@ -56,11 +66,10 @@ impl Session {
 
     /// The reply to input the framer rejected.
     pub fn frame_error(&self, error: FrameError) -> Outcome {
-        let error = QmpError::generic(format!("JSON parse error, {error}"));
-        Outcome {
-            events: Vec::new(),
-            reply: protocol::failure(&error, None),
-        }
+        Outcome::failed(
+            &QmpError::generic(format!("JSON parse error, {error}")),
+            None,
+        )
     }
 
     /// Handles one complete JSON text from the client.
@@ -69,20 +78,12 @@ impl Session {
             Ok(v) => v,
             Err(e) => {
                 let error = QmpError::generic(format!("JSON parse error, {e}"));
-                return Outcome {
-                    events: Vec::new(),
-                    reply: protocol::failure(&error, None),
-                };
+                return Outcome::failed(&error, None);
             }
         };
         let request = match protocol::check_request(value) {
             Ok(r) => r,
-            Err(rejected) => {
-                return Outcome {
-                    events: Vec::new(),
-                    reply: protocol::failure(&rejected.error, rejected.id),
-                }
-            }
+            Err(rejected) => return Outcome::failed(&rejected.error, rejected.id),
         };
         let mut raised = Vec::new();
         let args = Args::new(request.arguments);
@@ -114,14 +115,18 @@ impl Session {
 /// `qmp_capabilities` in negotiation mode: no capability is offered, so `enable` may only be
 /// empty.
 fn negotiate(mut args: Args) -> Result<(), QmpError> {
-    let enable = args.optional_str_list("enable")?;
+    let enable = args.optional_str_list("enable")?.unwrap_or_default();
     args.finish()?;
-    match enable.unwrap_or_default().first() {
-        None => Ok(()),
-        Some(cap) if cap == "oob" => Err(QmpError::generic("Capability 'oob' not available")),
-        Some(cap) => Err(QmpError::generic(format!(
-            "Parameter 'enable[0]' does not accept value '{cap}'"
-        ))),
+    // QMPCapability has one value, `oob`; any other is refused by the argument check first.
+    if let Some((i, cap)) = enable.iter().enumerate().find(|(_, c)| *c != "oob") {
+        return Err(QmpError::generic(format!(
+            "Parameter 'enable[{i}]' does not accept value '{cap}'"
+        )));
+    }
+    if enable.is_empty() {
+        Ok(())
+    } else {
+        Err(QmpError::generic("Capability 'oob' not available"))
     }
 }
 
@@ -438,6 +443,9 @@ mod tests {
         );
         let (_, d) = f.error(r#"{"execute": "qmp_capabilities", "arguments": {"enable": ["x"]}}"#);
         assert_eq!(d, "Parameter 'enable[0]' does not accept value 'x'");
+        let (_, d) =
+            f.error(r#"{"execute": "qmp_capabilities", "arguments": {"enable": ["oob", "y"]}}"#);
+        assert_eq!(d, "Parameter 'enable[1]' does not accept value 'y'");
         let (_, d) = f.error(r#"{"execute": "qmp_capabilities", "arguments": {"x": 1}}"#);
         assert_eq!(d, "Parameter 'x' is unexpected");
         assert!(!f.session.receives_events());
