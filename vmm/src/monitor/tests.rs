@@ -437,31 +437,32 @@ fn events_raised_while_the_loop_winds_down_are_still_delivered() {
     assert!(!Path::new(&path).exists());
 }
 
-/// The Python of the venv that ci/qmp-venv makes (ci/setup runs it), with `qemu.qmp` installed.
-fn qemu_qmp_python() -> PathBuf {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/qmp/bin/python3");
+/// Runs `vmm/tests/qmp/SCRIPT ARGS` with the Python of the venv that ci/qmp-venv makes (ci/setup
+/// runs it), which has `qemu.qmp`; fails with the script's output unless it succeeds.
+fn run_python(script: &str, args: &[&Path]) -> String {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = manifest.join("../.venv/qmp/bin/python3");
     assert!(
         python.exists(),
         "{} is missing: run ci/qmp-venv (ci/setup runs it)",
         python.display()
     );
-    python
+    let out = std::process::Command::new(python)
+        .arg(manifest.join("tests/qmp").join(script))
+        .args(args)
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    println!("{stdout}");
+    stdout
 }
 
 #[test]
 fn qemu_qmp_client_and_qmp_shell_work_unchanged() {
     let h = Harness::start("qemu-qmp", RunState::Running);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/qemu_client.py");
-    let out = std::process::Command::new(qemu_qmp_python())
-        .arg(script)
-        .arg(&h.path)
-        .arg("protocol")
-        .output()
-        .expect("run the qemu.qmp client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    println!("{stdout}");
+    let stdout = run_python("qemu_client.py", &[&h.path]);
     let calls = h.calls();
     let expected = [
         "histogram d0 Set(HistogramBoundaries { read: Some([10000, 50000]), write: Some([10000, 50000]), zone_append: Some([10000, 50000]), flush: Some([10000, 50000]) })",
@@ -562,17 +563,7 @@ fn path_str(p: &Path) -> &str {
 fn replies_match_qemu_10() {
     let qemu = Qemu::start("compare");
     let h = Harness::start("compare", RunState::Prelaunch);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/compare_with_qemu.py");
-    let out = std::process::Command::new(qemu_qmp_python())
-        .arg(script)
-        .arg(&h.path)
-        .arg(&qemu.socket)
-        .output()
-        .expect("run the comparison");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    println!("{stdout}");
+    run_python("compare_with_qemu.py", &[&h.path, &qemu.socket]);
 }
 
 /// Random bytes and mutated requests through the framer and the session: no panic, one reply per
