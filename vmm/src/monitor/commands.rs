@@ -239,7 +239,8 @@ fn execute(
 
 /// `block-latency-histogram-set`, with QEMU's semantics: only `id` removes every histogram;
 /// `boundaries` sets all kinds; a per-kind list takes precedence over `boundaries` for its kind.
-/// Unlike QEMU, all lists are checked before any histogram changes.
+/// Unlike QEMU, all lists are checked before any histogram changes, and `boundaries-zap` is
+/// refused: no disk here has a zoned mode, so zone appends are never counted.
 fn histogram_set(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, QmpError> {
     let id = args.required_str("id")?;
     let all = args.optional_u64_list("boundaries")?;
@@ -248,6 +249,11 @@ fn histogram_set(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Val
     let zap = args.optional_u64_list("boundaries-zap")?;
     let flush = args.optional_u64_list("boundaries-flush")?;
     args.finish()?;
+    if zap.is_some() {
+        return Err(QmpError::generic(
+            "Parameter 'boundaries-zap' is not supported: no disk here has a zoned mode",
+        ));
+    }
 
     // The guest device's id names the disk, as in QEMU; the drive id is accepted too.
     let devices = backend.block_devices();
@@ -257,10 +263,7 @@ fn histogram_set(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Val
         .or_else(|| devices.iter().find(|d| d.drive_id == id))
         .ok_or_else(|| QmpError::device_not_found(&id))?;
 
-    let change = if [&all, &read, &write, &zap, &flush]
-        .iter()
-        .all(|b| b.is_none())
-    {
+    let change = if [&all, &read, &write, &flush].iter().all(|b| b.is_none()) {
         HistogramChange::ClearAll
     } else {
         let pick = |own: Option<Vec<u64>>, what: &str| {
@@ -275,7 +278,6 @@ fn histogram_set(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Val
         HistogramChange::Set(HistogramBoundaries {
             read: pick(read, "read")?,
             write: pick(write, "write")?,
-            zone_append: pick(zap, "append write")?,
             flush: pick(flush, "flush")?,
         })
     };
@@ -694,7 +696,6 @@ mod tests {
                 HistogramChange::Set(HistogramBoundaries {
                     read: Some(vec![10, 20]),
                     write: Some(vec![10, 20]),
-                    zone_append: Some(vec![10, 20]),
                     flush: Some(vec![5]),
                 })
             )
@@ -729,8 +730,11 @@ mod tests {
         assert_eq!(d, "Device 'vd0' set read boundaries fail");
         let (_, d) = f.error(r#"{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0", "boundaries-write": [5, 5]}}"#);
         assert_eq!(d, "Device 'vd0' set write boundaries fail");
-        let (_, d) = f.error(r#"{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0", "boundaries-zap": [9, 3]}}"#);
-        assert_eq!(d, "Device 'vd0' set append write boundaries fail");
+        let (_, d) = f.error(r#"{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0", "boundaries-zap": [9]}}"#);
+        assert_eq!(
+            d,
+            "Parameter 'boundaries-zap' is not supported: no disk here has a zoned mode"
+        );
         // A bad flush list fails the whole command before anything changes.
         let (_, d) = f.error(r#"{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0", "boundaries-read": [1], "boundaries-flush": [2, 1]}}"#);
         assert_eq!(d, "Device 'vd0' set flush boundaries fail");

@@ -465,11 +465,11 @@ fn qemu_qmp_client_and_qmp_shell_work_unchanged() {
     let stdout = run_python("qemu_client.py", &[&h.path]);
     let calls = h.calls();
     let expected = [
-        "histogram d0 Set(HistogramBoundaries { read: Some([10000, 50000]), write: Some([10000, 50000]), zone_append: Some([10000, 50000]), flush: Some([10000, 50000]) })",
+        "histogram d0 Set(HistogramBoundaries { read: Some([10000, 50000]), write: Some([10000, 50000]), flush: Some([10000, 50000]) })",
         "pause",
         "resume",
         "powerdown",
-        "histogram d1 Set(HistogramBoundaries { read: None, write: Some([1000, 2000]), zone_append: None, flush: None })",
+        "histogram d1 Set(HistogramBoundaries { read: None, write: Some([1000, 2000]), flush: None })",
         "quit",
     ];
     let acting: Vec<&str> = calls
