@@ -193,8 +193,6 @@ pub struct HistogramBoundaries {
     pub read: Option<Vec<u64>>,
     /// Writes (and write-zeroes).
     pub write: Option<Vec<u64>>,
-    /// Zone appends.
-    pub zone_append: Option<Vec<u64>>,
     /// Flushes.
     pub flush: Option<Vec<u64>>,
 }

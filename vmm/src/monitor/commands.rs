@@ -41,6 +41,16 @@ pub struct Outcome {
     pub reply: Value,
 }
 
+impl Outcome {
+    /// An error reply and no event.
+    fn failed(error: &QmpError, id: Option<Value>) -> Self {
+        Self {
+            events: Vec::new(),
+            reply: protocol::failure(error, id),
+        }
+    }
+}
+
 /// Protocol state of one connection.
 #[derive(Debug, Default)]
 pub struct Session {
@@ -56,11 +66,10 @@ impl Session {
 
     /// The reply to input the framer rejected.
     pub fn frame_error(&self, error: FrameError) -> Outcome {
-        let error = QmpError::generic(format!("JSON parse error, {error}"));
-        Outcome {
-            events: Vec::new(),
-            reply: protocol::failure(&error, None),
-        }
+        Outcome::failed(
+            &QmpError::generic(format!("JSON parse error, {error}")),
+            None,
+        )
     }
 
     /// Handles one complete JSON text from the client.
@@ -69,20 +78,12 @@ impl Session {
             Ok(v) => v,
             Err(e) => {
                 let error = QmpError::generic(format!("JSON parse error, {e}"));
-                return Outcome {
-                    events: Vec::new(),
-                    reply: protocol::failure(&error, None),
-                };
+                return Outcome::failed(&error, None);
             }
         };
         let request = match protocol::check_request(value) {
             Ok(r) => r,
-            Err(rejected) => {
-                return Outcome {
-                    events: Vec::new(),
-                    reply: protocol::failure(&rejected.error, rejected.id),
-                }
-            }
+            Err(rejected) => return Outcome::failed(&rejected.error, rejected.id),
         };
         let mut raised = Vec::new();
         let args = Args::new(request.arguments);
@@ -114,14 +115,18 @@ impl Session {
 /// `qmp_capabilities` in negotiation mode: no capability is offered, so `enable` may only be
 /// empty.
 fn negotiate(mut args: Args) -> Result<(), QmpError> {
-    let enable = args.optional_str_list("enable")?;
+    let enable = args.optional_str_list("enable")?.unwrap_or_default();
     args.finish()?;
-    match enable.unwrap_or_default().first() {
-        None => Ok(()),
-        Some(cap) if cap == "oob" => Err(QmpError::generic("Capability 'oob' not available")),
-        Some(cap) => Err(QmpError::generic(format!(
-            "Parameter 'enable[0]' does not accept value '{cap}'"
-        ))),
+    // QMPCapability has one value, `oob`; any other is refused by the argument check first.
+    if let Some((i, cap)) = enable.iter().enumerate().find(|(_, c)| *c != "oob") {
+        return Err(QmpError::generic(format!(
+            "Parameter 'enable[{i}]' does not accept value '{cap}'"
+        )));
+    }
+    if enable.is_empty() {
+        Ok(())
+    } else {
+        Err(QmpError::generic("Capability 'oob' not available"))
     }
 }
 
@@ -234,7 +239,8 @@ fn execute(
 
 /// `block-latency-histogram-set`, with QEMU's semantics: only `id` removes every histogram;
 /// `boundaries` sets all kinds; a per-kind list takes precedence over `boundaries` for its kind.
-/// Unlike QEMU, all lists are checked before any histogram changes.
+/// Unlike QEMU, all lists are checked before any histogram changes, and `boundaries-zap` is
+/// refused: no disk here has a zoned mode, so zone appends are never counted.
 fn histogram_set(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, QmpError> {
     let id = args.required_str("id")?;
     let all = args.optional_u64_list("boundaries")?;
@@ -243,6 +249,11 @@ fn histogram_set(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Val
     let zap = args.optional_u64_list("boundaries-zap")?;
     let flush = args.optional_u64_list("boundaries-flush")?;
     args.finish()?;
+    if zap.is_some() {
+        return Err(QmpError::generic(
+            "Parameter 'boundaries-zap' is not supported: no disk here has a zoned mode",
+        ));
+    }
 
     // The guest device's id names the disk, as in QEMU; the drive id is accepted too.
     let devices = backend.block_devices();
@@ -252,10 +263,7 @@ fn histogram_set(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Val
         .or_else(|| devices.iter().find(|d| d.drive_id == id))
         .ok_or_else(|| QmpError::device_not_found(&id))?;
 
-    let change = if [&all, &read, &write, &zap, &flush]
-        .iter()
-        .all(|b| b.is_none())
-    {
+    let change = if [&all, &read, &write, &flush].iter().all(|b| b.is_none()) {
         HistogramChange::ClearAll
     } else {
         let pick = |own: Option<Vec<u64>>, what: &str| {
@@ -270,7 +278,6 @@ fn histogram_set(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Val
         HistogramChange::Set(HistogramBoundaries {
             read: pick(read, "read")?,
             write: pick(write, "write")?,
-            zone_append: pick(zap, "append write")?,
             flush: pick(flush, "flush")?,
         })
     };
@@ -438,6 +445,9 @@ mod tests {
         );
         let (_, d) = f.error(r#"{"execute": "qmp_capabilities", "arguments": {"enable": ["x"]}}"#);
         assert_eq!(d, "Parameter 'enable[0]' does not accept value 'x'");
+        let (_, d) =
+            f.error(r#"{"execute": "qmp_capabilities", "arguments": {"enable": ["oob", "y"]}}"#);
+        assert_eq!(d, "Parameter 'enable[1]' does not accept value 'y'");
         let (_, d) = f.error(r#"{"execute": "qmp_capabilities", "arguments": {"x": 1}}"#);
         assert_eq!(d, "Parameter 'x' is unexpected");
         assert!(!f.session.receives_events());
@@ -686,7 +696,6 @@ mod tests {
                 HistogramChange::Set(HistogramBoundaries {
                     read: Some(vec![10, 20]),
                     write: Some(vec![10, 20]),
-                    zone_append: Some(vec![10, 20]),
                     flush: Some(vec![5]),
                 })
             )
@@ -721,8 +730,11 @@ mod tests {
         assert_eq!(d, "Device 'vd0' set read boundaries fail");
         let (_, d) = f.error(r#"{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0", "boundaries-write": [5, 5]}}"#);
         assert_eq!(d, "Device 'vd0' set write boundaries fail");
-        let (_, d) = f.error(r#"{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0", "boundaries-zap": [9, 3]}}"#);
-        assert_eq!(d, "Device 'vd0' set append write boundaries fail");
+        let (_, d) = f.error(r#"{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0", "boundaries-zap": [9]}}"#);
+        assert_eq!(
+            d,
+            "Parameter 'boundaries-zap' is not supported: no disk here has a zoned mode"
+        );
         // A bad flush list fails the whole command before anything changes.
         let (_, d) = f.error(r#"{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0", "boundaries-read": [1], "boundaries-flush": [2, 1]}}"#);
         assert_eq!(d, "Device 'vd0' set flush boundaries fail");

@@ -248,7 +248,7 @@ mod tests {
         ))
         .expect_err("no such directory");
         assert!(matches!(err, MonitorError::BindUnix { .. }));
-        assert_eq!(err.to_string(), "cannot listen on /nonexistent-dir/q.sock");
+        assert_eq!(err.to_string(), "Cannot listen on /nonexistent-dir/q.sock");
         let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = taken.local_addr().expect("addr").port();
         let opts = QmpOptions {

@@ -5,7 +5,7 @@
 //! 1. the CLI parses each `-qmp` value with [`parse_qmp_option`];
 //! 2. before the VM starts, [`Listener::bind`] binds the socket (and, for `wait=on`, waits for the
 //!    first client, as QEMU does) and [`event_channel`] makes the channel through which the VM's
-//!    threads raise events (`SHUTDOWN` when the guest powers off, say) with an [`EventSender`];
+//!    threads raise events (`SHUTDOWN` when the guest powers off, say) with an [`events::EventSender`];
 //! 3. [`Monitor::new`] takes the listener, the channel's receiver and the tag under which the main
 //!    loop registers the monitor's descriptors; the main loop's subscriber for that tag calls
 //!    [`Monitor::init`] once and [`Monitor::process`] for each event, with the global lock held,
@@ -36,19 +36,21 @@ use std::io;
 use std::path::PathBuf;
 
 pub use backend::{
-    BackendError, BlockDevice, BlockDeviceStats, CacheMode, HistogramBoundaries, HistogramChange,
-    ImageDescription, IoThreadInfo, LatencyHistogram, MonitorBackend, RunState, TimedStats,
+    BackendError, BlockDevice, BlockDeviceStats, HistogramChange, IoThreadInfo, MonitorBackend,
+    RunState,
 };
-pub use events::{event_channel, EventReceiver, EventSender, QmpEvent, ShutdownCause};
+pub use events::{event_channel, QmpEvent, ShutdownCause};
 pub use listener::Listener;
-pub use options::{parse_qmp_option, QmpAddress, QmpOptionError, QmpOptions};
+#[cfg(test)]
+pub use options::QmpAddress;
+pub use options::{parse_qmp_option, QmpOptionError, QmpOptions};
 pub use server::Monitor;
 
 /// Errors setting up the monitor.
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
     /// Looking at what is at the unix socket path failed.
-    #[error("cannot inspect {path}")]
+    #[error("Cannot inspect {path}")]
     Inspect {
         /// The socket path.
         path: PathBuf,
@@ -60,7 +62,7 @@ pub enum MonitorError {
     #[error("{0} exists and is not a socket")]
     NotASocket(PathBuf),
     /// Removing an old socket at the path failed.
-    #[error("cannot remove the old socket {path}")]
+    #[error("Cannot remove the old socket {path}")]
     RemoveStale {
         /// The socket path.
         path: PathBuf,
@@ -69,7 +71,7 @@ pub enum MonitorError {
         source: io::Error,
     },
     /// Binding the unix socket failed.
-    #[error("cannot listen on {path}")]
+    #[error("Cannot listen on {path}")]
     BindUnix {
         /// The socket path.
         path: PathBuf,
@@ -78,7 +80,7 @@ pub enum MonitorError {
         source: io::Error,
     },
     /// Resolving the TCP host failed.
-    #[error("cannot resolve {host}")]
+    #[error("Cannot resolve {host}")]
     Resolve {
         /// The host name.
         host: String,
@@ -87,7 +89,7 @@ pub enum MonitorError {
         source: io::Error,
     },
     /// Binding the TCP socket failed.
-    #[error("cannot listen on {address}")]
+    #[error("Cannot listen on {address}")]
     BindTcp {
         /// `host:port`.
         address: String,
@@ -96,12 +98,12 @@ pub enum MonitorError {
         source: io::Error,
     },
     /// Waiting for the first client (`wait=on`) failed.
-    #[error("waiting for the first QMP client failed")]
+    #[error("Waiting for the first QMP client failed")]
     Wait(#[source] io::Error),
     /// Making the listening socket non-blocking failed.
-    #[error("cannot make the QMP socket non-blocking")]
+    #[error("Cannot make the QMP socket non-blocking")]
     NonBlocking(#[source] io::Error),
     /// Creating the event channel's eventfd failed.
-    #[error("cannot create the monitor's event channel")]
+    #[error("Cannot create the monitor's event channel")]
     EventFd(#[source] io::Error),
 }

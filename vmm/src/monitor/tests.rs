@@ -13,6 +13,7 @@ use std::time::Duration;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use serde_json::{json, Value};
 
+use super::events::EventSender;
 use super::server::MAX_CLIENTS;
 use super::test_backend::RecordingBackend;
 use super::*;
@@ -436,38 +437,39 @@ fn events_raised_while_the_loop_winds_down_are_still_delivered() {
     assert!(!Path::new(&path).exists());
 }
 
-/// The Python of the venv that ci/qmp-venv makes (ci/setup runs it), with `qemu.qmp` installed.
-fn qemu_qmp_python() -> PathBuf {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/qmp/bin/python3");
+/// Runs `vmm/tests/qmp/SCRIPT ARGS` with the Python of the venv that ci/qmp-venv makes (ci/setup
+/// runs it), which has `qemu.qmp`; fails with the script's output unless it succeeds.
+fn run_python(script: &str, args: &[&Path]) -> String {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = manifest.join("../.venv/qmp/bin/python3");
     assert!(
         python.exists(),
         "{} is missing: run ci/qmp-venv (ci/setup runs it)",
         python.display()
     );
-    python
+    let out = std::process::Command::new(python)
+        .arg(manifest.join("tests/qmp").join(script))
+        .args(args)
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    println!("{stdout}");
+    stdout
 }
 
 #[test]
 fn qemu_qmp_client_and_qmp_shell_work_unchanged() {
     let h = Harness::start("qemu-qmp", RunState::Running);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/qemu_client.py");
-    let out = std::process::Command::new(qemu_qmp_python())
-        .arg(script)
-        .arg(&h.path)
-        .arg("protocol")
-        .output()
-        .expect("run the qemu.qmp client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    println!("{stdout}");
+    let stdout = run_python("qemu_client.py", &[&h.path]);
     let calls = h.calls();
     let expected = [
-        "histogram d0 Set(HistogramBoundaries { read: Some([10000, 50000]), write: Some([10000, 50000]), zone_append: Some([10000, 50000]), flush: Some([10000, 50000]) })",
+        "histogram d0 Set(HistogramBoundaries { read: Some([10000, 50000]), write: Some([10000, 50000]), flush: Some([10000, 50000]) })",
         "pause",
         "resume",
         "powerdown",
-        "histogram d1 Set(HistogramBoundaries { read: None, write: Some([1000, 2000]), zone_append: None, flush: None })",
+        "histogram d1 Set(HistogramBoundaries { read: None, write: Some([1000, 2000]), flush: None })",
         "quit",
     ];
     let acting: Vec<&str> = calls
@@ -561,17 +563,7 @@ fn path_str(p: &Path) -> &str {
 fn replies_match_qemu_10() {
     let qemu = Qemu::start("compare");
     let h = Harness::start("compare", RunState::Prelaunch);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/compare_with_qemu.py");
-    let out = std::process::Command::new(qemu_qmp_python())
-        .arg(script)
-        .arg(&h.path)
-        .arg(&qemu.socket)
-        .output()
-        .expect("run the comparison");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    println!("{stdout}");
+    run_python("compare_with_qemu.py", &[&h.path, &qemu.socket]);
 }
 
 /// Random bytes and mutated requests through the framer and the session: no panic, one reply per
@@ -625,4 +617,40 @@ fn hostile_input_never_panics() {
             "round {round}: {last}"
         );
     }
+}
+
+#[test]
+fn a_client_buried_in_events_is_dropped_and_others_carry_on() {
+    let h = Harness::start("flood", RunState::Running);
+    let mut idle = h.session();
+    let mut busy = h.session();
+    // About 100 bytes each: far past the hard limit for a client that never reads.
+    let n = server::OUTPUT_HARD_LIMIT / 50;
+    let sender = h.events.clone();
+    let reader = std::thread::spawn(move || {
+        // The busy client reads everything; it must see every event.
+        let mut seen = 0;
+        while seen < n {
+            assert_eq!(busy.recv()["event"], "POWERDOWN");
+            seen += 1;
+        }
+        busy
+    });
+    for _ in 0..n {
+        sender.send(QmpEvent::Powerdown);
+    }
+    let mut busy = reader.join().expect("busy reader");
+    // The idle client was cut off: what it was sent before that, then end of stream.
+    let mut received = 0usize;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match idle.reader.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => received += 1,
+            Err(e) => panic!("idle client: {e}"),
+        }
+    }
+    assert!(received < n, "dropped before all {n} events ({received})");
+    assert_eq!(busy.cmd(r#"{"execute": "query-status", "id": 9}"#)["id"], 9);
 }
