@@ -232,6 +232,15 @@ impl Block {
     }
 }
 
+impl Drop for Block {
+    /// A device dropped while the driver still had it running (no `shutdown`) drains too, so no
+    /// worker is left writing to guest memory and no handler stays registered.
+    fn drop(&mut self) {
+        let _guard = self.ctx.acquire();
+        self.drain_and_stop();
+    }
+}
+
 /// Builds `struct virtio_blk_config` (virtio 1.2, 5.2.4), little-endian.
 fn config_space(
     capacity: u64,
@@ -386,7 +395,7 @@ mod tests {
     use super::super::{request_type as t, status as st, SECTOR_SIZE};
     use super::*;
     use crate::context::IoThread;
-    use vm_memory::Bytes;
+    use vm_memory::{Address, Bytes};
 
     #[test]
     fn config_space_and_features() {
@@ -609,5 +618,54 @@ mod tests {
             "{out}"
         );
         assert_eq!(std::fs::read(&base).unwrap(), base_before);
+    }
+
+    #[test]
+    fn dropping_a_running_device_drains_it() {
+        let io = IoThread::spawn("io-drop").unwrap();
+        let rig = Rig::new(
+            io.context().clone(),
+            MemImage::new(1 << 16, false),
+            1,
+            false,
+        );
+        rig.start(!0);
+        rig.image.set_gate(false);
+        rig.header(HDR, t::IN, 0);
+        rig.submit(
+            0,
+            0,
+            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+        );
+        while rig
+            .image
+            .reads_started
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let Rig {
+            mem,
+            image,
+            dev,
+            transport,
+            ..
+        } = rig;
+        let opener = {
+            let image = image.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                image.set_gate(true);
+            })
+        };
+        drop(transport);
+        drop(dev);
+        // The drop waited for the read and completed it.
+        assert!(*image.gate.lock().unwrap());
+        let used: u16 = mem.read_obj(used_addr(0).unchecked_add(2)).unwrap();
+        assert_eq!(used, 1);
+        opener.join().unwrap();
+        io.stop().unwrap();
     }
 }
