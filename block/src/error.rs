@@ -102,14 +102,6 @@ pub enum Error {
         #[source]
         source: FormatError,
     },
-    /// A read-write open of an image that uses a feature whose write path does not exist.
-    #[error("{path} uses {feature}, which can only be opened read-only")]
-    WriteUnsupported {
-        /// The image file.
-        path: String,
-        /// The feature.
-        feature: &'static str,
-    },
     /// A backing chain names an image that is already in the chain.
     #[error("backing chain loops: {path} appears twice")]
     BackingLoop {
@@ -175,10 +167,9 @@ impl Error {
             }
             Error::Locked { .. } => ErrorKind::Locked,
             Error::Format { source, .. } => source.kind(),
-            Error::WriteUnsupported { .. }
-            | Error::BackingTooDeep { .. }
-            | Error::BackingProbe { .. }
-            | Error::TooLarge { .. } => ErrorKind::Unsupported,
+            Error::BackingTooDeep { .. } | Error::BackingProbe { .. } | Error::TooLarge { .. } => {
+                ErrorKind::Unsupported
+            }
             Error::BackingLoop { .. } => ErrorKind::Corrupt,
             Error::Backing { source, .. } => source.kind(),
         }

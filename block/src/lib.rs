@@ -13,11 +13,21 @@ mod raw;
 pub use error::{Error, ErrorKind};
 pub use file::CacheMode;
 pub use image::{Allocation, BlockStatus, DiskImage};
-pub use open::{create, open, probe, Format, Image, OpenOptions};
+pub use open::{create, open, probe, resolve_backing, Format, Image, OpenOptions};
 pub use raw::Raw;
 
-/// Checks that `[offset, offset + len)` lies within a disk of `size` bytes.
-pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<(), Error> {
+/// Checks that `[offset, offset + len)` lies within a disk of `size` bytes and, for a request
+/// that modifies the disk (`write`), that the image is not read-only.
+pub(crate) fn check_request(
+    offset: u64,
+    len: u64,
+    size: u64,
+    write: bool,
+    read_only: bool,
+) -> Result<(), Error> {
+    if write && read_only {
+        return Err(Error::ReadOnly);
+    }
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),
         _ => Err(Error::OutOfRange { offset, len, size }),

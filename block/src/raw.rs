@@ -23,11 +23,13 @@ impl Raw {
         })
     }
 
+    /// The host file's path.
+    pub fn path(&self) -> &str {
+        self.file.path()
+    }
+
     fn check(&self, offset: u64, len: u64, write: bool) -> Result<(), Error> {
-        if write && self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        crate::check_range(offset, len, self.size)
+        crate::check_request(offset, len, self.size, write, self.read_only)
     }
 }
 

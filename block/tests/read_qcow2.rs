@@ -1,6 +1,10 @@
 //! Reading qcow2 images made by qemu-img/qemu-io in every variant, compared byte for byte with
 //! `qemu-img convert -O raw`.
-#![allow(clippy::unwrap_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)] // Test data: byte patterns from indices.
 
 mod common;
 use common::*;

@@ -1,3 +1,101 @@
-//! The `vmm` binary.
+//! The `vmm` binary: parse the command line, build the VM, run it, and turn the outcome into an
+//! exit code and at most one line on stderr.
+//!
+//! Exit codes: 0 when the guest powers off or resets (a reset ends the VMM, as QEMU's
+//! `-no-reboot` does), or on Ctrl-A x; 0 on SIGTERM/SIGINT, a clean shutdown; 1 on any error
+//! (bad flags, bad images, KVM unusable, a vCPU failing).
 
-fn main() {}
+mod arch;
+mod cli;
+mod console;
+mod global;
+mod logger;
+mod main_loop;
+// Wired into the VM by the VM assembly; until then nothing in main uses it.
+#[allow(dead_code, unused_imports)]
+mod monitor;
+mod options;
+mod vcpu;
+mod vm;
+
+use std::process::ExitCode;
+
+use cli::Command;
+use global::ExitReason;
+
+/// Everything `main` can fail with.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    /// The command line.
+    #[error(transparent)]
+    Cli(#[from] cli::CliError),
+    /// The debug log.
+    #[error(transparent)]
+    Logger(#[from] logger::LoggerError),
+    /// The terminal.
+    #[error(transparent)]
+    Console(#[from] console::ConsoleError),
+    /// Building or running the VM.
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+    /// A vCPU failed while the guest ran.
+    #[error("vCPU {cpu} stopped: {message}{hint}")]
+    VcpuFailed {
+        /// The vCPU.
+        cpu: u8,
+        /// What happened.
+        message: String,
+        /// Where the registers are.
+        hint: &'static str,
+    },
+}
+
+/// Runs the command line in `args`; `Ok` is a clean end.
+fn run(args: impl IntoIterator<Item = String>) -> Result<(), Error> {
+    let config = match cli::parse(args)? {
+        Command::Help => {
+            println!("{}", cli::USAGE);
+            return Ok(());
+        }
+        Command::Run(config) => config,
+    };
+    if let Some(path) = &config.debug_log {
+        logger::init(path)?;
+    }
+    let vm = vm::Vm::build(&config)?;
+    let terminal = console::RawTerminal::enter()?;
+    let reason = vm.run();
+    drop(terminal);
+    match reason? {
+        ExitReason::VcpuFailed { cpu, message } => Err(Error::VcpuFailed {
+            cpu,
+            message,
+            hint: if config.debug_log.is_some() {
+                " (registers in the debug log)"
+            } else {
+                " (pass -D FILE to log its registers)"
+            },
+        }),
+        reason => {
+            log::info!("VM ended: {reason:?}");
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(std::env::args().skip(1)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut line = format!("vmm: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                line.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("{line}");
+            log::error!("{line}");
+            ExitCode::FAILURE
+        }
+    }
+}

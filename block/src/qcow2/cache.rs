@@ -3,20 +3,22 @@
 //! table needs first (see `meta.rs`); this file only keeps the tables.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One cached table.
 #[derive(Debug)]
 struct Slot<T> {
     table: T,
     dirty: bool,
-    used: u64,
+    /// Last use, from `tick`: atomic so that lookups under a shared lock can record it.
+    used: AtomicU64,
 }
 
 /// A bounded table cache.
 #[derive(Debug)]
 pub struct TableCache<T> {
     cap: usize,
-    tick: u64,
+    tick: AtomicU64,
     slots: HashMap<u64, Slot<T>>,
 }
 
@@ -25,18 +27,27 @@ impl<T> TableCache<T> {
     pub fn new(cap: usize) -> TableCache<T> {
         TableCache {
             cap: cap.max(1),
-            tick: 0,
+            tick: AtomicU64::new(0),
             slots: HashMap::new(),
         }
     }
 
     /// The table at `offset`, if cached; marks it recently used.
     pub fn get(&mut self, offset: u64) -> Option<&mut T> {
-        self.tick += 1;
-        let tick = self.tick;
+        let tick = self.tick.fetch_add(1, Ordering::Relaxed);
         self.slots.get_mut(&offset).map(|s| {
-            s.used = tick;
+            *s.used.get_mut() = tick;
             &mut s.table
+        })
+    }
+
+    /// The table at `offset`, if cached, for a reader holding the owner's lock shared; marks it
+    /// recently used (relaxed: LRU order is a hint).
+    pub fn peek(&self, offset: u64) -> Option<&T> {
+        let tick = self.tick.fetch_add(1, Ordering::Relaxed);
+        self.slots.get(&offset).map(|s| {
+            s.used.store(tick, Ordering::Relaxed);
+            &s.table
         })
     }
 
@@ -49,7 +60,7 @@ impl<T> TableCache<T> {
     pub fn victim(&self) -> Option<(u64, bool)> {
         self.slots
             .iter()
-            .min_by_key(|(_, s)| s.used)
+            .min_by_key(|(_, s)| s.used.load(Ordering::Relaxed))
             .map(|(&o, s)| (o, s.dirty))
     }
 
@@ -60,13 +71,13 @@ impl<T> TableCache<T> {
 
     /// Inserts a table (clean).
     pub fn insert(&mut self, offset: u64, table: T) {
-        self.tick += 1;
+        let tick = self.tick.fetch_add(1, Ordering::Relaxed);
         self.slots.insert(
             offset,
             Slot {
                 table,
                 dirty: false,
-                used: self.tick,
+                used: AtomicU64::new(tick),
             },
         );
     }

@@ -63,7 +63,13 @@ impl Refs {
             return;
         }
         let first = off / cs;
-        let last = (off + len - 1) / cs;
+        let Some(last) = off.checked_add(len - 1).map(|end| end / cs) else {
+            self.report.corruptions += 1;
+            self.report
+                .messages
+                .push(format!("ERROR {what} at {off:#x} overflows"));
+            return;
+        };
         for c in first..=last {
             match usize::try_from(c).ok().and_then(|i| self.counts.get_mut(i)) {
                 Some(v) => *v += 1,
@@ -278,10 +284,13 @@ impl Qcow2 {
         let cs = m.cs();
         let mut refs = count_refs(&self.file, &mut m, true)?;
         let mut rep = std::mem::take(&mut refs.report);
+        // Refcount mismatches are what a rebuild repairs; other corruptions stay.
+        let mut rc_corruptions = 0;
         for (c, &want) in refs.counts.iter().enumerate() {
             let have = m.refcount(&self.file, c as u64)?;
             if have < want {
                 rep.corruptions += 1;
+                rc_corruptions += 1;
                 rep.messages.push(format!(
                     "ERROR cluster {c} refcount={have} reference={want}"
                 ));
@@ -306,7 +315,7 @@ impl Qcow2 {
             write_refcounts(&self.file, &mut m, base.counts)?;
             rep.leaks_fixed = rep.leaks;
             if repair == Repair::All {
-                rep.corruptions_fixed = rep.corruptions;
+                rep.corruptions_fixed = rc_corruptions;
             }
             let after = count_refs(&self.file, &mut m, true)?;
             let mut end = 0;

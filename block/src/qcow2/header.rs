@@ -417,3 +417,257 @@ impl Header {
         Ok(b)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A valid v3 header (64 KiB clusters, 1 GiB) with a backing file, as a whole first cluster.
+    fn valid() -> Vec<u8> {
+        let h = Header {
+            version: 3,
+            cluster_bits: 16,
+            size: 1 << 30,
+            l1_size: 2,
+            l1_table_offset: 3 << 16,
+            refcount_table_offset: 1 << 16,
+            refcount_table_clusters: 1,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible: 0,
+            compatible: 0,
+            autoclear: 0,
+            refcount_order: 4,
+            header_length: V3_HEADER_LEN,
+            compression: Compression::Zlib,
+            tail: vec![0; 7],
+            extensions: vec![Extension {
+                kind: 0x6803_f857,
+                data: vec![1, 2, 3],
+            }],
+            backing: Some(("base.img".into(), Some("raw".into()))),
+        };
+        let mut b = h.encode().unwrap();
+        b.resize(65536, 0);
+        b
+    }
+
+    fn put32(b: &mut [u8], at: usize, v: u32) {
+        b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    }
+
+    fn put64(b: &mut [u8], at: usize, v: u64) {
+        b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    }
+
+    fn parse_with(f: impl FnOnce(&mut Vec<u8>)) -> Result<Header, FormatError> {
+        let mut b = valid();
+        f(&mut b);
+        Header::parse(&b)
+    }
+
+    #[test]
+    fn valid_header_round_trips_with_extensions_and_backing() {
+        let h = Header::parse(&valid()).unwrap();
+        assert_eq!(h.backing, Some(("base.img".into(), Some("raw".into()))));
+        assert_eq!(h.extensions.len(), 1);
+        let mut again = h.encode().unwrap();
+        again.resize(65536, 0);
+        assert_eq!(again, valid());
+        // The name sits right after the end marker: header 112, backing format ext 16, the
+        // feature table ext 16, end marker 8.
+        assert_eq!(
+            u64::from_be_bytes(again[8..16].try_into().unwrap()),
+            112 + 16 + 16 + 8
+        );
+    }
+
+    #[test]
+    fn malformed_headers_each_get_their_own_error() {
+        use FormatError as E;
+        assert!(matches!(
+            parse_with(|b| b.truncate(50)),
+            Err(E::Truncated { .. })
+        ));
+        assert!(matches!(
+            parse_with(|b| put32(b, 0, 0x1234)),
+            Err(E::BadMagic(0x1234))
+        ));
+        assert!(matches!(
+            parse_with(|b| put32(b, 4, 4)),
+            Err(E::BadVersion(4))
+        ));
+        assert!(matches!(
+            parse_with(|b| put32(b, 20, 8)),
+            Err(E::ClusterBits(8))
+        ));
+        assert!(matches!(
+            parse_with(|b| put32(b, 20, 22)),
+            Err(E::ClusterBits(22))
+        ));
+        assert!(matches!(
+            parse_with(|b| put32(b, 100, 100)),
+            Err(E::HeaderLength(100))
+        ));
+        assert!(matches!(
+            parse_with(|b| put32(b, 100, 1 << 20)),
+            Err(E::HeaderExceedsCluster { .. })
+        ));
+        assert!(matches!(
+            parse_with(|b| put32(b, 96, 7)),
+            Err(E::RefcountOrder(7))
+        ));
+        assert!(matches!(
+            parse_with(|b| put32(b, 32, 1)),
+            Err(E::Encrypted(1))
+        ));
+        assert!(matches!(
+            parse_with(|b| put64(b, 72, 1 << 9)),
+            Err(E::UnknownIncompatible(0x200))
+        ));
+        assert!(matches!(
+            parse_with(|b| put64(b, 72, INCOMPAT_DATA_FILE)),
+            Err(E::ExternalDataFile)
+        ));
+        assert!(matches!(
+            parse_with(|b| b[104] = 1),
+            Err(E::CompressionType(1))
+        ));
+        assert!(matches!(
+            parse_with(|b| b[104] = 9),
+            Err(E::CompressionType(9))
+        ));
+        assert!(matches!(
+            parse_with(|b| put64(b, 24, 1 << 62)),
+            Err(E::VirtualSize(_))
+        ));
+        assert!(matches!(
+            parse_with(|b| put32(b, 36, 1 << 23)),
+            Err(E::L1TooLarge(_))
+        ));
+        assert!(matches!(
+            parse_with(|b| put32(b, 36, 1)),
+            Err(E::L1TooSmall { .. })
+        ));
+        assert!(matches!(
+            parse_with(|b| put64(b, 40, 3 << 16 | 8)),
+            Err(E::TableMisaligned {
+                table: "L1 table",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_with(|b| put64(b, 48, 0)),
+            Err(E::TableMisaligned {
+                table: "refcount table",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_with(|b| put32(b, 56, 0)),
+            Err(E::RefcountTableSize(0))
+        ));
+        assert!(matches!(
+            parse_with(|b| put32(b, 56, 1000)),
+            Err(E::RefcountTableSize(1000))
+        ));
+        assert!(matches!(
+            parse_with(|b| put32(b, 60, 70000)),
+            Err(E::TooManySnapshots(70000))
+        ));
+        assert!(matches!(
+            parse_with(|b| {
+                put32(b, 60, 1);
+                put64(b, 64, 12);
+            }),
+            Err(E::TableMisaligned {
+                table: "snapshot table",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_with(|b| {
+                put32(b, 20, 13);
+                put64(b, 72, INCOMPAT_EXTL2);
+            }),
+            Err(E::ExtendedL2ClusterSize(13))
+        ));
+        // An extension whose length runs past the cluster.
+        assert!(matches!(
+            parse_with(|b| {
+                put64(b, 8, 0);
+                put32(b, 116, 70000);
+            }),
+            Err(E::ExtensionOverrun { .. })
+        ));
+        assert!(matches!(
+            parse_with(|b| {
+                put32(b, 112, EXT_CRYPTO);
+            }),
+            Err(E::Encrypted(0))
+        ));
+        assert!(matches!(
+            parse_with(|b| {
+                put32(b, 112, EXT_DATA_FILE);
+            }),
+            Err(E::ExternalDataFile)
+        ));
+    }
+
+    #[test]
+    fn the_first_cluster_rule_for_backing_names() {
+        use FormatError as E;
+        // Too long.
+        assert!(matches!(
+            parse_with(|b| put32(b, 16, 1024)),
+            Err(E::BackingNameTooLong(1024))
+        ));
+        // Outside the first cluster.
+        assert!(matches!(
+            parse_with(|b| put64(b, 8, 65530)),
+            Err(E::BackingNameOutsideCluster { .. })
+        ));
+        // Overlapping the header.
+        assert!(matches!(
+            parse_with(|b| put64(b, 8, 80)),
+            Err(E::BackingNameOverlapsHeader { .. })
+        ));
+        // Overlapping the extensions (the name starts inside the feature table extension).
+        assert!(matches!(
+            parse_with(|b| put64(b, 8, 136)),
+            Err(E::BackingNameOverlapsExtensions { .. })
+        ));
+        // At the end of the cluster (older tools): accepted.
+        let h = parse_with(|b| {
+            let name = b"base.img";
+            b[65536 - 8..].copy_from_slice(name);
+            put64(b, 8, 65536 - 8);
+        })
+        .unwrap();
+        assert_eq!(h.backing.unwrap().0, "base.img");
+        // A v2 header with the name at byte 72 and no extensions: accepted.
+        let mut b = vec![0u8; 65536];
+        put32(&mut b, 0, MAGIC);
+        put32(&mut b, 4, 2);
+        put64(&mut b, 8, 72);
+        put32(&mut b, 16, 4);
+        put32(&mut b, 20, 16);
+        put64(&mut b, 24, 1 << 20);
+        put32(&mut b, 36, 1);
+        put64(&mut b, 40, 3 << 16);
+        put64(&mut b, 48, 1 << 16);
+        put32(&mut b, 56, 1);
+        b[72..76].copy_from_slice(b"base");
+        let h = Header::parse(&b).unwrap();
+        assert_eq!(h.backing, Some(("base".into(), None)));
+        // A name with a NUL byte.
+        assert!(matches!(
+            parse_with(|b| {
+                let at = usize::try_from(u64::from_be_bytes(b[8..16].try_into().unwrap())).unwrap();
+                b[at] = 0;
+            }),
+            Err(E::BackingNameInvalid)
+        ));
+    }
+}

@@ -1,4 +1,4 @@
-//! The metadata state of an open qcow2 image, behind the image's one metadata mutex: the header,
+//! The metadata state of an open qcow2 image, behind the image's one metadata lock: the header,
 //! the L1 table, the L2 table cache, the refcount table and block cache, and the clusters waiting
 //! to be freed.
 //!
@@ -125,21 +125,23 @@ impl Meta {
         Ok(())
     }
 
-    /// The entry words (entry, bitmap) of cluster `guest` in the cached L2 table at `l2`.
-    pub fn l2_words(&mut self, l2: u64, guest: u64) -> (u64, u64) {
+    /// The entry words (entry, bitmap) of cluster `guest` in the L2 table at `l2`, if cached.
+    pub fn l2_words_cached(&self, l2: u64, guest: u64) -> Option<(u64, u64)> {
         let idx = self.l2_index(guest);
         let words = self.geo.words();
-        match self.l2.get(l2) {
-            Some(t) => (
-                t.get(idx * words).copied().unwrap_or(0),
-                if words == 2 {
-                    t.get(idx * 2 + 1).copied().unwrap_or(0)
-                } else {
-                    0
-                },
-            ),
-            None => (0, 0),
-        }
+        let t = self.l2.peek(l2)?;
+        let entry = t.get(idx * words).copied().unwrap_or(0);
+        let bitmap = if words == 2 {
+            t.get(idx * 2 + 1).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        Some((entry, bitmap))
+    }
+
+    /// The entry words of cluster `guest` in the L2 table at `l2`, which the caller loaded.
+    pub fn l2_words(&self, l2: u64, guest: u64) -> (u64, u64) {
+        self.l2_words_cached(l2, guest).unwrap_or((0, 0))
     }
 
     /// Sets the entry words of cluster `guest` in the cached L2 table at `l2` and marks it dirty.

@@ -4,10 +4,12 @@
 //! `refcount` (refcounts and allocation), `compress`, `write` (allocation and copy-on-write),
 //! `snapshot` (the snapshot table), `check` (consistency check and refcount rebuild), `create`.
 //!
-//! Locking: one mutex guards the metadata (`Meta`). A request takes it only to look up (or
-//! change) a mapping; data reads, and writes to clusters that are ours alone, happen after it is
-//! released, so independent requests overlap on the host file. Allocating writes keep the lock
-//! while they fill the new cluster, so nobody sees an L2 entry before its data.
+//! Locking: one reader-writer lock guards the metadata (`Meta`). A lookup whose L2 table is
+//! cached takes it shared, so lookups from many threads run in parallel; loading a table or
+//! changing a mapping takes it exclusively. Data reads, and writes to clusters that are ours
+//! alone, happen after it is released, so independent requests overlap on the host file.
+//! Allocating writes keep the exclusive lock while they fill the new cluster, so nobody sees an
+//! L2 entry before its data.
 
 mod cache;
 pub mod check;
@@ -22,7 +24,7 @@ mod validate;
 mod write;
 
 use std::collections::BTreeSet;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use header::{Compression, Header};
 pub use l2::Mapping;
@@ -55,7 +57,7 @@ pub struct Qcow2 {
     compression: Compression,
     version: u32,
     backing: Option<Box<crate::Image>>,
-    meta: Mutex<Meta>,
+    meta: RwLock<Meta>,
 }
 
 /// What `Qcow2::open` needs besides the file.
@@ -179,7 +181,7 @@ impl Qcow2 {
             compression: meta.header.compression,
             version: meta.header.version,
             backing,
-            meta: Mutex::new(meta),
+            meta: RwLock::new(meta),
             file: f,
         };
         if !read_only {
@@ -206,20 +208,24 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn lock(&self) -> MutexGuard<'_, Meta> {
+    fn lock(&self) -> RwLockWriteGuard<'_, Meta> {
         // A poisoned lock means a panic mid-update on another thread; the metadata in memory is
         // what that thread left, which is no worse than a crash, so keep going.
-        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+        self.meta.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_shared(&self) -> RwLockReadGuard<'_, Meta> {
+        self.meta.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The header as it stands (for `info`).
     pub fn header(&self) -> Header {
-        self.lock().header.clone()
+        self.lock_shared().header.clone()
     }
 
     /// Whether lazy refcounts are enabled.
     pub fn lazy_refcounts(&self) -> bool {
-        self.lock().header.compatible & COMPAT_LAZY_REFCOUNTS != 0
+        self.lock_shared().header.compatible & COMPAT_LAZY_REFCOUNTS != 0
     }
 
     /// The backing image, if any.
@@ -236,14 +242,29 @@ impl Qcow2 {
     /// the length of the run from `guest` that shares it (within one cluster, or the span of an
     /// unallocated L2 table).
     fn lookup_locked(&self, m: &mut Meta, guest: u64) -> Result<(Mapping, u64), Error> {
-        let i = m.l1_index(guest);
-        let (l2, _) = m.l1_entry(&self.file, i)?;
-        if l2 == 0 {
-            let span = self.geo.cluster_size() * self.geo.l2_entries();
-            return Ok((Mapping::Unallocated, span - guest % span));
+        if let Some(r) = self.lookup_cached(m, guest)? {
+            return Ok(r);
         }
+        let (l2, _) = m.l1_entry(&self.file, m.l1_index(guest))?;
         m.load_l2(&self.file, l2)?;
         let (entry, bitmap) = m.l2_words(l2, guest);
+        self.decode(entry, bitmap, guest)
+    }
+
+    /// The lookup when it needs no table read: `None` when the L2 table is not cached.
+    fn lookup_cached(&self, m: &Meta, guest: u64) -> Result<Option<(Mapping, u64)>, Error> {
+        let (l2, _) = m.l1_entry(&self.file, m.l1_index(guest))?;
+        if l2 == 0 {
+            let span = self.geo.cluster_size() * self.geo.l2_entries();
+            return Ok(Some((Mapping::Unallocated, span - guest % span)));
+        }
+        match m.l2_words_cached(l2, guest) {
+            Some((entry, bitmap)) => self.decode(entry, bitmap, guest).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn decode(&self, entry: u64, bitmap: u64, guest: u64) -> Result<(Mapping, u64), Error> {
         let r = self
             .geo
             .decode(entry, bitmap, guest)
@@ -256,8 +277,12 @@ impl Qcow2 {
         Ok(r)
     }
 
-    /// Looks up the mapping of `guest` (taking the metadata lock for the lookup only).
+    /// Looks up the mapping of `guest`: under the shared lock when its L2 table is cached (so
+    /// lookups from many threads run in parallel), else under the exclusive lock to load it.
     pub fn lookup(&self, guest: u64) -> Result<(Mapping, u64), Error> {
+        if let Some(r) = self.lookup_cached(&self.lock_shared(), guest)? {
+            return Ok(r);
+        }
         let mut m = self.lock();
         self.lookup_locked(&mut m, guest)
     }
@@ -320,26 +345,8 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Checks a request's range and, for a modifying one, that the image is writable.
-    fn check_request(&self, offset: u64, len: u64, write: bool) -> Result<(), Error> {
-        if write && self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        crate::check_range(offset, len, self.size)
-    }
-}
-
-impl DiskImage for Qcow2 {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
-        self.check_request(offset, buf.len() as u64, false)?;
+    /// Reads the virtual disk (range already checked), taking the metadata lock per lookup.
+    fn read_virtual(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
         let mut pos = 0usize;
         while pos < buf.len() {
             let guest = offset + pos as u64;
@@ -367,6 +374,26 @@ impl DiskImage for Qcow2 {
         Ok(())
     }
 
+    /// Checks a request's range and, for a modifying one, that the image is writable.
+    fn check_request(&self, offset: u64, len: u64, write: bool) -> Result<(), Error> {
+        crate::check_request(offset, len, self.size, write, self.read_only)
+    }
+}
+
+impl DiskImage for Qcow2 {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        self.check_request(offset, buf.len() as u64, false)?;
+        self.read_virtual(buf, offset)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
         self.check_request(offset, buf.len() as u64, true)?;
         self.write_inner(buf, offset)
@@ -376,7 +403,9 @@ impl DiskImage for Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        self.lock().write_back(&self.file)?;
+        // The ordered metadata write-back needs the lock; the final sync does not.
+        let written = self.lock().write_back(&self.file);
+        written?;
         self.file.sync()
     }
 

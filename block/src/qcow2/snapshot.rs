@@ -26,7 +26,7 @@ pub fn read_table(f: &HostFile, h: &Header) -> Result<(Vec<SnapshotL1>, u64), Er
         source: FormatError::BadSnapshot(i),
     };
     for i in 0..h.nb_snapshots {
-        if off + 40 > file_len {
+        if off.saturating_add(40) > file_len {
             return Err(bad(i));
         }
         let mut fixed = [0u8; 40];
@@ -45,14 +45,18 @@ pub fn read_table(f: &HostFile, h: &Header) -> Result<(Vec<SnapshotL1>, u64), Er
             offset: u64_at(0),
             size: u32_at(8),
         };
-        if u64::from(l1.size) * 8 > MAX_L1_BYTES || !l1.offset.is_multiple_of(h.cluster_size()) {
+        let l1_end = l1.offset.saturating_add(u64::from(l1.size) * 8);
+        if u64::from(l1.size) * 8 > MAX_L1_BYTES
+            || !l1.offset.is_multiple_of(h.cluster_size())
+            || l1_end > file_len
+        {
             return Err(bad(i));
         }
         let id_len = u64::from(u16::from_be_bytes([fixed[12], fixed[13]]));
         let name_len = u64::from(u16::from_be_bytes([fixed[14], fixed[15]]));
         let extra = u64::from(u32_at(36));
         let len = (40 + extra + id_len + name_len).next_multiple_of(8);
-        if off + len > file_len {
+        if off.saturating_add(len) > file_len {
             return Err(bad(i));
         }
         out.push(l1);

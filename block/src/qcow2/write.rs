@@ -35,10 +35,7 @@ impl Qcow2 {
                 Mapping::Data { host, copied: true } if run >= n as u64 => {
                     self.file.write_at(chunk, host)?;
                 }
-                _ => {
-                    let mut meta = self.lock();
-                    self.write_cluster(&mut meta, chunk, guest)?;
-                }
+                _ => self.write_cluster(chunk, guest)?,
             }
             pos += n;
         }
@@ -89,69 +86,106 @@ impl Qcow2 {
         }
     }
 
-    /// Writes `data` at `guest` within one cluster, with the metadata locked: copy-on-write into
-    /// a new cluster where the current one is not ours alone, in place otherwise.
-    fn write_cluster(&self, m: &mut Meta, data: &[u8], guest: u64) -> Result<(), Error> {
+    /// Writes `data` at `guest` within one cluster where the fast path could not: into a new
+    /// cluster (copy-on-write) where the current one is not ours alone, in place otherwise.
+    ///
+    /// A new cluster is allocated under the lock, filled (old contents merged with `data`)
+    /// outside it, and published by setting the L2 entry under the lock again, if nobody changed
+    /// that entry meanwhile; otherwise the new cluster is released and the write starts over.
+    /// In-place fills of subclusters stay under the lock, since two requests would share them.
+    fn write_cluster(&self, data: &[u8], guest: u64) -> Result<(), Error> {
         let cs = self.geo.cluster_size();
         let base = guest - guest % cs;
-        let l2 = self.writable_l2(m, guest)?;
-        let (entry, bitmap) = m.l2_words(l2, guest);
-        // Validates the entry.
-        self.geo
-            .decode(entry, bitmap, guest)
-            .map_err(|e| super::fmt_err(&self.file, e))?;
-        let compressed = entry & COMPRESSED != 0;
-        let host = if compressed { 0 } else { entry & OFFSET_MASK };
-        let need_new = host == 0 || entry & COPIED == 0;
-        // The span rewritten: touched subclusters with extended L2, else the whole cluster.
-        let (span_start, span_end) = if self.geo.extended && !compressed {
-            let sub = self.geo.sub_size();
-            let s = (guest - base) / sub * sub;
-            let e = (guest - base + data.len() as u64).div_ceil(sub) * sub;
-            (s, e)
-        } else {
-            (0, cs)
-        };
-        let span_len = usize::try_from(span_end - span_start).unwrap_or(0);
-        let mut content = vec![0u8; span_len];
-        if (data.len()) < span_len {
-            self.read_locked(m, &mut content, base + span_start)?;
-        }
-        let at = usize::try_from(guest - base - span_start).unwrap_or(0);
-        content[at..at + data.len()].copy_from_slice(data);
-        let target = if need_new {
-            let t = m.alloc_cluster(&self.file)?;
+        loop {
+            let mut m = self.lock();
+            let l2 = self.writable_l2(&mut m, guest)?;
+            let (entry, bitmap) = m.l2_words(l2, guest);
+            // Validates the entry.
+            self.geo
+                .decode(entry, bitmap, guest)
+                .map_err(|e| super::fmt_err(&self.file, e))?;
+            let compressed = entry & COMPRESSED != 0;
+            let host = if compressed { 0 } else { entry & OFFSET_MASK };
+            let need_new = host == 0 || entry & COPIED == 0;
+            // The span rewritten: touched subclusters with extended L2, else the whole cluster.
+            let (span_start, span_end) = if self.geo.extended && !compressed {
+                let sub = self.geo.sub_size();
+                let s = (guest - base) / sub * sub;
+                let e = (guest - base + data.len() as u64).div_ceil(sub) * sub;
+                (s, e)
+            } else {
+                (0, cs)
+            };
+            let span_len = usize::try_from(span_end - span_start).unwrap_or(0);
+            let mut content = vec![0u8; span_len];
+            let at = usize::try_from(guest - base - span_start).unwrap_or(0);
+            let new_bitmap = if !self.geo.extended {
+                0
+            } else if compressed {
+                ALL_ALLOC
+            } else {
+                let sub = self.geo.sub_size();
+                let first = span_start / sub;
+                let count = (span_end - span_start) / sub;
+                let touched = if count >= 32 {
+                    ALL_ALLOC
+                } else {
+                    ((1u64 << count) - 1) << first
+                };
+                (bitmap | touched) & !(touched << 32)
+            };
+            if !need_new {
+                if data.len() < span_len {
+                    self.read_locked(&mut m, &mut content, base + span_start)?;
+                }
+                content[at..at + data.len()].copy_from_slice(data);
+                // Subclusters already allocated get only the new bytes: a fast-path writer may be
+                // writing the rest of them right now, without the lock.
+                let sub = self.geo.sub_size();
+                let (d0, d1) = (at as u64, (at + data.len()) as u64);
+                let mut s0 = 0;
+                while s0 < span_end - span_start {
+                    let idx = (span_start + s0) / sub;
+                    let allocated = self.geo.extended && bitmap & (1 << idx) != 0;
+                    let (lo, hi) = if allocated {
+                        (d0.max(s0), d1.min(s0 + sub))
+                    } else {
+                        (s0, s0 + sub)
+                    };
+                    if lo < hi {
+                        let piece = &content
+                            [usize::try_from(lo).unwrap_or(0)..usize::try_from(hi).unwrap_or(0)];
+                        self.file.write_at(piece, host + span_start + lo)?;
+                    }
+                    s0 += sub;
+                }
+                m.set_l2_words(l2, guest, host | COPIED, new_bitmap);
+                return Ok(());
+            }
+            let target = m.alloc_cluster(&self.file)?;
+            drop(m);
+            if data.len() < span_len {
+                self.read_virtual(&mut content, base + span_start)?;
+            }
+            content[at..at + data.len()].copy_from_slice(data);
             if self.geo.extended && host != 0 && span_len as u64 != cs {
                 // A shared cluster with subclusters: keep its other allocated subclusters.
                 let mut old = vec![0u8; usize::try_from(cs).unwrap_or(0)];
                 self.file.read_at(&mut old, host)?;
-                self.file.write_at(&old, t)?;
+                self.file.write_at(&old, target)?;
             }
-            t
-        } else {
-            host
-        };
-        self.file.write_at(&content, target + span_start)?;
-        let new_bitmap = if !self.geo.extended {
-            0
-        } else if compressed {
-            ALL_ALLOC
-        } else {
-            let sub = self.geo.sub_size();
-            let first = span_start / sub;
-            let count = (span_end - span_start) / sub;
-            let touched = if count >= 32 {
-                ALL_ALLOC
-            } else {
-                ((1u64 << count) - 1) << first
-            };
-            (bitmap | touched) & !(touched << 32)
-        };
-        m.set_l2_words(l2, guest, target | COPIED, new_bitmap);
-        if need_new {
+            self.file.write_at(&content, target + span_start)?;
+            let mut m = self.lock();
+            let l2_now = self.writable_l2(&mut m, guest)?;
+            if l2_now != l2 || m.l2_words(l2, guest) != (entry, bitmap) {
+                // Another request changed this cluster meanwhile: nothing points at ours.
+                m.free_cluster(&self.file, target)?;
+                continue;
+            }
+            m.set_l2_words(l2, guest, target | COPIED, new_bitmap);
             m.pending_frees.extend(self.entry_clusters(entry));
+            return Ok(());
         }
-        Ok(())
     }
 
     /// Whole clusters of `[offset, offset + len)`: (first cluster start, end), possibly empty.

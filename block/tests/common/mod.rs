@@ -15,7 +15,8 @@ pub fn run(tool: &str, args: &[&str]) -> String {
         .unwrap_or_else(|e| panic!("{tool} is required (ci/setup installs it): {e}"));
     assert!(
         out.status.success(),
-        "{tool} {args:?} failed: {}{}",
+        "{tool} {args:?} failed ({}): {}{}",
+        out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -25,6 +26,38 @@ pub fn run(tool: &str, args: &[&str]) -> String {
 /// Runs qemu-img.
 pub fn qemu_img(args: &[&str]) -> String {
     run("qemu-img", args)
+}
+
+/// `qemu-img create -q -f qcow2 ARGS...`.
+pub fn create_qcow2(args: &[&str]) {
+    let mut all = vec!["create", "-q", "-f", "qcow2"];
+    all.extend_from_slice(args);
+    qemu_img(&all);
+}
+
+/// Opens a qcow2 image read-only.
+pub fn open_ro(path: &Path) -> block::Image {
+    open(
+        path,
+        OpenOptions {
+            format: Some(Format::Qcow2),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Opens a qcow2 image read-write.
+pub fn open_rw(path: &Path) -> block::Image {
+    open(
+        path,
+        OpenOptions {
+            format: Some(Format::Qcow2),
+            read_only: false,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 /// Runs qemu-io on a qcow2 image with commands.

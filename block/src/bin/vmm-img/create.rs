@@ -1,0 +1,83 @@
+//! `vmm-img create -f qcow2|raw [-b BACKING -F FMT] [-o opts] [-q] FILE [SIZE]`.
+
+use block::qcow2::create::CreateOptions;
+use block::{CacheMode, DiskImage};
+
+use crate::args::{self, Args};
+use crate::chain::open_image;
+use crate::{CliError, CmdResult};
+
+fn on_off(k: &str, v: &str) -> Result<bool, CliError> {
+    match v {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(CliError::Usage(format!("{k} must be on or off, not '{v}'"))),
+    }
+}
+
+/// Applies qemu-img's `-o` options for qcow2 (every `-o` given, in order).
+pub fn apply_options(o: &mut CreateOptions, lists: &[String]) -> Result<(), CliError> {
+    for list in lists {
+        for (k, v) in args::options(list)? {
+            match k.as_str() {
+                "cluster_size" => o.cluster_size = args::size(&v)?,
+                "refcount_bits" => o.refcount_bits = args::size(&v)?,
+                "lazy_refcounts" => o.lazy_refcounts = on_off(&k, &v)?,
+                "extended_l2" => o.extended_l2 = on_off(&k, &v)?,
+                "compat" => {
+                    o.version = match v.as_str() {
+                        "0.10" | "v2" => 2,
+                        "1.1" | "v3" => 3,
+                        _ => return Err(CliError::Usage(format!("unknown compat '{v}'"))),
+                    }
+                }
+                _ => return Err(CliError::Usage(format!("unsupported option '{k}'"))),
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn run(argv: &[String]) -> CmdResult {
+    let a = Args::parse(argv, &["f", "b", "F", "o"])?;
+    a.only(&["f", "b", "F", "o", "q", "u"])?;
+    let format = args::format(a.value("f").unwrap_or("raw"))?;
+    let (file, size) = match a.positional.as_slice() {
+        [f] => (f, None),
+        [f, s] => (f, Some(args::size(s)?)),
+        _ => return Err(CliError::Usage("expected FILE [SIZE]".into())),
+    };
+    let mut o = CreateOptions::default();
+    apply_options(&mut o, a.values("o"))?;
+    if let Some(b) = a.value("b") {
+        let bfmt = a
+            .value("F")
+            .ok_or_else(|| CliError::Usage("a backing file needs its format (-F)".into()))?;
+        args::format(bfmt)?;
+        o.backing = Some((b.to_string(), bfmt.to_string()));
+        o.size = match size {
+            Some(s) => s,
+            None => {
+                let bpath = block::resolve_backing(std::path::Path::new(file), b);
+                let img = open_image(
+                    &bpath.display().to_string(),
+                    Some(bfmt),
+                    true,
+                    CacheMode::Writeback,
+                    false,
+                )?;
+                img.size()
+            }
+        };
+    } else {
+        o.size = size.ok_or_else(|| CliError::Usage("expected a size".into()))?;
+    }
+    if format == block::Format::Raw && o.backing.is_some() {
+        return Err(CliError::Usage("raw images have no backing file".into()));
+    }
+    block::create(std::path::Path::new(file), format, &o)?;
+    if !a.has("q") {
+        println!("Formatting '{file}', fmt={} size={}", format.name(), o.size);
+    }
+    Ok(0)
+}

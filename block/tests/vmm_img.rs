@@ -1,0 +1,271 @@
+//! The `vmm-img` binary against qemu-img: images it creates pass `qemu-img check` and read the
+//! same through qemu-img; info/check/map JSON carries qemu-img's fields and values; convert
+//! flattens chains; io scripts the same edits as qemu-io; locks hold against qemu-io both ways.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn vmm_img(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmm-img"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = vmm_img(args);
+    assert!(
+        o.status.success(),
+        "vmm-img {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap()
+}
+
+#[test]
+fn created_images_pass_qemu_check_in_every_variant() {
+    let dir = tempfile::tempdir().unwrap();
+    let variants = [
+        "cluster_size=512",
+        "cluster_size=2M",
+        "compat=0.10",
+        "refcount_bits=1",
+        "refcount_bits=64",
+        "lazy_refcounts=on",
+        "extended_l2=on",
+    ];
+    for (i, v) in variants.iter().enumerate() {
+        let p = tmp(&dir, &format!("c{i}.qcow2"));
+        let ps = p.to_str().unwrap();
+        ok(&["create", "-q", "-f", "qcow2", "-o", v, ps, "20M"]);
+        ok(&[
+            "io",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 1000 300k",
+            "-c",
+            "write -z 4M 1M",
+            "-c",
+            "discard 0 64k",
+            ps,
+        ]);
+        assert_check_clean(&p);
+        assert_same_as_qemu(&p);
+        // qemu-io sees what vmm-img wrote.
+        run(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "read -P 0x11 65536 200000", ps],
+        );
+    }
+    // A backing chain made by vmm-img: name right after the extensions, with its format.
+    let base = tmp(&dir, "c0.qcow2");
+    let top = tmp(&dir, "top.qcow2");
+    ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "c0.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    let info = json(&qemu_img(&["info", "--output=json", top.to_str().unwrap()]));
+    assert_eq!(info["backing-filename"], "c0.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    assert_eq!(info["virtual-size"], 20 << 20);
+    assert_check_clean(&top);
+    assert_same_as_qemu(&top);
+    assert!(base.exists());
+}
+
+#[test]
+fn info_check_and_map_speak_qemu_img_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tmp(&dir, "b.qcow2");
+    let top = tmp(&dir, "t.qcow2");
+    create_qcow2(&[base.to_str().unwrap(), "8M"]);
+    qemu_io(&base, "qcow2", &["write -P 1 0 3M"]);
+    create_qcow2(&["-b", "b.qcow2", "-F", "qcow2", top.to_str().unwrap()]);
+    qemu_io(
+        &top,
+        "qcow2",
+        &["write -P 2 1M 100k", "write -z 5M 1M", "discard 2M 64k"],
+    );
+    let t = top.to_str().unwrap();
+    let ours = json(&ok(&["info", "--output=json", "--backing-chain", t]));
+    let theirs = json(&qemu_img(&["info", "--output=json", "--backing-chain", t]));
+    for (o, q) in ours
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(theirs.as_array().unwrap())
+    {
+        for k in [
+            "virtual-size",
+            "filename",
+            "format",
+            "cluster-size",
+            "format-specific",
+            "backing-filename",
+            "backing-filename-format",
+            "dirty-flag",
+        ] {
+            assert_eq!(o.get(k), q.get(k), "info field {k}");
+        }
+    }
+    let ours = json(&ok(&["check", "--output=json", t]));
+    let theirs = json(&qemu_img(&["check", "--output=json", t]));
+    for k in [
+        "image-end-offset",
+        "total-clusters",
+        "check-errors",
+        "allocated-clusters",
+        "format",
+    ] {
+        assert_eq!(ours.get(k), theirs.get(k), "check field {k}");
+    }
+    assert_eq!(
+        json(&ok(&["map", "--output=json", t])),
+        json(&qemu_img(&["map", "--output=json", t]))
+    );
+    assert_eq!(ok(&["map", t]), qemu_img(&["map", t]));
+}
+
+#[test]
+fn check_exit_codes_and_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "l.qcow2");
+    let ps = p.to_str().unwrap();
+    create_qcow2(&[ps, "4M"]);
+    qemu_io(&p, "qcow2", &["write 0 64k"]);
+    // Leak: the L1 table's refcount (cluster 3; refcount block at cluster 2, 16-bit entries)
+    // raised to 2.
+    let mut b = std::fs::read(&p).unwrap();
+    let at = 2 * 65536 + 2 * 3;
+    b[at..at + 2].copy_from_slice(&2u16.to_be_bytes());
+    std::fs::write(&p, &b).unwrap();
+    assert_eq!(vmm_img(&["check", ps]).status.code(), Some(3));
+    assert_eq!(
+        Command::new("qemu-img")
+            .args(["check", ps])
+            .status()
+            .unwrap()
+            .code(),
+        Some(3)
+    );
+    assert!(ok(&["check", "-r", "leaks", ps]).contains("1 leaked clusters"));
+    assert_check_clean(&p);
+    // Corruption: the data cluster's refcount dropped to zero.
+    let mut b = std::fs::read(&p).unwrap();
+    let data =
+        u64::from_be_bytes(b[4 * 65536..4 * 65536 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00;
+    // The repair above moved the refcount structures: follow the header to the block.
+    let be64 = |b: &[u8], at: u64| {
+        let at = usize::try_from(at).unwrap();
+        u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+    };
+    let block = be64(&b, be64(&b, 48));
+    let at = usize::try_from(block + 2 * (data / 65536)).unwrap();
+    b[at..at + 2].copy_from_slice(&0u16.to_be_bytes());
+    std::fs::write(&p, &b).unwrap();
+    assert_eq!(vmm_img(&["check", ps]).status.code(), Some(2));
+    ok(&["check", "-r", "all", ps]);
+    assert_check_clean(&p);
+}
+
+#[test]
+fn convert_flattens_chains_and_io_edits_like_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tmp(&dir, "base.raw");
+    let top = tmp(&dir, "top.qcow2");
+    qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "6M"]);
+    qemu_io(&base, "raw", &["write -P 9 0 6M"]);
+    create_qcow2(&["-b", "base.raw", "-F", "raw", top.to_str().unwrap()]);
+    let edits = [
+        "write -P 3 100k 1M",
+        "write -z 3M 512k",
+        "discard 4M 1M",
+        "flush",
+    ];
+    // The same edits through qemu-io on a copy.
+    let twin = tmp(&dir, "twin.qcow2");
+    std::fs::copy(&top, &twin).unwrap();
+    let mut args = vec!["-f", "qcow2"];
+    for e in edits {
+        args.extend(["-c", e]);
+    }
+    let t = top.to_str().unwrap().to_string();
+    let mut ours = vec!["io"];
+    ours.extend(args.iter().copied());
+    ours.push(&t);
+    ok(&ours);
+    args.push(twin.to_str().unwrap());
+    run("qemu-io", &args);
+    qemu_img(&["compare", "-q", t.as_str(), twin.to_str().unwrap()]);
+    // read -P fails on a mismatch, succeeds on a match.
+    assert!(!vmm_img(&["io", "-r", "-c", "read -P 4 100k 4k", &t])
+        .status
+        .success());
+    ok(&["io", "-r", "-c", "read -P 3 100k 4k", &t]);
+    for fmt in ["raw", "qcow2"] {
+        let out = tmp(&dir, &format!("flat.{fmt}"));
+        let o = out.to_str().unwrap();
+        let s = ok(&["convert", "-p", "-O", fmt, &t, o]);
+        assert!(s.contains("100.00/100%"));
+        qemu_img(&["compare", "-q", &t, o]);
+        if fmt == "qcow2" {
+            assert_check_clean(&out);
+            assert!(json(&qemu_img(&["info", "--output=json", o]))
+                .get("backing-filename")
+                .is_none());
+        }
+    }
+}
+
+#[test]
+fn io_and_qemu_io_refuse_each_others_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "lock.qcow2");
+    let ps = p.to_str().unwrap().to_string();
+    create_qcow2(&[&ps, "1M"]);
+    let mut child = Command::new("qemu-io")
+        .args(["-f", "qcow2", &ps])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let o = vmm_img(&["io", "-c", "write 0 512", &ps]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("locked"),
+        "{o:?}"
+    );
+    drop(child.stdin.take());
+    child.wait().unwrap();
+    // vmm-img bench holds it for writing while qemu-io tries.
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_vmm-img"))
+        .args(["bench", "-w", "-c", "20000000", "-d", "1", "-s", "512", &ps])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let q = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write 0 512", &ps])
+        .output()
+        .unwrap();
+    bench.kill().unwrap();
+    bench.wait().unwrap();
+    assert!(!q.status.success());
+    assert!(String::from_utf8_lossy(&q.stderr).contains("lock"), "{q:?}");
+}

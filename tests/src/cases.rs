@@ -1,0 +1,370 @@
+//! The Linux-booting test cases of the boot issue, for any inner VMM: the Debian kernel boots as a
+//! bzImage and as a PVH vmlinux with 1, 2 and 8 vCPUs (the guest sees them all), `free` shows the
+//! memory given (with 4 GiB, memory above the 32-bit PCI hole counts), the clock source is sane, a
+//! command typed on the serial console gets its output, and the VMM exits 0 promptly after the
+//! guest's `poweroff` and after its `reboot`.
+//!
+//! Every case runs inside the host that can run Linux guests (direct or nested), one after another,
+//! and returns an [`Outcome`]; the guest's console transcript comes with every failure.
+
+use std::path::Path;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use crate::guest::{self, Guest};
+use crate::target::{Boot, Kernel, Target};
+
+/// How long a guest may take to reach userspace or to answer. Generous: under the nested host every
+/// inner exit is emulated, and a busy machine makes that several times slower.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long the VMM may take to exit after the guest's kernel says it powers off or restarts
+/// (the boot issue: "within a second").
+const EXIT_LIMIT: Duration = Duration::from_secs(1);
+/// How long to wait for the VMM to exit at all before declaring it hung.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Memory of the guests that do not test memory size, in MiB.
+const MEM_MIB: u64 = 512;
+/// Clock sources a KVM guest should end up with; jiffies-based ones mean a broken timer set-up.
+const SANE_CLOCKSOURCES: &[&str] = &["kvm-clock", "tsc"];
+
+/// Why a case failed (beside the guest errors of [`guest::Error`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// Starting the guest, reading its console or waiting for its exit failed.
+    #[error(transparent)]
+    Guest(#[from] guest::Error),
+    /// The guest's kernel panicked or stopped before its userspace started.
+    #[error("the guest's kernel stopped before userspace: {0:?}")]
+    NoUserspace(String),
+    /// The `GUEST-INFO` line lacks a field or holds a malformed one.
+    #[error("malformed info line {0:?}")]
+    Info(String),
+    /// The guest saw another number of CPUs than `-smp`.
+    #[error("the guest sees {got} CPUs, -smp was {want}")]
+    CpuCount {
+        /// `-smp`.
+        want: u32,
+        /// `nproc` in the guest.
+        got: u64,
+    },
+    /// The guest's MemTotal is not within 80 % to 100 % of `-m`.
+    #[error("the guest has MemTotal {got_kib} KiB, -m was {mem_mib} MiB")]
+    Memory {
+        /// `-m`.
+        mem_mib: u64,
+        /// MemTotal in the guest.
+        got_kib: u64,
+    },
+    /// The guest's clock source is not one a KVM guest should use.
+    #[error("the guest's clock source is {0}")]
+    Clocksource(String),
+    /// The VMM exited with another status than 0.
+    #[error("the VMM exited with {0}")]
+    ExitStatus(ExitStatus),
+    /// The VMM took too long to exit after the guest's kernel powered off or restarted.
+    #[error("the VMM exited {0:?} after the guest's kernel said {1:?}")]
+    SlowExit(Duration, &'static str),
+}
+
+/// What a case does.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// Boot, check CPUs, memory and clock source, power off.
+    Boot {
+        kernel: Kernel,
+        smp: u32,
+        mem_mib: u64,
+    },
+    /// Boot to the shell, type a command and read its output, type `poweroff -f`.
+    Console,
+    /// Boot and `reboot -f`.
+    Reboot,
+}
+
+/// One test case for one VMM.
+#[derive(Debug, Clone)]
+pub struct Case {
+    /// `TARGET/what`, e.g. `vmm/pvh-smp2`.
+    pub name: String,
+    target: Target,
+    kind: Kind,
+}
+
+/// The result of one case.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Passed or not.
+    pub passed: bool,
+    /// Wall time of the case.
+    pub secs: f64,
+    /// Figures measured on success, the failure otherwise.
+    pub detail: String,
+    /// The console transcript, on failure.
+    pub transcript: Option<String>,
+}
+
+/// Every case for each target, in a stable order; `filter` keeps those whose name contains it.
+pub fn cases(targets: &[Target], filter: Option<&str>) -> Vec<Case> {
+    let mut all = Vec::new();
+    for &target in targets {
+        let mut add = |what: String, kind| {
+            all.push(Case {
+                name: format!("{target}/{what}"),
+                target,
+                kind,
+            });
+        };
+        // QEMU's microvm loads the initrd of a PVH boot over the DSDT its firmware put at the top
+        // of RAM ("ACPI: ... 000000 (v00 ...)", then AE_NO_ACPI_TABLES), so the guest finds no
+        // console or power-off: PVH is checked on our VMM only.
+        let kernels: &[Kernel] = match target {
+            Target::Vmm => &[Kernel::BzImage, Kernel::Pvh],
+            Target::Qemu => &[Kernel::BzImage],
+        };
+        for &kernel in kernels {
+            for smp in [1, 2, 8] {
+                let what = match kernel {
+                    Kernel::BzImage => format!("bzimage-smp{smp}"),
+                    Kernel::Pvh => format!("pvh-smp{smp}"),
+                };
+                add(
+                    what,
+                    Kind::Boot {
+                        kernel,
+                        smp,
+                        mem_mib: MEM_MIB,
+                    },
+                );
+            }
+        }
+        // 4 GiB reaches above the 32-bit PCI hole.
+        add(
+            "memory-4g".into(),
+            Kind::Boot {
+                kernel: Kernel::BzImage,
+                smp: 2,
+                mem_mib: 4096,
+            },
+        );
+        add("console-input".into(), Kind::Console);
+        add("reboot".into(), Kind::Reboot);
+    }
+    all.retain(|c| filter.is_none_or(|f| c.name.contains(f)));
+    all
+}
+
+/// Runs one case with the guest files in `guest_dir`.
+pub fn run(case: &Case, guest_dir: &Path) -> Outcome {
+    let start = Instant::now();
+    let mut transcript = None;
+    let result = match case.kind {
+        Kind::Boot {
+            kernel,
+            smp,
+            mem_mib,
+        } => {
+            let boot = Boot::new(kernel, smp, mem_mib, "guest.run=info,poweroff");
+            drive(case.target, &boot, guest_dir, &mut transcript, |g| {
+                check_info(g, smp, mem_mib)
+            })
+        }
+        Kind::Console => {
+            let boot = Boot::new(Kernel::BzImage, 2, MEM_MIB, "");
+            drive(case.target, &boot, guest_dir, &mut transcript, type_command)
+        }
+        Kind::Reboot => {
+            let boot = Boot::new(Kernel::BzImage, 1, MEM_MIB, "guest.run=reboot");
+            drive(case.target, &boot, guest_dir, &mut transcript, |_| {
+                Ok(String::new())
+            })
+        }
+    };
+    let (passed, detail) = match result {
+        Ok(detail) => (true, detail),
+        Err(e) => (false, e.to_string()),
+    };
+    Outcome {
+        passed,
+        secs: start.elapsed().as_secs_f64(),
+        detail,
+        transcript: transcript.filter(|_| !passed),
+    }
+}
+
+/// Boots `boot` under `target`, waits for userspace, runs `check`, then expects the VMM to exit 0
+/// promptly once the guest's kernel powers off or restarts. Keeps the transcript for failures.
+fn drive(
+    target: Target,
+    boot: &Boot,
+    guest_dir: &Path,
+    transcript: &mut Option<String>,
+    check: impl FnOnce(&mut Guest) -> Result<String, Failure>,
+) -> Result<String, Failure> {
+    let mut guest = Guest::spawn(boot.command(target, guest_dir))?;
+    let result = (|| {
+        let up = wait_userspace(&mut guest)?;
+        let checked = check(&mut guest)?;
+        // The kernel's last words before it writes the ACPI sleep or reset register.
+        let (last, what) = guest_end(&mut guest)?;
+        let (status, exited) = guest.wait_exit(EXIT_TIMEOUT)?;
+        if !status.success() {
+            return Err(Failure::ExitStatus(status));
+        }
+        let after = exited.saturating_sub(last);
+        if after > EXIT_LIMIT {
+            return Err(Failure::SlowExit(after, what));
+        }
+        Ok(format!(
+            "userspace at {:.2} s, exit {:.0} ms after {what:?}{}{checked}",
+            up.at.as_secs_f64(),
+            after.as_secs_f64() * 1000.0,
+            if checked.is_empty() { "" } else { ", " }
+        ))
+    })();
+    *transcript = Some(guest.transcript());
+    result
+}
+
+/// Waits for the guest's userspace marker; a kernel that panics or halts first fails at once
+/// instead of running into the timeout.
+pub fn wait_userspace(guest: &mut Guest) -> Result<guest::Line, Failure> {
+    const FATAL: [&str; 3] = [
+        "Kernel panic",
+        "reboot: System halted",
+        "reboot: Power down",
+    ];
+    let line = guest.wait_line("GUEST-USERSPACE-UP", BOOT_TIMEOUT, |l| {
+        l.contains("GUEST-USERSPACE-UP") || FATAL.iter().any(|f| l.contains(f))
+    })?;
+    if line.text.contains("GUEST-USERSPACE-UP") {
+        Ok(line)
+    } else {
+        Err(Failure::NoUserspace(line.text))
+    }
+}
+
+/// Waits for the kernel's "reboot: Power down" or "reboot: Restarting system" line.
+fn guest_end(guest: &mut Guest) -> Result<(Duration, &'static str), Failure> {
+    const ENDS: [&str; 2] = ["reboot: Power down", "reboot: Restarting system"];
+    let line = guest.wait_line(
+        "the kernel's power-off or restart line",
+        BOOT_TIMEOUT,
+        |l| ENDS.iter().any(|e| l.contains(e)),
+    )?;
+    let what = if line.text.contains(ENDS[0]) {
+        ENDS[0]
+    } else {
+        ENDS[1]
+    };
+    Ok((line.at, what))
+}
+
+/// Reads the guest's `GUEST-INFO` line and checks CPUs, memory and clock source.
+fn check_info(guest: &mut Guest, smp: u32, mem_mib: u64) -> Result<String, Failure> {
+    let line = guest.wait_for("GUEST-INFO", BOOT_TIMEOUT)?.text;
+    let field = |key: &str| -> Result<&str, Failure> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+            .ok_or_else(|| Failure::Info(line.clone()))
+    };
+    let number = |key: &str| -> Result<u64, Failure> {
+        field(key)?.parse().map_err(|_| Failure::Info(line.clone()))
+    };
+    let nproc = number("nproc")?;
+    if nproc != u64::from(smp) {
+        return Err(Failure::CpuCount {
+            want: smp,
+            got: nproc,
+        });
+    }
+    let got_kib = number("mem_total_kib")?;
+    let want_kib = mem_mib * 1024;
+    if got_kib > want_kib || got_kib * 10 < want_kib * 8 {
+        return Err(Failure::Memory { mem_mib, got_kib });
+    }
+    let clocksource = field("clocksource")?;
+    if !SANE_CLOCKSOURCES.contains(&clocksource) {
+        return Err(Failure::Clocksource(clocksource.to_owned()));
+    }
+    Ok(format!(
+        "nproc {nproc}, MemTotal {got_kib} KiB, clocksource {clocksource}"
+    ))
+}
+
+/// Waits for the shell prompt, types a command whose output differs from its echo, reads the
+/// output, and types `poweroff -f`.
+fn type_command(guest: &mut Guest) -> Result<String, Failure> {
+    guest.wait_prompt("GUEST-PROMPT#", BOOT_TIMEOUT)?;
+    guest.send("echo typed-$((6 * 7))\n")?;
+    let sent = Instant::now();
+    guest.wait_line("typed-42", BOOT_TIMEOUT, |l| l.trim() == "typed-42")?;
+    let answer = sent.elapsed();
+    guest.send("poweroff -f\n")?;
+    Ok(format!(
+        "typed command answered in {:.0} ms",
+        answer.as_secs_f64() * 1000.0
+    ))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_target_gets_every_case_and_filters_apply() {
+        let all = cases(&[Target::Vmm, Target::Qemu], None);
+        assert_eq!(all.len(), 15);
+        assert_eq!(all.first().unwrap().name, "vmm/bzimage-smp1");
+        assert!(all.iter().any(|c| c.name == "vmm/pvh-smp8"));
+        assert!(!all.iter().any(|c| c.name.starts_with("qemu/pvh")));
+        let some = cases(&[Target::Vmm, Target::Qemu], Some("vmm/pvh"));
+        let names: Vec<_> = some.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["vmm/pvh-smp1", "vmm/pvh-smp2", "vmm/pvh-smp8"]);
+    }
+
+    /// A stand-in VMM: a shell that prints what the guest would.
+    fn fake(script: &str) -> Guest {
+        let mut c = std::process::Command::new("sh");
+        c.arg("-c").arg(script);
+        Guest::spawn(c).unwrap()
+    }
+
+    #[test]
+    fn info_checks_cpus_memory_and_clock() {
+        let line =
+            "echo 'GUEST-INFO nproc=2 mem_total_kib=480160 clocksource=kvm-clock kernel=6.1'";
+        check_info(&mut fake(line), 2, 512).unwrap();
+        let err = check_info(&mut fake(line), 8, 512).unwrap_err();
+        assert!(matches!(err, Failure::CpuCount { want: 8, got: 2 }));
+        let err = check_info(&mut fake(line), 2, 4096).unwrap_err();
+        assert!(matches!(
+            err,
+            Failure::Memory {
+                mem_mib: 4096,
+                got_kib: 480_160
+            }
+        ));
+        let jiffies = "echo 'GUEST-INFO nproc=1 mem_total_kib=480160 clocksource=jiffies'";
+        let err = check_info(&mut fake(jiffies), 1, 512).unwrap_err();
+        assert!(matches!(err, Failure::Clocksource(ref c) if c == "jiffies"));
+        let err = check_info(&mut fake("echo 'GUEST-INFO nproc=two'"), 1, 512).unwrap_err();
+        assert!(matches!(err, Failure::Info(_)));
+    }
+
+    #[test]
+    fn a_kernel_that_stops_early_fails_at_once() {
+        let mut g = fake("echo '[ 7.0] reboot: System halted'; sleep 5");
+        let err = wait_userspace(&mut g).unwrap_err();
+        assert!(matches!(err, Failure::NoUserspace(ref l) if l.contains("System halted")));
+        let mut g = fake("echo GUEST-USERSPACE-UP");
+        assert!(wait_userspace(&mut g).is_ok());
+    }
+
+    #[test]
+    fn the_kernels_last_line_is_recognised() {
+        let mut g = fake("echo '[    4.48] reboot: Restarting system'");
+        let (_, what) = guest_end(&mut g).unwrap();
+        assert_eq!(what, "reboot: Restarting system");
+    }
+}

@@ -1,0 +1,200 @@
+//! The inner VMMs a guest can boot under, and how each is told to boot one.
+//!
+//! Both take QEMU's flags, so one [`Boot`] description becomes either command line: ours (`vmm`)
+//! and QEMU's microvm (`qemu-system-x86_64 -M microvm -enable-kvm`), the baseline we compare with and
+//! the VMM that proves the harness itself works.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The kernel command line every boot starts with: the same for every VMM compared, since each
+/// byte on the console is an exit (DESIGN.md, "Guest boot").
+pub const BASE_APPEND: &str = "console=ttyS0 quiet";
+
+/// Errors choosing a target.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The name is neither `vmm` nor `qemu`.
+    #[error("unknown target {0:?}: want vmm or qemu")]
+    Unknown(String),
+}
+
+/// An inner VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Our `vmm` binary, found on PATH.
+    Vmm,
+    /// `qemu-system-x86_64 -M microvm`.
+    Qemu,
+}
+
+impl Target {
+    /// Parses `vmm` or `qemu`.
+    pub fn parse(name: &str) -> Result<Self, Error> {
+        match name {
+            "vmm" => Ok(Target::Vmm),
+            "qemu" => Ok(Target::Qemu),
+            other => Err(Error::Unknown(other.to_owned())),
+        }
+    }
+
+    /// Parses a comma-separated list of targets.
+    pub fn parse_list(list: &str) -> Result<Vec<Self>, Error> {
+        list.split(',').map(Target::parse).collect()
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Target::Vmm => "vmm",
+            Target::Qemu => "qemu",
+        })
+    }
+}
+
+/// Which image of the kernel to boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// The bzImage, through the 64-bit boot protocol.
+    BzImage,
+    /// The ELF vmlinux, through its PVH entry point.
+    Pvh,
+}
+
+impl Kernel {
+    /// The file name in the guest directory (resources/build).
+    pub fn file(self) -> &'static str {
+        match self {
+            Kernel::BzImage => "bzImage",
+            Kernel::Pvh => "vmlinux",
+        }
+    }
+}
+
+/// One guest boot, described once for every VMM.
+#[derive(Debug, Clone)]
+pub struct Boot {
+    /// The kernel image.
+    pub kernel: Kernel,
+    /// vCPUs (`-smp`).
+    pub smp: u32,
+    /// Guest memory in MiB (`-m`).
+    pub mem_mib: u64,
+    /// The initramfs file name in the guest directory.
+    pub initrd: &'static str,
+    /// Words appended to [`BASE_APPEND`] (the guest's `guest.run=` and the like).
+    pub append: String,
+}
+
+impl Boot {
+    /// A bzImage boot with the small initramfs and the given command-line words.
+    pub fn new(kernel: Kernel, smp: u32, mem_mib: u64, append: &str) -> Self {
+        Boot {
+            kernel,
+            smp,
+            mem_mib,
+            initrd: "initrd.img",
+            append: append.to_owned(),
+        }
+    }
+
+    /// The full kernel command line.
+    pub fn cmdline(&self) -> String {
+        if self.append.is_empty() {
+            BASE_APPEND.to_owned()
+        } else {
+            format!("{BASE_APPEND} {}", self.append)
+        }
+    }
+
+    /// The command that boots this guest under `target`, with the console on stdio.
+    pub fn command(&self, target: Target, guest_dir: &Path) -> Command {
+        let kernel: PathBuf = guest_dir.join(self.kernel.file());
+        let initrd: PathBuf = guest_dir.join(self.initrd);
+        let mut c;
+        match target {
+            Target::Vmm => {
+                c = Command::new("vmm");
+                c.arg("-m").arg(format!("{}M", self.mem_mib));
+            }
+            Target::Qemu => {
+                c = Command::new("qemu-system-x86_64");
+                c.args([
+                    "-M",
+                    "microvm",
+                    "-enable-kvm",
+                    "-cpu",
+                    "host",
+                    "-nodefaults",
+                ]);
+                c.args(["-no-reboot", "-display", "none", "-serial", "stdio"]);
+                c.arg("-m").arg(format!("{}M", self.mem_mib));
+            }
+        }
+        c.arg("-smp").arg(self.smp.to_string());
+        c.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd);
+        c.arg("-append").arg(self.cmdline());
+        c
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn args(c: &Command) -> Vec<String> {
+        c.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn one_boot_becomes_both_command_lines() {
+        let b = Boot::new(Kernel::Pvh, 2, 512, "guest.run=info");
+        let dir = Path::new("/g");
+        let v = b.command(Target::Vmm, dir);
+        assert_eq!(v.get_program(), "vmm");
+        assert_eq!(
+            args(&v),
+            [
+                "-m",
+                "512M",
+                "-smp",
+                "2",
+                "-kernel",
+                "/g/vmlinux",
+                "-initrd",
+                "/g/initrd.img",
+                "-append",
+                "console=ttyS0 quiet guest.run=info"
+            ]
+        );
+        let q = b.command(Target::Qemu, dir);
+        assert_eq!(q.get_program(), "qemu-system-x86_64");
+        let qa = args(&q);
+        assert!(qa.windows(2).any(|w| w == ["-M", "microvm"]));
+        assert!(qa.ends_with(&[
+            "-smp".into(),
+            "2".into(),
+            "-kernel".into(),
+            "/g/vmlinux".into(),
+            "-initrd".into(),
+            "/g/initrd.img".into(),
+            "-append".into(),
+            "console=ttyS0 quiet guest.run=info".into()
+        ]));
+    }
+
+    #[test]
+    fn targets_parse_and_unknown_ones_are_named() {
+        assert_eq!(
+            Target::parse_list("vmm,qemu").unwrap(),
+            [Target::Vmm, Target::Qemu]
+        );
+        let err = Target::parse_list("vmm,kvmtool").unwrap_err();
+        assert!(matches!(err, Error::Unknown(ref n) if n == "kvmtool"));
+    }
+}

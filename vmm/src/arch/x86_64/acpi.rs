@@ -1,0 +1,326 @@
+//! ACPI tables for a hardware-reduced platform, built with the acpi_tables crate.
+//!
+//! The tables sit at [`ACPI_START`] (RSDP first, then XSDT, FADT, MADT, DSDT, each 8-byte
+//! aligned); the kernel finds the RSDP through `boot_params.acpi_rsdp_addr` (bzImage) or
+//! `hvm_start_info.rsdp_paddr` (PVH), or by scanning 0xE0000 to 0xFFFFF. What they say
+//! (ACPI 6.5 chapter 5):
+//! - FADT (5.2.9): `HW_REDUCED_ACPI`, so there are no PM1 blocks, no SCI and no fixed buttons;
+//!   power-off goes through the sleep control and status registers at [`ACPI_SLEEP_PORT`].
+//! - MADT (5.2.12): one local APIC per vCPU (APIC id = vCPU index) and the IOAPIC; this is how a
+//!   kernel without MP-table support finds every CPU.
+//! - DSDT (5.2.11.1): COM1 (`PNP0501`), the CMOS RTC (`PNP0B00`), the `\_S5_` package Linux needs before it registers ACPI
+//!   power-off, and whatever devices the caller adds ([`DsdtDevice`], for virtio-mmio later).
+
+use acpi_tables::aml;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::layout::{
+    ACPI_END, ACPI_SLEEP_PORT, ACPI_START, APIC_START, COM1_IRQ, COM1_PORT, IOAPIC_START, RTC_IRQ,
+    RTC_PORT,
+};
+use super::memory::GuestMemory;
+use devices::legacy::SLEEP_TYPE_S5;
+
+/// OEM id and table id written in every table header.
+const OEM_ID: [u8; 6] = *b"VMMRS ";
+const OEM_TABLE_ID: [u8; 8] = *b"VMMRSTBL";
+const OEM_REVISION: u32 = 1;
+/// DSDT revision 2 and up means 64-bit AML integers (ACPI 6.5, 5.2.11.1).
+const DSDT_REVISION: u8 = 6;
+/// MADT flags: PCAT_COMPAT, the machine has the dual 8259 PICs (KVM's in-kernel PIC).
+const MADT_PCAT_COMPAT: u32 = 1;
+
+/// The AML encoding of a `Device` object the caller adds to the DSDT's `\_SB_` scope (a
+/// virtio-mmio transport, for example); build it with [`aml_bytes`] from `acpi_tables::aml`.
+pub type DsdtDevice = Vec<u8>;
+
+/// Errors from writing the ACPI tables.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    /// The tables do not fit between [`ACPI_START`] and [`ACPI_END`].
+    #[error("ACPI tables need {bytes} bytes, more than the {} reserved", ACPI_END - ACPI_START)]
+    TooLarge {
+        /// Bytes the tables need.
+        bytes: u64,
+    },
+    /// More vCPUs than an 8-bit APIC id can name.
+    #[error("Cannot describe {cpus} vCPUs with 8-bit APIC ids")]
+    TooManyCpus {
+        /// vCPU count.
+        cpus: usize,
+    },
+    /// Writing a table to guest memory failed.
+    #[error("Cannot write the {table} table at {addr:#x}")]
+    Write {
+        /// Table signature.
+        table: &'static str,
+        /// Guest address.
+        addr: u64,
+        /// The memory error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// The bytes of any AML object or table.
+pub fn aml_bytes(aml: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    aml.to_aml_bytes(&mut v);
+    v
+}
+
+/// The DSDT body: `\_SB_` with COM1, the RTC and `extra`, and `\_S5_`.
+fn dsdt(extra: &[DsdtDevice]) -> Vec<u8> {
+    let com1_port = u16::try_from(COM1_PORT).unwrap_or(0x3f8);
+    // ISA serial interrupts are edge-triggered and active high.
+    let com1 = aml_bytes(&aml::Device::new(
+        "COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(com1_port, com1_port, 1, 8),
+                    &aml::Interrupt::new(true, true, false, false, COM1_IRQ),
+                ]),
+            ),
+        ],
+    ));
+    // The CMOS RTC: without this entry a hardware-reduced kernel has no legacy IRQ 8 to give the
+    // rtc_cmos platform device, and its probe fails.
+    let rtc_port = u16::try_from(RTC_PORT).unwrap_or(0x70);
+    let rtc = aml_bytes(&aml::Device::new(
+        "RTC_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(rtc_port, rtc_port, 1, 2),
+                    &aml::Interrupt::new(true, true, false, false, RTC_IRQ),
+                ]),
+            ),
+        ],
+    ));
+    let mut sb_children = com1;
+    sb_children.extend(rtc);
+    sb_children.extend(extra.iter().flatten());
+    let sb = aml::Scope::raw("\\_SB_".into(), sb_children);
+    // \_S5_: SLP_TYPa (and SLP_TYPb, unused on hardware-reduced platforms) for soft-off.
+    let s5 = aml::Name::new(
+        "\\_S5_".into(),
+        &aml::Package::new(vec![&SLEEP_TYPE_S5, &SLEEP_TYPE_S5]),
+    );
+    let mut body = sb;
+    body.extend(aml_bytes(&s5));
+    let mut table = Sdt::new(
+        *b"DSDT",
+        36,
+        DSDT_REVISION,
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+    );
+    table.append_slice(&body);
+    table.as_slice().to_vec()
+}
+
+/// The FADT for a hardware-reduced platform whose DSDT is at `dsdt_addr`.
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let sleep_reg =
+        |port: u64| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port);
+    let mut builder = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        // Power and sleep buttons, if any, are control-method devices (in the DSDT).
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    builder.sleep_control_reg = sleep_reg(ACPI_SLEEP_PORT);
+    builder.sleep_status_reg = sleep_reg(ACPI_SLEEP_PORT + 1);
+    builder.hypervisor_vendor_identity = u64::from_le_bytes(*b"VMMRSVMM").into();
+    aml_bytes(&builder.finalize())
+}
+
+/// The MADT for `cpus` vCPUs and the IOAPIC.
+fn madt(cpus: u8) -> Vec<u8> {
+    let apic = u32::try_from(APIC_START).unwrap_or(0xfee0_0000);
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(apic),
+    );
+    for cpu in 0..cpus {
+        madt.add_structure(ProcessorLocalApic::new(cpu, cpu, EnabledStatus::Enabled));
+    }
+    // The IOAPIC's id follows the CPUs' APIC ids; its pins are GSIs 0 to 23.
+    let ioapic = u32::try_from(IOAPIC_START).unwrap_or(0xfec0_0000);
+    madt.add_structure(IoApic::new(cpus, ioapic, 0));
+    let mut bytes = aml_bytes(&madt);
+    set_madt_flags(&mut bytes, MADT_PCAT_COMPAT);
+    bytes
+}
+
+/// Sets the MADT's flags field (offset 40) and fixes the checksum (offset 9).
+fn set_madt_flags(table: &mut [u8], flags: u32) {
+    table[40..44].copy_from_slice(&flags.to_le_bytes());
+    table[9] = 0;
+    let sum = table.iter().fold(0u8, |acc, b| acc.wrapping_add(*b));
+    table[9] = 0u8.wrapping_sub(sum);
+}
+
+/// Rounds `addr` up to 8 bytes.
+fn align8(addr: u64) -> u64 {
+    addr.div_ceil(8) * 8
+}
+
+/// Writes the tables for `cpus` vCPUs (with `extra` devices in the DSDT) and returns the RSDP's
+/// address.
+pub fn create_acpi_tables(
+    mem: &GuestMemory,
+    cpus: usize,
+    extra: &[DsdtDevice],
+) -> Result<GuestAddress, AcpiError> {
+    let cpus8 = u8::try_from(cpus)
+        .ok()
+        .filter(|&c| c < u8::MAX)
+        .ok_or(AcpiError::TooManyCpus { cpus })?;
+    let rsdp_addr = ACPI_START;
+    let xsdt_addr = align8(rsdp_addr + Rsdp::len() as u64);
+    // The XSDT holds two entries: the FADT and the MADT (the DSDT hangs off the FADT).
+    let xsdt_len = 36 + 2 * 8;
+    let fadt_addr = align8(xsdt_addr + xsdt_len);
+    let fadt_addr_end = fadt_addr + acpi_tables::fadt::FADT::len() as u64;
+    let madt_addr = align8(fadt_addr_end);
+    let madt = madt(cpus8);
+    let dsdt_addr = align8(madt_addr + madt.len() as u64);
+    let dsdt = dsdt(extra);
+    let end = dsdt_addr + dsdt.len() as u64;
+    if end > ACPI_END {
+        return Err(AcpiError::TooLarge {
+            bytes: end - ACPI_START,
+        });
+    }
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let tables: [(&'static str, u64, Vec<u8>); 5] = [
+        ("RSDP", rsdp_addr, aml_bytes(&Rsdp::new(OEM_ID, xsdt_addr))),
+        ("XSDT", xsdt_addr, aml_bytes(&xsdt)),
+        ("FADT", fadt_addr, fadt(dsdt_addr)),
+        ("MADT", madt_addr, madt),
+        ("DSDT", dsdt_addr, dsdt),
+    ];
+    for (table, addr, bytes) in tables {
+        mem.write_slice(&bytes, GuestAddress(addr))
+            .map_err(|source| AcpiError::Write {
+                table,
+                addr,
+                source,
+            })?;
+    }
+    Ok(GuestAddress(rsdp_addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    fn checksum_ok(table: &[u8]) -> bool {
+        table.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+    }
+
+    fn read(mem: &GuestMemory, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        mem.read_slice(&mut v, GuestAddress(addr)).expect("in RAM");
+        v
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+    }
+
+    /// Reads the table at `addr` whole, checking its checksum.
+    fn table(mem: &GuestMemory, addr: u64) -> Vec<u8> {
+        let header = read(mem, addr, 36);
+        let t = read(mem, addr, u32_at(&header, 4) as usize);
+        assert!(
+            checksum_ok(&t),
+            "{:?} checksum",
+            std::str::from_utf8(&t[..4])
+        );
+        t
+    }
+
+    #[test]
+    fn tables_chain_from_the_rsdp() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("maps");
+        let rsdp_addr = create_acpi_tables(&mem, 3, &[]).expect("fits");
+        let rsdp = read(&mem, rsdp_addr.0, 36);
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert!(checksum_ok(&rsdp[..20]) && checksum_ok(&rsdp));
+        let xsdt = table(&mem, u64_at(&rsdp, 24));
+        assert_eq!(&xsdt[..4], b"XSDT");
+        let fadt = table(&mem, u64_at(&xsdt, 36));
+        assert_eq!(&fadt[..4], b"FACP");
+        assert!(fadt[8] >= 5, "FADT revision 5 or later");
+        assert_ne!(u32_at(&fadt, 112) & (1 << 20), 0, "HW_REDUCED_ACPI");
+        // Sleep control register: a byte-wide I/O port (GAS at offset 244, address at +4).
+        assert_eq!((fadt[244], fadt[245]), (1, 8));
+        assert_eq!(u64_at(&fadt, 248), ACPI_SLEEP_PORT);
+        assert_eq!(u64_at(&fadt, 260), ACPI_SLEEP_PORT + 1);
+        let madt = table(&mem, u64_at(&xsdt, 44));
+        assert_eq!(&madt[..4], b"APIC");
+        assert_eq!(u32_at(&madt, 40), MADT_PCAT_COMPAT);
+        // Three local APICs (type 0, 8 bytes) then the IOAPIC (type 1, 12 bytes).
+        let mut apic_ids = Vec::new();
+        let mut off = 44;
+        while off < madt.len() {
+            if madt[off] == 0 {
+                apic_ids.push(madt[off + 3]);
+            } else {
+                assert_eq!(madt[off], 1);
+                assert_eq!(u32_at(&madt, off + 4), 0xfec0_0000);
+            }
+            off += usize::from(madt[off + 1]);
+        }
+        assert_eq!(apic_ids, [0, 1, 2]);
+        let dsdt = table(&mem, u64_at(&fadt, 140));
+        assert_eq!(&dsdt[..4], b"DSDT");
+        let find = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(find(b"_S5_") && find(b"COM1") && find(b"RTC_") && find(b"_CRS"));
+    }
+
+    #[test]
+    fn extra_devices_land_in_the_dsdt() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("maps");
+        let dsdt = aml_bytes(&aml::Device::new("VIO0".into(), vec![]));
+        create_acpi_tables(&mem, 1, std::slice::from_ref(&dsdt)).expect("fits");
+        let all = read(&mem, ACPI_START, 0x1000);
+        assert!(all.windows(dsdt.len()).any(|w| w == dsdt.as_slice()));
+    }
+
+    #[test]
+    fn too_many_cpus_is_refused() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("maps");
+        assert!(matches!(
+            create_acpi_tables(&mem, 300, &[]),
+            Err(AcpiError::TooManyCpus { cpus: 300 })
+        ));
+    }
+}

@@ -1,0 +1,206 @@
+//! The CPUID each vCPU reports: KVM's supported set, with this vCPU's APIC id and a topology of
+//! one socket holding `count` single-threaded cores.
+//!
+//! Which leaves say what (Intel SDM vol. 2A, "CPUID"; AMD APM vol. 3, appendix E):
+//! - leaf 1: initial APIC id and logical-processor count (EBX), HTT (EDX), hypervisor (ECX);
+//! - leaf 4 (Intel): cores per package and threads sharing each cache (EAX);
+//! - leaves 0xB and 0x1F (x2APIC topology): one SMT level of width 1, one core level of width
+//!   `count`, the x2APIC id in EDX;
+//! - leaf 0x80000008 (AMD): core count and APIC-id size (ECX);
+//! - leaf 0x8000001D (AMD): threads sharing each cache (EAX);
+//! - leaf 0x8000001E (AMD): extended APIC id, core id, node id.
+//!
+//! The APIC id of vCPU `n` is `n`, matching the MADT.
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd};
+
+/// Errors from setting CPUID.
+#[derive(Debug, thiserror::Error)]
+pub enum CpuidError {
+    /// KVM_GET_SUPPORTED_CPUID failed.
+    #[error("Cannot get the CPUID leaves KVM supports")]
+    GetSupported(#[source] kvm_ioctls::Error),
+    /// KVM_SET_CPUID2 failed.
+    #[error("Cannot set CPUID on vCPU {cpu}")]
+    Set {
+        /// The vCPU.
+        cpu: u8,
+        /// The ioctl error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Leaf 1 EDX: hyper-threading (more than one logical processor per package).
+const LEAF1_EDX_HTT: u32 = 1 << 28;
+/// Leaf 1 ECX: running under a hypervisor.
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 0xB/0x1F level types, in ECX bits 15:8.
+const LEVEL_TYPE_SMT: u32 = 1;
+const LEVEL_TYPE_CORE: u32 = 2;
+
+/// Bits needed to number `count` cores: ceil(log2(count)).
+fn id_bits(count: u8) -> u32 {
+    u32::from(count.max(1)).next_power_of_two().trailing_zeros()
+}
+
+/// The threads sharing a cache at `level` (1 to 3): one core's caches are private, the L3 is
+/// shared by the package.
+fn sharing(level: u32, count: u8) -> u32 {
+    if level >= 3 {
+        u32::from(count.max(1)) - 1
+    } else {
+        0
+    }
+}
+
+/// Rewrites the APIC-id and topology fields of `entries` for vCPU `cpu` of `count`.
+pub fn patch_entries(entries: &mut [kvm_cpuid_entry2], cpu: u8, count: u8) {
+    let cpu32 = u32::from(cpu);
+    let count32 = u32::from(count.max(1));
+    for e in entries.iter_mut() {
+        match e.function {
+            0x1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (cpu32 << 24) | (count32 << 16);
+                e.ecx |= LEAF1_ECX_HYPERVISOR;
+                if count > 1 {
+                    e.edx |= LEAF1_EDX_HTT;
+                } else {
+                    e.edx &= !LEAF1_EDX_HTT;
+                }
+            }
+            // The null cache type (EAX[4:0] == 0) ends the list; leave it alone.
+            0x4 if e.eax & 0x1f != 0 => {
+                let level = (e.eax >> 5) & 0x7;
+                e.eax = (e.eax & 0x3fff) | ((count32 - 1) << 26) | (sharing(level, count) << 14);
+            }
+            0xb | 0x1f => {
+                let (shift, width, level_type) = match e.index {
+                    0 => (0, 1, LEVEL_TYPE_SMT),
+                    1 => (id_bits(count), count32, LEVEL_TYPE_CORE),
+                    _ => (0, 0, 0),
+                };
+                e.eax = shift;
+                e.ebx = width;
+                e.ecx = (level_type << 8) | (e.index & 0xff);
+                e.edx = cpu32;
+            }
+            0x8000_0008 => {
+                e.ecx = (id_bits(count) << 12) | (count32 - 1);
+            }
+            0x8000_001d if e.eax & 0x1f != 0 => {
+                let level = (e.eax >> 5) & 0x7;
+                e.eax = (e.eax & 0x3fff) | (sharing(level, count) << 14);
+            }
+            0x8000_001e => {
+                e.eax = cpu32;
+                // Compute unit (core) id in EBX[7:0], one thread per core (EBX[15:8] = 0).
+                e.ebx = cpu32;
+                // Node 0 of a one-node package.
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The CPUID leaves KVM supports on this host.
+pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuidError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(CpuidError::GetSupported)
+}
+
+/// Sets `supported`, patched for vCPU `cpu` of `count`, on `vcpu`.
+pub fn setup_cpuid(vcpu: &VcpuFd, supported: &CpuId, cpu: u8, count: u8) -> Result<(), CpuidError> {
+    let mut cpuid = supported.clone();
+    patch_entries(cpuid.as_mut_slice(), cpu, count);
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(|source| CpuidError::Set { cpu, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        }
+    }
+
+    fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> kvm_cpuid_entry2 {
+        *entries
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .expect("leaf present")
+    }
+
+    #[test]
+    fn id_bits_round_up() {
+        let bits: Vec<u32> = [1, 2, 3, 4, 5, 8, 9].into_iter().map(id_bits).collect();
+        assert_eq!(bits, [0, 1, 2, 2, 3, 3, 4]);
+    }
+
+    #[test]
+    fn leaf_1_carries_apic_id_and_count() {
+        // CLFLUSH size 8 in EBX[15:8] must survive.
+        let mut e = [leaf(1, 0, 0, 0xff00_0800, 0, 0)];
+        patch_entries(&mut e, 3, 4);
+        assert_eq!(e[0].ebx, 0x0304_0800);
+        assert_eq!(e[0].edx & LEAF1_EDX_HTT, LEAF1_EDX_HTT);
+        assert_eq!(e[0].ecx & LEAF1_ECX_HYPERVISOR, LEAF1_ECX_HYPERVISOR);
+        patch_entries(&mut e, 0, 1);
+        assert_eq!(e[0].ebx, 0x0001_0800);
+        assert_eq!(e[0].edx & LEAF1_EDX_HTT, 0);
+    }
+
+    #[test]
+    fn intel_topology_leaves() {
+        let mut e = [
+            // L1 data cache (type 1, level 1) and L3 (type 3, level 3), as a host reports them
+            // with 64 logical processors sharing its L3.
+            leaf(4, 0, 0x1c00_4121, 0x01c0_003f, 0x3f, 0),
+            leaf(4, 3, 0x1c03_c163, 0x03c0_003f, 0x3fff, 6),
+            leaf(4, 4, 0, 0, 0, 0),
+            leaf(0xb, 0, 1, 2, 0x100, 7),
+            leaf(0xb, 1, 6, 64, 0x201, 7),
+            leaf(0xb, 2, 0, 0, 2, 7),
+        ];
+        patch_entries(&mut e, 5, 6);
+        assert_eq!(find(&e, 4, 0).eax, (5 << 26) | 0x121);
+        assert_eq!(find(&e, 4, 3).eax, (5 << 26) | (5 << 14) | 0x163);
+        assert_eq!(find(&e, 4, 4).eax, 0, "terminator kept");
+        let smt = find(&e, 0xb, 0);
+        assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 5));
+        let core = find(&e, 0xb, 1);
+        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (3, 6, 0x201, 5));
+        let end = find(&e, 0xb, 2);
+        assert_eq!((end.eax, end.ebx, end.ecx >> 8, end.edx), (0, 0, 0, 5));
+    }
+
+    #[test]
+    fn amd_topology_leaves() {
+        let mut e = [
+            leaf(0x8000_0008, 0, 0x3030, 0, 0x0001_703f, 0),
+            leaf(0x8000_001d, 0, 0x0000_4121, 0, 0, 0),
+            leaf(0x8000_001d, 3, 0x0003_c163, 0, 0, 0),
+            leaf(0x8000_001e, 0, 0x2a, 0x0115, 0x0103, 0),
+        ];
+        patch_entries(&mut e, 7, 8);
+        let size = find(&e, 0x8000_0008, 0);
+        assert_eq!(size.eax, 0x3030, "address sizes kept");
+        assert_eq!(size.ecx, (3 << 12) | 7);
+        assert_eq!(find(&e, 0x8000_001d, 0).eax, 0x121);
+        assert_eq!(find(&e, 0x8000_001d, 3).eax, (7 << 14) | 0x163);
+        let ext = find(&e, 0x8000_001e, 0);
+        assert_eq!((ext.eax, ext.ebx, ext.ecx, ext.edx), (7, 7, 0, 0));
+    }
+}

@@ -1,0 +1,109 @@
+//! Every guest-physical address and I/O port the VMM places something at, in one table.
+//!
+//! Low memory (below 1 MiB) holds the boot structures; the kernel loads at 1 MiB; RAM continues
+//! up to the 32-bit PCI hole at 3 GiB and resumes at 4 GiB; the hole holds the MMIO devices, the
+//! IOAPIC and the local APICs. References: the Linux x86 boot protocol
+//! (`Documentation/arch/x86/boot.rst`), the PVH boot ABI (xen `docs/misc/pvh.pandoc`), the
+//! Intel SDM vol. 3 (APIC), the 82093AA IOAPIC datasheet, and the ACPI 6.5 specification.
+
+/// The boot GDT, just past the real-mode interrupt vector table and BIOS data area (0 to 0x4FF,
+/// left alone: Linux reads the BDA) (4 entries of 8 bytes), read by `lgdt` only through the vCPU's GDTR.
+pub const BOOT_GDT_START: u64 = 0x500;
+/// The boot IDT (empty; interrupts stay off until the kernel loads its own).
+pub const BOOT_IDT_START: u64 = 0x520;
+/// The PVH `hvm_start_info` structure, pointed to by `%ebx` at the PVH entry.
+pub const PVH_INFO_START: u64 = 0x6000;
+/// The PVH module list (one entry: the initramfs), right after `hvm_start_info`.
+pub const PVH_MODLIST_START: u64 = 0x6040;
+/// The PVH memory map, one `hvm_memmap_table_entry` per E820 entry (a PVH boot has no zero
+/// page, so it shares that page).
+pub const PVH_MEMMAP_START: u64 = 0x7000;
+/// The Linux zero page (`struct boot_params`), pointed to by `%rsi` at the 64-bit entry.
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Top of the boot stack (it grows down from here); `%rsp` at the kernel's entry.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// The boot PML4: one entry pointing at [`PDPTE_START`].
+pub const PML4_START: u64 = 0x9000;
+/// The boot page-directory-pointer table: one entry pointing at [`PDE_START`].
+pub const PDPTE_START: u64 = 0xa000;
+/// The boot page directory: 512 2-MiB pages identity-mapping the first GiB.
+pub const PDE_START: u64 = 0xb000;
+/// The kernel command line, NUL-terminated.
+pub const CMDLINE_START: u64 = 0x20000;
+/// Room for the command line; Linux's `COMMAND_LINE_SIZE` on x86 is 2048.
+pub const CMDLINE_MAX_SIZE: usize = 2048;
+/// Start of the extended BIOS data area: usable RAM ends here, reserved memory starts.
+pub const EBDA_START: u64 = 0x9fc00;
+/// The ACPI tables, RSDP first, in the BIOS area where a kernel also scans for the RSDP
+/// (0xE0000 to 0xFFFFF, ACPI 6.5 section 5.2.5.1).
+pub const ACPI_START: u64 = 0xe0000;
+/// End of the ACPI table area.
+pub const ACPI_END: u64 = 0xf0000;
+/// The reset vector, F000:FFF0, where a CPU starts after a reset and where Linux jumps, in real
+/// mode, when it reboots "through the BIOS" (`machine_real_restart`, its choice on a
+/// hardware-reduced ACPI platform without EFI). A BIOS would reset the machine from there; we put
+/// a stub that pulses the i8042 reset line, so such a reboot ends the VM too.
+pub const RESET_VECTOR: u64 = 0xffff0;
+/// Start of high memory (1 MiB): where a bzImage's protected-mode kernel loads
+/// (`code32_start`) and the kernel's lowest acceptable load address.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// Start of the 32-bit PCI hole (3 GiB): RAM beyond this goes above 4 GiB.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// End of the 32-bit PCI hole (4 GiB): where the rest of RAM resumes.
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The IOAPIC's registers (82093AA default base), 4 KiB.
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// The local APICs' registers (Intel SDM vol. 3, 11.4.1: `IA32_APIC_BASE` default), 4 KiB.
+pub const APIC_START: u64 = 0xfee0_0000;
+/// KVM's three-page TSS for real-mode emulation on Intel (`KVM_SET_TSS_ADDR`), just below the
+/// BIOS ROM shadow at the top of the hole.
+pub const KVM_TSS_START: u64 = 0xfffb_d000;
+
+/// COM1 (16550A UART), 8 ports.
+pub const COM1_PORT: u64 = 0x3f8;
+/// COM1's ISA interrupt line.
+pub const COM1_IRQ: u32 = 4;
+/// The i8042 keyboard controller: data at 0x60, command and status at 0x64.
+pub const I8042_PORT: u64 = 0x60;
+/// The CMOS RTC: index at 0x70, data at 0x71.
+pub const RTC_PORT: u64 = 0x70;
+/// The CMOS RTC's ISA interrupt line.
+pub const RTC_IRQ: u32 = 8;
+/// The ACPI sleep control (0x600) and sleep status (0x601) registers, one byte each; the port is
+/// QEMU's PM base, free on a machine without PCI.
+pub const ACPI_SLEEP_PORT: u64 = 0x600;
+
+// The orderings the rest of the VMM relies on, checked at compile time.
+const _: () = assert!(0x500 <= BOOT_GDT_START, "clear of the IVT and BDA");
+const _: () = assert!(BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
+const _: () = assert!(BOOT_STACK_POINTER < PML4_START);
+const _: () = assert!(CMDLINE_START + (CMDLINE_MAX_SIZE as u64) < EBDA_START);
+const _: () = assert!(MMIO_GAP_START < IOAPIC_START && IOAPIC_START < APIC_START);
+const _: () = assert!(APIC_START < KVM_TSS_START && KVM_TSS_START + 0x3000 <= MMIO_GAP_END);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn low_memory_structures_do_not_overlap() {
+        // (start, length) of each structure placed below 1 MiB, in address order.
+        let used = [
+            (BOOT_GDT_START, 4 * 8),
+            (BOOT_IDT_START, 8),
+            (PVH_INFO_START, 0x38),
+            (PVH_MODLIST_START, 0x20),
+            (ZERO_PAGE_START, 0x1000),
+            (PML4_START, 0x1000),
+            (PDPTE_START, 0x1000),
+            (PDE_START, 0x1000),
+            (CMDLINE_START, CMDLINE_MAX_SIZE as u64),
+            (ACPI_START, ACPI_END - ACPI_START),
+            (RESET_VECTOR, 16),
+        ];
+        for pair in used.windows(2) {
+            assert!(pair[0].0 + pair[0].1 <= pair[1].0, "{pair:x?}");
+        }
+        assert_eq!(RESET_VECTOR + 16, HIMEM_START);
+    }
+}

@@ -1,0 +1,150 @@
+//! The global lock: one mutex around everything vCPU exits and main-loop handlers touch, and the
+//! condition variable that pauses and stops vCPUs.
+//!
+//! Like QEMU's big lock, it makes device code single-threaded: a vCPU takes it to dispatch a PIO
+//! or MMIO exit to the bus, and the main loop takes it around every handler (see
+//! [`crate::main_loop`]). [`GlobalLock::lock`] is the only place the mutex is locked. vCPUs never
+//! hold it while in `KVM_RUN`.
+//!
+//! Pausing (`pause_all`) follows QEMU's `pause_all_vcpus`: the caller holds the lock, and a vCPU
+//! in an exit may be waiting for that very lock, so the caller waits on the condition variable
+//! (which releases the mutex while it waits) until every vCPU has reported itself paused or
+//! finished. Each vCPU is kicked out of `KVM_RUN` first (see [`crate::vcpu::Kicker`]).
+//!
+//! Lock order: the global lock, then a device's iothread context (never two contexts).
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use devices::bus::Bus;
+
+use crate::vcpu::Kicker;
+
+/// What the vCPUs are asked to do; they look at it whenever they are kicked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuRequest {
+    /// Run the guest.
+    Run,
+    /// Stop in a paused state until asked to run or stop.
+    Pause,
+    /// Leave the run loop for good.
+    Stop,
+}
+
+/// Why the VM ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off (ACPI S5).
+    GuestPowerOff,
+    /// The guest reset the machine (i8042, triple fault, or KVM's reset event); like QEMU's
+    /// `-no-reboot`, this ends the VM.
+    GuestReset,
+    /// SIGTERM or SIGINT.
+    Signal(i32),
+    /// Ctrl-A x on the console.
+    ConsoleQuit,
+    /// A vCPU failed; the message says how.
+    VcpuFailed {
+        /// The vCPU.
+        cpu: u8,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// Everything behind the global lock.
+#[derive(Debug)]
+pub struct Machine {
+    /// The I/O-port bus.
+    pub pio: Bus,
+    /// The MMIO bus.
+    pub mmio: Bus,
+    /// What the vCPUs are asked to do.
+    pub request: VcpuRequest,
+    /// vCPUs currently paused.
+    pub paused: usize,
+    /// vCPUs whose thread has left its run loop.
+    pub finished: usize,
+    /// Why the VM ends, once something decided it does (the first reason wins).
+    pub exit: Option<ExitReason>,
+}
+
+impl Machine {
+    /// A running machine with these buses.
+    pub fn new(pio: Bus, mmio: Bus) -> Self {
+        Self {
+            pio,
+            mmio,
+            request: VcpuRequest::Run,
+            paused: 0,
+            finished: 0,
+            exit: None,
+        }
+    }
+
+    /// Records why the VM ends, unless a reason was recorded first.
+    pub fn request_exit(&mut self, reason: ExitReason) {
+        if self.exit.is_none() {
+            log::info!("VM exit requested: {reason:?}");
+            self.exit = Some(reason);
+        }
+    }
+}
+
+/// The global mutex and its condition variable.
+#[derive(Debug)]
+pub struct GlobalLock {
+    machine: Mutex<Machine>,
+    changed: Condvar,
+}
+
+/// The global lock, held.
+pub type Guard<'a> = MutexGuard<'a, Machine>;
+
+impl GlobalLock {
+    /// The lock around `machine`.
+    pub fn new(machine: Machine) -> Self {
+        Self {
+            machine: Mutex::new(machine),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// Takes the global lock. A thread that panicked while holding it has already aborted the
+    /// process (release builds use `panic = "abort"`), so a poisoned lock is taken as is.
+    pub fn lock(&self) -> Guard<'_> {
+        self.machine
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Releases the lock, waits for a change of the vCPUs' state, and takes it again.
+    pub fn wait<'a>(&self, guard: Guard<'a>) -> Guard<'a> {
+        self.changed
+            .wait(guard)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Wakes every waiter (paused vCPUs and `pause_all`).
+    pub fn notify(&self) {
+        self.changed.notify_all();
+    }
+
+    /// Pauses every vCPU that has not finished: kicks each out of `KVM_RUN`, then waits (releasing
+    /// the lock) until all report paused or finished.
+    pub fn pause_all<'a>(&self, mut guard: Guard<'a>, kickers: &[Kicker]) -> Guard<'a> {
+        guard.request = VcpuRequest::Pause;
+        for k in kickers {
+            k.kick();
+        }
+        while guard.paused + guard.finished < kickers.len() {
+            guard = self.wait(guard);
+        }
+        guard
+    }
+
+    /// Sets `request` for every vCPU and wakes the paused ones.
+    pub fn release_all(&self, guard: &mut Guard<'_>, request: VcpuRequest) {
+        guard.request = request;
+        self.notify();
+    }
+}

@@ -1,0 +1,82 @@
+//! The debug log (`-D FILE`): every `log` record, with a timestamp and the thread's name.
+//!
+//! Without `-D` nothing is logged: the terminal belongs to the guest's console, and the VMM's own
+//! errors reach stderr through `main`.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Errors from setting up the debug log.
+#[derive(Debug, thiserror::Error)]
+pub enum LoggerError {
+    /// The file could not be created.
+    #[error("Cannot create debug log {path}")]
+    Create {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another logger was installed first.
+    #[error("A logger is already installed")]
+    AlreadySet,
+}
+
+/// Writes records to a file.
+struct FileLogger {
+    file: Mutex<File>,
+    start: Instant,
+}
+
+impl log::Log for FileLogger {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        let elapsed = self.start.elapsed();
+        let thread = std::thread::current();
+        let line = format!(
+            "[{:>5}.{:06}] {:<5} {}: {}\n",
+            elapsed.as_secs(),
+            elapsed.subsec_micros(),
+            record.level(),
+            thread.name().unwrap_or("?"),
+            record.args()
+        );
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A log line that cannot be written has nowhere else to go.
+        let _ = file.write_all(line.as_bytes());
+    }
+
+    fn flush(&self) {
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = file.flush();
+    }
+}
+
+/// Sends every log record to `path` from now on.
+pub fn init(path: &Path) -> Result<(), LoggerError> {
+    let file = File::create(path).map_err(|source| LoggerError::Create {
+        path: path.to_owned(),
+        source,
+    })?;
+    // The logger lives as long as the process: leaking it is what `log` expects.
+    let logger: &'static FileLogger = Box::leak(Box::new(FileLogger {
+        file: Mutex::new(file),
+        start: Instant::now(),
+    }));
+    log::set_logger(logger).map_err(|_| LoggerError::AlreadySet)?;
+    log::set_max_level(log::LevelFilter::Debug);
+    Ok(())
+}

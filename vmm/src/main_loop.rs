@@ -1,0 +1,231 @@
+//! The main loop: an event-manager loop whose every handler runs with the global lock held.
+//!
+//! Each handler implements [`Handler`] and is wrapped in [`Locked`], the one subscriber type the
+//! event manager knows; `Locked` takes the global lock around the handler, so handlers see the
+//! [`Machine`] directly. Every descriptor is registered with a [`Tag`] and dispatched by `match`.
+//!
+//! Handlers now: the VM's exit events (guest reset and power-off from the devices, a vCPU's
+//! wake-up, SIGTERM/SIGINT through a signalfd) and the console's input.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+use devices::legacy::Serial;
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::COM1_PORT;
+use crate::console::Escapes;
+use crate::global::{ExitReason, GlobalLock, Machine};
+
+/// What a registered descriptor is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Tag {
+    /// The i8042's reset request.
+    Reset = 1,
+    /// The ACPI sleep registers' power-off request.
+    PowerOff,
+    /// A vCPU recorded an exit reason.
+    VcpuWake,
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// Console input.
+    Stdin,
+}
+
+impl Tag {
+    const ALL: [Tag; 5] = [
+        Tag::Reset,
+        Tag::PowerOff,
+        Tag::VcpuWake,
+        Tag::Signal,
+        Tag::Stdin,
+    ];
+
+    /// The tag registered as `data`.
+    fn from_data(data: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| *t as u32 == data)
+    }
+}
+
+/// A main-loop handler: like an event-manager subscriber, but called with the global lock held.
+pub trait Handler: Send {
+    /// Registers the handler's descriptors.
+    fn init(&mut self, ops: &mut EventOps);
+    /// Handles one event on a descriptor registered with `tag`.
+    fn process(&mut self, machine: &mut Machine, tag: Tag, events: Events, ops: &mut EventOps);
+}
+
+/// A handler and the lock it runs under.
+pub struct Locked {
+    global: Arc<GlobalLock>,
+    handler: Box<dyn Handler>,
+}
+
+impl std::fmt::Debug for Locked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Locked").finish_non_exhaustive()
+    }
+}
+
+impl Locked {
+    /// `handler`, to run under `global`.
+    pub fn new(global: Arc<GlobalLock>, handler: Box<dyn Handler>) -> Self {
+        Self { global, handler }
+    }
+}
+
+impl MutEventSubscriber for Locked {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let Some(tag) = Tag::from_data(events.data()) else {
+            log::error!("main loop: event with unknown tag {}", events.data());
+            return;
+        };
+        let mut machine = self.global.lock();
+        self.handler.process(&mut machine, tag, events, ops);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.handler.init(ops);
+    }
+}
+
+/// Registers `fd` for input under `tag`, logging a failure (the loop runs on without it).
+fn add_input(ops: &mut EventOps, fd: &impl AsRawFd, tag: Tag) -> bool {
+    match ops.add(Events::with_data(fd, tag as u32, EventSet::IN)) {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("main loop: cannot watch {tag:?}: {e:?}");
+            false
+        }
+    }
+}
+
+/// The events that end the VM.
+#[derive(Debug)]
+pub struct ExitEvents {
+    /// Signalled by the i8042.
+    pub reset: EventFd,
+    /// Signalled by the ACPI sleep registers.
+    pub poweroff: EventFd,
+    /// Signalled by a vCPU after it recorded a reason.
+    pub vcpu_wake: EventFd,
+    /// SIGTERM and SIGINT, blocked in every thread and read here.
+    pub signals: OwnedFd,
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and the threads it starts later) and returns a
+/// signalfd that reads them.
+pub fn signal_fd() -> std::io::Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a sigset_t; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
+    // SAFETY: valid set pointer; a null old-set pointer is allowed.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        return Err(std::io::Error::from_raw_os_error(ret));
+    }
+    // SAFETY: -1 asks for a new descriptor; valid set pointer.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: signalfd returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads one pending signal number from a signalfd.
+fn read_signal(fd: &OwnedFd) -> Option<i32> {
+    // SAFETY: signalfd_siginfo is plain data; all-zero is a valid value.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reads at most `size` bytes into the struct we own.
+    let n = unsafe { libc::read(fd.as_raw_fd(), std::ptr::addr_of_mut!(info).cast(), size) };
+    if usize::try_from(n).ok()? != size {
+        return None;
+    }
+    i32::try_from(info.ssi_signo).ok()
+}
+
+impl Handler for ExitEvents {
+    fn init(&mut self, ops: &mut EventOps) {
+        add_input(ops, &self.reset, Tag::Reset);
+        add_input(ops, &self.poweroff, Tag::PowerOff);
+        add_input(ops, &self.vcpu_wake, Tag::VcpuWake);
+        add_input(ops, &self.signals, Tag::Signal);
+    }
+
+    fn process(&mut self, machine: &mut Machine, tag: Tag, _: Events, _: &mut EventOps) {
+        let reason = match tag {
+            Tag::Reset => {
+                let _ = self.reset.read();
+                ExitReason::GuestReset
+            }
+            Tag::PowerOff => {
+                let _ = self.poweroff.read();
+                ExitReason::GuestPowerOff
+            }
+            Tag::VcpuWake => {
+                // The vCPU recorded its reason in the machine already.
+                let _ = self.vcpu_wake.read();
+                return;
+            }
+            Tag::Signal => match read_signal(&self.signals) {
+                Some(signo) => ExitReason::Signal(signo),
+                None => return,
+            },
+            Tag::Stdin => return,
+        };
+        machine.request_exit(reason);
+    }
+}
+
+/// Console input: stdin to the UART, minus the Ctrl-A escapes.
+#[derive(Debug, Default)]
+pub struct ConsoleInput {
+    escapes: Escapes,
+}
+
+impl Handler for ConsoleInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        // Not every stdin can be watched (a regular file or /dev/null cannot): then the guest
+        // simply gets no input.
+        add_input(ops, &std::io::stdin(), Tag::Stdin);
+    }
+
+    fn process(&mut self, machine: &mut Machine, _: Tag, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        // SAFETY: reads into a buffer we own, of the length given.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        let Ok(n) = usize::try_from(n) else {
+            return;
+        };
+        if n == 0 {
+            // End of input: stop watching, or the loop would spin on it.
+            let _ = ops.remove(events);
+            return;
+        }
+        let mut to_guest = Vec::with_capacity(n);
+        if self.escapes.feed(&buf[..n], &mut to_guest) {
+            machine.request_exit(ExitReason::ConsoleQuit);
+            return;
+        }
+        let Some(serial) = machine.pio.device_mut::<Serial>(COM1_PORT) else {
+            return;
+        };
+        let taken = serial.enqueue(&to_guest);
+        if taken < to_guest.len() {
+            log::warn!(
+                "console: guest not reading, {} bytes dropped",
+                to_guest.len() - taken
+            );
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! What the monitor needs from the VM: the [`MonitorBackend`] trait and the plain data it returns,
+//! shaped after QEMU's QAPI types (`qapi/run-state.json`, `qapi/misc.json`, `qapi/block-core.json`)
+//! so that the monitor serializes them under QEMU's member names.
+//!
+//! Locking: every method is called on the main-loop thread from the monitor's event handler, so with
+//! the global lock held (the main loop holds it around every handler); an implementation must not
+//! take the global lock again. A method that touches a disk served by an iothread (block statistics,
+//! histogram boundaries) acquires that disk's context for the duration of the touch, after the
+//! global lock as DESIGN.md orders, and never two contexts at once. Nothing here may block for
+//! long: pausing waits only for vCPUs to leave `KVM_RUN`, on a condition variable tied to the global
+//! mutex as DESIGN.md describes.
+
+use serde::Serialize;
+
+/// A failure inside the VM while carrying out a command; becomes a `GenericError` whose
+/// description is the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BackendError(pub String);
+
+/// The VM's run state, with QEMU's `RunState` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    /// Started with `-S`: vCPUs created but never run until `cont`.
+    Prelaunch,
+    /// vCPUs running.
+    Running,
+    /// Paused by `stop`.
+    Paused,
+    /// The guest shut down (or the VMM is exiting); `cont` cannot revive it.
+    Shutdown,
+}
+
+/// One `-object iothread` (QEMU's `IOThreadInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct IoThreadInfo {
+    /// The `id=` of the `-object iothread`.
+    pub id: String,
+    /// The host thread id (gettid) of its thread.
+    pub thread_id: i64,
+    /// The event loop's maximum busy-poll time in nanoseconds; 0 when it never polls.
+    pub poll_max_ns: u64,
+    /// How the poll time grows (0: the default policy, or no polling).
+    pub poll_grow: u64,
+    /// How the poll time shrinks (0: the default policy, or no polling).
+    pub poll_shrink: u64,
+    /// The most requests submitted in one batch (0: the default).
+    pub aio_max_batch: u64,
+}
+
+/// Host cache behaviour of a disk, as `-drive cache=` sets it (QEMU's `BlockdevCacheInfo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CacheMode {
+    /// Guest writes complete before reaching stable storage (a volatile write cache).
+    pub writeback: bool,
+    /// The image is opened with O_DIRECT.
+    pub direct: bool,
+    /// Flushes are ignored (`cache=unsafe`).
+    pub no_flush: bool,
+}
+
+/// One image of a disk's chain, the top first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageDescription {
+    /// The image's file name as given (or as its overlay names it).
+    pub filename: String,
+    /// `raw` or `qcow2`.
+    pub format: String,
+    /// Guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// Host bytes allocated to the file, when known.
+    pub actual_size: Option<u64>,
+    /// qcow2 cluster size in bytes.
+    pub cluster_size: Option<u64>,
+    /// qcow2 dirty bit (lazy refcounts in use and not yet cleaned); QEMU reports `false` for raw.
+    pub dirty_flag: Option<bool>,
+    /// The backing image, if any.
+    pub backing: Option<Box<ImageDescription>>,
+}
+
+/// One disk as `query-block` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockDevice {
+    /// The `-drive id=` (QEMU's `device` member).
+    pub drive_id: String,
+    /// The guest device: its `-device id=`, or the QOM path QEMU would show for an anonymous
+    /// device (QEMU's `qdev` member). `block-latency-histogram-set` accepts either id.
+    pub qdev: String,
+    /// Opened read-only.
+    pub read_only: bool,
+    /// Host cache mode.
+    pub cache: CacheMode,
+    /// The image chain.
+    pub image: ImageDescription,
+}
+
+/// One latency histogram (QEMU's `BlockLatencyHistogramInfo`): `bins` has one more element than
+/// `boundaries`; bin `i` counts latencies in `[boundaries[i-1], boundaries[i])` nanoseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LatencyHistogram {
+    /// Bucket boundaries in nanoseconds, strictly increasing.
+    pub boundaries: Vec<u64>,
+    /// Request counts per bucket.
+    pub bins: Vec<u64>,
+}
+
+/// Per-interval figures of `-drive stats-intervals=` (QEMU's `BlockDeviceTimedStats`); latencies in
+/// nanoseconds, queue depths averaged over the interval.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TimedStats {
+    /// Interval length in seconds.
+    pub interval_length: u64,
+    pub min_rd_latency_ns: u64,
+    pub max_rd_latency_ns: u64,
+    pub avg_rd_latency_ns: u64,
+    pub min_wr_latency_ns: u64,
+    pub max_wr_latency_ns: u64,
+    pub avg_wr_latency_ns: u64,
+    pub min_zone_append_latency_ns: u64,
+    pub max_zone_append_latency_ns: u64,
+    pub avg_zone_append_latency_ns: u64,
+    pub min_flush_latency_ns: u64,
+    pub max_flush_latency_ns: u64,
+    pub avg_flush_latency_ns: u64,
+    pub avg_rd_queue_depth: f64,
+    pub avg_wr_queue_depth: f64,
+    pub avg_zone_append_queue_depth: f64,
+}
+
+/// A disk's I/O statistics under QEMU's `BlockDeviceStats` names, filled by the VM from the
+/// device's counters. Write-zeroes count as writes and discards as unmap, as in QEMU; this
+/// virtio-blk has no zoned mode, so the zone-append counters stay zero; requests are never merged.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct BlockDeviceStats {
+    pub rd_bytes: u64,
+    pub wr_bytes: u64,
+    pub zone_append_bytes: u64,
+    pub unmap_bytes: u64,
+    pub rd_operations: u64,
+    pub wr_operations: u64,
+    pub zone_append_operations: u64,
+    pub flush_operations: u64,
+    pub unmap_operations: u64,
+    pub rd_total_time_ns: u64,
+    pub wr_total_time_ns: u64,
+    pub zone_append_total_time_ns: u64,
+    pub flush_total_time_ns: u64,
+    pub unmap_total_time_ns: u64,
+    /// The end of the highest write, in bytes.
+    pub wr_highest_offset: u64,
+    pub rd_merged: u64,
+    pub wr_merged: u64,
+    pub zone_append_merged: u64,
+    pub unmap_merged: u64,
+    /// Time since the last request completed; absent before the first one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_time_ns: Option<u64>,
+    pub failed_rd_operations: u64,
+    pub failed_wr_operations: u64,
+    pub failed_zone_append_operations: u64,
+    pub failed_flush_operations: u64,
+    pub failed_unmap_operations: u64,
+    pub invalid_rd_operations: u64,
+    pub invalid_wr_operations: u64,
+    pub invalid_zone_append_operations: u64,
+    pub invalid_flush_operations: u64,
+    pub invalid_unmap_operations: u64,
+    /// Whether invalid requests enter the latency figures (QEMU's `account-invalid`).
+    pub account_invalid: bool,
+    /// Whether failed requests enter the latency figures (QEMU's `account-failed`).
+    pub account_failed: bool,
+    /// One entry per `stats-intervals` interval.
+    pub timed_stats: Vec<TimedStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rd_latency_histogram: Option<LatencyHistogram>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wr_latency_histogram: Option<LatencyHistogram>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone_append_latency_histogram: Option<LatencyHistogram>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flush_latency_histogram: Option<LatencyHistogram>,
+}
+
+/// New histogram boundaries per request kind: `Some` replaces that kind's histogram with an empty
+/// one at these boundaries (already checked: non-empty values strictly increasing from above 0),
+/// `None` leaves it as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistogramBoundaries {
+    /// Reads.
+    pub read: Option<Vec<u64>>,
+    /// Writes (and write-zeroes).
+    pub write: Option<Vec<u64>>,
+    /// Flushes.
+    pub flush: Option<Vec<u64>>,
+}
+
+/// A `block-latency-histogram-set` request for one disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistogramChange {
+    /// Remove every latency histogram of the disk (the command with only `id`).
+    ClearAll,
+    /// Replace some histograms.
+    Set(HistogramBoundaries),
+}
+
+/// The VM as the monitor drives it. See the module documentation for the locking rules; each
+/// method says when the monitor calls it.
+pub trait MonitorBackend {
+    /// The current run state (`query-status`, and the checks of `stop` and `cont`).
+    fn run_state(&self) -> RunState;
+
+    /// Pauses every vCPU and returns once none is in `KVM_RUN`; the run state becomes `Paused`.
+    /// Called only in the `Running` state. The monitor sends `STOP` afterwards.
+    fn pause(&mut self) -> Result<(), BackendError>;
+
+    /// Lets the vCPUs run (from `Paused`, or `Prelaunch` under `-S`); the state becomes `Running`.
+    /// Called only in those two states. The monitor sends `RESUME` afterwards.
+    fn resume(&mut self) -> Result<(), BackendError>;
+
+    /// Presses the ACPI power button (the Generic Event Device notifies the `PNP0C0C` button); the
+    /// guest decides what to do. The monitor sends `POWERDOWN` afterwards.
+    fn powerdown(&mut self) -> Result<(), BackendError>;
+
+    /// Asks the VMM to exit (`quit`): only requests it, without waiting, so that the `SHUTDOWN`
+    /// event and the reply leave first; the main loop ends after this handler returns.
+    fn request_quit(&mut self);
+
+    /// Every iothread, in creation order.
+    fn iothreads(&self) -> Vec<IoThreadInfo>;
+
+    /// Every disk, in creation order.
+    fn block_devices(&self) -> Vec<BlockDevice>;
+
+    /// The statistics of the disk with this `-drive id=` (one of [`Self::block_devices`]).
+    fn block_stats(&self, drive_id: &str) -> Result<BlockDeviceStats, BackendError>;
+
+    /// Changes the latency histograms of the disk with this `-drive id=`.
+    fn set_latency_histograms(
+        &mut self,
+        drive_id: &str,
+        change: &HistogramChange,
+    ) -> Result<(), BackendError>;
+}

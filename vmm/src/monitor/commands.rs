@@ -1,0 +1,753 @@
+//! One client's QMP session without the socket: capabilities negotiation, then the commands, each
+//! acting on the VM through [`MonitorBackend`]. Input is one framed JSON text; output is the reply
+//! plus the events the command caused, which go out before the reply: that is the order QEMU 10's
+//! monitor shows for all four (`STOP`, `RESUME`, `POWERDOWN`, and `SHUTDOWN` after `quit`).
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::args::Args;
+use super::backend::{
+    BlockDevice, HistogramBoundaries, HistogramChange, ImageDescription, MonitorBackend, RunState,
+};
+use super::events::{QmpEvent, ShutdownCause};
+use super::framing::FrameError;
+use super::protocol::{self, QmpError};
+
+/// The commands of command mode, as `query-commands` lists them.
+pub const COMMANDS: [&str; 12] = [
+    "qmp_capabilities",
+    "query-commands",
+    "query-version",
+    "query-status",
+    "stop",
+    "cont",
+    "system_powerdown",
+    "quit",
+    "query-iothreads",
+    "query-block",
+    "query-blockstats",
+    "block-latency-histogram-set",
+];
+
+/// What handling one input produced.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Events for every client in command mode, sent before the reply.
+    pub events: Vec<Value>,
+    /// The reply for the requesting client.
+    pub reply: Value,
+}
+
+impl Outcome {
+    /// An error reply and no event.
+    fn failed(error: &QmpError, id: Option<Value>) -> Self {
+        Self {
+            events: Vec::new(),
+            reply: protocol::failure(error, id),
+        }
+    }
+}
+
+/// Protocol state of one connection.
+#[derive(Debug, Default)]
+pub struct Session {
+    /// Left capabilities negotiation: commands run and events are delivered.
+    negotiated: bool,
+}
+
+impl Session {
+    /// Whether events go to this client (only in command mode, as in QEMU).
+    pub fn receives_events(&self) -> bool {
+        self.negotiated
+    }
+
+    /// The reply to input the framer rejected.
+    pub fn frame_error(&self, error: FrameError) -> Outcome {
+        Outcome::failed(
+            &QmpError::generic(format!("JSON parse error, {error}")),
+            None,
+        )
+    }
+
+    /// Handles one complete JSON text from the client.
+    pub fn handle(&mut self, text: &[u8], backend: &mut dyn MonitorBackend) -> Outcome {
+        let value = match serde_json::from_slice::<Value>(text) {
+            Ok(v) => v,
+            Err(e) => {
+                let error = QmpError::generic(format!("JSON parse error, {e}"));
+                return Outcome::failed(&error, None);
+            }
+        };
+        let request = match protocol::check_request(value) {
+            Ok(r) => r,
+            Err(rejected) => return Outcome::failed(&rejected.error, rejected.id),
+        };
+        let mut raised = Vec::new();
+        let args = Args::new(request.arguments);
+        let result = if !self.negotiated {
+            if request.command == "qmp_capabilities" {
+                negotiate(args).map(|()| {
+                    self.negotiated = true;
+                    json!({})
+                })
+            } else {
+                Err(QmpError::command_not_found(
+                    "Expecting capabilities negotiation with 'qmp_capabilities'",
+                ))
+            }
+        } else {
+            execute(&request.command, args, backend, &mut raised)
+        };
+        let now = SystemTime::now();
+        Outcome {
+            events: raised.into_iter().map(|e| e.to_message(now)).collect(),
+            reply: match result {
+                Ok(ret) => protocol::success(ret, request.id),
+                Err(error) => protocol::failure(&error, request.id),
+            },
+        }
+    }
+}
+
+/// `qmp_capabilities` in negotiation mode: no capability is offered, so `enable` may only be
+/// empty.
+fn negotiate(mut args: Args) -> Result<(), QmpError> {
+    let enable = args.optional_str_list("enable")?.unwrap_or_default();
+    args.finish()?;
+    // QMPCapability has one value, `oob`; any other is refused by the argument check first.
+    if let Some((i, cap)) = enable.iter().enumerate().find(|(_, c)| *c != "oob") {
+        return Err(QmpError::generic(format!(
+            "Parameter 'enable[{i}]' does not accept value '{cap}'"
+        )));
+    }
+    if enable.is_empty() {
+        Ok(())
+    } else {
+        Err(QmpError::generic("Capability 'oob' not available"))
+    }
+}
+
+/// Serializes a reply value.
+fn to_json<T: Serialize>(value: &T) -> Result<Value, QmpError> {
+    serde_json::to_value(value).map_err(|e| QmpError::generic(format!("Cannot encode reply: {e}")))
+}
+
+/// Runs one command of command mode.
+fn execute(
+    command: &str,
+    mut args: Args,
+    backend: &mut dyn MonitorBackend,
+    raised: &mut Vec<QmpEvent>,
+) -> Result<Value, QmpError> {
+    let backend_err = |e: super::backend::BackendError| QmpError::generic(e.0);
+    match command {
+        "qmp_capabilities" => {
+            negotiate(args)?;
+            Err(QmpError::command_not_found(
+                "Capabilities negotiation is already complete, command ignored",
+            ))
+        }
+        "query-commands" => {
+            args.finish()?;
+            Ok(Value::Array(
+                COMMANDS.iter().map(|name| json!({"name": name})).collect(),
+            ))
+        }
+        "query-version" => {
+            args.finish()?;
+            Ok(protocol::version_info())
+        }
+        "query-status" => {
+            args.finish()?;
+            let state = backend.run_state();
+            Ok(json!({"running": state == RunState::Running, "status": state}))
+        }
+        "stop" => {
+            args.finish()?;
+            // As QEMU's vm_stop(): only a running VM stops and raises STOP.
+            if backend.run_state() == RunState::Running {
+                backend.pause().map_err(backend_err)?;
+                raised.push(QmpEvent::Stop);
+            }
+            Ok(json!({}))
+        }
+        "cont" => {
+            args.finish()?;
+            match backend.run_state() {
+                RunState::Running => {}
+                RunState::Shutdown => {
+                    return Err(QmpError::generic(
+                        "Resetting the Virtual Machine is required",
+                    ))
+                }
+                RunState::Paused | RunState::Prelaunch => {
+                    backend.resume().map_err(backend_err)?;
+                    raised.push(QmpEvent::Resume);
+                }
+            }
+            Ok(json!({}))
+        }
+        "system_powerdown" => {
+            args.finish()?;
+            backend.powerdown().map_err(backend_err)?;
+            raised.push(QmpEvent::Powerdown);
+            Ok(json!({}))
+        }
+        "quit" => {
+            args.finish()?;
+            backend.request_quit();
+            raised.push(QmpEvent::Shutdown(ShutdownCause::HostQmpQuit));
+            Ok(json!({}))
+        }
+        "query-iothreads" => {
+            args.finish()?;
+            to_json(&backend.iothreads())
+        }
+        "query-block" => {
+            args.finish()?;
+            Ok(Value::Array(
+                backend.block_devices().iter().map(block_info).collect(),
+            ))
+        }
+        "query-blockstats" => {
+            let query_nodes = args.optional_bool("query-nodes")?;
+            args.finish()?;
+            if query_nodes == Some(true) {
+                return Err(QmpError::generic(
+                    "query-nodes is not supported: disks have no separate block nodes here",
+                ));
+            }
+            backend
+                .block_devices()
+                .iter()
+                .map(|dev| {
+                    let stats = backend.block_stats(&dev.drive_id).map_err(backend_err)?;
+                    Ok(json!({"device": dev.drive_id, "qdev": dev.qdev, "stats": to_json(&stats)?}))
+                })
+                .collect::<Result<Vec<_>, QmpError>>()
+                .map(Value::Array)
+        }
+        "block-latency-histogram-set" => histogram_set(args, backend),
+        _ => Err(QmpError::command_not_found(format!(
+            "The command {command} has not been found"
+        ))),
+    }
+}
+
+/// `block-latency-histogram-set`, with QEMU's semantics: only `id` removes every histogram;
+/// `boundaries` sets all kinds; a per-kind list takes precedence over `boundaries` for its kind.
+/// Unlike QEMU, all lists are checked before any histogram changes, and `boundaries-zap` is
+/// refused: no disk here has a zoned mode, so zone appends are never counted.
+fn histogram_set(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, QmpError> {
+    let id = args.required_str("id")?;
+    let all = args.optional_u64_list("boundaries")?;
+    let read = args.optional_u64_list("boundaries-read")?;
+    let write = args.optional_u64_list("boundaries-write")?;
+    let zap = args.optional_u64_list("boundaries-zap")?;
+    let flush = args.optional_u64_list("boundaries-flush")?;
+    args.finish()?;
+    if zap.is_some() {
+        return Err(QmpError::generic(
+            "Parameter 'boundaries-zap' is not supported: no disk here has a zoned mode",
+        ));
+    }
+
+    // The guest device's id names the disk, as in QEMU; the drive id is accepted too.
+    let devices = backend.block_devices();
+    let device = devices
+        .iter()
+        .find(|d| d.qdev == id)
+        .or_else(|| devices.iter().find(|d| d.drive_id == id))
+        .ok_or_else(|| QmpError::device_not_found(&id))?;
+
+    let change = if [&all, &read, &write, &flush].iter().all(|b| b.is_none()) {
+        HistogramChange::ClearAll
+    } else {
+        let pick = |own: Option<Vec<u64>>, what: &str| {
+            let chosen = own.or_else(|| all.clone());
+            match &chosen {
+                Some(b) if !strictly_increasing(b) => Err(QmpError::generic(format!(
+                    "Device '{id}' set {what} boundaries fail"
+                ))),
+                _ => Ok(chosen),
+            }
+        };
+        HistogramChange::Set(HistogramBoundaries {
+            read: pick(read, "read")?,
+            write: pick(write, "write")?,
+            flush: pick(flush, "flush")?,
+        })
+    };
+    backend
+        .set_latency_histograms(&device.drive_id, &change)
+        .map_err(|e| QmpError::generic(e.0))?;
+    Ok(json!({}))
+}
+
+/// QEMU's rule for boundaries (`block_latency_histogram_set`): each above the one before, the
+/// first above zero.
+fn strictly_increasing(boundaries: &[u64]) -> bool {
+    let mut prev = 0;
+    boundaries.iter().all(|&b| {
+        let ok = b > prev;
+        prev = b;
+        ok
+    })
+}
+
+/// One image in `ImageInfo` form, its backing chain nested.
+fn image_info(image: &ImageDescription) -> Value {
+    let mut info = json!({
+        "filename": image.filename,
+        "format": image.format,
+        "virtual-size": image.virtual_size,
+    });
+    let optional = [
+        ("actual-size", image.actual_size.map(Value::from)),
+        ("cluster-size", image.cluster_size.map(Value::from)),
+        ("dirty-flag", image.dirty_flag.map(Value::from)),
+        (
+            "backing-filename",
+            image.backing.as_ref().map(|b| b.filename.clone().into()),
+        ),
+        (
+            "backing-filename-format",
+            image.backing.as_ref().map(|b| b.format.clone().into()),
+        ),
+        ("backing-image", image.backing.as_deref().map(image_info)),
+    ];
+    for (key, value) in optional {
+        if let Some(value) = value {
+            info[key] = value;
+        }
+    }
+    info
+}
+
+/// One disk in `BlockInfo` form. The constant members state what this VMM does: no throttling,
+/// no encryption, no removable media, no zero detection.
+fn block_info(dev: &BlockDevice) -> Value {
+    let depth =
+        std::iter::successors(dev.image.backing.as_deref(), |i| i.backing.as_deref()).count();
+    let mut inserted = json!({
+        "file": dev.image.filename,
+        "ro": dev.read_only,
+        "drv": dev.image.format,
+        "backing_file_depth": depth,
+        "active": true,
+        "encrypted": false,
+        "detect_zeroes": "off",
+        "bps": 0, "bps_rd": 0, "bps_wr": 0,
+        "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "image": image_info(&dev.image),
+        "cache": dev.cache,
+        "write_threshold": 0,
+    });
+    if let Some(backing) = &dev.image.backing {
+        inserted["backing_file"] = backing.filename.clone().into();
+    }
+    json!({
+        "device": dev.drive_id,
+        "qdev": dev.qdev,
+        "locked": false,
+        "removable": false,
+        "type": "unknown",
+        "inserted": inserted,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::monitor::protocol::ErrorClass;
+    use crate::monitor::test_backend::RecordingBackend;
+
+    struct Fixture {
+        session: Session,
+        backend: RecordingBackend,
+    }
+
+    impl Fixture {
+        fn new(state: RunState) -> Self {
+            Self {
+                session: Session::default(),
+                backend: RecordingBackend::new(state),
+            }
+        }
+
+        fn negotiated(state: RunState) -> Self {
+            let mut f = Self::new(state);
+            assert_eq!(
+                f.send(r#"{"execute": "qmp_capabilities"}"#)["return"],
+                json!({})
+            );
+            f
+        }
+
+        fn outcome(&mut self, text: &str) -> Outcome {
+            self.session.handle(text.as_bytes(), &mut self.backend)
+        }
+
+        fn send(&mut self, text: &str) -> Value {
+            self.outcome(text).reply
+        }
+
+        /// The error class and description of a reply that must be an error.
+        fn error(&mut self, text: &str) -> (String, String) {
+            let reply = self.send(text);
+            let class = reply["error"]["class"]
+                .as_str()
+                .expect("error reply")
+                .to_owned();
+            let desc = reply["error"]["desc"].as_str().expect("desc").to_owned();
+            (class, desc)
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.backend.calls.lock().expect("log").clone()
+        }
+    }
+
+    fn class(c: ErrorClass) -> String {
+        serde_json::to_value(c)
+            .expect("class")
+            .as_str()
+            .expect("string")
+            .to_owned()
+    }
+
+    #[test]
+    fn negotiation_mode_refuses_commands() {
+        let mut f = Fixture::new(RunState::Running);
+        assert!(!f.session.receives_events());
+        let (c, d) = f.error(r#"{"execute": "query-status", "id": 1}"#);
+        assert_eq!(c, class(ErrorClass::CommandNotFound));
+        assert_eq!(
+            d,
+            "Expecting capabilities negotiation with 'qmp_capabilities'"
+        );
+        let (c, _) = f.error(r#"{"execute": "no-such-command"}"#);
+        assert_eq!(c, class(ErrorClass::CommandNotFound));
+        assert!(f.calls().is_empty());
+    }
+
+    #[test]
+    fn capabilities_arguments_are_checked() {
+        let mut f = Fixture::new(RunState::Running);
+        let (c, d) =
+            f.error(r#"{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}"#);
+        assert_eq!(
+            (c.as_str(), d.as_str()),
+            ("GenericError", "Capability 'oob' not available")
+        );
+        let (_, d) = f.error(r#"{"execute": "qmp_capabilities", "arguments": {"enable": ["x"]}}"#);
+        assert_eq!(d, "Parameter 'enable[0]' does not accept value 'x'");
+        let (_, d) =
+            f.error(r#"{"execute": "qmp_capabilities", "arguments": {"enable": ["oob", "y"]}}"#);
+        assert_eq!(d, "Parameter 'enable[1]' does not accept value 'y'");
+        let (_, d) = f.error(r#"{"execute": "qmp_capabilities", "arguments": {"x": 1}}"#);
+        assert_eq!(d, "Parameter 'x' is unexpected");
+        assert!(!f.session.receives_events());
+        let reply =
+            f.send(r#"{"execute": "qmp_capabilities", "arguments": {"enable": []}, "id": "n"}"#);
+        assert_eq!(reply, json!({"return": {}, "id": "n"}));
+        assert!(f.session.receives_events());
+        let (c, d) = f.error(r#"{"execute": "qmp_capabilities"}"#);
+        assert_eq!(c, "CommandNotFound");
+        assert_eq!(
+            d,
+            "Capabilities negotiation is already complete, command ignored"
+        );
+    }
+
+    #[test]
+    fn malformed_input_gets_generic_errors_without_id() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        let reply = f.send(r#"{"execute": }"#);
+        assert_eq!(reply["error"]["class"], "GenericError");
+        assert!(reply["error"]["desc"]
+            .as_str()
+            .expect("desc")
+            .starts_with("JSON parse error, "));
+        assert!(reply.get("id").is_none());
+        let reply = f.session.frame_error(FrameError::StrayClose(b'}')).reply;
+        assert_eq!(
+            reply,
+            json!({"error": {"class": "GenericError", "desc": "JSON parse error, stray '}'"}})
+        );
+        let (c, d) = f.error("[1, 2]");
+        assert_eq!(
+            (c.as_str(), d.as_str()),
+            ("GenericError", "QMP input must be a JSON object")
+        );
+        // Still usable.
+        assert_eq!(
+            f.send(r#"{"execute": "query-status"}"#)["return"]["status"],
+            "running"
+        );
+    }
+
+    #[test]
+    fn unknown_command_and_bad_arguments() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        let reply = f.send(r#"{"execute": "savevm", "id": [1]}"#);
+        assert_eq!(
+            reply,
+            json!({"error": {"class": "CommandNotFound", "desc": "The command savevm has not been found"}, "id": [1]})
+        );
+        let (c, d) = f.error(r#"{"execute": "stop", "arguments": {"now": true}}"#);
+        assert_eq!(
+            (c.as_str(), d.as_str()),
+            ("GenericError", "Parameter 'now' is unexpected")
+        );
+        let (_, d) = f.error(r#"{"execute": "query-blockstats", "arguments": {"query-nodes": 1}}"#);
+        assert_eq!(
+            d,
+            "Invalid parameter type for 'query-nodes', expected: boolean"
+        );
+        let (_, d) =
+            f.error(r#"{"execute": "query-blockstats", "arguments": {"query-nodes": true}}"#);
+        assert!(d.starts_with("query-nodes is not supported"));
+        assert!(
+            f.calls().is_empty(),
+            "no command with bad arguments reached the VM"
+        );
+    }
+
+    #[test]
+    fn query_commands_lists_every_command_once() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        let reply = f.send(r#"{"execute": "query-commands"}"#);
+        let names: Vec<&str> = reply["return"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|c| c["name"].as_str().expect("name"))
+            .collect();
+        assert_eq!(names, COMMANDS);
+        // Every listed command is known: none answers CommandNotFound except the negotiation one.
+        for name in COMMANDS.iter().filter(|n| **n != "qmp_capabilities") {
+            let reply = f.send(&format!(
+                r#"{{"execute": "{name}", "arguments": {{"zzz": 1}}}}"#
+            ));
+            assert_eq!(reply["error"]["class"], "GenericError", "{name}");
+        }
+    }
+
+    #[test]
+    fn version_matches_greeting() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        let reply = f.send(r#"{"execute": "query-version"}"#);
+        assert_eq!(reply["return"], protocol::greeting()["QMP"]["version"]);
+    }
+
+    #[test]
+    fn stop_and_cont_follow_qemu_run_states() {
+        let mut f = Fixture::negotiated(RunState::Prelaunch);
+        assert_eq!(
+            f.send(r#"{"execute": "query-status"}"#)["return"],
+            json!({"running": false, "status": "prelaunch"})
+        );
+        // Stopping a VM that is not running changes nothing and raises nothing.
+        assert!(f.outcome(r#"{"execute": "stop"}"#).events.is_empty());
+        let out = f.outcome(r#"{"execute": "cont", "id": 5}"#);
+        assert_eq!(out.reply, json!({"return": {}, "id": 5}));
+        assert_eq!(out.events.len(), 1);
+        assert_eq!(out.events[0]["event"], "RESUME");
+        assert_eq!(
+            f.send(r#"{"execute": "query-status"}"#)["return"],
+            json!({"running": true, "status": "running"})
+        );
+        // cont while running: no event.
+        assert!(f.outcome(r#"{"execute": "cont"}"#).events.is_empty());
+        let out = f.outcome(r#"{"execute": "stop"}"#);
+        assert_eq!(out.events[0]["event"], "STOP");
+        assert!(out.events[0]["timestamp"]["seconds"].is_u64());
+        assert_eq!(
+            f.send(r#"{"execute": "query-status"}"#)["return"]["status"],
+            "paused"
+        );
+        assert_eq!(f.calls(), ["resume", "pause"]);
+    }
+
+    #[test]
+    fn cont_after_shutdown_needs_a_reset() {
+        let mut f = Fixture::negotiated(RunState::Shutdown);
+        let (c, d) = f.error(r#"{"execute": "cont"}"#);
+        assert_eq!(
+            (c.as_str(), d.as_str()),
+            ("GenericError", "Resetting the Virtual Machine is required")
+        );
+        assert!(f.calls().is_empty());
+    }
+
+    #[test]
+    fn backend_failures_become_generic_errors_without_events() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        f.backend.fail_pause = Some("vCPU 1 did not stop".into());
+        let out = f.outcome(r#"{"execute": "stop", "id": 1}"#);
+        assert_eq!(
+            out.reply,
+            json!({"error": {"class": "GenericError", "desc": "vCPU 1 did not stop"}, "id": 1})
+        );
+        assert!(out.events.is_empty());
+    }
+
+    #[test]
+    fn powerdown_and_quit_raise_their_events() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        let out = f.outcome(r#"{"execute": "system_powerdown"}"#);
+        assert_eq!(out.reply, json!({"return": {}}));
+        assert_eq!(out.events[0]["event"], "POWERDOWN");
+        let out = f.outcome(r#"{"execute": "quit"}"#);
+        assert_eq!(out.events[0]["event"], "SHUTDOWN");
+        assert_eq!(
+            out.events[0]["data"],
+            json!({"guest": false, "reason": "host-qmp-quit"})
+        );
+        assert_eq!(f.calls(), ["powerdown", "quit"]);
+    }
+
+    #[test]
+    fn iothreads_use_qemu_names() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        assert_eq!(
+            f.send(r#"{"execute": "query-iothreads"}"#)["return"],
+            json!([{"id": "io0", "thread-id": 4242, "poll-max-ns": 0, "poll-grow": 0,
+                    "poll-shrink": 0, "aio-max-batch": 0}])
+        );
+    }
+
+    #[test]
+    fn query_block_describes_the_chain() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        let reply = f.send(r#"{"execute": "query-block"}"#);
+        let d0 = &reply["return"][0];
+        assert_eq!(d0["device"], "d0");
+        assert_eq!(d0["qdev"], "vd0");
+        assert_eq!(d0["type"], "unknown");
+        let ins = &d0["inserted"];
+        assert_eq!(ins["file"], "/img/top.qcow2");
+        assert_eq!(ins["drv"], "qcow2");
+        assert_eq!(ins["backing_file"], "/img/base.raw");
+        assert_eq!(ins["backing_file_depth"], 1);
+        assert_eq!(
+            ins["cache"],
+            json!({"writeback": true, "direct": true, "no-flush": false})
+        );
+        assert_eq!(ins["image"]["virtual-size"], 1u64 << 30);
+        assert_eq!(ins["image"]["cluster-size"], 65536);
+        assert_eq!(ins["image"]["backing-filename-format"], "raw");
+        assert_eq!(ins["image"]["backing-image"]["filename"], "/img/base.raw");
+        assert!(ins["image"]["backing-image"].get("backing-image").is_none());
+        let d1 = &reply["return"][1]["inserted"];
+        assert_eq!(d1["ro"], true);
+        assert_eq!(d1["backing_file_depth"], 0);
+        assert!(d1.get("backing_file").is_none());
+    }
+
+    #[test]
+    fn query_blockstats_uses_qemu_names() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        let reply =
+            f.send(r#"{"execute": "query-blockstats", "arguments": {"query-nodes": false}}"#);
+        let s = &reply["return"][0];
+        assert_eq!(s["device"], "d0");
+        assert_eq!(s["qdev"], "vd0");
+        assert_eq!(s["stats"]["rd_operations"], 3);
+        assert_eq!(s["stats"]["wr_highest_offset"], 0);
+        assert_eq!(s["stats"]["timed_stats"], json!([]));
+        assert_eq!(
+            s["stats"]["rd_latency_histogram"],
+            json!({"boundaries": [1000], "bins": [1, 2]})
+        );
+        assert!(s["stats"].get("wr_latency_histogram").is_none());
+        assert!(s["stats"].get("idle_time_ns").is_none());
+        assert_eq!(f.calls(), ["stats d0", "stats d1"]);
+    }
+
+    #[test]
+    fn histogram_set_semantics() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        // By guest device id, only id: clear all.
+        assert_eq!(
+            f.send(r#"{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0"}}"#)
+                ["return"],
+            json!({})
+        );
+        // By drive id: boundaries for all kinds, a per-kind list taking precedence.
+        f.send(
+            r#"{"execute": "block-latency-histogram-set",
+                   "arguments": {"id": "d1", "boundaries": [10, 20], "boundaries-flush": [5]}}"#,
+        );
+        f.send(
+            r#"{"execute": "block-latency-histogram-set",
+                   "arguments": {"id": "vd0", "boundaries-write": [1]}}"#,
+        );
+        let calls = f.calls();
+        assert_eq!(calls[0], "histogram d0 ClearAll");
+        assert_eq!(
+            calls[1],
+            format!(
+                "histogram d1 {:?}",
+                HistogramChange::Set(HistogramBoundaries {
+                    read: Some(vec![10, 20]),
+                    write: Some(vec![10, 20]),
+                    flush: Some(vec![5]),
+                })
+            )
+        );
+        assert_eq!(
+            calls[2],
+            format!(
+                "histogram d0 {:?}",
+                HistogramChange::Set(HistogramBoundaries {
+                    write: Some(vec![1]),
+                    ..HistogramBoundaries::default()
+                })
+            )
+        );
+    }
+
+    #[test]
+    fn histogram_set_errors() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        let (c, d) =
+            f.error(r#"{"execute": "block-latency-histogram-set", "arguments": {"id": "nope"}}"#);
+        assert_eq!(
+            (c.as_str(), d.as_str()),
+            ("DeviceNotFound", "Device 'nope' not found")
+        );
+        let (c, d) = f.error(r#"{"execute": "block-latency-histogram-set", "arguments": {}}"#);
+        assert_eq!(
+            (c.as_str(), d.as_str()),
+            ("GenericError", "Parameter 'id' is missing")
+        );
+        let (_, d) = f.error(r#"{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0", "boundaries": [0, 5]}}"#);
+        assert_eq!(d, "Device 'vd0' set read boundaries fail");
+        let (_, d) = f.error(r#"{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0", "boundaries-write": [5, 5]}}"#);
+        assert_eq!(d, "Device 'vd0' set write boundaries fail");
+        let (_, d) = f.error(r#"{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0", "boundaries-zap": [9]}}"#);
+        assert_eq!(
+            d,
+            "Parameter 'boundaries-zap' is not supported: no disk here has a zoned mode"
+        );
+        // A bad flush list fails the whole command before anything changes.
+        let (_, d) = f.error(r#"{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0", "boundaries-read": [1], "boundaries-flush": [2, 1]}}"#);
+        assert_eq!(d, "Device 'vd0' set flush boundaries fail");
+        let (_, d) = f.error(r#"{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0", "boundaries": [-1]}}"#);
+        assert_eq!(d, "Parameter 'boundaries[0]' expects uint64");
+        assert!(f.calls().is_empty());
+    }
+
+    #[test]
+    fn boundary_rule() {
+        assert!(strictly_increasing(&[]));
+        assert!(strictly_increasing(&[1, 2, 100]));
+        assert!(!strictly_increasing(&[0]));
+        assert!(!strictly_increasing(&[3, 3]));
+    }
+}

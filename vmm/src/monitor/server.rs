@@ -1,0 +1,370 @@
+//! The monitor's sockets on the main loop: [`Monitor`] owns the listening socket, the event channel's
+//! eventfd and every client connection, all non-blocking, and is driven by the main loop's event
+//! manager: the loop's subscriber calls [`Monitor::init`] once and [`Monitor::process`] for each
+//! event, passing the [`MonitorBackend`] to act on (so the backend may borrow the state behind the
+//! global lock that the loop holds). Every descriptor is registered with the one tag the loop gives
+//! the monitor, and told apart by its file descriptor.
+//!
+//! Clients: several at once (up to [`MAX_CLIENTS`]; QEMU serves one per monitor and leaves
+//! the next waiting in the backlog, which is what happens here past the limit: the listener stops
+//! being watched until a client leaves). Each client has its own framer, session and output buffer.
+//! A client that does not read its replies gets no more requests processed once
+//! [`OUTPUT_SOFT_LIMIT`] bytes wait for it (QEMU suspends the monitor the same way), and is
+//! dropped if events alone push it past [`OUTPUT_HARD_LIMIT`]. Writes use `MSG_NOSIGNAL`, so a client
+//! that vanishes mid-command costs a failed write and its own connection, nothing else.
+//!
+//! Locking: the main loop calls [`Monitor`]'s handlers with the global lock held, and commands run
+//! right there, synchronously, on the [`MonitorBackend`]; the monitor takes no lock of its own.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::os::unix::io::{AsRawFd, RawFd};
+
+use event_manager::{EventOps, EventSet, Events};
+use serde_json::Value;
+
+use super::backend::MonitorBackend;
+use super::commands::{Outcome, Session};
+use super::events::EventReceiver;
+use super::framing::{Frame, JsonStreamer};
+use super::listener::{Listener, Stream};
+use super::protocol;
+
+/// Most clients served at once.
+pub const MAX_CLIENTS: usize = 16;
+/// Output waiting for a client above which its further requests wait.
+pub const OUTPUT_SOFT_LIMIT: usize = 256 << 10;
+/// Output waiting for a client above which it is disconnected.
+pub const OUTPUT_HARD_LIMIT: usize = 4 << 20;
+/// Bytes read from a client per wake-up.
+const READ_CHUNK: usize = 16 << 10;
+
+/// One connected client.
+#[derive(Debug)]
+struct Client {
+    stream: Stream,
+    framer: JsonStreamer,
+    session: Session,
+    output: Vec<u8>,
+    /// The event set currently registered for it.
+    registered: EventSet,
+    /// The client shut down its sending side: serve what was read, then close.
+    eof: bool,
+    /// To be removed at the end of this wake-up.
+    dead: bool,
+}
+
+impl Client {
+    /// A new client, with the greeting queued.
+    fn new(stream: Stream) -> Self {
+        let mut output = Vec::new();
+        protocol::encode_into(&protocol::greeting(), &mut output);
+        Self {
+            stream,
+            framer: JsonStreamer::default(),
+            session: Session::default(),
+            output,
+            registered: EventSet::empty(),
+            eof: false,
+            dead: false,
+        }
+    }
+
+    /// The events to watch: input unless requests are waiting behind unread output, output while
+    /// some is queued.
+    fn wanted(&self) -> EventSet {
+        let mut set = EventSet::empty();
+        if !self.eof && !self.framer.has_pending() && self.output.len() < OUTPUT_SOFT_LIMIT {
+            set |= EventSet::IN;
+        }
+        if !self.output.is_empty() {
+            set |= EventSet::OUT;
+        }
+        set
+    }
+
+    /// Writes as much queued output as the socket takes.
+    fn flush(&mut self) {
+        while !self.output.is_empty() && !self.dead {
+            match self.stream.send(&self.output) {
+                Ok(n) => {
+                    self.output.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("monitor: client write failed: {e}");
+                    self.dead = true;
+                }
+            }
+        }
+    }
+
+    /// Queues one message, dropping a client that lets output pile up past the hard limit.
+    fn queue(&mut self, bytes: &[u8]) {
+        if self.output.len() + bytes.len() > OUTPUT_HARD_LIMIT {
+            log::warn!("monitor: dropping a client that does not read its replies");
+            self.dead = true;
+            return;
+        }
+        self.output.extend_from_slice(bytes);
+    }
+
+    /// Reads one chunk, unless earlier input still waits to be handled.
+    fn read_some(&mut self) {
+        if self.framer.has_pending() || self.eof || self.dead {
+            return;
+        }
+        let mut buf = [0u8; READ_CHUNK];
+        match self.stream.read(&mut buf) {
+            Ok(0) => self.eof = true,
+            Ok(n) => self.framer.feed(buf.get(..n).unwrap_or_default()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                log::debug!("monitor: client read failed: {e}");
+                self.dead = true;
+            }
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
+/// The QMP monitor's sockets and sessions.
+#[derive(Debug)]
+pub struct Monitor {
+    listener: Listener,
+    events: EventReceiver,
+    /// Clients by file descriptor.
+    clients: BTreeMap<RawFd, Client>,
+    /// The tag every descriptor of the monitor is registered with.
+    tag: u32,
+    /// The listener is watched (false while [`MAX_CLIENTS`] are connected).
+    listening: bool,
+    /// The client accepted before `init` registered anything (the `wait=on` client).
+    unregistered: Option<RawFd>,
+}
+
+impl Monitor {
+    /// A monitor serving `listener` (and the client it waited for, if any), delivering the events
+    /// raised through the sender paired with `events`; its descriptors are registered with `tag`.
+    pub fn new(mut listener: Listener, events: EventReceiver, tag: u32) -> Self {
+        let waiting = listener.take_waiting_client();
+        let mut monitor = Self {
+            listener,
+            events,
+            clients: BTreeMap::new(),
+            tag,
+            listening: false,
+            unregistered: None,
+        };
+        if let Some(stream) = waiting {
+            monitor.unregistered = Some(monitor.add_client(stream));
+        }
+        monitor
+    }
+
+    /// Stores a new client and sends its greeting.
+    fn add_client(&mut self, stream: Stream) -> RawFd {
+        let mut client = Client::new(stream);
+        client.flush();
+        let fd = client.fd();
+        self.clients.insert(fd, client);
+        fd
+    }
+
+    /// Accepts every waiting connection, up to [`MAX_CLIENTS`].
+    fn accept_clients(&mut self, ops: &mut EventOps) {
+        while self.clients.len() < MAX_CLIENTS {
+            match self.listener.accept() {
+                Ok(stream) => {
+                    let fd = self.add_client(stream);
+                    self.register(fd, ops);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // EMFILE and the like: try again on the next wake-up.
+                    log::warn!("monitor: cannot accept a client: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Registers a client's descriptor with the event loop.
+    fn register(&mut self, fd: RawFd, ops: &mut EventOps) {
+        let Some(client) = self.clients.get_mut(&fd) else {
+            return;
+        };
+        client.registered = client.wanted();
+        if let Err(e) = ops.add(Events::with_data_raw(fd, self.tag, client.registered)) {
+            log::warn!("monitor: cannot watch a client: {e}");
+            client.dead = true;
+            client.registered = EventSet::empty();
+        }
+    }
+
+    /// Encodes an event once and queues it for every client in command mode (and `current`, the
+    /// client being served, which is out of the map meanwhile).
+    fn broadcast(&mut self, event: &Value, current: Option<&mut Client>) {
+        let mut bytes = Vec::new();
+        protocol::encode_into(event, &mut bytes);
+        let others = self.clients.values_mut();
+        for client in others.chain(current) {
+            if client.session.receives_events() && !client.dead {
+                client.queue(&bytes);
+                client.flush();
+            }
+        }
+    }
+
+    /// Sends what one request produced.
+    fn deliver(&mut self, client: &mut Client, outcome: Outcome) {
+        for event in &outcome.events {
+            self.broadcast(event, Some(&mut *client));
+        }
+        let mut bytes = Vec::new();
+        protocol::encode_into(&outcome.reply, &mut bytes);
+        client.queue(&bytes);
+        client.flush();
+    }
+
+    /// Handles a client's buffered requests until none is left or its output backs up.
+    fn run_requests(&mut self, client: &mut Client, backend: &mut dyn MonitorBackend) {
+        while client.output.len() < OUTPUT_SOFT_LIMIT && !client.dead {
+            let Some(frame) = client.framer.next_frame() else {
+                break;
+            };
+            let outcome = match frame {
+                Frame::Text(text) => client.session.handle(&text, backend),
+                Frame::Error(e) => client.session.frame_error(e),
+            };
+            self.deliver(client, outcome);
+        }
+    }
+
+    /// Serves one client's readiness.
+    fn serve(&mut self, fd: RawFd, set: EventSet, backend: &mut dyn MonitorBackend) {
+        let Some(mut client) = self.clients.remove(&fd) else {
+            return;
+        };
+        if set.contains(EventSet::OUT) {
+            client.flush();
+            self.run_requests(&mut client, backend);
+        }
+        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+            client.read_some();
+            self.run_requests(&mut client, backend);
+        }
+        client.flush();
+        // Gone for good: both directions shut, or half-closed with everything answered.
+        if set.intersects(EventSet::HANG_UP | EventSet::ERROR)
+            || (client.eof && !client.framer.has_pending() && client.output.is_empty())
+        {
+            client.dead = true;
+        }
+        self.clients.insert(fd, client);
+    }
+
+    /// Removes dead clients, updates what each remaining one is watched for, and watches the
+    /// listener again once there is room.
+    fn tidy(&mut self, ops: &mut EventOps) {
+        let dead: Vec<RawFd> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.dead)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in dead {
+            if let Some(client) = self.clients.remove(&fd) {
+                if let Err(e) = ops.remove(Events::with_data_raw(fd, self.tag, client.registered)) {
+                    log::warn!("monitor: cannot unwatch a client: {e}");
+                }
+            }
+        }
+        for (fd, client) in &mut self.clients {
+            let wanted = client.wanted();
+            if wanted != client.registered {
+                match ops.modify(Events::with_data_raw(*fd, self.tag, wanted)) {
+                    Ok(()) => client.registered = wanted,
+                    Err(e) => log::warn!("monitor: cannot update a client's events: {e}"),
+                }
+            }
+        }
+        let want_listen = self.clients.len() < MAX_CLIENTS;
+        if want_listen != self.listening {
+            let set = if want_listen {
+                EventSet::IN
+            } else {
+                EventSet::empty()
+            };
+            match ops.modify(Events::with_data_raw(self.listener.fd(), self.tag, set)) {
+                Ok(()) => self.listening = want_listen,
+                Err(e) => log::warn!("monitor: cannot update the listener's events: {e}"),
+            }
+        }
+    }
+}
+
+impl Monitor {
+    /// Registers the listener, the event channel and the `wait=on` client with the event loop.
+    pub fn init(&mut self, ops: &mut EventOps) {
+        let listener = Events::with_data_raw(self.listener.fd(), self.tag, EventSet::IN);
+        if let Err(e) = ops.add(listener) {
+            log::error!("monitor: cannot watch the listening socket: {e}");
+        } else {
+            self.listening = true;
+        }
+        let wake = self.events.wake_fd().as_raw_fd();
+        if let Err(e) = ops.add(Events::with_data_raw(wake, self.tag, EventSet::IN)) {
+            log::error!("monitor: cannot watch the event channel: {e}");
+        }
+        if let Some(fd) = self.unregistered.take() {
+            self.register(fd, ops);
+        }
+        self.tidy(ops);
+    }
+
+    /// Handles one event on one of the monitor's descriptors; commands act on `backend`.
+    pub fn process(
+        &mut self,
+        backend: &mut dyn MonitorBackend,
+        events: Events,
+        ops: &mut EventOps,
+    ) {
+        let fd = events.fd();
+        if fd == self.listener.fd() {
+            self.accept_clients(ops);
+        } else if fd == self.events.wake_fd().as_raw_fd() {
+            for event in self.events.drain() {
+                self.broadcast(&event, None);
+            }
+        } else {
+            self.serve(fd, events.event_set(), backend);
+        }
+        self.tidy(ops);
+    }
+}
+
+impl Drop for Monitor {
+    /// Delivers events raised while the main loop was winding down (the guest's `SHUTDOWN`) and
+    /// gives every client one last non-blocking write.
+    fn drop(&mut self) {
+        let mut bytes = Vec::new();
+        for event in self.events.drain() {
+            protocol::encode_into(&event, &mut bytes);
+        }
+        for client in self.clients.values_mut() {
+            if client.session.receives_events() {
+                client.output.extend_from_slice(&bytes);
+            }
+            client.flush();
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! A [`MonitorBackend`] for the monitor's own protocol tests: it keeps a run state, returns the
+//! disks and iothreads it was built with, and records every call so tests can check what a
+//! command did. It is not a VM and is compiled only for tests.
+
+use std::sync::{Arc, Mutex};
+
+use super::backend::{
+    BackendError, BlockDevice, BlockDeviceStats, CacheMode, HistogramChange, ImageDescription,
+    IoThreadInfo, LatencyHistogram, MonitorBackend, RunState,
+};
+
+/// Records calls into a log shared with the test.
+#[derive(Debug)]
+pub struct RecordingBackend {
+    pub state: RunState,
+    pub calls: Arc<Mutex<Vec<String>>>,
+    /// When set, `pause` fails with this message.
+    pub fail_pause: Option<String>,
+}
+
+impl RecordingBackend {
+    pub fn new(state: RunState) -> Self {
+        Self {
+            state,
+            calls: Arc::new(Mutex::new(Vec::new())),
+            fail_pause: None,
+        }
+    }
+
+    fn record(&self, call: String) {
+        self.calls.lock().expect("test log lock").push(call);
+    }
+}
+
+/// A three-image qcow2 chain over a raw base.
+fn chain() -> ImageDescription {
+    let base = ImageDescription {
+        filename: "/img/base.raw".into(),
+        format: "raw".into(),
+        virtual_size: 1 << 30,
+        actual_size: Some(4096),
+        cluster_size: None,
+        dirty_flag: Some(false),
+        backing: None,
+    };
+    ImageDescription {
+        filename: "/img/top.qcow2".into(),
+        format: "qcow2".into(),
+        virtual_size: 1 << 30,
+        actual_size: Some(200_704),
+        cluster_size: Some(65536),
+        dirty_flag: Some(false),
+        backing: Some(Box::new(base)),
+    }
+}
+
+impl MonitorBackend for RecordingBackend {
+    fn run_state(&self) -> RunState {
+        self.state
+    }
+
+    fn pause(&mut self) -> Result<(), BackendError> {
+        self.record("pause".into());
+        if let Some(msg) = &self.fail_pause {
+            return Err(BackendError(msg.clone()));
+        }
+        self.state = RunState::Paused;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), BackendError> {
+        self.record("resume".into());
+        self.state = RunState::Running;
+        Ok(())
+    }
+
+    fn powerdown(&mut self) -> Result<(), BackendError> {
+        self.record("powerdown".into());
+        Ok(())
+    }
+
+    fn request_quit(&mut self) {
+        self.record("quit".into());
+    }
+
+    fn iothreads(&self) -> Vec<IoThreadInfo> {
+        vec![IoThreadInfo {
+            id: "io0".into(),
+            thread_id: 4242,
+            poll_max_ns: 0,
+            poll_grow: 0,
+            poll_shrink: 0,
+            aio_max_batch: 0,
+        }]
+    }
+
+    fn block_devices(&self) -> Vec<BlockDevice> {
+        vec![
+            BlockDevice {
+                drive_id: "d0".into(),
+                qdev: "vd0".into(),
+                read_only: false,
+                cache: CacheMode {
+                    writeback: true,
+                    direct: true,
+                    no_flush: false,
+                },
+                image: chain(),
+            },
+            BlockDevice {
+                drive_id: "d1".into(),
+                qdev: "/machine/peripheral-anon/device[1]".into(),
+                read_only: true,
+                cache: CacheMode {
+                    writeback: true,
+                    direct: false,
+                    no_flush: false,
+                },
+                image: ImageDescription {
+                    backing: None,
+                    ..chain()
+                },
+            },
+        ]
+    }
+
+    fn block_stats(&self, drive_id: &str) -> Result<BlockDeviceStats, BackendError> {
+        self.record(format!("stats {drive_id}"));
+        Ok(BlockDeviceStats {
+            rd_operations: 3,
+            rd_bytes: 12288,
+            account_invalid: true,
+            account_failed: true,
+            rd_latency_histogram: Some(LatencyHistogram {
+                boundaries: vec![1000],
+                bins: vec![1, 2],
+            }),
+            ..BlockDeviceStats::default()
+        })
+    }
+
+    fn set_latency_histograms(
+        &mut self,
+        drive_id: &str,
+        change: &HistogramChange,
+    ) -> Result<(), BackendError> {
+        self.record(format!("histogram {drive_id} {change:?}"));
+        Ok(())
+    }
+}

@@ -1,0 +1,267 @@
+//! QEMU-style option strings (`value,key=value,key=value`) parsed into typed values.
+//!
+//! One parser serves every flag that takes such a string (`-m`, `-smp`, `-machine` now; `-drive`,
+//! `-device`, `-object` later): the caller names the keys it knows and, optionally, the key a
+//! leading bare value stands for (`-smp 2` means `-smp cpus=2`), then asks for each key as the
+//! type it wants. An unknown key, a repeated key or a value of the wrong type is an error that
+//! names it. A comma inside a value is written `,,`, as in QEMU.
+
+/// Errors from parsing an option string.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OptionError {
+    /// A key this flag does not have.
+    #[error("Unknown option '{key}' (known: {known})")]
+    UnknownKey {
+        /// The key.
+        key: String,
+        /// The keys the flag knows, comma-separated.
+        known: String,
+    },
+    /// The same key twice.
+    #[error("Option '{key}' given twice")]
+    Duplicate {
+        /// The key.
+        key: String,
+    },
+    /// A bare value where this flag needs `key=value`.
+    #[error("Option '{item}' needs the form key=value")]
+    NotKeyValue {
+        /// The item.
+        item: String,
+    },
+    /// An empty item (`a=1,,` at the end, or an empty string).
+    #[error("Empty option in '{input}'")]
+    Empty {
+        /// The whole option string.
+        input: String,
+    },
+    /// A value that does not parse as the key's type.
+    #[error("Option '{key}' has invalid value '{value}': expected {expected}")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// What the key takes.
+        expected: &'static str,
+    },
+}
+
+/// A type an option's value can be read as.
+pub trait OptionValue: Sized {
+    /// What the value should look like, for error messages.
+    const EXPECTED: &'static str;
+    /// The value, or `None` when `text` is not one.
+    fn parse(text: &str) -> Option<Self>;
+}
+
+impl OptionValue for String {
+    const EXPECTED: &'static str = "a string";
+    fn parse(text: &str) -> Option<Self> {
+        Some(text.to_owned())
+    }
+}
+
+impl OptionValue for u8 {
+    const EXPECTED: &'static str = "a number from 0 to 255";
+    fn parse(text: &str) -> Option<Self> {
+        text.parse().ok()
+    }
+}
+
+impl OptionValue for u32 {
+    const EXPECTED: &'static str = "a 32-bit number";
+    fn parse(text: &str) -> Option<Self> {
+        text.parse().ok()
+    }
+}
+
+impl OptionValue for bool {
+    const EXPECTED: &'static str = "on or off";
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "on" | "true" | "yes" => Some(true),
+            "off" | "false" | "no" => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// A size in bytes, written as a number with an optional K, M, G or T suffix (powers of 1024);
+/// a bare number means MiB, as QEMU's `-m` reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemorySize(pub u64);
+
+impl OptionValue for MemorySize {
+    const EXPECTED: &'static str = "a size such as 512, 512M or 2G (a bare number is MiB)";
+    fn parse(text: &str) -> Option<Self> {
+        let (digits, shift) = match text.char_indices().last()? {
+            (i, 'k' | 'K') => (&text[..i], 10),
+            (i, 'm' | 'M') => (&text[..i], 20),
+            (i, 'g' | 'G') => (&text[..i], 30),
+            (i, 't' | 'T') => (&text[..i], 40),
+            _ => (text, 20),
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n: u64 = digits.parse().ok()?;
+        n.checked_mul(1 << shift).map(MemorySize)
+    }
+}
+
+/// A parsed option string: keys and their raw values, in order.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Options {
+    pairs: Vec<(String, String)>,
+}
+
+/// Splits `input` at single commas, turning `,,` into a literal comma.
+fn split_items(input: &str) -> Vec<String> {
+    let mut items = vec![String::new()];
+    let mut chars = input.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                if let Some(s) = items.last_mut() {
+                    s.push(',');
+                }
+            } else {
+                items.push(String::new());
+            }
+        } else {
+            if let Some(s) = items.last_mut() {
+                s.push(c);
+            }
+        }
+    }
+    items
+}
+
+impl Options {
+    /// Parses `input`, accepting only `known` keys; a bare first item stands for `implied`.
+    pub fn parse(input: &str, implied: Option<&str>, known: &[&str]) -> Result<Self, OptionError> {
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for (i, item) in split_items(input).into_iter().enumerate() {
+            if item.is_empty() {
+                return Err(OptionError::Empty {
+                    input: input.to_owned(),
+                });
+            }
+            let (key, value) = match (item.split_once('='), implied) {
+                (Some((k, v)), _) => (k.to_owned(), v.to_owned()),
+                (None, Some(implied)) if i == 0 => (implied.to_owned(), item),
+                (None, _) => return Err(OptionError::NotKeyValue { item }),
+            };
+            if !known.contains(&key.as_str()) {
+                return Err(OptionError::UnknownKey {
+                    key,
+                    known: known.join(", "),
+                });
+            }
+            if pairs.iter().any(|(k, _)| *k == key) {
+                return Err(OptionError::Duplicate { key });
+            }
+            pairs.push((key, value));
+        }
+        Ok(Self { pairs })
+    }
+
+    /// The value of `key` as a `T`, if given.
+    pub fn get<T: OptionValue>(&self, key: &str) -> Result<Option<T>, OptionError> {
+        let Some((_, value)) = self.pairs.iter().find(|(k, _)| k == key) else {
+            return Ok(None);
+        };
+        T::parse(value)
+            .map(Some)
+            .ok_or_else(|| OptionError::BadValue {
+                key: key.to_owned(),
+                value: value.clone(),
+                expected: T::EXPECTED,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn implied_key_and_pairs() {
+        let o = Options::parse("2,cpus=3", Some("cpus"), &["cpus"]);
+        assert!(matches!(o, Err(OptionError::Duplicate { key }) if key == "cpus"));
+        let o = Options::parse("2,maxcpus=4", Some("cpus"), &["cpus", "maxcpus"]).expect("valid");
+        assert_eq!(o.get::<u8>("cpus"), Ok(Some(2)));
+        assert_eq!(o.get::<u32>("maxcpus"), Ok(Some(4)));
+        assert_eq!(o.get::<u32>("absent"), Ok(None));
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        assert!(matches!(
+            Options::parse("cpus=2,sockets=1", None, &["cpus"]),
+            Err(OptionError::UnknownKey { key, .. }) if key == "sockets"
+        ));
+        assert!(matches!(
+            Options::parse("a=1,2", Some("a"), &["a"]),
+            Err(OptionError::NotKeyValue { item }) if item == "2"
+        ));
+        assert!(matches!(
+            Options::parse("", Some("a"), &["a"]),
+            Err(OptionError::Empty { .. })
+        ));
+        assert!(matches!(
+            Options::parse("a=1,", None, &["a"]),
+            Err(OptionError::Empty { .. })
+        ));
+        let o = Options::parse("x", Some("cpus"), &["cpus"]).expect("parses");
+        assert!(matches!(
+            o.get::<u8>("cpus"),
+            Err(OptionError::BadValue { key, value, .. }) if key == "cpus" && value == "x"
+        ));
+    }
+
+    #[test]
+    fn doubled_commas_are_literal() {
+        let o = Options::parse("file=a,,b.img,x=on", None, &["file", "x"]).expect("parses");
+        assert_eq!(o.get::<String>("file"), Ok(Some("a,b.img".to_owned())));
+        assert_eq!(o.get::<bool>("x"), Ok(Some(true)));
+    }
+
+    #[test]
+    fn memory_sizes() {
+        let sizes: Vec<Option<MemorySize>> = [
+            "512",
+            "512M",
+            "1G",
+            "1g",
+            "64k",
+            "2T",
+            "",
+            "M",
+            "1.5G",
+            "-1",
+            "99999999999999G",
+        ]
+        .into_iter()
+        .map(MemorySize::parse)
+        .collect();
+        assert_eq!(
+            sizes,
+            [
+                Some(MemorySize(512 << 20)),
+                Some(MemorySize(512 << 20)),
+                Some(MemorySize(1 << 30)),
+                Some(MemorySize(1 << 30)),
+                Some(MemorySize(64 << 10)),
+                Some(MemorySize(2 << 40)),
+                None,
+                None,
+                None,
+                None,
+                None,
+            ]
+        );
+    }
+}

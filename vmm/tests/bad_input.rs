@@ -1,0 +1,81 @@
+//! Every bad input gets one line on stderr that names the problem, and exit code 1.
+
+mod common;
+
+use common::{bzimage, bzimage_with, long_mode_reset_guest, pvh_elf, run_vmm, Scratch};
+
+/// Runs vmm and returns its single stderr line, checking the exit code and that nothing ran.
+fn error_line(kernel: Option<&std::path::Path>, args: &[&str]) -> String {
+    let out = run_vmm(kernel, args);
+    assert_eq!(out.status.code(), Some(1), "args {args:?}");
+    assert!(out.stdout.is_empty(), "no guest output");
+    let stderr = String::from_utf8(out.stderr).expect("utf-8");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("vmm: "), "{stderr}");
+    stderr
+}
+
+#[test]
+fn flag_errors() {
+    assert!(error_line(None, &["-vga", "std"]).contains("'-vga'"));
+    assert!(error_line(None, &["-m", "1G"]).contains("No kernel given"));
+    assert!(error_line(None, &["-kernel", "k", "-m", "lots"]).contains("'lots'"));
+    assert!(error_line(None, &["-kernel", "k", "-smp", "0"]).contains("-smp"));
+    assert!(error_line(None, &["-kernel"]).contains("'-kernel' needs a value"));
+}
+
+#[test]
+fn missing_or_unreadable_files() {
+    let dir = Scratch::new("missing");
+    let missing = dir.0.join("nope");
+    let line = error_line(Some(&missing), &[]);
+    assert!(
+        line.contains("Cannot open kernel") && line.contains("nope"),
+        "{line}"
+    );
+    let kernel = dir.file("bzImage", &bzimage(&long_mode_reset_guest()));
+    let line = error_line(Some(&kernel), &["-initrd", "/nonexistent/initrd"]);
+    assert!(
+        line.contains("Cannot open initrd /nonexistent/initrd"),
+        "{line}"
+    );
+    // A directory opens but cannot be read as a kernel.
+    let line = error_line(Some(&dir.0), &[]);
+    assert!(line.contains("kernel"), "{line}");
+}
+
+#[test]
+fn images_that_are_not_bootable_kernels() {
+    let dir = Scratch::new("images");
+    let text = dir.file("text", &[b'x'; 4096]);
+    assert!(error_line(Some(&text), &[]).contains("neither a bzImage nor an ELF"));
+    let empty = dir.file("empty", &[]);
+    assert!(error_line(Some(&empty), &[]).contains("neither a bzImage nor an ELF"));
+    // Boot protocol 2.10 predates xloadflags: no 64-bit entry.
+    let old = dir.file("old", &bzimage_with(&long_mode_reset_guest(), 0x020a, 0));
+    assert!(error_line(Some(&old), &[]).contains("no 64-bit entry point"));
+    let no64 = dir.file("no64", &bzimage_with(&long_mode_reset_guest(), 0x020f, 0));
+    assert!(error_line(Some(&no64), &[]).contains("no 64-bit entry point"));
+    let no_note = dir.file("vmlinux", &pvh_elf(&[0xf4], false));
+    assert!(error_line(Some(&no_note), &[]).contains("no PVH entry note"));
+}
+
+#[test]
+fn memory_too_small_or_too_large() {
+    let dir = Scratch::new("memory");
+    let kernel = dir.file("bzImage", &bzimage(&long_mode_reset_guest()));
+    assert!(error_line(Some(&kernel), &["-m", "4M"]).contains("too small"));
+    assert!(error_line(Some(&kernel), &["-m", "64T"]).contains("more than the host's"));
+}
+
+#[test]
+fn initrd_larger_than_memory() {
+    let dir = Scratch::new("initrd");
+    let kernel = dir.file("bzImage", &bzimage(&long_mode_reset_guest()));
+    let initrd = dir.file("initrd", &vec![0u8; 20 << 20]);
+    let line = error_line(
+        Some(&kernel),
+        &["-m", "16", "-initrd", initrd.to_str().expect("utf-8 path")],
+    );
+    assert!(line.contains("does not fit"), "{line}");
+}
