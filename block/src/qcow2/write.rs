@@ -209,10 +209,16 @@ impl Qcow2 {
             }
             let target = m.alloc_cluster(&self.file)?;
             drop(m);
-            if data.len() < span_len {
-                self.read_virtual(&mut content, base + span_start)?;
+            // Copy only what the new data does not cover: the head and the tail of the span.
+            let (head, rest) = content.split_at_mut(at);
+            let (middle, tail) = rest.split_at_mut(data.len());
+            if !head.is_empty() {
+                self.read_virtual(head, base + span_start)?;
             }
-            content[at..at + data.len()].copy_from_slice(data);
+            if !tail.is_empty() {
+                self.read_virtual(tail, base + span_start + (at + data.len()) as u64)?;
+            }
+            middle.copy_from_slice(data);
             if self.geo.extended && host != 0 && span_len as u64 != cs {
                 // A shared cluster with subclusters: keep its other allocated subclusters.
                 let mut old = vec![0u8; usize::try_from(cs).unwrap_or(0)];
