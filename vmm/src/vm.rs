@@ -57,9 +57,9 @@ pub enum VmError {
     /// KVM_CREATE_VM failed.
     #[error("Cannot create the VM")]
     CreateVm(#[source] kvm_ioctls::Error),
-    /// Guest memory.
-    #[error("Guest memory")]
-    Memory(#[source] MemoryError),
+    /// Guest memory (its errors say what was asked for and why it cannot be had).
+    #[error(transparent)]
+    Memory(MemoryError),
     /// KVM_SET_USER_MEMORY_REGION failed.
     #[error("Cannot register guest memory slot {slot} with KVM")]
     MemorySlot {
