@@ -153,6 +153,8 @@ pub struct Vm {
     global: Arc<GlobalLock>,
     vcpus: Vec<Vcpu>,
     exit_events: ExitEvents,
+    /// Signalled by the UART when the guest has read its input.
+    input_drained: EventFd,
 }
 
 /// The KVM device.
@@ -191,8 +193,12 @@ fn eventfd() -> Result<EventFd, VmError> {
 }
 
 /// The legacy devices on a new PIO bus; the i8042 and the ACPI sleep registers end the VM through
-/// `guest_exit`.
-fn legacy_devices(vm_fd: &VmFd, guest_exit: &GuestExit) -> Result<Bus, VmError> {
+/// `guest_exit`, and the UART signals `input_drained` when the guest has read its input.
+fn legacy_devices(
+    vm_fd: &VmFd,
+    guest_exit: &GuestExit,
+    input_drained: &EventFd,
+) -> Result<Bus, VmError> {
     let com1_irq = eventfd()?;
     vm_fd
         .register_irqfd(&com1_irq, COM1_IRQ)
@@ -200,7 +206,12 @@ fn legacy_devices(vm_fd: &VmFd, guest_exit: &GuestExit) -> Result<Bus, VmError> 
             irq: COM1_IRQ,
             source,
         })?;
-    let serial = Serial::new(EventFdTrigger(com1_irq), Box::new(std::io::stdout()));
+    let drained = input_drained.try_clone().map_err(VmError::EventFd)?;
+    let serial = Serial::new(
+        EventFdTrigger(com1_irq),
+        Box::new(std::io::stdout()),
+        drained,
+    );
     let mut pio = Bus::new();
     pio.insert("com1", COM1_PORT, 8, Box::new(serial))
         .map_err(VmError::Bus)?;
@@ -252,7 +263,8 @@ impl Vm {
             vcpu_failed: eventfd()?,
             signals: signal_fd().map_err(VmError::Signals)?,
         };
-        let pio = legacy_devices(&vm_fd, &exit_events.guest)?;
+        let input_drained = eventfd()?;
+        let pio = legacy_devices(&vm_fd, &exit_events.guest, &input_drained)?;
         let global = Arc::new(GlobalLock::new(Machine::new(pio, Bus::new())));
 
         let entry = load_guest(
@@ -294,6 +306,7 @@ impl Vm {
             global,
             vcpus,
             exit_events,
+            input_drained,
         })
     }
 
@@ -305,13 +318,14 @@ impl Vm {
             global,
             vcpus,
             exit_events,
+            input_drained,
         } = self;
         install_kick_handler().map_err(VmError::KickHandler)?;
         let mut manager: EventManager<Locked> = EventManager::new().map_err(VmError::MainLoop)?;
         manager.add_subscriber(Locked::new(Arc::clone(&global), Box::new(exit_events)));
         manager.add_subscriber(Locked::new(
             Arc::clone(&global),
-            Box::new(ConsoleInput::default()),
+            Box::new(ConsoleInput::new(input_drained)),
         ));
 
         let (threads, started) = VcpuThreads::start(vcpus);
