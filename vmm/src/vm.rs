@@ -13,7 +13,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use devices::bus::{Bus, BusError};
+use devices::bus::{Bus, BusDevice, BusError};
 use devices::legacy::{AcpiSleep, EventFdTrigger, GuestExit, Rtc, Serial, I8042};
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
@@ -212,25 +212,27 @@ fn legacy_devices(
         Box::new(std::io::stdout()),
         drained,
     );
+    // (name, first port, number of ports, device)
+    let devices: [(&'static str, u64, u64, Box<dyn BusDevice>); 4] = [
+        ("com1", COM1_PORT, 8, Box::new(serial)),
+        (
+            "i8042",
+            I8042_PORT,
+            5,
+            Box::new(I8042::new(guest_exit.clone())),
+        ),
+        ("rtc", RTC_PORT, 2, Box::new(Rtc::new())),
+        (
+            "acpi-sleep",
+            ACPI_SLEEP_PORT,
+            2,
+            Box::new(AcpiSleep::new(guest_exit.clone())),
+        ),
+    ];
     let mut pio = Bus::new();
-    pio.insert("com1", COM1_PORT, 8, Box::new(serial))
-        .map_err(VmError::Bus)?;
-    pio.insert(
-        "i8042",
-        I8042_PORT,
-        5,
-        Box::new(I8042::new(guest_exit.clone())),
-    )
-    .map_err(VmError::Bus)?;
-    pio.insert("rtc", RTC_PORT, 2, Box::new(Rtc::new()))
-        .map_err(VmError::Bus)?;
-    pio.insert(
-        "acpi-sleep",
-        ACPI_SLEEP_PORT,
-        2,
-        Box::new(AcpiSleep::new(guest_exit.clone())),
-    )
-    .map_err(VmError::Bus)?;
+    for (name, base, len, device) in devices {
+        pio.insert(name, base, len, device).map_err(VmError::Bus)?;
+    }
     Ok(pio)
 }
 
