@@ -4,13 +4,13 @@
 //! event manager knows; `Locked` takes the global lock around the handler, so handlers see the
 //! [`Machine`] directly. Every descriptor is registered with a [`Tag`] and dispatched by `match`.
 //!
-//! Handlers now: the VM's exit events (guest reset and power-off from the devices, a vCPU's
-//! wake-up, SIGTERM/SIGINT through a signalfd) and the console's input.
+//! Handlers now: the VM's exit events (the guest's reset or power-off, a vCPU's failure,
+//! SIGTERM/SIGINT through a signalfd) and the console's input.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
-use devices::legacy::Serial;
+use devices::legacy::{GuestExit, GuestExitKind, Serial};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -23,12 +23,10 @@ use crate::global::{ExitReason, GlobalLock, Machine};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Tag {
-    /// The i8042's reset request.
-    Reset = 1,
-    /// The ACPI sleep registers' power-off request.
-    PowerOff,
-    /// A vCPU recorded an exit reason.
-    VcpuWake,
+    /// The guest asked for a reset or power-off.
+    GuestExit = 1,
+    /// A vCPU failed and recorded why.
+    VcpuFailed,
     /// SIGTERM or SIGINT.
     Signal,
     /// Console input.
@@ -36,13 +34,7 @@ pub enum Tag {
 }
 
 impl Tag {
-    const ALL: [Tag; 5] = [
-        Tag::Reset,
-        Tag::PowerOff,
-        Tag::VcpuWake,
-        Tag::Signal,
-        Tag::Stdin,
-    ];
+    const ALL: [Tag; 4] = [Tag::GuestExit, Tag::VcpuFailed, Tag::Signal, Tag::Stdin];
 
     /// The tag registered as `data`.
     fn from_data(data: u32) -> Option<Self> {
@@ -106,12 +98,10 @@ fn add_input(ops: &mut EventOps, fd: &impl AsRawFd, tag: Tag) -> bool {
 /// The events that end the VM.
 #[derive(Debug)]
 pub struct ExitEvents {
-    /// Signalled by the i8042.
-    pub reset: EventFd,
-    /// Signalled by the ACPI sleep registers.
-    pub poweroff: EventFd,
-    /// Signalled by a vCPU after it recorded a reason.
-    pub vcpu_wake: EventFd,
+    /// The guest's reset or power-off request (from the devices or a vCPU).
+    pub guest: GuestExit,
+    /// Signalled by a vCPU after it recorded its failure.
+    pub vcpu_failed: EventFd,
     /// SIGTERM and SIGINT, blocked in every thread and read here.
     pub signals: OwnedFd,
 }
@@ -156,25 +146,24 @@ fn read_signal(fd: &OwnedFd) -> Option<i32> {
 
 impl Handler for ExitEvents {
     fn init(&mut self, ops: &mut EventOps) {
-        add_input(ops, &self.reset, Tag::Reset);
-        add_input(ops, &self.poweroff, Tag::PowerOff);
-        add_input(ops, &self.vcpu_wake, Tag::VcpuWake);
+        add_input(ops, self.guest.event(), Tag::GuestExit);
+        add_input(ops, &self.vcpu_failed, Tag::VcpuFailed);
         add_input(ops, &self.signals, Tag::Signal);
     }
 
     fn process(&mut self, machine: &mut Machine, tag: Tag, _: Events, _: &mut EventOps) {
         let reason = match tag {
-            Tag::Reset => {
-                let _ = self.reset.read();
-                ExitReason::GuestReset
+            Tag::GuestExit => {
+                let _ = self.guest.event().read();
+                match self.guest.requested() {
+                    Some(GuestExitKind::Reset) => ExitReason::GuestReset,
+                    Some(GuestExitKind::PowerOff) => ExitReason::GuestPowerOff,
+                    None => return,
+                }
             }
-            Tag::PowerOff => {
-                let _ = self.poweroff.read();
-                ExitReason::GuestPowerOff
-            }
-            Tag::VcpuWake => {
-                // The vCPU recorded its reason in the machine already.
-                let _ = self.vcpu_wake.read();
+            Tag::VcpuFailed => {
+                // The vCPU recorded its failure in the machine already.
+                let _ = self.vcpu_failed.read();
                 return;
             }
             Tag::Signal => match read_signal(&self.signals) {

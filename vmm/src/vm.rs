@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use devices::bus::{Bus, BusError};
-use devices::legacy::{AcpiSleep, EventFdTrigger, Rtc, Serial, I8042};
+use devices::legacy::{AcpiSleep, EventFdTrigger, GuestExit, Rtc, Serial, I8042};
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -190,8 +190,9 @@ fn eventfd() -> Result<EventFd, VmError> {
     EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)
 }
 
-/// The legacy devices on a new PIO bus; `reset` and `poweroff` are signalled by the guest.
-fn legacy_devices(vm_fd: &VmFd, reset: &EventFd, poweroff: &EventFd) -> Result<Bus, VmError> {
+/// The legacy devices on a new PIO bus; the i8042 and the ACPI sleep registers end the VM through
+/// `guest_exit`.
+fn legacy_devices(vm_fd: &VmFd, guest_exit: &GuestExit) -> Result<Bus, VmError> {
     let com1_irq = eventfd()?;
     vm_fd
         .register_irqfd(&com1_irq, COM1_IRQ)
@@ -199,7 +200,6 @@ fn legacy_devices(vm_fd: &VmFd, reset: &EventFd, poweroff: &EventFd) -> Result<B
             irq: COM1_IRQ,
             source,
         })?;
-    let clone = |e: &EventFd| e.try_clone().map_err(VmError::EventFd);
     let serial = Serial::new(EventFdTrigger(com1_irq), Box::new(std::io::stdout()));
     let mut pio = Bus::new();
     pio.insert("com1", COM1_PORT, 8, Box::new(serial))
@@ -208,7 +208,7 @@ fn legacy_devices(vm_fd: &VmFd, reset: &EventFd, poweroff: &EventFd) -> Result<B
         "i8042",
         I8042_PORT,
         5,
-        Box::new(I8042::new(EventFdTrigger(clone(reset)?))),
+        Box::new(I8042::new(guest_exit.clone())),
     )
     .map_err(VmError::Bus)?;
     pio.insert("rtc", RTC_PORT, 2, Box::new(Rtc::new()))
@@ -217,7 +217,7 @@ fn legacy_devices(vm_fd: &VmFd, reset: &EventFd, poweroff: &EventFd) -> Result<B
         "acpi-sleep",
         ACPI_SLEEP_PORT,
         2,
-        Box::new(AcpiSleep::new(clone(poweroff)?)),
+        Box::new(AcpiSleep::new(guest_exit.clone())),
     )
     .map_err(VmError::Bus)?;
     Ok(pio)
@@ -248,12 +248,11 @@ impl Vm {
         vm_fd.create_pit2(pit).map_err(VmError::CreatePit)?;
 
         let exit_events = ExitEvents {
-            reset: eventfd()?,
-            poweroff: eventfd()?,
-            vcpu_wake: eventfd()?,
+            guest: GuestExit::new().map_err(VmError::EventFd)?,
+            vcpu_failed: eventfd()?,
             signals: signal_fd().map_err(VmError::Signals)?,
         };
-        let pio = legacy_devices(&vm_fd, &exit_events.reset, &exit_events.poweroff)?;
+        let pio = legacy_devices(&vm_fd, &exit_events.guest)?;
         let global = Arc::new(GlobalLock::new(Machine::new(pio, Bus::new())));
 
         let entry = load_guest(
@@ -277,11 +276,17 @@ impl Vm {
                 .map_err(|source| VmError::CreateVcpu { index, source })?;
             configure_vcpu(&fd, &memory, &cpuid, index, cfg.cpus, entry)
                 .map_err(|source| VmError::ConfigureVcpu { index, source })?;
-            let wake = exit_events
-                .vcpu_wake
+            let failed = exit_events
+                .vcpu_failed
                 .try_clone()
                 .map_err(VmError::EventFd)?;
-            vcpus.push(Vcpu::new(fd, index, Arc::clone(&global), wake));
+            vcpus.push(Vcpu::new(
+                fd,
+                index,
+                Arc::clone(&global),
+                exit_events.guest.clone(),
+                failed,
+            ));
         }
         Ok(Self {
             _vm_fd: vm_fd,

@@ -232,6 +232,15 @@ impl Block {
     }
 }
 
+impl Drop for Block {
+    /// A device dropped while the driver still had it running (no `shutdown`) drains too, so no
+    /// worker is left writing to guest memory and no handler stays registered.
+    fn drop(&mut self) {
+        let _guard = self.ctx.acquire();
+        self.drain_and_stop();
+    }
+}
+
 /// Builds `struct virtio_blk_config` (virtio 1.2, 5.2.4), little-endian.
 fn config_space(
     capacity: u64,
@@ -386,7 +395,7 @@ mod tests {
     use super::super::{request_type as t, status as st, SECTOR_SIZE};
     use super::*;
     use crate::context::IoThread;
-    use vm_memory::Bytes;
+    use vm_memory::{Address, Bytes};
 
     #[test]
     fn config_space_and_features() {
@@ -609,5 +618,124 @@ mod tests {
             "{out}"
         );
         assert_eq!(std::fs::read(&base).unwrap(), base_before);
+    }
+
+    #[test]
+    fn dropping_a_running_device_drains_it() {
+        let io = IoThread::spawn("io-drop").unwrap();
+        let rig = Rig::new(
+            io.context().clone(),
+            MemImage::new(1 << 16, false),
+            1,
+            false,
+        );
+        rig.start(!0);
+        rig.image.set_gate(false);
+        rig.header(HDR, t::IN, 0);
+        rig.submit(
+            0,
+            0,
+            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+        );
+        while rig
+            .image
+            .reads_started
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let Rig {
+            mem,
+            image,
+            dev,
+            transport,
+            ..
+        } = rig;
+        let opener = {
+            let image = image.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                image.set_gate(true);
+            })
+        };
+        drop(transport);
+        drop(dev);
+        // The drop waited for the read and completed it.
+        assert!(*image.gate.lock().unwrap());
+        let used: u16 = mem.read_obj(used_addr(0).unchecked_add(2)).unwrap();
+        assert_eq!(used, 1);
+        opener.join().unwrap();
+        io.stop().unwrap();
+    }
+
+    #[test]
+    fn vcpu_holding_the_global_lock_resets_a_main_loop_disk_with_requests_in_flight() {
+        use crate::context::{debug_assert_may_take_global_lock, set_global_lock_held};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let global = Arc::new(std::sync::Mutex::new(()));
+        let hook_lock = Arc::clone(&global);
+        let main_ctx = Context::with_dispatch_hook(
+            "main-loop",
+            Box::new(move |dispatch: &mut dyn FnMut()| {
+                debug_assert_may_take_global_lock();
+                let _big = hook_lock.lock().unwrap();
+                set_global_lock_held(true);
+                dispatch();
+                set_global_lock_held(false);
+            }),
+        )
+        .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let main_loop = {
+            let (ctx, stop) = (Arc::clone(&main_ctx), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    ctx.run_once(Some(std::time::Duration::from_millis(5)))
+                        .unwrap();
+                }
+            })
+        };
+        let rig = Rig::new(
+            Arc::clone(&main_ctx),
+            MemImage::new(1 << 16, false),
+            1,
+            false,
+        );
+        {
+            // A vCPU exit: the global lock, then the transport.
+            let _big = global.lock().unwrap();
+            rig.start(!0);
+        }
+        rig.image.set_gate(false);
+        rig.header(HDR, t::IN, 0);
+        rig.submit(
+            0,
+            0,
+            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+        );
+        while rig.image.reads_started.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let opener = {
+            let image = rig.image.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                image.set_gate(true);
+            })
+        };
+        {
+            // The reset waits for the read with the global lock held: the main loop cannot run
+            // meanwhile, and does not need to.
+            let _big = global.lock().unwrap();
+            set_global_lock_held(true);
+            rig.set_reg(0x70, 0);
+            set_global_lock_held(false);
+        }
+        assert_eq!(rig.used_idx(0), 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        opener.join().unwrap();
+        stop.store(true, Ordering::SeqCst);
+        main_loop.join().unwrap();
     }
 }

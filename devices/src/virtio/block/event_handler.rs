@@ -135,8 +135,11 @@ impl Block {
                     next,
                 });
             }
+            // seg_max data segments plus header and status, whatever size the driver chose for
+            // the queue: with indirect descriptors a chain may be longer than the queue.
+            let max_descriptors = usize::from(self.config.queue_size);
             while let Some(chain) = qs.queue.pop_descriptor_chain(&*mem) {
-                let parsed = request::parse(chain, mem, scratch, usize::from(qs.queue.size()))
+                let parsed = request::parse(chain, mem, scratch, max_descriptors)
                     .map_err(|e| QueueError::Chain(index, e))?;
                 let outcome = self.start_request(
                     mem,
@@ -777,5 +780,34 @@ mod tests {
             rig.set_reg(0x70, 0);
             rig.mem.write_slice(&[0u8; 0x1000], queue_addr(0)).unwrap();
         }
+    }
+
+    #[test]
+    fn indirect_chains_may_be_longer_than_a_small_queue() {
+        let rig = main_loop_rig(1 << 16, false);
+        rig.image.data.lock().unwrap()[..5120].fill(0x42);
+        rig.start_sized(!0, 4);
+        rig.header(HDR, t::IN, 0);
+        // Header, ten 512-byte segments and the status: 12 descriptors in a queue of 4.
+        let table = DATA + 0x8000;
+        let mut descs = vec![Descriptor::new(HDR, 16, F_NEXT, 1)];
+        for i in 0..10u16 {
+            descs.push(Descriptor::new(
+                BUF + u64::from(i) * 512,
+                512,
+                F_WRITE | F_NEXT,
+                i + 2,
+            ));
+        }
+        descs.push(Descriptor::new(STATUS, 1, F_WRITE, 0));
+        for (i, d) in (0u64..).zip(&descs) {
+            rig.mem.write_obj(*d, GuestAddress(table + 16 * i)).unwrap();
+        }
+        rig.store_desc(0, 0, Descriptor::new(table, 16 * 12, F_INDIRECT, 0));
+        rig.publish(0, 0);
+        rig.run_until_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        assert_eq!(rig.used(0, 0), (0, 5121));
+        assert_eq!(rig.byte(BUF + 5119), 0x42);
     }
 }

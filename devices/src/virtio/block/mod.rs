@@ -155,4 +155,6 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 #[cfg(test)]
+mod bench;
+#[cfg(test)]
 mod test_util;

@@ -231,6 +231,12 @@ impl<I: DiskImage + 'static> Rig<I> {
 
     /// Negotiates `features` (those the device offers, VERSION_1 always) and starts every queue.
     pub fn start(&self, features: u64) {
+        self.start_sized(features, QSIZE);
+    }
+
+    /// `start` with queues of `size` entries (rings still laid out for `QSIZE`: the first `size`
+    /// entries coincide).
+    pub fn start_sized(&self, features: u64, size: u16) {
         self.set_reg(0x70, status::ACKNOWLEDGE);
         self.set_reg(0x70, status::ACKNOWLEDGE | status::DRIVER);
         let features = (features | common::VERSION_1) & self.dev.features();
@@ -244,7 +250,7 @@ impl<I: DiskImage + 'static> Rig<I> {
         for i in 0..u16::try_from(self.dev.queue_max_sizes().len()).unwrap() {
             self.set_reg(0x30, u32::from(i));
             assert_eq!(self.reg(0x34), u32::from(QSIZE));
-            self.set_reg(0x38, u32::from(QSIZE));
+            self.set_reg(0x38, u32::from(size));
             for (low, addr) in [
                 (0x80, desc_addr(i)),
                 (0x90, avail_addr(i)),

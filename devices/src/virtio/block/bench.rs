@@ -1,0 +1,165 @@
+//! Benchmarks of the request path (ignored by default; they assert nothing about speed and print
+//! figures): a driver thread places 4 KiB random reads on a queue in guest memory and notifies
+//! through the transport (as an ioeventfd would), the device on an iothread parses, submits to
+//! the worker pool over the crate's raw engine (page cache), completes and updates the used
+//! ring, which the driver polls. And the wait of an outside acquire of a busy iothread's context.
+//!
+//! `cargo nextest run -p devices --release --run-ignored only --no-capture bench::`
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use block::DiskImage;
+
+use super::request_type as t;
+use super::test_util::*;
+use crate::context::IoThread;
+
+/// A small xorshift generator: random sectors without a dependency.
+fn next(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let last = sorted.len() - 1;
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let i = ((last as f64) * p).round() as usize;
+    sorted[i]
+}
+
+fn raw_image(dir: &tempfile::TempDir, size: u64) -> Arc<block::Image> {
+    let path = dir.path().join("bench.raw");
+    let o = block::qcow2::create::CreateOptions {
+        size,
+        ..Default::default()
+    };
+    block::create(&path, block::Format::Raw, &o).unwrap();
+    let opts = block::OpenOptions {
+        format: Some(block::Format::Raw),
+        read_only: false,
+        ..Default::default()
+    };
+    Arc::new(block::open(&path, opts).unwrap())
+}
+
+/// Runs `total` reads in batches of `depth` (at most 5: three descriptors each in a queue of 16);
+/// returns each batch's latency.
+fn run(rig: &Rig<block::Image>, depth: u16, total: u32, sectors: u64) -> Vec<Duration> {
+    assert!(depth * 3 <= QSIZE);
+    let mut seed = 0x9e37_79b9_7f4a_7c15;
+    let mut lat = Vec::with_capacity(usize::try_from(total).unwrap());
+    let mut used = rig.used_idx(0);
+    let mut done = 0;
+    while done < total {
+        let start = Instant::now();
+        for slot in 0..depth {
+            let hdr = HDR + u64::from(slot) * 0x20;
+            rig.header(hdr, t::IN, (next(&mut seed) % (sectors / 8)) * 8);
+            let buf = BUF + u64::from(slot) * 0x1000;
+            rig.submit(
+                0,
+                slot * 3,
+                &[
+                    (hdr, 16, 0),
+                    (buf, 4096, F_WRITE),
+                    (STATUS + u64::from(slot), 1, F_WRITE),
+                ],
+            );
+        }
+        let target = used.wrapping_add(depth);
+        while rig.used_idx(0) != target {
+            assert!(start.elapsed() < Duration::from_secs(10), "requests stuck");
+            std::hint::spin_loop();
+        }
+        used = target;
+        // At depth 1 this is the request's latency; deeper, the batch's.
+        lat.push(start.elapsed());
+        done += u32::from(depth);
+    }
+    lat
+}
+
+#[test]
+#[ignore = "benchmark: run with --run-ignored only --release --no-capture"]
+fn bench_random_reads_through_an_iothread() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 256 << 20;
+    let image = raw_image(&dir, size);
+    image
+        .write_at(&vec![0x5a; usize::try_from(size).unwrap()], 0)
+        .unwrap();
+    let io = IoThread::spawn("bench-io").unwrap();
+    let rig = Rig::new(io.context().clone(), image, 1, false);
+    rig.start(!0);
+    run(&rig, 1, 2000, size / 512); // warm-up
+    for depth in [1u16, 4] {
+        let total = 40_000;
+        let begin = Instant::now();
+        let mut lat = run(&rig, depth, total, size / 512);
+        let secs = begin.elapsed().as_secs_f64();
+        lat.sort_unstable();
+        println!(
+            "4 KiB random read, depth {depth}: {:.0} IOPS; per {}: p50 {:?} p99 {:?} p99.9 {:?}",
+            f64::from(total) / secs,
+            if depth == 1 { "request" } else { "batch" },
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            percentile(&lat, 0.999),
+        );
+    }
+    rig.dev.shutdown().unwrap();
+    drop(rig);
+    io.stop().unwrap();
+}
+
+#[test]
+#[ignore = "benchmark: run with --run-ignored only --release --no-capture"]
+fn bench_acquire_while_the_iothread_is_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 << 20;
+    let io = IoThread::spawn("bench-busy").unwrap();
+    let rig = Arc::new(Rig::new(
+        io.context().clone(),
+        raw_image(&dir, size),
+        1,
+        false,
+    ));
+    rig.start(!0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let driver = {
+        let (rig, stop) = (Arc::clone(&rig), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                run(&rig, 4, 64, size / 512);
+            }
+        })
+    };
+    let mut waits = Vec::new();
+    for _ in 0..5000 {
+        let start = Instant::now();
+        let guard = io.context().acquire();
+        waits.push(start.elapsed());
+        drop(guard);
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    driver.join().unwrap();
+    waits.sort_unstable();
+    println!(
+        "acquire of a busy iothread's context: p50 {:?} p99 {:?} max {:?}",
+        percentile(&waits, 0.5),
+        percentile(&waits, 0.99),
+        waits[waits.len() - 1],
+    );
+    rig.dev.shutdown().unwrap();
+}
