@@ -8,6 +8,8 @@
 
 use std::path::PathBuf;
 
+use crate::drive::{self, DiskSpec, DriveError};
+use crate::monitor::{parse_qmp_option, QmpOptionError, QmpOptions};
 use crate::options::{MemorySize, OptionError, Options};
 
 /// Default guest RAM, QEMU's default.
@@ -22,6 +24,16 @@ Usage: vmm -kernel FILE [options]
   -m SIZE          guest RAM; a bare number is MiB, or use a K, M or G suffix (default 128M)
   -smp N           number of vCPUs (default 1)
   -D FILE          write the debug log to FILE
+  -object iothread,id=ID
+                   an iothread (a thread of its own for the disks given iothread=ID)
+  -drive file=PATH,format=raw|qcow2,if=none|virtio,id=ID[,cache=none|writeback][,readonly=on|off]
+         [,aio=threads][,discard=ignore|unmap][,detect-zeroes=off][,stats-intervals=SECS[:SECS]]
+                   a disk image (if=virtio also gives it a virtio-blk device on the main loop)
+  -device virtio-blk-device,drive=ID[,id=ID][,iothread=ID][,serial=S][,num-queues=N][,queue-size=N]
+                   a virtio-mmio disk for the guest
+  -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off
+                   a QMP monitor (wait=on, the default, waits for a client before starting)
+  -S               start with the vCPUs paused, until the monitor's cont
   -nographic, -serial stdio, -enable-kvm, -no-reboot, -machine microvm
                    accepted for QEMU compatibility: this is what vmm always does
                    (the console is on stdio; a guest reboot ends vmm, as with -no-reboot)
@@ -43,6 +55,14 @@ pub struct Config {
     pub append: String,
     /// Where the debug log goes.
     pub debug_log: Option<PathBuf>,
+    /// The QMP monitor's socket.
+    pub qmp: Option<QmpOptions>,
+    /// `-S`: vCPUs wait for `cont`.
+    pub start_paused: bool,
+    /// The iothreads' ids (`-object iothread`), in order.
+    pub iothreads: Vec<String>,
+    /// The disks (`-drive` paired with `-device`), in order.
+    pub disks: Vec<DiskSpec>,
 }
 
 /// What to do.
@@ -93,6 +113,12 @@ pub enum CliError {
     /// No `-kernel`.
     #[error("No kernel given: use -kernel FILE")]
     NoKernel,
+    /// A `-qmp` value that does not parse.
+    #[error(transparent)]
+    Qmp(#[from] QmpOptionError),
+    /// A disk flag (`-object`, `-drive`, `-device`) that does not parse or does not pair up.
+    #[error(transparent)]
+    Drive(#[from] DriveError),
 }
 
 /// Flags and whether each takes a value.
@@ -103,6 +129,11 @@ const FLAGS: &[(&str, bool)] = &[
     ("-initrd", true),
     ("-append", true),
     ("-D", true),
+    ("-qmp", true),
+    ("-S", false),
+    ("-object", true),
+    ("-drive", true),
+    ("-device", true),
     ("-machine", true),
     ("-M", true),
     ("-serial", true),
@@ -161,6 +192,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut initrd = None;
     let mut append = None;
     let mut debug_log = None;
+    let mut qmp = None;
+    let mut start_paused = false;
+    let mut iothreads = Vec::new();
+    let mut drives = Vec::new();
+    let mut devices = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let Some(&(flag, takes_value)) = FLAGS.iter().find(|(f, _)| *f == arg) else {
@@ -182,6 +218,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "-initrd" => set_once(&mut initrd, flag, PathBuf::from(value))?,
             "-append" => set_once(&mut append, flag, value)?,
             "-D" => set_once(&mut debug_log, flag, PathBuf::from(value))?,
+            "-qmp" => set_once(&mut qmp, flag, parse_qmp_option(&value)?)?,
+            "-S" => start_paused = true,
+            "-object" => iothreads.push(drive::parse_object(&value)?),
+            "-drive" => drives.push(drive::parse_drive(&value, drives.len())?),
+            "-device" => devices.push(drive::parse_device(&value)?),
             "-machine" | "-M" => check_machine(flag, &value)?,
             "-serial" if value != "stdio" => return Err(CliError::BadSerial(value)),
             "-h" | "-help" | "--help" => return Ok(Command::Help),
@@ -196,6 +237,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         initrd,
         append: append.unwrap_or_default(),
         debug_log,
+        qmp,
+        start_paused,
+        disks: drive::plan(&iothreads, &drives, &devices)?,
+        iothreads,
     }))
 }
 
@@ -218,7 +263,8 @@ mod tests {
     fn a_qemu_command_line_parses() {
         let c = config(
             "-m 1G -smp 2 -kernel vmlinuz -initrd initrd.img -append console=ttyS0 -nographic \
-             -serial stdio -enable-kvm -no-reboot -machine microvm -D log.txt",
+             -serial stdio -enable-kvm -no-reboot -machine microvm -D log.txt \
+             -qmp unix:/tmp/q.sock,server=on,wait=off -S",
         );
         assert_eq!(
             c,
@@ -229,6 +275,13 @@ mod tests {
                 initrd: Some("initrd.img".into()),
                 append: "console=ttyS0".into(),
                 debug_log: Some("log.txt".into()),
+                qmp: Some(QmpOptions {
+                    address: crate::monitor::QmpAddress::Unix("/tmp/q.sock".into()),
+                    wait: false,
+                }),
+                start_paused: true,
+                iothreads: Vec::new(),
+                disks: Vec::new(),
             }
         );
     }
@@ -263,6 +316,10 @@ mod tests {
             ("-kernel k -machine pc", CliError::BadMachine("pc".into())),
             ("-kernel k -serial pty", CliError::BadSerial("pty".into())),
             ("-m 1G", CliError::NoKernel),
+            (
+                "-kernel k -qmp stdio",
+                CliError::Qmp(QmpOptionError::UnsupportedBackend("stdio".into())),
+            ),
         ];
         for (line, err) in cases {
             assert_eq!(parse_str(line).as_ref(), Err(err), "{line}");

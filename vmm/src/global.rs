@@ -13,6 +13,7 @@
 //!
 //! Lock order: the global lock, then a device's iothread context (never two contexts).
 
+use std::ops::{Deref, DerefMut};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use devices::bus::Bus;
@@ -42,6 +43,8 @@ pub enum ExitReason {
     Signal(i32),
     /// Ctrl-A x on the console.
     ConsoleQuit,
+    /// The monitor's `quit` command.
+    MonitorQuit,
     /// A vCPU failed; the message says how.
     VcpuFailed {
         /// The vCPU.
@@ -112,6 +115,8 @@ impl GlobalLock {
     /// Takes the global lock. A thread that panicked while holding it has already aborted the
     /// process (release builds use `panic = "abort"`), so a poisoned lock is taken as is.
     pub fn lock(&self) -> Guard<'_> {
+        // Iothread code never takes the global lock, and no thread takes it holding a context.
+        devices::context::debug_assert_may_take_global_lock();
         self.machine
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -146,5 +151,54 @@ impl GlobalLock {
     pub fn release_all(&self, guard: &mut Guard<'_>, request: VcpuRequest) {
         guard.request = request;
         self.notify();
+    }
+}
+
+/// The global lock as a main-loop handler holds it: the [`Machine`] (through `Deref`), and the
+/// waits that release the lock meanwhile, which need the guard itself.
+#[derive(Debug)]
+pub struct Held<'a> {
+    global: &'a GlobalLock,
+    /// Always `Some`, except inside [`Held::pause_all`] while the guard is handed to the wait.
+    guard: Option<Guard<'a>>,
+}
+
+impl<'a> Held<'a> {
+    /// Takes the global lock.
+    pub fn lock(global: &'a GlobalLock) -> Self {
+        Self {
+            global,
+            guard: Some(global.lock()),
+        }
+    }
+
+    /// [`GlobalLock::pause_all`], from a handler.
+    pub fn pause_all(&mut self, kickers: &[Kicker]) {
+        if let Some(guard) = self.guard.take() {
+            self.guard = Some(self.global.pause_all(guard, kickers));
+        }
+    }
+
+    /// [`GlobalLock::release_all`], from a handler.
+    pub fn release_all(&mut self, request: VcpuRequest) {
+        if let Some(guard) = self.guard.as_mut() {
+            self.global.release_all(guard, request);
+        }
+    }
+}
+
+impl Deref for Held<'_> {
+    type Target = Machine;
+
+    fn deref(&self) -> &Machine {
+        // The guard is only ever out inside `pause_all`, which holds `&mut self`.
+        self.guard.as_deref().expect("global lock held")
+    }
+}
+
+impl DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut Machine {
+        // As in `deref`.
+        self.guard.as_deref_mut().expect("global lock held")
     }
 }

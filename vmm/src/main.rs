@@ -8,11 +8,11 @@
 mod arch;
 mod cli;
 mod console;
+mod disks;
+mod drive;
 mod global;
 mod logger;
 mod main_loop;
-// Wired into the VM by the VM assembly; until then nothing in main uses it.
-#[allow(dead_code, unused_imports)]
 mod monitor;
 mod options;
 mod vcpu;

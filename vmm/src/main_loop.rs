@@ -2,10 +2,12 @@
 //!
 //! Each handler implements [`Handler`] and is wrapped in [`Locked`], the one subscriber type the
 //! event manager knows; `Locked` takes the global lock around the handler, so handlers see the
-//! [`Machine`] directly. Every descriptor is registered with a [`Tag`] and dispatched by `match`.
+//! [`crate::global::Machine`] directly, through [`Held`], which can also wait for the vCPUs to
+//! pause. Every descriptor is registered with a [`Tag`] and dispatched by `match`.
 //!
 //! Handlers now: the VM's exit events (the guest's reset or power-off, a vCPU's failure,
-//! SIGTERM/SIGINT through a signalfd) and the console's input.
+//! SIGTERM/SIGINT through a signalfd), the console's input, the QMP monitor
+//! ([`crate::monitor::VmMonitor`]) and the main loop's context (main-loop disks).
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -18,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::COM1_PORT;
 use crate::console::Escapes;
-use crate::global::{ExitReason, GlobalLock, Machine};
+use crate::global::{ExitReason, GlobalLock, Held, Machine};
 
 /// What a registered descriptor is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,15 +36,21 @@ pub enum Tag {
     Stdin,
     /// The guest read the UART's receive FIFO empty.
     SerialDrained,
+    /// Every descriptor of the QMP monitor (it tells them apart by fd).
+    Qmp,
+    /// The main loop's context (its epoll fd): the disks without an iothread.
+    MainContext,
 }
 
 impl Tag {
-    const ALL: [Tag; 5] = [
+    const ALL: [Tag; 7] = [
         Tag::GuestExit,
         Tag::VcpuFailed,
         Tag::Signal,
         Tag::Stdin,
         Tag::SerialDrained,
+        Tag::Qmp,
+        Tag::MainContext,
     ];
 
     /// The tag registered as `data`.
@@ -56,7 +64,7 @@ pub trait Handler: Send {
     /// Registers the handler's descriptors.
     fn init(&mut self, ops: &mut EventOps);
     /// Handles one event on a descriptor registered with `tag`.
-    fn process(&mut self, machine: &mut Machine, tag: Tag, events: Events, ops: &mut EventOps);
+    fn process(&mut self, machine: &mut Held<'_>, tag: Tag, events: Events, ops: &mut EventOps);
 }
 
 /// A handler and the lock it runs under.
@@ -84,8 +92,8 @@ impl MutEventSubscriber for Locked {
             log::error!("main loop: event with unknown tag {}", events.data());
             return;
         };
-        let mut machine = self.global.lock();
-        self.handler.process(&mut machine, tag, events, ops);
+        let mut held = Held::lock(&self.global);
+        self.handler.process(&mut held, tag, events, ops);
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -160,7 +168,7 @@ impl Handler for ExitEvents {
         add_input(ops, &self.signals, Tag::Signal);
     }
 
-    fn process(&mut self, machine: &mut Machine, tag: Tag, _: Events, _: &mut EventOps) {
+    fn process(&mut self, machine: &mut Held<'_>, tag: Tag, _: Events, _: &mut EventOps) {
         let reason = match tag {
             Tag::GuestExit => {
                 let _ = self.guest.event().read();
@@ -179,7 +187,7 @@ impl Handler for ExitEvents {
                 Some(signo) => ExitReason::Signal(signo),
                 None => return,
             },
-            Tag::Stdin | Tag::SerialDrained => return,
+            Tag::Stdin | Tag::SerialDrained | Tag::Qmp | Tag::MainContext => return,
         };
         machine.request_exit(reason);
     }
@@ -257,7 +265,7 @@ impl Handler for ConsoleInput {
         add_input(ops, &self.drained, Tag::SerialDrained);
     }
 
-    fn process(&mut self, machine: &mut Machine, tag: Tag, events: Events, ops: &mut EventOps) {
+    fn process(&mut self, machine: &mut Held<'_>, tag: Tag, events: Events, ops: &mut EventOps) {
         match tag {
             Tag::Stdin => {
                 if self.read_stdin(events, ops) {
@@ -268,7 +276,7 @@ impl Handler for ConsoleInput {
             Tag::SerialDrained => {
                 let _ = self.drained.read();
             }
-            Tag::GuestExit | Tag::VcpuFailed | Tag::Signal => return,
+            Tag::GuestExit | Tag::VcpuFailed | Tag::Signal | Tag::Qmp | Tag::MainContext => return,
         }
         self.flush(machine);
     }

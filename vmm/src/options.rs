@@ -69,6 +69,13 @@ impl OptionValue for u8 {
     }
 }
 
+impl OptionValue for u16 {
+    const EXPECTED: &'static str = "a number from 0 to 65535";
+    fn parse(text: &str) -> Option<Self> {
+        text.parse().ok()
+    }
+}
+
 impl OptionValue for u32 {
     const EXPECTED: &'static str = "a 32-bit number";
     fn parse(text: &str) -> Option<Self> {

@@ -226,7 +226,11 @@ impl Vcpu {
     /// Runs the state machine until the vCPU finishes, then hands the vCPU back (so its
     /// `kvm_run` mapping outlives every kick).
     pub fn run(mut self) -> Self {
-        let mut state = State::Running;
+        // Under -S the vCPUs start paused, before their first KVM_RUN.
+        let mut state = match self.global.lock().request {
+            VcpuRequest::Pause => State::Paused,
+            VcpuRequest::Run | VcpuRequest::Stop => State::Running,
+        };
         while state != State::Finished {
             state = match state {
                 State::Running => self.running(),

@@ -2,12 +2,16 @@
 //! devices on the PIO bus, the loaded guest, the vCPU threads and the main loop, and a shutdown
 //! that joins every thread.
 //!
-//! [`Vm::build`] does the set-up in this order: open `/dev/kvm`, create the VM, map and register
+//! [`Vm::build`] does the set-up in this order: bind the QMP monitor's socket (with `wait=on`,
+//! wait for its first client, as QEMU does), open `/dev/kvm`, create the VM, map and register
 //! guest memory, set KVM's TSS address, create the irqchip and PIT, build the devices (COM1 with
-//! an irqfd on IRQ 4, i8042, RTC, ACPI sleep registers), load the guest (see
+//! an irqfd on IRQ 4, i8042, RTC, ACPI sleep registers), the disks and their iothreads (see
+//! [`crate::disks`]), the power button's irqfd, load the guest (see
 //! [`crate::arch::x86_64::boot`]), then create and configure the vCPUs. [`Vm::run`] starts one
-//! thread per vCPU, runs the main loop until something records an exit reason, then pauses every
-//! vCPU (condition variable on the global lock), tells them to stop, and joins them.
+//! thread per vCPU (paused under `-S`), adds the monitor to the main loop, runs the loop until
+//! something records an exit reason, sends the monitor's `SHUTDOWN` event, then pauses every
+//! vCPU (condition variable on the global lock), tells them to stop, and joins them; then the
+//! disks are drained, flushed and closed and the iothreads stopped.
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::Arc;
@@ -26,12 +30,16 @@ use crate::arch::x86_64::boot::{
 };
 use crate::arch::x86_64::cpuid::{supported_cpuid, CpuidError};
 use crate::arch::x86_64::layout::{
-    ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, I8042_PORT, KVM_TSS_START, RTC_PORT,
+    ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, GED_IRQ, I8042_PORT, KVM_TSS_START, RTC_PORT,
 };
 use crate::arch::x86_64::memory::{create_guest_memory, host_ram_bytes, GuestMemory, MemoryError};
 use crate::cli::Config;
+use crate::disks::{DiskError, Disks};
 use crate::global::{ExitReason, GlobalLock, Machine, VcpuRequest};
-use crate::main_loop::{signal_fd, ConsoleInput, ExitEvents, Locked};
+use crate::main_loop::{signal_fd, ConsoleInput, ExitEvents, Locked, Tag};
+use crate::monitor::{
+    event_channel, shutdown_cause, Listener, Monitor, MonitorError, QmpEvent, VmMonitor,
+};
 use crate::vcpu::{install_kick_handler, Kicker, Vcpu};
 
 /// Errors from building or running the VM, one per failing step.
@@ -135,6 +143,12 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// The disks or their iothreads.
+    #[error(transparent)]
+    Disk(DiskError),
+    /// The QMP monitor could not be set up.
+    #[error("QMP monitor")]
+    Monitor(#[source] MonitorError),
     /// A vCPU thread panicked.
     #[error("The thread of vCPU {index} panicked")]
     VcpuPanicked {
@@ -155,6 +169,14 @@ pub struct Vm {
     exit_events: ExitEvents,
     /// Signalled by the UART when the guest has read its input.
     input_drained: EventFd,
+    /// The monitor's socket, bound (and, with `wait=on`, connected) before the guest runs.
+    qmp: Option<Listener>,
+    /// `-S`: the vCPUs wait for the monitor's `cont`.
+    start_paused: bool,
+    /// The disks, their iothreads and the main loop's context.
+    disks: Disks,
+    /// The irqfd of the ACPI power button (the Generic Event Device's interrupt).
+    power_button: EventFd,
 }
 
 /// The KVM device.
@@ -239,6 +261,10 @@ fn legacy_devices(
 impl Vm {
     /// Builds the VM `cfg` describes (the steps are in the module doc).
     pub fn build(cfg: &Config) -> Result<Self, VmError> {
+        let qmp = match &cfg.qmp {
+            Some(options) => Some(Listener::bind(options).map_err(VmError::Monitor)?),
+            None => None,
+        };
         let kvm = open_kvm(KVM_PATH)?;
         let max = kvm.get_max_vcpus();
         if usize::from(cfg.cpus) > max {
@@ -267,7 +293,22 @@ impl Vm {
         };
         let input_drained = eventfd()?;
         let pio = legacy_devices(&vm_fd, &exit_events.guest, &input_drained)?;
-        let global = Arc::new(GlobalLock::new(Machine::new(pio, Bus::new())));
+        let mut mmio = Bus::new();
+        let (disks, dsdt_devices) =
+            Disks::build(&cfg.iothreads, &cfg.disks, &vm_fd, &memory, &mut mmio)
+                .map_err(VmError::Disk)?;
+        let power_button = eventfd()?;
+        vm_fd
+            .register_irqfd(&power_button, GED_IRQ)
+            .map_err(|source| VmError::Irqfd {
+                irq: GED_IRQ,
+                source,
+            })?;
+        let mut machine = Machine::new(pio, mmio);
+        if cfg.start_paused {
+            machine.request = VcpuRequest::Pause;
+        }
+        let global = Arc::new(GlobalLock::new(machine));
 
         let entry = load_guest(
             &memory,
@@ -277,7 +318,7 @@ impl Vm {
                 cmdline: &cfg.append,
                 cpus: usize::from(cfg.cpus),
                 mem_bytes: cfg.mem_bytes,
-                dsdt_devices: &[],
+                dsdt_devices: &dsdt_devices,
             },
         )
         .map_err(VmError::Boot)?;
@@ -309,6 +350,10 @@ impl Vm {
             vcpus,
             exit_events,
             input_drained,
+            qmp,
+            start_paused: cfg.start_paused,
+            disks,
+            power_button,
         })
     }
 
@@ -321,6 +366,10 @@ impl Vm {
             vcpus,
             exit_events,
             input_drained,
+            qmp,
+            start_paused,
+            disks,
+            power_button,
         } = self;
         install_kick_handler().map_err(VmError::KickHandler)?;
         let mut manager: EventManager<Locked> = EventManager::new().map_err(VmError::MainLoop)?;
@@ -329,10 +378,43 @@ impl Vm {
             Arc::clone(&global),
             Box::new(ConsoleInput::new(input_drained)),
         ));
+        manager.add_subscriber(Locked::new(
+            Arc::clone(&global),
+            Box::new(disks.main_context()),
+        ));
 
+        // The monitor's parts that can fail are made before any vCPU thread starts.
+        let qmp = match qmp {
+            Some(listener) => Some((listener, event_channel().map_err(VmError::Monitor)?)),
+            None => None,
+        };
         let (threads, started) = VcpuThreads::start(vcpus);
+        let events = qmp.map(|(listener, (sender, receiver))| {
+            let monitor = Monitor::new(listener, receiver, Tag::Qmp as u32);
+            let kickers = Arc::clone(&threads.kickers);
+            let handler = VmMonitor::new(
+                monitor,
+                kickers,
+                !start_paused,
+                (disks.iothread_info(), disks.disks()),
+                power_button,
+            );
+            manager.add_subscriber(Locked::new(Arc::clone(&global), Box::new(handler)));
+            sender
+        });
         let outcome = started.and_then(|()| main_loop(&global, &mut manager));
-        threads.shutdown(&global)?;
+        if let (Some(events), Ok(reason)) = (&events, &outcome) {
+            // Delivered by the monitor's last wake-up or, at the latest, when it is dropped.
+            if let Some(cause) = shutdown_cause(reason) {
+                events.send(QmpEvent::Shutdown(cause));
+            }
+        }
+        let stopped = threads.shutdown(&global);
+        // The main loop's handlers (the monitor holds the disks too) go before the disks.
+        drop(manager);
+        let closed = disks.shutdown(&global).map_err(VmError::Disk);
+        stopped?;
+        closed?;
         outcome
     }
 }
@@ -354,17 +436,17 @@ fn main_loop(
 #[derive(Debug)]
 struct VcpuThreads {
     threads: Vec<(u8, JoinHandle<Vcpu>)>,
-    kickers: Vec<Kicker>,
+    /// Shared with the monitor, which pauses and resumes the vCPUs.
+    kickers: Arc<Vec<Kicker>>,
 }
 
 impl VcpuThreads {
     /// Starts one thread per vCPU; on a failure, the threads already started are returned with
     /// the error (to be shut down).
     fn start(vcpus: Vec<Vcpu>) -> (Self, Result<(), VmError>) {
-        let mut started = Self {
-            threads: Vec::with_capacity(vcpus.len()),
-            kickers: Vec::with_capacity(vcpus.len()),
-        };
+        let mut threads = Vec::with_capacity(vcpus.len());
+        let mut kickers = Vec::with_capacity(vcpus.len());
+        let mut result = Ok(());
         for (index, vcpu) in (0u8..).zip(vcpus) {
             let kick = vcpu.kick_handle();
             let spawned = std::thread::Builder::new()
@@ -372,13 +454,17 @@ impl VcpuThreads {
                 .spawn(move || vcpu.run());
             match spawned {
                 Ok(handle) => {
-                    started.kickers.push(kick.on_thread(handle.as_pthread_t()));
-                    started.threads.push((index, handle));
+                    kickers.push(kick.on_thread(handle.as_pthread_t()));
+                    threads.push((index, handle));
                 }
-                Err(source) => return (started, Err(VmError::SpawnVcpu { index, source })),
+                Err(source) => {
+                    result = Err(VmError::SpawnVcpu { index, source });
+                    break;
+                }
             }
         }
-        (started, Ok(()))
+        let kickers = Arc::new(kickers);
+        (Self { threads, kickers }, result)
     }
 
     /// Pauses every vCPU, tells them to stop, and joins their threads; the vCPUs (and their
@@ -447,6 +533,10 @@ mod tests {
             initrd: None,
             append: String::new(),
             debug_log: None,
+            qmp: None,
+            start_paused: false,
+            iothreads: Vec::new(),
+            disks: Vec::new(),
         };
         let vm = Vm::build(&cfg).expect("builds");
         let _ = std::fs::remove_file(&kernel);

@@ -28,6 +28,7 @@ mod listener;
 mod options;
 mod protocol;
 mod server;
+mod vm;
 
 #[cfg(test)]
 mod test_backend;
@@ -38,8 +39,8 @@ use std::io;
 use std::path::PathBuf;
 
 pub use backend::{
-    BackendError, BlockDevice, BlockDeviceStats, HistogramChange, IoThreadInfo, MonitorBackend,
-    RunState,
+    BackendError, BlockDevice, BlockDeviceStats, CacheMode, HistogramChange, ImageDescription,
+    IoThreadInfo, MonitorBackend, RunState,
 };
 pub use disk_stats::{apply_histogram_change, block_device_stats};
 pub use events::{event_channel, QmpEvent, ShutdownCause};
@@ -48,6 +49,7 @@ pub use listener::Listener;
 pub use options::QmpAddress;
 pub use options::{parse_qmp_option, QmpOptionError, QmpOptions};
 pub use server::Monitor;
+pub use vm::{shutdown_cause, VmDisk, VmMonitor};
 
 /// Errors setting up the monitor.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,12 @@
 //! - MADT (5.2.12): one local APIC per vCPU (APIC id = vCPU index) and the IOAPIC; this is how a
 //!   kernel without MP-table support finds every CPU.
 //! - DSDT (5.2.11.1): COM1 (`PNP0501`), the CMOS RTC (`PNP0B00`), the `\_S5_` package Linux needs before it registers ACPI
-//!   power-off, and whatever devices the caller adds ([`DsdtDevice`], for virtio-mmio later).
+//!   power-off, the power button, and whatever devices the caller adds ([`DsdtDevice`]: the
+//!   virtio-mmio transports, [`virtio_mmio_device`]).
+//! - The power button: a hardware-reduced platform has no fixed power button, so a Generic Event
+//!   Device (`ACPI0013`, 5.6.9) owns the interrupt [`GED_IRQ`] and its `_EVT` method notifies
+//!   the control-method power button `PWRB` (`PNP0C0C`, 4.8.2.2.1.2) with 0x80 ("pressed"); Linux's
+//!   `button` driver turns that into a KEY_POWER input event (which busybox acpid handles).
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -24,8 +29,8 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
-    ACPI_END, ACPI_SLEEP_PORT, ACPI_START, APIC_START, COM1_IRQ, COM1_PORT, IOAPIC_START, RTC_IRQ,
-    RTC_PORT,
+    ACPI_END, ACPI_SLEEP_PORT, ACPI_START, APIC_START, COM1_IRQ, COM1_PORT, GED_IRQ, IOAPIC_START,
+    RTC_IRQ, RTC_PORT, VIRTIO_MMIO_SIZE,
 };
 use super::memory::GuestMemory;
 use devices::legacy::SLEEP_TYPE_S5;
@@ -78,7 +83,63 @@ pub fn aml_bytes(aml: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT body: `\_SB_` with COM1, the RTC and `extra`, and `\_S5_`.
+/// The notification value of a power button press (ACPI 6.5 section 5.6.6, table 5.187).
+const NOTIFY_POWER_BUTTON: u8 = 0x80;
+
+/// The `LNRO0005` device of virtio-mmio transport `index` (its `_UID`), with its register window
+/// at `base` and its interrupt `gsi`, edge-triggered: the irqfd that raises it has no resample fd,
+/// so it pulses the line.
+pub fn virtio_mmio_device(index: u8, base: u64, gsi: u32) -> DsdtDevice {
+    let name = format!("V{index:03X}");
+    let base = u32::try_from(base).unwrap_or(0);
+    let size = u32::try_from(VIRTIO_MMIO_SIZE).unwrap_or(0x200);
+    aml_bytes(&aml::Device::new(
+        name.as_str().into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"LNRO0005"),
+            &aml::Name::new("_UID".into(), &index),
+            &aml::Name::new("_CCA".into(), &aml::ONE),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::Memory32Fixed::new(true, base, size),
+                    &aml::Interrupt::new(true, true, false, false, gsi),
+                ]),
+            ),
+        ],
+    ))
+}
+
+/// The power button (`PWRB`) and the Generic Event Device whose interrupt presses it.
+fn power_button() -> Vec<u8> {
+    let button = aml_bytes(&aml::Device::new(
+        "PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    ));
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&pwrb, &NOTIFY_POWER_BUTTON);
+    let ged = aml_bytes(&aml::Device::new(
+        "GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true, true, false, false, GED_IRQ,
+                )]),
+            ),
+            // Linux calls _EVT with the interrupt's GSI; this GED has one interrupt, one event.
+            &aml::Method::new("_EVT".into(), 1, true, vec![&notify]),
+        ],
+    ));
+    [button, ged].concat()
+}
+
+/// The DSDT body: `\_SB_` with COM1, the RTC, the power button and `extra`, and `\_S5_`.
 fn dsdt(extra: &[DsdtDevice]) -> Vec<u8> {
     let com1_port = u16::try_from(COM1_PORT).unwrap_or(0x3f8);
     // ISA serial interrupts are edge-triggered and active high.
@@ -114,6 +175,7 @@ fn dsdt(extra: &[DsdtDevice]) -> Vec<u8> {
     ));
     let mut sb_children = com1;
     sb_children.extend(rtc);
+    sb_children.extend(power_button());
     sb_children.extend(extra.iter().flatten());
     let sb = aml::Scope::raw("\\_SB_".into(), sb_children);
     // \_S5_: SLP_TYPa (and SLP_TYPb, unused on hardware-reduced platforms) for soft-off.
@@ -304,6 +366,7 @@ mod tests {
         assert_eq!(&dsdt[..4], b"DSDT");
         let find = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         assert!(find(b"_S5_") && find(b"COM1") && find(b"RTC_") && find(b"_CRS"));
+        assert!(find(b"ACPI0013\0") && find(b"PWRB") && find(b"_EVT"));
     }
 
     #[test]
@@ -313,6 +376,21 @@ mod tests {
         create_acpi_tables(&mem, 1, std::slice::from_ref(&dsdt)).expect("fits");
         let all = read(&mem, ACPI_START, 0x1000);
         assert!(all.windows(dsdt.len()).any(|w| w == dsdt.as_slice()));
+    }
+
+    #[test]
+    fn virtio_mmio_device_describes_its_window_and_edge_interrupt() {
+        let dev = virtio_mmio_device(0x1a, 0xd000_0400, 12);
+        let find = |needle: &[u8]| dev.windows(needle.len()).any(|w| w == needle);
+        assert!(find(b"V01A") && find(b"LNRO0005\0"));
+        // Memory32Fixed (ACPI 6.5 section 6.4.3.4): tag 0x86, length 9, read-write, base, size.
+        let mut mem32 = vec![0x86, 9, 0, 1];
+        mem32.extend(0xd000_0400u32.to_le_bytes());
+        mem32.extend(0x200u32.to_le_bytes());
+        assert!(find(&mem32));
+        // Extended interrupt descriptor (6.4.3.6): tag 0x89, length 6, flags consumer | edge
+        // (active high, exclusive), one interrupt: 12.
+        assert!(find(&[0x89, 6, 0, 0b0000_0011, 1, 12, 0, 0, 0]));
     }
 
     #[test]

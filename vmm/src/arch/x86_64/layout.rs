@@ -59,6 +59,21 @@ pub const APIC_START: u64 = 0xfee0_0000;
 /// BIOS ROM shadow at the top of the hole.
 pub const KVM_TSS_START: u64 = 0xfffb_d000;
 
+/// The first virtio-mmio transport's registers; each further one follows `VIRTIO_MMIO_SIZE`
+/// bytes higher (virtio 1.2 section 4.2.2: the register block is 0x100 bytes plus the
+/// configuration space, 0x200 in all).
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// The window of one virtio-mmio transport (`devices::virtio::MMIO_SIZE`).
+pub const VIRTIO_MMIO_SIZE: u64 = 0x200;
+/// The virtio-mmio transports' interrupts: IOAPIC pins (GSIs) from this one up, one per device,
+/// edge-triggered (an irqfd without a resample fd pulses its line).
+pub const VIRTIO_IRQ_FIRST: u32 = 10;
+/// The last GSI a virtio-mmio transport may have, so at most 13 disks.
+pub const VIRTIO_IRQ_LAST: u32 = 22;
+/// The ACPI Generic Event Device's interrupt (ACPI 6.5 section 5.6.9): the power button's
+/// notification, pulsed through an irqfd.
+pub const GED_IRQ: u32 = 23;
+
 /// COM1 (16550A UART), 8 ports.
 pub const COM1_PORT: u64 = 0x3f8;
 /// COM1's ISA interrupt line.
@@ -79,6 +94,16 @@ const _: () = assert!(BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
 const _: () = assert!(BOOT_STACK_POINTER < PML4_START);
 const _: () = assert!(CMDLINE_START + (CMDLINE_MAX_SIZE as u64) < EBDA_START);
 const _: () = assert!(MMIO_GAP_START < IOAPIC_START && IOAPIC_START < APIC_START);
+const _: () = assert!(MMIO_GAP_START <= VIRTIO_MMIO_START);
+const _: () = assert!(
+    VIRTIO_MMIO_START + (VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1) as u64 * VIRTIO_MMIO_SIZE
+        <= IOAPIC_START
+);
+const _: () = assert!(COM1_IRQ < VIRTIO_IRQ_FIRST && RTC_IRQ < VIRTIO_IRQ_FIRST);
+const _: () = assert!(
+    VIRTIO_IRQ_LAST < GED_IRQ && GED_IRQ < 24,
+    "IOAPIC pins 0 to 23"
+);
 const _: () = assert!(APIC_START < KVM_TSS_START && KVM_TSS_START + 0x3000 <= MMIO_GAP_END);
 
 #[cfg(test)]

@@ -1,0 +1,568 @@
+//! The VM's disks: iothreads, images, virtio-blk devices on virtio-mmio transports, their KVM
+//! notifications, their ACPI description, and their orderly end.
+//!
+//! [`Disks::build`], before the guest is loaded: spawns one thread per `-object iothread` (named
+//! after its id); opens each image (its backing chain read-only, QEMU-compatible locks taken),
+//! with a one-line error for a missing file, an image another process writes, a read-write disk
+//! on a read-only file, or a format that would have to be guessed where guessing is unsafe (a raw
+//! image opened for writing); builds each virtio-blk device in its iothread's context, or in the
+//! main loop's context when it has none; puts its transport on the MMIO bus at
+//! [`VIRTIO_MMIO_START`] + n × [`VIRTIO_MMIO_SIZE`]; registers one ioeventfd per queue at its
+//! QueueNotify register (datamatch: the queue index) and its irqfd on GSI
+//! [`VIRTIO_IRQ_FIRST`] + n; and returns the `LNRO0005` DSDT entries, edge-triggered.
+//!
+//! Threads and locks: a disk on an iothread is served entirely in that thread's context (its
+//! ioeventfds, the completions of its worker pool, the used ring and the irqfd), which never
+//! takes the global lock (`GlobalLock::lock` debug-asserts it). The main loop's context is
+//! dispatched by [`MainContext`], a main-loop handler, so main-loop disks run under the global
+//! lock like every other main-loop handler. vCPUs reach a transport under the global lock; the
+//! transport acquires the device's context for anything but the interrupt status and
+//! acknowledge (atomics).
+//!
+//! [`Disks::shutdown`], after the vCPUs stopped: drains and flushes every device (waiting without
+//! holding its context), takes the transports off the bus, drops the devices (the images close
+//! and their locks go), then stops the iothreads.
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use block::{DiskImage, Format, Image, OpenOptions};
+use devices::bus::{Bus, BusDevice, BusError};
+use devices::context::{self, Context, IoThread};
+use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use event_manager::{EventOps, Events};
+use kvm_ioctls::{IoEventAddress, VmFd};
+
+use crate::arch::x86_64::acpi::{virtio_mmio_device, DsdtDevice};
+use crate::arch::x86_64::layout::{
+    VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+};
+use crate::arch::x86_64::memory::GuestMemory;
+use crate::drive::{DiskSpec, DriveSpec};
+use crate::global::{GlobalLock, Held};
+use crate::main_loop::{Handler, Tag};
+use crate::monitor::{BlockDevice, CacheMode, ImageDescription, IoThreadInfo, VmDisk};
+
+/// Worker threads doing each disk's image I/O (`aio=threads`).
+const IO_WORKERS: usize = 4;
+
+/// Errors from setting up or shutting down the disks, one line each.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// An iothread's thread or context could not be made.
+    #[error("Cannot start iothread '{id}'")]
+    IoThread {
+        /// The iothread's id.
+        id: String,
+        /// Why.
+        #[source]
+        source: context::Error,
+    },
+    /// The main loop's context could not be made.
+    #[error("Cannot create the main loop's context")]
+    MainContext(#[source] context::Error),
+    /// The image file does not exist.
+    #[error("Drive '{id}': no such file {path}")]
+    FileMissing {
+        /// The drive.
+        id: String,
+        /// The file.
+        path: String,
+    },
+    /// No `format=`, and the file is raw by its contents: guessing would let a guest that writes
+    /// a qcow2 header there make the next start read host files.
+    #[error("Drive '{id}': {path} has no format= and looks raw; say format=raw (probing a writable raw image is unsafe)")]
+    FormatNeeded {
+        /// The drive.
+        id: String,
+        /// The file.
+        path: String,
+    },
+    /// Another process holds a conflicting lock (a QEMU, a qemu-img, another vmm).
+    #[error("Drive '{id}': {path} is locked by another process (is it in use?)")]
+    Locked {
+        /// The drive.
+        id: String,
+        /// The file.
+        path: String,
+    },
+    /// A read-write disk on a file that cannot be opened for writing.
+    #[error("Drive '{id}': {path} is read-only; add readonly=on")]
+    ReadOnlyFile {
+        /// The drive.
+        id: String,
+        /// The file.
+        path: String,
+    },
+    /// Opening the image failed otherwise (corrupt, unsupported feature, bad backing file...).
+    #[error("Drive '{id}': cannot open {path}")]
+    Open {
+        /// The drive.
+        id: String,
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: block::Error,
+    },
+    /// More disks than there are interrupt lines for them.
+    #[error("{count} disks, at most {max}")]
+    TooMany {
+        /// Disks asked for.
+        count: usize,
+        /// The limit.
+        max: u32,
+    },
+    /// The virtio-blk device refused its configuration (queue size, queue count...).
+    #[error("Drive '{id}': cannot create its virtio-blk device")]
+    Device {
+        /// The drive.
+        id: String,
+        /// Why.
+        #[source]
+        source: devices::virtio::block::Error,
+    },
+    /// The virtio-mmio transport could not be made.
+    #[error("Drive '{id}': cannot create its virtio-mmio transport")]
+    Transport {
+        /// The drive.
+        id: String,
+        /// Why.
+        #[source]
+        source: devices::virtio::TransportError,
+    },
+    /// The transport's window clashed on the MMIO bus.
+    #[error("Drive '{id}': cannot place its transport on the MMIO bus")]
+    Bus {
+        /// The drive.
+        id: String,
+        /// Why.
+        #[source]
+        source: BusError,
+    },
+    /// KVM_IOEVENTFD failed.
+    #[error("Drive '{id}': cannot register the ioeventfd of queue {queue}")]
+    Ioevent {
+        /// The drive.
+        id: String,
+        /// The queue.
+        queue: u32,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM_IRQFD failed.
+    #[error("Drive '{id}': cannot register its irqfd on GSI {gsi}")]
+    Irqfd {
+        /// The drive.
+        id: String,
+        /// The interrupt line.
+        gsi: u32,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Draining or flushing a disk at shutdown failed.
+    #[error("Drive '{id}': flush at shutdown failed")]
+    Flush {
+        /// The drive.
+        id: String,
+        /// Why.
+        #[source]
+        source: block::Error,
+    },
+    /// An iothread could not be stopped.
+    #[error("Cannot stop iothread '{id}'")]
+    StopIoThread {
+        /// The iothread.
+        id: String,
+        /// Why.
+        #[source]
+        source: context::Error,
+    },
+}
+
+/// A virtio-mmio transport on the bus (its methods take `&self`; the bus hands out `&mut`).
+struct MmioDisk(MmioTransport);
+
+impl BusDevice for MmioDisk {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0.read(offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.write(offset, data);
+    }
+}
+
+/// The VM's iothreads, the main loop's context and the disks.
+#[derive(Debug)]
+pub struct Disks {
+    iothreads: Vec<IoThread>,
+    main_ctx: Arc<Context>,
+    disks: Vec<VmDisk>,
+}
+
+/// Sorts an open failure of drive `id` into the errors a user can act on.
+fn open_error(drive: &DriveSpec, source: block::Error) -> DiskError {
+    let id = drive.id.clone();
+    let path = drive.file.display().to_string();
+    match &source {
+        block::Error::Open { source: io, .. } if io.kind() == std::io::ErrorKind::NotFound => {
+            DiskError::FileMissing { id, path }
+        }
+        block::Error::Open { source: io, .. }
+            if !drive.read_only
+                && matches!(
+                    io.raw_os_error(),
+                    Some(libc::EACCES | libc::EPERM | libc::EROFS)
+                ) =>
+        {
+            DiskError::ReadOnlyFile { id, path }
+        }
+        e if e.kind() == block::ErrorKind::Locked => DiskError::Locked { id, path },
+        _ => DiskError::Open { id, path, source },
+    }
+}
+
+/// Opens the image of `drive`, refusing to guess the format where a guess is unsafe.
+fn open_image(drive: &DriveSpec) -> Result<Image, DiskError> {
+    let format = match drive.format {
+        Some(f) => f,
+        None => {
+            let probed = block::probe(&drive.file).map_err(|e| open_error(drive, e))?;
+            if probed == Format::Raw && !drive.read_only {
+                return Err(DiskError::FormatNeeded {
+                    id: drive.id.clone(),
+                    path: drive.file.display().to_string(),
+                });
+            }
+            probed
+        }
+    };
+    let opts = OpenOptions {
+        format: Some(format),
+        read_only: drive.read_only,
+        cache: drive.cache,
+        lock: true,
+    };
+    block::open(&drive.file, opts).map_err(|e| open_error(drive, e))
+}
+
+/// Host bytes allocated to `path`, when it can be stat'ed.
+fn allocated_bytes(path: &str) -> Option<u64> {
+    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
+}
+
+/// `query-block`'s description of `image` and its backing chain.
+fn describe(image: &Image) -> ImageDescription {
+    match image {
+        Image::Raw(raw) => ImageDescription {
+            filename: raw.path().to_owned(),
+            format: Format::Raw.name().to_owned(),
+            virtual_size: raw.size(),
+            actual_size: allocated_bytes(raw.path()),
+            cluster_size: None,
+            dirty_flag: None,
+            backing: None,
+        },
+        Image::Qcow2(q) => {
+            let header = q.header();
+            let path = q.file().path();
+            ImageDescription {
+                filename: path.to_owned(),
+                format: Format::Qcow2.name().to_owned(),
+                virtual_size: q.size(),
+                actual_size: allocated_bytes(path),
+                cluster_size: 1u64.checked_shl(header.cluster_bits),
+                // qcow2 spec, incompatible feature bit 0: the dirty bit.
+                dirty_flag: Some(header.incompatible & 1 != 0),
+                backing: q.backing().map(|b| Box::new(describe(b))),
+            }
+        }
+    }
+}
+
+/// The cache flags `query-block` reports for a `-drive cache=` mode.
+fn cache_flags(mode: block::CacheMode) -> CacheMode {
+    CacheMode {
+        writeback: true,
+        direct: mode == block::CacheMode::None,
+        no_flush: false,
+    }
+}
+
+impl Disks {
+    /// Builds the iothreads and disks (steps in the module doc), putting the transports on
+    /// `mmio`; returns them with the DSDT entries of the transports.
+    pub fn build(
+        iothread_ids: &[String],
+        specs: &[DiskSpec],
+        vm_fd: &VmFd,
+        memory: &GuestMemory,
+        mmio: &mut Bus,
+    ) -> Result<(Self, Vec<DsdtDevice>), DiskError> {
+        let max = VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1;
+        if u32::try_from(specs.len()).map_or(true, |n| n > max) {
+            return Err(DiskError::TooMany {
+                count: specs.len(),
+                max,
+            });
+        }
+        // Images first: a bad one fails before any thread starts.
+        let images = specs
+            .iter()
+            .map(|s| open_image(&s.drive))
+            .collect::<Result<Vec<_>, _>>()?;
+        let main_ctx = Context::new("main-loop").map_err(DiskError::MainContext)?;
+        let mut iothreads = Vec::with_capacity(iothread_ids.len());
+        for id in iothread_ids {
+            let t = IoThread::spawn(id).map_err(|source| DiskError::IoThread {
+                id: id.clone(),
+                source,
+            })?;
+            iothreads.push(t);
+        }
+        let mut disks = Vec::with_capacity(specs.len());
+        let mut dsdt = Vec::with_capacity(specs.len());
+        for ((index, spec), image) in (0u8..).zip(specs).zip(images) {
+            let ctx = match &spec.device.iothread {
+                Some(name) => iothreads
+                    .iter()
+                    .find(|t| t.id() == name)
+                    .map_or_else(|| Arc::clone(&main_ctx), |t| Arc::clone(t.context())),
+                None => Arc::clone(&main_ctx),
+            };
+            let base = VIRTIO_MMIO_START + u64::from(index) * VIRTIO_MMIO_SIZE;
+            let gsi = VIRTIO_IRQ_FIRST + u32::from(index);
+            let info = BlockDevice {
+                drive_id: spec.drive.id.clone(),
+                qdev: spec.device.id.clone().unwrap_or_else(|| {
+                    format!("/machine/peripheral-anon/device[{index}]/virtio-backend")
+                }),
+                read_only: spec.drive.read_only,
+                cache: cache_flags(spec.drive.cache),
+                image: describe(&image),
+            };
+            let block = add_disk(spec, image, ctx, vm_fd, memory, mmio, base, gsi)?;
+            log::info!(
+                "disk {}: {} at {base:#x}, GSI {gsi}, on {}",
+                spec.drive.id,
+                spec.drive.file.display(),
+                spec.device.iothread.as_deref().unwrap_or("the main loop")
+            );
+            disks.push((info, block));
+            dsdt.push(virtio_mmio_device(index, base, gsi));
+        }
+        Ok((
+            Self {
+                iothreads,
+                main_ctx,
+                disks,
+            },
+            dsdt,
+        ))
+    }
+
+    /// The handler that runs the main loop's context (the disks without an iothread).
+    pub fn main_context(&self) -> MainContext {
+        MainContext(Arc::clone(&self.main_ctx))
+    }
+
+    /// What `query-iothreads` says.
+    pub fn iothread_info(&self) -> Vec<IoThreadInfo> {
+        self.iothreads
+            .iter()
+            .map(|t| IoThreadInfo {
+                id: t.id().to_owned(),
+                thread_id: i64::from(t.thread_id()),
+                poll_max_ns: 0,
+                poll_grow: 0,
+                poll_shrink: 0,
+                aio_max_batch: 0,
+            })
+            .collect()
+    }
+
+    /// The disks, for the monitor.
+    pub fn disks(&self) -> Vec<VmDisk> {
+        self.disks.clone()
+    }
+
+    /// Ends the disks once no vCPU runs and the main loop is gone (steps in the module doc).
+    /// Every disk is shut down even when one fails; the first failure is returned.
+    pub fn shutdown(self, global: &GlobalLock) -> Result<(), DiskError> {
+        let mut first = None;
+        for (info, block) in &self.disks {
+            if let Err(source) = block.shutdown() {
+                let id = info.drive_id.clone();
+                first = first.or(Some(DiskError::Flush { id, source }));
+            }
+        }
+        // The transports hold the devices; the devices hold their images and contexts.
+        global.lock().mmio = Bus::new();
+        drop(self.disks);
+        for t in self.iothreads {
+            let id = t.id().to_owned();
+            if let Err(source) = t.stop() {
+                first = first.or(Some(DiskError::StopIoThread { id, source }));
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// Builds the device of one disk in `ctx`, puts its transport on `mmio` at `base` and registers
+/// its ioeventfds and its irqfd on `gsi`.
+#[allow(clippy::too_many_arguments)]
+fn add_disk(
+    spec: &DiskSpec,
+    image: Image,
+    ctx: Arc<Context>,
+    vm_fd: &VmFd,
+    memory: &GuestMemory,
+    mmio: &mut Bus,
+    base: u64,
+    gsi: u32,
+) -> Result<Arc<Block>, DiskError> {
+    let id = || spec.drive.id.clone();
+    let config = BlockConfig {
+        id: spec.drive.id.clone(),
+        serial: spec.device.serial.clone(),
+        num_queues: spec.device.num_queues,
+        queue_size: spec.device.queue_size,
+        discard: spec.drive.discard,
+        io_workers: IO_WORKERS,
+        stats_intervals: spec.drive.stats_intervals.clone(),
+    };
+    let block = Block::new(config, Arc::new(image), ctx)
+        .map_err(|source| DiskError::Device { id: id(), source })?;
+    let transport = MmioTransport::new(block.clone(), memory.clone())
+        .map_err(|source| DiskError::Transport { id: id(), source })?;
+    for (queue, fd) in (0u32..).zip(transport.queue_events()) {
+        let addr = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
+        vm_fd
+            .register_ioevent(fd, &addr, queue)
+            .map_err(|source| DiskError::Ioevent {
+                id: id(),
+                queue,
+                source,
+            })?;
+    }
+    vm_fd
+        .register_irqfd(transport.interrupt().irqfd(), gsi)
+        .map_err(|source| DiskError::Irqfd {
+            id: id(),
+            gsi,
+            source,
+        })?;
+    let name: &'static str = "virtio-mmio";
+    mmio.insert(name, base, VIRTIO_MMIO_SIZE, Box::new(MmioDisk(transport)))
+        .map_err(|source| DiskError::Bus { id: id(), source })?;
+    Ok(block)
+}
+
+/// The main-loop handler of the main loop's context: one non-blocking iteration per wake-up, with
+/// the global lock held (the main loop holds it around every handler).
+#[derive(Debug)]
+pub struct MainContext(Arc<Context>);
+
+impl Handler for MainContext {
+    fn init(&mut self, ops: &mut EventOps) {
+        let fd = self.0.epoll_fd();
+        if let Err(e) = ops.add(Events::with_data_raw(
+            fd,
+            Tag::MainContext as u32,
+            vmm_sys_util::epoll::EventSet::IN,
+        )) {
+            log::error!("main loop: cannot watch the main context: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _: &mut Held<'_>, _: Tag, _: Events, _: &mut EventOps) {
+        context::set_global_lock_held(true);
+        if let Err(e) = self.0.run_once(Some(Duration::ZERO)) {
+            log::error!("main loop: {e}");
+        }
+        context::set_global_lock_held(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    fn drive(file: &Path, format: Option<Format>, read_only: bool) -> DriveSpec {
+        DriveSpec {
+            id: "d0".into(),
+            file: file.to_path_buf(),
+            format,
+            virtio: false,
+            cache: block::CacheMode::Writeback,
+            read_only,
+            discard: false,
+            stats_intervals: vec![],
+        }
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmm-disks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir.join(name)
+    }
+
+    #[test]
+    fn open_errors_by_variant() {
+        let missing = temp("missing.img");
+        assert!(matches!(
+            open_image(&drive(&missing, Some(Format::Raw), false)),
+            Err(DiskError::FileMissing { id, .. }) if id == "d0"
+        ));
+        let raw = temp("raw.img");
+        std::fs::write(&raw, vec![0u8; 1 << 20]).expect("writes");
+        // Unsafe probe: a writable raw image without format=.
+        assert!(matches!(
+            open_image(&drive(&raw, None, false)),
+            Err(DiskError::FormatNeeded { .. })
+        ));
+        // Read-only, the probe is safe.
+        assert!(open_image(&drive(&raw, None, true)).is_ok());
+        // Locked by another writer (an open image holds QEMU's locks).
+        let held = open_image(&drive(&raw, Some(Format::Raw), false)).expect("opens");
+        assert!(matches!(
+            open_image(&drive(&raw, Some(Format::Raw), false)),
+            Err(DiskError::Locked { .. })
+        ));
+        drop(held);
+        // Not an image at all: a qcow2 magic with a broken header.
+        let bad = temp("bad.qcow2");
+        std::fs::write(&bad, b"QFI\xfb\0\0\0\x09").expect("writes");
+        assert!(matches!(
+            open_image(&drive(&bad, Some(Format::Qcow2), true)),
+            Err(DiskError::Open { .. })
+        ));
+        let _ = std::fs::remove_dir_all(missing.parent().expect("in a dir"));
+    }
+
+    #[test]
+    fn permission_errors_mean_a_read_only_file() {
+        let d = drive(Path::new("/x"), Some(Format::Raw), false);
+        let denied = |errno| block::Error::Open {
+            path: "/x".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        for errno in [libc::EACCES, libc::EPERM, libc::EROFS] {
+            assert!(matches!(
+                open_error(&d, denied(errno)),
+                DiskError::ReadOnlyFile { .. }
+            ));
+        }
+        let ro = drive(Path::new("/x"), Some(Format::Raw), true);
+        assert!(matches!(
+            open_error(&ro, denied(libc::EACCES)),
+            DiskError::Open { .. }
+        ));
+    }
+}

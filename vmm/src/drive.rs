@@ -1,0 +1,624 @@
+//! The disk flags, with QEMU's syntax: `-object iothread,id=ID`, `-drive file=...,if=none|virtio,...`
+//! and `-device virtio-blk-device,drive=ID,...`, parsed into typed specifications and paired into
+//! the list of disks the VM gets ([`plan`]).
+//!
+//! Everything that can be checked without touching a file is checked here, before the VM exists:
+//! unknown keys and values, an unknown drive or iothread id, a drive given to two devices, ids
+//! given twice. What needs the files (a missing file, a lock held by another writer, a read-write
+//! disk on a read-only file, a format that would have to be guessed unsafely) is checked when the
+//! images are opened (`crate::disks`), still before the guest starts. Values QEMU has and this VMM
+//! does not implement (`cache=writethrough`, `aio=io_uring`, `detect-zeroes=on`, ...) are refused
+//! by name, never silently taken as something else.
+
+use std::path::PathBuf;
+
+use block::{CacheMode, Format};
+
+use crate::options::{OptionError, OptionValue, Options};
+
+/// Errors in the disk flags.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DriveError {
+    /// An option string that does not parse.
+    #[error("Invalid {flag}")]
+    Option {
+        /// The flag.
+        flag: &'static str,
+        /// What is wrong.
+        #[source]
+        source: OptionError,
+    },
+    /// `-object` of a type other than iothread.
+    #[error("-object: unsupported object type '{0}' (only iothread)")]
+    ObjectType(String),
+    /// A key the flag cannot do without.
+    #[error("{flag} needs {key}=")]
+    MissingKey {
+        /// The flag.
+        flag: &'static str,
+        /// The key.
+        key: &'static str,
+    },
+    /// A value QEMU knows that this VMM does not implement.
+    #[error("-drive {key}={value} is not supported (supported: {supported})")]
+    Unsupported {
+        /// The key.
+        key: &'static str,
+        /// The value.
+        value: String,
+        /// What is.
+        supported: &'static str,
+    },
+    /// A `-device` driver other than virtio-blk-device.
+    #[error("-device: unsupported driver '{0}' (only virtio-blk-device)")]
+    DeviceDriver(String),
+    /// Two objects of one kind with the same id.
+    #[error("Duplicate {kind} id '{id}'")]
+    DuplicateId {
+        /// `iothread`, `drive` or `device`.
+        kind: &'static str,
+        /// The id.
+        id: String,
+    },
+    /// `-device drive=` names no `-drive`.
+    #[error("-device: no drive with id '{0}'")]
+    UnknownDrive(String),
+    /// `-device iothread=` names no `-object iothread`.
+    #[error("-device: no iothread with id '{0}'")]
+    UnknownIothread(String),
+    /// Two devices given the same drive (or a device given an `if=virtio` drive).
+    #[error("Drive '{0}' is already in use by another device")]
+    DriveInUse(String),
+}
+
+/// `-drive cache=`: QEMU's `cache.direct` (O_DIRECT) and `cache.writeback`; this VMM implements
+/// the modes whose writeback flag is on and that honour flushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSetting(pub CacheMode);
+
+impl OptionValue for CacheSetting {
+    const EXPECTED: &'static str = "none or writeback";
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "none" => Some(Self(CacheMode::None)),
+            "writeback" => Some(Self(CacheMode::Writeback)),
+            _ => None,
+        }
+    }
+}
+
+/// `-drive format=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FormatValue(Format);
+
+impl OptionValue for FormatValue {
+    const EXPECTED: &'static str = "raw or qcow2";
+    fn parse(text: &str) -> Option<Self> {
+        Format::parse(text).map(Self)
+    }
+}
+
+/// `-drive stats-intervals=`: seconds, several separated by `:` (QEMU's legacy list form).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Intervals(Vec<u32>);
+
+impl OptionValue for Intervals {
+    const EXPECTED: &'static str = "seconds, e.g. 60 or 1:60";
+    fn parse(text: &str) -> Option<Self> {
+        text.split(':')
+            .map(|s| s.parse::<u32>().ok().filter(|&n| n > 0))
+            .collect::<Option<Vec<_>>>()
+            .map(Self)
+    }
+}
+
+/// One `-drive`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveSpec {
+    /// `id=` (for `if=virtio` without one, QEMU's `virtioN`).
+    pub id: String,
+    /// `file=`.
+    pub file: PathBuf,
+    /// `format=`; `None` means probe, which is refused where unsafe.
+    pub format: Option<Format>,
+    /// `if=virtio`: the drive brings its own virtio-blk device.
+    pub virtio: bool,
+    /// `cache=`.
+    pub cache: CacheMode,
+    /// `readonly=`.
+    pub read_only: bool,
+    /// `discard=unmap` (QEMU's default is `ignore`).
+    pub discard: bool,
+    /// `stats-intervals=` in seconds.
+    pub stats_intervals: Vec<u32>,
+}
+
+/// One `-device virtio-blk-device`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// `drive=`.
+    pub drive: String,
+    /// `id=`, the guest device's name (for `block-latency-histogram-set`).
+    pub id: Option<String>,
+    /// `iothread=`; `None` means the main loop.
+    pub iothread: Option<String>,
+    /// `serial=` (GET_ID).
+    pub serial: String,
+    /// `num-queues=`.
+    pub num_queues: u16,
+    /// `queue-size=`.
+    pub queue_size: u16,
+}
+
+/// A disk the guest gets: a drive and the device presenting it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The image side.
+    pub drive: DriveSpec,
+    /// The guest side.
+    pub device: DeviceSpec,
+}
+
+/// QEMU's defaults for virtio-blk.
+const DEFAULT_NUM_QUEUES: u16 = 1;
+const DEFAULT_QUEUE_SIZE: u16 = 256;
+
+fn option_err(flag: &'static str) -> impl Fn(OptionError) -> DriveError {
+    move |source| DriveError::Option { flag, source }
+}
+
+/// `-object iothread,id=ID`: the iothread's id.
+pub fn parse_object(value: &str) -> Result<String, DriveError> {
+    let flag = "-object";
+    let opts =
+        Options::parse(value, Some("qom-type"), &["qom-type", "id"]).map_err(option_err(flag))?;
+    let kind: String = opts
+        .get("qom-type")
+        .map_err(option_err(flag))?
+        .unwrap_or_default();
+    if kind != "iothread" {
+        return Err(DriveError::ObjectType(kind));
+    }
+    opts.get("id")
+        .map_err(option_err(flag))?
+        .ok_or(DriveError::MissingKey { flag, key: "id" })
+}
+
+/// Refuses `value` for `key` unless it is one of `accepted`.
+fn only(
+    opts: &Options,
+    key: &'static str,
+    accepted: &'static [&'static str],
+    supported: &'static str,
+) -> Result<(), DriveError> {
+    match opts.get::<String>(key).map_err(option_err("-drive"))? {
+        Some(value) if !accepted.contains(&value.as_str()) => Err(DriveError::Unsupported {
+            key,
+            value,
+            supported,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// `-drive ...`; `index` numbers the drives, for the implicit id of `if=virtio`.
+pub fn parse_drive(value: &str, index: usize) -> Result<DriveSpec, DriveError> {
+    let flag = "-drive";
+    let err = option_err(flag);
+    let opts = Options::parse(
+        value,
+        None,
+        &[
+            "file",
+            "format",
+            "if",
+            "id",
+            "cache",
+            "readonly",
+            "aio",
+            "discard",
+            "detect-zeroes",
+            "stats-intervals",
+        ],
+    )
+    .map_err(&err)?;
+    let file: String = opts
+        .get("file")
+        .map_err(&err)?
+        .ok_or(DriveError::MissingKey { flag, key: "file" })?;
+    let virtio = match opts.get::<String>("if").map_err(&err)?.as_deref() {
+        None | Some("none") => false,
+        Some("virtio") => true,
+        Some(other) => {
+            return Err(DriveError::Unsupported {
+                key: "if",
+                value: other.to_owned(),
+                supported: "none, virtio",
+            })
+        }
+    };
+    let cache = match opts.get::<String>("cache").map_err(&err)? {
+        None => CacheMode::Writeback,
+        Some(v) => match CacheSetting::parse(&v) {
+            Some(c) => c.0,
+            None => {
+                return Err(DriveError::Unsupported {
+                    key: "cache",
+                    value: v,
+                    supported: CacheSetting::EXPECTED,
+                })
+            }
+        },
+    };
+    only(&opts, "aio", &["threads"], "threads")?;
+    only(&opts, "detect-zeroes", &["off"], "off")?;
+    let discard = match opts.get::<String>("discard").map_err(&err)?.as_deref() {
+        None | Some("ignore" | "off") => false,
+        Some("unmap" | "on") => true,
+        Some(other) => {
+            return Err(DriveError::Unsupported {
+                key: "discard",
+                value: other.to_owned(),
+                supported: "ignore, unmap",
+            })
+        }
+    };
+    let id = match opts.get::<String>("id").map_err(&err)? {
+        Some(id) => id,
+        None if virtio => format!("virtio{index}"),
+        None => return Err(DriveError::MissingKey { flag, key: "id" }),
+    };
+    Ok(DriveSpec {
+        id,
+        file: PathBuf::from(file),
+        format: opts
+            .get::<FormatValue>("format")
+            .map_err(&err)?
+            .map(|f| f.0),
+        virtio,
+        cache,
+        read_only: opts.get("readonly").map_err(&err)?.unwrap_or(false),
+        discard,
+        stats_intervals: opts
+            .get::<Intervals>("stats-intervals")
+            .map_err(&err)?
+            .map_or_else(Vec::new, |i| i.0),
+    })
+}
+
+/// `-device virtio-blk-device,drive=ID,...`.
+pub fn parse_device(value: &str) -> Result<DeviceSpec, DriveError> {
+    let flag = "-device";
+    let err = option_err(flag);
+    let opts = Options::parse(
+        value,
+        Some("driver"),
+        &[
+            "driver",
+            "drive",
+            "id",
+            "iothread",
+            "serial",
+            "num-queues",
+            "queue-size",
+        ],
+    )
+    .map_err(&err)?;
+    let driver: String = opts.get("driver").map_err(&err)?.unwrap_or_default();
+    if driver != "virtio-blk-device" {
+        return Err(DriveError::DeviceDriver(driver));
+    }
+    Ok(DeviceSpec {
+        drive: opts
+            .get("drive")
+            .map_err(&err)?
+            .ok_or(DriveError::MissingKey { flag, key: "drive" })?,
+        id: opts.get("id").map_err(&err)?,
+        iothread: opts.get("iothread").map_err(&err)?,
+        serial: opts.get("serial").map_err(&err)?.unwrap_or_default(),
+        num_queues: opts
+            .get("num-queues")
+            .map_err(&err)?
+            .unwrap_or(DEFAULT_NUM_QUEUES),
+        queue_size: opts
+            .get("queue-size")
+            .map_err(&err)?
+            .unwrap_or(DEFAULT_QUEUE_SIZE),
+    })
+}
+
+/// Refuses a second `id` of `kind` among `ids`.
+fn unique<'a>(kind: &'static str, ids: impl Iterator<Item = &'a str>) -> Result<(), DriveError> {
+    let mut seen = std::collections::HashSet::new();
+    for id in ids {
+        if !seen.insert(id) {
+            return Err(DriveError::DuplicateId {
+                kind,
+                id: id.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Pairs drives with devices: every `-device` takes the drive it names, every `if=virtio` drive
+/// gets a device of its own (on the main loop), in command-line order (devices first). A drive
+/// with `if=none` and no device is left out, as QEMU leaves it unused.
+pub fn plan(
+    iothreads: &[String],
+    drives: &[DriveSpec],
+    devices: &[DeviceSpec],
+) -> Result<Vec<DiskSpec>, DriveError> {
+    unique("iothread", iothreads.iter().map(String::as_str))?;
+    unique("drive", drives.iter().map(|d| d.id.as_str()))?;
+    unique("device", devices.iter().filter_map(|d| d.id.as_deref()))?;
+    let mut used = vec![false; drives.len()];
+    let mut disks = Vec::with_capacity(drives.len());
+    for device in devices {
+        let index = drives
+            .iter()
+            .position(|d| d.id == device.drive)
+            .ok_or_else(|| DriveError::UnknownDrive(device.drive.clone()))?;
+        if used[index] || drives[index].virtio {
+            return Err(DriveError::DriveInUse(device.drive.clone()));
+        }
+        used[index] = true;
+        if let Some(t) = &device.iothread {
+            if !iothreads.contains(t) {
+                return Err(DriveError::UnknownIothread(t.clone()));
+            }
+        }
+        disks.push(DiskSpec {
+            drive: drives[index].clone(),
+            device: device.clone(),
+        });
+    }
+    for drive in drives.iter().filter(|d| d.virtio) {
+        disks.push(DiskSpec {
+            drive: drive.clone(),
+            device: DeviceSpec {
+                drive: drive.id.clone(),
+                id: None,
+                iothread: None,
+                serial: String::new(),
+                num_queues: DEFAULT_NUM_QUEUES,
+                queue_size: DEFAULT_QUEUE_SIZE,
+            },
+        });
+    }
+    Ok(disks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drive(s: &str) -> DriveSpec {
+        parse_drive(s, 0).expect("parses")
+    }
+
+    #[test]
+    fn qemu_forms_parse() {
+        assert_eq!(parse_object("iothread,id=io0"), Ok("io0".to_owned()));
+        let d = drive(
+            "file=top.qcow2,format=qcow2,if=none,id=d0,cache=none,readonly=on,aio=threads,\
+             discard=unmap,detect-zeroes=off,stats-intervals=1:60",
+        );
+        assert_eq!(
+            d,
+            DriveSpec {
+                id: "d0".into(),
+                file: "top.qcow2".into(),
+                format: Some(Format::Qcow2),
+                virtio: false,
+                cache: CacheMode::None,
+                read_only: true,
+                discard: true,
+                stats_intervals: vec![1, 60],
+            }
+        );
+        let v = parse_drive("file=a,,b.img,format=raw,if=virtio", 3).expect("parses");
+        assert_eq!(
+            (v.id.as_str(), v.file.to_str()),
+            ("virtio3", Some("a,b.img"))
+        );
+        assert_eq!(
+            (v.cache, v.read_only, v.discard),
+            (CacheMode::Writeback, false, false)
+        );
+        let dev = parse_device(
+            "virtio-blk-device,drive=d0,id=vd0,iothread=io0,serial=S1,num-queues=2,queue-size=128",
+        )
+        .expect("parses");
+        assert_eq!(
+            dev,
+            DeviceSpec {
+                drive: "d0".into(),
+                id: Some("vd0".into()),
+                iothread: Some("io0".into()),
+                serial: "S1".into(),
+                num_queues: 2,
+                queue_size: 128,
+            }
+        );
+        let plain = parse_device("virtio-blk-device,drive=d0").expect("parses");
+        assert_eq!((plain.num_queues, plain.queue_size), (1, 256));
+    }
+
+    #[test]
+    fn parse_errors_by_variant() {
+        assert_eq!(
+            parse_object("memory-backend-ram,id=m"),
+            Err(DriveError::ObjectType("memory-backend-ram".into()))
+        );
+        assert_eq!(
+            parse_object("iothread"),
+            Err(DriveError::MissingKey {
+                flag: "-object",
+                key: "id"
+            })
+        );
+        assert!(matches!(
+            parse_object("iothread,id=a,poll-max-ns=0"),
+            Err(DriveError::Option {
+                flag: "-object",
+                source: OptionError::UnknownKey { .. }
+            })
+        ));
+        assert_eq!(
+            parse_drive("format=raw,id=d", 0),
+            Err(DriveError::MissingKey {
+                flag: "-drive",
+                key: "file"
+            })
+        );
+        assert_eq!(
+            parse_drive("file=f,format=raw", 0),
+            Err(DriveError::MissingKey {
+                flag: "-drive",
+                key: "id"
+            })
+        );
+        for (line, key, value) in [
+            ("file=f,id=d,cache=writethrough", "cache", "writethrough"),
+            ("file=f,id=d,cache=unsafe", "cache", "unsafe"),
+            ("file=f,id=d,aio=io_uring", "aio", "io_uring"),
+            ("file=f,id=d,detect-zeroes=unmap", "detect-zeroes", "unmap"),
+            ("file=f,id=d,discard=maybe", "discard", "maybe"),
+            ("file=f,id=d,if=ide", "if", "ide"),
+        ] {
+            assert!(
+                matches!(parse_drive(line, 0), Err(DriveError::Unsupported { key: k, value: v, .. }) if k == key && v == value),
+                "{line}"
+            );
+        }
+        for line in [
+            "file=f,id=d,format=vmdk",
+            "file=f,id=d,readonly=maybe",
+            "file=f,id=d,stats-intervals=0",
+            "file=f,id=d,stats-intervals=1:x",
+        ] {
+            assert!(
+                matches!(
+                    parse_drive(line, 0),
+                    Err(DriveError::Option {
+                        flag: "-drive",
+                        source: OptionError::BadValue { .. }
+                    })
+                ),
+                "{line}"
+            );
+        }
+        assert_eq!(
+            parse_device("virtio-blk-pci,drive=d"),
+            Err(DriveError::DeviceDriver("virtio-blk-pci".into()))
+        );
+        assert_eq!(
+            parse_device("virtio-blk-device"),
+            Err(DriveError::MissingKey {
+                flag: "-device",
+                key: "drive"
+            })
+        );
+        assert!(matches!(
+            parse_device("virtio-blk-device,drive=d,queue-size=70000"),
+            Err(DriveError::Option {
+                flag: "-device",
+                source: OptionError::BadValue { .. }
+            })
+        ));
+    }
+
+    #[test]
+    fn plan_pairs_and_checks_ids() {
+        let io = vec!["io0".to_owned(), "io1".to_owned()];
+        let drives = vec![
+            drive("file=a,format=raw,id=d0"),
+            drive("file=b,format=raw,id=d1"),
+            drive("file=c,format=raw,if=virtio"),
+            drive("file=e,format=raw,id=unused"),
+        ];
+        let dev = |s: &str| parse_device(s).expect("parses");
+        let disks = plan(
+            &io,
+            &drives,
+            &[
+                dev("virtio-blk-device,drive=d1,iothread=io1"),
+                dev("virtio-blk-device,drive=d0"),
+            ],
+        )
+        .expect("plans");
+        let names: Vec<_> = disks
+            .iter()
+            .map(|d| (d.drive.id.as_str(), d.device.iothread.as_deref()))
+            .collect();
+        assert_eq!(
+            names,
+            [("d1", Some("io1")), ("d0", None), ("virtio0", None)]
+        );
+
+        let one = [dev("virtio-blk-device,drive=d0")];
+        /// iothreads, drives, devices, and the error they make.
+        type Case = (Vec<String>, Vec<DriveSpec>, Vec<DeviceSpec>, DriveError);
+        let cases: Vec<Case> = vec![
+            (
+                vec!["x".into(), "x".into()],
+                vec![],
+                vec![],
+                DriveError::DuplicateId {
+                    kind: "iothread",
+                    id: "x".into(),
+                },
+            ),
+            (
+                vec![],
+                vec![drives[0].clone(), drives[0].clone()],
+                vec![],
+                DriveError::DuplicateId {
+                    kind: "drive",
+                    id: "d0".into(),
+                },
+            ),
+            (
+                vec![],
+                drives.clone(),
+                vec![
+                    dev("virtio-blk-device,drive=d0,id=v"),
+                    dev("virtio-blk-device,drive=d1,id=v"),
+                ],
+                DriveError::DuplicateId {
+                    kind: "device",
+                    id: "v".into(),
+                },
+            ),
+            (
+                vec![],
+                vec![],
+                one.to_vec(),
+                DriveError::UnknownDrive("d0".into()),
+            ),
+            (
+                vec![],
+                drives.clone(),
+                vec![one[0].clone(), one[0].clone()],
+                DriveError::DriveInUse("d0".into()),
+            ),
+            (
+                vec![],
+                drives.clone(),
+                vec![dev("virtio-blk-device,drive=virtio0")],
+                DriveError::DriveInUse("virtio0".into()),
+            ),
+            (
+                vec![],
+                drives.clone(),
+                vec![dev("virtio-blk-device,drive=d0,iothread=io9")],
+                DriveError::UnknownIothread("io9".into()),
+            ),
+        ];
+        for (io, drives, devices, want) in cases {
+            let text = want.to_string();
+            assert_eq!(plan(&io, &drives, &devices), Err(want), "{text}");
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The QMP monitor of the real `vmm` binary with tiny guests on the local `/dev/kvm`, driven by
+//! QEMU's Python client (`qemu.qmp`, installed by `ci/qmp-venv`, which `ci/setup` runs):
+//! `-S` and `cont`, `stop` freezing the guest, the queries, `quit`, the `SHUTDOWN` event of a guest
+//! power-off and of SIGTERM, and `wait=on` holding start-up until a client connects. The scenarios are in `tests/qmp/guest_client.py`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{bzimage, pvh_elf, pvh_poweroff_guest, Scratch};
+
+/// 64-bit: writes 'x' to COM1, spins a while, and again, forever.
+fn streaming_guest() -> Vec<u8> {
+    vec![
+        0x66, 0xba, 0xf8, 0x03, //             mov $0x3f8, %dx
+        0xb0, 0x78, //                         1: mov $'x', %al
+        0xee, //                               out %al, %dx
+        0xb9, 0x00, 0x08, 0x00, 0x00, //       mov $0x800, %ecx
+        0xf3, 0x90, //                         2: pause
+        0xe2, 0xfc, //                         loop 2b
+        0xeb, 0xf2, //                         jmp 1b
+    ]
+}
+
+/// The Python of the venv `ci/qmp-venv` makes.
+fn python() -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/qmp/bin/python3");
+    assert!(
+        python.exists(),
+        "{} is missing: run ci/qmp-venv (ci/setup runs it)",
+        python.display()
+    );
+    python
+}
+
+fn run_scenario(scenario: &str, kernel: &Path, dir: &Scratch) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/guest_client.py");
+    let out = std::process::Command::new(python())
+        .arg(script)
+        .arg(scenario)
+        .arg(env!("CARGO_BIN_EXE_vmm"))
+        .arg(kernel)
+        .arg(dir.0.join("qmp.sock"))
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    println!("{stdout}");
+}
+
+#[test]
+fn qemu_qmp_drives_a_guest_through_its_lifecycle() {
+    let dir = Scratch::new("qmp-lifecycle");
+    let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
+    run_scenario("lifecycle", &kernel, &dir);
+}
+
+#[test]
+fn guest_power_off_reaches_the_monitor() {
+    let dir = Scratch::new("qmp-poweroff");
+    let kernel = dir.file("vmlinux", &pvh_elf(&pvh_poweroff_guest(), true));
+    run_scenario("poweroff", &kernel, &dir);
+}
+
+#[test]
+fn sigterm_reaches_the_monitor() {
+    let dir = Scratch::new("qmp-signal");
+    let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
+    run_scenario("signal", &kernel, &dir);
+}
+
+#[test]
+fn wait_on_holds_the_guest_until_a_client_connects() {
+    let dir = Scratch::new("qmp-wait");
+    let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
+    run_scenario("wait", &kernel, &dir);
+}
