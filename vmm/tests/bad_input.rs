@@ -79,3 +79,68 @@ fn initrd_larger_than_memory() {
     );
     assert!(line.contains("does not fit"), "{line}");
 }
+
+#[test]
+fn disk_errors_before_the_guest_starts() {
+    let dir = Scratch::new("disks");
+    let kernel = dir.file("bzImage", &bzimage(&long_mode_reset_guest()));
+    let raw = dir.file("disk.raw", &[0u8; 65536]);
+    let raw = raw.to_str().expect("utf-8 path");
+    let drive = format!("file={raw},format=raw,if=none,id=d0");
+    let device = "virtio-blk-device,drive=d0";
+    let line = |args: &[&str]| error_line(Some(&kernel), args);
+    let l = line(&[
+        "-drive",
+        "file=/nonexistent.img,format=raw,id=d0",
+        "-device",
+        device,
+    ]);
+    assert!(l.contains("no such file /nonexistent.img"), "{l}");
+    let l = line(&["-drive", &format!("file={raw},id=d0"), "-device", device]);
+    assert!(l.contains("say format=raw"), "{l}");
+    let l = line(&["-drive", &drive, "-device", "virtio-blk-device,drive=d9"]);
+    assert!(l.contains("no drive with id 'd9'"), "{l}");
+    let l = line(&[
+        "-drive",
+        &drive,
+        "-device",
+        &format!("{device},iothread=io9"),
+    ]);
+    assert!(l.contains("no iothread with id 'io9'"), "{l}");
+    let l = line(&["-drive", &drive, "-device", device, "-device", device]);
+    assert!(l.contains("Drive 'd0' is already in use"), "{l}");
+    let l = line(&[
+        "-drive",
+        &format!("{drive},cache=writethrough"),
+        "-device",
+        device,
+    ]);
+    assert!(l.contains("cache=writethrough is not supported"), "{l}");
+    let l = line(&["-object", "iothread", "-drive", &drive, "-device", device]);
+    assert!(l.contains("-object needs id="), "{l}");
+    // A read-write disk on a file that cannot be written (immutable: even root gets EPERM).
+    let chattr = |flag: &str| {
+        let ok = std::process::Command::new("chattr")
+            .args([flag, raw])
+            .status()
+            .expect("chattr (e2fsprogs) is installed");
+        assert!(ok.success(), "chattr {flag} {raw}");
+    };
+    chattr("+i");
+    let out = run_vmm(Some(&kernel), &["-drive", &drive, "-device", device]);
+    chattr("-i");
+    let l = String::from_utf8_lossy(&out.stderr);
+    assert!(l.contains("is read-only; add readonly=on"), "{l}");
+    // Locked by another writer: qemu-io holds the image open for writing meanwhile.
+    let mut holder = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", raw])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io is installed (ci/setup)");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let l = line(&["-drive", &drive, "-device", device]);
+    assert!(l.contains("is locked by another process"), "{l}");
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+}

@@ -76,3 +76,10 @@ fn wait_on_holds_the_guest_until_a_client_connects() {
     let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
     run_scenario("wait", &kernel, &dir);
 }
+
+#[test]
+fn disks_on_an_iothread_and_the_main_loop_in_the_monitor() {
+    let dir = Scratch::new("qmp-disks");
+    let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
+    run_scenario("disks", &kernel, &dir);
+}

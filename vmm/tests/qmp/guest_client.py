@@ -16,6 +16,7 @@ Prints one line per check; exits non-zero on the first failure.
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 
 from qemu.qmp import EventListener, QMPClient
@@ -57,9 +58,9 @@ class Vmm:
         return code
 
 
-async def start(vmm, kernel, sock, paused, wait=False):
+async def start(vmm, kernel, sock, paused, wait=False, extra=()):
     args = [vmm, "-kernel", kernel, "-m", "16", "-smp", "2",
-            "-qmp", f"unix:{sock},server=on,wait={'on' if wait else 'off'}"]
+            "-qmp", f"unix:{sock},server=on,wait={'on' if wait else 'off'}", *extra]
     if paused:
         args.append("-S")
     proc = await asyncio.create_subprocess_exec(
@@ -161,6 +162,46 @@ async def wait_on(vmm_path, kernel, sock):
     await close(qmp)
 
 
+async def disks(vmm_path, kernel, sock):
+    """Two disks, a qcow2 overlay on a raw base on iothread io0 and a read-only raw disk on the
+    main loop: what query-iothreads, query-block and query-blockstats say, and a clean quit that
+    releases the images."""
+    d = os.path.dirname(sock)
+    base, top, ro = (os.path.join(d, n) for n in ("base.raw", "top.qcow2", "ro.raw"))
+    for cmd in (["qemu-img", "create", "-q", "-f", "raw", base, "1M"],
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top],
+                ["qemu-img", "create", "-q", "-f", "raw", ro, "2M"]):
+        subprocess.run(cmd, check=True)
+    extra = ["-object", "iothread,id=io0",
+             "-drive", f"file={top},format=qcow2,if=none,id=d0,cache=none,stats-intervals=60",
+             "-device", "virtio-blk-device,drive=d0,id=vd0,iothread=io0",
+             "-drive", f"file={ro},format=raw,if=none,id=d1,readonly=on",
+             "-device", "virtio-blk-device,drive=d1"]
+    vmm, qmp = await start(vmm_path, kernel, sock, paused=False, extra=extra)
+    threads = await qmp.execute("query-iothreads")
+    check([t["id"] for t in threads] == ["io0"], f"iothreads {threads}")
+    tid = threads[0]["thread-id"]
+    with open(f"/proc/{vmm.proc.pid}/task/{tid}/comm") as comm:
+        check(comm.read().strip() == "io0", f"thread {tid} is named io0")
+    block = await qmp.execute("query-block")
+    check([b["device"] for b in block] == ["d0", "d1"], f"devices {block}")
+    d0, d1 = block
+    check(d0["qdev"] == "vd0" and not d0["inserted"]["ro"], f"d0 {d0}")
+    check(d0["inserted"]["image"]["format"] == "qcow2", "d0 is qcow2")
+    check(d0["inserted"]["image"]["backing-image"]["format"] == "raw", "d0's backing is raw")
+    check(d0["inserted"]["cache"]["direct"], "cache=none is O_DIRECT")
+    check(d1["inserted"]["ro"], "d1 is read-only")
+    stats = await qmp.execute("query-blockstats")
+    check([s["device"] for s in stats] == ["d0", "d1"], "statistics of both disks")
+    check(stats[0]["stats"]["timed_stats"][0]["interval_length"] == 60, "stats-intervals=60")
+    await qmp.execute("block-latency-histogram-set", {"id": "vd0", "boundaries": [1000, 100000]})
+    check(await qmp.execute("quit") == {}, "quit answered")
+    check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
+    await close(qmp)
+    # The images were closed and unlocked: qemu-img may open the overlay for writing.
+    check(subprocess.run(["qemu-img", "check", "-q", top]).returncode == 0, "overlay checks clean")
+
+
 async def close(qmp):
     try:
         await qmp.disconnect()
@@ -168,7 +209,8 @@ async def close(qmp):
         pass  # vmm is gone, as it should be.
 
 
-SCENARIOS = {"lifecycle": lifecycle, "poweroff": poweroff, "signal": on_signal, "wait": wait_on}
+SCENARIOS = {"lifecycle": lifecycle, "poweroff": poweroff, "signal": on_signal, "wait": wait_on,
+             "disks": disks}
 
 if __name__ == "__main__":
     scenario, vmm_path, kernel, sock = sys.argv[1:5]
