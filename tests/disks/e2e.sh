@@ -1,0 +1,172 @@
+#!/bin/sh
+# End-to-end disk tests: run by resources/nested-host (ci/disk-tests starts it) on a host whose
+# /dev/kvm boots Linux, with `vmm` on PATH, $GUEST_DIR (kernel, initramfs) and $DISK_DIR holding a
+# writable copy of resources/cache/rootfs/chain (base <- mid <- top, qcow2). Three guest boots:
+#   1. write: root file system on the qcow2 top of the depth-3 chain, on iothread io0, cache=none;
+#      a raw data disk on iothread io1 (cache=none, O_DIRECT writes from the guest); a read-only raw
+#      disk on the main loop; a qcow2 data disk on the main loop with cache=writeback and 2 queues.
+#      The guest writes files and patterns, syncs, powers off. Then qemu-img check on the overlay and
+#      the qcow2 data disk, backing and read-only images byte-identical, the patterns read back on
+#      the host.
+#   2. read back: the same root now on the main loop and the qcow2 data disk on an iothread; the
+#      guest checks the files and the pattern and writes once more; qemu-img check again.
+#   3. fio: a 2-vCPU guest runs fio --verify=crc32c at queue depth 32 on a qcow2 disk on an iothread,
+#      while QMP (over -qmp tcp:) is asked query-iothreads (thread ids checked against the real
+#      threads), query-block and query-blockstats; then system_powerdown presses the ACPI power
+#      button and busybox acpid in the guest powers off.
+# Prints "E2E-PASS name" / "E2E-FAIL name" per check, "E2E-TIME" per boot, and a summary line; the
+# exit status is the number of failed checks (capped at 100).
+set -u
+cd "$DISK_DIR" || exit 100
+G=$GUEST_DIR
+pass=0
+fail=0
+ok() { echo "E2E-PASS $1"; pass=$((pass + 1)); }
+bad() { echo "E2E-FAIL $1"; fail=$((fail + 1)); }
+# check NAME COMMAND...: a check passes when COMMAND succeeds.
+check() { name=$1; shift; if "$@"; then ok "$name"; else bad "$name"; fi; }
+# has LOG TEXT: the console log holds the line TEXT.
+has() { grep -q "$2" "$1"; }
+b64() { printf '%s\n' "$1" | base64 | tr -d '\n'; }
+sum() { sha256sum "$1" | cut -d' ' -f1; }
+APPEND="console=ttyS0 quiet"
+PATTERN_BYTES=4194304
+yes integ-data | head -c $PATTERN_BYTES > pattern
+pattern_md5=$(md5sum < pattern | cut -d' ' -f1)
+
+qemu-img create -q -f raw data1.raw 64M
+qemu-img create -q -f qcow2 data3.qcow2 64M
+head -c 16777216 /dev/urandom > ro.raw
+base_sum=$(sum chain/base.qcow2)
+mid_sum=$(sum chain/mid.qcow2)
+ro_sum=$(sum ro.raw)
+
+# The guest side: name each disk by its serial (dev_SERIAL=/dev/vdX), as the guest sees them.
+DISKS='for d in /sys/block/vd*; do s=$(cat $d/serial); echo "GUEST-DISK ${d##*/} serial=$s ro=$(cat $d/ro)"; eval "dev_$s=/dev/${d##*/}"; done'
+
+# ---- boot 1: write -------------------------------------------------------------------------
+W=$(b64 "$DISKS
+echo hello-iothread > /root/hello
+dd if=/dev/urandom of=/root/blob bs=1M count=8 2>/dev/null
+md5sum /root/blob > /root/blob.md5
+yes integ-data | head -c $PATTERN_BYTES > /tmp/pattern
+dd if=/tmp/pattern of=\$dev_data1 bs=1M oflag=direct 2>/dev/null && echo GUEST-DATA1-WRITTEN
+dd if=/tmp/pattern of=\$dev_data3 bs=1M conv=fsync 2>/dev/null && echo GUEST-DATA3-WRITTEN
+if dd if=/tmp/pattern of=\$dev_ro bs=4096 count=1 2>/dev/null; then echo GUEST-RO-WRITTEN; else echo GUEST-RO-REFUSED; fi
+sync
+echo GUEST-WRITES-DONE")
+start=$(date +%s)
+timeout 400 vmm -m 512M -smp 2 -kernel "$G/bzImage" -initrd "$G/initrd.img" \
+  -object iothread,id=io0 -object iothread,id=io1 \
+  -drive file=chain/top.qcow2,format=qcow2,if=none,id=root,cache=none \
+  -device virtio-blk-device,drive=root,id=vroot,iothread=io0,serial=root \
+  -drive file=data1.raw,format=raw,if=none,id=data1,cache=none \
+  -device virtio-blk-device,drive=data1,iothread=io1,serial=data1 \
+  -drive file=ro.raw,format=raw,if=none,id=ro,readonly=on \
+  -device virtio-blk-device,drive=ro,serial=ro \
+  -drive file=data3.qcow2,format=qcow2,if=none,id=data3,cache=writeback \
+  -device virtio-blk-device,drive=data3,serial=data3,num-queues=2 \
+  -append "$APPEND guest.root=/dev/vda guest.sh=$W guest.run=poweroff" < /dev/null > boot1.log 2>&1
+rc=$?
+echo "E2E-TIME boot1-write $(($(date +%s) - start)) s rc=$rc"
+check boot1-exit-0 [ "$rc" = 0 ]
+check boot1-root-on-chain-top has boot1.log "GUEST-ROOT /dev/vda ext4"
+check boot1-four-disks [ "$(grep -c '^GUEST-DISK' boot1.log)" = 4 ]
+check boot1-ro-disk-is-ro has boot1.log "serial=ro ro=1"
+check boot1-data1-written has boot1.log GUEST-DATA1-WRITTEN
+check boot1-data3-written has boot1.log GUEST-DATA3-WRITTEN
+check boot1-ro-write-refused has boot1.log GUEST-RO-REFUSED
+check boot1-guest-done has boot1.log GUEST-WRITES-DONE
+check boot1-top-check qemu-img check -q chain/top.qcow2
+check boot1-data3-check qemu-img check -q data3.qcow2
+check boot1-base-unchanged [ "$(sum chain/base.qcow2)" = "$base_sum" ]
+check boot1-mid-unchanged [ "$(sum chain/mid.qcow2)" = "$mid_sum" ]
+check boot1-ro-unchanged [ "$(sum ro.raw)" = "$ro_sum" ]
+check boot1-data1-pattern [ "$(head -c $PATTERN_BYTES data1.raw | md5sum | cut -d' ' -f1)" = "$pattern_md5" ]
+qemu-img convert -f qcow2 -O raw data3.qcow2 data3.raw
+check boot1-data3-pattern [ "$(head -c $PATTERN_BYTES data3.raw | md5sum | cut -d' ' -f1)" = "$pattern_md5" ]
+rm -f data3.raw
+[ "$rc" = 0 ] || tail -40 boot1.log
+
+# ---- boot 2: read back, placements swapped -------------------------------------------------
+R=$(b64 "$DISKS
+[ \"\$(cat /root/hello)\" = hello-iothread ] && echo GUEST-HELLO-OK
+(cd /root && md5sum -c blob.md5 >/dev/null) && echo GUEST-BLOB-OK
+[ \"\$(head -1 /etc/layer-top)\" = top ] && [ \"\$(head -1 /etc/layer-mid)\" = mid ] && echo GUEST-LAYERS-OK
+[ \"\$(head -c $PATTERN_BYTES \$dev_data3 | md5sum | cut -d' ' -f1)\" = $pattern_md5 ] && echo GUEST-DATA3-OK
+echo second-boot > /root/second
+sync
+echo GUEST-READS-DONE")
+start=$(date +%s)
+timeout 400 vmm -m 512M -smp 1 -kernel "$G/bzImage" -initrd "$G/initrd.img" \
+  -object iothread,id=io0 \
+  -drive file=chain/top.qcow2,format=qcow2,if=none,id=root \
+  -device virtio-blk-device,drive=root,serial=root \
+  -drive file=data3.qcow2,format=qcow2,if=none,id=data3,cache=none \
+  -device virtio-blk-device,drive=data3,iothread=io0,serial=data3 \
+  -append "$APPEND guest.root=/dev/vda guest.sh=$R guest.run=poweroff" < /dev/null > boot2.log 2>&1
+rc=$?
+echo "E2E-TIME boot2-read $(($(date +%s) - start)) s rc=$rc"
+check boot2-exit-0 [ "$rc" = 0 ]
+check boot2-hello has boot2.log GUEST-HELLO-OK
+check boot2-blob has boot2.log GUEST-BLOB-OK
+check boot2-chain-layers has boot2.log GUEST-LAYERS-OK
+check boot2-data3 has boot2.log GUEST-DATA3-OK
+check boot2-done has boot2.log GUEST-READS-DONE
+check boot2-top-check qemu-img check -q chain/top.qcow2
+check boot2-base-unchanged [ "$(sum chain/base.qcow2)" = "$base_sum" ]
+check boot2-mid-unchanged [ "$(sum chain/mid.qcow2)" = "$mid_sum" ]
+[ "$rc" = 0 ] || tail -40 boot2.log
+
+# ---- boot 3: fio with verification at QD32, QMP, the power button ----------------------------
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+qemu-img create -q -f qcow2 fio.qcow2 256M
+QMP_PORT=4444
+# qmp COMMAND...: sends the commands after qmp_capabilities, prints the replies.
+qmp() {
+  { echo '{"execute":"qmp_capabilities"}'; for c in "$@"; do echo "$c"; done; sleep 2; } |
+    nc 127.0.0.1 $QMP_PORT
+}
+F=$(b64 "fio --name=verify --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=32 \
+--rw=randwrite --bs=4k --size=48M --verify=crc32c --verify_backlog=1024 --runtime=20 \
+--group_reporting > /tmp/fio.txt 2>&1
+echo GUEST-FIO-RC=\$?
+grep -E 'iops|clat \\(|lat \\(|err=|verify' /tmp/fio.txt
+echo GUEST-FIO-DONE")
+start=$(date +%s)
+timeout 600 vmm -m 1G -smp 2 -kernel "$G/bzImage" -initrd "$G/initrd-fio.img" \
+  -object iothread,id=io0 \
+  -drive file=fio.qcow2,format=qcow2,if=none,id=fio0,cache=none,stats-intervals=10 \
+  -device virtio-blk-device,drive=fio0,id=vfio,iothread=io0,serial=fio \
+  -qmp tcp:127.0.0.1:$QMP_PORT,server=on,wait=off \
+  -append "$APPEND guest.run=acpid guest.sh=$F" < /dev/null > boot3.log 2>&1 &
+vmm_pid=$!
+i=0
+until has boot3.log GUEST-ACPID || [ $i -ge 300 ]; do sleep 1; i=$((i + 1)); done
+qmp '{"execute":"query-iothreads"}' '{"execute":"query-block"}' > qmp1.txt 2>&1
+io0_tid=""
+for t in /proc/$vmm_pid/task/*; do [ "$(cat "$t/comm")" = io0 ] && io0_tid=${t##*/}; done
+check qmp-iothread-thread-id grep -q "\"id\": \"io0\", \"thread-id\": $io0_tid\|\"thread-id\": $io0_tid, .*\"id\": \"io0\"" qmp1.txt
+check qmp-query-block grep -q '"device": "fio0"' qmp1.txt
+i=0
+until has boot3.log GUEST-FIO-DONE || [ $i -ge 400 ]; do sleep 1; i=$((i + 1)); done
+qmp '{"execute":"query-blockstats"}' > qmp2.txt 2>&1
+check qmp-blockstats-counted grep -q '"wr_operations": [1-9]' qmp2.txt
+qmp '{"execute":"system_powerdown"}' > qmp3.txt 2>&1
+wait $vmm_pid
+rc=$?
+echo "E2E-TIME boot3-fio $(($(date +%s) - start)) s rc=$rc"
+check boot3-exit-0 [ "$rc" = 0 ]
+check boot3-fio-rc-0 has boot3.log GUEST-FIO-RC=0
+check boot3-fio-no-errors has boot3.log "err= 0"
+check boot3-power-button has boot3.log GUEST-POWER-BUTTON
+check boot3-powerdown-event grep -q POWERDOWN qmp3.txt
+check boot3-fio-image-check qemu-img check -q fio.qcow2
+grep -E "GUEST-FIO|iops|lat \(|clat \(" boot3.log
+echo "--- QMP"
+cat qmp1.txt qmp2.txt qmp3.txt
+[ "$rc" = 0 ] || tail -60 boot3.log
+
+echo "E2E $pass passed, $fail failed"
+[ $fail -gt 100 ] && fail=100
+exit $fail
