@@ -269,3 +269,20 @@ fn io_and_qemu_io_refuse_each_others_writers() {
     assert!(!q.status.success());
     assert!(String::from_utf8_lossy(&q.stderr).contains("lock"), "{q:?}");
 }
+
+#[test]
+fn map_shows_holes_of_a_sparse_raw_base_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tmp(&dir, "r.raw");
+    let top = tmp(&dir, "rt.qcow2");
+    qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "4M"]);
+    qemu_io(&base, "raw", &["write -P 1 1M 64k"]);
+    create_qcow2(&["-b", "r.raw", "-F", "raw", top.to_str().unwrap()]);
+    qemu_io(&top, "qcow2", &["write -P 2 0 64k"]);
+    let t = top.to_str().unwrap();
+    assert_eq!(
+        json(&ok(&["map", "--output=json", t])),
+        json(&qemu_img(&["map", "--output=json", t]))
+    );
+    assert_eq!(ok(&["map", t]), qemu_img(&["map", t]));
+}
