@@ -181,6 +181,23 @@ fn check_exit_codes_and_repair() {
     assert_eq!(vmm_img(&["check", ps]).status.code(), Some(2));
     ok(&["check", "-r", "all", ps]);
     assert_check_clean(&p);
+    // The COPIED flag of the data cluster's L2 entry cleared: a corruption for both tools, which
+    // `-r all` repairs.
+    let mut b = std::fs::read(&p).unwrap();
+    b[4 * 65536] &= 0x7f;
+    std::fs::write(&p, &b).unwrap();
+    assert_eq!(vmm_img(&["check", ps]).status.code(), Some(2));
+    assert_eq!(
+        Command::new("qemu-img")
+            .args(["check", ps])
+            .output()
+            .unwrap()
+            .status
+            .code(),
+        Some(2)
+    );
+    assert!(ok(&["check", "-r", "all", ps]).contains("1 corruptions"));
+    assert_check_clean(&p);
 }
 
 #[test]
