@@ -251,8 +251,10 @@ impl Qcow2 {
         (start, end.max(start))
     }
 
-    /// Discards whole clusters (parts of clusters are left as they are, as QEMU does); with
-    /// `zero`, `keep` keeps the host cluster behind a zero cluster that is ours alone.
+    /// Discards whole clusters (parts of clusters are left as they are, as QEMU does). They read
+    /// as zeroes afterwards (v3 zero clusters or zero subclusters; v2 falls back to the backing
+    /// image or zeroes); with `keep`, a host cluster that is ours alone stays allocated behind
+    /// the zero cluster.
     pub(super) fn discard_inner(&self, offset: u64, len: u64, keep: bool) -> Result<(), Error> {
         let (start, end) = self.whole_clusters(offset, len);
         let cs = self.geo.cluster_size();
