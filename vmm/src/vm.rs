@@ -2,9 +2,10 @@
 //! devices on the PIO bus, the loaded guest, the vCPU threads and the main loop, and a shutdown
 //! that joins every thread.
 //!
-//! [`Vm::build`] does the set-up in this order: open `/dev/kvm`, create the VM, map and register
-//! guest memory, set KVM's TSS address, create the irqchip and PIT, build the devices (COM1 with
-//! an irqfd on IRQ 4, i8042, RTC, ACPI sleep registers), load the guest (see
+//! [`Vm::build`] does the set-up in this order: open `/dev/kvm` and check its capabilities,
+//! create the VM, map and register guest memory, set KVM's TSS address, create the irqchip and
+//! PIT, build the devices (COM1 with an irqfd on IRQ 4, i8042, RTC, ACPI sleep registers), load
+//! the guest (see
 //! [`crate::arch::x86_64::boot`]), then create and configure the vCPUs. [`Vm::run`] starts one
 //! thread per vCPU, runs the main loop until something records an exit reason, then pauses every
 //! vCPU (condition variable on the global lock), tells them to stop, and joins them.
@@ -17,7 +18,7 @@ use devices::bus::{Bus, BusDevice, BusError};
 use devices::legacy::{AcpiSleep, EventFdTrigger, GuestExit, Rtc, Serial, I8042};
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -46,6 +47,9 @@ pub enum VmError {
     /// Opening `/dev/kvm` failed otherwise.
     #[error("Cannot open /dev/kvm")]
     OpenKvm(#[source] kvm_ioctls::Error),
+    /// KVM lacks a capability the VMM relies on.
+    #[error("KVM lacks {0:?}, which vmm needs")]
+    MissingCap(Cap),
     /// More vCPUs than KVM allows.
     #[error("{cpus} vCPUs requested, KVM allows {max}")]
     TooManyCpus {
@@ -160,6 +164,17 @@ pub struct Vm {
 /// The KVM device.
 const KVM_PATH: &std::ffi::CStr = c"/dev/kvm";
 
+/// What the VMM needs from KVM: the in-kernel irqchip and PIT, irqfds, memory slots, the TSS
+/// address, and `immediate_exit` (without it a kick just before `KVM_RUN` would be lost).
+const REQUIRED_CAPS: [Cap; 6] = [
+    Cap::Irqchip,
+    Cap::Pit2,
+    Cap::Irqfd,
+    Cap::UserMemory,
+    Cap::SetTssAddr,
+    Cap::ImmediateExit,
+];
+
 /// Opens the KVM device at `path`, telling a missing device from a forbidden one.
 fn open_kvm(path: &std::ffi::CStr) -> Result<Kvm, VmError> {
     Kvm::new_with_path(path).map_err(|e| match e.errno() {
@@ -240,6 +255,9 @@ impl Vm {
     /// Builds the VM `cfg` describes (the steps are in the module doc).
     pub fn build(cfg: &Config) -> Result<Self, VmError> {
         let kvm = open_kvm(KVM_PATH)?;
+        if let Some(cap) = REQUIRED_CAPS.into_iter().find(|&c| !kvm.check_extension(c)) {
+            return Err(VmError::MissingCap(cap));
+        }
         let max = kvm.get_max_vcpus();
         if usize::from(cfg.cpus) > max {
             return Err(VmError::TooManyCpus {
