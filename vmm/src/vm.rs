@@ -5,10 +5,10 @@
 //! [`Vm::build`] does the set-up in this order: open `/dev/kvm` and check its capabilities,
 //! create the VM, map and register guest memory, set KVM's TSS address, create the irqchip and
 //! PIT, build the devices (COM1 with an irqfd on IRQ 4, i8042, RTC, ACPI sleep registers), load
-//! the guest (see
-//! [`crate::arch::x86_64::boot`]), then create and configure the vCPUs. [`Vm::run`] starts one
-//! thread per vCPU, runs the main loop until something records an exit reason, then pauses every
-//! vCPU (condition variable on the global lock), tells them to stop, and joins them.
+//! the guest (see [`crate::arch::x86_64::boot`]), then create and configure the vCPUs.
+//! [`Vm::run`] starts one thread per vCPU, runs the main loop until something records an exit
+//! reason, then pauses every vCPU (condition variable on the global lock), tells them to stop,
+//! and joins them.
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::Arc;
