@@ -81,6 +81,8 @@ enum Kind {
     Console,
     /// Boot and `reboot -f`.
     Reboot,
+    /// The root file system on a qcow2 chain on an iothread ([`crate::disks`]).
+    DiskChain,
 }
 
 /// One test case for one VMM.
@@ -105,8 +107,9 @@ pub struct Outcome {
     pub transcript: Option<String>,
 }
 
-/// Every case for each target, in a stable order; `filter` keeps those whose name contains it.
-pub fn cases(targets: &[Target], filter: Option<&str>) -> Vec<Case> {
+/// Every case for each target, in a stable order, the disk cases only with `disks`; `filter` keeps
+/// those whose name contains it.
+pub fn cases(targets: &[Target], filter: Option<&str>, disks: bool) -> Vec<Case> {
     let mut all = Vec::new();
     for &target in targets {
         let mut add = |what: String, kind| {
@@ -150,6 +153,9 @@ pub fn cases(targets: &[Target], filter: Option<&str>) -> Vec<Case> {
         );
         add("console-input".into(), Kind::Console);
         add("reboot".into(), Kind::Reboot);
+        if disks {
+            add("rootfs-chain3-iothread".into(), Kind::DiskChain);
+        }
     }
     all.retain(|c| filter.is_none_or(|f| c.name.contains(f)));
     all
@@ -159,7 +165,8 @@ pub fn cases(targets: &[Target], filter: Option<&str>) -> Vec<Case> {
 pub fn run(case: &Case, guest_dir: &Path) -> Outcome {
     let start = Instant::now();
     let mut transcript = None;
-    let result = match case.kind {
+    // Each kind fails with its own error type; the report needs only the message.
+    let result: Result<String, String> = match case.kind {
         Kind::Boot {
             kernel,
             smp,
@@ -169,21 +176,28 @@ pub fn run(case: &Case, guest_dir: &Path) -> Outcome {
             drive(case.target, &boot, guest_dir, &mut transcript, |g| {
                 check_info(g, smp, mem_mib)
             })
+            .map_err(|e| e.to_string())
         }
         Kind::Console => {
             let boot = Boot::new(Kernel::BzImage, 2, MEM_MIB, "");
             drive(case.target, &boot, guest_dir, &mut transcript, type_command)
+                .map_err(|e| e.to_string())
         }
         Kind::Reboot => {
             let boot = Boot::new(Kernel::BzImage, 1, MEM_MIB, "guest.run=reboot");
             drive(case.target, &boot, guest_dir, &mut transcript, |_| {
                 Ok(String::new())
             })
+            .map_err(|e| e.to_string())
+        }
+        Kind::DiskChain => {
+            crate::disks::chain_on_iothread(case.target, guest_dir, &case.name, &mut transcript)
+                .map_err(|e| e.to_string())
         }
     };
     let (passed, detail) = match result {
         Ok(detail) => (true, detail),
-        Err(e) => (false, e.to_string()),
+        Err(e) => (false, e),
     };
     Outcome {
         passed,
@@ -195,7 +209,7 @@ pub fn run(case: &Case, guest_dir: &Path) -> Outcome {
 
 /// Boots `boot` under `target`, waits for userspace, runs `check`, then expects the VMM to exit 0
 /// promptly once the guest's kernel powers off or restarts. Keeps the transcript for failures.
-fn drive(
+pub(crate) fn drive(
     target: Target,
     boot: &Boot,
     guest_dir: &Path,
@@ -320,12 +334,13 @@ mod tests {
 
     #[test]
     fn every_target_gets_every_case_and_filters_apply() {
-        let all = cases(&[Target::Vmm, Target::Qemu], None);
+        let all = cases(&[Target::Vmm, Target::Qemu], None, false);
+        assert_eq!(cases(&[Target::Vmm, Target::Qemu], None, true).len(), 17);
         assert_eq!(all.len(), 15);
         assert_eq!(all.first().unwrap().name, "vmm/bzimage-smp1");
         assert!(all.iter().any(|c| c.name == "vmm/pvh-smp8"));
         assert!(!all.iter().any(|c| c.name.starts_with("qemu/pvh")));
-        let some = cases(&[Target::Vmm, Target::Qemu], Some("vmm/pvh"));
+        let some = cases(&[Target::Vmm, Target::Qemu], Some("vmm/pvh"), true);
         let names: Vec<_> = some.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["vmm/pvh-smp1", "vmm/pvh-smp2", "vmm/pvh-smp8"]);
     }
