@@ -2,8 +2,11 @@
 //! `KVM_RUN`.
 //!
 //! The thread holds no lock while in `KVM_RUN`. An exit is decoded by [`handle_exit`], a free
-//! function that takes the global lock only to dispatch a PIO or MMIO access to the bus. Between
-//! exits, the vCPU looks at [`crate::global::Machine::request`] only after a kick, under the global lock.
+//! function that takes the global lock only to dispatch a PIO or MMIO access to the bus. After
+//! each exit the vCPU checks, without a lock, whether the guest asked to end the VM
+//! ([`GuestExit`]); if so it stops running the guest at once. It looks at the VMM's request
+//! ([`crate::global::Machine::request`]: run, pause, stop) only after a kick, under the global
+//! lock.
 //!
 //! Kicking ([`Kicker`]) follows QEMU's `kvm_cpu_kick`: set `immediate_exit` in the vCPU's
 //! `kvm_run`, then signal its thread. A vCPU in `KVM_RUN` leaves it on the signal; a vCPU about to
@@ -14,6 +17,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
+use devices::legacy::{GuestExit, GuestExitKind};
 use kvm_bindings::{
     KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
@@ -32,17 +36,8 @@ pub fn kick_signal() -> i32 {
 pub enum ExitOutcome {
     /// Run the guest again.
     Continue,
-    /// The guest asked to end the VM.
-    Stop(StopReason),
-}
-
-/// Why the guest stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StopReason {
-    /// Power-off (KVM's system-event shutdown).
-    PowerOff,
-    /// Reset (a triple fault, or KVM's system-event reset).
-    Reset,
+    /// The guest asked to end the VM: a triple fault (reset) or KVM's system events.
+    Stop(GuestExitKind),
 }
 
 /// Exits the VMM cannot handle.
@@ -98,12 +93,12 @@ pub fn handle_exit(exit: VcpuExit<'_>, global: &GlobalLock) -> Result<ExitOutcom
         }
         // With the in-kernel local APIC, HLT only exits when KVM gives it to us; run again.
         VcpuExit::Hlt => {}
-        VcpuExit::Shutdown => return Ok(ExitOutcome::Stop(StopReason::Reset)),
+        VcpuExit::Shutdown => return Ok(ExitOutcome::Stop(GuestExitKind::Reset)),
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => {
-            return Ok(ExitOutcome::Stop(StopReason::PowerOff))
+            return Ok(ExitOutcome::Stop(GuestExitKind::PowerOff))
         }
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => {
-            return Ok(ExitOutcome::Stop(StopReason::Reset))
+            return Ok(ExitOutcome::Stop(GuestExitKind::Reset))
         }
         VcpuExit::SystemEvent(kind, _) => return Err(ExitError::SystemEvent { kind }),
         VcpuExit::InternalError => return Err(ExitError::Internal),
@@ -195,20 +190,30 @@ pub struct Vcpu {
     fd: VcpuFd,
     index: u8,
     global: Arc<GlobalLock>,
-    /// Wakes the main loop when this vCPU decides the VM ends.
-    wake: EventFd,
+    /// The guest's request to end the VM, checked after every exit.
+    guest_exit: GuestExit,
+    /// Wakes the main loop after this vCPU recorded its failure.
+    failed: EventFd,
     immediate_exit: ImmediateExit,
 }
 
 impl Vcpu {
-    /// A vCPU that dispatches exits under `global` and wakes the main loop with `wake`.
-    pub fn new(mut fd: VcpuFd, index: u8, global: Arc<GlobalLock>, wake: EventFd) -> Self {
+    /// A vCPU that dispatches exits under `global`, stops when `guest_exit` holds a request, and
+    /// signals `failed` when it fails.
+    pub fn new(
+        mut fd: VcpuFd,
+        index: u8,
+        global: Arc<GlobalLock>,
+        guest_exit: GuestExit,
+        failed: EventFd,
+    ) -> Self {
         let immediate_exit = ImmediateExit(std::ptr::addr_of_mut!(fd.get_kvm_run().immediate_exit));
         Self {
             fd,
             index,
             global,
-            wake,
+            guest_exit,
+            failed,
             immediate_exit,
         }
     }
@@ -251,13 +256,17 @@ impl Vcpu {
             }
         };
         match result {
+            // A device the exit reached may have ended the VM (the guest's power-off or reset
+            // write): then the guest runs no further.
+            Ok(ExitOutcome::Continue) if self.guest_exit.requested().is_some() => {
+                State::GuestStopped
+            }
             Ok(ExitOutcome::Continue) => State::Running,
-            Ok(ExitOutcome::Stop(reason)) => {
-                let reason = match reason {
-                    StopReason::PowerOff => ExitReason::GuestPowerOff,
-                    StopReason::Reset => ExitReason::GuestReset,
-                };
-                self.end_vm(reason);
+            Ok(ExitOutcome::Stop(kind)) => {
+                log::info!("vCPU {}: the guest asked for {kind:?}", self.index);
+                if let Err(e) = self.guest_exit.request(kind) {
+                    log::error!("vCPU {}: cannot wake the main loop: {e}", self.index);
+                }
                 // Running on could loop on the same exit.
                 State::GuestStopped
             }
@@ -309,14 +318,6 @@ impl Vcpu {
         State::Finished
     }
 
-    /// Records `reason` as why the VM ends and wakes the main loop.
-    fn end_vm(&self, reason: ExitReason) {
-        self.global.lock().request_exit(reason);
-        if let Err(e) = self.wake.write(1) {
-            log::error!("vCPU {}: cannot wake the main loop: {e}", self.index);
-        }
-    }
-
     /// Logs the registers, ends the VM with `message` (and the instruction pointer), and
     /// finishes this vCPU.
     fn fail(&self, mut message: String) -> State {
@@ -332,10 +333,13 @@ impl Vcpu {
                 log::error!("vCPU {}: cannot read its registers: {e}", self.index);
             }
         }
-        self.end_vm(ExitReason::VcpuFailed {
+        self.global.lock().request_exit(ExitReason::VcpuFailed {
             cpu: self.index,
             message,
         });
+        if let Err(e) = self.failed.write(1) {
+            log::error!("vCPU {}: cannot wake the main loop: {e}", self.index);
+        }
         State::Finished
     }
 }
@@ -396,15 +400,15 @@ mod tests {
         let g = global();
         assert_eq!(
             handle_exit(VcpuExit::Shutdown, &g),
-            Ok(ExitOutcome::Stop(StopReason::Reset))
+            Ok(ExitOutcome::Stop(GuestExitKind::Reset))
         );
         assert_eq!(
             handle_exit(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[]), &g),
-            Ok(ExitOutcome::Stop(StopReason::PowerOff))
+            Ok(ExitOutcome::Stop(GuestExitKind::PowerOff))
         );
         assert_eq!(
             handle_exit(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]), &g),
-            Ok(ExitOutcome::Stop(StopReason::Reset))
+            Ok(ExitOutcome::Stop(GuestExitKind::Reset))
         );
         assert!(matches!(
             handle_exit(VcpuExit::SystemEvent(3, &[]), &g),

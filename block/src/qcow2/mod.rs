@@ -24,7 +24,8 @@ mod validate;
 mod write;
 
 use std::collections::BTreeSet;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::collections::HashSet;
+use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use header::{Compression, Header};
 pub use l2::Mapping;
@@ -58,6 +59,9 @@ pub struct Qcow2 {
     version: u32,
     backing: Option<Box<crate::Image>>,
     meta: RwLock<Meta>,
+    /// Guest clusters a slow-path write is working on (see `write.rs`), and their waiters.
+    busy: Mutex<HashSet<u64>>,
+    busy_done: Condvar,
 }
 
 /// What `Qcow2::open` needs besides the file.
@@ -182,6 +186,8 @@ impl Qcow2 {
             version: meta.header.version,
             backing,
             meta: RwLock::new(meta),
+            busy: Mutex::new(HashSet::new()),
+            busy_done: Condvar::new(),
             file: f,
         };
         if !read_only {

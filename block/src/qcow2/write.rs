@@ -17,6 +17,34 @@ const ALL_ALLOC: u64 = 0xffff_ffff;
 /// Extended L2 bitmap with every subcluster reading as zeroes.
 const ALL_ZERO: u64 = 0xffff_ffff << 32;
 
+/// A guest cluster claimed by one slow-path write: other slow-path writes to it wait, so that
+/// requests racing for an unallocated cluster copy it once instead of each copying and all but
+/// one throwing the copy away.
+struct Claim<'a> {
+    img: &'a Qcow2,
+    cluster: u64,
+}
+
+impl<'a> Claim<'a> {
+    fn new(img: &'a Qcow2, cluster: u64) -> Claim<'a> {
+        // A poisoned set only means a panic elsewhere; the set itself stays consistent.
+        let mut busy = img.busy.lock().unwrap_or_else(|p| p.into_inner());
+        while busy.contains(&cluster) {
+            busy = img.busy_done.wait(busy).unwrap_or_else(|p| p.into_inner());
+        }
+        busy.insert(cluster);
+        Claim { img, cluster }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.img.busy.lock().unwrap_or_else(|p| p.into_inner());
+        busy.remove(&self.cluster);
+        self.img.busy_done.notify_all();
+    }
+}
+
 impl Qcow2 {
     /// Writes `buf` at `offset` (range already checked), one cluster at a time.
     pub(super) fn write_inner(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
@@ -96,14 +124,24 @@ impl Qcow2 {
     fn write_cluster(&self, data: &[u8], guest: u64) -> Result<(), Error> {
         let cs = self.geo.cluster_size();
         let base = guest - guest % cs;
+        let claim = Claim::new(self, base);
         loop {
             let mut m = self.lock();
             let l2 = self.writable_l2(&mut m, guest)?;
             let (entry, bitmap) = m.l2_words(l2, guest);
-            // Validates the entry.
-            self.geo
+            let (mapping, run) = self
+                .geo
                 .decode(entry, bitmap, guest)
                 .map_err(|e| super::fmt_err(&self.file, e))?;
+            if let Mapping::Data { host, copied: true } = mapping {
+                if run >= data.len() as u64 {
+                    // The request that held the claim before us allocated it: write in place
+                    // like the fast path, with neither the lock nor the claim.
+                    drop(m);
+                    drop(claim);
+                    return self.file.write_at(data, host);
+                }
+            }
             let compressed = entry & COMPRESSED != 0;
             let host = if compressed { 0 } else { entry & OFFSET_MASK };
             let need_new = host == 0 || entry & COPIED == 0;
@@ -135,39 +173,52 @@ impl Qcow2 {
                 (bitmap | touched) & !(touched << 32)
             };
             if !need_new {
-                if data.len() < span_len {
+                // In place. Units (subclusters, or the cluster) already holding data get only the
+                // new bytes: a fast-path writer may be writing the rest of them right now,
+                // without the lock. The others are filled from what they read as now.
+                let sub = self.geo.sub_size();
+                let holds_data = |unit: u64| {
+                    if self.geo.extended {
+                        bitmap & (1 << unit) != 0
+                    } else {
+                        entry & ZERO == 0
+                    }
+                };
+                let units = (span_start / sub)..(span_end / sub);
+                if data.len() < span_len && !units.clone().all(holds_data) {
                     self.read_locked(&mut m, &mut content, base + span_start)?;
                 }
                 content[at..at + data.len()].copy_from_slice(data);
-                // Subclusters already allocated get only the new bytes: a fast-path writer may be
-                // writing the rest of them right now, without the lock.
-                let sub = self.geo.sub_size();
                 let (d0, d1) = (at as u64, (at + data.len()) as u64);
-                let mut s0 = 0;
-                while s0 < span_end - span_start {
-                    let idx = (span_start + s0) / sub;
-                    let allocated = self.geo.extended && bitmap & (1 << idx) != 0;
-                    let (lo, hi) = if allocated {
+                for unit in units {
+                    let s0 = unit * sub - span_start;
+                    let (lo, hi) = if holds_data(unit) {
                         (d0.max(s0), d1.min(s0 + sub))
                     } else {
                         (s0, s0 + sub)
                     };
                     if lo < hi {
-                        let piece = &content
-                            [usize::try_from(lo).unwrap_or(0)..usize::try_from(hi).unwrap_or(0)];
-                        self.file.write_at(piece, host + span_start + lo)?;
+                        let range =
+                            usize::try_from(lo).unwrap_or(0)..usize::try_from(hi).unwrap_or(0);
+                        self.file
+                            .write_at(&content[range], host + span_start + lo)?;
                     }
-                    s0 += sub;
                 }
                 m.set_l2_words(l2, guest, host | COPIED, new_bitmap);
                 return Ok(());
             }
             let target = m.alloc_cluster(&self.file)?;
             drop(m);
-            if data.len() < span_len {
-                self.read_virtual(&mut content, base + span_start)?;
+            // Copy only what the new data does not cover: the head and the tail of the span.
+            let (head, rest) = content.split_at_mut(at);
+            let (middle, tail) = rest.split_at_mut(data.len());
+            if !head.is_empty() {
+                self.read_virtual(head, base + span_start)?;
             }
-            content[at..at + data.len()].copy_from_slice(data);
+            if !tail.is_empty() {
+                self.read_virtual(tail, base + span_start + (at + data.len()) as u64)?;
+            }
+            middle.copy_from_slice(data);
             if self.geo.extended && host != 0 && span_len as u64 != cs {
                 // A shared cluster with subclusters: keep its other allocated subclusters.
                 let mut old = vec![0u8; usize::try_from(cs).unwrap_or(0)];

@@ -6,9 +6,7 @@
 //! `\_S5_` package of the DSDT. This device owns both registers, one byte each (control at offset
 //! 0, status at offset 1), and turns an S5 request into a request to end the VM.
 
-use vmm_sys_util::eventfd::EventFd;
-
-use super::ByteRegisters;
+use super::{ByteRegisters, GuestExit, GuestExitKind};
 
 /// `SLP_EN`, bit 5 of the sleep control register (ACPI 6.5, table 4.20).
 pub const SLEEP_ENABLE: u8 = 1 << 5;
@@ -22,12 +20,12 @@ const WAKE_STATUS: u8 = 1 << 7;
 /// The two sleep registers on the PIO bus.
 #[derive(Debug)]
 pub struct AcpiSleep {
-    exit: EventFd,
+    exit: GuestExit,
 }
 
 impl AcpiSleep {
-    /// Registers that signal `exit` when the guest enters S5.
-    pub fn new(exit: EventFd) -> Self {
+    /// Registers that request a power-off through `exit` when the guest enters S5.
+    pub fn new(exit: GuestExit) -> Self {
         Self { exit }
     }
 }
@@ -49,7 +47,8 @@ impl ByteRegisters for AcpiSleep {
         }
         let sleep_type = (value & SLEEP_TYPE_MASK) >> 2;
         if sleep_type == SLEEP_TYPE_S5 {
-            if let Err(e) = self.exit.write(1) {
+            log::info!("ACPI: the guest entered S5 (soft off)");
+            if let Err(e) = self.exit.request(GuestExitKind::PowerOff) {
                 log::error!("ACPI: cannot signal the power-off request: {e}");
             }
         } else {
@@ -62,20 +61,20 @@ impl ByteRegisters for AcpiSleep {
 mod tests {
     use super::*;
     use crate::bus::BusDevice;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[test]
     fn only_s5_with_sleep_enable_ends_the_vm() {
-        let exit = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-        let mut dev = AcpiSleep::new(exit.try_clone().expect("clone"));
+        let exit = GuestExit::new().expect("eventfd");
+        let mut dev = AcpiSleep::new(exit.clone());
         dev.write(0, &[SLEEP_TYPE_S5 << 2]);
-        assert!(exit.read().is_err(), "SLP_EN clear");
+        assert_eq!(exit.requested(), None, "SLP_EN clear");
         dev.write(0, &[(3 << 2) | SLEEP_ENABLE]);
-        assert!(exit.read().is_err(), "S3 is not supported");
+        assert_eq!(exit.requested(), None, "S3 is not supported");
         dev.write(1, &[(SLEEP_TYPE_S5 << 2) | SLEEP_ENABLE]);
-        assert!(exit.read().is_err(), "status register");
+        assert_eq!(exit.requested(), None, "status register");
         dev.write(0, &[(SLEEP_TYPE_S5 << 2) | SLEEP_ENABLE]);
-        assert_eq!(exit.read().expect("exit signalled"), 1);
+        assert_eq!(exit.requested(), Some(GuestExitKind::PowerOff));
+        assert_eq!(exit.event().read().expect("exit signalled"), 1);
         let mut status = [0];
         dev.read(1, &mut status);
         assert_eq!(status, [WAKE_STATUS]);

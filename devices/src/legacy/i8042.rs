@@ -9,17 +9,20 @@
 
 use vm_superio::I8042Device;
 
-use super::{ByteRegisters, EventFdTrigger};
+/// The "pulse output line 0" (CPU reset) command of the command port.
+const CMD_RESET_CPU: u8 = 0xfe;
+
+use super::{ByteRegisters, GuestExit};
 
 /// The i8042 controller on the PIO bus.
 #[derive(Debug)]
 pub struct I8042 {
-    inner: I8042Device<EventFdTrigger>,
+    inner: I8042Device<GuestExit>,
 }
 
 impl I8042 {
-    /// A controller that signals `exit` when the guest asks for a CPU reset.
-    pub fn new(exit: EventFdTrigger) -> Self {
+    /// A controller that requests a reset through `exit` when the guest pulses the reset line.
+    pub fn new(exit: GuestExit) -> Self {
         Self {
             inner: I8042Device::new(exit),
         }
@@ -35,6 +38,9 @@ impl ByteRegisters for I8042 {
         if let Err(e) = self.inner.write(offset, value) {
             log::error!("i8042: cannot signal the reset request: {e}");
         }
+        if offset == 4 && value == CMD_RESET_CPU {
+            log::info!("i8042: the guest pulsed the CPU reset line");
+        }
     }
 }
 
@@ -42,20 +48,21 @@ impl ByteRegisters for I8042 {
 mod tests {
     use super::*;
     use crate::bus::BusDevice;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use crate::legacy::GuestExitKind;
 
     #[test]
     fn reset_command_signals_exit() {
-        let exit = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-        let mut dev = I8042::new(EventFdTrigger(exit.try_clone().expect("clone")));
+        let exit = GuestExit::new().expect("eventfd");
+        let mut dev = I8042::new(exit.clone());
         // Status reads as idle: the guest's kb_wait() ends at once.
         let mut status = [0xaa];
         dev.read(4, &mut status);
         assert_eq!(status, [0]);
         // Another command does nothing.
         dev.write(4, &[0xd1]);
-        assert!(exit.read().is_err(), "no exit for a non-reset command");
-        dev.write(4, &[0xfe]);
-        assert_eq!(exit.read().expect("exit signalled"), 1);
+        assert_eq!(exit.requested(), None, "no exit for a non-reset command");
+        dev.write(4, &[CMD_RESET_CPU]);
+        assert_eq!(exit.requested(), Some(GuestExitKind::Reset));
+        assert_eq!(exit.event().read().expect("exit signalled"), 1);
     }
 }

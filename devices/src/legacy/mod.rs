@@ -2,16 +2,17 @@
 //! real-time clock, and the ACPI sleep registers of a hardware-reduced platform.
 //!
 //! None of them needs a lock of its own: they are reached only through the bus, with the global
-//! lock held (see [`crate::bus`]). They tell the rest of the VMM about events through eventfds
-//! (an irqfd for an interrupt, the VM's exit eventfd for a reset or power-off), never by calling
-//! back into it.
+//! lock held (see [`crate::bus`]). They tell the rest of the VMM about events through an irqfd
+//! (an interrupt) or a [`GuestExit`] (a reset or power-off), never by calling back into it.
 
 mod acpi_pm;
+mod exit;
 mod i8042;
 mod rtc;
 mod serial;
 
 pub use acpi_pm::{AcpiSleep, SLEEP_ENABLE, SLEEP_TYPE_S5};
+pub use exit::{GuestExit, GuestExitKind};
 pub use i8042::I8042;
 pub use rtc::Rtc;
 pub use serial::Serial;
@@ -46,7 +47,7 @@ impl<T: ByteRegisters> BusDevice for T {
     }
 }
 
-/// An eventfd that vm-superio devices signal (an interrupt line or the VM's exit request).
+/// An eventfd that a vm-superio device signals for its interrupt line (an irqfd).
 #[derive(Debug)]
 pub struct EventFdTrigger(pub EventFd);
 

@@ -14,12 +14,14 @@
 //! Files: `options.rs` (the flag), `listener.rs` (sockets), `framing.rs` (splitting the byte stream
 //! into JSON texts), `protocol.rs` (messages on the wire), `args.rs` (argument checks),
 //! `commands.rs` (negotiation and commands), `events.rs` (events and their channel), `backend.rs`
-//! (what the VM provides), `server.rs` (the event-loop subscriber). Locking is described in
+//! (what the VM provides), `disk_stats.rs` (a virtio-blk disk's statistics in QEMU's shape),
+//! `server.rs` (the sockets on the event loop). Locking is described in
 //! `server.rs` and `backend.rs`: commands run on the main loop with the global lock held.
 
 mod args;
 mod backend;
 mod commands;
+mod disk_stats;
 mod events;
 mod framing;
 mod listener;
@@ -39,6 +41,7 @@ pub use backend::{
     BackendError, BlockDevice, BlockDeviceStats, HistogramChange, IoThreadInfo, MonitorBackend,
     RunState,
 };
+pub use disk_stats::{apply_histogram_change, block_device_stats};
 pub use events::{event_channel, QmpEvent, ShutdownCause};
 pub use listener::Listener;
 #[cfg(test)]

@@ -1,13 +1,15 @@
 //! The `-qmp` flag: `unix:PATH[,server=on][,wait=off]` and `tcp:HOST:PORT[,server=on][,wait=off]`,
-//! with QEMU's meaning for each part (QEMU's `-chardev socket` options, see `qemu-options.hx`).
+//! with QEMU's meaning for each part (QEMU's `-chardev socket` options, see `qemu-options.hx`),
+//! read through the VMM's one option-string parser ([`crate::options`]).
 //!
 //! As in QEMU, `server` defaults to off (connect out to a client) and, with `server=on`, `wait`
 //! defaults to on (hold start-up until the first client connects). This monitor only listens, so a
 //! missing `server=on` is an error that says so rather than a silent change of meaning. A literal
-//! comma in a path is written `,,`, as in every QEMU option string. The habitual short forms `server`
-//! and `nowait` are accepted, since QEMU still accepts them.
+//! comma in a path is written `,,`.
 
 use std::path::PathBuf;
+
+use crate::options::{OptionError, Options};
 
 /// Where the monitor listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +37,9 @@ pub struct QmpOptions {
 /// Errors in a `-qmp` value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum QmpOptionError {
+    /// The option string itself (unknown key, repeated key, bad boolean).
+    #[error("Invalid -qmp")]
+    Option(#[source] OptionError),
     /// The backend is neither `unix:` nor `tcp:`.
     #[error("-qmp {0}: unsupported backend, expected unix:PATH or tcp:HOST:PORT")]
     UnsupportedBackend(String),
@@ -47,55 +52,14 @@ pub enum QmpOptionError {
     /// A port that is not a number from 0 to 65535.
     #[error("-qmp: invalid port '{0}'")]
     InvalidPort(String),
-    /// An option this monitor does not know.
-    #[error("-qmp: unsupported option '{0}'")]
-    UnknownOption(String),
-    /// A boolean option whose value is not on/off (or yes/no, true/false).
-    #[error("-qmp: option '{key}' expects on or off, not '{value}'")]
-    InvalidBool {
-        /// The option's name.
-        key: String,
-        /// The value given.
-        value: String,
-    },
-    /// The same option given twice.
-    #[error("-qmp: option '{0}' given twice")]
-    Duplicate(String),
     /// `server=off`, explicit or by default: the monitor does not connect out.
     #[error("-qmp: connecting out to a client is not supported, add server=on")]
     ClientMode,
 }
 
-/// Splits a QEMU option string at single commas; `,,` stands for a literal comma.
-fn split_options(value: &str) -> Vec<String> {
-    let mut parts = vec![String::new()];
-    let mut chars = value.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != ',' {
-            if let Some(last) = parts.last_mut() {
-                last.push(c);
-            }
-        } else if chars.peek() == Some(&',') {
-            chars.next();
-            if let Some(last) = parts.last_mut() {
-                last.push(',');
-            }
-        } else {
-            parts.push(String::new());
-        }
-    }
-    parts
-}
-
-/// QEMU's boolean spellings (`qapi_bool_parse`).
-fn parse_bool(key: &str, value: &str) -> Result<bool, QmpOptionError> {
-    match value {
-        "on" | "yes" | "true" | "y" => Ok(true),
-        "off" | "no" | "false" | "n" => Ok(false),
-        _ => Err(QmpOptionError::InvalidBool {
-            key: key.to_owned(),
-            value: value.to_owned(),
-        }),
+impl From<OptionError> for QmpOptionError {
+    fn from(e: OptionError) -> Self {
+        Self::Option(e)
     }
 }
 
@@ -120,48 +84,26 @@ fn parse_tcp(rest: &str) -> Result<QmpAddress, QmpOptionError> {
     })
 }
 
-/// Parses a `-qmp` value; the CLI calls this once per `-qmp` flag.
+/// Parses a `-qmp` value; the CLI calls this for the `-qmp` flag.
 pub fn parse_qmp_option(value: &str) -> Result<QmpOptions, QmpOptionError> {
-    let parts = split_options(value);
-    let (first, rest) = parts
-        .split_first()
-        .ok_or_else(|| QmpOptionError::UnsupportedBackend(value.to_owned()))?;
-    let address = if let Some(path) = first.strip_prefix("unix:") {
+    let opts = Options::parse(value, Some("backend"), &["backend", "server", "wait"])?;
+    let backend: String = opts.get("backend")?.unwrap_or_default();
+    let address = if let Some(path) = backend.strip_prefix("unix:") {
         if path.is_empty() {
             return Err(QmpOptionError::EmptyPath);
         }
         QmpAddress::Unix(PathBuf::from(path))
-    } else if let Some(addr) = first.strip_prefix("tcp:") {
+    } else if let Some(addr) = backend.strip_prefix("tcp:") {
         parse_tcp(addr)?
     } else {
-        return Err(QmpOptionError::UnsupportedBackend(first.clone()));
+        return Err(QmpOptionError::UnsupportedBackend(backend));
     };
-
-    let mut server: Option<bool> = None;
-    let mut wait: Option<bool> = None;
-    for part in rest {
-        let (key, value) = match part.split_once('=') {
-            Some((k, v)) => (k, parse_bool(k, v)?),
-            // Short forms QEMU still accepts: `server` and `nowait`.
-            None if part == "server" => ("server", true),
-            None if part == "nowait" => ("wait", false),
-            None => return Err(QmpOptionError::UnknownOption(part.clone())),
-        };
-        let slot = match key {
-            "server" => &mut server,
-            "wait" => &mut wait,
-            _ => return Err(QmpOptionError::UnknownOption(key.to_owned())),
-        };
-        if slot.replace(value).is_some() {
-            return Err(QmpOptionError::Duplicate(key.to_owned()));
-        }
-    }
-    if server != Some(true) {
+    if opts.get::<bool>("server")? != Some(true) {
         return Err(QmpOptionError::ClientMode);
     }
     Ok(QmpOptions {
         address,
-        wait: wait.unwrap_or(true),
+        wait: opts.get::<bool>("wait")?.unwrap_or(true),
     })
 }
 
@@ -183,10 +125,9 @@ mod tests {
     }
 
     #[test]
-    fn short_forms_and_escaped_commas() {
-        let o = parse_qmp_option("unix:/tmp/a,,b,server,nowait").expect("valid");
+    fn escaped_commas() {
+        let o = parse_qmp_option("unix:/tmp/a,,b,server=on,wait=off").expect("valid");
         assert_eq!(o.address, QmpAddress::Unix(PathBuf::from("/tmp/a,b")));
-        assert!(!o.wait);
     }
 
     #[test]
@@ -221,6 +162,7 @@ mod tests {
     fn errors_name_the_problem() {
         let e = |s: &str| parse_qmp_option(s).expect_err(s);
         assert!(matches!(e("stdio"), QmpOptionError::UnsupportedBackend(b) if b == "stdio"));
+        assert!(matches!(e("server=on"), QmpOptionError::UnsupportedBackend(b) if b.is_empty()));
         assert!(matches!(e("unix:,server=on"), QmpOptionError::EmptyPath));
         assert!(matches!(
             e("tcp:localhost,server=on"),
@@ -237,22 +179,22 @@ mod tests {
             e("tcp:h:http,server=on"),
             QmpOptionError::InvalidPort(_)
         ));
-        assert!(
-            matches!(e("unix:/s,server=on,ipv4=on"), QmpOptionError::UnknownOption(k) if k == "ipv4")
-        );
-        assert!(
-            matches!(e("unix:/s,server=on,bogus"), QmpOptionError::UnknownOption(k) if k == "bogus")
-        );
+        assert!(matches!(
+            e("unix:/s,server=on,ipv4=on"),
+            QmpOptionError::Option(OptionError::UnknownKey { key, .. }) if key == "ipv4"
+        ));
+        assert!(matches!(
+            e("unix:/s,server=on,nowait"),
+            QmpOptionError::Option(OptionError::NotKeyValue { .. })
+        ));
         assert!(matches!(
             e("unix:/s,server=maybe"),
-            QmpOptionError::InvalidBool { key, value } if key == "server" && value == "maybe"
+            QmpOptionError::Option(OptionError::BadValue { key, .. }) if key == "server"
         ));
-        assert!(
-            matches!(e("unix:/s,server=on,server=on"), QmpOptionError::Duplicate(k) if k == "server")
-        );
-        assert!(
-            matches!(e("unix:/s,server=on,wait=off,nowait"), QmpOptionError::Duplicate(k) if k == "wait")
-        );
+        assert!(matches!(
+            e("unix:/s,server=on,server=on"),
+            QmpOptionError::Option(OptionError::Duplicate { key }) if key == "server"
+        ));
         assert!(matches!(e("unix:/s"), QmpOptionError::ClientMode));
         assert!(matches!(
             e("unix:/s,server=off"),

@@ -88,6 +88,28 @@ pub fn counter_guest() -> Vec<u8> {
     ]
 }
 
+/// 64-bit: echoes what arrives on COM1 (polling the line status register) until it reads `q`,
+/// then powers off.
+pub fn echo_guest() -> Vec<u8> {
+    vec![
+        0x66, 0xba, 0xfd, 0x03, // mov $0x3fd, %dx       # line status register
+        0xec, //                   1: in %dx, %al
+        0xa8, 0x01, //             test $1, %al          # data ready
+        0x74, 0xfb, //             jz 1b
+        0x66, 0xba, 0xf8, 0x03, // mov $0x3f8, %dx
+        0xec, //                   in %dx, %al           # receive buffer
+        0x3c, 0x71, //             cmp $'q', %al
+        0x74, 0x07, //             je 2f
+        0xee, //                   out %al, %dx          # echo
+        0x66, 0xba, 0xfd, 0x03, // mov $0x3fd, %dx
+        0xeb, 0xeb, //             jmp 1b
+        0x66, 0xba, 0x00, 0x06, // 2: mov $0x600, %dx    # ACPI sleep control
+        0xb0, 0x34, //             mov $(5 << 2 | 1 << 5), %al
+        0xee, //                   out %al, %dx
+        0xf4, //                   hlt
+    ]
+}
+
 /// 32-bit PVH: goes back to real mode and jumps to the reset vector (F000:FFF0), as Linux's
 /// `machine_real_restart` does when it reboots through the BIOS.
 pub fn real_mode_reboot_guest() -> Vec<u8> {
@@ -116,13 +138,14 @@ pub fn real_mode_reboot_guest() -> Vec<u8> {
 }
 
 /// 32-bit PVH: checks the `hvm_start_info` magic at `%ebx`, reports it, then powers off through
-/// the ACPI sleep control register (SLP_TYP 5, SLP_EN).
+/// the ACPI sleep control register (SLP_TYP 5, SLP_EN). The `!` it writes after the power-off
+/// must never appear: the VMM stops the vCPU at the power-off write.
 pub fn pvh_poweroff_guest() -> Vec<u8> {
     let mut code = vec![
-        0xbe, 0x2a, 0x00, 0x10, 0x00, //       mov $msg, %esi
+        0xbe, 0x31, 0x00, 0x10, 0x00, //       mov $msg, %esi
         0x81, 0x3b, 0x78, 0xc5, 0x6e, 0x33, // cmpl $0x336ec578, (%ebx)
         0x74, 0x07, //                         je 1f
-        0xc6, 0x05, 0x41, 0x00, 0x10, 0x00, // movb $'n', ok
+        0xc6, 0x05, 0x48, 0x00, 0x10, 0x00, // movb $'n', ok
         0x6e, //
         0x66, 0xba, 0xf8, 0x03, //             1: mov $0x3f8, %dx
         0xac, //                               next: lodsb
@@ -133,8 +156,11 @@ pub fn pvh_poweroff_guest() -> Vec<u8> {
         0x66, 0xba, 0x00, 0x06, //             done: mov $0x600, %dx  # ACPI sleep control
         0xb0, 0x34, //                         mov $(5 << 2 | 1 << 5), %al
         0xee, //                               out %al, %dx
+        0x66, 0xba, 0xf8, 0x03, //             mov $0x3f8, %dx
+        0xb0, 0x21, //                         mov $'!', %al
+        0xee, //                               out %al, %dx
         0xf4, //                               hlt
-        0xeb, 0xf6, //                         jmp done
+        0xeb, 0xef, //                         jmp done
     ];
     code.extend_from_slice(b"PVH guest, start info: y\n\0"); // msg, ok
     code
