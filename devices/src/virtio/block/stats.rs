@@ -4,7 +4,8 @@
 //!
 //! As in QEMU, write-zeroes count as writes and discards as unmap; requests refused before they
 //! reach the image (out of range, read-only, malformed) count as `invalid_*`, requests the image
-//! failed as `failed_*`. Latency histograms have boundaries set at run time with QEMU's
+//! failed as `failed_*`; neither enters latencies, histograms or the idle time (QEMU's
+//! `account_invalid` and `account_failed` off). Latency histograms have boundaries set at run time with QEMU's
 //! `block-latency-histogram-set` semantics: `n` boundaries make `n + 1` bins, bin `i` counting
 //! latencies in `[boundaries[i-1], boundaries[i])` nanoseconds.
 
@@ -344,11 +345,12 @@ impl BlockStats {
             for t in &self.timed {
                 t.record(kind, since, ns);
             }
+            self.last_completion
+                .store(since.saturating_add(1), Ordering::Relaxed);
         } else {
+            // Like QEMU with `account_failed` off: counted, but outside latency and idle time.
             c.failed.fetch_add(1, Ordering::Relaxed);
         }
-        self.last_completion
-            .store(since.saturating_add(1), Ordering::Relaxed);
     }
 
     /// Records a successful write (or write-zeroes) ending at disk offset `end`.
@@ -455,6 +457,9 @@ mod tests {
         let stats = BlockStats::default();
         assert_eq!(stats.snapshot().idle_time_ns, None);
         let start = Instant::now();
+        // A failure is counted but is not an access for the idle time.
+        stats.done(Kind::Flush, 0, start, false);
+        assert_eq!(stats.snapshot().idle_time_ns, None);
         stats.done(Kind::Read, 4096, start, true);
         stats.done(Kind::Read, 4096, start, false);
         stats.done(Kind::Write, 512, start, true);
