@@ -116,3 +116,22 @@ kernel_modules() {
     }
   ' "$tree/lib/modules/$kver/modules.dep"
 }
+
+# busybox_tree ROOT INIT KTREE KVER MODULE...: lays out a busybox system in ROOT: /bin with busybox
+# and a link per applet, INIT as /init, the given kernel modules with their dependencies in
+# /lib/modules, and /lib/modules/load-order listing them in the order to insmod them.
+busybox_tree() {
+  local root=$1 init=$2 ktree=$3 kver=$4 m applet d
+  shift 4
+  mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,usr/local/bin,dev,proc,sys,tmp,run,root,etc,lib/modules}
+  install -m 0755 "$(command -v busybox)" "$root/bin/busybox"
+  for applet in $(busybox --list); do
+    [ "$applet" = busybox ] || ln -s busybox "$root/bin/$applet"
+  done
+  install -m 0755 "$init" "$root/init"
+  : > "$root/lib/modules/load-order"
+  for m in $(kernel_modules "$ktree" "$kver" "$@"); do
+    install -m 0644 "$ktree/lib/modules/$kver/$m" "$root/lib/modules/$(basename "$m")"
+    basename "$m" >> "$root/lib/modules/load-order"
+  done
+}

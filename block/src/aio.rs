@@ -501,33 +501,31 @@ mod tests {
         got.expect("a completion within 10 s")
     }
 
+    /// Submits one request and reaps its completion, checking the token came back.
+    fn roundtrip(aio: &Aio, op: Op, offset: u64, segs: Vec<IoSeg>, token: u64) -> Completion {
+        aio.submit(Request {
+            op,
+            offset,
+            segs,
+            token,
+        })
+        .unwrap();
+        let done = reap_one(aio);
+        assert_eq!(done.request.token, token);
+        done
+    }
+
     #[test]
     fn write_then_read_back_across_segments() {
         let image = RawFile::new(1 << 20);
         let aio = Aio::new("t", image.clone(), 2, 8).unwrap();
         let mut a = vec![0xa5u8; 512];
         let mut b = vec![0x5au8; 1024];
-        aio.submit(Request {
-            op: Op::Write,
-            offset: 4096,
-            segs: vec![seg(&mut a), seg(&mut b)],
-            token: 7,
-        })
-        .unwrap();
-        let done = reap_one(&aio);
-        assert_eq!(done.request.token, 7);
+        let done = roundtrip(&aio, Op::Write, 4096, vec![seg(&mut a), seg(&mut b)], 7);
         done.result.unwrap();
 
         let mut back = vec![0u8; 1536];
-        aio.submit(Request {
-            op: Op::Read,
-            offset: 4096,
-            segs: vec![seg(&mut back)],
-            token: 8,
-        })
-        .unwrap();
-        let done = reap_one(&aio);
-        assert_eq!(done.request.token, 8);
+        let done = roundtrip(&aio, Op::Read, 4096, vec![seg(&mut back)], 8);
         done.result.unwrap();
         assert!(back[..512].iter().all(|&x| x == 0xa5));
         assert!(back[512..].iter().all(|&x| x == 0x5a));
@@ -539,14 +537,7 @@ mod tests {
         let image = RawFile::new(4096);
         let aio = Aio::new("t", image, 1, 4).unwrap();
         let mut buf = vec![0u8; 512];
-        aio.submit(Request {
-            op: Op::Read,
-            offset: 4096,
-            segs: vec![seg(&mut buf)],
-            token: 1,
-        })
-        .unwrap();
-        let done = reap_one(&aio);
+        let done = roundtrip(&aio, Op::Read, 4096, vec![seg(&mut buf)], 1);
         assert!(matches!(
             done.result,
             Err(Error::OutOfRange {
@@ -573,16 +564,10 @@ mod tests {
                 },
             ),
         ] {
-            aio.submit(Request {
-                op,
-                offset: if token == 3 { 4096 } else { 0 },
-                segs: Vec::new(),
-                token,
-            })
-            .unwrap();
-            let done = reap_one(&aio);
-            assert_eq!(done.request.token, token);
-            done.result.unwrap();
+            let offset = if token == 3 { 4096 } else { 0 };
+            roundtrip(&aio, op, offset, Vec::new(), token)
+                .result
+                .unwrap();
         }
         assert_eq!(image.flushes.load(Ordering::SeqCst), 1);
         let mut back = [0u8; 8192];

@@ -237,7 +237,7 @@ fn bench_boot(o: &Options) -> Result<bool, Error> {
         smp: o.smp,
     };
     let md = bench::summarize(&output, setup, &host_line);
-    let dir = nested::default_resources().join("../results/boot");
+    let dir = nested::repo_root().join("results/boot");
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

@@ -89,11 +89,17 @@ impl Host {
     }
 }
 
-/// The repository's `resources/` directory, as seen from this crate's sources.
+/// The repository's root, as seen from this crate's sources (`tests/` is one level down).
+pub fn repo_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map_or_else(|| manifest.join(".."), Path::to_path_buf)
+}
+
+/// The repository's `resources/` directory.
 pub fn default_resources() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("resources")
+    repo_root().join("resources")
 }
 
 #[cfg(test)]

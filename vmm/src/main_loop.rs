@@ -7,6 +7,7 @@
 //! Handlers now: the VM's exit events (the guest's reset or power-off, a vCPU's failure,
 //! SIGTERM/SIGINT through a signalfd) and the console's input.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
@@ -31,10 +32,18 @@ pub enum Tag {
     Signal,
     /// Console input.
     Stdin,
+    /// The guest read the UART's receive FIFO empty.
+    SerialDrained,
 }
 
 impl Tag {
-    const ALL: [Tag; 4] = [Tag::GuestExit, Tag::VcpuFailed, Tag::Signal, Tag::Stdin];
+    const ALL: [Tag; 5] = [
+        Tag::GuestExit,
+        Tag::VcpuFailed,
+        Tag::Signal,
+        Tag::Stdin,
+        Tag::SerialDrained,
+    ];
 
     /// The tag registered as `data`.
     fn from_data(data: u32) -> Option<Self> {
@@ -89,7 +98,7 @@ fn add_input(ops: &mut EventOps, fd: &impl AsRawFd, tag: Tag) -> bool {
     match ops.add(Events::with_data(fd, tag as u32, EventSet::IN)) {
         Ok(()) => true,
         Err(e) => {
-            log::warn!("main loop: cannot watch {tag:?}: {e:?}");
+            log::debug!("main loop: cannot watch {tag:?}: {e:?}");
             false
         }
     }
@@ -170,51 +179,97 @@ impl Handler for ExitEvents {
                 Some(signo) => ExitReason::Signal(signo),
                 None => return,
             },
-            Tag::Stdin => return,
+            Tag::Stdin | Tag::SerialDrained => return,
         };
         machine.request_exit(reason);
     }
 }
 
-/// Console input: stdin to the UART, minus the Ctrl-A escapes.
-#[derive(Debug, Default)]
+/// Most console input kept for a guest that is not reading; beyond it, input is dropped.
+const MAX_PENDING_INPUT: usize = 64 << 10;
+
+/// Console input: stdin to the UART, minus the Ctrl-A escapes. The UART takes a FIFO's worth at a
+/// time; the rest waits here until the guest has read the FIFO empty.
+#[derive(Debug)]
 pub struct ConsoleInput {
     escapes: Escapes,
+    pending: VecDeque<u8>,
+    /// Signalled by the UART when the guest has read its receive FIFO empty.
+    drained: EventFd,
+}
+
+impl ConsoleInput {
+    /// Console input for a UART that signals `drained`.
+    pub fn new(drained: EventFd) -> Self {
+        Self {
+            escapes: Escapes::default(),
+            pending: VecDeque::new(),
+            drained,
+        }
+    }
+
+    /// Hands the UART as much pending input as its FIFO takes.
+    fn flush(&mut self, machine: &mut Machine) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let Some(serial) = machine.pio.device_mut::<Serial>(COM1_PORT) else {
+            return;
+        };
+        let taken = serial.enqueue(self.pending.make_contiguous());
+        self.pending.drain(..taken);
+    }
+
+    /// Reads stdin into the pending input; true on Ctrl-A x.
+    fn read_stdin(&mut self, events: Events, ops: &mut EventOps) -> bool {
+        let mut buf = [0u8; 256];
+        // SAFETY: reads into a buffer we own, of the length given.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        let Ok(n) = usize::try_from(n) else {
+            return false;
+        };
+        if n == 0 {
+            // End of input: stop watching, or the loop would spin on it.
+            let _ = ops.remove(events);
+            return false;
+        }
+        let mut to_guest = Vec::with_capacity(n);
+        let quit = self.escapes.feed(&buf[..n], &mut to_guest);
+        let room = MAX_PENDING_INPUT.saturating_sub(self.pending.len());
+        if to_guest.len() > room {
+            log::warn!(
+                "console: guest not reading, {} bytes dropped",
+                to_guest.len() - room
+            );
+        }
+        self.pending.extend(to_guest.into_iter().take(room));
+        quit
+    }
 }
 
 impl Handler for ConsoleInput {
     fn init(&mut self, ops: &mut EventOps) {
         // Not every stdin can be watched (a regular file or /dev/null cannot): then the guest
         // simply gets no input.
-        add_input(ops, &std::io::stdin(), Tag::Stdin);
+        if !add_input(ops, &std::io::stdin(), Tag::Stdin) {
+            log::info!("console: stdin cannot be watched, the guest gets no input");
+        }
+        add_input(ops, &self.drained, Tag::SerialDrained);
     }
 
-    fn process(&mut self, machine: &mut Machine, _: Tag, events: Events, ops: &mut EventOps) {
-        let mut buf = [0u8; 64];
-        // SAFETY: reads into a buffer we own, of the length given.
-        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
-        let Ok(n) = usize::try_from(n) else {
-            return;
-        };
-        if n == 0 {
-            // End of input: stop watching, or the loop would spin on it.
-            let _ = ops.remove(events);
-            return;
+    fn process(&mut self, machine: &mut Machine, tag: Tag, events: Events, ops: &mut EventOps) {
+        match tag {
+            Tag::Stdin => {
+                if self.read_stdin(events, ops) {
+                    machine.request_exit(ExitReason::ConsoleQuit);
+                    return;
+                }
+            }
+            Tag::SerialDrained => {
+                let _ = self.drained.read();
+            }
+            Tag::GuestExit | Tag::VcpuFailed | Tag::Signal => return,
         }
-        let mut to_guest = Vec::with_capacity(n);
-        if self.escapes.feed(&buf[..n], &mut to_guest) {
-            machine.request_exit(ExitReason::ConsoleQuit);
-            return;
-        }
-        let Some(serial) = machine.pio.device_mut::<Serial>(COM1_PORT) else {
-            return;
-        };
-        let taken = serial.enqueue(&to_guest);
-        if taken < to_guest.len() {
-            log::warn!(
-                "console: guest not reading, {} bytes dropped",
-                to_guest.len() - taken
-            );
-        }
+        self.flush(machine);
     }
 }

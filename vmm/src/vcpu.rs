@@ -2,8 +2,11 @@
 //! `KVM_RUN`.
 //!
 //! The thread holds no lock while in `KVM_RUN`. An exit is decoded by [`handle_exit`], a free
-//! function that takes the global lock only to dispatch a PIO or MMIO access to the bus. Between
-//! exits, the vCPU looks at [`crate::global::Machine::request`] only after a kick, under the global lock.
+//! function that takes the global lock only to dispatch a PIO or MMIO access to the bus. After
+//! each exit the vCPU checks, without a lock, whether the guest asked to end the VM
+//! ([`GuestExit`]); if so it stops running the guest at once. It looks at the VMM's request
+//! ([`crate::global::Machine::request`]: run, pause, stop) only after a kick, under the global
+//! lock.
 //!
 //! Kicking ([`Kicker`]) follows QEMU's `kvm_cpu_kick`: set `immediate_exit` in the vCPU's
 //! `kvm_run`, then signal its thread. A vCPU in `KVM_RUN` leaves it on the signal; a vCPU about to

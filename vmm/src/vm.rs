@@ -13,7 +13,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use devices::bus::{Bus, BusError};
+use devices::bus::{Bus, BusDevice, BusError};
 use devices::legacy::{AcpiSleep, EventFdTrigger, GuestExit, Rtc, Serial, I8042};
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
@@ -57,9 +57,9 @@ pub enum VmError {
     /// KVM_CREATE_VM failed.
     #[error("Cannot create the VM")]
     CreateVm(#[source] kvm_ioctls::Error),
-    /// Guest memory.
-    #[error("Guest memory")]
-    Memory(#[source] MemoryError),
+    /// Guest memory (its errors say what was asked for and why it cannot be had).
+    #[error(transparent)]
+    Memory(MemoryError),
     /// KVM_SET_USER_MEMORY_REGION failed.
     #[error("Cannot register guest memory slot {slot} with KVM")]
     MemorySlot {
@@ -153,6 +153,8 @@ pub struct Vm {
     global: Arc<GlobalLock>,
     vcpus: Vec<Vcpu>,
     exit_events: ExitEvents,
+    /// Signalled by the UART when the guest has read its input.
+    input_drained: EventFd,
 }
 
 /// The KVM device.
@@ -191,8 +193,12 @@ fn eventfd() -> Result<EventFd, VmError> {
 }
 
 /// The legacy devices on a new PIO bus; the i8042 and the ACPI sleep registers end the VM through
-/// `guest_exit`.
-fn legacy_devices(vm_fd: &VmFd, guest_exit: &GuestExit) -> Result<Bus, VmError> {
+/// `guest_exit`, and the UART signals `input_drained` when the guest has read its input.
+fn legacy_devices(
+    vm_fd: &VmFd,
+    guest_exit: &GuestExit,
+    input_drained: &EventFd,
+) -> Result<Bus, VmError> {
     let com1_irq = eventfd()?;
     vm_fd
         .register_irqfd(&com1_irq, COM1_IRQ)
@@ -200,26 +206,33 @@ fn legacy_devices(vm_fd: &VmFd, guest_exit: &GuestExit) -> Result<Bus, VmError> 
             irq: COM1_IRQ,
             source,
         })?;
-    let serial = Serial::new(EventFdTrigger(com1_irq), Box::new(std::io::stdout()));
+    let drained = input_drained.try_clone().map_err(VmError::EventFd)?;
+    let serial = Serial::new(
+        EventFdTrigger(com1_irq),
+        Box::new(std::io::stdout()),
+        drained,
+    );
+    // (name, first port, number of ports, device)
+    let devices: [(&'static str, u64, u64, Box<dyn BusDevice>); 4] = [
+        ("com1", COM1_PORT, 8, Box::new(serial)),
+        (
+            "i8042",
+            I8042_PORT,
+            5,
+            Box::new(I8042::new(guest_exit.clone())),
+        ),
+        ("rtc", RTC_PORT, 2, Box::new(Rtc::new())),
+        (
+            "acpi-sleep",
+            ACPI_SLEEP_PORT,
+            2,
+            Box::new(AcpiSleep::new(guest_exit.clone())),
+        ),
+    ];
     let mut pio = Bus::new();
-    pio.insert("com1", COM1_PORT, 8, Box::new(serial))
-        .map_err(VmError::Bus)?;
-    pio.insert(
-        "i8042",
-        I8042_PORT,
-        5,
-        Box::new(I8042::new(guest_exit.clone())),
-    )
-    .map_err(VmError::Bus)?;
-    pio.insert("rtc", RTC_PORT, 2, Box::new(Rtc::new()))
-        .map_err(VmError::Bus)?;
-    pio.insert(
-        "acpi-sleep",
-        ACPI_SLEEP_PORT,
-        2,
-        Box::new(AcpiSleep::new(guest_exit.clone())),
-    )
-    .map_err(VmError::Bus)?;
+    for (name, base, len, device) in devices {
+        pio.insert(name, base, len, device).map_err(VmError::Bus)?;
+    }
     Ok(pio)
 }
 
@@ -252,7 +265,8 @@ impl Vm {
             vcpu_failed: eventfd()?,
             signals: signal_fd().map_err(VmError::Signals)?,
         };
-        let pio = legacy_devices(&vm_fd, &exit_events.guest)?;
+        let input_drained = eventfd()?;
+        let pio = legacy_devices(&vm_fd, &exit_events.guest, &input_drained)?;
         let global = Arc::new(GlobalLock::new(Machine::new(pio, Bus::new())));
 
         let entry = load_guest(
@@ -294,6 +308,7 @@ impl Vm {
             global,
             vcpus,
             exit_events,
+            input_drained,
         })
     }
 
@@ -305,13 +320,14 @@ impl Vm {
             global,
             vcpus,
             exit_events,
+            input_drained,
         } = self;
         install_kick_handler().map_err(VmError::KickHandler)?;
         let mut manager: EventManager<Locked> = EventManager::new().map_err(VmError::MainLoop)?;
         manager.add_subscriber(Locked::new(Arc::clone(&global), Box::new(exit_events)));
         manager.add_subscriber(Locked::new(
             Arc::clone(&global),
-            Box::new(ConsoleInput::default()),
+            Box::new(ConsoleInput::new(input_drained)),
         ));
 
         let (threads, started) = VcpuThreads::start(vcpus);

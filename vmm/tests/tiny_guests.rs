@@ -10,8 +10,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{
-    bzimage, emulation_failure_guest, long_mode_reset_guest, pvh_elf, pvh_poweroff_guest,
-    real_mode_reboot_guest, run_vmm, spin_guest, vmm, Scratch,
+    bzimage, echo_guest, emulation_failure_guest, long_mode_reset_guest, pvh_elf,
+    pvh_poweroff_guest, real_mode_reboot_guest, run_vmm, spin_guest, vmm, Scratch,
 };
 
 fn stdout_of(out: &std::process::Output) -> String {
@@ -228,4 +228,28 @@ fn terminal_is_raw_while_running_and_restored_after() {
     master.write_all(b"\x03\x01x").expect("pty writable");
     assert_eq!(wait_for(&mut child, Duration::from_secs(5)), Some(0));
     assert_eq!(local_flags(slave.as_raw_fd()), cooked, "restored on exit");
+}
+
+#[test]
+fn console_input_larger_than_the_uart_fifo_reaches_the_guest_whole() {
+    let dir = Scratch::new("echo");
+    let kernel = dir.file("bzImage", &bzimage(&echo_guest()));
+    let mut child = vmm()
+        .arg("-kernel")
+        .arg(kernel)
+        .args(["-m", "16"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("vmm starts");
+    // Five times the 64-byte FIFO, in one write, then the guest's stop key.
+    let typed: Vec<u8> = (0..320u32)
+        .map(|i| b"abcdefghijklmnop"[(i % 16) as usize])
+        .collect();
+    let mut stdin = child.stdin.take().expect("piped");
+    stdin.write_all(&typed).expect("vmm reads stdin");
+    stdin.write_all(b"q").expect("vmm reads stdin");
+    let out = child.wait_with_output().expect("vmm ends");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, typed);
 }

@@ -124,15 +124,24 @@ impl Qcow2 {
     fn write_cluster(&self, data: &[u8], guest: u64) -> Result<(), Error> {
         let cs = self.geo.cluster_size();
         let base = guest - guest % cs;
-        let _claim = Claim::new(self, base);
+        let claim = Claim::new(self, base);
         loop {
             let mut m = self.lock();
             let l2 = self.writable_l2(&mut m, guest)?;
             let (entry, bitmap) = m.l2_words(l2, guest);
-            // Validates the entry.
-            self.geo
+            let (mapping, run) = self
+                .geo
                 .decode(entry, bitmap, guest)
                 .map_err(|e| super::fmt_err(&self.file, e))?;
+            if let Mapping::Data { host, copied: true } = mapping {
+                if run >= data.len() as u64 {
+                    // The request that held the claim before us allocated it: write in place
+                    // like the fast path, with neither the lock nor the claim.
+                    drop(m);
+                    drop(claim);
+                    return self.file.write_at(data, host);
+                }
+            }
             let compressed = entry & COMPRESSED != 0;
             let host = if compressed { 0 } else { entry & OFFSET_MASK };
             let need_new = host == 0 || entry & COPIED == 0;
@@ -200,10 +209,16 @@ impl Qcow2 {
             }
             let target = m.alloc_cluster(&self.file)?;
             drop(m);
-            if data.len() < span_len {
-                self.read_virtual(&mut content, base + span_start)?;
+            // Copy only what the new data does not cover: the head and the tail of the span.
+            let (head, rest) = content.split_at_mut(at);
+            let (middle, tail) = rest.split_at_mut(data.len());
+            if !head.is_empty() {
+                self.read_virtual(head, base + span_start)?;
             }
-            content[at..at + data.len()].copy_from_slice(data);
+            if !tail.is_empty() {
+                self.read_virtual(tail, base + span_start + (at + data.len()) as u64)?;
+            }
+            middle.copy_from_slice(data);
             if self.geo.extended && host != 0 && span_len as u64 != cs {
                 // A shared cluster with subclusters: keep its other allocated subclusters.
                 let mut old = vec![0u8; usize::try_from(cs).unwrap_or(0)];

@@ -308,6 +308,13 @@ impl Context {
             })
     }
 
+    /// The context's epoll descriptor: readable whenever one of its handlers or bottom halves has
+    /// work. An outer loop (the vmm's event-manager main loop) can watch it and call
+    /// `run_once(Some(Duration::ZERO))` when it fires, instead of running this loop itself.
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
     /// Wakes the loop's thread (for a stop request, say). Takes no lock.
     pub fn notify(&self) {
         // An eventfd write only fails when the counter would overflow, which still leaves it
@@ -463,6 +470,31 @@ mod tests {
         ctx.schedule(|_| assert!(global_lock_held()));
         ctx.run_once(Some(Duration::from_secs(5))).unwrap();
         assert_eq!(wrapped.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn an_outer_loop_sees_work_through_the_epoll_fd() {
+        let ctx = Context::new("nested").unwrap();
+        let outer = Epoll::new().unwrap();
+        outer
+            .ctl(
+                ControlOperation::Add,
+                ctx.epoll_fd(),
+                EpollEvent::new(EventSet::IN, 7),
+            )
+            .unwrap();
+        let mut events = [EpollEvent::default(); 4];
+        assert_eq!(outer.wait(0, &mut events).unwrap(), 0);
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = Arc::clone(&ran);
+        ctx.schedule(move |_| {
+            r.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(outer.wait(5000, &mut events).unwrap(), 1);
+        assert_eq!(events[0].data(), 7);
+        assert_eq!(ctx.run_once(Some(Duration::ZERO)).unwrap(), 1);
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+        assert_eq!(outer.wait(0, &mut events).unwrap(), 0);
     }
 
     #[test]

@@ -1,22 +1,39 @@
 //! The COM1 16550A UART: the guest's console.
 //!
 //! The register model comes from vm-superio. Output goes to a writer (the VMM's stdout); input
-//! arrives from the main loop through [`Serial::enqueue`]. The interrupt goes out through an
-//! eventfd that the VMM registers as an irqfd for the UART's ISA line (IRQ 4), so raising it needs
-//! no ioctl and no lock. It owns ports 0x3F8 to 0x3FF, one register per offset.
+//! arrives from the main loop through [`Serial::enqueue`], at most a FIFO's worth (64 bytes) at a
+//! time: when the guest has read the FIFO empty, the UART signals an eventfd so that the main loop
+//! sends what it kept back. The interrupt goes out through an eventfd that the VMM registers as an
+//! irqfd for the UART's ISA line (IRQ 4), so raising it needs no ioctl and no lock. It owns ports
+//! 0x3F8 to 0x3FF, one register per offset.
 
 use std::io::Write;
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::SerialEvents;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{ByteRegisters, EventFdTrigger};
 
 /// Where the UART's output goes.
 pub type SerialOutput = Box<dyn Write + Send>;
 
+/// Signals an eventfd when the guest has read the last byte of the receive FIFO.
+struct InputDrained(EventFd);
+
+impl SerialEvents for InputDrained {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        if let Err(e) = self.0.write(1) {
+            log::error!("serial: cannot signal that the input FIFO is empty: {e}");
+        }
+    }
+}
+
 /// The UART on the PIO bus.
 pub struct Serial {
-    inner: vm_superio::Serial<EventFdTrigger, NoEvents, SerialOutput>,
+    inner: vm_superio::Serial<EventFdTrigger, InputDrained, SerialOutput>,
 }
 
 impl std::fmt::Debug for Serial {
@@ -26,10 +43,11 @@ impl std::fmt::Debug for Serial {
 }
 
 impl Serial {
-    /// A UART that raises `interrupt` and writes what the guest sends to `out`.
-    pub fn new(interrupt: EventFdTrigger, out: SerialOutput) -> Self {
+    /// A UART that raises `interrupt`, writes what the guest sends to `out`, and signals
+    /// `input_drained` each time the guest has read its receive FIFO empty.
+    pub fn new(interrupt: EventFdTrigger, out: SerialOutput, input_drained: EventFd) -> Self {
         Self {
-            inner: vm_superio::Serial::new(interrupt, out),
+            inner: vm_superio::Serial::with_events(interrupt, InputDrained(input_drained), out),
         }
     }
 
@@ -85,10 +103,12 @@ mod tests {
     #[test]
     fn output_and_input_with_interrupt() {
         let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let drained = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         let out = Captured::default();
         let mut uart = Serial::new(
             EventFdTrigger(irq.try_clone().expect("clone")),
             Box::new(out.clone()),
+            drained.try_clone().expect("clone"),
         );
         uart.write(0, b"h");
         uart.write(0, b"i");
@@ -103,5 +123,9 @@ mod tests {
         let mut rbr = [0];
         uart.read(0, &mut rbr);
         assert_eq!(rbr, *b"x");
+        assert_eq!(drained.read().expect("FIFO read empty"), 1);
+        // A full FIFO takes no more.
+        assert_eq!(uart.enqueue(&[b'y'; 100]), 64);
+        assert_eq!(uart.enqueue(b"z"), 0);
     }
 }

@@ -88,6 +88,28 @@ pub fn counter_guest() -> Vec<u8> {
     ]
 }
 
+/// 64-bit: echoes what arrives on COM1 (polling the line status register) until it reads `q`,
+/// then powers off.
+pub fn echo_guest() -> Vec<u8> {
+    vec![
+        0x66, 0xba, 0xfd, 0x03, // mov $0x3fd, %dx       # line status register
+        0xec, //                   1: in %dx, %al
+        0xa8, 0x01, //             test $1, %al          # data ready
+        0x74, 0xfb, //             jz 1b
+        0x66, 0xba, 0xf8, 0x03, // mov $0x3f8, %dx
+        0xec, //                   in %dx, %al           # receive buffer
+        0x3c, 0x71, //             cmp $'q', %al
+        0x74, 0x07, //             je 2f
+        0xee, //                   out %al, %dx          # echo
+        0x66, 0xba, 0xfd, 0x03, // mov $0x3fd, %dx
+        0xeb, 0xeb, //             jmp 1b
+        0x66, 0xba, 0x00, 0x06, // 2: mov $0x600, %dx    # ACPI sleep control
+        0xb0, 0x34, //             mov $(5 << 2 | 1 << 5), %al
+        0xee, //                   out %al, %dx
+        0xf4, //                   hlt
+    ]
+}
+
 /// 32-bit PVH: goes back to real mode and jumps to the reset vector (F000:FFF0), as Linux's
 /// `machine_real_restart` does when it reboots through the BIOS.
 pub fn real_mode_reboot_guest() -> Vec<u8> {

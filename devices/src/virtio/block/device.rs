@@ -420,38 +420,12 @@ mod tests {
 
     #[test]
     fn iothread_serves_requests_and_reset_drains_in_flight_ones() {
-        let io = IoThread::spawn("io-blk").unwrap();
-        let rig = Rig::new(
-            io.context().clone(),
-            MemImage::new(1 << 16, false),
-            1,
-            false,
-        );
-        rig.start(!0);
-        rig.image.set_gate(false);
-        rig.header(HDR, t::IN, 0);
-        rig.submit(
-            0,
-            0,
-            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
-        );
+        let (io, rig) = iothread_rig("io-blk", 1 << 16);
         // The request gets stuck in a worker; the iothread stays responsive meanwhile.
-        while rig
-            .image
-            .reads_started
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 0
-        {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        let opener = rig.hold_a_read();
         for _ in 0..10 {
             assert_eq!(rig.reg(0x100 + 20), 512);
         }
-        let image = rig.image.clone();
-        let opener = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            image.set_gate(true);
-        });
         // Reset waits for the read, with the context released, then completes it.
         rig.set_reg(0x70, 0);
         assert!(*rig.image.gate.lock().unwrap());
@@ -622,29 +596,8 @@ mod tests {
 
     #[test]
     fn dropping_a_running_device_drains_it() {
-        let io = IoThread::spawn("io-drop").unwrap();
-        let rig = Rig::new(
-            io.context().clone(),
-            MemImage::new(1 << 16, false),
-            1,
-            false,
-        );
-        rig.start(!0);
-        rig.image.set_gate(false);
-        rig.header(HDR, t::IN, 0);
-        rig.submit(
-            0,
-            0,
-            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
-        );
-        while rig
-            .image
-            .reads_started
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 0
-        {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        let (io, rig) = iothread_rig("io-drop", 1 << 16);
+        let opener = rig.hold_a_read();
         let Rig {
             mem,
             image,
@@ -652,13 +605,6 @@ mod tests {
             transport,
             ..
         } = rig;
-        let opener = {
-            let image = image.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-                image.set_gate(true);
-            })
-        };
         drop(transport);
         drop(dev);
         // The drop waited for the read and completed it.
@@ -707,23 +653,7 @@ mod tests {
             let _big = global.lock().unwrap();
             rig.start(!0);
         }
-        rig.image.set_gate(false);
-        rig.header(HDR, t::IN, 0);
-        rig.submit(
-            0,
-            0,
-            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
-        );
-        while rig.image.reads_started.load(Ordering::SeqCst) == 0 {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        let opener = {
-            let image = rig.image.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-                image.set_gate(true);
-            })
-        };
+        let opener = rig.hold_a_read();
         {
             // The reset waits for the read with the global lock held: the main loop cannot run
             // meanwhile, and does not need to.

@@ -141,6 +141,14 @@ impl Block {
             while let Some(chain) = qs.queue.pop_descriptor_chain(&*mem) {
                 let parsed = request::parse(chain, mem, scratch, max_descriptors)
                     .map_err(|e| QueueError::Chain(index, e))?;
+                let head = parsed.head;
+                if qs
+                    .in_flight
+                    .get(usize::from(head))
+                    .is_some_and(Option::is_some)
+                {
+                    return Err(QueueError::HeadInFlight { queue: index, head });
+                }
                 let outcome = self.start_request(
                     mem,
                     scratch,
@@ -153,7 +161,6 @@ impl Block {
                 match outcome {
                     Immediate::Submitted => *in_flight += 1,
                     Immediate::Status(st, used) => {
-                        let head = parsed.head;
                         mem.write_obj(st, parsed.status).map_err(|source| {
                             QueueError::WriteStatus {
                                 queue: index,
@@ -809,5 +816,26 @@ mod tests {
         assert_eq!(rig.byte(STATUS), st::OK);
         assert_eq!(rig.used(0, 0), (0, 5121));
         assert_eq!(rig.byte(BUF + 5119), 0x42);
+    }
+
+    #[test]
+    fn a_chain_made_available_twice_while_in_flight_needs_a_reset() {
+        let (io, rig) = iothread_rig("io-twice", 1 << 16);
+        let opener = rig.hold_a_read();
+        rig.publish(0, 0);
+        for _ in 0..10_000 {
+            if rig.reg(0x70) & dev_status::DEVICE_NEEDS_RESET != 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_ne!(rig.reg(0x70) & dev_status::DEVICE_NEEDS_RESET, 0);
+        // The reset drains the first one, which completes once.
+        rig.set_reg(0x70, 0);
+        assert_eq!(rig.used_idx(0), 1);
+        assert_eq!(rig.dev.stats().snapshot().rd.operations, 1);
+        opener.join().unwrap();
+        drop(rig);
+        io.stop().unwrap();
     }
 }

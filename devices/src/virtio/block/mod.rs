@@ -132,6 +132,14 @@ pub enum QueueError {
     /// Reading `used_event` or the available ring flags failed.
     #[error("cannot tell whether queue {0} needs an interrupt")]
     NeedsNotification(usize, #[source] virtio_queue::Error),
+    /// The driver made a chain available again while the device still had it (2.7.13).
+    #[error("request {head} on queue {queue} made available twice")]
+    HeadInFlight {
+        /// Queue index.
+        queue: usize,
+        /// Head descriptor index.
+        head: u16,
+    },
     /// A completion whose token names no request in flight.
     #[error("completion for unknown request {head} on queue {queue}")]
     UnknownCompletion {

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use vm_memory::{Address, Bytes, GuestAddress};
 use crate::context::Context;
 use crate::virtio::{features as common, status, GuestMemoryMmap, MmioTransport, VirtioDevice};
 
-use super::{Block, BlockConfig};
+use super::{request_type, Block, BlockConfig};
 
 /// `VRING_DESC_F_NEXT`, `VRING_DESC_F_WRITE`, `VRING_DESC_F_INDIRECT` (virtio 1.2, 2.7.5).
 pub const F_NEXT: u16 = 1;
@@ -44,6 +45,14 @@ pub fn main_loop_rig(size: usize, read_only: bool) -> Rig {
         1,
         true,
     )
+}
+
+/// An iothread named `name` and a started device on it with a `size`-byte image in memory.
+pub fn iothread_rig(name: &str, size: usize) -> (crate::context::IoThread, Rig) {
+    let io = crate::context::IoThread::spawn(name).unwrap();
+    let rig = Rig::new(io.context().clone(), MemImage::new(size, false), 1, false);
+    rig.start(!0);
+    (io, rig)
 }
 
 /// A disk image in memory, with a gate that can hold reads back.
@@ -335,6 +344,28 @@ impl<I: DiskImage + 'static> Rig<I> {
     /// Whether the irqfd was written since the last call (clears it).
     pub fn irq_fired(&self) -> bool {
         self.transport.interrupt().irqfd().read().is_ok()
+    }
+}
+
+impl Rig<MemImage> {
+    /// Puts a 512-byte read of sector 0 (head 0) in flight and holds it in a worker; a thread
+    /// lets it go after 50 ms. Returns that thread.
+    pub fn hold_a_read(&self) -> std::thread::JoinHandle<()> {
+        self.image.set_gate(false);
+        self.header(HDR, request_type::IN, 0);
+        self.submit(
+            0,
+            0,
+            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+        );
+        while self.image.reads_started.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let image = Arc::clone(&self.image);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            image.set_gate(true);
+        })
     }
 }
 
