@@ -9,7 +9,7 @@
 
 use super::l2::{Mapping, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::meta::Meta;
-use super::Qcow2;
+use super::{InFlight, Qcow2};
 use crate::Error;
 
 /// Extended L2 bitmap with every subcluster allocated.
@@ -58,12 +58,16 @@ impl Qcow2 {
             let chunk = &buf[pos..pos + n];
             // Fast path: a cluster (or subcluster run) that is ours alone, written in place
             // without the metadata lock.
+            let io = InFlight::new(&self.inflight);
             let (m, run) = self.lookup(guest)?;
             match m {
                 Mapping::Data { host, copied: true } if run >= n as u64 => {
                     self.file.write_at(chunk, host)?;
                 }
-                _ => self.write_cluster(chunk, guest)?,
+                _ => {
+                    drop(io);
+                    self.write_cluster(chunk, guest)?;
+                }
             }
             pos += n;
         }
@@ -137,6 +141,7 @@ impl Qcow2 {
                 if run >= data.len() as u64 {
                     // The request that held the claim before us allocated it: write in place
                     // like the fast path, with neither the lock nor the claim.
+                    let _io = InFlight::new(&self.inflight);
                     drop(m);
                     drop(claim);
                     return self.file.write_at(data, host);
