@@ -45,6 +45,8 @@ use header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use l2::Geometry;
 use meta::{decode_words, Meta};
 
+/// Groups of clusters sharing a claim condition variable (see `write.rs`).
+const CLAIM_GROUPS: usize = 16;
 /// Memory the L2 cache may use at most (QEMU's default maximum on Linux: 32 MiB).
 const L2_CACHE_BYTES: u64 = 32 << 20;
 /// Memory the refcount block cache may use at most.
@@ -63,7 +65,9 @@ pub struct Qcow2 {
     meta: RwLock<Meta>,
     /// Guest clusters a slow-path write is working on (see `write.rs`), and their waiters.
     busy: Mutex<HashSet<u64>>,
-    busy_done: Condvar,
+    /// Signalled when a claim ends, one per group of clusters so that a release wakes only the
+    /// requests waiting on clusters of its group.
+    busy_done: [Condvar; CLAIM_GROUPS],
     /// Requests doing I/O without the metadata lock (see `InFlight`).
     inflight: Arc<AtomicU64>,
 }
@@ -211,7 +215,7 @@ impl Qcow2 {
             backing,
             meta: RwLock::new(meta),
             busy: Mutex::new(HashSet::new()),
-            busy_done: Condvar::new(),
+            busy_done: std::array::from_fn(|_| Condvar::new()),
             inflight: Arc::clone(&inflight),
             file: f,
         };
