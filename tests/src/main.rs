@@ -227,6 +227,7 @@ fn run(o: &Options) -> Result<bool, Error> {
 /// The inner half of `run`: every case, one after another, a `RESULT` line each.
 fn inner_run(o: &Options) -> Result<bool, Error> {
     let dir = o.guest_dir.as_ref().ok_or(Error::NoGuestDir)?;
+    println!("{}", host_line());
     let mut ok = true;
     for case in cases::cases(&o.targets, o.filter.as_deref(), o.disks) {
         let outcome = cases::run(&case, dir);
@@ -290,9 +291,9 @@ fn bench_boot(o: &Options) -> Result<bool, Error> {
     Ok(code == 0)
 }
 
-/// The inner half of `bench-boot`.
-fn inner_bench(o: &Options) -> Result<bool, Error> {
-    let dir = o.guest_dir.as_ref().ok_or(Error::NoGuestDir)?;
+/// The `HOST` line the inner half prints first: which host (direct KVM or nested), its CPUs, and the
+/// QEMU version, since timings are only comparable within one host.
+fn host_line() -> String {
     let qemu = std::process::Command::new("qemu-system-x86_64")
         .arg("--version")
         .output();
@@ -308,7 +309,13 @@ fn inner_bench(o: &Options) -> Result<bool, Error> {
     );
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let where_ = std::env::var("NESTED_HOST").unwrap_or_else(|_| "unknown".to_owned());
-    println!("HOST {where_} KVM host with {cpus} CPUs; {qemu}");
+    format!("HOST {where_} KVM host with {cpus} CPUs; {qemu}")
+}
+
+/// The inner half of `bench-boot`.
+fn inner_bench(o: &Options) -> Result<bool, Error> {
+    let dir = o.guest_dir.as_ref().ok_or(Error::NoGuestDir)?;
+    println!("{}", host_line());
     let setup = bench::Setup {
         runs: o.runs,
         mem_mib: o.mem_mib,
