@@ -4,8 +4,10 @@
 //! command typed on the serial console gets its output, and the VMM exits 0 promptly after the
 //! guest's `poweroff` and after its `reboot`.
 //!
-//! Every case runs inside the host that can run Linux guests (direct or nested), one after another,
-//! and returns an [`Outcome`]; the guest's console transcript comes with every failure.
+//! Optional groups ([`Groups`]) add the cases of features a VMM gains later: the virtio-blk disk case
+//! ([`crate::disks`]) and the QMP power button. Every case runs inside the host that can run Linux
+//! guests (direct or nested), one after another, and returns an [`Outcome`]; the guest's console
+//! transcript comes with every failure.
 
 use std::path::Path;
 use std::process::ExitStatus;
