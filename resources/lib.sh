@@ -12,6 +12,11 @@ CACHE=${RESOURCES_CACHE:-$RES_DIR/cache}
 mkdir -p "$CACHE"
 
 log() { echo "resources: $*" >&2; }
+
+# lock NAME: holds an exclusive lock on cache/NAME.lock (on fd 9) until the script exits or calls
+# `unlock`, so two runs at once never build the same product side by side.
+lock() { exec 9>"$CACHE/$1.lock" && flock 9; }
+unlock() { flock -u 9; }
 die() { echo "resources: error: $*" >&2; exit 1; }
 
 # digest WORDS...: a short SHA256 of its arguments, used as an input digest.

@@ -224,6 +224,33 @@ impl HostFile {
             .map_err(|e| self.io_err("truncate", len, e))
     }
 
+    /// Whether `offset` lies in data or in a hole of the host file, and where that changes
+    /// (`SEEK_DATA`/`SEEK_HOLE`); file systems without them report everything as data.
+    pub fn extent(&self, offset: u64) -> Result<(bool, u64), Error> {
+        use std::os::fd::AsRawFd;
+        let Ok(off) = i64::try_from(offset) else {
+            return Ok((true, u64::MAX));
+        };
+        let fd = self.file.as_raw_fd();
+        // SAFETY: lseek on a descriptor we own; we only use positional I/O, so moving the file
+        // position affects nothing.
+        let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok((false, u64::MAX)),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok((true, u64::MAX)),
+                _ => Err(self.io_err("seek", offset, e)),
+            };
+        }
+        if data > off {
+            return Ok((false, u64::try_from(data).unwrap_or(u64::MAX)));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, off, libc::SEEK_HOLE) };
+        Ok((true, u64::try_from(hole).unwrap_or(u64::MAX)))
+    }
+
     /// Deallocates a byte range of the host file (it reads back as zeroes), where the file system
     /// supports it; elsewhere writes zeroes.
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), Error> {

@@ -1,5 +1,6 @@
 //! Raw images: the virtual disk is the host file, byte for byte. No metadata, so no lock: every
-//! request goes straight to `pread`/`pwrite` from the caller's thread.
+//! request goes straight to `pread`/`pwrite` from the caller's thread. Block status comes from the
+//! host file's holes (`SEEK_DATA`/`SEEK_HOLE`).
 
 use crate::file::HostFile;
 use crate::{Allocation, BlockStatus, DiskImage, Error};
@@ -71,11 +72,17 @@ impl DiskImage for Raw {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus, Error> {
         self.check(offset, len, false)?;
-        Ok(BlockStatus {
-            allocation: Allocation::Data {
+        let (data, end) = self.file.extent(offset)?;
+        let allocation = if data {
+            Allocation::Data {
                 host_offset: Some(offset),
-            },
-            len,
+            }
+        } else {
+            Allocation::Zero
+        };
+        Ok(BlockStatus {
+            allocation,
+            len: end.saturating_sub(offset).clamp(1, len.max(1)),
         })
     }
 }

@@ -181,6 +181,23 @@ fn check_exit_codes_and_repair() {
     assert_eq!(vmm_img(&["check", ps]).status.code(), Some(2));
     ok(&["check", "-r", "all", ps]);
     assert_check_clean(&p);
+    // The COPIED flag of the data cluster's L2 entry cleared: a corruption for both tools, which
+    // `-r all` repairs.
+    let mut b = std::fs::read(&p).unwrap();
+    b[4 * 65536] &= 0x7f;
+    std::fs::write(&p, &b).unwrap();
+    assert_eq!(vmm_img(&["check", ps]).status.code(), Some(2));
+    assert_eq!(
+        Command::new("qemu-img")
+            .args(["check", ps])
+            .output()
+            .unwrap()
+            .status
+            .code(),
+        Some(2)
+    );
+    assert!(ok(&["check", "-r", "all", ps]).contains("1 corruptions"));
+    assert_check_clean(&p);
 }
 
 #[test]
@@ -268,4 +285,21 @@ fn io_and_qemu_io_refuse_each_others_writers() {
     bench.wait().unwrap();
     assert!(!q.status.success());
     assert!(String::from_utf8_lossy(&q.stderr).contains("lock"), "{q:?}");
+}
+
+#[test]
+fn map_shows_holes_of_a_sparse_raw_base_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tmp(&dir, "r.raw");
+    let top = tmp(&dir, "rt.qcow2");
+    qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "4M"]);
+    qemu_io(&base, "raw", &["write -P 1 1M 64k"]);
+    create_qcow2(&["-b", "r.raw", "-F", "raw", top.to_str().unwrap()]);
+    qemu_io(&top, "qcow2", &["write -P 2 0 64k"]);
+    let t = top.to_str().unwrap();
+    assert_eq!(
+        json(&ok(&["map", "--output=json", t])),
+        json(&qemu_img(&["map", "--output=json", t]))
+    );
+    assert_eq!(ok(&["map", t]), qemu_img(&["map", t]));
 }

@@ -299,3 +299,25 @@ fn threads_writing_stripes_of_the_same_clusters_lose_nothing() {
         assert_check_clean(&p);
     }
 }
+
+#[test]
+fn freed_clusters_are_reused_once_no_request_is_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "reuse.qcow2");
+    create_qcow2(&[p.to_str().unwrap(), "1M"]);
+    let img = open_rw(&p);
+    img.write_at(&[1; 65536], 0).unwrap();
+    img.flush().unwrap();
+    let len = std::fs::metadata(&p).unwrap().len();
+    img.discard(0, 65536).unwrap();
+    img.flush().unwrap();
+    img.write_at(&[2; 65536], 131072).unwrap();
+    img.flush().unwrap();
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().len(),
+        len,
+        "the freed cluster was not reused"
+    );
+    drop(img);
+    assert_check_clean(&p);
+}

@@ -4,14 +4,17 @@
 //! command typed on the serial console gets its output, and the VMM exits 0 promptly after the
 //! guest's `poweroff` and after its `reboot`.
 //!
-//! Every case runs inside the host that can run Linux guests (direct or nested), one after another,
-//! and returns an [`Outcome`]; the guest's console transcript comes with every failure.
+//! Optional groups ([`Groups`]) add the cases of features a VMM gains later: the virtio-blk disk case
+//! ([`crate::disks`]) and the QMP power button. Every case runs inside the host that can run Linux
+//! guests (direct or nested), one after another, and returns an [`Outcome`]; the guest's console
+//! transcript comes with every failure.
 
 use std::path::Path;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use crate::guest::{self, Guest};
+use crate::qmp::{self, Qmp};
 use crate::target::{Boot, Kernel, Target};
 
 /// How long a guest may take to reach userspace or to answer. Generous: under the nested host every
@@ -35,6 +38,9 @@ pub enum Failure {
     /// Starting the guest, reading its console or waiting for its exit failed.
     #[error(transparent)]
     Guest(#[from] guest::Error),
+    /// Talking to the VMM's QMP monitor failed.
+    #[error(transparent)]
+    Qmp(#[from] qmp::Error),
     /// The guest's kernel panicked or stopped before its userspace started.
     #[error("the guest's kernel stopped before userspace: {0:?}")]
     NoUserspace(String),
@@ -81,6 +87,19 @@ enum Kind {
     Console,
     /// Boot and `reboot -f`.
     Reboot,
+    /// The root file system on a qcow2 chain on an iothread ([`crate::disks`]).
+    DiskChain,
+    /// Boot with acpid, press the ACPI power button through QMP `system_powerdown`.
+    PowerButton,
+}
+
+/// The optional groups of cases, for features a VMM gains later.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Groups {
+    /// The virtio-blk disk cases.
+    pub disks: bool,
+    /// The QMP monitor cases.
+    pub qmp: bool,
 }
 
 /// One test case for one VMM.
@@ -105,8 +124,9 @@ pub struct Outcome {
     pub transcript: Option<String>,
 }
 
-/// Every case for each target, in a stable order; `filter` keeps those whose name contains it.
-pub fn cases(targets: &[Target], filter: Option<&str>) -> Vec<Case> {
+/// Every case for each target, in a stable order, with the optional `groups` asked for; `filter`
+/// keeps those whose name contains it.
+pub fn cases(targets: &[Target], filter: Option<&str>, groups: Groups) -> Vec<Case> {
     let mut all = Vec::new();
     for &target in targets {
         let mut add = |what: String, kind| {
@@ -150,6 +170,12 @@ pub fn cases(targets: &[Target], filter: Option<&str>) -> Vec<Case> {
         );
         add("console-input".into(), Kind::Console);
         add("reboot".into(), Kind::Reboot);
+        if groups.disks {
+            add("rootfs-chain3-iothread".into(), Kind::DiskChain);
+        }
+        if groups.qmp {
+            add("qmp-power-button".into(), Kind::PowerButton);
+        }
     }
     all.retain(|c| filter.is_none_or(|f| c.name.contains(f)));
     all
@@ -159,7 +185,8 @@ pub fn cases(targets: &[Target], filter: Option<&str>) -> Vec<Case> {
 pub fn run(case: &Case, guest_dir: &Path) -> Outcome {
     let start = Instant::now();
     let mut transcript = None;
-    let result = match case.kind {
+    // Each kind fails with its own error type; the report needs only the message.
+    let result: Result<String, String> = match case.kind {
         Kind::Boot {
             kernel,
             smp,
@@ -169,21 +196,31 @@ pub fn run(case: &Case, guest_dir: &Path) -> Outcome {
             drive(case.target, &boot, guest_dir, &mut transcript, |g| {
                 check_info(g, smp, mem_mib)
             })
+            .map_err(|e| e.to_string())
         }
         Kind::Console => {
             let boot = Boot::new(Kernel::BzImage, 2, MEM_MIB, "");
             drive(case.target, &boot, guest_dir, &mut transcript, type_command)
+                .map_err(|e| e.to_string())
         }
         Kind::Reboot => {
             let boot = Boot::new(Kernel::BzImage, 1, MEM_MIB, "guest.run=reboot");
             drive(case.target, &boot, guest_dir, &mut transcript, |_| {
                 Ok(String::new())
             })
+            .map_err(|e| e.to_string())
+        }
+        Kind::PowerButton => {
+            power_button(case.target, guest_dir, &mut transcript).map_err(|e| e.to_string())
+        }
+        Kind::DiskChain => {
+            crate::disks::chain_on_iothread(case.target, guest_dir, &case.name, &mut transcript)
+                .map_err(|e| e.to_string())
         }
     };
     let (passed, detail) = match result {
         Ok(detail) => (true, detail),
-        Err(e) => (false, e.to_string()),
+        Err(e) => (false, e),
     };
     Outcome {
         passed,
@@ -195,7 +232,7 @@ pub fn run(case: &Case, guest_dir: &Path) -> Outcome {
 
 /// Boots `boot` under `target`, waits for userspace, runs `check`, then expects the VMM to exit 0
 /// promptly once the guest's kernel powers off or restarts. Keeps the transcript for failures.
-fn drive(
+pub(crate) fn drive(
     target: Target,
     boot: &Boot,
     guest_dir: &Path,
@@ -298,6 +335,27 @@ fn check_info(guest: &mut Guest, smp: u32, mem_mib: u64) -> Result<String, Failu
     ))
 }
 
+/// Boots with busybox acpid and a QMP monitor on a free local port, waits for the shell, sends
+/// `system_powerdown`, and expects the guest's acpid to power it off.
+fn power_button(
+    target: Target,
+    guest_dir: &Path,
+    transcript: &mut Option<String>,
+) -> Result<String, Failure> {
+    let port = qmp::free_port()?;
+    let mut boot = Boot::new(Kernel::BzImage, 2, MEM_MIB, "guest.run=acpid");
+    boot.extra = vec![
+        "-qmp".to_owned(),
+        format!("tcp:127.0.0.1:{port},server=on,wait=off"),
+    ];
+    drive(target, &boot, guest_dir, transcript, |g| {
+        g.wait_prompt("GUEST-PROMPT#", BOOT_TIMEOUT)?;
+        Qmp::connect(port)?.execute("system_powerdown")?;
+        g.wait_for("GUEST-POWER-BUTTON", BOOT_TIMEOUT)?;
+        Ok("system_powerdown pressed the power button, acpid powered off".to_owned())
+    })
+}
+
 /// Waits for the shell prompt, types a command whose output differs from its echo, reads the
 /// output, and types `poweroff -f`.
 fn type_command(guest: &mut Guest) -> Result<String, Failure> {
@@ -320,12 +378,20 @@ mod tests {
 
     #[test]
     fn every_target_gets_every_case_and_filters_apply() {
-        let all = cases(&[Target::Vmm, Target::Qemu], None);
+        let all = cases(&[Target::Vmm, Target::Qemu], None, Groups::default());
+        let everything = Groups {
+            disks: true,
+            qmp: true,
+        };
+        assert_eq!(
+            cases(&[Target::Vmm, Target::Qemu], None, everything).len(),
+            19
+        );
         assert_eq!(all.len(), 15);
         assert_eq!(all.first().unwrap().name, "vmm/bzimage-smp1");
         assert!(all.iter().any(|c| c.name == "vmm/pvh-smp8"));
         assert!(!all.iter().any(|c| c.name.starts_with("qemu/pvh")));
-        let some = cases(&[Target::Vmm, Target::Qemu], Some("vmm/pvh"));
+        let some = cases(&[Target::Vmm, Target::Qemu], Some("vmm/pvh"), everything);
         let names: Vec<_> = some.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["vmm/pvh-smp1", "vmm/pvh-smp2", "vmm/pvh-smp8"]);
     }

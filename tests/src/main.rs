@@ -8,16 +8,18 @@
 //! back, prints a verdict per case and closes with "N passed, N failed".
 //!
 //! ```text
-//! linux-tests run [--targets vmm,qemu] [--filter TEXT] [--vmm PATH] [--nested|--direct]
+//! linux-tests run [--targets vmm,qemu] [--filter TEXT] [--vmm PATH] [--nested|--direct] [--disks] [--qmp]
 //! linux-tests self-check [--filter TEXT]           # the same cases under QEMU: proves the harness
 //! linux-tests bench-boot [--targets qemu,vmm] [--runs N] [--mem MIB] [--smp N] [--vmm PATH]
 //! ```
 
 mod bench;
 mod cases;
+mod disks;
 mod guest;
 mod memory;
 mod nested;
+mod qmp;
 mod report;
 mod target;
 
@@ -53,6 +55,18 @@ enum Error {
     /// `--guest-dir` is missing in an inner command.
     #[error("--guest-dir is required")]
     NoGuestDir,
+    /// `resources/rootfs` could not be started.
+    #[error("cannot run {path}")]
+    Rootfs {
+        /// The script.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `resources/rootfs` failed.
+    #[error("resources/rootfs failed with {0}")]
+    RootfsFailed(std::process::ExitStatus),
     /// Running the outer host failed.
     #[error(transparent)]
     Nested(#[from] nested::Error),
@@ -81,6 +95,7 @@ struct Options {
     runs: u32,
     mem_mib: u64,
     smp: u32,
+    groups: cases::Groups,
 }
 
 fn parse_number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T, Error> {
@@ -104,6 +119,7 @@ fn parse_options(args: &[String], default_targets: &[Target]) -> Result<Options,
         runs: 5,
         mem_mib: 512,
         smp: 2,
+        groups: cases::Groups::default(),
     };
     let mut it = args.iter();
     while let Some(opt) = it.next() {
@@ -116,6 +132,8 @@ fn parse_options(args: &[String], default_targets: &[Target]) -> Result<Options,
             "--runs" => o.runs = parse_number(opt, &value()?)?,
             "--mem" => o.mem_mib = parse_number(opt, &value()?)?,
             "--smp" => o.smp = parse_number(opt, &value()?)?,
+            "--disks" => o.groups.disks = true,
+            "--qmp" => o.groups.qmp = true,
             "--nested" => o.force = Some("--nested"),
             "--direct" => o.force = Some("--direct"),
             _ => return Err(Error::Option(opt.clone())),
@@ -133,16 +151,38 @@ fn host(o: &Options) -> Result<nested::Host, Error> {
         }
         bins.push(o.vmm.clone());
     }
+    let disk_dir = if o.groups.disks {
+        Some(rootfs_chain()?)
+    } else {
+        None
+    };
     Ok(nested::Host {
         resources: nested::default_resources(),
         bins,
         force: o.force,
+        disk_dir,
     })
+}
+
+/// Builds the root file system images (`resources/rootfs`) and returns the chain's folder.
+fn rootfs_chain() -> Result<PathBuf, Error> {
+    let script = nested::default_resources().join("rootfs");
+    let out = std::process::Command::new(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|source| Error::Rootfs {
+            path: script.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(Error::RootfsFailed(out.status));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("chain"))
 }
 
 /// The outer half of `run`: one host, every case, a verdict per case.
 fn run(o: &Options) -> Result<bool, Error> {
-    let expected = cases::cases(&o.targets, o.filter.as_deref());
+    let expected = cases::cases(&o.targets, o.filter.as_deref(), o.groups);
     let targets: Vec<String> = o.targets.iter().map(Target::to_string).collect();
     let mut args = vec![
         "inner-run".to_owned(),
@@ -151,6 +191,12 @@ fn run(o: &Options) -> Result<bool, Error> {
     ];
     if let Some(f) = &o.filter {
         args.extend(["--filter".to_owned(), f.clone()]);
+    }
+    if o.groups.disks {
+        args.push("--disks".to_owned());
+    }
+    if o.groups.qmp {
+        args.push("--qmp".to_owned());
     }
     println!("linux-tests: {} cases in one host", expected.len());
     let (code, output) = host(o)?.run_inner(&args)?;
@@ -190,8 +236,9 @@ fn run(o: &Options) -> Result<bool, Error> {
 /// The inner half of `run`: every case, one after another, a `RESULT` line each.
 fn inner_run(o: &Options) -> Result<bool, Error> {
     let dir = o.guest_dir.as_ref().ok_or(Error::NoGuestDir)?;
+    println!("{}", host_line());
     let mut ok = true;
-    for case in cases::cases(&o.targets, o.filter.as_deref()) {
+    for case in cases::cases(&o.targets, o.filter.as_deref(), o.groups) {
         let outcome = cases::run(&case, dir);
         if let Some(t) = &outcome.transcript {
             println!("console of {}:", case.name);
@@ -253,9 +300,9 @@ fn bench_boot(o: &Options) -> Result<bool, Error> {
     Ok(code == 0)
 }
 
-/// The inner half of `bench-boot`.
-fn inner_bench(o: &Options) -> Result<bool, Error> {
-    let dir = o.guest_dir.as_ref().ok_or(Error::NoGuestDir)?;
+/// The `HOST` line the inner half prints first: which host (direct KVM or nested), its CPUs, and the
+/// QEMU version, since timings are only comparable within one host.
+fn host_line() -> String {
     let qemu = std::process::Command::new("qemu-system-x86_64")
         .arg("--version")
         .output();
@@ -271,7 +318,13 @@ fn inner_bench(o: &Options) -> Result<bool, Error> {
     );
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let where_ = std::env::var("NESTED_HOST").unwrap_or_else(|_| "unknown".to_owned());
-    println!("HOST {where_} KVM host with {cpus} CPUs; {qemu}");
+    format!("HOST {where_} KVM host with {cpus} CPUs; {qemu}")
+}
+
+/// The inner half of `bench-boot`.
+fn inner_bench(o: &Options) -> Result<bool, Error> {
+    let dir = o.guest_dir.as_ref().ok_or(Error::NoGuestDir)?;
+    println!("{}", host_line());
     let setup = bench::Setup {
         runs: o.runs,
         mem_mib: o.mem_mib,

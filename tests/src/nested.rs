@@ -44,6 +44,8 @@ pub struct Host {
     pub bins: Vec<PathBuf>,
     /// `--nested` or `--direct` to force the choice; None lets nested-host pick.
     pub force: Option<&'static str>,
+    /// A folder to give the inner half as `$DISK_DIR` (a writable copy, on ext4).
+    pub disk_dir: Option<PathBuf>,
 }
 
 impl Host {
@@ -69,6 +71,9 @@ impl Host {
         }
         if let Some(f) = self.force {
             c.arg(f);
+        }
+        if let Some(d) = &self.disk_dir {
+            c.arg("--disk-dir").arg(d);
         }
         let out = c
             .stdin(Stdio::null())
@@ -113,6 +118,7 @@ mod tests {
             resources: PathBuf::from("/nonexistent"),
             bins: vec![],
             force: None,
+            disk_dir: None,
         };
         let err = host.run_inner(&[]).unwrap_err();
         assert!(

@@ -86,6 +86,8 @@ pub struct Boot {
     pub initrd: &'static str,
     /// Words appended to [`BASE_APPEND`] (the guest's `guest.run=` and the like).
     pub append: String,
+    /// Further VMM arguments, the same for every VMM (QEMU's `-object`, `-drive`, `-device`).
+    pub extra: Vec<String>,
 }
 
 impl Boot {
@@ -97,6 +99,7 @@ impl Boot {
             mem_mib,
             initrd: "initrd.img",
             append: append.to_owned(),
+            extra: Vec::new(),
         }
     }
 
@@ -136,6 +139,7 @@ impl Boot {
         c.arg("-smp").arg(self.smp.to_string());
         c.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd);
         c.arg("-append").arg(self.cmdline());
+        c.args(&self.extra);
         c
     }
 }

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use block::{DiskImage, Format, Image, OpenOptions};
-use devices::bus::{Bus, BusDevice, BusError};
+use devices::bus::{Bus, BusError};
 use devices::context::{self, Context, IoThread};
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
@@ -182,18 +182,6 @@ pub enum DiskError {
         #[source]
         source: context::Error,
     },
-}
-
-/// A virtio-mmio transport on the bus (its methods take `&self`; the bus hands out `&mut`).
-struct MmioDisk(MmioTransport);
-
-impl BusDevice for MmioDisk {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.0.read(offset, data);
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        self.0.write(offset, data);
-    }
 }
 
 /// The VM's iothreads, the main loop's context and the disks.
@@ -458,7 +446,7 @@ fn add_disk(
             source,
         })?;
     let name: &'static str = "virtio-mmio";
-    mmio.insert(name, base, VIRTIO_MMIO_SIZE, Box::new(MmioDisk(transport)))
+    mmio.insert(name, base, VIRTIO_MMIO_SIZE, Box::new(transport))
         .map_err(|source| DiskError::Bus { id: id(), source })?;
     Ok(block)
 }

@@ -3,25 +3,28 @@
 //! that joins every thread.
 //!
 //! [`Vm::build`] does the set-up in this order: bind the QMP monitor's socket (with `wait=on`,
-//! wait for its first client, as QEMU does), open `/dev/kvm`, create the VM, map and register
-//! guest memory, set KVM's TSS address, create the irqchip and PIT, build the devices (COM1 with
-//! an irqfd on IRQ 4, i8042, RTC, ACPI sleep registers), the disks and their iothreads (see
-//! [`crate::disks`]), the power button's irqfd, load the guest (see
-//! [`crate::arch::x86_64::boot`]), then create and configure the vCPUs. [`Vm::run`] starts one
-//! thread per vCPU (paused under `-S`), adds the monitor to the main loop, runs the loop until
-//! something records an exit reason, sends the monitor's `SHUTDOWN` event, then pauses every
-//! vCPU (condition variable on the global lock), tells them to stop, and joins them; then the
-//! disks are drained, flushed and closed and the iothreads stopped.
+//! wait for its first client, as QEMU does), open `/dev/kvm` and check its capabilities, create
+//! the VM, map and register guest memory, set KVM's TSS address, create the irqchip and PIT, build
+//! the devices (COM1 with an irqfd on IRQ 4, i8042, RTC, ACPI sleep registers; the Generic Event
+//! Device with the power button, an irqfd on GSI 23), the disks and their iothreads (see
+//! [`crate::disks`]), load the guest (see [`crate::arch::x86_64::boot`]), then create and
+//! configure the vCPUs. [`Vm::run`] starts one thread per vCPU (paused under `-S`), adds the
+//! monitor to the main loop, runs the loop until something records an exit reason, sends the
+//! monitor's `SHUTDOWN` event, then pauses every vCPU (condition variable on the global lock),
+//! tells them to stop, and joins them; then the disks are drained, flushed and closed and the
+//! iothreads stopped.
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use devices::bus::{Bus, BusDevice, BusError};
-use devices::legacy::{AcpiSleep, EventFdTrigger, GuestExit, Rtc, Serial, I8042};
+use devices::legacy::{
+    AcpiSleep, EventFdTrigger, Ged, GuestExit, Rtc, Serial, GED_MMIO_SIZE, I8042,
+};
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -30,7 +33,7 @@ use crate::arch::x86_64::boot::{
 };
 use crate::arch::x86_64::cpuid::{supported_cpuid, CpuidError};
 use crate::arch::x86_64::layout::{
-    ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, GED_IRQ, I8042_PORT, KVM_TSS_START, RTC_PORT,
+    ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, GED_IRQ, GED_START, I8042_PORT, KVM_TSS_START, RTC_PORT,
 };
 use crate::arch::x86_64::memory::{create_guest_memory, host_ram_bytes, GuestMemory, MemoryError};
 use crate::cli::Config;
@@ -54,6 +57,9 @@ pub enum VmError {
     /// Opening `/dev/kvm` failed otherwise.
     #[error("Cannot open /dev/kvm")]
     OpenKvm(#[source] kvm_ioctls::Error),
+    /// KVM lacks a capability the VMM relies on.
+    #[error("KVM lacks {0:?}, which vmm needs")]
+    MissingCap(Cap),
     /// More vCPUs than KVM allows.
     #[error("{cpus} vCPUs requested, KVM allows {max}")]
     TooManyCpus {
@@ -175,12 +181,21 @@ pub struct Vm {
     start_paused: bool,
     /// The disks, their iothreads and the main loop's context.
     disks: Disks,
-    /// The irqfd of the ACPI power button (the Generic Event Device's interrupt).
-    power_button: EventFd,
 }
 
 /// The KVM device.
 const KVM_PATH: &std::ffi::CStr = c"/dev/kvm";
+
+/// What the VMM needs from KVM: the in-kernel irqchip and PIT, irqfds, memory slots, the TSS
+/// address, and `immediate_exit` (without it a kick just before `KVM_RUN` would be lost).
+const REQUIRED_CAPS: [Cap; 6] = [
+    Cap::Irqchip,
+    Cap::Pit2,
+    Cap::Irqfd,
+    Cap::UserMemory,
+    Cap::SetTssAddr,
+    Cap::ImmediateExit,
+];
 
 /// Opens the KVM device at `path`, telling a missing device from a forbidden one.
 fn open_kvm(path: &std::ffi::CStr) -> Result<Kvm, VmError> {
@@ -258,6 +273,23 @@ fn legacy_devices(
     Ok(pio)
 }
 
+/// The MMIO devices on a new MMIO bus: the Generic Event Device (the power button), its
+/// interrupt an irqfd on [`GED_IRQ`]. Main-loop handlers reach it as
+/// `machine.mmio.device_mut::<Ged>(GED_START)`.
+fn mmio_devices(vm_fd: &VmFd) -> Result<Bus, VmError> {
+    let ged_irq = eventfd()?;
+    vm_fd
+        .register_irqfd(&ged_irq, GED_IRQ)
+        .map_err(|source| VmError::Irqfd {
+            irq: GED_IRQ,
+            source,
+        })?;
+    let mut mmio = Bus::new();
+    mmio.insert("ged", GED_START, GED_MMIO_SIZE, Box::new(Ged::new(ged_irq)))
+        .map_err(VmError::Bus)?;
+    Ok(mmio)
+}
+
 impl Vm {
     /// Builds the VM `cfg` describes (the steps are in the module doc).
     pub fn build(cfg: &Config) -> Result<Self, VmError> {
@@ -266,6 +298,9 @@ impl Vm {
             None => None,
         };
         let kvm = open_kvm(KVM_PATH)?;
+        if let Some(cap) = REQUIRED_CAPS.into_iter().find(|&c| !kvm.check_extension(c)) {
+            return Err(VmError::MissingCap(cap));
+        }
         let max = kvm.get_max_vcpus();
         if usize::from(cfg.cpus) > max {
             return Err(VmError::TooManyCpus {
@@ -293,17 +328,10 @@ impl Vm {
         };
         let input_drained = eventfd()?;
         let pio = legacy_devices(&vm_fd, &exit_events.guest, &input_drained)?;
-        let mut mmio = Bus::new();
+        let mut mmio = mmio_devices(&vm_fd)?;
         let (disks, dsdt_devices) =
             Disks::build(&cfg.iothreads, &cfg.disks, &vm_fd, &memory, &mut mmio)
                 .map_err(VmError::Disk)?;
-        let power_button = eventfd()?;
-        vm_fd
-            .register_irqfd(&power_button, GED_IRQ)
-            .map_err(|source| VmError::Irqfd {
-                irq: GED_IRQ,
-                source,
-            })?;
         let mut machine = Machine::new(pio, mmio);
         if cfg.start_paused {
             machine.request = VcpuRequest::Pause;
@@ -353,7 +381,6 @@ impl Vm {
             qmp,
             start_paused: cfg.start_paused,
             disks,
-            power_button,
         })
     }
 
@@ -369,7 +396,6 @@ impl Vm {
             qmp,
             start_paused,
             disks,
-            power_button,
         } = self;
         install_kick_handler().map_err(VmError::KickHandler)?;
         let mut manager: EventManager<Locked> = EventManager::new().map_err(VmError::MainLoop)?;
@@ -396,8 +422,8 @@ impl Vm {
                 monitor,
                 kickers,
                 !start_paused,
-                (disks.iothread_info(), disks.disks()),
-                power_button,
+                disks.iothread_info(),
+                disks.disks(),
             );
             manager.add_subscriber(Locked::new(Arc::clone(&global), Box::new(handler)));
             sender
@@ -494,6 +520,7 @@ impl VcpuThreads {
 mod tests {
     use super::*;
     use crate::arch::x86_64::boot::test_images;
+    use devices::legacy::GuestExitKind;
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestAddress};
 
@@ -521,14 +548,13 @@ mod tests {
         assert!(matches!(open_kvm(c"/"), Err(VmError::OpenKvm(_))));
     }
 
-    #[test]
-    fn vcpus_pause_resume_and_stop() {
-        let kernel = std::env::temp_dir().join(format!("vmm-pause-{}", std::process::id()));
-        std::fs::write(&kernel, test_images::bzimage(&test_images::counter_guest()))
-            .expect("temp dir is writable");
+    /// A VM with `cpus` vCPUs running `image`.
+    fn build_vm(name: &str, image: &[u8], cpus: u8) -> Vm {
+        let kernel = std::env::temp_dir().join(format!("vmm-{name}-{}", std::process::id()));
+        std::fs::write(&kernel, image).expect("temp dir is writable");
         let cfg = Config {
             mem_bytes: 16 << 20,
-            cpus: 2,
+            cpus,
             kernel: kernel.clone(),
             initrd: None,
             append: String::new(),
@@ -541,6 +567,45 @@ mod tests {
         let vm = Vm::build(&cfg).expect("builds");
         let _ = std::fs::remove_file(&kernel);
         install_kick_handler().expect("handler installs");
+        vm
+    }
+
+    #[test]
+    fn power_button_reaches_the_guest_through_the_ged() {
+        let image = test_images::pvh_elf(&test_images::power_button_guest(), true);
+        let vm = build_vm("ged", &image, 1);
+        let guest_exit = vm.exit_events.guest.clone();
+        let (threads, started) = VcpuThreads::start(vm.vcpus);
+        started.expect("threads start");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            guest_exit.requested(),
+            None,
+            "the guest waits for the button"
+        );
+        vm.global
+            .lock()
+            .mmio
+            .device_mut::<Ged>(GED_START)
+            .expect("the GED is on the MMIO bus")
+            .press_power_button()
+            .expect("interrupt raised");
+        let start = Instant::now();
+        while guest_exit.requested().is_none() {
+            assert!(start.elapsed() < Duration::from_secs(10), "no power-off");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(guest_exit.requested(), Some(GuestExitKind::PowerOff));
+        threads.shutdown(&vm.global).expect("joins");
+    }
+
+    #[test]
+    fn vcpus_pause_resume_and_stop() {
+        let vm = build_vm(
+            "pause",
+            &test_images::bzimage(&test_images::counter_guest()),
+            2,
+        );
         let (threads, started) = VcpuThreads::start(vm.vcpus);
         started.expect("threads start");
         wait_past(&vm._memory, 0);

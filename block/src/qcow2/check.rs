@@ -55,6 +55,18 @@ pub struct CheckReport {
 struct Refs {
     counts: Vec<u64>,
     report: CheckReport,
+    /// Active-layer entries whose COPIED flag disagrees with their references: where they are
+    /// and whether the flag should be set.
+    bad_copied: Vec<(EntryAt, bool)>,
+}
+
+/// Where an L1 or L2 entry lives.
+#[derive(Debug, Clone, Copy)]
+enum EntryAt {
+    /// Active L1 table index.
+    L1(usize),
+    /// L2 table offset and word index of the entry.
+    L2(u64, usize),
 }
 
 impl Refs {
@@ -105,6 +117,7 @@ fn count_refs(f: &HostFile, m: &mut Meta, with_refcounts: bool) -> Result<Refs, 
     let mut r = Refs {
         counts: vec![0; usize::try_from(n).unwrap_or(0)],
         report: CheckReport::default(),
+        bad_copied: Vec::new(),
     };
     let h = m.header.clone();
     r.add(cs, 0, cs, "header");
@@ -142,7 +155,12 @@ fn count_refs(f: &HostFile, m: &mut Meta, with_refcounts: bool) -> Result<Refs, 
             }
             r.add(cs, l2, cs, "L2 table");
             if active {
-                copied_checks.push((l2, e & COPIED != 0, format!("L2 table for L1 index {i}")));
+                copied_checks.push((
+                    l2,
+                    e & COPIED != 0,
+                    EntryAt::L1(i),
+                    format!("L2 table for L1 index {i}"),
+                ));
             }
             let t = read_words(f, l2, cs / 8)?;
             let words = m.geo.words();
@@ -177,6 +195,7 @@ fn count_refs(f: &HostFile, m: &mut Meta, with_refcounts: bool) -> Result<Refs, 
                             copied_checks.push((
                                 host,
                                 entry & COPIED != 0,
+                                EntryAt::L2(l2, j * words),
                                 format!("data cluster for guest offset {guest:#x}"),
                             ));
                         }
@@ -185,7 +204,7 @@ fn count_refs(f: &HostFile, m: &mut Meta, with_refcounts: bool) -> Result<Refs, 
             }
         }
     }
-    for (host, copied, what) in copied_checks {
+    for (host, copied, at, what) in copied_checks {
         let refs = usize::try_from(host / cs)
             .ok()
             .and_then(|i| r.counts.get(i))
@@ -196,6 +215,7 @@ fn count_refs(f: &HostFile, m: &mut Meta, with_refcounts: bool) -> Result<Refs, 
             r.report
                 .messages
                 .push(format!("ERROR OFLAG_COPIED {what}: references={refs}"));
+            r.bad_copied.push((at, refs == 1));
         }
     }
     Ok(r)
@@ -263,6 +283,30 @@ fn write_refcounts(f: &HostFile, m: &mut Meta, mut counts: Vec<u64>) -> Result<(
     Ok(())
 }
 
+/// Sets or clears the COPIED flag of active-layer entries to match their references.
+fn fix_copied(f: &HostFile, m: &mut Meta, bad: &[(EntryAt, bool)]) -> Result<(), Error> {
+    let set = |e: u64, copied: bool| if copied { e | COPIED } else { e & !COPIED };
+    for &(at, copied) in bad {
+        match at {
+            EntryAt::L1(i) => {
+                if let Some(e) = m.l1.get_mut(i) {
+                    *e = set(*e, copied);
+                    m.l1_dirty.insert(i);
+                }
+            }
+            EntryAt::L2(table, word) => {
+                m.load_l2(f, table)?;
+                if let Some(e) = m.l2.get(table).and_then(|t| t.get_mut(word)) {
+                    *e = set(*e, copied);
+                }
+                m.l2.mark_dirty(table);
+            }
+        }
+    }
+    m.write_back(f)?;
+    f.sync()
+}
+
 /// Rebuilds the refcounts of an image from its references (dirty lazy-refcounts image).
 pub fn rebuild_refcounts(f: &HostFile, m: &mut Meta) -> Result<(), Error> {
     let refs = count_refs(f, m, false)?;
@@ -315,7 +359,8 @@ impl Qcow2 {
             write_refcounts(&self.file, &mut m, base.counts)?;
             rep.leaks_fixed = rep.leaks;
             if repair == Repair::All {
-                rep.corruptions_fixed = rc_corruptions;
+                rep.corruptions_fixed = rc_corruptions + base.bad_copied.len() as u64;
+                fix_copied(&self.file, &mut m, &base.bad_copied)?;
             }
             let after = count_refs(&self.file, &mut m, true)?;
             let mut end = 0;

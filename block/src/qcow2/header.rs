@@ -280,7 +280,7 @@ impl Header {
         }
         // The extension area ends at the end marker, at the backing name, or at the cluster's end.
         let end = if backing_offset != 0 {
-            backing_offset
+            backing_offset.min(first)
         } else {
             first
         };
@@ -661,6 +661,16 @@ mod tests {
         b[72..76].copy_from_slice(b"base");
         let h = Header::parse(&b).unwrap();
         assert_eq!(h.backing, Some(("base".into(), None)));
+        // A file that ends before the name it points at.
+        assert!(matches!(
+            parse_with(|b| b.truncate(156)),
+            Err(E::BackingNameOutsideCluster { .. })
+        ));
+        // ... or inside the extensions.
+        assert!(matches!(
+            parse_with(|b| b.truncate(150)),
+            Err(E::ExtensionOverrun { .. })
+        ));
         // A name with a NUL byte.
         assert!(matches!(
             parse_with(|b| {

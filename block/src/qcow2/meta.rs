@@ -9,7 +9,9 @@
 //! metadata that stopped pointing at it is durable. A dirty refcount block can therefore be
 //! written at any time; a dirty L2 table only after the refcounts (so evicting one writes back).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 use super::cache::TableCache;
 use super::header::Header;
@@ -41,6 +43,12 @@ pub struct Meta {
     pub end: u64,
     /// Clusters whose refcount drops after the next write-back.
     pub pending_frees: Vec<u64>,
+    /// Requests doing I/O without the lock (shared with `Qcow2`), which may still be using a
+    /// cluster they looked up before it was freed.
+    pub inflight: Arc<AtomicU64>,
+    /// Cluster indices freed while such requests may have been running: not reallocated until
+    /// a moment with none in flight (so a late write can never land in a cluster's new owner).
+    pub quarantine: HashSet<u64>,
 }
 
 /// Decodes a big-endian table of 64-bit words.

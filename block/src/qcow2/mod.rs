@@ -25,6 +25,8 @@ mod write;
 
 use std::collections::BTreeSet;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use header::{Compression, Header};
@@ -43,6 +45,8 @@ use header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use l2::Geometry;
 use meta::{decode_words, Meta};
 
+/// Groups of clusters sharing a claim condition variable (see `write.rs`).
+const CLAIM_GROUPS: usize = 16;
 /// Memory the L2 cache may use at most (QEMU's default maximum on Linux: 32 MiB).
 const L2_CACHE_BYTES: u64 = 32 << 20;
 /// Memory the refcount block cache may use at most.
@@ -61,7 +65,28 @@ pub struct Qcow2 {
     meta: RwLock<Meta>,
     /// Guest clusters a slow-path write is working on (see `write.rs`), and their waiters.
     busy: Mutex<HashSet<u64>>,
-    busy_done: Condvar,
+    /// Signalled when a claim ends, one per group of clusters so that a release wakes only the
+    /// requests waiting on clusters of its group.
+    busy_done: [Condvar; CLAIM_GROUPS],
+    /// Requests doing I/O without the metadata lock (see `InFlight`).
+    inflight: Arc<AtomicU64>,
+}
+
+/// Counts one request's I/O done without the metadata lock, from before its lookup until its
+/// data I/O ends; the allocator reuses freed clusters only when the count is zero.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn new(count: &'a AtomicU64) -> InFlight<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What `Qcow2::open` needs besides the file.
@@ -166,6 +191,7 @@ impl Qcow2 {
         };
         let l2_cap = (L2_CACHE_BYTES / cs).min(u64::from(header.l1_size)).max(4);
         let rc_cap = (RC_CACHE_BYTES / cs).min(rc_table.len() as u64).max(4);
+        let inflight = Arc::new(AtomicU64::new(0));
         let meta = Meta {
             geo,
             l1,
@@ -176,6 +202,8 @@ impl Qcow2 {
             free_hint: 1,
             end: file_len.div_ceil(cs),
             pending_frees: Vec::new(),
+            inflight: Arc::clone(&inflight),
+            quarantine: HashSet::new(),
             header,
         };
         let img = Qcow2 {
@@ -187,7 +215,8 @@ impl Qcow2 {
             backing,
             meta: RwLock::new(meta),
             busy: Mutex::new(HashSet::new()),
-            busy_done: Condvar::new(),
+            busy_done: std::array::from_fn(|_| Condvar::new()),
+            inflight: Arc::clone(&inflight),
             file: f,
         };
         if !read_only {
@@ -356,6 +385,7 @@ impl Qcow2 {
         let mut pos = 0usize;
         while pos < buf.len() {
             let guest = offset + pos as u64;
+            let _io = InFlight::new(&self.inflight);
             let (mut map, run) = self.lookup(guest)?;
             let mut n = usize::try_from(run)
                 .unwrap_or(usize::MAX)

@@ -5,6 +5,8 @@
 //! New refcount blocks cover themselves; a table that must grow moves to the end of the file in
 //! one area with the blocks it needs, written and synced before the header points at it.
 
+use std::sync::atomic::Ordering;
+
 use super::meta::{encode_words, Meta};
 use super::validate::FormatError;
 use crate::file::HostFile;
@@ -170,7 +172,7 @@ impl Meta {
         }
         self.set_refcount_in_block(f, c, v - 1)?;
         if v == 1 {
-            self.free_hint = self.free_hint.min(c);
+            self.quarantine.insert(c);
             f.punch_hole(off, self.cs())?;
         }
         Ok(())
@@ -180,6 +182,12 @@ impl Meta {
     /// in the cache; `write_back` writes it before anything that points at the cluster.
     pub fn alloc_cluster(&mut self, f: &HostFile) -> Result<u64, Error> {
         let per = self.rc_per_block();
+        // No lock-free request in flight: none can still use a freed cluster.
+        if !self.quarantine.is_empty() && self.inflight.load(Ordering::SeqCst) == 0 {
+            for c in self.quarantine.drain() {
+                self.free_hint = self.free_hint.min(c);
+            }
+        }
         let mut c = self.free_hint.max(1);
         loop {
             let bi = c / per;
@@ -193,7 +201,7 @@ impl Meta {
                 c += 1;
                 continue;
             }
-            if self.refcount(f, c)? == 0 {
+            if self.refcount(f, c)? == 0 && !self.quarantine.contains(&c) {
                 self.set_refcount_in_block(f, c, 1)?;
                 self.free_hint = c + 1;
                 self.end = self.end.max(c + 1);

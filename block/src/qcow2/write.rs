@@ -9,7 +9,7 @@
 
 use super::l2::{Mapping, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::meta::Meta;
-use super::Qcow2;
+use super::{InFlight, Qcow2};
 use crate::Error;
 
 /// Extended L2 bitmap with every subcluster allocated.
@@ -26,14 +26,21 @@ struct Claim<'a> {
 }
 
 impl<'a> Claim<'a> {
-    fn new(img: &'a Qcow2, cluster: u64) -> Claim<'a> {
+    /// Claims `cluster`, or, when another request holds it, waits until it is released and
+    /// returns `None`: that request has probably allocated the cluster, so the caller should try
+    /// the fast path again before claiming.
+    fn new(img: &'a Qcow2, cluster: u64) -> Option<Claim<'a>> {
         // A poisoned set only means a panic elsewhere; the set itself stays consistent.
         let mut busy = img.busy.lock().unwrap_or_else(|p| p.into_inner());
-        while busy.contains(&cluster) {
-            busy = img.busy_done.wait(busy).unwrap_or_else(|p| p.into_inner());
+        if !busy.contains(&cluster) {
+            busy.insert(cluster);
+            return Some(Claim { img, cluster });
         }
-        busy.insert(cluster);
-        Claim { img, cluster }
+        let done = &img.busy_done[img.claim_group(cluster)];
+        while busy.contains(&cluster) {
+            busy = done.wait(busy).unwrap_or_else(|p| p.into_inner());
+        }
+        None
     }
 }
 
@@ -41,11 +48,18 @@ impl Drop for Claim<'_> {
     fn drop(&mut self) {
         let mut busy = self.img.busy.lock().unwrap_or_else(|p| p.into_inner());
         busy.remove(&self.cluster);
-        self.img.busy_done.notify_all();
+        self.img.busy_done[self.img.claim_group(self.cluster)].notify_all();
     }
 }
 
 impl Qcow2 {
+    /// The condition variable group of a guest cluster (consecutive clusters in different
+    /// groups, since sequential requests wait on neighbours).
+    fn claim_group(&self, cluster: u64) -> usize {
+        usize::try_from((cluster >> self.geo.cluster_bits) % super::CLAIM_GROUPS as u64)
+            .unwrap_or(0)
+    }
+
     /// Writes `buf` at `offset` (range already checked), one cluster at a time.
     pub(super) fn write_inner(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
         let cs = self.geo.cluster_size();
@@ -58,12 +72,19 @@ impl Qcow2 {
             let chunk = &buf[pos..pos + n];
             // Fast path: a cluster (or subcluster run) that is ours alone, written in place
             // without the metadata lock.
-            let (m, run) = self.lookup(guest)?;
-            match m {
-                Mapping::Data { host, copied: true } if run >= n as u64 => {
-                    self.file.write_at(chunk, host)?;
+            loop {
+                let io = InFlight::new(&self.inflight);
+                let (m, run) = self.lookup(guest)?;
+                if let Mapping::Data { host, copied: true } = m {
+                    if run >= n as u64 {
+                        self.file.write_at(chunk, host)?;
+                        break;
+                    }
                 }
-                _ => self.write_cluster(chunk, guest)?,
+                drop(io);
+                if self.write_cluster(chunk, guest)? {
+                    break;
+                }
             }
             pos += n;
         }
@@ -121,10 +142,15 @@ impl Qcow2 {
     /// outside it, and published by setting the L2 entry under the lock again, if nobody changed
     /// that entry meanwhile; otherwise the new cluster is released and the write starts over.
     /// In-place fills of subclusters stay under the lock, since two requests would share them.
-    fn write_cluster(&self, data: &[u8], guest: u64) -> Result<(), Error> {
+    ///
+    /// Returns false, having written nothing, when it had to wait for another request's claim on
+    /// the cluster: the caller retries the fast path first.
+    fn write_cluster(&self, data: &[u8], guest: u64) -> Result<bool, Error> {
         let cs = self.geo.cluster_size();
         let base = guest - guest % cs;
-        let claim = Claim::new(self, base);
+        let Some(claim) = Claim::new(self, base) else {
+            return Ok(false);
+        };
         loop {
             let mut m = self.lock();
             let l2 = self.writable_l2(&mut m, guest)?;
@@ -137,9 +163,10 @@ impl Qcow2 {
                 if run >= data.len() as u64 {
                     // The request that held the claim before us allocated it: write in place
                     // like the fast path, with neither the lock nor the claim.
+                    let _io = InFlight::new(&self.inflight);
                     drop(m);
                     drop(claim);
-                    return self.file.write_at(data, host);
+                    return self.file.write_at(data, host).map(|()| true);
                 }
             }
             let compressed = entry & COMPRESSED != 0;
@@ -205,7 +232,7 @@ impl Qcow2 {
                     }
                 }
                 m.set_l2_words(l2, guest, host | COPIED, new_bitmap);
-                return Ok(());
+                return Ok(true);
             }
             let target = m.alloc_cluster(&self.file)?;
             drop(m);
@@ -235,7 +262,7 @@ impl Qcow2 {
             }
             m.set_l2_words(l2, guest, target | COPIED, new_bitmap);
             m.pending_frees.extend(self.entry_clusters(entry));
-            return Ok(());
+            return Ok(true);
         }
     }
 
@@ -251,8 +278,10 @@ impl Qcow2 {
         (start, end.max(start))
     }
 
-    /// Discards whole clusters (parts of clusters are left as they are, as QEMU does); with
-    /// `zero`, `keep` keeps the host cluster behind a zero cluster that is ours alone.
+    /// Discards whole clusters (parts of clusters are left as they are, as QEMU does). They read
+    /// as zeroes afterwards (v3 zero clusters or zero subclusters; v2 falls back to the backing
+    /// image or zeroes); with `keep`, a host cluster that is ours alone stays allocated behind
+    /// the zero cluster.
     pub(super) fn discard_inner(&self, offset: u64, len: u64, keep: bool) -> Result<(), Error> {
         let (start, end) = self.whole_clusters(offset, len);
         let cs = self.geo.cluster_size();

@@ -1,5 +1,6 @@
 //! Legacy PC devices on the PIO bus: the COM1 UART, the i8042 (for its reset line), the CMOS
-//! real-time clock, and the ACPI sleep registers of a hardware-reduced platform.
+//! real-time clock, and the ACPI sleep registers of a hardware-reduced platform; and, on the MMIO
+//! bus, the ACPI Generic Event Device with the power button.
 //!
 //! None of them needs a lock of its own: they are reached only through the bus, with the global
 //! lock held (see [`crate::bus`]). They tell the rest of the VMM about events through an irqfd
@@ -7,12 +8,14 @@
 
 mod acpi_pm;
 mod exit;
+mod ged;
 mod i8042;
 mod rtc;
 mod serial;
 
 pub use acpi_pm::{AcpiSleep, SLEEP_ENABLE, SLEEP_TYPE_S5};
 pub use exit::{GuestExit, GuestExitKind};
+pub use ged::{Ged, GED_EVENT_POWER_BUTTON, GED_MMIO_SIZE};
 pub use i8042::I8042;
 pub use rtc::Rtc;
 pub use serial::Serial;

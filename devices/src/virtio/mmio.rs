@@ -429,6 +429,17 @@ impl MmioTransport {
     }
 }
 
+/// On the MMIO bus (which is only reached with the global lock held).
+impl crate::bus::BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        MmioTransport::read(self, offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        MmioTransport::write(self, offset, data);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -601,6 +612,20 @@ mod tests {
         assert_eq!(get(&t, reg::QUEUE_NUM_MAX), 16); // still queue 0 (queue 1 has 8)
         set(&t, reg::QUEUE_SEL, 7);
         assert_eq!(get(&t, reg::QUEUE_NUM_MAX), 0); // no such queue
+    }
+
+    #[test]
+    fn the_transport_sits_on_the_mmio_bus() {
+        let (_, t) = rig();
+        let mut bus = crate::bus::Bus::new();
+        bus.insert("virtio-mmio", 0xd000_0000, MMIO_SIZE, Box::new(t))
+            .unwrap();
+        let mut b = [0u8; 4];
+        assert!(bus.read(0xd000_0000 + reg::VERSION, &mut b));
+        assert_eq!(u32::from_le_bytes(b), VERSION);
+        assert!(bus.write(0xd000_0000 + reg::QUEUE_SEL, &1u32.to_le_bytes()));
+        assert!(bus.read(0xd000_0000 + reg::QUEUE_NUM_MAX, &mut b));
+        assert_eq!(u32::from_le_bytes(b), 8);
     }
 
     #[test]

@@ -2,12 +2,11 @@
 //! them, and `block-latency-histogram-set` applied to them: what a VM backend calls for each disk.
 //!
 //! The devices count with relaxed atomics and need no lock or context to read, so these functions
-//! may run on the main loop for a disk on an iothread without acquiring its context. Failed
-//! requests stay out of the latency figures and invalid ones out of everything but their own
-//! counter, which QEMU calls `account_failed` and `account_invalid` off. The devices do not track
-//! the highest written offset, merged requests or zone appends: those members read 0, the last
-//! being true of any disk here (none has a zoned mode). QEMU has no unmap histogram, so none is
-//! reported or set.
+//! may run on the main loop for a disk on an iothread without acquiring its context. Failed and
+//! invalid requests stay out of the latency figures and the idle time, counted only in their own
+//! counters: QEMU's `account_failed` and `account_invalid` off. The devices never merge requests
+//! and no disk here has a zoned mode, so the merged and zone-append members read 0. QEMU has no
+//! unmap histogram, so none is reported or set.
 
 use devices::virtio::block::stats::{
     BlockStats, HistogramSnapshot, Kind, KindSnapshot, StatsSnapshot, TimedSnapshot,
@@ -58,6 +57,7 @@ pub fn block_device_stats(s: &StatsSnapshot) -> BlockDeviceStats {
         wr_total_time_ns: wr.total_time_ns,
         flush_total_time_ns: flush.total_time_ns,
         unmap_total_time_ns: unmap.total_time_ns,
+        wr_highest_offset: s.wr_highest_offset,
         idle_time_ns: s.idle_time_ns,
         failed_rd_operations: rd.failed_operations,
         failed_wr_operations: wr.failed_operations,
@@ -136,8 +136,11 @@ mod tests {
         complete(&stats, Kind::Write, 8192, 3, false);
         complete(&stats, Kind::Flush, 0, 1, true);
         complete(&stats, Kind::Unmap, 1 << 20, 1, true);
+        stats.wrote_up_to(12288);
+        stats.wrote_up_to(4096);
         stats.invalid(Kind::Read);
         let s = block_device_stats(&stats.snapshot());
+        assert_eq!(s.wr_highest_offset, 12288);
         assert_eq!((s.rd_operations, s.rd_bytes), (2, 4608));
         assert_eq!(
             (s.wr_operations, s.wr_bytes, s.failed_wr_operations),
@@ -154,7 +157,8 @@ mod tests {
         assert_eq!(s.timed_stats[0].interval_length, 60);
         assert!(s.timed_stats[0].max_wr_latency_ns >= 3_000_000);
         let json = serde_json::to_value(&s).expect("serializes");
-        assert_eq!(json["wr_highest_offset"], 0);
+        assert_eq!(json["wr_highest_offset"], 12288);
+        assert_eq!(json["rd_merged"], 0);
         assert_eq!(json["account_failed"], false);
         assert!(json.get("rd_latency_histogram").is_none());
     }

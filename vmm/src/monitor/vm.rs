@@ -8,20 +8,22 @@
 //! while it waits, as QEMU's `pause_all_vcpus` does); `cont` releases them.
 //!
 //! The VM hands the monitor its iothreads and disks (each disk's description and its device, whose
-//! statistics need no lock: see `disk_stats.rs`), and the irqfd of its ACPI power button, which
-//! `system_powerdown` pulses (the Generic Event Device's interrupt; its `_EVT` method notifies the
-//! `PNP0C0C` button, see `arch::x86_64::acpi`).
+//! statistics need no lock: see `disk_stats.rs`). `system_powerdown` presses the ACPI power
+//! button: the Generic Event Device on the MMIO bus (`devices::legacy::Ged`) sets its event bit
+//! and raises its interrupt; its `_EVT` method notifies the `PNP0C0C` button (see
+//! `arch::x86_64::acpi`).
 
 use std::sync::Arc;
 
+use devices::legacy::Ged;
 use devices::virtio::block::Block;
 use event_manager::{EventOps, Events};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     apply_histogram_change, block_device_stats, BackendError, BlockDevice, BlockDeviceStats,
     HistogramChange, IoThreadInfo, Monitor, MonitorBackend, RunState, ShutdownCause,
 };
+use crate::arch::x86_64::layout::GED_START;
 use crate::global::{ExitReason, Held, VcpuRequest};
 use crate::main_loop::{Handler, Tag};
 use crate::vcpu::Kicker;
@@ -51,8 +53,6 @@ pub struct VmBackend<'a, 'g> {
     started: &'a mut bool,
     iothreads: &'a [IoThreadInfo],
     disks: &'a [VmDisk],
-    /// The power button's irqfd; `None` on a VM without one.
-    power_button: Option<&'a EventFd>,
 }
 
 impl VmBackend<'_, '_> {
@@ -91,11 +91,12 @@ impl MonitorBackend for VmBackend<'_, '_> {
     }
 
     fn powerdown(&mut self) -> Result<(), BackendError> {
-        let button = self
-            .power_button
+        let ged = self
+            .held
+            .mmio
+            .device_mut::<Ged>(GED_START)
             .ok_or_else(|| BackendError("this VM has no ACPI power button".to_owned()))?;
-        button
-            .write(1)
+        ged.press_power_button()
             .map_err(|e| BackendError(format!("cannot press the power button: {e}")))
     }
 
@@ -132,19 +133,17 @@ pub struct VmMonitor {
     started: bool,
     iothreads: Vec<IoThreadInfo>,
     disks: Vec<VmDisk>,
-    power_button: EventFd,
 }
 
 impl VmMonitor {
     /// `monitor` (registered under [`Tag::Qmp`]) driving the vCPUs that `kickers` kick, with the
-    /// VM's iothreads and disks and its power button's irqfd; `started` is false for a `-S`
-    /// start.
+    /// VM's iothreads and disks; `started` is false for a `-S` start.
     pub fn new(
         monitor: Monitor,
         kickers: Arc<Vec<Kicker>>,
         started: bool,
-        (iothreads, disks): (Vec<IoThreadInfo>, Vec<VmDisk>),
-        power_button: EventFd,
+        iothreads: Vec<IoThreadInfo>,
+        disks: Vec<VmDisk>,
     ) -> Self {
         Self {
             monitor,
@@ -152,7 +151,6 @@ impl VmMonitor {
             started,
             iothreads,
             disks,
-            power_button,
         }
     }
 }
@@ -169,7 +167,6 @@ impl Handler for VmMonitor {
             started: &mut self.started,
             iothreads: &self.iothreads,
             disks: &self.disks,
-            power_button: Some(&self.power_button),
         };
         self.monitor.process(&mut backend, events, ops);
     }
@@ -194,7 +191,6 @@ mod tests {
             started: &mut started,
             iothreads: &[],
             disks: &[],
-            power_button: None,
         };
         assert_eq!(backend.run_state(), RunState::Prelaunch);
         backend.resume().expect("resumes");

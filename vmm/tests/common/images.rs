@@ -110,6 +110,23 @@ pub fn echo_guest() -> Vec<u8> {
     ]
 }
 
+/// 32-bit PVH: polls the Generic Event Device's event selector (0xFEA00000, below 4 GiB and
+/// paging off) until an event arrives, then powers off if it is the power button (bit 1).
+pub fn power_button_guest() -> Vec<u8> {
+    vec![
+        0xa1, 0x00, 0x00, 0xa0, 0xfe, // 1: mov 0xfea00000, %eax
+        0x85, 0xc0, //                   test %eax, %eax
+        0x74, 0xf7, //                   jz 1b
+        0x83, 0xf8, 0x02, //             cmp $2, %eax
+        0x75, 0x07, //                   jne 2f
+        0x66, 0xba, 0x00, 0x06, //       mov $0x600, %dx  # ACPI sleep control
+        0xb0, 0x34, //                   mov $(5 << 2 | 1 << 5), %al
+        0xee, //                         out %al, %dx
+        0xf4, //                         2: hlt
+        0xeb, 0xfd, //                   jmp 2b
+    ]
+}
+
 /// 32-bit PVH: goes back to real mode and jumps to the reset vector (F000:FFF0), as Linux's
 /// `machine_real_restart` does when it reboots through the BIOS.
 pub fn real_mode_reboot_guest() -> Vec<u8> {

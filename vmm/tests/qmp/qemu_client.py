@@ -15,14 +15,7 @@ import sys
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
-TIMEOUT = 30
-
-
-def check(cond, what):
-    if not cond:
-        print(f"FAIL: {what}", file=sys.stderr)
-        sys.exit(1)
-    print(f"ok: {what}")
+from checks import TIMEOUT, check, next_event
 
 
 async def expect_error(qmp, cmd, args, error_class, desc_start):
@@ -34,15 +27,6 @@ async def expect_error(qmp, cmd, args, error_class, desc_start):
         check(desc.startswith(desc_start), f"{cmd}: {desc!r} starts with {desc_start!r}")
         return
     check(False, f"{cmd} {args} should fail")
-
-
-async def next_event(listener, name):
-    event = await asyncio.wait_for(listener.get(), TIMEOUT)
-    check(event["event"] == name, f"event {name} received ({event['event']})")
-    ts = event["timestamp"]
-    check(isinstance(ts["seconds"], int) and 0 <= ts["microseconds"] < 10**6,
-          f"{name} timestamp has QEMU's shape")
-    return event
 
 
 async def protocol_checks(qmp):

@@ -66,7 +66,14 @@ pub fn status(img: &Image, off: u64, len: u64) -> Result<Seg, CliError> {
             offset: Some(off),
         };
         let q = match cur {
-            Image::Raw(_) => return Ok(seg),
+            Image::Raw(r) => {
+                let bs = r.block_status(off, len)?;
+                seg.len = bs.len;
+                if bs.allocation == block::Allocation::Zero {
+                    (seg.zero, seg.data) = (true, false);
+                }
+                return Ok(seg);
+            }
             Image::Qcow2(q) => q,
         };
         let (m, run) = q.lookup(off)?;

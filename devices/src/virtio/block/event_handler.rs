@@ -30,6 +30,8 @@ pub(super) struct InFlight {
     used_len: u32,
     kind: Kind,
     bytes: u64,
+    /// The disk offset just past the request (for `wr_highest_offset`).
+    end: u64,
     start: Instant,
 }
 
@@ -304,6 +306,7 @@ impl Block {
                     used_len: used,
                     kind,
                     bytes,
+                    end: offset.saturating_add(bytes),
                     start,
                 });
                 Immediate::Submitted
@@ -427,6 +430,9 @@ impl Block {
             log::warn!("virtio-blk {}: {}", self.config.id, error_chain(e));
         }
         self.stats.done(info.kind, info.bytes, info.start, ok);
+        if ok && info.kind == Kind::Write {
+            self.stats.wrote_up_to(info.end);
+        }
         let (st, used) = if ok {
             (status::OK, info.used_len)
         } else {
@@ -510,6 +516,8 @@ mod tests {
             (s.rd.operations, s.rd.bytes, s.wr.operations, s.wr.bytes),
             (1, 1024, 1, 1024)
         );
+        // The write covered sectors 3 and 4.
+        assert_eq!(s.wr_highest_offset, 5 * 512);
     }
 
     #[test]

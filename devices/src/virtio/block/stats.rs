@@ -4,7 +4,8 @@
 //!
 //! As in QEMU, write-zeroes count as writes and discards as unmap; requests refused before they
 //! reach the image (out of range, read-only, malformed) count as `invalid_*`, requests the image
-//! failed as `failed_*`. Latency histograms have boundaries set at run time with QEMU's
+//! failed as `failed_*`; neither enters latencies, histograms or the idle time (QEMU's
+//! `account_invalid` and `account_failed` off). Latency histograms have boundaries set at run time with QEMU's
 //! `block-latency-histogram-set` semantics: `n` boundaries make `n + 1` bins, bin `i` counting
 //! latencies in `[boundaries[i-1], boundaries[i])` nanoseconds.
 
@@ -297,6 +298,8 @@ pub struct BlockStats {
     epoch: Instant,
     /// Nanoseconds from `epoch` to the last completion, plus one; 0 before the first.
     last_completion: AtomicU64,
+    /// The offset after the greatest byte written.
+    wr_highest_offset: AtomicU64,
 }
 
 impl Default for BlockStats {
@@ -323,6 +326,7 @@ impl BlockStats {
                 .collect(),
             epoch: Instant::now(),
             last_completion: AtomicU64::new(0),
+            wr_highest_offset: AtomicU64::new(0),
         }
     }
 
@@ -341,11 +345,17 @@ impl BlockStats {
             for t in &self.timed {
                 t.record(kind, since, ns);
             }
+            self.last_completion
+                .store(since.saturating_add(1), Ordering::Relaxed);
         } else {
+            // Like QEMU with `account_failed` off: counted, but outside latency and idle time.
             c.failed.fetch_add(1, Ordering::Relaxed);
         }
-        self.last_completion
-            .store(since.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// Records a successful write (or write-zeroes) ending at disk offset `end`.
+    pub fn wrote_up_to(&self, end: u64) {
+        self.wr_highest_offset.fetch_max(end, Ordering::Relaxed);
     }
 
     /// Counts a request refused before it reached the image.
@@ -394,6 +404,7 @@ impl BlockStats {
             flush: get(Kind::Flush),
             unmap: get(Kind::Unmap),
             idle_time_ns,
+            wr_highest_offset: self.wr_highest_offset.load(Ordering::Relaxed),
             timed_stats: self.timed.iter().map(|t| t.snapshot(now)).collect(),
         }
     }
@@ -431,6 +442,8 @@ pub struct StatsSnapshot {
     pub unmap: KindSnapshot,
     /// `idle_time_ns`: time since the last completion; absent before the first, as in QEMU.
     pub idle_time_ns: Option<u64>,
+    /// `wr_highest_offset`: the offset after the greatest byte written.
+    pub wr_highest_offset: u64,
     /// `timed_stats`, one per interval.
     pub timed_stats: Vec<TimedSnapshot>,
 }
@@ -444,11 +457,17 @@ mod tests {
         let stats = BlockStats::default();
         assert_eq!(stats.snapshot().idle_time_ns, None);
         let start = Instant::now();
+        // A failure is counted but is not an access for the idle time.
+        stats.done(Kind::Flush, 0, start, false);
+        assert_eq!(stats.snapshot().idle_time_ns, None);
         stats.done(Kind::Read, 4096, start, true);
         stats.done(Kind::Read, 4096, start, false);
         stats.done(Kind::Write, 512, start, true);
         stats.invalid(Kind::Unmap);
+        stats.wrote_up_to(8192);
+        stats.wrote_up_to(4096);
         let s = stats.snapshot();
+        assert_eq!(s.wr_highest_offset, 8192);
         assert_eq!(
             (s.rd.operations, s.rd.bytes, s.rd.failed_operations),
             (1, 4096, 1)

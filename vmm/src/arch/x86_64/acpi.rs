@@ -8,13 +8,10 @@
 //!   power-off goes through the sleep control and status registers at [`ACPI_SLEEP_PORT`].
 //! - MADT (5.2.12): one local APIC per vCPU (APIC id = vCPU index) and the IOAPIC; this is how a
 //!   kernel without MP-table support finds every CPU.
-//! - DSDT (5.2.11.1): COM1 (`PNP0501`), the CMOS RTC (`PNP0B00`), the `\_S5_` package Linux needs before it registers ACPI
-//!   power-off, the power button, and whatever devices the caller adds ([`DsdtDevice`]: the
+//! - DSDT (5.2.11.1): COM1 (`PNP0501`), the CMOS RTC (`PNP0B00`), the power button (`PNP0C0C`)
+//!   with the Generic Event Device that signals it (`ACPI0013`), the `\_S5_` package Linux needs
+//!   before it registers ACPI power-off, and whatever devices the caller adds ([`DsdtDevice`]: the
 //!   virtio-mmio transports, [`virtio_mmio_device`]).
-//! - The power button: a hardware-reduced platform has no fixed power button, so a Generic Event
-//!   Device (`ACPI0013`, 5.6.9) owns the interrupt [`GED_IRQ`] and its `_EVT` method notifies
-//!   the control-method power button `PWRB` (`PNP0C0C`, 4.8.2.2.1.2) with 0x80 ("pressed"); Linux's
-//!   `button` driver turns that into a KEY_POWER input event (which busybox acpid handles).
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -29,11 +26,11 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
-    ACPI_END, ACPI_SLEEP_PORT, ACPI_START, APIC_START, COM1_IRQ, COM1_PORT, GED_IRQ, IOAPIC_START,
-    RTC_IRQ, RTC_PORT, VIRTIO_MMIO_SIZE,
+    ACPI_END, ACPI_SLEEP_PORT, ACPI_START, APIC_START, COM1_IRQ, COM1_PORT, GED_IRQ, GED_START,
+    IOAPIC_START, RTC_IRQ, RTC_PORT, VIRTIO_MMIO_SIZE,
 };
 use super::memory::GuestMemory;
-use devices::legacy::SLEEP_TYPE_S5;
+use devices::legacy::{GED_EVENT_POWER_BUTTON, GED_MMIO_SIZE, SLEEP_TYPE_S5};
 
 /// OEM id and table id written in every table header.
 const OEM_ID: [u8; 6] = *b"VMMRS ";
@@ -83,9 +80,6 @@ pub fn aml_bytes(aml: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The notification value of a power button press (ACPI 6.5 section 5.6.6, table 5.187).
-const NOTIFY_POWER_BUTTON: u8 = 0x80;
-
 /// The `LNRO0005` device of virtio-mmio transport `index` (its `_UID`), with its register window
 /// at `base` and its interrupt `gsi`, edge-triggered: the irqfd that raises it has no resample fd,
 /// so it pulses the line.
@@ -110,18 +104,22 @@ pub fn virtio_mmio_device(index: u8, base: u64, gsi: u32) -> DsdtDevice {
     ))
 }
 
-/// The power button (`PWRB`) and the Generic Event Device whose interrupt presses it.
+/// The power button (`PNP0C0C`) and the Generic Event Device (`ACPI0013`, ACPI 6.5 section 5.6.9)
+/// that notifies it: on the GED's interrupt, `_EVT` reads the event selector (which clears it)
+/// and sends the button notification 0x80 ("pressed", ACPI 6.5 section 4.8.3.1.1.2) when the
+/// power-button bit is set.
 fn power_button() -> Vec<u8> {
-    let button = aml_bytes(&aml::Device::new(
+    let ged_base = u32::try_from(GED_START).unwrap_or(0xfea0_0000);
+    let ged_size = u32::try_from(GED_MMIO_SIZE).unwrap_or(4);
+    let button_bit = GED_EVENT_POWER_BUTTON;
+    let mut aml = aml_bytes(&aml::Device::new(
         "PWRB".into(),
         vec![
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
             &aml::Name::new("_UID".into(), &aml::ZERO),
         ],
     ));
-    let pwrb = aml::Path::new("\\_SB_.PWRB");
-    let notify = aml::Notify::new(&pwrb, &NOTIFY_POWER_BUTTON);
-    let ged = aml_bytes(&aml::Device::new(
+    aml.extend(aml_bytes(&aml::Device::new(
         "GED_".into(),
         vec![
             &aml::Name::new("_HID".into(), &"ACPI0013"),
@@ -132,14 +130,41 @@ fn power_button() -> Vec<u8> {
                     true, true, false, false, GED_IRQ,
                 )]),
             ),
-            // Linux calls _EVT with the interrupt's GSI; this GED has one interrupt, one event.
-            &aml::Method::new("_EVT".into(), 1, true, vec![&notify]),
+            &aml::OpRegion::new(
+                "EREG".into(),
+                aml::OpRegionSpace::SystemMemory,
+                &ged_base,
+                &ged_size,
+            ),
+            &aml::Field::new(
+                "EREG".into(),
+                aml::FieldAccessType::DWord,
+                aml::FieldLockRule::NoLock,
+                aml::FieldUpdateRule::WriteAsZeroes,
+                vec![aml::FieldEntry::Named(*b"ESEL", 32)],
+            ),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![
+                    &aml::Store::new(&aml::Local(0), &aml::Path::new("ESEL")),
+                    &aml::If::new(
+                        &aml::Equal::new(
+                            &aml::And::new(&aml::ZERO, &aml::Local(0), &button_bit),
+                            &button_bit,
+                        ),
+                        vec![&aml::Notify::new(&aml::Path::new("\\_SB_.PWRB"), &0x80u8)],
+                    ),
+                ],
+            ),
         ],
-    ));
-    [button, ged].concat()
+    )));
+    aml
 }
 
-/// The DSDT body: `\_SB_` with COM1, the RTC, the power button and `extra`, and `\_S5_`.
+/// The DSDT body: `\_SB_` with COM1, the RTC, the power button and its GED, and `extra`; and
+/// `\_S5_`.
 fn dsdt(extra: &[DsdtDevice]) -> Vec<u8> {
     let com1_port = u16::try_from(COM1_PORT).unwrap_or(0x3f8);
     // ISA serial interrupts are edge-triggered and active high.
@@ -366,7 +391,7 @@ mod tests {
         assert_eq!(&dsdt[..4], b"DSDT");
         let find = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         assert!(find(b"_S5_") && find(b"COM1") && find(b"RTC_") && find(b"_CRS"));
-        assert!(find(b"ACPI0013\0") && find(b"PWRB") && find(b"_EVT"));
+        assert!(find(b"ACPI0013") && find(b"PWRB") && find(b"_EVT") && find(b"ESEL"));
     }
 
     #[test]

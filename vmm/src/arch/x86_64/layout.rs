@@ -51,6 +51,9 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the 32-bit PCI hole (4 GiB): where the rest of RAM resumes.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The ACPI Generic Event Device's event selector (4 bytes, see `devices::legacy::Ged`), where
+/// QEMU's microvm puts its GED.
+pub const GED_START: u64 = 0xfea0_0000;
 /// The IOAPIC's registers (82093AA default base), 4 KiB.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// The local APICs' registers (Intel SDM vol. 3, 11.4.1: `IA32_APIC_BASE` default), 4 KiB.
@@ -70,9 +73,6 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x200;
 pub const VIRTIO_IRQ_FIRST: u32 = 10;
 /// The last GSI a virtio-mmio transport may have, so at most 13 disks.
 pub const VIRTIO_IRQ_LAST: u32 = 22;
-/// The ACPI Generic Event Device's interrupt (ACPI 6.5 section 5.6.9): the power button's
-/// notification, pulsed through an irqfd.
-pub const GED_IRQ: u32 = 23;
 
 /// COM1 (16550A UART), 8 ports.
 pub const COM1_PORT: u64 = 0x3f8;
@@ -84,6 +84,8 @@ pub const I8042_PORT: u64 = 0x60;
 pub const RTC_PORT: u64 = 0x70;
 /// The CMOS RTC's ISA interrupt line.
 pub const RTC_IRQ: u32 = 8;
+/// The Generic Event Device's interrupt: the IOAPIC's last pin, clear of the ISA lines.
+pub const GED_IRQ: u32 = 23;
 /// The ACPI sleep control (0x600) and sleep status (0x601) registers, one byte each; the port is
 /// QEMU's PM base, free on a machine without PCI.
 pub const ACPI_SLEEP_PORT: u64 = 0x600;
@@ -93,11 +95,12 @@ const _: () = assert!(0x500 <= BOOT_GDT_START, "clear of the IVT and BDA");
 const _: () = assert!(BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
 const _: () = assert!(BOOT_STACK_POINTER < PML4_START);
 const _: () = assert!(CMDLINE_START + (CMDLINE_MAX_SIZE as u64) < EBDA_START);
-const _: () = assert!(MMIO_GAP_START < IOAPIC_START && IOAPIC_START < APIC_START);
+const _: () = assert!(MMIO_GAP_START < GED_START && GED_START < IOAPIC_START);
+const _: () = assert!(IOAPIC_START < APIC_START);
 const _: () = assert!(MMIO_GAP_START <= VIRTIO_MMIO_START);
 const _: () = assert!(
     VIRTIO_MMIO_START + (VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1) as u64 * VIRTIO_MMIO_SIZE
-        <= IOAPIC_START
+        <= GED_START
 );
 const _: () = assert!(COM1_IRQ < VIRTIO_IRQ_FIRST && RTC_IRQ < VIRTIO_IRQ_FIRST);
 const _: () = assert!(
