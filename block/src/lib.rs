@@ -7,6 +7,7 @@ pub mod file;
 mod image;
 mod lock;
 mod open;
+mod policy;
 pub mod qcow2;
 mod raw;
 
@@ -14,6 +15,7 @@ pub use error::{Error, ErrorKind};
 pub use file::CacheMode;
 pub use image::{Allocation, BlockStatus, DiskImage};
 pub use open::{create, open, probe, resolve_backing, Format, Image, OpenOptions};
+pub use policy::{WithPolicy, WritePolicy};
 pub use raw::Raw;
 
 /// Checks that `[offset, offset + len)` lies within a disk of `size` bytes and, for a request
