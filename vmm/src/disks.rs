@@ -27,7 +27,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use block::{DiskImage, Format, Image, OpenOptions};
+use block::{DiskImage, Format, Image, OpenOptions, WithPolicy, WritePolicy};
 use devices::bus::{Bus, BusError};
 use devices::context::{self, Context, IoThread};
 use devices::virtio::block::{Block, BlockConfig};
@@ -40,7 +40,7 @@ use crate::arch::x86_64::layout::{
     VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::memory::GuestMemory;
-use crate::drive::{DiskSpec, DriveSpec};
+use crate::drive::{CacheSetting, DiskSpec, DriveSpec};
 use crate::global::{GlobalLock, Held};
 use crate::main_loop::{Handler, Tag};
 use crate::monitor::{BlockDevice, CacheMode, ImageDescription, IoThreadInfo, VmDisk};
@@ -232,7 +232,7 @@ fn open_image(drive: &DriveSpec) -> Result<Image, DiskError> {
     let opts = OpenOptions {
         format: Some(format),
         read_only: drive.read_only,
-        cache: drive.cache,
+        cache: drive.cache.host,
         lock: true,
     };
     block::open(&drive.file, opts).map_err(|e| open_error(drive, e))
@@ -273,11 +273,11 @@ fn describe(image: &Image) -> ImageDescription {
 }
 
 /// The cache flags `query-block` reports for a `-drive cache=` mode.
-fn cache_flags(mode: block::CacheMode) -> CacheMode {
+fn cache_flags(mode: CacheSetting) -> CacheMode {
     CacheMode {
-        writeback: true,
-        direct: mode == block::CacheMode::None,
-        no_flush: false,
+        writeback: mode.policy != WritePolicy::WriteThrough,
+        direct: mode.host == block::CacheMode::None,
+        no_flush: mode.policy == WritePolicy::IgnoreFlush,
     }
 }
 
@@ -424,6 +424,7 @@ fn add_disk(
         io_workers: IO_WORKERS,
         stats_intervals: spec.drive.stats_intervals.clone(),
     };
+    let image = WithPolicy::new(image, spec.drive.cache.policy);
     let block = Block::new(config, Arc::new(image), ctx)
         .map_err(|source| DiskError::Device { id: id(), source })?;
     let transport = MmioTransport::new(block.clone(), memory.clone())
@@ -488,7 +489,7 @@ mod tests {
             file: file.to_path_buf(),
             format,
             virtio: false,
-            cache: block::CacheMode::Writeback,
+            cache: CacheSetting::default(),
             read_only,
             discard: false,
             stats_intervals: vec![],
@@ -499,6 +500,21 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vmm-disks-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         dir.join(name)
+    }
+
+    #[test]
+    fn query_block_cache_flags_follow_the_mode() {
+        use crate::options::OptionValue;
+        let flags = |mode: &str| {
+            let f = cache_flags(CacheSetting::parse(mode).expect("a QEMU mode"));
+            (f.writeback, f.direct, f.no_flush)
+        };
+        // QEMU's table for -drive cache= (qemu-options.hx: cache.writeback, .direct, .no-flush).
+        assert_eq!(flags("writeback"), (true, false, false));
+        assert_eq!(flags("none"), (true, true, false));
+        assert_eq!(flags("writethrough"), (false, false, false));
+        assert_eq!(flags("directsync"), (false, true, false));
+        assert_eq!(flags("unsafe"), (true, false, true));
     }
 
     #[test]

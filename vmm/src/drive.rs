@@ -7,12 +7,12 @@
 //! given twice. What needs the files (a missing file, a lock held by another writer, a read-write
 //! disk on a read-only file, a format that would have to be guessed unsafely) is checked when the
 //! images are opened (`crate::disks`), still before the guest starts. Values QEMU has and this VMM
-//! does not implement (`cache=writethrough`, `aio=io_uring`, `detect-zeroes=on`, ...) are refused
+//! does not implement (`aio=io_uring`, `detect-zeroes=on`, ...) are refused
 //! by name, never silently taken as something else.
 
 use std::path::PathBuf;
 
-use block::{CacheMode, Format};
+use block::{CacheMode, Format, WritePolicy};
 
 use crate::options::{OptionError, OptionValue, Options};
 
@@ -71,19 +71,39 @@ pub enum DriveError {
     DriveInUse(String),
 }
 
-/// `-drive cache=`: QEMU's `cache.direct` (O_DIRECT) and `cache.writeback`; this VMM implements
-/// the modes whose writeback flag is on and that honour flushes.
+/// `-drive cache=`: QEMU's five modes as the host page cache (`cache.direct`: O_DIRECT or not)
+/// and what happens to writes and flushes on top (`cache.writeback` off: every write durable
+/// before it completes; `cache.no-flush`: flushes dropped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CacheSetting(pub CacheMode);
+pub struct CacheSetting {
+    /// O_DIRECT (`none`, `directsync`) or the host page cache.
+    pub host: CacheMode,
+    /// Write-through (`writethrough`, `directsync`), flushes ignored (`unsafe`), or neither.
+    pub policy: WritePolicy,
+}
+
+impl Default for CacheSetting {
+    /// QEMU's default, `cache=writeback`.
+    fn default() -> Self {
+        CacheSetting {
+            host: CacheMode::Writeback,
+            policy: WritePolicy::WriteBack,
+        }
+    }
+}
 
 impl OptionValue for CacheSetting {
-    const EXPECTED: &'static str = "none or writeback";
+    const EXPECTED: &'static str = "none, writeback, writethrough, directsync or unsafe";
     fn parse(text: &str) -> Option<Self> {
-        match text {
-            "none" => Some(Self(CacheMode::None)),
-            "writeback" => Some(Self(CacheMode::Writeback)),
-            _ => None,
-        }
+        let (host, policy) = match text {
+            "writeback" => (CacheMode::Writeback, WritePolicy::WriteBack),
+            "none" => (CacheMode::None, WritePolicy::WriteBack),
+            "writethrough" => (CacheMode::Writeback, WritePolicy::WriteThrough),
+            "directsync" => (CacheMode::None, WritePolicy::WriteThrough),
+            "unsafe" => (CacheMode::Writeback, WritePolicy::IgnoreFlush),
+            _ => return None,
+        };
+        Some(CacheSetting { host, policy })
     }
 }
 
@@ -124,7 +144,7 @@ pub struct DriveSpec {
     /// `if=virtio`: the drive brings its own virtio-blk device.
     pub virtio: bool,
     /// `cache=`.
-    pub cache: CacheMode,
+    pub cache: CacheSetting,
     /// `readonly=`.
     pub read_only: bool,
     /// `discard=unmap` (QEMU's default is `ignore`).
@@ -238,9 +258,9 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveSpec, DriveError> {
         }
     };
     let cache = match opts.get::<String>("cache").map_err(&err)? {
-        None => CacheMode::Writeback,
+        None => CacheSetting::default(),
         Some(v) => match CacheSetting::parse(&v) {
-            Some(c) => c.0,
+            Some(c) => c,
             None => {
                 return Err(DriveError::Unsupported {
                     key: "cache",
@@ -411,7 +431,10 @@ mod tests {
                 file: "top.qcow2".into(),
                 format: Some(Format::Qcow2),
                 virtio: false,
-                cache: CacheMode::None,
+                cache: CacheSetting {
+                    host: CacheMode::None,
+                    policy: WritePolicy::WriteBack,
+                },
                 read_only: true,
                 discard: true,
                 stats_intervals: vec![1, 60],
@@ -424,8 +447,22 @@ mod tests {
         );
         assert_eq!(
             (v.cache, v.read_only, v.discard),
-            (CacheMode::Writeback, false, false)
+            (CacheSetting::default(), false, false)
         );
+        for (mode, host, policy) in [
+            ("writeback", CacheMode::Writeback, WritePolicy::WriteBack),
+            ("none", CacheMode::None, WritePolicy::WriteBack),
+            (
+                "writethrough",
+                CacheMode::Writeback,
+                WritePolicy::WriteThrough,
+            ),
+            ("directsync", CacheMode::None, WritePolicy::WriteThrough),
+            ("unsafe", CacheMode::Writeback, WritePolicy::IgnoreFlush),
+        ] {
+            let d = drive(&format!("file=f,id=d,cache={mode}"));
+            assert_eq!(d.cache, CacheSetting { host, policy }, "{mode}");
+        }
         let dev = parse_device(
             "virtio-blk-device,drive=d0,id=vd0,iothread=io0,serial=S1,num-queues=2,queue-size=128",
         )
@@ -480,8 +517,7 @@ mod tests {
             })
         );
         for (line, key, value) in [
-            ("file=f,id=d,cache=writethrough", "cache", "writethrough"),
-            ("file=f,id=d,cache=unsafe", "cache", "unsafe"),
+            ("file=f,id=d,cache=directio", "cache", "directio"),
             ("file=f,id=d,aio=io_uring", "aio", "io_uring"),
             ("file=f,id=d,detect-zeroes=unmap", "detect-zeroes", "unmap"),
             ("file=f,id=d,discard=maybe", "discard", "maybe"),

@@ -109,13 +109,8 @@ fn disk_errors_before_the_guest_starts() {
     assert!(l.contains("no iothread with id 'io9'"), "{l}");
     let l = line(&["-drive", &drive, "-device", device, "-device", device]);
     assert!(l.contains("Drive 'd0' is already in use"), "{l}");
-    let l = line(&[
-        "-drive",
-        &format!("{drive},cache=writethrough"),
-        "-device",
-        device,
-    ]);
-    assert!(l.contains("cache=writethrough is not supported"), "{l}");
+    let l = line(&["-drive", &format!("{drive},aio=native"), "-device", device]);
+    assert!(l.contains("aio=native is not supported"), "{l}");
     let l = line(&["-object", "iothread", "-drive", &drive, "-device", device]);
     assert!(l.contains("-object needs id="), "{l}");
     // A read-write disk on a file that cannot be written (immutable: even root gets EPERM).
