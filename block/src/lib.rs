@@ -15,7 +15,7 @@ pub use error::{Error, ErrorKind};
 pub use file::CacheMode;
 pub use image::{Allocation, BlockStatus, DiskImage};
 pub use open::{create, open, probe, resolve_backing, Format, Image, OpenOptions};
-pub use policy::{WithPolicy, WritePolicy};
+pub use policy::{DetectZeroes, WithPolicy, WritePolicy};
 pub use raw::Raw;
 
 /// Checks that `[offset, offset + len)` lies within a disk of `size` bytes and, for a request

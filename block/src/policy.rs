@@ -1,7 +1,9 @@
 //! The part of QEMU's `-drive cache=` modes that is not about the host page cache: whether a
 //! write is durable when it completes (`writethrough`, `directsync`: the guest sees no volatile
 //! write cache) and whether flushes reach the disk at all (`unsafe` drops them). The host page
-//! cache itself (O_DIRECT or not) is [`crate::CacheMode`], chosen when the image is opened.
+//! cache itself (O_DIRECT or not) is [`crate::CacheMode`], chosen when the image is opened. And
+//! QEMU's `detect-zeroes=`: a write whose data is all zeroes becomes a write-zeroes request, which
+//! qcow2 turns into zero clusters instead of data.
 //!
 //! [`WithPolicy`] wraps any image; it adds no lock and no state of its own.
 
@@ -22,17 +24,35 @@ pub enum WritePolicy {
     IgnoreFlush,
 }
 
-/// An image with a [`WritePolicy`] applied.
+/// QEMU's `detect-zeroes=`: what a write of all zeroes becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// An ordinary write (`off`, QEMU's default).
+    #[default]
+    Off,
+    /// A write-zeroes request that keeps the space allocated (`on`).
+    On,
+    /// A write-zeroes request that may free the space (`unmap`; QEMU takes it as `on` unless
+    /// the drive also has `discard=unmap`, and so should the caller).
+    Unmap,
+}
+
+/// An image with a [`WritePolicy`] and a [`DetectZeroes`] mode applied.
 #[derive(Debug)]
 pub struct WithPolicy<I> {
     inner: I,
     policy: WritePolicy,
+    detect_zeroes: DetectZeroes,
 }
 
 impl<I: DiskImage> WithPolicy<I> {
-    /// Applies `policy` to `inner`.
-    pub fn new(inner: I, policy: WritePolicy) -> Self {
-        WithPolicy { inner, policy }
+    /// Applies `policy` and `detect_zeroes` to `inner`.
+    pub fn new(inner: I, policy: WritePolicy, detect_zeroes: DetectZeroes) -> Self {
+        WithPolicy {
+            inner,
+            policy,
+            detect_zeroes,
+        }
     }
 
     /// Flushes after a modifying request when the policy is write-through.
@@ -59,7 +79,18 @@ impl<I: DiskImage> DiskImage for WithPolicy<I> {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
-        self.settle(self.inner.write_at(buf, offset))
+        let may_unmap = match self.detect_zeroes {
+            DetectZeroes::Off => None,
+            DetectZeroes::On => Some(false),
+            DetectZeroes::Unmap => Some(true),
+        };
+        match may_unmap {
+            Some(may_unmap) if !buf.is_empty() && buf.iter().all(|&b| b == 0) => {
+                let len = buf.len() as u64; // usize to u64 never truncates
+                self.settle(self.inner.write_zeroes(offset, len, may_unmap))
+            }
+            _ => self.settle(self.inner.write_at(buf, offset)),
+        }
     }
 
     fn flush(&self) -> Result<(), Error> {
@@ -135,8 +166,8 @@ mod tests {
             self.log("discard");
             Ok(())
         }
-        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), Error> {
-            self.log("zeroes");
+        fn write_zeroes(&self, _: u64, _: u64, may_unmap: bool) -> Result<(), Error> {
+            self.log(if may_unmap { "zeroes+unmap" } else { "zeroes" });
             Ok(())
         }
         fn block_status(&self, _: u64, len: u64) -> Result<BlockStatus, Error> {
@@ -148,7 +179,7 @@ mod tests {
     }
 
     fn run(policy: WritePolicy, recorder: Recorder) -> Vec<&'static str> {
-        let image = WithPolicy::new(recorder, policy);
+        let image = WithPolicy::new(recorder, policy, DetectZeroes::Off);
         let mut buf = [0u8; 512];
         image.read_at(&mut buf, 0).expect("read");
         let _ = image.write_at(&buf, 0);
@@ -182,6 +213,7 @@ mod tests {
                 ..Recorder::default()
             },
             WritePolicy::WriteThrough,
+            DetectZeroes::Off,
         );
         let err = image.write_at(&[0u8; 512], 4096).expect_err("fails");
         assert!(matches!(err, Error::OutOfRange { offset: 4096, .. }));
@@ -194,5 +226,27 @@ mod tests {
             run(WritePolicy::IgnoreFlush, Recorder::default()),
             ["read", "write", "zeroes", "discard"]
         );
+    }
+
+    #[test]
+    fn detect_zeroes_turns_only_all_zero_writes_into_write_zeroes() {
+        for (mode, zeroes) in [
+            (DetectZeroes::On, "zeroes"),
+            (DetectZeroes::Unmap, "zeroes+unmap"),
+        ] {
+            let image = WithPolicy::new(Recorder::default(), WritePolicy::WriteBack, mode);
+            image.write_at(&[0u8; 4096], 0).expect("zero write");
+            let mut data = [0u8; 4096];
+            data[4095] = 1;
+            image.write_at(&data, 0).expect("data write");
+            assert_eq!(image.inner.calls(), [zeroes, "write"], "{mode:?}");
+        }
+        let off = WithPolicy::new(
+            Recorder::default(),
+            WritePolicy::WriteBack,
+            DetectZeroes::Off,
+        );
+        off.write_at(&[0u8; 512], 0).expect("write");
+        assert_eq!(off.inner.calls(), ["write"]);
     }
 }

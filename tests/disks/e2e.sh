@@ -8,8 +8,9 @@
 #      The guest writes files and patterns, syncs, powers off. Then qemu-img check on the overlay and
 #      the qcow2 data disk, backing and read-only images byte-identical, the patterns read back on
 #      the host.
-#   2. read back: the same root now on the main loop and the qcow2 data disk on an iothread; the
-#      guest checks the files and the pattern and writes once more; qemu-img check again.
+#   2. read back: the same root now on the main loop with cache=writethrough and the qcow2 data
+#      disk on an iothread with cache=directsync; the guest checks the files and the pattern and
+#      writes once more; qemu-img check again.
 #   3. fio: a 2-vCPU guest runs fio --verify=crc32c at queue depth 32 on a qcow2 disk on an iothread
 #      (16 MiB of 4 KiB random writes, each block read back and verified),
 #      while QMP (over -qmp tcp:) is asked query-iothreads (thread ids checked against the real
@@ -101,9 +102,9 @@ echo GUEST-READS-DONE")
 start=$(date +%s)
 timeout 400 vmm -m 512M -smp 1 -kernel "$G/bzImage" -initrd "$G/initrd.img" \
   -object iothread,id=io0 \
-  -drive file=chain/top.qcow2,format=qcow2,if=none,id=root \
+  -drive file=chain/top.qcow2,format=qcow2,if=none,id=root,cache=writethrough \
   -device virtio-blk-device,drive=root,serial=root \
-  -drive file=data3.qcow2,format=qcow2,if=none,id=data3,cache=none \
+  -drive file=data3.qcow2,format=qcow2,if=none,id=data3,cache=directsync \
   -device virtio-blk-device,drive=data3,iothread=io0,serial=data3 \
   -append "$APPEND guest.root=/dev/vda guest.sh=$R guest.run=poweroff" < /dev/null > boot2.log 2>&1
 rc=$?

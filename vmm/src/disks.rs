@@ -27,7 +27,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use block::{DiskImage, Format, Image, OpenOptions, WithPolicy, WritePolicy};
+use block::{DetectZeroes, DiskImage, Format, Image, OpenOptions, WithPolicy, WritePolicy};
 use devices::bus::{Bus, BusError};
 use devices::context::{self, Context, IoThread};
 use devices::virtio::block::{Block, BlockConfig};
@@ -331,6 +331,11 @@ impl Disks {
                 }),
                 read_only: spec.drive.read_only,
                 cache: cache_flags(spec.drive.cache),
+                detect_zeroes: match spec.drive.detect_zeroes {
+                    DetectZeroes::Off => "off",
+                    DetectZeroes::On => "on",
+                    DetectZeroes::Unmap => "unmap",
+                },
                 image: describe(&image),
             };
             let block = add_disk(spec, image, ctx, vm_fd, memory, mmio, base, gsi)?;
@@ -424,7 +429,7 @@ fn add_disk(
         io_workers: IO_WORKERS,
         stats_intervals: spec.drive.stats_intervals.clone(),
     };
-    let image = WithPolicy::new(image, spec.drive.cache.policy);
+    let image = WithPolicy::new(image, spec.drive.cache.policy, spec.drive.detect_zeroes);
     let block = Block::new(config, Arc::new(image), ctx)
         .map_err(|source| DiskError::Device { id: id(), source })?;
     let transport = MmioTransport::new(block.clone(), memory.clone())
@@ -492,6 +497,7 @@ mod tests {
             cache: CacheSetting::default(),
             read_only,
             discard: false,
+            detect_zeroes: DetectZeroes::Off,
             stats_intervals: vec![],
         }
     }

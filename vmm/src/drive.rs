@@ -7,12 +7,12 @@
 //! given twice. What needs the files (a missing file, a lock held by another writer, a read-write
 //! disk on a read-only file, a format that would have to be guessed unsafely) is checked when the
 //! images are opened (`crate::disks`), still before the guest starts. Values QEMU has and this VMM
-//! does not implement (`aio=io_uring`, `detect-zeroes=on`, ...) are refused
+//! does not implement (`aio=io_uring`, `aio=native`, ...) are refused
 //! by name, never silently taken as something else.
 
 use std::path::PathBuf;
 
-use block::{CacheMode, Format, WritePolicy};
+use block::{CacheMode, DetectZeroes, Format, WritePolicy};
 
 use crate::options::{OptionError, OptionValue, Options};
 
@@ -149,6 +149,8 @@ pub struct DriveSpec {
     pub read_only: bool,
     /// `discard=unmap` (QEMU's default is `ignore`).
     pub discard: bool,
+    /// `detect-zeroes=` (QEMU's default is `off`).
+    pub detect_zeroes: DetectZeroes,
     /// `stats-intervals=` in seconds.
     pub stats_intervals: Vec<u32>,
 }
@@ -271,7 +273,6 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveSpec, DriveError> {
         },
     };
     only(&opts, "aio", &["threads"], "threads")?;
-    only(&opts, "detect-zeroes", &["off"], "off")?;
     let discard = match opts.get::<String>("discard").map_err(&err)?.as_deref() {
         None | Some("ignore" | "off") => false,
         Some("unmap" | "on") => true,
@@ -280,6 +281,24 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveSpec, DriveError> {
                 key: "discard",
                 value: other.to_owned(),
                 supported: "ignore, unmap",
+            })
+        }
+    };
+    let detect_zeroes = match opts
+        .get::<String>("detect-zeroes")
+        .map_err(&err)?
+        .as_deref()
+    {
+        None | Some("off") => DetectZeroes::Off,
+        Some("on") => DetectZeroes::On,
+        // As in QEMU, unmapping needs discard=unmap too; without it, zeroes stay allocated.
+        Some("unmap") if discard => DetectZeroes::Unmap,
+        Some("unmap") => DetectZeroes::On,
+        Some(other) => {
+            return Err(DriveError::Unsupported {
+                key: "detect-zeroes",
+                value: other.to_owned(),
+                supported: "off, on, unmap",
             })
         }
     };
@@ -299,6 +318,7 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveSpec, DriveError> {
         cache,
         read_only: opts.get("readonly").map_err(&err)?.unwrap_or(false),
         discard,
+        detect_zeroes,
         stats_intervals: opts
             .get::<Intervals>("stats-intervals")
             .map_err(&err)?
@@ -437,6 +457,7 @@ mod tests {
                 },
                 read_only: true,
                 discard: true,
+                detect_zeroes: DetectZeroes::Off,
                 stats_intervals: vec![1, 60],
             }
         );
@@ -462,6 +483,15 @@ mod tests {
         ] {
             let d = drive(&format!("file=f,id=d,cache={mode}"));
             assert_eq!(d.cache, CacheSetting { host, policy }, "{mode}");
+        }
+        for (opts, expected) in [
+            ("detect-zeroes=off", DetectZeroes::Off),
+            ("detect-zeroes=on", DetectZeroes::On),
+            ("detect-zeroes=unmap", DetectZeroes::On),
+            ("detect-zeroes=unmap,discard=unmap", DetectZeroes::Unmap),
+        ] {
+            let d = drive(&format!("file=f,id=d,{opts}"));
+            assert_eq!(d.detect_zeroes, expected, "{opts}");
         }
         let dev = parse_device(
             "virtio-blk-device,drive=d0,id=vd0,iothread=io0,serial=S1,num-queues=2,queue-size=128",
@@ -519,7 +549,7 @@ mod tests {
         for (line, key, value) in [
             ("file=f,id=d,cache=directio", "cache", "directio"),
             ("file=f,id=d,aio=io_uring", "aio", "io_uring"),
-            ("file=f,id=d,detect-zeroes=unmap", "detect-zeroes", "unmap"),
+            ("file=f,id=d,detect-zeroes=yes", "detect-zeroes", "yes"),
             ("file=f,id=d,discard=maybe", "discard", "maybe"),
             ("file=f,id=d,if=ide", "if", "ide"),
         ] {

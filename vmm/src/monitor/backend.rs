@@ -93,6 +93,8 @@ pub struct BlockDevice {
     pub read_only: bool,
     /// Host cache mode.
     pub cache: CacheMode,
+    /// `-drive detect-zeroes=` as QEMU names it: `off`, `on` or `unmap`.
+    pub detect_zeroes: &'static str,
     /// The image chain.
     pub image: ImageDescription,
 }

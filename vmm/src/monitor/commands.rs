@@ -328,7 +328,7 @@ fn image_info(image: &ImageDescription) -> Value {
 }
 
 /// One disk in `BlockInfo` form. The constant members state what this VMM does: no throttling,
-/// no encryption, no removable media, no zero detection.
+/// no encryption, no removable media.
 fn block_info(dev: &BlockDevice) -> Value {
     let depth =
         std::iter::successors(dev.image.backing.as_deref(), |i| i.backing.as_deref()).count();
@@ -339,7 +339,7 @@ fn block_info(dev: &BlockDevice) -> Value {
         "backing_file_depth": depth,
         "active": true,
         "encrypted": false,
-        "detect_zeroes": "off",
+        "detect_zeroes": dev.detect_zeroes,
         "bps": 0, "bps_rd": 0, "bps_wr": 0,
         "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "image": image_info(&dev.image),
@@ -643,8 +643,10 @@ mod tests {
         assert_eq!(ins["image"]["backing-filename-format"], "raw");
         assert_eq!(ins["image"]["backing-image"]["filename"], "/img/base.raw");
         assert!(ins["image"]["backing-image"].get("backing-image").is_none());
+        assert_eq!(ins["detect_zeroes"], "off");
         let d1 = &reply["return"][1]["inserted"];
         assert_eq!(d1["ro"], true);
+        assert_eq!(d1["detect_zeroes"], "unmap");
         assert_eq!(d1["backing_file_depth"], 0);
         assert!(d1.get("backing_file").is_none());
     }

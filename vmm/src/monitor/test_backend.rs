@@ -105,6 +105,7 @@ impl MonitorBackend for RecordingBackend {
                     direct: true,
                     no_flush: false,
                 },
+                detect_zeroes: "off",
                 image: chain(),
             },
             BlockDevice {
@@ -116,6 +117,7 @@ impl MonitorBackend for RecordingBackend {
                     direct: false,
                     no_flush: false,
                 },
+                detect_zeroes: "unmap",
                 image: ImageDescription {
                     backing: None,
                     ..chain()
