@@ -21,14 +21,7 @@ import sys
 
 from qemu.qmp import EventListener, QMPClient
 
-TIMEOUT = 30
-
-
-def check(cond, what):
-    if not cond:
-        print(f"FAIL: {what}", file=sys.stderr)
-        sys.exit(1)
-    print(f"ok: {what}")
+from checks import TIMEOUT, check
 
 
 class Vmm:
