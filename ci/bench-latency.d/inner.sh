@@ -13,7 +13,8 @@
 # "disturbed": the guest's second vCPU spins (fio is pinned to the first), and while fio runs a QMP
 # client here polls query-blockstats on one connection (paced, or a pipelined flood), so the VMM's
 # main loop keeps working. Leaves in $OUT_DIR: raw/TAG.json (fio), raw/TAG.polls (replies the
-# poller got), console/BOOT.log, version-VMM.json (query-version), host.txt.
+# poller got), console/BOOT.log and BOOT.debug.log (the VMM's -D log: why it stopped),
+# version-VMM.json (query-version), host.txt.
 set -u
 G=$GUEST_DIR
 cd "$DISK_DIR"
@@ -108,6 +109,14 @@ poll_stop() {
   rm -f nc.pid poll.in poll.out
 }
 count() { c=$(grep -c "$1" console.log 2>/dev/null); echo "${c:-0}"; }
+progress() { # a line per fio run finished since the last call
+  c=$(count BENCH-FIO-END)
+  while [ "$c" -gt $ends ]; do
+    ends=$((ends + 1)); done_confs=$((done_confs + 1))
+    line=$(grep BENCH-FIO-END console.log | sed -n "${ends}p" | tr -d '\r')
+    say "[$done_confs/$NCONF] $(echo "$line" | awk '{print $2 ", fio exit " $3}'), $(($(date +%s) - start)) s into this boot"
+  done
+}
 
 done_confs=0
 port=4440
@@ -136,7 +145,8 @@ for boot in $BOOTS; do
     -drive "file=$file,format=$fmt,if=none,id=d0,cache=none" \
     -device "virtio-blk-device,drive=d0,id=vd0$dev" \
     -qmp "tcp:127.0.0.1:$port,server=on,wait=off" \
-    -append "console=ttyS0 quiet guest.sh=$gs guest.run=poweroff" < /dev/null > console.log 2>&1 &
+    -D run/debug.log -append "console=ttyS0 quiet guest.sh=$gs guest.run=poweroff" \
+    < /dev/null > console.log 2>&1 &
   pid=$!
   start=$(date +%s)
   on=0 off=0 ends=0
@@ -151,17 +161,14 @@ for boot in $BOOTS; do
     fi
     c=$(count BENCH-LOAD-OFF)
     if [ "$c" -gt $off ]; then off=$c; poll_stop; fi
-    c=$(count BENCH-FIO-END)
-    while [ "$c" -gt $ends ]; do
-      ends=$((ends + 1)); done_confs=$((done_confs + 1))
-      line=$(grep BENCH-FIO-END console.log | sed -n "${ends}p" | tr -d '\r')
-      say "[$done_confs/$NCONF] ${line#BENCH-FIO-END } done, $(($(date +%s) - start)) s into this boot"
-    done
+    progress
     nap
   done
   wait $pid
   rc=$?
+  progress
   [ -e poll.on ] && poll_stop
+  cp run/debug.log "$OUT_DIR/console/$vmm.$place.$image.debug.log" 2>/dev/null
   tr -d '\r' < console.log > "$OUT_DIR/console/$vmm.$place.$image.log"
   awk -v dir="$OUT_DIR/raw" '/^BENCH-FIO-BEGIN /{f=dir "/" $2 ".json"; next}
     /^BENCH-FIO-END /{if (f != "") close(f); f=""; next} f != "" {print > f}' \
