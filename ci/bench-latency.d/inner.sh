@@ -1,0 +1,182 @@
+# The inner half of ci/bench-latency, run by resources/nested-host (busybox sh in the nested host,
+# /bin/sh on direct KVM). ci/bench-latency prepends the plan:
+#   BOOTS    "VMM:PLACEMENT:IMAGE ..." in run order (VMM vmm|qemu, PLACEMENT main-loop|iothread,
+#            IMAGE raw|qcow2|chain3): one guest boot each, vmm and QEMU interleaved;
+#   RWS QDS LOADS   what each boot runs, in nested loops (randread/randwrite, 1/32, quiet/disturbed);
+#   RUNTIME  fio's measured seconds per configuration (after 1 s of ramp);
+#   IMAGE_MIB, NCONF (configurations in all, for the progress lines);
+#   POLL_INTERVAL  seconds between a QMP reply and the next query-blockstats (0: flood, pipelined).
+# Each boot: a 2-vCPU 1 GiB guest with initrd-fio.img, its one disk a fresh copy of the image, the
+# same flags for both VMMs (QEMU: microvm, -object iothread, -device virtio-blk-device), cache=none,
+# and a monitor on -qmp tcp:127.0.0.1:PORT. The guest (a script on its command line) runs fio with
+# --output-format=json per configuration and prints the JSON between BENCH-FIO-BEGIN/END lines.
+# "disturbed": the guest's second vCPU spins (fio is pinned to the first), and while fio runs a QMP
+# client here polls query-blockstats on one connection (paced, or a pipelined flood), so the VMM's
+# main loop keeps working. Leaves in $OUT_DIR: raw/TAG.json (fio), raw/TAG.polls (replies the
+# poller got), console/BOOT.log and BOOT.debug.log (the VMM's -D log: why it stopped),
+# version-VMM.json (query-version), host.txt.
+set -u
+G=$GUEST_DIR
+cd "$DISK_DIR"
+mkdir -p "$OUT_DIR/raw" "$OUT_DIR/console"
+say() { echo "bench: $*"; }
+nap() { sleep 0.5 2>/dev/null || sleep 1; }
+
+{
+  echo "host=$NESTED_HOST"
+  echo "host_vcpus=$(grep -c '^processor' /proc/cpuinfo)"
+  echo "host_kernel=$(uname -r)"
+  echo "qemu=$(qemu-system-x86_64 --version | head -1)"
+} > "$OUT_DIR/host.txt"
+
+# The images, made once, copied fresh for every boot (a write run changes them). Every cluster is
+# allocated, so a read never hits a hole. chain3: base <- mid <- top, relative backing names; mid
+# owns the first third of the disk, top the second, base the rest, so reads walk all three layers.
+need() { case " $BOOTS " in *":$1 "*) return 0 ;; esac; return 1; }
+mkdir -p img
+qemu-img create -q -f raw img/raw.raw "${IMAGE_MIB}M"
+qemu-io -f raw -c "write -P 0xab 0 ${IMAGE_MIB}M" img/raw.raw > /dev/null
+if need qcow2; then qemu-img convert -f raw -O qcow2 img/raw.raw img/qcow2.qcow2; fi
+if need chain3; then
+  third=$((IMAGE_MIB / 3))
+  mkdir -p img/chain
+  qemu-img convert -f raw -O qcow2 img/raw.raw img/chain/base.qcow2
+  (cd img/chain && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2 &&
+    qemu-io -f qcow2 -c "write -P 0xcd 0 ${third}M" mid.qcow2 > /dev/null &&
+    qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 &&
+    qemu-io -f qcow2 -c "write -P 0xef ${third}M ${third}M" top.qcow2 > /dev/null)
+fi
+need raw || rm -f img/raw.raw
+say "images ready: $(ls img img/chain 2>/dev/null | tr '\n' ' ')"
+
+# The guest's script: the fio runs of one boot (variables P RWS QDS LOADS RT prepended).
+guest_body='cd /tmp
+for rw in $RWS; do for qd in $QDS; do for ld in $LOADS; do
+t=$P.$rw.qd$qd.$ld
+if [ $ld = disturbed ]; then
+if command -v taskset >/dev/null; then taskset 2 sh -c "while :; do :; done" & else sh -c "while :; do :; done" & fi
+s=$!; echo BENCH-LOAD-ON $t; sleep 3
+fi
+fio --name=bench --filename=/dev/vda --direct=1 --ioengine=libaio --rw=$rw --bs=4k --iodepth=$qd --ramp_time=1 --runtime=$RT --time_based --eta=never --cpus_allowed=0 --output-format=json --output=f.json 2>f.err
+r=$?
+if [ $ld = disturbed ]; then kill $s; echo BENCH-LOAD-OFF $t; fi
+echo BENCH-FIO-BEGIN $t; cat f.json; echo BENCH-FIO-END $t $r; sed "s/^/BENCH-FIO-ERR /" f.err
+done; done; done
+echo BENCH-GUEST-DONE'
+
+poll_start() { # $1 port, $2 tag
+  touch poll.on
+  rm -f poll.in poll.out nc.pid
+  mkfifo poll.in poll.out
+  polls="$OUT_DIR/raw/$2.polls"
+  if [ "$POLL_INTERVAL" = 0 ]; then
+    # Flood: requests back to back on one connection without waiting, every reply read.
+    (nc 127.0.0.1 "$1" < poll.in & echo $! > nc.pid; wait) | grep -c '"return"' > "$polls" &
+    ( printf '%s\n' '{"execute":"qmp_capabilities"}'
+      while [ -e poll.on ]; do printf '%s\n' '{"execute":"query-blockstats"}'; done ) > poll.in &
+  else
+    # Paced: one request, its reply read, then POLL_INTERVAL seconds: the same offered load for
+    # every VMM that answers within the interval.
+    nc 127.0.0.1 "$1" < poll.in > poll.out &
+    echo $! > nc.pid
+    ( exec 3> poll.in 4< poll.out
+      read -r line <&4
+      printf '%s\n' '{"execute":"qmp_capabilities"}' >&3; read -r line <&4
+      n=0
+      while [ -e poll.on ]; do
+        printf '%s\n' '{"execute":"query-blockstats"}' >&3
+        read -r line <&4 || break
+        n=$((n + 1))
+        sleep "$POLL_INTERVAL"
+      done
+      echo $n > "$polls" ) &
+  fi
+  writer=$!
+}
+poll_stop() {
+  rm -f poll.on
+  if [ "$POLL_INTERVAL" = 0 ]; then
+    i=0; while [ ! -s nc.pid ] && [ $i -lt 10 ]; do nap; i=$((i + 1)); done
+    [ -s nc.pid ] && kill "$(cat nc.pid)" 2>/dev/null
+    kill "$writer" 2>/dev/null
+  else
+    # The paced client ends its loop within one interval and a reply.
+    i=0; while kill -0 "$writer" 2>/dev/null && [ $i -lt 20 ]; do nap; i=$((i + 1)); done
+    kill "$writer" 2>/dev/null
+    kill "$(cat nc.pid)" 2>/dev/null
+  fi
+  wait "$writer" 2>/dev/null
+  rm -f nc.pid poll.in poll.out
+}
+count() { c=$(grep -c "$1" console.log 2>/dev/null); echo "${c:-0}"; }
+progress() { # a line per fio run finished since the last call
+  c=$(count BENCH-FIO-END)
+  while [ "$c" -gt $ends ]; do
+    ends=$((ends + 1)); done_confs=$((done_confs + 1))
+    line=$(grep BENCH-FIO-END console.log | sed -n "${ends}p" | tr -d '\r')
+    say "[$done_confs/$NCONF] $(echo "$line" | awk '{print $2 ", fio exit " $3}'), $(($(date +%s) - start)) s into this boot"
+  done
+}
+
+done_confs=0
+port=4440
+status=0
+for boot in $BOOTS; do
+  vmm=${boot%%:*}; rest=${boot#*:}; place=${rest%%:*}; image=${rest#*:}
+  port=$((port + 1))
+  rm -rf run; mkdir run
+  case $image in
+    raw) cp img/raw.raw run/d.raw; file=run/d.raw; fmt=raw ;;
+    qcow2) cp img/qcow2.qcow2 run/d.qcow2; file=run/d.qcow2; fmt=qcow2 ;;
+    chain3) cp img/chain/*.qcow2 run/; file=run/top.qcow2; fmt=qcow2 ;;
+  esac
+  io="" dev=""
+  if [ "$place" = iothread ]; then io="-object iothread,id=io0"; dev=",iothread=io0"; fi
+  case $vmm in
+    vmm) cmd="vmm -m 1G -smp 2" ;;
+    qemu) cmd="qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m 1G -smp 2 -nodefaults -no-reboot -display none -serial stdio" ;;
+  esac
+  vars="P=$vmm.$place.$image RWS=\"$RWS\" QDS=\"$QDS\" LOADS=\"$LOADS\" RT=$RUNTIME"
+  gs=$(printf '%s\n%s\n' "$vars" "$guest_body" | base64 | tr -d '\n')
+  n=$(( $(echo $RWS | wc -w) * $(echo $QDS | wc -w) * $(echo $LOADS | wc -w) ))
+  say "boot $vmm $place $image ($n configurations)"
+  # shellcheck disable=SC2086 # $cmd and $io are word lists on purpose
+  timeout $((180 + n * (RUNTIME + 60))) $cmd -kernel "$G/bzImage" -initrd "$G/initrd-fio.img" $io \
+    -drive "file=$file,format=$fmt,if=none,id=d0,cache=none" \
+    -device "virtio-blk-device,drive=d0,id=vd0$dev" \
+    -qmp "tcp:127.0.0.1:$port,server=on,wait=off" \
+    -D run/debug.log -append "console=ttyS0 quiet guest.sh=$gs guest.run=poweroff" \
+    < /dev/null > console.log 2>&1 &
+  pid=$!
+  start=$(date +%s)
+  on=0 off=0 ends=0
+  while kill -0 $pid 2>/dev/null; do
+    if [ ! -e "$OUT_DIR/version-$vmm.json" ] && grep -q GUEST-USERSPACE-UP console.log; then
+      { printf '%s\n' '{"execute":"qmp_capabilities"}' '{"execute":"query-version"}'; sleep 1; } |
+        nc 127.0.0.1 $port | grep '"qemu"' > "$OUT_DIR/version-$vmm.json"
+    fi
+    c=$(count BENCH-LOAD-ON)
+    if [ "$c" -gt $on ]; then
+      on=$c; poll_start $port "$(grep BENCH-LOAD-ON console.log | tail -1 | tr -d '\r' | cut -d' ' -f2)"
+    fi
+    c=$(count BENCH-LOAD-OFF)
+    if [ "$c" -gt $off ]; then off=$c; poll_stop; fi
+    progress
+    nap
+  done
+  wait $pid
+  rc=$?
+  progress
+  [ -e poll.on ] && poll_stop
+  cp run/debug.log "$OUT_DIR/console/$vmm.$place.$image.debug.log" 2>/dev/null
+  tr -d '\r' < console.log > "$OUT_DIR/console/$vmm.$place.$image.log"
+  awk -v dir="$OUT_DIR/raw" '/^BENCH-FIO-BEGIN /{f=dir "/" $2 ".json"; next}
+    /^BENCH-FIO-END /{if (f != "") close(f); f=""; next} f != "" {print > f}' \
+    "$OUT_DIR/console/$vmm.$place.$image.log"
+  grep -E 'BENCH-FIO-ERR|^vmm:|qemu-system' "$OUT_DIR/console/$vmm.$place.$image.log" | head -5
+  got=$(grep -c '^BENCH-FIO-END .* 0$' "$OUT_DIR/console/$vmm.$place.$image.log")
+  say "boot $vmm $place $image: exit $rc, $got/$n fio runs, $(($(date +%s) - start)) s"
+  if [ "$rc" -ne 0 ] || [ "$got" -ne "$n" ]; then status=1; fi
+  rm -rf run
+done
+exit $status

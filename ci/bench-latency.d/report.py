@@ -1,0 +1,239 @@
+"""The report of ci/bench-latency: reads a results folder (raw/TAG.json, fio's JSON per run, TAG being
+VMM.PLACEMENT.IMAGE.RW.qdN.LOAD; raw/TAG.polls; machine.txt, host.txt, version-*.json) and writes
+summary.json (one object per configuration, the fields issue 6 names), summary.md (the host, both
+VMMs' versions, the table, vmm over QEMU, iothread over main loop under load) and latency-cdf.png
+(the completion-latency percentile curves of vmm and QEMU per configuration). Exits 1 when a
+configuration has no usable fio result.
+
+usage: report.py RESULTS_DIR
+"""
+
+import json
+import math
+import pathlib
+import sys
+
+# fio's default percentile list (fio(1), "percentile_list"): the points of the curves.
+PCTS = ["1.000000", "5.000000", "10.000000", "20.000000", "30.000000", "40.000000",
+        "50.000000", "60.000000", "70.000000", "80.000000", "90.000000", "95.000000",
+        "99.000000", "99.500000", "99.900000", "99.950000", "99.990000"]
+# The summary's percentiles: name -> fio key.
+SUMMARY_PCTS = {"p50": "50.000000", "p90": "90.000000", "p99": "99.000000",
+                "p99.9": "99.900000", "p99.99": "99.990000"}
+# p99.99 is reported only from runs with at least this many completions (issue 6).
+P9999_MIN_IOS = 100_000
+ORDER = {
+    "vmm": ["vmm", "qemu"], "placement": ["main-loop", "iothread"],
+    "image": ["raw", "qcow2", "chain3"], "rw": ["randread", "randwrite"],
+    "load": ["quiet", "disturbed"],
+}
+
+
+def read_kv(path):
+    """KEY=VALUE lines of a text file, or {} when it is missing."""
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def fio_side(doc, rw):
+    """The fio job's read or write statistics for an rw mode."""
+    job = doc["jobs"][0]
+    return job["read" if "read" in rw else "write"]
+
+
+def parse_run(path):
+    """(config, summary object, curve) from one fio JSON file, or None with a reason."""
+    parts = path.stem.split(".")
+    if len(parts) != 6 or not parts[4].startswith("qd"):
+        return None, f"{path.name}: not a run name"
+    vmm, placement, image, rw, qd, load = parts
+    text = path.read_text(errors="replace")
+    start = text.find("{")
+    try:
+        doc = json.loads(text[start:]) if start >= 0 else None
+    except json.JSONDecodeError as err:
+        return None, f"{path.name}: fio's JSON does not parse ({err})"
+    if doc is None:
+        return None, f"{path.name}: no JSON"
+    side = fio_side(doc, rw)
+    clat = side.get("clat_ns", {})
+    pct = clat.get("percentile", {})
+    n = clat.get("N", side.get("total_ios", 0))
+    if not n or not pct:
+        return None, f"{path.name}: no completions"
+    lat = {"mean": clat["mean"] / 1000, "stdev": clat["stddev"] / 1000}
+    for name, key in SUMMARY_PCTS.items():
+        lat[name] = pct[key] / 1000 if key in pct else None
+    if n < P9999_MIN_IOS:
+        lat["p99.99"] = None
+    obj = {"vmm": vmm, "placement": placement, "image": image, "rw": rw,
+           "iodepth": int(qd[2:]), "load": load, "iops": side["iops"], "lat_us": lat}
+    curve = [(float(k), pct[k] / 1000) for k in PCTS if k in pct]
+    if n < P9999_MIN_IOS:
+        curve = [(p, v) for p, v in curve if p < 99.99]
+    return (obj, n, curve), None
+
+
+def sort_key(obj):
+    return (ORDER["image"].index(obj["image"]), ORDER["rw"].index(obj["rw"]), obj["iodepth"],
+            ORDER["load"].index(obj["load"]), ORDER["placement"].index(obj["placement"]),
+            ORDER["vmm"].index(obj["vmm"]))
+
+
+def fmt(v, digits=0):
+    return "—" if v is None else f"{v:,.{digits}f}"
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def tag(obj, without=()):
+    keys = ["vmm", "placement", "image", "rw", "iodepth", "load"]
+    return tuple(obj[k] for k in keys if k not in without)
+
+
+def plot(runs, path):
+    """One panel per configuration, vmm's and QEMU's percentile curves on a 'nines' axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pairs = {}
+    for obj, _, curve in runs:
+        pairs.setdefault(tag(obj, ("vmm",)), {})[obj["vmm"]] = curve
+    keys = sorted(pairs, key=lambda k: sort_key({"vmm": "vmm", "placement": k[0], "image": k[1],
+                                                  "rw": k[2], "iodepth": k[3], "load": k[4]}))
+    cols = min(4, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    nines = lambda p: -math.log10(1 - p / 100)  # noqa: E731 (50 -> 0.3, 99 -> 2, 99.9 -> 3)
+    ticks = [50, 90, 99, 99.9, 99.99]
+    for ax, key in zip(axes.flat, keys):
+        for vmm, style in (("vmm", "-o"), ("qemu", "--s")):
+            curve = pairs[key].get(vmm)
+            if curve:
+                ax.plot([v for _, v in curve], [nines(p) for p, _ in curve], style, ms=3,
+                        label=vmm)
+        ax.set_xscale("log")
+        ax.set_yticks([nines(t) for t in ticks], [str(t) for t in ticks])
+        ax.set_title("{} {} {} QD{} {}".format(*key), fontsize=9)
+        ax.set_xlabel("completion latency (µs)", fontsize=8)
+        ax.set_ylabel("percentile", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle("fio 4 KiB completion latency: vmm vs QEMU microvm (same host, same run)",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__.strip().splitlines()[-1])
+    out = pathlib.Path(sys.argv[1])
+    machine = read_kv(out / "machine.txt")
+    host = read_kv(out / "host.txt")
+    runs, problems = [], []
+    for path in sorted((out / "raw").glob("*.json")):
+        run, why = parse_run(path)
+        if run:
+            polls = out / "raw" / (path.stem + ".polls")
+            run = (*run, polls.read_text().strip() if polls.exists() else "")
+            runs.append(run)
+        else:
+            problems.append(why)
+    runs.sort(key=lambda r: sort_key(r[0]))
+    expected = int(machine.get("configurations", "0") or 0)
+    if len(runs) < expected:
+        problems.append(f"{len(runs)} of {expected} configurations have a result")
+    (out / "summary.json").write_text(json.dumps([r[0] for r in runs], indent=2) + "\n")
+
+    versions = {}
+    for vmm in ("vmm", "qemu"):
+        vpath = out / f"version-{vmm}.json"
+        try:
+            lines = [ln for ln in vpath.read_text().splitlines() if '"return"' in ln]
+            ret = json.loads(lines[0])["return"]
+            q = ret["qemu"]
+            versions[vmm] = f"{q['major']}.{q['minor']}.{q['micro']} {ret.get('package', '')}".strip()
+        except (OSError, IndexError, KeyError, ValueError):
+            versions[vmm] = "unknown (no query-version reply)"
+    level0 = machine.get("level0", "?")
+    md = ["# Block latency: vmm beside QEMU microvm", ""]
+    if level0 == "nested":
+        where = (f"the **nested KVM host**: this machine ({machine.get('machine_cpus')} CPUs, "
+                 f"{machine.get('machine_cpu')}, no VMX/SVM, load {machine.get('machine_load')} "
+                 f"at the start) runs {machine.get('outer_qemu')} TCG with "
+                 f"{host.get('host_vcpus')} vCPUs (kernel {host.get('host_kernel')}), in which "
+                 "each VMM runs a 2-vCPU 1 GiB guest")
+    else:
+        where = (f"direct KVM: {host.get('host_vcpus')} CPUs ({machine.get('machine_cpu')}), "
+                 "each VMM runs a 2-vCPU 1 GiB guest")
+    md += [f"- Host: {where}.",
+           f"- vmm: query-version {versions['vmm']}, package {machine.get('vmm_package')}, "
+           f"commit {machine.get('vmm_commit')}.",
+           f"- QEMU: query-version {versions['qemu']} ({host.get('qemu')}), `-M microvm`.",
+           f"- Guest: Debian kernel {machine.get('guest_kernel')}, initrd-fio.img; one virtio-blk "
+           f"disk ({machine.get('image_mib')} MiB, every cluster allocated, `cache=none`), fresh "
+           "copy per boot; fio 4 KiB `--direct=1 --ioengine=libaio`, pinned to vCPU 0, "
+           f"{machine.get('runtime_s')} s after 1 s of ramp, `--output-format=json`.",
+           "- disturbed: the guest's vCPU 1 runs a shell spin loop; while fio runs, a QMP client "
+           "in the host polls `query-blockstats` over `-qmp tcp:` on one connection, "
+           + ("requests pipelined back to back (a flood)"
+              if machine.get("poll_interval_s") in ("0", None) else
+              f"one request, its reply, then {machine.get('poll_interval_s')} s")
+           + " (replies it got: the polls column).",
+           f"- Run: {machine.get('mode')}, fio JSON of each run in `raw/`. Nested figures "
+           "compare VMMs within one run; they are not hardware latencies.", ""]
+    if problems:
+        md += ["**Missing or unusable runs:** " + "; ".join(problems), ""]
+    md += ["| VMM | placement | image | rw | QD | load | IOPS | mean µs | stdev µs | p50 µs | "
+           "p90 µs | p99 µs | p99.9 µs | p99.99 µs | polls |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for obj, n, _, polls in runs:
+        lat = obj["lat_us"]
+        md.append(f"| {obj['vmm']} | {obj['placement']} | {obj['image']} | {obj['rw']} | "
+                  f"{obj['iodepth']} | {obj['load']} | {fmt(obj['iops'])} | {fmt(lat['mean'])} | "
+                  f"{fmt(lat['stdev'])} | {fmt(lat['p50'])} | {fmt(lat['p90'])} | "
+                  f"{fmt(lat['p99'])} | {fmt(lat['p99.9'])} | {fmt(lat['p99.99'])} | "
+                  f"{polls or '—'} |")
+    by = {tag(r[0]): r[0] for r in runs}
+    md += ["", "## vmm over QEMU (below 1: vmm faster; goal: at most 1 everywhere)", "",
+           "| placement | image | rw | QD | load | IOPS | p50 | p99 | p99.9 |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for obj in (r[0] for r in runs if r[0]["vmm"] == "vmm"):
+        q = by.get(("qemu",) + tag(obj)[1:])
+        if not q:
+            continue
+        cells = [ratio(obj["iops"], q["iops"])] + [
+            ratio(obj["lat_us"][p], q["lat_us"][p]) for p in ("p50", "p99", "p99.9")]
+        md.append(f"| {obj['placement']} | {obj['image']} | {obj['rw']} | {obj['iodepth']} | "
+                  f"{obj['load']} | " + " | ".join(fmt(c, 2) for c in cells) + " |")
+    md += ["", "## iothread over main loop, disturbed (goal: p99.9 at most 0.5)", "",
+           "| VMM | image | rw | QD | p50 | p99 | p99.9 |", "|---|---|---|---|---|---|---|"]
+    for obj in (r[0] for r in runs if r[0]["placement"] == "iothread" and r[0]["load"] == "disturbed"):
+        t = tag(obj)
+        m = by.get((t[0], "main-loop") + t[2:])
+        if not m:
+            continue
+        cells = [ratio(obj["lat_us"][p], m["lat_us"][p]) for p in ("p50", "p99", "p99.9")]
+        md.append(f"| {obj['vmm']} | {obj['image']} | {obj['rw']} | {obj['iodepth']} | "
+                  + " | ".join(fmt(c, 2) for c in cells) + " |")
+    if runs:
+        plot([(r[0], r[1], r[2]) for r in runs], out / "latency-cdf.png")
+        md += ["", "Latency percentile curves: `latency-cdf.png`."]
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    if problems or not runs:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
