@@ -8,10 +8,20 @@
 //! Clients: several at once (up to [`MAX_CLIENTS`]; QEMU serves one per monitor and leaves
 //! the next waiting in the backlog, which is what happens here past the limit: the listener stops
 //! being watched until a client leaves). Each client has its own framer, session and output buffer.
-//! A client that does not read its replies gets no more requests processed once
-//! [`OUTPUT_SOFT_LIMIT`] bytes wait for it (QEMU suspends the monitor the same way), and is
-//! dropped if events alone push it past [`OUTPUT_HARD_LIMIT`]. Writes use `MSG_NOSIGNAL`, so a client
-//! that vanishes mid-command costs a failed write and its own connection, nothing else.
+//!
+//! Fairness, as QEMU's monitor does it: a client gets at most one command run per wake-up, and
+//! its next command waits until the reply to the last one has left (its output buffer is empty);
+//! meanwhile nothing more is read from it. Commands a client pipelined and that were already read
+//! are run one per loop iteration: the client is watched for writability, which a socket with
+//! room in its buffer reports at once, so the loop comes back to it after serving every other
+//! ready descriptor (the disks on the main loop, the other clients). A flood of requests thus gets
+//! one command's share of each iteration, and the global lock (which every handler runs under) is
+//! let go between commands, so the vCPUs waiting for it get their turn.
+//!
+//! A client that does not read its replies gets no more requests processed (QEMU suspends the
+//! monitor the same way), and is dropped if events alone push its output past
+//! [`OUTPUT_HARD_LIMIT`]. Writes use `MSG_NOSIGNAL`, so a client that vanishes mid-command costs a
+//! failed write and its own connection, nothing else.
 //!
 //! Locking: the main loop calls [`Monitor`]'s handlers with the global lock held, and commands run
 //! right there, synchronously, on the [`MonitorBackend`]; the monitor takes no lock of its own.
@@ -32,8 +42,6 @@ use super::protocol;
 
 /// Most clients served at once.
 pub const MAX_CLIENTS: usize = 16;
-/// Output waiting for a client above which its further requests wait.
-pub const OUTPUT_SOFT_LIMIT: usize = 256 << 10;
 /// Output waiting for a client above which it is disconnected.
 pub const OUTPUT_HARD_LIMIT: usize = 4 << 20;
 /// Bytes read from a client per wake-up.
@@ -70,14 +78,20 @@ impl Client {
         }
     }
 
-    /// The events to watch: input unless requests are waiting behind unread output, output while
-    /// some is queued.
+    /// Whether its next request may run: every reply so far has left.
+    fn may_run(&self) -> bool {
+        self.output.is_empty() && !self.dead
+    }
+
+    /// The events to watch: input once every request read so far has been answered and sent;
+    /// output while some is queued, or while requests read earlier wait for their turn (a socket
+    /// with room is writable at once, which brings the loop back for the next one).
     fn wanted(&self) -> EventSet {
         let mut set = EventSet::empty();
-        if !self.eof && !self.framer.has_pending() && self.output.len() < OUTPUT_SOFT_LIMIT {
+        if !self.eof && !self.framer.has_pending() && self.output.is_empty() {
             set |= EventSet::IN;
         }
-        if !self.output.is_empty() {
+        if !self.output.is_empty() || self.framer.has_pending() {
             set |= EventSet::OUT;
         }
         set
@@ -235,36 +249,39 @@ impl Monitor {
         client.flush();
     }
 
-    /// Handles a client's buffered requests until none is left or its output backs up.
-    fn run_requests(&mut self, client: &mut Client, backend: &mut dyn MonitorBackend) {
-        while client.output.len() < OUTPUT_SOFT_LIMIT && !client.dead {
-            let Some(frame) = client.framer.next_frame() else {
-                break;
-            };
-            let outcome = match frame {
-                Frame::Text(text) => client.session.handle(&text, backend),
-                Frame::Error(e) => client.session.frame_error(e),
-            };
-            self.deliver(client, outcome);
+    /// Runs the client's next buffered request, if its earlier replies have all left.
+    fn run_one_request(&mut self, client: &mut Client, backend: &mut dyn MonitorBackend) {
+        if !client.may_run() {
+            return;
         }
+        let Some(frame) = client.framer.next_frame() else {
+            return;
+        };
+        let outcome = match frame {
+            Frame::Text(text) => client.session.handle(&text, backend),
+            Frame::Error(e) => client.session.frame_error(e),
+        };
+        self.deliver(client, outcome);
     }
 
-    /// Serves one client's readiness.
+    /// Serves one client's readiness: sends what is queued, reads when it may, and runs at most
+    /// one request.
     fn serve(&mut self, fd: RawFd, set: EventSet, backend: &mut dyn MonitorBackend) {
         let Some(mut client) = self.clients.remove(&fd) else {
             return;
         };
         if set.contains(EventSet::OUT) {
             client.flush();
-            self.run_requests(&mut client, backend);
         }
-        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) && client.may_run() {
             client.read_some();
-            self.run_requests(&mut client, backend);
         }
+        self.run_one_request(&mut client, backend);
         client.flush();
-        // Gone for good: both directions shut, or half-closed with everything answered.
-        if set.intersects(EventSet::HANG_UP | EventSet::ERROR)
+        // Gone for good: both directions shut, or half-closed, once everything read was run
+        // (a hang-up keeps being reported, so the loop comes back for each remaining request).
+        let hung_up = set.intersects(EventSet::HANG_UP | EventSet::ERROR);
+        if (hung_up && !client.framer.has_pending())
             || (client.eof && !client.framer.has_pending() && client.output.is_empty())
         {
             client.dead = true;

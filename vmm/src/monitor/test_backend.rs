@@ -16,6 +16,8 @@ pub struct RecordingBackend {
     pub calls: Arc<Mutex<Vec<String>>>,
     /// When set, `pause` fails with this message.
     pub fail_pause: Option<String>,
+    /// How long each `block_stats` call takes (a slow command, for the fairness tests).
+    pub stats_delay: std::time::Duration,
 }
 
 impl RecordingBackend {
@@ -24,6 +26,7 @@ impl RecordingBackend {
             state,
             calls: Arc::new(Mutex::new(Vec::new())),
             fail_pause: None,
+            stats_delay: std::time::Duration::ZERO,
         }
     }
 
@@ -128,6 +131,7 @@ impl MonitorBackend for RecordingBackend {
 
     fn block_stats(&self, drive_id: &str) -> Result<BlockDeviceStats, BackendError> {
         self.record(format!("stats {drive_id}"));
+        std::thread::sleep(self.stats_delay);
         Ok(BlockDeviceStats {
             rd_operations: 3,
             rd_bytes: 12288,
