@@ -6,7 +6,8 @@
 //! with a one-line error for a missing file, an image another process writes, a read-write disk
 //! on a read-only file, or a format that would have to be guessed where guessing is unsafe (a raw
 //! image opened for writing); builds each virtio-blk device in its iothread's context, or in the
-//! main loop's context when it has none; puts its transport on the MMIO bus at
+//! main loop's context when it has none; puts its transport on the shared MMIO bus (reached by
+//! the vCPUs without the global lock) at
 //! [`VIRTIO_MMIO_START`] + n × [`VIRTIO_MMIO_SIZE`]; registers one ioeventfd per queue at its
 //! QueueNotify register (datamatch: the queue index) and its irqfd on GSI
 //! [`VIRTIO_IRQ_FIRST`] + n; and returns the `LNRO0005` DSDT entries, edge-triggered.
@@ -15,12 +16,12 @@
 //! ioeventfds, the completions of its worker pool, the used ring and the irqfd), which never
 //! takes the global lock (`GlobalLock::lock` debug-asserts it). The main loop's context is
 //! dispatched by [`MainContext`], a main-loop handler, so main-loop disks run under the global
-//! lock like every other main-loop handler. vCPUs reach a transport under the global lock; the
-//! transport acquires the device's context for anything but the interrupt status and
-//! acknowledge (atomics).
+//! lock like every other main-loop handler. vCPUs reach a transport without the global lock (the
+//! shared MMIO bus, see [`crate::global`]); the transport acquires the device's context for
+//! anything but the interrupt status and acknowledge (atomics).
 //!
 //! [`Disks::shutdown`], after the vCPUs stopped: drains and flushes every device (waiting without
-//! holding its context), takes the transports off the bus, drops the devices (the images close
+//! holding its context), takes the transports off the shared bus, drops the devices (the images close
 //! and their locks go), then stops the iothreads.
 
 use std::os::unix::fs::MetadataExt;
@@ -28,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use block::{DetectZeroes, DiskImage, Format, Image, OpenOptions, WithPolicy, WritePolicy};
-use devices::bus::{Bus, BusError};
+use devices::bus::{BusError, SharedBus};
 use devices::context::{self, Context, IoThread};
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
@@ -283,13 +284,13 @@ fn cache_flags(mode: CacheSetting) -> CacheMode {
 
 impl Disks {
     /// Builds the iothreads and disks (steps in the module doc), putting the transports on
-    /// `mmio`; returns them with the DSDT entries of the transports.
+    /// `shared_mmio`; returns them with the DSDT entries of the transports.
     pub fn build(
         iothread_ids: &[String],
         specs: &[DiskSpec],
         vm_fd: &VmFd,
         memory: &GuestMemory,
-        mmio: &mut Bus,
+        shared_mmio: &mut SharedBus,
     ) -> Result<(Self, Vec<DsdtDevice>), DiskError> {
         let max = VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1;
         if u32::try_from(specs.len()).map_or(true, |n| n > max) {
@@ -338,7 +339,7 @@ impl Disks {
                 },
                 image: describe(&image),
             };
-            let block = add_disk(spec, image, ctx, vm_fd, memory, mmio, base, gsi)?;
+            let block = add_disk(spec, image, ctx, vm_fd, memory, shared_mmio, base, gsi)?;
             log::info!(
                 "disk {}: {} at {base:#x}, GSI {gsi}, on {}",
                 spec.drive.id,
@@ -394,7 +395,7 @@ impl Disks {
             }
         }
         // The transports hold the devices; the devices hold their images and contexts.
-        global.lock().mmio = Bus::new();
+        global.clear_shared_mmio();
         drop(self.disks);
         for t in self.iothreads {
             let id = t.id().to_owned();
@@ -406,7 +407,8 @@ impl Disks {
     }
 }
 
-/// Builds the device of one disk in `ctx`, puts its transport on `mmio` at `base` and registers
+/// Builds the device of one disk in `ctx`, puts its transport on `shared_mmio` at `base` and
+/// registers
 /// its ioeventfds and its irqfd on `gsi`.
 #[allow(clippy::too_many_arguments)]
 fn add_disk(
@@ -415,7 +417,7 @@ fn add_disk(
     ctx: Arc<Context>,
     vm_fd: &VmFd,
     memory: &GuestMemory,
-    mmio: &mut Bus,
+    shared_mmio: &mut SharedBus,
     base: u64,
     gsi: u32,
 ) -> Result<Arc<Block>, DiskError> {
@@ -452,7 +454,8 @@ fn add_disk(
             source,
         })?;
     let name: &'static str = "virtio-mmio";
-    mmio.insert(name, base, VIRTIO_MMIO_SIZE, Box::new(transport))
+    shared_mmio
+        .insert(name, base, VIRTIO_MMIO_SIZE, Arc::new(transport))
         .map_err(|source| DiskError::Bus { id: id(), source })?;
     Ok(block)
 }

@@ -6,6 +6,12 @@
 //! [`crate::main_loop`]). [`GlobalLock::lock`] is the only place the mutex is locked. vCPUs never
 //! hold it while in `KVM_RUN`.
 //!
+//! The exception is the shared MMIO bus beside the mutex ([`GlobalLock::shared_mmio`]): the
+//! virtio-mmio transports, which guard their own state, so that a guest acknowledging a disk's
+//! interrupt or notifying it never waits for a main-loop handler (a monitor command, a main-loop
+//! disk) to let go of the lock. That is what keeps a disk on an iothread independent of the
+//! main loop's load. The bus is filled before the vCPUs start and emptied after they stopped.
+//!
 //! Pausing (`pause_all`) follows QEMU's `pause_all_vcpus`: the caller holds the lock, and a vCPU
 //! in an exit may be waiting for that very lock, so the caller waits on the condition variable
 //! (which releases the mutex while it waits) until every vCPU has reported itself paused or
@@ -14,9 +20,9 @@
 //! Lock order: the global lock, then a device's iothread context (never two contexts).
 
 use std::ops::{Deref, DerefMut};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 
-use devices::bus::Bus;
+use devices::bus::{Bus, SharedBus};
 
 use crate::vcpu::Kicker;
 
@@ -93,23 +99,54 @@ impl Machine {
     }
 }
 
-/// The global mutex and its condition variable.
+/// The global mutex, its condition variable, and the MMIO bus reached without it.
 #[derive(Debug)]
 pub struct GlobalLock {
     machine: Mutex<Machine>,
     changed: Condvar,
+    /// Written only before the vCPUs start and after they stopped: vCPUs read it concurrently.
+    shared_mmio: RwLock<SharedBus>,
 }
 
 /// The global lock, held.
 pub type Guard<'a> = MutexGuard<'a, Machine>;
 
 impl GlobalLock {
-    /// The lock around `machine`.
-    pub fn new(machine: Machine) -> Self {
+    /// The lock around `machine`, and `shared_mmio` beside it.
+    pub fn new(machine: Machine, shared_mmio: SharedBus) -> Self {
         Self {
             machine: Mutex::new(machine),
             changed: Condvar::new(),
+            shared_mmio: RwLock::new(shared_mmio),
         }
+    }
+
+    /// Reads MMIO from the shared bus, without the global lock; false when no device there owns
+    /// the access.
+    pub fn shared_mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.shared_mmio().read(addr, data)
+    }
+
+    /// Writes MMIO to the shared bus, without the global lock; false when no device there owns
+    /// the access.
+    pub fn shared_mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        self.shared_mmio().write(addr, data)
+    }
+
+    /// Empties the shared bus (its devices are dropped once nothing else holds them). Called
+    /// once no vCPU runs.
+    pub fn clear_shared_mmio(&self) {
+        *self
+            .shared_mmio
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = SharedBus::new();
+    }
+
+    /// The shared bus, for reading. Its writers (build and shutdown) cannot panic half-way.
+    fn shared_mmio(&self) -> std::sync::RwLockReadGuard<'_, SharedBus> {
+        self.shared_mmio
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Takes the global lock. A thread that panicked while holding it has already aborted the
@@ -117,16 +154,14 @@ impl GlobalLock {
     pub fn lock(&self) -> Guard<'_> {
         // Iothread code never takes the global lock, and no thread takes it holding a context.
         devices::context::debug_assert_may_take_global_lock();
-        self.machine
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.machine.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Releases the lock, waits for a change of the vCPUs' state, and takes it again.
     pub fn wait<'a>(&self, guard: Guard<'a>) -> Guard<'a> {
         self.changed
             .wait(guard)
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Wakes every waiter (paused vCPUs and `pause_all`).

@@ -2,7 +2,8 @@
 //! `KVM_RUN`.
 //!
 //! The thread holds no lock while in `KVM_RUN`. An exit is decoded by [`handle_exit`], a free
-//! function that takes the global lock only to dispatch a PIO or MMIO access to the bus. After
+//! function that takes the global lock only to dispatch a PIO or MMIO access to the bus (and not
+//! for the shared MMIO bus, where the virtio-mmio transports are). After
 //! each exit the vCPU checks, without a lock, whether the guest asked to end the VM
 //! ([`GuestExit`]); if so it stops running the guest at once. It looks at the VMM's request
 //! ([`crate::global::Machine::request`]: run, pause, stop) only after a kick, under the global
@@ -68,7 +69,8 @@ pub enum ExitError {
     },
 }
 
-/// Decodes one exit; PIO and MMIO accesses go to the buses under the global lock.
+/// Decodes one exit; PIO and MMIO accesses go to the buses under the global lock, except those
+/// of the shared MMIO bus (the virtio-mmio transports), which need no lock.
 pub fn handle_exit(exit: VcpuExit<'_>, global: &GlobalLock) -> Result<ExitOutcome, ExitError> {
     match exit {
         VcpuExit::IoIn(port, data) => {
@@ -82,12 +84,12 @@ pub fn handle_exit(exit: VcpuExit<'_>, global: &GlobalLock) -> Result<ExitOutcom
             }
         }
         VcpuExit::MmioRead(addr, data) => {
-            if !global.lock().mmio.read(addr, data) {
+            if !global.shared_mmio_read(addr, data) && !global.lock().mmio.read(addr, data) {
                 log::debug!("unhandled MMIO read at {addr:#x}");
             }
         }
         VcpuExit::MmioWrite(addr, data) => {
-            if !global.lock().mmio.write(addr, data) {
+            if !global.shared_mmio_write(addr, data) && !global.lock().mmio.write(addr, data) {
                 log::debug!("unhandled MMIO write at {addr:#x}: {data:x?}");
             }
         }
@@ -352,7 +354,7 @@ impl Vcpu {
 mod tests {
     use super::*;
     use crate::global::Machine;
-    use devices::bus::{Bus, BusDevice};
+    use devices::bus::{Bus, BusDevice, SharedBus};
 
     /// A one-byte register that remembers the last write.
     struct Latch(u8);
@@ -373,7 +375,7 @@ mod tests {
         let mut mmio = Bus::new();
         mmio.insert("latch", 0xd000_0000, 4, Box::new(Latch(0)))
             .expect("free range");
-        GlobalLock::new(Machine::new(pio, mmio))
+        GlobalLock::new(Machine::new(pio, mmio), SharedBus::new())
     }
 
     #[test]
@@ -397,6 +399,54 @@ mod tests {
         let mut data = [0u8; 4];
         handle_exit(VcpuExit::MmioRead(0xd000_0000, &mut data), &g).expect("handled");
         assert_eq!(data, [7; 4]);
+    }
+
+    /// A shared-bus byte behind its own lock.
+    struct SharedLatch(std::sync::Mutex<u8>);
+
+    impl devices::bus::SharedBusDevice for SharedLatch {
+        fn read(&self, _: u64, data: &mut [u8]) {
+            data.fill(*self.0.lock().expect("test lock"));
+        }
+        fn write(&self, _: u64, data: &[u8]) {
+            *self.0.lock().expect("test lock") = data[0];
+        }
+    }
+
+    #[test]
+    fn shared_mmio_exits_need_no_global_lock() {
+        let mut shared = SharedBus::new();
+        shared
+            .insert(
+                "shared",
+                0xd000_1000,
+                4,
+                Arc::new(SharedLatch(std::sync::Mutex::new(0))),
+            )
+            .expect("free range");
+        let g = Arc::new(GlobalLock::new(
+            Machine::new(Bus::new(), Bus::new()),
+            shared,
+        ));
+        // The global lock is held here (a long main-loop handler) while a vCPU thread exits.
+        let held = g.lock();
+        let vcpu_g = Arc::clone(&g);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let vcpu = std::thread::spawn(move || {
+            handle_exit(VcpuExit::MmioWrite(0xd000_1000, &[9]), &vcpu_g).expect("handled");
+            let mut data = [0u8; 4];
+            handle_exit(VcpuExit::MmioRead(0xd000_1000, &mut data), &vcpu_g).expect("handled");
+            tx.send(data).expect("test waiting");
+        });
+        let data = rx.recv_timeout(std::time::Duration::from_secs(10));
+        drop(held);
+        assert_eq!(data, Ok([9; 4]), "the vCPU waited for the global lock");
+        vcpu.join().expect("vCPU thread");
+        // Past the shared bus, accesses go to the locked one; after clearing, nothing is shared.
+        g.clear_shared_mmio();
+        let mut data = [0u8; 4];
+        handle_exit(VcpuExit::MmioRead(0xd000_1000, &mut data), &g).expect("handled");
+        assert_eq!(data, [0xff; 4], "nobody owns it any more");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use devices::bus::{Bus, BusDevice, BusError};
+use devices::bus::{Bus, BusDevice, BusError, SharedBus};
 use devices::legacy::{
     AcpiSleep, EventFdTrigger, Ged, GuestExit, Rtc, Serial, GED_MMIO_SIZE, I8042,
 };
@@ -328,15 +328,21 @@ impl Vm {
         };
         let input_drained = eventfd()?;
         let pio = legacy_devices(&vm_fd, &exit_events.guest, &input_drained)?;
-        let mut mmio = mmio_devices(&vm_fd)?;
-        let (disks, dsdt_devices) =
-            Disks::build(&cfg.iothreads, &cfg.disks, &vm_fd, &memory, &mut mmio)
-                .map_err(VmError::Disk)?;
+        let mmio = mmio_devices(&vm_fd)?;
+        let mut shared_mmio = SharedBus::new();
+        let (disks, dsdt_devices) = Disks::build(
+            &cfg.iothreads,
+            &cfg.disks,
+            &vm_fd,
+            &memory,
+            &mut shared_mmio,
+        )
+        .map_err(VmError::Disk)?;
         let mut machine = Machine::new(pio, mmio);
         if cfg.start_paused {
             machine.request = VcpuRequest::Pause;
         }
-        let global = Arc::new(GlobalLock::new(machine));
+        let global = Arc::new(GlobalLock::new(machine, shared_mmio));
 
         let entry = load_guest(
             &memory,

@@ -6,9 +6,9 @@
 //! (reads give zeroes). Configuration space (from 0x100) takes any width.
 //!
 //! Locking: the transport's own state (feature selection, queue set-up, status) is behind a
-//! mutex that only vCPUs take. Accesses that reach the device (configuration space, activation at
-//! DRIVER_OK, reset) acquire the device's context under that mutex, so the order is: global lock,
-//! transport, context. InterruptStatus and InterruptACK use the atomics of [`Interrupt`] and
+//! mutex that only vCPUs take, without the global lock (the vmm puts transports on its shared
+//! MMIO bus). Accesses that reach the device (configuration space, activation at DRIVER_OK, reset)
+//! acquire the device's context under that mutex, so the order is: transport, context. InterruptStatus and InterruptACK use the atomics of [`Interrupt`] and
 //! take neither. QueueNotify is normally an ioeventfd the vmm registers at
 //! `base + QUEUE_NOTIFY_OFFSET` with the queue index as datamatch; a write that does reach the
 //! transport signals the same eventfd.
@@ -429,13 +429,14 @@ impl MmioTransport {
     }
 }
 
-/// On the MMIO bus (which is only reached with the global lock held).
-impl crate::bus::BusDevice for MmioTransport {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+/// On the shared MMIO bus: vCPUs reach it without the global lock (the transport guards its state
+/// with its own mutex and reaches the device through its context).
+impl crate::bus::SharedBusDevice for MmioTransport {
+    fn read(&self, offset: u64, data: &mut [u8]) {
         MmioTransport::read(self, offset, data);
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn write(&self, offset: u64, data: &[u8]) {
         MmioTransport::write(self, offset, data);
     }
 }
@@ -615,10 +616,10 @@ mod tests {
     }
 
     #[test]
-    fn the_transport_sits_on_the_mmio_bus() {
+    fn the_transport_sits_on_the_shared_mmio_bus() {
         let (_, t) = rig();
-        let mut bus = crate::bus::Bus::new();
-        bus.insert("virtio-mmio", 0xd000_0000, MMIO_SIZE, Box::new(t))
+        let mut bus = crate::bus::SharedBus::new();
+        bus.insert("virtio-mmio", 0xd000_0000, MMIO_SIZE, Arc::new(t))
             .unwrap();
         let mut b = [0u8; 4];
         assert!(bus.read(0xd000_0000 + reg::VERSION, &mut b));

@@ -176,12 +176,12 @@ impl Handler for VmMonitor {
 mod tests {
     use super::*;
     use crate::global::{GlobalLock, Machine};
-    use devices::bus::Bus;
+    use devices::bus::{Bus, SharedBus};
 
     #[test]
     fn run_states_follow_the_vcpus_request() {
         // No vCPUs: pausing completes at once, the states are what the request says.
-        let global = GlobalLock::new(Machine::new(Bus::new(), Bus::new()));
+        let global = GlobalLock::new(Machine::new(Bus::new(), Bus::new()), SharedBus::new());
         let mut held = Held::lock(&global);
         held.request = VcpuRequest::Pause;
         let mut started = false;
