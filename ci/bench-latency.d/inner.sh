@@ -2,18 +2,22 @@
 # /bin/sh on direct KVM). ci/bench-latency prepends the plan:
 #   BOOTS    "VMM:PLACEMENT:IMAGE ..." in run order (VMM vmm|qemu, PLACEMENT main-loop|iothread,
 #            IMAGE raw|qcow2|chain3): one guest boot each, vmm and QEMU interleaved;
-#   RWS QDS LOADS   what each boot runs, in nested loops (randread/randwrite, 1/32, quiet/disturbed);
+#   CONFS    "RW:QD:LOAD ..." what each boot runs (randread/randwrite, 1/32, quiet/disturbed);
+#   ROUNDS   how many times the whole plan runs (each round's results are kept apart: TAG.rN);
 #   RUNTIME  fio's measured seconds per configuration (after 1 s of ramp);
-#   IMAGE_MIB, NCONF (configurations in all, for the progress lines);
+#   IMAGE_MIB, NCONF (fio runs in all, for the progress lines);
 #   POLL_INTERVAL  seconds between a QMP reply and the next query-blockstats (0: flood, pipelined).
 # Each boot: a 2-vCPU 1 GiB guest with initrd-fio.img, its one disk a fresh copy of the image, the
 # same flags for both VMMs (QEMU: microvm, -object iothread, -device virtio-blk-device), cache=none,
 # and a monitor on -qmp tcp:127.0.0.1:PORT. The guest (a script on its command line) runs fio with
 # --output-format=json per configuration and prints the JSON between BENCH-FIO-BEGIN/END lines.
-# "disturbed": the guest's second vCPU spins (fio is pinned to the first), and while fio runs a QMP
-# client here polls query-blockstats on one connection (paced, or a pipelined flood), so the VMM's
-# main loop keeps working. Leaves in $OUT_DIR: raw/TAG.json (fio), raw/TAG.polls (replies the
-# poller got), console/BOOT.log and BOOT.debug.log (the VMM's -D log: why it stopped),
+# "disturbed": on the guest's second vCPU (fio is pinned to the first) a shell spins and another
+# streams a line to the serial console every 10 ms, and while fio runs a QMP client here polls
+# query-blockstats on one connection (paced, or a pipelined flood), so the VMM's main loop keeps
+# working. A guest that ends before all its configurations ran (it reset itself, or made no
+# progress for RUNTIME + 150 s and was killed) is booted again for the missing ones, up to twice;
+# each such event is a "bench: RETRY" line. Leaves in $OUT_DIR: raw/TAG.json (fio), raw/TAG.polls
+# (replies the poller got), console/BOOT.log and BOOT.debug.log (the VMM's -D log: why it stopped),
 # version-VMM.json (query-version), host.txt.
 set -u
 G=$GUEST_DIR
@@ -49,19 +53,21 @@ fi
 need raw || rm -f img/raw.raw
 say "images ready: $(ls img img/chain 2>/dev/null | tr '\n' ' ')"
 
-# The guest's script: the fio runs of one boot (variables P RWS QDS LOADS RT prepended).
+# The guest's script: the fio runs of one boot (variables P CONFS RT prepended).
 guest_body='cd /tmp
-for rw in $RWS; do for qd in $QDS; do for ld in $LOADS; do
+for c in $CONFS; do
+rw=${c%%:*}; r=${c#*:}; qd=${r%%:*}; ld=${r#*:}
 t=$P.$rw.qd$qd.$ld
 if [ $ld = disturbed ]; then
-if command -v taskset >/dev/null; then taskset 2 sh -c "while :; do :; done" & else sh -c "while :; do :; done" & fi
-s=$!; echo BENCH-LOAD-ON $t; sleep 3
+taskset 2 sh -c "while :; do :; done" & s1=$!
+taskset 2 sh -c "while :; do echo BENCH-NOISE serial output streaming from the guest vCPU 1; usleep 10000; done" & s2=$!
+echo BENCH-LOAD-ON $t; sleep 3
 fi
 fio --name=bench --filename=/dev/vda --direct=1 --ioengine=libaio --rw=$rw --bs=4k --iodepth=$qd --ramp_time=1 --runtime=$RT --time_based --eta=never --cpus_allowed=0 --output-format=json --output=f.json 2>f.err
 r=$?
-if [ $ld = disturbed ]; then kill $s; echo BENCH-LOAD-OFF $t; fi
+if [ $ld = disturbed ]; then kill $s1 $s2; wait $s1 $s2 2>/dev/null; echo BENCH-LOAD-OFF $t; fi
 echo BENCH-FIO-BEGIN $t; cat f.json; echo BENCH-FIO-END $t $r; sed "s/^/BENCH-FIO-ERR /" f.err
-done; done; done
+done
 echo BENCH-GUEST-DONE'
 
 poll_start() { # $1 port, $2 tag
@@ -118,11 +124,9 @@ progress() { # a line per fio run finished since the last call
   done
 }
 
-done_confs=0
-port=4440
-status=0
-for boot in $BOOTS; do
-  vmm=${boot%%:*}; rest=${boot#*:}; place=${rest%%:*}; image=${rest#*:}
+# run_boot VMM PLACE IMAGE ROUND CONFS: one guest boot running CONFS; sets $rc and $got.
+run_boot() {
+  vmm=$1 place=$2 image=$3 round=$4 confs=$5
   port=$((port + 1))
   rm -rf run; mkdir run
   case $image in
@@ -136,20 +140,22 @@ for boot in $BOOTS; do
     vmm) cmd="vmm -m 1G -smp 2" ;;
     qemu) cmd="qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m 1G -smp 2 -nodefaults -no-reboot -display none -serial stdio" ;;
   esac
-  vars="P=$vmm.$place.$image RWS=\"$RWS\" QDS=\"$QDS\" LOADS=\"$LOADS\" RT=$RUNTIME"
+  p=$vmm.$place.$image
+  [ "$ROUNDS" = 1 ] || p=$p.r$round
+  vars="P=$vmm.$place.$image RT=$RUNTIME CONFS=\"$confs\""
   gs=$(printf '%s\n%s\n' "$vars" "$guest_body" | base64 | tr -d '\n')
-  n=$(( $(echo $RWS | wc -w) * $(echo $QDS | wc -w) * $(echo $LOADS | wc -w) ))
-  say "boot $vmm $place $image ($n configurations)"
+  n=$(echo $confs | wc -w)
+  say "boot $vmm $place $image$([ "$ROUNDS" = 1 ] || echo " round $round") ($n configurations)"
   # shellcheck disable=SC2086 # $cmd and $io are word lists on purpose
-  timeout $((180 + n * (RUNTIME + 60))) $cmd -kernel "$G/bzImage" -initrd "$G/initrd-fio.img" $io \
+  $cmd -kernel "$G/bzImage" -initrd "$G/initrd-fio.img" $io \
     -drive "file=$file,format=$fmt,if=none,id=d0,cache=none" \
     -device "virtio-blk-device,drive=d0,id=vd0$dev" \
     -qmp "tcp:127.0.0.1:$port,server=on,wait=off" \
     -D run/debug.log -append "console=ttyS0 quiet guest.sh=$gs guest.run=poweroff" \
     < /dev/null > console.log 2>&1 &
   pid=$!
-  start=$(date +%s)
-  on=0 off=0 ends=0
+  start=$(date +%s) last=$start
+  on=0 off=0 ends=0 hung=""
   while kill -0 $pid 2>/dev/null; do
     if [ ! -e "$OUT_DIR/version-$vmm.json" ] && grep -q GUEST-USERSPACE-UP console.log; then
       { printf '%s\n' '{"execute":"qmp_capabilities"}' '{"execute":"query-version"}'; sleep 1; } |
@@ -161,22 +167,61 @@ for boot in $BOOTS; do
     fi
     c=$(count BENCH-LOAD-OFF)
     if [ "$c" -gt $off ]; then off=$c; poll_stop; fi
+    before=$ends
     progress
+    now=$(date +%s)
+    [ $ends -gt $before ] && last=$now
+    # Boot plus the first run, or one run: a guest silent for longer is stuck.
+    if [ $((now - last)) -gt $((RUNTIME + 150 + (ends == 0) * 150)) ]; then
+      hung=" (no progress for $((now - last)) s: killed)"
+      kill $pid 2>/dev/null
+    fi
     nap
   done
   wait $pid
   rc=$?
   progress
   [ -e poll.on ] && poll_stop
-  cp run/debug.log "$OUT_DIR/console/$vmm.$place.$image.debug.log" 2>/dev/null
-  tr -d '\r' < console.log > "$OUT_DIR/console/$vmm.$place.$image.log"
-  awk -v dir="$OUT_DIR/raw" '/^BENCH-FIO-BEGIN /{f=dir "/" $2 ".json"; next}
-    /^BENCH-FIO-END /{if (f != "") close(f); f=""; next} f != "" {print > f}' \
-    "$OUT_DIR/console/$vmm.$place.$image.log"
-  grep -E 'BENCH-FIO-ERR|^vmm:|qemu-system' "$OUT_DIR/console/$vmm.$place.$image.log" | head -5
-  got=$(grep -c '^BENCH-FIO-END .* 0$' "$OUT_DIR/console/$vmm.$place.$image.log")
-  say "boot $vmm $place $image: exit $rc, $got/$n fio runs, $(($(date +%s) - start)) s"
-  if [ "$rc" -ne 0 ] || [ "$got" -ne "$n" ]; then status=1; fi
+  log="$OUT_DIR/console/$p${try:+.try$try}"
+  cp run/debug.log "$log.debug.log" 2>/dev/null
+  grep -v BENCH-NOISE console.log | tr -d '\r' > "$log.log"
+  awk -v dir="$OUT_DIR/raw" -v round="$round" -v rounds="$ROUNDS" '
+    /^BENCH-FIO-BEGIN /{f=dir "/" $2 (rounds == 1 ? "" : ".r" round) ".json"; next}
+    /^BENCH-FIO-END /{if (f != "") close(f); f=""; next} f != "" {print > f}' "$log.log"
+  grep -E 'BENCH-FIO-ERR|^vmm:|qemu-system' "$log.log" | head -5
+  got=$(grep -c '^BENCH-FIO-END .* 0$' "$log.log")
+  say "boot $vmm $place $image: exit $rc, $got/$n fio runs, $(($(date +%s) - start)) s$hung"
   rm -rf run
+}
+
+# missing P ROUND CONFS: those of CONFS without a result for boot P in ROUND.
+missing() {
+  for c in $3; do
+    rw=${c%%:*}; r=${c#*:}; qd=${r%%:*}; ld=${r#*:}
+    f="$OUT_DIR/raw/$1.$rw.qd$qd.$ld"
+    [ "$ROUNDS" = 1 ] || f=$f.r$2
+    grep -q '"jobs"' "$f.json" 2>/dev/null || printf '%s ' "$c"
+  done
+}
+
+done_confs=0
+port=4440
+status=0
+round=1
+while [ $round -le "$ROUNDS" ]; do
+  for boot in $BOOTS; do
+    vmm=${boot%%:*}; rest=${boot#*:}; place=${rest%%:*}; image=${rest#*:}
+    try="" todo=$CONFS
+    run_boot "$vmm" "$place" "$image" $round "$todo"
+    for try in 2 3; do
+      todo=$(missing "$vmm.$place.$image" $round "$CONFS")
+      [ -n "$todo" ] || break
+      why=$(grep -o 'triple fault.*' "$log.debug.log" 2>/dev/null | tail -1)
+      say "RETRY $vmm $place $image round $round: exit $rc$hung, $(echo $todo | wc -w) configurations missing${why:+ ($why)}; console: $(tail -1 "$log.log")"
+      run_boot "$vmm" "$place" "$image" $round "$todo"
+    done
+    if [ -n "$(missing "$vmm.$place.$image" $round "$CONFS")" ] || [ "$rc" -ne 0 ]; then status=1; fi
+  done
+  round=$((round + 1))
 done
 exit $status

@@ -1,9 +1,10 @@
 """The report of ci/bench-latency: reads a results folder (raw/TAG.json, fio's JSON per run, TAG being
-VMM.PLACEMENT.IMAGE.RW.qdN.LOAD; raw/TAG.polls; machine.txt, host.txt, version-*.json) and writes
-summary.json (one object per configuration, the fields issue 6 names), summary.md (the host, both
-VMMs' versions, the table, vmm over QEMU, iothread over main loop under load) and latency-cdf.png
-(the completion-latency percentile curves of vmm and QEMU per configuration). Exits 1 when a
-configuration has no usable fio result.
+VMM.PLACEMENT.IMAGE.RW.qdN.LOAD, with .rN for round N when there are several; raw/TAG.polls;
+machine.txt, host.txt, version-*.json) and writes summary.json (one object per configuration, the
+fields issue 6 names, each figure the median over the rounds, plus `runs`), summary.md (the host,
+both VMMs' versions, the table, vmm over QEMU, iothread over main loop under load) and
+latency-cdf.png (the completion-latency percentile curves of vmm and QEMU per configuration, each
+point the median over the rounds). Exits 1 when a configuration has no usable fio result.
 
 usage: report.py RESULTS_DIR
 """
@@ -11,6 +12,7 @@ usage: report.py RESULTS_DIR
 import json
 import math
 import pathlib
+import statistics
 import sys
 
 # fio's default percentile list (fio(1), "percentile_list"): the points of the curves.
@@ -50,6 +52,8 @@ def fio_side(doc, rw):
 def parse_run(path):
     """(config, summary object, curve) from one fio JSON file, or None with a reason."""
     parts = path.stem.split(".")
+    if len(parts) == 7 and parts[6].startswith("r"):
+        parts = parts[:6]
     if len(parts) != 6 or not parts[4].startswith("qd"):
         return None, f"{path.name}: not a run name"
     vmm, placement, image, rw, qd, load = parts
@@ -78,6 +82,32 @@ def parse_run(path):
     if n < P9999_MIN_IOS:
         curve = [(p, v) for p, v in curve if p < 99.99]
     return (obj, n, curve), None
+
+
+def median_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def combine(rounds):
+    """One run per configuration from its rounds: every figure (and curve point) the median."""
+    by = {}
+    for run in rounds:
+        by.setdefault(tag(run[0]), []).append(run)
+    out = []
+    for runs in by.values():
+        first = runs[0][0]
+        lat = {k: median_or_none([r[0]["lat_us"][k] for r in runs]) for k in first["lat_us"]}
+        if any(r[0]["lat_us"]["p99.99"] is None for r in runs):
+            lat["p99.99"] = None
+        obj = dict(first, iops=statistics.median(r[0]["iops"] for r in runs), lat_us=lat,
+                   runs=len(runs))
+        points = [dict(r[2]) for r in runs]
+        curve = [(p, statistics.median(pts[p] for pts in points))
+                 for p, _ in runs[0][2] if all(p in pts for pts in points)]
+        polls = "/".join(r[3] for r in runs if r[3])
+        out.append((obj, min(r[1] for r in runs), curve, polls))
+    return out
 
 
 def sort_key(obj):
@@ -150,10 +180,15 @@ def main():
             runs.append(run)
         else:
             problems.append(why)
+    rounds = int(machine.get("rounds", "1") or 1)
+    runs = combine(runs)
     runs.sort(key=lambda r: sort_key(r[0]))
     expected = int(machine.get("configurations", "0") or 0)
     if len(runs) < expected:
         problems.append(f"{len(runs)} of {expected} configurations have a result")
+    for obj, *_ in runs:
+        if obj["runs"] < rounds:
+            problems.append(f"{'.'.join(map(str, tag(obj)))}: {obj['runs']} of {rounds} rounds")
     (out / "summary.json").write_text(json.dumps([r[0] for r in runs], indent=2) + "\n")
 
     versions = {}
@@ -185,13 +220,16 @@ def main():
            f"disk ({machine.get('image_mib')} MiB, every cluster allocated, `cache=none`), fresh "
            "copy per boot; fio 4 KiB `--direct=1 --ioengine=libaio`, pinned to vCPU 0, "
            f"{machine.get('runtime_s')} s after 1 s of ramp, `--output-format=json`.",
-           "- disturbed: the guest's vCPU 1 runs a shell spin loop; while fio runs, a QMP client "
+           "- disturbed: on the guest's vCPU 1 a shell spins and another writes a line to the "
+           "serial console every 10 ms; while fio runs, a QMP client "
            "in the host polls `query-blockstats` over `-qmp tcp:` on one connection, "
            + ("requests pipelined back to back (a flood)"
               if machine.get("poll_interval_s") in ("0", None) else
               f"one request, its reply, then {machine.get('poll_interval_s')} s")
            + " (replies it got: the polls column).",
-           f"- Run: {machine.get('mode')}, fio JSON of each run in `raw/`. Nested figures "
+           f"- Run: {machine.get('mode')}; {rounds} round(s)"
+           + (", each figure the median of the rounds" if rounds > 1 else "")
+           + "; fio JSON of each run in `raw/`. Nested figures "
            "compare VMMs within one run; they are not hardware latencies.", ""]
     if problems:
         md += ["**Missing or unusable runs:** " + "; ".join(problems), ""]

@@ -37,8 +37,11 @@ pub fn kick_signal() -> i32 {
 pub enum ExitOutcome {
     /// Run the guest again.
     Continue,
-    /// The guest asked to end the VM: a triple fault (reset) or KVM's system events.
+    /// The guest asked to end the VM through KVM's system events.
     Stop(GuestExitKind),
+    /// The guest triple-faulted (`KVM_EXIT_SHUTDOWN`): the VM ends as on a reset, and the
+    /// registers go to the debug log, because a guest that did not mean to reset is worth a look.
+    TripleFault,
 }
 
 /// Exits the VMM cannot handle.
@@ -95,7 +98,7 @@ pub fn handle_exit(exit: VcpuExit<'_>, global: &GlobalLock) -> Result<ExitOutcom
         }
         // With the in-kernel local APIC, HLT only exits when KVM gives it to us; run again.
         VcpuExit::Hlt => {}
-        VcpuExit::Shutdown => return Ok(ExitOutcome::Stop(GuestExitKind::Reset)),
+        VcpuExit::Shutdown => return Ok(ExitOutcome::TripleFault),
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => {
             return Ok(ExitOutcome::Stop(GuestExitKind::PowerOff))
         }
@@ -270,11 +273,14 @@ impl Vcpu {
             Ok(ExitOutcome::Continue) => State::Running,
             Ok(ExitOutcome::Stop(kind)) => {
                 log::info!("vCPU {}: the guest asked for {kind:?}", self.index);
-                if let Err(e) = self.guest_exit.request(kind) {
-                    log::error!("vCPU {}: cannot wake the main loop: {e}", self.index);
-                }
-                // Running on could loop on the same exit.
-                State::GuestStopped
+                self.guest_stopped_with(kind)
+            }
+            Ok(ExitOutcome::TripleFault) => {
+                self.log_registers(
+                    log::Level::Warn,
+                    "triple fault; the VM ends as on a reset".to_owned(),
+                );
+                self.guest_stopped_with(GuestExitKind::Reset)
             }
             Err(ExitError::Internal) => {
                 // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the
@@ -289,6 +295,15 @@ impl Vcpu {
             }
             Err(e) => self.fail(e.to_string()),
         }
+    }
+
+    /// Records that the guest ended the VM with `kind`, for the main loop to act on.
+    fn guest_stopped_with(&self, kind: GuestExitKind) -> State {
+        if let Err(e) = self.guest_exit.request(kind) {
+            log::error!("vCPU {}: cannot wake the main loop: {e}", self.index);
+        }
+        // Running on could loop on the same exit.
+        State::GuestStopped
     }
 
     /// Reads the request after a kick; `guard` is the global lock.
@@ -324,21 +339,28 @@ impl Vcpu {
         State::Finished
     }
 
-    /// Logs the registers, ends the VM with `message` (and the instruction pointer), and
-    /// finishes this vCPU.
-    fn fail(&self, mut message: String) -> State {
+    /// Logs `message` with the instruction pointer appended, then the registers, at `level`;
+    /// returns the message as logged.
+    fn log_registers(&self, level: log::Level, mut message: String) -> String {
         match (self.fd.get_regs(), self.fd.get_sregs()) {
             (Ok(regs), Ok(sregs)) => {
                 message.push_str(&format!(" at rip {:#x}", regs.rip));
-                log::error!("vCPU {}: {message}", self.index);
-                log::error!("vCPU {} registers: {regs:#x?}", self.index);
-                log::error!("vCPU {} special registers: {sregs:#x?}", self.index);
+                log::log!(level, "vCPU {}: {message}", self.index);
+                log::log!(level, "vCPU {} registers: {regs:#x?}", self.index);
+                log::log!(level, "vCPU {} special registers: {sregs:#x?}", self.index);
             }
             (Err(e), _) | (_, Err(e)) => {
-                log::error!("vCPU {}: {message}", self.index);
-                log::error!("vCPU {}: cannot read its registers: {e}", self.index);
+                log::log!(level, "vCPU {}: {message}", self.index);
+                log::log!(level, "vCPU {}: cannot read its registers: {e}", self.index);
             }
         }
+        message
+    }
+
+    /// Logs the registers, ends the VM with `message` (and the instruction pointer), and
+    /// finishes this vCPU.
+    fn fail(&self, message: String) -> State {
+        let message = self.log_registers(log::Level::Error, message);
         self.global.lock().request_exit(ExitReason::VcpuFailed {
             cpu: self.index,
             message,
@@ -454,7 +476,7 @@ mod tests {
         let g = global();
         assert_eq!(
             handle_exit(VcpuExit::Shutdown, &g),
-            Ok(ExitOutcome::Stop(GuestExitKind::Reset))
+            Ok(ExitOutcome::TripleFault)
         );
         assert_eq!(
             handle_exit(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[]), &g),

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::{
     bzimage, echo_guest, emulation_failure_guest, long_mode_reset_guest, pvh_elf,
-    pvh_poweroff_guest, real_mode_reboot_guest, run_vmm, spin_guest, vmm, Scratch,
+    pvh_poweroff_guest, real_mode_reboot_guest, run_vmm, spin_guest, triple_fault_guest, vmm,
+    Scratch,
 };
 
 fn stdout_of(out: &std::process::Output) -> String {
@@ -174,6 +175,27 @@ fn reboot_through_the_reset_vector_ends_the_vm() {
         log.contains("i8042: the guest pulsed the CPU reset line"),
         "{log}"
     );
+    assert!(log.contains("VM exit requested: GuestReset"), "{log}");
+}
+
+#[test]
+fn triple_fault_ends_the_vm_as_a_reset_with_registers_in_the_debug_log() {
+    let dir = Scratch::new("triple-fault");
+    let kernel = dir.file("bzImage", &bzimage(&triple_fault_guest()));
+    let log = dir.0.join("debug.log");
+    let out = run_vmm(
+        Some(&kernel),
+        &["-m", "16", "-D", log.to_str().expect("utf-8 temp path")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    let log = std::fs::read_to_string(&log).expect("debug log written");
+    // The ud2 right after the 7-byte lidt at startup_64 (0x100200).
+    assert!(
+        log.contains("vCPU 0: triple fault; the VM ends as on a reset at rip 0x100207"),
+        "{log}"
+    );
+    assert!(log.contains("vCPU 0 registers: kvm_regs {"), "{log}");
     assert!(log.contains("VM exit requested: GuestReset"), "{log}");
 }
 

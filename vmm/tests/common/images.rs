@@ -80,6 +80,18 @@ pub fn emulation_failure_guest() -> Vec<u8> {
     ]
 }
 
+/// 64-bit: loads an empty IDT and executes `ud2`: the #UD cannot be delivered, nor the #GP and
+/// the #DF that follow, so the vCPU triple-faults (`KVM_EXIT_SHUTDOWN`).
+pub fn triple_fault_guest() -> Vec<u8> {
+    let mut code = vec![
+        0x0f, 0x01, 0x1d, 0x02, 0x00, 0x00, // lidt idt(%rip)
+        0x00, //
+        0x0f, 0x0b, //                         ud2
+    ];
+    code.extend_from_slice(&[0; 10]); // idt: limit 0, base 0
+    code
+}
+
 /// 64-bit: counts, forever, in the quadword at 0x8000 (below the boot stack, otherwise unused).
 pub fn counter_guest() -> Vec<u8> {
     vec![
