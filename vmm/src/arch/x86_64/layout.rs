@@ -82,8 +82,6 @@ pub const COM1_IRQ: u32 = 4;
 pub const I8042_PORT: u64 = 0x60;
 /// The CMOS RTC: index at 0x70, data at 0x71.
 pub const RTC_PORT: u64 = 0x70;
-/// The CMOS RTC's ISA interrupt line.
-pub const RTC_IRQ: u32 = 8;
 /// The Generic Event Device's interrupt: the IOAPIC's last pin, clear of the ISA lines.
 pub const GED_IRQ: u32 = 23;
 /// The ACPI sleep control (0x600) and sleep status (0x601) registers, one byte each; the port is
@@ -102,7 +100,7 @@ const _: () = assert!(
     VIRTIO_MMIO_START + (VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1) as u64 * VIRTIO_MMIO_SIZE
         <= GED_START
 );
-const _: () = assert!(COM1_IRQ < VIRTIO_IRQ_FIRST && RTC_IRQ < VIRTIO_IRQ_FIRST);
+const _: () = assert!(COM1_IRQ < VIRTIO_IRQ_FIRST);
 const _: () = assert!(
     VIRTIO_IRQ_LAST < GED_IRQ && GED_IRQ < 24,
     "IOAPIC pins 0 to 23"
