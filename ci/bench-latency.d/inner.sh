@@ -3,7 +3,7 @@
 #   BOOTS    "VMM:PLACEMENT:IMAGE ..." in run order (VMM vmm|qemu, PLACEMENT main-loop|iothread,
 #            IMAGE raw|qcow2|chain3): one guest boot each, vmm and QEMU interleaved;
 #   CONFS    "RW:QD:LOAD ..." what each boot runs (randread/randwrite, 1/32, quiet/disturbed);
-#   ROUNDS   how many times the whole plan runs (each round's results are kept apart: TAG.rN);
+#   ROUND, ROUNDS  this run is round ROUND of ROUNDS (with several, results are named TAG.rN);
 #   RUNTIME  fio's measured seconds per configuration (after 1 s of ramp);
 #   IMAGE_MIB, NCONF (fio runs in all, for the progress lines);
 #   POLL_INTERVAL  seconds between a QMP reply and the next query-blockstats (0: flood, pipelined).
@@ -17,7 +17,8 @@
 # working. A guest that ends before all its configurations ran (it reset itself, or made no
 # progress for RUNTIME + 150 s and was killed) is booted again for the missing ones, up to twice;
 # each such event is a "bench: RETRY" line. Leaves in $OUT_DIR: raw/TAG.json (fio), raw/TAG.polls
-# (replies the poller got), console/BOOT.log and BOOT.debug.log (the VMM's -D log: why it stopped),
+# (replies the poller got), console/BOOT.log (with the guest's /proc/interrupts lines for virtio and
+# the console at the end: BENCH-IRQ) and BOOT.debug.log (the VMM's -D log: why it stopped),
 # version-VMM.json (query-version), host.txt.
 set -u
 G=$GUEST_DIR
@@ -68,6 +69,7 @@ r=$?
 if [ $ld = disturbed ]; then kill $s1 $s2; wait $s1 $s2 2>/dev/null; echo BENCH-LOAD-OFF $t; fi
 echo BENCH-FIO-BEGIN $t; cat f.json; echo BENCH-FIO-END $t $r; sed "s/^/BENCH-FIO-ERR /" f.err
 done
+grep -E "CPU|virtio|ttyS" /proc/interrupts | sed "s/^/BENCH-IRQ /"
 echo BENCH-GUEST-DONE'
 
 poll_start() { # $1 port, $2 tag
@@ -75,6 +77,7 @@ poll_start() { # $1 port, $2 tag
   rm -f poll.in poll.out nc.pid
   mkfifo poll.in poll.out
   polls="$OUT_DIR/raw/$2.polls"
+  [ "$ROUNDS" = 1 ] || polls="$OUT_DIR/raw/$2.r$ROUND.polls"
   if [ "$POLL_INTERVAL" = 0 ]; then
     # Flood: requests back to back on one connection without waiting, every reply read.
     (nc 127.0.0.1 "$1" < poll.in & echo $! > nc.pid; wait) | grep -c '"return"' > "$polls" &
@@ -93,9 +96,9 @@ poll_start() { # $1 port, $2 tag
         printf '%s\n' '{"execute":"query-blockstats"}' >&3
         read -r line <&4 || break
         n=$((n + 1))
+        echo $n > "$polls"
         sleep "$POLL_INTERVAL"
-      done
-      echo $n > "$polls" ) &
+      done ) &
   fi
   writer=$!
 }
@@ -207,21 +210,18 @@ missing() {
 done_confs=0
 port=4440
 status=0
-round=1
-while [ $round -le "$ROUNDS" ]; do
-  for boot in $BOOTS; do
-    vmm=${boot%%:*}; rest=${boot#*:}; place=${rest%%:*}; image=${rest#*:}
-    try="" todo=$CONFS
+round=$ROUND
+for boot in $BOOTS; do
+  vmm=${boot%%:*}; rest=${boot#*:}; place=${rest%%:*}; image=${rest#*:}
+  try="" todo=$CONFS
+  run_boot "$vmm" "$place" "$image" $round "$todo"
+  for try in 2 3; do
+    todo=$(missing "$vmm.$place.$image" $round "$CONFS")
+    [ -n "$todo" ] || break
+    why=$(grep -o 'triple fault.*' "$log.debug.log" 2>/dev/null | tail -1)
+    say "RETRY $vmm $place $image round $round: exit $rc$hung, $(echo $todo | wc -w) configurations missing${why:+ ($why)}; console: $(tail -1 "$log.log")"
     run_boot "$vmm" "$place" "$image" $round "$todo"
-    for try in 2 3; do
-      todo=$(missing "$vmm.$place.$image" $round "$CONFS")
-      [ -n "$todo" ] || break
-      why=$(grep -o 'triple fault.*' "$log.debug.log" 2>/dev/null | tail -1)
-      say "RETRY $vmm $place $image round $round: exit $rc$hung, $(echo $todo | wc -w) configurations missing${why:+ ($why)}; console: $(tail -1 "$log.log")"
-      run_boot "$vmm" "$place" "$image" $round "$todo"
-    done
-    if [ -n "$(missing "$vmm.$place.$image" $round "$CONFS")" ] || [ "$rc" -ne 0 ]; then status=1; fi
   done
-  round=$((round + 1))
+  if [ -n "$(missing "$vmm.$place.$image" $round "$CONFS")" ] || [ "$rc" -ne 0 ]; then status=1; fi
 done
 exit $status
