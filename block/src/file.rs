@@ -15,7 +15,7 @@ use crate::Error;
 
 /// Alignment and granularity used for `O_DIRECT` I/O: 4 KiB covers every logical block size
 /// a Linux block device reports.
-const DIRECT_ALIGN: usize = 4096;
+pub(crate) const DIRECT_ALIGN: usize = 4096;
 
 /// How the host page cache is used, with QEMU's `cache=` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -105,6 +105,11 @@ impl HostFile {
     /// The path the file was opened with.
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// Whether the file was opened with `O_DIRECT`.
+    pub fn direct(&self) -> bool {
+        self.direct
     }
 
     /// The underlying file (for locks).
