@@ -116,8 +116,10 @@ struct Slot {
 pub(super) struct Ring {
     ring: IoUring,
     target: DirectTarget,
+    /// Grown on demand up to `depth`, reused through `free`.
     slots: Vec<Slot>,
     free: Vec<usize>,
+    depth: usize,
     /// Submissions in flight, at most `max_sqes`.
     sqes: usize,
     max_sqes: usize,
@@ -172,8 +174,9 @@ impl Ring {
         Ok(Ring {
             ring,
             target,
-            slots: (0..depth).map(|_| Slot::default()).collect(),
-            free: (0..depth).rev().collect(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            depth,
             sqes: 0,
             max_sqes,
             outstanding: 0,
@@ -221,8 +224,13 @@ impl Ring {
         if count > room || self.sqes + count > self.max_sqes {
             return Submitted::Declined(request);
         }
-        let Some(index) = self.free.pop() else {
-            return Submitted::Declined(request);
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None if self.slots.len() < self.depth => {
+                self.slots.push(Slot::default());
+                self.slots.len() - 1
+            }
+            None => return Submitted::Declined(request),
         };
         let slot = &mut self.slots[index];
         if !flush && !build_parts(slot, &request, &self.extents, self.target.aligned) {
