@@ -107,9 +107,15 @@ impl HostFile {
         &self.path
     }
 
-    /// Whether the file was opened with `O_DIRECT`.
-    pub fn direct(&self) -> bool {
-        self.direct
+    /// This file as the target of an engine doing its own I/O, with the given flush.
+    pub fn direct_target(&self, flush: crate::direct::FlushPlan) -> crate::direct::DirectTarget {
+        use std::os::fd::AsRawFd;
+        crate::direct::DirectTarget {
+            fd: self.file.as_raw_fd(),
+            aligned: self.direct,
+            path: self.path.clone(),
+            flush,
+        }
     }
 
     /// The underlying file (for locks).

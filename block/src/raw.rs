@@ -3,8 +3,6 @@
 //! engine that does the I/O itself. Block status comes from the
 //! host file's holes (`SEEK_DATA`/`SEEK_HOLE`).
 
-use std::os::fd::AsRawFd;
-
 use crate::direct::{DirectPin, DirectTarget, Extent, FlushPlan};
 use crate::file::HostFile;
 use crate::{Allocation, BlockStatus, DiskImage, Error};
@@ -91,16 +89,11 @@ impl DiskImage for Raw {
     }
 
     fn direct_target(&self) -> Option<DirectTarget> {
-        Some(DirectTarget {
-            fd: self.file.file().as_raw_fd(),
-            aligned: self.file.direct(),
-            path: self.file.path().to_owned(),
-            flush: if self.read_only {
-                FlushPlan::Skip
-            } else {
-                FlushPlan::SyncData
-            },
-        })
+        Some(self.file.direct_target(if self.read_only {
+            FlushPlan::Skip
+        } else {
+            FlushPlan::SyncData
+        }))
     }
 
     fn map_direct(

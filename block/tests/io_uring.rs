@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -98,6 +98,15 @@ fn open_rw_fmt(path: &Path, format: Format) -> block::Image {
     .unwrap()
 }
 
+/// A qcow2 image of `size` with `cluster` byte clusters, written to by qemu-io `cmds`.
+fn qcow2(dir: &tempfile::TempDir, cluster: u64, size: &str, cmds: &[&str]) -> PathBuf {
+    let p = tmp(dir, "q.qcow2");
+    let opt = format!("cluster_size={cluster}");
+    create_qcow2(&["-o", &opt, p.to_str().unwrap(), size]);
+    qemu_io(&p, "qcow2", cmds);
+    p
+}
+
 fn uring(image: Arc<dyn DiskImage>) -> Aio {
     Aio::with_engine("t", image, 2, 16, Engine::IoUring).unwrap()
 }
@@ -179,13 +188,11 @@ fn raw_reads_writes_and_flushes_go_through_the_ring() {
 #[test]
 fn qcow2_requests_split_across_clusters_mix_both_engines() {
     let dir = tempfile::tempdir().unwrap();
-    let p = tmp(&dir, "q.qcow2");
-    let ps = p.to_str().unwrap();
-    create_qcow2(&["-o", "cluster_size=65536", ps, "4M"]);
     // Cluster 1 allocated before cluster 0: their host clusters are in reverse order.
-    qemu_io(
-        &p,
-        "qcow2",
+    let p = qcow2(
+        &dir,
+        65536,
+        "4M",
         &["write -P 0x11 65536 65536", "write -P 0x22 0 65536"],
     );
     let image = Counting::new(open_rw_fmt(&p, Format::Qcow2));
@@ -250,10 +257,8 @@ fn qcow2_requests_split_across_clusters_mix_both_engines() {
 #[test]
 fn writes_to_clusters_shared_with_a_snapshot_copy_on_the_pool() {
     let dir = tempfile::tempdir().unwrap();
-    let p = tmp(&dir, "s.qcow2");
+    let p = qcow2(&dir, 65536, "1M", &["write -P 0x55 0 131072"]);
     let ps = p.to_str().unwrap();
-    create_qcow2(&["-o", "cluster_size=65536", ps, "1M"]);
-    qemu_io(&p, "qcow2", &["write -P 0x55 0 131072"]);
     qemu_img(&["snapshot", "-c", "s1", ps]);
     let image = Counting::new(open_rw_fmt(&p, Format::Qcow2));
     let aio = uring(image.clone());
@@ -407,10 +412,7 @@ fn a_failed_submission_fails_its_request_with_the_host_error() {
 #[test]
 fn wait_idle_drains_both_engines_without_the_submitter() {
     let dir = tempfile::tempdir().unwrap();
-    let p = tmp(&dir, "q.qcow2");
-    let ps = p.to_str().unwrap();
-    create_qcow2(&["-o", "cluster_size=65536", ps, "4M"]);
-    qemu_io(&p, "qcow2", &["write -P 0x11 0 1M"]);
+    let p = qcow2(&dir, 65536, "4M", &["write -P 0x11 0 1M"]);
     let image = Counting::new(open_rw_fmt(&p, Format::Qcow2));
     let aio = Arc::new(uring(image.clone()));
     // Cache the L2 table, then mix ring reads with pool writes (allocations past 1 MiB).
@@ -521,13 +523,10 @@ fn cache_modes_decide_what_the_ring_takes() {
 #[test]
 fn random_mixed_batches_match_a_mirror_and_qemu() {
     let dir = tempfile::tempdir().unwrap();
-    let p = tmp(&dir, "m.qcow2");
-    let ps = p.to_str().unwrap();
     let size: u64 = 4 << 20;
     let cs: u64 = 4096;
-    create_qcow2(&["-o", "cluster_size=4096", ps, "4M"]);
     // Half the disk allocated up front, so the ring has work from the start.
-    qemu_io(&p, "qcow2", &["write -P 0x3c 0 2M"]);
+    let p = qcow2(&dir, cs, "4M", &["write -P 0x3c 0 2M"]);
     let mut mirror = vec![0u8; 4 << 20];
     mirror[..2 << 20].fill(0x3c);
     let image = Counting::new(open_rw_fmt(&p, Format::Qcow2));

@@ -104,8 +104,6 @@ struct Slot {
     pin: Option<DirectPin>,
     /// Its submissions, reused from request to request.
     parts: Vec<Part>,
-    /// How many of `parts` are used.
-    used: usize,
     /// Submissions not yet completed.
     pending: usize,
     /// The first error a submission met.
@@ -237,7 +235,6 @@ impl Ring {
             self.free.push(index);
             return Submitted::Declined(request);
         }
-        slot.used = count;
         slot.pending = count;
         slot.error = None;
         slot.pin = pin;
@@ -251,7 +248,8 @@ impl Ring {
         Submitted::Queued
     }
 
-    /// Pushes the submission of part `part` of slot `index` (room was checked).
+    /// Pushes the submission of part `part` of slot `index`. There is room: `sqes` counts the
+    /// submissions queued and those in the kernel, and never exceeds the queue's capacity.
     fn push(&mut self, index: usize, part: usize, op: Op, write: bool) {
         let fd = types::Fd(self.target.fd);
         let entry = if op == Op::Flush {

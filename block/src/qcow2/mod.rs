@@ -25,7 +25,6 @@ mod write;
 
 use std::collections::BTreeSet;
 use std::collections::HashSet;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -460,16 +459,11 @@ impl DiskImage for Qcow2 {
     }
 
     fn direct_target(&self) -> Option<DirectTarget> {
-        Some(DirectTarget {
-            fd: self.file.file().as_raw_fd(),
-            aligned: self.file.direct(),
-            path: self.file.path().to_owned(),
-            flush: if self.read_only {
-                FlushPlan::Skip
-            } else {
-                FlushPlan::Image
-            },
-        })
+        Some(self.file.direct_target(if self.read_only {
+            FlushPlan::Skip
+        } else {
+            FlushPlan::Image
+        }))
     }
 
     /// Maps only data clusters of this image whose L2 tables are cached, with the metadata lock
