@@ -29,6 +29,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::{self, JoinHandle};
 use std::{fmt, io, slice};
@@ -216,6 +217,9 @@ pub struct Aio {
     workers: Vec<JoinHandle<()>>,
     /// The io_uring engine's ring (`aio=io_uring`).
     ring: Option<Mutex<uring::Ring>>,
+    /// Requests the ring took, and requests the pool took.
+    on_ring: AtomicU64,
+    on_pool: AtomicU64,
 }
 
 impl fmt::Debug for Aio {
@@ -286,6 +290,8 @@ impl Aio {
             shared,
             workers: Vec::with_capacity(workers),
             ring,
+            on_ring: AtomicU64::new(0),
+            on_pool: AtomicU64::new(0),
         };
         for index in 0..workers {
             let shared = Arc::clone(&pool.shared);
@@ -309,6 +315,14 @@ impl Aio {
         } else {
             Engine::Threads
         }
+    }
+
+    /// How many requests the ring took, and how many the worker pool took, so far.
+    pub fn requests_by_engine(&self) -> (u64, u64) {
+        (
+            self.on_ring.load(Ordering::Relaxed),
+            self.on_pool.load(Ordering::Relaxed),
+        )
     }
 
     /// The ring, when it is free right now (never waits: a thread draining may hold it).
@@ -358,9 +372,13 @@ impl Aio {
         }
         let request = match self.try_ring() {
             Some(mut ring) => match ring.submit(self.shared.image.as_ref(), request) {
-                uring::Submitted::Queued => return Ok(()),
+                uring::Submitted::Queued => {
+                    self.on_ring.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
                 uring::Submitted::Done(completion) => {
                     drop(ring);
+                    self.on_ring.fetch_add(1, Ordering::Relaxed);
                     self.push_done(completion);
                     // Only fails when the counter would overflow, which still leaves it readable.
                     let _ = self.shared.completion_fd.write(1);
@@ -370,6 +388,7 @@ impl Aio {
             },
             None => request,
         };
+        self.on_pool.fetch_add(1, Ordering::Relaxed);
         let mut queues = self.shared.queues();
         queues.unfinished += 1;
         queues.pending.push_back(request);

@@ -170,8 +170,10 @@ fn raw_reads_writes_and_flushes_go_through_the_ring() {
     assert_eq!(&back[1000..], &b[..]);
     run(&aio, Op::Flush, 0, Vec::new()).unwrap();
     assert_eq!(image.pool(), (0, 0, 0), "the pool ran nothing");
+    assert_eq!(aio.requests_by_engine(), (3, 0));
     // Discard stays on a worker.
     run(&aio, Op::Discard { len: 4096 }, 65536, Vec::new()).unwrap();
+    assert_eq!(aio.requests_by_engine(), (3, 1));
     drop(aio);
     drop(image);
     qemu_io(

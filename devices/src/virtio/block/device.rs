@@ -214,6 +214,12 @@ impl Block {
     pub fn shutdown(&self) -> Result<(), block::Error> {
         let _guard = self.ctx.acquire();
         self.drain_and_stop();
+        let (ring, pool) = self.aio.requests_by_engine();
+        log::info!(
+            "virtio-blk {}: aio={}, {ring} requests on io_uring, {pool} on the worker pool",
+            self.config.id,
+            self.aio.engine().name()
+        );
         let image = Arc::clone(self.aio.image());
         // Not on the context: the flush may take long.
         self.ctx.unlocked(|| image.flush())
