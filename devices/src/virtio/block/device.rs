@@ -3,12 +3,13 @@
 //! and how it stops (reset and shutdown drain in-flight requests as DESIGN.md, "Draining", asks).
 //!
 //! Draining: the device is marked quiescing (no new request is taken from the queues), every
-//! nesting level of its context is released, and the thread waits until the worker pool has run
-//! every submitted request ([`block::aio::Aio::wait_idle`], which needs nothing from the
-//! context's thread). It then acquires the context again and completes what is left itself. So
-//! a vCPU resetting a main-loop device with the global lock held never waits for the main loop
-//! (which would need that lock to run), and an iothread keeps serving its other devices, and may
-//! complete this one's requests, meanwhile.
+//! nesting level of its context is released, and the thread waits until the worker pool (and,
+//! with `aio=io_uring`, the ring) has run every submitted request
+//! ([`block::aio::Aio::wait_idle`], which needs nothing from the context's thread). It then
+//! acquires the context again and completes what is left itself. So a vCPU resetting a main-loop
+//! device with the global lock held never waits for the main loop (which would need that lock to
+//! run), and an iothread keeps serving its other devices, and may complete this one's requests,
+//! meanwhile.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
