@@ -805,6 +805,18 @@ mod tests {
     }
 
     #[test]
+    fn io_uring_needs_an_image_with_a_host_file() {
+        // The test image keeps the trait's default: no host file to give the ring.
+        let image = RawFile::new(4096);
+        assert!(matches!(
+            Aio::with_engine("t", image, 1, 4, Engine::IoUring),
+            Err(AioError::NoHostFile { name }) if name == "t"
+        ));
+        let aio = Aio::with_engine("t", RawFile::new(4096), 1, 4, Engine::Threads).unwrap();
+        assert_eq!(aio.engine(), Engine::Threads);
+    }
+
+    #[test]
     fn a_pool_needs_workers_and_depth() {
         let image = RawFile::new(4096);
         assert!(matches!(
