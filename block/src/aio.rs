@@ -10,20 +10,56 @@
 //! queues are allocated once, and segment lists travel back with their completion for reuse, so
 //! steady-state submission allocates nothing.
 //!
+//! Two engines sit behind the same interface ([`Engine`], QEMU's `aio=`): with `threads` the pool
+//! runs every request; with `io_uring` reads, writes and flushes whose data the image can place
+//! without blocking ([`crate::DiskImage::map_direct`]) go to an io_uring ring instead (`uring`),
+//! and the pool keeps everything else (qcow2 cache misses, allocation, copy-on-write, compressed,
+//! zero and backing clusters, discard, write-zeroes). Both announce completions on the same
+//! eventfd and hand them back through [`Aio::reap`], so the submitter does not know which engine
+//! ran a request. Since a write completes only once its data reached the host file (whichever
+//! engine wrote it), a later read or flush by either engine sees it.
+//!
 //! Locking: one mutex guards the pending and completed queues, held only to push or pop; workers
-//! run requests without it. No lock here is ever held across image I/O. Draining (reset,
-//! shutdown) waits with [`Aio::wait_idle`] until every submitted request has completed, without
-//! needing the submitter's thread to run.
+//! run requests without it. The ring has a mutex of its own, taken before the queues' mutex when
+//! both are; the submitter only ever tries it (a busy ring sends the request to the pool, and a
+//! reap leaves the ring's completions to the thread holding it). No lock here is ever held across
+//! image I/O, except the ring's by [`Aio::wait_idle`]. Draining (reset, shutdown) waits with
+//! [`Aio::wait_idle`] until every submitted request has completed, without needing the
+//! submitter's thread to run: it reaps the ring itself and announces what it found.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::{self, JoinHandle};
 use std::{fmt, io, slice};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{DiskImage, Error};
+
+mod uring;
+
+/// Which engine does a drive's image I/O (QEMU's `-drive aio=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// A worker pool runs every request (`aio=threads`, the default).
+    #[default]
+    Threads,
+    /// io_uring for the data I/O the image can place directly, the pool for the rest
+    /// (`aio=io_uring`).
+    IoUring,
+}
+
+impl Engine {
+    /// QEMU's name for the engine.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Threads => "threads",
+            Engine::IoUring => "io_uring",
+        }
+    }
+}
 
 /// Errors of asynchronous submission itself (the requests' own errors are [`Error`]s).
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +77,18 @@ pub enum AioError {
         /// The OS error.
         #[source]
         source: io::Error,
+    },
+    /// Setting up an io_uring ring failed (no io_uring in the host kernel, or not allowed).
+    #[error("unable to use io_uring")]
+    IoUring(#[source] io::Error),
+    /// Registering the completion eventfd with the ring failed.
+    #[error("cannot register the completion eventfd with io_uring")]
+    RegisterEventFd(#[source] io::Error),
+    /// The image has no host file that io_uring could address.
+    #[error("unable to use io_uring: {name} has no host file to submit to")]
+    NoHostFile {
+        /// The pool's name.
+        name: String,
     },
     /// A pool needs at least one worker and a depth of at least one.
     #[error("an I/O pool needs at least one worker and one slot (asked {workers} and {depth})")]
@@ -167,6 +215,11 @@ pub struct Aio {
     name: String,
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
+    /// The io_uring engine's ring (`aio=io_uring`).
+    ring: Option<Mutex<uring::Ring>>,
+    /// Requests the ring took, and requests the pool took.
+    on_ring: AtomicU64,
+    on_pool: AtomicU64,
 }
 
 impl fmt::Debug for Aio {
@@ -175,22 +228,41 @@ impl fmt::Debug for Aio {
             .field("name", &self.name)
             .field("depth", &self.shared.depth)
             .field("workers", &self.workers.len())
+            .field("engine", &self.engine().name())
             .finish()
     }
 }
 
 impl Aio {
     /// Starts `workers` threads named `<name>-io<N>` serving `image`, with room for `depth`
-    /// requests in flight.
+    /// requests in flight (`aio=threads`).
     pub fn new(
         name: &str,
         image: Arc<dyn DiskImage>,
         workers: usize,
         depth: usize,
     ) -> Result<Self, AioError> {
+        Self::with_engine(name, image, workers, depth, Engine::Threads)
+    }
+
+    /// As [`Aio::new`], with the given engine; `Engine::IoUring` fails with
+    /// [`AioError::IoUring`] where the host has no usable io_uring.
+    pub fn with_engine(
+        name: &str,
+        image: Arc<dyn DiskImage>,
+        workers: usize,
+        depth: usize,
+        engine: Engine,
+    ) -> Result<Self, AioError> {
         if workers == 0 || depth == 0 {
             return Err(AioError::BadSize { workers, depth });
         }
+        let target = match engine {
+            Engine::Threads => None,
+            Engine::IoUring => Some(image.direct_target().ok_or_else(|| AioError::NoHostFile {
+                name: name.to_owned(),
+            })?),
+        };
         let shared = Arc::new(Shared {
             image,
             depth,
@@ -205,10 +277,21 @@ impl Aio {
             idle: Condvar::new(),
             completion_fd: EventFd::new(EFD_NONBLOCK).map_err(AioError::EventFd)?,
         });
+        let ring = match target {
+            Some(target) => Some(Mutex::new(uring::Ring::new(
+                target,
+                depth,
+                shared.completion_fd.as_raw_fd(),
+            )?)),
+            None => None,
+        };
         let mut pool = Aio {
             name: name.to_owned(),
             shared,
             workers: Vec::with_capacity(workers),
+            ring,
+            on_ring: AtomicU64::new(0),
+            on_pool: AtomicU64::new(0),
         };
         for index in 0..workers {
             let shared = Arc::clone(&pool.shared);
@@ -223,6 +306,38 @@ impl Aio {
             pool.workers.push(handle);
         }
         Ok(pool)
+    }
+
+    /// The engine doing the data I/O.
+    pub fn engine(&self) -> Engine {
+        if self.ring.is_some() {
+            Engine::IoUring
+        } else {
+            Engine::Threads
+        }
+    }
+
+    /// How many requests the ring took, and how many the worker pool took, so far.
+    pub fn requests_by_engine(&self) -> (u64, u64) {
+        (
+            self.on_ring.load(Ordering::Relaxed),
+            self.on_pool.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The ring, when it is free right now (never waits: a thread draining may hold it).
+    fn try_ring(&self) -> Option<MutexGuard<'_, uring::Ring>> {
+        match self.ring.as_ref()?.try_lock() {
+            Ok(ring) => Some(ring),
+            // A panic while holding the ring leaves its bookkeeping as it was: keep going.
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Queues a completion the ring produced (or a request that needed no I/O).
+    fn push_done(&self, completion: Completion) {
+        self.shared.queues().done.push_back(completion);
     }
 
     /// The image the pool serves.
@@ -248,11 +363,33 @@ impl Aio {
     /// Queues a request for a worker. When `depth` requests are already in flight the request
     /// is handed back: reap completions, then try again.
     pub fn submit(&self, request: Request) -> Result<(), Request> {
-        let mut queues = self.shared.queues();
-        if queues.in_flight >= self.shared.depth || queues.stopping {
-            return Err(request);
+        {
+            let mut queues = self.shared.queues();
+            if queues.in_flight >= self.shared.depth || queues.stopping {
+                return Err(request);
+            }
+            queues.in_flight += 1;
         }
-        queues.in_flight += 1;
+        let request = match self.try_ring() {
+            Some(mut ring) => match ring.submit(self.shared.image.as_ref(), request) {
+                uring::Submitted::Queued => {
+                    self.on_ring.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                uring::Submitted::Done(completion) => {
+                    drop(ring);
+                    self.on_ring.fetch_add(1, Ordering::Relaxed);
+                    self.push_done(completion);
+                    // Only fails when the counter would overflow, which still leaves it readable.
+                    let _ = self.shared.completion_fd.write(1);
+                    return Ok(());
+                }
+                uring::Submitted::Declined(request) => request,
+            },
+            None => request,
+        };
+        self.on_pool.fetch_add(1, Ordering::Relaxed);
+        let mut queues = self.shared.queues();
         queues.unfinished += 1;
         queues.pending.push_back(request);
         drop(queues);
@@ -265,6 +402,9 @@ impl Aio {
     pub fn reap(&self, mut f: impl FnMut(Completion)) -> usize {
         // EAGAIN just means nothing was signalled since the last reap.
         let _ = self.shared.completion_fd.read();
+        if let Some(mut ring) = self.try_ring() {
+            ring.process(|c| self.push_done(c));
+        }
         let mut count = 0;
         loop {
             let completion = {
@@ -285,9 +425,10 @@ impl Aio {
         }
     }
 
-    /// Blocks until every submitted request has been run by a worker (its completion may still
-    /// wait to be reaped). Needs nothing from the submitter's thread, so a thread draining a
-    /// device can wait here while the device's context runs, or is held by the waiter itself.
+    /// Blocks until every submitted request has been run by a worker or the ring (its
+    /// completion may still wait to be reaped). Needs nothing from the submitter's thread, so a
+    /// thread draining a device can wait here while the device's context runs, or is held by
+    /// the waiter itself.
     pub fn wait_idle(&self) {
         let mut queues = self.shared.queues();
         while queues.unfinished > 0 {
@@ -296,6 +437,20 @@ impl Aio {
                 .idle
                 .wait(queues)
                 .unwrap_or_else(PoisonError::into_inner);
+        }
+        drop(queues);
+        if let Some(ring) = &self.ring {
+            let mut ring = ring.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut found = false;
+            ring.wait(|c| {
+                found = true;
+                self.push_done(c);
+            });
+            drop(ring);
+            if found {
+                // Announce them: the submitter's reap may have found the ring busy.
+                let _ = self.shared.completion_fd.write(1);
+            }
         }
     }
 }
@@ -647,6 +802,18 @@ mod tests {
         // The worker was stuck until the gate opened, so the drop cannot have returned earlier.
         assert!(*image.gate.lock().unwrap());
         opener.join().unwrap();
+    }
+
+    #[test]
+    fn io_uring_needs_an_image_with_a_host_file() {
+        // The test image keeps the trait's default: no host file to give the ring.
+        let image = RawFile::new(4096);
+        assert!(matches!(
+            Aio::with_engine("t", image, 1, 4, Engine::IoUring),
+            Err(AioError::NoHostFile { name }) if name == "t"
+        ));
+        let aio = Aio::with_engine("t", RawFile::new(4096), 1, 4, Engine::Threads).unwrap();
+        assert_eq!(aio.engine(), Engine::Threads);
     }
 
     #[test]

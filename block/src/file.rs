@@ -15,7 +15,7 @@ use crate::Error;
 
 /// Alignment and granularity used for `O_DIRECT` I/O: 4 KiB covers every logical block size
 /// a Linux block device reports.
-const DIRECT_ALIGN: usize = 4096;
+pub(crate) const DIRECT_ALIGN: usize = 4096;
 
 /// How the host page cache is used, with QEMU's `cache=` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -105,6 +105,17 @@ impl HostFile {
     /// The path the file was opened with.
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// This file as the target of an engine doing its own I/O, with the given flush.
+    pub fn direct_target(&self, flush: crate::direct::FlushPlan) -> crate::direct::DirectTarget {
+        use std::os::fd::AsRawFd;
+        crate::direct::DirectTarget {
+            fd: self.file.as_raw_fd(),
+            aligned: self.direct,
+            path: self.path.clone(),
+            flush,
+        }
     }
 
     /// The underlying file (for locks).

@@ -6,6 +6,7 @@
 
 use std::fmt;
 
+use crate::direct::{DirectPin, DirectTarget, Extent};
 use crate::Error;
 
 /// What a range of the virtual disk holds, for `map`, `convert` and block status queries.
@@ -56,4 +57,26 @@ pub trait DiskImage: Send + Sync + fmt::Debug {
     /// What the bytes at `offset` hold, and for how many bytes from there that stays true
     /// (at most `len`).
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus, Error>;
+
+    /// The host file an engine may address directly (`aio=io_uring`), or `None` when every
+    /// request must go through the methods above.
+    fn direct_target(&self) -> Option<DirectTarget> {
+        None
+    }
+
+    /// The host extents of `[offset, offset + len)` in [`DiskImage::direct_target`]'s file, in
+    /// disk order, appended to `extents`, when they are known without blocking and may be read
+    /// (or, with `write`, written in place) there until the returned pin is dropped. `None`
+    /// (with `extents` in any state) sends the request through the methods above, which also
+    /// report its errors.
+    fn map_direct(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+        extents: &mut Vec<Extent>,
+    ) -> Option<DirectPin> {
+        let _ = (offset, len, write, extents);
+        None
+    }
 }

@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use crate::direct::{DirectPin, DirectTarget, Extent};
 use crate::file::{CacheMode, HostFile};
 use crate::qcow2::{self, create::CreateOptions, OpenParts, Qcow2};
 use crate::{lock, BlockStatus, DiskImage, Error, Raw};
@@ -115,6 +116,18 @@ impl DiskImage for Image {
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus, Error> {
         self.inner().block_status(offset, len)
+    }
+    fn direct_target(&self) -> Option<DirectTarget> {
+        self.inner().direct_target()
+    }
+    fn map_direct(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+        extents: &mut Vec<Extent>,
+    ) -> Option<DirectPin> {
+        self.inner().map_direct(offset, len, write, extents)
     }
 }
 

@@ -7,6 +7,7 @@
 //!
 //! [`WithPolicy`] wraps any image; it adds no lock and no state of its own.
 
+use crate::direct::{DirectPin, DirectTarget, Extent, FlushPlan};
 use crate::{BlockStatus, DiskImage, Error};
 
 /// What happens to writes and flushes on top of the image's own behaviour.
@@ -110,6 +111,31 @@ impl<I: DiskImage> DiskImage for WithPolicy<I> {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus, Error> {
         self.inner.block_status(offset, len)
+    }
+
+    fn direct_target(&self) -> Option<DirectTarget> {
+        let mut target = self.inner.direct_target()?;
+        if self.policy == WritePolicy::IgnoreFlush {
+            target.flush = FlushPlan::Skip;
+        }
+        Some(target)
+    }
+
+    /// Writes that need more than the bytes written in place (a flush after them, or a look
+    /// at their data for zeroes) are not mapped.
+    fn map_direct(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+        extents: &mut Vec<Extent>,
+    ) -> Option<DirectPin> {
+        if write
+            && (self.policy == WritePolicy::WriteThrough || self.detect_zeroes != DetectZeroes::Off)
+        {
+            return None;
+        }
+        self.inner.map_direct(offset, len, write, extents)
     }
 }
 

@@ -1,7 +1,9 @@
 //! Raw images: the virtual disk is the host file, byte for byte. No metadata, so no lock: every
-//! request goes straight to `pread`/`pwrite` from the caller's thread. Block status comes from the
+//! request goes straight to `pread`/`pwrite` from the caller's thread, or, mapped one to one, to an
+//! engine that does the I/O itself. Block status comes from the
 //! host file's holes (`SEEK_DATA`/`SEEK_HOLE`).
 
+use crate::direct::{DirectPin, DirectTarget, Extent, FlushPlan};
 use crate::file::HostFile;
 use crate::{Allocation, BlockStatus, DiskImage, Error};
 
@@ -84,5 +86,25 @@ impl DiskImage for Raw {
             allocation,
             len: end.saturating_sub(offset).clamp(1, len.max(1)),
         })
+    }
+
+    fn direct_target(&self) -> Option<DirectTarget> {
+        Some(self.file.direct_target(if self.read_only {
+            FlushPlan::Skip
+        } else {
+            FlushPlan::SyncData
+        }))
+    }
+
+    fn map_direct(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+        extents: &mut Vec<Extent>,
+    ) -> Option<DirectPin> {
+        self.check(offset, len, write).ok()?;
+        extents.push(Extent { host: offset, len });
+        Some(DirectPin::none())
     }
 }

@@ -158,7 +158,7 @@ start=$(date +%s)
 for attempt in 1 2; do
   timeout 300 vmm -m 1G -smp 2 -kernel "$G/bzImage" -initrd "$G/initrd-fio.img" \
     -object iothread,id=io0 \
-    -drive file=fio.qcow2,format=qcow2,if=none,id=fio0,cache=none,stats-intervals=10 \
+    -drive file=fio.qcow2,format=qcow2,if=none,id=fio0,cache=none,aio=io_uring,stats-intervals=10 \
     -device virtio-blk-device,drive=fio0,id=vfio,iothread=io0,serial=fio \
     -qmp tcp:127.0.0.1:$QMP_PORT,server=on,wait=off -D boot3.log.debug \
     -append "$APPEND guest.run=acpid guest.sh=$F" < /dev/null > boot3.log 2>&1 &

@@ -46,7 +46,7 @@ use crate::global::{GlobalLock, Held};
 use crate::main_loop::{Handler, Tag};
 use crate::monitor::{BlockDevice, CacheMode, ImageDescription, IoThreadInfo, VmDisk};
 
-/// Worker threads doing each disk's image I/O (`aio=threads`).
+/// Worker threads doing each disk's image I/O (with `aio=io_uring`, what the ring does not take).
 const IO_WORKERS: usize = 4;
 
 /// Errors from setting up or shutting down the disks, one line each.
@@ -429,6 +429,7 @@ fn add_disk(
         queue_size: spec.device.queue_size,
         discard: spec.drive.discard,
         io_workers: IO_WORKERS,
+        aio: spec.drive.aio,
         stats_intervals: spec.drive.stats_intervals.clone(),
     };
     let image = WithPolicy::new(image, spec.drive.cache.policy, spec.drive.detect_zeroes);
@@ -501,6 +502,7 @@ mod tests {
             read_only,
             discard: false,
             detect_zeroes: DetectZeroes::Off,
+            aio: block::aio::Engine::Threads,
             stats_intervals: vec![],
         }
     }

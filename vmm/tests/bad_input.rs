@@ -139,3 +139,94 @@ fn disk_errors_before_the_guest_starts() {
     drop(holder.stdin.take());
     let _ = holder.wait();
 }
+
+/// A seccomp filter that fails `io_uring_setup` with ENOSYS, as a kernel without io_uring
+/// does, and allows everything else (for `pre_exec`: only async-signal-safe calls).
+fn deny_io_uring_setup() -> std::io::Result<()> {
+    // Linux's include/uapi/linux/audit.h: AUDIT_ARCH_X86_64.
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    let code = |c: u32| u16::try_from(c).expect("BPF opcodes fit in 16 bits");
+    let stmt = |c: u32, k: u32| libc::sock_filter {
+        code: code(c),
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K),
+        jt,
+        jf,
+        k,
+    };
+    let nr = u32::try_from(libc::SYS_io_uring_setup).expect("a syscall number");
+    let enosys = u32::try_from(libc::ENOSYS).expect("an errno");
+    let mut filter = [
+        // struct seccomp_data: nr at byte 0, arch at byte 4.
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 4),
+        jeq(AUDIT_ARCH_X86_64, 1, 0),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+        jeq(nr, 0, 1),
+        stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | enosys,
+        ),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: u16::try_from(filter.len()).expect("a short filter"),
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: prctl with integer arguments; PR_SET_NO_NEW_PRIVS lets an unprivileged process
+    // install a filter.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `prog` points at `filter`, both alive for the call; the kernel copies them.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[test]
+fn aio_io_uring_needs_io_uring_on_the_host() {
+    use std::os::unix::process::CommandExt;
+    let dir = Scratch::new("io-uring");
+    let kernel = dir.file("bzImage", &bzimage(&long_mode_reset_guest()));
+    let raw = dir.file("disk.raw", &[0u8; 65536]);
+    let drive = format!(
+        "file={},format=raw,if=none,id=d0,aio=io_uring",
+        raw.to_str().expect("utf-8 path")
+    );
+    let args = ["-drive", &drive, "-device", "virtio-blk-device,drive=d0"];
+    // Where the host has io_uring, the disk starts and the guest runs (and resets: exit 0).
+    let out = run_vmm(Some(&kernel), &args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without it: one line naming it, before the guest starts.
+    let mut cmd = common::vmm();
+    cmd.arg("-kernel").arg(&kernel).args(args);
+    // SAFETY: the closure only makes two prctl calls, which are async-signal-safe.
+    unsafe { cmd.pre_exec(deny_io_uring_setup) };
+    let out = cmd.output().expect("vmm runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "no guest output");
+    let stderr = String::from_utf8(out.stderr).expect("utf-8");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains("Drive 'd0'") && stderr.contains("unable to use io_uring"),
+        "{stderr}"
+    );
+}

@@ -25,7 +25,7 @@ mod write;
 
 use std::collections::BTreeSet;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -38,6 +38,7 @@ pub fn validate_magic() -> u32 {
     validate::MAGIC
 }
 
+use crate::direct::{push_extent, DirectPin, DirectTarget, Extent, FlushPlan};
 use crate::file::HostFile;
 use crate::{Allocation, BlockStatus, DiskImage, Error};
 use cache::TableCache;
@@ -68,25 +69,10 @@ pub struct Qcow2 {
     /// Signalled when a claim ends, one per group of clusters so that a release wakes only the
     /// requests waiting on clusters of its group.
     busy_done: [Condvar; CLAIM_GROUPS],
-    /// Requests doing I/O without the metadata lock (see `InFlight`).
+    /// Requests doing I/O without the metadata lock, each counted by a [`DirectPin`] from before
+    /// its lookup until its data I/O ends; the allocator reuses freed clusters only when the
+    /// count is zero.
     inflight: Arc<AtomicU64>,
-}
-
-/// Counts one request's I/O done without the metadata lock, from before its lookup until its
-/// data I/O ends; the allocator reuses freed clusters only when the count is zero.
-struct InFlight<'a>(&'a AtomicU64);
-
-impl<'a> InFlight<'a> {
-    fn new(count: &'a AtomicU64) -> InFlight<'a> {
-        count.fetch_add(1, Ordering::SeqCst);
-        InFlight(count)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 /// What `Qcow2::open` needs besides the file.
@@ -385,7 +371,7 @@ impl Qcow2 {
         let mut pos = 0usize;
         while pos < buf.len() {
             let guest = offset + pos as u64;
-            let _io = InFlight::new(&self.inflight);
+            let _io = DirectPin::count(&self.inflight);
             let (mut map, run) = self.lookup(guest)?;
             let mut n = usize::try_from(run)
                 .unwrap_or(usize::MAX)
@@ -470,6 +456,47 @@ impl DiskImage for Qcow2 {
             allocation,
             len: run.min(len),
         })
+    }
+
+    fn direct_target(&self) -> Option<DirectTarget> {
+        Some(self.file.direct_target(if self.read_only {
+            FlushPlan::Skip
+        } else {
+            FlushPlan::Image
+        }))
+    }
+
+    /// Maps only data clusters of this image whose L2 tables are cached, with the metadata lock
+    /// free right now; for a write, only clusters that are ours alone (the fast path of
+    /// `write_inner`). Zero, unallocated (backing) and compressed clusters, and anything needing
+    /// allocation or copy-on-write, stay with the image's own methods.
+    fn map_direct(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+        extents: &mut Vec<Extent>,
+    ) -> Option<DirectPin> {
+        self.check_request(offset, len, write).ok()?;
+        // Before the lookup, so that a cluster freed after it is not reused under our I/O.
+        let pin = DirectPin::count(&self.inflight);
+        let m = self.meta.try_read().ok()?;
+        let mut pos = 0;
+        while pos < len {
+            let guest = offset + pos;
+            let (map, run) = self.lookup_cached(&m, guest).ok()??;
+            let n = run.min(len - pos);
+            match map {
+                Mapping::Data { host, copied } if copied || !write => {
+                    if !push_extent(extents, host, n) {
+                        return None;
+                    }
+                }
+                _ => return None,
+            }
+            pos += n;
+        }
+        Some(pin)
     }
 }
 

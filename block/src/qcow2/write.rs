@@ -9,7 +9,8 @@
 
 use super::l2::{Mapping, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::meta::Meta;
-use super::{InFlight, Qcow2};
+use super::Qcow2;
+use crate::direct::DirectPin;
 use crate::Error;
 
 /// Extended L2 bitmap with every subcluster allocated.
@@ -73,7 +74,7 @@ impl Qcow2 {
             // Fast path: a cluster (or subcluster run) that is ours alone, written in place
             // without the metadata lock.
             loop {
-                let io = InFlight::new(&self.inflight);
+                let io = DirectPin::count(&self.inflight);
                 let (m, run) = self.lookup(guest)?;
                 if let Mapping::Data { host, copied: true } = m {
                     if run >= n as u64 {
@@ -163,7 +164,7 @@ impl Qcow2 {
                 if run >= data.len() as u64 {
                     // The request that held the claim before us allocated it: write in place
                     // like the fast path, with neither the lock nor the claim.
-                    let _io = InFlight::new(&self.inflight);
+                    let _io = DirectPin::count(&self.inflight);
                     drop(m);
                     drop(claim);
                     return self.file.write_at(data, host).map(|()| true);

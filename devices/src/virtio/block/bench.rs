@@ -1,8 +1,8 @@
 //! Benchmarks of the request path (ignored by default; they assert nothing about speed and print
 //! figures): a driver thread places 4 KiB random reads on a queue in guest memory and notifies
 //! through the transport (as an ioeventfd would), the device on an iothread parses, submits to
-//! the worker pool over the crate's raw engine (page cache), completes and updates the used
-//! ring, which the driver polls. And the wait of an outside acquire of a busy iothread's context.
+//! the worker pool (`aio=threads`) or the io_uring ring (`aio=io_uring`) over the crate's raw
+//! engine (page cache), completes and updates the used ring, which the driver polls. And the wait of an outside acquire of a busy iothread's context.
 //!
 //! `cargo nextest run -p devices --release --run-ignored only --no-capture bench::`
 
@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use block::aio::Engine;
 use block::DiskImage;
 
 use super::request_type as t;
@@ -99,26 +100,28 @@ fn bench_random_reads_through_an_iothread() {
         .write_at(&vec![0x5a; usize::try_from(size).unwrap()], 0)
         .unwrap();
     let io = IoThread::spawn("bench-io").unwrap();
-    let rig = Rig::new(io.context().clone(), image, 1, false);
-    rig.start(!0);
-    run(&rig, 1, 2000, size / 512); // warm-up
-    for depth in [1u16, 4] {
-        let total = 40_000;
-        let begin = Instant::now();
-        let mut lat = run(&rig, depth, total, size / 512);
-        let secs = begin.elapsed().as_secs_f64();
-        lat.sort_unstable();
-        println!(
-            "4 KiB random read, depth {depth}: {:.0} IOPS; per {}: p50 {:?} p99 {:?} p99.9 {:?}",
+    for engine in [Engine::Threads, Engine::IoUring] {
+        let rig = Rig::with_engine(io.context().clone(), Arc::clone(&image), 1, false, engine);
+        rig.start(!0);
+        run(&rig, 1, 2000, size / 512); // warm-up
+        for depth in [1u16, 4] {
+            let total = 40_000;
+            let begin = Instant::now();
+            let mut lat = run(&rig, depth, total, size / 512);
+            let secs = begin.elapsed().as_secs_f64();
+            lat.sort_unstable();
+            println!(
+            "aio={}, 4 KiB random read, depth {depth}: {:.0} IOPS; per {}: p50 {:?} p99 {:?} p99.9 {:?}",
+            engine.name(),
             f64::from(total) / secs,
             if depth == 1 { "request" } else { "batch" },
             percentile(&lat, 0.5),
             percentile(&lat, 0.99),
             percentile(&lat, 0.999),
         );
+        }
+        rig.dev.shutdown().unwrap();
     }
-    rig.dev.shutdown().unwrap();
-    drop(rig);
     io.stop().unwrap();
 }
 

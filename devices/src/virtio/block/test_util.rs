@@ -166,6 +166,17 @@ pub struct Rig<I: DiskImage = MemImage> {
 
 impl<I: DiskImage + 'static> Rig<I> {
     pub fn new(ctx: Arc<Context>, image: Arc<I>, queues: u16, discard: bool) -> Self {
+        Self::with_engine(ctx, image, queues, discard, block::aio::Engine::Threads)
+    }
+
+    /// As [`Rig::new`], with the given I/O engine.
+    pub fn with_engine(
+        ctx: Arc<Context>,
+        image: Arc<I>,
+        queues: u16,
+        discard: bool,
+        aio: block::aio::Engine,
+    ) -> Self {
         let mem =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), usize::try_from(MEM_SIZE).unwrap())])
                 .unwrap();
@@ -176,6 +187,7 @@ impl<I: DiskImage + 'static> Rig<I> {
             queue_size: QSIZE,
             discard,
             io_workers: 2,
+            aio,
             stats_intervals: vec![60],
         };
         let dev = Block::new(config, image.clone(), ctx.clone()).unwrap();

@@ -1,0 +1,502 @@
+//! The io_uring engine of [`super::Aio`] (`aio=io_uring`): reads, writes and data-sync flushes
+//! whose host extents the image hands out ([`crate::DiskImage::map_direct`]) become readv,
+//! writev and fsync submissions on one ring; everything else is declined and goes to the pool.
+//!
+//! One guest request may become several submissions (one per host extent). Each is tracked in
+//! the request's slot, and the request completes when all of them have: with the first error
+//! any of them met, or success. A short transfer is resubmitted for the rest; a read that meets
+//! the end of the host file fills the rest with zeroes, as [`crate::file::HostFile`] does; a
+//! write that makes no progress is an error.
+//!
+//! The ring announces completions on the pool's eventfd (`IORING_REGISTER_EVENTFD`), so the
+//! submitter watches one descriptor for both engines. At most as many submissions are in flight
+//! as the completion queue holds, so no completion is ever dropped or left in the kernel's
+//! overflow list. The caller serializes access (the ring lives in a mutex in `Aio`).
+
+use std::io;
+use std::os::fd::RawFd;
+
+use io_uring::{opcode, types, IoUring};
+
+use super::{AioError, Completion, Op, Request};
+use crate::direct::{DirectPin, DirectTarget, Extent, FlushPlan, MAX_EXTENTS};
+use crate::{DiskImage, Error};
+
+/// Most iovecs one submission may carry (Linux's `UIO_MAXIOV`).
+const MAX_IOVECS: usize = 1024;
+/// Largest ring asked for.
+const MAX_RING: u32 = 4096;
+
+/// What [`Ring::submit`] did with a request.
+#[derive(Debug)]
+pub(super) enum Submitted {
+    /// On the ring; it completes through [`Ring::process`].
+    Queued,
+    /// Finished without any I/O (a flush that `cache=unsafe` drops).
+    Done(Completion),
+    /// Not for the ring: hand it to the pool.
+    Declined(Request),
+}
+
+/// An iovec array for one submission.
+#[derive(Debug, Default)]
+struct Iovecs(Vec<libc::iovec>);
+
+// SAFETY: the iovecs describe `IoSeg` ranges, which their submitter promised stay valid until the
+// request's completion is reaped, whichever thread uses them meanwhile (see `IoSeg::new`).
+unsafe impl Send for Iovecs {}
+
+/// One submission of a request: a host extent and the buffer pieces that fill or drain it.
+#[derive(Debug, Default)]
+struct Part {
+    /// Host offset of the first byte not yet transferred.
+    host: u64,
+    /// The buffer pieces not yet transferred (the first one advanced past what was).
+    iov: Iovecs,
+    /// Index of the first piece not yet transferred.
+    first: usize,
+}
+
+impl Part {
+    /// Bytes left to transfer.
+    fn remaining(&self) -> u64 {
+        self.iov.0[self.first..]
+            .iter()
+            .map(|v| v.iov_len as u64)
+            .sum()
+    }
+
+    /// Moves past `n` transferred bytes.
+    fn advance(&mut self, mut n: usize) {
+        self.host += n as u64;
+        while n > 0 {
+            let Some(v) = self.iov.0.get_mut(self.first) else {
+                return;
+            };
+            let step = n.min(v.iov_len);
+            // SAFETY: `step` is within the piece, so the pointer stays inside its range.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(step) }.cast();
+            v.iov_len -= step;
+            n -= step;
+            if v.iov_len == 0 {
+                self.first += 1;
+            }
+        }
+    }
+
+    /// Fills the bytes not yet transferred with zeroes (a read past the end of the host file).
+    fn zero_rest(&mut self) {
+        for v in &mut self.iov.0[self.first..] {
+            // SAFETY: the piece is a range of an `IoSeg`, valid for writes until the completion
+            // is reaped, and no submission of it is in flight any more.
+            unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+            v.iov_len = 0;
+        }
+        self.first = self.iov.0.len();
+    }
+}
+
+/// A request on the ring.
+#[derive(Debug, Default)]
+struct Slot {
+    request: Option<Request>,
+    /// Keeps the request's host clusters from being reused until it completes.
+    pin: Option<DirectPin>,
+    /// Its submissions, reused from request to request.
+    parts: Vec<Part>,
+    /// Submissions not yet completed.
+    pending: usize,
+    /// The first error a submission met.
+    error: Option<Error>,
+}
+
+/// The ring and the requests on it.
+pub(super) struct Ring {
+    ring: IoUring,
+    target: DirectTarget,
+    /// Grown on demand up to `depth`, reused through `free`.
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    depth: usize,
+    /// Submissions in flight, at most `max_sqes`.
+    sqes: usize,
+    max_sqes: usize,
+    /// Requests on the ring.
+    outstanding: usize,
+    /// Scratch for mappings and reaped completions.
+    extents: Vec<Extent>,
+    cqes: Vec<(u64, i32)>,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("path", &self.target.path)
+            .field("outstanding", &self.outstanding)
+            .field("sqes", &self.sqes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The user data of a submission: its slot and its part.
+fn user_data(slot: usize, part: usize) -> u64 {
+    ((slot as u64) << 8) | part as u64
+}
+
+fn split_user_data(data: u64) -> (usize, usize) {
+    // A slot index fits in usize: it came from one; the part is below 256.
+    (
+        usize::try_from(data >> 8).unwrap_or(usize::MAX),
+        usize::from(u8::try_from(data & 0xff).unwrap_or(u8::MAX)),
+    )
+}
+
+impl Ring {
+    /// A ring for `depth` requests on `target`'s file, announcing completions on `eventfd`.
+    pub(super) fn new(
+        target: DirectTarget,
+        depth: usize,
+        eventfd: RawFd,
+    ) -> Result<Ring, AioError> {
+        let entries = u32::try_from(depth)
+            .unwrap_or(MAX_RING)
+            .clamp(8, MAX_RING)
+            .next_power_of_two();
+        let ring = IoUring::new(entries).map_err(AioError::IoUring)?;
+        ring.submitter()
+            .register_eventfd(eventfd)
+            .map_err(AioError::RegisterEventFd)?;
+        let params = ring.params();
+        let max_sqes =
+            usize::try_from(params.cq_entries().min(params.sq_entries())).unwrap_or(usize::MAX);
+        Ok(Ring {
+            ring,
+            target,
+            slots: Vec::new(),
+            free: Vec::new(),
+            depth,
+            sqes: 0,
+            max_sqes,
+            outstanding: 0,
+            extents: Vec::with_capacity(MAX_EXTENTS),
+            cqes: Vec::with_capacity(max_sqes),
+        })
+    }
+
+    /// Puts `request` on the ring when its data can go there directly, else declines it.
+    pub(super) fn submit(&mut self, image: &dyn DiskImage, request: Request) -> Submitted {
+        let write = match request.op {
+            Op::Read => false,
+            Op::Write => true,
+            Op::Flush => match self.target.flush {
+                FlushPlan::Skip => {
+                    return Submitted::Done(Completion {
+                        request,
+                        result: Ok(()),
+                    })
+                }
+                FlushPlan::SyncData => return self.queue(request, None, false),
+                FlushPlan::Image => return Submitted::Declined(request),
+            },
+            Op::Discard { .. } | Op::WriteZeroes { .. } => return Submitted::Declined(request),
+        };
+        let len: u64 = request.segs.iter().map(|s| s.len() as u64).sum();
+        if len == 0 {
+            return Submitted::Declined(request);
+        }
+        self.extents.clear();
+        let Some(pin) = image.map_direct(request.offset, len, write, &mut self.extents) else {
+            return Submitted::Declined(request);
+        };
+        self.queue(request, Some(pin), write)
+    }
+
+    /// Builds the request's submissions (the flush's, without a pin) and queues them.
+    fn queue(&mut self, request: Request, pin: Option<DirectPin>, write: bool) -> Submitted {
+        let flush = pin.is_none();
+        let count = if flush { 1 } else { self.extents.len() };
+        let room = {
+            let sq = self.ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if count > room || self.sqes + count > self.max_sqes {
+            return Submitted::Declined(request);
+        }
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None if self.slots.len() < self.depth => {
+                self.slots.push(Slot::default());
+                self.slots.len() - 1
+            }
+            None => return Submitted::Declined(request),
+        };
+        let slot = &mut self.slots[index];
+        if !flush && !build_parts(slot, &request, &self.extents, self.target.aligned) {
+            self.free.push(index);
+            return Submitted::Declined(request);
+        }
+        slot.pending = count;
+        slot.error = None;
+        slot.pin = pin;
+        let op = request.op;
+        slot.request = Some(request);
+        for part in 0..count {
+            self.push(index, part, op, write);
+        }
+        self.outstanding += 1;
+        self.enter();
+        Submitted::Queued
+    }
+
+    /// Pushes the submission of part `part` of slot `index`. There is room: `sqes` counts the
+    /// submissions queued and those in the kernel, and never exceeds the queue's capacity.
+    fn push(&mut self, index: usize, part: usize, op: Op, write: bool) {
+        let fd = types::Fd(self.target.fd);
+        let entry = if op == Op::Flush {
+            opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+        } else {
+            let p = &self.slots[index].parts[part];
+            let iov = &p.iov.0[p.first..];
+            // At most MAX_IOVECS pieces (checked when the parts were built).
+            let n = u32::try_from(iov.len()).unwrap_or(u32::MAX);
+            if write {
+                opcode::Writev::new(fd, iov.as_ptr(), n)
+                    .offset(p.host)
+                    .build()
+            } else {
+                opcode::Readv::new(fd, iov.as_ptr(), n)
+                    .offset(p.host)
+                    .build()
+            }
+        };
+        let entry = entry.user_data(user_data(index, part));
+        // SAFETY: the iovec array and the buffers it points at stay valid and untouched until the
+        // submission completes: the array lives in the slot, which is not reused before then, and
+        // the buffers are `IoSeg`s, valid until the request's completion is reaped. The file
+        // descriptor belongs to the image, which outlives the ring.
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        debug_assert!(pushed.is_ok(), "submission queue room was checked");
+        self.sqes += 1;
+    }
+
+    /// Tells the kernel about queued submissions. A failure leaves them queued for the next
+    /// call (`process`, `wait`), so nothing is lost.
+    fn enter(&mut self) {
+        if let Err(e) = self.ring.submit() {
+            log::warn!("io_uring submission on {} deferred: {e}", self.target.path);
+        }
+    }
+
+    /// Handles every completion the ring has, resubmitting short transfers, and hands each
+    /// finished request to `done`.
+    pub(super) fn process(&mut self, mut done: impl FnMut(Completion)) {
+        loop {
+            self.cqes.clear();
+            self.cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|cqe| (cqe.user_data(), cqe.result())),
+            );
+            if self.cqes.is_empty() {
+                break;
+            }
+            let mut resubmit = false;
+            for i in 0..self.cqes.len() {
+                let (data, res) = self.cqes[i];
+                self.sqes -= 1;
+                resubmit |= self.complete_part(data, res, &mut done);
+            }
+            if resubmit || !self.ring.submission().is_empty() {
+                self.enter();
+            }
+        }
+    }
+
+    /// Blocks until every request on the ring has completed, handing each to `done`.
+    pub(super) fn wait(&mut self, mut done: impl FnMut(Completion)) {
+        loop {
+            self.process(&mut done);
+            if self.outstanding == 0 {
+                return;
+            }
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::warn!("waiting for io_uring on {}: {e}", self.target.path);
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        }
+    }
+
+    /// Accounts one completed submission; returns whether it was resubmitted.
+    fn complete_part(&mut self, data: u64, res: i32, done: &mut impl FnMut(Completion)) -> bool {
+        let (index, part) = split_user_data(data);
+        let Some(op) = self
+            .slots
+            .get(index)
+            .and_then(|s| s.request.as_ref())
+            .map(|r| r.op)
+        else {
+            log::error!("io_uring completion for idle or unknown slot {index}");
+            return false;
+        };
+        let write = op == Op::Write;
+        if self.part_needs_more(index, part, op, res) {
+            self.push(index, part, op, write);
+            return true;
+        }
+        let slot = &mut self.slots[index];
+        slot.pending -= 1;
+        if slot.pending == 0 {
+            slot.pin = None;
+            let result = slot.error.take().map_or(Ok(()), Err);
+            if let Some(request) = slot.request.take() {
+                done(Completion { request, result });
+            }
+            self.free.push(index);
+            self.outstanding -= 1;
+        }
+        false
+    }
+
+    /// Applies a submission's result `res` to its part: whether the part must be submitted again
+    /// (interrupted, or a short transfer), else it is finished (an error recorded in its slot).
+    fn part_needs_more(&mut self, index: usize, part: usize, op: Op, res: i32) -> bool {
+        let path = &self.target.path;
+        let slot = &mut self.slots[index];
+        if res == -libc::EINTR || res == -libc::EAGAIN {
+            return true;
+        }
+        let (name, offset) = match (op, slot.parts.get_mut(part)) {
+            (Op::Flush, _) if res >= 0 => return false,
+            (Op::Flush, _) => ("flush", 0),
+            (_, None) => return false,
+            (_, Some(p)) if res > 0 => {
+                p.advance(usize::try_from(res).unwrap_or(0));
+                return p.remaining() > 0;
+            }
+            (Op::Read, Some(p)) if res == 0 => {
+                p.zero_rest();
+                return false;
+            }
+            (Op::Write, Some(p)) => ("write", p.host),
+            (_, Some(p)) => ("read", p.host),
+        };
+        let source = if res == 0 {
+            io::Error::from(io::ErrorKind::WriteZero)
+        } else {
+            io::Error::from_raw_os_error(-res)
+        };
+        slot.error.get_or_insert(Error::Io {
+            op: name,
+            path: path.clone(),
+            offset,
+            source,
+        });
+        false
+    }
+}
+
+/// Splits the request's buffers along `extents` into the slot's parts; `false` when a part
+/// would need too many pieces or `O_DIRECT` alignment does not hold.
+fn build_parts(slot: &mut Slot, request: &Request, extents: &[Extent], aligned: bool) -> bool {
+    let align = DirectTarget::ALIGN;
+    let misaligned = |v: u64| aligned && !v.is_multiple_of(align);
+    if slot.parts.len() < extents.len() {
+        slot.parts.resize_with(extents.len(), Part::default);
+    }
+    let mut segs = request.segs.iter();
+    let mut seg = segs.next().map(|s| (s.ptr, s.len));
+    for (extent, part) in extents.iter().zip(&mut slot.parts) {
+        if misaligned(extent.host) || misaligned(extent.len) {
+            return false;
+        }
+        part.host = extent.host;
+        part.first = 0;
+        part.iov.0.clear();
+        let mut want = extent.len;
+        while want > 0 {
+            let Some((ptr, len)) = seg.filter(|&(_, len)| len > 0) else {
+                seg = segs.next().map(|s| (s.ptr, s.len));
+                if seg.is_none() {
+                    return false;
+                }
+                continue;
+            };
+            let take = usize::try_from(want).unwrap_or(usize::MAX).min(len);
+            if misaligned(ptr as usize as u64)
+                || misaligned(take as u64)
+                || part.iov.0.len() == MAX_IOVECS
+            {
+                return false;
+            }
+            part.iov.0.push(libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: take,
+            });
+            // SAFETY: `take` is within the segment, so the pointer stays inside its range.
+            seg = Some((unsafe { ptr.add(take) }, len - take));
+            want -= take as u64;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aio::IoSeg;
+
+    fn request(segs: Vec<IoSeg>) -> Request {
+        Request {
+            op: Op::Read,
+            offset: 0,
+            segs,
+            token: 0,
+        }
+    }
+
+    #[test]
+    fn user_data_round_trips() {
+        assert_eq!(split_user_data(user_data(1234, 31)), (1234, 31));
+        assert_eq!(split_user_data(user_data(0, 0)), (0, 0));
+    }
+
+    #[test]
+    fn parts_follow_extents_and_advance_past_short_transfers() {
+        let mut a = vec![0u8; 3000];
+        let mut b = vec![0u8; 5000];
+        // SAFETY: the buffers outlive the request and are only read back after it.
+        let segs = unsafe {
+            vec![
+                IoSeg::new(a.as_mut_ptr(), a.len()),
+                IoSeg::new(b.as_mut_ptr(), b.len()),
+            ]
+        };
+        let req = request(segs);
+        let extents = [
+            Extent {
+                host: 65536,
+                len: 4096,
+            },
+            Extent { host: 0, len: 3904 },
+        ];
+        let mut slot = Slot::default();
+        assert!(build_parts(&mut slot, &req, &extents, false));
+        let lens = |p: &Part| p.iov.0.iter().map(|v| v.iov_len).collect::<Vec<_>>();
+        assert_eq!(lens(&slot.parts[0]), vec![3000, 1096]);
+        assert_eq!(lens(&slot.parts[1]), vec![3904]);
+        let p = &mut slot.parts[0];
+        p.advance(3100);
+        assert_eq!((p.host, p.first, p.remaining()), (65536 + 3100, 1, 996));
+        p.zero_rest();
+        assert_eq!(p.remaining(), 0);
+        // Not page aligned: refused for O_DIRECT.
+        assert!(!build_parts(&mut slot, &req, &extents, true));
+        // Extents longer than the buffers: refused.
+        let long = [Extent { host: 0, len: 9000 }];
+        assert!(!build_parts(&mut slot, &req, &long, false));
+    }
+}
