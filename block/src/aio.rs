@@ -32,13 +32,18 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::{self, JoinHandle};
-use std::{fmt, io, slice};
+use std::{fmt, io};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{DiskImage, Error};
 
+mod pool;
+#[cfg(test)]
+mod test_image;
 mod uring;
+
+pub use pool::Workers;
 
 /// Which engine does a drive's image I/O (QEMU's `-drive aio=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -90,11 +95,11 @@ pub enum AioError {
         /// The pool's name.
         name: String,
     },
-    /// A pool needs at least one worker and a depth of at least one.
-    #[error("an I/O pool needs at least one worker and one slot (asked {workers} and {depth})")]
+    /// A pool needs at least one worker, a maximum no smaller than its minimum, and one slot.
+    #[error("an I/O pool needs at least one worker and one slot (asked {workers:?} and {depth})")]
     BadSize {
         /// Workers asked for.
-        workers: usize,
+        workers: Workers,
         /// Depth asked for.
         depth: usize,
     },
@@ -190,11 +195,14 @@ struct Queues {
     /// Submitted and not yet completed by a worker.
     unfinished: usize,
     stopping: bool,
+    /// How many workers there are and how many wait for work.
+    census: pool::Census,
 }
 
 struct Shared {
     image: Arc<dyn DiskImage>,
     depth: usize,
+    workers: Workers,
     queues: Mutex<Queues>,
     /// Signalled when work is pending or the pool stops.
     work: Condvar,
@@ -214,7 +222,8 @@ impl Shared {
 pub struct Aio {
     name: String,
     shared: Arc<Shared>,
-    workers: Vec<JoinHandle<()>>,
+    /// Every worker started and not yet joined (ended ones are joined when the next starts).
+    threads: Mutex<Vec<JoinHandle<()>>>,
     /// The io_uring engine's ring (`aio=io_uring`).
     ring: Option<Mutex<uring::Ring>>,
     /// Requests the ring took, and requests the pool took.
@@ -227,19 +236,19 @@ impl fmt::Debug for Aio {
         f.debug_struct("Aio")
             .field("name", &self.name)
             .field("depth", &self.shared.depth)
-            .field("workers", &self.workers.len())
+            .field("workers", &self.shared.workers)
             .field("engine", &self.engine().name())
             .finish()
     }
 }
 
 impl Aio {
-    /// Starts `workers` threads named `<name>-io<N>` serving `image`, with room for `depth`
-    /// requests in flight (`aio=threads`).
+    /// Starts the pool's minimum of workers, threads named `<name>-io<N>`, serving `image`, with
+    /// room for `depth` requests in flight (`aio=threads`).
     pub fn new(
         name: &str,
         image: Arc<dyn DiskImage>,
-        workers: usize,
+        workers: Workers,
         depth: usize,
     ) -> Result<Self, AioError> {
         Self::with_engine(name, image, workers, depth, Engine::Threads)
@@ -250,11 +259,11 @@ impl Aio {
     pub fn with_engine(
         name: &str,
         image: Arc<dyn DiskImage>,
-        workers: usize,
+        workers: Workers,
         depth: usize,
         engine: Engine,
     ) -> Result<Self, AioError> {
-        if workers == 0 || depth == 0 {
+        if workers.min == 0 || workers.max < workers.min || depth == 0 {
             return Err(AioError::BadSize { workers, depth });
         }
         let target = match engine {
@@ -263,15 +272,19 @@ impl Aio {
                 name: name.to_owned(),
             })?),
         };
+        // More workers than requests in flight would never all have work.
+        let max = workers.max.min(depth).max(workers.min);
         let shared = Arc::new(Shared {
             image,
             depth,
+            workers: Workers { max, ..workers },
             queues: Mutex::new(Queues {
                 pending: VecDeque::with_capacity(depth),
                 done: VecDeque::with_capacity(depth),
                 in_flight: 0,
                 unfinished: 0,
                 stopping: false,
+                census: pool::Census::default(),
             }),
             work: Condvar::new(),
             idle: Condvar::new(),
@@ -285,27 +298,63 @@ impl Aio {
             )?)),
             None => None,
         };
-        let mut pool = Aio {
+        let pool = Aio {
             name: name.to_owned(),
             shared,
-            workers: Vec::with_capacity(workers),
+            threads: Mutex::new(Vec::with_capacity(max)),
             ring,
             on_ring: AtomicU64::new(0),
             on_pool: AtomicU64::new(0),
         };
-        for index in 0..workers {
-            let shared = Arc::clone(&pool.shared);
-            let handle = thread::Builder::new()
-                .name(format!("{name}-io{index}"))
-                .spawn(move || worker(&shared))
-                .map_err(|source| AioError::Spawn {
-                    name: name.to_owned(),
-                    index,
-                    source,
-                })?;
-            pool.workers.push(handle);
+        for _ in 0..workers.min {
+            pool.shared.queues().census.live += 1;
+            pool.start_worker()?;
         }
         Ok(pool)
+    }
+
+    /// Starts a worker already counted in the census (and uncounts it when that fails).
+    fn start_worker(&self) -> Result<(), AioError> {
+        let index = {
+            let mut queues = self.shared.queues();
+            queues.census.started += 1;
+            queues.census.started - 1
+        };
+        let shared = Arc::clone(&self.shared);
+        let spawned = thread::Builder::new()
+            .name(format!("{}-io{index}", self.name))
+            .spawn(move || pool::worker(&shared));
+        let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
+        // Join the workers that ended for lack of work, so their handles do not pile up.
+        for handle in extract_finished(&mut threads) {
+            self.join(handle);
+        }
+        match spawned {
+            Ok(handle) => {
+                threads.push(handle);
+                Ok(())
+            }
+            Err(source) => {
+                self.shared.queues().census.live -= 1;
+                Err(AioError::Spawn {
+                    name: self.name.clone(),
+                    index,
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Waits for a worker thread to end, reporting a panic.
+    fn join(&self, handle: JoinHandle<()>) {
+        if handle.join().is_err() {
+            log::error!("an I/O worker of {} panicked", self.name);
+        }
+    }
+
+    /// Workers running now (busy or idle).
+    pub fn workers_alive(&self) -> usize {
+        self.shared.queues().census.live
     }
 
     /// The engine doing the data I/O.
@@ -392,8 +441,20 @@ impl Aio {
         let mut queues = self.shared.queues();
         queues.unfinished += 1;
         queues.pending.push_back(request);
+        let grow = queues.pending.len() > queues.census.idle
+            && queues.census.live < self.shared.workers.max;
+        if grow {
+            queues.census.live += 1;
+        }
         drop(queues);
         self.shared.work.notify_one();
+        if grow {
+            if let Err(e) = self.start_worker() {
+                let cause = std::error::Error::source(&e).map(ToString::to_string);
+                // The workers already running still take the request.
+                log::warn!("{e}: {}", cause.unwrap_or_default());
+            }
+        }
         Ok(())
     }
 
@@ -460,201 +521,33 @@ impl Drop for Aio {
         self.wait_idle();
         self.shared.queues().stopping = true;
         self.shared.work.notify_all();
-        for handle in self.workers.drain(..) {
-            if handle.join().is_err() {
-                log::error!("an I/O worker of {} panicked", self.name);
-            }
+        let threads = std::mem::take(
+            self.threads
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for handle in threads {
+            self.join(handle);
         }
     }
 }
 
-/// A worker thread: takes pending requests until the pool stops.
-fn worker(shared: &Shared) {
-    loop {
-        let request = {
-            let mut queues = shared.queues();
-            loop {
-                if let Some(request) = queues.pending.pop_front() {
-                    break request;
-                }
-                if queues.stopping {
-                    return;
-                }
-                queues = shared
-                    .work
-                    .wait(queues)
-                    .unwrap_or_else(PoisonError::into_inner);
-            }
-        };
-        let result = execute(shared.image.as_ref(), &request);
-        let mut queues = shared.queues();
-        queues.done.push_back(Completion { request, result });
-        queues.unfinished -= 1;
-        if queues.unfinished == 0 {
-            shared.idle.notify_all();
-        }
-        drop(queues);
-        // Only fails when the counter would overflow, which still leaves it readable.
-        let _ = shared.completion_fd.write(1);
-    }
-}
-
-/// Runs one request against the image.
-fn execute(image: &dyn DiskImage, request: &Request) -> Result<(), Error> {
-    let mut offset = request.offset;
-    match request.op {
-        Op::Read => {
-            for seg in &request.segs {
-                // SAFETY: `IoSeg::new`'s contract: the range is valid for writes and nobody else
-                // in this process touches it until the completion is reaped.
-                let buf = unsafe { slice::from_raw_parts_mut(seg.ptr, seg.len) };
-                image.read_at(buf, offset)?;
-                offset = next_offset(offset, seg.len, image.size())?;
-            }
-            Ok(())
-        }
-        Op::Write => {
-            for seg in &request.segs {
-                // SAFETY: `IoSeg::new`'s contract: the range is valid for reads until the
-                // completion is reaped.
-                let buf = unsafe { slice::from_raw_parts(seg.ptr.cast_const(), seg.len) };
-                image.write_at(buf, offset)?;
-                offset = next_offset(offset, seg.len, image.size())?;
-            }
-            Ok(())
-        }
-        Op::Flush => image.flush(),
-        Op::Discard { len } => image.discard(offset, len),
-        Op::WriteZeroes { len, may_unmap } => image.write_zeroes(offset, len, may_unmap),
-    }
-}
-
-/// The disk offset after a segment, refusing arithmetic overflow.
-fn next_offset(offset: u64, len: usize, size: u64) -> Result<u64, Error> {
-    let len64 = u64::try_from(len).unwrap_or(u64::MAX);
-    offset.checked_add(len64).ok_or(Error::OutOfRange {
-        offset,
-        len: len64,
-        size,
-    })
+/// Takes the handles of the threads that have ended out of `threads`.
+fn extract_finished(threads: &mut Vec<JoinHandle<()>>) -> Vec<JoinHandle<()>> {
+    let (ended, running) = threads.drain(..).partition(JoinHandle::is_finished);
+    *threads = running;
+    ended
 }
 
 #[cfg(test)]
 mod tests {
-    // Tests of the worker pool against a raw file image written for these tests (the raw engine
-    // lives elsewhere in the crate; this one adds a gate that holds workers inside a read).
+    // Tests of submission, completion and draining against a raw file image with a gate.
     #![allow(clippy::unwrap_used)]
 
+    use super::test_image::{reap_one, seg, RawFile};
     use super::*;
-    use crate::BlockStatus;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     use std::time::Duration;
-
-    /// The crate's raw engine on a temporary file, with a gate that can hold reads back (to
-    /// keep requests in flight on purpose) and counters.
-    #[derive(Debug)]
-    struct RawFile {
-        inner: crate::Image,
-        _dir: tempfile::TempDir,
-        /// While closed, reads wait.
-        gate: Mutex<bool>,
-        gate_cond: Condvar,
-        /// Reads that entered `read_at`.
-        reads_started: AtomicUsize,
-        flushes: AtomicUsize,
-    }
-
-    impl RawFile {
-        fn new(size: u64) -> Arc<Self> {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("disk.raw");
-            let create = crate::qcow2::create::CreateOptions {
-                size,
-                ..Default::default()
-            };
-            crate::create(&path, crate::Format::Raw, &create).unwrap();
-            let opts = crate::OpenOptions {
-                format: Some(crate::Format::Raw),
-                read_only: false,
-                ..Default::default()
-            };
-            Arc::new(RawFile {
-                inner: crate::open(&path, opts).unwrap(),
-                _dir: dir,
-                gate: Mutex::new(true),
-                gate_cond: Condvar::new(),
-                reads_started: AtomicUsize::new(0),
-                flushes: AtomicUsize::new(0),
-            })
-        }
-
-        fn set_gate(&self, open: bool) {
-            *self.gate.lock().unwrap() = open;
-            self.gate_cond.notify_all();
-        }
-    }
-
-    impl DiskImage for RawFile {
-        fn size(&self) -> u64 {
-            self.inner.size()
-        }
-        fn read_only(&self) -> bool {
-            self.inner.read_only()
-        }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
-            self.reads_started.fetch_add(1, Ordering::SeqCst);
-            let mut open = self.gate.lock().unwrap();
-            while !*open {
-                open = self.gate_cond.wait(open).unwrap();
-            }
-            drop(open);
-            self.inner.read_at(buf, offset)
-        }
-        fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
-            self.inner.write_at(buf, offset)
-        }
-        fn flush(&self) -> Result<(), Error> {
-            self.flushes.fetch_add(1, Ordering::SeqCst);
-            self.inner.flush()
-        }
-        fn discard(&self, offset: u64, len: u64) -> Result<(), Error> {
-            self.inner.discard(offset, len)
-        }
-        fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), Error> {
-            self.inner.write_zeroes(offset, len, may_unmap)
-        }
-        fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus, Error> {
-            self.inner.block_status(offset, len)
-        }
-    }
-
-    fn seg(buf: &mut [u8]) -> IoSeg {
-        // SAFETY: every test keeps `buf` alive and untouched until the completion is reaped.
-        unsafe { IoSeg::new(buf.as_mut_ptr(), buf.len()) }
-    }
-
-    /// Waits (bounded) for the completion eventfd and reaps exactly one completion.
-    fn reap_one(aio: &Aio) -> Completion {
-        let mut pfd = libc::pollfd {
-            fd: aio.completion_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let mut got = None;
-        for _ in 0..100 {
-            // SAFETY: `pfd` is a valid pollfd array of length one for the duration of the call.
-            let n = unsafe { libc::poll(&mut pfd, 1, 100) };
-            assert!(n >= 0);
-            aio.reap(|c| {
-                assert!(got.is_none(), "one completion expected");
-                got = Some(c);
-            });
-            if got.is_some() {
-                break;
-            }
-        }
-        got.expect("a completion within 10 s")
-    }
 
     /// Submits one request and reaps its completion, checking the token came back.
     fn roundtrip(aio: &Aio, op: Op, offset: u64, segs: Vec<IoSeg>, token: u64) -> Completion {
@@ -673,7 +566,7 @@ mod tests {
     #[test]
     fn write_then_read_back_across_segments() {
         let image = RawFile::new(1 << 20);
-        let aio = Aio::new("t", image.clone(), 2, 8).unwrap();
+        let aio = Aio::new("t", image.clone(), Workers::fixed(2), 8).unwrap();
         let mut a = vec![0xa5u8; 512];
         let mut b = vec![0x5au8; 1024];
         let done = roundtrip(&aio, Op::Write, 4096, vec![seg(&mut a), seg(&mut b)], 7);
@@ -690,7 +583,7 @@ mod tests {
     #[test]
     fn errors_come_back_in_the_completion() {
         let image = RawFile::new(4096);
-        let aio = Aio::new("t", image, 1, 4).unwrap();
+        let aio = Aio::new("t", image, Workers::fixed(1), 4).unwrap();
         let mut buf = vec![0u8; 512];
         let done = roundtrip(&aio, Op::Read, 4096, vec![seg(&mut buf)], 1);
         assert!(matches!(
@@ -707,7 +600,7 @@ mod tests {
     fn flush_discard_and_write_zeroes_reach_the_image() {
         let image = RawFile::new(8192);
         image.inner.write_at(&[0xffu8; 8192], 0).unwrap();
-        let aio = Aio::new("t", image.clone(), 1, 4).unwrap();
+        let aio = Aio::new("t", image.clone(), Workers::fixed(1), 4).unwrap();
         for (token, op) in [
             (1, Op::Flush),
             (2, Op::Discard { len: 512 }),
@@ -736,7 +629,7 @@ mod tests {
     fn the_queue_is_bounded_and_hands_back_what_does_not_fit() {
         let image = RawFile::new(1 << 16);
         image.set_gate(false);
-        let aio = Aio::new("t", image.clone(), 2, 3).unwrap();
+        let aio = Aio::new("t", image.clone(), Workers::fixed(2), 3).unwrap();
         let mut bufs = vec![vec![0u8; 512]; 4];
         let mut segs: Vec<IoSeg> = bufs.iter_mut().map(|b| seg(b)).collect();
         for (token, s) in (0u64..).zip(&segs[..3]) {
@@ -780,7 +673,7 @@ mod tests {
     fn dropping_the_pool_waits_for_requests_in_flight() {
         let image = RawFile::new(1 << 16);
         image.set_gate(false);
-        let aio = Aio::new("t", image.clone(), 1, 2).unwrap();
+        let aio = Aio::new("t", image.clone(), Workers::fixed(1), 2).unwrap();
         let mut buf = vec![0u8; 512];
         aio.submit(Request {
             op: Op::Read,
@@ -809,29 +702,17 @@ mod tests {
         // The test image keeps the trait's default: no host file to give the ring.
         let image = RawFile::new(4096);
         assert!(matches!(
-            Aio::with_engine("t", image, 1, 4, Engine::IoUring),
+            Aio::with_engine("t", image, Workers::fixed(1), 4, Engine::IoUring),
             Err(AioError::NoHostFile { name }) if name == "t"
         ));
-        let aio = Aio::with_engine("t", RawFile::new(4096), 1, 4, Engine::Threads).unwrap();
+        let aio = Aio::with_engine(
+            "t",
+            RawFile::new(4096),
+            Workers::fixed(1),
+            4,
+            Engine::Threads,
+        )
+        .unwrap();
         assert_eq!(aio.engine(), Engine::Threads);
-    }
-
-    #[test]
-    fn a_pool_needs_workers_and_depth() {
-        let image = RawFile::new(4096);
-        assert!(matches!(
-            Aio::new("t", image.clone(), 0, 4),
-            Err(AioError::BadSize {
-                workers: 0,
-                depth: 4
-            })
-        ));
-        assert!(matches!(
-            Aio::new("t", image, 1, 0),
-            Err(AioError::BadSize {
-                workers: 1,
-                depth: 0
-            })
-        ));
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use block::aio::{Aio, Completion, Engine, IoSeg, Op, Request};
+use block::aio::{Aio, Completion, Engine, IoSeg, Op, Request, Workers};
 use block::direct::{DirectPin, DirectTarget, Extent};
 use block::{open, BlockStatus, DiskImage, Error, Format, OpenOptions, WithPolicy, WritePolicy};
 use common::*;
@@ -108,7 +108,7 @@ fn qcow2(dir: &tempfile::TempDir, cluster: u64, size: &str, cmds: &[&str]) -> Pa
 }
 
 fn uring(image: Arc<dyn DiskImage>) -> Aio {
-    Aio::with_engine("t", image, 2, 16, Engine::IoUring).unwrap()
+    Aio::with_engine("t", image, Workers::fixed(2), 16, Engine::IoUring).unwrap()
 }
 
 fn seg(buf: &mut [u8]) -> IoSeg {

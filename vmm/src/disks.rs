@@ -28,6 +28,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use block::aio::Workers;
 use block::{DetectZeroes, DiskImage, Format, Image, OpenOptions, WithPolicy, WritePolicy};
 use devices::bus::{BusError, SharedBus};
 use devices::context::{self, Context, IoThread};
@@ -45,9 +46,6 @@ use crate::drive::{CacheSetting, DiskSpec, DriveSpec};
 use crate::global::{GlobalLock, Held};
 use crate::main_loop::{Handler, Tag};
 use crate::monitor::{BlockDevice, CacheMode, ImageDescription, IoThreadInfo, VmDisk};
-
-/// Worker threads doing each disk's image I/O (with `aio=io_uring`, what the ring does not take).
-const IO_WORKERS: usize = 4;
 
 /// Errors from setting up or shutting down the disks, one line each.
 #[derive(Debug, thiserror::Error)]
@@ -428,7 +426,8 @@ fn add_disk(
         num_queues: spec.device.num_queues,
         queue_size: spec.device.queue_size,
         discard: spec.drive.discard,
-        io_workers: IO_WORKERS,
+        // Workers doing the image's I/O (with `aio=io_uring`, what the ring does not take).
+        io_workers: Workers::default(),
         aio: spec.drive.aio,
         stats_intervals: spec.drive.stats_intervals.clone(),
     };

@@ -13,7 +13,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use block::aio::{Aio, AioError, Engine};
+use block::aio::{Aio, AioError, Engine, Workers};
 use block::DiskImage;
 use std::os::fd::AsRawFd;
 use virtio_queue::QueueT;
@@ -56,7 +56,7 @@ pub struct BlockConfig {
     /// Whether discard requests reach the image (`discard=unmap`) or are ignored (`ignore`).
     pub discard: bool,
     /// Worker threads for image I/O (with `aio=io_uring`, for what the ring does not take).
-    pub io_workers: usize,
+    pub io_workers: Workers,
     /// The engine doing the image's data I/O (`-drive aio=`).
     pub aio: Engine,
     /// Intervals in seconds for `timed_stats` (`-drive stats-intervals=`).
@@ -72,7 +72,7 @@ impl Default for BlockConfig {
             num_queues: 1,
             queue_size: 256,
             discard: false,
-            io_workers: 4,
+            io_workers: Workers::default(),
             aio: Engine::Threads,
             stats_intervals: Vec::new(),
         }

@@ -186,7 +186,7 @@ impl<I: DiskImage + 'static> Rig<I> {
             num_queues: queues,
             queue_size: QSIZE,
             discard,
-            io_workers: 2,
+            io_workers: block::aio::Workers::fixed(2),
             aio,
             stats_intervals: vec![60],
         };
