@@ -17,7 +17,10 @@
 # working. A guest that ends before all its configurations ran (it reset itself, or made no
 # progress for RUNTIME + 150 s and was killed) is booted again for the missing ones, up to twice;
 # each such event is a "bench: RETRY" line. Leaves in $OUT_DIR: raw/TAG.json (fio), raw/TAG.polls
-# (replies the poller got), console/BOOT.log (with the guest's /proc/interrupts lines for virtio and
+# (replies the poller got), raw/TAG.sched (each VMM thread's CPU time and run-queue wait while fio
+# ran, from /proc/PID/task/*/schedstat, sampled when the guest announces and ends each run: within
+# half a second of fio's own window; QEMU runs with debug-threads=on to name its threads),
+# console/BOOT.log (with the guest's /proc/interrupts lines for virtio and
 # the console at the end: BENCH-IRQ) and BOOT.debug.log (the VMM's -D log: why it stopped),
 # version-VMM.json (query-version), host.txt.
 set -u
@@ -64,12 +67,15 @@ taskset 2 sh -c "while :; do :; done" & s1=$!
 taskset 2 sh -c "while :; do echo BENCH-NOISE serial output streaming from the guest vCPU 1; usleep 10000; done" & s2=$!
 echo BENCH-LOAD-ON $t; sleep 3
 fi
+echo BENCH-FIO-START $t
 fio --name=bench --filename=/dev/vda --direct=1 --ioengine=libaio --rw=$rw --bs=4k --iodepth=$qd --ramp_time=1 --runtime=$RT --time_based --eta=never --cpus_allowed=0 --output-format=json --output=f.json 2>f.err
 r=$?
+echo BENCH-FIO-STOP $t
 if [ $ld = disturbed ]; then kill $s1 $s2; wait $s1 $s2 2>/dev/null; echo BENCH-LOAD-OFF $t; fi
 echo BENCH-FIO-BEGIN $t; cat f.json; echo BENCH-FIO-END $t $r; sed "s/^/BENCH-FIO-ERR /" f.err
 done
 grep -E "CPU|virtio|ttyS" /proc/interrupts | sed "s/^/BENCH-IRQ /"
+sleep 1
 echo BENCH-GUEST-DONE'
 
 poll_start() { # $1 port, $2 tag
@@ -121,6 +127,38 @@ poll_stop() {
   rm -f nc.pid poll.in poll.out
 }
 count() { c=$(grep -c "$1" console.log 2>/dev/null); echo "${c:-0}"; }
+# sched_snap PID: the uptime, then "TID NAME RUN_NS WAIT_NS" for each of the VMM's threads
+# (/proc/PID/task/TID/schedstat: time on a CPU, time runnable but waiting for one).
+sched_snap() {
+  cut -d' ' -f1 /proc/uptime
+  for task in /proc/$1/task/*; do
+    read -r run wait _ < "$task/schedstat" 2>/dev/null || continue
+    echo "${task##*/} $(tr ' ' '_' < "$task/comm") $run $wait"
+  done
+}
+# sched_diff BEFORE AFTER: "wall_ms N", then "NAME RUN_MS WAIT_MS" per thread busy meanwhile.
+sched_diff() {
+  awk 'FNR == 1 { t[FILENAME == ARGV[1]] = $1; next }
+    FILENAME == ARGV[1] { r[$1] = $3; w[$1] = $4; next }
+    { dr = ($3 - r[$1]) / 1e6; dw = ($4 - w[$1]) / 1e6
+      if (dr + dw >= 1) printf "%s %.0f %.0f\n", $2, dr, dw }
+    END { printf "wall_ms %.0f 0\n", (t[0] - t[1]) * 1000 }' "$1" "$2" | sort -k2,2nr
+}
+profile() { # the VMM's threads when a fio run starts, and what they did when it stops
+  c=$(count BENCH-FIO-START)
+  if [ "$c" -gt $starts ]; then starts=$c; sched_snap $pid > run/sched.before; fi
+  c=$(count BENCH-FIO-STOP)
+  if [ "$c" -gt $stops ]; then
+    stops=$c
+    if [ -s run/sched.before ] && [ -d /proc/$pid/task ]; then
+      sched_snap $pid > run/sched.after
+      sched="$OUT_DIR/raw/$(grep BENCH-FIO-STOP console.log | tail -1 | tr -d '\r' | cut -d' ' -f2)"
+      [ "$ROUNDS" = 1 ] || sched=$sched.r$round
+      sched_diff run/sched.before run/sched.after > "$sched.sched"
+    fi
+    rm -f run/sched.before
+  fi
+}
 progress() { # a line per fio run finished since the last call
   c=$(count BENCH-FIO-END)
   while [ "$c" -gt $ends ]; do
@@ -144,7 +182,7 @@ run_boot() {
   if [ "$place" = iothread ]; then io="-object iothread,id=io0"; dev=",iothread=io0"; fi
   case $vmm in
     vmm) cmd="vmm -m 1G -smp 2" ;;
-    qemu) cmd="qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m 1G -smp 2 -nodefaults -no-reboot -display none -serial stdio" ;;
+    qemu) cmd="qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m 1G -smp 2 -nodefaults -no-reboot -display none -serial stdio -name bench,debug-threads=on" ;;
   esac
   p=$vmm.$place.$image
   [ "$ROUNDS" = 1 ] || p=$p.r$round
@@ -161,8 +199,9 @@ run_boot() {
     < /dev/null > console.log 2>&1 &
   pid=$!
   start=$(date +%s) last=$start
-  on=0 off=0 ends=0 hung=""
+  on=0 off=0 starts=0 stops=0 ends=0 hung=""
   while kill -0 $pid 2>/dev/null; do
+    profile
     if [ ! -e "$OUT_DIR/version-$vmm.json" ] && grep -q GUEST-USERSPACE-UP console.log; then
       { printf '%s\n' '{"execute":"qmp_capabilities"}' '{"execute":"query-version"}'; sleep 1; } |
         nc 127.0.0.1 $port | grep '"qemu"' > "$OUT_DIR/version-$vmm.json"

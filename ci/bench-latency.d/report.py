@@ -1,8 +1,9 @@
 """The report of ci/bench-latency: reads a results folder (raw/TAG.json, fio's JSON per run, TAG being
 VMM.PLACEMENT.IMAGE.RW.qdN.LOAD, with .rN for round N when there are several; raw/TAG.polls;
-machine.txt, host.txt, version-*.json) and writes summary.json (one object per configuration, the
+raw/TAG.sched; machine.txt, host.txt, version-*.json) and writes summary.json (one object per configuration, the
 fields issue 6 names, each figure the median over the rounds, plus `runs`), summary.md (the host,
-both VMMs' versions, the table, vmm over QEMU, iothread over main loop under load) and
+both VMMs' versions, the table, vmm over QEMU, iothread over main loop under load, where the
+VMMs' threads spent the disturbed runs) and
 latency-cdf.png (the completion-latency percentile curves of vmm and QEMU per configuration, each
 point the median over the rounds). Exits 1 when a configuration has no usable fio result.
 
@@ -82,6 +83,26 @@ def parse_run(path):
     if n < P9999_MIN_IOS:
         curve = [(p, v) for p, v in curve if p < 99.99]
     return (obj, n, curve), None
+
+
+def read_sched(out, obj):
+    """(wall ms, [(thread, CPU ms, run-queue wait ms)]) of a configuration's first round whose
+    raw/TAG[.rN].sched exists (inner.sh's per-thread profile of the VMM while fio ran)."""
+    name = "{vmm}.{placement}.{image}.{rw}.qd{iodepth}.{load}".format(**obj)
+    for suffix in [""] + [f".r{n}" for n in range(1, obj.get("runs", 1) + 1)]:
+        path = out / "raw" / f"{name}{suffix}.sched"
+        if path.exists():
+            wall, threads = None, []
+            for line in path.read_text().splitlines():
+                parts = line.split()
+                if len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
+                    continue
+                if parts[0] == "wall_ms":
+                    wall = int(parts[1])
+                else:
+                    threads.append((parts[0], int(parts[1]), int(parts[2])))
+            return wall, threads
+    return None, []
 
 
 def median_or_none(values):
@@ -265,6 +286,19 @@ def main():
         cells = [ratio(obj["lat_us"][p], m["lat_us"][p]) for p in ("p50", "p99", "p99.9")]
         md.append(f"| {obj['vmm']} | {obj['image']} | {obj['rw']} | {obj['iodepth']} | "
                   + " | ".join(fmt(c, 2) for c in cells) + " |")
+    rows = []
+    for obj in (r[0] for r in runs if r[0]["load"] == "disturbed"):
+        wall, threads = read_sched(out, obj)
+        if wall is not None:
+            cells = " · ".join(f"{n} {fmt(c)}/{fmt(w)}" for n, c, w in threads[:6])
+            rows.append(f"| {obj['vmm']} | {obj['placement']} | {obj['image']} | {obj['rw']} | "
+                        f"{obj['iodepth']} | {fmt(wall)} | {cells} |")
+    if rows:
+        md += ["", "## Where the VMMs' threads spent the disturbed runs (first round)", "",
+               "Each thread busy while fio ran: CPU ms / ms runnable but waiting for a CPU "
+               "(`/proc/PID/task/*/schedstat`), busiest first, over the run's wall time.", "",
+               "| VMM | placement | image | rw | QD | wall ms | threads: CPU ms / wait ms |",
+               "|---|---|---|---|---|---|---|"] + rows
     if runs:
         plot([(r[0], r[1], r[2]) for r in runs], out / "latency-cdf.png")
         md += ["", "Latency percentile curves: `latency-cdf.png`."]
