@@ -16,7 +16,9 @@
 # query-blockstats on one connection (paced, or a pipelined flood), so the VMM's main loop keeps
 # working. A guest that ends before all its configurations ran (it reset itself, or made no
 # progress for RUNTIME + 150 s and was killed) is booted again for the missing ones, up to twice;
-# each such event is a "bench: RETRY" line. Leaves in $OUT_DIR: raw/TAG.json (fio), raw/TAG.polls
+# each such event is a "bench: RETRY" line. Results are synced to the disk after each boot, and a
+# boot whose results are there already is skipped: when the outer host fails, nested-host's second
+# attempt (same disk) resumes where the first stopped. Leaves in $OUT_DIR: raw/TAG.json (fio), raw/TAG.polls
 # (replies the poller got), raw/TAG.sched (each VMM thread's CPU time and run-queue wait while fio
 # ran, from /proc/PID/task/*/schedstat, sampled when the guest announces and ends each run: within
 # half a second of fio's own window; QEMU runs with debug-threads=on to name its threads),
@@ -256,7 +258,11 @@ status=0
 round=$ROUND
 for boot in $BOOTS; do
   vmm=${boot%%:*}; rest=${boot#*:}; place=${rest%%:*}; image=${rest#*:}
-  try="" todo=$CONFS
+  try="" todo=$(missing "$vmm.$place.$image" $round "$CONFS")
+  if [ -z "$todo" ]; then
+    say "boot $vmm $place $image: done by an earlier attempt of this outer host"
+    continue
+  fi
   run_boot "$vmm" "$place" "$image" $round "$todo"
   for try in 2 3; do
     todo=$(missing "$vmm.$place.$image" $round "$CONFS")
@@ -266,5 +272,6 @@ for boot in $BOOTS; do
     run_boot "$vmm" "$place" "$image" $round "$todo"
   done
   if [ -n "$(missing "$vmm.$place.$image" $round "$CONFS")" ] || [ "$rc" -ne 0 ]; then status=1; fi
+  sync
 done
 exit $status
