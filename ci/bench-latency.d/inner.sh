@@ -15,7 +15,8 @@
 # streams a line to the serial console every 10 ms, and while fio runs a QMP client here polls
 # query-blockstats on one connection (paced, or a pipelined flood), so the VMM's main loop keeps
 # working. A guest that ends before all its configurations ran (it reset itself, or made no
-# progress for RUNTIME + 150 s and was killed) is booted again for the missing ones, up to twice;
+# progress for RUNTIME + 60 s, 60 s more before its first result, and was killed) is booted again
+# for the missing ones, up to twice;
 # each such event is a "bench: RETRY" line. Results are synced to the disk after each boot, and a
 # boot whose results are there already is skipped: when the outer host fails, nested-host's second
 # attempt (same disk) resumes where the first stopped. Leaves in $OUT_DIR: raw/TAG.json (fio), raw/TAG.polls
@@ -219,7 +220,7 @@ run_boot() {
     now=$(date +%s)
     [ $ends -gt $before ] && last=$now
     # Boot plus the first run, or one run: a guest silent for longer is stuck.
-    if [ $((now - last)) -gt $((RUNTIME + 150 + (ends == 0) * 150)) ]; then
+    if [ $((now - last)) -gt $((RUNTIME + 60 + (ends == 0) * 60)) ]; then
       hung=" (no progress for $((now - last)) s: killed)"
       kill $pid 2>/dev/null
     fi
