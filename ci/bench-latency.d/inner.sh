@@ -233,9 +233,11 @@ run_boot() {
   log="$OUT_DIR/console/$p${try:+.try$try}"
   cp run/debug.log "$log.debug.log" 2>/dev/null
   grep -v BENCH-NOISE console.log | tr -d '\r' > "$log.log"
+  # A run's JSON counts once its end line came (a guest that dies mid-print leaves a .part).
   awk -v dir="$OUT_DIR/raw" -v round="$round" -v rounds="$ROUNDS" '
     /^BENCH-FIO-BEGIN /{f=dir "/" $2 (rounds == 1 ? "" : ".r" round) ".json"; next}
-    /^BENCH-FIO-END /{if (f != "") close(f); f=""; next} f != "" {print > f}' "$log.log"
+    /^BENCH-FIO-END /{if (f != "") {close(f ".part"); system("mv " f ".part " f)}; f=""; next}
+    f != "" {print > (f ".part")}' "$log.log"
   grep -E 'BENCH-FIO-ERR|^vmm:|qemu-system' "$log.log" | head -5
   got=$(grep -c '^BENCH-FIO-END .* 0$' "$log.log")
   say "boot $vmm $place $image: exit $rc, $got/$n fio runs, $(($(date +%s) - start)) s$hung"
