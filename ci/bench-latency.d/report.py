@@ -85,10 +85,15 @@ def parse_run(path):
     return (obj, n, curve), None
 
 
+def run_name(obj):
+    """A configuration's name in raw/ (without the round)."""
+    return "{vmm}.{placement}.{image}.{rw}.qd{iodepth}.{load}".format(**obj)
+
+
 def read_sched(out, obj):
     """(wall ms, [(thread, CPU ms, run-queue wait ms)]) of a configuration's first round whose
     raw/TAG[.rN].sched exists (inner.sh's per-thread profile of the VMM while fio ran)."""
-    name = "{vmm}.{placement}.{image}.{rw}.qd{iodepth}.{load}".format(**obj)
+    name = run_name(obj)
     for suffix in [""] + [f".r{n}" for n in range(1, obj.get("runs", 1) + 1)]:
         path = out / "raw" / f"{name}{suffix}.sched"
         if path.exists():
@@ -209,7 +214,7 @@ def main():
         problems.append(f"{len(runs)} of {expected} configurations have a result")
     for obj, *_ in runs:
         if obj["runs"] < rounds:
-            problems.append(f"{'.'.join(map(str, tag(obj)))}: {obj['runs']} of {rounds} rounds")
+            problems.append(f"{run_name(obj)}: {obj['runs']} of {rounds} rounds")
     (out / "summary.json").write_text(json.dumps([r[0] for r in runs], indent=2) + "\n")
 
     versions = {}
