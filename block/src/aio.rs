@@ -29,7 +29,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::{self, JoinHandle};
 use std::{fmt, io};
@@ -229,6 +229,8 @@ pub struct Aio {
     /// Requests the ring took, and requests the pool took.
     on_ring: AtomicU64,
     on_pool: AtomicU64,
+    /// Whether a worker failed to start since the pool last grew (reported once per episode).
+    growth_failed: AtomicBool,
 }
 
 impl fmt::Debug for Aio {
@@ -305,6 +307,7 @@ impl Aio {
             ring,
             on_ring: AtomicU64::new(0),
             on_pool: AtomicU64::new(0),
+            growth_failed: AtomicBool::new(false),
         };
         for _ in 0..workers.min {
             pool.shared.queues().census.live += 1;
@@ -449,10 +452,15 @@ impl Aio {
         drop(queues);
         self.shared.work.notify_one();
         if grow {
-            if let Err(e) = self.start_worker() {
-                let cause = std::error::Error::source(&e).map(ToString::to_string);
-                // The workers already running still take the request.
-                log::warn!("{e}: {}", cause.unwrap_or_default());
+            match self.start_worker() {
+                Ok(()) => self.growth_failed.store(false, Ordering::Relaxed),
+                // The workers already running still take the request; say so once, not on every
+                // request while thread creation keeps failing.
+                Err(e) if !self.growth_failed.swap(true, Ordering::Relaxed) => {
+                    let cause = std::error::Error::source(&e).map(ToString::to_string);
+                    log::warn!("{e}: {}", cause.unwrap_or_default());
+                }
+                Err(_) => {}
             }
         }
         Ok(())
