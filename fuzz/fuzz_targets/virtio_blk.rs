@@ -10,6 +10,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use block::aio::Workers;
 use block::{Allocation, BlockStatus, DiskImage, Error};
 use devices::context::Context;
 use devices::virtio::block::{Block, BlockConfig};
@@ -92,7 +93,7 @@ fuzz_target!(|data: &[u8]| {
     let config = BlockConfig {
         queue_size: 16,
         discard: flags & 1 != 0,
-        io_workers: 1,
+        io_workers: Workers::fixed(1),
         ..Default::default()
     };
     let disk = Arc::new(MemDisk(Mutex::new(vec![0; DISK]), flags & 2 != 0));
