@@ -1,7 +1,8 @@
 //! Asynchronous submission of disk image requests, so that the thread serving a disk never blocks
 //! on it (DESIGN.md, "A context never blocks on the disk").
 //!
-//! A small pool of worker threads runs requests against a [`DiskImage`]: plain reads and writes
+//! A pool of worker threads, growing and shrinking with the requests in flight as QEMU's does
+//! ([`Workers`], `pool`), runs requests against a [`DiskImage`]: plain reads and writes
 //! as well as the qcow2 metadata lookups and allocations behind them, which may miss a cache and
 //! read or write the host file. The submitter (a device, in its context) hands over a
 //! [`Request`] that owns its segment list and carries a caller-chosen token; completions come back
@@ -96,7 +97,9 @@ pub enum AioError {
         name: String,
     },
     /// A pool needs at least one worker, a maximum no smaller than its minimum, and one slot.
-    #[error("an I/O pool needs at least one worker and one slot (asked {workers:?} and {depth})")]
+    #[error(
+        "an I/O pool needs 1 <= min <= max workers and one slot (asked {workers:?}, {depth} slots)"
+    )]
     BadSize {
         /// Workers asked for.
         workers: Workers,
