@@ -58,6 +58,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A host file that cannot hold an image: neither a regular file nor a block device.
+    #[error("{path} is a {kind}, not a regular file or block device")]
+    NotAnImage {
+        /// The host file.
+        path: String,
+        /// Its type ("FIFO", "directory", "socket", ...).
+        kind: &'static str,
+    },
     /// Reading the metadata of a host file (its size) failed.
     #[error("cannot stat {path}")]
     Stat {
@@ -167,9 +175,10 @@ impl Error {
             }
             Error::Locked { .. } => ErrorKind::Locked,
             Error::Format { source, .. } => source.kind(),
-            Error::BackingTooDeep { .. } | Error::BackingProbe { .. } | Error::TooLarge { .. } => {
-                ErrorKind::Unsupported
-            }
+            Error::BackingTooDeep { .. }
+            | Error::BackingProbe { .. }
+            | Error::TooLarge { .. }
+            | Error::NotAnImage { .. } => ErrorKind::Unsupported,
             Error::BackingLoop { .. } => ErrorKind::Corrupt,
             Error::Backing { source, .. } => source.kind(),
         }

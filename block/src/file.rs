@@ -1,14 +1,20 @@
 //! A host file with positional I/O that reports errors with their context, and that honours
 //! `O_DIRECT` (`cache=none`) by bouncing unaligned requests through an aligned buffer.
 //!
+//! Only regular files and block devices are images. Every open is non-blocking (`O_NONBLOCK`,
+//! and `O_NOCTTY`), so a FIFO, a socket or a device whose open would wait or have side effects
+//! is refused at once by its type, before any byte is read; the flag is cleared on the files that
+//! are kept. Each file carries its identity (device and inode), which tells two names of one
+//! file apart from two files whatever the symlinks and hard links between them.
+//!
 //! `HostFile` is shared by reference between threads: `pread`/`pwrite` need no lock. With
 //! `O_DIRECT`, an unaligned write is a read-modify-write of the enclosing aligned blocks; callers
 //! that write the same block from two threads at once must serialize themselves (the qcow2 engine
 //! does so for everything but whole-cluster-aligned guest data).
 
 use std::alloc::{self, Layout};
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::{File, FileType, Metadata, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::Error;
@@ -71,12 +77,52 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// The identity of a host file: its device and inode, the same through every name it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(meta: &Metadata) -> FileId {
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+
+    /// The identity of the file `path` names now (through symlinks), if it exists.
+    pub fn of_path(path: &Path) -> Option<FileId> {
+        std::fs::metadata(path).ok().map(|m| FileId::of(&m))
+    }
+}
+
+/// The name of a file type that cannot hold an image; `None` for regular files and block
+/// devices.
+fn unusable_type(t: FileType) -> Option<&'static str> {
+    if t.is_file() || t.is_block_device() {
+        None
+    } else if t.is_dir() {
+        Some("directory")
+    } else if t.is_fifo() {
+        Some("FIFO")
+    } else if t.is_socket() {
+        Some("socket")
+    } else if t.is_char_device() {
+        Some("character device")
+    } else {
+        Some("special file")
+    }
+}
+
 /// A host file opened for an image.
 #[derive(Debug)]
 pub struct HostFile {
     file: File,
     path: String,
     direct: bool,
+    id: FileId,
 }
 
 fn is_aligned(v: u64) -> bool {
@@ -85,26 +131,77 @@ fn is_aligned(v: u64) -> bool {
 
 impl HostFile {
     /// Opens `path` for reading, and for writing unless `read_only`, with the given cache mode.
+    /// Anything but a regular file or a block device is refused without blocking.
     pub fn open(path: &Path, read_only: bool, cache: CacheMode) -> Result<HostFile, Error> {
         let mut opts = OpenOptions::new();
         opts.read(true).write(!read_only);
-        if cache == CacheMode::None {
-            opts.custom_flags(libc::O_DIRECT);
-        }
-        let file = opts.open(path).map_err(|source| Error::Open {
-            path: path.display().to_string(),
+        Self::open_with(path, &mut opts, cache)
+    }
+
+    /// Opens `path` non-blocking, keeps it only if it is a regular file or a block device, and
+    /// then clears `O_NONBLOCK`.
+    fn open_with(path: &Path, opts: &mut OpenOptions, cache: CacheMode) -> Result<HostFile, Error> {
+        use std::os::fd::AsRawFd;
+        let name = path.display().to_string();
+        let direct = if cache == CacheMode::None {
+            libc::O_DIRECT
+        } else {
+            0
+        };
+        opts.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | direct);
+        let unusable = |kind| Error::NotAnImage {
+            path: name.clone(),
+            kind,
+        };
+        let file = match opts.open(path) {
+            Ok(file) => file,
+            Err(source) => {
+                // open() refuses some of these files itself (EISDIR to a writer, ENXIO for a
+                // socket or a FIFO without a reader): name them by their type.
+                let odd = std::fs::metadata(path)
+                    .ok()
+                    .and_then(|m| unusable_type(m.file_type()));
+                return Err(match odd {
+                    Some(kind) => unusable(kind),
+                    None => Error::Open { path: name, source },
+                });
+            }
+        };
+        let meta = file.metadata().map_err(|source| Error::Stat {
+            path: name.clone(),
             source,
         })?;
+        if let Some(kind) = unusable_type(meta.file_type()) {
+            return Err(unusable(kind));
+        }
+        let fd = file.as_raw_fd();
+        // SAFETY: fcntl F_GETFL/F_SETFL on a descriptor we own, with integer arguments.
+        let cleared = unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+        };
+        if !cleared {
+            return Err(Error::Open {
+                path: name,
+                source: std::io::Error::last_os_error(),
+            });
+        }
         Ok(HostFile {
             file,
-            path: path.display().to_string(),
+            path: name,
             direct: cache == CacheMode::None,
+            id: FileId::of(&meta),
         })
     }
 
     /// The path the file was opened with.
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// The file's identity (device and inode) when it was opened.
+    pub fn id(&self) -> FileId {
+        self.id
     }
 
     /// This file as the target of an engine doing its own I/O, with the given flush.
@@ -315,6 +412,47 @@ mod tests {
             let mut e = [9u8; 4];
             f.read_at(&mut e, 20000).unwrap();
             assert_eq!(e, [0; 4]);
+        }
+    }
+
+    #[test]
+    fn odd_files_are_refused_by_their_type_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let sock = dir.path().join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        for (path, want) in [
+            (fifo.as_path(), "FIFO"),
+            (dir.path(), "directory"),
+            (sock.as_path(), "socket"),
+            (Path::new("/dev/null"), "character device"),
+        ] {
+            for read_only in [true, false] {
+                let r = HostFile::open(path, read_only, CacheMode::Writeback);
+                assert!(
+                    matches!(&r, Err(Error::NotAnImage { kind, .. }) if *kind == want),
+                    "{path:?} read_only={read_only}: {r:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn kept_files_are_blocking() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, [5; 100]).unwrap();
+        for cache in [CacheMode::Writeback, CacheMode::None] {
+            let f = HostFile::open(&p, false, cache).unwrap();
+            assert_eq!(FileId::of_path(&p), Some(f.id()));
+            // SAFETY: F_GETFL on a descriptor we own.
+            let flags = unsafe { libc::fcntl(f.file().as_raw_fd(), libc::F_GETFL) };
+            assert_eq!(flags & libc::O_NONBLOCK, 0);
+            assert_eq!(flags & libc::O_DIRECT != 0, cache == CacheMode::None);
         }
     }
 

@@ -13,7 +13,7 @@ pub mod qcow2;
 mod raw;
 
 pub use error::{Error, ErrorKind};
-pub use file::CacheMode;
+pub use file::{CacheMode, FileId};
 pub use image::{Allocation, BlockStatus, DiskImage};
 pub use open::{create, open, probe, resolve_backing, Format, Image, OpenOptions};
 pub use policy::{DetectZeroes, WithPolicy, WritePolicy};

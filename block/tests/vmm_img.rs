@@ -303,3 +303,82 @@ fn map_shows_holes_of_a_sparse_raw_base_like_qemu_img() {
     );
     assert_eq!(ok(&["map", t]), qemu_img(&["map", t]));
 }
+
+/// Runs vmm-img in `dir`, which must refuse: exit code 1 and one line on stderr, returned. The
+/// deadline only guards against a hang (a command blocked in `open()` would never return).
+fn refused_in(dir: &std::path::Path, args: &[&str]) -> String {
+    let child = Command::new(env!("CARGO_BIN_EXE_vmm-img"))
+        .args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    let o = match rx.recv_timeout(std::time::Duration::from_secs(120)) {
+        Ok(o) => o.unwrap(),
+        Err(_) => {
+            // SAFETY: kill with plain integers; the child is still ours (not yet reaped).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("vmm-img {args:?} hangs");
+        }
+    };
+    let stderr = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(o.status.code(), Some(1), "vmm-img {args:?}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "vmm-img {args:?}: {stderr}");
+    assert!(o.stdout.is_empty(), "vmm-img {args:?}");
+    stderr
+}
+
+#[test]
+fn odd_files_are_refused_at_once_as_images_and_backing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = tmp(&dir, "fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    std::fs::create_dir(tmp(&dir, "dir")).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind(tmp(&dir, "sock")).unwrap();
+    for (odd, kind) in [
+        ("fifo", "FIFO"),
+        ("dir", "directory"),
+        ("sock", "socket"),
+        ("/dev/null", "character device"),
+    ] {
+        let what = format!("{odd} is a {kind}, not a regular file or block device");
+        let overlay = format!("over-{kind}.qcow2");
+        create_qcow2(&[
+            "-u",
+            "-b",
+            odd,
+            "-F",
+            "raw",
+            tmp(&dir, &overlay).to_str().unwrap(),
+            "1M",
+        ]);
+        for image in [odd, overlay.as_str()] {
+            for cmd in [
+                &["info"][..],
+                &["check"],
+                &["map"],
+                &["bench", "-c", "1"],
+                &["io", "-c", "read 0 512"],
+                &["io", "-r", "-c", "read 0 512"],
+            ] {
+                let mut args = cmd.to_vec();
+                args.push(image);
+                let line = refused_in(dir.path(), &args);
+                assert!(line.contains(&what), "{args:?}: {line}");
+            }
+            let line = refused_in(dir.path(), &["convert", "-O", "raw", image, "out.raw"]);
+            assert!(line.contains(&what), "convert {image}: {line}");
+        }
+        let args = ["create", "-f", "qcow2", "-b", odd, "-F", "raw", "new.qcow2"];
+        let line = refused_in(dir.path(), &args);
+        assert!(line.contains(&what), "{args:?}: {line}");
+        assert!(!tmp(&dir, "new.qcow2").exists());
+    }
+}

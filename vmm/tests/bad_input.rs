@@ -140,6 +140,71 @@ fn disk_errors_before_the_guest_starts() {
     let _ = holder.wait();
 }
 
+/// Runs vmm like `error_line`, killing it if it outlives a generous deadline: the deadline is
+/// only a guard against a hang, such as an `open()` that waits for a FIFO's writer.
+fn error_line_bounded(kernel: &std::path::Path, args: &[&str]) -> String {
+    let child = common::vmm()
+        .arg("-kernel")
+        .arg(kernel)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("vmm runs");
+    let pid = libc::pid_t::try_from(child.id()).expect("a pid");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    let Ok(out) = rx.recv_timeout(std::time::Duration::from_secs(120)) else {
+        // SAFETY: kill with plain integers; the child is not reaped yet, so the pid is its.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        panic!("vmm {args:?} hangs");
+    };
+    let out = out.expect("vmm runs");
+    assert_eq!(out.status.code(), Some(1), "args {args:?}");
+    assert!(out.stdout.is_empty(), "no guest output");
+    let stderr = String::from_utf8(out.stderr).expect("utf-8");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("vmm: "), "{stderr}");
+    stderr
+}
+
+#[test]
+fn odd_files_as_images_or_backing_files_are_refused_at_once() {
+    let dir = Scratch::new("odd-files");
+    let kernel = dir.file("bzImage", &bzimage(&long_mode_reset_guest()));
+    let fifo = dir.0.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().expect("utf-8 path")).expect("no NUL");
+    // SAFETY: mkfifo with a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let top = dir.0.join("top.qcow2");
+    let top = top.to_str().expect("utf-8 path");
+    let created = std::process::Command::new("qemu-img")
+        .args([
+            "create", "-q", "-f", "qcow2", "-u", "-b", "fifo", "-F", "raw", top, "1M",
+        ])
+        .status()
+        .expect("qemu-img is installed (ci/setup)");
+    assert!(created.success());
+    let fifo = fifo.to_str().expect("utf-8 path");
+    let device = "virtio-blk-device,drive=d0";
+    for (file, format, named, kind) in [
+        (top, ",format=qcow2", fifo, "FIFO"),
+        (fifo, ",format=raw", fifo, "FIFO"),
+        (fifo, "", fifo, "FIFO"),
+        (fifo, ",format=raw,readonly=on", fifo, "FIFO"),
+        ("/dev/null", ",format=raw", "/dev/null", "character device"),
+    ] {
+        let drive = format!("file={file}{format},if=none,id=d0");
+        let l = error_line_bounded(&kernel, &["-drive", &drive, "-device", device]);
+        assert!(
+            l.contains(&format!(
+                "{named} is a {kind}, not a regular file or block device"
+            )),
+            "{drive}: {l}"
+        );
+    }
+}
+
 /// A seccomp filter that fails `io_uring_setup` with ENOSYS, as a kernel without io_uring
 /// does, and allows everything else (for `pre_exec`: only async-signal-safe calls).
 fn deny_io_uring_setup() -> std::io::Result<()> {
