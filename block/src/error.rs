@@ -66,6 +66,14 @@ pub enum Error {
         /// Its type ("FIFO", "directory", "socket", ...).
         kind: &'static str,
     },
+    /// A new image would name itself as its backing file, directly or through its chain.
+    #[error("{path} would be its own backing file ({backing})")]
+    OwnBacking {
+        /// The new image.
+        path: String,
+        /// The backing file name that resolves to it.
+        backing: String,
+    },
     /// Reading the metadata of a host file (its size) failed.
     #[error("cannot stat {path}")]
     Stat {
@@ -170,9 +178,10 @@ impl Error {
             | Error::Stat { .. }
             | Error::Create { .. }
             | Error::Lock { .. } => ErrorKind::Io,
-            Error::OutOfRange { .. } | Error::ReadOnly | Error::InvalidOption(_) => {
-                ErrorKind::InvalidRequest
-            }
+            Error::OutOfRange { .. }
+            | Error::ReadOnly
+            | Error::InvalidOption(_)
+            | Error::OwnBacking { .. } => ErrorKind::InvalidRequest,
             Error::Locked { .. } => ErrorKind::Locked,
             Error::Format { source, .. } => source.kind(),
             Error::BackingTooDeep { .. }

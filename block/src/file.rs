@@ -138,6 +138,28 @@ impl HostFile {
         Self::open_with(path, &mut opts, cache)
     }
 
+    /// Opens `path` for reading and writing, creating it when missing but never truncating it,
+    /// as the target of a new image; anything but a regular file or a block device is refused
+    /// without blocking. Also says whether this call created the file.
+    pub fn create(path: &Path) -> Result<(HostFile, bool), Error> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).create_new(true);
+        let r = match Self::open_with(path, &mut opts, CacheMode::Writeback) {
+            Ok(f) => Ok((f, true)),
+            Err(Error::Open { source, .. })
+                if source.kind() == std::io::ErrorKind::AlreadyExists =>
+            {
+                opts.create_new(false).create(true);
+                Self::open_with(path, &mut opts, CacheMode::Writeback).map(|f| (f, false))
+            }
+            Err(e) => Err(e),
+        };
+        r.map_err(|e| match e {
+            Error::Open { path, source } => Error::Create { path, source },
+            e => e,
+        })
+    }
+
     /// Opens `path` non-blocking, keeps it only if it is a regular file or a block device, and
     /// then clears `O_NONBLOCK`.
     fn open_with(path: &Path, opts: &mut OpenOptions, cache: CacheMode) -> Result<HostFile, Error> {
@@ -437,18 +459,29 @@ mod tests {
                     "{path:?} read_only={read_only}: {r:?}"
                 );
             }
+            let r = HostFile::create(path);
+            assert!(
+                matches!(&r, Err(Error::NotAnImage { kind, .. }) if *kind == want),
+                "create {path:?}: {r:?}"
+            );
         }
     }
 
     #[test]
-    fn kept_files_are_blocking() {
+    fn kept_files_are_blocking_and_create_never_truncates() {
         use std::os::fd::AsRawFd;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
-        std::fs::write(&p, [5; 100]).unwrap();
+        let (f, created) = HostFile::create(&p).unwrap();
+        assert!(created);
+        f.write_at(&[5; 100], 0).unwrap();
+        let (again, created) = HostFile::create(&p).unwrap();
+        assert!(!created);
+        assert_eq!(again.len().unwrap(), 100);
+        assert_eq!(again.id(), f.id());
+        assert_eq!(FileId::of_path(&p), Some(f.id()));
         for cache in [CacheMode::Writeback, CacheMode::None] {
             let f = HostFile::open(&p, false, cache).unwrap();
-            assert_eq!(FileId::of_path(&p), Some(f.id()));
             // SAFETY: F_GETFL on a descriptor we own.
             let flags = unsafe { libc::fcntl(f.file().as_raw_fd(), libc::F_GETFL) };
             assert_eq!(flags & libc::O_NONBLOCK, 0);

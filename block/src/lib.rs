@@ -15,7 +15,7 @@ mod raw;
 pub use error::{Error, ErrorKind};
 pub use file::{CacheMode, FileId};
 pub use image::{Allocation, BlockStatus, DiskImage};
-pub use open::{create, open, probe, resolve_backing, Format, Image, OpenOptions};
+pub use open::{create, open, probe, resolve_backing, Format, Image, NewImage, OpenOptions};
 pub use policy::{DetectZeroes, WithPolicy, WritePolicy};
 pub use raw::Raw;
 

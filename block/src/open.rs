@@ -1,13 +1,17 @@
 //! Opening images by path: the format (given, or probed only where probing is safe), the
 //! read-only flag, the cache mode, QEMU-compatible locks, and the backing chain, each backing
 //! image opened read-only, its name resolved against the directory of the image that names it,
-//! a chain that loops refused.
+//! a chain that loops (the same file twice, by device and inode) refused.
+//!
+//! And creating them: [`NewImage`] opens the target without truncating it, and writes nothing
+//! until it holds the target's write lock and has checked that the new image does not name
+//! itself as its backing file, so a create never destroys an image another process uses.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use crate::direct::{DirectPin, DirectTarget, Extent};
-use crate::file::{CacheMode, HostFile};
+use crate::file::{CacheMode, FileId, HostFile};
 use crate::qcow2::{self, create::CreateOptions, OpenParts, Qcow2};
 use crate::{lock, BlockStatus, DiskImage, Error, Raw};
 
@@ -84,6 +88,22 @@ impl Image {
         }
     }
 
+    /// The host file of this image (not of its backing images).
+    pub fn file(&self) -> &HostFile {
+        match self {
+            Image::Raw(r) => r.file(),
+            Image::Qcow2(q) => q.file(),
+        }
+    }
+
+    /// This image and its backing images, top first.
+    pub fn chain(&self) -> impl Iterator<Item = &Image> {
+        std::iter::successors(Some(self), |i| match i {
+            Image::Raw(_) => None,
+            Image::Qcow2(q) => q.backing(),
+        })
+    }
+
     fn inner(&self) -> &dyn DiskImage {
         match self {
             Image::Raw(r) => r,
@@ -157,14 +177,11 @@ pub fn open(path: &Path, opts: OpenOptions) -> Result<Image, Error> {
 fn open_in_chain(
     path: &Path,
     opts: OpenOptions,
-    seen: &mut HashSet<PathBuf>,
+    seen: &mut HashSet<FileId>,
     top: &Path,
 ) -> Result<Image, Error> {
-    let canon = std::fs::canonicalize(path).map_err(|source| Error::Open {
-        path: path.display().to_string(),
-        source,
-    })?;
-    if !seen.insert(canon) {
+    let file = HostFile::open(path, opts.read_only, opts.cache)?;
+    if !seen.insert(file.id()) {
         return Err(Error::BackingLoop {
             path: path.display().to_string(),
         });
@@ -175,10 +192,21 @@ fn open_in_chain(
             max: MAX_CHAIN,
         });
     }
-    let file = HostFile::open(path, opts.read_only, opts.cache)?;
     if opts.lock {
         lock::lock_image(file.file(), file.path(), !opts.read_only)?;
     }
+    open_file(file, path, opts, seen, top)
+}
+
+/// Opens the image in `file` (already checked against the chain and locked) and its backing
+/// chain.
+fn open_file(
+    file: HostFile,
+    path: &Path,
+    opts: OpenOptions,
+    seen: &mut HashSet<FileId>,
+    top: &Path,
+) -> Result<Image, Error> {
     let format = match opts.format {
         Some(f) => f,
         None if starts_with_qcow2_magic(&file)? => Format::Qcow2,
@@ -247,17 +275,148 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     }
 }
 
-/// Creates an image: a raw file of `o.size` bytes, or an empty qcow2 image.
+/// A file about to receive a new image: opened (created when missing) but not truncated, and
+/// checked to be a regular file or a block device. Nothing in it changes before
+/// [`NewImage::format`] holds its write lock.
+#[derive(Debug)]
+pub struct NewImage {
+    file: HostFile,
+    path: PathBuf,
+    created: bool,
+}
+
+impl NewImage {
+    /// Opens `path` as the target of a new image.
+    pub fn open(path: &Path) -> Result<NewImage, Error> {
+        let (file, created) = HostFile::create(path)?;
+        Ok(NewImage {
+            file,
+            path: path.to_path_buf(),
+            created,
+        })
+    }
+
+    /// The target's identity, to compare with the files a command reads.
+    pub fn id(&self) -> FileId {
+        self.file.id()
+    }
+
+    /// Writes an empty image of `format` over the target, after taking its write lock (QEMU's
+    /// lock bytes: refused while anyone else has the file open without `force-share`) and
+    /// checking that the backing file named in `o` is not the target itself. A file this
+    /// `NewImage` created is removed again when that fails.
+    pub fn format(&self, format: Format, o: &CreateOptions) -> Result<(), Error> {
+        let r = self.lock_and_write(format, o);
+        if r.is_err() && self.created {
+            // Best effort: the error being reported matters more than a leftover empty file.
+            let _ = std::fs::remove_file(&self.path);
+        }
+        r
+    }
+
+    fn lock_and_write(&self, format: Format, o: &CreateOptions) -> Result<(), Error> {
+        lock::lock_image(self.file.file(), self.file.path(), true)?;
+        if let Some((name, _)) = &o.backing {
+            let backing = resolve_backing(&self.path, name);
+            if FileId::of_path(&backing) == Some(self.id()) {
+                return Err(Error::OwnBacking {
+                    path: self.file.path().to_string(),
+                    backing: backing.display().to_string(),
+                });
+            }
+        }
+        match format {
+            Format::Qcow2 => qcow2::create::write(&self.file, o),
+            Format::Raw => {
+                self.file.set_len(0)?;
+                self.file.set_len(o.size)?;
+                self.file.sync()
+            }
+        }
+    }
+
+    /// Opens the image [`NewImage::format`] wrote, read-write, keeping its lock.
+    pub fn into_image(self, format: Format) -> Result<Image, Error> {
+        let opts = OpenOptions {
+            format: Some(format),
+            read_only: false,
+            cache: CacheMode::Writeback,
+            lock: true,
+        };
+        let mut seen = HashSet::from([self.file.id()]);
+        open_file(self.file, &self.path, opts, &mut seen, &self.path)
+    }
+}
+
+/// Creates an image at `path`: a raw file of `o.size` bytes, or an empty qcow2 image (see
+/// [`NewImage`]).
 pub fn create(path: &Path, format: Format, o: &CreateOptions) -> Result<(), Error> {
-    match format {
-        Format::Qcow2 => qcow2::create::create(path, o),
-        Format::Raw => {
-            let io = |source| Error::Create {
-                path: path.display().to_string(),
-                source,
+    NewImage::open(path)?.format(format, o)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn qcow2(size: u64, backing: Option<&str>) -> CreateOptions {
+        CreateOptions {
+            size,
+            backing: backing.map(|b| (b.to_string(), "qcow2".to_string())),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_new_image_is_written_only_under_its_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, [3u8; 4096]).unwrap();
+        // Another user reading it (refusing to share writes, as QEMU's readers do).
+        let reader = HostFile::open(&p, true, CacheMode::Writeback).unwrap();
+        lock::lock_image(reader.file(), reader.path(), false).unwrap();
+        let new = NewImage::open(&p).unwrap();
+        for format in [Format::Raw, Format::Qcow2] {
+            let r = new.format(format, &qcow2(1 << 20, None));
+            assert!(matches!(r, Err(Error::Locked { .. })), "{r:?}");
+            assert_eq!(std::fs::read(&p).unwrap(), [3u8; 4096]);
+        }
+        drop(reader);
+        new.format(Format::Raw, &qcow2(1 << 20, None)).unwrap();
+        let img = new.into_image(Format::Raw).unwrap();
+        assert_eq!(img.size(), 1 << 20);
+    }
+
+    #[test]
+    fn a_new_image_never_backs_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.qcow2");
+        // A new file: refused, and not left behind.
+        let r = create(&p, Format::Qcow2, &qcow2(1 << 20, Some("a.qcow2")));
+        assert!(matches!(r, Err(Error::OwnBacking { .. })), "{r:?}");
+        assert!(!p.exists());
+        // An existing image, named through a hard link: refused, and untouched.
+        std::fs::write(&p, [4u8; 4096]).unwrap();
+        std::fs::hard_link(&p, dir.path().join("b.qcow2")).unwrap();
+        let r = create(&p, Format::Qcow2, &qcow2(1 << 20, Some("b.qcow2")));
+        assert!(matches!(r, Err(Error::OwnBacking { .. })), "{r:?}");
+        assert_eq!(std::fs::read(&p).unwrap(), [4u8; 4096]);
+    }
+
+    #[test]
+    fn a_chain_that_reaches_its_top_by_a_hard_link_loops() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.qcow2");
+        create(&a, Format::Qcow2, &qcow2(1 << 20, Some("b.qcow2"))).unwrap();
+        std::fs::hard_link(&a, dir.path().join("b.qcow2")).unwrap();
+        for read_only in [true, false] {
+            let opts = OpenOptions {
+                format: Some(Format::Qcow2),
+                read_only,
+                ..Default::default()
             };
-            let f = std::fs::File::create(path).map_err(io)?;
-            f.set_len(o.size).map_err(io)
+            let r = open(&a, opts);
+            assert!(matches!(r, Err(Error::BackingLoop { .. })), "{r:?}");
         }
     }
 }

@@ -31,6 +31,11 @@ impl Raw {
         self.file.path()
     }
 
+    /// The host file.
+    pub fn file(&self) -> &HostFile {
+        &self.file
+    }
+
     fn check(&self, offset: u64, len: u64, write: bool) -> Result<(), Error> {
         crate::check_request(offset, len, self.size, write, self.read_only)
     }

@@ -333,6 +333,208 @@ fn refused_in(dir: &std::path::Path, args: &[&str]) -> String {
     stderr
 }
 
+/// The bytes of a file, to show a refused command left it alone.
+fn bytes(p: &std::path::Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+/// A qcow2 image of 4 MiB with data in its first MiB.
+fn image_with_data(p: &std::path::Path) {
+    create_qcow2(&[p.to_str().unwrap(), "4M"]);
+    qemu_io(p, "qcow2", &["write -P 7 0 1M"]);
+}
+
+#[test]
+fn create_and_convert_leave_an_image_in_use_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = tmp(&dir, "a.qcow2");
+    image_with_data(&a);
+    let src = tmp(&dir, "src.qcow2");
+    image_with_data(&src);
+    let before = bytes(&a);
+    let attempts: [&[&str]; 4] = [
+        &["create", "-f", "qcow2", "a.qcow2", "64M"],
+        &["create", "-f", "raw", "a.qcow2", "1M"],
+        &["convert", "-O", "qcow2", "src.qcow2", "a.qcow2"],
+        &["convert", "-U", "-O", "raw", "src.qcow2", "a.qcow2"],
+    ];
+    // Held by QEMU, for writing and (refusing to share writes) for reading, as QEMU's create
+    // is refused by both; then by vmm-img itself.
+    for holder in [&["-f", "qcow2"][..], &["-r", "-f", "qcow2"]] {
+        let mut q = Command::new("qemu-io")
+            .args(holder)
+            .arg(&a)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-io is installed (ci/setup)");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        for args in attempts {
+            let line = refused_in(dir.path(), args);
+            assert!(line.contains("a.qcow2 is locked"), "{args:?}: {line}");
+            assert!(bytes(&a) == before, "{args:?} under qemu-io {holder:?}");
+        }
+        drop(q.stdin.take());
+        q.wait().unwrap();
+    }
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_vmm-img"))
+        .args(["bench", "-c", "20000000", "-d", "1", "-s", "512"])
+        .arg(&a)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for args in attempts {
+        let line = refused_in(dir.path(), args);
+        assert!(line.contains("a.qcow2 is locked"), "{args:?}: {line}");
+    }
+    bench.kill().unwrap();
+    bench.wait().unwrap();
+    assert!(bytes(&a) == before);
+}
+
+#[test]
+fn convert_never_writes_onto_what_it_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tmp(&dir, "base.qcow2");
+    image_with_data(&base);
+    let top = tmp(&dir, "top.qcow2");
+    create_qcow2(&["-b", "base.qcow2", "-F", "qcow2", top.to_str().unwrap()]);
+    qemu_io(&top, "qcow2", &["write -P 8 1M 1M"]);
+    std::fs::hard_link(&base, tmp(&dir, "hard.qcow2")).unwrap();
+    std::os::unix::fs::symlink("base.qcow2", tmp(&dir, "soft.qcow2")).unwrap();
+    let (base_before, top_before) = (bytes(&base), bytes(&top));
+    for (input, output) in [
+        ("base.qcow2", "base.qcow2"),
+        ("base.qcow2", "hard.qcow2"),
+        ("soft.qcow2", "base.qcow2"),
+        ("top.qcow2", "top.qcow2"),
+        ("top.qcow2", "base.qcow2"),
+        ("top.qcow2", "soft.qcow2"),
+    ] {
+        // With -U the input holds no lock, so only the identity check stands in the way (qemu-img
+        // empties the input there); without, the check still comes first.
+        for share in [&[][..], &["-U"]] {
+            for fmt in ["qcow2", "raw"] {
+                let mut args = vec!["convert"];
+                args.extend_from_slice(share);
+                args.extend(["-O", fmt, input, output]);
+                let line = refused_in(dir.path(), &args);
+                assert!(
+                    line.contains(&format!("cannot convert onto {output}")),
+                    "{args:?}: {line}"
+                );
+                assert!(bytes(&base) == base_before, "{args:?}");
+                assert!(bytes(&top) == top_before, "{args:?}");
+            }
+        }
+    }
+    // A real output still converts.
+    ok(&[
+        "convert",
+        "-O",
+        "qcow2",
+        top.to_str().unwrap(),
+        tmp(&dir, "out.qcow2").to_str().unwrap(),
+    ]);
+    qemu_img(&[
+        "compare",
+        "-q",
+        top.to_str().unwrap(),
+        tmp(&dir, "out.qcow2").to_str().unwrap(),
+    ]);
+}
+
+#[test]
+fn create_refuses_an_image_that_would_back_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp(&dir, "d")).unwrap();
+    let a = tmp(&dir, "d/a.qcow2");
+    image_with_data(&a);
+    let b = tmp(&dir, "d/b.qcow2");
+    create_qcow2(&["-b", "a.qcow2", "-F", "qcow2", b.to_str().unwrap()]);
+    let before = bytes(&a);
+    for args in [
+        // The same name, opening the backing file (for its size) or not (-u).
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "a.qcow2",
+            "-F",
+            "qcow2",
+            "d/a.qcow2",
+        ][..],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "a.qcow2",
+            "-F",
+            "qcow2",
+            "d/a.qcow2",
+            "4M",
+        ],
+        // A relative name resolves against the new image's directory: qemu-img compares the
+        // names ("a.qcow2" and "d/a.qcow2") and overwrites d/a.qcow2 with an image that backs
+        // itself.
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "a.qcow2",
+            "-F",
+            "qcow2",
+            "d/a.qcow2",
+            "4M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "../d/a.qcow2",
+            "-F",
+            "qcow2",
+            "d/a.qcow2",
+            "4M",
+        ],
+        // Deeper in the chain: b.qcow2's backing file is a.qcow2.
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "b.qcow2",
+            "-F",
+            "qcow2",
+            "d/a.qcow2",
+            "4M",
+        ],
+    ] {
+        let line = refused_in(dir.path(), args);
+        assert!(
+            line.contains("d/a.qcow2 would be its own backing file"),
+            "{args:?}: {line}"
+        );
+        assert!(bytes(&a) == before, "{args:?}");
+    }
+    // A new file that would name itself is not left behind.
+    let line = refused_in(
+        dir.path(),
+        &[
+            "create", "-f", "qcow2", "-u", "-b", "n.qcow2", "-F", "raw", "n.qcow2", "1M",
+        ],
+    );
+    assert!(line.contains("would be its own backing file"), "{line}");
+    assert!(!tmp(&dir, "n.qcow2").exists());
+}
+
 #[test]
 fn odd_files_are_refused_at_once_as_images_and_backing_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -342,6 +544,8 @@ fn odd_files_are_refused_at_once_as_images_and_backing_files() {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     std::fs::create_dir(tmp(&dir, "dir")).unwrap();
     let _listener = std::os::unix::net::UnixListener::bind(tmp(&dir, "sock")).unwrap();
+    let raw = tmp(&dir, "r.raw");
+    std::fs::write(&raw, vec![1u8; 1 << 20]).unwrap();
     for (odd, kind) in [
         ("fifo", "FIFO"),
         ("dir", "directory"),
@@ -376,9 +580,15 @@ fn odd_files_are_refused_at_once_as_images_and_backing_files() {
             let line = refused_in(dir.path(), &["convert", "-O", "raw", image, "out.raw"]);
             assert!(line.contains(&what), "convert {image}: {line}");
         }
-        let args = ["create", "-f", "qcow2", "-b", odd, "-F", "raw", "new.qcow2"];
-        let line = refused_in(dir.path(), &args);
-        assert!(line.contains(&what), "{args:?}: {line}");
+        for args in [
+            &["create", "-f", "qcow2", "-b", odd, "-F", "raw", "new.qcow2"][..],
+            &["create", "-f", "qcow2", odd, "1M"],
+            &["create", "-f", "raw", odd, "1M"],
+            &["convert", "-O", "raw", "r.raw", odd],
+        ] {
+            let line = refused_in(dir.path(), args);
+            assert!(line.contains(&what), "{args:?}: {line}");
+        }
         assert!(!tmp(&dir, "new.qcow2").exists());
     }
 }

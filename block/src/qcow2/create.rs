@@ -2,12 +2,11 @@
 //! extension and the backing file name right after the extensions' end marker), the refcount
 //! table, its blocks, then the L1 table, every cluster of it refcounted.
 
-use std::path::Path;
-
 use super::header::{Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_EXTL2};
 use super::meta::encode_words;
 use super::refcount::set_entry;
 use super::validate::{MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS};
+use crate::file::HostFile;
 use crate::Error;
 
 /// What a new qcow2 image looks like (qemu-img's `-o` options).
@@ -154,21 +153,16 @@ fn layout(o: &CreateOptions) -> Result<(Pieces, u64), Error> {
     Ok((pieces, total * cs))
 }
 
-/// Creates a new qcow2 image at `path` (truncating an existing file).
-pub fn create(path: &Path, o: &CreateOptions) -> Result<(), Error> {
+/// Writes a new, empty qcow2 image over `file`, whatever it held: checks the options, then
+/// truncates it and writes the metadata.
+pub fn write(file: &HostFile, o: &CreateOptions) -> Result<(), Error> {
     let (pieces, len) = layout(o)?;
-    let p = path.display().to_string();
-    let io = |source| Error::Create {
-        path: p.clone(),
-        source,
-    };
-    let file = std::fs::File::create(path).map_err(io)?;
-    use std::os::unix::fs::FileExt;
-    file.set_len(len).map_err(io)?;
+    file.set_len(0)?;
+    file.set_len(len)?;
     for (off, b) in pieces {
-        file.write_all_at(&b, off).map_err(io)?;
+        file.write_at(&b, off)?;
     }
-    file.sync_all().map_err(io)
+    file.sync()
 }
 
 #[cfg(test)]

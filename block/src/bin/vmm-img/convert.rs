@@ -1,14 +1,19 @@
 //! `vmm-img convert [-p] [-q] [-f FMT] -O raw|qcow2 [-o opts] IN OUT`: copies the virtual disk
 //! of IN (its whole chain, flattened) into a new image, skipping what reads as zeroes.
+//!
+//! OUT is left untouched when it is IN or one of IN's backing files (by device and inode, so
+//! through any symlink or hard link) and while another process holds it: its write lock is
+//! taken before it is truncated. qemu-img refuses the same through its locks, except with `-U`,
+//! where it empties IN.
 
 use std::io::Write;
 
 use block::qcow2::create::CreateOptions;
-use block::{CacheMode, DiskImage};
+use block::{CacheMode, DiskImage, NewImage};
 
 use crate::args::{self, Args};
 use crate::chain::{open_image, status};
-use crate::CmdResult;
+use crate::{CliError, CmdResult};
 
 /// Largest piece copied at once.
 const CHUNK: u64 = 2 << 20;
@@ -25,14 +30,15 @@ pub fn run(argv: &[String]) -> CmdResult {
         ..Default::default()
     };
     crate::create::apply_options(&mut o, a.values("o"))?;
-    block::create(std::path::Path::new(&files[1]), out_fmt, &o)?;
-    let output = open_image(
-        &files[1],
-        Some(out_fmt.name()),
-        false,
-        CacheMode::Writeback,
-        true,
-    )?;
+    let target = NewImage::open(std::path::Path::new(&files[1]))?;
+    if let Some(read) = input.chain().find(|i| i.file().id() == target.id()) {
+        return Err(CliError::ConvertOntoInput {
+            target: files[1].clone(),
+            image: read.file().path().to_string(),
+        });
+    }
+    target.format(out_fmt, &o)?;
+    let output = target.into_image(out_fmt)?;
     let size = input.size();
     let progress = a.has("p") && !a.has("q");
     let mut buf = vec![0u8; usize::try_from(CHUNK).unwrap_or(1 << 21)];

@@ -1,7 +1,14 @@
-//! `vmm-img create -f qcow2|raw [-b BACKING -F FMT] [-o opts] [-q] FILE [SIZE]`.
+//! `vmm-img create -f qcow2|raw [-b BACKING -F FMT [-u]] [-o opts] [-q] FILE [SIZE]`.
+//!
+//! Like qemu-img, the backing chain is opened (to check it, and for the size when none is given)
+//! unless `-u`. The target is never truncated while another process holds it (the write lock
+//! comes first) nor when the new image would be its own backing file, by any name: qemu-img
+//! compares names only, and overwrites `d/a.qcow2` given `-b a.qcow2`.
+
+use std::path::Path;
 
 use block::qcow2::create::CreateOptions;
-use block::{CacheMode, DiskImage};
+use block::{CacheMode, DiskImage, Image, NewImage};
 
 use crate::args::{self, Args};
 use crate::chain::open_image;
@@ -47,35 +54,50 @@ pub fn run(argv: &[String]) -> CmdResult {
         [f, s] => (f, Some(args::size(s)?)),
         _ => return Err(CliError::Usage("expected FILE [SIZE]".into())),
     };
+    let path = Path::new(file);
     let mut o = CreateOptions::default();
     apply_options(&mut o, a.values("o"))?;
+    // The backing chain, opened (as qemu-img does unless -u) to check it and take its size.
+    let mut backing_chain = None;
     if let Some(b) = a.value("b") {
+        if format == block::Format::Raw {
+            return Err(CliError::Usage("raw images have no backing file".into()));
+        }
         let bfmt = a
             .value("F")
             .ok_or_else(|| CliError::Usage("a backing file needs its format (-F)".into()))?;
         args::format(bfmt)?;
         o.backing = Some((b.to_string(), bfmt.to_string()));
-        o.size = match size {
-            Some(s) => s,
-            None => {
-                let bpath = block::resolve_backing(std::path::Path::new(file), b);
-                let img = open_image(
-                    &bpath.display().to_string(),
-                    Some(bfmt),
-                    true,
-                    CacheMode::Writeback,
-                    false,
-                )?;
-                img.size()
-            }
-        };
-    } else {
-        o.size = size.ok_or_else(|| CliError::Usage("expected a size".into()))?;
+        if !a.has("u") {
+            let bpath = block::resolve_backing(path, b);
+            let img = open_image(
+                &bpath.display().to_string(),
+                Some(bfmt),
+                true,
+                CacheMode::Writeback,
+                false,
+            )?;
+            backing_chain = Some(img);
+        }
     }
-    if format == block::Format::Raw && o.backing.is_some() {
-        return Err(CliError::Usage("raw images have no backing file".into()));
+    o.size = match (size, &backing_chain) {
+        (Some(s), _) => s,
+        (None, Some(img)) => img.size(),
+        (None, None) => return Err(CliError::Usage("expected a size".into())),
+    };
+    let target = NewImage::open(path)?;
+    let in_chain = backing_chain
+        .iter()
+        .flat_map(Image::chain)
+        .find(|i| i.file().id() == target.id());
+    if let Some(member) = in_chain {
+        return Err(block::Error::OwnBacking {
+            path: file.clone(),
+            backing: member.file().path().to_string(),
+        }
+        .into());
     }
-    block::create(std::path::Path::new(file), format, &o)?;
+    target.format(format, &o)?;
     if !a.has("q") {
         println!("Formatting '{file}', fmt={} size={}", format.name(), o.size);
     }

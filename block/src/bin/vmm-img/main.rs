@@ -31,6 +31,14 @@ pub enum CliError {
         /// Length of the read.
         len: u64,
     },
+    /// `convert` onto the image it reads, or onto one of its backing files.
+    #[error("cannot convert onto {target}: it is {image}, which the conversion reads")]
+    ConvertOntoInput {
+        /// The output named.
+        target: String,
+        /// The input image (or backing file) that is the same file.
+        image: String,
+    },
     /// `check` on an image format without checks.
     #[error("this image format does not support checks")]
     NoChecks,
