@@ -106,7 +106,8 @@ pub enum Error {
     Locked {
         /// The host file.
         path: String,
-        /// The permission the other process holds or refuses to share ("write" or "read").
+        /// The permission the other process holds or refuses to share (always "write": the only
+        /// one these locks refuse).
         perm: &'static str,
     },
     /// The image's qcow2 metadata is malformed or uses something unsupported.

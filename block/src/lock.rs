@@ -2,11 +2,22 @@
 //! image file. Byte `100 + n` is read-locked while a user holds permission `n`; byte `200 + n` is
 //! read-locked while a user refuses to share permission `n` (QEMU `block/file-posix.c`,
 //! `raw_apply_lock_bytes`). Permission bits (QEMU `BLK_PERM_*`): 0 consistent read, 1 write.
+//! Every byte is taken with a shared (read) lock, as QEMU does; a conflict is found by asking
+//! (`F_OFD_GETLK`) whether another description holds the byte that conflicts with ours.
 //!
 //! Like QEMU, a writer holds consistent-read and write and refuses to share write; a reader holds
 //! consistent read and refuses to share write. So readers share with readers, and a writer
-//! excludes everyone else, in both directions with QEMU's tools. OFD locks belong to the open file
-//! description: they go away when the file is closed, or when the process dies.
+//! excludes everyone else, in both directions with QEMU's tools; the only conflict is over
+//! write, so [`Error::Locked`] always names it. Creating an image takes the writer's locks
+//! before the file is truncated ([`crate::NewImage`]), so a create is refused while anyone else
+//! has the image open, as QEMU's create is. An open with `lock: false` (qemu-img's `-U`) takes
+//! nothing and is invisible to the others.
+//!
+//! OFD locks belong to the open file description, not the process: two opens of one file in the
+//! same process conflict like two processes (which is why a backing chain is checked for loops
+//! before its files are locked, and `convert` compares its output with its input before locking
+//! it). The locks go away when the file is closed, or when the process dies; a refused
+//! [`lock_image`] leaves the bytes it already set until its file is closed.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
