@@ -338,6 +338,28 @@ fn bytes(p: &std::path::Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
 
+/// Waits until another process holds `p` open with QEMU's locks: byte 100 (consistent read,
+/// held by every user that does not force-share) is locked.
+fn wait_until_held(p: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(p).unwrap();
+    for _ in 0..6000 {
+        // SAFETY: flock is a plain C struct for which all-zero bytes are a valid value.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::c_short::try_from(libc::F_WRLCK).unwrap();
+        fl.l_start = 100;
+        fl.l_len = 1;
+        // SAFETY: F_OFD_GETLK on a descriptor we own with a valid flock.
+        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+        assert_eq!(r, 0);
+        if fl.l_type != libc::c_short::try_from(libc::F_UNLCK).unwrap() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("nobody took the lock on {}", p.display());
+}
+
 /// A qcow2 image of 4 MiB with data in its first MiB.
 fn image_with_data(p: &std::path::Path) {
     create_qcow2(&[p.to_str().unwrap(), "4M"]);
@@ -368,7 +390,7 @@ fn create_and_convert_leave_an_image_in_use_alone() {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("qemu-io is installed (ci/setup)");
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        wait_until_held(&a);
         for args in attempts {
             let line = refused_in(dir.path(), args);
             assert!(line.contains("a.qcow2 is locked"), "{args:?}: {line}");
@@ -383,7 +405,7 @@ fn create_and_convert_leave_an_image_in_use_alone() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    wait_until_held(&a);
     for args in attempts {
         let line = refused_in(dir.path(), args);
         assert!(line.contains("a.qcow2 is locked"), "{args:?}: {line}");
