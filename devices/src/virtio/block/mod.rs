@@ -165,4 +165,4 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod bench;
 #[cfg(test)]
-mod test_util;
+pub(crate) mod test_util;
