@@ -478,11 +478,9 @@ impl Handler for MainContext {
     }
 
     fn process(&mut self, _: &mut Held<'_>, _: Tag, _: Events, _: &mut EventOps) {
-        context::set_global_lock_held(true);
         if let Err(e) = self.0.run_once(Some(Duration::ZERO)) {
             log::error!("main loop: {e}");
         }
-        context::set_global_lock_held(false);
     }
 }
 
