@@ -43,7 +43,7 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::memory::GuestMemory;
 use crate::drive::{CacheSetting, DiskSpec, DriveSpec};
-use crate::global::{GlobalLock, Held};
+use crate::global::{GlobalLock, Held, IoThreadFailures};
 use crate::main_loop::{Handler, Tag};
 use crate::monitor::{BlockDevice, CacheMode, ImageDescription, IoThreadInfo, VmDisk};
 
@@ -285,6 +285,7 @@ impl Disks {
     /// `shared_mmio`; returns them with the DSDT entries of the transports.
     pub fn build(
         iothread_ids: &[String],
+        iothread_failed: &IoThreadFailures,
         specs: &[DiskSpec],
         vm_fd: &VmFd,
         memory: &GuestMemory,
@@ -305,9 +306,11 @@ impl Disks {
         let main_ctx = Context::new("main-loop").map_err(DiskError::MainContext)?;
         let mut iothreads = Vec::with_capacity(iothread_ids.len());
         for id in iothread_ids {
-            let t = IoThread::spawn(id).map_err(|source| DiskError::IoThread {
-                id: id.clone(),
-                source,
+            let t = IoThread::spawn_reporting(id, iothread_failed.hook(id)).map_err(|source| {
+                DiskError::IoThread {
+                    id: id.clone(),
+                    source,
+                }
             })?;
             iothreads.push(t);
         }

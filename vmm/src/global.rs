@@ -23,9 +23,11 @@
 //! (never two contexts); iothreads never take the global lock.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 
 use devices::bus::{Bus, SharedBus};
+use devices::context::OnFailure;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::vcpu::Kicker;
 
@@ -61,6 +63,57 @@ pub enum ExitReason {
         /// What happened.
         message: String,
     },
+    /// An iothread's event loop failed, so its disks were no longer served.
+    IoThreadFailed {
+        /// The iothread's id.
+        id: String,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// Where iothreads report a loop that failed. They must not take the global lock, so the first
+/// failure waits here, under a mutex of its own, and an eventfd wakes the main loop, whose exit
+/// handler moves it into [`Machine::exit`] (`take`).
+#[derive(Clone, Debug)]
+pub struct IoThreadFailures {
+    first: Arc<Mutex<Option<ExitReason>>>,
+    wake: Arc<EventFd>,
+}
+
+impl IoThreadFailures {
+    /// No failure yet; a report signals `wake`.
+    pub fn new(wake: EventFd) -> Self {
+        Self {
+            first: Arc::new(Mutex::new(None)),
+            wake: Arc::new(wake),
+        }
+    }
+
+    /// The failure hook of iothread `id`.
+    pub fn hook(&self, id: &str) -> OnFailure {
+        let (failures, id) = (self.clone(), id.to_owned());
+        Box::new(move |e| failures.report(id, &e))
+    }
+
+    fn report(&self, id: String, e: &devices::context::Error) {
+        let message = devices::error_chain(e);
+        // The record is one store: a panic cannot leave it torn.
+        let mut first = self.first.lock().unwrap_or_else(PoisonError::into_inner);
+        first.get_or_insert(ExitReason::IoThreadFailed { id, message });
+        drop(first);
+        if let Err(e) = self.wake.write(1) {
+            log::error!("cannot wake the main loop: {e}");
+        }
+    }
+
+    /// The first failure reported and not yet taken.
+    pub fn take(&self) -> Option<ExitReason> {
+        self.first
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
 }
 
 /// Everything behind the global lock.
@@ -296,7 +349,7 @@ impl DerefMut for Held<'_> {
 mod tests {
     use super::*;
     use devices::context::{global_lock_held, IoThread};
-    use std::sync::{mpsc, Arc};
+    use std::sync::mpsc;
 
     fn global() -> Arc<GlobalLock> {
         Arc::new(GlobalLock::new(

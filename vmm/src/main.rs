@@ -48,6 +48,14 @@ enum Error {
         /// Where the registers are.
         hint: &'static str,
     },
+    /// An iothread's event loop failed while the guest ran.
+    #[error("iothread {id} stopped: {message}")]
+    IoThreadFailed {
+        /// The iothread.
+        id: String,
+        /// What happened.
+        message: String,
+    },
 }
 
 /// Runs the command line in `args`; `Ok` is a clean end.
@@ -76,6 +84,7 @@ fn run(args: impl IntoIterator<Item = String>) -> Result<(), Error> {
                 " (pass -D FILE to log its registers)"
             },
         }),
+        ExitReason::IoThreadFailed { id, message } => Err(Error::IoThreadFailed { id, message }),
         reason => {
             log::info!("VM ended: {reason:?}");
             Ok(())
