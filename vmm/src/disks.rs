@@ -17,8 +17,9 @@
 //! takes the global lock (`GlobalLock::lock` debug-asserts it). The main loop's context is
 //! dispatched by [`MainContext`], a main-loop handler, so main-loop disks run under the global
 //! lock like every other main-loop handler. vCPUs reach a transport without the global lock (the
-//! shared MMIO bus, see [`crate::global`]); the transport acquires the device's context for
-//! anything but the interrupt status and acknowledge (atomics).
+//! shared MMIO bus, see [`crate::global`]); the transport acquires the device's context only for
+//! configuration-space writes, activation and reset. An iothread whose loop fails ends the VM
+//! ([`IoThreadFailures`]).
 //!
 //! [`Disks::shutdown`], after the vCPUs stopped: drains and flushes every device (waiting without
 //! holding its context), takes the transports off the shared bus, drops the devices (the images close

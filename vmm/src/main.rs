@@ -3,7 +3,7 @@
 //!
 //! Exit codes: 0 when the guest powers off or resets (a reset ends the VMM, as QEMU's
 //! `-no-reboot` does), or on Ctrl-A x; 0 on SIGTERM/SIGINT, a clean shutdown; 1 on any error
-//! (bad flags, bad images, KVM unusable, a vCPU failing).
+//! (bad flags, bad images, KVM unusable, a vCPU or an iothread failing).
 
 mod arch;
 mod cli;

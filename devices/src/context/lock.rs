@@ -3,7 +3,7 @@
 //! After QEMU's `AioContext` lock: the thread that holds a context may acquire it again (each
 //! acquire is matched by one release), any other thread blocks until every level is released.
 //! The context's own loop takes the lock with [`NestLock::acquire_for_loop`], which also yields to
-//! threads already waiting, so a vCPU or the main loop crossing over to an iothread's device gets
+//! threads already waiting, so a vCPU or the main thread crossing over to an iothread's device gets
 //! in after at most the iteration the loop is running, however busy the loop is.
 //!
 //! Per-thread rules (checked with `debug_assert!`, i.e. in debug builds and tests): a thread never
