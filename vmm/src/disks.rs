@@ -17,8 +17,9 @@
 //! takes the global lock (`GlobalLock::lock` debug-asserts it). The main loop's context is
 //! dispatched by [`MainContext`], a main-loop handler, so main-loop disks run under the global
 //! lock like every other main-loop handler. vCPUs reach a transport without the global lock (the
-//! shared MMIO bus, see [`crate::global`]); the transport acquires the device's context for
-//! anything but the interrupt status and acknowledge (atomics).
+//! shared MMIO bus, see [`crate::global`]); the transport acquires the device's context only for
+//! configuration-space writes, activation and reset. An iothread whose loop fails ends the VM
+//! ([`IoThreadFailures`]).
 //!
 //! [`Disks::shutdown`], after the vCPUs stopped: drains and flushes every device (waiting without
 //! holding its context), takes the transports off the shared bus, drops the devices (the images close
@@ -43,7 +44,7 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::memory::GuestMemory;
 use crate::drive::{CacheSetting, DiskSpec, DriveSpec};
-use crate::global::{GlobalLock, Held};
+use crate::global::{GlobalLock, Held, IoThreadFailures};
 use crate::main_loop::{Handler, Tag};
 use crate::monitor::{BlockDevice, CacheMode, ImageDescription, IoThreadInfo, VmDisk};
 
@@ -285,6 +286,7 @@ impl Disks {
     /// `shared_mmio`; returns them with the DSDT entries of the transports.
     pub fn build(
         iothread_ids: &[String],
+        iothread_failed: &IoThreadFailures,
         specs: &[DiskSpec],
         vm_fd: &VmFd,
         memory: &GuestMemory,
@@ -305,9 +307,11 @@ impl Disks {
         let main_ctx = Context::new("main-loop").map_err(DiskError::MainContext)?;
         let mut iothreads = Vec::with_capacity(iothread_ids.len());
         for id in iothread_ids {
-            let t = IoThread::spawn(id).map_err(|source| DiskError::IoThread {
-                id: id.clone(),
-                source,
+            let t = IoThread::spawn_reporting(id, iothread_failed.hook(id)).map_err(|source| {
+                DiskError::IoThread {
+                    id: id.clone(),
+                    source,
+                }
             })?;
             iothreads.push(t);
         }
@@ -478,11 +482,9 @@ impl Handler for MainContext {
     }
 
     fn process(&mut self, _: &mut Held<'_>, _: Tag, _: Events, _: &mut EventOps) {
-        context::set_global_lock_held(true);
         if let Err(e) = self.0.run_once(Some(Duration::ZERO)) {
             log::error!("main loop: {e}");
         }
-        context::set_global_lock_held(false);
     }
 }
 

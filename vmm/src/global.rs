@@ -3,8 +3,10 @@
 //!
 //! Like QEMU's big lock, it makes device code single-threaded: a vCPU takes it to dispatch a PIO
 //! or MMIO exit to the bus, and the main loop takes it around every handler (see
-//! [`crate::main_loop`]). [`GlobalLock::lock`] is the only place the mutex is locked. vCPUs never
-//! hold it while in `KVM_RUN`.
+//! [`crate::main_loop`]). [`GlobalLock::lock`] is the only place the mutex is locked: it
+//! debug-asserts the lock order first, and its [`Guard`] sets the thread's "global lock held"
+//! flag (`devices::context::set_global_lock_held`) until it is dropped, so the devices' checks
+//! see every holder. vCPUs never hold it while in `KVM_RUN`.
 //!
 //! The exception is the shared MMIO bus beside the mutex ([`GlobalLock::shared_mmio`]): the
 //! virtio-mmio transports, which guard their own state, so that a guest acknowledging a disk's
@@ -17,12 +19,15 @@
 //! (which releases the mutex while it waits) until every vCPU has reported itself paused or
 //! finished. Each vCPU is kicked out of `KVM_RUN` first (see [`crate::vcpu::Kicker`]).
 //!
-//! Lock order: the global lock, then a device's iothread context (never two contexts).
+//! Lock order: the global lock, then a virtio-mmio transport's state, then a device's context
+//! (never two contexts); iothreads never take the global lock.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 
 use devices::bus::{Bus, SharedBus};
+use devices::context::OnFailure;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::vcpu::Kicker;
 
@@ -58,6 +63,57 @@ pub enum ExitReason {
         /// What happened.
         message: String,
     },
+    /// An iothread's event loop failed, so its disks were no longer served.
+    IoThreadFailed {
+        /// The iothread's id.
+        id: String,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// Where iothreads report a loop that failed. They must not take the global lock, so the first
+/// failure waits here, under a mutex of its own, and an eventfd wakes the main loop, whose exit
+/// handler moves it into [`Machine::exit`] (`take`).
+#[derive(Clone, Debug)]
+pub struct IoThreadFailures {
+    first: Arc<Mutex<Option<ExitReason>>>,
+    wake: Arc<EventFd>,
+}
+
+impl IoThreadFailures {
+    /// No failure yet; a report signals `wake`.
+    pub fn new(wake: EventFd) -> Self {
+        Self {
+            first: Arc::new(Mutex::new(None)),
+            wake: Arc::new(wake),
+        }
+    }
+
+    /// The failure hook of iothread `id`.
+    pub fn hook(&self, id: &str) -> OnFailure {
+        let (failures, id) = (self.clone(), id.to_owned());
+        Box::new(move |e| failures.report(id, &e))
+    }
+
+    fn report(&self, id: String, e: &devices::context::Error) {
+        let message = devices::error_chain(e);
+        // The record is one store: a panic cannot leave it torn.
+        let mut first = self.first.lock().unwrap_or_else(PoisonError::into_inner);
+        first.get_or_insert(ExitReason::IoThreadFailed { id, message });
+        drop(first);
+        if let Err(e) = self.wake.write(1) {
+            log::error!("cannot wake the main loop: {e}");
+        }
+    }
+
+    /// The first failure reported and not yet taken.
+    pub fn take(&self) -> Option<ExitReason> {
+        self.first
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
 }
 
 /// Everything behind the global lock.
@@ -108,8 +164,46 @@ pub struct GlobalLock {
     shared_mmio: RwLock<SharedBus>,
 }
 
-/// The global lock, held.
-pub type Guard<'a> = MutexGuard<'a, Machine>;
+/// The global lock, held: the [`Machine`] (through `Deref`). While it exists the thread's
+/// "global lock held" flag (`devices::context::set_global_lock_held`) is set, so the devices'
+/// lock-order checks know about it; it is cleared before the mutex is released.
+#[derive(Debug)]
+pub struct Guard<'a> {
+    // Dropped first: the flag is cleared while the mutex is still held.
+    flag: HeldFlag,
+    machine: MutexGuard<'a, Machine>,
+}
+
+/// Sets the current thread's "global lock held" flag while it lives.
+#[derive(Debug)]
+struct HeldFlag;
+
+impl HeldFlag {
+    fn set() -> Self {
+        devices::context::set_global_lock_held(true);
+        HeldFlag
+    }
+}
+
+impl Drop for HeldFlag {
+    fn drop(&mut self) {
+        devices::context::set_global_lock_held(false);
+    }
+}
+
+impl Deref for Guard<'_> {
+    type Target = Machine;
+
+    fn deref(&self) -> &Machine {
+        &self.machine
+    }
+}
+
+impl DerefMut for Guard<'_> {
+    fn deref_mut(&mut self) -> &mut Machine {
+        &mut self.machine
+    }
+}
 
 impl GlobalLock {
     /// The lock around `machine`, and `shared_mmio` beside it.
@@ -149,19 +243,32 @@ impl GlobalLock {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes the global lock. A thread that panicked while holding it has already aborted the
-    /// process (release builds use `panic = "abort"`), so a poisoned lock is taken as is.
+    /// Takes the global lock: the one place the mutex is locked. In debug builds it first
+    /// asserts the lock order (no iothread takes it, no thread holding a context does); the
+    /// guard records the lock as held for the devices' checks until it is dropped. A thread that
+    /// panicked while holding it has already aborted the process (release builds use
+    /// `panic = "abort"`), so a poisoned lock is taken as is.
     pub fn lock(&self) -> Guard<'_> {
-        // Iothread code never takes the global lock, and no thread takes it holding a context.
         devices::context::debug_assert_may_take_global_lock();
-        self.machine.lock().unwrap_or_else(PoisonError::into_inner)
+        let machine = self.machine.lock().unwrap_or_else(PoisonError::into_inner);
+        Guard {
+            flag: HeldFlag::set(),
+            machine,
+        }
     }
 
     /// Releases the lock, waits for a change of the vCPUs' state, and takes it again.
     pub fn wait<'a>(&self, guard: Guard<'a>) -> Guard<'a> {
-        self.changed
-            .wait(guard)
-            .unwrap_or_else(PoisonError::into_inner)
+        let Guard { flag, machine } = guard;
+        drop(flag);
+        let machine = self
+            .changed
+            .wait(machine)
+            .unwrap_or_else(PoisonError::into_inner);
+        Guard {
+            flag: HeldFlag::set(),
+            machine,
+        }
     }
 
     /// Wakes every waiter (paused vCPUs and `pause_all`).
@@ -235,5 +342,86 @@ impl DerefMut for Held<'_> {
     fn deref_mut(&mut self) -> &mut Machine {
         // As in `deref`.
         self.guard.as_deref_mut().expect("global lock held")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::context::{global_lock_held, IoThread};
+    use std::sync::mpsc;
+
+    fn global() -> Arc<GlobalLock> {
+        Arc::new(GlobalLock::new(
+            Machine::new(Bus::new(), Bus::new()),
+            SharedBus::new(),
+        ))
+    }
+
+    #[test]
+    fn the_guard_records_the_global_lock_for_the_devices_checks() {
+        let global = global();
+        assert!(!global_lock_held());
+        let guard = global.lock();
+        assert!(global_lock_held());
+        // A waiter lets go meanwhile: another thread takes the lock and is recorded as holder.
+        let other = {
+            let global = Arc::clone(&global);
+            std::thread::spawn(move || {
+                let mut guard = global.lock();
+                let held = global_lock_held();
+                guard.paused = 1;
+                global.notify();
+                held
+            })
+        };
+        let mut guard = guard;
+        while guard.paused == 0 {
+            guard = global.wait(guard);
+            assert!(global_lock_held());
+        }
+        assert!(other.join().expect("the other thread does not panic"));
+        drop(guard);
+        assert!(!global_lock_held());
+        drop(Held::lock(&global));
+        assert!(!global_lock_held());
+    }
+
+    /// Runs `f` on an iothread, catching its panic; returns the panic message, if any.
+    fn panic_on_an_iothread(f: impl FnOnce() + Send + 'static) -> Option<String> {
+        let io = IoThread::spawn("io-global").expect("spawns");
+        let (tx, rx) = mpsc::channel();
+        io.context().schedule(move |_| {
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let message = caught.err().map(|p| match p.downcast_ref::<&str>() {
+                Some(s) => (*s).to_owned(),
+                None => p.downcast_ref::<String>().cloned().unwrap_or_default(),
+            });
+            tx.send(message).expect("the test waits for it");
+        });
+        let message = rx.recv().expect("the bottom half runs");
+        io.stop().expect("the iothread stops");
+        message
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    fn an_iothread_taking_the_global_lock_is_caught() {
+        let global = global();
+        let message = panic_on_an_iothread(move || drop(global.lock()));
+        assert_eq!(
+            message.as_deref(),
+            Some("iothread code must never take the global lock")
+        );
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "the global lock must be taken before a context")]
+    fn taking_the_global_lock_while_holding_a_context_is_caught() {
+        let global = global();
+        let ctx = devices::context::Context::new("held").expect("context");
+        let _held = ctx.acquire();
+        drop(global.lock());
     }
 }

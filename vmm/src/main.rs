@@ -3,7 +3,7 @@
 //!
 //! Exit codes: 0 when the guest powers off or resets (a reset ends the VMM, as QEMU's
 //! `-no-reboot` does), or on Ctrl-A x; 0 on SIGTERM/SIGINT, a clean shutdown; 1 on any error
-//! (bad flags, bad images, KVM unusable, a vCPU failing).
+//! (bad flags, bad images, KVM unusable, a vCPU or an iothread failing).
 
 mod arch;
 mod cli;
@@ -48,6 +48,14 @@ enum Error {
         /// Where the registers are.
         hint: &'static str,
     },
+    /// An iothread's event loop failed while the guest ran.
+    #[error("iothread {id} stopped: {message}")]
+    IoThreadFailed {
+        /// The iothread.
+        id: String,
+        /// What happened.
+        message: String,
+    },
 }
 
 /// Runs the command line in `args`; `Ok` is a clean end.
@@ -76,6 +84,7 @@ fn run(args: impl IntoIterator<Item = String>) -> Result<(), Error> {
                 " (pass -D FILE to log its registers)"
             },
         }),
+        ExitReason::IoThreadFailed { id, message } => Err(Error::IoThreadFailed { id, message }),
         reason => {
             log::info!("VM ended: {reason:?}");
             Ok(())

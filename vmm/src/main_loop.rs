@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::COM1_PORT;
 use crate::console::Escapes;
-use crate::global::{ExitReason, GlobalLock, Held, Machine};
+use crate::global::{ExitReason, GlobalLock, Held, IoThreadFailures, Machine};
 
 /// What a registered descriptor is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,8 +117,11 @@ fn add_input(ops: &mut EventOps, fd: &impl AsRawFd, tag: Tag) -> bool {
 pub struct ExitEvents {
     /// The guest's reset or power-off request (from the devices or a vCPU).
     pub guest: GuestExit,
-    /// Signalled by a vCPU after it recorded its failure.
+    /// Signalled by a vCPU after it recorded its failure in the machine, or by an iothread after
+    /// it recorded its own in `iothread_failed`.
     pub vcpu_failed: EventFd,
+    /// Failed iothreads (which must not take the global lock).
+    pub iothread_failed: IoThreadFailures,
     /// SIGTERM and SIGINT, blocked in every thread and read here.
     pub signals: OwnedFd,
 }
@@ -179,9 +182,12 @@ impl Handler for ExitEvents {
                 }
             }
             Tag::VcpuFailed => {
-                // The vCPU recorded its failure in the machine already.
+                // A vCPU recorded its failure in the machine already.
                 let _ = self.vcpu_failed.read();
-                return;
+                match self.iothread_failed.take() {
+                    Some(reason) => reason,
+                    None => return,
+                }
             }
             Tag::Signal => match read_signal(&self.signals) {
                 Some(signo) => ExitReason::Signal(signo),

@@ -1,7 +1,7 @@
 //! QEMU-style option strings (`value,key=value,key=value`) parsed into typed values.
 //!
-//! One parser serves every flag that takes such a string (`-m`, `-smp`, `-machine` now; `-drive`,
-//! `-device`, `-object` later): the caller names the keys it knows and, optionally, the key a
+//! One parser serves every flag that takes such a string (`-m`, `-smp`, `-machine`, `-drive`,
+//! `-device`, `-object`, `-qmp`): the caller names the keys it knows and, optionally, the key a
 //! leading bare value stands for (`-smp 2` means `-smp cpus=2`), then asks for each key as the
 //! type it wants. An unknown key, a repeated key or a value of the wrong type is an error that
 //! names it. A comma inside a value is written `,,`, as in QEMU.

@@ -38,7 +38,7 @@ use crate::arch::x86_64::layout::{
 use crate::arch::x86_64::memory::{create_guest_memory, host_ram_bytes, GuestMemory, MemoryError};
 use crate::cli::Config;
 use crate::disks::{DiskError, Disks};
-use crate::global::{ExitReason, GlobalLock, Machine, VcpuRequest};
+use crate::global::{ExitReason, GlobalLock, IoThreadFailures, Machine, VcpuRequest};
 use crate::main_loop::{signal_fd, ConsoleInput, ExitEvents, Locked, Tag};
 use crate::monitor::{
     event_channel, shutdown_cause, Listener, Monitor, MonitorError, QmpEvent, VmMonitor,
@@ -321,9 +321,13 @@ impl Vm {
         };
         vm_fd.create_pit2(pit).map_err(VmError::CreatePit)?;
 
+        let vcpu_failed = eventfd()?;
+        let iothread_failed =
+            IoThreadFailures::new(vcpu_failed.try_clone().map_err(VmError::EventFd)?);
         let exit_events = ExitEvents {
             guest: GuestExit::new().map_err(VmError::EventFd)?,
-            vcpu_failed: eventfd()?,
+            vcpu_failed,
+            iothread_failed,
             signals: signal_fd().map_err(VmError::Signals)?,
         };
         let input_drained = eventfd()?;
@@ -332,6 +336,7 @@ impl Vm {
         let mut shared_mmio = SharedBus::new();
         let (disks, dsdt_devices) = Disks::build(
             &cfg.iothreads,
+            &exit_events.iothread_failed,
             &cfg.disks,
             &vm_fd,
             &memory,
@@ -526,7 +531,9 @@ impl VcpuThreads {
 mod tests {
     use super::*;
     use crate::arch::x86_64::boot::test_images;
+    use devices::context::IoThread;
     use devices::legacy::GuestExitKind;
+    use std::os::fd::AsRawFd;
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestAddress};
 
@@ -632,5 +639,40 @@ mod tests {
 
         threads.shutdown(&vm.global).expect("joins");
         assert_eq!(vm.global.lock().finished, 2);
+    }
+
+    #[test]
+    fn an_iothread_whose_loop_fails_ends_the_vm() {
+        let vcpu_failed = eventfd().expect("eventfd");
+        let iothread_failed =
+            IoThreadFailures::new(vcpu_failed.try_clone().expect("eventfd clones"));
+        let exit_events = ExitEvents {
+            guest: GuestExit::new().expect("eventfd"),
+            vcpu_failed,
+            iothread_failed: iothread_failed.clone(),
+            signals: signal_fd().expect("signalfd"),
+        };
+        let global = Arc::new(GlobalLock::new(
+            Machine::new(Bus::new(), Bus::new()),
+            SharedBus::new(),
+        ));
+        let mut manager: EventManager<Locked> = EventManager::new().expect("event manager");
+        manager.add_subscriber(Locked::new(Arc::clone(&global), Box::new(exit_events)));
+        let io = IoThread::spawn_reporting("io0", iothread_failed.hook("io0")).expect("spawns");
+        // A real loop failure: the context's epoll descriptor number now refers to an eventfd,
+        // so the loop's next epoll_wait fails (EINVAL); the wake-up gets it there.
+        let not_epoll = eventfd().expect("eventfd");
+        // SAFETY: both descriptors are open; dup2 only changes what the epoll number refers to.
+        let ret = unsafe { libc::dup2(not_epoll.as_raw_fd(), io.context().epoll_fd()) };
+        assert!(ret >= 0, "{}", std::io::Error::last_os_error());
+        io.context().notify();
+        let reason = main_loop(&global, &mut manager).expect("the main loop runs");
+        assert!(
+            matches!(&reason, ExitReason::IoThreadFailed { id, message }
+                if id == "io0" && message.contains("Invalid argument")),
+            "{reason:?}"
+        );
+        // Reported once, through the exit reason.
+        io.stop().expect("the failure was reported already");
     }
 }

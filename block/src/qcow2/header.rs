@@ -355,7 +355,9 @@ impl Header {
     /// Encodes the header, its extensions (the backing format first), the end marker and the
     /// backing file name right after it. Fails when it does not fit in the first cluster.
     pub fn encode(&self) -> Result<Vec<u8>, FormatError> {
-        let mut b = vec![0u8; self.header_length as usize];
+        let len = usize::try_from(self.header_length)
+            .map_err(|_| FormatError::HeaderLength(self.header_length))?;
+        let mut b = vec![0u8; len];
         let put32 =
             |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
         let put64 =

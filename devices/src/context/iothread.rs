@@ -2,12 +2,22 @@
 //! `-object iothread`). The thread is named after the iothread's id, is marked as an iothread
 //! (so taking the global lock from it is caught in debug builds), and reports its Linux thread id
 //! for `query-iothreads`.
+//!
+//! A loop that fails (its `epoll_wait` fails) ends the thread, and the devices it served stop
+//! being served: the error is logged at once and, when the iothread was started with
+//! [`IoThread::spawn_reporting`], handed to its failure hook on the iothread itself (the vmm's
+//! wakes the main loop, which ends the VM), else kept for [`IoThread::stop`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
 
 use super::{lock, Context, Error};
+use crate::error_chain;
+
+/// Called on an iothread whose loop failed, with the error it failed on; the thread then ends.
+/// It runs on the iothread, so it must not take the global lock.
+pub type OnFailure = Box<dyn FnOnce(Error) + Send>;
 
 /// A thread running a context; stopped and joined by [`IoThread::stop`] or when dropped.
 #[derive(Debug)]
@@ -20,13 +30,25 @@ pub struct IoThread {
 }
 
 impl IoThread {
-    /// Starts an iothread with a new context, its thread named `id`.
+    /// Starts an iothread with a new context, its thread named `id`. A loop failure is returned
+    /// by [`IoThread::stop`].
     pub fn spawn(id: &str) -> Result<Self, Error> {
+        Self::start(id, None)
+    }
+
+    /// As [`IoThread::spawn`], but a loop failure goes to `on_failure` as soon as it happens (and
+    /// `stop` then reports nothing of it).
+    pub fn spawn_reporting(id: &str, on_failure: OnFailure) -> Result<Self, Error> {
+        Self::start(id, Some(on_failure))
+    }
+
+    fn start(id: &str, on_failure: Option<OnFailure>) -> Result<Self, Error> {
         let ctx = Context::new(id)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (tid_tx, tid_rx) = mpsc::channel();
         let thread_ctx = Arc::clone(&ctx);
         let thread_stop = Arc::clone(&stop);
+        let thread_name = id.to_owned();
         let handle = thread::Builder::new()
             .name(id.to_owned())
             .spawn(move || {
@@ -36,7 +58,16 @@ impl IoThread {
                 // The receiver waits for this message in `spawn`.
                 let _ = tid_tx.send(tid);
                 while !thread_stop.load(Ordering::Acquire) {
-                    thread_ctx.run_once(None)?;
+                    if let Err(e) = thread_ctx.run_once(None) {
+                        log::error!("iothread {thread_name} stopped: {}", error_chain(&e));
+                        return match on_failure {
+                            Some(report) => {
+                                report(e);
+                                Ok(())
+                            }
+                            None => Err(e),
+                        };
+                    }
                 }
                 Ok(())
             })
@@ -201,5 +232,55 @@ mod tests {
         }
         assert_eq!(*done.lock().unwrap(), 800);
         io.stop().unwrap();
+    }
+
+    /// Makes the iothread's loop fail for real: the context's epoll descriptor number is made to
+    /// refer to an eventfd (`dup2`), so its next `epoll_wait` fails with EINVAL; the wake-up
+    /// gets the loop there. The context still owns (and closes) that number.
+    fn break_the_loop(io: &IoThread) {
+        let efd = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: both descriptors are open; dup2 only changes what the epoll number refers to.
+        let ret = unsafe { libc::dup2(efd.as_raw_fd(), io.context().epoll_fd()) };
+        assert!(ret >= 0, "{}", std::io::Error::last_os_error());
+        io.context().notify();
+    }
+
+    #[test]
+    fn a_failed_loop_is_reported_at_once_to_the_failure_hook() {
+        let (tx, rx) = mpsc::channel();
+        let io = IoThread::spawn_reporting(
+            "io-fail",
+            Box::new(move |e| {
+                tx.send((thread::current().name().map(str::to_owned), e))
+                    .unwrap()
+            }),
+        )
+        .unwrap();
+        break_the_loop(&io);
+        let (name, e) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(name.as_deref(), Some("io-fail"));
+        assert!(
+            matches!(&e, Error::Wait(ctx, source) if ctx == "io-fail"
+                && source.raw_os_error() == Some(libc::EINVAL)),
+            "{e:?}"
+        );
+        // Reported once: stopping the dead thread finds nothing more to say.
+        io.stop().unwrap();
+    }
+
+    #[test]
+    fn without_a_hook_stop_returns_the_loop_failure() {
+        let io = IoThread::spawn("io-fail-quiet").unwrap();
+        break_the_loop(&io);
+        // Stopping first would end the loop before it fails.
+        while !io.handle.as_ref().unwrap().is_finished() {
+            thread::yield_now();
+        }
+        let e = io.stop().unwrap_err();
+        assert!(
+            matches!(&e, Error::IoThreadFailed(id, inner) if id == "io-fail-quiet"
+                && matches!(**inner, Error::Wait(..))),
+            "{e:?}"
+        );
     }
 }

@@ -3,13 +3,15 @@
 //! After QEMU's `AioContext` lock: the thread that holds a context may acquire it again (each
 //! acquire is matched by one release), any other thread blocks until every level is released.
 //! The context's own loop takes the lock with [`NestLock::acquire_for_loop`], which also yields to
-//! threads already waiting, so a vCPU or the main loop crossing over to an iothread's device gets
+//! threads already waiting, so a vCPU or the main thread crossing over to an iothread's device gets
 //! in after at most the iteration the loop is running, however busy the loop is.
 //!
 //! Per-thread rules (checked with `debug_assert!`, i.e. in debug builds and tests): a thread never
-//! holds two contexts at once, and iothread code never takes the global lock. The vmm owns the
-//! global lock, so the flags it needs are generic: [`set_global_lock_held`] is called by whoever
-//! takes or drops it, [`debug_assert_may_take_global_lock`] just before it is taken.
+//! holds two contexts at once, iothread code never takes the global lock, and no thread takes the
+//! global lock while it holds a context (the order is the global lock, then a context). The vmm
+//! owns the global lock, so the hooks it needs are generic: its one locking function calls
+//! [`debug_assert_may_take_global_lock`] just before locking and [`set_global_lock_held`] while
+//! the lock is held, so every holder is recorded.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,8 +36,8 @@ pub(crate) fn thread_token() -> u64 {
     THREAD_TOKEN.with(|t| *t)
 }
 
-/// Records whether the current thread holds the global lock. The vmm calls this right after
-/// taking the global lock (`true`) and right before dropping it (`false`).
+/// Records whether the current thread holds the global lock. The vmm's global-lock guard calls
+/// this right after taking the lock (`true`) and right before releasing it (`false`).
 pub fn set_global_lock_held(held: bool) {
     GLOBAL_LOCK_HELD.with(|g| g.set(held));
 }

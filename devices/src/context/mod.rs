@@ -2,12 +2,15 @@
 //! loop over epoll, a nestable acquire/release lock, bottom halves and timers.
 //!
 //! One iteration of the loop ([`Context::run_once`]) waits in `epoll_wait` holding nothing, then
-//! takes the context (through the optional dispatch hook, with which the vmm's main loop takes
-//! the global lock first), runs the handler of every ready file descriptor and every pending
-//! bottom half, and lets go. So a context is held only while short, non-blocking work runs;
-//! a thread that acquires it from outside (a vCPU writing a device's configuration, the monitor)
-//! waits at most for the iteration in progress: the loop hands the lock over to waiting threads
-//! before starting another (see `lock.rs`). The loop never holds its context while blocked in
+//! takes the context (inside the optional dispatch hook, which can take an outer lock first; the
+//! vmm instead calls `run_once` for its main-loop context from a main-loop handler that already
+//! holds the global lock), runs the handler of every ready file descriptor and every pending
+//! bottom half, and lets go. So a context is held only while short, non-blocking work runs; a
+//! thread that acquires it from outside (a vCPU writing a device's configuration, activating or
+//! resetting it; the main thread shutting disks down) waits at most for the iteration in
+//! progress: the loop hands the lock over to waiting threads before starting another (see
+//! `lock.rs`). A device's drain on reset or shutdown releases the context while it waits
+//! ([`Context::unlocked`]). The loop never holds its context while blocked in
 //! `epoll_wait`, so an outside acquirer never has to wake it; a bottom half or [`Context::notify`]
 //! does, through the context's eventfd.
 //!
@@ -32,7 +35,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use bh::Bh;
-pub use iothread::IoThread;
+pub use iothread::{IoThread, OnFailure};
 pub use lock::{
     debug_assert_may_take_global_lock, global_lock_held, in_iothread, set_global_lock_held,
 };

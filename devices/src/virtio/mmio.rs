@@ -7,11 +7,23 @@
 //!
 //! Locking: the transport's own state (feature selection, queue set-up, status) is behind a
 //! mutex that only vCPUs take, without the global lock (the vmm puts transports on its shared
-//! MMIO bus). Accesses that reach the device (configuration space, activation at DRIVER_OK, reset)
-//! acquire the device's context under that mutex, so the order is: transport, context. InterruptStatus and InterruptACK use the atomics of [`Interrupt`] and
-//! take neither. QueueNotify is normally an ioeventfd the vmm registers at
-//! `base + QUEUE_NOTIFY_OFFSET` with the queue index as datamatch; a write that does reach the
-//! transport signals the same eventfd.
+//! MMIO bus), and only for plain field updates, with one exception: activation at DRIVER_OK
+//! acquires the device's context under it (order: transport, then context).
+//! Configuration-space reads take neither (the device serves them from state that needs no
+//! lock); configuration-space writes acquire the context alone. InterruptStatus and
+//! InterruptACK use the atomics of [`Interrupt`] and take neither.
+//!
+//! A reset (Status = 0) of an active device drains its in-flight requests, which can take as
+//! long as the slowest one. It marks the transport resetting under the mutex, releases it, has
+//! the device drain with only the device's context acquired, then takes the mutex again to clear
+//! the transport's state. Meanwhile other vCPUs' register accesses complete at once and see a
+//! device being reset (virtio 1.2, 2.4 "Device Reset"): Status reads non-zero until the reset is
+//! over, and writes are ignored, since the driver waits for that zero before it sets the device
+//! up again. The vCPU that wrote the 0 returns once the reset is over.
+//!
+//! QueueNotify is normally an ioeventfd the vmm registers at `base + QUEUE_NOTIFY_OFFSET` with
+//! the queue index as datamatch; a write that does reach the transport signals the same
+//! eventfd.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -89,6 +101,8 @@ struct State {
     queue_sel: u32,
     queues: Vec<QueueSetup>,
     active: bool,
+    /// A reset is draining the device (with the mutex released): writes are ignored.
+    resetting: bool,
 }
 
 impl State {
@@ -102,6 +116,7 @@ impl State {
             queue_sel: 0,
             queues: vec![QueueSetup::default(); queues],
             active: false,
+            resetting: false,
         }
     }
 }
@@ -176,8 +191,7 @@ impl MmioTransport {
     /// A guest read of `data.len()` bytes at `offset` in the window.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_OFFSET {
-            let ctx = Arc::clone(self.device.context());
-            let _guard = ctx.acquire();
+            // No lock: the device serves configuration space without its context.
             self.device.read_config(offset - CONFIG_OFFSET, data);
             return;
         }
@@ -290,7 +304,14 @@ impl MmioTransport {
             }
             _ => {}
         }
+        if offset == reg::STATUS {
+            return self.write_status(value);
+        }
         let mut state = self.state();
+        if state.resetting {
+            log::warn!("virtio-mmio: write {value:#x} at {offset:#x} ignored during a reset");
+            return;
+        }
         // Queue and feature set-up is only allowed before the device is live (4.2.3.1.1).
         let setting_up = state.status & status::DRIVER_OK == 0;
         let sel = usize::try_from(state.queue_sel).unwrap_or(usize::MAX);
@@ -329,15 +350,26 @@ impl MmioTransport {
                     }
                 }
             }
-            reg::STATUS => self.write_status(&mut state, value),
             _ => log::warn!("virtio-mmio: ignored write {value:#x} at {offset:#x}"),
         }
     }
 
     /// A Status write: reset (0), feature negotiation (FEATURES_OK) and activation (DRIVER_OK).
-    fn write_status(&self, state: &mut State, value: u32) {
+    fn write_status(&self, value: u32) {
+        let mut state = self.state();
+        if state.resetting {
+            log::warn!("virtio-mmio: status {value:#x} ignored during a reset");
+            return;
+        }
         if value == 0 {
-            self.reset(state);
+            if state.active {
+                state.resetting = true;
+                drop(state);
+                self.reset_device();
+            } else {
+                *state = State::new(state.queues.len());
+                self.interrupt.reset();
+            }
             return;
         }
         // The driver only ever adds bits (3.1.1); anything else is ignored.
@@ -361,7 +393,7 @@ impl MmioTransport {
         }
         state.status = value;
         if added & status::DRIVER_OK != 0 && value & status::FEATURES_OK != 0 && !state.active {
-            if let Err(e) = self.activate(state) {
+            if let Err(e) = self.activate(&mut state) {
                 log::error!("virtio-mmio: {e}");
                 self.interrupt.set_needs_reset();
             }
@@ -417,13 +449,16 @@ impl MmioTransport {
         Ok(())
     }
 
-    /// Resets device and transport (a Status write of 0).
-    fn reset(&self, state: &mut State) {
-        if state.active {
+    /// Resets an active device, then the transport (a Status write of 0; the state is marked
+    /// resetting). The device drains with the transport's mutex released (see the module
+    /// documentation); the context is released before the mutex is taken again.
+    fn reset_device(&self) {
+        {
             let ctx = Arc::clone(self.device.context());
             let _guard = ctx.acquire();
             self.device.reset();
         }
+        let mut state = self.state();
         *state = State::new(state.queues.len());
         self.interrupt.reset();
     }
@@ -472,7 +507,7 @@ mod tests {
             &self.ctx
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
-            assert!(self.ctx.held_by_current_thread());
+            assert!(!self.ctx.held_by_current_thread());
             for (i, b) in data.iter_mut().enumerate() {
                 *b = u8::try_from(offset).unwrap() + u8::try_from(i).unwrap();
             }
@@ -591,7 +626,7 @@ mod tests {
     }
 
     #[test]
-    fn config_space_goes_through_the_device_with_its_context() {
+    fn config_space_reads_skip_the_context_and_writes_take_it() {
         let (_, t) = rig();
         let mut b = [0u8; 3];
         t.read(CONFIG_OFFSET + 5, &mut b);
@@ -668,5 +703,155 @@ mod tests {
         vcpu.join().unwrap();
         assert_eq!(got.unwrap(), (1, 0));
         assert_eq!(t.interrupt().irqfd().read().unwrap(), 1);
+    }
+
+    /// A device that forwards to a virtio-blk device and says when a reset reaches it.
+    struct ResetSignal {
+        inner: Arc<crate::virtio::block::Block>,
+        entered: Mutex<mpsc::Sender<()>>,
+    }
+
+    impl VirtioDevice for ResetSignal {
+        fn device_type(&self) -> u32 {
+            self.inner.device_type()
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            self.inner.queue_max_sizes()
+        }
+        fn features(&self) -> u64 {
+            self.inner.features()
+        }
+        fn context(&self) -> &Arc<Context> {
+            self.inner.context()
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            self.inner.read_config(offset, data);
+        }
+        fn write_config(&self, offset: u64, data: &[u8]) {
+            self.inner.write_config(offset, data);
+        }
+        fn activate(&self, a: Activation) -> Result<(), ActivateError> {
+            self.inner.activate(a)
+        }
+        fn reset(&self) {
+            self.entered.lock().unwrap().send(()).unwrap();
+            self.inner.reset();
+        }
+    }
+
+    #[test]
+    fn registers_answer_while_a_reset_drains_the_device() {
+        use crate::virtio::block::test_util::*;
+        let io = crate::context::IoThread::spawn("io-reset").unwrap();
+        let mut rig = Rig::new(
+            io.context().clone(),
+            MemImage::new(1 << 16, false),
+            1,
+            false,
+        );
+        // The same device behind a transport that reports when the reset reaches it.
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let signal = ResetSignal {
+            inner: Arc::clone(&rig.dev),
+            entered: Mutex::new(entered_tx),
+        };
+        rig.transport = MmioTransport::new(Arc::new(signal), rig.mem.clone()).unwrap();
+        rig.start(!0);
+        let live = get(&rig.transport, reg::STATUS);
+        assert_ne!(live & status::DRIVER_OK, 0);
+        // A read held in a worker until the gate opens: the reset's drain waits for it.
+        rig.image.set_gate(false);
+        rig.header(HDR, crate::virtio::block::request_type::IN, 0);
+        rig.submit(
+            0,
+            0,
+            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+        );
+        while rig
+            .image
+            .reads_started
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+        {
+            std::thread::yield_now();
+        }
+        let rig = Arc::new(rig);
+        let resetter = {
+            let rig = Arc::clone(&rig);
+            std::thread::spawn(move || set(&rig.transport, reg::STATUS, 0))
+        };
+        entered_rx.recv().unwrap();
+        // The drain is pending (the gate is shut). Another vCPU's accesses complete meanwhile.
+        let (tx, rx) = mpsc::channel();
+        let vcpu = {
+            let rig = Arc::clone(&rig);
+            std::thread::spawn(move || {
+                let magic = get(&rig.transport, reg::MAGIC);
+                let during = get(&rig.transport, reg::STATUS);
+                // Ignored: the driver must wait for Status to read 0 first.
+                set(&rig.transport, reg::QUEUE_SEL, 0);
+                set(&rig.transport, reg::QUEUE_DESC_LOW, 0x9000);
+                set(&rig.transport, reg::STATUS, status::ACKNOWLEDGE);
+                set(&rig.transport, reg::STATUS, 0);
+                let again = get(&rig.transport, reg::STATUS);
+                tx.send((magic, during, again)).unwrap();
+            })
+        };
+        let answered = rx.recv_timeout(Duration::from_secs(10));
+        let still_draining = !resetter.is_finished();
+        rig.image.set_gate(true);
+        resetter.join().unwrap();
+        vcpu.join().unwrap();
+        let (magic, during, again) = answered.expect("register accesses waited for the drain");
+        assert!(still_draining);
+        assert_eq!((magic, during, again), (MAGIC, live, live));
+        // The reset completed the held read and cleared the transport.
+        assert_eq!(get(&rig.transport, reg::STATUS), 0);
+        assert_eq!(get(&rig.transport, reg::QUEUE_DESC_LOW), 0);
+        assert_eq!(rig.used_idx(0), 1);
+        assert_eq!(rig.byte(STATUS), crate::virtio::block::status::OK);
+        rig.dev.shutdown().unwrap();
+        drop(rig);
+        io.stop().unwrap();
+    }
+
+    #[test]
+    fn config_reads_complete_while_another_thread_holds_the_context() {
+        use crate::virtio::block::test_util::*;
+        let (io, rig) = iothread_rig("io-config", 1 << 16);
+        let rig = Arc::new(rig);
+        let (held_tx, held_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let holder = {
+            let ctx = Arc::clone(&rig.ctx);
+            std::thread::spawn(move || {
+                let _g = ctx.acquire();
+                held_tx.send(()).unwrap();
+                done_rx.recv().unwrap();
+            })
+        };
+        held_rx.recv().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let vcpu = {
+            let rig = Arc::clone(&rig);
+            std::thread::spawn(move || {
+                let mut capacity = [0u8; 8];
+                rig.transport.read(CONFIG_OFFSET, &mut capacity);
+                tx.send((u64::from_le_bytes(capacity), rig.reg(CONFIG_OFFSET + 20)))
+                    .unwrap();
+            })
+        };
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        done_tx.send(()).unwrap();
+        holder.join().unwrap();
+        vcpu.join().unwrap();
+        // Capacity in sectors, then blk_size.
+        assert_eq!(
+            got.expect("the config read waited for the context"),
+            (128, 512)
+        );
+        rig.dev.shutdown().unwrap();
+        drop(rig);
+        io.stop().unwrap();
     }
 }

@@ -3,9 +3,10 @@
 //!
 //! Threads and locks (DESIGN.md, "Threads and locks"): a device lives in a context (the main
 //! loop's or an iothread's), where its queue notifications and completions are handled. vCPUs
-//! reach it through the transport: register accesses that touch the device (configuration space,
-//! activation, reset) acquire the device's context first; interrupt status and acknowledge are
-//! the atomics of [`Interrupt`], read and cleared without it.
+//! reach it through the transport: configuration-space writes, activation and reset acquire the
+//! device's context first; configuration-space reads do not (the device serves them from state
+//! any thread may read), and interrupt status and acknowledge are the atomics of [`Interrupt`],
+//! read and cleared without it.
 
 pub mod block;
 mod mmio;
@@ -167,8 +168,8 @@ pub struct Activation {
     pub acked_features: u64,
 }
 
-/// A virtio device behind a transport. The transport calls `read_config`, `write_config`,
-/// `activate` and `reset` with the device's context held by the calling thread.
+/// A virtio device behind a transport. The transport calls `write_config`, `activate` and `reset`
+/// with the device's context held by the calling thread, and `read_config` without it.
 pub trait VirtioDevice: Send + Sync {
     /// The virtio device id (virtio 1.2, 5 "Device Types").
     fn device_type(&self) -> u32;
@@ -178,7 +179,8 @@ pub trait VirtioDevice: Send + Sync {
     fn features(&self) -> u64;
     /// The context the device is served in.
     fn context(&self) -> &Arc<Context>;
-    /// Reads device configuration space at `offset`; bytes past its end read as zero.
+    /// Reads device configuration space at `offset`; bytes past its end read as zero. Called
+    /// without the context, from any vCPU: configuration space must be readable without it.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes device configuration space at `offset`.
     fn write_config(&self, offset: u64, data: &[u8]);

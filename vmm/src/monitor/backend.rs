@@ -4,11 +4,12 @@
 //!
 //! Locking: every method is called on the main-loop thread from the monitor's event handler, so with
 //! the global lock held (the main loop holds it around every handler); an implementation must not
-//! take the global lock again. A method that touches a disk served by an iothread (block statistics,
-//! histogram boundaries) acquires that disk's context for the duration of the touch, after the
-//! global lock as DESIGN.md orders, and never two contexts at once. Nothing here may block for
-//! long: pausing waits only for vCPUs to leave `KVM_RUN`, on a condition variable tied to the global
-//! mutex as DESIGN.md describes.
+//! take the global lock again. No method acquires a disk's context: block statistics and
+//! histogram boundaries are the device's atomics, read and replaced from any thread, so a disk on
+//! an iothread is never held up by a monitor command (were one ever to need a context, it would
+//! take it after the global lock, as DESIGN.md orders, and never two at once). Nothing here may
+//! block for long: pausing waits only for vCPUs to leave `KVM_RUN`, on a condition variable tied
+//! to the global mutex as DESIGN.md describes.
 
 use serde::Serialize;
 

@@ -36,7 +36,9 @@ pub fn shutdown_cause(reason: &ExitReason) -> Option<ShutdownCause> {
         ExitReason::GuestReset => Some(ShutdownCause::GuestReset),
         ExitReason::Signal(_) => Some(ShutdownCause::HostSignal),
         ExitReason::ConsoleQuit => Some(ShutdownCause::HostQmpQuit),
-        ExitReason::VcpuFailed { .. } => Some(ShutdownCause::HostError),
+        ExitReason::VcpuFailed { .. } | ExitReason::IoThreadFailed { .. } => {
+            Some(ShutdownCause::HostError)
+        }
         ExitReason::MonitorQuit => None,
     }
 }
@@ -219,6 +221,13 @@ mod tests {
             (
                 ExitReason::VcpuFailed {
                     cpu: 0,
+                    message: String::new(),
+                },
+                Some(ShutdownCause::HostError),
+            ),
+            (
+                ExitReason::IoThreadFailed {
+                    id: "io0".into(),
                     message: String::new(),
                 },
                 Some(ShutdownCause::HostError),

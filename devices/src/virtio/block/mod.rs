@@ -150,19 +150,9 @@ pub enum QueueError {
     },
 }
 
-/// An error and its causes on one line, for the log.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
-    }
-    line
-}
+pub(crate) use crate::error_chain;
 
 #[cfg(test)]
 mod bench;
 #[cfg(test)]
-mod test_util;
+pub(crate) mod test_util;
