@@ -55,12 +55,13 @@ pub fn read_table(f: &HostFile, h: &Header) -> Result<(Vec<SnapshotL1>, u64), Er
         let id_len = u64::from(u16::from_be_bytes([fixed[12], fixed[13]]));
         let name_len = u64::from(u16::from_be_bytes([fixed[14], fixed[15]]));
         let extra = u64::from(u32_at(36));
-        let len = (40 + extra + id_len + name_len).next_multiple_of(8);
+        let len = 40 + extra + id_len + name_len;
+        // Entries are padded to 8 bytes; the last one's padding may lie past the end of the file.
         if off.saturating_add(len) > file_len {
             return Err(bad(i));
         }
         out.push(l1);
-        off += len;
+        off += len.next_multiple_of(8);
     }
     Ok((out, off - h.snapshots_offset))
 }
