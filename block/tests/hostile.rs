@@ -5,6 +5,7 @@
 mod common;
 use std::os::unix::fs::FileExt;
 
+use block::qcow2::check::Repair;
 use block::{open, DiskImage, Error, ErrorKind, Format, OpenOptions};
 use common::*;
 
@@ -165,4 +166,201 @@ fn read_write_opens_clear_autoclear_bits_and_keep_extensions() {
     assert_eq!(after[..88], before[..88]);
     assert_eq!(after[96..4096], before[96..4096]);
     assert_check_clean(&p);
+}
+
+/// The header's incompatible feature bits (offset 72).
+fn incompatible(p: &std::path::Path) -> u64 {
+    let b = std::fs::read(p).unwrap();
+    u64::from_be_bytes(b[72..80].try_into().unwrap())
+}
+
+/// A 1 MiB image with guest cluster 0 written by qemu-io (64 KiB clusters: header, refcount
+/// table at 0x10000, refcount block 0x20000, L1 0x30000, L2 0x40000, data 0x50000), whose L2
+/// entry 0 is then aimed at `host` (with the COPIED flag, so it looks like ours alone).
+fn aimed_at(dir: &tempfile::TempDir, name: &str, host: u64) -> std::path::PathBuf {
+    let p = tmp(dir, name);
+    create_qcow2(&[p.to_str().unwrap(), "1M"]);
+    qemu_io(&p, "qcow2", &["write -P 0xab 0 64k"]);
+    let b = std::fs::read(&p).unwrap();
+    assert_eq!(b[0x30000..0x30008], (1u64 << 63 | 0x40000).to_be_bytes());
+    assert_eq!(b[0x40000..0x40008], (1u64 << 63 | 0x50000).to_be_bytes());
+    poke(&p, 0x40000, &(1u64 << 63 | host).to_be_bytes());
+    p
+}
+
+#[test]
+fn a_write_aimed_at_the_l1_table_marks_the_image_corrupt_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = aimed_at(&dir, "o.qcow2", 0x30000);
+    let before = std::fs::read(&p).unwrap();
+    let img = open(&p, opts(false)).unwrap();
+    // Reading metadata through the entry is harmless (QEMU allows it too); the read caches
+    // the L2 table, so the lock-free path would map the write: it refuses to.
+    let mut b = vec![0u8; 512];
+    img.read_at(&mut b, 0).unwrap();
+    let mut extents = Vec::new();
+    assert!(img.map_direct(0, 512, true, &mut extents).is_none());
+    assert!(img.map_direct(0, 512, false, &mut extents).is_some());
+    let e = img.write_at(&[0xcd; 512], 0).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Format {
+                source: block::qcow2::FormatError::MetadataOverlap { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    // Further writes are refused, even where the metadata is sound.
+    assert!(img.write_at(&[0xcd; 512], 128 << 10).is_err());
+    drop(img);
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(
+        after[0x30000..0x40000],
+        before[0x30000..0x40000],
+        "L1 changed"
+    );
+    assert_eq!(incompatible(&p) & 2, 2, "corrupt bit not set");
+    assert!(open(&p, opts(false)).is_err());
+
+    // QEMU refuses the same write on the same image, and marks it corrupt the same way.
+    let q = aimed_at(&dir, "q.qcow2", 0x30000);
+    let out = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0xcd 0 512",
+            q.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Input/output error"),
+        "{out:?}"
+    );
+    assert_eq!(incompatible(&q) & 2, 2);
+    assert_eq!(
+        std::fs::read(&q).unwrap()[0x30000..0x40000],
+        before[0x30000..0x40000]
+    );
+}
+
+/// Checks an image with our engine (opened for writing when repairing).
+fn check(p: &std::path::Path, repair: Repair) -> Result<block::qcow2::check::CheckReport, Error> {
+    let img = open(p, opts(repair == Repair::None))?;
+    let block::Image::Qcow2(q) = &img else {
+        panic!("not qcow2");
+    };
+    q.check(repair)
+}
+
+#[test]
+fn a_snapshot_table_ending_at_the_end_of_the_file_is_read() {
+    // QEMU writes the last snapshot entry without its padding to 8 bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "s.qcow2");
+    create_qcow2(&[p.to_str().unwrap(), "4M"]);
+    qemu_io(&p, "qcow2", &["write 0 64k"]);
+    qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]);
+    assert_ne!(std::fs::metadata(&p).unwrap().len() % 8, 0);
+    let r = check(&p, Repair::None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    open(&p, opts(false))
+        .unwrap()
+        .write_at(&[1; 512], 0)
+        .unwrap();
+    assert_check_clean(&p);
+}
+
+#[test]
+fn a_metadata_cluster_with_a_zero_refcount_is_never_filled_with_data() {
+    // The L2 table's refcount (cluster 4, a 16-bit entry in the block at 0x20000) is zero, so
+    // the allocator hands the table's cluster out for the next data cluster.
+    let dir = tempfile::tempdir().unwrap();
+    for (name, ours) in [("o.qcow2", true), ("q.qcow2", false)] {
+        let p = aimed_at(&dir, name, 0x50000);
+        poke(&p, 0x20000 + 4 * 2, &[0, 0]);
+        let before = std::fs::read(&p).unwrap();
+        if ours {
+            let img = open(&p, opts(false)).unwrap();
+            let e = img.write_at(&[0xcd; 512], 1 << 16).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    Error::Format {
+                        source: block::qcow2::FormatError::MetadataOverlap {
+                            host: 0x40000,
+                            what: "active L2 table",
+                            ..
+                        },
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+            assert_eq!(e.kind(), ErrorKind::Corrupt);
+        } else {
+            let out = std::process::Command::new("qemu-io")
+                .args([
+                    "-f",
+                    "qcow2",
+                    "-c",
+                    "write -P 0xcd 64k 512",
+                    p.to_str().unwrap(),
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("active L2 table"),
+                "{out:?}"
+            );
+        }
+        let after = std::fs::read(&p).unwrap();
+        assert_eq!(
+            after[0x40000..0x50000],
+            before[0x40000..0x50000],
+            "{name}: L2 changed"
+        );
+        assert_eq!(incompatible(&p) & 2, 2, "{name}");
+    }
+}
+
+#[test]
+fn a_data_cluster_past_the_end_of_the_file_fails_to_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = aimed_at(&dir, "t.qcow2", 0x50000);
+    // The data cluster at 0x50000 is cut off.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(0x50000)
+        .unwrap();
+    let img = open(&p, opts(true)).unwrap();
+    let mut b = vec![0u8; 512];
+    let e = img.read_at(&mut b, 512).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Format {
+                source: block::qcow2::FormatError::DataPastEnd {
+                    guest: 512,
+                    host: 0x50200,
+                    len: 512,
+                    file_len: 0x50000,
+                },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    let mut extents = Vec::new();
+    assert!(img.map_direct(0, 512, false, &mut extents).is_none());
+    // Unallocated clusters still read as zeroes.
+    img.read_at(&mut b, 1 << 16).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
 }

@@ -278,6 +278,7 @@ fn write_refcounts(f: &HostFile, m: &mut Meta, mut counts: Vec<u64>) -> Result<(
     m.header.refcount_table_clusters = clusters;
     m.rc_table = table;
     m.rc_blocks.clear();
+    m.note_refcounts_moved();
     m.free_hint = 1;
     m.end = start + tc + nb;
     Ok(())

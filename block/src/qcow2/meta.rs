@@ -49,6 +49,8 @@ pub struct Meta {
     /// Cluster indices freed while such requests may have been running: not reallocated until
     /// a moment with none in flight (so a late write can never land in a cluster's new owner).
     pub quarantine: HashSet<u64>,
+    /// Where the metadata lies (shared with `Qcow2`), kept current as tables move.
+    pub overlap: Arc<super::overlap::Overlap>,
 }
 
 /// Decodes a big-endian table of 64-bit words.

@@ -2,7 +2,8 @@
 //! `header` (header, extensions, backing name), `validate` (limits and errors), `l2` (cluster
 //! mapping entries), `cache` (bounded table caches), `meta` (metadata state and write ordering),
 //! `refcount` (refcounts and allocation), `compress`, `write` (allocation and copy-on-write),
-//! `snapshot` (the snapshot table), `check` (consistency check and refcount rebuild), `create`.
+//! `snapshot` (the snapshot table), `check` (consistency check and refcount rebuild), `overlap`
+//! (no data write lands on metadata; no data read past the end of the file), `create`.
 //!
 //! Locking: one reader-writer lock guards the metadata (`Meta`). A lookup whose L2 table is
 //! cached takes it shared, so lookups from many threads run in parallel; loading a table or
@@ -18,6 +19,7 @@ pub mod create;
 mod header;
 mod l2;
 mod meta;
+mod overlap;
 mod refcount;
 mod snapshot;
 mod validate;
@@ -73,6 +75,8 @@ pub struct Qcow2 {
     /// its lookup until its data I/O ends; the allocator reuses freed clusters only when the
     /// count is zero.
     inflight: Arc<AtomicU64>,
+    /// Where the metadata lies, for the overlap checks of data writes (see `overlap.rs`).
+    overlap: Arc<overlap::Overlap>,
 }
 
 /// What `Qcow2::open` needs besides the file.
@@ -178,6 +182,7 @@ impl Qcow2 {
         let l2_cap = (L2_CACHE_BYTES / cs).min(u64::from(header.l1_size)).max(4);
         let rc_cap = (RC_CACHE_BYTES / cs).min(rc_table.len() as u64).max(4);
         let inflight = Arc::new(AtomicU64::new(0));
+        let overlap = Arc::new(overlap::Overlap::new(file_len));
         let meta = Meta {
             geo,
             l1,
@@ -190,6 +195,7 @@ impl Qcow2 {
             pending_frees: Vec::new(),
             inflight: Arc::clone(&inflight),
             quarantine: HashSet::new(),
+            overlap: Arc::clone(&overlap),
             header,
         };
         let img = Qcow2 {
@@ -203,6 +209,7 @@ impl Qcow2 {
             busy: Mutex::new(HashSet::new()),
             busy_done: std::array::from_fn(|_| Condvar::new()),
             inflight: Arc::clone(&inflight),
+            overlap,
             file: f,
         };
         if !read_only {
@@ -219,6 +226,7 @@ impl Qcow2 {
         if dirty {
             check::rebuild_refcounts(&self.file, &mut m)?;
         }
+        self.overlap.build(&self.file, &m)?;
         if dirty || m.header.autoclear != 0 {
             m.header.incompatible &= !INCOMPAT_DIRTY;
             m.header.autoclear = 0;
@@ -316,7 +324,10 @@ impl Qcow2 {
                 buf.fill(0);
                 Ok(())
             }
-            Mapping::Data { host, .. } => self.file.read_at(buf, host),
+            Mapping::Data { host, .. } => {
+                self.check_data_read(guest, host, buf.len() as u64)?;
+                self.file.read_at(buf, host)
+            }
             Mapping::Compressed { host, len } => {
                 let cs = self.geo.cluster_size();
                 let mut cluster = vec![0u8; usize::try_from(cs).unwrap_or(0)];
@@ -398,7 +409,11 @@ impl Qcow2 {
 
     /// Checks a request's range and, for a modifying one, that the image is writable.
     fn check_request(&self, offset: u64, len: u64, write: bool) -> Result<(), Error> {
-        crate::check_request(offset, len, self.size, write, self.read_only)
+        crate::check_request(offset, len, self.size, write, self.read_only)?;
+        if write {
+            self.refuse_if_corrupt()?;
+        }
+        Ok(())
     }
 }
 
@@ -496,7 +511,7 @@ impl DiskImage for Qcow2 {
             }
             pos += n;
         }
-        Some(pin)
+        self.extents_pass(extents, write).then_some(pin)
     }
 }
 

@@ -227,6 +227,7 @@ impl Meta {
         let bi = c / self.rc_per_block();
         let idx = usize::try_from(bi).unwrap_or(usize::MAX);
         self.rc_table[idx] = off;
+        self.note_refcounts_moved();
         f.write_at(
             &off.to_be_bytes(),
             self.header.refcount_table_offset + bi * 8,
@@ -305,6 +306,7 @@ impl Meta {
         }
         self.header.refcount_table_offset = start * cs;
         self.header.refcount_table_clusters = clusters;
+        self.note_refcounts_moved();
         self.end = self.end.max(first_block + new_blocks);
         for k in 0..old_clusters {
             self.free_cluster(f, old_offset + k * cs)?;

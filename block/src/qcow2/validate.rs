@@ -190,6 +190,32 @@ pub enum FormatError {
     /// A refcount would drop below zero.
     #[error("refcount of cluster {0:#x} is already zero")]
     RefcountUnderflow(u64),
+    /// A data write would land on metadata (QEMU's overlap check): the image is now marked
+    /// corrupt and nothing was written.
+    #[error("write of {len} bytes at host offset {host:#x} would overwrite the {what}")]
+    MetadataOverlap {
+        /// Host offset of the write.
+        host: u64,
+        /// Its length.
+        len: u64,
+        /// The metadata structure it overlaps.
+        what: &'static str,
+    },
+    /// The image was marked corrupt while open: every further write is refused.
+    #[error("image was marked corrupt; writes are refused")]
+    MarkedCorrupt,
+    /// A data cluster lies (partly) past the end of the file.
+    #[error("data at host offset {host:#x} ({len} bytes) for guest offset {guest:#x} is past the end of the file ({file_len} bytes)")]
+    DataPastEnd {
+        /// Guest offset read.
+        guest: u64,
+        /// Host offset of the data.
+        host: u64,
+        /// Length read.
+        len: u64,
+        /// File length.
+        file_len: u64,
+    },
     /// A snapshot table entry that runs past the table or the file.
     #[error("snapshot table entry {0} is malformed")]
     BadSnapshot(u32),

@@ -78,6 +78,7 @@ impl Qcow2 {
                 let (m, run) = self.lookup(guest)?;
                 if let Mapping::Data { host, copied: true } = m {
                     if run >= n as u64 {
+                        self.check_data_write(host, n as u64)?;
                         self.file.write_at(chunk, host)?;
                         break;
                     }
@@ -110,6 +111,7 @@ impl Qcow2 {
         let new = m.alloc_cluster(&self.file)?;
         m.insert_l2(&self.file, new, table)?;
         m.l1[i] = new | COPIED;
+        m.note_l2_moved(old, new);
         m.l1_dirty.insert(i);
         if old != 0 {
             m.pending_frees.push(old);
@@ -167,6 +169,7 @@ impl Qcow2 {
                     let _io = DirectPin::count(&self.inflight);
                     drop(m);
                     drop(claim);
+                    self.check_data_write(host, data.len() as u64)?;
                     return self.file.write_at(data, host).map(|()| true);
                 }
             }
@@ -213,6 +216,7 @@ impl Qcow2 {
                     }
                 };
                 let units = (span_start / sub)..(span_end / sub);
+                self.check_data_write(host + span_start, span_end - span_start)?;
                 if data.len() < span_len && !units.clone().all(holds_data) {
                     self.read_locked(&mut m, &mut content, base + span_start)?;
                 }
@@ -236,6 +240,7 @@ impl Qcow2 {
                 return Ok(true);
             }
             let target = m.alloc_cluster(&self.file)?;
+            self.check_data_write(target, cs)?;
             drop(m);
             // Copy only what the new data does not cover: the head and the tail of the span.
             let (head, rest) = content.split_at_mut(at);
