@@ -364,3 +364,142 @@ fn a_data_cluster_past_the_end_of_the_file_fails_to_read() {
     img.read_at(&mut b, 1 << 16).unwrap();
     assert!(b.iter().all(|&x| x == 0));
 }
+
+/// Runs our `vmm-img` with arguments; returns its exit code.
+fn vmm_img(args: &[&str]) -> i32 {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmm-img"))
+        .args(args)
+        .output()
+        .unwrap();
+    out.status.code().unwrap()
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+#[test]
+fn a_repair_places_its_refcounts_after_clusters_referenced_past_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "t.qcow2");
+    create_qcow2(&[p.to_str().unwrap(), "4M"]);
+    // Header, refcount table, refcount block, L1, L2, then data at clusters 5, 6 and 7.
+    qemu_io(&p, "qcow2", &["write -P 1 0 192k"]);
+    let b = std::fs::read(&p).unwrap();
+    assert_eq!(be64(&b, 0x40010), 1 << 63 | 0x70000);
+    // Clusters 6 and 7 are cut off, still referenced.
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(0x60000).unwrap();
+    drop(f);
+    let ps = p.to_str().unwrap();
+    assert_eq!(vmm_img(&["check", ps]), 2);
+    assert_eq!(vmm_img(&["check", "-r", "all", ps]), 0);
+    let b = std::fs::read(&p).unwrap();
+    assert!(
+        be64(&b, 48) >= 0x80000,
+        "refcount table at {:#x}",
+        be64(&b, 48)
+    );
+    assert_check_clean(&p);
+    // A write to the cut-off clusters lands on them, not on the new refcount structure.
+    qemu_io(&p, "qcow2", &["write -P 9 64k 128k"]);
+    assert_check_clean(&p);
+    let img = open(&p, opts(false)).unwrap();
+    img.write_at(&[7; 4096], 128 << 10).unwrap();
+    drop(img);
+    assert_check_clean(&p);
+    qemu_io(
+        &p,
+        "qcow2",
+        &["read -P 1 0 64k", "read -P 9 64k 64k", "read -P 7 128k 4k"],
+    );
+}
+
+#[test]
+fn a_dirty_image_with_broken_references_is_not_opened_for_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "d.qcow2");
+    create_qcow2(&["-o", "lazy_refcounts=on", p.to_str().unwrap(), "1M"]);
+    qemu_io(&p, "qcow2", &["write -P 1 0 64k"]);
+    // Dirty, and L2 entry 1 points far past the end of the file.
+    poke(&p, 72, &1u64.to_be_bytes());
+    poke(&p, 0x40008, &(1u64 << 63 | 0x100_0000).to_be_bytes());
+    let before = std::fs::read(&p).unwrap();
+    let e = open(&p, opts(false)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Format {
+                source: block::qcow2::FormatError::DirtyImageCorrupt { corruptions: 1, .. },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert_eq!(std::fs::read(&p).unwrap(), before, "the refused open wrote");
+    // Read-only opens (which rebuild nothing) still work.
+    open(&p, opts(true)).unwrap();
+    // A dirty image whose references are sound is rebuilt and opened.
+    let q = tmp(&dir, "ok.qcow2");
+    create_qcow2(&["-o", "lazy_refcounts=on", q.to_str().unwrap(), "1M"]);
+    qemu_io(&q, "qcow2", &["write -P 1 0 64k"]);
+    poke(&q, 72, &1u64.to_be_bytes());
+    poke(&q, 0x20000 + 5 * 2, &[0, 0]);
+    drop(open(&q, opts(false)).unwrap());
+    assert_eq!(incompatible(&q), 0);
+    assert_check_clean(&q);
+}
+
+#[test]
+fn snapshots_sharing_l2_tables_are_counted_without_rereading_them() {
+    const N: usize = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "s.qcow2");
+    create_qcow2(&["-o", "cluster_size=512", p.to_str().unwrap(), "1M"]);
+    qemu_io(&p, "qcow2", &["write -P 1 0 512"]);
+    qemu_img(&["snapshot", "-c", "s", p.to_str().unwrap()]);
+    // N snapshots, each with its own L1 table (a copy of the first one's), all pointing at the
+    // same L2 table; refcounts are left as they were, so most are now wrong.
+    let mut b = std::fs::read(&p).unwrap();
+    let table = usize::try_from(be64(&b, 64)).unwrap();
+    let l1 = usize::try_from(be64(&b, table)).unwrap();
+    let l1_size = u32::from_be_bytes(b[table + 8..table + 12].try_into().unwrap());
+    let id = u16::from_be_bytes(b[table + 12..table + 14].try_into().unwrap()) as usize;
+    let name = u16::from_be_bytes(b[table + 14..table + 16].try_into().unwrap()) as usize;
+    let extra = u32::from_be_bytes(b[table + 36..table + 40].try_into().unwrap()) as usize;
+    let entry_len = (40 + extra + id + name).next_multiple_of(8);
+    let mut entry = b[table..table + 40 + extra + id + name].to_vec();
+    entry.resize(entry_len, 0);
+    let l1_bytes = b[l1..l1 + 512].to_vec();
+    b.resize(b.len().next_multiple_of(512), 0);
+    let mut snaps = Vec::new();
+    for _ in 0..N {
+        let at = b.len() as u64;
+        b.extend_from_slice(&l1_bytes);
+        entry[..8].copy_from_slice(&at.to_be_bytes());
+        snaps.extend_from_slice(&entry);
+    }
+    let table_at = b.len() as u64;
+    b.extend_from_slice(&snaps);
+    b[60..64].copy_from_slice(&u32::try_from(N).unwrap().to_be_bytes());
+    b[64..72].copy_from_slice(&table_at.to_be_bytes());
+    std::fs::write(&p, &b).unwrap();
+    assert!(l1_size > 0);
+
+    let r = check(&p, Repair::None).unwrap();
+    // Every snapshot L1 table once, and the one L2 table once.
+    assert_eq!(r.tables_read, N as u64 + 1);
+    assert!(r.corruptions >= N as u64, "{}", r.corruptions);
+    assert_eq!(r.messages.len(), block::qcow2::check::MAX_MESSAGES);
+    assert_eq!(
+        r.messages.len() as u64 + r.messages_omitted,
+        r.corruptions + r.leaks
+    );
+    // The repair counts each shared reference: QEMU agrees with every refcount it wrote.
+    let r = check(&p, Repair::All).unwrap();
+    assert!(r.corruptions_fixed > 0);
+    assert_check_clean(&p);
+    let r = check(&p, Repair::None).unwrap();
+    assert_eq!((r.corruptions, r.leaks, r.messages_omitted), (0, 0, 0));
+}

@@ -3,7 +3,15 @@
 //! refcount structures and the snapshot table, then compared with the stored refcounts. A
 //! refcount below its references is a corruption; above, a leak. Repair (and the rebuild a dirty
 //! lazy-refcounts image needs before its first allocation) writes a fresh refcount table and
-//! blocks at the end of the file, then points the header at them.
+//! blocks after the end of the file and after every cluster still referenced (a reference past
+//! the end of a truncated file included), then points the header at them. A dirty image whose
+//! references are broken is refused instead of rebuilt.
+//!
+//! Bounds on hostile images: each distinct L1 and L2 table is read once however many snapshots
+//! share it, the L1 tables read are capped in total, the clusters counted are capped, and a
+//! report keeps its first messages and only counts the rest.
+
+use std::collections::BTreeMap;
 
 use super::l2::{Mapping, COMPRESSED, COPIED, OFFSET_MASK};
 use super::meta::{decode_words, encode_words, Meta};
@@ -12,8 +20,14 @@ use super::{snapshot, Qcow2};
 use crate::file::HostFile;
 use crate::Error;
 
-/// Most clusters a check counts (1 GiB of counters); larger files are refused.
+/// Most clusters a check counts (1 GiB of counters); larger files are refused, and references
+/// beyond are reported but not counted (a repair is then refused).
 const MAX_CHECK_CLUSTERS: u64 = 1 << 27;
+/// Most L1 entries a check reads over all distinct L1 tables (2 GiB of tables): snapshots whose
+/// tables overlap one another cannot make it read without end.
+const MAX_L1_WORDS: u64 = 1 << 28;
+/// Most messages a report keeps; the rest are only counted.
+pub const MAX_MESSAGES: usize = 1000;
 
 /// What to repair, as `qemu-img check -r`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,8 +51,10 @@ pub struct CheckReport {
     pub corruptions_fixed: u64,
     /// Leaks repaired.
     pub leaks_fixed: u64,
-    /// One line per problem found.
+    /// One line per problem found, the first [`MAX_MESSAGES`] of them.
     pub messages: Vec<String>,
+    /// Problems found beyond those in `messages`.
+    pub messages_omitted: u64,
     /// Clusters of the virtual disk.
     pub total_clusters: u64,
     /// Virtual clusters allocated in this image.
@@ -49,6 +65,26 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// End of the last cluster in use.
     pub image_end_offset: u64,
+    /// L1 and L2 tables read from the file by the last count: each distinct table once, however
+    /// many snapshots share it.
+    pub tables_read: u64,
+}
+
+impl CheckReport {
+    /// Keeps a message, or counts it once the list is full.
+    fn message(&mut self, text: impl FnOnce() -> String) {
+        if self.messages.len() < MAX_MESSAGES {
+            self.messages.push(text());
+        } else {
+            self.messages_omitted += 1;
+        }
+    }
+
+    /// Counts a corruption and keeps its message.
+    fn corruption(&mut self, text: impl FnOnce() -> String) {
+        self.corruptions += 1;
+        self.message(text);
+    }
 }
 
 /// Counted references.
@@ -58,6 +94,10 @@ struct Refs {
     /// Active-layer entries whose COPIED flag disagrees with their references: where they are
     /// and whether the flag should be set.
     bad_copied: Vec<(EntryAt, bool)>,
+    /// Clusters of the file (references beyond are counted, and reported).
+    file_clusters: u64,
+    /// A reference beyond what a check counts was seen.
+    uncounted: bool,
 }
 
 /// Where an L1 or L2 entry lives.
@@ -69,31 +109,56 @@ enum EntryAt {
     L2(u64, usize),
 }
 
+/// How the L1 tables use one L2 table.
+struct L2Use {
+    /// L1 entries pointing at it, over every L1 table.
+    refs: u64,
+    /// The first active L1 index pointing at it, if any.
+    active: Option<usize>,
+}
+
 impl Refs {
-    fn add(&mut self, cs: u64, off: u64, len: u64, what: &str) {
+    /// Adds `refs` references to every cluster of `[off, off + len)`. A reference past the end
+    /// of the file is a corruption (its cluster is counted all the same, so that a rebuilt
+    /// refcount structure is placed after it); one beyond what a check counts is not counted.
+    fn add(&mut self, cs: u64, off: u64, len: u64, refs: u64, what: &str) {
         if len == 0 {
             return;
         }
         let first = off / cs;
         let Some(last) = off.checked_add(len - 1).map(|end| end / cs) else {
-            self.report.corruptions += 1;
             self.report
-                .messages
-                .push(format!("ERROR {what} at {off:#x} overflows"));
+                .corruption(|| format!("ERROR {what} at {off:#x} overflows"));
             return;
         };
-        for c in first..=last {
-            match usize::try_from(c).ok().and_then(|i| self.counts.get_mut(i)) {
-                Some(v) => *v += 1,
-                None => {
-                    self.report.corruptions += 1;
-                    self.report.messages.push(format!(
-                        "ERROR {what} at {off:#x} is past the end of the file"
-                    ));
-                    return;
-                }
-            }
+        if last >= MAX_CHECK_CLUSTERS {
+            self.uncounted = true;
+            self.report
+                .corruption(|| format!("ERROR {what} at {off:#x} is beyond what a check counts"));
+            return;
         }
+        if last >= self.file_clusters {
+            self.report
+                .corruption(|| format!("ERROR {what} at {off:#x} is past the end of the file"));
+        }
+        // Below MAX_CHECK_CLUSTERS, so it fits.
+        let last = usize::try_from(last).unwrap_or(usize::MAX);
+        if last >= self.counts.len() {
+            self.counts.resize(last + 1, 0);
+        }
+        let first = usize::try_from(first).unwrap_or(usize::MAX);
+        for v in &mut self.counts[first..=last] {
+            *v = v.saturating_add(refs);
+        }
+    }
+
+    /// The references counted for host offset `off`.
+    fn at(&self, cs: u64, off: u64) -> u64 {
+        usize::try_from(off / cs)
+            .ok()
+            .and_then(|i| self.counts.get(i))
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -104,9 +169,14 @@ fn read_words(f: &HostFile, off: u64, count: u64) -> Result<Vec<u64>, Error> {
 }
 
 /// Counts every reference; with `with_refcounts`, the refcount table and blocks too.
+///
+/// Each distinct L1 table (the active one, and the snapshots' by offset and size) is read once,
+/// then each distinct L2 table once, its entries counted as many times as L1 entries point at
+/// it: the work is bounded by the tables in the file, not by how many snapshots share them.
 fn count_refs(f: &HostFile, m: &mut Meta, with_refcounts: bool) -> Result<Refs, Error> {
     let cs = m.cs();
-    let n = f.len()?.div_ceil(cs);
+    let file_len = f.len()?;
+    let n = file_len.div_ceil(cs);
     if n > MAX_CHECK_CLUSTERS {
         return Err(Error::TooLarge {
             path: f.path().to_string(),
@@ -118,34 +188,52 @@ fn count_refs(f: &HostFile, m: &mut Meta, with_refcounts: bool) -> Result<Refs, 
         counts: vec![0; usize::try_from(n).unwrap_or(0)],
         report: CheckReport::default(),
         bad_copied: Vec::new(),
+        file_clusters: n,
+        uncounted: false,
     };
     let h = m.header.clone();
-    r.add(cs, 0, cs, "header");
+    r.add(cs, 0, cs, 1, "header");
     if with_refcounts {
         r.add(
             cs,
             h.refcount_table_offset,
             u64::from(h.refcount_table_clusters) * cs,
+            1,
             "refcount table",
         );
         for &e in &m.rc_table {
             if e != 0 {
-                r.add(cs, e, cs, "refcount block");
+                r.add(cs, e, cs, 1, "refcount block");
             }
         }
     }
-    let mut l1s = vec![(h.l1_table_offset, h.l1_size, true)];
+    // Snapshot L1 tables by (offset, size), with how many snapshots use each.
+    let mut snap_l1s: BTreeMap<(u64, u32), u64> = BTreeMap::new();
     if h.nb_snapshots > 0 {
         let (snaps, len) = snapshot::read_table(f, &h)?;
-        r.add(cs, h.snapshots_offset, len, "snapshot table");
-        l1s.extend(snaps.iter().map(|s| (s.offset, s.size, false)));
+        r.add(cs, h.snapshots_offset, len, 1, "snapshot table");
+        for s in snaps {
+            *snap_l1s.entry((s.offset, s.size)).or_default() += 1;
+        }
     }
+    let words: u64 = snap_l1s.keys().map(|&(_, size)| u64::from(size)).sum();
+    if words > MAX_L1_WORDS {
+        return Err(Error::TooLarge {
+            path: f.path().to_string(),
+            what: "snapshot L1 tables to check",
+            bytes: words * 8,
+        });
+    }
+    let mut l2s: BTreeMap<u64, L2Use> = BTreeMap::new();
     let mut copied_checks = Vec::new();
-    for (l1_off, l1_size, active) in l1s {
-        r.add(cs, l1_off, u64::from(l1_size) * 8, "L1 table");
-        let l1 = if active {
+    let active = std::iter::once((h.l1_table_offset, h.l1_size, 1, true));
+    let snaps = snap_l1s.iter().map(|(&(o, s), &k)| (o, s, k, false));
+    for (l1_off, l1_size, k, is_active) in active.chain(snaps) {
+        r.add(cs, l1_off, u64::from(l1_size) * 8, k, "L1 table");
+        let l1 = if is_active {
             m.l1.clone()
         } else {
+            r.report.tables_read += 1;
             read_words(f, l1_off, u64::from(l1_size))?
         };
         for (i, &e) in l1.iter().enumerate() {
@@ -153,8 +241,13 @@ fn count_refs(f: &HostFile, m: &mut Meta, with_refcounts: bool) -> Result<Refs, 
             if l2 == 0 {
                 continue;
             }
-            r.add(cs, l2, cs, "L2 table");
-            if active {
+            let u = l2s.entry(l2).or_insert(L2Use {
+                refs: 0,
+                active: None,
+            });
+            u.refs += k;
+            if is_active {
+                u.active = u.active.or(Some(i));
                 copied_checks.push((
                     l2,
                     e & COPIED != 0,
@@ -162,68 +255,76 @@ fn count_refs(f: &HostFile, m: &mut Meta, with_refcounts: bool) -> Result<Refs, 
                     format!("L2 table for L1 index {i}"),
                 ));
             }
-            let t = read_words(f, l2, cs / 8)?;
-            let words = m.geo.words();
-            let mut prev_end = 0;
-            for (j, pair) in t.chunks_exact(words).enumerate() {
-                let guest = ((i as u64) * m.geo.l2_entries() + j as u64) * cs;
-                let (entry, bitmap) = (pair[0], pair.get(1).copied().unwrap_or(0));
-                match m.geo.decode(entry, bitmap, guest) {
-                    Err(e) => {
-                        r.report.corruptions += 1;
-                        r.report.messages.push(format!("ERROR {e}"));
+        }
+    }
+    let words = m.geo.words();
+    for (&l2, u) in &l2s {
+        r.add(cs, l2, cs, u.refs, "L2 table");
+        if l2.saturating_add(cs) > file_len {
+            // Nothing to walk: reported by the line above.
+            continue;
+        }
+        r.report.tables_read += 1;
+        let t = read_words(f, l2, cs / 8)?;
+        let mut prev_end = 0;
+        for (j, pair) in t.chunks_exact(words).enumerate() {
+            let index = u.active.unwrap_or(0) as u64;
+            let guest = (index * m.geo.l2_entries() + j as u64) * cs;
+            let (entry, bitmap) = (pair[0], pair.get(1).copied().unwrap_or(0));
+            match m.geo.decode(entry, bitmap, guest) {
+                Err(e) => r.report.corruption(|| format!("ERROR {e}")),
+                Ok((Mapping::Compressed { host, len }, _)) => {
+                    r.add(cs, host, len, u.refs, "compressed cluster");
+                    if u.active.is_some() {
+                        r.report.allocated_clusters += 1;
+                        r.report.compressed_clusters += 1;
                     }
-                    Ok((Mapping::Compressed { host, len }, _)) => {
-                        r.add(cs, host, len, "compressed cluster");
-                        if active {
-                            r.report.allocated_clusters += 1;
-                            r.report.compressed_clusters += 1;
-                        }
+                }
+                Ok(_) => {
+                    let host = entry & OFFSET_MASK;
+                    if host == 0 || entry & COMPRESSED != 0 {
+                        continue;
                     }
-                    Ok(_) => {
-                        let host = entry & OFFSET_MASK;
-                        if host == 0 || entry & COMPRESSED != 0 {
-                            continue;
+                    r.add(cs, host, cs, u.refs, "data cluster");
+                    if u.active.is_some() {
+                        r.report.allocated_clusters += 1;
+                        if prev_end != 0 && host != prev_end {
+                            r.report.fragmented_clusters += 1;
                         }
-                        r.add(cs, host, cs, "data cluster");
-                        if active {
-                            r.report.allocated_clusters += 1;
-                            if prev_end != 0 && host != prev_end {
-                                r.report.fragmented_clusters += 1;
-                            }
-                            prev_end = host + cs;
-                            copied_checks.push((
-                                host,
-                                entry & COPIED != 0,
-                                EntryAt::L2(l2, j * words),
-                                format!("data cluster for guest offset {guest:#x}"),
-                            ));
-                        }
+                        prev_end = host + cs;
+                        copied_checks.push((
+                            host,
+                            entry & COPIED != 0,
+                            EntryAt::L2(l2, j * words),
+                            format!("data cluster for guest offset {guest:#x}"),
+                        ));
                     }
                 }
             }
         }
     }
     for (host, copied, at, what) in copied_checks {
-        let refs = usize::try_from(host / cs)
-            .ok()
-            .and_then(|i| r.counts.get(i))
-            .copied()
-            .unwrap_or(0);
+        let refs = r.at(cs, host);
         if copied != (refs == 1) {
-            r.report.corruptions += 1;
             r.report
-                .messages
-                .push(format!("ERROR OFLAG_COPIED {what}: references={refs}"));
+                .corruption(|| format!("ERROR OFLAG_COPIED {what}: references={refs}"));
             r.bad_copied.push((at, refs == 1));
         }
     }
     Ok(r)
 }
 
-/// Writes a fresh refcount structure for `counts` (references without refcount structures) at
-/// the end of the file and points the header at it.
-fn write_refcounts(f: &HostFile, m: &mut Meta, mut counts: Vec<u64>) -> Result<(), Error> {
+/// Writes a fresh refcount structure for the references counted (without refcount structures)
+/// after the end of the file and after every cluster referenced, and points the header at it.
+fn write_refcounts(f: &HostFile, m: &mut Meta, refs: Refs) -> Result<(), Error> {
+    if refs.uncounted {
+        return Err(Error::TooLarge {
+            path: f.path().to_string(),
+            what: "range of clusters referenced",
+            bytes: MAX_CHECK_CLUSTERS * m.cs(),
+        });
+    }
+    let mut counts = refs.counts;
     let cs = m.cs();
     let per = m.rc_per_block();
     let start = counts.len() as u64;
@@ -309,9 +410,25 @@ fn fix_copied(f: &HostFile, m: &mut Meta, bad: &[(EntryAt, bool)]) -> Result<(),
 }
 
 /// Rebuilds the refcounts of an image from its references (dirty lazy-refcounts image).
+///
+/// Corruptions other than COPIED flags (which it corrects, as a repair does) refuse the image
+/// before anything is written: refcounts rebuilt from broken references would let the
+/// allocator hand out clusters that are still in use.
 pub fn rebuild_refcounts(f: &HostFile, m: &mut Meta) -> Result<(), Error> {
     let refs = count_refs(f, m, false)?;
-    write_refcounts(f, m, refs.counts)
+    let others = refs.report.corruptions - refs.bad_copied.len() as u64;
+    if others > 0 {
+        return Err(Error::Format {
+            path: f.path().to_string(),
+            source: super::FormatError::DirtyImageCorrupt {
+                corruptions: others,
+                first: refs.report.messages.first().cloned().unwrap_or_default(),
+            },
+        });
+    }
+    let bad_copied = refs.bad_copied.clone();
+    write_refcounts(f, m, refs)?;
+    fix_copied(f, m, &bad_copied)
 }
 
 impl Qcow2 {
@@ -334,16 +451,11 @@ impl Qcow2 {
         for (c, &want) in refs.counts.iter().enumerate() {
             let have = m.refcount(&self.file, c as u64)?;
             if have < want {
-                rep.corruptions += 1;
                 rc_corruptions += 1;
-                rep.messages.push(format!(
-                    "ERROR cluster {c} refcount={have} reference={want}"
-                ));
+                rep.corruption(|| format!("ERROR cluster {c} refcount={have} reference={want}"));
             } else if have > want {
                 rep.leaks += 1;
-                rep.messages.push(format!(
-                    "Leaked cluster {c} refcount={have} reference={want}"
-                ));
+                rep.message(|| format!("Leaked cluster {c} refcount={have} reference={want}"));
             }
             if want > 0 || have > 0 {
                 rep.image_end_offset = (c as u64 + 1) * cs;
@@ -357,13 +469,21 @@ impl Qcow2 {
         };
         if fix {
             let base = count_refs(&self.file, &mut m, false)?;
-            write_refcounts(&self.file, &mut m, base.counts)?;
+            let bad_copied = base.bad_copied.clone();
+            write_refcounts(&self.file, &mut m, base)?;
             rep.leaks_fixed = rep.leaks;
             if repair == Repair::All {
-                rep.corruptions_fixed = rc_corruptions + base.bad_copied.len() as u64;
-                fix_copied(&self.file, &mut m, &base.bad_copied)?;
+                fix_copied(&self.file, &mut m, &bad_copied)?;
             }
             let after = count_refs(&self.file, &mut m, true)?;
+            if repair == Repair::All {
+                // Refcounts are now right by construction; of the other corruptions, those
+                // the new refcounts and flags made right (references past the end of the file
+                // now lie before the new structure) are fixed too.
+                let others = rep.corruptions - rc_corruptions;
+                rep.corruptions_fixed =
+                    rc_corruptions + others.saturating_sub(after.report.corruptions);
+            }
             let mut end = 0;
             for (c, &want) in after.counts.iter().enumerate() {
                 if want > 0 {

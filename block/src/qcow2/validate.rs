@@ -216,6 +216,16 @@ pub enum FormatError {
         /// File length.
         file_len: u64,
     },
+    /// A dirty image (lazy refcounts) whose references are broken: its refcounts cannot be
+    /// rebuilt safely, so it is not opened for writing (`check -r all` reports and repairs
+    /// what it can).
+    #[error("cannot rebuild the refcounts of a dirty image with {corruptions} corruptions (first: {first})")]
+    DirtyImageCorrupt {
+        /// Corruptions found.
+        corruptions: u64,
+        /// The first one's message.
+        first: String,
+    },
     /// A snapshot table entry that runs past the table or the file.
     #[error("snapshot table entry {0} is malformed")]
     BadSnapshot(u32),

@@ -17,6 +17,9 @@ fn print_human(r: &CheckReport, quiet: bool) {
     for m in &r.messages {
         println!("{m}");
     }
+    if r.messages_omitted > 0 {
+        println!("({} more problems not listed)", r.messages_omitted);
+    }
     if r.corruptions == 0 && r.leaks == 0 {
         println!("No errors were found on the image.");
     }
