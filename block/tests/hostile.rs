@@ -451,6 +451,47 @@ fn a_dirty_image_with_broken_references_is_not_opened_for_writing() {
     assert_check_clean(&q);
 }
 
+/// Replaces the snapshot table of `p` (which has one snapshot) with `n` copies of its entry,
+/// each given the L1 offset (and size, if any) `l1(file, i)` returns; `l1` may append to the
+/// file. The table goes at the end of the file.
+fn set_snapshots(
+    p: &std::path::Path,
+    n: usize,
+    mut l1: impl FnMut(&mut Vec<u8>, usize) -> (u64, Option<u32>),
+) {
+    let mut b = std::fs::read(p).unwrap();
+    let table = usize::try_from(be64(&b, 64)).unwrap();
+    let id = usize::from(u16::from_be_bytes(
+        b[table + 12..table + 14].try_into().unwrap(),
+    ));
+    let name = usize::from(u16::from_be_bytes(
+        b[table + 14..table + 16].try_into().unwrap(),
+    ));
+    let extra = usize::try_from(u32::from_be_bytes(
+        b[table + 36..table + 40].try_into().unwrap(),
+    ))
+    .unwrap();
+    let len = 40 + extra + id + name;
+    let mut entry = b[table..table + len].to_vec();
+    entry.resize(len.next_multiple_of(8), 0);
+    b.resize(b.len().next_multiple_of(512), 0);
+    let mut snaps = Vec::new();
+    for i in 0..n {
+        let (at, size) = l1(&mut b, i);
+        entry[..8].copy_from_slice(&at.to_be_bytes());
+        if let Some(size) = size {
+            entry[8..12].copy_from_slice(&size.to_be_bytes());
+        }
+        snaps.extend_from_slice(&entry);
+    }
+    b.resize(b.len().next_multiple_of(512), 0);
+    let table_at = b.len() as u64;
+    b.extend_from_slice(&snaps);
+    b[60..64].copy_from_slice(&u32::try_from(n).unwrap().to_be_bytes());
+    b[64..72].copy_from_slice(&table_at.to_be_bytes());
+    std::fs::write(p, &b).unwrap();
+}
+
 #[test]
 fn snapshots_sharing_l2_tables_are_counted_without_rereading_them() {
     const N: usize = 20_000;
@@ -461,32 +502,15 @@ fn snapshots_sharing_l2_tables_are_counted_without_rereading_them() {
     qemu_img(&["snapshot", "-c", "s", p.to_str().unwrap()]);
     // N snapshots, each with its own L1 table (a copy of the first one's), all pointing at the
     // same L2 table; refcounts are left as they were, so most are now wrong.
-    let mut b = std::fs::read(&p).unwrap();
+    let b = std::fs::read(&p).unwrap();
     let table = usize::try_from(be64(&b, 64)).unwrap();
     let l1 = usize::try_from(be64(&b, table)).unwrap();
-    let l1_size = u32::from_be_bytes(b[table + 8..table + 12].try_into().unwrap());
-    let id = u16::from_be_bytes(b[table + 12..table + 14].try_into().unwrap()) as usize;
-    let name = u16::from_be_bytes(b[table + 14..table + 16].try_into().unwrap()) as usize;
-    let extra = u32::from_be_bytes(b[table + 36..table + 40].try_into().unwrap()) as usize;
-    let entry_len = (40 + extra + id + name).next_multiple_of(8);
-    let mut entry = b[table..table + 40 + extra + id + name].to_vec();
-    entry.resize(entry_len, 0);
     let l1_bytes = b[l1..l1 + 512].to_vec();
-    b.resize(b.len().next_multiple_of(512), 0);
-    let mut snaps = Vec::new();
-    for _ in 0..N {
+    set_snapshots(&p, N, |b, _| {
         let at = b.len() as u64;
         b.extend_from_slice(&l1_bytes);
-        entry[..8].copy_from_slice(&at.to_be_bytes());
-        snaps.extend_from_slice(&entry);
-    }
-    let table_at = b.len() as u64;
-    b.extend_from_slice(&snaps);
-    b[60..64].copy_from_slice(&u32::try_from(N).unwrap().to_be_bytes());
-    b[64..72].copy_from_slice(&table_at.to_be_bytes());
-    std::fs::write(&p, &b).unwrap();
-    assert!(l1_size > 0);
-
+        (at, None)
+    });
     let r = check(&p, Repair::None).unwrap();
     // Every snapshot L1 table once, and the one L2 table once.
     assert_eq!(r.tables_read, N as u64 + 1);
@@ -502,4 +526,38 @@ fn snapshots_sharing_l2_tables_are_counted_without_rereading_them() {
     assert_check_clean(&p);
     let r = check(&p, Repair::None).unwrap();
     assert_eq!((r.corruptions, r.leaks, r.messages_omitted), (0, 0, 0));
+}
+
+#[test]
+fn snapshot_l1_tables_beyond_the_check_budget_are_refused() {
+    // 17 snapshots with L1 tables of 4 Mi entries (32 MiB, QEMU's largest), each starting one
+    // cluster after the previous one: 544 MiB of tables in a 32 MiB (sparse) file.
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "h.qcow2");
+    create_qcow2(&["-o", "cluster_size=512", p.to_str().unwrap(), "1M"]);
+    qemu_img(&["snapshot", "-c", "s", p.to_str().unwrap()]);
+    set_snapshots(&p, 17, |b, i| {
+        if i == 0 {
+            b.resize(b.len() + (32 << 20) + 17 * 512, 0);
+        }
+        let at = b.len() as u64 - (32 << 20) - 17 * 512 + i as u64 * 512;
+        (at, Some(4 << 20))
+    });
+    let e = check(&p, Repair::None).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::TooLarge {
+                what: "snapshot L1 tables to check",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // The same tables, shared by the 17 snapshots, are read once.
+    set_snapshots(&p, 17, |b, _| {
+        (b.len() as u64 - (32 << 20) - 17 * 512, Some(4 << 20))
+    });
+    let r = check(&p, Repair::None).unwrap();
+    assert_eq!(r.tables_read, 1);
 }

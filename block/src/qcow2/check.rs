@@ -11,7 +11,7 @@
 //! share it, the L1 tables read are capped in total, the clusters counted are capped, and a
 //! report keeps its first messages and only counts the rest.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::l2::{Mapping, COMPRESSED, COPIED, OFFSET_MASK};
 use super::meta::{decode_words, encode_words, Meta};
@@ -23,9 +23,9 @@ use crate::Error;
 /// Most clusters a check counts (1 GiB of counters); larger files are refused, and references
 /// beyond are reported but not counted (a repair is then refused).
 const MAX_CHECK_CLUSTERS: u64 = 1 << 27;
-/// Most L1 entries a check reads over all distinct L1 tables (2 GiB of tables): snapshots whose
-/// tables overlap one another cannot make it read without end.
-const MAX_L1_WORDS: u64 = 1 << 28;
+/// Most snapshot L1 entries a check reads over all distinct tables (512 MiB of tables), so that
+/// snapshots whose tables overlap one another cannot make it read without end.
+const MAX_L1_WORDS: u64 = 1 << 26;
 /// Most messages a report keeps; the rest are only counted.
 pub const MAX_MESSAGES: usize = 1000;
 
@@ -107,14 +107,6 @@ enum EntryAt {
     L1(usize),
     /// L2 table offset and word index of the entry.
     L2(u64, usize),
-}
-
-/// How the L1 tables use one L2 table.
-struct L2Use {
-    /// L1 entries pointing at it, over every L1 table.
-    refs: u64,
-    /// The first active L1 index pointing at it, if any.
-    active: Option<usize>,
 }
 
 impl Refs {
@@ -224,7 +216,10 @@ fn count_refs(f: &HostFile, m: &mut Meta, with_refcounts: bool) -> Result<Refs, 
             bytes: words * 8,
         });
     }
-    let mut l2s: BTreeMap<u64, L2Use> = BTreeMap::new();
+    // L1 entries pointing at each cluster of the file (so at most one counter per cluster,
+    // however many tables there are), and the first active L1 index of each active L2 table.
+    let mut l2_refs = vec![0u32; r.counts.len()];
+    let mut active_l2: HashMap<u64, usize> = HashMap::new();
     let mut copied_checks = Vec::new();
     let active = std::iter::once((h.l1_table_offset, h.l1_size, 1, true));
     let snaps = snap_l1s.iter().map(|(&(o, s), &k)| (o, s, k, false));
@@ -241,41 +236,39 @@ fn count_refs(f: &HostFile, m: &mut Meta, with_refcounts: bool) -> Result<Refs, 
             if l2 == 0 {
                 continue;
             }
-            let u = l2s.entry(l2).or_insert(L2Use {
-                refs: 0,
-                active: None,
-            });
-            u.refs += k;
             if is_active {
-                u.active = u.active.or(Some(i));
-                copied_checks.push((
-                    l2,
-                    e & COPIED != 0,
-                    EntryAt::L1(i),
-                    format!("L2 table for L1 index {i}"),
-                ));
+                active_l2.entry(l2).or_insert(i);
+                copied_checks.push((l2, e & COPIED != 0, EntryAt::L1(i)));
+            }
+            match usize::try_from(l2 / cs)
+                .ok()
+                .and_then(|c| l2_refs.get_mut(c))
+            {
+                Some(v) => *v = v.saturating_add(u32::try_from(k).unwrap_or(u32::MAX)),
+                // Past the end of the file: counted (and reported), nothing to walk.
+                None => r.add(cs, l2, cs, k, "L2 table"),
             }
         }
     }
     let words = m.geo.words();
-    for (&l2, u) in &l2s {
-        r.add(cs, l2, cs, u.refs, "L2 table");
-        if l2.saturating_add(cs) > file_len {
-            // Nothing to walk: reported by the line above.
+    for (c, &k) in l2_refs.iter().enumerate() {
+        if k == 0 {
             continue;
         }
+        let (l2, k) = (c as u64 * cs, u64::from(k));
+        r.add(cs, l2, cs, k, "L2 table");
+        let active = active_l2.get(&l2).copied();
         r.report.tables_read += 1;
         let t = read_words(f, l2, cs / 8)?;
         let mut prev_end = 0;
         for (j, pair) in t.chunks_exact(words).enumerate() {
-            let index = u.active.unwrap_or(0) as u64;
-            let guest = (index * m.geo.l2_entries() + j as u64) * cs;
+            let guest = (active.unwrap_or(0) as u64 * m.geo.l2_entries() + j as u64) * cs;
             let (entry, bitmap) = (pair[0], pair.get(1).copied().unwrap_or(0));
             match m.geo.decode(entry, bitmap, guest) {
                 Err(e) => r.report.corruption(|| format!("ERROR {e}")),
                 Ok((Mapping::Compressed { host, len }, _)) => {
-                    r.add(cs, host, len, u.refs, "compressed cluster");
-                    if u.active.is_some() {
+                    r.add(cs, host, len, k, "compressed cluster");
+                    if active.is_some() {
                         r.report.allocated_clusters += 1;
                         r.report.compressed_clusters += 1;
                     }
@@ -285,29 +278,31 @@ fn count_refs(f: &HostFile, m: &mut Meta, with_refcounts: bool) -> Result<Refs, 
                     if host == 0 || entry & COMPRESSED != 0 {
                         continue;
                     }
-                    r.add(cs, host, cs, u.refs, "data cluster");
-                    if u.active.is_some() {
+                    r.add(cs, host, cs, k, "data cluster");
+                    if active.is_some() {
                         r.report.allocated_clusters += 1;
                         if prev_end != 0 && host != prev_end {
                             r.report.fragmented_clusters += 1;
                         }
                         prev_end = host + cs;
-                        copied_checks.push((
-                            host,
-                            entry & COPIED != 0,
-                            EntryAt::L2(l2, j * words),
-                            format!("data cluster for guest offset {guest:#x}"),
-                        ));
+                        copied_checks.push((host, entry & COPIED != 0, EntryAt::L2(l2, j * words)));
                     }
                 }
             }
         }
     }
-    for (host, copied, at, what) in copied_checks {
+    for (host, copied, at) in copied_checks {
         let refs = r.at(cs, host);
         if copied != (refs == 1) {
-            r.report
-                .corruption(|| format!("ERROR OFLAG_COPIED {what}: references={refs}"));
+            r.report.corruption(|| match at {
+                EntryAt::L1(i) => {
+                    format!("ERROR OFLAG_COPIED L2 table for L1 index {i}: references={refs}")
+                }
+                EntryAt::L2(l2, word) => format!(
+                    "ERROR OFLAG_COPIED data cluster at {host:#x} (L2 table {l2:#x} entry {}): references={refs}",
+                    word / words
+                ),
+            });
             r.bad_copied.push((at, refs == 1));
         }
     }
