@@ -279,9 +279,11 @@ impl Qcow2 {
             // The file will reach this far. Were the write to fail, nothing would map a new
             // cluster (copy-on-write publishes only after its fill), so the length is only
             // overstated for a range no read reaches.
-            self.overlap
-                .file_len
-                .fetch_max(host.saturating_add(len), Ordering::Relaxed);
+            // A load first: the common write, inside the file, then writes no shared line.
+            let end = host.saturating_add(len);
+            if end > self.overlap.file_len.load(Ordering::Relaxed) {
+                self.overlap.file_len.fetch_max(end, Ordering::Relaxed);
+            }
             return Ok(());
         };
         self.mark_corrupt(what);
