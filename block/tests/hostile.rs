@@ -561,3 +561,35 @@ fn snapshot_l1_tables_beyond_the_check_budget_are_refused() {
     let r = check(&p, Repair::None).unwrap();
     assert_eq!(r.tables_read, 1);
 }
+
+#[test]
+fn dropping_an_entry_aimed_at_metadata_never_frees_the_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, discard) in [("d.qcow2", true), ("w.qcow2", false)] {
+        let p = aimed_at(&dir, name, 0x30000);
+        if !discard {
+            // Not ours alone: a write copies the cluster and drops the old reference.
+            poke(&p, 0x40000, &0x30000u64.to_be_bytes());
+        }
+        let before = std::fs::read(&p).unwrap();
+        let img = open(&p, opts(false)).unwrap();
+        if discard {
+            img.discard(0, 1 << 16).unwrap();
+        } else {
+            img.write_at(&[5; 512], 0).unwrap();
+        }
+        img.flush().unwrap();
+        drop(img);
+        let after = std::fs::read(&p).unwrap();
+        assert_eq!(
+            after[0x30000..0x30008],
+            before[0x30000..0x30008],
+            "{name}: L1 changed"
+        );
+        assert_eq!(incompatible(&p) & 2, 2, "{name}");
+        let img = open(&p, opts(true)).unwrap();
+        let mut b = vec![0u8; 512];
+        img.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, if discard { vec![0; 512] } else { vec![5; 512] });
+    }
+}

@@ -223,6 +223,32 @@ impl Overlap {
     pub fn find(&self, host: u64, len: u64, mask: u32) -> Option<Structure> {
         self.read().find(host, len, mask)
     }
+
+    /// Sets the corrupt flag in memory and, for v3, the corrupt bit in the header on disk (read
+    /// from the disk, so that no metadata lock is needed); failures to write it are logged, the
+    /// flag in memory refuses writes either way. `op` is what was prevented ("write on").
+    fn mark_corrupt(&self, f: &HostFile, version: u32, op: &str, what: Structure) {
+        if self.corrupt.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        log::error!(
+            "{}: marking image as corrupt: preventing invalid {op} metadata (overlaps with {})",
+            f.path(),
+            what.name()
+        );
+        if version < 3 {
+            return;
+        }
+        let mut b = [0u8; 8];
+        let r = f.read_at(&mut b, INCOMPATIBLE_AT).and_then(|()| {
+            let bits = u64::from_be_bytes(b) | INCOMPAT_CORRUPT;
+            f.write_at(&bits.to_be_bytes(), INCOMPATIBLE_AT)?;
+            f.sync()
+        });
+        if let Err(e) = r {
+            log::error!("{}: setting the corrupt bit failed: {e}", f.path());
+        }
+    }
 }
 
 /// The snapshots' L1 tables as sorted, merged byte ranges.
@@ -260,6 +286,20 @@ impl Meta {
     pub fn note_refcounts_moved(&mut self) {
         self.overlap.write().set_refcounts(self);
     }
+
+    /// Whether the cluster at `off` may lose a reference. Metadata moves out of the index before
+    /// it is freed, so a cluster still indexed is losing a reference that an L2 entry wrongly
+    /// held (copy-on-write or discard of an entry aimed at metadata): its refcount then only
+    /// counts the metadata itself, so it must neither drop nor be punched out. The image is
+    /// marked corrupt.
+    pub fn may_free(&self, f: &HostFile, off: u64) -> bool {
+        let Some(what) = self.overlap.find(off, self.cs(), CHECK_CACHED) else {
+            return true;
+        };
+        self.overlap
+            .mark_corrupt(f, self.header.version, "free of", what);
+        false
+    }
 }
 
 impl Qcow2 {
@@ -286,7 +326,8 @@ impl Qcow2 {
             }
             return Ok(());
         };
-        self.mark_corrupt(what);
+        self.overlap
+            .mark_corrupt(&self.file, self.version, "write on", what);
         Err(super::fmt_err(
             &self.file,
             FormatError::MetadataOverlap {
@@ -295,32 +336,6 @@ impl Qcow2 {
                 what: what.name(),
             },
         ))
-    }
-
-    /// Sets the corrupt flag in memory and, for v3, the corrupt bit in the header on disk (read
-    /// from the disk, so that no metadata lock is needed); failures to write it are logged, the
-    /// flag in memory refuses writes either way.
-    fn mark_corrupt(&self, what: Structure) {
-        if self.overlap.corrupt.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        log::error!(
-            "{}: marking image as corrupt: preventing invalid write on metadata (overlaps with {})",
-            self.file.path(),
-            what.name()
-        );
-        if self.version < 3 {
-            return;
-        }
-        let mut b = [0u8; 8];
-        let r = self.file.read_at(&mut b, INCOMPATIBLE_AT).and_then(|()| {
-            let bits = u64::from_be_bytes(b) | INCOMPAT_CORRUPT;
-            self.file.write_at(&bits.to_be_bytes(), INCOMPATIBLE_AT)?;
-            self.file.sync()
-        });
-        if let Err(e) = r {
-            log::error!("{}: setting the corrupt bit failed: {e}", self.file.path());
-        }
     }
 
     /// Checks that a read of `len` bytes of data at `host` (for `guest`) lies within the file.

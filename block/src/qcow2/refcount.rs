@@ -165,6 +165,9 @@ impl Meta {
     /// nothing durable points at it any more). A cluster that becomes free is punched out of the
     /// host file.
     pub fn free_cluster(&mut self, f: &HostFile, off: u64) -> Result<(), Error> {
+        if !self.may_free(f, off) {
+            return Ok(());
+        }
         let c = off / self.cs();
         let v = self.refcount(f, c)?;
         if v == 0 {
