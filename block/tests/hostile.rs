@@ -593,3 +593,30 @@ fn dropping_an_entry_aimed_at_metadata_never_frees_the_metadata() {
         assert_eq!(b, if discard { vec![0; 512] } else { vec![5; 512] });
     }
 }
+
+#[test]
+fn a_reference_far_past_the_end_is_reported_and_not_repaired() {
+    // An L2 entry aimed 1 TiB out: counting up to it would take gigabytes of counters.
+    let dir = tempfile::tempdir().unwrap();
+    let p = aimed_at(&dir, "f.qcow2", 1 << 40);
+    let r = check(&p, Repair::None).unwrap();
+    assert_eq!(r.corruptions, 2, "{:?}", r.messages); // And its COPIED flag.
+    assert!(
+        r.messages[0].contains("far past the end"),
+        "{:?}",
+        r.messages
+    );
+    let before = std::fs::read(&p).unwrap();
+    let e = check(&p, Repair::All).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::TooLarge {
+                what: "range of clusters referenced",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+}

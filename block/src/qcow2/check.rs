@@ -20,9 +20,12 @@ use super::{snapshot, Qcow2};
 use crate::file::HostFile;
 use crate::Error;
 
-/// Most clusters a check counts (1 GiB of counters); larger files are refused, and references
-/// beyond are reported but not counted (a repair is then refused).
+/// Most clusters of a file a check counts (1 GiB of counters); larger files are refused.
 const MAX_CHECK_CLUSTERS: u64 = 1 << 27;
+/// How far past the end of the file references are still counted, in clusters, beyond the
+/// file's own length (so the counters stay within twice the file, and 64 Ki clusters for a tiny
+/// one); references further out are reported but not counted, and a repair is refused.
+const MIN_PAST_END_CLUSTERS: u64 = 1 << 16;
 /// Most snapshot L1 entries a check reads over all distinct tables (512 MiB of tables), so that
 /// snapshots whose tables overlap one another cannot make it read without end.
 const MAX_L1_WORDS: u64 = 1 << 26;
@@ -96,7 +99,9 @@ struct Refs {
     bad_copied: Vec<(EntryAt, bool)>,
     /// Clusters of the file (references beyond are counted, and reported).
     file_clusters: u64,
-    /// A reference beyond what a check counts was seen.
+    /// Clusters counted at most (references beyond are reported only).
+    count_limit: u64,
+    /// A reference beyond `count_limit` was seen.
     uncounted: bool,
 }
 
@@ -123,17 +128,17 @@ impl Refs {
                 .corruption(|| format!("ERROR {what} at {off:#x} overflows"));
             return;
         };
-        if last >= MAX_CHECK_CLUSTERS {
+        if last >= self.count_limit {
             self.uncounted = true;
             self.report
-                .corruption(|| format!("ERROR {what} at {off:#x} is beyond what a check counts"));
+                .corruption(|| format!("ERROR {what} at {off:#x} is far past the end of the file"));
             return;
         }
         if last >= self.file_clusters {
             self.report
                 .corruption(|| format!("ERROR {what} at {off:#x} is past the end of the file"));
         }
-        // Below MAX_CHECK_CLUSTERS, so it fits.
+        // Below count_limit, at most 2^28, so it fits.
         let last = usize::try_from(last).unwrap_or(usize::MAX);
         if last >= self.counts.len() {
             self.counts.resize(last + 1, 0);
@@ -181,6 +186,7 @@ fn count_refs(f: &HostFile, m: &mut Meta, with_refcounts: bool) -> Result<Refs, 
         report: CheckReport::default(),
         bad_copied: Vec::new(),
         file_clusters: n,
+        count_limit: n + n.max(MIN_PAST_END_CLUSTERS),
         uncounted: false,
     };
     let h = m.header.clone();
@@ -316,7 +322,7 @@ fn write_refcounts(f: &HostFile, m: &mut Meta, refs: Refs) -> Result<(), Error> 
         return Err(Error::TooLarge {
             path: f.path().to_string(),
             what: "range of clusters referenced",
-            bytes: MAX_CHECK_CLUSTERS * m.cs(),
+            bytes: refs.count_limit * m.cs(),
         });
     }
     let mut counts = refs.counts;
