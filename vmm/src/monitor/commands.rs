@@ -1,5 +1,5 @@
 //! One client's QMP session without the socket: capabilities negotiation, then the commands, each
-//! acting on the VM through [`MonitorBackend`]. Input is one framed JSON text; output is the reply
+//! acting on the VM through [`MonitorBackend`]. Input is one framed JSON value (or the framer's error); output is the reply
 //! plus the events the command caused, which go out before the reply: that is the order QEMU 10's
 //! monitor shows for all four (`STOP`, `RESUME`, `POWERDOWN`, and `SHUTDOWN` after `quit`).
 
@@ -13,7 +13,7 @@ use super::backend::{
     BlockDevice, HistogramBoundaries, HistogramChange, ImageDescription, MonitorBackend, RunState,
 };
 use super::events::{QmpEvent, ShutdownCause};
-use super::framing::FrameError;
+use super::framing::Frame;
 use super::protocol::{self, QmpError};
 
 /// The commands of command mode, as `query-commands` lists them.
@@ -64,22 +64,12 @@ impl Session {
         self.negotiated
     }
 
-    /// The reply to input the framer rejected.
-    pub fn frame_error(&self, error: FrameError) -> Outcome {
-        Outcome::failed(
-            &QmpError::generic(format!("JSON parse error, {error}")),
-            None,
-        )
-    }
-
-    /// Handles one complete JSON text from the client.
-    pub fn handle(&mut self, text: &[u8], backend: &mut dyn MonitorBackend) -> Outcome {
-        let value = match serde_json::from_slice::<Value>(text) {
-            Ok(v) => v,
-            Err(e) => {
-                let error = QmpError::generic(format!("JSON parse error, {e}"));
-                return Outcome::failed(&error, None);
-            }
+    /// Handles one unit of client input: a JSON value, or input the framer rejected (a
+    /// `GenericError` with QEMU's text and no `id`).
+    pub fn handle(&mut self, frame: Frame, backend: &mut dyn MonitorBackend) -> Outcome {
+        let value = match frame {
+            Frame::Value(value) => value,
+            Frame::Error(e) => return Outcome::failed(&QmpError::generic(e.to_string()), None),
         };
         let request = match protocol::check_request(value) {
             Ok(r) => r,
@@ -362,6 +352,7 @@ fn block_info(dev: &BlockDevice) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::monitor::framing::JsonStreamer;
     use crate::monitor::protocol::ErrorClass;
     use crate::monitor::test_backend::RecordingBackend;
 
@@ -387,8 +378,14 @@ mod tests {
             f
         }
 
+        /// The outcome of `text`, which must frame as exactly one unit of input.
         fn outcome(&mut self, text: &str) -> Outcome {
-            self.session.handle(text.as_bytes(), &mut self.backend)
+            let mut framer = JsonStreamer::default();
+            framer.feed(text.as_bytes());
+            framer.feed(b"\n");
+            let frame = framer.next_frame().expect("one frame");
+            assert_eq!(framer.next_frame(), None, "one frame in {text}");
+            self.session.handle(frame, &mut self.backend)
         }
 
         fn send(&mut self, text: &str) -> Value {
@@ -473,10 +470,9 @@ mod tests {
             .expect("desc")
             .starts_with("JSON parse error, "));
         assert!(reply.get("id").is_none());
-        let reply = f.session.frame_error(FrameError::StrayClose(b'}')).reply;
         assert_eq!(
-            reply,
-            json!({"error": {"class": "GenericError", "desc": "JSON parse error, stray '}'"}})
+            f.send("}"),
+            json!({"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}})
         );
         let (c, d) = f.error("[1, 2]");
         assert_eq!(

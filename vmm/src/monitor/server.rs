@@ -36,7 +36,7 @@ use serde_json::Value;
 use super::backend::MonitorBackend;
 use super::commands::{Outcome, Session};
 use super::events::EventReceiver;
-use super::framing::{Frame, JsonStreamer};
+use super::framing::JsonStreamer;
 use super::listener::{Listener, Stream};
 use super::protocol;
 
@@ -257,10 +257,7 @@ impl Monitor {
         let Some(frame) = client.framer.next_frame() else {
             return;
         };
-        let outcome = match frame {
-            Frame::Text(text) => client.session.handle(&text, backend),
-            Frame::Error(e) => client.session.frame_error(e),
-        };
+        let outcome = client.session.handle(frame, backend);
         self.deliver(client, outcome);
     }
 

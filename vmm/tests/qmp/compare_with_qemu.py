@@ -7,21 +7,22 @@ Both sides are in the prelaunch state (QEMU under -S) with one iothread io0 and 
 a virtio-blk device vd0. Compared: error classes always, error texts except for the deliberate
 differences listed in TEXT_DIFFERENCES, the member names of every reply (ours must be QEMU's, minus
 the optional members listed in OPTIONAL_MEMBERS_WE_OMIT), and the order of events and replies.
-Raw sockets, so that malformed input can be sent. Exits non-zero on the first mismatch.
+Raw sockets, so that malformed input can be sent. Malformed and hostile byte streams (bad bytes,
+duplicate keys, deep nesting) are compared whole: every reply up to a synchronising request must
+be the same, in number, class and text. Exits non-zero on the first mismatch.
 """
 
 import json
 import socket
 import sys
 
+# Replies echo ids nested up to QEMU's depth limit.
+sys.setrecursionlimit(10000)
+
 TIMEOUT = 20
 
 # Requests whose error text differs on purpose (the class must still match).
 TEXT_DIFFERENCES = {
-    # serde_json's parse messages, not QEMU's lexer's.
-    b'{"execute": }',
-    b'}',
-    b'{"execute": "x"\xff',
     # QEMU names a list element 'null' here; we name it.
     b'{"execute": "qmp_capabilities", "arguments": {"enable": ["foo"]}}',
 }
@@ -114,6 +115,59 @@ def compare(ours, qemu, raw, exact_values=False):
     print(f"ok: {raw.decode(errors='replace')}")
 
 
+# Byte streams compared reply for reply. Each is followed by a newline, a 0xFF (which resets both
+# parsers, and is answered with an error of its own) and a synchronising request.
+STREAMS = [
+    b'{"execute": "query-status", "execute": "quit"}',
+    b'{"execute": "query-status", "id": {"a": 1, "a": 2}}',
+    b'{"a": 1, "a": }',
+    b'\x80\x81\x82 garbage {"execute": "query-status", "id": 1}',
+    b'{"a\x01}{}',
+    b'{"execute": query-status}',
+    b'{"execute": \xff {"execute": "x"}',
+    b'{"execute": "x"\xff}',
+    b'{"execute": "stop", "argu\xff',
+    b'abc\x80def{}',
+    b'"abc\xfedef"',
+    b'}', b']', b'{]', b'[}', b'{"a": 1]', b'{"a": 1}}',
+    b'[1 2]', b'{"a" 1}', b'{1: 2}', b'{"a": 1 "b": 2}', b'[1,]', b'{,}', b'[:]',
+    b'nul', b'TRUE', b'truex', b'1a', b'%d', b'\x00abc', b'"a" "b"',
+    b'01', b'-01', b'-', b'1.', b'1.e5', b'1e+', b'-0', b'0.5e-3 1E5',
+    b"'single'", b"{'execute': 'query-status', 'id': 'x\"y'}",
+    b'"\\uD800"', b'"\\uD800\\u0041"', b'"\\uDBFF\\uDFFF"', b'"\\uFFFE"', b'"\\u12"',
+    b'"\\uzzzz"', b'"\\q"', b'"\\\x80"', b'"\\\x01"', b'"\x80"', b'"\xc3"', b'"\xc0\x80"',
+    b'"\xef\xbf\xbe"', b'"\xf4\x90\x80\x80"', b'"\x80\x01"', b'"a\tb"',
+    b'{"execute": "query-status", "id": "\\u0000\\u00e9\\uD83D\\uDE00"}',
+    b'{"execute": "query-status", "id": [18446744073709551615, -9223372036854775809, 1.5e300]}',
+    b'{"execute": "query-status", "id": ' + b'[' * 1023 + b']' * 1023 + b'}',
+    b'{"execute": "query-status", "id": ' + b'[' * 1024 + b']' * 1024 + b'}',
+    b'[' * 1025 + b']' * 1025,
+    b'[' * 100000,
+    b'{' * 2050 + b'{"execute": "query-status", "id": "after"}',
+]
+
+
+def stream(side, raw):
+    """Sends raw bytes and a synchronising request; returns every message before its reply."""
+    side.sock.sendall(raw + b'\n\xff{"execute": "query-status", "id": "sync"}')
+    messages = []
+    while True:
+        msg = side.recv()
+        if msg.get("id") == "sync":
+            return messages
+        messages.append(msg)
+
+
+def compare_stream(ours, qemu, raw):
+    a, b = stream(ours, raw), stream(qemu, raw)
+    if a != b:
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                fail(f"{raw[:80]!r}: reply {i} is {x}, QEMU's {y}")
+        fail(f"{raw[:80]!r}: {len(a)} replies, QEMU's {len(b)}")
+    print(f"ok: {len(a)} replies to {raw[:60]!r}")
+
+
 def main(our_path, qemu_path):
     ours, qemu = Raw(our_path), Raw(qemu_path)
     keys_match(ours.greeting, qemu.greeting, "greeting")
@@ -151,6 +205,8 @@ def main(our_path, qemu_path):
     ]
     for raw in exact:
         compare(ours, qemu, raw, exact_values=True)
+    for raw in STREAMS:
+        compare_stream(ours, qemu, raw)
     shapes = [
         b'{"execute": "query-iothreads"}',
         b'{"execute": "query-block"}',
