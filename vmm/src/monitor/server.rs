@@ -33,7 +33,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use event_manager::{EventOps, EventSet, Events};
 use serde_json::Value;
 
-use super::backend::MonitorBackend;
+use super::backend::{MonitorBackend, RunState};
 use super::commands::{Outcome, Session};
 use super::events::EventReceiver;
 use super::framing::JsonStreamer;
@@ -249,9 +249,12 @@ impl Monitor {
         client.flush();
     }
 
-    /// Runs the client's next buffered request, if its earlier replies have all left.
+    /// Runs the client's next buffered request, if its earlier replies have all left and the VM
+    /// is not shutting down: once an exit is recorded (a `quit`, a signal, the guest powering
+    /// off), requests still buffered are not run, so that clients racing to `quit` see one
+    /// `SHUTDOWN` and nothing after it.
     fn run_one_request(&mut self, client: &mut Client, backend: &mut dyn MonitorBackend) {
-        if !client.may_run() {
+        if !client.may_run() || backend.run_state() == RunState::Shutdown {
             return;
         }
         let Some(frame) = client.framer.next_frame() else {

@@ -84,6 +84,8 @@ impl MonitorBackend for RecordingBackend {
 
     fn request_quit(&mut self) {
         self.record("quit".into());
+        // As the VM's: once an exit is recorded, the run state is `shutdown`.
+        self.state = RunState::Shutdown;
     }
 
     fn iothreads(&self) -> Vec<IoThreadInfo> {

@@ -496,6 +496,40 @@ fn tcp_listener_serves_qmp() {
 }
 
 #[test]
+fn racing_quits_raise_one_shutdown_and_nothing_after_it() {
+    let h = Harness::start("quit-race", RunState::Running);
+    let mut clients: Vec<Client> = (0..4).map(|_| h.session()).collect();
+    for c in &mut clients {
+        c.send(br#"{"execute": "quit"}{"execute": "query-status"}"#);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut shutdowns = 0;
+        let mut after = Vec::new();
+        c.reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        let mut line = String::new();
+        while c.reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            let message: Value = serde_json::from_str(&line).expect("JSON message");
+            line.clear();
+            if message["event"] == "SHUTDOWN" {
+                shutdowns += 1;
+            } else if shutdowns > 0 {
+                after.push(message);
+            }
+        }
+        assert_eq!(shutdowns, 1, "client {i}");
+        // At most the reply to the quit that raised it.
+        assert!(
+            after.is_empty() || after == [json!({"return": {}})],
+            "client {i}: {after:?}"
+        );
+    }
+    assert_eq!(h.calls(), ["quit"]);
+}
+
+#[test]
 fn events_raised_while_the_loop_winds_down_are_still_delivered() {
     let h = Harness::start("final", RunState::Running);
     let mut c = h.session();
