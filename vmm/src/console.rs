@@ -2,8 +2,10 @@
 //!
 //! When stdin is a terminal it is put in raw mode (every key, Ctrl-C included, goes to the
 //! guest) and restored on every way out: the [`RawTerminal`] guard on a normal return, a panic
-//! hook on a panic (release builds abort right after the hook), and SIGTERM/SIGINT, which the main
-//! loop turns into a normal return. Ctrl-A x quits; Ctrl-A Ctrl-A sends one Ctrl-A.
+//! hook on a panic (release builds abort right after the hook), SIGTERM/SIGINT/SIGHUP while the
+//! main loop runs, which it turns into a normal return, and the same signals earlier, which
+//! [`crate::signals`] handles by calling [`restore_for_exit`] and exiting. Ctrl-A x quits;
+//! Ctrl-A Ctrl-A sends one Ctrl-A.
 
 use std::sync::Mutex;
 
@@ -24,16 +26,31 @@ pub enum ConsoleError {
     SetAttr(#[source] std::io::Error),
 }
 
-/// Puts the saved settings back, if any; safe to call more than once.
-fn restore_terminal() {
-    let saved = SAVED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take();
-    if let Some(termios) = saved {
+/// Puts the saved settings back, if any, and forgets them.
+fn put_back(saved: &mut Option<libc::termios>) {
+    if let Some(termios) = saved.take() {
         // SAFETY: fd 0 and a termios read from it by tcgetattr; no memory is handed over.
         unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &termios) };
     }
+}
+
+/// Puts the saved settings back, if any; safe to call more than once.
+fn restore_terminal() {
+    put_back(
+        &mut SAVED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+}
+
+/// Puts the saved settings back for an exit from another thread, and keeps them locked so that
+/// nothing puts the terminal in raw mode again before the process is gone.
+pub fn restore_for_exit() {
+    let mut saved = SAVED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    put_back(&mut saved);
+    std::mem::forget(saved);
 }
 
 /// Raw mode on stdin for as long as it lives.
@@ -54,9 +71,12 @@ impl RawTerminal {
         if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut termios) } != 0 {
             return Err(ConsoleError::GetAttr(std::io::Error::last_os_error()));
         }
-        *SAVED
+        // Raw mode is set with the lock held, so that an exit on a signal (which restores the
+        // terminal under the same lock) sees either no change yet or the whole of it.
+        let mut saved = SAVED
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(termios);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *saved = Some(termios);
         let previous_hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             restore_terminal();
@@ -68,7 +88,8 @@ impl RawTerminal {
         // SAFETY: fd 0 and a valid termios.
         if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
             let err = std::io::Error::last_os_error();
-            restore_terminal();
+            // Nothing changed: forget the saved settings.
+            *saved = None;
             return Err(ConsoleError::SetAttr(err));
         }
         Ok(Self(()))

@@ -2,8 +2,9 @@
 //! exit code and at most one line on stderr.
 //!
 //! Exit codes: 0 when the guest powers off or resets (a reset ends the VMM, as QEMU's
-//! `-no-reboot` does), or on Ctrl-A x; 0 on SIGTERM/SIGINT, a clean shutdown; 1 on any error
-//! (bad flags, bad images, KVM unusable, a vCPU or an iothread failing).
+//! `-no-reboot` does), or on Ctrl-A x; 0 on SIGTERM/SIGINT/SIGHUP at any point, a clean shutdown
+//! (see [`signals`]); 1 on any error (bad flags, bad images, KVM unusable, a vCPU or an iothread
+//! failing).
 
 mod arch;
 mod cli;
@@ -15,6 +16,7 @@ mod logger;
 mod main_loop;
 mod monitor;
 mod options;
+mod signals;
 mod vcpu;
 mod vm;
 
@@ -26,6 +28,9 @@ use global::ExitReason;
 /// Everything `main` can fail with.
 #[derive(Debug, thiserror::Error)]
 enum Error {
+    /// Signal handling.
+    #[error(transparent)]
+    Signals(#[from] signals::SignalError),
     /// The command line.
     #[error(transparent)]
     Cli(#[from] cli::CliError),
@@ -60,6 +65,8 @@ enum Error {
 
 /// Runs the command line in `args`; `Ok` is a clean end.
 fn run(args: impl IntoIterator<Item = String>) -> Result<(), Error> {
+    // First, before any other thread exists: see the signals module.
+    signals::start()?;
     let config = match cli::parse(args)? {
         Command::Help => {
             println!("{}", cli::USAGE);

@@ -6,11 +6,11 @@
 //! pause. Every descriptor is registered with a [`Tag`] and dispatched by `match`.
 //!
 //! Handlers now: the VM's exit events (the guest's reset or power-off, a vCPU's failure,
-//! SIGTERM/SIGINT through a signalfd), the console's input, the QMP monitor
+//! SIGTERM/SIGINT/SIGHUP, which [`crate::signals`] forwards through an eventfd), the console's input, the QMP monitor
 //! ([`crate::monitor::VmMonitor`]) and the main loop's context (main-loop disks).
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use devices::legacy::{GuestExit, GuestExitKind, Serial};
@@ -30,7 +30,7 @@ pub enum Tag {
     GuestExit = 1,
     /// A vCPU failed and recorded why.
     VcpuFailed,
-    /// SIGTERM or SIGINT.
+    /// SIGTERM, SIGINT or SIGHUP.
     Signal,
     /// Console input.
     Stdin,
@@ -122,53 +122,22 @@ pub struct ExitEvents {
     pub vcpu_failed: EventFd,
     /// Failed iothreads (which must not take the global lock).
     pub iothread_failed: IoThreadFailures,
-    /// SIGTERM and SIGINT, blocked in every thread and read here.
-    pub signals: OwnedFd,
-}
-
-/// Blocks SIGTERM and SIGINT in this thread (and the threads it starts later) and returns a
-/// signalfd that reads them.
-pub fn signal_fd() -> std::io::Result<OwnedFd> {
-    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer to a sigset_t; the signal numbers are valid.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-    }
-    // SAFETY: valid set pointer; a null old-set pointer is allowed.
-    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if ret != 0 {
-        return Err(std::io::Error::from_raw_os_error(ret));
-    }
-    // SAFETY: -1 asks for a new descriptor; valid set pointer.
-    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: signalfd returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Reads one pending signal number from a signalfd.
-fn read_signal(fd: &OwnedFd) -> Option<i32> {
-    // SAFETY: signalfd_siginfo is plain data; all-zero is a valid value.
-    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-    let size = std::mem::size_of::<libc::signalfd_siginfo>();
-    // SAFETY: reads at most `size` bytes into the struct we own.
-    let n = unsafe { libc::read(fd.as_raw_fd(), std::ptr::addr_of_mut!(info).cast(), size) };
-    if usize::try_from(n).ok()? != size {
-        return None;
-    }
-    i32::try_from(info.ssi_signo).ok()
+    /// Signalled by the signal thread for SIGTERM, SIGINT and SIGHUP.
+    pub signals: EventFd,
 }
 
 impl Handler for ExitEvents {
     fn init(&mut self, ops: &mut EventOps) {
         add_input(ops, self.guest.event(), Tag::GuestExit);
         add_input(ops, &self.vcpu_failed, Tag::VcpuFailed);
-        add_input(ops, &self.signals, Tag::Signal);
+        if add_input(ops, &self.signals, Tag::Signal) {
+            match self.signals.try_clone() {
+                Ok(wake) => crate::signals::deliver_to_main_loop(wake),
+                Err(e) => log::error!(
+                    "main loop: cannot take signals, they will end the VMM at once: {e}"
+                ),
+            }
+        }
     }
 
     fn process(&mut self, machine: &mut Held<'_>, tag: Tag, _: Events, _: &mut EventOps) {
@@ -189,10 +158,10 @@ impl Handler for ExitEvents {
                     None => return,
                 }
             }
-            Tag::Signal => match read_signal(&self.signals) {
-                Some(signo) => ExitReason::Signal(signo),
-                None => return,
-            },
+            Tag::Signal => {
+                let _ = self.signals.read();
+                ExitReason::Signal(crate::signals::last_signal())
+            }
             Tag::Stdin | Tag::SerialDrained | Tag::Qmp | Tag::MainContext => return,
         };
         machine.request_exit(reason);

@@ -39,7 +39,7 @@ use crate::arch::x86_64::memory::{create_guest_memory, host_ram_bytes, GuestMemo
 use crate::cli::Config;
 use crate::disks::{DiskError, Disks};
 use crate::global::{ExitReason, GlobalLock, IoThreadFailures, Machine, VcpuRequest};
-use crate::main_loop::{signal_fd, ConsoleInput, ExitEvents, Locked, Tag};
+use crate::main_loop::{ConsoleInput, ExitEvents, Locked, Tag};
 use crate::monitor::{
     event_channel, shutdown_cause, Listener, Monitor, MonitorError, QmpEvent, VmMonitor,
 };
@@ -134,9 +134,6 @@ pub enum VmError {
     /// The kick signal handler could not be installed.
     #[error("Cannot install the vCPU kick signal handler")]
     KickHandler(#[source] vmm_sys_util::errno::Error),
-    /// The signalfd for SIGTERM/SIGINT.
-    #[error("Cannot set up SIGTERM and SIGINT handling")]
-    Signals(#[source] std::io::Error),
     /// The event loop could not be created or failed.
     #[error("Main loop failed")]
     MainLoop(#[source] event_manager::Error),
@@ -328,7 +325,7 @@ impl Vm {
             guest: GuestExit::new().map_err(VmError::EventFd)?,
             vcpu_failed,
             iothread_failed,
-            signals: signal_fd().map_err(VmError::Signals)?,
+            signals: eventfd()?,
         };
         let input_drained = eventfd()?;
         let pio = legacy_devices(&vm_fd, &exit_events.guest, &input_drained)?;
@@ -650,7 +647,7 @@ mod tests {
             guest: GuestExit::new().expect("eventfd"),
             vcpu_failed,
             iothread_failed: iothread_failed.clone(),
-            signals: signal_fd().expect("signalfd"),
+            signals: eventfd().expect("eventfd"),
         };
         let global = Arc::new(GlobalLock::new(
             Machine::new(Bus::new(), Bus::new()),

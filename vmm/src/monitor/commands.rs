@@ -1,7 +1,8 @@
 //! One client's QMP session without the socket: capabilities negotiation, then the commands, each
-//! acting on the VM through [`MonitorBackend`]. Input is one framed JSON value (or the framer's error); output is the reply
-//! plus the events the command caused, which go out before the reply: that is the order QEMU 10's
-//! monitor shows for all four (`STOP`, `RESUME`, `POWERDOWN`, and `SHUTDOWN` after `quit`).
+//! acting on the VM through [`MonitorBackend`]. Input is one framed JSON value (or the framer's
+//! error); output is the reply plus the events the command caused, which go out before the reply:
+//! that is the order QEMU 10's monitor shows for all four (`STOP`, `RESUME`, `POWERDOWN`, and
+//! `SHUTDOWN` after `quit`).
 
 use std::time::SystemTime;
 

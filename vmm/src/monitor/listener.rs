@@ -2,7 +2,8 @@
 //!
 //! As QEMU does for `server=on`: an old unix socket left at the path is replaced (but, unlike QEMU,
 //! anything that is not a socket is left alone and reported), the path is removed again when the
-//! monitor goes away, and `wait=on` holds start-up until the first client connects. Clients are
+//! monitor goes away (or, if a signal ends the VMM before its main loop runs, by
+//! [`crate::signals`]), and `wait=on` holds start-up until the first client connects. Clients are
 //! non-blocking; writes use `send(MSG_NOSIGNAL)` so a vanished client yields `EPIPE`, not SIGPIPE.
 
 use std::io::{self, Read};
@@ -112,11 +113,15 @@ impl Listener {
         let socket = match &options.address {
             QmpAddress::Unix(path) => {
                 remove_stale_socket(path)?;
-                let listener =
-                    UnixListener::bind(path).map_err(|source| MonitorError::BindUnix {
+                // Registered before it exists, so that no signal finds it bound but unregistered.
+                crate::signals::remove_on_early_exit(path);
+                let listener = UnixListener::bind(path).map_err(|source| {
+                    crate::signals::forget_socket(path);
+                    MonitorError::BindUnix {
                         path: path.clone(),
                         source,
-                    })?;
+                    }
+                })?;
                 Socket::Unix {
                     listener,
                     path: path.clone(),
@@ -193,6 +198,7 @@ impl Drop for Listener {
         if let Socket::Unix { path, .. } = &self.socket {
             // Best effort, as QEMU: the socket is useless once nobody listens on it.
             let _ = std::fs::remove_file(path);
+            crate::signals::forget_socket(path);
         }
     }
 }

@@ -11,13 +11,13 @@
 //!    [`Monitor::init`] once and [`Monitor::process`] for each event, with the global lock held,
 //!    passing the [`MonitorBackend`] (the VM) that commands act on.
 //!
-//! Files: `options.rs` (the flag), `listener.rs` (sockets), `framing.rs` (QEMU's lexer and streamer:
-//! the byte stream cut into JSON values, with QEMU's limits and error recovery), `json.rs` (QEMU's
-//! JSON grammar: duplicate keys refused), `protocol.rs` (messages on the wire), `args.rs` (argument checks),
-//! `commands.rs` (negotiation and commands), `events.rs` (events and their channel), `backend.rs`
-//! (what the VM provides), `disk_stats.rs` (a virtio-blk disk's statistics in QEMU's shape),
-//! `server.rs` (the sockets on the event loop). Locking is described in
-//! `server.rs` and `backend.rs`: commands run on the main loop with the global lock held.
+//! Files: `options.rs` (the flag), `listener.rs` (sockets), `framing.rs` (QEMU's lexer and
+//! streamer: the byte stream cut into JSON values, with QEMU's limits and error recovery),
+//! `json.rs` (QEMU's JSON grammar: duplicate keys refused), `protocol.rs` (messages on the wire),
+//! `args.rs` (argument checks), `commands.rs` (negotiation and commands), `events.rs` (events and
+//! their channel), `backend.rs` (what the VM provides), `disk_stats.rs` (a virtio-blk disk's
+//! statistics in QEMU's shape), `server.rs` (the sockets on the event loop). Locking is described
+//! in `server.rs` and `backend.rs`: commands run on the main loop with the global lock held.
 
 mod args;
 mod backend;
