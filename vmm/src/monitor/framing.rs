@@ -54,7 +54,7 @@ impl std::fmt::Display for FrameError {
             Self::Stray(token) => {
                 // QEMU prints the token as a C string: it ends at a NUL byte.
                 let end = token.iter().position(|&b| b == 0).unwrap_or(token.len());
-                let text = String::from_utf8_lossy(token.get(..end).unwrap_or_default());
+                let text = json::lossy(token.get(..end).unwrap_or_default());
                 write!(f, "JSON parse error, stray '{text}'")
             }
             Self::Syntax(what) => write!(f, "JSON parse error, {what}"),
@@ -172,11 +172,16 @@ fn step(state: State, b: u8) -> Step {
             b'1'..=b'9' => Step::Consume(State::Digits),
             _ => Step::Error,
         },
-        State::Zero | State::Digits => match b {
+        // QEMU's lexer takes no exponent right after a lone zero: `0e5` is `0`, then `e5`.
+        State::Zero => match b {
+            b'.' => Step::Consume(State::Dot),
+            // No leading zeros.
+            _ if digit => Step::Error,
+            _ => end(Kind::Int),
+        },
+        State::Digits => match b {
             b'.' => Step::Consume(State::Dot),
             b'e' | b'E' => Step::Consume(State::Exp),
-            // No leading zeros.
-            _ if digit && state == State::Zero => Step::Error,
             _ if digit => Step::Consume(State::Digits),
             _ => end(Kind::Int),
         },
@@ -478,6 +483,17 @@ mod tests {
                 "{input:?}"
             );
         }
+        // After a lone zero an `e` starts a keyword, not an exponent.
+        assert_eq!(
+            texts(b"0e5\n"),
+            ["0", "JSON parse error, invalid keyword 'e'", "5"]
+        );
+        // Invalid UTF-8 in the stray text shows as U+FFFD, one per invalid sequence, as QEMU's
+        // JSON writer shows it (a noncharacter is invalid too).
+        assert_eq!(
+            texts(b"'\xef\xbf\xbe\x80\xc3\xa9\xff"),
+            ["JSON parse error, stray ''\u{fffd}\u{fffd}\u{e9}\u{fffd}'"]
+        );
         // A NUL ends the token's text, as in QEMU's C string.
         assert_eq!(texts(b"\x00{}"), ["JSON parse error, stray ''", "{}"]);
         assert_eq!(

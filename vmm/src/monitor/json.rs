@@ -155,7 +155,7 @@ fn keyword(word: &[u8]) -> Result<Value, FrameError> {
         b"null" => Ok(Value::Null),
         _ => Err(FrameError::Syntax(format!(
             "invalid keyword '{}'",
-            String::from_utf8_lossy(word)
+            lossy(word)
         ))),
     }
 }
@@ -199,31 +199,58 @@ fn hex4(raw: &[u8], at: usize) -> Option<u32> {
     })
 }
 
-/// Decodes one modified-UTF-8 sequence at `at`; returns the character and the sequence's length.
-fn utf8_sequence(raw: &[u8], at: usize) -> Option<(char, usize)> {
+/// Decodes one modified-UTF-8 sequence at `at` (which must be in `raw`): the character and the
+/// sequence's length, or, for an invalid sequence, the length QEMU skips over (the first byte and
+/// the continuation bytes that follow it, up to the number it announces).
+fn utf8_sequence(raw: &[u8], at: usize) -> Result<(char, usize), usize> {
     const MIN_CP: [u32; 5] = [0x80, 0x800, 0x1_0000, 0x20_0000, 0x400_0000];
-    let first = *raw.get(at)?;
+    let first = raw.get(at).copied().unwrap_or(0);
     if first < 0x80 {
-        return Some((char::from(first), 1));
+        return Ok((char::from(first), 1));
     }
     if first >= 0xfe || first & 0x40 == 0 {
-        return None; // Impossible byte, or a continuation byte.
+        return Err(1); // Impossible byte, or a continuation byte.
     }
-    let len = usize::try_from(first.leading_ones()).ok()?;
+    // The number of leading ones: 0xfe and 0xff are handled above.
+    let len = match first {
+        0xc0..=0xdf => 2,
+        0xe0..=0xef => 3,
+        0xf0..=0xf7 => 4,
+        0xf8..=0xfb => 5,
+        _ => 6,
+    };
     let mut cp = u32::from(first) & (0x7f >> len);
     for i in 1..len {
-        let b = *raw.get(at + i)?;
-        if b & 0xc0 != 0x80 {
-            return None;
+        match raw.get(at + i) {
+            Some(&b) if b & 0xc0 == 0x80 => cp = cp << 6 | u32::from(b & 0x3f),
+            _ => return Err(i),
         }
-        cp = cp << 6 | u32::from(b & 0x3f);
     }
     // Overlong forms are invalid, except \xC0\x80 for U+0000.
-    let min = *MIN_CP.get(len.checked_sub(2)?)?;
+    let min = MIN_CP.get(len - 2).copied().unwrap_or(0);
     if cp < min && !(cp == 0 && len == 2) {
-        return None;
+        return Err(len);
     }
-    Some((valid_codepoint(cp)?, len))
+    valid_codepoint(cp).map(|c| (c, len)).ok_or(len)
+}
+
+/// `bytes` as text the way QEMU's JSON writer shows them: each invalid sequence as U+FFFD.
+pub fn lossy(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match utf8_sequence(bytes, i) {
+            Ok((c, len)) => {
+                out.push(c);
+                i += len;
+            }
+            Err(len) => {
+                out.push(char::REPLACEMENT_CHARACTER);
+                i += len;
+            }
+        }
+    }
+    out
 }
 
 /// Decodes a string literal (quotes included) as QEMU's `parse_string` does.
@@ -237,7 +264,7 @@ fn decode_string(raw: &[u8]) -> Result<String, FrameError> {
         }
         if b != b'\\' {
             let (c, len) =
-                utf8_sequence(raw, i).ok_or_else(|| syntax("invalid UTF-8 sequence in string"))?;
+                utf8_sequence(raw, i).map_err(|_| syntax("invalid UTF-8 sequence in string"))?;
             out.push(c);
             i += len;
             continue;
@@ -275,7 +302,7 @@ fn decode_string(raw: &[u8]) -> Result<String, FrameError> {
                         let text = raw.get(begin..i.min(raw.len())).unwrap_or_default();
                         return Err(FrameError::Syntax(format!(
                             "{} is not a valid Unicode character",
-                            String::from_utf8_lossy(text)
+                            lossy(text)
                         )));
                     }
                 }

@@ -13,6 +13,7 @@ be the same, in number, class and text. Exits non-zero on the first mismatch.
 """
 
 import json
+import random
 import socket
 import sys
 
@@ -132,7 +133,7 @@ STREAMS = [
     b'}', b']', b'{]', b'[}', b'{"a": 1]', b'{"a": 1}}',
     b'[1 2]', b'{"a" 1}', b'{1: 2}', b'{"a": 1 "b": 2}', b'[1,]', b'{,}', b'[:]',
     b'nul', b'TRUE', b'truex', b'1a', b'%d', b'\x00abc', b'"a" "b"',
-    b'01', b'-01', b'-', b'1.', b'1.e5', b'1e+', b'-0', b'0.5e-3 1E5',
+    b'01', b'-01', b'-', b'1.', b'1.e5', b'1e+', b'-0', b'0.5e-3 1E5', b'0e5', b'0E}',
     b"'single'", b"{'execute': 'query-status', 'id': 'x\"y'}",
     b'"\\uD800"', b'"\\uD800\\u0041"', b'"\\uDBFF\\uDFFF"', b'"\\uFFFE"', b'"\\u12"',
     b'"\\uzzzz"', b'"\\q"', b'"\\\x80"', b'"\\\x01"', b'"\x80"', b'"\xc3"', b'"\xc0\x80"',
@@ -145,6 +146,22 @@ STREAMS = [
     b'[' * 100000,
     b'{' * 2050 + b'{"execute": "query-status", "id": "after"}',
 ]
+
+
+# Fragments for random streams: structure, strings and escapes, numbers, keywords, and bytes that
+# are invalid in some places and not in others. None of them names a command that acts.
+FRAGMENTS = [
+    b'{', b'}', b'[', b']', b':', b',', b'"', b"'", b'\\', b'\\u', b'D800', b'00e9', b'\\uDC00',
+    b'"execute"', b'"id"', b'"arguments"', b'"query-status"', b'"x"', b'a', b'true', b'nul',
+    b'1', b'0', b'-', b'.', b'e', b'+', b'12345678901234567890', b' ', b'\t', b'\n', b'\r',
+    b'\x01', b'\x00', b'\x80', b'\xc3\xa9', b'\xef\xbf\xbe', b'\xfe', b'\xff', b'%', b'T',
+]
+
+
+def random_streams(count, seed=1):
+    rng = random.Random(seed)
+    for _ in range(count):
+        yield b''.join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 24)))
 
 
 def stream(side, raw):
@@ -206,6 +223,8 @@ def main(our_path, qemu_path):
     for raw in exact:
         compare(ours, qemu, raw, exact_values=True)
     for raw in STREAMS:
+        compare_stream(ours, qemu, raw)
+    for raw in random_streams(400):
         compare_stream(ours, qemu, raw)
     shapes = [
         b'{"execute": "query-iothreads"}',
