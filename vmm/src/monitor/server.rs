@@ -85,13 +85,15 @@ impl Client {
 
     /// The events to watch: input once every request read so far has been answered and sent;
     /// output while some is queued, or while requests read earlier wait for their turn (a socket
-    /// with room is writable at once, which brings the loop back for the next one).
-    fn wanted(&self) -> EventSet {
+    /// with room is writable at once, which brings the loop back for the next one). Once the VM
+    /// is `closing`, only queued output.
+    fn wanted(&self, closing: bool) -> EventSet {
         let mut set = EventSet::empty();
-        if !self.eof && !self.framer.has_pending() && self.output.is_empty() {
+        let runnable = self.framer.has_pending() && !closing;
+        if !self.eof && !self.framer.has_pending() && self.output.is_empty() && !closing {
             set |= EventSet::IN;
         }
-        if !self.output.is_empty() || self.framer.has_pending() {
+        if !self.output.is_empty() || runnable {
             set |= EventSet::OUT;
         }
         set
@@ -163,6 +165,8 @@ pub struct Monitor {
     listening: bool,
     /// The client accepted before `init` registered anything (the `wait=on` client).
     unregistered: Option<RawFd>,
+    /// The VM is shutting down: no more requests are read or run.
+    closing: bool,
 }
 
 impl Monitor {
@@ -177,6 +181,7 @@ impl Monitor {
             tag,
             listening: false,
             unregistered: None,
+            closing: false,
         };
         if let Some(stream) = waiting {
             monitor.unregistered = Some(monitor.add_client(stream));
@@ -216,7 +221,7 @@ impl Monitor {
         let Some(client) = self.clients.get_mut(&fd) else {
             return;
         };
-        client.registered = client.wanted();
+        client.registered = client.wanted(self.closing);
         if let Err(e) = ops.add(Events::with_data_raw(fd, self.tag, client.registered)) {
             log::warn!("monitor: cannot watch a client: {e}");
             client.dead = true;
@@ -254,7 +259,10 @@ impl Monitor {
     /// off), requests still buffered are not run, so that clients racing to `quit` see one
     /// `SHUTDOWN` and nothing after it.
     fn run_one_request(&mut self, client: &mut Client, backend: &mut dyn MonitorBackend) {
-        if !client.may_run() || backend.run_state() == RunState::Shutdown {
+        if backend.run_state() == RunState::Shutdown {
+            self.closing = true;
+        }
+        if !client.may_run() || self.closing {
             return;
         }
         let Some(frame) = client.framer.next_frame() else {
@@ -278,10 +286,11 @@ impl Monitor {
         }
         self.run_one_request(&mut client, backend);
         client.flush();
-        // Gone for good: both directions shut, or half-closed, once everything read was run
-        // (a hang-up keeps being reported, so the loop comes back for each remaining request).
+        // Gone for good: both directions shut, or half-closed, once everything read was run or
+        // the VM is closing (a hang-up keeps being reported, so the loop comes back for each
+        // remaining request).
         let hung_up = set.intersects(EventSet::HANG_UP | EventSet::ERROR);
-        if (hung_up && !client.framer.has_pending())
+        if (hung_up && (!client.framer.has_pending() || self.closing))
             || (client.eof && !client.framer.has_pending() && client.output.is_empty())
         {
             client.dead = true;
@@ -306,7 +315,7 @@ impl Monitor {
             }
         }
         for (fd, client) in &mut self.clients {
-            let wanted = client.wanted();
+            let wanted = client.wanted(self.closing);
             if wanted != client.registered {
                 match ops.modify(Events::with_data_raw(*fd, self.tag, wanted)) {
                     Ok(()) => client.registered = wanted,
