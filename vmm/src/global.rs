@@ -50,7 +50,7 @@ pub enum ExitReason {
     /// The guest reset the machine (i8042, triple fault, or KVM's reset event); like QEMU's
     /// `-no-reboot`, this ends the VM.
     GuestReset,
-    /// SIGTERM or SIGINT.
+    /// SIGTERM, SIGINT or SIGHUP (the signal number).
     Signal(i32),
     /// Ctrl-A x on the console.
     ConsoleQuit,

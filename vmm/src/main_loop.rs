@@ -6,8 +6,9 @@
 //! pause. Every descriptor is registered with a [`Tag`] and dispatched by `match`.
 //!
 //! Handlers now: the VM's exit events (the guest's reset or power-off, a vCPU's failure,
-//! SIGTERM/SIGINT/SIGHUP, which [`crate::signals`] forwards through an eventfd), the console's input, the QMP monitor
-//! ([`crate::monitor::VmMonitor`]) and the main loop's context (main-loop disks).
+//! SIGTERM/SIGINT/SIGHUP, which [`crate::signals`] forwards through an eventfd), the console's
+//! input, the QMP monitor ([`crate::monitor::VmMonitor`]) and the main loop's context (main-loop
+//! disks).
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;

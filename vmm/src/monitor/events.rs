@@ -26,7 +26,7 @@ pub enum ShutdownCause {
     HostError,
     /// The `quit` command.
     HostQmpQuit,
-    /// SIGINT or SIGTERM.
+    /// SIGTERM, SIGINT or SIGHUP.
     HostSignal,
     /// The guest powered off (ACPI sleep state S5).
     GuestShutdown,
