@@ -11,6 +11,7 @@
 //! loop's or an iothread's) keeps serving its other devices, and may complete this one's
 //! requests, meanwhile. The transport holds none of its own locks during a reset's drain.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use block::aio::{Aio, AioError, Engine, Workers};
@@ -20,6 +21,7 @@ use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
 
 use super::event_handler::QueueState;
+use super::io_error::{ErrorPolicy, ErrorSink, IoStatus, IoStatusCell};
 use super::request::Buf;
 use super::stats::BlockStats;
 use super::{features, DEVICE_ID, ID_BYTES, SECTOR_SHIFT};
@@ -61,10 +63,17 @@ pub struct BlockConfig {
     pub aio: Engine,
     /// Intervals in seconds for `timed_stats` (`-drive stats-intervals=`).
     pub stats_intervals: Vec<u32>,
+    /// What a failed read does (`-drive rerror=`).
+    pub on_read_error: ErrorPolicy,
+    /// What a failed write, write-zeroes, discard or flush does (`-drive werror=`).
+    pub on_write_error: ErrorPolicy,
+    /// Hears of every failed request (the VMM's `BLOCK_IO_ERROR` and stop).
+    pub error_sink: Option<ErrorSink>,
 }
 
 impl Default for BlockConfig {
-    /// QEMU's defaults for virtio-blk: one queue of 256, `discard=ignore`.
+    /// QEMU's defaults for virtio-blk: one queue of 256, `discard=ignore`, `rerror=report`,
+    /// `werror=enospc`.
     fn default() -> Self {
         BlockConfig {
             id: "drive".to_owned(),
@@ -75,6 +84,9 @@ impl Default for BlockConfig {
             io_workers: Workers::default(),
             aio: Engine::Threads,
             stats_intervals: Vec::new(),
+            on_read_error: ErrorPolicy::READ_DEFAULT,
+            on_write_error: ErrorPolicy::WRITE_DEFAULT,
+            error_sink: None,
         }
     }
 }
@@ -105,6 +117,9 @@ pub(super) struct Active {
     pub seg_pool: Vec<Vec<block::aio::IoSeg>>,
     /// Reused buffer for walking a descriptor chain.
     pub scratch: Vec<Buf>,
+    /// Failed requests kept for a retry (`werror=stop`...), in the order they failed; they
+    /// still count in `in_flight` and hold their head in their queue's table.
+    pub parked: VecDeque<block::aio::Request>,
 }
 
 /// A virtio-blk device on a disk image, served in one context.
@@ -118,6 +133,7 @@ pub struct Block {
     pub(super) capacity: u64,
     pub(super) aio: Aio,
     pub(super) stats: BlockStats,
+    pub(super) io_status: IoStatusCell,
     pub(super) active: Mutex<Option<Active>>,
 }
 
@@ -178,6 +194,7 @@ impl Block {
             capacity,
             aio,
             stats,
+            io_status: IoStatusCell::default(),
             active: Mutex::new(None),
         }))
     }
@@ -199,6 +216,24 @@ impl Block {
     /// The device's statistics (readable from any thread, no context needed).
     pub fn stats(&self) -> &BlockStats {
         &self.stats
+    }
+
+    /// `query-block`'s `io-status` (readable from any thread, no context needed).
+    pub fn io_status(&self) -> IoStatus {
+        self.io_status.get()
+    }
+
+    /// Clears the I/O status and resubmits, in the order they failed, the requests kept by a
+    /// stopping error policy (`cont`, as QEMU's restarts them when the VM runs again). Callable
+    /// from any thread without the device's context: the work is a bottom half in it.
+    pub fn retry_failed(&self) {
+        self.io_status.reset();
+        let me = self.me.clone();
+        self.ctx.schedule(move |_| {
+            if let Some(dev) = me.upgrade() {
+                dev.resubmit_parked();
+            }
+        });
     }
 
     /// The GET_ID answer: the serial, truncated or zero-padded to 20 bytes.
@@ -236,6 +271,9 @@ impl Block {
         let mut guard = self.active();
         if let Some(active) = guard.as_mut() {
             self.complete_all(active);
+            // Requests kept for a retry are dropped unanswered, as QEMU's reset drops them: the
+            // driver is starting over (or the VM is ending) and never saw them complete.
+            self.drop_parked(active);
             debug_assert_eq!(active.in_flight, 0, "requests in flight after draining");
             for id in active.handlers.drain(..) {
                 if let Err(e) = self.ctx.remove_fd(id) {
@@ -388,6 +426,7 @@ impl VirtioDevice for Block {
             in_flight: 0,
             seg_pool: Vec::new(),
             scratch: Vec::with_capacity(usize::from(self.config.queue_size)),
+            parked: VecDeque::new(),
         });
         drop(guard);
         // Requests the driver queued before DRIVER_OK (allowed, 3.1.1) are served now.

@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Active, Block};
+use super::io_error::{errno_of, ErrorAction, IoErrorEvent};
 use super::request::{self, Parsed};
 use super::stats::Kind;
 use super::{
@@ -388,7 +389,8 @@ impl Block {
         let mut notify: u64 = 0;
         let mut fault = None;
         self.aio.reap(|done| match self.complete(active, done) {
-            Ok(queue) => notify |= 1 << queue,
+            Ok(Some(queue)) => notify |= 1 << queue,
+            Ok(None) => {}
             Err(e) => fault = Some(e),
         });
         for (index, qs) in active.queues.iter_mut().enumerate() {
@@ -409,34 +411,50 @@ impl Block {
         }
     }
 
-    /// Completes one request; returns its queue.
-    fn complete(&self, active: &mut Active, done: Completion) -> Result<usize, QueueError> {
+    /// Completes one request; returns its queue, or `None` when its failure keeps it for a
+    /// retry (see `io_error.rs`).
+    fn complete(&self, active: &mut Active, done: Completion) -> Result<Option<usize>, QueueError> {
         let Completion { request, result } = done;
         let (queue, head) = untoken(request.token);
-        active.seg_pool.push(request.segs);
         let unknown = QueueError::UnknownCompletion { queue, head };
-        let Some(qs) = active.queues.get_mut(queue) else {
+        let slot = active
+            .queues
+            .get_mut(queue)
+            .and_then(|qs| qs.in_flight.get_mut(head));
+        let (Some(slot), Ok(head)) = (slot, u16::try_from(head)) else {
+            active.seg_pool.push(request.segs);
             return Err(unknown);
         };
-        let (Some(info), Ok(head)) = (
-            qs.in_flight.get_mut(head).and_then(Option::take),
-            u16::try_from(head),
-        ) else {
+        let Some(info) = *slot else {
+            active.seg_pool.push(request.segs);
             return Err(unknown);
         };
+        let ok = match &result {
+            Ok(()) => true,
+            Err(e) => match self.failed(&info, e) {
+                ErrorAction::Stop => {
+                    active.parked.push_back(request);
+                    return Ok(None);
+                }
+                ErrorAction::Report => false,
+                ErrorAction::Ignore => true,
+            },
+        };
+        *slot = None;
         active.in_flight -= 1;
-        let ok = result.is_ok();
-        if let Err(e) = &result {
-            log::warn!("virtio-blk {}: {}", self.config.id, error_chain(e));
-        }
+        active.seg_pool.push(request.segs);
+        // An ignored error counts as done, as QEMU counts it.
         self.stats.done(info.kind, info.bytes, info.start, ok);
-        if ok && info.kind == Kind::Write {
+        if result.is_ok() && info.kind == Kind::Write {
             self.stats.wrote_up_to(info.end);
         }
         let (st, used) = if ok {
             (status::OK, info.used_len)
         } else {
             (status::IOERR, 0)
+        };
+        let Some(qs) = active.queues.get_mut(queue) else {
+            return Err(unknown);
         };
         active
             .mem
@@ -453,7 +471,86 @@ impl Block {
                 head,
                 source,
             })?;
-        Ok(queue)
+        Ok(Some(queue))
+    }
+
+    /// Decides what the failure `e` of a request does (the error policy of its kind), records a
+    /// stopping error in the I/O status and tells the sink.
+    fn failed(&self, info: &InFlight, e: &block::Error) -> ErrorAction {
+        let is_read = info.kind == Kind::Read;
+        let errno = errno_of(e);
+        let policy = if is_read {
+            self.config.on_read_error
+        } else {
+            self.config.on_write_error
+        };
+        let action = policy.action(errno);
+        log::warn!(
+            "virtio-blk {}: {} (action: {})",
+            self.config.id,
+            error_chain(e),
+            action.name()
+        );
+        if action == ErrorAction::Stop {
+            // Before the sink hears of it, so `query-block` agrees with the event.
+            self.io_status.set_error(errno);
+        }
+        if let Some(sink) = &self.config.error_sink {
+            (sink.0)(IoErrorEvent {
+                drive: self.config.id.clone(),
+                is_read,
+                action,
+                errno,
+            });
+        }
+        action
+    }
+
+    /// Resubmits the requests kept for a retry, in the order they failed (a bottom half that
+    /// [`Block::retry_failed`] schedules).
+    pub(super) fn resubmit_parked(&self) {
+        let mut guard = self.active();
+        let Some(active) = guard.as_mut() else {
+            return;
+        };
+        if active.broken || active.quiescing {
+            return;
+        }
+        let now = Instant::now();
+        while let Some(request) = active.parked.pop_front() {
+            let (queue, head) = untoken(request.token);
+            if let Some(Some(info)) = active
+                .queues
+                .get_mut(queue)
+                .and_then(|qs| qs.in_flight.get_mut(head))
+            {
+                // The latency counted is the retry's, as QEMU starts its accounting again.
+                info.start = now;
+            }
+            if let Err(refused) = self.aio.submit(request) {
+                // Cannot happen (the pool's depth covers every head of every queue); kept for
+                // the next retry rather than lost.
+                log::error!("virtio-blk {}: retry refused by the pool", self.config.id);
+                active.parked.push_front(refused);
+                break;
+            }
+        }
+    }
+
+    /// Drops the requests kept for a retry, unanswered (reset and shutdown).
+    pub(super) fn drop_parked(&self, active: &mut Active) {
+        while let Some(request) = active.parked.pop_front() {
+            let (queue, head) = untoken(request.token);
+            if let Some(slot) = active
+                .queues
+                .get_mut(queue)
+                .and_then(|qs| qs.in_flight.get_mut(head))
+            {
+                *slot = None;
+            }
+            active.in_flight -= 1;
+            active.seg_pool.push(request.segs);
+        }
     }
 }
 

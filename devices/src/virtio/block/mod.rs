@@ -4,7 +4,8 @@
 //! Files: `device.rs` (the device: features, configuration space, activation, reset and drain),
 //! `request.rs` (descriptor chains to requests), `event_handler.rs` (the work done in the
 //! device's context: queue notifications, submission to the worker pool, completions),
-//! `stats.rs` (I/O statistics under QEMU's `query-blockstats` names).
+//! `io_error.rs` (what a failed request does: `werror=`/`rerror=`), `stats.rs` (I/O statistics
+//! under QEMU's `query-blockstats` names).
 //!
 //! Threads and locks: the device is served in one context (the main loop's or an iothread's);
 //! its state is behind a mutex that is only taken with that context held, so it is never
@@ -12,10 +13,12 @@
 
 mod device;
 mod event_handler;
+mod io_error;
 mod request;
 pub mod stats;
 
 pub use device::{Block, BlockConfig, Error};
+pub use io_error::{ErrorAction, ErrorPolicy, ErrorSink, IoErrorEvent, IoStatus};
 pub use request::ChainError;
 
 /// virtio device id of a block device (virtio 1.2, 5 "Device Types").

@@ -177,9 +177,6 @@ impl<I: DiskImage + 'static> Rig<I> {
         discard: bool,
         aio: block::aio::Engine,
     ) -> Self {
-        let mem =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), usize::try_from(MEM_SIZE).unwrap())])
-                .unwrap();
         let config = BlockConfig {
             id: "d0".into(),
             serial: "serial-0123456789abcdefXYZ".into(),
@@ -189,7 +186,16 @@ impl<I: DiskImage + 'static> Rig<I> {
             io_workers: block::aio::Workers::fixed(2),
             aio,
             stats_intervals: vec![60],
+            ..BlockConfig::default()
         };
+        Self::with_config(ctx, image, config)
+    }
+
+    /// A device with this configuration on `image`.
+    pub fn with_config(ctx: Arc<Context>, image: Arc<I>, config: BlockConfig) -> Self {
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), usize::try_from(MEM_SIZE).unwrap())])
+                .unwrap();
         let dev = Block::new(config, image.clone(), ctx.clone()).unwrap();
         let transport = MmioTransport::new(dev.clone(), mem.clone()).unwrap();
         Rig {
