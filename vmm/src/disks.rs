@@ -26,17 +26,20 @@
 //! and their locks go), then stops the iothreads.
 
 use std::os::unix::fs::MetadataExt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use block::aio::Workers;
 use block::{DetectZeroes, DiskImage, Format, Image, OpenOptions, WithPolicy, WritePolicy};
 use devices::bus::{BusError, SharedBus};
 use devices::context::{self, Context, IoThread};
-use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::block::{Block, BlockConfig, ErrorAction, ErrorSink, IoErrorEvent, IoStatus};
 use devices::virtio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use event_manager::{EventOps, Events};
 use kvm_ioctls::{IoEventAddress, VmFd};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::acpi::{virtio_mmio_device, DsdtDevice};
 use crate::arch::x86_64::layout::{
@@ -44,9 +47,13 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::memory::GuestMemory;
 use crate::drive::{CacheSetting, DiskSpec, DriveSpec};
-use crate::global::{GlobalLock, Held, IoThreadFailures};
+use crate::global::{GlobalLock, Held, IoThreadFailures, VcpuRequest};
 use crate::main_loop::{Handler, Tag};
-use crate::monitor::{BlockDevice, CacheMode, ImageDescription, IoThreadInfo, VmDisk};
+use crate::monitor::{
+    BlockDevice, BlockIoError, CacheMode, EventSender, ImageDescription, IoThreadInfo, QmpEvent,
+    VmDisk,
+};
+use crate::vcpu::Kicker;
 
 /// Errors from setting up or shutting down the disks, one line each.
 #[derive(Debug, thiserror::Error)]
@@ -291,6 +298,7 @@ impl Disks {
         vm_fd: &VmFd,
         memory: &GuestMemory,
         shared_mmio: &mut SharedBus,
+        errors: &Arc<IoErrors>,
     ) -> Result<(Self, Vec<DsdtDevice>), DiskError> {
         let max = VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1;
         if u32::try_from(specs.len()).map_or(true, |n| n > max) {
@@ -327,11 +335,16 @@ impl Disks {
             };
             let base = VIRTIO_MMIO_START + u64::from(index) * VIRTIO_MMIO_SIZE;
             let gsi = VIRTIO_IRQ_FIRST + u32::from(index);
+            // QEMU's names: the device's id or, for an anonymous one, its QOM path; the QOM
+            // path in BLOCK_IO_ERROR; an automatic `#blockN` node name.
+            let qom_path = match &spec.device.id {
+                Some(id) => format!("/machine/peripheral/{id}/virtio-backend"),
+                None => format!("/machine/peripheral-anon/device[{index}]/virtio-backend"),
+            };
+            let node_name = format!("#block{index}");
             let info = BlockDevice {
                 drive_id: spec.drive.id.clone(),
-                qdev: spec.device.id.clone().unwrap_or_else(|| {
-                    format!("/machine/peripheral-anon/device[{index}]/virtio-backend")
-                }),
+                qdev: spec.device.id.clone().unwrap_or_else(|| qom_path.clone()),
                 read_only: spec.drive.read_only,
                 cache: cache_flags(spec.drive.cache),
                 detect_zeroes: match spec.drive.detect_zeroes {
@@ -339,9 +352,20 @@ impl Disks {
                     DetectZeroes::On => "on",
                     DetectZeroes::Unmap => "unmap",
                 },
+                node_name: node_name.clone(),
+                io_status: IoStatus::Ok.name(),
                 image: describe(&image),
             };
-            let block = add_disk(spec, image, ctx, vm_fd, memory, shared_mmio, base, gsi)?;
+            let sink = errors.sink(qom_path, node_name);
+            let disk = NewDisk {
+                spec,
+                image,
+                ctx,
+                sink,
+                base,
+                gsi,
+            };
+            let block = add_disk(disk, vm_fd, memory, shared_mmio)?;
             log::info!(
                 "disk {}: {} at {base:#x}, GSI {gsi}, on {}",
                 spec.drive.id,
@@ -409,20 +433,33 @@ impl Disks {
     }
 }
 
-/// Builds the device of one disk in `ctx`, puts its transport on `shared_mmio` at `base` and
-/// registers
-/// its ioeventfds and its irqfd on `gsi`.
-#[allow(clippy::too_many_arguments)]
-fn add_disk(
-    spec: &DiskSpec,
+/// One disk to add: its flags, its image, the context that serves it, where its error reports
+/// go, its MMIO window and interrupt line.
+struct NewDisk<'a> {
+    spec: &'a DiskSpec,
     image: Image,
     ctx: Arc<Context>,
+    sink: ErrorSink,
+    base: u64,
+    gsi: u32,
+}
+
+/// Builds the device of one disk in its context, puts its transport on `shared_mmio` at its base
+/// and registers its ioeventfds and its irqfd on its GSI.
+fn add_disk(
+    disk: NewDisk<'_>,
     vm_fd: &VmFd,
     memory: &GuestMemory,
     shared_mmio: &mut SharedBus,
-    base: u64,
-    gsi: u32,
 ) -> Result<Arc<Block>, DiskError> {
+    let NewDisk {
+        spec,
+        image,
+        ctx,
+        sink,
+        base,
+        gsi,
+    } = disk;
     let id = || spec.drive.id.clone();
     let config = BlockConfig {
         id: spec.drive.id.clone(),
@@ -434,6 +471,9 @@ fn add_disk(
         io_workers: Workers::default(),
         aio: spec.drive.aio,
         stats_intervals: spec.drive.stats_intervals.clone(),
+        on_read_error: spec.drive.on_read_error,
+        on_write_error: spec.drive.on_write_error,
+        error_sink: Some(sink),
     };
     let image = WithPolicy::new(image, spec.drive.cache.policy, spec.drive.detect_zeroes);
     let block = Block::new(config, Arc::new(image), ctx)
@@ -488,6 +528,129 @@ impl Handler for MainContext {
     }
 }
 
+/// Where the disks report failed requests, from their contexts (an iothread's too: nothing here
+/// takes the global lock). Each report becomes QMP's `BLOCK_IO_ERROR` once the monitor exists;
+/// one whose action is `stop` also asks the main loop to stop the VM ([`IoErrorStop`]), after
+/// the event, so `STOP` follows `BLOCK_IO_ERROR` as in QEMU.
+#[derive(Debug)]
+pub struct IoErrors {
+    events: OnceLock<EventSender>,
+    /// Wakes [`IoErrorStop`].
+    wake: EventFd,
+    /// A stop was asked for and not yet carried out (or cancelled by `cont`).
+    stop_requested: AtomicBool,
+}
+
+impl IoErrors {
+    /// The reports' destination, with no monitor yet.
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            events: OnceLock::new(),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            stop_requested: AtomicBool::new(false),
+        }))
+    }
+
+    /// From now on reports become events for the monitor's clients (set once, before the
+    /// vCPUs start).
+    pub fn send_events_to(&self, events: EventSender) {
+        if self.events.set(events).is_err() {
+            log::warn!("disks: I/O error events already go to a monitor");
+        }
+    }
+
+    /// The sink of a disk whose guest device has this QOM path and whose image this node name.
+    pub fn sink(self: &Arc<Self>, qom_path: String, node_name: String) -> ErrorSink {
+        let me = Arc::clone(self);
+        ErrorSink(Arc::new(move |e: IoErrorEvent| {
+            if let Some(events) = me.events.get() {
+                events.send(QmpEvent::BlockIoError(BlockIoError {
+                    qom_path: qom_path.clone(),
+                    device: e.drive.clone(),
+                    node_name: node_name.clone(),
+                    is_read: e.is_read,
+                    action: e.action.name(),
+                    nospace: e.nospace(),
+                    reason: e.reason(),
+                }));
+            }
+            if e.action == ErrorAction::Stop {
+                me.stop_requested.store(true, Ordering::SeqCst);
+                if let Err(err) = me.wake.write(1) {
+                    log::error!("disks: cannot ask the main loop to stop the VM: {err}");
+                }
+            }
+        }))
+    }
+
+    /// Whether a stop was asked for and not yet carried out.
+    pub fn stop_requested(&self) -> bool {
+        self.stop_requested.load(Ordering::SeqCst)
+    }
+
+    /// Takes the stop request: true when there was one.
+    pub fn take_stop_request(&self) -> bool {
+        self.stop_requested.swap(false, Ordering::SeqCst)
+    }
+
+    /// Sends `event` to the monitor's clients, if there is a monitor.
+    pub fn send(&self, event: QmpEvent) {
+        if let Some(events) = self.events.get() {
+            events.send(event);
+        }
+    }
+}
+
+/// The main-loop handler that stops the VM when a disk's error policy asks for it: as QEMU's
+/// `vm_stop(RUN_STATE_IO_ERROR)`, only a running VM stops (every vCPU paused, as `stop` does),
+/// enters the `io-error` state and raises `STOP`; `cont` resumes it and retries the requests.
+#[derive(Debug)]
+pub struct IoErrorStop {
+    errors: Arc<IoErrors>,
+    kickers: Arc<Vec<Kicker>>,
+}
+
+impl IoErrorStop {
+    /// Stops the vCPUs `kickers` kick when `errors` asks.
+    pub fn new(errors: Arc<IoErrors>, kickers: Arc<Vec<Kicker>>) -> Self {
+        Self { errors, kickers }
+    }
+}
+
+impl Handler for IoErrorStop {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.errors.wake,
+            Tag::IoErrorStop as u32,
+            EventSet::IN,
+        )) {
+            log::error!("main loop: cannot watch the disks' stop requests: {e:?}");
+        }
+    }
+
+    fn process(&mut self, machine: &mut Held<'_>, _: Tag, _: Events, _: &mut EventOps) {
+        // A failed read only means the counter was already zero (non-blocking eventfd).
+        let _ = self.errors.wake.read();
+        self.stop_if_asked(machine);
+    }
+}
+
+impl IoErrorStop {
+    /// Stops a running VM if a disk asked for it since the last time.
+    pub fn stop_if_asked(&self, machine: &mut Held<'_>) {
+        if !self.errors.take_stop_request() {
+            return;
+        }
+        if machine.exit.is_some() || machine.request != VcpuRequest::Run {
+            return;
+        }
+        machine.pause_all(&self.kickers);
+        machine.io_error = true;
+        log::warn!("VM stopped by a disk's I/O error; `cont` retries the failed requests");
+        self.errors.send(QmpEvent::Stop);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,6 +668,8 @@ mod tests {
             detect_zeroes: DetectZeroes::Off,
             aio: block::aio::Engine::Threads,
             stats_intervals: vec![],
+            on_read_error: devices::virtio::block::ErrorPolicy::READ_DEFAULT,
+            on_write_error: devices::virtio::block::ErrorPolicy::WRITE_DEFAULT,
         }
     }
 

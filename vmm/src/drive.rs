@@ -14,6 +14,7 @@ use std::path::PathBuf;
 
 use block::aio::Engine;
 use block::{CacheMode, DetectZeroes, Format, WritePolicy};
+use devices::virtio::block::ErrorPolicy;
 
 use crate::options::{OptionError, OptionValue, Options};
 
@@ -156,6 +157,10 @@ pub struct DriveSpec {
     pub aio: Engine,
     /// `stats-intervals=` in seconds.
     pub stats_intervals: Vec<u32>,
+    /// `rerror=` (QEMU's default is `report`).
+    pub on_read_error: ErrorPolicy,
+    /// `werror=` (QEMU's default is `enospc`: stop on a full host disk, report other errors).
+    pub on_write_error: ErrorPolicy,
 }
 
 /// One `-device virtio-blk-device`.
@@ -227,6 +232,8 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveSpec, DriveError> {
             "discard",
             "detect-zeroes",
             "stats-intervals",
+            "werror",
+            "rerror",
         ],
     )
     .map_err(&err)?;
@@ -298,6 +305,24 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveSpec, DriveError> {
             })
         }
     };
+    let on_write_error = match opts.get::<String>("werror").map_err(&err)?.as_deref() {
+        None => ErrorPolicy::WRITE_DEFAULT,
+        Some("enospc") => ErrorPolicy::Enospc,
+        Some(other) => error_policy(other).ok_or_else(|| DriveError::Unsupported {
+            key: "werror",
+            value: other.to_owned(),
+            supported: "enospc, stop, report, ignore",
+        })?,
+    };
+    // As in QEMU, `enospc` is for writes only.
+    let on_read_error = match opts.get::<String>("rerror").map_err(&err)?.as_deref() {
+        None => ErrorPolicy::READ_DEFAULT,
+        Some(other) => error_policy(other).ok_or_else(|| DriveError::Unsupported {
+            key: "rerror",
+            value: other.to_owned(),
+            supported: "stop, report, ignore",
+        })?,
+    };
     let id = match opts.get::<String>("id").map_err(&err)? {
         Some(id) => id,
         None if virtio => format!("virtio{index}"),
@@ -320,7 +345,19 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveSpec, DriveError> {
             .get::<Intervals>("stats-intervals")
             .map_err(&err)?
             .map_or_else(Vec::new, |i| i.0),
+        on_read_error,
+        on_write_error,
     })
+}
+
+/// The error policies `werror=` and `rerror=` share.
+fn error_policy(text: &str) -> Option<ErrorPolicy> {
+    match text {
+        "stop" => Some(ErrorPolicy::Stop),
+        "report" => Some(ErrorPolicy::Report),
+        "ignore" => Some(ErrorPolicy::Ignore),
+        _ => None,
+    }
 }
 
 /// `-device virtio-blk-device,drive=ID,...`.
@@ -457,8 +494,31 @@ mod tests {
                 detect_zeroes: DetectZeroes::Off,
                 aio: Engine::Threads,
                 stats_intervals: vec![1, 60],
+                on_read_error: ErrorPolicy::Report,
+                on_write_error: ErrorPolicy::Enospc,
             }
         );
+        for (opts, read, write) in [
+            (
+                "werror=stop,rerror=stop",
+                ErrorPolicy::Stop,
+                ErrorPolicy::Stop,
+            ),
+            (
+                "werror=report,rerror=ignore",
+                ErrorPolicy::Ignore,
+                ErrorPolicy::Report,
+            ),
+            ("werror=ignore", ErrorPolicy::Report, ErrorPolicy::Ignore),
+            (
+                "werror=enospc,rerror=report",
+                ErrorPolicy::Report,
+                ErrorPolicy::Enospc,
+            ),
+        ] {
+            let d = drive(&format!("file=f,id=d,{opts}"));
+            assert_eq!((d.on_read_error, d.on_write_error), (read, write), "{opts}");
+        }
         let v = parse_drive("file=a,,b.img,format=raw,if=virtio", 3).expect("parses");
         assert_eq!(
             (v.id.as_str(), v.file.to_str()),
@@ -552,6 +612,8 @@ mod tests {
             ("file=f,id=d,detect-zeroes=yes", "detect-zeroes", "yes"),
             ("file=f,id=d,discard=maybe", "discard", "maybe"),
             ("file=f,id=d,if=ide", "if", "ide"),
+            ("file=f,id=d,werror=pause", "werror", "pause"),
+            ("file=f,id=d,rerror=enospc", "rerror", "enospc"),
         ] {
             assert!(
                 matches!(parse_drive(line, 0), Err(DriveError::Unsupported { key: k, value: v, .. }) if k == key && v == value),

@@ -131,6 +131,9 @@ pub struct Machine {
     pub finished: usize,
     /// Why the VM ends, once something decided it does (the first reason wins).
     pub exit: Option<ExitReason>,
+    /// The vCPUs are paused because a disk's error policy stopped the VM (QEMU's `io-error`
+    /// run state); cleared when they resume.
+    pub io_error: bool,
 }
 
 impl Machine {
@@ -143,6 +146,7 @@ impl Machine {
             paused: 0,
             finished: 0,
             exit: None,
+            io_error: false,
         }
     }
 

@@ -7,8 +7,8 @@
 //!
 //! Handlers now: the VM's exit events (the guest's reset or power-off, a vCPU's failure,
 //! SIGTERM/SIGINT/SIGHUP, which [`crate::signals`] forwards through an eventfd), the console's
-//! input, the QMP monitor ([`crate::monitor::VmMonitor`]) and the main loop's context (main-loop
-//! disks).
+//! input, the QMP monitor ([`crate::monitor::VmMonitor`]), the main loop's context (main-loop
+//! disks) and the stop a disk's error policy asks for ([`crate::disks::IoErrorStop`]).
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
@@ -41,10 +41,12 @@ pub enum Tag {
     Qmp,
     /// The main loop's context (its epoll fd): the disks without an iothread.
     MainContext,
+    /// A disk's error policy asked for the VM to stop.
+    IoErrorStop,
 }
 
 impl Tag {
-    const ALL: [Tag; 7] = [
+    const ALL: [Tag; 8] = [
         Tag::GuestExit,
         Tag::VcpuFailed,
         Tag::Signal,
@@ -52,6 +54,7 @@ impl Tag {
         Tag::SerialDrained,
         Tag::Qmp,
         Tag::MainContext,
+        Tag::IoErrorStop,
     ];
 
     /// The tag registered as `data`.
@@ -163,7 +166,9 @@ impl Handler for ExitEvents {
                 let _ = self.signals.read();
                 ExitReason::Signal(crate::signals::last_signal())
             }
-            Tag::Stdin | Tag::SerialDrained | Tag::Qmp | Tag::MainContext => return,
+            Tag::Stdin | Tag::SerialDrained | Tag::Qmp | Tag::MainContext | Tag::IoErrorStop => {
+                return
+            }
         };
         machine.request_exit(reason);
     }
@@ -252,7 +257,12 @@ impl Handler for ConsoleInput {
             Tag::SerialDrained => {
                 let _ = self.drained.read();
             }
-            Tag::GuestExit | Tag::VcpuFailed | Tag::Signal | Tag::Qmp | Tag::MainContext => return,
+            Tag::GuestExit
+            | Tag::VcpuFailed
+            | Tag::Signal
+            | Tag::Qmp
+            | Tag::MainContext
+            | Tag::IoErrorStop => return,
         }
         self.flush(machine);
     }

@@ -37,7 +37,7 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::memory::{create_guest_memory, host_ram_bytes, GuestMemory, MemoryError};
 use crate::cli::Config;
-use crate::disks::{DiskError, Disks};
+use crate::disks::{DiskError, Disks, IoErrorStop, IoErrors};
 use crate::global::{ExitReason, GlobalLock, IoThreadFailures, Machine, VcpuRequest};
 use crate::main_loop::{ConsoleInput, ExitEvents, Locked, Tag};
 use crate::monitor::{
@@ -178,6 +178,8 @@ pub struct Vm {
     start_paused: bool,
     /// The disks, their iothreads and the main loop's context.
     disks: Disks,
+    /// Where the disks report failed requests.
+    io_errors: Arc<IoErrors>,
 }
 
 /// The KVM device.
@@ -331,6 +333,7 @@ impl Vm {
         let pio = legacy_devices(&vm_fd, &exit_events.guest, &input_drained)?;
         let mmio = mmio_devices(&vm_fd)?;
         let mut shared_mmio = SharedBus::new();
+        let io_errors = IoErrors::new().map_err(VmError::EventFd)?;
         let (disks, dsdt_devices) = Disks::build(
             &cfg.iothreads,
             &exit_events.iothread_failed,
@@ -338,6 +341,7 @@ impl Vm {
             &vm_fd,
             &memory,
             &mut shared_mmio,
+            &io_errors,
         )
         .map_err(VmError::Disk)?;
         let mut machine = Machine::new(pio, mmio);
@@ -389,6 +393,7 @@ impl Vm {
             qmp,
             start_paused: cfg.start_paused,
             disks,
+            io_errors,
         })
     }
 
@@ -404,6 +409,7 @@ impl Vm {
             qmp,
             start_paused,
             disks,
+            io_errors,
         } = self;
         install_kick_handler().map_err(VmError::KickHandler)?;
         let mut manager: EventManager<Locked> = EventManager::new().map_err(VmError::MainLoop)?;
@@ -422,7 +428,17 @@ impl Vm {
             Some(listener) => Some((listener, event_channel().map_err(VmError::Monitor)?)),
             None => None,
         };
+        if let Some((_, (sender, _))) = &qmp {
+            io_errors.send_events_to(sender.clone());
+        }
         let (threads, started) = VcpuThreads::start(vcpus);
+        manager.add_subscriber(Locked::new(
+            Arc::clone(&global),
+            Box::new(IoErrorStop::new(
+                Arc::clone(&io_errors),
+                Arc::clone(&threads.kickers),
+            )),
+        ));
         let events = qmp.map(|(listener, (sender, receiver))| {
             let monitor = Monitor::new(listener, receiver, Tag::Qmp as u32);
             let kickers = Arc::clone(&threads.kickers);
@@ -432,6 +448,7 @@ impl Vm {
                 !start_paused,
                 disks.iothread_info(),
                 disks.disks(),
+                Arc::clone(&io_errors),
             );
             manager.add_subscriber(Locked::new(Arc::clone(&global), Box::new(handler)));
             sender

@@ -29,6 +29,8 @@ pub enum RunState {
     Running,
     /// Paused by `stop`.
     Paused,
+    /// Paused because a disk's error policy (`werror=`/`rerror=`) stopped the VM.
+    IoError,
     /// The guest shut down (or the VMM is exiting); `cont` cannot revive it.
     Shutdown,
 }
@@ -96,6 +98,10 @@ pub struct BlockDevice {
     pub cache: CacheMode,
     /// `-drive detect-zeroes=` as QEMU names it: `off`, `on` or `unmap`.
     pub detect_zeroes: &'static str,
+    /// The image's node name (QEMU's automatic `#blockN` form: disks here have no named nodes).
+    pub node_name: String,
+    /// `ok`, or `failed`/`nospace` after an error stopped the VM, until `cont`.
+    pub io_status: &'static str,
     /// The image chain.
     pub image: ImageDescription,
 }
@@ -219,9 +225,15 @@ pub trait MonitorBackend {
     /// Called only in the `Running` state. The monitor sends `STOP` afterwards.
     fn pause(&mut self) -> Result<(), BackendError>;
 
-    /// Lets the vCPUs run (from `Paused`, or `Prelaunch` under `-S`); the state becomes `Running`.
-    /// Called only in those two states. The monitor sends `RESUME` afterwards.
+    /// Lets the vCPUs run (from `Paused`, `IoError`, or `Prelaunch` under `-S`); the state becomes
+    /// `Running`. Resets every disk's I/O status and retries the requests an error policy kept,
+    /// and cancels a stop that a disk asked for and that was not carried out yet. Called in those
+    /// three states, and in `Running` when [`Self::stop_requested`]. The monitor sends `RESUME`
+    /// afterwards.
     fn resume(&mut self) -> Result<(), BackendError>;
+
+    /// A disk's error policy asked for the VM to stop and the main loop has not stopped it yet.
+    fn stop_requested(&self) -> bool;
 
     /// Presses the ACPI power button (the Generic Event Device notifies the `PNP0C0C` button); the
     /// guest decides what to do. The monitor sends `POWERDOWN` afterwards.

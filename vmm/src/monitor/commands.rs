@@ -168,13 +168,21 @@ fn execute(
         "cont" => {
             args.finish()?;
             match backend.run_state() {
+                // A stop a disk asked for and that has not happened yet is cancelled, with the
+                // STOP and RESUME it owes (QEMU's vm_prepare_start): BLOCK_IO_ERROR with
+                // action stop is always followed by STOP.
+                RunState::Running if backend.stop_requested() => {
+                    backend.resume().map_err(backend_err)?;
+                    raised.push(QmpEvent::Stop);
+                    raised.push(QmpEvent::Resume);
+                }
                 RunState::Running => {}
                 RunState::Shutdown => {
                     return Err(QmpError::generic(
                         "Resetting the Virtual Machine is required",
                     ))
                 }
-                RunState::Paused | RunState::Prelaunch => {
+                RunState::Paused | RunState::Prelaunch | RunState::IoError => {
                     backend.resume().map_err(backend_err)?;
                     raised.push(QmpEvent::Resume);
                 }
@@ -330,6 +338,7 @@ fn block_info(dev: &BlockDevice) -> Value {
         "backing_file_depth": depth,
         "active": true,
         "encrypted": false,
+        "node-name": dev.node_name,
         "detect_zeroes": dev.detect_zeroes,
         "bps": 0, "bps_rd": 0, "bps_wr": 0,
         "iops": 0, "iops_rd": 0, "iops_wr": 0,
@@ -345,6 +354,7 @@ fn block_info(dev: &BlockDevice) -> Value {
         "qdev": dev.qdev,
         "locked": false,
         "removable": false,
+        "io-status": dev.io_status,
         "type": "unknown",
         "inserted": inserted,
     })
@@ -571,6 +581,32 @@ mod tests {
     }
 
     #[test]
+    fn cont_after_an_io_error_stop_resumes() {
+        let mut f = Fixture::negotiated(RunState::IoError);
+        assert_eq!(
+            f.send(r#"{"execute": "query-status"}"#)["return"],
+            json!({"running": false, "status": "io-error"})
+        );
+        // stop leaves the io-error state as it is, as QEMU's vm_stop on a stopped VM does.
+        assert!(f.outcome(r#"{"execute": "stop"}"#).events.is_empty());
+        let out = f.outcome(r#"{"execute": "cont"}"#);
+        assert_eq!(out.events.len(), 1);
+        assert_eq!(out.events[0]["event"], "RESUME");
+        assert_eq!(f.calls(), ["resume"]);
+    }
+
+    #[test]
+    fn cont_cancels_a_stop_a_disk_asked_for_with_stop_and_resume() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        f.backend.stop_requested = true;
+        let out = f.outcome(r#"{"execute": "cont"}"#);
+        let names: Vec<_> = out.events.iter().map(|e| e["event"].clone()).collect();
+        assert_eq!(names, ["STOP", "RESUME"]);
+        assert_eq!(f.calls(), ["resume"]);
+        assert!(f.outcome(r#"{"execute": "cont"}"#).events.is_empty());
+    }
+
+    #[test]
     fn cont_after_shutdown_needs_a_reset() {
         let mut f = Fixture::negotiated(RunState::Shutdown);
         let (c, d) = f.error(r#"{"execute": "cont"}"#);
@@ -641,6 +677,9 @@ mod tests {
         assert_eq!(ins["image"]["backing-image"]["filename"], "/img/base.raw");
         assert!(ins["image"]["backing-image"].get("backing-image").is_none());
         assert_eq!(ins["detect_zeroes"], "off");
+        assert_eq!(ins["node-name"], "#block0");
+        assert_eq!(d0["io-status"], "nospace");
+        assert_eq!(reply["return"][1]["io-status"], "ok");
         let d1 = &reply["return"][1]["inserted"];
         assert_eq!(d1["ro"], true);
         assert_eq!(d1["detect_zeroes"], "unmap");

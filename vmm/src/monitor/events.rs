@@ -1,9 +1,11 @@
-//! QMP events (QEMU's `qapi/run-state.json`: `STOP`, `RESUME`, `POWERDOWN`, `SHUTDOWN`) and the
-//! channel through which any thread of the VMM raises one.
+//! QMP events (QEMU's `qapi/run-state.json`: `STOP`, `RESUME`, `POWERDOWN`, `SHUTDOWN`;
+//! `qapi/block-core.json`: `BLOCK_IO_ERROR`) and the channel through which any thread of the VMM
+//! raises one.
 //!
 //! The monitor raises `STOP`, `RESUME` and `POWERDOWN` itself when its commands cause them, and
 //! `SHUTDOWN` for `quit`. Everything else (the guest powering off or rebooting, a signal, a fatal
-//! vCPU error) is raised by the VM through an [`EventSender`]: a clonable handle usable from any
+//! vCPU error, a disk's failed request and the stop it causes) is raised by the VM through an
+//! [`EventSender`]: a clonable handle usable from any
 //! thread without a lock of the VMM's, which queues the event with its timestamp taken at that
 //! moment and wakes the main loop through an eventfd. The monitor delivers queued events to every
 //! client that has left capabilities negotiation, and once more when it is dropped, so a `SHUTDOWN`
@@ -52,8 +54,27 @@ impl ShutdownCause {
     }
 }
 
+/// `BLOCK_IO_ERROR`'s members, as QEMU 10 sends them for a virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockIoError {
+    /// The guest device's QOM path (`qom-path`, since QEMU 9.2).
+    pub qom_path: String,
+    /// The `-drive id=` (`device`).
+    pub device: String,
+    /// The image's node name (`node-name`).
+    pub node_name: String,
+    /// A read (`operation: read`), else a write, write-zeroes, discard or flush (`write`).
+    pub is_read: bool,
+    /// `stop`, `report` or `ignore` (`action`).
+    pub action: &'static str,
+    /// The host ran out of space (`nospace`; sent because virtio-blk keeps an I/O status).
+    pub nospace: bool,
+    /// `strerror` of the host error (`reason`).
+    pub reason: String,
+}
+
 /// An event the monitor sends to its clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QmpEvent {
     /// The vCPUs stopped.
     Stop,
@@ -63,6 +84,8 @@ pub enum QmpEvent {
     Powerdown,
     /// The VM is shutting down.
     Shutdown(ShutdownCause),
+    /// A disk's request failed.
+    BlockIoError(BlockIoError),
 }
 
 impl QmpEvent {
@@ -75,6 +98,19 @@ impl QmpEvent {
             Self::Shutdown(cause) => protocol::event(
                 "SHUTDOWN",
                 Some(json!({"guest": cause.is_guest(), "reason": cause.name()})),
+                at,
+            ),
+            Self::BlockIoError(e) => protocol::event(
+                "BLOCK_IO_ERROR",
+                Some(json!({
+                    "qom-path": e.qom_path,
+                    "device": e.device,
+                    "node-name": e.node_name,
+                    "operation": if e.is_read { "read" } else { "write" },
+                    "action": e.action,
+                    "nospace": e.nospace,
+                    "reason": e.reason,
+                })),
                 at,
             ),
         }
@@ -161,6 +197,25 @@ mod tests {
         assert_eq!(QmpEvent::Resume.to_message(at)["event"], "RESUME");
         assert_eq!(QmpEvent::Powerdown.to_message(at)["event"], "POWERDOWN");
         assert!(QmpEvent::Stop.to_message(at).get("data").is_none());
+    }
+
+    #[test]
+    fn block_io_error_carries_qemu_fields_in_qemus_order() {
+        let at = UNIX_EPOCH + Duration::from_secs(7);
+        let e = QmpEvent::BlockIoError(BlockIoError {
+            qom_path: "/machine/peripheral/vd0/virtio-backend".into(),
+            device: "d0".into(),
+            node_name: "#block0".into(),
+            is_read: false,
+            action: "stop",
+            nospace: true,
+            reason: "No space left on device".into(),
+        });
+        let text = serde_json::to_string(&e.to_message(at)).expect("serializes");
+        assert_eq!(
+            text,
+            r##"{"event":"BLOCK_IO_ERROR","data":{"qom-path":"/machine/peripheral/vd0/virtio-backend","device":"d0","node-name":"#block0","operation":"write","action":"stop","nospace":true,"reason":"No space left on device"},"timestamp":{"seconds":7,"microseconds":0}}"##
+        );
     }
 
     #[test]

@@ -45,7 +45,7 @@ pub use backend::{
     IoThreadInfo, MonitorBackend, RunState,
 };
 pub use disk_stats::{apply_histogram_change, block_device_stats};
-pub use events::{event_channel, QmpEvent, ShutdownCause};
+pub use events::{event_channel, BlockIoError, EventSender, QmpEvent, ShutdownCause};
 pub use listener::Listener;
 #[cfg(test)]
 pub use options::QmpAddress;

@@ -18,6 +18,8 @@ pub struct RecordingBackend {
     pub fail_pause: Option<String>,
     /// How long each `block_stats` call takes (a slow command, for the fairness tests).
     pub stats_delay: std::time::Duration,
+    /// A disk asked for a stop not carried out yet (cleared by `resume`).
+    pub stop_requested: bool,
 }
 
 impl RecordingBackend {
@@ -27,6 +29,7 @@ impl RecordingBackend {
             calls: Arc::new(Mutex::new(Vec::new())),
             fail_pause: None,
             stats_delay: std::time::Duration::ZERO,
+            stop_requested: false,
         }
     }
 
@@ -74,7 +77,12 @@ impl MonitorBackend for RecordingBackend {
     fn resume(&mut self) -> Result<(), BackendError> {
         self.record("resume".into());
         self.state = RunState::Running;
+        self.stop_requested = false;
         Ok(())
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop_requested
     }
 
     fn powerdown(&mut self) -> Result<(), BackendError> {
@@ -111,6 +119,8 @@ impl MonitorBackend for RecordingBackend {
                     no_flush: false,
                 },
                 detect_zeroes: "off",
+                node_name: "#block0".into(),
+                io_status: "nospace",
                 image: chain(),
             },
             BlockDevice {
@@ -123,6 +133,8 @@ impl MonitorBackend for RecordingBackend {
                     no_flush: false,
                 },
                 detect_zeroes: "unmap",
+                node_name: "#block1".into(),
+                io_status: "ok",
                 image: ImageDescription {
                     backing: None,
                     ..chain()

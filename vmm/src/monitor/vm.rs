@@ -24,6 +24,7 @@ use super::{
     HistogramChange, IoThreadInfo, Monitor, MonitorBackend, RunState, ShutdownCause,
 };
 use crate::arch::x86_64::layout::GED_START;
+use crate::disks::IoErrors;
 use crate::global::{ExitReason, Held, VcpuRequest};
 use crate::main_loop::{Handler, Tag};
 use crate::vcpu::Kicker;
@@ -55,6 +56,7 @@ pub struct VmBackend<'a, 'g> {
     started: &'a mut bool,
     iothreads: &'a [IoThreadInfo],
     disks: &'a [VmDisk],
+    io_errors: &'a IoErrors,
 }
 
 impl VmBackend<'_, '_> {
@@ -75,6 +77,7 @@ impl MonitorBackend for VmBackend<'_, '_> {
         }
         match self.held.request {
             VcpuRequest::Run => RunState::Running,
+            VcpuRequest::Pause if self.held.io_error => RunState::IoError,
             VcpuRequest::Pause if *self.started => RunState::Paused,
             VcpuRequest::Pause => RunState::Prelaunch,
             VcpuRequest::Stop => RunState::Shutdown,
@@ -87,9 +90,20 @@ impl MonitorBackend for VmBackend<'_, '_> {
     }
 
     fn resume(&mut self) -> Result<(), BackendError> {
+        // As QEMU's `cont`: the I/O statuses reset and the kept requests retried (each in its
+        // disk's context, a bottom half), a pending stop cancelled, then the vCPUs run.
+        self.io_errors.take_stop_request();
+        for (_, device) in self.disks {
+            device.retry_failed();
+        }
+        self.held.io_error = false;
         *self.started = true;
         self.held.release_all(VcpuRequest::Run);
         Ok(())
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.io_errors.stop_requested()
     }
 
     fn powerdown(&mut self) -> Result<(), BackendError> {
@@ -111,7 +125,13 @@ impl MonitorBackend for VmBackend<'_, '_> {
     }
 
     fn block_devices(&self) -> Vec<BlockDevice> {
-        self.disks.iter().map(|(info, _)| info.clone()).collect()
+        self.disks
+            .iter()
+            .map(|(info, device)| BlockDevice {
+                io_status: device.io_status().name(),
+                ..info.clone()
+            })
+            .collect()
     }
 
     fn block_stats(&self, drive_id: &str) -> Result<BlockDeviceStats, BackendError> {
@@ -135,17 +155,20 @@ pub struct VmMonitor {
     started: bool,
     iothreads: Vec<IoThreadInfo>,
     disks: Vec<VmDisk>,
+    io_errors: Arc<IoErrors>,
 }
 
 impl VmMonitor {
     /// `monitor` (registered under [`Tag::Qmp`]) driving the vCPUs that `kickers` kick, with the
-    /// VM's iothreads and disks; `started` is false for a `-S` start.
+    /// VM's iothreads and disks and where the disks report errors; `started` is false for a
+    /// `-S` start.
     pub fn new(
         monitor: Monitor,
         kickers: Arc<Vec<Kicker>>,
         started: bool,
         iothreads: Vec<IoThreadInfo>,
         disks: Vec<VmDisk>,
+        io_errors: Arc<IoErrors>,
     ) -> Self {
         Self {
             monitor,
@@ -153,6 +176,7 @@ impl VmMonitor {
             started,
             iothreads,
             disks,
+            io_errors,
         }
     }
 }
@@ -169,6 +193,7 @@ impl Handler for VmMonitor {
             started: &mut self.started,
             iothreads: &self.iothreads,
             disks: &self.disks,
+            io_errors: &self.io_errors,
         };
         self.monitor.process(&mut backend, events, ops);
     }
@@ -179,6 +204,7 @@ mod tests {
     use super::*;
     use crate::global::{GlobalLock, Machine};
     use devices::bus::{Bus, SharedBus};
+    use std::sync::Arc;
 
     #[test]
     fn run_states_follow_the_vcpus_request() {
@@ -187,12 +213,14 @@ mod tests {
         let mut held = Held::lock(&global);
         held.request = VcpuRequest::Pause;
         let mut started = false;
+        let errors = IoErrors::new().expect("eventfd");
         let mut backend = VmBackend {
             held: &mut held,
             kickers: &[],
             started: &mut started,
             iothreads: &[],
             disks: &[],
+            io_errors: &errors,
         };
         assert_eq!(backend.run_state(), RunState::Prelaunch);
         backend.resume().expect("resumes");
@@ -206,6 +234,72 @@ mod tests {
         assert_eq!(backend.run_state(), RunState::Shutdown);
         assert_eq!(held.exit, Some(ExitReason::MonitorQuit));
         assert!(started);
+    }
+
+    #[test]
+    fn a_disks_stop_request_pauses_in_io_error_until_cont() {
+        use crate::disks::IoErrorStop;
+        use devices::virtio::block::{ErrorAction, IoErrorEvent};
+        let global = GlobalLock::new(Machine::new(Bus::new(), Bus::new()), SharedBus::new());
+        let errors = IoErrors::new().expect("eventfd");
+        let (tx, rx) = crate::monitor::event_channel().expect("eventfd");
+        errors.send_events_to(tx);
+        let sink = errors.sink(
+            "/machine/peripheral/vd0/virtio-backend".into(),
+            "#block0".into(),
+        );
+        // From another thread, as an iothread reports (holding no lock of the VM).
+        std::thread::spawn(move || {
+            (sink.0)(IoErrorEvent {
+                drive: "d0".into(),
+                is_read: false,
+                action: ErrorAction::Stop,
+                errno: libc::ENOSPC,
+            })
+        })
+        .join()
+        .expect("reporter");
+        assert!(errors.stop_requested());
+        let stopper = IoErrorStop::new(Arc::clone(&errors), Arc::new(Vec::new()));
+        {
+            let mut held = Held::lock(&global);
+            stopper.stop_if_asked(&mut held);
+            assert!(held.io_error && held.request == VcpuRequest::Pause);
+            let mut started = true;
+            let mut backend = VmBackend {
+                held: &mut held,
+                kickers: &[],
+                started: &mut started,
+                iothreads: &[],
+                disks: &[],
+                io_errors: &errors,
+            };
+            assert_eq!(backend.run_state(), RunState::IoError);
+            assert!(!backend.stop_requested());
+            backend.resume().expect("resumes");
+            assert_eq!(backend.run_state(), RunState::Running);
+        }
+        let events = rx.drain();
+        let names: Vec<_> = events.iter().map(|e| e["event"].clone()).collect();
+        assert_eq!(names, ["BLOCK_IO_ERROR", "STOP"]);
+        assert_eq!(
+            events[0]["data"],
+            serde_json::json!({"qom-path": "/machine/peripheral/vd0/virtio-backend",
+                "device": "d0", "node-name": "#block0", "operation": "write",
+                "action": "stop", "nospace": true, "reason": "No space left on device"})
+        );
+        // A second request while stopped by `stop` does not turn paused into io-error.
+        let mut held = Held::lock(&global);
+        held.request = VcpuRequest::Pause;
+        errors.sink(String::new(), String::new()).0(IoErrorEvent {
+            drive: "d0".into(),
+            is_read: true,
+            action: ErrorAction::Stop,
+            errno: libc::EIO,
+        });
+        stopper.stop_if_asked(&mut held);
+        assert!(!held.io_error);
+        assert!(!errors.stop_requested());
     }
 
     #[test]
