@@ -1,7 +1,7 @@
 #!/bin/sh
 # End-to-end disk tests: run by resources/nested-host (ci/disk-tests starts it) on a host whose
 # /dev/kvm boots Linux, with `vmm` on PATH, $GUEST_DIR (kernel, initramfs) and $DISK_DIR holding a
-# writable copy of resources/cache/rootfs/chain (base <- mid <- top, qcow2). Three guest boots:
+# writable copy of resources/cache/rootfs/chain (base <- mid <- top, qcow2). Four scenarios:
 #   1. write: root file system on the qcow2 top of the depth-3 chain, on iothread io0, cache=none;
 #      a raw data disk on iothread io1 (cache=none, O_DIRECT writes from the guest); a read-only raw
 #      disk on the main loop; a qcow2 data disk on the main loop with cache=writeback and 2 queues.
@@ -16,6 +16,9 @@
 #      while QMP (over -qmp tcp:) is asked query-iothreads (thread ids checked against the real
 #      threads), query-block and query-blockstats; then system_powerdown presses the ACPI power
 #      button and busybox acpid in the guest powers off.
+#   4. a full host disk: fio --verify on a qcow2 overlay on a small tmpfs; ENOSPC stops the VM
+#      (werror=enospc), the events and run state are QEMU's, space is freed, cont, fio verifies;
+#      run under vmm and, for comparison, under QEMU.
 # Prints "E2E-PASS name" / "E2E-FAIL name" per check, "E2E-TIME" per boot, and a summary line; the
 # exit status is the number of failed checks (capped at 100). A guest that resets itself before its
 # userspace starts (vmm exits 0, no GUEST-USERSPACE-UP: the nested host's emulated virtualization
@@ -201,6 +204,83 @@ grep -E "GUEST-FIO|iops|lat \(|clat \(" boot3.log
 echo "--- QMP"
 cat qmp1.txt qmp2.txt qmp3.txt
 has boot3.log GUEST-POWER-BUTTON || tail -60 boot3.log
+
+# ---- boot 4: the host file system fills up under fio --verify; the VM stops; space; cont ------
+# The overlay lives on a small tmpfs (cache=writeback: tmpfs has no O_DIRECT) whose free space a
+# filler file takes but 3 MiB; fio's 8 MiB of random writes need more, so a write fails with
+# ENOSPC and werror's default (enospc) stops the VM: BLOCK_IO_ERROR (action stop, nospace) then
+# STOP, query-status io-error, query-block io-status nospace. The filler goes, cont retries the
+# kept requests, fio finishes and verifies every block, qemu-img check is clean. The same run
+# under QEMU (microvm) shows QEMU's replies beside ours. The VM starts with -S so the event
+# listener is connected before the guest runs.
+E=$(b64 "fio --name=enospc --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=32 \
+--rw=randwrite --bs=4k --size=8M --verify=crc32c --verify_backlog=1024 --group_reporting > /tmp/fio.txt 2>&1
+echo GUEST-FIO-RC=\$?
+grep -E 'err=|verify' /tmp/fio.txt
+echo GUEST-FIO-DONE")
+# qmp_at PORT COMMAND...: as qmp, on PORT.
+qmp_at() {
+  port=$1; shift
+  { echo '{"execute":"qmp_capabilities"}'; for c in "$@"; do echo "$c"; done; sleep 2; } |
+    nc 127.0.0.1 "$port"
+}
+# enospc_boot NAME COMMAND...: the run above with the VMM COMMAND (events on $QMP_PORT, commands
+# on $CMD_PORT); its files are NAME.*.
+enospc_boot() {
+  name=$1; shift
+  mkdir -p full && mount -t tmpfs -o size=32m tmpfs full || { bad "$name-tmpfs"; return; }
+  qemu-img create -q -f qcow2 full/enospc.qcow2 64M
+  dd if=/dev/zero of=full/filler bs=1M 2>/dev/null
+  truncate -s -3M full/filler
+  start=$(date +%s)
+  "$@" -kernel "$G/bzImage" -initrd "$G/initrd-fio.img" -S -object iothread,id=io0 \
+    -drive file=full/enospc.qcow2,format=qcow2,if=none,id=e0,cache=writeback \
+    -device virtio-blk-device,drive=e0,id=ve0,iothread=io0,serial=enospc \
+    -qmp tcp:127.0.0.1:$QMP_PORT,server=on,wait=off -D "$name.log.debug" \
+    -append "$APPEND guest.run=poweroff guest.sh=$E" < /dev/null > "$name.log" 2>&1 &
+  pid=$!
+  i=0
+  until [ -s "$name.events" ] || [ $i -ge 30 ]; do
+    { echo '{"execute":"qmp_capabilities"}'; while kill -0 $pid 2>/dev/null; do sleep 1; done; } |
+      nc 127.0.0.1 $QMP_PORT > "$name.events" 2>/dev/null &
+    sleep 1; i=$((i + 1))
+  done
+  qmp_at $CMD_PORT '{"execute":"cont"}' > /dev/null 2>&1
+  i=0
+  until grep -q '"io-error"' "$name.status" 2>/dev/null || ! kill -0 $pid 2>/dev/null || [ $i -ge 300 ]; do
+    qmp_at $CMD_PORT '{"execute":"query-status"}' > "$name.status" 2>&1
+    i=$((i + 1))
+  done
+  qmp_at $CMD_PORT '{"execute":"query-block"}' > "$name.block" 2>&1
+  check "$name-stopped-io-error" grep -q '"running": false, "status": "io-error"\|"status": "io-error", .*"running": false' "$name.status"
+  check "$name-io-status-nospace" grep -q '"io-status": "nospace"' "$name.block"
+  check "$name-block-io-error-event" grep -q '"BLOCK_IO_ERROR".*"device": "e0".*"operation": "write".*"action": "stop".*"nospace": true.*"reason": "No space left on device"' "$name.events"
+  check "$name-stop-after-error" sh -c "grep -o '\"event\": \"[A-Z_]*\"' $name.events | grep -A9999 BLOCK_IO_ERROR | grep -q STOP"
+  rm -f full/filler
+  qmp_at $CMD_PORT '{"execute":"cont"}' '{"execute":"query-status"}' '{"execute":"query-block"}' > "$name.cont" 2>&1
+  check "$name-cont-running" grep -q '"status": "running"' "$name.cont"
+  check "$name-cont-io-status-ok" grep -q '"io-status": "ok"' "$name.cont"
+  i=0
+  while kill -0 $pid 2>/dev/null && [ $i -lt 400 ]; do sleep 1; i=$((i + 1)); done
+  kill $pid 2>/dev/null
+  wait $pid
+  rc=$?
+  echo "E2E-TIME $name $(($(date +%s) - start)) s rc=$rc"
+  check "$name-exit-0" [ "$rc" = 0 ]
+  check "$name-fio-rc-0" has "$name.log" GUEST-FIO-RC=0
+  check "$name-fio-no-errors" has "$name.log" "err= 0"
+  check "$name-image-check" qemu-img check -q full/enospc.qcow2
+  echo "--- $name: events, then the replies while stopped"
+  grep '"event"' "$name.events" | head -6 | cut -c1-600
+  grep -h '"return"' "$name.status" "$name.block" | cut -c1-600
+  has "$name.log" GUEST-FIO-RC=0 || tail -30 "$name.log"
+  umount full
+}
+QMP_PORT=4445 CMD_PORT=4445
+enospc_boot enospc-vmm vmm -m 1G -smp 2
+QMP_PORT=4446 CMD_PORT=4447
+enospc_boot enospc-qemu qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m 1G -smp 2 \
+  -nodefaults -no-reboot -display none -serial stdio -qmp tcp:127.0.0.1:$CMD_PORT,server=on,wait=off
 
 echo "E2E $pass passed, $fail failed"
 [ $fail -gt 100 ] && fail=100

@@ -21,6 +21,12 @@
 //! configuration-space writes, activation and reset. An iothread whose loop fails ends the VM
 //! ([`IoThreadFailures`]).
 //!
+//! I/O errors: each device reports its failed requests to [`IoErrors`] from its own context (an
+//! iothread's included, with no lock of the VM): a `BLOCK_IO_ERROR` event for the monitor, and
+//! for a stopping policy (`werror=stop`, `enospc` on ENOSPC...) an eventfd that wakes
+//! [`IoErrorStop`] on the main loop, which pauses every vCPU as `stop` does and enters the
+//! `io-error` run state; `cont` retries the kept requests (`crate::monitor::VmMonitor`).
+//!
 //! [`Disks::shutdown`], after the vCPUs stopped: drains and flushes every device (waiting without
 //! holding its context), takes the transports off the shared bus, drops the devices (the images close
 //! and their locks go), then stops the iothreads.
@@ -615,6 +621,20 @@ impl IoErrorStop {
     pub fn new(errors: Arc<IoErrors>, kickers: Arc<Vec<Kicker>>) -> Self {
         Self { errors, kickers }
     }
+
+    /// Stops a running VM if a disk asked for it since the last time.
+    pub fn stop_if_asked(&self, machine: &mut Held<'_>) {
+        if !self.errors.take_stop_request() {
+            return;
+        }
+        if machine.exit.is_some() || machine.request != VcpuRequest::Run {
+            return;
+        }
+        machine.pause_all(&self.kickers);
+        machine.io_error = true;
+        log::warn!("VM stopped by a disk's I/O error; `cont` retries the failed requests");
+        self.errors.send(QmpEvent::Stop);
+    }
 }
 
 impl Handler for IoErrorStop {
@@ -632,22 +652,6 @@ impl Handler for IoErrorStop {
         // A failed read only means the counter was already zero (non-blocking eventfd).
         let _ = self.errors.wake.read();
         self.stop_if_asked(machine);
-    }
-}
-
-impl IoErrorStop {
-    /// Stops a running VM if a disk asked for it since the last time.
-    pub fn stop_if_asked(&self, machine: &mut Held<'_>) {
-        if !self.errors.take_stop_request() {
-            return;
-        }
-        if machine.exit.is_some() || machine.request != VcpuRequest::Run {
-            return;
-        }
-        machine.pause_all(&self.kickers);
-        machine.io_error = true;
-        log::warn!("VM stopped by a disk's I/O error; `cont` retries the failed requests");
-        self.errors.send(QmpEvent::Stop);
     }
 }
 

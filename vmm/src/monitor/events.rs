@@ -90,7 +90,7 @@ pub enum QmpEvent {
 
 impl QmpEvent {
     /// The event's wire form, stamped with the time it happened.
-    pub fn to_message(self, at: SystemTime) -> Value {
+    pub fn to_message(&self, at: SystemTime) -> Value {
         match self {
             Self::Stop => protocol::event("STOP", None, at),
             Self::Resume => protocol::event("RESUME", None, at),

@@ -3,9 +3,11 @@
 //! borrowing the machine behind the global lock that the main loop holds.
 //!
 //! Run states: the vCPUs' request says running or paused; paused before the first `cont` of a
-//! `-S` start is `prelaunch`, as in QEMU; once an exit reason is recorded the VM is `shutdown`.
-//! `stop` waits until every vCPU is paused ([`Held::pause_all`], which releases the global lock
-//! while it waits, as QEMU's `pause_all_vcpus` does); `cont` releases them.
+//! `-S` start is `prelaunch`, as in QEMU; paused by a disk's error policy is `io-error`
+//! ([`crate::disks::IoErrorStop`] stops the VM); once an exit reason is recorded the VM is
+//! `shutdown`. `stop` waits until every vCPU is paused ([`Held::pause_all`], which releases the
+//! global lock while it waits, as QEMU's `pause_all_vcpus` does); `cont` resets every disk's I/O
+//! status, retries the requests their error policies kept, and releases the vCPUs.
 //!
 //! The VM hands the monitor its iothreads and disks (each disk's description and its device, whose
 //! statistics need no lock: see `disk_stats.rs`). `system_powerdown` presses the ACPI power

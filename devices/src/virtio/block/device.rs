@@ -6,7 +6,8 @@
 //! nesting level of its context is released, and the thread waits until the worker pool (and,
 //! with `aio=io_uring`, the ring) has run every submitted request
 //! ([`block::aio::Aio::wait_idle`], which needs nothing from the context's thread). It then
-//! acquires the context again and completes what is left itself. So a drain never depends on the
+//! acquires the context again and completes what is left itself; requests an error policy kept
+//! for a retry are dropped unanswered, as QEMU's reset drops them. So a drain never depends on the
 //! context's loop running (the main loop may be busy in a handler), and that loop (the main
 //! loop's or an iothread's) keeps serving its other devices, and may complete this one's
 //! requests, meanwhile. The transport holds none of its own locks during a reset's drain.

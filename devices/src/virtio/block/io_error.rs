@@ -307,8 +307,11 @@ mod tests {
         }
     }
 
+    /// What a recording sink heard, each with whether it ran in an iothread.
+    type Heard = Arc<std::sync::Mutex<Vec<(IoErrorEvent, bool)>>>;
+
     /// A sink that records what it hears and where it ran.
-    fn recording_sink() -> (ErrorSink, Arc<std::sync::Mutex<Vec<(IoErrorEvent, bool)>>>) {
+    fn recording_sink() -> (ErrorSink, Heard) {
         let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
         let h = Arc::clone(&heard);
         let sink = ErrorSink(Arc::new(move |e| {
