@@ -18,7 +18,8 @@
 #      button and busybox acpid in the guest powers off.
 #   4. a full host disk: fio --verify on a qcow2 overlay on a small tmpfs; ENOSPC stops the VM
 #      (werror=enospc), the events and run state are QEMU's, space is freed, cont, fio verifies;
-#      run under vmm and, for comparison, under QEMU.
+#      run under vmm and, for comparison, under QEMU (its stop, events and replies checked; what
+#      follows its cont only noted).
 # Prints "E2E-PASS name" / "E2E-FAIL name" per check, "E2E-TIME" per boot, and a summary line; the
 # exit status is the number of failed checks (capped at 100). A guest that resets itself before its
 # userspace starts (vmm exits 0, no GUEST-USERSPACE-UP: the nested host's emulated virtualization
@@ -218,6 +219,8 @@ E=$(b64 "fio --name=enospc --filename=/dev/vda --direct=1 --ioengine=libaio --io
 echo GUEST-FIO-RC=\$?
 grep -E 'err=|verify' /tmp/fio.txt
 echo GUEST-FIO-DONE")
+# all_in FILE TEXT...: FILE holds every TEXT (in any order: QEMU's members come unordered).
+all_in() { f=$1; shift; for t in "$@"; do grep -qF "$t" "$f" || return 1; done; }
 # qmp_at PORT COMMAND...: as qmp, on PORT.
 qmp_at() {
   port=$1; shift
@@ -227,58 +230,71 @@ qmp_at() {
 # enospc_boot NAME COMMAND...: the run above with the VMM COMMAND (events on $QMP_PORT, commands
 # on $CMD_PORT); its files are NAME.*.
 enospc_boot() {
-  name=$1; shift
-  mkdir -p full && mount -t tmpfs -o size=32m tmpfs full || { bad "$name-tmpfs"; return; }
+  run=$1; shift
+  mkdir -p full && mount -t tmpfs -o size=32m tmpfs full || { bad "$run-tmpfs"; return; }
   qemu-img create -q -f qcow2 full/enospc.qcow2 64M
   dd if=/dev/zero of=full/filler bs=1M 2>/dev/null
-  truncate -s -3M full/filler
+  truncate -s $(($(wc -c < full/filler) - 3145728)) full/filler
+  echo "E2E-NOTE $run: $(df -k full | tail -1)"
   start=$(date +%s)
   "$@" -kernel "$G/bzImage" -initrd "$G/initrd-fio.img" -S -object iothread,id=io0 \
     -drive file=full/enospc.qcow2,format=qcow2,if=none,id=e0,cache=writeback \
     -device virtio-blk-device,drive=e0,id=ve0,iothread=io0,serial=enospc \
-    -qmp tcp:127.0.0.1:$QMP_PORT,server=on,wait=off -D "$name.log.debug" \
-    -append "$APPEND guest.run=poweroff guest.sh=$E" < /dev/null > "$name.log" 2>&1 &
+    -qmp tcp:127.0.0.1:$QMP_PORT,server=on,wait=off -D "$run.log.debug" \
+    -append "$APPEND guest.sh=$E guest.run=poweroff" < /dev/null > "$run.log" 2>&1 &
   pid=$!
   i=0
-  until [ -s "$name.events" ] || [ $i -ge 30 ]; do
+  until [ -s "$run.events" ] || [ $i -ge 30 ]; do
     { echo '{"execute":"qmp_capabilities"}'; while kill -0 $pid 2>/dev/null; do sleep 1; done; } |
-      nc 127.0.0.1 $QMP_PORT > "$name.events" 2>/dev/null &
+      nc 127.0.0.1 $QMP_PORT > "$run.events" 2>/dev/null &
     sleep 1; i=$((i + 1))
   done
   qmp_at $CMD_PORT '{"execute":"cont"}' > /dev/null 2>&1
   i=0
-  until grep -q '"io-error"' "$name.status" 2>/dev/null || ! kill -0 $pid 2>/dev/null || [ $i -ge 300 ]; do
-    qmp_at $CMD_PORT '{"execute":"query-status"}' > "$name.status" 2>&1
+  until grep -q '"io-error"' "$run.status" 2>/dev/null || ! kill -0 $pid 2>/dev/null || [ $i -ge 300 ]; do
+    qmp_at $CMD_PORT '{"execute":"query-status"}' > "$run.status" 2>&1
     i=$((i + 1))
   done
-  qmp_at $CMD_PORT '{"execute":"query-block"}' > "$name.block" 2>&1
-  check "$name-stopped-io-error" grep -q '"running": false, "status": "io-error"\|"status": "io-error", .*"running": false' "$name.status"
-  check "$name-io-status-nospace" grep -q '"io-status": "nospace"' "$name.block"
-  check "$name-block-io-error-event" grep -q '"BLOCK_IO_ERROR".*"device": "e0".*"operation": "write".*"action": "stop".*"nospace": true.*"reason": "No space left on device"' "$name.events"
-  check "$name-stop-after-error" sh -c "grep -o '\"event\": \"[A-Z_]*\"' $name.events | grep -A9999 BLOCK_IO_ERROR | grep -q STOP"
+  qmp_at $CMD_PORT '{"execute":"query-block"}' > "$run.block" 2>&1
+  check "$run-stopped-io-error" grep -qE '"running": false, "status": "io-error"|"status": "io-error", .*"running": false' "$run.status"
+  check "$run-io-status-nospace" grep -q '"io-status": "nospace"' "$run.block"
+  grep BLOCK_IO_ERROR "$run.events" | head -1 > "$run.error"
+  check "$run-block-io-error-event" all_in "$run.error" '"qom-path": "/machine/peripheral/ve0"' \
+    '"device": "e0"' '"operation": "write"' '"action": "stop"' '"nospace": true' \
+    '"reason": "No space left on device"'
+  check "$run-stop-after-error" sh -c "grep -o '\"event\": \"[A-Z_]*\"' $run.events | grep -A9999 BLOCK_IO_ERROR | grep -q STOP"
   rm -f full/filler
-  qmp_at $CMD_PORT '{"execute":"cont"}' '{"execute":"query-status"}' '{"execute":"query-block"}' > "$name.cont" 2>&1
-  check "$name-cont-running" grep -q '"status": "running"' "$name.cont"
-  check "$name-cont-io-status-ok" grep -q '"io-status": "ok"' "$name.cont"
+  qmp_at $CMD_PORT '{"execute":"cont"}' '{"execute":"query-status"}' '{"execute":"query-block"}' > "$run.cont" 2>&1
+  check "$run-cont-running" grep -q '"status": "running"' "$run.cont"
+  check "$run-cont-io-status-ok" grep -q '"io-status": "ok"' "$run.cont"
   i=0
-  while kill -0 $pid 2>/dev/null && [ $i -lt 400 ]; do sleep 1; i=$((i + 1)); done
+  while kill -0 $pid 2>/dev/null && [ $i -lt $FINISH_LIMIT ]; do sleep 1; i=$((i + 1)); done
   kill $pid 2>/dev/null
   wait $pid
   rc=$?
-  echo "E2E-TIME $name $(($(date +%s) - start)) s rc=$rc"
-  check "$name-exit-0" [ "$rc" = 0 ]
-  check "$name-fio-rc-0" has "$name.log" GUEST-FIO-RC=0
-  check "$name-fio-no-errors" has "$name.log" "err= 0"
-  check "$name-image-check" qemu-img check -q full/enospc.qcow2
-  echo "--- $name: events, then the replies while stopped"
-  grep '"event"' "$name.events" | head -6 | cut -c1-600
-  grep -h '"return"' "$name.status" "$name.block" | cut -c1-600
-  has "$name.log" GUEST-FIO-RC=0 || tail -30 "$name.log"
+  echo "E2E-TIME $run $(($(date +%s) - start)) s rc=$rc"
+  $after "$run-exit-0" [ "$rc" = 0 ]
+  $after "$run-fio-rc-0" has "$run.log" GUEST-FIO-RC=0
+  $after "$run-fio-no-errors" has "$run.log" "err= 0"
+  # No corruption (0, or 3: leaked clusters only); leaks are said apart.
+  qemu-img check full/enospc.qcow2 > "$run.check" 2>&1
+  crc=$?
+  $after "$run-image-consistent" [ $crc = 0 -o $crc = 3 ]
+  [ $crc = 0 ] || echo "E2E-NOTE $run: qemu-img check: $(grep -c '^Leaked' "$run.check") leaked clusters"
+  echo "--- $run: events, then the replies while stopped"
+  grep '"event"' "$run.events" | head -6 | cut -c1-600
+  grep -h '"return"' "$run.status" "$run.block" | cut -c1-600
+  grep -iE 'no space|io-error|stopped' "$run.log.debug" | head -5
+  has "$run.log" GUEST-FIO-RC=0 || tail -30 "$run.log"
   umount full
 }
-QMP_PORT=4445 CMD_PORT=4445
+# note NAME COMMAND...: says whether COMMAND succeeds, without counting it.
+note() { name=$1; shift; if "$@"; then echo "E2E-NOTE $name: yes"; else echo "E2E-NOTE $name: NO"; fi; }
+QMP_PORT=4445 CMD_PORT=4445 FINISH_LIMIT=400 after=check
 enospc_boot enospc-vmm vmm -m 1G -smp 2
-QMP_PORT=4446 CMD_PORT=4447
+# QEMU is the control for the stop, the events and the replies; what follows cont is only said:
+# QEMU 10.0.2's guest was once seen never to finish after cont (no error, no STOP).
+QMP_PORT=4446 CMD_PORT=4447 FINISH_LIMIT=150 after=note
 enospc_boot enospc-qemu qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m 1G -smp 2 \
   -nodefaults -no-reboot -display none -serial stdio -qmp tcp:127.0.0.1:$CMD_PORT,server=on,wait=off
 

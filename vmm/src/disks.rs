@@ -341,11 +341,12 @@ impl Disks {
             };
             let base = VIRTIO_MMIO_START + u64::from(index) * VIRTIO_MMIO_SIZE;
             let gsi = VIRTIO_IRQ_FIRST + u32::from(index);
-            // QEMU's names: the device's id or, for an anonymous one, its QOM path; the QOM
-            // path in BLOCK_IO_ERROR; an automatic `#blockN` node name.
+            // QEMU's names (as its microvm shows a virtio-blk-device): the QOM path, in
+            // BLOCK_IO_ERROR; the device's id or, for an anonymous one, its QOM path, in
+            // query-block; an automatic `#blockN` node name.
             let qom_path = match &spec.device.id {
-                Some(id) => format!("/machine/peripheral/{id}/virtio-backend"),
-                None => format!("/machine/peripheral-anon/device[{index}]/virtio-backend"),
+                Some(id) => format!("/machine/peripheral/{id}"),
+                None => format!("/machine/peripheral-anon/device[{index}]"),
             };
             let node_name = format!("#block{index}");
             let info = BlockDevice {

@@ -203,7 +203,7 @@ mod tests {
     fn block_io_error_carries_qemu_fields_in_qemus_order() {
         let at = UNIX_EPOCH + Duration::from_secs(7);
         let e = QmpEvent::BlockIoError(BlockIoError {
-            qom_path: "/machine/peripheral/vd0/virtio-backend".into(),
+            qom_path: "/machine/peripheral/vd0".into(),
             device: "d0".into(),
             node_name: "#block0".into(),
             is_read: false,
@@ -214,7 +214,7 @@ mod tests {
         let text = serde_json::to_string(&e.to_message(at)).expect("serializes");
         assert_eq!(
             text,
-            r##"{"event":"BLOCK_IO_ERROR","data":{"qom-path":"/machine/peripheral/vd0/virtio-backend","device":"d0","node-name":"#block0","operation":"write","action":"stop","nospace":true,"reason":"No space left on device"},"timestamp":{"seconds":7,"microseconds":0}}"##
+            r##"{"event":"BLOCK_IO_ERROR","data":{"qom-path":"/machine/peripheral/vd0","device":"d0","node-name":"#block0","operation":"write","action":"stop","nospace":true,"reason":"No space left on device"},"timestamp":{"seconds":7,"microseconds":0}}"##
         );
     }
 

@@ -246,10 +246,7 @@ mod tests {
         let errors = IoErrors::new().expect("eventfd");
         let (tx, rx) = crate::monitor::event_channel().expect("eventfd");
         errors.send_events_to(tx);
-        let sink = errors.sink(
-            "/machine/peripheral/vd0/virtio-backend".into(),
-            "#block0".into(),
-        );
+        let sink = errors.sink("/machine/peripheral/vd0".into(), "#block0".into());
         // From another thread, as an iothread reports (holding no lock of the VM).
         std::thread::spawn(move || {
             (sink.0)(IoErrorEvent {
@@ -286,7 +283,7 @@ mod tests {
         assert_eq!(names, ["BLOCK_IO_ERROR", "STOP"]);
         assert_eq!(
             events[0]["data"],
-            serde_json::json!({"qom-path": "/machine/peripheral/vd0/virtio-backend",
+            serde_json::json!({"qom-path": "/machine/peripheral/vd0",
                 "device": "d0", "node-name": "#block0", "operation": "write",
                 "action": "stop", "nospace": true, "reason": "No space left on device"})
         );
