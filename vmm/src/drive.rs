@@ -234,9 +234,25 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveSpec, DriveError> {
             "stats-intervals",
             "werror",
             "rerror",
+            "node-name",
         ],
     )
     .map_err(&err)?;
+    // `node-name=` is checked by QEMU's rules and otherwise unused: QMP names a disk by its id.
+    if let Some(name) = opts.get::<String>("node-name").map_err(&err)? {
+        let valid = name.len() <= 31
+            && name.starts_with(|c: char| c.is_ascii_alphabetic())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+        if !valid {
+            return Err(DriveError::Unsupported {
+                key: "node-name",
+                value: name,
+                supported: "up to 31 letters, digits, '-', '.' or '_', starting with a letter",
+            });
+        }
+    }
     let file: String = opts
         .get("file")
         .map_err(&err)?

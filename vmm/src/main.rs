@@ -16,6 +16,7 @@ mod logger;
 mod main_loop;
 mod monitor;
 mod options;
+mod process;
 mod signals;
 mod vcpu;
 mod vm;
@@ -34,6 +35,9 @@ enum Error {
     /// The command line.
     #[error(transparent)]
     Cli(#[from] cli::CliError),
+    /// The process name or pidfile.
+    #[error(transparent)]
+    Process(#[from] process::ProcessError),
     /// The debug log.
     #[error(transparent)]
     Logger(#[from] logger::LoggerError),
@@ -77,6 +81,17 @@ fn run(args: impl IntoIterator<Item = String>) -> Result<(), Error> {
     if let Some(path) = &config.debug_log {
         logger::init(path)?;
     }
+    for warning in config.warnings() {
+        eprintln!("vmm: warning: {warning}");
+    }
+    if let Some(name) = &config.process_name {
+        process::set_name(name)?;
+    }
+    let _pidfile = config
+        .pidfile
+        .as_deref()
+        .map(process::PidFile::create)
+        .transpose()?;
     let vm = vm::Vm::build(&config)?;
     let terminal = console::RawTerminal::enter()?;
     let reason = vm.run();

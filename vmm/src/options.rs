@@ -94,26 +94,47 @@ impl OptionValue for bool {
     }
 }
 
-/// A size in bytes, written as a number with an optional K, M, G or T suffix (powers of 1024);
-/// a bare number means MiB, as QEMU's `-m` reads it.
+/// A size in bytes, written as a number with an optional K, M, G, T, P or E suffix (powers of
+/// 1024) or B (bytes); a bare number means MiB, as QEMU's `-m` reads it. As in QEMU, a suffixed
+/// number may have a decimal fraction (`1.5G`), truncated to whole bytes; a fraction of bytes
+/// (`1.5B`) is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemorySize(pub u64);
 
 impl OptionValue for MemorySize {
-    const EXPECTED: &'static str = "a size such as 512, 512M or 2G (a bare number is MiB)";
+    const EXPECTED: &'static str = "a size such as 512, 512M, 1.5G or 2G (a bare number is MiB)";
     fn parse(text: &str) -> Option<Self> {
-        let (digits, shift) = match text.char_indices().last()? {
+        let (number, shift) = match text.char_indices().last()? {
+            (i, 'b' | 'B') => (&text[..i], 0),
             (i, 'k' | 'K') => (&text[..i], 10),
             (i, 'm' | 'M') => (&text[..i], 20),
             (i, 'g' | 'G') => (&text[..i], 30),
             (i, 't' | 'T') => (&text[..i], 40),
+            (i, 'p' | 'P') => (&text[..i], 50),
+            (i, 'e' | 'E') => (&text[..i], 60),
             _ => (text, 20),
         };
-        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+        if whole.is_empty() || !digits(whole) || !digits(fraction) {
             return None;
         }
-        let n: u64 = digits.parse().ok()?;
-        n.checked_mul(1 << shift).map(MemorySize)
+        if number.contains('.') && (fraction.is_empty() || shift == 0) {
+            return None;
+        }
+        let unit: u64 = 1 << shift;
+        let whole = u64::try_from(whole.parse::<u128>().ok()? * u128::from(unit)).ok()?;
+        // The fraction's digits past 19 cannot change a byte count below 2^64; keep 19 so that
+        // 10^len fits in a u128 with the unit multiplied in.
+        let fraction = &fraction[..fraction.len().min(19)];
+        let part = if fraction.is_empty() {
+            0
+        } else {
+            let scale = 10u128.pow(u32::try_from(fraction.len()).ok()?);
+            // The fraction is below 1, so this is below `unit`: it fits in a u64.
+            u64::try_from(fraction.parse::<u128>().ok()? * u128::from(unit) / scale).ok()?
+        };
+        whole.checked_add(part).map(MemorySize)
     }
 }
 
@@ -238,37 +259,32 @@ mod tests {
 
     #[test]
     fn memory_sizes() {
-        let sizes: Vec<Option<MemorySize>> = [
-            "512",
-            "512M",
-            "1G",
-            "1g",
-            "64k",
-            "2T",
-            "",
-            "M",
-            "1.5G",
-            "-1",
-            "99999999999999G",
-        ]
-        .into_iter()
-        .map(MemorySize::parse)
-        .collect();
-        assert_eq!(
-            sizes,
-            [
-                Some(MemorySize(512 << 20)),
-                Some(MemorySize(512 << 20)),
-                Some(MemorySize(1 << 30)),
-                Some(MemorySize(1 << 30)),
-                Some(MemorySize(64 << 10)),
-                Some(MemorySize(2 << 40)),
-                None,
-                None,
-                None,
-                None,
-                None,
-            ]
-        );
+        let cases: &[(&str, Option<u64>)] = &[
+            ("512", Some(512 << 20)),
+            ("512M", Some(512 << 20)),
+            ("1G", Some(1 << 30)),
+            ("1g", Some(1 << 30)),
+            ("64k", Some(64 << 10)),
+            ("2T", Some(2 << 40)),
+            ("4096B", Some(4096)),
+            ("1.5G", Some(3 << 29)),
+            ("0.25M", Some(256 << 10)),
+            ("1.5", Some(3 << 19)),
+            ("1.0000000000000000000001G", Some(1 << 30)),
+            ("15E", Some(15 << 60)),
+            ("16E", None),
+            ("", None),
+            ("M", None),
+            ("1.", None),
+            (".5G", None),
+            ("1.5B", None),
+            ("1.5.5G", None),
+            ("-1", None),
+            ("1e3", None),
+            ("99999999999999G", None),
+        ];
+        for &(text, bytes) in cases {
+            assert_eq!(MemorySize::parse(text), bytes.map(MemorySize), "{text}");
+        }
     }
 }

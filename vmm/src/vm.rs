@@ -300,12 +300,10 @@ impl Vm {
         if let Some(cap) = REQUIRED_CAPS.into_iter().find(|&c| !kvm.check_extension(c)) {
             return Err(VmError::MissingCap(cap));
         }
+        let cpus = cfg.topology.cpus();
         let max = kvm.get_max_vcpus();
-        if usize::from(cfg.cpus) > max {
-            return Err(VmError::TooManyCpus {
-                cpus: cfg.cpus,
-                max,
-            });
+        if usize::from(cpus) > max {
+            return Err(VmError::TooManyCpus { cpus, max });
         }
         let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         let memory =
@@ -356,7 +354,7 @@ impl Vm {
                 kernel: &cfg.kernel,
                 initrd: cfg.initrd.as_deref(),
                 cmdline: &cfg.append,
-                cpus: usize::from(cfg.cpus),
+                topology: &cfg.topology,
                 mem_bytes: cfg.mem_bytes,
                 dsdt_devices: &dsdt_devices,
             },
@@ -364,12 +362,13 @@ impl Vm {
         .map_err(VmError::Boot)?;
 
         let cpuid = supported_cpuid(&kvm).map_err(VmError::Cpuid)?;
-        let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
-        for index in 0..cfg.cpus {
+        let mut vcpus = Vec::with_capacity(usize::from(cpus));
+        for index in 0..cpus {
+            // KVM gives the local APIC the vCPU's id: make it the topology's APIC id.
             let fd = vm_fd
-                .create_vcpu(u64::from(index))
+                .create_vcpu(u64::from(cfg.topology.apic_id(index)))
                 .map_err(|source| VmError::CreateVcpu { index, source })?;
-            configure_vcpu(&fd, &memory, &cpuid, index, cfg.cpus, entry)
+            configure_vcpu(&fd, &memory, &cpuid, index, &cfg.topology, entry)
                 .map_err(|source| VmError::ConfigureVcpu { index, source })?;
             let failed = exit_events
                 .vcpu_failed
@@ -545,6 +544,7 @@ impl VcpuThreads {
 mod tests {
     use super::*;
     use crate::arch::x86_64::boot::test_images;
+    use crate::arch::x86_64::topology::Topology;
     use devices::context::IoThread;
     use devices::legacy::GuestExitKind;
     use std::os::fd::AsRawFd;
@@ -581,7 +581,7 @@ mod tests {
         std::fs::write(&kernel, image).expect("temp dir is writable");
         let cfg = Config {
             mem_bytes: 16 << 20,
-            cpus,
+            topology: Topology::cores(cpus).expect("a valid vCPU count"),
             kernel: kernel.clone(),
             initrd: None,
             append: String::new(),
@@ -590,6 +590,8 @@ mod tests {
             start_paused: false,
             iothreads: Vec::new(),
             disks: Vec::new(),
+            process_name: None,
+            pidfile: None,
         };
         let vm = Vm::build(&cfg).expect("builds");
         let _ = std::fs::remove_file(&kernel);

@@ -6,8 +6,9 @@
 //! (ACPI 6.5 chapter 5):
 //! - FADT (5.2.9): `HW_REDUCED_ACPI`, so there are no PM1 blocks, no SCI and no fixed buttons;
 //!   power-off goes through the sleep control and status registers at [`ACPI_SLEEP_PORT`].
-//! - MADT (5.2.12): one local APIC per vCPU (APIC id = vCPU index) and the IOAPIC; this is how a
-//!   kernel without MP-table support finds every CPU.
+//! - MADT (5.2.12): one local APIC per vCPU, with the APIC id its place in the `-smp` topology
+//!   gives it ([`Topology::apic_id`], at most 254, so xAPIC entries name them all), and the
+//!   IOAPIC; this is how a kernel without MP-table support finds every CPU.
 //! - DSDT (5.2.11.1): COM1 (`PNP0501`), the CMOS RTC (`PNP0B00`), the power button (`PNP0C0C`)
 //!   with the Generic Event Device that signals it (`ACPI0013`), the `\_S5_` package Linux needs
 //!   before it registers ACPI power-off, and whatever devices the caller adds ([`DsdtDevice`]: the
@@ -30,6 +31,7 @@ use super::layout::{
     IOAPIC_START, RTC_PORT, VIRTIO_MMIO_SIZE,
 };
 use super::memory::GuestMemory;
+use super::topology::Topology;
 use devices::legacy::{GED_EVENT_POWER_BUTTON, GED_MMIO_SIZE, SLEEP_TYPE_S5};
 
 /// OEM id and table id written in every table header.
@@ -53,12 +55,6 @@ pub enum AcpiError {
     TooLarge {
         /// Bytes the tables need.
         bytes: u64,
-    },
-    /// More vCPUs than an 8-bit APIC id can name.
-    #[error("Cannot describe {cpus} vCPUs with 8-bit APIC ids")]
-    TooManyCpus {
-        /// vCPU count.
-        cpus: usize,
     },
     /// Writing a table to guest memory failed.
     #[error("Cannot write the {table} table at {addr:#x}")]
@@ -244,8 +240,8 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     aml_bytes(&builder.finalize())
 }
 
-/// The MADT for `cpus` vCPUs and the IOAPIC.
-fn madt(cpus: u8) -> Vec<u8> {
+/// The MADT for the vCPUs of `topology` and the IOAPIC.
+fn madt(topology: &Topology) -> Vec<u8> {
     let apic = u32::try_from(APIC_START).unwrap_or(0xfee0_0000);
     let mut madt = MADT::new(
         OEM_ID,
@@ -253,12 +249,19 @@ fn madt(cpus: u8) -> Vec<u8> {
         OEM_REVISION,
         LocalInterruptController::Address(apic),
     );
-    for cpu in 0..cpus {
-        madt.add_structure(ProcessorLocalApic::new(cpu, cpu, EnabledStatus::Enabled));
+    let mut last_id = 0;
+    for cpu in 0..topology.cpus() {
+        last_id = topology.apic_id(cpu);
+        madt.add_structure(ProcessorLocalApic::new(
+            cpu,
+            last_id,
+            EnabledStatus::Enabled,
+        ));
     }
-    // The IOAPIC's id follows the CPUs' APIC ids; its pins are GSIs 0 to 23.
+    // The IOAPIC's id follows the CPUs' APIC ids (the largest is at most 254); its pins are
+    // GSIs 0 to 23.
     let ioapic = u32::try_from(IOAPIC_START).unwrap_or(0xfec0_0000);
-    madt.add_structure(IoApic::new(cpus, ioapic, 0));
+    madt.add_structure(IoApic::new(last_id.saturating_add(1), ioapic, 0));
     let mut bytes = aml_bytes(&madt);
     set_madt_flags(&mut bytes, MADT_PCAT_COMPAT);
     bytes
@@ -277,17 +280,13 @@ fn align8(addr: u64) -> u64 {
     addr.div_ceil(8) * 8
 }
 
-/// Writes the tables for `cpus` vCPUs (with `extra` devices in the DSDT) and returns the RSDP's
-/// address.
+/// Writes the tables for the vCPUs of `topology` (with `extra` devices in the DSDT) and returns
+/// the RSDP's address.
 pub fn create_acpi_tables(
     mem: &GuestMemory,
-    cpus: usize,
+    topology: &Topology,
     extra: &[DsdtDevice],
 ) -> Result<GuestAddress, AcpiError> {
-    let cpus8 = u8::try_from(cpus)
-        .ok()
-        .filter(|&c| c < u8::MAX)
-        .ok_or(AcpiError::TooManyCpus { cpus })?;
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align8(rsdp_addr + Rsdp::len() as u64);
     // The XSDT holds two entries: the FADT and the MADT (the DSDT hangs off the FADT).
@@ -295,7 +294,7 @@ pub fn create_acpi_tables(
     let fadt_addr = align8(xsdt_addr + xsdt_len);
     let fadt_addr_end = fadt_addr + acpi_tables::fadt::FADT::len() as u64;
     let madt_addr = align8(fadt_addr_end);
-    let madt = madt(cpus8);
+    let madt = madt(topology);
     let dsdt_addr = align8(madt_addr + madt.len() as u64);
     let dsdt = dsdt(extra);
     let end = dsdt_addr + dsdt.len() as u64;
@@ -363,7 +362,8 @@ mod tests {
     #[test]
     fn tables_chain_from_the_rsdp() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("maps");
-        let rsdp_addr = create_acpi_tables(&mem, 3, &[]).expect("fits");
+        let topology = Topology::cores(3).expect("valid");
+        let rsdp_addr = create_acpi_tables(&mem, &topology, &[]).expect("fits");
         let rsdp = read(&mem, rsdp_addr.0, 36);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert!(checksum_ok(&rsdp[..20]) && checksum_ok(&rsdp));
@@ -404,7 +404,8 @@ mod tests {
     fn extra_devices_land_in_the_dsdt() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("maps");
         let dsdt = aml_bytes(&aml::Device::new("VIO0".into(), vec![]));
-        create_acpi_tables(&mem, 1, std::slice::from_ref(&dsdt)).expect("fits");
+        let topology = Topology::cores(1).expect("valid");
+        create_acpi_tables(&mem, &topology, std::slice::from_ref(&dsdt)).expect("fits");
         let all = read(&mem, ACPI_START, 0x1000);
         assert!(all.windows(dsdt.len()).any(|w| w == dsdt.as_slice()));
     }
@@ -435,12 +436,39 @@ mod tests {
         assert!(!find(&[0x89, 6]), "no extended interrupt descriptor");
     }
 
+    /// The MADT's (ACPI processor id, APIC id) pairs and its IOAPIC's id.
+    fn madt_ids(topology: &Topology) -> (Vec<(u8, u8)>, u8) {
+        let madt = madt(topology);
+        assert!(checksum_ok(&madt));
+        let (mut cpus, mut ioapic) = (Vec::new(), None);
+        let mut off = 44;
+        while off < madt.len() {
+            match madt[off] {
+                0 => cpus.push((madt[off + 2], madt[off + 3])),
+                1 => ioapic = Some(madt[off + 2]),
+                other => panic!("unexpected MADT entry type {other}"),
+            }
+            off += usize::from(madt[off + 1]);
+        }
+        (cpus, ioapic.expect("an IOAPIC entry"))
+    }
+
     #[test]
-    fn too_many_cpus_is_refused() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("maps");
-        assert!(matches!(
-            create_acpi_tables(&mem, 300, &[]),
-            Err(AcpiError::TooManyCpus { cpus: 300 })
-        ));
+    fn madt_apic_ids_follow_the_topology() {
+        // 2 sockets of 3 cores of 2 threads: ids 0-5, then 8-13 (core field 2 bits wide).
+        let (cpus, ioapic) = madt_ids(&Topology::new(2, 3, 2).expect("valid"));
+        let ids: Vec<u8> = cpus.iter().map(|&(_, id)| id).collect();
+        assert_eq!(ids, [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]);
+        assert!(cpus
+            .iter()
+            .enumerate()
+            .all(|(i, &(uid, _))| usize::from(uid) == i));
+        assert_eq!(ioapic, 14);
+        // The most one MADT can name: 255 vCPUs, ids 0 to 254, the IOAPIC at 255.
+        let (cpus, ioapic) = madt_ids(&Topology::cores(255).expect("valid"));
+        assert_eq!(
+            (cpus.len(), cpus.last(), ioapic),
+            (255, Some(&(254, 254)), 255)
+        );
     }
 }

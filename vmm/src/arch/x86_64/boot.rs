@@ -42,6 +42,7 @@ use super::layout::{
 use super::memory::{e820_map, GuestMemory};
 use super::msr::{setup_msrs, MsrError};
 use super::regs::{setup_fpu, setup_lint, setup_regs, setup_sregs, EntryPoint, RegsError};
+use super::topology::Topology;
 
 /// `HdrS`, the setup header's magic (boot.rst, offset 0x202).
 const SETUP_HEADER_MAGIC: u32 = 0x5372_6448;
@@ -188,8 +189,8 @@ pub struct BootConfig<'a> {
     pub initrd: Option<&'a Path>,
     /// The kernel command line.
     pub cmdline: &'a str,
-    /// Number of vCPUs (for the MADT).
-    pub cpus: usize,
+    /// The vCPUs (for the MADT).
+    pub topology: &'a Topology,
     /// Guest RAM in bytes (for the E820 map).
     pub mem_bytes: u64,
     /// Extra DSDT devices.
@@ -339,7 +340,7 @@ pub fn load_guest(mem: &GuestMemory, cfg: &BootConfig) -> Result<EntryPoint, Boo
         .map(|path| load_initrd(mem, path, kernel.end, addr_max))
         .transpose()?;
     // 4. ACPI.
-    let rsdp = create_acpi_tables(mem, cfg.cpus, cfg.dsdt_devices).map_err(BootError::Acpi)?;
+    let rsdp = create_acpi_tables(mem, cfg.topology, cfg.dsdt_devices).map_err(BootError::Acpi)?;
     // 5. Boot information.
     let e820 = e820_map(cfg.mem_bytes);
     match kernel.entry {
@@ -415,7 +416,7 @@ pub fn load_guest(mem: &GuestMemory, cfg: &BootConfig) -> Result<EntryPoint, Boo
     Ok(kernel.entry)
 }
 
-/// Sets up vCPU `index` of `count` for `entry` (the steps are in the module doc). Only vCPU 0
+/// Sets up vCPU `index` of `topology` for `entry` (the steps are in the module doc). Only vCPU 0
 /// runs the entry; the others start in wait-for-SIPI, but get the same state so that nothing
 /// depends on which vCPU the kernel boots.
 pub fn configure_vcpu(
@@ -423,10 +424,10 @@ pub fn configure_vcpu(
     mem: &GuestMemory,
     supported_cpuid: &CpuId,
     index: u8,
-    count: u8,
+    topology: &Topology,
     entry: EntryPoint,
 ) -> Result<(), VcpuSetupError> {
-    setup_cpuid(vcpu, supported_cpuid, index, count).map_err(VcpuSetupError::Cpuid)?;
+    setup_cpuid(vcpu, supported_cpuid, index, topology).map_err(VcpuSetupError::Cpuid)?;
     setup_msrs(vcpu).map_err(VcpuSetupError::Msrs)?;
     setup_regs(vcpu, entry).map_err(VcpuSetupError::Regs)?;
     setup_sregs(mem, vcpu, entry).map_err(VcpuSetupError::Regs)?;
@@ -475,7 +476,7 @@ mod tests {
             kernel,
             initrd,
             cmdline: "console=ttyS0",
-            cpus: 2,
+            topology: &Topology::cores(2).expect("valid"),
             mem_bytes,
             dsdt_devices: &[],
         };
@@ -578,7 +579,7 @@ mod tests {
             kernel: &kernel.0,
             initrd: None,
             cmdline: &long,
-            cpus: 1,
+            topology: &Topology::cores(1).expect("valid"),
             mem_bytes: 16 << 20,
             dsdt_devices: &[],
         };

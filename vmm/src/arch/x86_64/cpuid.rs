@@ -1,19 +1,24 @@
-//! The CPUID each vCPU reports: KVM's supported set, with this vCPU's APIC id and a topology of
-//! one socket holding `count` single-threaded cores.
+//! The CPUID each vCPU reports: KVM's supported set, with this vCPU's APIC id and the topology
+//! of `-smp` ([`Topology`]: sockets of cores of threads).
 //!
 //! Which leaves say what (Intel SDM vol. 2A, "CPUID"; AMD APM vol. 3, appendix E):
-//! - leaf 1: initial APIC id and logical-processor count (EBX), HTT (EDX), hypervisor (ECX);
+//! - leaf 1: initial APIC id and logical processors per package (EBX), HTT (EDX), hypervisor
+//!   (ECX);
 //! - leaf 4 (Intel): cores per package and threads sharing each cache (EAX);
-//! - leaves 0xB and 0x1F (x2APIC topology): one SMT level of width 1, one core level of width
-//!   `count`, the x2APIC id in EDX;
-//! - leaf 0x80000008 (AMD): core count and APIC-id size (ECX);
+//! - leaves 0xB and 0x1F (x2APIC topology): the SMT level (`threads` wide, shift of the thread
+//!   field) and the core level (`cores * threads` wide, shift of the socket field), the x2APIC id
+//!   in EDX;
+//! - leaf 0x80000008 (AMD): logical processors per package and APIC-id bits below the socket
+//!   (ECX);
 //! - leaf 0x8000001D (AMD): threads sharing each cache (EAX);
-//! - leaf 0x8000001E (AMD): extended APIC id, core id, node id.
+//! - leaf 0x8000001E (AMD): extended APIC id, core id and threads per core, node id (the socket).
 //!
-//! The APIC id of vCPU `n` is `n`, matching the MADT.
+//! The APIC id of each vCPU comes from [`Topology::apic_id`], as the MADT's do.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd};
+
+use super::topology::Topology;
 
 /// Errors from setting CPUID.
 #[derive(Debug, thiserror::Error)]
@@ -40,31 +45,28 @@ const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
 
-/// Bits needed to number `count` cores: ceil(log2(count)).
-fn id_bits(count: u8) -> u32 {
-    u32::from(count.max(1)).next_power_of_two().trailing_zeros()
-}
-
-/// The threads sharing a cache at `level` (1 to 3): one core's caches are private, the L3 is
-/// shared by the package.
-fn sharing(level: u32, count: u8) -> u32 {
+/// The threads sharing a cache at `level` (1 to 3), minus one: a core's caches are shared by
+/// its threads, the L3 by the package.
+fn sharing(level: u32, topology: &Topology) -> u32 {
     if level >= 3 {
-        u32::from(count.max(1)) - 1
+        topology.cores_per_socket() - 1
     } else {
-        0
+        topology.threads_per_core() - 1
     }
 }
 
-/// Rewrites the APIC-id and topology fields of `entries` for vCPU `cpu` of `count`.
-pub fn patch_entries(entries: &mut [kvm_cpuid_entry2], cpu: u8, count: u8) {
-    let cpu32 = u32::from(cpu);
-    let count32 = u32::from(count.max(1));
+/// Rewrites the APIC-id and topology fields of `entries` for vCPU `cpu` of `topology`.
+pub fn patch_entries(entries: &mut [kvm_cpuid_entry2], cpu: u8, topology: &Topology) {
+    let apic_id = u32::from(topology.apic_id(cpu));
+    let per_package = topology.cores_per_socket();
+    let threads = topology.threads_per_core();
+    let cores = per_package / threads;
     for e in entries.iter_mut() {
         match e.function {
             0x1 => {
-                e.ebx = (e.ebx & 0x0000_ffff) | (cpu32 << 24) | (count32 << 16);
+                e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | (per_package << 16);
                 e.ecx |= LEAF1_ECX_HYPERVISOR;
-                if count > 1 {
+                if per_package > 1 {
                     e.edx |= LEAF1_EDX_HTT;
                 } else {
                     e.edx &= !LEAF1_EDX_HTT;
@@ -73,32 +75,32 @@ pub fn patch_entries(entries: &mut [kvm_cpuid_entry2], cpu: u8, count: u8) {
             // The null cache type (EAX[4:0] == 0) ends the list; leave it alone.
             0x4 if e.eax & 0x1f != 0 => {
                 let level = (e.eax >> 5) & 0x7;
-                e.eax = (e.eax & 0x3fff) | ((count32 - 1) << 26) | (sharing(level, count) << 14);
+                e.eax = (e.eax & 0x3fff) | ((cores - 1) << 26) | (sharing(level, topology) << 14);
             }
             0xb | 0x1f => {
                 let (shift, width, level_type) = match e.index {
-                    0 => (0, 1, LEVEL_TYPE_SMT),
-                    1 => (id_bits(count), count32, LEVEL_TYPE_CORE),
+                    0 => (topology.thread_bits(), threads, LEVEL_TYPE_SMT),
+                    1 => (topology.socket_shift(), per_package, LEVEL_TYPE_CORE),
                     _ => (0, 0, 0),
                 };
                 e.eax = shift;
                 e.ebx = width;
                 e.ecx = (level_type << 8) | (e.index & 0xff);
-                e.edx = cpu32;
+                e.edx = apic_id;
             }
             0x8000_0008 => {
-                e.ecx = (id_bits(count) << 12) | (count32 - 1);
+                e.ecx = (topology.socket_shift() << 12) | (per_package - 1);
             }
             0x8000_001d if e.eax & 0x1f != 0 => {
                 let level = (e.eax >> 5) & 0x7;
-                e.eax = (e.eax & 0x3fff) | (sharing(level, count) << 14);
+                e.eax = (e.eax & 0x3fff) | (sharing(level, topology) << 14);
             }
             0x8000_001e => {
-                e.eax = cpu32;
-                // Compute unit (core) id in EBX[7:0], one thread per core (EBX[15:8] = 0).
-                e.ebx = cpu32;
-                // Node 0 of a one-node package.
-                e.ecx = 0;
+                e.eax = apic_id;
+                // Core id in EBX[7:0], threads per core minus one in EBX[15:8].
+                e.ebx = ((threads - 1) << 8) | topology.core_of(cpu);
+                // One node per socket, node id in ECX[7:0].
+                e.ecx = topology.socket_of(cpu);
                 e.edx = 0;
             }
             _ => {}
@@ -112,10 +114,15 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuidError> {
         .map_err(CpuidError::GetSupported)
 }
 
-/// Sets `supported`, patched for vCPU `cpu` of `count`, on `vcpu`.
-pub fn setup_cpuid(vcpu: &VcpuFd, supported: &CpuId, cpu: u8, count: u8) -> Result<(), CpuidError> {
+/// Sets `supported`, patched for vCPU `cpu` of `topology`, on `vcpu`.
+pub fn setup_cpuid(
+    vcpu: &VcpuFd,
+    supported: &CpuId,
+    cpu: u8,
+    topology: &Topology,
+) -> Result<(), CpuidError> {
     let mut cpuid = supported.clone();
-    patch_entries(cpuid.as_mut_slice(), cpu, count);
+    patch_entries(cpuid.as_mut_slice(), cpu, topology);
     vcpu.set_cpuid2(&cpuid)
         .map_err(|source| CpuidError::Set { cpu, source })
 }
@@ -143,21 +150,19 @@ mod tests {
             .expect("leaf present")
     }
 
-    #[test]
-    fn id_bits_round_up() {
-        let bits: Vec<u32> = [1, 2, 3, 4, 5, 8, 9].into_iter().map(id_bits).collect();
-        assert_eq!(bits, [0, 1, 2, 2, 3, 3, 4]);
+    fn cores(count: u8) -> Topology {
+        Topology::cores(count).expect("a valid core count")
     }
 
     #[test]
     fn leaf_1_carries_apic_id_and_count() {
         // CLFLUSH size 8 in EBX[15:8] must survive.
         let mut e = [leaf(1, 0, 0, 0xff00_0800, 0, 0)];
-        patch_entries(&mut e, 3, 4);
+        patch_entries(&mut e, 3, &cores(4));
         assert_eq!(e[0].ebx, 0x0304_0800);
         assert_eq!(e[0].edx & LEAF1_EDX_HTT, LEAF1_EDX_HTT);
         assert_eq!(e[0].ecx & LEAF1_ECX_HYPERVISOR, LEAF1_ECX_HYPERVISOR);
-        patch_entries(&mut e, 0, 1);
+        patch_entries(&mut e, 0, &cores(1));
         assert_eq!(e[0].ebx, 0x0001_0800);
         assert_eq!(e[0].edx & LEAF1_EDX_HTT, 0);
     }
@@ -174,7 +179,7 @@ mod tests {
             leaf(0xb, 1, 6, 64, 0x201, 7),
             leaf(0xb, 2, 0, 0, 2, 7),
         ];
-        patch_entries(&mut e, 5, 6);
+        patch_entries(&mut e, 5, &cores(6));
         assert_eq!(find(&e, 4, 0).eax, (5 << 26) | 0x121);
         assert_eq!(find(&e, 4, 3).eax, (5 << 26) | (5 << 14) | 0x163);
         assert_eq!(find(&e, 4, 4).eax, 0, "terminator kept");
@@ -194,7 +199,7 @@ mod tests {
             leaf(0x8000_001d, 3, 0x0003_c163, 0, 0, 0),
             leaf(0x8000_001e, 0, 0x2a, 0x0115, 0x0103, 0),
         ];
-        patch_entries(&mut e, 7, 8);
+        patch_entries(&mut e, 7, &cores(8));
         let size = find(&e, 0x8000_0008, 0);
         assert_eq!(size.eax, 0x3030, "address sizes kept");
         assert_eq!(size.ecx, (3 << 12) | 7);
@@ -202,5 +207,35 @@ mod tests {
         assert_eq!(find(&e, 0x8000_001d, 3).eax, (7 << 14) | 0x163);
         let ext = find(&e, 0x8000_001e, 0);
         assert_eq!((ext.eax, ext.ebx, ext.ecx, ext.edx), (7, 7, 0, 0));
+    }
+
+    #[test]
+    fn sockets_and_threads_show_in_every_topology_leaf() {
+        // 2 sockets of 3 cores of 2 threads; vCPU 7 is thread 1 of core 0 of socket 1: APIC id
+        // 0b1_00_1 (thread 1 bit, core 2 bits).
+        let topology = Topology::new(2, 3, 2).expect("valid");
+        let mut e = [
+            leaf(1, 0, 0, 0x0000_0800, 0, 0),
+            leaf(4, 0, 0x1c00_4121, 0, 0, 0),
+            leaf(4, 3, 0x1c03_c163, 0, 0, 0),
+            leaf(0xb, 0, 0, 0, 0, 0),
+            leaf(0xb, 1, 0, 0, 0, 0),
+            leaf(0x8000_0008, 0, 0, 0, 0, 0),
+            leaf(0x8000_001d, 0, 0x121, 0, 0, 0),
+            leaf(0x8000_001e, 0, 0, 0, 0, 0),
+        ];
+        patch_entries(&mut e, 7, &topology);
+        assert_eq!(find(&e, 1, 0).ebx, (9 << 24) | (6 << 16) | 0x800);
+        // Cores per package minus one; L1 shared by a core's 2 threads, L3 by the package's 6.
+        assert_eq!(find(&e, 4, 0).eax, (2 << 26) | (1 << 14) | 0x121);
+        assert_eq!(find(&e, 4, 3).eax, (2 << 26) | (5 << 14) | 0x163);
+        let smt = find(&e, 0xb, 0);
+        assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (1, 2, 0x100, 9));
+        let core = find(&e, 0xb, 1);
+        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (3, 6, 0x201, 9));
+        assert_eq!(find(&e, 0x8000_0008, 0).ecx, (3 << 12) | 5);
+        assert_eq!(find(&e, 0x8000_001d, 0).eax, (1 << 14) | 0x121);
+        let ext = find(&e, 0x8000_001e, 0);
+        assert_eq!((ext.eax, ext.ebx, ext.ecx), (9, (1 << 8), 1));
     }
 }

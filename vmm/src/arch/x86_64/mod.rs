@@ -8,3 +8,4 @@ pub mod layout;
 pub mod memory;
 pub mod msr;
 pub mod regs;
+pub mod topology;
