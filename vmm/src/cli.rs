@@ -102,7 +102,7 @@ impl Config {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     /// Run a VM.
-    Run(Config),
+    Run(Box<Config>),
     /// Print the usage text.
     Help,
 }
@@ -433,7 +433,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             _ => {}
         }
     }
-    Ok(Command::Run(Config {
+    Ok(Command::Run(Box::new(Config {
         mem_bytes: mem.unwrap_or(DEFAULT_MEM_BYTES),
         // One vCPU is always a valid topology.
         topology: topology.map_or_else(|| Topology::cores(1), Ok)?,
@@ -447,7 +447,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         iothreads,
         process_name: process_name.flatten(),
         pidfile,
-    }))
+    })))
 }
 
 #[cfg(test)]
@@ -460,7 +460,7 @@ mod tests {
 
     fn config(line: &str) -> Config {
         match parse_str(line) {
-            Ok(Command::Run(c)) => c,
+            Ok(Command::Run(c)) => *c,
             other => panic!("{line}: {other:?}"),
         }
     }

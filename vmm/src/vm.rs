@@ -497,7 +497,8 @@ impl VcpuThreads {
         let mut threads = Vec::with_capacity(vcpus.len());
         let mut kickers = Vec::with_capacity(vcpus.len());
         let mut result = Ok(());
-        for (index, vcpu) in (0u8..).zip(vcpus) {
+        // An inclusive range ends at 255 without overflowing (there are at most 255 vCPUs).
+        for (index, vcpu) in (0..=u8::MAX).zip(vcpus) {
             let kick = vcpu.kick_handle();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))

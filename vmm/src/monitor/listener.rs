@@ -107,6 +107,23 @@ fn remove_stale_socket(path: &PathBuf) -> Result<(), MonitorError> {
     }
 }
 
+/// The line `wait=on` prints before it waits, in QEMU's form with the program's name where QEMU
+/// puts "QEMU" (the address as bound, as QEMU prints it), so that whatever watches for QEMU's
+/// "waiting for connection on:" finds it here too.
+fn waiting_line(socket: &Socket) -> String {
+    let address = match socket {
+        Socket::Unix { path, .. } => format!("unix:{}", path.display()),
+        Socket::Tcp(listener) => match listener.local_addr() {
+            Ok(addr) => format!("tcp:{addr}"),
+            Err(_) => "tcp".to_owned(),
+        },
+    };
+    format!(
+        "vmm: -qmp {address},server=on: info: vmm waiting for connection on: \
+         disconnected:{address},server=on"
+    )
+}
+
 impl Listener {
     /// Binds the socket the options name; with `wait=on`, also waits for the first client.
     pub fn bind(options: &QmpOptions) -> Result<Self, MonitorError> {
@@ -149,7 +166,9 @@ impl Listener {
             waiting: None,
         };
         if options.wait {
-            log::info!("monitor: waiting for a QMP client before starting");
+            let line = waiting_line(&listener.socket);
+            eprintln!("{line}");
+            log::info!("{line}");
             listener.waiting = Some(listener.accept().map_err(MonitorError::Wait)?);
         }
         match &listener.socket {
