@@ -113,13 +113,14 @@ pub enum BootError {
         path: PathBuf,
     },
     /// linux-loader refused or could not load the kernel.
-    #[error("Cannot load kernel {path}")]
+    #[error("Cannot load kernel {path} (an {format}): {reason}")]
     LoadKernel {
         /// The file.
         path: PathBuf,
-        /// The loader's error.
-        #[source]
-        source: linux_loader::loader::Error,
+        /// What it was loaded as: "ELF vmlinux" or "bzImage".
+        format: &'static str,
+        /// The loader's innermost error (its outer errors repeat it in their text).
+        reason: String,
     },
     /// The command line is invalid or too long.
     #[error("Invalid kernel command line")]
@@ -207,6 +208,19 @@ struct LoadedKernel {
 }
 
 /// Loads the kernel, picking the protocol from the file's magic.
+/// The innermost error of `error`'s chain, without linux-loader's "Kernel Loader: " prefix:
+/// linux-loader's outer errors put their inner error's text in their own, so the whole chain
+/// would say it twice.
+fn loader_reason(error: &linux_loader::loader::Error) -> String {
+    let mut inner: &dyn std::error::Error = error;
+    while let Some(source) = inner.source() {
+        inner = source;
+    }
+    let text = inner.to_string();
+    text.strip_prefix("Kernel Loader: ")
+        .map_or_else(|| text.clone(), str::to_owned)
+}
+
 fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError> {
     let mut file = File::open(path).map_err(|source| BootError::OpenKernel {
         path: path.to_owned(),
@@ -223,13 +237,14 @@ fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError
         Err(e) => return Err(read_err(e)),
     };
     file.seek(SeekFrom::Start(0)).map_err(read_err)?;
-    let load_err = |source| BootError::LoadKernel {
+    let load_err = |format, error| BootError::LoadKernel {
         path: path.to_owned(),
-        source,
+        format,
+        reason: loader_reason(&error),
     };
     if is_elf {
-        let loaded =
-            Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+        let loaded = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+            .map_err(|e| load_err("ELF vmlinux", e))?;
         let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
             return Err(BootError::NoPvhEntry {
                 path: path.to_owned(),
@@ -252,7 +267,7 @@ fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError
                 path: path.to_owned(),
             })
         }
-        Err(e) => return Err(load_err(e)),
+        Err(e) => return Err(load_err("bzImage", e)),
     };
     let Some(header) = loaded
         .setup_header
@@ -571,8 +586,24 @@ mod tests {
         let huge = TempFile::new("huge", &images::bzimage(&vec![0x90; 9 << 20]));
         assert!(matches!(
             load(&huge.0, None, 8 << 20),
-            Err(BootError::LoadKernel { .. })
+            Err(BootError::LoadKernel {
+                format: "bzImage",
+                ..
+            })
         ));
+        // An ELF entered below 1 MiB (as /bin/true is): the loader's reason, said once.
+        let mut low = images::pvh_elf(&[0xf4], true);
+        low[24..32].copy_from_slice(&0x1000u64.to_le_bytes());
+        let low = TempFile::new("low-entry", &low);
+        let err = load(&low.0, None, 16 << 20).expect_err("entry below the kernel's load address");
+        assert!(std::error::Error::source(&err).is_none());
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "Cannot load kernel {} (an ELF vmlinux): Invalid entry address",
+                low.0.display()
+            )
+        );
         let long = "x".repeat(CMDLINE_MAX_SIZE + 1);
         let mem = create_guest_memory(16 << 20, u64::MAX).expect("maps");
         let cfg = BootConfig {
