@@ -39,7 +39,8 @@ Usage: vmm -kernel FILE [options]
   -object iothread,id=ID
                    an iothread (a thread of its own for the disks given iothread=ID)
   -drive file=PATH,format=raw|qcow2,if=none|virtio,id=ID[,cache=none|writeback|writethrough|directsync|unsafe][,readonly=on|off]
-         [,aio=threads|io_uring][,discard=ignore|unmap][,detect-zeroes=off|on|unmap][,stats-intervals=SECS[:SECS]][,node-name=NAME]
+         [,aio=threads|io_uring][,discard=ignore|unmap][,detect-zeroes=off|on|unmap][,stats-intervals=SECS[:SECS]]
+         [,werror=enospc|stop|report|ignore][,rerror=stop|report|ignore][,node-name=NAME]
                    a disk image (if=virtio also gives it a virtio-blk device on the main loop)
   -device virtio-blk-device,drive=ID[,id=ID][,iothread=ID][,serial=S][,num-queues=N][,queue-size=N]
                    a virtio-mmio disk for the guest
