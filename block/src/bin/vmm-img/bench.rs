@@ -1,9 +1,15 @@
 //! `vmm-img bench [-c COUNT] [-d DEPTH] [-f FMT] [-o OFFSET] [-s SIZE] [-S STEP]
-//! [-t none|writeback] [-w] [--pattern=N] FILE`: qemu-img bench's flags and output. DEPTH
-//! requests are in flight at once, each on a thread of its own issuing positional I/O through
-//! the `DiskImage` trait, so the figure covers the engine's locking and metadata path.
+//! [-t none|writeback] [-w [--pattern=N] [--flush-interval=N [--no-drain]]] FILE`: qemu-img
+//! bench's flags and output. DEPTH requests are in flight at once, each on a thread of its own
+//! issuing positional I/O through the `DiskImage` trait, so the figure covers the engine's
+//! locking and metadata path.
+//!
+//! `--flush-interval=N` flushes whenever the number of requests not yet issued is a multiple of
+//! N, as qemu-img bench does: by default the requests in flight drain first and no request is
+//! issued until the flush returns; with `--no-drain` the flush runs beside the other requests.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use block::{CacheMode, DiskImage};
@@ -13,7 +19,10 @@ use crate::chain::open_image;
 use crate::{CliError, CmdResult};
 
 pub fn run(argv: &[String]) -> CmdResult {
-    let a = Args::parse(argv, &["c", "d", "f", "o", "s", "S", "t", "pattern"])?;
+    let a = Args::parse(
+        argv,
+        &["c", "d", "f", "o", "s", "S", "t", "pattern", "flush-interval"],
+    )?;
     a.only(&[
         "c",
         "d",
@@ -25,6 +34,8 @@ pub fn run(argv: &[String]) -> CmdResult {
         "w",
         "q",
         "pattern",
+        "flush-interval",
+        "no-drain",
         "U",
         "force-share",
     ])?;
@@ -38,6 +49,28 @@ pub fn run(argv: &[String]) -> CmdResult {
     let pattern = u8::try_from(a.value("pattern").map_or(Ok(0), args::number)?)
         .map_err(|_| CliError::Usage("--pattern must be a byte".into()))?;
     let write = a.has("w");
+    let interval = match a.value("flush-interval") {
+        None => 0,
+        Some(v) => args::number(v)
+            .ok()
+            .filter(|n| i32::try_from(*n).is_ok())
+            .ok_or_else(|| {
+                CliError::Usage(format!(
+                    "invalid flush interval '{v}': must be between 0 and {}",
+                    i32::MAX
+                ))
+            })?,
+    };
+    if interval > 0 && !write {
+        return Err(CliError::Usage(
+            "--flush-interval is only available in write tests".into(),
+        ));
+    }
+    if interval > 0 && interval < depth {
+        return Err(CliError::Usage(
+            "flush interval can't be smaller than depth".into(),
+        ));
+    }
     let t = a.value("t").unwrap_or("writeback");
     let cache = CacheMode::parse(t)
         .ok_or_else(|| CliError::Usage(format!("unsupported cache mode '{t}'")))?;
@@ -55,35 +88,37 @@ pub fn run(argv: &[String]) -> CmdResult {
             "Sending {count} {} requests, {bufsize} bytes each, {depth} in parallel (starting at offset {start}, step size {step})",
             if write { "write" } else { "read" }
         );
+        if interval > 0 {
+            println!("Sending flush every {interval} requests");
+        }
     }
     let span = size - bufsize;
-    let next = AtomicU64::new(0);
+    let sched = Schedule::new(count, interval, !a.has("no-drain"));
     let t0 = Instant::now();
     let results: Vec<Result<(), block::Error>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..depth)
             .map(|_| {
-                let (img, next) = (&img, &next);
+                let (img, sched) = (&img, &sched);
                 s.spawn(move || {
                     // An aligned buffer, so cache=none needs no bounce copy.
                     let mut v = vec![pattern; bs + 4096];
                     let at = v.as_ptr().align_offset(4096);
                     let buf = &mut v[at..at + bs];
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= count {
-                            return Ok(());
-                        }
+                    while let Some(i) = sched.next(img)? {
                         let off = if span == 0 {
                             0
                         } else {
                             (start + i * step) % span
                         };
-                        if write {
-                            img.write_at(buf, off)?;
+                        let r = if write {
+                            img.write_at(buf, off)
                         } else {
-                            img.read_at(buf, off)?;
-                        }
+                            img.read_at(buf, off)
+                        };
+                        sched.done(img)?;
+                        r?;
                     }
+                    Ok(())
                 })
             })
             .collect();
@@ -104,4 +139,99 @@ pub fn run(argv: &[String]) -> CmdResult {
         img.flush()?;
     }
     Ok(0)
+}
+
+/// Hands out request numbers and issues the flushes of `--flush-interval`.
+struct Schedule {
+    count: u64,
+    /// Flush interval; 0 for none (then only `next` is used).
+    interval: u64,
+    drain: bool,
+    next: AtomicU64,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    issued: u64,
+    in_flight: u64,
+    /// The `issued` count at which the last drained flush ran.
+    flushed_at: Option<u64>,
+    flushing: bool,
+}
+
+impl Schedule {
+    fn new(count: u64, interval: u64, drain: bool) -> Schedule {
+        Schedule {
+            count,
+            interval,
+            drain,
+            next: AtomicU64::new(0),
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The next request to issue, after the drained flush due before it; `None` when all are
+    /// issued.
+    fn next(&self, img: &block::Image) -> Result<Option<u64>, block::Error> {
+        if self.interval == 0 {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            return Ok((i < self.count).then_some(i));
+        }
+        let mut st = self.lock();
+        loop {
+            let unissued = self.count - st.issued;
+            let due = self.drain
+                && st.issued > 0
+                && unissued % self.interval == 0
+                && st.flushed_at != Some(st.issued);
+            if due {
+                if st.in_flight == 0 && !st.flushing {
+                    st.flushing = true;
+                    drop(st);
+                    let r = img.flush();
+                    st = self.lock();
+                    st.flushing = false;
+                    st.flushed_at = Some(st.issued);
+                    self.changed.notify_all();
+                    r?;
+                } else {
+                    st = self
+                        .changed
+                        .wait(st)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                continue;
+            }
+            if unissued == 0 {
+                return Ok(None);
+            }
+            st.issued += 1;
+            st.in_flight += 1;
+            return Ok(Some(st.issued - 1));
+        }
+    }
+
+    /// A request finished: without draining, flushes when the requests not yet issued are a
+    /// multiple of the interval.
+    fn done(&self, img: &block::Image) -> Result<(), block::Error> {
+        if self.interval == 0 {
+            return Ok(());
+        }
+        let mut st = self.lock();
+        st.in_flight -= 1;
+        let due = !self.drain && (self.count - st.issued) % self.interval == 0;
+        self.changed.notify_all();
+        drop(st);
+        if due {
+            img.flush()?;
+        }
+        Ok(())
+    }
 }
