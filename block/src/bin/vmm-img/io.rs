@@ -1,7 +1,11 @@
 //! `vmm-img io [-f FMT] [-r] [-t CACHE] [-U] -c CMD... FILE`: qemu-io's command syntax for
 //! `read [-P pattern]`, `write [-P pattern] [-z [-u]]`, `discard`, `flush`, with k/M/G suffixes.
-//! `read -P` fails on a mismatch.
+//! `read -P` fails on a mismatch. Without `-c`, commands are read from standard input one line
+//! at a time after a `vmm-img> ` prompt (as qemu-io's `qemu-io> `), each run and reported
+//! before the next prompt, so a driver knows when a command (a flush too) has returned; the
+//! first failing command ends the run.
 
+use std::io::{BufRead, Write};
 use std::time::Instant;
 
 use block::{CacheMode, DiskImage, Image};
@@ -160,6 +164,19 @@ pub fn run(argv: &[String]) -> CmdResult {
     let img = open_image(file, a.value("f"), read_only, cache, lock)?;
     for c in &cmds {
         exec(&img, c)?;
+    }
+    if a.values("c").is_empty() {
+        let mut lines = std::io::stdin().lock().lines();
+        loop {
+            print!("vmm-img> ");
+            // A closed standard output only loses the prompt; the commands still run.
+            let _ = std::io::stdout().flush();
+            let Some(line) = lines.next() else { break };
+            let line = line.map_err(|e| CliError::Usage(format!("reading commands: {e}")))?;
+            if !line.trim().is_empty() {
+                exec(&img, &parse(&line)?)?;
+            }
+        }
     }
     Ok(0)
 }

@@ -1,0 +1,181 @@
+//! The power-cut harness: a workload runs under the recorder (`tests/powercut`, preloaded), then
+//! states a power cut could leave are rebuilt from the log (`replay`) and each is checked
+//! (`check`) against what the guest may read (`oracle`). `POWERCUT_SEED` picks the seed (printed),
+//! `POWERCUT_STATES` the states checked per run, `POWERCUT_SECONDS` repeats each run with the
+//! following seeds for that long (the long mode).
+#![allow(dead_code, clippy::unwrap_used)]
+
+pub mod check;
+pub mod driver;
+pub mod log;
+pub mod oracle;
+pub mod replay;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use driver::{Recording, Tool};
+use oracle::Oracle;
+use replay::Pending;
+
+/// A workload: images made before recording, then batches of qemu-io commands (each ending with
+/// `flush`) recorded.
+pub struct Workload {
+    pub name: String,
+    /// Makes the images in the given folder; returns the image the commands write.
+    pub create: Box<dyn Fn(&Path) -> PathBuf>,
+    pub batches: Vec<Vec<String>>,
+}
+
+impl std::fmt::Debug for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workload").field("name", &self.name).finish()
+    }
+}
+
+/// What one run checked and found.
+#[derive(Debug)]
+pub struct Report {
+    pub states: usize,
+    pub failures: Vec<String>,
+}
+
+fn env_u64(k: &str) -> Option<u64> {
+    std::env::var(k).ok().map(|v| v.parse().unwrap_or_else(|_| panic!("{k}={v}: not a number")))
+}
+
+/// The seed: `POWERCUT_SEED`, or a fixed one so CI is reproducible.
+pub fn seed() -> u64 {
+    env_u64("POWERCUT_SEED").unwrap_or(0x9c0f_fee5)
+}
+
+/// States checked per run: `POWERCUT_STATES`, or `default`.
+pub fn states(default: usize) -> usize {
+    env_u64("POWERCUT_STATES").map_or(default, |n| usize::try_from(n).unwrap())
+}
+
+/// Runs `round(seed)` once, or for `POWERCUT_SECONDS` with successive seeds.
+pub fn rounds(mut round: impl FnMut(u64)) {
+    let first = seed();
+    let budget = Duration::from_secs(env_u64("POWERCUT_SECONDS").unwrap_or(0));
+    let t0 = Instant::now();
+    let mut s = first;
+    loop {
+        round(s);
+        s = s.wrapping_add(1);
+        if t0.elapsed() >= budget {
+            break;
+        }
+    }
+}
+
+/// Records `w` written by `tool` and checks `n` rebuilt states (a third at sync points, the
+/// rest random cuts, plus the state after the tool exited). With `ignore_barriers`, every state
+/// is a random subset of all the writes, syncs ignored.
+pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool) -> Report {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let work = std::fs::canonicalize(&work).unwrap();
+    let top = (w.create)(&work);
+    let initial = oracle::sector_bytes(&check::read_disk(&top).unwrap());
+    let oracle = Oracle::new(initial, &w.batches);
+    let key = top.to_str().unwrap().to_string();
+    let before = HashMap::from([(key.clone(), std::fs::read(&top).unwrap())]);
+    let rec = Recording {
+        dir: work.clone(),
+        log: dir.path().join("log"),
+    };
+    let out = driver::run_batches(tool, &rec, &top, &w.batches, &[]);
+    assert!(
+        out.status.success() && !out.failed && out.flushed == w.batches.len(),
+        "{} under {}: {:?}, {} of {} batches flushed: {}",
+        w.name,
+        tool.name(),
+        out.status,
+        out.flushed,
+        w.batches.len(),
+        out.stderr
+    );
+    let recs = log::read(&rec.log);
+    let last = recs.len() - 1;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut cuts: Vec<(usize, Pending)> = Vec::new();
+    if ignore_barriers {
+        cuts.extend((0..n).map(|_| (rng.usize(0..=last), Pending::Random(rng.f64()))));
+    } else {
+        cuts.push((last, Pending::All));
+        let syncs = replay::sync_points(&recs);
+        let k = (n / 3).min(syncs.len());
+        cuts.extend((0..k).map(|i| (syncs[i * syncs.len() / k.max(1)], Pending::All)));
+        while cuts.len() < n.max(2) {
+            cuts.push((rng.usize(0..=last), Pending::Random(rng.f64())));
+        }
+    }
+    // The state's folder holds the other files (backing images) as they were.
+    let state_dir = dir.path().join("state");
+    std::fs::create_dir(&state_dir).unwrap();
+    for e in std::fs::read_dir(&work).unwrap() {
+        let e = e.unwrap();
+        if e.path() != top {
+            std::fs::hard_link(e.path(), state_dir.join(e.file_name())).unwrap();
+        }
+    }
+    let state_top = state_dir.join(top.file_name().unwrap());
+    let mut failures = Vec::new();
+    for (i, &(cut, pending)) in cuts.iter().enumerate() {
+        let files = replay::state(&before, &recs, cut, pending, ignore_barriers, &mut rng);
+        std::fs::write(&state_top, &files[&key]).unwrap();
+        let (done, active) = Oracle::position(&recs, cut);
+        let verdict = check::qemu_check(&state_top)
+            .and_then(|()| check::our_check(&state_top))
+            .and_then(|()| check::read_disk(&state_top))
+            .and_then(|disk| oracle.verify(&disk, done, active))
+            .and_then(|()| check::write_after(&state_top))
+            .and_then(|()| {
+                if i % 4 == 0 {
+                    check::qemu_check(&state_top)
+                        .map_err(|e| format!("after our write: {e}"))
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = verdict {
+            failures.push(format!(
+                "{} under {}, seed {seed}, state {i} (cut after record {cut} of {}, {pending:?}): {e}",
+                w.name,
+                tool.name(),
+                last + 1
+            ));
+        }
+    }
+    println!(
+        "{} under {}{}: seed {seed}, {} records ({} syncs), {} states checked, {} failed",
+        w.name,
+        tool.name(),
+        if ignore_barriers { " (barriers ignored)" } else { "" },
+        recs.len(),
+        replay::sync_points(&recs).len(),
+        cuts.len(),
+        failures.len()
+    );
+    for f in failures.iter().take(3) {
+        println!("  {f}");
+    }
+    Report {
+        states: cuts.len(),
+        failures,
+    }
+}
+
+/// Fails with the first failures when a run found any.
+pub fn assert_clean(r: &Report) {
+    assert!(
+        r.failures.is_empty(),
+        "{} of {} states failed; first: {:#?}",
+        r.failures.len(),
+        r.states,
+        &r.failures[..r.failures.len().min(3)]
+    );
+}
