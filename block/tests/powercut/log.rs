@@ -7,8 +7,8 @@ use std::path::Path;
 /// What a record says happened.
 #[derive(Debug, Clone)]
 pub enum Op {
-    /// Bytes written at an offset (only the bytes actually written).
-    Write { off: u64, data: Vec<u8> },
+    /// Bytes written at an offset (only the bytes actually written) of the `len` asked.
+    Write { off: u64, len: u64, data: Vec<u8> },
     /// A sync started: `id` pairs it with its end; `all` when it covers every file.
     SyncBegin { id: u64, all: bool },
     /// A sync returned.
@@ -66,15 +66,26 @@ pub fn read(path: &Path) -> Vec<Rec> {
         let op = match op {
             1 => Op::Write {
                 off: a,
+                len: b,
                 data: data.to_vec(),
             },
-            2 => Op::SyncBegin { id: a, all: mode == 2 },
-            3 => Op::SyncEnd { id: a, all: mode == 2 },
+            2 => Op::SyncBegin {
+                id: a,
+                all: mode == 2,
+            },
+            3 => Op::SyncEnd {
+                id: a,
+                all: mode == 2,
+            },
             4 => Op::Truncate { len: a },
-            5 => Op::Fallocate { mode, off: a, len: b },
+            5 => Op::Fallocate {
+                mode,
+                off: a,
+                len: b,
+            },
             6 => Op::SyncRange,
             MARKER => Op::Marker(String::from_utf8_lossy(data).into_owned()),
-            other => panic!("{}: unknown record kind {other}", path),
+            other => panic!("{path}: unknown record kind {other}"),
         };
         out.push(Rec { op, path, ret });
     }

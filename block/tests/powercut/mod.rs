@@ -2,7 +2,8 @@
 //! states a power cut could leave are rebuilt from the log (`replay`) and each is checked
 //! (`check`) against what the guest may read (`oracle`). `POWERCUT_SEED` picks the seed (printed),
 //! `POWERCUT_STATES` the states checked per run, `POWERCUT_SECONDS` repeats each run with the
-//! following seeds for that long (the long mode).
+//! following seeds for that long (the long mode); `POWERCUT_KEEP` keeps the folder (images,
+//! log, last state) of a run with failures.
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod check;
@@ -26,11 +27,17 @@ pub struct Workload {
     /// Makes the images in the given folder; returns the image the commands write.
     pub create: Box<dyn Fn(&Path) -> PathBuf>,
     pub batches: Vec<Vec<String>>,
+    /// Instead of sending the batches, runs `bench ARGS IMAGE` (`vmm-img` or `qemu-img`): the
+    /// batches then hold one batch with the bench's writes, which may land in any order until
+    /// the tool exits (its flushes are not placed in the log).
+    pub bench: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for Workload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Workload").field("name", &self.name).finish()
+        f.debug_struct("Workload")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -42,7 +49,10 @@ pub struct Report {
 }
 
 fn env_u64(k: &str) -> Option<u64> {
-    std::env::var(k).ok().map(|v| v.parse().unwrap_or_else(|_| panic!("{k}={v}: not a number")))
+    std::env::var(k).ok().map(|v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{k}={v}: not a number"))
+    })
 }
 
 /// The seed: `POWERCUT_SEED`, or a fixed one so CI is reproducible.
@@ -71,7 +81,7 @@ pub fn rounds(mut round: impl FnMut(u64)) {
 }
 
 /// Records `w` written by `tool` and checks `n` rebuilt states (a third at sync points, the
-/// rest random cuts, plus the state after the tool exited). With `ignore_barriers`, every state
+/// rest random cuts, plus the states before the first write and after the tool exited). With `ignore_barriers`, every state
 /// is a random subset of all the writes, syncs ignored.
 pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool) -> Report {
     let dir = tempfile::tempdir().unwrap();
@@ -87,30 +97,50 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
         dir: work.clone(),
         log: dir.path().join("log"),
     };
-    let out = driver::run_batches(tool, &rec, &top, &w.batches, &[]);
-    assert!(
-        out.status.success() && !out.failed && out.flushed == w.batches.len(),
-        "{} under {}: {:?}, {} of {} batches flushed: {}",
-        w.name,
-        tool.name(),
-        out.status,
-        out.flushed,
-        w.batches.len(),
-        out.stderr
-    );
+    if let Some(args) = &w.bench {
+        let program = match tool {
+            Tool::Ours => env!("CARGO_BIN_EXE_vmm-img"),
+            Tool::Qemu => "qemu-img",
+        };
+        let mut all: Vec<&str> = vec!["bench"];
+        all.extend(args.iter().map(String::as_str));
+        all.push(top.to_str().unwrap());
+        driver::run(&rec, program, &all);
+    } else {
+        let out = driver::run_batches(tool, &rec, &top, &w.batches, &[]);
+        assert!(
+            out.status.success() && !out.failed && out.flushed == w.batches.len(),
+            "{} under {}: {:?}, {} of {} batches flushed: {}",
+            w.name,
+            tool.name(),
+            out.status,
+            out.flushed,
+            w.batches.len(),
+            out.stderr
+        );
+    }
     let recs = log::read(&rec.log);
     let last = recs.len() - 1;
-    let mut rng = fastrand::Rng::with_seed(seed);
+    let random = |i: usize| {
+        let mut rng = state_rng(!seed, i);
+        (rng.usize(0..=last), Pending::Random(rng.f64()))
+    };
     let mut cuts: Vec<(usize, Pending)> = Vec::new();
     if ignore_barriers {
-        cuts.extend((0..n).map(|_| (rng.usize(0..=last), Pending::Random(rng.f64()))));
+        cuts.extend((0..n).map(random));
     } else {
+        // The files as the workload found them, and as the tool left them.
+        cuts.push((0, Pending::Random(0.0)));
         cuts.push((last, Pending::All));
         let syncs = replay::sync_points(&recs);
         let k = (n / 3).min(syncs.len());
         cuts.extend((0..k).map(|i| (syncs[i * syncs.len() / k.max(1)], Pending::All)));
-        while cuts.len() < n.max(2) {
-            cuts.push((rng.usize(0..=last), Pending::Random(rng.f64())));
+        // Random cuts are numbered from 1000, so their cut and subset do not depend on how
+        // many sync points the budget took.
+        let mut j = 1000;
+        while cuts.len() < n.max(3) {
+            cuts.push(random(j));
+            j += 1;
         }
     }
     // The state's folder holds the other files (backing images) as they were.
@@ -125,9 +155,15 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
     let state_top = state_dir.join(top.file_name().unwrap());
     let mut failures = Vec::new();
     for (i, &(cut, pending)) in cuts.iter().enumerate() {
+        // Each state's subset from its own seed, so a state is found again whatever the budget.
+        let mut rng = state_rng(seed, i);
         let files = replay::state(&before, &recs, cut, pending, ignore_barriers, &mut rng);
         std::fs::write(&state_top, &files[&key]).unwrap();
-        let (done, active) = Oracle::position(&recs, cut);
+        let (done, active) = match (&w.bench, cut == last) {
+            (None, _) => Oracle::position(&recs, cut),
+            (Some(_), false) => (None, Some(0)),
+            (Some(_), true) => (Some(0), None),
+        };
         let verdict = check::qemu_check(&state_top)
             .and_then(|()| check::our_check(&state_top))
             .and_then(|()| check::read_disk(&state_top))
@@ -135,8 +171,7 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
             .and_then(|()| check::write_after(&state_top))
             .and_then(|()| {
                 if i % 4 == 0 {
-                    check::qemu_check(&state_top)
-                        .map_err(|e| format!("after our write: {e}"))
+                    check::qemu_check(&state_top).map_err(|e| format!("after our write: {e}"))
                 } else {
                     Ok(())
                 }
@@ -154,7 +189,11 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
         "{} under {}{}: seed {seed}, {} records ({} syncs), {} states checked, {} failed",
         w.name,
         tool.name(),
-        if ignore_barriers { " (barriers ignored)" } else { "" },
+        if ignore_barriers {
+            " (barriers ignored)"
+        } else {
+            ""
+        },
         recs.len(),
         replay::sync_points(&recs).len(),
         cuts.len(),
@@ -163,10 +202,18 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
     for f in failures.iter().take(3) {
         println!("  {f}");
     }
+    if !failures.is_empty() && std::env::var_os("POWERCUT_KEEP").is_some() {
+        println!("  kept: {}", dir.keep().display());
+    }
     Report {
         states: cuts.len(),
         failures,
     }
+}
+
+/// The random source of state `i` of a run.
+fn state_rng(seed: u64, i: usize) -> fastrand::Rng {
+    fastrand::Rng::with_seed(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64)
 }
 
 /// Fails with the first failures when a run found any.

@@ -36,7 +36,10 @@ fn effect(cmd: &str) -> Option<(u64, u64, Effect)> {
         [.., o, l] => (number(o), number(l)),
         _ => panic!("unexpected command {cmd}"),
     };
-    assert!(off % SECTOR == 0 && len % SECTOR == 0, "{cmd}: not sector-aligned");
+    assert!(
+        off % SECTOR == 0 && len % SECTOR == 0,
+        "{cmd}: not sector-aligned"
+    );
     let eff = match w[0] {
         "discard" => Effect::MayZero,
         "write" if w.contains(&"-z") => Effect::Set(0),
@@ -131,16 +134,25 @@ impl Oracle {
             Some(set) => set.contains(&v),
             None => self.initial[usize::try_from(s).unwrap()] == v,
         };
-        at_flush || active.is_some_and(|j| self.batch[j].get(&s).is_some_and(|set| set.contains(&v)))
+        at_flush
+            || active.is_some_and(|j| self.batch[j].get(&s).is_some_and(|set| set.contains(&v)))
     }
 
     /// Checks a whole disk's contents; describes the first sector that is not allowed.
-    pub fn verify(&self, disk: &[u8], done: Option<usize>, active: Option<usize>) -> Result<(), String> {
+    pub fn verify(
+        &self,
+        disk: &[u8],
+        done: Option<usize>,
+        active: Option<usize>,
+    ) -> Result<(), String> {
         for (i, sec) in disk.chunks(usize::try_from(SECTOR).unwrap()).enumerate() {
             let s = i as u64;
             let v = sec[0];
             if sec.iter().any(|&b| b != v) {
-                return Err(format!("sector {s} (byte {}) holds mixed bytes", s * SECTOR));
+                return Err(format!(
+                    "sector {s} (byte {}) holds mixed bytes",
+                    s * SECTOR
+                ));
             }
             if !self.allows(s, v, done, active) {
                 let expected = match done.and_then(|k| self.after[k].get(&s)) {
@@ -162,7 +174,10 @@ pub fn sector_bytes(disk: &[u8]) -> Vec<u8> {
     disk.chunks(usize::try_from(SECTOR).unwrap())
         .enumerate()
         .map(|(i, sec)| {
-            assert!(sec.iter().all(|&b| b == sec[0]), "sector {i} is not uniform before the workload");
+            assert!(
+                sec.iter().all(|&b| b == sec[0]),
+                "sector {i} is not uniform before the workload"
+            );
             sec[0]
         })
         .collect()

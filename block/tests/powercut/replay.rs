@@ -74,7 +74,7 @@ fn write(file: &mut Vec<u8>, off: u64, data: &[u8], keep: &mut dyn FnMut() -> bo
 
 fn apply(file: &mut Vec<u8>, op: &Op, keep: &mut dyn FnMut() -> bool) {
     match *op {
-        Op::Write { off, ref data } => write(file, off, data, keep),
+        Op::Write { off, ref data, .. } => write(file, off, data, keep),
         Op::Truncate { len } => file.resize(usize::try_from(len).unwrap(), 0),
         Op::Fallocate { mode, off, len } => {
             let end = usize::try_from(off + len).unwrap();
@@ -106,7 +106,13 @@ pub fn state(
     let prefix = durable_prefix(recs, cut, ignore_barriers);
     let mut files = before.clone();
     for (i, r) in recs.iter().enumerate().take(cut + 1) {
-        if !r.ok() || r.path.is_empty() || !matches!(r.op, Op::Write { .. } | Op::Truncate { .. } | Op::Fallocate { .. }) {
+        if !r.ok()
+            || r.path.is_empty()
+            || !matches!(
+                r.op,
+                Op::Write { .. } | Op::Truncate { .. } | Op::Fallocate { .. }
+            )
+        {
             continue;
         }
         let file = files.entry(r.path.clone()).or_default();

@@ -278,7 +278,14 @@ unsafe fn pwrite_common(
     let wrote = usize::try_from(r).unwrap_or(0);
     // SAFETY: the caller's buffer is readable for n >= wrote bytes.
     let data = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), wrote) };
-    log_write(cfg, &path, off.unsigned_abs(), n, i64::try_from(r).unwrap_or(-1), &[data]);
+    log_write(
+        cfg,
+        &path,
+        off.unsigned_abs(),
+        n,
+        i64::try_from(r).unwrap_or(-1),
+        &[data],
+    );
     r
 }
 
@@ -309,7 +316,14 @@ unsafe fn pwritev_common(
     let r = call();
     // SAFETY: as above; the first r bytes were written from these buffers.
     let data = unsafe { iov_slices(iov, cnt, usize::try_from(r).unwrap_or(0)) };
-    log_write(cfg, &path, off.unsigned_abs(), asked, i64::try_from(r).unwrap_or(-1), &data);
+    log_write(
+        cfg,
+        &path,
+        off.unsigned_abs(),
+        asked,
+        i64::try_from(r).unwrap_or(-1),
+        &data,
+    );
     r
 }
 
@@ -370,7 +384,8 @@ pub unsafe extern "C" fn pwritev2(
     off: off_t,
     flags: c_int,
 ) -> ssize_t {
-    let f = real!(pwritev2: unsafe extern "C" fn(c_int, *const iovec, c_int, off_t, c_int) -> ssize_t);
+    let f =
+        real!(pwritev2: unsafe extern "C" fn(c_int, *const iovec, c_int, off_t, c_int) -> ssize_t);
     // SAFETY: the caller's arguments are passed on unchanged.
     unsafe { pwritev_common(fd, iov, cnt, off, || f(fd, iov, cnt, off, flags)) }
 }
@@ -432,7 +447,16 @@ fn logged_sync(cfg: &Config, path: &str, mode: u32, call: impl FnOnce() -> c_int
     let id = SYNC_IDS.fetch_add(1, Ordering::SeqCst);
     append(cfg, OP_SYNC_BEGIN, mode, id, 0, 0, path, &[]);
     let r = call();
-    append(cfg, OP_SYNC_END, mode, id, 0, outcome(i64::from(r)), path, &[]);
+    append(
+        cfg,
+        OP_SYNC_END,
+        mode,
+        id,
+        0,
+        outcome(i64::from(r)),
+        path,
+        &[],
+    );
     r
 }
 
@@ -512,7 +536,16 @@ pub unsafe extern "C" fn sync_file_range(
     let r = unsafe { f(fd, off, n, flags) };
     if let Some((cfg, path)) = config().and_then(|c| Some((c, watched(c, fd)?))) {
         let ret = outcome(i64::from(r));
-        append(cfg, OP_SYNC_RANGE, flags, off.unsigned_abs(), n.unsigned_abs(), ret, &path, &[]);
+        append(
+            cfg,
+            OP_SYNC_RANGE,
+            flags,
+            off.unsigned_abs(),
+            n.unsigned_abs(),
+            ret,
+            &path,
+            &[],
+        );
     }
     r
 }
@@ -523,7 +556,16 @@ fn truncate_common(fd: c_int, len: off64_t, call: impl FnOnce() -> c_int) -> c_i
         return call();
     };
     if let Some(e) = inject(cfg, Kind::Truncate) {
-        append(cfg, OP_TRUNCATE, 0, len.unsigned_abs(), 0, -i64::from(e), &path, &[]);
+        append(
+            cfg,
+            OP_TRUNCATE,
+            0,
+            len.unsigned_abs(),
+            0,
+            -i64::from(e),
+            &path,
+            &[],
+        );
         set_errno(e);
         return -1;
     }
@@ -570,7 +612,16 @@ fn fallocate_common(
         return -1;
     }
     let r = call();
-    append(cfg, OP_FALLOCATE, m, o, l, outcome(i64::from(r)), &path, &[]);
+    append(
+        cfg,
+        OP_FALLOCATE,
+        m,
+        o,
+        l,
+        outcome(i64::from(r)),
+        &path,
+        &[],
+    );
     r
 }
 

@@ -21,7 +21,17 @@ use crate::{CliError, CmdResult};
 pub fn run(argv: &[String]) -> CmdResult {
     let a = Args::parse(
         argv,
-        &["c", "d", "f", "o", "s", "S", "t", "pattern", "flush-interval"],
+        &[
+            "c",
+            "d",
+            "f",
+            "o",
+            "s",
+            "S",
+            "t",
+            "pattern",
+            "flush-interval",
+        ],
     )?;
     a.only(&[
         "c",
@@ -189,7 +199,7 @@ impl Schedule {
             let unissued = self.count - st.issued;
             let due = self.drain
                 && st.issued > 0
-                && unissued % self.interval == 0
+                && unissued.is_multiple_of(self.interval)
                 && st.flushed_at != Some(st.issued);
             if due {
                 if st.in_flight == 0 && !st.flushing {
@@ -226,7 +236,7 @@ impl Schedule {
         }
         let mut st = self.lock();
         st.in_flight -= 1;
-        let due = !self.drain && (self.count - st.issued) % self.interval == 0;
+        let due = !self.drain && (self.count - st.issued).is_multiple_of(self.interval);
         self.changed.notify_all();
         drop(st);
         if due {
