@@ -260,10 +260,10 @@ fn bench(cs: u64, drain: bool) -> Workload {
     }
 }
 
-fn check_workload(w: Workload, tool: Tool, default_states: usize) {
+fn check_workload(make: impl Fn(u64) -> Workload, tool: Tool, default_states: usize) {
     let n = powercut::states(default_states);
     powercut::rounds(|seed| {
-        let r = powercut::run(&w, tool, seed, n, false);
+        let r = powercut::run(&make(seed), tool, seed, n, false);
         powercut::assert_clean(&r);
     });
 }
@@ -273,11 +273,11 @@ macro_rules! workload_tests {
     ($($(#[$attr:meta])* $name:ident: $make:expr;)*) => {
         mod ours {
             use super::*;
-            $($(#[$attr])* #[test] fn $name() { check_workload($make(powercut::seed()), Tool::Ours, 12) })*
+            $($(#[$attr])* #[test] fn $name() { check_workload($make, Tool::Ours, 12) })*
         }
         mod qemu {
             use super::*;
-            $($(#[$attr])* #[test] fn $name() { check_workload($make(powercut::seed()), Tool::Qemu, 12) })*
+            $($(#[$attr])* #[test] fn $name() { check_workload($make, Tool::Qemu, 12) })*
         }
     };
 }
