@@ -296,9 +296,7 @@ workload_tests! {
     discard_4k: |s| zeroes_and_discards(4096, s, true);
     discard_64k: |s| zeroes_and_discards(65536, s, true);
     compressed_cow_64k: |s| cow(65536, s, true);
-    #[ignore = "engine defect: vmm-img check and open refuse the image qemu-img snapshot -c leaves (snapshot table entry 0 is malformed: the table's last entry ends unpadded at the end of the file)"]
     snapshot_cow_4k: |s| cow(4096, s, false);
-    #[ignore = "engine defect: vmm-img check and open refuse the image qemu-img snapshot -c leaves (snapshot table entry 0 is malformed: the table's last entry ends unpadded at the end of the file)"]
     snapshot_cow_64k: |s| cow(65536, s, false);
     extended_l2_64k: |s| extended_l2(65536, s);
     extended_l2_32k: |s| extended_l2(32768, s);

@@ -167,10 +167,14 @@ fn each_call_fails(kind: &str, errno: &str, only: &[&str]) -> usize {
         ];
         let out = driver::run_batches(Tool::Ours, &rec, &top, &batches, &env);
         let recs = log::read(&rec.log);
-        let fault = recs
-            .iter()
-            .position(|r| is_fault(r, kind))
-            .expect("the fault was injected");
+        let Some(fault) = recs.iter().position(|r| is_fault(r, kind)) else {
+            panic!(
+                "call {at} was not reached: the run made {} {kind} calls ({:?}): {}",
+                recs.iter().filter(|r| is_call(r, kind)).count(),
+                out.status,
+                out.stderr
+            );
+        };
         let last_flush = format!("F {}", batches.len() - 1);
         let after_last_flush = recs[..fault]
             .iter()

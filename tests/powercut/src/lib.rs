@@ -270,8 +270,8 @@ unsafe fn pwrite_common(
         return call();
     };
     if let Some(e) = inject(cfg, Kind::Write) {
-        log_write(cfg, &path, off.unsigned_abs(), n, -1, &[]);
         set_errno(e);
+        log_write(cfg, &path, off.unsigned_abs(), n, -1, &[]);
         return -1;
     }
     let r = call();
@@ -309,8 +309,8 @@ unsafe fn pwritev_common(
         .map(|s| s.len())
         .sum();
     if let Some(e) = inject(cfg, Kind::Write) {
-        log_write(cfg, &path, off.unsigned_abs(), asked, -1, &[]);
         set_errno(e);
+        log_write(cfg, &path, off.unsigned_abs(), asked, -1, &[]);
         return -1;
     }
     let r = call();
@@ -419,8 +419,8 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssiz
     // SAFETY: lseek64 on the caller's descriptor only reads its position.
     let before = unsafe { libc::lseek64(fd, 0, libc::SEEK_CUR) };
     if let Some(e) = inject(cfg, Kind::Write) {
-        log_write(cfg, &path, before.unsigned_abs(), n, -1, &[]);
         set_errno(e);
+        log_write(cfg, &path, before.unsigned_abs(), n, -1, &[]);
         return -1;
     }
     // SAFETY: the caller's arguments are passed on unchanged.
