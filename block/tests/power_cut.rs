@@ -334,3 +334,64 @@ fn ours_extended_l2_64k_deep() {
     let r = powercut::run(&extended_l2(65536, FOUND), Tool::Ours, FOUND, 300, false);
     powercut::assert_clean(&r);
 }
+
+/// `bench --flush-interval` flushes after the same requests as qemu-img bench: on a raw image
+/// every write is a request's, so the recorded writes between syncs show where flushes fell.
+#[test]
+fn bench_flushes_where_qemu_img_bench_does() {
+    use powercut::driver::{self, Recording};
+    use powercut::log::{self, Op};
+    // -d 4 issues 4 requests at once, passing over the flush due after 2.
+    for (depth, want) in [
+        ("1", [2, 6, 10].as_slice()),
+        ("2", &[2, 6, 10]),
+        ("4", &[6, 10]),
+    ] {
+        let mut seen = Vec::new();
+        for tool in [Tool::Ours, Tool::Qemu] {
+            let dir = tempfile::tempdir().unwrap();
+            let work = std::fs::canonicalize(dir.path()).unwrap().join("work");
+            std::fs::create_dir(&work).unwrap();
+            let img = work.join("disk.raw");
+            qemu_img(&["create", "-q", "-f", "raw", img.to_str().unwrap(), "1M"]);
+            let rec = Recording {
+                dir: work.clone(),
+                log: dir.path().join("log"),
+            };
+            let program = match tool {
+                Tool::Ours => env!("CARGO_BIN_EXE_vmm-img"),
+                Tool::Qemu => "qemu-img",
+            };
+            let args = [
+                "bench",
+                "-w",
+                "-f",
+                "raw",
+                "-c",
+                "10",
+                "-d",
+                depth,
+                "--flush-interval=4",
+            ];
+            let mut all = args.to_vec();
+            all.push(img.to_str().unwrap());
+            driver::run(&rec, program, &all);
+            // Writes completed before each flush (a flush's several syncs count once).
+            let mut writes = 0;
+            let mut flushes: Vec<usize> = Vec::new();
+            for r in log::read(&rec.log) {
+                match r.op {
+                    Op::Write { .. } => writes += 1,
+                    Op::SyncEnd { .. } if flushes.last() != Some(&writes) => flushes.push(writes),
+                    _ => {}
+                }
+            }
+            seen.push(flushes);
+        }
+        assert_eq!(seen[1], want, "-d {depth}: qemu-img bench's flushes");
+        assert_eq!(
+            seen[0], seen[1],
+            "-d {depth}: writes before each flush, ours then qemu-img's"
+        );
+    }
+}

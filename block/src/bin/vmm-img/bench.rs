@@ -7,6 +7,8 @@
 //! `--flush-interval=N` flushes whenever the number of requests not yet issued is a multiple of
 //! N, as qemu-img bench does: by default the requests in flight drain first and no request is
 //! issued until the flush returns; with `--no-drain` the flush runs beside the other requests.
+//! As in qemu-img bench, the first DEPTH requests go out at once, unchecked, so a multiple
+//! passed over by that first burst brings no flush.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -103,7 +105,7 @@ pub fn run(argv: &[String]) -> CmdResult {
         }
     }
     let span = size - bufsize;
-    let sched = Schedule::new(count, interval, !a.has("no-drain"));
+    let sched = Schedule::new(count, depth, interval, !a.has("no-drain"));
     let t0 = Instant::now();
     let results: Vec<Result<(), block::Error>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..depth)
@@ -154,6 +156,8 @@ pub fn run(argv: &[String]) -> CmdResult {
 /// Hands out request numbers and issues the flushes of `--flush-interval`.
 struct Schedule {
     count: u64,
+    /// Requests issued before the first flush check (qemu-img bench's first burst).
+    burst: u64,
     /// Flush interval; 0 for none (then only `next` is used).
     interval: u64,
     drain: bool,
@@ -172,9 +176,10 @@ struct State {
 }
 
 impl Schedule {
-    fn new(count: u64, interval: u64, drain: bool) -> Schedule {
+    fn new(count: u64, depth: u64, interval: u64, drain: bool) -> Schedule {
         Schedule {
             count,
+            burst: depth.min(count),
             interval,
             drain,
             next: AtomicU64::new(0),
@@ -198,7 +203,7 @@ impl Schedule {
         loop {
             let unissued = self.count - st.issued;
             let due = self.drain
-                && st.issued > 0
+                && st.issued >= self.burst
                 && unissued.is_multiple_of(self.interval)
                 && st.flushed_at != Some(st.issued);
             if due {
@@ -236,7 +241,9 @@ impl Schedule {
         }
         let mut st = self.lock();
         st.in_flight -= 1;
-        let due = !self.drain && (self.count - st.issued).is_multiple_of(self.interval);
+        let due = !self.drain
+            && st.issued >= self.burst
+            && (self.count - st.issued).is_multiple_of(self.interval);
         self.changed.notify_all();
         drop(st);
         if due {
