@@ -123,6 +123,38 @@ pub struct HostFile {
     path: String,
     direct: bool,
     id: FileId,
+    /// Unit tests only: sees every write, sync and hole punch before it happens, and may fail it.
+    #[cfg(test)]
+    hook: std::sync::RwLock<Option<test_hook::Hook>>,
+}
+
+/// A test-only look at the file's modifying calls (unit tests observe orderings and inject
+/// errors with it; it does not exist outside `cfg(test)`).
+#[cfg(test)]
+pub(crate) mod test_hook {
+    /// A modifying call on the file.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Op {
+        /// `pwrite` of `len` bytes at `offset`.
+        Write { offset: u64, len: u64 },
+        /// `fdatasync`.
+        Sync,
+        /// Hole punch of `len` bytes at `offset`.
+        Punch { offset: u64, len: u64 },
+    }
+
+    /// Called before each call; an error is returned instead of doing it.
+    pub type HookFn = dyn Fn(Op) -> std::io::Result<()> + Send + Sync;
+
+    /// An installed hook.
+    #[derive(Clone)]
+    pub struct Hook(pub std::sync::Arc<HookFn>);
+
+    impl std::fmt::Debug for Hook {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Hook")
+        }
+    }
 }
 
 fn is_aligned(v: u64) -> bool {
@@ -213,6 +245,28 @@ impl HostFile {
             path: name,
             direct: cache == CacheMode::None,
             id: FileId::of(&meta),
+            #[cfg(test)]
+            hook: std::sync::RwLock::new(None),
+        })
+    }
+
+    /// Installs (or with `None` removes) the test hook.
+    #[cfg(test)]
+    pub(crate) fn set_hook(&self, hook: Option<test_hook::Hook>) {
+        *self.hook.write().unwrap_or_else(|p| p.into_inner()) = hook;
+    }
+
+    /// Runs the test hook on a call about to be made; its error reads as the call's own.
+    #[cfg(test)]
+    fn hook(&self, op: test_hook::Op) -> Result<(), Error> {
+        let hook = self.hook.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(h) = hook else {
+            return Ok(());
+        };
+        (h.0)(op).map_err(|e| match op {
+            test_hook::Op::Write { offset, .. } => self.io_err("write", offset, e),
+            test_hook::Op::Sync => self.io_err("flush", 0, e),
+            test_hook::Op::Punch { offset, .. } => self.io_err("discard", offset, e),
         })
     }
 
@@ -335,6 +389,11 @@ impl HostFile {
     }
 
     fn write_raw(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
+        #[cfg(test)]
+        self.hook(test_hook::Op::Write {
+            offset,
+            len: buf.len() as u64,
+        })?;
         self.file
             .write_all_at(buf, offset)
             .map_err(|e| self.io_err("write", offset, e))
@@ -342,6 +401,8 @@ impl HostFile {
 
     /// Makes written data durable.
     pub fn sync(&self) -> Result<(), Error> {
+        #[cfg(test)]
+        self.hook(test_hook::Op::Sync)?;
         self.file
             .sync_data()
             .map_err(|e| self.io_err("flush", 0, e))
@@ -392,6 +453,8 @@ impl HostFile {
                 std::io::Error::from_raw_os_error(libc::EINVAL),
             ));
         };
+        #[cfg(test)]
+        self.hook(test_hook::Op::Punch { offset, len })?;
         // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
         let r = unsafe {
             libc::fallocate(
