@@ -6,7 +6,9 @@
 //! a guest range ([`DiskImage::map_direct`](crate::DiskImage::map_direct)) together with a
 //! [`DirectPin`]: while the pin lives, the image does not reuse a host cluster it frees (qcow2
 //! quarantines it, as for its own lock-free data I/O), so a mapping handed out stays safe to use
-//! until the engine's I/O on it ends. A mapping is only handed out when it is known without
+//! until the engine's I/O on it ends. Pins count themselves in epochs ([`Epochs`]), so a freed
+//! cluster becomes reusable as soon as the requests that began before its release have ended,
+//! even while newer requests keep the disk busy. A mapping is only handed out when it is known without
 //! blocking (no table read, no lock wait) and, for a write, when the bytes may be written in
 //! place (qcow2: allocated, uncompressed, refcount exactly one). Everything else goes through
 //! the image's methods on a worker.
@@ -58,10 +60,60 @@ pub struct Extent {
     pub len: u64,
 }
 
+/// Grace periods for the host clusters an image frees while requests may still use them, as
+/// epoch-based reclamation does: each pin counts itself in the epoch current when it began, and
+/// a cluster released in epoch `E` is reusable once the epoch reached `E + 2`
+/// ([`Epochs::is_past`]).
+///
+/// The epoch moves from `E` to `E + 1` only when no pin of epoch `E - 1` is left, so reaching
+/// `E + 2` means every pin of epoch `E` or older has ended. Pins of the current and the previous
+/// epoch are all there can be, so two counters suffice, one per epoch parity. A pin counts
+/// itself, then checks that the epoch did not move meanwhile (else it counts itself again in the
+/// new one), so a counted pin's epoch was current after it was counted: any mapping it looks up
+/// afterwards is one that a release in its epoch or later may have dropped, never an older one.
+/// The epoch moves on whenever a pin count drops to zero and when the owner asks
+/// ([`Epochs::advance`]), from any thread (a compare-and-swap, so it never goes back).
+#[derive(Debug, Default)]
+pub struct Epochs {
+    current: AtomicU64,
+    pins: [AtomicU64; 2],
+}
+
+impl Epochs {
+    /// The current epoch.
+    pub fn current(&self) -> u64 {
+        self.current.load(Ordering::SeqCst)
+    }
+
+    /// Moves to the next epoch if no pin of the previous one is left; returns the current epoch.
+    pub fn advance(&self) -> u64 {
+        let e = self.current.load(Ordering::SeqCst);
+        if self.pins[Self::slot(e + 1)].load(Ordering::SeqCst) != 0 {
+            return e;
+        }
+        match self
+            .current
+            .compare_exchange(e, e + 1, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => e + 1,
+            Err(now) => now,
+        }
+    }
+
+    /// Whether every pin that could reach a cluster released in `epoch` has ended.
+    pub fn is_past(&self, epoch: u64) -> bool {
+        self.current() >= epoch.saturating_add(2)
+    }
+
+    fn slot(epoch: u64) -> usize {
+        usize::from(epoch % 2 == 1)
+    }
+}
+
 /// Keeps the host clusters of a mapping from being reused until dropped (see the module
 /// documentation); images without freeing (raw) hand out an empty pin.
 #[derive(Debug)]
-pub struct DirectPin(Option<Arc<AtomicU64>>);
+pub struct DirectPin(Option<(Arc<Epochs>, usize)>);
 
 impl DirectPin {
     /// A pin that holds nothing.
@@ -69,17 +121,27 @@ impl DirectPin {
         DirectPin(None)
     }
 
-    /// Counts one user of `count` until dropped.
-    pub(crate) fn count(count: &Arc<AtomicU64>) -> DirectPin {
-        count.fetch_add(1, Ordering::SeqCst);
-        DirectPin(Some(Arc::clone(count)))
+    /// Counts one user in the current epoch of `epochs` until dropped; take it before looking
+    /// up the mapping it protects.
+    pub(crate) fn enter(epochs: &Arc<Epochs>) -> DirectPin {
+        loop {
+            let e = epochs.current();
+            let slot = Epochs::slot(e);
+            epochs.pins[slot].fetch_add(1, Ordering::SeqCst);
+            if epochs.current() == e {
+                return DirectPin(Some((Arc::clone(epochs), slot)));
+            }
+            epochs.pins[slot].fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
 impl Drop for DirectPin {
     fn drop(&mut self) {
-        if let Some(count) = &self.0 {
-            count.fetch_sub(1, Ordering::SeqCst);
+        if let Some((epochs, slot)) = &self.0 {
+            if epochs.pins[*slot].fetch_sub(1, Ordering::SeqCst) == 1 {
+                epochs.advance();
+            }
         }
     }
 }
@@ -128,15 +190,33 @@ mod tests {
     }
 
     #[test]
-    fn a_pin_counts_while_it_lives() {
-        let count = Arc::new(AtomicU64::new(0));
-        let a = DirectPin::count(&count);
-        let b = DirectPin::count(&count);
-        assert_eq!(count.load(Ordering::SeqCst), 2);
-        drop(a);
-        assert_eq!(count.load(Ordering::SeqCst), 1);
-        drop(b);
+    fn a_release_waits_for_older_pins_only() {
+        let epochs = Arc::new(Epochs::default());
+        let old = DirectPin::enter(&epochs);
+        assert_eq!(epochs.advance(), 1);
+        // A cluster released now could still be in use by `old`.
+        let released = epochs.current();
+        let newer = DirectPin::enter(&epochs);
+        // `old` (epoch 0) holds the epoch at 1.
+        assert_eq!(epochs.advance(), 1);
+        assert!(!epochs.is_past(released));
+        // The last pin of epoch 0 moves the epoch on as it ends.
+        drop(old);
+        assert_eq!(epochs.current(), 2);
+        // `newer` began in epoch 1, when the cluster may already have been unmapped but not
+        // yet released: it holds the release back too.
+        assert_eq!(epochs.advance(), 2);
+        assert!(!epochs.is_past(released));
+        let newest = DirectPin::enter(&epochs);
+        drop(newer);
+        // Pins that began after the release do not hold it.
+        assert_eq!(epochs.current(), 3);
+        assert!(epochs.is_past(released));
+        drop(newest);
         drop(DirectPin::none());
-        assert_eq!(count.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            epochs.pins.each_ref().map(|p| p.load(Ordering::SeqCst)),
+            [0, 0]
+        );
     }
 }

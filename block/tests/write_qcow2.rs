@@ -321,3 +321,77 @@ fn freed_clusters_are_reused_once_no_request_is_in_flight() {
     drop(img);
     assert_check_clean(&p);
 }
+
+#[test]
+fn freed_clusters_are_reused_while_requests_stay_in_flight() {
+    const CS: u64 = 65536;
+    const THREADS: u64 = 4;
+    const REGION: u64 = 64 * CS;
+    const CHUNK: u64 = 4 * CS;
+    const ROUNDS: u64 = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "busy.qcow2");
+    create_qcow2(&[p.to_str().unwrap(), "64M"]);
+    let img = open_rw(&p);
+    // One cluster that readers keep reading meanwhile: the disk is never idle.
+    let busy = 63 << 20;
+    img.write_at(&[9; CS as usize], busy).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let peak_live = THREADS * REGION + CS;
+    // The byte each chunk of a region holds last: (thread, round) makes it.
+    let last = |t: u64, chunk: u64| {
+        let round = (0..ROUNDS).rev().find(|r| r % (REGION / CHUNK) == chunk);
+        round.map_or(0xee, |r| (t * ROUNDS + r) as u8 | 1)
+    };
+    std::thread::scope(|s| {
+        let (img, stop) = (&img, &stop);
+        for _ in 0..2 {
+            s.spawn(move || {
+                let mut b = vec![0u8; 4096];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    img.read_at(&mut b, busy).unwrap();
+                    assert!(b.iter().all(|&x| x == 9));
+                }
+            });
+        }
+        let writers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                s.spawn(move || {
+                    let base = t * REGION;
+                    img.write_at(&vec![0xee; REGION as usize], base).unwrap();
+                    // Discard and rewrite one chunk of the region after another, flushing.
+                    for round in 0..ROUNDS {
+                        let at = base + round % (REGION / CHUNK) * CHUNK;
+                        let byte = (t * ROUNDS + round) as u8 | 1;
+                        img.discard(at, CHUNK).unwrap();
+                        img.flush().unwrap();
+                        img.write_at(&vec![byte; CHUNK as usize], at).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    img.flush().unwrap();
+    let len = std::fs::metadata(&p).unwrap().len();
+    // Besides 10%: header, L1, refcount table and block, L2 table.
+    let bound = peak_live + peak_live / 10 + 8 * CS;
+    eprintln!("file {len} bytes, peak live data {peak_live} bytes");
+    assert!(
+        len <= bound,
+        "the file grew to {len} bytes for {peak_live} bytes of live data (bound {bound})"
+    );
+    for t in 0..THREADS {
+        for chunk in 0..REGION / CHUNK {
+            let mut back = vec![0u8; CHUNK as usize];
+            img.read_at(&mut back, t * REGION + chunk * CHUNK).unwrap();
+            let byte = last(t, chunk);
+            assert!(back.iter().all(|&b| b == byte), "thread {t} chunk {chunk}");
+        }
+    }
+    drop(img);
+    assert_check_clean(&p);
+}

@@ -1,6 +1,7 @@
 //! A bounded cache of metadata tables (L2 tables, refcount blocks) keyed by host offset, with
 //! least-recently-used eviction and dirty tracking. The owner decides what writing back a dirty
-//! table needs first (see `meta.rs`); this file only keeps the tables.
+//! table needs first (see `meta.rs`); this file only keeps the tables, and a table turns clean
+//! only through [`TableCache::write_dirty`], once its write succeeded.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,6 +90,16 @@ impl<T> TableCache<T> {
         }
     }
 
+    /// Whether the table at `offset` is cached and dirty.
+    pub fn is_dirty(&self, offset: u64) -> bool {
+        self.slots.get(&offset).is_some_and(|s| s.dirty)
+    }
+
+    /// Whether any table is dirty.
+    pub fn has_dirty(&self) -> bool {
+        self.slots.values().any(|s| s.dirty)
+    }
+
     /// Offsets of the dirty tables, ascending.
     pub fn dirty(&self) -> Vec<u64> {
         let mut v: Vec<u64> = self
@@ -101,12 +112,21 @@ impl<T> TableCache<T> {
         v
     }
 
-    /// A dirty table's contents, and marks it clean (the caller writes it).
-    pub fn take_dirty(&mut self, offset: u64) -> Option<&T> {
-        self.slots.get_mut(&offset).map(|s| {
-            s.dirty = false;
-            &s.table
-        })
+    /// Writes the table at `offset` with `write` if it is dirty, and marks it clean only when
+    /// `write` succeeded: a failed write leaves it owed.
+    pub fn write_dirty<E>(
+        &mut self,
+        offset: u64,
+        write: impl FnOnce(&T) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match self.slots.get_mut(&offset) {
+            Some(s) if s.dirty => {
+                write(&s.table)?;
+                s.dirty = false;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Drops every table (after their offsets changed meaning, e.g. a refcount rebuild).
@@ -117,6 +137,7 @@ impl<T> TableCache<T> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -129,8 +150,20 @@ mod tests {
         assert_eq!(c.victim(), Some((2, false)));
         c.mark_dirty(1);
         assert_eq!(c.dirty(), vec![1]);
-        assert_eq!(c.take_dirty(1).copied(), Some("a"));
-        assert!(c.dirty().is_empty());
+        assert!(c.has_dirty());
+        // A failed write leaves the table dirty; a successful one cleans it.
+        assert_eq!(c.write_dirty(1, |_| Err("EIO")), Err("EIO"));
+        assert_eq!(c.dirty(), vec![1]);
+        let mut written = None;
+        c.write_dirty(1, |t| {
+            written = Some(*t);
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        assert_eq!(written, Some("a"));
+        assert!(c.dirty().is_empty() && !c.has_dirty());
+        // Clean tables are not written again.
+        c.write_dirty(1, |_| Err("written twice")).unwrap();
         assert_eq!(c.remove(2), Some("b"));
         assert!(!c.full());
     }

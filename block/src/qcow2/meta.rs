@@ -2,23 +2,47 @@
 //! the L1 table, the L2 table cache, the refcount table and block cache, and the clusters waiting
 //! to be freed.
 //!
-//! Write ordering (crash consistency, DESIGN.md): new refcounts reach the disk before the L2
-//! tables that rely on them, and L2 tables before the L1 entries that point at them, with a
-//! `fdatasync` between each step (`write_back`). Reference drops go the other way: a cluster that
-//! loses a reference is queued in `pending_frees` and its refcount is lowered only after the
-//! metadata that stopped pointing at it is durable. A dirty refcount block can therefore be
-//! written at any time; a dirty L2 table only after the refcounts (so evicting one writes back).
+//! Write ordering (crash consistency, DESIGN.md), kept as data in [`Owed`] as QEMU's caches keep
+//! theirs (`qcow2_cache_set_dependency`, `qcow2_cache_depends_on_flush`): whoever creates a need
+//! records it (an allocation: refcounts before L2 tables; data published in an L2 entry: a file
+//! sync before L2 tables; a new L2 table in L1: L2 tables before L1), and the only functions that
+//! write L2 tables and L1 entries ([`Meta::write_l2`], [`Meta::write_l1_entry`]) settle what is
+//! owed first. So a flush, an eviction, the close path or a check keep the same order, whichever
+//! thread runs them. Reference drops go the other way: a cluster that loses a reference is queued
+//! in `pending_frees`, and its refcount is lowered only after the metadata that stopped pointing
+//! at it is written and synced; it is reused only once no request in flight can reach it either
+//! (`refcount.rs`). A refcount block can therefore be written at any time.
+//!
+//! A table is clean only once its write succeeded (`TableCache::write_dirty`); a failed write
+//! leaves it, and every need recorded for it, in place, so the next write-back retries it and no
+//! flush reports success while something it owes is unwritten.
 
-use std::collections::{BTreeSet, HashSet};
-use std::sync::atomic::AtomicU64;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::cache::TableCache;
 use super::header::Header;
 use super::l2::{Geometry, L1_RESERVED, OFFSET_MASK};
+use super::refcount::Quarantine;
 use super::validate::FormatError;
+use crate::direct::Epochs;
 use crate::file::HostFile;
 use crate::Error;
+
+/// What must be durable before the next L2 table or L1 entry write (see the module doc). Each
+/// flag is set where its reason arises and cleared only once it is settled.
+#[derive(Debug, Default)]
+pub struct Owed {
+    /// L2 entries point at data written into clusters since the last sync (the guest's bytes
+    /// or copied-up ones): the file is synced before an L2 table is written.
+    pub l2_after_data: bool,
+    /// Clusters were allocated (refcounts raised in the cache) for L2 entries or tables: the
+    /// refcount blocks are written and synced before an L2 table is written.
+    pub l2_after_refcounts: bool,
+    /// L1 entries point at new L2 tables: the L2 tables are written and synced before an L1
+    /// entry is written.
+    pub l1_after_l2: bool,
+}
 
 /// The metadata of an open image.
 #[derive(Debug)]
@@ -41,14 +65,17 @@ pub struct Meta {
     pub free_hint: u64,
     /// Cluster index past the highest cluster in use or in the file.
     pub end: u64,
-    /// Clusters whose refcount drops after the next write-back.
+    /// Clusters whose refcount drops once the metadata that dropped them is durable.
     pub pending_frees: Vec<u64>,
-    /// Requests doing I/O without the lock (shared with `Qcow2`), which may still be using a
-    /// cluster they looked up before it was freed.
-    pub inflight: Arc<AtomicU64>,
-    /// Cluster indices freed while such requests may have been running: not reallocated until
-    /// a moment with none in flight (so a late write can never land in a cluster's new owner).
-    pub quarantine: HashSet<u64>,
+    /// Orderings owed before the next table writes.
+    pub owed: Owed,
+    /// Metadata was written since the last sync.
+    pub unsynced: bool,
+    /// The epochs of requests doing I/O without the lock (shared with `Qcow2`), which may still
+    /// use a cluster they looked up before it was freed.
+    pub epochs: Arc<Epochs>,
+    /// Freed clusters not reusable yet.
+    pub quarantine: Quarantine,
     /// Where the metadata lies (shared with `Qcow2`), kept current as tables move.
     pub overlap: Arc<super::overlap::Overlap>,
 }
@@ -126,10 +153,8 @@ impl Meta {
         if !self.l2.full() {
             return Ok(());
         }
-        if let Some((victim, dirty)) = self.l2.victim() {
-            if dirty {
-                self.write_back(f)?;
-            }
+        if let Some((victim, _)) = self.l2.victim() {
+            self.write_l2(f, victim)?;
             self.l2.remove(victim);
         }
         Ok(())
@@ -154,7 +179,22 @@ impl Meta {
         self.l2_words_cached(l2, guest).unwrap_or((0, 0))
     }
 
-    /// Sets the entry words of cluster `guest` in the cached L2 table at `l2` and marks it dirty.
+    /// Sets the entry of cluster `guest` to newly written data (a new cluster, or subclusters
+    /// filled in place): the data must be durable before the table is written.
+    pub fn publish_data(&mut self, l2: u64, guest: u64, entry: u64, bitmap: u64) {
+        self.set_l2_words(l2, guest, entry, bitmap);
+        self.owed.l2_after_data = true;
+    }
+
+    /// Points L1 entry `i` at a new L2 table (whose writes it must follow).
+    pub fn set_l1(&mut self, i: usize, entry: u64) {
+        self.l1[i] = entry;
+        self.l1_dirty.insert(i);
+        self.owed.l1_after_l2 = true;
+    }
+
+    /// Sets the entry words of cluster `guest` in the cached L2 table at `l2` and marks it
+    /// dirty; for entries that make no new data visible (see `publish_data`).
     pub fn set_l2_words(&mut self, l2: u64, guest: u64, entry: u64, bitmap: u64) {
         let idx = self.l2_index(guest);
         let words = self.geo.words();
@@ -183,54 +223,97 @@ impl Meta {
         usize::try_from(i).unwrap_or(0)
     }
 
-    /// Writes every dirty table back in dependency order, with a sync after each step, then
-    /// applies the queued reference drops.
+    /// Writes every dirty table back (each obeying what it owes), then applies the queued
+    /// reference drops once the writes that dropped them are durable.
     pub fn write_back(&mut self, f: &HostFile) -> Result<(), Error> {
-        let any_rc = self.flush_refcount_blocks(f)?;
-        let l2_dirty = self.l2.dirty();
-        if any_rc && !(l2_dirty.is_empty() && self.l1_dirty.is_empty()) {
-            f.sync()?;
+        self.write_refcount_blocks(f)?;
+        for off in self.l2.dirty() {
+            self.write_l2(f, off)?;
         }
-        for off in &l2_dirty {
-            if let Some(t) = self.l2.take_dirty(*off) {
-                let b = encode_words(t);
-                f.write_at(&b, *off)?;
-            }
+        while let Some(&i) = self.l1_dirty.first() {
+            self.write_l1_entry(f, i)?;
         }
-        if !l2_dirty.is_empty() && !self.l1_dirty.is_empty() {
-            f.sync()?;
-        }
-        let l1_dirty = std::mem::take(&mut self.l1_dirty);
-        for i in &l1_dirty {
-            let at = self.header.l1_table_offset + (*i as u64) * 8;
-            f.write_at(&self.l1[*i].to_be_bytes(), at)?;
-        }
-        if !self.pending_frees.is_empty() {
-            if !l1_dirty.is_empty() || !l2_dirty.is_empty() {
-                f.sync()?;
-            }
-            for c in std::mem::take(&mut self.pending_frees) {
-                self.free_cluster(f, c)?;
-            }
+        self.apply_frees(f)
+    }
+
+    /// Syncs the file: whatever was written before is durable.
+    pub fn sync(&mut self, f: &HostFile) -> Result<(), Error> {
+        f.sync()?;
+        self.unsynced = false;
+        self.owed.l2_after_data = false;
+        if !self.rc_blocks.has_dirty() {
+            self.owed.l2_after_refcounts = false;
         }
         Ok(())
     }
 
-    /// Writes the dirty refcount blocks; returns whether any were written.
-    pub fn flush_refcount_blocks(&mut self, f: &HostFile) -> Result<bool, Error> {
-        let dirty = self.rc_blocks.dirty();
-        for off in &dirty {
-            if let Some(b) = self.rc_blocks.take_dirty(*off) {
-                f.write_at(b, *off)?;
-            }
+    /// Writes the dirty refcount blocks (always allowed, see the module doc).
+    pub fn write_refcount_blocks(&mut self, f: &HostFile) -> Result<(), Error> {
+        for off in self.rc_blocks.dirty() {
+            self.write_rc_block(f, off)?;
         }
-        Ok(!dirty.is_empty())
+        Ok(())
+    }
+
+    /// Writes the refcount block at `off` if it is dirty.
+    pub fn write_rc_block(&mut self, f: &HostFile, off: u64) -> Result<(), Error> {
+        self.unsynced = true;
+        self.rc_blocks.write_dirty(off, |b| f.write_at(b, off))
+    }
+
+    /// Writes the L2 table at `off` if it is dirty, after what L2 tables owe.
+    pub fn write_l2(&mut self, f: &HostFile, off: u64) -> Result<(), Error> {
+        if !self.l2.is_dirty(off) {
+            return Ok(());
+        }
+        if self.owed.l2_after_refcounts {
+            self.write_refcount_blocks(f)?;
+            self.sync(f)?;
+        }
+        if self.owed.l2_after_data {
+            self.sync(f)?;
+        }
+        self.unsynced = true;
+        self.l2
+            .write_dirty(off, |t| f.write_at(&encode_words(t), off))
+    }
+
+    /// Writes L1 entry `i`, after what L1 entries owe.
+    fn write_l1_entry(&mut self, f: &HostFile, i: usize) -> Result<(), Error> {
+        if self.owed.l1_after_l2 {
+            for off in self.l2.dirty() {
+                self.write_l2(f, off)?;
+            }
+            self.sync(f)?;
+            self.owed.l1_after_l2 = false;
+        }
+        let at = self.header.l1_table_offset + (i as u64) * 8;
+        self.unsynced = true;
+        f.write_at(&self.l1[i].to_be_bytes(), at)?;
+        self.l1_dirty.remove(&i);
+        Ok(())
+    }
+
+    /// Lowers the refcounts queued in `pending_frees`; the caller has written every table that
+    /// dropped them, and this makes those writes durable first.
+    fn apply_frees(&mut self, f: &HostFile) -> Result<(), Error> {
+        if self.pending_frees.is_empty() {
+            return Ok(());
+        }
+        if self.unsynced {
+            self.sync(f)?;
+        }
+        while let Some(&c) = self.pending_frees.last() {
+            self.free_cluster(f, c)?;
+            self.pending_frees.pop();
+        }
+        Ok(())
     }
 
     /// Whether any metadata waits to be written.
     pub fn has_dirty(&self) -> bool {
-        !self.l2.dirty().is_empty()
-            || !self.rc_blocks.dirty().is_empty()
+        self.l2.has_dirty()
+            || self.rc_blocks.has_dirty()
             || !self.l1_dirty.is_empty()
             || !self.pending_frees.is_empty()
     }

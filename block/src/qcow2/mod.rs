@@ -8,9 +8,11 @@
 //! Locking: one reader-writer lock guards the metadata (`Meta`). A lookup whose L2 table is
 //! cached takes it shared, so lookups from many threads run in parallel; loading a table or
 //! changing a mapping takes it exclusively. Data reads, and writes to clusters that are ours
-//! alone, happen after it is released, so independent requests overlap on the host file.
-//! Allocating writes keep the exclusive lock while they fill the new cluster, so nobody sees an
-//! L2 entry before its data.
+//! alone, happen after it is released, so independent requests overlap on the host file. A
+//! write that needs a new cluster plans under the lock, fills the cluster without it and
+//! publishes the L2 entry under it again (`write.rs`), so nobody sees an entry before its data.
+//! Requests doing I/O without the lock hold a [`DirectPin`], which keeps a cluster freed
+//! meanwhile from being reused under them.
 
 mod cache;
 pub mod check;
@@ -22,12 +24,13 @@ mod meta;
 mod overlap;
 mod refcount;
 mod snapshot;
+#[cfg(test)]
+mod tests;
 mod validate;
 mod write;
 
 use std::collections::BTreeSet;
 use std::collections::HashSet;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -40,7 +43,7 @@ pub fn validate_magic() -> u32 {
     validate::MAGIC
 }
 
-use crate::direct::{push_extent, DirectPin, DirectTarget, Extent, FlushPlan};
+use crate::direct::{push_extent, DirectPin, DirectTarget, Epochs, Extent, FlushPlan};
 use crate::file::HostFile;
 use crate::{Allocation, BlockStatus, DiskImage, Error};
 use cache::TableCache;
@@ -72,9 +75,9 @@ pub struct Qcow2 {
     /// requests waiting on clusters of its group.
     busy_done: [Condvar; CLAIM_GROUPS],
     /// Requests doing I/O without the metadata lock, each counted by a [`DirectPin`] from before
-    /// its lookup until its data I/O ends; the allocator reuses freed clusters only when the
-    /// count is zero.
-    inflight: Arc<AtomicU64>,
+    /// its lookup until its data I/O ends; the allocator reuses a freed cluster only once every
+    /// request that began before its release has ended.
+    epochs: Arc<Epochs>,
     /// Where the metadata lies, for the overlap checks of data writes (see `overlap.rs`).
     overlap: Arc<overlap::Overlap>,
 }
@@ -181,7 +184,7 @@ impl Qcow2 {
         };
         let l2_cap = (L2_CACHE_BYTES / cs).min(u64::from(header.l1_size)).max(4);
         let rc_cap = (RC_CACHE_BYTES / cs).min(rc_table.len() as u64).max(4);
-        let inflight = Arc::new(AtomicU64::new(0));
+        let epochs = Arc::new(Epochs::default());
         let overlap = Arc::new(overlap::Overlap::new(file_len));
         let meta = Meta {
             geo,
@@ -193,8 +196,10 @@ impl Qcow2 {
             free_hint: 1,
             end: file_len.div_ceil(cs),
             pending_frees: Vec::new(),
-            inflight: Arc::clone(&inflight),
-            quarantine: HashSet::new(),
+            owed: meta::Owed::default(),
+            unsynced: false,
+            epochs: Arc::clone(&epochs),
+            quarantine: refcount::Quarantine::default(),
             overlap: Arc::clone(&overlap),
             header,
         };
@@ -208,7 +213,7 @@ impl Qcow2 {
             meta: RwLock::new(meta),
             busy: Mutex::new(HashSet::new()),
             busy_done: std::array::from_fn(|_| Condvar::new()),
-            inflight: Arc::clone(&inflight),
+            epochs,
             overlap,
             file: f,
         };
@@ -228,11 +233,14 @@ impl Qcow2 {
         }
         self.overlap.build(&self.file, &m)?;
         if dirty || m.header.autoclear != 0 {
-            m.header.incompatible &= !INCOMPAT_DIRTY;
-            m.header.autoclear = 0;
-            let b = m.header.encode().map_err(|e| fmt_err(&self.file, e))?;
+            let mut header = m.header.clone();
+            header.incompatible &= !INCOMPAT_DIRTY;
+            header.autoclear = 0;
+            let b = header.encode().map_err(|e| fmt_err(&self.file, e))?;
             self.file.write_at(&b, 0)?;
-            self.file.sync()?;
+            m.sync(&self.file)?;
+            // Only now: a failed write leaves the header as the disk has it.
+            m.header = header;
         }
         Ok(())
     }
@@ -309,11 +317,23 @@ impl Qcow2 {
     /// Looks up the mapping of `guest`: under the shared lock when its L2 table is cached (so
     /// lookups from many threads run in parallel), else under the exclusive lock to load it.
     pub fn lookup(&self, guest: u64) -> Result<(Mapping, u64), Error> {
-        if let Some(r) = self.lookup_cached(&self.lock_shared(), guest)? {
-            return Ok(r);
+        self.lookup_pinned(guest).map(|(map, run, _)| (map, run))
+    }
+
+    /// Looks up the mapping of `guest` for I/O done without the lock: the pin, taken while the
+    /// lock that answered is still held, keeps the clusters it names from being reused until
+    /// it is dropped (a pin taken before waiting for the lock would hold back reuse while
+    /// waiting).
+    fn lookup_pinned(&self, guest: u64) -> Result<(Mapping, u64, DirectPin), Error> {
+        {
+            let m = self.lock_shared();
+            if let Some((map, run)) = self.lookup_cached(&m, guest)? {
+                return Ok((map, run, DirectPin::enter(&self.epochs)));
+            }
         }
         let mut m = self.lock();
-        self.lookup_locked(&mut m, guest)
+        let (map, run) = self.lookup_locked(&mut m, guest)?;
+        Ok((map, run, DirectPin::enter(&self.epochs)))
     }
 
     /// Reads `buf` at `guest` given its mapping (no metadata lock needed).
@@ -362,28 +382,12 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Reads with the metadata already locked (copy-on-write needs the current contents).
-    fn read_locked(&self, m: &mut Meta, buf: &mut [u8], offset: u64) -> Result<(), Error> {
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let guest = offset + pos as u64;
-            let (map, run) = self.lookup_locked(m, guest)?;
-            let n = usize::try_from(run)
-                .unwrap_or(usize::MAX)
-                .min(buf.len() - pos);
-            self.read_mapped(map, &mut buf[pos..pos + n], guest)?;
-            pos += n;
-        }
-        Ok(())
-    }
-
     /// Reads the virtual disk (range already checked), taking the metadata lock per lookup.
     fn read_virtual(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
         let mut pos = 0usize;
         while pos < buf.len() {
             let guest = offset + pos as u64;
-            let _io = DirectPin::count(&self.inflight);
-            let (mut map, run) = self.lookup(guest)?;
+            let (mut map, run, _io) = self.lookup_pinned(guest)?;
             let mut n = usize::try_from(run)
                 .unwrap_or(usize::MAX)
                 .min(buf.len() - pos);
@@ -493,9 +497,9 @@ impl DiskImage for Qcow2 {
         extents: &mut Vec<Extent>,
     ) -> Option<DirectPin> {
         self.check_request(offset, len, write).ok()?;
-        // Before the lookup, so that a cluster freed after it is not reused under our I/O.
-        let pin = DirectPin::count(&self.inflight);
         let m = self.meta.try_read().ok()?;
+        // Under the lock, so that a cluster freed after the lookup is not reused under our I/O.
+        let pin = DirectPin::enter(&self.epochs);
         let mut pos = 0;
         while pos < len {
             let guest = offset + pos;

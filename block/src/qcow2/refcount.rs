@@ -3,9 +3,14 @@
 //! changing, allocating (first free cluster from a hint), freeing, and growing the table.
 //!
 //! New refcount blocks cover themselves; a table that must grow moves to the end of the file in
-//! one area with the blocks it needs, written and synced before the header points at it.
+//! one area with the blocks it needs, written and synced before the header points at it. A
+//! failed step leaves memory as the disk has it (at worst leaking the clusters it claimed).
+//!
+//! A cluster whose refcount drops to zero goes to the [`Quarantine`] until every request that
+//! could have looked it up before its release has ended (`direct::Epochs`): a late write by such
+//! a request must never land in the cluster's next owner.
 
-use std::sync::atomic::Ordering;
+use std::collections::{HashSet, VecDeque};
 
 use super::meta::{encode_words, Meta};
 use super::validate::FormatError;
@@ -49,6 +54,49 @@ pub fn set_entry(b: &mut [u8], order: u32, i: u64, v: u64) {
         let mask = u8::try_from(((1u64 << bits) - 1) << (bit % 8)).unwrap_or(0);
         let val = u8::try_from((v << (bit % 8)) & u64::from(mask)).unwrap_or(0);
         b[at] = (b[at] & !mask) | val;
+    }
+}
+
+/// Freed clusters not yet reusable, with the epoch each was released in.
+#[derive(Debug, Default)]
+pub struct Quarantine {
+    /// (epoch, cluster index), in release order (so epochs ascend).
+    queue: VecDeque<(u64, u64)>,
+    /// The same clusters, for the allocator's look-up.
+    held: HashSet<u64>,
+}
+
+impl Quarantine {
+    fn hold(&mut self, epoch: u64, c: u64) {
+        if self.held.insert(c) {
+            self.queue.push_back((epoch, c));
+        }
+    }
+
+    /// Whether cluster `c` is held.
+    pub fn contains(&self, c: u64) -> bool {
+        self.held.contains(&c)
+    }
+
+    /// Releases the clusters no request can reach any more, moving the epoch on as far as the
+    /// requests in flight allow (two steps release everything when none is); returns the
+    /// lowest released.
+    fn release(&mut self, epochs: &crate::direct::Epochs) -> Option<u64> {
+        if self.queue.is_empty() {
+            return None;
+        }
+        epochs.advance();
+        epochs.advance();
+        let mut lowest = None;
+        while let Some(&(epoch, c)) = self.queue.front() {
+            if !epochs.is_past(epoch) {
+                break;
+            }
+            self.queue.pop_front();
+            self.held.remove(&c);
+            lowest = Some(lowest.map_or(c, |l: u64| l.min(c)));
+        }
+        lowest
     }
 }
 
@@ -100,17 +148,7 @@ impl Meta {
         if self.rc_blocks.get(off).is_some() {
             return Ok(());
         }
-        if self.rc_blocks.full() {
-            if let Some((victim, dirty)) = self.rc_blocks.victim() {
-                if dirty {
-                    // Always safe to write early (see meta.rs).
-                    if let Some(b) = self.rc_blocks.take_dirty(victim) {
-                        f.write_at(b, victim)?;
-                    }
-                }
-                self.rc_blocks.remove(victim);
-            }
-        }
+        self.make_room_rc(f)?;
         let mut b = vec![0u8; usize::try_from(self.cs()).unwrap_or(0)];
         f.read_at(&mut b, off)?;
         self.rc_blocks.insert(off, b);
@@ -162,8 +200,9 @@ impl Meta {
     }
 
     /// Drops one reference to the cluster at host offset `off`, now (the caller has made sure
-    /// nothing durable points at it any more). A cluster that becomes free is punched out of the
-    /// host file.
+    /// nothing durable points at it any more). Either the reference is dropped or, on an error,
+    /// nothing changed. A cluster that becomes free is quarantined and punched out of the host
+    /// file.
     pub fn free_cluster(&mut self, f: &HostFile, off: u64) -> Result<(), Error> {
         if !self.may_free(f, off) {
             return Ok(());
@@ -175,22 +214,23 @@ impl Meta {
         }
         self.set_refcount_in_block(f, c, v - 1)?;
         if v == 1 {
-            self.quarantine.insert(c);
-            f.punch_hole(off, self.cs())?;
+            self.quarantine.hold(self.epochs.current(), c);
+            // Only gives the space back: a cluster left unpunched is still free.
+            if let Err(e) = f.punch_hole(off, self.cs()) {
+                log::warn!("{e}");
+            }
         }
         Ok(())
     }
 
     /// Allocates one cluster with refcount 1 and returns its host offset. The refcount change is
-    /// in the cache; `write_back` writes it before anything that points at the cluster.
+    /// in the cache, and L2 tables now owe it (`meta.rs`).
     pub fn alloc_cluster(&mut self, f: &HostFile) -> Result<u64, Error> {
         let per = self.rc_per_block();
-        // No lock-free request in flight: none can still use a freed cluster.
-        if !self.quarantine.is_empty() && self.inflight.load(Ordering::SeqCst) == 0 {
-            for c in self.quarantine.drain() {
-                self.free_hint = self.free_hint.min(c);
-            }
+        if let Some(c) = self.quarantine.release(&self.epochs) {
+            self.free_hint = self.free_hint.min(c);
         }
+        self.owed.l2_after_refcounts = true;
         let mut c = self.free_hint.max(1);
         loop {
             let bi = c / per;
@@ -204,7 +244,7 @@ impl Meta {
                 c += 1;
                 continue;
             }
-            if self.refcount(f, c)? == 0 && !self.quarantine.contains(&c) {
+            if self.refcount(f, c)? == 0 && !self.quarantine.contains(c) {
                 self.set_refcount_in_block(f, c, 1)?;
                 self.free_hint = c + 1;
                 self.end = self.end.max(c + 1);
@@ -226,15 +266,16 @@ impl Meta {
             1,
         );
         f.write_at(&b, off)?;
-        f.sync()?;
+        self.sync(f)?;
         let bi = c / self.rc_per_block();
-        let idx = usize::try_from(bi).unwrap_or(usize::MAX);
-        self.rc_table[idx] = off;
-        self.note_refcounts_moved();
+        self.unsynced = true;
         f.write_at(
             &off.to_be_bytes(),
             self.header.refcount_table_offset + bi * 8,
         )?;
+        let idx = usize::try_from(bi).unwrap_or(usize::MAX);
+        self.rc_table[idx] = off;
+        self.note_refcounts_moved();
         self.end = self.end.max(c + 1);
         Ok(())
     }
@@ -281,48 +322,75 @@ impl Meta {
             table[idx] = (first_block + k) * cs;
         }
         // Write out what the cache holds, then swap the table in memory so set_refcount sees it.
-        self.flush_refcount_blocks(f)?;
+        self.write_refcount_blocks(f)?;
         let old_table = std::mem::replace(&mut self.rc_table, table);
-        let old_offset = self.header.refcount_table_offset;
-        let old_clusters = u64::from(self.header.refcount_table_clusters);
-        for k in 0..new_blocks {
-            let off = (first_block + k) * cs;
-            self.rc_blocks.remove(off);
-            self.make_room_rc()?;
-            self.rc_blocks
-                .insert(off, vec![0u8; usize::try_from(cs).unwrap_or(0)]);
-            self.rc_blocks.mark_dirty(off);
-        }
-        for cl in start..first_block + new_blocks {
-            let v = self.refcount(f, cl)?;
-            self.set_refcount_in_block(f, cl, v + 1)?;
-        }
-        self.flush_refcount_blocks(f)?;
-        f.write_at(&encode_words(&self.rc_table), start * cs)?;
-        f.sync()?;
-        let clusters = u32::try_from(table_clusters).unwrap_or(u32::MAX);
-        let mut hdr = (start * cs).to_be_bytes().to_vec();
-        hdr.extend_from_slice(&clusters.to_be_bytes());
-        if let Err(e) = f.write_at(&hdr, 48).and_then(|()| f.sync()) {
+        let area = start..first_block + new_blocks;
+        if let Err(e) = self.write_new_table(f, area.clone(), first_block, table_clusters) {
+            // The header still names the old table: forget the new one, and leave its area
+            // (whose refcounts may have been raised in old blocks) to leak.
+            for k in 0..new_blocks {
+                self.rc_blocks.remove((first_block + k) * cs);
+            }
             self.rc_table = old_table;
+            self.end = self.end.max(area.end);
             return Err(e);
         }
+        let old_offset = self.header.refcount_table_offset;
+        let old_clusters = u64::from(self.header.refcount_table_clusters);
         self.header.refcount_table_offset = start * cs;
-        self.header.refcount_table_clusters = clusters;
+        self.header.refcount_table_clusters = u32::try_from(table_clusters).unwrap_or(u32::MAX);
         self.note_refcounts_moved();
-        self.end = self.end.max(first_block + new_blocks);
+        self.end = self.end.max(area.end);
+        // The old table is free once the header naming the new one is durable.
+        self.sync(f)?;
         for k in 0..old_clusters {
             self.free_cluster(f, old_offset + k * cs)?;
         }
         Ok(())
     }
 
-    fn make_room_rc(&mut self) -> Result<(), Error> {
-        // Callers have just flushed every dirty block, so the victim is clean.
-        if self.rc_blocks.full() {
-            if let Some((victim, _)) = self.rc_blocks.victim() {
-                self.rc_blocks.remove(victim);
-            }
+    /// Fills the area of a new refcount table (`rc_table`, at the area's start) and its new
+    /// blocks (from `first_block`), makes them durable and points the header at the table
+    /// (that last write not synced yet).
+    fn write_new_table(
+        &mut self,
+        f: &HostFile,
+        area: std::ops::Range<u64>,
+        first_block: u64,
+        table_clusters: u64,
+    ) -> Result<(), Error> {
+        let cs = self.cs();
+        for off in (first_block..area.end).map(|b| b * cs) {
+            self.rc_blocks.remove(off);
+            self.make_room_rc(f)?;
+            self.rc_blocks
+                .insert(off, vec![0u8; usize::try_from(cs).unwrap_or(0)]);
+            self.rc_blocks.mark_dirty(off);
+        }
+        for cl in area.clone() {
+            let v = self.refcount(f, cl)?;
+            self.set_refcount_in_block(f, cl, v + 1)?;
+        }
+        self.write_refcount_blocks(f)?;
+        self.unsynced = true;
+        f.write_at(&encode_words(&self.rc_table), area.start * cs)?;
+        self.sync(f)?;
+        let clusters = u32::try_from(table_clusters).unwrap_or(u32::MAX);
+        let mut hdr = (area.start * cs).to_be_bytes().to_vec();
+        hdr.extend_from_slice(&clusters.to_be_bytes());
+        self.unsynced = true;
+        f.write_at(&hdr, 48)
+    }
+
+    /// Evicts the least recently used refcount block when the cache is full, writing it first
+    /// if dirty (always allowed, see `meta.rs`).
+    fn make_room_rc(&mut self, f: &HostFile) -> Result<(), Error> {
+        if !self.rc_blocks.full() {
+            return Ok(());
+        }
+        if let Some((victim, _)) = self.rc_blocks.victim() {
+            self.write_rc_block(f, victim)?;
+            self.rc_blocks.remove(victim);
         }
         Ok(())
     }

@@ -3,9 +3,11 @@
 //! cluster, or a cluster shared with a snapshot), L2 tables copied when shared, discard and
 //! write-zeroes as zero clusters (v3) or zero subclusters (extended L2).
 //!
-//! Every change to metadata goes through `Meta`, which orders the writes (see `meta.rs`); old
-//! clusters are released through `pending_frees`, after the metadata that pointed at them is
-//! durable.
+//! A write the fast path cannot do is planned under the metadata lock, filled without it and
+//! published under it again (`Qcow2::write_cluster`). Publishing records that the new data must
+//! be durable before the L2 table is written; every change to metadata goes through `Meta`,
+//! which keeps the write orderings (see `meta.rs`); old clusters are released through
+//! `pending_frees`, after the metadata that pointed at them is durable.
 
 use super::l2::{Mapping, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::meta::Meta;
@@ -24,6 +26,36 @@ const ALL_ZERO: u64 = 0xffff_ffff << 32;
 struct Claim<'a> {
     img: &'a Qcow2,
     cluster: u64,
+}
+
+/// A write to one cluster as planned under the metadata lock (`Qcow2::plan`).
+struct ClusterWrite {
+    /// The L2 table holding the entry (ours alone), and the entry words seen when planning.
+    l2: u64,
+    entry: u64,
+    bitmap: u64,
+    /// The bytes of the cluster rewritten: the touched subclusters with extended L2 (unless
+    /// compressed), else the whole cluster.
+    span: std::ops::Range<u64>,
+    /// The bitmap to publish (extended L2).
+    new_bitmap: u64,
+    /// Where the bytes go.
+    target: Target,
+    /// Taken under the lock that looked the clusters up: none of them is reused before the
+    /// write is done with it.
+    _pin: DirectPin,
+}
+
+/// Where a planned write goes.
+enum Target {
+    /// A cluster ours alone whose bytes are data already: written in place with nothing to
+    /// publish (another request allocated it while we waited for its claim).
+    Ready(u64),
+    /// A cluster ours alone whose touched units partly read as zeroes or from the backing
+    /// image: filled in place, then published as data.
+    InPlace(u64),
+    /// A newly allocated cluster replacing the entry (copy-on-write).
+    New(u64),
 }
 
 impl<'a> Claim<'a> {
@@ -74,12 +106,10 @@ impl Qcow2 {
             // Fast path: a cluster (or subcluster run) that is ours alone, written in place
             // without the metadata lock.
             loop {
-                let io = DirectPin::count(&self.inflight);
-                let (m, run) = self.lookup(guest)?;
+                let (m, run, io) = self.lookup_pinned(guest)?;
                 if let Mapping::Data { host, copied: true } = m {
                     if run >= n as u64 {
-                        self.check_data_write(host, n as u64)?;
-                        self.file.write_at(chunk, host)?;
+                        self.write_data(chunk, host)?;
                         break;
                     }
                 }
@@ -91,6 +121,14 @@ impl Qcow2 {
             pos += n;
         }
         Ok(())
+    }
+
+    /// Writes guest bytes, or bytes copied up for them, into a data cluster: the one place the
+    /// write path puts data into the host file, so `host..host + data.len()` is the range about
+    /// to be written.
+    fn write_data(&self, data: &[u8], host: u64) -> Result<(), Error> {
+        self.check_data_write(host, data.len() as u64)?;
+        self.file.write_at(data, host)
     }
 
     /// Returns the offset of a writable (ours alone) L2 table for `guest`, allocating a new one
@@ -110,9 +148,8 @@ impl Qcow2 {
         };
         let new = m.alloc_cluster(&self.file)?;
         m.insert_l2(&self.file, new, table)?;
-        m.l1[i] = new | COPIED;
+        m.set_l1(i, new | COPIED);
         m.note_l2_moved(old, new);
-        m.l1_dirty.insert(i);
         if old != 0 {
             m.pending_frees.push(old);
         }
@@ -138,92 +175,119 @@ impl Qcow2 {
         }
     }
 
-    /// Writes `data` at `guest` within one cluster where the fast path could not: into a new
-    /// cluster (copy-on-write) where the current one is not ours alone, in place otherwise.
-    ///
-    /// A new cluster is allocated under the lock, filled (old contents merged with `data`)
-    /// outside it, and published by setting the L2 entry under the lock again, if nobody changed
-    /// that entry meanwhile; otherwise the new cluster is released and the write starts over.
-    /// In-place fills of subclusters stay under the lock, since two requests would share them.
+    /// Writes `data` at `guest` within one cluster where the fast path could not, in three
+    /// steps: [`plan`](Self::plan) under the metadata lock (in place or a new cluster, which it
+    /// allocates), [`fill`](Self::fill) without it (copy-up and the new bytes), and
+    /// [`publish`](Self::publish) under it again (the L2 entry, after which the data must be
+    /// durable before the table is written). When the entry changed meanwhile, the write starts
+    /// over.
     ///
     /// Returns false, having written nothing, when it had to wait for another request's claim on
     /// the cluster: the caller retries the fast path first.
     fn write_cluster(&self, data: &[u8], guest: u64) -> Result<bool, Error> {
         let cs = self.geo.cluster_size();
-        let base = guest - guest % cs;
-        let Some(claim) = Claim::new(self, base) else {
+        let Some(claim) = Claim::new(self, guest - guest % cs) else {
             return Ok(false);
         };
         loop {
-            let mut m = self.lock();
-            let l2 = self.writable_l2(&mut m, guest)?;
-            let (entry, bitmap) = m.l2_words(l2, guest);
-            let (mapping, run) = self
-                .geo
-                .decode(entry, bitmap, guest)
-                .map_err(|e| super::fmt_err(&self.file, e))?;
-            if let Mapping::Data { host, copied: true } = mapping {
-                if run >= data.len() as u64 {
-                    // The request that held the claim before us allocated it: write in place
-                    // like the fast path, with neither the lock nor the claim.
-                    let _io = DirectPin::count(&self.inflight);
-                    drop(m);
-                    drop(claim);
-                    self.check_data_write(host, data.len() as u64)?;
-                    return self.file.write_at(data, host).map(|()| true);
+            let plan = self.plan(data, guest)?;
+            if let Target::Ready(host) = plan.target {
+                // The request that held the claim before us allocated the cluster: write in
+                // place like the fast path, without the claim.
+                drop(claim);
+                return self.write_data(data, host).map(|()| true);
+            }
+            self.fill(&plan, data, guest)?;
+            if self.publish(&plan, guest)? {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Decides, under the metadata lock, where a write of `data` at `guest` goes.
+    fn plan(&self, data: &[u8], guest: u64) -> Result<ClusterWrite, Error> {
+        let cs = self.geo.cluster_size();
+        let base = guest - guest % cs;
+        let mut m = self.lock();
+        let l2 = self.writable_l2(&mut m, guest)?;
+        let (entry, bitmap) = m.l2_words(l2, guest);
+        let (mapping, run) = self
+            .geo
+            .decode(entry, bitmap, guest)
+            .map_err(|e| super::fmt_err(&self.file, e))?;
+        let mut span = 0..cs;
+        let mut new_bitmap = 0;
+        let target = match mapping {
+            Mapping::Data { host, copied: true } if run >= data.len() as u64 => Target::Ready(host),
+            _ => {
+                let compressed = entry & COMPRESSED != 0;
+                if self.geo.extended && !compressed {
+                    // Only the touched subclusters are rewritten.
+                    let sub = self.geo.sub_size();
+                    let start = (guest - base) / sub * sub;
+                    let end = (guest - base + data.len() as u64).div_ceil(sub) * sub;
+                    let count = (end - start) / sub;
+                    let touched = if count >= 32 {
+                        ALL_ALLOC
+                    } else {
+                        ((1u64 << count) - 1) << (start / sub)
+                    };
+                    span = start..end;
+                    new_bitmap = (bitmap | touched) & !(touched << 32);
+                } else if self.geo.extended {
+                    new_bitmap = ALL_ALLOC;
+                }
+                let host = if compressed { 0 } else { entry & OFFSET_MASK };
+                if host != 0 && entry & COPIED != 0 {
+                    Target::InPlace(host)
+                } else {
+                    Target::New(m.alloc_cluster(&self.file)?)
                 }
             }
-            let compressed = entry & COMPRESSED != 0;
-            let host = if compressed { 0 } else { entry & OFFSET_MASK };
-            let need_new = host == 0 || entry & COPIED == 0;
-            // The span rewritten: touched subclusters with extended L2, else the whole cluster.
-            let (span_start, span_end) = if self.geo.extended && !compressed {
-                let sub = self.geo.sub_size();
-                let s = (guest - base) / sub * sub;
-                let e = (guest - base + data.len() as u64).div_ceil(sub) * sub;
-                (s, e)
-            } else {
-                (0, cs)
-            };
-            let span_len = usize::try_from(span_end - span_start).unwrap_or(0);
-            let mut content = vec![0u8; span_len];
-            let at = usize::try_from(guest - base - span_start).unwrap_or(0);
-            let new_bitmap = if !self.geo.extended {
-                0
-            } else if compressed {
-                ALL_ALLOC
-            } else {
-                let sub = self.geo.sub_size();
-                let first = span_start / sub;
-                let count = (span_end - span_start) / sub;
-                let touched = if count >= 32 {
-                    ALL_ALLOC
-                } else {
-                    ((1u64 << count) - 1) << first
-                };
-                (bitmap | touched) & !(touched << 32)
-            };
-            if !need_new {
-                // In place. Units (subclusters, or the cluster) already holding data get only the
-                // new bytes: a fast-path writer may be writing the rest of them right now,
-                // without the lock. The others are filled from what they read as now.
+        };
+        Ok(ClusterWrite {
+            l2,
+            entry,
+            bitmap,
+            span,
+            new_bitmap,
+            target,
+            // After the allocation, which would otherwise wait for this very pin to reuse a
+            // cluster.
+            _pin: DirectPin::enter(&self.epochs),
+        })
+    }
+
+    /// Writes a planned cluster's bytes, without the metadata lock: the new bytes, and around
+    /// them what the rest of the span reads as now.
+    fn fill(&self, plan: &ClusterWrite, data: &[u8], guest: u64) -> Result<(), Error> {
+        let cs = self.geo.cluster_size();
+        let base = guest - guest % cs;
+        let span = &plan.span;
+        let mut content = vec![0u8; usize::try_from(span.end - span.start).unwrap_or(0)];
+        let at = usize::try_from(guest - base - span.start).unwrap_or(0);
+        match plan.target {
+            Target::Ready(_) => Ok(()),
+            Target::InPlace(host) => {
+                // Units (subclusters, or the cluster) already holding data get only the new
+                // bytes: a fast-path writer may be writing the rest of them right now. The
+                // others are filled whole, from what they read as now.
                 let sub = self.geo.sub_size();
                 let holds_data = |unit: u64| {
                     if self.geo.extended {
-                        bitmap & (1 << unit) != 0
+                        plan.bitmap & (1 << unit) != 0
                     } else {
-                        entry & ZERO == 0
+                        plan.entry & ZERO == 0
                     }
                 };
-                let units = (span_start / sub)..(span_end / sub);
-                self.check_data_write(host + span_start, span_end - span_start)?;
-                if data.len() < span_len && !units.clone().all(holds_data) {
-                    self.read_locked(&mut m, &mut content, base + span_start)?;
+                let units = (span.start / sub)..(span.end / sub);
+                if data.len() < content.len() && !units.clone().all(holds_data) {
+                    self.read_virtual(&mut content, base + span.start)?;
                 }
                 content[at..at + data.len()].copy_from_slice(data);
                 let (d0, d1) = (at as u64, (at + data.len()) as u64);
                 for unit in units {
-                    let s0 = unit * sub - span_start;
+                    let s0 = unit * sub - span.start;
                     let (lo, hi) = if holds_data(unit) {
                         (d0.max(s0), d1.min(s0 + sub))
                     } else {
@@ -232,43 +296,59 @@ impl Qcow2 {
                     if lo < hi {
                         let range =
                             usize::try_from(lo).unwrap_or(0)..usize::try_from(hi).unwrap_or(0);
-                        self.file
-                            .write_at(&content[range], host + span_start + lo)?;
+                        self.write_data(&content[range], host + span.start + lo)?;
                     }
                 }
-                m.set_l2_words(l2, guest, host | COPIED, new_bitmap);
-                return Ok(true);
+                Ok(())
             }
-            let target = m.alloc_cluster(&self.file)?;
-            self.check_data_write(target, cs)?;
-            drop(m);
-            // Copy only what the new data does not cover: the head and the tail of the span.
-            let (head, rest) = content.split_at_mut(at);
-            let (middle, tail) = rest.split_at_mut(data.len());
-            if !head.is_empty() {
-                self.read_virtual(head, base + span_start)?;
+            Target::New(target) => {
+                // Copy only what the new data does not cover: the head and the tail of the span.
+                let (head, rest) = content.split_at_mut(at);
+                let (middle, tail) = rest.split_at_mut(data.len());
+                if !head.is_empty() {
+                    self.read_virtual(head, base + span.start)?;
+                }
+                if !tail.is_empty() {
+                    self.read_virtual(tail, base + span.start + (at + data.len()) as u64)?;
+                }
+                middle.copy_from_slice(data);
+                let old = plan.entry & OFFSET_MASK;
+                if self.geo.extended && plan.entry & COMPRESSED == 0 && old != 0 && *span != (0..cs)
+                {
+                    // A shared cluster with subclusters: keep its other allocated subclusters.
+                    let mut whole = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+                    self.file.read_at(&mut whole, old)?;
+                    self.write_data(&whole, target)?;
+                }
+                self.write_data(&content, target + span.start)
             }
-            if !tail.is_empty() {
-                self.read_virtual(tail, base + span_start + (at + data.len()) as u64)?;
+        }
+    }
+
+    /// Sets the planned entry under the metadata lock, if nobody changed the entry since the
+    /// plan; returns false (a new cluster released again) when somebody did.
+    fn publish(&self, plan: &ClusterWrite, guest: u64) -> Result<bool, Error> {
+        let mut m = self.lock();
+        let l2_now = self.writable_l2(&mut m, guest)?;
+        let unchanged =
+            l2_now == plan.l2 && m.l2_words(plan.l2, guest) == (plan.entry, plan.bitmap);
+        match plan.target {
+            Target::Ready(_) => Ok(true),
+            Target::InPlace(host) if unchanged => {
+                m.publish_data(plan.l2, guest, host | COPIED, plan.new_bitmap);
+                Ok(true)
             }
-            middle.copy_from_slice(data);
-            if self.geo.extended && host != 0 && span_len as u64 != cs {
-                // A shared cluster with subclusters: keep its other allocated subclusters.
-                let mut old = vec![0u8; usize::try_from(cs).unwrap_or(0)];
-                self.file.read_at(&mut old, host)?;
-                self.file.write_at(&old, target)?;
+            Target::New(target) if unchanged => {
+                m.publish_data(plan.l2, guest, target | COPIED, plan.new_bitmap);
+                m.pending_frees.extend(self.entry_clusters(plan.entry));
+                Ok(true)
             }
-            self.file.write_at(&content, target + span_start)?;
-            let mut m = self.lock();
-            let l2_now = self.writable_l2(&mut m, guest)?;
-            if l2_now != l2 || m.l2_words(l2, guest) != (entry, bitmap) {
-                // Another request changed this cluster meanwhile: nothing points at ours.
+            Target::InPlace(_) => Ok(false),
+            Target::New(target) => {
+                // Nothing ever pointed at it.
                 m.free_cluster(&self.file, target)?;
-                continue;
+                Ok(false)
             }
-            m.set_l2_words(l2, guest, target | COPIED, new_bitmap);
-            m.pending_frees.extend(self.entry_clusters(entry));
-            return Ok(true);
         }
     }
 

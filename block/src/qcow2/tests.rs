@@ -1,0 +1,305 @@
+//! Engine tests that watch, or fail, the calls reaching the host file (through its test hook):
+//! the write orderings of `meta.rs`, and what a failed metadata write leaves behind.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use super::l2::OFFSET_MASK;
+use super::Qcow2;
+use crate::file::test_hook::{Hook, Op};
+use crate::{DiskImage, Error, Format, Image, OpenOptions};
+
+const CS: u64 = 65536;
+
+/// Runs qemu-img (required: a missing tool fails the test).
+fn qemu_img(args: &[&str]) -> std::process::Output {
+    Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img is required (ci/setup installs it)")
+}
+
+fn create(path: &Path, opts: &str, size: &str) {
+    let out = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        opts,
+        path.to_str().unwrap(),
+        size,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+fn open_rw(path: &Path) -> Image {
+    crate::open(
+        path,
+        OpenOptions {
+            format: Some(Format::Qcow2),
+            read_only: false,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn qcow2(img: &Image) -> &Qcow2 {
+    match img {
+        Image::Qcow2(q) => q,
+        Image::Raw(_) => unreachable!("opened as qcow2"),
+    }
+}
+
+/// `qemu-img check`: no corruption; leaked clusters only when `leaks_ok`.
+fn assert_consistent(path: &Path, leaks_ok: bool) {
+    let out = qemu_img(&["check", "-U", path.to_str().unwrap()]);
+    let code = out.status.code();
+    let ok = code == Some(0) || (leaks_ok && code == Some(3));
+    assert!(
+        ok,
+        "qemu-img check {}: {code:?}\n{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Records every call on the file, and fails those `fail` picks.
+fn install(img: &Qcow2, fail: impl Fn(Op) -> bool + Send + Sync + 'static) -> Arc<Mutex<Vec<Op>>> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l = Arc::clone(&log);
+    img.file.set_hook(Some(Hook(Arc::new(move |op| {
+        if fail(op) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        l.lock().unwrap().push(op);
+        Ok(())
+    }))));
+    log
+}
+
+fn writes_at(op: Op, at: u64, len: u64) -> bool {
+    matches!(op, Op::Write { offset, len: n } if offset < at + len && at < offset + n)
+}
+
+/// The metadata a first write to an empty image dirties, by kind: (name, offset, length).
+fn owed_tables(img: &Qcow2) -> Vec<(&'static str, u64, u64)> {
+    let m = img.lock_shared();
+    vec![
+        ("refcount block", m.rc_table[0], CS),
+        ("L2 table", m.l1[0] & OFFSET_MASK, CS),
+        ("L1 entry", m.header.l1_table_offset, 8),
+    ]
+}
+
+#[test]
+fn a_failed_table_write_stays_owed_until_it_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    for kind in 0..3 {
+        let p = dir.path().join(format!("t{kind}.qcow2"));
+        create(&p, "cluster_size=65536", "16M");
+        let img = open_rw(&p);
+        let q = qcow2(&img);
+        q.write_at(&[7; 5000], 3 * CS + 100).unwrap();
+        let (name, at, len) = owed_tables(q)[kind];
+        install(q, move |op| writes_at(op, at, len));
+        for attempt in 0..2 {
+            assert!(
+                matches!(q.flush(), Err(Error::Io { .. })),
+                "{name}: flush {attempt} reported success while its write fails"
+            );
+        }
+        q.file.set_hook(None);
+        q.flush().unwrap();
+        // The data must be reachable without the close path writing anything more.
+        let copy = dir.path().join("copy.qcow2");
+        std::fs::copy(&p, &copy).unwrap();
+        assert_consistent(&copy, false);
+        drop(img);
+        let img = open_rw(&copy);
+        let mut back = vec![0u8; 5000];
+        img.read_at(&mut back, 3 * CS + 100).unwrap();
+        assert!(back.iter().all(|&b| b == 7), "{name}: the write was lost");
+    }
+}
+
+#[test]
+fn an_l2_entry_is_written_only_after_its_data_is_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("o.qcow2");
+    create(&p, "cluster_size=65536", "16M");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    // The L2 table exists and is clean: only the new entry will dirty it.
+    q.write_at(&[1; 512], CS).unwrap();
+    q.flush().unwrap();
+    let l2 = owed_tables(q)[1].1;
+    // Another thread flushes while the data of a newly allocated cluster is being written
+    // (after the cluster's refcount was set, before its L2 entry).
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (about_tx, about_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (about_tx, go_rx) = (Mutex::new(Some(about_tx)), Mutex::new(go_rx));
+    let l = Arc::clone(&log);
+    q.file.set_hook(Some(Hook(Arc::new(move |op| {
+        if matches!(op, Op::Write { len, .. } if len == CS) {
+            let first = about_tx.lock().unwrap().take();
+            if let Some(tx) = first {
+                tx.send(()).unwrap();
+                go_rx.lock().unwrap().recv().unwrap();
+            }
+        }
+        l.lock().unwrap().push(op);
+        Ok(())
+    }))));
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| q.write_at(&[2; CS as usize], 0));
+        about_rx.recv().unwrap();
+        q.flush().unwrap();
+        go_tx.send(()).unwrap();
+        writer.join().unwrap().unwrap();
+    });
+    q.flush().unwrap();
+    q.file.set_hook(None);
+    let log = log.lock().unwrap().clone();
+    let Ok((super::Mapping::Data { host, .. }, _)) = q.lookup(0) else {
+        panic!("cluster 0 is not allocated");
+    };
+    let data = log
+        .iter()
+        .position(|&op| writes_at(op, host, CS))
+        .expect("the data write");
+    let table = data
+        + log[data..]
+            .iter()
+            .position(|&op| writes_at(op, l2, CS))
+            .expect("the L2 table write");
+    assert!(
+        log[data..table].contains(&Op::Sync),
+        "L2 table written before its new data was synced: {log:?}"
+    );
+}
+
+/// Expected contents of a virtual disk, with the bytes a failed request may or may not have
+/// changed.
+struct Mirror {
+    bytes: Vec<u8>,
+    unknown: Vec<bool>,
+}
+
+impl Mirror {
+    fn set(&mut self, r: std::ops::Range<usize>, ok: bool, byte: u8) {
+        if ok {
+            self.bytes[r.clone()].fill(byte);
+        }
+        self.unknown[r].fill(!ok);
+    }
+
+    fn assert_matches(&self, img: &dyn DiskImage, what: &str) {
+        let mut back = vec![0u8; self.bytes.len()];
+        img.read_at(&mut back, 0).unwrap();
+        for (i, b) in back.iter().enumerate() {
+            assert!(
+                self.unknown[i] || *b == self.bytes[i],
+                "{what}: byte {i} reads {b}, expected {}",
+                self.bytes[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn failed_writes_leave_a_consistent_image_and_lose_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let size: usize = 4 << 20;
+    let base = dir.path().join("base.qcow2");
+    create(&base, "cluster_size=65536", "4M");
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x42 0 4M",
+            base.to_str().unwrap(),
+        ])
+        .output()
+        .expect("qemu-io is required (ci/setup installs it)");
+    assert!(out.status.success(), "{out:?}");
+    for (n, opts) in ["cluster_size=512", "cluster_size=16384,extended_l2=on"]
+        .iter()
+        .enumerate()
+    {
+        let p = dir.path().join(format!("f{n}.qcow2"));
+        create(
+            &p,
+            &format!("{opts},backing_file=base.qcow2,backing_fmt=qcow2"),
+            "4M",
+        );
+        let img = open_rw(&p);
+        let q = qcow2(&img);
+        let cs = q.geo.cluster_size() as usize;
+        {
+            // Small caches: evictions write tables back in the middle of requests.
+            let mut m = q.lock();
+            m.l2 = super::cache::TableCache::new(2);
+            m.rc_blocks = super::cache::TableCache::new(2);
+        }
+        let rng = Arc::new(Mutex::new(fastrand::Rng::with_seed(n as u64 + 7)));
+        let r = Arc::clone(&rng);
+        q.file.set_hook(Some(Hook(Arc::new(move |op| {
+            let mut rng = r.lock().unwrap();
+            if op != Op::Sync && rng.u8(0..12) == 0 {
+                let errno = if rng.bool() { libc::EIO } else { libc::ENOSPC };
+                return Err(std::io::Error::from_raw_os_error(errno));
+            }
+            Ok(())
+        }))));
+        let mut mirror = Mirror {
+            bytes: vec![0x42; size],
+            unknown: vec![false; size],
+        };
+        let mut failed = 0;
+        for i in 0..400u32 {
+            let (kind, off, len) = {
+                let mut rng = rng.lock().unwrap();
+                let off = rng.usize(0..size - 1);
+                let len = rng.usize(1..=(3 * cs).min(size - off));
+                (rng.u8(0..10), off, len)
+            };
+            let byte = (i % 250) as u8 + 1;
+            let ok = match kind {
+                0..=5 => {
+                    let ok = q.write_at(&vec![byte; len], off as u64).is_ok();
+                    mirror.set(off..off + len, ok, byte);
+                    ok
+                }
+                6 | 7 => {
+                    let ok = q.write_zeroes(off as u64, len as u64, kind == 6).is_ok();
+                    mirror.set(off..off + len, ok, 0);
+                    ok
+                }
+                8 => {
+                    // Whole clusters only; they read as zeroes afterwards.
+                    let ok = q.discard(off as u64, len as u64).is_ok();
+                    let start = off.div_ceil(cs) * cs;
+                    let end = ((off + len) / cs * cs).max(start);
+                    mirror.set(start..end, ok, 0);
+                    ok
+                }
+                _ => q.flush().is_ok(),
+            };
+            failed += usize::from(!ok);
+        }
+        assert!(failed > 20, "{opts}: only {failed} requests failed");
+        q.file.set_hook(None);
+        q.flush().unwrap();
+        mirror.assert_matches(q, opts);
+        drop(img);
+        assert_consistent(&p, true);
+        let img = open_rw(&p);
+        mirror.assert_matches(&img, opts);
+    }
+}
