@@ -123,6 +123,8 @@ pub struct HostFile {
     path: String,
     direct: bool,
     id: FileId,
+    /// A sync failed (see `sync`).
+    sync_failed: std::sync::atomic::AtomicBool,
     /// Unit tests only: sees every write, sync and hole punch before it happens, and may fail it.
     #[cfg(test)]
     hook: std::sync::RwLock<Option<test_hook::Hook>>,
@@ -245,6 +247,7 @@ impl HostFile {
             path: name,
             direct: cache == CacheMode::None,
             id: FileId::of(&meta),
+            sync_failed: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             hook: std::sync::RwLock::new(None),
         })
@@ -399,13 +402,28 @@ impl HostFile {
             .map_err(|e| self.io_err("write", offset, e))
     }
 
-    /// Makes written data durable.
+    /// Makes written data durable. Once a sync failed on a file written through the page
+    /// cache, every later one fails too: Linux may have dropped the dirty pages it could not
+    /// write, so a later sync would succeed without them (QEMU's file driver does the same).
     pub fn sync(&self) -> Result<(), Error> {
+        use std::sync::atomic::Ordering;
+        if self.sync_failed.load(Ordering::Acquire) {
+            let e = std::io::Error::from_raw_os_error(libc::EIO);
+            return Err(self.io_err("flush after a failed flush", 0, e));
+        }
         #[cfg(test)]
-        self.hook(test_hook::Op::Sync)?;
-        self.file
-            .sync_data()
-            .map_err(|e| self.io_err("flush", 0, e))
+        let r = self.hook(test_hook::Op::Sync);
+        #[cfg(not(test))]
+        let r = Ok(());
+        let r = r.and_then(|()| {
+            self.file
+                .sync_data()
+                .map_err(|e| self.io_err("flush", 0, e))
+        });
+        if r.is_err() && !self.direct {
+            self.sync_failed.store(true, Ordering::Release);
+        }
+        r
     }
 
     /// Sets the file length.
