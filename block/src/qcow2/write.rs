@@ -125,7 +125,7 @@ impl Qcow2 {
 
     /// Writes guest bytes, or bytes copied up for them, into a data cluster: the one place the
     /// write path puts data into the host file, so `host..host + data.len()` is the range about
-    /// to be written.
+    /// to be written, checked against the metadata first (`overlap.rs`).
     fn write_data(&self, data: &[u8], host: u64) -> Result<(), Error> {
         self.check_data_write(host, data.len() as u64)?;
         self.file.write_at(data, host)
