@@ -14,7 +14,7 @@
 //! the image's methods on a worker.
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Most host extents one request may map to; a request more fragmented than that goes through
@@ -71,12 +71,15 @@ pub struct Extent {
 /// itself, then checks that the epoch did not move meanwhile (else it counts itself again in the
 /// new one), so a counted pin's epoch was current after it was counted: any mapping it looks up
 /// afterwards is one that a release in its epoch or later may have dropped, never an older one.
-/// The epoch moves on whenever a pin count drops to zero and when the owner asks
-/// ([`Epochs::advance`]), from any thread (a compare-and-swap, so it never goes back).
+/// The epoch moves on when the owner asks ([`Epochs::advance`]) and, while the owner waits for
+/// it ([`Epochs::set_waiting`]), whenever a pin count drops to zero; from any thread (a
+/// compare-and-swap, so it never goes back).
 #[derive(Debug, Default)]
 pub struct Epochs {
     current: AtomicU64,
     pins: [AtomicU64; 2],
+    /// Releases wait for the epoch to move: ending pins move it on.
+    waiting: AtomicBool,
 }
 
 impl Epochs {
@@ -98,6 +101,11 @@ impl Epochs {
             Ok(_) => e + 1,
             Err(now) => now,
         }
+    }
+
+    /// Says whether releases wait for the epoch to move (so that pins ending move it on).
+    pub fn set_waiting(&self, waiting: bool) {
+        self.waiting.store(waiting, Ordering::Relaxed);
     }
 
     /// Whether every pin that could reach a cluster released in `epoch` has ended.
@@ -139,7 +147,9 @@ impl DirectPin {
 impl Drop for DirectPin {
     fn drop(&mut self) {
         if let Some((epochs, slot)) = &self.0 {
-            if epochs.pins[*slot].fetch_sub(1, Ordering::SeqCst) == 1 {
+            if epochs.pins[*slot].fetch_sub(1, Ordering::SeqCst) == 1
+                && epochs.waiting.load(Ordering::Relaxed)
+            {
                 epochs.advance();
             }
         }
@@ -192,6 +202,7 @@ mod tests {
     #[test]
     fn a_release_waits_for_older_pins_only() {
         let epochs = Arc::new(Epochs::default());
+        epochs.set_waiting(true);
         let old = DirectPin::enter(&epochs);
         assert_eq!(epochs.advance(), 1);
         // A cluster released now could still be in use by `old`.

@@ -317,7 +317,8 @@ impl Qcow2 {
     /// Looks up the mapping of `guest`: under the shared lock when its L2 table is cached (so
     /// lookups from many threads run in parallel), else under the exclusive lock to load it.
     pub fn lookup(&self, guest: u64) -> Result<(Mapping, u64), Error> {
-        self.lookup_pinned(guest).map(|(map, run, _)| (map, run))
+        self.lookup_then(guest, || ())
+            .map(|(map, run, ())| (map, run))
     }
 
     /// Looks up the mapping of `guest` for I/O done without the lock: the pin, taken while the
@@ -325,15 +326,24 @@ impl Qcow2 {
     /// it is dropped (a pin taken before waiting for the lock would hold back reuse while
     /// waiting).
     fn lookup_pinned(&self, guest: u64) -> Result<(Mapping, u64, DirectPin), Error> {
+        self.lookup_then(guest, || DirectPin::enter(&self.epochs))
+    }
+
+    /// `lookup`, calling `then` while the lock that answered is still held.
+    fn lookup_then<T>(
+        &self,
+        guest: u64,
+        then: impl FnOnce() -> T,
+    ) -> Result<(Mapping, u64, T), Error> {
         {
             let m = self.lock_shared();
             if let Some((map, run)) = self.lookup_cached(&m, guest)? {
-                return Ok((map, run, DirectPin::enter(&self.epochs)));
+                return Ok((map, run, then()));
             }
         }
         let mut m = self.lock();
         let (map, run) = self.lookup_locked(&mut m, guest)?;
-        Ok((map, run, DirectPin::enter(&self.epochs)))
+        Ok((map, run, then()))
     }
 
     /// Reads `buf` at `guest` given its mapping (no metadata lock needed).

@@ -67,9 +67,10 @@ pub struct Quarantine {
 }
 
 impl Quarantine {
-    fn hold(&mut self, epoch: u64, c: u64) {
+    fn hold(&mut self, epochs: &crate::direct::Epochs, c: u64) {
         if self.held.insert(c) {
-            self.queue.push_back((epoch, c));
+            self.queue.push_back((epochs.current(), c));
+            epochs.set_waiting(true);
         }
     }
 
@@ -96,6 +97,7 @@ impl Quarantine {
             self.held.remove(&c);
             lowest = Some(lowest.map_or(c, |l: u64| l.min(c)));
         }
+        epochs.set_waiting(!self.queue.is_empty());
         lowest
     }
 }
@@ -214,7 +216,7 @@ impl Meta {
         }
         self.set_refcount_in_block(f, c, v - 1)?;
         if v == 1 {
-            self.quarantine.hold(self.epochs.current(), c);
+            self.quarantine.hold(&self.epochs, c);
             // Only gives the space back: a cluster left unpunched is still free.
             if let Err(e) = f.punch_hole(off, self.cs()) {
                 log::warn!("{e}");
