@@ -197,7 +197,16 @@ impl Qcow2 {
                 drop(claim);
                 return self.write_data(data, host).map(|()| true);
             }
-            self.fill(&plan, data, guest)?;
+            if let Err(e) = self.fill(&plan, data, guest) {
+                if let Target::New(target) = plan.target {
+                    // Nothing points at it: give it back rather than leak it (failing that, it
+                    // only leaks).
+                    if let Err(free) = self.lock().free_cluster(&self.file, target) {
+                        log::warn!("{free}");
+                    }
+                }
+                return Err(e);
+            }
             if self.publish(&plan, guest)? {
                 return Ok(true);
             }
