@@ -129,16 +129,51 @@ fn a_failed_table_write_stays_owed_until_it_succeeds() {
 #[test]
 fn an_l2_entry_is_written_only_after_its_data_is_synced() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("o.qcow2");
-    create(&p, "cluster_size=65536", "16M");
-    let img = open_rw(&p);
-    let q = qcow2(&img);
-    // The L2 table exists and is clean: only the new entry will dirty it.
-    q.write_at(&[1; 512], CS).unwrap();
-    q.flush().unwrap();
-    let l2 = owed_tables(q)[1].1;
-    // Another thread flushes while the data of a newly allocated cluster is being written
-    // (after the cluster's refcount was set, before its L2 entry).
+    // The L2 table goes out by a flush, then by an eviction (a one-table cache loading the
+    // table of the second half of the disk).
+    for evict in [false, true] {
+        let p = dir.path().join(format!("o{evict}.qcow2"));
+        create(&p, "cluster_size=65536", "1G");
+        let img = open_rw(&p);
+        let q = qcow2(&img);
+        // Both L2 tables exist and are clean: only the new entry will dirty one.
+        q.write_at(&[1; 512], CS).unwrap();
+        q.write_at(&[1; 512], 600 << 20).unwrap();
+        q.flush().unwrap();
+        if evict {
+            q.lock().l2 = super::cache::TableCache::new(1);
+        }
+        let l2 = owed_tables(q)[1].1;
+        let log = data_written_during_a_flush(q);
+        if evict {
+            q.read_at(&mut [0; 512], 600 << 20).unwrap();
+        } else {
+            q.flush().unwrap();
+        }
+        q.file.set_hook(None);
+        let log = log.lock().unwrap().clone();
+        let Ok((super::Mapping::Data { host, .. }, _)) = q.lookup(0) else {
+            panic!("cluster 0 is not allocated");
+        };
+        let data = log
+            .iter()
+            .position(|&op| writes_at(op, host, CS))
+            .expect("the data write");
+        let table = data
+            + log[data..]
+                .iter()
+                .position(|&op| writes_at(op, l2, CS))
+                .expect("the L2 table write");
+        assert!(
+            log[data..table].contains(&Op::Sync),
+            "evict {evict}: L2 table written before its new data was synced: {log:?}"
+        );
+    }
+}
+
+/// Writes a new cluster at guest 0 while another thread flushes between its allocation (its
+/// refcount set) and its data write, then returns the log of the file's calls (still running).
+fn data_written_during_a_flush(q: &Qcow2) -> Arc<Mutex<Vec<Op>>> {
     let log = Arc::new(Mutex::new(Vec::new()));
     let (about_tx, about_rx) = std::sync::mpsc::channel();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
@@ -162,25 +197,7 @@ fn an_l2_entry_is_written_only_after_its_data_is_synced() {
         go_tx.send(()).unwrap();
         writer.join().unwrap().unwrap();
     });
-    q.flush().unwrap();
-    q.file.set_hook(None);
-    let log = log.lock().unwrap().clone();
-    let Ok((super::Mapping::Data { host, .. }, _)) = q.lookup(0) else {
-        panic!("cluster 0 is not allocated");
-    };
-    let data = log
-        .iter()
-        .position(|&op| writes_at(op, host, CS))
-        .expect("the data write");
-    let table = data
-        + log[data..]
-            .iter()
-            .position(|&op| writes_at(op, l2, CS))
-            .expect("the L2 table write");
-    assert!(
-        log[data..table].contains(&Op::Sync),
-        "L2 table written before its new data was synced: {log:?}"
-    );
+    log
 }
 
 /// Expected contents of a virtual disk, with the bytes a failed request may or may not have
