@@ -269,7 +269,6 @@ fn enospc_on_each_data_l2_and_l1_write() {
 }
 
 #[test]
-#[ignore = "engine defect: after a refcount block write fails, L2 entries using its clusters still reach the file (qemu-img check: corruptions)"]
 fn eio_on_each_refcount_block_write() {
     assert!(each_call_fails("write", "EIO", &["refcount block"]) > 0);
 }
