@@ -37,7 +37,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use block::aio::Workers;
-use block::{DetectZeroes, DiskImage, Format, Image, OpenOptions, WithPolicy, WritePolicy};
+use block::{
+    DetectZeroes, DiskImage, Format, Image, OpenOptions, WithPolicy, WritableRaw, WritePolicy,
+};
 use devices::bus::{BusError, SharedBus};
 use devices::context::{self, Context, IoThread};
 use devices::virtio::block::{Block, BlockConfig, ErrorAction, ErrorSink, IoErrorEvent, IoStatus};
@@ -222,33 +224,22 @@ fn open_error(drive: &DriveSpec, source: block::Error) -> DiskError {
         {
             DiskError::ReadOnlyFile { id, path }
         }
+        block::Error::UnsafeProbe { .. } => DiskError::FormatNeeded { id, path },
         e if e.kind() == block::ErrorKind::Locked => DiskError::Locked { id, path },
         _ => DiskError::Open { id, path, source },
     }
 }
 
-/// Opens the image of `drive`, refusing to guess the format where a guess is unsafe.
+/// Opens the image of `drive`, refusing to guess the format where a guess is unsafe (a raw
+/// image opened for writing).
 fn open_image(drive: &DriveSpec) -> Result<Image, DiskError> {
-    let format = match drive.format {
-        Some(f) => f,
-        None => {
-            let probed = block::probe(&drive.file).map_err(|e| open_error(drive, e))?;
-            if probed == Format::Raw && !drive.read_only {
-                return Err(DiskError::FormatNeeded {
-                    id: drive.id.clone(),
-                    path: drive.file.display().to_string(),
-                });
-            }
-            probed
-        }
-    };
     let opts = OpenOptions {
-        format: Some(format),
+        format: drive.format,
         read_only: drive.read_only,
         cache: drive.cache.host,
         lock: true,
     };
-    block::open(&drive.file, opts).map_err(|e| open_error(drive, e))
+    block::open_named(&drive.file, opts, WritableRaw::Refuse).map_err(|e| open_error(drive, e))
 }
 
 /// Host bytes allocated to `path`, when it can be stat'ed.
