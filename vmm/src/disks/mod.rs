@@ -31,17 +31,18 @@
 //! holding its context), takes the transports off the shared bus, drops the devices (the images close
 //! and their locks go), then stops the iothreads.
 
+mod iothreads;
+
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use block::aio::Workers;
 use block::{
     DetectZeroes, DiskImage, Format, Image, OpenOptions, WithPolicy, WritableRaw, WritePolicy,
 };
 use devices::bus::{BusError, SharedBus};
-use devices::context::{self, Context, IoThread};
+use devices::context::{self, Context};
 use devices::virtio::block::{Block, BlockConfig, ErrorAction, ErrorSink, IoErrorEvent, IoStatus};
 use devices::virtio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use event_manager::{EventOps, Events};
@@ -62,6 +63,9 @@ use crate::monitor::{
     VmDisk,
 };
 use crate::vcpu::Kicker;
+use iothreads::IoThreads;
+
+pub use iothreads::MainContext;
 
 /// Errors from setting up or shutting down the disks, one line each.
 #[derive(Debug, thiserror::Error)]
@@ -202,8 +206,7 @@ pub enum DiskError {
 /// The VM's iothreads, the main loop's context and the disks.
 #[derive(Debug)]
 pub struct Disks {
-    iothreads: Vec<IoThread>,
-    main_ctx: Arc<Context>,
+    iothreads: IoThreads,
     disks: Vec<VmDisk>,
 }
 
@@ -309,27 +312,11 @@ impl Disks {
             .iter()
             .map(|s| open_image(&s.drive))
             .collect::<Result<Vec<_>, _>>()?;
-        let main_ctx = Context::new("main-loop").map_err(DiskError::MainContext)?;
-        let mut iothreads = Vec::with_capacity(iothread_ids.len());
-        for id in iothread_ids {
-            let t = IoThread::spawn_reporting(id, iothread_failed.hook(id)).map_err(|source| {
-                DiskError::IoThread {
-                    id: id.clone(),
-                    source,
-                }
-            })?;
-            iothreads.push(t);
-        }
+        let iothreads = IoThreads::start(iothread_ids, iothread_failed)?;
         let mut disks = Vec::with_capacity(specs.len());
         let mut dsdt = Vec::with_capacity(specs.len());
         for ((index, spec), image) in (0u8..).zip(specs).zip(images) {
-            let ctx = match &spec.device.iothread {
-                Some(name) => iothreads
-                    .iter()
-                    .find(|t| t.id() == name)
-                    .map_or_else(|| Arc::clone(&main_ctx), |t| Arc::clone(t.context())),
-                None => Arc::clone(&main_ctx),
-            };
+            let ctx = iothreads.context(spec.device.iothread.as_deref());
             let base = VIRTIO_MMIO_START + u64::from(index) * VIRTIO_MMIO_SIZE;
             let gsi = VIRTIO_IRQ_FIRST + u32::from(index);
             // QEMU's names (as its microvm shows a virtio-blk-device): the QOM path, in
@@ -373,34 +360,17 @@ impl Disks {
             disks.push((info, block));
             dsdt.push(virtio_mmio_device(index, base, gsi));
         }
-        Ok((
-            Self {
-                iothreads,
-                main_ctx,
-                disks,
-            },
-            dsdt,
-        ))
+        Ok((Self { iothreads, disks }, dsdt))
     }
 
     /// The handler that runs the main loop's context (the disks without an iothread).
     pub fn main_context(&self) -> MainContext {
-        MainContext(Arc::clone(&self.main_ctx))
+        self.iothreads.main_context()
     }
 
     /// What `query-iothreads` says.
     pub fn iothread_info(&self) -> Vec<IoThreadInfo> {
-        self.iothreads
-            .iter()
-            .map(|t| IoThreadInfo {
-                id: t.id().to_owned(),
-                thread_id: i64::from(t.thread_id()),
-                poll_max_ns: 0,
-                poll_grow: 0,
-                poll_shrink: 0,
-                aio_max_batch: 0,
-            })
-            .collect()
+        self.iothreads.info()
     }
 
     /// The disks, for the monitor.
@@ -421,11 +391,8 @@ impl Disks {
         // The transports hold the devices; the devices hold their images and contexts.
         global.clear_shared_mmio();
         drop(self.disks);
-        for t in self.iothreads {
-            let id = t.id().to_owned();
-            if let Err(source) = t.stop() {
-                first = first.or(Some(DiskError::StopIoThread { id, source }));
-            }
+        if let Err(e) = self.iothreads.stop() {
+            first = first.or(Some(e));
         }
         first.map_or(Ok(()), Err)
     }
@@ -500,30 +467,6 @@ fn add_disk(
         .insert(name, base, VIRTIO_MMIO_SIZE, Arc::new(transport))
         .map_err(|source| DiskError::Bus { id: id(), source })?;
     Ok(block)
-}
-
-/// The main-loop handler of the main loop's context: one non-blocking iteration per wake-up, with
-/// the global lock held (the main loop holds it around every handler).
-#[derive(Debug)]
-pub struct MainContext(Arc<Context>);
-
-impl Handler for MainContext {
-    fn init(&mut self, ops: &mut EventOps) {
-        let fd = self.0.epoll_fd();
-        if let Err(e) = ops.add(Events::with_data_raw(
-            fd,
-            Tag::MainContext as u32,
-            vmm_sys_util::epoll::EventSet::IN,
-        )) {
-            log::error!("main loop: cannot watch the main context: {e:?}");
-        }
-    }
-
-    fn process(&mut self, _: &mut Held<'_>, _: Tag, _: Events, _: &mut EventOps) {
-        if let Err(e) = self.0.run_once(Some(Duration::ZERO)) {
-            log::error!("main loop: {e}");
-        }
-    }
 }
 
 /// Where the disks report failed requests, from their contexts (an iothread's too: nothing here
