@@ -32,18 +32,16 @@
 //! and their locks go), then stops the iothreads.
 
 mod iothreads;
+mod query;
 
-use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use block::aio::Workers;
-use block::{
-    DetectZeroes, DiskImage, Format, Image, OpenOptions, WithPolicy, WritableRaw, WritePolicy,
-};
+use block::{Image, OpenOptions, WithPolicy, WritableRaw};
 use devices::bus::{BusError, SharedBus};
 use devices::context::{self, Context};
-use devices::virtio::block::{Block, BlockConfig, ErrorAction, ErrorSink, IoErrorEvent, IoStatus};
+use devices::virtio::block::{Block, BlockConfig, ErrorAction, ErrorSink, IoErrorEvent};
 use devices::virtio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use event_manager::{EventOps, Events};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -55,15 +53,13 @@ use crate::arch::x86_64::layout::{
     VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::memory::GuestMemory;
-use crate::drive::{CacheSetting, DiskSpec, DriveSpec};
+use crate::drive::{DiskSpec, DriveSpec};
 use crate::global::{GlobalLock, Held, IoThreadFailures, VcpuRequest};
 use crate::main_loop::{Handler, Tag};
-use crate::monitor::{
-    BlockDevice, BlockIoError, CacheMode, EventSender, ImageDescription, IoThreadInfo, QmpEvent,
-    VmDisk,
-};
+use crate::monitor::{BlockIoError, EventSender, IoThreadInfo, QmpEvent, VmDisk};
 use crate::vcpu::Kicker;
 use iothreads::IoThreads;
+use query::{block_device, Names};
 
 pub use iothreads::MainContext;
 
@@ -245,49 +241,6 @@ fn open_image(drive: &DriveSpec) -> Result<Image, DiskError> {
     block::open_named(&drive.file, opts, WritableRaw::Refuse).map_err(|e| open_error(drive, e))
 }
 
-/// Host bytes allocated to `path`, when it can be stat'ed.
-fn allocated_bytes(path: &str) -> Option<u64> {
-    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
-}
-
-/// `query-block`'s description of `image` and its backing chain.
-fn describe(image: &Image) -> ImageDescription {
-    match image {
-        Image::Raw(raw) => ImageDescription {
-            filename: raw.path().to_owned(),
-            format: Format::Raw.name().to_owned(),
-            virtual_size: raw.size(),
-            actual_size: allocated_bytes(raw.path()),
-            cluster_size: None,
-            dirty_flag: None,
-            backing: None,
-        },
-        Image::Qcow2(q) => {
-            let header = q.header();
-            let path = q.file().path();
-            ImageDescription {
-                filename: path.to_owned(),
-                format: Format::Qcow2.name().to_owned(),
-                virtual_size: q.size(),
-                actual_size: allocated_bytes(path),
-                cluster_size: 1u64.checked_shl(header.cluster_bits),
-                // qcow2 spec, incompatible feature bit 0: the dirty bit.
-                dirty_flag: Some(header.incompatible & 1 != 0),
-                backing: q.backing().map(|b| Box::new(describe(b))),
-            }
-        }
-    }
-}
-
-/// The cache flags `query-block` reports for a `-drive cache=` mode.
-fn cache_flags(mode: CacheSetting) -> CacheMode {
-    CacheMode {
-        writeback: mode.policy != WritePolicy::WriteThrough,
-        direct: mode.host == block::CacheMode::None,
-        no_flush: mode.policy == WritePolicy::IgnoreFlush,
-    }
-}
-
 impl Disks {
     /// Builds the iothreads and disks (steps in the module doc), putting the transports on
     /// `shared_mmio`; returns them with the DSDT entries of the transports.
@@ -319,29 +272,9 @@ impl Disks {
             let ctx = iothreads.context(spec.device.iothread.as_deref());
             let base = VIRTIO_MMIO_START + u64::from(index) * VIRTIO_MMIO_SIZE;
             let gsi = VIRTIO_IRQ_FIRST + u32::from(index);
-            // QEMU's names (as its microvm shows a virtio-blk-device): the QOM path, in
-            // BLOCK_IO_ERROR; the device's id or, for an anonymous one, its QOM path, in
-            // query-block; an automatic `#blockN` node name.
-            let qom_path = match &spec.device.id {
-                Some(id) => format!("/machine/peripheral/{id}"),
-                None => format!("/machine/peripheral-anon/device[{index}]"),
-            };
-            let node_name = format!("#block{index}");
-            let info = BlockDevice {
-                drive_id: spec.drive.id.clone(),
-                qdev: spec.device.id.clone().unwrap_or_else(|| qom_path.clone()),
-                read_only: spec.drive.read_only,
-                cache: cache_flags(spec.drive.cache),
-                detect_zeroes: match spec.drive.detect_zeroes {
-                    DetectZeroes::Off => "off",
-                    DetectZeroes::On => "on",
-                    DetectZeroes::Unmap => "unmap",
-                },
-                node_name: node_name.clone(),
-                io_status: IoStatus::Ok.name(),
-                image: describe(&image),
-            };
-            let sink = errors.sink(qom_path, node_name);
+            let names = Names::of(index, spec);
+            let info = block_device(spec, &names, &image);
+            let sink = errors.sink(names.qom_path, names.node_name);
             let disk = NewDisk {
                 spec,
                 image,
@@ -593,6 +526,8 @@ impl Handler for IoErrorStop {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::drive::CacheSetting;
+    use block::{DetectZeroes, Format};
     use std::path::{Path, PathBuf};
 
     fn drive(file: &Path, format: Option<Format>, read_only: bool) -> DriveSpec {
@@ -616,21 +551,6 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vmm-disks-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         dir.join(name)
-    }
-
-    #[test]
-    fn query_block_cache_flags_follow_the_mode() {
-        use crate::options::OptionValue;
-        let flags = |mode: &str| {
-            let f = cache_flags(CacheSetting::parse(mode).expect("a QEMU mode"));
-            (f.writeback, f.direct, f.no_flush)
-        };
-        // QEMU's table for -drive cache= (qemu-options.hx: cache.writeback, .direct, .no-flush).
-        assert_eq!(flags("writeback"), (true, false, false));
-        assert_eq!(flags("none"), (true, true, false));
-        assert_eq!(flags("writethrough"), (false, false, false));
-        assert_eq!(flags("directsync"), (false, true, false));
-        assert_eq!(flags("unsafe"), (true, false, true));
     }
 
     #[test]
