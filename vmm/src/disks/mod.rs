@@ -33,18 +33,17 @@
 
 mod iothreads;
 mod query;
+mod wiring;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use block::aio::Workers;
-use block::{Image, OpenOptions, WithPolicy, WritableRaw};
+use block::{Image, OpenOptions, WritableRaw};
 use devices::bus::{BusError, SharedBus};
-use devices::context::{self, Context};
-use devices::virtio::block::{Block, BlockConfig, ErrorAction, ErrorSink, IoErrorEvent};
-use devices::virtio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use devices::context;
+use devices::virtio::block::{ErrorAction, ErrorSink, IoErrorEvent};
 use event_manager::{EventOps, Events};
-use kvm_ioctls::{IoEventAddress, VmFd};
+use kvm_ioctls::VmFd;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -60,6 +59,7 @@ use crate::monitor::{BlockIoError, EventSender, IoThreadInfo, QmpEvent, VmDisk};
 use crate::vcpu::Kicker;
 use iothreads::IoThreads;
 use query::{block_device, Names};
+use wiring::{add_disk, NewDisk};
 
 pub use iothreads::MainContext;
 
@@ -329,77 +329,6 @@ impl Disks {
         }
         first.map_or(Ok(()), Err)
     }
-}
-
-/// One disk to add: its flags, its image, the context that serves it, where its error reports
-/// go, its MMIO window and interrupt line.
-struct NewDisk<'a> {
-    spec: &'a DiskSpec,
-    image: Image,
-    ctx: Arc<Context>,
-    sink: ErrorSink,
-    base: u64,
-    gsi: u32,
-}
-
-/// Builds the device of one disk in its context, puts its transport on `shared_mmio` at its base
-/// and registers its ioeventfds and its irqfd on its GSI.
-fn add_disk(
-    disk: NewDisk<'_>,
-    vm_fd: &VmFd,
-    memory: &GuestMemory,
-    shared_mmio: &mut SharedBus,
-) -> Result<Arc<Block>, DiskError> {
-    let NewDisk {
-        spec,
-        image,
-        ctx,
-        sink,
-        base,
-        gsi,
-    } = disk;
-    let id = || spec.drive.id.clone();
-    let config = BlockConfig {
-        id: spec.drive.id.clone(),
-        serial: spec.device.serial.clone(),
-        num_queues: spec.device.num_queues,
-        queue_size: spec.device.queue_size,
-        discard: spec.drive.discard,
-        // Workers doing the image's I/O (with `aio=io_uring`, what the ring does not take).
-        io_workers: Workers::default(),
-        aio: spec.drive.aio,
-        stats_intervals: spec.drive.stats_intervals.clone(),
-        on_read_error: spec.drive.on_read_error,
-        on_write_error: spec.drive.on_write_error,
-        error_sink: Some(sink),
-    };
-    let image = WithPolicy::new(image, spec.drive.cache.policy, spec.drive.detect_zeroes);
-    let block = Block::new(config, Arc::new(image), ctx)
-        .map_err(|source| DiskError::Device { id: id(), source })?;
-    let transport = MmioTransport::new(block.clone(), memory.clone())
-        .map_err(|source| DiskError::Transport { id: id(), source })?;
-    for (queue, fd) in (0u32..).zip(transport.queue_events()) {
-        let addr = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
-        vm_fd
-            .register_ioevent(fd, &addr, queue)
-            .map_err(|source| DiskError::Ioevent {
-                id: id(),
-                queue,
-                source,
-            })?;
-    }
-    vm_fd
-        .register_irqfd(transport.interrupt().irqfd(), gsi)
-        .map_err(|source| DiskError::Irqfd {
-            id: id(),
-            gsi,
-            source,
-        })?;
-    let name: &'static str = "virtio-mmio";
-    shared_mmio
-        .insert(name, base, VIRTIO_MMIO_SIZE, Arc::new(transport))
-        .map_err(|source| DiskError::Bus { id: id(), source })?;
-    Ok(block)
 }
 
 /// Where the disks report failed requests, from their contexts (an iothread's too: nothing here
