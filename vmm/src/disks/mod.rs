@@ -1,13 +1,16 @@
 //! The VM's disks: iothreads, images, virtio-blk devices on virtio-mmio transports, their KVM
-//! notifications, their ACPI description, and their orderly end.
+//! notifications, their ACPI description, and their orderly end. One file per concern:
+//! `open.rs` opens the images (the format is never guessed where guessing is unsafe: a raw image
+//! opened for writing) and words their failures; `iothreads.rs` owns the iothreads and the main
+//! loop's context; `wiring.rs` puts one disk on the machine (device, transport, ioeventfds,
+//! irqfd); `query.rs` says what `query-block` reports of it; `io_errors.rs` takes the devices'
+//! failed requests to the monitor and stops the VM when their policy asks.
 //!
-//! [`Disks::build`], before the guest is loaded: spawns one thread per `-object iothread` (named
-//! after its id); opens each image (its backing chain read-only, QEMU-compatible locks taken),
-//! with a one-line error for a missing file, an image another process writes, a read-write disk
-//! on a read-only file, or a format that would have to be guessed where guessing is unsafe (a raw
-//! image opened for writing); builds each virtio-blk device in its iothread's context, or in the
-//! main loop's context when it has none; puts its transport on the shared MMIO bus (reached by
-//! the vCPUs without the global lock) at
+//! [`Disks::build`], before the guest is loaded: opens each image (its backing chain read-only,
+//! QEMU-compatible locks taken), so a bad one fails before any thread starts; spawns one thread
+//! per `-object iothread` (named after its id); builds each virtio-blk device in its iothread's
+//! context, or in the main loop's context when it has none; puts its transport on the shared
+//! MMIO bus (reached by the vCPUs without the global lock) at
 //! [`VIRTIO_MMIO_START`] + n × [`VIRTIO_MMIO_SIZE`]; registers one ioeventfd per queue at its
 //! QueueNotify register (datamatch: the queue index) and its irqfd on GSI
 //! [`VIRTIO_IRQ_FIRST`] + n; and returns the `LNRO0005` DSDT entries, edge-triggered.
@@ -19,13 +22,9 @@
 //! lock like every other main-loop handler. vCPUs reach a transport without the global lock (the
 //! shared MMIO bus, see [`crate::global`]); the transport acquires the device's context only for
 //! configuration-space writes, activation and reset. An iothread whose loop fails ends the VM
-//! ([`IoThreadFailures`]).
-//!
-//! I/O errors: each device reports its failed requests to [`IoErrors`] from its own context (an
-//! iothread's included, with no lock of the VM): a `BLOCK_IO_ERROR` event for the monitor, and
-//! for a stopping policy (`werror=stop`, `enospc` on ENOSPC...) an eventfd that wakes
-//! [`IoErrorStop`] on the main loop, which pauses every vCPU as `stop` does and enters the
-//! `io-error` run state; `cont` retries the kept requests (`crate::monitor::VmMonitor`).
+//! ([`IoThreadFailures`]). A device reports failed requests to [`IoErrors`] from its own context,
+//! with no lock of the VM; the stop that a policy asks for runs on the main loop
+//! ([`IoErrorStop`]).
 //!
 //! [`Disks::shutdown`], after the vCPUs stopped: drains and flushes every device (waiting without
 //! holding its context), takes the transports off the shared bus, drops the devices (the images close
