@@ -168,6 +168,12 @@ pub enum Error {
         /// Its size.
         bytes: u64,
     },
+    /// A writable image without a format that probes as raw, where guessing raw is refused.
+    #[error("{path} has no format and looks raw: refusing to probe a writable raw image")]
+    UnsafeProbe {
+        /// The image file.
+        path: String,
+    },
 }
 
 impl Error {
@@ -184,6 +190,7 @@ impl Error {
             | Error::InvalidOption(_)
             | Error::OwnBacking { .. } => ErrorKind::InvalidRequest,
             Error::Locked { .. } => ErrorKind::Locked,
+            Error::UnsafeProbe { .. } => ErrorKind::Unsupported,
             Error::Format { source, .. } => source.kind(),
             Error::BackingTooDeep { .. }
             | Error::BackingProbe { .. }

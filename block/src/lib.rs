@@ -15,7 +15,10 @@ mod raw;
 pub use error::{Error, ErrorKind};
 pub use file::{CacheMode, FileId};
 pub use image::{Allocation, BlockStatus, DiskImage};
-pub use open::{create, open, probe, resolve_backing, Format, Image, NewImage, OpenOptions};
+pub use open::{
+    create, open, open_named, probe, resolve_backing, Format, Image, NewImage, OpenOptions,
+    WritableRaw,
+};
 pub use policy::{DetectZeroes, WithPolicy, WritePolicy};
 pub use raw::Raw;
 

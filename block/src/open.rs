@@ -174,6 +174,42 @@ pub fn open(path: &Path, opts: OpenOptions) -> Result<Image, Error> {
     open_in_chain(path, opts, &mut seen, path)
 }
 
+/// Whether probing may settle on raw for an image opened for writing. The callers differ on
+/// purpose: qemu-img guesses raw (QEMU warns), while a VMM that guesses raw lets a guest write a
+/// qcow2 header into the first sector and make the next start open host files as its backing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WritableRaw {
+    /// A writable image without a format opens as raw when it carries no magic (qemu-img's rule).
+    Guess,
+    /// A writable image without a format that probes as raw is refused
+    /// ([`Error::UnsafeProbe`]); the probe runs before the image is opened, so a refused image
+    /// is never opened for writing nor locked.
+    Refuse,
+}
+
+/// Opens an image a user names and its backing chain: with `opts.format`, or probed under the
+/// `writable_raw` rule.
+pub fn open_named(
+    path: &Path,
+    opts: OpenOptions,
+    writable_raw: WritableRaw,
+) -> Result<Image, Error> {
+    if opts.format.is_some() || writable_raw == WritableRaw::Guess {
+        return open(path, opts);
+    }
+    let format = probe(path)?;
+    if format == Format::Raw && !opts.read_only {
+        return Err(Error::UnsafeProbe {
+            path: path.display().to_string(),
+        });
+    }
+    let opts = OpenOptions {
+        format: Some(format),
+        ..opts
+    };
+    open(path, opts)
+}
+
 fn open_in_chain(
     path: &Path,
     opts: OpenOptions,
@@ -401,6 +437,37 @@ mod tests {
         let r = create(&p, Format::Qcow2, &qcow2(1 << 20, Some("b.qcow2")));
         assert!(matches!(r, Err(Error::OwnBacking { .. })), "{r:?}");
         assert_eq!(std::fs::read(&p).unwrap(), [4u8; 4096]);
+    }
+
+    #[test]
+    fn only_a_writable_image_probed_as_raw_is_refused_and_before_it_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("raw.img");
+        std::fs::write(&raw, [0u8; 4096]).unwrap();
+        let q = dir.path().join("a.qcow2");
+        create(&q, Format::Qcow2, &qcow2(1 << 20, None)).unwrap();
+        let opts = |format, read_only| OpenOptions {
+            format,
+            read_only,
+            ..Default::default()
+        };
+        let opened = |path: &Path, o, rule| open_named(path, o, rule).map(|i| i.format());
+        // qemu-img's rule: raw is guessed, for writing too.
+        let r = opened(&raw, opts(None, false), WritableRaw::Guess);
+        assert_eq!(r.unwrap(), Format::Raw);
+        // Refused: a writable raw image without a format, even while another writer holds it
+        // (the probe comes first: nothing is opened for writing or locked).
+        let writer = open(&raw, opts(Some(Format::Raw), false)).unwrap();
+        let r = opened(&raw, opts(None, false), WritableRaw::Refuse);
+        assert!(matches!(r, Err(Error::UnsafeProbe { .. })), "{r:?}");
+        drop(writer);
+        // Allowed: a read-only raw image, a named raw format, a writable qcow2 image.
+        let r = opened(&raw, opts(None, true), WritableRaw::Refuse);
+        assert_eq!(r.unwrap(), Format::Raw);
+        let r = opened(&raw, opts(Some(Format::Raw), false), WritableRaw::Refuse);
+        assert_eq!(r.unwrap(), Format::Raw);
+        let r = opened(&q, opts(None, false), WritableRaw::Refuse);
+        assert_eq!(r.unwrap(), Format::Qcow2);
     }
 
     #[test]

@@ -4,11 +4,12 @@
 
 use std::path::Path;
 
-use block::{open, CacheMode, DiskImage, Image, OpenOptions};
+use block::{open_named, CacheMode, DiskImage, Image, OpenOptions, WritableRaw};
 
 use crate::{args, CliError};
 
-/// Opens an image with an optional format name (probed when absent: the user named the file).
+/// Opens an image with an optional format name (probed when absent: the user named the file;
+/// a writable image with no magic is guessed raw, as qemu-img does).
 pub fn open_image(
     path: &str,
     fmt: Option<&str>,
@@ -17,15 +18,13 @@ pub fn open_image(
     lock: bool,
 ) -> Result<Image, CliError> {
     let format = fmt.map(args::format).transpose()?;
-    Ok(open(
-        Path::new(path),
-        OpenOptions {
-            format,
-            read_only,
-            cache,
-            lock,
-        },
-    )?)
+    let opts = OpenOptions {
+        format,
+        read_only,
+        cache,
+        lock,
+    };
+    Ok(open_named(Path::new(path), opts, WritableRaw::Guess)?)
 }
 
 /// A run of the virtual disk with one status through the chain.
