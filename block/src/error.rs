@@ -155,6 +155,16 @@ pub enum Error {
         /// The backing image.
         backing: String,
     },
+    /// An image of a format QEMU reads and this engine does not.
+    #[error("{path} is a {format} image, which this engine does not read; convert it to qcow2 with: {convert}")]
+    ForeignFormat {
+        /// The image file.
+        path: String,
+        /// qemu-img's name of its format.
+        format: &'static str,
+        /// The qemu-img command line that converts it.
+        convert: String,
+    },
     /// An invalid option for creating an image.
     #[error("invalid image option: {0}")]
     InvalidOption(String),
@@ -194,6 +204,7 @@ impl Error {
             Error::Format { source, .. } => source.kind(),
             Error::BackingTooDeep { .. }
             | Error::BackingProbe { .. }
+            | Error::ForeignFormat { .. }
             | Error::TooLarge { .. }
             | Error::NotAnImage { .. } => ErrorKind::Unsupported,
             Error::BackingLoop { .. } => ErrorKind::Corrupt,

@@ -9,6 +9,7 @@ mod image;
 mod lock;
 mod open;
 mod policy;
+mod probe;
 pub mod qcow2;
 mod raw;
 
@@ -20,6 +21,7 @@ pub use open::{
     WritableRaw,
 };
 pub use policy::{DetectZeroes, WithPolicy, WritePolicy};
+pub use probe::Foreign;
 pub use raw::Raw;
 
 /// Checks that `[offset, offset + len)` lies within a disk of `size` bytes and, for a request

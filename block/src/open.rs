@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::direct::{DirectPin, DirectTarget, Extent};
 use crate::file::{CacheMode, FileId, HostFile};
+use crate::probe::{sniff, Probed};
 use crate::qcow2::{self, create::CreateOptions, OpenParts, Qcow2};
 use crate::{lock, BlockStatus, DiskImage, Error, Raw};
 
@@ -151,21 +152,24 @@ impl DiskImage for Image {
     }
 }
 
-fn starts_with_qcow2_magic(f: &HostFile) -> Result<bool, Error> {
-    let mut m = [0u8; 4];
-    f.read_at(&mut m, 0)?;
-    Ok(u32::from_be_bytes(m) == qcow2::validate_magic())
+/// The format of `file` by its magic; a format this engine does not read is refused by name.
+fn probe_file(file: &HostFile) -> Result<Format, Error> {
+    match sniff(file)? {
+        Probed::Qcow2 => Ok(Format::Qcow2),
+        Probed::Raw => Ok(Format::Raw),
+        Probed::Foreign(format) => Err(Error::ForeignFormat {
+            path: file.path().to_string(),
+            format: format.name(),
+            convert: format.convert_line(Path::new(file.path())),
+        }),
+    }
 }
 
-/// Guesses the format of an image a user names: qcow2 when it carries the qcow2 magic, raw
-/// otherwise.
+/// Guesses the format of an image a user names: qcow2 when it carries the qcow2 magic, raw when
+/// it carries no magic known; an image of another format QEMU reads (vmdk, vhdx, vpc, vdi, qed,
+/// qcow, dmg, luks) is refused with the qemu-img command that converts it.
 pub fn probe(path: &Path) -> Result<Format, Error> {
-    let f = HostFile::open(path, true, CacheMode::Writeback)?;
-    Ok(if starts_with_qcow2_magic(&f)? {
-        Format::Qcow2
-    } else {
-        Format::Raw
-    })
+    probe_file(&HostFile::open(path, true, CacheMode::Writeback)?)
 }
 
 /// Opens an image and its backing chain.
@@ -245,8 +249,7 @@ fn open_file(
 ) -> Result<Image, Error> {
     let format = match opts.format {
         Some(f) => f,
-        None if starts_with_qcow2_magic(&file)? => Format::Qcow2,
-        None => Format::Raw,
+        None => probe_file(&file)?,
     };
     if format == Format::Raw {
         return Ok(Image::Raw(Raw::new(file, opts.read_only)?));
@@ -287,16 +290,22 @@ fn open_file(
 }
 
 /// A backing file without a format: raw is safe (it names nothing); one that looks like qcow2 is
-/// refused, since its header may have been written by a guest.
+/// refused, since its header may have been written by a guest, and so is one of a format this
+/// engine does not read.
 fn probe_backing(path: &Path, bpath: &Path) -> Result<Format, Error> {
     let f = HostFile::open(bpath, true, CacheMode::Writeback)?;
-    if starts_with_qcow2_magic(&f)? {
-        return Err(Error::BackingProbe {
+    let probed = probe_file(&f).map_err(|e| Error::Backing {
+        path: path.display().to_string(),
+        backing: bpath.display().to_string(),
+        source: Box::new(e),
+    })?;
+    match probed {
+        Format::Qcow2 => Err(Error::BackingProbe {
             path: path.display().to_string(),
             backing: bpath.display().to_string(),
-        });
+        }),
+        Format::Raw => Ok(Format::Raw),
     }
-    Ok(Format::Raw)
 }
 
 /// Resolves a backing file name against the directory of the image that names it.

@@ -135,6 +135,33 @@ fn a_backing_file_without_format_is_probed_only_as_raw() {
         },
     );
     assert!(matches!(r, Err(Error::BackingProbe { .. })), "{r:?}");
+    // A vmdk (or any format the engine does not read) is refused too, never read as raw.
+    let vmdk = tmp(&dir, "v.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", vmdk.to_str().unwrap(), "1M"]);
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-b",
+        "v.vmdk",
+        "-F",
+        "vmdk",
+        top.to_str().unwrap(),
+    ]);
+    drop_backing_format(&top);
+    let r = open(
+        &top,
+        OpenOptions {
+            format: Some(Format::Qcow2),
+            ..Default::default()
+        },
+    );
+    let Err(Error::Backing { source, .. }) = r else {
+        panic!("{r:?}")
+    };
+    assert!(
+        matches!(*source, Error::ForeignFormat { format: "vmdk", .. }),
+        "{source:?}"
+    );
 }
 
 /// Renames the backing format extension to an unknown type, leaving a backing file without a
