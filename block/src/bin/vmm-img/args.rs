@@ -23,6 +23,9 @@ impl Args {
         let mut a = Args::default();
         let mut it = argv.iter();
         while let Some(arg) = it.next() {
+            if arg == "-h" || arg == "--help" {
+                return Err(CliError::Help);
+            }
             if let Some(long) = arg.strip_prefix("--") {
                 if let Some((k, v)) = long.split_once('=') {
                     a.values.entry(k.into()).or_default().push(v.into());
@@ -84,6 +87,28 @@ impl Args {
             return Err(CliError::Usage(format!("expected {what}")));
         }
         Ok(&self.positional)
+    }
+}
+
+/// qemu-img's `--output` formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Text for people (the default).
+    Human,
+    /// JSON.
+    Json,
+}
+
+impl Args {
+    /// The `--output` format: `human` (the default) or `json`, anything else refused.
+    pub fn output(&self) -> Result<Output, CliError> {
+        match self.value("output") {
+            None | Some("human") => Ok(Output::Human),
+            Some("json") => Ok(Output::Json),
+            Some(o) => Err(CliError::Usage(format!(
+                "--output expects 'human' or 'json' not '{o}'"
+            ))),
+        }
     }
 }
 
@@ -159,6 +184,15 @@ mod tests {
         assert!(a.has("U"));
         assert_eq!(a.positional, vec!["x"]);
         assert!(matches!(a.only(&["f", "output"]), Err(CliError::Usage(_))));
+        assert_eq!(a.output().unwrap(), Output::Json);
+        let yaml = Args::parse(&["--output".to_string(), "yaml".to_string()], &["output"]);
+        assert!(matches!(yaml.unwrap().output(), Err(CliError::Usage(_))));
+        // -h is help, unless it is the value of a flag.
+        let help =
+            |v: &[&str]| Args::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &["c"]);
+        assert!(matches!(help(&["x", "--help"]), Err(CliError::Help)));
+        assert!(matches!(help(&["-h"]), Err(CliError::Help)));
+        assert_eq!(help(&["-c", "-h", "x"]).unwrap().value("c"), Some("-h"));
         assert_eq!(options("a=1,b=2").unwrap().len(), 2);
         assert!(matches!(options("a"), Err(CliError::Usage(_))));
     }

@@ -6,7 +6,7 @@ use block::qcow2::check::{CheckReport, Repair};
 use block::{CacheMode, Image};
 use serde_json::json;
 
-use crate::args::Args;
+use crate::args::{Args, Output};
 use crate::chain::open_image;
 use crate::{CliError, CmdResult};
 
@@ -63,6 +63,7 @@ fn print_human(r: &CheckReport, quiet: bool) {
 pub fn run(argv: &[String]) -> CmdResult {
     let a = Args::parse(argv, &["f", "r", "output"])?;
     a.only(&["f", "r", "output", "q", "U", "force-share"])?;
+    let json = a.output()? == Output::Json;
     let file = &a.positional(1, "one image file")?[0];
     let repair = match a.value("r") {
         None => Repair::None,
@@ -83,7 +84,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     };
     let mut r = q.check(repair)?;
     if r.leaks_fixed > 0 || r.corruptions_fixed > 0 {
-        if !a.has("q") && a.value("output") != Some("json") {
+        if !a.has("q") && !json {
             println!("The following inconsistencies were found and repaired:\n");
             println!(
                 "    {} leaked clusters\n    {} corruptions\n",
@@ -98,7 +99,7 @@ pub fn run(argv: &[String]) -> CmdResult {
             ..again
         };
     }
-    if a.value("output") == Some("json") {
+    if json {
         let mut v = json!({
             "image-end-offset": r.image_end_offset,
             "total-clusters": r.total_clusters,

@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use block::{CacheMode, DiskImage, Image};
 use serde_json::{json, Value};
 
-use crate::args::Args;
+use crate::args::{Args, Output};
 use crate::chain::open_image;
 use crate::CmdResult;
 
@@ -129,6 +129,7 @@ fn print_human(v: &Value) {
 pub fn run(argv: &[String]) -> CmdResult {
     let a = Args::parse(argv, &["f", "output"])?;
     a.only(&["f", "output", "backing-chain", "U", "force-share"])?;
+    let json = a.output()? == Output::Json;
     let file = &a.positional(1, "one image file")?[0];
     let lock = !(a.has("U") || a.has("force-share"));
     let img = open_image(file, a.value("f"), true, CacheMode::Writeback, lock)?;
@@ -145,7 +146,6 @@ pub fn run(argv: &[String]) -> CmdResult {
             }
         }
     }
-    let json = a.value("output") == Some("json");
     if json {
         let out = if a.has("backing-chain") {
             Value::Array(layers)

@@ -20,6 +20,9 @@ pub enum CliError {
     /// Bad usage: unknown subcommand or flag, missing or malformed argument.
     #[error("{0}")]
     Usage(String),
+    /// `-h` or `--help` among a subcommand's flags: its usage is printed instead of running it.
+    #[error("help requested")]
+    Help,
     /// The block layer failed.
     #[error(transparent)]
     Block(#[from] block::Error),
@@ -47,33 +50,106 @@ pub enum CliError {
 /// Result of a subcommand: the process exit code on success.
 pub type CmdResult = Result<u8, CliError>;
 
-const USAGE: &str = "usage: vmm-img create|info|check|convert|map|bench|io [options] FILE...";
+/// A subcommand: its name, its entry point and its usage (`CMD --help`).
+struct Command {
+    name: &'static str,
+    run: fn(&[String]) -> CmdResult,
+    usage: &'static str,
+}
 
-fn run(argv: &[String]) -> CmdResult {
+const COMMANDS: &[Command] = &[
+    Command {
+        name: "create",
+        run: create::run,
+        usage:
+            "Create and format a new image file.\n\n  vmm-img create [-f raw|qcow2] [-o FMT_OPTS] \
+                [-b BACKING_FILENAME -F BACKING_FMT [-u]] [-q] FILENAME [SIZE[kMGT]]",
+    },
+    Command {
+        name: "info",
+        run: info::run,
+        usage: "Display information about an image.\n\n  vmm-img info [-f FMT] [--backing-chain] \
+                [-U] [--output human|json] FILENAME",
+    },
+    Command {
+        name: "check",
+        run: check::run,
+        usage: "Check an image's integrity (and repair it with -r).\n\n  vmm-img check [-f FMT] \
+                [-r leaks|all] [-q] [-U] [--output human|json] FILENAME",
+    },
+    Command {
+        name: "convert",
+        run: convert::run,
+        usage: "Copy an image (its whole chain, flattened) to a new image.\n\n  vmm-img convert \
+                [-f SRC_FMT] [-O raw|qcow2] [-o TGT_OPTS] [-p] [-q] [-U] FILENAME OUTPUT_FILENAME",
+    },
+    Command {
+        name: "map",
+        run: map::run,
+        usage: "Show where each range of the virtual disk is stored.\n\n  vmm-img map [-f FMT] \
+                [-U] [--output human|json] FILENAME",
+    },
+    Command {
+        name: "bench",
+        run: bench::run,
+        usage: "Run a simple image benchmark.\n\n  vmm-img bench [-f FMT] [-t none|writeback] \
+                [-c COUNT] [-d DEPTH] [-o OFFSET] [-s BUFFER_SIZE] [-S STEP_SIZE] \
+                [-w [--pattern PATTERN]] [-q] [-U] FILENAME",
+    },
+    Command {
+        name: "io",
+        run: io::run,
+        usage: "Run qemu-io commands on an image.\n\n  vmm-img io [-f FMT] [-t CACHE] [-r [-U]] \
+                -c 'read|write|discard|flush ...' [-c ...] FILENAME",
+    },
+];
+
+const USAGE: &str = "usage: vmm-img [--version] COMMAND [--help | options] FILE...\n\
+                     commands: create info check convert map bench io";
+
+/// `vmm-img --version`, in qemu-img's shape.
+fn version() -> String {
+    format!(
+        "vmm-img version {}\nThe disk image tool of the vmm project",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Runs `argv`; a usage error comes back with the subcommand it belongs to, for the hint.
+fn run(argv: &[String]) -> (CmdResult, Option<&'static str>) {
     let Some((cmd, rest)) = argv.split_first() else {
-        return Err(CliError::Usage(USAGE.into()));
+        return (Err(CliError::Usage(USAGE.into())), None);
     };
     match cmd.as_str() {
-        "create" => create::run(rest),
-        "info" => info::run(rest),
-        "check" => check::run(rest),
-        "convert" => convert::run(rest),
-        "map" => map::run(rest),
-        "bench" => bench::run(rest),
-        "io" => io::run(rest),
         "--help" | "-h" | "help" => {
             println!("{USAGE}");
-            Ok(0)
+            return (Ok(0), None);
         }
-        other => Err(CliError::Usage(format!(
-            "unknown command '{other}'\n{USAGE}"
-        ))),
+        "--version" | "-V" => {
+            println!("{}", version());
+            return (Ok(0), None);
+        }
+        _ => {}
+    }
+    let Some(c) = COMMANDS.iter().find(|c| c.name == cmd) else {
+        return (
+            Err(CliError::Usage(format!("unknown command '{cmd}'\n{USAGE}"))),
+            None,
+        );
+    };
+    match (c.run)(rest) {
+        Err(CliError::Help) => {
+            println!("Usage:\n{}", c.usage);
+            (Ok(0), Some(c.name))
+        }
+        r => (r, Some(c.name)),
     }
 }
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    match run(&argv) {
+    let (result, cmd) = run(&argv);
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // The cause chain, once, on one line.
@@ -85,6 +161,9 @@ fn main() -> ExitCode {
                 src = s.source();
             }
             eprintln!("vmm-img: {msg}");
+            if let (CliError::Usage(_), Some(cmd)) = (&e, cmd) {
+                eprintln!("Try 'vmm-img {cmd} --help' for more info");
+            }
             // qemu-img: 1 for errors; check uses 63 for "no checks", 1 for a failed check.
             ExitCode::from(match e {
                 CliError::NoChecks => 63,

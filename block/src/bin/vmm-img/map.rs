@@ -3,7 +3,7 @@
 
 use block::CacheMode;
 
-use crate::args::Args;
+use crate::args::{Args, Output};
 use crate::chain::{open_image, segments};
 use crate::CmdResult;
 
@@ -19,11 +19,12 @@ fn hex(v: u64) -> String {
 pub fn run(argv: &[String]) -> CmdResult {
     let a = Args::parse(argv, &["f", "output"])?;
     a.only(&["f", "output", "U", "force-share"])?;
+    let json = a.output()? == Output::Json;
     let file = &a.positional(1, "one image file")?[0];
     let lock = !(a.has("U") || a.has("force-share"));
     let img = open_image(file, a.value("f"), true, CacheMode::Writeback, lock)?;
     let segs = segments(&img)?;
-    if a.value("output") == Some("json") {
+    if json {
         let rows: Vec<String> = segs
             .iter()
             .map(|s| {
