@@ -166,3 +166,104 @@ fn other_formats_are_named_with_the_command_that_converts_them() {
     assert!(o.status.success(), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("file format: qcow2"));
 }
+
+/// Runs the same command line through both tools and requires the same exit code and stdout.
+fn same_as_qemu_img(dir: &std::path::Path, args: &[&str]) -> Output {
+    let ours = Command::new(env!("CARGO_BIN_EXE_vmm-img"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    let theirs = Command::new("qemu-img")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("qemu-img is required (ci/setup installs it): {e}"));
+    assert_eq!(
+        ours.status.code(),
+        theirs.status.code(),
+        "{args:?}: ours {ours:?}, qemu-img {theirs:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&ours.stdout),
+        String::from_utf8_lossy(&theirs.stdout),
+        "{args:?}"
+    );
+    ours
+}
+
+#[test]
+fn compare_agrees_with_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |n: &str| tmp(&dir, n);
+    let io = |n: &str, cmds: &[&str]| qemu_io(&p(n), "qcow2", cmds);
+    create_qcow2(&[p("a.qcow2").to_str().unwrap(), "4M"]);
+    io(
+        "a.qcow2",
+        &["write -P 1 0 64k", "write -P 2 1M 100k", "write -z 2M 64k"],
+    );
+    // The same content in a raw file and in an overlay over a partial base.
+    let a = p("a.qcow2");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        a.to_str().unwrap(),
+        p("a.raw").to_str().unwrap(),
+    ]);
+    create_qcow2(&[p("base.qcow2").to_str().unwrap(), "4M"]);
+    io("base.qcow2", &["write -P 1 0 64k"]);
+    create_qcow2(&[
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        p("top.qcow2").to_str().unwrap(),
+    ]);
+    io("top.qcow2", &["write -P 2 1M 100k", "write -P 0 3M 64k"]);
+    // One byte apart, inside the second sector of a cluster.
+    std::fs::copy(p("a.qcow2"), p("b.qcow2")).unwrap();
+    io("b.qcow2", &["write -P 9 1049600 1"]);
+    // Larger, with zeroes in the tail, then with data in it.
+    create_qcow2(&[p("big.qcow2").to_str().unwrap(), "6M"]);
+    io(
+        "big.qcow2",
+        &["write -P 1 0 64k", "write -P 2 1M 100k", "write -P 0 5M 4k"],
+    );
+    std::fs::copy(p("big.qcow2"), p("bigdata.qcow2")).unwrap();
+    io("bigdata.qcow2", &["write -P 5 5000000 10"]);
+    // Zeroes written as data where the other image has nothing.
+    create_qcow2(&[p("empty.qcow2").to_str().unwrap(), "4M"]);
+    create_qcow2(&[p("zerodata.qcow2").to_str().unwrap(), "4M"]);
+    io("zerodata.qcow2", &["write -P 0 64k 64k"]);
+    std::fs::write(p("ones.raw"), vec![1u8; 4 << 20]).unwrap();
+    let cases: &[&[&str]] = &[
+        &["a.qcow2", "a.raw"],
+        &["-f", "raw", "-F", "qcow2", "a.raw", "a.qcow2"],
+        &["a.qcow2", "top.qcow2"],
+        &["top.qcow2", "a.raw"],
+        &["a.qcow2", "b.qcow2"],
+        &["b.qcow2", "a.raw"],
+        &["a.qcow2", "big.qcow2"],
+        &["big.qcow2", "a.qcow2"],
+        &["-s", "a.qcow2", "big.qcow2"],
+        &["a.qcow2", "bigdata.qcow2"],
+        &["-q", "a.qcow2", "bigdata.qcow2"],
+        &["empty.qcow2", "zerodata.qcow2"],
+        &["-s", "empty.qcow2", "zerodata.qcow2"],
+        &["-s", "a.qcow2", "a.qcow2"],
+        &["ones.raw", "a.raw"],
+        &["a.qcow2", "missing.qcow2"],
+    ];
+    for case in cases {
+        let mut args = vec!["compare"];
+        args.extend_from_slice(case);
+        same_as_qemu_img(d, &args);
+    }
+    // The exit codes cover every outcome.
+    let code = |args: &[&str]| same_as_qemu_img(d, args).status.code();
+    assert_eq!(code(&["compare", "a.qcow2", "a.raw"]), Some(0));
+    assert_eq!(code(&["compare", "a.qcow2", "b.qcow2"]), Some(1));
+    assert_eq!(code(&["compare", "a.qcow2", "missing.qcow2"]), Some(2));
+}

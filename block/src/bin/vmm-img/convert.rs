@@ -6,13 +6,12 @@
 //! taken before it is truncated. qemu-img refuses the same through its locks, except with `-U`,
 //! where it empties IN.
 
-use std::io::Write;
-
 use block::qcow2::create::CreateOptions;
 use block::{CacheMode, DiskImage, NewImage};
 
 use crate::args::{self, Args};
 use crate::chain::{open_image, status};
+use crate::progress::Progress;
 use crate::{CliError, CmdResult};
 
 /// Largest piece copied at once.
@@ -40,10 +39,9 @@ pub fn run(argv: &[String]) -> CmdResult {
     target.format(out_fmt, &o)?;
     let output = target.into_image(out_fmt)?;
     let size = input.size();
-    let progress = a.has("p") && !a.has("q");
+    let mut progress = Progress::new(a.has("p") && !a.has("q"));
     let mut buf = vec![0u8; usize::try_from(CHUNK).unwrap_or(1 << 21)];
     let mut off = 0;
-    let mut last_pct = -1i64;
     while off < size {
         let s = status(&input, off, (size - off).min(CHUNK))?;
         if s.data {
@@ -55,18 +53,9 @@ pub fn run(argv: &[String]) -> CmdResult {
             }
         }
         off += s.len;
-        if progress {
-            let pct = i64::try_from(off * 10000 / size.max(1)).unwrap_or(0);
-            if pct != last_pct {
-                print!("    ({:.2}/100%)\r", pct as f64 / 100.0);
-                let _ = std::io::stdout().flush();
-                last_pct = pct;
-            }
-        }
+        progress.update(off, size);
     }
     output.flush()?;
-    if progress {
-        println!("    (100.00/100%)");
-    }
+    progress.finish();
     Ok(0)
 }

@@ -6,11 +6,13 @@ mod args;
 mod bench;
 mod chain;
 mod check;
+mod compare;
 mod convert;
 mod create;
 mod info;
 mod io;
 mod map;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -41,6 +43,15 @@ pub enum CliError {
         target: String,
         /// The input image (or backing file) that is the same file.
         image: String,
+    },
+    /// A failure that exits with a command's own code (`compare`: 2 when an image cannot be
+    /// opened, 3 when a block status fails, 4 when a read fails).
+    #[error("{error}")]
+    Exit {
+        /// The exit code.
+        code: u8,
+        /// The failure (its causes are printed after it).
+        error: Box<CliError>,
     },
     /// `check` on an image format without checks.
     #[error("this image format does not support checks")]
@@ -84,6 +95,12 @@ const COMMANDS: &[Command] = &[
                 [-f SRC_FMT] [-O raw|qcow2] [-o TGT_OPTS] [-p] [-q] [-U] FILENAME OUTPUT_FILENAME",
     },
     Command {
+        name: "compare",
+        run: compare::run,
+        usage: "Check whether two images have the same contents.\n\n  vmm-img compare [-f FMT] \
+                [-F FMT] [-s] [-p] [-q] [-U] FILENAME1 FILENAME2",
+    },
+    Command {
         name: "map",
         run: map::run,
         usage: "Show where each range of the virtual disk is stored.\n\n  vmm-img map [-f FMT] \
@@ -105,7 +122,7 @@ const COMMANDS: &[Command] = &[
 ];
 
 const USAGE: &str = "usage: vmm-img [--version] COMMAND [--help | options] FILE...\n\
-                     commands: create info check convert map bench io";
+                     commands: create info check compare convert map bench io";
 
 /// `vmm-img --version`, in qemu-img's shape.
 fn version() -> String {
@@ -152,6 +169,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
+            let (code, e) = match e {
+                CliError::Exit { code, error } => (Some(code), *error),
+                e => (None, e),
+            };
             // The cause chain, once, on one line.
             let mut msg = e.to_string();
             let mut src = std::error::Error::source(&e);
@@ -164,10 +185,12 @@ fn main() -> ExitCode {
             if let (CliError::Usage(_), Some(cmd)) = (&e, cmd) {
                 eprintln!("Try 'vmm-img {cmd} --help' for more info");
             }
-            // qemu-img: 1 for errors; check uses 63 for "no checks", 1 for a failed check.
-            ExitCode::from(match e {
-                CliError::NoChecks => 63,
-                _ => 1,
+            // qemu-img: 1 for errors; check uses 63 for "no checks", 1 for a failed check;
+            // compare has codes of its own.
+            ExitCode::from(match (code, e) {
+                (Some(code), _) => code,
+                (None, CliError::NoChecks) => 63,
+                (None, _) => 1,
             })
         }
     }
