@@ -264,7 +264,7 @@ fn open_file(
                     path: path.display().to_string(),
                     source: qcow2::FormatError::BackingFormat(s.to_string()),
                 })?),
-                None => Some(probe_backing(path, &bpath)?),
+                None => Some(probe_backing(path, &bpath, name)?),
             };
             let bopts = OpenOptions {
                 format: bformat,
@@ -292,7 +292,7 @@ fn open_file(
 /// A backing file without a format: raw is safe (it names nothing); one that looks like qcow2 is
 /// refused, since its header may have been written by a guest, and so is one of a format this
 /// engine does not read.
-fn probe_backing(path: &Path, bpath: &Path) -> Result<Format, Error> {
+fn probe_backing(path: &Path, bpath: &Path, name: &str) -> Result<Format, Error> {
     let f = HostFile::open(bpath, true, CacheMode::Writeback)?;
     let probed = probe_file(&f).map_err(|e| Error::Backing {
         path: path.display().to_string(),
@@ -303,6 +303,7 @@ fn probe_backing(path: &Path, bpath: &Path) -> Result<Format, Error> {
         Format::Qcow2 => Err(Error::BackingProbe {
             path: path.display().to_string(),
             backing: bpath.display().to_string(),
+            name: name.to_string(),
         }),
         Format::Raw => Ok(Format::Raw),
     }
@@ -318,6 +319,42 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
         Some(dir) => dir.join(n),
         None => n.to_path_buf(),
     }
+}
+
+/// Records a new backing file (name and format) in the header of the qcow2 image at `path`, or
+/// none: only the first cluster changes, the name stored right after the extensions' end marker.
+/// The image is opened read-write under its write lock (so nobody else has it open for writing)
+/// and its chain is not opened: this is what `rebase -u` does when the old backing file is gone
+/// or cannot be probed. A name that resolves to the image itself is refused.
+pub fn set_backing(path: &Path, backing: Option<(String, String)>) -> Result<(), Error> {
+    let file = HostFile::open(path, false, CacheMode::Writeback)?;
+    lock::lock_image(file.file(), file.path(), true)?;
+    let fmt_err = |source| Error::Format {
+        path: path.display().to_string(),
+        source,
+    };
+    // A foreign format is named; raw fails on the qcow2 magic below.
+    probe_file(&file)?;
+    let mut header = qcow2::read_header(&file)?;
+    if header.corrupt() {
+        return Err(fmt_err(qcow2::FormatError::CorruptBit));
+    }
+    if let Some((name, _)) = &backing {
+        let bpath = resolve_backing(path, name);
+        if FileId::of_path(&bpath) == Some(file.id()) {
+            return Err(Error::OwnBacking {
+                path: path.display().to_string(),
+                backing: bpath.display().to_string(),
+            });
+        }
+    }
+    let old_len = header.encode().map_err(fmt_err)?.len();
+    header.backing = backing.map(|(name, fmt)| (name, Some(fmt)));
+    let mut b = header.encode().map_err(fmt_err)?;
+    // Clear what the old name occupied past the new end.
+    b.resize(b.len().max(old_len), 0);
+    file.write_at(&b, 0)?;
+    file.sync()
 }
 
 /// A file about to receive a new image: opened (created when missing) but not truncated, and

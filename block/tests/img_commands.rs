@@ -267,3 +267,187 @@ fn compare_agrees_with_qemu_img() {
     assert_eq!(code(&["compare", "a.qcow2", "b.qcow2"]), Some(1));
     assert_eq!(code(&["compare", "a.qcow2", "missing.qcow2"]), Some(2));
 }
+
+/// Runs qemu-img in `dq` and vmm-img in `dv` (two copies of the same files) with the same
+/// arguments, and requires the same exit code and stdout.
+fn both(dq: &std::path::Path, dv: &std::path::Path, args: &[&str]) {
+    let theirs = Command::new("qemu-img")
+        .current_dir(dq)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("qemu-img is required (ci/setup installs it): {e}"));
+    let ours = Command::new(env!("CARGO_BIN_EXE_vmm-img"))
+        .current_dir(dv)
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(
+        ours.status.code(),
+        theirs.status.code(),
+        "{args:?}: ours {ours:?}, qemu-img {theirs:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&ours.stdout),
+        String::from_utf8_lossy(&theirs.stdout),
+        "{args:?}"
+    );
+}
+
+/// `qemu-img map --output=json` without host offsets: which ranges each layer allocates, as
+/// data or zeroes.
+fn allocation(path: &std::path::Path) -> serde_json::Value {
+    let out = qemu_img(&["map", "-U", "--output=json", path.to_str().unwrap()]);
+    let mut v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for e in v.as_array_mut().unwrap() {
+        e.as_object_mut().unwrap().remove("offset");
+    }
+    v
+}
+
+/// The first cluster: header, extensions and backing file name.
+fn first_cluster(path: &std::path::Path) -> Vec<u8> {
+    let mut b = std::fs::read(path).unwrap();
+    b.truncate(65536);
+    b
+}
+
+/// Two directories holding the same chain: base1 (4 MiB), base2 (3 MiB, so the disk reads
+/// zeroes past its end), and top over base1 with data of its own.
+fn rebase_fixture() -> (tempfile::TempDir, tempfile::TempDir) {
+    let dq = tempfile::tempdir().unwrap();
+    let p = |n: &str| tmp(&dq, n);
+    create_qcow2(&[p("base1.qcow2").to_str().unwrap(), "4M"]);
+    qemu_io(
+        &p("base1.qcow2"),
+        "qcow2",
+        &[
+            "write -P 1 0 128k",
+            "write -P 3 1M 64k",
+            "write -P 5 3200k 200k",
+        ],
+    );
+    create_qcow2(&[p("base2.qcow2").to_str().unwrap(), "3M"]);
+    qemu_io(
+        &p("base2.qcow2"),
+        "qcow2",
+        &["write -P 1 0 64k", "write -P 4 2M 64k", "write -P 3 1M 1k"],
+    );
+    create_qcow2(&[
+        "-b",
+        "base1.qcow2",
+        "-F",
+        "qcow2",
+        p("top.qcow2").to_str().unwrap(),
+    ]);
+    qemu_io(
+        &p("top.qcow2"),
+        "qcow2",
+        &["write -P 7 1M 4k", "write -z 2M 64k"],
+    );
+    let dv = tempfile::tempdir().unwrap();
+    for f in ["base1.qcow2", "base2.qcow2", "top.qcow2"] {
+        std::fs::copy(p(f), tmp(&dv, f)).unwrap();
+    }
+    (dq, dv)
+}
+
+#[test]
+fn rebase_copies_exactly_the_clusters_qemu_img_copies() {
+    let cases: &[&[&str]] = &[
+        &["rebase", "-b", "base2.qcow2", "-F", "qcow2", "top.qcow2"],
+        &["rebase", "-q", "-b", "", "top.qcow2"],
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "base2.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+        &["rebase", "-u", "top.qcow2"],
+    ];
+    for case in cases {
+        let (dq, dv) = rebase_fixture();
+        let before = read_qemu(&tmp(&dq, "top.qcow2"), "qcow2");
+        both(dq.path(), dv.path(), case);
+        let (tq, tv) = (tmp(&dq, "top.qcow2"), tmp(&dv, "top.qcow2"));
+        assert_check_clean(&tv);
+        assert_eq!(first_cluster(&tv), first_cluster(&tq), "{case:?}: header");
+        assert_eq!(allocation(&tv), allocation(&tq), "{case:?}: allocation");
+        assert_eq!(read_qemu(&tv, "qcow2"), read_qemu(&tq, "qcow2"), "{case:?}");
+        if !case.contains(&"-u") {
+            assert!(
+                read_qemu(&tv, "qcow2") == before,
+                "{case:?}: content changed"
+            );
+        }
+    }
+    // The old chain ending inside the disk: what lay past its end reads as zeroes, and stays so.
+    let (dq, dv) = rebase_fixture();
+    for d in [&dq, &dv] {
+        qemu_img(&[
+            "rebase",
+            "-u",
+            "-b",
+            "base2.qcow2",
+            "-F",
+            "qcow2",
+            tmp(d, "top.qcow2").to_str().unwrap(),
+        ]);
+    }
+    let before = read_qemu(&tmp(&dq, "top.qcow2"), "qcow2");
+    both(
+        dq.path(),
+        dv.path(),
+        &["rebase", "-b", "base1.qcow2", "-F", "qcow2", "top.qcow2"],
+    );
+    let (tq, tv) = (tmp(&dq, "top.qcow2"), tmp(&dv, "top.qcow2"));
+    assert_eq!(allocation(&tv), allocation(&tq));
+    assert!(read_qemu(&tv, "qcow2") == before);
+    // Refusals: no -b without -u, and no -F with a backing file.
+    let (dq, dv) = rebase_fixture();
+    both(dq.path(), dv.path(), &["rebase", "top.qcow2"]);
+    let o = vmm_img(&["rebase", "-b", "x", tmp(&dv, "top.qcow2").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("backing format must be specified"));
+}
+
+#[test]
+fn a_backing_file_without_format_is_refused_with_the_fix_and_the_fix_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tmp(&dir, "base.qcow2");
+    create_qcow2(&[base.to_str().unwrap(), "2M"]);
+    qemu_io(&base, "qcow2", &["write -P 0x5a 0 100k"]);
+    let top = tmp(&dir, "top.qcow2");
+    create_qcow2(&["-b", "base.qcow2", "-F", "qcow2", top.to_str().unwrap()]);
+    qemu_io(&top, "qcow2", &["write -P 0x11 64k 4k"]);
+    // Rename the backing format extension: the image names its backing file without a format,
+    // as images from old tools do.
+    let mut b = std::fs::read(&top).unwrap();
+    let at = b[..65536]
+        .windows(4)
+        .position(|w| w == [0xe2, 0x79, 0x2a, 0xca])
+        .unwrap();
+    b[at..at + 4].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    std::fs::write(&top, b).unwrap();
+    let t = top.to_str().unwrap();
+    let o = vmm_img(&["info", t]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8(o.stderr).unwrap();
+    let fix = format!("vmm-img rebase -u -b base.qcow2 -F qcow2 {t}");
+    assert!(err.contains(&fix), "{err}");
+    let words: Vec<&str> = fix.split(' ').collect();
+    vmm_img(&words[1..]).status.success().then_some(()).unwrap();
+    assert_check_clean(&top);
+    let info = json(&String::from_utf8(vmm_img(&["info", "--output=json", t]).stdout).unwrap());
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    assert_eq!(
+        read_ours(&top, block::Format::Qcow2),
+        read_qemu(&top, "qcow2")
+    );
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap()
+}

@@ -341,6 +341,11 @@ impl Header {
         Ok(())
     }
 
+    /// Whether the corrupt bit is set (the image may be opened read-only only).
+    pub fn corrupt(&self) -> bool {
+        self.incompatible & INCOMPAT_CORRUPT != 0
+    }
+
     /// Whether L2 entries are extended (subclusters).
     pub fn extended_l2(&self) -> bool {
         self.incompatible & INCOMPAT_EXTL2 != 0

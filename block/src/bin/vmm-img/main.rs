@@ -13,6 +13,7 @@ mod info;
 mod io;
 mod map;
 mod progress;
+mod rebase;
 
 use std::process::ExitCode;
 
@@ -107,6 +108,12 @@ const COMMANDS: &[Command] = &[
                 [-U] [--output human|json] FILENAME",
     },
     Command {
+        name: "rebase",
+        run: rebase::run,
+        usage: "Change the backing file of an image.\n\n  vmm-img rebase [-f FMT] [-p] [-q] [-U] \
+                [-u] -b BACKING_FILENAME [-F BACKING_FMT] FILENAME",
+    },
+    Command {
         name: "bench",
         run: bench::run,
         usage: "Run a simple image benchmark.\n\n  vmm-img bench [-f FMT] [-t none|writeback] \
@@ -122,7 +129,7 @@ const COMMANDS: &[Command] = &[
 ];
 
 const USAGE: &str = "usage: vmm-img [--version] COMMAND [--help | options] FILE...\n\
-                     commands: create info check compare convert map bench io";
+                     commands: create info check compare convert map rebase bench io";
 
 /// `vmm-img --version`, in qemu-img's shape.
 fn version() -> String {
