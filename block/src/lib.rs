@@ -17,7 +17,7 @@ pub use error::{Error, ErrorKind};
 pub use file::{CacheMode, FileId};
 pub use image::{Allocation, BlockStatus, DiskImage};
 pub use open::{
-    create, open, open_named, probe, resolve_backing, set_backing, Format, Image, NewImage,
+    create, open, open_named, probe, resolve_backing, Exclusive, Format, Image, NewImage,
     OpenOptions, WritableRaw,
 };
 pub use policy::{DetectZeroes, WithPolicy, WritePolicy};

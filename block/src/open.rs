@@ -321,40 +321,72 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     }
 }
 
-/// Records a new backing file (name and format) in the header of the qcow2 image at `path`, or
-/// none: only the first cluster changes, the name stored right after the extensions' end marker.
-/// The image is opened read-write under its write lock (so nobody else has it open for writing)
-/// and its chain is not opened: this is what `rebase -u` does when the old backing file is gone
-/// or cannot be probed. A name that resolves to the image itself is refused.
-pub fn set_backing(path: &Path, backing: Option<(String, String)>) -> Result<(), Error> {
-    let file = HostFile::open(path, false, CacheMode::Writeback)?;
-    lock::lock_image(file.file(), file.path(), true)?;
-    let fmt_err = |source| Error::Format {
-        path: path.display().to_string(),
-        source,
-    };
-    // A foreign format is named; raw fails on the qcow2 magic below.
-    probe_file(&file)?;
-    let mut header = qcow2::read_header(&file)?;
-    if header.corrupt() {
-        return Err(fmt_err(qcow2::FormatError::CorruptBit));
+/// A qcow2 image held open read-write under its write lock (so nobody else has it open for
+/// writing), with neither its tables nor its chain opened: for the edits `rebase -u` and
+/// `commit` make to the image as a whole.
+#[derive(Debug)]
+pub struct Exclusive {
+    file: HostFile,
+    path: PathBuf,
+}
+
+impl Exclusive {
+    /// Opens and locks the qcow2 image at `path`. An image of a format this engine does not read
+    /// is named; a corrupt one is refused, as for any read-write open.
+    pub fn open(path: &Path) -> Result<Exclusive, Error> {
+        let file = HostFile::open(path, false, CacheMode::Writeback)?;
+        lock::lock_image(file.file(), file.path(), true)?;
+        probe_file(&file)?;
+        let ex = Exclusive {
+            file,
+            path: path.to_path_buf(),
+        };
+        if ex.header()?.corrupt() {
+            return Err(ex.format_error(qcow2::FormatError::CorruptBit));
+        }
+        Ok(ex)
     }
-    if let Some((name, _)) = &backing {
-        let bpath = resolve_backing(path, name);
-        if FileId::of_path(&bpath) == Some(file.id()) {
-            return Err(Error::OwnBacking {
-                path: path.display().to_string(),
-                backing: bpath.display().to_string(),
-            });
+
+    fn format_error(&self, source: qcow2::FormatError) -> Error {
+        Error::Format {
+            path: self.path.display().to_string(),
+            source,
         }
     }
-    let old_len = header.encode().map_err(fmt_err)?.len();
-    header.backing = backing.map(|(name, fmt)| (name, Some(fmt)));
-    let mut b = header.encode().map_err(fmt_err)?;
-    // Clear what the old name occupied past the new end.
-    b.resize(b.len().max(old_len), 0);
-    file.write_at(&b, 0)?;
-    file.sync()
+
+    /// The header as it is on disk (raw fails here, on the qcow2 magic).
+    fn header(&self) -> Result<qcow2::Header, Error> {
+        qcow2::read_header(&self.file)
+    }
+
+    /// Records a new backing file (name and format) in the header, or none: only the first
+    /// cluster changes, the name stored right after the extensions' end marker. A name that
+    /// resolves to the image itself is refused.
+    pub fn set_backing(&self, backing: Option<(String, String)>) -> Result<(), Error> {
+        let mut header = self.header()?;
+        if let Some((name, _)) = &backing {
+            let bpath = resolve_backing(&self.path, name);
+            if FileId::of_path(&bpath) == Some(self.file.id()) {
+                return Err(Error::OwnBacking {
+                    path: self.path.display().to_string(),
+                    backing: bpath.display().to_string(),
+                });
+            }
+        }
+        let old_len = header.encode().map_err(|e| self.format_error(e))?.len();
+        header.backing = backing.map(|(name, fmt)| (name, Some(fmt)));
+        let mut b = header.encode().map_err(|e| self.format_error(e))?;
+        // Clear what the old name occupied past the new end.
+        b.resize(b.len().max(old_len), 0);
+        self.file.write_at(&b, 0)?;
+        self.file.sync()
+    }
+
+    /// Empties the image: afterwards it reads entirely from its backing file (see
+    /// [`qcow2::create::make_empty`]).
+    pub fn make_empty(&self) -> Result<(), Error> {
+        qcow2::create::make_empty(&self.file, &self.header()?)
+    }
 }
 
 /// A file about to receive a new image: opened (created when missing) but not truncated, and

@@ -165,6 +165,54 @@ pub fn write(file: &HostFile, o: &CreateOptions) -> Result<(), Error> {
     file.sync()
 }
 
+/// Empties the qcow2 image in `file` (which `h`, its parsed header, describes) in place: qemu-img
+/// commit's last step. The image keeps its size, cluster size, refcount width, version, lazy
+/// refcounts, L2 format and backing file, and afterwards reads entirely from its backing file.
+///
+/// First the L1 table is zeroed and synced, which alone makes the image empty (every cluster it
+/// held only leaks); then the fresh tables are written, the header last, and the file is cut to
+/// their end. An image with internal snapshots is refused (emptying would drop them).
+pub fn make_empty(file: &HostFile, h: &Header) -> Result<(), Error> {
+    if h.nb_snapshots > 0 {
+        return Err(invalid(format!(
+            "the image has {} internal snapshots, which emptying it would drop",
+            h.nb_snapshots
+        )));
+    }
+    let backing = match &h.backing {
+        None => None,
+        Some((name, Some(fmt))) => Some((name.clone(), fmt.clone())),
+        Some((name, None)) => {
+            return Err(invalid(format!(
+                "the backing file {name} has no recorded format"
+            )))
+        }
+    };
+    let o = CreateOptions {
+        size: h.size,
+        cluster_size: h.cluster_size(),
+        version: h.version,
+        refcount_bits: 1 << h.refcount_order,
+        lazy_refcounts: h.compatible & COMPAT_LAZY_REFCOUNTS != 0,
+        extended_l2: h.extended_l2(),
+        backing,
+    };
+    let (pieces, len) = layout(&o)?;
+    let l1_bytes = usize::try_from(u64::from(h.l1_size) * 8).unwrap_or(0);
+    file.write_at(&vec![0u8; l1_bytes], h.l1_table_offset)?;
+    file.sync()?;
+    let (header, tables): (Vec<_>, Vec<_>) = pieces.into_iter().partition(|(off, _)| *off == 0);
+    for (off, b) in tables.into_iter().chain(header) {
+        if off == 0 {
+            file.sync()?;
+        }
+        file.write_at(&b, off)?;
+    }
+    file.sync()?;
+    file.set_len(len)?;
+    file.sync()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

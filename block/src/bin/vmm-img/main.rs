@@ -6,6 +6,7 @@ mod args;
 mod bench;
 mod chain;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod create;
@@ -96,6 +97,13 @@ const COMMANDS: &[Command] = &[
                 [-f SRC_FMT] [-O raw|qcow2] [-o TGT_OPTS] [-p] [-q] [-U] FILENAME OUTPUT_FILENAME",
     },
     Command {
+        name: "commit",
+        run: commit::run,
+        usage:
+            "Commit an image into its backing file.\n\n  vmm-img commit [-f FMT] [-b BASE] [-d] \
+                [-p] [-q] FILENAME",
+    },
+    Command {
         name: "compare",
         run: compare::run,
         usage: "Check whether two images have the same contents.\n\n  vmm-img compare [-f FMT] \
@@ -129,7 +137,7 @@ const COMMANDS: &[Command] = &[
 ];
 
 const USAGE: &str = "usage: vmm-img [--version] COMMAND [--help | options] FILE...\n\
-                     commands: create info check compare convert map rebase bench io";
+                     commands: create info check commit compare convert map rebase bench io";
 
 /// `vmm-img --version`, in qemu-img's shape.
 fn version() -> String {
