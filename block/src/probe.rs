@@ -178,7 +178,7 @@ mod tests {
             (b"\x7f\x10\xda\xbe", 0x40, Probed::Foreign(Foreign::Vdi)),
             (b"QED\0", 0, Probed::Foreign(Foreign::Qed)),
             (b"LUKS\xba\xbe\0\x01", 0, Probed::Foreign(Foreign::Luks)),
-            (b"QED", 0, Probed::Raw),
+            (b"QEX\0", 0, Probed::Raw),
         ];
         for (bytes, at, want) in cases {
             assert_eq!(classify(&head_with(at, bytes), &none), want, "{bytes:?}");
