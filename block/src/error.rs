@@ -168,6 +168,20 @@ pub enum Error {
         /// The qemu-img command line that converts it.
         convert: String,
     },
+    /// Growing a qcow2 image would need a larger L1 table than the clusters it occupies hold.
+    #[error("growing {path} to {size} bytes needs a larger L1 table than it has room for")]
+    L1Growth {
+        /// The image file.
+        path: String,
+        /// The size asked for.
+        size: u64,
+    },
+    /// Shrinking a qcow2 image (its clusters past the new end would have to be freed).
+    #[error("shrinking a qcow2 image ({path}) is not supported; qemu-img resize --shrink does it")]
+    Qcow2Shrink {
+        /// The image file.
+        path: String,
+    },
     /// An invalid option for creating an image.
     #[error("invalid image option: {0}")]
     InvalidOption(String),
@@ -208,6 +222,8 @@ impl Error {
             Error::BackingTooDeep { .. }
             | Error::BackingProbe { .. }
             | Error::ForeignFormat { .. }
+            | Error::L1Growth { .. }
+            | Error::Qcow2Shrink { .. }
             | Error::TooLarge { .. }
             | Error::NotAnImage { .. } => ErrorKind::Unsupported,
             Error::BackingLoop { .. } => ErrorKind::Corrupt,

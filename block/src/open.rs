@@ -321,30 +321,69 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     }
 }
 
-/// A qcow2 image held open read-write under its write lock (so nobody else has it open for
-/// writing), with neither its tables nor its chain opened: for the edits `rebase -u` and
-/// `commit` make to the image as a whole.
+/// An image held open read-write under its write lock (so nobody else has it open for
+/// writing), with neither its tables nor its chain opened: for the edits `rebase -u`, `commit`
+/// and `resize` make to the image as a whole.
 #[derive(Debug)]
 pub struct Exclusive {
     file: HostFile,
     path: PathBuf,
+    format: Format,
 }
 
 impl Exclusive {
-    /// Opens and locks the qcow2 image at `path`. An image of a format this engine does not read
-    /// is named; a corrupt one is refused, as for any read-write open.
-    pub fn open(path: &Path) -> Result<Exclusive, Error> {
+    /// Opens and locks the image at `path`, of `format` or probed. An image of a format this
+    /// engine does not read is named; a corrupt qcow2 image is refused, as for any read-write
+    /// open.
+    pub fn open(path: &Path, format: Option<Format>) -> Result<Exclusive, Error> {
         let file = HostFile::open(path, false, CacheMode::Writeback)?;
         lock::lock_image(file.file(), file.path(), true)?;
-        probe_file(&file)?;
+        let format = match format {
+            Some(f) => f,
+            None => probe_file(&file)?,
+        };
         let ex = Exclusive {
             file,
             path: path.to_path_buf(),
+            format,
         };
-        if ex.header()?.corrupt() {
+        if format == Format::Qcow2 && ex.header()?.corrupt() {
             return Err(ex.format_error(qcow2::FormatError::CorruptBit));
         }
         Ok(ex)
+    }
+
+    /// Whether the image is qcow2.
+    pub fn is_qcow2(&self) -> bool {
+        self.format == Format::Qcow2
+    }
+
+    /// The virtual size.
+    pub fn size(&self) -> Result<u64, Error> {
+        match self.format {
+            Format::Raw => self.file.len(),
+            Format::Qcow2 => Ok(self.header()?.size),
+        }
+    }
+
+    /// Changes the virtual size: a raw file is cut or extended; a qcow2 image grows (see
+    /// [`qcow2::resize::grow`]) but does not shrink.
+    pub fn resize(&self, new_size: u64) -> Result<(), Error> {
+        match self.format {
+            Format::Raw => {
+                self.file.set_len(new_size)?;
+                self.file.sync()
+            }
+            Format::Qcow2 => {
+                let h = self.header()?;
+                if new_size < h.size {
+                    return Err(Error::Qcow2Shrink {
+                        path: self.path.display().to_string(),
+                    });
+                }
+                qcow2::resize::grow(&self.file, &h, new_size)
+            }
+        }
     }
 
     fn format_error(&self, source: qcow2::FormatError) -> Error {
@@ -354,7 +393,7 @@ impl Exclusive {
         }
     }
 
-    /// The header as it is on disk (raw fails here, on the qcow2 magic).
+    /// The qcow2 header as it is on disk (a raw image fails here, on the qcow2 magic).
     fn header(&self) -> Result<qcow2::Header, Error> {
         qcow2::read_header(&self.file)
     }

@@ -6,6 +6,7 @@
 mod common;
 use std::process::{Command, Output};
 
+use block::DiskImage;
 use common::*;
 
 fn vmm_img(args: &[&str]) -> Output {
@@ -529,4 +530,69 @@ fn commit_writes_the_top_into_its_base_and_empties_it_as_qemu_img_does() {
             "{case:?}"
         );
     }
+}
+
+#[test]
+fn resize_agrees_with_qemu_img() {
+    let (dq, dv) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [&dq, &dv] {
+        let q = tmp(d, "a.qcow2");
+        create_qcow2(&[q.to_str().unwrap(), "4M"]);
+        qemu_io(&q, "qcow2", &["write -P 3 0 64k", "write -P 4 4032k 64k"]);
+        std::fs::write(tmp(d, "a.raw"), vec![6u8; 4 << 20]).unwrap();
+    }
+    let steps: &[&[&str]] = &[
+        &["resize", "a.qcow2", "+1M"],
+        &["resize", "a.qcow2", "1000"],
+        &["resize", "a.qcow2", "2M"],
+        &["resize", "-q", "a.qcow2", "-1M"],
+        &["resize", "a.qcow2", "8000001"],
+        // More L1 entries (one per 512 MiB with 64 KiB clusters).
+        &["resize", "-f", "qcow2", "a.qcow2", "2G"],
+        &["resize", "a.qcow2", "+100G"],
+        &["resize", "-f", "raw", "a.raw", "2M"],
+        &["resize", "-f", "raw", "--shrink", "a.raw", "1000"],
+        &["resize", "-f", "raw", "a.raw", "+3M"],
+        &["resize", "-f", "raw", "a.raw", "-5M"],
+    ];
+    for step in steps {
+        both(dq.path(), dv.path(), step);
+        let (q, v) = (tmp(&dq, "a.qcow2"), tmp(&dv, "a.qcow2"));
+        assert_check_clean(&v);
+        let size = |p: &std::path::Path| {
+            json(&qemu_img(&[
+                "info",
+                "-U",
+                "--output=json",
+                p.to_str().unwrap(),
+            ]))["virtual-size"]
+                .clone()
+        };
+        assert_eq!(size(&v), size(&q), "{step:?}");
+        let compare = Command::new("qemu-img")
+            .args(["compare", "-U", "-s"])
+            .args([&q, &v])
+            .output()
+            .unwrap();
+        assert!(compare.status.success(), "{step:?}: {compare:?}");
+        assert!(
+            std::fs::read(tmp(&dq, "a.raw")).unwrap() == std::fs::read(tmp(&dv, "a.raw")).unwrap(),
+            "{step:?}"
+        );
+    }
+    // The engine reads the grown image (its longer L1 table included), and writes past the old
+    // end, where qemu-io then reads what it wrote.
+    let v = tmp(&dv, "a.qcow2");
+    let img = open_rw(&v);
+    assert_eq!(img.size(), (2 << 30) + (100 << 30));
+    let mut b = vec![0u8; 65536];
+    img.read_at(&mut b, 4032 << 10).unwrap();
+    assert!(b.iter().all(|&x| x == 4));
+    img.read_at(&mut b, 101 << 30).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    img.write_at(&[9u8; 65536], 101 << 30).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    assert_check_clean(&v);
+    qemu_io(&v, "qcow2", &["read -P 9 101G 64k", "read -P 3 0 64k"]);
 }

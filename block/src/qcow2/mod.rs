@@ -23,6 +23,7 @@ mod l2;
 mod meta;
 mod overlap;
 mod refcount;
+pub(crate) mod resize;
 mod snapshot;
 #[cfg(test)]
 mod tests;

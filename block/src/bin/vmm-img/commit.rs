@@ -12,7 +12,7 @@ use std::path::Path;
 
 use block::{CacheMode, DiskImage, Exclusive, FileId, Image};
 
-use crate::args::Args;
+use crate::args::{self, Args};
 use crate::chain::{open_image, status};
 use crate::progress::Progress;
 use crate::{CliError, CmdResult};
@@ -52,7 +52,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     a.only(&["f", "b", "d", "p", "q"])?;
     let file = &a.positional(1, "one image file")?[0];
     let quiet = a.has("q");
-    let lock = Exclusive::open(Path::new(file))?;
+    let lock = Exclusive::open(Path::new(file), a.value("f").map(args::format).transpose()?)?;
     let top = open_image(file, a.value("f"), true, CacheMode::Writeback, false)?;
     let depth = depth_of(&top, a.value("b"), file)?;
     let base_layer = top

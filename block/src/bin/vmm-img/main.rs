@@ -15,6 +15,7 @@ mod io;
 mod map;
 mod progress;
 mod rebase;
+mod resize;
 
 use std::process::ExitCode;
 
@@ -122,6 +123,12 @@ const COMMANDS: &[Command] = &[
                 [-u] -b BACKING_FILENAME [-F BACKING_FMT] FILENAME",
     },
     Command {
+        name: "resize",
+        run: resize::run,
+        usage:
+            "Resize an image.\n\n  vmm-img resize [-f FMT] [--shrink] [-q] FILENAME [+|-]SIZE[kMGT]",
+    },
+    Command {
         name: "bench",
         run: bench::run,
         usage: "Run a simple image benchmark.\n\n  vmm-img bench [-f FMT] [-t none|writeback] \
@@ -137,7 +144,7 @@ const COMMANDS: &[Command] = &[
 ];
 
 const USAGE: &str = "usage: vmm-img [--version] COMMAND [--help | options] FILE...\n\
-                     commands: create info check commit compare convert map rebase bench io";
+                     commands: create info check commit compare convert map rebase resize bench io";
 
 /// `vmm-img --version`, in qemu-img's shape.
 fn version() -> String {

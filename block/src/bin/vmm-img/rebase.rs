@@ -122,6 +122,6 @@ pub fn run(argv: &[String]) -> CmdResult {
         copy_differences(&img, new_img.as_ref(), &mut progress)?;
         progress.finish();
     }
-    block::Exclusive::open(path)?.set_backing(new)?;
+    block::Exclusive::open(path, Some(block::Format::Qcow2))?.set_backing(new)?;
     Ok(0)
 }
