@@ -502,6 +502,16 @@ fn commit_writes_the_top_into_its_base_and_empties_it_as_qemu_img_does() {
                 "write -P 8 4000k 1k",
             ],
         );
+        // Larger than the base it is committed to.
+        create_qcow2(&[
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            p("big.qcow2").to_str().unwrap(),
+            "6M",
+        ]);
+        qemu_io(&p("big.qcow2"), "qcow2", &["write -P 9 5M 64k"]);
         d
     };
     let cases: &[&[&str]] = &[
@@ -510,12 +520,13 @@ fn commit_writes_the_top_into_its_base_and_empties_it_as_qemu_img_does() {
         &["commit", "-q", "-b", "base.qcow2", "top.qcow2"],
         &["commit", "-b", "top.qcow2", "top.qcow2"],
         &["commit", "base.qcow2"],
+        &["commit", "big.qcow2"],
     ];
     for case in cases {
         let (dq, dv) = (setup(), setup());
         let before = read_qemu(&tmp(&dq, "top.qcow2"), "qcow2");
         both(dq.path(), dv.path(), case);
-        for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
+        for f in ["base.qcow2", "mid.qcow2", "top.qcow2", "big.qcow2"] {
             let (q, v) = (tmp(&dq, f), tmp(&dv, f));
             assert_check_clean(&v);
             assert_eq!(data_ranges(&v), data_ranges(&q), "{case:?}: {f}");

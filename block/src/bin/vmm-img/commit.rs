@@ -3,6 +3,8 @@
 //! so that it reads through to the updated backing file, as qemu-img does. `-d` keeps FILE as it
 //! was; `-b` implies `-d` (the images in between no longer match what lies under them).
 //!
+//! A base smaller than FILE grows to FILE's size first (its shrinking is left to the user).
+//!
 //! FILE and BASE are held under their write locks throughout. FILE is read through a second,
 //! unlocked, read-only open of its chain; only ranges allocated above BASE are read from it, so
 //! its view of BASE (which changes underneath) is never used. BASE is written through the engine
@@ -60,6 +62,10 @@ pub fn run(argv: &[String]) -> CmdResult {
         .nth(depth)
         .ok_or_else(|| CliError::Usage("Image does not have a backing file".into()))?;
     let base_path = base_layer.file().path().to_string();
+    if base_layer.size() < top.size() {
+        // As qemu-img: a smaller base grows to the top's size first.
+        Exclusive::open(Path::new(&base_path), Some(base_layer.format()))?.resize(top.size())?;
+    }
     let base = block::open(
         Path::new(&base_path),
         block::OpenOptions {
@@ -69,13 +75,6 @@ pub fn run(argv: &[String]) -> CmdResult {
             lock: true,
         },
     )?;
-    if base.size() < top.size() {
-        return Err(CliError::Usage(format!(
-            "{base_path} ({} bytes) is smaller than {file} ({} bytes): resize it first",
-            base.size(),
-            top.size()
-        )));
-    }
     let depth = u32::try_from(depth).unwrap_or(u32::MAX);
     let size = top.size();
     let mut progress = Progress::new(a.has("p") && !quiet);
