@@ -398,11 +398,10 @@ impl Exclusive {
         qcow2::read_header(&self.file)
     }
 
-    /// Records a new backing file (name and format) in the header, or none: only the first
-    /// cluster changes, the name stored right after the extensions' end marker. A name that
-    /// resolves to the image itself is refused.
+    /// Records a new backing file (name and format) in the header, or none: the name is stored
+    /// right after the extensions' end marker. A name that resolves to the image itself is
+    /// refused.
     pub fn set_backing(&self, backing: Option<(String, String)>) -> Result<(), Error> {
-        let mut header = self.header()?;
         if let Some((name, _)) = &backing {
             let bpath = resolve_backing(&self.path, name);
             if FileId::of_path(&bpath) == Some(self.file.id()) {
@@ -412,10 +411,17 @@ impl Exclusive {
                 });
             }
         }
+        self.edit_header(|h| h.backing = backing.map(|(name, fmt)| (name, Some(fmt))))
+    }
+
+    /// Rewrites the header after `edit`: only the first cluster changes, in one write, synced.
+    /// The caller keeps the header true to the image (`amend` checks before it flips a bit).
+    pub fn edit_header(&self, edit: impl FnOnce(&mut qcow2::Header)) -> Result<(), Error> {
+        let mut header = self.header()?;
         let old_len = header.encode().map_err(|e| self.format_error(e))?.len();
-        header.backing = backing.map(|(name, fmt)| (name, Some(fmt)));
+        edit(&mut header);
         let mut b = header.encode().map_err(|e| self.format_error(e))?;
-        // Clear what the old name occupied past the new end.
+        // Clear what the old header, extensions and name occupied past the new end.
         b.resize(b.len().max(old_len), 0);
         self.file.write_at(&b, 0)?;
         self.file.sync()

@@ -607,3 +607,78 @@ fn resize_agrees_with_qemu_img() {
     assert_check_clean(&v);
     qemu_io(&v, "qcow2", &["read -P 9 101G 64k", "read -P 3 0 64k"]);
 }
+
+#[test]
+fn amend_changes_compat_and_lazy_refcounts_as_qemu_img_does() {
+    let (dq, dv) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [&dq, &dv] {
+        let a = tmp(d, "a.qcow2");
+        create_qcow2(&[a.to_str().unwrap(), "4M"]);
+        qemu_io(&a, "qcow2", &["write -P 1 0 64k", "write -P 2 1M 64k"]);
+        // Dirty: lazy refcounts, and qemu-io aborting before it cleans up.
+        let dirty = tmp(d, "dirty.qcow2");
+        create_qcow2(&["-o", "lazy_refcounts=on", dirty.to_str().unwrap(), "4M"]);
+        let o = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 3 0 128k", "-c", "abort"])
+            .arg(&dirty)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+    }
+    let info = |p: &std::path::Path| {
+        let v = json(&qemu_img(&[
+            "info",
+            "-U",
+            "--output=json",
+            p.to_str().unwrap(),
+        ]));
+        (v["format-specific"].clone(), v["dirty-flag"].clone())
+    };
+    let steps: &[&[&str]] = &[
+        &["amend", "-o", "compat=0.10", "a.qcow2"],
+        &["amend", "-o", "lazy_refcounts=on", "a.qcow2"],
+        &["amend", "-o", "compat=1.1", "a.qcow2"],
+        &["amend", "-o", "lazy_refcounts=on", "a.qcow2"],
+        &["amend", "-o", "compat=0.10", "a.qcow2"],
+        &[
+            "amend",
+            "-q",
+            "-o",
+            "compat=0.10,lazy_refcounts=off",
+            "a.qcow2",
+        ],
+        &["amend", "-o", "cluster_size=4k", "a.qcow2"],
+        &["amend", "-o", "frobnicate=1", "a.qcow2"],
+        &["amend", "a.qcow2"],
+        &[
+            "amend",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=off",
+            "dirty.qcow2",
+        ],
+    ];
+    for step in steps {
+        both(dq.path(), dv.path(), step);
+        for f in ["a.qcow2", "dirty.qcow2"] {
+            let (q, v) = (tmp(&dq, f), tmp(&dv, f));
+            assert_eq!(info(&v), info(&q), "{step:?}: {f}");
+            assert!(
+                read_qemu(&v, "qcow2") == read_qemu(&q, "qcow2"),
+                "{step:?}: {f}"
+            );
+        }
+        assert_check_clean(&tmp(&dv, "a.qcow2"));
+    }
+    assert_check_clean(&tmp(&dv, "dirty.qcow2"));
+    // Version 2 has no zero clusters: an image with one is refused, untouched.
+    let z = tmp(&dv, "z.qcow2");
+    create_qcow2(&["-b", "a.qcow2", "-F", "qcow2", z.to_str().unwrap()]);
+    qemu_io(&z, "qcow2", &["write -z 0 64k"]);
+    let before = std::fs::read(&z).unwrap();
+    let o = vmm_img(&["amend", "-o", "compat=0.10", z.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("zero cluster at offset 0"));
+    assert!(std::fs::read(&z).unwrap() == before);
+}

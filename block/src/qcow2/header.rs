@@ -341,6 +341,46 @@ impl Header {
         Ok(())
     }
 
+    /// Whether the dirty bit is set (refcounts may be stale: lazy refcounts were in use).
+    pub fn dirty(&self) -> bool {
+        self.incompatible & INCOMPAT_DIRTY != 0
+    }
+
+    /// Whether lazy refcounts are enabled.
+    pub fn lazy_refcounts(&self) -> bool {
+        self.compatible & COMPAT_LAZY_REFCOUNTS != 0
+    }
+
+    /// Turns lazy refcounts on or off (on needs version 3; the caller checks).
+    pub fn set_lazy_refcounts(&mut self, on: bool) {
+        if on {
+            self.compatible |= COMPAT_LAZY_REFCOUNTS;
+        } else {
+            self.compatible &= !COMPAT_LAZY_REFCOUNTS;
+        }
+    }
+
+    /// Makes the header version 2 or 3 (`compat=0.10` or `1.1`), with that version's length.
+    /// Going to 2 drops the feature bits, which version 2 lacks: the caller checks that none
+    /// is in use and that the refcounts are 16 bits wide.
+    pub fn set_version(&mut self, version: u32) {
+        if version == self.version {
+            return;
+        }
+        self.version = version;
+        self.incompatible = 0;
+        self.compatible = 0;
+        self.autoclear = 0;
+        self.compression = Compression::Zlib;
+        if version == 2 {
+            self.header_length = V2_HEADER_LEN;
+            self.tail.clear();
+        } else {
+            self.header_length = V3_HEADER_LEN;
+            self.tail = vec![0; usize::try_from(V3_HEADER_LEN).unwrap_or(105) - 105];
+        }
+    }
+
     /// Whether the corrupt bit is set (the image may be opened read-only only).
     pub fn corrupt(&self) -> bool {
         self.incompatible & INCOMPAT_CORRUPT != 0

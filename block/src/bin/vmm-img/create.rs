@@ -14,7 +14,7 @@ use crate::args::{self, Args};
 use crate::chain::open_image;
 use crate::{CliError, CmdResult};
 
-fn on_off(k: &str, v: &str) -> Result<bool, CliError> {
+pub fn on_off(k: &str, v: &str) -> Result<bool, CliError> {
     match v {
         "on" | "true" => Ok(true),
         "off" | "false" => Ok(false),

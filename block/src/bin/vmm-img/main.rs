@@ -2,6 +2,7 @@
 //! qemu-img's subcommand and flag names (and qemu-io's command syntax for `io`), so the same
 //! script runs against our engine and QEMU's. Exit codes are decided here, from one `Result`.
 
+mod amend;
 mod args;
 mod bench;
 mod chain;
@@ -72,6 +73,12 @@ struct Command {
 }
 
 const COMMANDS: &[Command] = &[
+    Command {
+        name: "amend",
+        run: amend::run,
+        usage: "Change the options of a qcow2 image.\n\n  vmm-img amend [-f qcow2] [-p] [-q] \
+                -o compat=0.10|1.1,lazy_refcounts=on|off FILENAME",
+    },
     Command {
         name: "create",
         run: create::run,
@@ -144,7 +151,7 @@ const COMMANDS: &[Command] = &[
 ];
 
 const USAGE: &str = "usage: vmm-img [--version] COMMAND [--help | options] FILE...\n\
-                     commands: create info check commit compare convert map rebase resize bench io";
+                     commands: amend create info check commit compare convert map rebase resize bench io";
 
 /// `vmm-img --version`, in qemu-img's shape.
 fn version() -> String {
