@@ -55,7 +55,7 @@ fn parse(lists: &[String]) -> Result<Amend, CliError> {
     Ok(am)
 }
 
-/// What version 2 cannot hold, if the image (`q`, its header `h`) has any of it.
+/// What version 2 cannot hold, if the image has any of it.
 fn v2_obstacle(img: &Image) -> Result<Option<String>, CliError> {
     let Image::Qcow2(q) = img else {
         return Ok(None);
@@ -123,6 +123,14 @@ pub fn run(argv: &[String]) -> CmdResult {
                 "compat=0.10 cannot hold feature bits {unknown:#x}"
             )));
         }
+    }
+    if version == 3 && h.version == 2 && h.nb_snapshots > 0 {
+        // Version 3 snapshot entries carry fields version 2 ones may lack.
+        return Err(CliError::Usage(
+            "compat=1.1 of an image with internal snapshots is not supported; qemu-img amend \
+             does it"
+                .into(),
+        ));
     }
     let rebuild = h.dirty() && !lazy;
     drop(img);
