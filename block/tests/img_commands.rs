@@ -682,3 +682,64 @@ fn amend_changes_compat_and_lazy_refcounts_as_qemu_img_does() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("zero cluster at offset 0"));
     assert!(std::fs::read(&z).unwrap() == before);
 }
+
+#[test]
+fn measure_gives_qemu_img_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| tmp(&dir, n);
+    create_qcow2(&[p("base.qcow2").to_str().unwrap(), "10M"]);
+    qemu_io(
+        &p("base.qcow2"),
+        "qcow2",
+        &["write -P 1 0 100k", "write -P 2 5M 1k", "write -z 6M 1M"],
+    );
+    create_qcow2(&[
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        p("top.qcow2").to_str().unwrap(),
+    ]);
+    qemu_io(&p("top.qcow2"), "qcow2", &["write -P 3 9M 300k"]);
+    // A raw file with a hole and a tail that is not a whole cluster.
+    let mut raw = vec![7u8; 3 << 20];
+    raw[1 << 20..2 << 20].fill(0);
+    raw.truncate((3 << 20) - 1000);
+    std::fs::write(p("data.raw"), raw).unwrap();
+    let files = ["base.qcow2", "top.qcow2", "data.raw"];
+    let option_sets: &[&[&str]] = &[
+        &[],
+        &["-o", "cluster_size=4k"],
+        &["-o", "cluster_size=2M,refcount_bits=1"],
+        &["-o", "extended_l2=on"],
+        &["-o", "compat=0.10"],
+        &["-o", "preallocation=full"],
+    ];
+    for out in ["raw", "qcow2"] {
+        for opts in option_sets {
+            if out == "raw" && !opts.is_empty() {
+                continue;
+            }
+            for output in ["--output=human", "--output=json"] {
+                for f in files {
+                    let mut args = vec!["measure", output, "-O", out];
+                    args.extend_from_slice(opts);
+                    args.push(f);
+                    same_as_qemu_img(dir.path(), &args);
+                }
+                for size in ["1000", "1G", "3T"] {
+                    let mut args = vec!["measure", output, "-O", out, "--size", size];
+                    args.extend_from_slice(opts);
+                    same_as_qemu_img(dir.path(), &args);
+                }
+            }
+        }
+    }
+    for bad in [
+        &["measure", "-O", "qcow2"][..],
+        &["measure", "--size", "1G", "-O", "qcow2", "base.qcow2"],
+        &["measure", "--size", "1G", "--output=yaml"],
+    ] {
+        same_as_qemu_img(dir.path(), bad);
+    }
+}

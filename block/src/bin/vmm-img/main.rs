@@ -14,6 +14,7 @@ mod create;
 mod info;
 mod io;
 mod map;
+mod measure;
 mod progress;
 mod rebase;
 mod resize;
@@ -124,6 +125,13 @@ const COMMANDS: &[Command] = &[
                 [-U] [--output human|json] FILENAME",
     },
     Command {
+        name: "measure",
+        run: measure::run,
+        usage:
+            "Calculate the file size a new image needs.\n\n  vmm-img measure [--output human|json] \
+                [-O raw|qcow2] [-o OPTIONS] (--size SIZE | [-f FMT] [-U] FILENAME)",
+    },
+    Command {
         name: "rebase",
         run: rebase::run,
         usage: "Change the backing file of an image.\n\n  vmm-img rebase [-f FMT] [-p] [-q] [-U] \
@@ -151,7 +159,7 @@ const COMMANDS: &[Command] = &[
 ];
 
 const USAGE: &str = "usage: vmm-img [--version] COMMAND [--help | options] FILE...\n\
-                     commands: amend create info check commit compare convert map rebase resize bench io";
+                     commands: amend create info check commit compare convert map measure rebase resize bench io";
 
 /// `vmm-img --version`, in qemu-img's shape.
 fn version() -> String {
