@@ -147,26 +147,26 @@ pub enum Error {
     /// An overlay names a backing image with no format, and the file could not be opened as raw
     /// safely (it carries a qcow2 header, which a guest could have written).
     #[error(
-        "backing image {backing} of {path} has no format and looks like qcow2: refusing to probe; \
+        "backing image {name} of {path} has no format and looks like qcow2: refusing to probe; \
          if it is a qcow2 image, record that with: vmm-img rebase -u -b {name} -F qcow2 {path}"
     )]
     BackingProbe {
         /// The overlay.
         path: String,
-        /// The backing image.
-        backing: String,
-        /// The backing file name as the overlay stores it.
+        /// The backing file name as the overlay stores it (resolved against its directory).
         name: String,
     },
     /// An image of a format QEMU reads and this engine does not.
-    #[error("{path} is a {format} image, which this engine does not read; convert it to qcow2 with: {convert}")]
+    #[error(
+        "{path} is a {} image, which this engine does not read; convert it to qcow2 with: {}",
+        format.name(),
+        format.convert_line(std::path::Path::new(path))
+    )]
     ForeignFormat {
         /// The image file.
         path: String,
-        /// qemu-img's name of its format.
-        format: &'static str,
-        /// The qemu-img command line that converts it.
-        convert: String,
+        /// Its format.
+        format: crate::Foreign,
     },
     /// Growing a qcow2 image would need a larger L1 table than the clusters it occupies hold.
     #[error("growing {path} to {size} bytes needs a larger L1 table than it has room for")]

@@ -159,8 +159,7 @@ fn probe_file(file: &HostFile) -> Result<Format, Error> {
         Probed::Raw => Ok(Format::Raw),
         Probed::Foreign(format) => Err(Error::ForeignFormat {
             path: file.path().to_string(),
-            format: format.name(),
-            convert: format.convert_line(Path::new(file.path())),
+            format,
         }),
     }
 }
@@ -302,7 +301,6 @@ fn probe_backing(path: &Path, bpath: &Path, name: &str) -> Result<Format, Error>
     match probed {
         Format::Qcow2 => Err(Error::BackingProbe {
             path: path.display().to_string(),
-            backing: bpath.display().to_string(),
             name: name.to_string(),
         }),
         Format::Raw => Ok(Format::Raw),

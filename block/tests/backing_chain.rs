@@ -159,7 +159,13 @@ fn a_backing_file_without_format_is_probed_only_as_raw() {
         panic!("{r:?}")
     };
     assert!(
-        matches!(*source, Error::ForeignFormat { format: "vmdk", .. }),
+        matches!(
+            *source,
+            Error::ForeignFormat {
+                format: block::Foreign::Vmdk,
+                ..
+            }
+        ),
         "{source:?}"
     );
 }
