@@ -364,8 +364,8 @@ impl Exclusive {
         }
     }
 
-    /// Changes the virtual size: a raw file is cut or extended; a qcow2 image grows (see
-    /// [`qcow2::resize::grow`]) but does not shrink.
+    /// Changes the virtual size: a raw file is cut or extended; a qcow2 image grows (its L1
+    /// table lengthened in place, inside the clusters it occupies) but does not shrink.
     pub fn resize(&self, new_size: u64) -> Result<(), Error> {
         match self.format {
             Format::Raw => {
