@@ -743,3 +743,34 @@ fn measure_gives_qemu_img_figures() {
         same_as_qemu_img(dir.path(), bad);
     }
 }
+
+#[test]
+fn snapshot_list_is_qemu_img_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| tmp(&dir, n);
+    let s = p("s.qcow2");
+    create_qcow2(&[s.to_str().unwrap(), "4M"]);
+    qemu_img(&["snapshot", "-c", "first", s.to_str().unwrap()]);
+    qemu_io(&s, "qcow2", &["write -P 1 0 64k"]);
+    qemu_img(&[
+        "snapshot",
+        "-c",
+        "a much longer snapshot name than sixteen",
+        s.to_str().unwrap(),
+    ]);
+    create_qcow2(&[p("none.qcow2").to_str().unwrap(), "4M"]);
+    std::fs::write(p("r.raw"), [0u8; 4096]).unwrap();
+    for args in [
+        &["snapshot", "-l", "s.qcow2"][..],
+        &["snapshot", "s.qcow2"],
+        &["snapshot", "-l", "none.qcow2"],
+        &["snapshot", "-l", "-f", "raw", "r.raw"],
+    ] {
+        same_as_qemu_img(dir.path(), args);
+    }
+    // The engine reads the image with its snapshots as before.
+    assert_check_clean(&s);
+    let o = vmm_img(&["snapshot", "-c", "x", s.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("qemu-img snapshot -c"));
+}

@@ -24,7 +24,7 @@ mod meta;
 mod overlap;
 mod refcount;
 pub(crate) mod resize;
-mod snapshot;
+pub mod snapshot;
 #[cfg(test)]
 mod tests;
 mod validate;

@@ -21,7 +21,7 @@ fn file_len(path: &str) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
-fn human_size(v: u64) -> String {
+pub fn human_size(v: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut f = v as f64;
     let mut u = 0;

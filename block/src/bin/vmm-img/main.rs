@@ -18,6 +18,7 @@ mod measure;
 mod progress;
 mod rebase;
 mod resize;
+mod snapshot;
 
 use std::process::ExitCode;
 
@@ -144,6 +145,11 @@ const COMMANDS: &[Command] = &[
             "Resize an image.\n\n  vmm-img resize [-f FMT] [--shrink] [-q] FILENAME [+|-]SIZE[kMGT]",
     },
     Command {
+        name: "snapshot",
+        run: snapshot::run,
+        usage: "List the internal snapshots of an image.\n\n  vmm-img snapshot [-f FMT] [-U] -l FILENAME",
+    },
+    Command {
         name: "bench",
         run: bench::run,
         usage: "Run a simple image benchmark.\n\n  vmm-img bench [-f FMT] [-t none|writeback] \
@@ -159,7 +165,7 @@ const COMMANDS: &[Command] = &[
 ];
 
 const USAGE: &str = "usage: vmm-img [--version] COMMAND [--help | options] FILE...\n\
-                     commands: amend create info check commit compare convert map measure rebase resize bench io";
+                     commands: amend create info check commit compare convert map measure rebase resize snapshot bench io";
 
 /// `vmm-img --version`, in qemu-img's shape.
 fn version() -> String {
