@@ -31,7 +31,10 @@ fn first_error(o: &Output) -> String {
         .map_or(line.clone(), |(_, rest)| rest.to_string())
 }
 
-const COMMANDS: [&str; 7] = ["create", "info", "check", "convert", "map", "bench", "io"];
+const COMMANDS: [&str; 14] = [
+    "amend", "create", "info", "check", "commit", "compare", "convert", "map", "measure", "rebase",
+    "resize", "snapshot", "bench", "io",
+];
 
 #[test]
 fn version_and_help_on_every_command() {
