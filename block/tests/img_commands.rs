@@ -31,9 +31,9 @@ fn first_error(o: &Output) -> String {
         .map_or(line.clone(), |(_, rest)| rest.to_string())
 }
 
-const COMMANDS: [&str; 14] = [
-    "amend", "create", "info", "check", "commit", "compare", "convert", "map", "measure", "rebase",
-    "resize", "snapshot", "bench", "io",
+const COMMANDS: [&str; 15] = [
+    "amend", "create", "dd", "info", "check", "commit", "compare", "convert", "map", "measure",
+    "rebase", "resize", "snapshot", "bench", "io",
 ];
 
 #[test]
@@ -298,14 +298,28 @@ fn both(dq: &std::path::Path, dv: &std::path::Path, args: &[&str]) {
 }
 
 /// `qemu-img map --output=json` without host offsets: which ranges each layer allocates, as
-/// data or zeroes.
-fn allocation(path: &std::path::Path) -> serde_json::Value {
+/// data or zeroes (adjacent runs merged, wherever their clusters landed in the file).
+fn allocation(path: &std::path::Path) -> Vec<serde_json::Value> {
     let out = qemu_img(&["map", "-U", "--output=json", path.to_str().unwrap()]);
-    let mut v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    for e in v.as_array_mut().unwrap() {
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut merged: Vec<serde_json::Value> = Vec::new();
+    for e in v.as_array().unwrap() {
+        let mut e = e.clone();
         e.as_object_mut().unwrap().remove("offset");
+        let same = |a: &serde_json::Value, b: &serde_json::Value| {
+            ["depth", "present", "zero", "data", "compressed"]
+                .iter()
+                .all(|k| a[k] == b[k])
+        };
+        match merged.last_mut() {
+            Some(last) if same(last, &e) => {
+                let len = last["length"].as_u64().unwrap() + e["length"].as_u64().unwrap();
+                last["length"] = len.into();
+            }
+            _ => merged.push(e),
+        }
     }
-    v
+    merged
 }
 
 /// The first cluster: header, extensions and backing file name.
@@ -460,14 +474,12 @@ fn json(s: &str) -> serde_json::Value {
 /// the engine leaves a range that already reads as zeroes unallocated where qemu-img may
 /// write a zero cluster).
 fn data_ranges(path: &std::path::Path) -> Vec<(u64, u64, u64)> {
-    let mut v = Vec::new();
-    for e in allocation(path).as_array().unwrap() {
-        if e["data"] == true {
-            let n = |k: &str| e[k].as_u64().unwrap();
-            v.push((n("start"), n("length"), n("depth")));
-        }
-    }
-    v
+    let n = |e: &serde_json::Value, k: &str| e[k].as_u64().unwrap();
+    allocation(path)
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (n(e, "start"), n(e, "length"), n(e, "depth")))
+        .collect()
 }
 
 #[test]
@@ -776,4 +788,69 @@ fn snapshot_list_is_qemu_img_table() {
     let o = vmm_img(&["snapshot", "-c", "x", s.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("qemu-img snapshot -c"));
+}
+
+#[test]
+fn dd_copies_what_qemu_img_dd_copies() {
+    let (dq, dv) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [&dq, &dv] {
+        let a = tmp(d, "a.qcow2");
+        create_qcow2(&[a.to_str().unwrap(), "4M"]);
+        qemu_io(&a, "qcow2", &["write -P 1 0 100k", "write -P 2 3M 1000"]);
+    }
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["dd", "if=a.qcow2", "of=o1.img", "bs=64k", "count=3"],
+            "raw",
+        ),
+        (
+            &["dd", "if=a.qcow2", "of=o2.img", "bs=64k", "skip=47"],
+            "raw",
+        ),
+        (
+            &[
+                "dd",
+                "-O",
+                "qcow2",
+                "if=a.qcow2",
+                "of=o3.img",
+                "bs=64k",
+                "count=3",
+                "skip=1",
+            ],
+            "qcow2",
+        ),
+        (
+            &[
+                "dd",
+                "if=a.qcow2",
+                "of=o4.img",
+                "bs=1k",
+                "count=5",
+                "skip=3",
+            ],
+            "raw",
+        ),
+        (&["dd", "-f", "qcow2", "if=a.qcow2", "of=o5.img"], "raw"),
+        (
+            &["dd", "if=a.qcow2", "of=o6.img", "bs=64k", "skip=100"],
+            "raw",
+        ),
+        (&["dd", "if=a.qcow2", "of=o7.img", "bs=0"], ""),
+        (&["dd", "if=a.qcow2", "of=o8.img", "frob=1"], ""),
+        (&["dd", "of=o9.img"], ""),
+    ];
+    for (args, fmt) in cases {
+        both(dq.path(), dv.path(), args);
+        if fmt.is_empty() {
+            continue;
+        }
+        let out = args.iter().find_map(|a| a.strip_prefix("of=")).unwrap();
+        let (q, v) = (tmp(&dq, out), tmp(&dv, out));
+        if std::fs::metadata(&q).unwrap().len() == 0 {
+            assert_eq!(std::fs::metadata(&v).unwrap().len(), 0, "{args:?}");
+            continue;
+        }
+        assert!(read_qemu(&v, fmt) == read_qemu(&q, fmt), "{args:?}");
+    }
 }

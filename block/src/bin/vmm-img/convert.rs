@@ -7,7 +7,7 @@
 //! where it empties IN.
 
 use block::qcow2::create::CreateOptions;
-use block::{CacheMode, DiskImage, NewImage};
+use block::{CacheMode, DiskImage, Image, NewImage};
 
 use crate::args::{self, Args};
 use crate::chain::{open_image, status};
@@ -29,33 +29,56 @@ pub fn run(argv: &[String]) -> CmdResult {
         ..Default::default()
     };
     crate::create::apply_options(&mut o, a.values("o"))?;
-    let target = NewImage::open(std::path::Path::new(&files[1]))?;
+    let output = new_target(&input, &files[1], out_fmt, &o)?;
+    let mut progress = Progress::new(a.has("p") && !a.has("q"));
+    copy(&input, 0, &output, o.size, &mut progress)?;
+    progress.finish();
+    Ok(0)
+}
+
+/// Creates the image `path` (`o` says its size and options) that a copy of `input` writes,
+/// refusing a target that is `input` or a file of its chain.
+pub fn new_target(
+    input: &Image,
+    path: &str,
+    format: block::Format,
+    o: &CreateOptions,
+) -> Result<Image, CliError> {
+    let target = NewImage::open(std::path::Path::new(path))?;
     if let Some(read) = input.chain().find(|i| i.file().id() == target.id()) {
         return Err(CliError::ConvertOntoInput {
-            target: files[1].clone(),
+            target: path.to_string(),
             image: read.file().path().to_string(),
         });
     }
-    target.format(out_fmt, &o)?;
-    let output = target.into_image(out_fmt)?;
-    let size = input.size();
-    let mut progress = Progress::new(a.has("p") && !a.has("q"));
+    target.format(format, o)?;
+    Ok(target.into_image(format)?)
+}
+
+/// Copies `len` bytes of `input` from offset `from` to `output` from offset 0, skipping what
+/// reads as zeroes (the new image reads it as zeroes), then flushes `output`.
+pub fn copy(
+    input: &Image,
+    from: u64,
+    output: &Image,
+    len: u64,
+    progress: &mut Progress,
+) -> Result<(), CliError> {
     let mut buf = vec![0u8; usize::try_from(CHUNK).unwrap_or(1 << 21)];
     let mut off = 0;
-    while off < size {
-        let s = status(&input, off, (size - off).min(CHUNK))?;
+    while off < len {
+        let s = status(input, from + off, (len - off).min(CHUNK))?;
         if s.data {
             let n = usize::try_from(s.len).unwrap_or(buf.len()).min(buf.len());
-            input.read_at(&mut buf[..n], off)?;
+            input.read_at(&mut buf[..n], from + off)?;
             // A run of zeroes in data is left unwritten: the new image reads it as zeroes.
             if buf[..n].iter().any(|&b| b != 0) {
                 output.write_at(&buf[..n], off)?;
             }
         }
         off += s.len;
-        progress.update(off, size);
+        progress.update(off, len);
     }
     output.flush()?;
-    progress.finish();
-    Ok(0)
+    Ok(())
 }

@@ -11,6 +11,7 @@ mod commit;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod info;
 mod io;
 mod map;
@@ -89,6 +90,12 @@ const COMMANDS: &[Command] = &[
                 [-b BACKING_FILENAME -F BACKING_FMT [-u]] [-q] FILENAME [SIZE[kMGT]]",
     },
     Command {
+        name: "dd",
+        run: dd::run,
+        usage: "Copy part of an image to a new image.\n\n  vmm-img dd [-f FMT] [-O raw|qcow2] [-U] \
+                [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT",
+    },
+    Command {
         name: "info",
         run: info::run,
         usage: "Display information about an image.\n\n  vmm-img info [-f FMT] [--backing-chain] \
@@ -165,7 +172,7 @@ const COMMANDS: &[Command] = &[
 ];
 
 const USAGE: &str = "usage: vmm-img [--version] COMMAND [--help | options] FILE...\n\
-                     commands: amend create info check commit compare convert map measure rebase resize snapshot bench io";
+                     commands: amend create dd info check commit compare convert map measure rebase resize snapshot bench io";
 
 /// `vmm-img --version`, in qemu-img's shape.
 fn version() -> String {
