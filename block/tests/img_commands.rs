@@ -105,7 +105,7 @@ fn other_formats_are_named_with_the_command_that_converts_them() {
                 "--object",
                 "secret,id=sec0,file=pw",
                 "-o",
-                "key-secret=sec0",
+                "key-secret=sec0,iter-time=10",
             ]);
         }
         args.extend([p.to_str().unwrap(), "4M"]);
