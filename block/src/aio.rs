@@ -11,6 +11,11 @@
 //! queues are allocated once, and segment lists travel back with their completion for reuse, so
 //! steady-state submission allocates nothing.
 //!
+//! Neither engine forms a Rust reference to a request's buffers, which the guest may write,
+//! or share between requests, while they run ([`IoSeg`]): reads and writes the image can place
+//! ([`crate::DiskImage::map_direct`]) are `preadv`/`pwritev` (in the pool) or readv/writev (on
+//! the ring) straight on the buffers, and the rest is copied through a worker's bounce buffer.
+//!
 //! Two engines sit behind the same interface ([`Engine`], QEMU's `aio=`): with `threads` the pool
 //! runs every request; with `io_uring` reads, writes and flushes whose data the image can place
 //! without blocking ([`crate::DiskImage::map_direct`]) go to an io_uring ring instead (`uring`),
@@ -37,8 +42,10 @@ use std::{fmt, io};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::direct::DirectTarget;
 use crate::{DiskImage, Error};
 
+mod iov;
 mod pool;
 #[cfg(test)]
 mod test_image;
@@ -108,8 +115,14 @@ pub enum AioError {
     },
 }
 
-/// One piece of a request's buffer: memory the submitter guarantees stays valid and unaliased by
-/// the submitter until the request's completion is reaped (guest memory, for a virtio device).
+/// One piece of a request's buffer: an address range the submitter guarantees stays mapped until
+/// the request's completion is reaped (guest memory, for a virtio device).
+///
+/// The range is not ours alone: the guest may write it while the request runs, hand it to
+/// another request at the same time, or place a queue's rings inside it. So nothing here ever
+/// makes a `&[u8]` or `&mut [u8]` of it (which would be undefined behaviour under such
+/// concurrent access, whatever the bytes): the engines pass segments to the kernel as iovecs or
+/// copy through them with raw pointer copies, and a segment offers no way to read it in safe code.
 #[derive(Debug, Clone, Copy)]
 pub struct IoSeg {
     ptr: *mut u8,
@@ -125,9 +138,10 @@ impl IoSeg {
     ///
     /// # Safety
     ///
-    /// `ptr..ptr + len` must be valid for reads and writes of plain bytes from the moment the
-    /// request carrying it is submitted until its completion has been reaped, and the caller
-    /// must not access it meanwhile (the guest may: every byte value is valid, as with DMA).
+    /// `ptr..ptr + len` must stay mapped, readable and writable, from the moment the request
+    /// carrying it is submitted until its completion has been reaped. It may be accessed
+    /// concurrently by others (the guest, other requests) as with DMA, but not through Rust
+    /// references held by the caller meanwhile.
     pub unsafe fn new(ptr: *mut u8, len: usize) -> Self {
         IoSeg { ptr, len }
     }
@@ -204,6 +218,8 @@ struct Queues {
 
 struct Shared {
     image: Arc<dyn DiskImage>,
+    /// The image's host file, for the pool's direct transfers and the ring.
+    target: Option<DirectTarget>,
     depth: usize,
     workers: Workers,
     queues: Mutex<Queues>,
@@ -271,16 +287,17 @@ impl Aio {
         if workers.min == 0 || workers.max < workers.min || depth == 0 {
             return Err(AioError::BadSize { workers, depth });
         }
-        let target = match engine {
-            Engine::Threads => None,
-            Engine::IoUring => Some(image.direct_target().ok_or_else(|| AioError::NoHostFile {
+        let target = image.direct_target();
+        if engine == Engine::IoUring && target.is_none() {
+            return Err(AioError::NoHostFile {
                 name: name.to_owned(),
-            })?),
-        };
+            });
+        }
         // More workers than requests in flight would never all have work.
         let max = workers.max.min(depth).max(workers.min);
         let shared = Arc::new(Shared {
             image,
+            target,
             depth,
             workers: Workers { max, ..workers },
             queues: Mutex::new(Queues {
@@ -295,13 +312,13 @@ impl Aio {
             idle: Condvar::new(),
             completion_fd: EventFd::new(EFD_NONBLOCK).map_err(AioError::EventFd)?,
         });
-        let ring = match target {
-            Some(target) => Some(Mutex::new(uring::Ring::new(
-                target,
+        let ring = match (engine, &shared.target) {
+            (Engine::IoUring, Some(target)) => Some(Mutex::new(uring::Ring::new(
+                target.clone(),
                 depth,
                 shared.completion_fd.as_raw_fd(),
             )?)),
-            None => None,
+            _ => None,
         };
         let pool = Aio {
             name: name.to_owned(),

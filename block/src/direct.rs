@@ -1,6 +1,7 @@
-//! Direct data I/O: what an engine that submits host file I/O itself (`aio=io_uring`) needs to
-//! know from an image, so that a request whose bytes sit at known host offsets bypasses the
-//! image's own methods (and the worker pool) without the engine knowing any format.
+//! Direct data I/O: what an engine that submits host file I/O itself (the io_uring ring, and the
+//! worker pool's `preadv`/`pwritev`) needs to know from an image, so that a request whose bytes
+//! sit at known host offsets bypasses the image's own methods without the engine knowing any
+//! format.
 //!
 //! An image offers its host file once ([`DirectTarget`]) and, per request, the host extents of
 //! a guest range ([`DiskImage::map_direct`](crate::DiskImage::map_direct)) together with a

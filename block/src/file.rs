@@ -45,13 +45,14 @@ impl CacheMode {
 }
 
 /// A heap buffer aligned for `O_DIRECT`.
-struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     ptr: *mut u8,
     layout: Layout,
 }
 
 impl AlignedBuf {
-    fn zeroed(len: usize) -> AlignedBuf {
+    /// A zeroed buffer of `len` bytes (at least [`DIRECT_ALIGN`]).
+    pub(crate) fn zeroed(len: usize) -> AlignedBuf {
         let len = len.max(DIRECT_ALIGN);
         // The length is non-zero and DIRECT_ALIGN a power of two, so the layout is valid unless the
         // length overflows isize, which no caller's request (bounded by a cluster) can reach.
@@ -64,7 +65,8 @@ impl AlignedBuf {
         AlignedBuf { ptr, layout }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [u8] {
+    /// The whole buffer.
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: ptr points to layout.size() initialised (zeroed) bytes owned by self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
     }

@@ -58,8 +58,8 @@ pub trait DiskImage: Send + Sync + fmt::Debug {
     /// (at most `len`).
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus, Error>;
 
-    /// The host file an engine may address directly (`aio=io_uring`), or `None` when every
-    /// request must go through the methods above.
+    /// The host file an engine may address directly (the io_uring ring, the worker pool), or
+    /// `None` when every request must go through the methods above.
     fn direct_target(&self) -> Option<DirectTarget> {
         None
     }

@@ -9,12 +9,23 @@
 //! The counts live in the queues' mutex ([`super::Queues`]), so whether to start a worker is
 //! decided in the same critical section that queues the request; the thread itself is spawned
 //! after the mutex is released.
+//!
+//! A worker never forms a Rust reference to a request's buffers (see `iov`). A read or write
+//! whose range the image maps to host extents ([`crate::DiskImage::map_direct`]: raw images,
+//! qcow2 clusters allocated and ours alone) is one `preadv`/`pwritev` per extent straight on the
+//! buffers, unless `O_DIRECT` alignment does not hold for them; anything else (qcow2 allocation,
+//! copy-on-write, compressed, zero and backing clusters, cache misses) goes through the image's
+//! methods with the worker's own bounce buffer, copied from the buffers before a write and to
+//! them after a read.
 
+use std::fmt;
 use std::sync::PoisonError;
 use std::time::Duration;
-use std::{fmt, slice};
 
+use super::iov::{build_parts, gather, scatter, Part};
 use super::{Completion, Op, Request, Shared};
+use crate::direct::{DirectTarget, Extent};
+use crate::file::AlignedBuf;
 use crate::{DiskImage, Error};
 
 /// How long a worker beyond the minimum waits for work before it ends (QEMU's thread pool: 10 s).
@@ -74,6 +85,7 @@ pub(super) struct Census {
 /// A worker thread: takes pending requests until the pool stops, or, when it is one of the
 /// extra workers, until it has had nothing to do for `idle_exit`.
 pub(super) fn worker(shared: &Shared) {
+    let mut scratch = Scratch::default();
     loop {
         let request = {
             let mut queues = shared.queues();
@@ -96,7 +108,7 @@ pub(super) fn worker(shared: &Shared) {
                 timed_out = wait.timed_out();
             }
         };
-        let result = execute(shared.image.as_ref(), &request);
+        let result = execute(shared, &request, &mut scratch);
         let mut queues = shared.queues();
         queues.done.push_back(Completion { request, result });
         queues.unfinished -= 1;
@@ -109,37 +121,107 @@ pub(super) fn worker(shared: &Shared) {
     }
 }
 
-/// Runs one request against the image.
-fn execute(image: &dyn DiskImage, request: &Request) -> Result<(), Error> {
-    let mut offset = request.offset;
-    match request.op {
-        Op::Read => {
-            for seg in &request.segs {
-                // SAFETY: `IoSeg::new`'s contract: the range is valid for writes and nobody else
-                // in this process touches it until the completion is reaped.
-                let buf = unsafe { slice::from_raw_parts_mut(seg.ptr, seg.len) };
-                image.read_at(buf, offset)?;
-                offset = next_offset(offset, seg.len, image.size())?;
-            }
-            Ok(())
-        }
-        Op::Write => {
-            for seg in &request.segs {
-                // SAFETY: `IoSeg::new`'s contract: the range is valid for reads until the
-                // completion is reaped.
-                let buf = unsafe { slice::from_raw_parts(seg.ptr.cast_const(), seg.len) };
-                image.write_at(buf, offset)?;
-                offset = next_offset(offset, seg.len, image.size())?;
-            }
-            Ok(())
-        }
-        Op::Flush => image.flush(),
-        Op::Discard { len } => image.discard(offset, len),
-        Op::WriteZeroes { len, may_unmap } => image.write_zeroes(offset, len, may_unmap),
-    }
+/// Largest bounce buffer a worker keeps: a longer request is copied through it in pieces, so
+/// a guest's huge requests cost no more memory than this per worker.
+const BOUNCE_MAX: usize = 1 << 20;
+
+/// What a worker reuses from request to request.
+#[derive(Default)]
+struct Scratch {
+    extents: Vec<Extent>,
+    parts: Vec<Part>,
+    /// Aligned for `O_DIRECT`, so that the image need not bounce again; allocated at the first
+    /// request that needs it.
+    bounce: Option<AlignedBuf>,
 }
 
-/// The disk offset after a segment, refusing arithmetic overflow.
+/// Runs one request against the image.
+fn execute(shared: &Shared, request: &Request, scratch: &mut Scratch) -> Result<(), Error> {
+    let image = shared.image.as_ref();
+    let offset = request.offset;
+    let write = match request.op {
+        Op::Read => false,
+        Op::Write => true,
+        Op::Flush => return image.flush(),
+        Op::Discard { len } => return image.discard(offset, len),
+        Op::WriteZeroes { len, may_unmap } => return image.write_zeroes(offset, len, may_unmap),
+    };
+    let len = request
+        .segs
+        .iter()
+        .try_fold(0usize, |sum, s| sum.checked_add(s.len))
+        .ok_or(Error::OutOfRange {
+            offset,
+            len: u64::MAX,
+            size: image.size(),
+        })?;
+    if len == 0 {
+        return Ok(());
+    }
+    if let Some(target) = &shared.target {
+        if let Some(done) = direct(image, target, request, len, write, scratch) {
+            return done;
+        }
+    }
+    bounced(image, request, len, write, scratch)
+}
+
+/// Transfers a request straight between the host file and its segments (`preadv`/`pwritev`
+/// per host extent) when the image maps its range and the buffers suit the file; `None` when
+/// it must go through the image's methods.
+fn direct(
+    image: &dyn DiskImage,
+    target: &DirectTarget,
+    request: &Request,
+    len: usize,
+    write: bool,
+    scratch: &mut Scratch,
+) -> Option<Result<(), Error>> {
+    let len64 = u64::try_from(len).ok()?;
+    scratch.extents.clear();
+    // Held until the transfer ends, so that the mapped host clusters are not reused meanwhile.
+    let _pin = image.map_direct(request.offset, len64, write, &mut scratch.extents)?;
+    let Scratch { extents, parts, .. } = scratch;
+    if !build_parts(parts, &request.segs, extents, target.aligned) {
+        return None;
+    }
+    let result = parts[..extents.len()]
+        .iter_mut()
+        .try_for_each(|part| part.transfer(target.fd, write, &target.path));
+    Some(result)
+}
+
+/// Runs a request through the image's own methods, copying between its segments and the
+/// worker's bounce buffer, [`BOUNCE_MAX`] bytes at a time.
+fn bounced(
+    image: &dyn DiskImage,
+    request: &Request,
+    len: usize,
+    write: bool,
+    scratch: &mut Scratch,
+) -> Result<(), Error> {
+    let bounce = scratch
+        .bounce
+        .get_or_insert_with(|| AlignedBuf::zeroed(BOUNCE_MAX))
+        .as_mut_slice();
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(bounce.len());
+        let buf = &mut bounce[..n];
+        let offset = next_offset(request.offset, done, image.size())?;
+        if write {
+            gather(&request.segs, done, buf);
+            image.write_at(buf, offset)?;
+        } else {
+            image.read_at(buf, offset)?;
+            scatter(buf, &request.segs, done);
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// The disk offset `len` bytes after `offset`, refusing arithmetic overflow.
 fn next_offset(offset: u64, len: usize, size: u64) -> Result<u64, Error> {
     let len64 = u64::try_from(len).unwrap_or(u64::MAX);
     offset.checked_add(len64).ok_or(Error::OutOfRange {
@@ -153,7 +235,7 @@ fn next_offset(offset: u64, len: usize, size: u64) -> Result<u64, Error> {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use super::super::test_image::{seg, RawFile};
+    use super::super::test_image::{reap_one, seg, RawFile};
     use super::super::{Aio, AioError, Request};
     use super::*;
     use std::sync::atomic::Ordering;
@@ -185,6 +267,44 @@ mod tests {
             })
             .unwrap();
         }
+    }
+
+    #[test]
+    fn mapped_reads_go_straight_to_the_host_file_and_the_rest_through_the_image() {
+        let image = RawFile::direct(1 << 16);
+        let aio = Aio::new("t", image.clone(), Workers::fixed(1), 4).unwrap();
+        let mut a = vec![0x11u8; 1000];
+        let mut b = vec![0x22u8; 3096];
+        let mut back = vec![0u8; 4096];
+        for (op, segs) in [
+            (Op::Write, vec![seg(&mut a), seg(&mut b)]),
+            (Op::Read, vec![seg(&mut back)]),
+        ] {
+            aio.submit(Request {
+                op,
+                offset: 512,
+                segs,
+                token: 0,
+            })
+            .unwrap();
+            reap_one(&aio).result.unwrap();
+        }
+        assert_eq!(back[..1000], a[..]);
+        assert_eq!(back[1000..], b[..]);
+        assert_eq!(image.reads_started.load(Ordering::SeqCst), 0);
+        // Past the end nothing is mapped: the image's own method answers, with its error.
+        aio.submit(Request {
+            op: Op::Read,
+            offset: 1 << 16,
+            segs: vec![seg(&mut back)],
+            token: 1,
+        })
+        .unwrap();
+        assert!(matches!(
+            reap_one(&aio).result,
+            Err(Error::OutOfRange { offset: 65536, .. })
+        ));
+        assert_eq!(image.reads_started.load(Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::{Aio, Completion, IoSeg};
+use crate::direct::{DirectPin, DirectTarget, Extent};
 use crate::{BlockStatus, DiskImage, Error};
 
 /// The crate's raw engine on a temporary file, with a gate that can hold reads back (to
@@ -21,10 +22,21 @@ pub(super) struct RawFile {
     /// Reads that entered `read_at`.
     pub reads_started: AtomicUsize,
     pub flushes: AtomicUsize,
+    /// Whether the host file is offered for direct I/O (the trait's default, none, otherwise).
+    direct: bool,
 }
 
 impl RawFile {
     pub(super) fn new(size: u64) -> Arc<Self> {
+        Self::build(size, false)
+    }
+
+    /// As `new`, offering the raw engine's host file and mappings for direct I/O.
+    pub(super) fn direct(size: u64) -> Arc<Self> {
+        Self::build(size, true)
+    }
+
+    fn build(size: u64, direct: bool) -> Arc<Self> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.raw");
         let create = crate::qcow2::create::CreateOptions {
@@ -44,6 +56,7 @@ impl RawFile {
             gate_cond: Condvar::new(),
             reads_started: AtomicUsize::new(0),
             flushes: AtomicUsize::new(0),
+            direct,
         })
     }
 
@@ -84,6 +97,21 @@ impl DiskImage for RawFile {
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus, Error> {
         self.inner.block_status(offset, len)
+    }
+    fn direct_target(&self) -> Option<DirectTarget> {
+        self.inner.direct_target().filter(|_| self.direct)
+    }
+    fn map_direct(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+        extents: &mut Vec<Extent>,
+    ) -> Option<DirectPin> {
+        if !self.direct {
+            return None;
+        }
+        self.inner.map_direct(offset, len, write, extents)
     }
 }
 

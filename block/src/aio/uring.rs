@@ -18,12 +18,11 @@ use std::os::fd::RawFd;
 
 use io_uring::{opcode, types, IoUring};
 
+use super::iov::{build_parts, Part};
 use super::{AioError, Completion, Op, Request};
 use crate::direct::{DirectPin, DirectTarget, Extent, FlushPlan, MAX_EXTENTS};
 use crate::{DiskImage, Error};
 
-/// Most iovecs one submission may carry (Linux's `UIO_MAXIOV`).
-const MAX_IOVECS: usize = 1024;
 /// Largest ring asked for.
 const MAX_RING: u32 = 4096;
 
@@ -36,64 +35,6 @@ pub(super) enum Submitted {
     Done(Completion),
     /// Not for the ring: hand it to the pool.
     Declined(Request),
-}
-
-/// An iovec array for one submission.
-#[derive(Debug, Default)]
-struct Iovecs(Vec<libc::iovec>);
-
-// SAFETY: the iovecs describe `IoSeg` ranges, which their submitter promised stay valid until the
-// request's completion is reaped, whichever thread uses them meanwhile (see `IoSeg::new`).
-unsafe impl Send for Iovecs {}
-
-/// One submission of a request: a host extent and the buffer pieces that fill or drain it.
-#[derive(Debug, Default)]
-struct Part {
-    /// Host offset of the first byte not yet transferred.
-    host: u64,
-    /// The buffer pieces not yet transferred (the first one advanced past what was).
-    iov: Iovecs,
-    /// Index of the first piece not yet transferred.
-    first: usize,
-}
-
-impl Part {
-    /// Bytes left to transfer.
-    fn remaining(&self) -> u64 {
-        self.iov.0[self.first..]
-            .iter()
-            .map(|v| v.iov_len as u64)
-            .sum()
-    }
-
-    /// Moves past `n` transferred bytes.
-    fn advance(&mut self, mut n: usize) {
-        self.host += n as u64;
-        while n > 0 {
-            let Some(v) = self.iov.0.get_mut(self.first) else {
-                return;
-            };
-            let step = n.min(v.iov_len);
-            // SAFETY: `step` is within the piece, so the pointer stays inside its range.
-            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(step) }.cast();
-            v.iov_len -= step;
-            n -= step;
-            if v.iov_len == 0 {
-                self.first += 1;
-            }
-        }
-    }
-
-    /// Fills the bytes not yet transferred with zeroes (a read past the end of the host file).
-    fn zero_rest(&mut self) {
-        for v in &mut self.iov.0[self.first..] {
-            // SAFETY: the piece is a range of an `IoSeg`, valid for writes until the completion
-            // is reaped, and no submission of it is in flight any more.
-            unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
-            v.iov_len = 0;
-        }
-        self.first = self.iov.0.len();
-    }
 }
 
 /// A request on the ring.
@@ -231,7 +172,14 @@ impl Ring {
             None => return Submitted::Declined(request),
         };
         let slot = &mut self.slots[index];
-        if !flush && !build_parts(slot, &request, &self.extents, self.target.aligned) {
+        if !flush
+            && !build_parts(
+                &mut slot.parts,
+                &request.segs,
+                &self.extents,
+                self.target.aligned,
+            )
+        {
             self.free.push(index);
             return Submitted::Declined(request);
         }
@@ -258,8 +206,8 @@ impl Ring {
                 .build()
         } else {
             let p = &self.slots[index].parts[part];
-            let iov = &p.iov.0[p.first..];
-            // At most MAX_IOVECS pieces (checked when the parts were built).
+            let iov = p.pending();
+            // At most `iov::MAX_IOVECS` pieces (checked when the parts were built).
             let n = u32::try_from(iov.len()).unwrap_or(u32::MAX);
             if write {
                 opcode::Writev::new(fd, iov.as_ptr(), n)
@@ -399,104 +347,13 @@ impl Ring {
     }
 }
 
-/// Splits the request's buffers along `extents` into the slot's parts; `false` when a part
-/// would need too many pieces or `O_DIRECT` alignment does not hold.
-fn build_parts(slot: &mut Slot, request: &Request, extents: &[Extent], aligned: bool) -> bool {
-    let align = DirectTarget::ALIGN;
-    let misaligned = |v: u64| aligned && !v.is_multiple_of(align);
-    if slot.parts.len() < extents.len() {
-        slot.parts.resize_with(extents.len(), Part::default);
-    }
-    let mut segs = request.segs.iter();
-    let mut seg = segs.next().map(|s| (s.ptr, s.len));
-    for (extent, part) in extents.iter().zip(&mut slot.parts) {
-        if misaligned(extent.host) || misaligned(extent.len) {
-            return false;
-        }
-        part.host = extent.host;
-        part.first = 0;
-        part.iov.0.clear();
-        let mut want = extent.len;
-        while want > 0 {
-            let Some((ptr, len)) = seg.filter(|&(_, len)| len > 0) else {
-                seg = segs.next().map(|s| (s.ptr, s.len));
-                if seg.is_none() {
-                    return false;
-                }
-                continue;
-            };
-            let take = usize::try_from(want).unwrap_or(usize::MAX).min(len);
-            if misaligned(ptr as usize as u64)
-                || misaligned(take as u64)
-                || part.iov.0.len() == MAX_IOVECS
-            {
-                return false;
-            }
-            part.iov.0.push(libc::iovec {
-                iov_base: ptr.cast(),
-                iov_len: take,
-            });
-            // SAFETY: `take` is within the segment, so the pointer stays inside its range.
-            seg = Some((unsafe { ptr.add(take) }, len - take));
-            want -= take as u64;
-        }
-    }
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aio::IoSeg;
-
-    fn request(segs: Vec<IoSeg>) -> Request {
-        Request {
-            op: Op::Read,
-            offset: 0,
-            segs,
-            token: 0,
-        }
-    }
 
     #[test]
     fn user_data_round_trips() {
         assert_eq!(split_user_data(user_data(1234, 31)), (1234, 31));
         assert_eq!(split_user_data(user_data(0, 0)), (0, 0));
-    }
-
-    #[test]
-    fn parts_follow_extents_and_advance_past_short_transfers() {
-        let mut a = vec![0u8; 3000];
-        let mut b = vec![0u8; 5000];
-        // SAFETY: the buffers outlive the request and are only read back after it.
-        let segs = unsafe {
-            vec![
-                IoSeg::new(a.as_mut_ptr(), a.len()),
-                IoSeg::new(b.as_mut_ptr(), b.len()),
-            ]
-        };
-        let req = request(segs);
-        let extents = [
-            Extent {
-                host: 65536,
-                len: 4096,
-            },
-            Extent { host: 0, len: 3904 },
-        ];
-        let mut slot = Slot::default();
-        assert!(build_parts(&mut slot, &req, &extents, false));
-        let lens = |p: &Part| p.iov.0.iter().map(|v| v.iov_len).collect::<Vec<_>>();
-        assert_eq!(lens(&slot.parts[0]), vec![3000, 1096]);
-        assert_eq!(lens(&slot.parts[1]), vec![3904]);
-        let p = &mut slot.parts[0];
-        p.advance(3100);
-        assert_eq!((p.host, p.first, p.remaining()), (65536 + 3100, 1, 996));
-        p.zero_rest();
-        assert_eq!(p.remaining(), 0);
-        // Not page aligned: refused for O_DIRECT.
-        assert!(!build_parts(&mut slot, &req, &extents, true));
-        // Extents longer than the buffers: refused.
-        let long = [Extent { host: 0, len: 9000 }];
-        assert!(!build_parts(&mut slot, &req, &long, false));
     }
 }

@@ -264,7 +264,9 @@ pub(super) fn copy_to_guest(
     Ok(done)
 }
 
-/// The host pointers of guest pieces, for the worker pool. `f` gets each host piece.
+/// The host pointers of guest pieces, for the I/O engines. `f` gets each host piece as a raw
+/// pointer and length, never as a slice: the guest may change the bytes, or pass them to
+/// another request, while the engines use them.
 pub(super) fn host_pieces(
     mem: &GuestMemoryMmap,
     bufs: &[Buf],
