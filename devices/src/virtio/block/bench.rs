@@ -38,21 +38,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-fn raw_image(dir: &tempfile::TempDir, size: u64) -> Arc<block::Image> {
-    let path = dir.path().join("bench.raw");
-    let o = block::qcow2::create::CreateOptions {
-        size,
-        ..Default::default()
-    };
-    block::create(&path, block::Format::Raw, &o).unwrap();
-    let opts = block::OpenOptions {
-        format: Some(block::Format::Raw),
-        read_only: false,
-        ..Default::default()
-    };
-    Arc::new(block::open(&path, opts).unwrap())
-}
-
 /// Runs `total` reads in batches of `depth` (at most 5: three descriptors each in a queue of 16);
 /// returns each batch's latency.
 fn run(rig: &Rig<block::Image>, depth: u16, total: u32, sectors: u64) -> Vec<Duration> {

@@ -277,7 +277,8 @@ impl Block {
             Op::Read => request::host_pieces(mem, writable, 0, bytes, |p, n| {
                 // SAFETY: the piece is guest memory, mapped as long as the device holds `mem`,
                 // which it does until every request in flight has completed (drain on reset and
-                // shutdown); the device does not touch the buffer before the completion.
+                // shutdown); the device holds no reference to it meanwhile (the guest and other
+                // requests may touch it: the engines form no references either).
                 segs.push(unsafe { IoSeg::new(p, n) })
             }),
             Op::Write => request::host_pieces(mem, readable, HEADER_LEN, bytes, |p, n| {
@@ -562,6 +563,7 @@ mod tests {
     use super::super::{request_type as t, status as st};
     use crate::context::Context;
     use crate::virtio::status as dev_status;
+    use block::DiskImage;
     use virtio_queue::desc::split::Descriptor;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -942,5 +944,67 @@ mod tests {
         opener.join().unwrap();
         drop(rig);
         io.stop().unwrap();
+    }
+
+    #[test]
+    fn reads_over_the_queue_rings_and_over_each_other_complete() {
+        // Request A's buffer covers the page of the queue's rings (0x1000..0x2000); request B's
+        // buffer overlaps A's upper half. The disk holds, under A, the page as it is once both
+        // are available (so the device finds its rings as they were) with a pattern past the
+        // rings, and under B another pattern. Both engines, on a raw file.
+        let ring_page = desc_addr(0).0;
+        let pattern = |o: u64| (o.wrapping_mul(7) ^ (o >> 9)).to_le_bytes()[0];
+        for engine in [block::aio::Engine::Threads, block::aio::Engine::IoUring] {
+            let dir = tempfile::tempdir().unwrap();
+            let image = raw_image(&dir, 1 << 16);
+            let rig = Rig::with_engine(Context::new("main-loop").unwrap(), image, 1, false, engine);
+            rig.start(!0);
+            let (hdr_b, hdr_a) = (HDR, HDR + 0x20);
+            rig.header(hdr_b, t::IN, 8);
+            rig.submit(
+                0,
+                0,
+                &[
+                    (hdr_b, 16, 0),
+                    (ring_page + 0x800, 4096, F_WRITE),
+                    (STATUS, 1, F_WRITE),
+                ],
+            );
+            rig.header(hdr_a, t::IN, 0);
+            rig.submit(
+                0,
+                3,
+                &[
+                    (hdr_a, 16, 0),
+                    (ring_page, 4096, F_WRITE),
+                    (STATUS + 1, 1, F_WRITE),
+                ],
+            );
+            let mut disk = vec![0u8; 8192];
+            rig.mem
+                .read_slice(&mut disk[..4096], GuestAddress(ring_page))
+                .unwrap();
+            for (o, b) in (0u64..).zip(disk.iter_mut()).skip(0x400) {
+                *b = pattern(o);
+            }
+            rig.image.write_at(&disk, 0).unwrap();
+            rig.run_until_used(0, 2);
+            assert_eq!((rig.byte(STATUS), rig.byte(STATUS + 1)), (st::OK, st::OK));
+            let mut got = vec![0u8; 0x1400];
+            rig.mem
+                .read_slice(&mut got, GuestAddress(ring_page + 0x400))
+                .unwrap();
+            for (i, byte) in got.iter().enumerate() {
+                let pos = 0x400 + i; // From the start of A's buffer.
+                let from_a = disk.get(pos).filter(|_| pos < 4096);
+                let from_b = pos.checked_sub(0x800).and_then(|p| disk.get(4096 + p));
+                assert!(
+                    from_a == Some(byte) || from_b == Some(byte),
+                    "{}: byte {pos:#x} is {byte:#x}, from neither read",
+                    engine.name()
+                );
+            }
+            rig.dev.shutdown().unwrap();
+        }
     }
 }

@@ -55,6 +55,22 @@ pub fn iothread_rig(name: &str, size: usize) -> (crate::context::IoThread, Rig) 
     (io, rig)
 }
 
+/// A `size`-byte raw image file in `dir`, opened read-write through the block crate.
+pub fn raw_image(dir: &tempfile::TempDir, size: u64) -> Arc<block::Image> {
+    let path = dir.path().join("disk.raw");
+    let o = block::qcow2::create::CreateOptions {
+        size,
+        ..Default::default()
+    };
+    block::create(&path, block::Format::Raw, &o).unwrap();
+    let opts = block::OpenOptions {
+        format: Some(block::Format::Raw),
+        read_only: false,
+        ..Default::default()
+    };
+    Arc::new(block::open(&path, opts).unwrap())
+}
+
 /// A disk image in memory, with a gate that can hold reads back.
 #[derive(Debug)]
 pub struct MemImage {
