@@ -195,6 +195,15 @@ pub enum Error {
         /// Its size.
         bytes: u64,
     },
+    /// Metadata cache sizes that contradict each other, or that the image cannot take.
+    #[error("{path}")]
+    CacheSize {
+        /// The image file.
+        path: String,
+        /// What is wrong.
+        #[source]
+        source: crate::qcow2::CacheSizeError,
+    },
     /// A writable image without a format that probes as raw, where guessing raw is refused.
     #[error("{path} has no format and looks raw: refusing to probe a writable raw image")]
     UnsafeProbe {
@@ -215,6 +224,7 @@ impl Error {
             Error::OutOfRange { .. }
             | Error::ReadOnly
             | Error::InvalidOption(_)
+            | Error::CacheSize { .. }
             | Error::OwnBacking { .. } => ErrorKind::InvalidRequest,
             Error::Locked { .. } => ErrorKind::Locked,
             Error::UnsafeProbe { .. } => ErrorKind::Unsupported,

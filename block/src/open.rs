@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::direct::{DirectPin, DirectTarget, Extent};
 use crate::file::{CacheMode, FileId, HostFile};
 use crate::probe::{sniff, Probed};
-use crate::qcow2::{self, create::CreateOptions, OpenParts, Qcow2};
+use crate::qcow2::{self, create::CreateOptions, CacheSizeError, CacheSizes, OpenParts, Qcow2};
 use crate::{lock, BlockStatus, DiskImage, Error, Raw};
 
 /// Deepest backing chain opened.
@@ -58,6 +58,9 @@ pub struct OpenOptions {
     pub cache: CacheMode,
     /// Take QEMU-compatible locks (`false` is qemu-img's `-U`, for reading only).
     pub lock: bool,
+    /// qcow2 metadata cache sizes, for this image (its backing images get the defaults, as in
+    /// QEMU, where each node has its own options); a size given for a raw image is refused.
+    pub cache_sizes: CacheSizes,
 }
 
 impl Default for OpenOptions {
@@ -67,6 +70,7 @@ impl Default for OpenOptions {
             read_only: true,
             cache: CacheMode::Writeback,
             lock: true,
+            cache_sizes: CacheSizes::default(),
         }
     }
 }
@@ -251,6 +255,12 @@ fn open_file(
         None => probe_file(&file)?,
     };
     if format == Format::Raw {
+        if let Some(option) = opts.cache_sizes.first_given() {
+            return Err(Error::CacheSize {
+                path: path.display().to_string(),
+                source: CacheSizeError::NotQcow2(option),
+            });
+        }
         return Ok(Image::Raw(Raw::new(file, opts.read_only)?));
     }
     let header = qcow2::read_header(&file)?;
@@ -268,6 +278,7 @@ fn open_file(
             let bopts = OpenOptions {
                 format: bformat,
                 read_only: true,
+                cache_sizes: CacheSizes::default(),
                 ..opts
             };
             let img = open_in_chain(&bpath, bopts, seen, top).map_err(|e| match e {
@@ -284,6 +295,7 @@ fn open_file(
     let parts = OpenParts {
         file,
         read_only: opts.read_only,
+        cache_sizes: opts.cache_sizes,
     };
     Ok(Image::Qcow2(Box::new(Qcow2::open(parts, header, backing)?)))
 }
@@ -497,8 +509,7 @@ impl NewImage {
         let opts = OpenOptions {
             format: Some(format),
             read_only: false,
-            cache: CacheMode::Writeback,
-            lock: true,
+            ..Default::default()
         };
         let mut seen = HashSet::from([self.file.id()]);
         open_file(self.file, &self.path, opts, &mut seen, &self.path)

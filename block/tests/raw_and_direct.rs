@@ -11,7 +11,7 @@ fn opts(format: Format, cache: CacheMode) -> OpenOptions {
         format: Some(format),
         read_only: false,
         cache,
-        lock: true,
+        ..Default::default()
     }
 }
 

@@ -13,10 +13,11 @@
 use std::path::PathBuf;
 
 use block::aio::Engine;
+use block::qcow2::{CacheSizeError, CacheSizes};
 use block::{CacheMode, DetectZeroes, Format, WritePolicy};
 use devices::virtio::block::ErrorPolicy;
 
-use crate::options::{OptionError, OptionValue, Options};
+use crate::options::{MemorySize, OptionError, OptionValue, Options};
 
 /// Errors in the disk flags.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -71,6 +72,9 @@ pub enum DriveError {
     /// Two devices given the same drive (or a device given an `if=virtio` drive).
     #[error("Drive '{0}' is already in use by another device")]
     DriveInUse(String),
+    /// qcow2 cache sizes that contradict each other.
+    #[error("-drive: {0}")]
+    CacheSize(#[from] CacheSizeError),
 }
 
 /// `-drive cache=`: QEMU's five modes as the host page cache (`cache.direct`: O_DIRECT or not)
@@ -134,6 +138,24 @@ impl OptionValue for Intervals {
     }
 }
 
+/// `-drive l2-cache-size=` and the other cache sizes: bytes, with an optional K, M, G, T, P or E
+/// suffix (QEMU's size options: a bare number is bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Bytes(u64);
+
+impl OptionValue for Bytes {
+    const EXPECTED: &'static str = "a size in bytes such as 1048576, 64K or 1M";
+    fn parse(text: &str) -> Option<Self> {
+        match text.parse::<u64>() {
+            Ok(n) => Some(Bytes(n)),
+            Err(_) if text.ends_with(|c: char| c.is_ascii_alphabetic()) => {
+                MemorySize::parse(text).map(|m| Bytes(m.0))
+            }
+            Err(_) => None,
+        }
+    }
+}
+
 /// One `-drive`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DriveSpec {
@@ -161,6 +183,8 @@ pub struct DriveSpec {
     pub on_read_error: ErrorPolicy,
     /// `werror=` (QEMU's default is `enospc`: stop on a full host disk, report other errors).
     pub on_write_error: ErrorPolicy,
+    /// `l2-cache-size=`, `refcount-cache-size=`, `cache-size=` (qcow2 only).
+    pub cache_sizes: CacheSizes,
 }
 
 /// One `-device virtio-blk-device`.
@@ -235,6 +259,9 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveSpec, DriveError> {
             "werror",
             "rerror",
             "node-name",
+            "l2-cache-size",
+            "refcount-cache-size",
+            "cache-size",
         ],
     )
     .map_err(&err)?;
@@ -339,6 +366,12 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveSpec, DriveError> {
             supported: "stop, report, ignore",
         })?,
     };
+    let size = |key| opts.get::<Bytes>(key).map(|b| b.map(|b| b.0)).map_err(&err);
+    let cache_sizes = CacheSizes::new(
+        size("l2-cache-size")?,
+        size("refcount-cache-size")?,
+        size("cache-size")?,
+    )?;
     let id = match opts.get::<String>("id").map_err(&err)? {
         Some(id) => id,
         None if virtio => format!("virtio{index}"),
@@ -363,6 +396,7 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveSpec, DriveError> {
             .map_or_else(Vec::new, |i| i.0),
         on_read_error,
         on_write_error,
+        cache_sizes,
     })
 }
 
@@ -512,8 +546,32 @@ mod tests {
                 stats_intervals: vec![1, 60],
                 on_read_error: ErrorPolicy::Report,
                 on_write_error: ErrorPolicy::Enospc,
+                cache_sizes: CacheSizes::default(),
             }
         );
+        for (opts, l2, refcount, total) in [
+            ("l2-cache-size=64K", Some(65536), None, None),
+            ("refcount-cache-size=2048", None, Some(2048), None),
+            (
+                "cache-size=1M,l2-cache-size=512k",
+                Some(512 << 10),
+                None,
+                Some(1 << 20),
+            ),
+            (
+                "cache-size=1.5M,refcount-cache-size=1024",
+                None,
+                Some(1024),
+                Some(3 << 19),
+            ),
+        ] {
+            let d = drive(&format!("file=f,id=d,format=qcow2,{opts}"));
+            assert_eq!(
+                d.cache_sizes,
+                CacheSizes::new(l2, refcount, total).expect("consistent"),
+                "{opts}"
+            );
+        }
         for (opts, read, write) in [
             (
                 "werror=stop,rerror=stop",
@@ -636,7 +694,35 @@ mod tests {
                 "{line}"
             );
         }
+        for (line, want) in [
+            (
+                "file=f,id=d,l2-cache-size=1k,refcount-cache-size=1k,cache-size=4k",
+                CacheSizeError::AllThree,
+            ),
+            (
+                "file=f,id=d,l2-cache-size=8k,cache-size=4k",
+                CacheSizeError::L2ExceedsTotal {
+                    l2: 8192,
+                    total: 4096,
+                },
+            ),
+            (
+                "file=f,id=d,refcount-cache-size=8k,cache-size=4k",
+                CacheSizeError::RefcountExceedsTotal {
+                    refcount: 8192,
+                    total: 4096,
+                },
+            ),
+        ] {
+            assert_eq!(
+                parse_drive(line, 0),
+                Err(DriveError::CacheSize(want)),
+                "{line}"
+            );
+        }
         for line in [
+            "file=f,id=d,l2-cache-size=1x",
+            "file=f,id=d,cache-size=-1",
             "file=f,id=d,format=vmdk",
             "file=f,id=d,readonly=maybe",
             "file=f,id=d,stats-intervals=0",

@@ -15,6 +15,7 @@
 //! meanwhile from being reused under them.
 
 mod cache;
+mod cache_size;
 pub mod check;
 mod compress;
 pub mod create;
@@ -35,6 +36,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+pub use cache_size::{CacheSizeError, CacheSizes, CacheTables};
 pub use header::{Compression, Header};
 pub use l2::Mapping;
 pub use validate::FormatError;
@@ -54,10 +56,6 @@ use meta::{decode_words, Meta};
 
 /// Groups of clusters sharing a claim condition variable (see `write.rs`).
 const CLAIM_GROUPS: usize = 16;
-/// Memory the L2 cache may use at most (QEMU's default maximum on Linux: 32 MiB).
-const L2_CACHE_BYTES: u64 = 32 << 20;
-/// Memory the refcount block cache may use at most.
-const RC_CACHE_BYTES: u64 = 8 << 20;
 
 /// An open qcow2 image.
 #[derive(Debug)]
@@ -90,6 +88,8 @@ pub struct OpenParts {
     pub file: HostFile,
     /// Read-only open.
     pub read_only: bool,
+    /// The metadata cache sizes.
+    pub cache_sizes: CacheSizes,
 }
 
 fn fmt_err(f: &HostFile, source: FormatError) -> Error {
@@ -148,7 +148,11 @@ impl Qcow2 {
         header: Header,
         backing: Option<Box<crate::Image>>,
     ) -> Result<Qcow2, Error> {
-        let OpenParts { file: f, read_only } = parts;
+        let OpenParts {
+            file: f,
+            read_only,
+            cache_sizes,
+        } = parts;
         if !read_only && header.incompatible & INCOMPAT_CORRUPT != 0 {
             return Err(fmt_err(&f, FormatError::CorruptBit));
         }
@@ -183,17 +187,22 @@ impl Qcow2 {
             cluster_bits: header.cluster_bits,
             extended: header.extended_l2(),
         };
-        let l2_cap = (L2_CACHE_BYTES / cs).min(u64::from(header.l1_size)).max(4);
-        let rc_cap = (RC_CACHE_BYTES / cs).min(rc_table.len() as u64).max(4);
+        let l2_entry_bytes = if geo.extended { 16 } else { 8 };
+        let caps = cache_sizes
+            .tables(cs, header.size, l2_entry_bytes)
+            .map_err(|source| Error::CacheSize {
+                path: f.path().to_string(),
+                source,
+            })?;
         let epochs = Arc::new(Epochs::default());
         let overlap = Arc::new(overlap::Overlap::new(file_len));
         let meta = Meta {
             geo,
             l1,
             l1_dirty: BTreeSet::new(),
-            l2: TableCache::new(usize::try_from(l2_cap).unwrap_or(4)),
+            l2: TableCache::new(caps.l2),
             rc_table,
-            rc_blocks: TableCache::new(usize::try_from(rc_cap).unwrap_or(4)),
+            rc_blocks: TableCache::new(caps.refcount),
             free_hint: 1,
             end: file_len.div_ceil(cs),
             pending_frees: Vec::new(),

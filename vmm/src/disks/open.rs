@@ -42,6 +42,7 @@ pub(super) fn open_image(drive: &DriveSpec) -> Result<Image, DiskError> {
         read_only: drive.read_only,
         cache: drive.cache.host,
         lock: true,
+        cache_sizes: drive.cache_sizes,
     };
     block::open_named(&drive.file, opts, WritableRaw::Refuse).map_err(|e| open_error(drive, e))
 }
@@ -67,6 +68,7 @@ mod tests {
             stats_intervals: vec![],
             on_read_error: devices::virtio::block::ErrorPolicy::READ_DEFAULT,
             on_write_error: devices::virtio::block::ErrorPolicy::WRITE_DEFAULT,
+            cache_sizes: block::qcow2::CacheSizes::default(),
         }
     }
 

@@ -1,4 +1,4 @@
-//! `vmm-img bench [-c COUNT] [-d DEPTH] [-f FMT] [-o OFFSET] [-s SIZE] [-S STEP]
+//! `vmm-img bench [-c COUNT] [-d DEPTH] [-f FMT | --image-opts] [-o OFFSET] [-s SIZE] [-S STEP]
 //! [-t none|writeback] [-w [--pattern=N] [--flush-interval=N [--no-drain]]] FILE`: qemu-img
 //! bench's flags and output. DEPTH requests are in flight at once, each on a thread of its own
 //! issuing positional I/O through the `DiskImage` trait, so the figure covers the engine's
@@ -17,7 +17,7 @@ use std::time::Instant;
 use block::{CacheMode, DiskImage};
 
 use crate::args::{self, Args};
-use crate::chain::open_image;
+use crate::image_opts::ImageSpec;
 use crate::{CliError, CmdResult};
 
 pub fn run(argv: &[String]) -> CmdResult {
@@ -50,6 +50,7 @@ pub fn run(argv: &[String]) -> CmdResult {
         "no-drain",
         "U",
         "force-share",
+        "image-opts",
     ])?;
     let file = &a.positional(1, "one image file")?[0];
     let num = |k: &str, d: u64| a.value(k).map_or(Ok(d), args::size);
@@ -87,7 +88,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     let cache = CacheMode::parse(t)
         .ok_or_else(|| CliError::Usage(format!("unsupported cache mode '{t}'")))?;
     let lock = !(a.has("U") || a.has("force-share"));
-    let img = open_image(file, a.value("f"), !write, cache, lock)?;
+    let img = ImageSpec::from_args(&a, file)?.open(!write, cache, lock)?;
     let size = img.size();
     if bufsize == 0 || bufsize > size {
         return Err(CliError::Usage(format!(

@@ -2,11 +2,10 @@
 //! `map` prints and what `convert` skips): which layer holds the data, and whether it reads as
 //! zeroes, in qemu-img map's terms.
 
-use std::path::Path;
+use block::{CacheMode, DiskImage, Image};
 
-use block::{open_named, CacheMode, DiskImage, Image, OpenOptions, WritableRaw};
-
-use crate::{args, CliError};
+use crate::image_opts::ImageSpec;
+use crate::CliError;
 
 /// Opens an image with an optional format name (probed when absent: the user named the file;
 /// a writable image with no magic is guessed raw, as qemu-img does).
@@ -17,14 +16,7 @@ pub fn open_image(
     cache: CacheMode,
     lock: bool,
 ) -> Result<Image, CliError> {
-    let format = fmt.map(args::format).transpose()?;
-    let opts = OpenOptions {
-        format,
-        read_only,
-        cache,
-        lock,
-    };
-    Ok(open_named(Path::new(path), opts, WritableRaw::Guess)?)
+    ImageSpec::file(path, fmt)?.open(read_only, cache, lock)
 }
 
 /// A run of the virtual disk with one status through the chain.

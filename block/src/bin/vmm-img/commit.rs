@@ -71,8 +71,7 @@ pub fn run(argv: &[String]) -> CmdResult {
         block::OpenOptions {
             format: Some(base_layer.format()),
             read_only: false,
-            cache: CacheMode::Writeback,
-            lock: true,
+            ..Default::default()
         },
     )?;
     let depth = u32::try_from(depth).unwrap_or(u32::MAX);

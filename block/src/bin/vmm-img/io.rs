@@ -1,4 +1,4 @@
-//! `vmm-img io [-f FMT] [-r] [-t CACHE] [-U] -c CMD... FILE`: qemu-io's command syntax for
+//! `vmm-img io [-f FMT | --image-opts] [-r] [-t CACHE] [-U] -c CMD... FILE`: qemu-io's command syntax for
 //! `read [-P pattern]`, `write [-P pattern] [-z [-u]]`, `discard`, `flush`, with k/M/G suffixes.
 //! `read -P` fails on a mismatch. Without `-c`, commands are read from standard input one line
 //! at a time after a `vmm-img> ` prompt (as qemu-io's `qemu-io> `), each run and reported
@@ -11,7 +11,7 @@ use std::time::Instant;
 use block::{CacheMode, DiskImage, Image};
 
 use crate::args::{self, Args};
-use crate::chain::open_image;
+use crate::image_opts::ImageSpec;
 use crate::{CliError, CmdResult};
 
 /// One parsed qemu-io command.
@@ -147,7 +147,7 @@ fn exec(img: &Image, cmd: &Cmd) -> Result<(), CliError> {
 
 pub fn run(argv: &[String]) -> CmdResult {
     let a = Args::parse(argv, &["f", "c", "t"])?;
-    a.only(&["f", "c", "t", "r", "U", "force-share"])?;
+    a.only(&["f", "c", "t", "r", "U", "force-share", "image-opts"])?;
     let file = &a.positional(1, "one image file")?[0];
     let cmds = a
         .values("c")
@@ -161,7 +161,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     };
     let read_only = a.has("r");
     let lock = !(a.has("U") || a.has("force-share")) || !read_only;
-    let img = open_image(file, a.value("f"), read_only, cache, lock)?;
+    let img = ImageSpec::from_args(&a, file)?.open(read_only, cache, lock)?;
     for c in &cmds {
         exec(&img, c)?;
     }

@@ -12,6 +12,7 @@ mod compare;
 mod convert;
 mod create;
 mod dd;
+mod image_opts;
 mod info;
 mod io;
 mod map;
@@ -32,6 +33,9 @@ pub enum CliError {
     /// `-h` or `--help` among a subcommand's flags: its usage is printed instead of running it.
     #[error("help requested")]
     Help,
+    /// A malformed `--image-opts` string.
+    #[error("--image-opts")]
+    ImageOpts(#[from] image_opts::ImageOptsError),
     /// The block layer failed.
     #[error(transparent)]
     Block(#[from] block::Error),
