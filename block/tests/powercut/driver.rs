@@ -87,28 +87,34 @@ fn until_prompt(out: &mut impl Read, prompt: &[u8]) -> Option<String> {
 
 /// Runs batches of qemu-io commands (each ending with `flush`) on a qcow2 image through the
 /// tool's standard input, one command per prompt, logging a marker before each batch's first
-/// command (`B k`) and once its flush returned (`F k`).
+/// command (`B k`), before its flush is sent (`S k`: the batch's commands have returned) and
+/// once its flush returned (`F k`). With `image_opts`, the image is opened with
+/// `--image-opts driver=qcow2,file.filename=IMAGE,IMAGE_OPTS` (qemu-io's form) instead of `-f
+/// qcow2 IMAGE`.
 pub fn run_batches(
     tool: Tool,
     rec: &Recording,
     image: &Path,
+    image_opts: Option<&str>,
     batches: &[Vec<String>],
     env: &[(&str, String)],
 ) -> Outcome {
     let (mut cmd, prompt) = match tool {
         Tool::Ours => {
             let mut c = rec.command(env!("CARGO_BIN_EXE_vmm-img"), env);
-            c.args(["io", "-f", "qcow2"]);
+            c.arg("io");
             (c, "vmm-img> ")
         }
-        Tool::Qemu => {
-            let mut c = rec.command("qemu-io", env);
-            c.args(["-f", "qcow2"]);
-            (c, "qemu-io> ")
-        }
+        Tool::Qemu => (rec.command("qemu-io", env), "qemu-io> "),
+    };
+    match image_opts {
+        None => cmd.args(["-f", "qcow2"]).arg(image),
+        Some(opts) => cmd.arg("--image-opts").arg(format!(
+            "driver=qcow2,file.filename={},{opts}",
+            image.display()
+        )),
     };
     let mut child = cmd
-        .arg(image)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -135,6 +141,9 @@ pub fn run_batches(
             }
             if i == 0 {
                 log::mark(&rec.log, &format!("B {k}"));
+            }
+            if i + 1 == cmds.len() {
+                log::mark(&rec.log, &format!("S {k}"));
             }
             if writeln!(stdin, "{c}").is_err() {
                 break 'batches;

@@ -31,6 +31,9 @@ pub struct Workload {
     /// batches then hold one batch with the bench's writes, which may land in any order until
     /// the tool exits (its flushes are not placed in the log).
     pub bench: Option<Vec<String>>,
+    /// Open options of the image (`l2-cache-size=...`), given to both tools through
+    /// `--image-opts driver=qcow2,file.filename=IMAGE,...` (batches only).
+    pub image_opts: Option<String>,
 }
 
 impl std::fmt::Debug for Workload {
@@ -46,6 +49,9 @@ impl std::fmt::Debug for Workload {
 pub struct Report {
     pub states: usize,
     pub failures: Vec<String>,
+    /// Writes of L2 tables while a batch's commands ran (before its flush was sent): tables
+    /// a full cache wrote back to make room.
+    pub l2_writebacks: usize,
 }
 
 fn env_u64(k: &str) -> Option<u64> {
@@ -107,7 +113,7 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
         all.push(top.to_str().unwrap());
         driver::run(&rec, program, &all);
     } else {
-        let out = driver::run_batches(tool, &rec, &top, &w.batches, &[]);
+        let out = driver::run_batches(tool, &rec, &top, w.image_opts.as_deref(), &w.batches, &[]);
         assert!(
             out.status.success() && !out.failed && out.flushed == w.batches.len(),
             "{} under {}: {:?}, {} of {} batches flushed: {}",
@@ -121,6 +127,7 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
     }
     let recs = log::read(&rec.log);
     let last = recs.len() - 1;
+    let l2_writebacks = l2_writebacks(&recs, &key, &std::fs::read(&top).unwrap());
     let random = |i: usize| {
         let mut rng = state_rng(!seed, i);
         (rng.usize(0..=last), Pending::Random(rng.f64()))
@@ -186,7 +193,7 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
         }
     }
     println!(
-        "{} under {}{}: seed {seed}, {} records ({} syncs), {} states checked, {} failed",
+        "{} under {}{}: seed {seed}, {} records ({} syncs, {l2_writebacks} L2 write-backs between flushes), {} states checked, {} failed",
         w.name,
         tool.name(),
         if ignore_barriers {
@@ -208,7 +215,36 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
     Report {
         states: cuts.len(),
         failures,
+        l2_writebacks,
     }
+}
+
+/// The writes to `path` of one of the L2 tables of `image` (the file as the tool left it: L2
+/// tables of an image without snapshots never move) made while a batch's commands ran, between
+/// its `B k` and `S k` markers.
+fn l2_writebacks(recs: &[log::Rec], path: &str, image: &[u8]) -> usize {
+    let be = |at: usize, n: usize| {
+        image[at..at + n]
+            .iter()
+            .fold(0u64, |v, &b| (v << 8) | u64::from(b))
+    };
+    let (l1_size, l1_offset) = (be(36, 4), be(40, 8));
+    let tables: std::collections::HashSet<u64> = (0..l1_size)
+        .map(|i| be(usize::try_from(l1_offset + i * 8).unwrap(), 8) & 0x00ff_ffff_ffff_fe00)
+        .filter(|&t| t != 0)
+        .collect();
+    let mut in_batch = false;
+    let mut n = 0;
+    for r in recs {
+        match &r.op {
+            log::Op::Marker(m) => in_batch = m.starts_with("B "),
+            log::Op::Write { off, .. } if in_batch && r.path == path && tables.contains(off) => {
+                n += 1;
+            }
+            _ => {}
+        }
+    }
+    n
 }
 
 /// The random source of state `i` of a run.

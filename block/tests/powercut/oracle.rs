@@ -115,6 +115,8 @@ impl Oracle {
                 let k: usize = k.parse().unwrap();
                 match kind {
                     "B" => active = Some(k),
+                    // The batch's flush was sent: the batch is still the one in flight.
+                    "S" => {}
                     "F" => {
                         done = Some(k);
                         active = None;
