@@ -496,7 +496,7 @@ fn cache_modes_decide_what_the_ring_takes() {
             format: Some(Format::Raw),
             read_only: false,
             cache: block::CacheMode::None,
-            lock: true,
+            ..Default::default()
         },
     )
     .unwrap();
