@@ -17,7 +17,7 @@ use crate::CliError;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ImageOptsError {
     /// `-f` and `--image-opts` together.
-    #[error("--image-opts and -f are mutually exclusive")]
+    #[error("mutually exclusive with -f")]
     WithFormat,
     /// A key this engine does not have.
     #[error("unsupported option '{0}' (supported: driver, file.filename, l2-cache-size, refcount-cache-size, cache-size)")]

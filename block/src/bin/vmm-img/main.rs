@@ -163,15 +163,18 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "bench",
         run: bench::run,
-        usage: "Run a simple image benchmark.\n\n  vmm-img bench [-f FMT] [-t none|writeback] \
+        usage: "Run a simple image benchmark.\n\n  vmm-img bench [-f FMT | --image-opts] \
+                [-t none|writeback] \
                 [-c COUNT] [-d DEPTH] [-o OFFSET] [-s BUFFER_SIZE] [-S STEP_SIZE] \
                 [-w [--pattern PATTERN]] [-q] [-U] FILENAME",
     },
     Command {
         name: "io",
         run: io::run,
-        usage: "Run qemu-io commands on an image.\n\n  vmm-img io [-f FMT] [-t CACHE] [-r [-U]] \
-                -c 'read|write|discard|flush ...' [-c ...] FILENAME",
+        usage: "Run qemu-io commands on an image.\n\n  vmm-img io [-f FMT | --image-opts] [-t CACHE] \
+                [-r [-U]] -c 'read|write|discard|flush ...' [-c ...] FILENAME\n\n  With \
+                --image-opts, FILENAME is driver=raw|qcow2,file.filename=FILE[,l2-cache-size=SIZE]\
+                [,refcount-cache-size=SIZE][,cache-size=SIZE].",
     },
 ];
 
