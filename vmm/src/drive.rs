@@ -73,7 +73,7 @@ pub enum DriveError {
     #[error("Drive '{0}' is already in use by another device")]
     DriveInUse(String),
     /// qcow2 cache sizes that contradict each other.
-    #[error("-drive: {0}")]
+    #[error("-drive")]
     CacheSize(#[from] CacheSizeError),
 }
 
