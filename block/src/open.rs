@@ -109,6 +109,13 @@ impl Image {
         })
     }
 
+    /// Drops (`false`) or takes back (`true`) the write permission's lock of this image, opened
+    /// for writing, keeping the rest of its locks (see [`lock::set_write_permission`]).
+    pub fn set_write_permission(&self, write: bool) -> Result<(), Error> {
+        let file = self.file();
+        lock::set_write_permission(file.file(), file.path(), write)
+    }
+
     fn inner(&self) -> &dyn DiskImage {
         match self {
             Image::Raw(r) => r,
@@ -504,11 +511,13 @@ impl NewImage {
         }
     }
 
-    /// Opens the image [`NewImage::format`] wrote, read-write, keeping its lock.
-    pub fn into_image(self, format: Format) -> Result<Image, Error> {
+    /// Opens the image [`NewImage::format`] wrote, read-write, keeping its lock, its backing
+    /// chain with the same host cache mode.
+    pub fn into_image(self, format: Format, cache: CacheMode) -> Result<Image, Error> {
         let opts = OpenOptions {
             format: Some(format),
             read_only: false,
+            cache,
             ..Default::default()
         };
         let mut seen = HashSet::from([self.file.id()]);
@@ -551,7 +560,7 @@ mod tests {
         }
         drop(reader);
         new.format(Format::Raw, &qcow2(1 << 20, None)).unwrap();
-        let img = new.into_image(Format::Raw).unwrap();
+        let img = new.into_image(Format::Raw, CacheMode::Writeback).unwrap();
         assert_eq!(img.size(), 1 << 20);
     }
 
