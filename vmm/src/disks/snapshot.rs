@@ -72,6 +72,9 @@ impl LiveImage {
 /// Why a snapshot failed; the disk is as it was. Messages are QEMU's where it has one.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// Another user has the overlay open (a file of this disk's chain, or another process's).
+    #[error("Failed to get \"write\" lock")]
+    Locked,
     /// The overlay could not be created.
     #[error("Could not create '{path}': {reason}")]
     Create {
@@ -184,15 +187,15 @@ pub fn snapshot(
                 backing: Some((top_name.clone(), top.format().name().to_owned())),
                 ..CreateOptions::default()
             };
-            let new = NewImage::open(file).map_err(|e| SnapshotError::Create {
-                path: path.clone(),
-                reason: reason(&e),
-            })?;
-            new.format(Format::Qcow2, &options)
-                .map_err(|e| SnapshotError::Create {
+            let create_failed = |e: block::Error| match e.kind() {
+                block::ErrorKind::Locked => SnapshotError::Locked,
+                _ => SnapshotError::Create {
                     path: path.clone(),
                     reason: reason(&e),
-                })?;
+                },
+            };
+            let new = NewImage::open(file).map_err(create_failed)?;
+            new.format(Format::Qcow2, &options).map_err(create_failed)?;
             Some(new)
         }
         SnapshotMode::Existing => None,
@@ -239,9 +242,12 @@ fn open_overlay(
     top: &Image,
 ) -> Result<Image, SnapshotError> {
     let path = file.display().to_string();
-    let open_failed = |e: block::Error| SnapshotError::Open {
-        path: path.clone(),
-        reason: reason(&e),
+    let open_failed = |e: block::Error| match e.kind() {
+        block::ErrorKind::Locked => SnapshotError::Locked,
+        _ => SnapshotError::Open {
+            path: path.clone(),
+            reason: reason(&e),
+        },
     };
     if let Some(new) = created {
         return new
