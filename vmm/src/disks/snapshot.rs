@@ -297,7 +297,7 @@ mod tests {
     /// Writes the test issues; write `i` puts `pattern(i)` in 4 KiB block `i % BLOCKS`.
     const WRITES: usize = 160;
     const BLOCKS: usize = 64;
-    /// Requests the writer keeps in flight.
+    /// Requests the writer puts in flight at once.
     const DEPTH: usize = 4;
     const SIZE: u64 = 4 << 20;
 
@@ -379,8 +379,10 @@ mod tests {
             std::thread::spawn(move || {
                 for i in 0..WRITES {
                     let slot = u16::try_from(i % DEPTH).unwrap();
-                    if i >= DEPTH {
-                        rig.wait_used(0, u16::try_from(i - DEPTH + 1).unwrap());
+                    // Completions may come out of order: a slot is reused once its whole batch
+                    // is done.
+                    if slot == 0 {
+                        rig.wait_used(0, u16::try_from(i).unwrap());
                     }
                     let buf = BUF + u64::from(slot) * 4096;
                     let hdr = HDR + u64::from(slot) * 0x20;
@@ -463,6 +465,72 @@ mod tests {
         assert_eq!(chain[0]["backing-filename-format"], "qcow2");
         assert_eq!(chain[0]["virtual-size"], SIZE);
         assert_eq!(chain[1]["filename"], base_s);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_snapshot_leaves_the_disk_writable_on_its_image() {
+        let dir = std::env::temp_dir().join(format!("vmm-snapshot-{}-failed", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (base, other, wrong) = (
+            dir.join("base.qcow2"),
+            dir.join("other.qcow2"),
+            dir.join("wrong.qcow2"),
+        );
+        let options = CreateOptions {
+            size: SIZE,
+            ..CreateOptions::default()
+        };
+        block::create(&base, Format::Qcow2, &options).unwrap();
+        block::create(&other, Format::Qcow2, &options).unwrap();
+        let wrong_options = CreateOptions {
+            backing: Some((other.display().to_string(), "qcow2".into())),
+            ..options
+        };
+        block::create(&wrong, Format::Qcow2, &wrong_options).unwrap();
+        let opts = OpenOptions {
+            format: Some(Format::Qcow2),
+            read_only: false,
+            ..OpenOptions::default()
+        };
+        let top = Arc::new(WithPolicy::new(
+            block::open(&base, opts).unwrap(),
+            WritePolicy::WriteBack,
+            DetectZeroes::Off,
+        ));
+        let mut live = LiveImage::new(Arc::clone(&top), CacheSetting::default(), DetectZeroes::Off);
+        let io = IoThread::spawn("io-snap-fail").unwrap();
+        let rig = Rig::new(io.context().clone(), top, 1, false);
+        rig.start(!0);
+        let failed = snapshot(
+            "d0",
+            false,
+            &rig.dev,
+            &mut live,
+            &wrong,
+            SnapshotMode::Existing,
+        );
+        assert!(
+            matches!(failed, Err(SnapshotError::NotOverlay { .. })),
+            "{failed:?}"
+        );
+        // The old top kept its write lock: nobody else may read it consistently...
+        let base_s = base.to_str().unwrap();
+        let read = run("qemu-io", &["-r", "-f", "qcow2", "-c", "read 0 4k", base_s]);
+        assert!(!read.status.success(), "the old top lost its write lock");
+        // ...and the device still writes to it.
+        rig.mem
+            .write_slice(&[0x77; 4096], GuestAddress(BUF))
+            .unwrap();
+        rig.header(HDR, request_type::OUT, 0);
+        rig.submit(0, 0, &[(HDR, 16, 0), (BUF, 4096, 0), (STATUS, 1, F_WRITE)]);
+        rig.wait_used(0, 1);
+        assert_eq!(rig.byte(STATUS), status::OK);
+        rig.dev.shutdown().unwrap();
+        drop(rig);
+        drop(live);
+        io.stop().unwrap();
+        assert_eq!(contents(&base)[0], 0x77);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
