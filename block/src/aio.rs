@@ -671,6 +671,37 @@ mod tests {
     }
 
     #[test]
+    fn the_image_is_replaced_only_with_nothing_in_flight() {
+        let (a, b) = (RawFile::new(1 << 16), RawFile::new(1 << 16));
+        a.set_gate(false);
+        let aio = Aio::new("t", a.clone(), Workers::fixed(1), 4).unwrap();
+        let mut buf = vec![0u8; 512];
+        aio.submit(Request {
+            op: Op::Read,
+            offset: 0,
+            segs: vec![seg(&mut buf)],
+            token: 1,
+        })
+        .unwrap();
+        assert!(matches!(
+            aio.replace_image(b.clone()),
+            Err(AioError::Busy { in_flight: 1, .. })
+        ));
+        a.set_gate(true);
+        reap_one(&aio).result.unwrap();
+        let old = aio.replace_image(b.clone()).unwrap();
+        assert!(Arc::ptr_eq(&old, &(a.clone() as Arc<dyn DiskImage>)));
+        let mut data = vec![0x3cu8; 512];
+        roundtrip(&aio, Op::Write, 0, vec![seg(&mut data)], 2)
+            .result
+            .unwrap();
+        let (mut in_a, mut in_b) = (vec![0u8; 512], vec![0u8; 512]);
+        a.inner.read_at(&mut in_a, 0).unwrap();
+        b.inner.read_at(&mut in_b, 0).unwrap();
+        assert!(in_a.iter().all(|&x| x == 0) && in_b.iter().all(|&x| x == 0x3c));
+    }
+
+    #[test]
     fn errors_come_back_in_the_completion() {
         let image = RawFile::new(4096);
         let aio = Aio::new("t", image, Workers::fixed(1), 4).unwrap();

@@ -150,6 +150,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_writer_without_its_write_permission_shares_with_readers_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, [0u8; 512]).unwrap();
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .unwrap()
+        };
+        let writer = open();
+        lock_image(&writer, "img", true).unwrap();
+        let reader = open();
+        assert!(lock_image(&reader, "img", false).is_err());
+        set_write_permission(&writer, "img", false).unwrap();
+        let reader = open();
+        lock_image(&reader, "img", false).unwrap();
+        // Still refusing to share write: no other writer gets in.
+        assert!(lock_image(&open(), "img", true).is_err());
+        set_write_permission(&writer, "img", true).unwrap();
+        assert!(lock_image(&open(), "img", false).is_err());
+    }
+
+    #[test]
     fn writers_exclude_each_other_and_readers_share() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("img");

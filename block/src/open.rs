@@ -109,8 +109,11 @@ impl Image {
         })
     }
 
-    /// Drops (`false`) or takes back (`true`) the write permission's lock of this image, opened
-    /// for writing, keeping the rest of its locks (see [`lock::set_write_permission`]).
+    /// Drops (`false`) or takes back (`true`) the write permission's lock byte of this image,
+    /// opened for writing, keeping its consistent-read lock and its refusal to share write: a
+    /// live snapshot turns the old top into a backing file this way, which a read-only open of
+    /// the same file (the new chain's) may then share. Nobody else can take write meanwhile (the
+    /// refusal stays), so taking it back checks nothing.
     pub fn set_write_permission(&self, write: bool) -> Result<(), Error> {
         let file = self.file();
         lock::set_write_permission(file.file(), file.path(), write)

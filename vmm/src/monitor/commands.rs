@@ -846,6 +846,64 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_sync_arguments() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        let ok = |f: &mut Fixture, args: &str| {
+            let reply = f.send(&format!(
+                r#"{{"execute": "blockdev-snapshot-sync", "arguments": {args}}}"#
+            ));
+            assert_eq!(reply["return"], json!({}), "{args}: {reply}");
+        };
+        ok(&mut f, r#"{"device": "d0", "snapshot-file": "/s1"}"#);
+        // By the top's node name; the new node named.
+        ok(
+            &mut f,
+            r##"{"node-name": "#block1", "snapshot-file": "/s2", "mode": "existing",
+                 "format": "qcow2", "snapshot-node-name": "n2"}"##,
+        );
+        assert_eq!(
+            f.calls(),
+            [
+                "snapshot d0 /s1 AbsolutePaths None",
+                r#"snapshot d1 /s2 Existing Some("n2")"#
+            ]
+        );
+        let err = |f: &mut Fixture, args: &str| {
+            f.error(&format!(
+                r#"{{"execute": "blockdev-snapshot-sync", "arguments": {args}}}"#
+            ))
+        };
+        assert_eq!(
+            err(&mut f, r#"{"device": "d0"}"#).1,
+            "Parameter 'snapshot-file' is missing"
+        );
+        assert_eq!(
+            err(
+                &mut f,
+                r#"{"device": "d0", "snapshot-file": "/s", "format": "vmdk"}"#
+            )
+            .1,
+            "Snapshot format 'vmdk' is not supported: only qcow2"
+        );
+        assert_eq!(
+            err(
+                &mut f,
+                r##"{"device": "d0", "snapshot-file": "/s", "snapshot-node-name": "#block1"}"##
+            )
+            .1,
+            "Duplicate nodes with node-name='#block1'"
+        );
+        assert_eq!(
+            err(&mut f, r#"{"device": "d0", "snapshot-file": 5}"#),
+            (
+                "GenericError".to_owned(),
+                "Invalid parameter type for 'snapshot-file', expected: string".to_owned()
+            )
+        );
+        assert_eq!(f.calls().len(), 2, "no failed request reached the VM");
+    }
+
+    #[test]
     fn boundary_rule() {
         assert!(strictly_increasing(&[]));
         assert!(strictly_increasing(&[1, 2, 100]));
