@@ -287,6 +287,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use block::aio::Engine;
     use block::OpenOptions;
     use devices::context::{Context, IoThread};
     use devices::virtio::block::test_util::{Rig, BUF, F_WRITE, HDR, STATUS};
@@ -341,7 +342,7 @@ mod tests {
     /// A writer thread keeps `DEPTH` writes in flight on a device served by `ctx` while the main
     /// thread snapshots the disk; then every write is in the new chain, the old top holds
     /// exactly the writes taken before the switch, and QEMU's tools agree on the chain.
-    fn snapshot_under_load(ctx: Arc<Context>) {
+    fn snapshot_under_load(ctx: Arc<Context>, engine: Engine, policy: WritePolicy) {
         let dir = std::env::temp_dir().join(format!(
             "vmm-snapshot-{}-{}",
             std::process::id(),
@@ -360,9 +361,8 @@ mod tests {
             read_only: false,
             ..OpenOptions::default()
         };
-        // Write-through: each write syncs, so writes are still running when the switch comes.
         let cache = CacheSetting {
-            policy: WritePolicy::WriteThrough,
+            policy,
             ..CacheSetting::default()
         };
         let top = Arc::new(WithPolicy::new(
@@ -371,7 +371,7 @@ mod tests {
             DetectZeroes::Off,
         ));
         let mut live = LiveImage::new(Arc::clone(&top), cache, DetectZeroes::Off);
-        let rig = Arc::new(Rig::new(ctx, top, 1, false));
+        let rig = Arc::new(Rig::with_engine(ctx, top, 1, false, engine));
         rig.start(!0);
 
         let writer = {
@@ -534,10 +534,28 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    // Write-through: each write syncs, so writes are still running when the switch comes.
     #[test]
     fn snapshot_of_an_iothread_disk_under_load() {
         let io = IoThread::spawn("io-snap").unwrap();
-        snapshot_under_load(io.context().clone());
+        snapshot_under_load(
+            io.context().clone(),
+            Engine::Threads,
+            WritePolicy::WriteThrough,
+        );
+        io.stop().unwrap();
+    }
+
+    /// Write-back, so that writes to allocated clusters go through the ring: after the switch
+    /// they must reach the overlay's file.
+    #[test]
+    fn snapshot_of_an_io_uring_disk_under_load() {
+        let io = IoThread::spawn("io-snap-uring").unwrap();
+        snapshot_under_load(
+            io.context().clone(),
+            Engine::IoUring,
+            WritePolicy::WriteBack,
+        );
         io.stop().unwrap();
     }
 
@@ -554,7 +572,7 @@ mod tests {
                 }
             })
         };
-        snapshot_under_load(ctx);
+        snapshot_under_load(ctx, Engine::Threads, WritePolicy::WriteThrough);
         stop.store(true, Ordering::SeqCst);
         runner.join().unwrap();
     }
