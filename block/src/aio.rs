@@ -32,11 +32,12 @@
 //! image I/O, except the ring's by [`Aio::wait_idle`]. Draining (reset, shutdown) waits with
 //! [`Aio::wait_idle`] until every submitted request has completed, without needing the
 //! submitter's thread to run: it reaps the ring itself and announces what it found.
+//! [`Aio::replace_image`] swaps the image (a live snapshot) only while nothing is in flight.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, TryLockError};
 use std::thread::{self, JoinHandle};
 use std::{fmt, io};
 
@@ -102,6 +103,14 @@ pub enum AioError {
     NoHostFile {
         /// The pool's name.
         name: String,
+    },
+    /// The image was to be replaced while requests were in flight.
+    #[error("cannot replace the image of {name}: {in_flight} requests in flight")]
+    Busy {
+        /// The pool's name.
+        name: String,
+        /// Requests submitted and not yet reaped.
+        in_flight: usize,
     },
     /// A pool needs at least one worker, a maximum no smaller than its minimum, and one slot.
     #[error(
@@ -216,10 +225,17 @@ struct Queues {
     census: pool::Census,
 }
 
-struct Shared {
+/// The image requests run against, and its host file.
+struct Served {
     image: Arc<dyn DiskImage>,
     /// The image's host file, for the pool's direct transfers and the ring.
     target: Option<DirectTarget>,
+}
+
+struct Shared {
+    /// Replaced only while nothing is in flight ([`Aio::replace_image`]); each request clones
+    /// it once.
+    served: RwLock<Arc<Served>>,
     depth: usize,
     workers: Workers,
     queues: Mutex<Queues>,
@@ -234,6 +250,12 @@ impl Shared {
     fn queues(&self) -> MutexGuard<'_, Queues> {
         // The queues are only touched by short push/pop sequences that do not panic.
         self.queues.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The image requests run against now, with its host file.
+    fn served(&self) -> Arc<Served> {
+        // Only a replacement writes it, with nothing that panics while it holds the lock.
+        Arc::clone(&self.served.read().unwrap_or_else(PoisonError::into_inner))
     }
 }
 
@@ -295,9 +317,12 @@ impl Aio {
         }
         // More workers than requests in flight would never all have work.
         let max = workers.max.min(depth).max(workers.min);
+        let ring_target = match engine {
+            Engine::IoUring => target.clone(),
+            Engine::Threads => None,
+        };
         let shared = Arc::new(Shared {
-            image,
-            target,
+            served: RwLock::new(Arc::new(Served { image, target })),
             depth,
             workers: Workers { max, ..workers },
             queues: Mutex::new(Queues {
@@ -312,13 +337,13 @@ impl Aio {
             idle: Condvar::new(),
             completion_fd: EventFd::new(EFD_NONBLOCK).map_err(AioError::EventFd)?,
         });
-        let ring = match (engine, &shared.target) {
-            (Engine::IoUring, Some(target)) => Some(Mutex::new(uring::Ring::new(
-                target.clone(),
+        let ring = match ring_target {
+            Some(target) => Some(Mutex::new(uring::Ring::new(
+                target,
                 depth,
                 shared.completion_fd.as_raw_fd(),
             )?)),
-            _ => None,
+            None => None,
         };
         let pool = Aio {
             name: name.to_owned(),
@@ -413,8 +438,45 @@ impl Aio {
     }
 
     /// The image the pool serves.
-    pub fn image(&self) -> &Arc<dyn DiskImage> {
-        &self.shared.image
+    pub fn image(&self) -> Arc<dyn DiskImage> {
+        Arc::clone(&self.shared.served().image)
+    }
+
+    /// Serves `image` from now on and returns the image served until now. Only while nothing is
+    /// in flight (the submitter drained, [`Aio::wait_idle`] and reaped): otherwise, or when the
+    /// ring cannot address the new image's host file, nothing changes.
+    pub fn replace_image(&self, image: Arc<dyn DiskImage>) -> Result<Arc<dyn DiskImage>, AioError> {
+        let target = image.direct_target();
+        if self.ring.is_some() && target.is_none() {
+            return Err(AioError::NoHostFile {
+                name: self.name.clone(),
+            });
+        }
+        // The ring's mutex before the queues' (the module's lock order).
+        let mut ring = self
+            .ring
+            .as_ref()
+            .map(|r| r.lock().unwrap_or_else(PoisonError::into_inner));
+        let queues = self.shared.queues();
+        if queues.in_flight != 0 {
+            return Err(AioError::Busy {
+                name: self.name.clone(),
+                in_flight: queues.in_flight,
+            });
+        }
+        if let (Some(ring), Some(target)) = (ring.as_mut(), &target) {
+            ring.retarget(target.clone());
+        }
+        let mut slot = self
+            .shared
+            .served
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Held until the image is in place: no submission slips in between check and swap.
+        drop(queues);
+        let old = std::mem::replace(&mut *slot, Arc::new(Served { image, target }));
+        // Nothing in flight holds a clone: the caller gets the last handle of the old image.
+        Ok(Arc::clone(&old.image))
     }
 
     /// The eventfd that becomes readable when completions are ready to reap.
@@ -443,7 +505,7 @@ impl Aio {
             queues.in_flight += 1;
         }
         let request = match self.try_ring() {
-            Some(mut ring) => match ring.submit(self.shared.image.as_ref(), request) {
+            Some(mut ring) => match ring.submit(self.shared.served().image.as_ref(), request) {
                 uring::Submitted::Queued => {
                     self.on_ring.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
@@ -606,6 +668,37 @@ mod tests {
         assert!(back[..512].iter().all(|&x| x == 0xa5));
         assert!(back[512..].iter().all(|&x| x == 0x5a));
         assert_eq!(aio.in_flight(), 0);
+    }
+
+    #[test]
+    fn the_image_is_replaced_only_with_nothing_in_flight() {
+        let (a, b) = (RawFile::new(1 << 16), RawFile::new(1 << 16));
+        a.set_gate(false);
+        let aio = Aio::new("t", a.clone(), Workers::fixed(1), 4).unwrap();
+        let mut buf = vec![0u8; 512];
+        aio.submit(Request {
+            op: Op::Read,
+            offset: 0,
+            segs: vec![seg(&mut buf)],
+            token: 1,
+        })
+        .unwrap();
+        assert!(matches!(
+            aio.replace_image(b.clone()),
+            Err(AioError::Busy { in_flight: 1, .. })
+        ));
+        a.set_gate(true);
+        reap_one(&aio).result.unwrap();
+        let old = aio.replace_image(b.clone()).unwrap();
+        assert!(Arc::ptr_eq(&old, &(a.clone() as Arc<dyn DiskImage>)));
+        let mut data = vec![0x3cu8; 512];
+        roundtrip(&aio, Op::Write, 0, vec![seg(&mut data)], 2)
+            .result
+            .unwrap();
+        let (mut in_a, mut in_b) = (vec![0u8; 512], vec![0u8; 512]);
+        a.inner.read_at(&mut in_a, 0).unwrap();
+        b.inner.read_at(&mut in_b, 0).unwrap();
+        assert!(in_a.iter().all(|&x| x == 0) && in_b.iter().all(|&x| x == 0x3c));
     }
 
     #[test]

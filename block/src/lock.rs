@@ -117,10 +117,62 @@ pub fn lock_image(file: &File, path: &str, write: bool) -> Result<(), Error> {
     Ok(())
 }
 
+/// Takes or drops the write permission (byte 101) of a file [`lock_image`] locked for writing,
+/// keeping its consistent-read lock and its refusal to share write: dropping it is how a live
+/// snapshot turns the old top of a chain into a backing file, which a read-only open of the same
+/// file (the new chain's) may then share; taking it again undoes that. Nobody else can have
+/// taken write meanwhile (the refusal stayed), so taking it back checks nothing.
+pub fn set_write_permission(file: &File, path: &str, write: bool) -> Result<(), Error> {
+    if write {
+        return match set(file, path, LOCK_BASE_PERM + PERM_WRITE)? {
+            true => Ok(()),
+            false => Err(Error::Locked {
+                path: path.to_string(),
+                perm: "write",
+            }),
+        };
+    }
+    let mut fl = flock_at(LOCK_BASE_PERM + PERM_WRITE, short(libc::F_UNLCK));
+    // SAFETY: fcntl with F_OFD_SETLK on our own descriptor and a valid flock struct.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+    if r != 0 {
+        return Err(Error::Lock {
+            path: path.to_string(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_writer_without_its_write_permission_shares_with_readers_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, [0u8; 512]).unwrap();
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .unwrap()
+        };
+        let writer = open();
+        lock_image(&writer, "img", true).unwrap();
+        let reader = open();
+        assert!(lock_image(&reader, "img", false).is_err());
+        set_write_permission(&writer, "img", false).unwrap();
+        let reader = open();
+        lock_image(&reader, "img", false).unwrap();
+        // Still refusing to share write: no other writer gets in.
+        assert!(lock_image(&open(), "img", true).is_err());
+        set_write_permission(&writer, "img", true).unwrap();
+        assert!(lock_image(&open(), "img", false).is_err());
+    }
 
     #[test]
     fn writers_exclude_each_other_and_readers_share() {

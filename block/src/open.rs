@@ -109,6 +109,16 @@ impl Image {
         })
     }
 
+    /// Drops (`false`) or takes back (`true`) the write permission's lock byte of this image,
+    /// opened for writing, keeping its consistent-read lock and its refusal to share write: a
+    /// live snapshot turns the old top into a backing file this way, which a read-only open of
+    /// the same file (the new chain's) may then share. Nobody else can take write meanwhile (the
+    /// refusal stays), so taking it back checks nothing.
+    pub fn set_write_permission(&self, write: bool) -> Result<(), Error> {
+        let file = self.file();
+        lock::set_write_permission(file.file(), file.path(), write)
+    }
+
     fn inner(&self) -> &dyn DiskImage {
         match self {
             Image::Raw(r) => r,
@@ -504,11 +514,13 @@ impl NewImage {
         }
     }
 
-    /// Opens the image [`NewImage::format`] wrote, read-write, keeping its lock.
-    pub fn into_image(self, format: Format) -> Result<Image, Error> {
+    /// Opens the image [`NewImage::format`] wrote, read-write, keeping its lock, its backing
+    /// chain with the same host cache mode.
+    pub fn into_image(self, format: Format, cache: CacheMode) -> Result<Image, Error> {
         let opts = OpenOptions {
             format: Some(format),
             read_only: false,
+            cache,
             ..Default::default()
         };
         let mut seen = HashSet::from([self.file.id()]);
@@ -551,7 +563,7 @@ mod tests {
         }
         drop(reader);
         new.format(Format::Raw, &qcow2(1 << 20, None)).unwrap();
-        let img = new.into_image(Format::Raw).unwrap();
+        let img = new.into_image(Format::Raw, CacheMode::Writeback).unwrap();
         assert_eq!(img.size(), 1 << 20);
     }
 

@@ -56,6 +56,11 @@ impl<I: DiskImage> WithPolicy<I> {
         }
     }
 
+    /// The image under the policy.
+    pub fn inner(&self) -> &I {
+        &self.inner
+    }
+
     /// Flushes after a modifying request when the policy is write-through.
     fn settle(&self, result: Result<(), Error>) -> Result<(), Error> {
         result?;

@@ -83,3 +83,10 @@ fn disks_on_an_iothread_and_the_main_loop_in_the_monitor() {
     let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
     run_scenario("disks", &kernel, &dir);
 }
+
+#[test]
+fn snapshots_of_a_running_guest_s_disks_answer_as_qemu_s() {
+    let dir = Scratch::new("qmp-snapshot");
+    let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
+    run_scenario("snapshot", &kernel, &dir);
+}

@@ -137,7 +137,8 @@ struct Scratch {
 
 /// Runs one request against the image.
 fn execute(shared: &Shared, request: &Request, scratch: &mut Scratch) -> Result<(), Error> {
-    let image = shared.image.as_ref();
+    let served = shared.served();
+    let image = served.image.as_ref();
     let offset = request.offset;
     let write = match request.op {
         Op::Read => false,
@@ -158,7 +159,7 @@ fn execute(shared: &Shared, request: &Request, scratch: &mut Scratch) -> Result<
     if len == 0 {
         return Ok(());
     }
-    if let Some(target) = &shared.target {
+    if let Some(target) = &served.target {
         if let Some(done) = direct(image, target, request, len, write, scratch) {
             return done;
         }

@@ -93,6 +93,12 @@ fn split_user_data(data: u64) -> (usize, usize) {
 }
 
 impl Ring {
+    /// Submits to `target`'s file from now on; only while nothing is on the ring.
+    pub(super) fn retarget(&mut self, target: DirectTarget) {
+        debug_assert_eq!(self.outstanding, 0, "ring retargeted with requests on it");
+        self.target = target;
+    }
+
     /// A ring for `depth` requests on `target`'s file, announcing completions on `eventfd`.
     pub(super) fn new(
         target: DirectTarget,

@@ -34,9 +34,10 @@ mod io_errors;
 mod iothreads;
 mod open;
 mod query;
+mod snapshot;
 mod wiring;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use devices::bus::{BusError, SharedBus};
 use devices::context;
@@ -57,6 +58,7 @@ use wiring::{add_disk, NewDisk};
 
 pub use io_errors::{IoErrorStop, IoErrors};
 pub use iothreads::MainContext;
+pub use snapshot::{snapshot, LiveImage};
 
 /// Errors from setting up or shutting down the disks, one line each.
 #[derive(Debug, thiserror::Error)]
@@ -243,14 +245,18 @@ impl Disks {
                 base,
                 gsi,
             };
-            let block = add_disk(disk, vm_fd, memory, shared_mmio)?;
+            let (device, live) = add_disk(disk, vm_fd, memory, shared_mmio)?;
             log::info!(
                 "disk {}: {} at {base:#x}, GSI {gsi}, on {}",
                 spec.drive.id,
                 spec.drive.file.display(),
                 spec.device.iothread.as_deref().unwrap_or("the main loop")
             );
-            disks.push((info, block));
+            disks.push(VmDisk {
+                info,
+                device,
+                live: Arc::new(Mutex::new(live)),
+            });
             dsdt.push(virtio_mmio_device(index, base, gsi));
         }
         Ok((Self { iothreads, disks }, dsdt))
@@ -275,9 +281,9 @@ impl Disks {
     /// Every disk is shut down even when one fails; the first failure is returned.
     pub fn shutdown(self, global: &GlobalLock) -> Result<(), DiskError> {
         let mut first = None;
-        for (info, block) in &self.disks {
-            if let Err(source) = block.shutdown() {
-                let id = info.drive_id.clone();
+        for disk in &self.disks {
+            if let Err(source) = disk.device.shutdown() {
+                let id = disk.info.drive_id.clone();
                 first = first.or(Some(DiskError::Flush { id, source }));
             }
         }

@@ -65,7 +65,7 @@ fn allocated_bytes(path: &str) -> Option<u64> {
 }
 
 /// `query-block`'s description of `image` and its backing chain.
-fn describe(image: &Image) -> ImageDescription {
+pub(super) fn describe(image: &Image) -> ImageDescription {
     match image {
         Image::Raw(raw) => ImageDescription {
             filename: raw.path().to_owned(),

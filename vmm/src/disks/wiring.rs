@@ -18,6 +18,7 @@ use devices::virtio::block::{Block, BlockConfig, ErrorSink};
 use devices::virtio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use kvm_ioctls::{IoEventAddress, VmFd};
 
+use super::snapshot::LiveImage;
 use super::DiskError;
 use crate::arch::x86_64::layout::VIRTIO_MMIO_SIZE;
 use crate::arch::x86_64::memory::GuestMemory;
@@ -35,13 +36,14 @@ pub(super) struct NewDisk<'a> {
 }
 
 /// Builds the device of one disk in its context, puts its transport on `shared_mmio` at its base
-/// and registers its ioeventfds and its irqfd on its GSI.
+/// and registers its ioeventfds and its irqfd on its GSI. Returns the device and the image it
+/// serves.
 pub(super) fn add_disk(
     disk: NewDisk<'_>,
     vm_fd: &VmFd,
     memory: &GuestMemory,
     shared_mmio: &mut SharedBus,
-) -> Result<Arc<Block>, DiskError> {
+) -> Result<(Arc<Block>, LiveImage), DiskError> {
     let spec = disk.spec;
     let id = || spec.drive.id.clone();
     let config = BlockConfig {
@@ -58,12 +60,17 @@ pub(super) fn add_disk(
         on_write_error: spec.drive.on_write_error,
         error_sink: Some(disk.sink),
     };
-    let image = WithPolicy::new(
+    let image = Arc::new(WithPolicy::new(
         disk.image,
         spec.drive.cache.policy,
         spec.drive.detect_zeroes,
+    ));
+    let live = LiveImage::new(
+        Arc::clone(&image),
+        spec.drive.cache,
+        spec.drive.detect_zeroes,
     );
-    let block = Block::new(config, Arc::new(image), disk.ctx)
+    let block = Block::new(config, image, disk.ctx)
         .map_err(|source| DiskError::Device { id: id(), source })?;
     let transport = MmioTransport::new(block.clone(), memory.clone())
         .map_err(|source| DiskError::Transport { id: id(), source })?;
@@ -88,5 +95,5 @@ pub(super) fn add_disk(
     shared_mmio
         .insert(name, disk.base, VIRTIO_MMIO_SIZE, Arc::new(transport))
         .map_err(|source| DiskError::Bus { id: id(), source })?;
-    Ok(block)
+    Ok((block, live))
 }

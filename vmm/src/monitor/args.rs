@@ -35,6 +35,15 @@ impl Args {
         }
     }
 
+    /// An optional string member.
+    pub fn optional_str(&mut self, name: &str) -> Result<Option<String>, QmpError> {
+        match self.members.remove(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(invalid_type(name, "string")),
+        }
+    }
+
     /// An optional boolean member.
     pub fn optional_bool(&mut self, name: &str) -> Result<Option<bool>, QmpError> {
         match self.members.remove(name) {

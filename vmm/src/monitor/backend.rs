@@ -4,10 +4,10 @@
 //!
 //! Locking: every method is called on the main-loop thread from the monitor's event handler, so with
 //! the global lock held (the main loop holds it around every handler); an implementation must not
-//! take the global lock again. No method acquires a disk's context: block statistics and
-//! histogram boundaries are the device's atomics, read and replaced from any thread, so a disk on
-//! an iothread is never held up by a monitor command (were one ever to need a context, it would
-//! take it after the global lock, as DESIGN.md orders, and never two at once). Nothing here may
+//! take the global lock again. Block statistics and histogram boundaries are the device's
+//! atomics, read and replaced from any thread, so those commands never hold up a disk on an
+//! iothread; only a snapshot acquires a disk's context, after the global lock as DESIGN.md orders
+//! and never two at once, and drains it with the context released. Nothing here may
 //! block for long: pausing waits only for vCPUs to leave `KVM_RUN`, on a condition variable tied
 //! to the global mutex as DESIGN.md describes.
 
@@ -215,6 +215,16 @@ pub enum HistogramChange {
     Set(HistogramBoundaries),
 }
 
+/// How `blockdev-snapshot-sync` finds its overlay (QEMU's `NewImageMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// Create it (overwriting a file there), its backing file named by the disk's top's name
+    /// (`absolute-paths`, the default).
+    AbsolutePaths,
+    /// The user made it; its backing file is the disk's top (`existing`).
+    Existing,
+}
+
 /// The VM as the monitor drives it. See the module documentation for the locking rules; each
 /// method says when the monitor calls it.
 pub trait MonitorBackend {
@@ -257,5 +267,17 @@ pub trait MonitorBackend {
         &mut self,
         drive_id: &str,
         change: &HistogramChange,
+    ) -> Result<(), BackendError>;
+
+    /// Puts a new qcow2 overlay, `file`, on top of the chain of the disk with this `-drive id=`
+    /// and switches the running disk to it (`blockdev-snapshot-sync`); its node is named
+    /// `node_name`, or gets an automatic name. On failure the disk is as it was. Acquires the disk's context after the
+    /// global lock and waits, with that context released, for its requests in flight.
+    fn snapshot_sync(
+        &mut self,
+        drive_id: &str,
+        file: &str,
+        mode: SnapshotMode,
+        node_name: Option<String>,
     ) -> Result<(), BackendError>;
 }

@@ -42,7 +42,7 @@ use std::path::PathBuf;
 
 pub use backend::{
     BackendError, BlockDevice, BlockDeviceStats, CacheMode, HistogramChange, ImageDescription,
-    IoThreadInfo, MonitorBackend, RunState,
+    IoThreadInfo, MonitorBackend, RunState, SnapshotMode,
 };
 pub use disk_stats::{apply_histogram_change, block_device_stats};
 pub use events::{event_channel, BlockIoError, EventSender, QmpEvent, ShutdownCause};

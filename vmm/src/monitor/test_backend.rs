@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use super::backend::{
     BackendError, BlockDevice, BlockDeviceStats, CacheMode, HistogramChange, ImageDescription,
-    IoThreadInfo, LatencyHistogram, MonitorBackend, RunState,
+    IoThreadInfo, LatencyHistogram, MonitorBackend, RunState, SnapshotMode,
 };
 
 /// Records calls into a log shared with the test.
@@ -165,6 +165,17 @@ impl MonitorBackend for RecordingBackend {
         change: &HistogramChange,
     ) -> Result<(), BackendError> {
         self.record(format!("histogram {drive_id} {change:?}"));
+        Ok(())
+    }
+
+    fn snapshot_sync(
+        &mut self,
+        drive_id: &str,
+        file: &str,
+        mode: SnapshotMode,
+        node_name: Option<String>,
+    ) -> Result<(), BackendError> {
+        self.record(format!("snapshot {drive_id} {file} {mode:?} {node_name:?}"));
         Ok(())
     }
 }

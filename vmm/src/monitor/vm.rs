@@ -15,7 +15,8 @@
 //! and raises its interrupt; its `_EVT` method notifies the `PNP0C0C` button (see
 //! `arch::x86_64::acpi`).
 
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use devices::legacy::Ged;
 use devices::virtio::block::Block;
@@ -23,10 +24,10 @@ use event_manager::{EventOps, Events};
 
 use super::{
     apply_histogram_change, block_device_stats, BackendError, BlockDevice, BlockDeviceStats,
-    HistogramChange, IoThreadInfo, Monitor, MonitorBackend, RunState, ShutdownCause,
+    HistogramChange, IoThreadInfo, Monitor, MonitorBackend, RunState, ShutdownCause, SnapshotMode,
 };
 use crate::arch::x86_64::layout::GED_START;
-use crate::disks::IoErrors;
+use crate::disks::{IoErrors, LiveImage};
 use crate::global::{ExitReason, Held, VcpuRequest};
 use crate::main_loop::{Handler, Tag};
 use crate::vcpu::Kicker;
@@ -46,8 +47,17 @@ pub fn shutdown_cause(reason: &ExitReason) -> Option<ShutdownCause> {
     }
 }
 
-/// A disk: its `query-block` description and the device that counts its I/O.
-pub type VmDisk = (BlockDevice, Arc<Block>);
+/// A disk: its `query-block` description, the device that serves it and counts its I/O, and the
+/// image the device serves (shared with [`crate::disks::Disks`], changed by a snapshot).
+#[derive(Debug, Clone)]
+pub struct VmDisk {
+    /// What `query-block` says of it (its image refreshed after a snapshot).
+    pub info: BlockDevice,
+    /// Its virtio-blk device.
+    pub device: Arc<Block>,
+    /// The image the device serves; only the main thread locks it, with the global lock held.
+    pub live: Arc<Mutex<LiveImage>>,
+}
 
 /// The VM as one event's commands see it.
 #[derive(Debug)]
@@ -57,8 +67,10 @@ pub struct VmBackend<'a, 'g> {
     /// The vCPUs have run (false until the first `cont` under `-S`).
     started: &'a mut bool,
     iothreads: &'a [IoThreadInfo],
-    disks: &'a [VmDisk],
+    disks: &'a mut [VmDisk],
     io_errors: &'a IoErrors,
+    /// The number of the next automatic node name (`#blockN`).
+    next_node: &'a mut usize,
 }
 
 impl VmBackend<'_, '_> {
@@ -66,8 +78,8 @@ impl VmBackend<'_, '_> {
     fn disk(&self, drive_id: &str) -> Result<&Block, BackendError> {
         self.disks
             .iter()
-            .find(|(info, _)| info.drive_id == drive_id)
-            .map(|(_, device)| device.as_ref())
+            .find(|d| d.info.drive_id == drive_id)
+            .map(|d| d.device.as_ref())
             .ok_or_else(|| BackendError(format!("No disk with drive id '{drive_id}'")))
     }
 }
@@ -95,8 +107,8 @@ impl MonitorBackend for VmBackend<'_, '_> {
         // As QEMU's `cont`: the I/O statuses reset and the kept requests retried (each in its
         // disk's context, a bottom half), a pending stop cancelled, then the vCPUs run.
         self.io_errors.take_stop_request();
-        for (_, device) in self.disks {
-            device.retry_failed();
+        for disk in self.disks.iter() {
+            disk.device.retry_failed();
         }
         self.held.io_error = false;
         *self.started = true;
@@ -129,9 +141,9 @@ impl MonitorBackend for VmBackend<'_, '_> {
     fn block_devices(&self) -> Vec<BlockDevice> {
         self.disks
             .iter()
-            .map(|(info, device)| BlockDevice {
-                io_status: device.io_status().name(),
-                ..info.clone()
+            .map(|d| BlockDevice {
+                io_status: d.device.io_status().name(),
+                ..d.info.clone()
             })
             .collect()
     }
@@ -147,6 +159,38 @@ impl MonitorBackend for VmBackend<'_, '_> {
     ) -> Result<(), BackendError> {
         apply_histogram_change(self.disk(drive_id)?.stats(), change)
     }
+
+    fn snapshot_sync(
+        &mut self,
+        drive_id: &str,
+        file: &str,
+        mode: SnapshotMode,
+        node_name: Option<String>,
+    ) -> Result<(), BackendError> {
+        let disk = self
+            .disks
+            .iter_mut()
+            .find(|d| d.info.drive_id == drive_id)
+            .ok_or_else(|| BackendError(format!("No disk with drive id '{drive_id}'")))?;
+        // Only this thread locks it, and nothing panics while holding it.
+        let mut live = disk.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let read_only = disk.info.read_only;
+        crate::disks::snapshot(
+            drive_id,
+            read_only,
+            &disk.device,
+            &mut live,
+            Path::new(file),
+            mode,
+        )
+        .map_err(|e| BackendError(e.to_string()))?;
+        disk.info.image = live.describe();
+        disk.info.node_name = node_name.unwrap_or_else(|| {
+            *self.next_node += 1;
+            format!("#block{}", *self.next_node - 1)
+        });
+        Ok(())
+    }
 }
 
 /// The main-loop handler of the monitor's descriptors.
@@ -158,6 +202,7 @@ pub struct VmMonitor {
     iothreads: Vec<IoThreadInfo>,
     disks: Vec<VmDisk>,
     io_errors: Arc<IoErrors>,
+    next_node: usize,
 }
 
 impl VmMonitor {
@@ -177,6 +222,8 @@ impl VmMonitor {
             kickers,
             started,
             iothreads,
+            // The disks' images are #block0 to #block(n-1).
+            next_node: disks.len(),
             disks,
             io_errors,
         }
@@ -194,8 +241,9 @@ impl Handler for VmMonitor {
             kickers: &self.kickers,
             started: &mut self.started,
             iothreads: &self.iothreads,
-            disks: &self.disks,
+            disks: &mut self.disks,
             io_errors: &self.io_errors,
+            next_node: &mut self.next_node,
         };
         self.monitor.process(&mut backend, events, ops);
     }
@@ -221,8 +269,9 @@ mod tests {
             kickers: &[],
             started: &mut started,
             iothreads: &[],
-            disks: &[],
+            disks: &mut [],
             io_errors: &errors,
+            next_node: &mut 0,
         };
         assert_eq!(backend.run_state(), RunState::Prelaunch);
         backend.resume().expect("resumes");
@@ -270,8 +319,9 @@ mod tests {
                 kickers: &[],
                 started: &mut started,
                 iothreads: &[],
-                disks: &[],
+                disks: &mut [],
                 io_errors: &errors,
+                next_node: &mut 0,
             };
             assert_eq!(backend.run_state(), RunState::IoError);
             assert!(!backend.stop_requested());

@@ -10,6 +10,10 @@ SCENARIO "poweroff": KERNEL powers off through ACPI as soon as it runs: cont, th
 (guest-shutdown) and status 0.
 SCENARIO "signal": KERNEL as in lifecycle; SIGTERM to vmm gives SHUTDOWN (host-signal), status 0.
 SCENARIO "wait": KERNEL as in lifecycle, with wait=on: nothing runs until the client connects.
+SCENARIO "snapshot": KERNEL as in lifecycle, with a qcow2 disk on an iothread and a raw disk on
+the main loop; the same blockdev-snapshot-sync requests go to vmm and to QEMU 10 (microvm, the
+same -drive and -device flags, on copies of the same images): the replies, query-block's chain
+and qemu-img's view of the images made must match.
 Prints one line per check; exits non-zero on the first failure.
 """
 
@@ -195,6 +199,143 @@ async def disks(vmm_path, kernel, sock):
     check(subprocess.run(["qemu-img", "check", "-q", top]).returncode == 0, "overlay checks clean")
 
 
+async def snapshot_side(qmp, d):
+    """The snapshot requests, on images in directory `d`; returns what to compare, `d` named
+    DIR."""
+    def file(name):
+        return os.path.join(d, name)
+
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", file("exists.qcow2"), "1M"],
+                   check=True)
+    requests = [
+        {"device": "nope", "snapshot-file": file("x.qcow2")},
+        {"device": "d0", "snapshot-file": file("x.raw"), "format": "raw"},
+        {"device": "d0", "snapshot-file": file("missing.qcow2"), "mode": "existing"},
+        {"device": "d0", "snapshot-file": file("s1.qcow2")},
+        # A file that exists is overwritten in absolute-paths mode.
+        {"device": "d0", "snapshot-file": file("exists.qcow2")},
+        {"node-name": "nonode", "snapshot-file": file("s3.qcow2")},
+        {"snapshot-file": file("s3.qcow2")},
+        {"device": "d0", "snapshot-file": file("s1.qcow2")},  # in the chain: locked
+        {"device": "d1", "snapshot-file": file("r1.qcow2"), "snapshot-node-name": "r1"},
+        {"device": "d0", "snapshot-file": file("s4.qcow2"), "mode": "bogus"},
+        "make e1",
+        {"device": "d0", "snapshot-file": file("e1.qcow2"), "mode": "existing"},
+    ]
+    replies = []
+    for req in requests:
+        if req == "make e1":
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", file("exists.qcow2"),
+                            "-F", "qcow2", file("e1.qcow2"), "4M"], check=True)
+            continue
+        try:
+            replies.append(("return", await qmp.execute("blockdev-snapshot-sync", req)))
+        except Exception as e:  # qemu.qmp's ExecuteError: the reply's class and desc.
+            err = e.error.error
+            replies.append((err.class_, err.desc.replace(d, "DIR")))
+    return replies, (await snapshot_side_chain(qmp, d))[1]
+
+
+async def snapshot_side_chain(qmp, d):
+    """query-block's chains, `d` named DIR."""
+    chain = []
+    for dev in await qmp.execute("query-block"):
+        ins = dev["inserted"]
+        images, image = [], ins["image"]
+        while image:
+            images.append((image["filename"].replace(d, "DIR"), image["format"],
+                           image["virtual-size"], image.get("backing-filename", "").replace(d, "DIR")))
+            image = image.get("backing-image")
+        chain.append((dev["device"], ins["file"].replace(d, "DIR"),
+                      ins.get("backing_file", "").replace(d, "DIR"), ins["backing_file_depth"],
+                      ins["ro"], images))
+    return None, chain
+
+
+def image_chain(d, name):
+    """qemu-img's view of the chain under `name`: each layer's name, format, size and backing."""
+    out = subprocess.run(["qemu-img", "info", "--output=json", "--backing-chain",
+                          os.path.join(d, name)], check=True, capture_output=True).stdout
+    import json
+    return [(i["filename"].replace(d, "DIR"), i["format"], i["virtual-size"],
+             i.get("backing-filename", "").replace(d, "DIR"),
+             i.get("backing-filename-format", "")) for i in json.loads(out)]
+
+
+async def snapshot(vmm_path, kernel, sock):
+    d = os.path.dirname(sock)
+    ours, theirs = os.path.join(d, "vmm"), os.path.join(d, "qemu")
+    for side in (ours, theirs):
+        os.makedirs(side, exist_ok=True)
+    def flags(side):
+        return ["-object", "iothread,id=io0",
+                "-drive", f"file={side}/base.qcow2,format=qcow2,if=none,id=d0",
+                "-device", "virtio-blk-device,drive=d0,id=vd0,iothread=io0",
+                "-drive", f"file={side}/base.raw,format=raw,if=none,id=d1",
+                "-device", "virtio-blk-device,drive=d1,id=vd1"]
+    # The images must exist before either starts: each side makes its own, then starts.
+    results = {}
+    for side in (ours, theirs):
+        for cmd in (["qemu-img", "create", "-q", "-f", "qcow2", f"{side}/base.qcow2", "4M"],
+                    ["qemu-img", "create", "-q", "-f", "raw", f"{side}/base.raw", "2M"]):
+            subprocess.run(cmd, check=True)
+    vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags(ours))
+    qemu_sock = os.path.join(d, "qemu.sock")
+    qemu = await asyncio.create_subprocess_exec(
+        "qemu-system-x86_64", "-machine", "microvm", "-nodefaults", "-display", "none", "-S",
+        "-qmp", f"unix:{qemu_sock},server=on,wait=off", *flags(theirs),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE)
+    qqmp = QMPClient("qemu-snapshot-test")
+    for _ in range(TIMEOUT * 10):
+        try:
+            await qqmp.connect(qemu_sock)
+            break
+        except Exception:  # Not listening yet.
+            await asyncio.sleep(0.1)
+    else:
+        check(False, "connect to QEMU's monitor")
+    # The guest runs on vmm while its disks are switched; QEMU stays in prelaunch (no guest).
+    await qmp.execute("cont")
+    results[ours] = await snapshot_side(qmp, ours)
+    results[theirs] = await snapshot_side(qqmp, theirs)
+    (our_replies, our_chain), (qemu_replies, qemu_chain) = results[ours], results[theirs]
+    for ours_r, qemu_r in zip(our_replies, qemu_replies):
+        check(ours_r == qemu_r, f"reply {ours_r} (QEMU: {qemu_r})")
+    check(len(our_replies) == len(qemu_replies), "as many replies")
+    check(our_chain == qemu_chain, f"query-block's chains {our_chain} (QEMU: {qemu_chain})")
+    # A deliberate difference: an existing overlay whose backing file is not the disk's top is
+    # refused (QEMU takes it and runs a chain its header does not name), and the disk stays.
+    for cmd in (["qemu-img", "create", "-q", "-f", "qcow2", f"{ours}/other.qcow2", "4M"],
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-b", f"{ours}/other.qcow2", "-F",
+                 "qcow2", f"{ours}/wrong.qcow2"]):
+        subprocess.run(cmd, check=True)
+    try:
+        await qmp.execute("blockdev-snapshot-sync", {"device": "d0", "mode": "existing",
+                                                     "snapshot-file": f"{ours}/wrong.qcow2"})
+        check(False, "an overlay of another image is refused")
+    except Exception as e:
+        check(e.error.error.class_ == "GenericError" and "not an overlay" in e.error.error.desc,
+              f"an overlay of another image is refused: {e.error.error.desc}")
+    _, chain = await snapshot_side_chain(qmp, ours)
+    check(chain == our_chain, "the disk keeps its chain")
+    for q in (qmp, qqmp):
+        await q.execute("quit")
+    check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
+    await asyncio.wait_for(qemu.wait(), TIMEOUT)
+    for q in (qmp, qqmp):
+        await close(q)
+    for top in ("e1.qcow2", "r1.qcow2"):
+        mine, theirs_chain = image_chain(ours, top), image_chain(theirs, top)
+        check(mine == theirs_chain, f"qemu-img info --backing-chain {top}: {mine} "
+              f"(QEMU: {theirs_chain})")
+        for layer in mine:
+            if layer[1] == "qcow2":
+                path = layer[0].replace("DIR", ours)
+                check(subprocess.run(["qemu-img", "check", "-q", path]).returncode == 0,
+                      f"{layer[0]} checks clean")
+
+
 async def close(qmp):
     try:
         await qmp.disconnect()
@@ -203,7 +344,7 @@ async def close(qmp):
 
 
 SCENARIOS = {"lifecycle": lifecycle, "poweroff": poweroff, "signal": on_signal, "wait": wait_on,
-             "disks": disks}
+             "disks": disks, "snapshot": snapshot}
 
 if __name__ == "__main__":
     scenario, vmm_path, kernel, sock = sys.argv[1:5]

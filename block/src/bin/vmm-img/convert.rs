@@ -52,7 +52,7 @@ pub fn new_target(
         });
     }
     target.format(format, o)?;
-    Ok(target.into_image(format)?)
+    Ok(target.into_image(format, block::CacheMode::Writeback)?)
 }
 
 /// Copies `len` bytes of `input` from offset `from` to `output` from offset 0, skipping what

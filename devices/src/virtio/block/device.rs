@@ -11,6 +11,8 @@
 //! context's loop running (the main loop may be busy in a handler), and that loop (the main
 //! loop's or an iothread's) keeps serving its other devices, and may complete this one's
 //! requests, meanwhile. The transport holds none of its own locks during a reset's drain.
+//! [`Block::with_drained_io`] drains the same way for a live change of the image (a snapshot),
+//! then serves the queues again.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -257,9 +259,50 @@ impl Block {
             self.config.id,
             self.aio.engine().name()
         );
-        let image = Arc::clone(self.aio.image());
+        let image = self.aio.image();
         // Not on the context: the flush may take long.
         self.ctx.unlocked(|| image.flush())
+    }
+
+    /// Runs `f` on the device's I/O engine with nothing in flight, while the device takes no new
+    /// request (a live snapshot's switch of the image, [`Aio::replace_image`]): acquires the
+    /// context (nested if the caller holds it), drains as a reset does (see the module
+    /// documentation) but stays active, calls `f` with the context held, then serves the
+    /// queues again, requests the driver added meanwhile first. Requests complete in the order
+    /// the image finished them before `f` and are taken in the order the driver made them
+    /// available after it, so none is lost or reordered across the switch. A device the driver
+    /// has not started has nothing to drain.
+    pub fn with_drained_io<R>(&self, f: impl FnOnce(&Aio) -> R) -> R {
+        let _guard = self.ctx.acquire();
+        let started = match self.active().as_mut() {
+            Some(active) => {
+                active.quiescing = true;
+                true
+            }
+            None => false,
+        };
+        if started {
+            self.ctx.unlocked(|| self.aio.wait_idle());
+            if let Some(active) = self.active().as_mut() {
+                self.complete_all(active);
+            }
+        }
+        let result = f(&self.aio);
+        let resume = match self.active().as_mut() {
+            Some(active) => {
+                active.quiescing = false;
+                // A retry asked for (`cont`) while the device was quiescing found it so.
+                !active.parked.is_empty() && self.io_status() == IoStatus::Ok
+            }
+            None => return result,
+        };
+        if resume {
+            self.resubmit_parked();
+        }
+        for index in 0..self.queue_sizes.len() {
+            self.queue_notified(index);
+        }
+        result
     }
 
     /// Drains in-flight requests (see the module documentation) and deactivates.

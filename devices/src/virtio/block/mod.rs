@@ -157,5 +157,5 @@ pub(crate) use crate::error_chain;
 
 #[cfg(test)]
 mod bench;
-#[cfg(test)]
-pub(crate) mod test_util;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;

@@ -2,7 +2,7 @@
 //! virtio-mmio transport and places descriptor chains in real guest memory (virtio-queue's
 //! `MockSplitQueue` lays the rings out).
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, missing_debug_implementations)]
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
