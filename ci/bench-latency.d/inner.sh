@@ -2,7 +2,8 @@
 # /bin/sh on direct KVM). ci/bench-latency prepends the plan:
 #   BOOTS    "VMM:PLACEMENT:IMAGE ..." in run order (VMM vmm|qemu, PLACEMENT main-loop|iothread,
 #            IMAGE raw|qcow2|chain3): one guest boot each, vmm and QEMU interleaved;
-#   CONFS    "RW:QD:LOAD ..." what each boot runs (randread/randwrite, 1/32, quiet/disturbed);
+#   CONFS    "RW:QD:LOAD ..." what each boot runs (randread/randwrite, 1/32,
+#            quiet/disturbed/fsync-writer);
 #   ROUND, ROUNDS  this run is round ROUND of ROUNDS (with several, results are named TAG.rN);
 #   RUNTIME  fio's measured seconds per configuration (after 1 s of ramp);
 #   IMAGE_MIB, NCONF (fio runs in all, for the progress lines);
@@ -14,7 +15,9 @@
 # "disturbed": on the guest's second vCPU (fio is pinned to the first) a shell spins and another
 # streams a line to the serial console every 10 ms, and while fio runs a QMP client here polls
 # query-blockstats on one connection (paced, or a pipelined flood), so the VMM's main loop keeps
-# working. A guest that ends before all its configurations ran (it reset itself, or made no
+# working. "fsync-writer": a second fio job in the same fio run, on the guest's second vCPU, writes
+# 4 KiB at random to the same disk at QD1 with fsync=1 (the JSON's first job is the measured one).
+# A guest that ends before all its configurations ran (it reset itself, or made no
 # progress for RUNTIME + 60 s, 60 s more before its first result, and was killed) is booted again
 # for the missing ones, up to twice;
 # each such event is a "bench: RETRY" line. Results are synced to the disk after each boot, and a
@@ -70,8 +73,10 @@ taskset 2 sh -c "while :; do :; done" & s1=$!
 taskset 2 sh -c "while :; do echo BENCH-NOISE serial output streaming from the guest vCPU 1; usleep 10000; done" & s2=$!
 echo BENCH-LOAD-ON $t; sleep 3
 fi
+wr=""
+[ $ld = fsync-writer ] && wr="--name=writer --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=1 --fsync=1 --ramp_time=1 --runtime=$RT --time_based --cpus_allowed=1"
 echo BENCH-FIO-START $t
-fio --name=bench --filename=/dev/vda --direct=1 --ioengine=libaio --rw=$rw --bs=4k --iodepth=$qd --ramp_time=1 --runtime=$RT --time_based --eta=never --cpus_allowed=0 --output-format=json --output=f.json 2>f.err
+fio --eta=never --output-format=json --output=f.json --name=bench --filename=/dev/vda --direct=1 --ioengine=libaio --rw=$rw --bs=4k --iodepth=$qd --ramp_time=1 --runtime=$RT --time_based --cpus_allowed=0 $wr 2>f.err
 r=$?
 echo BENCH-FIO-STOP $t
 if [ $ld = disturbed ]; then kill $s1 $s2; wait $s1 $s2 2>/dev/null; echo BENCH-LOAD-OFF $t; fi

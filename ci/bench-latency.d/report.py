@@ -28,7 +28,7 @@ P9999_MIN_IOS = 100_000
 ORDER = {
     "vmm": ["vmm", "qemu"], "placement": ["main-loop", "iothread"],
     "image": ["raw", "qcow2", "chain3"], "rw": ["randread", "randwrite"],
-    "load": ["quiet", "disturbed"],
+    "load": ["quiet", "disturbed", "fsync-writer"],
 }
 
 
