@@ -1,5 +1,5 @@
 //! Asynchronous submission of disk image requests, so that the thread serving a disk never blocks
-//! on it (DESIGN.md, "A context never blocks on the disk").
+//! on it (docs/DESIGN.md, "A context never blocks on the disk").
 //!
 //! A pool of worker threads, growing and shrinking with the requests in flight as QEMU's does
 //! ([`Workers`], `pool`), runs requests against a [`DiskImage`]: plain reads and writes

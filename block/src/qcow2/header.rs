@@ -4,7 +4,7 @@
 //! Parsing validates every field that sizes or places something (see `validate.rs`); fields that
 //! only matter once tables are read (table offsets against the file length) are checked at open.
 //! Encoding keeps every extension it parsed, in order, and writes the backing file name right
-//! after the extensions' end marker (DESIGN.md, "the first-cluster rule").
+//! after the extensions' end marker (docs/DESIGN.md, block layer: the backing file name).
 
 use super::validate::*;
 

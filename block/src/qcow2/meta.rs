@@ -2,7 +2,7 @@
 //! the L1 table, the L2 table cache, the refcount table and block cache, and the clusters waiting
 //! to be freed.
 //!
-//! Write ordering (crash consistency, DESIGN.md), kept as data in [`Owed`] as QEMU's caches keep
+//! Write ordering (crash consistency, docs/DESIGN.md), kept as data in [`Owed`] as QEMU's caches keep
 //! theirs (`qcow2_cache_set_dependency`, `qcow2_cache_depends_on_flush`): whoever creates a need
 //! records it (an allocation: refcounts before L2 tables; data published in an L2 entry: a file
 //! sync before L2 tables; a new L2 table in L1: L2 tables before L1), and the only functions that

@@ -245,7 +245,7 @@ impl Context {
 
     /// Runs `f` with every level of the context that the current thread holds released, and
     /// acquires them all again afterwards: how a reset or shutdown waits for in-flight requests
-    /// without blocking the context's loop (DESIGN.md, "Draining").
+    /// without blocking the context's loop (docs/DESIGN.md, "Draining").
     pub fn unlocked<R>(&self, f: impl FnOnce() -> R) -> R {
         let depth = self.lock.release_all();
         let result = f();

@@ -1,7 +1,7 @@
 //! Virtio devices: the virtio-mmio transport that sits on the bus, the interface a device behind
 //! it implements, and the interrupt state both share.
 //!
-//! Threads and locks (DESIGN.md, "Threads and locks"): a device lives in a context (the main
+//! Threads and locks (docs/DESIGN.md, "Threads and locks"): a device lives in a context (the main
 //! loop's or an iothread's), where its queue notifications and completions are handled. vCPUs
 //! reach it through the transport: configuration-space writes, activation and reset acquire the
 //! device's context first; configuration-space reads do not (the device serves them from state

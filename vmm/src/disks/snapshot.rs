@@ -22,7 +22,7 @@
 //! writable as before; a file created in 1 stays, as QEMU leaves it.
 //!
 //! Locks: runs on the main thread with the global lock held (a monitor command), and acquires the
-//! disk's context after it, as DESIGN.md orders; the drain waits with the context released, so
+//! disk's context after it, as docs/DESIGN.md orders; the drain waits with the context released, so
 //! the iothread (or the main loop's context) keeps serving other disks meanwhile.
 
 use std::path::Path;

@@ -6,10 +6,10 @@
 //! the global lock held (the main loop holds it around every handler); an implementation must not
 //! take the global lock again. Block statistics and histogram boundaries are the device's
 //! atomics, read and replaced from any thread, so those commands never hold up a disk on an
-//! iothread; only a snapshot acquires a disk's context, after the global lock as DESIGN.md orders
+//! iothread; only a snapshot acquires a disk's context, after the global lock as docs/DESIGN.md orders
 //! and never two at once, and drains it with the context released. Nothing here may
 //! block for long: pausing waits only for vCPUs to leave `KVM_RUN`, on a condition variable tied
-//! to the global mutex as DESIGN.md describes.
+//! to the global mutex as docs/DESIGN.md describes.
 
 use serde::Serialize;
 

@@ -1,6 +1,6 @@
 //! The virtio-blk device: what it offers (features, configuration space), how it starts
 //! (activation registers its queue notifications and its completion eventfd with its context)
-//! and how it stops (reset and shutdown drain in-flight requests as DESIGN.md, "Draining", asks).
+//! and how it stops (reset and shutdown drain in-flight requests as docs/DESIGN.md, "Draining", asks).
 //!
 //! Draining: the device is marked quiescing (no new request is taken from the queues), every
 //! nesting level of its context is released, and the thread waits until the worker pool (and,

@@ -3,7 +3,7 @@
 //! others to the worker pool, and completing them when the pool's eventfd fires (status byte,
 //! used ring, interrupt if the driver wants one, with event idx where negotiated).
 //!
-//! Every function here runs with the device's context held, never the global lock (DESIGN.md).
+//! Every function here runs with the device's context held, never the global lock (docs/DESIGN.md).
 
 use std::time::Instant;
 
