@@ -412,7 +412,27 @@ impl Qcow2 {
             }
             guest += cs;
         }
+        if m.pending_frees.len() >= self.free_backlog() {
+            // Freed clusters are reused only once the tables that dropped them are durable, which
+            // a guest that discards and never flushes would postpone forever while the file grows:
+            // write them back now. A failure leaves everything owed dirty for the next flush, which
+            // reports it; the discard itself is done.
+            if let Err(e) = m.write_back(&self.file) {
+                log::debug!(
+                    "{}: write-back after a discard failed: {e}",
+                    self.file.path()
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// How many freed clusters a discard lets wait for a flush: 1/256 of the disk's clusters,
+    /// between 8 and 4096, so a disk that is discarded and rewritten without flushes grows by
+    /// well under 1% (or 8 clusters) before its freed clusters become reusable.
+    fn free_backlog(&self) -> usize {
+        let clusters = self.size.div_ceil(self.geo.cluster_size());
+        usize::try_from((clusters / 256).clamp(8, 4096)).unwrap_or(4096)
     }
 
     /// Makes a range read as zeroes: zero clusters for whole clusters (v3), written zeroes for
