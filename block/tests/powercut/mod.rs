@@ -87,10 +87,6 @@ pub fn rounds(mut round: impl FnMut(u64)) {
     }
 }
 
-/// The states of each run also opened read-write in the real `vmm` (`vmm.rs`): the files as the
-/// tool left them, and one more (a random cut at the CI budget).
-const VMM_STATES: [usize; 2] = [1, 7];
-
 /// Records `w` written by `tool` and checks `n` rebuilt states (a third at sync points, the
 /// rest random cuts, plus the states before the first write and after the tool exited). With `ignore_barriers`, every state
 /// is a random subset of all the writes, syncs ignored.
@@ -181,7 +177,7 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
             .and_then(|()| check::read_disk(&state_top))
             .and_then(|disk| oracle.verify(&disk, done, active))
             .and_then(|()| {
-                if VMM_STATES.contains(&i) && !ignore_barriers {
+                if !ignore_barriers {
                     vmm::open_read_write(&state_top, &state_dir).and_then(|()| {
                         check::qemu_check(&state_top).map_err(|e| format!("after vmm: {e}"))
                     })
