@@ -55,6 +55,7 @@ Usage: vmm -kernel FILE [options]
                    accepted for QEMU compatibility: this is what vmm always does
                    (the console is on stdio; a guest reboot ends vmm, as with -no-reboot)
   -h, --help       this text
+  -version, --version  the version
 Console: Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A.";
 
 /// What the command line asks for.
@@ -106,6 +107,8 @@ pub enum Command {
     Run(Box<Config>),
     /// Print the usage text.
     Help,
+    /// Print the version (`-version`, as QEMU's).
+    Version,
 }
 
 /// Errors in the command line.
@@ -233,6 +236,8 @@ const FLAGS: &[(&str, bool)] = &[
     ("-h", false),
     ("-help", false),
     ("--help", false),
+    ("-version", false),
+    ("--version", false),
 ];
 
 /// Stores `value` in `slot`, refusing a second one.
@@ -430,6 +435,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "-pidfile" => set_once(&mut pidfile, flag, PathBuf::from(value))?,
             "-daemonize" => return Err(CliError::Daemonize),
             "-h" | "-help" | "--help" => return Ok(Command::Help),
+            "-version" | "--version" => return Ok(Command::Version),
             // -serial stdio, -nographic, -nodefaults, -enable-kvm, -no-reboot: what we always do.
             _ => {}
         }
@@ -508,6 +514,8 @@ mod tests {
         assert_eq!(config("-kernel k -smp cpus=8").topology.cpus(), 8);
         assert_eq!(config("-kernel k -M type=microvm").topology.cpus(), 1);
         assert_eq!(parse_str("-kernel k -h"), Ok(Command::Help));
+        assert_eq!(parse_str("-version"), Ok(Command::Version));
+        assert_eq!(parse_str("--version -kernel k"), Ok(Command::Version));
     }
 
     #[test]
@@ -553,7 +561,7 @@ mod tests {
     fn topology(smp: &str) -> Result<Topology, CliError> {
         parse_str(&format!("-kernel k -smp {smp}")).map(|c| match c {
             Command::Run(c) => c.topology,
-            Command::Help => panic!("not help"),
+            Command::Help | Command::Version => panic!("not a run"),
         })
     }
 

@@ -76,6 +76,13 @@ fn run(args: impl IntoIterator<Item = String>) -> Result<(), Error> {
             println!("{}", cli::USAGE);
             return Ok(());
         }
+        Command::Version => {
+            println!(
+                "vmm version {}\nA KVM virtual machine monitor with QEMU's flags",
+                env!("CARGO_PKG_VERSION")
+            );
+            return Ok(());
+        }
         Command::Run(config) => config,
     };
     if let Some(path) = &config.debug_log {
