@@ -81,8 +81,8 @@ pub struct Config {
     pub iothreads: Vec<String>,
     /// The disks (`-drive` paired with `-device`), in order.
     pub disks: Vec<DiskSpec>,
-    /// `-name`: the name the process takes.
-    pub process_name: Option<String>,
+    /// `-name`: the guest's name and the process's.
+    pub name: Name,
     /// `-pidfile`.
     pub pidfile: Option<PathBuf>,
 }
@@ -367,22 +367,40 @@ fn check_choice(
     }
 }
 
-/// `-name`: `NAME` or `guest=NAME`, `process=PNAME`, `debug-threads=on|off`; the process name.
-fn parse_name(value: &str) -> Result<Option<String>, CliError> {
+/// `-name`: what QMP's `query-name` says, and what `ps` shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Name {
+    /// `guest=` (or the value without a key): the guest's name.
+    pub guest: Option<String>,
+    /// `process=`: the process's name.
+    pub process: Option<String>,
+}
+
+impl Name {
+    /// The name the process takes: `process=`, else the guest's name.
+    pub fn process_name(&self) -> Option<&str> {
+        self.process.as_deref().or(self.guest.as_deref())
+    }
+}
+
+/// `-name`: `NAME` or `guest=NAME`, `process=PNAME`, `debug-threads=on|off`.
+fn parse_name(value: &str) -> Result<Name, CliError> {
     let err = option_err("-name");
     let opts = Options::parse(value, Some("guest"), &["guest", "process", "debug-threads"])
         .map_err(&err)?;
     // vmm's threads always carry names (vcpu0, the iothreads' ids...): debug-threads=off too.
     opts.get::<bool>("debug-threads").map_err(&err)?;
-    let process = opts.get::<String>("process").map_err(&err)?;
-    Ok(process.or(opts.get::<String>("guest").map_err(&err)?))
+    Ok(Name {
+        guest: opts.get("guest").map_err(&err)?,
+        process: opts.get("process").map_err(&err)?,
+    })
 }
 
 /// Parses the arguments after the program name.
 pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliError> {
     let mut mem = None;
     let mut topology = None;
-    let mut process_name = None;
+    let mut name = None;
     let mut pidfile = None;
     let mut kernel = None;
     let mut initrd = None;
@@ -431,7 +449,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "-display" => check_choice(flag, "type", &value, &["none"], CliError::BadDisplay)?,
             "-serial" if value == "mon:stdio" => return Err(CliError::SerialMonitor),
             "-serial" if value != "stdio" => return Err(CliError::BadSerial(value)),
-            "-name" => set_once(&mut process_name, flag, parse_name(&value)?)?,
+            "-name" => set_once(&mut name, flag, parse_name(&value)?)?,
             "-pidfile" => set_once(&mut pidfile, flag, PathBuf::from(value))?,
             "-daemonize" => return Err(CliError::Daemonize),
             "-h" | "-help" | "--help" => return Ok(Command::Help),
@@ -452,7 +470,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         start_paused,
         disks: drive::plan(&iothreads, &drives, &devices)?,
         iothreads,
-        process_name: process_name.flatten(),
+        name: name.unwrap_or_default(),
         pidfile,
     })))
 }
@@ -495,7 +513,7 @@ mod tests {
                 start_paused: true,
                 iothreads: Vec::new(),
                 disks: Vec::new(),
-                process_name: None,
+                name: Name::default(),
                 pidfile: None,
             }
         );
@@ -644,10 +662,12 @@ mod tests {
             "-kernel k -cpu host -accel kvm -machine microvm,accel=kvm -display none -nodefaults \
              -name guest1,debug-threads=on -pidfile /run/vm.pid -enable-kvm -M accel=kvm:tcg",
         );
-        assert_eq!(c.process_name.as_deref(), Some("guest1"));
+        assert_eq!(c.name.guest.as_deref(), Some("guest1"));
+        assert_eq!(c.name.process_name(), Some("guest1"));
         assert_eq!(c.pidfile, Some(PathBuf::from("/run/vm.pid")));
         let c = config("-kernel k -cpu max -accel accel=kvm -name guest=g,process=vmm-g");
-        assert_eq!(c.process_name.as_deref(), Some("vmm-g"));
+        assert_eq!(c.name.guest.as_deref(), Some("g"));
+        assert_eq!(c.name.process_name(), Some("vmm-g"));
         let c = config("-kernel k -drive file=a.img,format=raw,id=d0,node-name=disk0.top_1");
         assert_eq!(
             c.disks.len(),

@@ -91,7 +91,7 @@ fn run(args: impl IntoIterator<Item = String>) -> Result<(), Error> {
     for warning in config.warnings() {
         eprintln!("vmm: warning: {warning}");
     }
-    if let Some(name) = &config.process_name {
+    if let Some(name) = config.name.process_name() {
         process::set_name(name)?;
     }
     let _pidfile = config

@@ -176,6 +176,8 @@ pub struct Vm {
     qmp: Option<Listener>,
     /// `-S`: the vCPUs wait for the monitor's `cont`.
     start_paused: bool,
+    /// `-name guest=`: what `query-name` says.
+    guest_name: Option<String>,
     /// The disks, their iothreads and the main loop's context.
     disks: Disks,
     /// Where the disks report failed requests.
@@ -391,6 +393,7 @@ impl Vm {
             input_drained,
             qmp,
             start_paused: cfg.start_paused,
+            guest_name: cfg.name.guest.clone(),
             disks,
             io_errors,
         })
@@ -407,6 +410,7 @@ impl Vm {
             input_drained,
             qmp,
             start_paused,
+            guest_name,
             disks,
             io_errors,
         } = self;
@@ -448,6 +452,7 @@ impl Vm {
                 disks.iothread_info(),
                 disks.disks(),
                 Arc::clone(&io_errors),
+                guest_name,
             );
             manager.add_subscriber(Locked::new(Arc::clone(&global), Box::new(handler)));
             sender
@@ -591,7 +596,7 @@ mod tests {
             start_paused: false,
             iothreads: Vec::new(),
             disks: Vec::new(),
-            process_name: None,
+            name: crate::cli::Name::default(),
             pidfile: None,
         };
         let vm = Vm::build(&cfg).expect("builds");

@@ -245,6 +245,9 @@ pub trait MonitorBackend {
     /// A disk's error policy asked for the VM to stop and the main loop has not stopped it yet.
     fn stop_requested(&self) -> bool;
 
+    /// `-name`'s guest name (`query-name`).
+    fn guest_name(&self) -> Option<String>;
+
     /// Presses the ACPI power button (the Generic Event Device notifies the `PNP0C0C` button); the
     /// guest decides what to do. The monitor sends `POWERDOWN` afterwards.
     fn powerdown(&mut self) -> Result<(), BackendError>;

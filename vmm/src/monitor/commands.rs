@@ -19,10 +19,11 @@ use super::framing::Frame;
 use super::protocol::{self, QmpError};
 
 /// The commands of command mode, as `query-commands` lists them.
-pub const COMMANDS: [&str; 13] = [
+pub const COMMANDS: [&str; 14] = [
     "qmp_capabilities",
     "query-commands",
     "query-version",
+    "query-name",
     "query-status",
     "stop",
     "cont",
@@ -152,6 +153,14 @@ fn execute(
         "query-version" => {
             args.finish()?;
             Ok(protocol::version_info())
+        }
+        "query-name" => {
+            args.finish()?;
+            // QEMU leaves `name` out when the guest has none.
+            Ok(match backend.guest_name() {
+                Some(name) => json!({ "name": name }),
+                None => json!({}),
+            })
         }
         "query-status" => {
             args.finish()?;
@@ -613,6 +622,17 @@ mod tests {
         let mut f = Fixture::negotiated(RunState::Running);
         let reply = f.send(r#"{"execute": "query-version"}"#);
         assert_eq!(reply["return"], protocol::greeting()["QMP"]["version"]);
+    }
+
+    #[test]
+    fn query_name_gives_the_guest_name_or_nothing() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        assert_eq!(f.send(r#"{"execute": "query-name"}"#)["return"], json!({}));
+        f.backend.guest_name = Some("db1".into());
+        assert_eq!(
+            f.send(r#"{"execute": "query-name"}"#)["return"],
+            json!({"name": "db1"})
+        );
     }
 
     #[test]

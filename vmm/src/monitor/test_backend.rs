@@ -20,6 +20,8 @@ pub struct RecordingBackend {
     pub stats_delay: std::time::Duration,
     /// A disk asked for a stop not carried out yet (cleared by `resume`).
     pub stop_requested: bool,
+    /// What `query-name` says.
+    pub guest_name: Option<String>,
 }
 
 impl RecordingBackend {
@@ -30,6 +32,7 @@ impl RecordingBackend {
             fail_pause: None,
             stats_delay: std::time::Duration::ZERO,
             stop_requested: false,
+            guest_name: None,
         }
     }
 
@@ -83,6 +86,10 @@ impl MonitorBackend for RecordingBackend {
 
     fn stop_requested(&self) -> bool {
         self.stop_requested
+    }
+
+    fn guest_name(&self) -> Option<String> {
+        self.guest_name.clone()
     }
 
     fn powerdown(&mut self) -> Result<(), BackendError> {

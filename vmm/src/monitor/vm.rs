@@ -71,6 +71,8 @@ pub struct VmBackend<'a, 'g> {
     io_errors: &'a IoErrors,
     /// The number of the next automatic node name (`#blockN`).
     next_node: &'a mut usize,
+    /// `-name`'s guest name.
+    guest_name: Option<&'a str>,
 }
 
 impl VmBackend<'_, '_> {
@@ -118,6 +120,10 @@ impl MonitorBackend for VmBackend<'_, '_> {
 
     fn stop_requested(&self) -> bool {
         self.io_errors.stop_requested()
+    }
+
+    fn guest_name(&self) -> Option<String> {
+        self.guest_name.map(str::to_owned)
     }
 
     fn powerdown(&mut self) -> Result<(), BackendError> {
@@ -203,12 +209,13 @@ pub struct VmMonitor {
     disks: Vec<VmDisk>,
     io_errors: Arc<IoErrors>,
     next_node: usize,
+    guest_name: Option<String>,
 }
 
 impl VmMonitor {
     /// `monitor` (registered under [`Tag::Qmp`]) driving the vCPUs that `kickers` kick, with the
     /// VM's iothreads and disks and where the disks report errors; `started` is false for a
-    /// `-S` start.
+    /// `-S` start; `guest_name` is `-name`'s.
     pub fn new(
         monitor: Monitor,
         kickers: Arc<Vec<Kicker>>,
@@ -216,6 +223,7 @@ impl VmMonitor {
         iothreads: Vec<IoThreadInfo>,
         disks: Vec<VmDisk>,
         io_errors: Arc<IoErrors>,
+        guest_name: Option<String>,
     ) -> Self {
         Self {
             monitor,
@@ -225,6 +233,7 @@ impl VmMonitor {
             // The disks' images are #block0 to #block(n-1).
             next_node: disks.len(),
             disks,
+            guest_name,
             io_errors,
         }
     }
@@ -244,6 +253,7 @@ impl Handler for VmMonitor {
             disks: &mut self.disks,
             io_errors: &self.io_errors,
             next_node: &mut self.next_node,
+            guest_name: self.guest_name.as_deref(),
         };
         self.monitor.process(&mut backend, events, ops);
     }
@@ -272,6 +282,7 @@ mod tests {
             disks: &mut [],
             io_errors: &errors,
             next_node: &mut 0,
+            guest_name: None,
         };
         assert_eq!(backend.run_state(), RunState::Prelaunch);
         backend.resume().expect("resumes");
@@ -322,6 +333,7 @@ mod tests {
                 disks: &mut [],
                 io_errors: &errors,
                 next_node: &mut 0,
+                guest_name: None,
             };
             assert_eq!(backend.run_state(), RunState::IoError);
             assert!(!backend.stop_requested());

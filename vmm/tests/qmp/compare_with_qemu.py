@@ -199,6 +199,7 @@ def main(our_path, qemu_path):
     exact = [
         b'{"execute": "qmp_capabilities"}',
         b'{"execute": "query-status", "id": {"a": [1]}}',
+        b'{"execute": "query-name"}',
         b'[1]',
         b'"str"',
         b'{"id": 1}',

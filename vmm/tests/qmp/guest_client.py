@@ -92,9 +92,10 @@ async def status(qmp, expected):
 
 
 async def lifecycle(vmm_path, kernel, sock):
-    vmm, qmp = await start(vmm_path, kernel, sock, paused=True)
+    vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=["-name", "tiny,process=t"])
     listener = EventListener()
     with qmp.listen(listener):
+        check(await qmp.execute("query-name") == {"name": "tiny"}, "query-name gives -name's")
         await status(qmp, {"running": False, "status": "prelaunch"})
         await asyncio.sleep(0.3)
         check(vmm.output == 0, "no guest output before cont under -S")
