@@ -14,6 +14,7 @@
 
 use std::alloc::{self, Layout};
 use std::fs::{File, FileType, Metadata, OpenOptions};
+use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -310,16 +311,21 @@ impl HostFile {
         }
     }
 
-    /// Length of the host file in bytes.
+    /// Length of the host file in bytes: a regular file's size, a block device's capacity
+    /// (whose `stat` says 0).
     #[allow(clippy::len_without_is_empty)] // A file length, not a collection.
     pub fn len(&self) -> Result<u64, Error> {
-        self.file
-            .metadata()
-            .map(|m| m.len())
-            .map_err(|source| Error::Stat {
-                path: self.path.clone(),
-                source,
-            })
+        let stat_err = |source| Error::Stat {
+            path: self.path.clone(),
+            source,
+        };
+        let meta = self.file.metadata().map_err(stat_err)?;
+        if !meta.file_type().is_block_device() {
+            return Ok(meta.len());
+        }
+        // A block device's end is its capacity; the offset moved is never used (all I/O is
+        // positioned).
+        (&self.file).seek(SeekFrom::End(0)).map_err(stat_err)
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the file read as zeroes.

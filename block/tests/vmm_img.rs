@@ -614,3 +614,49 @@ fn odd_files_are_refused_at_once_as_images_and_backing_files() {
         assert!(!tmp(&dir, "new.qcow2").exists());
     }
 }
+
+/// A loop device over a sparse file, detached when dropped. Needs root, as CI has.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn over(file: &std::path::Path) -> Self {
+        let dev = run("losetup", &["--find", "--show", file.to_str().unwrap()]);
+        Self(dev.trim().to_owned())
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_block_device_s_size_is_its_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = tmp(&dir, "loop.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(24 << 20)
+        .unwrap();
+    let dev = LoopDevice::over(&backing);
+    let ours = json(&ok(&["info", "-f", "raw", "--output=json", &dev.0]));
+    let theirs = json(&qemu_img(&["info", "-f", "raw", "--output=json", &dev.0]));
+    assert_eq!(ours["virtual-size"], 24 << 20);
+    assert_eq!(ours["virtual-size"], theirs["virtual-size"]);
+    // Read and written through the engine at its end.
+    ok(&[
+        "io",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 24575k 1k",
+        "-c",
+        "read -P 0x5a 24575k 1k",
+        &dev.0,
+    ]);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x5a 24575k 1k", &dev.0],
+    );
+}
