@@ -615,6 +615,39 @@ fn odd_files_are_refused_at_once_as_images_and_backing_files() {
     }
 }
 
+#[test]
+fn info_prints_sizes_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "sizes.raw");
+    let ps = p.to_str().unwrap();
+    let line = |out: &str| -> String {
+        out.lines()
+            .find(|l| l.starts_with("virtual size:"))
+            .unwrap()
+            .to_owned()
+    };
+    for bytes in [
+        0_u64,
+        512,
+        1024,
+        1_572_864,
+        8 << 20,
+        1000 << 20,
+        1023 << 20,
+        123_457_024,
+        10_240_000,
+        20 << 30,
+        5 << 40,
+    ] {
+        std::fs::File::create(&p).unwrap().set_len(bytes).unwrap();
+        assert_eq!(
+            line(&ok(&["info", "-f", "raw", ps])),
+            line(&qemu_img(&["info", "-f", "raw", ps])),
+            "{bytes} bytes"
+        );
+    }
+}
+
 /// A loop device over a sparse file, detached when dropped. Needs root, as CI has.
 struct LoopDevice(String);
 

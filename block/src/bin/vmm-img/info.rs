@@ -21,26 +21,40 @@ fn file_len(path: &str) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
+/// A size as qemu-img prints it: in the largest binary unit that keeps the figure under 1000,
+/// to three significant digits (C's `%0.3g`), e.g. `8 MiB`, `1.5 MiB`, `0.977 GiB`, `512 B`.
 pub fn human_size(v: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut f = v as f64;
-    let mut u = 0;
-    while f >= 1024.0 && u + 1 < units.len() {
-        f /= 1024.0;
-        u += 1;
+    const UNITS: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    let mut unit = 0;
+    let mut div = 1.0_f64;
+    // Sizes are far below 2^53 bytes' precision concerns for three digits.
+    let bytes = v as f64;
+    while unit + 1 < UNITS.len() && bytes >= 1000.0 * div {
+        unit += 1;
+        div *= 1024.0;
     }
-    if u == 0 {
-        format!("{v} B")
-    } else {
-        // qemu-img prints three significant digits.
-        let s = format!("{f:.3}");
-        let s = &s[..4.min(s.len())];
-        format!(
-            "{} {}",
-            s.trim_end_matches('.').trim_end_matches(".0"),
-            units[u]
-        )
+    format!("{} {}B", three_significant_digits(bytes / div), UNITS[unit])
+}
+
+/// C's `printf("%0.3g", x)` for a non-negative `x`.
+fn three_significant_digits(x: f64) -> String {
+    // Rounded to three digits first, as %g decides its style on the rounded exponent.
+    let sci = format!("{x:.2e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let trim = |s: &str| {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
+    if !(-4..3).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        return format!("{}e{sign}{:02}", trim(mantissa), exp.abs());
     }
+    let decimals = usize::try_from(2 - exp).unwrap_or(0);
+    trim(&format!("{x:.decimals$}"))
 }
 
 /// One layer's description as qemu-img's JSON object.
@@ -162,4 +176,31 @@ pub fn run(argv: &[String]) -> CmdResult {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_size;
+
+    #[test]
+    fn sizes_read_as_qemu_img_prints_them() {
+        // Each figure is qemu-img 10's for that many bytes.
+        for (bytes, shown) in [
+            (0, "0 B"),
+            (512, "512 B"),
+            (999, "999 B"),
+            (1000, "0.977 KiB"),
+            (1024, "1 KiB"),
+            (1_572_864, "1.5 MiB"),
+            (8 << 20, "8 MiB"),
+            (1000 << 20, "0.977 GiB"),
+            (1023 << 20, "0.999 GiB"),
+            (123_456_789, "118 MiB"),
+            (20 << 30, "20 GiB"),
+            ((1 << 20) - 1, "1 MiB"),
+            (10_240_000, "9.77 MiB"),
+        ] {
+            assert_eq!(human_size(bytes), shown, "{bytes} bytes");
+        }
+    }
 }
