@@ -648,6 +648,24 @@ fn info_prints_sizes_as_qemu_img_does() {
     }
 }
 
+#[test]
+fn output_into_a_closed_pipe_ends_vmm_img_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "pipe.raw");
+    std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm-img"))
+        .args(["info", "-f", "raw", p.to_str().unwrap()])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{stderr}");
+}
+
 /// A loop device over a sparse file, detached when dropped. Needs root, as CI has.
 struct LoopDevice(String);
 

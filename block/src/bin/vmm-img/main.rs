@@ -221,6 +221,10 @@ fn run(argv: &[String]) -> (CmdResult, Option<&'static str>) {
 }
 
 fn main() -> ExitCode {
+    // Output into a closed pipe (`vmm-img info x | head -1`) ends the process quietly, as it ends
+    // qemu-img and every C tool, instead of failing a print.
+    // SAFETY: resets one signal's disposition to the default before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let (result, cmd) = run(&argv);
     match result {
