@@ -44,6 +44,7 @@ use std::{fmt, io};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::direct::DirectTarget;
+use crate::trace::IoTrace;
 use crate::{DiskImage, Error};
 
 mod iov;
@@ -210,6 +211,8 @@ pub struct Completion {
     pub request: Request,
     /// What the image answered.
     pub result: Result<(), Error>,
+    /// Where its time went (see [`crate::trace`]).
+    pub trace: IoTrace,
 }
 
 /// State shared by the submitter and the workers.

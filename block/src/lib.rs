@@ -12,6 +12,7 @@ mod policy;
 mod probe;
 pub mod qcow2;
 mod raw;
+pub mod trace;
 
 pub use error::{Error, ErrorKind};
 pub use file::{CacheMode, FileId};

@@ -5,6 +5,7 @@
 
 use crate::direct::{DirectPin, DirectTarget, Extent, FlushPlan};
 use crate::file::HostFile;
+use crate::trace;
 use crate::{Allocation, BlockStatus, DiskImage, Error};
 
 /// A raw image file.
@@ -52,19 +53,19 @@ impl DiskImage for Raw {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
         self.check(offset, buf.len() as u64, false)?;
-        self.file.read_at(buf, offset)
+        trace::data(|| self.file.read_at(buf, offset))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
         self.check(offset, buf.len() as u64, true)?;
-        self.file.write_at(buf, offset)
+        trace::data(|| self.file.write_at(buf, offset))
     }
 
     fn flush(&self) -> Result<(), Error> {
         if self.read_only {
             return Ok(());
         }
-        self.file.sync()
+        trace::data(|| self.file.sync())
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), Error> {

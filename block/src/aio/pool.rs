@@ -20,12 +20,13 @@
 
 use std::fmt;
 use std::sync::PoisonError;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::iov::{build_parts, gather, scatter, Part};
 use super::{Completion, Op, Request, Shared};
 use crate::direct::{DirectTarget, Extent};
 use crate::file::AlignedBuf;
+use crate::trace::{self, IoTrace};
 use crate::{DiskImage, Error};
 
 /// How long a worker beyond the minimum waits for work before it ends (QEMU's thread pool: 10 s).
@@ -108,9 +109,22 @@ pub(super) fn worker(shared: &Shared) {
                 timed_out = wait.timed_out();
             }
         };
+        let started = Instant::now();
+        trace::begin();
         let result = execute(shared, &request, &mut scratch);
+        let (data_ns, depth) = trace::take();
+        let trace = IoTrace {
+            started: Some(started),
+            done: Instant::now(),
+            data_ns,
+            depth,
+        };
         let mut queues = shared.queues();
-        queues.done.push_back(Completion { request, result });
+        queues.done.push_back(Completion {
+            request,
+            result,
+            trace,
+        });
         queues.unfinished -= 1;
         if queues.unfinished == 0 {
             shared.idle.notify_all();
@@ -186,9 +200,11 @@ fn direct(
     if !build_parts(parts, &request.segs, extents, target.aligned) {
         return None;
     }
-    let result = parts[..extents.len()]
-        .iter_mut()
-        .try_for_each(|part| part.transfer(target.fd, write, &target.path));
+    let result = trace::data(|| {
+        parts[..extents.len()]
+            .iter_mut()
+            .try_for_each(|part| part.transfer(target.fd, write, &target.path))
+    });
     Some(result)
 }
 

@@ -15,12 +15,14 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::time::Instant;
 
 use io_uring::{opcode, types, IoUring};
 
 use super::iov::{build_parts, Part};
 use super::{AioError, Completion, Op, Request};
 use crate::direct::{DirectPin, DirectTarget, Extent, FlushPlan, MAX_EXTENTS};
+use crate::trace::IoTrace;
 use crate::{DiskImage, Error};
 
 /// Largest ring asked for.
@@ -140,6 +142,7 @@ impl Ring {
                     return Submitted::Done(Completion {
                         request,
                         result: Ok(()),
+                        trace: IoTrace::unworked(Instant::now()),
                     })
                 }
                 FlushPlan::SyncData => return self.queue(request, None, false),
@@ -257,10 +260,12 @@ impl Ring {
                 break;
             }
             let mut resubmit = false;
+            // One clock read for the batch: when its completions were seen.
+            let seen = Instant::now();
             for i in 0..self.cqes.len() {
                 let (data, res) = self.cqes[i];
                 self.sqes -= 1;
-                resubmit |= self.complete_part(data, res, &mut done);
+                resubmit |= self.complete_part(data, res, seen, &mut done);
             }
             if resubmit || !self.ring.submission().is_empty() {
                 self.enter();
@@ -285,7 +290,13 @@ impl Ring {
     }
 
     /// Accounts one completed submission; returns whether it was resubmitted.
-    fn complete_part(&mut self, data: u64, res: i32, done: &mut impl FnMut(Completion)) -> bool {
+    fn complete_part(
+        &mut self,
+        data: u64,
+        res: i32,
+        seen: Instant,
+        done: &mut impl FnMut(Completion),
+    ) -> bool {
         let (index, part) = split_user_data(data);
         let Some(op) = self
             .slots
@@ -307,7 +318,11 @@ impl Ring {
             slot.pin = None;
             let result = slot.error.take().map_or(Ok(()), Err);
             if let Some(request) = slot.request.take() {
-                done(Completion { request, result });
+                done(Completion {
+                    request,
+                    result,
+                    trace: IoTrace::unworked(seen),
+                });
             }
             self.free.push(index);
             self.outstanding -= 1;

@@ -48,6 +48,7 @@ pub fn validate_magic() -> u32 {
 
 use crate::direct::{push_extent, DirectPin, DirectTarget, Epochs, Extent, FlushPlan};
 use crate::file::HostFile;
+use crate::trace;
 use crate::{Allocation, BlockStatus, DiskImage, Error};
 use cache::TableCache;
 use header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
@@ -366,14 +367,14 @@ impl Qcow2 {
             }
             Mapping::Data { host, .. } => {
                 self.check_data_read(guest, host, buf.len() as u64)?;
-                self.file.read_at(buf, host)
+                trace::data(|| self.file.read_at(buf, host))
             }
             Mapping::Compressed { host, len } => {
                 let cs = self.geo.cluster_size();
                 let mut cluster = vec![0u8; usize::try_from(cs).unwrap_or(0)];
                 // The compressed length is bounded by the descriptor's sector count field.
                 let mut input = vec![0u8; usize::try_from(len).unwrap_or(0)];
-                self.file.read_at(&mut input, host)?;
+                trace::data(|| self.file.read_at(&mut input, host))?;
                 if !compress::decompress(self.compression, &input, &mut cluster) {
                     return Err(fmt_err(&self.file, FormatError::Decompress { guest, host }));
                 }
@@ -396,7 +397,7 @@ impl Qcow2 {
             .min(buf.len());
         let (inside, past) = buf.split_at_mut(avail);
         if !inside.is_empty() {
-            b.read_at(inside, guest)?;
+            trace::backing(|| b.read_at(inside, guest))?;
         }
         past.fill(0);
         Ok(())
@@ -467,7 +468,7 @@ impl DiskImage for Qcow2 {
         // The ordered metadata write-back needs the lock; the final sync does not.
         let written = self.lock().write_back(&self.file);
         written?;
-        self.file.sync()
+        trace::data(|| self.file.sync())
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), Error> {

@@ -128,7 +128,7 @@ impl Qcow2 {
     /// to be written, checked against the metadata first (`overlap.rs`).
     fn write_data(&self, data: &[u8], host: u64) -> Result<(), Error> {
         self.check_data_write(host, data.len() as u64)?;
-        self.file.write_at(data, host)
+        crate::trace::data(|| self.file.write_at(data, host))
     }
 
     /// Returns the offset of a writable (ours alone) L2 table for `guest`, allocating a new one

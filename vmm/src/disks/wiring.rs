@@ -56,6 +56,7 @@ pub(super) fn add_disk(
         io_workers: Workers::default(),
         aio: spec.drive.aio,
         stats_intervals: spec.drive.stats_intervals.clone(),
+        time_stages: true,
         on_read_error: spec.drive.on_read_error,
         on_write_error: spec.drive.on_write_error,
         error_sink: Some(disk.sink),

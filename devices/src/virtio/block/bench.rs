@@ -2,7 +2,9 @@
 //! figures): a driver thread places 4 KiB random reads on a queue in guest memory and notifies
 //! through the transport (as an ioeventfd would), the device on an iothread parses, submits to
 //! the worker pool (`aio=threads`) or the io_uring ring (`aio=io_uring`) over the crate's raw
-//! engine (page cache), completes and updates the used ring, which the driver polls. And the wait of an outside acquire of a busy iothread's context.
+//! engine (page cache), completes and updates the used ring, which the driver polls. The same
+//! with stage timing on and off (`BlockConfig::time_stages`), in interleaved rounds. And the wait
+//! of an outside acquire of a busy iothread's context.
 //!
 //! `cargo nextest run -p devices --release --run-ignored only --no-capture bench::`
 
@@ -106,6 +108,92 @@ fn bench_random_reads_through_an_iothread() {
         );
         }
         rig.dev.shutdown().unwrap();
+    }
+    io.stop().unwrap();
+}
+
+/// The median of `values`.
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_unstable_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+#[test]
+#[ignore = "benchmark: run with --run-ignored only --release --no-capture"]
+fn bench_stage_timing_on_over_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 256 << 20;
+    let image = raw_image(&dir, size);
+    image
+        .write_at(&vec![0x5a; usize::try_from(size).unwrap()], 0)
+        .unwrap();
+    let io = IoThread::spawn("bench-stages").unwrap();
+    let rounds = 15;
+    for engine in [Engine::Threads, Engine::IoUring] {
+        let rig = |time_stages| {
+            let config = super::BlockConfig {
+                id: "d0".into(),
+                queue_size: QSIZE,
+                io_workers: block::aio::Workers::fixed(2),
+                aio: engine,
+                time_stages,
+                ..super::BlockConfig::default()
+            };
+            let rig = Rig::with_config(io.context().clone(), Arc::clone(&image), config);
+            rig.start(!0);
+            run(&rig, 1, 2000, size / 512); // warm-up
+            rig
+        };
+        let (on, off) = (rig(true), rig(false));
+        for depth in [1u16, 4] {
+            let total = 8000;
+            let mut ratios = Vec::new();
+            let (mut iops_on, mut iops_off) = (Vec::new(), Vec::new());
+            for round in 0..rounds {
+                // Alternate which goes first, so drift favours neither.
+                let order = if round % 2 == 0 {
+                    [&on, &off]
+                } else {
+                    [&off, &on]
+                };
+                let mut iops = [0.0; 2];
+                for (slot, rig) in order.iter().enumerate() {
+                    let begin = Instant::now();
+                    run(rig, depth, total, size / 512);
+                    iops[slot] = f64::from(total) / begin.elapsed().as_secs_f64();
+                }
+                let (a, b) = if round % 2 == 0 {
+                    (iops[0], iops[1])
+                } else {
+                    (iops[1], iops[0])
+                };
+                iops_on.push(a);
+                iops_off.push(b);
+                ratios.push(a / b);
+            }
+            println!(
+                "aio={}, 4 KiB random read, depth {depth}, {rounds} interleaved rounds of {total}: \
+                 stage timing on {:.0} IOPS, off {:.0} IOPS (medians); on/off per round: median \
+                 {:.3}, min {:.3}, max {:.3}",
+                engine.name(),
+                median(&mut iops_on),
+                median(&mut iops_off),
+                median(&mut ratios),
+                ratios[0],
+                ratios[ratios.len() - 1],
+            );
+        }
+        let q = &on.dev.stages().snapshot()[0];
+        for cell in &q.stages {
+            println!(
+                "  {:<17} mean {:>7} ns, max {:>9} ns",
+                cell.stage.name(),
+                cell.sum_ns / cell.count.max(1),
+                cell.max_ns
+            );
+        }
+        on.dev.shutdown().unwrap();
+        off.dev.shutdown().unwrap();
     }
     io.stop().unwrap();
 }

@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::device::{Active, Block};
 use super::io_error::{errno_of, ErrorAction, IoErrorEvent};
 use super::request::{self, Parsed};
+use super::stages::Times;
 use super::stats::Kind;
 use super::{
     error_chain, features, request_type, status, QueueError, DISCARD_SEGMENT_LEN, HEADER_LEN,
@@ -33,7 +34,12 @@ pub(super) struct InFlight {
     bytes: u64,
     /// The disk offset just past the request (for `wr_highest_offset`).
     end: u64,
+    /// The handler woke for its queue (`stages.rs`).
+    woke: Instant,
+    /// It was taken from the ring: the start of its latency.
     start: Instant,
+    /// It was handed to the engine.
+    submitted: Instant,
 }
 
 /// One queue and its requests in flight, by head index.
@@ -77,6 +83,7 @@ fn untoken(token: u64) -> (usize, usize) {
 impl Block {
     /// The driver notified queue `index`.
     pub(super) fn queue_notified(&self, index: usize) {
+        let woke = Instant::now();
         let mut guard = self.active();
         let Some(active) = guard.as_mut() else {
             return;
@@ -88,7 +95,7 @@ impl Block {
         if active.broken || active.quiescing {
             return;
         }
-        if let Err(e) = self.process_queue(active, index) {
+        if let Err(e) = self.process_queue(active, index, woke) {
             log::error!("virtio-blk {}: {}", self.config.id, error_chain(&e));
             active.broken = true;
             active.interrupt.set_needs_reset();
@@ -103,8 +110,13 @@ impl Block {
         }
     }
 
-    /// Takes every available request from queue `index`.
-    fn process_queue(&self, active: &mut Active, index: usize) -> Result<(), QueueError> {
+    /// Takes every available request from queue `index`, whose handler woke at `woke`.
+    fn process_queue(
+        &self,
+        active: &mut Active,
+        index: usize,
+        woke: Instant,
+    ) -> Result<(), QueueError> {
         let Active {
             mem,
             queues,
@@ -142,6 +154,7 @@ impl Block {
             // the queue: with indirect descriptors a chain may be longer than the queue.
             let max_descriptors = usize::from(self.config.queue_size);
             while let Some(chain) = qs.queue.pop_descriptor_chain(&*mem) {
+                let taken = Instant::now();
                 let parsed = request::parse(chain, mem, scratch, max_descriptors)
                     .map_err(|e| QueueError::Chain(index, e))?;
                 let head = parsed.head;
@@ -157,7 +170,7 @@ impl Block {
                     scratch,
                     seg_pool,
                     *acked_features,
-                    index,
+                    (index, woke, taken),
                     &parsed,
                     &mut qs.in_flight,
                 );
@@ -202,7 +215,8 @@ impl Block {
         Ok(())
     }
 
-    /// Answers a request at once or submits it to the pool.
+    /// Answers a request at once or submits it to the pool; `at` is its queue, when the
+    /// queue's handler woke and when the request was taken from the ring.
     #[allow(clippy::too_many_arguments)]
     fn start_request(
         &self,
@@ -210,7 +224,7 @@ impl Block {
         bufs: &[request::Buf],
         seg_pool: &mut Vec<Vec<IoSeg>>,
         acked: u64,
-        queue: usize,
+        at: (usize, Instant, Instant),
         req: &Parsed,
         table: &mut [Option<InFlight>],
     ) -> Immediate {
@@ -261,7 +275,7 @@ impl Block {
             }
             _ => return Immediate::Status(status::UNSUPP, 0),
         };
-        let start = Instant::now();
+        let (queue, woke, start) = at;
         if bytes == 0 && matches!(op, Op::Read | Op::Write) {
             self.stats.done(kind, 0, start, true);
             return Immediate::Status(status::OK, 0);
@@ -296,6 +310,11 @@ impl Block {
             seg_pool.push(segs);
             return Immediate::Status(status::IOERR, 0);
         };
+        let submitted = if self.config.time_stages {
+            Instant::now()
+        } else {
+            start
+        };
         match self.aio.submit(Request {
             op,
             offset,
@@ -309,7 +328,9 @@ impl Block {
                     kind,
                     bytes,
                     end: offset.saturating_add(bytes),
+                    woke,
                     start,
+                    submitted,
                 });
                 Immediate::Submitted
             }
@@ -403,6 +424,14 @@ impl Block {
                 }
             }
         }
+        // One clock read for the reap: the guest has its used entries and interrupts.
+        if !active.finished.is_empty() {
+            let completed = Instant::now();
+            for (queue, mut times) in active.finished.drain(..) {
+                times.completed = completed;
+                self.stages.record(queue, &times);
+            }
+        }
         if let Some(e) = fault {
             log::error!("virtio-blk {}: {}", self.config.id, error_chain(&e));
             if !active.broken {
@@ -415,7 +444,11 @@ impl Block {
     /// Completes one request; returns its queue, or `None` when its failure keeps it for a
     /// retry (see `io_error.rs`).
     fn complete(&self, active: &mut Active, done: Completion) -> Result<Option<usize>, QueueError> {
-        let Completion { request, result } = done;
+        let Completion {
+            request,
+            result,
+            trace,
+        } = done;
         let (queue, head) = untoken(request.token);
         let unknown = QueueError::UnknownCompletion { queue, head };
         let slot = active
@@ -446,6 +479,19 @@ impl Block {
         active.seg_pool.push(request.segs);
         // An ignored error counts as done, as QEMU counts it.
         self.stats.done(info.kind, info.bytes, info.start, ok);
+        if ok && self.config.time_stages {
+            active.finished.push((
+                queue,
+                Times {
+                    woke: info.woke,
+                    taken: info.start,
+                    submitted: info.submitted,
+                    trace,
+                    // Set once the reap's interrupts are out.
+                    completed: trace.done,
+                },
+            ));
+        }
         if result.is_ok() && info.kind == Kind::Write {
             self.stats.wrote_up_to(info.end);
         }
@@ -526,7 +572,9 @@ impl Block {
                 .and_then(|qs| qs.in_flight.get_mut(head))
             {
                 // The latency counted is the retry's, as QEMU starts its accounting again.
+                info.woke = now;
                 info.start = now;
+                info.submitted = now;
             }
             if let Err(refused) = self.aio.submit(request) {
                 // Cannot happen (the pool's depth covers every head of every queue); kept for

@@ -5,7 +5,8 @@
 //! `request.rs` (descriptor chains to requests), `event_handler.rs` (the work done in the
 //! device's context: queue notifications, submission to the worker pool, completions),
 //! `io_error.rs` (what a failed request does: `werror=`/`rerror=`), `stats.rs` (I/O statistics
-//! under QEMU's `query-blockstats` names).
+//! under QEMU's `query-blockstats` names), `stages.rs` (where each request's time goes, per queue
+//! and stage).
 //!
 //! Threads and locks: the device is served in one context (the main loop's or an iothread's);
 //! its state is behind a mutex that is only taken with that context held, so it is never
@@ -15,6 +16,7 @@ mod device;
 mod event_handler;
 mod io_error;
 mod request;
+pub mod stages;
 pub mod stats;
 
 pub use device::{Block, BlockConfig, Error};

@@ -39,6 +39,24 @@ impl Kind {
 /// Most boundaries a histogram takes (QEMU sets no limit; 64 covers any sensible use).
 pub const MAX_HISTOGRAM_BOUNDARIES: usize = 64;
 
+/// The bin of `ns` among `boundaries` (strictly increasing): the number of boundaries at or below
+/// it, so bin `i` holds `[boundaries[i-1], boundaries[i])`.
+pub(super) fn bin_of(boundaries: &[AtomicU64], ns: u64) -> usize {
+    boundaries.partition_point(|b| b.load(Ordering::Relaxed) <= ns)
+}
+
+/// Checks boundaries by QEMU's rule (each above the one before, the first above zero) and the
+/// limit of [`MAX_HISTOGRAM_BOUNDARIES`].
+pub(super) fn check_boundaries(boundaries: &[u64]) -> Result<(), HistogramError> {
+    if boundaries.len() > MAX_HISTOGRAM_BOUNDARIES {
+        return Err(HistogramError::TooMany(boundaries.len()));
+    }
+    if boundaries.first() == Some(&0) || boundaries.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(HistogramError::NotIncreasing);
+    }
+    Ok(())
+}
+
 /// A latency histogram whose boundaries can change at run time.
 #[derive(Debug)]
 struct Histogram {
@@ -62,11 +80,7 @@ impl Histogram {
         if count == 0 {
             return;
         }
-        let bin = self.boundaries[..count]
-            .iter()
-            .position(|b| ns < b.load(Ordering::Relaxed))
-            .unwrap_or(count);
-        self.bins[bin].fetch_add(1, Ordering::Relaxed);
+        self.bins[bin_of(&self.boundaries[..count], ns)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Replaces the boundaries and clears the bins. A request completing meanwhile may land in
@@ -372,12 +386,7 @@ impl BlockStats {
         boundaries: Option<&[u64]>,
     ) -> Result<(), HistogramError> {
         let boundaries = boundaries.unwrap_or(&[]);
-        if boundaries.len() > MAX_HISTOGRAM_BOUNDARIES {
-            return Err(HistogramError::TooMany(boundaries.len()));
-        }
-        if boundaries.first() == Some(&0) || boundaries.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(HistogramError::NotIncreasing);
-        }
+        check_boundaries(boundaries)?;
         self.histograms[kind.index()].set(boundaries);
         Ok(())
     }
