@@ -193,6 +193,56 @@ pub struct BlockDeviceStats {
     pub flush_latency_histogram: Option<LatencyHistogram>,
 }
 
+/// One stage of one queue in `x-query-blockstats-stages` (see `devices::virtio::block::stages`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StageInfo {
+    /// `queue-wait`, `submission`, `backend`, `backend-dispatch`, `backend-metadata`,
+    /// `backend-data`, `completion` or `total`.
+    pub stage: &'static str,
+    /// Requests timed.
+    pub count: u64,
+    /// Their nanoseconds in this stage.
+    pub total_ns: u64,
+    /// The mean (0 before the first request).
+    pub mean_ns: u64,
+    /// The longest.
+    pub max_ns: u64,
+    /// Since the boundaries were last set.
+    pub histogram: LatencyHistogram,
+}
+
+/// Requests served by one layer of a disk's backing chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ChainLayerInfo {
+    /// 0 for the top image, 1 for its backing file, ...
+    pub depth: usize,
+    /// Requests that reached this layer and no deeper one.
+    pub count: u64,
+    /// Their mean backend time.
+    pub backend_mean_ns: u64,
+}
+
+/// One queue of a disk in `x-query-blockstats-stages`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct QueueStagesInfo {
+    /// The queue's index.
+    pub queue: usize,
+    /// Every stage, in the order a request passes them.
+    pub stages: Vec<StageInfo>,
+    /// Layers that served requests, the top first.
+    pub chain_depth: Vec<ChainLayerInfo>,
+}
+
+/// A disk's per-stage timing, per queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockStages {
+    /// One entry per queue.
+    pub queues: Vec<QueueStagesInfo>,
+}
+
 /// New histogram boundaries per request kind: `Some` replaces that kind's histogram with an empty
 /// one at these boundaries (already checked: non-empty values strictly increasing from above 0),
 /// `None` leaves it as it is.
@@ -270,6 +320,18 @@ pub trait MonitorBackend {
         &mut self,
         drive_id: &str,
         change: &HistogramChange,
+    ) -> Result<(), BackendError>;
+
+    /// Where the requests of the disk with this `-drive id=` spend their time, per queue and
+    /// stage (`x-query-blockstats-stages`; like the statistics, read without its context).
+    fn block_stages(&self, drive_id: &str) -> Result<BlockStages, BackendError>;
+
+    /// Sets the boundaries of every stage histogram of the disk with this `-drive id=`
+    /// (already checked: strictly increasing from above 0), or its default ones for `None`.
+    fn set_stage_histograms(
+        &mut self,
+        drive_id: &str,
+        boundaries: Option<&[u64]>,
     ) -> Result<(), BackendError>;
 
     /// Puts a new qcow2 overlay, `file`, on top of the chain of the disk with this `-drive id=`

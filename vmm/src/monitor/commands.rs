@@ -19,7 +19,7 @@ use super::framing::Frame;
 use super::protocol::{self, QmpError};
 
 /// The commands of command mode, as `query-commands` lists them.
-pub const COMMANDS: [&str; 14] = [
+pub const COMMANDS: [&str; 16] = [
     "qmp_capabilities",
     "query-commands",
     "query-version",
@@ -34,6 +34,8 @@ pub const COMMANDS: [&str; 14] = [
     "query-blockstats",
     "block-latency-histogram-set",
     "blockdev-snapshot-sync",
+    "x-query-blockstats-stages",
+    "x-block-stages-histogram-set",
 ];
 
 /// What handling one input produced.
@@ -224,6 +226,7 @@ fn execute(
         }
         "query-blockstats" => {
             let query_nodes = args.optional_bool("query-nodes")?;
+            let with_stages = args.optional_bool("x-stages")?.unwrap_or(false);
             args.finish()?;
             if query_nodes == Some(true) {
                 return Err(QmpError::generic(
@@ -235,12 +238,35 @@ fn execute(
                 .iter()
                 .map(|dev| {
                     let stats = backend.block_stats(&dev.drive_id).map_err(backend_err)?;
-                    Ok(json!({"device": dev.drive_id, "qdev": dev.qdev, "stats": to_json(&stats)?}))
+                    let mut entry =
+                        json!({"device": dev.drive_id, "qdev": dev.qdev, "stats": to_json(&stats)?});
+                    // Our extension, only when asked, under a name QEMU will not take.
+                    if with_stages {
+                        let stages = backend.block_stages(&dev.drive_id).map_err(backend_err)?;
+                        entry["x-stages"] = to_json(&stages)?;
+                    }
+                    Ok(entry)
                 })
                 .collect::<Result<Vec<_>, QmpError>>()
                 .map(Value::Array)
         }
         "block-latency-histogram-set" => histogram_set(args, backend),
+        "x-query-blockstats-stages" => {
+            args.finish()?;
+            backend
+                .block_devices()
+                .iter()
+                .map(|dev| {
+                    let stages = backend.block_stages(&dev.drive_id).map_err(backend_err)?;
+                    let mut entry = to_json(&stages)?;
+                    entry["device"] = dev.drive_id.clone().into();
+                    entry["qdev"] = dev.qdev.clone().into();
+                    Ok(entry)
+                })
+                .collect::<Result<Vec<_>, QmpError>>()
+                .map(Value::Array)
+        }
+        "x-block-stages-histogram-set" => stages_histogram_set(args, backend),
         "blockdev-snapshot-sync" => snapshot_sync(args, backend),
         _ => Err(QmpError::command_not_found(format!(
             "The command {command} has not been found"
@@ -266,13 +292,7 @@ fn histogram_set(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Val
         ));
     }
 
-    // The guest device's id names the disk, as in QEMU; the drive id is accepted too.
-    let devices = backend.block_devices();
-    let device = devices
-        .iter()
-        .find(|d| d.qdev == id)
-        .or_else(|| devices.iter().find(|d| d.drive_id == id))
-        .ok_or_else(|| QmpError::device_not_found(&id))?;
+    let device = find_device(backend, &id)?;
 
     let change = if [&all, &read, &write, &flush].iter().all(|b| b.is_none()) {
         HistogramChange::ClearAll
@@ -296,6 +316,42 @@ fn histogram_set(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Val
         .set_latency_histograms(&device.drive_id, &change)
         .map_err(|e| QmpError::generic(e.0))?;
     Ok(json!({}))
+}
+
+/// `x-block-stages-histogram-set`: `boundaries` for every stage histogram of every queue of the
+/// disk (QEMU's rules for them, as `block-latency-histogram-set`), or without them the default
+/// ones again. Stage timing cannot be switched off: it costs too little to need it.
+fn stages_histogram_set(
+    mut args: Args,
+    backend: &mut dyn MonitorBackend,
+) -> Result<Value, QmpError> {
+    let id = args.required_str("id")?;
+    let boundaries = args.optional_u64_list("boundaries")?;
+    args.finish()?;
+    let device = find_device(backend, &id)?;
+    if boundaries
+        .as_deref()
+        .is_some_and(|b| !strictly_increasing(b))
+    {
+        return Err(QmpError::generic(format!(
+            "Device '{id}' set stage boundaries fail"
+        )));
+    }
+    backend
+        .set_stage_histograms(&device.drive_id, boundaries.as_deref())
+        .map_err(|e| QmpError::generic(e.0))?;
+    Ok(json!({}))
+}
+
+/// The disk a histogram command names: by its guest device's id, as in QEMU, or by its drive id.
+fn find_device(backend: &dyn MonitorBackend, id: &str) -> Result<BlockDevice, QmpError> {
+    let devices = backend.block_devices();
+    devices
+        .iter()
+        .find(|d| d.qdev == id)
+        .or_else(|| devices.iter().find(|d| d.drive_id == id))
+        .cloned()
+        .ok_or_else(|| QmpError::device_not_found(id))
 }
 
 /// `blockdev-snapshot-sync`, its arguments read and checked in QEMU's order (the schema's, then
@@ -789,6 +845,100 @@ mod tests {
         assert!(s["stats"].get("wr_latency_histogram").is_none());
         assert!(s["stats"].get("idle_time_ns").is_none());
         assert_eq!(f.calls(), ["stats d0", "stats d1"]);
+    }
+
+    #[test]
+    fn stage_timing_replies_per_disk_queue_and_stage() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        let reply = f.send(r#"{"execute": "x-query-blockstats-stages"}"#);
+        let disks = reply["return"].as_array().expect("list");
+        assert_eq!(disks.len(), 2);
+        assert_eq!(
+            (&disks[0]["device"], &disks[0]["qdev"]),
+            (&json!("d0"), &json!("vd0"))
+        );
+        let queues = disks[0]["queues"].as_array().expect("queues");
+        assert_eq!(queues.len(), 2);
+        assert_eq!(queues[0]["queue"], 0);
+        assert_eq!(queues[0]["chain-depth"], json!([]));
+        let q1 = &queues[1];
+        let names: Vec<&str> = q1["stages"]
+            .as_array()
+            .expect("stages")
+            .iter()
+            .map(|s| s["stage"].as_str().expect("name"))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "queue-wait",
+                "submission",
+                "backend",
+                "backend-dispatch",
+                "backend-metadata",
+                "backend-data",
+                "completion",
+                "total"
+            ]
+        );
+        let expect = [
+            (200, 0),
+            (300, 0),
+            (52_000, 1),
+            (2000, 1),
+            (10_000, 1),
+            (40_000, 1),
+            (500, 0),
+            (53_000, 1),
+        ];
+        for (stage, (ns, bin)) in q1["stages"].as_array().expect("stages").iter().zip(expect) {
+            let mut bins = json!([0, 0, 0]);
+            bins[bin] = 1.into();
+            assert_eq!(
+                stage,
+                &json!({"stage": stage["stage"], "count": 1, "total-ns": ns, "mean-ns": ns,
+                        "max-ns": ns, "histogram": {"boundaries": [1000, 100_000], "bins": bins}})
+            );
+        }
+        assert_eq!(
+            q1["chain-depth"],
+            json!([{"depth": 1, "count": 1, "backend-mean-ns": 52_000}])
+        );
+        // Queue 0 timed nothing: zero means, not a division by zero.
+        assert_eq!(queues[0]["stages"][0]["mean-ns"], 0);
+        assert_eq!(f.calls(), ["stages d0", "stages d1"]);
+
+        // query-blockstats carries the same only when asked.
+        let plain = f.send(r#"{"execute": "query-blockstats"}"#);
+        assert!(plain["return"][0].get("x-stages").is_none());
+        let asked = f.send(r#"{"execute": "query-blockstats", "arguments": {"x-stages": true}}"#);
+        assert_eq!(asked["return"][1]["x-stages"]["queues"], disks[1]["queues"]);
+        assert_eq!(asked["return"][1]["stats"]["rd_operations"], 3);
+        let (_, d) = f.error(r#"{"execute": "query-blockstats", "arguments": {"x-stages": 1}}"#);
+        assert!(d.contains("x-stages"), "{d}");
+    }
+
+    #[test]
+    fn stage_histogram_set() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        for request in [
+            r#"{"execute": "x-block-stages-histogram-set", "arguments": {"id": "vd0", "boundaries": [10, 20]}}"#,
+            r#"{"execute": "x-block-stages-histogram-set", "arguments": {"id": "d1"}}"#,
+        ] {
+            assert_eq!(f.send(request), json!({"return": {}}));
+        }
+        let (c, _) =
+            f.error(r#"{"execute": "x-block-stages-histogram-set", "arguments": {"id": "nope"}}"#);
+        assert_eq!(c, "DeviceNotFound");
+        let (_, d) = f.error(r#"{"execute": "x-block-stages-histogram-set", "arguments": {"id": "vd0", "boundaries": [5, 5]}}"#);
+        assert_eq!(d, "Device 'vd0' set stage boundaries fail");
+        assert_eq!(
+            f.calls(),
+            [
+                "stage histograms d0 Some([10, 20])",
+                "stage histograms d1 None"
+            ]
+        );
     }
 
     #[test]

@@ -8,13 +8,15 @@
 //! and no disk here has a zoned mode, so the merged and zone-append members read 0. QEMU has no
 //! unmap histogram, so none is reported or set.
 
+use devices::virtio::block::stages::{QueueSnapshot, StageStats};
 use devices::virtio::block::stats::{
     BlockStats, HistogramSnapshot, Kind, KindSnapshot, StatsSnapshot, TimedSnapshot,
     MAX_HISTOGRAM_BOUNDARIES,
 };
 
 use super::backend::{
-    BackendError, BlockDeviceStats, HistogramChange, LatencyHistogram, TimedStats,
+    BackendError, BlockDeviceStats, BlockStages, ChainLayerInfo, HistogramChange, LatencyHistogram,
+    QueueStagesInfo, StageInfo, TimedStats,
 };
 
 fn histogram(h: &Option<HistogramSnapshot>) -> Option<LatencyHistogram> {
@@ -75,6 +77,54 @@ pub fn block_device_stats(s: &StatsSnapshot) -> BlockDeviceStats {
         flush_latency_histogram: histogram(&flush.latency_histogram),
         ..BlockDeviceStats::default()
     }
+}
+
+/// A disk's stage timing (`x-query-blockstats-stages`), means computed from the sums.
+pub fn block_stages(queues: &[QueueSnapshot]) -> BlockStages {
+    let mean = |sum: u64, count: u64| sum.checked_div(count).unwrap_or(0);
+    BlockStages {
+        queues: queues
+            .iter()
+            .enumerate()
+            .map(|(queue, q)| QueueStagesInfo {
+                queue,
+                stages: q
+                    .stages
+                    .iter()
+                    .map(|s| StageInfo {
+                        stage: s.stage.name(),
+                        count: s.count,
+                        total_ns: s.sum_ns,
+                        mean_ns: mean(s.sum_ns, s.count),
+                        max_ns: s.max_ns,
+                        histogram: LatencyHistogram {
+                            boundaries: s.histogram.boundaries.clone(),
+                            bins: s.histogram.bins.clone(),
+                        },
+                    })
+                    .collect(),
+                chain_depth: q
+                    .depths
+                    .iter()
+                    .map(|d| ChainLayerInfo {
+                        depth: d.depth,
+                        count: d.count,
+                        backend_mean_ns: mean(d.backend_ns, d.count),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Sets a disk's stage histogram boundaries (`x-block-stages-histogram-set`).
+pub fn apply_stage_histograms(
+    stages: &StageStats,
+    boundaries: Option<&[u64]>,
+) -> Result<(), BackendError> {
+    stages
+        .set_boundaries(boundaries)
+        .map_err(|e| BackendError(e.to_string()))
 }
 
 /// Applies a `block-latency-histogram-set` to a disk. Every list is checked against the devices'

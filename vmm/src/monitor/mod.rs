@@ -41,10 +41,12 @@ use std::io;
 use std::path::PathBuf;
 
 pub use backend::{
-    BackendError, BlockDevice, BlockDeviceStats, CacheMode, HistogramChange, ImageDescription,
-    IoThreadInfo, MonitorBackend, RunState, SnapshotMode,
+    BackendError, BlockDevice, BlockDeviceStats, BlockStages, CacheMode, HistogramChange,
+    ImageDescription, IoThreadInfo, MonitorBackend, RunState, SnapshotMode,
 };
-pub use disk_stats::{apply_histogram_change, block_device_stats};
+pub use disk_stats::{
+    apply_histogram_change, apply_stage_histograms, block_device_stats, block_stages,
+};
 pub use events::{event_channel, BlockIoError, EventSender, QmpEvent, ShutdownCause};
 pub use listener::Listener;
 #[cfg(test)]

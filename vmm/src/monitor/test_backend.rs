@@ -4,10 +4,16 @@
 
 use std::sync::{Arc, Mutex};
 
+use std::time::{Duration, Instant};
+
+use block::trace::IoTrace;
+use devices::virtio::block::stages::{StageStats, Times};
+
 use super::backend::{
-    BackendError, BlockDevice, BlockDeviceStats, CacheMode, HistogramChange, ImageDescription,
-    IoThreadInfo, LatencyHistogram, MonitorBackend, RunState, SnapshotMode,
+    BackendError, BlockDevice, BlockDeviceStats, BlockStages, CacheMode, HistogramChange,
+    ImageDescription, IoThreadInfo, LatencyHistogram, MonitorBackend, RunState, SnapshotMode,
 };
+use super::disk_stats::block_stages;
 
 /// Records calls into a log shared with the test.
 #[derive(Debug)]
@@ -172,6 +178,42 @@ impl MonitorBackend for RecordingBackend {
         change: &HistogramChange,
     ) -> Result<(), BackendError> {
         self.record(format!("histogram {drive_id} {change:?}"));
+        Ok(())
+    }
+
+    /// Real stage statistics of two queues: one request on queue 1 whose stages took 200 ns
+    /// (queue wait), 300 (submission), 52 000 (backend: 2000 dispatch, 10 000 metadata, 40 000
+    /// data, at layer 1) and 500 (completion), in histograms with boundaries 1000 and 100 000.
+    fn block_stages(&self, drive_id: &str) -> Result<BlockStages, BackendError> {
+        self.record(format!("stages {drive_id}"));
+        let stats = StageStats::new(2);
+        stats
+            .set_boundaries(Some(&[1000, 100_000]))
+            .map_err(|e| BackendError(e.to_string()))?;
+        let base = Instant::now();
+        let at = |ns| base + Duration::from_nanos(ns);
+        let times = Times {
+            woke: at(0),
+            taken: at(200),
+            submitted: at(500),
+            trace: IoTrace {
+                started: Some(at(2500)),
+                done: at(52_500),
+                data_ns: 40_000,
+                depth: 1,
+            },
+            completed: at(53_000),
+        };
+        stats.record(1, &times);
+        Ok(block_stages(&stats.snapshot()))
+    }
+
+    fn set_stage_histograms(
+        &mut self,
+        drive_id: &str,
+        boundaries: Option<&[u64]>,
+    ) -> Result<(), BackendError> {
+        self.record(format!("stage histograms {drive_id} {boundaries:?}"));
         Ok(())
     }
 

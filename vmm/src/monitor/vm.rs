@@ -23,8 +23,9 @@ use devices::virtio::block::Block;
 use event_manager::{EventOps, Events};
 
 use super::{
-    apply_histogram_change, block_device_stats, BackendError, BlockDevice, BlockDeviceStats,
-    HistogramChange, IoThreadInfo, Monitor, MonitorBackend, RunState, ShutdownCause, SnapshotMode,
+    apply_histogram_change, apply_stage_histograms, block_device_stats, block_stages, BackendError,
+    BlockDevice, BlockDeviceStats, BlockStages, HistogramChange, IoThreadInfo, Monitor,
+    MonitorBackend, RunState, ShutdownCause, SnapshotMode,
 };
 use crate::arch::x86_64::layout::GED_START;
 use crate::disks::{IoErrors, LiveImage};
@@ -164,6 +165,18 @@ impl MonitorBackend for VmBackend<'_, '_> {
         change: &HistogramChange,
     ) -> Result<(), BackendError> {
         apply_histogram_change(self.disk(drive_id)?.stats(), change)
+    }
+
+    fn block_stages(&self, drive_id: &str) -> Result<BlockStages, BackendError> {
+        Ok(block_stages(&self.disk(drive_id)?.stages().snapshot()))
+    }
+
+    fn set_stage_histograms(
+        &mut self,
+        drive_id: &str,
+        boundaries: Option<&[u64]>,
+    ) -> Result<(), BackendError> {
+        apply_stage_histograms(self.disk(drive_id)?.stages(), boundaries)
     }
 
     fn snapshot_sync(

@@ -172,7 +172,6 @@ fn bump(counter: &AtomicU64, by: u64) {
 /// One stage of one queue.
 #[derive(Debug)]
 struct StageCell {
-    count: AtomicU64,
     sum_ns: AtomicU64,
     max_ns: AtomicU64,
     bins: [AtomicU64; MAX_HISTOGRAM_BOUNDARIES + 1],
@@ -181,7 +180,6 @@ struct StageCell {
 impl StageCell {
     fn new() -> Self {
         StageCell {
-            count: AtomicU64::new(0),
             sum_ns: AtomicU64::new(0),
             max_ns: AtomicU64::new(0),
             bins: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -194,6 +192,8 @@ impl StageCell {
 struct QueueStages {
     /// The boundary generation this queue's bins follow.
     applied: AtomicU64,
+    /// Requests timed (every stage times each one).
+    requests: AtomicU64,
     count: AtomicUsize,
     boundaries: [AtomicU64; MAX_HISTOGRAM_BOUNDARIES],
     cells: [StageCell; 8],
@@ -206,6 +206,7 @@ impl QueueStages {
     fn new() -> Self {
         QueueStages {
             applied: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
             count: AtomicUsize::new(0),
             boundaries: std::array::from_fn(|_| AtomicU64::new(0)),
             cells: std::array::from_fn(|_| StageCell::new()),
@@ -280,8 +281,8 @@ impl StageStats {
         let (ns, depth) = times.split();
         let count = q.count.load(Ordering::Relaxed);
         let boundaries = &q.boundaries[..count];
+        bump(&q.requests, 1);
         for (cell, &ns) in q.cells.iter().zip(&ns) {
-            bump(&cell.count, 1);
             bump(&cell.sum_ns, ns);
             if ns > cell.max_ns.load(Ordering::Relaxed) {
                 cell.max_ns.store(ns, Ordering::Relaxed);
@@ -311,12 +312,13 @@ impl StageStats {
                         .map(|b| b.load(Ordering::Relaxed))
                         .collect()
                 };
+                let requests = q.requests.load(Ordering::Relaxed);
                 let stages = STAGES
                     .iter()
                     .zip(&q.cells)
                     .map(|(&stage, cell)| StageSnapshot {
                         stage,
-                        count: cell.count.load(Ordering::Relaxed),
+                        count: requests,
                         sum_ns: cell.sum_ns.load(Ordering::Relaxed),
                         max_ns: cell.max_ns.load(Ordering::Relaxed),
                         histogram: HistogramSnapshot {
