@@ -56,6 +56,9 @@ Usage: vmm -kernel FILE [options]
                    (the console is on stdio; a guest reboot ends vmm, as with -no-reboot)
   -h, --help       this text
   -version, --version  the version
+  vmm blk-top [-i SECS] [-n COUNT] unix:PATH | tcp:HOST:PORT
+                   a live view of a running vmm's disks over its QMP monitor: operations per
+                   second and p50/p99 of each request stage (x-query-blockstats-stages)
 Console: Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A.";
 
 /// What the command line asks for.

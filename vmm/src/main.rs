@@ -7,6 +7,7 @@
 //! failing).
 
 mod arch;
+mod blk_top;
 mod cli;
 mod console;
 mod disks;
@@ -35,6 +36,9 @@ enum Error {
     /// The command line.
     #[error(transparent)]
     Cli(#[from] cli::CliError),
+    /// `vmm blk-top`.
+    #[error(transparent)]
+    BlkTop(#[from] blk_top::BlkTopError),
     /// The process name or pidfile.
     #[error(transparent)]
     Process(#[from] process::ProcessError),
@@ -69,6 +73,12 @@ enum Error {
 
 /// Runs the command line in `args`; `Ok` is a clean end.
 fn run(args: impl IntoIterator<Item = String>) -> Result<(), Error> {
+    let mut args = args.into_iter().peekable();
+    // `vmm blk-top` watches another vmm: no VM, and Ctrl-C ends it as any client.
+    if args.peek().is_some_and(|a| a == "blk-top") {
+        args.next();
+        return Ok(blk_top::run(args)?);
+    }
     // First, before any other thread exists: see the signals module.
     signals::start()?;
     let config = match cli::parse(args)? {

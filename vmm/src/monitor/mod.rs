@@ -49,9 +49,7 @@ pub use disk_stats::{
 };
 pub use events::{event_channel, BlockIoError, EventSender, QmpEvent, ShutdownCause};
 pub use listener::Listener;
-#[cfg(test)]
-pub use options::QmpAddress;
-pub use options::{parse_qmp_option, QmpOptionError, QmpOptions};
+pub use options::{parse_qmp_option, QmpAddress, QmpOptionError, QmpOptions};
 pub use server::Monitor;
 pub use vm::{shutdown_cause, VmDisk, VmMonitor};
 
