@@ -2,8 +2,9 @@
 VMM.PLACEMENT.IMAGE.RW.qdN.LOAD, with .rN for round N when there are several; raw/TAG.polls;
 raw/TAG.sched; machine.txt, host.txt, version-*.json) and writes summary.json (one object per configuration, the
 fields issue 6 names, each figure the median over the rounds, plus `runs`), summary.md (the host,
-both VMMs' versions, the table, vmm over QEMU, iothread over main loop under load, where the
-VMMs' threads spent the disturbed runs) and
+both VMMs' versions, the table, vmm over QEMU with an A/B verdict per row on IOPS and p99 from
+the per-round figures (abtest.py), the rows listed by verdict, iothread over main loop under load,
+where the VMMs' threads spent the disturbed runs) and
 latency-cdf.png (the completion-latency percentile curves of vmm and QEMU per configuration, each
 point the median over the rounds). Exits 1 when a configuration has no usable fio result.
 
@@ -15,6 +16,8 @@ import math
 import pathlib
 import statistics
 import sys
+
+from abtest import ALPHA, MIN_CHANGE, verdict
 
 # fio's default percentile list (fio(1), "percentile_list"): the points of the curves.
 PCTS = ["1.000000", "5.000000", "10.000000", "20.000000", "30.000000", "40.000000",
@@ -155,6 +158,34 @@ def tag(obj, without=()):
     return tuple(obj[k] for k in keys if k not in without)
 
 
+def ab_verdicts(runs, per_round):
+    """vmm against QEMU per configuration: {tag: {"iops": verdict, "p99": verdict}} from the
+    per-round figures; also stored in the vmm row of summary.json as `vs_qemu`."""
+    out = {}
+    for obj in (r[0] for r in runs if r[0]["vmm"] == "vmm"):
+        mine = per_round.get(tag(obj))
+        theirs = per_round.get(("qemu",) + tag(obj)[1:])
+        if not mine or not theirs:
+            continue
+        v = {}
+        for figure, higher_is_better in (("iops", True), ("p99", False)):
+            a = [x for x in mine[figure] if x is not None]
+            b = [x for x in theirs[figure] if x is not None]
+            if a and b:
+                v[figure] = verdict(a, b, higher_is_better)
+        if "iops" in v:
+            out[tag(obj)] = v
+            obj["vs_qemu"] = v
+    return out
+
+
+def say(v):
+    """A verdict in a table cell: 'faster (+12%, p=0.008)'."""
+    if not v:
+        return "—"
+    return f"{v['verdict']} ({v['change']:+.0%}, p={v['p']:.3g})"
+
+
 def plot(runs, path):
     """One panel per configuration, vmm's and QEMU's percentile curves on a 'nines' axis."""
     import matplotlib
@@ -207,7 +238,14 @@ def main():
         else:
             problems.append(why)
     rounds = int(machine.get("rounds", "1") or 1)
+    # Each configuration's figures per round, for the A/B verdicts.
+    per_round = {}
+    for run in runs:
+        fig = per_round.setdefault(tag(run[0]), {"iops": [], "p99": []})
+        fig["iops"].append(run[0]["iops"])
+        fig["p99"].append(run[0]["lat_us"]["p99"])
     runs = combine(runs)
+    verdicts = ab_verdicts(runs, per_round)
     runs.sort(key=lambda r: sort_key(r[0]))
     expected = int(machine.get("configurations", "0") or 0)
     if len(runs) < expected:
@@ -270,17 +308,32 @@ def main():
                   f"{fmt(lat['p99'])} | {fmt(lat['p99.9'])} | {fmt(lat['p99.99'])} | "
                   f"{polls or '—'} |")
     by = {tag(r[0]): r[0] for r in runs}
-    md += ["", "## vmm over QEMU (below 1: vmm faster; goal: at most 1 everywhere)", "",
-           "| placement | image | rw | QD | load | IOPS | p50 | p99 | p99.9 |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    md += ["", "## vmm over QEMU (IOPS above 1, latencies below 1: vmm faster)", "",
+           f"Verdicts: a permutation test on the {rounds} per-round figures of each side, called "
+           f"only at a change of at least {MIN_CHANGE:.0%} with p < {ALPHA} (Firecracker's A/B "
+           "rule); otherwise no difference at this noise."
+           + ("" if rounds >= 5 else f" With {rounds} round(s) no p-value can fall below 0.01: "
+              "run `--rounds 5` or more for a verdict."), "",
+           "| placement | image | rw | QD | load | IOPS | p50 | p99 | p99.9 | IOPS verdict | "
+           "p99 verdict |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for obj in (r[0] for r in runs if r[0]["vmm"] == "vmm"):
         q = by.get(("qemu",) + tag(obj)[1:])
         if not q:
             continue
         cells = [ratio(obj["iops"], q["iops"])] + [
             ratio(obj["lat_us"][p], q["lat_us"][p]) for p in ("p50", "p99", "p99.9")]
+        v = verdicts.get(tag(obj), {})
         md.append(f"| {obj['placement']} | {obj['image']} | {obj['rw']} | {obj['iodepth']} | "
-                  f"{obj['load']} | " + " | ".join(fmt(c, 2) for c in cells) + " |")
+                  f"{obj['load']} | " + " | ".join(fmt(c, 2) for c in cells) + " | "
+                  f"{say(v.get('iops'))} | {say(v.get('p99'))} |")
+    if verdicts:
+        md += ["", "## Rows by verdict (IOPS)", ""]
+        for called in ("faster", "slower", "no difference at this noise"):
+            rows = ["{} {} {} qd{} {} ({:+.0%}, p={:.3g})".format(
+                        *t[1:], v["iops"]["change"], v["iops"]["p"])
+                    for t, v in verdicts.items() if v["iops"]["verdict"] == called]
+            md.append(f"- vmm {called}: " + ("; ".join(rows) if rows else "none"))
     md += ["", "## iothread over main loop, disturbed (goal: p99.9 at most 0.5)", "",
            "| VMM | image | rw | QD | p50 | p99 | p99.9 |", "|---|---|---|---|---|---|---|"]
     for obj in (r[0] for r in runs if r[0]["placement"] == "iothread" and r[0]["load"] == "disturbed"):
