@@ -4,9 +4,9 @@
 //! chain served it.
 //!
 //! The images need no new arguments for it: while a worker runs a request, the image marks its
-//! data transfers with [`data`] and its reads from a backing layer with [`backing`], which add
+//! data transfers with `data` and its reads from a backing layer with `backing`, which add
 //! to a record kept in the worker's thread (a thread-local cell: no lock, no allocation, two
-//! monotonic clock reads per transfer). Whatever the image spends outside [`data`] is its
+//! monotonic clock reads per transfer). Whatever the image spends outside `data` is its
 //! metadata work: lookups, table loads and write-back, allocation and refcounts, waiting for the
 //! metadata lock. Copy-up reads and writes move data, so they count as data.
 

@@ -230,7 +230,7 @@ impl QueueStages {
     }
 }
 
-/// The stage statistics of one disk: one [`QueueStages`] per queue.
+/// The stage statistics of one disk, queue by queue.
 #[derive(Debug)]
 pub struct StageStats {
     queues: Box<[QueueStages]>,
