@@ -367,4 +367,37 @@ mod tests {
         );
         assert!(text.contains(" total 1.5/2.0 "), "{text}");
     }
+
+    #[test]
+    fn samples_read_what_the_monitor_serializes() {
+        use block::trace::IoTrace;
+        use devices::virtio::block::stages::{StageStats, Times};
+        use std::time::Instant;
+
+        let stats = StageStats::new(2);
+        stats
+            .set_boundaries(Some(&[1000, 2000]))
+            .expect("valid boundaries");
+        let base = Instant::now();
+        let at = |ns| base + Duration::from_nanos(ns);
+        for queue in 0..2 {
+            let times = Times {
+                woke: at(0),
+                taken: at(100),
+                submitted: at(200),
+                trace: IoTrace::unworked(at(1200)),
+                completed: at(1500),
+            };
+            stats.record(queue, &times);
+        }
+        let stages = crate::monitor::block_stages(&stats.snapshot());
+        let entry = json!({"device": "d0", "stats": {"rd_operations": 2, "wr_operations": 1},
+                           "x-stages": serde_json::to_value(&stages).expect("serializes")});
+        let s = sample(&entry);
+        assert_eq!((s.reads, s.writes), (2, 1));
+        // SHOWN's order: total (1500 ns), queue wait (100), ..., backend (1000), ...
+        assert_eq!(s.stages[0], (vec![1000, 2000], vec![0, 2, 0]));
+        assert_eq!(s.stages[1], (vec![1000, 2000], vec![2, 0, 0]));
+        assert_eq!(s.stages[3], (vec![1000, 2000], vec![0, 2, 0]));
+    }
 }
