@@ -7,7 +7,8 @@
 #   ROUND, ROUNDS  this run is round ROUND of ROUNDS (with several, results are named TAG.rN);
 #   RUNTIME  fio's measured seconds per configuration (after 1 s of ramp);
 #   IMAGE_MIB, NCONF (fio runs in all, for the progress lines);
-#   POLL_INTERVAL  seconds between a QMP reply and the next query-blockstats (0: flood, pipelined).
+#   POLL_INTERVAL  seconds between a QMP reply and the next query-blockstats (0: flood, pipelined);
+#   QEMU_BASELINE  the start of QEMU's command line (ci/qemu-baseline.args).
 # Each boot: a 2-vCPU 1 GiB guest with initrd-fio.img, its one disk a fresh copy of the image, the
 # same flags for both VMMs (QEMU: microvm, -object iothread, -device virtio-blk-device), cache=none,
 # and a monitor on -qmp tcp:127.0.0.1:PORT. The guest (a script on its command line) runs fio with
@@ -190,7 +191,7 @@ run_boot() {
   if [ "$place" = iothread ]; then io="-object iothread,id=io0"; dev=",iothread=io0"; fi
   case $vmm in
     vmm) cmd="vmm -m 1G -smp 2" ;;
-    qemu) cmd="qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m 1G -smp 2 -nodefaults -no-reboot -display none -serial stdio -name bench,debug-threads=on" ;;
+    qemu) cmd="$QEMU_BASELINE -m 1G -smp 2 -name bench,debug-threads=on" ;;
   esac
   p=$vmm.$place.$image
   [ "$ROUNDS" = 1 ] || p=$p.r$round

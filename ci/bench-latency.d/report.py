@@ -279,7 +279,8 @@ def main():
     md += [f"- Host: {where}.",
            f"- vmm: query-version {versions['vmm']}, package {machine.get('vmm_package')}, "
            f"commit {machine.get('vmm_commit')}.",
-           f"- QEMU: query-version {versions['qemu']} ({host.get('qemu')}), `-M microvm`.",
+           f"- QEMU: query-version {versions['qemu']} ({host.get('qemu')}), "
+           f"`{machine.get('qemu_baseline', '').strip()}` (ci/qemu-baseline.args).",
            f"- Guest: Debian kernel {machine.get('guest_kernel')}, initrd-fio.img; one virtio-blk "
            f"disk ({machine.get('image_mib')} MiB, every cluster allocated, `cache=none`), fresh "
            "copy per boot; fio 4 KiB `--direct=1 --ioengine=libaio`, pinned to vCPU 0, "

@@ -3,7 +3,8 @@
 #   VMMS      "vmm qemu vmm-baseline" (a subset), the guests to boot, in order;
 #   RUNTIME   seconds of discard and rewrite after the fill;
 #   SIZE_MIB  the data disk's size; CACHE  its cache mode; FSYNC  writes between guest flushes
-#             (0: none); INTERVAL  seconds between samples.
+#             (0: none); INTERVAL  seconds between samples; QEMU_BASELINE  the start of QEMU's
+#             command line (ci/qemu-baseline.args).
 # Each boot: a 2-vCPU 1 GiB guest with initrd-fio.img and one disk, a fresh qcow2 image (64 KiB
 # clusters) on an iothread with discard=unmap, the same flags for every VMM (QEMU: microvm,
 # -object iothread, -device virtio-blk-device). The guest (a script on its command line) fills the
@@ -71,7 +72,7 @@ for name in $VMMS; do
   file=run/d.qcow2
   qemu-img create -q -f qcow2 -o cluster_size=65536 "$file" "${SIZE_MIB}M"
   case $name in
-    qemu) cmd="qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m 1G -smp 2 -nodefaults -no-reboot -display none -serial stdio" ;;
+    qemu) cmd="$QEMU_BASELINE -m 1G -smp 2" ;;
     *) cmd="$name -m 1G -smp 2" ;;
   esac
   gs=$(printf '%s\n' "$guest_body" | base64 | tr -d '\n')
