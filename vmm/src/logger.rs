@@ -1,5 +1,9 @@
 //! The debug log (`-D FILE`): every `log` record, with a timestamp and the thread's name.
 //!
+//! Timestamps count seconds from the log's start; its first line gives that start as Unix time (to
+//! the microsecond), so that a benchmark can place the VMM's own steps (the `startup:` lines: guest
+//! memory, kernel, initramfs, ACPI tables, vCPUs, each vCPU's first `KVM_RUN`) on its own clock.
+//!
 //! Without `-D` nothing is logged: the terminal belongs to the guest's console, and the VMM's own
 //! errors reach stderr through `main`.
 
@@ -7,7 +11,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Errors from setting up the debug log.
 #[derive(Debug, thiserror::Error)]
@@ -71,12 +75,22 @@ pub fn init(path: &Path) -> Result<(), LoggerError> {
         path: path.to_owned(),
         source,
     })?;
+    let start = Instant::now();
+    // A clock before 1970 would be a broken host; the log then says 0.
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     // The logger lives as long as the process: leaking it is what `log` expects.
     let logger: &'static FileLogger = Box::leak(Box::new(FileLogger {
         file: Mutex::new(file),
-        start: Instant::now(),
+        start,
     }));
     log::set_logger(logger).map_err(|_| LoggerError::AlreadySet)?;
     log::set_max_level(log::LevelFilter::Debug);
+    log::info!(
+        "debug log started at Unix time {}.{:06}",
+        unix.as_secs(),
+        unix.subsec_micros()
+    );
     Ok(())
 }

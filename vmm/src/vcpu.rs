@@ -236,7 +236,12 @@ impl Vcpu {
             VcpuRequest::Pause => State::Paused,
             VcpuRequest::Run | VcpuRequest::Stop => State::Running,
         };
+        let mut first_run = true;
         while state != State::Finished {
+            if first_run && state == State::Running {
+                log::info!("startup: vCPU {} first KVM_RUN", self.index);
+                first_run = false;
+            }
             state = match state {
                 State::Running => self.running(),
                 State::Paused => self.paused(),

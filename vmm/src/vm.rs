@@ -308,9 +308,11 @@ impl Vm {
             return Err(VmError::TooManyCpus { cpus, max });
         }
         let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        log::info!("startup: KVM opened and VM created");
         let memory =
             create_guest_memory(cfg.mem_bytes, host_ram_bytes()).map_err(VmError::Memory)?;
         register_memory(&vm_fd, &memory)?;
+        log::info!("startup: guest memory mapped and registered");
         let tss = usize::try_from(KVM_TSS_START).unwrap_or(0);
         vm_fd.set_tss_address(tss).map_err(VmError::SetTss)?;
         vm_fd.create_irq_chip().map_err(VmError::CreateIrqchip)?;
@@ -349,6 +351,7 @@ impl Vm {
             machine.request = VcpuRequest::Pause;
         }
         let global = Arc::new(GlobalLock::new(machine, shared_mmio));
+        log::info!("startup: devices and disks built");
 
         let entry = load_guest(
             &memory,
@@ -384,6 +387,7 @@ impl Vm {
                 failed,
             ));
         }
+        log::info!("startup: vCPUs configured");
         Ok(Self {
             _vm_fd: vm_fd,
             _memory: memory,

@@ -336,6 +336,7 @@ fn load_initrd(
 pub fn load_guest(mem: &GuestMemory, cfg: &BootConfig) -> Result<EntryPoint, BootError> {
     // 1. Kernel.
     let kernel = load_kernel(mem, cfg.kernel)?;
+    log::info!("startup: kernel loaded");
     // 2. Command line, within the kernel's limit when it states one.
     let cmdline_size = kernel
         .header
@@ -354,8 +355,10 @@ pub fn load_guest(mem: &GuestMemory, cfg: &BootConfig) -> Result<EntryPoint, Boo
         .initrd
         .map(|path| load_initrd(mem, path, kernel.end, addr_max))
         .transpose()?;
+    log::info!("startup: command line and initramfs loaded");
     // 4. ACPI.
     let rsdp = create_acpi_tables(mem, cfg.topology, cfg.dsdt_devices).map_err(BootError::Acpi)?;
+    log::info!("startup: ACPI tables written");
     // 5. Boot information.
     let e820 = e820_map(cfg.mem_bytes);
     match kernel.entry {
