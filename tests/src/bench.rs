@@ -1,9 +1,14 @@
 //! The boot benchmark of the boot issue: time from the VMM's start to the guest's first userspace
 //! line, and the VMM's resident memory beyond guest RAM, for each VMM with the same kernel,
-//! initramfs, memory, vCPUs and command line, runs interleaved in one host, median of N each.
+//! initramfs, memory, vCPUs and command line, runs interleaved in one host, median of N each; and
+//! where that time goes, phase by phase ([`crate::phases`]), with vmm's own start-up in
+//! microseconds.
 //!
-//! The inner half ([`measure`]) boots the guests and prints one `BOOT` line per boot; the outer half
-//! ([`summarize`]) reads them back and writes a Markdown table.
+//! The inner half ([`measure`]) prints each VMM's exact command line (`COMMAND`), then boots the
+//! guests with their debug logs on (`-D`; QEMU also traces `kvm_cpu_exec`) and prints per boot a
+//! `BOOT` line, a `PHASES` line and, for vmm, a `STARTUP` line per start-up step; once per VMM it
+//! prints the guest's `dmesg`. The outer half ([`summarize`]) reads them back and writes Markdown
+//! tables.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -11,6 +16,7 @@ use std::time::Duration;
 
 use crate::guest::{self, Guest};
 use crate::memory;
+use crate::phases::{self, Milestones, PHASES};
 use crate::report::{median, BootSample};
 use crate::target::{Boot, Kernel, Target};
 
@@ -60,25 +66,85 @@ pub struct Setup {
 pub fn measure(targets: &[Target], setup: Setup, guest_dir: &Path) -> Result<(), Error> {
     // No guest.run words: the guest goes straight to its shell, whose prompt ends the boot.
     let boot = Boot::new(Kernel::BzImage, setup.smp, setup.mem_mib, "");
+    for &target in targets {
+        println!(
+            "COMMAND {target} {}",
+            shell_words(&boot.command(target, guest_dir))
+        );
+    }
+    let log_dir = std::env::temp_dir();
     for run in 1..=setup.runs {
         for &target in targets {
-            let mut g =
-                Guest::spawn(boot.command(target, guest_dir)).map_err(|source| Error::Guest {
-                    target,
-                    run,
-                    source,
-                })?;
+            let log = log_dir.join(format!("bench-boot-{}-{target}.log", std::process::id()));
+            let mut command = boot.command(target, guest_dir);
+            command.args(target.debug_log_args(&log));
+            let mut g = Guest::spawn(command).map_err(|source| Error::Guest {
+                target,
+                run,
+                source,
+            })?;
             let sample = sample(&mut g, target, run, setup.mem_mib);
             if sample.is_err() {
                 print!("{}", g.transcript());
             }
-            println!("{}", sample?.line());
+            let (sample, dmesg) = sample?;
+            println!("{}", sample.line());
+            // The log is complete: the VMM has exited. Without it the phases say "-".
+            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+            let _ = std::fs::remove_file(&log);
+            let started = g.started_unix();
+            let kvm_run = match target {
+                Target::Vmm => {
+                    let steps = phases::vmm_startup(&log_text, started);
+                    for (step, us) in &steps {
+                        println!("STARTUP {target} {run} {us:.0} {step}");
+                    }
+                    phases::vmm_first_run(&steps)
+                }
+                Target::Qemu => phases::qemu_first_run(&log_text, started),
+            };
+            let m = Milestones::from_kernel_log(
+                kvm_run,
+                dmesg.iter().map(String::as_str),
+                sample.userspace_ms,
+            );
+            println!("PHASES {target} {run} {}", m.words());
+            if run == 1 {
+                for l in &dmesg {
+                    println!("DMESG {target} {l}");
+                }
+            }
         }
     }
     Ok(())
 }
 
-fn sample(g: &mut Guest, target: Target, run: u32, mem_mib: u64) -> Result<BootSample, Error> {
+/// A command line as one string, words with spaces quoted.
+fn shell_words(c: &std::process::Command) -> String {
+    std::iter::once(c.get_program())
+        .chain(c.get_args())
+        .map(|w| {
+            let w = w.to_string_lossy();
+            if w.contains(' ') {
+                format!("'{w}'")
+            } else {
+                w.into_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The line the guest's shell prints after `dmesg`.
+const DMESG_END: &str = "BENCH-DMESG-END";
+
+/// One boot: its figures, and the guest kernel's log read at the prompt.
+fn sample(
+    g: &mut Guest,
+    target: Target,
+    run: u32,
+    mem_mib: u64,
+) -> Result<(BootSample, Vec<String>), Error> {
     let err = |source| Error::Guest {
         target,
         run,
@@ -93,15 +159,29 @@ fn sample(g: &mut Guest, target: Target, run: u32, mem_mib: u64) -> Result<BootS
         run,
         source,
     })?;
+    let from = g.lines().len();
+    g.send(&format!("dmesg; echo {DMESG_END}\n")).map_err(err)?;
+    // The echo of the typed command holds the marker too, but not alone on its line.
+    g.wait_line(DMESG_END, BOOT_TIMEOUT, |l| l == DMESG_END)
+        .map_err(err)?;
+    let dmesg = g
+        .lines()
+        .get(from..)
+        .unwrap_or_default()
+        .iter()
+        .map(|l| l.text.clone())
+        .filter(|l| l.as_str() != DMESG_END)
+        .collect();
     g.send("poweroff -f\n").map_err(err)?;
     g.wait_exit(BOOT_TIMEOUT).map_err(err)?;
-    Ok(BootSample {
+    let sample = BootSample {
         target: target.to_string(),
         run,
         userspace_ms: up.at.as_secs_f64() * 1000.0,
         rss_kib: mem.total_kib,
         guest_kib: mem.guest_kib,
-    })
+    };
+    Ok((sample, dmesg))
 }
 
 /// The Markdown summary of the `BOOT` lines in `output`: per VMM, the median time to userspace and
@@ -123,7 +203,7 @@ pub fn summarize(output: &str, setup: Setup, host: &str) -> String {
     );
     md.push_str("| VMM | boots | to userspace, median (min–max) | RSS beyond guest RAM, median (min–max) | total RSS, median |\n");
     md.push_str("|---|---|---|---|---|\n");
-    for t in targets {
+    for &t in &targets {
         let mine: Vec<&BootSample> = samples.iter().filter(|s| s.target == t).collect();
         let ms: Vec<f64> = mine.iter().map(|s| s.userspace_ms).collect();
         let over: Vec<f64> = mine
@@ -143,6 +223,103 @@ pub fn summarize(output: &str, setup: Setup, host: &str) -> String {
             ohi / 1024.0,
             median(&total).unwrap_or(f64::NAN) / 1024.0,
         );
+    }
+    md.push_str(&phase_table(output, &targets));
+    md.push_str(&startup_table(output));
+    md.push_str("\nCommands (each boot adds its debug log: `-D FILE`, and for QEMU `-trace kvm_cpu_exec -msg timestamp=on`):\n\n");
+    for l in output.lines() {
+        if let Some(rest) = l.strip_prefix("COMMAND ") {
+            let (t, cmd) = rest.split_once(' ').unwrap_or((rest, ""));
+            let _ = writeln!(md, "- {t}: `{cmd}`");
+        }
+    }
+    md
+}
+
+/// The `PHASES` lines of `output` as (target, milestones).
+fn milestones(output: &str) -> Vec<(&str, Milestones)> {
+    output
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.strip_prefix("PHASES ")?.split_whitespace().collect();
+            let (target, rest) = w.split_first()?;
+            Some((*target, Milestones::parse(rest.get(1..)?)?))
+        })
+        .collect()
+}
+
+/// Per phase, each VMM's median time in it, and vmm's over QEMU's.
+fn phase_table(output: &str, targets: &[&str]) -> String {
+    let all = milestones(output);
+    if all.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from("\nWhere the time goes, ms, median of the boots (milestones from the VMM's debug log and the guest's dmesg, `tests/src/phases.rs`):\n\n| phase |");
+    for t in targets {
+        let _ = write!(md, " {t} |");
+    }
+    md.push_str(" vmm / qemu |\n|---|");
+    md.push_str(&"---|".repeat(targets.len() + 1));
+    md.push('\n');
+    let total = (
+        "VMM start → first userspace line",
+        None,
+        phases::Field::Userspace,
+    );
+    for (name, from, to) in PHASES.iter().chain(std::iter::once(&total)) {
+        let _ = write!(md, "| {name} |");
+        let mut by = Vec::new();
+        for t in targets {
+            let v: Vec<f64> = all
+                .iter()
+                .filter(|(n, _)| n == t)
+                .filter_map(|(_, m)| m.span(*from, *to))
+                .collect();
+            let m = median(&v);
+            by.push((*t, m));
+            let _ = write!(
+                md,
+                " {} |",
+                m.map_or_else(|| "–".to_owned(), |m| format!("{m:.0}"))
+            );
+        }
+        let get = |name: &str| by.iter().find(|(t, _)| *t == name).and_then(|(_, m)| *m);
+        let ratio = match (get("vmm"), get("qemu")) {
+            (Some(v), Some(q)) if q > 0.0 => format!("{:.2}", v / q),
+            _ => "–".to_owned(),
+        };
+        let _ = writeln!(md, " {ratio} |");
+    }
+    md
+}
+
+/// vmm's start-up steps (`STARTUP` lines), median microseconds from its start, in log order.
+fn startup_table(output: &str) -> String {
+    let mut steps: Vec<(String, Vec<f64>)> = Vec::new();
+    for l in output.lines() {
+        let Some(rest) = l.strip_prefix("STARTUP ") else {
+            continue;
+        };
+        let mut w = rest.splitn(4, ' ');
+        let (Some(_target), Some(_run), Some(us), Some(step)) =
+            (w.next(), w.next(), w.next(), w.next())
+        else {
+            continue;
+        };
+        let Ok(us) = us.parse::<f64>() else {
+            continue;
+        };
+        match steps.iter_mut().find(|(s, _)| s == step) {
+            Some((_, v)) => v.push(us),
+            None => steps.push((step.to_owned(), vec![us])),
+        }
+    }
+    if steps.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from("\nvmm's own start-up, µs from its start (the process started by the harness), median:\n\n| step | µs |\n|---|---|\n");
+    for (step, v) in steps {
+        let _ = writeln!(md, "| {step} | {:.0} |", median(&v).unwrap_or(f64::NAN));
     }
     md
 }
@@ -173,13 +350,35 @@ mod tests {
             mem_mib: 512,
             smp: 2,
         };
-        let md = summarize(out, setup, "nested");
+        let out = format!(
+            "{out}COMMAND qemu qemu-system-x86_64 -M microvm,rtc=on\n\
+             PHASES vmm 1 2.0 100.0 200.0 300.0 500.0\nPHASES qemu 1 50.0 150.0 300.0 400.0 1000.0\n\
+             STARTUP vmm 1 900 KVM opened and VM created\nSTARTUP vmm 2 1100 KVM opened and VM created\n"
+        );
+        let md = summarize(&out, setup, "nested");
         assert!(
             md.contains("| qemu | 3 | 2000 ms (1000–3000) | 40.1 MiB (39.1–41.1) |"),
             "{md}"
         );
         assert!(
             md.contains("| vmm | 3 | 600 ms (500–700) | 9.8 MiB (9.8–19.8) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| VMM start → first KVM_RUN | 50 | 2 | 0.04 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| initramfs unpacking | 100 | 100 | 1.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| VMM start → first userspace line | 1000 | 500 | 0.50 |"),
+            "{md}"
+        );
+        assert!(md.contains("| KVM opened and VM created | 1000 |"), "{md}");
+        assert!(
+            md.contains("- qemu: `qemu-system-x86_64 -M microvm,rtc=on`"),
             "{md}"
         );
     }

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How often [`Guest::wait_exit`] polls the child.
 const EXIT_POLL: Duration = Duration::from_millis(20);
@@ -76,6 +76,8 @@ pub struct Guest {
     stdin: Option<ChildStdin>,
     events: Receiver<Event>,
     started: Instant,
+    /// The same moment as Unix time, to read the VMM's own wall-clock log against.
+    started_unix: Duration,
     lines: Vec<Line>,
     partial: Vec<u8>,
     stderr_partial: Vec<u8>,
@@ -120,6 +122,10 @@ impl Guest {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let started = Instant::now();
+        // A clock before 1970 would be a broken host; then the VMM's log cannot be placed.
+        let started_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let mut child = command
             .spawn()
             .map_err(|source| Error::Spawn { program, source })?;
@@ -136,6 +142,7 @@ impl Guest {
             child,
             events,
             started,
+            started_unix,
             lines: Vec::new(),
             partial: Vec::new(),
             stderr_partial: Vec::new(),
@@ -148,6 +155,16 @@ impl Guest {
     /// The VMM's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// When the VMM was started, as Unix time.
+    pub fn started_unix(&self) -> Duration {
+        self.started_unix
+    }
+
+    /// The complete console lines so far, in order.
+    pub fn lines(&self) -> &[Line] {
+        &self.lines
     }
 
     /// Takes in what the readers sent, waiting at most `timeout` for the first event.

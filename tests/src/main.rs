@@ -19,6 +19,7 @@ mod disks;
 mod guest;
 mod memory;
 mod nested;
+mod phases;
 mod qmp;
 mod report;
 mod target;

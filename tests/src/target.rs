@@ -1,12 +1,27 @@
 //! The inner VMMs a guest can boot under, and how each is told to boot one.
 //!
 //! Both take QEMU's flags, so one [`Boot`] description becomes either command line: ours (`vmm`)
-//! and QEMU's microvm (`qemu-system-x86_64 -M microvm -enable-kvm`), the baseline we compare with and
-//! the VMM that proves the harness itself works.
+//! and QEMU's microvm as a user tuning it for boot time runs it ([`QEMU_BASELINE`], from
+//! `ci/qemu-baseline.args`), the baseline we compare with and the VMM that proves the harness itself
+//! works.
 
+use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The QEMU command every comparison starts with, one argument per line after `#` comments: the
+/// project's one definition, shared with the shell benchmarks.
+pub const QEMU_BASELINE: &str = include_str!("../../ci/qemu-baseline.args");
+
+/// The words of [`QEMU_BASELINE`]: the program, then its arguments.
+pub fn qemu_baseline() -> Vec<&'static str> {
+    QEMU_BASELINE
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+}
 
 /// The kernel command line every boot starts with: the same for every VMM compared, since each
 /// byte on the console is an exit (DESIGN.md, "Guest boot").
@@ -25,7 +40,7 @@ pub enum Error {
 pub enum Target {
     /// Our `vmm` binary, found on PATH.
     Vmm,
-    /// `qemu-system-x86_64 -M microvm`.
+    /// QEMU's microvm, as [`QEMU_BASELINE`] runs it.
     Qemu,
 }
 
@@ -42,6 +57,18 @@ impl Target {
     /// Parses a comma-separated list of targets.
     pub fn parse_list(list: &str) -> Result<Vec<Self>, Error> {
         list.split(',').map(Target::parse).collect()
+    }
+
+    /// The arguments that make this VMM write its debug log to `path` with what the boot benchmark
+    /// reads from it: vmm's own `startup:` lines (each vCPU's first `KVM_RUN` among them), and
+    /// QEMU's `kvm_cpu_exec` trace event (a vCPU entering its `KVM_RUN` loop) with wall-clock
+    /// timestamps.
+    pub fn debug_log_args(self, path: &Path) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["-D".into(), path.into()];
+        if self == Target::Qemu {
+            args.extend(["-trace", "kvm_cpu_exec", "-msg", "timestamp=on"].map(OsString::from));
+        }
+        args
     }
 }
 
@@ -123,16 +150,10 @@ impl Boot {
                 c.arg("-m").arg(format!("{}M", self.mem_mib));
             }
             Target::Qemu => {
-                c = Command::new("qemu-system-x86_64");
-                c.args([
-                    "-M",
-                    "microvm",
-                    "-enable-kvm",
-                    "-cpu",
-                    "host",
-                    "-nodefaults",
-                ]);
-                c.args(["-no-reboot", "-display", "none", "-serial", "stdio"]);
+                let baseline = qemu_baseline();
+                let (program, args) = baseline.split_first().unwrap_or((&"", &[]));
+                c = Command::new(program);
+                c.args(args);
                 c.arg("-m").arg(format!("{}M", self.mem_mib));
             }
         }
@@ -179,7 +200,12 @@ mod tests {
         let q = b.command(Target::Qemu, dir);
         assert_eq!(q.get_program(), "qemu-system-x86_64");
         let qa = args(&q);
-        assert!(qa.windows(2).any(|w| w == ["-M", "microvm"]));
+        assert!(qa.starts_with(
+            &qemu_baseline()[1..]
+                .iter()
+                .map(|a| (*a).to_owned())
+                .collect::<Vec<_>>()
+        ));
         assert!(qa.ends_with(&[
             "-smp".into(),
             "2".into(),
@@ -190,6 +216,37 @@ mod tests {
             "-append".into(),
             "console=ttyS0 quiet guest.run=info".into()
         ]));
+    }
+
+    #[test]
+    fn the_qemu_baseline_is_tuned_for_boot() {
+        let b = qemu_baseline();
+        assert_eq!(b.first(), Some(&"qemu-system-x86_64"));
+        let machine = b.windows(2).find(|w| w[0] == "-M").map(|w| w[1]).unwrap();
+        let opts: Vec<&str> = machine.split(',').collect();
+        assert_eq!(opts.first(), Some(&"microvm"));
+        assert!(opts.contains(&"rtc=on"), "{machine}");
+        assert!(b.windows(2).any(|w| w == ["-cpu", "host"]));
+        assert!(b.contains(&"-nodefaults") && b.contains(&"-no-user-config"));
+        assert!(b.contains(&"-enable-kvm"));
+        assert!(b.iter().all(|w| !w.contains(' ')), "one word per line");
+    }
+
+    #[test]
+    fn debug_log_args_add_qemus_trace() {
+        let p = Path::new("/t/log");
+        assert_eq!(Target::Vmm.debug_log_args(p), ["-D", "/t/log"]);
+        assert_eq!(
+            Target::Qemu.debug_log_args(p),
+            [
+                "-D",
+                "/t/log",
+                "-trace",
+                "kvm_cpu_exec",
+                "-msg",
+                "timestamp=on"
+            ]
+        );
     }
 
     #[test]

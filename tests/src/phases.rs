@@ -1,0 +1,275 @@
+//! Where a boot's time goes: the milestones of one boot, in milliseconds from the VMM's start, read
+//! from the VMM's own debug log and from the guest kernel's log.
+//!
+//! - **First `KVM_RUN`**: vmm's `-D` log gives its start as Unix time and each step after it
+//!   (`startup:` lines, [`vmm_startup`]); QEMU's `-D` log with `-trace kvm_cpu_exec -msg
+//!   timestamp=on` gives each vCPU's entry into its `KVM_RUN` loop as Unix time ([`qemu_first_run`]).
+//!   The harness took the VMM's start as Unix time when it started the process.
+//! - **Kernel milestones**: the guest's `dmesg` (printk times, seconds on the kernel's clock): the
+//!   start of initramfs unpacking, its end (the initrd's memory freed), and `Run /init`. The
+//!   kernel's clock starts early in its set-up (kvmclock's first reading), after the bzImage has
+//!   unpacked itself; it is placed on the harness's clock by taking `Run /init` as the moment the
+//!   console showed the first userspace line, so the short exec of `/init` before that line counts
+//!   in "first `KVM_RUN` → kernel clock starts".
+
+use std::time::Duration;
+
+/// The console line that starts userspace's first process, in the kernel's log.
+const RUN_INIT: &str = "Run /init as init process";
+/// The kernel starts unpacking the initramfs.
+const UNPACK_START: &str = "Trying to unpack rootfs image as initramfs";
+/// The kernel has unpacked the initramfs and frees its image.
+const UNPACK_END: &str = "Freeing initrd memory";
+
+/// The milestones of one boot, milliseconds from the VMM's start; None where a log lacked one.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Milestones {
+    /// The first vCPU's first `KVM_RUN`.
+    pub kvm_run: Option<f64>,
+    /// The kernel's clock starts (printk time 0).
+    pub kernel: Option<f64>,
+    /// The kernel starts unpacking the initramfs.
+    pub unpack_start: Option<f64>,
+    /// The kernel has unpacked the initramfs.
+    pub unpack_end: Option<f64>,
+    /// The console shows the first userspace line.
+    pub userspace: f64,
+}
+
+/// The phases the summary shows, as (name, from, to) over [`Milestones`]; `from` None is the VMM's
+/// start.
+pub const PHASES: [(&str, Option<Field>, Field); 5] = [
+    ("VMM start → first KVM_RUN", None, Field::KvmRun),
+    (
+        "first KVM_RUN → kernel clock starts (bzImage unpacking, early set-up)",
+        Some(Field::KvmRun),
+        Field::Kernel,
+    ),
+    (
+        "kernel clock → initramfs unpacking starts",
+        Some(Field::Kernel),
+        Field::UnpackStart,
+    ),
+    (
+        "initramfs unpacking",
+        Some(Field::UnpackStart),
+        Field::UnpackEnd,
+    ),
+    (
+        "initramfs unpacked → first userspace line",
+        Some(Field::UnpackEnd),
+        Field::Userspace,
+    ),
+];
+
+/// One milestone of [`Milestones`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// [`Milestones::kvm_run`].
+    KvmRun,
+    /// [`Milestones::kernel`].
+    Kernel,
+    /// [`Milestones::unpack_start`].
+    UnpackStart,
+    /// [`Milestones::unpack_end`].
+    UnpackEnd,
+    /// [`Milestones::userspace`].
+    Userspace,
+}
+
+impl Milestones {
+    /// The milestone `f`.
+    pub fn get(&self, f: Field) -> Option<f64> {
+        match f {
+            Field::KvmRun => self.kvm_run,
+            Field::Kernel => self.kernel,
+            Field::UnpackStart => self.unpack_start,
+            Field::UnpackEnd => self.unpack_end,
+            Field::Userspace => Some(self.userspace),
+        }
+    }
+
+    /// Milliseconds from `from` (None: the VMM's start) to `to`.
+    pub fn span(&self, from: Option<Field>, to: Field) -> Option<f64> {
+        let start = match from {
+            Some(f) => self.get(f)?,
+            None => 0.0,
+        };
+        Some(self.get(to)? - start)
+    }
+
+    /// Places the kernel's log (`dmesg` lines) on the harness's clock, given when the first
+    /// userspace line reached the console (ms from the VMM's start).
+    pub fn from_kernel_log<'a>(
+        kvm_run: Option<f64>,
+        dmesg: impl IntoIterator<Item = &'a str>,
+        userspace: f64,
+    ) -> Self {
+        let (mut run_init, mut unpack_start, mut unpack_end) = (None, None, None);
+        for line in dmesg {
+            let Some((secs, text)) = printk_line(line) else {
+                continue;
+            };
+            for (needle, slot) in [
+                (RUN_INIT, &mut run_init),
+                (UNPACK_START, &mut unpack_start),
+                (UNPACK_END, &mut unpack_end),
+            ] {
+                if slot.is_none() && text.starts_with(needle) {
+                    *slot = Some(secs * 1000.0);
+                }
+            }
+        }
+        let kernel = run_init.map(|init| userspace - init);
+        let on_host = |t: Option<f64>| Some(kernel? + t?);
+        Milestones {
+            kvm_run,
+            kernel,
+            unpack_start: on_host(unpack_start),
+            unpack_end: on_host(unpack_end),
+            userspace,
+        }
+    }
+
+    /// The words of a `PHASES` report line after its target and run ("-" for a missing one).
+    pub fn words(&self) -> String {
+        let f = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+        format!(
+            "{} {} {} {} {:.1}",
+            f(self.kvm_run),
+            f(self.kernel),
+            f(self.unpack_start),
+            f(self.unpack_end),
+            self.userspace
+        )
+    }
+
+    /// Parses what [`Milestones::words`] wrote.
+    pub fn parse(words: &[&str]) -> Option<Self> {
+        let opt = |w: &str| -> Option<Option<f64>> {
+            if w == "-" {
+                Some(None)
+            } else {
+                w.parse().ok().map(Some)
+            }
+        };
+        let [a, b, c, d, e] = words else {
+            return None;
+        };
+        Some(Milestones {
+            kvm_run: opt(a)?,
+            kernel: opt(b)?,
+            unpack_start: opt(c)?,
+            unpack_end: opt(d)?,
+            userspace: e.parse().ok()?,
+        })
+    }
+}
+
+/// A `dmesg` line `[   1.234567] text` as (seconds, text).
+fn printk_line(line: &str) -> Option<(f64, &str)> {
+    let rest = line.trim_start().strip_prefix('[')?;
+    let (secs, text) = rest.split_once(']')?;
+    Some((secs.trim().parse().ok()?, text.trim_start()))
+}
+
+/// A debug-log timestamp, Unix seconds, as milliseconds after `started` (also Unix time).
+fn ms_after(unix_secs: f64, started: Duration) -> f64 {
+    (unix_secs - started.as_secs_f64()) * 1000.0
+}
+
+/// vmm's start-up steps from its `-D` log: (step, microseconds from the VMM's start) in log order.
+pub fn vmm_startup(log: &str, started: Duration) -> Vec<(String, f64)> {
+    let mut origin = None;
+    let mut steps = Vec::new();
+    for line in log.lines() {
+        // "[    0.001234] INFO  main: message"
+        let Some((secs, rest)) = printk_line(line) else {
+            continue;
+        };
+        let message = rest.split_once(": ").map_or(rest, |(_, m)| m);
+        if let Some(unix) = message.strip_prefix("debug log started at Unix time ") {
+            origin = unix.trim().parse::<f64>().ok();
+        } else if let (Some(o), Some(step)) = (origin, message.strip_prefix("startup: ")) {
+            steps.push((step.to_owned(), ms_after(o + secs, started) * 1000.0));
+        }
+    }
+    steps
+}
+
+/// QEMU's first `kvm_cpu_exec` trace line (`PID@SECS.MICROS:kvm_cpu_exec`), ms from its start.
+pub fn qemu_first_run(log: &str, started: Duration) -> Option<f64> {
+    log.lines().find_map(|line| {
+        let (head, event) = line.split_once(':')?;
+        if !event.starts_with("kvm_cpu_exec") {
+            return None;
+        }
+        let (_, unix) = head.split_once('@')?;
+        Some(ms_after(unix.parse().ok()?, started))
+    })
+}
+
+/// The first `KVM_RUN` among vmm's start-up steps, in ms.
+pub fn vmm_first_run(steps: &[(String, f64)]) -> Option<f64> {
+    steps
+        .iter()
+        .find(|(s, _)| s.ends_with("first KVM_RUN"))
+        .map(|(_, us)| us / 1000.0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const STARTED: Duration = Duration::from_micros(1_796_520_334_000_000);
+
+    #[test]
+    fn vmm_steps_are_placed_on_the_harness_clock() {
+        let log = "[    0.000000] INFO  main: debug log started at Unix time 1796520334.001000\n\
+                   [    0.000100] INFO  main: startup: KVM opened and VM created\n\
+                   [    0.000500] DEBUG main: something else\n\
+                   [    0.002000] INFO  vcpu0: startup: vCPU 0 first KVM_RUN\n";
+        let steps = vmm_startup(log, STARTED);
+        assert_eq!(steps.len(), 2, "{steps:?}");
+        assert_eq!(steps[0].0, "KVM opened and VM created");
+        assert!((steps[0].1 - 1100.0).abs() < 1.0, "{steps:?}");
+        assert!((vmm_first_run(&steps).unwrap() - 3.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn qemus_first_kvm_cpu_exec_is_found() {
+        let log = "2026-12-06T01:25:36.809196Z qemu-system-x86_64: warning: x\n\
+                   28006@1796520334.250000:kvm_cpu_exec \n\
+                   28007@1796520334.260000:kvm_cpu_exec \n";
+        assert!((qemu_first_run(log, STARTED).unwrap() - 250.0).abs() < 0.01);
+        assert_eq!(qemu_first_run("nothing\n", STARTED), None);
+    }
+
+    #[test]
+    fn kernel_milestones_are_aligned_at_run_init() {
+        let dmesg = [
+            "GUEST-PROMPT# dmesg; echo X",
+            "[    0.000000] Linux version 6.1",
+            "[    1.000000] Trying to unpack rootfs image as initramfs...",
+            "[    1.500000] Freeing initrd memory: 1000K",
+            "[    3.000000] Run /init as init process",
+        ];
+        let m = Milestones::from_kernel_log(Some(100.0), dmesg, 5000.0);
+        assert_eq!(m.kernel, Some(2000.0));
+        assert_eq!(m.unpack_start, Some(3000.0));
+        assert_eq!(m.unpack_end, Some(3500.0));
+        assert_eq!(m.span(None, Field::KvmRun), Some(100.0));
+        assert_eq!(m.span(Some(Field::KvmRun), Field::Kernel), Some(1900.0));
+        assert_eq!(
+            m.span(Some(Field::UnpackEnd), Field::Userspace),
+            Some(1500.0)
+        );
+        let words = m.words();
+        let back = Milestones::parse(&words.split(' ').collect::<Vec<_>>()).unwrap();
+        assert_eq!(back, m);
+        let none = Milestones::from_kernel_log(None, ["no times"], 10.0);
+        assert_eq!(none.words(), "- - - - 10.0");
+        assert_eq!(none.span(None, Field::Kernel), None);
+    }
+}
