@@ -21,6 +21,10 @@ const UNPACK_START: &str = "Trying to unpack rootfs image as initramfs";
 /// The kernel has unpacked the initramfs and frees its image.
 const UNPACK_END: &str = "Freeing initrd memory";
 
+/// An extended regular expression (`grep -E`) for the kernel's log lines [`Milestones`] reads.
+pub const KERNEL_LOG_PATTERN: &str =
+    "Run /init as init process|Trying to unpack rootfs image as initramfs|Freeing initrd memory";
+
 /// The milestones of one boot, milliseconds from the VMM's start; None where a log lacked one.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Milestones {
@@ -244,6 +248,16 @@ mod tests {
                    28007@1796520334.260000:kvm_cpu_exec \n";
         assert!((qemu_first_run(log, STARTED).unwrap() - 250.0).abs() < 0.01);
         assert_eq!(qemu_first_run("nothing\n", STARTED), None);
+    }
+
+    #[test]
+    fn the_grep_pattern_names_every_milestone() {
+        for needle in [RUN_INIT, UNPACK_START, UNPACK_END] {
+            assert!(
+                KERNEL_LOG_PATTERN.split('|').any(|p| p == needle),
+                "{needle}"
+            );
+        }
     }
 
     #[test]
