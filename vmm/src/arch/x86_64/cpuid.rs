@@ -1,9 +1,15 @@
-//! The CPUID each vCPU reports: KVM's supported set, with this vCPU's APIC id and the topology
-//! of `-smp` ([`Topology`]: sockets of cores of threads).
+//! The CPUID each vCPU reports: KVM's supported set, with what KVM emulates but leaves out of it
+//! (the TSC-deadline timer), this vCPU's APIC id and the topology of `-smp` ([`Topology`]: sockets
+//! of cores of threads).
+//!
+//! KVM's local APIC (always in the kernel here) runs the TSC-deadline timer, but older kernels'
+//! `KVM_GET_SUPPORTED_CPUID` (6.1's, say) does not report it: a VMM adds it when
+//! `KVM_CAP_TSC_DEADLINE_TIMER` says so (KVM's api.rst), as QEMU does. Without it the guest times with the APIC's one-shot
+//! mode, which it first calibrates against another clock, and every timer set is an MMIO write.
 //!
 //! Which leaves say what (Intel SDM vol. 2A, "CPUID"; AMD APM vol. 3, appendix E):
-//! - leaf 1: initial APIC id and logical processors per package (EBX), HTT (EDX), hypervisor
-//!   (ECX);
+//! - leaf 1: initial APIC id and logical processors per package (EBX), HTT (EDX), hypervisor and
+//!   TSC-deadline (ECX);
 //! - leaf 4 (Intel): cores per package and threads sharing each cache (EAX);
 //! - leaves 0xB and 0x1F (x2APIC topology): the SMT level (`threads` wide, shift of the thread
 //!   field) and the core level (`cores * threads` wide, shift of the socket field), the x2APIC id
@@ -16,7 +22,7 @@
 //! The APIC id of each vCPU comes from [`Topology::apic_id`], as the MADT's do.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
 
 use super::topology::Topology;
 
@@ -41,6 +47,8 @@ pub enum CpuidError {
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// Leaf 1 ECX: running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 ECX: the local APIC's TSC-deadline timer mode.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 0xB/0x1F level types, in ECX bits 15:8.
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
@@ -108,10 +116,22 @@ pub fn patch_entries(entries: &mut [kvm_cpuid_entry2], cpu: u8, topology: &Topol
     }
 }
 
-/// The CPUID leaves KVM supports on this host.
+/// The CPUID leaves KVM supports on this host, with the TSC-deadline timer where KVM has it.
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuidError> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(CpuidError::GetSupported)
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(CpuidError::GetSupported)?;
+    if kvm.check_extension(Cap::TscDeadlineTimer) {
+        add_tsc_deadline(cpuid.as_mut_slice());
+    }
+    Ok(cpuid)
+}
+
+/// Reports the TSC-deadline timer in leaf 1.
+fn add_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries.iter_mut().filter(|e| e.function == 0x1) {
+        e.ecx |= LEAF1_ECX_TSC_DEADLINE;
+    }
 }
 
 /// Sets `supported`, patched for vCPU `cpu` of `topology`, on `vcpu`.
@@ -152,6 +172,29 @@ mod tests {
 
     fn cores(count: u8) -> Topology {
         Topology::cores(count).expect("a valid core count")
+    }
+
+    #[test]
+    fn the_tsc_deadline_timer_is_reported_where_kvm_has_it() {
+        let kvm = Kvm::new().expect("/dev/kvm is needed by the vmm tests");
+        let cpuid = supported_cpuid(&kvm).expect("KVM's CPUID");
+        let leaf1 = find(cpuid.as_slice(), 1, 0);
+        assert_eq!(
+            leaf1.ecx & LEAF1_ECX_TSC_DEADLINE != 0,
+            kvm.check_extension(Cap::TscDeadlineTimer),
+            "leaf 1 ECX {:#x}",
+            leaf1.ecx
+        );
+    }
+
+    #[test]
+    fn a_kernel_that_leaves_tsc_deadline_out_gets_it_added() {
+        // Older kernels (the nested host's 6.1) leave the bit out of KVM_GET_SUPPORTED_CPUID;
+        // newer ones (this machine's) report it themselves.
+        let mut e = [leaf(1, 0, 0, 0, 0x8000_0000, 0), leaf(7, 0, 0, 0, 0, 0)];
+        add_tsc_deadline(&mut e);
+        assert_eq!(e[0].ecx, 0x8100_0000);
+        assert_eq!(e[1].ecx, 0, "only leaf 1 changes");
     }
 
     #[test]
