@@ -182,6 +182,15 @@ pub enum Error {
         /// The image file.
         path: String,
     },
+    /// A snapshot operation refused.
+    #[error("{path}")]
+    Snapshot {
+        /// The image file.
+        path: String,
+        /// Why.
+        #[source]
+        source: crate::qcow2::snapshot::SnapshotError,
+    },
     /// An invalid option for creating an image.
     #[error("invalid image option: {0}")]
     InvalidOption(String),
@@ -224,6 +233,7 @@ impl Error {
             Error::OutOfRange { .. }
             | Error::ReadOnly
             | Error::InvalidOption(_)
+            | Error::Snapshot { .. }
             | Error::CacheSize { .. }
             | Error::OwnBacking { .. } => ErrorKind::InvalidRequest,
             Error::Locked { .. } => ErrorKind::Locked,

@@ -2,7 +2,8 @@
 //! `header` (header, extensions, backing name), `validate` (limits and errors), `l2` (cluster
 //! mapping entries), `cache` (bounded table caches), `meta` (metadata state and write ordering),
 //! `refcount` (refcounts and allocation), `compress`, `write` (allocation and copy-on-write),
-//! `snapshot` (the snapshot table), `check` (consistency check and refcount rebuild), `overlap`
+//! `snapshot` (the snapshot table), `snapshot_ops` (creating, applying and deleting internal
+//! snapshots), `check` (consistency check and refcount rebuild), `overlap`
 //! (no data write lands on metadata; no data read past the end of the file), `create`.
 //!
 //! Locking: one reader-writer lock guards the metadata (`Meta`). A lookup whose L2 table is
@@ -26,6 +27,7 @@ mod overlap;
 mod refcount;
 pub(crate) mod resize;
 pub mod snapshot;
+mod snapshot_ops;
 #[cfg(test)]
 mod tests;
 mod validate;

@@ -209,6 +209,12 @@ impl Meta {
         if !self.may_free(f, off) {
             return Ok(());
         }
+        self.drop_ref(f, off)
+    }
+
+    /// [`free_cluster`](Self::free_cluster) without the overlap check, for a reference that
+    /// metadata still in use legitimately held (a snapshot's share of an active table).
+    pub fn drop_ref(&mut self, f: &HostFile, off: u64) -> Result<(), Error> {
         let c = off / self.cs();
         let v = self.refcount(f, c)?;
         if v == 0 {

@@ -157,7 +157,7 @@ impl Qcow2 {
     }
 
     /// Host clusters referenced by an L2 entry (for dropping its references).
-    fn entry_clusters(&self, entry: u64) -> Vec<u64> {
+    pub(super) fn entry_clusters(&self, entry: u64) -> Vec<u64> {
         let cs = self.geo.cluster_size();
         if entry & COMPRESSED != 0 {
             if let Ok((Mapping::Compressed { host, len }, _)) = self.geo.decode(entry, 0, 0) {

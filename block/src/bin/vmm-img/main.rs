@@ -64,6 +64,17 @@ pub enum CliError {
         /// The failure (its causes are printed after it).
         error: Box<CliError>,
     },
+    /// `snapshot -c|-a|-d` failed.
+    #[error("Could not {verb} snapshot '{name}'")]
+    Snapshot {
+        /// "create", "apply" or "delete".
+        verb: &'static str,
+        /// The snapshot named.
+        name: String,
+        /// Why.
+        #[source]
+        source: block::Error,
+    },
     /// `check` on an image format without checks.
     #[error("this image format does not support checks")]
     NoChecks,
@@ -96,7 +107,8 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "dd",
         run: dd::run,
-        usage: "Copy part of an image to a new image.\n\n  vmm-img dd [-f FMT] [-O raw|qcow2] [-U] \
+        usage:
+            "Copy part of an image to a new image.\n\n  vmm-img dd [-f FMT] [-O raw|qcow2] [-U] \
                 [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT",
     },
     Command {
@@ -158,7 +170,9 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "snapshot",
         run: snapshot::run,
-        usage: "List the internal snapshots of an image.\n\n  vmm-img snapshot [-f FMT] [-U] -l FILENAME",
+        usage: "List, create, apply or delete the internal snapshots of an image.\n\n  \
+                vmm-img snapshot [-f FMT] [-U] [-q] [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] \
+                FILENAME",
     },
     Command {
         name: "bench",
@@ -171,7 +185,8 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "io",
         run: io::run,
-        usage: "Run qemu-io commands on an image.\n\n  vmm-img io [-f FMT | --image-opts] [-t CACHE] \
+        usage:
+            "Run qemu-io commands on an image.\n\n  vmm-img io [-f FMT | --image-opts] [-t CACHE] \
                 [-r [-U]] -c 'read|write|discard|flush ...' [-c ...] FILENAME\n\n  With \
                 --image-opts, FILENAME is driver=raw|qcow2,file.filename=FILE[,l2-cache-size=SIZE]\
                 [,refcount-cache-size=SIZE][,cache-size=SIZE].",

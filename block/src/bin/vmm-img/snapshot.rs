@@ -1,6 +1,7 @@
-//! `vmm-img snapshot [-l] [-f FMT] [-U] FILE`: lists a qcow2 image's internal snapshots in
-//! qemu-img's table (dates in local time). Creating, applying and deleting them (`-c`, `-a`,
-//! `-d`) is refused by name: the engine never writes the snapshot table.
+//! `vmm-img snapshot [-l | -c NAME | -a NAME | -d NAME] [-f FMT] [-U] FILE`: lists a qcow2
+//! image's internal snapshots in qemu-img's table (dates in local time), or creates one (the
+//! next numeric id, the current time, no VM state), applies one (by id, else by name) or
+//! deletes one (by name), as qemu-img does (see the engine's `qcow2/snapshot_ops.rs`).
 
 use block::{CacheMode, Image};
 
@@ -46,18 +47,73 @@ fn row(id: &str, tag: &str, size: &str, date: &str, clock: &str, icount: &str) -
     format!("{id:<7} {tag:<16} {size:>8} {date:>19} {clock:>15} {icount:>10}")
 }
 
+/// What a change does, for its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Create,
+    Apply,
+    Delete,
+}
+
+impl Change {
+    fn verb(self) -> &'static str {
+        match self {
+            Change::Create => "create",
+            Change::Apply => "apply",
+            Change::Delete => "delete",
+        }
+    }
+}
+
+/// Creates, applies or deletes snapshot `name` of `file`.
+fn change(file: &str, fmt: Option<&str>, op: Change, name: &str) -> CmdResult {
+    let failed = |source: block::Error| CliError::Snapshot {
+        verb: op.verb(),
+        name: name.to_string(),
+        source,
+    };
+    let img = open_image(file, fmt, false, CacheMode::Writeback, true)?;
+    let Image::Qcow2(q) = &img else {
+        return Err(CliError::Usage(format!(
+            "Could not {} snapshot '{name}': Operation not supported",
+            op.verb()
+        )));
+    };
+    let r = match op {
+        Change::Create => {
+            // Microseconds, as qemu-img records them.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let secs = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
+            q.snapshot_create(name, (secs, now.subsec_micros() * 1000))
+        }
+        Change::Apply => q.snapshot_apply(name),
+        Change::Delete => q.snapshot_delete(name),
+    };
+    r.map_err(failed)?;
+    Ok(0)
+}
+
 pub fn run(argv: &[String]) -> CmdResult {
     let a = Args::parse(argv, &["f", "c", "a", "d"])?;
     a.only(&["f", "l", "c", "a", "d", "q", "U", "force-share"])?;
-    for op in ["c", "a", "d"] {
-        if a.value(op).is_some() {
-            return Err(CliError::Usage(format!(
-                "snapshot -{op} is not supported (the engine never writes the snapshot table); \
-                 qemu-img snapshot -{op} does it"
-            )));
-        }
+    let ops = [
+        ("c", Change::Create),
+        ("a", Change::Apply),
+        ("d", Change::Delete),
+    ];
+    let asked: Vec<(Change, &str)> = ops
+        .iter()
+        .filter_map(|&(flag, op)| a.value(flag).map(|name| (op, name)))
+        .collect();
+    if asked.len() + usize::from(a.has("l")) > 1 {
+        return Err(CliError::Usage("Cannot mix '-l', '-a', '-c', '-d'".into()));
     }
     let file = &a.positional(1, "one image file")?[0];
+    if let Some(&(op, name)) = asked.first() {
+        return change(file, a.value("f"), op, name);
+    }
     let lock = !(a.has("U") || a.has("force-share"));
     let img = open_image(file, a.value("f"), true, CacheMode::Writeback, lock)?;
     let Image::Qcow2(q) = &img else {
