@@ -29,6 +29,8 @@ pub(crate) mod resize;
 pub mod snapshot;
 mod snapshot_ops;
 #[cfg(test)]
+mod snapshot_tests;
+#[cfg(test)]
 mod tests;
 mod validate;
 mod write;

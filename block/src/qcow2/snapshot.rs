@@ -45,7 +45,7 @@ const MAX_EXTRA: u64 = 1024;
 
 /// Extra data a new entry carries (spec "Snapshot table entry"): the VM state size as 64 bits,
 /// the disk size, and the instruction count.
-const NEW_EXTRA: usize = 24;
+const NEW_EXTRA: u32 = 24;
 
 /// What a snapshot operation refuses.
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +104,7 @@ impl NewEntry<'_> {
     pub fn encode(&self) -> Result<Vec<u8>, SnapshotError> {
         let len16 =
             |s: &str| u16::try_from(s.len()).map_err(|_| SnapshotError::NameTooLong(s.len()));
-        let mut b = Vec::with_capacity(40 + NEW_EXTRA + self.id.len() + self.name.len() + 7);
+        let mut b = Vec::with_capacity(64 + self.id.len() + self.name.len() + 7);
         b.extend_from_slice(&self.l1.offset.to_be_bytes());
         b.extend_from_slice(&self.l1.size.to_be_bytes());
         b.extend_from_slice(&len16(self.id)?.to_be_bytes());
@@ -113,7 +113,7 @@ impl NewEntry<'_> {
         b.extend_from_slice(&self.date.1.to_be_bytes());
         b.extend_from_slice(&0u64.to_be_bytes()); // vm_clock_nsec
         b.extend_from_slice(&0u32.to_be_bytes()); // vm_state_size
-        b.extend_from_slice(&(NEW_EXTRA as u32).to_be_bytes());
+        b.extend_from_slice(&NEW_EXTRA.to_be_bytes());
         b.extend_from_slice(&0u64.to_be_bytes()); // vm_state_size_large
         b.extend_from_slice(&self.disk_size.to_be_bytes());
         b.extend_from_slice(&0u64.to_be_bytes()); // icount

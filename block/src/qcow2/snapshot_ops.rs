@@ -9,23 +9,32 @@
 //!
 //! Crash safety: nothing a durable structure points at loses a reference before the structure
 //! stops pointing at it, and the switch from the old state to the new one is one write inside
-//! the header's first sector (`l1_size` to `snapshots_offset`, bytes 36-71), synced:
-//! 1. every table the new state needs is written to new clusters, with the references it adds
-//!    raised, and synced (a cut here leaves leaked clusters only);
-//! 2. the header switches;
-//! 3. what the old state alone referenced is released, and synced.
+//! the header's first sector (`l1_size` to `snapshots_offset`, and the incompatible feature bits
+//! of v3, bytes 36-79), synced:
+//! 1. a v3 image is marked dirty (spec: refcounts may be inconsistent; the next read-write open,
+//!    ours or QEMU's, rebuilds them and the COPIED flags);
+//! 2. every table the new state needs is written to new clusters, with the references it adds
+//!    raised, and synced;
+//! 3. the header switches (and create and apply clear the dirty bit in the same write);
+//! 4. what the old state alone referenced is released, and synced.
+//!
+//! A cut before the switch leaves the old state with raised refcounts: leaks, and COPIED flags
+//! still set on clusters whose refcount is now above 1 (harmless, the extra references being
+//! leaks, but a mismatch `check` reports); a cut after it, the new state with leaks. A failure
+//! before the switch drops the raised references again and clears the dirty bit.
 //!
 //! Create gives the active L1 table fresh copies of its L2 tables (COPIED cleared on the data
 //! entries, now shared) and leaves the current L1 and L2 tables to the snapshot, so that no
-//! active table changes in place and every cut leaves a consistent image (QEMU shares the L2
-//! tables instead and clears their flags in place). Apply points the active L1 at a copy of the
-//! snapshot's L1 table; everything it reaches is then shared with the snapshot, so its flags are
-//! all clear. Delete must set the COPIED flags of active entries whose refcount drops to 1,
-//! which can only follow the drop: a cut between the two leaves flags clear on clusters of
-//! refcount 1, which costs a needless copy-on-write and which `check -r all` repairs.
+//! active table changes in place (QEMU shares the L2 tables instead and clears their flags in
+//! place). Apply points the active L1 at a copy of the snapshot's L1 table; everything it
+//! reaches is then shared with the snapshot, so its flags are all clear. Delete must set the
+//! COPIED flags of active entries whose refcount drops to 1, which can only follow the drop:
+//! its image stays dirty until the flags are set. A v2 image has no dirty bit: `check -r all`
+//! repairs the flags of a cut one.
 
 use std::collections::{HashMap, HashSet};
 
+use super::header::INCOMPAT_DIRTY;
 use super::l2::{COMPRESSED, COPIED, L1_RESERVED, OFFSET_MASK};
 use super::meta::{encode_words, Meta};
 use super::snapshot::{self, NewEntry, RawEntry, SnapshotError, SnapshotL1};
@@ -34,8 +43,11 @@ use super::{fmt_err, Qcow2};
 use crate::Error;
 
 /// Header bytes rewritten by the switch: `l1_size`, `l1_table_offset`, the refcount table
-/// fields (unchanged), `nb_snapshots` and `snapshots_offset`; all in the first sector.
-const SWITCH: std::ops::Range<usize> = 36..72;
+/// fields (unchanged), `nb_snapshots` and `snapshots_offset`, and in v3 the incompatible
+/// feature bits; all in the first sector.
+const SWITCH_AT: usize = 36;
+/// Offset of the incompatible feature bits (v3 header, bytes 72-79).
+const INCOMPATIBLE_AT: usize = 72;
 
 /// Refcount changes still to make after the switch: host cluster offset, and how many
 /// references it loses.
@@ -69,10 +81,11 @@ impl Qcow2 {
         }
         .encode()
         .map_err(|e| self.refuse(e))?;
+        self.mark_dirty(&mut m, true)?;
         let mut raised = Vec::new();
         let prepared = self.prepare_create(&mut m, &entries, &new, &mut raised);
         let (l1, table) = self.or_undo(&mut m, &raised, prepared)?;
-        self.switch(&mut m, l1, table, entries.len() + 1, h.size)?;
+        self.switch(&mut m, l1, table, entries.len() + 1, false)?;
         self.release(&mut m, &table_clusters(&h, &entries))
     }
 
@@ -146,10 +159,11 @@ impl Qcow2 {
         for c in l1_clusters(m.cs(), h.l1_table_offset, h.l1_size) {
             *drops.entry(c).or_default() += 1;
         }
+        self.mark_dirty(&mut m, true)?;
         let mut raised = Vec::new();
         let prepared = self.prepare_apply(&mut m, &sn_l1, len, &drops, &mut raised);
         let (l1, _) = self.or_undo(&mut m, &raised, prepared)?;
-        self.switch(&mut m, l1, h.snapshots_offset, entries.len(), h.size)?;
+        self.switch(&mut m, l1, h.snapshots_offset, entries.len(), false)?;
         self.release(&mut m, &drops)
     }
 
@@ -233,9 +247,30 @@ impl Qcow2 {
             Ok(((h.l1_table_offset, m.l1.clone()), off))
         })();
         let (l1, table) = self.or_undo(&mut m, &raised, prepared)?;
-        self.switch(&mut m, l1, table, entries.len(), h.size)?;
+        // Refcounts and COPIED flags disagree until both are done: the image stays dirty.
+        self.switch(&mut m, l1, table, entries.len(), true)?;
         self.release(&mut m, &drops)?;
-        self.set_copied_flags(&mut m)
+        self.set_copied_flags(&mut m)?;
+        self.mark_dirty(&mut m, false)
+    }
+
+    /// Sets or clears the dirty bit of a v3 image (spec: refcounts may be inconsistent, and are
+    /// rebuilt by the next read-write open), synced; nothing for v2, which has none.
+    fn mark_dirty(&self, m: &mut Meta, dirty: bool) -> Result<(), Error> {
+        if m.header.version < 3 {
+            return Ok(());
+        }
+        let mut h = m.header.clone();
+        h.incompatible = if dirty {
+            h.incompatible | INCOMPAT_DIRTY
+        } else {
+            h.incompatible & !INCOMPAT_DIRTY
+        };
+        self.file
+            .write_at(&h.incompatible.to_be_bytes(), INCOMPATIBLE_AT as u64)?;
+        m.sync(&self.file)?;
+        m.header = h;
+        Ok(())
     }
 
     /// Locks the metadata of an image open for writing, with every table written back and
@@ -357,24 +392,25 @@ impl Qcow2 {
                 .rev()
                 .try_for_each(|&c| m.drop_ref(&self.file, c))
                 .and_then(|()| m.write_refcount_blocks(&self.file));
-            if let Err(e) = undone {
-                // The rest only leaks.
-                log::warn!("{e}");
+            match undone.and_then(|()| self.mark_dirty(m, false)) {
+                Ok(()) => {}
+                // The rest only leaks, and the image stays dirty.
+                Err(e) => log::warn!("{e}"),
             }
         }
         r
     }
 
     /// Points the header at the active L1 table `l1` (offset, entries) and at a snapshot table
-    /// of `count` entries at `table`, in one write of its first sector, synced; then makes the
-    /// metadata in memory match.
+    /// of `count` entries at `table`, and sets (`dirty`) or clears the dirty bit of a v3 image,
+    /// in one write inside its first sector, synced; then makes the metadata in memory match.
     fn switch(
         &self,
         m: &mut Meta,
         l1: (u64, Vec<u64>),
         table: u64,
         count: usize,
-        size: u64,
+        dirty: bool,
     ) -> Result<(), Error> {
         let mut h = m.header.clone();
         h.l1_table_offset = l1.0;
@@ -382,9 +418,17 @@ impl Qcow2 {
         // At most MAX_SNAPSHOTS (checked before creating one).
         h.nb_snapshots = u32::try_from(count).unwrap_or(u32::MAX);
         h.snapshots_offset = table;
-        h.size = size;
+        let mut end = INCOMPATIBLE_AT;
+        if h.version >= 3 {
+            h.incompatible = if dirty {
+                h.incompatible | INCOMPAT_DIRTY
+            } else {
+                h.incompatible & !INCOMPAT_DIRTY
+            };
+            end += 8;
+        }
         let b = h.encode().map_err(|e| fmt_err(&self.file, e))?;
-        self.file.write_at(&b[SWITCH], SWITCH.start as u64)?;
+        self.file.write_at(&b[SWITCH_AT..end], SWITCH_AT as u64)?;
         m.sync(&self.file)?;
         m.header = h;
         m.l1 = l1.1;

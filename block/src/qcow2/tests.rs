@@ -14,14 +14,14 @@ use crate::{DiskImage, Error, Format, Image, OpenOptions};
 const CS: u64 = 65536;
 
 /// Runs qemu-img (required: a missing tool fails the test).
-fn qemu_img(args: &[&str]) -> std::process::Output {
+pub(super) fn qemu_img(args: &[&str]) -> std::process::Output {
     Command::new("qemu-img")
         .args(args)
         .output()
         .expect("qemu-img is required (ci/setup installs it)")
 }
 
-fn create(path: &Path, opts: &str, size: &str) {
+pub(super) fn create(path: &Path, opts: &str, size: &str) {
     let out = qemu_img(&[
         "create",
         "-q",
@@ -35,7 +35,7 @@ fn create(path: &Path, opts: &str, size: &str) {
     assert!(out.status.success(), "{out:?}");
 }
 
-fn open_rw(path: &Path) -> Image {
+pub(super) fn open_rw(path: &Path) -> Image {
     crate::open(
         path,
         OpenOptions {
@@ -47,7 +47,7 @@ fn open_rw(path: &Path) -> Image {
     .unwrap()
 }
 
-fn qcow2(img: &Image) -> &Qcow2 {
+pub(super) fn qcow2(img: &Image) -> &Qcow2 {
     match img {
         Image::Qcow2(q) => q,
         Image::Raw(_) => unreachable!("opened as qcow2"),
@@ -55,7 +55,7 @@ fn qcow2(img: &Image) -> &Qcow2 {
 }
 
 /// `qemu-img check`: no corruption; leaked clusters only when `leaks_ok`.
-fn assert_consistent(path: &Path, leaks_ok: bool) {
+pub(super) fn assert_consistent(path: &Path, leaks_ok: bool) {
     let out = qemu_img(&["check", "-U", path.to_str().unwrap()]);
     let code = out.status.code();
     let ok = code == Some(0) || (leaks_ok && code == Some(3));
@@ -68,7 +68,10 @@ fn assert_consistent(path: &Path, leaks_ok: bool) {
 }
 
 /// Records every call on the file, and fails those `fail` picks.
-fn install(img: &Qcow2, fail: impl Fn(Op) -> bool + Send + Sync + 'static) -> Arc<Mutex<Vec<Op>>> {
+pub(super) fn install(
+    img: &Qcow2,
+    fail: impl Fn(Op) -> bool + Send + Sync + 'static,
+) -> Arc<Mutex<Vec<Op>>> {
     let log = Arc::new(Mutex::new(Vec::new()));
     let l = Arc::clone(&log);
     img.file.set_hook(Some(Hook(Arc::new(move |op| {
