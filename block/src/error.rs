@@ -182,6 +182,16 @@ pub enum Error {
         /// The image file.
         path: String,
     },
+    /// A compressed write that cannot be made.
+    #[error("compressed write at offset {offset} of {path}: {why}")]
+    CompressedWrite {
+        /// The image file.
+        path: String,
+        /// The guest offset.
+        offset: u64,
+        /// Why not.
+        why: &'static str,
+    },
     /// A snapshot operation refused.
     #[error("{path}")]
     Snapshot {
@@ -234,6 +244,7 @@ impl Error {
             | Error::ReadOnly
             | Error::InvalidOption(_)
             | Error::Snapshot { .. }
+            | Error::CompressedWrite { .. }
             | Error::CacheSize { .. }
             | Error::OwnBacking { .. } => ErrorKind::InvalidRequest,
             Error::Locked { .. } => ErrorKind::Locked,

@@ -1,10 +1,18 @@
-//! Decompression of compressed clusters (spec "Compressed Clusters Descriptor", header
-//! `compression_type`): raw deflate (QEMU's zlib type, window bits -12) and zstd frames, both in
-//! pure Rust. A stream is good when it fills the whole cluster; what follows it (padding up to the
-//! sector) is ignored, as QEMU does.
+//! Compression and decompression of compressed clusters (spec "Compressed Clusters Descriptor",
+//! header `compression_type`): raw deflate (QEMU's zlib type, window bits -12) and zstd frames,
+//! both in pure Rust. A stream is good when it fills the whole cluster; what follows it (padding
+//! up to the sector) is ignored, as QEMU does.
+//!
+//! QEMU inflates with a 4 KiB window, so a deflate stream must never reach further back than
+//! 4 KiB. The compressor here has a fixed 32 KiB window; a full flush after every 4 KiB of input
+//! empties its dictionary, so no match crosses a 4 KiB boundary (each flush costs 5 bytes).
 
 use std::io::Read;
 
+use miniz_oxide::deflate::core::{
+    compress as deflate, create_comp_flags_from_zip_params, CompressorOxide, TDEFLFlush,
+    TDEFLStatus,
+};
 use miniz_oxide::inflate::core::{decompress as inflate, inflate_flags, DecompressorOxide};
 
 use super::header::Compression;
@@ -27,6 +35,52 @@ pub fn decompress(kind: Compression, input: &[u8], out: &mut [u8]) -> bool {
     }
 }
 
+/// QEMU's deflate window (window bits -12).
+const WINDOW: usize = 4096;
+
+/// QEMU's deflate level (zlib's default).
+const LEVEL: i32 = 6;
+
+/// Compresses one cluster; `None` when the stream would not be shorter than `limit` bytes (the
+/// cluster is then stored as it is, as QEMU stores it).
+pub fn compress(kind: Compression, input: &[u8], limit: usize) -> Option<Vec<u8>> {
+    let out = match kind {
+        Compression::Zlib => deflate_limited(input, limit)?,
+        Compression::Zstd => {
+            ruzstd::encoding::compress_to_vec(input, ruzstd::encoding::CompressionLevel::Fastest)
+        }
+    };
+    (out.len() < limit).then_some(out)
+}
+
+/// Raw deflate of `input` whose matches stay within [`WINDOW`] bytes; `None` past `limit`.
+fn deflate_limited(input: &[u8], limit: usize) -> Option<Vec<u8>> {
+    // Negative window bits: a raw stream, without zlib's header and trailer.
+    let mut d = CompressorOxide::new(create_comp_flags_from_zip_params(LEVEL, -12, 0));
+    let mut out = vec![0u8; limit];
+    let mut pos = 0;
+    let mut chunks = input.chunks(WINDOW).peekable();
+    while let Some(chunk) = chunks.next() {
+        let flush = if chunks.peek().is_some() {
+            TDEFLFlush::Full
+        } else {
+            TDEFLFlush::Finish
+        };
+        let (status, read, written) = deflate(&mut d, chunk, &mut out[pos..], flush);
+        pos += written;
+        let done = match flush {
+            TDEFLFlush::Finish => status == TDEFLStatus::Done,
+            _ => status == TDEFLStatus::Okay,
+        };
+        // A stream that filled the buffer before taking all its input does not fit.
+        if !done || read < chunk.len() || pos >= limit {
+            return None;
+        }
+    }
+    out.truncate(pos);
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,5 +97,54 @@ mod tests {
         let mut big = vec![0u8; 8192];
         assert!(!decompress(Compression::Zlib, &c, &mut big));
         assert!(!decompress(Compression::Zstd, &[1, 2, 3, 4], &mut out));
+    }
+
+    /// Inflates `stream` through a 4 KiB circular history, all QEMU's window bits -12 keep: a
+    /// match reaching further back reads the wrong bytes.
+    fn inflate_4k(stream: &[u8], len: usize) -> Vec<u8> {
+        let mut st = DecompressorOxide::new();
+        let mut ring = vec![0u8; WINDOW];
+        let mut out = Vec::new();
+        let mut input = stream;
+        let mut pos = 0;
+        while out.len() < len {
+            let (status, read, written) = inflate(&mut st, input, &mut ring, pos, 0);
+            out.extend_from_slice(&ring[pos..pos + written]);
+            pos = (pos + written) % WINDOW;
+            input = &input[read..];
+            if (status as i32) <= 0 {
+                break;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn deflate_round_trips_and_keeps_to_4k_windows() {
+        // Repeats at 5 KiB: a 32 KiB window would match them, a 4 KiB one must not.
+        let block: Vec<u8> = (0..5120u32)
+            .map(|i| (i * 7 % 253).to_le_bytes()[0])
+            .collect();
+        let data: Vec<u8> = block.iter().cycle().take(65536).copied().collect();
+        let c = compress(Compression::Zlib, &data, 65536).expect("compresses");
+        let mut out = vec![0u8; 65536];
+        assert!(decompress(Compression::Zlib, &c, &mut out));
+        assert_eq!(out, data);
+        assert!(inflate_4k(&c, data.len()) == data, "a match beyond 4 KiB");
+        let z = compress(Compression::Zstd, &data, 65536).expect("compresses");
+        assert!(decompress(Compression::Zstd, &z, &mut out));
+        assert_eq!(out, data);
+        // Noise does not compress below a cluster.
+        let mut rng = 0x1234_5678u32;
+        let noise: Vec<u8> = (0..65536)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 17;
+                rng ^= rng << 5;
+                rng.to_le_bytes()[0]
+            })
+            .collect();
+        assert_eq!(compress(Compression::Zlib, &noise, 65536), None);
+        assert_eq!(compress(Compression::Zstd, &noise, 65536), None);
     }
 }

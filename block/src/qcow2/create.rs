@@ -2,7 +2,9 @@
 //! extension and the backing file name right after the extensions' end marker), the refcount
 //! table, its blocks, then the L1 table, every cluster of it refcounted.
 
-use super::header::{Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_EXTL2};
+use super::header::{
+    Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
+};
 use super::meta::encode_words;
 use super::refcount::set_entry;
 use super::validate::{MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS};
@@ -24,6 +26,8 @@ pub struct CreateOptions {
     pub lazy_refcounts: bool,
     /// `extended_l2=on` (v3, clusters of 16 KiB or more).
     pub extended_l2: bool,
+    /// `compression_type=zlib|zstd` (zstd: v3 only).
+    pub compression: Compression,
     /// Backing file name (as stored) and format.
     pub backing: Option<(String, String)>,
 }
@@ -37,6 +41,7 @@ impl Default for CreateOptions {
             refcount_bits: 16,
             lazy_refcounts: false,
             extended_l2: false,
+            compression: Compression::Zlib,
             backing: None,
         }
     }
@@ -66,9 +71,16 @@ fn layout(o: &CreateOptions) -> Result<(Pieces, u64), Error> {
         )));
     }
     let refcount_order = o.refcount_bits.trailing_zeros();
-    if o.version == 2 && (refcount_order != 4 || o.lazy_refcounts || o.extended_l2) {
+    if o.version == 2
+        && (refcount_order != 4
+            || o.lazy_refcounts
+            || o.extended_l2
+            || o.compression != Compression::Zlib)
+    {
         return Err(invalid(
-            "compat=0.10 needs refcount_bits=16, no lazy_refcounts, no extended_l2".into(),
+            "compat=0.10 needs refcount_bits=16, no lazy_refcounts, no extended_l2, zlib \
+             compression"
+                .into(),
         ));
     }
     if o.extended_l2 && cluster_bits < 14 {
@@ -107,7 +119,12 @@ fn layout(o: &CreateOptions) -> Result<(Pieces, u64), Error> {
         refcount_table_clusters: u32::try_from(rt).map_err(|_| invalid("size too large".into()))?,
         nb_snapshots: 0,
         snapshots_offset: 0,
-        incompatible: if o.extended_l2 { INCOMPAT_EXTL2 } else { 0 },
+        incompatible: if o.extended_l2 { INCOMPAT_EXTL2 } else { 0 }
+            | if o.compression == Compression::Zlib {
+                0
+            } else {
+                INCOMPAT_COMPRESSION
+            },
         compatible: if o.lazy_refcounts {
             COMPAT_LAZY_REFCOUNTS
         } else {
@@ -120,7 +137,7 @@ fn layout(o: &CreateOptions) -> Result<(Pieces, u64), Error> {
         } else {
             super::header::V2_HEADER_LEN
         },
-        compression: Compression::Zlib,
+        compression: o.compression,
         tail: if o.version == 3 {
             vec![0; 7]
         } else {
@@ -195,6 +212,7 @@ pub fn make_empty(file: &HostFile, h: &Header) -> Result<(), Error> {
         refcount_bits: 1 << h.refcount_order,
         lazy_refcounts: h.compatible & COMPAT_LAZY_REFCOUNTS != 0,
         extended_l2: h.extended_l2(),
+        compression: h.compression,
         backing,
     };
     let (pieces, len) = layout(&o)?;

@@ -1,7 +1,8 @@
 //! qcow2 images (QEMU's `docs/interop/qcow2.txt`), v2 and v3, split by specification section:
 //! `header` (header, extensions, backing name), `validate` (limits and errors), `l2` (cluster
 //! mapping entries), `cache` (bounded table caches), `meta` (metadata state and write ordering),
-//! `refcount` (refcounts and allocation), `compress`, `write` (allocation and copy-on-write),
+//! `refcount` (refcounts and allocation), `compress`, `compressed_write` (compressed clusters of
+//! `convert -c`), `write` (allocation and copy-on-write),
 //! `snapshot` (the snapshot table), `snapshot_ops` (creating, applying and deleting internal
 //! snapshots), `check` (consistency check and refcount rebuild), `overlap`
 //! (no data write lands on metadata; no data read past the end of the file), `create`.
@@ -19,6 +20,7 @@ mod cache;
 mod cache_size;
 pub mod check;
 mod compress;
+mod compressed_write;
 pub mod create;
 mod header;
 mod l2;
@@ -41,6 +43,7 @@ use std::sync::Arc;
 use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use cache_size::{CacheSizeError, CacheSizes, CacheTables};
+pub use compressed_write::CompressedWriter;
 pub use header::{Compression, Header};
 pub use l2::Mapping;
 pub use validate::FormatError;

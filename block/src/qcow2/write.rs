@@ -133,7 +133,7 @@ impl Qcow2 {
 
     /// Returns the offset of a writable (ours alone) L2 table for `guest`, allocating a new one
     /// or copying a shared one.
-    fn writable_l2(&self, m: &mut Meta, guest: u64) -> Result<u64, Error> {
+    pub(super) fn writable_l2(&self, m: &mut Meta, guest: u64) -> Result<u64, Error> {
         let i = m.l1_index(guest);
         let (old, copied) = m.l1_entry(&self.file, i)?;
         if old != 0 && copied {

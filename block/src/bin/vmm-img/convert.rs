@@ -1,5 +1,7 @@
-//! `vmm-img convert [-p] [-q] [-f FMT] -O raw|qcow2 [-o opts] IN OUT`: copies the virtual disk
-//! of IN (its whole chain, flattened) into a new image, skipping what reads as zeroes.
+//! `vmm-img convert [-p] [-q] [-c] [-f FMT] -O raw|qcow2 [-o opts] IN OUT`: copies the virtual
+//! disk of IN (its whole chain, flattened) into a new image, skipping what reads as zeroes. With
+//! `-c` (qcow2 only) each cluster that compresses below its size (zlib, or zstd with `-o
+//! compression_type=zstd`) is stored compressed, as qemu-img stores it.
 //!
 //! OUT is left untouched when it is IN or one of IN's backing files (by device and inode, so
 //! through any symlink or hard link) and while another process holds it: its write lock is
@@ -7,6 +9,7 @@
 //! where it empties IN.
 
 use block::qcow2::create::CreateOptions;
+use block::qcow2::{CompressedWriter, Qcow2};
 use block::{CacheMode, DiskImage, Image, NewImage};
 
 use crate::args::{self, Args};
@@ -19,9 +22,14 @@ const CHUNK: u64 = 2 << 20;
 
 pub fn run(argv: &[String]) -> CmdResult {
     let a = Args::parse(argv, &["f", "O", "o"])?;
-    a.only(&["f", "O", "o", "p", "q", "U", "force-share"])?;
+    a.only(&["f", "O", "o", "p", "q", "c", "U", "force-share"])?;
     let files = a.positional(2, "IN and OUT")?;
     let out_fmt = args::format(a.value("O").unwrap_or("raw"))?;
+    if a.has("c") && out_fmt != block::Format::Qcow2 {
+        return Err(CliError::Usage(
+            "Compression not supported for this file format".into(),
+        ));
+    }
     let lock = !(a.has("U") || a.has("force-share"));
     let input = open_image(&files[0], a.value("f"), true, CacheMode::Writeback, lock)?;
     let mut o = CreateOptions {
@@ -31,9 +39,39 @@ pub fn run(argv: &[String]) -> CmdResult {
     crate::create::apply_options(&mut o, a.values("o"))?;
     let output = new_target(&input, &files[1], out_fmt, &o)?;
     let mut progress = Progress::new(a.has("p") && !a.has("q"));
-    copy(&input, 0, &output, o.size, &mut progress)?;
+    match &output {
+        Image::Qcow2(q) if a.has("c") => copy_compressed(&input, q, &mut progress)?,
+        _ => copy(&input, 0, &output, o.size, &mut progress)?,
+    }
     progress.finish();
     Ok(0)
+}
+
+/// Copies the whole of `input` into the new qcow2 image `output` cluster by cluster, each
+/// compressed when that makes it smaller; clusters reading as zeroes are left unallocated.
+fn copy_compressed(input: &Image, output: &Qcow2, progress: &mut Progress) -> Result<(), CliError> {
+    let len = input.size();
+    let cs = output.header().cluster_size();
+    let mut buf = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+    let mut writer = CompressedWriter::new();
+    let mut off = 0;
+    while off < len {
+        let n = cs.min(len - off);
+        let s = status(input, off, n)?;
+        if s.data || s.len < n {
+            let (head, tail) = buf.split_at_mut(usize::try_from(n).unwrap_or(0));
+            input.read_at(head, off)?;
+            // Past the end of the disk: zeroes, compressed with the rest (as qemu-img pads).
+            tail.fill(0);
+            if buf.iter().any(|&b| b != 0) {
+                writer.write(output, off, &buf)?;
+            }
+        }
+        off += n;
+        progress.update(off, len);
+    }
+    output.flush()?;
+    Ok(())
 }
 
 /// Creates the image `path` (`o` says its size and options) that a copy of `input` writes,

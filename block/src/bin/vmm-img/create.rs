@@ -31,6 +31,17 @@ pub fn apply_options(o: &mut CreateOptions, lists: &[String]) -> Result<(), CliE
                 "refcount_bits" => o.refcount_bits = args::size(&v)?,
                 "lazy_refcounts" => o.lazy_refcounts = on_off(&k, &v)?,
                 "extended_l2" => o.extended_l2 = on_off(&k, &v)?,
+                "compression_type" => {
+                    o.compression = match v.as_str() {
+                        "zlib" => block::qcow2::Compression::Zlib,
+                        "zstd" => block::qcow2::Compression::Zstd,
+                        _ => {
+                            return Err(CliError::Usage(format!(
+                                "Parameter 'compression_type' does not accept value '{v}'"
+                            )))
+                        }
+                    }
+                }
                 "compat" => {
                     o.version = match v.as_str() {
                         "0.10" | "v2" => 2,

@@ -127,7 +127,8 @@ const COMMANDS: &[Command] = &[
         name: "convert",
         run: convert::run,
         usage: "Copy an image (its whole chain, flattened) to a new image.\n\n  vmm-img convert \
-                [-f SRC_FMT] [-O raw|qcow2] [-o TGT_OPTS] [-p] [-q] [-U] FILENAME OUTPUT_FILENAME",
+                [-c] [-f SRC_FMT] [-O raw|qcow2] [-o TGT_OPTS] [-p] [-q] [-U] FILENAME \
+                OUTPUT_FILENAME",
     },
     Command {
         name: "commit",

@@ -1,0 +1,140 @@
+//! Writing compressed clusters (spec "Compressed Clusters Descriptor"), for `vmm-img convert
+//! -c`: a cluster that compresses below its size is stored as a stream packed right after the
+//! previous one, in the same host cluster when it fits there (as QEMU packs them), else at the
+//! start of a new one; each stream adds one reference to the host cluster holding it. Other
+//! clusters are written as they are.
+//!
+//! Only clusters that are not allocated yet are written compressed (a new image's), as QEMU
+//! requires. The stream is written before its L2 entry is published, with the ordering every
+//! new data cluster has (`Meta::publish_data`).
+
+use super::compress;
+use super::l2::{Mapping, COMPRESSED};
+use super::Qcow2;
+use crate::{DiskImage, Error};
+
+/// Bytes per sector, the unit of a descriptor's length (spec).
+const SECTOR: u64 = 512;
+
+/// Where the next stream goes.
+#[derive(Debug, Default)]
+pub struct CompressedWriter {
+    /// Host offset just past the last stream written (0: none yet).
+    tail: u64,
+}
+
+impl CompressedWriter {
+    /// A writer that starts a new host cluster for its first stream.
+    pub fn new() -> CompressedWriter {
+        CompressedWriter::default()
+    }
+
+    /// Writes the cluster at `guest` (cluster aligned; `data` one cluster, zero padded past
+    /// the end of the disk) compressed when that makes it smaller, else as it is; returns
+    /// whether it was compressed.
+    pub fn write(&mut self, img: &Qcow2, guest: u64, data: &[u8]) -> Result<bool, Error> {
+        let cs = img.geo.cluster_size();
+        let within = cs.min(img.size.saturating_sub(guest));
+        // At least one byte: a cluster at the end of the disk is out of range.
+        img.check_request(guest, within.max(1), true)?;
+        let limit = usize::try_from(cs).unwrap_or(usize::MAX);
+        if !guest.is_multiple_of(cs) || data.len() != limit {
+            return Err(Error::CompressedWrite {
+                path: img.file.path().to_string(),
+                offset: guest,
+                why: "it is not one whole cluster",
+            });
+        }
+        let Some(stream) = compress::compress(img.compression, data, limit) else {
+            let n = usize::try_from(within).unwrap_or(0);
+            img.write_at(&data[..n], guest)?;
+            return Ok(false);
+        };
+        let mut m = img.lock();
+        let l2 = img.writable_l2(&mut m, guest)?;
+        let (entry, bitmap) = m.l2_words(l2, guest);
+        if !matches!(
+            img.decode(entry, bitmap, guest)?.0,
+            Mapping::Unallocated | Mapping::Zero { host: None }
+        ) {
+            return Err(Error::CompressedWrite {
+                path: img.file.path().to_string(),
+                offset: guest,
+                why: "the cluster is allocated already",
+            });
+        }
+        let len = stream.len() as u64;
+        let f = &img.file;
+        let packed = !self.tail.is_multiple_of(cs) && self.tail % cs + len <= cs;
+        let host = if packed && m.refcount(f, self.tail / cs)? > 0 {
+            m.incref(f, self.tail / cs)?;
+            // The raised refcount must be durable before the entry that needs it.
+            m.owed.l2_after_refcounts = true;
+            self.tail
+        } else {
+            m.alloc_cluster(f)?
+        };
+        let end = host + len;
+        // Zeroes to the end of the last sector, which the descriptor covers (the next stream
+        // may overwrite them).
+        let mut bytes = stream;
+        bytes.resize(
+            usize::try_from(end.next_multiple_of(SECTOR) - host).unwrap_or(0),
+            0,
+        );
+        img.check_data_write(host, bytes.len() as u64)?;
+        f.write_at(&bytes, host)?;
+        // Spec: x = 62 - (cluster_bits - 8); bits 0..x-1 the offset, x..61 the sectors after
+        // the first.
+        let x = 62 - (img.geo.cluster_bits - 8);
+        let sectors = (end - 1) / SECTOR - host / SECTOR;
+        m.publish_data(l2, guest, COMPRESSED | (sectors << x) | host, 0);
+        self.tail = end;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::super::tests::{assert_consistent, create, open_rw, qcow2};
+    use super::*;
+
+    #[test]
+    fn streams_pack_into_one_host_cluster_and_allocated_clusters_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.qcow2");
+        create(&p, "cluster_size=65536", "1M");
+        let img = open_rw(&p);
+        let q = qcow2(&img);
+        let mut w = CompressedWriter::new();
+        let cluster = |b: u8| vec![b; 65536];
+        assert!(w.write(q, 0, &cluster(1)).unwrap());
+        assert!(w.write(q, 65536, &cluster(2)).unwrap());
+        let host = |g| match q.lookup(g).unwrap().0 {
+            Mapping::Compressed { host, .. } => host,
+            m => panic!("{m:?}"),
+        };
+        assert_eq!(host(0) / 65536, host(65536) / 65536, "not packed");
+        assert!(matches!(
+            w.write(q, 0, &cluster(3)),
+            Err(Error::CompressedWrite { offset: 0, .. })
+        ));
+        assert!(matches!(
+            w.write(q, 512, &cluster(3)),
+            Err(Error::CompressedWrite { offset: 512, .. })
+        ));
+        assert!(matches!(
+            w.write(q, 1 << 20, &cluster(3)),
+            Err(Error::OutOfRange { .. })
+        ));
+        img.flush().unwrap();
+        let mut back = vec![0u8; 65536];
+        img.read_at(&mut back, 65536).unwrap();
+        assert_eq!(back, cluster(2));
+        drop(img);
+        // The shared host cluster counts both streams.
+        assert_consistent(&p, false);
+    }
+}
