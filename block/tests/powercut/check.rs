@@ -1,5 +1,5 @@
-//! The checks every rebuilt state must pass: no corruption by `qemu-img check` (leaks are
-//! fine) nor by `vmm-img check`, our engine opens it read-write and writes and flushes, and its
+//! The checks every rebuilt state must pass, once a dirty one is repaired: no corruption by
+//! `qemu-img check` (leaks are fine) nor by `vmm-img check`, our engine opens it read-write and writes and flushes, and its
 //! guest-visible contents read through the backing chain are allowed by the oracle.
 
 use std::path::Path;
@@ -27,6 +27,31 @@ pub fn qemu_check(path: &Path) -> Result<(), String> {
         return Err(format!("qemu-img check: {json}"));
     }
     Ok(())
+}
+
+/// A v3 image whose header has the dirty bit (spec: refcounts may be inconsistent, to be
+/// rebuilt before use) is opened read-write by our engine, which rebuilds them; others are
+/// left as they are.
+pub fn repair_if_dirty(path: &Path) -> Result<(), String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let be = |at: usize, n: usize| {
+        bytes
+            .get(at..at + n)
+            .map_or(0, |b| b.iter().fold(0u64, |v, &x| (v << 8) | u64::from(x)))
+    };
+    if be(4, 4) < 3 || be(72, 8) & 1 == 0 {
+        return Ok(());
+    }
+    open(
+        path,
+        OpenOptions {
+            format: Some(Format::Qcow2),
+            read_only: false,
+            ..Default::default()
+        },
+    )
+    .map(drop)
+    .map_err(|e| format!("repairing a dirty image: {e}"))
 }
 
 /// `vmm-img check`: exit 0 (clean) or 3 (leaks only).

@@ -28,10 +28,11 @@ pub struct Workload {
     /// Makes the images in the given folder; returns the image the commands write.
     pub create: Box<dyn Fn(&Path) -> PathBuf>,
     pub batches: Vec<Vec<String>>,
-    /// Instead of sending the batches, runs `bench ARGS IMAGE` (`vmm-img` or `qemu-img`): the
-    /// batches then hold one batch with the bench's writes, which may land in any order until
-    /// the tool exits (its flushes are not placed in the log).
-    pub bench: Option<Vec<String>>,
+    /// Instead of sending the batches, runs `ARGS IMAGE` (`vmm-img` or `qemu-img`: `bench ...`,
+    /// `snapshot -c NAME`): the batches then hold one batch with the command's writes to the
+    /// disk, which may land in any order until the tool exits (its flushes are not placed in
+    /// the log).
+    pub command: Option<Vec<String>>,
     /// Open options of the image (`l2-cache-size=...`), given to both tools through
     /// `--image-opts driver=qcow2,file.filename=IMAGE,...` (batches only).
     pub image_opts: Option<String>,
@@ -104,13 +105,12 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
         dir: work.clone(),
         log: dir.path().join("log"),
     };
-    if let Some(args) = &w.bench {
+    if let Some(args) = &w.command {
         let program = match tool {
             Tool::Ours => env!("CARGO_BIN_EXE_vmm-img"),
             Tool::Qemu => "qemu-img",
         };
-        let mut all: Vec<&str> = vec!["bench"];
-        all.extend(args.iter().map(String::as_str));
+        let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
         all.push(top.to_str().unwrap());
         driver::run(&rec, program, &all);
     } else {
@@ -167,12 +167,13 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
         let mut rng = state_rng(seed, i);
         let files = replay::state(&before, &recs, cut, pending, ignore_barriers, &mut rng);
         std::fs::write(&state_top, &files[&key]).unwrap();
-        let (done, active) = match (&w.bench, cut == last) {
+        let (done, active) = match (&w.command, cut == last) {
             (None, _) => Oracle::position(&recs, cut),
             (Some(_), false) => (None, Some(0)),
             (Some(_), true) => (Some(0), None),
         };
-        let verdict = check::qemu_check(&state_top)
+        let verdict = check::repair_if_dirty(&state_top)
+            .and_then(|()| check::qemu_check(&state_top))
             .and_then(|()| check::our_check(&state_top))
             .and_then(|()| check::read_disk(&state_top))
             .and_then(|disk| oracle.verify(&disk, done, active))
