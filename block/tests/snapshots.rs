@@ -222,3 +222,18 @@ fn refusals_are_qemu_img_s() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("disk size of 4194304 bytes"));
     assert_check_clean(&f);
 }
+
+#[test]
+fn a_disk_of_size_zero_takes_snapshots_without_leaking() {
+    // Its L1 table has no entries: nothing to copy, no cluster to take.
+    let dir = tempfile::tempdir().unwrap();
+    let f = tmp(&dir, "z.qcow2");
+    create_qcow2(&[f.to_str().unwrap(), "0"]);
+    ours("-c", "a", &f);
+    assert_check_clean(&f);
+    theirs("-a", "a", &f);
+    ours("-a", "a", &f);
+    ours("-d", "a", &f);
+    assert_check_clean(&f);
+    same_list(&f);
+}

@@ -115,7 +115,7 @@ impl Qcow2 {
             self.file.write_at(&encode_words(&t), copy)?;
             l1[i] = copy | COPIED;
         }
-        let l1_off = self.write_run(m, &encode_words(&l1), raised)?;
+        let l1_off = self.write_l1(m, &l1, raised)?;
         let mut table: Vec<u8> = entries.iter().flat_map(|e| e.bytes.clone()).collect();
         table.extend_from_slice(new);
         let table_off = self.write_run(m, &table, raised)?;
@@ -200,7 +200,7 @@ impl Qcow2 {
             l1[i] = l2;
         }
         self.check_drops(m, drops)?;
-        let l1_off = self.write_run(m, &encode_words(&l1), raised)?;
+        let l1_off = self.write_l1(m, &l1, raised)?;
         m.write_refcount_blocks(&self.file)?;
         m.sync(&self.file)?;
         Ok(((l1_off, l1), 0))
@@ -349,6 +349,15 @@ impl Qcow2 {
             }
         }
         Ok(())
+    }
+
+    /// Writes an active L1 table to new clusters and returns its offset; an empty one (a disk of
+    /// size 0) takes none and keeps the current offset, as it references nothing.
+    fn write_l1(&self, m: &mut Meta, l1: &[u64], raised: &mut Vec<u64>) -> Result<u64, Error> {
+        if l1.is_empty() {
+            return Ok(m.header.l1_table_offset);
+        }
+        self.write_run(m, &encode_words(l1), raised)
     }
 
     /// Allocates consecutive clusters for `bytes` (at least one cluster), writes them zero
