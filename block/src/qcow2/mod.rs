@@ -12,7 +12,10 @@
 //! write that needs a new cluster plans under the lock, fills the cluster without it and
 //! publishes the L2 entry under it again (`write.rs`), so nobody sees an entry before its data.
 //! Requests doing I/O without the lock hold a [`DirectPin`], which keeps a cluster freed
-//! meanwhile from being reused under them.
+//! meanwhile from being reused under them. No sync, backing read or whole-range discard holds
+//! the lock: a flush copies the dirty tables under it and writes and syncs them without it
+//! (`meta.rs`, flushes serialized by their own mutex), copy-up reads happen in the fill step,
+//! and a discard takes the lock once per L2 table's worth of clusters.
 
 mod cache;
 mod cache_size;
@@ -69,6 +72,9 @@ pub struct Qcow2 {
     version: u32,
     backing: Option<Box<crate::Image>>,
     meta: RwLock<Meta>,
+    /// Held by a flush from its copy of the dirty metadata to its end, and by the other
+    /// write-backs: flushes run one at a time, without holding `meta` while they write and sync.
+    flushing: Mutex<()>,
     /// Guest clusters a slow-path write is working on (see `write.rs`), and their waiters.
     busy: Mutex<HashSet<u64>>,
     /// Signalled when a claim ends, one per group of clusters so that a release wakes only the
@@ -208,6 +214,8 @@ impl Qcow2 {
             end: file_len.div_ceil(cs),
             pending_frees: Vec::new(),
             owed: meta::Owed::default(),
+            stamps: 0,
+            written: Arc::default(),
             unsynced: false,
             epochs: Arc::clone(&epochs),
             quarantine: refcount::Quarantine::default(),
@@ -222,6 +230,7 @@ impl Qcow2 {
             version: meta.header.version,
             backing,
             meta: RwLock::new(meta),
+            flushing: Mutex::new(()),
             busy: Mutex::new(HashSet::new()),
             busy_done: std::array::from_fn(|_| Condvar::new()),
             epochs,
@@ -260,6 +269,12 @@ impl Qcow2 {
         // A poisoned lock means a panic mid-update on another thread; the metadata in memory is
         // what that thread left, which is no worse than a crash, so keep going.
         self.meta.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serializes flushes and the other write-backs of the metadata.
+    fn flushing(&self) -> std::sync::MutexGuard<'_, ()> {
+        // Guards no data: a panic elsewhere leaves nothing to repair.
+        self.flushing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_shared(&self) -> RwLockReadGuard<'_, Meta> {
@@ -465,10 +480,17 @@ impl DiskImage for Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        // The ordered metadata write-back needs the lock; the final sync does not.
-        let written = self.lock().write_back(&self.file);
-        written?;
-        trace::data(|| self.file.sync())
+        // The dirty tables are copied under the lock, written and synced without it (in the
+        // order what they owe asks), and marked clean under it again if unchanged meanwhile.
+        let _flushing = self.flushing();
+        let (copies, pin) = {
+            let mut m = self.lock();
+            // Taken under the lock: no cluster freed from now on is reused under the copies.
+            (m.copy_dirty(), DirectPin::enter(&self.epochs))
+        };
+        let written = copies.write(&self.file);
+        drop(pin);
+        self.lock().settle(&self.file, &copies, written)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), Error> {

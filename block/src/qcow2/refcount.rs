@@ -232,7 +232,7 @@ impl Meta {
         if let Some(c) = self.quarantine.release(&self.epochs) {
             self.free_hint = self.free_hint.min(c);
         }
-        self.owed.l2_after_refcounts = true;
+        self.owed.l2_after_refcounts = self.stamp();
         let mut c = self.free_hint.max(1);
         loop {
             let bi = c / per;

@@ -362,3 +362,77 @@ fn a_failed_fill_gives_its_new_cluster_back() {
     drop(img);
     assert_consistent(&p, false);
 }
+
+/// Runs `during` on this thread while a flush on another thread is stopped in its first sync
+/// (through the file's hook), then lets the flush finish and returns what it returned.
+fn while_a_flush_syncs(q: &Qcow2, during: impl FnOnce()) -> Result<(), Error> {
+    let (in_tx, in_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (in_tx, go_rx) = (Mutex::new(Some(in_tx)), Mutex::new(go_rx));
+    q.file.set_hook(Some(Hook(Arc::new(move |op| {
+        if op == Op::Sync {
+            let first = in_tx.lock().unwrap().take();
+            if let Some(tx) = first {
+                tx.send(()).unwrap();
+                go_rx.lock().unwrap().recv().unwrap();
+            }
+        }
+        Ok(())
+    }))));
+    std::thread::scope(|s| {
+        let flush = s.spawn(|| q.flush());
+        in_rx.recv().unwrap();
+        // The flush goes on whatever `during` does: a failed assertion must not leave it stuck.
+        let during = std::panic::catch_unwind(std::panic::AssertUnwindSafe(during));
+        go_tx.send(()).unwrap();
+        let flushed = flush.join().unwrap();
+        q.file.set_hook(None);
+        if let Err(panic) = during {
+            std::panic::resume_unwind(panic);
+        }
+        flushed
+    })
+}
+
+#[test]
+fn lookups_and_allocating_writes_go_on_while_a_flush_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("f.qcow2");
+    create(&p, "cluster_size=65536", "1G");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    // A new cluster: its refcount block, L2 table and L1 entry are owed, and the L2 table must
+    // wait for a sync (after the refcounts and the data).
+    q.write_at(&[1; 4096], 0).unwrap();
+    let l2 = owed_tables(q)[1].1;
+    let flushed = while_a_flush_syncs(q, || {
+        assert!(
+            q.meta.try_write().is_ok(),
+            "the metadata lock is held while the flush syncs"
+        );
+        assert!(matches!(q.lookup(0), Ok((super::Mapping::Data { .. }, _))));
+        // The table the flush copied changes, and a new table and cluster are allocated.
+        q.write_at(&[2; 4096], 3 * CS).unwrap();
+        q.write_at(&[3; 4096], 700 << 20).unwrap();
+        let mut back = [0u8; 4096];
+        q.read_at(&mut back, 700 << 20).unwrap();
+        assert_eq!(back, [3; 4096]);
+    });
+    flushed.unwrap();
+    assert!(
+        q.lock_shared().l2.is_dirty(l2),
+        "an L2 table changed during the flush was marked clean"
+    );
+    q.flush().unwrap();
+    // Everything is reachable without the close path writing anything more.
+    let copy = dir.path().join("copy.qcow2");
+    std::fs::copy(&p, &copy).unwrap();
+    assert_consistent(&copy, false);
+    drop(img);
+    let img = open_rw(&copy);
+    for (at, byte) in [(0, 1), (3 * CS, 2), (700 << 20, 3)] {
+        let mut back = [0u8; 4096];
+        img.read_at(&mut back, at).unwrap();
+        assert_eq!(back, [byte; 4096], "at {at}");
+    }
+}

@@ -379,18 +379,29 @@ impl Qcow2 {
     /// the zero cluster.
     pub(super) fn discard_inner(&self, offset: u64, len: u64, keep: bool) -> Result<(), Error> {
         let (start, end) = self.whole_clusters(offset, len);
+        let span = self.geo.cluster_size() * self.geo.l2_entries();
+        let mut guest = start;
+        // One L2 table's worth at a time, the lock released in between: a long discard does
+        // not stall the requests waiting for it.
+        while guest < end {
+            let chunk_end = ((guest / span + 1) * span).min(end);
+            self.discard_chunk(guest, chunk_end, keep)?;
+            guest = chunk_end;
+        }
+        Ok(())
+    }
+
+    /// Discards the whole clusters of `[start, end)`, which one L2 table maps, under the lock.
+    fn discard_chunk(&self, start: u64, end: u64, keep: bool) -> Result<(), Error> {
         let cs = self.geo.cluster_size();
         let mut m = self.lock();
+        let (l2, _) = m.l1_entry(&self.file, m.l1_index(start))?;
+        if l2 == 0 && self.backing.is_none() {
+            // Unallocated without a backing image already reads as zeroes.
+            return Ok(());
+        }
         let mut guest = start;
         while guest < end {
-            let i = m.l1_index(guest);
-            let (l2, _) = m.l1_entry(&self.file, i)?;
-            let span = cs * self.geo.l2_entries();
-            if l2 == 0 && self.backing.is_none() {
-                // Unallocated without a backing image already reads as zeroes.
-                guest = (guest / span + 1) * span;
-                continue;
-            }
             let l2 = self.writable_l2(&mut m, guest)?;
             let (entry, bitmap) = m.l2_words(l2, guest);
             let unallocated = entry == 0 && bitmap == 0;
