@@ -436,3 +436,35 @@ fn lookups_and_allocating_writes_go_on_while_a_flush_syncs() {
         assert_eq!(back, [byte; 4096], "at {at}");
     }
 }
+
+#[test]
+fn a_flush_never_writes_its_copy_over_a_newer_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("e.qcow2");
+    create(&p, "cluster_size=65536", "1G");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    // Two L2 tables on disk, clean; then a one-table cache, so that loading one evicts the other.
+    q.write_at(&[1; 512], 0).unwrap();
+    q.write_at(&[1; 512], 600 << 20).unwrap();
+    q.flush().unwrap();
+    q.lock().l2 = super::cache::TableCache::new(1);
+    q.write_at(&[2; 4096], 2 * CS).unwrap();
+    let flushed = while_a_flush_syncs(q, || {
+        // The table the flush copied changes, then goes out by an eviction, newer than the copy.
+        q.write_at(&[3; 4096], 3 * CS).unwrap();
+        q.read_at(&mut [0; 512], 600 << 20).unwrap();
+    });
+    flushed.unwrap();
+    q.flush().unwrap();
+    let copy = dir.path().join("copy.qcow2");
+    std::fs::copy(&p, &copy).unwrap();
+    assert_consistent(&copy, false);
+    drop(img);
+    let img = open_rw(&copy);
+    for (at, byte) in [(2 * CS, 2), (3 * CS, 3)] {
+        let mut back = [0u8; 4096];
+        img.read_at(&mut back, at).unwrap();
+        assert_eq!(back, [byte; 4096], "at {at}");
+    }
+}
