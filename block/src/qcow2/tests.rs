@@ -468,3 +468,50 @@ fn a_flush_never_writes_its_copy_over_a_newer_table() {
         assert_eq!(back, [byte; 4096], "at {at}");
     }
 }
+
+#[test]
+fn a_copy_up_from_the_backing_file_leaves_the_lock_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0xab; 1 << 20]).unwrap();
+    let p = dir.path().join("top.qcow2");
+    create(
+        &p,
+        "cluster_size=65536,backing_file=base.raw,backing_fmt=raw",
+        "1M",
+    );
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    // The cluster's bytes (read from the backing file around the new ones) reach the file
+    // through the hook, which holds them there.
+    let (in_tx, in_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (in_tx, go_rx) = (Mutex::new(Some(in_tx)), Mutex::new(go_rx));
+    q.file.set_hook(Some(Hook(Arc::new(move |op| {
+        if matches!(op, Op::Write { len, .. } if len == CS) {
+            let first = in_tx.lock().unwrap().take();
+            if let Some(tx) = first {
+                tx.send(()).unwrap();
+                go_rx.lock().unwrap().recv().unwrap();
+            }
+        }
+        Ok(())
+    }))));
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| q.write_at(&[5; 512], 100));
+        in_rx.recv().unwrap();
+        let free = q.meta.try_write().is_ok();
+        go_tx.send(()).unwrap();
+        writer.join().unwrap().unwrap();
+        assert!(
+            free,
+            "the metadata lock is held while a cluster is copied up"
+        );
+    });
+    q.file.set_hook(None);
+    let mut back = vec![0u8; 4096];
+    img.read_at(&mut back, 0).unwrap();
+    assert!(back[..100].iter().all(|&b| b == 0xab));
+    assert!(back[100..612].iter().all(|&b| b == 5));
+    assert!(back[612..].iter().all(|&b| b == 0xab));
+}
