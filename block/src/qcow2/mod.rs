@@ -483,13 +483,10 @@ impl DiskImage for Qcow2 {
         // The dirty tables are copied under the lock, written and synced without it (in the
         // order what they owe asks), and marked clean under it again if unchanged meanwhile.
         let _flushing = self.flushing();
-        let (copies, pin) = {
-            let mut m = self.lock();
-            // Taken under the lock: no cluster freed from now on is reused under the copies.
-            (m.copy_dirty(), DirectPin::enter(&self.epochs))
-        };
+        // No copied table is freed before `settle`: tables are freed only through
+        // `pending_frees`, which only write-backs holding `flushing` apply.
+        let copies = self.lock().copy_dirty();
         let written = copies.write(&self.file);
-        drop(pin);
         self.lock().settle(&self.file, &copies, written)
     }
 
