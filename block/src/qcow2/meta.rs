@@ -154,8 +154,9 @@ pub struct Meta {
     pub free_hint: u64,
     /// Cluster index past the highest cluster in use or in the file.
     pub end: u64,
-    /// Clusters whose refcount drops once the metadata that dropped them is durable.
-    pub pending_frees: Vec<u64>,
+    /// Clusters whose refcount drops once the metadata that dropped them is durable, each with
+    /// the epoch it was unmapped in (see [`Meta::drop_refs`]).
+    pub pending_frees: Vec<(u64, u64)>,
     /// Orderings owed before the next table writes.
     pub owed: Owed,
     /// The last stamp handed out (see [`Owed`]).
@@ -285,6 +286,18 @@ impl Meta {
         self.stamps
     }
 
+    /// Queues the release of one reference to each of `clusters` (host offsets), which the
+    /// table entries just changed under the exclusive lock stopped pointing at: the refcounts
+    /// drop once those tables are durable. A request that looks a mapping up from now on cannot
+    /// reach them, so their reuse waits only for the requests in flight now (the current epoch,
+    /// which ending pins move on meanwhile), however long the write-back takes.
+    pub fn drop_refs(&mut self, clusters: impl IntoIterator<Item = u64>) {
+        let now = self.epochs.current();
+        self.pending_frees
+            .extend(clusters.into_iter().map(|off| (off, now)));
+        self.note_waiting();
+    }
+
     /// Points L1 entry `i` at a new L2 table (whose writes it must follow).
     pub fn set_l1(&mut self, i: usize, entry: u64) {
         self.l1[i] = entry;
@@ -385,12 +398,14 @@ impl Meta {
         // and they are serialized.
         let n = c.frees.min(self.pending_frees.len());
         for k in 0..n {
-            if let Err(e) = self.free_cluster(f, self.pending_frees[k]) {
+            let (off, unmapped) = self.pending_frees[k];
+            if let Err(e) = self.free_unmapped(f, off, unmapped) {
                 self.pending_frees.drain(..k);
                 return Err(e);
             }
         }
         self.pending_frees.drain(..n);
+        self.note_waiting();
         Ok(())
     }
 
@@ -480,10 +495,11 @@ impl Meta {
         if self.unsynced {
             self.sync(f)?;
         }
-        while let Some(&c) = self.pending_frees.last() {
-            self.free_cluster(f, c)?;
+        while let Some(&(off, unmapped)) = self.pending_frees.last() {
+            self.free_unmapped(f, off, unmapped)?;
             self.pending_frees.pop();
         }
+        self.note_waiting();
         Ok(())
     }
 

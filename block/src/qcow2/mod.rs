@@ -277,6 +277,18 @@ impl Qcow2 {
         self.flushing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Writes the dirty metadata back and syncs the file, with the metadata lock held only to
+    /// copy the dirty tables and, afterwards, to mark clean those unchanged since and apply the
+    /// reference drops they made durable (`meta.rs`): a flush, and a discard's write-back.
+    fn write_back(&self) -> Result<(), Error> {
+        let _flushing = self.flushing();
+        // No copied table is freed before `settle`: tables are freed only through
+        // `pending_frees`, which only write-backs holding `flushing` apply.
+        let copies = self.lock().copy_dirty();
+        let written = copies.write(&self.file);
+        self.lock().settle(&self.file, &copies, written)
+    }
+
     fn lock_shared(&self) -> RwLockReadGuard<'_, Meta> {
         self.meta.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -480,14 +492,7 @@ impl DiskImage for Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        // The dirty tables are copied under the lock, written and synced without it (in the
-        // order what they owe asks), and marked clean under it again if unchanged meanwhile.
-        let _flushing = self.flushing();
-        // No copied table is freed before `settle`: tables are freed only through
-        // `pending_frees`, which only write-backs holding `flushing` apply.
-        let copies = self.lock().copy_dirty();
-        let written = copies.write(&self.file);
-        self.lock().settle(&self.file, &copies, written)
+        self.write_back()
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), Error> {
