@@ -515,3 +515,36 @@ fn a_copy_up_from_the_backing_file_leaves_the_lock_free() {
     assert!(back[100..612].iter().all(|&b| b == 5));
     assert!(back[612..].iter().all(|&b| b == 0xab));
 }
+
+#[test]
+fn a_cluster_unmapped_before_a_request_began_is_reused_while_that_request_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("r.qcow2");
+    create(&p, "cluster_size=65536", "1M");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    q.write_at(&[1; CS as usize], 0).unwrap();
+    q.write_at(&[2; CS as usize], CS).unwrap();
+    img.flush().unwrap();
+    let Ok((super::Mapping::Data { host: freed, .. }, _)) = q.lookup(0) else {
+        panic!("cluster 0 is allocated");
+    };
+    img.discard(0, CS).unwrap();
+    // Requests come and go after the discard, and one stays in flight, as a guest's would, while
+    // the flush makes the release durable.
+    for _ in 0..2 {
+        let _ = q.lookup_pinned(CS).unwrap();
+    }
+    let (_, _, in_flight) = q.lookup_pinned(CS).unwrap();
+    img.flush().unwrap();
+    // That request began after the discard: it cannot be using the freed cluster.
+    img.write_at(&[3; CS as usize], 2 * CS).unwrap();
+    let Ok((super::Mapping::Data { host, .. }, _)) = q.lookup(2 * CS) else {
+        panic!("cluster 2 is allocated");
+    };
+    assert_eq!(host, freed, "the freed cluster was not reused");
+    drop(in_flight);
+    img.flush().unwrap();
+    drop(img);
+    assert_consistent(&p, false);
+}
