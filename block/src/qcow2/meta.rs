@@ -5,13 +5,21 @@
 //! Write ordering (crash consistency, docs/DESIGN.md), kept as data in [`Owed`] as QEMU's caches keep
 //! theirs (`qcow2_cache_set_dependency`, `qcow2_cache_depends_on_flush`): whoever creates a need
 //! records it (an allocation: refcounts before L2 tables; data published in an L2 entry: a file
-//! sync before L2 tables; a new L2 table in L1: L2 tables before L1), and the only functions that
-//! write L2 tables and L1 entries ([`Meta::write_l2`], [`Meta::write_l1_entry`]) settle what is
-//! owed first. So a flush, an eviction, the close path or a check keep the same order, whichever
-//! thread runs them. Reference drops go the other way: a cluster that loses a reference is queued
-//! in `pending_frees`, and its refcount is lowered only after the metadata that stopped pointing
-//! at it is written and synced; it is reused only once no request in flight can reach it either
-//! (`refcount.rs`). A refcount block can therefore be written at any time.
+//! sync before L2 tables; a new L2 table in L1: L2 tables before L1), and the functions that
+//! write L2 tables and L1 entries under the lock ([`Meta::write_l2`], [`Meta::write_l1_entry`])
+//! settle what is owed first. So an eviction, the close path or a check keep the same order,
+//! whichever thread runs them. Reference drops go the other way: a cluster that loses a
+//! reference is queued in `pending_frees` ([`Meta::drop_refs`]), and its refcount is lowered
+//! only after the metadata that stopped pointing at it is written and synced; it is reused only
+//! once no request in flight when that metadata changed can reach it either (`refcount.rs`). A
+//! refcount block can therefore be written at any time.
+//!
+//! A flush keeps these orderings without holding the lock across its writes and syncs: it
+//! copies what it owes under the lock ([`Meta::copy_dirty`]), writes the copies in order
+//! without it ([`Copies::write`]), and under the lock again ([`Meta::settle`]) marks clean only
+//! the tables unchanged since the copy and settles only the needs that arose before it. Tables
+//! written under the lock in between (evictions) are newer than the copies, which skip them
+//! ([`Written`]).
 //!
 //! A table is clean only once its write succeeded (`TableCache::write_dirty`); a failed write
 //! leaves it, and every need recorded for it, in place, so the next write-back retries it and no

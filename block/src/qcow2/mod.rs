@@ -12,10 +12,11 @@
 //! write that needs a new cluster plans under the lock, fills the cluster without it and
 //! publishes the L2 entry under it again (`write.rs`), so nobody sees an entry before its data.
 //! Requests doing I/O without the lock hold a [`DirectPin`], which keeps a cluster freed
-//! meanwhile from being reused under them. No sync, backing read or whole-range discard holds
-//! the lock: a flush copies the dirty tables under it and writes and syncs them without it
-//! (`meta.rs`, flushes serialized by their own mutex), copy-up reads happen in the fill step,
-//! and a discard takes the lock once per L2 table's worth of clusters.
+//! meanwhile from being reused under them. A flush copies the dirty tables under the lock and
+//! writes and syncs them without it (`meta.rs`; write-backs are serialized by their own mutex),
+//! copy-up reads (the backing image's too) happen in the fill step, and a discard takes the lock
+//! once per L2 table's worth of clusters. Still written and synced under the lock: a dirty table
+//! evicted from a full cache, new refcount blocks and a growing refcount table.
 
 mod cache;
 mod cache_size;

@@ -518,13 +518,14 @@ fn a_copy_up_from_the_backing_file_leaves_the_lock_free() {
 
 #[test]
 fn a_cluster_unmapped_before_a_request_began_is_reused_while_that_request_runs() {
+    const C: usize = 65536;
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("r.qcow2");
     create(&p, "cluster_size=65536", "1M");
     let img = open_rw(&p);
     let q = qcow2(&img);
-    q.write_at(&[1; CS as usize], 0).unwrap();
-    q.write_at(&[2; CS as usize], CS).unwrap();
+    q.write_at(&[1; C], 0).unwrap();
+    q.write_at(&[2; C], CS).unwrap();
     img.flush().unwrap();
     let Ok((super::Mapping::Data { host: freed, .. }, _)) = q.lookup(0) else {
         panic!("cluster 0 is allocated");
@@ -538,7 +539,7 @@ fn a_cluster_unmapped_before_a_request_began_is_reused_while_that_request_runs()
     let (_, _, in_flight) = q.lookup_pinned(CS).unwrap();
     img.flush().unwrap();
     // That request began after the discard: it cannot be using the freed cluster.
-    img.write_at(&[3; CS as usize], 2 * CS).unwrap();
+    img.write_at(&[3; C], 2 * CS).unwrap();
     let Ok((super::Mapping::Data { host, .. }, _)) = q.lookup(2 * CS) else {
         panic!("cluster 2 is allocated");
     };
