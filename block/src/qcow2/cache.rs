@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 struct Slot<T> {
     table: T,
     dirty: bool,
+    /// Changes with every insertion and every `mark_dirty` (from `changes`): a copy taken at
+    /// one version is the table as long as the version stays.
+    version: u64,
     /// Last use, from `tick`: atomic so that lookups under a shared lock can record it.
     used: AtomicU64,
 }
@@ -20,6 +23,8 @@ struct Slot<T> {
 pub struct TableCache<T> {
     cap: usize,
     tick: AtomicU64,
+    /// The last version handed out.
+    changes: u64,
     slots: HashMap<u64, Slot<T>>,
 }
 
@@ -29,6 +34,7 @@ impl<T> TableCache<T> {
         TableCache {
             cap: cap.max(1),
             tick: AtomicU64::new(0),
+            changes: 0,
             slots: HashMap::new(),
         }
     }
@@ -73,11 +79,13 @@ impl<T> TableCache<T> {
     /// Inserts a table (clean).
     pub fn insert(&mut self, offset: u64, table: T) {
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
+        self.changes += 1;
         self.slots.insert(
             offset,
             Slot {
                 table,
                 dirty: false,
+                version: self.changes,
                 used: AtomicU64::new(tick),
             },
         );
@@ -86,7 +94,9 @@ impl<T> TableCache<T> {
     /// Marks a cached table dirty.
     pub fn mark_dirty(&mut self, offset: u64) {
         if let Some(s) = self.slots.get_mut(&offset) {
+            self.changes += 1;
             s.dirty = true;
+            s.version = self.changes;
         }
     }
 
@@ -129,6 +139,31 @@ impl<T> TableCache<T> {
         }
     }
 
+    /// Copies of the dirty tables, ascending by offset: (offset, table, version).
+    pub fn copy_dirty(&self) -> Vec<(u64, T, u64)>
+    where
+        T: Clone,
+    {
+        let mut v: Vec<(u64, T, u64)> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(&o, s)| (o, s.table.clone(), s.version))
+            .collect();
+        v.sort_unstable_by_key(|c| c.0);
+        v
+    }
+
+    /// Marks the table at `offset` clean if it is still at `version`: a copy taken at that
+    /// version was written (a table changed since stays dirty).
+    pub fn mark_clean(&mut self, offset: u64, version: u64) {
+        if let Some(s) = self.slots.get_mut(&offset) {
+            if s.version == version {
+                s.dirty = false;
+            }
+        }
+    }
+
     /// Drops every table (after their offsets changed meaning, e.g. a refcount rebuild).
     pub fn clear(&mut self) {
         self.slots.clear();
@@ -166,5 +201,32 @@ mod tests {
         c.write_dirty(1, |_| Err("written twice")).unwrap();
         assert_eq!(c.remove(2), Some("b"));
         assert!(!c.full());
+    }
+
+    #[test]
+    fn a_copy_cleans_its_table_only_while_the_table_is_unchanged() {
+        let mut c = TableCache::new(4);
+        c.insert(1, 10);
+        c.insert(2, 20);
+        c.mark_dirty(1);
+        c.mark_dirty(2);
+        let copies = c.copy_dirty();
+        assert_eq!(
+            copies.iter().map(|&(o, t, _)| (o, t)).collect::<Vec<_>>(),
+            vec![(1, 10), (2, 20)]
+        );
+        // Table 2 changes after the copy: writing the copy does not make it clean.
+        *c.get(2).unwrap() = 21;
+        c.mark_dirty(2);
+        for &(o, _, v) in &copies {
+            c.mark_clean(o, v);
+        }
+        assert_eq!(c.dirty(), vec![2]);
+        // Removed and inserted again, a table starts at a new version.
+        c.remove(1);
+        c.insert(1, 11);
+        c.mark_dirty(1);
+        c.mark_clean(1, copies[0].2);
+        assert_eq!(c.dirty(), vec![1, 2]);
     }
 }

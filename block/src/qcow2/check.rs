@@ -439,6 +439,7 @@ impl Qcow2 {
         if repair != Repair::None && self.read_only {
             return Err(Error::ReadOnly);
         }
+        let _flushing = self.flushing();
         let mut m = self.lock();
         if !self.read_only {
             m.write_back(&self.file)?;

@@ -5,19 +5,27 @@
 //! Write ordering (crash consistency, docs/DESIGN.md), kept as data in [`Owed`] as QEMU's caches keep
 //! theirs (`qcow2_cache_set_dependency`, `qcow2_cache_depends_on_flush`): whoever creates a need
 //! records it (an allocation: refcounts before L2 tables; data published in an L2 entry: a file
-//! sync before L2 tables; a new L2 table in L1: L2 tables before L1), and the only functions that
-//! write L2 tables and L1 entries ([`Meta::write_l2`], [`Meta::write_l1_entry`]) settle what is
-//! owed first. So a flush, an eviction, the close path or a check keep the same order, whichever
-//! thread runs them. Reference drops go the other way: a cluster that loses a reference is queued
-//! in `pending_frees`, and its refcount is lowered only after the metadata that stopped pointing
-//! at it is written and synced; it is reused only once no request in flight can reach it either
-//! (`refcount.rs`). A refcount block can therefore be written at any time.
+//! sync before L2 tables; a new L2 table in L1: L2 tables before L1), and the functions that
+//! write L2 tables and L1 entries under the lock ([`Meta::write_l2`], [`Meta::write_l1_entry`])
+//! settle what is owed first. So an eviction, the close path or a check keep the same order,
+//! whichever thread runs them. Reference drops go the other way: a cluster that loses a
+//! reference is queued in `pending_frees` ([`Meta::drop_refs`]), and its refcount is lowered
+//! only after the metadata that stopped pointing at it is written and synced; it is reused only
+//! once no request in flight when that metadata changed can reach it either (`refcount.rs`). A
+//! refcount block can therefore be written at any time.
+//!
+//! A flush keeps these orderings without holding the lock across its writes and syncs: it
+//! copies what it owes under the lock ([`Meta::copy_dirty`]), writes the copies in order
+//! without it ([`Copies::write`]), and under the lock again ([`Meta::settle`]) marks clean only
+//! the tables unchanged since the copy and settles only the needs that arose before it. Tables
+//! written under the lock in between (evictions) are newer than the copies, which skip them
+//! ([`Written`]).
 //!
 //! A table is clean only once its write succeeded (`TableCache::write_dirty`); a failed write
 //! leaves it, and every need recorded for it, in place, so the next write-back retries it and no
 //! flush reports success while something it owes is unwritten.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use super::cache::TableCache;
@@ -30,18 +38,108 @@ use crate::file::HostFile;
 use crate::Error;
 
 /// What must be durable before the next L2 table or L1 entry write (see the module doc). Each
-/// flag is set where its reason arises and cleared only once it is settled.
+/// need is the [`Meta::stamp`] of when it last arose, 0 when nothing is owed: set where its
+/// reason arises and cleared only once it is settled (by a flush only when it arose before the
+/// flush copied the tables it wrote).
 #[derive(Debug, Default)]
 pub struct Owed {
     /// L2 entries point at data written into clusters since the last sync (the guest's bytes
     /// or copied-up ones): the file is synced before an L2 table is written.
-    pub l2_after_data: bool,
+    pub l2_after_data: u64,
     /// Clusters were allocated (refcounts raised in the cache) for L2 entries or tables: the
     /// refcount blocks are written and synced before an L2 table is written.
-    pub l2_after_refcounts: bool,
+    pub l2_after_refcounts: u64,
     /// L1 entries point at new L2 tables: the L2 tables are written and synced before an L1
     /// entry is written.
-    pub l1_after_l2: bool,
+    pub l1_after_l2: u64,
+}
+
+/// Which table a write under the lock went to (see [`Written`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum TableAt {
+    Refcounts(u64),
+    L2(u64),
+}
+
+/// The table writes made under the metadata lock while a flush writes its copies outside it:
+/// such a write holds the table's current content, at least as new as the flush's copy, so the
+/// flush skips its copy of that table rather than put the older one back. One mutex orders the
+/// two kinds of writes of a table; it is held for one table write at most, never for a sync.
+#[derive(Debug, Default)]
+pub struct Written(std::sync::Mutex<Option<HashSet<TableAt>>>);
+
+impl Written {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<HashSet<TableAt>>> {
+        // A poisoned set only means a panic elsewhere; a missing entry only costs a rewrite.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A table write under the metadata lock, recorded while a flush is writing its copies.
+    fn locked(&self, at: TableAt, write: impl FnOnce() -> Result<(), Error>) -> Result<(), Error> {
+        let mut set = self.lock();
+        let r = write();
+        if let Some(set) = set.as_mut() {
+            set.insert(at);
+        }
+        r
+    }
+
+    /// A flush's write of its copy of a table, skipped when the table went out under the lock
+    /// since the copy.
+    fn copy(&self, at: TableAt, write: impl FnOnce() -> Result<(), Error>) -> Result<(), Error> {
+        let set = self.lock();
+        if set.as_ref().is_some_and(|s| s.contains(&at)) {
+            return Ok(());
+        }
+        write()
+    }
+}
+
+/// The dirty metadata a flush owes, copied under the metadata lock to be written outside it
+/// ([`Meta::copy_dirty`], [`Copies::write`], [`Meta::settle`]).
+#[derive(Debug)]
+pub struct Copies {
+    /// The stamp when copied: needs that arose up to it are settled once the copies are durable.
+    stamp: u64,
+    rc_blocks: Vec<(u64, Vec<u8>, u64)>,
+    l2: Vec<(u64, Vec<u64>, u64)>,
+    /// (index, entry) of the dirty L1 entries, and where the L1 table lies.
+    l1: Vec<(usize, u64)>,
+    l1_offset: u64,
+    /// The file is synced before the L2 tables are written, and before the L1 entries.
+    sync_before_l2: bool,
+    sync_before_l1: bool,
+    /// How many of `pending_frees` (the first ones) the copied tables dropped.
+    frees: usize,
+    written: Arc<Written>,
+}
+
+impl Copies {
+    /// Writes the copies in the order the metadata owed when they were taken (refcount blocks,
+    /// a sync if L2 tables owed one, L2 tables, a sync if L1 entries owed one, L1 entries), then
+    /// syncs the file; without the metadata lock. A table written under the lock meanwhile is
+    /// skipped: that write was newer, and the syncs that follow cover it.
+    pub fn write(&self, f: &HostFile) -> Result<(), Error> {
+        for (off, b, _) in &self.rc_blocks {
+            self.written
+                .copy(TableAt::Refcounts(*off), || f.write_at(b, *off))?;
+        }
+        if self.sync_before_l2 {
+            f.sync()?;
+        }
+        for (off, t, _) in &self.l2 {
+            self.written
+                .copy(TableAt::L2(*off), || f.write_at(&encode_words(t), *off))?;
+        }
+        if self.sync_before_l1 {
+            f.sync()?;
+        }
+        for &(i, e) in &self.l1 {
+            f.write_at(&e.to_be_bytes(), self.l1_offset + (i as u64) * 8)?;
+        }
+        // The final sync makes the guest's data durable too: it counts as data I/O.
+        crate::trace::data(|| f.sync())
+    }
 }
 
 /// The metadata of an open image.
@@ -65,10 +163,15 @@ pub struct Meta {
     pub free_hint: u64,
     /// Cluster index past the highest cluster in use or in the file.
     pub end: u64,
-    /// Clusters whose refcount drops once the metadata that dropped them is durable.
-    pub pending_frees: Vec<u64>,
+    /// Clusters whose refcount drops once the metadata that dropped them is durable, each with
+    /// the epoch it was unmapped in (see [`Meta::drop_refs`]).
+    pub pending_frees: Vec<(u64, u64)>,
     /// Orderings owed before the next table writes.
     pub owed: Owed,
+    /// The last stamp handed out (see [`Owed`]).
+    pub stamps: u64,
+    /// Table writes under the lock during a flush's writes (shared with that flush).
+    pub written: Arc<Written>,
     /// Metadata was written since the last sync.
     pub unsynced: bool,
     /// The epochs of requests doing I/O without the lock (shared with `Qcow2`), which may still
@@ -183,14 +286,32 @@ impl Meta {
     /// filled in place): the data must be durable before the table is written.
     pub fn publish_data(&mut self, l2: u64, guest: u64, entry: u64, bitmap: u64) {
         self.set_l2_words(l2, guest, entry, bitmap);
-        self.owed.l2_after_data = true;
+        self.owed.l2_after_data = self.stamp();
+    }
+
+    /// A new stamp, later than every one before (see [`Owed`]).
+    pub fn stamp(&mut self) -> u64 {
+        self.stamps += 1;
+        self.stamps
+    }
+
+    /// Queues the release of one reference to each of `clusters` (host offsets), which the
+    /// table entries just changed under the exclusive lock stopped pointing at: the refcounts
+    /// drop once those tables are durable. A request that looks a mapping up from now on cannot
+    /// reach them, so their reuse waits only for the requests in flight now (the current epoch,
+    /// which ending pins move on meanwhile), however long the write-back takes.
+    pub fn drop_refs(&mut self, clusters: impl IntoIterator<Item = u64>) {
+        let now = self.epochs.current();
+        self.pending_frees
+            .extend(clusters.into_iter().map(|off| (off, now)));
+        self.note_waiting();
     }
 
     /// Points L1 entry `i` at a new L2 table (whose writes it must follow).
     pub fn set_l1(&mut self, i: usize, entry: u64) {
         self.l1[i] = entry;
         self.l1_dirty.insert(i);
-        self.owed.l1_after_l2 = true;
+        self.owed.l1_after_l2 = self.stamp();
     }
 
     /// Sets the entry words of cluster `guest` in the cached L2 table at `l2` and marks it
@@ -223,8 +344,83 @@ impl Meta {
         usize::try_from(i).unwrap_or(0)
     }
 
-    /// Writes every dirty table back (each obeying what it owes), then applies the queued
-    /// reference drops once the writes that dropped them are durable.
+    /// Copies what a flush owes (the dirty refcount blocks, L2 tables and L1 entries, and the
+    /// syncs their orderings need), for [`Copies::write`] to write without the lock; from now
+    /// until [`Meta::settle`], tables written under the lock are recorded so that the flush
+    /// skips its older copies of them. The caller serializes flushes.
+    pub fn copy_dirty(&mut self) -> Copies {
+        *self.written.lock() = Some(HashSet::new());
+        let l2 = self.l2.copy_dirty();
+        let l1: Vec<(usize, u64)> = self
+            .l1_dirty
+            .iter()
+            .map(|&i| (i, self.l1.get(i).copied().unwrap_or(0)))
+            .collect();
+        Copies {
+            stamp: self.stamps,
+            rc_blocks: self.rc_blocks.copy_dirty(),
+            sync_before_l2: !l2.is_empty()
+                && (self.owed.l2_after_refcounts != 0 || self.owed.l2_after_data != 0),
+            sync_before_l1: !l1.is_empty() && self.owed.l1_after_l2 != 0,
+            l2,
+            l1,
+            l1_offset: self.header.l1_table_offset,
+            frees: self.pending_frees.len(),
+            written: Arc::clone(&self.written),
+        }
+    }
+
+    /// Ends a flush's write of `c` (`result`, which stops the recording of writes under the
+    /// lock). Once it succeeded: the copied tables and entries unchanged since are clean, the
+    /// needs that arose before the copy are settled (everything copied is durable), and the
+    /// reference drops the copied tables made are applied.
+    pub fn settle(
+        &mut self,
+        f: &HostFile,
+        c: &Copies,
+        result: Result<(), Error>,
+    ) -> Result<(), Error> {
+        *self.written.lock() = None;
+        result?;
+        for &(off, _, version) in &c.rc_blocks {
+            self.rc_blocks.mark_clean(off, version);
+        }
+        for &(off, _, version) in &c.l2 {
+            self.l2.mark_clean(off, version);
+        }
+        for &(i, e) in &c.l1 {
+            if self.l1.get(i) == Some(&e) {
+                self.l1_dirty.remove(&i);
+            }
+        }
+        let owed = &mut self.owed;
+        for need in [
+            &mut owed.l2_after_data,
+            &mut owed.l2_after_refcounts,
+            &mut owed.l1_after_l2,
+        ] {
+            if *need <= c.stamp {
+                *need = 0;
+            }
+        }
+        // The first `frees` are still those the copies dropped: only flushes take them out,
+        // and they are serialized.
+        let n = c.frees.min(self.pending_frees.len());
+        for k in 0..n {
+            let (off, unmapped) = self.pending_frees[k];
+            if let Err(e) = self.free_unmapped(f, off, unmapped) {
+                self.pending_frees.drain(..k);
+                return Err(e);
+            }
+        }
+        self.pending_frees.drain(..n);
+        self.note_waiting();
+        Ok(())
+    }
+
+    /// Writes every dirty table back under the lock (each obeying what it owes), then applies
+    /// the queued reference drops once the writes that dropped them are durable: for the close
+    /// path and checks (a flush writes copies outside the lock instead).
     pub fn write_back(&mut self, f: &HostFile) -> Result<(), Error> {
         self.write_refcount_blocks(f)?;
         for off in self.l2.dirty() {
@@ -240,9 +436,9 @@ impl Meta {
     pub fn sync(&mut self, f: &HostFile) -> Result<(), Error> {
         f.sync()?;
         self.unsynced = false;
-        self.owed.l2_after_data = false;
+        self.owed.l2_after_data = 0;
         if !self.rc_blocks.has_dirty() {
-            self.owed.l2_after_refcounts = false;
+            self.owed.l2_after_refcounts = 0;
         }
         Ok(())
     }
@@ -258,7 +454,10 @@ impl Meta {
     /// Writes the refcount block at `off` if it is dirty.
     pub fn write_rc_block(&mut self, f: &HostFile, off: u64) -> Result<(), Error> {
         self.unsynced = true;
-        self.rc_blocks.write_dirty(off, |b| f.write_at(b, off))
+        let (blocks, written) = (&mut self.rc_blocks, &self.written);
+        written.locked(TableAt::Refcounts(off), || {
+            blocks.write_dirty(off, |b| f.write_at(b, off))
+        })
     }
 
     /// Writes the L2 table at `off` if it is dirty, after what L2 tables owe.
@@ -266,26 +465,28 @@ impl Meta {
         if !self.l2.is_dirty(off) {
             return Ok(());
         }
-        if self.owed.l2_after_refcounts {
+        if self.owed.l2_after_refcounts != 0 {
             self.write_refcount_blocks(f)?;
             self.sync(f)?;
         }
-        if self.owed.l2_after_data {
+        if self.owed.l2_after_data != 0 {
             self.sync(f)?;
         }
         self.unsynced = true;
-        self.l2
-            .write_dirty(off, |t| f.write_at(&encode_words(t), off))
+        let (l2, written) = (&mut self.l2, &self.written);
+        written.locked(TableAt::L2(off), || {
+            l2.write_dirty(off, |t| f.write_at(&encode_words(t), off))
+        })
     }
 
     /// Writes L1 entry `i`, after what L1 entries owe.
     fn write_l1_entry(&mut self, f: &HostFile, i: usize) -> Result<(), Error> {
-        if self.owed.l1_after_l2 {
+        if self.owed.l1_after_l2 != 0 {
             for off in self.l2.dirty() {
                 self.write_l2(f, off)?;
             }
             self.sync(f)?;
-            self.owed.l1_after_l2 = false;
+            self.owed.l1_after_l2 = 0;
         }
         let at = self.header.l1_table_offset + (i as u64) * 8;
         self.unsynced = true;
@@ -303,10 +504,11 @@ impl Meta {
         if self.unsynced {
             self.sync(f)?;
         }
-        while let Some(&c) = self.pending_frees.last() {
-            self.free_cluster(f, c)?;
+        while let Some(&(off, unmapped)) = self.pending_frees.last() {
+            self.free_unmapped(f, off, unmapped)?;
             self.pending_frees.pop();
         }
+        self.note_waiting();
         Ok(())
     }
 

@@ -14,7 +14,11 @@
 //! write that needs a new cluster plans under the lock, fills the cluster without it and
 //! publishes the L2 entry under it again (`write.rs`), so nobody sees an entry before its data.
 //! Requests doing I/O without the lock hold a [`DirectPin`], which keeps a cluster freed
-//! meanwhile from being reused under them.
+//! meanwhile from being reused under them. A flush copies the dirty tables under the lock and
+//! writes and syncs them without it (`meta.rs`; write-backs are serialized by their own mutex),
+//! copy-up reads (the backing image's too) happen in the fill step, and a discard takes the lock
+//! once per L2 table's worth of clusters. Still written and synced under the lock: a dirty table
+//! evicted from a full cache, new refcount blocks and a growing refcount table.
 
 mod cache;
 mod cache_size;
@@ -76,6 +80,9 @@ pub struct Qcow2 {
     version: u32,
     backing: Option<Box<crate::Image>>,
     meta: RwLock<Meta>,
+    /// Held by a flush from its copy of the dirty metadata to its end, and by the other
+    /// write-backs: flushes run one at a time, without holding `meta` while they write and sync.
+    flushing: Mutex<()>,
     /// Guest clusters a slow-path write is working on (see `write.rs`), and their waiters.
     busy: Mutex<HashSet<u64>>,
     /// Signalled when a claim ends, one per group of clusters so that a release wakes only the
@@ -215,6 +222,8 @@ impl Qcow2 {
             end: file_len.div_ceil(cs),
             pending_frees: Vec::new(),
             owed: meta::Owed::default(),
+            stamps: 0,
+            written: Arc::default(),
             unsynced: false,
             epochs: Arc::clone(&epochs),
             quarantine: refcount::Quarantine::default(),
@@ -229,6 +238,7 @@ impl Qcow2 {
             version: meta.header.version,
             backing,
             meta: RwLock::new(meta),
+            flushing: Mutex::new(()),
             busy: Mutex::new(HashSet::new()),
             busy_done: std::array::from_fn(|_| Condvar::new()),
             epochs,
@@ -267,6 +277,24 @@ impl Qcow2 {
         // A poisoned lock means a panic mid-update on another thread; the metadata in memory is
         // what that thread left, which is no worse than a crash, so keep going.
         self.meta.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serializes flushes and the other write-backs of the metadata.
+    fn flushing(&self) -> std::sync::MutexGuard<'_, ()> {
+        // Guards no data: a panic elsewhere leaves nothing to repair.
+        self.flushing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the dirty metadata back and syncs the file, with the metadata lock held only to
+    /// copy the dirty tables and, afterwards, to mark clean those unchanged since and apply the
+    /// reference drops they made durable (`meta.rs`): a flush, and a discard's write-back.
+    fn write_back(&self) -> Result<(), Error> {
+        let _flushing = self.flushing();
+        // No copied table is freed before `settle`: tables are freed only through
+        // `pending_frees`, which only write-backs holding `flushing` apply.
+        let copies = self.lock().copy_dirty();
+        let written = copies.write(&self.file);
+        self.lock().settle(&self.file, &copies, written)
     }
 
     fn lock_shared(&self) -> RwLockReadGuard<'_, Meta> {
@@ -472,10 +500,7 @@ impl DiskImage for Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        // The ordered metadata write-back needs the lock; the final sync does not.
-        let written = self.lock().write_back(&self.file);
-        written?;
-        trace::data(|| self.file.sync())
+        self.write_back()
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), Error> {

@@ -57,21 +57,32 @@ pub fn set_entry(b: &mut [u8], order: u32, i: u64, v: u64) {
     }
 }
 
-/// Freed clusters not yet reusable, with the epoch each was released in.
+/// Freed clusters not yet reusable, each with the epoch it was unmapped in (when the last table
+/// entry a request could look it up by changed).
 #[derive(Debug, Default)]
 pub struct Quarantine {
-    /// (epoch, cluster index), in release order (so epochs ascend).
+    /// (epoch, cluster index), epochs ascending.
     queue: VecDeque<(u64, u64)>,
     /// The same clusters, for the allocator's look-up.
     held: HashSet<u64>,
 }
 
 impl Quarantine {
-    fn hold(&mut self, epochs: &crate::direct::Epochs, c: u64) {
+    /// Holds cluster `c`, unmapped in epoch `unmapped`. A later epoch only holds it longer, so a
+    /// cluster unmapped before the last one queued is counted from that one's.
+    fn hold(&mut self, c: u64, unmapped: u64) {
         if self.held.insert(c) {
-            self.queue.push_back((epochs.current(), c));
-            epochs.set_waiting(true);
+            let epoch = self
+                .queue
+                .back()
+                .map_or(unmapped, |&(e, _)| e.max(unmapped));
+            self.queue.push_back((epoch, c));
         }
+    }
+
+    /// Whether no cluster is held.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
     }
 
     /// Whether cluster `c` is held.
@@ -97,7 +108,6 @@ impl Quarantine {
             self.held.remove(&c);
             lowest = Some(lowest.map_or(c, |l: u64| l.min(c)));
         }
-        epochs.set_waiting(!self.queue.is_empty());
         lowest
     }
 }
@@ -202,10 +212,18 @@ impl Meta {
     }
 
     /// Drops one reference to the cluster at host offset `off`, now (the caller has made sure
-    /// nothing durable points at it any more). Either the reference is dropped or, on an error,
-    /// nothing changed. A cluster that becomes free is quarantined and punched out of the host
-    /// file.
+    /// nothing durable points at it any more), which no table maps any more for lock-free
+    /// requests from now on. Either the reference is dropped or, on an error, nothing changed. A
+    /// cluster that becomes free is quarantined and punched out of the host file.
     pub fn free_cluster(&mut self, f: &HostFile, off: u64) -> Result<(), Error> {
+        let now = self.epochs.current();
+        self.free_unmapped(f, off, now)
+    }
+
+    /// `free_cluster` for a cluster whose last mapping a lock-free request could use was
+    /// dropped in epoch `unmapped` (see [`Meta::drop_refs`]): only requests that began by then
+    /// hold its reuse back.
+    pub fn free_unmapped(&mut self, f: &HostFile, off: u64, unmapped: u64) -> Result<(), Error> {
         if !self.may_free(f, off) {
             return Ok(());
         }
@@ -222,7 +240,8 @@ impl Meta {
         }
         self.set_refcount_in_block(f, c, v - 1)?;
         if v == 1 {
-            self.quarantine.hold(&self.epochs, c);
+            self.quarantine.hold(c, unmapped);
+            self.note_waiting();
             // Only gives the space back: a cluster left unpunched is still free.
             if let Err(e) = f.punch_hole(off, self.cs()) {
                 log::warn!("{e}");
@@ -238,7 +257,8 @@ impl Meta {
         if let Some(c) = self.quarantine.release(&self.epochs) {
             self.free_hint = self.free_hint.min(c);
         }
-        self.owed.l2_after_refcounts = true;
+        self.note_waiting();
+        self.owed.l2_after_refcounts = self.stamp();
         let mut c = self.free_hint.max(1);
         loop {
             let bi = c / per;
@@ -260,6 +280,13 @@ impl Meta {
             }
             c += 1;
         }
+    }
+
+    /// Tells the epochs whether clusters wait for them to move on (held, or queued to be freed
+    /// once a flush makes their release durable), so that ending pins move them on meanwhile.
+    pub fn note_waiting(&self) {
+        self.epochs
+            .set_waiting(!self.quarantine.is_empty() || !self.pending_frees.is_empty());
     }
 
     /// Creates the refcount block for the range holding cluster `c`, stored at `c` itself.

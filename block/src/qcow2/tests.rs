@@ -365,3 +365,190 @@ fn a_failed_fill_gives_its_new_cluster_back() {
     drop(img);
     assert_consistent(&p, false);
 }
+
+/// Runs `during` on this thread while a flush on another thread is stopped in its first sync
+/// (through the file's hook), then lets the flush finish and returns what it returned.
+fn while_a_flush_syncs(q: &Qcow2, during: impl FnOnce()) -> Result<(), Error> {
+    let (in_tx, in_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (in_tx, go_rx) = (Mutex::new(Some(in_tx)), Mutex::new(go_rx));
+    q.file.set_hook(Some(Hook(Arc::new(move |op| {
+        if op == Op::Sync {
+            let first = in_tx.lock().unwrap().take();
+            if let Some(tx) = first {
+                tx.send(()).unwrap();
+                go_rx.lock().unwrap().recv().unwrap();
+            }
+        }
+        Ok(())
+    }))));
+    std::thread::scope(|s| {
+        let flush = s.spawn(|| q.flush());
+        in_rx.recv().unwrap();
+        // The flush goes on whatever `during` does: a failed assertion must not leave it stuck.
+        let during = std::panic::catch_unwind(std::panic::AssertUnwindSafe(during));
+        go_tx.send(()).unwrap();
+        let flushed = flush.join().unwrap();
+        q.file.set_hook(None);
+        if let Err(panic) = during {
+            std::panic::resume_unwind(panic);
+        }
+        flushed
+    })
+}
+
+#[test]
+fn lookups_and_allocating_writes_go_on_while_a_flush_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("f.qcow2");
+    create(&p, "cluster_size=65536", "1G");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    // A new cluster: its refcount block, L2 table and L1 entry are owed, and the L2 table must
+    // wait for a sync (after the refcounts and the data).
+    q.write_at(&[1; 4096], 0).unwrap();
+    let l2 = owed_tables(q)[1].1;
+    let flushed = while_a_flush_syncs(q, || {
+        assert!(
+            q.meta.try_write().is_ok(),
+            "the metadata lock is held while the flush syncs"
+        );
+        assert!(matches!(q.lookup(0), Ok((super::Mapping::Data { .. }, _))));
+        // The table the flush copied changes, and a new table and cluster are allocated.
+        q.write_at(&[2; 4096], 3 * CS).unwrap();
+        q.write_at(&[3; 4096], 700 << 20).unwrap();
+        let mut back = [0u8; 4096];
+        q.read_at(&mut back, 700 << 20).unwrap();
+        assert_eq!(back, [3; 4096]);
+    });
+    flushed.unwrap();
+    assert!(
+        q.lock_shared().l2.is_dirty(l2),
+        "an L2 table changed during the flush was marked clean"
+    );
+    q.flush().unwrap();
+    // Everything is reachable without the close path writing anything more.
+    let copy = dir.path().join("copy.qcow2");
+    std::fs::copy(&p, &copy).unwrap();
+    assert_consistent(&copy, false);
+    drop(img);
+    let img = open_rw(&copy);
+    for (at, byte) in [(0, 1), (3 * CS, 2), (700 << 20, 3)] {
+        let mut back = [0u8; 4096];
+        img.read_at(&mut back, at).unwrap();
+        assert_eq!(back, [byte; 4096], "at {at}");
+    }
+}
+
+#[test]
+fn a_flush_never_writes_its_copy_over_a_newer_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("e.qcow2");
+    create(&p, "cluster_size=65536", "1G");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    // Two L2 tables on disk, clean; then a one-table cache, so that loading one evicts the other.
+    q.write_at(&[1; 512], 0).unwrap();
+    q.write_at(&[1; 512], 600 << 20).unwrap();
+    q.flush().unwrap();
+    q.lock().l2 = super::cache::TableCache::new(1);
+    q.write_at(&[2; 4096], 2 * CS).unwrap();
+    let flushed = while_a_flush_syncs(q, || {
+        // The table the flush copied changes, then goes out by an eviction, newer than the copy.
+        q.write_at(&[3; 4096], 3 * CS).unwrap();
+        q.read_at(&mut [0; 512], 600 << 20).unwrap();
+    });
+    flushed.unwrap();
+    q.flush().unwrap();
+    let copy = dir.path().join("copy.qcow2");
+    std::fs::copy(&p, &copy).unwrap();
+    assert_consistent(&copy, false);
+    drop(img);
+    let img = open_rw(&copy);
+    for (at, byte) in [(2 * CS, 2), (3 * CS, 3)] {
+        let mut back = [0u8; 4096];
+        img.read_at(&mut back, at).unwrap();
+        assert_eq!(back, [byte; 4096], "at {at}");
+    }
+}
+
+#[test]
+fn a_copy_up_from_the_backing_file_leaves_the_lock_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0xab; 1 << 20]).unwrap();
+    let p = dir.path().join("top.qcow2");
+    create(
+        &p,
+        "cluster_size=65536,backing_file=base.raw,backing_fmt=raw",
+        "1M",
+    );
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    // The cluster's bytes (read from the backing file around the new ones) reach the file
+    // through the hook, which holds them there.
+    let (in_tx, in_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (in_tx, go_rx) = (Mutex::new(Some(in_tx)), Mutex::new(go_rx));
+    q.file.set_hook(Some(Hook(Arc::new(move |op| {
+        if matches!(op, Op::Write { len, .. } if len == CS) {
+            let first = in_tx.lock().unwrap().take();
+            if let Some(tx) = first {
+                tx.send(()).unwrap();
+                go_rx.lock().unwrap().recv().unwrap();
+            }
+        }
+        Ok(())
+    }))));
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| q.write_at(&[5; 512], 100));
+        in_rx.recv().unwrap();
+        let free = q.meta.try_write().is_ok();
+        go_tx.send(()).unwrap();
+        writer.join().unwrap().unwrap();
+        assert!(
+            free,
+            "the metadata lock is held while a cluster is copied up"
+        );
+    });
+    q.file.set_hook(None);
+    let mut back = vec![0u8; 4096];
+    img.read_at(&mut back, 0).unwrap();
+    assert!(back[..100].iter().all(|&b| b == 0xab));
+    assert!(back[100..612].iter().all(|&b| b == 5));
+    assert!(back[612..].iter().all(|&b| b == 0xab));
+}
+
+#[test]
+fn a_cluster_unmapped_before_a_request_began_is_reused_while_that_request_runs() {
+    const C: usize = 65536;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("r.qcow2");
+    create(&p, "cluster_size=65536", "1M");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    q.write_at(&[1; C], 0).unwrap();
+    q.write_at(&[2; C], CS).unwrap();
+    img.flush().unwrap();
+    let Ok((super::Mapping::Data { host: freed, .. }, _)) = q.lookup(0) else {
+        panic!("cluster 0 is allocated");
+    };
+    img.discard(0, CS).unwrap();
+    // Requests come and go after the discard, and one stays in flight, as a guest's would, while
+    // the flush makes the release durable.
+    for _ in 0..2 {
+        let _ = q.lookup_pinned(CS).unwrap();
+    }
+    let (_, _, in_flight) = q.lookup_pinned(CS).unwrap();
+    img.flush().unwrap();
+    // That request began after the discard: it cannot be using the freed cluster.
+    img.write_at(&[3; C], 2 * CS).unwrap();
+    let Ok((super::Mapping::Data { host, .. }, _)) = q.lookup(2 * CS) else {
+        panic!("cluster 2 is allocated");
+    };
+    assert_eq!(host, freed, "the freed cluster was not reused");
+    drop(in_flight);
+    img.flush().unwrap();
+    drop(img);
+    assert_consistent(&p, false);
+}

@@ -151,7 +151,7 @@ impl Qcow2 {
         m.set_l1(i, new | COPIED);
         m.note_l2_moved(old, new);
         if old != 0 {
-            m.pending_frees.push(old);
+            m.drop_refs([old]);
         }
         Ok(new)
     }
@@ -349,7 +349,7 @@ impl Qcow2 {
             }
             Target::New(target) if unchanged => {
                 m.publish_data(plan.l2, guest, target | COPIED, plan.new_bitmap);
-                m.pending_frees.extend(self.entry_clusters(plan.entry));
+                m.drop_refs(self.entry_clusters(plan.entry));
                 Ok(true)
             }
             Target::InPlace(_) => Ok(false),
@@ -379,18 +379,44 @@ impl Qcow2 {
     /// the zero cluster.
     pub(super) fn discard_inner(&self, offset: u64, len: u64, keep: bool) -> Result<(), Error> {
         let (start, end) = self.whole_clusters(offset, len);
+        let span = self.geo.cluster_size() * self.geo.l2_entries();
+        let mut guest = start;
+        let mut backlog = false;
+        // One L2 table's worth at a time, the lock released in between: a long discard does
+        // not stall the requests waiting for it.
+        while guest < end {
+            let chunk_end = ((guest / span + 1) * span).min(end);
+            backlog = self.discard_chunk(guest, chunk_end, keep)?;
+            guest = chunk_end;
+        }
+        if backlog {
+            // Freed clusters are reused only once the tables that dropped them are durable, which
+            // a guest that discards and never flushes would postpone forever while the file grows:
+            // write them back now, as a flush does (outside the lock). A failure leaves
+            // everything owed dirty for the next flush, which reports it; the discard itself is
+            // done.
+            if let Err(e) = self.write_back() {
+                log::debug!(
+                    "{}: write-back after a discard failed: {e}",
+                    self.file.path()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Discards the whole clusters of `[start, end)`, which one L2 table maps, under the lock;
+    /// returns whether the clusters waiting to be freed passed `free_backlog`.
+    fn discard_chunk(&self, start: u64, end: u64, keep: bool) -> Result<bool, Error> {
         let cs = self.geo.cluster_size();
         let mut m = self.lock();
+        let (l2, _) = m.l1_entry(&self.file, m.l1_index(start))?;
+        if l2 == 0 && self.backing.is_none() {
+            // Unallocated without a backing image already reads as zeroes.
+            return Ok(false);
+        }
         let mut guest = start;
         while guest < end {
-            let i = m.l1_index(guest);
-            let (l2, _) = m.l1_entry(&self.file, i)?;
-            let span = cs * self.geo.l2_entries();
-            if l2 == 0 && self.backing.is_none() {
-                // Unallocated without a backing image already reads as zeroes.
-                guest = (guest / span + 1) * span;
-                continue;
-            }
             let l2 = self.writable_l2(&mut m, guest)?;
             let (entry, bitmap) = m.l2_words(l2, guest);
             let unallocated = entry == 0 && bitmap == 0;
@@ -408,23 +434,11 @@ impl Qcow2 {
                 && (entry, bitmap) != (new_entry, new_bitmap)
             {
                 m.set_l2_words(l2, guest, new_entry, new_bitmap);
-                m.pending_frees.extend(self.entry_clusters(entry));
+                m.drop_refs(self.entry_clusters(entry));
             }
             guest += cs;
         }
-        if m.pending_frees.len() >= self.free_backlog() {
-            // Freed clusters are reused only once the tables that dropped them are durable, which
-            // a guest that discards and never flushes would postpone forever while the file grows:
-            // write them back now. A failure leaves everything owed dirty for the next flush, which
-            // reports it; the discard itself is done.
-            if let Err(e) = m.write_back(&self.file) {
-                log::debug!(
-                    "{}: write-back after a discard failed: {e}",
-                    self.file.path()
-                );
-            }
-        }
-        Ok(())
+        Ok(m.pending_frees.len() >= self.free_backlog())
     }
 
     /// How many freed clusters a discard lets wait for a flush: 1/256 of the disk's clusters,

@@ -1,0 +1,87 @@
+//! Benchmark of a qcow2 reader's latency beside a flushing writer (ignored by default; it asserts
+//! nothing about speed and prints figures): one thread reads random 4 KiB blocks of a fully
+//! allocated image, whose L2 tables stay cached, at queue depth 1, while another rewrites random
+//! 4 KiB blocks (allocating new clusters half of the time, after discards) and flushes after each
+//! write, as a guest job with `fsync=1` does. The reader's percentiles show how long a lookup
+//! waits for the metadata lock while a flush writes back and syncs.
+//!
+//! `cargo nextest run -p block --release --run-ignored only --no-capture --test flush_bench`
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use block::DiskImage;
+use common::*;
+
+const SIZE: u64 = 64 << 20;
+const BLOCK: usize = 4096;
+const CLUSTER: u64 = 65536;
+
+/// A small xorshift generator: random blocks without a dependency.
+fn next(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+#[test]
+#[ignore = "benchmark: run with --run-ignored only --release"]
+fn reader_latency_beside_a_flushing_writer() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let p = tmp(&dir, "b.qcow2");
+    create_qcow2(&[p.to_str().unwrap(), "64M"]);
+    qemu_io(&p, "qcow2", &["write -P 7 0 64M"]);
+    let img = open_rw(&p);
+    let stop = AtomicBool::new(false);
+    let (lat, flushes) = std::thread::scope(|s| {
+        let (img, stop) = (&img, &stop);
+        let writer = s.spawn(move || {
+            let mut seed = 0x2545_f491_4f6c_dd1d;
+            let mut flushes = 0u64;
+            // The writer's blocks lie in the last quarter; the reader reads the rest.
+            let base = SIZE / 4 * 3;
+            while !stop.load(Ordering::Relaxed) {
+                let cluster = next(&mut seed) % (SIZE / 4 / CLUSTER);
+                let at = base + cluster * CLUSTER;
+                if next(&mut seed).is_multiple_of(2) {
+                    img.discard(at, CLUSTER).unwrap();
+                }
+                img.write_at(&[9; BLOCK], at).unwrap();
+                img.flush().unwrap();
+                flushes += 1;
+            }
+            flushes
+        });
+        let mut seed = 0x9e37_79b9_7f4a_7c15;
+        let mut buf = vec![0u8; BLOCK];
+        let mut lat = Vec::new();
+        let begin = Instant::now();
+        while begin.elapsed() < Duration::from_secs(20) {
+            let at = next(&mut seed) % (SIZE / 4 * 3 / BLOCK as u64) * BLOCK as u64;
+            let t = Instant::now();
+            img.read_at(&mut buf, at).unwrap();
+            lat.push(t.elapsed());
+        }
+        stop.store(true, Ordering::Relaxed);
+        (lat, writer.join().unwrap())
+    });
+    let mut lat = lat;
+    lat.sort_unstable();
+    // The latency below which `per_mille` thousandths of the reads completed, in microseconds.
+    let pct = |per_mille: usize| {
+        let i = (lat.len() * per_mille / 1000).min(lat.len() - 1);
+        lat[i].as_secs_f64() * 1e6
+    };
+    println!(
+        "reads {} flushes {flushes}: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
+        lat.len(),
+        pct(500),
+        pct(990),
+        pct(999),
+        pct(1000)
+    );
+}
