@@ -69,7 +69,7 @@ impl CompressedWriter {
         let host = if packed && m.refcount(f, self.tail / cs)? > 0 {
             m.incref(f, self.tail / cs)?;
             // The raised refcount must be durable before the entry that needs it.
-            m.owed.l2_after_refcounts = true;
+            m.owed.l2_after_refcounts = m.stamp();
             self.tail
         } else {
             m.alloc_cluster(f)?

@@ -227,12 +227,19 @@ impl Meta {
         if !self.may_free(f, off) {
             return Ok(());
         }
-        self.drop_ref(f, off)
+        self.drop_ref_unmapped(f, off, unmapped)
     }
 
     /// [`free_cluster`](Self::free_cluster) without the overlap check, for a reference that
     /// metadata still in use legitimately held (a snapshot's share of an active table).
     pub fn drop_ref(&mut self, f: &HostFile, off: u64) -> Result<(), Error> {
+        let now = self.epochs.current();
+        self.drop_ref_unmapped(f, off, now)
+    }
+
+    /// Drops one reference to the cluster at `off`, unmapped in epoch `unmapped`; a cluster that
+    /// becomes free is quarantined and punched out of the host file.
+    fn drop_ref_unmapped(&mut self, f: &HostFile, off: u64, unmapped: u64) -> Result<(), Error> {
         let c = off / self.cs();
         let v = self.refcount(f, c)?;
         if v == 0 {
