@@ -53,7 +53,7 @@ mod pool;
 mod test_image;
 mod uring;
 
-pub use pool::Workers;
+pub use pool::{set_worker_start, Workers};
 
 /// Which engine does a drive's image I/O (QEMU's `-drive aio=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
