@@ -7,6 +7,11 @@
 
 use super::rules::{arg, common, disk_handler, Rules};
 
+/// `IORING_UNREGISTER_FILES` (`include/uapi/linux/io_uring.h`).
+const IORING_UNREGISTER_FILES: u64 = 3;
+/// `IORING_REGISTER_FILES_UPDATE`.
+const IORING_REGISTER_FILES_UPDATE: u64 = 6;
+
 /// The allow-list.
 pub fn rules() -> Rules {
     let mut r = common();
@@ -51,6 +56,13 @@ pub fn rules() -> Rules {
             arg(libc::F_OFD_GETLK),
             arg(libc::F_OFD_SETLK),
         ],
+    )
+    // A snapshot swaps the file registered with a disk's io_uring ring; a ring that goes lets
+    // go of its file.
+    .allow_arg(
+        libc::SYS_io_uring_register,
+        1,
+        &[IORING_UNREGISTER_FILES, IORING_REGISTER_FILES_UPDATE],
     )
     // The terminal (stdin) and non-blocking sockets.
     .allow_arg(
