@@ -42,7 +42,7 @@ fn dies_naming(kind: &str, thread: &str) {
     );
     assert!(
         stderr.contains(&format!(
-            "vmm: sandbox: thread {thread} made system call socket (41), which its filter forbids\n"
+            "vmm: sandbox: thread {thread} made system call socket (41, arguments 0x2, 0x1), which its filter forbids\n"
         )),
         "{kind}: {stderr}"
     );

@@ -20,9 +20,9 @@
 //! is on. The filters are compiled once, at start-up ([`init`]), and kept in a static.
 //!
 //! A call outside the filter raises SIGSYS (`SECCOMP_RET_TRAP`): the handler in [`trap`] writes
-//! one line naming the thread and the call, and the process exits with status 159. A thread whose
-//! filter cannot be installed exits the same way: no thread runs unconfined when the sandbox is
-//! on.
+//! one line naming the thread, the call and its first two arguments, and the process exits with
+//! status 159. A thread whose filter cannot be installed exits the same way: no thread runs
+//! unconfined when the sandbox is on.
 //!
 //! Anything new that runs on a thread (a device, a QMP command, a thread of a new kind) extends
 //! these lists in the same change; the tiny-guest and nested-host suites run with the sandbox on,

@@ -1,7 +1,8 @@
 //! What happens on a call outside a filter: the kernel raises SIGSYS on the thread
 //! (`SECCOMP_RET_TRAP`), and the handler writes one line to stderr,
-//! `vmm: sandbox: thread NAME made system call NAME (NR), which its filter forbids`, then ends
-//! the process with status [`EXIT_STATUS`]. The handler is async-signal-safe: the line is built
+//! `vmm: sandbox: thread NAME made system call NAME (NR, arguments A, B), which its filter
+//! forbids` (A and B: the call's first two arguments, which say what an ioctl or `fcntl` asked
+//! for), then ends the process with status [`EXIT_STATUS`]. The handler is async-signal-safe: the line is built
 //! in a stack buffer from the thread's name (copied to a thread-local when its filter went on)
 //! and the static table of call names, then one `write` and one `exit_group`, both allowed by
 //! every filter.
@@ -68,6 +69,21 @@ impl Line {
         self
     }
 
+    fn push_hex(&mut self, value: u64) -> &mut Self {
+        let mut digits = [0u8; 16];
+        let mut i = digits.len();
+        let mut v = value;
+        loop {
+            i -= 1;
+            digits[i] = b"0123456789abcdef"[usize::try_from(v & 0xf).unwrap_or(0)];
+            v >>= 4;
+            if v == 0 {
+                break;
+            }
+        }
+        self.push(b"0x").push(&digits[i..])
+    }
+
     fn push_number(&mut self, value: i64) -> &mut Self {
         let mut digits = [0u8; 20];
         let mut i = digits.len();
@@ -98,8 +114,9 @@ impl Line {
     }
 }
 
-/// The line for a violation by thread `name` (NUL-padded) of call `nr`.
-fn violation_line(name: &[u8; NAME_LEN], nr: i64) -> Line {
+/// The line for a violation by thread `name` (NUL-padded) of call `nr` with its first two
+/// arguments `args` (what an ioctl or `fcntl` asked for).
+fn violation_line(name: &[u8; NAME_LEN], nr: i64, args: [u64; 2]) -> Line {
     let name_len = name.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
     let mut line = Line::new();
     line.push(b"vmm: sandbox: thread ")
@@ -108,6 +125,10 @@ fn violation_line(name: &[u8; NAME_LEN], nr: i64) -> Line {
         .push(syscalls::name(nr).unwrap_or("unknown").as_bytes())
         .push(b" (")
         .push_number(nr)
+        .push(b", arguments ")
+        .push_hex(args[0])
+        .push(b", ")
+        .push_hex(args[1])
         .push(b"), which its filter forbids\n");
     line
 }
@@ -116,15 +137,27 @@ fn violation_line(name: &[u8; NAME_LEN], nr: i64) -> Line {
 extern "C" fn on_sigsys(
     _signo: libc::c_int,
     info: *mut libc::siginfo_t,
-    _context: *mut libc::c_void,
+    context: *mut libc::c_void,
 ) {
     // The call's number is `si_syscall` in siginfo's `_sigsys` member: after the three ints and
     // padding of the header (16 bytes) and the `_call_addr` pointer (8), so at byte 24
     // (`include/uapi/asm-generic/siginfo.h`).
     // SAFETY: the kernel hands a valid siginfo_t, which is 128 bytes long.
     let nr = unsafe { info.cast::<u8>().add(24).cast::<i32>().read_unaligned() };
+    // SAFETY: with SA_SIGINFO the third argument is the interrupted thread's ucontext_t, whose
+    // registers hold the call's arguments (rdi, rsi: the first two of the x86_64 convention).
+    let args = unsafe {
+        let gregs = &(*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs;
+        let reg = |r: libc::c_int| {
+            usize::try_from(r)
+                .ok()
+                .and_then(|i| gregs.get(i))
+                .map_or(0, |&v| v.cast_unsigned())
+        };
+        [reg(libc::REG_RDI), reg(libc::REG_RSI)]
+    };
     let name = THREAD_NAME.with(Cell::get);
-    violation_line(&name, i64::from(nr)).write_and_exit();
+    violation_line(&name, i64::from(nr), args).write_and_exit();
 }
 
 /// Ends the process because a thread of `kind` could not be confined.
@@ -150,15 +183,15 @@ mod tests {
     fn the_line_names_the_thread_and_the_call() {
         let mut name = [0u8; NAME_LEN];
         name[..5].copy_from_slice(b"vcpu0");
-        let line = violation_line(&name, libc::SYS_socket);
+        let line = violation_line(&name, libc::SYS_socket, [2, 1]);
         assert_eq!(
             &line.buf[..line.len],
-            b"vmm: sandbox: thread vcpu0 made system call socket (41), which its filter forbids\n"
+            b"vmm: sandbox: thread vcpu0 made system call socket (41, arguments 0x2, 0x1), which its filter forbids\n"
         );
-        let line = violation_line(&[b'x'; NAME_LEN], 100_000);
+        let line = violation_line(&[b'x'; NAME_LEN], 100_000, [0, 0x406]);
         assert_eq!(
             &line.buf[..line.len],
-            b"vmm: sandbox: thread xxxxxxxxxxxxxxxx made system call unknown (100000), which its filter forbids\n"
+            b"vmm: sandbox: thread xxxxxxxxxxxxxxxx made system call unknown (100000, arguments 0x0, 0x406), which its filter forbids\n"
         );
     }
 }
