@@ -267,6 +267,45 @@ mod tests {
         ));
     }
 
+    /// Puts the calling thread under `kind`'s filter; a forbidden call ends the test process with
+    /// the violation line.
+    fn confine(kind: Kind) {
+        trap::remember_thread_name();
+        let program = kind.rules().compile().expect("compiles");
+        seccompiler::apply_filter(&program).expect("installs");
+    }
+
+    #[test]
+    fn a_worker_grown_by_a_confined_thread_confines_itself_and_does_its_io() {
+        let path = std::env::temp_dir().join(format!("sandbox-grow-{}", std::process::id()));
+        std::fs::write(&path, b"data").expect("temp dir is writable");
+        trap::install_handler().expect("installs");
+        for spawner in [Kind::Main, Kind::IoThread, Kind::Vcpu] {
+            let file = std::fs::File::open(&path).expect("opens");
+            let grown = std::thread::Builder::new()
+                .name(format!("{spawner:?}"))
+                .spawn(move || {
+                    confine(spawner);
+                    std::thread::Builder::new()
+                        .name("d0-io1".into())
+                        .spawn(move || {
+                            confine(Kind::Worker);
+                            let mut buf = [0u8; 4];
+                            std::os::unix::fs::FileExt::read_at(&file, &mut buf, 0).expect("reads");
+                            buf
+                        })
+                        .expect("spawns under the spawner's filter")
+                        .join()
+                        .expect("the worker ran")
+                })
+                .expect("spawns")
+                .join()
+                .expect("the spawner ran");
+            assert_eq!(&grown, b"data", "{spawner:?}");
+        }
+        std::fs::remove_file(&path).expect("removes");
+    }
+
     #[test]
     fn every_filter_compiles_and_none_allows_a_network_socket() {
         for kind in Kind::ALL {

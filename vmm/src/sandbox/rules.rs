@@ -146,9 +146,12 @@ pub fn common() -> Rules {
 }
 
 /// What a thread makes that starts threads (a disk's pool grows from whichever thread submits
-/// to it), including what the new thread makes before its own filter is on: `clone3` and
-/// `clone`, robust futex lists, restartable sequences, its name and its CPU set.
+/// to it), including what the new thread makes before and while its own filter goes on: `clone3`
+/// and `clone`, robust futex lists, restartable sequences, its name and its CPU set,
+/// `PR_SET_NO_NEW_PRIVS` and `seccomp`. The new worker's filter stacks on its creator's, so the
+/// creator allows the worker's I/O calls too ([`super::worker::io`]).
 pub fn spawner(r: &mut Rules) {
+    super::worker::io(r);
     r.allow(&[
         libc::SYS_clone3,
         libc::SYS_set_robust_list,
@@ -170,7 +173,13 @@ pub fn spawner(r: &mut Rules) {
                 | libc::CLONE_CHILD_CLEARTID),
         )],
     )
-    .allow_arg(libc::SYS_prctl, 0, &[arg(libc::PR_SET_NAME)]);
+    .allow_arg(
+        libc::SYS_prctl,
+        0,
+        &[arg(libc::PR_SET_NAME), arg(libc::PR_SET_NO_NEW_PRIVS)],
+    )
+    // The new thread's own filter, stacked on the inherited one (it can only take calls away).
+    .allow_arg(libc::SYS_seccomp, 0, &[arg(libc::SECCOMP_SET_MODE_FILTER)]);
 }
 
 /// What a thread makes that runs a virtio-blk device's handlers (its context's thread, and a

@@ -8,6 +8,13 @@ use super::rules::{arg, common, Rules};
 /// The allow-list.
 pub fn rules() -> Rules {
     let mut r = common();
+    io(&mut r);
+    r
+}
+
+/// A worker's calls beyond the common ones; also allowed on every thread that grows a pool,
+/// since a new thread starts under its creator's filter and the two stack.
+pub fn io(r: &mut Rules) {
     r.allow(&[
         libc::SYS_pread64,
         libc::SYS_pwrite64,
@@ -23,5 +30,4 @@ pub fn rules() -> Rules {
         libc::SYS_statx,
     ])
     .allow_arg(libc::SYS_fcntl, 1, &[arg(libc::F_GETFL)]);
-    r
 }
