@@ -27,6 +27,7 @@ pub fn rules() -> Rules {
         libc::SYS_recvfrom,
         libc::SYS_sendto,
         libc::SYS_shutdown,
+        libc::SYS_getsockname,
         libc::SYS_poll,
         libc::SYS_openat,
         libc::SYS_unlink,
@@ -63,6 +64,11 @@ pub fn rules() -> Rules {
         libc::SYS_io_uring_register,
         1,
         &[IORING_UNREGISTER_FILES, IORING_REGISTER_FILES_UPDATE],
+    )
+    // TCP_NODELAY on a TCP monitor's clients.
+    .allow_args(
+        libc::SYS_setsockopt,
+        &[(1, arg(libc::IPPROTO_TCP)), (2, arg(libc::TCP_NODELAY))],
     )
     // The terminal (stdin) and non-blocking sockets.
     .allow_arg(

@@ -89,13 +89,31 @@ impl Kind {
 
     /// Its rules.
     fn rules(self) -> rules::Rules {
-        match self {
+        let mut r = match self {
             Kind::Main => main_loop::rules(),
             Kind::Signals => signals::rules(),
             Kind::Vcpu => vcpu::rules(),
             Kind::IoThread => iothread::rules(),
             Kind::Worker => worker::rules(),
+        };
+        if self != Kind::Main {
+            // Passed here so that the refusal filter's EACCES wins over a trap.
+            r.allow(&[libc::SYS_openat]);
         }
+        r
+    }
+
+    /// The programs its threads install, in order: on every thread but the main one first the
+    /// refusal of `openat` with EACCES (glibc opens files lazily on whichever thread first needs
+    /// them, `/proc/sys/vm/overcommit_memory` when a thread's heap first shrinks, and copes with
+    /// the failure; these threads open nothing else), then the allow-list.
+    fn compile(self) -> Result<Vec<BpfProgram>, seccompiler::BackendError> {
+        let mut programs = Vec::with_capacity(2);
+        if self != Kind::Main {
+            programs.push(rules::refuse_opens()?);
+        }
+        programs.push(self.rules().compile()?);
+        Ok(programs)
     }
 }
 
@@ -168,8 +186,8 @@ pub fn parse_flag(value: &str) -> Result<bool, SandboxFlagError> {
 /// The compiled filters and the test hook, set once by [`init`].
 #[derive(Debug)]
 struct Sandbox {
-    /// One program per kind, in [`Kind::ALL`]'s order.
-    filters: Vec<BpfProgram>,
+    /// The programs of each kind, in [`Kind::ALL`]'s order.
+    filters: Vec<Vec<BpfProgram>>,
     /// The kind whose threads make a forbidden call on purpose (tests only).
     test_violation: Option<Kind>,
 }
@@ -198,7 +216,7 @@ pub fn init() -> Result<(), SandboxError> {
                 kind.name(),
                 rules.len()
             );
-            rules.compile().map_err(|source| SandboxError::Compile {
+            kind.compile().map_err(|source| SandboxError::Compile {
                 kind: kind.name(),
                 source,
             })
@@ -224,8 +242,10 @@ pub fn enter(kind: Kind) {
     };
     trap::remember_thread_name();
     let index = Kind::ALL.iter().position(|&k| k == kind).unwrap_or(0);
-    if let Err(e) = seccompiler::apply_filter(&sandbox.filters[index]) {
-        trap::die_unconfined(kind.name(), &e.to_string());
+    for program in &sandbox.filters[index] {
+        if let Err(e) = seccompiler::apply_filter(program) {
+            trap::die_unconfined(kind.name(), &e.to_string());
+        }
     }
     if sandbox.test_violation == Some(kind) {
         // SAFETY: socket takes no pointers; the filter forbids it, so it never returns.
@@ -271,8 +291,9 @@ mod tests {
     /// the violation line.
     fn confine(kind: Kind) {
         trap::remember_thread_name();
-        let program = kind.rules().compile().expect("compiles");
-        seccompiler::apply_filter(&program).expect("installs");
+        for program in kind.compile().expect("compiles") {
+            seccompiler::apply_filter(&program).expect("installs");
+        }
     }
 
     #[test]
@@ -290,6 +311,12 @@ mod tests {
                         .name("d0-io1".into())
                         .spawn(move || {
                             confine(Kind::Worker);
+                            // Refused, not trapped: what glibc's lazy opens meet.
+                            let refused = std::fs::File::open("/proc/sys/vm/overcommit_memory");
+                            assert_eq!(
+                                refused.map_err(|e| e.raw_os_error()).err(),
+                                Some(Some(libc::EACCES))
+                            );
                             let mut buf = [0u8; 4];
                             std::os::unix::fs::FileExt::read_at(&file, &mut buf, 0).expect("reads");
                             buf
@@ -313,7 +340,7 @@ mod tests {
             assert!(!rules.allows_unconditionally(libc::SYS_socket), "{kind:?}");
             assert!(!rules.allows_unconditionally(libc::SYS_execve), "{kind:?}");
             assert!(!rules.is_empty(), "{kind:?}");
-            rules.compile().expect("compiles");
+            kind.compile().expect("compiles");
         }
     }
 }

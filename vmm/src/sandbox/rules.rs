@@ -97,6 +97,18 @@ impl Rules {
     }
 }
 
+/// The program that makes `openat` fail with EACCES and lets everything else through (to the
+/// allow-list installed after it).
+pub fn refuse_opens() -> Result<BpfProgram, BackendError> {
+    let filter = SeccompFilter::new(
+        BTreeMap::from([(libc::SYS_openat, Vec::new())]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES.cast_unsigned()),
+        TargetArch::x86_64,
+    )?;
+    BpfProgram::try_from(filter)
+}
+
 /// A number as the filter compares it (the constants are small and non-negative).
 pub fn arg(value: impl TryInto<u64>) -> u64 {
     value.try_into().unwrap_or(u64::MAX)
