@@ -14,7 +14,8 @@
 //!
 //! Everything the VMM opens (`/dev/kvm`, images, the kernel, the monitor's socket) is opened
 //! before that, on the main thread; the main loop keeps what the monitor needs to open snapshot
-//! overlays. A new thread inherits its creator's filter, and filters stack (a call must pass
+//! overlays. On every other thread `openat` fails with EACCES rather than trapping (see
+//! [`Kind::compile`]). A new thread inherits its creator's filter, and filters stack (a call must pass
 //! both): so a thread that grows a disk's worker pool (the main loop, an iothread, and a vCPU
 //! that activates a virtio-blk device) also allows what a new thread does before its own filter
 //! is on. The filters are compiled once, at start-up ([`init`]), and kept in a static.
