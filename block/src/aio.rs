@@ -53,7 +53,7 @@ mod pool;
 mod test_image;
 mod uring;
 
-pub use pool::Workers;
+pub use pool::{set_worker_start, Workers};
 
 /// Which engine does a drive's image I/O (QEMU's `-drive aio=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -96,6 +96,13 @@ pub enum AioError {
     /// Setting up an io_uring ring failed (no io_uring in the host kernel, or not allowed).
     #[error("unable to use io_uring")]
     IoUring(#[source] io::Error),
+    /// Registering (or updating) the image's host file with the ring failed.
+    #[error("cannot register the image's host file with io_uring")]
+    RegisterFile(#[source] io::Error),
+    /// Restricting the ring to its opcodes and its file, or enabling it, failed (Linux 5.10 or
+    /// later has what it takes).
+    #[error("cannot restrict the io_uring ring")]
+    Restrict(#[source] io::Error),
     /// Registering the completion eventfd with the ring failed.
     #[error("cannot register the completion eventfd with io_uring")]
     RegisterEventFd(#[source] io::Error),
@@ -468,7 +475,7 @@ impl Aio {
             });
         }
         if let (Some(ring), Some(target)) = (ring.as_mut(), &target) {
-            ring.retarget(target.clone());
+            ring.retarget(target.clone())?;
         }
         let mut slot = self
             .shared

@@ -19,6 +19,7 @@ use crate::arch::x86_64::topology::{Topology, TopologyError};
 use crate::drive::{self, DiskSpec, DriveError};
 use crate::monitor::{parse_qmp_option, QmpOptionError, QmpOptions};
 use crate::options::{MemorySize, OptionError, Options};
+use crate::sandbox::{self, SandboxFlagError};
 
 /// Default guest RAM, QEMU's default.
 const DEFAULT_MEM_BYTES: u64 = 128 << 20;
@@ -50,6 +51,9 @@ Usage: vmm -kernel FILE [options]
   -name NAME[,process=PNAME][,debug-threads=on|off]
                    names the vmm process PNAME, else NAME (threads are always named)
   -pidfile FILE    write vmm's process id to FILE, removed at exit
+  -sandbox on|off[,obsolete=deny][,elevateprivileges=deny][,spawn=deny][,resourcecontrol=deny]
+                   seccomp filters on every thread (default on); QEMU's sub-options are
+                   accepted with deny, which is what the filters always do
   -cpu host|max, -accel kvm, -machine microvm[,accel=kvm], -enable-kvm, -display none,
   -nographic, -nodefaults, -serial stdio, -no-reboot
                    accepted for QEMU compatibility: this is what vmm always does
@@ -88,6 +92,8 @@ pub struct Config {
     pub name: Name,
     /// `-pidfile`.
     pub pidfile: Option<PathBuf>,
+    /// `-sandbox`: every thread runs under its seccomp filter (on unless `-sandbox off`).
+    pub sandbox: bool,
 }
 
 impl Config {
@@ -208,6 +214,9 @@ pub enum CliError {
     /// A disk flag (`-object`, `-drive`, `-device`) that does not parse or does not pair up.
     #[error(transparent)]
     Drive(#[from] DriveError),
+    /// A `-sandbox` value that does not parse or asks for what the filters never allow.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxFlagError),
 }
 
 /// Flags and whether each takes a value.
@@ -231,6 +240,7 @@ const FLAGS: &[(&str, bool)] = &[
     ("-serial", true),
     ("-name", true),
     ("-pidfile", true),
+    ("-sandbox", true),
     ("-daemonize", false),
     ("-nodefaults", false),
     ("-nographic", false),
@@ -405,6 +415,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut topology = None;
     let mut name = None;
     let mut pidfile = None;
+    let mut sandbox_on = None;
     let mut kernel = None;
     let mut initrd = None;
     let mut append = None;
@@ -454,6 +465,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "-serial" if value != "stdio" => return Err(CliError::BadSerial(value)),
             "-name" => set_once(&mut name, flag, parse_name(&value)?)?,
             "-pidfile" => set_once(&mut pidfile, flag, PathBuf::from(value))?,
+            "-sandbox" => set_once(&mut sandbox_on, flag, sandbox::parse_flag(&value)?)?,
             "-daemonize" => return Err(CliError::Daemonize),
             "-h" | "-help" | "--help" => return Ok(Command::Help),
             "-version" | "--version" => return Ok(Command::Version),
@@ -475,6 +487,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         iothreads,
         name: name.unwrap_or_default(),
         pidfile,
+        sandbox: sandbox_on.unwrap_or(true),
     })))
 }
 
@@ -518,6 +531,7 @@ mod tests {
                 disks: Vec::new(),
                 name: Name::default(),
                 pidfile: None,
+                sandbox: true,
             }
         );
     }

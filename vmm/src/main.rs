@@ -18,6 +18,7 @@ mod main_loop;
 mod monitor;
 mod options;
 mod process;
+mod sandbox;
 mod signals;
 mod vcpu;
 mod vm;
@@ -33,6 +34,9 @@ enum Error {
     /// Signal handling.
     #[error(transparent)]
     Signals(#[from] signals::SignalError),
+    /// The seccomp filters.
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
     /// The command line.
     #[error(transparent)]
     Cli(#[from] cli::CliError),
@@ -79,8 +83,6 @@ fn run(args: impl IntoIterator<Item = String>) -> Result<(), Error> {
         args.next();
         return Ok(blk_top::run(args)?);
     }
-    // First, before any other thread exists: see the signals module.
-    signals::start()?;
     let config = match cli::parse(args)? {
         Command::Help => {
             println!("{}", cli::USAGE);
@@ -98,6 +100,11 @@ fn run(args: impl IntoIterator<Item = String>) -> Result<(), Error> {
     if let Some(path) = &config.debug_log {
         logger::init(path)?;
     }
+    // Before any other thread exists: see the sandbox and signals modules.
+    if config.sandbox {
+        sandbox::init()?;
+    }
+    signals::start(|| sandbox::enter(sandbox::Kind::Signals))?;
     for warning in config.warnings() {
         eprintln!("vmm: warning: {warning}");
     }

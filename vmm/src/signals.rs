@@ -1,9 +1,10 @@
 //! SIGTERM, SIGINT and SIGHUP end the VMM cleanly at any point of its life, as QEMU's
 //! `termsig_handler` does (SIGHUP included: closing an ssh session sends it).
 //!
-//! [`start`] runs first thing in `main`, before any other thread exists: it blocks the three
-//! signals (every thread started later inherits the mask, so none of them is ever interrupted by
-//! one) and starts the `signals` thread, which reads them from a signalfd. What that thread does
+//! [`start`] runs in `main` as soon as the command line is read, before any other thread exists:
+//! it blocks the three signals (every thread started later inherits the mask, so none of them is
+//! ever interrupted by one) and starts the `signals` thread, which enters its sandbox and reads
+//! them from a signalfd. What that thread does
 //! depends on the phase:
 //! - while the VM is being built (the monitor's socket bound, `wait=on` waiting for its first
 //!   client, images and the kernel being opened, any of which may block indefinitely), it puts the
@@ -63,8 +64,9 @@ fn phase() -> std::sync::MutexGuard<'static, Phase> {
 }
 
 /// Blocks the ending signals in this thread (and every thread it starts from now on) and starts
-/// the thread that handles them. Call it before starting any other thread.
-pub fn start() -> Result<(), SignalError> {
+/// the thread that handles them, which runs `on_start` first. Call it before starting any other
+/// thread.
+pub fn start(on_start: fn()) -> Result<(), SignalError> {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: a valid pointer to a sigset_t, and valid signal numbers.
@@ -89,6 +91,7 @@ pub fn start() -> Result<(), SignalError> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            on_start();
             while let Some(signo) = read_signal(&fd) {
                 handle(signo);
             }

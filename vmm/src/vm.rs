@@ -43,6 +43,7 @@ use crate::main_loop::{ConsoleInput, ExitEvents, Locked, Tag};
 use crate::monitor::{
     event_channel, shutdown_cause, Listener, Monitor, MonitorError, QmpEvent, VmMonitor,
 };
+use crate::sandbox;
 use crate::vcpu::{install_kick_handler, Kicker, Vcpu};
 
 /// Errors from building or running the VM, one per failing step.
@@ -438,7 +439,12 @@ impl Vm {
         if let Some((_, (sender, _))) = &qmp {
             io_errors.send_events_to(sender.clone());
         }
+        // The vCPUs wait for the global lock before their first KVM_RUN: the main thread is in
+        // its sandbox before the guest runs.
+        let gate = global.lock();
         let (threads, started) = VcpuThreads::start(vcpus);
+        sandbox::enter(sandbox::Kind::Main);
+        drop(gate);
         manager.add_subscriber(Locked::new(
             Arc::clone(&global),
             Box::new(IoErrorStop::new(
@@ -511,7 +517,10 @@ impl VcpuThreads {
             let kick = vcpu.kick_handle();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu.run());
+                .spawn(move || {
+                    sandbox::enter(sandbox::Kind::Vcpu);
+                    vcpu.run()
+                });
             match spawned {
                 Ok(handle) => {
                     kickers.push(kick.on_thread(handle.as_pthread_t()));
@@ -602,6 +611,7 @@ mod tests {
             disks: Vec::new(),
             name: crate::cli::Name::default(),
             pidfile: None,
+            sandbox: false,
         };
         let vm = Vm::build(&cfg).expect("builds");
         let _ = std::fs::remove_file(&kernel);

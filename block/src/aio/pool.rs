@@ -19,7 +19,7 @@
 //! them after a read.
 
 use std::fmt;
-use std::sync::PoisonError;
+use std::sync::{OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::iov::{build_parts, gather, scatter, Part};
@@ -83,9 +83,21 @@ pub(super) struct Census {
     pub started: usize,
 }
 
+/// Run first thing on every worker thread, before it takes a request (see [`set_worker_start`]).
+static WORKER_START: OnceLock<fn()> = OnceLock::new();
+
+/// Has every worker thread started from now on run `hook` first thing, before it takes a
+/// request: the VMM puts the thread in its sandbox there. Only the first hook set is kept.
+pub fn set_worker_start(hook: fn()) {
+    let _ = WORKER_START.set(hook);
+}
+
 /// A worker thread: takes pending requests until the pool stops, or, when it is one of the
 /// extra workers, until it has had nothing to do for `idle_exit`.
 pub(super) fn worker(shared: &Shared) {
+    if let Some(hook) = WORKER_START.get() {
+        hook();
+    }
     let mut scratch = Scratch::default();
     loop {
         let request = {

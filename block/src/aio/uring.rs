@@ -8,6 +8,14 @@
 //! the end of the host file fills the rest with zeroes, as [`crate::file::HostFile`] does; a
 //! write that makes no progress is an error.
 //!
+//! The ring is restricted before it is enabled (`IORING_REGISTER_RESTRICTIONS`, as Firecracker
+//! restricts its own): its only file is the image's host file, registered (every submission
+//! must name it by its index, `IOSQE_FIXED_FILE`), its only opcodes are readv, writev and fsync,
+//! and the only later registrations it takes are the update of that file when a snapshot swaps
+//! the disk's image and its removal when the ring goes. That removal is explicit: a registered
+//! file keeps its open file description, and with it the image's lock, alive, and a ring that is
+//! closed lets go of its files only later, in a kernel worker. Code that got hold of the ring could still only read and write that one file.
+//!
 //! The ring announces completions on the pool's eventfd (`IORING_REGISTER_EVENTFD`), so the
 //! submitter watches one descriptor for both engines. At most as many submissions are in flight
 //! as the completion queue holds, so no completion is ever dropped or left in the kernel's
@@ -17,7 +25,8 @@ use std::io;
 use std::os::fd::RawFd;
 use std::time::Instant;
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::register::Restriction;
+use io_uring::{opcode, squeue, types, IoUring};
 
 use super::iov::{build_parts, Part};
 use super::{AioError, Completion, Op, Request};
@@ -27,6 +36,14 @@ use crate::{DiskImage, Error};
 
 /// Largest ring asked for.
 const MAX_RING: u32 = 4096;
+
+/// The image's host file: the only registered file, index 0.
+const TARGET: types::Fixed = types::Fixed(0);
+
+/// `IORING_UNREGISTER_FILES` and `IORING_REGISTER_FILES_UPDATE`
+/// (`include/uapi/linux/io_uring.h`): the only registrations allowed once the ring runs.
+const UNREGISTER_FILES: u8 = 3;
+const REGISTER_FILES_UPDATE: u8 = 6;
 
 /// What [`Ring::submit`] did with a request.
 #[derive(Debug)]
@@ -81,6 +98,15 @@ impl std::fmt::Debug for Ring {
     }
 }
 
+impl Drop for Ring {
+    /// Lets go of the image's file now, so its lock goes with the image (see the module doc).
+    fn drop(&mut self) {
+        if let Err(e) = self.ring.submitter().unregister_files() {
+            log::warn!("io_uring: cannot unregister {}: {e}", self.target.path);
+        }
+    }
+}
+
 /// The user data of a submission: its slot and its part.
 fn user_data(slot: usize, part: usize) -> u64 {
     ((slot as u64) << 8) | part as u64
@@ -95,10 +121,16 @@ fn split_user_data(data: u64) -> (usize, usize) {
 }
 
 impl Ring {
-    /// Submits to `target`'s file from now on; only while nothing is on the ring.
-    pub(super) fn retarget(&mut self, target: DirectTarget) {
+    /// Submits to `target`'s file from now on; only while nothing is on the ring. On an error
+    /// the ring still submits to the file it had.
+    pub(super) fn retarget(&mut self, target: DirectTarget) -> Result<(), AioError> {
         debug_assert_eq!(self.outstanding, 0, "ring retargeted with requests on it");
+        self.ring
+            .submitter()
+            .register_files_update(0, &[target.fd])
+            .map_err(AioError::RegisterFile)?;
         self.target = target;
+        Ok(())
     }
 
     /// A ring for `depth` requests on `target`'s file, announcing completions on `eventfd`.
@@ -111,10 +143,30 @@ impl Ring {
             .unwrap_or(MAX_RING)
             .clamp(8, MAX_RING)
             .next_power_of_two();
-        let ring = IoUring::new(entries).map_err(AioError::IoUring)?;
-        ring.submitter()
+        let ring = IoUring::builder()
+            .setup_r_disabled()
+            .build(entries)
+            .map_err(AioError::IoUring)?;
+        let submitter = ring.submitter();
+        submitter
             .register_eventfd(eventfd)
             .map_err(AioError::RegisterEventFd)?;
+        submitter
+            .register_files(&[target.fd])
+            .map_err(AioError::RegisterFile)?;
+        submitter
+            .register_restrictions(&mut [
+                Restriction::sqe_op(opcode::Readv::CODE),
+                Restriction::sqe_op(opcode::Writev::CODE),
+                Restriction::sqe_op(opcode::Fsync::CODE),
+                Restriction::sqe_flags_required(squeue::Flags::FIXED_FILE.bits()),
+                Restriction::register_op(UNREGISTER_FILES),
+                Restriction::register_op(REGISTER_FILES_UPDATE),
+            ])
+            .map_err(AioError::Restrict)?;
+        submitter
+            .register_enable_rings()
+            .map_err(AioError::Restrict)?;
         let params = ring.params();
         let max_sqes =
             usize::try_from(params.cq_entries().min(params.sq_entries())).unwrap_or(usize::MAX);
@@ -208,7 +260,7 @@ impl Ring {
     /// Pushes the submission of part `part` of slot `index`. There is room: `sqes` counts the
     /// submissions queued and those in the kernel, and never exceeds the queue's capacity.
     fn push(&mut self, index: usize, part: usize, op: Op, write: bool) {
-        let fd = types::Fd(self.target.fd);
+        let fd = TARGET;
         let entry = if op == Op::Flush {
             opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
@@ -231,8 +283,8 @@ impl Ring {
         let entry = entry.user_data(user_data(index, part));
         // SAFETY: the iovec array and the buffers it points at stay valid and untouched until the
         // submission completes: the array lives in the slot, which is not reused before then, and
-        // the buffers are `IoSeg`s, valid until the request's completion is reaped. The file
-        // descriptor belongs to the image, which outlives the ring.
+        // the buffers are `IoSeg`s, valid until the request's completion is reaped. The file is
+        // the registered one, which the ring holds.
         let pushed = unsafe { self.ring.submission().push(&entry) };
         debug_assert!(pushed.is_ok(), "submission queue room was checked");
         self.sqes += 1;
@@ -371,6 +423,72 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::os::fd::AsRawFd;
+
+    use crate::direct::FlushPlan;
+
+    /// A restricted ring on `file`.
+    fn ring_on(file: &std::fs::File, eventfd: &vmm_sys_util::eventfd::EventFd) -> Ring {
+        let target = DirectTarget {
+            fd: file.as_raw_fd(),
+            aligned: false,
+            path: "test".into(),
+            flush: FlushPlan::SyncData,
+        };
+        Ring::new(target, 8, eventfd.as_raw_fd()).expect("a restricted ring")
+    }
+
+    /// Submits `entry` and returns its completion's result.
+    fn run(ring: &mut Ring, entry: &squeue::Entry) -> i32 {
+        // SAFETY: the entries used here point at no memory (nop, fsync), or at buffers that
+        // outlive the wait below.
+        unsafe { ring.ring.submission().push(entry) }.expect("room");
+        ring.ring.submit_and_wait(1).expect("submits");
+        ring.ring
+            .completion()
+            .next()
+            .expect("a completion")
+            .result()
+    }
+
+    #[test]
+    fn the_ring_takes_only_its_opcodes_on_its_registered_file() {
+        let dir = std::env::temp_dir().join(format!("uring-restrict-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("image"))
+            .expect("creates");
+        let other = std::fs::File::create(dir.join("other")).expect("creates");
+        let eventfd = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
+        let mut ring = ring_on(&file, &eventfd);
+        // Its own file, by index: allowed.
+        assert_eq!(run(&mut ring, &opcode::Fsync::new(TARGET).build()), 0);
+        // Another descriptor, not registered: refused.
+        let fd = types::Fd(other.as_raw_fd());
+        assert_eq!(
+            run(&mut ring, &opcode::Fsync::new(fd).build()),
+            -libc::EACCES
+        );
+        // An opcode the engine never submits: refused.
+        assert_eq!(run(&mut ring, &opcode::Nop::new().build()), -libc::EACCES);
+        // Retargeted: index 0 is the new file, and a registration other than that update fails.
+        let target = DirectTarget {
+            fd: other.as_raw_fd(),
+            aligned: false,
+            path: "other".into(),
+            flush: FlushPlan::SyncData,
+        };
+        ring.retarget(target).expect("updates the registered file");
+        assert_eq!(run(&mut ring, &opcode::Fsync::new(TARGET).build()), 0);
+        assert!(ring.ring.submitter().register_files(&[fd.0]).is_err());
+        drop(ring);
+        std::fs::remove_dir_all(&dir).expect("removes");
+    }
 
     #[test]
     fn user_data_round_trips() {

@@ -9,7 +9,7 @@
 //! wakes the main loop, which ends the VM), else kept for [`IoThread::stop`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 
 use super::{lock, Context, Error};
@@ -18,6 +18,15 @@ use crate::error_chain;
 /// Called on an iothread whose loop failed, with the error it failed on; the thread then ends.
 /// It runs on the iothread, so it must not take the global lock.
 pub type OnFailure = Box<dyn FnOnce(Error) + Send>;
+
+/// Run first thing on every iothread, before its loop runs (see [`set_iothread_start`]).
+static IOTHREAD_START: OnceLock<fn()> = OnceLock::new();
+
+/// Has every iothread started from now on run `hook` first thing, before its loop runs: the VMM
+/// puts the thread in its sandbox there. Only the first hook set is kept.
+pub fn set_iothread_start(hook: fn()) {
+    let _ = IOTHREAD_START.set(hook);
+}
 
 /// A thread running a context; stopped and joined by [`IoThread::stop`] or when dropped.
 #[derive(Debug)]
@@ -52,6 +61,9 @@ impl IoThread {
         let handle = thread::Builder::new()
             .name(id.to_owned())
             .spawn(move || {
+                if let Some(hook) = IOTHREAD_START.get() {
+                    hook();
+                }
                 lock::mark_iothread();
                 // SAFETY: gettid takes no arguments and cannot fail.
                 let tid = unsafe { libc::gettid() };

@@ -35,7 +35,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use bh::Bh;
-pub use iothread::{IoThread, OnFailure};
+pub use iothread::{set_iothread_start, IoThread, OnFailure};
 pub use lock::{
     debug_assert_may_take_global_lock, global_lock_held, in_iothread, set_global_lock_held,
 };
