@@ -168,13 +168,23 @@ pub enum Error {
         /// Its format.
         format: crate::Foreign,
     },
-    /// Growing a qcow2 image would need a larger L1 table than the clusters it occupies hold.
-    #[error("growing {path} to {size} bytes needs a larger L1 table than it has room for")]
+    /// Growing a qcow2 image would need an L1 table larger than QEMU opens.
+    #[error("growing {path} to {size} bytes needs an L1 table larger than QEMU opens (32 MiB)")]
     L1Growth {
         /// The image file.
         path: String,
         /// The size asked for.
         size: u64,
+    },
+    /// Growing an image to a size below its own.
+    #[error("{path} is {size} bytes: growing it to {new_size} would shrink it")]
+    Shrink {
+        /// The image file.
+        path: String,
+        /// Its virtual size.
+        size: u64,
+        /// The size asked for.
+        new_size: u64,
     },
     /// Shrinking a qcow2 image (its clusters past the new end would have to be freed).
     #[error("shrinking a qcow2 image ({path}) is not supported; qemu-img resize --shrink does it")]
@@ -234,6 +244,7 @@ impl Error {
             | Error::ForeignFormat { .. }
             | Error::L1Growth { .. }
             | Error::Qcow2Shrink { .. }
+            | Error::Shrink { .. }
             | Error::TooLarge { .. }
             | Error::NotAnImage { .. } => ErrorKind::Unsupported,
             Error::BackingLoop { .. } => ErrorKind::Corrupt,
