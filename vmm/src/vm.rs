@@ -415,7 +415,7 @@ impl Vm {
             qmp,
             start_paused,
             guest_name,
-            disks,
+            mut disks,
             io_errors,
         } = self;
         install_kick_handler().map_err(VmError::KickHandler)?;
@@ -455,6 +455,7 @@ impl Vm {
                 !start_paused,
                 disks.iothread_info(),
                 disks.disks(),
+                disks.node_namer(),
                 Arc::clone(&io_errors),
                 guest_name,
             );
