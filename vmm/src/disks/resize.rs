@@ -68,7 +68,7 @@ pub fn resize(
     if read_only {
         return Err(ResizeError::ReadOnly);
     }
-    if top.format() == Format::Qcow2 && size % 512 != 0 {
+    if top.format() == Format::Qcow2 && !size.is_multiple_of(512) {
         return Err(ResizeError::Unaligned);
     }
     if size < top.size() {

@@ -430,10 +430,11 @@ fn snapshot_sync(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Val
 /// request); a larger `block_resize` is refused before anything else is checked.
 const MAX_LENGTH: u64 = 9_223_372_035_781_033_984;
 
-/// `block_resize`, in QEMU's order: the arguments, the disk (by drive id, else by node name),
-/// a negative size, QEMU's length limit; the rest (read-only, alignment, shrinking) is the
-/// VM's to refuse. Only a disk's top node grows: a backing node is read-only, as in QEMU; a
-/// protocol node is refused.
+/// `block_resize`, in QEMU's order: the arguments, the node (the disk's by drive id, else any
+/// node by name), a negative size, QEMU's length limit; the rest (read-only, alignment,
+/// shrinking) is the VM's to refuse. A disk grows by its top node or, for raw, by the file under
+/// it (QEMU's raw driver lets its file grow); other nodes are refused with QEMU's words: a
+/// backing node is busy, and a format node does not share the resizing of its file.
 fn block_resize(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, QmpError> {
     let device = args.optional_str("device")?;
     let node = args.optional_str("node-name")?;
@@ -450,11 +451,11 @@ fn block_resize(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Valu
                 .nodes
                 .iter()
                 .position(|n| n.format == name || n.file == name)?;
-            Some((d, at, d.nodes[at].format == name))
+            Some((d, at, d.nodes[at].format != name))
         })
     };
-    let found = match by_device {
-        Some(d) => (d, 0, true),
+    let (dev, at, protocol) = match by_device {
+        Some(d) => (d, 0, false),
         None => by_node().ok_or_else(|| {
             QmpError::generic(format!(
                 "Cannot find device='{}' nor node-name='{}'",
@@ -470,20 +471,27 @@ fn block_resize(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Valu
             "offset({size}) exceeds maximum({MAX_LENGTH})"
         )));
     }
-    match found {
-        (dev, 0, true) => {
-            let drive_id = dev.drive_id.clone();
-            backend
-                .block_resize(&drive_id, size)
-                .map_err(|e| QmpError::generic(e.0))?;
-            Ok(json!({}))
-        }
-        (_, _, true) => Err(QmpError::generic("Image is read-only")),
-        (_, _, false) => Err(QmpError::generic(format!(
-            "Node '{}' is a protocol node: block_resize grows a disk by its device or its top node",
-            node.as_deref().unwrap_or_default()
-        ))),
+    let nodes = &dev.nodes[at];
+    if protocol && !(at == 0 && dev.image.format == "raw") {
+        let file = &nodes.file;
+        return Err(QmpError::generic(format!(
+            "Permission conflict on node '{file}': permissions 'resize' are both required by an \
+             unnamed block device (uses node '{file}' as 'root' child) and unshared by node \
+             '{}' (uses node '{file}' as 'file' child).",
+            nodes.format
+        )));
     }
+    if let Some(above) = at.checked_sub(1).and_then(|i| dev.nodes.get(i)) {
+        return Err(QmpError::generic(format!(
+            "Node '{}' is busy: node is used as backing hd of '{}'",
+            nodes.format, above.format
+        )));
+    }
+    let drive_id = dev.drive_id.clone();
+    backend
+        .block_resize(&drive_id, size)
+        .map_err(|e| QmpError::generic(e.0))?;
+    Ok(json!({}))
 }
 
 /// `query-named-block-nodes`: every node of every disk's chain, newest first as QEMU lists
@@ -1250,10 +1258,7 @@ mod tests {
                 r#"{"device": "nope", "size": 512}"#,
                 "Cannot find device='nope' nor node-name=''",
             ),
-            (
-                r#"{"size": 512}"#,
-                "Cannot find device='' nor node-name=''",
-            ),
+            (r#"{"size": 512}"#, "Cannot find device='' nor node-name=''"),
             (
                 r#"{"device": "d0", "size": -1}"#,
                 "Parameter 'size' expects a >0 size",
@@ -1262,11 +1267,17 @@ mod tests {
                 r#"{"device": "d0", "size": 9223372036854775807}"#,
                 "offset(9223372036854775807) exceeds maximum(9223372035781033984)",
             ),
-            // The backing image's format node, and a protocol node.
-            (r##"{"node-name": "#block4", "size": 512}"##, "Image is read-only"),
+            // The backing image's format node, and the qcow2 top's protocol node (QEMU 10's
+            // words).
+            (
+                r##"{"node-name": "#block4", "size": 512}"##,
+                "Node '#block4' is busy: node is used as backing hd of '#block0'",
+            ),
             (
                 r##"{"node-name": "#block2", "size": 512}"##,
-                "Node '#block2' is a protocol node: block_resize grows a disk by its device or its top node",
+                "Permission conflict on node '#block2': permissions 'resize' are both required \
+                 by an unnamed block device (uses node '#block2' as 'root' child) and unshared \
+                 by node '#block0' (uses node '#block2' as 'file' child).",
             ),
         ] {
             assert_eq!(err(&mut f, args), desc, "{args}");
