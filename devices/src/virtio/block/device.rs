@@ -11,8 +11,8 @@
 //! context's loop running (the main loop may be busy in a handler), and that loop (the main
 //! loop's or an iothread's) keeps serving its other devices, and may complete this one's
 //! requests, meanwhile. The transport holds none of its own locks during a reset's drain.
-//! [`Block::with_drained_io`] drains the same way for a live change of the image (a snapshot),
-//! then serves the queues again.
+//! [`Block::with_drained_io`] drains the same way for a live change of the image (a snapshot,
+//! a resize), then serves the queues again.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
