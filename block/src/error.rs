@@ -176,6 +176,12 @@ pub enum Error {
         /// The size asked for.
         size: u64,
     },
+    /// Growing a v2 qcow2 image with internal snapshots, whose snapshots record no disk size.
+    #[error("{path} is a v2 image with snapshots, which cannot be resized")]
+    V2Snapshots {
+        /// The image file.
+        path: String,
+    },
     /// Growing an image to a size below its own.
     #[error("{path} is {size} bytes: growing it to {new_size} would shrink it")]
     Shrink {
@@ -245,6 +251,7 @@ impl Error {
             | Error::L1Growth { .. }
             | Error::Qcow2Shrink { .. }
             | Error::Shrink { .. }
+            | Error::V2Snapshots { .. }
             | Error::TooLarge { .. }
             | Error::NotAnImage { .. } => ErrorKind::Unsupported,
             Error::BackingLoop { .. } => ErrorKind::Corrupt,

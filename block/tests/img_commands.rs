@@ -566,6 +566,15 @@ fn resize_agrees_with_qemu_img() {
         create_qcow2(&[q.to_str().unwrap(), "4M"]);
         qemu_io(&q, "qcow2", &["write -P 3 0 64k", "write -P 4 4032k 64k"]);
         std::fs::write(tmp(d, "a.raw"), vec![6u8; 4 << 20]).unwrap();
+        // v2 with an internal snapshot: refused by both.
+        let v2 = tmp(d, "v2.qcow2");
+        create_qcow2(&["-o", "compat=0.10", v2.to_str().unwrap(), "1M"]);
+        let out = Command::new("qemu-img")
+            .args(["snapshot", "-c", "s1"])
+            .arg(&v2)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
         // 512-byte clusters: one cluster of L1 entries maps 2 MiB.
         let s = tmp(d, "s.qcow2");
         create_qcow2(&["-o", "cluster_size=512", s.to_str().unwrap(), "1M"]);
@@ -585,6 +594,7 @@ fn resize_agrees_with_qemu_img() {
         &["resize", "s.qcow2", "64M"],
         // 10240 entries: 160 clusters, inside one refcount block's 256.
         &["resize", "s.qcow2", "+256M"],
+        &["resize", "v2.qcow2", "2M"],
         &["resize", "-f", "raw", "a.raw", "2M"],
         &["resize", "-f", "raw", "--shrink", "a.raw", "1000"],
         &["resize", "-f", "raw", "a.raw", "+3M"],

@@ -1,6 +1,7 @@
 //! Growing a qcow2 image, open and possibly in use (QMP `block_resize`) or held alone
 //! (`vmm-img resize`): the header's size and, when the disk needs more L1 entries, a longer L1
-//! table. Shrinking is refused.
+//! table. Shrinking is refused, and so is growing a v2 image with internal snapshots, as QEMU
+//! refuses it.
 //!
 //! Under the metadata lock, so no lookup or allocation runs meanwhile; data I/O already past
 //! its lookup continues (it stays inside the old size). Power-cut order, as QEMU's
@@ -46,6 +47,10 @@ impl Qcow2 {
             });
         }
         let mut m = self.lock();
+        // A v2 snapshot takes the image's size as its own (v3 records it), as QEMU refuses.
+        if m.header.version < 3 && m.header.nb_snapshots > 0 {
+            return Err(Error::V2Snapshots { path: path() });
+        }
         let size = m.header.size;
         if new_size < size {
             return Err(Error::Shrink {

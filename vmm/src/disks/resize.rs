@@ -43,6 +43,9 @@ pub enum ResizeError {
         /// The size asked for.
         new_size: u64,
     },
+    /// A v2 qcow2 image with internal snapshots.
+    #[error("Can't resize a v2 image which has snapshots")]
+    V2Snapshots,
     /// A qcow2 size whose L1 table would pass QEMU's limit (32 MiB).
     #[error("Failed to grow the L1 table: File too large")]
     L1TooLarge,
@@ -80,6 +83,7 @@ pub fn resize(
     device.with_drained_io(|_| {
         top.grow(size).map_err(|e| match e {
             block::Error::L1Growth { .. } => ResizeError::L1TooLarge,
+            block::Error::V2Snapshots { .. } => ResizeError::V2Snapshots,
             e => ResizeError::Grow {
                 path: top.file().path().to_owned(),
                 reason: devices::error_chain(&e),

@@ -413,7 +413,8 @@ fn snapshot_sync(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Val
         }
     }
     if let Some(name) = &snapshot_node {
-        if devices.iter().any(|d| &d.node_name == name) {
+        let taken = |d: &BlockDevice| d.nodes.iter().any(|n| &n.format == name || &n.file == name);
+        if devices.iter().any(taken) {
             return Err(QmpError::generic(format!(
                 "Duplicate nodes with node-name='{name}'"
             )));
@@ -1210,6 +1211,17 @@ mod tests {
             .1,
             "Duplicate nodes with node-name='#block1'"
         );
+        // A backing image's node, and a protocol node, are taken too.
+        for taken in ["#block4", "#block5"] {
+            assert_eq!(
+                err(
+                    &mut f,
+                    &format!(r#"{{"device": "d0", "snapshot-file": "/s", "snapshot-node-name": "{taken}"}}"#)
+                )
+                .1,
+                format!("Duplicate nodes with node-name='{taken}'")
+            );
+        }
         assert_eq!(
             err(&mut f, r#"{"device": "d0", "snapshot-file": 5}"#),
             (
