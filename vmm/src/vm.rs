@@ -453,9 +453,7 @@ impl Vm {
                 monitor,
                 kickers,
                 !start_paused,
-                disks.iothread_info(),
-                disks.disks(),
-                disks.node_namer(),
+                &mut disks,
                 Arc::clone(&io_errors),
                 guest_name,
             );

@@ -28,7 +28,7 @@ use super::{
     MonitorBackend, RunState, ShutdownCause, SnapshotMode,
 };
 use crate::arch::x86_64::layout::GED_START;
-use crate::disks::{IoErrors, LiveImage, NodeNamer};
+use crate::disks::{Disks, IoErrors, LiveImage, NodeNamer};
 use crate::global::{ExitReason, Held, VcpuRequest};
 use crate::main_loop::{Handler, Tag};
 use crate::vcpu::Kicker;
@@ -240,15 +240,14 @@ pub struct VmMonitor {
 
 impl VmMonitor {
     /// `monitor` (registered under [`Tag::Qmp`]) driving the vCPUs that `kickers` kick, with the
-    /// VM's iothreads and disks, what names the nodes it opens (after the disks') and where the
-    /// disks report errors; `started` is false for a `-S` start; `guest_name` is `-name`'s.
+    /// VM's iothreads and disks (and what names the nodes it opens after the disks') from
+    /// `disks`, and where the disks report errors; `started` is false for a `-S` start;
+    /// `guest_name` is `-name`'s.
     pub fn new(
         monitor: Monitor,
         kickers: Arc<Vec<Kicker>>,
         started: bool,
-        iothreads: Vec<IoThreadInfo>,
-        disks: Vec<VmDisk>,
-        namer: NodeNamer,
+        disks: &mut Disks,
         io_errors: Arc<IoErrors>,
         guest_name: Option<String>,
     ) -> Self {
@@ -256,11 +255,11 @@ impl VmMonitor {
             monitor,
             kickers,
             started,
-            iothreads,
-            disks,
+            iothreads: disks.iothread_info(),
+            disks: disks.disks(),
             guest_name,
             io_errors,
-            namer,
+            namer: disks.node_namer(),
         }
     }
 }
