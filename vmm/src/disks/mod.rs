@@ -3,8 +3,10 @@
 //! `open.rs` opens the images (the format is never guessed where guessing is unsafe: a raw image
 //! opened for writing) and words their failures; `iothreads.rs` owns the iothreads and the main
 //! loop's context; `wiring.rs` puts one disk on the machine (device, transport, ioeventfds,
-//! irqfd); `query.rs` says what `query-block` reports of it; `io_errors.rs` takes the devices'
-//! failed requests to the monitor and stops the VM when their policy asks.
+//! irqfd); `query.rs` says what `query-block` reports of it and names its nodes; `snapshot.rs`
+//! and `resize.rs` change a running disk's image (`blockdev-snapshot-sync`, `block_resize`);
+//! `io_errors.rs` takes the devices' failed requests to the monitor and stops the VM when their
+//! policy asks.
 //!
 //! [`Disks::build`], before the guest is loaded: opens each image (its backing chain read-only,
 //! QEMU-compatible locks taken), so a bad one fails before any thread starts; spawns one thread
