@@ -168,13 +168,29 @@ pub enum Error {
         /// Its format.
         format: crate::Foreign,
     },
-    /// Growing a qcow2 image would need a larger L1 table than the clusters it occupies hold.
-    #[error("growing {path} to {size} bytes needs a larger L1 table than it has room for")]
+    /// Growing a qcow2 image would need an L1 table larger than QEMU opens.
+    #[error("growing {path} to {size} bytes needs an L1 table larger than QEMU opens (32 MiB)")]
     L1Growth {
         /// The image file.
         path: String,
         /// The size asked for.
         size: u64,
+    },
+    /// Growing a v2 qcow2 image with internal snapshots, whose snapshots record no disk size.
+    #[error("{path} is a v2 image with snapshots, which cannot be resized")]
+    V2Snapshots {
+        /// The image file.
+        path: String,
+    },
+    /// Growing an image to a size below its own.
+    #[error("{path} is {size} bytes: growing it to {new_size} would shrink it")]
+    Shrink {
+        /// The image file.
+        path: String,
+        /// Its virtual size.
+        size: u64,
+        /// The size asked for.
+        new_size: u64,
     },
     /// Shrinking a qcow2 image (its clusters past the new end would have to be freed).
     #[error("shrinking a qcow2 image ({path}) is not supported; qemu-img resize --shrink does it")]
@@ -255,6 +271,8 @@ impl Error {
             | Error::ForeignFormat { .. }
             | Error::L1Growth { .. }
             | Error::Qcow2Shrink { .. }
+            | Error::Shrink { .. }
+            | Error::V2Snapshots { .. }
             | Error::TooLarge { .. }
             | Error::NotAnImage { .. } => ErrorKind::Unsupported,
             Error::BackingLoop { .. } => ErrorKind::Corrupt,

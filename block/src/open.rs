@@ -119,6 +119,16 @@ impl Image {
         lock::set_write_permission(file.file(), file.path(), write)
     }
 
+    /// Grows the virtual disk of this image (not of its backing images) to `new_size` bytes,
+    /// durably, while it may be in use: a raw file is extended, a qcow2 image grows as
+    /// [`Qcow2::grow`] says. A smaller size or a read-only image is refused.
+    pub fn grow(&self, new_size: u64) -> Result<(), Error> {
+        match self {
+            Image::Raw(r) => r.grow(new_size),
+            Image::Qcow2(q) => q.grow(new_size),
+        }
+    }
+
     fn inner(&self) -> &dyn DiskImage {
         match self {
             Image::Raw(r) => r,
@@ -386,22 +396,28 @@ impl Exclusive {
         }
     }
 
-    /// Changes the virtual size: a raw file is cut or extended; a qcow2 image grows (its L1
-    /// table lengthened in place, inside the clusters it occupies) but does not shrink.
-    pub fn resize(&self, new_size: u64) -> Result<(), Error> {
+    /// Changes the virtual size: a raw file is cut or extended; a qcow2 image grows (opened on
+    /// this file, without its backing chain, and grown as an open image grows: see
+    /// [`Qcow2::grow`]) but does not shrink.
+    pub fn resize(self, new_size: u64) -> Result<(), Error> {
         match self.format {
             Format::Raw => {
                 self.file.set_len(new_size)?;
                 self.file.sync()
             }
             Format::Qcow2 => {
-                let h = self.header()?;
-                if new_size < h.size {
+                let header = self.header()?;
+                if new_size < header.size {
                     return Err(Error::Qcow2Shrink {
                         path: self.path.display().to_string(),
                     });
                 }
-                qcow2::resize::grow(&self.file, &h, new_size)
+                let parts = OpenParts {
+                    file: self.file,
+                    read_only: false,
+                    cache_sizes: CacheSizes::default(),
+                };
+                Qcow2::open(parts, header, None)?.grow(new_size)
             }
         }
     }

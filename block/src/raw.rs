@@ -3,6 +3,8 @@
 //! engine that does the I/O itself. Block status comes from the
 //! host file's holes (`SEEK_DATA`/`SEEK_HOLE`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::direct::{DirectPin, DirectTarget, Extent, FlushPlan};
 use crate::file::HostFile;
 use crate::trace;
@@ -12,7 +14,8 @@ use crate::{Allocation, BlockStatus, DiskImage, Error};
 #[derive(Debug)]
 pub struct Raw {
     file: HostFile,
-    size: u64,
+    /// The virtual size: the file's length, kept as [`Raw::grow`] sets it.
+    size: AtomicU64,
     read_only: bool,
 }
 
@@ -22,7 +25,7 @@ impl Raw {
         let size = file.len()?;
         Ok(Raw {
             file,
-            size,
+            size: AtomicU64::new(size),
             read_only,
         })
     }
@@ -37,14 +40,34 @@ impl Raw {
         &self.file
     }
 
+    /// Grows the file, and the virtual disk with it, to `new_size` bytes (durable before it
+    /// returns); a smaller size is refused.
+    pub fn grow(&self, new_size: u64) -> Result<(), Error> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let size = self.size();
+        if new_size < size {
+            return Err(Error::Shrink {
+                path: self.path().to_owned(),
+                size,
+                new_size,
+            });
+        }
+        self.file.set_len(new_size)?;
+        self.file.sync()?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+
     fn check(&self, offset: u64, len: u64, write: bool) -> Result<(), Error> {
-        crate::check_request(offset, len, self.size, write, self.read_only)
+        crate::check_request(offset, len, self.size(), write, self.read_only)
     }
 }
 
 impl DiskImage for Raw {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_only(&self) -> bool {

@@ -566,6 +566,19 @@ fn resize_agrees_with_qemu_img() {
         create_qcow2(&[q.to_str().unwrap(), "4M"]);
         qemu_io(&q, "qcow2", &["write -P 3 0 64k", "write -P 4 4032k 64k"]);
         std::fs::write(tmp(d, "a.raw"), vec![6u8; 4 << 20]).unwrap();
+        // v2 with an internal snapshot: refused by both.
+        let v2 = tmp(d, "v2.qcow2");
+        create_qcow2(&["-o", "compat=0.10", v2.to_str().unwrap(), "1M"]);
+        let out = Command::new("qemu-img")
+            .args(["snapshot", "-c", "s1"])
+            .arg(&v2)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        // 512-byte clusters: one cluster of L1 entries maps 2 MiB.
+        let s = tmp(d, "s.qcow2");
+        create_qcow2(&["-o", "cluster_size=512", s.to_str().unwrap(), "1M"]);
+        qemu_io(&s, "qcow2", &["write -P 5 0 4k", "write -P 6 1020k 4k"]);
     }
     let steps: &[&[&str]] = &[
         &["resize", "a.qcow2", "+1M"],
@@ -576,6 +589,12 @@ fn resize_agrees_with_qemu_img() {
         // More L1 entries (one per 512 MiB with 64 KiB clusters).
         &["resize", "-f", "qcow2", "a.qcow2", "2G"],
         &["resize", "a.qcow2", "+100G"],
+        // Past 4 TiB the L1 table outgrows its cluster and moves.
+        &["resize", "a.qcow2", "+8T"],
+        &["resize", "s.qcow2", "64M"],
+        // 10240 entries: 160 clusters, inside one refcount block's 256.
+        &["resize", "s.qcow2", "+256M"],
+        &["resize", "v2.qcow2", "2M"],
         &["resize", "-f", "raw", "a.raw", "2M"],
         &["resize", "-f", "raw", "--shrink", "a.raw", "1000"],
         &["resize", "-f", "raw", "a.raw", "+3M"],
@@ -583,24 +602,26 @@ fn resize_agrees_with_qemu_img() {
     ];
     for step in steps {
         both(dq.path(), dv.path(), step);
-        let (q, v) = (tmp(&dq, "a.qcow2"), tmp(&dv, "a.qcow2"));
-        assert_check_clean(&v);
-        let size = |p: &std::path::Path| {
-            json(&qemu_img(&[
-                "info",
-                "-U",
-                "--output=json",
-                p.to_str().unwrap(),
-            ]))["virtual-size"]
-                .clone()
-        };
-        assert_eq!(size(&v), size(&q), "{step:?}");
-        let compare = Command::new("qemu-img")
-            .args(["compare", "-U", "-s"])
-            .args([&q, &v])
-            .output()
-            .unwrap();
-        assert!(compare.status.success(), "{step:?}: {compare:?}");
+        for image in ["a.qcow2", "s.qcow2"] {
+            let (q, v) = (tmp(&dq, image), tmp(&dv, image));
+            assert_check_clean(&v);
+            let size = |p: &std::path::Path| {
+                json(&qemu_img(&[
+                    "info",
+                    "-U",
+                    "--output=json",
+                    p.to_str().unwrap(),
+                ]))["virtual-size"]
+                    .clone()
+            };
+            assert_eq!(size(&v), size(&q), "{step:?}");
+            let compare = Command::new("qemu-img")
+                .args(["compare", "-U", "-s"])
+                .args([&q, &v])
+                .output()
+                .unwrap();
+            assert!(compare.status.success(), "{step:?}: {compare:?}");
+        }
         assert!(
             std::fs::read(tmp(&dq, "a.raw")).unwrap() == std::fs::read(tmp(&dv, "a.raw")).unwrap(),
             "{step:?}"
@@ -610,7 +631,7 @@ fn resize_agrees_with_qemu_img() {
     // end, where qemu-io then reads what it wrote.
     let v = tmp(&dv, "a.qcow2");
     let img = open_rw(&v);
-    assert_eq!(img.size(), (2 << 30) + (100 << 30));
+    assert_eq!(img.size(), (2 << 30) + (100 << 30) + (8 << 40));
     let mut b = vec![0u8; 65536];
     img.read_at(&mut b, 4032 << 10).unwrap();
     assert!(b.iter().all(|&x| x == 4));
@@ -621,6 +642,9 @@ fn resize_agrees_with_qemu_img() {
     drop(img);
     assert_check_clean(&v);
     qemu_io(&v, "qcow2", &["read -P 9 101G 64k", "read -P 3 0 64k"]);
+    // And the moved L1 of the small-cluster image still maps the data written before.
+    let s = tmp(&dv, "s.qcow2");
+    qemu_io(&s, "qcow2", &["read -P 5 0 4k", "read -P 6 1020k 4k"]);
 }
 
 #[test]

@@ -69,6 +69,23 @@ pub enum Failure {
     /// The VMM exited with another status than 0.
     #[error("the VMM exited with {0}")]
     ExitStatus(ExitStatus),
+    /// The disk image of a case could not be made.
+    #[error("cannot create {path}")]
+    Image {
+        /// The image.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest saw another disk size than expected (in 512-byte sectors).
+    #[error("the guest sees {got:?} sectors on vda, expected {want}")]
+    DiskSize {
+        /// What the disk should have.
+        want: u64,
+        /// What `/sys/block/vda/size` said.
+        got: String,
+    },
     /// The VMM took too long to exit after the guest's kernel powered off or restarted.
     #[error("the VMM exited {0:?} after the guest's kernel said {1:?}")]
     SlowExit(Duration, &'static str),
@@ -91,6 +108,8 @@ enum Kind {
     DiskChain,
     /// Boot with acpid, press the ACPI power button through QMP `system_powerdown`.
     PowerButton,
+    /// Boot with a raw disk, grow it through QMP `block_resize`, the guest sees the new size.
+    BlockResize,
 }
 
 /// The optional groups of cases, for features a VMM gains later.
@@ -175,6 +194,7 @@ pub fn cases(targets: &[Target], filter: Option<&str>, groups: Groups) -> Vec<Ca
         }
         if groups.qmp {
             add("qmp-power-button".into(), Kind::PowerButton);
+            add("qmp-block-resize".into(), Kind::BlockResize);
         }
     }
     all.retain(|c| filter.is_none_or(|f| c.name.contains(f)));
@@ -213,6 +233,8 @@ pub fn run(case: &Case, guest_dir: &Path) -> Outcome {
         Kind::PowerButton => {
             power_button(case.target, guest_dir, &mut transcript).map_err(|e| e.to_string())
         }
+        Kind::BlockResize => block_resize(case.target, guest_dir, &case.name, &mut transcript)
+            .map_err(|e| e.to_string()),
         Kind::DiskChain => {
             crate::disks::chain_on_iothread(case.target, guest_dir, &case.name, &mut transcript)
                 .map_err(|e| e.to_string())
@@ -413,6 +435,80 @@ fn power_button(
     })
 }
 
+/// Sectors of the disk `block_resize` grows: 1 MiB, then 4 MiB.
+const RESIZE_FROM: u64 = 2048;
+const RESIZE_TO: u64 = 8192;
+
+/// Boots with a 1 MiB raw disk on an iothread and a QMP monitor; at the shell, reads the disk's
+/// size in sectors from sysfs, grows the disk to 4 MiB with `block_resize`, and expects the
+/// guest's `/sys/block/vda/size` to follow without a reboot (the virtio configuration-change
+/// interrupt), within 5 s.
+fn block_resize(
+    target: Target,
+    guest_dir: &Path,
+    name: &str,
+    transcript: &mut Option<String>,
+) -> Result<String, Failure> {
+    let port = qmp::free_port()?;
+    let image = std::env::temp_dir().join(format!(
+        "linux-tests-{}-{}.raw",
+        std::process::id(),
+        name.replace('/', "-")
+    ));
+    let created = std::fs::File::create(&image).and_then(|f| f.set_len(RESIZE_FROM * 512));
+    created.map_err(|source| Failure::Image {
+        path: image.display().to_string(),
+        source,
+    })?;
+    let mut boot = Boot::new(Kernel::BzImage, 2, MEM_MIB, "");
+    boot.extra = vec![
+        "-qmp".to_owned(),
+        format!("tcp:127.0.0.1:{port},server=on,wait=off"),
+        "-object".to_owned(),
+        "iothread,id=io0".to_owned(),
+        "-drive".to_owned(),
+        format!("file={},format=raw,if=none,id=d0", image.display()),
+        "-device".to_owned(),
+        "virtio-blk-device,drive=d0,iothread=io0".to_owned(),
+    ];
+    let size = |g: &mut Guest, tag: &str, want: u64| -> Result<(), Failure> {
+        // Not the echo of the typed command, which follows the prompt and holds `$(`.
+        let line = g.wait_line(tag, BOOT_TIMEOUT, |l| {
+            l.trim_start().starts_with(tag) && !l.contains('$')
+        })?;
+        let got = line.text.trim().trim_start_matches(tag).trim().to_owned();
+        if got != want.to_string() {
+            return Err(Failure::DiskSize { want, got });
+        }
+        Ok(())
+    };
+    let result = drive(target, &boot, guest_dir, transcript, |g| {
+        g.wait_prompt("GUEST-PROMPT#", BOOT_TIMEOUT)?;
+        g.send("echo GUEST-SIZE-BEFORE $(cat /sys/block/vda/size)\n")?;
+        size(g, "GUEST-SIZE-BEFORE", RESIZE_FROM)?;
+        let mut qmp = Qmp::connect(port)?;
+        qmp.execute_with(
+            "block_resize",
+            &format!("{{\"device\": \"d0\", \"size\": {}}}", RESIZE_TO * 512),
+        )?;
+        let asked = Instant::now();
+        // Polls sysfs for 5 s: the driver updates the size when the interrupt arrives.
+        g.send(&format!(
+            "i=0; while [ $(cat /sys/block/vda/size) = {RESIZE_FROM} ] && [ $i -lt 50 ]; do \
+             sleep 0.1; i=$((i + 1)); done; echo GUEST-SIZE-AFTER $(cat /sys/block/vda/size)\n"
+        ))?;
+        size(g, "GUEST-SIZE-AFTER", RESIZE_TO)?;
+        let seen = asked.elapsed();
+        g.send("poweroff -f\n")?;
+        Ok(format!(
+            "vda grew from {RESIZE_FROM} to {RESIZE_TO} sectors, seen {:.1} s after block_resize",
+            seen.as_secs_f64()
+        ))
+    });
+    let _ = std::fs::remove_file(&image);
+    result
+}
+
 /// Waits for the shell prompt, types a command whose output differs from its echo, reads the
 /// output, and types `poweroff -f`.
 fn type_command(guest: &mut Guest) -> Result<String, Failure> {
@@ -442,7 +538,7 @@ mod tests {
         };
         assert_eq!(
             cases(&[Target::Vmm, Target::Qemu], None, everything).len(),
-            19
+            21
         );
         assert_eq!(all.len(), 15);
         assert_eq!(all.first().unwrap().name, "vmm/bzimage-smp1");

@@ -1,5 +1,5 @@
 //! A minimal QMP client over TCP (QEMU's `docs/interop/qmp-spec.rst`): enough to negotiate
-//! capabilities and run one command, for the power-button case. The VMM listens with
+//! capabilities and run commands, for the power-button and block-resize cases. The VMM listens with
 //! `-qmp tcp:127.0.0.1:PORT,server=on,wait=off`; the nested host brings loopback up for it.
 
 use std::io::{BufRead, BufReader, Write};
@@ -98,7 +98,17 @@ impl Qmp {
 
     /// Runs a command without arguments and waits for its `return`, skipping events.
     pub fn execute(&mut self, command: &'static str) -> Result<(), Error> {
-        writeln!(self.writer, "{{\"execute\": \"{command}\"}}").map_err(Error::Io)?;
+        self.execute_with(command, "{}")
+    }
+
+    /// Runs a command with `arguments` (a JSON object) and waits for its `return`, skipping
+    /// events.
+    pub fn execute_with(&mut self, command: &'static str, arguments: &str) -> Result<(), Error> {
+        writeln!(
+            self.writer,
+            "{{\"execute\": \"{command}\", \"arguments\": {arguments}}}"
+        )
+        .map_err(Error::Io)?;
         loop {
             let reply = self.line("waiting for a reply")?;
             if reply.contains("\"event\"") {

@@ -185,6 +185,8 @@ pub struct DriveSpec {
     pub on_write_error: ErrorPolicy,
     /// `l2-cache-size=`, `refcount-cache-size=`, `cache-size=` (qcow2 only).
     pub cache_sizes: CacheSizes,
+    /// `node-name=`: the image's (format) node name in QMP; automatic without it.
+    pub node_name: Option<String>,
 }
 
 /// One `-device virtio-blk-device`.
@@ -265,8 +267,9 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveSpec, DriveError> {
         ],
     )
     .map_err(&err)?;
-    // `node-name=` is checked by QEMU's rules and otherwise unused: QMP names a disk by its id.
-    if let Some(name) = opts.get::<String>("node-name").map_err(&err)? {
+    // `node-name=`, checked by QEMU's rules: the image's node name in QMP.
+    let node_name = opts.get::<String>("node-name").map_err(&err)?;
+    if let Some(name) = node_name.clone() {
         let valid = name.len() <= 31
             && name.starts_with(|c: char| c.is_ascii_alphabetic())
             && name
@@ -397,6 +400,7 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveSpec, DriveError> {
         on_read_error,
         on_write_error,
         cache_sizes,
+        node_name,
     })
 }
 
@@ -547,7 +551,12 @@ mod tests {
                 on_read_error: ErrorPolicy::Report,
                 on_write_error: ErrorPolicy::Enospc,
                 cache_sizes: CacheSizes::default(),
+                node_name: None,
             }
+        );
+        assert_eq!(
+            drive("file=f,id=d,format=raw,node-name=top").node_name,
+            Some("top".to_owned())
         );
         for (opts, l2, refcount, total) in [
             ("l2-cache-size=64K", Some(65536), None, None),

@@ -416,7 +416,7 @@ impl Vm {
             qmp,
             start_paused,
             guest_name,
-            disks,
+            mut disks,
             io_errors,
         } = self;
         install_kick_handler().map_err(VmError::KickHandler)?;
@@ -459,8 +459,7 @@ impl Vm {
                 monitor,
                 kickers,
                 !start_paused,
-                disks.iothread_info(),
-                disks.disks(),
+                &mut disks,
                 Arc::clone(&io_errors),
                 guest_name,
             );

@@ -1,7 +1,9 @@
 //! The QMP monitor of the real `vmm` binary with tiny guests on the local `/dev/kvm`, driven by
 //! QEMU's Python client (`qemu.qmp`, installed by `ci/qmp-venv`, which `ci/setup` runs):
 //! `-S` and `cont`, `stop` freezing the guest, the queries, `quit`, the `SHUTDOWN` event of a guest
-//! power-off and of SIGTERM, and `wait=on` holding start-up until a client connects. The scenarios are in `tests/qmp/guest_client.py`.
+//! power-off and of SIGTERM, `wait=on` holding start-up until a client connects, and live disk
+//! changes (snapshots, `block_resize`, `query-named-block-nodes`) beside QEMU 10. The scenarios
+//! are in `tests/qmp/guest_client.py`.
 
 mod common;
 
@@ -89,4 +91,11 @@ fn snapshots_of_a_running_guest_s_disks_answer_as_qemu_s() {
     let dir = Scratch::new("qmp-snapshot");
     let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
     run_scenario("snapshot", &kernel, &dir);
+}
+
+#[test]
+fn block_resize_and_named_nodes_answer_as_qemu_s() {
+    let dir = Scratch::new("qmp-resize");
+    let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
+    run_scenario("resize", &kernel, &dir);
 }

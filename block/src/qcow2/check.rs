@@ -18,7 +18,7 @@ use super::meta::{decode_words, encode_words, Meta};
 use super::refcount::set_entry;
 use super::{snapshot, Qcow2};
 use crate::file::HostFile;
-use crate::Error;
+use crate::{DiskImage, Error};
 
 /// Most clusters of a file a check counts (1 GiB of counters); larger files are refused.
 const MAX_CHECK_CLUSTERS: u64 = 1 << 27;
@@ -463,7 +463,7 @@ impl Qcow2 {
                 rep.image_end_offset = (c as u64 + 1) * cs;
             }
         }
-        rep.total_clusters = self.size.div_ceil(cs);
+        rep.total_clusters = self.size().div_ceil(cs);
         let fix = match repair {
             Repair::None => false,
             Repair::Leaks => rep.leaks > 0 && rep.corruptions == 0,

@@ -34,7 +34,7 @@ impl CompressedWriter {
     /// whether it was compressed.
     pub fn write(&mut self, img: &Qcow2, guest: u64, data: &[u8]) -> Result<bool, Error> {
         let cs = img.geo.cluster_size();
-        let within = cs.min(img.size.saturating_sub(guest));
+        let within = cs.min(img.size().saturating_sub(guest));
         // At least one byte: a cluster at the end of the disk is out of range.
         img.check_request(guest, within.max(1), true)?;
         let limit = usize::try_from(cs).unwrap_or(usize::MAX);

@@ -43,6 +43,7 @@ mod write;
 
 use std::collections::BTreeSet;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -74,7 +75,8 @@ const CLAIM_GROUPS: usize = 16;
 pub struct Qcow2 {
     file: HostFile,
     read_only: bool,
-    size: u64,
+    /// The virtual size; grows while the image is open (`resize.rs`).
+    size: AtomicU64,
     geo: Geometry,
     compression: Compression,
     version: u32,
@@ -232,7 +234,7 @@ impl Qcow2 {
         };
         let img = Qcow2 {
             read_only,
-            size: meta.header.size,
+            size: AtomicU64::new(meta.header.size),
             geo,
             compression: meta.header.compression,
             version: meta.header.version,
@@ -469,7 +471,7 @@ impl Qcow2 {
 
     /// Checks a request's range and, for a modifying one, that the image is writable.
     fn check_request(&self, offset: u64, len: u64, write: bool) -> Result<(), Error> {
-        crate::check_request(offset, len, self.size, write, self.read_only)?;
+        crate::check_request(offset, len, self.size(), write, self.read_only)?;
         if write {
             self.refuse_if_corrupt()?;
         }
@@ -479,7 +481,7 @@ impl Qcow2 {
 
 impl DiskImage for Qcow2 {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_only(&self) -> bool {

@@ -13,7 +13,7 @@ use super::l2::{Mapping, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::meta::Meta;
 use super::Qcow2;
 use crate::direct::DirectPin;
-use crate::Error;
+use crate::{DiskImage, Error};
 
 /// Extended L2 bitmap with every subcluster allocated.
 const ALL_ALLOC: u64 = 0xffff_ffff;
@@ -365,7 +365,7 @@ impl Qcow2 {
     fn whole_clusters(&self, offset: u64, len: u64) -> (u64, u64) {
         let cs = self.geo.cluster_size();
         let start = offset.div_ceil(cs) * cs;
-        let end = if offset + len == self.size {
+        let end = if offset + len == self.size() {
             (offset + len).div_ceil(cs) * cs
         } else {
             (offset + len) / cs * cs
@@ -445,7 +445,7 @@ impl Qcow2 {
     /// between 8 and 4096, so a disk that is discarded and rewritten without flushes grows by
     /// well under 1% (or 8 clusters) before its freed clusters become reusable.
     fn free_backlog(&self) -> usize {
-        let clusters = self.size.div_ceil(self.geo.cluster_size());
+        let clusters = self.size().div_ceil(self.geo.cluster_size());
         usize::try_from((clusters / 256).clamp(8, 4096)).unwrap_or(4096)
     }
 

@@ -254,8 +254,7 @@ impl MmioTransport {
             reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
                 u32::MAX
             }
-            // Configuration space never changes behind the driver's back.
-            reg::CONFIG_GENERATION => 0,
+            reg::CONFIG_GENERATION => self.device.config_generation(),
             _ => {
                 log::warn!("virtio-mmio: read of unknown register {offset:#x}");
                 0

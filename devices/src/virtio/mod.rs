@@ -123,6 +123,12 @@ impl Interrupt {
         self.raise(interrupt_status::VRING);
     }
 
+    /// Signals a configuration change (virtio 1.2, 4.2.2: InterruptStatus bit 1): the device's
+    /// configuration space changed (a disk grew).
+    pub fn signal_config_change(&self) {
+        self.raise(interrupt_status::CONFIG);
+    }
+
     /// Puts the device in DEVICE_NEEDS_RESET and signals a configuration change, as virtio 1.2,
     /// 2.1.2 asks of a device that hit an error.
     pub fn set_needs_reset(&self) {
@@ -184,6 +190,13 @@ pub trait VirtioDevice: Send + Sync {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes device configuration space at `offset`.
     fn write_config(&self, offset: u64, data: &[u8]);
+    /// ConfigGeneration (virtio 1.2, 2.5.1): changes whenever configuration space does, after
+    /// the new values are readable, so a driver that reads it before and after a configuration
+    /// read knows whether it read one consistent version. Read without the context. A device
+    /// whose configuration space never changes keeps the default, 0.
+    fn config_generation(&self) -> u32 {
+        0
+    }
     /// Starts the device with the driver's queues.
     fn activate(&self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops the device and drains its in-flight requests, back to the state before activation.

@@ -3,8 +3,10 @@
 //! `open.rs` opens the images (the format is never guessed where guessing is unsafe: a raw image
 //! opened for writing) and words their failures; `iothreads.rs` owns the iothreads and the main
 //! loop's context; `wiring.rs` puts one disk on the machine (device, transport, ioeventfds,
-//! irqfd); `query.rs` says what `query-block` reports of it; `io_errors.rs` takes the devices'
-//! failed requests to the monitor and stops the VM when their policy asks.
+//! irqfd); `query.rs` says what `query-block` reports of it and names its nodes; `snapshot.rs`
+//! and `resize.rs` change a running disk's image (`blockdev-snapshot-sync`, `block_resize`);
+//! `io_errors.rs` takes the devices' failed requests to the monitor and stops the VM when their
+//! policy asks.
 //!
 //! [`Disks::build`], before the guest is loaded: opens each image (its backing chain read-only,
 //! QEMU-compatible locks taken), so a bad one fails before any thread starts; spawns one thread
@@ -34,6 +36,7 @@ mod io_errors;
 mod iothreads;
 mod open;
 mod query;
+mod resize;
 mod snapshot;
 mod wiring;
 
@@ -58,6 +61,8 @@ use wiring::{add_disk, NewDisk};
 
 pub use io_errors::{IoErrorStop, IoErrors};
 pub use iothreads::MainContext;
+pub use query::NodeNamer;
+pub use resize::resize;
 pub use snapshot::{snapshot, LiveImage};
 
 /// Errors from setting up or shutting down the disks, one line each.
@@ -201,6 +206,8 @@ pub enum DiskError {
 pub struct Disks {
     iothreads: IoThreads,
     disks: Vec<VmDisk>,
+    /// Names the nodes of the images opened later (snapshots), after the disks' own.
+    namer: Option<NodeNamer>,
 }
 
 impl Disks {
@@ -230,13 +237,14 @@ impl Disks {
         let iothreads = IoThreads::start(iothread_ids, iothread_failed)?;
         let mut disks = Vec::with_capacity(specs.len());
         let mut dsdt = Vec::with_capacity(specs.len());
+        let mut namer = NodeNamer::default();
         for ((index, spec), image) in (0u8..).zip(specs).zip(images) {
             let ctx = iothreads.context(spec.device.iothread.as_deref());
             let base = VIRTIO_MMIO_START + u64::from(index) * VIRTIO_MMIO_SIZE;
             let gsi = VIRTIO_IRQ_FIRST + u32::from(index);
-            let names = Names::of(index, spec);
+            let names = Names::of(index, spec, &image, &mut namer);
             let info = block_device(spec, &names, &image);
-            let sink = errors.sink(names.qom_path, names.node_name);
+            let sink = errors.sink(names.qom_path.clone(), names.node_name().to_owned());
             let disk = NewDisk {
                 spec,
                 image,
@@ -259,7 +267,15 @@ impl Disks {
             });
             dsdt.push(virtio_mmio_device(index, base, gsi));
         }
-        Ok((Self { iothreads, disks }, dsdt))
+        let namer = Some(namer);
+        Ok((
+            Self {
+                iothreads,
+                disks,
+                namer,
+            },
+            dsdt,
+        ))
     }
 
     /// The handler that runs the main loop's context (the disks without an iothread).
@@ -275,6 +291,12 @@ impl Disks {
     /// The disks, for the monitor.
     pub fn disks(&self) -> Vec<VmDisk> {
         self.disks.clone()
+    }
+
+    /// What names the nodes of the images the monitor opens later, once: the monitor is the
+    /// only one to open images after the disks are built.
+    pub fn node_namer(&mut self) -> NodeNamer {
+        self.namer.take().unwrap_or_default()
     }
 
     /// Ends the disks once no vCPU runs and the main loop is gone (steps in the module doc).

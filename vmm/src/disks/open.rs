@@ -69,6 +69,7 @@ mod tests {
             on_read_error: devices::virtio::block::ErrorPolicy::READ_DEFAULT,
             on_write_error: devices::virtio::block::ErrorPolicy::WRITE_DEFAULT,
             cache_sizes: block::qcow2::CacheSizes::default(),
+            node_name: None,
         }
     }
 

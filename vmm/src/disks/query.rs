@@ -1,9 +1,11 @@
 //! What the monitor says of each disk: QEMU's names for it (the guest device's QOM path, the
-//! image's `#blockN` node name) and its `query-block` entry (flags, cache mode, the image and
-//! its backing chain with their sizes).
+//! node names of each image of its chain, `-drive node-name=` or QEMU's automatic `#blockN`)
+//! and its `query-block` entry (flags, cache mode, the image and its backing chain with their
+//! sizes), from which `query-named-block-nodes` is built too.
 //!
-//! Built once, while the disks are built, from the flags and the open image; nothing here holds
-//! or takes a lock (the host sizes come from `stat`).
+//! Built while the disks are built, from the flags and the open image, and again for the images
+//! a snapshot or a resize changes; nothing here holds or takes a lock (the host sizes come from
+//! `stat`).
 
 use std::os::unix::fs::MetadataExt;
 
@@ -11,28 +13,72 @@ use block::{DetectZeroes, DiskImage, Format, Image, WritePolicy};
 use devices::virtio::block::IoStatus;
 
 use crate::drive::{CacheSetting, DiskSpec};
-use crate::monitor::{BlockDevice, CacheMode, ImageDescription};
+use crate::monitor::{BlockDevice, CacheMode, ImageDescription, ImageNodes};
+
+/// Names nodes for the VM's life, in the order the images are opened: an automatic name is
+/// QEMU's `#blockN`, N counting the automatic names given so far (QEMU appends two random
+/// digits; its own tests filter the number out, as ours do). A protocol node is named before
+/// its format node, as QEMU opens them.
+#[derive(Debug, Default)]
+pub struct NodeNamer {
+    /// Automatic names given.
+    names: u64,
+    /// Images opened.
+    images: u64,
+}
+
+impl NodeNamer {
+    fn automatic(&mut self) -> String {
+        self.names += 1;
+        format!("#block{}", self.names - 1)
+    }
+
+    /// The nodes of an image opened now, its format node named `format` or automatically.
+    pub fn image(&mut self, format: Option<String>) -> ImageNodes {
+        let file = self.automatic();
+        let format = format.unwrap_or_else(|| self.automatic());
+        self.images += 1;
+        ImageNodes {
+            format,
+            file,
+            opened: self.images - 1,
+        }
+    }
+}
 
 /// QEMU's names for a disk, as its microvm shows a virtio-blk-device.
 #[derive(Debug)]
 pub(super) struct Names {
     /// The guest device's QOM path, in `BLOCK_IO_ERROR`.
     pub(super) qom_path: String,
-    /// The image's automatic node name.
-    pub(super) node_name: String,
+    /// The nodes of each image of its chain, top first, named in the order QEMU opens them
+    /// (each image's protocol node, then its format node, then its backing image's).
+    pub(super) nodes: Vec<ImageNodes>,
 }
 
 impl Names {
-    /// The names of disk `index`, whose flags are `spec`.
-    pub(super) fn of(index: u8, spec: &DiskSpec) -> Self {
+    /// The names of disk `index`, whose flags are `spec` and whose chain `image` heads.
+    pub(super) fn of(index: u8, spec: &DiskSpec, image: &Image, namer: &mut NodeNamer) -> Self {
         let qom_path = match &spec.device.id {
             Some(id) => format!("/machine/peripheral/{id}"),
             None => format!("/machine/peripheral-anon/device[{index}]"),
         };
-        Self {
-            qom_path,
-            node_name: format!("#block{index}"),
-        }
+        let depth = image.chain().count();
+        let nodes = (0..depth)
+            .map(|at| {
+                namer.image(if at == 0 {
+                    spec.drive.node_name.clone()
+                } else {
+                    None
+                })
+            })
+            .collect();
+        Self { qom_path, nodes }
+    }
+
+    /// The top image's format node.
+    pub(super) fn node_name(&self) -> &str {
+        self.nodes.first().map_or("", |n| n.format.as_str())
     }
 }
 
@@ -53,37 +99,44 @@ pub(super) fn block_device(spec: &DiskSpec, names: &Names, image: &Image) -> Blo
             DetectZeroes::On => "on",
             DetectZeroes::Unmap => "unmap",
         },
-        node_name: names.node_name.clone(),
+        node_name: names.node_name().to_owned(),
+        nodes: names.nodes.clone(),
         io_status: IoStatus::Ok.name(),
         image: describe(image),
     }
 }
 
-/// Host bytes allocated to `path`, when it can be stat'ed.
-fn allocated_bytes(path: &str) -> Option<u64> {
-    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
+/// Host bytes allocated to `path` and its length, when it can be stat'ed.
+fn host_sizes(path: &str) -> (Option<u64>, Option<u64>) {
+    std::fs::metadata(path).map_or((None, None), |m| (Some(m.blocks() * 512), Some(m.len())))
 }
 
 /// `query-block`'s description of `image` and its backing chain.
 pub(super) fn describe(image: &Image) -> ImageDescription {
     match image {
-        Image::Raw(raw) => ImageDescription {
-            filename: raw.path().to_owned(),
-            format: Format::Raw.name().to_owned(),
-            virtual_size: raw.size(),
-            actual_size: allocated_bytes(raw.path()),
-            cluster_size: None,
-            dirty_flag: None,
-            backing: None,
-        },
+        Image::Raw(raw) => {
+            let (actual_size, file_length) = host_sizes(raw.path());
+            ImageDescription {
+                filename: raw.path().to_owned(),
+                format: Format::Raw.name().to_owned(),
+                virtual_size: raw.size(),
+                actual_size,
+                file_length,
+                cluster_size: None,
+                dirty_flag: None,
+                backing: None,
+            }
+        }
         Image::Qcow2(q) => {
             let header = q.header();
             let path = q.file().path();
+            let (actual_size, file_length) = host_sizes(path);
             ImageDescription {
                 filename: path.to_owned(),
                 format: Format::Qcow2.name().to_owned(),
                 virtual_size: q.size(),
-                actual_size: allocated_bytes(path),
+                actual_size,
+                file_length,
                 cluster_size: 1u64.checked_shl(header.cluster_bits),
                 // qcow2 spec, incompatible feature bit 0: the dirty bit.
                 dirty_flag: Some(header.incompatible & 1 != 0),

@@ -63,6 +63,11 @@ impl LiveImage {
         }
     }
 
+    /// The top of the chain.
+    pub(super) fn top(&self) -> &Image {
+        self.top.inner()
+    }
+
     /// `query-block`'s description of the image and its chain now.
     pub fn describe(&self) -> ImageDescription {
         super::query::describe(self.top.inner())

@@ -44,6 +44,14 @@ impl Args {
         }
     }
 
+    /// A mandatory integer member (QAPI `int`: a JSON integer within 64-bit signed range).
+    pub fn required_i64(&mut self, name: &str) -> Result<i64, QmpError> {
+        match self.members.remove(name) {
+            None => Err(QmpError::generic(format!("Parameter '{name}' is missing"))),
+            Some(v) => v.as_i64().ok_or_else(|| invalid_type(name, "integer")),
+        }
+    }
+
     /// An optional boolean member.
     pub fn optional_bool(&mut self, name: &str) -> Result<Option<bool>, QmpError> {
         match self.members.remove(name) {
@@ -121,6 +129,23 @@ mod tests {
 
     fn desc(r: Result<impl std::fmt::Debug, QmpError>) -> String {
         r.expect_err("must fail").desc
+    }
+
+    #[test]
+    fn integers_as_qemu_checks_them() {
+        let mut a = args(json!({"size": -5}));
+        assert_eq!(a.required_i64("size").expect("present"), -5);
+        assert_eq!(
+            desc(args(json!({})).required_i64("size")),
+            "Parameter 'size' is missing"
+        );
+        // Not integers, or past i64 (QEMU 10's replies).
+        for v in [json!("5"), json!(1.5), json!(18_446_744_073_709_551_615u64)] {
+            assert_eq!(
+                desc(args(json!({ "size": v })).required_i64("size")),
+                "Invalid parameter type for 'size', expected: integer"
+            );
+        }
     }
 
     #[test]

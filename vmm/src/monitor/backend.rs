@@ -76,12 +76,27 @@ pub struct ImageDescription {
     pub virtual_size: u64,
     /// Host bytes allocated to the file, when known.
     pub actual_size: Option<u64>,
+    /// The host file's length (the virtual size of its protocol node), when known.
+    pub file_length: Option<u64>,
     /// qcow2 cluster size in bytes.
     pub cluster_size: Option<u64>,
     /// qcow2 dirty bit (lazy refcounts in use and not yet cleaned); QEMU reports `false` for raw.
     pub dirty_flag: Option<bool>,
     /// The backing image, if any.
     pub backing: Option<Box<ImageDescription>>,
+}
+
+/// The nodes QEMU opens for one image: its format node (`raw`, `qcow2`) over its protocol node
+/// (`file`), named for the VM's life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageNodes {
+    /// The format node's name.
+    pub format: String,
+    /// The protocol node's name (always automatic).
+    pub file: String,
+    /// When the image was opened, counting the VM's images from 0: `query-named-block-nodes`
+    /// lists the newest first, as QEMU does.
+    pub opened: u64,
 }
 
 /// One disk as `query-block` describes it.
@@ -98,8 +113,12 @@ pub struct BlockDevice {
     pub cache: CacheMode,
     /// `-drive detect-zeroes=` as QEMU names it: `off`, `on` or `unmap`.
     pub detect_zeroes: &'static str,
-    /// The image's node name (QEMU's automatic `#blockN` form: disks here have no named nodes).
+    /// The top image's (format) node name: `-drive node-name=`, `blockdev-snapshot-sync`'s
+    /// `snapshot-node-name`, or QEMU's automatic `#blockN` form.
     pub node_name: String,
+    /// The node names of every image of the chain, top first (the top's format node is
+    /// `node_name`).
+    pub nodes: Vec<ImageNodes>,
     /// `ok`, or `failed`/`nospace` after an error stopped the VM, until `cont`.
     pub io_status: &'static str,
     /// The image chain.
@@ -345,4 +364,12 @@ pub trait MonitorBackend {
         mode: SnapshotMode,
         node_name: Option<String>,
     ) -> Result<(), BackendError>;
+
+    /// Grows the disk with this `-drive id=` to `size` bytes while it runs (`block_resize`,
+    /// the size already checked to be at most QEMU's limit): the image grows, the device's
+    /// capacity follows and the guest is told by a configuration-change interrupt. Refuses a
+    /// read-only disk, a smaller size and, for qcow2, a size not a multiple of 512, with QEMU's
+    /// words. Acquires the disk's context after the global lock and waits, with that context
+    /// released, for its requests in flight.
+    fn block_resize(&mut self, drive_id: &str, size: u64) -> Result<(), BackendError>;
 }

@@ -19,7 +19,7 @@ use super::framing::Frame;
 use super::protocol::{self, QmpError};
 
 /// The commands of command mode, as `query-commands` lists them.
-pub const COMMANDS: [&str; 16] = [
+pub const COMMANDS: [&str; 18] = [
     "qmp_capabilities",
     "query-commands",
     "query-version",
@@ -36,6 +36,8 @@ pub const COMMANDS: [&str; 16] = [
     "blockdev-snapshot-sync",
     "x-query-blockstats-stages",
     "x-block-stages-histogram-set",
+    "block_resize",
+    "query-named-block-nodes",
 ];
 
 /// What handling one input produced.
@@ -268,6 +270,15 @@ fn execute(
         }
         "x-block-stages-histogram-set" => stages_histogram_set(args, backend),
         "blockdev-snapshot-sync" => snapshot_sync(args, backend),
+        "block_resize" => block_resize(args, backend),
+        "query-named-block-nodes" => {
+            let flat = args.optional_bool("flat")?.unwrap_or(false);
+            args.finish()?;
+            Ok(Value::Array(named_block_nodes(
+                &backend.block_devices(),
+                flat,
+            )))
+        }
         _ => Err(QmpError::command_not_found(format!(
             "The command {command} has not been found"
         ))),
@@ -402,7 +413,8 @@ fn snapshot_sync(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Val
         }
     }
     if let Some(name) = &snapshot_node {
-        if devices.iter().any(|d| &d.node_name == name) {
+        let taken = |d: &BlockDevice| d.nodes.iter().any(|n| &n.format == name || &n.file == name);
+        if devices.iter().any(taken) {
             return Err(QmpError::generic(format!(
                 "Duplicate nodes with node-name='{name}'"
             )));
@@ -413,6 +425,121 @@ fn snapshot_sync(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Val
         .snapshot_sync(&drive_id, &file, mode, snapshot_node)
         .map_err(|e| QmpError::generic(e.0))?;
     Ok(json!({}))
+}
+
+/// QEMU's largest image length (`BDRV_MAX_LENGTH`: `INT64_MAX` aligned down to its largest
+/// request); a larger `block_resize` is refused before anything else is checked.
+const MAX_LENGTH: u64 = 9_223_372_035_781_033_984;
+
+/// `block_resize`, in QEMU's order: the arguments, the node (the disk's by drive id, else any
+/// node by name), a negative size, QEMU's length limit; the rest (read-only, alignment,
+/// shrinking) is the VM's to refuse. A disk grows by its top node or, for raw, by the file under
+/// it (QEMU's raw driver lets its file grow); other nodes are refused with QEMU's words: a
+/// backing node is busy, and a format node does not share the resizing of its file.
+fn block_resize(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, QmpError> {
+    let device = args.optional_str("device")?;
+    let node = args.optional_str("node-name")?;
+    let size = args.required_i64("size")?;
+    args.finish()?;
+    let devices = backend.block_devices();
+    let by_device = device
+        .as_deref()
+        .and_then(|id| devices.iter().find(|d| d.drive_id == id));
+    let by_node = || {
+        let name = node.as_deref()?;
+        devices.iter().find_map(|d| {
+            let at = d
+                .nodes
+                .iter()
+                .position(|n| n.format == name || n.file == name)?;
+            Some((d, at, d.nodes[at].format != name))
+        })
+    };
+    let (dev, at, protocol) = match by_device {
+        Some(d) => (d, 0, false),
+        None => by_node().ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='{}' nor node-name='{}'",
+                device.as_deref().unwrap_or_default(),
+                node.as_deref().unwrap_or_default()
+            ))
+        })?,
+    };
+    let size =
+        u64::try_from(size).map_err(|_| QmpError::generic("Parameter 'size' expects a >0 size"))?;
+    if size > MAX_LENGTH {
+        return Err(QmpError::generic(format!(
+            "offset({size}) exceeds maximum({MAX_LENGTH})"
+        )));
+    }
+    let nodes = &dev.nodes[at];
+    if protocol && !(at == 0 && dev.image.format == "raw") {
+        let file = &nodes.file;
+        return Err(QmpError::generic(format!(
+            "Permission conflict on node '{file}': permissions 'resize' are both required by an \
+             unnamed block device (uses node '{file}' as 'root' child) and unshared by node \
+             '{}' (uses node '{file}' as 'file' child).",
+            nodes.format
+        )));
+    }
+    if let Some(above) = at.checked_sub(1).and_then(|i| dev.nodes.get(i)) {
+        return Err(QmpError::generic(format!(
+            "Node '{}' is busy: node is used as backing hd of '{}'",
+            nodes.format, above.format
+        )));
+    }
+    let drive_id = dev.drive_id.clone();
+    backend
+        .block_resize(&drive_id, size)
+        .map_err(|e| QmpError::generic(e.0))?;
+    Ok(json!({}))
+}
+
+/// `query-named-block-nodes`: every node of every disk's chain, newest first as QEMU lists
+/// them, each image's format node before its protocol node; `flat` leaves out the backing
+/// images nested in each `image`.
+fn named_block_nodes(devices: &[BlockDevice], flat: bool) -> Vec<Value> {
+    let mut images: Vec<(
+        &BlockDevice,
+        &ImageDescription,
+        &super::backend::ImageNodes,
+        bool,
+    )> = devices
+        .iter()
+        .flat_map(|dev| {
+            let chain = std::iter::successors(Some(&dev.image), |i| i.backing.as_deref());
+            chain
+                .zip(&dev.nodes)
+                .enumerate()
+                .map(move |(at, (image, nodes))| (dev, image, nodes, at == 0))
+        })
+        .collect();
+    images.sort_by_key(|(_, _, nodes, _)| std::cmp::Reverse(nodes.opened));
+    images
+        .into_iter()
+        .flat_map(|(dev, image, nodes, top)| {
+            // Backing images are opened read-only.
+            let ro = !top || dev.read_only;
+            let format = node_info(dev, image, &nodes.format, ro, flat);
+            let mut file = node_info(dev, &protocol_image(image), &nodes.file, ro, flat);
+            file["drv"] = "file".into();
+            [format, file]
+        })
+        .collect()
+}
+
+/// The image of `image`'s protocol node: the host file itself, QEMU's `file` driver.
+fn protocol_image(image: &ImageDescription) -> ImageDescription {
+    ImageDescription {
+        filename: image.filename.clone(),
+        format: "file".to_owned(),
+        virtual_size: image.file_length.unwrap_or_default(),
+        actual_size: image.actual_size,
+        file_length: image.file_length,
+        cluster_size: None,
+        dirty_flag: Some(false),
+        backing: None,
+    }
 }
 
 /// QEMU's rule for boundaries (`block_latency_histogram_set`): each above the one before, the
@@ -455,29 +582,50 @@ fn image_info(image: &ImageDescription) -> Value {
     info
 }
 
-/// One disk in `BlockInfo` form. The constant members state what this VMM does: no throttling,
-/// no encryption, no removable media.
-fn block_info(dev: &BlockDevice) -> Value {
-    let depth =
-        std::iter::successors(dev.image.backing.as_deref(), |i| i.backing.as_deref()).count();
-    let mut inserted = json!({
-        "file": dev.image.filename,
-        "ro": dev.read_only,
-        "drv": dev.image.format,
+/// One node in `BlockDeviceInfo` form (query-block's `inserted`, query-named-block-nodes'
+/// entries): `image` as node `node_name` of `dev`, `flat` without its nested backing images.
+/// The constant members state what this VMM does: no throttling, no encryption, no write
+/// threshold.
+fn node_info(
+    dev: &BlockDevice,
+    image: &ImageDescription,
+    node_name: &str,
+    ro: bool,
+    flat: bool,
+) -> Value {
+    let mut info = image_info(image);
+    // QEMU counts the depth in the image info it returns: 0 once flattened.
+    let depth = if flat {
+        if let Some(i) = info.as_object_mut() {
+            i.remove("backing-image");
+        }
+        0
+    } else {
+        std::iter::successors(image.backing.as_deref(), |i| i.backing.as_deref()).count()
+    };
+    let mut node = json!({
+        "file": image.filename,
+        "ro": ro,
+        "drv": image.format,
         "backing_file_depth": depth,
         "active": true,
         "encrypted": false,
-        "node-name": dev.node_name,
+        "node-name": node_name,
         "detect_zeroes": dev.detect_zeroes,
         "bps": 0, "bps_rd": 0, "bps_wr": 0,
         "iops": 0, "iops_rd": 0, "iops_wr": 0,
-        "image": image_info(&dev.image),
+        "image": info,
         "cache": dev.cache,
         "write_threshold": 0,
     });
-    if let Some(backing) = &dev.image.backing {
-        inserted["backing_file"] = backing.filename.clone().into();
+    if let Some(backing) = &image.backing {
+        node["backing_file"] = backing.filename.clone().into();
     }
+    node
+}
+
+/// One disk in `BlockInfo` form: no removable media.
+fn block_info(dev: &BlockDevice) -> Value {
     json!({
         "device": dev.drive_id,
         "qdev": dev.qdev,
@@ -485,7 +633,7 @@ fn block_info(dev: &BlockDevice) -> Value {
         "removable": false,
         "io-status": dev.io_status,
         "type": "unknown",
-        "inserted": inserted,
+        "inserted": node_info(dev, &dev.image, &dev.node_name, dev.read_only, false),
     })
 }
 
@@ -1063,6 +1211,17 @@ mod tests {
             .1,
             "Duplicate nodes with node-name='#block1'"
         );
+        // A backing image's node, and a protocol node, are taken too.
+        for taken in ["#block4", "#block5"] {
+            assert_eq!(
+                err(
+                    &mut f,
+                    &format!(r#"{{"device": "d0", "snapshot-file": "/s", "snapshot-node-name": "{taken}"}}"#)
+                )
+                .1,
+                format!("Duplicate nodes with node-name='{taken}'")
+            );
+        }
         assert_eq!(
             err(&mut f, r#"{"device": "d0", "snapshot-file": 5}"#),
             (
@@ -1071,6 +1230,111 @@ mod tests {
             )
         );
         assert_eq!(f.calls().len(), 2, "no failed request reached the VM");
+    }
+
+    #[test]
+    fn block_resize_arguments_in_qemus_order() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        let resize = |f: &mut Fixture, args: &str| {
+            f.send(&format!(
+                r#"{{"execute": "block_resize", "arguments": {args}}}"#
+            ))
+        };
+        assert_eq!(
+            resize(&mut f, r#"{"device": "d0", "size": 2097152}"#)["return"],
+            json!({})
+        );
+        // By node name; the device wins when both are given, as in QEMU.
+        resize(&mut f, r##"{"node-name": "#block1", "size": 4096}"##);
+        resize(
+            &mut f,
+            r##"{"device": "d1", "node-name": "#block0", "size": 512}"##,
+        );
+        assert_eq!(
+            f.calls(),
+            ["resize d0 2097152", "resize d1 4096", "resize d1 512"]
+        );
+        let err = |f: &mut Fixture, args: &str| {
+            f.error(&format!(
+                r#"{{"execute": "block_resize", "arguments": {args}}}"#
+            ))
+            .1
+        };
+        for (args, desc) in [
+            (r#"{"device": "d0"}"#, "Parameter 'size' is missing"),
+            (
+                r#"{"device": "d0", "size": "1"}"#,
+                "Invalid parameter type for 'size', expected: integer",
+            ),
+            (
+                r#"{"device": "nope", "size": 512}"#,
+                "Cannot find device='nope' nor node-name=''",
+            ),
+            (r#"{"size": 512}"#, "Cannot find device='' nor node-name=''"),
+            (
+                r#"{"device": "d0", "size": -1}"#,
+                "Parameter 'size' expects a >0 size",
+            ),
+            (
+                r#"{"device": "d0", "size": 9223372036854775807}"#,
+                "offset(9223372036854775807) exceeds maximum(9223372035781033984)",
+            ),
+            // The backing image's format node, and the qcow2 top's protocol node (QEMU 10's
+            // words).
+            (
+                r##"{"node-name": "#block4", "size": 512}"##,
+                "Node '#block4' is busy: node is used as backing hd of '#block0'",
+            ),
+            (
+                r##"{"node-name": "#block2", "size": 512}"##,
+                "Permission conflict on node '#block2': permissions 'resize' are both required \
+                 by an unnamed block device (uses node '#block2' as 'root' child) and unshared \
+                 by node '#block0' (uses node '#block2' as 'file' child).",
+            ),
+        ] {
+            assert_eq!(err(&mut f, args), desc, "{args}");
+        }
+        assert_eq!(f.calls().len(), 3, "no refused request reached the VM");
+    }
+
+    #[test]
+    fn named_block_nodes_list_every_node_newest_first() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        let nodes = f.send(r#"{"execute": "query-named-block-nodes"}"#)["return"].clone();
+        let names: Vec<_> = nodes
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|n| (n["node-name"].clone(), n["drv"].clone(), n["ro"].clone()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                (json!("#block1"), json!("qcow2"), json!(true)),
+                (json!("#block5"), json!("file"), json!(true)),
+                (json!("#block4"), json!("raw"), json!(true)),
+                (json!("#block3"), json!("file"), json!(true)),
+                (json!("#block0"), json!("qcow2"), json!(false)),
+                (json!("#block2"), json!("file"), json!(false)),
+            ]
+        );
+        // The top's entry is query-block's `inserted`.
+        let block = f.send(r#"{"execute": "query-block"}"#);
+        assert_eq!(nodes[4], block["return"][0]["inserted"]);
+        assert_eq!(nodes[4]["backing_file_depth"], 1);
+        assert_eq!(nodes[5]["image"]["format"], "file");
+        assert_eq!(nodes[5]["image"]["virtual-size"], 196_616);
+        assert_eq!(nodes[5]["backing_file_depth"], 0);
+        // Flat: no nested backing images, and so no depth.
+        let flat = f.send(r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}}"#)
+            ["return"]
+            .clone();
+        assert!(flat[4]["image"].get("backing-image").is_none());
+        assert_eq!(flat[4]["image"]["backing-filename"], "/img/base.raw");
+        assert_eq!(flat[4]["backing_file"], "/img/base.raw");
+        assert_eq!(flat[4]["backing_file_depth"], 0);
+        let (_, d) = f.error(r#"{"execute": "query-named-block-nodes", "arguments": {"flat": 1}}"#);
+        assert_eq!(d, "Invalid parameter type for 'flat', expected: boolean");
     }
 
     #[test]

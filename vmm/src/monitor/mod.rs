@@ -42,7 +42,7 @@ use std::path::PathBuf;
 
 pub use backend::{
     BackendError, BlockDevice, BlockDeviceStats, BlockStages, CacheMode, HistogramChange,
-    ImageDescription, IoThreadInfo, MonitorBackend, RunState, SnapshotMode,
+    ImageDescription, ImageNodes, IoThreadInfo, MonitorBackend, RunState, SnapshotMode,
 };
 pub use disk_stats::{
     apply_histogram_change, apply_stage_histograms, block_device_stats, block_stages,

@@ -11,7 +11,8 @@ use devices::virtio::block::stages::{StageStats, Times};
 
 use super::backend::{
     BackendError, BlockDevice, BlockDeviceStats, BlockStages, CacheMode, HistogramChange,
-    ImageDescription, IoThreadInfo, LatencyHistogram, MonitorBackend, RunState, SnapshotMode,
+    ImageDescription, ImageNodes, IoThreadInfo, LatencyHistogram, MonitorBackend, RunState,
+    SnapshotMode,
 };
 use super::disk_stats::block_stages;
 
@@ -47,13 +48,23 @@ impl RecordingBackend {
     }
 }
 
-/// A three-image qcow2 chain over a raw base.
+/// Nodes named `format` and `file`, opened `opened`-th.
+fn nodes(format: &str, file: &str, opened: u64) -> ImageNodes {
+    ImageNodes {
+        format: format.into(),
+        file: file.into(),
+        opened,
+    }
+}
+
+/// A qcow2 image over a raw base.
 fn chain() -> ImageDescription {
     let base = ImageDescription {
         filename: "/img/base.raw".into(),
         format: "raw".into(),
         virtual_size: 1 << 30,
         actual_size: Some(4096),
+        file_length: Some(1 << 30),
         cluster_size: None,
         dirty_flag: Some(false),
         backing: None,
@@ -63,6 +74,7 @@ fn chain() -> ImageDescription {
         format: "qcow2".into(),
         virtual_size: 1 << 30,
         actual_size: Some(200_704),
+        file_length: Some(196_616),
         cluster_size: Some(65536),
         dirty_flag: Some(false),
         backing: Some(Box::new(base)),
@@ -133,6 +145,10 @@ impl MonitorBackend for RecordingBackend {
                 },
                 detect_zeroes: "off",
                 node_name: "#block0".into(),
+                nodes: vec![
+                    nodes("#block0", "#block2", 0),
+                    nodes("#block4", "#block3", 1),
+                ],
                 io_status: "nospace",
                 image: chain(),
             },
@@ -147,6 +163,7 @@ impl MonitorBackend for RecordingBackend {
                 },
                 detect_zeroes: "unmap",
                 node_name: "#block1".into(),
+                nodes: vec![nodes("#block1", "#block5", 2)],
                 io_status: "ok",
                 image: ImageDescription {
                     backing: None,
@@ -225,6 +242,11 @@ impl MonitorBackend for RecordingBackend {
         node_name: Option<String>,
     ) -> Result<(), BackendError> {
         self.record(format!("snapshot {drive_id} {file} {mode:?} {node_name:?}"));
+        Ok(())
+    }
+
+    fn block_resize(&mut self, drive_id: &str, size: u64) -> Result<(), BackendError> {
+        self.record(format!("resize {drive_id} {size}"));
         Ok(())
     }
 }

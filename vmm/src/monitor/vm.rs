@@ -28,7 +28,7 @@ use super::{
     MonitorBackend, RunState, ShutdownCause, SnapshotMode,
 };
 use crate::arch::x86_64::layout::GED_START;
-use crate::disks::{IoErrors, LiveImage};
+use crate::disks::{Disks, IoErrors, LiveImage, NodeNamer};
 use crate::global::{ExitReason, Held, VcpuRequest};
 use crate::main_loop::{Handler, Tag};
 use crate::vcpu::Kicker;
@@ -70,8 +70,8 @@ pub struct VmBackend<'a, 'g> {
     iothreads: &'a [IoThreadInfo],
     disks: &'a mut [VmDisk],
     io_errors: &'a IoErrors,
-    /// The number of the next automatic node name (`#blockN`).
-    next_node: &'a mut usize,
+    /// Names the nodes of the images a command opens.
+    namer: &'a mut NodeNamer,
     /// `-name`'s guest name.
     guest_name: Option<&'a str>,
 }
@@ -204,10 +204,23 @@ impl MonitorBackend for VmBackend<'_, '_> {
         )
         .map_err(|e| BackendError(e.to_string()))?;
         disk.info.image = live.describe();
-        disk.info.node_name = node_name.unwrap_or_else(|| {
-            *self.next_node += 1;
-            format!("#block{}", *self.next_node - 1)
-        });
+        let nodes = self.namer.image(node_name);
+        disk.info.node_name = nodes.format.clone();
+        disk.info.nodes.insert(0, nodes);
+        Ok(())
+    }
+
+    fn block_resize(&mut self, drive_id: &str, size: u64) -> Result<(), BackendError> {
+        let disk = self
+            .disks
+            .iter_mut()
+            .find(|d| d.info.drive_id == drive_id)
+            .ok_or_else(|| BackendError(format!("No disk with drive id '{drive_id}'")))?;
+        // Only this thread locks it, and nothing panics while holding it.
+        let live = disk.live.lock().unwrap_or_else(PoisonError::into_inner);
+        crate::disks::resize(disk.info.read_only, &disk.device, &live, size)
+            .map_err(|e| BackendError(e.to_string()))?;
+        disk.info.image = live.describe();
         Ok(())
     }
 }
@@ -221,20 +234,20 @@ pub struct VmMonitor {
     iothreads: Vec<IoThreadInfo>,
     disks: Vec<VmDisk>,
     io_errors: Arc<IoErrors>,
-    next_node: usize,
+    namer: NodeNamer,
     guest_name: Option<String>,
 }
 
 impl VmMonitor {
     /// `monitor` (registered under [`Tag::Qmp`]) driving the vCPUs that `kickers` kick, with the
-    /// VM's iothreads and disks and where the disks report errors; `started` is false for a
-    /// `-S` start; `guest_name` is `-name`'s.
+    /// VM's iothreads and disks (and what names the nodes it opens after the disks') from
+    /// `disks`, and where the disks report errors; `started` is false for a `-S` start;
+    /// `guest_name` is `-name`'s.
     pub fn new(
         monitor: Monitor,
         kickers: Arc<Vec<Kicker>>,
         started: bool,
-        iothreads: Vec<IoThreadInfo>,
-        disks: Vec<VmDisk>,
+        disks: &mut Disks,
         io_errors: Arc<IoErrors>,
         guest_name: Option<String>,
     ) -> Self {
@@ -242,12 +255,11 @@ impl VmMonitor {
             monitor,
             kickers,
             started,
-            iothreads,
-            // The disks' images are #block0 to #block(n-1).
-            next_node: disks.len(),
-            disks,
+            iothreads: disks.iothread_info(),
+            disks: disks.disks(),
             guest_name,
             io_errors,
+            namer: disks.node_namer(),
         }
     }
 }
@@ -265,7 +277,7 @@ impl Handler for VmMonitor {
             iothreads: &self.iothreads,
             disks: &mut self.disks,
             io_errors: &self.io_errors,
-            next_node: &mut self.next_node,
+            namer: &mut self.namer,
             guest_name: self.guest_name.as_deref(),
         };
         self.monitor.process(&mut backend, events, ops);
@@ -294,7 +306,7 @@ mod tests {
             iothreads: &[],
             disks: &mut [],
             io_errors: &errors,
-            next_node: &mut 0,
+            namer: &mut NodeNamer::default(),
             guest_name: None,
         };
         assert_eq!(backend.run_state(), RunState::Prelaunch);
@@ -345,7 +357,7 @@ mod tests {
                 iothreads: &[],
                 disks: &mut [],
                 io_errors: &errors,
-                next_node: &mut 0,
+                namer: &mut NodeNamer::default(),
                 guest_name: None,
             };
             assert_eq!(backend.run_state(), RunState::IoError);

@@ -14,11 +14,18 @@ SCENARIO "snapshot": KERNEL as in lifecycle, with a qcow2 disk on an iothread an
 the main loop; the same blockdev-snapshot-sync requests go to vmm and to QEMU 10 (microvm, the
 same -drive and -device flags, on copies of the same images): the replies, query-block's chain
 and qemu-img's view of the images made must match.
+SCENARIO "resize": KERNEL as in lifecycle, with a qcow2-over-raw disk (node-name=top0) on an
+iothread, a raw disk on the main loop and a read-only qcow2 disk; query-named-block-nodes (flat
+or not) and the same block_resize requests (grow qcow2 and raw, past the L1 table's cluster, and
+the errors) go to vmm and to QEMU 10 on copies of the same images: replies and node lists must
+match (generated node names compared as QEMU's iotests filter them), and qemu-img must find the
+grown images identical and clean. Shrinking, which QEMU 10 does, is refused by vmm.
 Prints one line per check; exits non-zero on the first failure.
 """
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -337,6 +344,140 @@ async def snapshot(vmm_path, kernel, sock):
                       f"{layer[0]} checks clean")
 
 
+GENERATED = re.compile(r"#block[0-9]+")
+
+
+def node_view(node, d):
+    """A query-named-block-nodes entry as compared: every BlockDeviceInfo member, generated node
+    names filtered, `d` named DIR; of `image` its chain's file names, formats and sizes (a
+    protocol node's size is its file's length, which the two engines' layouts make differ)."""
+    def image(i):
+        if i is None:
+            return None
+        size = None if i["format"] == "file" else i["virtual-size"]
+        return (i["filename"].replace(d, "DIR"), i["format"], size,
+                image(i.get("backing-image")))
+    view = {k: v for k, v in node.items() if k != "image"}
+    view["node-name"] = GENERATED.sub("NODE", view["node-name"])
+    for k in ("file", "backing_file"):
+        if k in view:
+            view[k] = view[k].replace(d, "DIR")
+    view["image"] = image(node["image"])
+    return view
+
+
+async def resize_side(qmp, d):
+    """The requests of the resize scenario on images in `d`: the node lists and each reply, `d`
+    named DIR."""
+    out = []
+    for flat in (False, True):
+        nodes = await qmp.execute("query-named-block-nodes", {"flat": flat})
+        out.append([node_view(n, d) for n in nodes])
+    def node(nodes, file, drv):
+        return next(n["node-name"] for n in nodes if n["file"].endswith(file) and n["drv"] == drv)
+    nodes = await qmp.execute("query-named-block-nodes")
+    requests = [
+        {"device": "d0", "size": 2 << 20},
+        {"device": "d0", "size": 3000000},
+        {"device": "d2", "size": 2 << 20},
+        {"device": "nope", "size": 2 << 20},
+        {"size": 2 << 20},
+        {"node-name": "top0", "size": 4 << 20},
+        {"device": "d0", "node-name": "top0", "size": 4 << 20},
+        {"device": "d1", "size": 3000001},
+        {"device": "d1", "size": -1},
+        {"device": "d0", "size": 9223372036854775807},
+        # A backing node, a qcow2 image's file node, a raw disk's file node (which grows).
+        {"node-name": node(nodes, "base.raw", "raw"), "size": 4 << 20},
+        {"node-name": node(nodes, "top.qcow2", "file"), "size": 4 << 20},
+        {"node-name": node(nodes, "r.raw", "file"), "size": 4 << 20},
+        # 6 TiB: the L1 table (12288 entries) outgrows its 64 KiB cluster and moves.
+        {"device": "d0", "size": 6 << 40},
+        {"device": "d1", "size": 8 << 20},
+    ]
+    for req in requests:
+        try:
+            out.append(("return", await qmp.execute("block_resize", req)))
+        except Exception as e:  # qemu.qmp's ExecuteError: the reply's class and desc.
+            err = e.error.error
+            out.append((err.class_, GENERATED.sub("NODE", err.desc.replace(d, "DIR"))))
+    out.append([(b["device"], b["inserted"]["image"]["virtual-size"])
+                for b in await qmp.execute("query-block")])
+    nodes = await qmp.execute("query-named-block-nodes")
+    out.append([node_view(n, d) for n in nodes])
+    return out
+
+
+async def resize(vmm_path, kernel, sock):
+    d = os.path.dirname(sock)
+    ours, theirs = os.path.join(d, "vmm"), os.path.join(d, "qemu")
+    def flags(side):
+        return ["-object", "iothread,id=io0",
+                "-drive", f"file={side}/top.qcow2,format=qcow2,if=none,id=d0,node-name=top0",
+                "-device", "virtio-blk-device,drive=d0,id=vd0,iothread=io0",
+                "-drive", f"file={side}/r.raw,format=raw,if=none,id=d1,cache=none",
+                "-device", "virtio-blk-device,drive=d1,id=vd1",
+                "-drive", f"file={side}/ro.qcow2,format=qcow2,if=none,id=d2,readonly=on",
+                "-device", "virtio-blk-device,drive=d2"]
+    for side in (ours, theirs):
+        os.makedirs(side, exist_ok=True)
+        for cmd in (["qemu-img", "create", "-q", "-f", "raw", f"{side}/base.raw", "1M"],
+                    ["qemu-img", "create", "-q", "-f", "qcow2", "-b", f"{side}/base.raw",
+                     "-F", "raw", f"{side}/top.qcow2"],
+                    ["qemu-io", "-f", "qcow2", "-c", "write -P 7 960k 64k",
+                     f"{side}/top.qcow2"],
+                    ["qemu-img", "create", "-q", "-f", "raw", f"{side}/r.raw", "2M"],
+                    ["qemu-img", "create", "-q", "-f", "qcow2", f"{side}/ro.qcow2", "1M"]):
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags(ours))
+    qemu_sock = os.path.join(d, "qemu.sock")
+    qemu = await asyncio.create_subprocess_exec(
+        "qemu-system-x86_64", "-machine", "microvm", "-nodefaults", "-display", "none", "-S",
+        "-qmp", f"unix:{qemu_sock},server=on,wait=off", *flags(theirs),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE)
+    qqmp = QMPClient("qemu-resize-test")
+    for _ in range(TIMEOUT * 10):
+        try:
+            await qqmp.connect(qemu_sock)
+            break
+        except Exception:  # Not listening yet.
+            await asyncio.sleep(0.1)
+    else:
+        check(False, "connect to QEMU's monitor")
+    # The guest runs on vmm while its disks grow; QEMU stays in prelaunch (no guest).
+    await qmp.execute("cont")
+    mine, qemus = await resize_side(qmp, ours), await resize_side(qqmp, theirs)
+    check(len(mine) == len(qemus), "as many answers")
+    for m, q in zip(mine, qemus):
+        check(m == q, f"{m} (QEMU: {q})")
+    # A deliberate difference: QEMU 10 shrinks a running disk; vmm refuses and keeps its size.
+    try:
+        await qmp.execute("block_resize", {"device": "d0", "size": 1 << 20})
+        check(False, "shrinking is refused")
+    except Exception as e:
+        check(e.error.error.class_ == "GenericError"
+              and e.error.error.desc.startswith("Shrinking is refused"),
+              f"shrinking is refused: {e.error.error.desc}")
+    block = await qmp.execute("query-block")
+    check(block[0]["inserted"]["image"]["virtual-size"] == 6 << 40, "d0 kept its size")
+    for q in (qmp, qqmp):
+        await q.execute("quit")
+    check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
+    await asyncio.wait_for(qemu.wait(), TIMEOUT)
+    for q in (qmp, qqmp):
+        await close(q)
+    for name in ("top.qcow2", "r.raw"):
+        fmt = "qcow2" if name.endswith("qcow2") else "raw"
+        cmp = subprocess.run(["qemu-img", "compare", "-f", fmt, "-F", fmt,
+                              f"{theirs}/{name}", f"{ours}/{name}"], capture_output=True)
+        check(cmp.returncode == 0, f"qemu-img compare {name}: {cmp.stdout} {cmp.stderr}")
+        sizes = [os.path.getsize(f"{side}/{name}") for side in (ours, theirs)]
+        check(fmt == "qcow2" or sizes[0] == sizes[1], f"{name} lengths {sizes}")
+    check(subprocess.run(["qemu-img", "check", "-q", f"{ours}/top.qcow2"]).returncode == 0,
+          "the grown qcow2 image checks clean")
+
+
 async def close(qmp):
     try:
         await qmp.disconnect()
@@ -345,7 +486,7 @@ async def close(qmp):
 
 
 SCENARIOS = {"lifecycle": lifecycle, "poweroff": poweroff, "signal": on_signal, "wait": wait_on,
-             "disks": disks, "snapshot": snapshot}
+             "disks": disks, "snapshot": snapshot, "resize": resize}
 
 if __name__ == "__main__":
     scenario, vmm_path, kernel, sock = sys.argv[1:5]

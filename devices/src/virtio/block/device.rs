@@ -11,10 +11,11 @@
 //! context's loop running (the main loop may be busy in a handler), and that loop (the main
 //! loop's or an iothread's) keeps serving its other devices, and may complete this one's
 //! requests, meanwhile. The transport holds none of its own locks during a reset's drain.
-//! [`Block::with_drained_io`] drains the same way for a live change of the image (a snapshot),
-//! then serves the queues again.
+//! [`Block::with_drained_io`] drains the same way for a live change of the image (a snapshot,
+//! a resize), then serves the queues again.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use block::aio::{Aio, AioError, Engine, Workers};
@@ -140,7 +141,11 @@ pub struct Block {
     pub(super) features: u64,
     pub(super) config_space: [u8; CONFIG_LEN],
     pub(super) queue_sizes: Vec<u16>,
-    pub(super) capacity: u64,
+    /// The disk's size in sectors: `config_space`'s first field, which [`Block::update_capacity`]
+    /// changes while the device runs.
+    capacity: AtomicU64,
+    /// ConfigGeneration, bumped after each capacity change.
+    generation: AtomicU32,
     pub(super) aio: Aio,
     pub(super) stats: BlockStats,
     pub(super) stages: StageStats,
@@ -153,7 +158,7 @@ impl std::fmt::Debug for Block {
         f.debug_struct("Block")
             .field("id", &self.config.id)
             .field("context", &self.ctx.name())
-            .field("capacity", &self.capacity)
+            .field("capacity", &self.capacity())
             .finish_non_exhaustive()
     }
 }
@@ -203,7 +208,8 @@ impl Block {
             config,
             features,
             config_space,
-            capacity,
+            capacity: AtomicU64::new(capacity),
+            generation: AtomicU32::new(0),
             aio,
             stats,
             stages,
@@ -224,6 +230,29 @@ impl Block {
     /// The engine doing the image's data I/O.
     pub fn engine(&self) -> Engine {
         self.aio.engine()
+    }
+
+    /// The disk's size in 512-byte sectors, as the driver reads it in configuration space.
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// Takes the image's size as the disk's capacity after it grew (QMP `block_resize`): the
+    /// configuration space shows it, ConfigGeneration changes after it, and a started device
+    /// signals a configuration change, as QEMU's `virtio_notify_config` does, so the guest's
+    /// driver reads the new size without a reboot. Call it with nothing in flight (inside
+    /// [`Block::with_drained_io`]), so no request was checked against the old capacity after
+    /// the image grew. Acquires the context (nested if the caller holds it).
+    pub fn update_capacity(&self) {
+        let _guard = self.ctx.acquire();
+        let sectors = self.aio.image().size() >> SECTOR_SHIFT;
+        if self.capacity.swap(sectors, Ordering::AcqRel) == sectors {
+            return;
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        if let Some(active) = self.active().as_ref() {
+            active.interrupt.signal_config_change();
+        }
     }
 
     /// The device's statistics (readable from any thread, no context needed).
@@ -407,10 +436,16 @@ impl VirtioDevice for Block {
         let Ok(start) = usize::try_from(offset) else {
             return;
         };
-        if let Some(src) = self.config_space.get(start..) {
+        let mut space = self.config_space;
+        space[..8].copy_from_slice(&self.capacity().to_le_bytes());
+        if let Some(src) = space.get(start..) {
             let n = src.len().min(data.len());
             data[..n].copy_from_slice(&src[..n]);
         }
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.generation.load(Ordering::Acquire)
     }
 
     fn write_config(&self, offset: u64, data: &[u8]) {
@@ -511,6 +546,63 @@ mod tests {
     use super::*;
     use crate::context::IoThread;
     use vm_memory::{Address, Bytes};
+
+    /// A disk that grows while the driver runs: the new capacity in configuration space,
+    /// ConfigGeneration bumped, InterruptStatus bit 1 (configuration change) and the interrupt
+    /// raised, and sectors past the old end readable.
+    #[test]
+    fn a_grown_image_shows_its_capacity_with_a_config_change_interrupt() {
+        // virtio-mmio: ConfigGeneration, InterruptStatus, configuration space.
+        const GENERATION: u64 = 0x0fc;
+        const INTERRUPT_STATUS: u64 = 0x060;
+        const CONFIG: u64 = 0x100;
+        let dir = tempfile::tempdir().unwrap();
+        let io = IoThread::spawn("io-grow").unwrap();
+        let image = raw_image(&dir, 1 << 16);
+        let rig = Rig::new(io.context().clone(), Arc::clone(&image), 1, false);
+        rig.start(!0);
+        let capacity = |rig: &Rig<block::Image>| {
+            u64::from(rig.reg(CONFIG)) | (u64::from(rig.reg(CONFIG + 4)) << 32)
+        };
+        assert_eq!((capacity(&rig), rig.reg(GENERATION)), (128, 0));
+        // A read past the end fails before the disk grows.
+        rig.header(HDR, t::IN, 128);
+        rig.submit(
+            0,
+            0,
+            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+        );
+        rig.wait_used(0, 1);
+        assert_eq!(rig.byte(STATUS), st::IOERR);
+        assert!(rig.irq_fired());
+        rig.transport.interrupt().ack(!0);
+
+        rig.dev.with_drained_io(|_| {
+            image.grow(5 << 20).unwrap();
+            rig.dev.update_capacity();
+        });
+        assert_eq!(capacity(&rig), 5 << 11);
+        assert_eq!(rig.reg(GENERATION), 1);
+        assert_eq!(rig.reg(INTERRUPT_STATUS), 2, "a configuration change only");
+        assert!(rig.irq_fired());
+        // The same size again changes nothing and raises nothing.
+        rig.transport.interrupt().ack(!0);
+        rig.dev.with_drained_io(|_| rig.dev.update_capacity());
+        assert_eq!((rig.reg(GENERATION), rig.reg(INTERRUPT_STATUS)), (1, 0));
+        assert!(!rig.irq_fired());
+
+        rig.header(HDR, t::IN, (5 << 11) - 1);
+        rig.submit(
+            0,
+            0,
+            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+        );
+        rig.wait_used(0, 2);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        rig.dev.shutdown().unwrap();
+        drop(rig);
+        io.stop().unwrap();
+    }
 
     #[test]
     fn config_space_and_features() {

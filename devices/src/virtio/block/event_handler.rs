@@ -237,7 +237,7 @@ impl Block {
                 } else {
                     (Kind::Write, req.out_len)
                 };
-                let Some(offset) = req.disk_range(len, self.capacity) else {
+                let Some(offset) = req.disk_range(len, self.capacity()) else {
                     self.stats.invalid(kind);
                     return Immediate::Status(status::IOERR, 0);
                 };
@@ -383,7 +383,7 @@ impl Block {
         }
         let range = Parsed { sector, ..*req };
         let len = u64::from(num) << SECTOR_SHIFT;
-        let Some(offset) = range.disk_range(len, self.capacity) else {
+        let Some(offset) = range.disk_range(len, self.capacity()) else {
             self.stats.invalid(kind);
             return Err(status::IOERR);
         };
