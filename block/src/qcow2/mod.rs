@@ -14,6 +14,7 @@
 //! Requests doing I/O without the lock hold a [`DirectPin`], which keeps a cluster freed
 //! meanwhile from being reused under them.
 
+mod backing_name;
 mod cache;
 mod cache_size;
 pub mod check;
@@ -36,6 +37,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+pub(crate) use backing_name::rewrite_header;
 pub use cache_size::{CacheSizeError, CacheSizes, CacheTables};
 pub use header::{Compression, Header};
 pub use l2::Mapping;
