@@ -457,6 +457,7 @@ impl Vm {
                 disks.disks(),
                 Arc::clone(&io_errors),
                 guest_name,
+                sender.clone(),
             );
             manager.add_subscriber(Locked::new(Arc::clone(&global), Box::new(handler)));
             sender

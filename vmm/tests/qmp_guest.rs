@@ -1,7 +1,8 @@
 //! The QMP monitor of the real `vmm` binary with tiny guests on the local `/dev/kvm`, driven by
 //! QEMU's Python client (`qemu.qmp`, installed by `ci/qmp-venv`, which `ci/setup` runs):
 //! `-S` and `cont`, `stop` freezing the guest, the queries, `quit`, the `SHUTDOWN` event of a guest
-//! power-off and of SIGTERM, and `wait=on` holding start-up until a client connects. The scenarios are in `tests/qmp/guest_client.py`.
+//! power-off and of SIGTERM, and `wait=on` holding start-up until a client connects. The scenarios are in `tests/qmp/guest_client.py`,
+//! block jobs beside QEMU 10 in `tests/qmp/jobs_client.py`.
 
 mod common;
 
@@ -34,7 +35,13 @@ fn python() -> PathBuf {
 }
 
 fn run_scenario(scenario: &str, kernel: &Path, dir: &Scratch) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/guest_client.py");
+    run_script("guest_client.py", scenario, kernel, dir);
+}
+
+fn run_script(script: &str, scenario: &str, kernel: &Path, dir: &Scratch) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/qmp")
+        .join(script);
     let out = std::process::Command::new(python())
         .arg(script)
         .arg(scenario)
@@ -89,4 +96,11 @@ fn snapshots_of_a_running_guest_s_disks_answer_as_qemu_s() {
     let dir = Scratch::new("qmp-snapshot");
     let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
     run_scenario("snapshot", &kernel, &dir);
+}
+
+#[test]
+fn block_jobs_on_a_running_guest_s_disks_answer_as_qemu_s() {
+    let dir = Scratch::new("qmp-jobs");
+    let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
+    run_script("jobs_client.py", "jobs", &kernel, &dir);
 }

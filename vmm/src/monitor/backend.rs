@@ -13,6 +13,8 @@
 
 use serde::Serialize;
 
+pub use crate::disks::{JobError, StreamArgs};
+
 /// A failure inside the VM while carrying out a command; becomes a `GenericError` whose
 /// description is the message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -275,6 +277,55 @@ pub enum SnapshotMode {
     Existing,
 }
 
+/// One block job as `query-block-jobs` describes it (QEMU's `BlockJobInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockJobInfo {
+    /// The job's type (`stream`).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The job's id (QEMU's `device` member).
+    pub device: String,
+    /// Its total work in bytes.
+    pub len: u64,
+    /// Its progress in bytes.
+    pub offset: u64,
+    /// Doing a step right now.
+    pub busy: bool,
+    /// Paused by the user.
+    pub paused: bool,
+    /// Its speed limit in bytes per second (0: none).
+    pub speed: u64,
+    /// `ok`: a job's failing step ends it.
+    pub io_status: &'static str,
+    /// Ready to complete.
+    pub ready: bool,
+    /// QEMU's name of its status.
+    pub status: &'static str,
+    /// Finalizes itself.
+    pub auto_finalize: bool,
+    /// Dismisses itself.
+    pub auto_dismiss: bool,
+}
+
+/// A command on a job (`block-job-*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobCommand {
+    /// `block-job-cancel`, with `force`.
+    Cancel {
+        /// Cancel a paused job too.
+        force: bool,
+    },
+    /// `block-job-pause`.
+    Pause,
+    /// `block-job-resume`.
+    Resume,
+    /// `block-job-set-speed`, as given (a negative speed is refused once the job is found).
+    SetSpeed(i64),
+    /// `block-job-complete`.
+    Complete,
+}
+
 /// The VM as the monitor drives it. See the module documentation for the locking rules; each
 /// method says when the monitor calls it.
 pub trait MonitorBackend {
@@ -345,4 +396,14 @@ pub trait MonitorBackend {
         mode: SnapshotMode,
         node_name: Option<String>,
     ) -> Result<(), BackendError>;
+
+    /// Every block job, in creation order (`query-block-jobs`).
+    fn block_jobs(&self) -> Vec<BlockJobInfo>;
+
+    /// Starts `block-stream` on the disk with this `-drive id=`; the job runs in the disk's
+    /// context, its end on the main loop.
+    fn block_stream(&mut self, drive_id: &str, args: StreamArgs) -> Result<(), JobError>;
+
+    /// Applies a `block-job-*` command to the job with this id.
+    fn block_job(&mut self, id: &str, command: JobCommand) -> Result<(), JobError>;
 }

@@ -19,7 +19,7 @@ use super::framing::Frame;
 use super::protocol::{self, QmpError};
 
 /// The commands of command mode, as `query-commands` lists them.
-pub const COMMANDS: [&str; 16] = [
+pub const COMMANDS: [&str; 23] = [
     "qmp_capabilities",
     "query-commands",
     "query-version",
@@ -36,6 +36,13 @@ pub const COMMANDS: [&str; 16] = [
     "blockdev-snapshot-sync",
     "x-query-blockstats-stages",
     "x-block-stages-histogram-set",
+    "block-stream",
+    "query-block-jobs",
+    "block-job-cancel",
+    "block-job-pause",
+    "block-job-resume",
+    "block-job-set-speed",
+    "block-job-complete",
 ];
 
 /// What handling one input produced.
@@ -268,6 +275,7 @@ fn execute(
         }
         "x-block-stages-histogram-set" => stages_histogram_set(args, backend),
         "blockdev-snapshot-sync" => snapshot_sync(args, backend),
+        c if super::jobs::JOB_COMMANDS.contains(&c) => super::jobs::execute(c, args, backend),
         _ => Err(QmpError::command_not_found(format!(
             "The command {command} has not been found"
         ))),

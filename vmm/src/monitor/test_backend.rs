@@ -10,8 +10,9 @@ use block::trace::IoTrace;
 use devices::virtio::block::stages::{StageStats, Times};
 
 use super::backend::{
-    BackendError, BlockDevice, BlockDeviceStats, BlockStages, CacheMode, HistogramChange,
-    ImageDescription, IoThreadInfo, LatencyHistogram, MonitorBackend, RunState, SnapshotMode,
+    BackendError, BlockDevice, BlockDeviceStats, BlockJobInfo, BlockStages, CacheMode,
+    HistogramChange, ImageDescription, IoThreadInfo, JobCommand, JobError, LatencyHistogram,
+    MonitorBackend, RunState, SnapshotMode, StreamArgs,
 };
 use super::disk_stats::block_stages;
 
@@ -225,6 +226,25 @@ impl MonitorBackend for RecordingBackend {
         node_name: Option<String>,
     ) -> Result<(), BackendError> {
         self.record(format!("snapshot {drive_id} {file} {mode:?} {node_name:?}"));
+        Ok(())
+    }
+
+    fn block_jobs(&self) -> Vec<BlockJobInfo> {
+        self.record("block_jobs".into());
+        Vec::new()
+    }
+
+    fn block_stream(&mut self, drive_id: &str, args: StreamArgs) -> Result<(), JobError> {
+        self.record(format!("stream {drive_id} {args:?}"));
+        Ok(())
+    }
+
+    /// Knows one job, `j0`.
+    fn block_job(&mut self, id: &str, command: JobCommand) -> Result<(), JobError> {
+        if id != "j0" {
+            return Err(JobError::NotFound(id.to_owned()));
+        }
+        self.record(format!("job {id} {command:?}"));
         Ok(())
     }
 }

@@ -1,0 +1,222 @@
+//! `block-stream`: copies into the top of a disk's chain every range the top does not have and
+//! some image above `base` does (all of them without a base), then makes `base` the top's
+//! backing file, as QEMU's `block/stream.c` does.
+//!
+//! Steps (in the disk's context): at most [`CHUNK`] bytes each, the chain asked which layer
+//! first allocates the range ([`block::Image::allocated_at`]); a range the top lacks and an image
+//! above `base` holds is read through the top's backing image and written into the top cluster
+//! by cluster with [`block::Image::copy_up`], which skips a cluster the top got meanwhile, so a
+//! guest write racing the copy is never overwritten by the older data.
+//!
+//! The end (main loop, [`super::Work::finish`]): the disk is drained in its context
+//! ([`Block::with_drained_io`](devices::virtio::block::Block::with_drained_io)); with nothing in
+//! flight the top is flushed and its header rewritten to name `base` (its file name as the
+//! chain opened it, or `backing-file`, and its format; no backing file without a base), the top
+//! reopened read-write with the chain that header names, without locks, and handed to the
+//! device's engine; then the old chain is closed (its locks go with it) and the new one takes
+//! its locks. A failure before the header is rewritten leaves the disk as it was.
+
+use std::path::Path;
+use std::sync::{Arc, PoisonError};
+
+use block::{DiskImage, FileId, Image, OpenOptions, WithPolicy};
+
+use super::{JobError, JobKind, Jobs, NewJob, Step, Work};
+use crate::disks::LiveImage;
+use crate::monitor::VmDisk;
+
+/// The most a step deals with (QEMU's `STREAM_CHUNK`).
+const CHUNK: u64 = 512 << 10;
+
+/// `block-stream`'s arguments, checked by the monitor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamArgs {
+    /// `job-id`; the drive id when absent.
+    pub job_id: Option<String>,
+    /// `base`: the file name of an image of the chain below the top.
+    pub base: Option<String>,
+    /// `backing-file`: the name to write in the top's header instead of the base's.
+    pub backing_file: Option<String>,
+    /// `speed`, bytes per second (0: unlimited); a negative one is refused once the job is
+    /// created, as QEMU refuses it.
+    pub speed: i64,
+}
+
+#[derive(Debug)]
+struct Stream {
+    /// The disk's top as the job started; released when the job ends.
+    top: Option<Arc<WithPolicy<Image>>>,
+    /// The depth of the base in the chain (0 = the top), or `None` for none.
+    base_depth: Option<usize>,
+    /// The backing file (name, format) the top names at the end.
+    backing: Option<(String, String)>,
+    /// The top's cluster size: copy-ups go cluster by cluster.
+    cluster: u64,
+    buf: Vec<u8>,
+}
+
+impl Work for Stream {
+    fn step(&mut self, offset: u64) -> Result<Step, String> {
+        let top = self
+            .top
+            .as_ref()
+            .ok_or_else(|| "The job has ended".to_owned())?
+            .inner();
+        let len = (top.size() - offset).min(CHUNK);
+        let (depth, n) = top
+            .allocated_at(offset, len)
+            .map_err(|e| devices::error_chain(&e))?;
+        let copy = depth.is_some_and(|d| d > 0 && self.base_depth.is_none_or(|b| d < b));
+        let backing = top.chain().nth(1);
+        let (true, Some(backing)) = (copy, backing) else {
+            return Ok(Step {
+                advanced: n,
+                copied: 0,
+            });
+        };
+        let size = usize::try_from(n).map_err(|e| e.to_string())?;
+        self.buf.resize(size, 0);
+        backing
+            .read_at(&mut self.buf[..size], offset)
+            .map_err(|e| devices::error_chain(&e))?;
+        let mut pos = 0;
+        while pos < n {
+            let at = offset + pos;
+            let piece = (self.cluster - at % self.cluster).min(n - pos);
+            let range =
+                usize::try_from(pos).unwrap_or(size)..usize::try_from(pos + piece).unwrap_or(size);
+            top.copy_up(&self.buf[range], at)
+                .map_err(|e| devices::error_chain(&e))?;
+            pos += piece;
+        }
+        Ok(Step {
+            advanced: n,
+            copied: n,
+        })
+    }
+
+    fn finish(&mut self, disk: &mut VmDisk) -> Result<(), String> {
+        // Only this thread locks it, and nothing panics while holding it.
+        let mut live = disk.live.lock().unwrap_or_else(PoisonError::into_inner);
+        // The job's handle on the old chain goes first: its files close with the last one.
+        self.top = None;
+        reopen_with_backing(&disk.device, &mut live, self.backing.clone())?;
+        disk.info.image = live.describe();
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        self.top = None;
+    }
+}
+
+/// Rewrites the top's backing file to `backing` and switches the disk to the chain it names
+/// (steps in the module documentation).
+pub(super) fn reopen_with_backing(
+    device: &devices::virtio::block::Block,
+    live: &mut LiveImage,
+    backing: Option<(String, String)>,
+) -> Result<(), String> {
+    let old = Arc::clone(&live.top);
+    let top = old.inner();
+    let path = top.file().path().to_owned();
+    let switched = device.with_drained_io(|aio| -> Result<_, String> {
+        top.flush()
+            .map_err(|e| format!("Could not flush '{path}': {}", devices::error_chain(&e)))?;
+        top.set_backing_name(backing).map_err(|e| {
+            format!(
+                "Could not update backing file link of '{path}': {}",
+                devices::error_chain(&e)
+            )
+        })?;
+        let options = OpenOptions {
+            format: Some(top.format()),
+            read_only: false,
+            cache: live.cache,
+            // The old chain holds the locks until it closes, below.
+            lock: false,
+            ..OpenOptions::default()
+        };
+        let image = block::open(Path::new(&path), options)
+            .map_err(|e| format!("Could not reopen '{path}': {}", devices::error_chain(&e)))?;
+        let new = Arc::new(WithPolicy::new(image, live.policy, live.detect_zeroes));
+        aio.replace_image(Arc::clone(&new) as Arc<dyn DiskImage>)
+            .map_err(|e| {
+                format!(
+                    "Could not switch to the new chain: {}",
+                    devices::error_chain(&e)
+                )
+            })?;
+        Ok(new)
+    })?;
+    live.top = Arc::clone(&switched);
+    drop(old);
+    // The old chain is closed (the engine's handle went with the replacement, the job's before):
+    // the new one takes the locks. Failing here leaves the files unlocked, not the disk broken.
+    if let Err(e) = switched.inner().lock_chain() {
+        log::error!("{path}: cannot lock the reopened chain: {e}");
+    }
+    Ok(())
+}
+
+/// Which image of `top`'s chain `name` names (as given, or resolved as a backing file name is),
+/// below the top.
+fn find_in_chain(top: &Image, name: &str) -> Option<usize> {
+    let ids = [
+        FileId::of_path(Path::new(name)),
+        FileId::of_path(&block::resolve_backing(Path::new(top.file().path()), name)),
+    ];
+    top.chain()
+        .position(|i| ids.contains(&Some(i.file().id())))
+        .filter(|&d| d > 0)
+}
+
+/// Starts `block-stream` on `disk` (checks in QEMU's order, messages QEMU's).
+pub fn start_stream(jobs: &mut Jobs, disk: &VmDisk, args: StreamArgs) -> Result<(), JobError> {
+    let drive = disk.info.drive_id.clone();
+    let live = disk.live.lock().unwrap_or_else(PoisonError::into_inner);
+    let top = Arc::clone(&live.top);
+    drop(live);
+    let image = top.inner();
+    let base_depth =
+        match &args.base {
+            Some(name) => Some(find_in_chain(image, name).ok_or_else(|| {
+                JobError::Other(format!("Can't find '{name}' in the backing chain"))
+            })?),
+            None => None,
+        };
+    jobs.check_idle(&drive)?;
+    if disk.info.read_only {
+        return Err(JobError::Other(format!(
+            "Block node is read-only: '{drive}'"
+        )));
+    }
+    let backing = base_depth.and_then(|d| image.chain().nth(d)).map(|base| {
+        let name = args
+            .backing_file
+            .clone()
+            .unwrap_or_else(|| base.file().path().to_owned());
+        (name, base.format().name().to_owned())
+    });
+    let cluster = match image {
+        Image::Qcow2(q) => q.header().cluster_size(),
+        Image::Raw(_) => CHUNK,
+    };
+    let len = image.size();
+    let work = Stream {
+        top: Some(Arc::clone(&top)),
+        base_depth,
+        backing,
+        cluster,
+        buf: Vec::new(),
+    };
+    let new = NewJob {
+        id: args.job_id.unwrap_or_else(|| drive.clone()),
+        kind: JobKind::Stream,
+        ctx: Arc::clone(disk.device.context()),
+        drive,
+        len,
+        speed: args.speed,
+    };
+    jobs.start(new, Box::new(work))
+}

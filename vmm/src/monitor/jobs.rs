@@ -1,0 +1,117 @@
+//! The block job commands: `block-stream`, `query-block-jobs` and `block-job-cancel`,
+//! `-pause`, `-resume`, `-set-speed`, `-complete`, their arguments read and checked in QEMU's
+//! order (the schema's, then the disk, then the values), errors in QEMU's classes and words.
+
+use serde_json::{json, Value};
+
+use super::args::Args;
+use super::backend::{JobCommand, JobError, MonitorBackend, StreamArgs};
+use super::protocol::{ErrorClass, QmpError};
+
+/// The commands this file handles, as `query-commands` lists them.
+pub const JOB_COMMANDS: [&str; 7] = [
+    "block-stream",
+    "query-block-jobs",
+    "block-job-cancel",
+    "block-job-pause",
+    "block-job-resume",
+    "block-job-set-speed",
+    "block-job-complete",
+];
+
+fn job_error(e: JobError) -> QmpError {
+    let class = match e {
+        JobError::NotFound(_) => ErrorClass::DeviceNotActive,
+        _ => ErrorClass::GenericError,
+    };
+    QmpError {
+        class,
+        desc: e.to_string(),
+    }
+}
+
+/// Runs one of [`JOB_COMMANDS`].
+pub fn execute(
+    command: &str,
+    mut args: Args,
+    backend: &mut dyn MonitorBackend,
+) -> Result<Value, QmpError> {
+    match command {
+        "block-stream" => stream(args, backend),
+        "query-block-jobs" => {
+            args.finish()?;
+            serde_json::to_value(backend.block_jobs())
+                .map_err(|e| QmpError::generic(format!("Cannot encode reply: {e}")))
+        }
+        _ => {
+            let device = args.required_str("device")?;
+            let job = match command {
+                "block-job-cancel" => JobCommand::Cancel {
+                    force: args.optional_bool("force")?.unwrap_or(false),
+                },
+                "block-job-pause" => JobCommand::Pause,
+                "block-job-resume" => JobCommand::Resume,
+                "block-job-set-speed" => JobCommand::SetSpeed(
+                    args.optional_i64("speed")?
+                        .ok_or_else(|| QmpError::generic("Parameter 'speed' is missing"))?,
+                ),
+                _ => JobCommand::Complete,
+            };
+            args.finish()?;
+            backend.block_job(&device, job).map_err(job_error)?;
+            Ok(json!({}))
+        }
+    }
+}
+
+/// `block-stream`: the disk by drive id or by its top's node name.
+fn stream(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, QmpError> {
+    let job_id = args.optional_str("job-id")?;
+    let device = args.required_str("device")?;
+    let base = args.optional_str("base")?;
+    let base_node = args.optional_str("base-node")?;
+    let backing_file = args.optional_str("backing-file")?;
+    let speed_arg = args.optional_i64("speed")?;
+    let _on_error = args.optional_str("on-error")?;
+    let auto_finalize = args.optional_bool("auto-finalize")?;
+    let auto_dismiss = args.optional_bool("auto-dismiss")?;
+    args.finish()?;
+    if base.is_some() && base_node.is_some() {
+        return Err(QmpError::generic(
+            "'base' and 'base-node' cannot be specified at the same time",
+        ));
+    }
+    let disks = backend.block_devices();
+    let disk = disks
+        .iter()
+        .find(|d| d.drive_id == device || d.node_name == device)
+        .ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='{device}' nor node-name='{device}'"
+            ))
+        })?;
+    if let Some(node) = base_node {
+        // The layers below a disk's top have no node names here.
+        return Err(QmpError::generic(format!(
+            "Cannot find device='' nor node-name='{node}'"
+        )));
+    }
+    if auto_finalize == Some(false) || auto_dismiss == Some(false) {
+        return Err(QmpError::generic(
+            "Jobs here finalize and dismiss themselves: auto-finalize and auto-dismiss must be true",
+        ));
+    }
+    let drive_id = disk.drive_id.clone();
+    backend
+        .block_stream(
+            &drive_id,
+            StreamArgs {
+                job_id,
+                base,
+                backing_file,
+                speed: speed_arg.unwrap_or(0),
+            },
+        )
+        .map_err(job_error)?;
+    Ok(json!({}))
+}
