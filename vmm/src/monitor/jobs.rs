@@ -115,3 +115,121 @@ fn stream(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, Qmp
         .map_err(job_error)?;
     Ok(json!({}))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::monitor::backend::RunState;
+    use crate::monitor::test_backend::RecordingBackend;
+
+    fn call(backend: &mut RecordingBackend, command: &str, args: Value) -> Value {
+        let Value::Object(members) = args else {
+            panic!("arguments are an object");
+        };
+        match execute(command, Args::new(members), backend) {
+            Ok(v) => json!({"return": v}),
+            Err(e) => json!({"error": {"class": e.class, "desc": e.desc}}),
+        }
+    }
+
+    #[test]
+    fn job_commands_read_qemus_arguments() {
+        let mut b = RecordingBackend::new(RunState::Running);
+        let ok = json!({"return": {}});
+        let stream = json!({"device": "d0", "job-id": "s", "base": "/b", "backing-file": "b",
+                            "speed": 7, "on-error": "report", "auto-finalize": true});
+        assert_eq!(call(&mut b, "block-stream", stream), ok);
+        // By the top's node name, the drive's id then reaches the VM.
+        assert_eq!(
+            call(&mut b, "block-stream", json!({"device": "#block1"})),
+            ok
+        );
+        for (command, args) in [
+            ("block-job-cancel", json!({"device": "j0", "force": true})),
+            ("block-job-pause", json!({"device": "j0"})),
+            ("block-job-resume", json!({"device": "j0"})),
+            ("block-job-set-speed", json!({"device": "j0", "speed": -3})),
+            ("block-job-complete", json!({"device": "j0"})),
+        ] {
+            assert_eq!(call(&mut b, command, args), ok, "{command}");
+        }
+        assert_eq!(
+            call(&mut b, "query-block-jobs", json!({})),
+            json!({"return": []})
+        );
+        let calls = b.calls.lock().expect("log").clone();
+        assert_eq!(
+            calls,
+            [
+                r#"stream d0 StreamArgs { job_id: Some("s"), base: Some("/b"), backing_file: Some("b"), speed: 7 }"#,
+                "stream d1 StreamArgs { job_id: None, base: None, backing_file: None, speed: 0 }",
+                "job j0 Cancel { force: true }",
+                "job j0 Pause",
+                "job j0 Resume",
+                "job j0 SetSpeed(-3)",
+                "job j0 Complete",
+                "block_jobs",
+            ]
+        );
+    }
+
+    #[test]
+    fn job_command_errors_have_qemus_classes() {
+        let mut b = RecordingBackend::new(RunState::Running);
+        let err = |class: &str, desc: &str| json!({"error": {"class": class, "desc": desc}});
+        let cases = [
+            (
+                "block-job-pause",
+                json!({"device": "x"}),
+                err("DeviceNotActive", "Block job 'x' not found"),
+            ),
+            (
+                "block-job-pause",
+                json!({}),
+                err("GenericError", "Parameter 'device' is missing"),
+            ),
+            (
+                "block-job-set-speed",
+                json!({"device": "j0"}),
+                err("GenericError", "Parameter 'speed' is missing"),
+            ),
+            (
+                "block-job-set-speed",
+                json!({"device": "j0", "speed": 1.5}),
+                err(
+                    "GenericError",
+                    "Invalid parameter type for 'speed', expected: integer",
+                ),
+            ),
+            (
+                "block-stream",
+                json!({"device": "d0", "base": "a", "base-node": "b"}),
+                err(
+                    "GenericError",
+                    "'base' and 'base-node' cannot be specified at the same time",
+                ),
+            ),
+            (
+                "block-stream",
+                json!({"device": "nope"}),
+                err(
+                    "GenericError",
+                    "Cannot find device='nope' nor node-name='nope'",
+                ),
+            ),
+            (
+                "block-stream",
+                json!({"device": "d0", "bogus": 1}),
+                err("GenericError", "Parameter 'bogus' is unexpected"),
+            ),
+        ];
+        for (command, args, want) in cases {
+            assert_eq!(
+                call(&mut b, command, args.clone()),
+                want,
+                "{command} {args}"
+            );
+        }
+        assert!(b.calls.lock().expect("log").is_empty());
+    }
+}

@@ -686,3 +686,66 @@ impl Jobs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_table_is_qemus() {
+        use JobStatus::*;
+        // The paths a stream takes: to its end, cancelled, paused and resumed.
+        for path in [
+            &[
+                Undefined, Created, Running, Waiting, Pending, Concluded, Null,
+            ][..],
+            &[Running, Aborting, Concluded, Null],
+            &[Running, Paused, Running],
+            &[Created, Null],
+            &[Pending, Aborting],
+        ] {
+            for pair in path.windows(2) {
+                assert!(pair[0].may_become(pair[1]), "{pair:?}");
+            }
+        }
+        for (from, to) in [
+            (Paused, Aborting),
+            (Running, Pending),
+            (Null, Created),
+            (Concluded, Running),
+            (Waiting, Running),
+        ] {
+            assert!(!from.may_become(to), "{from:?} -> {to:?}");
+        }
+        assert!(Ready.accepts(Verb::Complete) && !Running.accepts(Verb::Complete));
+        assert!(Paused.accepts(Verb::Cancel) && !Aborting.accepts(Verb::Cancel));
+        assert!(!Pending.accepts(Verb::SetSpeed) && Standby.accepts(Verb::Resume));
+        let names: Vec<_> = STATUSES.iter().map(|s| s.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "undefined",
+                "created",
+                "running",
+                "paused",
+                "ready",
+                "standby",
+                "waiting",
+                "pending",
+                "aborting",
+                "concluded",
+                "null"
+            ]
+        );
+    }
+
+    #[test]
+    fn job_ids_follow_qemus_rule() {
+        for ok in ["j", "job-1", "a.b_c"] {
+            assert!(well_formed(ok), "{ok}");
+        }
+        for bad in ["", "1x", "-a", "a b", "#block0"] {
+            assert!(!well_formed(bad), "{bad}");
+        }
+    }
+}
