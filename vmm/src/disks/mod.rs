@@ -59,7 +59,7 @@ use wiring::{add_disk, NewDisk};
 
 pub use io_errors::{IoErrorStop, IoErrors};
 pub use iothreads::MainContext;
-pub use jobs::{start_stream, JobError, Jobs, StreamArgs};
+pub use jobs::{start_commit, start_stream, CommitArgs, JobError, Jobs, StreamArgs};
 pub use snapshot::{snapshot, LiveImage};
 
 /// Errors from setting up or shutting down the disks, one line each.

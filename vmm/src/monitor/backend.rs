@@ -13,7 +13,7 @@
 
 use serde::Serialize;
 
-pub use crate::disks::{JobError, StreamArgs};
+pub use crate::disks::{CommitArgs, JobError, StreamArgs};
 
 /// A failure inside the VM while carrying out a command; becomes a `GenericError` whose
 /// description is the message.
@@ -403,6 +403,9 @@ pub trait MonitorBackend {
     /// Starts `block-stream` on the disk with this `-drive id=`; the job runs in the disk's
     /// context, its end on the main loop.
     fn block_stream(&mut self, drive_id: &str, args: StreamArgs) -> Result<(), JobError>;
+
+    /// Starts `block-commit` of an intermediate image of the disk with this `-drive id=`.
+    fn block_commit(&mut self, drive_id: &str, args: CommitArgs) -> Result<(), JobError>;
 
     /// Applies a `block-job-*` command to the job with this id.
     fn block_job(&mut self, id: &str, command: JobCommand) -> Result<(), JobError>;

@@ -19,7 +19,7 @@ use super::framing::Frame;
 use super::protocol::{self, QmpError};
 
 /// The commands of command mode, as `query-commands` lists them.
-pub const COMMANDS: [&str; 23] = [
+pub const COMMANDS: [&str; 24] = [
     "qmp_capabilities",
     "query-commands",
     "query-version",
@@ -37,6 +37,7 @@ pub const COMMANDS: [&str; 23] = [
     "x-query-blockstats-stages",
     "x-block-stages-histogram-set",
     "block-stream",
+    "block-commit",
     "query-block-jobs",
     "block-job-cancel",
     "block-job-pause",

@@ -1,16 +1,17 @@
-//! The block job commands: `block-stream`, `query-block-jobs` and `block-job-cancel`,
+//! The block job commands: `block-stream`, `block-commit`, `query-block-jobs` and `block-job-cancel`,
 //! `-pause`, `-resume`, `-set-speed`, `-complete`, their arguments read and checked in QEMU's
 //! order (the schema's, then the disk, then the values), errors in QEMU's classes and words.
 
 use serde_json::{json, Value};
 
 use super::args::Args;
-use super::backend::{JobCommand, JobError, MonitorBackend, StreamArgs};
+use super::backend::{CommitArgs, JobCommand, JobError, MonitorBackend, StreamArgs};
 use super::protocol::{ErrorClass, QmpError};
 
 /// The commands this file handles, as `query-commands` lists them.
-pub const JOB_COMMANDS: [&str; 7] = [
+pub const JOB_COMMANDS: [&str; 8] = [
     "block-stream",
+    "block-commit",
     "query-block-jobs",
     "block-job-cancel",
     "block-job-pause",
@@ -38,6 +39,7 @@ pub fn execute(
 ) -> Result<Value, QmpError> {
     match command {
         "block-stream" => stream(args, backend),
+        "block-commit" => commit(args, backend),
         "query-block-jobs" => {
             args.finish()?;
             serde_json::to_value(backend.block_jobs())
@@ -64,6 +66,70 @@ pub fn execute(
     }
 }
 
+/// The drive id of the disk `device` names (its drive id or its top's node name).
+fn find_disk(backend: &dyn MonitorBackend, device: &str) -> Result<String, QmpError> {
+    backend
+        .block_devices()
+        .into_iter()
+        .find(|d| d.drive_id == device || d.node_name == device)
+        .map(|d| d.drive_id)
+        .ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='{device}' nor node-name='{device}'"
+            ))
+        })
+}
+
+/// Refuses what this VMM's jobs do not do: a node name below the top (the layers have none
+/// here), and jobs that wait to be finalized or dismissed.
+fn refuse_unsupported(
+    node: Option<String>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+) -> Result<(), QmpError> {
+    if let Some(node) = node {
+        return Err(QmpError::generic(format!(
+            "Cannot find device='' nor node-name='{node}'"
+        )));
+    }
+    if auto_finalize == Some(false) || auto_dismiss == Some(false) {
+        return Err(QmpError::generic(
+            "Jobs here finalize and dismiss themselves: auto-finalize and auto-dismiss must be true",
+        ));
+    }
+    Ok(())
+}
+
+/// `block-commit`: the disk by drive id or by its top's node name.
+fn commit(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, QmpError> {
+    let job_id = args.optional_str("job-id")?;
+    let device = args.required_str("device")?;
+    let base_node = args.optional_str("base-node")?;
+    let base = args.optional_str("base")?;
+    let top_node = args.optional_str("top-node")?;
+    let top = args.optional_str("top")?;
+    let backing_file = args.optional_str("backing-file")?;
+    let _mask_protocol = args.optional_bool("backing-mask-protocol")?;
+    let speed = args.optional_i64("speed")?;
+    let _on_error = args.optional_str("on-error")?;
+    let _filter = args.optional_str("filter-node-name")?;
+    let auto_finalize = args.optional_bool("auto-finalize")?;
+    let auto_dismiss = args.optional_bool("auto-dismiss")?;
+    args.finish()?;
+    // Unlike block-stream, QEMU's block-commit says DeviceNotFound.
+    let drive_id = find_disk(backend, &device).map_err(|_| QmpError::device_not_found(&device))?;
+    refuse_unsupported(top_node.or(base_node), auto_finalize, auto_dismiss)?;
+    let args = CommitArgs {
+        job_id,
+        top,
+        base,
+        backing_file,
+        speed: speed.unwrap_or(0),
+    };
+    backend.block_commit(&drive_id, args).map_err(job_error)?;
+    Ok(json!({}))
+}
+
 /// `block-stream`: the disk by drive id or by its top's node name.
 fn stream(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, QmpError> {
     let job_id = args.optional_str("job-id")?;
@@ -81,27 +147,8 @@ fn stream(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, Qmp
             "'base' and 'base-node' cannot be specified at the same time",
         ));
     }
-    let disks = backend.block_devices();
-    let disk = disks
-        .iter()
-        .find(|d| d.drive_id == device || d.node_name == device)
-        .ok_or_else(|| {
-            QmpError::generic(format!(
-                "Cannot find device='{device}' nor node-name='{device}'"
-            ))
-        })?;
-    if let Some(node) = base_node {
-        // The layers below a disk's top have no node names here.
-        return Err(QmpError::generic(format!(
-            "Cannot find device='' nor node-name='{node}'"
-        )));
-    }
-    if auto_finalize == Some(false) || auto_dismiss == Some(false) {
-        return Err(QmpError::generic(
-            "Jobs here finalize and dismiss themselves: auto-finalize and auto-dismiss must be true",
-        ));
-    }
-    let drive_id = disk.drive_id.clone();
+    let drive_id = find_disk(backend, &device)?;
+    refuse_unsupported(base_node, auto_finalize, auto_dismiss)?;
     backend
         .block_stream(
             &drive_id,
@@ -144,6 +191,9 @@ mod tests {
             call(&mut b, "block-stream", json!({"device": "#block1"})),
             ok
         );
+        let commit = json!({"device": "d0", "job-id": "c", "top": "/m", "base": "/b",
+                            "backing-file": "b", "speed": 9, "backing-mask-protocol": true});
+        assert_eq!(call(&mut b, "block-commit", commit), ok);
         for (command, args) in [
             ("block-job-cancel", json!({"device": "j0", "force": true})),
             ("block-job-pause", json!({"device": "j0"})),
@@ -163,6 +213,7 @@ mod tests {
             [
                 r#"stream d0 StreamArgs { job_id: Some("s"), base: Some("/b"), backing_file: Some("b"), speed: 7 }"#,
                 "stream d1 StreamArgs { job_id: None, base: None, backing_file: None, speed: 0 }",
+                r#"commit d0 CommitArgs { job_id: Some("c"), top: Some("/m"), base: Some("/b"), backing_file: Some("b"), speed: 9 }"#,
                 "job j0 Cancel { force: true }",
                 "job j0 Pause",
                 "job j0 Resume",
@@ -216,6 +267,16 @@ mod tests {
                     "GenericError",
                     "Cannot find device='nope' nor node-name='nope'",
                 ),
+            ),
+            (
+                "block-commit",
+                json!({"device": "nope"}),
+                err("DeviceNotFound", "Device 'nope' not found"),
+            ),
+            (
+                "block-commit",
+                json!({"device": "d0", "top-node": "n"}),
+                err("GenericError", "Cannot find device='' nor node-name='n'"),
             ),
             (
                 "block-stream",

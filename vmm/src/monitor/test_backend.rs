@@ -10,7 +10,7 @@ use block::trace::IoTrace;
 use devices::virtio::block::stages::{StageStats, Times};
 
 use super::backend::{
-    BackendError, BlockDevice, BlockDeviceStats, BlockJobInfo, BlockStages, CacheMode,
+    BackendError, BlockDevice, BlockDeviceStats, BlockJobInfo, BlockStages, CacheMode, CommitArgs,
     HistogramChange, ImageDescription, IoThreadInfo, JobCommand, JobError, LatencyHistogram,
     MonitorBackend, RunState, SnapshotMode, StreamArgs,
 };
@@ -236,6 +236,11 @@ impl MonitorBackend for RecordingBackend {
 
     fn block_stream(&mut self, drive_id: &str, args: StreamArgs) -> Result<(), JobError> {
         self.record(format!("stream {drive_id} {args:?}"));
+        Ok(())
+    }
+
+    fn block_commit(&mut self, drive_id: &str, args: CommitArgs) -> Result<(), JobError> {
+        self.record(format!("commit {drive_id} {args:?}"));
         Ok(())
     }
 

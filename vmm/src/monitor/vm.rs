@@ -28,7 +28,9 @@ use super::{
     IoThreadInfo, JobCommand, Monitor, MonitorBackend, RunState, ShutdownCause, SnapshotMode,
 };
 use crate::arch::x86_64::layout::GED_START;
-use crate::disks::{start_stream, IoErrors, JobError, Jobs, LiveImage, StreamArgs};
+use crate::disks::{
+    start_commit, start_stream, CommitArgs, IoErrors, JobError, Jobs, LiveImage, StreamArgs,
+};
 use crate::global::{ExitReason, Held, VcpuRequest};
 use crate::main_loop::{Handler, Tag};
 use crate::vcpu::Kicker;
@@ -226,6 +228,15 @@ impl MonitorBackend for VmBackend<'_, '_> {
             .find(|d| d.info.drive_id == drive_id)
             .ok_or_else(|| JobError::Other(format!("No disk with drive id '{drive_id}'")))?;
         start_stream(self.jobs, disk, args)
+    }
+
+    fn block_commit(&mut self, drive_id: &str, args: CommitArgs) -> Result<(), JobError> {
+        let disk = self
+            .disks
+            .iter()
+            .find(|d| d.info.drive_id == drive_id)
+            .ok_or_else(|| JobError::Other(format!("No disk with drive id '{drive_id}'")))?;
+        start_commit(self.jobs, disk, args)
     }
 
     fn block_job(&mut self, id: &str, command: JobCommand) -> Result<(), JobError> {

@@ -7,7 +7,7 @@ Each side gets copies of the same two chains (base <- mid <- top, pattern-filled
 d0 on an iothread, d1 on the main loop. The same QMP sequence goes to vmm (guest running) and to
 QEMU microvm (-S): bad requests; a slow block-stream with a base, paused, refused verbs,
 speed changed, resumed to its end; a full stream of the main-loop disk; a stream cancelled
-halfway. The replies, the job events (timestamps stripped), query-block-jobs while paused and
+halfway; an intermediate commit of a disk's middle image into its base. The replies, the job events (timestamps stripped), query-block-jobs while paused and
 query-block's chains must match; after both quit, qemu-img compares the images side by side,
 checks them, and reads the same chains.
 Prints one line per check; exits non-zero on the first failure.
@@ -31,7 +31,7 @@ JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
 def make_chains(d):
     def run(*cmd):
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    for n in ("", "2"):
+    for n in ("", "2", "3"):
         base, mid, top = (f"{d}/base{n}.qcow2", f"{d}/mid{n}.qcow2", f"{d}/top{n}.qcow2")
         run("qemu-img", "create", "-q", "-f", "qcow2", base, "4M")
         run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", "-c", "write -P 4 3M 64k", base)
@@ -126,6 +126,18 @@ async def side(qmp, d):
         gone.append(await wait_status(qmp, "j2", "running", moved=True) is not None)
         await ex("block-job-cancel", {"device": "j2"})
         gone.append(await wait_jobs_gone(qmp))
+        # An intermediate commit of d2's middle image into its base.
+        for cmd, args in [
+            ("block-commit", {"device": "nope", "top": f"{d}/mid3.qcow2"}),
+            ("block-commit", {"device": "d2", "top": f"{d}/nope.qcow2"}),
+            ("block-commit", {"device": "d2", "top": f"{d}/mid3.qcow2", "base": f"{d}/nope"}),
+            ("block-commit", {"device": "d2", "top": f"{d}/mid3.qcow2", "base": f"{d}/mid3.qcow2"}),
+            ("block-commit", {"device": "d2", "top": f"{d}/mid3.qcow2", "speed": -1}),
+            ("block-commit", {"device": "d2", "job-id": "c0", "top": f"{d}/mid3.qcow2",
+                              "base": f"{d}/base3.qcow2"}),
+        ]:
+            await ex(cmd, args)
+        gone.append(await wait_jobs_gone(qmp))
         await asyncio.sleep(0.3)
         events = []
         while not listener.empty():
@@ -148,7 +160,9 @@ async def jobs(vmm_path, kernel, sock):
                 "-drive", f"file={s}/top.qcow2,format=qcow2,if=none,id=d0",
                 "-device", "virtio-blk-device,drive=d0,id=vd0,iothread=io0",
                 "-drive", f"file={s}/top2.qcow2,format=qcow2,if=none,id=d1",
-                "-device", "virtio-blk-device,drive=d1,id=vd1"]
+                "-device", "virtio-blk-device,drive=d1,id=vd1",
+                "-drive", f"file={s}/top3.qcow2,format=qcow2,if=none,id=d2",
+                "-device", "virtio-blk-device,drive=d2,id=vd2,iothread=io0"]
     vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags(ours))
     qemu_sock = os.path.join(d, "qemu.sock")
     qemu = await asyncio.create_subprocess_exec(
@@ -173,7 +187,7 @@ async def jobs(vmm_path, kernel, sock):
     check(len(mine[0]) == len(qemus[0]), "as many replies")
     check(mine[1] is not None and mine[1] == qemus[1],
           f"query-block-jobs while paused {mine[1]} (QEMU: {qemus[1]})")
-    check(mine[2] == qemus[2] == [True] * 4, f"every job ended {mine[2]} (QEMU: {qemus[2]})")
+    check(mine[2] == qemus[2] == [True] * 5, f"every job ended {mine[2]} (QEMU: {qemus[2]})")
     for i, (ours_e, qemu_e) in enumerate(zip(mine[3], qemus[3])):
         check(ours_e == qemu_e, f"event {i} {ours_e} (QEMU: {qemu_e})")
     check(len(mine[3]) == len(qemus[3]), f"as many job events ({len(mine[3])})")
@@ -184,7 +198,7 @@ async def jobs(vmm_path, kernel, sock):
     await asyncio.wait_for(qemu.wait(), TIMEOUT)
     for q in (qmp, qqmp):
         await close(q)
-    for top in ("top.qcow2", "top2.qcow2"):
+    for top in ("top.qcow2", "top2.qcow2", "top3.qcow2"):
         a, b = image_chain(ours, top), image_chain(theirs, top)
         check(a == b, f"qemu-img info --backing-chain {top}: {a} (QEMU: {b})")
         same = subprocess.run(["qemu-img", "compare", f"{ours}/{top}", f"{theirs}/{top}"],

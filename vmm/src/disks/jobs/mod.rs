@@ -1,4 +1,4 @@
-//! Block jobs (QMP `block-stream`, `query-block-jobs`, `block-job-*`), after QEMU's job layer
+//! Block jobs (QMP `block-stream`, `block-commit`, `query-block-jobs`, `block-job-*`), after QEMU's job layer
 //! (`qapi/job.json`, `job.c`): one state table decides every transition and which command verbs
 //! each state accepts; each transition raises `JOB_STATUS_CHANGE`, and the end of a job raises
 //! `BLOCK_JOB_COMPLETED` or `BLOCK_JOB_CANCELLED` with QEMU's members. Jobs finalize and dismiss
@@ -20,6 +20,7 @@
 //! The work (`Work`) is locked by the step, in the context, and by the finalization, on the
 //! main thread once the steps have ended. A monitor command acquires no context.
 
+mod commit;
 mod ratelimit;
 mod stream;
 
@@ -31,6 +32,7 @@ use devices::context::{Context, Timer};
 use crate::monitor::{BlockJobInfo, EventSender, JobEvent, QmpEvent, VmDisk};
 use ratelimit::RateLimit;
 
+pub use commit::{start_commit, CommitArgs};
 pub use stream::{start_stream, StreamArgs};
 
 /// A job's status (QEMU's `JobStatus`).
@@ -215,6 +217,8 @@ pub enum JobError {
 pub enum JobKind {
     /// `block-stream`.
     Stream,
+    /// `block-commit`.
+    Commit,
 }
 
 impl JobKind {
@@ -222,6 +226,7 @@ impl JobKind {
     pub fn name(self) -> &'static str {
         match self {
             Self::Stream => "stream",
+            Self::Commit => "commit",
         }
     }
 }

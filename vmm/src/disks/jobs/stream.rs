@@ -100,7 +100,7 @@ impl Work for Stream {
         let mut live = disk.live.lock().unwrap_or_else(PoisonError::into_inner);
         // The job's handle on the old chain goes first: its files close with the last one.
         self.top = None;
-        reopen_with_backing(&disk.device, &mut live, self.backing.clone())?;
+        reopen_with_backing(&disk.device, &mut live, Some(self.backing.clone()))?;
         disk.info.image = live.describe();
         Ok(())
     }
@@ -110,12 +110,12 @@ impl Work for Stream {
     }
 }
 
-/// Rewrites the top's backing file to `backing` and switches the disk to the chain it names
-/// (steps in the module documentation).
+/// Rewrites the top's backing file to `backing` (with `Some`; `None` keeps it) and switches the
+/// disk to the chain the top's header names (steps in the module documentation).
 pub(super) fn reopen_with_backing(
     device: &devices::virtio::block::Block,
     live: &mut LiveImage,
-    backing: Option<(String, String)>,
+    backing: Option<Option<(String, String)>>,
 ) -> Result<(), String> {
     let old = Arc::clone(&live.top);
     let top = old.inner();
@@ -123,12 +123,14 @@ pub(super) fn reopen_with_backing(
     let switched = device.with_drained_io(|aio| -> Result<_, String> {
         top.flush()
             .map_err(|e| format!("Could not flush '{path}': {}", devices::error_chain(&e)))?;
-        top.set_backing_name(backing).map_err(|e| {
-            format!(
-                "Could not update backing file link of '{path}': {}",
-                devices::error_chain(&e)
-            )
-        })?;
+        if let Some(backing) = backing {
+            top.set_backing_name(backing).map_err(|e| {
+                format!(
+                    "Could not update backing file link of '{path}': {}",
+                    devices::error_chain(&e)
+                )
+            })?;
+        }
         let options = OpenOptions {
             format: Some(top.format()),
             read_only: false,
@@ -161,7 +163,7 @@ pub(super) fn reopen_with_backing(
 
 /// Which image of `top`'s chain `name` names (as given, or resolved as a backing file name is),
 /// below the top.
-fn find_in_chain(top: &Image, name: &str) -> Option<usize> {
+pub(super) fn find_in_chain(top: &Image, name: &str) -> Option<usize> {
     let ids = [
         FileId::of_path(Path::new(name)),
         FileId::of_path(&block::resolve_backing(Path::new(top.file().path()), name)),
