@@ -268,6 +268,8 @@ impl VmMonitor {
     /// `monitor` (registered under [`Tag::Qmp`]) driving the vCPUs that `kickers` kick, with the
     /// VM's iothreads and disks and where the disks report errors; `started` is false for a
     /// `-S` start; `guest_name` is `-name`'s. Block jobs raise their events through `events`.
+    // Each argument is a separate part of the VM the monitor drives.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         monitor: Monitor,
         kickers: Arc<Vec<Kicker>>,
