@@ -74,6 +74,12 @@ pub enum Error {
         /// The backing file name that resolves to it.
         backing: String,
     },
+    /// A raw image asked to name a backing file.
+    #[error("{path} is raw: it cannot have a backing file")]
+    BackingOfRaw {
+        /// The image.
+        path: String,
+    },
     /// Reading the metadata of a host file (its size) failed.
     #[error("cannot stat {path}")]
     Stat {
@@ -262,7 +268,8 @@ impl Error {
             | Error::Snapshot { .. }
             | Error::CompressedWrite { .. }
             | Error::CacheSize { .. }
-            | Error::OwnBacking { .. } => ErrorKind::InvalidRequest,
+            | Error::OwnBacking { .. }
+            | Error::BackingOfRaw { .. } => ErrorKind::InvalidRequest,
             Error::Locked { .. } => ErrorKind::Locked,
             Error::UnsafeProbe { .. } => ErrorKind::Unsupported,
             Error::Format { source, .. } => source.kind(),

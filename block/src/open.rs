@@ -453,14 +453,10 @@ impl Exclusive {
     /// Rewrites the header after `edit`: only the first cluster changes, in one write, synced.
     /// The caller keeps the header true to the image (`amend` checks before it flips a bit).
     pub fn edit_header(&self, edit: impl FnOnce(&mut qcow2::Header)) -> Result<(), Error> {
-        let mut header = self.header()?;
-        let old_len = header.encode().map_err(|e| self.format_error(e))?.len();
+        let old = self.header()?;
+        let mut header = old.clone();
         edit(&mut header);
-        let mut b = header.encode().map_err(|e| self.format_error(e))?;
-        // Clear what the old header, extensions and name occupied past the new end.
-        b.resize(b.len().max(old_len), 0);
-        self.file.write_at(&b, 0)?;
-        self.file.sync()
+        qcow2::rewrite_header(&self.file, &old, &header)
     }
 
     /// Empties the image: afterwards it reads entirely from its backing file (see

@@ -462,6 +462,7 @@ impl Vm {
                 &mut disks,
                 Arc::clone(&io_errors),
                 guest_name,
+                sender.clone(),
             );
             manager.add_subscriber(Locked::new(Arc::clone(&global), Box::new(handler)));
             sender

@@ -3,7 +3,7 @@
 //! `-S` and `cont`, `stop` freezing the guest, the queries, `quit`, the `SHUTDOWN` event of a guest
 //! power-off and of SIGTERM, `wait=on` holding start-up until a client connects, and live disk
 //! changes (snapshots, `block_resize`, `query-named-block-nodes`) beside QEMU 10. The scenarios
-//! are in `tests/qmp/guest_client.py`.
+//! are in `tests/qmp/guest_client.py`, block jobs beside QEMU 10 in `tests/qmp/jobs_client.py`.
 
 mod common;
 
@@ -36,7 +36,13 @@ fn python() -> PathBuf {
 }
 
 fn run_scenario(scenario: &str, kernel: &Path, dir: &Scratch) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/guest_client.py");
+    run_script("guest_client.py", scenario, kernel, dir);
+}
+
+fn run_script(script: &str, scenario: &str, kernel: &Path, dir: &Scratch) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/qmp")
+        .join(script);
     let out = std::process::Command::new(python())
         .arg(script)
         .arg(scenario)
@@ -98,4 +104,11 @@ fn block_resize_and_named_nodes_answer_as_qemu_s() {
     let dir = Scratch::new("qmp-resize");
     let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
     run_scenario("resize", &kernel, &dir);
+}
+
+#[test]
+fn block_jobs_on_a_running_guest_s_disks_answer_as_qemu_s() {
+    let dir = Scratch::new("qmp-jobs");
+    let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
+    run_script("jobs_client.py", "jobs", &kernel, &dir);
 }

@@ -20,6 +20,7 @@
 //! once per L2 table's worth of clusters. Still written and synced under the lock: a dirty table
 //! evicted from a full cache, new refcount blocks and a growing refcount table.
 
+mod backing_name;
 mod cache;
 mod cache_size;
 pub mod check;
@@ -47,6 +48,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+pub(crate) use backing_name::rewrite_header;
 pub use cache_size::{CacheSizeError, CacheSizes, CacheTables};
 pub use compressed_write::CompressedWriter;
 pub use header::{Compression, Header};

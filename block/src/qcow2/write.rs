@@ -15,6 +15,8 @@ use super::Qcow2;
 use crate::direct::DirectPin;
 use crate::{DiskImage, Error};
 
+mod copy_up;
+
 /// Extended L2 bitmap with every subcluster allocated.
 const ALL_ALLOC: u64 = 0xffff_ffff;
 /// Extended L2 bitmap with every subcluster reading as zeroes.

@@ -34,6 +34,7 @@
 
 mod io_errors;
 mod iothreads;
+mod jobs;
 mod open;
 mod query;
 mod resize;
@@ -61,6 +62,7 @@ use wiring::{add_disk, NewDisk};
 
 pub use io_errors::{IoErrorStop, IoErrors};
 pub use iothreads::MainContext;
+pub use jobs::{start_commit, start_stream, CommitArgs, JobError, Jobs, StreamArgs};
 pub use query::NodeNamer;
 pub use resize::resize;
 pub use snapshot::{snapshot, LiveImage};

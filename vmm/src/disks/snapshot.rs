@@ -39,13 +39,13 @@ use crate::monitor::{ImageDescription, SnapshotMode};
 #[derive(Debug)]
 pub struct LiveImage {
     /// The top of the chain, as the device's engine has it.
-    top: Arc<WithPolicy<Image>>,
+    pub(super) top: Arc<WithPolicy<Image>>,
     /// `-drive cache=`'s host part, for the files a snapshot opens.
-    cache: CacheMode,
+    pub(super) cache: CacheMode,
     /// `-drive cache=`'s write policy.
-    policy: WritePolicy,
+    pub(super) policy: WritePolicy,
     /// `-drive detect-zeroes=`.
-    detect_zeroes: DetectZeroes,
+    pub(super) detect_zeroes: DetectZeroes,
 }
 
 impl LiveImage {

@@ -61,6 +61,18 @@ impl Args {
         }
     }
 
+    /// An optional integer member (QAPI's `int`).
+    pub fn optional_i64(&mut self, name: &str) -> Result<Option<i64>, QmpError> {
+        match self.members.remove(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| invalid_type(name, "integer")),
+            Some(_) => Err(invalid_type(name, "integer")),
+        }
+    }
+
     /// An optional list of strings.
     pub fn optional_str_list(&mut self, name: &str) -> Result<Option<Vec<String>>, QmpError> {
         let Some(items) = self.optional_list(name)? else {

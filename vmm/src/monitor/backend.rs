@@ -13,6 +13,8 @@
 
 use serde::Serialize;
 
+pub use crate::disks::{CommitArgs, JobError, StreamArgs};
+
 /// A failure inside the VM while carrying out a command; becomes a `GenericError` whose
 /// description is the message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -123,6 +125,20 @@ pub struct BlockDevice {
     pub io_status: &'static str,
     /// The image chain.
     pub image: ImageDescription,
+}
+
+impl BlockDevice {
+    /// The chain is now `image`, the old one less a run of layers starting at depth `from` (a
+    /// job's end): the nodes of the layers that stayed keep their names.
+    pub fn drop_layers(&mut self, from: usize, image: ImageDescription) {
+        let depth = std::iter::successors(Some(&image), |i| i.backing.as_deref()).count();
+        let below = depth.saturating_sub(from);
+        let kept_below = self.nodes.len().saturating_sub(below);
+        let mut nodes: Vec<ImageNodes> = self.nodes.iter().take(from).cloned().collect();
+        nodes.extend(self.nodes.iter().skip(kept_below.max(from)).cloned());
+        self.nodes = nodes;
+        self.image = image;
+    }
 }
 
 /// One latency histogram (QEMU's `BlockLatencyHistogramInfo`): `bins` has one more element than
@@ -294,6 +310,55 @@ pub enum SnapshotMode {
     Existing,
 }
 
+/// One block job as `query-block-jobs` describes it (QEMU's `BlockJobInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockJobInfo {
+    /// The job's type (`stream`).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The job's id (QEMU's `device` member).
+    pub device: String,
+    /// Its total work in bytes.
+    pub len: u64,
+    /// Its progress in bytes.
+    pub offset: u64,
+    /// Doing a step right now.
+    pub busy: bool,
+    /// Paused by the user.
+    pub paused: bool,
+    /// Its speed limit in bytes per second (0: none).
+    pub speed: u64,
+    /// `ok`: a job's failing step ends it.
+    pub io_status: &'static str,
+    /// Ready to complete.
+    pub ready: bool,
+    /// QEMU's name of its status.
+    pub status: &'static str,
+    /// Finalizes itself.
+    pub auto_finalize: bool,
+    /// Dismisses itself.
+    pub auto_dismiss: bool,
+}
+
+/// A command on a job (`block-job-*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobCommand {
+    /// `block-job-cancel`, with `force`.
+    Cancel {
+        /// Cancel a paused job too.
+        force: bool,
+    },
+    /// `block-job-pause`.
+    Pause,
+    /// `block-job-resume`.
+    Resume,
+    /// `block-job-set-speed`, as given (a negative speed is refused once the job is found).
+    SetSpeed(i64),
+    /// `block-job-complete`.
+    Complete,
+}
+
 /// The VM as the monitor drives it. See the module documentation for the locking rules; each
 /// method says when the monitor calls it.
 pub trait MonitorBackend {
@@ -372,4 +437,16 @@ pub trait MonitorBackend {
     /// words. Acquires the disk's context after the global lock and waits, with that context
     /// released, for its requests in flight.
     fn block_resize(&mut self, drive_id: &str, size: u64) -> Result<(), BackendError>;
+    /// Every block job, in creation order (`query-block-jobs`).
+    fn block_jobs(&self) -> Vec<BlockJobInfo>;
+
+    /// Starts `block-stream` on the disk with this `-drive id=`; the job runs in the disk's
+    /// context, its end on the main loop.
+    fn block_stream(&mut self, drive_id: &str, args: StreamArgs) -> Result<(), JobError>;
+
+    /// Starts `block-commit` of an intermediate image of the disk with this `-drive id=`.
+    fn block_commit(&mut self, drive_id: &str, args: CommitArgs) -> Result<(), JobError>;
+
+    /// Applies a `block-job-*` command to the job with this id.
+    fn block_job(&mut self, id: &str, command: JobCommand) -> Result<(), JobError>;
 }

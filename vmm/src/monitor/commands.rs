@@ -19,7 +19,7 @@ use super::framing::Frame;
 use super::protocol::{self, QmpError};
 
 /// The commands of command mode, as `query-commands` lists them.
-pub const COMMANDS: [&str; 18] = [
+pub const COMMANDS: [&str; 26] = [
     "qmp_capabilities",
     "query-commands",
     "query-version",
@@ -38,6 +38,14 @@ pub const COMMANDS: [&str; 18] = [
     "x-block-stages-histogram-set",
     "block_resize",
     "query-named-block-nodes",
+    "block-stream",
+    "block-commit",
+    "query-block-jobs",
+    "block-job-cancel",
+    "block-job-pause",
+    "block-job-resume",
+    "block-job-set-speed",
+    "block-job-complete",
 ];
 
 /// What handling one input produced.
@@ -279,6 +287,7 @@ fn execute(
                 flat,
             )))
         }
+        c if super::jobs::JOB_COMMANDS.contains(&c) => super::jobs::execute(c, args, backend),
         _ => Err(QmpError::command_not_found(format!(
             "The command {command} has not been found"
         ))),

@@ -1,5 +1,6 @@
 //! QMP events (QEMU's `qapi/run-state.json`: `STOP`, `RESUME`, `POWERDOWN`, `SHUTDOWN`;
-//! `qapi/block-core.json`: `BLOCK_IO_ERROR`) and the channel through which any thread of the VMM
+//! `qapi/block-core.json`: `BLOCK_IO_ERROR`, `BLOCK_JOB_COMPLETED`, `BLOCK_JOB_CANCELLED`;
+//! `qapi/job.json`: `JOB_STATUS_CHANGE`) and the channel through which any thread of the VMM
 //! raises one.
 //!
 //! The monitor raises `STOP`, `RESUME` and `POWERDOWN` itself when its commands cause them, and
@@ -73,6 +74,28 @@ pub struct BlockIoError {
     pub reason: String,
 }
 
+/// The members `BLOCK_JOB_COMPLETED` and `BLOCK_JOB_CANCELLED` share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEvent {
+    /// The job's type (`type`).
+    pub kind: &'static str,
+    /// The job's id (`device`).
+    pub device: String,
+    /// Its total work (`len`).
+    pub len: u64,
+    /// Its progress (`offset`).
+    pub offset: u64,
+    /// Its speed limit (`speed`).
+    pub speed: u64,
+}
+
+impl JobEvent {
+    fn to_data(&self) -> Value {
+        json!({"type": self.kind, "device": self.device, "len": self.len,
+               "offset": self.offset, "speed": self.speed})
+    }
+}
+
 /// An event the monitor sends to its clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QmpEvent {
@@ -86,6 +109,22 @@ pub enum QmpEvent {
     Shutdown(ShutdownCause),
     /// A disk's request failed.
     BlockIoError(BlockIoError),
+    /// A job changed status (`JOB_STATUS_CHANGE`).
+    JobStatusChange {
+        /// The job.
+        id: String,
+        /// QEMU's name of its new status.
+        status: &'static str,
+    },
+    /// A block job ended, with the error that ended it if any (`BLOCK_JOB_COMPLETED`).
+    BlockJobCompleted {
+        /// The job.
+        data: JobEvent,
+        /// Why it failed.
+        error: Option<String>,
+    },
+    /// A block job was cancelled (`BLOCK_JOB_CANCELLED`).
+    BlockJobCancelled(JobEvent),
 }
 
 impl QmpEvent {
@@ -113,6 +152,21 @@ impl QmpEvent {
                 })),
                 at,
             ),
+            Self::JobStatusChange { id, status } => protocol::event(
+                "JOB_STATUS_CHANGE",
+                Some(json!({"id": id, "status": status})),
+                at,
+            ),
+            Self::BlockJobCompleted { data, error } => {
+                let mut members = data.to_data();
+                if let (Some(error), Some(map)) = (error, members.as_object_mut()) {
+                    map.insert("error".into(), json!(error));
+                }
+                protocol::event("BLOCK_JOB_COMPLETED", Some(members), at)
+            }
+            Self::BlockJobCancelled(data) => {
+                protocol::event("BLOCK_JOB_CANCELLED", Some(data.to_data()), at)
+            }
         }
     }
 }

@@ -16,7 +16,7 @@
 //! `json.rs` (QEMU's JSON grammar: duplicate keys refused), `protocol.rs` (messages on the wire),
 //! `args.rs` (argument checks), `commands.rs` (negotiation and commands), `events.rs` (events and
 //! their channel), `backend.rs` (what the VM provides), `disk_stats.rs` (a virtio-blk disk's
-//! statistics in QEMU's shape), `server.rs` (the sockets on the event loop). Locking is described
+//! statistics in QEMU's shape), `jobs.rs` (the block job commands), `server.rs` (the sockets on the event loop). Locking is described
 //! in `server.rs` and `backend.rs`: commands run on the main loop with the global lock held.
 
 mod args;
@@ -25,6 +25,7 @@ mod commands;
 mod disk_stats;
 mod events;
 mod framing;
+mod jobs;
 mod json;
 mod listener;
 mod options;
@@ -41,13 +42,14 @@ use std::io;
 use std::path::PathBuf;
 
 pub use backend::{
-    BackendError, BlockDevice, BlockDeviceStats, BlockStages, CacheMode, HistogramChange,
-    ImageDescription, ImageNodes, IoThreadInfo, MonitorBackend, RunState, SnapshotMode,
+    BackendError, BlockDevice, BlockDeviceStats, BlockJobInfo, BlockStages, CacheMode,
+    HistogramChange, ImageDescription, ImageNodes, IoThreadInfo, JobCommand, MonitorBackend,
+    RunState, SnapshotMode,
 };
 pub use disk_stats::{
     apply_histogram_change, apply_stage_histograms, block_device_stats, block_stages,
 };
-pub use events::{event_channel, BlockIoError, EventSender, QmpEvent, ShutdownCause};
+pub use events::{event_channel, BlockIoError, EventSender, JobEvent, QmpEvent, ShutdownCause};
 pub use listener::Listener;
 pub use options::{parse_qmp_option, QmpAddress, QmpOptionError, QmpOptions};
 pub use server::Monitor;

@@ -17,6 +17,8 @@ pub enum ErrorClass {
     CommandNotFound,
     /// A device named in the arguments does not exist.
     DeviceNotFound,
+    /// No block job with the id given.
+    DeviceNotActive,
 }
 
 /// An error reply: a class and a human-readable description.

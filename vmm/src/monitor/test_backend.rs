@@ -10,9 +10,9 @@ use block::trace::IoTrace;
 use devices::virtio::block::stages::{StageStats, Times};
 
 use super::backend::{
-    BackendError, BlockDevice, BlockDeviceStats, BlockStages, CacheMode, HistogramChange,
-    ImageDescription, ImageNodes, IoThreadInfo, LatencyHistogram, MonitorBackend, RunState,
-    SnapshotMode,
+    BackendError, BlockDevice, BlockDeviceStats, BlockJobInfo, BlockStages, CacheMode, CommitArgs,
+    HistogramChange, ImageDescription, ImageNodes, IoThreadInfo, JobCommand, JobError,
+    LatencyHistogram, MonitorBackend, RunState, SnapshotMode, StreamArgs,
 };
 use super::disk_stats::block_stages;
 
@@ -247,6 +247,30 @@ impl MonitorBackend for RecordingBackend {
 
     fn block_resize(&mut self, drive_id: &str, size: u64) -> Result<(), BackendError> {
         self.record(format!("resize {drive_id} {size}"));
+        Ok(())
+    }
+
+    fn block_jobs(&self) -> Vec<BlockJobInfo> {
+        self.record("block_jobs".into());
+        Vec::new()
+    }
+
+    fn block_stream(&mut self, drive_id: &str, args: StreamArgs) -> Result<(), JobError> {
+        self.record(format!("stream {drive_id} {args:?}"));
+        Ok(())
+    }
+
+    fn block_commit(&mut self, drive_id: &str, args: CommitArgs) -> Result<(), JobError> {
+        self.record(format!("commit {drive_id} {args:?}"));
+        Ok(())
+    }
+
+    /// Knows one job, `j0`.
+    fn block_job(&mut self, id: &str, command: JobCommand) -> Result<(), JobError> {
+        if id != "j0" {
+            return Err(JobError::NotFound(id.to_owned()));
+        }
+        self.record(format!("job {id} {command:?}"));
         Ok(())
     }
 }

@@ -24,11 +24,14 @@ use event_manager::{EventOps, Events};
 
 use super::{
     apply_histogram_change, apply_stage_histograms, block_device_stats, block_stages, BackendError,
-    BlockDevice, BlockDeviceStats, BlockStages, HistogramChange, IoThreadInfo, Monitor,
-    MonitorBackend, RunState, ShutdownCause, SnapshotMode,
+    BlockDevice, BlockDeviceStats, BlockJobInfo, BlockStages, EventSender, HistogramChange,
+    IoThreadInfo, JobCommand, Monitor, MonitorBackend, RunState, ShutdownCause, SnapshotMode,
 };
 use crate::arch::x86_64::layout::GED_START;
-use crate::disks::{Disks, IoErrors, LiveImage, NodeNamer};
+use crate::disks::{
+    start_commit, start_stream, CommitArgs, Disks, IoErrors, JobError, Jobs, LiveImage, NodeNamer,
+    StreamArgs,
+};
 use crate::global::{ExitReason, Held, VcpuRequest};
 use crate::main_loop::{Handler, Tag};
 use crate::vcpu::Kicker;
@@ -74,6 +77,7 @@ pub struct VmBackend<'a, 'g> {
     namer: &'a mut NodeNamer,
     /// `-name`'s guest name.
     guest_name: Option<&'a str>,
+    jobs: &'a mut Jobs,
 }
 
 impl VmBackend<'_, '_> {
@@ -186,6 +190,9 @@ impl MonitorBackend for VmBackend<'_, '_> {
         mode: SnapshotMode,
         node_name: Option<String>,
     ) -> Result<(), BackendError> {
+        self.jobs
+            .check_idle(drive_id)
+            .map_err(|e| BackendError(e.to_string()))?;
         let disk = self
             .disks
             .iter_mut()
@@ -223,6 +230,38 @@ impl MonitorBackend for VmBackend<'_, '_> {
         disk.info.image = live.describe();
         Ok(())
     }
+
+    fn block_jobs(&self) -> Vec<BlockJobInfo> {
+        self.jobs.info()
+    }
+
+    fn block_stream(&mut self, drive_id: &str, args: StreamArgs) -> Result<(), JobError> {
+        let disk = self
+            .disks
+            .iter()
+            .find(|d| d.info.drive_id == drive_id)
+            .ok_or_else(|| JobError::Other(format!("No disk with drive id '{drive_id}'")))?;
+        start_stream(self.jobs, disk, args)
+    }
+
+    fn block_commit(&mut self, drive_id: &str, args: CommitArgs) -> Result<(), JobError> {
+        let disk = self
+            .disks
+            .iter()
+            .find(|d| d.info.drive_id == drive_id)
+            .ok_or_else(|| JobError::Other(format!("No disk with drive id '{drive_id}'")))?;
+        start_commit(self.jobs, disk, args)
+    }
+
+    fn block_job(&mut self, id: &str, command: JobCommand) -> Result<(), JobError> {
+        match command {
+            JobCommand::Cancel { force } => self.jobs.cancel(id, force),
+            JobCommand::Pause => self.jobs.pause(id),
+            JobCommand::Resume => self.jobs.resume(id),
+            JobCommand::SetSpeed(speed) => self.jobs.set_speed(id, speed),
+            JobCommand::Complete => self.jobs.complete(id),
+        }
+    }
 }
 
 /// The main-loop handler of the monitor's descriptors.
@@ -236,13 +275,14 @@ pub struct VmMonitor {
     io_errors: Arc<IoErrors>,
     namer: NodeNamer,
     guest_name: Option<String>,
+    jobs: Jobs,
 }
 
 impl VmMonitor {
     /// `monitor` (registered under [`Tag::Qmp`]) driving the vCPUs that `kickers` kick, with the
     /// VM's iothreads and disks (and what names the nodes it opens after the disks') from
     /// `disks`, and where the disks report errors; `started` is false for a `-S` start;
-    /// `guest_name` is `-name`'s.
+    /// `guest_name` is `-name`'s. Block jobs raise their events through `events`.
     pub fn new(
         monitor: Monitor,
         kickers: Arc<Vec<Kicker>>,
@@ -250,6 +290,7 @@ impl VmMonitor {
         disks: &mut Disks,
         io_errors: Arc<IoErrors>,
         guest_name: Option<String>,
+        events: EventSender,
     ) -> Self {
         Self {
             monitor,
@@ -260,6 +301,7 @@ impl VmMonitor {
             guest_name,
             io_errors,
             namer: disks.node_namer(),
+            jobs: Jobs::new(events),
         }
     }
 }
@@ -279,8 +321,12 @@ impl Handler for VmMonitor {
             io_errors: &self.io_errors,
             namer: &mut self.namer,
             guest_name: self.guest_name.as_deref(),
+            jobs: &mut self.jobs,
         };
         self.monitor.process(&mut backend, events, ops);
+        // A job whose copy ended raised an event, whose wake-up brought us here: its end runs
+        // on the main loop (see `crate::disks::jobs`).
+        self.jobs.finalize_waiting(&mut self.disks);
     }
 }
 
@@ -308,6 +354,7 @@ mod tests {
             io_errors: &errors,
             namer: &mut NodeNamer::default(),
             guest_name: None,
+            jobs: &mut Jobs::new(crate::monitor::event_channel().expect("eventfd").0),
         };
         assert_eq!(backend.run_state(), RunState::Prelaunch);
         backend.resume().expect("resumes");
@@ -359,6 +406,7 @@ mod tests {
                 io_errors: &errors,
                 namer: &mut NodeNamer::default(),
                 guest_name: None,
+                jobs: &mut Jobs::new(crate::monitor::event_channel().expect("eventfd").0),
             };
             assert_eq!(backend.run_state(), RunState::IoError);
             assert!(!backend.stop_requested());

@@ -227,6 +227,11 @@ impl Block {
         self.active.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The context that serves the device (where a block job on its disk runs).
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
     /// The engine doing the image's data I/O.
     pub fn engine(&self) -> Engine {
         self.aio.engine()

@@ -1,0 +1,219 @@
+//! `block-commit` of an intermediate image: copies what `top` and the images between it and
+//! `base` hold into `base`, then drops them from the chain by naming `base` as the backing file
+//! of the image above `top`, as QEMU's `block/commit.c` does. Committing the active layer (a
+//! mirror that tracks guest writes) is not built.
+//!
+//! Steps (in the disk's context): at most [`CHUNK`] bytes each, a run that some image from `top`
+//! down to (not including) `base` allocates is read through `top` and written into `base`
+//! through a second, read-write handle on it, opened without locks (the disk's chain keeps
+//! its read lock and its refusal to share write, so no other process writes it meanwhile).
+//! The guest never reads what is written: its reads of those ranges stop at `top` or above, and
+//! its writes go to the active layer.
+//!
+//! The end (main loop): `base` is flushed and its handle closed; the image above `top` gets
+//! `base` as its backing file (the active layer under its metadata lock, an intermediate image
+//! through a handle of its own), and the disk is switched to the chain the active layer's header
+//! names, as the stream's end does.
+
+use std::path::Path;
+use std::sync::{Arc, PoisonError};
+
+use block::{DiskImage, Image, OpenOptions, WithPolicy};
+
+use super::stream::{find_in_chain, reopen_with_backing};
+use super::{JobError, JobKind, Jobs, NewJob, Step, Work};
+use crate::monitor::VmDisk;
+
+/// The most a step deals with (QEMU's `COMMIT_BUFFER_SIZE`).
+const CHUNK: u64 = 512 << 10;
+
+/// `block-commit`'s arguments, checked by the monitor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitArgs {
+    /// `job-id`; the drive id when absent.
+    pub job_id: Option<String>,
+    /// `top`: the file name of the image to commit; the active layer when absent.
+    pub top: Option<String>,
+    /// `base`: the file name of the image to commit into; the chain's last when absent.
+    pub base: Option<String>,
+    /// `backing-file`: the name to write in the header of the image above `top`.
+    pub backing_file: Option<String>,
+    /// `speed`, bytes per second (0: unlimited), refused below 0 once the job is created.
+    pub speed: i64,
+}
+
+#[derive(Debug)]
+struct Commit {
+    /// The disk's top as the job started; released when the job ends.
+    top: Option<Arc<WithPolicy<Image>>>,
+    /// Depths of `top` and `base` in the disk's chain.
+    top_depth: usize,
+    base_depth: usize,
+    /// `base`, read-write, without locks; closed at the end.
+    base: Option<Image>,
+    /// The backing file (name, format) the image above `top` names at the end.
+    backing: (String, String),
+    buf: Vec<u8>,
+}
+
+fn chain_error(e: &block::Error) -> String {
+    devices::error_chain(e)
+}
+
+impl Work for Commit {
+    fn step(&mut self, offset: u64) -> Result<Step, String> {
+        let ended = || "The job has ended".to_owned();
+        let active = self.top.as_ref().ok_or_else(ended)?.inner();
+        let top = active.chain().nth(self.top_depth).ok_or_else(ended)?;
+        let base = self.base.as_ref().ok_or_else(ended)?;
+        let len = (top.size() - offset).min(CHUNK);
+        let (depth, n) = top.allocated_at(offset, len).map_err(|e| chain_error(&e))?;
+        if depth.is_none_or(|d| d >= self.base_depth - self.top_depth) {
+            return Ok(Step {
+                advanced: n,
+                copied: 0,
+            });
+        }
+        let size = usize::try_from(n).map_err(|e| e.to_string())?;
+        self.buf.resize(size, 0);
+        top.read_at(&mut self.buf[..size], offset)
+            .map_err(|e| chain_error(&e))?;
+        base.write_at(&self.buf[..size], offset)
+            .map_err(|e| chain_error(&e))?;
+        Ok(Step {
+            advanced: n,
+            copied: n,
+        })
+    }
+
+    fn finish(&mut self, disk: &mut VmDisk) -> Result<(), String> {
+        if let Some(base) = self.base.take() {
+            base.flush().map_err(|e| chain_error(&e))?;
+        }
+        let Some(active) = self.top.take() else {
+            return Err("The job has ended".to_owned());
+        };
+        let mut live = disk.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let backing = Some(self.backing.clone());
+        if self.top_depth == 1 {
+            drop(active);
+            reopen_with_backing(&disk.device, &mut live, Some(backing))?;
+        } else {
+            let above = active
+                .inner()
+                .chain()
+                .nth(self.top_depth - 1)
+                .ok_or_else(|| "The chain changed".to_owned())?;
+            let path = above.file().path().to_owned();
+            let options = OpenOptions {
+                format: Some(above.format()),
+                read_only: false,
+                lock: false,
+                ..OpenOptions::default()
+            };
+            let writable = block::open(Path::new(&path), options)
+                .map_err(|e| format!("Could not reopen '{path}': {}", chain_error(&e)))?;
+            writable.set_backing_name(backing).map_err(|e| {
+                format!(
+                    "Could not update backing file link of '{path}': {}",
+                    chain_error(&e)
+                )
+            })?;
+            drop(writable);
+            drop(active);
+            reopen_with_backing(&disk.device, &mut live, None)?;
+        }
+        // `top` and the layers down to (not including) `base` are gone.
+        disk.info.drop_layers(self.top_depth, live.describe());
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        self.base = None;
+        self.top = None;
+    }
+}
+
+/// Starts `block-commit` on `disk` (checks in QEMU's order, messages QEMU's).
+pub fn start_commit(jobs: &mut Jobs, disk: &VmDisk, args: CommitArgs) -> Result<(), JobError> {
+    let drive = disk.info.drive_id.clone();
+    let live = disk.live.lock().unwrap_or_else(PoisonError::into_inner);
+    let active = Arc::clone(&live.top);
+    drop(live);
+    let image = active.inner();
+    jobs.check_idle(&drive)?;
+    let top_depth = match &args.top {
+        Some(name) => find_in_chain(image, name).or_else(|| {
+            // The active layer named by its own file.
+            (image.file().path() == name).then_some(0)
+        }),
+        None => Some(0),
+    }
+    .ok_or_else(|| {
+        JobError::Other(format!(
+            "Top image file {} not found",
+            args.top.as_deref().unwrap_or("NULL")
+        ))
+    })?;
+    let top = image
+        .chain()
+        .nth(top_depth)
+        .ok_or_else(|| JobError::Other("Top image file not found".to_owned()))?;
+    let base_depth = match &args.base {
+        Some(name) => find_in_chain(top, name)
+            .map(|d| d + top_depth)
+            .ok_or_else(|| JobError::Other(format!("Can't find '{name}' in the backing chain")))?,
+        None => image.chain().count() - 1,
+    };
+    if base_depth <= top_depth {
+        return Err(JobError::Other(
+            "cannot commit an image into itself".to_owned(),
+        ));
+    }
+    if top_depth == 0 {
+        return Err(JobError::Other(
+            "Committing the active layer is not supported".to_owned(),
+        ));
+    }
+    let base = image
+        .chain()
+        .nth(base_depth)
+        .ok_or_else(|| JobError::Other("Base not found".to_owned()))?;
+    let base_path = base.file().path().to_owned();
+    let backing = (
+        args.backing_file
+            .clone()
+            .unwrap_or_else(|| base_path.clone()),
+        base.format().name().to_owned(),
+    );
+    let options = OpenOptions {
+        format: Some(base.format()),
+        read_only: false,
+        // The disk's chain holds its locks.
+        lock: false,
+        ..OpenOptions::default()
+    };
+    let writable = block::open(Path::new(&base_path), options).map_err(|e| {
+        JobError::Other(format!(
+            "Could not reopen '{base_path}' read-write: {}",
+            chain_error(&e)
+        ))
+    })?;
+    let work = Commit {
+        top: Some(Arc::clone(&active)),
+        top_depth,
+        base_depth,
+        base: Some(writable),
+        backing,
+        buf: Vec::new(),
+    };
+    let new = NewJob {
+        id: args.job_id.unwrap_or_else(|| drive.clone()),
+        kind: JobKind::Commit,
+        ctx: Arc::clone(disk.device.context()),
+        drive,
+        len: top.size(),
+        speed: args.speed,
+    };
+    jobs.start(new, Box::new(work))
+}

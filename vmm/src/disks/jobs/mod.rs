@@ -1,0 +1,756 @@
+//! Block jobs (QMP `block-stream`, `block-commit`, `query-block-jobs`, `block-job-*`), after QEMU's job layer
+//! (`qapi/job.json`, `job.c`): one state table decides every transition and which command verbs
+//! each state accepts; each transition raises `JOB_STATUS_CHANGE`, and the end of a job raises
+//! `BLOCK_JOB_COMPLETED` or `BLOCK_JOB_CANCELLED` with QEMU's members. Jobs finalize and dismiss
+//! themselves (QEMU's `auto-finalize` and `auto-dismiss` defaults).
+//!
+//! Where a job runs: its copying runs in the disk's context (its iothread, or the main loop's
+//! context), one bounded step at a time: a step handles at most one chunk of the disk (a run of
+//! clusters, [`Work::step`]) and then re-arms a timer on the context, after the delay the speed
+//! limit asks for (QEMU's rate limit, `ratelimit.rs`), so the context serves the guest's
+//! requests between steps. A step's I/O is done synchronously in the context: it blocks the
+//! context for one chunk, no longer. The change to the chain when the copy is done (new backing
+//! names, the chain reopened) runs on the main loop, with the global lock held, as QEMU's job
+//! finalization does: the copy's end is announced with the job's next status event, whose
+//! wake-up reaches the monitor's handler, which then finalizes the jobs waiting for it
+//! ([`Jobs::finalize_waiting`]) with the disk drained in its context.
+//!
+//! Locks: a job's [`State`] mutex is held only to read or change the state, never across I/O;
+//! it is taken by the main thread (commands, finalization) and by the disk's context (steps).
+//! The work (`Work`) is locked by the step, in the context, and by the finalization, on the
+//! main thread once the steps have ended. A monitor command acquires no context.
+
+mod commit;
+mod ratelimit;
+mod stream;
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use devices::context::{Context, Timer};
+
+use crate::monitor::{BlockJobInfo, EventSender, JobEvent, QmpEvent, VmDisk};
+use ratelimit::RateLimit;
+
+pub use commit::{start_commit, CommitArgs};
+pub use stream::{start_stream, StreamArgs};
+
+/// A job's status (QEMU's `JobStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStatus {
+    /// Not yet created (only the start of the table).
+    Undefined,
+    /// Created, not started.
+    Created,
+    /// Copying.
+    Running,
+    /// Paused by `block-job-pause`, at a step boundary.
+    Paused,
+    /// Ready to complete (a mirror's first pass done).
+    Ready,
+    /// Ready, and paused.
+    Standby,
+    /// Copy done, waiting for the other jobs of its transaction.
+    Waiting,
+    /// Waiting to be finalized.
+    Pending,
+    /// Ending in failure or cancelled.
+    Aborting,
+    /// Ended, until dismissed.
+    Concluded,
+    /// Gone.
+    Null,
+}
+
+/// Every status, in QEMU's order (the table's indices).
+const STATUSES: [JobStatus; 11] = [
+    JobStatus::Undefined,
+    JobStatus::Created,
+    JobStatus::Running,
+    JobStatus::Paused,
+    JobStatus::Ready,
+    JobStatus::Standby,
+    JobStatus::Waiting,
+    JobStatus::Pending,
+    JobStatus::Aborting,
+    JobStatus::Concluded,
+    JobStatus::Null,
+];
+
+/// Which status may follow which (QEMU's `JobSTT`), rows the current status in the order of
+/// [`STATUSES`]: U C R P Y S W D X E N.
+const TRANSITIONS: [[u8; 11]; 11] = [
+    [0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0], // undefined
+    [0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 1], // created
+    [0, 0, 0, 1, 1, 0, 1, 0, 1, 0, 0], // running
+    [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0], // paused
+    [0, 0, 0, 0, 0, 1, 1, 0, 1, 0, 0], // ready
+    [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0], // standby
+    [0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0], // waiting
+    [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0], // pending
+    [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0], // aborting
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], // concluded
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], // null
+];
+
+/// A command verb (QEMU's `JobVerb`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    /// `block-job-cancel`.
+    Cancel,
+    /// `block-job-pause`.
+    Pause,
+    /// `block-job-resume`.
+    Resume,
+    /// `block-job-set-speed`.
+    SetSpeed,
+    /// `block-job-complete`.
+    Complete,
+}
+
+/// In which statuses each verb is accepted (QEMU's `JobVerbTable`), columns as [`TRANSITIONS`].
+const VERBS: [(Verb, [u8; 11]); 5] = [
+    (Verb::Cancel, [0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]),
+    (Verb::Pause, [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]),
+    (Verb::Resume, [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]),
+    (Verb::SetSpeed, [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]),
+    (Verb::Complete, [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]),
+];
+
+impl JobStatus {
+    /// QEMU's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Undefined => "undefined",
+            Self::Created => "created",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Ready => "ready",
+            Self::Standby => "standby",
+            Self::Waiting => "waiting",
+            Self::Pending => "pending",
+            Self::Aborting => "aborting",
+            Self::Concluded => "concluded",
+            Self::Null => "null",
+        }
+    }
+
+    fn index(self) -> usize {
+        STATUSES.iter().position(|&s| s == self).unwrap_or(0)
+    }
+
+    /// Whether `next` may follow this status.
+    pub fn may_become(self, next: JobStatus) -> bool {
+        TRANSITIONS[self.index()][next.index()] == 1
+    }
+
+    /// Whether this status accepts `verb`.
+    pub fn accepts(self, verb: Verb) -> bool {
+        VERBS
+            .iter()
+            .any(|(v, row)| *v == verb && row[self.index()] == 1)
+    }
+}
+
+impl Verb {
+    /// QEMU's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cancel => "cancel",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::SetSpeed => "set-speed",
+            Self::Complete => "complete",
+        }
+    }
+}
+
+/// A refused job command or a job that could not start; the messages are QEMU's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    /// No job with that id (QEMU's class `DeviceNotActive`).
+    #[error("Block job '{0}' not found")]
+    NotFound(String),
+    /// The job's status refuses the verb.
+    #[error("Job '{id}' in state '{status}' cannot accept command verb '{verb}'")]
+    Verb {
+        /// The job.
+        id: String,
+        /// Its status.
+        status: &'static str,
+        /// The verb.
+        verb: &'static str,
+    },
+    /// `block-job-pause` on a job the user paused.
+    #[error("Job is already paused")]
+    AlreadyPaused,
+    /// `block-job-resume` on a job the user did not pause.
+    #[error("Can't resume a job that was not paused")]
+    NotPaused,
+    /// `block-job-cancel` without `force` on a job the user paused.
+    #[error("The block job for device '{0}' is currently paused")]
+    CancelPaused(String),
+    /// A negative speed.
+    #[error("Parameter 'speed' expects a non-negative value")]
+    NegativeSpeed,
+    /// A job id that is not an identifier.
+    #[error("Invalid job ID '{0}'")]
+    InvalidId(String),
+    /// A job id in use.
+    #[error("Job ID '{0}' already in use")]
+    IdInUse(String),
+    /// A second job on a disk.
+    #[error("Node '{drive}' is busy: block device is in use by block job: {kind}")]
+    Busy {
+        /// The disk.
+        drive: String,
+        /// The running job's type.
+        kind: &'static str,
+    },
+    /// Anything else the job cannot do, in QEMU's words.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Which kind of job (QEMU's `JobType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    /// `block-stream`.
+    Stream,
+    /// `block-commit`.
+    Commit,
+}
+
+impl JobKind {
+    /// QEMU's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Stream => "stream",
+            Self::Commit => "commit",
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// Bytes of the disk the step dealt with (the job's progress).
+    pub advanced: u64,
+    /// Bytes it copied (what the speed limit counts).
+    pub copied: u64,
+}
+
+/// The copying part of a job: steps in the disk's context, then its end on the main loop.
+trait Work: Send + std::fmt::Debug {
+    /// Deals with the disk from `offset`, at most one chunk.
+    fn step(&mut self, offset: u64) -> Result<Step, String>;
+
+    /// Changes the chain once every step succeeded (main thread, global lock held).
+    fn finish(&mut self, disk: &mut VmDisk) -> Result<(), String>;
+
+    /// Lets go of the images it holds (the job ended either way).
+    fn release(&mut self);
+}
+
+/// How the steps ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ended {
+    /// Every step succeeded.
+    Done,
+    /// Cancelled.
+    Cancelled,
+    /// A step failed.
+    Failed(String),
+}
+
+/// A job's state, as commands and steps see it.
+#[derive(Debug)]
+struct State {
+    status: JobStatus,
+    len: u64,
+    offset: u64,
+    speed: u64,
+    limit: RateLimit,
+    user_paused: bool,
+    cancelled: bool,
+    busy: bool,
+    /// Set once by the last step; the job is then waiting for its finalization.
+    ended: Option<Ended>,
+}
+
+/// One job.
+#[derive(Debug)]
+pub struct Job {
+    id: String,
+    kind: JobKind,
+    drive: String,
+    events: EventSender,
+    state: Mutex<State>,
+    work: Mutex<Box<dyn Work>>,
+    /// Re-arms the steps in the disk's context; set once at the start.
+    timer: Mutex<Option<Timer>>,
+    /// The jobs whose steps ended, for the main loop to finalize.
+    ended: Arc<Mutex<Vec<Arc<Job>>>>,
+    me: Weak<Job>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Held only by short, non-panicking code.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The shortest re-arm: a timerfd armed with zero would be disarmed.
+const NEXT_STEP: Duration = Duration::from_micros(1);
+
+impl Job {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Moves to `next`, raising `JOB_STATUS_CHANGE`; a transition the table refuses is a bug
+    /// and is logged, not made.
+    fn transition(&self, state: &mut State, next: JobStatus) {
+        if !state.status.may_become(next) {
+            log::error!(
+                "job {}: no transition from {} to {}",
+                self.id,
+                state.status.name(),
+                next.name()
+            );
+            return;
+        }
+        state.status = next;
+        self.events.send(QmpEvent::JobStatusChange {
+            id: self.id.clone(),
+            status: next.name(),
+        });
+    }
+
+    fn event_data(&self, state: &State) -> JobEvent {
+        JobEvent {
+            kind: self.kind.name(),
+            device: self.id.clone(),
+            len: state.len,
+            offset: state.offset,
+            speed: state.speed,
+        }
+    }
+
+    /// Runs the next step soon (after `after`).
+    fn schedule(&self, after: Duration) {
+        if let Some(timer) = lock(&self.timer).as_ref() {
+            if let Err(e) = timer.arm(after.max(NEXT_STEP), None) {
+                // Without its timer the job cannot go on: it fails.
+                self.end_steps(Ended::Failed(format!("Cannot schedule the job: {e}")));
+            }
+        }
+    }
+
+    /// One step, in the disk's context (the timer's callback).
+    fn run_step(&self) {
+        let offset = {
+            let mut s = self.state();
+            if s.ended.is_some() {
+                return;
+            }
+            if s.cancelled {
+                drop(s);
+                self.end_steps(Ended::Cancelled);
+                return;
+            }
+            if s.user_paused {
+                if s.status == JobStatus::Running {
+                    self.transition(&mut s, JobStatus::Paused);
+                }
+                return;
+            }
+            if s.offset >= s.len {
+                drop(s);
+                self.end_steps(Ended::Done);
+                return;
+            }
+            s.busy = true;
+            s.offset
+        };
+        let result = lock(&self.work).step(offset);
+        let mut s = self.state();
+        s.busy = false;
+        match result {
+            Ok(step) => {
+                s.offset = (s.offset + step.advanced).min(s.len);
+                let delay = s.limit.delay(step.copied, Instant::now());
+                drop(s);
+                self.schedule(delay);
+            }
+            Err(e) => {
+                drop(s);
+                self.end_steps(Ended::Failed(e));
+            }
+        }
+    }
+
+    /// Records how the steps ended and hands the job to the main loop: its next status event
+    /// wakes the monitor, which finalizes it.
+    fn end_steps(&self, how: Ended) {
+        let mut s = self.state();
+        if s.ended.is_some() {
+            return;
+        }
+        let next = match how {
+            Ended::Done => JobStatus::Waiting,
+            Ended::Cancelled | Ended::Failed(_) => JobStatus::Aborting,
+        };
+        s.ended = Some(how);
+        if let Some(me) = self.me.upgrade() {
+            lock(&self.ended).push(me);
+        }
+        self.transition(&mut s, next);
+    }
+
+    /// Finalizes a job whose steps ended (main thread, global lock held): the chain change on
+    /// success, then the end events, as QEMU's `job_completed` and `job_finalize_single`.
+    fn finalize(&self, disk: Option<&mut VmDisk>) {
+        let how = self.state().ended.clone();
+        let mut outcome = how.unwrap_or(Ended::Failed("Job ended without a result".into()));
+        if outcome == Ended::Done {
+            let mut s = self.state();
+            self.transition(&mut s, JobStatus::Pending);
+            drop(s);
+            let finished = match disk {
+                Some(disk) => lock(&self.work).finish(disk),
+                None => Err(format!("Drive '{}' is gone", self.drive)),
+            };
+            if let Err(e) = finished {
+                let mut s = self.state();
+                self.transition(&mut s, JobStatus::Aborting);
+                outcome = Ended::Failed(e);
+            }
+        }
+        lock(&self.work).release();
+        *lock(&self.timer) = None;
+        let mut s = self.state();
+        let data = self.event_data(&s);
+        self.events.send(match outcome {
+            Ended::Done => QmpEvent::BlockJobCompleted { data, error: None },
+            Ended::Failed(e) => QmpEvent::BlockJobCompleted {
+                data,
+                error: Some(e),
+            },
+            Ended::Cancelled => QmpEvent::BlockJobCancelled(data),
+        });
+        self.transition(&mut s, JobStatus::Concluded);
+        self.transition(&mut s, JobStatus::Null);
+    }
+
+    /// What `query-block-jobs` says of it.
+    fn info(&self) -> BlockJobInfo {
+        let s = self.state();
+        BlockJobInfo {
+            kind: self.kind.name(),
+            device: self.id.clone(),
+            len: s.len,
+            offset: s.offset,
+            busy: s.busy,
+            paused: s.user_paused,
+            speed: s.speed,
+            io_status: "ok",
+            ready: matches!(s.status, JobStatus::Ready | JobStatus::Standby),
+            status: s.status.name(),
+            auto_finalize: true,
+            auto_dismiss: true,
+        }
+    }
+
+    fn check_verb(&self, s: &State, verb: Verb) -> Result<(), JobError> {
+        if s.status.accepts(verb) {
+            Ok(())
+        } else {
+            Err(JobError::Verb {
+                id: self.id.clone(),
+                status: s.status.name(),
+                verb: verb.name(),
+            })
+        }
+    }
+}
+
+/// What a job starts with.
+#[derive(Debug)]
+struct NewJob {
+    /// Its id.
+    id: String,
+    kind: JobKind,
+    /// The disk's drive id.
+    drive: String,
+    /// The disk's context, where the steps run.
+    ctx: Arc<Context>,
+    /// Its total work, bytes.
+    len: u64,
+    /// Its speed limit, bytes per second (0: none), as asked.
+    speed: i64,
+}
+
+/// The VM's jobs, kept by the monitor's handler on the main thread.
+#[derive(Debug)]
+pub struct Jobs {
+    events: EventSender,
+    jobs: Vec<Arc<Job>>,
+    ended: Arc<Mutex<Vec<Arc<Job>>>>,
+}
+
+/// QEMU's rule for ids (`id_wellformed`): a letter, then letters, digits, '-', '.' and '_'.
+fn well_formed(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+impl Jobs {
+    /// No jobs; their events go to `events`.
+    pub fn new(events: EventSender) -> Self {
+        Self {
+            events,
+            jobs: Vec::new(),
+            ended: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    fn find(&self, id: &str) -> Result<&Arc<Job>, JobError> {
+        self.jobs
+            .iter()
+            .find(|j| j.id == id)
+            .ok_or_else(|| JobError::NotFound(id.to_owned()))
+    }
+
+    /// Refuses a second job, or a snapshot, on a disk that has a job.
+    pub fn check_idle(&self, drive: &str) -> Result<(), JobError> {
+        match self.jobs.iter().find(|j| j.drive == drive) {
+            Some(job) => Err(JobError::Busy {
+                drive: drive.to_owned(),
+                kind: job.kind.name(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Creates and starts a job on `drive` in `ctx` (events `created` and `running`); its first
+    /// step runs at once.
+    fn start(&mut self, new: NewJob, work: Box<dyn Work>) -> Result<(), JobError> {
+        let NewJob {
+            id,
+            kind,
+            drive,
+            ctx,
+            len,
+            speed,
+        } = new;
+        if !well_formed(&id) {
+            return Err(JobError::InvalidId(id));
+        }
+        if self.jobs.iter().any(|j| j.id == id) {
+            return Err(JobError::IdInUse(id));
+        }
+        self.check_idle(&drive)?;
+        let mut limit = RateLimit::new(Instant::now());
+        let speed_ok = u64::try_from(speed);
+        let speed = speed_ok.unwrap_or(0);
+        limit.set_speed(speed);
+        let job = Arc::new_cyclic(|me| Job {
+            id,
+            kind,
+            drive,
+            events: self.events.clone(),
+            state: Mutex::new(State {
+                status: JobStatus::Undefined,
+                len,
+                offset: 0,
+                speed,
+                limit,
+                user_paused: false,
+                cancelled: false,
+                busy: false,
+                ended: None,
+            }),
+            work: Mutex::new(work),
+            timer: Mutex::new(None),
+            ended: Arc::clone(&self.ended),
+            me: me.clone(),
+        });
+        if speed_ok.is_err() {
+            // As QEMU: the job is created, then refused its speed, and goes.
+            let mut s = job.state();
+            job.transition(&mut s, JobStatus::Created);
+            job.transition(&mut s, JobStatus::Null);
+            return Err(JobError::NegativeSpeed);
+        }
+        let weak = Arc::downgrade(&job);
+        let timer = Timer::new(ctx, move |_| {
+            if let Some(job) = weak.upgrade() {
+                job.run_step();
+            }
+        })
+        .map_err(|e| JobError::Other(format!("Cannot create the job's timer: {e}")))?;
+        *lock(&job.timer) = Some(timer);
+        {
+            let mut s = job.state();
+            job.transition(&mut s, JobStatus::Created);
+            job.transition(&mut s, JobStatus::Running);
+        }
+        job.schedule(NEXT_STEP);
+        self.jobs.push(job);
+        Ok(())
+    }
+
+    /// `query-block-jobs`.
+    pub fn info(&self) -> Vec<BlockJobInfo> {
+        self.jobs.iter().map(|j| j.info()).collect()
+    }
+
+    /// `block-job-cancel`: the job stops at its next step boundary.
+    pub fn cancel(&self, id: &str, force: bool) -> Result<(), JobError> {
+        let job = self.find(id)?;
+        let mut s = job.state();
+        job.check_verb(&s, Verb::Cancel)?;
+        if s.user_paused && !force {
+            return Err(JobError::CancelPaused(id.to_owned()));
+        }
+        s.cancelled = true;
+        s.user_paused = false;
+        if s.status == JobStatus::Paused {
+            // As QEMU: a paused job is resumed to be cancelled.
+            job.transition(&mut s, JobStatus::Running);
+        }
+        drop(s);
+        job.schedule(NEXT_STEP);
+        Ok(())
+    }
+
+    /// `block-job-pause`: the job pauses at its next step boundary.
+    pub fn pause(&self, id: &str) -> Result<(), JobError> {
+        let job = self.find(id)?;
+        let mut s = job.state();
+        job.check_verb(&s, Verb::Pause)?;
+        if s.user_paused {
+            return Err(JobError::AlreadyPaused);
+        }
+        s.user_paused = true;
+        drop(s);
+        // A job sleeping for its speed limit pauses now, as QEMU wakes it to pause.
+        job.schedule(NEXT_STEP);
+        Ok(())
+    }
+
+    /// `block-job-resume`.
+    pub fn resume(&self, id: &str) -> Result<(), JobError> {
+        let job = self.find(id)?;
+        let mut s = job.state();
+        job.check_verb(&s, Verb::Resume)?;
+        if !s.user_paused {
+            return Err(JobError::NotPaused);
+        }
+        s.user_paused = false;
+        if s.status == JobStatus::Paused {
+            job.transition(&mut s, JobStatus::Running);
+        }
+        drop(s);
+        job.schedule(NEXT_STEP);
+        Ok(())
+    }
+
+    /// `block-job-set-speed`: applies from the next step.
+    pub fn set_speed(&self, id: &str, speed: i64) -> Result<(), JobError> {
+        let job = self.find(id)?;
+        let mut s = job.state();
+        job.check_verb(&s, Verb::SetSpeed)?;
+        let speed = u64::try_from(speed).map_err(|_| JobError::NegativeSpeed)?;
+        s.speed = speed;
+        s.limit.set_speed(speed);
+        let running = s.status == JobStatus::Running && !s.user_paused;
+        drop(s);
+        if running {
+            // A job sleeping under the old limit wakes to sleep under the new one.
+            job.schedule(NEXT_STEP);
+        }
+        Ok(())
+    }
+
+    /// `block-job-complete`: only a ready job accepts it (no job here becomes ready).
+    pub fn complete(&self, id: &str) -> Result<(), JobError> {
+        let job = self.find(id)?;
+        let s = job.state();
+        job.check_verb(&s, Verb::Complete)
+    }
+
+    /// Finalizes the jobs whose steps ended (main thread, global lock held) and forgets them.
+    pub fn finalize_waiting(&mut self, disks: &mut [VmDisk]) {
+        let ended: Vec<_> = std::mem::take(&mut *lock(&self.ended));
+        for job in ended {
+            let disk = disks.iter_mut().find(|d| d.info.drive_id == job.drive);
+            job.finalize(disk);
+            self.jobs.retain(|j| !Arc::ptr_eq(j, &job));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_table_is_qemus() {
+        use JobStatus::*;
+        // The paths a stream takes: to its end, cancelled, paused and resumed.
+        for path in [
+            &[
+                Undefined, Created, Running, Waiting, Pending, Concluded, Null,
+            ][..],
+            &[Running, Aborting, Concluded, Null],
+            &[Running, Paused, Running],
+            &[Created, Null],
+            &[Pending, Aborting],
+        ] {
+            for pair in path.windows(2) {
+                assert!(pair[0].may_become(pair[1]), "{pair:?}");
+            }
+        }
+        for (from, to) in [
+            (Paused, Aborting),
+            (Running, Pending),
+            (Null, Created),
+            (Concluded, Running),
+            (Waiting, Running),
+        ] {
+            assert!(!from.may_become(to), "{from:?} -> {to:?}");
+        }
+        assert!(Ready.accepts(Verb::Complete) && !Running.accepts(Verb::Complete));
+        assert!(Paused.accepts(Verb::Cancel) && !Aborting.accepts(Verb::Cancel));
+        assert!(!Pending.accepts(Verb::SetSpeed) && Standby.accepts(Verb::Resume));
+        let names: Vec<_> = STATUSES.iter().map(|s| s.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "undefined",
+                "created",
+                "running",
+                "paused",
+                "ready",
+                "standby",
+                "waiting",
+                "pending",
+                "aborting",
+                "concluded",
+                "null"
+            ]
+        );
+    }
+
+    #[test]
+    fn job_ids_follow_qemus_rule() {
+        for ok in ["j", "job-1", "a.b_c"] {
+            assert!(well_formed(ok), "{ok}");
+        }
+        for bad in ["", "1x", "-a", "a b", "#block0"] {
+            assert!(!well_formed(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! A job's speed limit with QEMU's semantics (`include/qemu/ratelimit.h`, used by block jobs
+//! with a 100 ms slice): each slice may dispatch `speed` × slice bytes; a step that passes the
+//! quota pushes the end of the slice out by the excess and the job sleeps until then. Speed 0 is
+//! unlimited.
+
+use std::time::{Duration, Instant};
+
+/// QEMU's block job slice (`SLICE_TIME`).
+const SLICE: Duration = Duration::from_millis(100);
+
+/// Bytes dispatched in the current slice against its quota.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    /// Bytes per slice; 0 = no limit.
+    quota: u64,
+    start: Instant,
+    end: Instant,
+    dispatched: u64,
+}
+
+impl RateLimit {
+    /// No limit until [`RateLimit::set_speed`].
+    pub fn new(now: Instant) -> Self {
+        Self {
+            quota: 0,
+            start: now,
+            end: now,
+            dispatched: 0,
+        }
+    }
+
+    /// Sets the limit in bytes per second (0: none). A positive speed gives at least one byte
+    /// per slice, as QEMU rounds it.
+    pub fn set_speed(&mut self, speed: u64) {
+        self.quota = if speed == 0 {
+            0
+        } else {
+            let per_slice = u128::from(speed) * SLICE.as_nanos() / 1_000_000_000;
+            u64::try_from(per_slice).unwrap_or(u64::MAX).max(1)
+        };
+    }
+
+    /// Accounts `bytes` just dispatched at `now`; returns how long to wait before the next step.
+    pub fn delay(&mut self, bytes: u64, now: Instant) -> Duration {
+        if self.quota == 0 {
+            return Duration::ZERO;
+        }
+        if self.end < now {
+            // The previous (possibly extended) slice is over: start a new one.
+            self.start = now;
+            self.end = now + SLICE;
+            self.dispatched = 0;
+        }
+        self.dispatched = self.dispatched.saturating_add(bytes);
+        if self.dispatched < self.quota {
+            return Duration::ZERO;
+        }
+        // Over quota: the slice stretches in proportion to the excess.
+        let slices = self.dispatched as f64 / self.quota as f64;
+        self.end = self.start + SLICE.mul_f64(slices);
+        self.end.saturating_duration_since(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_speed_never_waits() {
+        let now = Instant::now();
+        let mut limit = RateLimit::new(now);
+        assert_eq!(limit.delay(u64::MAX, now), Duration::ZERO);
+        limit.set_speed(0);
+        assert_eq!(limit.delay(1 << 40, now), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_step_past_the_quota_waits_for_its_excess() {
+        let now = Instant::now();
+        let mut limit = RateLimit::new(now);
+        // 1 MiB/s: 104857 bytes per 100 ms slice.
+        limit.set_speed(1 << 20);
+        assert_eq!(limit.delay(50_000, now), Duration::ZERO);
+        // 512 KiB in one go: five slices' worth in all, counted from the slice's start.
+        let wait = limit.delay(512 << 10, now);
+        let expected = SLICE.mul_f64((50_000.0 + 524_288.0) / 104_857.0);
+        assert!(
+            wait.abs_diff(expected) < Duration::from_micros(10),
+            "{wait:?}"
+        );
+        // Once that time has passed a new slice starts empty.
+        let later = now + wait + Duration::from_millis(1);
+        assert_eq!(limit.delay(1000, later), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_tiny_speed_still_has_a_quota() {
+        let now = Instant::now();
+        let mut limit = RateLimit::new(now);
+        limit.set_speed(1);
+        let wait = limit.delay(2, now);
+        assert_eq!(wait, SLICE * 2);
+    }
+}

@@ -1,0 +1,296 @@
+//! The block job commands: `block-stream`, `block-commit`, `query-block-jobs` and `block-job-cancel`,
+//! `-pause`, `-resume`, `-set-speed`, `-complete`, their arguments read and checked in QEMU's
+//! order (the schema's, then the disk, then the values), errors in QEMU's classes and words.
+
+use serde_json::{json, Value};
+
+use super::args::Args;
+use super::backend::{CommitArgs, JobCommand, JobError, MonitorBackend, StreamArgs};
+use super::protocol::{ErrorClass, QmpError};
+
+/// The commands this file handles, as `query-commands` lists them.
+pub const JOB_COMMANDS: [&str; 8] = [
+    "block-stream",
+    "block-commit",
+    "query-block-jobs",
+    "block-job-cancel",
+    "block-job-pause",
+    "block-job-resume",
+    "block-job-set-speed",
+    "block-job-complete",
+];
+
+fn job_error(e: JobError) -> QmpError {
+    let class = match e {
+        JobError::NotFound(_) => ErrorClass::DeviceNotActive,
+        _ => ErrorClass::GenericError,
+    };
+    QmpError {
+        class,
+        desc: e.to_string(),
+    }
+}
+
+/// Runs one of [`JOB_COMMANDS`].
+pub fn execute(
+    command: &str,
+    mut args: Args,
+    backend: &mut dyn MonitorBackend,
+) -> Result<Value, QmpError> {
+    match command {
+        "block-stream" => stream(args, backend),
+        "block-commit" => commit(args, backend),
+        "query-block-jobs" => {
+            args.finish()?;
+            serde_json::to_value(backend.block_jobs())
+                .map_err(|e| QmpError::generic(format!("Cannot encode reply: {e}")))
+        }
+        _ => {
+            let device = args.required_str("device")?;
+            let job = match command {
+                "block-job-cancel" => JobCommand::Cancel {
+                    force: args.optional_bool("force")?.unwrap_or(false),
+                },
+                "block-job-pause" => JobCommand::Pause,
+                "block-job-resume" => JobCommand::Resume,
+                "block-job-set-speed" => JobCommand::SetSpeed(
+                    args.optional_i64("speed")?
+                        .ok_or_else(|| QmpError::generic("Parameter 'speed' is missing"))?,
+                ),
+                _ => JobCommand::Complete,
+            };
+            args.finish()?;
+            backend.block_job(&device, job).map_err(job_error)?;
+            Ok(json!({}))
+        }
+    }
+}
+
+/// The drive id of the disk `device` names (its drive id or its top's node name).
+fn find_disk(backend: &dyn MonitorBackend, device: &str) -> Result<String, QmpError> {
+    backend
+        .block_devices()
+        .into_iter()
+        .find(|d| d.drive_id == device || d.node_name == device)
+        .map(|d| d.drive_id)
+        .ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='{device}' nor node-name='{device}'"
+            ))
+        })
+}
+
+/// Refuses what this VMM's jobs do not do: a node name below the top (the layers have none
+/// here), and jobs that wait to be finalized or dismissed.
+fn refuse_unsupported(
+    node: Option<String>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+) -> Result<(), QmpError> {
+    if let Some(node) = node {
+        return Err(QmpError::generic(format!(
+            "Cannot find device='' nor node-name='{node}'"
+        )));
+    }
+    if auto_finalize == Some(false) || auto_dismiss == Some(false) {
+        return Err(QmpError::generic(
+            "Jobs here finalize and dismiss themselves: auto-finalize and auto-dismiss must be true",
+        ));
+    }
+    Ok(())
+}
+
+/// `block-commit`: the disk by drive id or by its top's node name.
+fn commit(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, QmpError> {
+    let job_id = args.optional_str("job-id")?;
+    let device = args.required_str("device")?;
+    let base_node = args.optional_str("base-node")?;
+    let base = args.optional_str("base")?;
+    let top_node = args.optional_str("top-node")?;
+    let top = args.optional_str("top")?;
+    let backing_file = args.optional_str("backing-file")?;
+    let _mask_protocol = args.optional_bool("backing-mask-protocol")?;
+    let speed = args.optional_i64("speed")?;
+    let _on_error = args.optional_str("on-error")?;
+    let _filter = args.optional_str("filter-node-name")?;
+    let auto_finalize = args.optional_bool("auto-finalize")?;
+    let auto_dismiss = args.optional_bool("auto-dismiss")?;
+    args.finish()?;
+    // Unlike block-stream, QEMU's block-commit says DeviceNotFound.
+    let drive_id = find_disk(backend, &device).map_err(|_| QmpError::device_not_found(&device))?;
+    refuse_unsupported(top_node.or(base_node), auto_finalize, auto_dismiss)?;
+    let args = CommitArgs {
+        job_id,
+        top,
+        base,
+        backing_file,
+        speed: speed.unwrap_or(0),
+    };
+    backend.block_commit(&drive_id, args).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+/// `block-stream`: the disk by drive id or by its top's node name.
+fn stream(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, QmpError> {
+    let job_id = args.optional_str("job-id")?;
+    let device = args.required_str("device")?;
+    let base = args.optional_str("base")?;
+    let base_node = args.optional_str("base-node")?;
+    let backing_file = args.optional_str("backing-file")?;
+    let speed_arg = args.optional_i64("speed")?;
+    let _on_error = args.optional_str("on-error")?;
+    let auto_finalize = args.optional_bool("auto-finalize")?;
+    let auto_dismiss = args.optional_bool("auto-dismiss")?;
+    args.finish()?;
+    if base.is_some() && base_node.is_some() {
+        return Err(QmpError::generic(
+            "'base' and 'base-node' cannot be specified at the same time",
+        ));
+    }
+    let drive_id = find_disk(backend, &device)?;
+    refuse_unsupported(base_node, auto_finalize, auto_dismiss)?;
+    backend
+        .block_stream(
+            &drive_id,
+            StreamArgs {
+                job_id,
+                base,
+                backing_file,
+                speed: speed_arg.unwrap_or(0),
+            },
+        )
+        .map_err(job_error)?;
+    Ok(json!({}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::monitor::backend::RunState;
+    use crate::monitor::test_backend::RecordingBackend;
+
+    fn call(backend: &mut RecordingBackend, command: &str, args: Value) -> Value {
+        let Value::Object(members) = args else {
+            panic!("arguments are an object");
+        };
+        match execute(command, Args::new(members), backend) {
+            Ok(v) => json!({"return": v}),
+            Err(e) => json!({"error": {"class": e.class, "desc": e.desc}}),
+        }
+    }
+
+    #[test]
+    fn job_commands_read_qemus_arguments() {
+        let mut b = RecordingBackend::new(RunState::Running);
+        let ok = json!({"return": {}});
+        let stream = json!({"device": "d0", "job-id": "s", "base": "/b", "backing-file": "b",
+                            "speed": 7, "on-error": "report", "auto-finalize": true});
+        assert_eq!(call(&mut b, "block-stream", stream), ok);
+        // By the top's node name, the drive's id then reaches the VM.
+        assert_eq!(
+            call(&mut b, "block-stream", json!({"device": "#block1"})),
+            ok
+        );
+        let commit = json!({"device": "d0", "job-id": "c", "top": "/m", "base": "/b",
+                            "backing-file": "b", "speed": 9, "backing-mask-protocol": true});
+        assert_eq!(call(&mut b, "block-commit", commit), ok);
+        for (command, args) in [
+            ("block-job-cancel", json!({"device": "j0", "force": true})),
+            ("block-job-pause", json!({"device": "j0"})),
+            ("block-job-resume", json!({"device": "j0"})),
+            ("block-job-set-speed", json!({"device": "j0", "speed": -3})),
+            ("block-job-complete", json!({"device": "j0"})),
+        ] {
+            assert_eq!(call(&mut b, command, args), ok, "{command}");
+        }
+        assert_eq!(
+            call(&mut b, "query-block-jobs", json!({})),
+            json!({"return": []})
+        );
+        let calls = b.calls.lock().expect("log").clone();
+        assert_eq!(
+            calls,
+            [
+                r#"stream d0 StreamArgs { job_id: Some("s"), base: Some("/b"), backing_file: Some("b"), speed: 7 }"#,
+                "stream d1 StreamArgs { job_id: None, base: None, backing_file: None, speed: 0 }",
+                r#"commit d0 CommitArgs { job_id: Some("c"), top: Some("/m"), base: Some("/b"), backing_file: Some("b"), speed: 9 }"#,
+                "job j0 Cancel { force: true }",
+                "job j0 Pause",
+                "job j0 Resume",
+                "job j0 SetSpeed(-3)",
+                "job j0 Complete",
+                "block_jobs",
+            ]
+        );
+    }
+
+    #[test]
+    fn job_command_errors_have_qemus_classes() {
+        let mut b = RecordingBackend::new(RunState::Running);
+        let err = |class: &str, desc: &str| json!({"error": {"class": class, "desc": desc}});
+        let cases = [
+            (
+                "block-job-pause",
+                json!({"device": "x"}),
+                err("DeviceNotActive", "Block job 'x' not found"),
+            ),
+            (
+                "block-job-pause",
+                json!({}),
+                err("GenericError", "Parameter 'device' is missing"),
+            ),
+            (
+                "block-job-set-speed",
+                json!({"device": "j0"}),
+                err("GenericError", "Parameter 'speed' is missing"),
+            ),
+            (
+                "block-job-set-speed",
+                json!({"device": "j0", "speed": 1.5}),
+                err(
+                    "GenericError",
+                    "Invalid parameter type for 'speed', expected: integer",
+                ),
+            ),
+            (
+                "block-stream",
+                json!({"device": "d0", "base": "a", "base-node": "b"}),
+                err(
+                    "GenericError",
+                    "'base' and 'base-node' cannot be specified at the same time",
+                ),
+            ),
+            (
+                "block-stream",
+                json!({"device": "nope"}),
+                err(
+                    "GenericError",
+                    "Cannot find device='nope' nor node-name='nope'",
+                ),
+            ),
+            (
+                "block-commit",
+                json!({"device": "nope"}),
+                err("DeviceNotFound", "Device 'nope' not found"),
+            ),
+            (
+                "block-commit",
+                json!({"device": "d0", "top-node": "n"}),
+                err("GenericError", "Cannot find device='' nor node-name='n'"),
+            ),
+            (
+                "block-stream",
+                json!({"device": "d0", "bogus": 1}),
+                err("GenericError", "Parameter 'bogus' is unexpected"),
+            ),
+        ];
+        for (command, args, want) in cases {
+            assert_eq!(
+                call(&mut b, command, args.clone()),
+                want,
+                "{command} {args}"
+            );
+        }
+        assert!(b.calls.lock().expect("log").is_empty());
+    }
+}

@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Block jobs on a running vmm beside QEMU 10, driven by QEMU's own client (qemu.qmp).
+
+Usage: jobs_client.py SCENARIO VMM KERNEL SOCKET (SCENARIO: "jobs")
+
+Each side gets copies of the same two chains (base <- mid <- top, pattern-filled with qemu-io):
+d0 on an iothread, d1 on the main loop. The same QMP sequence goes to vmm (guest running) and to
+QEMU microvm (-S): bad requests; a slow block-stream with a base, paused, refused verbs,
+speed changed, resumed to its end; a full stream of the main-loop disk; a stream cancelled
+halfway; an intermediate commit of a disk's middle image into its base. The replies, the job events (timestamps stripped), query-block-jobs while paused and
+query-block's chains must match; after both quit, qemu-img compares the images side by side,
+checks them, and reads the same chains.
+Prints one line per check; exits non-zero on the first failure.
+"""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+from qemu.qmp import EventListener, QMPClient
+
+from checks import TIMEOUT, check
+from guest_client import close, image_chain, snapshot_side_chain, start
+
+JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
+              "BLOCK_JOB_READY", "BLOCK_JOB_ERROR")
+
+
+def make_chains(d):
+    def run(*cmd):
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    for n in ("", "2", "3"):
+        base, mid, top = (f"{d}/base{n}.qcow2", f"{d}/mid{n}.qcow2", f"{d}/top{n}.qcow2")
+        run("qemu-img", "create", "-q", "-f", "qcow2", base, "4M")
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", "-c", "write -P 4 3M 64k", base)
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", mid)
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 2 512k 1M", "-c", "write -z 2M 128k", mid)
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", top)
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 3 1M 64k", top)
+
+
+async def wait_jobs_gone(qmp):
+    for _ in range(TIMEOUT * 20):
+        if not await qmp.execute("query-block-jobs"):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def wait_status(qmp, job, status, moved=False):
+    """The job's query-block-jobs entry once it has `status` (and, with `moved`, has made
+    progress)."""
+    for _ in range(TIMEOUT * 20):
+        jobs = [j for j in await qmp.execute("query-block-jobs") if j["device"] == job]
+        if jobs and jobs[0]["status"] == status and (jobs[0]["offset"] > 0 or not moved):
+            return jobs[0]
+        await asyncio.sleep(0.05)
+    return None
+
+
+def collapse_wakeups(events):
+    """QEMU's paused job returns to its pause point each time something wakes it (a drain),
+    raising `running` and `paused` again; such pairs are collapsed into the one pause."""
+    out = []
+    for e in events:
+        if (len(out) >= 2 and e == out[-2] and e[0] == "JOB_STATUS_CHANGE"
+                and e[1]["status"] == "paused" and out[-1][1].get("status") == "running"):
+            out.pop()
+            continue
+        out.append(e)
+    return out
+
+
+async def side(qmp, d):
+    """The job sequence on images in directory `d`; returns what to compare, `d` named DIR."""
+    replies = []
+
+    async def ex(cmd, args):
+        try:
+            r = await qmp.execute(cmd, args)
+            replies.append((cmd, "return", r))
+        except Exception as e:  # qemu.qmp's ExecuteError: the reply's class and desc.
+            err = e.error.error
+            replies.append((cmd, err.class_, err.desc.replace(d, "DIR")))
+
+    listener = EventListener()
+    with qmp.listen(listener):
+        for cmd, args in [
+            ("block-stream", {"device": "nope"}),
+            ("block-stream", {"device": "d0", "base": f"{d}/nope.qcow2"}),
+            ("block-stream", {"device": "d0", "base": f"{d}/top.qcow2"}),
+            ("block-stream", {"device": "d0", "speed": -1}),
+            ("block-stream", {"device": "d0", "job-id": "1x"}),
+            ("block-job-pause", {"device": "j0"}),
+            ("block-job-cancel", {"device": "j0"}),
+            ("block-job-set-speed", {"device": "j0", "speed": 5}),
+            # 1 byte/s: after its first copy the job sleeps for days.
+            ("block-stream", {"device": "d0", "job-id": "j0", "base": f"{d}/base.qcow2",
+                              "speed": 1}),
+            ("block-stream", {"device": "d0", "job-id": "j1"}),
+            ("block-stream", {"device": "d1", "job-id": "j0"}),
+            ("blockdev-snapshot-sync", {"device": "d0", "snapshot-file": f"{d}/s.qcow2"}),
+            ("block-job-complete", {"device": "j0"}),
+            ("block-job-resume", {"device": "j0"}),
+            ("block-job-pause", {"device": "j0"}),
+            ("block-job-pause", {"device": "j0"}),
+        ]:
+            await ex(cmd, args)
+        paused = await wait_status(qmp, "j0", "paused")
+        if paused:
+            del paused["offset"]  # how far it got before pausing
+        for cmd, args in [
+            ("block-job-cancel", {"device": "j0"}),
+            ("block-job-set-speed", {"device": "j0", "speed": -5}),
+            ("block-job-set-speed", {"device": "j0", "speed": 0}),
+            ("block-job-resume", {"device": "j0"}),
+        ]:
+            await ex(cmd, args)
+        gone = [await wait_jobs_gone(qmp)]
+        await ex("block-stream", {"device": "d1"})
+        gone.append(await wait_jobs_gone(qmp))
+        await ex("block-stream", {"device": "d0", "job-id": "j2", "speed": 1})
+        # Halfway: after its first copy, sleeping for its speed limit.
+        gone.append(await wait_status(qmp, "j2", "running", moved=True) is not None)
+        await ex("block-job-cancel", {"device": "j2"})
+        gone.append(await wait_jobs_gone(qmp))
+        # An intermediate commit of d2's middle image into its base.
+        for cmd, args in [
+            ("block-commit", {"device": "nope", "top": f"{d}/mid3.qcow2"}),
+            ("block-commit", {"device": "d2", "top": f"{d}/nope.qcow2"}),
+            ("block-commit", {"device": "d2", "top": f"{d}/mid3.qcow2", "base": f"{d}/nope"}),
+            ("block-commit", {"device": "d2", "top": f"{d}/mid3.qcow2", "base": f"{d}/mid3.qcow2"}),
+            ("block-commit", {"device": "d2", "top": f"{d}/mid3.qcow2", "speed": -1}),
+            ("block-commit", {"device": "d2", "job-id": "c0", "top": f"{d}/mid3.qcow2",
+                              "base": f"{d}/base3.qcow2"}),
+        ]:
+            await ex(cmd, args)
+        gone.append(await wait_jobs_gone(qmp))
+        await asyncio.sleep(0.3)
+        events = []
+        while not listener.empty():
+            e = listener._queue.get_nowait()  # qemu.qmp's listener has no non-blocking get
+            if e["event"] in JOB_EVENTS:
+                events.append((e["event"], e.get("data")))
+    _, chain = await snapshot_side_chain(qmp, d)
+    return replies, paused, gone, collapse_wakeups(events), chain
+
+
+async def jobs(vmm_path, kernel, sock):
+    d = os.path.dirname(sock)
+    ours, theirs = os.path.join(d, "vmm"), os.path.join(d, "qemu")
+    for s in (ours, theirs):
+        os.makedirs(s, exist_ok=True)
+        make_chains(s)
+
+    def flags(s):
+        return ["-object", "iothread,id=io0",
+                "-drive", f"file={s}/top.qcow2,format=qcow2,if=none,id=d0",
+                "-device", "virtio-blk-device,drive=d0,id=vd0,iothread=io0",
+                "-drive", f"file={s}/top2.qcow2,format=qcow2,if=none,id=d1",
+                "-device", "virtio-blk-device,drive=d1,id=vd1",
+                "-drive", f"file={s}/top3.qcow2,format=qcow2,if=none,id=d2",
+                "-device", "virtio-blk-device,drive=d2,id=vd2,iothread=io0"]
+    vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags(ours))
+    qemu_sock = os.path.join(d, "qemu.sock")
+    qemu = await asyncio.create_subprocess_exec(
+        "qemu-system-x86_64", "-machine", "microvm", "-nodefaults", "-display", "none", "-S",
+        "-qmp", f"unix:{qemu_sock},server=on,wait=off", *flags(theirs),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE)
+    qqmp = QMPClient("qemu-jobs-test")
+    for _ in range(TIMEOUT * 10):
+        try:
+            await qqmp.connect(qemu_sock)
+            break
+        except Exception:  # Not listening yet.
+            await asyncio.sleep(0.1)
+    else:
+        check(False, "connect to QEMU's monitor")
+    await qmp.execute("cont")
+    mine = await side(qmp, ours)
+    qemus = await side(qqmp, theirs)
+    for ours_r, qemu_r in zip(mine[0], qemus[0]):
+        check(ours_r == qemu_r, f"reply {ours_r} (QEMU: {qemu_r})")
+    check(len(mine[0]) == len(qemus[0]), "as many replies")
+    check(mine[1] is not None and mine[1] == qemus[1],
+          f"query-block-jobs while paused {mine[1]} (QEMU: {qemus[1]})")
+    check(mine[2] == qemus[2] == [True] * 5, f"every job ended {mine[2]} (QEMU: {qemus[2]})")
+    for i, (ours_e, qemu_e) in enumerate(zip(mine[3], qemus[3])):
+        check(ours_e == qemu_e, f"event {i} {ours_e} (QEMU: {qemu_e})")
+    check(len(mine[3]) == len(qemus[3]), f"as many job events ({len(mine[3])})")
+    check(mine[4] == qemus[4], f"query-block's chains {mine[4]} (QEMU: {qemus[4]})")
+    for q in (qmp, qqmp):
+        await q.execute("quit")
+    check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
+    await asyncio.wait_for(qemu.wait(), TIMEOUT)
+    for q in (qmp, qqmp):
+        await close(q)
+    for top in ("top.qcow2", "top2.qcow2", "top3.qcow2"):
+        a, b = image_chain(ours, top), image_chain(theirs, top)
+        check(a == b, f"qemu-img info --backing-chain {top}: {a} (QEMU: {b})")
+        same = subprocess.run(["qemu-img", "compare", f"{ours}/{top}", f"{theirs}/{top}"],
+                              capture_output=True)
+        check(same.returncode == 0, f"qemu-img compare {top}: {same.stdout.decode().strip()}")
+        for layer in a:
+            path = layer[0].replace("DIR", ours)
+            check(subprocess.run(["qemu-img", "check", "-q", path]).returncode == 0,
+                  f"{layer[0]} checks clean")
+
+
+if __name__ == "__main__":
+    scenario, vmm_path, kernel, sock = sys.argv[1:5]
+    if os.path.exists(sock):
+        os.unlink(sock)
+    asyncio.run({"jobs": jobs}[scenario](vmm_path, kernel, sock))
