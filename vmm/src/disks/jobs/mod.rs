@@ -379,6 +379,13 @@ impl Job {
             Ok(step) => {
                 s.offset = (s.offset + step.advanced).min(s.len);
                 let delay = s.limit.delay(step.copied, Instant::now());
+                // A pause or cancel that came during the step re-armed the timer before this
+                // re-arm replaces it: it is taken now, not after the speed limit's sleep.
+                let delay = if s.user_paused || s.cancelled {
+                    Duration::ZERO
+                } else {
+                    delay
+                };
                 drop(s);
                 self.schedule(delay);
             }
