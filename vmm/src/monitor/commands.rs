@@ -18,8 +18,8 @@ use super::events::{QmpEvent, ShutdownCause};
 use super::framing::Frame;
 use super::protocol::{self, QmpError};
 
-/// The commands of command mode, as `query-commands` lists them.
-pub const COMMANDS: [&str; 26] = [
+/// The commands of command mode but the block jobs', as `query-commands` lists them.
+pub const COMMANDS: [&str; 18] = [
     "qmp_capabilities",
     "query-commands",
     "query-version",
@@ -38,15 +38,12 @@ pub const COMMANDS: [&str; 26] = [
     "x-block-stages-histogram-set",
     "block_resize",
     "query-named-block-nodes",
-    "block-stream",
-    "block-commit",
-    "query-block-jobs",
-    "block-job-cancel",
-    "block-job-pause",
-    "block-job-resume",
-    "block-job-set-speed",
-    "block-job-complete",
 ];
+
+/// Every command of command mode: [`COMMANDS`], then the block jobs' (`jobs.rs`).
+pub fn all_commands() -> impl Iterator<Item = &'static str> {
+    COMMANDS.into_iter().chain(super::jobs::JOB_COMMANDS)
+}
 
 /// What handling one input produced.
 #[derive(Debug)]
@@ -159,7 +156,7 @@ fn execute(
         "query-commands" => {
             args.finish()?;
             Ok(Value::Array(
-                COMMANDS.iter().map(|name| json!({"name": name})).collect(),
+                all_commands().map(|name| json!({"name": name})).collect(),
             ))
         }
         "query-version" => {
@@ -820,9 +817,9 @@ mod tests {
             .iter()
             .map(|c| c["name"].as_str().expect("name"))
             .collect();
-        assert_eq!(names, COMMANDS);
+        assert_eq!(names, all_commands().collect::<Vec<_>>());
         // Every listed command is known: none answers CommandNotFound except the negotiation one.
-        for name in COMMANDS.iter().filter(|n| **n != "qmp_capabilities") {
+        for name in all_commands().filter(|n| *n != "qmp_capabilities") {
             let reply = f.send(&format!(
                 r#"{{"execute": "{name}", "arguments": {{"zzz": 1}}}}"#
             ));
