@@ -6,16 +6,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::*;
-
-fn vmm_img(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm-img"))
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 /// Bytes that do not compress.
 fn noise(len: usize) -> Vec<u8> {

@@ -9,13 +9,6 @@ use std::process::{Command, Output};
 use block::DiskImage;
 use common::*;
 
-fn vmm_img(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm-img"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 fn qemu_img_out(args: &[&str]) -> Output {
     Command::new("qemu-img")
         .args(args)

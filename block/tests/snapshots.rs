@@ -6,17 +6,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use block::DiskImage;
 use common::*;
-
-fn vmm_img(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm-img"))
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 /// `vmm-img snapshot OP NAME FILE`, which must succeed.
 fn ours(op: &str, name: &str, f: &Path) {

@@ -4,16 +4,9 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::*;
-
-fn vmm_img(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm-img"))
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 fn ok(args: &[&str]) -> String {
     let o = vmm_img(args);

@@ -3,9 +3,17 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 use block::{open, DiskImage, Format, OpenOptions};
+
+/// Runs this build's `vmm-img` and returns what it did.
+pub fn vmm_img(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmm-img"))
+        .args(args)
+        .output()
+        .unwrap()
+}
 
 /// Runs a tool and panics with its output when it fails or is missing.
 pub fn run(tool: &str, args: &[&str]) -> String {
