@@ -98,6 +98,25 @@ async def status(qmp, expected):
     check(got == expected, f"query-status {got}")
 
 
+async def start_qemu(d, flags, client_name):
+    """QEMU microvm under -S with `flags`, its monitor at D/qemu.sock; returns the process and a
+    connected client."""
+    qemu_sock = os.path.join(d, "qemu.sock")
+    qemu = await asyncio.create_subprocess_exec(
+        "qemu-system-x86_64", "-machine", "microvm", "-nodefaults", "-display", "none", "-S",
+        "-qmp", f"unix:{qemu_sock},server=on,wait=off", *flags,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE)
+    qqmp = QMPClient(client_name)
+    for _ in range(TIMEOUT * 10):
+        try:
+            await qqmp.connect(qemu_sock)
+            return qemu, qqmp
+        except Exception:  # Not listening yet.
+            await asyncio.sleep(0.1)
+    check(False, "connect to QEMU's monitor")
+
+
 async def lifecycle(vmm_path, kernel, sock):
     vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=["-name", "tiny,process=t"])
     listener = EventListener()
@@ -288,21 +307,7 @@ async def snapshot(vmm_path, kernel, sock):
                     ["qemu-img", "create", "-q", "-f", "raw", f"{side}/base.raw", "2M"]):
             subprocess.run(cmd, check=True)
     vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags(ours))
-    qemu_sock = os.path.join(d, "qemu.sock")
-    qemu = await asyncio.create_subprocess_exec(
-        "qemu-system-x86_64", "-machine", "microvm", "-nodefaults", "-display", "none", "-S",
-        "-qmp", f"unix:{qemu_sock},server=on,wait=off", *flags(theirs),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE)
-    qqmp = QMPClient("qemu-snapshot-test")
-    for _ in range(TIMEOUT * 10):
-        try:
-            await qqmp.connect(qemu_sock)
-            break
-        except Exception:  # Not listening yet.
-            await asyncio.sleep(0.1)
-    else:
-        check(False, "connect to QEMU's monitor")
+    qemu, qqmp = await start_qemu(d, flags(theirs), "qemu-snapshot-test")
     # The guest runs on vmm while its disks are switched; QEMU stays in prelaunch (no guest).
     await qmp.execute("cont")
     results[ours] = await snapshot_side(qmp, ours)
@@ -430,21 +435,7 @@ async def resize(vmm_path, kernel, sock):
                     ["qemu-img", "create", "-q", "-f", "qcow2", f"{side}/ro.qcow2", "1M"]):
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags(ours))
-    qemu_sock = os.path.join(d, "qemu.sock")
-    qemu = await asyncio.create_subprocess_exec(
-        "qemu-system-x86_64", "-machine", "microvm", "-nodefaults", "-display", "none", "-S",
-        "-qmp", f"unix:{qemu_sock},server=on,wait=off", *flags(theirs),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE)
-    qqmp = QMPClient("qemu-resize-test")
-    for _ in range(TIMEOUT * 10):
-        try:
-            await qqmp.connect(qemu_sock)
-            break
-        except Exception:  # Not listening yet.
-            await asyncio.sleep(0.1)
-    else:
-        check(False, "connect to QEMU's monitor")
+    qemu, qqmp = await start_qemu(d, flags(theirs), "qemu-resize-test")
     # The guest runs on vmm while its disks grow; QEMU stays in prelaunch (no guest).
     await qmp.execute("cont")
     mine, qemus = await resize_side(qmp, ours), await resize_side(qqmp, theirs)

@@ -19,10 +19,10 @@ import os
 import subprocess
 import sys
 
-from qemu.qmp import EventListener, QMPClient
+from qemu.qmp import EventListener
 
 from checks import TIMEOUT, check
-from guest_client import close, image_chain, snapshot_side_chain, start
+from guest_client import close, image_chain, snapshot_side_chain, start, start_qemu
 
 JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
               "BLOCK_JOB_READY", "BLOCK_JOB_ERROR")
@@ -164,21 +164,7 @@ async def jobs(vmm_path, kernel, sock):
                 "-drive", f"file={s}/top3.qcow2,format=qcow2,if=none,id=d2",
                 "-device", "virtio-blk-device,drive=d2,id=vd2,iothread=io0"]
     vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags(ours))
-    qemu_sock = os.path.join(d, "qemu.sock")
-    qemu = await asyncio.create_subprocess_exec(
-        "qemu-system-x86_64", "-machine", "microvm", "-nodefaults", "-display", "none", "-S",
-        "-qmp", f"unix:{qemu_sock},server=on,wait=off", *flags(theirs),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE)
-    qqmp = QMPClient("qemu-jobs-test")
-    for _ in range(TIMEOUT * 10):
-        try:
-            await qqmp.connect(qemu_sock)
-            break
-        except Exception:  # Not listening yet.
-            await asyncio.sleep(0.1)
-    else:
-        check(False, "connect to QEMU's monitor")
+    qemu, qqmp = await start_qemu(d, flags(theirs), "qemu-jobs-test")
     await qmp.execute("cont")
     mine = await side(qmp, ours)
     qemus = await side(qqmp, theirs)
