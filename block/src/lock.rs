@@ -149,18 +149,33 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn a_writer_without_its_write_permission_shares_with_readers_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("img");
-        std::fs::write(&p, [0u8; 512]).unwrap();
-        let open = || {
+    /// A 512-byte file in a temporary directory, opened read-write as often as a test asks.
+    struct Scratch {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+    }
+
+    impl Scratch {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("img");
+            std::fs::write(&path, [0u8; 512]).unwrap();
+            Self { _dir: dir, path }
+        }
+
+        fn open(&self) -> File {
             std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
-                .open(&p)
+                .open(&self.path)
                 .unwrap()
-        };
+        }
+    }
+
+    #[test]
+    fn a_writer_without_its_write_permission_shares_with_readers_only() {
+        let img = Scratch::new();
+        let open = || img.open();
         let writer = open();
         lock_image(&writer, "img", true).unwrap();
         let reader = open();
@@ -176,16 +191,8 @@ mod tests {
 
     #[test]
     fn writers_exclude_each_other_and_readers_share() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("img");
-        std::fs::write(&p, [0u8; 512]).unwrap();
-        let open = || {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&p)
-                .unwrap()
-        };
+        let img = Scratch::new();
+        let open = || img.open();
         let r1 = open();
         let r2 = open();
         lock_image(&r1, "img", false).unwrap();
