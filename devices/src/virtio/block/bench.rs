@@ -81,11 +81,7 @@ fn run(rig: &Rig<block::Image>, depth: u16, total: u32, sectors: u64) -> Vec<Dur
 #[ignore = "benchmark: run with --run-ignored only --release --no-capture"]
 fn bench_random_reads_through_an_iothread() {
     let dir = tempfile::tempdir().unwrap();
-    let size = 256 << 20;
-    let image = raw_image(&dir, size);
-    image
-        .write_at(&vec![0x5a; usize::try_from(size).unwrap()], 0)
-        .unwrap();
+    let (image, size) = filled_image(&dir);
     let io = IoThread::spawn("bench-io").unwrap();
     for engine in [Engine::Threads, Engine::IoUring] {
         let rig = Rig::with_engine(io.context().clone(), Arc::clone(&image), 1, false, engine);
@@ -112,6 +108,16 @@ fn bench_random_reads_through_an_iothread() {
     io.stop().unwrap();
 }
 
+/// A raw image of 256 MiB, every byte written (no hole to read), and its size.
+fn filled_image(dir: &tempfile::TempDir) -> (Arc<block::Image>, u64) {
+    let size = 256 << 20;
+    let image = raw_image(dir, size);
+    image
+        .write_at(&vec![0x5a; usize::try_from(size).unwrap()], 0)
+        .unwrap();
+    (image, size)
+}
+
 /// The median of `values`.
 fn median(values: &mut [f64]) -> f64 {
     values.sort_unstable_by(f64::total_cmp);
@@ -122,11 +128,7 @@ fn median(values: &mut [f64]) -> f64 {
 #[ignore = "benchmark: run with --run-ignored only --release --no-capture"]
 fn bench_stage_timing_on_over_off() {
     let dir = tempfile::tempdir().unwrap();
-    let size = 256 << 20;
-    let image = raw_image(&dir, size);
-    image
-        .write_at(&vec![0x5a; usize::try_from(size).unwrap()], 0)
-        .unwrap();
+    let (image, size) = filled_image(&dir);
     let io = IoThread::spawn("bench-stages").unwrap();
     let rounds = 31;
     for engine in [Engine::Threads, Engine::IoUring] {
