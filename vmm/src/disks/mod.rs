@@ -320,3 +320,12 @@ impl Disks {
         first.map_or(Ok(()), Err)
     }
 }
+
+/// Runs a host tool a test needs (qemu-img, qemu-io), failing loudly where it is missing.
+#[cfg(test)]
+fn run_tool(tool: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} is needed for this test (ci/setup installs it): {e}"))
+}

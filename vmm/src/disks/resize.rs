@@ -117,15 +117,6 @@ mod tests {
         dir
     }
 
-    fn run(tool: &str, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(tool)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| {
-                panic!("{tool} is needed for this test (ci/setup installs it): {e}")
-            })
-    }
-
     /// A device on an iothread serving `path` (of `format`), started by its driver.
     fn disk(
         path: &Path,
@@ -196,9 +187,9 @@ mod tests {
         drop(live);
         io.stop().unwrap();
         let p = path.to_str().unwrap();
-        let check = run("qemu-img", &["check", p]);
+        let check = crate::disks::run_tool("qemu-img", &["check", p]);
         assert!(check.status.success(), "{check:?}");
-        let read = run(
+        let read = crate::disks::run_tool(
             "qemu-io",
             &[
                 "-f",
@@ -217,7 +208,7 @@ mod tests {
         assert!(read.status.success(), "{read:?}");
         let out = String::from_utf8_lossy(&read.stdout);
         assert!(!out.contains("Pattern verification failed"), "{out}");
-        let info = run("qemu-img", &["info", "--output=json", p]);
+        let info = crate::disks::run_tool("qemu-img", &["info", "--output=json", p]);
         let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
         assert_eq!(info["virtual-size"], 16 << 20);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -335,15 +335,6 @@ mod tests {
             .collect()
     }
 
-    fn run(tool: &str, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(tool)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| {
-                panic!("{tool} is needed for this test (ci/setup installs it): {e}")
-            })
-    }
-
     /// A writer thread keeps `DEPTH` writes in flight on a device served by `ctx` while the main
     /// thread snapshots the disk; then every write is in the new chain, the old top holds
     /// exactly the writes taken before the switch, and QEMU's tools agree on the chain.
@@ -430,14 +421,15 @@ mod tests {
         // While the disk runs: the old top may be read by others and not written; the overlay
         // is ours alone.
         let (base_s, overlay_s) = (base.to_str().unwrap(), overlay.to_str().unwrap());
-        let read = run("qemu-io", &["-r", "-f", "qcow2", "-c", "read 0 4k", base_s]);
+        let read =
+            crate::disks::run_tool("qemu-io", &["-r", "-f", "qcow2", "-c", "read 0 4k", base_s]);
         assert!(read.status.success(), "{read:?}");
-        let write = run("qemu-io", &["-f", "qcow2", "-c", "write 0 4k", base_s]);
+        let write = crate::disks::run_tool("qemu-io", &["-f", "qcow2", "-c", "write 0 4k", base_s]);
         assert!(
             !write.status.success(),
             "a writer got the old top: {write:?}"
         );
-        let other = run(
+        let other = crate::disks::run_tool(
             "qemu-io",
             &["-r", "-f", "qcow2", "-c", "read 0 4k", overlay_s],
         );
@@ -457,10 +449,10 @@ mod tests {
         assert!(prefix.is_some(), "the old top is no prefix of the writes");
         assert_eq!(contents(&overlay), after(WRITES));
         for image in [base_s, overlay_s] {
-            let check = run("qemu-img", &["check", image]);
+            let check = crate::disks::run_tool("qemu-img", &["check", image]);
             assert!(check.status.success(), "{check:?}");
         }
-        let info = run(
+        let info = crate::disks::run_tool(
             "qemu-img",
             &["info", "--output=json", "--backing-chain", overlay_s],
         );
@@ -521,7 +513,8 @@ mod tests {
         );
         // The old top kept its write lock: nobody else may read it consistently...
         let base_s = base.to_str().unwrap();
-        let read = run("qemu-io", &["-r", "-f", "qcow2", "-c", "read 0 4k", base_s]);
+        let read =
+            crate::disks::run_tool("qemu-io", &["-r", "-f", "qcow2", "-c", "read 0 4k", base_s]);
         assert!(!read.status.success(), "the old top lost its write lock");
         // ...and the device still writes to it.
         rig.mem
