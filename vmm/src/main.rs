@@ -37,6 +37,9 @@ enum Error {
     /// The seccomp filters.
     #[error(transparent)]
     Sandbox(#[from] sandbox::SandboxError),
+    /// Landlock could not be put on.
+    #[error(transparent)]
+    Landlock(#[from] sandbox::landlock::LandlockError),
     /// The command line.
     #[error(transparent)]
     Cli(#[from] cli::CliError),
@@ -118,6 +121,11 @@ fn run(args: impl IntoIterator<Item = String>) -> Result<(), Error> {
         .transpose()?;
     let vm = vm::Vm::build(&config)?;
     let terminal = console::RawTerminal::enter()?;
+    // Every file is open: from here on the main thread and the threads it starts (the vCPUs
+    // first) open only what the sandbox's Landlock rules allow.
+    if config.sandbox {
+        sandbox::landlock::restrict(&config, &vm.image_files())?;
+    }
     let reason = vm.run();
     drop(terminal);
     match reason? {

@@ -44,6 +44,7 @@ use crate::monitor::{
     event_channel, shutdown_cause, Listener, Monitor, MonitorError, QmpEvent, VmMonitor,
 };
 use crate::sandbox;
+use crate::sandbox::landlock::ImageFile;
 use crate::vcpu::{install_kick_handler, Kicker, Vcpu};
 
 /// Errors from building or running the VM, one per failing step.
@@ -402,6 +403,11 @@ impl Vm {
             disks,
             io_errors,
         })
+    }
+
+    /// Every file of every disk's chain (see [`Disks::image_files`]).
+    pub fn image_files(&self) -> Vec<ImageFile> {
+        self.disks.image_files()
     }
 
     /// Runs the VM until something ends it, then stops and joins every vCPU thread.

@@ -41,7 +41,9 @@ mod resize;
 mod snapshot;
 mod wiring;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use block::DiskImage;
 
 use devices::bus::{BusError, SharedBus};
 use devices::context;
@@ -55,6 +57,7 @@ use crate::arch::x86_64::memory::GuestMemory;
 use crate::drive::DiskSpec;
 use crate::global::{GlobalLock, IoThreadFailures};
 use crate::monitor::{IoThreadInfo, VmDisk};
+use crate::sandbox::landlock::ImageFile;
 use iothreads::IoThreads;
 use open::open_image;
 use query::{block_device, Names};
@@ -293,6 +296,24 @@ impl Disks {
     /// The disks, for the monitor.
     pub fn disks(&self) -> Vec<VmDisk> {
         self.disks.clone()
+    }
+
+    /// Every file of every disk's chain, top first, for the sandbox's Landlock rules.
+    pub fn image_files(&self) -> Vec<ImageFile> {
+        let mut files = Vec::new();
+        for disk in &self.disks {
+            let live = disk.live.lock().unwrap_or_else(PoisonError::into_inner);
+            files.extend(
+                live.top()
+                    .chain()
+                    .enumerate()
+                    .map(|(depth, image)| ImageFile {
+                        path: image.file().path().into(),
+                        writable: depth == 0 && !image.read_only(),
+                    }),
+            );
+        }
+        files
     }
 
     /// What names the nodes of the images the monitor opens later, once: the monitor is the

@@ -29,12 +29,16 @@
 //! these lists in the same change; the tiny-guest and nested-host suites run with the sandbox on,
 //! so a missing call shows up there.
 //!
+//! File access is limited too, with Landlock where the kernel has it ([`landlock`]): put on the
+//! main thread before the vCPU threads start, once every file of the VM is open.
+//!
 //! Test hook: with `VMM_SANDBOX_TEST_VIOLATION=KIND` in the environment, each thread of that kind
 //! makes a forbidden call (`socket(AF_INET)`) right after its filter is on, so the tests can see
 //! each filter and the handler do their work. It makes the VMM die at once and is meant for tests
 //! only.
 
 mod iothread;
+pub mod landlock;
 mod main_loop;
 mod rules;
 mod signals;
@@ -236,11 +240,20 @@ pub fn init() -> Result<(), SandboxError> {
 }
 
 /// Puts the calling thread under the filter of `kind`, when the sandbox is on; a thread that
-/// cannot be confined ends the process (see the module documentation).
+/// cannot be confined ends the process (see the module documentation). The main thread then runs
+/// the Landlock test hook ([`landlock::test_opens`]), sandbox on or off.
 pub fn enter(kind: Kind) {
-    let Some(sandbox) = SANDBOX.get() else {
-        return;
-    };
+    if let Some(sandbox) = SANDBOX.get() {
+        confine(sandbox, kind);
+    }
+    if kind == Kind::Main {
+        landlock::test_opens();
+    }
+}
+
+/// Installs `kind`'s programs on the calling thread, then makes the test hook's forbidden call
+/// if it names `kind`.
+fn confine(sandbox: &Sandbox, kind: Kind) {
     trap::remember_thread_name();
     let index = Kind::ALL.iter().position(|&k| k == kind).unwrap_or(0);
     for program in &sandbox.filters[index] {
