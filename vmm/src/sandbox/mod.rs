@@ -108,15 +108,14 @@ impl Kind {
         r
     }
 
-    /// The programs its threads install, in order: on every thread but the main one first the
-    /// refusal of `openat` with EACCES (glibc opens files lazily on whichever thread first needs
-    /// them, `/proc/sys/vm/overcommit_memory` when a thread's heap first shrinks, and copes with
-    /// the failure; these threads open nothing else), then the allow-list.
+    /// The programs its threads install, in order: first the refusals ([`rules::refusals`]):
+    /// `clone3` with ENOSYS, so that new threads come from `clone`, whose flags the filters
+    /// check, and on every thread but the main one `openat` with EACCES (glibc opens files
+    /// lazily on whichever thread first needs them, `/proc/sys/vm/overcommit_memory` when a
+    /// thread's heap first shrinks, and copes with the failure; these threads open nothing
+    /// else); then the allow-list.
     fn compile(self) -> Result<Vec<BpfProgram>, seccompiler::BackendError> {
-        let mut programs = Vec::with_capacity(2);
-        if self != Kind::Main {
-            programs.push(rules::refuse_opens()?);
-        }
+        let mut programs = rules::refusals(self != Kind::Main)?;
         programs.push(self.rules().compile()?);
         Ok(programs)
     }
@@ -311,7 +310,7 @@ mod tests {
     }
 
     #[test]
-    fn a_worker_grown_by_a_confined_thread_confines_itself_and_does_its_io() {
+    fn a_worker_grown_by_a_confined_thread_comes_from_clone_confines_itself_and_does_its_io() {
         let path = std::env::temp_dir().join(format!("sandbox-grow-{}", std::process::id()));
         std::fs::write(&path, b"data").expect("temp dir is writable");
         trap::install_handler().expect("installs");
@@ -321,6 +320,13 @@ mod tests {
                 .name(format!("{spawner:?}"))
                 .spawn(move || {
                     confine(spawner);
+                    // SAFETY: clone3 with no arguments creates nothing whatever the filter does.
+                    let r = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0) };
+                    assert_eq!(
+                        (r, std::io::Error::last_os_error().raw_os_error()),
+                        (-1, Some(libc::ENOSYS)),
+                        "clone3 is refused, so that threads come from clone"
+                    );
                     std::thread::Builder::new()
                         .name("d0-io1".into())
                         .spawn(move || {

@@ -97,16 +97,27 @@ impl Rules {
     }
 }
 
-/// The program that makes `openat` fail with EACCES and lets everything else through (to the
-/// allow-list installed after it).
-pub fn refuse_opens() -> Result<BpfProgram, BackendError> {
-    let filter = SeccompFilter::new(
-        BTreeMap::from([(libc::SYS_openat, Vec::new())]),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EACCES.cast_unsigned()),
-        TargetArch::x86_64,
-    )?;
-    BpfProgram::try_from(filter)
+/// The programs installed before the allow-list, one per refused call, whose errors win over
+/// the allow-list's `Allow` (not over its traps): `clone3` fails with ENOSYS, so that glibc
+/// starts threads with `clone`, whose flags the allow-lists check (`clone3` passes them in
+/// memory, out of a filter's reach); with `refuse_opens`, `openat` fails with EACCES.
+pub fn refusals(refuse_opens: bool) -> Result<Vec<BpfProgram>, BackendError> {
+    let mut refused = vec![(libc::SYS_clone3, libc::ENOSYS)];
+    if refuse_opens {
+        refused.push((libc::SYS_openat, libc::EACCES));
+    }
+    refused
+        .into_iter()
+        .map(|(nr, errno)| {
+            let filter = SeccompFilter::new(
+                BTreeMap::from([(nr, Vec::new())]),
+                SeccompAction::Allow,
+                SeccompAction::Errno(errno.cast_unsigned()),
+                TargetArch::x86_64,
+            )?;
+            BpfProgram::try_from(filter)
+        })
+        .collect()
 }
 
 /// A number as the filter compares it (the constants are small and non-negative).
@@ -158,8 +169,9 @@ pub fn common() -> Rules {
 }
 
 /// What a thread makes that starts threads (a disk's pool grows from whichever thread submits
-/// to it), including what the new thread makes before and while its own filter goes on: `clone3`
-/// and `clone`, robust futex lists, restartable sequences, its name and its CPU set,
+/// to it), including what the new thread makes before and while its own filter goes on: `clone`
+/// with exactly the flags of a thread (`clone3` is allowed here only to meet [`refusals`]'
+/// ENOSYS, which makes glibc fall back to `clone`), robust futex lists, restartable sequences, its name and its CPU set,
 /// `PR_SET_NO_NEW_PRIVS` and `seccomp`. The new worker's filter stacks on its creator's, so the
 /// creator allows the worker's I/O calls too ([`super::worker::io`]).
 pub fn spawner(r: &mut Rules) {
