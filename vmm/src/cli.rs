@@ -52,8 +52,9 @@ Usage: vmm -kernel FILE [options]
                    names the vmm process PNAME, else NAME (threads are always named)
   -pidfile FILE    write vmm's process id to FILE, removed at exit
   -sandbox on|off[,obsolete=deny][,elevateprivileges=deny][,spawn=deny][,resourcecontrol=deny]
-                   seccomp filters on every thread (default on); QEMU's sub-options are
-                   accepted with deny, which is what the filters always do
+                   seccomp filters on every thread and Landlock on the files (default on);
+                   with -qmp, snapshot overlays go beside an image of the disk's chain;
+                   QEMU's sub-options are accepted with deny, which the filters always do
   -cpu host|max, -accel kvm, -machine microvm[,accel=kvm], -enable-kvm, -display none,
   -nographic, -nodefaults, -serial stdio, -no-reboot
                    accepted for QEMU compatibility: this is what vmm always does
@@ -92,7 +93,8 @@ pub struct Config {
     pub name: Name,
     /// `-pidfile`.
     pub pidfile: Option<PathBuf>,
-    /// `-sandbox`: every thread runs under its seccomp filter (on unless `-sandbox off`).
+    /// `-sandbox`: every thread runs under its seccomp filter, and Landlock limits the files (on
+    /// unless `-sandbox off`).
     pub sandbox: bool,
 }
 

@@ -18,6 +18,9 @@
 //! 5. the device's engine serves the overlay from then on; the old top's read-write handle is
 //!    closed; the device takes requests again.
 //!
+//! Under the sandbox's Landlock rules the overlay must sit beneath the directory of an image of
+//! the disk's chain (see [`crate::sandbox::landlock`]); elsewhere the open fails with EACCES.
+//!
 //! A failure in 3 to 5 takes the old top's write permission back and leaves the device on it,
 //! writable as before; a file created in 1 stays, as QEMU leaves it.
 //!
