@@ -27,6 +27,9 @@
 # (replies the poller got), raw/TAG.sched (each VMM thread's CPU time and run-queue wait while fio
 # ran, from /proc/PID/task/*/schedstat, sampled when the guest announces and ends each run: within
 # half a second of fio's own window; QEMU runs with debug-threads=on to name its threads),
+# raw/TAG.stages (vmm only: its x-query-blockstats-stages replies at the run's start and stop),
+# raw/host.PLACEMENT.IMAGE.RW.qdN.native.json (the host-native baseline: fio in this host, before
+# the boots, on a copy of the raw image with the guest's options),
 # console/BOOT.log (with the guest's /proc/interrupts lines for virtio and
 # the console at the end: BENCH-IRQ) and BOOT.debug.log (the VMM's -D log: why it stopped),
 # version-VMM.json (query-version), host.txt.
@@ -61,8 +64,26 @@ if need chain3; then
     qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 &&
     qemu-io -f qcow2 -c "write -P 0xef ${third}M ${third}M" top.qcow2 > /dev/null)
 fi
-need raw || rm -f img/raw.raw
 say "images ready: $(ls img img/chain 2>/dev/null | tr '\n' ' ')"
+
+# The host-native baseline, before the boots: fio here, on a fresh copy of the raw image (the
+# disk's bytes on the same ext4, without a format: for qcow2 and chain3 the VMMs' overhead over it
+# includes the format's), once per pattern and depth of this part, the guest's fio options.
+host_place=${BOOTS%% *}; host_place=${host_place#*:}; host_image=${host_place#*:}; host_place=${host_place%%:*}
+for c in $(for c in $CONFS; do echo "${c%:*}"; done | sort -u); do
+  rw=${c%%:*}; qd=${c#*:}
+  t=host.$host_place.$host_image.$rw.qd$qd.native
+  [ "$ROUNDS" = 1 ] || t=$t.r$ROUND
+  if grep -q '"jobs"' "$OUT_DIR/raw/$t.json" 2>/dev/null; then continue; fi
+  cp img/raw.raw host.raw
+  fio --eta=never --output-format=json --output="$OUT_DIR/raw/$t.json.part" --name=bench \
+    --filename=host.raw --direct=1 --ioengine=libaio --rw="$rw" --bs=4k --iodepth="$qd" \
+    --ramp_time=1 --runtime="$RUNTIME" --time_based &&
+    mv "$OUT_DIR/raw/$t.json.part" "$OUT_DIR/raw/$t.json"
+  say "host fio $rw QD$qd on the raw image: exit $?"
+  rm -f host.raw
+done
+need raw || rm -f img/raw.raw
 
 # The guest's script: the fio runs of one boot (variables P CONFS RT prepended).
 guest_body='cd /tmp
@@ -153,9 +174,17 @@ sched_diff() {
       if (dr + dw >= 1) printf "%s %.0f %.0f\n", $2, dr, dw }
     END { printf "wall_ms %.0f 0\n", (t[0] - t[1]) * 1000 }' "$1" "$2" | sort -k2,2nr
 }
-profile() { # the VMM's threads when a fio run starts, and what they did when it stops
+# stages_snap: vmm's x-query-blockstats-stages reply (one line), nothing for QEMU.
+stages_snap() {
+  [ "$vmm" = vmm ] || return 0
+  { printf '%s\n' '{"execute":"qmp_capabilities"}' '{"execute":"x-query-blockstats-stages"}'
+    sleep 1; } | nc 127.0.0.1 $port | grep '"stages"'
+}
+profile() { # the VMM's threads (and vmm's stage timing) when a fio run starts, and when it stops
   c=$(count BENCH-FIO-START)
-  if [ "$c" -gt $starts ]; then starts=$c; sched_snap $pid > run/sched.before; fi
+  if [ "$c" -gt $starts ]; then
+    starts=$c; sched_snap $pid > run/sched.before; stages_snap > run/stages.before
+  fi
   c=$(count BENCH-FIO-STOP)
   if [ "$c" -gt $stops ]; then
     stops=$c
@@ -164,8 +193,11 @@ profile() { # the VMM's threads when a fio run starts, and what they did when it
       sched="$OUT_DIR/raw/$(grep BENCH-FIO-STOP console.log | tail -1 | tr -d '\r' | cut -d' ' -f2)"
       [ "$ROUNDS" = 1 ] || sched=$sched.r$round
       sched_diff run/sched.before run/sched.after > "$sched.sched"
+      if [ -s run/stages.before ]; then
+        cp run/stages.before "$sched.stages"; stages_snap >> "$sched.stages"
+      fi
     fi
-    rm -f run/sched.before
+    rm -f run/sched.before run/stages.before
   fi
 }
 progress() { # a line per fio run finished since the last call

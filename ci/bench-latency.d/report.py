@@ -1,10 +1,14 @@
 """The report of ci/bench-latency: reads a results folder (raw/TAG.json, fio's JSON per run, TAG being
 VMM.PLACEMENT.IMAGE.RW.qdN.LOAD, with .rN for round N when there are several; raw/TAG.polls;
-raw/TAG.sched; machine.txt, host.txt, version-*.json) and writes summary.json (one object per configuration, the
-fields issue 6 names, each figure the median over the rounds, plus `runs`), summary.md (the host,
-both VMMs' versions, the table, vmm over QEMU with an A/B verdict per row on IOPS and p99 from
-the per-round figures (abtest.py), the rows listed by verdict, iothread over main loop under load,
-where the VMMs' threads spent the disturbed runs) and
+raw/TAG.sched; raw/TAG.stages; raw/host.PLACEMENT.IMAGE.RW.qdN.native.json, the host-native
+baseline; machine.txt, host.txt, version-*.json) and writes summary.json (one object per
+configuration, the fields issue 6 names, each figure the median over the rounds, plus `runs`,
+`completions` (the fewest of a round), `lat_us.max`, `cpu_us_per_io`, vmm's `stages_us` and the
+baseline under `host_native`), summary.md (the host, both VMMs' versions, the table, each VMM's
+percentiles as host-native + overhead with the samples behind the tail ones and its CPU per I/O,
+where vmm's requests spent their time by stage, vmm over QEMU with an A/B verdict per row on IOPS
+and p99 from the per-round figures (abtest.py), the rows listed by verdict, iothread over main
+loop under load, where the VMMs' threads spent the disturbed runs) and
 latency-cdf.png (the completion-latency percentile curves of vmm and QEMU per configuration, each
 point the median over the rounds). Exits 1 when a configuration has no usable fio result.
 
@@ -61,6 +65,8 @@ def parse_run(path):
     if len(parts) != 6 or not parts[4].startswith("qd"):
         return None, f"{path.name}: not a run name"
     vmm, placement, image, rw, qd, load = parts
+    if (vmm == "host") != (load == "native"):
+        return None, f"{path.name}: not a run name"
     text = path.read_text(errors="replace")
     start = text.find("{")
     try:
@@ -78,14 +84,71 @@ def parse_run(path):
     lat = {"mean": clat["mean"] / 1000, "stdev": clat["stddev"] / 1000}
     for name, key in SUMMARY_PCTS.items():
         lat[name] = pct[key] / 1000 if key in pct else None
-    if n < P9999_MIN_IOS:
-        lat["p99.99"] = None
+    lat["max"] = clat["max"] / 1000 if "max" in clat else None
+    # fio's whole latency (submission, in which the guest notifies the device, + completion).
+    lat["lat_mean"] = side["lat_ns"]["mean"] / 1000 if "lat_ns" in side else None
     obj = {"vmm": vmm, "placement": placement, "image": image, "rw": rw,
-           "iodepth": int(qd[2:]), "load": load, "iops": side["iops"], "lat_us": lat}
+           "iodepth": int(qd[2:]), "load": load, "iops": side["iops"], "completions": n,
+           "lat_us": lat}
+    if vmm == "host":
+        # fio's own CPU (user and system, % of one CPU over the run) per I/O: the host's cost.
+        job = doc["jobs"][0]
+        cpu = job.get("usr_cpu", 0) + job.get("sys_cpu", 0)
+        obj["cpu_us_per_io"] = {"total": cpu / 100 / side["iops"] * 1e6 if side["iops"] else None}
+    else:
+        obj["cpu_us_per_io"] = cpu_per_io(path.with_suffix(".sched"), side["iops"])
+        obj["stages_us"] = stage_means(path.with_suffix(".stages"))
     curve = [(float(k), pct[k] / 1000) for k in PCTS if k in pct]
     if n < P9999_MIN_IOS:
         curve = [(p, v) for p, v in curve if p < 99.99]
     return (obj, n, curve), None
+
+
+def cpu_per_io(path, iops):
+    """{"total", "vcpu"}: the VMM's CPU µs per completed I/O while fio ran (all its threads, and
+    of them the vCPUs, which also run the guest's fio and kernel), from raw/TAG.sched: each
+    thread's CPU ms over the window's wall ms, over fio's IOPS. Empty without a profile."""
+    if not path.exists() or not iops:
+        return {}
+    wall, threads = parse_sched(path)
+    if not wall:
+        return {}
+    per_io = lambda ms: ms / wall / iops * 1e6  # noqa: E731 (CPU share over I/Os per second)
+    vcpu = sum(c for name, c, _ in threads if is_vcpu(name))
+    return {"total": per_io(sum(c for _, c, _ in threads)), "vcpu": per_io(vcpu)}
+
+
+def is_vcpu(thread):
+    """A vCPU thread: vmm's vcpuN, QEMU's "CPU N/KVM" (debug-threads=on, spaces as _)."""
+    return thread.startswith("vcpu") or thread.startswith("CPU_")
+
+
+def stage_means(path):
+    """vmm's mean µs per request and stage while fio ran, all disks and queues, from the two
+    x-query-blockstats-stages replies of raw/TAG.stages (at fio's start and stop): the growth of
+    each stage's total over the growth of its count. Empty without two replies."""
+    if not path.exists():
+        return {}
+    sums = []
+    for line in path.read_text(errors="replace").splitlines()[:2]:
+        acc = {}
+        try:
+            for disk in json.loads(line)["return"]:
+                for queue in disk["queues"]:
+                    for st in queue["stages"]:
+                        count, total = acc.get(st["stage"], (0, 0))
+                        acc[st["stage"]] = (count + st["count"], total + st["total-ns"])
+        except (ValueError, KeyError, TypeError):
+            return {}
+        sums.append(acc)
+    if len(sums) != 2:
+        return {}
+    out = {}
+    for stage, (count, total) in sums[1].items():
+        c0, t0 = sums[0].get(stage, (0, 0))
+        if count > c0:
+            out[stage] = (total - t0) / (count - c0) / 1000
+    return out
 
 
 def run_name(obj):
@@ -100,17 +163,22 @@ def read_sched(out, obj):
     for suffix in [""] + [f".r{n}" for n in range(1, obj.get("runs", 1) + 1)]:
         path = out / "raw" / f"{name}{suffix}.sched"
         if path.exists():
-            wall, threads = None, []
-            for line in path.read_text().splitlines():
-                parts = line.split()
-                if len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
-                    continue
-                if parts[0] == "wall_ms":
-                    wall = int(parts[1])
-                else:
-                    threads.append((parts[0], int(parts[1]), int(parts[2])))
-            return wall, threads
+            return parse_sched(path)
     return None, []
+
+
+def parse_sched(path):
+    """(wall ms, [(thread, CPU ms, run-queue wait ms)]) of a raw/TAG.sched file."""
+    wall, threads = None, []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
+            continue
+        if parts[0] == "wall_ms":
+            wall = int(parts[1])
+        else:
+            threads.append((parts[0], int(parts[1]), int(parts[2])))
+    return wall, threads
 
 
 def median_or_none(values):
@@ -127,10 +195,13 @@ def combine(rounds):
     for runs in by.values():
         first = runs[0][0]
         lat = {k: median_or_none([r[0]["lat_us"][k] for r in runs]) for k in first["lat_us"]}
-        if any(r[0]["lat_us"]["p99.99"] is None for r in runs):
-            lat["p99.99"] = None
+        medians = lambda key: {k: median_or_none([r[0][key].get(k) for r in runs])  # noqa: E731
+                               for k in first[key]}
         obj = dict(first, iops=statistics.median(r[0]["iops"] for r in runs), lat_us=lat,
-                   runs=len(runs))
+                   completions=min(r[0]["completions"] for r in runs),
+                   cpu_us_per_io=medians("cpu_us_per_io"), runs=len(runs))
+        if "stages_us" in first:
+            obj["stages_us"] = medians("stages_us")
         points = [dict(r[2]) for r in runs]
         curve = [(p, statistics.median(pts[p] for pts in points))
                  for p, _ in runs[0][2] if all(p in pts for pts in points)]
@@ -184,6 +255,108 @@ def say(v):
     if not v:
         return "—"
     return f"{v['verdict']} ({v['change']:+.0%}, p={v['p']:.3g})"
+
+
+# The percentiles given as host-native + overhead, and the tail ones with their samples.
+OVER_HOST_PCTS = [("p50", 50), ("p99", 99), ("p99.9", 99.9), ("p99.99", 99.99), ("max", None)]
+
+
+def beyond(n, pct):
+    """'[k]': the completions beyond a percentile in a run of n (n × (1 − pct)), '[<1]' when fewer
+    than one: then fio's figure is the run's slowest completion, not a percentile."""
+    k = round(n * (100 - pct) / 100, 6)  # round: 100 - 99.9 is not 0.1 in binary
+    return "[<1]" if k < 1 else f"[{math.floor(k):,}]"
+
+
+def plus(value, base):
+    """'host + overhead' in µs (overhead = value − base), or the value alone without a base."""
+    if value is None:
+        return "—"
+    if base is None:
+        return fmt(value)
+    over = value - base
+    return f"{fmt(base)} {'+' if over >= 0 else '−'} {fmt(abs(over))}"
+
+
+def cpu_cell(cpu):
+    """'total (vCPUs v)' CPU µs per I/O."""
+    if cpu.get("total") is None:
+        return "—"
+    if cpu.get("vcpu") is None:
+        return fmt(cpu["total"], 1)
+    return f"{fmt(cpu['total'], 1)} (vCPUs {fmt(cpu['vcpu'], 1)})"
+
+
+def over_host(runs, host):
+    """The 'Over the host' section: each host-native baseline, then each VMM row's percentiles
+    as baseline + overhead and its CPU per I/O."""
+    if not host:
+        return ["", "No host-native baseline in this run (raw/host.*.json)."]
+    md = ["", "## Over the host: fio in the host on the raw image", "",
+          "Each baseline is fio in the host that ran the guests (before they booted), on a copy "
+          "of the raw image file, with the guest's options (4 KiB, the same pattern and depth, "
+          "`--direct=1 --ioengine=libaio`, the same runtime); for qcow2 and chain3 it is the "
+          "same bytes without the format, so their overhead includes the format's. VMM cells: "
+          "host µs + overhead µs. [k]: the completions beyond that percentile in the run with "
+          "fewest (n × (1 − p)); [<1]: under one, so the figure is the slowest completion, not a "
+          "percentile; max is always one completion. CPU µs per I/O: the VMM's threads (of them "
+          "its vCPUs, which also run the guest's fio) while fio ran, over the I/Os completed; "
+          "the host's: fio's own user + system CPU.", "",
+          "| who | placement | image | rw | QD | load | completions | "
+          + " | ".join(f"{name} µs" for name, _ in OVER_HOST_PCTS) + " | CPU µs/IO |",
+          "|---|---|---|---|---|---|---|" + "---|" * len(OVER_HOST_PCTS) + "---|"]
+
+    def row(who, obj, base):
+        n = obj["completions"]
+        cells = []
+        for name, pct in OVER_HOST_PCTS:
+            value = obj["lat_us"].get(name)
+            cell = plus(value, base["lat_us"].get(name) if base else None)
+            if pct is not None and pct > 99 and value is not None:
+                cell += " " + beyond(n, pct)
+            cells.append(cell)
+        return (f"| {who} | {obj['placement']} | {obj['image']} | {obj['rw']} | "
+                f"{obj['iodepth']} | {obj['load']} | {n:,} | " + " | ".join(cells)
+                + f" | {cpu_cell(obj['cpu_us_per_io'])} |")
+
+    shown = set()
+    for obj in (r[0] for r in runs):
+        key = tag(obj, ("vmm", "load"))
+        base = host.get(key)
+        if base and key not in shown:
+            shown.add(key)
+            md.append(row("host fio", dict(base, load="—"), None))
+        md.append(row(obj["vmm"], obj, base))
+    return md
+
+
+def stage_table(runs):
+    """Where vmm's requests spent their time (x-query-blockstats-stages over each fio run),
+    beside fio's mean completion latency in the guest."""
+    rows = []
+    for obj in (r[0] for r in runs if r[0].get("stages_us")):
+        st = obj["stages_us"]
+        total = st.get("total")
+        guest = obj["lat_us"]["lat_mean"]
+        outside = guest - total if None not in (guest, total) else None
+        cells = [guest, total, outside] + [
+            st.get(k) for k in ("queue-wait", "submission", "backend", "backend-dispatch",
+                                "backend-metadata", "backend-data", "completion")]
+        rows.append(f"| {obj['placement']} | {obj['image']} | {obj['rw']} | {obj['iodepth']} | "
+                    f"{obj['load']} | " + " | ".join(fmt(c, 1) for c in cells) + " |")
+    if not rows:
+        return []
+    return ["", "## Where vmm's requests spend their time (mean µs per request)", "",
+            "From `x-query-blockstats-stages` at fio's start and stop (the growth of each "
+            "stage's total over that of its count). guest: fio's mean latency (`lat`: from "
+            "submission, in which the guest notifies the device, to completion); "
+            "vmm: the stages' sum, from the handler waking for the queue's notification to the "
+            "interrupt injected; outside: the rest (the guest's notification reaching the "
+            "handler, the interrupt reaching fio, the guest's own path). backend = dispatch + "
+            "metadata + data.", "",
+            "| placement | image | rw | QD | load | guest | vmm | outside | queue wait | "
+            "submission | backend | dispatch | metadata | data | completion |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"] + rows
 
 
 def plot(runs, path):
@@ -245,6 +418,14 @@ def main():
         fig["iops"].append(run[0]["iops"])
         fig["p99"].append(run[0]["lat_us"]["p99"])
     runs = combine(runs)
+    # The host-native baselines (vmm "host"), keyed as the VMM rows they are the floor of.
+    host = {tag(r[0], ("vmm", "load")): r[0] for r in runs if r[0]["vmm"] == "host"}
+    runs = [r for r in runs if r[0]["vmm"] != "host"]
+    for obj, *_ in runs:
+        base = host.get(tag(obj, ("vmm", "load")))
+        if base:
+            obj["host_native"] = {k: base[k] for k in ("iops", "completions", "lat_us",
+                                                       "cpu_us_per_io", "runs")}
     verdicts = ab_verdicts(runs, per_round)
     runs.sort(key=lambda r: sort_key(r[0]))
     expected = int(machine.get("configurations", "0") or 0)
@@ -303,11 +484,16 @@ def main():
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for obj, n, _, polls in runs:
         lat = obj["lat_us"]
+        p9999 = lat["p99.99"] if n >= P9999_MIN_IOS else None
         md.append(f"| {obj['vmm']} | {obj['placement']} | {obj['image']} | {obj['rw']} | "
                   f"{obj['iodepth']} | {obj['load']} | {fmt(obj['iops'])} | {fmt(lat['mean'])} | "
                   f"{fmt(lat['stdev'])} | {fmt(lat['p50'])} | {fmt(lat['p90'])} | "
-                  f"{fmt(lat['p99'])} | {fmt(lat['p99.9'])} | {fmt(lat['p99.99'])} | "
+                  f"{fmt(lat['p99'])} | {fmt(lat['p99.9'])} | {fmt(p9999)} | "
                   f"{polls or '—'} |")
+    md += ["", f"p99.99 only from runs of at least {P9999_MIN_IOS:,} completions; "
+           "the next table gives it, and the maximum, with the samples behind them."]
+    md += over_host(runs, host)
+    md += stage_table(runs)
     by = {tag(r[0]): r[0] for r in runs}
     md += ["", "## vmm over QEMU (IOPS above 1, latencies below 1: vmm faster)", "",
            f"Verdicts: a permutation test on the {rounds} per-round figures of each side, called "

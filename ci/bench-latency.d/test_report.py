@@ -1,0 +1,115 @@
+"""Tests of report.py's figures on hand-made results whose answers are known (python3 -m unittest,
+run by ci/unit; report.py needs matplotlib only to plot)."""
+
+import json
+import pathlib
+import tempfile
+import unittest
+
+from report import beyond, combine, cpu_per_io, over_host, parse_run, plus, stage_means
+
+
+def fio_json(rw, iops, n, pct_us, max_us, lat_mean_us=None, cpu=(0.0, 0.0)):
+    """fio's JSON for one job: IOPS, n completions, {fio percentile key: µs}, the max."""
+    side = {"iops": iops, "total_ios": n,
+            "clat_ns": {"N": n, "mean": 100_000, "stddev": 1_000, "max": max_us * 1000,
+                        "percentile": {k: v * 1000 for k, v in pct_us.items()}}}
+    if lat_mean_us is not None:
+        side["lat_ns"] = {"mean": lat_mean_us * 1000}
+    return {"jobs": [{"read" if "read" in rw else "write": side,
+                      "usr_cpu": cpu[0], "sys_cpu": cpu[1]}]}
+
+
+PCT = {"50.000000": 100, "99.000000": 200, "99.900000": 300, "99.990000": 400}
+
+
+def stages_reply(counts_totals):
+    """An x-query-blockstats-stages reply line: {stage: (count, total ns)} split over two queues."""
+    halves = [lambda x: x - x // 2, lambda x: x // 2]
+    queues = [{"queue": q, "stages": [{"stage": st, "count": half(c), "total-ns": half(t)}
+                                      for st, (c, t) in counts_totals.items()]}
+              for q, half in enumerate(halves)]
+    return json.dumps({"return": [{"device": "d0", "queues": queues}]})
+
+
+class ReportFigures(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.dir = pathlib.Path(self.tmp.name)
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def write(self, name, text):
+        (self.dir / name).write_text(text)
+        return self.dir / name
+
+    def test_samples_beyond_a_percentile(self):
+        # 700 completions: 0.7 beyond p99.9, so the figure is the slowest one.
+        self.assertEqual(beyond(700, 99.9), "[<1]")
+        self.assertEqual(beyond(20_000, 99.9), "[20]")
+        self.assertEqual(beyond(20_000, 99.99), "[2]")
+        self.assertEqual(beyond(1_000_000, 99), "[10,000]")
+
+    def test_host_plus_overhead(self):
+        self.assertEqual(plus(150.0, 100.0), "100 + 50")
+        self.assertEqual(plus(80.0, 100.0), "100 − 20")
+        self.assertEqual(plus(80.0, None), "80")
+        self.assertEqual(plus(None, 100.0), "—")
+
+    def test_stage_means_are_the_growth_over_the_run(self):
+        before = stages_reply({"total": (10, 10_000_000), "backend": (10, 4_000_000)})
+        # 30 more requests: 60 ms more in total, 9 ms more in the backend.
+        after = stages_reply({"total": (40, 70_000_000), "backend": (40, 13_000_000)})
+        path = self.write("a.stages", before + "\n" + after + "\n")
+        self.assertEqual(stage_means(path), {"total": 2000.0, "backend": 300.0})
+        # One reply (the VMM ended between them) or a garbled one: no figures.
+        self.assertEqual(stage_means(self.write("b.stages", before + "\n")), {})
+        self.assertEqual(stage_means(self.write("c.stages", before + "\n{\n")), {})
+        self.assertEqual(stage_means(self.dir / "missing.stages"), {})
+
+    def test_cpu_per_io_from_the_thread_profile(self):
+        # 2 s of wall time, 500 + 300 ms on vCPUs and 200 ms elsewhere, at 1000 IOPS:
+        # 1000 ms of CPU over 2000 I/Os = 500 µs per I/O, 400 of them on the vCPUs.
+        path = self.write("a.sched", "vcpu0 500 10\nCPU_1/KVM 300 0\nd0-io0 200 5\n"
+                          "wall_ms 2000 0\n")
+        self.assertEqual(cpu_per_io(path, 1000), {"total": 500.0, "vcpu": 400.0})
+        self.assertEqual(cpu_per_io(path, 0), {})
+        self.assertEqual(cpu_per_io(self.dir / "missing.sched", 1000), {})
+
+    def test_host_baseline_and_vmm_rows(self):
+        raw = self.dir / "raw"
+        raw.mkdir()
+        (raw / "host.main-loop.raw.randwrite.qd1.native.json").write_text(json.dumps(
+            fio_json("randwrite", 500, 2500, PCT, 450, cpu=(5.0, 20.0))))
+        vmm_pct = {k: v * 3 for k, v in PCT.items()}
+        (raw / "vmm.main-loop.raw.randwrite.qd1.quiet.json").write_text(json.dumps(
+            fio_json("randwrite", 100, 700, vmm_pct, 1500, lat_mean_us=2500)))
+        (raw / "vmm.main-loop.raw.randwrite.qd1.quiet.sched").write_text(
+            "vcpu0 100 0\nvmm 100 0\nwall_ms 1000 0\n")
+        # A host run needs the "native" load, a VMM's one of the others.
+        (raw / "host.main-loop.raw.randwrite.qd1.quiet.json").write_text("{}")
+        host, why = parse_run(raw / "host.main-loop.raw.randwrite.qd1.native.json")
+        self.assertIsNone(why)
+        # fio's 25 % of a CPU at 500 IOPS: 500 µs per I/O.
+        self.assertEqual(host[0]["cpu_us_per_io"], {"total": 500.0})
+        self.assertEqual(host[0]["completions"], 2500)
+        vmm, _ = parse_run(raw / "vmm.main-loop.raw.randwrite.qd1.quiet.json")
+        self.assertEqual(vmm[0]["lat_us"]["max"], 1500)
+        self.assertEqual(vmm[0]["lat_us"]["lat_mean"], 2500)
+        self.assertEqual(vmm[0]["cpu_us_per_io"], {"total": 2000.0, "vcpu": 1000.0})
+        self.assertIsNone(parse_run(raw / "host.main-loop.raw.randwrite.qd1.quiet.json")[0])
+        runs = combine([(*host, ""), (*vmm, "")])
+        base = next(r[0] for r in runs if r[0]["vmm"] == "host")
+        obj = next(r[0] for r in runs if r[0]["vmm"] == "vmm")
+        lines = over_host([(obj,)], {("main-loop", "raw", "randwrite", 1): base})
+        vmm_line = next(ln for ln in lines if ln.startswith("| vmm "))
+        # p50 100 + 200, p99 200 + 400, p99.9 300 + 600 from 700 completions: under one beyond.
+        self.assertIn("| 700 | 100 + 200 | 200 + 400 | 300 + 600 [<1] | 400 + 800 [<1] | "
+                      "450 + 1,050 | 2,000.0 (vCPUs 1,000.0) |", vmm_line)
+        host_line = next(ln for ln in lines if ln.startswith("| host fio "))
+        self.assertIn("| 2,500 | 100 | 200 | 300 [2] | 400 [<1] | 450 | 500.0 |", host_line)
+
+
+if __name__ == "__main__":
+    unittest.main()
