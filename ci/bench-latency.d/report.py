@@ -299,7 +299,10 @@ def over_host(runs, host):
           "same bytes without the format, so their overhead includes the format's. VMM cells: "
           "host µs + overhead µs. [k]: the completions beyond that percentile in the run with "
           "fewest (n × (1 − p)); [<1]: under one, so the figure is the slowest completion, not a "
-          "percentile; max is always one completion. CPU µs per I/O: the VMM's threads (of them "
+          "percentile; max is always one completion. These are fio's completion latencies "
+          "(clat, from io_submit's return): in a guest io_submit also carries the notification's "
+          "exit, so a clat may fall below the host's; the stage table below compares fio's whole "
+          "latency (lat). CPU µs per I/O: the VMM's threads (of them "
           "its vCPUs, which also run the guest's fio) while fio ran, over the I/Os completed; "
           "the host's: fio's own user + system CPU.", "",
           "| who | placement | image | rw | QD | load | completions | "
