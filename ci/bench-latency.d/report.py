@@ -105,9 +105,11 @@ def parse_run(path):
 
 
 def cpu_per_io(path, iops):
-    """{"total", "vcpu"}: the VMM's CPU µs per completed I/O while fio ran (all its threads, and
-    of them the vCPUs, which also run the guest's fio and kernel), from raw/TAG.sched: each
-    thread's CPU ms over the window's wall ms, over fio's IOPS. Empty without a profile."""
+    """{"total", "vcpu", "waited"}: the VMM's CPU µs per completed I/O while fio ran (all its
+    threads, and of them the vCPUs, which also run the guest's fio and kernel), and the µs its
+    other threads (main loop, iothreads, workers) spent runnable but waiting for a CPU, from
+    raw/TAG.sched: each thread's ms over the window's wall ms, over fio's IOPS. Empty without
+    a profile."""
     if not path.exists() or not iops:
         return {}
     wall, threads = parse_sched(path)
@@ -115,7 +117,9 @@ def cpu_per_io(path, iops):
         return {}
     per_io = lambda ms: ms / wall / iops * 1e6  # noqa: E731 (CPU share over I/Os per second)
     vcpu = sum(c for name, c, _ in threads if is_vcpu(name))
-    return {"total": per_io(sum(c for _, c, _ in threads)), "vcpu": per_io(vcpu)}
+    waited = sum(w for name, _, w in threads if not is_vcpu(name))
+    return {"total": per_io(sum(c for _, c, _ in threads)), "vcpu": per_io(vcpu),
+            "waited": per_io(waited)}
 
 
 def is_vcpu(thread):
@@ -287,10 +291,10 @@ def cpu_cell(cpu):
     return f"{fmt(cpu['total'], 1)} (vCPUs {fmt(cpu['vcpu'], 1)})"
 
 
-def over_host(runs, host):
+def over_host(runs, baselines):
     """The 'Over the host' section: each host-native baseline, then each VMM row's percentiles
     as baseline + overhead and its CPU per I/O."""
-    if not host:
+    if not baselines:
         return ["", "No host-native baseline in this run (raw/host.*.json)."]
     md = ["", "## Over the host: fio in the host on the raw image", "",
           "Each baseline is fio in the host that ran the guests (before they booted), on a copy "
@@ -304,10 +308,12 @@ def over_host(runs, host):
           "exit, so a clat may fall below the host's; the stage table below compares fio's whole "
           "latency (lat). CPU µs per I/O: the VMM's threads (of them "
           "its vCPUs, which also run the guest's fio) while fio ran, over the I/Os completed; "
-          "the host's: fio's own user + system CPU.", "",
+          "the host's: fio's own user + system CPU. Waited µs/IO: the time the VMM's other "
+          "threads (main loop, iothreads, workers) were runnable but had no CPU, per I/O.", "",
           "| who | placement | image | rw | QD | load | completions | "
-          + " | ".join(f"{name} µs" for name, _ in OVER_HOST_PCTS) + " | CPU µs/IO |",
-          "|---|---|---|---|---|---|---|" + "---|" * len(OVER_HOST_PCTS) + "---|"]
+          + " | ".join(f"{name} µs" for name, _ in OVER_HOST_PCTS)
+          + " | CPU µs/IO | waited µs/IO |",
+          "|---|---|---|---|---|---|---|" + "---|" * len(OVER_HOST_PCTS) + "---|---|"]
 
     def row(who, obj, base):
         n = obj["completions"]
@@ -320,12 +326,13 @@ def over_host(runs, host):
             cells.append(cell)
         return (f"| {who} | {obj['placement']} | {obj['image']} | {obj['rw']} | "
                 f"{obj['iodepth']} | {obj['load']} | {n:,} | " + " | ".join(cells)
-                + f" | {cpu_cell(obj['cpu_us_per_io'])} |")
+                + f" | {cpu_cell(obj['cpu_us_per_io'])} | "
+                f"{fmt(obj['cpu_us_per_io'].get('waited'), 1)} |")
 
     shown = set()
     for obj in (r[0] for r in runs):
         key = tag(obj, ("vmm", "load"))
-        base = host.get(key)
+        base = baselines.get(key)
         if base and key not in shown:
             shown.add(key)
             md.append(row("host fio", dict(base, load="—"), None))
@@ -422,10 +429,10 @@ def main():
         fig["p99"].append(run[0]["lat_us"]["p99"])
     runs = combine(runs)
     # The host-native baselines (vmm "host"), keyed as the VMM rows they are the floor of.
-    host = {tag(r[0], ("vmm", "load")): r[0] for r in runs if r[0]["vmm"] == "host"}
+    baselines = {tag(r[0], ("vmm", "load")): r[0] for r in runs if r[0]["vmm"] == "host"}
     runs = [r for r in runs if r[0]["vmm"] != "host"]
     for obj, *_ in runs:
-        base = host.get(tag(obj, ("vmm", "load")))
+        base = baselines.get(tag(obj, ("vmm", "load")))
         if base:
             obj["host_native"] = {k: base[k] for k in ("iops", "completions", "lat_us",
                                                        "cpu_us_per_io", "runs")}
@@ -495,7 +502,7 @@ def main():
                   f"{polls or '—'} |")
     md += ["", f"p99.99 only from runs of at least {P9999_MIN_IOS:,} completions; "
            "the next table gives it, and the maximum, with the samples behind them."]
-    md += over_host(runs, host)
+    md += over_host(runs, baselines)
     md += stage_table(runs)
     by = {tag(r[0]): r[0] for r in runs}
     md += ["", "## vmm over QEMU (IOPS above 1, latencies below 1: vmm faster)", "",

@@ -70,10 +70,11 @@ class ReportFigures(unittest.TestCase):
 
     def test_cpu_per_io_from_the_thread_profile(self):
         # 2 s of wall time, 500 + 300 ms on vCPUs and 200 ms elsewhere, at 1000 IOPS:
-        # 1000 ms of CPU over 2000 I/Os = 500 µs per I/O, 400 of them on the vCPUs.
-        path = self.write("a.sched", "vcpu0 500 10\nCPU_1/KVM 300 0\nd0-io0 200 5\n"
-                          "wall_ms 2000 0\n")
-        self.assertEqual(cpu_per_io(path, 1000), {"total": 500.0, "vcpu": 400.0})
+        # 1000 ms of CPU over 2000 I/Os = 500 µs per I/O, 400 of them on the vCPUs; the
+        # non-vCPU threads waited 40 + 60 ms for a CPU: 50 µs per I/O.
+        path = self.write("a.sched", "vcpu0 500 10\nCPU_1/KVM 300 7\nd0-io0 200 40\n"
+                          "vmm 0 60\nwall_ms 2000 0\n")
+        self.assertEqual(cpu_per_io(path, 1000), {"total": 500.0, "vcpu": 400.0, "waited": 50.0})
         self.assertEqual(cpu_per_io(path, 0), {})
         self.assertEqual(cpu_per_io(self.dir / "missing.sched", 1000), {})
 
@@ -97,7 +98,8 @@ class ReportFigures(unittest.TestCase):
         vmm, _ = parse_run(raw / "vmm.main-loop.raw.randwrite.qd1.quiet.json")
         self.assertEqual(vmm[0]["lat_us"]["max"], 1500)
         self.assertEqual(vmm[0]["lat_us"]["lat_mean"], 2500)
-        self.assertEqual(vmm[0]["cpu_us_per_io"], {"total": 2000.0, "vcpu": 1000.0})
+        self.assertEqual(vmm[0]["cpu_us_per_io"], {"total": 2000.0, "vcpu": 1000.0,
+                                                   "waited": 0.0})
         self.assertIsNone(parse_run(raw / "host.main-loop.raw.randwrite.qd1.quiet.json")[0])
         runs = combine([(*host, ""), (*vmm, "")])
         base = next(r[0] for r in runs if r[0]["vmm"] == "host")
@@ -106,9 +108,9 @@ class ReportFigures(unittest.TestCase):
         vmm_line = next(ln for ln in lines if ln.startswith("| vmm "))
         # p50 100 + 200, p99 200 + 400, p99.9 300 + 600 from 700 completions: under one beyond.
         self.assertIn("| 700 | 100 + 200 | 200 + 400 | 300 + 600 [<1] | 400 + 800 [<1] | "
-                      "450 + 1,050 | 2,000.0 (vCPUs 1,000.0) |", vmm_line)
+                      "450 + 1,050 | 2,000.0 (vCPUs 1,000.0) | 0.0 |", vmm_line)
         host_line = next(ln for ln in lines if ln.startswith("| host fio "))
-        self.assertIn("| 2,500 | 100 | 200 | 300 [2] | 400 [<1] | 450 | 500.0 |", host_line)
+        self.assertIn("| 2,500 | 100 | 200 | 300 [2] | 400 [<1] | 450 | 500.0 | — |", host_line)
 
 
 if __name__ == "__main__":
