@@ -321,7 +321,7 @@ def over_host(runs, baselines):
         for name, pct in OVER_HOST_PCTS:
             value = obj["lat_us"].get(name)
             cell = plus(value, base["lat_us"].get(name) if base else None)
-            if pct is not None and pct > 99 and value is not None:
+            if pct is not None and pct >= 99 and value is not None:
                 cell += " " + beyond(n, pct)
             cells.append(cell)
         return (f"| {who} | {obj['placement']} | {obj['image']} | {obj['rw']} | "
