@@ -198,12 +198,6 @@ pub enum Error {
         /// The size asked for.
         new_size: u64,
     },
-    /// Shrinking a qcow2 image (its clusters past the new end would have to be freed).
-    #[error("shrinking a qcow2 image ({path}) is not supported; qemu-img resize --shrink does it")]
-    Qcow2Shrink {
-        /// The image file.
-        path: String,
-    },
     /// A compressed write that cannot be made.
     #[error("compressed write at offset {offset} of {path}: {why}")]
     CompressedWrite {
@@ -277,7 +271,6 @@ impl Error {
             | Error::BackingProbe { .. }
             | Error::ForeignFormat { .. }
             | Error::L1Growth { .. }
-            | Error::Qcow2Shrink { .. }
             | Error::Shrink { .. }
             | Error::V2Snapshots { .. }
             | Error::TooLarge { .. }

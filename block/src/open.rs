@@ -396,9 +396,8 @@ impl Exclusive {
         }
     }
 
-    /// Changes the virtual size: a raw file is cut or extended; a qcow2 image grows (opened on
-    /// this file, without its backing chain, and grown as an open image grows: see
-    /// [`Qcow2::grow`]) but does not shrink.
+    /// Changes the virtual size: a raw file is cut or extended; a qcow2 image, opened on this
+    /// file without its backing chain, grows or shrinks (see [`Qcow2::resize`]).
     pub fn resize(self, new_size: u64) -> Result<(), Error> {
         match self.format {
             Format::Raw => {
@@ -407,17 +406,12 @@ impl Exclusive {
             }
             Format::Qcow2 => {
                 let header = self.header()?;
-                if new_size < header.size {
-                    return Err(Error::Qcow2Shrink {
-                        path: self.path.display().to_string(),
-                    });
-                }
                 let parts = OpenParts {
                     file: self.file,
                     read_only: false,
                     cache_sizes: CacheSizes::default(),
                 };
-                Qcow2::open(parts, header, None)?.grow(new_size)
+                Qcow2::open(parts, header, None)?.resize(new_size)
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Growing a qcow2 image, open and possibly in use (QMP `block_resize`) or held alone
 //! (`vmm-img resize`): the header's size and, when the disk needs more L1 entries, a longer L1
-//! table. Shrinking is refused, and so is growing a v2 image with internal snapshots, as QEMU
-//! refuses it.
+//! table. Growing a v2 image with internal snapshots is refused, as QEMU refuses it. Shrinking
+//! is in `shrink.rs`.
 //!
 //! Under the metadata lock, so no lookup or allocation runs meanwhile; data I/O already past
 //! its lookup continues (it stays inside the old size). Power-cut order, as QEMU's
@@ -30,6 +30,8 @@ use super::validate::{FormatError, MAX_L1_BYTES, MAX_VIRTUAL_SIZE};
 use super::Qcow2;
 use crate::file::HostFile;
 use crate::Error;
+
+mod shrink;
 
 impl Qcow2 {
     /// Grows the virtual disk to `new_size` bytes (steps in the module documentation). The
@@ -149,7 +151,7 @@ impl Qcow2 {
 
 /// Writes `new` over `old` in the first cluster (clearing what the old one occupied past the new
 /// end), not synced.
-fn write_header(f: &HostFile, old: &Header, new: &Header) -> Result<(), Error> {
+pub(super) fn write_header(f: &HostFile, old: &Header, new: &Header) -> Result<(), Error> {
     let fmt = |source| Error::Format {
         path: f.path().to_string(),
         source,

@@ -1,5 +1,6 @@
 //! Creating, applying and deleting internal snapshots (spec "Snapshots"), on an image open for
-//! writing, each as one operation under the metadata lock (`vmm-img snapshot -c|-a|-d`).
+//! writing, each as one operation under the metadata lock (`vmm-img snapshot -c|-a|-d`); applying
+//! a snapshot of another disk size resizes the disk first (`resize.rs`), as QEMU does.
 //!
 //! Refcounts follow QEMU's convention, which `check` counts: an L2 table has one reference per
 //! L1 entry pointing at it, and a data cluster one per L2 walk reaching it, so a data cluster
@@ -37,7 +38,7 @@ use std::collections::{HashMap, HashSet};
 use super::header::INCOMPAT_DIRTY;
 use super::l2::{COMPRESSED, COPIED, L1_RESERVED, OFFSET_MASK};
 use super::meta::{encode_words, Meta};
-use super::snapshot::{self, NewEntry, RawEntry, SnapshotError, SnapshotL1};
+use super::snapshot::{self, NewEntry, RawEntry, Snapshot, SnapshotError, SnapshotL1};
 use super::validate::{FormatError, MAX_SNAPSHOTS};
 use super::{fmt_err, Qcow2};
 use crate::Error;
@@ -125,16 +126,25 @@ impl Qcow2 {
     }
 
     /// Makes the disk what snapshot `name` (an id, else a name) holds; the snapshot stays.
+    /// A snapshot of another disk size first resizes the disk to its size, as QEMU does.
     pub fn snapshot_apply(&self, name: &str) -> Result<(), Error> {
+        let disk_size = {
+            let m = self.settled()?;
+            let entries = snapshot::raw_entries(&self.file, &m.header)?;
+            find_by_id_or_name(&entries, name).map(|sn| sn.disk_size)
+        };
+        let Some(disk_size) = disk_size else {
+            return Err(self.refuse(SnapshotError::NotFound));
+        };
+        if let Some(size) =
+            disk_size.filter(|&s| s != self.size.load(std::sync::atomic::Ordering::Acquire))
+        {
+            self.resize(size)?;
+        }
         let mut m = self.settled()?;
         let h = m.header.clone();
         let entries = snapshot::raw_entries(&self.file, &h)?;
-        let Some(sn) = entries
-            .iter()
-            .find(|e| e.snap.id == name)
-            .or_else(|| entries.iter().find(|e| e.snap.name == name))
-            .map(|e| e.snap.clone())
-        else {
+        let Some(sn) = find_by_id_or_name(&entries, name) else {
             return Err(self.refuse(SnapshotError::NotFound));
         };
         if let Some(size) = sn.disk_size.filter(|&s| s != h.size) {
@@ -507,6 +517,15 @@ impl Qcow2 {
 }
 
 /// The clusters of an L1 table of `size` entries at `offset`, each losing one reference.
+/// The snapshot whose id, else whose name, is `name`.
+fn find_by_id_or_name(entries: &[RawEntry], name: &str) -> Option<Snapshot> {
+    entries
+        .iter()
+        .find(|e| e.snap.id == name)
+        .or_else(|| entries.iter().find(|e| e.snap.name == name))
+        .map(|e| e.snap.clone())
+}
+
 fn l1_clusters(cs: u64, offset: u64, size: u32) -> Vec<u64> {
     let bytes = u64::from(size) * 8;
     (offset / cs..(offset + bytes).div_ceil(cs))

@@ -1,6 +1,7 @@
 //! `vmm-img resize [-f FMT] [--shrink] [-q] FILE [+|-]SIZE`: changes an image's virtual size,
 //! as qemu-img does: a raw file grows or (with `--shrink`) is cut; a qcow2 image grows (its L1
-//! table lengthened in place when the new size needs more entries). Shrinking qcow2 is refused.
+//! table lengthened in place when the new size needs more entries) or, with `--shrink`, drops
+//! the clusters past the new end and cuts the file after its last cluster in use.
 //! The size comes last and may start with `-`, so it is taken before the flags are parsed.
 
 use std::path::Path;
