@@ -294,4 +294,111 @@ mod tests {
             );
         }
     }
+
+    /// A shrink of an image with an internal snapshot (every table shared), stopped at each call
+    /// on the file in turn: the image checks clean but for leaks, has the old size or the new
+    /// one, keeps the data before the new end, and its snapshot still holds everything.
+    #[test]
+    fn a_shrink_stopped_at_any_call_leaves_the_old_image_or_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = dir.path().join("seed.qcow2");
+        let p = seed.to_str().unwrap();
+        // 512-byte clusters: an L2 table maps 32 KiB, so the shrink drops many of them.
+        let out = tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=512",
+                p,
+                "1M",
+            ],
+        );
+        assert!(out.status.success(), "{out:?}");
+        let out = tool(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 5 0 40k",
+                "-c",
+                "write -P 6 600k 200k",
+                p,
+            ],
+        );
+        assert!(out.status.success(), "{out:?}");
+        let out = tool("qemu-img", &["snapshot", "-c", "s", p]);
+        assert!(out.status.success(), "{out:?}");
+        let out = tool("qemu-io", &["-f", "qcow2", "-c", "write -P 7 700k 4k", p]);
+        assert!(out.status.success(), "{out:?}");
+        // Inside an L2 table, past a written cluster.
+        let new_size = 20 << 10;
+        let calls = {
+            let copy = dir.path().join("count.qcow2");
+            std::fs::copy(&seed, &copy).unwrap();
+            let img = open_rw(&copy);
+            let calls = cut_at(&img, usize::MAX);
+            let Image::Qcow2(q) = &img else {
+                unreachable!("opened as qcow2")
+            };
+            q.resize(new_size).unwrap();
+            calls.load(Ordering::SeqCst)
+        };
+        assert!(calls > 6, "{calls} calls");
+        for from in 0..calls {
+            let path = dir.path().join(format!("cut{from}.qcow2"));
+            std::fs::copy(&seed, &path).unwrap();
+            let img = open_rw(&path);
+            cut_at(&img, from);
+            let Image::Qcow2(q) = &img else {
+                unreachable!("opened as qcow2")
+            };
+            let shrunk = q.resize(new_size);
+            assert!(
+                matches!(shrunk, Ok(()) | Err(Error::Io { .. })),
+                "{from}: {shrunk:?}"
+            );
+            drop(img);
+            let s = path.to_str().unwrap();
+            let check = tool("qemu-img", &["check", s]);
+            assert!(
+                matches!(check.status.code(), Some(0 | 3)),
+                "cut at call {from}: {check:?}"
+            );
+            let size = open_rw(&path).size();
+            assert!(
+                size == 1 << 20 || size == new_size,
+                "cut at call {from}: {size}"
+            );
+            let read = tool("qemu-io", &["-f", "qcow2", "-c", "read -P 5 0 20k", s]);
+            let out = String::from_utf8_lossy(&read.stdout);
+            assert!(
+                read.status.success() && !out.contains("verification failed"),
+                "cut at call {from}: {out}"
+            );
+            let apply = tool("qemu-img", &["snapshot", "-a", "s", s]);
+            assert!(apply.status.success(), "cut at call {from}: {apply:?}");
+            let read = tool(
+                "qemu-io",
+                &[
+                    "-f",
+                    "qcow2",
+                    "-c",
+                    "read -P 5 0 40k",
+                    "-c",
+                    "read -P 6 600k 200k",
+                    s,
+                ],
+            );
+            let out = String::from_utf8_lossy(&read.stdout);
+            assert!(
+                read.status.success() && !out.contains("verification failed"),
+                "cut at call {from}: {out}"
+            );
+        }
+    }
 }
