@@ -318,6 +318,45 @@ fn snapshot(cs: u64, delete: bool) -> Workload {
     }
 }
 
+/// A snapshot of a smaller disk applied (`snapshot -a`): the disk, grown from 2 MiB to 4 MiB
+/// and rewritten since the snapshot, first shrinks to the snapshot's size (its clusters past
+/// 2 MiB dropped, tables shared with the snapshot copied) and then takes the snapshot's tables.
+/// A sector before 2 MiB holds its value now or the snapshot's; one past it (while the disk
+/// still has the old size) its value now or zeroes.
+fn snapshot_apply_smaller(cs: u64) -> Workload {
+    Workload {
+        name: format!("snapshot -a of a smaller disk, cluster_size={cs}"),
+        create: Box::new(move |d| {
+            let t = plain(d, 2 << 20, &format!("cluster_size={cs}"));
+            let p = t.to_str().unwrap();
+            qemu_io(&t, "qcow2", &["write -P 1 0 1M", "write -c -P 2 1M 64k"]);
+            qemu_img(&["snapshot", "-c", "s0", p]);
+            qemu_img(&["resize", "-q", p, "4M"]);
+            qemu_io(
+                &t,
+                "qcow2",
+                &[
+                    "write -P 3 100k 300k",
+                    "write -z 600k 64k",
+                    "write -P 4 1984k 1M",
+                    "write -P 5 3M 512k",
+                ],
+            );
+            t
+        }),
+        batches: vec![[
+            "write -P 1 102400 307200",
+            "write -P 1 614400 65536",
+            "write -P 0 2031616 65536",
+            "discard 2097152 2097152",
+        ]
+        .map(String::from)
+        .to_vec()],
+        command: Some(vec!["snapshot".into(), "-a".into(), "s0".into()]),
+        image_opts: None,
+    }
+}
+
 fn check_workload(make: impl Fn(u64) -> Workload, tool: Tool, default_states: usize) {
     let n = powercut::states(default_states);
     powercut::rounds(|seed| {
@@ -371,6 +410,16 @@ mod snapshots {
     #[test]
     fn delete_4k() {
         check_workload(|_| snapshot(4096, true), Tool::Ours, 12);
+    }
+
+    #[test]
+    fn apply_smaller_4k() {
+        check_workload(|_| snapshot_apply_smaller(4096), Tool::Ours, 12);
+    }
+
+    #[test]
+    fn apply_smaller_512() {
+        check_workload(|_| snapshot_apply_smaller(512), Tool::Ours, 12);
     }
 }
 
