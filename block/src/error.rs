@@ -198,6 +198,14 @@ pub enum Error {
         /// The size asked for.
         new_size: u64,
     },
+    /// A refcount width that cannot be set.
+    #[error("cannot change the refcount width of {path}")]
+    RefcountWidth {
+        /// The image file.
+        path: String,
+        /// Why not.
+        source: crate::qcow2::amend::RefcountWidthError,
+    },
     /// A compressed write that cannot be made.
     #[error("compressed write at offset {offset} of {path}: {why}")]
     CompressedWrite {
@@ -274,6 +282,7 @@ impl Error {
             | Error::Shrink { .. }
             | Error::V2Snapshots { .. }
             | Error::TooLarge { .. }
+            | Error::RefcountWidth { .. }
             | Error::NotAnImage { .. } => ErrorKind::Unsupported,
             Error::BackingLoop { .. } => ErrorKind::Corrupt,
             Error::Backing { source, .. } => source.kind(),

@@ -453,6 +453,12 @@ impl Exclusive {
         qcow2::rewrite_header(&self.file, &old, &header)
     }
 
+    /// Rewrites the refcount structures of this clean qcow2 image with `2^order`-bit entries
+    /// (see [`qcow2::amend::set_refcount_order`]).
+    pub fn set_refcount_order(&self, order: u32) -> Result<(), Error> {
+        qcow2::amend::set_refcount_order(&self.file, order)
+    }
+
     /// Empties the image: afterwards it reads entirely from its backing file (see
     /// [`qcow2::create::make_empty`]).
     pub fn make_empty(&self) -> Result<(), Error> {

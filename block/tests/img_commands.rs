@@ -767,6 +767,92 @@ fn amend_changes_compat_and_lazy_refcounts_as_qemu_img_does() {
 }
 
 #[test]
+fn amend_rewrites_refcounts_and_resizes_as_qemu_img_does() {
+    let (dq, dv) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [&dq, &dv] {
+        // An internal snapshot sharing every cluster (refcounts of 2), 512-byte clusters (many
+        // refcount blocks at narrow widths).
+        let s = tmp(d, "s.qcow2");
+        create_qcow2(&["-o", "cluster_size=512", s.to_str().unwrap(), "4M"]);
+        qemu_io(&s, "qcow2", &["write -P 1 0 1M", "write -P 2 3M 1M"]);
+        qemu_img(&["snapshot", "-c", "s", s.to_str().unwrap()]);
+        qemu_io(&s, "qcow2", &["write -P 3 0 64k"]);
+        let v2 = tmp(d, "v2.qcow2");
+        create_qcow2(&["-o", "compat=0.10", v2.to_str().unwrap(), "4M"]);
+        qemu_io(&v2, "qcow2", &["write -P 4 0 1M"]);
+        let o = tmp(d, "o.qcow2");
+        create_qcow2(&["-b", "v2.qcow2", "-F", "qcow2", o.to_str().unwrap()]);
+    }
+    let info = |p: &std::path::Path| {
+        let mut v = json(&qemu_img(&[
+            "info",
+            "-U",
+            "--output=json",
+            p.to_str().unwrap(),
+        ]));
+        for k in [
+            "filename",
+            "actual-size",
+            "children",
+            "full-backing-filename",
+        ] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        for sn in v["snapshots"].as_array_mut().into_iter().flatten() {
+            sn.as_object_mut().unwrap().remove("date-sec");
+            sn.as_object_mut().unwrap().remove("date-nsec");
+        }
+        v
+    };
+    let steps: &[&[&str]] = &[
+        &["amend", "-o", "refcount_bits=64", "s.qcow2"],
+        &["amend", "-o", "refcount_bits=1", "s.qcow2"],
+        &["amend", "-o", "refcount_bits=2", "s.qcow2"],
+        &["amend", "-o", "refcount_bits=3", "s.qcow2"],
+        &["amend", "-o", "size=8M", "s.qcow2"],
+        &["amend", "-o", "size=2M,refcount_bits=16", "s.qcow2"],
+        &["amend", "-o", "size=1000", "s.qcow2"],
+        &["amend", "-o", "refcount_bits=8", "v2.qcow2"],
+        &["amend", "-o", "compat=1.1,refcount_bits=8", "v2.qcow2"],
+        &["amend", "-o", "refcount_bits=16,compat=0.10", "v2.qcow2"],
+        &["amend", "-o", "backing_file=v2.qcow2", "o.qcow2"],
+        &[
+            "amend",
+            "-o",
+            "backing_file=v2.qcow2,backing_fmt=raw",
+            "o.qcow2",
+        ],
+        &[
+            "amend",
+            "-o",
+            "backing_file=v2.qcow2,backing_fmt=qcow2",
+            "o.qcow2",
+        ],
+        &["amend", "-o", "encrypt.format=luks", "o.qcow2"],
+        &["amend", "-o", "data_file=x", "o.qcow2"],
+        &["amend", "-o", "data_file_raw=on", "o.qcow2"],
+    ];
+    for step in steps {
+        both(dq.path(), dv.path(), step);
+        for f in ["s.qcow2", "v2.qcow2", "o.qcow2"] {
+            let (q, v) = (tmp(&dq, f), tmp(&dv, f));
+            assert_check_clean(&v);
+            assert_eq!(info(&v), info(&q), "{step:?}: {f}");
+            assert!(
+                read_qemu(&v, "qcow2") == read_qemu(&q, "qcow2"),
+                "{step:?}: {f}"
+            );
+        }
+    }
+    // The snapshot survived every rewrite: applied, it holds what it held.
+    let s = tmp(&dv, "s.qcow2");
+    let o = vmm_img(&["snapshot", "-a", "s", s.to_str().unwrap()]);
+    assert!(o.status.success(), "{o:?}");
+    assert_check_clean(&s);
+    qemu_io(&s, "qcow2", &["read -P 1 0 1M", "read -P 2 3M 1M"]);
+}
+
+#[test]
 fn measure_gives_qemu_img_figures() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| tmp(&dir, n);

@@ -20,6 +20,7 @@
 //! once per L2 table's worth of clusters. Still written and synced under the lock: a dirty table
 //! evicted from a full cache, new refcount blocks and a growing refcount table.
 
+pub mod amend;
 mod backing_name;
 mod cache;
 mod cache_size;

@@ -1,6 +1,9 @@
-//! `vmm-img amend [-f qcow2] [-p] [-q] -o compat=0.10|1.1,lazy_refcounts=on|off FILE`: changes
-//! a qcow2 image's version and lazy refcounts in its header, as qemu-img does. Other options
-//! qemu-img amends are refused by name.
+//! `vmm-img amend [-f qcow2] [-p] [-q] -o compat=0.10|1.1,lazy_refcounts=on|off,refcount_bits=N,
+//! size=SIZE FILE`: changes a qcow2 image's version and lazy refcounts in its header, rewrites
+//! its refcount structures at another width (`qcow2/amend.rs`) and resizes it (shrinking
+//! without `--shrink`), in qemu-img's order, as qemu-img does. `backing_file` and `backing_fmt`
+//! are accepted only unchanged (`rebase` changes them), and the options qemu-img takes only at
+//! creation are refused by name, with its messages.
 //!
 //! Before lazy refcounts are turned off (or the image goes to version 2) a dirty image is
 //! opened read-write once, which rebuilds its refcounts. Version 2 cannot express zero clusters,
@@ -22,6 +25,10 @@ use crate::{CliError, CmdResult};
 struct Amend {
     version: Option<u32>,
     lazy_refcounts: Option<bool>,
+    refcount_order: Option<u32>,
+    size: Option<u64>,
+    backing_file: Option<String>,
+    backing_fmt: Option<String>,
 }
 
 fn parse(lists: &[String]) -> Result<Amend, CliError> {
@@ -37,15 +44,35 @@ fn parse(lists: &[String]) -> Result<Amend, CliError> {
                     })
                 }
                 "lazy_refcounts" => am.lazy_refcounts = Some(crate::create::on_off(&k, &v)?),
+                "refcount_bits" => {
+                    let bits = v.parse::<u64>().unwrap_or(0);
+                    am.refcount_order = Some(
+                        block::qcow2::amend::refcount_order(bits)
+                            .map_err(|e| CliError::Usage(e.to_string()))?,
+                    );
+                }
+                "size" => am.size = Some(args::size(&v)?),
+                "backing_file" => am.backing_file = Some(v),
+                "backing_fmt" => am.backing_fmt = Some(v),
+                "data_file" => {
+                    return Err(CliError::Usage(
+                        "data-file can only be set for images that use an external data file"
+                            .into(),
+                    ))
+                }
+                "data_file_raw" => {
+                    return Err(CliError::Usage(
+                        "data-file-raw cannot be set on existing images".into(),
+                    ))
+                }
                 "cluster_size" | "extended_l2" | "preallocation" | "compression_type" => {
                     return Err(CliError::Usage(format!(
                         "Invalid parameter '{k}'\nThis option is only supported for image creation"
                     )))
                 }
-                "refcount_bits" | "size" | "backing_file" | "backing_fmt" | "data_file"
-                | "data_file_raw" | "encrypt" => {
+                k if k == "encrypt" || k.starts_with("encrypt.") => {
                     return Err(CliError::Usage(format!(
-                        "amending '{k}' is not supported; qemu-img amend does it"
+                        "Invalid parameter '{k}'\nThis option is only supported for image creation"
                     )))
                 }
                 _ => return Err(CliError::Usage(format!("Invalid parameter '{k}'"))),
@@ -55,15 +82,12 @@ fn parse(lists: &[String]) -> Result<Amend, CliError> {
     Ok(am)
 }
 
-/// What version 2 cannot hold, if the image has any of it.
+/// What version 2 cannot hold, if the image has any of it (its refcounts are checked apart).
 fn v2_obstacle(img: &Image) -> Result<Option<String>, CliError> {
     let Image::Qcow2(q) = img else {
         return Ok(None);
     };
     let h = q.header();
-    if h.refcount_order != 4 {
-        return Ok(Some(format!("refcount_bits={}", 1u64 << h.refcount_order)));
-    }
     if h.extended_l2() {
         return Ok(Some("extended_l2=on".into()));
     }
@@ -111,6 +135,27 @@ pub fn run(argv: &[String]) -> CmdResult {
             "Lazy refcounts only supported with compatibility level 1.1 and above".into(),
         ));
     }
+    if version == 2 && am.refcount_order.unwrap_or(h.refcount_order) != 4 {
+        return Err(CliError::Usage(
+            block::qcow2::amend::RefcountWidthError::Version.to_string(),
+        ));
+    }
+    if am.backing_file.is_some() || am.backing_fmt.is_some() {
+        let (name, fmt) = match &h.backing {
+            Some((name, fmt)) => (Some(name.as_str()), fmt.as_deref()),
+            None => (None, None),
+        };
+        if am.backing_file.as_deref() != name || am.backing_fmt.as_deref() != fmt {
+            return Err(CliError::Usage(
+                "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.".into(),
+            ));
+        }
+    }
+    if am.size.is_some_and(|s| s % 512 != 0) {
+        return Err(CliError::Usage(
+            "The new size must be a multiple of 512".into(),
+        ));
+    }
     if version == 2 && h.version == 3 {
         if let Some(what) = v2_obstacle(&img)? {
             return Err(CliError::Usage(format!(
@@ -132,7 +177,8 @@ pub fn run(argv: &[String]) -> CmdResult {
                 .into(),
         ));
     }
-    let rebuild = h.dirty() && !lazy;
+    // A refcount rewrite copies the refcounts, which must be true.
+    let rebuild = h.dirty() && (!lazy || am.refcount_order.is_some());
     drop(img);
     if rebuild {
         // A read-write open rebuilds the refcounts of a dirty image and clears its dirty bit.
@@ -144,13 +190,30 @@ pub fn run(argv: &[String]) -> CmdResult {
             true,
         )?);
     }
-    progress.update(1, 2);
+    // qemu-img's order: a version upgrade, the refcount width, the other header fields (and a
+    // downgrade, which needs 16-bit refcounts), the size.
+    let steps = 2 + u64::from(am.refcount_order.is_some()) + u64::from(am.size.is_some());
+    let mut step = 1;
+    progress.update(step, steps);
     let ex = Exclusive::open(Path::new(file), format.or(Some(Format::Qcow2)))?;
+    if let Some(order) = am.refcount_order {
+        if h.version < 3 {
+            ex.edit_header(|h| h.set_version(3))?;
+        }
+        ex.set_refcount_order(order)?;
+        step += 1;
+        progress.update(step, steps);
+    }
     ex.edit_header(|h| {
         h.set_version(version);
         h.set_lazy_refcounts(lazy);
     })?;
-    progress.update(2, 2);
+    step += 1;
+    progress.update(step, steps);
+    if let Some(size) = am.size {
+        ex.resize(size)?;
+        progress.update(steps, steps);
+    }
     progress.finish();
     Ok(0)
 }
