@@ -357,6 +357,30 @@ fn snapshot_apply_smaller(cs: u64) -> Workload {
     }
 }
 
+/// The refcount width changed (`amend -o refcount_bits=N`) of an image with an internal
+/// snapshot (refcounts of 2) and data in plain, compressed and zero clusters, 512-byte clusters
+/// (many refcount blocks): the disk's contents stay.
+fn amend_refcount_bits(bits: u64) -> Workload {
+    Workload {
+        name: format!("amend -o refcount_bits={bits}"),
+        create: Box::new(|d| {
+            let t = plain(d, 2 << 20, "cluster_size=512");
+            let p = t.to_str().unwrap();
+            qemu_io(&t, "qcow2", &["write -P 1 0 1M", "write -c -P 2 1M 64k"]);
+            qemu_img(&["snapshot", "-c", "s0", p]);
+            qemu_io(&t, "qcow2", &["write -P 3 100k 300k", "write -z 600k 64k"]);
+            t
+        }),
+        batches: vec![Vec::new()],
+        command: Some(vec![
+            "amend".into(),
+            "-o".into(),
+            format!("refcount_bits={bits}"),
+        ]),
+        image_opts: None,
+    }
+}
+
 fn check_workload(make: impl Fn(u64) -> Workload, tool: Tool, default_states: usize) {
     let n = powercut::states(default_states);
     powercut::rounds(|seed| {
@@ -420,6 +444,26 @@ mod snapshots {
     #[test]
     fn apply_smaller_512() {
         check_workload(|_| snapshot_apply_smaller(512), Tool::Ours, 12);
+    }
+}
+
+/// Refcount width changes under both tools (QEMU's is the control).
+mod amend {
+    use super::*;
+
+    #[test]
+    fn refcount_bits_64_ours() {
+        check_workload(|_| amend_refcount_bits(64), Tool::Ours, 12);
+    }
+
+    #[test]
+    fn refcount_bits_8_ours() {
+        check_workload(|_| amend_refcount_bits(8), Tool::Ours, 12);
+    }
+
+    #[test]
+    fn refcount_bits_64_qemu() {
+        check_workload(|_| amend_refcount_bits(64), Tool::Qemu, 12);
     }
 }
 
