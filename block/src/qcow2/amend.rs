@@ -95,7 +95,7 @@ pub fn set_refcount_order(f: &HostFile, order: u32) -> Result<(), Error> {
         .next_back()
         .map_or(0, |&c| c + 1)
         .max(file_len.div_ceil(cs));
-    let per = cs * 8 >> order;
+    let per = (cs * 8) >> order;
     let (mut tc, mut nb) = (0u64, 0u64);
     loop {
         let nb2 = (start + tc + nb).div_ceil(per);
@@ -179,7 +179,7 @@ type Refcounts = (Vec<u64>, BTreeMap<u64, u64>, Vec<u64>);
 /// Every cluster's refcount (see [`Refcounts`]).
 fn read_refcounts(f: &HostFile, h: &Header, file_len: u64) -> Result<Refcounts, Error> {
     let cs = 1u64 << h.cluster_bits;
-    let per = cs * 8 >> h.refcount_order;
+    let per = (cs * 8) >> h.refcount_order;
     let table = read_table(
         f,
         file_len,
@@ -228,6 +228,7 @@ fn read_refcounts(f: &HostFile, h: &Header, file_len: u64) -> Result<Refcounts, 
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
