@@ -853,6 +853,49 @@ fn amend_rewrites_refcounts_and_resizes_as_qemu_img_does() {
 }
 
 #[test]
+fn create_takes_size_and_backing_in_options_as_qemu_img_does() {
+    let (dq, dv) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [&dq, &dv] {
+        create_qcow2(&[tmp(d, "base.qcow2").to_str().unwrap(), "4M"]);
+    }
+    let o = "backing_file=base.qcow2,backing_fmt=qcow2,preallocation=off";
+    let steps: &[&[&str]] = &[
+        &["create", "-q", "-f", "qcow2", "-o", o, "a.qcow2"],
+        &[
+            "create", "-q", "-f", "qcow2", "-o", o, "-o", "size=1M", "b.qcow2",
+        ],
+        &[
+            "create", "-q", "-f", "qcow2", "-o", "size=1M", "c.qcow2", "2M",
+        ],
+    ];
+    let info = |p: &std::path::Path| {
+        let mut v = json(&qemu_img(&[
+            "info",
+            "-U",
+            "--output=json",
+            p.to_str().unwrap(),
+        ]));
+        for k in [
+            "filename",
+            "actual-size",
+            "children",
+            "full-backing-filename",
+        ] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        v
+    };
+    // The last is refused by both (a size twice): no image.
+    for (step, f) in steps.iter().zip([Some("a.qcow2"), Some("b.qcow2"), None]) {
+        both(dq.path(), dv.path(), step);
+        if let Some(f) = f {
+            assert_eq!(info(&tmp(&dv, f)), info(&tmp(&dq, f)), "{step:?}");
+        }
+    }
+    assert!(!tmp(&dv, "c.qcow2").exists());
+}
+
+#[test]
 fn measure_gives_qemu_img_figures() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| tmp(&dir, n);

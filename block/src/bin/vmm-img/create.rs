@@ -1,5 +1,8 @@
 //! `vmm-img create -f qcow2|raw [-b BACKING -F FMT [-u]] [-o opts] [-q] FILE [SIZE]`.
 //!
+//! `-o` also takes qemu-img's `size=` (refused with a size given apart, as qemu-img refuses it),
+//! `backing_file=` and `backing_fmt=` (`-b`/`-F` win, as in qemu-img) and `preallocation=off`.
+//!
 //! Like qemu-img, the backing chain is opened (to check it, and for the size when none is given)
 //! unless `-u`. The target is never truncated while another process holds it (the write lock
 //! comes first) nor when the new image would be its own backing file, by any name: qemu-img
@@ -67,15 +70,38 @@ pub fn run(argv: &[String]) -> CmdResult {
     };
     let path = Path::new(file);
     let mut o = CreateOptions::default();
-    apply_options(&mut o, a.values("o"))?;
+    let (mut o_size, mut o_backing, mut o_backing_fmt) = (None, None, None);
+    for list in a.values("o") {
+        for (k, v) in args::options(list)? {
+            match k.as_str() {
+                "size" => o_size = Some(args::size(&v)?),
+                "backing_file" => o_backing = Some(v),
+                "backing_fmt" => o_backing_fmt = Some(v),
+                "preallocation" if v == "off" => {}
+                "preallocation" => {
+                    return Err(CliError::Usage(format!(
+                        "preallocation={v} is not supported (only off)"
+                    )))
+                }
+                _ => apply_options(&mut o, &[format!("{k}={v}")])?,
+            }
+        }
+    }
+    if size.is_some() && o_size.is_some() {
+        return Err(CliError::Usage(format!(
+            "{file}: The image size must be specified only once"
+        )));
+    }
+    let size = size.or(o_size);
     // The backing chain, opened (as qemu-img does unless -u) to check it and take its size.
     let mut backing_chain = None;
-    if let Some(b) = a.value("b") {
+    if let Some(b) = a.value("b").or(o_backing.as_deref()) {
         if format == block::Format::Raw {
             return Err(CliError::Usage("raw images have no backing file".into()));
         }
         let bfmt = a
             .value("F")
+            .or(o_backing_fmt.as_deref())
             .ok_or_else(|| CliError::Usage("a backing file needs its format (-F)".into()))?;
         args::format(bfmt)?;
         o.backing = Some((b.to_string(), bfmt.to_string()));
