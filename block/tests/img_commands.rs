@@ -782,6 +782,12 @@ fn amend_rewrites_refcounts_and_resizes_as_qemu_img_does() {
         qemu_io(&v2, "qcow2", &["write -P 4 0 1M"]);
         let o = tmp(d, "o.qcow2");
         create_qcow2(&["-b", "v2.qcow2", "-F", "qcow2", o.to_str().unwrap()]);
+        // Version 2 with a snapshot (whose entry records the disk size, as QEMU writes it).
+        let u = tmp(d, "u.qcow2");
+        create_qcow2(&["-o", "compat=0.10", u.to_str().unwrap(), "4M"]);
+        qemu_io(&u, "qcow2", &["write -P 5 0 64k"]);
+        qemu_img(&["snapshot", "-c", "s", u.to_str().unwrap()]);
+        qemu_io(&u, "qcow2", &["write -P 6 0 64k"]);
     }
     let info = |p: &std::path::Path| {
         let mut v = json(&qemu_img(&[
@@ -831,10 +837,13 @@ fn amend_rewrites_refcounts_and_resizes_as_qemu_img_does() {
         &["amend", "-o", "encrypt.format=luks", "o.qcow2"],
         &["amend", "-o", "data_file=x", "o.qcow2"],
         &["amend", "-o", "data_file_raw=on", "o.qcow2"],
+        &["amend", "-o", "compat=1.1", "u.qcow2"],
+        &["amend", "-o", "refcount_bits=4", "u.qcow2"],
     ];
     for step in steps {
         both(dq.path(), dv.path(), step);
-        for f in ["s.qcow2", "v2.qcow2", "o.qcow2"] {
+        // The image the step names (its last argument).
+        if let Some(&f) = step.last() {
             let (q, v) = (tmp(&dq, f), tmp(&dv, f));
             assert_check_clean(&v);
             assert_eq!(info(&v), info(&q), "{step:?}: {f}");
@@ -850,6 +859,10 @@ fn amend_rewrites_refcounts_and_resizes_as_qemu_img_does() {
     assert!(o.status.success(), "{o:?}");
     assert_check_clean(&s);
     qemu_io(&s, "qcow2", &["read -P 1 0 1M", "read -P 2 3M 1M"]);
+    let u = tmp(&dv, "u.qcow2");
+    let o = vmm_img(&["snapshot", "-a", "s", u.to_str().unwrap()]);
+    assert!(o.status.success(), "{o:?}");
+    qemu_io(&u, "qcow2", &["read -P 5 0 64k"]);
 }
 
 #[test]

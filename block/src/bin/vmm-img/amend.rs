@@ -170,12 +170,16 @@ pub fn run(argv: &[String]) -> CmdResult {
         }
     }
     if version == 3 && h.version == 2 && h.nb_snapshots > 0 {
-        // Version 3 snapshot entries carry fields version 2 ones may lack.
-        return Err(CliError::Usage(
-            "compat=1.1 of an image with internal snapshots is not supported; qemu-img amend \
-             does it"
-                .into(),
-        ));
+        // A version 3 snapshot entry records the disk size, which old version 2 entries lack
+        // (QEMU has written it into version 2 entries too since 1.x).
+        let snaps = block::qcow2::snapshot::list(q.file(), &h)?;
+        if snaps.iter().any(|s| s.disk_size.is_none()) {
+            return Err(CliError::Usage(
+                "compat=1.1 of an image with snapshots that record no disk size is not \
+                 supported; qemu-img amend does it"
+                    .into(),
+            ));
+        }
     }
     // A refcount rewrite copies the refcounts, which must be true.
     let rebuild = h.dirty() && (!lazy || am.refcount_order.is_some());
