@@ -788,6 +788,12 @@ fn amend_rewrites_refcounts_and_resizes_as_qemu_img_does() {
         qemu_io(&u, "qcow2", &["write -P 5 0 64k"]);
         qemu_img(&["snapshot", "-c", "s", u.to_str().unwrap()]);
         qemu_io(&u, "qcow2", &["write -P 6 0 64k"]);
+        // Version 3 with a snapshot, to go to version 2.
+        let w = tmp(d, "w.qcow2");
+        create_qcow2(&[w.to_str().unwrap(), "4M"]);
+        qemu_io(&w, "qcow2", &["write -P 7 0 64k"]);
+        qemu_img(&["snapshot", "-c", "s", w.to_str().unwrap()]);
+        qemu_io(&w, "qcow2", &["write -P 8 0 64k"]);
     }
     let info = |p: &std::path::Path| {
         let mut v = json(&qemu_img(&[
@@ -839,6 +845,7 @@ fn amend_rewrites_refcounts_and_resizes_as_qemu_img_does() {
         &["amend", "-o", "data_file_raw=on", "o.qcow2"],
         &["amend", "-o", "compat=1.1", "u.qcow2"],
         &["amend", "-o", "refcount_bits=4", "u.qcow2"],
+        &["amend", "-o", "compat=0.10", "w.qcow2"],
     ];
     for step in steps {
         both(dq.path(), dv.path(), step);
@@ -863,6 +870,17 @@ fn amend_rewrites_refcounts_and_resizes_as_qemu_img_does() {
     let o = vmm_img(&["snapshot", "-a", "s", u.to_str().unwrap()]);
     assert!(o.status.success(), "{o:?}");
     qemu_io(&u, "qcow2", &["read -P 5 0 64k"]);
+    // A zero cluster that only a snapshot holds is refused (qemu-img rewrites it), untouched.
+    let z = tmp(&dv, "z.qcow2");
+    create_qcow2(&[z.to_str().unwrap(), "4M"]);
+    qemu_io(&z, "qcow2", &["write -z 1M 64k"]);
+    qemu_img(&["snapshot", "-c", "s", z.to_str().unwrap()]);
+    qemu_io(&z, "qcow2", &["discard 1M 64k"]);
+    let before = std::fs::read(&z).unwrap();
+    let o = vmm_img(&["amend", "-o", "compat=0.10", z.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("a zero cluster in snapshot 's'"));
+    assert!(std::fs::read(&z).unwrap() == before);
 }
 
 #[test]

@@ -198,7 +198,7 @@ fn read_refcounts(f: &HostFile, h: &Header, file_len: u64) -> Result<Refcounts, 
         if off == 0 {
             continue;
         }
-        if off % cs != 0 || off.checked_add(cs).is_none_or(|end| end > file_len) {
+        if !off.is_multiple_of(cs) || off.checked_add(cs).is_none_or(|end| end > file_len) {
             return Err(fmt_err(
                 f,
                 FormatError::BadRefcountEntry {
