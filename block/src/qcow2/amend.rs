@@ -12,8 +12,6 @@
 //! their release is durable.
 
 use super::header::Header;
-use std::collections::BTreeMap;
-
 use super::meta::encode_words;
 use super::refcount::{get_entry, set_entry};
 use super::validate::MAX_REFTABLE_BYTES;
@@ -53,7 +51,8 @@ pub fn refcount_order(bits: u64) -> Result<u32, RefcountWidthError> {
 }
 
 /// Rewrites the refcount structures of the clean qcow2 image in `f` with `2^order`-bit entries
-/// (steps in the module documentation); nothing when the width is already that.
+/// (steps in the module documentation); nothing when the width is already that. One block of
+/// each width is in memory at a time.
 pub fn set_refcount_order(f: &HostFile, order: u32) -> Result<(), Error> {
     let old = read_header(f)?;
     if old.refcount_order == order {
@@ -66,164 +65,197 @@ pub fn set_refcount_order(f: &HostFile, order: u32) -> Result<(), Error> {
     if old.version < 3 {
         return Err(refuse(RefcountWidthError::Version));
     }
-    let cs = 1u64 << old.cluster_bits;
+    let cs = old.cluster_size();
     let file_len = f.len()?;
-    let (counts, past_end, old_clusters) = read_refcounts(f, &old, file_len)?;
+    let mut reader = OldRefcounts::open(f, &old, file_len)?;
     let max = if order == 6 {
         u64::MAX
     } else {
         (1u64 << (1u64 << order)) - 1
     };
-    let too_high = counts
-        .iter()
-        .enumerate()
-        .map(|(c, &v)| (c as u64, v))
-        .chain(past_end.iter().map(|(&c, &v)| (c, v)))
-        .find(|&(_, v)| v > max);
-    if let Some((c, v)) = too_high {
-        return Err(refuse(RefcountWidthError::TooNarrow {
-            bits: 1 << order,
-            offset: c * cs,
-            refcount: v,
-        }));
+    // Every refcount checked against the new width; the last cluster in use found (one past
+    // the end of the file may have a reference: the new structures go after it).
+    let mut end = file_len.div_ceil(cs);
+    for c in reader.covered().into_iter().flatten() {
+        let v = reader.get(c)?;
+        if v > max {
+            return Err(refuse(RefcountWidthError::TooNarrow {
+                bits: 1 << order,
+                offset: c * cs,
+                refcount: v,
+            }));
+        }
+        if v != 0 {
+            end = end.max(c + 1);
+        }
     }
-    // The new table, then the new blocks, past the end of the file; they cover every cluster
-    // up to their own end (a fixed point: more blocks may need a longer table).
-    // (A cluster past the end of the file may have a reference: the new ones go after it.)
-    let start = past_end
-        .keys()
-        .next_back()
-        .map_or(0, |&c| c + 1)
-        .max(file_len.div_ceil(cs));
+    // The new table, then the new blocks, from `end` on; they cover every cluster up to their
+    // own end (a fixed point: more blocks may need a longer table).
     let per = (cs * 8) >> order;
     let (mut tc, mut nb) = (0u64, 0u64);
     loop {
-        let nb2 = (start + tc + nb).div_ceil(per);
+        let nb2 = (end + tc + nb).div_ceil(per);
         let tc2 = (nb2 * 8).div_ceil(cs);
         if (tc2, nb2) == (tc, nb) {
             break;
         }
         (tc, nb) = (tc2, nb2);
     }
-    if tc * cs > MAX_REFTABLE_BYTES {
-        return Err(Error::TooLarge {
-            path: f.path().to_string(),
-            what: "refcount table",
-            bytes: tc * cs,
-        });
-    }
-    let block_len = usize::try_from(cs).unwrap_or(0);
-    let first_block = start + tc;
-    let mut blocks = vec![vec![0u8; block_len]; usize::try_from(nb).unwrap_or(0)];
-    let count_of = |c: u64| {
-        if (start..first_block + nb).contains(&c) {
-            1
-        } else {
-            usize::try_from(c)
-                .ok()
-                .and_then(|i| counts.get(i))
-                .or_else(|| past_end.get(&c))
-                .copied()
-                .unwrap_or(0)
-        }
-    };
-    for (b, block) in blocks.iter_mut().enumerate() {
-        let base = b as u64 * per;
-        for i in 0..per {
-            let v = count_of(base + i);
-            if v != 0 {
-                set_entry(block, order, i, v);
-            }
-        }
-    }
-    let mut table: Vec<u64> = (first_block..first_block + nb).map(|c| c * cs).collect();
-    table.resize(usize::try_from(tc * cs / 8).unwrap_or(0), 0);
-    f.write_at(&encode_words(&table), start * cs)?;
-    for (b, block) in blocks.iter().enumerate() {
-        f.write_at(block, (first_block + b as u64) * cs)?;
-    }
-    f.sync()?;
-    let mut new = old.clone();
-    new.refcount_order = order;
-    new.refcount_table_offset = start * cs;
-    new.refcount_table_clusters = u32::try_from(tc).map_err(|_| Error::TooLarge {
+    let too_large = || Error::TooLarge {
         path: f.path().to_string(),
         what: "refcount table",
         bytes: tc * cs,
-    })?;
-    let b = new.encode().map_err(|e| fmt_err(f, e))?;
-    // Bytes 48-59 (table offset and clusters) and 96-99 (order): one write in the first sector.
-    f.write_at(&b[48..100], 48)?;
-    f.sync()?;
-    // The old table and blocks are unreferenced now.
-    let mut touched = Vec::new();
-    for c in old_clusters {
-        let b = usize::try_from(c / per).unwrap_or(usize::MAX);
-        if let Some(block) = blocks.get_mut(b) {
-            set_entry(block, order, c % per, 0);
-            touched.push(b);
-        }
+    };
+    if tc * cs > MAX_REFTABLE_BYTES {
+        return Err(too_large());
     }
+    let first_block = end + tc;
+    let new = first_block - tc..first_block + nb;
+    let mut table: Vec<u64> = (first_block..first_block + nb).map(|c| c * cs).collect();
+    table.resize(usize::try_from(tc * cs / 8).map_err(|_| too_large())?, 0);
+    f.write_at(&encode_words(&table), end * cs)?;
+    for b in 0..nb {
+        let block = reader.new_block(b, order, &new, None)?;
+        f.write_at(&block, (first_block + b) * cs)?;
+    }
+    f.sync()?;
+    let mut header = old.clone();
+    header.refcount_order = order;
+    header.refcount_table_offset = end * cs;
+    header.refcount_table_clusters = u32::try_from(tc).map_err(|_| too_large())?;
+    let bytes = header.encode().map_err(|e| fmt_err(f, e))?;
+    // Bytes 48-59 (table offset and clusters) and 96-99 (order): one write in the first sector.
+    f.write_at(&bytes[48..100], 48)?;
+    f.sync()?;
+    // The old table and blocks are unreferenced now: the new blocks covering them again,
+    // without them.
+    let mut freed = reader.own.clone();
+    freed.sort_unstable();
+    let mut touched: Vec<u64> = freed.iter().map(|c| c / per).collect();
     touched.sort_unstable();
     touched.dedup();
-    for b in touched {
-        f.write_at(&blocks[b], (first_block + b as u64) * cs)?;
+    for b in touched.into_iter().filter(|&b| b < nb) {
+        let block = reader.new_block(b, order, &new, Some(&freed))?;
+        f.write_at(&block, (first_block + b) * cs)?;
     }
     f.sync()
 }
 
-/// Refcounts read from the image: those of the clusters inside the file (index: cluster), the
-/// nonzero ones past its end, and the clusters of the refcount table and blocks themselves.
-type Refcounts = (Vec<u64>, BTreeMap<u64, u64>, Vec<u64>);
+/// The refcounts of the image as its header has them, read one block at a time.
+struct OldRefcounts<'a> {
+    f: &'a HostFile,
+    order: u32,
+    cs: u64,
+    table: Vec<u64>,
+    /// The clusters of the refcount table and blocks themselves.
+    own: Vec<u64>,
+    /// The block last read: (table index, contents).
+    cached: Option<(usize, Vec<u8>)>,
+}
 
-/// Every cluster's refcount (see [`Refcounts`]).
-fn read_refcounts(f: &HostFile, h: &Header, file_len: u64) -> Result<Refcounts, Error> {
-    let cs = 1u64 << h.cluster_bits;
-    let per = (cs * 8) >> h.refcount_order;
-    let table = read_table(
-        f,
-        file_len,
-        "refcount table",
-        h.refcount_table_offset,
-        u64::from(h.refcount_table_clusters) * cs / 8,
-    )?;
-    let t0 = h.refcount_table_offset / cs;
-    let mut own: Vec<u64> = (t0..t0 + u64::from(h.refcount_table_clusters)).collect();
-    let clusters = usize::try_from(file_len.div_ceil(cs)).unwrap_or(usize::MAX);
-    let mut counts = vec![0u64; clusters];
-    let mut past_end = BTreeMap::new();
-    let mut block = vec![0u8; usize::try_from(cs).unwrap_or(0)];
-    for (bi, &e) in table.iter().enumerate() {
+impl<'a> OldRefcounts<'a> {
+    /// Reads the refcount table of `h` and checks its entries lie inside the file.
+    fn open(f: &'a HostFile, h: &Header, file_len: u64) -> Result<OldRefcounts<'a>, Error> {
+        let cs = h.cluster_size();
+        let table = read_table(
+            f,
+            file_len,
+            "refcount table",
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs / 8,
+        )?;
+        let t0 = h.refcount_table_offset / cs;
+        let mut own: Vec<u64> = (t0..t0 + u64::from(h.refcount_table_clusters)).collect();
+        for (bi, &e) in table.iter().enumerate() {
+            let off = e & !0x1ff;
+            if off == 0 {
+                continue;
+            }
+            if !off.is_multiple_of(cs) || off.checked_add(cs).is_none_or(|end| end > file_len) {
+                return Err(fmt_err(
+                    f,
+                    FormatError::BadRefcountEntry {
+                        index: bi as u64,
+                        entry: e,
+                    },
+                ));
+            }
+            own.push(off / cs);
+        }
+        Ok(OldRefcounts {
+            f,
+            order: h.refcount_order,
+            cs,
+            table,
+            own,
+            cached: None,
+        })
+    }
+
+    /// The clusters that blocks cover (the ranges of the table's empty entries skipped).
+    fn covered(&self) -> Vec<std::ops::Range<u64>> {
+        let per = self.per();
+        self.table
+            .iter()
+            .enumerate()
+            .filter(|&(_, &e)| e & !0x1ff != 0)
+            .map(|(bi, _)| bi as u64 * per..(bi as u64 + 1) * per)
+            .collect()
+    }
+
+    fn per(&self) -> u64 {
+        (self.cs * 8) >> self.order
+    }
+
+    /// The refcount of cluster `c`.
+    fn get(&mut self, c: u64) -> Result<u64, Error> {
+        let Ok(bi) = usize::try_from(c / self.per()) else {
+            return Ok(0);
+        };
+        let Some(&e) = self.table.get(bi) else {
+            return Ok(0);
+        };
         let off = e & !0x1ff;
         if off == 0 {
-            continue;
+            return Ok(0);
         }
-        if !off.is_multiple_of(cs) || off.checked_add(cs).is_none_or(|end| end > file_len) {
-            return Err(fmt_err(
-                f,
-                FormatError::BadRefcountEntry {
-                    index: bi as u64,
-                    entry: e,
-                },
-            ));
+        if self.cached.as_ref().is_none_or(|(i, _)| *i != bi) {
+            let mut b = vec![0u8; usize::try_from(self.cs).unwrap_or(0)];
+            self.f.read_at(&mut b, off)?;
+            self.cached = Some((bi, b));
         }
-        f.read_at(&mut block, off)?;
-        own.push(off / cs);
-        let base = bi as u64 * per;
+        Ok(self
+            .cached
+            .as_ref()
+            .map_or(0, |(_, b)| get_entry(b, self.order, c % self.per())))
+    }
+
+    /// New block `b` of `2^order`-bit entries: each cluster's refcount, 1 for the clusters of
+    /// the new structures (`new`), 0 for those in `freed` (sorted).
+    fn new_block(
+        &mut self,
+        b: u64,
+        order: u32,
+        new: &std::ops::Range<u64>,
+        freed: Option<&[u64]>,
+    ) -> Result<Vec<u8>, Error> {
+        let per = (self.cs * 8) >> order;
+        let mut block = vec![0u8; usize::try_from(self.cs).unwrap_or(0)];
         for i in 0..per {
-            let v = get_entry(&block, h.refcount_order, i);
+            let c = b * per + i;
+            let v = if new.contains(&c) {
+                1
+            } else if freed.is_some_and(|fr| fr.binary_search(&c).is_ok()) {
+                0
+            } else {
+                self.get(c)?
+            };
             if v != 0 {
-                let c = base + i;
-                match usize::try_from(c).ok().and_then(|c| counts.get_mut(c)) {
-                    Some(slot) => *slot = v,
-                    None => {
-                        past_end.insert(c, v);
-                    }
-                }
+                set_entry(&mut block, order, i, v);
             }
         }
+        Ok(block)
     }
-    Ok((counts, past_end, own))
 }
 
 #[cfg(test)]
