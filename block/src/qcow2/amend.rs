@@ -9,7 +9,7 @@
 //! in one write and synced; only then are the old table and blocks given refcount 0 in the new
 //! blocks, written and synced. A cut before the switch leaves the old image (the new clusters
 //! past its end unreferenced: leaks); after it, the new one, the old structures leaked until
-//! their release is durable.
+//! their release is durable. Their space is punched out of the file last.
 
 use super::header::Header;
 use super::meta::encode_words;
@@ -138,7 +138,14 @@ pub fn set_refcount_order(f: &HostFile, order: u32) -> Result<(), Error> {
         let block = reader.new_block(b, order, &new, Some(&freed))?;
         f.write_at(&block, (first_block + b) * cs)?;
     }
-    f.sync()
+    f.sync()?;
+    for c in freed {
+        // Only gives the space back: a cluster left unpunched is still free.
+        if let Err(e) = f.punch_hole(c * cs, cs) {
+            log::warn!("{e}");
+        }
+    }
+    Ok(())
 }
 
 /// The refcounts of the image as its header has them, read one block at a time.
