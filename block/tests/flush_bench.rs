@@ -5,6 +5,11 @@
 //! write, as a guest job with `fsync=1` does. The reader's percentiles show how long a lookup
 //! waits for the metadata lock while a flush writes back and syncs.
 //!
+//! The eviction-heavy variant uses 4 KiB clusters (an L2 table maps 2 MiB) and a 4-table L2
+//! cache: the reader's blocks span 24 tables and the writer's 8, so nearly every read loads a
+//! table, and the writer flushes only every 16 writes, so the tables evicted are often dirty
+//! (written back, with the sync they owe, to make room).
+//!
 //! `cargo nextest run -p block --release --run-ignored only --no-capture --test flush_bench`
 #![allow(clippy::unwrap_used)]
 
@@ -13,12 +18,12 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use block::DiskImage;
+use block::qcow2::CacheSizes;
+use block::{DiskImage, Format, OpenOptions};
 use common::*;
 
 const SIZE: u64 = 64 << 20;
 const BLOCK: usize = 4096;
-const CLUSTER: u64 = 65536;
 
 /// A small xorshift generator: random blocks without a dependency.
 fn next(seed: &mut u64) -> u64 {
@@ -31,30 +36,53 @@ fn next(seed: &mut u64) -> u64 {
 #[test]
 #[ignore = "benchmark: run with --run-ignored only --release"]
 fn reader_latency_beside_a_flushing_writer() {
+    reader_latency(65536, None, 1);
+}
+
+#[test]
+#[ignore = "benchmark: run with --run-ignored only --release"]
+fn reader_latency_beside_a_writer_evicting_dirty_tables() {
+    reader_latency(4096, Some(4 * 4096), 16);
+}
+
+/// Runs the benchmark on an image of `cluster`-byte clusters, with an L2 cache of `l2_cache`
+/// bytes if given, the writer flushing after every `flush_every` writes.
+fn reader_latency(cluster: u64, l2_cache: Option<u64>, flush_every: u64) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let p = tmp(&dir, "b.qcow2");
-    create_qcow2(&[p.to_str().unwrap(), "64M"]);
+    let opts = format!("cluster_size={cluster}");
+    create_qcow2(&["-o", &opts, p.to_str().unwrap(), "64M"]);
     qemu_io(&p, "qcow2", &["write -P 7 0 64M"]);
-    let img = open_rw(&p);
+    let img = block::open(
+        &p,
+        OpenOptions {
+            format: Some(Format::Qcow2),
+            read_only: false,
+            cache_sizes: CacheSizes::new(l2_cache, None, None).unwrap(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let stop = AtomicBool::new(false);
     let (lat, flushes) = std::thread::scope(|s| {
         let (img, stop) = (&img, &stop);
         let writer = s.spawn(move || {
             let mut seed = 0x2545_f491_4f6c_dd1d;
-            let mut flushes = 0u64;
+            let mut writes = 0u64;
             // The writer's blocks lie in the last quarter; the reader reads the rest.
             let base = SIZE / 4 * 3;
             while !stop.load(Ordering::Relaxed) {
-                let cluster = next(&mut seed) % (SIZE / 4 / CLUSTER);
-                let at = base + cluster * CLUSTER;
+                let at = base + next(&mut seed) % (SIZE / 4 / cluster) * cluster;
                 if next(&mut seed).is_multiple_of(2) {
-                    img.discard(at, CLUSTER).unwrap();
+                    img.discard(at, cluster).unwrap();
                 }
                 img.write_at(&[9; BLOCK], at).unwrap();
-                img.flush().unwrap();
-                flushes += 1;
+                writes += 1;
+                if writes.is_multiple_of(flush_every) {
+                    img.flush().unwrap();
+                }
             }
-            flushes
+            writes / flush_every
         });
         let mut seed = 0x9e37_79b9_7f4a_7c15;
         let mut buf = vec![0u8; BLOCK];

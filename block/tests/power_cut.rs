@@ -264,6 +264,23 @@ fn small_cache(seed: u64) -> Workload {
     }
 }
 
+/// The smallest metadata caches while the refcount table grows: `table_growth`'s scattered
+/// writes of up to 64 KiB (3+ MiB of data in 512-byte clusters with 64-bit refcounts) with 2
+/// L2 tables and 4 refcount blocks cached, so that nearly every write evicts dirty tables, new
+/// refcount blocks come every 32 KiB of file and the refcount table grows past 2 MiB.
+fn small_cache_growth(seed: u64) -> Workload {
+    let Workload {
+        create, batches, ..
+    } = table_growth(seed);
+    Workload {
+        name: "small metadata cache and refcount table growth cluster_size=512".into(),
+        create,
+        batches,
+        command: None,
+        image_opts: Some("l2-cache-size=1024,refcount-cache-size=1024".into()),
+    }
+}
+
 /// Many threads allocating at once (`bench -d 8`) in an overlay, 4 KiB requests 8 KiB apart
 /// (copy-up next to kept backing data), flushed every 8 requests, drained or not.
 fn bench(cs: u64, drain: bool) -> Workload {
@@ -487,6 +504,7 @@ workload_tests! {
     extended_l2_32k: |s| extended_l2(32768, s);
     table_growth_512: table_growth;
     small_cache_512: small_cache;
+    small_cache_growth_512: small_cache_growth;
     bench_threads_4k: |_| bench(4096, true);
     bench_threads_64k: |_| bench(65536, true);
     bench_threads_no_drain_64k: |_| bench(65536, false);

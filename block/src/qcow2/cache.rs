@@ -6,6 +6,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Tables a full cache may hold beyond its size while its dirty ones wait for a write-back
+/// outside the metadata lock (`meta.rs`); past that, a dirty table is written under the lock to
+/// make room, so memory stays bounded whatever the requests in flight.
+const OVERDRAFT: usize = 16;
+
 /// One cached table.
 #[derive(Debug)]
 struct Slot<T> {
@@ -61,6 +66,36 @@ impl<T> TableCache<T> {
     /// Whether the cache is full (the caller must evict before inserting).
     pub fn full(&self) -> bool {
         self.slots.len() >= self.cap
+    }
+
+    /// Whether the cache holds more tables than its size (dirty ones waiting for a write-back).
+    pub fn over_size(&self) -> bool {
+        self.slots.len() > self.cap
+    }
+
+    /// Whether a full cache may take one more table without writing a dirty one first.
+    pub fn may_overdraw(&self) -> bool {
+        self.slots.len() < self.cap + OVERDRAFT
+    }
+
+    /// Drops least recently used clean tables until the cache is within its size; returns
+    /// whether it is (false when the tables over its size are dirty).
+    pub fn trim(&mut self) -> bool {
+        while self.slots.len() > self.cap {
+            let clean = self
+                .slots
+                .iter()
+                .filter(|(_, s)| !s.dirty)
+                .min_by_key(|(_, s)| s.used.load(Ordering::Relaxed))
+                .map(|(&o, _)| o);
+            match clean {
+                Some(o) => {
+                    self.slots.remove(&o);
+                }
+                None => return false,
+            }
+        }
+        true
     }
 
     /// The least recently used table's offset and whether it is dirty.
@@ -228,5 +263,27 @@ mod tests {
         c.mark_dirty(1);
         c.mark_clean(1, copies[0].2);
         assert_eq!(c.dirty(), vec![1, 2]);
+    }
+
+    #[test]
+    fn trimming_drops_only_clean_tables() {
+        let mut c = TableCache::new(1);
+        c.insert(1, 10);
+        c.mark_dirty(1);
+        c.insert(2, 20);
+        c.insert(3, 30);
+        c.mark_dirty(3);
+        assert!(c.over_size() && c.may_overdraw());
+        // Table 2 goes; the dirty ones stay, over the size, until written.
+        assert!(!c.trim());
+        assert_eq!(c.dirty(), vec![1, 3]);
+        assert!(c.get(2).is_none());
+        c.write_dirty(1, |_| Ok::<(), ()>(())).unwrap();
+        assert!(c.trim());
+        assert!(c.get(1).is_none() && c.get(3).is_some());
+        for o in 10..10 + OVERDRAFT as u64 {
+            c.insert(o, 0);
+        }
+        assert!(!c.may_overdraw());
     }
 }

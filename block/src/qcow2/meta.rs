@@ -18,8 +18,15 @@
 //! copies what it owes under the lock ([`Meta::copy_dirty`]), writes the copies in order
 //! without it ([`Copies::write`]), and under the lock again ([`Meta::settle`]) marks clean only
 //! the tables unchanged since the copy and settles only the needs that arose before it. Tables
-//! written under the lock in between (evictions) are newer than the copies, which skip them
-//! ([`Written`]).
+//! written under the lock in between are newer than the copies, which skip them ([`Written`]).
+//!
+//! A full cache makes room the same way: a clean least recently used table is dropped, but a
+//! dirty one stays, the cache going over its size, and the request that loaded the new table
+//! writes the dirty tables back after releasing the lock (`Qcow2::make_room`, an eviction
+//! write-back: [`Copies`] of the refcount blocks and L2 tables only, in the same order, without
+//! the final sync, the L1 entries or the reference drops, which wait for a flush), then drops
+//! the tables now clean. Only a cache too far over its size (`cache.rs`, `OVERDRAFT`) writes
+//! its least recently used table under the lock ([`Meta::write_l2`]).
 //!
 //! A table is clean only once its write succeeded (`TableCache::write_dirty`); a failed write
 //! leaves it, and every need recorded for it, in place, so the next write-back retries it and no
@@ -111,14 +118,17 @@ pub struct Copies {
     sync_before_l1: bool,
     /// How many of `pending_frees` (the first ones) the copied tables dropped.
     frees: usize,
+    /// A flush (everything, ending with a sync), or an eviction write-back (refcount blocks
+    /// and L2 tables only, no final sync).
+    flush: bool,
     written: Arc<Written>,
 }
 
 impl Copies {
     /// Writes the copies in the order the metadata owed when they were taken (refcount blocks,
-    /// a sync if L2 tables owed one, L2 tables, a sync if L1 entries owed one, L1 entries), then
-    /// syncs the file; without the metadata lock. A table written under the lock meanwhile is
-    /// skipped: that write was newer, and the syncs that follow cover it.
+    /// a sync if L2 tables owed one, L2 tables, a sync if L1 entries owed one, L1 entries), then,
+    /// for a flush, syncs the file; without the metadata lock. A table written under the lock
+    /// meanwhile is skipped: that write was newer, and the syncs that follow cover it.
     pub fn write(&self, f: &HostFile) -> Result<(), Error> {
         for (off, b, _) in &self.rc_blocks {
             self.written
@@ -136,6 +146,9 @@ impl Copies {
         }
         for &(i, e) in &self.l1 {
             f.write_at(&e.to_be_bytes(), self.l1_offset + (i as u64) * 8)?;
+        }
+        if !self.flush {
+            return Ok(());
         }
         // The final sync makes the guest's data durable too: it counts as data I/O.
         crate::trace::data(|| f.sync())
@@ -252,15 +265,33 @@ impl Meta {
         Ok(())
     }
 
+    /// Makes room for one more L2 table: drops the least recently used one if clean, else
+    /// leaves it to an eviction write-back after the lock is released (see the module doc),
+    /// writing it here only when the cache is too far over its size.
     fn make_room_l2(&mut self, f: &HostFile) -> Result<(), Error> {
         if !self.l2.full() {
             return Ok(());
         }
-        if let Some((victim, _)) = self.l2.victim() {
-            self.write_l2(f, victim)?;
-            self.l2.remove(victim);
+        match self.l2.victim() {
+            Some((victim, dirty)) if !dirty || !self.l2.may_overdraw() => {
+                self.write_l2(f, victim)?;
+                self.l2.remove(victim);
+            }
+            _ => {}
         }
         Ok(())
+    }
+
+    /// Whether a cache holds more tables than its size (dirty ones, until an eviction
+    /// write-back).
+    pub fn over_size(&self) -> bool {
+        self.l2.over_size() || self.rc_blocks.over_size()
+    }
+
+    /// Drops clean tables until both caches are within their sizes; returns whether they are.
+    pub fn trim(&mut self) -> bool {
+        let l2 = self.l2.trim();
+        self.rc_blocks.trim() && l2
     }
 
     /// The entry words (entry, bitmap) of cluster `guest` in the L2 table at `l2`, if cached.
@@ -345,17 +376,21 @@ impl Meta {
     }
 
     /// Copies what a flush owes (the dirty refcount blocks, L2 tables and L1 entries, and the
-    /// syncs their orderings need), for [`Copies::write`] to write without the lock; from now
-    /// until [`Meta::settle`], tables written under the lock are recorded so that the flush
-    /// skips its older copies of them. The caller serializes flushes.
-    pub fn copy_dirty(&mut self) -> Copies {
+    /// syncs their orderings need), or without `flush` what an eviction write-back owes (the
+    /// same without the L1 entries), for [`Copies::write`] to write without the lock; from now
+    /// until [`Meta::settle`], tables written under the lock are recorded so that the write-back
+    /// skips its older copies of them. The caller serializes write-backs.
+    pub fn copy_dirty(&mut self, flush: bool) -> Copies {
         *self.written.lock() = Some(HashSet::new());
         let l2 = self.l2.copy_dirty();
-        let l1: Vec<(usize, u64)> = self
-            .l1_dirty
-            .iter()
-            .map(|&i| (i, self.l1.get(i).copied().unwrap_or(0)))
-            .collect();
+        let l1: Vec<(usize, u64)> = if flush {
+            self.l1_dirty
+                .iter()
+                .map(|&i| (i, self.l1.get(i).copied().unwrap_or(0)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Copies {
             stamp: self.stamps,
             rc_blocks: self.rc_blocks.copy_dirty(),
@@ -365,15 +400,17 @@ impl Meta {
             l2,
             l1,
             l1_offset: self.header.l1_table_offset,
-            frees: self.pending_frees.len(),
+            frees: if flush { self.pending_frees.len() } else { 0 },
+            flush,
             written: Arc::clone(&self.written),
         }
     }
 
-    /// Ends a flush's write of `c` (`result`, which stops the recording of writes under the
-    /// lock). Once it succeeded: the copied tables and entries unchanged since are clean, the
-    /// needs that arose before the copy are settled (everything copied is durable), and the
-    /// reference drops the copied tables made are applied.
+    /// Ends a write-back of `c` (`result`, which stops the recording of writes under the
+    /// lock). Once it succeeded: the copied tables and entries unchanged since are clean; after
+    /// a flush, the needs that arose before the copy are settled (everything copied is durable)
+    /// and the reference drops the copied tables made are applied; after an eviction
+    /// write-back, only the needs of L2 tables, and only if it synced before writing them.
     pub fn settle(
         &mut self,
         f: &HostFile,
@@ -394,14 +431,22 @@ impl Meta {
             }
         }
         let owed = &mut self.owed;
-        for need in [
-            &mut owed.l2_after_data,
-            &mut owed.l2_after_refcounts,
-            &mut owed.l1_after_l2,
-        ] {
+        let settled = match (c.flush, c.sync_before_l2) {
+            (true, _) => vec![
+                &mut owed.l2_after_data,
+                &mut owed.l2_after_refcounts,
+                &mut owed.l1_after_l2,
+            ],
+            (false, true) => vec![&mut owed.l2_after_data, &mut owed.l2_after_refcounts],
+            (false, false) => Vec::new(),
+        };
+        for need in settled {
             if *need <= c.stamp {
                 *need = 0;
             }
+        }
+        if !c.flush {
+            self.unsynced = true;
         }
         // The first `frees` are still those the copies dropped: only flushes take them out,
         // and they are serialized.

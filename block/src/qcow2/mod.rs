@@ -17,8 +17,11 @@
 //! meanwhile from being reused under them. A flush copies the dirty tables under the lock and
 //! writes and syncs them without it (`meta.rs`; write-backs are serialized by their own mutex),
 //! copy-up reads (the backing image's too) happen in the fill step, and a discard takes the lock
-//! once per L2 table's worth of clusters. Still written and synced under the lock: a dirty table
-//! evicted from a full cache, new refcount blocks and a growing refcount table.
+//! once per L2 table's worth of clusters. A full cache whose least recently used table is dirty
+//! goes over its size, and the request that filled it writes the dirty tables back after
+//! releasing the lock, as a flush does (`Qcow2::make_room`). Still written and synced under the
+//! lock: a new refcount block, a growing refcount table (rare: see `refcount.rs`), and a dirty
+//! table evicted from a cache too far over its size.
 
 pub mod amend;
 mod backing_name;
@@ -297,9 +300,50 @@ impl Qcow2 {
         let _flushing = self.flushing();
         // No copied table is freed before `settle`: tables are freed only through
         // `pending_frees`, which only write-backs holding `flushing` apply.
-        let copies = self.lock().copy_dirty();
+        let copies = self.lock().copy_dirty(true);
         let written = copies.write(&self.file);
-        self.lock().settle(&self.file, &copies, written)
+        let mut m = self.lock();
+        let settled = m.settle(&self.file, &copies, written);
+        // Requests that found the caches over their size while this ran left them to it.
+        m.trim();
+        settled
+    }
+
+    /// Releases the metadata lock, then brings the caches back within their sizes if a table
+    /// loaded under it left them over (see [`Qcow2::make_room`]).
+    fn unlock(&self, m: RwLockWriteGuard<'_, Meta>) {
+        let over = m.over_size();
+        drop(m);
+        if over {
+            self.make_room();
+        }
+    }
+
+    /// Brings caches over their size back within it: writes the dirty tables back without the
+    /// metadata lock (an eviction write-back, `meta.rs`), then drops the least recently used
+    /// clean tables (the new table that went over the size is the most recently used). Skipped
+    /// while another write-back runs, which trims the caches when it ends. A failure is only
+    /// logged: the tables stay dirty, and the next flush writes them or reports it.
+    fn make_room(&self) {
+        let _flushing = match self.flushing.try_lock() {
+            Ok(g) => g,
+            // Guards no data: a panic elsewhere leaves nothing to repair.
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        let copies = {
+            let mut m = self.lock();
+            if !m.over_size() {
+                return;
+            }
+            m.copy_dirty(false)
+        };
+        let written = copies.write(&self.file);
+        let mut m = self.lock();
+        if let Err(e) = m.settle(&self.file, &copies, written) {
+            log::warn!("{}: evicting metadata tables failed: {e}", self.file.path());
+        }
+        m.trim();
     }
 
     fn lock_shared(&self) -> RwLockReadGuard<'_, Meta> {
@@ -394,7 +438,9 @@ impl Qcow2 {
         }
         let mut m = self.lock();
         let (map, run) = self.lookup_locked(&mut m, guest)?;
-        Ok((map, run, then()))
+        let then = then();
+        self.unlock(m);
+        Ok((map, run, then))
     }
 
     /// Reads `buf` at `guest` given its mapping (no metadata lock needed).

@@ -424,15 +424,20 @@ impl Meta {
         f.write_at(&hdr, 48)
     }
 
-    /// Evicts the least recently used refcount block when the cache is full, writing it first
-    /// if dirty (always allowed, see `meta.rs`).
+    /// Makes room for one more refcount block as `make_room_l2` does for L2 tables: the least
+    /// recently used block is dropped if clean, else written by the eviction write-back after
+    /// the lock is released, or here (always allowed, see `meta.rs`) when the cache is too far
+    /// over its size.
     fn make_room_rc(&mut self, f: &HostFile) -> Result<(), Error> {
         if !self.rc_blocks.full() {
             return Ok(());
         }
-        if let Some((victim, _)) = self.rc_blocks.victim() {
-            self.write_rc_block(f, victim)?;
-            self.rc_blocks.remove(victim);
+        match self.rc_blocks.victim() {
+            Some((victim, dirty)) if !dirty || !self.rc_blocks.may_overdraw() => {
+                self.write_rc_block(f, victim)?;
+                self.rc_blocks.remove(victim);
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -369,6 +369,16 @@ fn a_failed_fill_gives_its_new_cluster_back() {
 /// Runs `during` on this thread while a flush on another thread is stopped in its first sync
 /// (through the file's hook), then lets the flush finish and returns what it returned.
 fn while_a_flush_syncs(q: &Qcow2, during: impl FnOnce()) -> Result<(), Error> {
+    while_syncing(q, || q.flush(), during)
+}
+
+/// Runs `during` on this thread while `request` on another thread is stopped in its first sync
+/// (through the file's hook), then lets the request finish and returns what it returned.
+fn while_syncing<T: Send>(
+    q: &Qcow2,
+    request: impl FnOnce() -> T + Send,
+    during: impl FnOnce(),
+) -> T {
     let (in_tx, in_rx) = std::sync::mpsc::channel();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let (in_tx, go_rx) = (Mutex::new(Some(in_tx)), Mutex::new(go_rx));
@@ -383,8 +393,13 @@ fn while_a_flush_syncs(q: &Qcow2, during: impl FnOnce()) -> Result<(), Error> {
         Ok(())
     }))));
     std::thread::scope(|s| {
-        let flush = s.spawn(|| q.flush());
-        in_rx.recv().unwrap();
+        let flush = s.spawn(|| {
+            let r = request();
+            // Dropping the hook tells a request that never synced (and leaves it for good).
+            q.file.set_hook(None);
+            r
+        });
+        in_rx.recv().expect("the request ended without a sync");
         // The flush goes on whatever `during` does: a failed assertion must not leave it stuck.
         let during = std::panic::catch_unwind(std::panic::AssertUnwindSafe(during));
         go_tx.send(()).unwrap();
@@ -437,6 +452,62 @@ fn lookups_and_allocating_writes_go_on_while_a_flush_syncs() {
         let mut back = [0u8; 4096];
         img.read_at(&mut back, at).unwrap();
         assert_eq!(back, [byte; 4096], "at {at}");
+    }
+}
+
+#[test]
+fn lookups_go_on_while_an_eviction_writes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("v.qcow2");
+    create(&p, "cluster_size=65536", "2G");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    // Four L2 tables on disk (one per 512 MiB), clean; then a two-table cache.
+    for at in [0, 600 << 20, 1100 << 20, 1700 << 20] {
+        q.write_at(&[1; 512], at).unwrap();
+    }
+    q.flush().unwrap();
+    q.lock().l2 = super::cache::TableCache::new(2);
+    // A new cluster makes the first table dirty (owing refcounts and data first); the second,
+    // loaded since, leaves it least recently used.
+    q.write_at(&[2; 4096], 4 * CS).unwrap();
+    q.read_at(&mut [0; 512], 600 << 20).unwrap();
+    // A read loading the third table makes room: the first must be written back, after a sync.
+    let read = while_syncing(
+        q,
+        || q.read_at(&mut [0; 512], 1100 << 20),
+        || {
+            assert!(
+                q.meta.try_write().is_ok(),
+                "the metadata lock is held while an eviction syncs"
+            );
+            assert!(matches!(
+                q.lookup(600 << 20),
+                Ok((super::Mapping::Data { .. }, _))
+            ));
+            // A table is loaded (its room left to the write-back under way) and another
+            // allocates.
+            let mut back = [0u8; 512];
+            q.read_at(&mut back, 1700 << 20).unwrap();
+            assert_eq!(back, [1; 512]);
+            q.write_at(&[3; 4096], (600 << 20) + 5 * CS).unwrap();
+        },
+    );
+    read.unwrap();
+    assert!(
+        !q.lock_shared().over_size(),
+        "the caches stay over their size after the eviction"
+    );
+    q.flush().unwrap();
+    let copy = dir.path().join("copy.qcow2");
+    std::fs::copy(&p, &copy).unwrap();
+    assert_consistent(&copy, false);
+    drop(img);
+    let img = open_rw(&copy);
+    for (at, byte) in [(4 * CS, 2), ((600 << 20) + 5 * CS, 3), (1100 << 20, 1)] {
+        let mut back = [0u8; 4096];
+        img.read_at(&mut back, at).unwrap();
+        assert_eq!(&back[..512], &[byte; 512], "at {at}");
     }
 }
 

@@ -256,7 +256,7 @@ impl Qcow2 {
                 }
             }
         };
-        Ok(ClusterWrite {
+        let planned = ClusterWrite {
             l2,
             entry,
             bitmap,
@@ -266,7 +266,9 @@ impl Qcow2 {
             // After the allocation, which would otherwise wait for this very pin to reuse a
             // cluster.
             _pin: DirectPin::enter(&self.epochs),
-        })
+        };
+        self.unlock(m);
+        Ok(planned)
     }
 
     /// Writes a planned cluster's bytes, without the metadata lock: the new bytes, and around
@@ -343,24 +345,26 @@ impl Qcow2 {
         let l2_now = self.writable_l2(&mut m, guest)?;
         let unchanged =
             l2_now == plan.l2 && m.l2_words(plan.l2, guest) == (plan.entry, plan.bitmap);
-        match plan.target {
-            Target::Ready(_) => Ok(true),
+        let published = match plan.target {
+            Target::Ready(_) => true,
             Target::InPlace(host) if unchanged => {
                 m.publish_data(plan.l2, guest, host | COPIED, plan.new_bitmap);
-                Ok(true)
+                true
             }
             Target::New(target) if unchanged => {
                 m.publish_data(plan.l2, guest, target | COPIED, plan.new_bitmap);
                 m.drop_refs(self.entry_clusters(plan.entry));
-                Ok(true)
+                true
             }
-            Target::InPlace(_) => Ok(false),
+            Target::InPlace(_) => false,
             Target::New(target) => {
                 // Nothing ever pointed at it.
                 m.free_cluster(&self.file, target)?;
-                Ok(false)
+                false
             }
-        }
+        };
+        self.unlock(m);
+        Ok(published)
     }
 
     /// Whole clusters of `[offset, offset + len)`: (first cluster start, end), possibly empty.
@@ -440,7 +444,9 @@ impl Qcow2 {
             }
             guest += cs;
         }
-        Ok(m.pending_frees.len() >= self.free_backlog())
+        let backlog = m.pending_frees.len() >= self.free_backlog();
+        self.unlock(m);
+        Ok(backlog)
     }
 
     /// How many freed clusters a discard lets wait for a flush: 1/256 of the disk's clusters,
