@@ -25,16 +25,12 @@
 //! the queue index as datamatch; a write that does reach the transport signals the same
 //! eventfd.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::{
-    features, status, ActivateError, Activation, GuestMemoryMmap, Interrupt, TransportError,
-    VirtioDevice,
-};
+use super::transport::{half, set_half, Core};
+use super::{status, GuestMemoryMmap, Interrupt, TransportError, VirtioDevice};
 
 /// Size of a virtio-mmio device's MMIO window (registers and configuration space).
 pub const MMIO_SIZE: u64 = 0x200;
@@ -81,77 +77,10 @@ mod reg {
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
-/// What the driver set up for one queue before DRIVER_OK.
-#[derive(Debug, Clone, Copy, Default)]
-struct QueueSetup {
-    size: u16,
-    ready: bool,
-    desc: u64,
-    driver: u64,
-    device: u64,
-}
-
-/// Transport state, changed by vCPUs only.
-#[derive(Debug)]
-struct State {
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    queues: Vec<QueueSetup>,
-    active: bool,
-    /// A reset is draining the device (with the mutex released): writes are ignored.
-    resetting: bool,
-}
-
-impl State {
-    /// The state after a reset, for a device with `queues` queues.
-    fn new(queues: usize) -> Self {
-        State {
-            status: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            queue_sel: 0,
-            queues: vec![QueueSetup::default(); queues],
-            active: false,
-            resetting: false,
-        }
-    }
-}
-
 /// A virtio-mmio transport for one device.
+#[derive(Debug)]
 pub struct MmioTransport {
-    device: Arc<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queue_events: Vec<EventFd>,
-    state: Mutex<State>,
-}
-
-impl std::fmt::Debug for MmioTransport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MmioTransport")
-            .field("device_type", &self.device.device_type())
-            .field("state", &self.state)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Replaces the low or high half of a 64-bit value.
-fn set_half(value: &mut u64, half: u32, high: bool) {
-    *value = if high {
-        (*value & 0xffff_ffff) | (u64::from(half) << 32)
-    } else {
-        (*value & !0xffff_ffff) | u64::from(half)
-    };
-}
-
-/// The low or high half of a 64-bit value.
-fn half(value: u64, high: bool) -> u32 {
-    let shifted = if high { value >> 32 } else { value };
-    u32::try_from(shifted & 0xffff_ffff).unwrap_or(0)
+    core: Core,
 }
 
 impl MmioTransport {
@@ -160,39 +89,36 @@ impl MmioTransport {
         device: Arc<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
     ) -> Result<Self, TransportError> {
-        let count = device.queue_max_sizes().len();
-        let queue_events = (0..count)
-            .map(|i| EventFd::new(EFD_NONBLOCK).map_err(|e| TransportError::QueueEventFd(i, e)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let interrupt = Interrupt::new().map_err(TransportError::Irqfd)?;
         Ok(MmioTransport {
-            device,
-            mem,
-            interrupt: Arc::new(Interrupt::new().map_err(TransportError::Irqfd)?),
-            queue_events,
-            state: Mutex::new(State::new(count)),
+            core: Core::new("virtio-mmio", device, mem, interrupt)?,
         })
     }
 
     /// The eventfds to register as ioeventfds at `base + QUEUE_NOTIFY_OFFSET`, datamatch = index.
     pub fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+        &self.core.queue_events
     }
 
-    /// The device's interrupt (its irqfd is what the vmm registers with KVM).
+    /// The device's interrupt.
     pub fn interrupt(&self) -> &Arc<Interrupt> {
-        &self.interrupt
+        &self.core.interrupt
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
-        // State updates are plain field stores that cannot panic half-way.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The eventfd to register with KVM as the device's irqfd.
+    pub fn irqfd(&self) -> &EventFd {
+        match self.core.interrupt.irqfd() {
+            Some(fd) => fd,
+            // `new` gives the transport an interrupt with one line, never vectors.
+            None => unreachable!("a virtio-mmio interrupt has one line"),
+        }
     }
 
     /// A guest read of `data.len()` bytes at `offset` in the window.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_OFFSET {
             // No lock: the device serves configuration space without its context.
-            self.device.read_config(offset - CONFIG_OFFSET, data);
+            self.core.device.read_config(offset - CONFIG_OFFSET, data);
             return;
         }
         data.fill(0);
@@ -211,36 +137,29 @@ impl MmioTransport {
     fn read_register(&self, offset: u64) -> u32 {
         // No lock for the interrupt status: vCPUs read it on every interrupt.
         if offset == reg::INTERRUPT_STATUS {
-            return self.interrupt.status();
+            return self.core.interrupt.status();
         }
-        let state = self.state();
+        let state = self.core.state();
         let selected = usize::try_from(state.queue_sel).ok().and_then(|i| {
             state
                 .queues
                 .get(i)
                 .copied()
-                .zip(self.device.queue_max_sizes().get(i))
+                .zip(self.core.device.queue_max_sizes().get(i))
         });
         match offset {
             reg::MAGIC => MAGIC,
             reg::VERSION => VERSION,
-            reg::DEVICE_ID => self.device.device_type(),
+            reg::DEVICE_ID => self.core.device.device_type(),
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => match state.device_features_sel {
-                0 => half(self.device.features(), false),
-                1 => half(self.device.features(), true),
+                0 => half(self.core.device.features(), false),
+                1 => half(self.core.device.features(), true),
                 _ => 0,
             },
             reg::QUEUE_NUM_MAX => selected.map_or(0, |(_, max)| u32::from(*max)),
             reg::QUEUE_READY => selected.map_or(0, |(q, _)| u32::from(q.ready)),
-            reg::STATUS => {
-                let needs_reset = if self.interrupt.needs_reset() {
-                    status::DEVICE_NEEDS_RESET
-                } else {
-                    0
-                };
-                state.status | needs_reset
-            }
+            reg::STATUS => self.core.status(&state),
             reg::QUEUE_DESC_LOW | reg::QUEUE_DESC_HIGH => {
                 selected.map_or(0, |(q, _)| half(q.desc, offset == reg::QUEUE_DESC_HIGH))
             }
@@ -254,7 +173,7 @@ impl MmioTransport {
             reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
                 u32::MAX
             }
-            reg::CONFIG_GENERATION => self.device.config_generation(),
+            reg::CONFIG_GENERATION => self.core.device.config_generation(),
             _ => {
                 log::warn!("virtio-mmio: read of unknown register {offset:#x}");
                 0
@@ -265,10 +184,7 @@ impl MmioTransport {
     /// A guest write of `data` at `offset` in the window.
     pub fn write(&self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_OFFSET {
-            let ctx = Arc::clone(self.device.context());
-            let _guard = ctx.acquire();
-            self.device.write_config(offset - CONFIG_OFFSET, data);
-            return;
+            return self.core.write_config(offset - CONFIG_OFFSET, data);
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             log::warn!(
@@ -286,27 +202,14 @@ impl MmioTransport {
 
     fn write_register(&self, offset: u64, value: u32) {
         match offset {
-            reg::INTERRUPT_ACK => return self.interrupt.ack(value),
-            reg::QUEUE_NOTIFY => {
-                match usize::try_from(value)
-                    .ok()
-                    .and_then(|i| self.queue_events.get(i))
-                {
-                    Some(event) => {
-                        if let Err(e) = event.write(1) {
-                            log::warn!("virtio-mmio: cannot signal queue {value}: {e}");
-                        }
-                    }
-                    None => log::warn!("virtio-mmio: notify of missing queue {value}"),
-                }
-                return;
-            }
+            reg::INTERRUPT_ACK => return self.core.interrupt.ack(value),
+            reg::QUEUE_NOTIFY => return self.core.notify(u64::from(value)),
             _ => {}
         }
         if offset == reg::STATUS {
-            return self.write_status(value);
+            return self.core.write_status(value);
         }
-        let mut state = self.state();
+        let mut state = self.core.state();
         if state.resetting {
             log::warn!("virtio-mmio: write {value:#x} at {offset:#x} ignored during a reset");
             return;
@@ -352,115 +255,6 @@ impl MmioTransport {
             _ => log::warn!("virtio-mmio: ignored write {value:#x} at {offset:#x}"),
         }
     }
-
-    /// A Status write: reset (0), feature negotiation (FEATURES_OK) and activation (DRIVER_OK).
-    fn write_status(&self, value: u32) {
-        let mut state = self.state();
-        if state.resetting {
-            log::warn!("virtio-mmio: status {value:#x} ignored during a reset");
-            return;
-        }
-        if value == 0 {
-            if state.active {
-                state.resetting = true;
-                drop(state);
-                self.reset_device();
-            } else {
-                *state = State::new(state.queues.len());
-                self.interrupt.reset();
-            }
-            return;
-        }
-        // The driver only ever adds bits (3.1.1); anything else is ignored.
-        if value & state.status != state.status {
-            log::warn!(
-                "virtio-mmio: status {:#x} -> {value:#x} ignored",
-                state.status
-            );
-            return;
-        }
-        let mut value = value;
-        let added = value & !state.status;
-        if added & status::FEATURES_OK != 0 {
-            let offered = self.device.features();
-            let acked = state.driver_features;
-            // Modern devices only, and nothing the device did not offer (3.1.1, 6.1).
-            if acked & !offered != 0 || acked & features::VERSION_1 == 0 {
-                log::warn!("virtio-mmio: driver features {acked:#x} refused");
-                value &= !status::FEATURES_OK;
-            }
-        }
-        state.status = value;
-        if added & status::DRIVER_OK != 0 && value & status::FEATURES_OK != 0 && !state.active {
-            if let Err(e) = self.activate(&mut state) {
-                log::error!("virtio-mmio: {e}");
-                self.interrupt.set_needs_reset();
-            }
-        }
-    }
-
-    /// Builds the queues from the driver's set-up and starts the device.
-    fn activate(&self, state: &mut State) -> Result<(), ActivateError> {
-        let event_idx = state.driver_features & features::RING_EVENT_IDX != 0;
-        let mut queues = Vec::with_capacity(state.queues.len());
-        for (setup, max) in state.queues.iter().zip(self.device.queue_max_sizes()) {
-            let mut queue = Queue::new(*max).map_err(|_| ActivateError::QueueSize(*max))?;
-            if setup.ready {
-                // A queue the driver set up wrongly (size, alignment, rings outside memory) is
-                // never used: the device sees it not ready.
-                let usable = queue.try_set_size(setup.size).is_ok()
-                    && queue
-                        .try_set_desc_table_address(GuestAddress(setup.desc))
-                        .is_ok()
-                    && queue
-                        .try_set_avail_ring_address(GuestAddress(setup.driver))
-                        .is_ok()
-                    && queue
-                        .try_set_used_ring_address(GuestAddress(setup.device))
-                        .is_ok();
-                queue.set_event_idx(event_idx);
-                queue.set_ready(usable);
-                if usable && !queue.is_valid(&self.mem) {
-                    queue.set_ready(false);
-                }
-            }
-            queues.push(queue);
-        }
-        let queue_events = self
-            .queue_events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                e.try_clone()
-                    .map_err(|err| ActivateError::CloneEventFd(i, err))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let ctx = Arc::clone(self.device.context());
-        let _guard = ctx.acquire();
-        self.device.activate(Activation {
-            mem: self.mem.clone(),
-            queues,
-            queue_events,
-            interrupt: Arc::clone(&self.interrupt),
-            acked_features: state.driver_features,
-        })?;
-        state.active = true;
-        Ok(())
-    }
-
-    /// Resets an active device, then the transport (a Status write of 0; the state is marked
-    /// resetting). The device drains with the transport's mutex released (see the module
-    /// documentation); the context is released before the mutex is taken again.
-    fn reset_device(&self) {
-        {
-            let ctx = Arc::clone(self.device.context());
-            let _guard = ctx.acquire();
-            self.device.reset();
-        }
-        let mut state = self.state();
-        *state = State::new(state.queues.len());
-        self.interrupt.reset();
-    }
 }
 
 /// On the shared MMIO bus: vCPUs reach it without the global lock (the transport guards its state
@@ -481,8 +275,12 @@ mod tests {
 
     use super::*;
     use crate::context::Context;
+    use crate::virtio::{features, ActivateError, Activation};
     use std::sync::mpsc;
+    use std::sync::Mutex;
     use std::time::Duration;
+    use virtio_queue::QueueT;
+    use vm_memory::GuestAddress;
 
     /// A device that records what the transport asks of it.
     struct Recorder {
@@ -676,7 +474,7 @@ mod tests {
     fn interrupt_status_and_ack_do_not_need_the_context() {
         let (dev, t) = rig();
         let t = Arc::new(t);
-        t.interrupt().signal_used_queue();
+        t.interrupt().signal_used_queue(0);
         // Another thread holds the device's context for the whole test.
         let (held_tx, held_rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel::<()>();
@@ -701,7 +499,7 @@ mod tests {
         holder.join().unwrap();
         vcpu.join().unwrap();
         assert_eq!(got.unwrap(), (1, 0));
-        assert_eq!(t.interrupt().irqfd().read().unwrap(), 1);
+        assert_eq!(t.irqfd().read().unwrap(), 1);
     }
 
     /// A device that forwards to a virtio-blk device and says when a reset reaches it.

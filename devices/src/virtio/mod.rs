@@ -10,6 +10,7 @@
 
 pub mod block;
 mod mmio;
+mod transport;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -87,53 +88,92 @@ pub enum ActivateError {
     AlreadyActive,
 }
 
-/// A device's interrupt line and status, shared by the device (which raises it from its context)
-/// and the transport (which vCPUs read and acknowledge it through, without the context).
+/// Where an [`Interrupt`] with vectors sends its notifications: the transport maps the cause (a
+/// queue, or a configuration change) to one of its vectors (MSI-X on PCI) and signals it.
+/// Called in the device's context, from any thread; it must not block.
+pub trait InterruptVectors: Send + Sync + std::fmt::Debug {
+    /// A used buffer notification of queue `queue`.
+    fn queue(&self, queue: usize);
+    /// A configuration change notification.
+    fn config(&self);
+}
+
+/// How an [`Interrupt`] reaches the guest.
+#[derive(Debug)]
+enum Line {
+    /// One line for every cause: an eventfd the vmm registers with KVM as an irqfd.
+    Pin(EventFd),
+    /// A vector per cause, chosen by the transport.
+    Vectors(Arc<dyn InterruptVectors>),
+}
+
+/// A device's interrupts and status, shared by the device (which raises them from its context)
+/// and the transport (which vCPUs read and acknowledge the status through, without the context).
 #[derive(Debug)]
 pub struct Interrupt {
     status: AtomicU32,
     needs_reset: AtomicBool,
-    irqfd: EventFd,
+    line: Line,
 }
 
 impl Interrupt {
-    /// A new interrupt whose line is `irqfd` (the vmm registers it with KVM as an irqfd).
+    /// A new interrupt with one line, an eventfd (the vmm registers it with KVM as an irqfd).
     pub fn new() -> Result<Self, io::Error> {
-        Ok(Interrupt {
+        Ok(Self::with_line(Line::Pin(EventFd::new(EFD_NONBLOCK)?)))
+    }
+
+    /// A new interrupt whose notifications go to `vectors`.
+    pub fn with_vectors(vectors: Arc<dyn InterruptVectors>) -> Self {
+        Self::with_line(Line::Vectors(vectors))
+    }
+
+    fn with_line(line: Line) -> Self {
+        Interrupt {
             status: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
-            irqfd: EventFd::new(EFD_NONBLOCK)?,
-        })
-    }
-
-    /// The eventfd to register with KVM as this device's irqfd.
-    pub fn irqfd(&self) -> &EventFd {
-        &self.irqfd
-    }
-
-    fn raise(&self, bits: u32) {
-        self.status.fetch_or(bits, Ordering::AcqRel);
-        if let Err(e) = self.irqfd.write(1) {
-            log::warn!("cannot signal a virtio interrupt: {e}");
+            line,
         }
     }
 
-    /// Signals a used buffer notification.
-    pub fn signal_used_queue(&self) {
-        self.raise(interrupt_status::VRING);
+    /// The eventfd to register with KVM as this device's irqfd, for an interrupt with one line.
+    pub fn irqfd(&self) -> Option<&EventFd> {
+        match &self.line {
+            Line::Pin(fd) => Some(fd),
+            Line::Vectors(_) => None,
+        }
+    }
+
+    /// Sets `bits` in the status and signals the line or the vector of `queue` (None: the
+    /// configuration vector).
+    fn raise(&self, bits: u32, queue: Option<usize>) {
+        self.status.fetch_or(bits, Ordering::AcqRel);
+        match (&self.line, queue) {
+            (Line::Pin(fd), _) => {
+                if let Err(e) = fd.write(1) {
+                    log::warn!("cannot signal a virtio interrupt: {e}");
+                }
+            }
+            (Line::Vectors(v), Some(queue)) => v.queue(queue),
+            (Line::Vectors(v), None) => v.config(),
+        }
+    }
+
+    /// Signals a used buffer notification of queue `queue`.
+    pub fn signal_used_queue(&self, queue: usize) {
+        self.raise(interrupt_status::VRING, Some(queue));
     }
 
     /// Signals a configuration change (virtio 1.2, 4.2.2: InterruptStatus bit 1): the device's
     /// configuration space changed (a disk grew).
     pub fn signal_config_change(&self) {
-        self.raise(interrupt_status::CONFIG);
+        self.raise(interrupt_status::CONFIG, None);
     }
 
     /// Puts the device in DEVICE_NEEDS_RESET and signals a configuration change, as virtio 1.2,
     /// 2.1.2 asks of a device that hit an error.
     pub fn set_needs_reset(&self) {
         self.needs_reset.store(true, Ordering::Release);
-        self.raise(interrupt_status::CONFIG);
+        self.raise(interrupt_status::CONFIG, None);
     }
 
     /// Whether the device asked for a reset.
@@ -149,6 +189,11 @@ impl Interrupt {
     /// InterruptACK: clears the acknowledged bits.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// Reads and clears the status at once (the virtio-pci ISR, 4.1.4.5).
+    pub fn take_status(&self) -> u32 {
+        self.status.swap(0, Ordering::AcqRel)
     }
 
     /// Clears everything (device reset).

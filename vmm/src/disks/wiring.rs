@@ -86,7 +86,7 @@ pub(super) fn add_disk(
             })?;
     }
     vm_fd
-        .register_irqfd(transport.interrupt().irqfd(), disk.gsi)
+        .register_irqfd(transport.irqfd(), disk.gsi)
         .map_err(|source| DiskError::Irqfd {
             id: id(),
             gsi: disk.gsi,

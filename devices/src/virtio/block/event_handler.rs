@@ -210,7 +210,7 @@ impl Block {
                 .needs_notification(&*mem)
                 .map_err(|e| QueueError::NeedsNotification(index, e))?
         {
-            active.interrupt.signal_used_queue();
+            active.interrupt.signal_used_queue(index);
         }
         Ok(())
     }
@@ -418,7 +418,7 @@ impl Block {
         for (index, qs) in active.queues.iter_mut().enumerate() {
             if notify & (1 << index) != 0 {
                 match qs.queue.needs_notification(&active.mem) {
-                    Ok(true) => active.interrupt.signal_used_queue(),
+                    Ok(true) => active.interrupt.signal_used_queue(index),
                     Ok(false) => {}
                     Err(e) => fault = Some(QueueError::NeedsNotification(index, e)),
                 }

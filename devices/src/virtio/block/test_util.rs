@@ -377,7 +377,7 @@ impl<I: DiskImage + 'static> Rig<I> {
 
     /// Whether the irqfd was written since the last call (clears it).
     pub fn irq_fired(&self) -> bool {
-        self.transport.interrupt().irqfd().read().is_ok()
+        self.transport.irqfd().read().is_ok()
     }
 }
 
