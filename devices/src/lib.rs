@@ -3,6 +3,7 @@
 pub mod bus;
 pub mod context;
 pub mod legacy;
+pub mod pci;
 pub mod virtio;
 
 /// An error and its causes on one line, for the log.
