@@ -10,6 +10,7 @@
 
 pub mod block;
 mod mmio;
+mod pci;
 mod transport;
 
 use std::io;
@@ -22,6 +23,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::context::Context;
 
 pub use mmio::{MmioTransport, MMIO_SIZE, QUEUE_NOTIFY_OFFSET};
+pub use pci::{VirtioPciTransport, BAR_SIZE as PCI_BAR_SIZE, NO_VECTOR};
 
 /// The one guest memory type of the VMM (no dirty-page tracking).
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
@@ -69,6 +71,9 @@ pub enum TransportError {
     /// Creating the interrupt's eventfd failed.
     #[error("cannot create the interrupt eventfd")]
     Irqfd(#[source] io::Error),
+    /// The PCI function could not be built (its BAR, capabilities or MSI-X vectors).
+    #[error("cannot build the PCI function")]
+    Pci(#[source] crate::pci::PciError),
 }
 
 /// Errors of activating a device.

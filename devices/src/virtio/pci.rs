@@ -1,0 +1,761 @@
+//! The virtio-pci transport, modern interface only (virtio 1.2, 4.1 "Virtio Over PCI Bus"): a PCI
+//! function whose one 32-bit memory BAR holds the virtio structures its vendor capabilities
+//! point at, and the MSI-X table that carries its interrupts, one vector per queue and one for
+//! configuration changes.
+//!
+//! BAR 0 ([`BAR_SIZE`] bytes):
+//!
+//! | offset   | what                                                                 |
+//! |----------|----------------------------------------------------------------------|
+//! | 0x0000   | common configuration (4.1.4.3), 0x38 bytes                            |
+//! | 0x1000   | ISR status (4.1.4.5), one byte, cleared by reading it                 |
+//! | 0x2000   | device configuration (the device's `read_config`/`write_config`)      |
+//! | 0x3000   | notifications (4.1.4.4): queue N at 0x3000 + 4 × N (multiplier 4)     |
+//! | 0x4000   | the MSI-X table, 16 bytes a vector                                    |
+//! | 0x6000   | the MSI-X pending bit array                                           |
+//!
+//! The vmm registers each queue's eventfd as an ioeventfd on its notification address
+//! ([`VirtioPciTransport::notify_address`], any width, no datamatch), so a vCPU's notification
+//! reaches the device's context with no lock at all; a notification that does reach the
+//! transport (a BAR the guest moved) signals the same eventfd.
+//!
+//! Locking: the transport state (feature selection, queue set-up, status, activation, reset) is
+//! the one every transport shares (`transport.rs`: its mutex, then the device's context).
+//! Configuration space is behind its own mutex, and MSI-X behind another (order: configuration
+//! space, then MSI-X); the device's context signals vectors through [`Interrupt`] with the MSI-X
+//! lock only, and the queues' and configuration's vector numbers are atomics, so neither waits
+//! for the transport state. Table writes take the MSI-X lock, never a context.
+
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::transport::{half, set_half, Core, State};
+use super::{status, GuestMemoryMmap, Interrupt, InterruptVectors, TransportError, VirtioDevice};
+use crate::pci::config::{Bar, ConfigSpace, PciIds};
+use crate::pci::msix::{self, MsiRoutes, Msix};
+use crate::pci::PciDevice;
+
+/// Bytes of BAR 0.
+pub const BAR_SIZE: u64 = 0x8000;
+/// Where the notification addresses start in BAR 0.
+pub const NOTIFY_OFFSET: u64 = 0x3000;
+/// Bytes between two queues' notification addresses.
+pub const NOTIFY_MULTIPLIER: u32 = 4;
+/// The vector number that means "none" (4.1.5.1.2).
+pub const NO_VECTOR: u16 = 0xffff;
+
+const COMMON_OFFSET: u64 = 0x0000;
+const COMMON_SIZE: u64 = 0x38;
+const ISR_OFFSET: u64 = 0x1000;
+const DEVICE_OFFSET: u64 = 0x2000;
+const DEVICE_SIZE: u64 = 0x1000;
+const NOTIFY_SIZE: u64 = 0x1000;
+const TABLE_OFFSET: u64 = 0x4000;
+const PBA_OFFSET: u64 = 0x6000;
+/// The PCI vendor id of virtio devices, and the first modern device id (0x1040 + type).
+const VIRTIO_VENDOR: u16 = 0x1af4;
+const MODERN_DEVICE_BASE: u16 = 0x1040;
+/// The vendor-specific capability id that virtio's structures use.
+const VENDOR_CAPABILITY: u8 = 0x09;
+
+/// `cfg_type` of the virtio capabilities (4.1.4).
+mod cfg_type {
+    pub const COMMON: u8 = 1;
+    pub const NOTIFY: u8 = 2;
+    pub const ISR: u8 = 3;
+    pub const DEVICE: u8 = 4;
+}
+
+/// The fields of the common configuration structure (4.1.4.3), by offset.
+mod common {
+    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
+    pub const DEVICE_FEATURE: u64 = 0x04;
+    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
+    pub const DRIVER_FEATURE: u64 = 0x0c;
+    pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
+    pub const NUM_QUEUES: u64 = 0x12;
+    pub const DEVICE_STATUS: u64 = 0x14;
+    pub const CONFIG_GENERATION: u64 = 0x15;
+    pub const QUEUE_SELECT: u64 = 0x16;
+    pub const QUEUE_SIZE: u64 = 0x18;
+    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+    pub const QUEUE_ENABLE: u64 = 0x1c;
+    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+    pub const QUEUE_DESC: u64 = 0x20;
+    pub const QUEUE_DRIVER: u64 = 0x28;
+    pub const QUEUE_DEVICE: u64 = 0x30;
+    /// The end of the three ring addresses.
+    pub const QUEUE_ADDRESS_END: u64 = QUEUE_DEVICE + 8;
+}
+
+/// Which vector each cause goes to, and the MSI-X state that sends it.
+#[derive(Debug)]
+struct Vectors {
+    queues: Vec<AtomicU16>,
+    config: AtomicU16,
+    msix: Mutex<Msix>,
+}
+
+impl Vectors {
+    fn msix(&self) -> MutexGuard<'_, Msix> {
+        // MSI-X updates are field stores and one ioctl: nothing panics half-way.
+        self.msix.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Back to no vector for anything (device reset, 4.1.5.1.2).
+    fn reset(&self) {
+        for q in &self.queues {
+            q.store(NO_VECTOR, Ordering::Release);
+        }
+        self.config.store(NO_VECTOR, Ordering::Release);
+    }
+}
+
+impl InterruptVectors for Vectors {
+    fn queue(&self, queue: usize) {
+        if let Some(v) = self.queues.get(queue) {
+            let vector = v.load(Ordering::Acquire);
+            self.msix().signal(vector);
+        }
+    }
+
+    fn config(&self) {
+        let vector = self.config.load(Ordering::Acquire);
+        self.msix().signal(vector);
+    }
+}
+
+/// A virtio-pci transport for one device: a PCI function for [`crate::pci::PciRoot`].
+pub struct VirtioPciTransport {
+    core: Core,
+    config: Mutex<ConfigSpace>,
+    /// Where the MSI-X capability is in configuration space.
+    msix_capability: usize,
+    vectors: Arc<Vectors>,
+}
+
+impl std::fmt::Debug for VirtioPciTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioPciTransport")
+            .field("core", &self.core)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A virtio capability's body (after its id and next pointer, 4.1.4): length, type, BAR 0, then
+/// the structure's offset and length in the BAR, and `extra` (the notify multiplier).
+fn virtio_capability(kind: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
+    let len = u8::try_from(16 + extra.len()).unwrap_or(u8::MAX);
+    let mut body = vec![len, kind, 0, 0, 0, 0];
+    body.extend(u32::try_from(offset).unwrap_or(0).to_le_bytes());
+    body.extend(u32::try_from(length).unwrap_or(0).to_le_bytes());
+    body.extend(extra);
+    body
+}
+
+impl VirtioPciTransport {
+    /// A transport for `device` with BAR 0 at `bar_address` (a multiple of [`BAR_SIZE`] below
+    /// 4 GiB) and one MSI-X vector per queue plus one for configuration changes, on GSIs
+    /// `first_gsi` on, routed through `routes`.
+    pub fn new(
+        device: Arc<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        bar_address: u64,
+        first_gsi: u32,
+        routes: Arc<dyn MsiRoutes>,
+    ) -> Result<Self, TransportError> {
+        let queues = device.queue_max_sizes().len();
+        let count = u16::try_from(queues + 1)
+            .map_err(|_| TransportError::Pci(crate::pci::PciError::VectorCount(u16::MAX)))?;
+        let msix = Msix::new(count, first_gsi, routes).map_err(TransportError::Pci)?;
+        let device_type = device.device_type();
+        // virtio-blk is mass storage (QEMU says SCSI storage); anything else "unclassified".
+        let class = if device_type == 2 {
+            [0x01, 0x00, 0x00]
+        } else {
+            [0xff, 0x00, 0x00]
+        };
+        let ids = PciIds {
+            vendor: VIRTIO_VENDOR,
+            device: u16::try_from(device_type)
+                .ok()
+                .and_then(|t| MODERN_DEVICE_BASE.checked_add(t))
+                .unwrap_or(MODERN_DEVICE_BASE),
+            // Modern-only devices have revision 1 or more (4.1.2.1).
+            revision: 1,
+            class,
+            subsystem_vendor: VIRTIO_VENDOR,
+            subsystem: 0x1100,
+        };
+        let mut config = ConfigSpace::new(ids);
+        let bar = Bar {
+            size: BAR_SIZE,
+            mem64: false,
+        };
+        config
+            .add_bar(0, bar, bar_address)
+            .map_err(TransportError::Pci)?;
+        let caps = [
+            virtio_capability(cfg_type::COMMON, COMMON_OFFSET, COMMON_SIZE, &[]),
+            virtio_capability(cfg_type::ISR, ISR_OFFSET, 1, &[]),
+            virtio_capability(cfg_type::DEVICE, DEVICE_OFFSET, DEVICE_SIZE, &[]),
+            virtio_capability(
+                cfg_type::NOTIFY,
+                NOTIFY_OFFSET,
+                NOTIFY_SIZE,
+                &NOTIFY_MULTIPLIER.to_le_bytes(),
+            ),
+        ];
+        for cap in &caps {
+            config
+                .add_capability(VENDOR_CAPABILITY, cap)
+                .map_err(TransportError::Pci)?;
+        }
+        let table = u32::try_from(TABLE_OFFSET).unwrap_or(0);
+        let pba = u32::try_from(PBA_OFFSET).unwrap_or(0);
+        let msix_capability = config
+            .add_capability(msix::CAPABILITY_ID, &msix.capability(0, table, pba))
+            .map_err(TransportError::Pci)?;
+        config.set_writable(msix_capability + 2, &Msix::CONTROL_WRITABLE.to_le_bytes());
+        let vectors = Arc::new(Vectors {
+            queues: (0..queues).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
+            config: AtomicU16::new(NO_VECTOR),
+            msix: Mutex::new(msix),
+        });
+        let interrupt = Interrupt::with_vectors(Arc::clone(&vectors) as Arc<dyn InterruptVectors>);
+        Ok(VirtioPciTransport {
+            core: Core::new("virtio-pci", device, mem, interrupt)?,
+            config: Mutex::new(config),
+            msix_capability,
+            vectors,
+        })
+    }
+
+    /// The eventfds to register as ioeventfds, queue N's at [`Self::notify_address`]`(base, N)`.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.core.queue_events
+    }
+
+    /// Queue `queue`'s notification address when BAR 0 is at `bar_address`.
+    pub fn notify_address(bar_address: u64, queue: u16) -> u64 {
+        bar_address + NOTIFY_OFFSET + u64::from(queue) * u64::from(NOTIFY_MULTIPLIER)
+    }
+
+    /// The device's interrupt.
+    pub fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.core.interrupt
+    }
+
+    /// Each MSI-X vector's GSI and a copy of its eventfd, to register with KVM as its irqfd.
+    pub fn vector_irqfds(&self) -> Result<Vec<(u32, EventFd)>, std::io::Error> {
+        self.vectors
+            .msix()
+            .irqfds()
+            .map(|(gsi, fd)| Ok((gsi, fd.try_clone()?)))
+            .collect()
+    }
+
+    fn config_space(&self) -> MutexGuard<'_, ConfigSpace> {
+        // Configuration space updates are byte stores: nothing panics half-way.
+        self.config.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn vector_count(&self) -> u16 {
+        u16::try_from(self.vectors.queues.len() + 1).unwrap_or(u16::MAX)
+    }
+
+    /// A vector number the driver wrote: itself if the function has it, NO_VECTOR otherwise
+    /// (the driver reads it back to learn that the assignment failed, 4.1.5.1.2).
+    fn valid_vector(&self, vector: u16) -> u16 {
+        if vector < self.vector_count() {
+            vector
+        } else {
+            NO_VECTOR
+        }
+    }
+
+    fn read_common(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let len = data.len();
+        let state = self.core.state();
+        let sel = usize::try_from(state.queue_sel).unwrap_or(usize::MAX);
+        let selected = state
+            .queues
+            .get(sel)
+            .copied()
+            .zip(self.core.device.queue_max_sizes().get(sel).copied());
+        let value: u64 = match (offset, len) {
+            (common::DEVICE_FEATURE_SELECT, 4) => u64::from(state.device_features_sel),
+            (common::DEVICE_FEATURE, 4) => match state.device_features_sel {
+                0 => u64::from(half(self.core.device.features(), false)),
+                1 => u64::from(half(self.core.device.features(), true)),
+                _ => 0,
+            },
+            (common::DRIVER_FEATURE_SELECT, 4) => u64::from(state.driver_features_sel),
+            (common::DRIVER_FEATURE, 4) => match state.driver_features_sel {
+                0 => u64::from(half(state.driver_features, false)),
+                1 => u64::from(half(state.driver_features, true)),
+                _ => 0,
+            },
+            (common::CONFIG_MSIX_VECTOR, 2) => {
+                u64::from(self.vectors.config.load(Ordering::Acquire))
+            }
+            (common::NUM_QUEUES, 2) => u64::try_from(state.queues.len()).unwrap_or(0),
+            (common::DEVICE_STATUS, 1) => u64::from(self.core.status(&state) & 0xff),
+            (common::CONFIG_GENERATION, 1) => {
+                u64::from(self.core.device.config_generation() & 0xff)
+            }
+            (common::QUEUE_SELECT, 2) => u64::from(state.queue_sel & 0xffff),
+            (common::QUEUE_SIZE, 2) => selected.map_or(0, |(q, max)| {
+                u64::from(if q.size == 0 { max } else { q.size })
+            }),
+            (common::QUEUE_MSIX_VECTOR, 2) => self
+                .vectors
+                .queues
+                .get(sel)
+                .map_or(u64::from(NO_VECTOR), |v| {
+                    u64::from(v.load(Ordering::Acquire))
+                }),
+            (common::QUEUE_ENABLE, 2) => selected.map_or(0, |(q, _)| u64::from(q.ready)),
+            // Queue N's notification address is N × the multiplier into the region.
+            (common::QUEUE_NOTIFY_OFF, 2) => selected.map_or(0, |_| u64::from(state.queue_sel)),
+            (common::QUEUE_DESC..common::QUEUE_ADDRESS_END, 4 | 8) => {
+                return Self::read_queue_address(&state, sel, offset, data)
+            }
+            _ => {
+                log::warn!("virtio-pci: ignored {len}-byte read at {offset:#x}");
+                0
+            }
+        };
+        data.copy_from_slice(&value.to_le_bytes()[..len]);
+    }
+
+    /// Reads one of the selected queue's ring addresses, whole or a 32-bit half.
+    fn read_queue_address(state: &State, sel: usize, offset: u64, data: &mut [u8]) {
+        let Some(q) = state.queues.get(sel) else {
+            return;
+        };
+        let value = match offset - offset % 8 {
+            common::QUEUE_DESC => q.desc,
+            common::QUEUE_DRIVER => q.driver,
+            _ => q.device,
+        };
+        let high = offset % 8 == 4;
+        match data.len() {
+            8 if !high => data.copy_from_slice(&value.to_le_bytes()),
+            4 => data.copy_from_slice(&half(value, high).to_le_bytes()),
+            _ => {}
+        }
+    }
+
+    fn write_common(&self, offset: u64, data: &[u8]) {
+        let len = data.len();
+        let mut bytes = [0u8; 8];
+        let Some(dst) = bytes.get_mut(..len) else {
+            return;
+        };
+        dst.copy_from_slice(data);
+        let value = u64::from_le_bytes(bytes);
+        if (offset, len) == (common::DEVICE_STATUS, 1) {
+            let status = u32::try_from(value).unwrap_or(0);
+            self.core.write_status(status);
+            if status == 0 {
+                self.vectors.reset();
+            }
+            return;
+        }
+        let mut state = self.core.state();
+        if state.resetting {
+            log::warn!("virtio-pci: write {value:#x} at {offset:#x} ignored during a reset");
+            return;
+        }
+        let setting_up = state.status & status::DRIVER_OK == 0;
+        let sel = usize::try_from(state.queue_sel).unwrap_or(usize::MAX);
+        let value32 = u32::try_from(value & 0xffff_ffff).unwrap_or(0);
+        let value16 = u16::try_from(value & 0xffff).unwrap_or(0);
+        match (offset, len) {
+            (common::DEVICE_FEATURE_SELECT, 4) => state.device_features_sel = value32,
+            (common::DRIVER_FEATURE_SELECT, 4) => state.driver_features_sel = value32,
+            (common::DRIVER_FEATURE, 4)
+                if setting_up && state.status & status::FEATURES_OK == 0 =>
+            {
+                match state.driver_features_sel {
+                    0 => set_half(&mut state.driver_features, value32, false),
+                    1 => set_half(&mut state.driver_features, value32, true),
+                    _ => {}
+                }
+            }
+            (common::CONFIG_MSIX_VECTOR, 2) => self
+                .vectors
+                .config
+                .store(self.valid_vector(value16), Ordering::Release),
+            (common::QUEUE_SELECT, 2) => state.queue_sel = u32::from(value16),
+            (common::QUEUE_MSIX_VECTOR, 2) => {
+                if let Some(v) = self.vectors.queues.get(sel) {
+                    v.store(self.valid_vector(value16), Ordering::Release);
+                }
+            }
+            (common::QUEUE_SIZE, 2) if setting_up => {
+                if let Some(q) = state.queues.get_mut(sel) {
+                    q.size = value16;
+                }
+            }
+            (common::QUEUE_ENABLE, 2) if setting_up && value16 == 1 => {
+                let max = self.core.device.queue_max_sizes().get(sel).copied();
+                if let Some((q, max)) = state.queues.get_mut(sel).zip(max) {
+                    q.ready = true;
+                    if q.size == 0 {
+                        q.size = max;
+                    }
+                }
+            }
+            (common::QUEUE_DESC..common::QUEUE_ADDRESS_END, 4 | 8) if setting_up => {
+                if let Some(q) = state.queues.get_mut(sel) {
+                    let field = match offset - offset % 8 {
+                        common::QUEUE_DESC => &mut q.desc,
+                        common::QUEUE_DRIVER => &mut q.driver,
+                        _ => &mut q.device,
+                    };
+                    let high = offset % 8 == 4;
+                    match len {
+                        8 if !high => *field = value,
+                        4 => set_half(field, value32, high),
+                        _ => {}
+                    }
+                }
+            }
+            _ => log::warn!("virtio-pci: ignored {len}-byte write {value:#x} at {offset:#x}"),
+        }
+    }
+}
+
+impl PciDevice for VirtioPciTransport {
+    fn read_config(&self, offset: usize, data: &mut [u8]) {
+        self.config_space().read(offset, data);
+    }
+
+    fn write_config(&self, offset: usize, data: &[u8]) {
+        let mut config = self.config_space();
+        config.write(offset, data);
+        // Message control of MSI-X: the enable and function-mask bits.
+        let control = self.msix_capability + 2;
+        let end = offset.saturating_add(data.len());
+        if offset < control + 2 && end > control {
+            let mut b = [0u8; 2];
+            config.read(control, &mut b);
+            self.vectors.msix().set_control(u16::from_le_bytes(b));
+        }
+    }
+
+    fn bar_at(&self, addr: u64, len: u64) -> Option<(usize, u64)> {
+        self.config_space().bar_at(addr, len)
+    }
+
+    fn read_bar(&self, _bar: usize, offset: u64, data: &mut [u8]) {
+        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+        let within =
+            |start: u64, size: u64| offset >= start && offset.saturating_add(len) <= start + size;
+        if within(COMMON_OFFSET, COMMON_SIZE) {
+            self.read_common(offset - COMMON_OFFSET, data);
+        } else if offset == ISR_OFFSET && data.len() == 1 {
+            // No lock: reading clears the status (4.1.4.5.1).
+            data[0] = u8::try_from(self.core.interrupt.take_status() & 0xff).unwrap_or(0);
+        } else if within(DEVICE_OFFSET, DEVICE_SIZE) {
+            self.core.device.read_config(offset - DEVICE_OFFSET, data);
+        } else if within(TABLE_OFFSET, PBA_OFFSET - TABLE_OFFSET) {
+            self.vectors.msix().read_table(offset - TABLE_OFFSET, data);
+        } else if within(PBA_OFFSET, BAR_SIZE - PBA_OFFSET) {
+            self.vectors.msix().read_pba(offset - PBA_OFFSET, data);
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn write_bar(&self, _bar: usize, offset: u64, data: &[u8]) {
+        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+        let within =
+            |start: u64, size: u64| offset >= start && offset.saturating_add(len) <= start + size;
+        if within(COMMON_OFFSET, COMMON_SIZE) {
+            self.write_common(offset - COMMON_OFFSET, data);
+        } else if within(DEVICE_OFFSET, DEVICE_SIZE) {
+            self.core.write_config(offset - DEVICE_OFFSET, data);
+        } else if within(NOTIFY_OFFSET, NOTIFY_SIZE) {
+            self.core
+                .notify((offset - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER));
+        } else if within(TABLE_OFFSET, PBA_OFFSET - TABLE_OFFSET) {
+            self.vectors.msix().write_table(offset - TABLE_OFFSET, data);
+        } else {
+            log::warn!("virtio-pci: ignored {len}-byte write at BAR offset {offset:#x}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::context::Context;
+    use crate::pci::config::{command, reg};
+    use crate::pci::msix::tests::Routes;
+    use crate::virtio::block::test_util::*;
+
+    const BAR: u64 = 0xc000_8000;
+
+    fn transport(rig: &Rig<impl block::DiskImage + 'static>) -> (VirtioPciTransport, Arc<Routes>) {
+        let routes = Arc::new(Routes::default());
+        let t = VirtioPciTransport::new(rig.dev.clone(), rig.mem.clone(), BAR, 40, routes.clone())
+            .unwrap();
+        (t, routes)
+    }
+
+    fn read(t: &VirtioPciTransport, offset: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        t.read_bar(0, offset, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+
+    fn write(t: &VirtioPciTransport, offset: u64, len: usize, value: u64) {
+        t.write_bar(0, offset, &value.to_le_bytes()[..len]);
+    }
+
+    fn config8(t: &VirtioPciTransport, offset: usize) -> u8 {
+        let mut b = [0u8];
+        t.read_config(offset, &mut b);
+        b[0]
+    }
+
+    fn config32(t: &VirtioPciTransport, offset: usize) -> u32 {
+        let mut b = [0u8; 4];
+        t.read_config(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// The capability list: (id, offset) of each.
+    fn capabilities(t: &VirtioPciTransport) -> Vec<(u8, usize)> {
+        let mut caps = Vec::new();
+        let mut p = usize::from(config8(t, reg::CAPABILITIES));
+        while p != 0 {
+            caps.push((config8(t, p), p));
+            p = usize::from(config8(t, p + 1));
+        }
+        caps
+    }
+
+    #[test]
+    fn the_function_describes_its_structures_in_vendor_capabilities() {
+        let rig = Rig::new(
+            Context::new("pci-caps").unwrap(),
+            MemImage::new(1 << 16, false),
+            3,
+            false,
+        );
+        let (t, _) = transport(&rig);
+        assert_eq!(config32(&t, 0), 0x1042_1af4, "virtio, modern block device");
+        assert_eq!(config8(&t, 8), 1, "revision 1: modern only");
+        // BAR 0: the VMM's address, and its size to a probe.
+        assert_eq!(config32(&t, 0x10), 0xc000_8000);
+        t.write_config(0x10, &[0xff; 4]);
+        assert_eq!(config32(&t, 0x10), 0xffff_8000);
+        t.write_config(0x10, &0xc000_8000u32.to_le_bytes());
+        let mut structures = Vec::new();
+        let mut msix = None;
+        for (id, at) in capabilities(&t) {
+            match id {
+                0x09 => structures.push((
+                    config8(&t, at + 3),
+                    config8(&t, at + 4),
+                    config32(&t, at + 8),
+                    config32(&t, at + 12),
+                    config8(&t, at + 2),
+                )),
+                0x11 => msix = Some(at),
+                other => panic!("capability {other:#x}"),
+            }
+        }
+        // (type, BAR, offset, length, cap_len)
+        assert_eq!(
+            structures,
+            [
+                (1, 0, 0x0000, 0x38, 16),
+                (3, 0, 0x1000, 1, 16),
+                (4, 0, 0x2000, 0x1000, 16),
+                (2, 0, 0x3000, 0x1000, 20),
+            ]
+        );
+        let notify = capabilities(&t)
+            .iter()
+            .find(|c| c.0 == 9 && config8(&t, c.1 + 3) == 2)
+            .unwrap()
+            .1;
+        assert_eq!(config32(&t, notify + 16), NOTIFY_MULTIPLIER);
+        let msix = msix.unwrap();
+        // Three queues and the configuration: four vectors; table and PBA in BAR 0.
+        assert_eq!(config32(&t, msix) >> 16, 3);
+        assert_eq!(config32(&t, msix + 4), 0x4000);
+        assert_eq!(config32(&t, msix + 8), 0x6000);
+        assert_eq!(
+            t.vector_irqfds()
+                .unwrap()
+                .iter()
+                .map(|v| v.0)
+                .collect::<Vec<_>>(),
+            [40, 41, 42, 43]
+        );
+        assert_eq!(VirtioPciTransport::notify_address(BAR, 2), BAR + 0x3008);
+    }
+
+    /// Sets up the driver side: features, every queue at the test rings with vector
+    /// `first_vector + i`, the configuration on vector 0, MSI-X enabled with every vector
+    /// unmasked and programmed, then DRIVER_OK.
+    fn start(t: &VirtioPciTransport, queues: u16) {
+        t.write_config(
+            reg::COMMAND,
+            &(command::MEMORY | command::BUS_MASTER).to_le_bytes(),
+        );
+        let msix = capabilities(t).iter().find(|c| c.0 == 0x11).unwrap().1;
+        t.write_config(msix + 3, &[0x80]);
+        for v in 0..=u64::from(queues) {
+            write(t, TABLE_OFFSET + 16 * v, 8, 0xfee0_0000);
+            write(t, TABLE_OFFSET + 16 * v + 8, 4, 0x30 + v);
+            write(t, TABLE_OFFSET + 16 * v + 12, 4, 0);
+        }
+        write(
+            t,
+            common::DEVICE_STATUS,
+            1,
+            u64::from(status::ACKNOWLEDGE | status::DRIVER),
+        );
+        // VERSION_1 (feature bit 32) only.
+        write(t, common::DRIVER_FEATURE_SELECT, 4, 1);
+        write(t, common::DRIVER_FEATURE, 4, 1);
+        write(
+            t,
+            common::DEVICE_STATUS,
+            1,
+            u64::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK),
+        );
+        assert_eq!(
+            read(t, common::DEVICE_STATUS, 1) & u64::from(status::FEATURES_OK),
+            u64::from(status::FEATURES_OK)
+        );
+        write(t, common::CONFIG_MSIX_VECTOR, 2, 0);
+        assert_eq!(read(t, common::CONFIG_MSIX_VECTOR, 2), 0);
+        assert_eq!(read(t, common::NUM_QUEUES, 2), u64::from(queues));
+        for q in 0..queues {
+            write(t, common::QUEUE_SELECT, 2, u64::from(q));
+            assert_eq!(read(t, common::QUEUE_SIZE, 2), u64::from(QSIZE));
+            assert_eq!(read(t, common::QUEUE_NOTIFY_OFF, 2), u64::from(q));
+            write(t, common::QUEUE_MSIX_VECTOR, 2, u64::from(q) + 1);
+            assert_eq!(read(t, common::QUEUE_MSIX_VECTOR, 2), u64::from(q) + 1);
+            // 64-bit and split writes, as drivers do either.
+            write(t, common::QUEUE_DESC, 8, desc_addr(q).0);
+            write(t, common::QUEUE_DRIVER, 4, avail_addr(q).0 & 0xffff_ffff);
+            write(t, common::QUEUE_DRIVER + 4, 4, avail_addr(q).0 >> 32);
+            write(t, common::QUEUE_DEVICE, 8, used_addr(q).0);
+            assert_eq!(read(t, common::QUEUE_DRIVER, 8), avail_addr(q).0);
+            write(t, common::QUEUE_ENABLE, 2, 1);
+        }
+        // No such vector: NO_VECTOR reads back.
+        write(t, common::QUEUE_SELECT, 2, 0);
+        write(t, common::QUEUE_MSIX_VECTOR, 2, 99);
+        assert_eq!(read(t, common::QUEUE_MSIX_VECTOR, 2), u64::from(NO_VECTOR));
+        write(t, common::QUEUE_MSIX_VECTOR, 2, 1);
+        let ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        write(t, common::DEVICE_STATUS, 1, u64::from(ok));
+        assert_eq!(read(t, common::DEVICE_STATUS, 1), u64::from(ok));
+    }
+
+    fn fired(irqfds: &[(u32, EventFd)]) -> Vec<u32> {
+        irqfds
+            .iter()
+            .filter(|(_, fd)| fd.read().is_ok())
+            .map(|(gsi, _)| *gsi)
+            .collect()
+    }
+
+    /// Whether `cond` held within 10 s.
+    fn poll(mut cond: impl FnMut() -> bool) -> bool {
+        (0..10_000).any(|_| {
+            let held = cond();
+            if !held {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            held
+        })
+    }
+
+    #[test]
+    fn each_queue_completes_on_its_own_vector_and_a_resize_on_the_config_vector() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = crate::context::IoThread::spawn("io-pci").unwrap();
+        let image = raw_image(&dir, 1 << 16);
+        let rig = Rig::new(io.context().clone(), Arc::clone(&image), 2, false);
+        let (t, routes) = transport(&rig);
+        let irqfds = t.vector_irqfds().unwrap();
+        start(&t, 2);
+        // Every vector routed to what the guest wrote.
+        let routed: Vec<(u32, u32)> = routes
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(g, m)| (*g, m.data))
+            .collect();
+        assert_eq!(routed, [(40, 0x30), (41, 0x31), (42, 0x32)]);
+        // A read on queue 1, notified through its notification address.
+        rig.header(HDR, crate::virtio::block::request_type::IN, 0);
+        rig.submit(
+            1,
+            0,
+            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+        );
+        write(&t, NOTIFY_OFFSET + 4, 2, 1);
+        rig.wait_used(1, 1);
+        assert_eq!(rig.byte(STATUS), crate::virtio::block::status::OK);
+        // The interrupt follows the used ring update: wait for it.
+        let waited = poll(|| irqfds[2].1.read().is_ok());
+        assert!(waited, "queue 1's vector fired");
+        assert_eq!(fired(&irqfds), Vec::<u32>::new(), "no other vector");
+        // With its vector masked, the completion is held back and fires on unmask.
+        write(&t, TABLE_OFFSET + 16 * 2 + 12, 4, 1);
+        rig.submit(
+            1,
+            3,
+            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+        );
+        write(&t, NOTIFY_OFFSET + 4, 2, 1);
+        rig.wait_used(1, 2);
+        assert!(poll(|| read(&t, PBA_OFFSET, 8) == 0b100), "pending");
+        assert_eq!(fired(&irqfds), Vec::<u32>::new());
+        write(&t, TABLE_OFFSET + 16 * 2 + 12, 4, 0);
+        assert_eq!(fired(&irqfds), [42]);
+        assert_eq!(read(&t, PBA_OFFSET, 8), 0);
+        // The disk grows: configuration change on vector 0, ISR bit 1 (cleared by the read).
+        read(&t, ISR_OFFSET, 1);
+        rig.dev.with_drained_io(|_| {
+            image.grow(1 << 20).unwrap();
+            rig.dev.update_capacity();
+        });
+        assert_eq!(fired(&irqfds), [40]);
+        assert_eq!(read(&t, ISR_OFFSET, 1), 2);
+        assert_eq!(read(&t, ISR_OFFSET, 1), 0);
+        assert_eq!(read(&t, DEVICE_OFFSET, 8), 2048, "capacity in sectors");
+        assert_eq!(read(&t, common::CONFIG_GENERATION, 1), 1);
+        // Reset: the device stops, vectors go back to none.
+        write(&t, common::DEVICE_STATUS, 1, 0);
+        assert_eq!(read(&t, common::DEVICE_STATUS, 1), 0);
+        assert_eq!(
+            read(&t, common::CONFIG_MSIX_VECTOR, 2),
+            u64::from(NO_VECTOR)
+        );
+        write(&t, common::QUEUE_SELECT, 2, 1);
+        assert_eq!(read(&t, common::QUEUE_MSIX_VECTOR, 2), u64::from(NO_VECTOR));
+        assert_eq!(read(&t, common::QUEUE_ENABLE, 2), 0);
+        rig.dev.shutdown().unwrap();
+        drop((t, rig));
+        io.stop().unwrap();
+    }
+}
