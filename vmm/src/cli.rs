@@ -45,6 +45,9 @@ Usage: vmm -kernel FILE [options]
                    a disk image (if=virtio also gives it a virtio-blk device on the main loop)
   -device virtio-blk-device,drive=ID[,id=ID][,iothread=ID][,serial=S][,num-queues=N][,queue-size=N]
                    a virtio-mmio disk for the guest
+  -device virtio-blk-pci,drive=ID[,id=ID][,iothread=ID][,serial=S][,num-queues=N][,queue-size=N]
+                   a virtio-pci disk on the PCI root bus, an MSI-X vector per queue
+                   (num-queues defaults to the number of vCPUs)
   -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off
                    a QMP monitor (wait=on, the default, waits for a client before starting)
   -S               start with the vCPUs paused, until the monitor's cont

@@ -53,7 +53,7 @@ pub enum DriveError {
         supported: &'static str,
     },
     /// A `-device` driver other than virtio-blk-device.
-    #[error("-device: unsupported driver '{0}' (only virtio-blk-device)")]
+    #[error("-device: unsupported driver '{0}' (only virtio-blk-device and virtio-blk-pci)")]
     DeviceDriver(String),
     /// Two objects of one kind with the same id.
     #[error("Duplicate {kind} id '{id}'")]
@@ -189,9 +189,20 @@ pub struct DriveSpec {
     pub node_name: Option<String>,
 }
 
-/// One `-device virtio-blk-device`.
+/// The transport a virtio-blk device sits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `virtio-blk-device`: virtio-mmio, one interrupt line.
+    Mmio,
+    /// `virtio-blk-pci`: virtio-pci on the PCI root bus, an MSI-X vector per queue.
+    Pci,
+}
+
+/// One `-device virtio-blk-device` or `virtio-blk-pci`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSpec {
+    /// The driver: which transport.
+    pub transport: Transport,
     /// `drive=`.
     pub drive: String,
     /// `id=`, the guest device's name (for `block-latency-histogram-set`).
@@ -200,10 +211,21 @@ pub struct DeviceSpec {
     pub iothread: Option<String>,
     /// `serial=` (GET_ID).
     pub serial: String,
-    /// `num-queues=`.
-    pub num_queues: u16,
+    /// `num-queues=`; without it, QEMU's default for the transport ([`DeviceSpec::queues`]).
+    pub num_queues: Option<u16>,
     /// `queue-size=`.
     pub queue_size: u16,
+}
+
+impl DeviceSpec {
+    /// The number of queues: `num-queues=`, else one on virtio-mmio and one per vCPU on
+    /// virtio-pci (QEMU 5.2 and later).
+    pub fn queues(&self, vcpus: u8) -> u16 {
+        self.num_queues.unwrap_or(match self.transport {
+            Transport::Mmio => DEFAULT_NUM_QUEUES,
+            Transport::Pci => u16::from(vcpus.max(1)),
+        })
+    }
 }
 
 /// A disk the guest gets: a drive and the device presenting it.
@@ -414,7 +436,7 @@ fn error_policy(text: &str) -> Option<ErrorPolicy> {
     }
 }
 
-/// `-device virtio-blk-device,drive=ID,...`.
+/// `-device virtio-blk-device,drive=ID,...` or `-device virtio-blk-pci,drive=ID,...`.
 pub fn parse_device(value: &str) -> Result<DeviceSpec, DriveError> {
     let flag = "-device";
     let err = option_err(flag);
@@ -433,10 +455,13 @@ pub fn parse_device(value: &str) -> Result<DeviceSpec, DriveError> {
     )
     .map_err(&err)?;
     let driver: String = opts.get("driver").map_err(&err)?.unwrap_or_default();
-    if driver != "virtio-blk-device" {
-        return Err(DriveError::DeviceDriver(driver));
-    }
+    let transport = match driver.as_str() {
+        "virtio-blk-device" => Transport::Mmio,
+        "virtio-blk-pci" => Transport::Pci,
+        _ => return Err(DriveError::DeviceDriver(driver)),
+    };
     Ok(DeviceSpec {
+        transport,
         drive: opts
             .get("drive")
             .map_err(&err)?
@@ -444,10 +469,7 @@ pub fn parse_device(value: &str) -> Result<DeviceSpec, DriveError> {
         id: opts.get("id").map_err(&err)?,
         iothread: opts.get("iothread").map_err(&err)?,
         serial: opts.get("serial").map_err(&err)?.unwrap_or_default(),
-        num_queues: opts
-            .get("num-queues")
-            .map_err(&err)?
-            .unwrap_or(DEFAULT_NUM_QUEUES),
+        num_queues: opts.get("num-queues").map_err(&err)?,
         queue_size: opts
             .get("queue-size")
             .map_err(&err)?
@@ -505,11 +527,12 @@ pub fn plan(
         disks.push(DiskSpec {
             drive: drive.clone(),
             device: DeviceSpec {
+                transport: Transport::Mmio,
                 drive: drive.id.clone(),
                 id: None,
                 iothread: None,
                 serial: String::new(),
-                num_queues: DEFAULT_NUM_QUEUES,
+                num_queues: None,
                 queue_size: DEFAULT_QUEUE_SIZE,
             },
         });
@@ -643,16 +666,26 @@ mod tests {
         assert_eq!(
             dev,
             DeviceSpec {
+                transport: Transport::Mmio,
                 drive: "d0".into(),
                 id: Some("vd0".into()),
                 iothread: Some("io0".into()),
                 serial: "S1".into(),
-                num_queues: 2,
+                num_queues: Some(2),
                 queue_size: 128,
             }
         );
+        assert_eq!(dev.queues(4), 2);
         let plain = parse_device("virtio-blk-device,drive=d0").expect("parses");
-        assert_eq!((plain.num_queues, plain.queue_size), (1, 256));
+        assert_eq!((plain.queues(4), plain.queue_size), (1, 256));
+        // virtio-blk-pci: a queue per vCPU unless told.
+        let pci = parse_device("virtio-blk-pci,drive=d0,iothread=io0").expect("parses");
+        assert_eq!(
+            (pci.transport, pci.queues(4), pci.queues(1)),
+            (Transport::Pci, 4, 1)
+        );
+        let pci = parse_device("virtio-blk-pci,drive=d0,num-queues=2").expect("parses");
+        assert_eq!(pci.queues(4), 2);
     }
 
     #[test]
@@ -749,8 +782,8 @@ mod tests {
             );
         }
         assert_eq!(
-            parse_device("virtio-blk-pci,drive=d"),
-            Err(DriveError::DeviceDriver("virtio-blk-pci".into()))
+            parse_device("virtio-scsi-pci,drive=d"),
+            Err(DriveError::DeviceDriver("virtio-scsi-pci".into()))
         );
         assert_eq!(
             parse_device("virtio-blk-device"),

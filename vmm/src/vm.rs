@@ -22,6 +22,7 @@ use devices::bus::{Bus, BusDevice, BusError, SharedBus};
 use devices::legacy::{
     AcpiSleep, EventFdTrigger, Ged, GuestExit, Rtc, Serial, GED_MMIO_SIZE, I8042,
 };
+use devices::pci::PciConfigIo;
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -33,7 +34,8 @@ use crate::arch::x86_64::boot::{
 };
 use crate::arch::x86_64::cpuid::{supported_cpuid, CpuidError};
 use crate::arch::x86_64::layout::{
-    ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, GED_IRQ, GED_START, I8042_PORT, KVM_TSS_START, RTC_PORT,
+    ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, GED_IRQ, GED_START, I8042_PORT, KVM_TSS_START,
+    PCI_CONFIG_PORT, RTC_PORT,
 };
 use crate::arch::x86_64::memory::{create_guest_memory, host_ram_bytes, GuestMemory, MemoryError};
 use crate::cli::Config;
@@ -166,7 +168,7 @@ pub enum VmError {
 #[derive(Debug)]
 pub struct Vm {
     /// Kept open for the VM's lifetime (the memory and vCPU fds hang off it).
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
     /// Guest memory, mapped for the VM's lifetime.
     _memory: GuestMemory,
     global: Arc<GlobalLock>,
@@ -309,7 +311,7 @@ impl Vm {
         if usize::from(cpus) > max {
             return Err(VmError::TooManyCpus { cpus, max });
         }
-        let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
         log::info!("startup: KVM opened and VM created");
         let memory =
             create_guest_memory(cfg.mem_bytes, host_ram_bytes()).map_err(VmError::Memory)?;
@@ -334,7 +336,7 @@ impl Vm {
             signals: eventfd()?,
         };
         let input_drained = eventfd()?;
-        let pio = legacy_devices(&vm_fd, &exit_events.guest, &input_drained)?;
+        let mut pio = legacy_devices(&vm_fd, &exit_events.guest, &input_drained)?;
         let mmio = mmio_devices(&vm_fd)?;
         let mut shared_mmio = SharedBus::new();
         let io_errors = IoErrors::new().map_err(VmError::EventFd)?;
@@ -342,12 +344,22 @@ impl Vm {
             &cfg.iothreads,
             &exit_events.iothread_failed,
             &cfg.disks,
+            cpus,
             &vm_fd,
             &memory,
             &mut shared_mmio,
             &io_errors,
         )
         .map_err(VmError::Disk)?;
+        if let Some(root) = disks.pci_root() {
+            pio.insert(
+                "pci-config",
+                PCI_CONFIG_PORT,
+                8,
+                Box::new(PciConfigIo::new(root)),
+            )
+            .map_err(VmError::Bus)?;
+        }
         let mut machine = Machine::new(pio, mmio);
         if cfg.start_paused {
             machine.request = VcpuRequest::Pause;
@@ -364,6 +376,7 @@ impl Vm {
                 topology: &cfg.topology,
                 mem_bytes: cfg.mem_bytes,
                 dsdt_devices: &dsdt_devices,
+                pci: disks.pci_root().is_some(),
             },
         )
         .map_err(VmError::Boot)?;

@@ -6,7 +6,8 @@
 //! - [`msix`]: the MSI-X capability, table and pending bits, delivered through irqfds whose GSIs
 //!   the vmm routes to the guest's messages.
 //! - [`root`]: the bus: the host bridge at 00.0, the functions in the other slots, the ECAM window
-//!   and the BAR window, both on the shared MMIO bus (vCPUs reach them without the global lock).
+//!   and the BAR window, both on the shared MMIO bus (vCPUs reach them without the global lock),
+//!   and the configuration mechanism #1 ports (0xCF8), on the PIO bus.
 //!
 //! A function is a [`PciDevice`]: it keeps its configuration space behind its own lock, and the
 //! root only finds which function an access is for.
@@ -17,7 +18,7 @@ pub mod root;
 
 pub use config::{Bar, ConfigSpace, PciIds, CONFIG_SPACE_SIZE};
 pub use msix::{MsiMessage, MsiRoutes, Msix};
-pub use root::{PciBars, PciEcam, PciRoot, ECAM_BUS_SIZE};
+pub use root::{PciBars, PciConfigIo, PciEcam, PciRoot, ECAM_BUS_SIZE};
 
 /// Errors of building PCI functions and the bus.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@
 //! holds it now, so a BAR the guest moves within the window still answers (the vmm's ioeventfds
 //! stay where the VMM placed the BAR: after a move, notifications arrive by exit instead).
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use super::config::{ConfigSpace, PciIds, CONFIG_SPACE_SIZE};
 use super::{PciDevice, PciError};
@@ -122,13 +122,10 @@ impl PciRoot {
     }
 }
 
-/// The ECAM window of a [`PciRoot`], for the shared MMIO bus.
-#[derive(Debug)]
-pub struct PciEcam(pub Arc<PciRoot>);
-
-impl SharedBusDevice for PciEcam {
-    fn read(&self, offset: u64, data: &mut [u8]) {
-        match self.0.ecam_target(offset) {
+impl PciRoot {
+    /// A configuration read at ECAM offset `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        match self.ecam_target(offset) {
             Some((device, register)) if register + data.len() <= CONFIG_SPACE_SIZE => {
                 device.read_config(register, data)
             }
@@ -136,11 +133,94 @@ impl SharedBusDevice for PciEcam {
         }
     }
 
-    fn write(&self, offset: u64, data: &[u8]) {
-        if let Some((device, register)) = self.0.ecam_target(offset) {
+    /// A configuration write at ECAM offset `offset`.
+    fn write_config(&self, offset: u64, data: &[u8]) {
+        if let Some((device, register)) = self.ecam_target(offset) {
             if register + data.len() <= CONFIG_SPACE_SIZE {
                 device.write_config(register, data);
             }
+        }
+    }
+}
+
+/// The ECAM window of a [`PciRoot`], for the shared MMIO bus.
+#[derive(Debug)]
+pub struct PciEcam(pub Arc<PciRoot>);
+
+impl SharedBusDevice for PciEcam {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.0.read_config(offset, data);
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.0.write_config(offset, data);
+    }
+}
+
+/// Configuration mechanism #1 (PCI Local Bus 3.0, 3.2.2.3.2): the address register at port
+/// 0xCF8 and the data window at 0xCFC to 0xCFF, for the PIO bus (8 ports). It reaches the bus
+/// through a weak reference, so it keeps no device alive once the VMM drops the bus.
+#[derive(Debug)]
+pub struct PciConfigIo {
+    root: Weak<PciRoot>,
+    address: u32,
+}
+
+/// The address register's enable bit.
+const CONFIG_ENABLE: u32 = 1 << 31;
+
+impl PciConfigIo {
+    /// The ports of `root`.
+    pub fn new(root: &Arc<PciRoot>) -> Self {
+        PciConfigIo {
+            root: Arc::downgrade(root),
+            address: 0,
+        }
+    }
+
+    /// The ECAM offset the address register and data port `offset` (0 to 3) select, when
+    /// enabled.
+    fn target(&self, offset: u64) -> Option<u64> {
+        if self.address & CONFIG_ENABLE == 0 {
+            return None;
+        }
+        // Bus (23:16), device (15:11), function (10:8), dword register (7:2).
+        let bus = u64::from((self.address >> 16) & 0xff);
+        let devfn = u64::from((self.address >> 8) & 0xff);
+        let register = u64::from(self.address & 0xfc);
+        Some((bus << 20) | (devfn << 12) | register | offset)
+    }
+}
+
+impl crate::bus::BusDevice for PciConfigIo {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match offset {
+            0 if data.len() == 4 => data.copy_from_slice(&self.address.to_le_bytes()),
+            4..8 => match (self.target(offset - 4), self.root.upgrade()) {
+                (Some(ecam), Some(root)) if offset - 4 + data.len() as u64 <= 4 => {
+                    root.read_config(ecam, data)
+                }
+                _ => data.fill(0xff),
+            },
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            0 => {
+                if let Ok(b) = <[u8; 4]>::try_from(data) {
+                    self.address = u32::from_le_bytes(b);
+                }
+            }
+            4..8 => {
+                if let (Some(ecam), Some(root)) = (self.target(offset - 4), self.root.upgrade()) {
+                    if offset - 4 + data.len() as u64 <= 4 {
+                        root.write_config(ecam, data);
+                    }
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -279,6 +359,40 @@ mod tests {
         ecam.write((2 << 15) + 0x10, &0xc000_5000u32.to_le_bytes());
         assert_eq!(read32(&bars, 0x1010), 0xffff_ffff);
         assert_eq!(read32(&bars, 0x5010), 0x1312_1110);
+    }
+
+    #[test]
+    fn configuration_mechanism_1_reaches_the_same_spaces() {
+        use crate::bus::BusDevice;
+        let mut root = PciRoot::new();
+        root.add(plain(0xc000_1000)).unwrap();
+        let root = Arc::new(root);
+        let mut io = PciConfigIo::new(&root);
+        let read = |io: &mut PciConfigIo, port: u64, len: usize| {
+            let mut b = [0u8; 4];
+            io.read(port, &mut b[..len]);
+            u32::from_le_bytes(b)
+        };
+        // Disabled: all ones. The address register reads back.
+        io.write(0, &0x0000_0800u32.to_le_bytes());
+        assert_eq!(read(&mut io, 4, 4), 0xffff_ffff);
+        assert_eq!(read(&mut io, 0, 4), 0x0000_0800);
+        // 00:01.0, register 0x10 (BAR 0), then a 2-byte read of the device id at 0xCFE.
+        io.write(0, &0x8000_0810u32.to_le_bytes());
+        assert_eq!(read(&mut io, 4, 4), 0xc000_1000);
+        io.write(0, &0x8000_0800u32.to_le_bytes());
+        assert_eq!(read(&mut io, 6, 2), 0x1234);
+        // Writes land (the command register) and odd accesses are refused.
+        io.write(0, &0x8000_0804u32.to_le_bytes());
+        io.write(4, &[2, 0]);
+        assert_eq!(read(&mut io, 4, 2), 2);
+        assert_eq!(read(&mut io, 7, 2), 0xffff, "crosses the data window");
+        // No such function, or the bus is gone: all ones.
+        io.write(0, &0x8000_1000u32.to_le_bytes());
+        assert_eq!(read(&mut io, 4, 4), 0xffff_ffff);
+        io.write(0, &0x8000_0800u32.to_le_bytes());
+        drop(root);
+        assert_eq!(read(&mut io, 4, 4), 0xffff_ffff);
     }
 
     #[test]

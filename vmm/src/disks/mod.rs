@@ -35,6 +35,7 @@
 mod io_errors;
 mod iothreads;
 mod jobs;
+mod msi;
 mod open;
 mod query;
 mod resize;
@@ -47,21 +48,25 @@ use block::DiskImage;
 
 use devices::bus::{BusError, SharedBus};
 use devices::context;
+use devices::pci::{MsiRoutes, PciBars, PciEcam, PciError, PciRoot};
+use devices::virtio::PCI_BAR_SIZE;
 use kvm_ioctls::VmFd;
 
-use crate::arch::x86_64::acpi::{virtio_mmio_device, DsdtDevice};
+use crate::arch::x86_64::acpi::{pci_host_bridge, virtio_mmio_device, DsdtDevice};
 use crate::arch::x86_64::layout::{
+    PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START, PCI_MSI_GSI_FIRST,
     VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::memory::GuestMemory;
-use crate::drive::DiskSpec;
+use crate::drive::{DiskSpec, Transport};
 use crate::global::{GlobalLock, IoThreadFailures};
 use crate::monitor::{IoThreadInfo, VmDisk};
 use crate::sandbox::landlock::ImageFile;
 use iothreads::IoThreads;
+use msi::KvmMsiRoutes;
 use open::open_image;
 use query::{block_device, Names};
-use wiring::{add_disk, NewDisk};
+use wiring::{add_mmio, add_pci, device, NewDisk};
 
 pub use io_errors::{IoErrorStop, IoErrors};
 pub use iothreads::MainContext;
@@ -129,8 +134,8 @@ pub enum DiskError {
         #[source]
         source: block::Error,
     },
-    /// More disks than there are interrupt lines for them.
-    #[error("{count} disks, at most {max}")]
+    /// More virtio-mmio disks than there are interrupt lines for them.
+    #[error("{count} virtio-mmio disks, at most {max}")]
     TooMany {
         /// Disks asked for.
         count: usize,
@@ -164,6 +169,18 @@ pub enum DiskError {
         #[source]
         source: BusError,
     },
+    /// The disk's PCI function does not fit on the bus.
+    #[error("Drive '{id}': cannot put its virtio-pci function on the PCI bus")]
+    Pci {
+        /// The drive.
+        id: String,
+        /// Why.
+        #[source]
+        source: PciError,
+    },
+    /// The PCI windows clashed on the MMIO bus.
+    #[error("Cannot place the PCI windows on the MMIO bus")]
+    PciBus(#[source] BusError),
     /// KVM_IOEVENTFD failed.
     #[error("Drive '{id}': cannot register the ioeventfd of queue {queue}")]
     Ioevent {
@@ -213,24 +230,34 @@ pub struct Disks {
     disks: Vec<VmDisk>,
     /// Names the nodes of the images opened later (snapshots), after the disks' own.
     namer: Option<NodeNamer>,
+    /// The PCI root bus, when a disk is on virtio-pci.
+    pci: Option<Arc<PciRoot>>,
 }
 
 impl Disks {
     /// Builds the iothreads and disks (steps in the module doc), putting the transports on
-    /// `shared_mmio`; returns them with the DSDT entries of the transports.
+    /// `shared_mmio` (or on the PCI bus, itself on `shared_mmio`); returns them with the DSDT
+    /// entries of the transports and of the PCI host bridge. A virtio-pci disk without
+    /// `num-queues` gets one queue per vCPU (`vcpus`).
+    #[allow(clippy::too_many_arguments)]
     pub fn build(
         iothread_ids: &[String],
         iothread_failed: &IoThreadFailures,
         specs: &[DiskSpec],
-        vm_fd: &VmFd,
+        vcpus: u8,
+        vm_fd: &Arc<VmFd>,
         memory: &GuestMemory,
         shared_mmio: &mut SharedBus,
         errors: &Arc<IoErrors>,
     ) -> Result<(Self, Vec<DsdtDevice>), DiskError> {
         let max = VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1;
-        if u32::try_from(specs.len()).map_or(true, |n| n > max) {
+        let mmio_count = specs
+            .iter()
+            .filter(|s| s.device.transport == Transport::Mmio)
+            .count();
+        if u32::try_from(mmio_count).map_or(true, |n| n > max) {
             return Err(DiskError::TooMany {
-                count: specs.len(),
+                count: mmio_count,
                 max,
             });
         }
@@ -243,24 +270,59 @@ impl Disks {
         let mut disks = Vec::with_capacity(specs.len());
         let mut dsdt = Vec::with_capacity(specs.len());
         let mut namer = NodeNamer::default();
+        let mut pci = PciRoot::new();
+        let routes: Arc<dyn MsiRoutes> = Arc::new(KvmMsiRoutes::new(Arc::clone(vm_fd)));
+        let mut mmio_index = 0u8;
+        let mut next_gsi = PCI_MSI_GSI_FIRST;
         for ((index, spec), image) in (0u8..).zip(specs).zip(images) {
             let ctx = iothreads.context(spec.device.iothread.as_deref());
-            let base = VIRTIO_MMIO_START + u64::from(index) * VIRTIO_MMIO_SIZE;
-            let gsi = VIRTIO_IRQ_FIRST + u32::from(index);
             let names = Names::of(index, spec, &image, &mut namer);
             let info = block_device(spec, &names, &image);
             let sink = errors.sink(names.qom_path.clone(), names.node_name().to_owned());
+            let queues = spec.device.queues(vcpus);
             let disk = NewDisk {
                 spec,
                 image,
                 ctx,
                 sink,
-                base,
-                gsi,
+                queues,
             };
-            let (device, live) = add_disk(disk, vm_fd, memory, shared_mmio)?;
+            let (device, live) = device(disk)?;
+            let drive = (spec.drive.id.as_str(), &device);
+            let place = match spec.device.transport {
+                Transport::Mmio => {
+                    let base = VIRTIO_MMIO_START + u64::from(mmio_index) * VIRTIO_MMIO_SIZE;
+                    let gsi = VIRTIO_IRQ_FIRST + u32::from(mmio_index);
+                    add_mmio(drive, (base, gsi), vm_fd, memory, shared_mmio)?;
+                    dsdt.push(virtio_mmio_device(mmio_index, base, gsi));
+                    mmio_index += 1;
+                    format!("virtio-mmio at {base:#x}, GSI {gsi}")
+                }
+                Transport::Pci => {
+                    let pci_err = |source| DiskError::Pci {
+                        id: spec.drive.id.clone(),
+                        source,
+                    };
+                    let slot = pci.next_slot().ok_or(PciError::BusFull).map_err(pci_err)?;
+                    let bar = PCI_MMIO_START + u64::from(slot) * PCI_BAR_SIZE;
+                    let first_gsi = next_gsi;
+                    let slot = add_pci(
+                        drive,
+                        (bar, first_gsi),
+                        vm_fd,
+                        memory,
+                        (&mut pci, Arc::clone(&routes)),
+                    )?;
+                    // One vector per queue and one for configuration changes.
+                    next_gsi += u32::from(queues) + 1;
+                    format!(
+                        "virtio-pci 00:{slot:02x}.0, BAR {bar:#x}, {} MSI-X vectors from GSI {first_gsi}",
+                        u32::from(queues) + 1
+                    )
+                }
+            };
             log::info!(
-                "disk {}: {} at {base:#x}, GSI {gsi}, on {}",
+                "disk {}: {} on {place}, {queues} queues, on {}",
                 spec.drive.id,
                 spec.drive.file.display(),
                 spec.device.iothread.as_deref().unwrap_or("the main loop")
@@ -270,17 +332,45 @@ impl Disks {
                 device,
                 live: Arc::new(Mutex::new(live)),
             });
-            dsdt.push(virtio_mmio_device(index, base, gsi));
         }
+        let pci = if specs.iter().any(|s| s.device.transport == Transport::Pci) {
+            let root = Arc::new(pci);
+            shared_mmio
+                .insert(
+                    "pci-ecam",
+                    PCI_ECAM_START,
+                    PCI_ECAM_SIZE,
+                    Arc::new(PciEcam(Arc::clone(&root))),
+                )
+                .map_err(DiskError::PciBus)?;
+            let bars = PciBars {
+                root: Arc::clone(&root),
+                base: PCI_MMIO_START,
+            };
+            shared_mmio
+                .insert("pci-bars", PCI_MMIO_START, PCI_MMIO_SIZE, Arc::new(bars))
+                .map_err(DiskError::PciBus)?;
+            dsdt.push(pci_host_bridge());
+            Some(root)
+        } else {
+            None
+        };
         let namer = Some(namer);
         Ok((
             Self {
                 iothreads,
                 disks,
                 namer,
+                pci,
             },
             dsdt,
         ))
+    }
+
+    /// The PCI root bus, when a disk is on virtio-pci (for the configuration ports and the
+    /// MCFG).
+    pub fn pci_root(&self) -> Option<&Arc<PciRoot>> {
+        self.pci.as_ref()
     }
 
     /// The handler that runs the main loop's context (the disks without an iothread).

@@ -1,7 +1,10 @@
 //! One disk on the machine: its virtio-blk device, built in the context that serves it; its
-//! virtio-mmio transport on the shared MMIO bus; and the KVM notifications that spare userspace
-//! a round trip: one ioeventfd per queue at its QueueNotify register (datamatch: the queue index)
-//! and one irqfd on its GSI.
+//! transport; and the KVM notifications that spare userspace a round trip. On virtio-mmio: the
+//! transport on the shared MMIO bus, one ioeventfd per queue at its QueueNotify register
+//! (datamatch: the queue index) and one irqfd on its GSI. On virtio-pci: the transport on the
+//! PCI root bus with its BAR where the VMM placed it, one ioeventfd per queue at its own
+//! notification address, and one irqfd per MSI-X vector, each on a GSI of its own that KVM routes
+//! to the guest's message once the guest programs it.
 //!
 //! Locks: this runs while the VM is built, before any vCPU exists and before the shared bus goes
 //! behind the global lock's read-write lock, so it takes none of the VM's locks. Afterwards the
@@ -14,9 +17,10 @@ use block::aio::Workers;
 use block::{Image, WithPolicy};
 use devices::bus::SharedBus;
 use devices::context::Context;
+use devices::pci::{MsiRoutes, PciRoot};
 use devices::virtio::block::{Block, BlockConfig, ErrorSink};
-use devices::virtio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
-use kvm_ioctls::{IoEventAddress, VmFd};
+use devices::virtio::{MmioTransport, VirtioPciTransport, QUEUE_NOTIFY_OFFSET};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 
 use super::snapshot::LiveImage;
 use super::DiskError;
@@ -25,31 +29,22 @@ use crate::arch::x86_64::memory::GuestMemory;
 use crate::drive::DiskSpec;
 
 /// One disk to add: its flags, its image, the context that serves it, where its error reports
-/// go, its MMIO window and interrupt line.
+/// go and its number of queues.
 pub(super) struct NewDisk<'a> {
     pub(super) spec: &'a DiskSpec,
     pub(super) image: Image,
     pub(super) ctx: Arc<Context>,
     pub(super) sink: ErrorSink,
-    pub(super) base: u64,
-    pub(super) gsi: u32,
+    pub(super) queues: u16,
 }
 
-/// Builds the device of one disk in its context, puts its transport on `shared_mmio` at its base
-/// and registers its ioeventfds and its irqfd on its GSI. Returns the device and the image it
-/// serves.
-pub(super) fn add_disk(
-    disk: NewDisk<'_>,
-    vm_fd: &VmFd,
-    memory: &GuestMemory,
-    shared_mmio: &mut SharedBus,
-) -> Result<(Arc<Block>, LiveImage), DiskError> {
+/// Builds the device of one disk in its context. Returns the device and the image it serves.
+pub(super) fn device(disk: NewDisk<'_>) -> Result<(Arc<Block>, LiveImage), DiskError> {
     let spec = disk.spec;
-    let id = || spec.drive.id.clone();
     let config = BlockConfig {
         id: spec.drive.id.clone(),
         serial: spec.device.serial.clone(),
-        num_queues: spec.device.num_queues,
+        num_queues: disk.queues,
         queue_size: spec.device.queue_size,
         discard: spec.drive.discard,
         // Workers doing the image's I/O (with `aio=io_uring`, what the ring does not take).
@@ -71,12 +66,27 @@ pub(super) fn add_disk(
         spec.drive.cache,
         spec.drive.detect_zeroes,
     );
-    let block = Block::new(config, image, disk.ctx)
-        .map_err(|source| DiskError::Device { id: id(), source })?;
+    let block = Block::new(config, image, disk.ctx).map_err(|source| DiskError::Device {
+        id: spec.drive.id.clone(),
+        source,
+    })?;
+    Ok((block, live))
+}
+
+/// Puts the virtio-mmio transport of `block` (of drive `drive`) on `shared_mmio` at `base` and registers its ioeventfds
+/// and its irqfd on `gsi`.
+pub(super) fn add_mmio(
+    (drive, block): (&str, &Arc<Block>),
+    (base, gsi): (u64, u32),
+    vm_fd: &VmFd,
+    memory: &GuestMemory,
+    shared_mmio: &mut SharedBus,
+) -> Result<(), DiskError> {
+    let id = || drive.to_owned();
     let transport = MmioTransport::new(block.clone(), memory.clone())
         .map_err(|source| DiskError::Transport { id: id(), source })?;
     for (queue, fd) in (0u32..).zip(transport.queue_events()) {
-        let addr = IoEventAddress::Mmio(disk.base + QUEUE_NOTIFY_OFFSET);
+        let addr = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
         vm_fd
             .register_ioevent(fd, &addr, queue)
             .map_err(|source| DiskError::Ioevent {
@@ -86,15 +96,57 @@ pub(super) fn add_disk(
             })?;
     }
     vm_fd
-        .register_irqfd(transport.irqfd(), disk.gsi)
+        .register_irqfd(transport.irqfd(), gsi)
         .map_err(|source| DiskError::Irqfd {
             id: id(),
-            gsi: disk.gsi,
+            gsi,
             source,
         })?;
     let name: &'static str = "virtio-mmio";
     shared_mmio
-        .insert(name, disk.base, VIRTIO_MMIO_SIZE, Arc::new(transport))
+        .insert(name, base, VIRTIO_MMIO_SIZE, Arc::new(transport))
         .map_err(|source| DiskError::Bus { id: id(), source })?;
-    Ok((block, live))
+    Ok(())
+}
+
+/// Puts the virtio-pci transport of `block` (of drive `drive`) on `pci` with its BAR at `bar` and its MSI-X vectors on
+/// GSIs `first_gsi` on, registering one ioeventfd per queue on its notification address and
+/// one irqfd per vector. Returns its device number on the bus.
+pub(super) fn add_pci(
+    (drive, block): (&str, &Arc<Block>),
+    (bar, first_gsi): (u64, u32),
+    vm_fd: &VmFd,
+    memory: &GuestMemory,
+    (pci, routes): (&mut PciRoot, Arc<dyn MsiRoutes>),
+) -> Result<u8, DiskError> {
+    let id = || drive.to_owned();
+    let transport = VirtioPciTransport::new(block.clone(), memory.clone(), bar, first_gsi, routes)
+        .map_err(|source| DiskError::Transport { id: id(), source })?;
+    for (queue, fd) in (0u16..).zip(transport.queue_events()) {
+        let addr = IoEventAddress::Mmio(VirtioPciTransport::notify_address(bar, queue));
+        vm_fd
+            .register_ioevent(fd, &addr, NoDatamatch)
+            .map_err(|source| DiskError::Ioevent {
+                id: id(),
+                queue: u32::from(queue),
+                source,
+            })?;
+    }
+    let irqfds = transport
+        .vector_irqfds()
+        .map_err(|source| DiskError::Transport {
+            id: id(),
+            source: devices::virtio::TransportError::Irqfd(source),
+        })?;
+    for (gsi, fd) in &irqfds {
+        vm_fd
+            .register_irqfd(fd, *gsi)
+            .map_err(|source| DiskError::Irqfd {
+                id: id(),
+                gsi: *gsi,
+                source,
+            })?;
+    }
+    pci.add(Arc::new(transport))
+        .map_err(|source| DiskError::Pci { id: id(), source })
 }

@@ -1,6 +1,7 @@
 //! The vCPU threads' filter: `KVM_RUN` and the two register reads of a failure report on their
 //! own vCPU fd, the console's writes, and what a vCPU makes when the guest activates or resets a
-//! virtio-blk device (see [`super::rules::disk_handler`]).
+//! virtio-blk device (see [`super::rules::disk_handler`]), and `KVM_SET_GSI_ROUTING` on the VM
+//! fd, which a vCPU calls when the guest programs or unmasks a virtio-pci MSI-X vector.
 
 use super::rules::{common, disk_handler, Rules};
 
@@ -11,10 +12,17 @@ const KVM_GET_REGS: u64 = 0x8090_ae81;
 /// `KVM_GET_SREGS`: `_IOR(KVMIO, 0x83, struct kvm_sregs)`.
 const KVM_GET_SREGS: u64 = 0x8138_ae83;
 
+/// `KVM_SET_GSI_ROUTING`: `_IOW(KVMIO, 0x6a, struct kvm_irq_routing)`.
+const KVM_SET_GSI_ROUTING: u64 = 0x4008_ae6a;
+
 /// The allow-list.
 pub fn rules() -> Rules {
     let mut r = common();
-    r.allow_arg(libc::SYS_ioctl, 1, &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS]);
+    r.allow_arg(
+        libc::SYS_ioctl,
+        1,
+        &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_SET_GSI_ROUTING],
+    );
     disk_handler(&mut r);
     r
 }

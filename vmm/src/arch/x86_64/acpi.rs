@@ -12,7 +12,8 @@
 //! - DSDT (5.2.11.1): COM1 (`PNP0501`), the CMOS RTC (`PNP0B00`), the power button (`PNP0C0C`)
 //!   with the Generic Event Device that signals it (`ACPI0013`), the `\_S5_` package Linux needs
 //!   before it registers ACPI power-off, and whatever devices the caller adds ([`DsdtDevice`]: the
-//!   virtio-mmio transports, [`virtio_mmio_device`]).
+//!   virtio-mmio transports, [`virtio_mmio_device`]; the PCI host bridge, [`pci_host_bridge`]).
+//! - MCFG (PCI Firmware 3.3, 4.1.2), only when the machine has PCI: the ECAM window of bus 0.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -20,6 +21,7 @@ use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -28,7 +30,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
     ACPI_END, ACPI_SLEEP_PORT, ACPI_START, APIC_START, COM1_IRQ, COM1_PORT, GED_IRQ, GED_START,
-    IOAPIC_START, RTC_PORT, VIRTIO_MMIO_SIZE,
+    IOAPIC_START, PCI_CONFIG_PORT, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START,
+    RTC_PORT, VIRTIO_MMIO_SIZE,
 };
 use super::memory::GuestMemory;
 use super::topology::Topology;
@@ -98,6 +101,64 @@ pub fn virtio_mmio_device(index: u8, base: u64, gsi: u32) -> DsdtDevice {
             ),
         ],
     ))
+}
+
+/// The PCI root bridge of bus 0 (`PNP0A08`, PCI Express, compatible with `PNP0A03`): its bus
+/// range, the configuration mechanism #1 ports and the BAR window it decodes, and, in a
+/// `PNP0C02` motherboard device, the ECAM window, which Linux wants reserved there before it uses
+/// the MCFG entry.
+pub fn pci_host_bridge() -> DsdtDevice {
+    let port = u16::try_from(PCI_CONFIG_PORT).unwrap_or(0xcf8);
+    let mmio_start = u32::try_from(PCI_MMIO_START).unwrap_or(0);
+    let mmio_end = u32::try_from(PCI_MMIO_START + PCI_MMIO_SIZE - 1).unwrap_or(0);
+    let ecam_start = u32::try_from(PCI_ECAM_START).unwrap_or(0);
+    let ecam_size = u32::try_from(PCI_ECAM_SIZE).unwrap_or(0);
+    let mut aml = aml_bytes(&aml::Device::new(
+        "PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_ADR".into(), &aml::ZERO),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::AddressSpace::new_bus_number(0u16, 0u16),
+                    &aml::IO::new(port, port, 1, 8),
+                    &aml::AddressSpace::new_memory(
+                        aml::AddressSpaceCacheable::NotCacheable,
+                        true,
+                        mmio_start,
+                        mmio_end,
+                        None,
+                    ),
+                ]),
+            ),
+        ],
+    ));
+    aml.extend(aml_bytes(&aml::Device::new(
+        "MBRD".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
+            &aml::Name::new("_UID".into(), &aml::ONE),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Memory32Fixed::new(
+                    true, ecam_start, ecam_size,
+                )]),
+            ),
+        ],
+    )));
+    aml
+}
+
+/// The MCFG: bus 0's ECAM window.
+fn mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(PCI_ECAM_START, 0, 0, 0);
+    aml_bytes(&mcfg)
 }
 
 /// The CMOS RTC (`PNP0B00`): without this entry a hardware-reduced kernel has no platform device
@@ -280,24 +341,27 @@ fn align8(addr: u64) -> u64 {
     addr.div_ceil(8) * 8
 }
 
-/// Writes the tables for the vCPUs of `topology` (with `extra` devices in the DSDT) and returns
-/// the RSDP's address.
+/// Writes the tables for the vCPUs of `topology` (with `extra` devices in the DSDT, and an MCFG
+/// when the machine has `pci`) and returns the RSDP's address.
 pub fn create_acpi_tables(
     mem: &GuestMemory,
     topology: &Topology,
     extra: &[DsdtDevice],
+    pci: bool,
 ) -> Result<GuestAddress, AcpiError> {
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align8(rsdp_addr + Rsdp::len() as u64);
-    // The XSDT holds two entries: the FADT and the MADT (the DSDT hangs off the FADT).
-    let xsdt_len = 36 + 2 * 8;
+    // The XSDT holds the FADT, the MADT and the MCFG if any (the DSDT hangs off the FADT).
+    let xsdt_len = 36 + if pci { 3 } else { 2 } * 8;
     let fadt_addr = align8(xsdt_addr + xsdt_len);
     let fadt_addr_end = fadt_addr + acpi_tables::fadt::FADT::len() as u64;
     let madt_addr = align8(fadt_addr_end);
     let madt = madt(topology);
     let dsdt_addr = align8(madt_addr + madt.len() as u64);
     let dsdt = dsdt(extra);
-    let end = dsdt_addr + dsdt.len() as u64;
+    let mcfg_addr = align8(dsdt_addr + dsdt.len() as u64);
+    let mcfg = if pci { mcfg() } else { Vec::new() };
+    let end = mcfg_addr + mcfg.len() as u64;
     if end > ACPI_END {
         return Err(AcpiError::TooLarge {
             bytes: end - ACPI_START,
@@ -306,12 +370,16 @@ pub fn create_acpi_tables(
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
-    let tables: [(&'static str, u64, Vec<u8>); 5] = [
+    if pci {
+        xsdt.add_entry(mcfg_addr);
+    }
+    let tables: [(&'static str, u64, Vec<u8>); 6] = [
         ("RSDP", rsdp_addr, aml_bytes(&Rsdp::new(OEM_ID, xsdt_addr))),
         ("XSDT", xsdt_addr, aml_bytes(&xsdt)),
         ("FADT", fadt_addr, fadt(dsdt_addr)),
         ("MADT", madt_addr, madt),
         ("DSDT", dsdt_addr, dsdt),
+        ("MCFG", mcfg_addr, mcfg),
     ];
     for (table, addr, bytes) in tables {
         mem.write_slice(&bytes, GuestAddress(addr))
@@ -363,7 +431,7 @@ mod tests {
     fn tables_chain_from_the_rsdp() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("maps");
         let topology = Topology::cores(3).expect("valid");
-        let rsdp_addr = create_acpi_tables(&mem, &topology, &[]).expect("fits");
+        let rsdp_addr = create_acpi_tables(&mem, &topology, &[], false).expect("fits");
         let rsdp = read(&mem, rsdp_addr.0, 36);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert!(checksum_ok(&rsdp[..20]) && checksum_ok(&rsdp));
@@ -405,7 +473,7 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("maps");
         let dsdt = aml_bytes(&aml::Device::new("VIO0".into(), vec![]));
         let topology = Topology::cores(1).expect("valid");
-        create_acpi_tables(&mem, &topology, std::slice::from_ref(&dsdt)).expect("fits");
+        create_acpi_tables(&mem, &topology, std::slice::from_ref(&dsdt), false).expect("fits");
         let all = read(&mem, ACPI_START, 0x1000);
         assert!(all.windows(dsdt.len()).any(|w| w == dsdt.as_slice()));
     }
@@ -423,6 +491,41 @@ mod tests {
         // Extended interrupt descriptor (6.4.3.6): tag 0x89, length 6, flags consumer | edge
         // (active high, exclusive), one interrupt: 12.
         assert!(find(&[0x89, 6, 0, 0b0000_0011, 1, 12, 0, 0, 0]));
+    }
+
+    #[test]
+    fn a_machine_with_pci_has_an_mcfg_and_a_host_bridge() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("maps");
+        let topology = Topology::cores(1).expect("valid");
+        let bridge = pci_host_bridge();
+        let rsdp =
+            create_acpi_tables(&mem, &topology, std::slice::from_ref(&bridge), true).expect("fits");
+        let xsdt = table(&mem, u64_at(&read(&mem, rsdp.0, 36), 24));
+        assert_eq!(xsdt.len(), 36 + 3 * 8);
+        let mcfg = table(&mem, u64_at(&xsdt, 52));
+        assert_eq!(&mcfg[..4], b"MCFG");
+        // One allocation (PCI Firmware 3.3, table 4-3): base, segment 0, buses 0 to 0.
+        assert_eq!(mcfg.len(), 44 + 16);
+        assert_eq!(u64_at(&mcfg, 44), PCI_ECAM_START);
+        assert_eq!(&mcfg[52..56], &[0, 0, 0, 0]);
+        let find = |needle: &[u8]| bridge.windows(needle.len()).any(|w| w == needle);
+        assert!(find(b"PCI0") && find(b"MBRD") && find(b"_BBN") && find(b"_SEG"));
+        // PNP0A08 and PNP0C02 as EISA ids.
+        assert!(find(&[0x0c, 0x41, 0xd0, 0x0a, 0x08]) && find(&[0x0c, 0x41, 0xd0, 0x0c, 0x02]));
+        // The BAR window: a DWord memory descriptor (ACPI 6.5 section 6.4.3.5.2, tag 0x87)
+        // from its start to its end.
+        let mut window = PCI_MMIO_START.to_le_bytes()[..4].to_vec();
+        window.extend(&(PCI_MMIO_START + PCI_MMIO_SIZE - 1).to_le_bytes()[..4]);
+        assert!(find(&window));
+        // The ECAM window in the motherboard resources.
+        let mut ecam = vec![0x86, 9, 0, 1];
+        ecam.extend(&PCI_ECAM_START.to_le_bytes()[..4]);
+        ecam.extend(&PCI_ECAM_SIZE.to_le_bytes()[..4]);
+        assert!(find(&ecam));
+        // Without PCI: no MCFG.
+        let rsdp = create_acpi_tables(&mem, &topology, &[], false).expect("fits");
+        let xsdt = table(&mem, u64_at(&read(&mem, rsdp.0, 36), 24));
+        assert_eq!(xsdt.len(), 36 + 2 * 8);
     }
 
     #[test]

@@ -196,6 +196,8 @@ pub struct BootConfig<'a> {
     pub mem_bytes: u64,
     /// Extra DSDT devices.
     pub dsdt_devices: &'a [DsdtDevice],
+    /// Whether the machine has a PCI bus (the MCFG table).
+    pub pci: bool,
 }
 
 /// The kernel as loaded.
@@ -357,7 +359,8 @@ pub fn load_guest(mem: &GuestMemory, cfg: &BootConfig) -> Result<EntryPoint, Boo
         .transpose()?;
     log::info!("startup: command line and initramfs loaded");
     // 4. ACPI.
-    let rsdp = create_acpi_tables(mem, cfg.topology, cfg.dsdt_devices).map_err(BootError::Acpi)?;
+    let rsdp = create_acpi_tables(mem, cfg.topology, cfg.dsdt_devices, cfg.pci)
+        .map_err(BootError::Acpi)?;
     log::info!("startup: ACPI tables written");
     // 5. Boot information.
     let e820 = e820_map(cfg.mem_bytes);
@@ -497,6 +500,7 @@ mod tests {
             topology: &Topology::cores(2).expect("valid"),
             mem_bytes,
             dsdt_devices: &[],
+            pci: false,
         };
         load_guest(&mem, &cfg).map(|entry| (mem, entry))
     }
@@ -616,6 +620,7 @@ mod tests {
             topology: &Topology::cores(1).expect("valid"),
             mem_bytes: 16 << 20,
             dsdt_devices: &[],
+            pci: false,
         };
         assert!(matches!(load_guest(&mem, &cfg), Err(BootError::Cmdline(_))));
     }

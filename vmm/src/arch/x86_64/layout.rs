@@ -74,6 +74,22 @@ pub const VIRTIO_IRQ_FIRST: u32 = 10;
 /// The last GSI a virtio-mmio transport may have, so at most 13 disks.
 pub const VIRTIO_IRQ_LAST: u32 = 22;
 
+/// The window the PCI functions' BARs are placed in (32-bit, non-prefetchable), from the start
+/// of the hole up to the virtio-mmio transports.
+pub const PCI_MMIO_START: u64 = MMIO_GAP_START;
+/// Bytes of the PCI BAR window.
+pub const PCI_MMIO_SIZE: u64 = VIRTIO_MMIO_START - PCI_MMIO_START;
+/// The PCI root bus's ECAM window (PCIe memory-mapped configuration space), bus 0 only: 1 MiB
+/// (`devices::pci::ECAM_BUS_SIZE`).
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// Bytes of the ECAM window.
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+/// The PCI configuration mechanism #1 ports: address at 0xCF8, data at 0xCFC to 0xCFF.
+pub const PCI_CONFIG_PORT: u64 = 0xcf8;
+/// The first GSI of the PCI functions' MSI-X vectors, past the IOAPIC's 24 pins; each vector
+/// has its own, routed to the guest's message.
+pub const PCI_MSI_GSI_FIRST: u32 = 24;
+
 /// COM1 (16550A UART), 8 ports.
 pub const COM1_PORT: u64 = 0x3f8;
 /// COM1's ISA interrupt line.
@@ -101,6 +117,13 @@ const _: () = assert!(
         <= GED_START
 );
 const _: () = assert!(COM1_IRQ < VIRTIO_IRQ_FIRST);
+const _: () = assert!(PCI_MMIO_START + PCI_MMIO_SIZE <= VIRTIO_MMIO_START);
+const _: () = assert!(
+    VIRTIO_MMIO_START + (VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1) as u64 * VIRTIO_MMIO_SIZE
+        <= PCI_ECAM_START
+        && PCI_ECAM_START + PCI_ECAM_SIZE <= GED_START
+);
+const _: () = assert!(GED_IRQ < PCI_MSI_GSI_FIRST);
 const _: () = assert!(
     VIRTIO_IRQ_LAST < GED_IRQ && GED_IRQ < 24,
     "IOAPIC pins 0 to 23"
