@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{
-    bzimage, echo_guest, emulation_failure_guest, long_mode_reset_guest, pvh_elf,
+    bzimage, echo_guest, emulation_failure_guest, long_mode_reset_guest, pci_probe_guest, pvh_elf,
     pvh_poweroff_guest, real_mode_reboot_guest, run_vmm, spin_guest, triple_fault_guest, vmm,
     Scratch,
 };
@@ -73,6 +73,40 @@ fn pvh_guest_gets_start_info_and_powers_off_through_acpi() {
     assert_eq!(out.status.code(), Some(0));
     let log = std::fs::read_to_string(&log).expect("debug log written");
     assert!(log.contains("GuestPowerOff"), "log: {log}");
+}
+
+#[test]
+fn a_guest_finds_the_virtio_blk_pci_function_through_ecam_and_the_config_ports() {
+    let dir = Scratch::new("pci");
+    let kernel = dir.file("vmlinux", &pvh_elf(&pci_probe_guest(), true));
+    let disk = dir.file("disk.raw", &vec![0; 1 << 20]);
+    let drive = format!("file={},format=raw,if=none,id=d0", disk.display());
+    let out = run_vmm(
+        Some(&kernel),
+        &[
+            "-m",
+            "16",
+            "-smp",
+            "2",
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-pci,drive=d0,id=vd0",
+        ],
+    );
+    let mut want = Vec::new();
+    // Vendor 0x1af4 (virtio), device 0x1042 (modern virtio-blk) at 00:01.0 through ECAM; BAR 0's
+    // size probe: 32 KiB, 32-bit memory; the same ids through the configuration ports.
+    want.extend(0x1042_1af4u32.to_le_bytes());
+    want.extend(0xffff_8000u32.to_le_bytes());
+    want.extend(0x1042_1af4u32.to_le_bytes());
+    assert_eq!(
+        out.stdout,
+        want,
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0));
 }
 
 /// Starts the spinning guest with stdin piped, and waits until it says it spins.

@@ -139,6 +139,41 @@ pub fn power_button_guest() -> Vec<u8> {
     ]
 }
 
+/// 32-bit PVH (paging off, so the ECAM window is reachable as is): reads the first dword of
+/// 00:01.0's configuration space through ECAM (0xE0008000), probes BAR 0's size (writes all ones
+/// at 0xE0008010 and reads it back), reads the same first dword through the 0xCF8/0xCFC ports,
+/// writes each of the three dwords to COM1 as four raw bytes, low first, then powers off.
+pub fn pci_probe_guest() -> Vec<u8> {
+    // mov $0x3f8, %dx; mov $4, %ecx; 1: out %al, %dx; shr $8, %eax; loop 1b
+    let out4 = [
+        0x66, 0xba, 0xf8, 0x03, 0xb9, 0x04, 0x00, 0x00, 0x00, 0xee, 0xc1, 0xe8, 0x08, 0xe2, 0xfa,
+    ];
+    let mut code = vec![0xa1, 0x00, 0x80, 0x00, 0xe0]; // mov 0xe0008000, %eax
+    code.extend(out4);
+    code.extend([
+        0xc7, 0x05, 0x10, 0x80, 0x00, 0xe0, // movl $0xffffffff, 0xe0008010
+        0xff, 0xff, 0xff, 0xff, //
+        0xa1, 0x10, 0x80, 0x00, 0xe0, // mov 0xe0008010, %eax
+    ]);
+    code.extend(out4);
+    code.extend([
+        0x66, 0xba, 0xf8, 0x0c, //       mov $0xcf8, %dx
+        0xb8, 0x00, 0x08, 0x00, 0x80, // mov $0x80000800, %eax  # enable, 00:01.0, register 0
+        0xef, //                         out %eax, %dx
+        0x66, 0xba, 0xfc, 0x0c, //       mov $0xcfc, %dx
+        0xed, //                         in %dx, %eax
+    ]);
+    code.extend(out4);
+    code.extend([
+        0x66, 0xba, 0x00, 0x06, // mov $0x600, %dx  # ACPI sleep control
+        0xb0, 0x34, //             mov $(5 << 2 | 1 << 5), %al
+        0xee, //                   out %al, %dx
+        0xf4, //                   1: hlt
+        0xeb, 0xfd, //             jmp 1b
+    ]);
+    code
+}
+
 /// 32-bit PVH: goes back to real mode and jumps to the reset vector (F000:FFF0), as Linux's
 /// `machine_real_restart` does when it reboots through the BIOS.
 pub fn real_mode_reboot_guest() -> Vec<u8> {
