@@ -110,6 +110,9 @@ enum Kind {
     PowerButton,
     /// Boot with a raw disk, grow it through QMP `block_resize`, the guest sees the new size.
     BlockResize,
+    /// A raw disk on virtio-blk-pci on an iothread: verified I/O and a vector per queue
+    /// ([`crate::pci`]).
+    PciDisk,
 }
 
 /// The optional groups of cases, for features a VMM gains later.
@@ -189,6 +192,10 @@ pub fn cases(targets: &[Target], filter: Option<&str>, groups: Groups) -> Vec<Ca
         );
         add("console-input".into(), Kind::Console);
         add("reboot".into(), Kind::Reboot);
+        // QEMU's microvm as the baseline runs it has no PCI bus.
+        if target == Target::Vmm {
+            add("virtio-blk-pci".into(), Kind::PciDisk);
+        }
         if groups.disks {
             add("rootfs-chain3-iothread".into(), Kind::DiskChain);
         }
@@ -235,6 +242,10 @@ pub fn run(case: &Case, guest_dir: &Path) -> Outcome {
         }
         Kind::BlockResize => block_resize(case.target, guest_dir, &case.name, &mut transcript)
             .map_err(|e| e.to_string()),
+        Kind::PciDisk => {
+            crate::pci::disk_on_pci(case.target, guest_dir, &case.name, &mut transcript)
+                .map_err(|e| e.to_string())
+        }
         Kind::DiskChain => {
             crate::disks::chain_on_iothread(case.target, guest_dir, &case.name, &mut transcript)
                 .map_err(|e| e.to_string())
@@ -538,9 +549,11 @@ mod tests {
         };
         assert_eq!(
             cases(&[Target::Vmm, Target::Qemu], None, everything).len(),
-            21
+            22
         );
-        assert_eq!(all.len(), 15);
+        assert_eq!(all.len(), 16);
+        assert!(all.iter().any(|c| c.name == "vmm/virtio-blk-pci"));
+        assert!(!all.iter().any(|c| c.name == "qemu/virtio-blk-pci"));
         assert_eq!(all.first().unwrap().name, "vmm/bzimage-smp1");
         assert!(all.iter().any(|c| c.name == "vmm/pvh-smp8"));
         assert!(!all.iter().any(|c| c.name.starts_with("qemu/pvh")));

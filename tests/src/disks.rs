@@ -152,7 +152,7 @@ fn boot_disk(
 }
 
 /// Standard base64 (RFC 4648, section 4) with padding, as busybox `base64 -d` reads it.
-fn base64(data: &[u8]) -> String {
+pub(crate) fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {

@@ -19,6 +19,7 @@ mod disks;
 mod guest;
 mod memory;
 mod nested;
+mod pci;
 mod phases;
 mod qmp;
 mod report;
