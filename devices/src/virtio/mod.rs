@@ -1,5 +1,6 @@
-//! Virtio devices: the virtio-mmio transport that sits on the bus, the interface a device behind
-//! it implements, and the interrupt state both share.
+//! Virtio devices: the transports (virtio-mmio on the shared MMIO bus, virtio-pci on the PCI
+//! bus, both over the state of `transport.rs`), the interface a device behind them implements,
+//! and the interrupt state both sides share (one line, or a vector per queue on virtio-pci).
 //!
 //! Threads and locks (docs/DESIGN.md, "Threads and locks"): a device lives in a context (the main
 //! loop's or an iothread's), where its queue notifications and completions are handled. vCPUs

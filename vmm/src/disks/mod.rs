@@ -1,9 +1,9 @@
-//! The VM's disks: iothreads, images, virtio-blk devices on virtio-mmio transports, their KVM
+//! The VM's disks: iothreads, images, virtio-blk devices on virtio-mmio or virtio-pci transports, their KVM
 //! notifications, their ACPI description, and their orderly end. One file per concern:
 //! `open.rs` opens the images (the format is never guessed where guessing is unsafe: a raw image
 //! opened for writing) and words their failures; `iothreads.rs` owns the iothreads and the main
 //! loop's context; `wiring.rs` puts one disk on the machine (device, transport, ioeventfds,
-//! irqfd); `query.rs` says what `query-block` reports of it and names its nodes; `snapshot.rs`
+//! irqfds); `msi.rs` keeps KVM's routes of the virtio-pci disks' MSI-X vectors; `query.rs` says what `query-block` reports of it and names its nodes; `snapshot.rs`
 //! and `resize.rs` change a running disk's image (`blockdev-snapshot-sync`, `block_resize`);
 //! `io_errors.rs` takes the devices' failed requests to the monitor and stops the VM when their
 //! policy asks.
@@ -11,11 +11,16 @@
 //! [`Disks::build`], before the guest is loaded: opens each image (its backing chain read-only,
 //! QEMU-compatible locks taken), so a bad one fails before any thread starts; spawns one thread
 //! per `-object iothread` (named after its id); builds each virtio-blk device in its iothread's
-//! context, or in the main loop's context when it has none; puts its transport on the shared
-//! MMIO bus (reached by the vCPUs without the global lock) at
-//! [`VIRTIO_MMIO_START`] + n × [`VIRTIO_MMIO_SIZE`]; registers one ioeventfd per queue at its
-//! QueueNotify register (datamatch: the queue index) and its irqfd on GSI
-//! [`VIRTIO_IRQ_FIRST`] + n; and returns the `LNRO0005` DSDT entries, edge-triggered.
+//! context, or in the main loop's context when it has none. A virtio-mmio disk (the n-th): its
+//! transport goes on the shared MMIO bus (reached by the vCPUs without the global lock) at
+//! [`VIRTIO_MMIO_START`] + n × [`VIRTIO_MMIO_SIZE`], with one ioeventfd per queue at its
+//! QueueNotify register (datamatch: the queue index), its irqfd on GSI [`VIRTIO_IRQ_FIRST`] + n
+//! and an `LNRO0005` DSDT entry, edge-triggered. A virtio-pci disk: its function goes on the PCI
+//! root bus at the next device number d, its BAR at [`PCI_MMIO_START`] + d × 32 KiB, one
+//! ioeventfd per queue at its notification address, and one irqfd per MSI-X vector (queues + 1)
+//! on GSIs from [`PCI_MSI_GSI_FIRST`] on; with any, the ECAM and BAR windows go on the shared
+//! MMIO bus and the host bridge in the DSDT ([`Disks::pci_root`] gives the bus to the 0xCF8
+//! ports and says the MCFG is needed).
 //!
 //! Threads and locks: a disk on an iothread is served entirely in that thread's context (its
 //! ioeventfds, the completions of its worker pool, the used ring and the irqfd), which never
@@ -151,8 +156,8 @@ pub enum DiskError {
         #[source]
         source: devices::virtio::block::Error,
     },
-    /// The virtio-mmio transport could not be made.
-    #[error("Drive '{id}': cannot create its virtio-mmio transport")]
+    /// The virtio transport could not be made.
+    #[error("Drive '{id}': cannot create its virtio transport")]
     Transport {
         /// The drive.
         id: String,
