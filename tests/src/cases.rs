@@ -108,8 +108,9 @@ enum Kind {
     DiskChain,
     /// Boot with acpid, press the ACPI power button through QMP `system_powerdown`.
     PowerButton,
-    /// Boot with a raw disk, grow it through QMP `block_resize`, the guest sees the new size.
-    BlockResize,
+    /// Boot with a raw disk on this driver (`virtio-blk-device` or `virtio-blk-pci`), grow it
+    /// through QMP `block_resize`, the guest sees the new size.
+    BlockResize(&'static str),
     /// A raw disk on virtio-blk-pci on an iothread: verified I/O and a vector per queue
     /// ([`crate::pci`]).
     PciDisk,
@@ -201,7 +202,17 @@ pub fn cases(targets: &[Target], filter: Option<&str>, groups: Groups) -> Vec<Ca
         }
         if groups.qmp {
             add("qmp-power-button".into(), Kind::PowerButton);
-            add("qmp-block-resize".into(), Kind::BlockResize);
+            add(
+                "qmp-block-resize".into(),
+                Kind::BlockResize("virtio-blk-device"),
+            );
+            // The configuration-change interrupt on its MSI-X vector.
+            if target == Target::Vmm {
+                add(
+                    "qmp-block-resize-pci".into(),
+                    Kind::BlockResize("virtio-blk-pci"),
+                );
+            }
         }
     }
     all.retain(|c| filter.is_none_or(|f| c.name.contains(f)));
@@ -240,8 +251,10 @@ pub fn run(case: &Case, guest_dir: &Path) -> Outcome {
         Kind::PowerButton => {
             power_button(case.target, guest_dir, &mut transcript).map_err(|e| e.to_string())
         }
-        Kind::BlockResize => block_resize(case.target, guest_dir, &case.name, &mut transcript)
-            .map_err(|e| e.to_string()),
+        Kind::BlockResize(driver) => {
+            block_resize(case.target, guest_dir, &case.name, driver, &mut transcript)
+                .map_err(|e| e.to_string())
+        }
         Kind::PciDisk => {
             crate::pci::disk_on_pci(case.target, guest_dir, &case.name, &mut transcript)
                 .map_err(|e| e.to_string())
@@ -450,7 +463,7 @@ fn power_button(
 const RESIZE_FROM: u64 = 2048;
 const RESIZE_TO: u64 = 8192;
 
-/// Boots with a 1 MiB raw disk on an iothread and a QMP monitor; at the shell, reads the disk's
+/// Boots with a 1 MiB raw disk on an iothread (on `driver`) and a QMP monitor; at the shell, reads the disk's
 /// size in sectors from sysfs, grows the disk to 4 MiB with `block_resize`, and expects the
 /// guest's `/sys/block/vda/size` to follow without a reboot (the virtio configuration-change
 /// interrupt), within 5 s.
@@ -458,6 +471,7 @@ fn block_resize(
     target: Target,
     guest_dir: &Path,
     name: &str,
+    driver: &str,
     transcript: &mut Option<String>,
 ) -> Result<String, Failure> {
     let port = qmp::free_port()?;
@@ -480,7 +494,7 @@ fn block_resize(
         "-drive".to_owned(),
         format!("file={},format=raw,if=none,id=d0", image.display()),
         "-device".to_owned(),
-        "virtio-blk-device,drive=d0,iothread=io0".to_owned(),
+        format!("{driver},drive=d0,iothread=io0"),
     ];
     let size = |g: &mut Guest, tag: &str, want: u64| -> Result<(), Failure> {
         // Not the echo of the typed command, which follows the prompt and holds `$(`.
@@ -549,7 +563,7 @@ mod tests {
         };
         assert_eq!(
             cases(&[Target::Vmm, Target::Qemu], None, everything).len(),
-            22
+            23
         );
         assert_eq!(all.len(), 16);
         assert!(all.iter().any(|c| c.name == "vmm/virtio-blk-pci"));
