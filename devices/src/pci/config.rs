@@ -391,25 +391,33 @@ mod tests {
     fn bad_bars_are_refused() {
         let mut c = ConfigSpace::new(IDS);
         let bar = |size, mem64| Bar { size, mem64 };
-        assert!(
-            c.add_bar(0, bar(0x3000, false), 0).is_err(),
-            "not a power of two"
-        );
-        assert!(c.add_bar(0, bar(8, false), 0).is_err(), "too small");
-        assert!(
-            c.add_bar(0, bar(0x1000, false), 0x800).is_err(),
-            "misaligned"
-        );
-        assert!(
-            c.add_bar(0, bar(0x1000, false), 1 << 32).is_err(),
-            "above 4 GiB"
-        );
-        assert!(
-            c.add_bar(5, bar(0x1000, true), 0).is_err(),
-            "no room for the high half"
-        );
+        // (register, size, 64-bit, address, why)
+        let bad = [
+            (0, 0x3000, false, 0, "not a power of two"),
+            (0, 8, false, 0, "too small"),
+            (0, 0x1000, false, 0x800, "misaligned"),
+            (0, 0x1000, false, 1 << 32, "above 4 GiB"),
+            (5, 0x1000, true, 0, "no room for the high half"),
+            (6, 0x1000, false, 0, "no such register"),
+        ];
+        for (index, size, mem64, address, why) in bad {
+            assert!(
+                matches!(
+                    c.add_bar(index, bar(size, mem64), address),
+                    Err(PciError::Bar { index: i, size: s, address: a })
+                        if (i, s, a) == (index, size, address)
+                ),
+                "{why}"
+            );
+        }
         c.add_bar(0, bar(0x1000, true), 0).unwrap();
-        assert!(c.add_bar(1, bar(0x1000, false), 0x1000).is_err(), "taken");
+        assert!(
+            matches!(
+                c.add_bar(1, bar(0x1000, false), 0x1000),
+                Err(PciError::Bar { index: 1, .. })
+            ),
+            "taken by the high half"
+        );
     }
 
     #[test]
@@ -439,6 +447,9 @@ mod tests {
         let big = [0u8; 0x40];
         assert!(c.add_capability(1, &big).is_ok());
         assert!(c.add_capability(1, &big).is_ok());
-        assert!(c.add_capability(1, &big).is_err());
+        assert!(matches!(
+            c.add_capability(1, &big),
+            Err(PciError::CapabilitySpace { id: 1 })
+        ));
     }
 }

@@ -414,8 +414,14 @@ pub(crate) mod tests {
         assert_eq!(d, [0; 4]);
         m.read_table(16 + 8, &mut d);
         assert_eq!(u32::from_le_bytes(d), 0x55);
-        assert!(Msix::new(0, 24, Arc::new(Routes::default())).is_err());
-        assert!(Msix::new(2049, 24, Arc::new(Routes::default())).is_err());
+        assert!(matches!(
+            Msix::new(0, 24, Arc::new(Routes::default())),
+            Err(PciError::VectorCount(0))
+        ));
+        assert!(matches!(
+            Msix::new(2049, 24, Arc::new(Routes::default())),
+            Err(PciError::VectorCount(2049))
+        ));
     }
 
     #[test]
