@@ -14,6 +14,10 @@
 //! | 0x4000   | the MSI-X table, 16 bytes a vector                                    |
 //! | 0x6000   | the MSI-X pending bit array                                           |
 //!
+//! A fifth vendor capability, `VIRTIO_PCI_CAP_PCI_CFG` (4.1.4.9), is a window into BAR 0 through
+//! configuration space: the driver writes a BAR (0), an offset and a length (1, 2 or 4), and its
+//! reads and writes of the capability's data are done at that place in the BAR.
+//!
 //! The vmm registers each queue's eventfd as an ioeventfd on its notification address
 //! ([`VirtioPciTransport::notify_address`], any width, no datamatch), so a vCPU's notification
 //! reaches the device's context with no lock at all; a notification that does reach the
@@ -66,6 +70,16 @@ mod cfg_type {
     pub const NOTIFY: u8 = 2;
     pub const ISR: u8 = 3;
     pub const DEVICE: u8 = 4;
+    pub const PCI_CFG: u8 = 5;
+}
+
+/// Offsets in the `VIRTIO_PCI_CAP_PCI_CFG` capability (4.1.4.9): the BAR, offset and length the
+/// driver picks, then the data window.
+mod window {
+    pub const BAR: usize = 4;
+    pub const OFFSET: usize = 8;
+    pub const LENGTH: usize = 12;
+    pub const DATA: usize = 16;
 }
 
 /// The fields of the common configuration structure (4.1.4.3), by offset.
@@ -133,6 +147,8 @@ pub struct VirtioPciTransport {
     config: Mutex<ConfigSpace>,
     /// Where the MSI-X capability is in configuration space.
     msix_capability: usize,
+    /// Where the `VIRTIO_PCI_CAP_PCI_CFG` capability is.
+    window: usize,
     vectors: Arc<Vectors>,
 }
 
@@ -213,6 +229,15 @@ impl VirtioPciTransport {
                 .add_capability(VENDOR_CAPABILITY, cap)
                 .map_err(TransportError::Pci)?;
         }
+        // The configuration access window: BAR, offset, length and data are the driver's.
+        let window = config
+            .add_capability(
+                VENDOR_CAPABILITY,
+                &virtio_capability(cfg_type::PCI_CFG, 0, 0, &[0; 4]),
+            )
+            .map_err(TransportError::Pci)?;
+        config.set_writable(window + window::BAR, &[0xff]);
+        config.set_writable(window + window::OFFSET, &[0xff; 12]);
         let table = u32::try_from(TABLE_OFFSET).unwrap_or(0);
         let pba = u32::try_from(PBA_OFFSET).unwrap_or(0);
         let msix_capability = config
@@ -229,8 +254,29 @@ impl VirtioPciTransport {
             core: Core::new("virtio-pci", device, mem, interrupt)?,
             config: Mutex::new(config),
             msix_capability,
+            window,
             vectors,
         })
+    }
+
+    /// The BAR 0 access the configuration window selects (4.1.4.9): its offset and length, when
+    /// the driver chose BAR 0, a length of 1, 2 or 4 and an offset aligned to it.
+    fn window_access(&self, config: &ConfigSpace) -> Option<(u64, usize)> {
+        let mut b = [0u8; 4];
+        config.read(self.window + window::BAR, &mut b[..1]);
+        let bar = b[0];
+        config.read(self.window + window::OFFSET, &mut b);
+        let offset = u32::from_le_bytes(b);
+        config.read(self.window + window::LENGTH, &mut b);
+        let len = u32::from_le_bytes(b);
+        let ok = bar == 0 && matches!(len, 1 | 2 | 4) && offset.is_multiple_of(len);
+        Some((u64::from(offset), usize::try_from(len).ok()?)).filter(|_| ok)
+    }
+
+    /// Whether `[offset, offset + len)` of configuration space touches the window's data.
+    fn touches_window_data(&self, offset: usize, len: usize) -> bool {
+        let data = self.window + window::DATA;
+        offset < data + 4 && offset.saturating_add(len) > data
     }
 
     /// The eventfds to register as ioeventfds, queue N's at [`Self::notify_address`]`(base, N)`.
@@ -433,19 +479,48 @@ impl VirtioPciTransport {
 
 impl PciDevice for VirtioPciTransport {
     fn read_config(&self, offset: usize, data: &mut [u8]) {
-        self.config_space().read(offset, data);
+        let access = {
+            let config = self.config_space();
+            config.read(offset, data);
+            self.window_access(&config)
+        };
+        // A read of the window's data reads BAR 0 there (without the configuration lock: the
+        // BAR's structures take their own).
+        if let Some((bar_offset, len)) =
+            access.filter(|_| self.touches_window_data(offset, data.len()))
+        {
+            let mut bytes = [0u8; 4];
+            self.read_bar(0, bar_offset, &mut bytes[..len]);
+            let data_start = self.window + window::DATA;
+            for (i, b) in data.iter_mut().enumerate() {
+                if let Some(k) = (offset + i).checked_sub(data_start).filter(|&k| k < 4) {
+                    *b = bytes[k];
+                }
+            }
+        }
     }
 
     fn write_config(&self, offset: usize, data: &[u8]) {
-        let mut config = self.config_space();
-        config.write(offset, data);
-        // Message control of MSI-X: the enable and function-mask bits.
-        let control = self.msix_capability + 2;
-        let end = offset.saturating_add(data.len());
-        if offset < control + 2 && end > control {
-            let mut b = [0u8; 2];
-            config.read(control, &mut b);
-            self.vectors.msix().set_control(u16::from_le_bytes(b));
+        let window_write = {
+            let mut config = self.config_space();
+            config.write(offset, data);
+            // Message control of MSI-X: the enable and function-mask bits.
+            let control = self.msix_capability + 2;
+            let end = offset.saturating_add(data.len());
+            if offset < control + 2 && end > control {
+                let mut b = [0u8; 2];
+                config.read(control, &mut b);
+                self.vectors.msix().set_control(u16::from_le_bytes(b));
+            }
+            let mut bytes = [0u8; 4];
+            config.read(self.window + window::DATA, &mut bytes);
+            self.window_access(&config)
+                .filter(|_| self.touches_window_data(offset, data.len()))
+                .map(|access| (access, bytes))
+        };
+        // A write of the window's data writes its first `length` bytes to BAR 0.
+        if let Some(((bar_offset, len), bytes)) = window_write {
+            self.write_bar(0, bar_offset, &bytes[..len]);
         }
     }
 
@@ -583,6 +658,7 @@ mod tests {
                 (3, 0, 0x1000, 1, 16),
                 (4, 0, 0x2000, 0x1000, 16),
                 (2, 0, 0x3000, 0x1000, 20),
+                (5, 0, 0, 0, 20),
             ]
         );
         let notify = capabilities(&t)
@@ -605,6 +681,45 @@ mod tests {
             [40, 41, 42, 43]
         );
         assert_eq!(VirtioPciTransport::notify_address(BAR, 2), BAR + 0x3008);
+    }
+
+    #[test]
+    fn the_configuration_window_reaches_bar_0() {
+        let rig = Rig::new(
+            Context::new("pci-window").unwrap(),
+            MemImage::new(1 << 16, false),
+            3,
+            false,
+        );
+        let (t, _) = transport(&rig);
+        let window = capabilities(&t)
+            .into_iter()
+            .find(|&(id, at)| id == 0x09 && config8(&t, at + 3) == 5)
+            .unwrap()
+            .1;
+        let select = |offset: u32, len: u32| {
+            t.write_config(window + 8, &offset.to_le_bytes());
+            t.write_config(window + 12, &len.to_le_bytes());
+        };
+        // num_queues, 2 bytes: read through the window.
+        select(0x12, 2);
+        assert_eq!(config32(&t, window + 16) & 0xffff, 3);
+        // queue_select, written through the window, then read in the BAR.
+        select(0x16, 2);
+        t.write_config(window + 16, &[2, 0, 0, 0]);
+        assert_eq!(read(&t, common::QUEUE_SELECT, 2), 2);
+        // A BAR it does not have, an odd length or a misaligned offset: no access.
+        select(0x16, 3);
+        t.write_config(window + 16, &[1, 0, 0, 0]);
+        select(0x17, 2);
+        t.write_config(window + 16, &[1, 0, 0, 0]);
+        t.write_config(window + 4, &[1]);
+        select(0x16, 2);
+        t.write_config(window + 16, &[1, 0, 0, 0]);
+        assert_eq!(read(&t, common::QUEUE_SELECT, 2), 2);
+        t.write_config(window + 4, &[0]);
+        // The header around it is untouched by a wide read.
+        assert_eq!(config32(&t, window) & 0xff, 0x09);
     }
 
     /// Sets up the driver side: features, every queue at the test rings with vector
