@@ -46,7 +46,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use block::DiskImage;
 
 use devices::bus::{BusError, SharedBus};
-use devices::context;
+use devices::context::{self, IoThreadHandle};
 use kvm_ioctls::VmFd;
 
 use crate::arch::x86_64::acpi::{virtio_mmio_device, DsdtDevice};
@@ -54,9 +54,9 @@ use crate::arch::x86_64::layout::{
     VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::memory::GuestMemory;
-use crate::drive::DiskSpec;
+use crate::drive::{DiskSpec, IoThreadSpec};
 use crate::global::{GlobalLock, IoThreadFailures};
-use crate::monitor::{IoThreadInfo, VmDisk};
+use crate::monitor::VmDisk;
 use crate::sandbox::landlock::ImageFile;
 use iothreads::IoThreads;
 use open::open_image;
@@ -219,7 +219,7 @@ impl Disks {
     /// Builds the iothreads and disks (steps in the module doc), putting the transports on
     /// `shared_mmio`; returns them with the DSDT entries of the transports.
     pub fn build(
-        iothread_ids: &[String],
+        iothreads: &[IoThreadSpec],
         iothread_failed: &IoThreadFailures,
         specs: &[DiskSpec],
         vm_fd: &VmFd,
@@ -239,7 +239,7 @@ impl Disks {
             .iter()
             .map(|s| open_image(&s.drive))
             .collect::<Result<Vec<_>, _>>()?;
-        let iothreads = IoThreads::start(iothread_ids, iothread_failed)?;
+        let iothreads = IoThreads::start(iothreads, iothread_failed)?;
         let mut disks = Vec::with_capacity(specs.len());
         let mut dsdt = Vec::with_capacity(specs.len());
         let mut namer = NodeNamer::default();
@@ -288,9 +288,9 @@ impl Disks {
         self.iothreads.main_context()
     }
 
-    /// What `query-iothreads` says.
-    pub fn iothread_info(&self) -> Vec<IoThreadInfo> {
-        self.iothreads.info()
+    /// Handles on the iothreads (for `query-iothreads`, `qom-get` and `qom-set`).
+    pub fn iothread_handles(&self) -> Vec<IoThreadHandle> {
+        self.iothreads.handles()
     }
 
     /// The disks, for the monitor.

@@ -30,6 +30,7 @@ mod json;
 mod listener;
 mod options;
 mod protocol;
+mod qom;
 mod server;
 mod vm;
 
