@@ -218,7 +218,10 @@ mod tests {
         };
         let io = IoThread::spawn_reporting("io-poll", off, Box::new(|_| {})).unwrap();
         let handle = io.handle();
-        assert_eq!((handle.id(), handle.thread_id()), ("io-poll", io.thread_id()));
+        assert_eq!(
+            (handle.id(), handle.thread_id()),
+            ("io-poll", io.thread_id())
+        );
         assert_eq!(handle.poll_settings(), off);
         handle.set_poll_setting(PollSetting::MaxNs, 50_000);
         handle.set_poll_setting(PollSetting::AioMaxBatch, 8);
