@@ -12,7 +12,8 @@
 //! `lock.rs`). A device's drain on reset or shutdown releases the context while it waits
 //! ([`Context::unlocked`]). The loop never holds its context while blocked in
 //! `epoll_wait`, so an outside acquirer never has to wake it; a bottom half or [`Context::notify`]
-//! does, through the context's eventfd.
+//! does, through the context's eventfd. An iothread's loop polls its descriptors for a while
+//! before it blocks (`poll.rs`), holding nothing either.
 //!
 //! Why epoll through vmm-sys-util rather than event-manager: event-manager's `run` waits and
 //! dispatches in one call and owns its subscribers (`&mut self`), so the loop could not release
