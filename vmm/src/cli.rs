@@ -16,7 +16,7 @@
 use std::path::PathBuf;
 
 use crate::arch::x86_64::topology::{Topology, TopologyError};
-use crate::drive::{self, DiskSpec, DriveError};
+use crate::drive::{self, DiskSpec, DriveError, IoThreadSpec};
 use crate::monitor::{parse_qmp_option, QmpOptionError, QmpOptions};
 use crate::options::{MemorySize, OptionError, Options};
 use crate::sandbox::{self, SandboxFlagError};
@@ -88,8 +88,8 @@ pub struct Config {
     pub qmp: Option<QmpOptions>,
     /// `-S`: vCPUs wait for `cont`.
     pub start_paused: bool,
-    /// The iothreads' ids (`-object iothread`), in order.
-    pub iothreads: Vec<String>,
+    /// The iothreads (`-object iothread`), in order.
+    pub iothreads: Vec<IoThreadSpec>,
     /// The disks (`-drive` paired with `-device`), in order.
     pub disks: Vec<DiskSpec>,
     /// `-name`: the guest's name and the process's.
@@ -488,7 +488,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         debug_log,
         qmp,
         start_paused,
-        disks: drive::plan(&iothreads, &drives, &devices)?,
+        disks: drive::plan(
+            &iothreads.iter().map(|t| t.id.clone()).collect::<Vec<_>>(),
+            &drives,
+            &devices,
+        )?,
         iothreads,
         name: name.unwrap_or_default(),
         pidfile,

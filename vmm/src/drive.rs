@@ -1,6 +1,8 @@
-//! The disk flags, with QEMU's syntax: `-object iothread,id=ID`, `-drive file=...,if=none|virtio,...`
-//! and `-device virtio-blk-device,drive=ID,...`, parsed into typed specifications and paired into
-//! the list of disks the VM gets ([`plan`]).
+//! The disk flags, with QEMU's syntax: `-object iothread,id=ID,poll-max-ns=,...`,
+//! `-drive file=...,if=none|virtio,...` and `-device virtio-blk-device,drive=ID,...`, parsed into
+//! typed specifications and paired into the list of disks the VM gets ([`plan`]). `-object` and
+//! `-device` also take QEMU's JSON form (`-object '{"qom-type":"iothread","id":"io0"}'`), read
+//! into the same options ([`Options::parse_json_or_keyval`]).
 //!
 //! Everything that can be checked without touching a file is checked here, before the VM exists:
 //! unknown keys and values, an unknown drive or iothread id, a drive given to two devices, ids
@@ -15,9 +17,10 @@ use std::path::PathBuf;
 use block::aio::Engine;
 use block::qcow2::{CacheSizeError, CacheSizes};
 use block::{CacheMode, DetectZeroes, Format, WritePolicy};
+use devices::context::{PollSetting, PollSettings};
 use devices::virtio::block::ErrorPolicy;
 
-use crate::options::{MemorySize, OptionError, OptionValue, Options};
+use crate::options::{JsonType, MemorySize, OptionError, OptionValue, Options};
 
 /// Errors in the disk flags.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -156,6 +159,34 @@ impl OptionValue for Bytes {
     }
 }
 
+/// A QOM integer property of an iothread (`poll-max-ns` and the others): QEMU keeps them as
+/// signed 64-bit numbers that must not be negative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QomInt(pub u64);
+
+impl QomInt {
+    /// The largest value QEMU takes.
+    pub const MAX: u64 = 0x7fff_ffff_ffff_ffff;
+}
+
+impl OptionValue for QomInt {
+    const EXPECTED: &'static str = "a number from 0 to 9223372036854775807";
+    const JSON: JsonType = JsonType::Integer;
+    fn parse(text: &str) -> Option<Self> {
+        text.parse().ok().filter(|&n| n <= Self::MAX).map(QomInt)
+    }
+}
+
+/// One `-object iothread`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoThreadSpec {
+    /// `id=`.
+    pub id: String,
+    /// `poll-max-ns=`, `poll-grow=`, `poll-shrink=` and `aio-max-batch=`, QEMU's defaults where
+    /// not given.
+    pub poll: PollSettings,
+}
+
 /// One `-drive`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DriveSpec {
@@ -245,21 +276,28 @@ fn option_err(flag: &'static str) -> impl Fn(OptionError) -> DriveError {
     move |source| DriveError::Option { flag, source }
 }
 
-/// `-object iothread,id=ID`: the iothread's id.
-pub fn parse_object(value: &str) -> Result<String, DriveError> {
+/// `-object iothread,id=ID,...`, or its JSON form.
+pub fn parse_object(value: &str) -> Result<IoThreadSpec, DriveError> {
     let flag = "-object";
-    let opts =
-        Options::parse(value, Some("qom-type"), &["qom-type", "id"]).map_err(option_err(flag))?;
-    let kind: String = opts
-        .get("qom-type")
-        .map_err(option_err(flag))?
-        .unwrap_or_default();
+    let err = option_err(flag);
+    let mut known = vec!["qom-type", "id"];
+    known.extend(PollSetting::ALL.map(PollSetting::name));
+    let opts = Options::parse_json_or_keyval(value, Some("qom-type"), &known).map_err(&err)?;
+    let kind: String = opts.get("qom-type").map_err(&err)?.unwrap_or_default();
     if kind != "iothread" {
         return Err(DriveError::ObjectType(kind));
     }
-    opts.get("id")
-        .map_err(option_err(flag))?
-        .ok_or(DriveError::MissingKey { flag, key: "id" })
+    let id = opts
+        .get("id")
+        .map_err(&err)?
+        .ok_or(DriveError::MissingKey { flag, key: "id" })?;
+    let mut poll = PollSettings::default();
+    for setting in PollSetting::ALL {
+        if let Some(QomInt(n)) = opts.get(setting.name()).map_err(&err)? {
+            poll.set(setting, n);
+        }
+    }
+    Ok(IoThreadSpec { id, poll })
 }
 
 /// `-drive ...`; `index` numbers the drives, for the implicit id of `if=virtio`.
@@ -436,11 +474,11 @@ fn error_policy(text: &str) -> Option<ErrorPolicy> {
     }
 }
 
-/// `-device virtio-blk-device,drive=ID,...` or `-device virtio-blk-pci,drive=ID,...`.
+/// `-device virtio-blk-device,drive=ID,...` or `-device virtio-blk-pci,drive=ID,...`, or their JSON form.
 pub fn parse_device(value: &str) -> Result<DeviceSpec, DriveError> {
     let flag = "-device";
     let err = option_err(flag);
-    let opts = Options::parse(
+    let opts = Options::parse_json_or_keyval(
         value,
         Some("driver"),
         &[
@@ -550,7 +588,13 @@ mod tests {
 
     #[test]
     fn qemu_forms_parse() {
-        assert_eq!(parse_object("iothread,id=io0"), Ok("io0".to_owned()));
+        assert_eq!(
+            parse_object("iothread,id=io0"),
+            Ok(IoThreadSpec {
+                id: "io0".to_owned(),
+                poll: PollSettings::default()
+            })
+        );
         let d = drive(
             "file=top.qcow2,format=qcow2,if=none,id=d0,cache=none,readonly=on,aio=threads,\
              discard=unmap,detect-zeroes=off,stats-intervals=1:60",
@@ -689,6 +733,115 @@ mod tests {
     }
 
     #[test]
+    fn iothread_polling_settings_in_both_forms() {
+        let want = IoThreadSpec {
+            id: "io0".to_owned(),
+            poll: PollSettings {
+                max_ns: 0,
+                grow: 4,
+                shrink: 9_223_372_036_854_775_807,
+                aio_max_batch: 16,
+            },
+        };
+        assert_eq!(
+            parse_object(
+                "iothread,id=io0,poll-max-ns=0,poll-grow=4,\
+                 poll-shrink=9223372036854775807,aio-max-batch=16"
+            ),
+            Ok(want.clone())
+        );
+        assert_eq!(
+            parse_object(
+                r#"{"qom-type": "iothread", "id": "io0", "poll-max-ns": 0, "poll-grow": 4,
+                    "poll-shrink": 9223372036854775807, "aio-max-batch": 16}"#
+            ),
+            Ok(want)
+        );
+        let partial = parse_object(r#"{"qom-type":"iothread","id":"io1","poll-grow":3}"#);
+        assert_eq!(
+            partial.map(|s| s.poll),
+            Ok(PollSettings {
+                grow: 3,
+                ..PollSettings::default()
+            })
+        );
+    }
+
+    #[test]
+    fn json_device_is_the_key_value_device() {
+        assert_eq!(
+            parse_device(
+                r#"{"driver": "virtio-blk-device", "drive": "d0", "id": "vd0",
+                    "iothread": "io0", "serial": "S1", "num-queues": 2, "queue-size": 128}"#
+            ),
+            parse_device(
+                "virtio-blk-device,drive=d0,id=vd0,iothread=io0,serial=S1,num-queues=2,\
+                 queue-size=128"
+            )
+        );
+    }
+
+    #[test]
+    fn json_forms_refuse_what_qemu_refuses() {
+        let object_err = |text| match parse_object(text) {
+            Err(DriveError::Option {
+                flag: "-object",
+                source,
+            }) => source,
+            other => panic!("{text}: {other:?}"),
+        };
+        assert_eq!(
+            object_err(r#"{"qom-type": "iothread", "id": "io0", "poll-max-ns": "0"}"#),
+            OptionError::JsonType {
+                key: "poll-max-ns".into(),
+                expected: "integer"
+            }
+        );
+        assert!(matches!(
+            object_err(r#"{"qom-type": "iothread", "id": "io0", "poll-max-ns": -1}"#),
+            OptionError::BadValue { .. }
+        ));
+        assert!(matches!(
+            object_err(r#"{"qom-type": "iothread", "id": "io0""#),
+            OptionError::Json { .. }
+        ));
+        assert_eq!(
+            parse_object(r#"{"qom-type": "memory-backend-ram", "id": "m"}"#),
+            Err(DriveError::ObjectType("memory-backend-ram".into()))
+        );
+        let device_err = |text| match parse_device(text) {
+            Err(DriveError::Option {
+                flag: "-device",
+                source,
+            }) => source,
+            other => panic!("{text}: {other:?}"),
+        };
+        // The mapping of queues to iothreads is refused by name.
+        let e = device_err(
+            r#"{"driver": "virtio-blk-device", "drive": "d0",
+                "iothread-vq-mapping": [{"iothread": "io0"}, {"iothread": "io1"}]}"#,
+        );
+        assert!(
+            matches!(&e, OptionError::UnknownKey { key, .. } if key == "iothread-vq-mapping"),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("'iothread-vq-mapping'"), "{e}");
+        assert_eq!(
+            device_err(r#"{"driver": "virtio-blk-device", "drive": "d0", "num-queues": "2"}"#),
+            OptionError::JsonType {
+                key: "num-queues".into(),
+                expected: "integer"
+            }
+        );
+        assert_eq!(
+            device_err(r#"{"driver": "virtio-blk-device", "drive": "d0", "drive": "d1"}"#),
+            OptionError::Duplicate {
+                key: "drive".into()
+            }
+        );
+    }
+
+    #[test]
     fn parse_errors_by_variant() {
         assert_eq!(
             parse_object("memory-backend-ram,id=m"),
@@ -702,12 +855,24 @@ mod tests {
             })
         );
         assert!(matches!(
-            parse_object("iothread,id=a,poll-max-ns=0"),
+            parse_object("iothread,id=a,thread-pool-max=4"),
             Err(DriveError::Option {
                 flag: "-object",
                 source: OptionError::UnknownKey { .. }
             })
         ));
+        for bad in ["-1", "9223372036854775808", "1k"] {
+            assert!(
+                matches!(
+                    parse_object(&format!("iothread,id=a,poll-max-ns={bad}")),
+                    Err(DriveError::Option {
+                        flag: "-object",
+                        source: OptionError::BadValue { .. }
+                    })
+                ),
+                "{bad}"
+            );
+        }
         assert_eq!(
             parse_drive("format=raw,id=d", 0),
             Err(DriveError::MissingKey {

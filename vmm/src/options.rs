@@ -5,6 +5,11 @@
 //! leading bare value stands for (`-smp 2` means `-smp cpus=2`), then asks for each key as the
 //! type it wants. An unknown key, a repeated key or a value of the wrong type is an error that
 //! names it. A comma inside a value is written `,,`, as in QEMU.
+//!
+//! The flags that QEMU also lets take a JSON object (`-object`, `-device`) read it through
+//! [`Options::parse_json_or_keyval`] into the same pairs, each remembering the JSON type of its
+//! value: as in QEMU, a JSON value must then have its key's type (a number for a number, `true`
+//! or `false` for an on/off key, a string for everything else); lists and objects are refused.
 
 /// Errors from parsing an option string.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -35,6 +40,26 @@ pub enum OptionError {
         /// The whole option string.
         input: String,
     },
+    /// A JSON option string that does not parse, or is not an object.
+    #[error("Invalid JSON option string: {message}")]
+    Json {
+        /// What is wrong.
+        message: String,
+    },
+    /// A JSON value of another type than its key's (QEMU's words).
+    #[error("Invalid parameter type for '{key}', expected: {expected}")]
+    JsonType {
+        /// The key.
+        key: String,
+        /// The JSON type the key takes.
+        expected: &'static str,
+    },
+    /// A JSON list, object or null as a value: no key here takes one.
+    #[error("Option '{key}' has a list, object or null value, which no option here takes")]
+    Structured {
+        /// The key.
+        key: String,
+    },
     /// A value that does not parse as the key's type.
     #[error("Option '{key}' has invalid value '{value}': expected {expected}")]
     BadValue {
@@ -47,10 +72,37 @@ pub enum OptionError {
     },
 }
 
+/// The JSON type of a value in the JSON form of an option string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JsonType {
+    /// A string.
+    String,
+    /// A whole number.
+    Integer,
+    /// A number with a fraction or an exponent.
+    Number,
+    /// `true` or `false`.
+    Boolean,
+}
+
+impl JsonType {
+    /// QEMU's name of the type, in its type errors.
+    fn name(self) -> &'static str {
+        match self {
+            JsonType::String => "string",
+            JsonType::Integer => "integer",
+            JsonType::Number => "number",
+            JsonType::Boolean => "boolean",
+        }
+    }
+}
+
 /// A type an option's value can be read as.
 pub trait OptionValue: Sized {
     /// What the value should look like, for error messages.
     const EXPECTED: &'static str;
+    /// The JSON type a value must have in the JSON form.
+    const JSON: JsonType = JsonType::String;
     /// The value, or `None` when `text` is not one.
     fn parse(text: &str) -> Option<Self>;
 }
@@ -63,6 +115,7 @@ impl OptionValue for String {
 }
 
 impl OptionValue for u8 {
+    const JSON: JsonType = JsonType::Integer;
     const EXPECTED: &'static str = "a number from 0 to 255";
     fn parse(text: &str) -> Option<Self> {
         text.parse().ok()
@@ -70,6 +123,7 @@ impl OptionValue for u8 {
 }
 
 impl OptionValue for u16 {
+    const JSON: JsonType = JsonType::Integer;
     const EXPECTED: &'static str = "a number from 0 to 65535";
     fn parse(text: &str) -> Option<Self> {
         text.parse().ok()
@@ -77,6 +131,7 @@ impl OptionValue for u16 {
 }
 
 impl OptionValue for u32 {
+    const JSON: JsonType = JsonType::Integer;
     const EXPECTED: &'static str = "a 32-bit number";
     fn parse(text: &str) -> Option<Self> {
         text.parse().ok()
@@ -84,6 +139,7 @@ impl OptionValue for u32 {
 }
 
 impl OptionValue for bool {
+    const JSON: JsonType = JsonType::Boolean;
     const EXPECTED: &'static str = "on or off";
     fn parse(text: &str) -> Option<Self> {
         match text {
@@ -138,10 +194,38 @@ impl OptionValue for MemorySize {
     }
 }
 
-/// A parsed option string: keys and their raw values, in order.
+/// A parsed option string: keys and their raw values, in order, with the JSON type of each
+/// value when it came from the JSON form.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Options {
-    pairs: Vec<(String, String)>,
+    pairs: Vec<(String, String, Option<JsonType>)>,
+}
+
+/// The members of a JSON object in order, duplicates kept (serde_json's map would keep only the
+/// last), so that a key given twice is refused as in the key=value form.
+struct Members(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
 }
 
 /// Splits `input` at single commas, turning `,,` into a literal comma.
@@ -170,7 +254,7 @@ fn split_items(input: &str) -> Vec<String> {
 impl Options {
     /// Parses `input`, accepting only `known` keys; a bare first item stands for `implied`.
     pub fn parse(input: &str, implied: Option<&str>, known: &[&str]) -> Result<Self, OptionError> {
-        let mut pairs: Vec<(String, String)> = Vec::new();
+        let mut options = Self { pairs: Vec::new() };
         for (i, item) in split_items(input).into_iter().enumerate() {
             if item.is_empty() {
                 return Err(OptionError::Empty {
@@ -182,25 +266,84 @@ impl Options {
                 (None, Some(implied)) if i == 0 => (implied.to_owned(), item),
                 (None, _) => return Err(OptionError::NotKeyValue { item }),
             };
-            if !known.contains(&key.as_str()) {
-                return Err(OptionError::UnknownKey {
-                    key,
-                    known: known.join(", "),
-                });
-            }
-            if pairs.iter().any(|(k, _)| *k == key) {
-                return Err(OptionError::Duplicate { key });
-            }
-            pairs.push((key, value));
+            options.push(key, value, None, known)?;
         }
-        Ok(Self { pairs })
+        Ok(options)
+    }
+
+    /// Parses `input` as [`Options::parse`] does, or, when it starts with `{`, as a JSON object
+    /// whose members are the keys (QEMU's JSON form of `-object` and `-device`).
+    pub fn parse_json_or_keyval(
+        input: &str,
+        implied: Option<&str>,
+        known: &[&str],
+    ) -> Result<Self, OptionError> {
+        if !input.trim_start().starts_with('{') {
+            return Self::parse(input, implied, known);
+        }
+        let Members(members) = serde_json::from_str(input).map_err(|e| OptionError::Json {
+            message: e.to_string(),
+        })?;
+        let mut options = Self { pairs: Vec::new() };
+        for (key, value) in members {
+            let (text, json) = match value {
+                serde_json::Value::String(s) => (s, JsonType::String),
+                serde_json::Value::Bool(b) => {
+                    (if b { "on" } else { "off" }.to_owned(), JsonType::Boolean)
+                }
+                serde_json::Value::Number(n) if n.is_f64() => (n.to_string(), JsonType::Number),
+                serde_json::Value::Number(n) => (n.to_string(), JsonType::Integer),
+                serde_json::Value::Null
+                | serde_json::Value::Array(_)
+                | serde_json::Value::Object(_) => {
+                    options.check_key(&key, known)?;
+                    return Err(OptionError::Structured { key });
+                }
+            };
+            options.push(key, text, Some(json), known)?;
+        }
+        Ok(options)
+    }
+
+    /// Refuses a key that is not `known` or already given.
+    fn check_key(&self, key: &str, known: &[&str]) -> Result<(), OptionError> {
+        if !known.contains(&key) {
+            return Err(OptionError::UnknownKey {
+                key: key.to_owned(),
+                known: known.join(", "),
+            });
+        }
+        if self.pairs.iter().any(|(k, _, _)| k == key) {
+            return Err(OptionError::Duplicate {
+                key: key.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn push(
+        &mut self,
+        key: String,
+        value: String,
+        json: Option<JsonType>,
+        known: &[&str],
+    ) -> Result<(), OptionError> {
+        self.check_key(&key, known)?;
+        self.pairs.push((key, value, json));
+        Ok(())
     }
 
     /// The value of `key` as a `T`, if given.
     pub fn get<T: OptionValue>(&self, key: &str) -> Result<Option<T>, OptionError> {
-        let Some((_, value)) = self.pairs.iter().find(|(k, _)| k == key) else {
+        let Some((_, value, json)) = self.pairs.iter().find(|(k, _, _)| k == key) else {
             return Ok(None);
         };
+        if json.is_some_and(|j| j != T::JSON) {
+            return Err(OptionError::JsonType {
+                key: key.to_owned(),
+                expected: T::JSON.name(),
+            });
+        }
         T::parse(value)
             .map(Some)
             .ok_or_else(|| OptionError::BadValue {
@@ -247,6 +390,104 @@ mod tests {
         assert!(matches!(
             o.get::<u8>("cpus"),
             Err(OptionError::BadValue { key, value, .. }) if key == "cpus" && value == "x"
+        ));
+    }
+
+    #[test]
+    fn json_objects_give_the_same_pairs() {
+        let known = ["driver", "drive", "num-queues", "ro"];
+        let keyval = Options::parse_json_or_keyval(
+            "virtio-blk-device,drive=d0,num-queues=2,ro=on",
+            Some("driver"),
+            &known,
+        )
+        .expect("parses");
+        let json = Options::parse_json_or_keyval(
+            r#" {"driver": "virtio-blk-device", "drive": "d0", "num-queues": 2, "ro": true}"#,
+            Some("driver"),
+            &known,
+        )
+        .expect("parses");
+        for o in [&keyval, &json] {
+            assert_eq!(
+                o.get::<String>("driver"),
+                Ok(Some("virtio-blk-device".to_owned()))
+            );
+            assert_eq!(o.get::<String>("drive"), Ok(Some("d0".to_owned())));
+            assert_eq!(o.get::<u16>("num-queues"), Ok(Some(2)));
+            assert_eq!(o.get::<bool>("ro"), Ok(Some(true)));
+        }
+        // A comma in a JSON string is just a comma.
+        let o = Options::parse_json_or_keyval(r#"{"drive": "a,b"}"#, None, &known).expect("parses");
+        assert_eq!(o.get::<String>("drive"), Ok(Some("a,b".to_owned())));
+    }
+
+    #[test]
+    fn json_values_must_have_their_key_s_type() {
+        let known = ["n", "s", "b"];
+        let parse = |text| Options::parse_json_or_keyval(text, None, &known).expect("parses");
+        fn type_error<T>(key: &str, expected: &'static str) -> Result<Option<T>, OptionError> {
+            Err(OptionError::JsonType {
+                key: key.to_owned(),
+                expected,
+            })
+        }
+        assert_eq!(
+            parse(r#"{"n": "2"}"#).get::<u32>("n"),
+            type_error("n", "integer")
+        );
+        assert_eq!(
+            parse(r#"{"n": 1.5}"#).get::<u32>("n"),
+            type_error("n", "integer")
+        );
+        assert_eq!(
+            parse(r#"{"n": true}"#).get::<u32>("n"),
+            type_error("n", "integer")
+        );
+        assert_eq!(
+            parse(r#"{"b": "on"}"#).get::<bool>("b"),
+            type_error("b", "boolean")
+        );
+        assert_eq!(
+            parse(r#"{"s": 5}"#).get::<String>("s"),
+            type_error("s", "string")
+        );
+        assert!(matches!(
+            parse(r#"{"n": -1}"#).get::<u32>("n"),
+            Err(OptionError::BadValue { value, .. }) if value == "-1"
+        ));
+        assert!(matches!(
+            parse(r#"{"n": 4294967296}"#).get::<u32>("n"),
+            Err(OptionError::BadValue { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_json_is_refused_with_what_is_wrong() {
+        let known = ["a", "list"];
+        let parse = |text| Options::parse_json_or_keyval(text, None, &known);
+        for bad in [r#"{"a": 1"#, r#"{"a": 1} x"#, "{a: 1}", r#"{"a": 1,}"#] {
+            assert!(matches!(parse(bad), Err(OptionError::Json { .. })), "{bad}");
+        }
+        let e = parse(r#"{"a": 1, "a": 2}"#);
+        assert!(matches!(e, Err(OptionError::Duplicate { key }) if key == "a"));
+        for structured in [
+            r#"{"list": [1]}"#,
+            r#"{"list": {"x": 1}}"#,
+            r#"{"list": null}"#,
+        ] {
+            let e = parse(structured);
+            assert!(
+                matches!(&e, Err(OptionError::Structured { key }) if key == "list"),
+                "{e:?}"
+            );
+        }
+        let e = parse(r#"{"other": [{"iothread": "io0"}]}"#);
+        assert!(matches!(e, Err(OptionError::UnknownKey { key, .. }) if key == "other"));
+        // Not JSON at all: the key=value form, which knows no such key.
+        assert!(matches!(
+            parse("[1]"),
+            Err(OptionError::UnknownKey { .. } | OptionError::NotKeyValue { .. })
         ));
     }
 

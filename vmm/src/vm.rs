@@ -713,7 +713,8 @@ mod tests {
         ));
         let mut manager: EventManager<Locked> = EventManager::new().expect("event manager");
         manager.add_subscriber(Locked::new(Arc::clone(&global), Box::new(exit_events)));
-        let io = IoThread::spawn_reporting("io0", iothread_failed.hook("io0")).expect("spawns");
+        let io = IoThread::spawn_reporting("io0", Default::default(), iothread_failed.hook("io0"))
+            .expect("spawns");
         // A real loop failure: the context's epoll descriptor number now refers to an eventfd,
         // so the loop's next epoll_wait fails (EINVAL); the wake-up gets it there.
         let not_epoll = eventfd().expect("eventfd");

@@ -113,6 +113,23 @@ fn disk_errors_before_the_guest_starts() {
     assert!(l.contains("aio=native is not supported"), "{l}");
     let l = line(&["-object", "iothread", "-drive", &drive, "-device", device]);
     assert!(l.contains("-object needs id="), "{l}");
+    let l = line(&["-object", r#"{"qom-type": "iothread", "id": "io0""#]);
+    assert!(l.contains("Invalid JSON option string: EOF"), "{l}");
+    let l = line(&[
+        "-object",
+        r#"{"qom-type": "iothread", "id": "io0", "poll-max-ns": "0"}"#,
+    ]);
+    assert!(
+        l.contains("Invalid parameter type for 'poll-max-ns', expected: integer"),
+        "{l}"
+    );
+    let l = line(&[
+        "-drive",
+        &drive,
+        "-device",
+        r#"{"driver": "virtio-blk-device", "drive": "d0", "iothread-vq-mapping": [{"iothread": "io0"}]}"#,
+    ]);
+    assert!(l.contains("Unknown option 'iothread-vq-mapping'"), "{l}");
     // A read-write disk on a file that cannot be written (immutable: even root gets EPERM).
     let chattr = |flag: &str| {
         let ok = std::process::Command::new("chattr")

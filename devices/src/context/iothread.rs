@@ -1,7 +1,9 @@
 //! IOThreads: a named thread running a context's loop until told to stop (QEMU's
 //! `-object iothread`). The thread is named after the iothread's id, is marked as an iothread
 //! (so taking the global lock from it is caught in debug builds), and reports its Linux thread id
-//! for `query-iothreads`.
+//! for `query-iothreads`. Before it blocks, the loop polls for up to an adaptive window
+//! (`poll.rs`); its settings are read and changed at run time through [`IoThread::poll_settings`]
+//! and [`IoThread::set_poll_setting`].
 //!
 //! A loop that fails (its `epoll_wait` fails) ends the thread, and the devices it served stop
 //! being served: the error is logged at once and, when the iothread was started with
@@ -12,7 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 
-use super::{lock, Context, Error};
+use super::poll::{PollSetting, PollSettings, SharedSettings};
+use super::{lock, Context, Error, PollState};
 use crate::error_chain;
 
 /// Called on an iothread whose loop failed, with the error it failed on; the thread then ends.
@@ -34,26 +37,37 @@ pub struct IoThread {
     id: String,
     ctx: Arc<Context>,
     stop: Arc<AtomicBool>,
+    settings: Arc<SharedSettings>,
     thread_id: i32,
     handle: Option<JoinHandle<Result<(), Error>>>,
 }
 
 impl IoThread {
-    /// Starts an iothread with a new context, its thread named `id`. A loop failure is returned
-    /// by [`IoThread::stop`].
+    /// Starts an iothread with a new context, its thread named `id`, polling with QEMU's default
+    /// settings. A loop failure is returned by [`IoThread::stop`].
     pub fn spawn(id: &str) -> Result<Self, Error> {
-        Self::start(id, None)
+        Self::start(id, PollSettings::default(), None)
     }
 
-    /// As [`IoThread::spawn`], but a loop failure goes to `on_failure` as soon as it happens (and
-    /// `stop` then reports nothing of it).
-    pub fn spawn_reporting(id: &str, on_failure: OnFailure) -> Result<Self, Error> {
-        Self::start(id, Some(on_failure))
+    /// As [`IoThread::spawn`], polling with `settings`, and a loop failure goes to `on_failure`
+    /// as soon as it happens (and `stop` then reports nothing of it).
+    pub fn spawn_reporting(
+        id: &str,
+        settings: PollSettings,
+        on_failure: OnFailure,
+    ) -> Result<Self, Error> {
+        Self::start(id, settings, Some(on_failure))
     }
 
-    fn start(id: &str, on_failure: Option<OnFailure>) -> Result<Self, Error> {
+    fn start(
+        id: &str,
+        settings: PollSettings,
+        on_failure: Option<OnFailure>,
+    ) -> Result<Self, Error> {
         let ctx = Context::new(id)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let settings = Arc::new(SharedSettings::new(settings));
+        let thread_settings = Arc::clone(&settings);
         let (tid_tx, tid_rx) = mpsc::channel();
         let thread_ctx = Arc::clone(&ctx);
         let thread_stop = Arc::clone(&stop);
@@ -69,8 +83,9 @@ impl IoThread {
                 let tid = unsafe { libc::gettid() };
                 // The receiver waits for this message in `spawn`.
                 let _ = tid_tx.send(tid);
+                let mut poll = PollState::default();
                 while !thread_stop.load(Ordering::Acquire) {
-                    if let Err(e) = thread_ctx.run_once(None) {
+                    if let Err(e) = thread_ctx.run_once_polling(&thread_settings, &mut poll) {
                         log::error!("iothread {thread_name} stopped: {}", error_chain(&e));
                         return match on_failure {
                             Some(report) => {
@@ -91,6 +106,7 @@ impl IoThread {
             id: id.to_owned(),
             ctx,
             stop,
+            settings,
             thread_id,
             handle: Some(handle),
         })
@@ -111,6 +127,17 @@ impl IoThread {
         self.thread_id
     }
 
+    /// A handle other threads can keep, to read the iothread's ids and read and change its
+    /// polling settings while it runs.
+    pub fn handle(&self) -> IoThreadHandle {
+        IoThreadHandle {
+            id: self.id.clone(),
+            thread_id: self.thread_id,
+            settings: Arc::clone(&self.settings),
+            ctx: Arc::clone(&self.ctx),
+        }
+    }
+
     /// Stops the loop after the iteration in progress and joins the thread. Devices should have
     /// been drained and removed from the context first.
     pub fn stop(mut self) -> Result<(), Error> {
@@ -127,6 +154,39 @@ impl IoThread {
             Ok(result) => result.map_err(|e| Error::IoThreadFailed(self.id.clone(), Box::new(e))),
             Err(_) => Err(Error::IoThreadPanicked(self.id.clone())),
         }
+    }
+}
+
+/// What other threads keep of an iothread (see [`IoThread::handle`]). Takes no lock.
+#[derive(Debug, Clone)]
+pub struct IoThreadHandle {
+    id: String,
+    thread_id: i32,
+    settings: Arc<SharedSettings>,
+    ctx: Arc<Context>,
+}
+
+impl IoThreadHandle {
+    /// The iothread's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Its Linux thread id.
+    pub fn thread_id(&self) -> i32 {
+        self.thread_id
+    }
+
+    /// The polling settings in force.
+    pub fn poll_settings(&self) -> PollSettings {
+        self.settings.get()
+    }
+
+    /// Changes one polling setting; the loop picks it up at its next iteration, which this
+    /// wakes it for, and restarts from no window (as QEMU's does).
+    pub fn set_poll_setting(&self, setting: PollSetting, value: u64) {
+        self.settings.set(setting, value);
+        self.ctx.notify();
     }
 }
 
@@ -149,6 +209,42 @@ mod tests {
     use std::time::Duration;
     use vmm_sys_util::epoll::EventSet;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    #[test]
+    fn settings_changed_through_a_handle_are_the_iothread_s() {
+        let off = PollSettings {
+            max_ns: 0,
+            ..PollSettings::default()
+        };
+        let io = IoThread::spawn_reporting("io-poll", off, Box::new(|_| {})).unwrap();
+        let handle = io.handle();
+        assert_eq!(
+            (handle.id(), handle.thread_id()),
+            ("io-poll", io.thread_id())
+        );
+        assert_eq!(handle.poll_settings(), off);
+        handle.set_poll_setting(PollSetting::MaxNs, 50_000);
+        handle.set_poll_setting(PollSetting::AioMaxBatch, 8);
+        assert_eq!(
+            io.handle().poll_settings(),
+            PollSettings {
+                max_ns: 50_000,
+                aio_max_batch: 8,
+                ..PollSettings::default()
+            }
+        );
+        // The loop still serves work, now polling.
+        let (tx, rx) = mpsc::channel();
+        for i in 0..100 {
+            let tx = tx.clone();
+            io.context().schedule(move |_| tx.send(i).unwrap());
+        }
+        let got: Vec<i32> = (0..100)
+            .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap())
+            .collect();
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
+        io.stop().unwrap();
+    }
 
     #[test]
     fn bottom_half_from_another_thread_runs_in_the_iothread() {
@@ -262,6 +358,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let io = IoThread::spawn_reporting(
             "io-fail",
+            PollSettings::default(),
             Box::new(move |e| {
                 tx.send((thread::current().name().map(str::to_owned), e))
                     .unwrap()

@@ -12,7 +12,8 @@
 //! `lock.rs`). A device's drain on reset or shutdown releases the context while it waits
 //! ([`Context::unlocked`]). The loop never holds its context while blocked in
 //! `epoll_wait`, so an outside acquirer never has to wake it; a bottom half or [`Context::notify`]
-//! does, through the context's eventfd.
+//! does, through the context's eventfd. An iothread's loop polls its descriptors for a while
+//! before it blocks (`poll.rs`), holding nothing either.
 //!
 //! Why epoll through vmm-sys-util rather than event-manager: event-manager's `run` waits and
 //! dispatches in one call and owns its subscribers (`&mut self`), so the loop could not release
@@ -23,26 +24,29 @@
 mod bh;
 mod iothread;
 mod lock;
+mod poll;
 mod timer;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use std::{fmt, io};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use bh::Bh;
-pub use iothread::{set_iothread_start, IoThread, OnFailure};
+pub use iothread::{set_iothread_start, IoThread, IoThreadHandle, OnFailure};
 pub use lock::{
     debug_assert_may_take_global_lock, global_lock_held, in_iothread, set_global_lock_held,
 };
+pub use poll::{PollSetting, PollSettings};
 pub use timer::Timer;
 
 use bh::{BhQueue, Work};
 use lock::NestLock;
+use poll::{PollWindow, SharedSettings};
 
 /// Errors of the context module.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +120,13 @@ const MAX_EVENTS: usize = 32;
 
 /// Contexts get distinct non-zero ids.
 static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Where a polling loop stands: its window, and the settings' generation it was adapted under.
+#[derive(Debug, Default)]
+pub(crate) struct PollState {
+    window: PollWindow,
+    generation: u64,
+}
 
 /// A registered file descriptor.
 struct Entry {
@@ -344,18 +355,70 @@ impl Context {
             Some(t) => i32::try_from(t.as_millis()).unwrap_or(i32::MAX),
         };
         let mut events = [EpollEvent::default(); MAX_EVENTS];
-        let ready = match self.epoll.wait(timeout_ms, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-            Err(e) => return Err(Error::Wait(self.name.clone(), e)),
-        };
+        let ready = self.wait(timeout_ms, &mut events)?;
+        Ok(self.dispatch_in_hook(&events[..ready]))
+    }
+
+    /// As `run_once(None)`, but first polls the context's descriptors without blocking for up to
+    /// the current window of `poll` (see `poll.rs`), then adapts the window to how long the
+    /// event took. Holds nothing while it polls or waits.
+    pub(crate) fn run_once_polling(
+        &self,
+        settings: &SharedSettings,
+        poll: &mut PollState,
+    ) -> Result<usize, Error> {
+        let generation = settings.generation();
+        if generation != poll.generation {
+            poll.window.reset();
+            poll.generation = generation;
+        }
+        let current = settings.get();
+        let mut events = [EpollEvent::default(); MAX_EVENTS];
+        if current.max_ns == 0 {
+            // Off: no window, no clock reads.
+            poll.window.reset();
+            let ready = self.wait(-1, &mut events)?;
+            return Ok(self.dispatch_in_hook(&events[..ready]));
+        }
+        let window = Duration::from_nanos(poll.window.ns(&current));
+        let start = Instant::now();
+        let mut ready = 0;
+        if !window.is_zero() {
+            loop {
+                ready = self.wait(0, &mut events)?;
+                if ready > 0 || start.elapsed() >= window {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        if ready == 0 {
+            ready = self.wait(-1, &mut events)?;
+        }
+        let block_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        poll.window.adjust(&current, block_ns);
+        Ok(self.dispatch_in_hook(&events[..ready]))
+    }
+
+    /// One `epoll_wait` of up to `timeout_ms` (-1: forever) into `events`; an interrupted wait
+    /// found nothing.
+    fn wait(&self, timeout_ms: i32, events: &mut [EpollEvent]) -> Result<usize, Error> {
+        match self.epoll.wait(timeout_ms, events) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            Err(e) => Err(Error::Wait(self.name.clone(), e)),
+        }
+    }
+
+    /// Dispatches `events` inside the dispatch hook, if there is one.
+    fn dispatch_in_hook(&self, events: &[EpollEvent]) -> usize {
         let mut ran = 0;
-        let mut dispatch = || ran = self.dispatch(&events[..ready]);
+        let mut dispatch = || ran = self.dispatch(events);
         match &self.hook {
             Some(hook) => hook(&mut dispatch),
             None => dispatch(),
         }
-        Ok(ran)
+        ran
     }
 
     /// Runs the handlers of `events` and the pending bottom halves, holding the context.
@@ -498,6 +561,40 @@ mod tests {
         assert_eq!(ctx.run_once(Some(Duration::ZERO)).unwrap(), 1);
         assert_eq!(ran.load(Ordering::SeqCst), 1);
         assert_eq!(outer.wait(0, &mut events).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_polling_iteration_dispatches_and_adapts_its_window() {
+        let ctx = Context::new("t").unwrap();
+        let settings = SharedSettings::new(PollSettings::default());
+        let mut poll = PollState::default();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = Arc::clone(&ran);
+        ctx.schedule(move |ctx| {
+            assert!(ctx.held_by_current_thread());
+            r.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(ctx.run_once_polling(&settings, &mut poll).unwrap(), 1);
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+        assert!(!ctx.held_by_current_thread());
+        // The event was already there: found at once (grown to the first window) or, on a very
+        // slow machine, later than poll-max-ns (no window).
+        let defaults = PollSettings::default();
+        assert!([0, 4_000].contains(&poll.window.ns(&defaults)), "{poll:?}");
+
+        // A change of settings restarts from no window; turning polling off keeps it at none.
+        for _ in 0..4 {
+            poll.window.adjust(&defaults, 30_000);
+        }
+        assert_eq!(poll.window.ns(&defaults), 32_000);
+        settings.set(PollSetting::MaxNs, 0);
+        ctx.schedule(|_| {});
+        assert_eq!(ctx.run_once_polling(&settings, &mut poll).unwrap(), 1);
+        assert_eq!(poll.window.ns(&defaults), 0);
+        settings.set(PollSetting::MaxNs, 1_000_000);
+        ctx.schedule(|_| {});
+        ctx.run_once_polling(&settings, &mut poll).unwrap();
+        assert!(poll.window.ns(&settings.get()) <= 4_000, "{poll:?}");
     }
 
     #[test]

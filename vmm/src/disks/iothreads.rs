@@ -1,6 +1,7 @@
 //! The disks' contexts: one thread per `-object iothread` (named after its id), each running its
-//! own context, and the main loop's context, which serves every disk without an iothread; what
-//! `query-iothreads` reports of them; and their end.
+//! own context, polling as its `-object iothread` says, and the main loop's context, which serves
+//! every disk without an iothread; the handles the monitor reads and changes their polling
+//! settings through; and their end.
 //!
 //! Threads and locks: an iothread runs its context on its own thread and never takes the global
 //! lock; a loop that fails is handed to [`IoThreadFailures`] from that thread, which ends the VM.
@@ -11,13 +12,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use devices::context::{Context, IoThread};
+use devices::context::{Context, IoThread, IoThreadHandle};
 use event_manager::{EventOps, Events};
 
 use super::DiskError;
+use crate::drive::IoThreadSpec;
 use crate::global::{Held, IoThreadFailures};
 use crate::main_loop::{Handler, Tag};
-use crate::monitor::IoThreadInfo;
 
 /// The iothreads and the main loop's context.
 #[derive(Debug)]
@@ -27,18 +28,23 @@ pub(super) struct IoThreads {
 }
 
 impl IoThreads {
-    /// Makes the main loop's context, then spawns the iothreads `ids`, each reporting a failed
+    /// Makes the main loop's context, then spawns the iothreads `specs`, each reporting a failed
     /// loop to `failures`.
-    pub(super) fn start(ids: &[String], failures: &IoThreadFailures) -> Result<Self, DiskError> {
+    pub(super) fn start(
+        specs: &[IoThreadSpec],
+        failures: &IoThreadFailures,
+    ) -> Result<Self, DiskError> {
         let main_ctx = Context::new("main-loop").map_err(DiskError::MainContext)?;
-        let mut threads = Vec::with_capacity(ids.len());
-        for id in ids {
-            let t = IoThread::spawn_reporting(id, failures.hook(id)).map_err(|source| {
-                DiskError::IoThread {
-                    id: id.clone(),
-                    source,
-                }
-            })?;
+        let mut threads = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let id = &spec.id;
+            let t =
+                IoThread::spawn_reporting(id, spec.poll, failures.hook(id)).map_err(|source| {
+                    DiskError::IoThread {
+                        id: id.clone(),
+                        source,
+                    }
+                })?;
             threads.push(t);
         }
         Ok(Self { threads, main_ctx })
@@ -62,19 +68,9 @@ impl IoThreads {
         MainContext(Arc::clone(&self.main_ctx))
     }
 
-    /// What `query-iothreads` says.
-    pub(super) fn info(&self) -> Vec<IoThreadInfo> {
-        self.threads
-            .iter()
-            .map(|t| IoThreadInfo {
-                id: t.id().to_owned(),
-                thread_id: i64::from(t.thread_id()),
-                poll_max_ns: 0,
-                poll_grow: 0,
-                poll_shrink: 0,
-                aio_max_batch: 0,
-            })
-            .collect()
+    /// Handles on the iothreads, for `query-iothreads` and `qom-get`/`qom-set`.
+    pub(super) fn handles(&self) -> Vec<IoThreadHandle> {
+        self.threads.iter().map(IoThread::handle).collect()
     }
 
     /// Stops every iothread, even when one fails; returns the first failure.

@@ -52,7 +52,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use block::DiskImage;
 
 use devices::bus::{BusError, SharedBus};
-use devices::context;
+use devices::context::{self, IoThreadHandle};
 use devices::pci::{MsiRoutes, PciBars, PciEcam, PciError, PciRoot};
 use devices::virtio::PCI_BAR_SIZE;
 use kvm_ioctls::VmFd;
@@ -63,9 +63,9 @@ use crate::arch::x86_64::layout::{
     VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::memory::GuestMemory;
-use crate::drive::{DiskSpec, Transport};
+use crate::drive::{DiskSpec, IoThreadSpec, Transport};
 use crate::global::{GlobalLock, IoThreadFailures};
-use crate::monitor::{IoThreadInfo, VmDisk};
+use crate::monitor::VmDisk;
 use crate::sandbox::landlock::ImageFile;
 use iothreads::IoThreads;
 use msi::KvmMsiRoutes;
@@ -246,7 +246,7 @@ impl Disks {
     /// `num-queues` gets one queue per vCPU (`vcpus`).
     #[allow(clippy::too_many_arguments)]
     pub fn build(
-        iothread_ids: &[String],
+        iothreads: &[IoThreadSpec],
         iothread_failed: &IoThreadFailures,
         specs: &[DiskSpec],
         vcpus: u8,
@@ -271,7 +271,7 @@ impl Disks {
             .iter()
             .map(|s| open_image(&s.drive))
             .collect::<Result<Vec<_>, _>>()?;
-        let iothreads = IoThreads::start(iothread_ids, iothread_failed)?;
+        let iothreads = IoThreads::start(iothreads, iothread_failed)?;
         let mut disks = Vec::with_capacity(specs.len());
         let mut dsdt = Vec::with_capacity(specs.len());
         let mut namer = NodeNamer::default();
@@ -383,9 +383,9 @@ impl Disks {
         self.iothreads.main_context()
     }
 
-    /// What `query-iothreads` says.
-    pub fn iothread_info(&self) -> Vec<IoThreadInfo> {
-        self.iothreads.info()
+    /// Handles on the iothreads (for `query-iothreads`, `qom-get` and `qom-set`).
+    pub fn iothread_handles(&self) -> Vec<IoThreadHandle> {
+        self.iothreads.handles()
     }
 
     /// The disks, for the monitor.

@@ -52,6 +52,13 @@ impl Args {
         }
     }
 
+    /// A mandatory member of any type (QAPI `any`).
+    pub fn required_value(&mut self, name: &str) -> Result<Value, QmpError> {
+        self.members
+            .remove(name)
+            .ok_or_else(|| QmpError::generic(format!("Parameter '{name}' is missing")))
+    }
+
     /// An optional boolean member.
     pub fn optional_bool(&mut self, name: &str) -> Result<Option<bool>, QmpError> {
         match self.members.remove(name) {

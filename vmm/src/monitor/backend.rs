@@ -11,6 +11,7 @@
 //! block for long: pausing waits only for vCPUs to leave `KVM_RUN`, on a condition variable tied
 //! to the global mutex as docs/DESIGN.md describes.
 
+use devices::context::{PollSetting, PollSettings};
 use serde::Serialize;
 
 pub use crate::disks::{CommitArgs, JobError, StreamArgs};
@@ -37,22 +38,30 @@ pub enum RunState {
     Shutdown,
 }
 
-/// One `-object iothread` (QEMU's `IOThreadInfo`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+/// One `-object iothread` (QEMU's `IOThreadInfo`): serialized as its `id`, `thread-id` and
+/// each polling setting under its property name (`poll-max-ns`, `poll-grow`, `poll-shrink`,
+/// `aio-max-batch`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IoThreadInfo {
     /// The `id=` of the `-object iothread`.
     pub id: String,
     /// The host thread id (gettid) of its thread.
     pub thread_id: i64,
-    /// The event loop's maximum busy-poll time in nanoseconds; 0 when it never polls.
-    pub poll_max_ns: u64,
-    /// How the poll time grows (0: the default policy, or no polling).
-    pub poll_grow: u64,
-    /// How the poll time shrinks (0: the default policy, or no polling).
-    pub poll_shrink: u64,
-    /// The most requests submitted in one batch (0: the default).
-    pub aio_max_batch: u64,
+    /// Its polling settings, as they are now.
+    pub poll: PollSettings,
+}
+
+impl Serialize for IoThreadInfo {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(2 + PollSetting::ALL.len()))?;
+        map.serialize_entry("id", &self.id)?;
+        map.serialize_entry("thread-id", &self.thread_id)?;
+        for setting in PollSetting::ALL {
+            map.serialize_entry(setting.name(), &self.poll.get(setting))?;
+        }
+        map.end()
+    }
 }
 
 /// Host cache behaviour of a disk, as `-drive cache=` sets it (QEMU's `BlockdevCacheInfo`).
@@ -390,8 +399,18 @@ pub trait MonitorBackend {
     /// event and the reply leave first; the main loop ends after this handler returns.
     fn request_quit(&mut self);
 
-    /// Every iothread, in creation order.
+    /// Every iothread, in creation order, with its polling settings as they are now.
     fn iothreads(&self) -> Vec<IoThreadInfo>;
+
+    /// Changes one polling setting of the iothread `id` (one of [`Self::iothreads`]; the value
+    /// already checked to be at most 2^63-1); the iothread applies it from its next iteration.
+    /// Takes no lock: the settings are atomics the iothread reads.
+    fn set_iothread_poll(
+        &mut self,
+        id: &str,
+        setting: PollSetting,
+        value: u64,
+    ) -> Result<(), BackendError>;
 
     /// Every disk, in creation order.
     fn block_devices(&self) -> Vec<BlockDevice>;

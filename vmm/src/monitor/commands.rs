@@ -19,7 +19,7 @@ use super::framing::Frame;
 use super::protocol::{self, QmpError};
 
 /// The commands of command mode but the block jobs', as `query-commands` lists them.
-pub const COMMANDS: [&str; 18] = [
+pub const COMMANDS: [&str; 21] = [
     "qmp_capabilities",
     "query-commands",
     "query-version",
@@ -38,6 +38,9 @@ pub const COMMANDS: [&str; 18] = [
     "x-block-stages-histogram-set",
     "block_resize",
     "query-named-block-nodes",
+    "qom-list",
+    "qom-get",
+    "qom-set",
 ];
 
 /// Every command of command mode: [`COMMANDS`], then the block jobs' (`jobs.rs`).
@@ -284,6 +287,7 @@ fn execute(
                 flat,
             )))
         }
+        "qom-list" | "qom-get" | "qom-set" => super::qom::execute(command, args, backend),
         c if super::jobs::JOB_COMMANDS.contains(&c) => super::jobs::execute(c, args, backend),
         _ => Err(QmpError::command_not_found(format!(
             "The command {command} has not been found"
@@ -943,9 +947,182 @@ mod tests {
         let mut f = Fixture::negotiated(RunState::Running);
         assert_eq!(
             f.send(r#"{"execute": "query-iothreads"}"#)["return"],
-            json!([{"id": "io0", "thread-id": 4242, "poll-max-ns": 0, "poll-grow": 0,
+            json!([{"id": "io0", "thread-id": 4242, "poll-max-ns": 32768, "poll-grow": 0,
                     "poll-shrink": 0, "aio-max-batch": 0}])
         );
+    }
+
+    #[test]
+    fn qom_set_changes_what_qom_get_and_query_iothreads_read() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        let get = |f: &mut Fixture, prop: &str| {
+            f.send(&format!(
+                r#"{{"execute": "qom-get", "arguments": {{"path": "/objects/io0", "property": "{prop}"}}}}"#
+            ))["return"]
+                .clone()
+        };
+        assert_eq!(get(&mut f, "poll-max-ns"), json!(32768));
+        assert_eq!(get(&mut f, "type"), json!("iothread"));
+        for (prop, value) in [
+            ("poll-max-ns", 0u64),
+            ("poll-grow", 3),
+            ("poll-shrink", 9_223_372_036_854_775_807),
+            ("aio-max-batch", 32),
+        ] {
+            let set = format!(
+                r#"{{"execute": "qom-set", "arguments": {{"path": "/objects/io0/", "property": "{prop}", "value": {value}}}}}"#
+            );
+            assert_eq!(f.send(&set), json!({"return": {}}), "{set}");
+            assert_eq!(get(&mut f, prop), json!(value));
+        }
+        assert_eq!(
+            f.send(r#"{"execute": "query-iothreads"}"#)["return"],
+            json!([{"id": "io0", "thread-id": 4242, "poll-max-ns": 0, "poll-grow": 3,
+                    "poll-shrink": 9_223_372_036_854_775_807_u64, "aio-max-batch": 32}])
+        );
+        assert_eq!(
+            f.calls(),
+            [
+                "set-poll io0 poll-max-ns 0",
+                "set-poll io0 poll-grow 3",
+                "set-poll io0 poll-shrink 9223372036854775807",
+                "set-poll io0 aio-max-batch 32"
+            ]
+        );
+        let list = f.send(r#"{"execute": "qom-list", "arguments": {"path": "/objects/io0"}}"#);
+        let names: Vec<_> = list["return"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap_or(""),
+                    p["type"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("type", "string"),
+                ("aio-max-batch", "int"),
+                ("poll-max-ns", "int"),
+                ("poll-grow", "int"),
+                ("poll-shrink", "int")
+            ]
+        );
+    }
+
+    #[test]
+    fn qom_errors_are_qemu_s() {
+        let mut f = Fixture::negotiated(RunState::Running);
+        let generic = |d: &str| ("GenericError".to_owned(), d.to_owned());
+        let cases: &[(&str, (String, String))] = &[
+            (
+                r#"{"path": "/objects/nope", "property": "poll-max-ns"}"#,
+                (
+                    "DeviceNotFound".into(),
+                    "Device '/objects/nope' not found".into(),
+                ),
+            ),
+            (
+                r#"{"path": "/machine", "property": "type"}"#,
+                (
+                    "DeviceNotFound".into(),
+                    "Device '/machine' not found".into(),
+                ),
+            ),
+            (
+                r#"{"path": "/objects/io0", "property": "nope"}"#,
+                generic("Property 'iothread.nope' not found"),
+            ),
+            (
+                r#"{"path": "/objects/io0"}"#,
+                generic("Parameter 'property' is missing"),
+            ),
+            (
+                r#"{"property": "type"}"#,
+                generic("Parameter 'path' is missing"),
+            ),
+            (
+                r#"{"path": "/objects/io0", "property": 5}"#,
+                generic("Invalid parameter type for 'property', expected: string"),
+            ),
+            (
+                r#"{"path": "/objects/io0", "property": "type", "x": 1}"#,
+                generic("Parameter 'x' is unexpected"),
+            ),
+        ];
+        for (args, want) in cases {
+            let req = format!(r#"{{"execute": "qom-get", "arguments": {args}}}"#);
+            assert_eq!(&f.error(&req), want, "{req}");
+        }
+        let set_cases: &[(&str, (String, String))] = &[
+            (
+                r#"{"path": "/objects/nope", "property": "nope", "value": "z"}"#,
+                (
+                    "DeviceNotFound".into(),
+                    "Device '/objects/nope' not found".into(),
+                ),
+            ),
+            (
+                r#"{"path": "/objects/io0", "property": "type", "value": "x"}"#,
+                generic("Property 'iothread.type' is not writable"),
+            ),
+            (
+                r#"{"path": "/objects/io0", "property": "nope", "value": 7}"#,
+                generic("Property 'iothread.nope' not found"),
+            ),
+            (
+                r#"{"path": "/objects/io0", "property": "poll-grow"}"#,
+                generic("Parameter 'value' is missing"),
+            ),
+            (
+                r#"{"path": "/objects/io0", "property": "poll-max-ns", "value": -1}"#,
+                generic("poll-max-ns value must be in range [0, 9223372036854775807]"),
+            ),
+            (
+                r#"{"path": "/objects/io0", "property": "aio-max-batch", "value": -5}"#,
+                generic("aio-max-batch value must be in range [0, 9223372036854775807]"),
+            ),
+            (
+                r#"{"path": "/objects/io0", "property": "poll-max-ns", "value": 5, "x": 1}"#,
+                generic("Parameter 'x' is unexpected"),
+            ),
+        ];
+        for (args, want) in set_cases {
+            let req = format!(r#"{{"execute": "qom-set", "arguments": {args}}}"#);
+            assert_eq!(&f.error(&req), want, "{req}");
+        }
+        for value in [
+            r#""5""#,
+            "1.5",
+            "9223372036854775808",
+            "true",
+            "null",
+            "[1]",
+        ] {
+            let req = format!(
+                r#"{{"execute": "qom-set", "arguments": {{"path": "/objects/io0", "property": "poll-max-ns", "value": {value}}}}}"#
+            );
+            assert_eq!(
+                f.error(&req),
+                generic("Invalid parameter type for 'poll-max-ns', expected: integer"),
+                "{req}"
+            );
+        }
+        assert_eq!(
+            f.error(r#"{"execute": "qom-list", "arguments": {"path": "/objects/nope"}}"#),
+            (
+                "DeviceNotFound".into(),
+                "Device '/objects/nope' not found".into()
+            )
+        );
+        assert_eq!(
+            f.error(r#"{"execute": "qom-list", "arguments": {}}"#),
+            generic("Parameter 'path' is missing")
+        );
+        assert!(f.calls().is_empty(), "nothing was set: {:?}", f.calls());
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! `json.rs` (QEMU's JSON grammar: duplicate keys refused), `protocol.rs` (messages on the wire),
 //! `args.rs` (argument checks), `commands.rs` (negotiation and commands), `events.rs` (events and
 //! their channel), `backend.rs` (what the VM provides), `disk_stats.rs` (a virtio-blk disk's
-//! statistics in QEMU's shape), `jobs.rs` (the block job commands), `server.rs` (the sockets on the event loop). Locking is described
+//! statistics in QEMU's shape), `jobs.rs` (the block job commands), `qom.rs` (`qom-list`/`qom-get`/`qom-set` on the iothreads), `server.rs` (the sockets on the event loop). Locking is described
 //! in `server.rs` and `backend.rs`: commands run on the main loop with the global lock held.
 
 mod args;
@@ -30,6 +30,7 @@ mod json;
 mod listener;
 mod options;
 mod protocol;
+mod qom;
 mod server;
 mod vm;
 

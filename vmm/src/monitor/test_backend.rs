@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use block::trace::IoTrace;
+use devices::context::{PollSetting, PollSettings};
 use devices::virtio::block::stages::{StageStats, Times};
 
 use super::backend::{
@@ -29,6 +30,8 @@ pub struct RecordingBackend {
     pub stop_requested: bool,
     /// What `query-name` says.
     pub guest_name: Option<String>,
+    /// The polling settings of its one iothread, io0 (QEMU's defaults at first).
+    pub poll: PollSettings,
 }
 
 impl RecordingBackend {
@@ -40,6 +43,7 @@ impl RecordingBackend {
             stats_delay: std::time::Duration::ZERO,
             stop_requested: false,
             guest_name: None,
+            poll: PollSettings::default(),
         }
     }
 
@@ -125,11 +129,19 @@ impl MonitorBackend for RecordingBackend {
         vec![IoThreadInfo {
             id: "io0".into(),
             thread_id: 4242,
-            poll_max_ns: 0,
-            poll_grow: 0,
-            poll_shrink: 0,
-            aio_max_batch: 0,
+            poll: self.poll,
         }]
+    }
+
+    fn set_iothread_poll(
+        &mut self,
+        id: &str,
+        setting: PollSetting,
+        value: u64,
+    ) -> Result<(), BackendError> {
+        self.record(format!("set-poll {id} {} {value}", setting.name()));
+        self.poll.set(setting, value);
+        Ok(())
     }
 
     fn block_devices(&self) -> Vec<BlockDevice> {

@@ -18,6 +18,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use devices::context::{IoThreadHandle, PollSetting};
 use devices::legacy::Ged;
 use devices::virtio::block::Block;
 use event_manager::{EventOps, Events};
@@ -70,7 +71,7 @@ pub struct VmBackend<'a, 'g> {
     kickers: &'a [Kicker],
     /// The vCPUs have run (false until the first `cont` under `-S`).
     started: &'a mut bool,
-    iothreads: &'a [IoThreadInfo],
+    iothreads: &'a [IoThreadHandle],
     disks: &'a mut [VmDisk],
     io_errors: &'a IoErrors,
     /// Names the nodes of the images a command opens.
@@ -146,7 +147,29 @@ impl MonitorBackend for VmBackend<'_, '_> {
     }
 
     fn iothreads(&self) -> Vec<IoThreadInfo> {
-        self.iothreads.to_vec()
+        self.iothreads
+            .iter()
+            .map(|t| IoThreadInfo {
+                id: t.id().to_owned(),
+                thread_id: i64::from(t.thread_id()),
+                poll: t.poll_settings(),
+            })
+            .collect()
+    }
+
+    fn set_iothread_poll(
+        &mut self,
+        id: &str,
+        setting: PollSetting,
+        value: u64,
+    ) -> Result<(), BackendError> {
+        let t = self
+            .iothreads
+            .iter()
+            .find(|t| t.id() == id)
+            .ok_or_else(|| BackendError(format!("No iothread '{id}'")))?;
+        t.set_poll_setting(setting, value);
+        Ok(())
     }
 
     fn block_devices(&self) -> Vec<BlockDevice> {
@@ -270,7 +293,7 @@ pub struct VmMonitor {
     monitor: Monitor,
     kickers: Arc<Vec<Kicker>>,
     started: bool,
-    iothreads: Vec<IoThreadInfo>,
+    iothreads: Vec<IoThreadHandle>,
     disks: Vec<VmDisk>,
     io_errors: Arc<IoErrors>,
     namer: NodeNamer,
@@ -296,7 +319,7 @@ impl VmMonitor {
             monitor,
             kickers,
             started,
-            iothreads: disks.iothread_info(),
+            iothreads: disks.iothread_handles(),
             disks: disks.disks(),
             guest_name,
             io_errors,

@@ -217,6 +217,20 @@ def main(our_path, qemu_path):
         b'{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0", "boundaries": ["a"]}}',
         b'{"execute": "block-latency-histogram-set", "arguments": {"id": "vd0", "boundaries-write": [3, 2]}}',
         b'{"execute": "query-blockstats", "arguments": {"query-nodes": 1}}',
+        # The iothread's properties: defaults, errors, then a change read back.
+        b'{"execute": "qom-get", "arguments": {"path": "/objects/io0", "property": "poll-max-ns"}}',
+        b'{"execute": "qom-get", "arguments": {"path": "/objects/io0", "property": "type"}}',
+        b'{"execute": "qom-get", "arguments": {"path": "/objects/nope", "property": "poll-max-ns"}}',
+        b'{"execute": "qom-get", "arguments": {"path": "/objects/io0", "property": "nope"}}',
+        b'{"execute": "qom-get", "arguments": {"path": "/objects/io0"}}',
+        b'{"execute": "qom-set", "arguments": {"path": "/objects/io0", "property": "type", "value": "x"}}',
+        b'{"execute": "qom-set", "arguments": {"path": "/objects/io0", "property": "poll-grow", "value": -1}}',
+        b'{"execute": "qom-set", "arguments": {"path": "/objects/io0", "property": "poll-grow", "value": "2"}}',
+        b'{"execute": "qom-set", "arguments": {"path": "/objects/io0", "property": "poll-grow", "value": 9223372036854775808}}',
+        b'{"execute": "qom-set", "arguments": {"path": "/objects/io0", "property": "poll-grow"}}',
+        b'{"execute": "qom-set", "arguments": {"path": "/objects/io0/", "property": "poll-grow", "value": 3}}',
+        b'{"execute": "qom-get", "arguments": {"path": "/objects/io0", "property": "poll-grow"}}',
+        b'{"execute": "qom-list", "arguments": {"path": "/objects/nope"}}',
         b'{"execute": }',
         b'}',
         b'{"execute": "x"\xff',
@@ -229,6 +243,7 @@ def main(our_path, qemu_path):
         compare_stream(ours, qemu, raw)
     shapes = [
         b'{"execute": "query-iothreads"}',
+        b'{"execute": "qom-list", "arguments": {"path": "/objects/io0"}}',
         b'{"execute": "query-block"}',
         b'{"execute": "query-version"}',
     ]

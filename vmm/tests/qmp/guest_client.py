@@ -187,8 +187,9 @@ async def wait_on(vmm_path, kernel, sock):
 
 
 async def disks(vmm_path, kernel, sock):
-    """Two disks, a qcow2 overlay on a raw base on iothread io0 and a read-only raw disk on the
-    main loop: what query-iothreads, query-block and query-blockstats say, and a clean quit that
+    """Two disks, a qcow2 overlay on a raw base on iothread io0 (given in QEMU's JSON form) and a
+    read-only raw disk on the main loop: what query-iothreads, query-block and query-blockstats
+    say, the iothread's polling settings changed by qom-set while it runs, and a clean quit that
     releases the images."""
     d = os.path.dirname(sock)
     base, top, ro = (os.path.join(d, n) for n in ("base.raw", "top.qcow2", "ro.raw"))
@@ -196,7 +197,7 @@ async def disks(vmm_path, kernel, sock):
                 ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top],
                 ["qemu-img", "create", "-q", "-f", "raw", ro, "2M"]):
         subprocess.run(cmd, check=True)
-    extra = ["-object", "iothread,id=io0",
+    extra = ["-object", '{"qom-type": "iothread", "id": "io0", "poll-grow": 4}',
              "-drive", f"file={top},format=qcow2,if=none,id=d0,cache=none,stats-intervals=60",
              "-device", "virtio-blk-device,drive=d0,id=vd0,iothread=io0",
              "-drive", f"file={ro},format=raw,if=none,id=d1,readonly=on",
@@ -207,6 +208,16 @@ async def disks(vmm_path, kernel, sock):
     tid = threads[0]["thread-id"]
     with open(f"/proc/{vmm.proc.pid}/task/{tid}/comm") as comm:
         check(comm.read().strip() == "io0", f"thread {tid} is named io0")
+    poll = {k: threads[0][k] for k in ("poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch")}
+    check(poll == {"poll-max-ns": 32768, "poll-grow": 4, "poll-shrink": 0, "aio-max-batch": 0},
+          f"polling settings {poll}")
+    await qmp.execute("qom-set", {"path": "/objects/io0", "property": "poll-max-ns", "value": 0})
+    await qmp.execute("qom-set", {"path": "/objects/io0", "property": "poll-shrink", "value": 2})
+    got = await qmp.execute("qom-get", {"path": "/objects/io0", "property": "poll-max-ns"})
+    check(got == 0, f"qom-get after qom-set: {got}")
+    threads = await qmp.execute("query-iothreads")
+    check((threads[0]["poll-max-ns"], threads[0]["poll-shrink"]) == (0, 2),
+          f"query-iothreads after qom-set: {threads}")
     block = await qmp.execute("query-block")
     check([b["device"] for b in block] == ["d0", "d1"], f"devices {block}")
     d0, d1 = block

@@ -1,0 +1,243 @@
+//! Adaptive polling in a real iothread of the `vmm` binary, with a tiny guest on the local
+//! `/dev/kvm` that drives a virtio-blk disk on that iothread itself (virtio-mmio, one queue, one
+//! request at a time): the iothread serves every read correctly whether it polls (QEMU's default
+//! window) or never does (`poll-max-ns=0`, given in QEMU's JSON form), and once the guest is idle
+//! the iothread uses no CPU in either case: its CPU time over an idle second, from
+//! `/proc/PID/task/TID/schedstat`, is a small fraction of that second (a spinning loop would show
+//! a large one, whatever the machine's load).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{bzimage, vmm, Scratch};
+
+/// Sectors the guest reads.
+const SECTORS: u64 = 64;
+/// What the first 8 bytes of each sector hold: this, or'ed with the sector's number.
+const SECTOR_TAG: u64 = 0x5345_4354 << 32;
+/// The most of an idle second an idle iothread may spend on a CPU.
+const IDLE_CPU_MAX: f64 = 0.05;
+
+/// 64-bit: maps the first virtio-mmio transport (0xd0000000, through a new page directory at
+/// 0xc000 for the 3-4 GiB range), sets up its disk's queue 0 (8 entries; rings at 0x300000),
+/// reads sectors 0 to 63 one request at a time, polling the used ring, and checks that each
+/// succeeded and starts with its tag; says "64 sectors read" (or "bad sector") on COM1, then
+/// halts with interrupts off: an idle guest.
+fn virtio_blk_reader() -> Vec<u8> {
+    let mut code = vec![
+        0xc7, 0x04, 0x25, 0x00, 0xc4, 0x00, 0x00, 0x83, 0x00, 0x00,
+        0xd0, // movl $0xd0000083,0xc400
+        0xc7, 0x04, 0x25, 0x04, 0xc4, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // movl $0x0,0xc404
+        0x48, 0xc7, 0x04, 0x25, 0x18, 0xa0, 0x00, 0x00, 0x03, 0xc0, 0x00,
+        0x00, // movq $0xc003,0xa018
+        0x0f, 0x20, 0xd8, // mov %cr3,%rax
+        0x0f, 0x22, 0xd8, // mov %rax,%cr3
+        0xbb, 0x00, 0x00, 0x00, 0xd0, // mov $0xd0000000,%ebx
+        0xc7, 0x43, 0x70, 0x00, 0x00, 0x00, 0x00, // movl $0x0,0x70(%rbx)
+        0xc7, 0x43, 0x70, 0x01, 0x00, 0x00, 0x00, // movl $0x1,0x70(%rbx)
+        0xc7, 0x43, 0x70, 0x03, 0x00, 0x00, 0x00, // movl $0x3,0x70(%rbx)
+        0xc7, 0x43, 0x24, 0x01, 0x00, 0x00, 0x00, // movl $0x1,0x24(%rbx)
+        0xc7, 0x43, 0x20, 0x01, 0x00, 0x00, 0x00, // movl $0x1,0x20(%rbx)
+        0xc7, 0x43, 0x24, 0x00, 0x00, 0x00, 0x00, // movl $0x0,0x24(%rbx)
+        0xc7, 0x43, 0x20, 0x00, 0x00, 0x00, 0x00, // movl $0x0,0x20(%rbx)
+        0xc7, 0x43, 0x70, 0x0b, 0x00, 0x00, 0x00, // movl $0xb,0x70(%rbx)
+        0xc7, 0x43, 0x30, 0x00, 0x00, 0x00, 0x00, // movl $0x0,0x30(%rbx)
+        0xc7, 0x43, 0x38, 0x08, 0x00, 0x00, 0x00, // movl $0x8,0x38(%rbx)
+        0xc7, 0x83, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00, 0x30,
+        0x00, // movl $0x300000,0x80(%rbx)
+        0xc7, 0x83, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // movl $0x0,0x84(%rbx)
+        0xc7, 0x83, 0x90, 0x00, 0x00, 0x00, 0x00, 0x10, 0x30,
+        0x00, // movl $0x301000,0x90(%rbx)
+        0xc7, 0x83, 0x94, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // movl $0x0,0x94(%rbx)
+        0xc7, 0x83, 0xa0, 0x00, 0x00, 0x00, 0x00, 0x20, 0x30,
+        0x00, // movl $0x302000,0xa0(%rbx)
+        0xc7, 0x83, 0xa4, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // movl $0x0,0xa4(%rbx)
+        0xc7, 0x43, 0x44, 0x01, 0x00, 0x00, 0x00, // movl $0x1,0x44(%rbx)
+        0xc7, 0x43, 0x70, 0x0f, 0x00, 0x00, 0x00, // movl $0xf,0x70(%rbx)
+        0x48, 0xc7, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0x00, 0x30, 0x30,
+        0x00, // movq $0x303000,0x300000
+        0xc7, 0x04, 0x25, 0x08, 0x00, 0x30, 0x00, 0x10, 0x00, 0x00,
+        0x00, // movl $0x10,0x300008
+        0xc7, 0x04, 0x25, 0x0c, 0x00, 0x30, 0x00, 0x01, 0x00, 0x01,
+        0x00, // movl $0x10001,0x30000c
+        0x48, 0xc7, 0x04, 0x25, 0x10, 0x00, 0x30, 0x00, 0x00, 0x40, 0x30,
+        0x00, // movq $0x304000,0x300010
+        0xc7, 0x04, 0x25, 0x18, 0x00, 0x30, 0x00, 0x00, 0x02, 0x00,
+        0x00, // movl $0x200,0x300018
+        0xc7, 0x04, 0x25, 0x1c, 0x00, 0x30, 0x00, 0x03, 0x00, 0x02,
+        0x00, // movl $0x20003,0x30001c
+        0x48, 0xc7, 0x04, 0x25, 0x20, 0x00, 0x30, 0x00, 0x10, 0x30, 0x30,
+        0x00, // movq $0x303010,0x300020
+        0xc7, 0x04, 0x25, 0x28, 0x00, 0x30, 0x00, 0x01, 0x00, 0x00,
+        0x00, // movl $0x1,0x300028
+        0xc7, 0x04, 0x25, 0x2c, 0x00, 0x30, 0x00, 0x02, 0x00, 0x00,
+        0x00, // movl $0x2,0x30002c
+        0xc7, 0x04, 0x25, 0x00, 0x30, 0x30, 0x00, 0x00, 0x00, 0x00,
+        0x00, // movl $0x0,0x303000
+        0xc7, 0x04, 0x25, 0x04, 0x30, 0x30, 0x00, 0x00, 0x00, 0x00,
+        0x00, // movl $0x0,0x303004
+        0x31, 0xc9, // xor %ecx,%ecx
+        0x48, 0x89, 0x0c, 0x25, 0x08, 0x30, 0x30, 0x00, // next: mov %rcx,0x303008
+        0xc6, 0x04, 0x25, 0x10, 0x30, 0x30, 0x00, 0xff, // movb $0xff,0x303010
+        0x48, 0xc7, 0x04, 0x25, 0x00, 0x40, 0x30, 0x00, 0x00, 0x00, 0x00,
+        0x00, // movq $0x0,0x304000
+        0x89, 0xc8, // mov %ecx,%eax
+        0x83, 0xe0, 0x07, // and $0x7,%eax
+        0x66, 0xc7, 0x04, 0x45, 0x04, 0x10, 0x30, 0x00, 0x00,
+        0x00, // movw $0x0,0x301004(,%rax,2)
+        0x8d, 0x51, 0x01, // lea 0x1(%rcx),%edx
+        0x0f, 0xae, 0xf0, // mfence
+        0x66, 0x89, 0x14, 0x25, 0x02, 0x10, 0x30, 0x00, // mov %dx,0x301002
+        0x0f, 0xae, 0xf0, // mfence
+        0xc7, 0x43, 0x50, 0x00, 0x00, 0x00, 0x00, // movl $0x0,0x50(%rbx)
+        0xf3, 0x90, // wait: pause
+        0x66, 0x39, 0x14, 0x25, 0x02, 0x20, 0x30, 0x00, // cmp %dx,0x302002
+        0x75, 0xf4, // jne 17e <wait>
+        0x80, 0x3c, 0x25, 0x10, 0x30, 0x30, 0x00, 0x00, // cmpb $0x0,0x303010
+        0x75, 0x27, // jne 1bb <bad>
+        0x48, 0xb8, 0x00, 0x00, 0x00, 0x00, 0x54, 0x43, 0x45,
+        0x53, // movabs $0x5345435400000000,%rax
+        0x48, 0x09, 0xc8, // or %rcx,%rax
+        0x48, 0x39, 0x04, 0x25, 0x00, 0x40, 0x30, 0x00, // cmp %rax,0x304000
+        0x75, 0x10, // jne 1bb <bad>
+        0xff, 0xc1, // inc %ecx
+        0x83, 0xf9, 0x40, // cmp $0x40,%ecx
+        0x75, 0x89, // jne 13b <next>
+        0x48, 0x8d, 0x35, 0x19, 0x00, 0x00, 0x00, // lea 0x19(%rip),%rsi
+        0xeb, 0x07, // jmp 1c2 <print>
+        0x48, 0x8d, 0x35, 0x21, 0x00, 0x00, 0x00, // bad: lea 0x21(%rip),%rsi
+        0x66, 0xba, 0xf8, 0x03, // print: mov $0x3f8,%dx
+        0xac, // lods %ds:(%rsi),%al
+        0x84, 0xc0, // test %al,%al
+        0x74, 0x03, // je 1ce <idle>
+        0xee, // out %al,(%dx)
+        0xeb, 0xf8, // jmp 1c6 <print+0x4>
+        0xfa, // idle: cli
+        0xf4, // hlt
+        0xeb, 0xfc, // jmp 1ce <idle>
+    ];
+    code.extend_from_slice(b"64 sectors read\n\0bad sector\n\0"); // ok, fail
+    code
+}
+
+/// A disk of `SECTORS` sectors, each starting with its tag.
+fn tagged_disk() -> Vec<u8> {
+    let mut disk = vec![0u8; usize::try_from(SECTORS).expect("small") * 512];
+    for (s, sector) in (0..).zip(disk.chunks_mut(512)) {
+        sector[..8].copy_from_slice(&(SECTOR_TAG | s).to_le_bytes());
+    }
+    disk
+}
+
+/// The running VM, killed if the test fails before it ends it.
+struct Vm(Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Nanoseconds thread `tid` of process `pid` has run.
+fn cpu_ns(pid: u32, tid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+        .expect("schedstat readable");
+    stat.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("schedstat starts with the run time")
+}
+
+/// The thread id of the thread named `name` in process `pid`.
+fn thread_named(pid: u32, name: &str) -> String {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir readable")
+        .filter_map(Result::ok)
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .map(|t| t.file_name().to_string_lossy().into_owned())
+        .unwrap_or_else(|| panic!("no thread {name}"))
+}
+
+/// Runs the reader guest with its disk on the iothread `object` makes, checks its reads, and
+/// returns the share of an idle second the iothread spent on a CPU.
+fn idle_cpu_share(test: &str, object: &str) -> f64 {
+    let dir = Scratch::new(test);
+    let kernel = dir.file("bzImage", &bzimage(&virtio_blk_reader()));
+    let disk = dir.file("disk.raw", &tagged_disk());
+    let child = vmm()
+        .arg("-kernel")
+        .arg(&kernel)
+        .args(["-m", "16M", "-object", object, "-drive"])
+        .arg(format!("file={},format=raw,if=none,id=d0", disk.display()))
+        .args([
+            "-device",
+            r#"{"driver": "virtio-blk-device", "drive": "d0", "iothread": "io0"}"#,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vmm runs");
+    let mut vm = Vm(child);
+    let stdout = vm.0.stdout.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) else {
+        let _ = vm.0.kill();
+        let _ = vm.0.wait();
+        let mut stderr = String::new();
+        if let Some(mut e) = vm.0.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        panic!("{object}: no word from the guest; vmm said: {stderr}")
+    };
+    assert_eq!(line, "64 sectors read", "{object}");
+
+    let pid = vm.0.id();
+    let tid = thread_named(pid, "io0");
+    let (before, start) = (cpu_ns(pid, &tid), Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let (after, wall) = (cpu_ns(pid, &tid), start.elapsed());
+    let pid = i32::try_from(pid).expect("pids fit in an i32");
+    // SAFETY: kill only sends a signal, to our own child.
+    let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(sent, 0, "{}", std::io::Error::last_os_error());
+    let status = vm.0.wait().expect("vmm ends");
+    assert!(status.success(), "{object}: vmm ended with {status}");
+    Duration::from_nanos(after.saturating_sub(before)).as_secs_f64() / wall.as_secs_f64()
+}
+
+#[test]
+fn a_polling_iothread_serves_the_guest_and_sleeps_when_it_is_idle() {
+    let share = idle_cpu_share("poll-default", "iothread,id=io0");
+    assert!(
+        share < IDLE_CPU_MAX,
+        "idle iothread on a CPU {:.1}% of the time",
+        share * 100.0
+    );
+}
+
+#[test]
+fn with_poll_max_ns_zero_the_iothread_serves_the_guest_and_never_spins() {
+    let share = idle_cpu_share(
+        "poll-off",
+        r#"{"qom-type": "iothread", "id": "io0", "poll-max-ns": 0}"#,
+    );
+    assert!(
+        share < IDLE_CPU_MAX,
+        "idle iothread on a CPU {:.1}% of the time",
+        share * 100.0
+    );
+}
