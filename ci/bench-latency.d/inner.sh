@@ -1,7 +1,8 @@
 # The inner half of ci/bench-latency, run by resources/nested-host (busybox sh in the nested host,
 # /bin/sh on direct KVM). ci/bench-latency prepends the plan:
-#   BOOTS    "VMM:PLACEMENT:IMAGE ..." in run order (VMM vmm|qemu, PLACEMENT main-loop|iothread,
-#            IMAGE raw|qcow2|chain3): one guest boot each, vmm and QEMU interleaved;
+#   BOOTS    "VMM:PLACEMENT:IMAGE ..." in run order (VMM vmm|vmm-NAME|qemu, PLACEMENT
+#            main-loop|iothread, IMAGE raw|qcow2|chain3): one guest boot each, interleaved;
+#   VARIANT_NAME  for each vmm-NAME of BOOTS: the arguments appended to vmm's command line;
 #   CONFS    "RW:QD:LOAD ..." what each boot runs (randread/randwrite, 1/32,
 #            quiet/disturbed/fsync-writer);
 #   ROUND, ROUNDS  this run is round ROUND of ROUNDS (with several, results are named TAG.rN);
@@ -176,7 +177,7 @@ sched_diff() {
 }
 # stages_snap: vmm's x-query-blockstats-stages reply (one line), nothing for QEMU.
 stages_snap() {
-  [ "$vmm" = vmm ] || return 0
+  case $vmm in vmm|vmm-*) ;; *) return 0 ;; esac
   { printf '%s\n' '{"execute":"qmp_capabilities"}' '{"execute":"x-query-blockstats-stages"}'
     sleep 1; } | nc 127.0.0.1 $port | grep '"stages"'
 }
@@ -219,10 +220,11 @@ run_boot() {
     qcow2) cp img/qcow2.qcow2 run/d.qcow2; file=run/d.qcow2; fmt=qcow2 ;;
     chain3) cp img/chain/*.qcow2 run/; file=run/top.qcow2; fmt=qcow2 ;;
   esac
-  io="" dev=""
+  io="" dev="" extra=""
   if [ "$place" = iothread ]; then io="-object iothread,id=io0"; dev=",iothread=io0"; fi
   case $vmm in
     vmm) cmd="vmm -m 1G -smp 2" ;;
+    vmm-*) cmd="vmm -m 1G -smp 2"; eval "extra=\$VARIANT_${vmm#vmm-}" ;;
     qemu) cmd="$QEMU_BASELINE -m 1G -smp 2 -name bench,debug-threads=on" ;;
   esac
   p=$vmm.$place.$image
@@ -231,12 +233,12 @@ run_boot() {
   gs=$(printf '%s\n%s\n' "$vars" "$guest_body" | base64 | tr -d '\n')
   n=$(echo $confs | wc -w)
   say "boot $vmm $place $image$([ "$ROUNDS" = 1 ] || echo " round $round") ($n configurations)"
-  # shellcheck disable=SC2086 # $cmd and $io are word lists on purpose
+  # shellcheck disable=SC2086 # $cmd, $io and $extra are word lists on purpose
   $cmd -kernel "$G/bzImage" -initrd "$G/initrd-fio.img" $io \
     -drive "file=$file,format=$fmt,if=none,id=d0,cache=none" \
     -device "virtio-blk-device,drive=d0,id=vd0$dev" \
     -qmp "tcp:127.0.0.1:$port,server=on,wait=off" \
-    -D run/debug.log -append "console=ttyS0 quiet guest.sh=$gs guest.run=poweroff" \
+    -D run/debug.log -append "console=ttyS0 quiet guest.sh=$gs guest.run=poweroff" $extra \
     < /dev/null > console.log 2>&1 &
   pid=$!
   start=$(date +%s) last=$start

@@ -1,5 +1,6 @@
 """The report of ci/bench-latency: reads a results folder (raw/TAG.json, fio's JSON per run, TAG being
-VMM.PLACEMENT.IMAGE.RW.qdN.LOAD, with .rN for round N when there are several; raw/TAG.polls;
+VMM.PLACEMENT.IMAGE.RW.qdN.LOAD, VMM vmm, vmm-NAME (a variant: vmm with the arguments machine.txt
+names as vmm_variant.vmm-NAME) or qemu, with .rN for round N when there are several; raw/TAG.polls;
 raw/TAG.sched; raw/TAG.stages; raw/host.PLACEMENT.IMAGE.RW.qdN.native.json, the host-native
 baseline; machine.txt, host.txt, version-*.json) and writes summary.json (one object per
 configuration, the fields issue 6 names, each figure the median over the rounds, plus `runs`,
@@ -7,7 +8,8 @@ configuration, the fields issue 6 names, each figure the median over the rounds,
 baseline under `host_native`), summary.md (the host, both VMMs' versions, the table, each VMM's
 percentiles as host-native + overhead with the samples behind the tail ones and its CPU per I/O,
 where vmm's requests spent their time by stage, vmm over QEMU with an A/B verdict per row on IOPS
-and p99 from the per-round figures (abtest.py), the rows listed by verdict, iothread over main
+and p99 from the per-round figures (abtest.py), the rows listed by verdict, vmm over each variant
+with the same verdicts (in summary.json the vmm row's `vs_qemu` and `vs_vmm-NAME`), iothread over main
 loop under load, where the VMMs' threads spent the disturbed runs) and
 latency-cdf.png (the completion-latency percentile curves of vmm and QEMU per configuration, each
 point the median over the rounds). Exits 1 when a configuration has no usable fio result.
@@ -33,7 +35,7 @@ SUMMARY_PCTS = {"p50": "50.000000", "p90": "90.000000", "p99": "99.000000",
 # p99.99 is reported only from runs with at least this many completions (issue 6).
 P9999_MIN_IOS = 100_000
 ORDER = {
-    "vmm": ["vmm", "qemu"], "placement": ["main-loop", "iothread"],
+    "placement": ["main-loop", "iothread"],
     "image": ["raw", "qcow2", "chain3"], "rw": ["randread", "randwrite"],
     "load": ["quiet", "disturbed", "fsync-writer"],
 }
@@ -214,10 +216,15 @@ def combine(rounds):
     return out
 
 
+def vmm_rank(vmm):
+    """The order of a configuration's rows: vmm, its variants (vmm-NAME) by name, then QEMU."""
+    return (0, "") if vmm == "vmm" else (2, "") if vmm == "qemu" else (1, vmm)
+
+
 def sort_key(obj):
     return (ORDER["image"].index(obj["image"]), ORDER["rw"].index(obj["rw"]), obj["iodepth"],
             ORDER["load"].index(obj["load"]), ORDER["placement"].index(obj["placement"]),
-            ORDER["vmm"].index(obj["vmm"]))
+            vmm_rank(obj["vmm"]))
 
 
 def fmt(v, digits=0):
@@ -233,13 +240,14 @@ def tag(obj, without=()):
     return tuple(obj[k] for k in keys if k not in without)
 
 
-def ab_verdicts(runs, per_round):
-    """vmm against QEMU per configuration: {tag: {"iops": verdict, "p99": verdict}} from the
-    per-round figures; also stored in the vmm row of summary.json as `vs_qemu`."""
+def ab_verdicts(runs, per_round, other="qemu"):
+    """vmm against another VMM column (QEMU, or a variant vmm-NAME) per configuration:
+    {tag: {"iops": verdict, "p99": verdict}} from the per-round figures; also stored in the vmm
+    row of summary.json as `vs_OTHER`."""
     out = {}
     for obj in (r[0] for r in runs if r[0]["vmm"] == "vmm"):
         mine = per_round.get(tag(obj))
-        theirs = per_round.get(("qemu",) + tag(obj)[1:])
+        theirs = per_round.get((other,) + tag(obj)[1:])
         if not mine or not theirs:
             continue
         v = {}
@@ -250,8 +258,34 @@ def ab_verdicts(runs, per_round):
                 v[figure] = verdict(a, b, higher_is_better)
         if "iops" in v:
             out[tag(obj)] = v
-            obj["vs_qemu"] = v
+            obj["vs_" + other] = v
     return out
+
+
+def vmm_over(runs, other, title, verdicts, rounds):
+    """The table of vmm over another VMM column (QEMU or a variant) per configuration: the ratios
+    of IOPS and percentiles and the A/B verdicts on IOPS and p99."""
+    by = {tag(r[0]): r[0] for r in runs}
+    md = ["", f"## vmm over {title} (IOPS above 1, latencies below 1: vmm faster)", "",
+          f"Verdicts: a permutation test on the {rounds} per-round figures of each side, called "
+          f"only at a change of at least {MIN_CHANGE:.0%} with p < {ALPHA} (Firecracker's A/B "
+          "rule); otherwise no difference at this noise."
+          + ("" if rounds >= 5 else f" With {rounds} round(s) no p-value can fall below 0.01: "
+             "run `--rounds 5` or more for a verdict."), "",
+          "| placement | image | rw | QD | load | IOPS | p50 | p99 | p99.9 | IOPS verdict | "
+          "p99 verdict |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for obj in (r[0] for r in runs if r[0]["vmm"] == "vmm"):
+        q = by.get((other,) + tag(obj)[1:])
+        if not q:
+            continue
+        cells = [ratio(obj["iops"], q["iops"])] + [
+            ratio(obj["lat_us"][p], q["lat_us"][p]) for p in ("p50", "p99", "p99.9")]
+        v = verdicts.get(tag(obj), {})
+        md.append(f"| {obj['placement']} | {obj['image']} | {obj['rw']} | {obj['iodepth']} | "
+                  f"{obj['load']} | " + " | ".join(fmt(c, 2) for c in cells) + " | "
+                  f"{say(v.get('iops'))} | {say(v.get('p99'))} |")
+    return md
 
 
 def say(v):
@@ -352,8 +386,9 @@ def stage_table(runs):
         cells = [guest, total, outside] + [
             st.get(k) for k in ("queue-wait", "submission", "backend", "backend-dispatch",
                                 "backend-metadata", "backend-data", "completion")]
-        rows.append(f"| {obj['placement']} | {obj['image']} | {obj['rw']} | {obj['iodepth']} | "
-                    f"{obj['load']} | " + " | ".join(fmt(c, 1) for c in cells) + " |")
+        rows.append(f"| {obj['vmm']} | {obj['placement']} | {obj['image']} | {obj['rw']} | "
+                    f"{obj['iodepth']} | {obj['load']} | "
+                    + " | ".join(fmt(c, 1) for c in cells) + " |")
     if not rows:
         return []
     return ["", "## Where vmm's requests spend their time (mean µs per request)", "",
@@ -364,9 +399,9 @@ def stage_table(runs):
             "interrupt injected; outside: the rest (the guest's notification reaching the "
             "handler, the interrupt reaching fio, the guest's own path). backend = dispatch + "
             "metadata + data.", "",
-            "| placement | image | rw | QD | load | guest | vmm | outside | queue wait | "
+            "| VMM | placement | image | rw | QD | load | guest | vmm | outside | queue wait | "
             "submission | backend | dispatch | metadata | data | completion |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"] + rows
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"] + rows
 
 
 def plot(runs, path):
@@ -385,8 +420,9 @@ def plot(runs, path):
     nines = lambda p: -math.log10(1 - p / 100)  # noqa: E731 (50 -> 0.3, 99 -> 2, 99.9 -> 3)
     ticks = [50, 90, 99, 99.9, 99.99]
     for ax, key in zip(axes.flat, keys):
-        for vmm, style in (("vmm", "-o"), ("qemu", "--s")):
-            curve = pairs[key].get(vmm)
+        for vmm in sorted(pairs[key], key=vmm_rank):
+            style = {"vmm": "-o", "qemu": "--s"}.get(vmm, ":^")
+            curve = pairs[key][vmm]
             if curve:
                 ax.plot([v for _, v in curve], [nines(p) for p, _ in curve], style, ms=3,
                         label=vmm)
@@ -399,7 +435,8 @@ def plot(runs, path):
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.suptitle("fio 4 KiB completion latency: vmm vs QEMU microvm (same host, same run)",
+    fig.suptitle("fio 4 KiB completion latency: vmm (and its variants) vs QEMU microvm "
+                 "(same host, same run)",
                  fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -437,6 +474,12 @@ def main():
             obj["host_native"] = {k: base[k] for k in ("iops", "completions", "lat_us",
                                                        "cpu_us_per_io", "runs")}
     verdicts = ab_verdicts(runs, per_round)
+    # The variants machine.txt names (vmm_variant.vmm-NAME=ARGS), and any other with runs.
+    variants = {k.removeprefix("vmm_variant."): v for k, v in machine.items()
+                if k.startswith("vmm_variant.")}
+    for obj in (r[0] for r in runs):
+        if obj["vmm"] not in ("vmm", "qemu"):
+            variants.setdefault(obj["vmm"], "?")
     runs.sort(key=lambda r: sort_key(r[0]))
     expected = int(machine.get("configurations", "0") or 0)
     if len(runs) < expected:
@@ -470,6 +513,8 @@ def main():
     md += [f"- Host: {where}.",
            f"- vmm: query-version {versions['vmm']}, package {machine.get('vmm_package')}, "
            f"commit {machine.get('vmm_commit')}.",
+           *[f"- {name}: vmm with `{args}` appended to its command line, booted in the same "
+             "parts as vmm and QEMU." for name, args in variants.items()],
            f"- QEMU: query-version {versions['qemu']} ({host.get('qemu')}), "
            f"`{machine.get('qemu_baseline', '').strip()}` (ci/qemu-baseline.args).",
            f"- Guest: Debian kernel {machine.get('guest_kernel')}, initrd-fio.img; one virtio-blk "
@@ -505,25 +550,7 @@ def main():
     md += over_host(runs, baselines)
     md += stage_table(runs)
     by = {tag(r[0]): r[0] for r in runs}
-    md += ["", "## vmm over QEMU (IOPS above 1, latencies below 1: vmm faster)", "",
-           f"Verdicts: a permutation test on the {rounds} per-round figures of each side, called "
-           f"only at a change of at least {MIN_CHANGE:.0%} with p < {ALPHA} (Firecracker's A/B "
-           "rule); otherwise no difference at this noise."
-           + ("" if rounds >= 5 else f" With {rounds} round(s) no p-value can fall below 0.01: "
-              "run `--rounds 5` or more for a verdict."), "",
-           "| placement | image | rw | QD | load | IOPS | p50 | p99 | p99.9 | IOPS verdict | "
-           "p99 verdict |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for obj in (r[0] for r in runs if r[0]["vmm"] == "vmm"):
-        q = by.get(("qemu",) + tag(obj)[1:])
-        if not q:
-            continue
-        cells = [ratio(obj["iops"], q["iops"])] + [
-            ratio(obj["lat_us"][p], q["lat_us"][p]) for p in ("p50", "p99", "p99.9")]
-        v = verdicts.get(tag(obj), {})
-        md.append(f"| {obj['placement']} | {obj['image']} | {obj['rw']} | {obj['iodepth']} | "
-                  f"{obj['load']} | " + " | ".join(fmt(c, 2) for c in cells) + " | "
-                  f"{say(v.get('iops'))} | {say(v.get('p99'))} |")
+    md += vmm_over(runs, "qemu", "QEMU", verdicts, rounds)
     if verdicts:
         md += ["", "## Rows by verdict (IOPS)", ""]
         for called in ("faster", "slower", "no difference at this noise"):
@@ -531,6 +558,9 @@ def main():
                         *t[1:], v["iops"]["change"], v["iops"]["p"])
                     for t, v in verdicts.items() if v["iops"]["verdict"] == called]
             md.append(f"- vmm {called}: " + ("; ".join(rows) if rows else "none"))
+    for name, args in variants.items():
+        md += vmm_over(runs, name, f"{name} (`{args}`)",
+                       ab_verdicts(runs, per_round, name), rounds)
     md += ["", "## iothread over main loop, disturbed (goal: p99.9 at most 0.5)", "",
            "| VMM | image | rw | QD | p50 | p99 | p99.9 |", "|---|---|---|---|---|---|---|"]
     for obj in (r[0] for r in runs if r[0]["placement"] == "iothread" and r[0]["load"] == "disturbed"):

@@ -6,7 +6,8 @@ import pathlib
 import tempfile
 import unittest
 
-from report import beyond, combine, cpu_per_io, over_host, parse_run, plus, stage_means
+from report import (ab_verdicts, beyond, combine, cpu_per_io, over_host, parse_run, plus,
+                    sort_key, stage_means, tag, vmm_over)
 
 
 def fio_json(rw, iops, n, pct_us, max_us, lat_mean_us=None, cpu=(0.0, 0.0)):
@@ -112,6 +113,45 @@ class ReportFigures(unittest.TestCase):
                       "450 + 1,050 | 2,000.0 (vCPUs 1,000.0) | 0.0 |", vmm_line)
         host_line = next(ln for ln in lines if ln.startswith("| host fio "))
         self.assertIn("| 2,500 | 100 | 200 [25] | 300 [2] | 400 [<1] | 450 | 500.0 | — |", host_line)
+
+    def test_a_variant_is_a_column_compared_with_vmm(self):
+        raw = self.dir / "raw"
+        raw.mkdir()
+        # Five rounds each: vmm at 100 IOPS (p99 200 µs), the variant at 120 (p99 the same);
+        # qemu at 100, as vmm.
+        figures = {"vmm": [100, 101, 99, 100, 100], "vmm-nosandbox": [120, 121, 119, 120, 120],
+                   "qemu": [100, 99, 101, 100, 100]}
+        runs = []
+        for vmm, iops in figures.items():
+            for r, x in enumerate(iops, 1):
+                path = raw / f"{vmm}.iothread.qcow2.randread.qd1.quiet.r{r}.json"
+                path.write_text(json.dumps(fio_json("randread", x, 1000, PCT, 450)))
+                run, why = parse_run(path)
+                self.assertIsNone(why)
+                runs.append((*run, ""))
+        per_round = {}
+        for run in runs:
+            fig = per_round.setdefault(tag(run[0]), {"iops": [], "p99": []})
+            fig["iops"].append(run[0]["iops"])
+            fig["p99"].append(run[0]["lat_us"]["p99"])
+        runs = combine(runs)
+        runs.sort(key=lambda r: sort_key(r[0]))
+        self.assertEqual([r[0]["vmm"] for r in runs], ["vmm", "vmm-nosandbox", "qemu"])
+        vs_variant = ab_verdicts(runs, per_round, "vmm-nosandbox")
+        vs_qemu = ab_verdicts(runs, per_round)
+        key = ("vmm", "iothread", "qcow2", "randread", 1, "quiet")
+        # 100 over 120: -17 %, the rounds fully apart: the smallest p of 5 + 5 rounds, 2 / 252.
+        self.assertEqual(vs_variant[key]["iops"]["verdict"], "slower")
+        self.assertAlmostEqual(vs_variant[key]["iops"]["change"], -1 / 6)
+        self.assertAlmostEqual(vs_variant[key]["iops"]["p"], 2 / 252)
+        self.assertEqual(vs_variant[key]["p99"]["verdict"], "no difference at this noise")
+        self.assertEqual(vs_qemu[key]["iops"]["verdict"], "no difference at this noise")
+        self.assertEqual(runs[0][0]["vs_vmm-nosandbox"], vs_variant[key])
+        self.assertEqual(runs[0][0]["vs_qemu"], vs_qemu[key])
+        md = vmm_over(runs, "vmm-nosandbox", "vmm-nosandbox (`-sandbox off`)", vs_variant, 5)
+        self.assertIn("## vmm over vmm-nosandbox (`-sandbox off`)", md[1])
+        self.assertIn("| iothread | qcow2 | randread | 1 | quiet | 0.83 | 1.00 | 1.00 | 1.00 | "
+                      "slower (-17%, p=0.00794) | no difference at this noise (+0%, p=1) |", md)
 
 
 if __name__ == "__main__":
