@@ -2,7 +2,9 @@
 //! line, and the VMM's resident memory beyond guest RAM, for each VMM with the same kernel,
 //! initramfs, memory, vCPUs and command line, runs interleaved in one host, median of N each; and
 //! where that time goes, phase by phase ([`crate::phases`]), with vmm's own start-up in
-//! microseconds.
+//! microseconds. A variant ([`Column::variant`], `--vmm-variant NAME=ARGS`) is vmm with arguments
+//! appended, booted as one more column `vmm-NAME` interleaved with the others, to measure what a
+//! flag costs (`-sandbox off`, say).
 //!
 //! The inner half ([`measure`]) prints each VMM's exact command line (`COMMAND`), then boots the
 //! guests with their debug logs on (`-D`; QEMU also traces `kvm_cpu_exec`) and prints per boot a
@@ -29,8 +31,8 @@ pub enum Error {
     /// The guest did not boot or power off as expected.
     #[error("{target} run {run}")]
     Guest {
-        /// The VMM.
-        target: Target,
+        /// The column's name.
+        target: String,
         /// The run number.
         run: u32,
         /// What went wrong.
@@ -40,8 +42,8 @@ pub enum Error {
     /// The VMM's memory map could not be read.
     #[error("{target} run {run}: reading its memory")]
     Memory {
-        /// The VMM.
-        target: Target,
+        /// The column's name.
+        target: String,
         /// The run number.
         run: u32,
         /// What went wrong.
@@ -61,32 +63,79 @@ pub struct Setup {
     pub smp: u32,
 }
 
-/// Boots each target `setup.runs` times, interleaved, printing a `BOOT` line per boot; a failed
+/// One column of the benchmark: a VMM, or vmm with arguments appended (a variant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    /// The name in the tables: `vmm`, `qemu`, or `vmm-NAME` for a variant.
+    pub name: String,
+    /// The VMM it boots.
+    pub target: Target,
+    /// Arguments appended to the VMM's command line.
+    pub args: Vec<String>,
+}
+
+impl Column {
+    /// A VMM as it is.
+    pub fn plain(target: Target) -> Self {
+        Column {
+            name: target.to_string(),
+            target,
+            args: Vec::new(),
+        }
+    }
+
+    /// The variant `NAME=ARGS`: the column `vmm-NAME`, vmm with ARGS (split at whitespace)
+    /// appended; `None` unless NAME is a lowercase letter then lowercase letters and digits and
+    /// ARGS is not empty.
+    pub fn variant(spec: &str) -> Option<Self> {
+        let (name, args) = spec.split_once('=')?;
+        let mut chars = name.chars();
+        let named = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let args: Vec<String> = args.split_whitespace().map(str::to_owned).collect();
+        (named && !args.is_empty()).then(|| Column {
+            name: format!("vmm-{name}"),
+            target: Target::Vmm,
+            args,
+        })
+    }
+
+    /// The command that boots `boot` in this column.
+    fn command(&self, boot: &Boot, guest_dir: &Path) -> std::process::Command {
+        let mut c = boot.command(self.target, guest_dir);
+        c.args(&self.args);
+        c
+    }
+}
+
+/// Boots each column `setup.runs` times, interleaved, printing a `BOOT` line per boot; a failed
 /// boot prints its transcript and stops the benchmark.
-pub fn measure(targets: &[Target], setup: Setup, guest_dir: &Path) -> Result<(), Error> {
+pub fn measure(columns: &[Column], setup: Setup, guest_dir: &Path) -> Result<(), Error> {
     // No guest.run words: the guest goes straight to its shell, whose prompt ends the boot.
     let boot = Boot::new(Kernel::BzImage, setup.smp, setup.mem_mib, "");
-    for &target in targets {
+    for col in columns {
         println!(
-            "COMMAND {target} {}",
-            shell_words(&boot.command(target, guest_dir))
+            "COMMAND {} {}",
+            col.name,
+            shell_words(&col.command(&boot, guest_dir))
         );
     }
     let log_dir = std::env::temp_dir();
     for run in 1..=setup.runs {
-        for &target in targets {
-            let log = log_dir.join(format!("bench-boot-{}-{target}.log", std::process::id()));
-            let mut command = boot.command(target, guest_dir);
+        for col in columns {
+            let (target, name) = (col.target, col.name.as_str());
+            let log = log_dir.join(format!("bench-boot-{}-{name}.log", std::process::id()));
+            let mut command = col.command(&boot, guest_dir);
             command.args(target.debug_log_args(&log));
             let mut g = Guest::spawn(command).map_err(|source| Error::Guest {
-                target,
+                target: name.to_owned(),
                 run,
                 source,
             })?;
             // The whole kernel log once per VMM (to read); then only the milestones' lines,
             // since every console byte costs the guest an exit.
             let whole = run == 1;
-            let sample = sample(&mut g, target, run, setup.mem_mib, whole);
+            let sample = sample(&mut g, name, run, setup.mem_mib, whole);
             if sample.is_err() {
                 print!("{}", g.transcript());
             }
@@ -100,7 +149,7 @@ pub fn measure(targets: &[Target], setup: Setup, guest_dir: &Path) -> Result<(),
                 Target::Vmm => {
                     let steps = phases::vmm_startup(&log_text, started);
                     for (step, us) in &steps {
-                        println!("STARTUP {target} {run} {us:.0} {step}");
+                        println!("STARTUP {name} {run} {us:.0} {step}");
                     }
                     phases::vmm_first_run(&steps)
                 }
@@ -111,10 +160,10 @@ pub fn measure(targets: &[Target], setup: Setup, guest_dir: &Path) -> Result<(),
                 dmesg.iter().map(String::as_str),
                 sample.userspace_ms,
             );
-            println!("PHASES {target} {run} {}", m.words());
+            println!("PHASES {name} {run} {}", m.words());
             if whole {
                 for l in &dmesg {
-                    println!("DMESG {target} {l}");
+                    println!("DMESG {name} {l}");
                 }
             }
         }
@@ -144,13 +193,13 @@ const DMESG_END: &str = "BENCH-DMESG-END";
 /// One boot: its figures, and the guest kernel's log read at the prompt.
 fn sample(
     g: &mut Guest,
-    target: Target,
+    target: &str,
     run: u32,
     mem_mib: u64,
     whole_dmesg: bool,
 ) -> Result<(BootSample, Vec<String>), Error> {
     let err = |source| Error::Guest {
-        target,
+        target: target.to_owned(),
         run,
         source,
     };
@@ -159,7 +208,7 @@ fn sample(
         .map_err(err)?;
     g.wait_prompt("GUEST-PROMPT#", BOOT_TIMEOUT).map_err(err)?;
     let mem = memory::resident(g.pid(), mem_mib * 1024).map_err(|source| Error::Memory {
-        target,
+        target: target.to_owned(),
         run,
         source,
     })?;
@@ -185,7 +234,7 @@ fn sample(
     g.send("poweroff -f\n").map_err(err)?;
     g.wait_exit(BOOT_TIMEOUT).map_err(err)?;
     let sample = BootSample {
-        target: target.to_string(),
+        target: target.to_owned(),
         run,
         userspace_ms: up.at.as_secs_f64() * 1000.0,
         rss_kib: mem.total_kib,
@@ -235,7 +284,7 @@ pub fn summarize(output: &str, setup: Setup, host: &str) -> String {
         );
     }
     md.push_str(&phase_table(output, &targets));
-    md.push_str(&startup_table(output));
+    md.push_str(&startup_table(output, &targets));
     md.push_str("\nCommands (each boot adds its debug log: `-D FILE`, and for QEMU `-trace kvm_cpu_exec -msg timestamp=on`):\n\n");
     for l in output.lines() {
         if let Some(rest) = l.strip_prefix("COMMAND ") {
@@ -258,7 +307,7 @@ fn milestones(output: &str) -> Vec<(&str, Milestones)> {
         .collect()
 }
 
-/// Per phase, each VMM's median time in it, and vmm's over QEMU's.
+/// Per phase, each column's median time in it, and vmm's over QEMU's and over each variant's.
 fn phase_table(output: &str, targets: &[&str]) -> String {
     let all = milestones(output);
     if all.is_empty() {
@@ -268,8 +317,15 @@ fn phase_table(output: &str, targets: &[&str]) -> String {
     for t in targets {
         let _ = write!(md, " {t} |");
     }
-    md.push_str(" vmm / qemu |\n|---|");
-    md.push_str(&"---|".repeat(targets.len() + 1));
+    // vmm over QEMU, then over each variant (the columns named vmm-NAME).
+    let others: Vec<&str> = std::iter::once("qemu")
+        .chain(targets.iter().copied().filter(|t| t.starts_with("vmm-")))
+        .collect();
+    for o in &others {
+        let _ = write!(md, " vmm / {o} |");
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---|".repeat(targets.len() + others.len()));
     md.push('\n');
     let total = (
         "VMM start → first userspace line",
@@ -294,24 +350,29 @@ fn phase_table(output: &str, targets: &[&str]) -> String {
             );
         }
         let get = |name: &str| by.iter().find(|(t, _)| *t == name).and_then(|(_, m)| *m);
-        let ratio = match (get("vmm"), get("qemu")) {
-            (Some(v), Some(q)) if q > 0.0 => format!("{:.2}", v / q),
-            _ => "–".to_owned(),
-        };
-        let _ = writeln!(md, " {ratio} |");
+        for o in &others {
+            let ratio = match (get("vmm"), get(o)) {
+                (Some(v), Some(q)) if q > 0.0 => format!("{:.2}", v / q),
+                _ => "–".to_owned(),
+            };
+            let _ = write!(md, " {ratio} |");
+        }
+        md.push('\n');
     }
     md
 }
 
-/// vmm's start-up steps (`STARTUP` lines), median microseconds from its start, in log order.
-fn startup_table(output: &str) -> String {
-    let mut steps: Vec<(String, Vec<f64>)> = Vec::new();
+/// vmm's start-up steps (`STARTUP` lines), median microseconds from its start, in log order, a
+/// column per vmm column (vmm and its variants).
+fn startup_table(output: &str, targets: &[&str]) -> String {
+    // (step, [(column, µs)]) in the order the steps first appear.
+    let mut steps: Vec<(String, Vec<(&str, f64)>)> = Vec::new();
     for l in output.lines() {
         let Some(rest) = l.strip_prefix("STARTUP ") else {
             continue;
         };
         let mut w = rest.splitn(4, ' ');
-        let (Some(_target), Some(_run), Some(us), Some(step)) =
+        let (Some(target), Some(_run), Some(us), Some(step)) =
             (w.next(), w.next(), w.next(), w.next())
         else {
             continue;
@@ -320,16 +381,37 @@ fn startup_table(output: &str) -> String {
             continue;
         };
         match steps.iter_mut().find(|(s, _)| s == step) {
-            Some((_, v)) => v.push(us),
-            None => steps.push((step.to_owned(), vec![us])),
+            Some((_, v)) => v.push((target, us)),
+            None => steps.push((step.to_owned(), vec![(target, us)])),
         }
     }
-    if steps.is_empty() {
+    let columns: Vec<&str> = targets
+        .iter()
+        .copied()
+        .filter(|t| steps.iter().any(|(_, v)| v.iter().any(|(c, _)| c == t)))
+        .collect();
+    if columns.is_empty() {
         return String::new();
     }
-    let mut md = String::from("\nvmm's own start-up, µs from its start (the process started by the harness), median:\n\n| step | µs |\n|---|---|\n");
+    let mut md = String::from("\nvmm's own start-up, µs from its start (the process started by the harness), median:\n\n| step |");
+    for c in &columns {
+        let _ = write!(md, " {c} µs |");
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---|".repeat(columns.len()));
+    md.push('\n');
     for (step, v) in steps {
-        let _ = writeln!(md, "| {step} | {:.0} |", median(&v).unwrap_or(f64::NAN));
+        let _ = write!(md, "| {step} |");
+        for c in &columns {
+            let mine: Vec<f64> = v
+                .iter()
+                .filter(|(t, _)| t == c)
+                .map(|(_, us)| *us)
+                .collect();
+            let cell = median(&mine).map_or_else(|| "–".to_owned(), |m| format!("{m:.0}"));
+            let _ = write!(md, " {cell} |");
+        }
+        md.push('\n');
     }
     md
 }
@@ -391,5 +473,61 @@ mod tests {
             md.contains("- qemu: `qemu-system-x86_64 -M microvm,rtc=on`"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn a_variant_is_a_column_with_vmm_over_it() {
+        let out = "BOOT qemu 1 1000.0 100000 60000\nBOOT vmm 1 500.0 70000 60000\n\
+                   BOOT vmm-nosandbox 1 400.0 70000 60000\n\
+                   PHASES qemu 1 50.0 150.0 300.0 400.0 1000.0\n\
+                   PHASES vmm 1 2.0 100.0 200.0 300.0 500.0\n\
+                   PHASES vmm-nosandbox 1 1.0 80.0 160.0 240.0 400.0\n\
+                   STARTUP vmm 1 900 KVM opened and VM created\n\
+                   STARTUP vmm-nosandbox 1 600 KVM opened and VM created\n\
+                   STARTUP vmm 1 1500 sandbox entered\n";
+        let setup = Setup {
+            runs: 1,
+            mem_mib: 512,
+            smp: 2,
+        };
+        let md = summarize(out, setup, "nested");
+        assert!(
+            md.contains("| vmm-nosandbox | 1 | 400 ms (400–400) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| phase | qemu | vmm | vmm-nosandbox | vmm / qemu | vmm / vmm-nosandbox |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| VMM start → first userspace line | 1000 | 500 | 400 | 0.50 | 1.25 |"),
+            "{md}"
+        );
+        assert!(md.contains("| step | vmm µs | vmm-nosandbox µs |"), "{md}");
+        assert!(
+            md.contains("| KVM opened and VM created | 900 | 600 |"),
+            "{md}"
+        );
+        assert!(md.contains("| sandbox entered | 1500 | – |"), "{md}");
+    }
+
+    #[test]
+    fn a_variant_appends_its_arguments_to_vmms_command_line() {
+        let v = Column::variant("nosandbox=-sandbox off").unwrap();
+        assert_eq!(v.name, "vmm-nosandbox");
+        let boot = Boot::new(Kernel::BzImage, 2, 512, "");
+        let c = v.command(&boot, Path::new("/g"));
+        assert_eq!(c.get_program(), "vmm");
+        let args: Vec<String> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            args.ends_with(&["-sandbox".to_owned(), "off".to_owned()]),
+            "{args:?}"
+        );
+        assert!(args.contains(&"/g/bzImage".to_owned()), "{args:?}");
     }
 }

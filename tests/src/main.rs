@@ -11,6 +11,7 @@
 //! linux-tests run [--targets vmm,qemu] [--filter TEXT] [--vmm PATH] [--nested|--direct] [--disks] [--qmp]
 //! linux-tests self-check [--filter TEXT]           # the same cases under QEMU: proves the harness
 //! linux-tests bench-boot [--targets qemu,vmm] [--runs N] [--mem MIB] [--smp N] [--vmm PATH]
+//!                        [--vmm-variant NAME=ARGS]...   # vmm with ARGS appended: column vmm-NAME
 //! ```
 
 mod bench;
@@ -98,6 +99,8 @@ struct Options {
     mem_mib: u64,
     smp: u32,
     groups: cases::Groups,
+    /// `--vmm-variant`: the bench's further columns, vmm with arguments appended.
+    variants: Vec<bench::Column>,
 }
 
 fn parse_number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T, Error> {
@@ -122,6 +125,7 @@ fn parse_options(args: &[String], default_targets: &[Target]) -> Result<Options,
         mem_mib: 512,
         smp: 2,
         groups: cases::Groups::default(),
+        variants: Vec::new(),
     };
     let mut it = args.iter();
     while let Some(opt) = it.next() {
@@ -136,6 +140,14 @@ fn parse_options(args: &[String], default_targets: &[Target]) -> Result<Options,
             "--smp" => o.smp = parse_number(opt, &value()?)?,
             "--disks" => o.groups.disks = true,
             "--qmp" => o.groups.qmp = true,
+            "--vmm-variant" => {
+                let spec = value()?;
+                let v = bench::Column::variant(&spec).ok_or_else(|| Error::Value {
+                    option: opt.clone(),
+                    value: spec,
+                })?;
+                o.variants.push(v);
+            }
             "--nested" => o.force = Some("--nested"),
             "--direct" => o.force = Some("--direct"),
             _ => return Err(Error::Option(opt.clone())),
@@ -147,7 +159,7 @@ fn parse_options(args: &[String], default_targets: &[Target]) -> Result<Options,
 /// The outer host for these options: the VMM under test is copied in when it is a target.
 fn host(o: &Options) -> Result<nested::Host, Error> {
     let mut bins = Vec::new();
-    if o.targets.contains(&Target::Vmm) {
+    if o.targets.contains(&Target::Vmm) || !o.variants.is_empty() {
         if !o.vmm.is_file() {
             return Err(Error::NoVmm(o.vmm.clone()));
         }
@@ -263,7 +275,7 @@ fn inner_run(o: &Options) -> Result<bool, Error> {
 /// The outer half of `bench-boot`: one host, the summary printed and kept under results/boot/.
 fn bench_boot(o: &Options) -> Result<bool, Error> {
     let targets: Vec<String> = o.targets.iter().map(Target::to_string).collect();
-    let args = vec![
+    let mut args = vec![
         "inner-bench".to_owned(),
         "--targets".to_owned(),
         targets.join(","),
@@ -274,6 +286,13 @@ fn bench_boot(o: &Options) -> Result<bool, Error> {
         "--smp".to_owned(),
         o.smp.to_string(),
     ];
+    for v in &o.variants {
+        let name = v.name.strip_prefix("vmm-").unwrap_or(&v.name);
+        args.extend([
+            "--vmm-variant".to_owned(),
+            format!("{name}={}", v.args.join(" ")),
+        ]);
+    }
     let (code, output) = host(o)?.run_inner(&args)?;
     let host_line = output
         .lines()
@@ -332,7 +351,10 @@ fn inner_bench(o: &Options) -> Result<bool, Error> {
         mem_mib: o.mem_mib,
         smp: o.smp,
     };
-    bench::measure(&o.targets, setup, dir)?;
+    let columns: Vec<bench::Column> = (o.targets.iter().copied().map(bench::Column::plain))
+        .chain(o.variants.iter().cloned())
+        .collect();
+    bench::measure(&columns, setup, dir)?;
     Ok(true)
 }
 
@@ -386,6 +408,19 @@ mod tests {
         assert_eq!(o.targets, [Target::Qemu]);
         assert_eq!(o.runs, 7);
         assert_eq!(o.force, Some("--nested"));
+        let o = parse_options(
+            &strings(&["--vmm-variant", "nosandbox=-sandbox  off"]),
+            &[Target::Vmm],
+        )
+        .unwrap();
+        assert_eq!(
+            o.variants,
+            [bench::Column {
+                name: "vmm-nosandbox".to_owned(),
+                target: Target::Vmm,
+                args: strings(&["-sandbox", "off"]),
+            }]
+        );
     }
 
     #[test]
@@ -400,6 +435,20 @@ mod tests {
         assert!(matches!(err, Error::Option(ref o) if o == "--filter"));
         let err = parse_options(&strings(&["--targets", "xen"]), &[]).unwrap_err();
         assert!(matches!(err, Error::Target(_)));
+        // A variant's name becomes part of a column's name: a lowercase word, and some arguments.
+        for bad in [
+            "no-sandbox=-sandbox off",
+            "9=-sandbox off",
+            "nosandbox=",
+            "nosandbox",
+            "=x",
+        ] {
+            let err = parse_options(&strings(&["--vmm-variant", bad]), &[]).unwrap_err();
+            assert!(
+                matches!(err, Error::Value { ref option, ref value } if option == "--vmm-variant" && value == bad),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
