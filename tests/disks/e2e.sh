@@ -20,6 +20,8 @@
 #      (werror=enospc), the events and run state are QEMU's, space is freed, cont, fio verifies;
 #      run under vmm and, for comparison, under QEMU (its stop, events and replies checked; what
 #      follows its cont only noted).
+#   5. the full Debian 12 guest to systemd's `running`, fio through ext4, systemd's power-off, and
+#      a second boot reading the data back (debian.sh, sourced from $DISK_DIR).
 # Prints "E2E-PASS name" / "E2E-FAIL name" per check, "E2E-TIME" per boot, and a summary line; the
 # exit status is the number of failed checks (capped at 100). A guest that resets itself before its
 # userspace starts (vmm exits 0, no GUEST-USERSPACE-UP: the nested host's emulated virtualization
@@ -297,6 +299,9 @@ enospc_boot enospc-vmm vmm -m 1G -smp 2
 QMP_PORT=4446 CMD_PORT=4447 FINISH_LIMIT=60 after=note
 enospc_boot enospc-qemu qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m 1G -smp 2 \
   -nodefaults -no-reboot -display none -serial stdio -qmp tcp:127.0.0.1:$CMD_PORT,server=on,wait=off
+
+# ---- 5: the full distribution -----------------------------------------------------------------
+. "$DISK_DIR/debian.sh"
 
 echo "E2E $pass passed, $fail failed"
 [ $fail -gt 100 ] && fail=100
