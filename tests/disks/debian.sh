@@ -4,7 +4,7 @@
 # vmlinuz, initrd.img), with its root file system on a fresh qcow2 overlay of the zlib-compressed
 # base.
 #   1. the disk on iothread io0 (cache=none): systemd must reach `systemctl is-system-running` =
-#      running with no failed unit; fio writes 32 MiB of 4 KiB random blocks through ext4
+#      running with no failed unit; fio writes 8 MiB of 4 KiB random blocks through ext4
 #      (O_DIRECT, libaio, queue depth 16) to /var/tmp/fio.dat and reads every block back against its
 #      crc32c; `systemctl poweroff`: vmm exits 0. The overlay passes qemu-img check, the base is
 #      unchanged byte for byte.
@@ -15,7 +15,7 @@
 # nested host's emulated virtualization, see e2e.sh) is booted once more, said in an E2E-NOTE line.
 DEB=$DISK_DIR/debian
 # The fio job of both boots: the second only reads back and verifies what the first wrote.
-DEB_FIO="fio --name=debian --filename=/var/tmp/fio.dat --size=32M --bs=4k --rw=randwrite \
+DEB_FIO="fio --name=debian --filename=/var/tmp/fio.dat --size=8M --bs=4k --rw=randwrite \
 --ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --verify_state_save=0"
 # The guest side of both boots, before its own part: wait for the boot to finish, say how it ended.
 DEB_UP='state=$(systemctl is-system-running --wait)
@@ -36,16 +36,17 @@ deb_boot() {
   done
   return $rc
 }
+# deb_checks BOOT: the checks after each boot (check sets $name: keep the boot's own in $b).
 deb_checks() {
-  name=$1
-  check "$name-exit-0" [ "$rc" = 0 ]
-  check "$name-system-running" has "$name.log" "GUEST-SYSTEM-STATE running"
-  check "$name-no-failed-unit" [ "$(grep -c GUEST-FAILED-UNIT "$name.log")" = 0 ]
-  check "$name-root-ext4" has "$name.log" "GUEST-ROOT-FS ext4"
-  check "$name-overlay-check" qemu-img check -q "$DEB/top.qcow2"
-  check "$name-base-unchanged" [ "$(sum "$DEB/base.qcow2")" = "$deb_base_sum" ]
-  grep -E 'GUEST-(ANALYZE|FAILED-UNIT)' "$name.log"
-  [ "$rc" = 0 ] && has "$name.log" "GUEST-SYSTEM-STATE running" || tail -60 "$name.log"
+  b=$1
+  check "$b-exit-0" [ "$rc" = 0 ]
+  check "$b-system-running" has "$b.log" "GUEST-SYSTEM-STATE running"
+  check "$b-no-failed-unit" [ "$(grep -c GUEST-FAILED-UNIT "$b.log")" = 0 ]
+  check "$b-root-ext4" has "$b.log" "GUEST-ROOT-FS ext4"
+  check "$b-overlay-check" qemu-img check -q "$DEB/top.qcow2"
+  check "$b-base-unchanged" [ "$(sum "$DEB/base.qcow2")" = "$deb_base_sum" ]
+  grep -E 'GUEST-(ANALYZE|FAILED-UNIT)' "$b.log"
+  [ "$rc" = 0 ] && has "$b.log" "GUEST-SYSTEM-STATE running" || tail -60 "$b.log"
 }
 deb_base_sum=$(sum "$DEB/base.qcow2")
 qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$DEB/top.qcow2"
