@@ -114,6 +114,9 @@ enum Kind {
     /// A raw disk on virtio-blk-pci on an iothread: verified I/O and a vector per queue
     /// ([`crate::pci`]).
     PciDisk,
+    /// fio with a job per vCPU on virtio-blk-pci: each queue's vector fires on its own CPU only
+    /// ([`crate::pci`]).
+    PciAffinity,
 }
 
 /// The optional groups of cases, for features a VMM gains later.
@@ -196,6 +199,7 @@ pub fn cases(targets: &[Target], filter: Option<&str>, groups: Groups) -> Vec<Ca
         // QEMU's microvm as the baseline runs it has no PCI bus.
         if target == Target::Vmm {
             add("virtio-blk-pci".into(), Kind::PciDisk);
+            add("virtio-blk-pci-mq-affinity".into(), Kind::PciAffinity);
         }
         if groups.disks {
             add("rootfs-chain3-iothread".into(), Kind::DiskChain);
@@ -257,6 +261,10 @@ pub fn run(case: &Case, guest_dir: &Path) -> Outcome {
         }
         Kind::PciDisk => {
             crate::pci::disk_on_pci(case.target, guest_dir, &case.name, &mut transcript)
+                .map_err(|e| e.to_string())
+        }
+        Kind::PciAffinity => {
+            crate::pci::queues_on_their_cpus(case.target, guest_dir, &case.name, &mut transcript)
                 .map_err(|e| e.to_string())
         }
         Kind::DiskChain => {
@@ -563,11 +571,17 @@ mod tests {
         };
         assert_eq!(
             cases(&[Target::Vmm, Target::Qemu], None, everything).len(),
-            23
+            24
         );
-        assert_eq!(all.len(), 16);
+        assert_eq!(all.len(), 17);
         assert!(all.iter().any(|c| c.name == "vmm/virtio-blk-pci"));
         assert!(!all.iter().any(|c| c.name == "qemu/virtio-blk-pci"));
+        assert!(all
+            .iter()
+            .any(|c| c.name == "vmm/virtio-blk-pci-mq-affinity"));
+        assert!(!all
+            .iter()
+            .any(|c| c.name == "qemu/virtio-blk-pci-mq-affinity"));
         assert_eq!(all.first().unwrap().name, "vmm/bzimage-smp1");
         assert!(all.iter().any(|c| c.name == "vmm/pvh-smp8"));
         assert!(!all.iter().any(|c| c.name.starts_with("qemu/pvh")));

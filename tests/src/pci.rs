@@ -1,9 +1,17 @@
-//! The virtio-blk-pci case: a raw disk on the PCI bus, served by an iothread, with as many queues
-//! as vCPUs (the default). The guest writes 4 MiB of random data with O_DIRECT, half from each
-//! CPU (so each CPU's queue carries requests), reads it back with O_DIRECT and compares, and
-//! prints its `/proc/interrupts` lines of the disk. The case wants: the data read back, the same
-//! data in the image on the host (SHA-256), one MSI-X vector per queue (`virtio0-req.N`, each
-//! having fired) and one for configuration changes (`virtio0-config`).
+//! The virtio-blk-pci cases: a raw disk on the PCI bus, served by an iothread, with as many queues
+//! as vCPUs.
+//!
+//! [`disk_on_pci`] (the default number of queues): the guest writes 4 MiB of random data with
+//! O_DIRECT, half from each CPU (so each CPU's queue carries requests), reads it back with O_DIRECT
+//! and compares, and prints its `/proc/interrupts` lines of the disk. The case wants: the data read
+//! back, the same data in the image on the host (SHA-256), one MSI-X vector per queue
+//! (`virtio0-req.N`, each having fired) and one for configuration changes (`virtio0-config`).
+//!
+//! [`queues_on_their_cpus`] (`num-queues` given, the guest with fio): fio reads with one job per
+//! vCPU, each pinned to its own (`--cpus_allowed_policy=split`), and the case wants each queue's
+//! vector to have fired on its own CPU only: `virtio0-req.K` counted in the column of CPU K and
+//! nowhere else, which is the guest's managed interrupt affinity honoured by the
+//! MSI routes (a route that ignored the destination would put them all on CPU 0).
 
 use std::path::Path;
 use std::process::Command;
@@ -36,7 +44,18 @@ echo GUEST-IRQS-DONE
 poweroff -f
 ";
 
-/// Errors of the case beside the guest's.
+/// fio's jobs: one per vCPU, each pinned to its own, 4 KiB random reads of the whole disk.
+const FIO_SCRIPT: &str = "\
+fio --name=mq --filename=/dev/vda --direct=1 --ioengine=psync --rw=randread --bs=4k \
+ --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split > /tmp/fio.out 2>&1
+status=$?
+if [ $status = 0 ]; then echo GUEST-FIO ok; else cat /tmp/fio.out; echo GUEST-FIO status $status; fi
+grep virtio /proc/interrupts | sed 's/^/GUEST-IRQ /'
+echo GUEST-IRQS-DONE
+poweroff -f
+";
+
+/// Errors of the cases beside the guest's.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The image on the host does not hold what the guest wrote.
@@ -58,13 +77,21 @@ pub enum Error {
         /// The guest's `/proc/interrupts` lines.
         lines: Vec<String>,
     },
+    /// A queue's vector fired on another CPU than its own, or not on its own.
+    #[error("expected virtio0-req.K to fire on CPU K only, K = 0 to {last}; got {lines:?}")]
+    Affinity {
+        /// The last queue.
+        last: u32,
+        /// The guest's `/proc/interrupts` lines.
+        lines: Vec<String>,
+    },
     /// A boot failed.
     #[error(transparent)]
     Boot(#[from] Failure),
 }
 
-/// What one `/proc/interrupts` line says: the name at its end and the sum of its per-CPU counts.
-fn vector(line: &str) -> Option<(String, u64)> {
+/// What one `/proc/interrupts` line says: the name at its end and its per-CPU counts.
+fn vector(line: &str) -> Option<(String, Vec<u64>)> {
     let mut words = line.split_whitespace();
     words.next()?.strip_suffix(':')?;
     let counts: Vec<u64> = words
@@ -73,29 +100,57 @@ fn vector(line: &str) -> Option<(String, u64)> {
         .map(str::parse)
         .collect::<Result<_, _>>()
         .ok()?;
-    Some((words.last()?.to_owned(), counts.iter().sum()))
+    Some((words.last()?.to_owned(), counts))
 }
 
 /// Whether `lines` show the config vector and one fired vector per queue, nothing else.
 fn vectors_ok(lines: &[String]) -> bool {
-    let mut names: Vec<(String, u64)> = lines.iter().filter_map(|l| vector(l)).collect();
+    let mut names: Vec<(String, Vec<u64>)> = lines.iter().filter_map(|l| vector(l)).collect();
     names.sort();
     let mut want = vec!["virtio0-config".to_owned()];
     want.extend((0..CPUS).map(|q| format!("virtio0-req.{q}")));
     names.len() == want.len()
-        && names
-            .iter()
-            .zip(&want)
-            .all(|((name, fired), w)| name == w && (name.ends_with("config") || *fired > 0))
+        && names.iter().zip(&want).all(|((name, counts), w)| {
+            name == w && (name.ends_with("config") || counts.iter().sum::<u64>() > 0)
+        })
 }
 
-/// Runs the case for `target`.
-pub fn disk_on_pci(
-    target: Target,
-    guest_dir: &Path,
+/// Whether each queue's vector in `lines` fired on its own CPU and on no other.
+fn affinity_ok(lines: &[String]) -> bool {
+    let vectors: Vec<(String, Vec<u64>)> = lines.iter().filter_map(|l| vector(l)).collect();
+    (0..CPUS).all(|q| {
+        let name = format!("virtio0-req.{q}");
+        let Some((_, counts)) = vectors.iter().find(|(n, _)| *n == name) else {
+            return false;
+        };
+        counts
+            .iter()
+            .enumerate()
+            .all(|(cpu, &c)| (u32::try_from(cpu) == Ok(q)) == (c > 0))
+    })
+}
+
+/// The per-vector figures of a passed case: `name a/b` with a count per CPU.
+fn describe(lines: &[String]) -> String {
+    lines
+        .iter()
+        .filter_map(|l| vector(l))
+        .map(|(n, c)| {
+            let per_cpu: Vec<String> = c.iter().map(u64::to_string).collect();
+            format!("{n} {}", per_cpu.join("/"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A fresh raw image of `2 * WRITTEN` bytes for the case `name`, and the boot of `initrd` with
+/// `script` and the disk on `device` (`-device`'s value, `drive=d0` on `iothread=io0`).
+fn pci_boot(
     name: &str,
-    transcript: &mut Option<String>,
-) -> Result<String, Error> {
+    initrd: &'static str,
+    script: &str,
+    device: &str,
+) -> Result<(std::path::PathBuf, Boot), Failure> {
     let image = std::env::temp_dir().join(format!(
         "linux-tests-{}-{}.raw",
         std::process::id(),
@@ -106,17 +161,49 @@ pub fn disk_on_pci(
         path: image.display().to_string(),
         source,
     })?;
-    let append = format!("guest.sh={}", base64(SCRIPT.as_bytes()));
+    let append = format!("guest.sh={}", base64(script.as_bytes()));
     let mut boot = Boot::new(Kernel::BzImage, CPUS, 512, &append);
+    boot.initrd = initrd;
     boot.extra = [
         "-object".to_owned(),
         "iothread,id=io0".to_owned(),
         "-drive".to_owned(),
         format!("file={},format=raw,if=none,id=d0", image.display()),
         "-device".to_owned(),
-        "virtio-blk-pci,drive=d0,id=vd0,iothread=io0".to_owned(),
+        device.to_owned(),
     ]
     .into();
+    Ok((image, boot))
+}
+
+/// Reads the guest's `GUEST-IRQ` lines up to `GUEST-IRQS-DONE`.
+fn read_irqs(g: &mut Guest) -> Result<Vec<String>, Failure> {
+    let mut irqs = Vec::new();
+    loop {
+        let line = g.wait_line("GUEST-IRQ", SCRIPT_TIMEOUT, |l| {
+            l.trim_start().starts_with("GUEST-IRQ")
+        })?;
+        let text = line.text.trim_start();
+        if text.starts_with("GUEST-IRQS-DONE") {
+            return Ok(irqs);
+        }
+        irqs.push(text.trim_start_matches("GUEST-IRQ").trim().to_owned());
+    }
+}
+
+/// Runs the `virtio-blk-pci` case for `target`.
+pub fn disk_on_pci(
+    target: Target,
+    guest_dir: &Path,
+    name: &str,
+    transcript: &mut Option<String>,
+) -> Result<String, Error> {
+    let (image, boot) = pci_boot(
+        name,
+        "initrd.img",
+        SCRIPT,
+        "virtio-blk-pci,drive=d0,id=vd0,iothread=io0",
+    )?;
     let mut guest_sum = String::new();
     let mut irqs = Vec::new();
     let result = cases::drive(target, &boot, guest_dir, transcript, |g: &mut Guest| {
@@ -129,16 +216,7 @@ pub fn disk_on_pci(
             l.trim_start().starts_with("GUEST-PCI-SUM")
         })?;
         guest_sum = sum.text.split_whitespace().nth(1).unwrap_or("").to_owned();
-        loop {
-            let line = g.wait_line("GUEST-IRQ", SCRIPT_TIMEOUT, |l| {
-                l.trim_start().starts_with("GUEST-IRQ")
-            })?;
-            let text = line.text.trim_start();
-            if text.starts_with("GUEST-IRQS-DONE") {
-                break;
-            }
-            irqs.push(text.trim_start_matches("GUEST-IRQ").trim().to_owned());
-        }
+        irqs = read_irqs(g)?;
         Ok(String::new())
     });
     let checked = result.map_err(Error::from).and_then(|up| {
@@ -169,12 +247,50 @@ pub fn disk_on_pci(
         }
         Ok(format!(
             "{up}; 4 MiB written and read back with O_DIRECT from both CPUs, the image holds it; \
-             vectors: {}",
-            irqs.iter()
-                .filter_map(|l| vector(l))
-                .map(|(n, c)| format!("{n} {c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+             vectors (per CPU): {}",
+            describe(&irqs)
+        ))
+    });
+    let _ = std::fs::remove_file(&image);
+    checked
+}
+
+/// Runs the `virtio-blk-pci-mq-affinity` case for `target`.
+pub fn queues_on_their_cpus(
+    target: Target,
+    guest_dir: &Path,
+    name: &str,
+    transcript: &mut Option<String>,
+) -> Result<String, Error> {
+    let device = format!("virtio-blk-pci,drive=d0,id=vd0,iothread=io0,num-queues={CPUS}");
+    let (image, boot) = pci_boot(name, "initrd-fio.img", FIO_SCRIPT, &device)?;
+    let mut irqs = Vec::new();
+    let result = cases::drive(target, &boot, guest_dir, transcript, |g: &mut Guest| {
+        let fio = g.wait_for("GUEST-FIO", SCRIPT_TIMEOUT)?;
+        // "GUEST-FIO status N": fio failed, its output just before in the transcript.
+        if fio.text.trim() != "GUEST-FIO ok" {
+            return Err(Failure::Info(fio.text));
+        }
+        irqs = read_irqs(g)?;
+        Ok(String::new())
+    });
+    let checked = result.map_err(Error::from).and_then(|up| {
+        if !vectors_ok(&irqs) {
+            return Err(Error::Vectors {
+                last: CPUS - 1,
+                lines: irqs.clone(),
+            });
+        }
+        if !affinity_ok(&irqs) {
+            return Err(Error::Affinity {
+                last: CPUS - 1,
+                lines: irqs.clone(),
+            });
+        }
+        Ok(format!(
+            "{up}; fio with a job per CPU, each queue's vector on its own CPU only \
+             (per CPU): {}",
+            describe(&irqs)
         ))
     });
     let _ = std::fs::remove_file(&image);
@@ -195,7 +311,10 @@ mod tests {
         ]
         .map(String::from)
         .into();
-        assert_eq!(vector(&lines[1]), Some(("virtio0-req.0".to_owned(), 130)));
+        assert_eq!(
+            vector(&lines[1]),
+            Some(("virtio0-req.0".to_owned(), vec![130, 0]))
+        );
         assert!(vectors_ok(&lines));
         // A queue whose vector never fired, a missing queue, an extra line.
         let mut quiet = lines.clone();
@@ -207,5 +326,33 @@ mod tests {
         assert!(!vectors_ok(&extra));
         // The mmio transport's single line does not pass.
         assert!(!vectors_ok(&["10: 5 5 IO-APIC 10-edge virtio0".to_owned()]));
+    }
+
+    #[test]
+    fn each_queue_vector_must_fire_on_its_own_cpu_only() {
+        let lines: Vec<String> = [
+            "24:          0          0  PCI-MSIX-0000:00:01.0   0-edge      virtio0-config",
+            "25:        130          0  PCI-MSIX-0000:00:01.0   1-edge      virtio0-req.0",
+            "26:          0         97  PCI-MSIX-0000:00:01.0   2-edge      virtio0-req.1",
+        ]
+        .map(String::from)
+        .into();
+        assert!(affinity_ok(&lines));
+        assert_eq!(
+            describe(&lines),
+            "virtio0-config 0/0, virtio0-req.0 130/0, virtio0-req.1 0/97"
+        );
+        // Every vector on CPU 0, as when the routes ignore the destination APIC id.
+        let mut on_cpu0 = lines.clone();
+        on_cpu0[2] = on_cpu0[2].replace("0         97", "97          0");
+        assert!(vectors_ok(&on_cpu0) && !affinity_ok(&on_cpu0));
+        // A vector spread over both CPUs, one that never fired, a missing one.
+        let mut spread = lines.clone();
+        spread[1] = spread[1].replace("130          0", "130          4");
+        assert!(!affinity_ok(&spread));
+        let mut quiet = lines.clone();
+        quiet[2] = quiet[2].replace("97", "0");
+        assert!(!affinity_ok(&quiet));
+        assert!(!affinity_ok(&lines[..2]));
     }
 }
