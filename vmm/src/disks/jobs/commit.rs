@@ -1,7 +1,7 @@
 //! `block-commit` of an intermediate image: copies what `top` and the images between it and
 //! `base` hold into `base`, then drops them from the chain by naming `base` as the backing file
-//! of the image above `top`, as QEMU's `block/commit.c` does. Committing the active layer (a
-//! mirror that tracks guest writes) is not built.
+//! of the image above `top`, as QEMU's `block/commit.c` does. Committing the active layer is
+//! a mirror that tracks guest writes (`active.rs`).
 //!
 //! Steps (in the disk's context): at most [`CHUNK`] bytes each, a run that some image from `top`
 //! down to (not including) `base` allocates is read through `top` and written into `base`
@@ -20,6 +20,7 @@ use std::sync::{Arc, PoisonError};
 
 use block::{DiskImage, Image, OpenOptions, WithPolicy};
 
+use super::active::start_active_commit;
 use super::stream::{find_in_chain, reopen_with_backing};
 use super::{JobError, JobKind, Jobs, NewJob, Step, Work};
 use crate::monitor::VmDisk;
@@ -72,6 +73,7 @@ impl Work for Commit {
             return Ok(Step {
                 advanced: n,
                 copied: 0,
+                remaining: None,
             });
         }
         let size = usize::try_from(n).map_err(|e| e.to_string())?;
@@ -83,6 +85,7 @@ impl Work for Commit {
         Ok(Step {
             advanced: n,
             copied: n,
+            remaining: None,
         })
     }
 
@@ -128,7 +131,7 @@ impl Work for Commit {
         Ok(())
     }
 
-    fn release(&mut self) {
+    fn release(&mut self, _disk: Option<&mut VmDisk>) {
         self.base = None;
         self.top = None;
     }
@@ -171,9 +174,22 @@ pub fn start_commit(jobs: &mut Jobs, disk: &VmDisk, args: CommitArgs) -> Result<
         ));
     }
     if top_depth == 0 {
-        return Err(JobError::Other(
-            "Committing the active layer is not supported".to_owned(),
-        ));
+        if args.backing_file.is_some() {
+            return Err(JobError::Other(
+                "'backing-file' specified, but 'top' is the active layer".to_owned(),
+            ));
+        }
+        let new = NewJob {
+            id: args.job_id.unwrap_or_else(|| drive.clone()),
+            kind: JobKind::Commit,
+            ctx: Arc::clone(disk.device.context()),
+            drive,
+            // Known once the job has looked at the chain, as QEMU's.
+            len: 0,
+            speed: args.speed,
+            mirror: true,
+        };
+        return start_active_commit(jobs, disk, base_depth, new);
     }
     let base = image
         .chain()
@@ -214,6 +230,7 @@ pub fn start_commit(jobs: &mut Jobs, disk: &VmDisk, args: CommitArgs) -> Result<
         drive,
         len: top.size(),
         speed: args.speed,
+        mirror: false,
     };
     jobs.start(new, Box::new(work))
 }

@@ -20,9 +20,12 @@
 //! The work (`Work`) is locked by the step, in the context, and by the finalization, on the
 //! main thread once the steps have ended. A monitor command acquires no context.
 
+mod active;
 mod commit;
 mod ratelimit;
 mod stream;
+#[cfg(test)]
+mod testing;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -238,6 +241,9 @@ pub struct Step {
     pub advanced: u64,
     /// Bytes it copied (what the speed limit counts).
     pub copied: u64,
+    /// For a mirror (active commit): the bytes left to copy, once known; the job is ready
+    /// when none are.
+    pub remaining: Option<u64>,
 }
 
 /// The copying part of a job: steps in the disk's context, then its end on the main loop.
@@ -248,8 +254,9 @@ trait Work: Send + std::fmt::Debug {
     /// Changes the chain once every step succeeded (main thread, global lock held).
     fn finish(&mut self, disk: &mut VmDisk) -> Result<(), String>;
 
-    /// Lets go of the images it holds (the job ended either way).
-    fn release(&mut self);
+    /// Lets go of the images it holds and of what it changed in the disk's device (the job
+    /// ended either way; main thread, global lock held).
+    fn release(&mut self, disk: Option<&mut VmDisk>);
 }
 
 /// How the steps ended.
@@ -274,6 +281,13 @@ struct State {
     user_paused: bool,
     cancelled: bool,
     busy: bool,
+    /// A mirror: it ends when `block-job-complete` or `block-job-cancel` asks, once in sync.
+    mirror: bool,
+    /// A mirror's bytes left to copy, once its first scan is done.
+    remaining: Option<u64>,
+    /// Asked to end while ready: `Some(true)` switching the disk (`block-job-complete`),
+    /// `Some(false)` leaving it as it is (`block-job-cancel`, QEMU's completion without pivot).
+    completing: Option<bool>,
     /// Set once by the last step; the job is then waiting for its finalization.
     ended: Option<Ended>,
 }
@@ -301,6 +315,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The shortest re-arm: a timerfd armed with zero would be disarmed.
 const NEXT_STEP: Duration = Duration::from_micros(1);
+
+/// How often a mirror with nothing to copy looks again (QEMU's mirror `SLICE_TIME`).
+const IDLE: Duration = Duration::from_millis(100);
 
 impl Job {
     fn state(&self) -> MutexGuard<'_, State> {
@@ -359,12 +376,19 @@ impl Job {
                 return;
             }
             if s.user_paused {
-                if s.status == JobStatus::Running {
-                    self.transition(&mut s, JobStatus::Paused);
+                match s.status {
+                    JobStatus::Running => self.transition(&mut s, JobStatus::Paused),
+                    JobStatus::Ready => self.transition(&mut s, JobStatus::Standby),
+                    _ => {}
                 }
                 return;
             }
-            if s.offset >= s.len {
+            let done = if s.mirror {
+                s.completing.is_some() && s.remaining == Some(0)
+            } else {
+                s.offset >= s.len
+            };
+            if done {
                 drop(s);
                 self.end_steps(Ended::Done);
                 return;
@@ -377,15 +401,29 @@ impl Job {
         s.busy = false;
         match result {
             Ok(step) => {
-                s.offset = (s.offset + step.advanced).min(s.len);
-                let delay = s.limit.delay(step.copied, Instant::now());
-                // A pause or cancel that came during the step re-armed the timer before this
-                // re-arm replaces it: it is taken now, not after the speed limit's sleep.
-                let delay = if s.user_paused || s.cancelled {
-                    Duration::ZERO
+                s.offset = if s.mirror {
+                    s.offset + step.advanced
                 } else {
-                    delay
+                    (s.offset + step.advanced).min(s.len)
                 };
+                let mut delay = s.limit.delay(step.copied, Instant::now());
+                if let Some(remaining) = step.remaining {
+                    s.len = s.offset + remaining;
+                    s.remaining = Some(remaining);
+                    if remaining == 0 {
+                        if s.status == JobStatus::Running {
+                            self.transition(&mut s, JobStatus::Ready);
+                            self.events
+                                .send(QmpEvent::BlockJobReady(self.event_data(&s)));
+                        }
+                        delay = delay.max(IDLE);
+                    }
+                }
+                // A pause, cancel or completion that came during the step re-armed the timer
+                // before this re-arm replaces it: it is taken now, not after a sleep.
+                if s.user_paused || s.cancelled || s.completing.is_some() {
+                    delay = Duration::ZERO;
+                }
                 drop(s);
                 self.schedule(delay);
             }
@@ -416,14 +454,19 @@ impl Job {
 
     /// Finalizes a job whose steps ended (main thread, global lock held): the chain change on
     /// success, then the end events, as QEMU's `job_completed` and `job_finalize_single`.
-    fn finalize(&self, disk: Option<&mut VmDisk>) {
-        let how = self.state().ended.clone();
+    fn finalize(&self, mut disk: Option<&mut VmDisk>) {
+        let (how, switch) = {
+            let s = self.state();
+            (s.ended.clone(), s.completing != Some(false))
+        };
         let mut outcome = how.unwrap_or(Ended::Failed("Job ended without a result".into()));
         if outcome == Ended::Done {
             let mut s = self.state();
             self.transition(&mut s, JobStatus::Pending);
             drop(s);
-            let finished = match disk {
+            let finished = match disk.as_deref_mut() {
+                // A mirror cancelled while ready completes leaving the disk as it is.
+                Some(_) if !switch => Ok(()),
                 Some(disk) => lock(&self.work).finish(disk),
                 None => Err(format!("Drive '{}' is gone", self.drive)),
             };
@@ -433,7 +476,7 @@ impl Job {
                 outcome = Ended::Failed(e);
             }
         }
-        lock(&self.work).release();
+        lock(&self.work).release(disk);
         *lock(&self.timer) = None;
         let mut s = self.state();
         let data = self.event_data(&s);
@@ -495,6 +538,8 @@ struct NewJob {
     len: u64,
     /// Its speed limit, bytes per second (0: none), as asked.
     speed: i64,
+    /// A mirror (ends when asked to, once ready).
+    mirror: bool,
 }
 
 /// The VM's jobs, kept by the monitor's handler on the main thread.
@@ -550,6 +595,7 @@ impl Jobs {
             ctx,
             len,
             speed,
+            mirror,
         } = new;
         if !well_formed(&id) {
             return Err(JobError::InvalidId(id));
@@ -576,6 +622,9 @@ impl Jobs {
                 user_paused: false,
                 cancelled: false,
                 busy: false,
+                mirror,
+                remaining: None,
+                completing: None,
                 ended: None,
             }),
             work: Mutex::new(work),
@@ -613,7 +662,8 @@ impl Jobs {
         self.jobs.iter().map(|j| j.info()).collect()
     }
 
-    /// `block-job-cancel`: the job stops at its next step boundary.
+    /// `block-job-cancel`: the job stops at its next step boundary; a ready mirror without
+    /// `force` completes instead, once in sync, leaving the disk as it is (as QEMU's).
     pub fn cancel(&self, id: &str, force: bool) -> Result<(), JobError> {
         let job = self.find(id)?;
         let mut s = job.state();
@@ -621,11 +671,18 @@ impl Jobs {
         if s.user_paused && !force {
             return Err(JobError::CancelPaused(id.to_owned()));
         }
-        s.cancelled = true;
+        let ready = matches!(s.status, JobStatus::Ready | JobStatus::Standby);
+        if s.mirror && ready && !force {
+            s.completing = Some(false);
+        } else {
+            s.cancelled = true;
+        }
         s.user_paused = false;
-        if s.status == JobStatus::Paused {
+        match s.status {
             // As QEMU: a paused job is resumed to be cancelled.
-            job.transition(&mut s, JobStatus::Running);
+            JobStatus::Paused => job.transition(&mut s, JobStatus::Running),
+            JobStatus::Standby => job.transition(&mut s, JobStatus::Ready),
+            _ => {}
         }
         drop(s);
         job.schedule(NEXT_STEP);
@@ -656,8 +713,10 @@ impl Jobs {
             return Err(JobError::NotPaused);
         }
         s.user_paused = false;
-        if s.status == JobStatus::Paused {
-            job.transition(&mut s, JobStatus::Running);
+        match s.status {
+            JobStatus::Paused => job.transition(&mut s, JobStatus::Running),
+            JobStatus::Standby => job.transition(&mut s, JobStatus::Ready),
+            _ => {}
         }
         drop(s);
         job.schedule(NEXT_STEP);
@@ -672,7 +731,7 @@ impl Jobs {
         let speed = u64::try_from(speed).map_err(|_| JobError::NegativeSpeed)?;
         s.speed = speed;
         s.limit.set_speed(speed);
-        let running = s.status == JobStatus::Running && !s.user_paused;
+        let running = matches!(s.status, JobStatus::Running | JobStatus::Ready) && !s.user_paused;
         drop(s);
         if running {
             // A job sleeping under the old limit wakes to sleep under the new one.
@@ -681,11 +740,16 @@ impl Jobs {
         Ok(())
     }
 
-    /// `block-job-complete`: only a ready job accepts it (no job here becomes ready).
+    /// `block-job-complete`: only a ready job (a mirror) accepts it; it ends once in sync,
+    /// switching the disk.
     pub fn complete(&self, id: &str) -> Result<(), JobError> {
         let job = self.find(id)?;
-        let s = job.state();
-        job.check_verb(&s, Verb::Complete)
+        let mut s = job.state();
+        job.check_verb(&s, Verb::Complete)?;
+        s.completing = Some(true);
+        drop(s);
+        job.schedule(NEXT_STEP);
+        Ok(())
     }
 
     /// Finalizes the jobs whose steps ended (main thread, global lock held) and forgets them.
