@@ -7,7 +7,10 @@ Each side gets copies of the same two chains (base <- mid <- top, pattern-filled
 d0 on an iothread, d1 on the main loop. The same QMP sequence goes to vmm (guest running) and to
 QEMU microvm (-S): bad requests; a slow block-stream with a base, paused, refused verbs,
 speed changed, resumed to its end; a full stream of the main-loop disk; a stream cancelled
-halfway; an intermediate commit of a disk's middle image into its base. The replies, the job events (timestamps stripped), query-block-jobs while paused and
+halfway; an intermediate commit of a disk's middle image into its base; an active commit of a
+whole chain into its base, ready, then completed (the disk switched to the base); an active
+commit of the top into its middle image, cancelled once ready (the disk stays on its top). The
+replies, the job events (timestamps stripped), query-block-jobs while paused and once ready, and
 query-block's chains must match; after both quit, qemu-img compares the images side by side,
 checks them, and reads the same chains.
 Prints one line per check; exits non-zero on the first failure.
@@ -31,7 +34,7 @@ JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
 def make_chains(d):
     def run(*cmd):
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    for n in ("", "2", "3"):
+    for n in ("", "2", "3", "4", "5"):
         base, mid, top = (f"{d}/base{n}.qcow2", f"{d}/mid{n}.qcow2", f"{d}/top{n}.qcow2")
         run("qemu-img", "create", "-q", "-f", "qcow2", base, "4M")
         run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", "-c", "write -P 4 3M 64k", base)
@@ -138,6 +141,31 @@ async def side(qmp, d):
         ]:
             await ex(cmd, args)
         gone.append(await wait_jobs_gone(qmp))
+        # Active commits: d3's whole chain into its base, completed once ready; d4's top into
+        # its middle image, cancelled once ready.
+        for cmd, args in [
+            ("block-commit", {"device": "d3", "job-id": "a0", "backing-file": "x"}),
+            ("block-commit", {"device": "d3", "job-id": "a0", "top": f"{d}/top4.qcow2",
+                              "base": f"{d}/top4.qcow2"}),
+            ("block-commit", {"device": "d3", "job-id": "a0"}),
+            ("block-commit", {"device": "d3", "job-id": "a1"}),
+            ("block-stream", {"device": "d3", "job-id": "a1"}),
+        ]:
+            await ex(cmd, args)
+        ready = [await wait_status(qmp, "a0", "ready")]
+        await ex("block-job-complete", {"device": "a0"})
+        gone.append(await wait_jobs_gone(qmp))
+        await ex("block-commit", {"device": "d4", "job-id": "a1", "top": f"{d}/top5.qcow2",
+                                  "base": f"{d}/mid5.qcow2"})
+        ready.append(await wait_status(qmp, "a1", "ready"))
+        for cmd, args in [
+            ("block-job-pause", {"device": "a1"}),
+            ("block-job-cancel", {"device": "a1"}),
+            ("block-job-resume", {"device": "a1"}),
+            ("block-job-cancel", {"device": "a1"}),
+        ]:
+            await ex(cmd, args)
+        gone.append(await wait_jobs_gone(qmp))
         await asyncio.sleep(0.3)
         events = []
         while not listener.empty():
@@ -145,7 +173,7 @@ async def side(qmp, d):
             if e["event"] in JOB_EVENTS:
                 events.append((e["event"], e.get("data")))
     _, chain = await snapshot_side_chain(qmp, d)
-    return replies, paused, gone, collapse_wakeups(events), chain
+    return replies, paused, gone, collapse_wakeups(events), chain, ready
 
 
 async def jobs(vmm_path, kernel, sock):
@@ -162,7 +190,11 @@ async def jobs(vmm_path, kernel, sock):
                 "-drive", f"file={s}/top2.qcow2,format=qcow2,if=none,id=d1",
                 "-device", "virtio-blk-device,drive=d1,id=vd1",
                 "-drive", f"file={s}/top3.qcow2,format=qcow2,if=none,id=d2",
-                "-device", "virtio-blk-device,drive=d2,id=vd2,iothread=io0"]
+                "-device", "virtio-blk-device,drive=d2,id=vd2,iothread=io0",
+                "-drive", f"file={s}/top4.qcow2,format=qcow2,if=none,id=d3",
+                "-device", "virtio-blk-device,drive=d3,id=vd3,iothread=io0",
+                "-drive", f"file={s}/top5.qcow2,format=qcow2,if=none,id=d4",
+                "-device", "virtio-blk-device,drive=d4,id=vd4"]
     vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags(ours))
     qemu, qqmp = await start_qemu(d, flags(theirs), "qemu-jobs-test")
     await qmp.execute("cont")
@@ -173,7 +205,9 @@ async def jobs(vmm_path, kernel, sock):
     check(len(mine[0]) == len(qemus[0]), "as many replies")
     check(mine[1] is not None and mine[1] == qemus[1],
           f"query-block-jobs while paused {mine[1]} (QEMU: {qemus[1]})")
-    check(mine[2] == qemus[2] == [True] * 5, f"every job ended {mine[2]} (QEMU: {qemus[2]})")
+    check(mine[5] == qemus[5] and None not in mine[5],
+          f"query-block-jobs once ready {mine[5]} (QEMU: {qemus[5]})")
+    check(mine[2] == qemus[2] == [True] * 7, f"every job ended {mine[2]} (QEMU: {qemus[2]})")
     for i, (ours_e, qemu_e) in enumerate(zip(mine[3], qemus[3])):
         check(ours_e == qemu_e, f"event {i} {ours_e} (QEMU: {qemu_e})")
     check(len(mine[3]) == len(qemus[3]), f"as many job events ({len(mine[3])})")
@@ -184,7 +218,8 @@ async def jobs(vmm_path, kernel, sock):
     await asyncio.wait_for(qemu.wait(), TIMEOUT)
     for q in (qmp, qqmp):
         await close(q)
-    for top in ("top.qcow2", "top2.qcow2", "top3.qcow2"):
+    for top in ("top.qcow2", "top2.qcow2", "top3.qcow2", "top4.qcow2", "base4.qcow2",
+                "top5.qcow2", "mid5.qcow2"):
         a, b = image_chain(ours, top), image_chain(theirs, top)
         check(a == b, f"qemu-img info --backing-chain {top}: {a} (QEMU: {b})")
         same = subprocess.run(["qemu-img", "compare", f"{ours}/{top}", f"{theirs}/{top}"],

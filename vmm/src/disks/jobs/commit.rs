@@ -144,6 +144,10 @@ pub fn start_commit(jobs: &mut Jobs, disk: &VmDisk, args: CommitArgs) -> Result<
     let active = Arc::clone(&live.top);
     drop(live);
     let image = active.inner();
+    if jobs.mirrors(&drive) {
+        // QEMU's commit finds the active commit's filter node where the disk's top was.
+        return Err(JobError::Other("Need a root block node".to_owned()));
+    }
     jobs.check_idle(&drive)?;
     let top_depth = match &args.top {
         Some(name) => find_in_chain(image, name).or_else(|| {

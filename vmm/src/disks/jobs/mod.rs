@@ -585,6 +585,13 @@ impl Jobs {
         }
     }
 
+    /// Whether `drive` has an active commit (QEMU puts a filter node above its top meanwhile).
+    pub fn mirrors(&self, drive: &str) -> bool {
+        self.jobs
+            .iter()
+            .any(|j| j.drive == drive && j.state().mirror)
+    }
+
     /// Creates and starts a job on `drive` in `ctx` (events `created` and `running`); its first
     /// step runs at once.
     fn start(&mut self, new: NewJob, work: Box<dyn Work>) -> Result<(), JobError> {
