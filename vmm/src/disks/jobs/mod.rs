@@ -1,7 +1,9 @@
 //! Block jobs (QMP `block-stream`, `block-commit`, `query-block-jobs`, `block-job-*`), after QEMU's job layer
 //! (`qapi/job.json`, `job.c`): one state table decides every transition and which command verbs
-//! each state accepts; each transition raises `JOB_STATUS_CHANGE`, and the end of a job raises
-//! `BLOCK_JOB_COMPLETED` or `BLOCK_JOB_CANCELLED` with QEMU's members. Jobs finalize and dismiss
+//! each state accepts; each transition raises `JOB_STATUS_CHANGE`, a mirror (the active commit,
+//! `active.rs`) in sync raises `BLOCK_JOB_READY` and runs until `block-job-complete` (or
+//! `block-job-cancel`) ends it, and the end of a job raises `BLOCK_JOB_COMPLETED` or
+//! `BLOCK_JOB_CANCELLED` with QEMU's members. Jobs finalize and dismiss
 //! themselves (QEMU's `auto-finalize` and `auto-dismiss` defaults).
 //!
 //! Where a job runs: its copying runs in the disk's context (its iothread, or the main loop's
