@@ -14,7 +14,7 @@
 use devices::context::{PollSetting, PollSettings};
 use serde::Serialize;
 
-pub use crate::disks::{CommitArgs, JobError, StreamArgs};
+pub use crate::disks::{CommitArgs, JobError, Layer, StreamArgs};
 
 /// A failure inside the VM while carrying out a command; becomes a `GenericError` whose
 /// description is the message.

@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use super::args::Args;
-use super::backend::{CommitArgs, JobCommand, JobError, MonitorBackend, StreamArgs};
+use super::backend::{CommitArgs, JobCommand, JobError, Layer, MonitorBackend, StreamArgs};
 use super::protocol::{ErrorClass, QmpError};
 
 /// The commands this file handles, as `query-commands` lists them.
@@ -80,18 +80,55 @@ fn find_disk(backend: &dyn MonitorBackend, device: &str) -> Result<String, QmpEr
         })
 }
 
-/// Refuses what this VMM's jobs do not do: a node name below the top (the layers have none
-/// here), and jobs that wait to be finalized or dismissed.
+/// The depth in the chain of disk `drive_id` of the image whose format node is `node`, or
+/// `None` for a node of another disk or a protocol node; an unknown node is QEMU's error.
+fn node_depth(
+    backend: &dyn MonitorBackend,
+    drive_id: &str,
+    node: &str,
+) -> Result<Option<usize>, QmpError> {
+    for disk in backend.block_devices() {
+        for (depth, nodes) in disk.nodes.iter().enumerate() {
+            if nodes.format == node {
+                return Ok((disk.drive_id == drive_id).then_some(depth));
+            }
+            if nodes.file == node {
+                return Ok(None);
+            }
+        }
+    }
+    Err(QmpError::generic(format!(
+        "Cannot find device='' nor node-name='{node}'"
+    )))
+}
+
+/// A commit's `top` or `base`, by file or (`-node`) node name, not both.
+fn commit_layer(
+    backend: &dyn MonitorBackend,
+    drive_id: &str,
+    (file, node): (Option<String>, Option<String>),
+    what: &str,
+) -> Result<Option<Layer>, QmpError> {
+    match (file, node) {
+        (Some(_), Some(_)) => Err(QmpError::generic(format!(
+            "'{what}-node' and '{what}' are mutually exclusive"
+        ))),
+        (Some(file), None) => Ok(Some(Layer::File(file))),
+        (None, Some(name)) => match node_depth(backend, drive_id, &name)? {
+            Some(depth) => Ok(Some(Layer::Node { name, depth })),
+            None => Err(QmpError::generic(format!(
+                "'{name}' is not in this backing file chain"
+            ))),
+        },
+        (None, None) => Ok(None),
+    }
+}
+
+/// Refuses what this VMM's jobs do not do: jobs that wait to be finalized or dismissed.
 fn refuse_unsupported(
-    node: Option<String>,
     auto_finalize: Option<bool>,
     auto_dismiss: Option<bool>,
 ) -> Result<(), QmpError> {
-    if let Some(node) = node {
-        return Err(QmpError::generic(format!(
-            "Cannot find device='' nor node-name='{node}'"
-        )));
-    }
     if auto_finalize == Some(false) || auto_dismiss == Some(false) {
         return Err(QmpError::generic(
             "Jobs here finalize and dismiss themselves: auto-finalize and auto-dismiss must be true",
@@ -118,7 +155,9 @@ fn commit(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, Qmp
     args.finish()?;
     // Unlike block-stream, QEMU's block-commit says DeviceNotFound.
     let drive_id = find_disk(backend, &device).map_err(|_| QmpError::device_not_found(&device))?;
-    refuse_unsupported(top_node.or(base_node), auto_finalize, auto_dismiss)?;
+    let top = commit_layer(backend, &drive_id, (top, top_node), "top")?;
+    let base = commit_layer(backend, &drive_id, (base, base_node), "base")?;
+    refuse_unsupported(auto_finalize, auto_dismiss)?;
     let args = CommitArgs {
         job_id,
         top,
@@ -148,7 +187,18 @@ fn stream(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, Qmp
         ));
     }
     let drive_id = find_disk(backend, &device)?;
-    refuse_unsupported(base_node, auto_finalize, auto_dismiss)?;
+    let base = match base_node {
+        Some(name) => match node_depth(backend, &drive_id, &name)? {
+            Some(depth) if depth > 0 => Some(Layer::Node { name, depth }),
+            _ => {
+                return Err(QmpError::generic(format!(
+                    "Node '{name}' is not a backing image of '{device}'"
+                )))
+            }
+        },
+        None => base.map(Layer::File),
+    };
+    refuse_unsupported(auto_finalize, auto_dismiss)?;
     backend
         .block_stream(
             &drive_id,
@@ -194,6 +244,11 @@ mod tests {
         let commit = json!({"device": "d0", "job-id": "c", "top": "/m", "base": "/b",
                             "backing-file": "b", "speed": 9, "backing-mask-protocol": true});
         assert_eq!(call(&mut b, "block-commit", commit), ok);
+        // By node names: the images' depths in the disk's chain.
+        let by_node = json!({"device": "d0", "base-node": "#block4"});
+        assert_eq!(call(&mut b, "block-stream", by_node), ok);
+        let by_node = json!({"device": "d0", "top-node": "#block0", "base-node": "#block4"});
+        assert_eq!(call(&mut b, "block-commit", by_node), ok);
         for (command, args) in [
             ("block-job-cancel", json!({"device": "j0", "force": true})),
             ("block-job-pause", json!({"device": "j0"})),
@@ -211,9 +266,11 @@ mod tests {
         assert_eq!(
             calls,
             [
-                r#"stream d0 StreamArgs { job_id: Some("s"), base: Some("/b"), backing_file: Some("b"), speed: 7 }"#,
+                r#"stream d0 StreamArgs { job_id: Some("s"), base: Some(File("/b")), backing_file: Some("b"), speed: 7 }"#,
                 "stream d1 StreamArgs { job_id: None, base: None, backing_file: None, speed: 0 }",
-                r#"commit d0 CommitArgs { job_id: Some("c"), top: Some("/m"), base: Some("/b"), backing_file: Some("b"), speed: 9 }"#,
+                r#"commit d0 CommitArgs { job_id: Some("c"), top: Some(File("/m")), base: Some(File("/b")), backing_file: Some("b"), speed: 9 }"#,
+                r##"stream d0 StreamArgs { job_id: None, base: Some(Node { name: "#block4", depth: 1 }), backing_file: None, speed: 0 }"##,
+                r##"commit d0 CommitArgs { job_id: None, top: Some(Node { name: "#block0", depth: 0 }), base: Some(Node { name: "#block4", depth: 1 }), backing_file: None, speed: 0 }"##,
                 "job j0 Cancel { force: true }",
                 "job j0 Pause",
                 "job j0 Resume",
@@ -277,6 +334,62 @@ mod tests {
                 "block-commit",
                 json!({"device": "d0", "top-node": "n"}),
                 err("GenericError", "Cannot find device='' nor node-name='n'"),
+            ),
+            (
+                "block-stream",
+                json!({"device": "d0", "base-node": "#block0"}),
+                err(
+                    "GenericError",
+                    "Node '#block0' is not a backing image of 'd0'",
+                ),
+            ),
+            (
+                "block-stream",
+                json!({"device": "d0", "base-node": "#block1"}),
+                err(
+                    "GenericError",
+                    "Node '#block1' is not a backing image of 'd0'",
+                ),
+            ),
+            (
+                "block-stream",
+                json!({"device": "d0", "base-node": "#block3"}),
+                err(
+                    "GenericError",
+                    "Node '#block3' is not a backing image of 'd0'",
+                ),
+            ),
+            (
+                "block-commit",
+                json!({"device": "d0", "top": "/t", "top-node": "#block0"}),
+                err(
+                    "GenericError",
+                    "'top-node' and 'top' are mutually exclusive",
+                ),
+            ),
+            (
+                "block-commit",
+                json!({"device": "d0", "base": "/b", "base-node": "#block4"}),
+                err(
+                    "GenericError",
+                    "'base-node' and 'base' are mutually exclusive",
+                ),
+            ),
+            (
+                "block-commit",
+                json!({"device": "d0", "top-node": "#block1"}),
+                err(
+                    "GenericError",
+                    "'#block1' is not in this backing file chain",
+                ),
+            ),
+            (
+                "block-commit",
+                json!({"device": "d0", "base-node": "#block2"}),
+                err(
+                    "GenericError",
+                    "'#block2' is not in this backing file chain",
+                ),
             ),
             (
                 "block-stream",

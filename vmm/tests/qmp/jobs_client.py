@@ -79,6 +79,7 @@ def collapse_wakeups(events):
 async def side(qmp, d):
     """The job sequence on images in directory `d`; returns what to compare, `d` named DIR."""
     replies = []
+    labels = {}  # node name -> what it names: automatic names differ between QEMU and vmm
 
     async def ex(cmd, args):
         try:
@@ -86,7 +87,10 @@ async def side(qmp, d):
             replies.append((cmd, "return", r))
         except Exception as e:  # qemu.qmp's ExecuteError: the reply's class and desc.
             err = e.error.error
-            replies.append((cmd, err.class_, err.desc.replace(d, "DIR")))
+            desc = err.desc.replace(d, "DIR")
+            for name in sorted(labels, key=len, reverse=True):
+                desc = desc.replace(name, labels[name])
+            replies.append((cmd, err.class_, desc))
 
     listener = EventListener()
     with qmp.listen(listener):
@@ -166,6 +170,34 @@ async def side(qmp, d):
         ]:
             await ex(cmd, args)
         gone.append(await wait_jobs_gone(qmp))
+        # Node names for base and top: d4's chain (top5 <- mid5 <- base5), d0's base as a node
+        # of another disk, a protocol node.
+        nodes = {(n["file"].replace(d, "DIR"), n["drv"]): n["node-name"]
+                 for n in await qmp.execute("query-named-block-nodes")}
+        labels.update({name: f"<{drv} {f}>" for (f, drv), name in nodes.items()})
+        top5, mid5, base5 = (nodes[(f"DIR/{f}.qcow2", "qcow2")] for f in ("top5", "mid5", "base5"))
+        other, proto = nodes[("DIR/base.qcow2", "qcow2")], nodes[("DIR/mid5.qcow2", "file")]
+        for cmd, args in [
+            ("block-stream", {"device": "d4", "base-node": "nope"}),
+            ("block-stream", {"device": "d4", "base-node": top5}),
+            ("block-stream", {"device": "d4", "base-node": other}),
+            ("block-stream", {"device": "d4", "base-node": proto}),
+            ("block-commit", {"device": "d4", "top": f"{d}/mid5.qcow2", "top-node": mid5}),
+            ("block-commit", {"device": "d4", "base": f"{d}/base5.qcow2", "base-node": base5}),
+            ("block-commit", {"device": "d4", "top-node": "nope"}),
+            ("block-commit", {"device": "d4", "base-node": "nope"}),
+            ("block-commit", {"device": "d4", "top-node": other}),
+            ("block-commit", {"device": "d4", "base-node": other}),
+            ("block-commit", {"device": "d4", "top-node": mid5, "base-node": mid5}),
+            ("block-commit", {"device": "d4", "top-node": base5, "base-node": mid5}),
+            ("block-commit", {"device": "d4", "top-node": proto}),
+            ("block-stream", {"device": "d0", "job-id": "s0", "base-node": other}),
+        ]:
+            await ex(cmd, args)
+        gone.append(await wait_jobs_gone(qmp))
+        await ex("block-commit", {"device": "d4", "job-id": "c5", "top-node": mid5,
+                                  "base-node": base5})
+        gone.append(await wait_jobs_gone(qmp))
         await asyncio.sleep(0.3)
         events = []
         while not listener.empty():
@@ -207,7 +239,7 @@ async def jobs(vmm_path, kernel, sock):
           f"query-block-jobs while paused {mine[1]} (QEMU: {qemus[1]})")
     check(mine[5] == qemus[5] and None not in mine[5],
           f"query-block-jobs once ready {mine[5]} (QEMU: {qemus[5]})")
-    check(mine[2] == qemus[2] == [True] * 7, f"every job ended {mine[2]} (QEMU: {qemus[2]})")
+    check(mine[2] == qemus[2] == [True] * 9, f"every job ended {mine[2]} (QEMU: {qemus[2]})")
     for i, (ours_e, qemu_e) in enumerate(zip(mine[3], qemus[3])):
         check(ours_e == qemu_e, f"event {i} {ours_e} (QEMU: {qemu_e})")
     check(len(mine[3]) == len(qemus[3]), f"as many job events ({len(mine[3])})")

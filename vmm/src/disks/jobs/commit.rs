@@ -22,7 +22,7 @@ use block::{DiskImage, Image, OpenOptions, WithPolicy};
 
 use super::active::start_active_commit;
 use super::stream::{find_in_chain, reopen_with_backing};
-use super::{JobError, JobKind, Jobs, NewJob, Step, Work};
+use super::{JobError, JobKind, Jobs, Layer, NewJob, Step, Work};
 use crate::monitor::VmDisk;
 
 /// The most a step deals with (QEMU's `COMMIT_BUFFER_SIZE`).
@@ -33,10 +33,10 @@ const CHUNK: u64 = 512 << 10;
 pub struct CommitArgs {
     /// `job-id`; the drive id when absent.
     pub job_id: Option<String>,
-    /// `top`: the file name of the image to commit; the active layer when absent.
-    pub top: Option<String>,
-    /// `base`: the file name of the image to commit into; the chain's last when absent.
-    pub base: Option<String>,
+    /// `top` or `top-node`: the image to commit; the active layer when absent.
+    pub top: Option<Layer>,
+    /// `base` or `base-node`: the image to commit into; the chain's last when absent.
+    pub base: Option<Layer>,
     /// `backing-file`: the name to write in the header of the image above `top`.
     pub backing_file: Option<String>,
     /// `speed`, bytes per second (0: unlimited), refused below 0 once the job is created.
@@ -150,26 +150,29 @@ pub fn start_commit(jobs: &mut Jobs, disk: &VmDisk, args: CommitArgs) -> Result<
     }
     jobs.check_idle(&drive)?;
     let top_depth = match &args.top {
-        Some(name) => find_in_chain(image, name).or_else(|| {
-            // The active layer named by its own file.
-            (image.file().path() == name).then_some(0)
-        }),
-        None => Some(0),
-    }
-    .ok_or_else(|| {
-        JobError::Other(format!(
-            "Top image file {} not found",
-            args.top.as_deref().unwrap_or("NULL")
-        ))
-    })?;
+        Some(Layer::File(name)) => find_in_chain(image, name)
+            .or_else(|| {
+                // The active layer named by its own file.
+                (image.file().path() == name).then_some(0)
+            })
+            .ok_or_else(|| JobError::Other(format!("Top image file {name} not found")))?,
+        Some(Layer::Node { depth, .. }) => *depth,
+        None => 0,
+    };
     let top = image
         .chain()
         .nth(top_depth)
         .ok_or_else(|| JobError::Other("Top image file not found".to_owned()))?;
     let base_depth = match &args.base {
-        Some(name) => find_in_chain(top, name)
+        Some(Layer::File(name)) => find_in_chain(top, name)
             .map(|d| d + top_depth)
             .ok_or_else(|| JobError::Other(format!("Can't find '{name}' in the backing chain")))?,
+        Some(Layer::Node { name, depth }) if *depth < top_depth => {
+            return Err(JobError::Other(format!(
+                "'{name}' is not in this backing file chain"
+            )))
+        }
+        Some(Layer::Node { depth, .. }) => *depth,
         None => image.chain().count() - 1,
     };
     if base_depth <= top_depth {

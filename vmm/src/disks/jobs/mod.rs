@@ -40,6 +40,21 @@ use ratelimit::RateLimit;
 pub use commit::{start_commit, CommitArgs};
 pub use stream::{start_stream, StreamArgs};
 
+/// An image of a disk's chain as a job's arguments name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layer {
+    /// By file name (`base`, `top`): as given, or resolved as a backing file name is.
+    File(String),
+    /// By node name (`base-node`, `top-node`), found by the monitor at `depth` of the disk's
+    /// chain (0: its top).
+    Node {
+        /// The node name.
+        name: String,
+        /// Its image's depth.
+        depth: usize,
+    },
+}
+
 /// A job's status (QEMU's `JobStatus`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobStatus {

@@ -21,7 +21,7 @@ use std::sync::{Arc, PoisonError};
 
 use block::{DiskImage, FileId, Image, OpenOptions, WithPolicy};
 
-use super::{JobError, JobKind, Jobs, NewJob, Step, Work};
+use super::{JobError, JobKind, Jobs, Layer, NewJob, Step, Work};
 use crate::disks::LiveImage;
 use crate::monitor::VmDisk;
 
@@ -33,8 +33,8 @@ const CHUNK: u64 = 512 << 10;
 pub struct StreamArgs {
     /// `job-id`; the drive id when absent.
     pub job_id: Option<String>,
-    /// `base`: the file name of an image of the chain below the top.
-    pub base: Option<String>,
+    /// `base` or `base-node`: an image of the chain below the top.
+    pub base: Option<Layer>,
     /// `backing-file`: the name to write in the top's header instead of the base's.
     pub backing_file: Option<String>,
     /// `speed`, bytes per second (0: unlimited); a negative one is refused once the job is
@@ -185,9 +185,10 @@ pub fn start_stream(jobs: &mut Jobs, disk: &VmDisk, args: StreamArgs) -> Result<
     let image = top.inner();
     let base_depth =
         match &args.base {
-            Some(name) => Some(find_in_chain(image, name).ok_or_else(|| {
+            Some(Layer::File(name)) => Some(find_in_chain(image, name).ok_or_else(|| {
                 JobError::Other(format!("Can't find '{name}' in the backing chain"))
             })?),
+            Some(Layer::Node { depth, .. }) => Some(*depth),
             None => None,
         };
     jobs.check_idle(&drive)?;
@@ -207,7 +208,12 @@ pub fn start_stream(jobs: &mut Jobs, disk: &VmDisk, args: StreamArgs) -> Result<
         Image::Qcow2(q) => q.header().cluster_size(),
         Image::Raw(_) => CHUNK,
     };
-    let len = image.size();
+    // As QEMU's: with the base right below the top there is nothing to stream, and no length.
+    let len = if base_depth == Some(1) {
+        0
+    } else {
+        image.size()
+    };
     let work = Stream {
         top: Some(Arc::clone(&top)),
         base_depth,
