@@ -127,6 +127,13 @@ pub enum QmpEvent {
     BlockJobCancelled(JobEvent),
     /// A mirror is in sync: `block-job-complete` may switch the disk (`BLOCK_JOB_READY`).
     BlockJobReady(JobEvent),
+    /// A job without `auto-finalize` waits for `job-finalize` (`BLOCK_JOB_PENDING`).
+    BlockJobPending {
+        /// The job's type.
+        kind: &'static str,
+        /// The job's id.
+        id: String,
+    },
 }
 
 impl QmpEvent {
@@ -172,6 +179,11 @@ impl QmpEvent {
             Self::BlockJobReady(data) => {
                 protocol::event("BLOCK_JOB_READY", Some(data.to_data()), at)
             }
+            Self::BlockJobPending { kind, id } => protocol::event(
+                "BLOCK_JOB_PENDING",
+                Some(json!({"type": kind, "id": id})),
+                at,
+            ),
         }
     }
 }

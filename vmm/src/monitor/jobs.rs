@@ -1,15 +1,16 @@
 //! The block job commands: `block-stream`, `block-commit`, `query-block-jobs` and `block-job-cancel`,
-//! `-pause`, `-resume`, `-set-speed`, `-complete`, their arguments read and checked in QEMU's
+//! `-pause`, `-resume`, `-set-speed`, `-complete`, `-finalize`, `-dismiss` (and `job-finalize`,
+//! `job-dismiss`, which name the job `id`), their arguments read and checked in QEMU's
 //! order (the schema's, then the disk, then the values), errors in QEMU's classes and words.
 
 use serde_json::{json, Value};
 
 use super::args::Args;
-use super::backend::{CommitArgs, JobCommand, JobError, Layer, MonitorBackend, StreamArgs};
+use super::backend::{CommitArgs, JobCommand, JobEnd, JobError, Layer, MonitorBackend, StreamArgs};
 use super::protocol::{ErrorClass, QmpError};
 
 /// The commands this file handles, as `query-commands` lists them.
-pub const JOB_COMMANDS: [&str; 8] = [
+pub const JOB_COMMANDS: [&str; 12] = [
     "block-stream",
     "block-commit",
     "query-block-jobs",
@@ -18,6 +19,10 @@ pub const JOB_COMMANDS: [&str; 8] = [
     "block-job-resume",
     "block-job-set-speed",
     "block-job-complete",
+    "block-job-finalize",
+    "block-job-dismiss",
+    "job-finalize",
+    "job-dismiss",
 ];
 
 fn job_error(e: JobError) -> QmpError {
@@ -44,6 +49,21 @@ pub fn execute(
             args.finish()?;
             serde_json::to_value(backend.block_jobs())
                 .map_err(|e| QmpError::generic(format!("Cannot encode reply: {e}")))
+        }
+        "job-finalize" | "job-dismiss" | "block-job-finalize" | "block-job-dismiss" => {
+            let id = args.required_str("id")?;
+            args.finish()?;
+            let job = if command.ends_with("finalize") {
+                JobCommand::Finalize
+            } else {
+                JobCommand::Dismiss
+            };
+            match backend.block_job(&id, job) {
+                Err(JobError::NotFound(_)) if command.starts_with("job-") => {
+                    Err(QmpError::generic("Job not found"))
+                }
+                result => result.map(|()| json!({})).map_err(job_error),
+            }
         }
         _ => {
             let device = args.required_str("device")?;
@@ -124,17 +144,12 @@ fn commit_layer(
     }
 }
 
-/// Refuses what this VMM's jobs do not do: jobs that wait to be finalized or dismissed.
-fn refuse_unsupported(
-    auto_finalize: Option<bool>,
-    auto_dismiss: Option<bool>,
-) -> Result<(), QmpError> {
-    if auto_finalize == Some(false) || auto_dismiss == Some(false) {
-        return Err(QmpError::generic(
-            "Jobs here finalize and dismiss themselves: auto-finalize and auto-dismiss must be true",
-        ));
+/// `auto-finalize` and `auto-dismiss`, true when absent.
+fn job_end(auto_finalize: Option<bool>, auto_dismiss: Option<bool>) -> JobEnd {
+    JobEnd {
+        finalize: auto_finalize.unwrap_or(true),
+        dismiss: auto_dismiss.unwrap_or(true),
     }
-    Ok(())
 }
 
 /// `block-commit`: the disk by drive id or by its top's node name.
@@ -157,12 +172,12 @@ fn commit(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, Qmp
     let drive_id = find_disk(backend, &device).map_err(|_| QmpError::device_not_found(&device))?;
     let top = commit_layer(backend, &drive_id, (top, top_node), "top")?;
     let base = commit_layer(backend, &drive_id, (base, base_node), "base")?;
-    refuse_unsupported(auto_finalize, auto_dismiss)?;
     let args = CommitArgs {
         job_id,
         top,
         base,
         backing_file,
+        end: job_end(auto_finalize, auto_dismiss),
         speed: speed.unwrap_or(0),
     };
     backend.block_commit(&drive_id, args).map_err(job_error)?;
@@ -198,7 +213,6 @@ fn stream(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, Qmp
         },
         None => base.map(Layer::File),
     };
-    refuse_unsupported(auto_finalize, auto_dismiss)?;
     backend
         .block_stream(
             &drive_id,
@@ -206,6 +220,7 @@ fn stream(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, Qmp
                 job_id,
                 base,
                 backing_file,
+                end: job_end(auto_finalize, auto_dismiss),
                 speed: speed_arg.unwrap_or(0),
             },
         )
@@ -234,7 +249,7 @@ mod tests {
         let mut b = RecordingBackend::new(RunState::Running);
         let ok = json!({"return": {}});
         let stream = json!({"device": "d0", "job-id": "s", "base": "/b", "backing-file": "b",
-                            "speed": 7, "on-error": "report", "auto-finalize": true});
+                            "speed": 7, "on-error": "report", "auto-finalize": false});
         assert_eq!(call(&mut b, "block-stream", stream), ok);
         // By the top's node name, the drive's id then reaches the VM.
         assert_eq!(
@@ -242,7 +257,8 @@ mod tests {
             ok
         );
         let commit = json!({"device": "d0", "job-id": "c", "top": "/m", "base": "/b",
-                            "backing-file": "b", "speed": 9, "backing-mask-protocol": true});
+                            "backing-file": "b", "speed": 9, "backing-mask-protocol": true,
+                            "auto-dismiss": false});
         assert_eq!(call(&mut b, "block-commit", commit), ok);
         // By node names: the images' depths in the disk's chain.
         let by_node = json!({"device": "d0", "base-node": "#block4"});
@@ -255,6 +271,8 @@ mod tests {
             ("block-job-resume", json!({"device": "j0"})),
             ("block-job-set-speed", json!({"device": "j0", "speed": -3})),
             ("block-job-complete", json!({"device": "j0"})),
+            ("job-finalize", json!({"id": "j0"})),
+            ("block-job-dismiss", json!({"id": "j0"})),
         ] {
             assert_eq!(call(&mut b, command, args), ok, "{command}");
         }
@@ -266,16 +284,18 @@ mod tests {
         assert_eq!(
             calls,
             [
-                r#"stream d0 StreamArgs { job_id: Some("s"), base: Some(File("/b")), backing_file: Some("b"), speed: 7 }"#,
-                "stream d1 StreamArgs { job_id: None, base: None, backing_file: None, speed: 0 }",
-                r#"commit d0 CommitArgs { job_id: Some("c"), top: Some(File("/m")), base: Some(File("/b")), backing_file: Some("b"), speed: 9 }"#,
-                r##"stream d0 StreamArgs { job_id: None, base: Some(Node { name: "#block4", depth: 1 }), backing_file: None, speed: 0 }"##,
-                r##"commit d0 CommitArgs { job_id: None, top: Some(Node { name: "#block0", depth: 0 }), base: Some(Node { name: "#block4", depth: 1 }), backing_file: None, speed: 0 }"##,
+                r#"stream d0 StreamArgs { job_id: Some("s"), base: Some(File("/b")), backing_file: Some("b"), end: JobEnd { finalize: false, dismiss: true }, speed: 7 }"#,
+                "stream d1 StreamArgs { job_id: None, base: None, backing_file: None, end: JobEnd { finalize: true, dismiss: true }, speed: 0 }",
+                r#"commit d0 CommitArgs { job_id: Some("c"), top: Some(File("/m")), base: Some(File("/b")), backing_file: Some("b"), end: JobEnd { finalize: true, dismiss: false }, speed: 9 }"#,
+                r##"stream d0 StreamArgs { job_id: None, base: Some(Node { name: "#block4", depth: 1 }), backing_file: None, end: JobEnd { finalize: true, dismiss: true }, speed: 0 }"##,
+                r##"commit d0 CommitArgs { job_id: None, top: Some(Node { name: "#block0", depth: 0 }), base: Some(Node { name: "#block4", depth: 1 }), backing_file: None, end: JobEnd { finalize: true, dismiss: true }, speed: 0 }"##,
                 "job j0 Cancel { force: true }",
                 "job j0 Pause",
                 "job j0 Resume",
                 "job j0 SetSpeed(-3)",
                 "job j0 Complete",
+                "job j0 Finalize",
+                "job j0 Dismiss",
                 "block_jobs",
             ]
         );
@@ -290,6 +310,21 @@ mod tests {
                 "block-job-pause",
                 json!({"device": "x"}),
                 err("DeviceNotActive", "Block job 'x' not found"),
+            ),
+            (
+                "job-dismiss",
+                json!({"id": "x"}),
+                err("GenericError", "Job not found"),
+            ),
+            (
+                "block-job-finalize",
+                json!({"id": "x"}),
+                err("DeviceNotActive", "Block job 'x' not found"),
+            ),
+            (
+                "job-finalize",
+                json!({"device": "j0"}),
+                err("GenericError", "Parameter 'id' is missing"),
             ),
             (
                 "block-job-pause",

@@ -28,7 +28,7 @@ from checks import TIMEOUT, check
 from guest_client import close, image_chain, snapshot_side_chain, start, start_qemu
 
 JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
-              "BLOCK_JOB_READY", "BLOCK_JOB_ERROR")
+              "BLOCK_JOB_READY", "BLOCK_JOB_ERROR", "BLOCK_JOB_PENDING")
 
 
 def make_chains(d):
@@ -198,6 +198,32 @@ async def side(qmp, d):
         await ex("block-commit", {"device": "d4", "job-id": "c5", "top-node": mid5,
                                   "base-node": base5})
         gone.append(await wait_jobs_gone(qmp))
+        # Jobs that wait: for job-dismiss in `concluded`, for job-finalize in `pending`, and one
+        # cancelled in `pending`.
+        await ex("block-stream", {"device": "d1", "job-id": "w0", "auto-dismiss": False})
+        waiting = [await wait_status(qmp, "w0", "concluded")]
+        for cmd, args in [
+            ("block-stream", {"device": "d1", "job-id": "w1"}),
+            ("job-finalize", {"id": "w0"}),
+            ("job-dismiss", {"id": "nope"}),
+            ("block-job-dismiss", {"id": "nope"}),
+            ("block-job-dismiss", {"id": "w0"}),
+            ("block-stream", {"device": "d2", "job-id": "w2", "auto-finalize": False}),
+        ]:
+            await ex(cmd, args)
+        waiting.append(await wait_status(qmp, "w2", "pending"))
+        for cmd, args in [
+            ("block-job-dismiss", {"id": "w2"}),
+            ("block-job-finalize", {"id": "w2"}),
+            ("block-stream", {"device": "d0", "job-id": "w3", "auto-finalize": False,
+                              "auto-dismiss": False}),
+        ]:
+            await ex(cmd, args)
+        waiting.append(await wait_status(qmp, "w3", "pending"))
+        await ex("block-job-cancel", {"device": "w3"})
+        waiting.append(await wait_status(qmp, "w3", "concluded"))
+        await ex("job-dismiss", {"id": "w3"})
+        gone.append(await wait_jobs_gone(qmp))
         await asyncio.sleep(0.3)
         events = []
         while not listener.empty():
@@ -205,7 +231,7 @@ async def side(qmp, d):
             if e["event"] in JOB_EVENTS:
                 events.append((e["event"], e.get("data")))
     _, chain = await snapshot_side_chain(qmp, d)
-    return replies, paused, gone, collapse_wakeups(events), chain, ready
+    return replies, paused, gone, collapse_wakeups(events), chain, ready, waiting
 
 
 async def jobs(vmm_path, kernel, sock):
@@ -239,7 +265,9 @@ async def jobs(vmm_path, kernel, sock):
           f"query-block-jobs while paused {mine[1]} (QEMU: {qemus[1]})")
     check(mine[5] == qemus[5] and None not in mine[5],
           f"query-block-jobs once ready {mine[5]} (QEMU: {qemus[5]})")
-    check(mine[2] == qemus[2] == [True] * 9, f"every job ended {mine[2]} (QEMU: {qemus[2]})")
+    check(mine[6] == qemus[6] and None not in mine[6],
+          f"query-block-jobs of waiting jobs {mine[6]} (QEMU: {qemus[6]})")
+    check(mine[2] == qemus[2] == [True] * 10, f"every job ended {mine[2]} (QEMU: {qemus[2]})")
     for i, (ours_e, qemu_e) in enumerate(zip(mine[3], qemus[3])):
         check(ours_e == qemu_e, f"event {i} {ours_e} (QEMU: {qemu_e})")
     check(len(mine[3]) == len(qemus[3]), f"as many job events ({len(mine[3])})")

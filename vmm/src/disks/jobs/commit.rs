@@ -22,7 +22,7 @@ use block::{DiskImage, Image, OpenOptions, WithPolicy};
 
 use super::active::start_active_commit;
 use super::stream::{find_in_chain, reopen_with_backing};
-use super::{JobError, JobKind, Jobs, Layer, NewJob, Step, Work};
+use super::{JobEnd, JobError, JobKind, Jobs, Layer, NewJob, Step, Work};
 use crate::monitor::VmDisk;
 
 /// The most a step deals with (QEMU's `COMMIT_BUFFER_SIZE`).
@@ -39,6 +39,8 @@ pub struct CommitArgs {
     pub base: Option<Layer>,
     /// `backing-file`: the name to write in the header of the image above `top`.
     pub backing_file: Option<String>,
+    /// `auto-finalize` and `auto-dismiss`.
+    pub end: JobEnd,
     /// `speed`, bytes per second (0: unlimited), refused below 0 once the job is created.
     pub speed: i64,
 }
@@ -195,6 +197,7 @@ pub fn start_commit(jobs: &mut Jobs, disk: &VmDisk, args: CommitArgs) -> Result<
             len: 0,
             speed: args.speed,
             mirror: true,
+            end: args.end,
         };
         return start_active_commit(jobs, disk, base_depth, new);
     }
@@ -238,6 +241,7 @@ pub fn start_commit(jobs: &mut Jobs, disk: &VmDisk, args: CommitArgs) -> Result<
         len: top.size(),
         speed: args.speed,
         mirror: false,
+        end: args.end,
     };
     jobs.start(new, Box::new(work))
 }

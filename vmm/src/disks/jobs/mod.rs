@@ -40,6 +40,26 @@ use ratelimit::RateLimit;
 pub use commit::{start_commit, CommitArgs};
 pub use stream::{start_stream, StreamArgs};
 
+/// Whether a job finalizes and dismisses itself (`auto-finalize`, `auto-dismiss`), or waits in
+/// `pending` for `job-finalize` and in `concluded` for `job-dismiss`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobEnd {
+    /// `auto-finalize`.
+    pub finalize: bool,
+    /// `auto-dismiss`.
+    pub dismiss: bool,
+}
+
+impl Default for JobEnd {
+    /// QEMU's defaults: both.
+    fn default() -> Self {
+        Self {
+            finalize: true,
+            dismiss: true,
+        }
+    }
+}
+
 /// An image of a disk's chain as a job's arguments name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layer {
@@ -126,15 +146,21 @@ pub enum Verb {
     SetSpeed,
     /// `block-job-complete`.
     Complete,
+    /// `job-finalize`.
+    Finalize,
+    /// `job-dismiss`.
+    Dismiss,
 }
 
 /// In which statuses each verb is accepted (QEMU's `JobVerbTable`), columns as [`TRANSITIONS`].
-const VERBS: [(Verb, [u8; 11]); 5] = [
+const VERBS: [(Verb, [u8; 11]); 7] = [
     (Verb::Cancel, [0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]),
     (Verb::Pause, [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]),
     (Verb::Resume, [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]),
     (Verb::SetSpeed, [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]),
     (Verb::Complete, [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]),
+    (Verb::Finalize, [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]),
+    (Verb::Dismiss, [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]),
 ];
 
 impl JobStatus {
@@ -181,6 +207,8 @@ impl Verb {
             Self::Resume => "resume",
             Self::SetSpeed => "set-speed",
             Self::Complete => "complete",
+            Self::Finalize => "finalize",
+            Self::Dismiss => "dismiss",
         }
     }
 }
@@ -305,6 +333,10 @@ struct State {
     /// Asked to end while ready: `Some(true)` switching the disk (`block-job-complete`),
     /// `Some(false)` leaving it as it is (`block-job-cancel`, QEMU's completion without pivot).
     completing: Option<bool>,
+    /// Finalizes and dismisses itself, or not.
+    end: JobEnd,
+    /// Why it ended, once it failed or was cancelled (QEMU's job error).
+    error: Option<String>,
     /// Set once by the last step; the job is then waiting for its finalization.
     ended: Option<Ended>,
 }
@@ -470,8 +502,10 @@ impl Job {
     }
 
     /// Finalizes a job whose steps ended (main thread, global lock held): the chain change on
-    /// success, then the end events, as QEMU's `job_completed` and `job_finalize_single`.
-    fn finalize(&self, mut disk: Option<&mut VmDisk>) {
+    /// success, then the end events, as QEMU's `job_completed` and `job_finalize_single`. A
+    /// job that succeeded without `auto-finalize` stops in `pending` (`BLOCK_JOB_PENDING`)
+    /// until `job-finalize` calls this again. Returns whether the job is gone (`null`).
+    fn finalize(&self, mut disk: Option<&mut VmDisk>) -> bool {
         let (how, switch) = {
             let s = self.state();
             (s.ended.clone(), s.completing != Some(false))
@@ -479,7 +513,16 @@ impl Job {
         let mut outcome = how.unwrap_or(Ended::Failed("Job ended without a result".into()));
         if outcome == Ended::Done {
             let mut s = self.state();
-            self.transition(&mut s, JobStatus::Pending);
+            if s.status != JobStatus::Pending {
+                self.transition(&mut s, JobStatus::Pending);
+                if !s.end.finalize {
+                    self.events.send(QmpEvent::BlockJobPending {
+                        kind: self.kind.name(),
+                        id: self.id.clone(),
+                    });
+                    return false;
+                }
+            }
             drop(s);
             let finished = match disk.as_deref_mut() {
                 // A mirror cancelled while ready completes leaving the disk as it is.
@@ -496,7 +539,16 @@ impl Job {
         lock(&self.work).release(disk);
         *lock(&self.timer) = None;
         let mut s = self.state();
+        if outcome != Ended::Done && s.status != JobStatus::Aborting {
+            // Cancelled while pending.
+            self.transition(&mut s, JobStatus::Aborting);
+        }
         let data = self.event_data(&s);
+        s.error = match &outcome {
+            Ended::Done => None,
+            Ended::Failed(e) => Some(e.clone()),
+            Ended::Cancelled => Some("Operation canceled".to_owned()),
+        };
         self.events.send(match outcome {
             Ended::Done => QmpEvent::BlockJobCompleted { data, error: None },
             Ended::Failed(e) => QmpEvent::BlockJobCompleted {
@@ -506,7 +558,11 @@ impl Job {
             Ended::Cancelled => QmpEvent::BlockJobCancelled(data),
         });
         self.transition(&mut s, JobStatus::Concluded);
+        if !s.end.dismiss {
+            return false;
+        }
         self.transition(&mut s, JobStatus::Null);
+        true
     }
 
     /// What `query-block-jobs` says of it.
@@ -523,8 +579,9 @@ impl Job {
             io_status: "ok",
             ready: matches!(s.status, JobStatus::Ready | JobStatus::Standby),
             status: s.status.name(),
-            auto_finalize: true,
-            auto_dismiss: true,
+            auto_finalize: s.end.finalize,
+            auto_dismiss: s.end.dismiss,
+            error: s.error.clone(),
         }
     }
 
@@ -557,6 +614,8 @@ struct NewJob {
     speed: i64,
     /// A mirror (ends when asked to, once ready).
     mirror: bool,
+    /// Finalizes and dismisses itself, or not.
+    end: JobEnd,
 }
 
 /// The VM's jobs, kept by the monitor's handler on the main thread.
@@ -620,6 +679,7 @@ impl Jobs {
             len,
             speed,
             mirror,
+            end,
         } = new;
         if !well_formed(&id) {
             return Err(JobError::InvalidId(id));
@@ -649,6 +709,8 @@ impl Jobs {
                 mirror,
                 remaining: None,
                 completing: None,
+                end,
+                error: None,
                 ended: None,
             }),
             work: Mutex::new(work),
@@ -696,6 +758,13 @@ impl Jobs {
             return Err(JobError::CancelPaused(id.to_owned()));
         }
         let ready = matches!(s.status, JobStatus::Ready | JobStatus::Standby);
+        if s.status == JobStatus::Pending {
+            // Waiting for `job-finalize`: it is aborted instead, on the main loop at once.
+            s.ended = Some(Ended::Cancelled);
+            drop(s);
+            lock(&self.ended).push(Arc::clone(job));
+            return Ok(());
+        }
         if s.mirror && ready && !force {
             s.completing = Some(false);
         } else {
@@ -776,14 +845,40 @@ impl Jobs {
         Ok(())
     }
 
-    /// Finalizes the jobs whose steps ended (main thread, global lock held) and forgets them.
+    /// Finalizes the jobs whose steps ended (main thread, global lock held) and forgets those
+    /// that are gone.
     pub fn finalize_waiting(&mut self, disks: &mut [VmDisk]) {
         let ended: Vec<_> = std::mem::take(&mut *lock(&self.ended));
         for job in ended {
-            let disk = disks.iter_mut().find(|d| d.info.drive_id == job.drive);
-            job.finalize(disk);
-            self.jobs.retain(|j| !Arc::ptr_eq(j, &job));
+            self.finalize_one(&job, disks);
         }
+    }
+
+    fn finalize_one(&mut self, job: &Arc<Job>, disks: &mut [VmDisk]) {
+        let disk = disks.iter_mut().find(|d| d.info.drive_id == job.drive);
+        if job.finalize(disk) {
+            self.jobs.retain(|j| !Arc::ptr_eq(j, job));
+        }
+    }
+
+    /// `job-finalize`: a job waiting in `pending` changes the chain and ends (main thread,
+    /// global lock held).
+    pub fn finalize(&mut self, id: &str, disks: &mut [VmDisk]) -> Result<(), JobError> {
+        let job = Arc::clone(self.find(id)?);
+        job.check_verb(&job.state(), Verb::Finalize)?;
+        self.finalize_one(&job, disks);
+        Ok(())
+    }
+
+    /// `job-dismiss`: a `concluded` job goes.
+    pub fn dismiss(&mut self, id: &str) -> Result<(), JobError> {
+        let job = Arc::clone(self.find(id)?);
+        let mut s = job.state();
+        job.check_verb(&s, Verb::Dismiss)?;
+        job.transition(&mut s, JobStatus::Null);
+        drop(s);
+        self.jobs.retain(|j| !Arc::ptr_eq(j, &job));
+        Ok(())
     }
 }
 

@@ -21,7 +21,7 @@ use std::sync::{Arc, PoisonError};
 
 use block::{DiskImage, FileId, Image, OpenOptions, WithPolicy};
 
-use super::{JobError, JobKind, Jobs, Layer, NewJob, Step, Work};
+use super::{JobEnd, JobError, JobKind, Jobs, Layer, NewJob, Step, Work};
 use crate::disks::LiveImage;
 use crate::monitor::VmDisk;
 
@@ -37,6 +37,8 @@ pub struct StreamArgs {
     pub base: Option<Layer>,
     /// `backing-file`: the name to write in the top's header instead of the base's.
     pub backing_file: Option<String>,
+    /// `auto-finalize` and `auto-dismiss`.
+    pub end: JobEnd,
     /// `speed`, bytes per second (0: unlimited); a negative one is refused once the job is
     /// created, as QEMU refuses it.
     pub speed: i64,
@@ -208,12 +210,10 @@ pub fn start_stream(jobs: &mut Jobs, disk: &VmDisk, args: StreamArgs) -> Result<
         Image::Qcow2(q) => q.header().cluster_size(),
         Image::Raw(_) => CHUNK,
     };
-    // As QEMU's: with the base right below the top there is nothing to stream, and no length.
-    let len = if base_depth == Some(1) {
-        0
-    } else {
-        image.size()
-    };
+    // As QEMU's: with the base right below the top, or no backing file, there is nothing to
+    // stream, and no length.
+    let nothing = base_depth == Some(1) || image.chain().nth(1).is_none();
+    let len = if nothing { 0 } else { image.size() };
     let work = Stream {
         top: Some(Arc::clone(&top)),
         base_depth,
@@ -229,6 +229,7 @@ pub fn start_stream(jobs: &mut Jobs, disk: &VmDisk, args: StreamArgs) -> Result<
         len,
         speed: args.speed,
         mirror: false,
+        end: args.end,
     };
     jobs.start(new, Box::new(work))
 }
