@@ -915,6 +915,9 @@ mod tests {
         assert!(Ready.accepts(Verb::Complete) && !Running.accepts(Verb::Complete));
         assert!(Paused.accepts(Verb::Cancel) && !Aborting.accepts(Verb::Cancel));
         assert!(!Pending.accepts(Verb::SetSpeed) && Standby.accepts(Verb::Resume));
+        assert!(Pending.accepts(Verb::Finalize) && !Concluded.accepts(Verb::Finalize));
+        assert!(Concluded.accepts(Verb::Dismiss) && !Pending.accepts(Verb::Dismiss));
+        assert!(Pending.accepts(Verb::Cancel) && Pending.may_become(Aborting));
         let names: Vec<_> = STATUSES.iter().map(|s| s.name()).collect();
         assert_eq!(
             names,
