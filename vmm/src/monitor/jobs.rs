@@ -144,6 +144,19 @@ fn commit_layer(
     }
 }
 
+/// `on-error` (QEMU's `BlockdevOnError`): only `report` (a failing I/O ends the job) is built.
+fn check_on_error(value: Option<String>) -> Result<(), QmpError> {
+    match value.as_deref() {
+        None | Some("report") => Ok(()),
+        Some(v @ ("ignore" | "stop" | "enospc" | "auto")) => Err(QmpError::generic(format!(
+            "on-error '{v}' is not supported: a job's failing I/O ends it ('report')"
+        ))),
+        Some(other) => Err(QmpError::generic(format!(
+            "Parameter 'on-error' does not accept value '{other}'"
+        ))),
+    }
+}
+
 /// `auto-finalize` and `auto-dismiss`, true when absent.
 fn job_end(auto_finalize: Option<bool>, auto_dismiss: Option<bool>) -> JobEnd {
     JobEnd {
@@ -163,11 +176,12 @@ fn commit(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, Qmp
     let backing_file = args.optional_str("backing-file")?;
     let _mask_protocol = args.optional_bool("backing-mask-protocol")?;
     let speed = args.optional_i64("speed")?;
-    let _on_error = args.optional_str("on-error")?;
+    let on_error = args.optional_str("on-error")?;
     let _filter = args.optional_str("filter-node-name")?;
     let auto_finalize = args.optional_bool("auto-finalize")?;
     let auto_dismiss = args.optional_bool("auto-dismiss")?;
     args.finish()?;
+    check_on_error(on_error)?;
     // Unlike block-stream, QEMU's block-commit says DeviceNotFound.
     let drive_id = find_disk(backend, &device).map_err(|_| QmpError::device_not_found(&device))?;
     let top = commit_layer(backend, &drive_id, (top, top_node), "top")?;
@@ -192,10 +206,11 @@ fn stream(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, Qmp
     let base_node = args.optional_str("base-node")?;
     let backing_file = args.optional_str("backing-file")?;
     let speed_arg = args.optional_i64("speed")?;
-    let _on_error = args.optional_str("on-error")?;
+    let on_error = args.optional_str("on-error")?;
     let auto_finalize = args.optional_bool("auto-finalize")?;
     let auto_dismiss = args.optional_bool("auto-dismiss")?;
     args.finish()?;
+    check_on_error(on_error)?;
     if base.is_some() && base_node.is_some() {
         return Err(QmpError::generic(
             "'base' and 'base-node' cannot be specified at the same time",
@@ -310,6 +325,22 @@ mod tests {
                 "block-job-pause",
                 json!({"device": "x"}),
                 err("DeviceNotActive", "Block job 'x' not found"),
+            ),
+            (
+                "block-stream",
+                json!({"device": "d0", "on-error": "bogus"}),
+                err(
+                    "GenericError",
+                    "Parameter 'on-error' does not accept value 'bogus'",
+                ),
+            ),
+            (
+                "block-commit",
+                json!({"device": "d0", "on-error": "stop"}),
+                err(
+                    "GenericError",
+                    "on-error 'stop' is not supported: a job's failing I/O ends it ('report')",
+                ),
             ),
             (
                 "job-dismiss",
