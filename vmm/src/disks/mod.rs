@@ -75,7 +75,7 @@ use wiring::{add_mmio, add_pci, device, NewDisk};
 
 pub use io_errors::{IoErrorStop, IoErrors};
 pub use iothreads::MainContext;
-pub use jobs::{start_commit, start_stream, CommitArgs, JobError, Jobs, StreamArgs};
+pub use jobs::{start_commit, start_stream, CommitArgs, JobEnd, JobError, Jobs, Layer, StreamArgs};
 pub use query::NodeNamer;
 pub use resize::resize;
 pub use snapshot::{snapshot, LiveImage};

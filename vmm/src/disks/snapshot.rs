@@ -32,6 +32,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use block::qcow2::create::CreateOptions;
+use block::qcow2::CacheSizes;
 use block::{CacheMode, DetectZeroes, DiskImage, Format, Image, NewImage, WithPolicy, WritePolicy};
 use devices::virtio::block::Block;
 
@@ -49,6 +50,10 @@ pub struct LiveImage {
     pub(super) policy: WritePolicy,
     /// `-drive detect-zeroes=`.
     pub(super) detect_zeroes: DetectZeroes,
+    /// The top's qcow2 metadata cache sizes (`-drive l2-cache-size=` and the others), which a
+    /// job's reopening of the same top keeps; a new top (an overlay, a committed base) has
+    /// the defaults, as a new node in QEMU.
+    pub(super) cache_sizes: CacheSizes,
 }
 
 impl LiveImage {
@@ -63,6 +68,7 @@ impl LiveImage {
             cache: cache.host,
             policy: cache.policy,
             detect_zeroes,
+            cache_sizes: CacheSizes::default(),
         }
     }
 
@@ -235,6 +241,7 @@ pub fn snapshot(
         result
     })?;
     live.top = switched;
+    live.cache_sizes = CacheSizes::default();
     // The engine's handle went with the replacement; this was the last one: the old top's
     // read-write descriptor closes (its metadata was flushed above) and its locks with it.
     drop(old);

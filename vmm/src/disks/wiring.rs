@@ -61,11 +61,12 @@ pub(super) fn device(disk: NewDisk<'_>) -> Result<(Arc<Block>, LiveImage), DiskE
         spec.drive.cache.policy,
         spec.drive.detect_zeroes,
     ));
-    let live = LiveImage::new(
+    let mut live = LiveImage::new(
         Arc::clone(&image),
         spec.drive.cache,
         spec.drive.detect_zeroes,
     );
+    live.cache_sizes = spec.drive.cache_sizes;
     let block = Block::new(config, image, disk.ctx).map_err(|source| DiskError::Device {
         id: spec.drive.id.clone(),
         source,

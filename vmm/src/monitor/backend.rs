@@ -14,7 +14,7 @@
 use devices::context::{PollSetting, PollSettings};
 use serde::Serialize;
 
-pub use crate::disks::{CommitArgs, JobError, StreamArgs};
+pub use crate::disks::{CommitArgs, JobEnd, JobError, Layer, StreamArgs};
 
 /// A failure inside the VM while carrying out a command; becomes a `GenericError` whose
 /// description is the message.
@@ -348,6 +348,9 @@ pub struct BlockJobInfo {
     pub auto_finalize: bool,
     /// Dismisses itself.
     pub auto_dismiss: bool,
+    /// Why it ended, once concluded after a failure or a cancel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A command on a job (`block-job-*`).
@@ -366,6 +369,10 @@ pub enum JobCommand {
     SetSpeed(i64),
     /// `block-job-complete`.
     Complete,
+    /// `job-finalize`, `block-job-finalize`.
+    Finalize,
+    /// `job-dismiss`, `block-job-dismiss`.
+    Dismiss,
 }
 
 /// The VM as the monitor drives it. See the module documentation for the locking rules; each

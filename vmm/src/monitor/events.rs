@@ -74,7 +74,7 @@ pub struct BlockIoError {
     pub reason: String,
 }
 
-/// The members `BLOCK_JOB_COMPLETED` and `BLOCK_JOB_CANCELLED` share.
+/// The members `BLOCK_JOB_COMPLETED`, `BLOCK_JOB_CANCELLED` and `BLOCK_JOB_READY` share.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobEvent {
     /// The job's type (`type`).
@@ -125,6 +125,15 @@ pub enum QmpEvent {
     },
     /// A block job was cancelled (`BLOCK_JOB_CANCELLED`).
     BlockJobCancelled(JobEvent),
+    /// A mirror is in sync: `block-job-complete` may switch the disk (`BLOCK_JOB_READY`).
+    BlockJobReady(JobEvent),
+    /// A job without `auto-finalize` waits for `job-finalize` (`BLOCK_JOB_PENDING`).
+    BlockJobPending {
+        /// The job's type.
+        kind: &'static str,
+        /// The job's id.
+        id: String,
+    },
 }
 
 impl QmpEvent {
@@ -167,6 +176,14 @@ impl QmpEvent {
             Self::BlockJobCancelled(data) => {
                 protocol::event("BLOCK_JOB_CANCELLED", Some(data.to_data()), at)
             }
+            Self::BlockJobReady(data) => {
+                protocol::event("BLOCK_JOB_READY", Some(data.to_data()), at)
+            }
+            Self::BlockJobPending { kind, id } => protocol::event(
+                "BLOCK_JOB_PENDING",
+                Some(json!({"type": kind, "id": id})),
+                at,
+            ),
         }
     }
 }

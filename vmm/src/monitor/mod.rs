@@ -50,6 +50,8 @@ pub use backend::{
 pub use disk_stats::{
     apply_histogram_change, apply_stage_histograms, block_device_stats, block_stages,
 };
+#[cfg(test)]
+pub(crate) use events::EventReceiver;
 pub use events::{event_channel, BlockIoError, EventSender, JobEvent, QmpEvent, ShutdownCause};
 pub use listener::Listener;
 pub use options::{parse_qmp_option, QmpAddress, QmpOptionError, QmpOptions};

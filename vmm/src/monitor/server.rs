@@ -243,10 +243,14 @@ impl Monitor {
         }
     }
 
-    /// Sends what one request produced.
+    /// Sends what one request produced: its events, then those raised through the channel
+    /// meanwhile (a job's first status changes), then its reply, in QEMU's order.
     fn deliver(&mut self, client: &mut Client, outcome: Outcome) {
         for event in &outcome.events {
             self.broadcast(event, Some(&mut *client));
+        }
+        for event in self.events.drain() {
+            self.broadcast(&event, Some(&mut *client));
         }
         let mut bytes = Vec::new();
         protocol::encode_into(&outcome.reply, &mut bytes);

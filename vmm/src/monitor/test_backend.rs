@@ -32,6 +32,8 @@ pub struct RecordingBackend {
     pub guest_name: Option<String>,
     /// The polling settings of its one iothread, io0 (QEMU's defaults at first).
     pub poll: PollSettings,
+    /// Where `block_stream` raises its job's first events, as a job does from its own thread.
+    pub job_events: Option<super::events::EventSender>,
 }
 
 impl RecordingBackend {
@@ -44,6 +46,7 @@ impl RecordingBackend {
             stop_requested: false,
             guest_name: None,
             poll: PollSettings::default(),
+            job_events: None,
         }
     }
 
@@ -269,6 +272,12 @@ impl MonitorBackend for RecordingBackend {
 
     fn block_stream(&mut self, drive_id: &str, args: StreamArgs) -> Result<(), JobError> {
         self.record(format!("stream {drive_id} {args:?}"));
+        if let Some(events) = &self.job_events {
+            for status in ["created", "running"] {
+                let id = args.job_id.clone().unwrap_or_else(|| drive_id.to_owned());
+                events.send(super::QmpEvent::JobStatusChange { id, status });
+            }
+        }
         Ok(())
     }
 

@@ -58,7 +58,7 @@ impl Harness {
         Self::start_backend(path, address, RecordingBackend::new(state))
     }
 
-    fn start_backend(path: PathBuf, address: QmpAddress, backend: RecordingBackend) -> Self {
+    fn start_backend(path: PathBuf, address: QmpAddress, mut backend: RecordingBackend) -> Self {
         let listener = Listener::bind(&QmpOptions {
             address,
             wait: false,
@@ -66,6 +66,7 @@ impl Harness {
         .expect("bind");
         let tcp_port = listener.tcp_port();
         let (events, receiver) = event_channel().expect("event channel");
+        backend.job_events = Some(events.clone());
         let calls = Arc::clone(&backend.calls);
         let stop = Arc::new(AtomicBool::new(false));
         let (stopped_tx, stopped) = mpsc::channel();
@@ -328,6 +329,21 @@ fn events_reach_every_negotiated_client() {
     // Clients still negotiating get no events.
     unnegotiated.assert_silent(100);
     assert_eq!(h.calls(), ["pause", "powerdown"]);
+}
+
+/// A job raises its first events (`created`, `running`) from the channel while its command
+/// runs: they precede the command's reply, as QEMU's do.
+#[test]
+fn a_job_s_first_events_precede_its_command_s_reply() {
+    let h = Harness::start("job-events", RunState::Running);
+    let mut a = h.session();
+    a.send(br#"{"execute": "block-stream", "arguments": {"device": "d0", "job-id": "j"}}"#);
+    for status in ["created", "running"] {
+        let e = a.recv();
+        assert_eq!(e["event"], "JOB_STATUS_CHANGE", "{e}");
+        assert_eq!(e["data"], json!({"id": "j", "status": status}));
+    }
+    assert_eq!(a.recv(), json!({"return": {}}));
 }
 
 #[test]

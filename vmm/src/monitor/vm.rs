@@ -283,6 +283,8 @@ impl MonitorBackend for VmBackend<'_, '_> {
             JobCommand::Resume => self.jobs.resume(id),
             JobCommand::SetSpeed(speed) => self.jobs.set_speed(id, speed),
             JobCommand::Complete => self.jobs.complete(id),
+            JobCommand::Finalize => self.jobs.finalize(id, self.disks),
+            JobCommand::Dismiss => self.jobs.dismiss(id),
         }
     }
 }

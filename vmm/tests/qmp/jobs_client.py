@@ -7,7 +7,10 @@ Each side gets copies of the same two chains (base <- mid <- top, pattern-filled
 d0 on an iothread, d1 on the main loop. The same QMP sequence goes to vmm (guest running) and to
 QEMU microvm (-S): bad requests; a slow block-stream with a base, paused, refused verbs,
 speed changed, resumed to its end; a full stream of the main-loop disk; a stream cancelled
-halfway; an intermediate commit of a disk's middle image into its base. The replies, the job events (timestamps stripped), query-block-jobs while paused and
+halfway; an intermediate commit of a disk's middle image into its base; an active commit of a
+whole chain into its base, ready, then completed (the disk switched to the base); an active
+commit of the top into its middle image, cancelled once ready (the disk stays on its top). The
+replies, the job events (timestamps stripped), query-block-jobs while paused and once ready, and
 query-block's chains must match; after both quit, qemu-img compares the images side by side,
 checks them, and reads the same chains.
 Prints one line per check; exits non-zero on the first failure.
@@ -25,13 +28,13 @@ from checks import TIMEOUT, check
 from guest_client import close, image_chain, snapshot_side_chain, start, start_qemu
 
 JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
-              "BLOCK_JOB_READY", "BLOCK_JOB_ERROR")
+              "BLOCK_JOB_READY", "BLOCK_JOB_ERROR", "BLOCK_JOB_PENDING")
 
 
 def make_chains(d):
     def run(*cmd):
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    for n in ("", "2", "3"):
+    for n in ("", "2", "3", "4", "5"):
         base, mid, top = (f"{d}/base{n}.qcow2", f"{d}/mid{n}.qcow2", f"{d}/top{n}.qcow2")
         run("qemu-img", "create", "-q", "-f", "qcow2", base, "4M")
         run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", "-c", "write -P 4 3M 64k", base)
@@ -76,6 +79,7 @@ def collapse_wakeups(events):
 async def side(qmp, d):
     """The job sequence on images in directory `d`; returns what to compare, `d` named DIR."""
     replies = []
+    labels = {}  # node name -> what it names: automatic names differ between QEMU and vmm
 
     async def ex(cmd, args):
         try:
@@ -83,7 +87,10 @@ async def side(qmp, d):
             replies.append((cmd, "return", r))
         except Exception as e:  # qemu.qmp's ExecuteError: the reply's class and desc.
             err = e.error.error
-            replies.append((cmd, err.class_, err.desc.replace(d, "DIR")))
+            desc = err.desc.replace(d, "DIR")
+            for name in sorted(labels, key=len, reverse=True):
+                desc = desc.replace(name, labels[name])
+            replies.append((cmd, err.class_, desc))
 
     listener = EventListener()
     with qmp.listen(listener):
@@ -138,6 +145,85 @@ async def side(qmp, d):
         ]:
             await ex(cmd, args)
         gone.append(await wait_jobs_gone(qmp))
+        # Active commits: d3's whole chain into its base, completed once ready; d4's top into
+        # its middle image, cancelled once ready.
+        for cmd, args in [
+            ("block-commit", {"device": "d3", "job-id": "a0", "backing-file": "x"}),
+            ("block-commit", {"device": "d3", "job-id": "a0", "top": f"{d}/top4.qcow2",
+                              "base": f"{d}/top4.qcow2"}),
+            ("block-commit", {"device": "d3", "job-id": "a0"}),
+            ("block-commit", {"device": "d3", "job-id": "a1"}),
+            ("block-stream", {"device": "d3", "job-id": "a1"}),
+        ]:
+            await ex(cmd, args)
+        ready = [await wait_status(qmp, "a0", "ready")]
+        await ex("block-job-complete", {"device": "a0"})
+        gone.append(await wait_jobs_gone(qmp))
+        await ex("block-commit", {"device": "d4", "job-id": "a1", "top": f"{d}/top5.qcow2",
+                                  "base": f"{d}/mid5.qcow2"})
+        ready.append(await wait_status(qmp, "a1", "ready"))
+        for cmd, args in [
+            ("block-job-pause", {"device": "a1"}),
+            ("block-job-cancel", {"device": "a1"}),
+            ("block-job-resume", {"device": "a1"}),
+            ("block-job-cancel", {"device": "a1"}),
+        ]:
+            await ex(cmd, args)
+        gone.append(await wait_jobs_gone(qmp))
+        # Node names for base and top: d4's chain (top5 <- mid5 <- base5), d0's base as a node
+        # of another disk, a protocol node.
+        nodes = {(n["file"].replace(d, "DIR"), n["drv"]): n["node-name"]
+                 for n in await qmp.execute("query-named-block-nodes")}
+        labels.update({name: f"<{drv} {f}>" for (f, drv), name in nodes.items()})
+        top5, mid5, base5 = (nodes[(f"DIR/{f}.qcow2", "qcow2")] for f in ("top5", "mid5", "base5"))
+        other, proto = nodes[("DIR/base.qcow2", "qcow2")], nodes[("DIR/mid5.qcow2", "file")]
+        for cmd, args in [
+            ("block-stream", {"device": "d4", "base-node": "nope"}),
+            ("block-stream", {"device": "d4", "base-node": top5}),
+            ("block-stream", {"device": "d4", "base-node": other}),
+            ("block-stream", {"device": "d4", "base-node": proto}),
+            ("block-commit", {"device": "d4", "top": f"{d}/mid5.qcow2", "top-node": mid5}),
+            ("block-commit", {"device": "d4", "base": f"{d}/base5.qcow2", "base-node": base5}),
+            ("block-commit", {"device": "d4", "top-node": "nope"}),
+            ("block-commit", {"device": "d4", "base-node": "nope"}),
+            ("block-commit", {"device": "d4", "top-node": other}),
+            ("block-commit", {"device": "d4", "base-node": other}),
+            ("block-commit", {"device": "d4", "top-node": mid5, "base-node": mid5}),
+            ("block-commit", {"device": "d4", "top-node": base5, "base-node": mid5}),
+            ("block-commit", {"device": "d4", "top-node": proto}),
+            ("block-stream", {"device": "d0", "job-id": "s0", "base-node": other}),
+        ]:
+            await ex(cmd, args)
+        gone.append(await wait_jobs_gone(qmp))
+        await ex("block-commit", {"device": "d4", "job-id": "c5", "top-node": mid5,
+                                  "base-node": base5})
+        gone.append(await wait_jobs_gone(qmp))
+        # Jobs that wait: for job-dismiss in `concluded`, for job-finalize in `pending`, and one
+        # cancelled in `pending`.
+        await ex("block-stream", {"device": "d1", "job-id": "w0", "auto-dismiss": False})
+        waiting = [await wait_status(qmp, "w0", "concluded")]
+        for cmd, args in [
+            ("block-stream", {"device": "d1", "job-id": "w1"}),
+            ("job-finalize", {"id": "w0"}),
+            ("job-dismiss", {"id": "nope"}),
+            ("block-job-dismiss", {"id": "nope"}),
+            ("block-job-dismiss", {"id": "w0"}),
+            ("block-stream", {"device": "d2", "job-id": "w2", "auto-finalize": False}),
+        ]:
+            await ex(cmd, args)
+        waiting.append(await wait_status(qmp, "w2", "pending"))
+        for cmd, args in [
+            ("block-job-dismiss", {"id": "w2"}),
+            ("block-job-finalize", {"id": "w2"}),
+            ("block-stream", {"device": "d0", "job-id": "w3", "auto-finalize": False,
+                              "auto-dismiss": False}),
+        ]:
+            await ex(cmd, args)
+        waiting.append(await wait_status(qmp, "w3", "pending"))
+        await ex("block-job-cancel", {"device": "w3"})
+        waiting.append(await wait_status(qmp, "w3", "concluded"))
+        await ex("job-dismiss", {"id": "w3"})
+        gone.append(await wait_jobs_gone(qmp))
         await asyncio.sleep(0.3)
         events = []
         while not listener.empty():
@@ -145,7 +231,7 @@ async def side(qmp, d):
             if e["event"] in JOB_EVENTS:
                 events.append((e["event"], e.get("data")))
     _, chain = await snapshot_side_chain(qmp, d)
-    return replies, paused, gone, collapse_wakeups(events), chain
+    return replies, paused, gone, collapse_wakeups(events), chain, ready, waiting
 
 
 async def jobs(vmm_path, kernel, sock):
@@ -162,7 +248,11 @@ async def jobs(vmm_path, kernel, sock):
                 "-drive", f"file={s}/top2.qcow2,format=qcow2,if=none,id=d1",
                 "-device", "virtio-blk-device,drive=d1,id=vd1",
                 "-drive", f"file={s}/top3.qcow2,format=qcow2,if=none,id=d2",
-                "-device", "virtio-blk-device,drive=d2,id=vd2,iothread=io0"]
+                "-device", "virtio-blk-device,drive=d2,id=vd2,iothread=io0",
+                "-drive", f"file={s}/top4.qcow2,format=qcow2,if=none,id=d3",
+                "-device", "virtio-blk-device,drive=d3,id=vd3,iothread=io0",
+                "-drive", f"file={s}/top5.qcow2,format=qcow2,if=none,id=d4",
+                "-device", "virtio-blk-device,drive=d4,id=vd4"]
     vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags(ours))
     qemu, qqmp = await start_qemu(d, flags(theirs), "qemu-jobs-test")
     await qmp.execute("cont")
@@ -173,7 +263,11 @@ async def jobs(vmm_path, kernel, sock):
     check(len(mine[0]) == len(qemus[0]), "as many replies")
     check(mine[1] is not None and mine[1] == qemus[1],
           f"query-block-jobs while paused {mine[1]} (QEMU: {qemus[1]})")
-    check(mine[2] == qemus[2] == [True] * 5, f"every job ended {mine[2]} (QEMU: {qemus[2]})")
+    check(mine[5] == qemus[5] and None not in mine[5],
+          f"query-block-jobs once ready {mine[5]} (QEMU: {qemus[5]})")
+    check(mine[6] == qemus[6] and None not in mine[6],
+          f"query-block-jobs of waiting jobs {mine[6]} (QEMU: {qemus[6]})")
+    check(mine[2] == qemus[2] == [True] * 10, f"every job ended {mine[2]} (QEMU: {qemus[2]})")
     for i, (ours_e, qemu_e) in enumerate(zip(mine[3], qemus[3])):
         check(ours_e == qemu_e, f"event {i} {ours_e} (QEMU: {qemu_e})")
     check(len(mine[3]) == len(qemus[3]), f"as many job events ({len(mine[3])})")
@@ -184,7 +278,8 @@ async def jobs(vmm_path, kernel, sock):
     await asyncio.wait_for(qemu.wait(), TIMEOUT)
     for q in (qmp, qqmp):
         await close(q)
-    for top in ("top.qcow2", "top2.qcow2", "top3.qcow2"):
+    for top in ("top.qcow2", "top2.qcow2", "top3.qcow2", "top4.qcow2", "base4.qcow2",
+                "top5.qcow2", "mid5.qcow2"):
         a, b = image_chain(ours, top), image_chain(theirs, top)
         check(a == b, f"qemu-img info --backing-chain {top}: {a} (QEMU: {b})")
         same = subprocess.run(["qemu-img", "compare", f"{ours}/{top}", f"{theirs}/{top}"],

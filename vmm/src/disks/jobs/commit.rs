@@ -1,7 +1,7 @@
 //! `block-commit` of an intermediate image: copies what `top` and the images between it and
 //! `base` hold into `base`, then drops them from the chain by naming `base` as the backing file
-//! of the image above `top`, as QEMU's `block/commit.c` does. Committing the active layer (a
-//! mirror that tracks guest writes) is not built.
+//! of the image above `top`, as QEMU's `block/commit.c` does. Committing the active layer is
+//! a mirror that tracks guest writes (`active.rs`).
 //!
 //! Steps (in the disk's context): at most [`CHUNK`] bytes each, a run that some image from `top`
 //! down to (not including) `base` allocates is read through `top` and written into `base`
@@ -20,8 +20,9 @@ use std::sync::{Arc, PoisonError};
 
 use block::{DiskImage, Image, OpenOptions, WithPolicy};
 
+use super::active::start_active_commit;
 use super::stream::{find_in_chain, reopen_with_backing};
-use super::{JobError, JobKind, Jobs, NewJob, Step, Work};
+use super::{JobEnd, JobError, JobKind, Jobs, Layer, NewJob, Step, Work};
 use crate::monitor::VmDisk;
 
 /// The most a step deals with (QEMU's `COMMIT_BUFFER_SIZE`).
@@ -32,12 +33,14 @@ const CHUNK: u64 = 512 << 10;
 pub struct CommitArgs {
     /// `job-id`; the drive id when absent.
     pub job_id: Option<String>,
-    /// `top`: the file name of the image to commit; the active layer when absent.
-    pub top: Option<String>,
-    /// `base`: the file name of the image to commit into; the chain's last when absent.
-    pub base: Option<String>,
+    /// `top` or `top-node`: the image to commit; the active layer when absent.
+    pub top: Option<Layer>,
+    /// `base` or `base-node`: the image to commit into; the chain's last when absent.
+    pub base: Option<Layer>,
     /// `backing-file`: the name to write in the header of the image above `top`.
     pub backing_file: Option<String>,
+    /// `auto-finalize` and `auto-dismiss`.
+    pub end: JobEnd,
     /// `speed`, bytes per second (0: unlimited), refused below 0 once the job is created.
     pub speed: i64,
 }
@@ -72,6 +75,7 @@ impl Work for Commit {
             return Ok(Step {
                 advanced: n,
                 copied: 0,
+                remaining: None,
             });
         }
         let size = usize::try_from(n).map_err(|e| e.to_string())?;
@@ -83,6 +87,7 @@ impl Work for Commit {
         Ok(Step {
             advanced: n,
             copied: n,
+            remaining: None,
         })
     }
 
@@ -128,7 +133,7 @@ impl Work for Commit {
         Ok(())
     }
 
-    fn release(&mut self) {
+    fn release(&mut self, _disk: Option<&mut VmDisk>) {
         self.base = None;
         self.top = None;
     }
@@ -141,28 +146,35 @@ pub fn start_commit(jobs: &mut Jobs, disk: &VmDisk, args: CommitArgs) -> Result<
     let active = Arc::clone(&live.top);
     drop(live);
     let image = active.inner();
+    if jobs.mirrors(&drive) {
+        // QEMU's commit finds the active commit's filter node where the disk's top was.
+        return Err(JobError::Other("Need a root block node".to_owned()));
+    }
     jobs.check_idle(&drive)?;
     let top_depth = match &args.top {
-        Some(name) => find_in_chain(image, name).or_else(|| {
-            // The active layer named by its own file.
-            (image.file().path() == name).then_some(0)
-        }),
-        None => Some(0),
-    }
-    .ok_or_else(|| {
-        JobError::Other(format!(
-            "Top image file {} not found",
-            args.top.as_deref().unwrap_or("NULL")
-        ))
-    })?;
+        Some(Layer::File(name)) => find_in_chain(image, name)
+            .or_else(|| {
+                // The active layer named by its own file.
+                (image.file().path() == name).then_some(0)
+            })
+            .ok_or_else(|| JobError::Other(format!("Top image file {name} not found")))?,
+        Some(Layer::Node { depth, .. }) => *depth,
+        None => 0,
+    };
     let top = image
         .chain()
         .nth(top_depth)
         .ok_or_else(|| JobError::Other("Top image file not found".to_owned()))?;
     let base_depth = match &args.base {
-        Some(name) => find_in_chain(top, name)
+        Some(Layer::File(name)) => find_in_chain(top, name)
             .map(|d| d + top_depth)
             .ok_or_else(|| JobError::Other(format!("Can't find '{name}' in the backing chain")))?,
+        Some(Layer::Node { name, depth }) if *depth < top_depth => {
+            return Err(JobError::Other(format!(
+                "'{name}' is not in this backing file chain"
+            )))
+        }
+        Some(Layer::Node { depth, .. }) => *depth,
         None => image.chain().count() - 1,
     };
     if base_depth <= top_depth {
@@ -171,9 +183,23 @@ pub fn start_commit(jobs: &mut Jobs, disk: &VmDisk, args: CommitArgs) -> Result<
         ));
     }
     if top_depth == 0 {
-        return Err(JobError::Other(
-            "Committing the active layer is not supported".to_owned(),
-        ));
+        if args.backing_file.is_some() {
+            return Err(JobError::Other(
+                "'backing-file' specified, but 'top' is the active layer".to_owned(),
+            ));
+        }
+        let new = NewJob {
+            id: args.job_id.unwrap_or_else(|| drive.clone()),
+            kind: JobKind::Commit,
+            ctx: Arc::clone(disk.device.context()),
+            drive,
+            // Known once the job has looked at the chain, as QEMU's.
+            len: 0,
+            speed: args.speed,
+            mirror: true,
+            end: args.end,
+        };
+        return start_active_commit(jobs, disk, base_depth, new);
     }
     let base = image
         .chain()
@@ -214,6 +240,8 @@ pub fn start_commit(jobs: &mut Jobs, disk: &VmDisk, args: CommitArgs) -> Result<
         drive,
         len: top.size(),
         speed: args.speed,
+        mirror: false,
+        end: args.end,
     };
     jobs.start(new, Box::new(work))
 }

@@ -1,7 +1,9 @@
 //! Block jobs (QMP `block-stream`, `block-commit`, `query-block-jobs`, `block-job-*`), after QEMU's job layer
 //! (`qapi/job.json`, `job.c`): one state table decides every transition and which command verbs
-//! each state accepts; each transition raises `JOB_STATUS_CHANGE`, and the end of a job raises
-//! `BLOCK_JOB_COMPLETED` or `BLOCK_JOB_CANCELLED` with QEMU's members. Jobs finalize and dismiss
+//! each state accepts; each transition raises `JOB_STATUS_CHANGE`, a mirror (the active commit,
+//! `active.rs`) in sync raises `BLOCK_JOB_READY` and runs until `block-job-complete` (or
+//! `block-job-cancel`) ends it, and the end of a job raises `BLOCK_JOB_COMPLETED` or
+//! `BLOCK_JOB_CANCELLED` with QEMU's members. Jobs finalize and dismiss
 //! themselves (QEMU's `auto-finalize` and `auto-dismiss` defaults).
 //!
 //! Where a job runs: its copying runs in the disk's context (its iothread, or the main loop's
@@ -20,9 +22,12 @@
 //! The work (`Work`) is locked by the step, in the context, and by the finalization, on the
 //! main thread once the steps have ended. A monitor command acquires no context.
 
+mod active;
 mod commit;
 mod ratelimit;
 mod stream;
+#[cfg(test)]
+mod testing;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -34,6 +39,41 @@ use ratelimit::RateLimit;
 
 pub use commit::{start_commit, CommitArgs};
 pub use stream::{start_stream, StreamArgs};
+
+/// Whether a job finalizes and dismisses itself (`auto-finalize`, `auto-dismiss`), or waits in
+/// `pending` for `job-finalize` and in `concluded` for `job-dismiss`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobEnd {
+    /// `auto-finalize`.
+    pub finalize: bool,
+    /// `auto-dismiss`.
+    pub dismiss: bool,
+}
+
+impl Default for JobEnd {
+    /// QEMU's defaults: both.
+    fn default() -> Self {
+        Self {
+            finalize: true,
+            dismiss: true,
+        }
+    }
+}
+
+/// An image of a disk's chain as a job's arguments name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layer {
+    /// By file name (`base`, `top`): as given, or resolved as a backing file name is.
+    File(String),
+    /// By node name (`base-node`, `top-node`), found by the monitor at `depth` of the disk's
+    /// chain (0: its top).
+    Node {
+        /// The node name.
+        name: String,
+        /// Its image's depth.
+        depth: usize,
+    },
+}
 
 /// A job's status (QEMU's `JobStatus`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,15 +146,21 @@ pub enum Verb {
     SetSpeed,
     /// `block-job-complete`.
     Complete,
+    /// `job-finalize`.
+    Finalize,
+    /// `job-dismiss`.
+    Dismiss,
 }
 
 /// In which statuses each verb is accepted (QEMU's `JobVerbTable`), columns as [`TRANSITIONS`].
-const VERBS: [(Verb, [u8; 11]); 5] = [
+const VERBS: [(Verb, [u8; 11]); 7] = [
     (Verb::Cancel, [0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]),
     (Verb::Pause, [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]),
     (Verb::Resume, [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]),
     (Verb::SetSpeed, [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]),
     (Verb::Complete, [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]),
+    (Verb::Finalize, [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]),
+    (Verb::Dismiss, [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]),
 ];
 
 impl JobStatus {
@@ -161,6 +207,8 @@ impl Verb {
             Self::Resume => "resume",
             Self::SetSpeed => "set-speed",
             Self::Complete => "complete",
+            Self::Finalize => "finalize",
+            Self::Dismiss => "dismiss",
         }
     }
 }
@@ -238,6 +286,9 @@ pub struct Step {
     pub advanced: u64,
     /// Bytes it copied (what the speed limit counts).
     pub copied: u64,
+    /// For a mirror (active commit): the bytes left to copy, once known; the job is ready
+    /// when none are.
+    pub remaining: Option<u64>,
 }
 
 /// The copying part of a job: steps in the disk's context, then its end on the main loop.
@@ -248,8 +299,9 @@ trait Work: Send + std::fmt::Debug {
     /// Changes the chain once every step succeeded (main thread, global lock held).
     fn finish(&mut self, disk: &mut VmDisk) -> Result<(), String>;
 
-    /// Lets go of the images it holds (the job ended either way).
-    fn release(&mut self);
+    /// Lets go of the images it holds and of what it changed in the disk's device (the job
+    /// ended either way; main thread, global lock held).
+    fn release(&mut self, disk: Option<&mut VmDisk>);
 }
 
 /// How the steps ended.
@@ -274,6 +326,17 @@ struct State {
     user_paused: bool,
     cancelled: bool,
     busy: bool,
+    /// A mirror: it ends when `block-job-complete` or `block-job-cancel` asks, once in sync.
+    mirror: bool,
+    /// A mirror's bytes left to copy, once its first scan is done.
+    remaining: Option<u64>,
+    /// Asked to end while ready: `Some(true)` switching the disk (`block-job-complete`),
+    /// `Some(false)` leaving it as it is (`block-job-cancel`, QEMU's completion without pivot).
+    completing: Option<bool>,
+    /// Finalizes and dismisses itself, or not.
+    end: JobEnd,
+    /// Why it ended, once it failed or was cancelled (QEMU's job error).
+    error: Option<String>,
     /// Set once by the last step; the job is then waiting for its finalization.
     ended: Option<Ended>,
 }
@@ -301,6 +364,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The shortest re-arm: a timerfd armed with zero would be disarmed.
 const NEXT_STEP: Duration = Duration::from_micros(1);
+
+/// How often a mirror with nothing to copy looks again (QEMU's mirror `SLICE_TIME`).
+const IDLE: Duration = Duration::from_millis(100);
 
 impl Job {
     fn state(&self) -> MutexGuard<'_, State> {
@@ -359,12 +425,19 @@ impl Job {
                 return;
             }
             if s.user_paused {
-                if s.status == JobStatus::Running {
-                    self.transition(&mut s, JobStatus::Paused);
+                match s.status {
+                    JobStatus::Running => self.transition(&mut s, JobStatus::Paused),
+                    JobStatus::Ready => self.transition(&mut s, JobStatus::Standby),
+                    _ => {}
                 }
                 return;
             }
-            if s.offset >= s.len {
+            let done = if s.mirror {
+                s.completing.is_some() && s.remaining == Some(0)
+            } else {
+                s.offset >= s.len
+            };
+            if done {
                 drop(s);
                 self.end_steps(Ended::Done);
                 return;
@@ -377,15 +450,29 @@ impl Job {
         s.busy = false;
         match result {
             Ok(step) => {
-                s.offset = (s.offset + step.advanced).min(s.len);
-                let delay = s.limit.delay(step.copied, Instant::now());
-                // A pause or cancel that came during the step re-armed the timer before this
-                // re-arm replaces it: it is taken now, not after the speed limit's sleep.
-                let delay = if s.user_paused || s.cancelled {
-                    Duration::ZERO
+                s.offset = if s.mirror {
+                    s.offset + step.advanced
                 } else {
-                    delay
+                    (s.offset + step.advanced).min(s.len)
                 };
+                let mut delay = s.limit.delay(step.copied, Instant::now());
+                if let Some(remaining) = step.remaining {
+                    s.len = s.offset + remaining;
+                    s.remaining = Some(remaining);
+                    if remaining == 0 {
+                        if s.status == JobStatus::Running {
+                            self.transition(&mut s, JobStatus::Ready);
+                            self.events
+                                .send(QmpEvent::BlockJobReady(self.event_data(&s)));
+                        }
+                        delay = delay.max(IDLE);
+                    }
+                }
+                // A pause, cancel or completion that came during the step re-armed the timer
+                // before this re-arm replaces it: it is taken now, not after a sleep.
+                if s.user_paused || s.cancelled || s.completing.is_some() {
+                    delay = Duration::ZERO;
+                }
                 drop(s);
                 self.schedule(delay);
             }
@@ -415,15 +502,31 @@ impl Job {
     }
 
     /// Finalizes a job whose steps ended (main thread, global lock held): the chain change on
-    /// success, then the end events, as QEMU's `job_completed` and `job_finalize_single`.
-    fn finalize(&self, disk: Option<&mut VmDisk>) {
-        let how = self.state().ended.clone();
+    /// success, then the end events, as QEMU's `job_completed` and `job_finalize_single`. A
+    /// job that succeeded without `auto-finalize` stops in `pending` (`BLOCK_JOB_PENDING`)
+    /// until `job-finalize` calls this again. Returns whether the job is gone (`null`).
+    fn finalize(&self, mut disk: Option<&mut VmDisk>) -> bool {
+        let (how, switch) = {
+            let s = self.state();
+            (s.ended.clone(), s.completing != Some(false))
+        };
         let mut outcome = how.unwrap_or(Ended::Failed("Job ended without a result".into()));
         if outcome == Ended::Done {
             let mut s = self.state();
-            self.transition(&mut s, JobStatus::Pending);
+            if s.status != JobStatus::Pending {
+                self.transition(&mut s, JobStatus::Pending);
+                if !s.end.finalize {
+                    self.events.send(QmpEvent::BlockJobPending {
+                        kind: self.kind.name(),
+                        id: self.id.clone(),
+                    });
+                    return false;
+                }
+            }
             drop(s);
-            let finished = match disk {
+            let finished = match disk.as_deref_mut() {
+                // A mirror cancelled while ready completes leaving the disk as it is.
+                Some(_) if !switch => Ok(()),
                 Some(disk) => lock(&self.work).finish(disk),
                 None => Err(format!("Drive '{}' is gone", self.drive)),
             };
@@ -433,10 +536,19 @@ impl Job {
                 outcome = Ended::Failed(e);
             }
         }
-        lock(&self.work).release();
+        lock(&self.work).release(disk);
         *lock(&self.timer) = None;
         let mut s = self.state();
+        if outcome != Ended::Done && s.status != JobStatus::Aborting {
+            // Cancelled while pending.
+            self.transition(&mut s, JobStatus::Aborting);
+        }
         let data = self.event_data(&s);
+        s.error = match &outcome {
+            Ended::Done => None,
+            Ended::Failed(e) => Some(e.clone()),
+            Ended::Cancelled => Some("Operation canceled".to_owned()),
+        };
         self.events.send(match outcome {
             Ended::Done => QmpEvent::BlockJobCompleted { data, error: None },
             Ended::Failed(e) => QmpEvent::BlockJobCompleted {
@@ -446,7 +558,11 @@ impl Job {
             Ended::Cancelled => QmpEvent::BlockJobCancelled(data),
         });
         self.transition(&mut s, JobStatus::Concluded);
+        if !s.end.dismiss {
+            return false;
+        }
         self.transition(&mut s, JobStatus::Null);
+        true
     }
 
     /// What `query-block-jobs` says of it.
@@ -463,8 +579,9 @@ impl Job {
             io_status: "ok",
             ready: matches!(s.status, JobStatus::Ready | JobStatus::Standby),
             status: s.status.name(),
-            auto_finalize: true,
-            auto_dismiss: true,
+            auto_finalize: s.end.finalize,
+            auto_dismiss: s.end.dismiss,
+            error: s.error.clone(),
         }
     }
 
@@ -495,6 +612,10 @@ struct NewJob {
     len: u64,
     /// Its speed limit, bytes per second (0: none), as asked.
     speed: i64,
+    /// A mirror (ends when asked to, once ready).
+    mirror: bool,
+    /// Finalizes and dismisses itself, or not.
+    end: JobEnd,
 }
 
 /// The VM's jobs, kept by the monitor's handler on the main thread.
@@ -540,6 +661,13 @@ impl Jobs {
         }
     }
 
+    /// Whether `drive` has an active commit (QEMU puts a filter node above its top meanwhile).
+    pub fn mirrors(&self, drive: &str) -> bool {
+        self.jobs
+            .iter()
+            .any(|j| j.drive == drive && j.state().mirror)
+    }
+
     /// Creates and starts a job on `drive` in `ctx` (events `created` and `running`); its first
     /// step runs at once.
     fn start(&mut self, new: NewJob, work: Box<dyn Work>) -> Result<(), JobError> {
@@ -550,6 +678,8 @@ impl Jobs {
             ctx,
             len,
             speed,
+            mirror,
+            end,
         } = new;
         if !well_formed(&id) {
             return Err(JobError::InvalidId(id));
@@ -576,6 +706,11 @@ impl Jobs {
                 user_paused: false,
                 cancelled: false,
                 busy: false,
+                mirror,
+                remaining: None,
+                completing: None,
+                end,
+                error: None,
                 ended: None,
             }),
             work: Mutex::new(work),
@@ -613,7 +748,8 @@ impl Jobs {
         self.jobs.iter().map(|j| j.info()).collect()
     }
 
-    /// `block-job-cancel`: the job stops at its next step boundary.
+    /// `block-job-cancel`: the job stops at its next step boundary; a ready mirror without
+    /// `force` completes instead, once in sync, leaving the disk as it is (as QEMU's).
     pub fn cancel(&self, id: &str, force: bool) -> Result<(), JobError> {
         let job = self.find(id)?;
         let mut s = job.state();
@@ -621,11 +757,25 @@ impl Jobs {
         if s.user_paused && !force {
             return Err(JobError::CancelPaused(id.to_owned()));
         }
-        s.cancelled = true;
+        let ready = matches!(s.status, JobStatus::Ready | JobStatus::Standby);
+        if s.status == JobStatus::Pending {
+            // Waiting for `job-finalize`: it is aborted instead, on the main loop at once.
+            s.ended = Some(Ended::Cancelled);
+            drop(s);
+            lock(&self.ended).push(Arc::clone(job));
+            return Ok(());
+        }
+        if s.mirror && ready && !force {
+            s.completing = Some(false);
+        } else {
+            s.cancelled = true;
+        }
         s.user_paused = false;
-        if s.status == JobStatus::Paused {
+        match s.status {
             // As QEMU: a paused job is resumed to be cancelled.
-            job.transition(&mut s, JobStatus::Running);
+            JobStatus::Paused => job.transition(&mut s, JobStatus::Running),
+            JobStatus::Standby => job.transition(&mut s, JobStatus::Ready),
+            _ => {}
         }
         drop(s);
         job.schedule(NEXT_STEP);
@@ -656,8 +806,10 @@ impl Jobs {
             return Err(JobError::NotPaused);
         }
         s.user_paused = false;
-        if s.status == JobStatus::Paused {
-            job.transition(&mut s, JobStatus::Running);
+        match s.status {
+            JobStatus::Paused => job.transition(&mut s, JobStatus::Running),
+            JobStatus::Standby => job.transition(&mut s, JobStatus::Ready),
+            _ => {}
         }
         drop(s);
         job.schedule(NEXT_STEP);
@@ -672,7 +824,7 @@ impl Jobs {
         let speed = u64::try_from(speed).map_err(|_| JobError::NegativeSpeed)?;
         s.speed = speed;
         s.limit.set_speed(speed);
-        let running = s.status == JobStatus::Running && !s.user_paused;
+        let running = matches!(s.status, JobStatus::Running | JobStatus::Ready) && !s.user_paused;
         drop(s);
         if running {
             // A job sleeping under the old limit wakes to sleep under the new one.
@@ -681,21 +833,52 @@ impl Jobs {
         Ok(())
     }
 
-    /// `block-job-complete`: only a ready job accepts it (no job here becomes ready).
+    /// `block-job-complete`: only a ready job (a mirror) accepts it; it ends once in sync,
+    /// switching the disk.
     pub fn complete(&self, id: &str) -> Result<(), JobError> {
         let job = self.find(id)?;
-        let s = job.state();
-        job.check_verb(&s, Verb::Complete)
+        let mut s = job.state();
+        job.check_verb(&s, Verb::Complete)?;
+        s.completing = Some(true);
+        drop(s);
+        job.schedule(NEXT_STEP);
+        Ok(())
     }
 
-    /// Finalizes the jobs whose steps ended (main thread, global lock held) and forgets them.
+    /// Finalizes the jobs whose steps ended (main thread, global lock held) and forgets those
+    /// that are gone.
     pub fn finalize_waiting(&mut self, disks: &mut [VmDisk]) {
         let ended: Vec<_> = std::mem::take(&mut *lock(&self.ended));
         for job in ended {
-            let disk = disks.iter_mut().find(|d| d.info.drive_id == job.drive);
-            job.finalize(disk);
-            self.jobs.retain(|j| !Arc::ptr_eq(j, &job));
+            self.finalize_one(&job, disks);
         }
+    }
+
+    fn finalize_one(&mut self, job: &Arc<Job>, disks: &mut [VmDisk]) {
+        let disk = disks.iter_mut().find(|d| d.info.drive_id == job.drive);
+        if job.finalize(disk) {
+            self.jobs.retain(|j| !Arc::ptr_eq(j, job));
+        }
+    }
+
+    /// `job-finalize`: a job waiting in `pending` changes the chain and ends (main thread,
+    /// global lock held).
+    pub fn finalize(&mut self, id: &str, disks: &mut [VmDisk]) -> Result<(), JobError> {
+        let job = Arc::clone(self.find(id)?);
+        job.check_verb(&job.state(), Verb::Finalize)?;
+        self.finalize_one(&job, disks);
+        Ok(())
+    }
+
+    /// `job-dismiss`: a `concluded` job goes.
+    pub fn dismiss(&mut self, id: &str) -> Result<(), JobError> {
+        let job = Arc::clone(self.find(id)?);
+        let mut s = job.state();
+        job.check_verb(&s, Verb::Dismiss)?;
+        job.transition(&mut s, JobStatus::Null);
+        drop(s);
+        self.jobs.retain(|j| !Arc::ptr_eq(j, &job));
+        Ok(())
     }
 }
 
@@ -732,6 +915,9 @@ mod tests {
         assert!(Ready.accepts(Verb::Complete) && !Running.accepts(Verb::Complete));
         assert!(Paused.accepts(Verb::Cancel) && !Aborting.accepts(Verb::Cancel));
         assert!(!Pending.accepts(Verb::SetSpeed) && Standby.accepts(Verb::Resume));
+        assert!(Pending.accepts(Verb::Finalize) && !Concluded.accepts(Verb::Finalize));
+        assert!(Concluded.accepts(Verb::Dismiss) && !Pending.accepts(Verb::Dismiss));
+        assert!(Pending.accepts(Verb::Cancel) && Pending.may_become(Aborting));
         let names: Vec<_> = STATUSES.iter().map(|s| s.name()).collect();
         assert_eq!(
             names,

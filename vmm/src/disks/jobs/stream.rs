@@ -21,7 +21,7 @@ use std::sync::{Arc, PoisonError};
 
 use block::{DiskImage, FileId, Image, OpenOptions, WithPolicy};
 
-use super::{JobError, JobKind, Jobs, NewJob, Step, Work};
+use super::{JobEnd, JobError, JobKind, Jobs, Layer, NewJob, Step, Work};
 use crate::disks::LiveImage;
 use crate::monitor::VmDisk;
 
@@ -33,10 +33,12 @@ const CHUNK: u64 = 512 << 10;
 pub struct StreamArgs {
     /// `job-id`; the drive id when absent.
     pub job_id: Option<String>,
-    /// `base`: the file name of an image of the chain below the top.
-    pub base: Option<String>,
+    /// `base` or `base-node`: an image of the chain below the top.
+    pub base: Option<Layer>,
     /// `backing-file`: the name to write in the top's header instead of the base's.
     pub backing_file: Option<String>,
+    /// `auto-finalize` and `auto-dismiss`.
+    pub end: JobEnd,
     /// `speed`, bytes per second (0: unlimited); a negative one is refused once the job is
     /// created, as QEMU refuses it.
     pub speed: i64,
@@ -72,6 +74,7 @@ impl Work for Stream {
             return Ok(Step {
                 advanced: n,
                 copied: 0,
+                remaining: None,
             });
         };
         let size = usize::try_from(n).map_err(|e| e.to_string())?;
@@ -92,6 +95,7 @@ impl Work for Stream {
         Ok(Step {
             advanced: n,
             copied: n,
+            remaining: None,
         })
     }
 
@@ -106,7 +110,7 @@ impl Work for Stream {
         Ok(())
     }
 
-    fn release(&mut self) {
+    fn release(&mut self, _disk: Option<&mut VmDisk>) {
         self.top = None;
     }
 }
@@ -138,7 +142,7 @@ pub(super) fn reopen_with_backing(
             cache: live.cache,
             // The old chain holds the locks until it closes, below.
             lock: false,
-            ..OpenOptions::default()
+            cache_sizes: live.cache_sizes,
         };
         let image = block::open(Path::new(&path), options)
             .map_err(|e| format!("Could not reopen '{path}': {}", devices::error_chain(&e)))?;
@@ -183,9 +187,10 @@ pub fn start_stream(jobs: &mut Jobs, disk: &VmDisk, args: StreamArgs) -> Result<
     let image = top.inner();
     let base_depth =
         match &args.base {
-            Some(name) => Some(find_in_chain(image, name).ok_or_else(|| {
+            Some(Layer::File(name)) => Some(find_in_chain(image, name).ok_or_else(|| {
                 JobError::Other(format!("Can't find '{name}' in the backing chain"))
             })?),
+            Some(Layer::Node { depth, .. }) => Some(*depth),
             None => None,
         };
     jobs.check_idle(&drive)?;
@@ -205,7 +210,10 @@ pub fn start_stream(jobs: &mut Jobs, disk: &VmDisk, args: StreamArgs) -> Result<
         Image::Qcow2(q) => q.header().cluster_size(),
         Image::Raw(_) => CHUNK,
     };
-    let len = image.size();
+    // As QEMU's: with the base right below the top, or no backing file, there is nothing to
+    // stream, and no length.
+    let nothing = base_depth == Some(1) || image.chain().nth(1).is_none();
+    let len = if nothing { 0 } else { image.size() };
     let work = Stream {
         top: Some(Arc::clone(&top)),
         base_depth,
@@ -220,6 +228,8 @@ pub fn start_stream(jobs: &mut Jobs, disk: &VmDisk, args: StreamArgs) -> Result<
         drive,
         len,
         speed: args.speed,
+        mirror: false,
+        end: args.end,
     };
     jobs.start(new, Box::new(work))
 }
@@ -229,47 +239,19 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::disks::jobs::testing::{
+        assert_reads, block_of, names, pattern, run, Guest, Scratch, BLOCKS, WRITES,
+    };
     use crate::disks::jobs::JobStatus;
-    use crate::drive::CacheSetting;
-    use crate::monitor::{event_channel, BlockDevice, CacheMode, ImageNodes};
-    use block::{DetectZeroes, Format};
-    use devices::context::IoThread;
-    use devices::virtio::block::test_util::{Rig, BUF, F_WRITE, HDR, STATUS};
-    use devices::virtio::block::{request_type, status};
-    use std::sync::Mutex;
-    use vm_memory::{Bytes, GuestAddress};
 
-    const BLOCKS: usize = 2048;
-    const WRITES: usize = 400;
-    const DEPTH: usize = 4;
-
-    /// The 4 KiB block write `i` goes to (scattered over the disk).
-    fn block_of(i: usize) -> usize {
-        i * 37 % BLOCKS
-    }
-
-    fn pattern(i: usize) -> u8 {
-        u8::try_from(i % 200).unwrap() + 40
-    }
-
-    fn run(tool: &str, args: &[&str]) -> std::process::Output {
-        let out = std::process::Command::new(tool)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("{tool} is required (ci/setup installs it): {e}"));
-        assert!(out.status.success(), "{tool} {args:?}: {out:?}");
-        out
-    }
-
-    /// A writer keeps `DEPTH` guest writes in flight on an iothread disk while a stream without
-    /// a base (speed-limited so that it spans the writes) pulls its backing file up: every
-    /// write survives, every other block holds the backing file's data, the top ends with no
-    /// backing file, and QEMU's tools agree.
+    /// A writer keeps guest writes in flight on an iothread disk while a stream without a base
+    /// (speed-limited so that it spans the writes) pulls its backing file up: every write
+    /// survives, every other block holds the backing file's data, the top ends with no backing
+    /// file, and QEMU's tools agree.
     #[test]
     fn a_stream_under_guest_writes_loses_none_of_them() {
-        let dir = std::env::temp_dir().join(format!("vmm-stream-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (base, top) = (dir.join("base.qcow2"), dir.join("top.qcow2"));
+        let dir = Scratch::new("stream");
+        let (base, top) = (dir.path("base.qcow2"), dir.path("top.qcow2"));
         let (base_s, top_s) = (base.to_str().unwrap(), top.to_str().unwrap());
         run("qemu-img", &["create", "-q", "-f", "qcow2", base_s, "8M"]);
         run(
@@ -282,99 +264,14 @@ mod tests {
                 "create", "-q", "-f", "qcow2", "-b", base_s, "-F", "qcow2", top_s,
             ],
         );
-        let options = OpenOptions {
-            format: Some(Format::Qcow2),
-            read_only: false,
-            ..OpenOptions::default()
-        };
-        let cache = CacheSetting::default();
-        let image = Arc::new(WithPolicy::new(
-            block::open(&top, options).unwrap(),
-            cache.policy,
-            DetectZeroes::Off,
-        ));
-        let io = IoThread::spawn("io-stream").unwrap();
-        let rig = Arc::new(Rig::new(io.context().clone(), Arc::clone(&image), 1, false));
-        rig.start(!0);
-        let live = LiveImage::new(image, cache, DetectZeroes::Off);
-        let mut disk = VmDisk {
-            info: BlockDevice {
-                drive_id: "d0".into(),
-                qdev: "vd0".into(),
-                read_only: false,
-                cache: CacheMode {
-                    writeback: true,
-                    direct: false,
-                    no_flush: false,
-                },
-                detect_zeroes: "off",
-                node_name: "#block0".into(),
-                nodes: (0..2)
-                    .map(|i| ImageNodes {
-                        format: format!("#block{}", 2 * i),
-                        file: format!("#block{}", 2 * i + 1),
-                        opened: i,
-                    })
-                    .collect(),
-                io_status: "ok",
-                image: live.describe(),
-            },
-            device: Arc::clone(&rig.dev),
-            live: Arc::new(Mutex::new(live)),
-        };
-        let (events, received) = event_channel().unwrap();
-        let mut jobs = Jobs::new(events);
-
-        let writer = {
-            let rig = Arc::clone(&rig);
-            std::thread::spawn(move || {
-                for i in 0..WRITES {
-                    let slot = u16::try_from(i % DEPTH).unwrap();
-                    if slot == 0 {
-                        rig.wait_used(0, u16::try_from(i).unwrap());
-                    }
-                    let buf = BUF + u64::from(slot) * 4096;
-                    let hdr = HDR + u64::from(slot) * 0x20;
-                    rig.mem
-                        .write_slice(&[pattern(i); 4096], GuestAddress(buf))
-                        .unwrap();
-                    let sector = u64::try_from(block_of(i)).unwrap() * 8;
-                    rig.header(hdr, request_type::OUT, sector);
-                    let st = STATUS + u64::from(slot);
-                    rig.submit(
-                        0,
-                        slot * 3,
-                        &[(hdr, 16, 0), (buf, 4096, 0), (st, 1, F_WRITE)],
-                    );
-                }
-                rig.wait_used(0, u16::try_from(WRITES).unwrap());
-            })
-        };
+        let mut guest = Guest::new(&top, 2);
+        let writer = guest.write();
         let args = StreamArgs {
             speed: 16 << 20,
             ..StreamArgs::default()
         };
-        start_stream(&mut jobs, &disk, args).unwrap();
-        let mut seen = Vec::new();
-        while !seen
-            .iter()
-            .any(|e: &serde_json::Value| e["data"]["status"] == "null")
-        {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            seen.extend(received.drain());
-            jobs.finalize_waiting(std::slice::from_mut(&mut disk));
-        }
-        writer.join().unwrap();
-        for slot in 0..DEPTH {
-            assert_eq!(rig.byte(STATUS + u64::try_from(slot).unwrap()), status::OK);
-        }
-        let names: Vec<_> = seen
-            .iter()
-            .map(|e| match e["data"]["status"].as_str() {
-                Some(s) => s.to_owned(),
-                None => e["event"].as_str().unwrap().to_owned(),
-            })
-            .collect();
+        start_stream(&mut guest.jobs, &guest.disk, args).unwrap();
+        let seen = guest.run_job(|_, _| {});
         let expected = [
             JobStatus::Created.name(),
             JobStatus::Running.name(),
@@ -384,40 +281,26 @@ mod tests {
             JobStatus::Concluded.name(),
             JobStatus::Null.name(),
         ];
-        assert_eq!(names, expected);
+        assert_eq!(names(&seen), expected);
         assert!(seen[4]["data"].get("error").is_none(), "{}", seen[4]);
-        assert!(jobs.info().is_empty());
-        assert!(disk.info.image.backing.is_none());
+        assert!(guest.jobs.info().is_empty());
+        assert!(guest.disk.info.image.backing.is_none());
         // The base's nodes went with it; the top's stay.
-        assert_eq!(disk.info.nodes.len(), 1);
-        assert_eq!(disk.info.nodes[0].format, "#block0");
+        assert_eq!(guest.disk.info.nodes.len(), 1);
+        assert_eq!(guest.disk.info.nodes[0].format, "#block0");
+        guest.stop(writer);
 
         let mut want = vec![17u8; BLOCKS];
         for i in 0..WRITES {
             want[block_of(i)] = pattern(i);
         }
-        rig.dev.shutdown().unwrap();
-        drop(rig);
-        drop(disk);
-        io.stop().unwrap();
         let image = block::open(&top, OpenOptions::default()).unwrap();
         assert_eq!(image.chain().count(), 1, "the top has no backing file");
-        let mut buf = vec![0u8; 4096];
-        for (b, &byte) in want.iter().enumerate() {
-            image
-                .read_at(&mut buf, u64::try_from(b).unwrap() * 4096)
-                .unwrap();
-            assert!(
-                buf.iter().all(|&x| x == byte),
-                "block {b}: {} for {byte}",
-                buf[0]
-            );
-        }
         drop(image);
+        assert_reads(&top, &want);
         run("qemu-img", &["check", "-q", top_s]);
         let info = run("qemu-img", &["info", "--output=json", top_s]);
         let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
         assert!(info.get("backing-filename").is_none(), "{info}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
