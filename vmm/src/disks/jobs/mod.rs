@@ -404,11 +404,24 @@ impl Job {
 
     /// Runs the next step soon (after `after`).
     fn schedule(&self, after: Duration) {
-        if let Some(timer) = lock(&self.timer).as_ref() {
-            if let Err(e) = timer.arm(after.max(NEXT_STEP), None) {
-                // Without its timer the job cannot go on: it fails.
-                self.end_steps(Ended::Failed(format!("Cannot schedule the job: {e}")));
-            }
+        let armed = self.arm(after);
+        self.fail_unarmed(armed);
+    }
+
+    /// Arms the step timer. The step re-arms it with the job's state locked, so a verb that
+    /// changes the state and then schedules (cancel, pause, set-speed, complete) either is
+    /// seen by that step or re-arms after it: never overwritten by a sleep chosen before it.
+    fn arm(&self, after: Duration) -> Result<(), devices::context::Error> {
+        match lock(&self.timer).as_ref() {
+            Some(timer) => timer.arm(after.max(NEXT_STEP), None),
+            None => Ok(()),
+        }
+    }
+
+    /// Without its timer the job cannot go on: it fails (called without the state locked).
+    fn fail_unarmed(&self, armed: Result<(), devices::context::Error>) {
+        if let Err(e) = armed {
+            self.end_steps(Ended::Failed(format!("Cannot schedule the job: {e}")));
         }
     }
 
@@ -473,8 +486,9 @@ impl Job {
                 if s.user_paused || s.cancelled || s.completing.is_some() {
                     delay = Duration::ZERO;
                 }
+                let armed = self.arm(delay);
                 drop(s);
-                self.schedule(delay);
+                self.fail_unarmed(armed);
             }
             Err(e) => {
                 drop(s);
