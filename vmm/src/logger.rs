@@ -1,8 +1,9 @@
 //! The debug log (`-D FILE`): every `log` record, with a timestamp and the thread's name.
 //!
 //! Timestamps count seconds from the log's start; its first line gives that start as Unix time (to
-//! the microsecond), so that a benchmark can place the VMM's own steps (the `startup:` lines: guest
-//! memory, kernel, initramfs, ACPI tables, vCPUs, each vCPU's first `KVM_RUN`) on its own clock.
+//! the microsecond), so that a benchmark can place the VMM's own steps (the `startup:` lines: the
+//! sandbox's seccomp filters, guest memory, kernel, initramfs, ACPI tables, vCPUs, the sandbox's
+//! Landlock rules, each vCPU's first `KVM_RUN`) on its own clock.
 //!
 //! Without `-D` nothing is logged: the terminal belongs to the guest's console, and the VMM's own
 //! errors reach stderr through `main`.

@@ -155,10 +155,14 @@ pub fn restrict(config: &Config, images: &[ImageFile]) -> Result<(), LandlockErr
         RulesetStatus::PartiallyEnforced => {
             log::info!("sandbox: Landlock on, with the rights this kernel knows of: {grants:?}")
         }
-        RulesetStatus::NotEnforced => eprintln!(
-            "vmm: warning: sandbox: this kernel has no Landlock: file access is not restricted"
-        ),
+        RulesetStatus::NotEnforced => {
+            eprintln!(
+                "vmm: warning: sandbox: this kernel has no Landlock: file access is not restricted"
+            );
+            return Ok(());
+        }
     }
+    log::info!("startup: Landlock rules on");
     Ok(())
 }
 

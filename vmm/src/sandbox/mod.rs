@@ -18,7 +18,8 @@
 //! [`Kind::compile`]). A new thread inherits its creator's filter, and filters stack (a call must pass
 //! both): so a thread that grows a disk's worker pool (the main loop, an iothread, and a vCPU
 //! that activates a virtio-blk device) also allows what a new thread does before its own filter
-//! is on. The filters are compiled once, at start-up ([`init`]), and kept in a static.
+//! is on. The filters are compiled once, at start-up ([`init`], the debug log's `startup: seccomp
+//! filters built` step), and kept in a static.
 //!
 //! A call outside the filter raises SIGSYS (`SECCOMP_RET_TRAP`): the handler in [`trap`] writes
 //! one line naming the thread, the call and its first two arguments, and the process exits with
@@ -113,10 +114,10 @@ impl Kind {
     /// check, and on every thread but the main one `openat` with EACCES (glibc opens files
     /// lazily on whichever thread first needs them, `/proc/sys/vm/overcommit_memory` when a
     /// thread's heap first shrinks, and copes with the failure; these threads open nothing
-    /// else); then the allow-list.
-    fn compile(self) -> Result<Vec<BpfProgram>, seccompiler::BackendError> {
+    /// else); then the allow-list, `rules` (its [`Kind::rules`]).
+    fn compile(self, rules: &rules::Rules) -> Result<Vec<BpfProgram>, seccompiler::BackendError> {
         let mut programs = rules::refusals(self != Kind::Main)?;
-        programs.push(self.rules().compile()?);
+        programs.push(rules.compile()?);
         Ok(programs)
     }
 }
@@ -215,19 +216,24 @@ pub fn init() -> Result<(), SandboxError> {
         .into_iter()
         .map(|kind| {
             let rules = kind.rules();
+            let programs = kind
+                .compile(&rules)
+                .map_err(|source| SandboxError::Compile {
+                    kind: kind.name(),
+                    source,
+                })?;
             log::info!(
-                "sandbox: {} threads may make {} system calls",
+                "sandbox: {} threads may make {} system calls (filters of {} BPF instructions)",
                 kind.name(),
-                rules.len()
+                rules.len(),
+                programs.iter().map(Vec::len).sum::<usize>()
             );
-            kind.compile().map_err(|source| SandboxError::Compile {
-                kind: kind.name(),
-                source,
-            })
+            Ok(programs)
         })
         .collect::<Result<Vec<_>, _>>()?;
     trap::install_handler().map_err(SandboxError::Handler)?;
     rules::settle_malloc();
+    log::info!("startup: seccomp filters built");
     // Only `init` sets it, once: a second call keeps the first filters.
     let _ = SANDBOX.set(Sandbox {
         filters,
@@ -304,7 +310,7 @@ mod tests {
     /// the violation line.
     fn confine(kind: Kind) {
         trap::remember_thread_name();
-        for program in kind.compile().expect("compiles") {
+        for program in kind.compile(&kind.rules()).expect("compiles") {
             seccompiler::apply_filter(&program).expect("installs");
         }
     }
@@ -360,7 +366,7 @@ mod tests {
             assert!(!rules.allows_unconditionally(libc::SYS_socket), "{kind:?}");
             assert!(!rules.allows_unconditionally(libc::SYS_execve), "{kind:?}");
             assert!(!rules.is_empty(), "{kind:?}");
-            kind.compile().expect("compiles");
+            kind.compile(&rules).expect("compiles");
         }
     }
 }
