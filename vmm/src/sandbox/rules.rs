@@ -1,6 +1,7 @@
 //! The allow-lists and the groups of calls several kinds of thread share: what every thread
 //! makes (locks, memory, its own exit, the SIGSYS handler's line), what a thread makes that
-//! starts threads, and what a thread makes that runs a virtio-blk device's handlers.
+//! starts threads, and what a thread makes that runs a virtio-blk device's handlers; and the
+//! allow-lists' BPF programs ([`Rules::compile`]).
 
 use std::collections::BTreeMap;
 
