@@ -623,3 +623,86 @@ fn a_cluster_unmapped_before_a_request_began_is_reused_while_that_request_runs()
     drop(img);
     assert_consistent(&p, false);
 }
+
+#[test]
+fn freed_clusters_are_reused_while_requests_stay_in_flight() {
+    discard_and_rewrite_while_busy(true);
+}
+
+/// A guest that discards and rewrites without ever flushing must not grow the image either.
+#[test]
+fn freed_clusters_are_reused_without_flushes() {
+    discard_and_rewrite_while_busy(false);
+}
+
+/// Four regions are discarded and rewritten chunk by chunk (with a flush after each discard when
+/// `flush`), in turn, while requests are always in flight: two pinned reads overlap, the older
+/// ending after the next began, at every step. The file must stay within 10% of the live data.
+/// One thread drives the interleaving, so that no request is held up by the scheduler.
+fn discard_and_rewrite_while_busy(flush: bool) {
+    const REGIONS: u64 = 4;
+    const REGION: u64 = 64 * CS;
+    const CHUNK: u64 = 4 * CS;
+    const ROUNDS: u64 = 64;
+    // The sizes are small constants.
+    let len = |n: u64| usize::try_from(n).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("busy.qcow2");
+    create(&p, "cluster_size=65536", "64M");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    let busy = 63 << 20;
+    img.write_at(&vec![9; len(CS)], busy).unwrap();
+    let mut readers = std::collections::VecDeque::new();
+    // A read begins, and the oldest of the two in flight ends.
+    let mut step = || {
+        let (map, _, pin) = q.lookup_pinned(busy).unwrap();
+        assert!(matches!(map, super::Mapping::Data { .. }));
+        readers.push_back(pin);
+        if readers.len() > 2 {
+            readers.pop_front();
+        }
+    };
+    let peak_live = REGIONS * REGION + CS;
+    for t in 0..REGIONS {
+        img.write_at(&vec![0xee; len(REGION)], t * REGION).unwrap();
+    }
+    for round in 0..ROUNDS {
+        for t in 0..REGIONS {
+            let at = t * REGION + round % (REGION / CHUNK) * CHUNK;
+            let byte = (t * ROUNDS + round).to_le_bytes()[0] | 1;
+            step();
+            img.discard(at, CHUNK).unwrap();
+            step();
+            if flush {
+                img.flush().unwrap();
+                step();
+            }
+            img.write_at(&vec![byte; len(CHUNK)], at).unwrap();
+        }
+    }
+    drop(step);
+    drop(readers);
+    img.flush().unwrap();
+    let file_len = std::fs::metadata(&p).unwrap().len();
+    eprintln!("file {file_len} bytes, peak live data {peak_live} bytes");
+    // Besides 10%: header, L1, refcount table and block, L2 table; without flushes also the 8
+    // freed clusters a discard may leave waiting (1/256 of this disk's clusters, at least 8).
+    let backlog = if flush { 0 } else { 8 * CS };
+    let bound = peak_live + peak_live / 10 + 8 * CS + backlog;
+    assert!(
+        file_len <= bound,
+        "the file grew to {file_len} bytes for {peak_live} bytes of live data (bound {bound})"
+    );
+    for t in 0..REGIONS {
+        for chunk in 0..REGION / CHUNK {
+            let round = (0..ROUNDS).rev().find(|r| r % (REGION / CHUNK) == chunk);
+            let byte = round.map_or(0xee, |r| (t * ROUNDS + r).to_le_bytes()[0] | 1);
+            let mut back = vec![0u8; len(CHUNK)];
+            img.read_at(&mut back, t * REGION + chunk * CHUNK).unwrap();
+            assert!(back.iter().all(|&b| b == byte), "region {t} chunk {chunk}");
+        }
+    }
+    drop(img);
+    assert_consistent(&p, false);
+}
