@@ -456,6 +456,38 @@ fn lookups_and_allocating_writes_go_on_while_a_flush_syncs() {
 }
 
 #[test]
+fn a_snapshot_operation_waits_for_a_write_back_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.qcow2");
+    create(&p, "cluster_size=65536", "1M");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    q.write_at(&[1; 4096], 0).unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let mut snapshot = None;
+        let flushed = while_a_flush_syncs(q, || {
+            snapshot = Some(s.spawn(move || {
+                let r = q.snapshot_create("s", (0, 0));
+                done_tx.send(()).unwrap();
+                r
+            }));
+            // It frees and allocates clusters that the flush's copies may still be written to.
+            let ran = done_rx.recv_timeout(std::time::Duration::from_secs(2));
+            assert!(
+                ran.is_err(),
+                "a snapshot was taken while a flush wrote back"
+            );
+        });
+        flushed.unwrap();
+        snapshot.unwrap().join().unwrap().unwrap();
+    });
+    q.write_at(&[2; 4096], 0).unwrap();
+    drop(img);
+    assert_consistent(&p, false);
+}
+
+#[test]
 fn lookups_go_on_while_an_eviction_writes_back() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("v.qcow2");
@@ -681,7 +713,6 @@ fn discard_and_rewrite_while_busy(flush: bool) {
             img.write_at(&vec![byte; len(CHUNK)], at).unwrap();
         }
     }
-    drop(step);
     drop(readers);
     img.flush().unwrap();
     let file_len = std::fs::metadata(&p).unwrap().len();
