@@ -737,3 +737,92 @@ fn discard_and_rewrite_while_busy(flush: bool) {
     drop(img);
     assert_consistent(&p, false);
 }
+
+/// With 512-byte clusters and 16-bit refcounts, one refcount block covers 256 clusters.
+const BLOCK_RANGE: u64 = 256;
+
+#[test]
+fn a_new_refcount_block_is_made_durable_by_the_write_back_outside_the_lock() {
+    const C: u64 = 512;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("b.qcow2");
+    create(&p, "cluster_size=512", "1M");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    q.write_at(&[1; 512], 0).unwrap();
+    img.flush().unwrap();
+    // Allocations running into the second block's range make that block, without a sync.
+    let log = install(q, |_| false);
+    for k in 1..BLOCK_RANGE + 8 {
+        q.write_at(&[2; 512], k * C).unwrap();
+    }
+    let block = q.lock_shared().rc_table[1];
+    assert_ne!(block, 0, "the allocations made no second block");
+    assert!(
+        !log.lock().unwrap().contains(&Op::Sync),
+        "a new refcount block was synced while the allocation held the metadata lock"
+    );
+    log.lock().unwrap().clear();
+    // The flush syncs the block before its table entry: while it does, lookups and allocations
+    // (here into a third block's range) go on.
+    let flushed = while_a_flush_syncs(q, || {
+        assert!(
+            q.meta.try_write().is_ok(),
+            "the metadata lock is held while a new refcount block is synced"
+        );
+        assert!(matches!(q.lookup(0), Ok((super::Mapping::Data { .. }, _))));
+        for k in BLOCK_RANGE + 8..2 * BLOCK_RANGE + 8 {
+            q.write_at(&[3; 512], k * C).unwrap();
+        }
+    });
+    flushed.unwrap();
+    q.file.set_hook(None);
+    img.flush().unwrap();
+    drop(img);
+    assert_consistent(&p, false);
+    let img = open_rw(&p);
+    for (k, byte) in [(0, 1), (BLOCK_RANGE, 2), (2 * BLOCK_RANGE, 3)] {
+        let mut back = [0u8; 512];
+        img.read_at(&mut back, k * C).unwrap();
+        assert_eq!(back, [byte; 512], "cluster {k}");
+    }
+}
+
+#[test]
+fn a_new_refcount_block_is_durable_before_its_table_entry_and_the_l2_tables() {
+    const C: u64 = 512;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("o.qcow2");
+    create(&p, "cluster_size=512", "1M");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    q.write_at(&[1; 512], 0).unwrap();
+    img.flush().unwrap();
+    for k in 1..BLOCK_RANGE + 8 {
+        q.write_at(&[2; 512], k * C).unwrap();
+    }
+    let (entry_at, block, l2) = {
+        let m = q.lock_shared();
+        (
+            m.header.refcount_table_offset + 8,
+            m.rc_table[1],
+            m.l1[0] & OFFSET_MASK,
+        )
+    };
+    let log = install(q, |_| false);
+    img.flush().unwrap();
+    let ops = log.lock().unwrap().clone();
+    let at = |f: &dyn Fn(Op) -> bool| ops.iter().position(|&op| f(op)).unwrap();
+    let block_written = at(&|op| writes_at(op, block, C));
+    let entry_written = at(&|op| writes_at(op, entry_at, 8));
+    let l2_written = at(&|op| writes_at(op, l2, C));
+    let synced_between = |a: usize, b: usize| ops[a..b].contains(&Op::Sync);
+    assert!(
+        block_written < entry_written && synced_between(block_written, entry_written),
+        "the table entry was written before its block was durable: {ops:?}"
+    );
+    assert!(
+        entry_written < l2_written && synced_between(entry_written, l2_written),
+        "an L2 table was written before the table entry was durable: {ops:?}"
+    );
+}
