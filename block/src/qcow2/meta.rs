@@ -12,7 +12,9 @@
 //! reference is queued in `pending_frees` ([`Meta::drop_refs`]), and its refcount is lowered
 //! only after the metadata that stopped pointing at it is written and synced; it is reused only
 //! once no request in flight when that metadata changed can reach it either (`refcount.rs`). A
-//! refcount block can therefore be written at any time.
+//! refcount block can therefore be written at any time; the refcount table entry of a new one
+//! only once it is durable ([`Meta::rc_entries_owed`]: every write of the refcount blocks is
+//! followed, when entries are owed, by a sync and the entries), and before any L2 table.
 //!
 //! A flush keeps these orderings without holding the lock across its writes and syncs: it
 //! copies what it owes under the lock ([`Meta::copy_dirty`]), writes the copies in order
@@ -66,6 +68,8 @@ pub struct Owed {
 enum TableAt {
     Refcounts(u64),
     L2(u64),
+    /// The refcount table (an entry or the whole table).
+    RefcountTable,
 }
 
 /// The table writes made under the metadata lock while a flush writes its copies outside it:
@@ -109,6 +113,9 @@ pub struct Copies {
     /// The stamp when copied: needs that arose up to it are settled once the copies are durable.
     stamp: u64,
     rc_blocks: Vec<(u64, Vec<u8>, u64)>,
+    /// (index, entry) of the refcount table entries owed, and where the table lies.
+    rc_entries: Vec<(usize, u64)>,
+    rc_table_offset: u64,
     l2: Vec<(u64, Vec<u64>, u64)>,
     /// (index, entry) of the dirty L1 entries, and where the L1 table lies.
     l1: Vec<(usize, u64)>,
@@ -126,13 +133,23 @@ pub struct Copies {
 
 impl Copies {
     /// Writes the copies in the order the metadata owed when they were taken (refcount blocks,
-    /// a sync if L2 tables owed one, L2 tables, a sync if L1 entries owed one, L1 entries), then,
+    /// if refcount table entries are owed a sync and those entries, a sync if L2 tables owed
+    /// one, L2 tables, a sync if L1 entries owed one, L1 entries), then,
     /// for a flush, syncs the file; without the metadata lock. A table written under the lock
     /// meanwhile is skipped: that write was newer, and the syncs that follow cover it.
     pub fn write(&self, f: &HostFile) -> Result<(), Error> {
         for (off, b, _) in &self.rc_blocks {
             self.written
                 .copy(TableAt::Refcounts(*off), || f.write_at(b, *off))?;
+        }
+        if !self.rc_entries.is_empty() {
+            // The new blocks the entries name are durable before the entries can be.
+            f.sync()?;
+            for &(i, e) in &self.rc_entries {
+                let at = self.rc_table_offset + (i as u64) * 8;
+                self.written
+                    .copy(TableAt::RefcountTable, || f.write_at(&e.to_be_bytes(), at))?;
+            }
         }
         if self.sync_before_l2 {
             f.sync()?;
@@ -170,6 +187,9 @@ pub struct Meta {
     pub l2: TableCache<Vec<u64>>,
     /// The refcount table.
     pub rc_table: Vec<u64>,
+    /// Indices of refcount table entries naming new blocks, not yet written: each is written
+    /// once its block is durable (see [`Meta::write_refcount_blocks`], [`Copies::write`]).
+    pub rc_entries_owed: BTreeSet<usize>,
     /// Cached refcount blocks, raw bytes.
     pub rc_blocks: TableCache<Vec<u8>>,
     /// First cluster index the allocator looks at.
@@ -383,6 +403,11 @@ impl Meta {
     pub fn copy_dirty(&mut self, flush: bool) -> Copies {
         *self.written.lock() = Some(HashSet::new());
         let l2 = self.l2.copy_dirty();
+        let rc_entries: Vec<(usize, u64)> = self
+            .rc_entries_owed
+            .iter()
+            .map(|&i| (i, self.rc_table.get(i).copied().unwrap_or(0)))
+            .collect();
         let l1: Vec<(usize, u64)> = if flush {
             self.l1_dirty
                 .iter()
@@ -395,7 +420,11 @@ impl Meta {
             stamp: self.stamps,
             rc_blocks: self.rc_blocks.copy_dirty(),
             sync_before_l2: !l2.is_empty()
-                && (self.owed.l2_after_refcounts != 0 || self.owed.l2_after_data != 0),
+                && (self.owed.l2_after_refcounts != 0
+                    || self.owed.l2_after_data != 0
+                    || !rc_entries.is_empty()),
+            rc_entries,
+            rc_table_offset: self.header.refcount_table_offset,
             sync_before_l1: !l1.is_empty() && self.owed.l1_after_l2 != 0,
             l2,
             l1,
@@ -417,7 +446,7 @@ impl Meta {
         c: &Copies,
         result: Result<(), Error>,
     ) -> Result<(), Error> {
-        *self.written.lock() = None;
+        let locked = self.written.lock().take();
         result?;
         for &(off, _, version) in &c.rc_blocks {
             self.rc_blocks.mark_clean(off, version);
@@ -428,6 +457,16 @@ impl Meta {
         for &(i, e) in &c.l1 {
             if self.l1.get(i) == Some(&e) {
                 self.l1_dirty.remove(&i);
+            }
+        }
+        // Copied entries were skipped if the table was written under the lock meanwhile: those
+        // writes took out of `rc_entries_owed` only the entries they wrote (a table that moved
+        // holds them all).
+        if !locked.is_some_and(|set| set.contains(&TableAt::RefcountTable)) {
+            for &(i, e) in &c.rc_entries {
+                if self.rc_table.get(i) == Some(&e) {
+                    self.rc_entries_owed.remove(&i);
+                }
             }
         }
         let owed = &mut self.owed;
@@ -482,18 +521,39 @@ impl Meta {
         f.sync()?;
         self.unsynced = false;
         self.owed.l2_after_data = 0;
-        if !self.rc_blocks.has_dirty() {
+        if !self.rc_blocks.has_dirty() && self.rc_entries_owed.is_empty() {
             self.owed.l2_after_refcounts = 0;
         }
         Ok(())
     }
 
-    /// Writes the dirty refcount blocks (always allowed, see the module doc).
+    /// Writes the dirty refcount blocks (always allowed, see the module doc), then, if new
+    /// blocks' refcount table entries are owed, syncs and writes those entries.
     pub fn write_refcount_blocks(&mut self, f: &HostFile) -> Result<(), Error> {
         for off in self.rc_blocks.dirty() {
             self.write_rc_block(f, off)?;
         }
+        if self.rc_entries_owed.is_empty() {
+            return Ok(());
+        }
+        self.sync(f)?;
+        while let Some(&i) = self.rc_entries_owed.first() {
+            let e = self.rc_table.get(i).copied().unwrap_or(0);
+            let at = self.header.refcount_table_offset + (i as u64) * 8;
+            self.unsynced = true;
+            self.written
+                .locked(TableAt::RefcountTable, || f.write_at(&e.to_be_bytes(), at))?;
+            self.rc_entries_owed.remove(&i);
+        }
         Ok(())
+    }
+
+    /// Writes the whole refcount table (`rc_table`) at `off`, under the lock: a write-back's
+    /// copies of owed entries, which name the table they were copied from, skip it.
+    pub fn write_rc_table(&self, f: &HostFile, off: u64) -> Result<(), Error> {
+        self.written.locked(TableAt::RefcountTable, || {
+            f.write_at(&encode_words(&self.rc_table), off)
+        })
     }
 
     /// Writes the refcount block at `off` if it is dirty.

@@ -19,9 +19,10 @@
 //! copy-up reads (the backing image's too) happen in the fill step, and a discard takes the lock
 //! once per L2 table's worth of clusters. A full cache whose least recently used table is dirty
 //! goes over its size, and the request that filled it writes the dirty tables back after
-//! releasing the lock, as a flush does (`Qcow2::make_room`). Still written and synced under the
-//! lock: a new refcount block, a growing refcount table (rare: see `refcount.rs`), and a dirty
-//! table evicted from a cache too far over its size.
+//! releasing the lock, as a flush does (`Qcow2::make_room`); so does a new refcount block, made in
+//! the cache with its table entry owed (`refcount.rs`). Still written and synced under the lock:
+//! a growing refcount table (rare: see `refcount.rs`), and a dirty table evicted from a cache too
+//! far over its size.
 
 pub mod amend;
 mod backing_name;
@@ -229,6 +230,7 @@ impl Qcow2 {
             free_hint: 1,
             end: file_len.div_ceil(cs),
             pending_frees: Vec::new(),
+            rc_entries_owed: BTreeSet::new(),
             owed: meta::Owed::default(),
             stamps: 0,
             written: Arc::default(),

@@ -2,9 +2,12 @@
 //! cluster of `2^refcount_order`-bit big-endian counters, one per host cluster. Reading,
 //! changing, allocating (first free cluster from a hint), freeing, and growing the table.
 //!
-//! New refcount blocks cover themselves; a table that must grow moves to the end of the file in
-//! one area with the blocks it needs, written and synced before the header points at it. A
-//! failed step leaves memory as the disk has it (at worst leaking the clusters it claimed).
+//! New refcount blocks cover themselves and are made in the cache: the write-back that writes
+//! one syncs it before writing its table entry (`Meta::rc_entries_owed`), and that entry is
+//! durable before any L2 table, since allocations owe their refcounts to L2 tables. A table that
+//! must grow moves to the end of the file in one area with the blocks it needs, written and
+//! synced before the header points at it, under the lock. A failed step leaves memory as the
+//! disk has it (at worst leaking the clusters it claimed).
 //!
 //! A cluster whose refcount drops to zero goes to the [`Quarantine`] until every request that
 //! could have looked it up before its release has ended (`direct::Epochs`): a late write by such
@@ -12,7 +15,7 @@
 
 use std::collections::{HashSet, VecDeque};
 
-use super::meta::{encode_words, Meta};
+use super::meta::Meta;
 use super::validate::FormatError;
 use crate::file::HostFile;
 use crate::Error;
@@ -296,7 +299,10 @@ impl Meta {
             .set_waiting(!self.quarantine.is_empty() || !self.pending_frees.is_empty());
     }
 
-    /// Creates the refcount block for the range holding cluster `c`, stored at `c` itself.
+    /// Creates the refcount block for the range holding cluster `c`, stored at `c` itself, in
+    /// the cache only: the next write-back writes it, and its refcount table entry once it is
+    /// durable (`rc_entries_owed`), before any L2 table that points into its range (which owes
+    /// its refcounts). Nothing is written or synced here, under the lock.
     fn new_block_at(&mut self, f: &HostFile, c: u64) -> Result<(), Error> {
         let cs = self.cs();
         let off = c * cs;
@@ -307,16 +313,14 @@ impl Meta {
             c % self.rc_per_block(),
             1,
         );
-        f.write_at(&b, off)?;
-        self.sync(f)?;
-        let bi = c / self.rc_per_block();
-        self.unsynced = true;
-        f.write_at(
-            &off.to_be_bytes(),
-            self.header.refcount_table_offset + bi * 8,
-        )?;
-        let idx = usize::try_from(bi).unwrap_or(usize::MAX);
+        // The caller made the table cover `c`.
+        let idx = usize::try_from(c / self.rc_per_block()).unwrap_or(usize::MAX);
+        self.rc_blocks.remove(off);
+        self.make_room_rc(f)?;
+        self.rc_blocks.insert(off, b);
+        self.rc_blocks.mark_dirty(off);
         self.rc_table[idx] = off;
+        self.rc_entries_owed.insert(idx);
         self.note_refcounts_moved();
         self.end = self.end.max(c + 1);
         Ok(())
@@ -415,7 +419,7 @@ impl Meta {
         }
         self.write_refcount_blocks(f)?;
         self.unsynced = true;
-        f.write_at(&encode_words(&self.rc_table), area.start * cs)?;
+        self.write_rc_table(f, area.start * cs)?;
         self.sync(f)?;
         let clusters = u32::try_from(table_clusters).unwrap_or(u32::MAX);
         let mut hdr = (area.start * cs).to_be_bytes().to_vec();

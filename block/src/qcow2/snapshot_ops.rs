@@ -1,5 +1,6 @@
 //! Creating, applying and deleting internal snapshots (spec "Snapshots"), on an image open for
-//! writing, each as one operation under the metadata lock (`vmm-img snapshot -c|-a|-d`); applying
+//! writing, each as one operation under the metadata lock and the flush mutex, which keeps
+//! other write-backs out meanwhile (`vmm-img snapshot -c|-a|-d`); applying
 //! a snapshot of another disk size resizes the disk first (`resize.rs`), as QEMU does.
 //!
 //! Refcounts follow QEMU's convention, which `check` counts: an L2 table has one reference per
@@ -34,6 +35,7 @@
 //! repairs the flags of a cut one.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{MutexGuard, RwLockWriteGuard};
 
 use super::header::INCOMPAT_DIRTY;
 use super::l2::{COMPRESSED, COPIED, L1_RESERVED, OFFSET_MASK};
@@ -58,7 +60,7 @@ impl Qcow2 {
     /// Creates snapshot `name` of the disk as it is now, dated `date` (seconds and nanoseconds
     /// since the epoch), with the next free numeric id.
     pub fn snapshot_create(&self, name: &str, date: (u32, u32)) -> Result<(), Error> {
-        let mut m = self.settled()?;
+        let (_flushing, mut m) = self.settled()?;
         let h = m.header.clone();
         let entries = snapshot::raw_entries(&self.file, &h)?;
         if h.nb_snapshots >= MAX_SNAPSHOTS {
@@ -129,7 +131,7 @@ impl Qcow2 {
     /// A snapshot of another disk size first resizes the disk to its size, as QEMU does.
     pub fn snapshot_apply(&self, name: &str) -> Result<(), Error> {
         let disk_size = {
-            let m = self.settled()?;
+            let (_flushing, m) = self.settled()?;
             let entries = snapshot::raw_entries(&self.file, &m.header)?;
             find_by_id_or_name(&entries, name).map(|sn| sn.disk_size)
         };
@@ -141,7 +143,7 @@ impl Qcow2 {
         {
             self.resize(size)?;
         }
-        let mut m = self.settled()?;
+        let (_flushing, mut m) = self.settled()?;
         let h = m.header.clone();
         let entries = snapshot::raw_entries(&self.file, &h)?;
         let Some(sn) = find_by_id_or_name(&entries, name) else {
@@ -218,7 +220,7 @@ impl Qcow2 {
 
     /// Deletes the first snapshot named `name`.
     pub fn snapshot_delete(&self, name: &str) -> Result<(), Error> {
-        let mut m = self.settled()?;
+        let (_flushing, mut m) = self.settled()?;
         let h = m.header.clone();
         let mut entries = snapshot::raw_entries(&self.file, &h)?;
         let mut drops = table_clusters(&h, &entries);
@@ -285,18 +287,23 @@ impl Qcow2 {
 
     /// Locks the metadata of an image open for writing, with every table written back and
     /// synced and no L2 table cached, so that the file holds the tables an operation reads.
-    fn settled(&self) -> Result<std::sync::RwLockWriteGuard<'_, Meta>, Error> {
+    /// The flush mutex comes with it: no other write-back may run meanwhile, since one writes
+    /// its copies of the tables outside the metadata lock, and an operation frees tables (and
+    /// may reuse their clusters) without going through the pending frees that only write-backs
+    /// holding the mutex apply.
+    fn settled(&self) -> Result<(MutexGuard<'_, ()>, RwLockWriteGuard<'_, Meta>), Error> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
         self.refuse_if_corrupt()?;
+        let flushing = self.flushing();
         let mut m = self.lock();
         // The first pass may queue reference drops that the second writes.
         m.write_back(&self.file)?;
         m.write_back(&self.file)?;
         m.sync(&self.file)?;
         m.l2.clear();
-        Ok(m)
+        Ok((flushing, m))
     }
 
     fn refuse(&self, source: SnapshotError) -> Error {

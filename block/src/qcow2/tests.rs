@@ -456,6 +456,38 @@ fn lookups_and_allocating_writes_go_on_while_a_flush_syncs() {
 }
 
 #[test]
+fn a_snapshot_operation_waits_for_a_write_back_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.qcow2");
+    create(&p, "cluster_size=65536", "1M");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    q.write_at(&[1; 4096], 0).unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let mut snapshot = None;
+        let flushed = while_a_flush_syncs(q, || {
+            snapshot = Some(s.spawn(move || {
+                let r = q.snapshot_create("s", (0, 0));
+                done_tx.send(()).unwrap();
+                r
+            }));
+            // It frees and allocates clusters that the flush's copies may still be written to.
+            let ran = done_rx.recv_timeout(std::time::Duration::from_secs(2));
+            assert!(
+                ran.is_err(),
+                "a snapshot was taken while a flush wrote back"
+            );
+        });
+        flushed.unwrap();
+        snapshot.unwrap().join().unwrap().unwrap();
+    });
+    q.write_at(&[2; 4096], 0).unwrap();
+    drop(img);
+    assert_consistent(&p, false);
+}
+
+#[test]
 fn lookups_go_on_while_an_eviction_writes_back() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("v.qcow2");
@@ -622,4 +654,175 @@ fn a_cluster_unmapped_before_a_request_began_is_reused_while_that_request_runs()
     img.flush().unwrap();
     drop(img);
     assert_consistent(&p, false);
+}
+
+#[test]
+fn freed_clusters_are_reused_while_requests_stay_in_flight() {
+    discard_and_rewrite_while_busy(true);
+}
+
+/// A guest that discards and rewrites without ever flushing must not grow the image either.
+#[test]
+fn freed_clusters_are_reused_without_flushes() {
+    discard_and_rewrite_while_busy(false);
+}
+
+/// Four regions are discarded and rewritten chunk by chunk (with a flush after each discard when
+/// `flush`), in turn, while requests are always in flight: two pinned reads overlap, the older
+/// ending after the next began, at every step. The file must stay within 10% of the live data.
+/// One thread drives the interleaving, so that no request is held up by the scheduler.
+fn discard_and_rewrite_while_busy(flush: bool) {
+    const REGIONS: u64 = 4;
+    const REGION: u64 = 64 * CS;
+    const CHUNK: u64 = 4 * CS;
+    const ROUNDS: u64 = 64;
+    // The sizes are small constants.
+    let len = |n: u64| usize::try_from(n).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("busy.qcow2");
+    create(&p, "cluster_size=65536", "64M");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    let busy = 63 << 20;
+    img.write_at(&vec![9; len(CS)], busy).unwrap();
+    let mut readers = std::collections::VecDeque::new();
+    // A read begins, and the oldest of the two in flight ends.
+    let mut step = || {
+        let (map, _, pin) = q.lookup_pinned(busy).unwrap();
+        assert!(matches!(map, super::Mapping::Data { .. }));
+        readers.push_back(pin);
+        if readers.len() > 2 {
+            readers.pop_front();
+        }
+    };
+    let peak_live = REGIONS * REGION + CS;
+    for t in 0..REGIONS {
+        img.write_at(&vec![0xee; len(REGION)], t * REGION).unwrap();
+    }
+    for round in 0..ROUNDS {
+        for t in 0..REGIONS {
+            let at = t * REGION + round % (REGION / CHUNK) * CHUNK;
+            let byte = (t * ROUNDS + round).to_le_bytes()[0] | 1;
+            step();
+            img.discard(at, CHUNK).unwrap();
+            step();
+            if flush {
+                img.flush().unwrap();
+                step();
+            }
+            img.write_at(&vec![byte; len(CHUNK)], at).unwrap();
+        }
+    }
+    drop(readers);
+    img.flush().unwrap();
+    let file_len = std::fs::metadata(&p).unwrap().len();
+    eprintln!("file {file_len} bytes, peak live data {peak_live} bytes");
+    // Besides 10%: header, L1, refcount table and block, L2 table; without flushes also the 8
+    // freed clusters a discard may leave waiting (1/256 of this disk's clusters, at least 8).
+    let backlog = if flush { 0 } else { 8 * CS };
+    let bound = peak_live + peak_live / 10 + 8 * CS + backlog;
+    assert!(
+        file_len <= bound,
+        "the file grew to {file_len} bytes for {peak_live} bytes of live data (bound {bound})"
+    );
+    for t in 0..REGIONS {
+        for chunk in 0..REGION / CHUNK {
+            let round = (0..ROUNDS).rev().find(|r| r % (REGION / CHUNK) == chunk);
+            let byte = round.map_or(0xee, |r| (t * ROUNDS + r).to_le_bytes()[0] | 1);
+            let mut back = vec![0u8; len(CHUNK)];
+            img.read_at(&mut back, t * REGION + chunk * CHUNK).unwrap();
+            assert!(back.iter().all(|&b| b == byte), "region {t} chunk {chunk}");
+        }
+    }
+    drop(img);
+    assert_consistent(&p, false);
+}
+
+/// With 512-byte clusters and 16-bit refcounts, one refcount block covers 256 clusters.
+const BLOCK_RANGE: u64 = 256;
+
+#[test]
+fn a_new_refcount_block_is_made_durable_by_the_write_back_outside_the_lock() {
+    const C: u64 = 512;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("b.qcow2");
+    create(&p, "cluster_size=512", "1M");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    q.write_at(&[1; 512], 0).unwrap();
+    img.flush().unwrap();
+    // Allocations running into the second block's range make that block, without a sync.
+    let log = install(q, |_| false);
+    for k in 1..BLOCK_RANGE + 8 {
+        q.write_at(&[2; 512], k * C).unwrap();
+    }
+    let block = q.lock_shared().rc_table[1];
+    assert_ne!(block, 0, "the allocations made no second block");
+    assert!(
+        !log.lock().unwrap().contains(&Op::Sync),
+        "a new refcount block was synced while the allocation held the metadata lock"
+    );
+    log.lock().unwrap().clear();
+    // The flush syncs the block before its table entry: while it does, lookups and allocations
+    // (here into a third block's range) go on.
+    let flushed = while_a_flush_syncs(q, || {
+        assert!(
+            q.meta.try_write().is_ok(),
+            "the metadata lock is held while a new refcount block is synced"
+        );
+        assert!(matches!(q.lookup(0), Ok((super::Mapping::Data { .. }, _))));
+        for k in BLOCK_RANGE + 8..2 * BLOCK_RANGE + 8 {
+            q.write_at(&[3; 512], k * C).unwrap();
+        }
+    });
+    flushed.unwrap();
+    q.file.set_hook(None);
+    img.flush().unwrap();
+    drop(img);
+    assert_consistent(&p, false);
+    let img = open_rw(&p);
+    for (k, byte) in [(0, 1), (BLOCK_RANGE, 2), (2 * BLOCK_RANGE, 3)] {
+        let mut back = [0u8; 512];
+        img.read_at(&mut back, k * C).unwrap();
+        assert_eq!(back, [byte; 512], "cluster {k}");
+    }
+}
+
+#[test]
+fn a_new_refcount_block_is_durable_before_its_table_entry_and_the_l2_tables() {
+    const C: u64 = 512;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("o.qcow2");
+    create(&p, "cluster_size=512", "1M");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    q.write_at(&[1; 512], 0).unwrap();
+    img.flush().unwrap();
+    for k in 1..BLOCK_RANGE + 8 {
+        q.write_at(&[2; 512], k * C).unwrap();
+    }
+    let (entry_at, block, l2) = {
+        let m = q.lock_shared();
+        (
+            m.header.refcount_table_offset + 8,
+            m.rc_table[1],
+            m.l1[0] & OFFSET_MASK,
+        )
+    };
+    let log = install(q, |_| false);
+    img.flush().unwrap();
+    let ops = log.lock().unwrap().clone();
+    let at = |f: &dyn Fn(Op) -> bool| ops.iter().position(|&op| f(op)).unwrap();
+    let block_written = at(&|op| writes_at(op, block, C));
+    let entry_written = at(&|op| writes_at(op, entry_at, 8));
+    let l2_written = at(&|op| writes_at(op, l2, C));
+    let synced_between = |a: usize, b: usize| ops[a..b].contains(&Op::Sync);
+    assert!(
+        block_written < entry_written && synced_between(block_written, entry_written),
+        "the table entry was written before its block was durable: {ops:?}"
+    );
+    assert!(
+        entry_written < l2_written && synced_between(entry_written, l2_written),
+        "an L2 table was written before the table entry was durable: {ops:?}"
+    );
 }
