@@ -459,6 +459,12 @@ impl Exclusive {
         qcow2::amend::set_refcount_order(&self.file, order)
     }
 
+    /// Turns the unallocated zero clusters of this qcow2 image without a backing file into
+    /// unallocated entries (see [`qcow2::amend::unallocate_zero_clusters`]); returns how many.
+    pub fn unallocate_zero_clusters(&self) -> Result<u64, Error> {
+        qcow2::amend::unallocate_zero_clusters(&self.file)
+    }
+
     /// Empties the image: afterwards it reads entirely from its backing file (see
     /// [`qcow2::create::make_empty`]).
     pub fn make_empty(&self) -> Result<(), Error> {

@@ -755,15 +755,45 @@ fn amend_changes_compat_and_lazy_refcounts_as_qemu_img_does() {
         assert_check_clean(&tmp(&dv, "a.qcow2"));
     }
     assert_check_clean(&tmp(&dv, "dirty.qcow2"));
-    // Version 2 has no zero clusters: an image with one is refused, untouched.
-    let z = tmp(&dv, "z.qcow2");
-    create_qcow2(&["-b", "a.qcow2", "-F", "qcow2", z.to_str().unwrap()]);
-    qemu_io(&z, "qcow2", &["write -z 0 64k"]);
-    let before = std::fs::read(&z).unwrap();
-    let o = vmm_img(&["amend", "-o", "compat=0.10", z.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("zero cluster at offset 0"));
-    assert!(std::fs::read(&z).unwrap() == before);
+}
+
+#[test]
+fn amend_to_compat_0_10_expands_zero_clusters_as_qemu_img_does() {
+    let (dq, dv) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // Unallocated zero clusters, zero clusters kept allocated (inside written data) and data,
+    // with and without a backing file that could show through.
+    let cmds = [
+        "write -P 1 0 1M",
+        "write -z 256k 128k",
+        "write -z 2M 512k",
+        "write -P 2 3M 64k",
+        "write -z 3M 64k",
+    ];
+    for d in [&dq, &dv] {
+        let base = tmp(d, "base.qcow2");
+        create_qcow2(&[base.to_str().unwrap(), "4M"]);
+        qemu_io(&base, "qcow2", &["write -P 7 0 4M"]);
+        let nb = tmp(d, "nb.qcow2");
+        create_qcow2(&[nb.to_str().unwrap(), "4M"]);
+        qemu_io(&nb, "qcow2", &cmds);
+        let b = tmp(d, "b.qcow2");
+        create_qcow2(&["-b", "base.qcow2", "-F", "qcow2", b.to_str().unwrap()]);
+        qemu_io(&b, "qcow2", &cmds);
+    }
+    for f in ["nb.qcow2", "b.qcow2"] {
+        both(dq.path(), dv.path(), &["amend", "-o", "compat=0.10", f]);
+        let (q, v) = (tmp(&dq, f), tmp(&dv, f));
+        assert_check_clean(&v);
+        let info = json(&qemu_img(&["info", "--output=json", v.to_str().unwrap()]));
+        assert_eq!(info["format-specific"]["data"]["compat"], "0.10", "{f}");
+        assert_eq!(
+            qemu_img(&["compare", q.to_str().unwrap(), v.to_str().unwrap()]),
+            "Images are identical.\n",
+            "{f}"
+        );
+        // Which ranges are allocated, as data or zeroes, where: as qemu-img leaves them.
+        assert_eq!(allocation(&v), allocation(&q), "{f}");
+    }
 }
 
 #[test]

@@ -398,6 +398,41 @@ fn amend_refcount_bits(bits: u64) -> Workload {
     }
 }
 
+/// The version lowered (`amend -o compat=0.10`) of an image with data, zero clusters kept
+/// allocated inside it and unallocated zero clusters, over a backing file (the zero clusters
+/// become zero-filled data) or alone (unallocated ones become unallocated): the disk's contents
+/// stay.
+fn amend_compat_0_10(backing: bool, seed: u64) -> Workload {
+    let mut g = Gen::new(seed);
+    let cs = 4096;
+    let cmds: Vec<String> = (0..24)
+        .map(|i| {
+            let (o, l) = g.range(SIZE, 64);
+            if i % 2 == 0 {
+                g.write(o, l)
+            } else {
+                format!("write -z {} {}", o / cs * cs, l.div_ceil(cs) * cs)
+            }
+        })
+        .collect();
+    Workload {
+        name: format!("amend -o compat=0.10 backing={backing}"),
+        create: Box::new(move |d| {
+            let t = if backing {
+                overlay(d, SIZE, "cluster_size=4096")
+            } else {
+                plain(d, SIZE, "cluster_size=4096")
+            };
+            let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+            qemu_io(&t, "qcow2", &cmds);
+            t
+        }),
+        batches: vec![Vec::new()],
+        command: Some(vec!["amend".into(), "-o".into(), "compat=0.10".into()]),
+        image_opts: None,
+    }
+}
+
 fn check_workload(make: impl Fn(u64) -> Workload, tool: Tool, default_states: usize) {
     let n = powercut::states(default_states);
     powercut::rounds(|seed| {
@@ -464,7 +499,7 @@ mod snapshots {
     }
 }
 
-/// Refcount width changes under both tools (QEMU's is the control).
+/// Refcount width and version changes under both tools (QEMU's is the control).
 mod amend {
     use super::*;
 
@@ -476,6 +511,16 @@ mod amend {
     #[test]
     fn refcount_bits_8_ours() {
         check_workload(|_| amend_refcount_bits(8), Tool::Ours, 12);
+    }
+
+    #[test]
+    fn compat_0_10_ours() {
+        check_workload(|s| amend_compat_0_10(false, s), Tool::Ours, 12);
+    }
+
+    #[test]
+    fn compat_0_10_backing_ours() {
+        check_workload(|s| amend_compat_0_10(true, s), Tool::Ours, 12);
     }
 
     #[test]

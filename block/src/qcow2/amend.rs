@@ -10,8 +10,13 @@
 //! blocks, written and synced. A cut before the switch leaves the old image (the new clusters
 //! past its end unreferenced: leaks); after it, the new one, the old structures leaked until
 //! their release is durable. Their space is punched out of the file last.
+//!
+//! Before a version 3 image without a backing file goes to version 2, its unallocated zero
+//! clusters become plain unallocated entries (`unallocate_zero_clusters`), which read as zeroes
+//! all the same: every state a power cut can leave reads as the image did.
 
 use super::header::Header;
+use super::l2::{COMPRESSED, OFFSET_MASK, ZERO};
 use super::meta::encode_words;
 use super::refcount::{get_entry, set_entry};
 use super::validate::MAX_REFTABLE_BYTES;
@@ -146,6 +151,53 @@ pub fn set_refcount_order(f: &HostFile, order: u32) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Turns the unallocated zero clusters of the active L2 tables of the qcow2 image in `f`, which
+/// must have no backing file, into unallocated entries (no refcount changes: no cluster is
+/// referenced or released), and syncs; returns how many. Each table is rewritten in place,
+/// whatever its refcount: the snapshots sharing it read zeroes there either way.
+pub fn unallocate_zero_clusters(f: &HostFile) -> Result<u64, Error> {
+    let h = read_header(f)?;
+    let cs = h.cluster_size();
+    let file_len = f.len()?;
+    let l1 = read_table(
+        f,
+        file_len,
+        "L1 table",
+        h.l1_table_offset,
+        u64::from(h.l1_size),
+    )?;
+    let mut changed = 0;
+    for (index, &e) in l1.iter().enumerate() {
+        let off = e & OFFSET_MASK;
+        if off == 0 {
+            continue;
+        }
+        if !off.is_multiple_of(cs) {
+            return Err(fmt_err(
+                f,
+                FormatError::BadL1Entry {
+                    index: index as u64,
+                    entry: e,
+                },
+            ));
+        }
+        let mut l2 = read_table(f, file_len, "L2 table", off, cs / 8)?;
+        let mut dirty = false;
+        for w in l2.iter_mut() {
+            if *w & COMPRESSED == 0 && *w & OFFSET_MASK == 0 && *w & ZERO != 0 {
+                *w = 0;
+                dirty = true;
+                changed += 1;
+            }
+        }
+        if dirty {
+            f.write_at(&encode_words(&l2), off)?;
+        }
+    }
+    f.sync()?;
+    Ok(changed)
 }
 
 /// The refcounts of the image as its header has them, read one block at a time.

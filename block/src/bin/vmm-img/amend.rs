@@ -7,10 +7,15 @@
 //!
 //! Before lazy refcounts are turned off (or the image goes to version 2) a dirty image is
 //! opened read-write once, which rebuilds its refcounts. Version 2 cannot express zero clusters,
-//! extended L2 entries, refcounts other than 16 bits, zstd compression or other feature bits:
-//! an image using any of them (zero clusters in the active tables or a snapshot's) is refused
-//! (qemu-img rewrites zero clusters; this does not). Going to version 3 with snapshots needs
-//! their entries to record the disk size, as QEMU has written them since 1.x.
+//! extended L2 entries, refcounts other than 16 bits, zstd compression or other feature bits.
+//! The active layer's zero clusters are expanded first, as qemu-img does: without a backing
+//! file an unallocated zero cluster becomes unallocated (it reads as zeroes all the same);
+//! the others (a backing file could show through, or a cluster is kept allocated behind the
+//! zero flag) are written with zeroes through the engine, which allocates and orders the
+//! writes as for a guest's. Only then does the header switch to version 2. An image using the
+//! rest (or zero clusters in a snapshot's tables, which qemu-img rewrites and this does not)
+//! is refused. Going to version 3 with snapshots needs their entries to record the disk size,
+//! as QEMU has written them since 1.x.
 
 use std::path::Path;
 
@@ -101,16 +106,54 @@ fn v2_obstacle(img: &Image) -> Result<Option<String>, CliError> {
             return Ok(Some(format!("a zero cluster in snapshot '{}'", sn.name)));
         }
     }
+    Ok(None)
+}
+
+/// The zero clusters of the active layer of `img`: (guest offset, length) runs.
+fn zero_runs(img: &Image) -> Result<Vec<(u64, u64)>, CliError> {
+    let Image::Qcow2(q) = img else {
+        return Ok(Vec::new());
+    };
     let size = img.size();
+    let mut runs = Vec::new();
     let mut off = 0;
     while off < size {
         let (m, run) = q.lookup(off)?;
+        let run = run.max(1).min(size - off);
         if let Mapping::Zero { .. } = m {
-            return Ok(Some(format!("a zero cluster at offset {off}")));
+            runs.push((off, run));
         }
-        off += run.max(1);
+        off += run;
     }
-    Ok(None)
+    Ok(runs)
+}
+
+/// Expands the zero clusters of the active layer of the version 3 image `file` (see the
+/// module documentation), leaving none.
+fn expand_zero_clusters(file: &str, format: Option<Format>, backing: bool) -> Result<(), CliError> {
+    if !backing {
+        Exclusive::open(Path::new(file), format.or(Some(Format::Qcow2)))?
+            .unallocate_zero_clusters()?;
+    }
+    let img = open_image(file, Some("qcow2"), false, CacheMode::Writeback, true)?;
+    const CHUNK: usize = 1 << 20;
+    let zeroes = vec![0u8; CHUNK];
+    for (start, len) in zero_runs(&img)? {
+        let mut off = start;
+        while off < start + len {
+            // At most CHUNK, the buffer's length.
+            let n = usize::try_from(start + len - off).map_or(CHUNK, |r| r.min(CHUNK));
+            img.write_at(&zeroes[..n], off)?;
+            off += n as u64;
+        }
+    }
+    img.flush()?;
+    if let Some(&(off, _)) = zero_runs(&img)?.first() {
+        return Err(CliError::Usage(format!(
+            "a zero cluster at offset {off} could not be expanded"
+        )));
+    }
+    Ok(())
 }
 
 /// Whether an L2 table that snapshot `sn` reaches has a zero cluster (standard entries: extended
@@ -245,6 +288,9 @@ pub fn run(argv: &[String]) -> CmdResult {
     let steps = 2 + u64::from(am.refcount_order.is_some()) + u64::from(am.size.is_some());
     let mut step = 1;
     progress.update(step, steps);
+    if version == 2 && h.version == 3 {
+        expand_zero_clusters(file, format, h.backing.is_some())?;
+    }
     let ex = Exclusive::open(Path::new(file), format.or(Some(Format::Qcow2)))?;
     if let Some(order) = am.refcount_order {
         if h.version < 3 {
