@@ -1109,3 +1109,74 @@ fn dd_copies_what_qemu_img_dd_copies() {
         assert!(read_qemu(&v, fmt) == read_qemu(&q, fmt), "{args:?}");
     }
 }
+
+#[test]
+fn convert_sparse_size_and_coroutine_flags_as_qemu_img_does() {
+    use std::os::unix::fs::MetadataExt;
+    let (dq, dv) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [&dq, &dv] {
+        // Data with runs of zeroes of 128 KiB and 2 KiB inside it, and unallocated ranges.
+        let src = tmp(d, "src.qcow2");
+        create_qcow2(&[src.to_str().unwrap(), "4M"]);
+        qemu_io(
+            &src,
+            "qcow2",
+            &[
+                "write -P 1 0 1M",
+                "write -P 0 64k 128k",
+                "write -P 0 512k 2k",
+                "write -P 3 3M 64k",
+            ],
+        );
+    }
+    for s in [None, Some("0"), Some("512"), Some("4k"), Some("1M")] {
+        for fmt in ["raw", "qcow2"] {
+            let mut args = vec!["convert", "-O", fmt];
+            if let Some(s) = s {
+                args.extend(["-S", s]);
+            }
+            args.extend(["-m", "4", "-W", "src.qcow2", "out"]);
+            both(dq.path(), dv.path(), &args);
+            let (q, v) = (tmp(&dq, "out"), tmp(&dv, "out"));
+            assert!(read_qemu(&v, fmt) == read_qemu(&q, fmt), "{args:?}");
+            // Which ranges are allocated (and, raw, how much of the file), as qemu-img's.
+            assert_eq!(allocation(&v), allocation(&q), "{args:?}");
+            if fmt == "raw" {
+                let blocks = |p: &std::path::Path| std::fs::metadata(p).unwrap().blocks();
+                assert_eq!(blocks(&v), blocks(&q), "{args:?}");
+            }
+        }
+    }
+    // The values qemu-img refuses, with its messages.
+    for bad in [
+        ["-S", "x"],
+        ["-S", "-1"],
+        ["-S", "511"],
+        ["-S", "17M"],
+        ["-m", "0"],
+        ["-m", "17"],
+        ["-m", "x"],
+    ] {
+        let args = ["convert", bad[0], bad[1], "src.qcow2", "bad"];
+        both(dq.path(), dv.path(), &args);
+        let theirs = Command::new("qemu-img")
+            .current_dir(dq.path())
+            .args(args)
+            .output()
+            .unwrap();
+        let theirs = String::from_utf8_lossy(&theirs.stderr);
+        let ours = Command::new(env!("CARGO_BIN_EXE_vmm-img"))
+            .current_dir(dv.path())
+            .args(args)
+            .output()
+            .unwrap();
+        let ours = String::from_utf8_lossy(&ours.stderr);
+        let message = theirs
+            .lines()
+            .next()
+            .unwrap()
+            .trim_start_matches("qemu-img: ");
+        assert!(ours.contains(message), "{args:?}: {ours} / {theirs}");
+        assert!(!tmp(&dv, "bad").exists(), "{args:?}");
+    }
+}

@@ -3,6 +3,12 @@
 //! `-c` (qcow2 only) each cluster that compresses below its size (zlib, or zstd with `-o
 //! compression_type=zstd`) is stored compressed, as qemu-img stores it.
 //!
+//! `-S SIZE` (default 4 KiB, a multiple of 512 up to 16 MiB) is the shortest run of zeroes in
+//! the input's data left unwritten (the new image reads it as zeroes); `-S 0` writes every byte,
+//! the ranges that read as zeroes too (a fully allocated output). `-m N` (1 to 16) and `-W` are
+//! checked and taken as qemu-img takes them but change nothing here (the copy runs in order, one
+//! piece at a time): the output is the same.
+//!
 //! OUT is left untouched when it is IN or one of IN's backing files (by device and inode, so
 //! through any symlink or hard link) and while another process holds it: its write lock is
 //! taken before it is truncated. qemu-img refuses the same through its locks, except with `-U`,
@@ -19,10 +25,35 @@ use crate::{CliError, CmdResult};
 
 /// Largest piece copied at once.
 const CHUNK: u64 = 2 << 20;
+/// The unit of `-S`.
+const SECTOR: u64 = 512;
 
 pub fn run(argv: &[String]) -> CmdResult {
-    let a = Args::parse(argv, &["f", "O", "o"])?;
-    a.only(&["f", "O", "o", "p", "q", "c", "U", "force-share"])?;
+    let a = Args::parse(argv, &["f", "O", "o", "S", "m"])?;
+    a.only(&[
+        "f",
+        "O",
+        "o",
+        "p",
+        "q",
+        "c",
+        "U",
+        "force-share",
+        "S",
+        "m",
+        "W",
+    ])?;
+    let min_sparse = a.value("S").map_or(Ok(4096), min_sparse)?;
+    if let Some(m) = a.value("m") {
+        let n: i64 = m.parse().map_err(|_| {
+            CliError::Usage(format!("Invalid number of coroutines specified: '{m}'."))
+        })?;
+        if !(1..=16).contains(&n) {
+            return Err(CliError::Usage(
+                "Invalid number of coroutines specified. Must be between 1 and 16.".into(),
+            ));
+        }
+    }
     let files = a.positional(2, "IN and OUT")?;
     let out_fmt = args::format(a.value("O").unwrap_or("raw"))?;
     if a.has("c") && out_fmt != block::Format::Qcow2 {
@@ -41,10 +72,33 @@ pub fn run(argv: &[String]) -> CmdResult {
     let mut progress = Progress::new(a.has("p") && !a.has("q"));
     match &output {
         Image::Qcow2(q) if a.has("c") => copy_compressed(&input, q, &mut progress)?,
-        _ => copy(&input, 0, &output, o.size, &mut progress)?,
+        _ => copy(&input, 0, &output, o.size, Some(min_sparse), &mut progress)?,
     }
     progress.finish();
     Ok(0)
+}
+
+/// The value of `-S`, checked as qemu-img checks it.
+fn min_sparse(v: &str) -> Result<u64, CliError> {
+    if v.starts_with('-') {
+        return Err(CliError::Usage(format!(
+            "Invalid buffer size for sparse output specified. Must be between 0 and {}.",
+            i64::MAX
+        )));
+    }
+    let n = args::size(v).map_err(|_| {
+        CliError::Usage(format!(
+            "Invalid buffer size for sparse output specified: '{v}'."
+        ))
+    })?;
+    if n % SECTOR != 0 || n > 16 << 20 {
+        return Err(CliError::Usage(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 \
+             up to 16777216. Select 0 to disable sparse detection (fully allocates output)."
+                .into(),
+        ));
+    }
+    Ok(n)
 }
 
 /// Copies the whole of `input` into the new qcow2 image `output` cluster by cluster, each
@@ -93,30 +147,71 @@ pub fn new_target(
     Ok(target.into_image(format, block::CacheMode::Writeback)?)
 }
 
-/// Copies `len` bytes of `input` from offset `from` to `output` from offset 0, skipping what
-/// reads as zeroes (the new image reads it as zeroes), then flushes `output`.
+/// Copies `len` bytes of `input` from offset `from` to `output` from offset 0, then flushes
+/// `output`. What reads as zeroes is left unwritten (the new image reads it as zeroes): with
+/// `min_sparse` None, each piece of data that is all zeroes; with `Some(n)`, each run of at
+/// least `n` bytes (whole sectors) of zeroes in the data; with `Some(0)`, nothing (every byte
+/// is written).
 pub fn copy(
     input: &Image,
     from: u64,
     output: &Image,
     len: u64,
+    min_sparse: Option<u64>,
     progress: &mut Progress,
 ) -> Result<(), CliError> {
     let mut buf = vec![0u8; usize::try_from(CHUNK).unwrap_or(1 << 21)];
     let mut off = 0;
     while off < len {
         let s = status(input, from + off, (len - off).min(CHUNK))?;
+        let n = usize::try_from(s.len).unwrap_or(buf.len()).min(buf.len());
         if s.data {
-            let n = usize::try_from(s.len).unwrap_or(buf.len()).min(buf.len());
             input.read_at(&mut buf[..n], from + off)?;
-            // A run of zeroes in data is left unwritten: the new image reads it as zeroes.
-            if buf[..n].iter().any(|&b| b != 0) {
-                output.write_at(&buf[..n], off)?;
+        } else if min_sparse == Some(0) {
+            buf[..n].fill(0);
+        }
+        if s.data || min_sparse == Some(0) {
+            match min_sparse {
+                None if buf[..n].iter().all(|&b| b == 0) => {}
+                None | Some(0) => output.write_at(&buf[..n], off)?,
+                Some(min) => write_sparse(output, &buf[..n], off, min)?,
             }
         }
-        off += s.len;
+        off += n as u64;
         progress.update(off, len);
     }
     output.flush()?;
+    Ok(())
+}
+
+/// Writes `buf` to `output` at `off` but for its runs of whole zero sectors at least `min`
+/// bytes long.
+fn write_sparse(output: &Image, buf: &[u8], off: u64, min: u64) -> Result<(), CliError> {
+    let sector = usize::try_from(SECTOR).unwrap_or(512);
+    let min = usize::try_from(min).unwrap_or(usize::MAX);
+    let zero = |i: usize| buf[i..(i + sector).min(buf.len())].iter().all(|&b| b == 0);
+    // The start of the data not yet written, and of the current run of zero sectors.
+    let (mut pending, mut run) = (0, None);
+    let mut i = 0;
+    while i < buf.len() {
+        if zero(i) {
+            run.get_or_insert(i);
+        } else if let Some(r) = run.take() {
+            if i - r >= min {
+                if r > pending {
+                    output.write_at(&buf[pending..r], off + pending as u64)?;
+                }
+                pending = i;
+            }
+        }
+        i += sector;
+    }
+    let end = match run {
+        Some(r) if buf.len() - r >= min => r,
+        _ => buf.len(),
+    };
+    if end > pending {
+        output.write_at(&buf[pending..end], off + pending as u64)?;
+    }
     Ok(())
 }

@@ -80,7 +80,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     };
     let output = crate::convert::new_target(&input, output_path, out_fmt, &o)?;
     if len > 0 {
-        crate::convert::copy(&input, from, &output, len, &mut Progress::new(false))?;
+        crate::convert::copy(&input, from, &output, len, None, &mut Progress::new(false))?;
     }
     Ok(0)
 }

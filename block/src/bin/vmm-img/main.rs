@@ -127,8 +127,12 @@ const COMMANDS: &[Command] = &[
         name: "convert",
         run: convert::run,
         usage: "Copy an image (its whole chain, flattened) to a new image.\n\n  vmm-img convert \
-                [-c] [-f SRC_FMT] [-O raw|qcow2] [-o TGT_OPTS] [-p] [-q] [-U] FILENAME \
-                OUTPUT_FILENAME",
+                [-c] [-f SRC_FMT] [-O raw|qcow2] [-o TGT_OPTS] [-p] [-q] [-U] [-S SIZE] [-m N] \
+                [-W] FILENAME OUTPUT_FILENAME\n\n  -S SIZE  runs of zeroes in the data at least \
+                SIZE long (default 4k) are left unwritten; -S 0 writes every byte (a fully \
+                allocated output)\n  -m N, -W  accepted as qemu-img takes them (1 to 16 \
+                coroutines, out-of-order writes); they change nothing here: the copy runs in \
+                order and its output is the same",
     },
     Command {
         name: "commit",
