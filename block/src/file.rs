@@ -493,6 +493,33 @@ impl HostFile {
         if r == 0 {
             return Ok(());
         }
+        self.write_zero_bytes(offset, len)
+    }
+
+    /// Allocates a byte range of the host file that reads as zeroes: reserved with `fallocate`
+    /// (`full` false; an error where the file system cannot), or written with zeroes (`full`).
+    pub fn preallocate(&self, offset: u64, len: u64, full: bool) -> Result<(), Error> {
+        use std::os::fd::AsRawFd;
+        if full {
+            return self.write_zero_bytes(offset, len);
+        }
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(self.io_err(
+                "preallocate",
+                offset,
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            ));
+        };
+        // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, off, l) };
+        if r == 0 {
+            return Ok(());
+        }
+        Err(self.io_err("preallocate", offset, std::io::Error::last_os_error()))
+    }
+
+    /// Writes zeroes over a byte range, 1 MiB at a time.
+    fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<(), Error> {
         let chunk = vec![0u8; 1 << 20];
         let mut pos = offset;
         while pos < offset + len {

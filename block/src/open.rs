@@ -525,8 +525,14 @@ impl NewImage {
         match format {
             Format::Qcow2 => qcow2::create::write(&self.file, o),
             Format::Raw => {
+                if o.preallocation == qcow2::create::Preallocation::Metadata {
+                    return Err(Error::InvalidOption(
+                        "Unsupported preallocation mode: metadata".into(),
+                    ));
+                }
                 self.file.set_len(0)?;
                 self.file.set_len(o.size)?;
+                o.preallocation.allocate(&self.file, 0, o.size)?;
                 self.file.sync()
             }
         }

@@ -1180,3 +1180,82 @@ fn convert_sparse_size_and_coroutine_flags_as_qemu_img_does() {
         assert!(!tmp(&dv, "bad").exists(), "{args:?}");
     }
 }
+
+#[test]
+fn create_preallocates_and_lists_its_options_as_qemu_img_does() {
+    use std::os::unix::fs::MetadataExt;
+    let (dq, dv) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for mode in ["metadata", "falloc", "full"] {
+        for extra in ["cluster_size=4k", "cluster_size=64k", "extended_l2=on"] {
+            let opts = format!("preallocation={mode},{extra}");
+            let args = ["create", "-q", "-f", "qcow2", "-o", &opts, "p.qcow2", "3M"];
+            both(dq.path(), dv.path(), &args);
+            let (q, v) = (tmp(&dq, "p.qcow2"), tmp(&dv, "p.qcow2"));
+            assert_check_clean(&v);
+            // Every cluster mapped, as data that reads as zeroes (or reserved, extended L2).
+            assert_eq!(allocation(&v), allocation(&q), "{args:?}");
+            assert_eq!(
+                std::fs::metadata(&v).unwrap().len(),
+                std::fs::metadata(&q).unwrap().len(),
+                "{args:?}"
+            );
+            // The engine writes into it in place and reads it back.
+            let img = open_rw(&v);
+            img.write_at(&[7; 4096], 70 << 10).unwrap();
+            img.flush().unwrap();
+            drop(img);
+            qemu_io(&v, "qcow2", &["read -P 7 70k 4k", "read -P 0 0 70k"]);
+            assert_check_clean(&v);
+        }
+    }
+    let blocks = |p: &std::path::Path| std::fs::metadata(p).unwrap().blocks();
+    for mode in ["falloc", "full"] {
+        let opts = format!("preallocation={mode}");
+        both(
+            dq.path(),
+            dv.path(),
+            &["create", "-q", "-f", "raw", "-o", &opts, "p.raw", "1M"],
+        );
+        assert_eq!(
+            blocks(&tmp(&dv, "p.raw")),
+            blocks(&tmp(&dq, "p.raw")),
+            "{mode}"
+        );
+    }
+    // Refused as qemu-img refuses them.
+    for (fmt, opts) in [
+        ("raw", "preallocation=metadata"),
+        ("qcow2", "preallocation=x"),
+    ] {
+        both(
+            dq.path(),
+            dv.path(),
+            &["create", "-q", "-f", fmt, "-o", opts, "bad", "1M"],
+        );
+    }
+    // `-o help` and `-o ?`: the options taken, each line as qemu-img prints it; nothing made.
+    let (h, hr) = (tmp(&dv, "h.qcow2"), tmp(&dv, "h.raw"));
+    for args in [
+        &["create", "-f", "qcow2", "-o", "help"][..],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k,?",
+            h.to_str().unwrap(),
+        ],
+        &["create", "-f", "raw", "-o", "help", hr.to_str().unwrap()],
+    ] {
+        let theirs = qemu_img(args);
+        let o = vmm_img(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}");
+        let ours = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(ours.lines().next(), theirs.lines().next(), "{args:?}");
+        assert!(ours.lines().count() > 2, "{args:?}: {ours}");
+        for line in ours.lines() {
+            assert!(theirs.lines().any(|l| l == line), "{args:?}: {line}");
+        }
+    }
+    assert!(!h.exists() && !hr.exists());
+}

@@ -1,10 +1,13 @@
 //! Creating empty qcow2 images, laid out as QEMU does: the header (with the backing format
 //! extension and the backing file name right after the extensions' end marker), the refcount
-//! table, its blocks, then the L1 table, every cluster of it refcounted.
+//! table, its blocks, then the L1 table, every cluster of it refcounted. With preallocation
+//! (`metadata`, `falloc`, `full`) every L2 table and data cluster follows, all mapped and
+//! refcounted, the data clusters left as holes, reserved with `fallocate` or written with zeroes.
 
 use super::header::{
     Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
 };
+use super::l2::COPIED;
 use super::meta::encode_words;
 use super::refcount::set_entry;
 use super::validate::{MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS};
@@ -30,6 +33,45 @@ pub struct CreateOptions {
     pub compression: Compression,
     /// Backing file name (as stored) and format.
     pub backing: Option<(String, String)>,
+    /// `preallocation=off|metadata|falloc|full`.
+    pub preallocation: Preallocation,
+}
+
+/// qemu-img's `preallocation=` modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// Nothing allocated.
+    #[default]
+    Off,
+    /// Metadata (qcow2): every cluster mapped, the data left as holes in the file.
+    Metadata,
+    /// Metadata, and the data reserved with `fallocate`.
+    Falloc,
+    /// Metadata, and the data written with zeroes.
+    Full,
+}
+
+impl Preallocation {
+    /// The mode named `s`, as qemu-img names it.
+    pub fn parse(s: &str) -> Option<Preallocation> {
+        Some(match s {
+            "off" => Preallocation::Off,
+            "metadata" => Preallocation::Metadata,
+            "falloc" => Preallocation::Falloc,
+            "full" => Preallocation::Full,
+            _ => return None,
+        })
+    }
+
+    /// Reserves (or writes) the byte range `[offset, offset + len)` of `file` as the mode asks
+    /// of data (nothing for `off` and `metadata`).
+    pub fn allocate(self, file: &HostFile, offset: u64, len: u64) -> Result<(), Error> {
+        match self {
+            Preallocation::Off | Preallocation::Metadata => Ok(()),
+            Preallocation::Falloc => file.preallocate(offset, len, false),
+            Preallocation::Full => file.preallocate(offset, len, true),
+        }
+    }
 }
 
 impl Default for CreateOptions {
@@ -43,6 +85,7 @@ impl Default for CreateOptions {
             extended_l2: false,
             compression: Compression::Zlib,
             backing: None,
+            preallocation: Preallocation::Off,
         }
     }
 }
@@ -51,11 +94,12 @@ fn invalid(msg: String) -> Error {
     Error::InvalidOption(msg)
 }
 
-/// Builds the header and metadata bytes of a new image: (offset, bytes) pieces and file length.
 /// Bytes to write at host offsets.
 type Pieces = Vec<(u64, Vec<u8>)>;
 
-fn layout(o: &CreateOptions) -> Result<(Pieces, u64), Error> {
+/// Builds the header and metadata bytes of a new image: (offset, bytes) pieces, the file
+/// length and the offset of the first preallocated data cluster (the file length without).
+fn layout(o: &CreateOptions) -> Result<(Pieces, u64, u64), Error> {
     let cs = o.cluster_size;
     if !cs.is_power_of_two() {
         return Err(invalid(format!("cluster_size {cs} is not a power of two")));
@@ -97,10 +141,17 @@ fn layout(o: &CreateOptions) -> Result<(Pieces, u64), Error> {
         )));
     }
     let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+    // Preallocated: an L2 table per L1 entry, then a data cluster per guest cluster.
+    let (n_l2, n_data) = if o.preallocation == Preallocation::Off {
+        (0, 0)
+    } else {
+        (l1_size, o.size.div_ceil(cs))
+    };
+    let tail = l1_clusters + n_l2 + n_data;
     let per = cs * 8 / o.refcount_bits;
     let (mut rt, mut rb) = (1u64, 1u64);
     loop {
-        let total = 1 + rt + rb + l1_clusters;
+        let total = 1 + rt + rb + tail;
         let rb2 = total.div_ceil(per);
         let rt2 = (rb2 * 8).div_ceil(cs);
         if (rt2, rb2) == (rt, rb) {
@@ -108,7 +159,7 @@ fn layout(o: &CreateOptions) -> Result<(Pieces, u64), Error> {
         }
         (rt, rb) = (rt2, rb2);
     }
-    let total = 1 + rt + rb + l1_clusters;
+    let total = 1 + rt + rb + tail;
     let mut h = Header {
         version: o.version,
         cluster_bits,
@@ -167,18 +218,41 @@ fn layout(o: &CreateOptions) -> Result<(Pieces, u64), Error> {
         pieces.push((off, b));
     }
     pieces.push((cs, encode_words(&table)));
-    Ok((pieces, total * cs))
+    let l2_start = 1 + rt + rb + l1_clusters;
+    let data_start = l2_start + n_l2;
+    if n_l2 > 0 {
+        let l1: Vec<u64> = (0..n_l2).map(|j| ((l2_start + j) * cs) | COPIED).collect();
+        pieces.push(((1 + rt + rb) * cs, encode_words(&l1)));
+        let words_per_entry = if o.extended_l2 { 2 } else { 1 };
+        for j in 0..n_l2 {
+            let mut l2 = Vec::with_capacity(usize::try_from(cs / 8).unwrap_or(0));
+            for k in 0..l2_entries {
+                let i = j * l2_entries + k;
+                if i < n_data {
+                    l2.push(((data_start + i) * cs) | COPIED);
+                    if words_per_entry == 2 {
+                        // No subcluster allocated yet (the cluster reserved), as QEMU leaves
+                        // them: the first write to each allocates it in place.
+                        l2.push(0);
+                    }
+                }
+            }
+            pieces.push(((l2_start + j) * cs, encode_words(&l2)));
+        }
+    }
+    Ok((pieces, total * cs, data_start * cs))
 }
 
 /// Writes a new, empty qcow2 image over `file`, whatever it held: checks the options, then
 /// truncates it and writes the metadata.
 pub fn write(file: &HostFile, o: &CreateOptions) -> Result<(), Error> {
-    let (pieces, len) = layout(o)?;
+    let (pieces, len, data) = layout(o)?;
     file.set_len(0)?;
     file.set_len(len)?;
     for (off, b) in pieces {
         file.write_at(&b, off)?;
     }
+    o.preallocation.allocate(file, data, len - data)?;
     file.sync()
 }
 
@@ -214,8 +288,9 @@ pub fn make_empty(file: &HostFile, h: &Header) -> Result<(), Error> {
         extended_l2: h.extended_l2(),
         compression: h.compression,
         backing,
+        preallocation: Preallocation::Off,
     };
-    let (pieces, len) = layout(&o)?;
+    let (pieces, len, _) = layout(&o)?;
     let l1_bytes = usize::try_from(u64::from(h.l1_size) * 8).unwrap_or(0);
     file.write_at(&vec![0u8; l1_bytes], h.l1_table_offset)?;
     file.sync()?;
@@ -278,7 +353,7 @@ mod tests {
             backing: Some(("base.raw".into(), "raw".into())),
             ..Default::default()
         };
-        let (pieces, len) = layout(&o).unwrap();
+        let (pieces, len, _) = layout(&o).unwrap();
         assert_eq!(len, 4 * 65536);
         let h = Header::parse(&pieces[0].1).unwrap();
         assert_eq!(h.backing, Some(("base.raw".into(), Some("raw".into()))));

@@ -1,7 +1,10 @@
 //! `vmm-img create -f qcow2|raw [-b BACKING -F FMT [-u]] [-o opts] [-q] FILE [SIZE]`.
 //!
 //! `-o` also takes qemu-img's `size=` (refused with a size given apart, as qemu-img refuses it),
-//! `backing_file=` and `backing_fmt=` (`-b`/`-F` win, as in qemu-img) and `preallocation=off`.
+//! `backing_file=` and `backing_fmt=` (`-b`/`-F` win, as in qemu-img) and
+//! `preallocation=off|metadata|falloc|full` (raw: not `metadata`, as qemu-img). `-o help` (or
+//! `-o ?`) lists the options this takes for the format, with qemu-img's descriptions, and
+//! creates nothing.
 //!
 //! Like qemu-img, the backing chain is opened (to check it, and for the size when none is given)
 //! unless `-u`. The target is never truncated while another process holds it (the write lock
@@ -10,7 +13,7 @@
 
 use std::path::Path;
 
-use block::qcow2::create::CreateOptions;
+use block::qcow2::create::{CreateOptions, Preallocation};
 use block::{CacheMode, DiskImage, Image, NewImage};
 
 use crate::args::{self, Args};
@@ -59,10 +62,68 @@ pub fn apply_options(o: &mut CreateOptions, lists: &[String]) -> Result<(), CliE
     Ok(())
 }
 
+/// The `-o` options `create` takes for qcow2, with qemu-img's help lines.
+const QCOW2_OPTIONS: &[(&str, &str)] = &[
+    ("backing_file=<str>", "File name of a base image"),
+    ("backing_fmt=<str>", "Image format of the base image"),
+    ("cluster_size=<size>", "qcow2 cluster size"),
+    (
+        "compat=<str>",
+        "Compatibility level (v2 [0.10] or v3 [1.1])",
+    ),
+    (
+        "compression_type=<str>",
+        "Compression method used for image cluster compression",
+    ),
+    ("extended_l2=<bool (on/off)>", "Extended L2 tables"),
+    (
+        "lazy_refcounts=<bool (on/off)>",
+        "Postpone refcount updates",
+    ),
+    (
+        "preallocation=<str>",
+        "Preallocation mode (allowed values: off, metadata, falloc, full)",
+    ),
+    (
+        "refcount_bits=<num>",
+        "Width of a reference count entry in bits",
+    ),
+    ("size=<size>", "Virtual disk size"),
+];
+
+/// The `-o` options `create` takes for raw.
+const RAW_OPTIONS: &[(&str, &str)] = &[
+    (
+        "preallocation=<str>",
+        "Preallocation mode (allowed values: off, falloc, full)",
+    ),
+    ("size=<size>", "Virtual disk size"),
+];
+
 pub fn run(argv: &[String]) -> CmdResult {
     let a = Args::parse(argv, &["f", "b", "F", "o"])?;
     a.only(&["f", "b", "F", "o", "q", "u"])?;
     let format = args::format(a.value("f").unwrap_or("raw"))?;
+    let asks_help = a
+        .values("o")
+        .iter()
+        .any(|l| l.split(',').any(|p| p == "help" || p == "?"));
+    if asks_help {
+        // As qemu-img: the format named when no file is.
+        if a.positional.is_empty() {
+            println!("Supported {} options:", format.name());
+        } else {
+            println!("Supported options:");
+        }
+        let list = match format {
+            block::Format::Qcow2 => QCOW2_OPTIONS,
+            block::Format::Raw => RAW_OPTIONS,
+        };
+        for (name, what) in list {
+            println!("  {name:<22} - {what}");
+        }
+        return Ok(0);
+    }
     let (file, size) = match a.positional.as_slice() {
         [f] => (f, None),
         [f, s] => (f, Some(args::size(s)?)),
@@ -77,11 +138,12 @@ pub fn run(argv: &[String]) -> CmdResult {
                 "size" => o_size = Some(args::size(&v)?),
                 "backing_file" => o_backing = Some(v),
                 "backing_fmt" => o_backing_fmt = Some(v),
-                "preallocation" if v == "off" => {}
                 "preallocation" => {
-                    return Err(CliError::Usage(format!(
-                        "preallocation={v} is not supported (only off)"
-                    )))
+                    o.preallocation = Preallocation::parse(&v).ok_or_else(|| {
+                        CliError::Usage(format!(
+                            "{file}: Parameter 'preallocation' does not accept value '{v}'"
+                        ))
+                    })?
                 }
                 _ => apply_options(&mut o, &[format!("{k}={v}")])?,
             }
