@@ -2,8 +2,9 @@
 //! (`qapi/job.json`, `job.c`): one state table decides every transition and which command verbs
 //! each state accepts; each transition raises `JOB_STATUS_CHANGE`, a mirror (the active commit,
 //! `active.rs`) in sync raises `BLOCK_JOB_READY` and runs until `block-job-complete` (or
-//! `block-job-cancel`) ends it, and the end of a job raises `BLOCK_JOB_COMPLETED` or
-//! `BLOCK_JOB_CANCELLED` with QEMU's members. Jobs finalize and dismiss
+//! `block-job-cancel`) ends it, a step whose read or write fails raises `BLOCK_JOB_ERROR` (its
+//! `on-error` is `report`: the job then ends), and the end of a job raises `BLOCK_JOB_COMPLETED`
+//! or `BLOCK_JOB_CANCELLED` with QEMU's members. Jobs finalize and dismiss
 //! themselves (QEMU's `auto-finalize` and `auto-dismiss` defaults).
 //!
 //! Where a job runs: its copying runs in the disk's context (its iothread, or the main loop's
@@ -291,10 +292,39 @@ pub struct Step {
     pub remaining: Option<u64>,
 }
 
+/// Why a step failed: its I/O (QEMU raises `BLOCK_JOB_ERROR` for these), or anything else.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum StepError {
+    /// Reading the images failed.
+    #[error("{0}")]
+    Read(String),
+    /// Writing an image failed.
+    #[error("{0}")]
+    Write(String),
+    /// Not the I/O: the job's images gone, a length out of range.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StepError {
+    fn read(e: &block::Error) -> Self {
+        Self::Read(devices::error_chain(e))
+    }
+
+    fn write(e: &block::Error) -> Self {
+        Self::Write(devices::error_chain(e))
+    }
+
+    /// The job's images are gone (it ended meanwhile).
+    fn ended() -> Self {
+        Self::Other("The job has ended".to_owned())
+    }
+}
+
 /// The copying part of a job: steps in the disk's context, then its end on the main loop.
 trait Work: Send + std::fmt::Debug {
     /// Deals with the disk from `offset`, at most one chunk.
-    fn step(&mut self, offset: u64) -> Result<Step, String>;
+    fn step(&mut self, offset: u64) -> Result<Step, StepError>;
 
     /// Changes the chain once every step succeeded (main thread, global lock held).
     fn finish(&mut self, disk: &mut VmDisk) -> Result<(), String>;
@@ -492,7 +522,20 @@ impl Job {
             }
             Err(e) => {
                 drop(s);
-                self.end_steps(Ended::Failed(e));
+                // `on-error` is `report`: the job ends with the error (QEMU's default).
+                let operation = match &e {
+                    StepError::Read(_) => Some("read"),
+                    StepError::Write(_) => Some("write"),
+                    StepError::Other(_) => None,
+                };
+                if let Some(operation) = operation {
+                    self.events.send(QmpEvent::BlockJobError {
+                        id: self.id.clone(),
+                        operation,
+                        action: "report",
+                    });
+                }
+                self.end_steps(Ended::Failed(e.to_string()));
             }
         }
     }
@@ -959,5 +1002,92 @@ mod tests {
         for bad in ["", "1x", "-a", "a b", "#block0"] {
             assert!(!well_formed(bad), "{bad}");
         }
+    }
+
+    /// A job's work whose steps fail with `0`: the job machinery's answer to a failing step,
+    /// whatever the work.
+    #[derive(Debug)]
+    struct Failing(StepError);
+
+    impl Work for Failing {
+        fn step(&mut self, _offset: u64) -> Result<Step, StepError> {
+            Err(self.0.clone())
+        }
+
+        fn finish(&mut self, _disk: &mut VmDisk) -> Result<(), String> {
+            Ok(())
+        }
+
+        fn release(&mut self, _disk: Option<&mut VmDisk>) {}
+    }
+
+    /// The events of a stream job on an iothread whose first step fails with `error`, until
+    /// the job is gone; each `[event, data]`, `JOB_STATUS_CHANGE` as its status.
+    #[allow(clippy::unwrap_used)] // A test: a failure to set up is the test's failure.
+    fn failing_job(error: StepError) -> Vec<serde_json::Value> {
+        let io = devices::context::IoThread::spawn("io-fail").unwrap();
+        let (events, received) = crate::monitor::event_channel().unwrap();
+        let mut jobs = Jobs::new(events);
+        let new = NewJob {
+            id: "j0".into(),
+            kind: JobKind::Stream,
+            drive: "d0".into(),
+            ctx: Arc::clone(io.context()),
+            len: 1 << 20,
+            speed: 0,
+            mirror: false,
+            end: JobEnd::default(),
+        };
+        jobs.start(new, Box::new(Failing(error))).unwrap();
+        let mut seen: Vec<serde_json::Value> = Vec::new();
+        let until = Instant::now() + Duration::from_secs(10);
+        while !seen.iter().any(|e| e["data"]["status"] == "null") && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+            seen.extend(received.drain());
+            jobs.finalize_waiting(&mut []);
+        }
+        io.stop().unwrap();
+        seen.iter()
+            .map(|e| match e["data"]["status"].as_str() {
+                Some(status) => serde_json::json!(status),
+                None => serde_json::json!([e["event"], e["data"]]),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_failing_read_or_write_raises_block_job_error_then_ends_the_job() {
+        for (error, operation) in [
+            (StepError::Read("Input/output error".into()), "read"),
+            (StepError::Write("No space left on device".into()), "write"),
+        ] {
+            let message = error.to_string();
+            let completed = serde_json::json!({"type": "stream", "device": "j0", "len": 1 << 20,
+                "offset": 0, "speed": 0, "error": message});
+            assert_eq!(
+                failing_job(error),
+                [
+                    serde_json::json!("created"),
+                    serde_json::json!("running"),
+                    serde_json::json!(["BLOCK_JOB_ERROR",
+                        {"device": "j0", "operation": operation, "action": "report"}]),
+                    serde_json::json!("aborting"),
+                    serde_json::json!(["BLOCK_JOB_COMPLETED", completed]),
+                    serde_json::json!("concluded"),
+                    serde_json::json!("null"),
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn a_step_failing_outside_its_io_ends_the_job_without_block_job_error() {
+        let events = failing_job(StepError::ended());
+        assert_eq!(events.len(), 6, "{events:?}");
+        assert!(
+            events.iter().all(|e| e[0] != "BLOCK_JOB_ERROR"),
+            "{events:?}"
+        );
+        assert_eq!(events[3][1]["error"], "The job has ended");
     }
 }
