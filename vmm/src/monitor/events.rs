@@ -129,7 +129,7 @@ pub enum QmpEvent {
         id: String,
         /// `read` or `write`.
         operation: &'static str,
-        /// What the job does about it (its `on-error`): `report`, it ends.
+        /// What the job does about it (its `on-error`): `report`, `stop` or `ignore`.
         action: &'static str,
     },
     /// A block job was cancelled (`BLOCK_JOB_CANCELLED`).

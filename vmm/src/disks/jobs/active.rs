@@ -203,7 +203,7 @@ impl ActiveCommit {
         while self.scanned < end {
             let (depth, n) = top
                 .allocated_at(self.scanned, end - self.scanned)
-                .map_err(|e| StepError::read(&e))?;
+                .map_err(|e| StepError::read(&e, end - self.scanned))?;
             if depth.is_some_and(|d| d < self.base_depth) {
                 self.dirty.mark(self.scanned, n);
             }
@@ -225,8 +225,8 @@ impl ActiveCommit {
         let copied = match top.read_at(&mut self.buf[..size], offset) {
             Ok(()) => base
                 .write_at(&self.buf[..size], offset)
-                .map_err(|e| StepError::write(&e)),
-            Err(e) => Err(StepError::read(&e)),
+                .map_err(|e| StepError::write(&e, len)),
+            Err(e) => Err(StepError::read(&e, len)),
         };
         if let Err(e) = copied {
             // Still to copy, should the job be resumed after an error one day.

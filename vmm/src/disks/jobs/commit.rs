@@ -74,7 +74,7 @@ impl Work for Commit {
         let len = (top.size() - offset).min(CHUNK);
         let (depth, n) = top
             .allocated_at(offset, len)
-            .map_err(|e| StepError::read(&e))?;
+            .map_err(|e| StepError::read(&e, len))?;
         if depth.is_none_or(|d| d >= self.base_depth - self.top_depth) {
             return Ok(Step {
                 advanced: n,
@@ -85,9 +85,9 @@ impl Work for Commit {
         let size = usize::try_from(n).map_err(|e| StepError::Other(e.to_string()))?;
         self.buf.resize(size, 0);
         top.read_at(&mut self.buf[..size], offset)
-            .map_err(|e| StepError::read(&e))?;
+            .map_err(|e| StepError::read(&e, n))?;
         base.write_at(&self.buf[..size], offset)
-            .map_err(|e| StepError::write(&e))?;
+            .map_err(|e| StepError::write(&e, n))?;
         Ok(Step {
             advanced: n,
             copied: n,

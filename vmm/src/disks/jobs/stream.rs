@@ -63,7 +63,7 @@ impl Work for Stream {
         let len = (top.size() - offset).min(CHUNK);
         let (depth, n) = top
             .allocated_at(offset, len)
-            .map_err(|e| StepError::read(&e))?;
+            .map_err(|e| StepError::read(&e, len))?;
         let copy = depth.is_some_and(|d| d > 0 && self.base_depth.is_none_or(|b| d < b));
         let backing = top.chain().nth(1);
         let (true, Some(backing)) = (copy, backing) else {
@@ -77,15 +77,16 @@ impl Work for Stream {
         self.buf.resize(size, 0);
         backing
             .read_at(&mut self.buf[..size], offset)
-            .map_err(|e| StepError::read(&e))?;
+            .map_err(|e| StepError::read(&e, n))?;
         let mut pos = 0;
         while pos < n {
             let at = offset + pos;
             let piece = (self.cluster - at % self.cluster).min(n - pos);
             let range =
                 usize::try_from(pos).unwrap_or(size)..usize::try_from(pos + piece).unwrap_or(size);
+            // A copy-on-read, as QEMU's stream does it: its errors are reads' too.
             top.copy_up(&self.buf[range], at)
-                .map_err(|e| StepError::write(&e))?;
+                .map_err(|e| StepError::read(&e, n))?;
             pos += piece;
         }
         Ok(Step {
