@@ -3,7 +3,9 @@
 //! `-S` and `cont`, `stop` freezing the guest, the queries, `quit`, the `SHUTDOWN` event of a guest
 //! power-off and of SIGTERM, `wait=on` holding start-up until a client connects, and live disk
 //! changes (snapshots, `block_resize`, `query-named-block-nodes`) beside QEMU 10. The scenarios
-//! are in `tests/qmp/guest_client.py`, block jobs beside QEMU 10 in `tests/qmp/jobs_client.py`.
+//! are in `tests/qmp/guest_client.py`, block jobs beside QEMU 10 (and jobs whose writes fail,
+//! `on-error`) in `tests/qmp/jobs_client.py`,
+//! the README's chain walk-through (`ci/chain-ops`) in `tests/qmp/chain_ops_client.py`.
 
 mod common;
 
@@ -111,4 +113,18 @@ fn block_jobs_on_a_running_guest_s_disks_answer_as_qemu_s() {
     let dir = Scratch::new("qmp-jobs");
     let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
     run_script("jobs_client.py", "jobs", &kernel, &dir);
+}
+
+#[test]
+fn block_jobs_whose_writes_fail_answer_as_qemu_s() {
+    let dir = Scratch::new("qmp-onerror");
+    let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
+    run_script("jobs_client.py", "onerror", &kernel, &dir);
+}
+
+#[test]
+fn the_readme_s_chain_walk_through_reshapes_a_running_guest_s_disk() {
+    let dir = Scratch::new("qmp-chain-ops");
+    let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
+    run_script("chain_ops_client.py", "chain-ops", &kernel, &dir);
 }

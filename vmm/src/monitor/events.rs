@@ -123,6 +123,15 @@ pub enum QmpEvent {
         /// Why it failed.
         error: Option<String>,
     },
+    /// A block job's I/O failed (`BLOCK_JOB_ERROR`).
+    BlockJobError {
+        /// The job.
+        id: String,
+        /// `read` or `write`.
+        operation: &'static str,
+        /// What the job does about it (its `on-error`): `report`, `stop` or `ignore`.
+        action: &'static str,
+    },
     /// A block job was cancelled (`BLOCK_JOB_CANCELLED`).
     BlockJobCancelled(JobEvent),
     /// A mirror is in sync: `block-job-complete` may switch the disk (`BLOCK_JOB_READY`).
@@ -173,6 +182,15 @@ impl QmpEvent {
                 }
                 protocol::event("BLOCK_JOB_COMPLETED", Some(members), at)
             }
+            Self::BlockJobError {
+                id,
+                operation,
+                action,
+            } => protocol::event(
+                "BLOCK_JOB_ERROR",
+                Some(json!({"device": id, "operation": operation, "action": action})),
+                at,
+            ),
             Self::BlockJobCancelled(data) => {
                 protocol::event("BLOCK_JOB_CANCELLED", Some(data.to_data()), at)
             }

@@ -3,6 +3,7 @@
 //! `job-dismiss`, which name the job `id`), their arguments read and checked in QEMU's
 //! order (the schema's, then the disk, then the values), errors in QEMU's classes and words.
 
+use devices::virtio::block::ErrorPolicy;
 use serde_json::{json, Value};
 
 use super::args::Args;
@@ -144,24 +145,32 @@ fn commit_layer(
     }
 }
 
-/// `on-error` (QEMU's `BlockdevOnError`): only `report` (a failing I/O ends the job) is built.
-fn check_on_error(value: Option<String>) -> Result<(), QmpError> {
+/// `on-error` (QEMU's `BlockdevOnError`), `report` when absent; `auto` is not built.
+fn parse_on_error(value: Option<String>) -> Result<ErrorPolicy, QmpError> {
     match value.as_deref() {
-        None | Some("report") => Ok(()),
-        Some(v @ ("ignore" | "stop" | "enospc" | "auto")) => Err(QmpError::generic(format!(
-            "on-error '{v}' is not supported: a job's failing I/O ends it ('report')"
-        ))),
+        None | Some("report") => Ok(ErrorPolicy::Report),
+        Some("stop") => Ok(ErrorPolicy::Stop),
+        Some("enospc") => Ok(ErrorPolicy::Enospc),
+        Some("ignore") => Ok(ErrorPolicy::Ignore),
+        Some("auto") => Err(QmpError::generic(
+            "on-error 'auto' is not supported: use report, stop, enospc or ignore",
+        )),
         Some(other) => Err(QmpError::generic(format!(
             "Parameter 'on-error' does not accept value '{other}'"
         ))),
     }
 }
 
-/// `auto-finalize` and `auto-dismiss`, true when absent.
-fn job_end(auto_finalize: Option<bool>, auto_dismiss: Option<bool>) -> JobEnd {
+/// `auto-finalize` and `auto-dismiss`, true when absent, and `on-error`.
+fn job_end(
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+    on_error: ErrorPolicy,
+) -> JobEnd {
     JobEnd {
         finalize: auto_finalize.unwrap_or(true),
         dismiss: auto_dismiss.unwrap_or(true),
+        on_error,
     }
 }
 
@@ -176,12 +185,12 @@ fn commit(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, Qmp
     let backing_file = args.optional_str("backing-file")?;
     let _mask_protocol = args.optional_bool("backing-mask-protocol")?;
     let speed = args.optional_i64("speed")?;
-    let on_error = args.optional_str("on-error")?;
+    let on_error_arg = args.optional_str("on-error")?;
     let _filter = args.optional_str("filter-node-name")?;
     let auto_finalize = args.optional_bool("auto-finalize")?;
     let auto_dismiss = args.optional_bool("auto-dismiss")?;
     args.finish()?;
-    check_on_error(on_error)?;
+    let on_error = parse_on_error(on_error_arg)?;
     // Unlike block-stream, QEMU's block-commit says DeviceNotFound.
     let drive_id = find_disk(backend, &device).map_err(|_| QmpError::device_not_found(&device))?;
     let top = commit_layer(backend, &drive_id, (top, top_node), "top")?;
@@ -191,7 +200,7 @@ fn commit(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, Qmp
         top,
         base,
         backing_file,
-        end: job_end(auto_finalize, auto_dismiss),
+        end: job_end(auto_finalize, auto_dismiss, on_error),
         speed: speed.unwrap_or(0),
     };
     backend.block_commit(&drive_id, args).map_err(job_error)?;
@@ -206,11 +215,11 @@ fn stream(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, Qmp
     let base_node = args.optional_str("base-node")?;
     let backing_file = args.optional_str("backing-file")?;
     let speed_arg = args.optional_i64("speed")?;
-    let on_error = args.optional_str("on-error")?;
+    let on_error_arg = args.optional_str("on-error")?;
     let auto_finalize = args.optional_bool("auto-finalize")?;
     let auto_dismiss = args.optional_bool("auto-dismiss")?;
     args.finish()?;
-    check_on_error(on_error)?;
+    let on_error = parse_on_error(on_error_arg)?;
     if base.is_some() && base_node.is_some() {
         return Err(QmpError::generic(
             "'base' and 'base-node' cannot be specified at the same time",
@@ -235,7 +244,7 @@ fn stream(mut args: Args, backend: &mut dyn MonitorBackend) -> Result<Value, Qmp
                 job_id,
                 base,
                 backing_file,
-                end: job_end(auto_finalize, auto_dismiss),
+                end: job_end(auto_finalize, auto_dismiss, on_error),
                 speed: speed_arg.unwrap_or(0),
             },
         )
@@ -264,7 +273,7 @@ mod tests {
         let mut b = RecordingBackend::new(RunState::Running);
         let ok = json!({"return": {}});
         let stream = json!({"device": "d0", "job-id": "s", "base": "/b", "backing-file": "b",
-                            "speed": 7, "on-error": "report", "auto-finalize": false});
+                            "speed": 7, "on-error": "stop", "auto-finalize": false});
         assert_eq!(call(&mut b, "block-stream", stream), ok);
         // By the top's node name, the drive's id then reaches the VM.
         assert_eq!(
@@ -273,7 +282,7 @@ mod tests {
         );
         let commit = json!({"device": "d0", "job-id": "c", "top": "/m", "base": "/b",
                             "backing-file": "b", "speed": 9, "backing-mask-protocol": true,
-                            "auto-dismiss": false});
+                            "auto-dismiss": false, "on-error": "enospc"});
         assert_eq!(call(&mut b, "block-commit", commit), ok);
         // By node names: the images' depths in the disk's chain.
         let by_node = json!({"device": "d0", "base-node": "#block4"});
@@ -299,11 +308,11 @@ mod tests {
         assert_eq!(
             calls,
             [
-                r#"stream d0 StreamArgs { job_id: Some("s"), base: Some(File("/b")), backing_file: Some("b"), end: JobEnd { finalize: false, dismiss: true }, speed: 7 }"#,
-                "stream d1 StreamArgs { job_id: None, base: None, backing_file: None, end: JobEnd { finalize: true, dismiss: true }, speed: 0 }",
-                r#"commit d0 CommitArgs { job_id: Some("c"), top: Some(File("/m")), base: Some(File("/b")), backing_file: Some("b"), end: JobEnd { finalize: true, dismiss: false }, speed: 9 }"#,
-                r##"stream d0 StreamArgs { job_id: None, base: Some(Node { name: "#block4", depth: 1 }), backing_file: None, end: JobEnd { finalize: true, dismiss: true }, speed: 0 }"##,
-                r##"commit d0 CommitArgs { job_id: None, top: Some(Node { name: "#block0", depth: 0 }), base: Some(Node { name: "#block4", depth: 1 }), backing_file: None, end: JobEnd { finalize: true, dismiss: true }, speed: 0 }"##,
+                r#"stream d0 StreamArgs { job_id: Some("s"), base: Some(File("/b")), backing_file: Some("b"), end: JobEnd { finalize: false, dismiss: true, on_error: Stop }, speed: 7 }"#,
+                "stream d1 StreamArgs { job_id: None, base: None, backing_file: None, end: JobEnd { finalize: true, dismiss: true, on_error: Report }, speed: 0 }",
+                r#"commit d0 CommitArgs { job_id: Some("c"), top: Some(File("/m")), base: Some(File("/b")), backing_file: Some("b"), end: JobEnd { finalize: true, dismiss: false, on_error: Enospc }, speed: 9 }"#,
+                r##"stream d0 StreamArgs { job_id: None, base: Some(Node { name: "#block4", depth: 1 }), backing_file: None, end: JobEnd { finalize: true, dismiss: true, on_error: Report }, speed: 0 }"##,
+                r##"commit d0 CommitArgs { job_id: None, top: Some(Node { name: "#block0", depth: 0 }), base: Some(Node { name: "#block4", depth: 1 }), backing_file: None, end: JobEnd { finalize: true, dismiss: true, on_error: Report }, speed: 0 }"##,
                 "job j0 Cancel { force: true }",
                 "job j0 Pause",
                 "job j0 Resume",
@@ -336,10 +345,10 @@ mod tests {
             ),
             (
                 "block-commit",
-                json!({"device": "d0", "on-error": "stop"}),
+                json!({"device": "d0", "on-error": "auto"}),
                 err(
                     "GenericError",
-                    "on-error 'stop' is not supported: a job's failing I/O ends it ('report')",
+                    "on-error 'auto' is not supported: use report, stop, enospc or ignore",
                 ),
             ),
             (

@@ -62,6 +62,12 @@ class Vmm:
         return code
 
 
+def ignore_sigxfsz():
+    """In the child before exec: a write past RLIMIT_FSIZE fails with EFBIG instead of killing
+    it (an ignored signal stays ignored across exec), as the job error tests need."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 async def start(vmm, kernel, sock, paused, wait=False, extra=()):
     args = [vmm, "-kernel", kernel, "-m", "16", "-smp", "2",
             "-qmp", f"unix:{sock},server=on,wait={'on' if wait else 'off'}", *extra]
@@ -69,7 +75,7 @@ async def start(vmm, kernel, sock, paused, wait=False, extra=()):
         args.append("-S")
     proc = await asyncio.create_subprocess_exec(
         *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        stderr=asyncio.subprocess.PIPE, preexec_fn=ignore_sigxfsz)
     if wait:
         vmm_proc = Vmm(proc)
         await asyncio.sleep(0.5)
@@ -106,7 +112,7 @@ async def start_qemu(d, flags, client_name):
         "qemu-system-x86_64", "-machine", "microvm", "-nodefaults", "-display", "none", "-S",
         "-qmp", f"unix:{qemu_sock},server=on,wait=off", *flags,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE)
+        stderr=asyncio.subprocess.PIPE, preexec_fn=ignore_sigxfsz)
     qqmp = QMPClient(client_name)
     for _ in range(TIMEOUT * 10):
         try:

@@ -13,12 +13,20 @@ commit of the top into its middle image, cancelled once ready (the disk stays on
 replies, the job events (timestamps stripped), query-block-jobs while paused and once ready, and
 query-block's chains must match; after both quit, qemu-img compares the images side by side,
 checks them, and reads the same chains.
+SCENARIO "onerror": jobs whose writes fail, beside QEMU 10: each VMM's file size limit
+(RLIMIT_FSIZE, set on the running process) pinned to the size of the image a job writes, so that
+growing it fails with EFBIG under both: a commit of d0's middle image with on-error=stop
+(BLOCK_JOB_ERROR, paused with io-status failed, a cancel without force refused, the limit
+lifted, resumed to its end), then a stream of d1 with on-error=enospc (EFBIG is not ENOSPC: it
+reports, and the job ends with an error). The events, replies and query-block-jobs must match
+(the error texts, worded by each, only present); qemu-img then compares and checks the images.
 Prints one line per check; exits non-zero on the first failure.
 """
 
 import asyncio
 import json
 import os
+import resource
 import subprocess
 import sys
 
@@ -291,8 +299,93 @@ async def jobs(vmm_path, kernel, sock):
                   f"{layer[0]} checks clean")
 
 
+def limit_writes(pid, path):
+    """Files `pid` writes may not grow past `path`'s size (None: no limit)."""
+    size = os.path.getsize(path) if path else resource.RLIM_INFINITY
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+
+
+async def onerror_side(qmp, pid, d):
+    """The failing jobs on images in directory `d`; returns what to compare."""
+    out = []
+
+    async def ex(cmd, args):
+        try:
+            out.append((cmd, "return", await qmp.execute(cmd, args)))
+        except Exception as e:  # qemu.qmp's ExecuteError: the reply's class and desc.
+            out.append((cmd, e.error.error.class_, e.error.error.desc))
+
+    listener = EventListener()
+    with qmp.listen(listener):
+        limit_writes(pid, f"{d}/base.qcow2")
+        await ex("block-commit", {"device": "d0", "job-id": "c0", "top": f"{d}/mid.qcow2",
+                                  "on-error": "stop"})
+        paused = await wait_status(qmp, "c0", "paused")
+        out.append(("paused", paused))
+        await ex("block-job-cancel", {"device": "c0"})
+        limit_writes(pid, None)
+        await ex("block-job-resume", {"device": "c0"})
+        out.append(("gone", await wait_jobs_gone(qmp)))
+        limit_writes(pid, f"{d}/top2.qcow2")
+        await ex("block-stream", {"device": "d1", "job-id": "s0", "on-error": "enospc"})
+        out.append(("gone", await wait_jobs_gone(qmp)))
+        limit_writes(pid, None)
+        await asyncio.sleep(0.3)
+        while not listener.empty():
+            e = listener._queue.get_nowait()  # qemu.qmp's listener has no non-blocking get
+            if e["event"] in JOB_EVENTS:
+                data = dict(e.get("data"))
+                if "error" in data:
+                    data["error"] = "(text)"
+                out.append((e["event"], data))
+    _, chain = await snapshot_side_chain(qmp, d)
+    out.append(("chain", chain))
+    return collapse_wakeups(out)
+
+
+async def onerror(vmm_path, kernel, sock):
+    d = os.path.dirname(sock)
+    ours, theirs = os.path.join(d, "vmm"), os.path.join(d, "qemu")
+    for s in (ours, theirs):
+        os.makedirs(s, exist_ok=True)
+        make_chains(s)
+
+    def flags(s):
+        return ["-object", "iothread,id=io0",
+                "-drive", f"file={s}/top.qcow2,format=qcow2,if=none,id=d0",
+                "-device", "virtio-blk-device,drive=d0,id=vd0,iothread=io0",
+                "-drive", f"file={s}/top2.qcow2,format=qcow2,if=none,id=d1",
+                "-device", "virtio-blk-device,drive=d1,id=vd1"]
+    vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags(ours))
+    qemu, qqmp = await start_qemu(d, flags(theirs), "qemu-onerror-test")
+    await qmp.execute("cont")
+    mine = await onerror_side(qmp, vmm.proc.pid, ours)
+    qemus = await onerror_side(qqmp, qemu.pid, theirs)
+    for i, (a, b) in enumerate(zip(mine, qemus)):
+        check(a == b, f"{i}: {a} (QEMU: {b})".replace(ours, "DIR").replace(theirs, "DIR"))
+    check(len(mine) == len(qemus), f"as many replies and events ({len(mine)})")
+    check(("BLOCK_JOB_ERROR", {"device": "c0", "operation": "write", "action": "stop"}) in mine,
+          "on-error=stop raised BLOCK_JOB_ERROR")
+    for q in (qmp, qqmp):
+        await q.execute("quit")
+    check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
+    await asyncio.wait_for(qemu.wait(), TIMEOUT)
+    for q in (qmp, qqmp):
+        await close(q)
+    for top in ("top.qcow2", "top2.qcow2"):
+        a, b = image_chain(ours, top), image_chain(theirs, top)
+        check(a == b, f"qemu-img info --backing-chain {top}: {a} (QEMU: {b})")
+        same = subprocess.run(["qemu-img", "compare", f"{ours}/{top}", f"{theirs}/{top}"],
+                              capture_output=True)
+        check(same.returncode == 0, f"qemu-img compare {top}: {same.stdout.decode().strip()}")
+        for layer in a:
+            path = layer[0].replace("DIR", ours)
+            check(subprocess.run(["qemu-img", "check", "-q", path]).returncode == 0,
+                  f"{layer[0]} checks clean")
+
+
 if __name__ == "__main__":
     scenario, vmm_path, kernel, sock = sys.argv[1:5]
     if os.path.exists(sock):
         os.unlink(sock)
-    asyncio.run({"jobs": jobs}[scenario](vmm_path, kernel, sock))
+    asyncio.run({"jobs": jobs, "onerror": onerror}[scenario](vmm_path, kernel, sock))

@@ -155,7 +155,7 @@ impl IoStatusCell {
 
 /// The host error number behind a block-layer error: the first OS error in its causes, else EIO
 /// (a corrupt image, a request the image refused).
-pub(super) fn errno_of(e: &block::Error) -> i32 {
+pub fn errno_of(e: &block::Error) -> i32 {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cause {
         if let Some(n) = c

@@ -20,7 +20,7 @@ pub mod stages;
 pub mod stats;
 
 pub use device::{Block, BlockConfig, Error};
-pub use io_error::{ErrorAction, ErrorPolicy, ErrorSink, IoErrorEvent, IoStatus};
+pub use io_error::{errno_of, ErrorAction, ErrorPolicy, ErrorSink, IoErrorEvent, IoStatus};
 pub use request::ChainError;
 
 /// virtio device id of a block device (virtio 1.2, 5 "Device Types").

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use block::direct::{DirectPin, DirectTarget, Extent};
 use block::{BlockStatus, DiskImage, Error, Image, OpenOptions, WithPolicy};
 
-use super::{JobError, Jobs, NewJob, Step, Work};
+use super::{JobError, Jobs, NewJob, Step, StepError, Work};
 use crate::monitor::VmDisk;
 
 /// The most a step copies (QEMU's `MAX_IO_BYTES`).
@@ -197,13 +197,13 @@ impl ActiveCommit {
     }
 
     /// Marks what the images above `base` allocate in up to [`SCAN`] bytes from `scanned`.
-    fn scan(&mut self) -> Result<(), String> {
-        let top = self.top.as_ref().ok_or_else(Self::ended)?.inner();
+    fn scan(&mut self) -> Result<(), StepError> {
+        let top = self.top.as_ref().ok_or_else(StepError::ended)?.inner();
         let end = (self.scanned + SCAN).min(top.size());
         while self.scanned < end {
             let (depth, n) = top
                 .allocated_at(self.scanned, end - self.scanned)
-                .map_err(|e| chain_error(&e))?;
+                .map_err(|e| StepError::read(&e, end - self.scanned))?;
             if depth.is_some_and(|d| d < self.base_depth) {
                 self.dirty.mark(self.scanned, n);
             }
@@ -213,22 +213,25 @@ impl ActiveCommit {
     }
 
     /// Copies one run of dirty granules into `base`; returns its length (0: none dirty).
-    fn copy_run(&mut self) -> Result<u64, String> {
-        let top = self.top.as_ref().ok_or_else(Self::ended)?.inner();
-        let base = self.base.as_ref().ok_or_else(Self::ended)?;
+    fn copy_run(&mut self) -> Result<u64, StepError> {
+        let top = self.top.as_ref().ok_or_else(StepError::ended)?.inner();
+        let base = self.base.as_ref().ok_or_else(StepError::ended)?;
         let Some((offset, len)) = self.dirty.take_run(self.cursor, CHUNK) else {
             return Ok(0);
         };
         let len = len.min(top.size().saturating_sub(offset));
-        let size = usize::try_from(len).map_err(|e| e.to_string())?;
+        let size = usize::try_from(len).map_err(|e| StepError::Other(e.to_string()))?;
         self.buf.resize(size, 0);
-        let copied = top
-            .read_at(&mut self.buf[..size], offset)
-            .and_then(|()| base.write_at(&self.buf[..size], offset));
+        let copied = match top.read_at(&mut self.buf[..size], offset) {
+            Ok(()) => base
+                .write_at(&self.buf[..size], offset)
+                .map_err(|e| StepError::write(&e, len)),
+            Err(e) => Err(StepError::read(&e, len)),
+        };
         if let Err(e) = copied {
             // Still to copy, should the job be resumed after an error one day.
             self.dirty.mark(offset, len);
-            return Err(chain_error(&e));
+            return Err(e);
         }
         self.cursor = offset + len;
         Ok(len)
@@ -262,8 +265,8 @@ fn serve_plain_top(disk: &VmDisk) -> bool {
 }
 
 impl Work for ActiveCommit {
-    fn step(&mut self, _offset: u64) -> Result<Step, String> {
-        let size = self.top.as_ref().ok_or_else(Self::ended)?.size();
+    fn step(&mut self, _offset: u64) -> Result<Step, StepError> {
+        let size = self.top.as_ref().ok_or_else(StepError::ended)?.size();
         if self.scanned < size {
             self.scan()?;
             return Ok(Step {
@@ -293,7 +296,7 @@ impl Work for ActiveCommit {
         let (policy, detect_zeroes) = (live.policy, live.detect_zeroes);
         let switched = disk.device.with_drained_io(|aio| -> Result<_, String> {
             // Nothing in flight and nothing coming: what is dirty now is all that is left.
-            while self.copy_run()? > 0 {}
+            while self.copy_run().map_err(|e| e.to_string())? > 0 {}
             let base = self.base.take().ok_or_else(Self::ended)?;
             base.flush()
                 .map_err(|e| format!("Could not flush '{base_path}': {}", chain_error(&e)))?;

@@ -22,7 +22,7 @@ use block::{DiskImage, Image, OpenOptions, WithPolicy};
 
 use super::active::start_active_commit;
 use super::stream::{find_in_chain, reopen_with_backing};
-use super::{JobEnd, JobError, JobKind, Jobs, Layer, NewJob, Step, Work};
+use super::{JobEnd, JobError, JobKind, Jobs, Layer, NewJob, Step, StepError, Work};
 use crate::monitor::VmDisk;
 
 /// The most a step deals with (QEMU's `COMMIT_BUFFER_SIZE`).
@@ -64,13 +64,17 @@ fn chain_error(e: &block::Error) -> String {
 }
 
 impl Work for Commit {
-    fn step(&mut self, offset: u64) -> Result<Step, String> {
-        let ended = || "The job has ended".to_owned();
-        let active = self.top.as_ref().ok_or_else(ended)?.inner();
-        let top = active.chain().nth(self.top_depth).ok_or_else(ended)?;
-        let base = self.base.as_ref().ok_or_else(ended)?;
+    fn step(&mut self, offset: u64) -> Result<Step, StepError> {
+        let active = self.top.as_ref().ok_or_else(StepError::ended)?.inner();
+        let top = active
+            .chain()
+            .nth(self.top_depth)
+            .ok_or_else(StepError::ended)?;
+        let base = self.base.as_ref().ok_or_else(StepError::ended)?;
         let len = (top.size() - offset).min(CHUNK);
-        let (depth, n) = top.allocated_at(offset, len).map_err(|e| chain_error(&e))?;
+        let (depth, n) = top
+            .allocated_at(offset, len)
+            .map_err(|e| StepError::read(&e, len))?;
         if depth.is_none_or(|d| d >= self.base_depth - self.top_depth) {
             return Ok(Step {
                 advanced: n,
@@ -78,12 +82,12 @@ impl Work for Commit {
                 remaining: None,
             });
         }
-        let size = usize::try_from(n).map_err(|e| e.to_string())?;
+        let size = usize::try_from(n).map_err(|e| StepError::Other(e.to_string()))?;
         self.buf.resize(size, 0);
         top.read_at(&mut self.buf[..size], offset)
-            .map_err(|e| chain_error(&e))?;
+            .map_err(|e| StepError::read(&e, n))?;
         base.write_at(&self.buf[..size], offset)
-            .map_err(|e| chain_error(&e))?;
+            .map_err(|e| StepError::write(&e, n))?;
         Ok(Step {
             advanced: n,
             copied: n,

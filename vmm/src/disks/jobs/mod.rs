@@ -2,8 +2,9 @@
 //! (`qapi/job.json`, `job.c`): one state table decides every transition and which command verbs
 //! each state accepts; each transition raises `JOB_STATUS_CHANGE`, a mirror (the active commit,
 //! `active.rs`) in sync raises `BLOCK_JOB_READY` and runs until `block-job-complete` (or
-//! `block-job-cancel`) ends it, and the end of a job raises `BLOCK_JOB_COMPLETED` or
-//! `BLOCK_JOB_CANCELLED` with QEMU's members. Jobs finalize and dismiss
+//! `block-job-cancel`) ends it, a step whose read or write fails raises `BLOCK_JOB_ERROR` and
+//! then does what the job's `on-error` says ([`JobEnd`]), and the end of a job raises
+//! `BLOCK_JOB_COMPLETED` or `BLOCK_JOB_CANCELLED` with QEMU's members. Jobs finalize and dismiss
 //! themselves (QEMU's `auto-finalize` and `auto-dismiss` defaults).
 //!
 //! Where a job runs: its copying runs in the disk's context (its iothread, or the main loop's
@@ -33,6 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use devices::context::{Context, Timer};
+use devices::virtio::block::{errno_of, ErrorAction, ErrorPolicy, IoStatus};
 
 use crate::monitor::{BlockJobInfo, EventSender, JobEvent, QmpEvent, VmDisk};
 use ratelimit::RateLimit;
@@ -40,22 +42,29 @@ use ratelimit::RateLimit;
 pub use commit::{start_commit, CommitArgs};
 pub use stream::{start_stream, StreamArgs};
 
-/// Whether a job finalizes and dismisses itself (`auto-finalize`, `auto-dismiss`), or waits in
-/// `pending` for `job-finalize` and in `concluded` for `job-dismiss`.
+/// How a job ends: whether it finalizes and dismisses itself (`auto-finalize`, `auto-dismiss`),
+/// or waits in `pending` for `job-finalize` and in `concluded` for `job-dismiss`; and what a
+/// failed read or write of its images does (`on-error`, QEMU's `BlockdevOnError`): `Report`
+/// ends the job, `Stop` pauses it (`io-status` failed or nospace) until `block-job-resume`
+/// retries, `Enospc` stops on ENOSPC and reports anything else, `Ignore` goes on (a commit
+/// retries the chunk; a stream skips it and fails at its end, as QEMU's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JobEnd {
     /// `auto-finalize`.
     pub finalize: bool,
     /// `auto-dismiss`.
     pub dismiss: bool,
+    /// `on-error`.
+    pub on_error: ErrorPolicy,
 }
 
 impl Default for JobEnd {
-    /// QEMU's defaults: both.
+    /// QEMU's defaults: both, and `report`.
     fn default() -> Self {
         Self {
             finalize: true,
             dismiss: true,
+            on_error: ErrorPolicy::Report,
         }
     }
 }
@@ -291,10 +300,57 @@ pub struct Step {
     pub remaining: Option<u64>,
 }
 
+/// Why a step failed: its I/O (QEMU raises `BLOCK_JOB_ERROR` for these and applies the job's
+/// `on-error`), or anything else.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum StepError {
+    /// Reading or writing the images failed.
+    #[error("{message}")]
+    Io {
+        /// A read (else a write).
+        read: bool,
+        /// The host error number.
+        errno: i32,
+        /// The bytes of the disk the failed step covered (what a stream ignoring it skips).
+        len: u64,
+        /// What failed.
+        message: String,
+    },
+    /// Not the I/O: the job's images gone, a length out of range.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StepError {
+    /// A failed read of the `len` bytes the step covers.
+    fn read(e: &block::Error, len: u64) -> Self {
+        Self::io(e, true, len)
+    }
+
+    /// A failed write of the `len` bytes the step covers.
+    fn write(e: &block::Error, len: u64) -> Self {
+        Self::io(e, false, len)
+    }
+
+    fn io(e: &block::Error, read: bool, len: u64) -> Self {
+        Self::Io {
+            read,
+            errno: errno_of(e),
+            len,
+            message: devices::error_chain(e),
+        }
+    }
+
+    /// The job's images are gone (it ended meanwhile).
+    fn ended() -> Self {
+        Self::Other("The job has ended".to_owned())
+    }
+}
+
 /// The copying part of a job: steps in the disk's context, then its end on the main loop.
 trait Work: Send + std::fmt::Debug {
     /// Deals with the disk from `offset`, at most one chunk.
-    fn step(&mut self, offset: u64) -> Result<Step, String>;
+    fn step(&mut self, offset: u64) -> Result<Step, StepError>;
 
     /// Changes the chain once every step succeeded (main thread, global lock held).
     fn finish(&mut self, disk: &mut VmDisk) -> Result<(), String>;
@@ -339,6 +395,10 @@ struct State {
     error: Option<String>,
     /// Set once by the last step; the job is then waiting for its finalization.
     ended: Option<Ended>,
+    /// Why `on-error` paused it (`ok` once resumed).
+    io_status: IoStatus,
+    /// The first error a stream with `on-error` `ignore` went past: it fails at its end.
+    ignored: Option<String>,
 }
 
 /// One job.
@@ -451,8 +511,12 @@ impl Job {
                 s.offset >= s.len
             };
             if done {
+                let how = match s.ignored.take() {
+                    Some(e) => Ended::Failed(e),
+                    None => Ended::Done,
+                };
                 drop(s);
-                self.end_steps(Ended::Done);
+                self.end_steps(how);
                 return;
             }
             s.busy = true;
@@ -490,9 +554,62 @@ impl Job {
                 drop(s);
                 self.fail_unarmed(armed);
             }
-            Err(e) => {
+            Err(e) => self.step_failed(s, e),
+        }
+    }
+
+    /// A failed step: `BLOCK_JOB_ERROR` for a failed read or write, then what the job's
+    /// `on-error` asks (QEMU's `block_job_error_action`).
+    fn step_failed(&self, mut s: MutexGuard<'_, State>, e: StepError) {
+        let StepError::Io {
+            read, errno, len, ..
+        } = e
+        else {
+            drop(s);
+            self.end_steps(Ended::Failed(e.to_string()));
+            return;
+        };
+        let action = s.end.on_error.action(errno);
+        self.events.send(QmpEvent::BlockJobError {
+            id: self.id.clone(),
+            operation: if read { "read" } else { "write" },
+            action: action.name(),
+        });
+        match action {
+            ErrorAction::Report => {
                 drop(s);
-                self.end_steps(Ended::Failed(e));
+                self.end_steps(Ended::Failed(e.to_string()));
+            }
+            ErrorAction::Stop => {
+                // Paused as by `block-job-pause`: `block-job-resume` retries the step.
+                s.user_paused = true;
+                if s.io_status == IoStatus::Ok {
+                    s.io_status = if errno == libc::ENOSPC {
+                        IoStatus::NoSpace
+                    } else {
+                        IoStatus::Failed
+                    };
+                }
+                match s.status {
+                    JobStatus::Running => self.transition(&mut s, JobStatus::Paused),
+                    JobStatus::Ready => self.transition(&mut s, JobStatus::Standby),
+                    _ => {}
+                }
+            }
+            ErrorAction::Ignore => {
+                if self.kind == JobKind::Stream {
+                    // Past the chunk; the job fails at its end with the first such error.
+                    s.offset = (s.offset + len).min(s.len);
+                    s.ignored.get_or_insert_with(|| e.to_string());
+                }
+                // A commit retries the chunk (an active one finds it dirty again).
+                let armed = self.arm(if self.kind == JobKind::Stream {
+                    NEXT_STEP
+                } else {
+                    IDLE
+                });
+                drop(s);
+                self.fail_unarmed(armed);
             }
         }
     }
@@ -590,7 +707,7 @@ impl Job {
             busy: s.busy,
             paused: s.user_paused,
             speed: s.speed,
-            io_status: "ok",
+            io_status: s.io_status.name(),
             ready: matches!(s.status, JobStatus::Ready | JobStatus::Standby),
             status: s.status.name(),
             auto_finalize: s.end.finalize,
@@ -726,6 +843,8 @@ impl Jobs {
                 end,
                 error: None,
                 ended: None,
+                io_status: IoStatus::Ok,
+                ignored: None,
             }),
             work: Mutex::new(work),
             timer: Mutex::new(None),
@@ -820,6 +939,7 @@ impl Jobs {
             return Err(JobError::NotPaused);
         }
         s.user_paused = false;
+        s.io_status = IoStatus::Ok;
         match s.status {
             JobStatus::Paused => job.transition(&mut s, JobStatus::Running),
             JobStatus::Standby => job.transition(&mut s, JobStatus::Ready),
@@ -959,5 +1079,227 @@ mod tests {
         for bad in ["", "1x", "-a", "a b", "#block0"] {
             assert!(!well_formed(bad), "{bad}");
         }
+    }
+
+    /// A job's work whose first `fails` steps fail with `error`, and whose next step ends the
+    /// copy: the job machinery's answer to failing steps, whatever the work.
+    #[derive(Debug)]
+    struct Failing {
+        error: StepError,
+        fails: usize,
+    }
+
+    impl Work for Failing {
+        fn step(&mut self, _offset: u64) -> Result<Step, StepError> {
+            if self.fails == 0 {
+                return Ok(Step {
+                    advanced: LEN,
+                    copied: 0,
+                    remaining: None,
+                });
+            }
+            self.fails -= 1;
+            Err(self.error.clone())
+        }
+
+        fn finish(&mut self, _disk: &mut VmDisk) -> Result<(), String> {
+            Ok(())
+        }
+
+        fn release(&mut self, _disk: Option<&mut VmDisk>) {}
+    }
+
+    const LEN: u64 = 1 << 20;
+
+    fn io_error(read: bool, errno: i32) -> StepError {
+        StepError::Io {
+            read,
+            errno,
+            len: 4096,
+            message: format!("errno {errno}"),
+        }
+    }
+
+    /// The events of a job `kind` with `on_error` on an iothread whose first `fails` steps
+    /// fail with `error`, until the job is gone or, its copy done, waits for `job-finalize`
+    /// (there is no disk to change); each a status (`JOB_STATUS_CHANGE`) or `[event, data]`;
+    /// `on_event` is called on each with the jobs.
+    #[allow(clippy::unwrap_used)] // A test: a failure to set up is the test's failure.
+    fn failing_job(
+        kind: JobKind,
+        on_error: ErrorPolicy,
+        error: StepError,
+        fails: usize,
+        mut on_event: impl FnMut(&Jobs, &serde_json::Value),
+    ) -> Vec<serde_json::Value> {
+        let io = devices::context::IoThread::spawn("io-fail").unwrap();
+        let (events, received) = crate::monitor::event_channel().unwrap();
+        let mut jobs = Jobs::new(events);
+        let new = NewJob {
+            id: "j0".into(),
+            kind,
+            drive: "d0".into(),
+            ctx: Arc::clone(io.context()),
+            len: LEN,
+            speed: 0,
+            mirror: false,
+            end: JobEnd {
+                finalize: false,
+                dismiss: true,
+                on_error,
+            },
+        };
+        jobs.start(new, Box::new(Failing { error, fails })).unwrap();
+        let mut seen: Vec<serde_json::Value> = Vec::new();
+        let until = Instant::now() + Duration::from_secs(10);
+        let over = |e: &serde_json::Value| e == "null" || e[0] == "BLOCK_JOB_PENDING";
+        while !seen.iter().any(over) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+            for e in received.drain() {
+                let e = match e["data"]["status"].as_str() {
+                    Some(status) => serde_json::json!(status),
+                    None => serde_json::json!([e["event"], e["data"]]),
+                };
+                on_event(&jobs, &e);
+                seen.push(e);
+            }
+            jobs.finalize_waiting(&mut []);
+        }
+        io.stop().unwrap();
+        seen
+    }
+
+    fn job_error(operation: &str, action: &str) -> serde_json::Value {
+        serde_json::json!(["BLOCK_JOB_ERROR",
+            {"device": "j0", "operation": operation, "action": action}])
+    }
+
+    /// The job's end after an error: `BLOCK_JOB_COMPLETED` with `error`, at `offset`.
+    fn failed(kind: &str, offset: u64, error: &str) -> Vec<serde_json::Value> {
+        let data = serde_json::json!({"type": kind, "device": "j0", "len": LEN,
+            "offset": offset, "speed": 0, "error": error});
+        let mut events = statuses(&["aborting"]);
+        events.push(serde_json::json!(["BLOCK_JOB_COMPLETED", data]));
+        events.extend(statuses(&["concluded", "null"]));
+        events
+    }
+
+    /// A commit's copy done: it waits to be finalized.
+    fn copied() -> Vec<serde_json::Value> {
+        let mut events = statuses(&["waiting", "pending"]);
+        events.push(serde_json::json!(["BLOCK_JOB_PENDING", {"type": "commit", "id": "j0"}]));
+        events
+    }
+
+    fn statuses(names: &[&str]) -> Vec<serde_json::Value> {
+        names.iter().map(|n| serde_json::json!(n)).collect()
+    }
+
+    #[test]
+    fn on_error_report_raises_block_job_error_then_ends_the_job() {
+        for (read, operation) in [(true, "read"), (false, "write")] {
+            let events = failing_job(
+                JobKind::Commit,
+                ErrorPolicy::Report,
+                io_error(read, libc::EIO),
+                1,
+                |_, _| {},
+            );
+            let mut want = statuses(&["created", "running"]);
+            want.push(job_error(operation, "report"));
+            want.extend(failed("commit", 0, "errno 5"));
+            assert_eq!(events, want);
+        }
+    }
+
+    #[test]
+    fn a_step_failing_outside_its_io_ends_the_job_without_block_job_error() {
+        let events = failing_job(
+            JobKind::Commit,
+            ErrorPolicy::Stop,
+            StepError::ended(),
+            1,
+            |_, _| {},
+        );
+        let mut want = statuses(&["created", "running"]);
+        want.extend(failed("commit", 0, "The job has ended"));
+        assert_eq!(events, want);
+    }
+
+    /// A job stopped by `on-error`: paused with `io-status` `want`; resumed, it retries and
+    /// completes.
+    fn stops_until_resumed(on_error: ErrorPolicy, errno: i32, want: &str) {
+        let mut seen_paused = None;
+        let events = failing_job(
+            JobKind::Commit,
+            on_error,
+            io_error(false, errno),
+            1,
+            |jobs, e| {
+                if e == "paused" {
+                    let info = &jobs.info()[0];
+                    seen_paused = Some((info.paused, info.io_status, info.status));
+                    jobs.resume("j0").expect("a stopped job resumes");
+                    assert_eq!(jobs.info()[0].io_status, "ok");
+                }
+            },
+        );
+        assert_eq!(seen_paused, Some((true, want, "paused")));
+        let mut want = statuses(&["created", "running"]);
+        want.push(job_error("write", "stop"));
+        want.extend(statuses(&["paused", "running"]));
+        want.extend(copied());
+        assert_eq!(events, want);
+    }
+
+    #[test]
+    fn on_error_stop_pauses_the_job_with_its_io_status_until_resumed() {
+        stops_until_resumed(ErrorPolicy::Stop, libc::EIO, "failed");
+        stops_until_resumed(ErrorPolicy::Stop, libc::ENOSPC, "nospace");
+    }
+
+    #[test]
+    fn on_error_enospc_stops_on_enospc_and_reports_the_rest() {
+        stops_until_resumed(ErrorPolicy::Enospc, libc::ENOSPC, "nospace");
+        let events = failing_job(
+            JobKind::Commit,
+            ErrorPolicy::Enospc,
+            io_error(false, libc::EIO),
+            1,
+            |_, _| {},
+        );
+        assert_eq!(events[2], job_error("write", "report"));
+        assert_eq!(events[3], "aborting");
+    }
+
+    #[test]
+    fn on_error_ignore_retries_a_commit_s_chunk() {
+        let events = failing_job(
+            JobKind::Commit,
+            ErrorPolicy::Ignore,
+            io_error(true, libc::EIO),
+            2,
+            |_, _| {},
+        );
+        let mut want = statuses(&["created", "running"]);
+        want.push(job_error("read", "ignore"));
+        want.push(job_error("read", "ignore"));
+        want.extend(copied());
+        assert_eq!(events, want);
+    }
+
+    #[test]
+    fn on_error_ignore_skips_a_stream_s_chunk_and_fails_at_its_end() {
+        let events = failing_job(
+            JobKind::Stream,
+            ErrorPolicy::Ignore,
+            io_error(true, libc::EIO),
+            1,
+            |_, _| {},
+        );
+        let mut want = statuses(&["created", "running"]);
+        want.push(job_error("read", "ignore"));
+        want.extend(failed("stream", LEN, "errno 5"));
+        assert_eq!(events, want);
     }
 }

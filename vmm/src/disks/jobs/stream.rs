@@ -21,7 +21,7 @@ use std::sync::{Arc, PoisonError};
 
 use block::{DiskImage, FileId, Image, OpenOptions, WithPolicy};
 
-use super::{JobEnd, JobError, JobKind, Jobs, Layer, NewJob, Step, Work};
+use super::{JobEnd, JobError, JobKind, Jobs, Layer, NewJob, Step, StepError, Work};
 use crate::disks::LiveImage;
 use crate::monitor::VmDisk;
 
@@ -58,16 +58,12 @@ struct Stream {
 }
 
 impl Work for Stream {
-    fn step(&mut self, offset: u64) -> Result<Step, String> {
-        let top = self
-            .top
-            .as_ref()
-            .ok_or_else(|| "The job has ended".to_owned())?
-            .inner();
+    fn step(&mut self, offset: u64) -> Result<Step, StepError> {
+        let top = self.top.as_ref().ok_or_else(StepError::ended)?.inner();
         let len = (top.size() - offset).min(CHUNK);
         let (depth, n) = top
             .allocated_at(offset, len)
-            .map_err(|e| devices::error_chain(&e))?;
+            .map_err(|e| StepError::read(&e, len))?;
         let copy = depth.is_some_and(|d| d > 0 && self.base_depth.is_none_or(|b| d < b));
         let backing = top.chain().nth(1);
         let (true, Some(backing)) = (copy, backing) else {
@@ -77,19 +73,20 @@ impl Work for Stream {
                 remaining: None,
             });
         };
-        let size = usize::try_from(n).map_err(|e| e.to_string())?;
+        let size = usize::try_from(n).map_err(|e| StepError::Other(e.to_string()))?;
         self.buf.resize(size, 0);
         backing
             .read_at(&mut self.buf[..size], offset)
-            .map_err(|e| devices::error_chain(&e))?;
+            .map_err(|e| StepError::read(&e, n))?;
         let mut pos = 0;
         while pos < n {
             let at = offset + pos;
             let piece = (self.cluster - at % self.cluster).min(n - pos);
             let range =
                 usize::try_from(pos).unwrap_or(size)..usize::try_from(pos + piece).unwrap_or(size);
+            // A copy-on-read, as QEMU's stream does it: its errors are reads' too.
             top.copy_up(&self.buf[range], at)
-                .map_err(|e| devices::error_chain(&e))?;
+                .map_err(|e| StepError::read(&e, n))?;
             pos += piece;
         }
         Ok(Step {
