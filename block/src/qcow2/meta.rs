@@ -85,14 +85,16 @@ impl Written {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A table write under the metadata lock, recorded while a flush is writing its copies.
+    /// A table write under the metadata lock, recorded while a flush is writing its copies
+    /// once it succeeded: a failed one wrote nothing newer, and the table, clean by its version
+    /// once the copy is written, must not be marked clean by a flush that skipped the copy.
     fn locked(&self, at: TableAt, write: impl FnOnce() -> Result<(), Error>) -> Result<(), Error> {
         let mut set = self.lock();
-        let r = write();
+        write()?;
         if let Some(set) = set.as_mut() {
             set.insert(at);
         }
-        r
+        Ok(())
     }
 
     /// A flush's write of its copy of a table, skipped when the table went out under the lock

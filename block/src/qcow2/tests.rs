@@ -576,6 +576,40 @@ fn a_flush_never_writes_its_copy_over_a_newer_table() {
 }
 
 #[test]
+fn a_table_write_failing_under_the_lock_during_a_flush_stays_owed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("f.qcow2");
+    create(&p, "cluster_size=65536", "16M");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    q.write_at(&[7; 5000], 3 * CS + 100).unwrap();
+    let (_, l2, _) = owed_tables(q)[1];
+    let flushed = while_a_flush_syncs(q, || {
+        // The flush has copied the L2 table and waits to write it; meanwhile a write of the
+        // same table under the lock (the cache too far over its size) fails.
+        install(q, move |op| writes_at(op, l2, CS));
+        assert!(matches!(
+            q.lock().write_l2(&q.file, l2),
+            Err(Error::Io { .. })
+        ));
+        q.file.set_hook(None);
+    });
+    flushed.unwrap();
+    // The flush succeeded: the table is on disk, without the close path writing anything more.
+    let copy = dir.path().join("copy.qcow2");
+    std::fs::copy(&p, &copy).unwrap();
+    assert_consistent(&copy, false);
+    drop(img);
+    let img = open_rw(&copy);
+    let mut back = vec![0u8; 5000];
+    img.read_at(&mut back, 3 * CS + 100).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 7),
+        "a flush reported success without the L2 table"
+    );
+}
+
+#[test]
 fn a_copy_up_from_the_backing_file_leaves_the_lock_free() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.raw");
