@@ -4,7 +4,9 @@
 //! is in `shrink.rs`.
 //!
 //! Under the metadata lock, so no lookup or allocation runs meanwhile; data I/O already past
-//! its lookup continues (it stays inside the old size). Power-cut order, as QEMU's
+//! its lookup continues (it stays inside the old size). The flush mutex is taken first, as
+//! snapshot operations take it: a write-back writes its copies of the tables outside the
+//! metadata lock, and must not write L1 entries into an old table whose clusters were freed. Power-cut order, as QEMU's
 //! `qcow2_grow_l1_table` and `qcow2_co_truncate` keep it:
 //!
 //! - **L1 inside its clusters** (one 64 KiB cluster holds the L1 of a 4 TiB disk): the new
@@ -48,6 +50,9 @@ impl Qcow2 {
                 source: FormatError::VirtualSize(new_size),
             });
         }
+        // The flush mutex first (the order check and snapshots use): no write-back may write its
+        // copies, which name the old L1 table, once that table's clusters are freed.
+        let _flushing = self.flushing();
         let mut m = self.lock();
         // A v2 snapshot takes the image's size as its own (v3 records it), as QEMU refuses.
         if m.header.version < 3 && m.header.nb_snapshots > 0 {

@@ -610,6 +610,46 @@ fn a_table_write_failing_under_the_lock_during_a_flush_stays_owed() {
 }
 
 #[test]
+fn a_resize_waits_for_a_write_back_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    // 512-byte clusters: the L1 table of 1 MiB fits one cluster, that of 16 MiB does not.
+    for (what, new_size) in [("grow", 16 << 20), ("shrink", 512 << 10)] {
+        let p = dir.path().join(format!("{what}.qcow2"));
+        create(&p, "cluster_size=512", "1M");
+        let img = open_rw(&p);
+        let q = qcow2(&img);
+        q.write_at(&[1; 4096], 0).unwrap();
+        q.write_at(&[1; 4096], 1020 << 10).unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            let mut resized = None;
+            let flushed = while_a_flush_syncs(q, || {
+                resized = Some(s.spawn(move || {
+                    let r = q.resize(new_size);
+                    done_tx.send(()).unwrap();
+                    r
+                }));
+                // It frees tables (the old L1 table, L2 tables past the end) that the flush's
+                // copies may still be written to.
+                let ran = done_rx.recv_timeout(std::time::Duration::from_secs(2));
+                assert!(ran.is_err(), "{what}: resized while a flush wrote back");
+            });
+            flushed.unwrap();
+            resized.unwrap().join().unwrap().unwrap();
+        });
+        q.write_at(&[2; 4096], 0).unwrap();
+        q.flush().unwrap();
+        drop(img);
+        assert_consistent(&p, false);
+        let img = open_rw(&p);
+        assert_eq!(img.size(), new_size, "{what}");
+        let mut back = [0u8; 4096];
+        img.read_at(&mut back, 0).unwrap();
+        assert_eq!(back, [2; 4096], "{what}");
+    }
+}
+
+#[test]
 fn a_copy_up_from_the_backing_file_leaves_the_lock_free() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.raw");

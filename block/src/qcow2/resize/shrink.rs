@@ -10,7 +10,7 @@
 //! the refcount blocks are written and synced; then the header with the new size, in one synced
 //! write; the file is cut last. A cut leaves the old size with its tail reading as unallocated
 //! (the data asked to go is gone, the rest intact, a few clusters leaked at most) or the new
-//! size.
+//! size. Under the flush mutex and the metadata lock, as growing is (`resize.rs`).
 
 use std::sync::atomic::Ordering;
 
@@ -38,6 +38,8 @@ impl Qcow2 {
             return Err(Error::ReadOnly);
         }
         self.refuse_if_corrupt()?;
+        // As in `grow`: no write-back writes copies of the L2 tables this frees meanwhile.
+        let _flushing = self.flushing();
         let mut m = self.lock();
         if m.header.version < 3 && m.header.nb_snapshots > 0 {
             return Err(Error::V2Snapshots { path: path() });
