@@ -1,7 +1,9 @@
 # The inner half of ci/bench-latency, run by resources/nested-host (busybox sh in the nested host,
 # /bin/sh on direct KVM). ci/bench-latency prepends the plan:
 #   BOOTS    "VMM:PLACEMENT:IMAGE ..." in run order (VMM vmm|vmm-NAME|qemu, PLACEMENT
-#            main-loop|iothread, IMAGE raw|qcow2|chain3): one guest boot each, interleaved;
+#            main-loop|iothread, then +pci for a virtio-blk-pci disk (else virtio-mmio) and
+#            +nopoll for iothreads with poll-max-ns=0, IMAGE raw|qcow2|chain3): one guest boot
+#            each, interleaved;
 #   VARIANT_NAME  for each vmm-NAME of BOOTS: the arguments appended to vmm's command line;
 #   CONFS    "RW:QD:LOAD ..." what each boot runs (randread/randwrite, 1/32,
 #            quiet/disturbed/fsync-writer);
@@ -9,11 +11,13 @@
 #   RUNTIME  fio's measured seconds per configuration (after 1 s of ramp);
 #   IMAGE_MIB, NCONF (fio runs in all, for the progress lines);
 #   POLL_INTERVAL  seconds between a QMP reply and the next query-blockstats (0: flood, pipelined);
-#   QEMU_BASELINE  the start of QEMU's command line (ci/qemu-baseline.args).
+#   QEMU_BASELINE  the start of QEMU's command line (ci/qemu-baseline.args);
+#   QEMU_BASELINE_PCI  the same with microvm's PCIe root (pcie=on), for +pci boots.
 # Each boot: a 2-vCPU 1 GiB guest with initrd-fio.img, its one disk a fresh copy of the image, the
-# same flags for both VMMs (QEMU: microvm, -object iothread, -device virtio-blk-device), cache=none,
-# and a monitor on -qmp tcp:127.0.0.1:PORT. The guest (a script on its command line) runs fio with
-# --output-format=json per configuration and prints the JSON between BENCH-FIO-BEGIN/END lines.
+# same flags for both VMMs (QEMU: microvm, -object iothread, -device virtio-blk-device or
+# virtio-blk-pci with microvm's pcie=on), cache=none, and a monitor on -qmp tcp:127.0.0.1:PORT.
+# The guest (a script on its command line) runs fio with --output-format=json per configuration
+# and prints the JSON between BENCH-FIO-BEGIN/END lines.
 # "disturbed": on the guest's second vCPU (fio is pinned to the first) a shell spins and another
 # streams a line to the serial console every 10 ms, and while fio runs a QMP client here polls
 # query-blockstats on one connection (paced, or a pipelined flood), so the VMM's main loop keeps
@@ -71,6 +75,7 @@ say "images ready: $(ls img img/chain 2>/dev/null | tr '\n' ' ')"
 # disk's bytes on the same ext4, without a format: for qcow2 and chain3 the VMMs' overhead over it
 # includes the format's), once per pattern and depth of this part, the guest's fio options.
 host_place=${BOOTS%% *}; host_place=${host_place#*:}; host_image=${host_place#*:}; host_place=${host_place%%:*}
+host_place=${host_place%%+*}
 for c in $(for c in $CONFS; do echo "${c%:*}"; done | sort -u); do
   rw=${c%%:*}; qd=${c#*:}
   t=host.$host_place.$host_image.$rw.qd$qd.native
@@ -220,12 +225,16 @@ run_boot() {
     qcow2) cp img/qcow2.qcow2 run/d.qcow2; file=run/d.qcow2; fmt=qcow2 ;;
     chain3) cp img/chain/*.qcow2 run/; file=run/top.qcow2; fmt=qcow2 ;;
   esac
-  io="" dev="" extra=""
-  if [ "$place" = iothread ]; then io="-object iothread,id=io0"; dev=",iothread=io0"; fi
+  io="" dev="" extra="" device=virtio-blk-device qemu=$QEMU_BASELINE
+  case +$place+ in *+pci+*) device=virtio-blk-pci qemu=$QEMU_BASELINE_PCI ;; esac
+  case $place in
+    iothread+*nopoll) io="-object iothread,id=io0,poll-max-ns=0"; dev=",iothread=io0" ;;
+    iothread*) io="-object iothread,id=io0"; dev=",iothread=io0" ;;
+  esac
   case $vmm in
     vmm) cmd="vmm -m 1G -smp 2" ;;
     vmm-*) cmd="vmm -m 1G -smp 2"; eval "extra=\$VARIANT_${vmm#vmm-}" ;;
-    qemu) cmd="$QEMU_BASELINE -m 1G -smp 2 -name bench,debug-threads=on" ;;
+    qemu) cmd="$qemu -m 1G -smp 2 -name bench,debug-threads=on" ;;
   esac
   p=$vmm.$place.$image
   [ "$ROUNDS" = 1 ] || p=$p.r$round
@@ -233,10 +242,12 @@ run_boot() {
   gs=$(printf '%s\n%s\n' "$vars" "$guest_body" | base64 | tr -d '\n')
   n=$(echo $confs | wc -w)
   say "boot $vmm $place $image$([ "$ROUNDS" = 1 ] || echo " round $round") ($n configurations)"
+  # The exact command line (the guest's script, base64 on the kernel's, shortened).
+  say "command: $cmd -kernel $G/bzImage -initrd $G/initrd-fio.img $io -drive file=$file,format=$fmt,if=none,id=d0,cache=none -device $device,drive=d0,id=vd0$dev -qmp tcp:127.0.0.1:$port,server=on,wait=off -D run/debug.log -append 'console=ttyS0 quiet guest.sh=... guest.run=poweroff' $extra"
   # shellcheck disable=SC2086 # $cmd, $io and $extra are word lists on purpose
   $cmd -kernel "$G/bzImage" -initrd "$G/initrd-fio.img" $io \
     -drive "file=$file,format=$fmt,if=none,id=d0,cache=none" \
-    -device "virtio-blk-device,drive=d0,id=vd0$dev" \
+    -device "$device,drive=d0,id=vd0$dev" \
     -qmp "tcp:127.0.0.1:$port,server=on,wait=off" \
     -D run/debug.log -append "console=ttyS0 quiet guest.sh=$gs guest.run=poweroff" $extra \
     < /dev/null > console.log 2>&1 &

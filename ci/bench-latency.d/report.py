@@ -1,18 +1,21 @@
 """The report of ci/bench-latency: reads a results folder (raw/TAG.json, fio's JSON per run, TAG being
 VMM.PLACEMENT.IMAGE.RW.qdN.LOAD, VMM vmm, vmm-NAME (a variant: vmm with the arguments machine.txt
-names as vmm_variant.vmm-NAME) or qemu, with .rN for round N when there are several; raw/TAG.polls;
-raw/TAG.sched; raw/TAG.stages; raw/host.PLACEMENT.IMAGE.RW.qdN.native.json, the host-native
-baseline; machine.txt, host.txt, version-*.json) and writes summary.json (one object per
-configuration, the fields issue 6 names, each figure the median over the rounds, plus `runs`,
-`completions` (the fewest of a round), `lat_us.max`, `cpu_us_per_io`, vmm's `stages_us` and the
-baseline under `host_native`), summary.md (the host, both VMMs' versions, the table, each VMM's
-percentiles as host-native + overhead with the samples behind the tail ones and its CPU per I/O,
-where vmm's requests spent their time by stage, vmm over QEMU with an A/B verdict per row on IOPS
-and p99 from the per-round figures (abtest.py), the rows listed by verdict, vmm over each variant
-with the same verdicts (in summary.json the vmm row's `vs_qemu` and `vs_vmm-NAME`), iothread over main
-loop under load, where the VMMs' threads spent the disturbed runs) and
-latency-cdf.png (the completion-latency percentile curves of vmm and QEMU per configuration, each
-point the median over the rounds). Exits 1 when a configuration has no usable fio result.
+names as vmm_variant.vmm-NAME) or qemu, PLACEMENT main-loop or iothread, then +pci for a
+virtio-blk-pci disk (else virtio-mmio) and +nopoll for iothreads with poll-max-ns=0, with .rN for
+round N when there are several; raw/TAG.polls; raw/TAG.sched; raw/TAG.stages;
+raw/host.PLACEMENT.IMAGE.RW.qdN.native.json, the host-native baseline; machine.txt, host.txt,
+version-*.json) and writes summary.json (one object per configuration, the fields issue 6 names,
+each figure the median over the rounds, plus `runs`, `completions` (the fewest of a round),
+`transport`, `poll`, `lat_us.max`, `cpu_us_per_io`, vmm's `stages_us` and the baseline under
+`host_native`), summary.md (the host, both VMMs' versions, the table, each VMM's percentiles as
+host-native + overhead with the samples behind the tail ones and its CPU per I/O, where vmm's
+requests spent their time by stage, PCI over MMIO and polling off over on per VMM, vmm over QEMU
+with an A/B verdict per row on IOPS and p99 from the per-round figures (abtest.py), the rows
+listed by verdict, vmm over each variant with the same verdicts (in summary.json the vmm row's
+`vs_qemu` and `vs_vmm-NAME`), iothread over main loop under load, where the VMMs' threads spent
+the disturbed runs) and latency-cdf.png (the completion-latency percentile curves of vmm and QEMU
+per configuration, each point the median over the rounds). Exits 1 when a configuration has no
+usable fio result.
 
 usage: report.py RESULTS_DIR
 """
@@ -39,6 +42,26 @@ ORDER = {
     "image": ["raw", "qcow2", "chain3"], "rw": ["randread", "randwrite"],
     "load": ["quiet", "disturbed", "fsync-writer"],
 }
+# A placement field's suffixes (in this order), each a dimension: its value with the suffix, and
+# without it.
+SUFFIXES = {"pci": ("transport", "pci", "mmio"), "nopoll": ("poll", "off", "default")}
+
+
+def split_placement(field):
+    """(placement, {dimension: value}) of a run name's placement field (iothread+pci+nopoll:
+    iothread, transport pci, poll off), or None when it is not one."""
+    place, *suffixes = field.split("+")
+    if place not in ORDER["placement"] or suffixes != [s for s in SUFFIXES if s in suffixes]:
+        return None
+    if "nopoll" in suffixes and place != "iothread":
+        return None
+    return place, {dim: (on if s in suffixes else off) for s, (dim, on, off) in SUFFIXES.items()}
+
+
+def with_placement(field, place=None, drop=None):
+    """A placement field with its placement replaced by PLACE, and/or the suffix DROP removed."""
+    base, *suffixes = field.split("+")
+    return "+".join([place or base] + [s for s in suffixes if s != drop])
 
 
 def read_kv(path):
@@ -67,7 +90,9 @@ def parse_run(path):
     if len(parts) != 6 or not parts[4].startswith("qd"):
         return None, f"{path.name}: not a run name"
     vmm, placement, image, rw, qd, load = parts
-    if (vmm == "host") != (load == "native"):
+    split = split_placement(placement)
+    if (vmm == "host") != (load == "native") or split is None or (
+            vmm == "host" and placement != split[0]):
         return None, f"{path.name}: not a run name"
     text = path.read_text(errors="replace")
     start = text.find("{")
@@ -90,8 +115,8 @@ def parse_run(path):
     # fio's whole latency (submission, in which the guest notifies the device, + completion).
     lat["lat_mean"] = side["lat_ns"]["mean"] / 1000 if "lat_ns" in side else None
     obj = {"vmm": vmm, "placement": placement, "image": image, "rw": rw,
-           "iodepth": int(qd[2:]), "load": load, "iops": side["iops"], "completions": n,
-           "lat_us": lat}
+           "iodepth": int(qd[2:]), "load": load, **split[1], "iops": side["iops"],
+           "completions": n, "lat_us": lat}
     if vmm == "host":
         # fio's own CPU (user and system, % of one CPU over the run) per I/O: the host's cost.
         job = doc["jobs"][0]
@@ -222,9 +247,17 @@ def vmm_rank(vmm):
 
 
 def sort_key(obj):
+    place = obj["placement"].split("+")
     return (ORDER["image"].index(obj["image"]), ORDER["rw"].index(obj["rw"]), obj["iodepth"],
-            ORDER["load"].index(obj["load"]), ORDER["placement"].index(obj["placement"]),
-            vmm_rank(obj["vmm"]))
+            ORDER["load"].index(obj["load"]), ORDER["placement"].index(place[0]),
+            [s in place for s in SUFFIXES], vmm_rank(obj["vmm"]))
+
+
+def baseline_key(obj):
+    """The key of a run's host-native baseline: its placement without transport or polling, its
+    image, pattern and depth (the baseline is fio in the host, the same for every VMM and
+    transport)."""
+    return (obj["placement"].split("+")[0], obj["image"], obj["rw"], obj["iodepth"])
 
 
 def fmt(v, digits=0):
@@ -286,6 +319,28 @@ def vmm_over(runs, other, title, verdicts, rounds):
                   f"{obj['load']} | " + " | ".join(fmt(c, 2) for c in cells) + " | "
                   f"{say(v.get('iops'))} | {say(v.get('p99'))} |")
     return md
+
+
+def suffix_over(runs, suffix, title):
+    """The table of each run with a placement suffix (+pci, +nopoll) over the same VMM's run
+    without it: the ratios of IOPS and percentiles. Empty when no run has the suffix."""
+    by = {tag(r[0]): r[0] for r in runs}
+    rows = []
+    for obj in (r[0] for r in runs if suffix in r[0]["placement"].split("+")):
+        t = tag(obj)
+        o = by.get((t[0], with_placement(t[1], drop=suffix)) + t[2:])
+        if not o:
+            continue
+        cells = [ratio(obj["iops"], o["iops"])] + [
+            ratio(obj["lat_us"][p], o["lat_us"][p]) for p in ("p50", "p99", "p99.9")]
+        rows.append(f"| {obj['vmm']} | {obj['placement']} | {obj['image']} | {obj['rw']} | "
+                    f"{obj['iodepth']} | {obj['load']} | " + " | ".join(fmt(c, 2) for c in cells)
+                    + " |")
+    if not rows:
+        return []
+    return ["", f"## {title} (IOPS above 1, latencies below 1: the first faster)", "",
+            "| VMM | placement | image | rw | QD | load | IOPS | p50 | p99 | p99.9 |",
+            "|---|---|---|---|---|---|---|---|---|---|"] + rows
 
 
 def say(v):
@@ -365,7 +420,7 @@ def over_host(runs, baselines):
 
     shown = set()
     for obj in (r[0] for r in runs):
-        key = tag(obj, ("vmm", "load"))
+        key = baseline_key(obj)
         base = baselines.get(key)
         if base and key not in shown:
             shown.add(key)
@@ -466,10 +521,10 @@ def main():
         fig["p99"].append(run[0]["lat_us"]["p99"])
     runs = combine(runs)
     # The host-native baselines (vmm "host"), keyed as the VMM rows they are the floor of.
-    baselines = {tag(r[0], ("vmm", "load")): r[0] for r in runs if r[0]["vmm"] == "host"}
+    baselines = {baseline_key(r[0]): r[0] for r in runs if r[0]["vmm"] == "host"}
     runs = [r for r in runs if r[0]["vmm"] != "host"]
     for obj, *_ in runs:
-        base = baselines.get(tag(obj, ("vmm", "load")))
+        base = baselines.get(baseline_key(obj))
         if base:
             obj["host_native"] = {k: base[k] for k in ("iops", "completions", "lat_us",
                                                        "cpu_us_per_io", "runs")}
@@ -516,9 +571,14 @@ def main():
            *[f"- {name}: vmm with `{args}` appended to its command line, booted in the same "
              "parts as vmm and QEMU." for name, args in variants.items()],
            f"- QEMU: query-version {versions['qemu']} ({host.get('qemu')}), "
-           f"`{machine.get('qemu_baseline', '').strip()}` (ci/qemu-baseline.args).",
+           f"`{machine.get('qemu_baseline', '').strip()}` (ci/qemu-baseline.args)"
+           + (f"; on PCI (`+pci`) `{machine['qemu_baseline_pci'].strip()}`"
+              if machine.get("qemu_baseline_pci") else "") + ".",
            f"- Guest: Debian kernel {machine.get('guest_kernel')}, initrd-fio.img; one virtio-blk "
-           f"disk ({machine.get('image_mib')} MiB, every cluster allocated, `cache=none`), fresh "
+           "disk (virtio-mmio, `-device virtio-blk-device`; placement `+pci`: "
+           "`-device virtio-blk-pci` with a queue per vCPU; `+nopoll`: the iothread's "
+           f"`poll-max-ns=0`; {machine.get('image_mib')} MiB, every cluster allocated, "
+           "`cache=none`), fresh "
            "copy per boot; fio 4 KiB `--direct=1 --ioengine=libaio`, pinned to vCPU 0, "
            f"{machine.get('runtime_s')} s after 1 s of ramp, `--output-format=json`.",
            "- disturbed: on the guest's vCPU 1 a shell spins and another writes a line to the "
@@ -550,6 +610,8 @@ def main():
     md += over_host(runs, baselines)
     md += stage_table(runs)
     by = {tag(r[0]): r[0] for r in runs}
+    md += suffix_over(runs, "pci", "PCI over MMIO")
+    md += suffix_over(runs, "nopoll", "Polling off over polling on")
     md += vmm_over(runs, "qemu", "QEMU", verdicts, rounds)
     if verdicts:
         md += ["", "## Rows by verdict (IOPS)", ""]
@@ -562,15 +624,17 @@ def main():
         md += vmm_over(runs, name, f"{name} (`{args}`)",
                        ab_verdicts(runs, per_round, name), rounds)
     md += ["", "## iothread over main loop, disturbed (goal: p99.9 at most 0.5)", "",
-           "| VMM | image | rw | QD | p50 | p99 | p99.9 |", "|---|---|---|---|---|---|---|"]
-    for obj in (r[0] for r in runs if r[0]["placement"] == "iothread" and r[0]["load"] == "disturbed"):
+           "| VMM | placement | image | rw | QD | p50 | p99 | p99.9 |",
+           "|---|---|---|---|---|---|---|---|"]
+    for obj in (r[0] for r in runs
+                if r[0]["placement"].split("+")[0] == "iothread" and r[0]["load"] == "disturbed"):
         t = tag(obj)
-        m = by.get((t[0], "main-loop") + t[2:])
+        m = by.get((t[0], with_placement(t[1], place="main-loop")) + t[2:])
         if not m:
             continue
         cells = [ratio(obj["lat_us"][p], m["lat_us"][p]) for p in ("p50", "p99", "p99.9")]
-        md.append(f"| {obj['vmm']} | {obj['image']} | {obj['rw']} | {obj['iodepth']} | "
-                  + " | ".join(fmt(c, 2) for c in cells) + " |")
+        md.append(f"| {obj['vmm']} | {obj['placement']} | {obj['image']} | {obj['rw']} | "
+                  f"{obj['iodepth']} | " + " | ".join(fmt(c, 2) for c in cells) + " |")
     rows = []
     for obj in (r[0] for r in runs if r[0]["load"] == "disturbed"):
         wall, threads = read_sched(out, obj)

@@ -6,8 +6,8 @@ import pathlib
 import tempfile
 import unittest
 
-from report import (ab_verdicts, beyond, combine, cpu_per_io, over_host, parse_run, plus,
-                    sort_key, stage_means, tag, vmm_over)
+from report import (ab_verdicts, baseline_key, beyond, combine, cpu_per_io, over_host, parse_run,
+                    plus, sort_key, stage_means, suffix_over, tag, vmm_over)
 
 
 def fio_json(rw, iops, n, pct_us, max_us, lat_mean_us=None, cpu=(0.0, 0.0)):
@@ -152,6 +152,61 @@ class ReportFigures(unittest.TestCase):
         self.assertIn("## vmm over vmm-nosandbox (`-sandbox off`)", md[1])
         self.assertIn("| iothread | qcow2 | randread | 1 | quiet | 0.83 | 1.00 | 1.00 | 1.00 | "
                       "slower (-17%, p=0.00794) | no difference at this noise (+0%, p=1) |", md)
+
+    def test_transport_and_polling_in_the_placement_field(self):
+        raw = self.dir / "raw"
+        raw.mkdir()
+        # IOPS per run: on PCI vmm 200 and QEMU 160, on MMIO both 100; polling off on PCI: 150.
+        figures = {("vmm", "iothread"): 100, ("qemu", "iothread"): 100,
+                   ("vmm", "iothread+pci"): 200, ("qemu", "iothread+pci"): 160,
+                   ("vmm", "iothread+pci+nopoll"): 150, ("host", "iothread"): 400}
+        runs = []
+        for (vmm, place), iops in figures.items():
+            load = "native" if vmm == "host" else "quiet"
+            path = raw / f"{vmm}.{place}.qcow2.randread.qd32.{load}.r2.json"
+            path.write_text(json.dumps(fio_json("randread", iops, 1000, PCT, 450)))
+            run, why = parse_run(path)
+            self.assertIsNone(why)
+            runs.append((*run, ""))
+        objs = {(r[0]["vmm"], r[0]["placement"]): r[0] for r in runs}
+        pci_off = objs[("vmm", "iothread+pci+nopoll")]
+        self.assertEqual((pci_off["placement"], pci_off["transport"], pci_off["poll"]),
+                         ("iothread+pci+nopoll", "pci", "off"))
+        self.assertEqual((objs[("qemu", "iothread")]["transport"],
+                          objs[("qemu", "iothread")]["poll"]), ("mmio", "default"))
+        # Every VMM run's host-native baseline is the plain placement's.
+        self.assertEqual(baseline_key(pci_off), baseline_key(objs[("host", "iothread")]))
+        self.assertEqual(baseline_key(pci_off), ("iothread", "qcow2", "randread", 32))
+        # Not run names: suffixes out of order, unknown or repeated, polling off on the main
+        # loop, a host baseline with a transport.
+        for name in ["vmm.iothread+nopoll+pci", "vmm.iothread+virtio", "vmm.iothread+pci+pci",
+                     "vmm.main-loop+nopoll", "host.iothread+pci"]:
+            load = "native" if name.startswith("host") else "quiet"
+            path = raw / f"{name}.qcow2.randread.qd1.{load}.json"
+            path.write_text(json.dumps(fio_json("randread", 1, 1000, PCT, 450)))
+            self.assertEqual(parse_run(path)[1], f"{path.name}: not a run name")
+        runs = [r for r in combine(runs) if r[0]["vmm"] != "host"]
+        runs.sort(key=lambda r: sort_key(r[0]))
+        self.assertEqual([(r[0]["vmm"], r[0]["placement"]) for r in runs],
+                         [("vmm", "iothread"), ("qemu", "iothread"), ("vmm", "iothread+pci"),
+                          ("qemu", "iothread+pci"), ("vmm", "iothread+pci+nopoll")])
+        # vmm over QEMU pairs the rows of the same transport: 200 over 160 on PCI.
+        md = vmm_over(runs, "qemu", "QEMU", {}, 1)
+        self.assertIn("| iothread | qcow2 | randread | 32 | quiet | 1.00 | 1.00 | 1.00 | 1.00 | "
+                      "— | — |", md)
+        self.assertIn("| iothread+pci | qcow2 | randread | 32 | quiet | 1.25 | 1.00 | 1.00 | "
+                      "1.00 | — | — |", md)
+        # PCI over MMIO per VMM: vmm 2.00, QEMU 1.60; the PCI run without polling has no MMIO
+        # one to compare with. Polling off over on: 150 over 200.
+        md = suffix_over(runs, "pci", "PCI over MMIO")
+        self.assertEqual(md[5:], [
+            "| vmm | iothread+pci | qcow2 | randread | 32 | quiet | 2.00 | 1.00 | 1.00 | 1.00 |",
+            "| qemu | iothread+pci | qcow2 | randread | 32 | quiet | 1.60 | 1.00 | 1.00 | 1.00 |"])
+        md = suffix_over(runs, "nopoll", "Polling off over polling on")
+        self.assertEqual(md[5:], [
+            "| vmm | iothread+pci+nopoll | qcow2 | randread | 32 | quiet | 0.75 | 1.00 | 1.00 | "
+            "1.00 |"])
+        self.assertEqual(suffix_over(runs[:2], "pci", "PCI over MMIO"), [])
 
 
 if __name__ == "__main__":
