@@ -98,6 +98,25 @@ fn owed_tables(img: &Qcow2) -> Vec<(&'static str, u64, u64)> {
     ]
 }
 
+/// Copies the image at `p` as it is on disk (the close path writing nothing more), checks the
+/// copy is consistent, and opens it in place of `img`.
+fn reopened_copy(dir: &Path, p: &Path, img: Image) -> Image {
+    let copy = dir.join("copy.qcow2");
+    std::fs::copy(p, &copy).unwrap();
+    assert_consistent(&copy, false);
+    drop(img);
+    open_rw(&copy)
+}
+
+/// Asserts that `len` bytes at each offset of `expect` read back as its byte.
+fn assert_reads(img: &Image, len: usize, expect: &[(u64, u8)]) {
+    for &(at, byte) in expect {
+        let mut back = vec![0u8; len];
+        img.read_at(&mut back, at).unwrap();
+        assert_eq!(back, vec![byte; len], "at {at}");
+    }
+}
+
 #[test]
 fn a_failed_table_write_stays_owed_until_it_succeeds() {
     let dir = tempfile::tempdir().unwrap();
@@ -118,11 +137,7 @@ fn a_failed_table_write_stays_owed_until_it_succeeds() {
         q.file.set_hook(None);
         q.flush().unwrap();
         // The data must be reachable without the close path writing anything more.
-        let copy = dir.path().join("copy.qcow2");
-        std::fs::copy(&p, &copy).unwrap();
-        assert_consistent(&copy, false);
-        drop(img);
-        let img = open_rw(&copy);
+        let img = reopened_copy(dir.path(), &p, img);
         let mut back = vec![0u8; 5000];
         img.read_at(&mut back, 3 * CS + 100).unwrap();
         assert!(back.iter().all(|&b| b == 7), "{name}: the write was lost");
@@ -443,16 +458,8 @@ fn lookups_and_allocating_writes_go_on_while_a_flush_syncs() {
     );
     q.flush().unwrap();
     // Everything is reachable without the close path writing anything more.
-    let copy = dir.path().join("copy.qcow2");
-    std::fs::copy(&p, &copy).unwrap();
-    assert_consistent(&copy, false);
-    drop(img);
-    let img = open_rw(&copy);
-    for (at, byte) in [(0, 1), (3 * CS, 2), (700 << 20, 3)] {
-        let mut back = [0u8; 4096];
-        img.read_at(&mut back, at).unwrap();
-        assert_eq!(back, [byte; 4096], "at {at}");
-    }
+    let img = reopened_copy(dir.path(), &p, img);
+    assert_reads(&img, 4096, &[(0, 1), (3 * CS, 2), (700 << 20, 3)]);
 }
 
 #[test]
@@ -531,16 +538,12 @@ fn lookups_go_on_while_an_eviction_writes_back() {
         "the caches stay over their size after the eviction"
     );
     q.flush().unwrap();
-    let copy = dir.path().join("copy.qcow2");
-    std::fs::copy(&p, &copy).unwrap();
-    assert_consistent(&copy, false);
-    drop(img);
-    let img = open_rw(&copy);
-    for (at, byte) in [(4 * CS, 2), ((600 << 20) + 5 * CS, 3), (1100 << 20, 1)] {
-        let mut back = [0u8; 4096];
-        img.read_at(&mut back, at).unwrap();
-        assert_eq!(&back[..512], &[byte; 512], "at {at}");
-    }
+    let img = reopened_copy(dir.path(), &p, img);
+    assert_reads(
+        &img,
+        512,
+        &[(4 * CS, 2), ((600 << 20) + 5 * CS, 3), (1100 << 20, 1)],
+    );
 }
 
 #[test]
@@ -563,16 +566,8 @@ fn a_flush_never_writes_its_copy_over_a_newer_table() {
     });
     flushed.unwrap();
     q.flush().unwrap();
-    let copy = dir.path().join("copy.qcow2");
-    std::fs::copy(&p, &copy).unwrap();
-    assert_consistent(&copy, false);
-    drop(img);
-    let img = open_rw(&copy);
-    for (at, byte) in [(2 * CS, 2), (3 * CS, 3)] {
-        let mut back = [0u8; 4096];
-        img.read_at(&mut back, at).unwrap();
-        assert_eq!(back, [byte; 4096], "at {at}");
-    }
+    let img = reopened_copy(dir.path(), &p, img);
+    assert_reads(&img, 4096, &[(2 * CS, 2), (3 * CS, 3)]);
 }
 
 #[test]
@@ -596,11 +591,7 @@ fn a_table_write_failing_under_the_lock_during_a_flush_stays_owed() {
     });
     flushed.unwrap();
     // The flush succeeded: the table is on disk, without the close path writing anything more.
-    let copy = dir.path().join("copy.qcow2");
-    std::fs::copy(&p, &copy).unwrap();
-    assert_consistent(&copy, false);
-    drop(img);
-    let img = open_rw(&copy);
+    let img = reopened_copy(dir.path(), &p, img);
     let mut back = vec![0u8; 5000];
     img.read_at(&mut back, 3 * CS + 100).unwrap();
     assert!(
