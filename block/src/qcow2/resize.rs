@@ -171,7 +171,7 @@ pub(super) fn write_header(f: &HostFile, old: &Header, new: &Header) -> Result<(
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
     use std::process::Command;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
@@ -184,6 +184,34 @@ mod tests {
             .args(args)
             .output()
             .unwrap_or_else(|e| panic!("{name} is required (ci/setup installs it): {e}"))
+    }
+
+    /// A 1 MiB image of 512-byte clusters in `dir`, written by these qemu-io commands.
+    fn seed(dir: &Path, writes: &[&str]) -> PathBuf {
+        let seed = dir.join("seed.qcow2");
+        let p = seed.to_str().unwrap();
+        let out = tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=512",
+                p,
+                "1M",
+            ],
+        );
+        assert!(out.status.success(), "{out:?}");
+        let mut args = vec!["-f", "qcow2"];
+        for w in writes {
+            args.extend(["-c", w]);
+        }
+        args.push(p);
+        let out = tool("qemu-io", &args);
+        assert!(out.status.success(), "{out:?}");
+        seed
     }
 
     fn open_rw(path: &Path) -> Image {
@@ -217,36 +245,8 @@ mod tests {
     #[test]
     fn a_grow_stopped_at_any_call_leaves_the_old_image_or_the_new_one() {
         let dir = tempfile::tempdir().unwrap();
-        let seed = dir.path().join("seed.qcow2");
-        let p = seed.to_str().unwrap();
         // 512-byte clusters: the L1 table of 1 MiB fits one cluster, that of 16 MiB does not.
-        let out = tool(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=512",
-                p,
-                "1M",
-            ],
-        );
-        assert!(out.status.success(), "{out:?}");
-        let out = tool(
-            "qemu-io",
-            &[
-                "-f",
-                "qcow2",
-                "-c",
-                "write -P 5 0 4k",
-                "-c",
-                "write -P 6 1020k 4k",
-                p,
-            ],
-        );
-        assert!(out.status.success(), "{out:?}");
+        let seed = seed(dir.path(), &["write -P 5 0 4k", "write -P 6 1020k 4k"]);
         let new_size = 16 << 20;
         let calls = {
             let copy = dir.path().join("count.qcow2");
@@ -306,36 +306,9 @@ mod tests {
     #[test]
     fn a_shrink_stopped_at_any_call_leaves_the_old_image_or_the_new_one() {
         let dir = tempfile::tempdir().unwrap();
-        let seed = dir.path().join("seed.qcow2");
-        let p = seed.to_str().unwrap();
         // 512-byte clusters: an L2 table maps 32 KiB, so the shrink drops many of them.
-        let out = tool(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=512",
-                p,
-                "1M",
-            ],
-        );
-        assert!(out.status.success(), "{out:?}");
-        let out = tool(
-            "qemu-io",
-            &[
-                "-f",
-                "qcow2",
-                "-c",
-                "write -P 5 0 40k",
-                "-c",
-                "write -P 6 600k 200k",
-                p,
-            ],
-        );
-        assert!(out.status.success(), "{out:?}");
+        let seed = seed(dir.path(), &["write -P 5 0 40k", "write -P 6 600k 200k"]);
+        let p = seed.to_str().unwrap();
         let out = tool("qemu-img", &["snapshot", "-c", "s", p]);
         assert!(out.status.success(), "{out:?}");
         let out = tool("qemu-io", &["-f", "qcow2", "-c", "write -P 7 700k 4k", p]);
