@@ -242,25 +242,36 @@ async def side(qmp, d):
     return replies, paused, gone, collapse_wakeups(events), chain, ready, waiting
 
 
-async def jobs(vmm_path, kernel, sock):
+def chain_sides(sock):
+    """The directory of `sock` and its two sides (ours, QEMU's), each holding the chains."""
     d = os.path.dirname(sock)
     ours, theirs = os.path.join(d, "vmm"), os.path.join(d, "qemu")
     for s in (ours, theirs):
         os.makedirs(s, exist_ok=True)
         make_chains(s)
+    return d, ours, theirs
+
+
+def two_disks(s):
+    """The flags of the iothread and of the first two chains' disks (the first on the iothread)."""
+    return ["-object", "iothread,id=io0",
+            "-drive", f"file={s}/top.qcow2,format=qcow2,if=none,id=d0",
+            "-device", "virtio-blk-device,drive=d0,id=vd0,iothread=io0",
+            "-drive", f"file={s}/top2.qcow2,format=qcow2,if=none,id=d1",
+            "-device", "virtio-blk-device,drive=d1,id=vd1"]
+
+
+async def jobs(vmm_path, kernel, sock):
+    d, ours, theirs = chain_sides(sock)
 
     def flags(s):
-        return ["-object", "iothread,id=io0",
-                "-drive", f"file={s}/top.qcow2,format=qcow2,if=none,id=d0",
-                "-device", "virtio-blk-device,drive=d0,id=vd0,iothread=io0",
-                "-drive", f"file={s}/top2.qcow2,format=qcow2,if=none,id=d1",
-                "-device", "virtio-blk-device,drive=d1,id=vd1",
-                "-drive", f"file={s}/top3.qcow2,format=qcow2,if=none,id=d2",
-                "-device", "virtio-blk-device,drive=d2,id=vd2,iothread=io0",
-                "-drive", f"file={s}/top4.qcow2,format=qcow2,if=none,id=d3",
-                "-device", "virtio-blk-device,drive=d3,id=vd3,iothread=io0",
-                "-drive", f"file={s}/top5.qcow2,format=qcow2,if=none,id=d4",
-                "-device", "virtio-blk-device,drive=d4,id=vd4"]
+        return two_disks(s) + [
+            "-drive", f"file={s}/top3.qcow2,format=qcow2,if=none,id=d2",
+            "-device", "virtio-blk-device,drive=d2,id=vd2,iothread=io0",
+            "-drive", f"file={s}/top4.qcow2,format=qcow2,if=none,id=d3",
+            "-device", "virtio-blk-device,drive=d3,id=vd3,iothread=io0",
+            "-drive", f"file={s}/top5.qcow2,format=qcow2,if=none,id=d4",
+            "-device", "virtio-blk-device,drive=d4,id=vd4"]
     vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags(ours))
     qemu, qqmp = await start_qemu(d, flags(theirs), "qemu-jobs-test")
     await qmp.execute("cont")
@@ -344,20 +355,9 @@ async def onerror_side(qmp, pid, d):
 
 
 async def onerror(vmm_path, kernel, sock):
-    d = os.path.dirname(sock)
-    ours, theirs = os.path.join(d, "vmm"), os.path.join(d, "qemu")
-    for s in (ours, theirs):
-        os.makedirs(s, exist_ok=True)
-        make_chains(s)
-
-    def flags(s):
-        return ["-object", "iothread,id=io0",
-                "-drive", f"file={s}/top.qcow2,format=qcow2,if=none,id=d0",
-                "-device", "virtio-blk-device,drive=d0,id=vd0,iothread=io0",
-                "-drive", f"file={s}/top2.qcow2,format=qcow2,if=none,id=d1",
-                "-device", "virtio-blk-device,drive=d1,id=vd1"]
-    vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags(ours))
-    qemu, qqmp = await start_qemu(d, flags(theirs), "qemu-onerror-test")
+    d, ours, theirs = chain_sides(sock)
+    vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=two_disks(ours))
+    qemu, qqmp = await start_qemu(d, two_disks(theirs), "qemu-onerror-test")
     await qmp.execute("cont")
     mine = await onerror_side(qmp, vmm.proc.pid, ours)
     qemus = await onerror_side(qqmp, qemu.pid, theirs)
