@@ -115,6 +115,17 @@ fn vectors_ok(lines: &[String]) -> bool {
         })
 }
 
+/// [`Error::Vectors`] unless [`vectors_ok`] holds for these `/proc/interrupts` lines.
+fn check_vectors(lines: &[String]) -> Result<(), Error> {
+    if vectors_ok(lines) {
+        return Ok(());
+    }
+    Err(Error::Vectors {
+        last: CPUS - 1,
+        lines: lines.to_vec(),
+    })
+}
+
 /// Whether each queue's vector in `lines` fired on its own CPU and on no other.
 fn affinity_ok(lines: &[String]) -> bool {
     let vectors: Vec<(String, Vec<u64>)> = lines.iter().filter_map(|l| vector(l)).collect();
@@ -220,12 +231,7 @@ pub fn disk_on_pci(
         Ok(String::new())
     });
     let checked = result.map_err(Error::from).and_then(|up| {
-        if !vectors_ok(&irqs) {
-            return Err(Error::Vectors {
-                last: CPUS - 1,
-                lines: irqs.clone(),
-            });
-        }
+        check_vectors(&irqs)?;
         let out = Command::new("sh")
             .arg("-c")
             .arg(format!(
@@ -275,12 +281,7 @@ pub fn queues_on_their_cpus(
         Ok(String::new())
     });
     let checked = result.map_err(Error::from).and_then(|up| {
-        if !vectors_ok(&irqs) {
-            return Err(Error::Vectors {
-                last: CPUS - 1,
-                lines: irqs.clone(),
-            });
-        }
+        check_vectors(&irqs)?;
         if !affinity_ok(&irqs) {
             return Err(Error::Affinity {
                 last: CPUS - 1,
