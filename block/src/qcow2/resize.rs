@@ -204,14 +204,44 @@ mod tests {
             ],
         );
         assert!(out.status.success(), "{out:?}");
-        let mut args = vec!["-f", "qcow2"];
-        for w in writes {
-            args.extend(["-c", w]);
-        }
-        args.push(p);
-        let out = tool("qemu-io", &args);
+        let out = qemu_io(p, writes);
         assert!(out.status.success(), "{out:?}");
         seed
+    }
+
+    /// qemu-io running these commands on the qcow2 image at `p`.
+    fn qemu_io(p: &str, commands: &[&str]) -> std::process::Output {
+        let mut args = vec!["-f", "qcow2"];
+        for c in commands {
+            args.extend(["-c", c]);
+        }
+        args.push(p);
+        tool("qemu-io", &args)
+    }
+
+    /// Asserts that the image at `path`, cut at call `from`, checks clean but for leaks and has
+    /// the old size (1 MiB) or `new_size`.
+    fn assert_old_or_new(path: &Path, from: usize, new_size: u64) {
+        let check = tool("qemu-img", &["check", path.to_str().unwrap()]);
+        assert!(
+            matches!(check.status.code(), Some(0 | 3)),
+            "cut at call {from}: {check:?}"
+        );
+        let size = open_rw(path).size();
+        assert!(
+            size == 1 << 20 || size == new_size,
+            "cut at call {from}: {size}"
+        );
+    }
+
+    /// Asserts that these qemu-io reads of the image at `p`, cut at call `from`, verify.
+    fn assert_reads(p: &str, reads: &[&str], from: usize) {
+        let read = qemu_io(p, reads);
+        let out = String::from_utf8_lossy(&read.stdout);
+        assert!(
+            read.status.success() && !out.contains("verification failed"),
+            "cut at call {from}: {out}"
+        );
     }
 
     fn open_rw(path: &Path) -> Image {
@@ -239,6 +269,16 @@ mod tests {
         calls
     }
 
+    /// A copy of `seed` named `name` beside it, opened and cut from call `from` on (see
+    /// [`cut_at`]).
+    fn cut_copy(seed: &Path, name: &str, from: usize) -> (PathBuf, Image, Arc<AtomicUsize>) {
+        let path = seed.with_file_name(name);
+        std::fs::copy(seed, &path).unwrap();
+        let img = open_rw(&path);
+        let calls = cut_at(&img, from);
+        (path, img, calls)
+    }
+
     /// A grow that moves the L1 table, stopped at each call on the file in turn (every later
     /// call failing, as after a power cut): the image checks clean but for leaks, has the old
     /// size or the new one, and reads its data back.
@@ -249,19 +289,13 @@ mod tests {
         let seed = seed(dir.path(), &["write -P 5 0 4k", "write -P 6 1020k 4k"]);
         let new_size = 16 << 20;
         let calls = {
-            let copy = dir.path().join("count.qcow2");
-            std::fs::copy(&seed, &copy).unwrap();
-            let img = open_rw(&copy);
-            let calls = cut_at(&img, usize::MAX);
+            let (_, img, calls) = cut_copy(&seed, "count.qcow2", usize::MAX);
             img.grow(new_size).unwrap();
             calls.load(Ordering::SeqCst)
         };
         assert!(calls > 6, "{calls} calls");
         for from in 0..calls {
-            let path = dir.path().join(format!("cut{from}.qcow2"));
-            std::fs::copy(&seed, &path).unwrap();
-            let img = open_rw(&path);
-            cut_at(&img, from);
+            let (path, img, _) = cut_copy(&seed, &format!("cut{from}.qcow2"), from);
             // The last calls punch the old table's clusters out, which only logs a failure.
             let grown = img.grow(new_size);
             assert!(
@@ -269,34 +303,9 @@ mod tests {
                 "{from}: {grown:?}"
             );
             drop(img);
+            assert_old_or_new(&path, from, new_size);
             let s = path.to_str().unwrap();
-            let check = tool("qemu-img", &["check", s]);
-            assert!(
-                matches!(check.status.code(), Some(0 | 3)),
-                "cut at call {from}: {check:?}"
-            );
-            let size = open_rw(&path).size();
-            assert!(
-                size == 1 << 20 || size == new_size,
-                "cut at call {from}: {size}"
-            );
-            let read = tool(
-                "qemu-io",
-                &[
-                    "-f",
-                    "qcow2",
-                    "-c",
-                    "read -P 5 0 4k",
-                    "-c",
-                    "read -P 6 1020k 4k",
-                    s,
-                ],
-            );
-            let out = String::from_utf8_lossy(&read.stdout);
-            assert!(
-                read.status.success() && !out.contains("verification failed"),
-                "cut at call {from}: {out}"
-            );
+            assert_reads(s, &["read -P 5 0 4k", "read -P 6 1020k 4k"], from);
         }
     }
 
@@ -311,15 +320,12 @@ mod tests {
         let p = seed.to_str().unwrap();
         let out = tool("qemu-img", &["snapshot", "-c", "s", p]);
         assert!(out.status.success(), "{out:?}");
-        let out = tool("qemu-io", &["-f", "qcow2", "-c", "write -P 7 700k 4k", p]);
+        let out = qemu_io(p, &["write -P 7 700k 4k"]);
         assert!(out.status.success(), "{out:?}");
         // Inside an L2 table, past a written cluster.
         let new_size = 20 << 10;
         let calls = {
-            let copy = dir.path().join("count.qcow2");
-            std::fs::copy(&seed, &copy).unwrap();
-            let img = open_rw(&copy);
-            let calls = cut_at(&img, usize::MAX);
+            let (_, img, calls) = cut_copy(&seed, "count.qcow2", usize::MAX);
             let Image::Qcow2(q) = &img else {
                 unreachable!("opened as qcow2")
             };
@@ -328,10 +334,7 @@ mod tests {
         };
         assert!(calls > 6, "{calls} calls");
         for from in 0..calls {
-            let path = dir.path().join(format!("cut{from}.qcow2"));
-            std::fs::copy(&seed, &path).unwrap();
-            let img = open_rw(&path);
-            cut_at(&img, from);
+            let (path, img, _) = cut_copy(&seed, &format!("cut{from}.qcow2"), from);
             let Image::Qcow2(q) = &img else {
                 unreachable!("opened as qcow2")
             };
@@ -341,42 +344,12 @@ mod tests {
                 "{from}: {shrunk:?}"
             );
             drop(img);
+            assert_old_or_new(&path, from, new_size);
             let s = path.to_str().unwrap();
-            let check = tool("qemu-img", &["check", s]);
-            assert!(
-                matches!(check.status.code(), Some(0 | 3)),
-                "cut at call {from}: {check:?}"
-            );
-            let size = open_rw(&path).size();
-            assert!(
-                size == 1 << 20 || size == new_size,
-                "cut at call {from}: {size}"
-            );
-            let read = tool("qemu-io", &["-f", "qcow2", "-c", "read -P 5 0 20k", s]);
-            let out = String::from_utf8_lossy(&read.stdout);
-            assert!(
-                read.status.success() && !out.contains("verification failed"),
-                "cut at call {from}: {out}"
-            );
+            assert_reads(s, &["read -P 5 0 20k"], from);
             let apply = tool("qemu-img", &["snapshot", "-a", "s", s]);
             assert!(apply.status.success(), "cut at call {from}: {apply:?}");
-            let read = tool(
-                "qemu-io",
-                &[
-                    "-f",
-                    "qcow2",
-                    "-c",
-                    "read -P 5 0 40k",
-                    "-c",
-                    "read -P 6 600k 200k",
-                    s,
-                ],
-            );
-            let out = String::from_utf8_lossy(&read.stdout);
-            assert!(
-                read.status.success() && !out.contains("verification failed"),
-                "cut at call {from}: {out}"
-            );
+            assert_reads(s, &["read -P 5 0 40k", "read -P 6 600k 200k"], from);
         }
     }
 }
