@@ -261,6 +261,21 @@ def two_disks(s):
             "-device", "virtio-blk-device,drive=d1,id=vd1"]
 
 
+def same_chains(ours, theirs, tops):
+    """Checks that each of `tops` has the same backing chain and contents on both sides, and
+    that each layer of ours checks clean."""
+    for top in tops:
+        a, b = image_chain(ours, top), image_chain(theirs, top)
+        check(a == b, f"qemu-img info --backing-chain {top}: {a} (QEMU: {b})")
+        same = subprocess.run(["qemu-img", "compare", f"{ours}/{top}", f"{theirs}/{top}"],
+                              capture_output=True)
+        check(same.returncode == 0, f"qemu-img compare {top}: {same.stdout.decode().strip()}")
+        for layer in a:
+            path = layer[0].replace("DIR", ours)
+            check(subprocess.run(["qemu-img", "check", "-q", path]).returncode == 0,
+                  f"{layer[0]} checks clean")
+
+
 async def jobs(vmm_path, kernel, sock):
     d, ours, theirs = chain_sides(sock)
 
@@ -297,17 +312,8 @@ async def jobs(vmm_path, kernel, sock):
     await asyncio.wait_for(qemu.wait(), TIMEOUT)
     for q in (qmp, qqmp):
         await close(q)
-    for top in ("top.qcow2", "top2.qcow2", "top3.qcow2", "top4.qcow2", "base4.qcow2",
-                "top5.qcow2", "mid5.qcow2"):
-        a, b = image_chain(ours, top), image_chain(theirs, top)
-        check(a == b, f"qemu-img info --backing-chain {top}: {a} (QEMU: {b})")
-        same = subprocess.run(["qemu-img", "compare", f"{ours}/{top}", f"{theirs}/{top}"],
-                              capture_output=True)
-        check(same.returncode == 0, f"qemu-img compare {top}: {same.stdout.decode().strip()}")
-        for layer in a:
-            path = layer[0].replace("DIR", ours)
-            check(subprocess.run(["qemu-img", "check", "-q", path]).returncode == 0,
-                  f"{layer[0]} checks clean")
+    same_chains(ours, theirs, ("top.qcow2", "top2.qcow2", "top3.qcow2", "top4.qcow2",
+                               "base4.qcow2", "top5.qcow2", "mid5.qcow2"))
 
 
 def limit_writes(pid, path):
@@ -372,16 +378,7 @@ async def onerror(vmm_path, kernel, sock):
     await asyncio.wait_for(qemu.wait(), TIMEOUT)
     for q in (qmp, qqmp):
         await close(q)
-    for top in ("top.qcow2", "top2.qcow2"):
-        a, b = image_chain(ours, top), image_chain(theirs, top)
-        check(a == b, f"qemu-img info --backing-chain {top}: {a} (QEMU: {b})")
-        same = subprocess.run(["qemu-img", "compare", f"{ours}/{top}", f"{theirs}/{top}"],
-                              capture_output=True)
-        check(same.returncode == 0, f"qemu-img compare {top}: {same.stdout.decode().strip()}")
-        for layer in a:
-            path = layer[0].replace("DIR", ours)
-            check(subprocess.run(["qemu-img", "check", "-q", path]).returncode == 0,
-                  f"{layer[0]} checks clean")
+    same_chains(ours, theirs, ("top.qcow2", "top2.qcow2"))
 
 
 if __name__ == "__main__":
