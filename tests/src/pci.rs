@@ -303,15 +303,20 @@ pub fn queues_on_their_cpus(
 mod tests {
     use super::*;
 
-    #[test]
-    fn interrupt_lines_parse_and_want_a_fired_vector_per_queue() {
-        let lines: Vec<String> = [
+    /// `/proc/interrupts` lines of a two-queue disk whose queues fired each on its own CPU.
+    fn two_queues() -> Vec<String> {
+        [
             "24:          0          0  PCI-MSIX-0000:00:01.0   0-edge      virtio0-config",
             "25:        130          0  PCI-MSIX-0000:00:01.0   1-edge      virtio0-req.0",
             "26:          0         97  PCI-MSIX-0000:00:01.0   2-edge      virtio0-req.1",
         ]
         .map(String::from)
-        .into();
+        .into()
+    }
+
+    #[test]
+    fn interrupt_lines_parse_and_want_a_fired_vector_per_queue() {
+        let lines = two_queues();
         assert_eq!(
             vector(&lines[1]),
             Some(("virtio0-req.0".to_owned(), vec![130, 0]))
@@ -331,13 +336,7 @@ mod tests {
 
     #[test]
     fn each_queue_vector_must_fire_on_its_own_cpu_only() {
-        let lines: Vec<String> = [
-            "24:          0          0  PCI-MSIX-0000:00:01.0   0-edge      virtio0-config",
-            "25:        130          0  PCI-MSIX-0000:00:01.0   1-edge      virtio0-req.0",
-            "26:          0         97  PCI-MSIX-0000:00:01.0   2-edge      virtio0-req.1",
-        ]
-        .map(String::from)
-        .into();
+        let lines = two_queues();
         assert!(affinity_ok(&lines));
         assert_eq!(
             describe(&lines),
