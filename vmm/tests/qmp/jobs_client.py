@@ -261,6 +261,16 @@ def two_disks(s):
             "-device", "virtio-blk-device,drive=d1,id=vd1"]
 
 
+async def quit_both(vmm, qmp, qemu, qqmp):
+    """Quits ours (checking it exits 0) and QEMU, and closes both monitors."""
+    for q in (qmp, qqmp):
+        await q.execute("quit")
+    check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
+    await asyncio.wait_for(qemu.wait(), TIMEOUT)
+    for q in (qmp, qqmp):
+        await close(q)
+
+
 def same_chains(ours, theirs, tops):
     """Checks that each of `tops` has the same backing chain and contents on both sides, and
     that each layer of ours checks clean."""
@@ -306,12 +316,7 @@ async def jobs(vmm_path, kernel, sock):
         check(ours_e == qemu_e, f"event {i} {ours_e} (QEMU: {qemu_e})")
     check(len(mine[3]) == len(qemus[3]), f"as many job events ({len(mine[3])})")
     check(mine[4] == qemus[4], f"query-block's chains {mine[4]} (QEMU: {qemus[4]})")
-    for q in (qmp, qqmp):
-        await q.execute("quit")
-    check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
-    await asyncio.wait_for(qemu.wait(), TIMEOUT)
-    for q in (qmp, qqmp):
-        await close(q)
+    await quit_both(vmm, qmp, qemu, qqmp)
     same_chains(ours, theirs, ("top.qcow2", "top2.qcow2", "top3.qcow2", "top4.qcow2",
                                "base4.qcow2", "top5.qcow2", "mid5.qcow2"))
 
@@ -372,12 +377,7 @@ async def onerror(vmm_path, kernel, sock):
     check(len(mine) == len(qemus), f"as many replies and events ({len(mine)})")
     check(("BLOCK_JOB_ERROR", {"device": "c0", "operation": "write", "action": "stop"}) in mine,
           "on-error=stop raised BLOCK_JOB_ERROR")
-    for q in (qmp, qqmp):
-        await q.execute("quit")
-    check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
-    await asyncio.wait_for(qemu.wait(), TIMEOUT)
-    for q in (qmp, qqmp):
-        await close(q)
+    await quit_both(vmm, qmp, qemu, qqmp)
     same_chains(ours, theirs, ("top.qcow2", "top2.qcow2"))
 
 
