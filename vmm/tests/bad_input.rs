@@ -109,6 +109,22 @@ fn disk_errors_before_the_guest_starts() {
     assert!(l.contains("no iothread with id 'io9'"), "{l}");
     let l = line(&["-drive", &drive, "-device", device, "-device", device]);
     assert!(l.contains("Drive 'd0' is already in use"), "{l}");
+    // One image behind two drives: named as this VM's own drive, not as another process.
+    let second = format!("file={raw},format=raw,if=none,id=d1");
+    let l = line(&[
+        "-drive",
+        &drive,
+        "-drive",
+        &second,
+        "-device",
+        device,
+        "-device",
+        "virtio-blk-device,drive=d1",
+    ]);
+    assert!(
+        l.contains("Drive 'd1': ") && l.contains("is already the image of drive 'd0'"),
+        "{l}"
+    );
     let l = line(&["-drive", &format!("{drive},aio=native"), "-device", device]);
     assert!(l.contains("aio=native is not supported"), "{l}");
     let l = line(&["-object", "iothread", "-drive", &drive, "-device", device]);

@@ -120,6 +120,18 @@ pub enum DiskError {
         /// The file.
         path: String,
     },
+    /// One image given to two drives of this VM, at least one of them writable.
+    #[error(
+        "Drive '{id}': {path} is already the image of drive '{other}' (an image serves one drive)"
+    )]
+    SameImage {
+        /// The drive.
+        id: String,
+        /// The file.
+        path: String,
+        /// The earlier drive with the same file.
+        other: String,
+    },
     /// A read-write disk on a file that cannot be opened for writing.
     #[error("Drive '{id}': {path} is read-only; add readonly=on")]
     ReadOnlyFile {
@@ -267,10 +279,20 @@ impl Disks {
             });
         }
         // Images first: a bad one fails before any thread starts.
-        let images = specs
-            .iter()
-            .map(|s| open_image(&s.drive))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut images = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            match open_image(&spec.drive) {
+                Ok(image) => images.push(image),
+                Err(DiskError::Locked { id, path }) => {
+                    // Our own earlier drive holds the lock: say so rather than blame another process.
+                    return Err(match same_file_as(&spec.drive.file, &specs[..i]) {
+                        Some(other) => DiskError::SameImage { id, path, other },
+                        None => DiskError::Locked { id, path },
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let iothreads = IoThreads::start(iothreads, iothread_failed)?;
         let mut disks = Vec::with_capacity(specs.len());
         let mut dsdt = Vec::with_capacity(specs.len());
@@ -435,6 +457,17 @@ impl Disks {
         }
         first.map_or(Ok(()), Err)
     }
+}
+
+/// The id of the drive in `earlier` whose image is the file `path` (same device and inode).
+fn same_file_as(path: &std::path::Path, earlier: &[DiskSpec]) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let this = id(path)?;
+    earlier
+        .iter()
+        .find(|s| id(&s.drive.file) == Some(this))
+        .map(|s| s.drive.id.clone())
 }
 
 /// Runs a host tool a test needs (qemu-img, qemu-io), failing loudly where it is missing.
