@@ -108,7 +108,10 @@ fio --eta=never --output-format=json --output=f.json --name=bench --filename=/de
 r=$?
 echo BENCH-FIO-STOP $t
 if [ $ld = disturbed ]; then kill $s1 $s2; wait $s1 $s2 2>/dev/null; echo BENCH-LOAD-OFF $t; fi
+# Kernel messages (an RCU stall report under load) would land inside the JSON on the console.
+dmesg -n 1 2>/dev/null
 echo BENCH-FIO-BEGIN $t; cat f.json; echo BENCH-FIO-END $t $r; sed "s/^/BENCH-FIO-ERR /" f.err
+dmesg -n 4 2>/dev/null
 done
 grep -E "CPU|virtio|ttyS" /proc/interrupts | sed "s/^/BENCH-IRQ /"
 sleep 1
