@@ -246,6 +246,9 @@ pub struct DeviceSpec {
     pub num_queues: Option<u16>,
     /// `queue-size=`.
     pub queue_size: u16,
+    /// `x-stage-timing=` (default on): the per-stage request timing of `x-query-blockstats-stages`;
+    /// off only to measure what it costs.
+    pub stage_timing: bool,
 }
 
 impl DeviceSpec {
@@ -489,6 +492,7 @@ pub fn parse_device(value: &str) -> Result<DeviceSpec, DriveError> {
             "serial",
             "num-queues",
             "queue-size",
+            "x-stage-timing",
         ],
     )
     .map_err(&err)?;
@@ -512,6 +516,7 @@ pub fn parse_device(value: &str) -> Result<DeviceSpec, DriveError> {
             .get("queue-size")
             .map_err(&err)?
             .unwrap_or(DEFAULT_QUEUE_SIZE),
+        stage_timing: opts.get("x-stage-timing").map_err(&err)?.unwrap_or(true),
     })
 }
 
@@ -572,6 +577,7 @@ pub fn plan(
                 serial: String::new(),
                 num_queues: None,
                 queue_size: DEFAULT_QUEUE_SIZE,
+                stage_timing: true,
             },
         });
     }
@@ -717,8 +723,12 @@ mod tests {
                 serial: "S1".into(),
                 num_queues: Some(2),
                 queue_size: 128,
+                stage_timing: true,
             }
         );
+        let untimed =
+            parse_device("virtio-blk-device,drive=d0,x-stage-timing=off").expect("parses");
+        assert!(!untimed.stage_timing);
         assert_eq!(dev.queues(4), 2);
         let plain = parse_device("virtio-blk-device,drive=d0").expect("parses");
         assert_eq!((plain.queues(4), plain.queue_size), (1, 256));

@@ -51,7 +51,7 @@ pub(super) fn device(disk: NewDisk<'_>) -> Result<(Arc<Block>, LiveImage), DiskE
         io_workers: Workers::default(),
         aio: spec.drive.aio,
         stats_intervals: spec.drive.stats_intervals.clone(),
-        time_stages: true,
+        time_stages: spec.device.stage_timing,
         on_read_error: spec.drive.on_read_error,
         on_write_error: spec.drive.on_write_error,
         error_sink: Some(disk.sink),
