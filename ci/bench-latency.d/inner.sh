@@ -6,7 +6,7 @@
 #            each, interleaved;
 #   VARIANT_NAME  for each vmm-NAME of BOOTS: the arguments appended to vmm's command line;
 #   CONFS    "RW:QD:LOAD ..." what each boot runs (randread/randwrite, 1/32,
-#            quiet/disturbed/fsync-writer);
+#            quiet/disturbed/fsync-writer/stream-full/stream-10M);
 #   ROUND, ROUNDS  this run is round ROUND of ROUNDS (with several, results are named TAG.rN);
 #   RUNTIME  fio's measured seconds per configuration (after 1 s of ramp);
 #   IMAGE_MIB, NCONF (fio runs in all, for the progress lines);
@@ -23,6 +23,11 @@
 # query-blockstats on one connection (paced, or a pipelined flood), so the VMM's main loop keeps
 # working. "fsync-writer": a second fio job in the same fio run, on the guest's second vCPU, writes
 # 4 KiB at random to the same disk at QD1 with fsync=1 (the JSON's first job is the measured one).
+# "stream-full", "stream-10M" (chain3): when the guest announces the load, a QMP client here starts
+# block-stream on the disk (job stream0, speed 0 or 10485760 bytes/s: the chain's lower layers
+# copied into its top) and the guest starts fio a second later; when fio stops, the client asks
+# query-block-jobs whether the job still runs, then cancels it. A stream leaves the chain flat, so
+# each stream load gets a boot of its own with a fresh copy of the chain (the other loads share one).
 # A guest that ends before all its configurations ran (it reset itself, or made no
 # progress for RUNTIME + 60 s, 60 s more before its first result, and was killed) is booted again
 # for the missing ones, up to twice;
@@ -37,7 +42,8 @@
 # the boots, on a copy of the raw image with the guest's options),
 # console/BOOT.log (with the guest's /proc/interrupts lines for virtio and
 # the console at the end: BENCH-IRQ) and BOOT.debug.log (the VMM's -D log: why it stopped),
-# version-VMM.json (query-version), host.txt.
+# raw/TAG.stream (stream loads: every line the client got and its own marks "start SPEED" and
+# "fio-stop", each after this host's uptime), version-VMM.json (query-version), host.txt.
 set -u
 G=$GUEST_DIR
 cd "$DISK_DIR"
@@ -101,6 +107,7 @@ taskset 2 sh -c "while :; do :; done" & s1=$!
 taskset 2 sh -c "while :; do echo BENCH-NOISE serial output streaming from the guest vCPU 1; usleep 10000; done" & s2=$!
 echo BENCH-LOAD-ON $t; sleep 3
 fi
+case $ld in stream-*) echo BENCH-LOAD-ON $t; sleep 1 ;; esac
 wr=""
 [ $ld = fsync-writer ] && wr="--name=writer --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=1 --fsync=1 --ramp_time=1 --runtime=$RT --time_based --cpus_allowed=1"
 echo BENCH-FIO-START $t
@@ -108,6 +115,7 @@ fio --eta=never --output-format=json --output=f.json --name=bench --filename=/de
 r=$?
 echo BENCH-FIO-STOP $t
 if [ $ld = disturbed ]; then kill $s1 $s2; wait $s1 $s2 2>/dev/null; echo BENCH-LOAD-OFF $t; fi
+case $ld in stream-*) echo BENCH-LOAD-OFF $t ;; esac
 # Kernel messages (an RCU stall report under load) would land inside the JSON on the console.
 dmesg -n 1 2>/dev/null
 echo BENCH-FIO-BEGIN $t; cat f.json; echo BENCH-FIO-END $t $r; sed "s/^/BENCH-FIO-ERR /" f.err
@@ -164,6 +172,48 @@ poll_stop() {
   wait "$writer" 2>/dev/null
   writer=""
   rm -f nc.pid poll.in poll.out
+}
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+# stream_send LINE...: to the stream's QMP connection, in a subshell (a VMM gone makes the write
+# raise SIGPIPE, which must not end this script).
+stream_send() { (printf '%s\n' "$@" >&5) 2>/dev/null; }
+# stream_start PORT TAG: block-stream on the disk (speed 0 for stream-full, 10 MiB/s for
+# stream-10M) over a QMP connection kept open until stream_stop; every line it receives goes to
+# raw/TAG.stream after this host's uptime, beside the marks "start SPEED" and "fio-stop".
+stream_start() {
+  case $2 in *.stream-10M) speed=10485760 ;; *) speed=0 ;; esac
+  stream="$OUT_DIR/raw/$2.stream"
+  [ "$ROUNDS" = 1 ] || stream="$OUT_DIR/raw/$2.r$ROUND.stream"
+  : > "$stream"
+  rm -f stream.in stream.out
+  mkfifo stream.in stream.out
+  nc 127.0.0.1 "$1" < stream.in > stream.out &
+  stream_nc=$!
+  while read -r line; do echo "$(uptime_s) $line"; done < stream.out >> "$stream" &
+  stream_reader=$!
+  exec 5> stream.in
+  stream_send '{"execute":"qmp_capabilities"}'
+  echo "$(uptime_s) start $speed" >> "$stream"
+  stream_send "{\"execute\":\"block-stream\",\"arguments\":{\"device\":\"d0\",\"job-id\":\"stream0\",\"speed\":$speed}}"
+}
+# stream_stop: fio has stopped: whether the job still runs (query-block-jobs), then its cancel;
+# waits (up to 10 s) for that reply and for the job's end (its event, or the cancel's error when
+# there was no job).
+stream_stop() {
+  echo "$(uptime_s) fio-stop" >> "$stream"
+  stream_send '{"execute":"query-block-jobs"}' \
+    '{"execute":"block-job-cancel","arguments":{"device":"stream0"}}'
+  i=0
+  while ! awk '/ fio-stop$/ { s = 1 } s && /"return": *\[/ { q = 1 }
+      /BLOCK_JOB_(COMPLETED|CANCELLED)|"error"/ { e = 1 } END { exit !(q && e) }' "$stream" &&
+    [ $i -lt 20 ]; do
+    nap; i=$((i + 1))
+  done
+  exec 5>&-
+  kill "$stream_nc" 2>/dev/null
+  wait "$stream_nc" "$stream_reader" 2>/dev/null
+  stream=""
+  rm -f stream.in stream.out
 }
 count() { c=$(grep -c "$1" console.log 2>/dev/null); echo "${c:-0}"; }
 # sched_snap PID: the uptime, then "TID NAME RUN_NS WAIT_NS" for each of the VMM's threads
@@ -241,6 +291,8 @@ run_boot() {
   esac
   p=$vmm.$place.$image
   [ "$ROUNDS" = 1 ] || p=$p.r$round
+  # A stream load's boot (its only configuration) is named after its load.
+  case $confs in *:stream-*) p=$p.${confs##*:} ;; esac
   vars="P=$vmm.$place.$image RT=$RUNTIME CONFS=\"$confs\""
   gs=$(printf '%s\n%s\n' "$vars" "$guest_body" | base64 | tr -d '\n')
   n=$(echo $confs | wc -w)
@@ -265,10 +317,14 @@ run_boot() {
     fi
     c=$(count BENCH-LOAD-ON)
     if [ "$c" -gt $on ]; then
-      on=$c; poll_start $port "$(grep BENCH-LOAD-ON console.log | tail -1 | tr -d '\r' | cut -d' ' -f2)"
+      on=$c; t=$(grep BENCH-LOAD-ON console.log | tail -1 | tr -d '\r' | cut -d' ' -f2)
+      case $t in *.stream-*) stream_start $port "$t" ;; *) poll_start $port "$t" ;; esac
     fi
     c=$(count BENCH-LOAD-OFF)
-    if [ "$c" -gt $off ]; then off=$c; poll_stop; fi
+    if [ "$c" -gt $off ]; then
+      off=$c
+      if [ -n "$stream" ]; then stream_stop; else poll_stop; fi
+    fi
     before=$ends
     progress
     now=$(date +%s)
@@ -284,6 +340,7 @@ run_boot() {
   rc=$?
   progress
   [ -e poll.on ] && poll_stop
+  [ -z "$stream" ] || stream_stop
   log="$OUT_DIR/console/$p${try:+.try$try}"
   cp run/debug.log "$log.debug.log" 2>/dev/null
   grep -v BENCH-NOISE console.log | tr -d '\r' > "$log.log"
@@ -298,6 +355,22 @@ run_boot() {
   rm -rf run
 }
 
+# run_boots VMM PLACE IMAGE ROUND CONFS: the boots that run CONFS: each stream load in one of its
+# own (a stream leaves the chain flat, so each starts from a fresh copy), the other loads in one;
+# $rc, $hung and $log are those of a boot that failed, if one did, else the last one's.
+run_boots() {
+  others="" streams="" frc=0 fhung="" flog=""
+  for c in $5; do
+    case $c in *:stream-*) streams="$streams $c" ;; *) others="$others $c" ;; esac
+  done
+  for b in ${others:+others} $streams; do
+    [ "$b" = others ] && b=${others# }
+    run_boot "$1" "$2" "$3" "$4" "$b"
+    if [ "$got" -lt "$n" ] || [ "$rc" -ne 0 ]; then frc=$rc fhung=$hung flog=$log; fi
+  done
+  [ -z "$flog" ] || { rc=$frc hung=$fhung log=$flog; }
+}
+
 # missing P ROUND CONFS: those of CONFS without a result for boot P in ROUND.
 missing() {
   for c in $3; do
@@ -309,7 +382,7 @@ missing() {
 }
 
 done_confs=0
-writer=""
+writer="" stream=""
 port=4440
 status=0
 round=$ROUND
@@ -320,13 +393,13 @@ for boot in $BOOTS; do
     say "boot $vmm $place $image: done by an earlier attempt of this outer host"
     continue
   fi
-  run_boot "$vmm" "$place" "$image" $round "$todo"
+  run_boots "$vmm" "$place" "$image" $round "$todo"
   for try in 2 3; do
     todo=$(missing "$vmm.$place.$image" $round "$CONFS")
     [ -n "$todo" ] || break
     why=$(grep -o 'triple fault.*' "$log.debug.log" 2>/dev/null | tail -1)
     say "RETRY $vmm $place $image round $round: exit $rc$hung, $(echo $todo | wc -w) configurations missing${why:+ ($why)}; console: $(tail -1 "$log.log")"
-    run_boot "$vmm" "$place" "$image" $round "$todo"
+    run_boots "$vmm" "$place" "$image" $round "$todo"
   done
   if [ -n "$(missing "$vmm.$place.$image" $round "$CONFS")" ] || [ "$rc" -ne 0 ]; then status=1; fi
   sync

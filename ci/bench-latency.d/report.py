@@ -2,7 +2,7 @@
 VMM.PLACEMENT.IMAGE.RW.qdN.LOAD, VMM vmm, vmm-NAME (a variant: vmm with the arguments machine.txt
 names as vmm_variant.vmm-NAME) or qemu, PLACEMENT main-loop or iothread, then +pci for a
 virtio-blk-pci disk (else virtio-mmio) and +nopoll for iothreads with poll-max-ns=0, with .rN for
-round N when there are several; raw/TAG.polls; raw/TAG.sched; raw/TAG.stages;
+round N when there are several; raw/TAG.polls; raw/TAG.sched; raw/TAG.stages; raw/TAG.stream;
 raw/host.PLACEMENT.IMAGE.RW.qdN.native.json, the host-native baseline; machine.txt, host.txt,
 version-*.json) and writes summary.json (one object per configuration, the fields issue 6 names,
 each figure the median over the rounds, plus `runs`, `completions` (the fewest of a round),
@@ -13,7 +13,10 @@ requests spent their time by stage, PCI over MMIO and polling off over on per VM
 with an A/B verdict per row on IOPS and p99 from the per-round figures (abtest.py), the rows
 listed by verdict, vmm over each variant with the same verdicts (in summary.json the vmm row's
 `vs_qemu` and `vs_vmm-NAME`), iothread over main loop under load, where the VMMs' threads spent
-the disturbed runs) and latency-cdf.png (the completion-latency percentile curves of vmm and QEMU
+the disturbed runs, what a block-stream costs the guest: each VMM's figures under a stream load
+over quiet's, side by side, the stream's progress, and an A/B verdict on vmm's ratios over
+QEMU's (in summary.json each stream row's `stream`, `vs_quiet`, and the vmm row's
+`stream_cost_vs_qemu`) and latency-cdf.png (the completion-latency percentile curves of vmm and QEMU
 per configuration, each point the median over the rounds). Exits 1 when a configuration has no
 usable fio result.
 
@@ -27,6 +30,7 @@ import statistics
 import sys
 
 from abtest import ALPHA, MIN_CHANGE, verdict
+from streamcost import combine_streams, stream_cell, stream_record
 
 # fio's default percentile list (fio(1), "percentile_list"): the points of the curves.
 PCTS = ["1.000000", "5.000000", "10.000000", "20.000000", "30.000000", "40.000000",
@@ -40,7 +44,7 @@ P9999_MIN_IOS = 100_000
 ORDER = {
     "placement": ["main-loop", "iothread"],
     "image": ["raw", "qcow2", "chain3"], "rw": ["randread", "randwrite"],
-    "load": ["quiet", "disturbed", "fsync-writer"],
+    "load": ["quiet", "disturbed", "fsync-writer", "stream-full", "stream-10M"],
 }
 # A placement field's suffixes (in this order), each a dimension: its value with the suffix, and
 # without it.
@@ -85,7 +89,9 @@ def fio_side(doc, rw):
 def parse_run(path):
     """(config, summary object, curve) from one fio JSON file, or None with a reason."""
     parts = path.stem.split(".")
+    rnd = 1
     if len(parts) == 7 and parts[6].startswith("r"):
+        rnd = int(parts[6][1:]) if parts[6][1:].isdigit() else None
         parts = parts[:6]
     if len(parts) != 6 or not parts[4].startswith("qd"):
         return None, f"{path.name}: not a run name"
@@ -116,7 +122,7 @@ def parse_run(path):
     lat["lat_mean"] = side["lat_ns"]["mean"] / 1000 if "lat_ns" in side else None
     obj = {"vmm": vmm, "placement": placement, "image": image, "rw": rw,
            "iodepth": int(qd[2:]), "load": load, **split[1], "iops": side["iops"],
-           "completions": n, "lat_us": lat}
+           "completions": n, "lat_us": lat, "round": rnd}
     if vmm == "host":
         # fio's own CPU (user and system, % of one CPU over the run) per I/O: the host's cost.
         job = doc["jobs"][0]
@@ -125,6 +131,8 @@ def parse_run(path):
     else:
         obj["cpu_us_per_io"] = cpu_per_io(path.with_suffix(".sched"), side["iops"])
         obj["stages_us"] = stage_means(path.with_suffix(".stages"))
+    if load.startswith("stream-"):
+        obj["stream"] = stream_record(path.with_suffix(".stream"), side.get("runtime", 0) / 1000)
     curve = [(float(k), pct[k] / 1000) for k in PCTS if k in pct]
     if n < P9999_MIN_IOS:
         curve = [(p, v) for p, v in curve if p < 99.99]
@@ -231,6 +239,9 @@ def combine(rounds):
         obj = dict(first, iops=statistics.median(r[0]["iops"] for r in runs), lat_us=lat,
                    completions=min(r[0]["completions"] for r in runs),
                    cpu_us_per_io=medians("cpu_us_per_io"), runs=len(runs))
+        del obj["round"]
+        if "stream" in first:
+            obj["stream"] = combine_streams([r[0]["stream"] for r in runs])
         if "stages_us" in first:
             obj["stages_us"] = medians("stages_us")
         points = [dict(r[2]) for r in runs]
@@ -293,6 +304,98 @@ def ab_verdicts(runs, per_round, other="qemu"):
             out[tag(obj)] = v
             obj["vs_" + other] = v
     return out
+
+
+def per_round_figures(runs):
+    """{tag: {"round": [...], "iops": [...], "p50": [...], "p99": [...]}}: each configuration's
+    figures per round (the rounds in the same order in every list), for the A/B verdicts."""
+    per_round = {}
+    for run in runs:
+        fig = per_round.setdefault(tag(run[0]), {"round": [], "iops": [], "p50": [], "p99": []})
+        fig["round"].append(run[0]["round"])
+        fig["iops"].append(run[0]["iops"])
+        for p in ("p50", "p99"):
+            fig[p].append(run[0]["lat_us"][p])
+    return per_round
+
+
+# A stream's cost: the figures compared with quiet's, and whether higher is better.
+COST_FIGURES = (("iops", True), ("p50", False), ("p99", False))
+# A verdict on vmm's ratios over QEMU's, in words.
+COST_WORDS = {"faster": "vmm's guest pays less", "slower": "vmm's guest pays more"}
+
+
+def figure(obj, name):
+    """IOPS or a percentile of a configuration."""
+    return obj["iops"] if name == "iops" else obj["lat_us"][name]
+
+
+def round_ratios(per_round, t, name):
+    """A stream row's figure over its quiet row's, round by round (rounds both have)."""
+    load, idle = per_round.get(t), per_round.get(t[:5] + ("quiet",))
+    if not load or not idle:
+        return []
+    quiet = dict(zip(idle["round"], idle[name]))
+    return [v / quiet[r] for r, v in zip(load["round"], load[name])
+            if v is not None and quiet.get(r)]
+
+
+def stream_cost(runs, per_round, rounds):
+    """The section on what a block-stream costs the guest: per stream-load configuration, vmm's
+    and QEMU's IOPS, p50 and p99 over their quiet runs' (medians of the rounds) side by side with
+    their streams, then a verdict line per configuration on vmm's per-round ratios over QEMU's.
+    Stores `vs_quiet` in each stream row and `stream_cost_vs_qemu` in vmm's. Empty without
+    stream loads."""
+    by = {tag(r[0]): r[0] for r in runs}
+    keys = []
+    for obj in (r[0] for r in runs if "stream" in r[0]):
+        if tag(obj)[1:] not in keys:
+            keys.append(tag(obj)[1:])
+    if not keys:
+        return []
+    rows, lines = [], []
+    for key in keys:
+        sides = {who: by.get((who,) + key) for who in ("vmm", "qemu")}
+        cells = {}
+        for who, obj in sides.items():
+            idle = by.get((who,) + key[:4] + ("quiet",))
+            cells[who] = {f: ratio(figure(obj, f), figure(idle, f))
+                          for f, _ in COST_FIGURES} if obj and idle else {}
+            if cells[who]:
+                obj["vs_quiet"] = cells[who]
+        place, image, rw, qd, load = key
+        rows.append(f"| {place} | {image} | {rw} | {qd} | {load} | " + " | ".join(
+            fmt(cells[who].get(f), 2) for f, _ in COST_FIGURES for who in ("vmm", "qemu"))
+            + " | " + " | ".join(stream_cell((sides[who] or {}).get("stream"))
+                                 for who in ("vmm", "qemu")) + " |")
+        said = []
+        for f, higher_is_better in COST_FIGURES:
+            a, b = (round_ratios(per_round, (who,) + key, f) for who in ("vmm", "qemu"))
+            if not a or not b:
+                continue
+            v = verdict(a, b, higher_is_better)
+            sides["vmm"]["stream_cost_vs_qemu"] = {
+                **sides["vmm"].get("stream_cost_vs_qemu", {}), f: v}
+            said.append(f"{'IOPS' if f == 'iops' else f} ×{fmt(cells['vmm'].get(f), 2)} under vmm, "
+                        f"×{fmt(cells['qemu'].get(f), 2)} under QEMU: "
+                        f"{COST_WORDS.get(v['verdict'], v['verdict'])} "
+                        f"({v['change']:+.0%}, p={v['p']:.3g})")
+        if said:
+            lines.append(f"- {place} {image} {rw} QD{qd} {load}: " + "; ".join(said) + ".")
+    return ["", "## What a block-stream costs the guest (under the stream over quiet)", "",
+            "Each VMM's IOPS, p50 and p99 under the load over its own quiet run's (medians of "
+            "the rounds; IOPS below 1, latencies above 1: the guest slowed), vmm beside QEMU, and "
+            "each one's stream: in how many rounds it still ran when fio stopped "
+            "(query-block-jobs after fio's end), how much of the disk it had walked by then and "
+            "how fast (QEMU's `offset`: the range the top holds already is walked without a "
+            "copy), and a stream that ended before fio, its duration and the least share of "
+            "fio's window it covered. Verdicts: vmm's per-round ratios over QEMU's, with the "
+            f"A/B rule above (a change of at least {MIN_CHANGE:.0%} with p < {ALPHA})"
+            + ("" if rounds >= 5 else f"; with {rounds} round(s) none can be called") + ".", "",
+            "| placement | image | rw | QD | load | IOPS vmm | IOPS QEMU | p50 vmm | p50 QEMU | "
+            "p99 vmm | p99 QEMU | vmm's stream | QEMU's stream |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"] + rows + [""] + (
+            lines or ["- No verdict: a VMM has no quiet run to compare with."])
 
 
 def vmm_over(runs, other, title, verdicts, rounds):
@@ -513,12 +616,7 @@ def main():
         else:
             problems.append(why)
     rounds = int(machine.get("rounds", "1") or 1)
-    # Each configuration's figures per round, for the A/B verdicts.
-    per_round = {}
-    for run in runs:
-        fig = per_round.setdefault(tag(run[0]), {"iops": [], "p99": []})
-        fig["iops"].append(run[0]["iops"])
-        fig["p99"].append(run[0]["lat_us"]["p99"])
+    per_round = per_round_figures(runs)
     runs = combine(runs)
     # The host-native baselines (vmm "host"), keyed as the VMM rows they are the floor of.
     baselines = {baseline_key(r[0]): r[0] for r in runs if r[0]["vmm"] == "host"}
@@ -542,6 +640,11 @@ def main():
     for obj, *_ in runs:
         if obj["runs"] < rounds:
             problems.append(f"{run_name(obj)}: {obj['runs']} of {rounds} rounds")
+        errors = obj.get("stream", {}).get("errors")
+        if errors:
+            problems.append(f"{run_name(obj)}: no stream in {len(errors)} of {obj['runs']} "
+                            f"rounds ({errors[0]})")
+    cost = stream_cost(runs, per_round, rounds)
     (out / "summary.json").write_text(json.dumps([r[0] for r in runs], indent=2) + "\n")
 
     versions = {}
@@ -620,6 +723,7 @@ def main():
                         *t[1:], v["iops"]["change"], v["iops"]["p"])
                     for t, v in verdicts.items() if v["iops"]["verdict"] == called]
             md.append(f"- vmm {called}: " + ("; ".join(rows) if rows else "none"))
+    md += cost
     for name, args in variants.items():
         md += vmm_over(runs, name, f"{name} (`{args}`)",
                        ab_verdicts(runs, per_round, name), rounds)

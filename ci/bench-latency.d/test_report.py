@@ -7,7 +7,9 @@ import tempfile
 import unittest
 
 from report import (ab_verdicts, baseline_key, beyond, combine, cpu_per_io, over_host, parse_run,
-                    plus, sort_key, stage_means, suffix_over, tag, vmm_over)
+                    per_round_figures, plus, round_ratios, sort_key, stage_means, stream_cost,
+                    suffix_over, tag, vmm_over)
+from streamcost import MIB
 
 
 def fio_json(rw, iops, n, pct_us, max_us, lat_mean_us=None, cpu=(0.0, 0.0)):
@@ -129,11 +131,7 @@ class ReportFigures(unittest.TestCase):
                 run, why = parse_run(path)
                 self.assertIsNone(why)
                 runs.append((*run, ""))
-        per_round = {}
-        for run in runs:
-            fig = per_round.setdefault(tag(run[0]), {"iops": [], "p99": []})
-            fig["iops"].append(run[0]["iops"])
-            fig["p99"].append(run[0]["lat_us"]["p99"])
+        per_round = per_round_figures(runs)
         runs = combine(runs)
         runs.sort(key=lambda r: sort_key(r[0]))
         self.assertEqual([r[0]["vmm"] for r in runs], ["vmm", "vmm-nosandbox", "qemu"])
@@ -207,6 +205,73 @@ class ReportFigures(unittest.TestCase):
             "| vmm | iothread+pci+nopoll | qcow2 | randread | 32 | quiet | 0.75 | 1.00 | 1.00 | "
             "1.00 |"])
         self.assertEqual(suffix_over(runs[:2], "pci", "PCI over MMIO"), [])
+
+    def test_a_streams_cost_beside_qemus(self):
+        raw = self.dir / "raw"
+        raw.mkdir()
+        # Five rounds of 6 s. Quiet: 1000 IOPS, p50 100 µs, p99 200 µs for both. Under the
+        # stream both lose a fifth of their IOPS and p50 grows by 1.2; p99 grows by 1.5 under
+        # vmm (1.49 to 1.51 by round) and by 2 under QEMU. Each stream still runs at fio's end
+        # (fio stops at 107): vmm's has walked 64 MiB of 256 in 8 s, QEMU's 128.
+        p99 = {("vmm", "quiet"): [200] * 5, ("vmm", "stream-full"): [300, 302, 298, 300, 300],
+               ("qemu", "quiet"): [200] * 5, ("qemu", "stream-full"): [400] * 5}
+        walked = {"vmm": 64, "qemu": 128}
+        runs = []
+        for (vmm, load), tails in p99.items():
+            for r, tail in enumerate(tails, 1):
+                name = f"{vmm}.iothread.chain3.randread.qd1.{load}.r{r}"
+                scale = 1.2 if load != "quiet" else 1
+                doc = fio_json("randread", 1000 / scale ** 1.25 if load != "quiet" else 1000,
+                               6000, {"50.000000": 100 * scale, "99.000000": tail}, 900)
+                doc["jobs"][0]["read"]["runtime"] = 6000
+                (raw / f"{name}.json").write_text(json.dumps(doc))
+                if load != "quiet":
+                    jobs = [{"device": "stream0", "status": "running",
+                             "offset": walked[vmm] * MIB, "len": 256 * MIB}]
+                    (raw / f"{name}.stream").write_text(
+                        f"100.0 start 0\n100.1 {{\"return\": {{}}}}\n107.0 fio-stop\n"
+                        f"108.0 {json.dumps({'return': jobs})}\n")
+                run, why = parse_run(raw / f"{name}.json")
+                self.assertIsNone(why)
+                self.assertEqual(run[0]["round"], r)
+                runs.append((*run, ""))
+        per_round = per_round_figures(runs)
+        key = ("iothread", "chain3", "randread", 1, "stream-full")
+        self.assertEqual(round_ratios(per_round, ("vmm",) + key, "p99"),
+                         [1.5, 1.51, 1.49, 1.5, 1.5])
+        # A round whose quiet run is missing has no ratio.
+        del per_round[("qemu",) + key[:4] + ("quiet",)]["round"][2]
+        self.assertEqual(round_ratios(per_round, ("qemu",) + key, "p99"), [2.0] * 4)
+        per_round = per_round_figures(runs)
+        runs = combine(runs)
+        runs.sort(key=lambda r: sort_key(r[0]))
+        md = stream_cost(runs, per_round, 5)
+        self.assertEqual(md[1], "## What a block-stream costs the guest "
+                         "(under the stream over quiet)")
+        self.assertIn("| iothread | chain3 | randread | 1 | stream-full | 0.80 | 0.80 | 1.20 | "
+                      "1.20 | 1.50 | 2.00 | running at fio's end 5/5, 25% walked, 8 MiB/s | "
+                      "running at fio's end 5/5, 50% walked, 16 MiB/s |", md)
+        # vmm's p99 ratios all below QEMU's: the smallest p of 5 + 5 rounds, 2 / 252.
+        self.assertEqual(md[-1], "- iothread chain3 randread QD1 stream-full: IOPS ×0.80 under "
+                         "vmm, ×0.80 under QEMU: no difference at this noise (+0%, p=1); p50 "
+                         "×1.20 under vmm, ×1.20 under QEMU: no difference at this noise (+0%, "
+                         "p=1); p99 ×1.50 under vmm, ×2.00 under QEMU: vmm's guest pays less "
+                         "(-25%, p=0.00794).")
+        objs = {tag(r[0]): r[0] for r in runs}
+        vmm = objs[("vmm",) + key]
+        self.assertAlmostEqual(vmm["vs_quiet"]["p99"], 1.5)
+        self.assertEqual(vmm["stream_cost_vs_qemu"]["p99"]["verdict"], "faster")
+        self.assertEqual(objs[("qemu",) + key]["stream"]["running_at_end"], 5)
+        self.assertNotIn("round", vmm)
+        # Without stream loads, no section; without QEMU's quiet runs, no verdict.
+        self.assertEqual(stream_cost([r for r in runs if "stream" not in r[0]], per_round, 5), [])
+        per_round = {t: v for t, v in per_round.items() if t[::5] != ("qemu", "quiet")}
+        md = stream_cost([r for r in runs if tag(r[0])[::5] != ("qemu", "quiet")], per_round, 3)
+        self.assertIn("| iothread | chain3 | randread | 1 | stream-full | 0.80 | — | 1.20 | — | "
+                      "1.50 | — | running at fio's end 5/5, 25% walked, 8 MiB/s | "
+                      "running at fio's end 5/5, 50% walked, 16 MiB/s |", md)
+        self.assertIn("with 3 round(s) none can be called", md[3])
+        self.assertEqual(md[-1], "- No verdict: a VMM has no quiet run to compare with.")
 
 
 if __name__ == "__main__":

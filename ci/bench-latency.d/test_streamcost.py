@@ -1,0 +1,126 @@
+"""Tests of streamcost.py on hand-made raw/TAG.stream records whose answers are known
+(python3 -m unittest, run by ci/unit)."""
+
+import json
+import pathlib
+import tempfile
+import unittest
+
+from streamcost import MIB, combine_streams, stream_cell, stream_record
+
+
+def job(offset, status="running"):
+    """query-block-jobs' entry of the bench's stream over a 256 MiB disk."""
+    return {"type": "stream", "device": "stream0", "len": 256 * MIB, "offset": offset,
+            "busy": False, "paused": False, "speed": 0, "ready": False, "status": status,
+            "io-status": "ok"}
+
+
+def event(name, **data):
+    return {"event": name, "data": data, "timestamp": {"seconds": 1, "microseconds": 0}}
+
+
+def record(*lines):
+    """A raw/TAG.stream: (uptime, mark or QMP message) lines, the greeting and the
+    qmp_capabilities reply first."""
+    head = [(99.9, {"QMP": {"version": {}, "capabilities": []}}), (100.0, {"return": {}})]
+    return "".join(f"{t:.2f} {m if isinstance(m, str) else json.dumps(m)}\r\n"
+                   for t, m in head + list(lines))
+
+
+# The bench's sequence around a stream that outlives fio's 6 s window (fio stops at 107).
+STARTED = [(100.0, "start 0"), (100.1, {"return": {}}),
+           (100.1, event("JOB_STATUS_CHANGE", id="stream0", status="running"))]
+
+
+class StreamRecord(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.dir = pathlib.Path(self.tmp.name)
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def parse(self, text, window_s=6.0):
+        path = self.dir / "vmm.iothread.chain3.randread.qd1.stream-full.r1.stream"
+        path.write_text(text)
+        return stream_record(path, window_s)
+
+    def test_a_stream_running_when_fio_stops(self):
+        # 64 MiB walked in the 8 s from its start to query-block-jobs: 8 MiB/s, a quarter of
+        # the disk; it ran through fio's window [101, 107].
+        r = self.parse(record(*STARTED, (107.0, "fio-stop"), (108.0, {"return": [job(64 * MIB)]}),
+                              (108.0, {"return": {}}),
+                              (108.1, event("BLOCK_JOB_CANCELLED", device="stream0"))))
+        self.assertEqual(r, {"speed": 0, "error": None, "running_at_end": True, "ended_s": None,
+                             "coverage": 1.0, "progress": 0.25, "mib_per_s": 8.0})
+
+    def test_a_stream_that_ends_before_fio(self):
+        # Completed 4 s after its start: the window [101, 107] covered from 101 to 104, half of
+        # it; the whole disk walked in 4 s. The cancel after fio's stop finds no job.
+        r = self.parse(record(*STARTED, (104.0, event("BLOCK_JOB_COMPLETED", device="stream0",
+                                                      len=256 * MIB, offset=256 * MIB)),
+                              (107.0, "fio-stop"), (107.5, {"return": []}),
+                              (107.5, {"error": {"class": "DeviceNotActive",
+                                                 "desc": "Block job 'stream0' not found"}})))
+        self.assertEqual(r, {"speed": 0, "error": None, "running_at_end": False,
+                             "ended_s": 4.0, "coverage": 0.5, "progress": 1.0,
+                             "mib_per_s": 64.0})
+
+    def test_a_stream_that_ends_between_fio_stop_and_the_query(self):
+        # It ran through the window: still running when fio stopped.
+        r = self.parse(record(*STARTED, (107.0, "fio-stop"),
+                              (107.2, event("BLOCK_JOB_COMPLETED", device="stream0",
+                                            len=256 * MIB, offset=256 * MIB)),
+                              (107.3, {"return": []})))
+        self.assertTrue(r["running_at_end"])
+        self.assertIsNone(r["ended_s"])
+        self.assertEqual((r["coverage"], r["progress"]), (1.0, 1.0))
+
+    def test_a_stream_started_late_covers_part_of_the_window(self):
+        # Started at 104 (3 s into fio's window [101, 107]): half of it.
+        r = self.parse(record((104.0, "start 10485760"), (104.1, {"return": {}}),
+                              (107.0, "fio-stop"), (108.0, {"return": [job(40 * MIB)]})))
+        self.assertEqual((r["speed"], r["coverage"], r["mib_per_s"]), (10485760, 0.5, 10.0))
+
+    def test_no_stream(self):
+        # block-stream refused: the load was not there.
+        r = self.parse(record((100.0, "start 0"),
+                              (100.1, {"error": {"class": "GenericError",
+                                                 "desc": "Device 'd0' not found"}}),
+                              (107.0, "fio-stop"), (107.5, {"return": []})))
+        self.assertEqual(r["error"], "Device 'd0' not found")
+        # A stream whose copy failed ends with an error in its completion.
+        r = self.parse(record(*STARTED, (103.0, event("BLOCK_JOB_COMPLETED", device="stream0",
+                                                      len=256 * MIB, offset=MIB,
+                                                      error="Input/output error")),
+                              (107.0, "fio-stop"), (107.5, {"return": []})))
+        self.assertEqual(r["error"], "Input/output error")
+        # The VMM died before fio's end, or no record at all.
+        self.assertIn("no start or no fio-stop", self.parse(record(*STARTED))["error"])
+        r = self.parse(record(*STARTED, (107.0, "fio-stop")))
+        self.assertEqual(r["error"], "no query-block-jobs reply after fio's stop")
+        self.assertEqual(stream_record(self.dir / "missing.stream", 6.0),
+                         {"error": "no missing.stream"})
+
+    def test_rounds_combined_and_summed_up(self):
+        running = {"speed": 0, "error": None, "running_at_end": True, "ended_s": None,
+                   "coverage": 1.0, "progress": 0.25, "mib_per_s": 8.0}
+        ended = dict(running, running_at_end=False, ended_s=4.0, coverage=0.5, progress=1.0,
+                     mib_per_s=64.0)
+        both = combine_streams([running, ended, dict(running, mib_per_s=10.0)])
+        self.assertEqual(both, {"rounds": 3, "speed": 0, "running_at_end": 2, "ended_s": [4.0],
+                                "coverage": 0.5, "progress": 0.25, "mib_per_s": 10.0,
+                                "errors": []})
+        self.assertEqual(stream_cell(both), "running at fio's end 2/3, 25% walked, 10 MiB/s; "
+                         "ended after 4.0 s (the least of fio's window covered: 50%)")
+        self.assertEqual(stream_cell(combine_streams([running])),
+                         "running at fio's end 1/1, 25% walked, 8 MiB/s")
+        failed = combine_streams([running, {"speed": 0, "error": "Device 'd0' not found"}])
+        self.assertEqual(failed["errors"], ["Device 'd0' not found"])
+        self.assertEqual(stream_cell(failed), "no stream in 1/2: Device 'd0' not found")
+        self.assertEqual(stream_cell(None), "—")
+
+
+if __name__ == "__main__":
+    unittest.main()
