@@ -27,7 +27,8 @@
 # block-stream on the disk (job stream0, speed 0 or 10485760 bytes/s: the chain's lower layers
 # copied into its top) and the guest starts fio a second later; when fio stops, the client asks
 # query-block-jobs whether the job still runs, then cancels it. A stream leaves the chain flat, so
-# each stream load gets a boot of its own with a fresh copy of the chain (the other loads share one).
+# each stream load gets a boot of its own with a fresh copy of the chain's top (the other loads
+# share one).
 # A guest that ends before all its configurations ran (it reset itself, or made no
 # progress for RUNTIME + 60 s, 60 s more before its first result, and was killed) is booted again
 # for the missing ones, up to twice;
@@ -276,7 +277,9 @@ run_boot() {
   case $image in
     raw) cp img/raw.raw run/d.raw; file=run/d.raw; fmt=raw ;;
     qcow2) cp img/qcow2.qcow2 run/d.qcow2; file=run/d.qcow2; fmt=qcow2 ;;
-    chain3) cp img/chain/*.qcow2 run/; file=run/top.qcow2; fmt=qcow2 ;;
+    # Writes (the guest's, a stream's) go to the top only: the lower layers are linked.
+    chain3) cp img/chain/top.qcow2 run/; ln img/chain/base.qcow2 img/chain/mid.qcow2 run/
+      file=run/top.qcow2; fmt=qcow2 ;;
   esac
   io="" dev="" extra="" device=virtio-blk-device qemu=$QEMU_BASELINE
   case +$place+ in *+pci+*) device=virtio-blk-pci qemu=$QEMU_BASELINE_PCI ;; esac
