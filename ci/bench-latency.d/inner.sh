@@ -294,8 +294,6 @@ run_boot() {
   esac
   p=$vmm.$place.$image
   [ "$ROUNDS" = 1 ] || p=$p.r$round
-  # A stream load's boot (its only configuration) is named after its load.
-  case $confs in *:stream-*) p=$p.${confs##*:} ;; esac
   vars="P=$vmm.$place.$image RT=$RUNTIME CONFS=\"$confs\""
   gs=$(printf '%s\n%s\n' "$vars" "$guest_body" | base64 | tr -d '\n')
   n=$(echo $confs | wc -w)
@@ -344,6 +342,8 @@ run_boot() {
   progress
   [ -e poll.on ] && poll_stop
   [ -z "$stream" ] || stream_stop
+  # A stream load's boot (its only configuration) is named after its load.
+  case $confs in *:stream-*) p=$p.${confs##*:} ;; esac
   log="$OUT_DIR/console/$p${try:+.try$try}"
   cp run/debug.log "$log.debug.log" 2>/dev/null
   grep -v BENCH-NOISE console.log | tr -d '\r' > "$log.log"
