@@ -7,8 +7,8 @@ import tempfile
 import unittest
 
 from report import (ab_verdicts, baseline_key, beyond, combine, cpu_per_io, over_host, parse_run,
-                    per_round_figures, plus, round_ratios, sort_key, stage_means, stream_cost,
-                    suffix_over, tag, vmm_over)
+                    plus, sort_key, stage_means, suffix_over, tag, vmm_over)
+from report import per_round_figures, round_ratios, stream_cost
 from streamcost import MIB
 
 
