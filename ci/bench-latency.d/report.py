@@ -340,6 +340,20 @@ def round_ratios(per_round, t, name):
             if v is not None and quiet.get(r)]
 
 
+# Streams whose rates differ by more than this factor did not load the guest alike.
+RATE_SPREAD = 1.25
+
+
+def unequal_work(mine, theirs):
+    """' The streams differed: ...' when vmm's and QEMU's streams walked the disk at rates more
+    than RATE_SPREAD apart (so the costs are not of the same load), else ''."""
+    a, b = mine.get("mib_per_s"), theirs.get("mib_per_s")
+    if not a or not b or 1 / RATE_SPREAD <= a / b <= RATE_SPREAD:
+        return ""
+    return (f" The streams differed: vmm's walked {a:.0f} MiB/s, QEMU's {b:.0f} MiB/s, so the "
+            "guests did not bear the same load.")
+
+
 def stream_cost(runs, per_round, rounds):
     """The section on what a block-stream costs the guest: per stream-load configuration, vmm's
     and QEMU's IOPS, p50 and p99 over their quiet runs' (medians of the rounds) side by side with
@@ -381,7 +395,9 @@ def stream_cost(runs, per_round, rounds):
                         f"{COST_WORDS.get(v['verdict'], v['verdict'])} "
                         f"({v['change']:+.0%}, p={v['p']:.3g})")
         if said:
-            lines.append(f"- {place} {image} {rw} QD{qd} {load}: " + "; ".join(said) + ".")
+            lines.append(f"- {place} {image} {rw} QD{qd} {load}: " + "; ".join(said) + "."
+                         + unequal_work(*((sides[who] or {}).get("stream", {})
+                                          for who in ("vmm", "qemu"))))
     return ["", "## What a block-stream costs the guest (under the stream over quiet)", "",
             "Each VMM's IOPS, p50 and p99 under the load over its own quiet run's (medians of "
             "the rounds; IOPS below 1, latencies above 1: the guest slowed), vmm beside QEMU, and "

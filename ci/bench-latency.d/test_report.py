@@ -8,7 +8,7 @@ import unittest
 
 from report import (ab_verdicts, baseline_key, beyond, combine, cpu_per_io, over_host, parse_run,
                     plus, sort_key, stage_means, suffix_over, tag, vmm_over)
-from report import per_round_figures, round_ratios, stream_cost
+from report import per_round_figures, round_ratios, stream_cost, unequal_work
 from streamcost import MIB
 
 
@@ -256,7 +256,14 @@ class ReportFigures(unittest.TestCase):
                          "vmm, ×0.80 under QEMU: no difference at this noise (+0%, p=1); p50 "
                          "×1.20 under vmm, ×1.20 under QEMU: no difference at this noise (+0%, "
                          "p=1); p99 ×1.50 under vmm, ×2.00 under QEMU: vmm's guest pays less "
-                         "(-25%, p=0.00794).")
+                         "(-25%, p=0.00794). The streams differed: vmm's walked 8 MiB/s, "
+                         "QEMU's 16 MiB/s, so the guests did not bear the same load.")
+        # QEMU's stream walked twice as fast: the verdict line says the loads differed.
+        self.assertEqual(unequal_work({"mib_per_s": 8.0}, {"mib_per_s": 16.0}),
+                         " The streams differed: vmm's walked 8 MiB/s, QEMU's 16 MiB/s, so the "
+                         "guests did not bear the same load.")
+        self.assertEqual(unequal_work({"mib_per_s": 10.0}, {"mib_per_s": 12.0}), "")
+        self.assertEqual(unequal_work({"mib_per_s": 10.0}, {}), "")
         objs = {tag(r[0]): r[0] for r in runs}
         vmm = objs[("vmm",) + key]
         self.assertAlmostEqual(vmm["vs_quiet"]["p99"], 1.5)
