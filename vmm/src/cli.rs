@@ -48,6 +48,9 @@ Usage: vmm -kernel FILE [options]
   -device virtio-blk-pci,drive=ID[,id=ID][,iothread=ID][,serial=S][,num-queues=N][,queue-size=N]
                    a virtio-pci disk on the PCI root bus, an MSI-X vector per queue
                    (num-queues defaults to the number of vCPUs)
+  -global DRIVER.PROPERTY=VALUE | driver=DRIVER,property=PROPERTY,value=VALUE
+                   a default for PROPERTY of every -device DRIVER (virtio-blk-device or
+                   virtio-blk-pci) that does not set it, as in QEMU
   -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off
                    a QMP monitor (wait=on, the default, waits for a client before starting)
   -S               start with the vCPUs paused, until the monitor's cont
@@ -216,7 +219,7 @@ pub enum CliError {
     /// A `-qmp` value that does not parse.
     #[error(transparent)]
     Qmp(#[from] QmpOptionError),
-    /// A disk flag (`-object`, `-drive`, `-device`) that does not parse or does not pair up.
+    /// A disk flag (`-object`, `-drive`, `-device`, `-global`) that does not parse or does not pair up.
     #[error(transparent)]
     Drive(#[from] DriveError),
     /// A `-sandbox` value that does not parse or asks for what the filters never allow.
@@ -237,6 +240,7 @@ const FLAGS: &[(&str, bool)] = &[
     ("-object", true),
     ("-drive", true),
     ("-device", true),
+    ("-global", true),
     ("-machine", true),
     ("-M", true),
     ("-cpu", true),
@@ -430,6 +434,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut iothreads = Vec::new();
     let mut drives = Vec::new();
     let mut devices = Vec::new();
+    let mut globals = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let Some(&(flag, takes_value)) = FLAGS.iter().find(|(f, _)| *f == arg) else {
@@ -455,7 +460,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "-S" => start_paused = true,
             "-object" => iothreads.push(drive::parse_object(&value)?),
             "-drive" => drives.push(drive::parse_drive(&value, drives.len())?),
-            "-device" => devices.push(drive::parse_device(&value)?),
+            // Parsed at the end, with every -global (which may come after them) as defaults.
+            "-device" => devices.push(value),
+            "-global" => globals.push(drive::parse_global(&value)?),
             "-machine" | "-M" => check_machine(flag, &value)?,
             "-cpu" => check_choice(
                 flag,
@@ -478,6 +485,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             _ => {}
         }
     }
+    let devices = devices
+        .iter()
+        .map(|d| drive::parse_device(d, &globals))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Command::Run(Box::new(Config {
         mem_bytes: mem.unwrap_or(DEFAULT_MEM_BYTES),
         // One vCPU is always a valid topology.
@@ -492,6 +503,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             &iothreads.iter().map(|t| t.id.clone()).collect::<Vec<_>>(),
             &drives,
             &devices,
+            &globals,
         )?,
         iothreads,
         name: name.unwrap_or_default(),
@@ -513,6 +525,26 @@ mod tests {
             Ok(Command::Run(c)) => *c,
             other => panic!("{line}: {other:?}"),
         }
+    }
+
+    #[test]
+    fn globals_apply_to_devices_before_and_after_them() {
+        let c = config(
+            "-kernel k -drive file=a,format=raw,if=none,id=d0 \
+             -drive file=b,format=raw,if=none,id=d1 -device virtio-blk-device,drive=d0 \
+             -global virtio-blk-device.x-stage-timing=off \
+             -device virtio-blk-device,drive=d1,x-stage-timing=on",
+        );
+        let timing: Vec<_> = c.disks.iter().map(|d| d.device.stage_timing).collect();
+        assert_eq!(timing, [false, true]);
+        assert_eq!(
+            parse_str("-kernel k -global virtio-blk-device.nosuch=1").map(|_| ()),
+            Err(CliError::Drive(DriveError::GlobalProperty {
+                driver: "virtio-blk-device".into(),
+                property: "nosuch".into(),
+                value: "1".into(),
+            }))
+        );
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! `-drive file=...,if=none|virtio,...` and `-device virtio-blk-device,drive=ID,...`, parsed into
 //! typed specifications and paired into the list of disks the VM gets ([`plan`]). `-object` and
 //! `-device` also take QEMU's JSON form (`-object '{"qom-type":"iothread","id":"io0"}'`), read
-//! into the same options ([`Options::parse_json_or_keyval`]).
+//! into the same options ([`Options::parse_json_or_keyval`]). `-global DRIVER.PROPERTY=VALUE`
+//! (or `driver=,property=,value=`) gives every device of a driver, `if=virtio`'s too, a default
+//! for one of its properties, which the device's own value overrides, as in QEMU; unlike QEMU,
+//! which only warns about a driver it has no class for, an unknown driver or property is refused.
 //!
 //! Everything that can be checked without touching a file is checked here, before the VM exists:
 //! unknown keys and values, an unknown drive or iothread id, a drive given to two devices, ids
@@ -75,6 +78,37 @@ pub enum DriveError {
     /// Two devices given the same drive (or a device given an `if=virtio` drive).
     #[error("Drive '{0}' is already in use by another device")]
     DriveInUse(String),
+    /// `-global` for a driver other than virtio-blk's (QEMU's words; QEMU only warns).
+    #[error("-global: global {driver}.{property} has invalid class name (only virtio-blk-device and virtio-blk-pci)")]
+    GlobalDriver {
+        /// The driver.
+        driver: String,
+        /// The property.
+        property: String,
+    },
+    /// `-global` for a property the driver does not have (QEMU's words).
+    #[error("-global: can't apply global {driver}.{property}={value}: Property '{driver}.{property}' not found")]
+    GlobalProperty {
+        /// The driver.
+        driver: String,
+        /// The property.
+        property: String,
+        /// The value.
+        value: String,
+    },
+    /// `-global driver=,property=,value=` without one of the three (QEMU's words).
+    #[error("-global: options 'driver', 'property', and 'value' are required")]
+    GlobalIncomplete,
+    /// A `-global` value that its property cannot take, found when a device of its driver
+    /// applies it (QEMU's words).
+    #[error("-device: can't apply global {}.{}={}", global.driver, global.property, global.value)]
+    GlobalValue {
+        /// The global.
+        global: Box<GlobalProperty>,
+        /// What is wrong.
+        #[source]
+        source: OptionError,
+    },
     /// qcow2 cache sizes that contradict each other.
     #[error("-drive")]
     CacheSize(#[from] CacheSizeError),
@@ -262,6 +296,17 @@ impl DeviceSpec {
     }
 }
 
+/// One `-global DRIVER.PROPERTY=VALUE`: a default for one property of every device of a driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalProperty {
+    /// The driver (`virtio-blk-device` or `virtio-blk-pci`).
+    pub driver: String,
+    /// One of the device's properties (`x-stage-timing`, `num-queues`, ...).
+    pub property: String,
+    /// The value, read as the property's type when a device applies it.
+    pub value: String,
+}
+
 /// A disk the guest gets: a drive and the device presenting it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
@@ -270,6 +315,23 @@ pub struct DiskSpec {
     /// The guest side.
     pub device: DeviceSpec,
 }
+
+/// The `-device` drivers and the transport of each.
+const DEVICE_DRIVERS: [(&str, Transport); 2] = [
+    ("virtio-blk-device", Transport::Mmio),
+    ("virtio-blk-pci", Transport::Pci),
+];
+
+/// A virtio-blk device's properties: what `-device` sets beside `driver` and `id`, and what
+/// `-global` can give every device of a driver.
+const DEVICE_PROPERTIES: [&str; 6] = [
+    "drive",
+    "iothread",
+    "serial",
+    "num-queues",
+    "queue-size",
+    "x-stage-timing",
+];
 
 /// QEMU's defaults for virtio-blk.
 const DEFAULT_NUM_QUEUES: u16 = 1;
@@ -477,46 +539,114 @@ fn error_policy(text: &str) -> Option<ErrorPolicy> {
     }
 }
 
-/// `-device virtio-blk-device,drive=ID,...` or `-device virtio-blk-pci,drive=ID,...`, or their JSON form.
-pub fn parse_device(value: &str) -> Result<DeviceSpec, DriveError> {
+/// `-device virtio-blk-device,drive=ID,...` or `-device virtio-blk-pci,drive=ID,...`, or their
+/// JSON form, with the `globals` for its driver as defaults.
+pub fn parse_device(value: &str, globals: &[GlobalProperty]) -> Result<DeviceSpec, DriveError> {
+    let mut known = vec!["driver", "id"];
+    known.extend(DEVICE_PROPERTIES);
+    let opts = Options::parse_json_or_keyval(value, Some("driver"), &known)
+        .map_err(option_err("-device"))?;
+    device(&opts, globals)
+}
+
+/// The device `opts` describe, a property they do not give taken from the last of `globals`
+/// for the device's driver that gives it.
+fn device(opts: &Options, globals: &[GlobalProperty]) -> Result<DeviceSpec, DriveError> {
     let flag = "-device";
-    let err = option_err(flag);
-    let opts = Options::parse_json_or_keyval(
-        value,
-        Some("driver"),
-        &[
-            "driver",
-            "drive",
-            "id",
-            "iothread",
-            "serial",
-            "num-queues",
-            "queue-size",
-            "x-stage-timing",
-        ],
-    )
-    .map_err(&err)?;
-    let driver: String = opts.get("driver").map_err(&err)?.unwrap_or_default();
-    let transport = match driver.as_str() {
-        "virtio-blk-device" => Transport::Mmio,
-        "virtio-blk-pci" => Transport::Pci,
-        _ => return Err(DriveError::DeviceDriver(driver)),
+    let driver: String = opts
+        .get("driver")
+        .map_err(option_err(flag))?
+        .unwrap_or_default();
+    let Some(&(_, transport)) = DEVICE_DRIVERS.iter().find(|(d, _)| *d == driver) else {
+        return Err(DriveError::DeviceDriver(driver));
+    };
+    let props = Properties {
+        opts,
+        driver: &driver,
+        globals,
     };
     Ok(DeviceSpec {
         transport,
-        drive: opts
-            .get("drive")
-            .map_err(&err)?
+        drive: props
+            .get("drive")?
             .ok_or(DriveError::MissingKey { flag, key: "drive" })?,
-        id: opts.get("id").map_err(&err)?,
-        iothread: opts.get("iothread").map_err(&err)?,
-        serial: opts.get("serial").map_err(&err)?.unwrap_or_default(),
-        num_queues: opts.get("num-queues").map_err(&err)?,
-        queue_size: opts
-            .get("queue-size")
-            .map_err(&err)?
-            .unwrap_or(DEFAULT_QUEUE_SIZE),
-        stage_timing: opts.get("x-stage-timing").map_err(&err)?.unwrap_or(true),
+        id: opts.get("id").map_err(option_err(flag))?,
+        iothread: props.get("iothread")?,
+        serial: props.get("serial")?.unwrap_or_default(),
+        num_queues: props.get("num-queues")?,
+        queue_size: props.get("queue-size")?.unwrap_or(DEFAULT_QUEUE_SIZE),
+        stage_timing: props.get("x-stage-timing")?.unwrap_or(true),
+    })
+}
+
+/// A device's properties: its own options, then the `-global`s for its driver.
+struct Properties<'a> {
+    opts: &'a Options,
+    driver: &'a str,
+    globals: &'a [GlobalProperty],
+}
+
+impl Properties<'_> {
+    /// The value of `key`: the device's own, else the last `-global` for its driver's.
+    fn get<T: OptionValue>(&self, key: &str) -> Result<Option<T>, DriveError> {
+        if let Some(value) = self.opts.get(key).map_err(option_err("-device"))? {
+            return Ok(Some(value));
+        }
+        let Some(global) = self
+            .globals
+            .iter()
+            .rev()
+            .find(|g| g.driver == self.driver && g.property == key)
+        else {
+            return Ok(None);
+        };
+        Options::from_pairs([(key, global.value.as_str())])
+            .get(key)
+            .map_err(|source| DriveError::GlobalValue {
+                global: Box::new(global.clone()),
+                source,
+            })
+    }
+}
+
+/// `-global DRIVER.PROPERTY=VALUE` or `-global driver=DRIVER,property=PROPERTY,value=VALUE`.
+/// The first form is read as QEMU reads it: the driver ends at the first `.` or `=`, which must
+/// be a `.`, the property at the next `=`; anything else is taken as the second form.
+pub fn parse_global(text: &str) -> Result<GlobalProperty, DriveError> {
+    let dotted = text
+        .find(['.', '='])
+        .filter(|&i| i > 0 && text[i..].starts_with('.'))
+        .and_then(|i| {
+            let (property, value) = text[i + 1..].split_once('=')?;
+            (!property.is_empty()).then(|| (&text[..i], property, value))
+        });
+    let (driver, property, value) = match dotted {
+        Some((d, p, v)) => (d.to_owned(), p.to_owned(), v.to_owned()),
+        None => {
+            let err = option_err("-global");
+            let opts =
+                Options::parse(text, None, &["driver", "property", "value"]).map_err(&err)?;
+            let get = |key| opts.get::<String>(key).map_err(&err);
+            match (get("driver")?, get("property")?, get("value")?) {
+                (Some(d), Some(p), Some(v)) => (d, p, v),
+                _ => return Err(DriveError::GlobalIncomplete),
+            }
+        }
+    };
+    if !DEVICE_DRIVERS.iter().any(|(d, _)| *d == driver) {
+        return Err(DriveError::GlobalDriver { driver, property });
+    }
+    if !DEVICE_PROPERTIES.contains(&property.as_str()) {
+        return Err(DriveError::GlobalProperty {
+            driver,
+            property,
+            value,
+        });
+    }
+    Ok(GlobalProperty {
+        driver,
+        property,
+        value,
     })
 }
 
@@ -541,6 +671,7 @@ pub fn plan(
     iothreads: &[String],
     drives: &[DriveSpec],
     devices: &[DeviceSpec],
+    globals: &[GlobalProperty],
 ) -> Result<Vec<DiskSpec>, DriveError> {
     unique("iothread", iothreads.iter().map(String::as_str))?;
     unique("drive", drives.iter().map(|d| d.id.as_str()))?;
@@ -556,30 +687,24 @@ pub fn plan(
             return Err(DriveError::DriveInUse(device.drive.clone()));
         }
         used[index] = true;
-        if let Some(t) = &device.iothread {
-            if !iothreads.contains(t) {
-                return Err(DriveError::UnknownIothread(t.clone()));
-            }
-        }
         disks.push(DiskSpec {
             drive: drives[index].clone(),
             device: device.clone(),
         });
     }
     for drive in drives.iter().filter(|d| d.virtio) {
+        let opts = Options::from_pairs([("driver", "virtio-blk-device"), ("drive", &drive.id)]);
         disks.push(DiskSpec {
             drive: drive.clone(),
-            device: DeviceSpec {
-                transport: Transport::Mmio,
-                drive: drive.id.clone(),
-                id: None,
-                iothread: None,
-                serial: String::new(),
-                num_queues: None,
-                queue_size: DEFAULT_QUEUE_SIZE,
-                stage_timing: true,
-            },
+            device: device(&opts, globals)?,
         });
+    }
+    for disk in &disks {
+        if let Some(t) = &disk.device.iothread {
+            if !iothreads.contains(t) {
+                return Err(DriveError::UnknownIothread(t.clone()));
+            }
+        }
     }
     Ok(disks)
 }
@@ -711,6 +836,7 @@ mod tests {
         }
         let dev = parse_device(
             "virtio-blk-device,drive=d0,id=vd0,iothread=io0,serial=S1,num-queues=2,queue-size=128",
+            &[],
         )
         .expect("parses");
         assert_eq!(
@@ -727,18 +853,18 @@ mod tests {
             }
         );
         let untimed =
-            parse_device("virtio-blk-device,drive=d0,x-stage-timing=off").expect("parses");
+            parse_device("virtio-blk-device,drive=d0,x-stage-timing=off", &[]).expect("parses");
         assert!(!untimed.stage_timing);
         assert_eq!(dev.queues(4), 2);
-        let plain = parse_device("virtio-blk-device,drive=d0").expect("parses");
+        let plain = parse_device("virtio-blk-device,drive=d0", &[]).expect("parses");
         assert_eq!((plain.queues(4), plain.queue_size), (1, 256));
         // virtio-blk-pci: a queue per vCPU unless told.
-        let pci = parse_device("virtio-blk-pci,drive=d0,iothread=io0").expect("parses");
+        let pci = parse_device("virtio-blk-pci,drive=d0,iothread=io0", &[]).expect("parses");
         assert_eq!(
             (pci.transport, pci.queues(4), pci.queues(1)),
             (Transport::Pci, 4, 1)
         );
-        let pci = parse_device("virtio-blk-pci,drive=d0,num-queues=2").expect("parses");
+        let pci = parse_device("virtio-blk-pci,drive=d0,num-queues=2", &[]).expect("parses");
         assert_eq!(pci.queues(4), 2);
     }
 
@@ -782,11 +908,13 @@ mod tests {
         assert_eq!(
             parse_device(
                 r#"{"driver": "virtio-blk-device", "drive": "d0", "id": "vd0",
-                    "iothread": "io0", "serial": "S1", "num-queues": 2, "queue-size": 128}"#
+                    "iothread": "io0", "serial": "S1", "num-queues": 2, "queue-size": 128}"#,
+                &[]
             ),
             parse_device(
                 "virtio-blk-device,drive=d0,id=vd0,iothread=io0,serial=S1,num-queues=2,\
-                 queue-size=128"
+                 queue-size=128",
+                &[]
             )
         );
     }
@@ -819,7 +947,7 @@ mod tests {
             parse_object(r#"{"qom-type": "memory-backend-ram", "id": "m"}"#),
             Err(DriveError::ObjectType("memory-backend-ram".into()))
         );
-        let device_err = |text| match parse_device(text) {
+        let device_err = |text| match parse_device(text, &[]) {
             Err(DriveError::Option {
                 flag: "-device",
                 source,
@@ -957,18 +1085,18 @@ mod tests {
             );
         }
         assert_eq!(
-            parse_device("virtio-scsi-pci,drive=d"),
+            parse_device("virtio-scsi-pci,drive=d", &[]),
             Err(DriveError::DeviceDriver("virtio-scsi-pci".into()))
         );
         assert_eq!(
-            parse_device("virtio-blk-device"),
+            parse_device("virtio-blk-device", &[]),
             Err(DriveError::MissingKey {
                 flag: "-device",
                 key: "drive"
             })
         );
         assert!(matches!(
-            parse_device("virtio-blk-device,drive=d,queue-size=70000"),
+            parse_device("virtio-blk-device,drive=d,queue-size=70000", &[]),
             Err(DriveError::Option {
                 flag: "-device",
                 source: OptionError::BadValue { .. }
@@ -985,7 +1113,7 @@ mod tests {
             drive("file=c,format=raw,if=virtio"),
             drive("file=e,format=raw,id=unused"),
         ];
-        let dev = |s: &str| parse_device(s).expect("parses");
+        let dev = |s: &str| parse_device(s, &[]).expect("parses");
         let disks = plan(
             &io,
             &drives,
@@ -993,6 +1121,7 @@ mod tests {
                 dev("virtio-blk-device,drive=d1,iothread=io1"),
                 dev("virtio-blk-device,drive=d0"),
             ],
+            &[],
         )
         .expect("plans");
         let names: Vec<_> = disks
@@ -1065,7 +1194,132 @@ mod tests {
         ];
         for (io, drives, devices, want) in cases {
             let text = want.to_string();
-            assert_eq!(plan(&io, &drives, &devices), Err(want), "{text}");
+            assert_eq!(plan(&io, &drives, &devices, &[]), Err(want), "{text}");
         }
+    }
+
+    #[test]
+    fn globals_are_defaults_that_the_device_overrides() {
+        let global = |s: &str| parse_global(s).expect("parses");
+        let off = global("virtio-blk-device.x-stage-timing=off");
+        assert_eq!(
+            off,
+            GlobalProperty {
+                driver: "virtio-blk-device".into(),
+                property: "x-stage-timing".into(),
+                value: "off".into(),
+            }
+        );
+        assert_eq!(
+            global("driver=virtio-blk-device,property=x-stage-timing,value=off"),
+            off
+        );
+        // The value is everything after the property's '=', commas and dots included.
+        assert_eq!(
+            global("virtio-blk-pci.serial=a.b,c=d").value,
+            "a.b,c=d".to_owned()
+        );
+        let dev = |s: &str, globals: &[GlobalProperty]| parse_device(s, globals).expect("parses");
+        let globals = [off.clone()];
+        assert!(!dev("virtio-blk-device,drive=d0", &globals).stage_timing);
+        assert!(!dev(r#"{"driver":"virtio-blk-device","drive":"d0"}"#, &globals).stage_timing);
+        // The device's own value wins; another driver's global does not apply.
+        assert!(dev("virtio-blk-device,drive=d0,x-stage-timing=on", &globals).stage_timing);
+        assert!(dev("virtio-blk-pci,drive=d0", &globals).stage_timing);
+        let pci = [global("virtio-blk-pci.x-stage-timing=off")];
+        assert!(!dev("virtio-blk-pci,drive=d0", &pci).stage_timing);
+        assert!(dev("virtio-blk-device,drive=d0", &pci).stage_timing);
+        // Of two globals for one property, the later one.
+        let twice = [
+            global("virtio-blk-pci.num-queues=2"),
+            global("virtio-blk-pci.queue-size=64"),
+            global("virtio-blk-pci.num-queues=3"),
+        ];
+        let d = dev("virtio-blk-pci,drive=d0", &twice);
+        assert_eq!((d.queues(8), d.queue_size), (3, 64));
+        // Any property, drive= included, as in QEMU.
+        let d = dev("virtio-blk-device", &[global("virtio-blk-device.drive=d7")]);
+        assert_eq!(d.drive, "d7");
+        // An if=virtio drive's device is a virtio-blk-device: its globals apply.
+        let drives = [drive("file=c,format=raw,if=virtio")];
+        let io = ["io0".to_owned()];
+        let globals = [off, global("virtio-blk-device.iothread=io0")];
+        let disks = plan(&io, &drives, &[], &globals).expect("plans");
+        assert!(!disks[0].device.stage_timing);
+        assert_eq!(disks[0].device.iothread.as_deref(), Some("io0"));
+        assert_eq!(
+            plan(&[], &drives, &[], &globals),
+            Err(DriveError::UnknownIothread("io0".into()))
+        );
+    }
+
+    #[test]
+    fn global_errors_by_variant() {
+        assert_eq!(
+            parse_global("virtio-net-pci.mq=on"),
+            Err(DriveError::GlobalDriver {
+                driver: "virtio-net-pci".into(),
+                property: "mq".into(),
+            })
+        );
+        let unknown = parse_global("virtio-blk-device.foo=bar");
+        assert_eq!(
+            unknown,
+            Err(DriveError::GlobalProperty {
+                driver: "virtio-blk-device".into(),
+                property: "foo".into(),
+                value: "bar".into(),
+            })
+        );
+        assert_eq!(
+            unknown.map_err(|e| e.to_string()),
+            Err("-global: can't apply global virtio-blk-device.foo=bar: \
+                 Property 'virtio-blk-device.foo' not found"
+                .into())
+        );
+        // Not a device property here: the device's name.
+        assert!(matches!(
+            parse_global("virtio-blk-pci.id=x"),
+            Err(DriveError::GlobalProperty { .. })
+        ));
+        for incomplete in [
+            "driver=virtio-blk-device,property=x-stage-timing",
+            "virtio-blk-device.x-stage-timing",
+        ] {
+            let want: Result<GlobalProperty, DriveError> = if incomplete.contains('=') {
+                Err(DriveError::GlobalIncomplete)
+            } else {
+                Err(DriveError::Option {
+                    flag: "-global",
+                    source: OptionError::NotKeyValue {
+                        item: incomplete.into(),
+                    },
+                })
+            };
+            assert_eq!(parse_global(incomplete), want, "{incomplete}");
+        }
+        assert!(matches!(
+            parse_global("driver=virtio-blk-device,property=serial,value=s,x=1"),
+            Err(DriveError::Option {
+                flag: "-global",
+                source: OptionError::UnknownKey { key, .. }
+            }) if key == "x"
+        ));
+        // A value the property cannot take is refused by the device that would apply it, and
+        // not by one that sets the property itself.
+        let bad = [parse_global("virtio-blk-device.num-queues=x").expect("parses")];
+        assert_eq!(
+            parse_device("virtio-blk-device,drive=d0", &bad),
+            Err(DriveError::GlobalValue {
+                global: Box::new(bad[0].clone()),
+                source: OptionError::BadValue {
+                    key: "num-queues".into(),
+                    value: "x".into(),
+                    expected: "a number from 0 to 65535",
+                },
+            })
+        );
+        assert!(parse_device("virtio-blk-device,drive=d0,num-queues=2", &bad).is_ok());
+        assert!(parse_device("virtio-blk-pci,drive=d0", &bad).is_ok());
     }
 }

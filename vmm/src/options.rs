@@ -305,6 +305,16 @@ impl Options {
         Ok(options)
     }
 
+    /// Options made of `pairs` as given, without checking their keys (the caller built them).
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        Self {
+            pairs: pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned(), None))
+                .collect(),
+        }
+    }
+
     /// Refuses a key that is not `known` or already given.
     fn check_key(&self, key: &str, known: &[&str]) -> Result<(), OptionError> {
         if !known.contains(&key) {
