@@ -9,6 +9,8 @@
 #            quiet/disturbed/fsync-writer/stream-full/stream-10M);
 #   ROUND, ROUNDS  this run is round ROUND of ROUNDS (with several, results are named TAG.rN);
 #   RUNTIME  fio's measured seconds per configuration (after 1 s of ramp);
+#   VCPUS    the guest's vCPUs; NUMJOBS  fio's jobs (1: pinned to vCPU 0; more: one per vCPU,
+#            --cpus_allowed_policy=split, --group_reporting), in the guest and the host baseline;
 #   IMAGE_MIB, NCONF (fio runs in all, for the progress lines);
 #   POLL_INTERVAL  seconds between a QMP reply and the next query-blockstats (0: flood, pipelined);
 #   QEMU_BASELINE  the start of QEMU's command line (ci/qemu-baseline.args);
@@ -91,6 +93,7 @@ for c in $(for c in $CONFS; do echo "${c%:*}"; done | sort -u); do
   cp img/raw.raw host.raw
   fio --eta=never --output-format=json --output="$OUT_DIR/raw/$t.json.part" --name=bench \
     --filename=host.raw --direct=1 --ioengine=libaio --rw="$rw" --bs=4k --iodepth="$qd" \
+    --numjobs="$NUMJOBS" --group_reporting \
     --ramp_time=1 --runtime="$RUNTIME" --time_based &&
     mv "$OUT_DIR/raw/$t.json.part" "$OUT_DIR/raw/$t.json"
   say "host fio $rw QD$qd on the raw image: exit $?"
@@ -98,8 +101,10 @@ for c in $(for c in $CONFS; do echo "${c%:*}"; done | sort -u); do
 done
 need raw || rm -f img/raw.raw
 
-# The guest's script: the fio runs of one boot (variables P CONFS RT prepended).
+# The guest's script: the fio runs of one boot (variables P CONFS RT NJ prepended).
 guest_body='cd /tmp
+jobs=--cpus_allowed=0
+[ $NJ = 1 ] || jobs="--numjobs=$NJ --cpus_allowed=0-$((NJ - 1)) --cpus_allowed_policy=split --group_reporting"
 for c in $CONFS; do
 rw=${c%%:*}; r=${c#*:}; qd=${r%%:*}; ld=${r#*:}
 t=$P.$rw.qd$qd.$ld
@@ -112,7 +117,7 @@ case $ld in stream-*) echo BENCH-LOAD-ON $t; sleep 1 ;; esac
 wr=""
 [ $ld = fsync-writer ] && wr="--name=writer --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=1 --fsync=1 --ramp_time=1 --runtime=$RT --time_based --cpus_allowed=1"
 echo BENCH-FIO-START $t
-fio --eta=never --output-format=json --output=f.json --name=bench --filename=/dev/vda --direct=1 --ioengine=libaio --rw=$rw --bs=4k --iodepth=$qd --ramp_time=1 --runtime=$RT --time_based --cpus_allowed=0 $wr 2>f.err
+fio --eta=never --output-format=json --output=f.json --name=bench --filename=/dev/vda --direct=1 --ioengine=libaio --rw=$rw --bs=4k --iodepth=$qd --ramp_time=1 --runtime=$RT --time_based $jobs $wr 2>f.err
 r=$?
 echo BENCH-FIO-STOP $t
 if [ $ld = disturbed ]; then kill $s1 $s2; wait $s1 $s2 2>/dev/null; echo BENCH-LOAD-OFF $t; fi
@@ -288,13 +293,13 @@ run_boot() {
     iothread*) io="-object iothread,id=io0"; dev=",iothread=io0" ;;
   esac
   case $vmm in
-    vmm) cmd="vmm -m 1G -smp 2" ;;
-    vmm-*) cmd="vmm -m 1G -smp 2"; eval "extra=\$VARIANT_${vmm#vmm-}" ;;
-    qemu) cmd="$qemu -m 1G -smp 2 -name bench,debug-threads=on" ;;
+    vmm) cmd="vmm -m 1G -smp $VCPUS" ;;
+    vmm-*) cmd="vmm -m 1G -smp $VCPUS"; eval "extra=\$VARIANT_${vmm#vmm-}" ;;
+    qemu) cmd="$qemu -m 1G -smp $VCPUS -name bench,debug-threads=on" ;;
   esac
   p=$vmm.$place.$image
   [ "$ROUNDS" = 1 ] || p=$p.r$round
-  vars="P=$vmm.$place.$image RT=$RUNTIME CONFS=\"$confs\""
+  vars="P=$vmm.$place.$image RT=$RUNTIME NJ=$NUMJOBS CONFS=\"$confs\""
   gs=$(printf '%s\n%s\n' "$vars" "$guest_body" | base64 | tr -d '\n')
   n=$(echo $confs | wc -w)
   say "boot $vmm $place $image$([ "$ROUNDS" = 1 ] || echo " round $round") ($n configurations)"

@@ -68,6 +68,16 @@ def with_placement(field, place=None, drop=None):
     return "+".join([place or base] + [s for s in suffixes if s != drop])
 
 
+def fio_jobs(machine):
+    """How the guest's fio ran its jobs (machine.txt's numjobs; before it, always one)."""
+    n = machine.get("numjobs", "1")
+    if n == "1":
+        return "one job pinned to vCPU 0"
+    return (f"{n} jobs (`--numjobs={n} --cpus_allowed_policy=split`, one per vCPU; the host "
+            "baseline's unpinned), each at the QD given, their IOPS summed and latencies merged "
+            "(`--group_reporting`)")
+
+
 def read_kv(path):
     """KEY=VALUE lines of a text file, or {} when it is missing."""
     if not path.exists():
@@ -698,8 +708,8 @@ def main():
            "`-device virtio-blk-pci` with a queue per vCPU; `+nopoll`: the iothread's "
            f"`poll-max-ns=0`; {machine.get('image_mib')} MiB, every cluster allocated, "
            "`cache=none`), fresh "
-           "copy per boot; fio 4 KiB `--direct=1 --ioengine=libaio`, pinned to vCPU 0, "
-           f"{machine.get('runtime_s')} s after 1 s of ramp, `--output-format=json`.",
+           "copy per boot; fio 4 KiB `--direct=1 --ioengine=libaio`, " + fio_jobs(machine)
+           + f", {machine.get('runtime_s')} s after 1 s of ramp, `--output-format=json`.",
            "- disturbed: on the guest's vCPU 1 a shell spins and another writes a line to the "
            "serial console every 10 ms; while fio runs, a QMP client "
            "in the host polls `query-blockstats` over `-qmp tcp:` on one connection, "

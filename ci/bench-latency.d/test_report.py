@@ -9,6 +9,7 @@ import unittest
 from report import (ab_verdicts, baseline_key, beyond, combine, cpu_per_io, over_host, parse_run,
                     plus, sort_key, stage_means, suffix_over, tag, vmm_over)
 from report import per_round_figures, round_ratios, stream_cost, unequal_work
+from report import fio_jobs
 from streamcost import MIB
 
 
@@ -80,6 +81,12 @@ class ReportFigures(unittest.TestCase):
         self.assertEqual(cpu_per_io(path, 1000), {"total": 500.0, "vcpu": 400.0, "waited": 50.0})
         self.assertEqual(cpu_per_io(path, 0), {})
         self.assertEqual(cpu_per_io(self.dir / "missing.sched", 1000), {})
+
+    def test_fio_jobs_from_the_machine_file(self):
+        self.assertEqual(fio_jobs({}), "one job pinned to vCPU 0")
+        self.assertEqual(fio_jobs({"numjobs": "1"}), "one job pinned to vCPU 0")
+        self.assertTrue(fio_jobs({"numjobs": "2"}).startswith(
+            "2 jobs (`--numjobs=2 --cpus_allowed_policy=split`, one per vCPU;"))
 
     def test_host_baseline_and_vmm_rows(self):
         raw = self.dir / "raw"
