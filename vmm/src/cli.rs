@@ -478,10 +478,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             _ => {}
         }
     }
+    // One vCPU is always a valid topology.
+    let topology = topology.map_or_else(|| Topology::cores(1), Ok)?;
     Ok(Command::Run(Box::new(Config {
         mem_bytes: mem.unwrap_or(DEFAULT_MEM_BYTES),
-        // One vCPU is always a valid topology.
-        topology: topology.map_or_else(|| Topology::cores(1), Ok)?,
         kernel: kernel.ok_or(CliError::NoKernel)?,
         initrd,
         append: append.unwrap_or_default(),
@@ -492,8 +492,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             &iothreads.iter().map(|t| t.id.clone()).collect::<Vec<_>>(),
             &drives,
             &devices,
+            topology.cpus(),
         )?,
         iothreads,
+        topology,
         name: name.unwrap_or_default(),
         pidfile,
         sandbox: sandbox_on.unwrap_or(true),

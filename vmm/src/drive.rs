@@ -18,6 +18,7 @@ use block::aio::Engine;
 use block::qcow2::{CacheSizeError, CacheSizes};
 use block::{CacheMode, DetectZeroes, Format, WritePolicy};
 use devices::context::{PollSetting, PollSettings};
+use devices::virtio::block::mapping::{self, MappingError, VqMapping};
 use devices::virtio::block::ErrorPolicy;
 
 use crate::options::{JsonType, MemorySize, OptionError, OptionValue, Options};
@@ -72,6 +73,12 @@ pub enum DriveError {
     /// `-device iothread=` names no `-object iothread`.
     #[error("-device: no iothread with id '{0}'")]
     UnknownIothread(String),
+    /// `iothread=` beside `iothread-vq-mapping` (QEMU's words).
+    #[error("-device: iothread and iothread-vq-mapping properties cannot be set at the same time")]
+    IothreadWithMapping,
+    /// An `iothread-vq-mapping` QEMU refuses.
+    #[error("-device")]
+    VqMapping(#[from] MappingError),
     /// Two devices given the same drive (or a device given an `if=virtio` drive).
     #[error("Drive '{0}' is already in use by another device")]
     DriveInUse(String),
@@ -244,6 +251,8 @@ pub struct DeviceSpec {
     pub serial: String,
     /// `num-queues=`; without it, QEMU's default for the transport ([`DeviceSpec::queues`]).
     pub num_queues: Option<u16>,
+    /// `iothread-vq-mapping` (JSON form only): the iothreads that serve the queues.
+    pub vq_mapping: Option<Vec<VqMapping>>,
     /// `queue-size=`.
     pub queue_size: u16,
     /// `x-stage-timing=` (default on): the per-stage request timing of `x-query-blockstats-stages`;
@@ -262,6 +271,15 @@ impl DeviceSpec {
     }
 }
 
+/// Queues of a disk served in one context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueGroup {
+    /// The iothread; `None` means the main loop.
+    pub iothread: Option<String>,
+    /// The queues it serves.
+    pub queues: Vec<u16>,
+}
+
 /// A disk the guest gets: a drive and the device presenting it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
@@ -269,6 +287,39 @@ pub struct DiskSpec {
     pub drive: DriveSpec,
     /// The guest side.
     pub device: DeviceSpec,
+    /// Where its queues are served: one group (`iothread=` or the main loop), or one per
+    /// `iothread-vq-mapping` entry.
+    pub groups: Vec<QueueGroup>,
+}
+
+/// `iothread-vq-mapping`'s value: a JSON list of `{"iothread": ID, "vqs": [N, ...]}`, `vqs`
+/// optional.
+struct VqMappingList(Vec<VqMapping>);
+
+/// One entry as it is written.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VqMappingEntry {
+    iothread: String,
+    vqs: Option<Vec<u16>>,
+}
+
+impl OptionValue for VqMappingList {
+    const EXPECTED: &'static str =
+        r#"a list of {"iothread": ID, "vqs": [N, ...]} ("vqs" optional)"#;
+    const JSON: JsonType = JsonType::Array;
+    fn parse(text: &str) -> Option<Self> {
+        let entries: Vec<VqMappingEntry> = serde_json::from_str(text).ok()?;
+        Some(VqMappingList(
+            entries
+                .into_iter()
+                .map(|e| VqMapping {
+                    iothread: e.iothread,
+                    vqs: e.vqs,
+                })
+                .collect(),
+        ))
+    }
 }
 
 /// QEMU's defaults for virtio-blk.
@@ -493,9 +544,18 @@ pub fn parse_device(value: &str) -> Result<DeviceSpec, DriveError> {
             "num-queues",
             "queue-size",
             "x-stage-timing",
+            "iothread-vq-mapping",
         ],
     )
     .map_err(&err)?;
+    let iothread = opts.get("iothread").map_err(&err)?;
+    let vq_mapping = opts
+        .get::<VqMappingList>("iothread-vq-mapping")
+        .map_err(&err)?
+        .map(|list| list.0);
+    if iothread.is_some() && vq_mapping.is_some() {
+        return Err(DriveError::IothreadWithMapping);
+    }
     let driver: String = opts.get("driver").map_err(&err)?.unwrap_or_default();
     let transport = match driver.as_str() {
         "virtio-blk-device" => Transport::Mmio,
@@ -509,9 +569,10 @@ pub fn parse_device(value: &str) -> Result<DeviceSpec, DriveError> {
             .map_err(&err)?
             .ok_or(DriveError::MissingKey { flag, key: "drive" })?,
         id: opts.get("id").map_err(&err)?,
-        iothread: opts.get("iothread").map_err(&err)?,
+        iothread,
         serial: opts.get("serial").map_err(&err)?.unwrap_or_default(),
         num_queues: opts.get("num-queues").map_err(&err)?,
+        vq_mapping,
         queue_size: opts
             .get("queue-size")
             .map_err(&err)?
@@ -535,12 +596,15 @@ fn unique<'a>(kind: &'static str, ids: impl Iterator<Item = &'a str>) -> Result<
 }
 
 /// Pairs drives with devices: every `-device` takes the drive it names, every `if=virtio` drive
-/// gets a device of its own (on the main loop), in command-line order (devices first). A drive
-/// with `if=none` and no device is left out, as QEMU leaves it unused.
+/// gets a device of its own (on the main loop), in command-line order (devices first), and
+/// says which context serves which of its queues (`iothread-vq-mapping` checked for a machine
+/// with `vcpus` vCPUs). A drive with `if=none` and no device is left out, as QEMU leaves it
+/// unused.
 pub fn plan(
     iothreads: &[String],
     drives: &[DriveSpec],
     devices: &[DeviceSpec],
+    vcpus: u8,
 ) -> Result<Vec<DiskSpec>, DriveError> {
     unique("iothread", iothreads.iter().map(String::as_str))?;
     unique("drive", drives.iter().map(|d| d.id.as_str()))?;
@@ -561,9 +625,25 @@ pub fn plan(
                 return Err(DriveError::UnknownIothread(t.clone()));
             }
         }
+        let queues = device.queues(vcpus);
+        let groups = match &device.vq_mapping {
+            None => vec![QueueGroup {
+                iothread: device.iothread.clone(),
+                queues: (0..queues).collect(),
+            }],
+            Some(list) => mapping::assign(list, queues, |id| iothreads.iter().any(|t| t == id))?
+                .into_iter()
+                .zip(list)
+                .map(|(queues, entry)| QueueGroup {
+                    iothread: Some(entry.iothread.clone()),
+                    queues,
+                })
+                .collect(),
+        };
         disks.push(DiskSpec {
             drive: drives[index].clone(),
             device: device.clone(),
+            groups,
         });
     }
     for drive in drives.iter().filter(|d| d.virtio) {
@@ -576,9 +656,14 @@ pub fn plan(
                 iothread: None,
                 serial: String::new(),
                 num_queues: None,
+                vq_mapping: None,
                 queue_size: DEFAULT_QUEUE_SIZE,
                 stage_timing: true,
             },
+            groups: vec![QueueGroup {
+                iothread: None,
+                queues: (0..DEFAULT_NUM_QUEUES).collect(),
+            }],
         });
     }
     Ok(disks)
@@ -722,6 +807,7 @@ mod tests {
                 iothread: Some("io0".into()),
                 serial: "S1".into(),
                 num_queues: Some(2),
+                vq_mapping: None,
                 queue_size: 128,
                 stage_timing: true,
             }
@@ -819,23 +905,35 @@ mod tests {
             parse_object(r#"{"qom-type": "memory-backend-ram", "id": "m"}"#),
             Err(DriveError::ObjectType("memory-backend-ram".into()))
         );
-        let device_err = |text| match parse_device(text) {
+        let device_err = |text: &str| match parse_device(text) {
             Err(DriveError::Option {
                 flag: "-device",
                 source,
             }) => source,
             other => panic!("{text}: {other:?}"),
         };
-        // The mapping of queues to iothreads is refused by name.
-        let e = device_err(
-            r#"{"driver": "virtio-blk-device", "drive": "d0",
-                "iothread-vq-mapping": [{"iothread": "io0"}, {"iothread": "io1"}]}"#,
+        // A mapping entry with a key QEMU does not know, or not a list of entries.
+        for bad in [
+            r#"[{"iothread": "io0", "queues": [0]}]"#,
+            r#"[{"vqs": [0]}]"#,
+            r#"[{"iothread": "io0", "vqs": [-1]}]"#,
+            r#"["io0"]"#,
+        ] {
+            let e = device_err(&format!(
+                r#"{{"driver": "virtio-blk-pci", "drive": "d0", "iothread-vq-mapping": {bad}}}"#
+            ));
+            assert!(
+                matches!(&e, OptionError::BadValue { key, .. } if key == "iothread-vq-mapping"),
+                "{bad}: {e:?}"
+            );
+        }
+        // The key=value form cannot give a list, as in QEMU.
+        assert_eq!(
+            device_err("virtio-blk-pci,drive=d0,iothread-vq-mapping=io0"),
+            OptionError::NeedsJson {
+                key: "iothread-vq-mapping".into()
+            }
         );
-        assert!(
-            matches!(&e, OptionError::UnknownKey { key, .. } if key == "iothread-vq-mapping"),
-            "{e:?}"
-        );
-        assert!(e.to_string().contains("'iothread-vq-mapping'"), "{e}");
         assert_eq!(
             device_err(r#"{"driver": "virtio-blk-device", "drive": "d0", "num-queues": "2"}"#),
             OptionError::JsonType {
@@ -848,6 +946,82 @@ mod tests {
             OptionError::Duplicate {
                 key: "drive".into()
             }
+        );
+    }
+
+    #[test]
+    fn iothread_vq_mapping_is_read_and_planned_with_qemus_rules() {
+        let dev = parse_device(
+            r#"{"driver": "virtio-blk-pci", "drive": "d0",
+                "iothread-vq-mapping": [{"iothread": "io0"}, {"iothread": "io1", "vqs": [1]}]}"#,
+        )
+        .expect("parses");
+        assert_eq!(
+            dev.vq_mapping,
+            Some(vec![
+                VqMapping {
+                    iothread: "io0".into(),
+                    vqs: None
+                },
+                VqMapping {
+                    iothread: "io1".into(),
+                    vqs: Some(vec![1])
+                },
+            ])
+        );
+        assert_eq!(
+            parse_device(
+                r#"{"driver": "virtio-blk-pci", "drive": "d0", "iothread": "io0",
+                    "iothread-vq-mapping": [{"iothread": "io1"}]}"#
+            ),
+            Err(DriveError::IothreadWithMapping)
+        );
+        let io = vec!["io0".to_owned(), "io1".to_owned()];
+        let drives = vec![drive("file=a,format=raw,id=d0")];
+        let planned = |device: &str, vcpus| {
+            let device = parse_device(device).expect("parses");
+            plan(&io, &drives, &[device], vcpus).map(|disks| {
+                disks[0]
+                    .groups
+                    .iter()
+                    .map(|g| (g.iothread.clone().unwrap_or_default(), g.queues.clone()))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let group = |id: &str, queues: &[u16]| (id.to_owned(), queues.to_vec());
+        // Round-robin over num-queues, which defaults to the vCPUs on virtio-pci.
+        let round_robin = r#"{"driver": "virtio-blk-pci", "drive": "d0",
+            "iothread-vq-mapping": [{"iothread": "io0"}, {"iothread": "io1"}]}"#;
+        assert_eq!(
+            planned(round_robin, 4),
+            Ok(vec![group("io0", &[0, 2]), group("io1", &[1, 3])])
+        );
+        let explicit = r#"{"driver": "virtio-blk-pci", "drive": "d0", "num-queues": 3,
+            "iothread-vq-mapping": [{"iothread": "io1", "vqs": [0, 2]}, {"iothread": "io0", "vqs": [1]}]}"#;
+        assert_eq!(
+            planned(explicit, 1),
+            Ok(vec![group("io1", &[0, 2]), group("io0", &[1])])
+        );
+        // Without a mapping, one group: the iothread's or the main loop's.
+        assert_eq!(
+            planned("virtio-blk-pci,drive=d0,iothread=io1,num-queues=2", 4),
+            Ok(vec![group("io1", &[0, 1])])
+        );
+        // The rules (each message in devices' mapping.rs) refuse the plan.
+        let unknown = r#"{"driver": "virtio-blk-pci", "drive": "d0",
+            "iothread-vq-mapping": [{"iothread": "io0"}, {"iothread": "io9"}]}"#;
+        let e = planned(unknown, 2);
+        assert_eq!(
+            e,
+            Err(DriveError::VqMapping(MappingError::UnknownIothread(
+                "io9".into()
+            )))
+        );
+        let missing = r#"{"driver": "virtio-blk-pci", "drive": "d0",
+            "iothread-vq-mapping": [{"iothread": "io0", "vqs": [0]}, {"iothread": "io1", "vqs": [2]}]}"#;
+        assert_eq!(
+            planned(missing, 3),
+            Err(DriveError::VqMapping(MappingError::Missing(1)))
         );
     }
 
@@ -993,6 +1167,7 @@ mod tests {
                 dev("virtio-blk-device,drive=d1,iothread=io1"),
                 dev("virtio-blk-device,drive=d0"),
             ],
+            1,
         )
         .expect("plans");
         let names: Vec<_> = disks
@@ -1065,7 +1240,7 @@ mod tests {
         ];
         for (io, drives, devices, want) in cases {
             let text = want.to_string();
-            assert_eq!(plan(&io, &drives, &devices), Err(want), "{text}");
+            assert_eq!(plan(&io, &drives, &devices, 1), Err(want), "{text}");
         }
     }
 }
