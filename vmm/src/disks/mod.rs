@@ -353,14 +353,10 @@ impl Disks {
                 }
             };
             log::info!(
-                "disk {}: {} on {place}, {queues} queues, on {}",
+                "disk {}: {} on {place}, {queues} queues, served by (queue by queue) {}",
                 spec.drive.id,
                 spec.drive.file.display(),
-                spec.groups
-                    .iter()
-                    .map(|g| g.iothread.as_deref().unwrap_or("the main loop"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                device.queue_contexts().join(", ")
             );
             disks.push(VmDisk {
                 info,
