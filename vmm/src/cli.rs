@@ -48,6 +48,8 @@ Usage: vmm -kernel FILE [options]
   -device virtio-blk-pci,drive=ID[,id=ID][,iothread=ID][,serial=S][,num-queues=N][,queue-size=N]
                    a virtio-pci disk on the PCI root bus, an MSI-X vector per queue
                    (num-queues defaults to the number of vCPUs)
+  -device '{\"driver\":\"virtio-blk-pci\",\"drive\":ID,\"iothread-vq-mapping\":[{\"iothread\":ID[,\"vqs\":[N,...]]},...]}'
+                   the queues spread over iothreads (round-robin without vqs), either driver
   -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off
                    a QMP monitor (wait=on, the default, waits for a client before starting)
   -S               start with the vCPUs paused, until the monitor's cont
