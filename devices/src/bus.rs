@@ -11,8 +11,8 @@
 //! A [`Bus`] lives inside the VMM's global state and is only ever reached with the **global lock**
 //! held (the vCPU exit path and the main-loop handlers take it; nothing else does), so a device
 //! needs no lock of its own for state that only the bus and the main loop touch. The lock order is:
-//! the global lock, then (for devices that run in an iothread) that device's context; never the
-//! other way round, and never two contexts at once. A device must not block while it holds the
+//! the global lock, then (for devices that run in an iothread) that device's contexts; never the
+//! other way round, and several contexts only in their creation order (`Context::acquire_all`). A device must not block while it holds the
 //! bus: it only updates its registers and signals eventfds.
 //!
 //! A [`SharedBus`] holds devices that lock their own state ([`SharedBusDevice`], `&self`): the

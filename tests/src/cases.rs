@@ -117,6 +117,9 @@ enum Kind {
     /// fio with a job per vCPU on virtio-blk-pci: each queue's vector fires on its own CPU only
     /// ([`crate::pci`]).
     PciAffinity,
+    /// fio `--verify` with a job per vCPU on virtio-blk-pci whose queues `iothread-vq-mapping`
+    /// spreads over two iothreads ([`crate::pci`]).
+    PciVqMapping,
 }
 
 /// The optional groups of cases, for features a VMM gains later.
@@ -200,6 +203,7 @@ pub fn cases(targets: &[Target], filter: Option<&str>, groups: Groups) -> Vec<Ca
         if target == Target::Vmm {
             add("virtio-blk-pci".into(), Kind::PciDisk);
             add("virtio-blk-pci-mq-affinity".into(), Kind::PciAffinity);
+            add("virtio-blk-pci-vq-mapping".into(), Kind::PciVqMapping);
         }
         if groups.disks {
             add("rootfs-chain3-iothread".into(), Kind::DiskChain);
@@ -265,6 +269,10 @@ pub fn run(case: &Case, guest_dir: &Path) -> Outcome {
         }
         Kind::PciAffinity => {
             crate::pci::queues_on_their_cpus(case.target, guest_dir, &case.name, &mut transcript)
+                .map_err(|e| e.to_string())
+        }
+        Kind::PciVqMapping => {
+            crate::pci::queues_on_two_iothreads(case.target, guest_dir, &case.name, &mut transcript)
                 .map_err(|e| e.to_string())
         }
         Kind::DiskChain => {
@@ -571,9 +579,9 @@ mod tests {
         };
         assert_eq!(
             cases(&[Target::Vmm, Target::Qemu], None, everything).len(),
-            24
+            25
         );
-        assert_eq!(all.len(), 17);
+        assert_eq!(all.len(), 18);
         assert!(all.iter().any(|c| c.name == "vmm/virtio-blk-pci"));
         assert!(!all.iter().any(|c| c.name == "qemu/virtio-blk-pci"));
         assert!(all

@@ -48,6 +48,8 @@ Usage: vmm -kernel FILE [options]
   -device virtio-blk-pci,drive=ID[,id=ID][,iothread=ID][,serial=S][,num-queues=N][,queue-size=N]
                    a virtio-pci disk on the PCI root bus, an MSI-X vector per queue
                    (num-queues defaults to the number of vCPUs)
+  -device '{\"driver\":\"virtio-blk-pci\",\"drive\":ID,\"iothread-vq-mapping\":[{\"iothread\":ID[,\"vqs\":[N,...]]},...]}'
+                   the queues spread over iothreads (round-robin without vqs), either driver
   -global DRIVER.PROPERTY=VALUE | driver=DRIVER,property=PROPERTY,value=VALUE
                    a default for PROPERTY of every -device DRIVER (virtio-blk-device or
                    virtio-blk-pci) that does not set it, as in QEMU
@@ -485,14 +487,14 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             _ => {}
         }
     }
+    // One vCPU is always a valid topology.
+    let topology = topology.map_or_else(|| Topology::cores(1), Ok)?;
     let devices = devices
         .iter()
         .map(|d| drive::parse_device(d, &globals))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Command::Run(Box::new(Config {
         mem_bytes: mem.unwrap_or(DEFAULT_MEM_BYTES),
-        // One vCPU is always a valid topology.
-        topology: topology.map_or_else(|| Topology::cores(1), Ok)?,
         kernel: kernel.ok_or(CliError::NoKernel)?,
         initrd,
         append: append.unwrap_or_default(),
@@ -504,8 +506,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             &drives,
             &devices,
             &globals,
+            topology.cpus(),
         )?,
         iothreads,
+        topology,
         name: name.unwrap_or_default(),
         pidfile,
         sandbox: sandbox_on.unwrap_or(true),

@@ -21,6 +21,7 @@ use block::aio::Engine;
 use block::qcow2::{CacheSizeError, CacheSizes};
 use block::{CacheMode, DetectZeroes, Format, WritePolicy};
 use devices::context::{PollSetting, PollSettings};
+use devices::virtio::block::mapping::{self, MappingError, VqMapping};
 use devices::virtio::block::ErrorPolicy;
 
 use crate::options::{JsonType, MemorySize, OptionError, OptionValue, Options};
@@ -75,6 +76,12 @@ pub enum DriveError {
     /// `-device iothread=` names no `-object iothread`.
     #[error("-device: no iothread with id '{0}'")]
     UnknownIothread(String),
+    /// `iothread=` beside `iothread-vq-mapping` (QEMU's words).
+    #[error("-device: iothread and iothread-vq-mapping properties cannot be set at the same time")]
+    IothreadWithMapping,
+    /// An `iothread-vq-mapping` QEMU refuses.
+    #[error("-device")]
+    VqMapping(#[from] MappingError),
     /// Two devices given the same drive (or a device given an `if=virtio` drive).
     #[error("Drive '{0}' is already in use by another device")]
     DriveInUse(String),
@@ -278,6 +285,8 @@ pub struct DeviceSpec {
     pub serial: String,
     /// `num-queues=`; without it, QEMU's default for the transport ([`DeviceSpec::queues`]).
     pub num_queues: Option<u16>,
+    /// `iothread-vq-mapping` (JSON form only): the iothreads that serve the queues.
+    pub vq_mapping: Option<Vec<VqMapping>>,
     /// `queue-size=`.
     pub queue_size: u16,
     /// `x-stage-timing=` (default on): the per-stage request timing of `x-query-blockstats-stages`;
@@ -307,6 +316,15 @@ pub struct GlobalProperty {
     pub value: String,
 }
 
+/// Queues of a disk served in one context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueGroup {
+    /// The iothread; `None` means the main loop.
+    pub iothread: Option<String>,
+    /// The queues it serves.
+    pub queues: Vec<u16>,
+}
+
 /// A disk the guest gets: a drive and the device presenting it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
@@ -314,6 +332,39 @@ pub struct DiskSpec {
     pub drive: DriveSpec,
     /// The guest side.
     pub device: DeviceSpec,
+    /// Where its queues are served: one group (`iothread=` or the main loop), or one per
+    /// `iothread-vq-mapping` entry.
+    pub groups: Vec<QueueGroup>,
+}
+
+/// `iothread-vq-mapping`'s value: a JSON list of `{"iothread": ID, "vqs": [N, ...]}`, `vqs`
+/// optional.
+struct VqMappingList(Vec<VqMapping>);
+
+/// One entry as it is written.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VqMappingEntry {
+    iothread: String,
+    vqs: Option<Vec<u16>>,
+}
+
+impl OptionValue for VqMappingList {
+    const EXPECTED: &'static str =
+        r#"a list of {"iothread": ID, "vqs": [N, ...]} ("vqs" optional)"#;
+    const JSON: JsonType = JsonType::Array;
+    fn parse(text: &str) -> Option<Self> {
+        let entries: Vec<VqMappingEntry> = serde_json::from_str(text).ok()?;
+        Some(VqMappingList(
+            entries
+                .into_iter()
+                .map(|e| VqMapping {
+                    iothread: e.iothread,
+                    vqs: e.vqs,
+                })
+                .collect(),
+        ))
+    }
 }
 
 /// The `-device` drivers and the transport of each.
@@ -542,7 +593,7 @@ fn error_policy(text: &str) -> Option<ErrorPolicy> {
 /// `-device virtio-blk-device,drive=ID,...` or `-device virtio-blk-pci,drive=ID,...`, or their
 /// JSON form, with the `globals` for its driver as defaults.
 pub fn parse_device(value: &str, globals: &[GlobalProperty]) -> Result<DeviceSpec, DriveError> {
-    let mut known = vec!["driver", "id"];
+    let mut known = vec!["driver", "id", "iothread-vq-mapping"];
     known.extend(DEVICE_PROPERTIES);
     let opts = Options::parse_json_or_keyval(value, Some("driver"), &known)
         .map_err(option_err("-device"))?;
@@ -565,15 +616,24 @@ fn device(opts: &Options, globals: &[GlobalProperty]) -> Result<DeviceSpec, Driv
         driver: &driver,
         globals,
     };
+    let iothread = props.get("iothread")?;
+    let vq_mapping = opts
+        .get::<VqMappingList>("iothread-vq-mapping")
+        .map_err(option_err(flag))?
+        .map(|list| list.0);
+    if iothread.is_some() && vq_mapping.is_some() {
+        return Err(DriveError::IothreadWithMapping);
+    }
     Ok(DeviceSpec {
         transport,
         drive: props
             .get("drive")?
             .ok_or(DriveError::MissingKey { flag, key: "drive" })?,
         id: opts.get("id").map_err(option_err(flag))?,
-        iothread: props.get("iothread")?,
+        iothread,
         serial: props.get("serial")?.unwrap_or_default(),
         num_queues: props.get("num-queues")?,
+        vq_mapping,
         queue_size: props.get("queue-size")?.unwrap_or(DEFAULT_QUEUE_SIZE),
         stage_timing: props.get("x-stage-timing")?.unwrap_or(true),
     })
@@ -650,6 +710,30 @@ pub fn parse_global(text: &str) -> Result<GlobalProperty, DriveError> {
     })
 }
 
+/// Which context serves which of `device`'s queues on a machine with `vcpus` vCPUs: one group
+/// (its `iothread`, else the main loop), or one per `iothread-vq-mapping` entry.
+fn queue_groups(
+    device: &DeviceSpec,
+    vcpus: u8,
+    iothreads: &[String],
+) -> Result<Vec<QueueGroup>, DriveError> {
+    let queues = device.queues(vcpus);
+    Ok(match &device.vq_mapping {
+        None => vec![QueueGroup {
+            iothread: device.iothread.clone(),
+            queues: (0..queues).collect(),
+        }],
+        Some(list) => mapping::assign(list, queues, |id| iothreads.iter().any(|t| t == id))?
+            .into_iter()
+            .zip(list)
+            .map(|(queues, entry)| QueueGroup {
+                iothread: Some(entry.iothread.clone()),
+                queues,
+            })
+            .collect(),
+    })
+}
+
 /// Refuses a second `id` of `kind` among `ids`.
 fn unique<'a>(kind: &'static str, ids: impl Iterator<Item = &'a str>) -> Result<(), DriveError> {
     let mut seen = std::collections::HashSet::new();
@@ -665,13 +749,16 @@ fn unique<'a>(kind: &'static str, ids: impl Iterator<Item = &'a str>) -> Result<
 }
 
 /// Pairs drives with devices: every `-device` takes the drive it names, every `if=virtio` drive
-/// gets a device of its own (on the main loop), in command-line order (devices first). A drive
-/// with `if=none` and no device is left out, as QEMU leaves it unused.
+/// gets a device of its own (on the main loop), in command-line order (devices first), and
+/// says which context serves which of its queues (`iothread-vq-mapping` checked for a machine
+/// with `vcpus` vCPUs). A drive with `if=none` and no device is left out, as QEMU leaves it
+/// unused.
 pub fn plan(
     iothreads: &[String],
     drives: &[DriveSpec],
     devices: &[DeviceSpec],
     globals: &[GlobalProperty],
+    vcpus: u8,
 ) -> Result<Vec<DiskSpec>, DriveError> {
     unique("iothread", iothreads.iter().map(String::as_str))?;
     unique("drive", drives.iter().map(|d| d.id.as_str()))?;
@@ -689,14 +776,17 @@ pub fn plan(
         used[index] = true;
         disks.push(DiskSpec {
             drive: drives[index].clone(),
+            groups: queue_groups(device, vcpus, iothreads)?,
             device: device.clone(),
         });
     }
     for drive in drives.iter().filter(|d| d.virtio) {
         let opts = Options::from_pairs([("driver", "virtio-blk-device"), ("drive", &drive.id)]);
+        let device = device(&opts, globals)?;
         disks.push(DiskSpec {
             drive: drive.clone(),
-            device: device(&opts, globals)?,
+            groups: queue_groups(&device, vcpus, iothreads)?,
+            device,
         });
     }
     for disk in &disks {
@@ -848,6 +938,7 @@ mod tests {
                 iothread: Some("io0".into()),
                 serial: "S1".into(),
                 num_queues: Some(2),
+                vq_mapping: None,
                 queue_size: 128,
                 stage_timing: true,
             }
@@ -947,23 +1038,35 @@ mod tests {
             parse_object(r#"{"qom-type": "memory-backend-ram", "id": "m"}"#),
             Err(DriveError::ObjectType("memory-backend-ram".into()))
         );
-        let device_err = |text| match parse_device(text, &[]) {
+        let device_err = |text: &str| match parse_device(text, &[]) {
             Err(DriveError::Option {
                 flag: "-device",
                 source,
             }) => source,
             other => panic!("{text}: {other:?}"),
         };
-        // The mapping of queues to iothreads is refused by name.
-        let e = device_err(
-            r#"{"driver": "virtio-blk-device", "drive": "d0",
-                "iothread-vq-mapping": [{"iothread": "io0"}, {"iothread": "io1"}]}"#,
+        // A mapping entry with a key QEMU does not know, or not a list of entries.
+        for bad in [
+            r#"[{"iothread": "io0", "queues": [0]}]"#,
+            r#"[{"vqs": [0]}]"#,
+            r#"[{"iothread": "io0", "vqs": [-1]}]"#,
+            r#"["io0"]"#,
+        ] {
+            let e = device_err(&format!(
+                r#"{{"driver": "virtio-blk-pci", "drive": "d0", "iothread-vq-mapping": {bad}}}"#
+            ));
+            assert!(
+                matches!(&e, OptionError::BadValue { key, .. } if key == "iothread-vq-mapping"),
+                "{bad}: {e:?}"
+            );
+        }
+        // The key=value form cannot give a list, as in QEMU.
+        assert_eq!(
+            device_err("virtio-blk-pci,drive=d0,iothread-vq-mapping=io0"),
+            OptionError::NeedsJson {
+                key: "iothread-vq-mapping".into()
+            }
         );
-        assert!(
-            matches!(&e, OptionError::UnknownKey { key, .. } if key == "iothread-vq-mapping"),
-            "{e:?}"
-        );
-        assert!(e.to_string().contains("'iothread-vq-mapping'"), "{e}");
         assert_eq!(
             device_err(r#"{"driver": "virtio-blk-device", "drive": "d0", "num-queues": "2"}"#),
             OptionError::JsonType {
@@ -976,6 +1079,84 @@ mod tests {
             OptionError::Duplicate {
                 key: "drive".into()
             }
+        );
+    }
+
+    #[test]
+    fn iothread_vq_mapping_is_read_and_planned_with_qemus_rules() {
+        let dev = parse_device(
+            r#"{"driver": "virtio-blk-pci", "drive": "d0",
+                "iothread-vq-mapping": [{"iothread": "io0"}, {"iothread": "io1", "vqs": [1]}]}"#,
+            &[],
+        )
+        .expect("parses");
+        assert_eq!(
+            dev.vq_mapping,
+            Some(vec![
+                VqMapping {
+                    iothread: "io0".into(),
+                    vqs: None
+                },
+                VqMapping {
+                    iothread: "io1".into(),
+                    vqs: Some(vec![1])
+                },
+            ])
+        );
+        assert_eq!(
+            parse_device(
+                r#"{"driver": "virtio-blk-pci", "drive": "d0", "iothread": "io0",
+                    "iothread-vq-mapping": [{"iothread": "io1"}]}"#,
+                &[]
+            ),
+            Err(DriveError::IothreadWithMapping)
+        );
+        let io = vec!["io0".to_owned(), "io1".to_owned()];
+        let drives = vec![drive("file=a,format=raw,id=d0")];
+        let planned = |device: &str, vcpus| {
+            let device = parse_device(device, &[]).expect("parses");
+            plan(&io, &drives, &[device], &[], vcpus).map(|disks| {
+                disks[0]
+                    .groups
+                    .iter()
+                    .map(|g| (g.iothread.clone().unwrap_or_default(), g.queues.clone()))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let group = |id: &str, queues: &[u16]| (id.to_owned(), queues.to_vec());
+        // Round-robin over num-queues, which defaults to the vCPUs on virtio-pci.
+        let round_robin = r#"{"driver": "virtio-blk-pci", "drive": "d0",
+            "iothread-vq-mapping": [{"iothread": "io0"}, {"iothread": "io1"}]}"#;
+        assert_eq!(
+            planned(round_robin, 4),
+            Ok(vec![group("io0", &[0, 2]), group("io1", &[1, 3])])
+        );
+        let explicit = r#"{"driver": "virtio-blk-pci", "drive": "d0", "num-queues": 3,
+            "iothread-vq-mapping": [{"iothread": "io1", "vqs": [0, 2]}, {"iothread": "io0", "vqs": [1]}]}"#;
+        assert_eq!(
+            planned(explicit, 1),
+            Ok(vec![group("io1", &[0, 2]), group("io0", &[1])])
+        );
+        // Without a mapping, one group: the iothread's or the main loop's.
+        assert_eq!(
+            planned("virtio-blk-pci,drive=d0,iothread=io1,num-queues=2", 4),
+            Ok(vec![group("io1", &[0, 1])])
+        );
+        // The rules (each message in devices' mapping.rs) refuse the plan.
+        let unknown = r#"{"driver": "virtio-blk-pci", "drive": "d0",
+            "iothread-vq-mapping": [{"iothread": "io0"}, {"iothread": "io9"}]}"#;
+        let e = planned(unknown, 2);
+        assert_eq!(
+            e,
+            Err(DriveError::VqMapping(MappingError::UnknownIothread(
+                "io9".into()
+            )))
+        );
+        let missing = r#"{"driver": "virtio-blk-pci", "drive": "d0",
+            "iothread-vq-mapping": [{"iothread": "io0", "vqs": [0]}, {"iothread": "io1", "vqs": [2]}]}"#;
+        assert_eq!(
+            planned(missing, 3),
+            Err(DriveError::VqMapping(MappingError::Missing(1)))
         );
     }
 
@@ -1122,6 +1303,7 @@ mod tests {
                 dev("virtio-blk-device,drive=d0"),
             ],
             &[],
+            1,
         )
         .expect("plans");
         let names: Vec<_> = disks
@@ -1194,7 +1376,7 @@ mod tests {
         ];
         for (io, drives, devices, want) in cases {
             let text = want.to_string();
-            assert_eq!(plan(&io, &drives, &devices, &[]), Err(want), "{text}");
+            assert_eq!(plan(&io, &drives, &devices, &[], 1), Err(want), "{text}");
         }
     }
 
@@ -1244,12 +1426,28 @@ mod tests {
         let drives = [drive("file=c,format=raw,if=virtio")];
         let io = ["io0".to_owned()];
         let globals = [off, global("virtio-blk-device.iothread=io0")];
-        let disks = plan(&io, &drives, &[], &globals).expect("plans");
+        let disks = plan(&io, &drives, &[], &globals, 1).expect("plans");
         assert!(!disks[0].device.stage_timing);
         assert_eq!(disks[0].device.iothread.as_deref(), Some("io0"));
         assert_eq!(
-            plan(&[], &drives, &[], &globals),
+            disks[0].groups,
+            [QueueGroup {
+                iothread: Some("io0".into()),
+                queues: vec![0],
+            }]
+        );
+        assert_eq!(
+            plan(&[], &drives, &[], &globals, 1),
             Err(DriveError::UnknownIothread("io0".into()))
+        );
+        // An iothread given by a -global is an iothread= like any other: not with a mapping.
+        assert_eq!(
+            parse_device(
+                r#"{"driver": "virtio-blk-pci", "drive": "d0",
+                    "iothread-vq-mapping": [{"iothread": "io1"}]}"#,
+                &[global("virtio-blk-pci.iothread=io0")]
+            ),
+            Err(DriveError::IothreadWithMapping)
         );
     }
 

@@ -19,8 +19,8 @@
 //! (which releases the mutex while it waits) until every vCPU has reported itself paused or
 //! finished. Each vCPU is kicked out of `KVM_RUN` first (see [`crate::vcpu::Kicker`]).
 //!
-//! Lock order: the global lock, then a virtio-mmio transport's state, then a device's context
-//! (never two contexts); iothreads never take the global lock.
+//! Lock order: the global lock, then a virtio transport's state, then a device's contexts (several
+//! only in their creation order); iothreads never take the global lock.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};

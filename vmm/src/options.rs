@@ -9,7 +9,9 @@
 //! The flags that QEMU also lets take a JSON object (`-object`, `-device`) read it through
 //! [`Options::parse_json_or_keyval`] into the same pairs, each remembering the JSON type of its
 //! value: as in QEMU, a JSON value must then have its key's type (a number for a number, `true`
-//! or `false` for an on/off key, a string for everything else); lists and objects are refused.
+//! or `false` for an on/off key, a list for a list key such as `iothread-vq-mapping`, a string
+//! for everything else); objects and null are refused. A list key has no key=value form (as in
+//! QEMU, whose keyval `-device` cannot give a list).
 
 /// Errors from parsing an option string.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -54,9 +56,15 @@ pub enum OptionError {
         /// The JSON type the key takes.
         expected: &'static str,
     },
-    /// A JSON list, object or null as a value: no key here takes one.
-    #[error("Option '{key}' has a list, object or null value, which no option here takes")]
+    /// A JSON object or null as a value: no key here takes one.
+    #[error("Option '{key}' has an object or null value, which no option here takes")]
     Structured {
+        /// The key.
+        key: String,
+    },
+    /// A list key in the key=value form.
+    #[error("Option '{key}' takes a list: give the flag in its JSON form")]
+    NeedsJson {
         /// The key.
         key: String,
     },
@@ -83,6 +91,8 @@ pub enum JsonType {
     Number,
     /// `true` or `false`.
     Boolean,
+    /// A list (`[...]`), kept as its JSON text for the key's type to read.
+    Array,
 }
 
 impl JsonType {
@@ -93,6 +103,7 @@ impl JsonType {
             JsonType::Integer => "integer",
             JsonType::Number => "number",
             JsonType::Boolean => "boolean",
+            JsonType::Array => "array",
         }
     }
 }
@@ -293,9 +304,8 @@ impl Options {
                 }
                 serde_json::Value::Number(n) if n.is_f64() => (n.to_string(), JsonType::Number),
                 serde_json::Value::Number(n) => (n.to_string(), JsonType::Integer),
-                serde_json::Value::Null
-                | serde_json::Value::Array(_)
-                | serde_json::Value::Object(_) => {
+                serde_json::Value::Array(_) => (value.to_string(), JsonType::Array),
+                serde_json::Value::Null | serde_json::Value::Object(_) => {
                     options.check_key(&key, known)?;
                     return Err(OptionError::Structured { key });
                 }
@@ -348,6 +358,11 @@ impl Options {
         let Some((_, value, json)) = self.pairs.iter().find(|(k, _, _)| k == key) else {
             return Ok(None);
         };
+        if json.is_none() && T::JSON == JsonType::Array {
+            return Err(OptionError::NeedsJson {
+                key: key.to_owned(),
+            });
+        }
         if json.is_some_and(|j| j != T::JSON) {
             return Err(OptionError::JsonType {
                 key: key.to_owned(),
@@ -472,6 +487,18 @@ mod tests {
         ));
     }
 
+    /// A list key's value, as its JSON text.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Listed(String);
+
+    impl OptionValue for Listed {
+        const EXPECTED: &'static str = "a list";
+        const JSON: JsonType = JsonType::Array;
+        fn parse(text: &str) -> Option<Self> {
+            Some(Listed(text.to_owned()))
+        }
+    }
+
     #[test]
     fn bad_json_is_refused_with_what_is_wrong() {
         let known = ["a", "list"];
@@ -481,17 +508,34 @@ mod tests {
         }
         let e = parse(r#"{"a": 1, "a": 2}"#);
         assert!(matches!(e, Err(OptionError::Duplicate { key }) if key == "a"));
-        for structured in [
-            r#"{"list": [1]}"#,
-            r#"{"list": {"x": 1}}"#,
-            r#"{"list": null}"#,
-        ] {
+        for structured in [r#"{"list": {"x": 1}}"#, r#"{"list": null}"#] {
             let e = parse(structured);
             assert!(
                 matches!(&e, Err(OptionError::Structured { key }) if key == "list"),
                 "{e:?}"
             );
         }
+        // A list is kept as its JSON text, for a list key to read; a string or a key=value
+        // form is not a list.
+        let list = parse(r#"{"list": [1, {"x": "y"}]}"#).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            list.get::<Listed>("list"),
+            Ok(Some(Listed(r#"[1,{"x":"y"}]"#.into())))
+        );
+        let e = parse(r#"{"list": "[1]"}"#).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            e.get::<Listed>("list"),
+            Err(OptionError::JsonType {
+                expected: "array",
+                ..
+            })
+        ));
+        let e =
+            Options::parse_json_or_keyval("list=1", None, &known).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            e.get::<Listed>("list"),
+            Err(OptionError::NeedsJson { key }) if key == "list"
+        ));
         let e = parse(r#"{"other": [{"iothread": "io0"}]}"#);
         assert!(matches!(e, Err(OptionError::UnknownKey { key, .. }) if key == "other"));
         // Not JSON at all: the key=value form, which knows no such key.

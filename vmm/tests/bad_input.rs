@@ -143,9 +143,25 @@ fn disk_errors_before_the_guest_starts() {
         "-drive",
         &drive,
         "-device",
-        r#"{"driver": "virtio-blk-device", "drive": "d0", "iothread-vq-mapping": [{"iothread": "io0"}]}"#,
+        r#"{"driver": "virtio-blk-pci", "drive": "d0", "iothread-vq-mapping": [{"iothread": "io0"}]}"#,
     ]);
-    assert!(l.contains("Unknown option 'iothread-vq-mapping'"), "{l}");
+    assert!(
+        l.contains(r#"vmm: -device: IOThread "io0" object does not exist"#),
+        "{l}"
+    );
+    let l = line(&[
+        "-object",
+        "iothread,id=io0",
+        "-drive",
+        &drive,
+        "-device",
+        r#"{"driver": "virtio-blk-pci", "drive": "d0", "num-queues": 2,
+            "iothread-vq-mapping": [{"iothread": "io0", "vqs": [1]}]}"#,
+    ]);
+    assert!(
+        l.contains("vmm: -device: missing vq 0 IOThread assignment in iothread-vq-mapping"),
+        "{l}"
+    );
     // A read-write disk on a file that cannot be written (immutable: even root gets EPERM).
     let chattr = |flag: &str| {
         let ok = std::process::Command::new("chattr")

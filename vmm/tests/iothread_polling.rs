@@ -9,11 +9,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{bzimage, vmm, Scratch};
+use common::{bzimage, cpu_ns, thread_named, vmm, Scratch, Vm};
 
 /// Sectors the guest reads.
 const SECTORS: u64 = 64;
@@ -131,38 +131,6 @@ fn tagged_disk() -> Vec<u8> {
         sector[..8].copy_from_slice(&(SECTOR_TAG | s).to_le_bytes());
     }
     disk
-}
-
-/// The running VM, killed if the test fails before it ends it.
-struct Vm(Child);
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Nanoseconds thread `tid` of process `pid` has run.
-fn cpu_ns(pid: u32, tid: &str) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
-        .expect("schedstat readable");
-    stat.split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .expect("schedstat starts with the run time")
-}
-
-/// The thread id of the thread named `name` in process `pid`.
-fn thread_named(pid: u32, name: &str) -> String {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("task dir readable")
-        .filter_map(Result::ok)
-        .find(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
-        })
-        .map(|t| t.file_name().to_string_lossy().into_owned())
-        .unwrap_or_else(|| panic!("no thread {name}"))
 }
 
 /// Runs the reader guest with its disk on the iothread `object` makes, checks its reads, and

@@ -6,14 +6,16 @@
 //! threads already waiting, so a vCPU or the main thread crossing over to an iothread's device gets
 //! in after at most the iteration the loop is running, however busy the loop is.
 //!
-//! Per-thread rules (checked with `debug_assert!`, i.e. in debug builds and tests): a thread never
-//! holds two contexts at once, iothread code never takes the global lock, and no thread takes the
-//! global lock while it holds a context (the order is the global lock, then a context). The vmm
+//! Per-thread rules (checked with `debug_assert!`, i.e. in debug builds and tests): a thread holds
+//! several contexts only when it took them in the order they were created (a device served by
+//! several iothreads, taken with `Context::acquire_all`; never a later one, then an earlier one),
+//! iothread code never takes the global lock, and no thread takes the global lock while it holds
+//! a context (the order is the global lock, then contexts by creation). The vmm
 //! owns the global lock, so the hooks it needs are generic: its one locking function calls
 //! [`debug_assert_may_take_global_lock`] just before locking and [`set_global_lock_held`] while
 //! the lock is held, so every holder is recorded.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
@@ -23,8 +25,8 @@ static NEXT_THREAD_TOKEN: AtomicU64 = AtomicU64::new(1);
 thread_local! {
     /// A small unique number for the current thread, cheaper to compare than a `ThreadId`.
     static THREAD_TOKEN: u64 = NEXT_THREAD_TOKEN.fetch_add(1, Ordering::Relaxed);
-    /// The id of the context this thread holds, 0 when it holds none.
-    static HELD_CONTEXT: Cell<u64> = const { Cell::new(0) };
+    /// The ids of the contexts this thread holds, in the order it took them (increasing).
+    static HELD_CONTEXTS: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
     /// Whether this thread holds the vmm's global lock (set by the vmm).
     static GLOBAL_LOCK_HELD: Cell<bool> = const { Cell::new(false) };
     /// Whether this thread is an iothread.
@@ -56,7 +58,7 @@ pub fn debug_assert_may_take_global_lock() {
         "iothread code must never take the global lock"
     );
     debug_assert!(
-        HELD_CONTEXT.with(Cell::get) == 0,
+        HELD_CONTEXTS.with(|h| h.borrow().is_empty()),
         "the global lock must be taken before a context, never while holding one"
     );
 }
@@ -114,13 +116,23 @@ impl NestLock {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Checks the one-context-per-thread rule before blocking on this lock.
-    fn check_not_holding_another(&self) {
-        let held = HELD_CONTEXT.with(Cell::get);
+    /// Checks the lock order before blocking on this lock: every context the thread holds was
+    /// created before this one.
+    fn check_order(&self) {
         debug_assert!(
-            held == 0 || held == self.context_id,
-            "a thread must never hold two contexts at once"
+            HELD_CONTEXTS.with(|h| h.borrow().iter().all(|&held| held < self.context_id)),
+            "a thread must never hold two contexts at once, unless taken in creation order"
         );
+    }
+
+    /// Records that the current thread took this lock.
+    fn record_held(&self) {
+        HELD_CONTEXTS.with(|h| h.borrow_mut().push(self.context_id));
+    }
+
+    /// Records that the current thread let go of this lock.
+    fn record_released(&self) {
+        HELD_CONTEXTS.with(|h| h.borrow_mut().retain(|&id| id != self.context_id));
     }
 
     /// Whether the current thread holds this lock.
@@ -136,7 +148,7 @@ impl NestLock {
             state.depth += 1;
             return;
         }
-        self.check_not_holding_another();
+        self.check_order();
         state.waiting += 1;
         while state.owner != 0 {
             state = self.wait(state);
@@ -144,7 +156,7 @@ impl NestLock {
         state.waiting -= 1;
         state.owner = me;
         state.depth = 1;
-        HELD_CONTEXT.with(|h| h.set(self.context_id));
+        self.record_held();
     }
 
     /// Acquires the lock for one loop iteration: like `acquire`, but first lets every thread that
@@ -156,7 +168,7 @@ impl NestLock {
             state.owner != me,
             "the loop must not hold its context while waiting"
         );
-        self.check_not_holding_another();
+        self.check_order();
         while state.owner != 0 || state.waiting > 0 {
             state.loop_waiting = true;
             state = self.wait(state);
@@ -164,7 +176,7 @@ impl NestLock {
         state.loop_waiting = false;
         state.owner = me;
         state.depth = 1;
-        HELD_CONTEXT.with(|h| h.set(self.context_id));
+        self.record_held();
     }
 
     /// Releases one level; the last one frees the lock and wakes the waiters.
@@ -180,7 +192,7 @@ impl NestLock {
         state.depth -= 1;
         if state.depth == 0 {
             state.owner = 0;
-            HELD_CONTEXT.with(|h| h.set(0));
+            self.record_released();
             if state.waiting > 0 || state.loop_waiting {
                 self.cond.notify_all();
             }
@@ -197,7 +209,7 @@ impl NestLock {
         let depth = state.depth;
         state.depth = 0;
         state.owner = 0;
-        HELD_CONTEXT.with(|h| h.set(0));
+        self.record_released();
         if state.waiting > 0 || state.loop_waiting {
             self.cond.notify_all();
         }
@@ -261,11 +273,28 @@ mod tests {
     #[test]
     #[cfg(debug_assertions)]
     #[should_panic(expected = "two contexts")]
-    fn holding_two_contexts_is_caught() {
+    fn holding_two_contexts_out_of_order_is_caught() {
         let a = NestLock::new(1002);
         let b = NestLock::new(1003);
+        b.acquire();
+        a.acquire();
+    }
+
+    #[test]
+    fn contexts_taken_in_creation_order_nest_and_release_in_any_order() {
+        let a = NestLock::new(1004);
+        let b = NestLock::new(1005);
         a.acquire();
         b.acquire();
+        a.release();
+        // Only `b` is held now: taking `a` again would be out of order, a later one is fine.
+        let c = NestLock::new(1006);
+        c.acquire();
+        c.release();
+        b.release();
+        a.acquire();
+        a.release();
+        assert!(HELD_CONTEXTS.with(|h| h.borrow().is_empty()));
     }
 
     #[test]

@@ -193,6 +193,17 @@ impl Drop for ContextGuard<'_> {
     }
 }
 
+/// `contexts` in the one order a thread may hold several of them (creation order: the main
+/// loop's, then the iothreads' as `-object` lists them), each once. Two devices whose iothreads
+/// overlap take them in the same order, so neither waits for a context the other holds while it
+/// waits for one of its own.
+pub fn in_lock_order(contexts: impl IntoIterator<Item = Arc<Context>>) -> Vec<Arc<Context>> {
+    let mut contexts: Vec<_> = contexts.into_iter().collect();
+    contexts.sort_by_key(|c| c.id);
+    contexts.dedup_by_key(|c| c.id);
+    contexts
+}
+
 impl Context {
     /// A context named `name` (an iothread id, or "main-loop").
     pub fn new(name: &str) -> Result<Arc<Self>, Error> {
@@ -243,7 +254,8 @@ impl Context {
     }
 
     /// Acquires one level of the context: blocks while another thread holds it, nests when the
-    /// current thread does. Must not be called while holding another context.
+    /// current thread does. Must not be called while holding another context, except one
+    /// created earlier ([`Context::acquire_all`]).
     pub fn acquire(&self) -> ContextGuard<'_> {
         self.lock.acquire();
         ContextGuard { ctx: self }
@@ -262,6 +274,28 @@ impl Context {
         let result = f();
         self.lock.reacquire(depth);
         result
+    }
+
+    /// Runs `f` with every level of each of `contexts` (in lock order, [`in_lock_order`]) that
+    /// the current thread holds released, then acquires them again in that order: how a device
+    /// served by several iothreads waits for its requests without blocking their loops.
+    pub fn unlocked_all<R>(contexts: &[Arc<Context>], f: impl FnOnce() -> R) -> R {
+        let depths: Vec<u32> = contexts.iter().map(|c| c.lock.release_all()).collect();
+        let result = f();
+        for (ctx, depth) in contexts.iter().zip(depths) {
+            ctx.lock.reacquire(depth);
+        }
+        result
+    }
+
+    /// Acquires one level of each of `contexts`, which must be in lock order ([`in_lock_order`]):
+    /// the transport of a device served by several iothreads, a drain or a resize of its disk.
+    pub fn acquire_all(contexts: &[Arc<Context>]) -> Vec<ContextGuard<'_>> {
+        debug_assert!(
+            contexts.windows(2).all(|w| w[0].id < w[1].id),
+            "contexts acquired out of lock order"
+        );
+        contexts.iter().map(|c| c.acquire()).collect()
     }
 
     /// Watches `fd` for `events`; `handler` runs in the context's thread, with the context held,

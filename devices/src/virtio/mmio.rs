@@ -8,14 +8,14 @@
 //! Locking: the transport's own state (feature selection, queue set-up, status) is behind a
 //! mutex that only vCPUs take, without the global lock (the vmm puts transports on its shared
 //! MMIO bus), and only for plain field updates, with one exception: activation at DRIVER_OK
-//! acquires the device's context under it (order: transport, then context).
+//! acquires the device's contexts under it (order: transport, then contexts).
 //! Configuration-space reads take neither (the device serves them from state that needs no
-//! lock); configuration-space writes acquire the context alone. InterruptStatus and
+//! lock); configuration-space writes acquire the contexts alone. InterruptStatus and
 //! InterruptACK use the atomics of [`Interrupt`] and take neither.
 //!
 //! A reset (Status = 0) of an active device drains its in-flight requests, which can take as
 //! long as the slowest one. It marks the transport resetting under the mutex, releases it, has
-//! the device drain with only the device's context acquired, then takes the mutex again to clear
+//! the device drain with only the device's contexts acquired, then takes the mutex again to clear
 //! the transport's state. Meanwhile other vCPUs' register accesses complete at once and see a
 //! device being reset (virtio 1.2, 2.4 "Device Reset"): Status reads non-zero until the reset is
 //! over, and writes are ignored, since the driver waits for that zero before it sets the device
@@ -300,8 +300,8 @@ mod tests {
         fn features(&self) -> u64 {
             features::VERSION_1 | features::RING_EVENT_IDX | 1
         }
-        fn context(&self) -> &Arc<Context> {
-            &self.ctx
+        fn contexts(&self) -> &[Arc<Context>] {
+            std::slice::from_ref(&self.ctx)
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             assert!(!self.ctx.held_by_current_thread());
@@ -518,8 +518,8 @@ mod tests {
         fn features(&self) -> u64 {
             self.inner.features()
         }
-        fn context(&self) -> &Arc<Context> {
-            self.inner.context()
+        fn contexts(&self) -> &[Arc<Context>] {
+            self.inner.contexts()
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             self.inner.read_config(offset, data);

@@ -3,9 +3,10 @@
 //! and the interrupt state both sides share (one line, or a vector per queue on virtio-pci).
 //!
 //! Threads and locks (docs/DESIGN.md, "Threads and locks"): a device lives in a context (the main
-//! loop's or an iothread's), where its queue notifications and completions are handled. vCPUs
-//! reach it through the transport: configuration-space writes, activation and reset acquire the
-//! device's context first; configuration-space reads do not (the device serves them from state
+//! loop's or an iothread's), or in several (its queues spread over iothreads), where its queue
+//! notifications and completions are handled. vCPUs reach it through the transport:
+//! configuration-space writes, activation and reset acquire the device's contexts first (in
+//! lock order); configuration-space reads do not (the device serves them from state
 //! any thread may read), and interrupt status and acknowledge are the atomics of [`Interrupt`],
 //! read and cleared without it.
 
@@ -89,6 +90,14 @@ pub enum ActivateError {
     /// The device's maximum queue size is not a power of two up to 32768.
     #[error("invalid maximum queue size {0}")]
     QueueSize(u16),
+    /// The transport gave another number of queues than the device has.
+    #[error("the device has {expected} queues, not {given}")]
+    QueueCount {
+        /// Queues the device has.
+        expected: usize,
+        /// Queues the transport gave.
+        given: usize,
+    },
     /// The device is already active.
     #[error("device already active")]
     AlreadyActive,
@@ -226,7 +235,8 @@ pub struct Activation {
 }
 
 /// A virtio device behind a transport. The transport calls `write_config`, `activate` and `reset`
-/// with the device's context held by the calling thread, and `read_config` without it.
+/// with every one of the device's contexts held by the calling thread, and `read_config` without
+/// them.
 pub trait VirtioDevice: Send + Sync {
     /// The virtio device id (virtio 1.2, 5 "Device Types").
     fn device_type(&self) -> u32;
@@ -234,8 +244,9 @@ pub trait VirtioDevice: Send + Sync {
     fn queue_max_sizes(&self) -> &[u16];
     /// The features the device offers.
     fn features(&self) -> u64;
-    /// The context the device is served in.
-    fn context(&self) -> &Arc<Context>;
+    /// The contexts the device is served in, in lock order
+    /// ([`crate::context::in_lock_order`]): one, or one per iothread serving some of its queues.
+    fn contexts(&self) -> &[Arc<Context>];
     /// Reads device configuration space at `offset`; bytes past its end read as zero. Called
     /// without the context, from any vCPU: configuration space must be readable without it.
     fn read_config(&self, offset: u64, data: &mut [u8]);

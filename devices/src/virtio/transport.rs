@@ -3,16 +3,19 @@
 //! (virtio-mmio, virtio-pci) only decode their registers into these.
 //!
 //! Locking (the transports' module docs say more): the state is behind a mutex only vCPUs take,
-//! for plain field updates and across activation, which acquires the device's context under it
-//! (order: transport state, then context). A reset (Status = 0) of an active device marks the
-//! state resetting, releases the mutex, drains the device with only its context acquired, then
-//! clears the state; meanwhile writes are ignored and Status reads non-zero.
+//! for plain field updates and across activation, which acquires the device's contexts under it
+//! (order: transport state, then the contexts in lock order). A reset (Status = 0) of an active
+//! device marks the state resetting, releases the mutex, drains the device with only its
+//! contexts acquired, then clears the state; meanwhile writes are ignored and Status reads
+//! non-zero.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::context::Context;
 
 use super::{
     features, status, ActivateError, Activation, GuestMemoryMmap, Interrupt, TransportError,
@@ -147,10 +150,9 @@ impl Core {
         }
     }
 
-    /// A write to device configuration space, with the device's context acquired.
+    /// A write to device configuration space, with the device's contexts acquired.
     pub(super) fn write_config(&self, offset: u64, data: &[u8]) {
-        let ctx = Arc::clone(self.device.context());
-        let _guard = ctx.acquire();
+        let _guards = Context::acquire_all(self.device.contexts());
         self.device.write_config(offset, data);
     }
 
@@ -237,8 +239,7 @@ impl Core {
                     .map_err(|err| ActivateError::CloneEventFd(i, err))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let ctx = Arc::clone(self.device.context());
-        let _guard = ctx.acquire();
+        let _guards = Context::acquire_all(self.device.contexts());
         self.device.activate(Activation {
             mem: self.mem.clone(),
             queues,
@@ -252,11 +253,10 @@ impl Core {
 
     /// Resets an active device, then the transport (a Status write of 0; the state is marked
     /// resetting). The device drains with the transport's mutex released (see the module
-    /// documentation); the context is released before the mutex is taken again.
+    /// documentation); the contexts are released before the mutex is taken again.
     fn reset_device(&self) {
         {
-            let ctx = Arc::clone(self.device.context());
-            let _guard = ctx.acquire();
+            let _guards = Context::acquire_all(self.device.contexts());
             self.device.reset();
         }
         let mut state = self.state();

@@ -302,7 +302,11 @@ impl Disks {
         let mut mmio_index = 0u8;
         let mut next_gsi = PCI_MSI_GSI_FIRST;
         for ((index, spec), image) in (0u8..).zip(specs).zip(images) {
-            let ctx = iothreads.context(spec.device.iothread.as_deref());
+            let groups = spec
+                .groups
+                .iter()
+                .map(|g| (iothreads.context(g.iothread.as_deref()), g.queues.clone()))
+                .collect();
             let names = Names::of(index, spec, &image, &mut namer);
             let info = block_device(spec, &names, &image);
             let sink = errors.sink(names.qom_path.clone(), names.node_name().to_owned());
@@ -310,7 +314,7 @@ impl Disks {
             let disk = NewDisk {
                 spec,
                 image,
-                ctx,
+                groups,
                 sink,
                 queues,
             };
@@ -349,10 +353,10 @@ impl Disks {
                 }
             };
             log::info!(
-                "disk {}: {} on {place}, {queues} queues, on {}",
+                "disk {}: {} on {place}, {queues} queues, served by (queue by queue) {}",
                 spec.drive.id,
                 spec.drive.file.display(),
-                spec.device.iothread.as_deref().unwrap_or("the main loop")
+                device.queue_contexts().join(", ")
             );
             disks.push(VmDisk {
                 info,

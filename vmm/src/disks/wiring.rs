@@ -1,4 +1,4 @@
-//! One disk on the machine: its virtio-blk device, built in the context that serves it; its
+//! One disk on the machine: its virtio-blk device, built with the contexts that serve it; its
 //! transport; and the KVM notifications that spare userspace a round trip. On virtio-mmio: the
 //! transport on the shared MMIO bus, one ioeventfd per queue at its QueueNotify register
 //! (datamatch: the queue index) and one irqfd on its GSI. On virtio-pci: the transport on the
@@ -8,8 +8,8 @@
 //!
 //! Locks: this runs while the VM is built, before any vCPU exists and before the shared bus goes
 //! behind the global lock's read-write lock, so it takes none of the VM's locks. Afterwards the
-//! ioeventfds are read and the irqfd written in the device's context, and a vCPU reaches the
-//! transport through the shared bus without the global lock.
+//! ioeventfds are read and the irqfds written in the contexts serving their queues, and a vCPU
+//! reaches the transport through the shared bus without the global lock.
 
 use std::sync::Arc;
 
@@ -28,12 +28,12 @@ use crate::arch::x86_64::layout::VIRTIO_MMIO_SIZE;
 use crate::arch::x86_64::memory::GuestMemory;
 use crate::drive::DiskSpec;
 
-/// One disk to add: its flags, its image, the context that serves it, where its error reports
-/// go and its number of queues.
+/// One disk to add: its flags, its image, the contexts that serve its queues (and which queues
+/// each), where its error reports go and its number of queues.
 pub(super) struct NewDisk<'a> {
     pub(super) spec: &'a DiskSpec,
     pub(super) image: Image,
-    pub(super) ctx: Arc<Context>,
+    pub(super) groups: Vec<(Arc<Context>, Vec<u16>)>,
     pub(super) sink: ErrorSink,
     pub(super) queues: u16,
 }
@@ -67,10 +67,11 @@ pub(super) fn device(disk: NewDisk<'_>) -> Result<(Arc<Block>, LiveImage), DiskE
         spec.drive.detect_zeroes,
     );
     live.cache_sizes = spec.drive.cache_sizes;
-    let block = Block::new(config, image, disk.ctx).map_err(|source| DiskError::Device {
-        id: spec.drive.id.clone(),
-        source,
-    })?;
+    let block =
+        Block::with_groups(config, image, disk.groups).map_err(|source| DiskError::Device {
+            id: spec.drive.id.clone(),
+            source,
+        })?;
     Ok((block, live))
 }
 

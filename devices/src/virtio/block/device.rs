@@ -1,13 +1,18 @@
 //! The virtio-blk device: what it offers (features, configuration space), how it starts
-//! (activation registers its queue notifications and its completion eventfd with its context)
+//! (activation registers its queue notifications and its completion eventfds with its contexts)
 //! and how it stops (reset and shutdown drain in-flight requests as docs/DESIGN.md, "Draining", asks).
 //!
+//! Queue groups (`groups.rs`): the queues are served in one context or split over several,
+//! each group with its own state and I/O engine; reset, drain, [`Block::with_drained_io`] and
+//! the transport take every group's context, in lock order; block jobs, resizes and snapshots
+//! run in the first group's context, the device's home ([`Block::context`]).
+//!
 //! Draining: the device is marked quiescing (no new request is taken from the queues), every
-//! nesting level of its context is released, and the thread waits until the worker pool (and,
-//! with `aio=io_uring`, the ring) has run every submitted request
+//! nesting level of its contexts is released, and the thread waits until each group's worker
+//! pool (and, with `aio=io_uring`, ring) has run every submitted request
 //! ([`block::aio::Aio::wait_idle`], which needs nothing from the context's thread). It then
-//! acquires the context again and completes what is left itself; requests an error policy kept
-//! for a retry are dropped unanswered, as QEMU's reset drops them. So a drain never depends on the
+//! acquires the contexts again and completes what is left itself; requests an error policy kept
+//! for a retry are dropped unanswered, as QEMU's reset drops them. So a drain never depends on a
 //! context's loop running (the main loop may be busy in a handler), and that loop (the main
 //! loop's or an iothread's) keeps serving its other devices, and may complete this one's
 //! requests, meanwhile. The transport holds none of its own locks during a reset's drain.
@@ -15,8 +20,8 @@
 //! a resize), then serves the queues again.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use block::aio::{Aio, AioError, Engine, Workers};
 use block::DiskImage;
@@ -25,12 +30,13 @@ use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
 
 use super::event_handler::QueueState;
+use super::groups::{Engines, Group, Home};
 use super::io_error::{ErrorPolicy, ErrorSink, IoStatus, IoStatusCell};
 use super::request::Buf;
 use super::stages::{StageStats, Times};
 use super::stats::BlockStats;
 use super::{features, DEVICE_ID, ID_BYTES, SECTOR_SHIFT};
-use crate::context::{Context, HandlerId};
+use crate::context::{in_lock_order, Context, HandlerId};
 use crate::virtio::{
     features as common, ActivateError, Activation, GuestMemoryMmap, Interrupt, VirtioDevice,
 };
@@ -47,6 +53,14 @@ pub enum Error {
     /// Zero queues, or more than the 64 the device supports.
     #[error("{0} queues is not between 1 and 64")]
     NumQueues(u16),
+    /// Queue groups that do not serve every queue exactly once.
+    #[error("queue {queue} is served by {groups} queue groups, not one")]
+    QueueGroups {
+        /// The queue.
+        queue: u16,
+        /// How many groups list it.
+        groups: usize,
+    },
 }
 
 /// How a disk is presented.
@@ -107,19 +121,15 @@ const SIZE_MAX: u32 = 1 << 20;
 /// Discard and write-zeroes limits in sectors: QEMU's `BDRV_REQUEST_MAX_SECTORS`.
 const MAX_DISCARD_SECTORS: u32 = (i32::MAX as u32) >> SECTOR_SHIFT;
 
-/// State while the driver has the device running.
+/// A queue group's state while the driver has the device running.
 #[derive(Debug)]
 pub(super) struct Active {
     pub mem: GuestMemoryMmap,
     pub interrupt: Arc<Interrupt>,
+    /// The group's queues, in the order of [`Group::queues`].
     pub queues: Vec<QueueState>,
     pub handlers: Vec<HandlerId>,
-    pub acked_features: u64,
-    /// Set once the device entered DEVICE_NEEDS_RESET: nothing more is processed.
-    pub broken: bool,
-    /// Set while draining: no new request is taken from the queues.
-    pub quiescing: bool,
-    /// Requests taken from the queues and not yet completed.
+    /// Requests taken from the group's queues and not yet completed.
     pub in_flight: usize,
     /// Segment lists returned by completions, reused by later requests.
     pub seg_pool: Vec<Vec<block::aio::IoSeg>>,
@@ -133,10 +143,9 @@ pub(super) struct Active {
     pub finished: Vec<(usize, Times)>,
 }
 
-/// A virtio-blk device on a disk image, served in one context.
+/// A virtio-blk device on a disk image, its queues served in one context or several.
 pub struct Block {
     pub(super) me: Weak<Block>,
-    pub(super) ctx: Arc<Context>,
     pub(super) config: BlockConfig,
     pub(super) features: u64,
     pub(super) config_space: [u8; CONFIG_LEN],
@@ -146,29 +155,53 @@ pub struct Block {
     capacity: AtomicU64,
     /// ConfigGeneration, bumped after each capacity change.
     generation: AtomicU32,
-    pub(super) aio: Aio,
+    pub(super) groups: Vec<Group>,
+    /// Each queue's group, by queue index.
+    pub(super) homes: Vec<Home>,
+    /// The groups' contexts, in lock order.
+    contexts: Vec<Arc<Context>>,
+    /// The features the driver accepted (set on activation, with every context held).
+    pub(super) acked_features: AtomicU64,
+    /// Set once the device entered DEVICE_NEEDS_RESET: nothing more is processed.
+    pub(super) broken: AtomicBool,
+    /// Set while draining (every context held): no new request is taken from the queues.
+    pub(super) quiescing: AtomicBool,
     pub(super) stats: BlockStats,
     pub(super) stages: StageStats,
     pub(super) io_status: IoStatusCell,
-    pub(super) active: Mutex<Option<Active>>,
 }
 
 impl std::fmt::Debug for Block {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Block")
             .field("id", &self.config.id)
-            .field("context", &self.ctx.name())
+            .field(
+                "contexts",
+                &self.groups.iter().map(|g| g.ctx.name()).collect::<Vec<_>>(),
+            )
             .field("capacity", &self.capacity())
             .finish_non_exhaustive()
     }
 }
 
 impl Block {
-    /// A device presenting `image`, served in `ctx`.
+    /// A device presenting `image`, every queue served in `ctx`.
     pub fn new(
         config: BlockConfig,
         image: Arc<dyn DiskImage>,
         ctx: Arc<Context>,
+    ) -> Result<Arc<Self>, Error> {
+        let queues = (0..config.num_queues).collect();
+        Self::with_groups(config, image, vec![(ctx, queues)])
+    }
+
+    /// A device presenting `image` whose queues are served by `groups`: a context and the
+    /// queues it serves each (`iothread-vq-mapping`, see `mapping.rs`), every queue in exactly
+    /// one; a group with no queue is left out. The first group left is the device's home.
+    pub fn with_groups(
+        config: BlockConfig,
+        image: Arc<dyn DiskImage>,
+        groups: Vec<(Arc<Context>, Vec<u16>)>,
     ) -> Result<Arc<Self>, Error> {
         let size = config.queue_size;
         if !size.is_power_of_two() || !(2..=32768).contains(&size) {
@@ -177,13 +210,48 @@ impl Block {
         if config.num_queues == 0 || config.num_queues > 64 {
             return Err(Error::NumQueues(config.num_queues));
         }
-        // Each queue has at most `size` requests in flight (one per head index), so the pool
-        // never refuses one.
-        let depth = usize::from(config.num_queues) * usize::from(size);
+        let groups: Vec<_> = groups.into_iter().filter(|(_, q)| !q.is_empty()).collect();
+        let mut listed = vec![0usize; usize::from(config.num_queues)];
+        for &queue in groups.iter().flat_map(|(_, queues)| queues) {
+            match listed.get_mut(usize::from(queue)) {
+                Some(n) => *n += 1,
+                None => return Err(Error::QueueGroups { queue, groups: 0 }),
+            }
+        }
+        if let Some((queue, &groups)) = (0u16..).zip(&listed).find(|(_, &n)| n != 1) {
+            return Err(Error::QueueGroups { queue, groups });
+        }
         let capacity = image.size() >> SECTOR_SHIFT;
         let read_only = image.read_only();
-        let aio = Aio::with_engine(&config.id, image, config.io_workers, depth, config.aio)
-            .map_err(|e| Error::Aio(config.id.clone(), e))?;
+        let groups = groups
+            .into_iter()
+            .map(|(ctx, queues)| {
+                let mut queues: Vec<usize> = queues.into_iter().map(usize::from).collect();
+                queues.sort_unstable();
+                // Each queue has at most `size` requests in flight (one per head index), so the
+                // pool never refuses one.
+                let depth = queues.len() * usize::from(size);
+                let aio = Aio::with_engine(
+                    &config.id,
+                    Arc::clone(&image),
+                    config.io_workers,
+                    depth,
+                    config.aio,
+                )
+                .map_err(|e| Error::Aio(config.id.clone(), e))?;
+                Ok(Group::new(ctx, aio, queues))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let mut homes = vec![Home { group: 0, slot: 0 }; listed.len()];
+        for (group_index, group) in groups.iter().enumerate() {
+            for (slot, &queue) in group.queues.iter().enumerate() {
+                homes[queue] = Home {
+                    group: group_index,
+                    slot,
+                };
+            }
+        }
+        let contexts = in_lock_order(groups.iter().map(|g| Arc::clone(&g.ctx)));
         let mut features = common::VERSION_1
             | common::RING_INDIRECT_DESC
             | common::RING_EVENT_IDX
@@ -203,38 +271,46 @@ impl Block {
         let stages = StageStats::new(usize::from(config.num_queues));
         Ok(Arc::new_cyclic(|me| Block {
             me: me.clone(),
-            ctx,
             queue_sizes: vec![size; usize::from(config.num_queues)],
             config,
             features,
             config_space,
             capacity: AtomicU64::new(capacity),
             generation: AtomicU32::new(0),
-            aio,
+            groups,
+            homes,
+            contexts,
+            acked_features: AtomicU64::new(0),
+            broken: AtomicBool::new(false),
+            quiescing: AtomicBool::new(false),
             stats,
             stages,
             io_status: IoStatusCell::default(),
-            active: Mutex::new(None),
         }))
     }
 
-    pub(super) fn active(&self) -> MutexGuard<'_, Option<Active>> {
-        debug_assert!(
-            self.ctx.held_by_current_thread(),
-            "virtio-blk state touched without its context"
-        );
-        // Only taken with the context held, by code that does not panic while holding it.
-        self.active.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The device's home context, its first group's (where a block job on its disk runs).
+    pub fn context(&self) -> &Arc<Context> {
+        &self.home().ctx
     }
 
-    /// The context that serves the device (where a block job on its disk runs).
-    pub fn context(&self) -> &Arc<Context> {
-        &self.ctx
+    /// The first group: `with_groups` refuses a device whose queues no group serves, and a
+    /// device has at least one queue.
+    fn home(&self) -> &Group {
+        &self.groups[0]
+    }
+
+    /// The name of the context serving each queue, by queue index.
+    pub fn queue_contexts(&self) -> Vec<&str> {
+        self.homes
+            .iter()
+            .map(|h| self.groups[h.group].ctx.name())
+            .collect()
     }
 
     /// The engine doing the image's data I/O.
     pub fn engine(&self) -> Engine {
-        self.aio.engine()
+        self.home().aio.engine()
     }
 
     /// The disk's size in 512-byte sectors, as the driver reads it in configuration space.
@@ -247,15 +323,16 @@ impl Block {
     /// signals a configuration change, as QEMU's `virtio_notify_config` does, so the guest's
     /// driver reads the new size without a reboot. Call it with nothing in flight (inside
     /// [`Block::with_drained_io`]), so no request was checked against the old capacity after
-    /// the image grew. Acquires the context (nested if the caller holds it).
+    /// the image grew. Acquires the home context (nested if the caller holds it).
     pub fn update_capacity(&self) {
-        let _guard = self.ctx.acquire();
-        let sectors = self.aio.image().size() >> SECTOR_SHIFT;
+        let home = self.home();
+        let _guard = home.ctx.acquire();
+        let sectors = home.aio.image().size() >> SECTOR_SHIFT;
         if self.capacity.swap(sectors, Ordering::AcqRel) == sectors {
             return;
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
-        if let Some(active) = self.active().as_ref() {
+        if let Some(active) = home.active().as_ref() {
             active.interrupt.signal_config_change();
         }
     }
@@ -278,15 +355,17 @@ impl Block {
 
     /// Clears the I/O status and resubmits, in the order they failed, the requests kept by a
     /// stopping error policy (`cont`, as QEMU's restarts them when the VM runs again). Callable
-    /// from any thread without the device's context: the work is a bottom half in it.
+    /// from any thread without the device's contexts: the work is a bottom half in each group's.
     pub fn retry_failed(&self) {
         self.io_status.reset();
-        let me = self.me.clone();
-        self.ctx.schedule(move |_| {
-            if let Some(dev) = me.upgrade() {
-                dev.resubmit_parked();
-            }
-        });
+        for (index, group) in self.groups.iter().enumerate() {
+            let me = self.me.clone();
+            group.ctx.schedule(move |_| {
+                if let Some(dev) = me.upgrade() {
+                    dev.resubmit_parked(index);
+                }
+            });
+        }
     }
 
     /// The GET_ID answer: the serial, truncated or zero-padded to 20 bytes.
@@ -298,56 +377,60 @@ impl Block {
         id
     }
 
-    /// Stops the device for good: drains it, flushes the image, and leaves its context.
-    /// Acquires the context itself (nested if the caller holds it).
+    /// Stops the device for good: drains it, flushes the image, and leaves its contexts.
+    /// Acquires the contexts itself (nested where the caller holds them).
     pub fn shutdown(&self) -> Result<(), block::Error> {
-        let _guard = self.ctx.acquire();
+        let _guards = Context::acquire_all(&self.contexts);
         self.drain_and_stop();
-        let (ring, pool) = self.aio.requests_by_engine();
+        let (ring, pool) = self.groups.iter().fold((0, 0), |(ring, pool), g| {
+            let (r, p) = g.aio.requests_by_engine();
+            (ring + r, pool + p)
+        });
         log::info!(
             "virtio-blk {}: aio={}, {ring} requests on io_uring, {pool} on the worker pool",
             self.config.id,
-            self.aio.engine().name()
+            self.engine().name()
         );
-        let image = self.aio.image();
-        // Not on the context: the flush may take long.
-        self.ctx.unlocked(|| image.flush())
+        let image = self.home().aio.image();
+        // Not on the contexts: the flush may take long.
+        Context::unlocked_all(&self.contexts, || image.flush())
     }
 
-    /// Runs `f` on the device's I/O engine with nothing in flight, while the device takes no new
-    /// request (a live snapshot's switch of the image, [`Aio::replace_image`]): acquires the
-    /// context (nested if the caller holds it), drains as a reset does (see the module
-    /// documentation) but stays active, calls `f` with the context held, then serves the
+    /// Runs `f` on the device's I/O engines with nothing in flight, while the device takes no
+    /// new request (a live snapshot's switch of the image, [`Engines::replace_image`]): acquires
+    /// the contexts (nested where the caller holds them), drains as a reset does (see the module
+    /// documentation) but stays active, calls `f` with the contexts held, then serves the
     /// queues again, requests the driver added meanwhile first. Requests complete in the order
     /// the image finished them before `f` and are taken in the order the driver made them
     /// available after it, so none is lost or reordered across the switch. A device the driver
     /// has not started has nothing to drain.
-    pub fn with_drained_io<R>(&self, f: impl FnOnce(&Aio) -> R) -> R {
-        let _guard = self.ctx.acquire();
-        let started = match self.active().as_mut() {
-            Some(active) => {
-                active.quiescing = true;
-                true
-            }
-            None => false,
-        };
+    pub fn with_drained_io<R>(&self, f: impl FnOnce(&Engines<'_>) -> R) -> R {
+        let _guards = Context::acquire_all(&self.contexts);
+        let started = self.home().active().is_some();
         if started {
-            self.ctx.unlocked(|| self.aio.wait_idle());
-            if let Some(active) = self.active().as_mut() {
-                self.complete_all(active);
+            self.quiescing.store(true, Ordering::Release);
+            self.wait_idle();
+            for group in &self.groups {
+                if let Some(active) = group.active().as_mut() {
+                    self.complete_all(group, active);
+                }
             }
         }
-        let result = f(&self.aio);
-        let resume = match self.active().as_mut() {
-            Some(active) => {
-                active.quiescing = false;
-                // A retry asked for (`cont`) while the device was quiescing found it so.
-                !active.parked.is_empty() && self.io_status() == IoStatus::Ok
+        let result = f(&Engines(&self.groups));
+        if !started {
+            return result;
+        }
+        self.quiescing.store(false, Ordering::Release);
+        for (index, group) in self.groups.iter().enumerate() {
+            // A retry asked for (`cont`) while the device was quiescing found it so.
+            let resume = group
+                .active()
+                .as_ref()
+                .is_some_and(|a| !a.parked.is_empty())
+                && self.io_status() == IoStatus::Ok;
+            if resume {
+                self.resubmit_parked(index);
             }
-            None => return result,
-        };
-        if resume {
-            self.resubmit_parked();
         }
         for index in 0..self.queue_sizes.len() {
             self.queue_notified(index);
@@ -355,27 +438,47 @@ impl Block {
         result
     }
 
-    /// Drains in-flight requests (see the module documentation) and deactivates.
+    /// Waits, with every context released, until each group's engine has run every request
+    /// submitted to it.
+    fn wait_idle(&self) {
+        Context::unlocked_all(&self.contexts, || {
+            for group in &self.groups {
+                group.aio.wait_idle();
+            }
+        });
+    }
+
+    /// Drains in-flight requests (see the module documentation) and deactivates; the caller
+    /// holds every context.
     fn drain_and_stop(&self) {
-        match self.active().as_mut() {
-            Some(active) => active.quiescing = true,
-            None => return,
+        if self.home().active().is_none() {
+            return;
         }
-        self.ctx.unlocked(|| self.aio.wait_idle());
-        let mut guard = self.active();
-        if let Some(active) = guard.as_mut() {
-            self.complete_all(active);
-            // Requests kept for a retry are dropped unanswered, as QEMU's reset drops them: the
-            // driver is starting over (or the VM is ending) and never saw them complete.
-            self.drop_parked(active);
-            debug_assert_eq!(active.in_flight, 0, "requests in flight after draining");
-            for id in active.handlers.drain(..) {
-                if let Err(e) = self.ctx.remove_fd(id) {
-                    log::warn!("virtio-blk {}: {e}", self.config.id);
+        self.quiescing.store(true, Ordering::Release);
+        self.wait_idle();
+        for group in &self.groups {
+            let mut guard = group.active();
+            if let Some(active) = guard.as_mut() {
+                self.complete_all(group, active);
+                // Requests kept for a retry are dropped unanswered, as QEMU's reset drops them:
+                // the driver is starting over (or the VM is ending) and never saw them complete.
+                self.drop_parked(group, active);
+                debug_assert_eq!(active.in_flight, 0, "requests in flight after draining");
+                for id in active.handlers.drain(..) {
+                    if let Err(e) = group.ctx.remove_fd(id) {
+                        log::warn!("virtio-blk {}: {e}", self.config.id);
+                    }
                 }
             }
+            *guard = None;
         }
-        *guard = None;
+    }
+
+    /// Puts the device in DEVICE_NEEDS_RESET after a fault of the driver's rings, once.
+    pub(super) fn set_broken(&self, interrupt: &Interrupt) {
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            interrupt.set_needs_reset();
+        }
     }
 }
 
@@ -383,7 +486,8 @@ impl Drop for Block {
     /// A device dropped while the driver still had it running (no `shutdown`) drains too, so no
     /// worker is left writing to guest memory and no handler stays registered.
     fn drop(&mut self) {
-        let _guard = self.ctx.acquire();
+        let contexts = self.contexts.clone();
+        let _guards = Context::acquire_all(&contexts);
         self.drain_and_stop();
     }
 }
@@ -432,8 +536,8 @@ impl VirtioDevice for Block {
         self.features
     }
 
-    fn context(&self) -> &Arc<Context> {
-        &self.ctx
+    fn contexts(&self) -> &[Arc<Context>] {
+        &self.contexts
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -463,18 +567,26 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&self, activation: Activation) -> Result<(), ActivateError> {
-        let mut guard = self.active();
-        if guard.is_some() {
+        if self.home().active().is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let mut handlers = Vec::new();
-        let register = |handlers: &mut Vec<HandlerId>, fd, handler| {
-            self.ctx
+        let (expected, given) = (self.homes.len(), activation.queues.len());
+        if given != expected {
+            return Err(ActivateError::QueueCount { expected, given });
+        }
+        let mut slots: Vec<Vec<Option<QueueState>>> = self
+            .groups
+            .iter()
+            .map(|g| g.queues.iter().map(|_| None).collect())
+            .collect();
+        let mut handlers: Vec<Vec<HandlerId>> = self.groups.iter().map(|_| Vec::new()).collect();
+        let register = |handlers: &mut Vec<Vec<HandlerId>>, group: usize, fd, handler| {
+            self.groups[group]
+                .ctx
                 .add_fd(fd, EventSet::IN, handler)
-                .map(|id| handlers.push(id))
+                .map(|id| handlers[group].push(id))
                 .map_err(ActivateError::Register)
         };
-        let mut queues = Vec::with_capacity(activation.queues.len());
         let result = (|| {
             for (index, (queue, event)) in activation
                 .queues
@@ -482,11 +594,16 @@ impl VirtioDevice for Block {
                 .zip(activation.queue_events)
                 .enumerate()
             {
+                // The transport hands over as many queues as `queue_max_sizes` has.
+                let Some(&Home { group, slot }) = self.homes.get(index) else {
+                    continue;
+                };
                 if queue.ready() {
                     let me = self.me.clone();
                     let fd = event.as_raw_fd();
                     register(
                         &mut handlers,
+                        group,
                         fd,
                         Arc::new(move |_: &Context, _| {
                             if let Some(dev) = me.upgrade() {
@@ -495,41 +612,59 @@ impl VirtioDevice for Block {
                         }),
                     )?;
                 }
-                queues.push(QueueState::new(queue, event));
+                slots[group][slot] = Some(QueueState::new(queue, event));
             }
-            let me = self.me.clone();
-            register(
-                &mut handlers,
-                self.aio.completion_fd(),
-                Arc::new(move |_: &Context, _| {
-                    if let Some(dev) = me.upgrade() {
-                        dev.completions_ready();
-                    }
-                }),
-            )
+            for (group, g) in self.groups.iter().enumerate() {
+                let me = self.me.clone();
+                register(
+                    &mut handlers,
+                    group,
+                    g.aio.completion_fd(),
+                    Arc::new(move |_: &Context, _| {
+                        if let Some(dev) = me.upgrade() {
+                            dev.completions_ready(group);
+                        }
+                    }),
+                )?;
+            }
+            Ok(())
         })();
-        if let Err(e) = result {
-            for id in handlers {
-                // Just added; removal only fails if the fd was closed meanwhile.
-                let _ = self.ctx.remove_fd(id);
+        let queues = slots
+            .into_iter()
+            .map(|s| s.into_iter().collect::<Option<Vec<_>>>())
+            .collect::<Option<Vec<_>>>();
+        let queues = match (result, queues) {
+            (Ok(()), Some(queues)) => queues,
+            (result, _) => {
+                for (group, ids) in self.groups.iter().zip(handlers) {
+                    for id in ids {
+                        // Just added; removal only fails if the fd was closed meanwhile.
+                        let _ = group.ctx.remove_fd(id);
+                    }
+                }
+                // Every slot is filled when every queue was given, as checked above.
+                return Err(result
+                    .err()
+                    .unwrap_or(ActivateError::QueueCount { expected, given }));
             }
-            return Err(e);
+        };
+        self.acked_features
+            .store(activation.acked_features, Ordering::Release);
+        self.broken.store(false, Ordering::Release);
+        self.quiescing.store(false, Ordering::Release);
+        for ((group, queues), handlers) in self.groups.iter().zip(queues).zip(handlers) {
+            *group.active() = Some(Active {
+                mem: activation.mem.clone(),
+                interrupt: Arc::clone(&activation.interrupt),
+                queues,
+                handlers,
+                in_flight: 0,
+                seg_pool: Vec::new(),
+                scratch: Vec::with_capacity(usize::from(self.config.queue_size)),
+                parked: VecDeque::new(),
+                finished: Vec::new(),
+            });
         }
-        *guard = Some(Active {
-            mem: activation.mem,
-            interrupt: activation.interrupt,
-            queues,
-            handlers,
-            acked_features: activation.acked_features,
-            broken: false,
-            quiescing: false,
-            in_flight: 0,
-            seg_pool: Vec::new(),
-            scratch: Vec::with_capacity(usize::from(self.config.queue_size)),
-            parked: VecDeque::new(),
-            finished: Vec::new(),
-        });
-        drop(guard);
         // Requests the driver queued before DRIVER_OK (allowed, 3.1.1) are served now.
         for index in 0..self.queue_sizes.len() {
             self.queue_notified(index);

@@ -3,7 +3,8 @@
 //! others to the worker pool, and completing them when the pool's eventfd fires (status byte,
 //! used ring, interrupt if the driver wants one, with event idx where negotiated).
 //!
-//! Every function here runs with the device's context held, never the global lock (docs/DESIGN.md).
+//! Every function here runs with the context of the queue group it works on held, never the
+//! global lock (docs/DESIGN.md), and takes that group's state only.
 
 use std::time::Instant;
 
@@ -13,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Active, Block};
+use super::groups::{Group, Home};
 use super::io_error::{errno_of, ErrorAction, IoErrorEvent};
 use super::request::{self, Parsed};
 use super::stages::Times;
@@ -84,37 +86,50 @@ impl Block {
     /// The driver notified queue `index`.
     pub(super) fn queue_notified(&self, index: usize) {
         let woke = Instant::now();
-        let mut guard = self.active();
+        let Some((group, slot)) = self.home_of(index) else {
+            return;
+        };
+        let mut guard = group.active();
         let Some(active) = guard.as_mut() else {
             return;
         };
-        if let Some(q) = active.queues.get(index) {
+        if let Some(q) = active.queues.get(slot) {
             // Nothing to read just means a spurious wake-up.
             let _ = q.event.read();
         }
-        if active.broken || active.quiescing {
+        if self.broken.load(Ordering::Acquire) || self.quiescing.load(Ordering::Acquire) {
             return;
         }
-        if let Err(e) = self.process_queue(active, index, woke) {
+        if let Err(e) = self.process_queue(group, active, (index, slot), woke) {
             log::error!("virtio-blk {}: {}", self.config.id, error_chain(&e));
-            active.broken = true;
-            active.interrupt.set_needs_reset();
+            self.set_broken(&active.interrupt);
         }
     }
 
-    /// The worker pool has completions.
-    pub(super) fn completions_ready(&self) {
-        let mut guard = self.active();
+    /// The group serving queue `index` and the queue's place in it.
+    fn home_of(&self, index: usize) -> Option<(&Group, usize)> {
+        let &Home { group, slot } = self.homes.get(index)?;
+        Some((self.groups.get(group)?, slot))
+    }
+
+    /// The engine of group `group` has completions.
+    pub(super) fn completions_ready(&self, group: usize) {
+        let Some(group) = self.groups.get(group) else {
+            return;
+        };
+        let mut guard = group.active();
         if let Some(active) = guard.as_mut() {
-            self.complete_all(active);
+            self.complete_all(group, active);
         }
     }
 
-    /// Takes every available request from queue `index`, whose handler woke at `woke`.
+    /// Takes every available request from queue `index` (at `slot` in `group`), whose handler
+    /// woke at `woke`.
     fn process_queue(
         &self,
+        group: &Group,
         active: &mut Active,
-        index: usize,
+        (index, slot): (usize, usize),
         woke: Instant,
     ) -> Result<(), QueueError> {
         let Active {
@@ -123,10 +138,10 @@ impl Block {
             scratch,
             seg_pool,
             in_flight,
-            acked_features,
             ..
         } = active;
-        let Some(qs) = queues.get_mut(index) else {
+        let acked_features = self.acked_features.load(Ordering::Acquire);
+        let Some(qs) = queues.get_mut(slot) else {
             return Ok(());
         };
         if !qs.queue.ready() {
@@ -166,10 +181,11 @@ impl Block {
                     return Err(QueueError::HeadInFlight { queue: index, head });
                 }
                 let outcome = self.start_request(
+                    group,
                     mem,
                     scratch,
                     seg_pool,
-                    *acked_features,
+                    acked_features,
                     (index, woke, taken),
                     &parsed,
                     &mut qs.in_flight,
@@ -220,6 +236,7 @@ impl Block {
     #[allow(clippy::too_many_arguments)]
     fn start_request(
         &self,
+        group: &Group,
         mem: &crate::virtio::GuestMemoryMmap,
         bufs: &[request::Buf],
         seg_pool: &mut Vec<Vec<IoSeg>>,
@@ -315,7 +332,7 @@ impl Block {
         } else {
             start
         };
-        match self.aio.submit(Request {
+        match group.aio.submit(Request {
             op,
             offset,
             segs,
@@ -402,21 +419,28 @@ impl Block {
         Ok((kind, op, offset, len))
     }
 
-    /// Completes every request the pool has finished, and interrupts the driver where needed.
-    pub(super) fn complete_all(&self, active: &mut Active) {
-        if active.in_flight == 0 && self.aio.in_flight() == 0 {
+    /// Completes every request `group`'s engine has finished, and interrupts the driver where
+    /// needed.
+    pub(super) fn complete_all(&self, group: &Group, active: &mut Active) {
+        if active.in_flight == 0 && group.aio.in_flight() == 0 {
             return;
         }
-        // Queues that got used entries (the device has at most 64).
+        // Queues that got used entries, by their place in the group (at most 64).
         let mut notify: u64 = 0;
         let mut fault = None;
-        self.aio.reap(|done| match self.complete(active, done) {
-            Ok(Some(queue)) => notify |= 1 << queue,
-            Ok(None) => {}
-            Err(e) => fault = Some(e),
-        });
-        for (index, qs) in active.queues.iter_mut().enumerate() {
-            if notify & (1 << index) != 0 {
+        group
+            .aio
+            .reap(|done| match self.complete(group, active, done) {
+                Ok(Some(slot)) => notify |= 1 << slot,
+                Ok(None) => {}
+                Err(e) => fault = Some(e),
+            });
+        for (&index, (slot, qs)) in group
+            .queues
+            .iter()
+            .zip(active.queues.iter_mut().enumerate())
+        {
+            if notify & (1 << slot) != 0 {
                 match qs.queue.needs_notification(&active.mem) {
                     Ok(true) => active.interrupt.signal_used_queue(index),
                     Ok(false) => {}
@@ -434,16 +458,18 @@ impl Block {
         }
         if let Some(e) = fault {
             log::error!("virtio-blk {}: {}", self.config.id, error_chain(&e));
-            if !active.broken {
-                active.broken = true;
-                active.interrupt.set_needs_reset();
-            }
+            self.set_broken(&active.interrupt);
         }
     }
 
-    /// Completes one request; returns its queue, or `None` when its failure keeps it for a
-    /// retry (see `io_error.rs`).
-    fn complete(&self, active: &mut Active, done: Completion) -> Result<Option<usize>, QueueError> {
+    /// Completes one request of `group`; returns its queue's place in the group, or `None` when
+    /// its failure keeps it for a retry (see `io_error.rs`).
+    fn complete(
+        &self,
+        group: &Group,
+        active: &mut Active,
+        done: Completion,
+    ) -> Result<Option<usize>, QueueError> {
         let Completion {
             request,
             result,
@@ -451,11 +477,11 @@ impl Block {
         } = done;
         let (queue, head) = untoken(request.token);
         let unknown = QueueError::UnknownCompletion { queue, head };
-        let slot = active
-            .queues
-            .get_mut(queue)
+        let place = group.slot_of(queue);
+        let slot = place
+            .and_then(|place| active.queues.get_mut(place))
             .and_then(|qs| qs.in_flight.get_mut(head));
-        let (Some(slot), Ok(head)) = (slot, u16::try_from(head)) else {
+        let (Some(place), Some(slot), Ok(head)) = (place, slot, u16::try_from(head)) else {
             active.seg_pool.push(request.segs);
             return Err(unknown);
         };
@@ -500,7 +526,7 @@ impl Block {
         } else {
             (status::IOERR, 0)
         };
-        let Some(qs) = active.queues.get_mut(queue) else {
+        let Some(qs) = active.queues.get_mut(place) else {
             return Err(unknown);
         };
         active
@@ -518,7 +544,7 @@ impl Block {
                 head,
                 source,
             })?;
-        Ok(Some(queue))
+        Ok(Some(place))
     }
 
     /// Decides what the failure `e` of a request does (the error policy of its kind), records a
@@ -553,22 +579,25 @@ impl Block {
         action
     }
 
-    /// Resubmits the requests kept for a retry, in the order they failed (a bottom half that
-    /// [`Block::retry_failed`] schedules).
-    pub(super) fn resubmit_parked(&self) {
-        let mut guard = self.active();
+    /// Resubmits the requests of group `group` kept for a retry, in the order they failed (a
+    /// bottom half that [`Block::retry_failed`] schedules in the group's context).
+    pub(super) fn resubmit_parked(&self, group: usize) {
+        let Some(group) = self.groups.get(group) else {
+            return;
+        };
+        let mut guard = group.active();
         let Some(active) = guard.as_mut() else {
             return;
         };
-        if active.broken || active.quiescing {
+        if self.broken.load(Ordering::Acquire) || self.quiescing.load(Ordering::Acquire) {
             return;
         }
         let now = Instant::now();
         while let Some(request) = active.parked.pop_front() {
             let (queue, head) = untoken(request.token);
-            if let Some(Some(info)) = active
-                .queues
-                .get_mut(queue)
+            if let Some(Some(info)) = group
+                .slot_of(queue)
+                .and_then(|place| active.queues.get_mut(place))
                 .and_then(|qs| qs.in_flight.get_mut(head))
             {
                 // The latency counted is the retry's, as QEMU starts its accounting again.
@@ -576,7 +605,7 @@ impl Block {
                 info.start = now;
                 info.submitted = now;
             }
-            if let Err(refused) = self.aio.submit(request) {
+            if let Err(refused) = group.aio.submit(request) {
                 // Cannot happen (the pool's depth covers every head of every queue); kept for
                 // the next retry rather than lost.
                 log::error!("virtio-blk {}: retry refused by the pool", self.config.id);
@@ -586,13 +615,13 @@ impl Block {
         }
     }
 
-    /// Drops the requests kept for a retry, unanswered (reset and shutdown).
-    pub(super) fn drop_parked(&self, active: &mut Active) {
+    /// Drops the requests of `group` kept for a retry, unanswered (reset and shutdown).
+    pub(super) fn drop_parked(&self, group: &Group, active: &mut Active) {
         while let Some(request) = active.parked.pop_front() {
             let (queue, head) = untoken(request.token);
-            if let Some(slot) = active
-                .queues
-                .get_mut(queue)
+            if let Some(slot) = group
+                .slot_of(queue)
+                .and_then(|place| active.queues.get_mut(place))
                 .and_then(|qs| qs.in_flight.get_mut(head))
             {
                 *slot = None;

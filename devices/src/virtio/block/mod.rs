@@ -6,20 +6,26 @@
 //! device's context: queue notifications, submission to the worker pool, completions),
 //! `io_error.rs` (what a failed request does: `werror=`/`rerror=`), `stats.rs` (I/O statistics
 //! under QEMU's `query-blockstats` names), `stages.rs` (where each request's time goes, per queue
-//! and stage).
+//! and stage), `groups.rs` (the queue groups, each served in its own context), `mapping.rs`
+//! (which iothread serves which queue: QEMU's `iothread-vq-mapping`).
 //!
-//! Threads and locks: the device is served in one context (the main loop's or an iothread's);
-//! its state is behind a mutex that is only taken with that context held, so it is never
-//! contended. Image I/O goes through `block::aio`, so the context never blocks on the disk.
+//! Threads and locks: the device's queues are served in one context (the main loop's or an
+//! iothread's), or split into groups, one per iothread (`iothread-vq-mapping`, rules in
+//! `mapping.rs`); each group's state is behind a mutex that is only taken with the group's
+//! context held, so it is never contended (`groups.rs` says what the groups share). Image I/O
+//! goes through `block::aio`, an engine per group, so no context ever blocks on the disk.
 
 mod device;
 mod event_handler;
+mod groups;
 mod io_error;
+pub mod mapping;
 mod request;
 pub mod stages;
 pub mod stats;
 
 pub use device::{Block, BlockConfig, Error};
+pub use groups::Engines;
 pub use io_error::{errno_of, ErrorAction, ErrorPolicy, ErrorSink, IoErrorEvent, IoStatus};
 pub use request::ChainError;
 

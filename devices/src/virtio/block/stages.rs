@@ -20,8 +20,8 @@
 //! queue also counts its requests by the backing-chain layer that served them (0 = the top image).
 //! Only requests that reached the image and succeeded are timed, as the end-to-end latencies.
 //!
-//! Cost and locking: the counters of a queue are written only by the device's context, with the
-//! device's state mutex held, so an increment is a plain load and store of a relaxed atomic (no
+//! Cost and locking: the counters of a queue are written only by the context serving the queue,
+//! with its queue group's state mutex held, so an increment is a plain load and store of a relaxed atomic (no
 //! locked instruction); atomics only because the monitor reads them from another thread. A
 //! boundary change is asked by the monitor (a mutex the fast path never takes) and applied by the
 //! context at the queue's next request, which then clears that queue's bins; the fast path only
@@ -187,7 +187,7 @@ impl StageCell {
     }
 }
 
-/// One queue's stages, written by the device's context.
+/// One queue's stages, written by the context serving the queue.
 #[derive(Debug)]
 struct QueueStages {
     /// The boundary generation this queue's bins follow.

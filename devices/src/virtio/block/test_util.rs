@@ -209,10 +209,22 @@ impl<I: DiskImage + 'static> Rig<I> {
 
     /// A device with this configuration on `image`.
     pub fn with_config(ctx: Arc<Context>, image: Arc<I>, config: BlockConfig) -> Self {
+        let queues = (0..config.num_queues).collect();
+        Self::with_groups(vec![(ctx, queues)], image, config)
+    }
+
+    /// A device with this configuration on `image`, its queues served by `groups` (`ctx` is the
+    /// first group's).
+    pub fn with_groups(
+        groups: Vec<(Arc<Context>, Vec<u16>)>,
+        image: Arc<I>,
+        config: BlockConfig,
+    ) -> Self {
         let mem =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), usize::try_from(MEM_SIZE).unwrap())])
                 .unwrap();
-        let dev = Block::new(config, image.clone(), ctx.clone()).unwrap();
+        let ctx = Arc::clone(&groups[0].0);
+        let dev = Block::with_groups(config, image.clone(), groups).unwrap();
         let transport = MmioTransport::new(dev.clone(), mem.clone()).unwrap();
         Rig {
             mem,
