@@ -271,26 +271,21 @@ pub fn disk_on_pci(
         &["io0"],
         "virtio-blk-pci,drive=d0,id=vd0,iothread=io0",
     )?;
-    let mut guest_sum = String::new();
-    let mut irqs = Vec::new();
-    let result = cases::drive(target, &boot, guest_dir, transcript, |g: &mut Guest| {
-        let verify = g.wait_for("GUEST-PCI-VERIFY", SCRIPT_TIMEOUT)?;
-        // "GUEST-PCI-VERIFY mismatch": the guest read back other data than it wrote.
-        if verify.text.trim() != "GUEST-PCI-VERIFY ok" {
-            return Err(Failure::Info(verify.text));
-        }
-        guest_sum = read_sum(g)?;
-        irqs = read_irqs(g)?;
-        Ok(String::new())
-    });
-    let checked = result.map_err(Error::from).and_then(|up| {
-        check_vectors(&irqs)?;
-        check_host_data(&image, &guest_sum)?;
-        Ok(format!(
+    // "GUEST-PCI-VERIFY mismatch": the guest read back other data than it wrote.
+    let result = written_and_checked(
+        target,
+        &boot,
+        guest_dir,
+        transcript,
+        "GUEST-PCI-VERIFY",
+        &image,
+    );
+    let checked = result.map(|(up, irqs)| {
+        format!(
             "{up}; 4 MiB written and read back with O_DIRECT from both CPUs, the image holds it; \
              vectors (per CPU): {}",
             describe(&irqs)
-        ))
+        )
     });
     let _ = std::fs::remove_file(&image);
     checked
@@ -307,11 +302,8 @@ pub fn queues_on_their_cpus(
     let (image, boot) = pci_boot(name, "initrd-fio.img", FIO_SCRIPT, &["io0"], &device)?;
     let mut irqs = Vec::new();
     let result = cases::drive(target, &boot, guest_dir, transcript, |g: &mut Guest| {
-        let fio = g.wait_for("GUEST-FIO", SCRIPT_TIMEOUT)?;
         // "GUEST-FIO status N": fio failed, its output just before in the transcript.
-        if fio.text.trim() != "GUEST-FIO ok" {
-            return Err(Failure::Info(fio.text));
-        }
+        expect_ok(g, "GUEST-FIO")?;
         irqs = read_irqs(g)?;
         Ok(String::new())
     });
@@ -333,6 +325,39 @@ pub fn queues_on_their_cpus(
     checked
 }
 
+/// Boots `boot`, waits for the guest script's `marker` line saying `ok`, then for the checksum
+/// of what it wrote and its interrupt counts; checks that the vectors fired and that `image`
+/// holds the data the guest read. Returns the boot's summary and the interrupt lines.
+fn written_and_checked(
+    target: Target,
+    boot: &Boot,
+    guest_dir: &Path,
+    transcript: &mut Option<String>,
+    marker: &str,
+    image: &Path,
+) -> Result<(String, Vec<String>), Error> {
+    let mut guest_sum = String::new();
+    let mut irqs = Vec::new();
+    let up = cases::drive(target, boot, guest_dir, transcript, |g: &mut Guest| {
+        expect_ok(g, marker)?;
+        guest_sum = read_sum(g)?;
+        irqs = read_irqs(g)?;
+        Ok(String::new())
+    })?;
+    check_vectors(&irqs)?;
+    check_host_data(image, &guest_sum)?;
+    Ok((up, irqs))
+}
+
+/// Waits for the guest script's `MARKER` line and fails unless it says `MARKER ok`.
+fn expect_ok(g: &mut Guest, marker: &str) -> Result<(), Failure> {
+    let line = g.wait_for(marker, SCRIPT_TIMEOUT)?;
+    if line.text.trim() != format!("{marker} ok") {
+        return Err(Failure::Info(line.text));
+    }
+    Ok(())
+}
+
 /// Runs the `virtio-blk-pci-vq-mapping` case for `target`.
 pub fn queues_on_two_iothreads(
     target: Target,
@@ -349,26 +374,14 @@ pub fn queues_on_two_iothreads(
         &["io0", "io1"],
         device,
     )?;
-    let mut guest_sum = String::new();
-    let mut irqs = Vec::new();
-    let result = cases::drive(target, &boot, guest_dir, transcript, |g: &mut Guest| {
-        let fio = g.wait_for("GUEST-FIO", SCRIPT_TIMEOUT)?;
-        // "GUEST-FIO status N": fio failed (a verify error among them), its output just before.
-        if fio.text.trim() != "GUEST-FIO ok" {
-            return Err(Failure::Info(fio.text));
-        }
-        guest_sum = read_sum(g)?;
-        irqs = read_irqs(g)?;
-        Ok(String::new())
-    });
-    let checked = result.map_err(Error::from).and_then(|up| {
-        check_vectors(&irqs)?;
-        check_host_data(&image, &guest_sum)?;
-        Ok(format!(
+    // "GUEST-FIO status N": fio failed (a verify error among them), its output just before.
+    let result = written_and_checked(target, &boot, guest_dir, transcript, "GUEST-FIO", &image);
+    let checked = result.map(|(up, irqs)| {
+        format!(
             "{up}; fio --verify=crc32c with a job per CPU over queues on io0 and io1 passed, the \
              image holds what the guest reads; vectors (per CPU): {}",
             describe(&irqs)
-        ))
+        )
     });
     let _ = std::fs::remove_file(&image);
     checked

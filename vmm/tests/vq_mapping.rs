@@ -18,8 +18,6 @@ use common::{bzimage, schedstat, thread_named, vmm, Scratch, Vm};
 
 /// Sectors of the disk.
 const SECTORS: u64 = 64;
-/// What the first 8 bytes of each sector hold: this, or'ed with the sector's number.
-const SECTOR_TAG: u64 = 0x5345_4354 << 32;
 /// Requests the guest makes on each queue alone.
 const READS: u64 = 200;
 /// The most wake-ups an iothread may have while the other queue's reads run (none come to it;
@@ -37,23 +35,8 @@ const IDLE_WAKEUPS_MAX: u64 = 5;
 /// statuses, says "both wrote" (or "bad request" at the first failure) and halts with
 /// interrupts off.
 fn two_queue_guest() -> Vec<u8> {
-    let mut code = vec![
-        0xc7, 0x04, 0x25, 0x00, 0xc4, 0x00, 0x00, 0x83, 0x00, 0x00,
-        0xd0, // movl $0xd0000083,0xc400
-        0xc7, 0x04, 0x25, 0x04, 0xc4, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // movl $0x0,0xc404
-        0x48, 0xc7, 0x04, 0x25, 0x18, 0xa0, 0x00, 0x00, 0x03, 0xc0, 0x00,
-        0x00, // movq $0xc003,0xa018
-        0x0f, 0x20, 0xd8, // mov %cr3,%rax
-        0x0f, 0x22, 0xd8, // mov %rax,%cr3
-        0xbb, 0x00, 0x00, 0x00, 0xd0, // mov $0xd0000000,%ebx
-        0xc7, 0x43, 0x70, 0x00, 0x00, 0x00, 0x00, // movl $0x0,0x70(%rbx)
-        0xc7, 0x43, 0x70, 0x01, 0x00, 0x00, 0x00, // movl $0x1,0x70(%rbx)
-        0xc7, 0x43, 0x70, 0x03, 0x00, 0x00, 0x00, // movl $0x3,0x70(%rbx)
-        0xc7, 0x43, 0x24, 0x01, 0x00, 0x00, 0x00, // movl $0x1,0x24(%rbx)
-        0xc7, 0x43, 0x20, 0x01, 0x00, 0x00, 0x00, // movl $0x1,0x20(%rbx)
-        0xc7, 0x43, 0x24, 0x00, 0x00, 0x00, 0x00, // movl $0x0,0x24(%rbx)
-        0xc7, 0x43, 0x20, 0x00, 0x00, 0x00, 0x00, // movl $0x0,0x20(%rbx)
-        0xc7, 0x43, 0x70, 0x0b, 0x00, 0x00, 0x00, // movl $0xb,0x70(%rbx)
+    let mut code = common::virtio_mmio_prologue();
+    code.extend_from_slice(&[
         0x31, 0xc9, // xor %ecx,%ecx
         0x89, 0x4b, 0x30, // queue: mov %ecx,0x30(%rbx)
         0xc7, 0x43, 0x38, 0x08, 0x00, 0x00, 0x00, // movl $0x8,0x38(%rbx)
@@ -200,27 +183,18 @@ fn two_queue_guest() -> Vec<u8> {
         0x66, 0xba, 0xf8, 0x03, // mov $0x3f8,%dx
         0xec, // in (%dx),%al
         0xc3, // ret
-    ];
+    ]);
     code.extend_from_slice(
         b"ready\n\0queue 0 read\n\0queue 1 read\n\0both wrote\n\0bad request\n\0",
     );
     code
 }
 
-/// A disk of `SECTORS` sectors, each starting with its tag.
-fn tagged_disk() -> Vec<u8> {
-    let mut disk = vec![0u8; usize::try_from(SECTORS).expect("small") * 512];
-    for (s, sector) in (0..).zip(disk.chunks_mut(512)) {
-        sector[..8].copy_from_slice(&(SECTOR_TAG | s).to_le_bytes());
-    }
-    disk
-}
-
 #[test]
 fn each_queue_is_served_by_its_own_iothread_and_both_write_one_image() {
     let dir = Scratch::new("vq-mapping");
     let kernel = dir.file("bzImage", &bzimage(&two_queue_guest()));
-    let disk = dir.file("disk.raw", &tagged_disk());
+    let disk = dir.file("disk.raw", &common::tagged_disk(SECTORS));
     let device = r#"{"driver": "virtio-blk-device", "drive": "d0", "num-queues": 2,
         "iothread-vq-mapping": [{"iothread": "io0"}, {"iothread": "io1"}]}"#;
     let child = vmm()
@@ -297,7 +271,11 @@ fn each_queue_is_served_by_its_own_iothread_and_both_write_one_image() {
                 "sector {s} is not one queue's write"
             );
         } else {
-            assert_eq!(sector[..8], (SECTOR_TAG | s).to_le_bytes(), "sector {s}");
+            assert_eq!(
+                sector[..8],
+                (common::SECTOR_TAG | s).to_le_bytes(),
+                "sector {s}"
+            );
         }
     }
 }
