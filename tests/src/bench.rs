@@ -1,29 +1,40 @@
-//! The boot benchmark of the boot issue: time from the VMM's start to the guest's first userspace
-//! line, and the VMM's resident memory beyond guest RAM, for each VMM with the same kernel,
-//! initramfs, memory, vCPUs and command line, runs interleaved in one host, median of N each; and
-//! where that time goes, phase by phase ([`crate::phases`]), with vmm's own start-up in
-//! microseconds. A variant ([`Column::variant`], `--vmm-variant NAME=ARGS`) is vmm with arguments
-//! appended, booted as one more column `vmm-NAME` interleaved with the others, to measure what a
-//! flag costs (`-sandbox off`, say).
+//! The boot benchmark of the boot issue: time from the VMM's start to the end of the guest's boot,
+//! and the VMM's resident memory beyond guest RAM, for each VMM with the same kernel, initramfs,
+//! disks, memory, vCPUs and command line, runs interleaved in one host, median of N each; and where
+//! that time goes, phase by phase ([`crate::phases`]), with vmm's own start-up in microseconds. A
+//! variant ([`Column::variant`], `--vmm-variant NAME=ARGS`) is vmm with arguments appended, booted
+//! as one more column `vmm-NAME` interleaved with the others, to measure what a flag costs
+//! (`-sandbox off`, say).
+//!
+//! Two guests ([`GuestImage`]): the project's small initramfs to its first userspace line, with no
+//! disk or with a small raw disk on virtio-blk-pci ([`Disk::Pci`], QEMU's microvm then with
+//! `pcie=on`); and a full Debian 12 (`resources/debian`, systemd) from its own kernel and initramfs,
+//! its root on a fresh qcow2 overlay of its zlib-compressed base per boot, served by an iothread
+//! (`cache=none`), to `systemctl is-system-running` = `running`.
 //!
 //! The inner half ([`measure`]) prints each VMM's exact command line (`COMMAND`), then boots the
 //! guests with their debug logs on (`-D`; QEMU also traces `kvm_cpu_exec`) and prints per boot a
 //! `BOOT` line, a `PHASES` line and, for vmm, a `STARTUP` line per start-up step; once per VMM it
-//! prints the guest's `dmesg`. The outer half ([`summarize`]) reads them back and writes Markdown
-//! tables.
+//! prints the small guest's `dmesg` (`DMESG`), or per boot Debian's `systemd-analyze` lines
+//! (`ANALYZE`). The outer half ([`summarize`]) reads them back and writes Markdown tables.
 
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::disks::base64;
 use crate::guest::{self, Guest};
 use crate::memory;
-use crate::phases::{self, Milestones, PHASES};
+use crate::phases::{self, Anchor, Milestones, Phase};
 use crate::report::{median, BootSample};
 use crate::target::{Boot, Kernel, Target};
 
-/// How long one boot may take to reach its shell prompt.
+/// How long one boot of the small initramfs may take to reach its shell prompt.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long one boot of Debian may take to reach `running` and to power off.
+const DEBIAN_TIMEOUT: Duration = Duration::from_secs(600);
+/// The raw disk of [`Disk::Pci`], in MiB.
+const PCI_DISK_MIB: u64 = 64;
 
 /// Errors of one measured boot.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +50,40 @@ pub enum Error {
         #[source]
         source: guest::Error,
     },
+    /// Debian did not reach `running` (`degraded`, say), or said nothing the benchmark reads.
+    #[error(
+        "{target} run {run}: the guest said {report:?}, not running (failed units: {failed:?})"
+    )]
+    NotRunning {
+        /// The column's name.
+        target: String,
+        /// The run number.
+        run: u32,
+        /// What the guest printed, or why it could not be read.
+        report: String,
+        /// The units systemd listed as failed.
+        failed: Vec<String>,
+    },
+    /// Debian's guest directory (the `$DISK_DIR` of `resources/nested-host`) was not given.
+    #[error("the Debian guest needs its folder ($DISK_DIR)")]
+    NoDebian,
+    /// A disk image for the guest could not be made.
+    #[error("cannot make the disk {path}")]
+    Disk {
+        /// The image.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `qemu-img create` failed to make Debian's overlay.
+    #[error("qemu-img create {path} ended with {status}")]
+    Overlay {
+        /// The overlay.
+        path: std::path::PathBuf,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+    },
     /// The VMM's memory map could not be read.
     #[error("{target} run {run}: reading its memory")]
     Memory {
@@ -52,6 +97,70 @@ pub enum Error {
     },
 }
 
+/// The guest the benchmark boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestImage {
+    /// The project's bzImage and small initramfs, to its first userspace line.
+    Initramfs,
+    /// Debian 12 from `resources/debian`, to `systemctl is-system-running` = `running`.
+    Debian,
+}
+
+impl GuestImage {
+    /// Parses `--guest`'s value.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "initramfs" => Some(GuestImage::Initramfs),
+            "debian" => Some(GuestImage::Debian),
+            _ => None,
+        }
+    }
+
+    /// The name `--guest` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            GuestImage::Initramfs => "initramfs",
+            GuestImage::Debian => "debian",
+        }
+    }
+
+    /// The phases the summary shows, the whole boot last.
+    fn phases(self) -> &'static [Phase] {
+        match self {
+            GuestImage::Initramfs => &phases::INITRAMFS_PHASES,
+            GuestImage::Debian => &phases::SYSTEMD_PHASES,
+        }
+    }
+}
+
+/// A disk attached to the small initramfs's boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disk {
+    /// No disk.
+    None,
+    /// A raw disk on virtio-blk-pci served by an iothread, so the guest probes a PCI bus.
+    Pci,
+}
+
+impl Disk {
+    /// Parses `--disk`'s value.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "none" => Some(Disk::None),
+            "pci" => Some(Disk::Pci),
+            _ => None,
+        }
+    }
+
+    /// The name `--disk` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Disk::None => "none",
+            Disk::Pci => "pci",
+        }
+    }
+}
+
 /// What to boot, the same for every VMM.
 #[derive(Debug, Clone, Copy)]
 pub struct Setup {
@@ -61,6 +170,151 @@ pub struct Setup {
     pub mem_mib: u64,
     /// vCPUs.
     pub smp: u32,
+    /// The guest.
+    pub guest: GuestImage,
+    /// The small initramfs's disk (Debian always has its root disk).
+    pub disk: Disk,
+}
+
+impl Setup {
+    /// The boot of this setup: kernel, initramfs, command line and disks; `dir` holds the guest's
+    /// files (the guest directory, or Debian's) and gets its disks.
+    fn boot(&self, dir: &Path) -> Boot {
+        match self.guest {
+            GuestImage::Initramfs => {
+                // No guest.run words: the guest goes straight to its shell, whose prompt ends the boot.
+                let mut boot = Boot::new(Kernel::BzImage, self.smp, self.mem_mib, "");
+                if self.disk == Disk::Pci {
+                    boot.extra = iothread_disk(&dir.join(PCI_DISK), "raw", "", "virtio-blk-pci");
+                    boot.pcie = true;
+                }
+                boot
+            }
+            GuestImage::Debian => {
+                let script = debian_script();
+                let append = format!("root=/dev/vda ro guest.sh={}", base64(script.as_bytes()));
+                let mut boot = Boot::new(Kernel::Vmlinuz, self.smp, self.mem_mib, &append);
+                boot.extra = iothread_disk(
+                    &dir.join(DEBIAN_OVERLAY),
+                    "qcow2",
+                    ",cache=none",
+                    "virtio-blk-device",
+                );
+                boot
+            }
+        }
+    }
+
+    /// The first line of the summary: what was booted, and where.
+    fn title(&self, host: &str) -> String {
+        let what = match (self.guest, self.disk) {
+            (GuestImage::Debian, _) => "Debian 12 to `systemctl is-system-running` = running, its kernel and initramfs, root on a qcow2 overlay of a zlib-compressed base on an iothread (`cache=none`), `console=ttyS0 quiet`",
+            (GuestImage::Initramfs, Disk::None) => "Boot to userspace, bzImage, `console=ttyS0 quiet`",
+            (GuestImage::Initramfs, Disk::Pci) => "Boot to userspace with a raw disk on virtio-blk-pci on an iothread (QEMU: `-M microvm,pcie=on,rtc=on`), bzImage, `console=ttyS0 quiet`",
+        };
+        format!("{what}, {} MiB, {} vCPUs, {host}", self.mem_mib, self.smp)
+    }
+}
+
+/// The raw disk of [`Disk::Pci`], in the guest directory.
+const PCI_DISK: &str = "bench-pci-disk.raw";
+/// Debian's overlay over `base.qcow2`, made afresh for every boot in Debian's folder.
+const DEBIAN_OVERLAY: &str = "bench-top.qcow2";
+
+/// The arguments of a disk on iothread `io0`, the same for both VMMs.
+fn iothread_disk(path: &Path, format: &str, options: &str, driver: &str) -> Vec<String> {
+    vec![
+        "-object".into(),
+        "iothread,id=io0".into(),
+        "-drive".into(),
+        format!(
+            "file={},format={format},if=none,id=d0{options}",
+            path.display()
+        ),
+        "-device".into(),
+        format!("{driver},drive=d0,iothread=io0"),
+    ]
+}
+
+/// The lines the Debian guest's script starts with.
+const STATE: &str = "BENCH-SYSTEM-STATE ";
+const FAILED: &str = "BENCH-FAILED-UNIT ";
+const SYSTEMD: &str = "BENCH-SYSTEMD ";
+const KMSG: &str = "BENCH-DMESG ";
+const ANALYZE: &str = "BENCH-ANALYZE ";
+/// The line the Debian guest's script prints last, before it powers off.
+const END: &str = "BENCH-END";
+
+/// The script the Debian guest runs once the boot has been queued (`guest.sh=`, run by
+/// `resources/debian`'s unit after multi-user.target, which does not hold up the boot): wait for
+/// the boot's end, print the state with the guest's uptime, systemd's and the kernel's milestones
+/// and `systemd-analyze`'s view, then power off at once (`-ff`: the overlay is thrown away).
+fn debian_script() -> String {
+    format!(
+        "state=$(systemctl is-system-running --wait)
+read -r up _ < /proc/uptime
+echo \"{STATE}$state $up\"
+systemctl list-units --failed --no-legend --plain | sed 's/^/{FAILED}/'
+systemctl show -p {} -p {} | sed 's/^/{SYSTEMD}/'
+dmesg | grep -E '{}' | sed 's/^/{KMSG}/'
+{{ systemd-analyze time; systemd-analyze blame | head -8; }} 2>&1 | sed 's/^/{ANALYZE}/'
+echo {END}
+systemctl poweroff -ff
+",
+        phases::SYSTEMD_PROPERTIES[0],
+        phases::SYSTEMD_PROPERTIES[1],
+        phases::KERNEL_LOG_PATTERN,
+    )
+}
+
+/// What the Debian guest's script printed (its lines' text after their prefixes).
+#[derive(Debug, Clone, PartialEq, Default)]
+struct DebianReport {
+    /// `systemctl is-system-running`'s answer.
+    state: String,
+    /// The guest's uptime as it printed the state, ms.
+    uptime_ms: f64,
+    /// The failed units.
+    failed: Vec<String>,
+    /// systemd's `NAME=MICROSECONDS` lines.
+    systemd: Vec<String>,
+    /// The kernel's milestone lines.
+    dmesg: Vec<String>,
+    /// `systemd-analyze`'s lines.
+    analyze: Vec<String>,
+}
+
+impl DebianReport {
+    /// Reads the console's lines; None without a state line holding a state and an uptime.
+    fn parse<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<Self> {
+        let mut r = DebianReport::default();
+        let mut stated = false;
+        for l in lines {
+            // Other writers to the console can leave text before a line of the script's.
+            let Some(at) = l.find("BENCH-") else {
+                continue;
+            };
+            let l = l.get(at..).unwrap_or_default();
+            if let Some(rest) = l.strip_prefix(STATE) {
+                let (state, up) = rest.trim().rsplit_once(' ')?;
+                r.state = state.to_owned();
+                r.uptime_ms = up.parse::<f64>().ok()? * 1000.0;
+                stated = true;
+            } else {
+                for (prefix, to) in [
+                    (FAILED, &mut r.failed),
+                    (SYSTEMD, &mut r.systemd),
+                    (KMSG, &mut r.dmesg),
+                    (ANALYZE, &mut r.analyze),
+                ] {
+                    if let Some(rest) = l.strip_prefix(prefix) {
+                        to.push(rest.to_owned());
+                    }
+                }
+            }
+        }
+        stated.then_some(r)
+    }
 }
 
 /// One column of the benchmark: a VMM, or vmm with arguments appended (a variant).
@@ -109,15 +363,30 @@ impl Column {
 }
 
 /// Boots each column `setup.runs` times, interleaved, printing a `BOOT` line per boot; a failed
-/// boot prints its transcript and stops the benchmark.
-pub fn measure(columns: &[Column], setup: Setup, guest_dir: &Path) -> Result<(), Error> {
-    // No guest.run words: the guest goes straight to its shell, whose prompt ends the boot.
-    let boot = Boot::new(Kernel::BzImage, setup.smp, setup.mem_mib, "");
+/// boot prints its transcript and stops the benchmark. `debian_dir` holds Debian's `base.qcow2`,
+/// `vmlinuz` and `initrd.img` (written: each boot's overlay is made there).
+pub fn measure(
+    columns: &[Column],
+    setup: Setup,
+    guest_dir: &Path,
+    debian_dir: Option<&Path>,
+) -> Result<(), Error> {
+    let dir = match setup.guest {
+        GuestImage::Initramfs => guest_dir.to_path_buf(),
+        GuestImage::Debian => debian_dir.ok_or(Error::NoDebian)?.to_path_buf(),
+    };
+    let boot = setup.boot(&dir);
+    if setup.guest == GuestImage::Initramfs && setup.disk == Disk::Pci {
+        let path = dir.join(PCI_DISK);
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(PCI_DISK_MIB << 20))
+            .map_err(|source| Error::Disk { path, source })?;
+    }
     for col in columns {
         println!(
             "COMMAND {} {}",
             col.name,
-            shell_words(&col.command(&boot, guest_dir))
+            shell_words(&col.command(&boot, &dir))
         );
     }
     let log_dir = std::env::temp_dir();
@@ -125,7 +394,10 @@ pub fn measure(columns: &[Column], setup: Setup, guest_dir: &Path) -> Result<(),
         for col in columns {
             let (target, name) = (col.target, col.name.as_str());
             let log = log_dir.join(format!("bench-boot-{}-{name}.log", std::process::id()));
-            let mut command = col.command(&boot, guest_dir);
+            if setup.guest == GuestImage::Debian {
+                new_overlay(&dir)?;
+            }
+            let mut command = col.command(&boot, &dir);
             command.args(target.debug_log_args(&log));
             let mut g = Guest::spawn(command).map_err(|source| Error::Guest {
                 target: name.to_owned(),
@@ -135,11 +407,14 @@ pub fn measure(columns: &[Column], setup: Setup, guest_dir: &Path) -> Result<(),
             // The whole kernel log once per VMM (to read); then only the milestones' lines,
             // since every console byte costs the guest an exit.
             let whole = run == 1;
-            let sample = sample(&mut g, name, run, setup.mem_mib, whole);
+            let sample = match setup.guest {
+                GuestImage::Initramfs => sample(&mut g, name, run, setup.mem_mib, whole),
+                GuestImage::Debian => sample_debian(&mut g, name, run, setup.mem_mib),
+            };
             if sample.is_err() {
                 print!("{}", g.transcript());
             }
-            let (sample, dmesg) = sample?;
+            let (sample, logs) = sample?;
             println!("{}", sample.line());
             // The log is complete: the VMM has exited. Without it the phases say "-".
             let log_text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -155,20 +430,58 @@ pub fn measure(columns: &[Column], setup: Setup, guest_dir: &Path) -> Result<(),
                 }
                 Target::Qemu => phases::qemu_first_run(&log_text, started),
             };
-            let m = Milestones::from_kernel_log(
+            let m = Milestones::from_guest_logs(
                 kvm_run,
-                dmesg.iter().map(String::as_str),
+                logs.dmesg.iter().map(String::as_str),
+                logs.systemd.iter().map(String::as_str),
+                logs.anchor,
                 sample.userspace_ms,
             );
             println!("PHASES {name} {run} {}", m.words());
-            if whole {
-                for l in &dmesg {
+            if whole && setup.guest == GuestImage::Initramfs {
+                for l in &logs.dmesg {
                     println!("DMESG {name} {l}");
                 }
+            }
+            for l in &logs.analyze {
+                println!("ANALYZE {name} {run} {l}");
             }
         }
     }
     Ok(())
+}
+
+/// A fresh overlay [`DEBIAN_OVERLAY`] over `base.qcow2` in `dir`.
+fn new_overlay(dir: &Path) -> Result<(), Error> {
+    let path = dir.join(DEBIAN_OVERLAY);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::Disk { path, source: e })
+        }
+        _ => {}
+    }
+    let status = std::process::Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+        ])
+        .arg(&path)
+        .status()
+        .map_err(|source| Error::Disk {
+            path: path.clone(),
+            source,
+        })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::Overlay { path, status })
+    }
 }
 
 /// A command line as one string, words with spaces quoted.
@@ -190,14 +503,27 @@ fn shell_words(c: &std::process::Command) -> String {
 /// The line the guest's shell prints after `dmesg`.
 const DMESG_END: &str = "BENCH-DMESG-END";
 
-/// One boot: its figures, and the guest kernel's log read at the prompt.
+/// What a boot's guest said about its boot, for [`Milestones::from_guest_logs`].
+#[derive(Debug, Default)]
+struct GuestLogs {
+    /// The kernel's log lines.
+    dmesg: Vec<String>,
+    /// systemd's `NAME=MICROSECONDS` lines.
+    systemd: Vec<String>,
+    /// `systemd-analyze`'s lines.
+    analyze: Vec<String>,
+    /// How the kernel's clock is placed on the harness's.
+    anchor: Anchor,
+}
+
+/// One boot of the small initramfs: its figures, and the guest kernel's log read at the prompt.
 fn sample(
     g: &mut Guest,
     target: &str,
     run: u32,
     mem_mib: u64,
     whole_dmesg: bool,
-) -> Result<(BootSample, Vec<String>), Error> {
+) -> Result<(BootSample, GuestLogs), Error> {
     let err = |source| Error::Guest {
         target: target.to_owned(),
         run,
@@ -240,7 +566,64 @@ fn sample(
         rss_kib: mem.total_kib,
         guest_kib: mem.guest_kib,
     };
-    Ok((sample, dmesg))
+    let logs = GuestLogs {
+        dmesg,
+        anchor: Anchor::RunInit,
+        ..GuestLogs::default()
+    };
+    Ok((sample, logs))
+}
+
+/// One boot of Debian: its figures (memory read as the guest says `running`), and what its
+/// script printed.
+fn sample_debian(
+    g: &mut Guest,
+    target: &str,
+    run: u32,
+    mem_mib: u64,
+) -> Result<(BootSample, GuestLogs), Error> {
+    let err = |source| Error::Guest {
+        target: target.to_owned(),
+        run,
+        source,
+    };
+    let up = g.wait_for(STATE, DEBIAN_TIMEOUT).map_err(err)?;
+    let mem = memory::resident(g.pid(), mem_mib * 1024).map_err(|source| Error::Memory {
+        target: target.to_owned(),
+        run,
+        source,
+    })?;
+    let from = g.lines().len().saturating_sub(1);
+    g.wait_line(END, DEBIAN_TIMEOUT, |l| l.ends_with(END))
+        .map_err(err)?;
+    let lines = g.lines().get(from..).unwrap_or_default();
+    let report = DebianReport::parse(lines.iter().map(|l| l.text.as_str()));
+    let not_running = |report: String, failed: Vec<String>| Error::NotRunning {
+        target: target.to_owned(),
+        run,
+        report,
+        failed,
+    };
+    let report = match report {
+        Some(r) if r.state == "running" => r,
+        Some(r) => return Err(not_running(r.state, r.failed)),
+        None => return Err(not_running(up.text.clone(), Vec::new())),
+    };
+    g.wait_exit(DEBIAN_TIMEOUT).map_err(err)?;
+    let sample = BootSample {
+        target: target.to_owned(),
+        run,
+        userspace_ms: up.at.as_secs_f64() * 1000.0,
+        rss_kib: mem.total_kib,
+        guest_kib: mem.guest_kib,
+    };
+    let logs = GuestLogs {
+        dmesg: report.dmesg,
+        systemd: report.systemd,
+        analyze: report.analyze,
+        anchor: Anchor::Uptime(report.uptime_ms),
+    };
+    Ok((sample, logs))
 }
 
 /// The Markdown summary of the `BOOT` lines in `output`: per VMM, the median time to userspace and
@@ -255,12 +638,12 @@ pub fn summarize(output: &str, setup: Setup, host: &str) -> String {
     targets.sort_unstable();
     targets.dedup();
     let mut md = String::new();
-    let _ = writeln!(
-        md,
-        "Boot to userspace, {} MiB, {} vCPUs, bzImage, `console=ttyS0 quiet`, {host}\n",
-        setup.mem_mib, setup.smp
-    );
-    md.push_str("| VMM | boots | to userspace, median (min–max) | RSS beyond guest RAM, median (min–max) | total RSS, median |\n");
+    let _ = writeln!(md, "{}\n", setup.title(host));
+    let to = match setup.guest {
+        GuestImage::Initramfs => "to userspace",
+        GuestImage::Debian => "to `running`",
+    };
+    let _ = writeln!(md, "| VMM | boots | {to}, median (min–max) | RSS beyond guest RAM, median (min–max) | total RSS, median |");
     md.push_str("|---|---|---|---|---|\n");
     for &t in &targets {
         let mine: Vec<&BootSample> = samples.iter().filter(|s| s.target == t).collect();
@@ -283,7 +666,7 @@ pub fn summarize(output: &str, setup: Setup, host: &str) -> String {
             median(&total).unwrap_or(f64::NAN) / 1024.0,
         );
     }
-    md.push_str(&phase_table(output, &targets));
+    md.push_str(&phase_table(output, &targets, setup.guest.phases()));
     md.push_str(&startup_table(output, &targets));
     md.push_str("\nCommands (each boot adds its debug log: `-D FILE`, and for QEMU `-trace kvm_cpu_exec -msg timestamp=on`):\n\n");
     for l in output.lines() {
@@ -308,12 +691,12 @@ fn milestones(output: &str) -> Vec<(&str, Milestones)> {
 }
 
 /// Per phase, each column's median time in it, and vmm's over QEMU's and over each variant's.
-fn phase_table(output: &str, targets: &[&str]) -> String {
+fn phase_table(output: &str, targets: &[&str], phases: &[Phase]) -> String {
     let all = milestones(output);
     if all.is_empty() {
         return String::new();
     }
-    let mut md = String::from("\nWhere the time goes, ms, median of the boots (milestones from the VMM's debug log and the guest's dmesg, `tests/src/phases.rs`):\n\n| phase |");
+    let mut md = String::from("\nWhere the time goes, ms, median of the boots (milestones from the VMM's debug log, the guest's dmesg and systemd, `tests/src/phases.rs`):\n\n| phase |");
     for t in targets {
         let _ = write!(md, " {t} |");
     }
@@ -327,12 +710,7 @@ fn phase_table(output: &str, targets: &[&str]) -> String {
     md.push_str("\n|---|");
     md.push_str(&"---|".repeat(targets.len() + others.len()));
     md.push('\n');
-    let total = (
-        "VMM start → first userspace line",
-        None,
-        phases::Field::Userspace,
-    );
-    for (name, from, to) in PHASES.iter().chain(std::iter::once(&total)) {
+    for (name, from, to) in phases {
         let _ = write!(md, "| {name} |");
         let mut by = Vec::new();
         for t in targets {
@@ -441,10 +819,12 @@ mod tests {
             runs: 3,
             mem_mib: 512,
             smp: 2,
+            guest: GuestImage::Initramfs,
+            disk: Disk::None,
         };
         let out = format!(
             "{out}COMMAND qemu qemu-system-x86_64 -M microvm,rtc=on\n\
-             PHASES vmm 1 2.0 100.0 200.0 300.0 500.0\nPHASES qemu 1 50.0 150.0 300.0 400.0 1000.0\n\
+             PHASES vmm 1 2.0 100.0 200.0 300.0 500.0 - - 500.0\nPHASES qemu 1 50.0 150.0 300.0 400.0 1000.0 - - 1000.0\n\
              STARTUP vmm 1 900 KVM opened and VM created\nSTARTUP vmm 2 1100 KVM opened and VM created\n"
         );
         let md = summarize(&out, setup, "nested");
@@ -479,9 +859,9 @@ mod tests {
     fn a_variant_is_a_column_with_vmm_over_it() {
         let out = "BOOT qemu 1 1000.0 100000 60000\nBOOT vmm 1 500.0 70000 60000\n\
                    BOOT vmm-nosandbox 1 400.0 70000 60000\n\
-                   PHASES qemu 1 50.0 150.0 300.0 400.0 1000.0\n\
-                   PHASES vmm 1 2.0 100.0 200.0 300.0 500.0\n\
-                   PHASES vmm-nosandbox 1 1.0 80.0 160.0 240.0 400.0\n\
+                   PHASES qemu 1 50.0 150.0 300.0 400.0 1000.0 - - 1000.0\n\
+                   PHASES vmm 1 2.0 100.0 200.0 300.0 500.0 - - 500.0\n\
+                   PHASES vmm-nosandbox 1 1.0 80.0 160.0 240.0 400.0 - - 400.0\n\
                    STARTUP vmm 1 900 KVM opened and VM created\n\
                    STARTUP vmm-nosandbox 1 600 KVM opened and VM created\n\
                    STARTUP vmm 1 1500 sandbox entered\n";
@@ -489,6 +869,8 @@ mod tests {
             runs: 1,
             mem_mib: 512,
             smp: 2,
+            guest: GuestImage::Initramfs,
+            disk: Disk::None,
         };
         let md = summarize(out, setup, "nested");
         assert!(
@@ -529,5 +911,153 @@ mod tests {
             "{args:?}"
         );
         assert!(args.contains(&"/g/bzImage".to_owned()), "{args:?}");
+    }
+
+    fn debian_setup() -> Setup {
+        Setup {
+            runs: 1,
+            mem_mib: 512,
+            smp: 2,
+            guest: GuestImage::Debian,
+            disk: Disk::None,
+        }
+    }
+
+    #[test]
+    fn a_debian_summary_shows_systemds_phases() {
+        let out = "BOOT qemu 1 10000.0 100000 60000\nBOOT vmm 1 8000.0 63000 60000\n\
+                   PHASES qemu 1 100.0 700.0 1500.0 2000.0 2600.0 4000.0 9500.0 10000.0\n\
+                   PHASES vmm 1 5.0 500.0 1200.0 1600.0 2100.0 3200.0 7600.0 8000.0\n";
+        let md = summarize(out, debian_setup(), "nested");
+        assert!(
+            md.starts_with("Debian 12 to `systemctl is-system-running` = running"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| VMM | boots | to `running`, median (min–max) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| /init → systemd starts (the initramfs mounts the root) | 1400 | 1100 | 0.79 |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| systemd starts → boot finished (systemd's timestamps) | 5500 | 4400 | 0.80 |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| VMM start → system running | 10000 | 8000 | 0.80 |"),
+            "{md}"
+        );
+        assert!(!md.contains("first userspace line"), "{md}");
+    }
+
+    #[test]
+    fn the_debian_guests_report_is_read_from_its_console() {
+        let console = [
+            "debian-guest login: BENCH-SYSTEM-STATE running 7.51",
+            "BENCH-SYSTEMD UserspaceTimestampMonotonic=3000000",
+            "BENCH-SYSTEMD FinishTimestampMonotonic=7400000",
+            "[  OK  ] some console noise",
+            "BENCH-DMESG [    2.000000] Run /init as init process",
+            "BENCH-ANALYZE Startup finished in 2.1s (kernel) + 5.3s (userspace) = 7.4s",
+            "BENCH-END",
+        ];
+        let r = DebianReport::parse(console).unwrap();
+        assert_eq!(r.state, "running");
+        assert!((r.uptime_ms - 7510.0).abs() < 1e-6, "{r:?}");
+        assert_eq!(
+            r.systemd,
+            [
+                "UserspaceTimestampMonotonic=3000000",
+                "FinishTimestampMonotonic=7400000"
+            ]
+        );
+        assert_eq!(r.dmesg, ["[    2.000000] Run /init as init process"]);
+        assert_eq!(r.analyze.len(), 1);
+        assert!(r.failed.is_empty());
+        let r = DebianReport::parse([
+            "BENCH-SYSTEM-STATE degraded 9.00",
+            "BENCH-FAILED-UNIT x.service loaded failed failed X",
+        ])
+        .unwrap();
+        assert_eq!(r.state, "degraded");
+        assert_eq!(r.failed, ["x.service loaded failed failed X"]);
+        // No state line, or one without an uptime: nothing to measure.
+        assert_eq!(DebianReport::parse(["BENCH-END"]), None);
+        assert_eq!(DebianReport::parse(["BENCH-SYSTEM-STATE running"]), None);
+    }
+
+    #[test]
+    fn the_debian_script_prints_what_the_report_reads() {
+        let script = debian_script();
+        for needle in [
+            STATE,
+            FAILED,
+            SYSTEMD,
+            KMSG,
+            ANALYZE,
+            END,
+            phases::KERNEL_LOG_PATTERN,
+        ] {
+            assert!(script.contains(needle), "{needle}: {script}");
+        }
+        for p in phases::SYSTEMD_PROPERTIES {
+            assert!(script.contains(&format!("-p {p}")), "{p}");
+        }
+        // It must not halt the boot's measurement: it waits, then powers off last.
+        assert!(script.starts_with("state=$(systemctl is-system-running --wait)"));
+        assert!(script.trim_end().ends_with("systemctl poweroff -ff"));
+    }
+
+    #[test]
+    fn each_guest_boots_with_its_disk_on_an_iothread() {
+        let args = |b: &Boot, t| -> Vec<String> {
+            b.command(t, Path::new("/d"))
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let b = debian_setup().boot(Path::new("/d"));
+        let v = args(&b, Target::Vmm);
+        assert!(v.contains(&"/d/vmlinuz".to_owned()), "{v:?}");
+        assert!(
+            v.contains(&"file=/d/bench-top.qcow2,format=qcow2,if=none,id=d0,cache=none".to_owned()),
+            "{v:?}"
+        );
+        assert!(
+            v.contains(&"virtio-blk-device,drive=d0,iothread=io0".to_owned()),
+            "{v:?}"
+        );
+        let append = v
+            .iter()
+            .find(|a| a.contains("root=/dev/vda ro guest.sh="))
+            .unwrap();
+        assert!(
+            append.starts_with("console=ttyS0 quiet root=/dev/vda ro guest.sh="),
+            "{append}"
+        );
+        assert!(!b.pcie);
+        let mut pci = debian_setup();
+        pci.guest = GuestImage::Initramfs;
+        pci.disk = Disk::Pci;
+        let b = pci.boot(Path::new("/d"));
+        let q = args(&b, Target::Qemu);
+        assert!(q.contains(&"microvm,pcie=on,rtc=on".to_owned()), "{q:?}");
+        assert!(
+            q.contains(&"virtio-blk-pci,drive=d0,iothread=io0".to_owned()),
+            "{q:?}"
+        );
+        assert!(
+            q.contains(&"file=/d/bench-pci-disk.raw,format=raw,if=none,id=d0".to_owned()),
+            "{q:?}"
+        );
+        assert!(q.contains(&"/d/bzImage".to_owned()), "{q:?}");
+        pci.disk = Disk::None;
+        assert!(pci.boot(Path::new("/d")).extra.is_empty());
     }
 }

@@ -177,6 +177,7 @@ pub fn cases(targets: &[Target], filter: Option<&str>, groups: Groups) -> Vec<Ca
                 let what = match kernel {
                     Kernel::BzImage => format!("bzimage-smp{smp}"),
                     Kernel::Pvh => format!("pvh-smp{smp}"),
+                    Kernel::Vmlinuz => format!("vmlinuz-smp{smp}"),
                 };
                 add(
                     what,

@@ -12,6 +12,8 @@
 //! linux-tests self-check [--filter TEXT]           # the same cases under QEMU: proves the harness
 //! linux-tests bench-boot [--targets qemu,vmm] [--runs N] [--mem MIB] [--smp N] [--vmm PATH]
 //!                        [--vmm-variant NAME=ARGS]...   # vmm with ARGS appended: column vmm-NAME
+//!                        [--guest initramfs|debian]     # Debian 12 to `running` (resources/debian)
+//!                        [--disk none|pci]              # the initramfs with a virtio-blk-pci disk
 //! ```
 
 mod bench;
@@ -58,18 +60,26 @@ enum Error {
     /// `--guest-dir` is missing in an inner command.
     #[error("--guest-dir is required")]
     NoGuestDir,
-    /// `resources/rootfs` could not be started.
+    /// A script of `resources/` that builds guest images could not be started.
     #[error("cannot run {path}")]
-    Rootfs {
+    Resource {
         /// The script.
         path: PathBuf,
         /// Why.
         #[source]
         source: std::io::Error,
     },
-    /// `resources/rootfs` failed.
-    #[error("resources/rootfs failed with {0}")]
-    RootfsFailed(std::process::ExitStatus),
+    /// A script of `resources/` that builds guest images failed.
+    #[error("{path} failed with {status}")]
+    ResourceFailed {
+        /// The script.
+        path: PathBuf,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+    },
+    /// `--disk pci` with `--guest debian`, whose root disk is on virtio-mmio.
+    #[error("--disk pci is for the initramfs guest (Debian has its root disk)")]
+    DiskWithDebian,
     /// Running the outer host failed.
     #[error(transparent)]
     Nested(#[from] nested::Error),
@@ -101,6 +111,10 @@ struct Options {
     groups: cases::Groups,
     /// `--vmm-variant`: the bench's further columns, vmm with arguments appended.
     variants: Vec<bench::Column>,
+    /// `--guest`: the bench's guest.
+    guest: bench::GuestImage,
+    /// `--disk`: the bench's disk for the initramfs guest.
+    disk: bench::Disk,
 }
 
 fn parse_number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T, Error> {
@@ -126,6 +140,8 @@ fn parse_options(args: &[String], default_targets: &[Target]) -> Result<Options,
         smp: 2,
         groups: cases::Groups::default(),
         variants: Vec::new(),
+        guest: bench::GuestImage::Initramfs,
+        disk: bench::Disk::None,
     };
     let mut it = args.iter();
     while let Some(opt) = it.next() {
@@ -148,10 +164,27 @@ fn parse_options(args: &[String], default_targets: &[Target]) -> Result<Options,
                 })?;
                 o.variants.push(v);
             }
+            "--guest" => {
+                let name = value()?;
+                o.guest = bench::GuestImage::parse(&name).ok_or_else(|| Error::Value {
+                    option: opt.clone(),
+                    value: name,
+                })?;
+            }
+            "--disk" => {
+                let name = value()?;
+                o.disk = bench::Disk::parse(&name).ok_or_else(|| Error::Value {
+                    option: opt.clone(),
+                    value: name,
+                })?;
+            }
             "--nested" => o.force = Some("--nested"),
             "--direct" => o.force = Some("--direct"),
             _ => return Err(Error::Option(opt.clone())),
         }
+    }
+    if o.guest == bench::GuestImage::Debian && o.disk != bench::Disk::None {
+        return Err(Error::DiskWithDebian);
     }
     Ok(o)
 }
@@ -166,7 +199,9 @@ fn host(o: &Options) -> Result<nested::Host, Error> {
         bins.push(o.vmm.clone());
     }
     let disk_dir = if o.groups.disks {
-        Some(rootfs_chain()?)
+        Some(resource("rootfs")?.join("chain"))
+    } else if o.guest == bench::GuestImage::Debian {
+        Some(resource("debian")?)
     } else {
         None
     };
@@ -178,20 +213,24 @@ fn host(o: &Options) -> Result<nested::Host, Error> {
     })
 }
 
-/// Builds the root file system images (`resources/rootfs`) and returns the chain's folder.
-fn rootfs_chain() -> Result<PathBuf, Error> {
-    let script = nested::default_resources().join("rootfs");
+/// Builds guest images with the script `resources/NAME` (`rootfs`: the root file system chain,
+/// `debian`: Debian 12) and returns the folder it prints.
+fn resource(name: &str) -> Result<PathBuf, Error> {
+    let script = nested::default_resources().join(name);
     let out = std::process::Command::new(&script)
         .stderr(std::process::Stdio::inherit())
         .output()
-        .map_err(|source| Error::Rootfs {
+        .map_err(|source| Error::Resource {
             path: script.clone(),
             source,
         })?;
     if !out.status.success() {
-        return Err(Error::RootfsFailed(out.status));
+        return Err(Error::ResourceFailed {
+            path: script,
+            status: out.status,
+        });
     }
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("chain"))
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
 /// The outer half of `run`: one host, every case, a verdict per case.
@@ -285,6 +324,10 @@ fn bench_boot(o: &Options) -> Result<bool, Error> {
         o.mem_mib.to_string(),
         "--smp".to_owned(),
         o.smp.to_string(),
+        "--guest".to_owned(),
+        o.guest.name().to_owned(),
+        "--disk".to_owned(),
+        o.disk.name().to_owned(),
     ];
     for v in &o.variants {
         let name = v.name.strip_prefix("vmm-").unwrap_or(&v.name);
@@ -303,6 +346,8 @@ fn bench_boot(o: &Options) -> Result<bool, Error> {
         runs: o.runs,
         mem_mib: o.mem_mib,
         smp: o.smp,
+        guest: o.guest,
+        disk: o.disk,
     };
     let md = bench::summarize(&output, setup, &host_line);
     let dir = nested::repo_root().join("results/boot");
@@ -350,11 +395,15 @@ fn inner_bench(o: &Options) -> Result<bool, Error> {
         runs: o.runs,
         mem_mib: o.mem_mib,
         smp: o.smp,
+        guest: o.guest,
+        disk: o.disk,
     };
     let columns: Vec<bench::Column> = (o.targets.iter().copied().map(bench::Column::plain))
         .chain(o.variants.iter().cloned())
         .collect();
-    bench::measure(&columns, setup, dir)?;
+    // resources/nested-host's writable copy of --disk-dir: Debian's folder.
+    let debian = std::env::var_os("DISK_DIR").map(PathBuf::from);
+    bench::measure(&columns, setup, dir, debian.as_deref())?;
     Ok(true)
 }
 
@@ -408,6 +457,12 @@ mod tests {
         assert_eq!(o.targets, [Target::Qemu]);
         assert_eq!(o.runs, 7);
         assert_eq!(o.force, Some("--nested"));
+        assert_eq!(o.guest, bench::GuestImage::Initramfs);
+        assert_eq!(o.disk, bench::Disk::None);
+        let o = parse_options(&strings(&["--guest", "debian"]), &[]).unwrap();
+        assert_eq!(o.guest, bench::GuestImage::Debian);
+        let o = parse_options(&strings(&["--disk", "pci"]), &[]).unwrap();
+        assert_eq!(o.disk, bench::Disk::Pci);
         let o = parse_options(
             &strings(&["--vmm-variant", "nosandbox=-sandbox  off"]),
             &[Target::Vmm],
@@ -433,6 +488,16 @@ mod tests {
         assert!(matches!(err, Error::Option(ref o) if o == "--fast"));
         let err = parse_options(&strings(&["--filter"]), &[]).unwrap_err();
         assert!(matches!(err, Error::Option(ref o) if o == "--filter"));
+        for (opt, bad) in [("--guest", "fedora"), ("--disk", "scsi")] {
+            let err = parse_options(&strings(&[opt, bad]), &[]).unwrap_err();
+            assert!(
+                matches!(err, Error::Value { ref option, ref value } if option == opt && value == bad),
+                "{err}"
+            );
+        }
+        let err =
+            parse_options(&strings(&["--guest", "debian", "--disk", "pci"]), &[]).unwrap_err();
+        assert!(matches!(err, Error::DiskWithDebian), "{err}");
         let err = parse_options(&strings(&["--targets", "xen"]), &[]).unwrap_err();
         assert!(matches!(err, Error::Target(_)));
         // A variant's name becomes part of a column's name: a lowercase word, and some arguments.

@@ -1,5 +1,6 @@
 //! Where a boot's time goes: the milestones of one boot, in milliseconds from the VMM's start, read
-//! from the VMM's own debug log and from the guest kernel's log.
+//! from the VMM's own debug log, the guest kernel's log and (for a systemd guest) systemd's own
+//! timestamps.
 //!
 //! - **First `KVM_RUN`**: vmm's `-D` log gives its start as Unix time and each step after it
 //!   (`startup:` lines, [`vmm_startup`]); QEMU's `-D` log with `-trace kvm_cpu_exec -msg
@@ -8,9 +9,15 @@
 //! - **Kernel milestones**: the guest's `dmesg` (printk times, seconds on the kernel's clock): the
 //!   start of initramfs unpacking, its end (the initrd's memory freed), and `Run /init`. The
 //!   kernel's clock starts early in its set-up (kvmclock's first reading), after the bzImage has
-//!   unpacked itself; it is placed on the harness's clock by taking `Run /init` as the moment the
-//!   console showed the first userspace line, so the short exec of `/init` before that line counts
-//!   in "first `KVM_RUN` → kernel clock starts".
+//!   unpacked itself. It is placed on the harness's clock by an [`Anchor`]: for the small initramfs,
+//!   `Run /init` is taken as the moment the console showed the first userspace line, so the short
+//!   exec of `/init` before that line counts in "first `KVM_RUN` → kernel clock starts"; for a
+//!   distribution, the guest prints its uptime (`/proc/uptime`, 10 ms steps, the kernel's clock as
+//!   printk reads it to within a few ms) in the line that ends the boot.
+//! - **systemd's milestones** (a distribution): `systemctl show`'s `UserspaceTimestampMonotonic`
+//!   (systemd started in the root file system, after the initramfs's own `/init`) and
+//!   `FinishTimestampMonotonic` (the boot's jobs done: what `systemctl is-system-running` then
+//!   reports as `running`), microseconds on the kernel's monotonic clock.
 
 use std::time::Duration;
 
@@ -25,6 +32,21 @@ const UNPACK_END: &str = "Freeing initrd memory";
 pub const KERNEL_LOG_PATTERN: &str =
     "Run /init as init process|Trying to unpack rootfs image as initramfs|Freeing initrd memory";
 
+/// systemd's manager properties [`Milestones::systemd`] and [`Milestones::finished`] come from, as
+/// `systemctl show -p` prints them (`NAME=MICROSECONDS`).
+pub const SYSTEMD_PROPERTIES: [&str; 2] =
+    ["UserspaceTimestampMonotonic", "FinishTimestampMonotonic"];
+
+/// How the kernel's clock is placed on the harness's.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Anchor {
+    /// The kernel's `Run /init` is the end of the boot (the first userspace line).
+    #[default]
+    RunInit,
+    /// The guest's clock read ms when it printed the line that ends the boot.
+    Uptime(f64),
+}
+
 /// The milestones of one boot, milliseconds from the VMM's start; None where a log lacked one.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Milestones {
@@ -36,13 +58,22 @@ pub struct Milestones {
     pub unpack_start: Option<f64>,
     /// The kernel has unpacked the initramfs.
     pub unpack_end: Option<f64>,
-    /// The console shows the first userspace line.
-    pub userspace: f64,
+    /// The kernel runs the initramfs's `/init`.
+    pub init: Option<f64>,
+    /// systemd starts in the root file system.
+    pub systemd: Option<f64>,
+    /// systemd has finished the boot's jobs.
+    pub finished: Option<f64>,
+    /// The console shows the line that ends the boot (the first userspace line, or `running`).
+    pub end: f64,
 }
 
-/// The phases the summary shows, as (name, from, to) over [`Milestones`]; `from` None is the VMM's
-/// start.
-pub const PHASES: [(&str, Option<Field>, Field); 5] = [
+/// A phase of a boot as the summary shows it: (name, from, to) over [`Milestones`]; `from` None
+/// is the VMM's start.
+pub type Phase = (&'static str, Option<Field>, Field);
+
+/// The first phases of every boot, up to the kernel's unpacking of the initramfs.
+const KERNEL_PHASES: [Phase; 4] = [
     ("VMM start → first KVM_RUN", None, Field::KvmRun),
     (
         "first KVM_RUN → kernel clock starts (bzImage unpacking, early set-up)",
@@ -59,11 +90,49 @@ pub const PHASES: [(&str, Option<Field>, Field); 5] = [
         Some(Field::UnpackStart),
         Field::UnpackEnd,
     ),
+];
+
+/// The phases of the small initramfs's boot, the whole boot last.
+pub const INITRAMFS_PHASES: [Phase; 6] = [
+    KERNEL_PHASES[0],
+    KERNEL_PHASES[1],
+    KERNEL_PHASES[2],
+    KERNEL_PHASES[3],
     (
         "initramfs unpacked → first userspace line",
         Some(Field::UnpackEnd),
-        Field::Userspace,
+        Field::End,
     ),
+    ("VMM start → first userspace line", None, Field::End),
+];
+
+/// The phases of a distribution's boot to `running`, the whole boot last.
+pub const SYSTEMD_PHASES: [Phase; 9] = [
+    KERNEL_PHASES[0],
+    KERNEL_PHASES[1],
+    KERNEL_PHASES[2],
+    KERNEL_PHASES[3],
+    (
+        "initramfs unpacked → /init runs (the kernel's drivers)",
+        Some(Field::UnpackEnd),
+        Field::Init,
+    ),
+    (
+        "/init → systemd starts (the initramfs mounts the root)",
+        Some(Field::Init),
+        Field::Systemd,
+    ),
+    (
+        "systemd starts → boot finished (systemd's timestamps)",
+        Some(Field::Systemd),
+        Field::Finished,
+    ),
+    (
+        "boot finished → `running` on the console",
+        Some(Field::Finished),
+        Field::End,
+    ),
+    ("VMM start → system running", None, Field::End),
 ];
 
 /// One milestone of [`Milestones`].
@@ -77,8 +146,14 @@ pub enum Field {
     UnpackStart,
     /// [`Milestones::unpack_end`].
     UnpackEnd,
-    /// [`Milestones::userspace`].
-    Userspace,
+    /// [`Milestones::init`].
+    Init,
+    /// [`Milestones::systemd`].
+    Systemd,
+    /// [`Milestones::finished`].
+    Finished,
+    /// [`Milestones::end`].
+    End,
 }
 
 impl Milestones {
@@ -89,7 +164,10 @@ impl Milestones {
             Field::Kernel => self.kernel,
             Field::UnpackStart => self.unpack_start,
             Field::UnpackEnd => self.unpack_end,
-            Field::Userspace => Some(self.userspace),
+            Field::Init => self.init,
+            Field::Systemd => self.systemd,
+            Field::Finished => self.finished,
+            Field::End => Some(self.end),
         }
     }
 
@@ -102,12 +180,16 @@ impl Milestones {
         Some(self.get(to)? - start)
     }
 
-    /// Places the kernel's log (`dmesg` lines) on the harness's clock, given when the first
-    /// userspace line reached the console (ms from the VMM's start).
-    pub fn from_kernel_log<'a>(
+    /// Places the guest's logs on the harness's clock, given when the line that ends the boot
+    /// reached the console (`end`, ms from the VMM's start): the kernel's log (`dmesg` lines) and
+    /// systemd's properties (`NAME=MICROSECONDS` lines of [`SYSTEMD_PROPERTIES`]; none for a guest
+    /// without systemd).
+    pub fn from_guest_logs<'a>(
         kvm_run: Option<f64>,
         dmesg: impl IntoIterator<Item = &'a str>,
-        userspace: f64,
+        systemd: impl IntoIterator<Item = &'a str>,
+        anchor: Anchor,
+        end: f64,
     ) -> Self {
         let (mut run_init, mut unpack_start, mut unpack_end) = (None, None, None);
         for line in dmesg {
@@ -124,14 +206,37 @@ impl Milestones {
                 }
             }
         }
-        let kernel = run_init.map(|init| userspace - init);
+        let (mut userspace, mut finish) = (None, None);
+        for line in systemd {
+            let Some((name, us)) = line.trim().split_once('=') else {
+                continue;
+            };
+            // systemd says 0 for a moment that has not come.
+            let ms = us
+                .parse::<f64>()
+                .ok()
+                .filter(|&us| us > 0.0)
+                .map(|us| us / 1000.0);
+            match name {
+                n if n == SYSTEMD_PROPERTIES[0] => userspace = ms,
+                n if n == SYSTEMD_PROPERTIES[1] => finish = ms,
+                _ => {}
+            }
+        }
+        let kernel = match anchor {
+            Anchor::RunInit => run_init.map(|init| end - init),
+            Anchor::Uptime(ms) => Some(end - ms),
+        };
         let on_host = |t: Option<f64>| Some(kernel? + t?);
         Milestones {
             kvm_run,
             kernel,
             unpack_start: on_host(unpack_start),
             unpack_end: on_host(unpack_end),
-            userspace,
+            init: on_host(run_init),
+            systemd: on_host(userspace),
+            finished: on_host(finish),
+            end,
         }
     }
 
@@ -139,12 +244,15 @@ impl Milestones {
     pub fn words(&self) -> String {
         let f = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
         format!(
-            "{} {} {} {} {:.1}",
+            "{} {} {} {} {} {} {} {:.1}",
             f(self.kvm_run),
             f(self.kernel),
             f(self.unpack_start),
             f(self.unpack_end),
-            self.userspace
+            f(self.init),
+            f(self.systemd),
+            f(self.finished),
+            self.end
         )
     }
 
@@ -157,7 +265,7 @@ impl Milestones {
                 w.parse().ok().map(Some)
             }
         };
-        let [a, b, c, d, e] = words else {
+        let [a, b, c, d, e, f, g, end] = words else {
             return None;
         };
         Some(Milestones {
@@ -165,7 +273,10 @@ impl Milestones {
             kernel: opt(b)?,
             unpack_start: opt(c)?,
             unpack_end: opt(d)?,
-            userspace: e.parse().ok()?,
+            init: opt(e)?,
+            systemd: opt(f)?,
+            finished: opt(g)?,
+            end: end.parse().ok()?,
         })
     }
 }
@@ -269,21 +380,78 @@ mod tests {
             "[    1.500000] Freeing initrd memory: 1000K",
             "[    3.000000] Run /init as init process",
         ];
-        let m = Milestones::from_kernel_log(Some(100.0), dmesg, 5000.0);
+        let m = Milestones::from_guest_logs(Some(100.0), dmesg, [], Anchor::RunInit, 5000.0);
         assert_eq!(m.kernel, Some(2000.0));
         assert_eq!(m.unpack_start, Some(3000.0));
         assert_eq!(m.unpack_end, Some(3500.0));
         assert_eq!(m.span(None, Field::KvmRun), Some(100.0));
         assert_eq!(m.span(Some(Field::KvmRun), Field::Kernel), Some(1900.0));
-        assert_eq!(
-            m.span(Some(Field::UnpackEnd), Field::Userspace),
-            Some(1500.0)
-        );
+        assert_eq!(m.span(Some(Field::UnpackEnd), Field::End), Some(1500.0));
         let words = m.words();
         let back = Milestones::parse(&words.split(' ').collect::<Vec<_>>()).unwrap();
         assert_eq!(back, m);
-        let none = Milestones::from_kernel_log(None, ["no times"], 10.0);
-        assert_eq!(none.words(), "- - - - 10.0");
+        assert_eq!(m.init, Some(5000.0));
+        assert_eq!((m.systemd, m.finished), (None, None));
+        let none = Milestones::from_guest_logs(None, ["no times"], [], Anchor::RunInit, 10.0);
+        assert_eq!(none.words(), "- - - - - - - 10.0");
         assert_eq!(none.span(None, Field::Kernel), None);
+    }
+
+    #[test]
+    fn a_systemd_boot_is_aligned_at_the_guests_uptime() {
+        let dmesg = [
+            "[    0.800000] Trying to unpack rootfs image as initramfs...",
+            "[    1.300000] Freeing initrd memory: 30000K",
+            "[    2.000000] Run /init as init process",
+        ];
+        let systemd = [
+            "UserspaceTimestampMonotonic=3500000",
+            "FinishTimestampMonotonic=9000000",
+            "Something=else",
+        ];
+        // The line that ends the boot reached the console 10 s after the VMM's start, with the
+        // guest's clock at 9.25 s: the kernel's clock started at 750 ms.
+        let m = Milestones::from_guest_logs(
+            Some(50.0),
+            dmesg,
+            systemd,
+            Anchor::Uptime(9250.0),
+            10_000.0,
+        );
+        assert_eq!(m.kernel, Some(750.0));
+        assert_eq!(m.unpack_start, Some(1550.0));
+        assert_eq!(m.init, Some(2750.0));
+        assert_eq!(m.systemd, Some(4250.0));
+        assert_eq!(m.finished, Some(9750.0));
+        let spans: Vec<Option<f64>> = SYSTEMD_PHASES
+            .iter()
+            .map(|(_, from, to)| m.span(*from, *to))
+            .collect();
+        assert_eq!(
+            spans,
+            [
+                Some(50.0),
+                Some(700.0),
+                Some(800.0),
+                Some(500.0),
+                Some(700.0),
+                Some(1500.0),
+                Some(5500.0),
+                Some(250.0),
+                Some(10_000.0)
+            ]
+        );
+        let back = Milestones::parse(&m.words().split(' ').collect::<Vec<_>>()).unwrap();
+        assert_eq!(back, m);
+        // A moment systemd has not reached reads 0: no milestone.
+        let m = Milestones::from_guest_logs(
+            None,
+            [],
+            ["FinishTimestampMonotonic=0"],
+            Anchor::Uptime(1.0),
+            2.0,
+        );
+        assert_eq!(m.finished, None);
+        assert_eq!(Milestones::parse(&["1.0"; 7]), None);
     }
 }

@@ -88,6 +88,8 @@ pub enum Kernel {
     BzImage,
     /// The ELF vmlinux, through its PVH entry point.
     Pvh,
+    /// A distribution's kernel (a bzImage), as Debian names it.
+    Vmlinuz,
 }
 
 impl Kernel {
@@ -96,6 +98,7 @@ impl Kernel {
         match self {
             Kernel::BzImage => "bzImage",
             Kernel::Pvh => "vmlinux",
+            Kernel::Vmlinuz => "vmlinuz",
         }
     }
 }
@@ -115,6 +118,9 @@ pub struct Boot {
     pub append: String,
     /// Further VMM arguments, the same for every VMM (QEMU's `-object`, `-drive`, `-device`).
     pub extra: Vec<String>,
+    /// The guest has PCI devices: QEMU's microvm is then told `pcie=on` (vmm's PCI bus needs no
+    /// flag).
+    pub pcie: bool,
 }
 
 impl Boot {
@@ -127,6 +133,7 @@ impl Boot {
             initrd: "initrd.img",
             append: append.to_owned(),
             extra: Vec::new(),
+            pcie: false,
         }
     }
 
@@ -153,7 +160,18 @@ impl Boot {
                 let baseline = qemu_baseline();
                 let (program, args) = baseline.split_first().unwrap_or((&"", &[]));
                 c = Command::new(program);
-                c.args(args);
+                let mut machine = false;
+                for a in args.iter() {
+                    match a.strip_prefix("microvm") {
+                        Some(options) if machine && self.pcie => {
+                            c.arg(format!("microvm,pcie=on{options}"));
+                        }
+                        _ => {
+                            c.arg(a);
+                        }
+                    }
+                    machine = *a == "-M";
+                }
                 c.arg("-m").arg(format!("{}M", self.mem_mib));
             }
         }
@@ -230,6 +248,20 @@ mod tests {
         assert!(b.contains(&"-nodefaults") && b.contains(&"-no-user-config"));
         assert!(b.contains(&"-enable-kvm"));
         assert!(b.iter().all(|w| !w.contains(' ')), "one word per line");
+    }
+
+    #[test]
+    fn a_boot_with_pci_devices_turns_qemus_pcie_on() {
+        let mut b = Boot::new(Kernel::BzImage, 1, 256, "");
+        b.pcie = true;
+        let qa = args(&b.command(Target::Qemu, Path::new("/g")));
+        assert!(
+            qa.windows(2).any(|w| w == ["-M", "microvm,pcie=on,rtc=on"]),
+            "{qa:?}"
+        );
+        assert_eq!(qa.iter().filter(|a| a.contains("microvm")).count(), 1);
+        let va = args(&b.command(Target::Vmm, Path::new("/g")));
+        assert!(va.iter().all(|a| !a.contains("pcie")), "{va:?}");
     }
 
     #[test]
