@@ -824,7 +824,7 @@ mod tests {
         };
         let out = format!(
             "{out}COMMAND qemu qemu-system-x86_64 -M microvm,rtc=on\n\
-             PHASES vmm 1 2.0 100.0 200.0 300.0 500.0 - - 500.0\nPHASES qemu 1 50.0 150.0 300.0 400.0 1000.0 - - 1000.0\n\
+             PHASES vmm 1 2.0 100.0 - - 200.0 300.0 500.0 - - 500.0\nPHASES qemu 1 50.0 150.0 - - 300.0 400.0 1000.0 - - 1000.0\n\
              STARTUP vmm 1 900 KVM opened and VM created\nSTARTUP vmm 2 1100 KVM opened and VM created\n"
         );
         let md = summarize(&out, setup, "nested");
@@ -859,9 +859,9 @@ mod tests {
     fn a_variant_is_a_column_with_vmm_over_it() {
         let out = "BOOT qemu 1 1000.0 100000 60000\nBOOT vmm 1 500.0 70000 60000\n\
                    BOOT vmm-nosandbox 1 400.0 70000 60000\n\
-                   PHASES qemu 1 50.0 150.0 300.0 400.0 1000.0 - - 1000.0\n\
-                   PHASES vmm 1 2.0 100.0 200.0 300.0 500.0 - - 500.0\n\
-                   PHASES vmm-nosandbox 1 1.0 80.0 160.0 240.0 400.0 - - 400.0\n\
+                   PHASES qemu 1 50.0 150.0 - - 300.0 400.0 1000.0 - - 1000.0\n\
+                   PHASES vmm 1 2.0 100.0 - - 200.0 300.0 500.0 - - 500.0\n\
+                   PHASES vmm-nosandbox 1 1.0 80.0 - - 160.0 240.0 400.0 - - 400.0\n\
                    STARTUP vmm 1 900 KVM opened and VM created\n\
                    STARTUP vmm-nosandbox 1 600 KVM opened and VM created\n\
                    STARTUP vmm 1 1500 sandbox entered\n";
@@ -926,8 +926,8 @@ mod tests {
     #[test]
     fn a_debian_summary_shows_systemds_phases() {
         let out = "BOOT qemu 1 10000.0 100000 60000\nBOOT vmm 1 8000.0 63000 60000\n\
-                   PHASES qemu 1 100.0 700.0 1500.0 2000.0 2600.0 4000.0 9500.0 10000.0\n\
-                   PHASES vmm 1 5.0 500.0 1200.0 1600.0 2100.0 3200.0 7600.0 8000.0\n";
+                   PHASES qemu 1 100.0 700.0 900.0 1300.0 1500.0 2000.0 2600.0 4000.0 9500.0 10000.0\n\
+                   PHASES vmm 1 5.0 500.0 650.0 1000.0 1200.0 1600.0 2100.0 3200.0 7600.0 8000.0\n";
         let md = summarize(out, debian_setup(), "nested");
         assert!(
             md.starts_with("Debian 12 to `systemctl is-system-running` = running"),
@@ -951,6 +951,10 @@ mod tests {
         );
         assert!(
             md.contains("| VMM start → system running | 10000 | 8000 | 0.80 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| CPUs up → clock source switched (ACPI and PCI enumeration, core initcalls) | 400 | 350 | 0.88 |"),
             "{md}"
         );
         assert!(!md.contains("first userspace line"), "{md}");

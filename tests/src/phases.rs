@@ -7,6 +7,8 @@
 //!   timestamp=on` gives each vCPU's entry into its `KVM_RUN` loop as Unix time ([`qemu_first_run`]).
 //!   The harness took the VMM's start as Unix time when it started the process.
 //! - **Kernel milestones**: the guest's `dmesg` (printk times, seconds on the kernel's clock): the
+//!   secondary CPUs up (`smp: Brought up`: memory set up, SMP brought up), the switch to the
+//!   clock source of the rest of the boot (an fs initcall, after ACPI's and PCI's enumeration), the
 //!   start of initramfs unpacking, its end (the initrd's memory freed), and `Run /init`. The
 //!   kernel's clock starts early in its set-up (kvmclock's first reading), after the bzImage has
 //!   unpacked itself. It is placed on the harness's clock by an [`Anchor`]: for the small initramfs,
@@ -23,14 +25,18 @@ use std::time::Duration;
 
 /// The console line that starts userspace's first process, in the kernel's log.
 const RUN_INIT: &str = "Run /init as init process";
+/// The kernel has brought its secondary CPUs up.
+const CPUS_UP: &str = "smp: Brought up";
+/// The kernel switches to its clock source (an fs initcall: ACPI and PCI are enumerated).
+const CLOCKSOURCE: &str = "clocksource: Switched to clocksource";
 /// The kernel starts unpacking the initramfs.
 const UNPACK_START: &str = "Trying to unpack rootfs image as initramfs";
 /// The kernel has unpacked the initramfs and frees its image.
 const UNPACK_END: &str = "Freeing initrd memory";
 
 /// An extended regular expression (`grep -E`) for the kernel's log lines [`Milestones`] reads.
-pub const KERNEL_LOG_PATTERN: &str =
-    "Run /init as init process|Trying to unpack rootfs image as initramfs|Freeing initrd memory";
+pub const KERNEL_LOG_PATTERN: &str = "smp: Brought up|clocksource: Switched to clocksource|\
+     Run /init as init process|Trying to unpack rootfs image as initramfs|Freeing initrd memory";
 
 /// systemd's manager properties [`Milestones::systemd`] and [`Milestones::finished`] come from, as
 /// `systemctl show -p` prints them (`NAME=MICROSECONDS`).
@@ -54,6 +60,10 @@ pub struct Milestones {
     pub kvm_run: Option<f64>,
     /// The kernel's clock starts (printk time 0).
     pub kernel: Option<f64>,
+    /// The kernel has brought its secondary CPUs up.
+    pub cpus_up: Option<f64>,
+    /// The kernel has switched to its clock source.
+    pub clocksource: Option<f64>,
     /// The kernel starts unpacking the initramfs.
     pub unpack_start: Option<f64>,
     /// The kernel has unpacked the initramfs.
@@ -73,7 +83,7 @@ pub struct Milestones {
 pub type Phase = (&'static str, Option<Field>, Field);
 
 /// The first phases of every boot, up to the kernel's unpacking of the initramfs.
-const KERNEL_PHASES: [Phase; 4] = [
+const KERNEL_PHASES: [Phase; 6] = [
     ("VMM start → first KVM_RUN", None, Field::KvmRun),
     (
         "first KVM_RUN → kernel clock starts (bzImage unpacking, early set-up)",
@@ -81,8 +91,18 @@ const KERNEL_PHASES: [Phase; 4] = [
         Field::Kernel,
     ),
     (
-        "kernel clock → initramfs unpacking starts",
+        "kernel clock → CPUs up (memory, ACPI tables, SMP)",
         Some(Field::Kernel),
+        Field::CpusUp,
+    ),
+    (
+        "CPUs up → clock source switched (ACPI and PCI enumeration, core initcalls)",
+        Some(Field::CpusUp),
+        Field::Clocksource,
+    ),
+    (
+        "clock source switched → initramfs unpacking starts",
+        Some(Field::Clocksource),
         Field::UnpackStart,
     ),
     (
@@ -93,11 +113,13 @@ const KERNEL_PHASES: [Phase; 4] = [
 ];
 
 /// The phases of the small initramfs's boot, the whole boot last.
-pub const INITRAMFS_PHASES: [Phase; 6] = [
+pub const INITRAMFS_PHASES: [Phase; 8] = [
     KERNEL_PHASES[0],
     KERNEL_PHASES[1],
     KERNEL_PHASES[2],
     KERNEL_PHASES[3],
+    KERNEL_PHASES[4],
+    KERNEL_PHASES[5],
     (
         "initramfs unpacked → first userspace line",
         Some(Field::UnpackEnd),
@@ -107,11 +129,13 @@ pub const INITRAMFS_PHASES: [Phase; 6] = [
 ];
 
 /// The phases of a distribution's boot to `running`, the whole boot last.
-pub const SYSTEMD_PHASES: [Phase; 9] = [
+pub const SYSTEMD_PHASES: [Phase; 11] = [
     KERNEL_PHASES[0],
     KERNEL_PHASES[1],
     KERNEL_PHASES[2],
     KERNEL_PHASES[3],
+    KERNEL_PHASES[4],
+    KERNEL_PHASES[5],
     (
         "initramfs unpacked → /init runs (the kernel's drivers)",
         Some(Field::UnpackEnd),
@@ -142,6 +166,10 @@ pub enum Field {
     KvmRun,
     /// [`Milestones::kernel`].
     Kernel,
+    /// [`Milestones::cpus_up`].
+    CpusUp,
+    /// [`Milestones::clocksource`].
+    Clocksource,
     /// [`Milestones::unpack_start`].
     UnpackStart,
     /// [`Milestones::unpack_end`].
@@ -162,6 +190,8 @@ impl Milestones {
         match f {
             Field::KvmRun => self.kvm_run,
             Field::Kernel => self.kernel,
+            Field::CpusUp => self.cpus_up,
+            Field::Clocksource => self.clocksource,
             Field::UnpackStart => self.unpack_start,
             Field::UnpackEnd => self.unpack_end,
             Field::Init => self.init,
@@ -192,12 +222,15 @@ impl Milestones {
         end: f64,
     ) -> Self {
         let (mut run_init, mut unpack_start, mut unpack_end) = (None, None, None);
+        let (mut cpus_up, mut clocksource) = (None, None);
         for line in dmesg {
             let Some((secs, text)) = printk_line(line) else {
                 continue;
             };
             for (needle, slot) in [
                 (RUN_INIT, &mut run_init),
+                (CPUS_UP, &mut cpus_up),
+                (CLOCKSOURCE, &mut clocksource),
                 (UNPACK_START, &mut unpack_start),
                 (UNPACK_END, &mut unpack_end),
             ] {
@@ -231,6 +264,8 @@ impl Milestones {
         Milestones {
             kvm_run,
             kernel,
+            cpus_up: on_host(cpus_up),
+            clocksource: on_host(clocksource),
             unpack_start: on_host(unpack_start),
             unpack_end: on_host(unpack_end),
             init: on_host(run_init),
@@ -244,9 +279,11 @@ impl Milestones {
     pub fn words(&self) -> String {
         let f = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
         format!(
-            "{} {} {} {} {} {} {} {:.1}",
+            "{} {} {} {} {} {} {} {} {} {:.1}",
             f(self.kvm_run),
             f(self.kernel),
+            f(self.cpus_up),
+            f(self.clocksource),
             f(self.unpack_start),
             f(self.unpack_end),
             f(self.init),
@@ -265,12 +302,14 @@ impl Milestones {
                 w.parse().ok().map(Some)
             }
         };
-        let [a, b, c, d, e, f, g, end] = words else {
+        let [a, b, cpus, clock, c, d, e, f, g, end] = words else {
             return None;
         };
         Some(Milestones {
             kvm_run: opt(a)?,
             kernel: opt(b)?,
+            cpus_up: opt(cpus)?,
+            clocksource: opt(clock)?,
             unpack_start: opt(c)?,
             unpack_end: opt(d)?,
             init: opt(e)?,
@@ -363,7 +402,7 @@ mod tests {
 
     #[test]
     fn the_grep_pattern_names_every_milestone() {
-        for needle in [RUN_INIT, UNPACK_START, UNPACK_END] {
+        for needle in [RUN_INIT, CPUS_UP, CLOCKSOURCE, UNPACK_START, UNPACK_END] {
             assert!(
                 KERNEL_LOG_PATTERN.split('|').any(|p| p == needle),
                 "{needle}"
@@ -393,13 +432,15 @@ mod tests {
         assert_eq!(m.init, Some(5000.0));
         assert_eq!((m.systemd, m.finished), (None, None));
         let none = Milestones::from_guest_logs(None, ["no times"], [], Anchor::RunInit, 10.0);
-        assert_eq!(none.words(), "- - - - - - - 10.0");
+        assert_eq!(none.words(), "- - - - - - - - - 10.0");
         assert_eq!(none.span(None, Field::Kernel), None);
     }
 
     #[test]
     fn a_systemd_boot_is_aligned_at_the_guests_uptime() {
         let dmesg = [
+            "[    0.100000] smp: Brought up 1 node, 2 CPUs",
+            "[    0.350000] clocksource: Switched to clocksource kvm-clock",
             "[    0.800000] Trying to unpack rootfs image as initramfs...",
             "[    1.300000] Freeing initrd memory: 30000K",
             "[    2.000000] Run /init as init process",
@@ -432,7 +473,9 @@ mod tests {
             [
                 Some(50.0),
                 Some(700.0),
-                Some(800.0),
+                Some(100.0),
+                Some(250.0),
+                Some(450.0),
                 Some(500.0),
                 Some(700.0),
                 Some(1500.0),
@@ -452,6 +495,6 @@ mod tests {
             2.0,
         );
         assert_eq!(m.finished, None);
-        assert_eq!(Milestones::parse(&["1.0"; 7]), None);
+        assert_eq!(Milestones::parse(&["1.0"; 9]), None);
     }
 }
