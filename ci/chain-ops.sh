@@ -24,7 +24,7 @@ for f in "${QMP_SH:-}" "$here/qmp.sh" "$here/../tests/disks/qmp.sh"; do
   [ -n "$f" ] && [ -f "$f" ] && { . "$f"; break; }
 done
 command -v qmp_open > /dev/null || { echo "chain-ops: no qmp.sh" >&2; exit 2; }
-QMP_LOG=/dev/stdout
+QMP_LOG=-
 
 die() { echo "chain-ops: $*" >&2; qmp_close; exit 1; }
 # run JSON: the command, its reply printed; fails unless it returned.
@@ -34,7 +34,7 @@ run() { qmp "$1"; [ "$(kind)" = return ] || die "the command failed"; }
 disk_top() {
   QMP_LOG=/dev/null
   qmp '{"execute":"query-block"}'
-  QMP_LOG=/dev/stdout
+  QMP_LOG=-
   top=$(echo "$reply" | awk '{
     d = 0; s = 0; e = ""
     for (i = 1; i <= length($0); i++) {

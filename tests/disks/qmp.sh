@@ -4,7 +4,7 @@
 # -qmp tcp:127.0.0.1:PORT; what it sends goes through the FIFO q.in, everything the monitor says
 # (greeting, replies, events) lands in q.out in the working folder. Commands go one at a time:
 # a command's reply is the next line of q.out that is no event. Each command and its reply are
-# appended to $QMP_LOG (default qmp.log) as "> COMMAND" and "< REPLY".
+# appended to $QMP_LOG (default qmp.log; "-": standard output) as "> COMMAND" and "< REPLY".
 nap() { sleep 0.2 2>/dev/null || sleep 1; }
 
 # qmp_open PORT: connects (retrying for a minute while nothing listens), negotiates capabilities.
@@ -27,7 +27,7 @@ qmp_open() {
   qn=1
   qmp '{"execute":"qmp_capabilities"}'
 }
-qmp_close() { exec 3>&-; kill $nc_pid 2>/dev/null; wait $nc_pid 2>/dev/null; }
+qmp_close() { exec 3>&-; kill $nc_pid 2>/dev/null; wait $nc_pid 2>/dev/null || :; }
 
 # qmp JSON: sends a command and waits (30 s at most) for its reply, left in $reply ("" if none).
 qmp() {
@@ -41,7 +41,8 @@ qmp() {
     [ -n "$reply" ] && break
     nap; i=$((i + 1))
   done
-  printf '> %s\n< %s\n' "$1" "$reply" >> "${QMP_LOG:-qmp.log}"
+  if [ "${QMP_LOG:-}" = - ]; then printf '> %s\n< %s\n' "$1" "$reply"
+  else printf '> %s\n< %s\n' "$1" "$reply" >> "${QMP_LOG:-qmp.log}"; fi
 }
 
 # kind: $reply's kind, "return" or "error CLASS" ("no reply" if none came).
