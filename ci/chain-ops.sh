@@ -28,12 +28,12 @@ QMP_LOG=-
 
 die() { echo "chain-ops: $*" >&2; qmp_close; exit 1; }
 # run JSON: the command, its reply printed; fails unless it returned.
-run() { qmp "$1"; [ "$(kind)" = return ] || die "the command failed"; }
+run() { qmp_cmd "$1"; [ "$(kind)" = return ] || die "the command failed"; }
 # disk_top: sets $top to the file DEVICE runs on, from query-block (its entry cut out of the list
 # by brace depth). Not in a subshell: the client counts its replies.
 disk_top() {
   QMP_LOG=/dev/null
-  qmp '{"execute":"query-block"}'
+  qmp_cmd '{"execute":"query-block"}'
   QMP_LOG=-
   top=$(echo "$reply" | awk '{
     d = 0; s = 0; e = ""

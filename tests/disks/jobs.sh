@@ -76,7 +76,7 @@ echo GUEST-JOBS-UP
 run d0 \$v_d0 & run d1 \$v_d1 & wait")
 
 # ask NAME JSON: sends JSON, puts "NAME: kind" in the trace.
-ask() { qmp "$2"; echo "$1: $(kind)" >> trace; }
+ask() { qmp_cmd "$2"; echo "$1: $(kind)" >> trace; }
 # until_event JOB EVENT: waits (120 s at most) for JOB's EVENT; puts the job's events in the trace.
 until_event() {
   wait_event "$1" "$2"
@@ -87,7 +87,7 @@ until_event() {
 until_job() {
   i=0
   while [ $i -lt 300 ]; do
-    qmp '{"execute":"query-block-jobs"}'
+    qmp_cmd '{"execute":"query-block-jobs"}'
     echo "$reply" | grep -q "\"status\": \"$2\"" && ! echo "$reply" | grep -q '"offset": 0[,}]' && break
     nap; i=$((i + 1))
   done
@@ -98,14 +98,14 @@ values() { echo "$reply" | grep -o "\"$1\": [^,}]*" | sed "s/\"$1\": //" | sort 
 # chain STEP: query-block's disks in the trace: the tops, their depths, every image of the chains
 # and the backing names they hold.
 chain() {
-  qmp '{"execute":"query-block"}'
+  qmp_cmd '{"execute":"query-block"}'
   echo "$1 chain: tops $(values file)depths $(values backing_file_depth)images $(values filename)backing names $(values backing-filename)" >> trace
 }
 # phase N: the guest's next fio rounds write with seed N.
 phase() {
   cur_phase=$1
   echo "E2E-NOTE jobs-$run: phase $1 at $(($(date +%s) - start)) s"
-  qmp "{\"execute\":\"block_resize\",\"arguments\":{\"device\":\"ctl\",\"size\":$((($1 + 1) * 1048576))}}"
+  qmp_cmd "{\"execute\":\"block_resize\",\"arguments\":{\"device\":\"ctl\",\"size\":$((($1 + 1) * 1048576))}}"
   echo "phase $1: $(kind)" >> trace
 }
 # rounds: waits (120 s at most) for a round of the current phase to finish on both disks.
@@ -170,7 +170,7 @@ jobs_sequence() {
   rounds
   phase 6
   rounds
-  qmp '{"execute":"query-block"}'
+  qmp_cmd '{"execute":"query-block"}'
   values file | tr -d '"' > final-tops
   phase $JOBS_STOP
 }
@@ -201,7 +201,7 @@ jobs_run() {
   fi
   if qmp_open $JOBS_PORT; then
     jobs_sequence
-    [ -n "${JOBS_LOCAL:-}" ] && qmp '{"execute":"quit"}'
+    [ -n "${JOBS_LOCAL:-}" ] && qmp_cmd '{"execute":"quit"}'
     qmp_close
   else
     bad "jobs-$run-monitor"

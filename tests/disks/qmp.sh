@@ -2,7 +2,8 @@
 # A QMP client in POSIX sh (busybox: nc, grep, sed), for hosts without Python (the nested host):
 # sourced by tests/disks/jobs.sh and by ci/demo --chain-ops. One connection to a monitor on
 # -qmp tcp:127.0.0.1:PORT; what it sends goes through the FIFO q.in, everything the monitor says
-# (greeting, replies, events) lands in q.out in the working folder. Commands go one at a time:
+# (greeting, replies, events) lands in q.out in the working folder. Its names start with qmp_
+# where a caller's could clash (e2e.sh has its own qmp). Commands go one at a time:
 # a command's reply is the next line of q.out that is no event. Each command and its reply are
 # appended to $QMP_LOG (default qmp.log; "-": standard output) as "> COMMAND" and "< REPLY".
 nap() { sleep 0.2 2>/dev/null || sleep 1; }
@@ -25,12 +26,13 @@ qmp_open() {
     sleep 1
   done
   qn=1
-  qmp '{"execute":"qmp_capabilities"}'
+  qmp_cmd '{"execute":"qmp_capabilities"}'
 }
 qmp_close() { exec 3>&-; kill $nc_pid 2>/dev/null; wait $nc_pid 2>/dev/null || :; }
 
-# qmp JSON: sends a command and waits (30 s at most) for its reply, left in $reply ("" if none).
-qmp() {
+# qmp_cmd JSON: sends a command and waits (30 s at most) for its reply, left in $reply ("" if
+# none came).
+qmp_cmd() {
   echo "$1" >&3
   qn=$((qn + 1))
   i=0
