@@ -8,7 +8,7 @@
 #   d1  on the main loop, qcow2 chain b1 <- t1
 #   ctl a raw disk on the main loop that only carries a number to the guest: its size in MiB less 1
 #       is the "phase", grown by block_resize (the configuration-change interrupt tells the guest).
-# The guest runs fio on d0 and on d1 all along, round after round: 4 KiB random writes over 1 MiB
+# The guest runs fio on d0 and on d1 all along, round after round: 4 KiB random writes over 512 KiB
 # at offset 2 MiB (O_DIRECT, libaio, queue depth 8), then every block read back against its
 # crc32c (--verify=crc32c, --verify_fatal); each round seeded with the phase it started in
 # (--randseed, --randrepeat), so what a phase writes is the same under both VMMs, and what a later
@@ -66,7 +66,7 @@ ph() { echo \$((\$(cat /sys/block/\$v_ctl/size) / 2048 - 1)); }
 run() {
   while p=\$(ph); [ \$p -lt $JOBS_STOP ]; do
     fio --name=\$1 --filename=/dev/\$2 --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite \
---bs=4k --offset=2M --size=1M --verify=crc32c --verify_fatal=1 --randrepeat=1 --randseed=\$p \
+--bs=4k --offset=2M --size=512K --verify=crc32c --verify_fatal=1 --randrepeat=1 --randseed=\$p \
 > /tmp/\$1.txt 2>&1 || { echo GUEST-FIO-FAIL \$1 \$p; tail -20 /tmp/\$1.txt; return; }
     echo GUEST-ROUND \$1 \$p
   done
