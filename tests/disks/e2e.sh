@@ -20,7 +20,10 @@
 #      (werror=enospc), the events and run state are QEMU's, space is freed, cont, fio verifies;
 #      run under vmm and, for comparison, under QEMU (its stop, events and replies checked; what
 #      follows its cont only noted).
-#   5. the full Debian 12 guest to systemd's `running`, fio through ext4, systemd's power-off, and
+#   5. block jobs under a Linux guest running fio --verify, under vmm and under QEMU, the replies,
+#      events, chains and resulting images compared (jobs.sh, sourced from $DISK_DIR; alone when
+#      $DISK_DIR/only-jobs exists: ci/disk-tests --only-jobs).
+#   6. the full Debian 12 guest to systemd's `running`, fio through ext4, systemd's power-off, and
 #      a second boot reading the data back (debian.sh, sourced from $DISK_DIR).
 # Prints "E2E-PASS name" / "E2E-FAIL name" per check, "E2E-TIME" per boot, and a summary line; the
 # exit status is the number of failed checks (capped at 100). A guest that resets itself before its
@@ -57,7 +60,17 @@ boot() {
 }
 b64() { printf '%s\n' "$1" | base64 | tr -d '\n'; }
 sum() { sha256sum "$1" | cut -d' ' -f1; }
+# finish: the summary line; exits with the number of failed checks.
+finish() {
+  echo "E2E $pass passed, $fail failed"
+  [ $fail -gt 100 ] && fail=100
+  exit $fail
+}
 APPEND="console=ttyS0 quiet"
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+JOBS_QEMU_ARGS=$DISK_DIR/qemu-baseline.args
+. "$DISK_DIR/jobs.sh"
+if [ -e "$DISK_DIR/only-jobs" ]; then jobs_all; finish; fi
 PATTERN_BYTES=4194304
 yes integ-data | head -c $PATTERN_BYTES > pattern
 pattern_md5=$(md5sum < pattern | cut -d' ' -f1)
@@ -147,7 +160,6 @@ check boot2-mid-unchanged [ "$(sum chain/mid.qcow2)" = "$mid_sum" ]
 [ "$rc" = 0 ] || tail -40 boot2.log
 
 # ---- boot 3: fio with verification at QD32, QMP, the power button ----------------------------
-ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 qemu-img create -q -f qcow2 fio.qcow2 256M
 QMP_PORT=4444
 # qmp COMMAND...: sends the commands after qmp_capabilities, prints the replies.
@@ -300,9 +312,9 @@ QMP_PORT=4446 CMD_PORT=4447 FINISH_LIMIT=60 after=note
 enospc_boot enospc-qemu qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m 1G -smp 2 \
   -nodefaults -no-reboot -display none -serial stdio -qmp tcp:127.0.0.1:$CMD_PORT,server=on,wait=off
 
-# ---- 5: the full distribution -----------------------------------------------------------------
-. "$DISK_DIR/debian.sh"
+# ---- 5: block jobs, vmm against QEMU -----------------------------------------------------------
+jobs_all
 
-echo "E2E $pass passed, $fail failed"
-[ $fail -gt 100 ] && fail=100
-exit $fail
+# ---- 6: the full distribution -----------------------------------------------------------------
+. "$DISK_DIR/debian.sh"
+finish
