@@ -40,7 +40,7 @@ use std::sync::Arc;
 use super::cache::TableCache;
 use super::header::Header;
 use super::l2::{Geometry, L1_RESERVED, OFFSET_MASK};
-use super::refcount::Quarantine;
+use super::refcount::{Quarantine, TablePlace};
 use super::validate::FormatError;
 use crate::direct::Epochs;
 use crate::file::HostFile;
@@ -118,6 +118,9 @@ pub struct Copies {
     /// (index, entry) of the refcount table entries owed, and where the table lies.
     rc_entries: Vec<(usize, u64)>,
     rc_table_offset: u64,
+    /// A grown refcount table the header does not name yet: where it goes and its bytes (which
+    /// hold the owed entries too).
+    rc_table: Option<(TablePlace, Vec<u8>)>,
     l2: Vec<(u64, Vec<u64>, u64)>,
     /// (index, entry) of the dirty L1 entries, and where the L1 table lies.
     l1: Vec<(usize, u64)>,
@@ -134,9 +137,9 @@ pub struct Copies {
 }
 
 impl Copies {
-    /// Writes the copies in the order the metadata owed when they were taken (refcount blocks,
-    /// if refcount table entries are owed a sync and those entries, a sync if L2 tables owed
-    /// one, L2 tables, a sync if L1 entries owed one, L1 entries), then,
+    /// Writes the copies in the order the metadata owed when they were taken (refcount blocks;
+    /// if the refcount table grew, the new table, a sync, the header naming it and a sync; else, if refcount table entries are owed, a sync and those entries; a sync if L2
+    /// tables owed one, L2 tables, a sync if L1 entries owed one, L1 entries), then,
     /// for a flush, syncs the file; without the metadata lock. A table written under the lock
     /// meanwhile is skipped: that write was newer, and the syncs that follow cover it.
     pub fn write(&self, f: &HostFile) -> Result<(), Error> {
@@ -144,7 +147,18 @@ impl Copies {
             self.written
                 .copy(TableAt::Refcounts(*off), || f.write_at(b, *off))?;
         }
-        if !self.rc_entries.is_empty() {
+        if let Some((place, table)) = &self.rc_table {
+            // The table and the new blocks it names are durable before the header names it
+            // (nothing reaches them before); the switch is durable before any L2 table reaches
+            // the clusters only the new table covers. A table moved under the lock meanwhile is
+            // skipped, header too.
+            self.written
+                .copy(TableAt::RefcountTable, || f.write_at(table, place.offset))?;
+            f.sync()?;
+            self.written
+                .copy(TableAt::RefcountTable, || place.write_to_header(f))?;
+            f.sync()?;
+        } else if !self.rc_entries.is_empty() {
             // The new blocks the entries name are durable before the entries can be.
             f.sync()?;
             for &(i, e) in &self.rc_entries {
@@ -192,6 +206,12 @@ pub struct Meta {
     /// Indices of refcount table entries naming new blocks, not yet written: each is written
     /// once its block is durable (see [`Meta::write_refcount_blocks`], [`Copies::write`]).
     pub rc_entries_owed: BTreeSet<usize>,
+    /// Where `rc_table` lies when it grew and the header (`header`, as durable on disk) does
+    /// not name it yet: the next write-back writes it whole and switches the header.
+    pub rc_table_new: Option<TablePlace>,
+    /// Grown tables given up for a larger one before the header named them: freed after the
+    /// next durable switch, since a write-back may be switching to one of them meanwhile.
+    pub rc_tables_unused: Vec<TablePlace>,
     /// Cached refcount blocks, raw bytes.
     pub rc_blocks: TableCache<Vec<u8>>,
     /// First cluster index the allocator looks at.
@@ -427,6 +447,9 @@ impl Meta {
                     || !rc_entries.is_empty()),
             rc_entries,
             rc_table_offset: self.header.refcount_table_offset,
+            rc_table: self
+                .rc_table_new
+                .map(|place| (place, encode_words(&self.rc_table))),
             sync_before_l1: !l1.is_empty() && self.owed.l1_after_l2 != 0,
             l2,
             l1,
@@ -461,14 +484,17 @@ impl Meta {
                 self.l1_dirty.remove(&i);
             }
         }
-        // Copied entries were skipped if the table was written under the lock meanwhile: those
-        // writes took out of `rc_entries_owed` only the entries they wrote (a table that moved
-        // holds them all).
+        // Copied entries (and a grown table) were skipped if the table was written under the
+        // lock meanwhile: those writes took out of `rc_entries_owed` only the entries they
+        // wrote (a table that moved holds them all), and switched the header themselves.
         if !locked.is_some_and(|set| set.contains(&TableAt::RefcountTable)) {
             for &(i, e) in &c.rc_entries {
                 if self.rc_table.get(i) == Some(&e) {
                     self.rc_entries_owed.remove(&i);
                 }
+            }
+            if let Some((place, _)) = c.rc_table {
+                self.rc_table_switched(place);
             }
         }
         let owed = &mut self.owed;
@@ -523,17 +549,35 @@ impl Meta {
         f.sync()?;
         self.unsynced = false;
         self.owed.l2_after_data = 0;
-        if !self.rc_blocks.has_dirty() && self.rc_entries_owed.is_empty() {
+        if !self.rc_blocks.has_dirty()
+            && self.rc_entries_owed.is_empty()
+            && self.rc_table_new.is_none()
+        {
             self.owed.l2_after_refcounts = 0;
         }
         Ok(())
     }
 
-    /// Writes the dirty refcount blocks (always allowed, see the module doc), then, if new
-    /// blocks' refcount table entries are owed, syncs and writes those entries.
+    /// Writes the dirty refcount blocks (always allowed, see the module doc), then, if the
+    /// refcount table grew, writes the new table, syncs and switches the header to it
+    /// (synced), as a write-back does (`Copies::write`); else, if new blocks' refcount table
+    /// entries are owed, syncs and writes those entries. Under the lock: for the close path,
+    /// checks, snapshots, resizing and a cache too far over its size.
     pub fn write_refcount_blocks(&mut self, f: &HostFile) -> Result<(), Error> {
         for off in self.rc_blocks.dirty() {
             self.write_rc_block(f, off)?;
+        }
+        if let Some(place) = self.rc_table_new {
+            self.write_rc_table(f, place.offset)?;
+            self.sync(f)?;
+            self.unsynced = true;
+            self.written
+                .locked(TableAt::RefcountTable, || place.write_to_header(f))?;
+            self.sync(f)?;
+            // The table holds every owed entry.
+            self.rc_entries_owed.clear();
+            self.rc_table_switched(place);
+            return Ok(());
         }
         if self.rc_entries_owed.is_empty() {
             return Ok(());
@@ -551,8 +595,9 @@ impl Meta {
     }
 
     /// Writes the whole refcount table (`rc_table`) at `off`, under the lock: a write-back's
-    /// copies of owed entries, which name the table they were copied from, skip it.
-    pub fn write_rc_table(&self, f: &HostFile, off: u64) -> Result<(), Error> {
+    /// copies of owed entries or of a grown table skip it.
+    fn write_rc_table(&mut self, f: &HostFile, off: u64) -> Result<(), Error> {
+        self.unsynced = true;
         self.written.locked(TableAt::RefcountTable, || {
             f.write_at(&encode_words(&self.rc_table), off)
         })
@@ -625,5 +670,6 @@ impl Meta {
             || self.rc_blocks.has_dirty()
             || !self.l1_dirty.is_empty()
             || !self.pending_frees.is_empty()
+            || self.rc_table_new.is_some()
     }
 }

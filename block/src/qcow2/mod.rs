@@ -231,6 +231,8 @@ impl Qcow2 {
             end: file_len.div_ceil(cs),
             pending_frees: Vec::new(),
             rc_entries_owed: BTreeSet::new(),
+            rc_table_new: None,
+            rc_tables_unused: Vec::new(),
             owed: meta::Owed::default(),
             stamps: 0,
             written: Arc::default(),

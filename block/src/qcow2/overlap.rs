@@ -27,6 +27,7 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use super::header::INCOMPAT_CORRUPT;
 use super::l2::OFFSET_MASK;
 use super::meta::Meta;
+use super::refcount::TablePlace;
 use super::snapshot::SnapshotL1;
 use super::validate::FormatError;
 use super::Qcow2;
@@ -90,7 +91,8 @@ pub const CHECK_CACHED: u32 = Structure::Header.bit()
 struct Index {
     /// Cluster size in bytes.
     cs: u64,
-    /// The single-extent structures as `[start, end)` byte ranges (at most four).
+    /// The single-extent structures as `[start, end)` byte ranges (a few: the header, the L1
+    /// table, the snapshot table and the refcount tables).
     ranges: Vec<(u64, u64, Structure)>,
     /// Snapshot L1 tables, as sorted, merged `[start, end)` byte ranges.
     inactive_l1: Vec<(u64, u64)>,
@@ -132,16 +134,26 @@ impl Index {
         None
     }
 
-    /// Takes the refcount table's place and blocks from the metadata.
+    /// Takes the refcount table's place and blocks from the metadata: the table the header
+    /// names, and a grown one not switched to yet with those given up before it.
     fn set_refcounts(&mut self, m: &Meta) {
         let h = &m.header;
         self.ranges.retain(|r| r.2 != Structure::RefcountTable);
-        let len = u64::from(h.refcount_table_clusters) * m.cs();
-        self.ranges.push((
-            h.refcount_table_offset,
-            h.refcount_table_offset.saturating_add(len),
-            Structure::RefcountTable,
-        ));
+        let named = TablePlace {
+            offset: h.refcount_table_offset,
+            clusters: h.refcount_table_clusters,
+        };
+        let tables = std::iter::once(named)
+            .chain(m.rc_table_new)
+            .chain(m.rc_tables_unused.iter().copied());
+        for t in tables {
+            let len = u64::from(t.clusters) * m.cs();
+            self.ranges.push((
+                t.offset,
+                t.offset.saturating_add(len),
+                Structure::RefcountTable,
+            ));
+        }
         self.rc_blocks = m
             .rc_table
             .iter()

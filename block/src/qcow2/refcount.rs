@@ -5,8 +5,10 @@
 //! New refcount blocks cover themselves and are made in the cache: the write-back that writes
 //! one syncs it before writing its table entry (`Meta::rc_entries_owed`), and that entry is
 //! durable before any L2 table, since allocations owe their refcounts to L2 tables. A table that
-//! must grow moves to the end of the file in one area with the blocks it needs, written and
-//! synced before the header points at it, under the lock. A failed step leaves memory as the
+//! must grow moves to the end of the file in one area with the blocks it needs, built in memory
+//! under the lock (`Meta::rc_table_new`); the next write-back writes the blocks and the table,
+//! syncs, points the header at it (one write) and syncs, before any L2 table, and
+//! the old table is freed only once that switch is durable. A failed step leaves memory as the
 //! disk has it (at worst leaking the clusters it claimed).
 //!
 //! A cluster whose refcount drops to zero goes to the [`Quarantine`] until every request that
@@ -22,6 +24,23 @@ use crate::Error;
 
 /// Refcount table entry bits 9..=63 are the block offset; 0..=8 are reserved (spec).
 const RT_RESERVED: u64 = 0x1ff;
+
+/// Where a refcount table lies, as the header names it (bytes 48-59: offset, then length in
+/// clusters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TablePlace {
+    pub offset: u64,
+    pub clusters: u32,
+}
+
+impl TablePlace {
+    /// Points the header at this table (one write inside the first sector), not synced.
+    pub fn write_to_header(self, f: &HostFile) -> Result<(), Error> {
+        let mut hdr = self.offset.to_be_bytes().to_vec();
+        hdr.extend_from_slice(&self.clusters.to_be_bytes());
+        f.write_at(&hdr, 48)
+    }
+}
 
 /// Reads entry `i` of a refcount block of `2^order`-bit entries.
 pub fn get_entry(b: &[u8], order: u32, i: u64) -> u64 {
@@ -326,8 +345,13 @@ impl Meta {
         Ok(())
     }
 
-    /// Moves the refcount table to a larger one at the end of the file, with new blocks for every
-    /// range the new area needs, so that cluster `c` is covered.
+    /// Grows the refcount table so that cluster `c` is covered, in memory only: a larger table
+    /// placed at the end of the file with new blocks for every range its area needs, the area's
+    /// refcounts raised. The header keeps naming the old table until a write-back has made the
+    /// new blocks and the new table durable and switched it (`Copies::write`,
+    /// [`Meta::write_refcount_blocks`]); the old table is freed only once that switch is
+    /// durable ([`Meta::rc_table_switched`]). Nothing is written or synced here, under the lock
+    /// (unless the cache is too far over its size).
     fn grow_table(&mut self, f: &HostFile, c: u64) -> Result<(), Error> {
         let cs = self.cs();
         let per = self.rc_per_block();
@@ -352,13 +376,18 @@ impl Meta {
             }
             entries = area_end.div_ceil(per) * 2;
         };
+        let too_large = || Error::TooLarge {
+            path: f.path().to_string(),
+            what: "refcount table",
+            bytes: table_clusters * cs,
+        };
         if table_clusters * cs > super::validate::MAX_REFTABLE_BYTES {
-            return Err(Error::TooLarge {
-                path: f.path().to_string(),
-                what: "refcount table",
-                bytes: table_clusters * cs,
-            });
+            return Err(too_large());
         }
+        let place = TablePlace {
+            offset: start * cs,
+            clusters: u32::try_from(table_clusters).map_err(|_| too_large())?,
+        };
         let mut table = self.rc_table.clone();
         table.resize(usize::try_from(table_clusters * cs / 8).unwrap_or(0), 0);
         // New blocks for ranges old_len.. , placed after the table.
@@ -367,43 +396,36 @@ impl Meta {
             let idx = usize::try_from(old_len + k).unwrap_or(usize::MAX);
             table[idx] = (first_block + k) * cs;
         }
-        // Write out what the cache holds, then swap the table in memory so set_refcount sees it.
-        self.write_refcount_blocks(f)?;
         let old_table = std::mem::replace(&mut self.rc_table, table);
+        let superseded = self.rc_table_new.replace(place);
         let area = start..first_block + new_blocks;
-        if let Err(e) = self.write_new_table(f, area.clone(), first_block, table_clusters) {
-            // The header still names the old table: forget the new one, and leave its area
-            // (whose refcounts may have been raised in old blocks) to leak.
+        // Whatever happens next, nothing is allocated in the area.
+        self.end = self.end.max(area.end);
+        if let Err(e) = self.fill_new_area(f, area, first_block) {
+            // The area's refcounts raised in old blocks leak; the new blocks are forgotten.
             for k in 0..new_blocks {
                 self.rc_blocks.remove((first_block + k) * cs);
             }
             self.rc_table = old_table;
-            self.end = self.end.max(area.end);
+            self.rc_table_new = superseded;
+            self.note_refcounts_moved();
             return Err(e);
         }
-        let old_offset = self.header.refcount_table_offset;
-        let old_clusters = u64::from(self.header.refcount_table_clusters);
-        self.header.refcount_table_offset = start * cs;
-        self.header.refcount_table_clusters = u32::try_from(table_clusters).unwrap_or(u32::MAX);
+        // A table built earlier and not switched to yet: a write-back may be writing it and
+        // switch the header to it, so it is freed only after a later switch.
+        self.rc_tables_unused.extend(superseded);
         self.note_refcounts_moved();
-        self.end = self.end.max(area.end);
-        // The old table is free once the header naming the new one is durable.
-        self.sync(f)?;
-        for k in 0..old_clusters {
-            self.free_cluster(f, old_offset + k * cs)?;
-        }
         Ok(())
     }
 
-    /// Fills the area of a new refcount table (`rc_table`, at the area's start) and its new
-    /// blocks (from `first_block`), makes them durable and points the header at the table
-    /// (that last write not synced yet).
-    fn write_new_table(
+    /// Puts the new blocks of a growing table's area (from `first_block`) in the cache, dirty
+    /// and empty, and raises the refcount of every cluster of the area (the table and the
+    /// blocks), in the cache only.
+    fn fill_new_area(
         &mut self,
         f: &HostFile,
         area: std::ops::Range<u64>,
         first_block: u64,
-        table_clusters: u64,
     ) -> Result<(), Error> {
         let cs = self.cs();
         for off in (first_block..area.end).map(|b| b * cs) {
@@ -413,19 +435,38 @@ impl Meta {
                 .insert(off, vec![0u8; usize::try_from(cs).unwrap_or(0)]);
             self.rc_blocks.mark_dirty(off);
         }
-        for cl in area.clone() {
-            let v = self.refcount(f, cl)?;
-            self.set_refcount_in_block(f, cl, v + 1)?;
+        for cl in area {
+            self.incref(f, cl)?;
         }
-        self.write_refcount_blocks(f)?;
-        self.unsynced = true;
-        self.write_rc_table(f, area.start * cs)?;
-        self.sync(f)?;
-        let clusters = u32::try_from(table_clusters).unwrap_or(u32::MAX);
-        let mut hdr = (area.start * cs).to_be_bytes().to_vec();
-        hdr.extend_from_slice(&clusters.to_be_bytes());
-        self.unsynced = true;
-        f.write_at(&hdr, 48)
+        Ok(())
+    }
+
+    /// Records that the header now durably names the refcount table at `place` (a write-back
+    /// wrote the table, synced, switched the header and synced again): the table the header
+    /// named before and the tables built since and given up are queued to be freed (their
+    /// refcounts drop with the next flush's; no write-back can still write them by then).
+    pub fn rc_table_switched(&mut self, place: TablePlace) {
+        let h = &mut self.header;
+        let old = TablePlace {
+            offset: h.refcount_table_offset,
+            clusters: h.refcount_table_clusters,
+        };
+        h.refcount_table_offset = place.offset;
+        h.refcount_table_clusters = place.clusters;
+        if self.rc_table_new == Some(place) {
+            self.rc_table_new = None;
+        }
+        let mut unused = std::mem::take(&mut self.rc_tables_unused);
+        unused.push(old);
+        let cs = self.cs();
+        let freed: Vec<u64> = unused
+            .into_iter()
+            .filter(|&t| t != place)
+            .flat_map(|t| (0..u64::from(t.clusters)).map(move |k| t.offset + k * cs))
+            .collect();
+        // Out of the overlap index before they are freed.
+        self.note_refcounts_moved();
+        self.drop_refs(freed);
     }
 
     /// Makes room for one more refcount block as `make_room_l2` does for L2 tables: the least

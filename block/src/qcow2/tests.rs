@@ -394,11 +394,23 @@ fn while_syncing<T: Send>(
     request: impl FnOnce() -> T + Send,
     during: impl FnOnce(),
 ) -> T {
+    while_stopped_at(q, |op| op == Op::Sync, request, during)
+}
+
+/// Runs `during` on this thread while `request` on another thread is stopped before the first
+/// call on the file that `at` picks (through the file's hook), then lets the request finish
+/// and returns what it returned.
+fn while_stopped_at<T: Send>(
+    q: &Qcow2,
+    at: impl Fn(Op) -> bool + Send + Sync + 'static,
+    request: impl FnOnce() -> T + Send,
+    during: impl FnOnce(),
+) -> T {
     let (in_tx, in_rx) = std::sync::mpsc::channel();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let (in_tx, go_rx) = (Mutex::new(Some(in_tx)), Mutex::new(go_rx));
     q.file.set_hook(Some(Hook(Arc::new(move |op| {
-        if op == Op::Sync {
+        if at(op) {
             let first = in_tx.lock().unwrap().take();
             if let Some(tx) = first {
                 tx.send(()).unwrap();
@@ -414,7 +426,9 @@ fn while_syncing<T: Send>(
             q.file.set_hook(None);
             r
         });
-        in_rx.recv().expect("the request ended without a sync");
+        in_rx
+            .recv()
+            .expect("the request ended without the call it was to stop at");
         // The flush goes on whatever `during` does: a failed assertion must not leave it stuck.
         let during = std::panic::catch_unwind(std::panic::AssertUnwindSafe(during));
         go_tx.send(()).unwrap();
@@ -889,5 +903,192 @@ fn a_new_refcount_block_is_durable_before_its_table_entry_and_the_l2_tables() {
     assert!(
         entry_written < l2_written && synced_between(entry_written, l2_written),
         "an L2 table was written before the table entry was durable: {ops:?}"
+    );
+}
+
+/// 512-byte clusters with 64-bit refcounts: a refcount table cluster names 64 blocks of 64
+/// clusters, so the first table covers 2 MiB of file.
+const GROWTH_OPTS: &str = "cluster_size=512,refcount_bits=64";
+
+/// An image of 8 MiB in `dir` whose first 1.75 MiB of disk are written (`[1; ..]`) and
+/// flushed, its file just short of the 2 MiB the refcount table covers, with a refcount cache
+/// that needs no eviction; returns it with the place (offset, bytes) of that table.
+fn nearly_full_refcount_table(dir: &Path) -> (std::path::PathBuf, Image, (u64, u64)) {
+    let p = dir.join("g.qcow2");
+    create(&p, GROWTH_OPTS, "8M");
+    let img = open_rw(&p);
+    let q = qcow2(&img);
+    for k in 0..28 {
+        q.write_at(&[1; 65536], k * 65536).unwrap();
+    }
+    img.flush().unwrap();
+    let old = {
+        let mut m = q.lock();
+        // Refcount blocks enough for no eviction: only flushes write back.
+        m.rc_blocks = super::cache::TableCache::new(64);
+        assert_eq!(m.header.refcount_table_clusters, 1);
+        (m.header.refcount_table_offset, 512)
+    };
+    (p, img, old)
+}
+
+/// The header's refcount table as the file has it: (offset, clusters).
+fn table_on_disk(p: &Path) -> (u64, u32) {
+    let b = std::fs::read(p).unwrap();
+    (
+        u64::from_be_bytes(b[48..56].try_into().unwrap()),
+        u32::from_be_bytes(b[56..60].try_into().unwrap()),
+    )
+}
+
+fn is_header_switch(op: Op) -> bool {
+    op == Op::Write {
+        offset: 48,
+        len: 12,
+    }
+}
+
+#[test]
+fn lookups_and_allocations_go_on_while_a_grown_refcount_table_is_switched_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, img, _) = nearly_full_refcount_table(dir.path());
+    let q = qcow2(&img);
+    // 512 KiB more passes 2 MiB of file: the refcount table grows, and the write-back that
+    // follows switches the header to it.
+    let grown = while_stopped_at(
+        q,
+        is_header_switch,
+        || {
+            q.write_at(&[2; 512 << 10], 2 << 20)?;
+            q.flush()
+        },
+        || {
+            assert!(
+                q.meta.try_write().is_ok(),
+                "the metadata lock is held while the header switches to a grown refcount table"
+            );
+            assert!(matches!(q.lookup(0), Ok((super::Mapping::Data { .. }, _))));
+            let mut back = [0u8; 512];
+            q.read_at(&mut back, 65536).unwrap();
+            assert_eq!(back, [1; 512]);
+            // New clusters, in the range only the new table covers.
+            q.write_at(&[3; 65536], 3 << 20).unwrap();
+            q.read_at(&mut back, 3 << 20).unwrap();
+            assert_eq!(back, [3; 512]);
+        },
+    );
+    grown.unwrap();
+    // The next flush drops the old table's references, the one after writes those drops.
+    img.flush().unwrap();
+    img.flush().unwrap();
+    assert_ne!(table_on_disk(&p).1, 1, "the header names the old table");
+    let img = reopened_copy(dir.path(), &p, img);
+    assert_reads(&img, 512, &[(0, 1), (2 << 20, 2), ((3 << 20) + 512, 3)]);
+}
+
+#[test]
+fn a_grown_refcount_table_is_durable_before_the_header_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, img, (old, old_len)) = nearly_full_refcount_table(dir.path());
+    let q = qcow2(&img);
+    let log = install(q, |_| false);
+    q.write_at(&[2; 512 << 10], 2 << 20).unwrap();
+    let (new_blocks, l2_tables) = {
+        let m = q.lock_shared();
+        let blocks: Vec<u64> = m.rc_table[64..]
+            .iter()
+            .copied()
+            .filter(|&b| b != 0)
+            .collect();
+        let l2: Vec<u64> = m.l1.iter().map(|e| e & OFFSET_MASK).collect();
+        (blocks, l2)
+    };
+    assert!(!new_blocks.is_empty(), "the table did not grow");
+    img.flush().unwrap();
+    let (table, clusters) = table_on_disk(&p);
+    assert_ne!(table, old, "the flush did not switch the header");
+    let ops = log.lock().unwrap().clone();
+    let first = |f: &dyn Fn(Op) -> bool| ops.iter().position(|&op| f(op));
+    let switched = first(&|op| is_header_switch(op)).expect("no header switch");
+    let last = |f: &dyn Fn(Op) -> bool| ops[..switched].iter().rposition(|&op| f(op));
+    let table_written = last(&|op| writes_at(op, table, u64::from(clusters) * 512)).unwrap();
+    let synced_between = |a: usize, b: usize| ops[a..b].contains(&Op::Sync);
+    assert!(
+        table_written < switched && synced_between(table_written, switched),
+        "the header named the new table before it was durable: {ops:?}"
+    );
+    for &b in &new_blocks {
+        let written = last(&|op| writes_at(op, b, 512)).unwrap();
+        assert!(
+            written < switched && synced_between(written, switched),
+            "a new refcount block was not durable before the header named its table: {ops:?}"
+        );
+    }
+    // No L2 table reaches the clusters only the new table covers before the switch is durable.
+    let l2_written = ops[switched..]
+        .iter()
+        .position(|&op| l2_tables.iter().any(|&t| t != 0 && writes_at(op, t, 512)))
+        .map(|i| switched + i)
+        .expect("no L2 table written after the switch");
+    assert!(
+        !ops[..switched]
+            .iter()
+            .any(|&op| l2_tables.iter().any(|&t| t != 0 && writes_at(op, t, 512))),
+        "an L2 table was written before the switch: {ops:?}"
+    );
+    assert!(
+        synced_between(switched, l2_written),
+        "an L2 table was written before the switch was durable: {ops:?}"
+    );
+    // The old table's clusters take nothing new before the switch is durable.
+    assert!(
+        !ops[..=switched]
+            .iter()
+            .any(|&op| writes_at(op, old, old_len)),
+        "the old table was written over before the switch: {ops:?}"
+    );
+}
+
+#[test]
+fn a_failed_refcount_table_switch_keeps_the_old_table_until_a_retry_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, img, (old, old_len)) = nearly_full_refcount_table(dir.path());
+    let q = qcow2(&img);
+    let log = install(q, is_header_switch);
+    q.write_at(&[2; 512 << 10], 2 << 20).unwrap();
+    assert!(img.flush().is_err(), "the header switch did not fail");
+    assert_eq!(table_on_disk(&p).0, old);
+    // Allocations go on, and none lands in the old table, which the header still names.
+    for k in 0..8 {
+        q.write_at(&[3; 65536], (3 << 20) + k * 65536).unwrap();
+    }
+    assert!(img.flush().is_err(), "the header switch did not fail again");
+    assert!(
+        !log.lock()
+            .unwrap()
+            .iter()
+            .any(|&op| writes_at(op, old, old_len)),
+        "the old refcount table was written while the header named it"
+    );
+    assert_eq!(q.lock().refcount(&q.file, old / 512).unwrap(), 1);
+    q.file.set_hook(None);
+    img.flush().unwrap();
+    assert_ne!(
+        table_on_disk(&p).0,
+        old,
+        "the retry did not switch the header"
+    );
+    img.flush().unwrap();
+    assert_eq!(
+        q.lock().refcount(&q.file, old / 512).unwrap(),
+        0,
+        "the old table was not freed once the switch was durable"
+    );
+    img.flush().unwrap();
+    let img = reopened_copy(dir.path(), &p, img);
+    assert_reads(
+        &img,
+        512,
+        &[(0, 1), (2 << 20, 2), ((3 << 20) + 7 * 65536, 3)],
     );
 }
