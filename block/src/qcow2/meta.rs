@@ -14,7 +14,10 @@
 //! once no request in flight when that metadata changed can reach it either (`refcount.rs`). A
 //! refcount block can therefore be written at any time; the refcount table entry of a new one
 //! only once it is durable ([`Meta::rc_entries_owed`]: every write of the refcount blocks is
-//! followed, when entries are owed, by a sync and the entries), and before any L2 table.
+//! followed, when entries are owed, by a sync and the entries), and before any L2 table. A grown
+//! refcount table ([`Meta::rc_table_new`]) likewise: written whole after the blocks, synced, then
+//! named by the header (synced), before any L2 table; `header` keeps naming the table the disk
+//! has until then.
 //!
 //! A flush keeps these orderings without holding the lock across its writes and syncs: it
 //! copies what it owes under the lock ([`Meta::copy_dirty`]), writes the copies in order

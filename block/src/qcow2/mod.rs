@@ -20,9 +20,10 @@
 //! once per L2 table's worth of clusters. A full cache whose least recently used table is dirty
 //! goes over its size, and the request that filled it writes the dirty tables back after
 //! releasing the lock, as a flush does (`Qcow2::make_room`); so does a new refcount block, made in
-//! the cache with its table entry owed (`refcount.rs`). Still written and synced under the lock:
-//! a growing refcount table (rare: see `refcount.rs`), and a dirty table evicted from a cache too
-//! far over its size.
+//! the cache with its table entry owed, and a growing refcount table, built in memory and
+//! switched to by the next write-back (`refcount.rs`). Still written and synced under the lock: a
+//! dirty table evicted from a cache too far over its size, the close path, checks, internal
+//! snapshots and resizing.
 
 pub mod amend;
 mod backing_name;
