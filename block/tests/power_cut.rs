@@ -310,6 +310,77 @@ fn bench(cs: u64, drain: bool) -> Workload {
     }
 }
 
+/// Evictions and refcount table growth racing concurrent allocations and flushes: `bench -d 8
+/// --flush-interval=8 --no-drain` with the smallest metadata caches (`--image-opts`: 2 L2
+/// tables, 4 refcount blocks) on 512-byte clusters with 64-bit refcounts. Each 8 KiB request
+/// lies 40 KiB past the one before, in another L2 table (one maps 32 KiB), so nearly every
+/// request loads a table and evicts a dirty one; 384 of them cross the 16 MiB disk once (no
+/// wrap: qemu-img 10.0 wraps at the disk's size, ours at the size less a request, as later
+/// qemu-img does) and write 3 MiB, new refcount blocks come every 32 KiB of file and the
+/// refcount table grows past 2 MiB of file, while flushes run beside the requests.
+fn bench_small_cache_growth() -> Workload {
+    let (size, count, step, len) = (16u64 << 20, 384u64, 40960u64, 8192u64);
+    assert!((count - 1) * step + len <= size, "the requests wrap");
+    let cmds: Vec<String> = (0..count)
+        .map(|i| format!("write -P 66 {} {len}", i * step))
+        .collect();
+    let mut args: Vec<String> = ["bench", "-w", "-d", "8", "--pattern=66"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend([
+        "-c".into(),
+        count.to_string(),
+        "-s".into(),
+        len.to_string(),
+        "-S".into(),
+        step.to_string(),
+        "--flush-interval=8".into(),
+        "--no-drain".into(),
+    ]);
+    Workload {
+        name: "bench -d 8 --flush-interval=8 --no-drain, small metadata cache and refcount table growth cluster_size=512".into(),
+        create: Box::new(move |d| plain(d, size, "cluster_size=512,refcount_bits=64")),
+        batches: vec![cmds],
+        command: Some(args),
+        image_opts: Some("l2-cache-size=1024,refcount-cache-size=1024".into()),
+    }
+}
+
+/// A command given open options: `bench -d 8` with 2 L2 tables cached (`--image-opts
+/// l2-cache-size=8192`) on 4 KiB clusters, 7 requests of 4 KiB at once, each in another L2
+/// table (one maps 2 MiB), so that loading them evicts dirty tables; the default cache holds
+/// all 8 tables of the 16 MiB disk and evicts none.
+fn bench_small_l2_cache() -> Workload {
+    let (size, count, step, len) = (16u64 << 20, 7u64, (2u64 << 20) + 4096, 4096u64);
+    let cmds: Vec<String> = (0..count)
+        .map(|i| format!("write -P 66 {} {len}", i * step))
+        .collect();
+    let args: Vec<String> = [
+        "bench",
+        "-w",
+        "-d",
+        "8",
+        "--pattern=66",
+        "-c",
+        &count.to_string(),
+        "-s",
+        &len.to_string(),
+        "-S",
+        &step.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Workload {
+        name: "bench -d 8, 2 L2 tables cached, cluster_size=4096".into(),
+        create: Box::new(move |d| plain(d, size, "cluster_size=4096")),
+        batches: vec![cmds],
+        command: Some(args),
+        image_opts: Some("l2-cache-size=8192".into()),
+    }
+}
+
 /// A snapshot made (`snapshot -c`) or deleted (`snapshot -d`) in a v3 image (`opts` added)
 /// that holds data in plain, compressed and zero clusters and a snapshot `s0` made by qemu-img
 /// before the data changed. The disk's contents stay: the oracle allows only them.
@@ -553,6 +624,8 @@ workload_tests! {
     bench_threads_4k: |_| bench(4096, true);
     bench_threads_64k: |_| bench(65536, true);
     bench_threads_no_drain_64k: |_| bench(65536, false);
+    bench_small_cache_growth_512: |_| bench_small_cache_growth();
+    bench_small_l2_cache_4k: |_| bench_small_l2_cache();
 }
 
 /// A replay that ignores barriers must fail the checks: the writes QEMU ordered with flushes,
@@ -693,6 +766,7 @@ fn replay_keeps_exactly_what_completed_syncs_cover() {
         },
         path: f.clone(),
         ret: i64::try_from(n).unwrap(),
+        tid: 1,
     };
     let sync = |id: u64, end: bool, ret: i64| Rec {
         op: if end {
@@ -702,6 +776,7 @@ fn replay_keeps_exactly_what_completed_syncs_cover() {
         },
         path: f.clone(),
         ret,
+        tid: 1,
     };
     let recs = vec![
         w(0, 1, 512),

@@ -31,6 +31,8 @@ pub struct Rec {
     pub path: String,
     /// The call's result: a count or 0, or minus the errno.
     pub ret: i64,
+    /// The thread that made the call (0 for markers).
+    pub tid: u32,
 }
 
 impl Rec {
@@ -60,9 +62,10 @@ pub fn read(path: &Path) -> Vec<Rec> {
         let (op, mode) = (r[0], u32::try_from(le(&r[1..5])).unwrap());
         let (a, b) = (le(&r[5..13]), le(&r[13..21]));
         let ret = i64::from_le_bytes(r[21..29].try_into().unwrap());
-        let plen = usize::try_from(le(&r[29..31])).unwrap();
-        let path = String::from_utf8_lossy(&r[31..31 + plen]).into_owned();
-        let data = &r[31 + plen..];
+        let tid = u32::try_from(le(&r[29..33])).unwrap();
+        let plen = usize::try_from(le(&r[33..35])).unwrap();
+        let path = String::from_utf8_lossy(&r[35..35 + plen]).into_owned();
+        let data = &r[35 + plen..];
         let op = match op {
             1 => Op::Write {
                 off: a,
@@ -87,7 +90,7 @@ pub fn read(path: &Path) -> Vec<Rec> {
             MARKER => Op::Marker(String::from_utf8_lossy(data).into_owned()),
             other => panic!("{path}: unknown record kind {other}"),
         };
-        out.push(Rec { op, path, ret });
+        out.push(Rec { op, path, ret, tid });
     }
     assert_eq!(pos, buf.len(), "{}: truncated record", path.display());
     out
@@ -95,11 +98,11 @@ pub fn read(path: &Path) -> Vec<Rec> {
 
 /// Appends a marker record, with one write, as the recorder appends its own.
 pub fn mark(log: &Path, text: &str) {
-    let len = 1 + 4 + 8 + 8 + 8 + 2 + text.len();
+    let len = 1 + 4 + 8 + 8 + 8 + 4 + 2 + text.len();
     let mut rec = Vec::with_capacity(4 + len);
     rec.extend_from_slice(&u32::try_from(len).unwrap().to_le_bytes());
     rec.push(MARKER);
-    rec.extend_from_slice(&[0u8; 4 + 8 + 8 + 8 + 2]);
+    rec.extend_from_slice(&[0u8; 4 + 8 + 8 + 8 + 4 + 2]);
     rec.extend_from_slice(text.as_bytes());
     let mut f = std::fs::OpenOptions::new()
         .append(true)

@@ -34,7 +34,8 @@ pub struct Workload {
     /// the log).
     pub command: Option<Vec<String>>,
     /// Open options of the image (`l2-cache-size=...`), given to both tools through
-    /// `--image-opts driver=qcow2,file.filename=IMAGE,...` (batches only).
+    /// `--image-opts driver=qcow2,file.filename=IMAGE,...` in place of IMAGE (a command then
+    /// names no format).
     pub image_opts: Option<String>,
 }
 
@@ -51,8 +52,9 @@ impl std::fmt::Debug for Workload {
 pub struct Report {
     pub states: usize,
     pub failures: Vec<String>,
-    /// Writes of L2 tables while a batch's commands ran (before its flush was sent): tables
-    /// a full cache wrote back to make room.
+    /// Writes of L2 tables that a full cache made to make room: while a batch's commands ran
+    /// (before its flush was sent), or, for a command, followed on the writing thread by a
+    /// write that no flush makes after its L2 tables (see [`command_l2_writebacks`]).
     pub l2_writebacks: usize,
 }
 
@@ -110,8 +112,15 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
             Tool::Ours => env!("CARGO_BIN_EXE_vmm-img"),
             Tool::Qemu => "qemu-img",
         };
-        let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
-        all.push(top.to_str().unwrap());
+        let mut all: Vec<String> = args.clone();
+        match &w.image_opts {
+            None => all.push(top.to_str().unwrap().to_string()),
+            Some(opts) => all.extend([
+                "--image-opts".to_string(),
+                format!("driver=qcow2,file.filename={},{opts}", top.display()),
+            ]),
+        }
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
         driver::run(&rec, program, &all);
     } else {
         let out = driver::run_batches(tool, &rec, &top, w.image_opts.as_deref(), &w.batches, &[]);
@@ -128,7 +137,12 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
     }
     let recs = log::read(&rec.log);
     let last = recs.len() - 1;
-    let l2_writebacks = l2_writebacks(&recs, &key, &std::fs::read(&top).unwrap());
+    let image = std::fs::read(&top).unwrap();
+    let l2_writebacks = if w.command.is_some() {
+        command_l2_writebacks(&recs, &key, &image)
+    } else {
+        l2_writebacks(&recs, &key, &image)
+    };
     let random = |i: usize| {
         let mut rng = state_rng(!seed, i);
         (rng.usize(0..=last), Pending::Random(rng.f64()))
@@ -230,20 +244,26 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
     }
 }
 
-/// The writes to `path` of one of the L2 tables of `image` (the file as the tool left it: L2
-/// tables of an image without snapshots never move) made while a batch's commands ran, between
-/// its `B k` and `S k` markers.
-fn l2_writebacks(recs: &[log::Rec], path: &str, image: &[u8]) -> usize {
+/// The L1 table of `image` (the file as the tool left it) as a byte range, and the L2 tables it
+/// names (L2 tables of an image without snapshots never move).
+fn l2_tables(image: &[u8]) -> (std::ops::Range<u64>, std::collections::HashSet<u64>) {
     let be = |at: usize, n: usize| {
         image[at..at + n]
             .iter()
             .fold(0u64, |v, &b| (v << 8) | u64::from(b))
     };
     let (l1_size, l1_offset) = (be(36, 4), be(40, 8));
-    let tables: std::collections::HashSet<u64> = (0..l1_size)
+    let tables = (0..l1_size)
         .map(|i| be(usize::try_from(l1_offset + i * 8).unwrap(), 8) & 0x00ff_ffff_ffff_fe00)
         .filter(|&t| t != 0)
         .collect();
+    (l1_offset..l1_offset + l1_size * 8, tables)
+}
+
+/// The writes to `path` of one of the L2 tables of `image` made while a batch's commands ran,
+/// between its `B k` and `S k` markers.
+fn l2_writebacks(recs: &[log::Rec], path: &str, image: &[u8]) -> usize {
+    let (_, tables) = l2_tables(image);
     let mut in_batch = false;
     let mut n = 0;
     for r in recs {
@@ -253,6 +273,33 @@ fn l2_writebacks(recs: &[log::Rec], path: &str, image: &[u8]) -> usize {
                 n += 1;
             }
             _ => {}
+        }
+    }
+    n
+}
+
+/// The writes to `path` of one of the L2 tables of `image` by a command (no markers: its
+/// flushes run between its requests, or beside them) that a full cache made: those after which
+/// the writing thread's next call on the file, past its other L2 table writes, is a write
+/// outside the L1 table. A flush (ours: `qcow2/meta.rs`, `Copies::write`) follows its L2 tables
+/// only with a sync or L1 entries, on its thread; an eviction write-back goes on with the
+/// request's data, or the next request's. A run of L2 writes that a sync or a write of the L1
+/// table follows is not counted, whoever made it.
+fn command_l2_writebacks(recs: &[log::Rec], path: &str, image: &[u8]) -> usize {
+    let (l1, tables) = l2_tables(image);
+    let mut run: HashMap<u32, usize> = HashMap::new();
+    let mut n = 0;
+    for r in recs.iter().filter(|r| r.path == path && r.ok()) {
+        match &r.op {
+            log::Op::Write { off, .. } if tables.contains(off) => {
+                *run.entry(r.tid).or_default() += 1;
+            }
+            log::Op::Write { off, .. } if !l1.contains(off) => {
+                n += run.remove(&r.tid).unwrap_or(0);
+            }
+            _ => {
+                run.remove(&r.tid);
+            }
         }
     }
     n

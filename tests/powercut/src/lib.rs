@@ -20,8 +20,9 @@
 //!   performed; with `POWERCUT_FAIL_PERSIST=1` every matching call from the Nth on fails.
 //!
 //! Log format: a sequence of records, each `u32 len` (bytes that follow) then `u8 op`,
-//! `u32 mode`, `u64 a`, `u64 b`, `i64 ret` (a byte count or 0, or minus the errno), `u16` path
-//! length, the path, and the data (the bytes a write actually wrote), all little-endian.
+//! `u32 mode`, `u64 a`, `u64 b`, `i64 ret` (a byte count or 0, or minus the errno), `u32 tid`
+//! (the calling thread; 0 for markers), `u16` path length, the path, and the data (the bytes a
+//! write actually wrote), all little-endian.
 //!
 //! | op | call | a | b | mode |
 //! |---|---|---|---|---|
@@ -195,7 +196,7 @@ fn append(cfg: &Config, op: u8, mode: u32, a: u64, b: u64, ret: i64, path: &str,
     let saved = errno();
     let path = &path.as_bytes()[..path.len().min(usize::from(u16::MAX))];
     let data_len: usize = data.iter().map(|d| d.len()).sum();
-    let len = 1 + 4 + 8 + 8 + 8 + 2 + path.len() + data_len;
+    let len = 1 + 4 + 8 + 8 + 8 + 4 + 2 + path.len() + data_len;
     let mut rec = Vec::with_capacity(4 + len);
     // Records are bounded by one write call's length, which the kernel caps below 2 GiB.
     rec.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
@@ -204,6 +205,9 @@ fn append(cfg: &Config, op: u8, mode: u32, a: u64, b: u64, ret: i64, path: &str,
     rec.extend_from_slice(&a.to_le_bytes());
     rec.extend_from_slice(&b.to_le_bytes());
     rec.extend_from_slice(&ret.to_le_bytes());
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    rec.extend_from_slice(&u32::try_from(tid).unwrap_or(0).to_le_bytes());
     // The path was cut to u16::MAX bytes above.
     rec.extend_from_slice(&u16::try_from(path.len()).unwrap_or(u16::MAX).to_le_bytes());
     rec.extend_from_slice(path);
