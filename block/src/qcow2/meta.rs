@@ -141,9 +141,10 @@ pub struct Copies {
 
 impl Copies {
     /// Writes the copies in the order the metadata owed when they were taken (refcount blocks;
-    /// if the refcount table grew, the new table, a sync, the header naming it and a sync; else, if refcount table entries are owed, a sync and those entries; a sync if L2
-    /// tables owed one, L2 tables, a sync if L1 entries owed one, L1 entries), then,
-    /// for a flush, syncs the file; without the metadata lock. A table written under the lock
+    /// if the refcount table grew, the new table, a sync, the header naming it and a sync;
+    /// else, if refcount table entries are owed, a sync and those entries; a sync if L2 tables
+    /// owed one, L2 tables, a sync if L1 entries owed one, L1 entries), then, for a flush,
+    /// syncs the file; without the metadata lock. A table written under the lock
     /// meanwhile is skipped: that write was newer, and the syncs that follow cover it.
     pub fn write(&self, f: &HostFile) -> Result<(), Error> {
         for (off, b, _) in &self.rc_blocks {
