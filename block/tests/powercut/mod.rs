@@ -56,6 +56,8 @@ pub struct Report {
     /// (before its flush was sent), or, for a command, followed on the writing thread by a
     /// write that no flush makes after its L2 tables (see [`command_l2_writebacks`]).
     pub l2_writebacks: usize,
+    /// Writes into the header's first sector (table moves, snapshots, resizes commit there).
+    pub header_writes: usize,
 }
 
 fn env_u64(k: &str) -> Option<u64> {
@@ -90,8 +92,9 @@ pub fn rounds(mut round: impl FnMut(u64)) {
     }
 }
 
-/// Records `w` written by `tool` and checks `n` rebuilt states (a third at sync points, the
-/// rest random cuts, plus the states before the first write and after the tool exited). With `ignore_barriers`, every state
+/// Records `w` written by `tool` and checks `n` rebuilt states (a third at sync points, up to a
+/// tenth right after header writes, the rest random cuts, plus the states before the first
+/// write and after the tool exited). With `ignore_barriers`, every state
 /// is a random subset of all the writes, syncs ignored.
 pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool) -> Report {
     let dir = tempfile::tempdir().unwrap();
@@ -157,6 +160,15 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
         let syncs = replay::sync_points(&recs);
         let k = (n / 3).min(syncs.len());
         cuts.extend((0..k).map(|i| (syncs[i * syncs.len() / k.max(1)], Pending::All)));
+        // Right after each write to the header's first sector (where a table move, a snapshot
+        // or a resize commits), with about half of the writes since the last sync, a tenth of
+        // the states taking them in turn: a commit made before what it names was durable shows
+        // there, where a random cut seldom lands.
+        let commits = header_writes(&recs, &key);
+        if !commits.is_empty() {
+            let k = n / 10;
+            cuts.extend((0..k).map(|i| (commits[i % commits.len()], Pending::Random(0.5))));
+        }
         // Random cuts are numbered from 1000, so their cut and subset do not depend on how
         // many sync points the budget took.
         let mut j = 1000;
@@ -218,7 +230,7 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
         }
     }
     println!(
-        "{} under {}{}: seed {seed}, {} records ({} syncs, {l2_writebacks} L2 write-backs between flushes), {} states checked, {} failed",
+        "{} under {}{}: seed {seed}, {} records ({} syncs, {} header writes, {l2_writebacks} L2 write-backs between flushes), {} states checked, {} failed",
         w.name,
         tool.name(),
         if ignore_barriers {
@@ -228,6 +240,7 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
         },
         recs.len(),
         replay::sync_points(&recs).len(),
+        header_writes(&recs, &key).len(),
         cuts.len(),
         failures.len()
     );
@@ -241,7 +254,18 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
         states: cuts.len(),
         failures,
         l2_writebacks,
+        header_writes: header_writes(&recs, &key).len(),
     }
+}
+
+/// The records that wrote into the first sector (the header) of the file at `path`.
+fn header_writes(recs: &[log::Rec], path: &str) -> Vec<usize> {
+    recs.iter()
+        .enumerate()
+        .filter(|(_, r)| r.path == path && r.ok())
+        .filter(|(_, r)| matches!(r.op, log::Op::Write { off, .. } if off < 512))
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// The L1 table of `image` (the file as the tool left it) as a byte range, and the L2 tables it
