@@ -195,7 +195,6 @@ pub fn start_commit(jobs: &mut Jobs, disk: &VmDisk, args: CommitArgs) -> Result<
         let new = NewJob {
             id: args.job_id.unwrap_or_else(|| drive.clone()),
             kind: JobKind::Commit,
-            ctx: Arc::clone(disk.device.context()),
             drive,
             // Known once the job has looked at the chain, as QEMU's.
             len: 0,
@@ -240,7 +239,6 @@ pub fn start_commit(jobs: &mut Jobs, disk: &VmDisk, args: CommitArgs) -> Result<
     let new = NewJob {
         id: args.job_id.unwrap_or_else(|| drive.clone()),
         kind: JobKind::Commit,
-        ctx: Arc::clone(disk.device.context()),
         drive,
         len: top.size(),
         speed: args.speed,

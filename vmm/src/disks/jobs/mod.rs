@@ -7,21 +7,23 @@
 //! `BLOCK_JOB_COMPLETED` or `BLOCK_JOB_CANCELLED` with QEMU's members. Jobs finalize and dismiss
 //! themselves (QEMU's `auto-finalize` and `auto-dismiss` defaults).
 //!
-//! Where a job runs: its copying runs in the disk's context (its iothread, or the main loop's
-//! context), one bounded step at a time: a step handles at most one chunk of the disk (a run of
-//! clusters, [`Work::step`]) and then re-arms a timer on the context, after the delay the speed
-//! limit asks for (QEMU's rate limit, `ratelimit.rs`), so the context serves the guest's
-//! requests between steps. A step's I/O is done synchronously in the context: it blocks the
-//! context for one chunk, no longer. The change to the chain when the copy is done (new backing
-//! names, the chain reopened) runs on the main loop, with the global lock held, as QEMU's job
-//! finalization does: the copy's end is announced with the job's next status event, whose
-//! wake-up reaches the monitor's handler, which then finalizes the jobs waiting for it
-//! ([`Jobs::finalize_waiting`]) with the disk drained in its context.
+//! Where a job runs: its copying runs on a thread of its own (under the disk workers' sandbox
+//! filter), one bounded step at a time: a step handles at most one chunk of the disk (a run of
+//! clusters, [`Work::step`]) and then arms the thread's next step after the delay the speed
+//! limit asks for (QEMU's rate limit, `ratelimit.rs`). The step's I/O goes straight to the
+//! images, which are safe to share between threads, so the disk's context (its iothread, or the
+//! main loop's context) never waits for a step: guest requests go on while the job copies. The
+//! change to the chain when the copy is done (new backing names, the chain reopened) runs on the
+//! main loop, with the global lock held, as QEMU's job finalization does: the copy's end is
+//! announced with the job's next status event, whose wake-up reaches the monitor's handler,
+//! which then finalizes the jobs waiting for it ([`Jobs::finalize_waiting`]) with the disk
+//! drained in its context and the job's thread ended.
 //!
 //! Locks: a job's [`State`] mutex is held only to read or change the state, never across I/O;
-//! it is taken by the main thread (commands, finalization) and by the disk's context (steps).
-//! The work (`Work`) is locked by the step, in the context, and by the finalization, on the
-//! main thread once the steps have ended. A monitor command acquires no context.
+//! it is taken by the main thread (commands, finalization) and by the job's thread (steps), which
+//! waits on it for its next step. The work (`Work`) is locked by the step, on the job's thread,
+//! and by the finalization, on the main thread once the steps have ended. A monitor command
+//! acquires no context.
 
 mod active;
 mod commit;
@@ -30,10 +32,10 @@ mod stream;
 #[cfg(test)]
 mod testing;
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::context::{Context, Timer};
 use devices::virtio::block::{errno_of, ErrorAction, ErrorPolicy, IoStatus};
 
 use crate::monitor::{BlockJobInfo, EventSender, JobEvent, QmpEvent, VmDisk};
@@ -399,6 +401,10 @@ struct State {
     io_status: IoStatus,
     /// The first error a stream with `on-error` `ignore` went past: it fails at its end.
     ignored: Option<String>,
+    /// When the job's thread runs the next step (`None`: when something arms it).
+    next: Option<Instant>,
+    /// The job's thread stops without ending the job (its jobs dropped).
+    quit: bool,
 }
 
 /// One job.
@@ -410,8 +416,10 @@ pub struct Job {
     events: EventSender,
     state: Mutex<State>,
     work: Mutex<Box<dyn Work>>,
-    /// Re-arms the steps in the disk's context; set once at the start.
-    timer: Mutex<Option<Timer>>,
+    /// Wakes the job's thread when [`State::next`] changes.
+    wake: Condvar,
+    /// The job's thread, until it is joined.
+    thread: Mutex<Option<JoinHandle<()>>>,
     /// The jobs whose steps ended, for the main loop to finalize.
     ended: Arc<Mutex<Vec<Arc<Job>>>>,
     me: Weak<Job>,
@@ -421,9 +429,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Held only by short, non-panicking code.
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
-
-/// The shortest re-arm: a timerfd armed with zero would be disarmed.
-const NEXT_STEP: Duration = Duration::from_micros(1);
 
 /// How often a mirror with nothing to copy looks again (QEMU's mirror `SLICE_TIME`).
 const IDLE: Duration = Duration::from_millis(100);
@@ -462,30 +467,45 @@ impl Job {
         }
     }
 
-    /// Runs the next step soon (after `after`).
-    fn schedule(&self, after: Duration) {
-        let armed = self.arm(after);
-        self.fail_unarmed(armed);
+    /// Has the job's thread run the next step after `after`. Verbs and steps arm it with the
+    /// job's state locked, so a verb that changes the state and then arms (cancel, pause,
+    /// set-speed, complete) either is seen by the step running meanwhile or arms after it:
+    /// never overwritten by a sleep chosen before it, and never missed by the thread, which
+    /// looks at [`State::next`] with the state locked before it waits.
+    fn arm(&self, s: &mut State, after: Duration) {
+        s.next = Some(Instant::now() + after);
+        self.wake.notify_one();
     }
 
-    /// Arms the step timer. The step re-arms it with the job's state locked, so a verb that
-    /// changes the state and then schedules (cancel, pause, set-speed, complete) either is
-    /// seen by that step or re-arms after it: never overwritten by a sleep chosen before it.
-    fn arm(&self, after: Duration) -> Result<(), devices::context::Error> {
-        match lock(&self.timer).as_ref() {
-            Some(timer) => timer.arm(after.max(NEXT_STEP), None),
-            None => Ok(()),
+    /// The job's thread: each step when it is armed, until the steps end or the jobs are
+    /// dropped.
+    fn steps(&self) {
+        loop {
+            {
+                let mut s = self.state();
+                loop {
+                    if s.quit || s.ended.is_some() {
+                        return;
+                    }
+                    let now = Instant::now();
+                    s = match s.next {
+                        Some(at) if at <= now => break,
+                        Some(at) => {
+                            self.wake
+                                .wait_timeout(s, at - now)
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .0
+                        }
+                        None => self.wake.wait(s).unwrap_or_else(PoisonError::into_inner),
+                    };
+                }
+                s.next = None;
+            }
+            self.run_step();
         }
     }
 
-    /// Without its timer the job cannot go on: it fails (called without the state locked).
-    fn fail_unarmed(&self, armed: Result<(), devices::context::Error>) {
-        if let Err(e) = armed {
-            self.end_steps(Ended::Failed(format!("Cannot schedule the job: {e}")));
-        }
-    }
-
-    /// One step, in the disk's context (the timer's callback).
+    /// One step, on the job's thread.
     fn run_step(&self) {
         let offset = {
             let mut s = self.state();
@@ -545,14 +565,12 @@ impl Job {
                         delay = delay.max(IDLE);
                     }
                 }
-                // A pause, cancel or completion that came during the step re-armed the timer
+                // A pause, cancel or completion that came during the step armed the thread
                 // before this re-arm replaces it: it is taken now, not after a sleep.
                 if s.user_paused || s.cancelled || s.completing.is_some() {
                     delay = Duration::ZERO;
                 }
-                let armed = self.arm(delay);
-                drop(s);
-                self.fail_unarmed(armed);
+                self.arm(&mut s, delay);
             }
             Err(e) => self.step_failed(s, e),
         }
@@ -603,13 +621,12 @@ impl Job {
                     s.ignored.get_or_insert_with(|| e.to_string());
                 }
                 // A commit retries the chunk (an active one finds it dirty again).
-                let armed = self.arm(if self.kind == JobKind::Stream {
-                    NEXT_STEP
+                let after = if self.kind == JobKind::Stream {
+                    Duration::ZERO
                 } else {
                     IDLE
-                });
-                drop(s);
-                self.fail_unarmed(armed);
+                };
+                self.arm(&mut s, after);
             }
         }
     }
@@ -668,7 +685,7 @@ impl Job {
             }
         }
         lock(&self.work).release(disk);
-        *lock(&self.timer) = None;
+        self.join();
         let mut s = self.state();
         if outcome != Ended::Done && s.status != JobStatus::Aborting {
             // Cancelled while pending.
@@ -694,6 +711,17 @@ impl Job {
         }
         self.transition(&mut s, JobStatus::Null);
         true
+    }
+
+    /// Waits for the job's thread to end: at once once its steps ended; after the step it may be
+    /// running when it was told to quit.
+    fn join(&self) {
+        let thread = lock(&self.thread).take();
+        if let Some(thread) = thread {
+            if thread.join().is_err() {
+                log::error!("job {}: its thread panicked", self.id);
+            }
+        }
     }
 
     /// What `query-block-jobs` says of it.
@@ -737,8 +765,6 @@ struct NewJob {
     kind: JobKind,
     /// The disk's drive id.
     drive: String,
-    /// The disk's context, where the steps run.
-    ctx: Arc<Context>,
     /// Its total work, bytes.
     len: u64,
     /// Its speed limit, bytes per second (0: none), as asked.
@@ -755,6 +781,20 @@ pub struct Jobs {
     events: EventSender,
     jobs: Vec<Arc<Job>>,
     ended: Arc<Mutex<Vec<Arc<Job>>>>,
+}
+
+impl Drop for Jobs {
+    /// The jobs' threads stop after the step they may be running (the VM is going).
+    fn drop(&mut self) {
+        for job in &self.jobs {
+            let mut s = job.state();
+            s.quit = true;
+            job.wake.notify_one();
+        }
+        for job in &self.jobs {
+            job.join();
+        }
+    }
 }
 
 /// QEMU's rule for ids (`id_wellformed`): a letter, then letters, digits, '-', '.' and '_'.
@@ -799,14 +839,14 @@ impl Jobs {
             .any(|j| j.drive == drive && j.state().mirror)
     }
 
-    /// Creates and starts a job on `drive` in `ctx` (events `created` and `running`); its first
+    /// Creates and starts a job on `drive`, with a thread of its own (events `created` and
+    /// `running`); its first
     /// step runs at once.
     fn start(&mut self, new: NewJob, work: Box<dyn Work>) -> Result<(), JobError> {
         let NewJob {
             id,
             kind,
             drive,
-            ctx,
             len,
             speed,
             mirror,
@@ -845,9 +885,12 @@ impl Jobs {
                 ended: None,
                 io_status: IoStatus::Ok,
                 ignored: None,
+                next: None,
+                quit: false,
             }),
             work: Mutex::new(work),
-            timer: Mutex::new(None),
+            wake: Condvar::new(),
+            thread: Mutex::new(None),
             ended: Arc::clone(&self.ended),
             me: me.clone(),
         });
@@ -858,20 +901,21 @@ impl Jobs {
             job.transition(&mut s, JobStatus::Null);
             return Err(JobError::NegativeSpeed);
         }
-        let weak = Arc::downgrade(&job);
-        let timer = Timer::new(ctx, move |_| {
-            if let Some(job) = weak.upgrade() {
-                job.run_step();
-            }
-        })
-        .map_err(|e| JobError::Other(format!("Cannot create the job's timer: {e}")))?;
-        *lock(&job.timer) = Some(timer);
+        let runner = Arc::clone(&job);
+        let thread = std::thread::Builder::new()
+            .name(format!("{}-job", job.drive))
+            .spawn(move || {
+                crate::sandbox::enter(crate::sandbox::Kind::Worker);
+                runner.steps();
+            })
+            .map_err(|e| JobError::Other(format!("Cannot start the job's thread: {e}")))?;
+        *lock(&job.thread) = Some(thread);
         {
             let mut s = job.state();
             job.transition(&mut s, JobStatus::Created);
             job.transition(&mut s, JobStatus::Running);
+            job.arm(&mut s, Duration::ZERO);
         }
-        job.schedule(NEXT_STEP);
         self.jobs.push(job);
         Ok(())
     }
@@ -910,8 +954,7 @@ impl Jobs {
             JobStatus::Standby => job.transition(&mut s, JobStatus::Ready),
             _ => {}
         }
-        drop(s);
-        job.schedule(NEXT_STEP);
+        job.arm(&mut s, Duration::ZERO);
         Ok(())
     }
 
@@ -924,9 +967,8 @@ impl Jobs {
             return Err(JobError::AlreadyPaused);
         }
         s.user_paused = true;
-        drop(s);
         // A job sleeping for its speed limit pauses now, as QEMU wakes it to pause.
-        job.schedule(NEXT_STEP);
+        job.arm(&mut s, Duration::ZERO);
         Ok(())
     }
 
@@ -945,8 +987,7 @@ impl Jobs {
             JobStatus::Standby => job.transition(&mut s, JobStatus::Ready),
             _ => {}
         }
-        drop(s);
-        job.schedule(NEXT_STEP);
+        job.arm(&mut s, Duration::ZERO);
         Ok(())
     }
 
@@ -958,11 +999,9 @@ impl Jobs {
         let speed = u64::try_from(speed).map_err(|_| JobError::NegativeSpeed)?;
         s.speed = speed;
         s.limit.set_speed(speed);
-        let running = matches!(s.status, JobStatus::Running | JobStatus::Ready) && !s.user_paused;
-        drop(s);
-        if running {
+        if matches!(s.status, JobStatus::Running | JobStatus::Ready) && !s.user_paused {
             // A job sleeping under the old limit wakes to sleep under the new one.
-            job.schedule(NEXT_STEP);
+            job.arm(&mut s, Duration::ZERO);
         }
         Ok(())
     }
@@ -974,8 +1013,7 @@ impl Jobs {
         let mut s = job.state();
         job.check_verb(&s, Verb::Complete)?;
         s.completing = Some(true);
-        drop(s);
-        job.schedule(NEXT_STEP);
+        job.arm(&mut s, Duration::ZERO);
         Ok(())
     }
 
@@ -1132,14 +1170,12 @@ mod tests {
         fails: usize,
         mut on_event: impl FnMut(&Jobs, &serde_json::Value),
     ) -> Vec<serde_json::Value> {
-        let io = devices::context::IoThread::spawn("io-fail").unwrap();
         let (events, received) = crate::monitor::event_channel().unwrap();
         let mut jobs = Jobs::new(events);
         let new = NewJob {
             id: "j0".into(),
             kind,
             drive: "d0".into(),
-            ctx: Arc::clone(io.context()),
             len: LEN,
             speed: 0,
             mirror: false,
@@ -1165,7 +1201,6 @@ mod tests {
             }
             jobs.finalize_waiting(&mut []);
         }
-        io.stop().unwrap();
         seen
     }
 
@@ -1193,6 +1228,99 @@ mod tests {
 
     fn statuses(names: &[&str]) -> Vec<serde_json::Value> {
         names.iter().map(|n| serde_json::json!(n)).collect()
+    }
+
+    /// A job's work whose step tells `entered` it has started, then holds until `release`
+    /// says so (or 30 s have passed): a step's I/O that takes long.
+    #[derive(Debug)]
+    struct Held {
+        entered: std::sync::mpsc::Sender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl Work for Held {
+        fn step(&mut self, _offset: u64) -> Result<Step, StepError> {
+            let _ = self.entered.send(());
+            let _ = self.release.recv_timeout(Duration::from_secs(30));
+            Ok(Step {
+                advanced: LEN,
+                copied: LEN,
+                remaining: None,
+            })
+        }
+
+        fn finish(&mut self, _disk: &mut VmDisk) -> Result<(), String> {
+            Ok(())
+        }
+
+        fn release(&mut self, _disk: Option<&mut VmDisk>) {}
+    }
+
+    /// While a job's step is held in its I/O, a guest read of the job's disk (on an iothread)
+    /// completes: the step does not run in the disk's context.
+    #[test]
+    #[allow(clippy::unwrap_used)] // A test: a failure to set up is the test's failure.
+    fn a_guest_read_completes_while_a_step_of_a_job_on_its_disk_is_held() {
+        use devices::virtio::block::test_util::{BUF, F_WRITE, HDR, STATUS};
+        use devices::virtio::block::{request_type, status};
+        use testing::{run, Guest, Scratch};
+        use vm_memory::{Bytes, GuestAddress};
+
+        let dir = Scratch::new("held-step");
+        let top = dir.path("top.qcow2");
+        let top_s = top.to_str().unwrap();
+        run("qemu-img", &["create", "-q", "-f", "qcow2", top_s, "8M"]);
+        run("qemu-io", &["-f", "qcow2", "-c", "write -P 5 0 4k", top_s]);
+        let mut guest = Guest::new(&top, 1);
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let new = NewJob {
+            id: "j0".into(),
+            kind: JobKind::Stream,
+            drive: "d0".into(),
+            len: LEN,
+            speed: 0,
+            mirror: false,
+            end: JobEnd::default(),
+        };
+        let held = Held {
+            entered: entered_tx,
+            release: release_rx,
+        };
+        guest.jobs.start(new, Box::new(held)).unwrap();
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the step starts");
+        guest
+            .rig
+            .mem
+            .write_obj(0xffu8, GuestAddress(STATUS))
+            .unwrap();
+        guest.rig.header(HDR, request_type::IN, 0);
+        guest.rig.submit(
+            0,
+            0,
+            &[(HDR, 16, 0), (BUF, 4096, F_WRITE), (STATUS, 1, F_WRITE)],
+        );
+        // Gives up (a panic) after 10 s: the step holds for 30.
+        guest.rig.wait_used(0, 1);
+        assert_eq!(guest.rig.byte(STATUS), status::OK);
+        assert_eq!(guest.rig.byte(BUF + 4095), 5);
+        release.send(()).unwrap();
+        let seen = guest.run_job(|_, _| {});
+        assert_eq!(
+            testing::names(&seen),
+            [
+                "created",
+                "running",
+                "waiting",
+                "pending",
+                "BLOCK_JOB_COMPLETED",
+                "concluded",
+                "null"
+            ]
+        );
+        guest.stop(std::thread::spawn(|| {}));
     }
 
     #[test]

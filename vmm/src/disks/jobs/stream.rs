@@ -221,7 +221,6 @@ pub fn start_stream(jobs: &mut Jobs, disk: &VmDisk, args: StreamArgs) -> Result<
     let new = NewJob {
         id: args.job_id.unwrap_or_else(|| drive.clone()),
         kind: JobKind::Stream,
-        ctx: Arc::clone(disk.device.context()),
         drive,
         len,
         speed: args.speed,
