@@ -7,7 +7,7 @@
 //! Tracking: at the start the device's image is swapped (disk drained) for a [`Tracked`]
 //! wrapper of the same top, which records the granules (the base's cluster size) every guest
 //! write, write-zeroes or discard touched once it has completed, and sends no write the direct
-//! way (a direct write would not be seen completing). The steps (disk's context) first mark
+//! way (a direct write would not be seen completing). The steps (job's thread) first mark
 //! every granule some image above `base` allocates, then copy up to [`CHUNK`] bytes of dirty
 //! granules each: the granules' bits are cleared before the top is read, so a guest write that
 //! lands after the read sets them again and is copied again; none is lost.

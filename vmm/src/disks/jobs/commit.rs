@@ -3,7 +3,7 @@
 //! of the image above `top`, as QEMU's `block/commit.c` does. Committing the active layer is
 //! a mirror that tracks guest writes (`active.rs`).
 //!
-//! Steps (in the disk's context): at most [`CHUNK`] bytes each, a run that some image from `top`
+//! Steps (on the job's thread): at most [`CHUNK`] bytes each, a run that some image from `top`
 //! down to (not including) `base` allocates is read through `top` and written into `base`
 //! through a second, read-write handle on it, opened without locks (the disk's chain keeps
 //! its read lock and its refusal to share write, so no other process writes it meanwhile).

@@ -349,7 +349,7 @@ impl StepError {
     }
 }
 
-/// The copying part of a job: steps in the disk's context, then its end on the main loop.
+/// The copying part of a job: steps on the job's thread, then its end on the main loop.
 trait Work: Send + std::fmt::Debug {
     /// Deals with the disk from `offset`, at most one chunk.
     fn step(&mut self, offset: u64) -> Result<Step, StepError>;

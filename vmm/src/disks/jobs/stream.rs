@@ -2,7 +2,7 @@
 //! some image above `base` does (all of them without a base), then makes `base` the top's
 //! backing file, as QEMU's `block/stream.c` does.
 //!
-//! Steps (in the disk's context): at most [`CHUNK`] bytes each, the chain asked which layer
+//! Steps (on the job's thread): at most [`CHUNK`] bytes each, the chain asked which layer
 //! first allocates the range ([`block::Image::allocated_at`]); a range the top lacks and an image
 //! above `base` holds is read through the top's backing image and written into the top cluster
 //! by cluster with [`block::Image::copy_up`], which skips a cluster the top got meanwhile, so a
