@@ -542,6 +542,7 @@ impl Job {
             s.busy = true;
             s.offset
         };
+        let started = Instant::now();
         let result = lock(&self.work).step(offset);
         let mut s = self.state();
         s.busy = false;
@@ -552,7 +553,7 @@ impl Job {
                 } else {
                     (s.offset + step.advanced).min(s.len)
                 };
-                let mut delay = s.limit.delay(step.copied, Instant::now());
+                let mut delay = s.limit.delay(step.copied, started, Instant::now());
                 if let Some(remaining) = step.remaining {
                     s.len = s.offset + remaining;
                     s.remaining = Some(remaining);

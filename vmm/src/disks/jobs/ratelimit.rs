@@ -1,7 +1,9 @@
 //! A job's speed limit with QEMU's semantics (`include/qemu/ratelimit.h`, used by block jobs
 //! with a 100 ms slice): each slice may dispatch `speed` × slice bytes; a step that passes the
 //! quota pushes the end of the slice out by the excess and the job sleeps until then. Speed 0 is
-//! unlimited.
+//! unlimited. A step counts in the slice current when it started, as QEMU's job asks for its
+//! delay before it copies: the time its I/O takes is part of the slice, not added to it, so the
+//! job reaches its speed however long a step takes (within the slice).
 
 use std::time::{Duration, Instant};
 
@@ -40,15 +42,17 @@ impl RateLimit {
         };
     }
 
-    /// Accounts `bytes` just dispatched at `now`; returns how long to wait before the next step.
-    pub fn delay(&mut self, bytes: u64, now: Instant) -> Duration {
+    /// Accounts `bytes` dispatched by a step that started at `started`, at `now` (its end);
+    /// returns how long to wait before the next step.
+    pub fn delay(&mut self, bytes: u64, started: Instant, now: Instant) -> Duration {
         if self.quota == 0 {
             return Duration::ZERO;
         }
-        if self.end < now {
-            // The previous (possibly extended) slice is over: start a new one.
-            self.start = now;
-            self.end = now + SLICE;
+        if self.end < started {
+            // The previous (possibly extended) slice was over when the step started: the step
+            // is the first of a new one.
+            self.start = started;
+            self.end = started + SLICE;
             self.dispatched = 0;
         }
         self.dispatched = self.dispatched.saturating_add(bytes);
@@ -70,9 +74,9 @@ mod tests {
     fn zero_speed_never_waits() {
         let now = Instant::now();
         let mut limit = RateLimit::new(now);
-        assert_eq!(limit.delay(u64::MAX, now), Duration::ZERO);
+        assert_eq!(limit.delay(u64::MAX, now, now), Duration::ZERO);
         limit.set_speed(0);
-        assert_eq!(limit.delay(1 << 40, now), Duration::ZERO);
+        assert_eq!(limit.delay(1 << 40, now, now), Duration::ZERO);
     }
 
     #[test]
@@ -81,9 +85,9 @@ mod tests {
         let mut limit = RateLimit::new(now);
         // 1 MiB/s: 104857 bytes per 100 ms slice.
         limit.set_speed(1 << 20);
-        assert_eq!(limit.delay(50_000, now), Duration::ZERO);
+        assert_eq!(limit.delay(50_000, now, now), Duration::ZERO);
         // 512 KiB in one go: five slices' worth in all, counted from the slice's start.
-        let wait = limit.delay(512 << 10, now);
+        let wait = limit.delay(512 << 10, now, now);
         let expected = SLICE.mul_f64((50_000.0 + 524_288.0) / 104_857.0);
         assert!(
             wait.abs_diff(expected) < Duration::from_micros(10),
@@ -91,7 +95,37 @@ mod tests {
         );
         // Once that time has passed a new slice starts empty.
         let later = now + wait + Duration::from_millis(1);
-        assert_eq!(limit.delay(1000, later), Duration::ZERO);
+        assert_eq!(limit.delay(1000, later, later), Duration::ZERO);
+    }
+
+    /// The rate a job whose steps copy `step` bytes each and take `io` each reaches at
+    /// `speed` over `steps` steps (a clock of its own: each step starts when the previous one's
+    /// wait ends).
+    fn rate(speed: u64, step: u64, io: Duration, steps: u32) -> f64 {
+        let t0 = Instant::now();
+        let mut limit = RateLimit::new(t0);
+        limit.set_speed(speed);
+        let mut now = t0;
+        for _ in 0..steps {
+            let started = now;
+            now += io;
+            now += limit.delay(step, started, now);
+        }
+        f64::from(steps) * step as f64 / (now - t0).as_secs_f64()
+    }
+
+    #[test]
+    fn steps_that_take_time_still_reach_the_speed() {
+        // 10 MiB/s: 512 KiB steps every 50 ms, whatever part of that their I/O takes.
+        let speed = 10 << 20;
+        for io in [0, 1, 20, 40, 45] {
+            let got = rate(speed, 512 << 10, Duration::from_millis(io), 200);
+            let ratio = got / speed as f64;
+            assert!((0.99..=1.01).contains(&ratio), "{io} ms a step: {ratio}");
+        }
+        // Slower than the speed when the I/O itself is: no faster than the steps go.
+        let got = rate(speed, 512 << 10, Duration::from_millis(100), 50);
+        assert!((got - 5_242_880.0).abs() < 1.0, "{got}");
     }
 
     #[test]
@@ -99,7 +133,7 @@ mod tests {
         let now = Instant::now();
         let mut limit = RateLimit::new(now);
         limit.set_speed(1);
-        let wait = limit.delay(2, now);
+        let wait = limit.delay(2, now, now);
         assert_eq!(wait, SLICE * 2);
     }
 }
