@@ -505,6 +505,15 @@ impl Job {
         }
     }
 
+    /// Pauses a job that was running or ready (`paused`, `standby`), at a step boundary.
+    fn enter_pause(&self, s: &mut State) {
+        match s.status {
+            JobStatus::Running => self.transition(s, JobStatus::Paused),
+            JobStatus::Ready => self.transition(s, JobStatus::Standby),
+            _ => {}
+        }
+    }
+
     /// One step, on the job's thread.
     fn run_step(&self) {
         let offset = {
@@ -518,11 +527,7 @@ impl Job {
                 return;
             }
             if s.user_paused {
-                match s.status {
-                    JobStatus::Running => self.transition(&mut s, JobStatus::Paused),
-                    JobStatus::Ready => self.transition(&mut s, JobStatus::Standby),
-                    _ => {}
-                }
+                self.enter_pause(&mut s);
                 return;
             }
             let done = if s.mirror {
@@ -609,11 +614,7 @@ impl Job {
                         IoStatus::Failed
                     };
                 }
-                match s.status {
-                    JobStatus::Running => self.transition(&mut s, JobStatus::Paused),
-                    JobStatus::Ready => self.transition(&mut s, JobStatus::Standby),
-                    _ => {}
-                }
+                self.enter_pause(&mut s);
             }
             ErrorAction::Ignore => {
                 if self.kind == JobKind::Stream {
@@ -959,7 +960,7 @@ impl Jobs {
         Ok(())
     }
 
-    /// `block-job-pause`: the job pauses at its next step boundary.
+    /// `block-job-pause`: the job pauses at once between steps, else when its step ends.
     pub fn pause(&self, id: &str) -> Result<(), JobError> {
         let job = self.find(id)?;
         let mut s = job.state();
@@ -968,8 +969,14 @@ impl Jobs {
             return Err(JobError::AlreadyPaused);
         }
         s.user_paused = true;
-        // A job sleeping for its speed limit pauses now, as QEMU wakes it to pause.
-        job.arm(&mut s, Duration::ZERO);
+        if s.busy {
+            // In a step: it pauses when the step ends.
+            job.arm(&mut s, Duration::ZERO);
+        } else {
+            // Between steps (sleeping for its speed limit, or a mirror looking for dirty data):
+            // it pauses now, as QEMU wakes it to pause.
+            job.enter_pause(&mut s);
+        }
         Ok(())
     }
 
