@@ -3,7 +3,11 @@
 //! quota pushes the end of the slice out by the excess and the job sleeps until then. Speed 0 is
 //! unlimited. A step counts in the slice current when it started, as QEMU's job asks for its
 //! delay before it copies: the time its I/O takes is part of the slice, not added to it, so the
-//! job reaches its speed however long a step takes (within the slice).
+//! job reaches its speed however long a step takes (within the slice). Unlike QEMU's, a slice
+//! that follows a full one starts where that one ended, not when the next step starts: a thread
+//! that wakes late for its next step (a busy host) catches up within the next slice instead of
+//! losing the time; after a whole slice without a step the next one starts afresh, so no more
+//! than one slice's quota is ever dispatched at once.
 
 use std::time::{Duration, Instant};
 
@@ -50,9 +54,13 @@ impl RateLimit {
         }
         if self.end < started {
             // The previous (possibly extended) slice was over when the step started: the step
-            // is the first of a new one.
-            self.start = started;
-            self.end = started + SLICE;
+            // is the first of a new one, which follows on from it unless a whole slice passed.
+            self.start = if started < self.end + SLICE {
+                self.end
+            } else {
+                started
+            };
+            self.end = self.start + SLICE;
             self.dispatched = 0;
         }
         self.dispatched = self.dispatched.saturating_add(bytes);
@@ -99,9 +107,9 @@ mod tests {
     }
 
     /// The rate a job whose steps copy `step` bytes each and take `io` each reaches at
-    /// `speed` over `steps` steps (a clock of its own: each step starts when the previous one's
-    /// wait ends).
-    fn rate(speed: u64, step: u64, io: Duration, steps: u32) -> f64 {
+    /// `speed` over `steps` steps (a clock of its own: each step starts `late` after the
+    /// previous one's wait ends).
+    fn rate(speed: u64, step: u64, io: Duration, late: Duration, steps: u32) -> f64 {
         let t0 = Instant::now();
         let mut limit = RateLimit::new(t0);
         limit.set_speed(speed);
@@ -109,7 +117,7 @@ mod tests {
         for _ in 0..steps {
             let started = now;
             now += io;
-            now += limit.delay(step, started, now);
+            now += limit.delay(step, started, now) + late;
         }
         f64::from(steps) * step as f64 / (now - t0).as_secs_f64()
     }
@@ -118,14 +126,40 @@ mod tests {
     fn steps_that_take_time_still_reach_the_speed() {
         // 10 MiB/s: 512 KiB steps every 50 ms, whatever part of that their I/O takes.
         let speed = 10 << 20;
+        let ms = Duration::from_millis;
+        // Every step with its late wake-up within those 50 ms.
         for io in [0, 1, 20, 40, 45] {
-            let got = rate(speed, 512 << 10, Duration::from_millis(io), 200);
-            let ratio = got / speed as f64;
-            assert!((0.99..=1.01).contains(&ratio), "{io} ms a step: {ratio}");
+            for late in [0, 1, 5, 20].into_iter().filter(|l| io + l <= 50) {
+                let got = rate(speed, 512 << 10, ms(io), ms(late), 200);
+                let ratio = got / speed as f64;
+                assert!(
+                    (0.99..=1.01).contains(&ratio),
+                    "{io} ms a step, woken {late} ms late: {ratio}"
+                );
+            }
         }
         // Slower than the speed when the I/O itself is: no faster than the steps go.
-        let got = rate(speed, 512 << 10, Duration::from_millis(100), 50);
+        let got = rate(speed, 512 << 10, ms(100), Duration::ZERO, 50);
         assert!((got - 5_242_880.0).abs() < 1.0, "{got}");
+    }
+
+    #[test]
+    fn a_job_idle_for_a_slice_does_not_burst_past_one_slice_s_quota() {
+        let now = Instant::now();
+        let mut limit = RateLimit::new(now);
+        // 1 MiB/s: 104857 bytes per slice.
+        limit.set_speed(1 << 20);
+        assert_eq!(limit.delay(104_857, now, now), SLICE);
+        // Two slices later the next slice starts afresh: 100000 bytes go at once, one more
+        // slice's quota waits its slice out.
+        let later = now + SLICE * 3;
+        assert_eq!(limit.delay(100_000, later, later), Duration::ZERO);
+        let wait = limit.delay(104_857, later, later);
+        let expected = SLICE.mul_f64(204_857.0 / 104_857.0);
+        assert!(
+            wait.abs_diff(expected) < Duration::from_micros(10),
+            "{wait:?}"
+        );
     }
 
     #[test]
