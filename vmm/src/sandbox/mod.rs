@@ -8,7 +8,7 @@
 //!   before any device is added to its context;
 //! - `worker`: first thing in each disk I/O worker (the hook [`block::aio::set_worker_start`]),
 //!   including the workers a pool grows later, before they take a request; and first thing in
-//!   each block job's thread ([`crate::disks::jobs`]), whose copy does the same I/O;
+//!   each block job's thread (`vmm/src/disks/jobs/`), whose copy does the same I/O;
 //! - `vcpu`: first thing in each vCPU thread, before its first `KVM_RUN`;
 //! - `main`: on the main thread in [`crate::vm::Vm::run`], after the vCPU threads are started and
 //!   while it holds the global lock they wait on first, so before the guest's first instruction.
