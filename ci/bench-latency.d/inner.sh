@@ -41,6 +41,9 @@
 # ran, from /proc/PID/task/*/schedstat, sampled when the guest announces and ends each run: within
 # half a second of fio's own window; QEMU runs with debug-threads=on to name its threads),
 # raw/TAG.stages (vmm only: its x-query-blockstats-stages replies at the run's start and stop),
+# raw/TAG.kvm (KVM's counters in /sys/kernel/debug/kvm that changed between the same two samples,
+# "NAME DELTA": exits, io_exits, mmio_exits, irq_injections, halt_exits...; they sum every VM of
+# the host, one here at a time in the nested host),
 # raw/host.PLACEMENT.IMAGE.RW.qdN.native.json (the host-native baseline: fio in this host, before
 # the boots, on a copy of the raw image with the guest's options),
 # console/BOOT.log (with the guest's /proc/interrupts lines for virtio and
@@ -101,7 +104,8 @@ for c in $(for c in $CONFS; do echo "${c%:*}"; done | sort -u); do
 done
 need raw || rm -f img/raw.raw
 
-# The guest's script: the fio runs of one boot (variables P CONFS RT NJ prepended).
+# The guest's script: the fio runs of one boot (variables P CONFS RT NJ prepended). Its dmesg -n 1
+# keeps kernel messages (an RCU stall report under load) from landing inside the JSON on the console.
 guest_body='cd /tmp
 jobs=--cpus_allowed=0
 [ $NJ = 1 ] || jobs="--numjobs=$NJ --cpus_allowed=0-$((NJ - 1)) --cpus_allowed_policy=split --group_reporting"
@@ -122,7 +126,6 @@ r=$?
 echo BENCH-FIO-STOP $t
 if [ $ld = disturbed ]; then kill $s1 $s2; wait $s1 $s2 2>/dev/null; echo BENCH-LOAD-OFF $t; fi
 case $ld in stream-*) echo BENCH-LOAD-OFF $t ;; esac
-# Kernel messages (an RCU stall report under load) would land inside the JSON on the console.
 dmesg -n 1 2>/dev/null
 echo BENCH-FIO-BEGIN $t; cat f.json; echo BENCH-FIO-END $t $r; sed "s/^/BENCH-FIO-ERR /" f.err
 dmesg -n 4 2>/dev/null
@@ -130,6 +133,17 @@ done
 grep -E "CPU|virtio|ttyS" /proc/interrupts | sed "s/^/BENCH-IRQ /"
 sleep 1
 echo BENCH-GUEST-DONE'
+# guest_script VARS CONFS: the guest's script for a boot running CONFS, base64 for the kernel's
+# command line (guest.sh=), VARS first. The kernel takes 2047 bytes of command line, which the
+# whole body passes: the lines of loads CONFS does not have are left out.
+guest_script() {
+  body=$guest_body
+  case " $2" in *:disturbed*) ;; *) body=$(printf '%s\n' "$body" |
+    sed '/^if \[ \$ld = disturbed \]; then$/,/^fi$/d; /^if \[ \$ld = disturbed \]; then kill/d') ;; esac
+  case " $2" in *:fsync-writer*) ;; *) body=$(printf '%s\n' "$body" | sed '/^\[ \$ld = fsync-writer \]/d') ;; esac
+  case " $2" in *:stream-*) ;; *) body=$(printf '%s\n' "$body" | sed '/^case \$ld in stream-/d') ;; esac
+  printf '%s\n%s\n' "$1" "$body" | base64 | tr -d '\n'
+}
 
 poll_start() { # $1 port, $2 tag
   touch poll.on
@@ -179,6 +193,8 @@ poll_stop() {
   writer=""
   rm -f nc.pid poll.in poll.out
 }
+mount -t debugfs none /sys/kernel/debug 2>/dev/null
+kvm_snap() { for f in /sys/kernel/debug/kvm/*; do [ -f "$f" ] && echo "${f##*/} $(cat "$f")"; done; }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 # stream_send LINE...: to the stream's QMP connection, in a subshell (a VMM gone makes the write
 # raise SIGPIPE, which must not end this script).
@@ -248,16 +264,18 @@ stages_snap() {
 profile() { # the VMM's threads (and vmm's stage timing) when a fio run starts, and when it stops
   c=$(count BENCH-FIO-START)
   if [ "$c" -gt $starts ]; then
-    starts=$c; sched_snap $pid > run/sched.before; stages_snap > run/stages.before
+    starts=$c; kvm_snap > run/kvm.before; sched_snap $pid > run/sched.before; stages_snap > run/stages.before
   fi
   c=$(count BENCH-FIO-STOP)
   if [ "$c" -gt $stops ]; then
     stops=$c
     if [ -s run/sched.before ] && [ -d /proc/$pid/task ]; then
       sched_snap $pid > run/sched.after
+      kvm_snap > run/kvm.after
       sched="$OUT_DIR/raw/$(grep BENCH-FIO-STOP console.log | tail -1 | tr -d '\r' | cut -d' ' -f2)"
       [ "$ROUNDS" = 1 ] || sched=$sched.r$round
       sched_diff run/sched.before run/sched.after > "$sched.sched"
+      awk 'FNR == NR { b[$1] = $2; next } ($2 - b[$1]) != 0 { print $1, $2 - b[$1] }' run/kvm.before run/kvm.after > "$sched.kvm"
       if [ -s run/stages.before ]; then
         cp run/stages.before "$sched.stages"; stages_snap >> "$sched.stages"
       fi
@@ -300,7 +318,7 @@ run_boot() {
   p=$vmm.$place.$image
   [ "$ROUNDS" = 1 ] || p=$p.r$round
   vars="P=$vmm.$place.$image RT=$RUNTIME NJ=$NUMJOBS CONFS=\"$confs\""
-  gs=$(printf '%s\n%s\n' "$vars" "$guest_body" | base64 | tr -d '\n')
+  gs=$(guest_script "$vars" "$confs")
   n=$(echo $confs | wc -w)
   say "boot $vmm $place $image$([ "$ROUNDS" = 1 ] || echo " round $round") ($n configurations)"
   # The exact command line (the guest's script, base64 on the kernel's, shortened).
