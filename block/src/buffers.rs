@@ -1,10 +1,12 @@
 //! Buffers for I/O that needs memory of its own (bounces for `O_DIRECT`, compressed clusters),
 //! kept so that a burst of requests leaves no memory behind.
 //!
-//! An [`AlignedBuf`] is an anonymous mapping of its own rather than a heap allocation: its pages
-//! cost nothing until written, and go back to the host when it is dropped. A heap allocation of
-//! this size would be zeroed (touched) in full when made, and, freed by one of many worker
-//! threads, would stay in that thread's allocator arena.
+//! An [`AlignedBuf`] of [`MAP_MIN`] bytes or more is an anonymous mapping of its own rather than a
+//! heap allocation: its pages cost nothing until written, and go back to the host when it is
+//! dropped. A heap allocation of that size would be zeroed (touched) in full when made, and,
+//! freed by one of many worker threads, would stay in that thread's allocator arena. A smaller
+//! one (an unaligned sector, a metadata table) comes from the heap: a mapping's `munmap` would
+//! cost a TLB shootdown across the process's threads, vCPUs included, for every small copy.
 //!
 //! A [`BufPool`] lends buffers to whoever needs one for a request and keeps a few of those given
 //! back (`keep`), so that steady-state I/O reuses them and a burst of concurrent requests, each
@@ -18,8 +20,11 @@ use std::sync::{Mutex, PoisonError};
 /// Linux supports, at the cost of a little extra I/O on 512-byte devices.
 pub(crate) const DIRECT_ALIGN: usize = 4096;
 
-/// A zero-filled buffer aligned for `O_DIRECT`, mapped for itself alone (see the module
-/// documentation).
+/// Buffers this large or larger are mappings of their own; smaller ones come from the heap.
+const MAP_MIN: usize = 64 << 10;
+
+/// A zero-filled buffer aligned for `O_DIRECT`, from the heap or mapped for itself alone (see
+/// the module documentation).
 pub(crate) struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
@@ -32,6 +37,16 @@ impl AlignedBuf {
     /// A zeroed buffer of `len` bytes (at least [`DIRECT_ALIGN`]).
     pub(crate) fn zeroed(len: usize) -> AlignedBuf {
         let len = len.max(DIRECT_ALIGN);
+        if len < MAP_MIN {
+            let layout = Self::heap_layout(len);
+            // SAFETY: the layout has a non-zero size (at least DIRECT_ALIGN); the result is
+            // checked below.
+            let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+            if ptr.is_null() {
+                handle_alloc_error(layout);
+            }
+            return AlignedBuf { ptr, len };
+        }
         // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches no
         // existing memory; the result is checked below.
         let ptr = unsafe {
@@ -58,6 +73,12 @@ impl AlignedBuf {
         }
     }
 
+    /// The layout of a heap buffer of `len` bytes (`len` below [`MAP_MIN`]).
+    fn heap_layout(len: usize) -> Layout {
+        // A power-of-two alignment and a size far below isize::MAX: always a valid layout.
+        Layout::from_size_align(len, DIRECT_ALIGN).expect("a small aligned layout")
+    }
+
     /// The buffer's length in bytes.
     pub(crate) fn len(&self) -> usize {
         self.len
@@ -72,6 +93,12 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.len < MAP_MIN {
+            // SAFETY: ptr was allocated in `zeroed` with this same layout (len decides both)
+            // and is freed once; no slice of it outlives the buffer.
+            unsafe { std::alloc::dealloc(self.ptr, Self::heap_layout(self.len)) };
+            return;
+        }
         // SAFETY: ptr..ptr+len is this buffer's own mapping, unmapped once; no slice of it
         // outlives the buffer. munmap only fails for an invalid range, which this is not.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
@@ -141,10 +168,18 @@ mod tests {
 
     #[test]
     fn buffers_are_aligned_zeroed_and_at_least_a_block() {
-        let mut b = AlignedBuf::zeroed(100);
-        assert_eq!(b.len(), DIRECT_ALIGN);
-        assert_eq!(b.as_mut_slice().as_ptr().align_offset(DIRECT_ALIGN), 0);
-        assert!(b.as_mut_slice().iter().all(|&x| x == 0));
+        // From the heap, at the bound, and mapped.
+        for (asked, len) in [
+            (100, DIRECT_ALIGN),
+            (MAP_MIN - 1, MAP_MIN - 1),
+            (MAP_MIN, MAP_MIN),
+        ] {
+            let mut b = AlignedBuf::zeroed(asked);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_mut_slice().as_ptr().align_offset(DIRECT_ALIGN), 0);
+            assert!(b.as_mut_slice().iter().all(|&x| x == 0));
+            b.as_mut_slice().fill(0xa5);
+        }
     }
 
     #[test]
