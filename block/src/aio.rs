@@ -14,7 +14,8 @@
 //! Neither engine forms a Rust reference to a request's buffers, which the guest may write,
 //! or share between requests, while they run ([`IoSeg`]): reads and writes the image can place
 //! ([`crate::DiskImage::map_direct`]) are `preadv`/`pwritev` (in the pool) or readv/writev (on
-//! the ring) straight on the buffers, and the rest is copied through a worker's bounce buffer.
+//! the ring) straight on the buffers, and the rest is copied through a bounce buffer lent for
+//! the request (a few are kept between requests, so a burst leaves none behind).
 //!
 //! Two engines sit behind the same interface ([`Engine`], QEMU's `aio=`): with `threads` the pool
 //! runs every request; with `io_uring` reads, writes and flushes whose data the image can place
@@ -43,6 +44,7 @@ use std::{fmt, io};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::buffers::BufPool;
 use crate::direct::DirectTarget;
 use crate::trace::IoTrace;
 use crate::{DiskImage, Error};
@@ -254,6 +256,8 @@ struct Shared {
     /// Signalled when `unfinished` drops to zero.
     idle: Condvar,
     completion_fd: EventFd,
+    /// The bounce buffers of requests the image cannot place ([`pool::BOUNCE_KEEP`] kept).
+    bounces: BufPool,
 }
 
 impl Shared {
@@ -346,6 +350,7 @@ impl Aio {
             work: Condvar::new(),
             idle: Condvar::new(),
             completion_fd: EventFd::new(EFD_NONBLOCK).map_err(AioError::EventFd)?,
+            bounces: BufPool::new(pool::BOUNCE_KEEP),
         });
         let ring = match ring_target {
             Some(target) => Some(Mutex::new(uring::Ring::new(

@@ -12,7 +12,6 @@
 //! that write the same block from two threads at once must serialize themselves (the qcow2 engine
 //! does so for everything but whole-cluster-aligned guest data).
 
-use std::alloc::{self, Layout};
 use std::fs::{File, FileType, Metadata, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -20,9 +19,7 @@ use std::path::Path;
 
 use crate::Error;
 
-/// Alignment and granularity used for `O_DIRECT` I/O: 4 KiB covers every logical block size
-/// a Linux block device reports.
-pub(crate) const DIRECT_ALIGN: usize = 4096;
+pub(crate) use crate::buffers::{AlignedBuf, DIRECT_ALIGN};
 
 /// How the host page cache is used, with QEMU's `cache=` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -42,41 +39,6 @@ impl CacheMode {
             "none" => Some(CacheMode::None),
             _ => None,
         }
-    }
-}
-
-/// A heap buffer aligned for `O_DIRECT`.
-pub(crate) struct AlignedBuf {
-    ptr: *mut u8,
-    layout: Layout,
-}
-
-impl AlignedBuf {
-    /// A zeroed buffer of `len` bytes (at least [`DIRECT_ALIGN`]).
-    pub(crate) fn zeroed(len: usize) -> AlignedBuf {
-        let len = len.max(DIRECT_ALIGN);
-        // The length is non-zero and DIRECT_ALIGN a power of two, so the layout is valid unless the
-        // length overflows isize, which no caller's request (bounded by a cluster) can reach.
-        let layout = Layout::from_size_align(len, DIRECT_ALIGN).expect("request fits in isize");
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            alloc::handle_alloc_error(layout);
-        }
-        AlignedBuf { ptr, layout }
-    }
-
-    /// The whole buffer.
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: ptr points to layout.size() initialised (zeroed) bytes owned by self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: ptr was allocated with exactly this layout and is freed once.
-        unsafe { alloc::dealloc(self.ptr, self.layout) }
     }
 }
 

@@ -2,6 +2,7 @@
 //! creating, checking and converting them. Knows nothing of KVM or virtio.
 
 pub mod aio;
+mod buffers;
 mod chain;
 pub mod direct;
 mod error;

@@ -15,8 +15,10 @@
 //! qcow2 clusters allocated and ours alone) is one `preadv`/`pwritev` per extent straight on the
 //! buffers, unless `O_DIRECT` alignment does not hold for them; anything else (qcow2 allocation,
 //! copy-on-write, compressed, zero and backing clusters, cache misses) goes through the image's
-//! methods with the worker's own bounce buffer, copied from the buffers before a write and to
-//! them after a read.
+//! methods with a bounce buffer, copied from the buffers before a write and to them after a read.
+//! Bounce buffers are lent per request by the pool's [`BufPool`], which keeps [`BOUNCE_KEEP`] of
+//! them between requests: a worker holds none while idle, so the memory of a burst that started
+//! many workers goes back to the host when the burst ends, not when the workers do.
 
 use std::fmt;
 use std::sync::{OnceLock, PoisonError};
@@ -24,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use super::iov::{build_parts, gather, scatter, Part};
 use super::{Completion, Op, Request, Shared};
+use crate::buffers::BufPool;
 use crate::direct::{DirectTarget, Extent};
-use crate::file::AlignedBuf;
 use crate::trace::{self, IoTrace};
 use crate::{DiskImage, Error};
 
@@ -147,18 +149,22 @@ pub(super) fn worker(shared: &Shared) {
     }
 }
 
-/// Largest bounce buffer a worker keeps: a longer request is copied through it in pieces, so
-/// a guest's huge requests cost no more memory than this per worker.
+/// Largest bounce buffer a request gets: a longer request is copied through it in pieces, so
+/// a guest's huge requests cost no more memory than this each.
 const BOUNCE_MAX: usize = 1 << 20;
+
+/// Bounce buffers are sized to their request rounded up to this, so that a kept one serves
+/// the next requests of about the same size.
+const BOUNCE_GRAIN: usize = 64 << 10;
+
+/// How many bounce buffers a pool keeps between requests.
+pub(super) const BOUNCE_KEEP: usize = 2;
 
 /// What a worker reuses from request to request.
 #[derive(Default)]
 struct Scratch {
     extents: Vec<Extent>,
     parts: Vec<Part>,
-    /// Aligned for `O_DIRECT`, so that the image need not bounce again; allocated at the first
-    /// request that needs it.
-    bounce: Option<AlignedBuf>,
 }
 
 /// Runs one request against the image.
@@ -190,7 +196,7 @@ fn execute(shared: &Shared, request: &Request, scratch: &mut Scratch) -> Result<
             return done;
         }
     }
-    bounced(image, request, len, write, scratch)
+    bounced(image, &shared.bounces, request, len, write)
 }
 
 /// Transfers a request straight between the host file and its segments (`preadv`/`pwritev`
@@ -220,19 +226,30 @@ fn direct(
     Some(result)
 }
 
-/// Runs a request through the image's own methods, copying between its segments and the
-/// worker's bounce buffer, [`BOUNCE_MAX`] bytes at a time.
+/// Runs a request through the image's own methods, copying between its segments and a bounce
+/// buffer (aligned for `O_DIRECT`, so that the image need not bounce again) from `bounces`, at
+/// most [`BOUNCE_MAX`] bytes at a time.
 fn bounced(
+    image: &dyn DiskImage,
+    bounces: &BufPool,
+    request: &Request,
+    len: usize,
+    write: bool,
+) -> Result<(), Error> {
+    let mut buf = bounces.take(len.min(BOUNCE_MAX).next_multiple_of(BOUNCE_GRAIN));
+    let result = copy_through(image, request, len, write, buf.as_mut_slice());
+    bounces.give(buf);
+    result
+}
+
+/// [`bounced`]'s copying, through `bounce`.
+fn copy_through(
     image: &dyn DiskImage,
     request: &Request,
     len: usize,
     write: bool,
-    scratch: &mut Scratch,
+    bounce: &mut [u8],
 ) -> Result<(), Error> {
-    let bounce = scratch
-        .bounce
-        .get_or_insert_with(|| AlignedBuf::zeroed(BOUNCE_MAX))
-        .as_mut_slice();
     let mut done = 0;
     while done < len {
         let n = (len - done).min(bounce.len());
@@ -384,5 +401,28 @@ mod tests {
             }
             assert_eq!(aio.workers_alive(), 1);
         }
+    }
+
+    #[test]
+    fn a_burst_of_bounced_requests_leaves_few_bounce_buffers() {
+        // Not placed directly: every read goes through a bounce buffer.
+        let image = RawFile::new(1 << 16);
+        image.set_gate(false);
+        let aio = Aio::new("t", image.clone(), Workers::fixed(6), 8).unwrap();
+        let mut bufs = vec![vec![0u8; 512]; 6];
+        submit_reads(&aio, &mut bufs);
+        // Six reads inside the image at once, each with a buffer of its own.
+        while image.reads_started.load(Ordering::SeqCst) < 6 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(aio.shared.bounces.kept_count(), 0);
+        image.set_gate(true);
+        aio.wait_idle();
+        assert_eq!(aio.reap(|c| c.result.unwrap()), 6);
+        assert_eq!(aio.shared.bounces.kept_count(), BOUNCE_KEEP);
+        // Requests one at a time reuse a kept buffer.
+        submit_reads(&aio, &mut bufs[..1]);
+        reap_one(&aio).result.unwrap();
+        assert_eq!(aio.shared.bounces.kept_count(), BOUNCE_KEEP);
     }
 }

@@ -16,6 +16,20 @@ use miniz_oxide::deflate::core::{
 use miniz_oxide::inflate::core::{decompress as inflate, inflate_flags, DecompressorOxide};
 
 use super::header::Compression;
+use crate::buffers::DIRECT_ALIGN;
+
+/// How many decompression buffers an image keeps between reads: the stream and the cluster of
+/// two reads at a time. A burst of concurrent reads of compressed clusters borrows more, and
+/// frees them as it ends.
+pub const COMPRESSED_KEEP: usize = 4;
+
+/// The size of every decompression buffer of an image with `cluster_size`-byte clusters: room
+/// for the aligned blocks around a compressed stream (at most two clusters long, spec
+/// "Compressed Clusters Descriptor"), and so for the decompressed cluster too. One size serves
+/// both, so that any kept buffer serves either.
+pub fn compressed_scratch_len(cluster_size: usize) -> usize {
+    2 * cluster_size + 2 * DIRECT_ALIGN
+}
 
 /// Decompresses `input` into `out` (one cluster); false when the stream is bad or too short.
 pub fn decompress(kind: Compression, input: &[u8], out: &mut [u8]) -> bool {

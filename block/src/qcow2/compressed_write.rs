@@ -99,6 +99,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::super::tests::{assert_consistent, create, open_rw, qcow2};
+    use super::super::COMPRESSED_KEEP;
     use super::*;
 
     #[test]
@@ -136,5 +137,49 @@ mod tests {
         drop(img);
         // The shared host cluster counts both streams.
         assert_consistent(&p, false);
+    }
+
+    #[test]
+    fn concurrent_reads_of_compressed_clusters_keep_few_buffers() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.qcow2");
+        create(&p, "cluster_size=65536", "1M");
+        let img = open_rw(&p);
+        let q = qcow2(&img);
+        let mut w = CompressedWriter::new();
+        let cluster = |i: u8| {
+            (0..65536u32)
+                .map(|j| (j / 300).to_le_bytes()[0] ^ i)
+                .collect::<Vec<u8>>()
+        };
+        for i in 0..16u8 {
+            assert!(w.write(q, u64::from(i) * 65536, &cluster(i)).unwrap());
+        }
+        let barrier = std::sync::Barrier::new(8);
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let (img, barrier) = (&img, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    // Each thread reads every cluster in 4 KiB pieces, starting at its own.
+                    for k in 0..16u64 {
+                        let c = (t + k) % 16;
+                        let mut back = vec![0u8; 4096];
+                        let at = c * 65536 + (t * 4096 + 512) % 61440;
+                        img.read_at(&mut back, at).unwrap();
+                        let from = usize::try_from(at % 65536).unwrap();
+                        let want = cluster(u8::try_from(c).unwrap());
+                        assert_eq!(back, want[from..from + 4096], "cluster {c}");
+                    }
+                });
+            }
+        });
+        assert!(q.compressed_bufs.kept_count() <= COMPRESSED_KEEP);
+        // One reader after the burst reuses what was kept: nothing more is kept.
+        let kept = q.compressed_bufs.kept_count();
+        let mut back = vec![0u8; 65536];
+        img.read_at(&mut back, 65536).unwrap();
+        assert_eq!(back, cluster(1));
+        assert_eq!(q.compressed_bufs.kept_count(), kept);
     }
 }

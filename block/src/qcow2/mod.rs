@@ -66,11 +66,13 @@ pub fn validate_magic() -> u32 {
     validate::MAGIC
 }
 
+use crate::buffers::{BufPool, DIRECT_ALIGN};
 use crate::direct::{push_extent, DirectPin, DirectTarget, Epochs, Extent, FlushPlan};
 use crate::file::HostFile;
 use crate::trace;
 use crate::{Allocation, BlockStatus, DiskImage, Error};
 use cache::TableCache;
+use compress::{compressed_scratch_len, COMPRESSED_KEEP};
 use header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use l2::Geometry;
 use meta::{decode_words, Meta};
@@ -104,6 +106,8 @@ pub struct Qcow2 {
     epochs: Arc<Epochs>,
     /// Where the metadata lies, for the overlap checks of data writes (see `overlap.rs`).
     overlap: Arc<overlap::Overlap>,
+    /// Buffers for reading and decompressing compressed clusters, lent per read.
+    compressed_bufs: BufPool,
 }
 
 /// What `Qcow2::open` needs besides the file.
@@ -256,6 +260,7 @@ impl Qcow2 {
             busy_done: std::array::from_fn(|_| Condvar::new()),
             epochs,
             overlap,
+            compressed_bufs: BufPool::new(COMPRESSED_KEEP),
             file: f,
         };
         if !read_only {
@@ -460,20 +465,52 @@ impl Qcow2 {
                 self.check_data_read(guest, host, buf.len() as u64)?;
                 trace::data(|| self.file.read_at(buf, host))
             }
-            Mapping::Compressed { host, len } => {
-                let cs = self.geo.cluster_size();
-                let mut cluster = vec![0u8; usize::try_from(cs).unwrap_or(0)];
-                // The compressed length is bounded by the descriptor's sector count field.
-                let mut input = vec![0u8; usize::try_from(len).unwrap_or(0)];
-                trace::data(|| self.file.read_at(&mut input, host))?;
-                if !compress::decompress(self.compression, &input, &mut cluster) {
-                    return Err(fmt_err(&self.file, FormatError::Decompress { guest, host }));
-                }
-                let at = usize::try_from(guest % cs).unwrap_or(0);
-                buf.copy_from_slice(&cluster[at..at + buf.len()]);
-                Ok(())
-            }
+            Mapping::Compressed { host, len } => self.read_compressed(buf, guest, host, len),
         }
+    }
+
+    /// Reads `buf` at `guest` from the compressed cluster stored in `len` bytes at `host`: the
+    /// aligned blocks holding the stream are read (so `O_DIRECT` needs no bounce of its own) into
+    /// one buffer of `compressed_bufs` and decompressed into another.
+    fn read_compressed(
+        &self,
+        buf: &mut [u8],
+        guest: u64,
+        host: u64,
+        len: u64,
+    ) -> Result<(), Error> {
+        let cs = self.geo.cluster_size();
+        let align = DIRECT_ALIGN as u64;
+        let start = host / align * align;
+        // The descriptor's sector count bounds `len` by twice the cluster size (l2.rs).
+        let span = (host - start + len).next_multiple_of(align);
+        let (Ok(span), Ok(cs_len), Ok(skip), Ok(at)) = (
+            usize::try_from(span),
+            usize::try_from(cs),
+            usize::try_from(host - start),
+            usize::try_from(guest % cs),
+        ) else {
+            return Err(fmt_err(&self.file, FormatError::Decompress { guest, host }));
+        };
+        let scratch_len = compressed_scratch_len(cs_len);
+        let mut input = self.compressed_bufs.take(scratch_len);
+        let mut cluster = self.compressed_bufs.take(scratch_len);
+        let result = (|| {
+            let input = input
+                .as_mut_slice()
+                .get_mut(..span)
+                .ok_or_else(|| fmt_err(&self.file, FormatError::Decompress { guest, host }))?;
+            trace::data(|| self.file.read_at(input, start))?;
+            let cluster = &mut cluster.as_mut_slice()[..cs_len];
+            if !compress::decompress(self.compression, &input[skip..], cluster) {
+                return Err(fmt_err(&self.file, FormatError::Decompress { guest, host }));
+            }
+            buf.copy_from_slice(&cluster[at..at + buf.len()]);
+            Ok(())
+        })();
+        self.compressed_bufs.give(input);
+        self.compressed_bufs.give(cluster);
+        result
     }
 
     /// Reads from the backing image, or zeroes past its end or without one.
