@@ -16,7 +16,11 @@
 //! guests with their debug logs on (`-D`; QEMU also traces `kvm_cpu_exec`) and prints per boot a
 //! `BOOT` line, a `PHASES` line and, for vmm, a `STARTUP` line per start-up step; once per VMM it
 //! prints the small guest's `dmesg` (`DMESG`), or per boot Debian's `systemd-analyze` lines
-//! (`ANALYZE`). The outer half ([`summarize`]) reads them back and writes Markdown tables.
+//! (`ANALYZE`). For the small guest it also prints, per boot at its prompt, each VMM thread's CPU
+//! time so far (`THREADS`) and KVM's counters of the VM from debugfs (`KVMSTATS`: exits, page
+//! faults, guest memory mapped in 4 KiB or 2 MiB pages), kept with the raw lines to tell where a
+//! slow phase's time went. The outer half ([`summarize`]) reads them back and writes Markdown
+//! tables.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -364,10 +368,12 @@ impl Column {
 
 /// Boots each column `setup.runs` times, interleaved, printing a `BOOT` line per boot; a failed
 /// boot prints its transcript and stops the benchmark. `debian_dir` holds Debian's `base.qcow2`,
-/// `vmlinuz` and `initrd.img` (written: each boot's overlay is made there).
+/// `vmlinuz` and `initrd.img` (written: each boot's overlay is made there). `append` holds
+/// words added to every boot's kernel command line (diagnostics such as `initcall_debug`).
 pub fn measure(
     columns: &[Column],
     setup: Setup,
+    append: &str,
     guest_dir: &Path,
     debian_dir: Option<&Path>,
 ) -> Result<(), Error> {
@@ -375,7 +381,10 @@ pub fn measure(
         GuestImage::Initramfs => guest_dir.to_path_buf(),
         GuestImage::Debian => debian_dir.ok_or(Error::NoDebian)?.to_path_buf(),
     };
-    let boot = setup.boot(&dir);
+    let mut boot = setup.boot(&dir);
+    if !append.is_empty() {
+        boot.append = [boot.append.as_str(), append].join(" ").trim().to_owned();
+    }
     if setup.guest == GuestImage::Initramfs && setup.disk == Disk::Pci {
         let path = dir.join(PCI_DISK);
         std::fs::File::create(&path)
@@ -538,6 +547,8 @@ fn sample(
         run,
         source,
     })?;
+    println!("THREADS {target} {run} {}", thread_times(g.pid()));
+    println!("KVMSTATS {target} {run} {}", kvm_stats(g.pid()));
     let from = g.lines().len();
     let command = if whole_dmesg {
         "dmesg".to_owned()
@@ -572,6 +583,83 @@ fn sample(
         ..GuestLogs::default()
     };
     Ok((sample, logs))
+}
+
+/// The CPU time each thread of process `pid` has used so far, `NAME:TID=MS` separated by spaces
+/// (user and system time from `/proc/PID/task/TID/stat`, at 100 ticks a second), to tell which
+/// of a VMM's threads took the host's CPUs during the boot; empty where `/proc` says nothing.
+fn thread_times(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return String::new();
+    };
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // The name is in parentheses and may hold spaces; the fields after it are plain.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].replace(' ', "_");
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // utime and stime are the 14th and 15th fields of stat, the 12th and 13th after the name.
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+            .sum();
+        out.push(format!(
+            "{name}:{}={}",
+            task.file_name().to_string_lossy(),
+            ticks * 10
+        ));
+    }
+    out.join(" ")
+}
+
+/// KVM's counters of the VM of process `pid` so far (`NAME=VALUE` separated by spaces, from
+/// debugfs's `kvm/PID-FD/`: exits, page faults fixed, guest memory mapped as 4 KiB, 2 MiB and 1 GiB
+/// pages), to tell how the host mapped the guest's memory; empty where debugfs is not mounted.
+fn kvm_stats(pid: u32) -> String {
+    const KVM_DEBUGFS: &str = "/sys/kernel/debug/kvm";
+    if !Path::new(KVM_DEBUGFS).exists() {
+        // The host may not have mounted debugfs; without it the counters are left out.
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "debugfs", "debugfs", "/sys/kernel/debug"])
+            .status();
+    }
+    let Ok(dirs) = std::fs::read_dir(KVM_DEBUGFS) else {
+        return String::new();
+    };
+    let prefix = format!("{pid}-");
+    let mut out = Vec::new();
+    for dir in dirs.flatten() {
+        if !dir.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        for name in [
+            "exits",
+            "pf_fixed",
+            "pf_taken",
+            "io_exits",
+            "mmio_exits",
+            "halt_exits",
+            "pages_4k",
+            "pages_2m",
+            "pages_1g",
+            "nx_lpage_splits",
+            "mmu_shadow_zapped",
+            "mmu_recycled",
+            "tlb_flush",
+            "irq_window_exits",
+            "insn_emulation",
+        ] {
+            if let Ok(v) = std::fs::read_to_string(dir.path().join(name)) {
+                out.push(format!("{name}={}", v.trim()));
+            }
+        }
+    }
+    out.join(" ")
 }
 
 /// One boot of Debian: its figures (memory read as the guest says `running`), and what its
@@ -893,6 +981,35 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| sandbox entered | 1500 | – |"), "{md}");
+    }
+
+    #[test]
+    fn thread_times_name_each_thread_of_the_process() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        // The thread names itself once it runs: it says so before the names are read.
+        let probe = std::thread::Builder::new()
+            .name("cpu-probe".into())
+            .spawn(move || {
+                let _ = started_tx.send(());
+                rx.recv()
+            })
+            .expect("spawns");
+        started.recv().expect("the probe thread started");
+        let times = thread_times(std::process::id());
+        drop(tx);
+        let _ = probe.join();
+        let entry = times
+            .split(' ')
+            .find(|e| e.starts_with("cpu-probe:"))
+            .unwrap_or_else(|| panic!("no cpu-probe thread in {times:?}"));
+        // NAME:TID=MS, with numbers for both.
+        let (tid, ms) = entry["cpu-probe:".len()..].split_once('=').expect("TID=MS");
+        assert!(
+            tid.parse::<u32>().is_ok() && ms.parse::<u64>().is_ok(),
+            "{entry}"
+        );
+        assert_eq!(thread_times(u32::MAX), "", "no such process");
     }
 
     #[test]

@@ -115,6 +115,8 @@ struct Options {
     guest: bench::GuestImage,
     /// `--disk`: the bench's disk for the initramfs guest.
     disk: bench::Disk,
+    /// `--append`: words the bench adds to every guest kernel's command line.
+    append: String,
 }
 
 fn parse_number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T, Error> {
@@ -142,6 +144,7 @@ fn parse_options(args: &[String], default_targets: &[Target]) -> Result<Options,
         variants: Vec::new(),
         guest: bench::GuestImage::Initramfs,
         disk: bench::Disk::None,
+        append: String::new(),
     };
     let mut it = args.iter();
     while let Some(opt) = it.next() {
@@ -178,6 +181,7 @@ fn parse_options(args: &[String], default_targets: &[Target]) -> Result<Options,
                     value: name,
                 })?;
             }
+            "--append" => o.append = value()?,
             "--nested" => o.force = Some("--nested"),
             "--direct" => o.force = Some("--direct"),
             _ => return Err(Error::Option(opt.clone())),
@@ -329,6 +333,9 @@ fn bench_boot(o: &Options) -> Result<bool, Error> {
         "--disk".to_owned(),
         o.disk.name().to_owned(),
     ];
+    if !o.append.is_empty() {
+        args.extend(["--append".to_owned(), o.append.clone()]);
+    }
     for v in &o.variants {
         let name = v.name.strip_prefix("vmm-").unwrap_or(&v.name);
         args.extend([
@@ -403,7 +410,7 @@ fn inner_bench(o: &Options) -> Result<bool, Error> {
         .collect();
     // resources/nested-host's writable copy of --disk-dir: Debian's folder.
     let debian = std::env::var_os("DISK_DIR").map(PathBuf::from);
-    bench::measure(&columns, setup, dir, debian.as_deref())?;
+    bench::measure(&columns, setup, &o.append, dir, debian.as_deref())?;
     Ok(true)
 }
 
