@@ -102,6 +102,13 @@ fn snapshots_of_a_running_guest_s_disks_answer_as_qemu_s() {
 }
 
 #[test]
+fn snapshots_with_relative_names_in_a_subdirectory_answer_as_qemu_s() {
+    let dir = Scratch::new("qmp-relative");
+    let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
+    run_scenario("relative", &kernel, &dir);
+}
+
+#[test]
 fn block_resize_and_named_nodes_answer_as_qemu_s() {
     let dir = Scratch::new("qmp-resize");
     let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
