@@ -665,6 +665,49 @@ mod tests {
         assert_eq!(img.size(), 1 << 20);
     }
 
+    /// An overlay whose backing name does not resolve (a relative name written against another
+    /// directory) opens over its chain as opened; a chain whose file was replaced under its name
+    /// does not reopen.
+    #[test]
+    fn an_overlay_opens_over_the_chain_as_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+        create(&base, Format::Qcow2, &qcow2(1 << 20, None)).unwrap();
+        create(&top, Format::Qcow2, &qcow2(1 << 20, Some("base.qcow2"))).unwrap();
+        let opts = OpenOptions {
+            read_only: false,
+            ..OpenOptions::default()
+        };
+        let disk = open(&top, opts).unwrap();
+        disk.write_at(&[7u8; 512], 0).unwrap();
+        disk.flush().unwrap();
+        disk.set_write_permission(false).unwrap();
+        let chain = reopen_read_only(&disk, CacheMode::Writeback).unwrap();
+        let ids = |i: &Image| i.chain().map(|m| m.file().id()).collect::<Vec<_>>();
+        assert_eq!(ids(&chain), ids(&disk));
+        assert!(chain.read_only());
+        let overlay = dir.path().join("overlay.qcow2");
+        create(
+            &overlay,
+            Format::Qcow2,
+            &qcow2(1 << 20, Some("elsewhere/top.qcow2")),
+        )
+        .unwrap();
+        let image = open_over(&overlay, CacheMode::Writeback, chain).unwrap();
+        let mut buf = [0u8; 512];
+        image.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [7u8; 512]);
+        image.write_at(&[9u8; 512], 512).unwrap();
+        drop(image);
+        // By its name, the overlay's chain does not open.
+        assert!(open(&overlay, OpenOptions::default()).is_err());
+
+        std::fs::rename(&base, dir.path().join("moved.qcow2")).unwrap();
+        create(&base, Format::Qcow2, &qcow2(1 << 20, None)).unwrap();
+        let r = reopen_read_only(&disk, CacheMode::Writeback);
+        assert!(matches!(r, Err(Error::Replaced { .. })), "{r:?}");
+    }
+
     #[test]
     fn a_new_image_never_backs_itself() {
         let dir = tempfile::tempdir().unwrap();
