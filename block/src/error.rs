@@ -253,6 +253,12 @@ pub enum Error {
         /// The image file.
         path: String,
     },
+    /// Reopening an open image by its name found another file there.
+    #[error("{path} is no longer the file that was opened by that name")]
+    Replaced {
+        /// The name.
+        path: String,
+    },
 }
 
 impl Error {
@@ -263,7 +269,8 @@ impl Error {
             | Error::Open { .. }
             | Error::Stat { .. }
             | Error::Create { .. }
-            | Error::Lock { .. } => ErrorKind::Io,
+            | Error::Lock { .. }
+            | Error::Replaced { .. } => ErrorKind::Io,
             Error::OutOfRange { .. }
             | Error::ReadOnly
             | Error::InvalidOption(_)

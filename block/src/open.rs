@@ -550,6 +550,80 @@ impl NewImage {
         let mut seen = HashSet::from([self.file.id()]);
         open_file(self.file, &self.path, opts, &mut seen, &self.path)
     }
+
+    /// Opens the qcow2 image [`NewImage::format`] wrote, read-write, keeping its lock, over
+    /// `backing` (see [`open_over`]).
+    pub fn into_image_over(self, backing: Image) -> Result<Image, Error> {
+        qcow2_over(self.file, backing)
+    }
+}
+
+/// Opens the qcow2 image at `path` read-write under its write lock, over `backing`, an open
+/// chain, instead of the chain its header names: an overlay put over a disk in use keeps the
+/// disk's chain as that disk opened it, whatever the name in its header resolves to. `backing`
+/// must not hold the file at `path`.
+pub fn open_over(path: &Path, cache: CacheMode, backing: Image) -> Result<Image, Error> {
+    let file = HostFile::open(path, false, cache)?;
+    if backing
+        .chain()
+        .any(|member| member.file().id() == file.id())
+    {
+        return Err(Error::BackingLoop {
+            path: path.display().to_string(),
+        });
+    }
+    lock::lock_image(file.file(), file.path(), true)?;
+    qcow2_over(file, backing)
+}
+
+/// The qcow2 image in `file` (opened read-write and locked) over `backing`.
+fn qcow2_over(file: HostFile, backing: Image) -> Result<Image, Error> {
+    let header = qcow2::read_header(&file)?;
+    let parts = OpenParts {
+        file,
+        read_only: false,
+        cache_sizes: CacheSizes::default(),
+    };
+    Ok(Image::Qcow2(Box::new(Qcow2::open(
+        parts,
+        header,
+        Some(Box::new(backing)),
+    )?)))
+}
+
+/// Opens `chain` again, read-only and locked, with `cache`: each image by the name it was
+/// opened with, over the image below it as `chain` has it, never by the backing names the
+/// headers hold (which need not resolve from where the chain was opened); each name must still
+/// be the file `chain` opened ([`Error::Replaced`] otherwise).
+pub fn reopen_read_only(chain: &Image, cache: CacheMode) -> Result<Image, Error> {
+    let below = match chain {
+        Image::Raw(_) => None,
+        Image::Qcow2(q) => q
+            .backing()
+            .map(|b| reopen_read_only(b, cache))
+            .transpose()?
+            .map(Box::new),
+    };
+    let path = chain.file().path();
+    let file = HostFile::open(Path::new(path), true, cache)?;
+    if file.id() != chain.file().id() {
+        return Err(Error::Replaced {
+            path: path.to_owned(),
+        });
+    }
+    lock::lock_image(file.file(), file.path(), false)?;
+    match chain.format() {
+        Format::Raw => Ok(Image::Raw(Raw::new(file, true)?)),
+        Format::Qcow2 => {
+            let header = qcow2::read_header(&file)?;
+            let parts = OpenParts {
+                file,
+                read_only: true,
+                cache_sizes: CacheSizes::default(),
+            };
+            Ok(Image::Qcow2(Box::new(Qcow2::open(parts, header, below)?)))
+        }
+    }
 }
 
 /// Creates an image at `path`: a raw file of `o.size` bytes, or an empty qcow2 image (see
@@ -589,6 +663,49 @@ mod tests {
         new.format(Format::Raw, &qcow2(1 << 20, None)).unwrap();
         let img = new.into_image(Format::Raw, CacheMode::Writeback).unwrap();
         assert_eq!(img.size(), 1 << 20);
+    }
+
+    /// An overlay whose backing name does not resolve (a relative name written against another
+    /// directory) opens over its chain as opened; a chain whose file was replaced under its name
+    /// does not reopen.
+    #[test]
+    fn an_overlay_opens_over_the_chain_as_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+        create(&base, Format::Qcow2, &qcow2(1 << 20, None)).unwrap();
+        create(&top, Format::Qcow2, &qcow2(1 << 20, Some("base.qcow2"))).unwrap();
+        let opts = OpenOptions {
+            read_only: false,
+            ..OpenOptions::default()
+        };
+        let disk = open(&top, opts).unwrap();
+        disk.write_at(&[7u8; 512], 0).unwrap();
+        disk.flush().unwrap();
+        disk.set_write_permission(false).unwrap();
+        let chain = reopen_read_only(&disk, CacheMode::Writeback).unwrap();
+        let ids = |i: &Image| i.chain().map(|m| m.file().id()).collect::<Vec<_>>();
+        assert_eq!(ids(&chain), ids(&disk));
+        assert!(chain.read_only());
+        let overlay = dir.path().join("overlay.qcow2");
+        create(
+            &overlay,
+            Format::Qcow2,
+            &qcow2(1 << 20, Some("elsewhere/top.qcow2")),
+        )
+        .unwrap();
+        let image = open_over(&overlay, CacheMode::Writeback, chain).unwrap();
+        let mut buf = [0u8; 512];
+        image.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [7u8; 512]);
+        image.write_at(&[9u8; 512], 512).unwrap();
+        drop(image);
+        // By its name, the overlay's chain does not open.
+        assert!(open(&overlay, OpenOptions::default()).is_err());
+
+        std::fs::rename(&base, dir.path().join("moved.qcow2")).unwrap();
+        create(&base, Format::Qcow2, &qcow2(1 << 20, None)).unwrap();
+        let r = reopen_read_only(&disk, CacheMode::Writeback);
+        assert!(matches!(r, Err(Error::Replaced { .. })), "{r:?}");
     }
 
     #[test]

@@ -124,6 +124,7 @@ pub(super) fn describe(image: &Image) -> ImageDescription {
                 file_length,
                 cluster_size: None,
                 dirty_flag: None,
+                backing_name: None,
                 backing: None,
             }
         }
@@ -140,6 +141,7 @@ pub(super) fn describe(image: &Image) -> ImageDescription {
                 cluster_size: 1u64.checked_shl(header.cluster_bits),
                 // qcow2 spec, incompatible feature bit 0: the dirty bit.
                 dirty_flag: Some(header.incompatible & 1 != 0),
+                backing_name: header.backing.map(|(name, _)| name),
                 backing: q.backing().map(|b| Box::new(describe(b))),
             }
         }

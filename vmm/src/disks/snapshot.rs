@@ -6,15 +6,20 @@
 //! 1. `absolute-paths` mode (the default): the overlay file is created, or overwritten as QEMU
 //!    overwrites it, under its write lock ([`block::NewImage`]: refused while anyone has it open,
 //!    which includes every file of this disk's chain), its backing file named by the current
-//!    top's file name as the disk opened it and its format, the size the disk's. `existing` mode
-//!    uses a file the user made.
+//!    top's file name as the disk opened it and its format, the size the disk's. A relative
+//!    name is written as given, though a later open resolves it against the overlay's
+//!    directory: QEMU writes the same. `existing` mode uses a file the user made.
 //! 2. The device is drained ([`Block::with_drained_io`]: its context acquired, no new request
 //!    taken, the context released while in-flight requests end, then acquired again), and with
 //!    nothing in flight:
 //! 3. the old top is flushed; its write permission's lock is dropped, keeping its read lock and
 //!    its refusal to share write, as QEMU's permission update does;
-//! 4. the overlay is opened read-write with its chain (the old top read-only among it; in
-//!    `existing` mode the overlay's backing file must be the old top, by device and inode);
+//! 4. the disk's chain is opened again read-only as the disk has it, each image by the name it
+//!    was opened with ([`block::reopen_read_only`]), and the overlay read-write over it, never
+//!    through the backing name in its header: QEMU attaches the overlay over the open chain, so
+//!    a name that does not resolve from the overlay's directory does not stop the disk. In
+//!    `existing` mode the overlay's backing name, resolved against its directory, must be the
+//!    old top's file, by device and inode;
 //! 5. the device's engine serves the overlay from then on; the old top's read-write handle is
 //!    closed; the device takes requests again.
 //!
@@ -33,7 +38,9 @@ use std::sync::Arc;
 
 use block::qcow2::create::CreateOptions;
 use block::qcow2::CacheSizes;
-use block::{CacheMode, DetectZeroes, DiskImage, Format, Image, NewImage, WithPolicy, WritePolicy};
+use block::{
+    CacheMode, DetectZeroes, DiskImage, FileId, Format, Image, NewImage, WithPolicy, WritePolicy,
+};
 use devices::virtio::block::Block;
 
 use crate::drive::CacheSetting;
@@ -248,8 +255,12 @@ pub fn snapshot(
     Ok(())
 }
 
-/// Opens the overlay read-write with its chain: the one `created` wrote, or the user's file,
-/// which must name the disk's top (`top`) as its backing file and have its size.
+/// Opens the overlay read-write over the disk's chain: the old top `top` reopened read-only by
+/// the name the disk opened it with, and its backing chain as the disk has it, never by the
+/// name the overlay's header holds (QEMU attaches the overlay over the open chain, so a relative
+/// name it wrote, which resolves against the overlay's directory, does not matter while the
+/// disk runs). The overlay is the one `created` wrote, or the user's file, which must name the
+/// disk's top as its backing file and have its size.
 fn open_overlay(
     created: Option<NewImage>,
     file: &Path,
@@ -257,34 +268,33 @@ fn open_overlay(
     top: &Image,
 ) -> Result<Image, SnapshotError> {
     let path = file.display().to_string();
-    let open_failed = |e: block::Error| match e.kind() {
+    let open_failed = |path: &str, e: block::Error| match e.kind() {
         block::ErrorKind::Locked => SnapshotError::Locked,
         _ => SnapshotError::Open {
-            path: path.clone(),
+            path: path.to_owned(),
             reason: reason(&e),
         },
     };
+    let top_name = top.file().path();
+    let backing = block::reopen_read_only(top, live.cache).map_err(|e| open_failed(top_name, e))?;
     if let Some(new) = created {
         return new
-            .into_image(Format::Qcow2, live.cache)
-            .map_err(open_failed);
+            .into_image_over(backing)
+            .map_err(|e| open_failed(&path, e));
     }
-    let options = block::OpenOptions {
-        format: Some(Format::Qcow2),
-        read_only: false,
-        cache: live.cache,
-        lock: true,
-        // The drive's qcow2 cache sizes are its image's: the overlay gets the defaults, as
-        // QEMU's does.
-        ..block::OpenOptions::default()
+    let image = block::open_over(file, live.cache, backing).map_err(|e| open_failed(&path, e))?;
+    let named = match &image {
+        Image::Qcow2(q) => q.header().backing.map(|(name, _)| name),
+        Image::Raw(_) => None,
     };
-    let image = block::open(file, options).map_err(open_failed)?;
-    let backing = image.chain().nth(1);
-    if backing.map(|b| b.file().id()) != Some(top.file().id()) {
+    let names_top = named.as_deref().is_some_and(|name| {
+        FileId::of_path(&block::resolve_backing(file, name)) == Some(top.file().id())
+    });
+    if !names_top {
         return Err(SnapshotError::NotOverlay {
             path,
-            top: top.file().path().to_owned(),
-            backing: backing.map_or_else(|| "none".to_owned(), |b| b.file().path().to_owned()),
+            top: top_name.to_owned(),
+            backing: named.unwrap_or_else(|| "none".to_owned()),
         });
     }
     if image.size() != top.size() {

@@ -93,6 +93,9 @@ pub struct ImageDescription {
     pub cluster_size: Option<u64>,
     /// qcow2 dirty bit (lazy refcounts in use and not yet cleaned); QEMU reports `false` for raw.
     pub dirty_flag: Option<bool>,
+    /// The backing file's name as the image's header holds it (QEMU's `backing-filename`);
+    /// `backing`'s filename is where the disk opened it (QEMU's `backing_file`).
+    pub backing_name: Option<String>,
     /// The backing image, if any.
     pub backing: Option<Box<ImageDescription>>,
 }

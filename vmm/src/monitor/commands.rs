@@ -548,6 +548,7 @@ fn protocol_image(image: &ImageDescription) -> ImageDescription {
         file_length: image.file_length,
         cluster_size: None,
         dirty_flag: Some(false),
+        backing_name: None,
         backing: None,
     }
 }
@@ -576,7 +577,7 @@ fn image_info(image: &ImageDescription) -> Value {
         ("dirty-flag", image.dirty_flag.map(Value::from)),
         (
             "backing-filename",
-            image.backing.as_ref().map(|b| b.filename.clone().into()),
+            image.backing_name.clone().map(Value::from),
         ),
         (
             "backing-filename-format",

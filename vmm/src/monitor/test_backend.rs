@@ -74,6 +74,7 @@ fn chain() -> ImageDescription {
         file_length: Some(1 << 30),
         cluster_size: None,
         dirty_flag: Some(false),
+        backing_name: None,
         backing: None,
     };
     ImageDescription {
@@ -84,6 +85,7 @@ fn chain() -> ImageDescription {
         file_length: Some(196_616),
         cluster_size: Some(65536),
         dirty_flag: Some(false),
+        backing_name: Some("/img/base.raw".into()),
         backing: Some(Box::new(base)),
     }
 }
@@ -181,6 +183,7 @@ impl MonitorBackend for RecordingBackend {
                 nodes: vec![nodes("#block1", "#block5", 2)],
                 io_status: "ok",
                 image: ImageDescription {
+                    backing_name: None,
                     backing: None,
                     ..chain()
                 },

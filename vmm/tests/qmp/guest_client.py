@@ -14,6 +14,11 @@ SCENARIO "snapshot": KERNEL as in lifecycle, with a qcow2 disk on an iothread an
 the main loop; the same blockdev-snapshot-sync requests go to vmm and to QEMU 10 (microvm, the
 same -drive and -device flags, on copies of the same images): the replies, query-block's chain
 and qemu-img's view of the images made must match.
+SCENARIO "relative": KERNEL as in lifecycle, each engine started in its own directory with a
+qcow2 chain opened by a relative name in a subdirectory (chain/top.qcow2 over base.qcow2); the
+same blockdev-snapshot-sync requests with relative snapshot files go to vmm and QEMU 10: the
+replies, query-block's chains, the files left in chain/ and qemu-img's view of each image made
+(its backing name as written, which resolves against the overlay's directory) must match.
 SCENARIO "resize": KERNEL as in lifecycle, with a qcow2-over-raw disk (node-name=top0) on an
 iothread, a raw disk on the main loop and a read-only qcow2 disk; query-named-block-nodes (flat
 or not) and the same block_resize requests (grow qcow2 and raw, past the L1 table's cluster, and
@@ -68,14 +73,14 @@ def ignore_sigxfsz():
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-async def start(vmm, kernel, sock, paused, wait=False, extra=()):
+async def start(vmm, kernel, sock, paused, wait=False, extra=(), cwd=None):
     args = [vmm, "-kernel", kernel, "-m", "16", "-smp", "2",
             "-qmp", f"unix:{sock},server=on,wait={'on' if wait else 'off'}", *extra]
     if paused:
         args.append("-S")
     proc = await asyncio.create_subprocess_exec(
         *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, preexec_fn=ignore_sigxfsz)
+        stderr=asyncio.subprocess.PIPE, preexec_fn=ignore_sigxfsz, cwd=cwd)
     if wait:
         vmm_proc = Vmm(proc)
         await asyncio.sleep(0.5)
@@ -104,15 +109,15 @@ async def status(qmp, expected):
     check(got == expected, f"query-status {got}")
 
 
-async def start_qemu(d, flags, client_name):
-    """QEMU microvm under -S with `flags`, its monitor at D/qemu.sock; returns the process and a
-    connected client."""
+async def start_qemu(d, flags, client_name, cwd=None):
+    """QEMU microvm under -S with `flags` (in directory `cwd`), its monitor at D/qemu.sock;
+    returns the process and a connected client."""
     qemu_sock = os.path.join(d, "qemu.sock")
     qemu = await asyncio.create_subprocess_exec(
         "qemu-system-x86_64", "-machine", "microvm", "-nodefaults", "-display", "none", "-S",
         "-qmp", f"unix:{qemu_sock},server=on,wait=off", *flags,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE, preexec_fn=ignore_sigxfsz)
+        stderr=asyncio.subprocess.PIPE, preexec_fn=ignore_sigxfsz, cwd=cwd)
     qqmp = QMPClient(client_name)
     for _ in range(TIMEOUT * 10):
         try:
@@ -366,6 +371,104 @@ async def snapshot(vmm_path, kernel, sock):
                       f"{layer[0]} checks clean")
 
 
+async def relative_side(qmp, d):
+    """The requests of the relative scenario, the engine's working directory `d`; returns what to
+    compare, `d` named DIR."""
+    requests = [
+        {"device": "d0", "snapshot-file": "chain/snap-1.qcow2", "format": "qcow2"},
+        # Deeper down (vmm's sandbox takes overlays beneath the chain's directories only).
+        {"device": "d0", "snapshot-file": "chain/more/snap-2.qcow2"},
+        {"device": "d0", "snapshot-file": "chain/missing.qcow2", "mode": "existing"},
+        # Made by the user, naming its backing file relative to its own directory.
+        "make snap-3",
+        {"device": "d0", "snapshot-file": "chain/more/snap-3.qcow2", "mode": "existing"},
+    ]
+    replies = []
+    for req in requests:
+        if req == "make snap-3":
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "snap-2.qcow2",
+                            "-F", "qcow2", "-u", os.path.join(d, "chain/more/snap-3.qcow2"), "4M"],
+                           check=True)
+            continue
+        try:
+            replies.append(("return", await qmp.execute("blockdev-snapshot-sync", req)))
+        except Exception as e:  # qemu.qmp's ExecuteError: the reply's class and desc.
+            err = e.error.error
+            replies.append((err.class_, err.desc.replace(d, "DIR")))
+    return replies, (await snapshot_side_chain(qmp, d))[1]
+
+
+def image_info(d, name):
+    """qemu-img's view of image `name` alone and of its chain, in directory `d` (named DIR): the
+    backing name as written, and whether the chain opens (the message if not)."""
+    alone = subprocess.run(["qemu-img", "info", "--output=json", "-U", name], cwd=d, check=True,
+                           capture_output=True).stdout
+    import json
+    i = json.loads(alone)
+    chain = subprocess.run(["qemu-img", "info", "--output=json", "--backing-chain", name],
+                           cwd=d, capture_output=True, text=True)
+    if chain.returncode == 0:
+        opened = [(c["filename"], c.get("backing-filename", "")) for c in json.loads(chain.stdout)]
+    else:
+        opened = chain.stderr.replace(d, "DIR").strip()
+    return (i["filename"], i["virtual-size"], i.get("backing-filename", ""),
+            i.get("backing-filename-format", ""), opened)
+
+
+def plain_names(value):
+    """`value` (nested tuples and lists of strings) with each json: pseudo-filename replaced by
+    the file name it describes."""
+    import json
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_names(v) for v in value)
+    if isinstance(value, str) and value.startswith("json:"):
+        return json.loads(value[len("json:"):])["file"]["filename"]
+    return value
+
+
+async def relative(vmm_path, kernel, sock):
+    import json
+    d = os.path.dirname(sock)
+    ours, theirs = os.path.join(d, "vmm"), os.path.join(d, "qemu")
+    flags = ["-object", "iothread,id=io0",
+             "-drive", "file=chain/top.qcow2,format=qcow2,if=none,id=d0",
+             "-device", "virtio-blk-device,drive=d0,id=vd0,iothread=io0"]
+    for side in (ours, theirs):
+        os.makedirs(os.path.join(side, "chain/more"), exist_ok=True)
+        for cmd in (["qemu-img", "create", "-q", "-f", "qcow2", "chain/base.qcow2", "4M"],
+                    ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                     "chain/top.qcow2"]):
+            subprocess.run(cmd, check=True, cwd=side)
+    vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags, cwd=ours)
+    qemu, qqmp = await start_qemu(d, flags, "qemu-relative-test", cwd=theirs)
+    await qmp.execute("cont")
+    our_replies, our_chain = await relative_side(qmp, ours)
+    qemu_replies, qemu_chain = await relative_side(qqmp, theirs)
+    for ours_r, qemu_r in zip(our_replies, qemu_replies):
+        check(ours_r == qemu_r, f"reply {ours_r} (QEMU: {qemu_r})")
+    check(len(our_replies) == len(qemu_replies), "as many replies")
+    # A deliberate difference: QEMU names the overlay attached in existing mode by a json:
+    # description of the options it opened it with; vmm by its file, as every other image.
+    qemu_chain = plain_names(qemu_chain)
+    check(our_chain == qemu_chain, f"query-block's chains {our_chain} (QEMU: {qemu_chain})")
+    for q in (qmp, qqmp):
+        await q.execute("quit")
+    check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
+    await asyncio.wait_for(qemu.wait(), TIMEOUT)
+    for q in (qmp, qqmp):
+        await close(q)
+    files = [sorted(os.listdir(os.path.join(side, "chain"))) for side in (ours, theirs)]
+    check(files[0] == files[1], f"files left in chain/: {files[0]} (QEMU: {files[1]})")
+    for name in ("chain/snap-1.qcow2", "chain/more/snap-2.qcow2", "chain/more/snap-3.qcow2"):
+        mine, qemu_info = image_info(ours, name), image_info(theirs, name)
+        check(mine == qemu_info, f"qemu-img info {name}: {mine} (QEMU: {qemu_info})")
+        # Checked without its backing chain, which no longer opens by the name written.
+        alone = json.dumps({"driver": "qcow2", "backing": None,
+                            "file": {"driver": "file", "filename": name}})
+        check(subprocess.run(["qemu-img", "check", "-q", f"json:{alone}"],
+                             cwd=ours).returncode == 0, f"{name} checks clean")
+
+
 GENERATED = re.compile(r"#block[0-9]+")
 
 
@@ -494,7 +597,7 @@ async def close(qmp):
 
 
 SCENARIOS = {"lifecycle": lifecycle, "poweroff": poweroff, "signal": on_signal, "wait": wait_on,
-             "disks": disks, "snapshot": snapshot, "resize": resize}
+             "disks": disks, "snapshot": snapshot, "relative": relative, "resize": resize}
 
 if __name__ == "__main__":
     scenario, vmm_path, kernel, sock = sys.argv[1:5]
