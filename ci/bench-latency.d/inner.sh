@@ -1,9 +1,10 @@
 # The inner half of ci/bench-latency, run by resources/nested-host (busybox sh in the nested host,
 # /bin/sh on direct KVM). ci/bench-latency prepends the plan:
 #   BOOTS    "VMM:PLACEMENT:IMAGE ..." in run order (VMM vmm|vmm-NAME|qemu, PLACEMENT
-#            main-loop|iothread, then +pci for a virtio-blk-pci disk (else virtio-mmio) and
-#            +nopoll for iothreads with poll-max-ns=0, IMAGE raw|qcow2|chain3): one guest boot
-#            each, interleaved;
+#            main-loop|iothread, then +pci for a virtio-blk-pci disk (else virtio-mmio),
+#            +per-queue for one iothread per queue (iothread+pci only) and +nopoll for
+#            iothreads with poll-max-ns=0, IMAGE raw|qcow2|chain3): one guest boot each,
+#            interleaved;
 #   VARIANT_NAME  for each vmm-NAME of BOOTS: the arguments appended to vmm's command line;
 #   CONFS    "RW:QD:LOAD ..." what each boot runs (randread/randwrite, 1/32,
 #            quiet/disturbed/fsync-writer/stream-full/stream-10M);
@@ -17,7 +18,9 @@
 #   QEMU_BASELINE_PCI  the same with microvm's PCIe root (pcie=on), for +pci boots.
 # Each boot: a 2-vCPU 1 GiB guest with initrd-fio.img, its one disk a fresh copy of the image, the
 # same flags for both VMMs (QEMU: microvm, -object iothread, -device virtio-blk-device or
-# virtio-blk-pci with microvm's pcie=on), cache=none, and a monitor on -qmp tcp:127.0.0.1:PORT.
+# virtio-blk-pci with microvm's pcie=on; +per-queue: VCPUS iothreads io0... and the JSON -device
+# with num-queues VCPUS and iothread-vq-mapping over them, round-robin: queue i on ioI),
+# cache=none, and a monitor on -qmp tcp:127.0.0.1:PORT.
 # The guest (a script on its command line) runs fio with --output-format=json per configuration
 # and prints the JSON between BENCH-FIO-BEGIN/END lines.
 # "disturbed": on the guest's second vCPU (fio is pinned to the first) a shell spins and another
@@ -304,11 +307,19 @@ run_boot() {
     chain3) cp img/chain/top.qcow2 run/; ln img/chain/base.qcow2 img/chain/mid.qcow2 run/
       file=run/top.qcow2; fmt=qcow2 ;;
   esac
-  io="" dev="" extra="" device=virtio-blk-device qemu=$QEMU_BASELINE
+  io="" dev="" extra="" device=virtio-blk-device qemu=$QEMU_BASELINE popt=""
   case +$place+ in *+pci+*) device=virtio-blk-pci qemu=$QEMU_BASELINE_PCI ;; esac
-  case $place in
-    iothread+*nopoll) io="-object iothread,id=io0,poll-max-ns=0"; dev=",iothread=io0" ;;
-    iothread*) io="-object iothread,id=io0"; dev=",iothread=io0" ;;
+  case +$place+ in *+nopoll+*) popt=",poll-max-ns=0" ;; esac
+  case $place in iothread*) io="-object iothread,id=io0$popt"; dev=",iothread=io0" ;; esac
+  devarg="$device,drive=d0,id=vd0$dev"
+  case +$place+ in
+    *+per-queue+*)
+      io="" map="" i=0
+      while [ $i -lt "$VCPUS" ]; do
+        io="$io -object iothread,id=io$i$popt"; map="$map${map:+,}{\"iothread\":\"io$i\"}"
+        i=$((i + 1))
+      done
+      devarg="{\"driver\":\"$device\",\"drive\":\"d0\",\"id\":\"vd0\",\"num-queues\":$VCPUS,\"iothread-vq-mapping\":[$map]}" ;;
   esac
   case $vmm in
     vmm) cmd="vmm -m 1G -smp $VCPUS" ;;
@@ -322,11 +333,11 @@ run_boot() {
   n=$(echo $confs | wc -w)
   say "boot $vmm $place $image$([ "$ROUNDS" = 1 ] || echo " round $round") ($n configurations)"
   # The exact command line (the guest's script, base64 on the kernel's, shortened).
-  say "command: $cmd -kernel $G/bzImage -initrd $G/initrd-fio.img $io -drive file=$file,format=$fmt,if=none,id=d0,cache=none -device $device,drive=d0,id=vd0$dev -qmp tcp:127.0.0.1:$port,server=on,wait=off -D run/debug.log -append 'console=ttyS0 quiet guest.sh=... guest.run=poweroff' $extra"
+  say "command: $cmd -kernel $G/bzImage -initrd $G/initrd-fio.img $io -drive file=$file,format=$fmt,if=none,id=d0,cache=none -device '$devarg' -qmp tcp:127.0.0.1:$port,server=on,wait=off -D run/debug.log -append 'console=ttyS0 quiet guest.sh=... guest.run=poweroff' $extra"
   # shellcheck disable=SC2086 # $cmd, $io and $extra are word lists on purpose
   $cmd -kernel "$G/bzImage" -initrd "$G/initrd-fio.img" $io \
     -drive "file=$file,format=$fmt,if=none,id=d0,cache=none" \
-    -device "$device,drive=d0,id=vd0$dev" \
+    -device "$devarg" \
     -qmp "tcp:127.0.0.1:$port,server=on,wait=off" \
     -D run/debug.log -append "console=ttyS0 quiet guest.sh=$gs guest.run=poweroff" $extra \
     < /dev/null > console.log 2>&1 &

@@ -1,15 +1,17 @@
 """The report of ci/bench-latency: reads a results folder (raw/TAG.json, fio's JSON per run, TAG being
 VMM.PLACEMENT.IMAGE.RW.qdN.LOAD, VMM vmm, vmm-NAME (a variant: vmm with the arguments machine.txt
 names as vmm_variant.vmm-NAME) or qemu, PLACEMENT main-loop or iothread, then +pci for a
-virtio-blk-pci disk (else virtio-mmio) and +nopoll for iothreads with poll-max-ns=0, with .rN for
+virtio-blk-pci disk (else virtio-mmio), +per-queue for one iothread per queue (iothread+pci only)
+and +nopoll for iothreads with poll-max-ns=0, with .rN for
 round N when there are several; raw/TAG.polls; raw/TAG.sched; raw/TAG.stages; raw/TAG.stream;
 raw/host.PLACEMENT.IMAGE.RW.qdN.native.json, the host-native baseline; machine.txt, host.txt,
 version-*.json) and writes summary.json (one object per configuration, the fields issue 6 names,
 each figure the median over the rounds, plus `runs`, `completions` (the fewest of a round),
-`transport`, `poll`, `lat_us.max`, `cpu_us_per_io`, vmm's `stages_us` and the baseline under
+`transport`, `mapping`, `poll`, `lat_us.max`, `cpu_us_per_io`, vmm's `stages_us` and the baseline under
 `host_native`), summary.md (the host, both VMMs' versions, the table, each VMM's percentiles as
 host-native + overhead with the samples behind the tail ones and its CPU per I/O, where vmm's
-requests spent their time by stage, PCI over MMIO and polling off over on per VMM, vmm over QEMU
+requests spent their time by stage, PCI over MMIO, one iothread per queue over one and polling
+off over on per VMM, vmm over QEMU
 with an A/B verdict per row on IOPS and p99 from the per-round figures (abtest.py), the rows
 listed by verdict, vmm over each variant with the same verdicts (in summary.json the vmm row's
 `vs_qemu` and `vs_vmm-NAME`), iothread over main loop under load, where the VMMs' threads spent
@@ -48,7 +50,8 @@ ORDER = {
 }
 # A placement field's suffixes (in this order), each a dimension: its value with the suffix, and
 # without it.
-SUFFIXES = {"pci": ("transport", "pci", "mmio"), "nopoll": ("poll", "off", "default")}
+SUFFIXES = {"pci": ("transport", "pci", "mmio"), "per-queue": ("mapping", "per-queue", "one"),
+            "nopoll": ("poll", "off", "default")}
 
 
 def split_placement(field):
@@ -58,6 +61,8 @@ def split_placement(field):
     if place not in ORDER["placement"] or suffixes != [s for s in SUFFIXES if s in suffixes]:
         return None
     if "nopoll" in suffixes and place != "iothread":
+        return None
+    if "per-queue" in suffixes and (place != "iothread" or "pci" not in suffixes):
         return None
     return place, {dim: (on if s in suffixes else off) for s, (dim, on, off) in SUFFIXES.items()}
 
@@ -275,7 +280,7 @@ def sort_key(obj):
 
 
 def baseline_key(obj):
-    """The key of a run's host-native baseline: its placement without transport or polling, its
+    """The key of a run's host-native baseline: its placement without its suffixes, its
     image, pattern and depth (the baseline is fio in the host, the same for every VMM and
     transport)."""
     return (obj["placement"].split("+")[0], obj["image"], obj["rw"], obj["iodepth"])
@@ -451,7 +456,7 @@ def vmm_over(runs, other, title, verdicts, rounds):
 
 
 def suffix_over(runs, suffix, title):
-    """The table of each run with a placement suffix (+pci, +nopoll) over the same VMM's run
+    """The table of each run with a placement suffix (+pci, +per-queue, +nopoll) over the same VMM's run
     without it: the ratios of IOPS and percentiles. Empty when no run has the suffix."""
     by = {tag(r[0]): r[0] for r in runs}
     rows = []
@@ -705,7 +710,9 @@ def main():
               if machine.get("qemu_baseline_pci") else "") + ".",
            f"- Guest: Debian kernel {machine.get('guest_kernel')}, initrd-fio.img; one virtio-blk "
            "disk (virtio-mmio, `-device virtio-blk-device`; placement `+pci`: "
-           "`-device virtio-blk-pci` with a queue per vCPU; `+nopoll`: the iothread's "
+           "`-device virtio-blk-pci` with a queue per vCPU; `+per-queue`: an iothread per "
+           "queue, `-object iothread` io0 to ioN-1 and the JSON `-device` with `num-queues` N and "
+           "`iothread-vq-mapping` over them; `+nopoll`: the iothreads' "
            f"`poll-max-ns=0`; {machine.get('image_mib')} MiB, every cluster allocated, "
            "`cache=none`), fresh "
            "copy per boot; fio 4 KiB `--direct=1 --ioengine=libaio`, " + fio_jobs(machine)
@@ -740,6 +747,7 @@ def main():
     md += stage_table(runs)
     by = {tag(r[0]): r[0] for r in runs}
     md += suffix_over(runs, "pci", "PCI over MMIO")
+    md += suffix_over(runs, "per-queue", "One iothread per queue over one iothread")
     md += suffix_over(runs, "nopoll", "Polling off over polling on")
     md += vmm_over(runs, "qemu", "QEMU", verdicts, rounds)
     if verdicts:

@@ -213,6 +213,58 @@ class ReportFigures(unittest.TestCase):
             "1.00 |"])
         self.assertEqual(suffix_over(runs[:2], "pci", "PCI over MMIO"), [])
 
+    def test_one_iothread_per_queue_in_the_placement_field(self):
+        raw = self.dir / "raw"
+        raw.mkdir()
+        # IOPS per run on PCI: one iothread 100 for both, one per queue vmm 170 and QEMU 150,
+        # one per queue with polling off vmm 160.
+        figures = {("vmm", "iothread+pci"): 100, ("qemu", "iothread+pci"): 100,
+                   ("vmm", "iothread+pci+per-queue"): 170,
+                   ("qemu", "iothread+pci+per-queue"): 150,
+                   ("vmm", "iothread+pci+per-queue+nopoll"): 160}
+        runs = []
+        for (vmm, place), iops in figures.items():
+            path = raw / f"{vmm}.{place}.qcow2.randread.qd32.quiet.json"
+            path.write_text(json.dumps(fio_json("randread", iops, 1000, PCT, 450)))
+            run, why = parse_run(path)
+            self.assertIsNone(why)
+            runs.append((*run, ""))
+        objs = {(r[0]["vmm"], r[0]["placement"]): r[0] for r in runs}
+        mapped = objs[("vmm", "iothread+pci+per-queue+nopoll")]
+        self.assertEqual((mapped["transport"], mapped["mapping"], mapped["poll"]),
+                         ("pci", "per-queue", "off"))
+        self.assertEqual(objs[("qemu", "iothread+pci")]["mapping"], "one")
+        self.assertEqual(baseline_key(mapped), ("iothread", "qcow2", "randread", 32))
+        # Not run names: per-queue without PCI or on the main loop, out of order, on the host.
+        for name in ["vmm.iothread+per-queue", "vmm.main-loop+pci+per-queue",
+                     "vmm.iothread+pci+nopoll+per-queue", "host.iothread+pci+per-queue"]:
+            load = "native" if name.startswith("host") else "quiet"
+            path = raw / f"{name}.qcow2.randread.qd1.{load}.json"
+            path.write_text(json.dumps(fio_json("randread", 1, 1000, PCT, 450)))
+            self.assertEqual(parse_run(path)[1], f"{path.name}: not a run name")
+        runs = combine(runs)
+        runs.sort(key=lambda r: sort_key(r[0]))
+        self.assertEqual([(r[0]["vmm"], r[0]["placement"]) for r in runs],
+                         [("vmm", "iothread+pci"), ("qemu", "iothread+pci"),
+                          ("vmm", "iothread+pci+per-queue"), ("qemu", "iothread+pci+per-queue"),
+                          ("vmm", "iothread+pci+per-queue+nopoll")])
+        # One per queue over one per VMM: vmm 1.70, QEMU 1.50 (the run without polling has no
+        # one-iothread run to compare with); polling off over on: 160 over 170.
+        md = suffix_over(runs, "per-queue", "One iothread per queue over one iothread")
+        self.assertEqual(md[5:], [
+            "| vmm | iothread+pci+per-queue | qcow2 | randread | 32 | quiet | 1.70 | 1.00 | "
+            "1.00 | 1.00 |",
+            "| qemu | iothread+pci+per-queue | qcow2 | randread | 32 | quiet | 1.50 | 1.00 | "
+            "1.00 | 1.00 |"])
+        md = suffix_over(runs, "nopoll", "Polling off over polling on")
+        self.assertEqual(md[5:], [
+            "| vmm | iothread+pci+per-queue+nopoll | qcow2 | randread | 32 | quiet | 0.94 | "
+            "1.00 | 1.00 | 1.00 |"])
+        # vmm over QEMU pairs the rows of the same mapping: 170 over 150.
+        md = vmm_over(runs, "qemu", "QEMU", {}, 1)
+        self.assertIn("| iothread+pci+per-queue | qcow2 | randread | 32 | quiet | 1.13 | 1.00 | "
+                      "1.00 | 1.00 | — | — |", md)
+
     def test_a_streams_cost_beside_qemus(self):
         raw = self.dir / "raw"
         raw.mkdir()
