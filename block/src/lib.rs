@@ -20,8 +20,8 @@ pub use error::{Error, ErrorKind};
 pub use file::{CacheMode, FileId};
 pub use image::{Allocation, BlockStatus, DiskImage};
 pub use open::{
-    create, open, open_named, open_over, probe, reopen_read_only, resolve_backing, Exclusive,
-    Format, Image, NewImage, OpenOptions, WritableRaw,
+    create, open, open_named, open_over, probe, reopen_over, reopen_read_only, resolve_backing,
+    Exclusive, Format, Image, NewImage, OpenOptions, WritableRaw,
 };
 pub use policy::{DetectZeroes, WithPolicy, WritePolicy};
 pub use probe::Foreign;

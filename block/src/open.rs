@@ -601,27 +601,49 @@ pub fn reopen_read_only(chain: &Image, cache: CacheMode) -> Result<Image, Error>
         Image::Qcow2(q) => q
             .backing()
             .map(|b| reopen_read_only(b, cache))
-            .transpose()?
-            .map(Box::new),
+            .transpose()?,
     };
-    let path = chain.file().path();
-    let file = HostFile::open(Path::new(path), true, cache)?;
-    if file.id() != chain.file().id() {
+    let opts = OpenOptions {
+        cache,
+        ..OpenOptions::default()
+    };
+    reopen_over(chain, opts, below)
+}
+
+/// Opens the file of `image` (that image alone) again by the name it was opened with, in its
+/// format, with `opts`' access, cache, locking and cache sizes (`opts.format` is ignored), over
+/// `backing` instead of the chain its header names (a raw image has none): a chain changed
+/// under a running disk is rebuilt from images it has open, whatever the names in headers
+/// resolve to. The name must still be `image`'s file ([`Error::Replaced`] otherwise).
+pub fn reopen_over(
+    image: &Image,
+    opts: OpenOptions,
+    backing: Option<Image>,
+) -> Result<Image, Error> {
+    let path = image.file().path();
+    let file = HostFile::open(Path::new(path), opts.read_only, opts.cache)?;
+    if file.id() != image.file().id() {
         return Err(Error::Replaced {
             path: path.to_owned(),
         });
     }
-    lock::lock_image(file.file(), file.path(), false)?;
-    match chain.format() {
-        Format::Raw => Ok(Image::Raw(Raw::new(file, true)?)),
+    if opts.lock {
+        lock::lock_image(file.file(), file.path(), !opts.read_only)?;
+    }
+    match image.format() {
+        Format::Raw => Ok(Image::Raw(Raw::new(file, opts.read_only)?)),
         Format::Qcow2 => {
             let header = qcow2::read_header(&file)?;
             let parts = OpenParts {
                 file,
-                read_only: true,
-                cache_sizes: CacheSizes::default(),
+                read_only: opts.read_only,
+                cache_sizes: opts.cache_sizes,
             };
-            Ok(Image::Qcow2(Box::new(Qcow2::open(parts, header, below)?)))
+            Ok(Image::Qcow2(Box::new(Qcow2::open(
+                parts,
+                header,
+                backing.map(Box::new),
+            )?)))
         }
     }
 }
