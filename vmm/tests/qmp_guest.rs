@@ -2,7 +2,8 @@
 //! QEMU's Python client (`qemu.qmp`, installed by `ci/qmp-venv`, which `ci/setup` runs):
 //! `-S` and `cont`, `stop` freezing the guest, the queries, `quit`, the `SHUTDOWN` event of a guest
 //! power-off and of SIGTERM, `wait=on` holding start-up until a client connects, and live disk
-//! changes (snapshots, also by relative names in a subdirectory, `block_resize`,
+//! changes (snapshots, also by relative names in a subdirectory, where block jobs run too,
+//! `block_resize`,
 //! `query-named-block-nodes`) beside QEMU 10. The scenarios
 //! are in `tests/qmp/guest_client.py`, block jobs beside QEMU 10 (and jobs whose writes fail,
 //! `on-error`) in `tests/qmp/jobs_client.py`,
@@ -107,6 +108,13 @@ fn snapshots_with_relative_names_in_a_subdirectory_answer_as_qemu_s() {
     let dir = Scratch::new("qmp-relative");
     let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
     run_scenario("relative", &kernel, &dir);
+}
+
+#[test]
+fn jobs_on_a_chain_with_relative_names_in_a_subdirectory_answer_as_qemu_s() {
+    let dir = Scratch::new("qmp-relative-jobs");
+    let kernel = dir.file("bzImage", &bzimage(&streaming_guest()));
+    run_scenario("relative-jobs", &kernel, &dir);
 }
 
 #[test]

@@ -19,6 +19,13 @@ qcow2 chain opened by a relative name in a subdirectory (chain/top.qcow2 over ba
 same blockdev-snapshot-sync requests with relative snapshot files go to vmm and QEMU 10: the
 replies, query-block's chains, the files left in chain/ and qemu-img's view of each image made
 (its backing name as written, which resolves against the overlay's directory) must match.
+SCENARIO "relative-jobs": as "relative", then on each engine a snapshot (chain/snap-1.qcow2),
+block-stream with base-node (the base, opened as chain/base.qcow2), another snapshot, an
+intermediate block-commit with top-node and base-node, a third snapshot and the commit of the
+active layer into the second (block-job-complete on BLOCK_JOB_READY): the jobs complete in both,
+whose headers
+name the base as opened (which no longer resolves from chain/); replies, events, query-block's
+chains and qemu-img's view of each image must match.
 SCENARIO "resize": KERNEL as in lifecycle, with a qcow2-over-raw disk (node-name=top0) on an
 iothread, a raw disk on the main loop and a read-only qcow2 disk; query-named-block-nodes (flat
 or not) and the same block_resize requests (grow qcow2 and raw, past the L1 table's cluster, and
@@ -469,6 +476,98 @@ async def relative(vmm_path, kernel, sock):
                              cwd=ours).returncode == 0, f"{name} checks clean")
 
 
+async def relative_jobs_side(qmp, d):
+    """The requests of the relative-jobs scenario, the engine's working directory `d`; returns
+    the replies and events (each job's, to its dismissal) and query-block's chains, `d` named
+    DIR."""
+    nodes = await qmp.execute("query-named-block-nodes")
+    base = [n["node-name"] for n in nodes
+            if n["file"] == "chain/base.qcow2" and n["drv"] == "qcow2"]
+    check(len(base) == 1, f"one node for chain/base.qcow2 ({base})")
+    replies, events = [], []
+    listener = EventListener()
+    with qmp.listen(listener):
+        for cmd, args in [
+            ("blockdev-snapshot-sync", {"device": "d0", "snapshot-file": "chain/snap-1.qcow2",
+                                        "snapshot-node-name": "snap1", "format": "qcow2"}),
+            ("block-stream", {"device": "d0", "job-id": "s0", "base-node": base[0]}),
+            ("blockdev-snapshot-sync", {"device": "d0", "snapshot-file": "chain/snap-2.qcow2",
+                                        "snapshot-node-name": "snap2", "format": "qcow2"}),
+            ("block-commit", {"device": "d0", "job-id": "c0", "top-node": "snap1",
+                              "base-node": base[0]}),
+            ("blockdev-snapshot-sync", {"device": "d0", "snapshot-file": "chain/snap-3.qcow2",
+                                        "snapshot-node-name": "snap3", "format": "qcow2"}),
+            # The active layer, into snap-2 (whose header names the base as opened).
+            ("block-commit", {"device": "d0", "job-id": "a0", "base-node": "snap2"}),
+        ]:
+            try:
+                replies.append((cmd, "return", await qmp.execute(cmd, args)))
+            except Exception as e:  # qemu.qmp's ExecuteError: the reply's class and desc.
+                err = e.error.error
+                replies.append((cmd, err.class_, err.desc.replace(d, "DIR")))
+                continue
+            if cmd == "blockdev-snapshot-sync":
+                continue
+            # The job's events until it is dismissed (auto-dismiss).
+            while True:
+                msg = await asyncio.wait_for(listener.get(), TIMEOUT)
+                data = {k: (v.replace(d, "DIR") if isinstance(v, str) else v)
+                        for k, v in msg.get("data", {}).items()}
+                events.append((msg["event"], data))
+                if msg["event"] == "BLOCK_JOB_READY":
+                    replies.append(("block-job-complete", "return",
+                                    await qmp.execute("block-job-complete", {"device": "a0"})))
+                if msg["event"] == "JOB_STATUS_CHANGE" and data["status"] == "null":
+                    break
+    return replies, events, (await snapshot_side_chain(qmp, d))[1]
+
+
+async def relative_jobs(vmm_path, kernel, sock):
+    import json
+    d = os.path.dirname(sock)
+    ours, theirs = os.path.join(d, "vmm"), os.path.join(d, "qemu")
+    flags = ["-object", "iothread,id=io0",
+             "-drive", "file=chain/top.qcow2,format=qcow2,if=none,id=d0",
+             "-device", "virtio-blk-device,drive=d0,id=vd0,iothread=io0"]
+    for side in (ours, theirs):
+        os.makedirs(os.path.join(side, "chain"), exist_ok=True)
+        for cmd in (["qemu-img", "create", "-q", "-f", "qcow2", "chain/base.qcow2", "4M"],
+                    ["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 1M", "chain/base.qcow2"],
+                    ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                     "chain/top.qcow2"],
+                    ["qemu-io", "-f", "qcow2", "-c", "write -P 8 1M 1M", "chain/top.qcow2"]):
+            subprocess.run(cmd, check=True, cwd=side, stdout=subprocess.DEVNULL)
+    vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags, cwd=ours)
+    qemu, qqmp = await start_qemu(d, flags, "qemu-relative-jobs-test", cwd=theirs)
+    await qmp.execute("cont")
+    mine = await relative_jobs_side(qmp, ours)
+    qemu_side = await relative_jobs_side(qqmp, theirs)
+    for what, a, b in zip(("replies", "events", "query-block's chains"), mine, qemu_side):
+        check(a == b, f"{what} {a} (QEMU: {b})")
+    for q in (qmp, qqmp):
+        await q.execute("quit")
+    check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
+    await asyncio.wait_for(qemu.wait(), TIMEOUT)
+    for q in (qmp, qqmp):
+        await close(q)
+    files = [sorted(os.listdir(os.path.join(side, "chain"))) for side in (ours, theirs)]
+    check(files[0] == files[1], f"files left in chain/: {files[0]} (QEMU: {files[1]})")
+    for name in ("chain/base.qcow2", "chain/top.qcow2", "chain/snap-1.qcow2",
+                 "chain/snap-2.qcow2", "chain/snap-3.qcow2"):
+        a, b = image_info(ours, name), image_info(theirs, name)
+        check(a == b, f"qemu-img info {name}: {a} (QEMU: {b})")
+    # What each engine left, read as the disk had it (the headers' names no longer resolve
+    # from chain/): snap-2 over the base, the same data.
+    for side in (ours, theirs):
+        over = json.dumps({"driver": "qcow2", "file": {"driver": "file",
+                                                       "filename": "chain/snap-2.qcow2"},
+                           "backing": {"driver": "qcow2", "file": {
+                               "driver": "file", "filename": "chain/base.qcow2"}}})
+        check(subprocess.run(["qemu-img", "compare", "-q", f"json:{over}", "chain/top.qcow2"],
+                             cwd=side).returncode == 0,
+              f"{side}: snap-2 over the base reads as the first top")
+
+
 GENERATED = re.compile(r"#block[0-9]+")
 
 
@@ -597,7 +696,8 @@ async def close(qmp):
 
 
 SCENARIOS = {"lifecycle": lifecycle, "poweroff": poweroff, "signal": on_signal, "wait": wait_on,
-             "disks": disks, "snapshot": snapshot, "relative": relative, "resize": resize}
+             "disks": disks, "snapshot": snapshot, "relative": relative,
+             "relative-jobs": relative_jobs, "resize": resize}
 
 if __name__ == "__main__":
     scenario, vmm_path, kernel, sock = sys.argv[1:5]

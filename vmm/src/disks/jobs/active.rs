@@ -13,18 +13,19 @@
 //! lands after the read sets them again and is copied again; none is lost.
 //!
 //! The end (main loop, disk drained in its context): `block-job-complete` copies what is still
-//! dirty, flushes and closes the job's handle on `base`, reopens `base` read-write with the
-//! chain below it and hands it to the device's engine; the old chain is closed and the new one
+//! dirty, flushes and closes the job's handle on `base`, reopens `base` read-write over the
+//! chain below it, each image by the name the disk opened it with (never through the names in
+//! headers), and hands it to the device's engine; the old chain is closed and the new one
 //! takes its locks. Nothing's backing name changes (no image was above the top). Cancelled, or
 //! `block-job-cancel` after ready (QEMU's completion without a switch), the device gets its
 //! plain top back and the disk stays on it.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use block::direct::{DirectPin, DirectTarget, Extent};
 use block::{BlockStatus, DiskImage, Error, Image, OpenOptions, WithPolicy};
 
+use super::stream::reopen_layers;
 use super::{JobError, Jobs, NewJob, Step, StepError, Work};
 use crate::monitor::VmDisk;
 
@@ -300,10 +301,9 @@ impl Work for ActiveCommit {
             let base = self.base.take().ok_or_else(Self::ended)?;
             base.flush()
                 .map_err(|e| format!("Could not flush '{base_path}': {}", chain_error(&e)))?;
-            let format = base.format();
             drop(base);
             let options = OpenOptions {
-                format: Some(format),
+                format: None,
                 read_only: false,
                 cache,
                 // The old chain holds the locks until it closes, below.
@@ -311,7 +311,12 @@ impl Work for ActiveCommit {
                 // The base's node had the defaults.
                 ..OpenOptions::default()
             };
-            let image = block::open(Path::new(&base_path), options)
+            let chain = self.top.as_ref().ok_or_else(Self::ended)?.inner().chain();
+            let mut below = chain.skip(self.base_depth);
+            let (Some(kept), below) = (below.next(), below.next()) else {
+                return Err(Self::ended());
+            };
+            let image = reopen_layers(&[kept], below, options)
                 .map_err(|e| format!("Could not reopen '{base_path}': {}", chain_error(&e)))?;
             let new = Arc::new(WithPolicy::new(image, policy, detect_zeroes));
             aio.replace_image(Arc::clone(&new) as Arc<dyn DiskImage>)
@@ -368,19 +373,20 @@ pub(super) fn start_active_commit(
         .ok_or_else(|| JobError::Other("Base not found".to_owned()))?;
     let base_path = base.file().path().to_owned();
     let options = OpenOptions {
-        format: Some(base.format()),
+        format: None,
         read_only: false,
         cache,
         // The disk's chain holds its locks.
         lock: false,
         ..OpenOptions::default()
     };
-    let writable = block::open(Path::new(&base_path), options).map_err(|e| {
-        JobError::Other(format!(
-            "Could not reopen '{base_path}' read-write: {}",
-            chain_error(&e)
-        ))
-    })?;
+    let writable =
+        reopen_layers(&[base], top.chain().nth(base_depth + 1), options).map_err(|e| {
+            JobError::Other(format!(
+                "Could not reopen '{base_path}' read-write: {}",
+                chain_error(&e)
+            ))
+        })?;
     if writable.size() < top.size() {
         // As QEMU, the base grows to the top's size.
         writable.grow(top.size()).map_err(|e| {
@@ -433,6 +439,7 @@ mod tests {
         assert_reads, block_of, names, pattern, run, Guest, Scratch, BLOCKS, WRITES,
     };
     use crate::disks::jobs::{CommitArgs, JobStatus};
+    use std::path::Path;
 
     #[test]
     fn the_bitmap_hands_out_runs_and_takes_marks_back() {

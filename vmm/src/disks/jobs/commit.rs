@@ -5,23 +5,24 @@
 //!
 //! Steps (on the job's thread): at most [`CHUNK`] bytes each, a run that some image from `top`
 //! down to (not including) `base` allocates is read through `top` and written into `base`
-//! through a second, read-write handle on it, opened without locks (the disk's chain keeps
+//! through a second, read-write handle on it (over the chain below it, each image by the name
+//! the disk opened it with), opened without locks (the disk's chain keeps
 //! its read lock and its refusal to share write, so no other process writes it meanwhile).
 //! The guest never reads what is written: its reads of those ranges stop at `top` or above, and
 //! its writes go to the active layer.
 //!
 //! The end (main loop): `base` is flushed and its handle closed; the image above `top` gets
 //! `base` as its backing file (the active layer under its metadata lock, an intermediate image
-//! through a handle of its own), and the disk is switched to the chain the active layer's header
-//! names, as the stream's end does.
+//! through a handle of its own, reopened as the disk has it), and the disk is switched to the
+//! images above `top` over `base`, reopened by the names the disk opened them with, as the
+//! stream's end does.
 
-use std::path::Path;
 use std::sync::{Arc, PoisonError};
 
 use block::{DiskImage, Image, OpenOptions, WithPolicy};
 
 use super::active::start_active_commit;
-use super::stream::{find_in_chain, reopen_with_backing};
+use super::stream::{find_in_chain, reopen_layers, reopen_with_backing};
 use super::{JobEnd, JobError, JobKind, Jobs, Layer, NewJob, Step, StepError, Work};
 use crate::monitor::VmDisk;
 
@@ -106,21 +107,29 @@ impl Work for Commit {
         let backing = Some(self.backing.clone());
         if self.top_depth == 1 {
             drop(active);
-            reopen_with_backing(&disk.device, &mut live, Some(backing))?;
+            reopen_with_backing(
+                &disk.device,
+                &mut live,
+                Some(backing),
+                1,
+                Some(self.base_depth),
+            )?;
         } else {
-            let above = active
-                .inner()
-                .chain()
-                .nth(self.top_depth - 1)
-                .ok_or_else(|| "The chain changed".to_owned())?;
+            let chain = active.inner();
+            let (Some(above), Some(base)) = (
+                chain.chain().nth(self.top_depth - 1),
+                chain.chain().nth(self.base_depth),
+            ) else {
+                return Err("The chain changed".to_owned());
+            };
             let path = above.file().path().to_owned();
             let options = OpenOptions {
-                format: Some(above.format()),
+                format: None,
                 read_only: false,
                 lock: false,
                 ..OpenOptions::default()
             };
-            let writable = block::open(Path::new(&path), options)
+            let writable = reopen_layers(&[above], Some(base), options)
                 .map_err(|e| format!("Could not reopen '{path}': {}", chain_error(&e)))?;
             writable.set_backing_name(backing).map_err(|e| {
                 format!(
@@ -130,7 +139,13 @@ impl Work for Commit {
             })?;
             drop(writable);
             drop(active);
-            reopen_with_backing(&disk.device, &mut live, None)?;
+            reopen_with_backing(
+                &disk.device,
+                &mut live,
+                None,
+                self.top_depth,
+                Some(self.base_depth),
+            )?;
         }
         // `top` and the layers down to (not including) `base` are gone.
         disk.info.drop_layers(self.top_depth, live.describe());
@@ -216,18 +231,19 @@ pub fn start_commit(jobs: &mut Jobs, disk: &VmDisk, args: CommitArgs) -> Result<
         base.format().name().to_owned(),
     );
     let options = OpenOptions {
-        format: Some(base.format()),
+        format: None,
         read_only: false,
         // The disk's chain holds its locks.
         lock: false,
         ..OpenOptions::default()
     };
-    let writable = block::open(Path::new(&base_path), options).map_err(|e| {
-        JobError::Other(format!(
-            "Could not reopen '{base_path}' read-write: {}",
-            chain_error(&e)
-        ))
-    })?;
+    let writable =
+        reopen_layers(&[base], image.chain().nth(base_depth + 1), options).map_err(|e| {
+            JobError::Other(format!(
+                "Could not reopen '{base_path}' read-write: {}",
+                chain_error(&e)
+            ))
+        })?;
     let work = Commit {
         top: Some(Arc::clone(&active)),
         top_depth,

@@ -12,9 +12,13 @@
 //! ([`Block::with_drained_io`](devices::virtio::block::Block::with_drained_io)); with nothing in
 //! flight the top is flushed and its header rewritten to name `base` (its file name as the
 //! chain opened it, or `backing-file`, and its format; no backing file without a base), the top
-//! reopened read-write with the chain that header names, without locks, and handed to the
-//! device's engine; then the old chain is closed (its locks go with it) and the new one takes
-//! its locks. A failure before the header is rewritten leaves the disk as it was.
+//! reopened read-write, without locks, over the base and its chain reopened read-only, each
+//! image by the name the disk opened it with ([`reopen_layers`]), never through the names in
+//! headers (a name as the chain opened it, such as `chain/base.qcow2` for a disk opened as
+//! `chain/top.qcow2`, resolves against the top's directory: QEMU writes it too, and keeps the
+//! base's node attached), and handed to the device's engine; then the old chain is closed (its
+//! locks go with it) and the new one takes its locks. A failure before the header is rewritten
+//! leaves the disk as it was.
 
 use std::path::Path;
 use std::sync::{Arc, PoisonError};
@@ -101,7 +105,13 @@ impl Work for Stream {
         let mut live = disk.live.lock().unwrap_or_else(PoisonError::into_inner);
         // The job's handle on the old chain goes first: its files close with the last one.
         self.top = None;
-        reopen_with_backing(&disk.device, &mut live, Some(self.backing.clone()))?;
+        reopen_with_backing(
+            &disk.device,
+            &mut live,
+            Some(self.backing.clone()),
+            1,
+            self.base_depth,
+        )?;
         // The layers between the top and the base are gone.
         disk.info.drop_layers(1, live.describe());
         Ok(())
@@ -113,11 +123,15 @@ impl Work for Stream {
 }
 
 /// Rewrites the top's backing file to `backing` (with `Some`; `None` keeps it) and switches the
-/// disk to the chain the top's header names (steps in the module documentation).
+/// disk to its chain without the images between depth `keep` and `below` (steps in the module
+/// documentation): the top `keep` images of the chain over the image at depth `below` of it,
+/// none with `None`.
 pub(super) fn reopen_with_backing(
     device: &devices::virtio::block::Block,
     live: &mut LiveImage,
     backing: Option<Option<(String, String)>>,
+    keep: usize,
+    below: Option<usize>,
 ) -> Result<(), String> {
     let old = Arc::clone(&live.top);
     let top = old.inner();
@@ -134,14 +148,16 @@ pub(super) fn reopen_with_backing(
             })?;
         }
         let options = OpenOptions {
-            format: Some(top.format()),
+            format: None,
             read_only: false,
             cache: live.cache,
             // The old chain holds the locks until it closes, below.
             lock: false,
             cache_sizes: live.cache_sizes,
         };
-        let image = block::open(Path::new(&path), options)
+        let layers: Vec<&Image> = top.chain().take(keep).collect();
+        let below = below.and_then(|d| top.chain().nth(d));
+        let image = reopen_layers(&layers, below, options)
             .map_err(|e| format!("Could not reopen '{path}': {}", devices::error_chain(&e)))?;
         let new = Arc::new(WithPolicy::new(image, live.policy, live.detect_zeroes));
         aio.replace_image(Arc::clone(&new) as Arc<dyn DiskImage>)
@@ -161,6 +177,33 @@ pub(super) fn reopen_with_backing(
         log::error!("{path}: cannot lock the reopened chain: {e}");
     }
     Ok(())
+}
+
+/// `layers`, consecutive images of a disk's chain from the top down, opened again by the names
+/// the disk opened them with: the first with `top`'s options, the others read-only and locked,
+/// over `below` (an image of the same chain) and its chain reopened read-only. Never through
+/// the backing names in headers, which need not resolve from where the disk was opened: QEMU
+/// keeps the nodes of a chain it changes attached, never resolving names again.
+pub(super) fn reopen_layers(
+    layers: &[&Image],
+    below: Option<&Image>,
+    top: OpenOptions,
+) -> Result<Image, block::Error> {
+    let mut chain = below
+        .map(|b| block::reopen_read_only(b, top.cache))
+        .transpose()?;
+    for (i, layer) in layers.iter().enumerate().rev() {
+        let options = if i == 0 {
+            top
+        } else {
+            OpenOptions {
+                cache: top.cache,
+                ..OpenOptions::default()
+            }
+        };
+        chain = Some(block::reopen_over(layer, options, chain)?);
+    }
+    chain.ok_or(block::Error::InvalidOption("No image to reopen".to_owned()))
 }
 
 /// Which image of `top`'s chain `name` names (as given, or resolved as a backing file name is),
