@@ -20,10 +20,10 @@ same blockdev-snapshot-sync requests with relative snapshot files go to vmm and 
 replies, query-block's chains, the files left in chain/ and qemu-img's view of each image made
 (its backing name as written, which resolves against the overlay's directory) must match.
 SCENARIO "relative-jobs": as "relative", then on each engine a snapshot (chain/snap-1.qcow2),
-block-stream with base-node (the base, opened as chain/base.qcow2), another snapshot, an
-intermediate block-commit with top-node and base-node, a third snapshot and the commit of the
-active layer into the second (block-job-complete on BLOCK_JOB_READY): the jobs complete in both,
-whose headers
+block-stream with base-node (the base, opened as chain/base.qcow2), two more snapshots, the
+block-commit of snap-1 into the base with top-node and base-node (snap-2 renamed its backing
+file) and the commit of the active layer into snap-2 (block-job-complete on BLOCK_JOB_READY):
+the jobs complete in both, whose headers
 name the base as opened (which no longer resolves from chain/); replies, events, query-block's
 chains and qemu-img's view of each image must match.
 SCENARIO "resize": KERNEL as in lifecycle, with a qcow2-over-raw disk (node-name=top0) on an
@@ -493,10 +493,11 @@ async def relative_jobs_side(qmp, d):
             ("block-stream", {"device": "d0", "job-id": "s0", "base-node": base[0]}),
             ("blockdev-snapshot-sync", {"device": "d0", "snapshot-file": "chain/snap-2.qcow2",
                                         "snapshot-node-name": "snap2", "format": "qcow2"}),
-            ("block-commit", {"device": "d0", "job-id": "c0", "top-node": "snap1",
-                              "base-node": base[0]}),
             ("blockdev-snapshot-sync", {"device": "d0", "snapshot-file": "chain/snap-3.qcow2",
                                         "snapshot-node-name": "snap3", "format": "qcow2"}),
+            # An intermediate image below an intermediate image (snap-2 gets the new name).
+            ("block-commit", {"device": "d0", "job-id": "c0", "top-node": "snap1",
+                              "base-node": base[0]}),
             # The active layer, into snap-2 (whose header names the base as opened).
             ("block-commit", {"device": "d0", "job-id": "a0", "base-node": "snap2"}),
         ]:
