@@ -30,8 +30,13 @@
 //! writes the dirty tables back after releasing the lock (`Qcow2::make_room`, an eviction
 //! write-back: [`Copies`] of the refcount blocks and L2 tables only, in the same order, without
 //! the final sync, the L1 entries or the reference drops, which wait for a flush), then drops
-//! the tables now clean. Only a cache too far over its size (`cache.rs`, `OVERDRAFT`) writes
-//! its least recently used table under the lock ([`Meta::write_l2`]).
+//! the tables now clean. A guest request that finds a cache at its overdraft (`cache.rs`,
+//! `OVERDRAFT` tables over its size, all dirty) waits instead: it releases the lock, runs the
+//! eviction write-back once the one in flight ended, and retries, or gets the write-back's error
+//! (`Qcow2::lock_with_room`); so memory stays bounded and no guest request writes or syncs
+//! under the lock. Only the paths holding the write-backs' mutex for their whole run (checks,
+//! snapshot operations, resizing; opening and closing) make room at the overdraft by writing the
+//! least recently used dirty table under the lock ([`Meta::room_by_writing`]).
 //!
 //! A table is clean only once its write succeeded (`TableCache::write_dirty`); a failed write
 //! leaves it, and every need recorded for it, in place, so the next write-back retries it and no
@@ -575,7 +580,7 @@ impl Meta {
     /// refcount table grew, writes the new table, syncs and switches the header to it
     /// (synced), as a write-back does (`Copies::write`); else, if new blocks' refcount table
     /// entries are owed, syncs and writes those entries. Under the lock: for the close path,
-    /// checks, snapshots, resizing and a cache too far over its size.
+    /// checks, snapshots and resizing (a cache at its overdraft during one of them too).
     pub fn write_refcount_blocks(&mut self, f: &HostFile) -> Result<(), Error> {
         for off in self.rc_blocks.dirty() {
             self.write_rc_block(f, off)?;

@@ -21,9 +21,11 @@
 //! goes over its size, and the request that filled it writes the dirty tables back after
 //! releasing the lock, as a flush does (`Qcow2::make_room`); so does a new refcount block, made in
 //! the cache with its table entry owed, and a growing refcount table, built in memory and
-//! switched to by the next write-back (`refcount.rs`). Still written and synced under the lock: a
-//! dirty table evicted from a cache too far over its size, the close path, checks, internal
-//! snapshots and resizing.
+//! switched to by the next write-back (`refcount.rs`). A request finding a cache at its overdraft
+//! (`cache.rs`) releases the lock and waits for, or runs, an eviction write-back before going on
+//! (`Qcow2::lock_with_room`). Still written and synced under the lock, only on paths that hold
+//! the write-backs' mutex or the image alone: the close path, checks, internal snapshots and
+//! resizing.
 
 pub mod amend;
 mod backing_name;

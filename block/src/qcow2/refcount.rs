@@ -351,7 +351,7 @@ impl Meta {
     /// new blocks and the new table durable and switched it (`Copies::write`,
     /// [`Meta::write_refcount_blocks`]); the old table is freed only once that switch is
     /// durable ([`Meta::rc_table_switched`]). Nothing is written or synced here, under the lock
-    /// (unless the cache is too far over its size).
+    /// (unless a check, snapshot or resize fills the cache to its overdraft).
     fn grow_table(&mut self, f: &HostFile, c: u64) -> Result<(), Error> {
         let cs = self.cs();
         let per = self.rc_per_block();

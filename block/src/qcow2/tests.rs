@@ -701,7 +701,8 @@ fn a_table_write_failing_under_the_lock_during_a_flush_stays_owed() {
     let (_, l2, _) = owed_tables(q)[1];
     let flushed = while_a_flush_syncs(q, || {
         // The flush has copied the L2 table and waits to write it; meanwhile a write of the
-        // same table under the lock (the cache too far over its size) fails.
+        // same table under the lock fails (made directly: the paths writing under the lock hold the
+        // flush mutex, so they never overlap a write-back; `Written` guards the case anyway).
         install(q, move |op| writes_at(op, l2, CS));
         assert!(matches!(
             q.lock().write_l2(&q.file, l2),
