@@ -560,6 +560,11 @@ fn lookups_go_on_while_an_eviction_writes_back() {
     );
 }
 
+/// The byte written into the `k`th 512 MiB range (k below 255).
+fn byte_of(k: u64) -> u8 {
+    u8::try_from(k + 1).unwrap()
+}
+
 /// Fills a one-table L2 cache of `q` with `n` dirty tables (an allocating write into each of
 /// the first `n` 512 MiB ranges) while the write-backs' mutex is held, so that no eviction
 /// write-back cleans them.
@@ -567,7 +572,7 @@ fn dirty_l2_tables(q: &Qcow2, n: u64) {
     q.lock().l2 = super::cache::TableCache::new(1);
     let _flushing = q.flushing();
     for k in 0..n {
-        q.write_at(&[k as u8 + 1; 512], k << 29).unwrap();
+        q.write_at(&[byte_of(k); 512], k << 29).unwrap();
     }
 }
 
@@ -600,7 +605,7 @@ fn a_request_over_the_overdraft_writes_back_outside_the_lock() {
     assert!(q.lock_shared().l2.tables() <= 1 + super::cache::OVERDRAFT);
     q.flush().unwrap();
     let img = reopened_copy(dir.path(), &p, img);
-    let mut expect: Vec<(u64, u8)> = (0..full).map(|k| (k << 29, k as u8 + 1)).collect();
+    let mut expect: Vec<(u64, u8)> = (0..full).map(|k| (k << 29, byte_of(k))).collect();
     expect.push((full << 29, 0xee));
     assert_reads(&img, 512, &expect);
 }
@@ -616,7 +621,7 @@ fn allocate_from_threads(q: &Qcow2, first: u64, bound: usize) -> Vec<(u64, u8)> 
                     (0..8u64)
                         .map(|i| {
                             let k = first + t * 8 + i;
-                            let r = q.write_at(&[k as u8 + 1; 512], k << 29);
+                            let r = q.write_at(&[byte_of(k); 512], k << 29);
                             assert!(matches!(r, Ok(()) | Err(Error::Io { .. })), "{r:?}");
                             let tables = q.lock_shared().l2.tables();
                             assert!(tables <= bound, "{tables} L2 tables cached");
@@ -632,7 +637,7 @@ fn allocate_from_threads(q: &Qcow2, first: u64, bound: usize) -> Vec<(u64, u8)> 
         .into_iter()
         .flatten()
         .filter(|&(_, ok)| ok)
-        .map(|(k, _)| (k << 29, k as u8 + 1))
+        .map(|(k, _)| (k << 29, byte_of(k)))
         .collect()
 }
 
