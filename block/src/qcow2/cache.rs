@@ -7,9 +7,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Tables a full cache may hold beyond its size while its dirty ones wait for a write-back
-/// outside the metadata lock (`meta.rs`); past that, a dirty table is written under the lock to
-/// make room, so memory stays bounded whatever the requests in flight.
-const OVERDRAFT: usize = 16;
+/// outside the metadata lock (`meta.rs`); a request that finds a cache this far over waits for
+/// a write-back before changing anything (`Qcow2::lock_with_room`), so memory stays bounded
+/// whatever the requests in flight, and nothing is written under the lock to make room.
+pub(super) const OVERDRAFT: usize = 16;
 
 /// One cached table.
 #[derive(Debug)]
@@ -63,6 +64,12 @@ impl<T> TableCache<T> {
         })
     }
 
+    /// How many tables the cache holds.
+    #[cfg(test)]
+    pub fn tables(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Whether the cache is full (the caller must evict before inserting).
     pub fn full(&self) -> bool {
         self.slots.len() >= self.cap
@@ -73,9 +80,27 @@ impl<T> TableCache<T> {
         self.slots.len() > self.cap
     }
 
-    /// Whether a full cache may take one more table without writing a dirty one first.
-    pub fn may_overdraw(&self) -> bool {
-        self.slots.len() < self.cap + OVERDRAFT
+    /// Whether the cache holds its size and its whole overdraft: requests wait for a
+    /// write-back before adding to it.
+    pub fn at_overdraft(&self) -> bool {
+        self.slots.len() >= self.cap + OVERDRAFT
+    }
+
+    /// The least recently used table's offset and whether it is dirty.
+    pub fn victim(&self) -> Option<(u64, bool)> {
+        self.slots
+            .iter()
+            .min_by_key(|(_, s)| s.used.load(Ordering::Relaxed))
+            .map(|(&o, s)| (o, s.dirty))
+    }
+
+    /// Makes room for one more table in a full cache by dropping the least recently used one
+    /// if it is clean; if it is dirty, the cache goes over its size until a write-back
+    /// (nothing is written here).
+    pub fn make_room(&mut self) {
+        if let Some((victim, false)) = self.victim().filter(|_| self.full()) {
+            self.slots.remove(&victim);
+        }
     }
 
     /// Drops least recently used clean tables until the cache is within its size; returns
@@ -96,14 +121,6 @@ impl<T> TableCache<T> {
             }
         }
         true
-    }
-
-    /// The least recently used table's offset and whether it is dirty.
-    pub fn victim(&self) -> Option<(u64, bool)> {
-        self.slots
-            .iter()
-            .min_by_key(|(_, s)| s.used.load(Ordering::Relaxed))
-            .map(|(&o, s)| (o, s.dirty))
     }
 
     /// Removes a table.
@@ -236,6 +253,15 @@ mod tests {
         c.write_dirty(1, |_| Err("written twice")).unwrap();
         assert_eq!(c.remove(2), Some("b"));
         assert!(!c.full());
+        // Room is made by dropping the least recently used table if clean, never a dirty one.
+        c.insert(2, "b");
+        assert!(c.get(1).is_some());
+        c.make_room();
+        assert!(c.get(1).is_some() && c.get(2).is_none());
+        c.mark_dirty(1);
+        c.insert(2, "b");
+        c.make_room();
+        assert!(c.get(1).is_some() && c.get(2).is_some());
     }
 
     #[test]
@@ -273,7 +299,7 @@ mod tests {
         c.insert(2, 20);
         c.insert(3, 30);
         c.mark_dirty(3);
-        assert!(c.over_size() && c.may_overdraw());
+        assert!(c.over_size() && !c.at_overdraft());
         // Table 2 goes; the dirty ones stay, over the size, until written.
         assert!(!c.trim());
         assert_eq!(c.dirty(), vec![1, 3]);
@@ -284,6 +310,6 @@ mod tests {
         for o in 10..10 + OVERDRAFT as u64 {
             c.insert(o, 0);
         }
-        assert!(!c.may_overdraw());
+        assert!(c.at_overdraft());
     }
 }

@@ -440,7 +440,7 @@ impl Qcow2 {
             return Err(Error::ReadOnly);
         }
         let _flushing = self.flushing();
-        let mut m = self.lock();
+        let mut m = self.lock_for_maintenance();
         if !self.read_only {
             m.write_back(&self.file)?;
             m.write_back(&self.file)?;

@@ -50,7 +50,7 @@ impl CompressedWriter {
             img.write_at(&data[..n], guest)?;
             return Ok(false);
         };
-        let mut m = img.lock();
+        let mut m = img.lock_with_room()?;
         let l2 = img.writable_l2(&mut m, guest)?;
         let (entry, bitmap) = m.l2_words(l2, guest);
         if !matches!(

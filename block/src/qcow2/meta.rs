@@ -30,8 +30,13 @@
 //! writes the dirty tables back after releasing the lock (`Qcow2::make_room`, an eviction
 //! write-back: [`Copies`] of the refcount blocks and L2 tables only, in the same order, without
 //! the final sync, the L1 entries or the reference drops, which wait for a flush), then drops
-//! the tables now clean. Only a cache too far over its size (`cache.rs`, `OVERDRAFT`) writes
-//! its least recently used table under the lock ([`Meta::write_l2`]).
+//! the tables now clean. A guest request that finds a cache at its overdraft (`cache.rs`,
+//! `OVERDRAFT` tables over its size, all dirty) waits instead: it releases the lock, runs the
+//! eviction write-back once the one in flight ended, and retries, or gets the write-back's error
+//! (`Qcow2::lock_with_room`); so memory stays bounded and no guest request writes or syncs
+//! under the lock. Only the paths holding the write-backs' mutex for their whole run (checks,
+//! snapshot operations, resizing; opening and closing) make room at the overdraft by writing the
+//! least recently used dirty table under the lock ([`Meta::room_by_writing`]).
 //!
 //! A table is clean only once its write succeeded (`TableCache::write_dirty`); a failed write
 //! leaves it, and every need recorded for it, in place, so the next write-back retries it and no
@@ -233,6 +238,12 @@ pub struct Meta {
     pub written: Arc<Written>,
     /// Metadata was written since the last sync.
     pub unsynced: bool,
+    /// Set while a path holding the write-backs' mutex (a check, a snapshot operation, a
+    /// resize, the close path) holds the lock (`Qcow2::lock_for_maintenance`): such a path may
+    /// touch every table in one hold and no eviction write-back runs meanwhile, so a cache at
+    /// its overdraft makes room by writing a dirty table under the lock. Guest requests never
+    /// do: they wait for a write-back before taking the lock instead (`Qcow2::lock_with_room`).
+    pub room_by_writing: bool,
     /// The epochs of requests doing I/O without the lock (shared with `Qcow2`), which may still
     /// use a cluster they looked up before it was freed.
     pub epochs: Arc<Epochs>,
@@ -311,21 +322,24 @@ impl Meta {
         Ok(())
     }
 
-    /// Makes room for one more L2 table: drops the least recently used one if clean, else
-    /// leaves it to an eviction write-back after the lock is released (see the module doc),
-    /// writing it here only when the cache is too far over its size.
+    /// Makes room for one more L2 table: drops the least recently used one if clean, else lets
+    /// the cache go over its size, the dirty tables left to an eviction write-back after the
+    /// lock is released (see the module doc). Only under [`Meta::room_by_writing`] does a
+    /// cache at its overdraft write its least recently used dirty table here.
     fn make_room_l2(&mut self, f: &HostFile) -> Result<(), Error> {
-        if !self.l2.full() {
-            return Ok(());
-        }
-        match self.l2.victim() {
-            Some((victim, dirty)) if !dirty || !self.l2.may_overdraw() => {
+        if self.room_by_writing && self.l2.at_overdraft() {
+            if let Some((victim, true)) = self.l2.victim() {
                 self.write_l2(f, victim)?;
-                self.l2.remove(victim);
             }
-            _ => {}
         }
+        self.l2.make_room();
         Ok(())
+    }
+
+    /// Whether a cache holds its size and its whole overdraft of dirty tables: a guest request
+    /// waits for a write-back before changing anything (`Qcow2::lock_with_room`).
+    pub fn at_overdraft(&self) -> bool {
+        self.l2.at_overdraft() || self.rc_blocks.at_overdraft()
     }
 
     /// Whether a cache holds more tables than its size (dirty ones, until an eviction
@@ -566,7 +580,7 @@ impl Meta {
     /// refcount table grew, writes the new table, syncs and switches the header to it
     /// (synced), as a write-back does (`Copies::write`); else, if new blocks' refcount table
     /// entries are owed, syncs and writes those entries. Under the lock: for the close path,
-    /// checks, snapshots, resizing and a cache too far over its size.
+    /// checks, snapshots and resizing (a cache at its overdraft during one of them too).
     pub fn write_refcount_blocks(&mut self, f: &HostFile) -> Result<(), Error> {
         for off in self.rc_blocks.dirty() {
             self.write_rc_block(f, off)?;

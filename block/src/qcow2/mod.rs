@@ -21,9 +21,11 @@
 //! goes over its size, and the request that filled it writes the dirty tables back after
 //! releasing the lock, as a flush does (`Qcow2::make_room`); so does a new refcount block, made in
 //! the cache with its table entry owed, and a growing refcount table, built in memory and
-//! switched to by the next write-back (`refcount.rs`). Still written and synced under the lock: a
-//! dirty table evicted from a cache too far over its size, the close path, checks, internal
-//! snapshots and resizing.
+//! switched to by the next write-back (`refcount.rs`). A request finding a cache at its overdraft
+//! (`cache.rs`) releases the lock and waits for, or runs, an eviction write-back before going on
+//! (`Qcow2::lock_with_room`). Still written and synced under the lock, only on paths that hold
+//! the write-backs' mutex or the image alone: the close path, checks, internal snapshots and
+//! resizing.
 
 pub mod amend;
 mod backing_name;
@@ -52,7 +54,7 @@ use std::collections::BTreeSet;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub(crate) use backing_name::rewrite_header;
 pub use cache_size::{CacheSizeError, CacheSizes, CacheTables};
@@ -108,6 +110,30 @@ pub struct Qcow2 {
     overlap: Arc<overlap::Overlap>,
     /// Buffers for reading and decompressing compressed clusters, lent per read.
     compressed_bufs: BufPool,
+}
+
+/// The metadata lock of a path that may write tables under it to make room
+/// ([`Qcow2::lock_for_maintenance`]); guest requests taking the lock afterwards never do.
+struct Maintenance<'a>(RwLockWriteGuard<'a, Meta>);
+
+impl std::ops::Deref for Maintenance<'_> {
+    type Target = Meta;
+
+    fn deref(&self) -> &Meta {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Maintenance<'_> {
+    fn deref_mut(&mut self) -> &mut Meta {
+        &mut self.0
+    }
+}
+
+impl Drop for Maintenance<'_> {
+    fn drop(&mut self) {
+        self.0.room_by_writing = false;
+    }
 }
 
 /// What `Qcow2::open` needs besides the file.
@@ -242,6 +268,7 @@ impl Qcow2 {
             stamps: 0,
             written: Arc::default(),
             unsynced: false,
+            room_by_writing: false,
             epochs: Arc::clone(&epochs),
             quarantine: refcount::Quarantine::default(),
             overlap: Arc::clone(&overlap),
@@ -272,7 +299,7 @@ impl Qcow2 {
     /// On a read-write open: rebuilds the refcounts of a dirty image (lazy refcounts), and clears
     /// the dirty bit and every autoclear bit (we maintain none of the autoclear features).
     fn prepare_for_writing(&self) -> Result<(), Error> {
-        let mut m = self.lock();
+        let mut m = self.lock_for_maintenance();
         let dirty = m.header.incompatible & INCOMPAT_DIRTY != 0;
         if dirty {
             check::rebuild_refcounts(&self.file, &mut m)?;
@@ -335,25 +362,60 @@ impl Qcow2 {
     /// while another write-back runs, which trims the caches when it ends. A failure is only
     /// logged: the tables stay dirty, and the next flush writes them or reports it.
     fn make_room(&self) {
-        let _flushing = match self.flushing.try_lock() {
+        let flushing = match self.flushing.try_lock() {
             Ok(g) => g,
             // Guards no data: a panic elsewhere leaves nothing to repair.
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return,
         };
+        if let Err(e) = self.evict(flushing) {
+            log::warn!("{}: evicting metadata tables failed: {e}", self.file.path());
+        }
+    }
+
+    /// An eviction write-back, the write-backs' mutex held (`flushing`): if a cache is over its
+    /// size, writes the dirty tables without the metadata lock (`meta.rs`), then drops the
+    /// least recently used clean tables.
+    fn evict(&self, flushing: MutexGuard<'_, ()>) -> Result<(), Error> {
         let copies = {
             let mut m = self.lock();
             if !m.over_size() {
-                return;
+                return Ok(());
             }
             m.copy_dirty(false)
         };
         let written = copies.write(&self.file);
         let mut m = self.lock();
-        if let Err(e) = m.settle(&self.file, &copies, written) {
-            log::warn!("{}: evicting metadata tables failed: {e}", self.file.path());
-        }
+        let settled = m.settle(&self.file, &copies, written);
         m.trim();
+        drop(flushing);
+        settled
+    }
+
+    /// The metadata lock for a guest request, which may add tables to the caches: while a cache
+    /// holds its whole overdraft of dirty tables (`cache.rs`), the request releases the lock,
+    /// waits for the write-back in flight and runs one itself if still needed, then retries;
+    /// so memory stays bounded and no sync happens under the lock. A failed write-back is the
+    /// request's error (the tables stay dirty and owed). Never called holding the write-backs'
+    /// mutex.
+    fn lock_with_room(&self) -> Result<RwLockWriteGuard<'_, Meta>, Error> {
+        loop {
+            let m = self.lock();
+            if !m.at_overdraft() {
+                return Ok(m);
+            }
+            drop(m);
+            self.evict(self.flushing())?;
+        }
+    }
+
+    /// The metadata lock for a path holding the write-backs' mutex (a check, a snapshot
+    /// operation, a resize) or alone with the image (opening, closing): a cache at its
+    /// overdraft makes room by writing a dirty table under the lock ([`Meta::room_by_writing`]).
+    fn lock_for_maintenance(&self) -> Maintenance<'_> {
+        let mut m = self.lock();
+        m.room_by_writing = true;
+        Maintenance(m)
     }
 
     fn lock_shared(&self) -> RwLockReadGuard<'_, Meta> {
@@ -446,7 +508,7 @@ impl Qcow2 {
                 return Ok((map, run, then()));
             }
         }
-        let mut m = self.lock();
+        let mut m = self.lock_with_room()?;
         let (map, run) = self.lookup_locked(&mut m, guest)?;
         let then = then();
         self.unlock(m);
@@ -670,7 +732,7 @@ impl Drop for Qcow2 {
         if self.read_only {
             return;
         }
-        let mut m = self.lock();
+        let mut m = self.lock_for_maintenance();
         // The first pass may queue refcount drops that the second writes.
         for _ in 0..2 {
             if !m.has_dirty() {

@@ -351,7 +351,7 @@ impl Meta {
     /// new blocks and the new table durable and switched it (`Copies::write`,
     /// [`Meta::write_refcount_blocks`]); the old table is freed only once that switch is
     /// durable ([`Meta::rc_table_switched`]). Nothing is written or synced here, under the lock
-    /// (unless the cache is too far over its size).
+    /// (unless a check, snapshot or resize fills the cache to its overdraft).
     fn grow_table(&mut self, f: &HostFile, c: u64) -> Result<(), Error> {
         let cs = self.cs();
         let per = self.rc_per_block();
@@ -469,21 +469,15 @@ impl Meta {
         self.drop_refs(freed);
     }
 
-    /// Makes room for one more refcount block as `make_room_l2` does for L2 tables: the least
-    /// recently used block is dropped if clean, else written by the eviction write-back after
-    /// the lock is released, or here (always allowed, see `meta.rs`) when the cache is too far
-    /// over its size.
+    /// Makes room for one more refcount block as `make_room_l2` does for L2 tables (writing a
+    /// block is always allowed, see `meta.rs`).
     fn make_room_rc(&mut self, f: &HostFile) -> Result<(), Error> {
-        if !self.rc_blocks.full() {
-            return Ok(());
-        }
-        match self.rc_blocks.victim() {
-            Some((victim, dirty)) if !dirty || !self.rc_blocks.may_overdraw() => {
+        if self.room_by_writing && self.rc_blocks.at_overdraft() {
+            if let Some((victim, true)) = self.rc_blocks.victim() {
                 self.write_rc_block(f, victim)?;
-                self.rc_blocks.remove(victim);
             }
-            _ => {}
         }
+        self.rc_blocks.make_room();
         Ok(())
     }
 }

@@ -53,7 +53,7 @@ impl Qcow2 {
         // The flush mutex first (the order check and snapshots use): no write-back may write its
         // copies, which name the old L1 table, once that table's clusters are freed.
         let _flushing = self.flushing();
-        let mut m = self.lock();
+        let mut m = self.lock_for_maintenance();
         // A v2 snapshot takes the image's size as its own (v3 records it), as QEMU refuses.
         if m.header.version < 3 && m.header.nb_snapshots > 0 {
             return Err(Error::V2Snapshots { path: path() });

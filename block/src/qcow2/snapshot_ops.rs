@@ -35,7 +35,7 @@
 //! repairs the flags of a cut one.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{MutexGuard, RwLockWriteGuard};
+use std::sync::MutexGuard;
 
 use super::header::INCOMPAT_DIRTY;
 use super::l2::{COMPRESSED, COPIED, L1_RESERVED, OFFSET_MASK};
@@ -291,13 +291,13 @@ impl Qcow2 {
     /// its copies of the tables outside the metadata lock, and an operation frees tables (and
     /// may reuse their clusters) without going through the pending frees that only write-backs
     /// holding the mutex apply.
-    fn settled(&self) -> Result<(MutexGuard<'_, ()>, RwLockWriteGuard<'_, Meta>), Error> {
+    fn settled(&self) -> Result<(MutexGuard<'_, ()>, super::Maintenance<'_>), Error> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
         self.refuse_if_corrupt()?;
         let flushing = self.flushing();
-        let mut m = self.lock();
+        let mut m = self.lock_for_maintenance();
         // The first pass may queue reference drops that the second writes.
         m.write_back(&self.file)?;
         m.write_back(&self.file)?;

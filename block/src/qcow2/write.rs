@@ -219,7 +219,7 @@ impl Qcow2 {
     fn plan(&self, data: &[u8], guest: u64) -> Result<ClusterWrite, Error> {
         let cs = self.geo.cluster_size();
         let base = guest - guest % cs;
-        let mut m = self.lock();
+        let mut m = self.lock_with_room()?;
         let l2 = self.writable_l2(&mut m, guest)?;
         let (entry, bitmap) = m.l2_words(l2, guest);
         let (mapping, run) = self
@@ -341,6 +341,9 @@ impl Qcow2 {
     /// Sets the planned entry under the metadata lock, if nobody changed the entry since the
     /// plan; returns false (a new cluster released again) when somebody did.
     fn publish(&self, plan: &ClusterWrite, guest: u64) -> Result<bool, Error> {
+        // The plan's table is cached (dirty tables stay) unless it was clean and dropped since:
+        // at most that one table is loaded again, and the step never waits for room, which
+        // would leave the new cluster allocated and unpointed at if the write-back failed.
         let mut m = self.lock();
         let l2_now = self.writable_l2(&mut m, guest)?;
         let unchanged =
@@ -415,7 +418,7 @@ impl Qcow2 {
     /// returns whether the clusters waiting to be freed passed `free_backlog`.
     fn discard_chunk(&self, start: u64, end: u64, keep: bool) -> Result<bool, Error> {
         let cs = self.geo.cluster_size();
-        let mut m = self.lock();
+        let mut m = self.lock_with_room()?;
         let (l2, _) = m.l1_entry(&self.file, m.l1_index(start))?;
         if l2 == 0 && self.backing.is_none() {
             // Unallocated without a backing image already reads as zeroes.
