@@ -433,22 +433,44 @@ def plain_names(value):
     return value
 
 
-async def relative(vmm_path, kernel, sock):
-    import json
+async def start_in_chain_dirs(vmm_path, kernel, sock, name, subdir, cmds):
+    """Starts vmm and QEMU, each in a directory of its own (`vmm/` and `qemu/` beside `sock`)
+    holding `subdir` and the images `cmds` made there, with chain/top.qcow2 as an iothread's
+    disk; vmm runs. Returns (ours, theirs, vmm, its QMP, qemu, its QMP)."""
     d = os.path.dirname(sock)
     ours, theirs = os.path.join(d, "vmm"), os.path.join(d, "qemu")
     flags = ["-object", "iothread,id=io0",
              "-drive", "file=chain/top.qcow2,format=qcow2,if=none,id=d0",
              "-device", "virtio-blk-device,drive=d0,id=vd0,iothread=io0"]
     for side in (ours, theirs):
-        os.makedirs(os.path.join(side, "chain/more"), exist_ok=True)
-        for cmd in (["qemu-img", "create", "-q", "-f", "qcow2", "chain/base.qcow2", "4M"],
-                    ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-                     "chain/top.qcow2"]):
-            subprocess.run(cmd, check=True, cwd=side)
+        os.makedirs(os.path.join(side, subdir), exist_ok=True)
+        for cmd in cmds:
+            subprocess.run(cmd, check=True, cwd=side, stdout=subprocess.DEVNULL)
     vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags, cwd=ours)
-    qemu, qqmp = await start_qemu(d, flags, "qemu-relative-test", cwd=theirs)
+    qemu, qqmp = await start_qemu(d, flags, name, cwd=theirs)
     await qmp.execute("cont")
+    return ours, theirs, vmm, qmp, qemu, qqmp
+
+
+async def quit_both_and_compare_files(vmm, qmp, qemu, qqmp, ours, theirs):
+    """Quits both engines (vmm exits 0) and checks each left the same files in chain/."""
+    for q in (qmp, qqmp):
+        await q.execute("quit")
+    check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
+    await asyncio.wait_for(qemu.wait(), TIMEOUT)
+    for q in (qmp, qqmp):
+        await close(q)
+    files = [sorted(os.listdir(os.path.join(side, "chain"))) for side in (ours, theirs)]
+    check(files[0] == files[1], f"files left in chain/: {files[0]} (QEMU: {files[1]})")
+
+
+async def relative(vmm_path, kernel, sock):
+    import json
+    ours, theirs, vmm, qmp, qemu, qqmp = await start_in_chain_dirs(
+        vmm_path, kernel, sock, "qemu-relative-test", "chain/more",
+        (["qemu-img", "create", "-q", "-f", "qcow2", "chain/base.qcow2", "4M"],
+         ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+          "chain/top.qcow2"]))
     our_replies, our_chain = await relative_side(qmp, ours)
     qemu_replies, qemu_chain = await relative_side(qqmp, theirs)
     for ours_r, qemu_r in zip(our_replies, qemu_replies):
@@ -458,14 +480,7 @@ async def relative(vmm_path, kernel, sock):
     # description of the options it opened it with; vmm by its file, as every other image.
     qemu_chain = plain_names(qemu_chain)
     check(our_chain == qemu_chain, f"query-block's chains {our_chain} (QEMU: {qemu_chain})")
-    for q in (qmp, qqmp):
-        await q.execute("quit")
-    check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
-    await asyncio.wait_for(qemu.wait(), TIMEOUT)
-    for q in (qmp, qqmp):
-        await close(q)
-    files = [sorted(os.listdir(os.path.join(side, "chain"))) for side in (ours, theirs)]
-    check(files[0] == files[1], f"files left in chain/: {files[0]} (QEMU: {files[1]})")
+    await quit_both_and_compare_files(vmm, qmp, qemu, qqmp, ours, theirs)
     for name in ("chain/snap-1.qcow2", "chain/more/snap-2.qcow2", "chain/more/snap-3.qcow2"):
         mine, qemu_info = image_info(ours, name), image_info(theirs, name)
         check(mine == qemu_info, f"qemu-img info {name}: {mine} (QEMU: {qemu_info})")
@@ -525,34 +540,18 @@ async def relative_jobs_side(qmp, d):
 
 async def relative_jobs(vmm_path, kernel, sock):
     import json
-    d = os.path.dirname(sock)
-    ours, theirs = os.path.join(d, "vmm"), os.path.join(d, "qemu")
-    flags = ["-object", "iothread,id=io0",
-             "-drive", "file=chain/top.qcow2,format=qcow2,if=none,id=d0",
-             "-device", "virtio-blk-device,drive=d0,id=vd0,iothread=io0"]
-    for side in (ours, theirs):
-        os.makedirs(os.path.join(side, "chain"), exist_ok=True)
-        for cmd in (["qemu-img", "create", "-q", "-f", "qcow2", "chain/base.qcow2", "4M"],
-                    ["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 1M", "chain/base.qcow2"],
-                    ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-                     "chain/top.qcow2"],
-                    ["qemu-io", "-f", "qcow2", "-c", "write -P 8 1M 1M", "chain/top.qcow2"]):
-            subprocess.run(cmd, check=True, cwd=side, stdout=subprocess.DEVNULL)
-    vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags, cwd=ours)
-    qemu, qqmp = await start_qemu(d, flags, "qemu-relative-jobs-test", cwd=theirs)
-    await qmp.execute("cont")
+    ours, theirs, vmm, qmp, qemu, qqmp = await start_in_chain_dirs(
+        vmm_path, kernel, sock, "qemu-relative-jobs-test", "chain",
+        (["qemu-img", "create", "-q", "-f", "qcow2", "chain/base.qcow2", "4M"],
+         ["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 1M", "chain/base.qcow2"],
+         ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+          "chain/top.qcow2"],
+         ["qemu-io", "-f", "qcow2", "-c", "write -P 8 1M 1M", "chain/top.qcow2"]))
     mine = await relative_jobs_side(qmp, ours)
     qemu_side = await relative_jobs_side(qqmp, theirs)
     for what, a, b in zip(("replies", "events", "query-block's chains"), mine, qemu_side):
         check(a == b, f"{what} {a} (QEMU: {b})")
-    for q in (qmp, qqmp):
-        await q.execute("quit")
-    check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
-    await asyncio.wait_for(qemu.wait(), TIMEOUT)
-    for q in (qmp, qqmp):
-        await close(q)
-    files = [sorted(os.listdir(os.path.join(side, "chain"))) for side in (ours, theirs)]
-    check(files[0] == files[1], f"files left in chain/: {files[0]} (QEMU: {files[1]})")
+    await quit_both_and_compare_files(vmm, qmp, qemu, qqmp, ours, theirs)
     for name in ("chain/base.qcow2", "chain/top.qcow2", "chain/snap-1.qcow2",
                  "chain/snap-2.qcow2", "chain/snap-3.qcow2"):
         a, b = image_info(ours, name), image_info(theirs, name)
