@@ -49,8 +49,10 @@
 # the host, one here at a time in the nested host),
 # raw/host.PLACEMENT.IMAGE.RW.qdN.native.json (the host-native baseline: fio in this host, before
 # the boots, on a copy of the raw image with the guest's options),
-# console/BOOT.log (with the guest's /proc/interrupts lines for virtio and
-# the console at the end: BENCH-IRQ) and BOOT.debug.log (the VMM's -D log: why it stopped),
+# raw/TAG.irq (the guest's interrupts over each fio run, from /proc/interrupts just before and
+# after it, printed after the run as BENCH-IRQ0/1 TAG lines: "NAME DELTA" for each virtio vector,
+# the console, LOC timer ticks and RES/CAL IPIs, summed over the vCPUs), console/BOOT.log and
+# BOOT.debug.log (the VMM's -D log: why it stopped),
 # raw/TAG.stream (stream loads: every line the client got and its own marks "start SPEED" and
 # "fio-stop", each after this host's uptime), version-VMM.json (query-version), host.txt.
 set -u
@@ -110,6 +112,7 @@ need raw || rm -f img/raw.raw
 # The guest's script: the fio runs of one boot (variables P CONFS RT NJ prepended). Its dmesg -n 1
 # keeps kernel messages (an RCU stall report under load) from landing inside the JSON on the console.
 guest_body='cd /tmp
+irqs() { grep -E "CPU|virtio|ttyS|LOC|RES|CAL" /proc/interrupts; }
 jobs=--cpus_allowed=0
 [ $NJ = 1 ] || jobs="--numjobs=$NJ --cpus_allowed=0-$((NJ - 1)) --cpus_allowed_policy=split --group_reporting"
 for c in $CONFS; do
@@ -123,17 +126,19 @@ fi
 case $ld in stream-*) echo BENCH-LOAD-ON $t; sleep 1 ;; esac
 wr=""
 [ $ld = fsync-writer ] && wr="--name=writer --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=1 --fsync=1 --ramp_time=1 --runtime=$RT --time_based --cpus_allowed=1"
+irqs > i0
 echo BENCH-FIO-START $t
 fio --eta=never --output-format=json --output=f.json --name=bench --filename=/dev/vda --direct=1 --ioengine=libaio --rw=$rw --bs=4k --iodepth=$qd --ramp_time=1 --runtime=$RT --time_based $jobs $wr 2>f.err
 r=$?
+irqs > i1
 echo BENCH-FIO-STOP $t
 if [ $ld = disturbed ]; then kill $s1 $s2; wait $s1 $s2 2>/dev/null; echo BENCH-LOAD-OFF $t; fi
 case $ld in stream-*) echo BENCH-LOAD-OFF $t ;; esac
 dmesg -n 1 2>/dev/null
 echo BENCH-FIO-BEGIN $t; cat f.json; echo BENCH-FIO-END $t $r; sed "s/^/BENCH-FIO-ERR /" f.err
+sed "s/^/BENCH-IRQ0 $t /" i0; sed "s/^/BENCH-IRQ1 $t /" i1
 dmesg -n 4 2>/dev/null
 done
-grep -E "CPU|virtio|ttyS" /proc/interrupts | sed "s/^/BENCH-IRQ /"
 sleep 1
 echo BENCH-GUEST-DONE'
 # guest_script VARS CONFS: the guest's script for a boot running CONFS, base64 for the kernel's
@@ -386,6 +391,16 @@ run_boot() {
     /^BENCH-FIO-BEGIN /{f=dir "/" $2 (rounds == 1 ? "" : ".r" round) ".json"; next}
     /^BENCH-FIO-END /{if (f != "") {close(f ".part"); system("mv " f ".part " f)}; f=""; next}
     f != "" {print > (f ".part")}' "$log.log"
+  # Each run's guest interrupts: /proc/interrupts just before fio and just after, summed over
+  # the vCPUs, as "NAME DELTA" (NAME: the line's device, e.g. virtio0-req.1, or LOC, RES, CAL).
+  awk -v dir="$OUT_DIR/raw" -v round="$round" -v rounds="$ROUNDS" '
+    $1 !~ /^BENCH-IRQ[01]$/ {next}
+    $3 ~ /^CPU/ {ncpu = NF - 2; next}
+    { name = $3 ~ /^[0-9]+:$/ ? $NF : substr($3, 1, length($3) - 1)
+      n = 0; for (i = 4; i < 4 + ncpu; i++) n += $i
+      if ($1 == "BENCH-IRQ0") {b[$2, name] = n; next}
+      f = dir "/" $2 (rounds == 1 ? "" : ".r" round) ".irq"
+      print name, n - b[$2, name] > f }' "$log.log"
   grep -E 'BENCH-FIO-ERR|^vmm:|qemu-system' "$log.log" | head -5
   got=$(grep -c '^BENCH-FIO-END .* 0$' "$log.log")
   say "boot $vmm $place $image: exit $rc, $got/$n fio runs, $(($(date +%s) - start)) s$hung"

@@ -3,14 +3,14 @@ VMM.PLACEMENT.IMAGE.RW.qdN.LOAD, VMM vmm, vmm-NAME (a variant: vmm with the argu
 names as vmm_variant.vmm-NAME) or qemu, PLACEMENT main-loop or iothread, then +pci for a
 virtio-blk-pci disk (else virtio-mmio), +per-queue for one iothread per queue (iothread+pci only)
 and +nopoll for iothreads with poll-max-ns=0, with .rN for
-round N when there are several; raw/TAG.polls; raw/TAG.sched; raw/TAG.stages; raw/TAG.stream;
+round N when there are several; raw/TAG.polls; raw/TAG.sched; raw/TAG.stages; raw/TAG.irq; raw/TAG.stream;
 raw/host.PLACEMENT.IMAGE.RW.qdN.native.json, the host-native baseline; machine.txt, host.txt,
 version-*.json) and writes summary.json (one object per configuration, the fields issue 6 names,
 each figure the median over the rounds, plus `runs`, `completions` (the fewest of a round),
-`transport`, `mapping`, `poll`, `lat_us.max`, `cpu_us_per_io`, vmm's `stages_us` and the baseline under
-`host_native`), summary.md (the host, both VMMs' versions, the table, each VMM's percentiles as
-host-native + overhead with the samples behind the tail ones and its CPU per I/O, where vmm's
-requests spent their time by stage, PCI over MMIO, one iothread per queue over one and polling
+`transport`, `mapping`, `poll`, `lat_us.max`, `cpu_us_per_io`, `irq_per_io`, vmm's `stages_us` and
+the baseline under `host_native`), summary.md (the host, both VMMs' versions, the table, each
+VMM's percentiles as host-native + overhead with the samples behind the tail ones and its CPU per
+I/O, where vmm's requests spent their time by stage, the guest's interrupts per I/O by kind, PCI over MMIO, one iothread per queue over one and polling
 off over on per VMM, vmm over QEMU
 with an A/B verdict per row on IOPS and p99 from the per-round figures (abtest.py), the rows
 listed by verdict, vmm over each variant with the same verdicts (in summary.json the vmm row's
@@ -145,6 +145,8 @@ def parse_run(path):
         obj["cpu_us_per_io"] = {"total": cpu / 100 / side["iops"] * 1e6 if side["iops"] else None}
     else:
         obj["cpu_us_per_io"] = cpu_per_io(path.with_suffix(".sched"), side["iops"])
+        obj["irq_per_io"] = irq_per_io(path.with_suffix(".irq"),
+                                       side["iops"] * doc["jobs"][0].get("elapsed", 0))
         obj["stages_us"] = stage_means(path.with_suffix(".stages"))
     if load.startswith("stream-"):
         obj["stream"] = stream_record(path.with_suffix(".stream"), side.get("runtime", 0) / 1000)
@@ -170,6 +172,25 @@ def cpu_per_io(path, iops):
     waited = sum(w for name, _, w in threads if not is_vcpu(name))
     return {"total": per_io(sum(c for _, c, _ in threads)), "vcpu": per_io(vcpu),
             "waited": per_io(waited)}
+
+
+def irq_per_io(path, ios):
+    """{"virtio", "timer", "ipi"}: the guest's interrupts per I/O over a fio run, from raw/TAG.irq
+    (inner.sh: "NAME DELTA" per /proc/interrupts line, summed over the vCPUs): the virtio
+    queues' (every virtio line but the configuration vector's), the local timer's (LOC) and the
+    IPIs (RES and CAL), over `ios`, the I/Os of the same span (fio's IOPS times its elapsed time,
+    ramp included, as the counts are). Empty without the file or I/Os."""
+    if not path.exists() or not ios:
+        return {}
+    counts = {}
+    for line in path.read_text(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            counts[parts[0]] = int(parts[1])
+    virtio = sum(n for name, n in counts.items()
+                 if name.startswith("virtio") and not name.endswith("-config"))
+    return {"virtio": virtio / ios, "timer": counts.get("LOC", 0) / ios,
+            "ipi": (counts.get("RES", 0) + counts.get("CAL", 0)) / ios}
 
 
 def is_vcpu(thread):
@@ -259,6 +280,8 @@ def combine(rounds):
             obj["stream"] = combine_streams([r[0]["stream"] for r in runs])
         if "stages_us" in first:
             obj["stages_us"] = medians("stages_us")
+        if "irq_per_io" in first:
+            obj["irq_per_io"] = medians("irq_per_io")
         points = [dict(r[2]) for r in runs]
         curve = [(p, statistics.median(pts[p] for pts in points))
                  for p, _ in runs[0][2] if all(p in pts for pts in points)]
@@ -593,6 +616,25 @@ def stage_table(runs):
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"] + rows
 
 
+def irq_table(runs):
+    """The guest's interrupts per I/O while fio ran, by kind, for every VMM row that has them."""
+    rows = [f"| {o['vmm']} | {o['placement']} | {o['image']} | {o['rw']} | {o['iodepth']} | "
+            f"{o['load']} | " + " | ".join(fmt(o["irq_per_io"].get(k), 2)
+                                         for k in ("virtio", "timer", "ipi")) + " |"
+            for o in (r[0] for r in runs if r[0].get("irq_per_io"))]
+    if not rows:
+        return []
+    return ["", "## The guest's interrupts per I/O", "",
+            "From the guest's /proc/interrupts just before and after each fio run (all vCPUs), "
+            "over the I/Os of that span (IOPS times fio's elapsed time, ramp included). virtio: "
+            "the disk's queue vectors (not the configuration vector); timer: local timer ticks "
+            "(LOC), which come with time, not I/O, so a VMM doing fewer I/Os shows more; IPIs: "
+            "rescheduling and function-call interrupts (RES, CAL). KVM's injection counters "
+            "(raw/TAG.kvm) count all three together.", "",
+            "| VMM | placement | image | rw | QD | load | virtio | timer | IPIs |",
+            "|---|---|---|---|---|---|---|---|---|"] + rows
+
+
 def plot(runs, path):
     """One panel per configuration, vmm's and QEMU's percentile curves on a 'nines' axis."""
     import matplotlib
@@ -745,6 +787,7 @@ def main():
            "the next table gives it, and the maximum, with the samples behind them."]
     md += over_host(runs, baselines)
     md += stage_table(runs)
+    md += irq_table(runs)
     by = {tag(r[0]): r[0] for r in runs}
     md += suffix_over(runs, "pci", "PCI over MMIO")
     md += suffix_over(runs, "per-queue", "One iothread per queue over one iothread")

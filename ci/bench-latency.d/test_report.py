@@ -9,7 +9,7 @@ import unittest
 from report import (ab_verdicts, baseline_key, beyond, combine, cpu_per_io, over_host, parse_run,
                     plus, sort_key, stage_means, suffix_over, tag, vmm_over)
 from report import per_round_figures, round_ratios, stream_cost, unequal_work
-from report import fio_jobs
+from report import fio_jobs, irq_per_io, irq_table
 from streamcost import MIB
 
 
@@ -81,6 +81,30 @@ class ReportFigures(unittest.TestCase):
         self.assertEqual(cpu_per_io(path, 1000), {"total": 500.0, "vcpu": 400.0, "waited": 50.0})
         self.assertEqual(cpu_per_io(path, 0), {})
         self.assertEqual(cpu_per_io(self.dir / "missing.sched", 1000), {})
+
+    def test_guest_interrupts_per_io_by_kind(self):
+        # 6 s of fio (ramp included) at 500 IOPS: 3000 I/Os.
+        path = self.write("a.irq", "ttyS0 868\nvirtio0-config 0\nvirtio0-req.0 450\n"
+                          "virtio0-req.1 450\nLOC 2400\nRES 100\nCAL 200\n")
+        self.assertEqual(irq_per_io(path, 3000), {"virtio": 0.3, "timer": 0.8, "ipi": 0.1})
+        # virtio-mmio's one line, and a configuration vector that fired, not counted.
+        path = self.write("b.irq", "virtio0 300\nvirtio1-config 5\n")
+        self.assertEqual(irq_per_io(path, 3000), {"virtio": 0.1, "timer": 0.0, "ipi": 0.0})
+        self.assertEqual(irq_per_io(path, 0), {})
+        self.assertEqual(irq_per_io(self.dir / "missing.irq", 3000), {})
+        raw = self.dir / "raw"
+        raw.mkdir()
+        doc = fio_json("randread", 500, 2500, PCT, 450)
+        doc["jobs"][0]["elapsed"] = 6
+        (raw / "vmm.iothread+pci.qcow2.randread.qd32.quiet.json").write_text(json.dumps(doc))
+        (raw / "vmm.iothread+pci.qcow2.randread.qd32.quiet.irq").write_text(
+            (self.dir / "a.irq").read_text())
+        run, why = parse_run(raw / "vmm.iothread+pci.qcow2.randread.qd32.quiet.json")
+        self.assertIsNone(why)
+        runs = combine([(*run, "")])
+        self.assertEqual(runs[0][0]["irq_per_io"], {"virtio": 0.3, "timer": 0.8, "ipi": 0.1})
+        self.assertIn("| vmm | iothread+pci | qcow2 | randread | 32 | quiet | 0.30 | 0.80 | 0.10 |",
+                      irq_table(runs))
 
     def test_fio_jobs_from_the_machine_file(self):
         self.assertEqual(fio_jobs({}), "one job pinned to vCPU 0")
