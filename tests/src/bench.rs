@@ -17,10 +17,11 @@
 //! `BOOT` line, a `PHASES` line and, for vmm, a `STARTUP` line per start-up step; once per VMM it
 //! prints the small guest's `dmesg` (`DMESG`), or per boot Debian's `systemd-analyze` lines
 //! (`ANALYZE`). For the small guest it also prints, per boot at its prompt, each VMM thread's CPU
-//! time so far (`THREADS`) and KVM's counters of the VM from debugfs (`KVMSTATS`: exits, page
-//! faults, guest memory mapped in 4 KiB or 2 MiB pages), kept with the raw lines to tell where a
-//! slow phase's time went. The outer half ([`summarize`]) reads them back and writes Markdown
-//! tables.
+//! time so far, and the system part of it (`THREADS`), and KVM's counters of the VM from debugfs
+//! (`KVMSTATS`: exits, page faults, guest memory mapped in 4 KiB or 2 MiB pages); for every guest,
+//! per boot, how the host's memory counters grew (`HOSTMM`: transparent huge pages, compaction,
+//! faults); all kept with the raw lines to tell where a slow phase's time went. The outer half
+//! ([`summarize`]) reads them back and writes Markdown tables.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -408,6 +409,7 @@ pub fn measure(
             }
             let mut command = col.command(&boot, &dir);
             command.args(target.debug_log_args(&log));
+            let host_before = host_memory_counters();
             let mut g = Guest::spawn(command).map_err(|source| Error::Guest {
                 target: name.to_owned(),
                 run,
@@ -424,6 +426,10 @@ pub fn measure(
                 print!("{}", g.transcript());
             }
             let (sample, logs) = sample?;
+            println!(
+                "HOSTMM {name} {run} {}",
+                counter_deltas(&host_before, &host_memory_counters())
+            );
             println!("{}", sample.line());
             // The log is complete: the VMM has exited. Without it the phases say "-".
             let log_text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -585,9 +591,11 @@ fn sample(
     Ok((sample, logs))
 }
 
-/// The CPU time each thread of process `pid` has used so far, `NAME:TID=MS` separated by spaces
-/// (user and system time from `/proc/PID/task/TID/stat`, at 100 ticks a second), to tell which
-/// of a VMM's threads took the host's CPUs during the boot; empty where `/proc` says nothing.
+/// The CPU time each thread of process `pid` has used so far, `NAME:TID=MS/SYS` separated by
+/// spaces (user plus system time, then system time alone, from `/proc/PID/task/TID/stat`, at 100
+/// ticks a second), to tell which of a VMM's threads took the host's CPUs during the boot, and for
+/// a vCPU whether in the guest (user time: the host counts a guest's time as its thread's) or in
+/// the host's kernel (system time: exits, faults on guest memory); empty where `/proc` says nothing.
 fn thread_times(pid: u32) -> String {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return String::new();
@@ -604,17 +612,58 @@ fn thread_times(pid: u32) -> String {
         let name = stat[open + 1..close].replace(' ', "_");
         let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
         // utime and stime are the 14th and 15th fields of stat, the 12th and 13th after the name.
-        let ticks: u64 = [11, 12]
-            .iter()
-            .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
-            .sum();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let (user, system) = (ticks(11), ticks(12));
         out.push(format!(
-            "{name}:{}={}",
+            "{name}:{}={}/{}",
             task.file_name().to_string_lossy(),
-            ticks * 10
+            (user + system) * 10,
+            system * 10
         ));
     }
     out.join(" ")
+}
+
+/// The host kernel's counters (`/proc/vmstat`) of how it backs memory: transparent huge pages
+/// given or refused at a fault, compaction, faults; read before and after a boot ([`counter_deltas`])
+/// to tell whether the host had to compact or zero memory for the guest's first touches.
+fn host_memory_counters() -> Vec<(String, u64)> {
+    const NAMES: [&str; 9] = [
+        "thp_fault_alloc",
+        "thp_fault_fallback",
+        "thp_split_pmd",
+        "thp_zero_page_alloc",
+        "compact_stall",
+        "compact_migrate_scanned",
+        "compact_free_scanned",
+        "pgfault",
+        "pgmajfault",
+    ];
+    let vmstat = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+    vmstat
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(name, _)| NAMES.contains(name))
+        .filter_map(|(name, v)| Some((name.to_owned(), v.trim().parse().ok()?)))
+        .collect()
+}
+
+/// `NAME=DELTA` separated by spaces: how much each counter of `after` grew since `before` (a
+/// counter missing from `before` counts from 0).
+fn counter_deltas(before: &[(String, u64)], after: &[(String, u64)]) -> String {
+    after
+        .iter()
+        .map(|(name, v)| {
+            let was = before.iter().find(|(n, _)| n == name).map_or(0, |b| b.1);
+            format!("{name}={}", v.saturating_sub(was))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// KVM's counters of the VM of process `pid` so far (`NAME=VALUE` separated by spaces, from
@@ -1003,13 +1052,37 @@ mod tests {
             .split(' ')
             .find(|e| e.starts_with("cpu-probe:"))
             .unwrap_or_else(|| panic!("no cpu-probe thread in {times:?}"));
-        // NAME:TID=MS, with numbers for both.
-        let (tid, ms) = entry["cpu-probe:".len()..].split_once('=').expect("TID=MS");
+        // NAME:TID=MS/SYS, with numbers for all three, the system time within the whole.
+        let (tid, times) = entry["cpu-probe:".len()..]
+            .split_once('=')
+            .expect("TID=MS/SYS");
+        let (ms, sys) = times.split_once('/').expect("MS/SYS");
+        let (ms, sys) = (ms.parse::<u64>(), sys.parse::<u64>());
+        assert!(tid.parse::<u32>().is_ok(), "{entry}");
         assert!(
-            tid.parse::<u32>().is_ok() && ms.parse::<u64>().is_ok(),
+            matches!((ms, sys), (Ok(ms), Ok(sys)) if sys <= ms),
             "{entry}"
         );
         assert_eq!(thread_times(u32::MAX), "", "no such process");
+    }
+
+    #[test]
+    fn counter_deltas_say_how_much_each_counter_grew() {
+        let c = |v: &[(&str, u64)]| -> Vec<(String, u64)> {
+            v.iter().map(|(n, v)| ((*n).to_owned(), *v)).collect()
+        };
+        let before = c(&[("compact_stall", 3), ("pgfault", 100)]);
+        let after = c(&[
+            ("compact_stall", 5),
+            ("pgfault", 100),
+            ("thp_fault_alloc", 7),
+        ]);
+        assert_eq!(
+            counter_deltas(&before, &after),
+            "compact_stall=2 pgfault=0 thp_fault_alloc=7"
+        );
+        // This host's own counters hold the fault count, which every kernel keeps.
+        assert!(host_memory_counters().iter().any(|(n, _)| n == "pgfault"));
     }
 
     #[test]
