@@ -18,8 +18,12 @@ SCENARIO "onerror": jobs whose writes fail, beside QEMU 10: each VMM's file size
 growing it fails with EFBIG under both: a commit of d0's middle image with on-error=stop
 (BLOCK_JOB_ERROR, paused with io-status failed, a cancel without force refused, the limit
 lifted, resumed to its end), then a stream of d1 with on-error=enospc (EFBIG is not ENOSPC: it
-reports, and the job ends with an error). The events, replies and query-block-jobs must match
-(the error texts, worded by each, only present); qemu-img then compares and checks the images.
+reports, and the job ends with an error), a commit of d1's middle image with on-error=ignore
+(retried until the limit is lifted, then ends well), streams of d0 with on-error=ignore (each
+chunk that cannot be written skipped, the job failing at its end) and on-error=auto (enospc's
+behaviour: reports). The events, replies and query-block-jobs must match (the error texts,
+worded by each, only present; a retried chunk's repeated errors collapsed); qemu-img then
+compares and checks the images.
 Prints one line per check; exits non-zero on the first failure.
 """
 
@@ -82,6 +86,14 @@ def collapse_wakeups(events):
             continue
         out.append(e)
     return out
+
+
+def collapse_retries(events, job):
+    """A job that retries a failing chunk (on-error=ignore) raises BLOCK_JOB_ERROR at each try,
+    as many as fit in the time the error lasts: `job`'s repeats are collapsed into one."""
+    return [e for i, e in enumerate(events)
+            if not (i > 0 and e == events[i - 1] and e[0] == "BLOCK_JOB_ERROR"
+                    and e[1]["device"] == job)]
 
 
 async def side(qmp, d):
@@ -351,6 +363,23 @@ async def onerror_side(qmp, pid, d):
         limit_writes(pid, f"{d}/top2.qcow2")
         await ex("block-stream", {"device": "d1", "job-id": "s0", "on-error": "enospc"})
         out.append(("gone", await wait_jobs_gone(qmp)))
+        # on-error=ignore: a commit retries its chunk (BLOCK_JOB_ERROR each time, as often as
+        # each retries: repeats are collapsed) until the limit goes, then ends well.
+        errors = EventListener(("BLOCK_JOB_ERROR",))
+        with qmp.listen(errors):
+            limit_writes(pid, f"{d}/base2.qcow2")
+            await ex("block-commit", {"device": "d1", "job-id": "c1", "top": f"{d}/mid2.qcow2",
+                                      "on-error": "ignore"})
+            first = await asyncio.wait_for(errors.get(), TIMEOUT)
+            out.append(("first error", first["data"]))
+        limit_writes(pid, None)
+        out.append(("gone", await wait_jobs_gone(qmp)))
+        # A stream with on-error=ignore skips each chunk it cannot write and fails at its end;
+        # on-error=auto is enospc for a job: EFBIG reports.
+        limit_writes(pid, f"{d}/top.qcow2")
+        for job, on_error in (("s1", "ignore"), ("s2", "auto")):
+            await ex("block-stream", {"device": "d0", "job-id": job, "on-error": on_error})
+            out.append(("gone", await wait_jobs_gone(qmp)))
         limit_writes(pid, None)
         await asyncio.sleep(0.3)
         while not listener.empty():
@@ -362,7 +391,7 @@ async def onerror_side(qmp, pid, d):
                 out.append((e["event"], data))
     _, chain = await snapshot_side_chain(qmp, d)
     out.append(("chain", chain))
-    return collapse_wakeups(out)
+    return collapse_retries(collapse_wakeups(out), "c1")
 
 
 async def onerror(vmm_path, kernel, sock):
