@@ -217,6 +217,26 @@ mod tests {
         }
     }
 
+    /// Zeroes copied up are a zero cluster, as QEMU's copy-on-read makes them: the file does not
+    /// grow; part of a cluster is written as data.
+    #[test]
+    fn a_cluster_of_zeroes_copies_up_as_a_zero_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = chain(dir.path(), "");
+        let top = open_rw(&path);
+        let len = top.file().len().unwrap();
+        assert!(top.copy_up(&[0u8; 64 * 1024], 320 * K).unwrap());
+        assert_eq!(top.file().len().unwrap(), len);
+        let status = top.block_status(320 * K, 64 * K).unwrap();
+        assert_eq!(status.allocation, crate::Allocation::Zero);
+        assert!(top.copy_up(&[0u8; 4096], 384 * K).unwrap());
+        let status = top.block_status(384 * K, 4 * K).unwrap();
+        assert!(matches!(status.allocation, crate::Allocation::Data { .. }));
+        assert_eq!(byte_at(&top, 320 * K), 0);
+        drop(top);
+        run("qemu-img", &["check", "-q", path.to_str().unwrap()]);
+    }
+
     /// A copier pulls every cluster of the backing data up while a writer overwrites every
     /// cluster: whatever the interleaving, the writer's data is what stays.
     #[test]

@@ -101,6 +101,15 @@ impl Image {
         }
     }
 
+    /// The qcow2 metadata cache size options this image (not its backing images) was opened
+    /// with: none given for a raw image.
+    pub fn cache_sizes(&self) -> CacheSizes {
+        match self {
+            Image::Raw(_) => CacheSizes::default(),
+            Image::Qcow2(q) => q.cache_sizes(),
+        }
+    }
+
     /// This image and its backing images, top first.
     pub fn chain(&self) -> impl Iterator<Item = &Image> {
         std::iter::successors(Some(self), |i| match i {
@@ -592,9 +601,9 @@ fn qcow2_over(file: HostFile, backing: Image) -> Result<Image, Error> {
 }
 
 /// Opens `chain` again, read-only and locked, with `cache`: each image by the name it was
-/// opened with, over the image below it as `chain` has it, never by the backing names the
-/// headers hold (which need not resolve from where the chain was opened); each name must still
-/// be the file `chain` opened ([`Error::Replaced`] otherwise).
+/// opened with and with its own cache sizes, over the image below it as `chain` has it, never
+/// by the backing names the headers hold (which need not resolve from where the chain was
+/// opened); each name must still be the file `chain` opened ([`Error::Replaced`] otherwise).
 pub fn reopen_read_only(chain: &Image, cache: CacheMode) -> Result<Image, Error> {
     let below = match chain {
         Image::Raw(_) => None,
@@ -611,8 +620,9 @@ pub fn reopen_read_only(chain: &Image, cache: CacheMode) -> Result<Image, Error>
 }
 
 /// Opens the file of `image` (that image alone) again by the name it was opened with, in its
-/// format, with `opts`' access, cache, locking and cache sizes (`opts.format` is ignored), over
-/// `backing` instead of the chain its header names (a raw image has none): a chain changed
+/// format and with its cache sizes (as QEMU keeps a node's options when it reopens the node),
+/// with `opts`' access, cache and locking (`opts.format` and `opts.cache_sizes` are ignored),
+/// over `backing` instead of the chain its header names (a raw image has none): a chain changed
 /// under a running disk is rebuilt from images it has open, whatever the names in headers
 /// resolve to. The name must still be `image`'s file ([`Error::Replaced`] otherwise).
 pub fn reopen_over(
@@ -637,7 +647,7 @@ pub fn reopen_over(
             let parts = OpenParts {
                 file,
                 read_only: opts.read_only,
-                cache_sizes: opts.cache_sizes,
+                cache_sizes: image.cache_sizes(),
             };
             Ok(Image::Qcow2(Box::new(Qcow2::open(
                 parts,
@@ -696,8 +706,10 @@ mod tests {
         let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
         create(&base, Format::Qcow2, &qcow2(1 << 20, None)).unwrap();
         create(&top, Format::Qcow2, &qcow2(1 << 20, Some("base.qcow2"))).unwrap();
+        let sizes = CacheSizes::new(Some(128 << 10), None, Some(1 << 20)).unwrap();
         let opts = OpenOptions {
             read_only: false,
+            cache_sizes: sizes,
             ..OpenOptions::default()
         };
         let disk = open(&top, opts).unwrap();
@@ -708,6 +720,9 @@ mod tests {
         let ids = |i: &Image| i.chain().map(|m| m.file().id()).collect::<Vec<_>>();
         assert_eq!(ids(&chain), ids(&disk));
         assert!(chain.read_only());
+        // Each image keeps the cache sizes it was opened with (its backing, the defaults).
+        let sizes_of = |i: &Image| i.chain().map(Image::cache_sizes).collect::<Vec<_>>();
+        assert_eq!(sizes_of(&chain), [sizes, CacheSizes::default()]);
         let overlay = dir.path().join("overlay.qcow2");
         create(
             &overlay,

@@ -93,6 +93,8 @@ pub struct Qcow2 {
     compression: Compression,
     version: u32,
     backing: Option<Box<crate::Image>>,
+    /// The metadata cache size options the image was opened with, which a reopen keeps.
+    cache_sizes: CacheSizes,
     meta: RwLock<Meta>,
     /// Held by a flush from its copy of the dirty metadata to its end, and by the other
     /// write-backs: flushes run one at a time, without holding `meta` while they write and sync.
@@ -281,6 +283,7 @@ impl Qcow2 {
             compression: meta.header.compression,
             version: meta.header.version,
             backing,
+            cache_sizes,
             meta: RwLock::new(meta),
             flushing: Mutex::new(()),
             busy: Mutex::new(HashSet::new()),
@@ -440,6 +443,11 @@ impl Qcow2 {
     /// The host file.
     pub fn file(&self) -> &HostFile {
         &self.file
+    }
+
+    /// The metadata cache size options the image was opened with.
+    pub fn cache_sizes(&self) -> CacheSizes {
+        self.cache_sizes
     }
 
     /// Looks up the mapping of `guest` with the metadata locked by the caller; returns it and

@@ -15,7 +15,8 @@
 //! 3. the old top is flushed; its write permission's lock is dropped, keeping its read lock and
 //!    its refusal to share write, as QEMU's permission update does;
 //! 4. the disk's chain is opened again read-only as the disk has it, each image by the name it
-//!    was opened with ([`block::reopen_read_only`]), and the overlay read-write over it, never
+//!    was opened with and keeping its qcow2 cache sizes, as QEMU's nodes keep their options
+//!    ([`block::reopen_read_only`]), and the overlay read-write over it, never
 //!    through the backing name in its header: QEMU attaches the overlay over the open chain, so
 //!    a name that does not resolve from the overlay's directory does not stop the disk. In
 //!    `existing` mode the overlay's backing name, resolved against its directory, must be the
@@ -37,7 +38,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use block::qcow2::create::CreateOptions;
-use block::qcow2::CacheSizes;
 use block::{
     CacheMode, DetectZeroes, DiskImage, FileId, Format, Image, NewImage, WithPolicy, WritePolicy,
 };
@@ -57,10 +57,6 @@ pub struct LiveImage {
     pub(super) policy: WritePolicy,
     /// `-drive detect-zeroes=`.
     pub(super) detect_zeroes: DetectZeroes,
-    /// The top's qcow2 metadata cache sizes (`-drive l2-cache-size=` and the others), which a
-    /// job's reopening of the same top keeps; a new top (an overlay, a committed base) has
-    /// the defaults, as a new node in QEMU.
-    pub(super) cache_sizes: CacheSizes,
 }
 
 impl LiveImage {
@@ -75,7 +71,6 @@ impl LiveImage {
             cache: cache.host,
             policy: cache.policy,
             detect_zeroes,
-            cache_sizes: CacheSizes::default(),
         }
     }
 
@@ -248,7 +243,6 @@ pub fn snapshot(
         result
     })?;
     live.top = switched;
-    live.cache_sizes = CacheSizes::default();
     // The engine's handle went with the replacement; this was the last one: the old top's
     // read-write descriptor closes (its metadata was flushed above) and its locks with it.
     drop(old);
@@ -372,9 +366,12 @@ mod tests {
             ..CreateOptions::default()
         };
         block::create(&base, Format::Qcow2, &options).unwrap();
+        // `-drive l2-cache-size=128K,refcount-cache-size=256K`.
+        let sizes = block::qcow2::CacheSizes::new(Some(128 << 10), Some(256 << 10), None).unwrap();
         let opts = OpenOptions {
             format: Some(Format::Qcow2),
             read_only: false,
+            cache_sizes: sizes,
             ..OpenOptions::default()
         };
         let cache = CacheSetting {
@@ -437,6 +434,9 @@ mod tests {
             assert_eq!(rig.byte(STATUS + u64::try_from(slot).unwrap()), status::OK);
         }
         assert_eq!(live.describe().filename, overlay.display().to_string());
+        // As QEMU's nodes: the old top keeps its options, the overlay is a new node.
+        let chain: Vec<_> = live.top().chain().map(Image::cache_sizes).collect();
+        assert_eq!(chain, [block::qcow2::CacheSizes::default(), sizes]);
 
         // While the disk runs: the old top may be read by others and not written; the overlay
         // is ours alone.

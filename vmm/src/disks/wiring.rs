@@ -61,12 +61,11 @@ pub(super) fn device(disk: NewDisk<'_>) -> Result<(Arc<Block>, LiveImage), DiskE
         spec.drive.cache.policy,
         spec.drive.detect_zeroes,
     ));
-    let mut live = LiveImage::new(
+    let live = LiveImage::new(
         Arc::clone(&image),
         spec.drive.cache,
         spec.drive.detect_zeroes,
     );
-    live.cache_sizes = spec.drive.cache_sizes;
     let block =
         Block::with_groups(config, image, disk.groups).map_err(|source| DiskError::Device {
             id: spec.drive.id.clone(),

@@ -145,16 +145,14 @@ fn commit_layer(
     }
 }
 
-/// `on-error` (QEMU's `BlockdevOnError`), `report` when absent; `auto` is not built.
+/// `on-error` (QEMU's `BlockdevOnError`), `report` when absent. A job's `auto` is `enospc`,
+/// as QEMU's `block_job_error_action` treats it (it inherits no drive's policy).
 fn parse_on_error(value: Option<String>) -> Result<ErrorPolicy, QmpError> {
     match value.as_deref() {
         None | Some("report") => Ok(ErrorPolicy::Report),
         Some("stop") => Ok(ErrorPolicy::Stop),
-        Some("enospc") => Ok(ErrorPolicy::Enospc),
+        Some("enospc" | "auto") => Ok(ErrorPolicy::Enospc),
         Some("ignore") => Ok(ErrorPolicy::Ignore),
-        Some("auto") => Err(QmpError::generic(
-            "on-error 'auto' is not supported: use report, stop, enospc or ignore",
-        )),
         Some(other) => Err(QmpError::generic(format!(
             "Parameter 'on-error' does not accept value '{other}'"
         ))),
@@ -287,7 +285,8 @@ mod tests {
         // By node names: the images' depths in the disk's chain.
         let by_node = json!({"device": "d0", "base-node": "#block4"});
         assert_eq!(call(&mut b, "block-stream", by_node), ok);
-        let by_node = json!({"device": "d0", "top-node": "#block0", "base-node": "#block4"});
+        let by_node = json!({"device": "d0", "top-node": "#block0", "base-node": "#block4",
+                             "on-error": "auto"});
         assert_eq!(call(&mut b, "block-commit", by_node), ok);
         for (command, args) in [
             ("block-job-cancel", json!({"device": "j0", "force": true})),
@@ -312,7 +311,7 @@ mod tests {
                 "stream d1 StreamArgs { job_id: None, base: None, backing_file: None, end: JobEnd { finalize: true, dismiss: true, on_error: Report }, speed: 0 }",
                 r#"commit d0 CommitArgs { job_id: Some("c"), top: Some(File("/m")), base: Some(File("/b")), backing_file: Some("b"), end: JobEnd { finalize: true, dismiss: false, on_error: Enospc }, speed: 9 }"#,
                 r##"stream d0 StreamArgs { job_id: None, base: Some(Node { name: "#block4", depth: 1 }), backing_file: None, end: JobEnd { finalize: true, dismiss: true, on_error: Report }, speed: 0 }"##,
-                r##"commit d0 CommitArgs { job_id: None, top: Some(Node { name: "#block0", depth: 0 }), base: Some(Node { name: "#block4", depth: 1 }), backing_file: None, end: JobEnd { finalize: true, dismiss: true, on_error: Report }, speed: 0 }"##,
+                r##"commit d0 CommitArgs { job_id: None, top: Some(Node { name: "#block0", depth: 0 }), base: Some(Node { name: "#block4", depth: 1 }), backing_file: None, end: JobEnd { finalize: true, dismiss: true, on_error: Enospc }, speed: 0 }"##,
                 "job j0 Cancel { force: true }",
                 "job j0 Pause",
                 "job j0 Resume",
@@ -341,14 +340,6 @@ mod tests {
                 err(
                     "GenericError",
                     "Parameter 'on-error' does not accept value 'bogus'",
-                ),
-            ),
-            (
-                "block-commit",
-                json!({"device": "d0", "on-error": "auto"}),
-                err(
-                    "GenericError",
-                    "on-error 'auto' is not supported: use report, stop, enospc or ignore",
                 ),
             ),
             (

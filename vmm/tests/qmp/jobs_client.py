@@ -18,8 +18,15 @@ SCENARIO "onerror": jobs whose writes fail, beside QEMU 10: each VMM's file size
 growing it fails with EFBIG under both: a commit of d0's middle image with on-error=stop
 (BLOCK_JOB_ERROR, paused with io-status failed, a cancel without force refused, the limit
 lifted, resumed to its end), then a stream of d1 with on-error=enospc (EFBIG is not ENOSPC: it
-reports, and the job ends with an error). The events, replies and query-block-jobs must match
-(the error texts, worded by each, only present); qemu-img then compares and checks the images.
+reports, and the job ends with an error), a commit of d1's middle image with on-error=ignore
+(retried until the limit is lifted, then ends well), streams of d0 with on-error=ignore (each
+chunk that cannot be written skipped, the job failing at its end) and on-error=auto (enospc's
+behaviour: reports), then active commits of d2 with on-error=auto (reports: the job ends, the
+disk stays on its top) and on-error=ignore (retried until the limit is lifted, then ready and
+completed). The events, replies and query-block-jobs must match (the error texts, worded by
+each, only present; a retried chunk's repeated errors collapsed, and so are the errors of QEMU's
+mirror copies in flight at once, whose progress is not compared); qemu-img then compares and
+checks the images.
 Prints one line per check; exits non-zero on the first failure.
 """
 
@@ -82,6 +89,15 @@ def collapse_wakeups(events):
             continue
         out.append(e)
     return out
+
+
+def collapse_retries(events, jobs):
+    """A job that retries a failing chunk (on-error=ignore) raises BLOCK_JOB_ERROR at each try,
+    as many as fit in the time the error lasts; QEMU's mirror has several copies in flight, each
+    failing one raising its own: the repeats of `jobs` are collapsed into one."""
+    return [e for i, e in enumerate(events)
+            if not (i > 0 and e == events[i - 1] and e[0] == "BLOCK_JOB_ERROR"
+                    and e[1]["device"] in jobs)]
 
 
 async def side(qmp, d):
@@ -351,7 +367,39 @@ async def onerror_side(qmp, pid, d):
         limit_writes(pid, f"{d}/top2.qcow2")
         await ex("block-stream", {"device": "d1", "job-id": "s0", "on-error": "enospc"})
         out.append(("gone", await wait_jobs_gone(qmp)))
+        # on-error=ignore: a commit retries its chunk (BLOCK_JOB_ERROR each time, as often as
+        # each retries: repeats are collapsed) until the limit goes, then ends well.
+        errors = EventListener(("BLOCK_JOB_ERROR",))
+        with qmp.listen(errors):
+            limit_writes(pid, f"{d}/base2.qcow2")
+            await ex("block-commit", {"device": "d1", "job-id": "c1", "top": f"{d}/mid2.qcow2",
+                                      "on-error": "ignore"})
+            first = await asyncio.wait_for(errors.get(), TIMEOUT)
+            out.append(("first error", first["data"]))
         limit_writes(pid, None)
+        out.append(("gone", await wait_jobs_gone(qmp)))
+        # A stream with on-error=ignore skips each chunk it cannot write and fails at its end;
+        # on-error=auto is enospc for a job: EFBIG reports.
+        limit_writes(pid, f"{d}/top.qcow2")
+        for job, on_error in (("s1", "ignore"), ("s2", "auto")):
+            await ex("block-stream", {"device": "d0", "job-id": job, "on-error": on_error})
+            out.append(("gone", await wait_jobs_gone(qmp)))
+        # An active commit (QEMU's mirror): on-error=auto reports EFBIG and ends (QEMU's copies
+        # in flight beside the failing one may land, ours go one at a time: the progress
+        # differs); with on-error=ignore it retries until the limit is lifted, then is ready and
+        # completes.
+        limit_writes(pid, f"{d}/base3.qcow2")
+        await ex("block-commit", {"device": "d2", "job-id": "a0", "on-error": "auto"})
+        out.append(("gone", await wait_jobs_gone(qmp)))
+        errors = EventListener(("BLOCK_JOB_ERROR",))
+        with qmp.listen(errors):
+            await ex("block-commit", {"device": "d2", "job-id": "a1", "on-error": "ignore"})
+            first = await asyncio.wait_for(errors.get(), TIMEOUT)
+            out.append(("first error", first["data"]))
+        limit_writes(pid, None)
+        out.append(("ready", await wait_status(qmp, "a1", "ready") is not None))
+        await ex("block-job-complete", {"device": "a1"})
+        out.append(("gone", await wait_jobs_gone(qmp)))
         await asyncio.sleep(0.3)
         while not listener.empty():
             e = listener._queue.get_nowait()  # qemu.qmp's listener has no non-blocking get
@@ -359,16 +407,22 @@ async def onerror_side(qmp, pid, d):
                 data = dict(e.get("data"))
                 if "error" in data:
                     data["error"] = "(text)"
+                if data.get("device") == "a0" and "offset" in data:
+                    # How far a0 got: what QEMU's copies in flight beside the failing one did.
+                    data["offset"] = "(progress)"
                 out.append((e["event"], data))
     _, chain = await snapshot_side_chain(qmp, d)
     out.append(("chain", chain))
-    return collapse_wakeups(out)
+    return collapse_retries(collapse_wakeups(out), ("c1", "a0", "a1"))
 
 
 async def onerror(vmm_path, kernel, sock):
     d, ours, theirs = chain_sides(sock)
-    vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=two_disks(ours))
-    qemu, qqmp = await start_qemu(d, two_disks(theirs), "qemu-onerror-test")
+    def flags(s):
+        return two_disks(s) + ["-drive", f"file={s}/top3.qcow2,format=qcow2,if=none,id=d2",
+                               "-device", "virtio-blk-device,drive=d2,id=vd2,iothread=io0"]
+    vmm, qmp = await start(vmm_path, kernel, sock, paused=True, extra=flags(ours))
+    qemu, qqmp = await start_qemu(d, flags(theirs), "qemu-onerror-test")
     await qmp.execute("cont")
     mine = await onerror_side(qmp, vmm.proc.pid, ours)
     qemus = await onerror_side(qqmp, qemu.pid, theirs)
@@ -378,7 +432,7 @@ async def onerror(vmm_path, kernel, sock):
     check(("BLOCK_JOB_ERROR", {"device": "c0", "operation": "write", "action": "stop"}) in mine,
           "on-error=stop raised BLOCK_JOB_ERROR")
     await quit_both(vmm, qmp, qemu, qqmp)
-    same_chains(ours, theirs, ("top.qcow2", "top2.qcow2"))
+    same_chains(ours, theirs, ("top.qcow2", "top2.qcow2", "top3.qcow2", "base3.qcow2"))
 
 
 if __name__ == "__main__":

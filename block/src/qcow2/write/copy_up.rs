@@ -1,6 +1,8 @@
 //! Copy-up (QEMU's copy-on-read write): a block job that pulls data from the backing chain into
 //! the top writes it only where the top still reads from its backing image, so a guest write that
-//! reached the cluster first is never overwritten by the older data the job read.
+//! reached the cluster first is never overwritten by the older data the job read. A whole
+//! cluster of zeroes becomes a zero cluster (v3), no data cluster, as QEMU's copy-on-read writes
+//! zeroes it read as a write-zeroes.
 //!
 //! Locking: the cluster's claim (the one every slow-path write takes, `write.rs`) is held from
 //! the check to the publication; a guest write to a cluster the top does not have yet always
@@ -15,7 +17,8 @@ use crate::{DiskImage, Error};
 
 impl Qcow2 {
     /// Writes `data` at `guest`, within one cluster, only if that range reads from the backing
-    /// image (is unallocated here); returns whether it wrote.
+    /// image (is unallocated here); returns whether it wrote. A whole cluster of zeroes is
+    /// written as a zero cluster where the version has them.
     pub(crate) fn copy_up(&self, data: &[u8], guest: u64) -> Result<bool, Error> {
         let len = data.len() as u64;
         self.check_request(guest, len, true)?;
@@ -38,6 +41,12 @@ impl Qcow2 {
         loop {
             if !unallocated(self.lookup(guest)?) {
                 return Ok(false);
+            }
+            if len == cs && self.version >= 3 && data.iter().all(|&b| b == 0) {
+                // The claim keeps guest writes out of the cluster; what a guest discard or
+                // write-zeroes did to it meanwhile reads as zeroes too.
+                self.discard_inner(guest, len, true)?;
+                return Ok(true);
             }
             let plan = self.plan(data, guest)?;
             let planned = self.decode(plan.entry, plan.bitmap, guest)?;

@@ -308,7 +308,6 @@ impl Work for ActiveCommit {
                 cache,
                 // The old chain holds the locks until it closes, below.
                 lock: false,
-                // The base's node had the defaults.
                 ..OpenOptions::default()
             };
             let chain = self.top.as_ref().ok_or_else(Self::ended)?.inner().chain();
@@ -331,7 +330,6 @@ impl Work for ActiveCommit {
         self.tracking = false;
         self.top = None;
         live.top = Arc::clone(&switched);
-        live.cache_sizes = block::qcow2::CacheSizes::default();
         // The old chain is closed: the new one takes the locks (failing leaves them untaken,
         // not the disk broken).
         if let Err(e) = switched.inner().lock_chain() {

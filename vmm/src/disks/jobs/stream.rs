@@ -153,7 +153,7 @@ pub(super) fn reopen_with_backing(
             cache: live.cache,
             // The old chain holds the locks until it closes, below.
             lock: false,
-            cache_sizes: live.cache_sizes,
+            ..OpenOptions::default()
         };
         let layers: Vec<&Image> = top.chain().take(keep).collect();
         let below = below.and_then(|d| top.chain().nth(d));
