@@ -531,6 +531,53 @@ mod tests {
         run("qemu-img", &["check", "-q", &base]);
     }
 
+    /// The files a job of a disk opened with `cache=none` opens read-write for `path`: whether
+    /// each is opened with O_DIRECT, from this process's descriptors.
+    fn writable_opens_of(path: &str) -> Vec<bool> {
+        let mut direct = Vec::new();
+        for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            if std::fs::read_link(fd.path()).ok().as_deref() != Some(Path::new(path)) {
+                continue;
+            }
+            let info = Path::new("/proc/self/fdinfo").join(fd.file_name());
+            let info = std::fs::read_to_string(info).unwrap_or_default();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| i32::from_str_radix(f.trim(), 8).ok())
+                .unwrap_or(0);
+            if flags & libc::O_ACCMODE == libc::O_RDWR {
+                direct.push(flags & libc::O_DIRECT != 0);
+            }
+        }
+        direct
+    }
+
+    /// A commit of an intermediate image opens its base read-write as the disk has its files:
+    /// with O_DIRECT for `cache=none`, as the active commit does.
+    #[test]
+    fn an_intermediate_commit_opens_its_base_with_the_disk_s_cache_mode() {
+        let dir = Scratch::new("commit-cache");
+        let (base, mid, top) = chain(&dir);
+        let none = crate::drive::CacheSetting {
+            host: block::CacheMode::None,
+            ..crate::drive::CacheSetting::default()
+        };
+        let mut guest = Guest::with_cache(Path::new(&top), 3, none);
+        let writer = guest.write();
+        let args = CommitArgs {
+            top: Some(super::super::Layer::File(mid)),
+            // Slow enough that the job is still running when the files are looked at.
+            speed: 64 << 10,
+            ..CommitArgs::default()
+        };
+        start_commit(&mut guest.jobs, &guest.disk, args).unwrap();
+        assert_eq!(writable_opens_of(&base), [true]);
+        guest.jobs.cancel("d0", false).unwrap();
+        guest.run_job(|_, _| {});
+        guest.stop(writer);
+    }
+
     /// Cancelled once ready (without `force`), the job completes as QEMU's does and the disk
     /// stays on its top, which kept every write.
     #[test]

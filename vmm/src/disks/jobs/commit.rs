@@ -126,6 +126,7 @@ impl Work for Commit {
             let options = OpenOptions {
                 format: None,
                 read_only: false,
+                cache: live.cache,
                 lock: false,
                 ..OpenOptions::default()
             };
@@ -163,6 +164,7 @@ pub fn start_commit(jobs: &mut Jobs, disk: &VmDisk, args: CommitArgs) -> Result<
     let drive = disk.info.drive_id.clone();
     let live = disk.live.lock().unwrap_or_else(PoisonError::into_inner);
     let active = Arc::clone(&live.top);
+    let cache = live.cache;
     drop(live);
     let image = active.inner();
     if jobs.mirrors(&drive) {
@@ -233,6 +235,7 @@ pub fn start_commit(jobs: &mut Jobs, disk: &VmDisk, args: CommitArgs) -> Result<
     let options = OpenOptions {
         format: None,
         read_only: false,
+        cache,
         // The disk's chain holds its locks.
         lock: false,
         ..OpenOptions::default()

@@ -77,12 +77,17 @@ pub struct Guest {
 
 impl Guest {
     pub fn new(top: &Path, layers: usize) -> Self {
+        Self::with_cache(top, layers, CacheSetting::default())
+    }
+
+    /// As [`Guest::new`], the disk opened with `-drive cache=` as `cache`.
+    pub fn with_cache(top: &Path, layers: usize, cache: CacheSetting) -> Self {
         let options = OpenOptions {
             format: Some(Format::Qcow2),
             read_only: false,
+            cache: cache.host,
             ..OpenOptions::default()
         };
-        let cache = CacheSetting::default();
         let image = Arc::new(WithPolicy::new(
             block::open(top, options).unwrap(),
             cache.policy,
@@ -99,7 +104,7 @@ impl Guest {
                 read_only: false,
                 cache: CacheMode {
                     writeback: true,
-                    direct: false,
+                    direct: cache.host == block::CacheMode::None,
                     no_flush: false,
                 },
                 detect_zeroes: "off",
