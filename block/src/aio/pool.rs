@@ -2,7 +2,8 @@
 //!
 //! The pool is elastic, as QEMU's thread pool is: `min` workers live as long as the pool; when a
 //! request is queued and no idle worker is waiting to take it, one more starts, up to `max`; a
-//! worker beyond `min` that has had nothing to do for `idle_exit` ends. A disk at queue depth 1
+//! worker beyond `min` that has had nothing to do for `idle_exit` ends (and joins the one that
+//! ended before it, see `Threads` in the parent module). A disk at queue depth 1
 //! thus costs one thread, and one at depth 32 gets as many requests running in the host at once
 //! as it has in flight (up to `max`), instead of waiting in line for a fixed few workers.
 //!
@@ -109,8 +110,16 @@ pub(super) fn worker(shared: &Shared) {
                 if let Some(request) = queues.pending.pop_front() {
                     break request;
                 }
-                if queues.stopping || (timed_out && queues.census.live > shared.workers.min) {
+                if queues.stopping {
                     queues.census.live -= 1;
+                    return;
+                }
+                if timed_out && queues.census.live > shared.workers.min {
+                    queues.census.live -= 1;
+                    drop(queues);
+                    if let Some(previous) = shared.hand_over() {
+                        super::join_worker(previous);
+                    }
                     return;
                 }
                 queues.census.idle += 1;
@@ -401,6 +410,49 @@ mod tests {
             }
             assert_eq!(aio.workers_alive(), 1);
         }
+    }
+
+    #[test]
+    fn workers_ending_for_lack_of_work_join_each_other() {
+        let image = RawFile::new(1 << 16);
+        image.set_gate(false);
+        let workers = Workers {
+            idle_exit: Duration::from_millis(20),
+            ..Workers::elastic(1, 6)
+        };
+        let aio = Aio::new("t", image.clone(), workers, 6).unwrap();
+        let mut bufs = vec![vec![0u8; 512]; 6];
+        submit_reads(&aio, &mut bufs);
+        while image.reads_started.load(Ordering::SeqCst) < 6 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(aio.workers_alive(), 6);
+        image.set_gate(true);
+        aio.wait_idle();
+        assert_eq!(aio.reap(|c| c.result.unwrap()), 6);
+        // Of the five extra workers, each one ending joins the one that ended before it: only
+        // the last is left unjoined, beside the minimum still running.
+        let left = || {
+            let t = aio.shared.threads();
+            (t.running.len(), t.ended.is_some())
+        };
+        for _ in 0..1000 {
+            if left() == (1, true) {
+                break;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(left(), (1, true));
+        assert_eq!(aio.workers_alive(), 1);
+        // The pool still grows, and its drop joins whoever is left.
+        image.set_gate(false);
+        submit_reads(&aio, &mut bufs[..2]);
+        while image.reads_started.load(Ordering::SeqCst) < 8 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        image.set_gate(true);
+        aio.wait_idle();
+        assert_eq!(aio.reap(|c| c.result.unwrap()), 2);
     }
 
     #[test]
