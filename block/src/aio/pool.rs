@@ -32,6 +32,14 @@ use crate::direct::{DirectTarget, Extent};
 use crate::trace::{self, IoTrace};
 use crate::{DiskImage, Error};
 
+/// Each worker's stack: just under a huge page (Rust's default is 2 MiB), where a worker uses about
+/// 20 KiB. With transparent huge pages on `always` (Debian 12's kernel; kernels since 6.7 keep
+/// stacks out of them), a stack mapping that spans an aligned 2 MiB range is backed by a whole
+/// huge page as soon as glibc writes the thread's descriptor at its top, before the thread runs;
+/// a 2 MiB stack placed where an allocator arena was (64 MiB-aligned) always does. One smaller
+/// than 2 MiB spans none.
+pub(super) const WORKER_STACK: usize = (2 << 20) - (64 << 10);
+
 /// How long a worker beyond the minimum waits for work before it ends (QEMU's thread pool: 10 s).
 const IDLE_EXIT: Duration = Duration::from_secs(10);
 
@@ -98,7 +106,6 @@ pub fn set_worker_start(hook: fn()) {
 /// A worker thread: takes pending requests until the pool stops, or, when it is one of the
 /// extra workers, until it has had nothing to do for `idle_exit`.
 pub(super) fn worker(shared: &Shared) {
-    no_huge_stack();
     if let Some(hook) = WORKER_START.get() {
         hook();
     }
@@ -156,30 +163,6 @@ pub(super) fn worker(shared: &Shared) {
         drop(queues);
         // Only fails when the counter would overflow, which still leaves it readable.
         let _ = shared.completion_fd.write(1);
-    }
-}
-
-/// Keeps the calling thread's stack out of transparent huge pages. With them on `always` (Debian's
-/// kernels), a thread stack that happens to span an aligned 2 MiB range (glibc's are 2 MiB and a
-/// guard page, so about one in 512 new ones) takes a whole huge page when touched, where a
-/// worker uses about 20 KiB; a burst starts up to 64 workers, and the pool's bursts are many.
-/// Best effort: a stack left as it was only costs memory.
-fn no_huge_stack() {
-    // SAFETY: pthread_getattr_np fills the attribute object for the calling thread (freed below
-    // with pthread_attr_destroy); pthread_attr_getstack only reads it; madvise with
-    // MADV_NOHUGEPAGE changes no contents, only how the kernel may back the range, which is this
-    // thread's own stack mapping as glibc reports it.
-    unsafe {
-        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
-        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
-            return;
-        }
-        let mut addr = std::ptr::null_mut();
-        let mut size = 0;
-        if libc::pthread_attr_getstack(&attr, &mut addr, &mut size) == 0 {
-            libc::madvise(addr, size, libc::MADV_NOHUGEPAGE);
-        }
-        libc::pthread_attr_destroy(&mut attr);
     }
 }
 
@@ -437,62 +420,48 @@ mod tests {
         }
     }
 
-    /// The kernel's flags (`VmFlags:`) of the mapping of `/proc/self/smaps` holding `addr`.
-    fn vm_flags(addr: usize) -> String {
+    /// The size in KiB of the mapping of `/proc/self/smaps` holding `addr`.
+    fn mapping_kib(addr: u64) -> u64 {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         let mut inside = false;
         for line in smaps.lines() {
-            let first = line.split_whitespace().next().unwrap_or("");
+            let mut words = line.split_whitespace();
+            let first = words.next().unwrap_or("");
             if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
-                let hex = |s| usize::from_str_radix(s, 16).unwrap();
+                let hex = |s| u64::from_str_radix(s, 16).unwrap();
                 inside = (hex(a)..hex(b)).contains(&addr);
-            } else if inside && first == "VmFlags:" {
-                return line.to_owned();
+            } else if inside && first == "Size:" {
+                return words.next().unwrap().parse().unwrap();
             }
         }
         panic!("no mapping holds {addr:#x}");
     }
 
-    /// A thread's start: the flags of its stack's mapping before and after `no_huge_stack`.
-    extern "C" fn stack_flags(_: *mut libc::c_void) -> *mut libc::c_void {
-        let local = 0u8;
-        let addr = std::ptr::from_ref(&local) as usize;
-        let before = vm_flags(addr);
-        no_huge_stack();
-        Box::into_raw(Box::new((before, vm_flags(addr)))).cast()
-    }
-
     #[test]
-    fn a_worker_keeps_its_stack_out_of_huge_pages() {
-        // A stack mapped without MAP_STACK, which kernels since 6.7 keep out of huge pages
-        // themselves: as any stack is on older ones.
-        const LEN: usize = 1 << 20;
-        // SAFETY: a fresh private mapping becomes the stack of one thread, joined before the
-        // mapping goes; the thread's result is the box it made.
-        let (before, after) = unsafe {
-            let stack = libc::mmap(
-                std::ptr::null_mut(),
-                LEN,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            assert_ne!(stack, libc::MAP_FAILED);
-            let mut attr: libc::pthread_attr_t = std::mem::zeroed();
-            assert_eq!(libc::pthread_attr_init(&mut attr), 0);
-            assert_eq!(libc::pthread_attr_setstack(&mut attr, stack, LEN), 0);
-            let mut t: libc::pthread_t = 0;
-            let made = libc::pthread_create(&mut t, &attr, stack_flags, std::ptr::null_mut());
-            assert_eq!(made, 0);
-            let mut out = std::ptr::null_mut();
-            assert_eq!(libc::pthread_join(t, &mut out), 0);
-            libc::pthread_attr_destroy(&mut attr);
-            libc::munmap(stack, LEN);
-            *Box::from_raw(out.cast::<(String, String)>())
-        };
-        assert!(!before.contains(" nh"), "{before}");
-        assert!(after.contains(" nh"), "{after}");
+    fn a_workers_stack_spans_no_huge_page() {
+        let image = RawFile::new(1 << 16);
+        let aio = Aio::new("t", image, Workers::fixed(1), 4).unwrap();
+        // The idle worker waits in a futex: /proc gives its stack pointer then (the 9th word of
+        // its `syscall` file).
+        let sp = (0..1000)
+            .find_map(|_| {
+                for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+                    let name = std::fs::read_to_string(task.path().join("comm")).unwrap();
+                    if name.trim() != "t-io0" {
+                        continue;
+                    }
+                    let call = std::fs::read_to_string(task.path().join("syscall")).unwrap();
+                    let words: Vec<&str> = call.split_whitespace().collect();
+                    if words.len() == 9 {
+                        return u64::from_str_radix(words[7].trim_start_matches("0x"), 16).ok();
+                    }
+                }
+                thread::sleep(Duration::from_millis(5));
+                None
+            })
+            .expect("the worker waits");
+        assert!(mapping_kib(sp) < 2048, "{} KiB", mapping_kib(sp));
+        drop(aio);
     }
 
     #[test]

@@ -335,7 +335,6 @@ pub fn common() -> Rules {
 /// to it), including what the new thread makes before and while its own filter goes on: `clone`
 /// with exactly the flags of a thread (`clone3` is allowed here only to meet [`refusals`]'
 /// ENOSYS, which makes glibc fall back to `clone`), robust futex lists, restartable sequences, its name and its CPU set,
-/// its stack kept out of transparent huge pages,
 /// `PR_SET_NO_NEW_PRIVS` and `seccomp`. The new worker's filter stacks on its creator's, so the
 /// creator allows the worker's I/O calls too ([`super::worker::io`]).
 pub fn spawner(r: &mut Rules) {
@@ -366,8 +365,6 @@ pub fn spawner(r: &mut Rules) {
         0,
         &[arg(libc::PR_SET_NAME), arg(libc::PR_SET_NO_NEW_PRIVS)],
     )
-    // A new worker keeps its stack out of transparent huge pages.
-    .allow_arg(libc::SYS_madvise, 2, &[arg(libc::MADV_NOHUGEPAGE)])
     // The new thread's own filter, stacked on the inherited one (it can only take calls away).
     .allow_arg(libc::SYS_seccomp, 0, &[arg(libc::SECCOMP_SET_MODE_FILTER)]);
 }
