@@ -258,12 +258,43 @@ struct Shared {
     completion_fd: EventFd,
     /// The bounce buffers of requests the image cannot place ([`pool::BOUNCE_KEEP`] kept).
     bounces: BufPool,
+    /// The workers not yet joined.
+    threads: Mutex<Threads>,
+}
+
+/// The pool's worker threads not yet joined. glibc gives a thread's stack back (to its cache of
+/// stacks, which frees those beyond its size) only once the thread is joined; until then the
+/// top pages of an ended thread's stack stay resident (about 20 KiB each), so the workers that
+/// end after a burst join each other as they end instead of waiting for the pool to grow or stop.
+#[derive(Default)]
+struct Threads {
+    /// Every worker started and not yet handed over ([`Shared::hand_over`]).
+    running: Vec<JoinHandle<()>>,
+    /// The last worker that ended for lack of work: the next one to end joins it.
+    ended: Option<JoinHandle<()>>,
 }
 
 impl Shared {
     fn queues(&self) -> MutexGuard<'_, Queues> {
         // The queues are only touched by short push/pop sequences that do not panic.
         self.queues.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn threads(&self) -> MutexGuard<'_, Threads> {
+        // Held only to move handles in and out.
+        self.threads.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Called by a worker ending for lack of work: leaves its own handle for the next worker to
+    /// end, and returns the one the last ended worker left, for the caller to join. None when
+    /// its handle is not there (the pool is stopping, or its starter has not stored it yet: then
+    /// the next start or the pool's drop joins it).
+    fn hand_over(&self) -> Option<JoinHandle<()>> {
+        let me = thread::current().id();
+        let mut threads = self.threads();
+        let i = threads.running.iter().position(|h| h.thread().id() == me)?;
+        let mine = threads.running.swap_remove(i);
+        threads.ended.replace(mine)
     }
 
     /// The image requests run against now, with its host file.
@@ -277,8 +308,6 @@ impl Shared {
 pub struct Aio {
     name: String,
     shared: Arc<Shared>,
-    /// Every worker started and not yet joined (ended ones are joined when the next starts).
-    threads: Mutex<Vec<JoinHandle<()>>>,
     /// The io_uring engine's ring (`aio=io_uring`).
     ring: Option<Mutex<uring::Ring>>,
     /// Requests the ring took, and requests the pool took.
@@ -351,6 +380,10 @@ impl Aio {
             idle: Condvar::new(),
             completion_fd: EventFd::new(EFD_NONBLOCK).map_err(AioError::EventFd)?,
             bounces: BufPool::new(pool::BOUNCE_KEEP),
+            threads: Mutex::new(Threads {
+                running: Vec::with_capacity(max),
+                ended: None,
+            }),
         });
         let ring = match ring_target {
             Some(target) => Some(Mutex::new(uring::Ring::new(
@@ -363,7 +396,6 @@ impl Aio {
         let pool = Aio {
             name: name.to_owned(),
             shared,
-            threads: Mutex::new(Vec::with_capacity(max)),
             ring,
             on_ring: AtomicU64::new(0),
             on_pool: AtomicU64::new(0),
@@ -386,17 +418,17 @@ impl Aio {
         let shared = Arc::clone(&self.shared);
         let spawned = thread::Builder::new()
             .name(format!("{}-io{index}", self.name))
+            .stack_size(pool::WORKER_STACK)
             .spawn(move || pool::worker(&shared));
-        let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
-        // Join the workers that ended for lack of work, so their handles do not pile up.
-        for handle in extract_finished(&mut threads) {
-            self.join(handle);
-        }
+        let (spawned, ended) = {
+            let mut threads = self.shared.threads();
+            let spawned = spawned.map(|handle| threads.running.push(handle));
+            // The workers that ended without handing themselves over.
+            (spawned, extract_finished(&mut threads.running))
+        };
+        ended.into_iter().for_each(join_worker);
         match spawned {
-            Ok(handle) => {
-                threads.push(handle);
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(source) => {
                 self.shared.queues().census.live -= 1;
                 Err(AioError::Spawn {
@@ -405,13 +437,6 @@ impl Aio {
                     source,
                 })
             }
-        }
-    }
-
-    /// Waits for a worker thread to end, reporting a panic.
-    fn join(&self, handle: JoinHandle<()>) {
-        if handle.join().is_err() {
-            log::error!("an I/O worker of {} panicked", self.name);
         }
     }
 
@@ -626,14 +651,22 @@ impl Drop for Aio {
         self.wait_idle();
         self.shared.queues().stopping = true;
         self.shared.work.notify_all();
-        let threads = std::mem::take(
-            self.threads
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        for handle in threads {
-            self.join(handle);
-        }
+        // A worker handing itself over meanwhile is in one of the two, and joins the one it
+        // takes before it ends.
+        let threads = std::mem::take(&mut *self.shared.threads());
+        threads
+            .running
+            .into_iter()
+            .chain(threads.ended)
+            .for_each(join_worker);
+    }
+}
+
+/// Waits for a worker thread to end, reporting a panic.
+fn join_worker(handle: JoinHandle<()>) {
+    let name = handle.thread().name().unwrap_or("an I/O worker").to_owned();
+    if handle.join().is_err() {
+        log::error!("{name} panicked");
     }
 }
 

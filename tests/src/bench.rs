@@ -16,12 +16,14 @@
 //! guests with their debug logs on (`-D`; QEMU also traces `kvm_cpu_exec`) and prints per boot a
 //! `BOOT` line, a `PHASES` line and, for vmm, a `STARTUP` line per start-up step; once per VMM it
 //! prints the small guest's `dmesg` (`DMESG`), or per boot Debian's `systemd-analyze` lines
-//! (`ANALYZE`). For the small guest it also prints, per boot at its prompt, each VMM thread's CPU
-//! time so far, and the system part of it (`THREADS`), and KVM's counters of the VM from debugfs
-//! (`KVMSTATS`: exits, page faults, guest memory mapped in 4 KiB or 2 MiB pages); for every guest,
-//! per boot, how the host's memory counters grew (`HOSTMM`: transparent huge pages, compaction,
-//! faults); all kept with the raw lines to tell where a slow phase's time went. The outer half
-//! ([`summarize`]) reads them back and writes Markdown tables.
+//! (`ANALYZE`). Per boot it prints the memory beyond guest RAM by kind of mapping (`MEMORY`), and
+//! on each VMM's first boot every resident mapping outside guest RAM (`SMAPS`). For the small
+//! guest it also prints, per boot at its prompt, each VMM thread's CPU time so far, and the system
+//! part of it (`THREADS`), and KVM's counters of the VM from debugfs (`KVMSTATS`: exits, page
+//! faults, guest memory mapped in 4 KiB or 2 MiB pages); for every guest, per boot, how the host's
+//! memory counters grew (`HOSTMM`: transparent huge pages, compaction, faults); all kept with the
+//! raw lines to tell where a slow phase's time went. The outer half ([`summarize`]) reads them
+//! back and writes Markdown tables.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -553,6 +555,7 @@ fn sample(
         run,
         source,
     })?;
+    print_memory(target, run, &mem);
     println!("THREADS {target} {run} {}", thread_times(g.pid()));
     println!("KVMSTATS {target} {run} {}", kvm_stats(g.pid()));
     let from = g.lines().len();
@@ -589,6 +592,17 @@ fn sample(
         ..GuestLogs::default()
     };
     Ok((sample, logs))
+}
+
+/// Prints where a boot's memory beyond guest RAM is (`MEMORY`: KiB by kind), and on a VMM's first
+/// boot each resident mapping outside guest RAM (`SMAPS`).
+fn print_memory(target: &str, run: u32, mem: &memory::Resident) {
+    println!("MEMORY {target} {run} {}", mem.kind_words());
+    if run == 1 {
+        for m in &mem.mappings {
+            println!("SMAPS {target} {m}");
+        }
+    }
 }
 
 /// The CPU time each thread of process `pid` has used so far, `NAME:TID=MS/SYS` separated by
@@ -730,6 +744,7 @@ fn sample_debian(
         run,
         source,
     })?;
+    print_memory(target, run, &mem);
     let from = g.lines().len().saturating_sub(1);
     g.wait_line(END, DEBIAN_TIMEOUT, |l| l.ends_with(END))
         .map_err(err)?;
@@ -803,6 +818,7 @@ pub fn summarize(output: &str, setup: Setup, host: &str) -> String {
             median(&total).unwrap_or(f64::NAN) / 1024.0,
         );
     }
+    md.push_str(&memory_table(output, &targets));
     md.push_str(&phase_table(output, &targets, setup.guest.phases()));
     md.push_str(&startup_table(output, &targets));
     md.push_str("\nCommands (each boot adds its debug log: `-D FILE`, and for QEMU `-trace kvm_cpu_exec -msg timestamp=on`):\n\n");
@@ -811,6 +827,70 @@ pub fn summarize(output: &str, setup: Setup, host: &str) -> String {
             let (t, cmd) = rest.split_once(' ').unwrap_or((rest, ""));
             let _ = writeln!(md, "- {t}: `{cmd}`");
         }
+    }
+    md
+}
+
+/// Per kind of mapping (`MEMORY` lines, [`memory::Resident::kinds`]), each column's median
+/// resident KiB beyond guest RAM (0 for a boot without that kind).
+fn memory_table(output: &str, targets: &[&str]) -> String {
+    // (target, kind, KiB) of each boot's MEMORY line, and how many boots each target had.
+    let mut seen: Vec<(&str, &str, u64, u32)> = Vec::new();
+    let mut kinds: Vec<&str> = Vec::new();
+    for l in output.lines() {
+        let Some(rest) = l.strip_prefix("MEMORY ") else {
+            continue;
+        };
+        let mut w = rest.split_whitespace();
+        let (Some(t), Some(run)) = (w.next(), w.next().and_then(|r| r.parse::<u32>().ok())) else {
+            continue;
+        };
+        for (kind, kib) in w.filter_map(|x| x.split_once('=')) {
+            if let Ok(kib) = kib.parse() {
+                seen.push((t, kind, kib, run));
+                if !kinds.contains(&kind) {
+                    kinds.push(kind);
+                }
+            }
+        }
+    }
+    if seen.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from(
+        "\nMemory beyond guest RAM by kind of mapping, KiB, median of the boots (`tests/src/memory.rs`):\n\n| kind |",
+    );
+    for t in targets {
+        let _ = write!(md, " {t} |");
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---|".repeat(targets.len()));
+    md.push('\n');
+    for kind in kinds {
+        let _ = write!(md, "| {kind} |");
+        for &t in targets {
+            let mut runs: Vec<u32> = seen.iter().filter(|s| s.0 == t).map(|s| s.3).collect();
+            runs.sort_unstable();
+            runs.dedup();
+            let v: Vec<f64> = runs
+                .iter()
+                .map(|&r| {
+                    kib_f64(
+                        seen.iter()
+                            .filter(|s| s.0 == t && s.3 == r && s.1 == kind)
+                            .map(|s| s.2)
+                            .sum(),
+                    )
+                })
+                .collect();
+            match median(&v) {
+                Some(m) => {
+                    let _ = write!(md, " {m:.0} |");
+                }
+                None => md.push_str(" – |"),
+            }
+        }
+        md.push('\n');
     }
     md
 }
@@ -990,6 +1070,22 @@ mod tests {
             md.contains("- qemu: `qemu-system-x86_64 -M microvm,rtc=on`"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn the_memory_table_gives_each_kinds_median() {
+        let out = "MEMORY vmm 1 file=2000 heap=300\nMEMORY qemu 1 file=9000\n\
+                   MEMORY vmm 2 file=2100 heap=500 anonymous=64\nMEMORY qemu 2 file=9100\n\
+                   MEMORY vmm 3 file=2050 heap=400\nMEMORY qemu 3 file=8900\n";
+        let md = memory_table(out, &["qemu", "vmm"]);
+        assert!(
+            md.contains("| kind | qemu | vmm |\n|---|---|---|\n"),
+            "{md}"
+        );
+        assert!(md.contains("| file | 9000 | 2050 |"), "{md}");
+        assert!(md.contains("| heap | 0 | 400 |"), "{md}");
+        assert!(md.contains("| anonymous | 0 | 0 |"), "{md}");
+        assert_eq!(memory_table("BOOT vmm 1 1.0 2 1\n", &["vmm"]), "");
     }
 
     #[test]

@@ -6,6 +6,13 @@
 //! memory counts as guest RAM; everything else resident (code, libraries, heaps, stacks, device
 //! buffers) is the VMM's overhead. With a 512 MiB guest that threshold is 256 MiB, far above any heap
 //! arena (64 MiB) or thread stack (8 MiB).
+//!
+//! The overhead is also split by kind ([`Resident::kinds`]), to tell where it goes: files
+//! (the program's and libraries' code and data), the mappings the kernel names (`[heap]`, the main
+//! thread's `[stack]`, io_uring's rings), and anonymous mappings, told apart by their layout as
+//! glibc makes them: a thread's stack lies just above its guard page (an inaccessible mapping), an
+//! allocator arena's heap starts on a 64 MiB boundary just below the inaccessible rest of its
+//! reservation, and any other (buffers mapped for themselves, say) is "anonymous".
 
 use std::path::Path;
 
@@ -27,12 +34,42 @@ pub enum Error {
 }
 
 /// Resident memory of a VMM process, in KiB.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Resident {
     /// Everything resident.
     pub total_kib: u64,
     /// Resident in the guest-RAM mappings.
     pub guest_kib: u64,
+    /// The rest by kind (see the module documentation), in the order first met.
+    pub kinds: Vec<(String, u64)>,
+    /// Each resident mapping outside guest RAM: its header line, its size and what is resident.
+    pub mappings: Vec<String>,
+}
+
+impl Resident {
+    /// The kinds as `KIND=KIB` words, separated by spaces.
+    pub fn kind_words(&self) -> String {
+        let words: Vec<String> = self.kinds.iter().map(|(k, n)| format!("{k}={n}")).collect();
+        words.join(" ")
+    }
+}
+
+/// One mapping of an smaps text.
+struct Mapping<'a> {
+    header: &'a str,
+    start: u64,
+    end: u64,
+    perms: &'a str,
+    /// The path or the kernel's name; empty for an anonymous mapping.
+    name: &'a str,
+    size: u64,
+    rss: u64,
+}
+
+impl Mapping<'_> {
+    fn inaccessible_anonymous(&self) -> bool {
+        self.name.is_empty() && self.perms.starts_with("---")
+    }
 }
 
 /// Reads `/proc/PID/smaps` for a VMM whose guest has `guest_mem_kib` of memory.
@@ -55,27 +92,77 @@ fn kib(line: &str) -> Result<u64, Error> {
 
 /// Sums the `Rss:` of every mapping in an smaps text, and separately of the guest-RAM mappings.
 pub fn parse_smaps(text: &str, guest_mem_kib: u64) -> Result<Resident, Error> {
+    let maps = mappings(text)?;
     let mut r = Resident::default();
-    // The mapping being read: anonymous (no path), and its size.
-    let mut anonymous = false;
-    let mut size = 0;
+    for (i, m) in maps.iter().enumerate() {
+        r.total_kib += m.rss;
+        if m.name.is_empty() && m.size >= guest_mem_kib / 2 {
+            r.guest_kib += m.rss;
+            continue;
+        }
+        if m.rss == 0 {
+            continue;
+        }
+        let before = i.checked_sub(1).and_then(|j| maps.get(j));
+        let after = maps.get(i + 1);
+        let kind = if m.name.starts_with('/') {
+            "file"
+        } else if !m.name.is_empty() {
+            m.name
+        } else if m.start % ARENA_ALIGN == 0
+            && after.is_some_and(|a| a.start == m.end && a.inaccessible_anonymous())
+        {
+            "arena"
+        } else if before.is_some_and(|b| b.end == m.start && b.inaccessible_anonymous()) {
+            "thread-stack"
+        } else {
+            "anonymous"
+        };
+        match r.kinds.iter_mut().find(|(k, _)| k == kind) {
+            Some((_, n)) => *n += m.rss,
+            None => r.kinds.push((kind.to_owned(), m.rss)),
+        }
+        r.mappings
+            .push(format!("{} size={} rss={}", m.header, m.size, m.rss));
+    }
+    Ok(r)
+}
+
+/// glibc's arenas other than the main one are heaps reserved on this boundary (`HEAP_MAX_SIZE`,
+/// 64 MiB on 64-bit hosts), in bytes.
+const ARENA_ALIGN: u64 = 64 << 20;
+
+/// The mappings of an smaps text, in its order (by address).
+fn mappings(text: &str) -> Result<Vec<Mapping<'_>>, Error> {
+    let mut maps: Vec<Mapping<'_>> = Vec::new();
     for line in text.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
         if first.contains('-') && !first.ends_with(':') {
             // A header: "start-end perms offset dev inode [path]".
-            anonymous = line.split_whitespace().nth(5).is_none();
-            size = 0;
-        } else if first == "Size:" {
-            size = kib(line)?;
-        } else if first == "Rss:" {
-            let rss = kib(line)?;
-            r.total_kib += rss;
-            if anonymous && size >= guest_mem_kib / 2 {
-                r.guest_kib += rss;
+            let mut words = line.split_whitespace();
+            let range = words.next().unwrap_or("");
+            let perms = words.next().unwrap_or("");
+            let name = words.nth(3).unwrap_or("");
+            let (start, end) = range.split_once('-').unwrap_or((range, ""));
+            let address = |a: &str| u64::from_str_radix(a, 16).unwrap_or(0);
+            maps.push(Mapping {
+                header: line.trim_end(),
+                start: address(start),
+                end: address(end),
+                perms,
+                name,
+                size: 0,
+                rss: 0,
+            });
+        } else if let Some(m) = maps.last_mut() {
+            if first == "Size:" {
+                m.size = kib(line)?;
+            } else if first == "Rss:" {
+                m.rss = kib(line)?;
             }
         }
     }
-    Ok(r)
+    Ok(maps)
 }
 
 #[cfg(test)]
@@ -103,6 +190,52 @@ Rss:                  16 kB
         let r = parse_smaps(SMAPS, 512 * 1024).unwrap();
         assert_eq!(r.total_kib, 111_016);
         assert_eq!(r.guest_kib, 100_000);
+    }
+
+    #[test]
+    fn the_overhead_is_split_by_kind() {
+        let text = format!(
+            "{SMAPS}\
+7f2000000000-7f2000021000 rw-p 00000000 00:00 0
+Size:                132 kB
+Rss:                  40 kB
+7f2000021000-7f2004000000 ---p 00000000 00:00 0
+Size:              65404 kB
+Rss:                   0 kB
+7f3000000000-7f3000001000 ---p 00000000 00:00 0
+Size:                  4 kB
+Rss:                   0 kB
+7f3000001000-7f3000201000 rw-p 00000000 00:00 0
+Size:               2048 kB
+Rss:                  24 kB
+7f4000000000-7f4000010000 rw-p 00000000 00:00 0
+Size:                 64 kB
+Rss:                  64 kB
+7f5000000000-7f5000004000 rw-s 00000000 00:0f 55    anon_inode:[io_uring]
+Size:                 16 kB
+Rss:                  16 kB
+"
+        );
+        let r = parse_smaps(&text, 512 * 1024).unwrap();
+        assert_eq!(r.guest_kib, 100_000);
+        assert_eq!(r.total_kib, 111_016 + 40 + 24 + 64 + 16);
+        // The 64 MiB mapping starts on an arena's boundary, but no inaccessible rest follows it.
+        assert_eq!(
+            r.kinds,
+            [
+                ("file".to_owned(), 9000),
+                ("anonymous".to_owned(), 2000 + 64),
+                ("[stack]".to_owned(), 16),
+                ("arena".to_owned(), 40),
+                ("thread-stack".to_owned(), 24),
+                ("anon_inode:[io_uring]".to_owned(), 16),
+            ]
+        );
+        assert_eq!(r.mappings.len(), 7);
+        assert_eq!(
+            r.mappings[3],
+            "7f2000000000-7f2000021000 rw-p 00000000 00:00 0 size=132 rss=40"
+        );
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! The pool is elastic, as QEMU's thread pool is: `min` workers live as long as the pool; when a
 //! request is queued and no idle worker is waiting to take it, one more starts, up to `max`; a
-//! worker beyond `min` that has had nothing to do for `idle_exit` ends. A disk at queue depth 1
+//! worker beyond `min` that has had nothing to do for `idle_exit` ends (and joins the one that
+//! ended before it, see `Threads` in the parent module). A disk at queue depth 1
 //! thus costs one thread, and one at depth 32 gets as many requests running in the host at once
 //! as it has in flight (up to `max`), instead of waiting in line for a fixed few workers.
 //!
@@ -30,6 +31,14 @@ use crate::buffers::BufPool;
 use crate::direct::{DirectTarget, Extent};
 use crate::trace::{self, IoTrace};
 use crate::{DiskImage, Error};
+
+/// Each worker's stack: just under a huge page (Rust's default is 2 MiB), where a worker uses about
+/// 20 KiB. With transparent huge pages on `always` (Debian 12's kernel; kernels since 6.7 keep
+/// stacks out of them), a stack mapping that spans an aligned 2 MiB range is backed by a whole
+/// huge page as soon as glibc writes the thread's descriptor at its top, before the thread runs;
+/// a 2 MiB stack placed where an allocator arena was (64 MiB-aligned) always does. One smaller
+/// than 2 MiB spans none.
+pub(super) const WORKER_STACK: usize = (2 << 20) - (64 << 10);
 
 /// How long a worker beyond the minimum waits for work before it ends (QEMU's thread pool: 10 s).
 const IDLE_EXIT: Duration = Duration::from_secs(10);
@@ -109,8 +118,16 @@ pub(super) fn worker(shared: &Shared) {
                 if let Some(request) = queues.pending.pop_front() {
                     break request;
                 }
-                if queues.stopping || (timed_out && queues.census.live > shared.workers.min) {
+                if queues.stopping {
                     queues.census.live -= 1;
+                    return;
+                }
+                if timed_out && queues.census.live > shared.workers.min {
+                    queues.census.live -= 1;
+                    drop(queues);
+                    if let Some(previous) = shared.hand_over() {
+                        super::join_worker(previous);
+                    }
                     return;
                 }
                 queues.census.idle += 1;
@@ -401,6 +418,93 @@ mod tests {
             }
             assert_eq!(aio.workers_alive(), 1);
         }
+    }
+
+    /// The size in KiB of the mapping of `/proc/self/smaps` holding `addr`.
+    fn mapping_kib(addr: u64) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let mut words = line.split_whitespace();
+            let first = words.next().unwrap_or("");
+            if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+                let hex = |s| u64::from_str_radix(s, 16).unwrap();
+                inside = (hex(a)..hex(b)).contains(&addr);
+            } else if inside && first == "Size:" {
+                return words.next().unwrap().parse().unwrap();
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    #[test]
+    fn a_workers_stack_spans_no_huge_page() {
+        let image = RawFile::new(1 << 16);
+        let aio = Aio::new("t", image, Workers::fixed(1), 4).unwrap();
+        // The idle worker waits in a futex: /proc gives its stack pointer then (the 9th word of
+        // its `syscall` file).
+        let sp = (0..1000)
+            .find_map(|_| {
+                for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+                    let name = std::fs::read_to_string(task.path().join("comm")).unwrap();
+                    if name.trim() != "t-io0" {
+                        continue;
+                    }
+                    let call = std::fs::read_to_string(task.path().join("syscall")).unwrap();
+                    let words: Vec<&str> = call.split_whitespace().collect();
+                    if words.len() == 9 {
+                        return u64::from_str_radix(words[7].trim_start_matches("0x"), 16).ok();
+                    }
+                }
+                thread::sleep(Duration::from_millis(5));
+                None
+            })
+            .expect("the worker waits");
+        assert!(mapping_kib(sp) < 2048, "{} KiB", mapping_kib(sp));
+        drop(aio);
+    }
+
+    #[test]
+    fn workers_ending_for_lack_of_work_join_each_other() {
+        let image = RawFile::new(1 << 16);
+        image.set_gate(false);
+        let workers = Workers {
+            idle_exit: Duration::from_millis(20),
+            ..Workers::elastic(1, 6)
+        };
+        let aio = Aio::new("t", image.clone(), workers, 6).unwrap();
+        let mut bufs = vec![vec![0u8; 512]; 6];
+        submit_reads(&aio, &mut bufs);
+        while image.reads_started.load(Ordering::SeqCst) < 6 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(aio.workers_alive(), 6);
+        image.set_gate(true);
+        aio.wait_idle();
+        assert_eq!(aio.reap(|c| c.result.unwrap()), 6);
+        // Of the five extra workers, each one ending joins the one that ended before it: only
+        // the last is left unjoined, beside the minimum still running.
+        let left = || {
+            let t = aio.shared.threads();
+            (t.running.len(), t.ended.is_some())
+        };
+        for _ in 0..1000 {
+            if left() == (1, true) {
+                break;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(left(), (1, true));
+        assert_eq!(aio.workers_alive(), 1);
+        // The pool still grows, and its drop joins whoever is left.
+        image.set_gate(false);
+        submit_reads(&aio, &mut bufs[..2]);
+        while image.reads_started.load(Ordering::SeqCst) < 8 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        image.set_gate(true);
+        aio.wait_idle();
+        assert_eq!(aio.reap(|c| c.result.unwrap()), 2);
     }
 
     #[test]
