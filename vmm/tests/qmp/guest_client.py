@@ -361,12 +361,7 @@ async def snapshot(vmm_path, kernel, sock):
               f"an overlay of another image is refused: {e.error.error.desc}")
     _, chain = await snapshot_side_chain(qmp, ours)
     check(chain == our_chain, "the disk keeps its chain")
-    for q in (qmp, qqmp):
-        await q.execute("quit")
-    check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
-    await asyncio.wait_for(qemu.wait(), TIMEOUT)
-    for q in (qmp, qqmp):
-        await close(q)
+    await quit_both(vmm, qmp, qemu, qqmp)
     for top in ("e1.qcow2", "r1.qcow2"):
         mine, theirs_chain = image_chain(ours, top), image_chain(theirs, top)
         check(mine == theirs_chain, f"qemu-img info --backing-chain {top}: {mine} "
@@ -452,14 +447,19 @@ async def start_in_chain_dirs(vmm_path, kernel, sock, name, subdir, cmds):
     return ours, theirs, vmm, qmp, qemu, qqmp
 
 
-async def quit_both_and_compare_files(vmm, qmp, qemu, qqmp, ours, theirs):
-    """Quits both engines (vmm exits 0) and checks each left the same files in chain/."""
+async def quit_both(vmm, qmp, qemu, qqmp):
+    """Quits ours (checking it exits 0) and QEMU, and closes both monitors."""
     for q in (qmp, qqmp):
         await q.execute("quit")
     check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
     await asyncio.wait_for(qemu.wait(), TIMEOUT)
     for q in (qmp, qqmp):
         await close(q)
+
+
+async def quit_both_and_compare_files(vmm, qmp, qemu, qqmp, ours, theirs):
+    """Quits both engines (vmm exits 0) and checks each left the same files in chain/."""
+    await quit_both(vmm, qmp, qemu, qqmp)
     files = [sorted(os.listdir(os.path.join(side, "chain"))) for side in (ours, theirs)]
     check(files[0] == files[1], f"files left in chain/: {files[0]} (QEMU: {files[1]})")
 
@@ -671,12 +671,7 @@ async def resize(vmm_path, kernel, sock):
               f"shrinking is refused: {e.error.error.desc}")
     block = await qmp.execute("query-block")
     check(block[0]["inserted"]["image"]["virtual-size"] == 6 << 40, "d0 kept its size")
-    for q in (qmp, qqmp):
-        await q.execute("quit")
-    check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
-    await asyncio.wait_for(qemu.wait(), TIMEOUT)
-    for q in (qmp, qqmp):
-        await close(q)
+    await quit_both(vmm, qmp, qemu, qqmp)
     for name in ("top.qcow2", "r.raw"):
         fmt = "qcow2" if name.endswith("qcow2") else "raw"
         cmp = subprocess.run(["qemu-img", "compare", "-f", fmt, "-F", fmt,

@@ -31,7 +31,6 @@ Prints one line per check; exits non-zero on the first failure.
 """
 
 import asyncio
-import json
 import os
 import resource
 import subprocess
@@ -40,7 +39,7 @@ import sys
 from qemu.qmp import EventListener
 
 from checks import TIMEOUT, check
-from guest_client import close, image_chain, snapshot_side_chain, start, start_qemu
+from guest_client import image_chain, quit_both, snapshot_side_chain, start, start_qemu
 
 JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
               "BLOCK_JOB_READY", "BLOCK_JOB_ERROR", "BLOCK_JOB_PENDING")
@@ -275,16 +274,6 @@ def two_disks(s):
             "-device", "virtio-blk-device,drive=d0,id=vd0,iothread=io0",
             "-drive", f"file={s}/top2.qcow2,format=qcow2,if=none,id=d1",
             "-device", "virtio-blk-device,drive=d1,id=vd1"]
-
-
-async def quit_both(vmm, qmp, qemu, qqmp):
-    """Quits ours (checking it exits 0) and QEMU, and closes both monitors."""
-    for q in (qmp, qqmp):
-        await q.execute("quit")
-    check(await vmm.exit_code() == 0, "vmm exits 0 after quit")
-    await asyncio.wait_for(qemu.wait(), TIMEOUT)
-    for q in (qmp, qqmp):
-        await close(q)
 
 
 def same_chains(ours, theirs, tops):
