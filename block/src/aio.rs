@@ -418,7 +418,7 @@ impl Aio {
         let shared = Arc::clone(&self.shared);
         let spawned = thread::Builder::new()
             .name(format!("{}-io{index}", self.name))
-            .stack_size(pool::WORKER_STACK)
+            .stack_size(crate::THREAD_STACK)
             .spawn(move || pool::worker(&shared));
         let (spawned, ended) = {
             let mut threads = self.shared.threads();

@@ -16,6 +16,15 @@ pub mod qcow2;
 mod raw;
 pub mod trace;
 
+/// The stack size of every thread the VMM starts (I/O workers, iothreads, vCPUs, job and signal
+/// threads): just under a huge page (Rust's default is 2 MiB), where each uses tens of KiB. With
+/// transparent huge pages on `always` (Debian 12's kernel; kernels since 6.7 keep stacks out of
+/// them), a stack mapping that spans an aligned 2 MiB range is backed by a whole huge page as soon
+/// as glibc writes the thread's descriptor at its top, before the thread runs; a 2 MiB stack
+/// placed where an allocator arena was (64 MiB-aligned) always does. One smaller than 2 MiB spans
+/// none.
+pub const THREAD_STACK: usize = (2 << 20) - (64 << 10);
+
 pub use error::{Error, ErrorKind};
 pub use file::{CacheMode, FileId};
 pub use image::{Allocation, BlockStatus, DiskImage};

@@ -90,6 +90,7 @@ pub fn start(on_start: fn()) -> Result<(), SignalError> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     std::thread::Builder::new()
         .name("signals".into())
+        .stack_size(block::THREAD_STACK)
         .spawn(move || {
             on_start();
             while let Some(signo) = read_signal(&fd) {

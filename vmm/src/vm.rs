@@ -536,6 +536,7 @@ impl VcpuThreads {
             let kick = vcpu.kick_handle();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
+                .stack_size(block::THREAD_STACK)
                 .spawn(move || {
                     sandbox::enter(sandbox::Kind::Vcpu);
                     vcpu.run()

@@ -152,6 +152,7 @@ fn idle_cpu_share(test: &str, object: &str) -> f64 {
     let (before, start) = (cpu_ns(pid, &tid), Instant::now());
     std::thread::sleep(Duration::from_secs(1));
     let (after, wall) = (cpu_ns(pid, &tid), start.elapsed());
+    no_stack_spans_a_huge_page(pid, object);
     let pid = i32::try_from(pid).expect("pids fit in an i32");
     // SAFETY: kill only sends a signal, to our own child.
     let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -159,6 +160,22 @@ fn idle_cpu_share(test: &str, object: &str) -> f64 {
     let status = vm.0.wait().expect("vmm ends");
     assert!(status.success(), "{object}: vmm ended with {status}");
     Duration::from_nanos(after.saturating_sub(before)).as_secs_f64() / wall.as_secs_f64()
+}
+
+/// No thread of the running VMM has a stack a 2 MiB huge page can back (with transparent huge
+/// pages on `always`, a 2 MiB stack may be backed whole); the idle iothread and the halted vCPU
+/// are among those checked.
+fn no_stack_spans_a_huge_page(pid: u32, object: &str) {
+    let stacks = common::thread_stacks_kib(pid);
+    for thread in ["io0", "vcpu0", "signals"] {
+        assert!(
+            stacks.iter().any(|(name, _)| name == thread),
+            "{object}: no stack found for {thread}: {stacks:?}"
+        );
+    }
+    for (name, kib) in &stacks {
+        assert!(*kib < 2048, "{object}: {name}'s stack is {kib} KiB");
+    }
 }
 
 #[test]

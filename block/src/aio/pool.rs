@@ -32,14 +32,6 @@ use crate::direct::{DirectTarget, Extent};
 use crate::trace::{self, IoTrace};
 use crate::{DiskImage, Error};
 
-/// Each worker's stack: just under a huge page (Rust's default is 2 MiB), where a worker uses about
-/// 20 KiB. With transparent huge pages on `always` (Debian 12's kernel; kernels since 6.7 keep
-/// stacks out of them), a stack mapping that spans an aligned 2 MiB range is backed by a whole
-/// huge page as soon as glibc writes the thread's descriptor at its top, before the thread runs;
-/// a 2 MiB stack placed where an allocator arena was (64 MiB-aligned) always does. One smaller
-/// than 2 MiB spans none.
-pub(super) const WORKER_STACK: usize = (2 << 20) - (64 << 10);
-
 /// How long a worker beyond the minimum waits for work before it ends (QEMU's thread pool: 10 s).
 const IDLE_EXIT: Duration = Duration::from_secs(10);
 

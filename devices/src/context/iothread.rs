@@ -74,6 +74,7 @@ impl IoThread {
         let thread_name = id.to_owned();
         let handle = thread::Builder::new()
             .name(id.to_owned())
+            .stack_size(block::THREAD_STACK)
             .spawn(move || {
                 if let Some(hook) = IOTHREAD_START.get() {
                     hook();

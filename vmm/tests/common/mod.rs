@@ -95,6 +95,44 @@ pub fn thread_named(pid: u32, name: &str) -> String {
         .unwrap_or_else(|| panic!("no thread {name}"))
 }
 
+/// The size in KiB of the stack mapping of each thread of `pid` but the main one, by thread name,
+/// for the threads waiting in a system call (`/proc/PID/task/TID/syscall` gives their stack
+/// pointer then), as `/proc/PID/smaps` sizes the mapping holding that pointer.
+pub fn thread_stacks_kib(pid: u32) -> Vec<(String, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps readable");
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+    let mut mappings = Vec::new();
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            if let (Some(a), Some(b)) = (hex(a), hex(b)) {
+                mappings.push(a..b);
+            }
+        }
+    }
+    let mut stacks = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir readable") {
+        let task = task.expect("task entry");
+        if task.file_name().to_string_lossy() == pid.to_string() {
+            continue;
+        }
+        let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+        let call = read("syscall");
+        let words: Vec<&str> = call.split_whitespace().collect();
+        let Some(sp) = words
+            .get(7)
+            .filter(|_| words.len() == 9)
+            .and_then(|w| hex(w))
+        else {
+            continue;
+        };
+        if let Some(m) = mappings.iter().find(|m| m.contains(&sp)) {
+            stacks.push((read("comm").trim_end().to_owned(), (m.end - m.start) >> 10));
+        }
+    }
+    stacks
+}
+
 /// Guest code (64-bit, for the tiny guests' page tables) that maps the first virtio-mmio
 /// transport (0xd0000000, through a new page directory at 0xc000 for the 3-4 GiB range) into
 /// `%rbx` and brings its device to FEATURES_OK with VERSION_1 alone (status 0, 1, 3; feature

@@ -906,6 +906,7 @@ impl Jobs {
         let runner = Arc::clone(&job);
         let thread = std::thread::Builder::new()
             .name(format!("{}-job", job.drive))
+            .stack_size(block::THREAD_STACK)
             .spawn(move || {
                 crate::sandbox::enter(crate::sandbox::Kind::Worker);
                 runner.steps();
