@@ -8,12 +8,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::process::Stdio;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{bzimage, cpu_ns, thread_named, vmm, Scratch, Vm};
+use common::{bzimage, console_lines, cpu_ns, next_line, thread_named, vmm, Scratch, Vm};
 
 /// Sectors the guest reads.
 const SECTORS: u64 = 64;
@@ -127,24 +125,8 @@ fn idle_cpu_share(test: &str, object: &str) -> f64 {
         .spawn()
         .expect("vmm runs");
     let mut vm = Vm(child);
-    let stdout = vm.0.stdout.take().expect("piped");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            if tx.send(line.unwrap_or_default()).is_err() {
-                break;
-            }
-        }
-    });
-    let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) else {
-        let _ = vm.0.kill();
-        let _ = vm.0.wait();
-        let mut stderr = String::new();
-        if let Some(mut e) = vm.0.stderr.take() {
-            let _ = e.read_to_string(&mut stderr);
-        }
-        panic!("{object}: no word from the guest; vmm said: {stderr}")
-    };
+    let lines = console_lines(&mut vm);
+    let line = next_line(&lines, &mut vm, Duration::from_secs(30), object);
     assert_eq!(line, "64 sectors read", "{object}");
 
     let pid = vm.0.id();

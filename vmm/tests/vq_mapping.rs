@@ -9,12 +9,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::process::Stdio;
-use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{bzimage, schedstat, thread_named, vmm, Scratch, Vm};
+use common::{bzimage, console_lines, next_line, schedstat, thread_named, vmm, Scratch, Vm};
 
 /// Sectors of the disk.
 const SECTORS: u64 = 64;
@@ -213,25 +212,9 @@ fn each_queue_is_served_by_its_own_iothread_and_both_write_one_image() {
         .expect("vmm runs");
     let mut vm = Vm(child);
     let mut stdin = vm.0.stdin.take().expect("piped");
-    let stdout = vm.0.stdout.take().expect("piped");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            if tx.send(line.unwrap_or_default()).is_err() {
-                break;
-            }
-        }
-    });
+    let lines = console_lines(&mut vm);
     let expect = |want: &str, vm: &mut Vm| {
-        let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) else {
-            let _ = vm.0.kill();
-            let _ = vm.0.wait();
-            let mut stderr = String::new();
-            if let Some(mut e) = vm.0.stderr.take() {
-                let _ = e.read_to_string(&mut stderr);
-            }
-            panic!("no '{want}' from the guest; vmm said: {stderr}")
-        };
+        let line = next_line(&lines, vm, Duration::from_secs(60), &format!("'{want}'"));
         assert_eq!(line, want);
     };
     expect("ready", &mut vm);

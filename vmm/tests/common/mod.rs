@@ -63,6 +63,42 @@ impl Drop for Vm {
     }
 }
 
+/// The lines `vm` prints on its standard output (piped), read on a thread of their own.
+pub fn console_lines(vm: &mut Vm) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stdout = vm.0.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The next line of `lines` (from [`console_lines`]) within `timeout`; if none comes, ends `vm`
+/// and panics with what it said on its standard error (piped), `what` naming the line awaited.
+pub fn next_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    vm: &mut Vm,
+    timeout: std::time::Duration,
+    what: &str,
+) -> String {
+    use std::io::Read;
+    let Ok(line) = lines.recv_timeout(timeout) else {
+        let _ = vm.0.kill();
+        let _ = vm.0.wait();
+        let mut stderr = String::new();
+        if let Some(mut e) = vm.0.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        panic!("{what}: nothing from the guest; vmm said: {stderr}")
+    };
+    line
+}
+
 /// Nanoseconds thread `tid` of process `pid` has run.
 pub fn cpu_ns(pid: u32, tid: &str) -> u64 {
     schedstat(pid, tid).0
