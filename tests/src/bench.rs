@@ -550,12 +550,7 @@ fn sample(
         .wait_for("GUEST-USERSPACE-UP", BOOT_TIMEOUT)
         .map_err(err)?;
     g.wait_prompt("GUEST-PROMPT#", BOOT_TIMEOUT).map_err(err)?;
-    let mem = memory::resident(g.pid(), mem_mib * 1024).map_err(|source| Error::Memory {
-        target: target.to_owned(),
-        run,
-        source,
-    })?;
-    print_memory(target, run, &mem);
+    let mem = resident_memory(g, target, run, mem_mib)?;
     println!("THREADS {target} {run} {}", thread_times(g.pid()));
     println!("KVMSTATS {target} {run} {}", kvm_stats(g.pid()));
     let from = g.lines().len();
@@ -579,19 +574,40 @@ fn sample(
         .collect();
     g.send("poweroff -f\n").map_err(err)?;
     g.wait_exit(BOOT_TIMEOUT).map_err(err)?;
-    let sample = BootSample {
-        target: target.to_owned(),
-        run,
-        userspace_ms: up.at.as_secs_f64() * 1000.0,
-        rss_kib: mem.total_kib,
-        guest_kib: mem.guest_kib,
-    };
+    let sample = boot_sample(target, run, &up, &mem);
     let logs = GuestLogs {
         dmesg,
         anchor: Anchor::RunInit,
         ..GuestLogs::default()
     };
     Ok((sample, logs))
+}
+
+/// The VMM's resident memory now (guest RAM `mem_mib`), printed as [`print_memory`] does.
+fn resident_memory(
+    g: &Guest,
+    target: &str,
+    run: u32,
+    mem_mib: u64,
+) -> Result<memory::Resident, Error> {
+    let mem = memory::resident(g.pid(), mem_mib * 1024).map_err(|source| Error::Memory {
+        target: target.to_owned(),
+        run,
+        source,
+    })?;
+    print_memory(target, run, &mem);
+    Ok(mem)
+}
+
+/// A boot's measurement: to the guest's line `up`, with the memory taken then.
+fn boot_sample(target: &str, run: u32, up: &guest::Line, mem: &memory::Resident) -> BootSample {
+    BootSample {
+        target: target.to_owned(),
+        run,
+        userspace_ms: up.at.as_secs_f64() * 1000.0,
+        rss_kib: mem.total_kib,
+        guest_kib: mem.guest_kib,
+    }
 }
 
 /// Prints where a boot's memory beyond guest RAM is (`MEMORY`: KiB by kind), and on a VMM's first
@@ -739,12 +755,7 @@ fn sample_debian(
         source,
     };
     let up = g.wait_for(STATE, DEBIAN_TIMEOUT).map_err(err)?;
-    let mem = memory::resident(g.pid(), mem_mib * 1024).map_err(|source| Error::Memory {
-        target: target.to_owned(),
-        run,
-        source,
-    })?;
-    print_memory(target, run, &mem);
+    let mem = resident_memory(g, target, run, mem_mib)?;
     let from = g.lines().len().saturating_sub(1);
     g.wait_line(END, DEBIAN_TIMEOUT, |l| l.ends_with(END))
         .map_err(err)?;
@@ -762,13 +773,7 @@ fn sample_debian(
         None => return Err(not_running(up.text.clone(), Vec::new())),
     };
     g.wait_exit(DEBIAN_TIMEOUT).map_err(err)?;
-    let sample = BootSample {
-        target: target.to_owned(),
-        run,
-        userspace_ms: up.at.as_secs_f64() * 1000.0,
-        rss_kib: mem.total_kib,
-        guest_kib: mem.guest_kib,
-    };
+    let sample = boot_sample(target, run, &up, &mem);
     let logs = GuestLogs {
         dmesg: report.dmesg,
         systemd: report.systemd,
