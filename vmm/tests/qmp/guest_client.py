@@ -275,14 +275,21 @@ async def snapshot_side(qmp, d):
         {"device": "d0", "snapshot-file": file("s1.qcow2")},  # in the chain: locked
         {"device": "d1", "snapshot-file": file("r1.qcow2"), "snapshot-node-name": "r1"},
         {"device": "d0", "snapshot-file": file("s4.qcow2"), "mode": "bogus"},
-        "make e1",
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", file("exists.qcow2"), "-F", "qcow2",
+         file("e1.qcow2"), "4M"],
         {"device": "d0", "snapshot-file": file("e1.qcow2"), "mode": "existing"},
     ]
+    return await snapshot_requests(qmp, d, requests)
+
+
+async def snapshot_requests(qmp, d, requests):
+    """Sends each of `requests` as blockdev-snapshot-sync, or runs it where it is a command (a
+    list: an image the user makes between two requests); returns the replies and query-block's
+    chains after them, `d` named DIR."""
     replies = []
     for req in requests:
-        if req == "make e1":
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", file("exists.qcow2"),
-                            "-F", "qcow2", file("e1.qcow2"), "4M"], check=True)
+        if isinstance(req, list):
+            subprocess.run(req, check=True)
             continue
         try:
             replies.append(("return", await qmp.execute("blockdev-snapshot-sync", req)))
@@ -382,22 +389,11 @@ async def relative_side(qmp, d):
         {"device": "d0", "snapshot-file": "chain/more/snap-2.qcow2"},
         {"device": "d0", "snapshot-file": "chain/missing.qcow2", "mode": "existing"},
         # Made by the user, naming its backing file relative to its own directory.
-        "make snap-3",
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "snap-2.qcow2", "-F", "qcow2", "-u",
+         os.path.join(d, "chain/more/snap-3.qcow2"), "4M"],
         {"device": "d0", "snapshot-file": "chain/more/snap-3.qcow2", "mode": "existing"},
     ]
-    replies = []
-    for req in requests:
-        if req == "make snap-3":
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "snap-2.qcow2",
-                            "-F", "qcow2", "-u", os.path.join(d, "chain/more/snap-3.qcow2"), "4M"],
-                           check=True)
-            continue
-        try:
-            replies.append(("return", await qmp.execute("blockdev-snapshot-sync", req)))
-        except Exception as e:  # qemu.qmp's ExecuteError: the reply's class and desc.
-            err = e.error.error
-            replies.append((err.class_, err.desc.replace(d, "DIR")))
-    return replies, (await snapshot_side_chain(qmp, d))[1]
+    return await snapshot_requests(qmp, d, requests)
 
 
 def image_info(d, name):
