@@ -100,6 +100,7 @@ fn run(args: impl IntoIterator<Item = String>) -> Result<(), Error> {
         }
         Command::Run(config) => config,
     };
+    process::limit_arenas();
     if let Some(path) = &config.debug_log {
         logger::init(path)?;
     }

@@ -1,7 +1,8 @@
 //! What the command line does to the `vmm` process itself: its name (`-name`, with
 //! `prctl(PR_SET_NAME)`, which `ps` and `top` show; the kernel keeps 15 bytes of it) and its
 //! pidfile (`-pidfile`, written before the VM is built, as QEMU writes it before it waits for a
-//! monitor client, and removed when `vmm` ends).
+//! monitor client, and removed when `vmm` ends); and, whatever the command line, the allocator's
+//! arena limit ([`limit_arenas`]).
 
 use std::ffi::CString;
 use std::io::Write;
@@ -31,6 +32,19 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// glibc's allocator arenas the process may have, all threads sharing them.
+const MALLOC_ARENAS: libc::c_int = 2;
+
+/// Limits glibc's allocator to [`MALLOC_ARENAS`], before any other thread exists. glibc's default
+/// (8 per CPU) gives nearly every thread that allocates (vCPUs, iothreads, disk workers) an arena
+/// of its own, and each keeps what its thread freed resident for that thread alone: the arenas
+/// were 1.5 MiB of the VMM's memory beyond guest RAM in a Debian boot. Setting a limit also spares a sandboxed thread's first allocation in a new arena from reading
+/// `/sys/devices/system/cpu/online` to work out the default.
+pub fn limit_arenas() {
+    // SAFETY: mallopt takes two integers and changes only the allocator's tuning.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) };
 }
 
 /// Gives the process (its main thread, the one `ps` names it by) the name `name`.

@@ -4,7 +4,9 @@
 //! window) or never does (`poll-max-ns=0`, given in QEMU's JSON form), and once the guest is idle
 //! the iothread uses no CPU in either case: its CPU time over an idle second, from
 //! `/proc/PID/task/TID/schedstat`, is a small fraction of that second (a spinning loop would show
-//! a large one, whatever the machine's load).
+//! a large one, whatever the machine's load). The running VMM's memory is looked at too: no
+//! thread's stack can be backed by a huge page, and its threads (vCPU, iothread, disk worker,
+//! signal thread, all of which allocate) share glibc's main allocator arena and at most one more.
 
 mod common;
 
@@ -135,6 +137,7 @@ fn idle_cpu_share(test: &str, object: &str) -> f64 {
     std::thread::sleep(Duration::from_secs(1));
     let (after, wall) = (cpu_ns(pid, &tid), start.elapsed());
     no_stack_spans_a_huge_page(pid, object);
+    at_most_one_arena_besides_the_main_one(pid, object);
     let pid = i32::try_from(pid).expect("pids fit in an i32");
     // SAFETY: kill only sends a signal, to our own child.
     let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -158,6 +161,42 @@ fn no_stack_spans_a_huge_page(pid: u32, object: &str) {
     for (name, kib) in &stacks {
         assert!(*kib < 2048, "{object}: {name}'s stack is {kib} KiB");
     }
+}
+
+/// glibc's arenas other than the main one are heaps reserved whole on a boundary of their size
+/// (`HEAP_MAX_SIZE`, 64 MiB on 64-bit hosts): the part in use, then the inaccessible rest.
+const ARENA_RESERVATION: u64 = 64 << 20;
+
+/// The VMM's threads share the main allocator arena and at most one more
+/// (`vmm/src/process.rs`): `/proc/PID/maps` shows at most one arena's reservation.
+fn at_most_one_arena_besides_the_main_one(pid: u32, object: &str) {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let ranges: Vec<(u64, u64, bool)> = maps
+        .lines()
+        .filter(|line| line.split_whitespace().count() == 5)
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let (start, end) = words.next()?.split_once('-')?;
+            let start = u64::from_str_radix(start, 16).ok()?;
+            let end = u64::from_str_radix(end, 16).ok()?;
+            Some((start, end, words.next()?.starts_with("---")))
+        })
+        .collect();
+    let arenas = ranges
+        .windows(2)
+        .filter(|pair| {
+            let ((start, end, none), (next_start, next_end, next_none)) = (pair[0], pair[1]);
+            start % ARENA_RESERVATION == 0
+                && !none
+                && next_none
+                && next_start == end
+                && next_end - start == ARENA_RESERVATION
+        })
+        .count();
+    assert!(
+        arenas <= 1,
+        "{object}: {arenas} arenas besides the main one:\n{maps}"
+    );
 }
 
 #[test]

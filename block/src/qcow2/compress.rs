@@ -32,6 +32,10 @@ pub fn compressed_scratch_len(cluster_size: usize) -> usize {
 }
 
 /// Decompresses `input` into `out` (one cluster); false when the stream is bad or too short.
+/// Never inlined: the deflate decoder's state (11 KiB) is on the stack only while a cluster is
+/// decompressed, not in the frame of every read through a chain (a read of an overlay calls the
+/// same read again for its backing file, which would then hold that much stack twice).
+#[inline(never)]
 pub fn decompress(kind: Compression, input: &[u8], out: &mut [u8]) -> bool {
     match kind {
         Compression::Zlib => {

@@ -233,7 +233,6 @@ pub fn init() -> Result<(), SandboxError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     trap::install_handler().map_err(SandboxError::Handler)?;
-    rules::settle_malloc();
     log::info!("startup: seccomp filters built");
     // Only `init` sets it, once: a second call keeps the first filters.
     let _ = SANDBOX.set(Sandbox {

@@ -384,16 +384,6 @@ pub fn disk_handler(r: &mut Rules) {
     spawner(r);
 }
 
-/// Makes glibc's allocator settle, on the main thread, what it would otherwise find out on a
-/// sandboxed thread's first allocation in a new arena: how many arenas it may make (it reads
-/// `/sys/devices/system/cpu/online` for that). The limit set is glibc's own default, 8 per CPU.
-pub fn settle_malloc() {
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let arenas = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
-    // SAFETY: mallopt takes two integers and changes only the allocator's tuning.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
-}
-
 #[cfg(test)]
 pub mod tests {
     use super::*;
