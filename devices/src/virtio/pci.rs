@@ -1,7 +1,7 @@
 //! The virtio-pci transport, modern interface only (virtio 1.2, 4.1 "Virtio Over PCI Bus"): a PCI
-//! function whose one 64-bit memory BAR (registers 0 and 1) holds the virtio structures its vendor capabilities
-//! point at, and the MSI-X table that carries its interrupts, one vector per queue and one for
-//! configuration changes.
+//! function whose one 64-bit memory BAR (registers 0 and 1) holds the virtio structures its
+//! vendor capabilities point at, and the MSI-X table that carries its interrupts, one vector per
+//! queue and one for configuration changes.
 //!
 //! BAR 0 ([`BAR_SIZE`] bytes):
 //!
@@ -35,9 +35,10 @@
 //! the one every transport shares (`transport.rs`: its mutex, then the device's context).
 //! Configuration space is behind its own mutex, and MSI-X behind another (order: configuration
 //! space, then MSI-X; configuration space, then the ioeventfds' places, whose moves are made
-//! with the configuration lock held so that concurrent writes move them in order); the device's context signals vectors through [`Interrupt`] with the MSI-X
-//! lock only, and the queues' and configuration's vector numbers are atomics, so neither waits
-//! for the transport state. Table writes take the MSI-X lock, never a context.
+//! with the configuration lock held so that concurrent writes move them in order); the device's
+//! context signals vectors through [`Interrupt`] with the MSI-X lock only, and the queues' and
+//! configuration's vector numbers are atomics, so neither waits for the transport state. Table
+//! writes take the MSI-X lock, never a context.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -717,6 +718,17 @@ mod tests {
         }
     }
 
+    /// A device with `queues` queues on a 64 KiB image in memory, served by a context of its own
+    /// named `name` that the test runs.
+    fn mem_rig(name: &str, queues: u16) -> Rig {
+        Rig::new(
+            Context::new(name).unwrap(),
+            MemImage::new(1 << 16, false),
+            queues,
+            false,
+        )
+    }
+
     fn transport(
         rig: &Rig<impl block::DiskImage + 'static>,
     ) -> (VirtioPciTransport, Arc<Routes>, Arc<Kvm>) {
@@ -768,12 +780,7 @@ mod tests {
 
     #[test]
     fn the_function_describes_its_structures_in_vendor_capabilities() {
-        let rig = Rig::new(
-            Context::new("pci-caps").unwrap(),
-            MemImage::new(1 << 16, false),
-            3,
-            false,
-        );
+        let rig = mem_rig("pci-caps", 3);
         let (t, _, _) = transport(&rig);
         assert_eq!(config32(&t, 0), 0x1042_1af4, "virtio, modern block device");
         assert_eq!(config8(&t, 8), 1, "revision 1: modern only");
@@ -834,12 +841,7 @@ mod tests {
 
     #[test]
     fn the_configuration_window_reaches_bar_0() {
-        let rig = Rig::new(
-            Context::new("pci-window").unwrap(),
-            MemImage::new(1 << 16, false),
-            3,
-            false,
-        );
+        let rig = mem_rig("pci-window", 3);
         let (t, _, _) = transport(&rig);
         let window = capabilities(&t)
             .into_iter()
@@ -938,12 +940,7 @@ mod tests {
     /// decoding off nothing answers, nor with the BAR moved past the window.
     #[test]
     fn notifications_follow_bar_0_and_memory_decoding() {
-        let rig = Rig::new(
-            Context::new("pci-move").unwrap(),
-            MemImage::new(1 << 16, false),
-            2,
-            false,
-        );
+        let rig = mem_rig("pci-move", 2);
         let (t, _, kvm) = transport(&rig);
         let t = Arc::new(t);
         let mut root = crate::pci::PciRoot::new();
@@ -1062,12 +1059,7 @@ mod tests {
     /// never the other queue's nor the configuration vector, whatever the number of requests.
     #[test]
     fn one_reap_over_two_queues_fires_each_queue_vector_once() {
-        let rig = Rig::new(
-            Context::new("pci-batch").unwrap(),
-            MemImage::new(1 << 16, false),
-            2,
-            false,
-        );
+        let rig = mem_rig("pci-batch", 2);
         let (t, _, _) = transport(&rig);
         let irqfds = t.vector_irqfds().unwrap();
         start(&t, 2);
