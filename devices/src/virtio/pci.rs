@@ -1027,6 +1027,35 @@ mod tests {
         rig.dev.shutdown().unwrap();
     }
 
+    /// The guest puts a second function's BAR on the first's: KVM refuses the second's
+    /// ioeventfds (logged, no panic), the first keeps its own; moved away, the second gets its
+    /// ioeventfds at the new place.
+    #[test]
+    fn a_bar_moved_onto_another_keeps_the_first_ones_ioeventfds() {
+        let (a, b) = (mem_rig("pci-a", 1), mem_rig("pci-b", 1));
+        let (ta, _, kvm) = transport(&a);
+        // b on the same KVM, in the next 32 KiB.
+        let wiring = PciWiring {
+            bar: BAR + BAR_SIZE,
+            first_gsi: 50,
+            routes: Arc::new(Routes::default()),
+            ioevents: kvm.clone(),
+            window: WINDOW,
+        };
+        let tb = VirtioPciTransport::new(b.dev.clone(), b.mem.clone(), wiring).unwrap();
+        let on = (command::MEMORY | command::BUS_MASTER).to_le_bytes();
+        ta.write_config(reg::COMMAND, &on);
+        tb.write_config(reg::COMMAND, &on);
+        let notify = VirtioPciTransport::notify_address;
+        assert_eq!(kvm.addresses(), [notify(BAR, 0), notify(BAR + BAR_SIZE, 0)]);
+        let a_fd = kvm.0.lock().unwrap()[0].1;
+        tb.write_config(0x10, &0xc000_8000u32.to_le_bytes());
+        assert_eq!(kvm.addresses(), [notify(BAR, 0)]);
+        assert_eq!(kvm.0.lock().unwrap()[0].1, a_fd, "still a's");
+        tb.write_config(0x10, &0xc020_0000u32.to_le_bytes());
+        assert_eq!(kvm.addresses(), [notify(BAR, 0), notify(0xc020_0000, 0)]);
+    }
+
     fn fired(irqfds: &[(u32, EventFd)]) -> Vec<u32> {
         irqfds
             .iter()
