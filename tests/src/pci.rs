@@ -1,11 +1,15 @@
 //! The virtio-blk-pci cases: a raw disk on the PCI bus, served by an iothread, with as many queues
 //! as vCPUs.
 //!
-//! [`disk_on_pci`] (the default number of queues): the guest writes 4 MiB of random data with
-//! O_DIRECT, half from each CPU (so each CPU's queue carries requests), reads it back with O_DIRECT
-//! and compares, and prints its `/proc/interrupts` lines of the disk. The case wants: the data read
-//! back, the same data in the image on the host (SHA-256), one MSI-X vector per queue
-//! (`virtio0-req.N`, each having fired) and one for configuration changes (`virtio0-config`).
+//! [`disk_on_pci`] (the default number of queues): the guest's kernel moves the function's BAR
+//! before its driver binds (`pci=resource_alignment=20@00:01.0`: a 1 MiB boundary, which the
+//! VMM's placement at 00:01.0 is not, as firmware or `pci=realloc` reassigning would), then
+//! writes 4 MiB of random data with O_DIRECT, half from each CPU (so each CPU's queue carries
+//! requests, notified at the BAR's new place), reads it back with O_DIRECT and compares, and
+//! prints its `/proc/interrupts` lines of the disk. The case wants: BAR 0 moved (64-bit, on a
+//! 1 MiB boundary), the data read back, the same data in the image on the host (SHA-256),
+//! one MSI-X vector per queue (`virtio0-req.N`, each having fired) and one for configuration
+//! changes (`virtio0-config`).
 //!
 //! [`queues_on_their_cpus`] (`num-queues` given, the guest with fio): fio reads with one job per
 //! vCPU, each pinned to its own (`--cpus_allowed_policy=split`), and the case wants each queue's
@@ -35,8 +39,10 @@ const WRITTEN: u64 = 4 << 20;
 /// How long the guest's script may take.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(240);
 
-/// The guest's script: writes and reads back half of the data from each CPU, then reports.
+/// The guest's script: says where BAR 0 is, writes and reads back half of the data from each
+/// CPU, then reports.
 const SCRIPT: &str = "\
+echo GUEST-PCI-BAR $(head -n 1 /sys/bus/pci/devices/0000:00:01.0/resource)
 dd if=/dev/urandom of=/tmp/p bs=64k count=64 2>/dev/null
 taskset -c 0 dd if=/tmp/p of=/dev/vda bs=64k count=32 oflag=direct 2>/dev/null
 taskset -c 1 dd if=/tmp/p of=/dev/vda bs=64k skip=32 seek=32 count=32 oflag=direct 2>/dev/null
@@ -105,9 +111,51 @@ pub enum Error {
         /// The guest's `/proc/interrupts` lines.
         lines: Vec<String>,
     },
+    /// The guest's kernel did not move BAR 0 as asked, or it is not a 64-bit BAR.
+    #[error("expected BAR 0 moved to a 1 MiB boundary, 64-bit; the guest said {0:?}")]
+    Bar(String),
     /// A boot failed.
     #[error(transparent)]
     Boot(#[from] Failure),
+}
+
+/// The guest kernel's alignment of the disk's BARs in [`disk_on_pci`]: 2^20 bytes.
+const MOVED_ALIGN: u64 = 1 << 20;
+
+/// IORESOURCE_MEM_64, in the flags of a sysfs `resource` line.
+const RESOURCE_MEM_64: u64 = 0x0010_0000;
+
+/// Whether a sysfs `resource` line (start, end, flags, in hex) is a 64-bit memory BAR of at least
+/// 32 KiB on a [`MOVED_ALIGN`] boundary (the kernel grows the resource to the alignment it was
+/// asked for; the BAR itself stays 32 KiB).
+fn bar_moved(line: &str) -> bool {
+    let words: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok())
+        .collect();
+    let [start, end, flags] = words[..] else {
+        return false;
+    };
+    start != 0
+        && start.is_multiple_of(MOVED_ALIGN)
+        && end.checked_sub(start).is_some_and(|d| d >= 0x7fff)
+        && flags & RESOURCE_MEM_64 != 0
+}
+
+/// [`Error::Bar`] unless the transcript's `GUEST-PCI-BAR` line passes [`bar_moved`].
+fn check_bar(transcript: Option<&str>) -> Result<(), Error> {
+    let line = transcript
+        .unwrap_or("")
+        .lines()
+        .find_map(|l| Some(l.split_once("GUEST-PCI-BAR")?.1))
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    if bar_moved(&line) {
+        Ok(())
+    } else {
+        Err(Error::Bar(line))
+    }
 }
 
 /// What one `/proc/interrupts` line says: the name at its end and its per-CPU counts.
@@ -264,13 +312,17 @@ pub fn disk_on_pci(
     name: &str,
     transcript: &mut Option<String>,
 ) -> Result<String, Error> {
-    let (image, boot) = pci_boot(
+    let (image, mut boot) = pci_boot(
         name,
         "initrd.img",
         SCRIPT,
         &["io0"],
         "virtio-blk-pci,drive=d0,id=vd0,iothread=io0",
     )?;
+    boot.append.push_str(&format!(
+        " pci=resource_alignment={}@00:01.0",
+        MOVED_ALIGN.ilog2()
+    ));
     // "GUEST-PCI-VERIFY mismatch": the guest read back other data than it wrote.
     let result = written_and_checked(
         target,
@@ -280,12 +332,13 @@ pub fn disk_on_pci(
         "GUEST-PCI-VERIFY",
         &image,
     );
-    let checked = result.map(|(up, irqs)| {
-        format!(
-            "{up}; 4 MiB written and read back with O_DIRECT from both CPUs, the image holds it; \
-             vectors (per CPU): {}",
+    let checked = result.and_then(|(up, irqs)| {
+        check_bar(transcript.as_deref())?;
+        Ok(format!(
+            "{up}; BAR 0 moved by the guest to a 1 MiB boundary; 4 MiB written and read back \
+             with O_DIRECT from both CPUs, the image holds it; vectors (per CPU): {}",
             describe(&irqs)
-        )
+        ))
     });
     let _ = std::fs::remove_file(&image);
     checked
@@ -421,6 +474,33 @@ mod tests {
         assert!(!vectors_ok(&extra));
         // The mmio transport's single line does not pass.
         assert!(!vectors_ok(&["10: 5 5 IO-APIC 10-edge virtio0".to_owned()]));
+    }
+
+    #[test]
+    fn the_bar_must_have_moved_to_the_alignment_asked_and_be_64_bit() {
+        // What the guest said in the nested host: the resource grown to 1 MiB.
+        let moved = "0x00000000c0000000 0x00000000c00fffff 0x0000000000140204";
+        assert!(bar_moved(moved));
+        assert!(bar_moved(
+            "0x00000000c0000000 0x00000000c0007fff 0x0000000000140204"
+        ));
+        // The transcript's lines start with their time.
+        let transcript = format!("   6.040 GUEST-USERSPACE-UP\n   7.179 GUEST-PCI-BAR {moved}\n");
+        assert!(check_bar(Some(&transcript)).is_ok());
+        // Where the VMM placed it (00:01.0), a 32-bit BAR, smaller than the BAR, nothing.
+        assert!(!bar_moved(
+            "0x00000000c0008000 0x00000000c000ffff 0x0000000000140204"
+        ));
+        assert!(!bar_moved(
+            "0x00000000c0000000 0x00000000c00fffff 0x0000000000040200"
+        ));
+        assert!(!bar_moved(
+            "0x00000000c0000000 0x00000000c0003fff 0x0000000000140204"
+        ));
+        assert!(!bar_moved(
+            "0x0000000000000000 0x0000000000000000 0x0000000000000000"
+        ));
+        assert!(matches!(check_bar(None), Err(Error::Bar(l)) if l.is_empty()));
     }
 
     #[test]

@@ -96,10 +96,14 @@ fn a_guest_finds_the_virtio_blk_pci_function_through_ecam_and_the_config_ports()
     );
     let mut want = Vec::new();
     // Vendor 0x1af4 (virtio), device 0x1042 (modern virtio-blk) at 00:01.0 through ECAM; BAR 0's
-    // size probe: 32 KiB, 32-bit memory; the same ids through the configuration ports.
+    // size probe: 32 KiB, 64-bit memory (its low half); the same ids through the configuration
+    // ports; with decoding on (the vCPU registers the queues' ioeventfds, within its sandbox)
+    // and the BAR moved, two queues (one per vCPU) at the new place and nothing at the old.
     want.extend(0x1042_1af4u32.to_le_bytes());
-    want.extend(0xffff_8000u32.to_le_bytes());
+    want.extend(0xffff_8004u32.to_le_bytes());
     want.extend(0x1042_1af4u32.to_le_bytes());
+    want.extend(2u32.to_le_bytes());
+    want.extend(0xffffu32.to_le_bytes());
     assert_eq!(
         out.stdout,
         want,

@@ -6,6 +6,12 @@
 //! else reads as the device set it, whatever the guest writes. A BAR's address bits below its size
 //! and its flag bits are read-only, so the guest's sizing probe (write all ones, read back, restore)
 //! works as on hardware: the read gives the size mask.
+//!
+//! A BAR is decoded (answers accesses) only while the command register's memory bit is on and
+//! its address is one it can be at, as QEMU's `pci_bar_address` has it: not 0, and not ending at
+//! the last address its width names (all ones: what a sizing probe leaves) or past it. Each write
+//! says which BARs it moved in or out of decoding, so the function moves what hangs off their
+//! addresses (the vmm's ioeventfds) with them.
 
 use super::PciError;
 
@@ -94,11 +100,25 @@ enum Slot {
     High,
 }
 
+/// A BAR that a configuration write moved: where it was decoded before and where it is now
+/// (None: nowhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BarMove {
+    /// The BAR register (the low half's, for a 64-bit BAR).
+    pub index: usize,
+    /// Its address before the write, if decoded.
+    pub from: Option<u64>,
+    /// Its address after the write, if decoded.
+    pub to: Option<u64>,
+}
+
 /// The configuration space of one function.
 pub struct ConfigSpace {
     bytes: Box<[u8; CONFIG_SPACE_SIZE]>,
     writable: Box<[u8; CONFIG_SPACE_SIZE]>,
     bars: [Slot; 6],
+    /// Where each BAR is decoded now, as [`Self::decoded`] said after the last write.
+    mapped: [Option<u64>; 6],
     /// Offset of the last capability, whose next pointer a new one fills in.
     last_capability: Option<usize>,
     /// Where the next capability goes.
@@ -122,6 +142,7 @@ impl ConfigSpace {
             bytes: Box::new([0; CONFIG_SPACE_SIZE]),
             writable: Box::new([0; CONFIG_SPACE_SIZE]),
             bars: [Slot::Free; 6],
+            mapped: [None; 6],
             last_capability: None,
             free: FIRST_CAPABILITY,
         };
@@ -215,16 +236,31 @@ impl ConfigSpace {
         self.u16_at(reg::COMMAND) & command::MEMORY != 0
     }
 
-    /// The BAR whose range holds `[addr, addr + len)` while memory decoding is on: its index and
-    /// the offset of `addr` in it.
-    pub fn bar_at(&self, addr: u64, len: u64) -> Option<(usize, u64)> {
-        if !self.memory_enabled() {
+    /// Where BAR `index` is decoded: its address while memory decoding is on and the address
+    /// is one it can be at (not 0, and its last byte below the last address of its width).
+    fn decoded(&self, index: usize) -> Option<u64> {
+        let Slot::Bar(bar) = *self.bars.get(index)? else {
             return None;
-        }
+        };
+        let (address, size) = self.bar(index)?;
+        let limit = if bar.mem64 {
+            u64::MAX
+        } else {
+            u64::from(u32::MAX)
+        };
+        let last = address.checked_add(size - 1)?;
+        (self.memory_enabled() && address != 0 && last < limit).then_some(address)
+    }
+
+    /// The BAR decoded where `[addr, addr + len)` is: its index and the offset of `addr` in it.
+    pub fn bar_at(&self, addr: u64, len: u64) -> Option<(usize, u64)> {
         (0..self.bars.len()).find_map(|i| {
-            let (base, size) = self.bar(i)?;
+            let base = self.mapped[i]?;
+            let Slot::Bar(bar) = self.bars[i] else {
+                return None;
+            };
             let offset = addr.checked_sub(base)?;
-            (offset.checked_add(len)? <= size).then_some((i, offset))
+            (offset.checked_add(len)? <= bar.size).then_some((i, offset))
         })
     }
 
@@ -262,15 +298,24 @@ impl ConfigSpace {
         }
     }
 
-    /// A guest write of `data` at `offset`: only the writable bits change.
-    pub fn write(&mut self, offset: usize, data: &[u8]) {
+    /// A guest write of `data` at `offset`: only the writable bits change. Returns the BARs
+    /// it moved (a new address, memory decoding switched on or off), as QEMU's
+    /// `pci_update_mappings` finds them.
+    pub fn write(&mut self, offset: usize, data: &[u8]) -> Vec<BarMove> {
         for (i, value) in data.iter().enumerate() {
             let Some(o) = offset.checked_add(i).filter(|&o| o < CONFIG_SPACE_SIZE) else {
-                return;
+                break;
             };
             let mask = self.writable[o];
             self.bytes[o] = (self.bytes[o] & !mask) | (value & mask);
         }
+        (0..self.bars.len())
+            .filter_map(|index| {
+                let to = self.decoded(index);
+                let from = std::mem::replace(&mut self.mapped[index], to);
+                (from != to).then_some(BarMove { index, from, to })
+            })
+            .collect()
     }
 }
 
@@ -385,6 +430,91 @@ mod tests {
         set32(&mut c, 0x10, 0xc010_0000);
         assert_eq!(c.bar_at(0xc000_0010, 4), None);
         assert_eq!(c.bar_at(0xc010_0010, 4), Some((0, 0x10)));
+    }
+
+    /// What each write does to where a 64-bit BAR and a 32-bit one are decoded, as QEMU's
+    /// `pci_update_mappings` sees it: only the moves are reported.
+    #[test]
+    fn writes_report_the_bars_they_move() {
+        let mut c = ConfigSpace::new(IDS);
+        let wide = Bar {
+            size: 0x8000,
+            mem64: true,
+        };
+        let narrow = Bar {
+            size: 0x1000,
+            mem64: false,
+        };
+        c.add_bar(0, wide, 0xc000_8000).unwrap();
+        c.add_bar(2, narrow, 0xc001_0000).unwrap();
+        let moved = |index, from, to| BarMove { index, from, to };
+        let cmd = |c: &mut ConfigSpace, v: u16| c.write(reg::COMMAND, &v.to_le_bytes());
+        // Decoding on: both appear; a write that changes nothing moves nothing.
+        assert_eq!(
+            cmd(&mut c, command::MEMORY),
+            [
+                moved(0, None, Some(0xc000_8000)),
+                moved(2, None, Some(0xc001_0000))
+            ]
+        );
+        assert_eq!(cmd(&mut c, command::MEMORY | command::BUS_MASTER), []);
+        assert_eq!(c.bar_at(0xc000_8010, 4), Some((0, 0x10)));
+        // A probe with decoding on: the low half all ones leaves the BAR at 0xffff_8000 under
+        // the old high half (decoded, as QEMU has it), then all ones in both (not decoded).
+        assert_eq!(
+            c.write(0x10, &[0xff; 4]),
+            [moved(0, Some(0xc000_8000), Some(0xffff_8000))]
+        );
+        assert_eq!(
+            c.write(0x14, &[0xff; 4]),
+            [moved(0, Some(0xffff_8000), None)]
+        );
+        assert_eq!((get32(&c, 0x10), get32(&c, 0x14)), (0xffff_8004, !0));
+        // The new place, half by half (the first half puts it just below the top of the 64-bit
+        // space), above 4 GiB, then back below.
+        assert_eq!(
+            c.write(0x10, &0xd000_0000u32.to_le_bytes()),
+            [moved(0, None, Some(0xffff_ffff_d000_0000))]
+        );
+        assert_eq!(
+            c.write(0x14, &2u32.to_le_bytes()),
+            [moved(0, Some(0xffff_ffff_d000_0000), Some(0x2_d000_0000))]
+        );
+        assert_eq!(c.bar_at(0x2_d000_7ffc, 4), Some((0, 0x7ffc)));
+        assert_eq!(
+            c.write(0x14, &[0; 4]),
+            [moved(0, Some(0x2_d000_0000), Some(0xd000_0000))]
+        );
+        // A 32-bit BAR probed (ends at 4 GiB) or at 0 is not decoded.
+        assert_eq!(
+            c.write(0x18, &[0xff; 4]),
+            [moved(2, Some(0xc001_0000), None)]
+        );
+        assert_eq!(c.write(0x18, &[0; 4]), []);
+        assert_eq!(c.bar_at(0, 4), None);
+        assert_eq!(
+            c.write(0x18, &0xc001_0000u32.to_le_bytes()),
+            [moved(2, None, Some(0xc001_0000))]
+        );
+        // Decoding off takes both away; one write of the command and BAR 0 together.
+        assert_eq!(
+            cmd(&mut c, 0),
+            [
+                moved(0, Some(0xd000_0000), None),
+                moved(2, Some(0xc001_0000), None)
+            ]
+        );
+        assert_eq!(c.bar_at(0xd000_0000, 4), None);
+        let mut both = [0u8; 16];
+        both[0..2].copy_from_slice(&command::MEMORY.to_le_bytes());
+        both[12..16].copy_from_slice(&0xc002_0000u32.to_le_bytes());
+        assert_eq!(
+            c.write(reg::COMMAND, &both),
+            [
+                moved(0, None, Some(0xc002_0000)),
+                moved(2, None, Some(0xc001_0000))
+            ]
+        );
     }
 
     #[test]

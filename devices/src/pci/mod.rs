@@ -1,6 +1,6 @@
 //! PCI: a root complex with one bus that the guest reaches through ECAM (the memory-mapped
-//! configuration space of PCIe), functions with a type 0 configuration space and memory BARs the
-//! VMM places, and MSI-X.
+//! configuration space of PCIe), functions with a type 0 configuration space and memory BARs (32-
+//! or 64-bit) the VMM places and the guest may move, and MSI-X.
 //!
 //! - [`config`]: one function's configuration space (header, capabilities, BAR sizing).
 //! - [`msix`]: the MSI-X capability, table and pending bits, delivered through irqfds whose GSIs
@@ -12,11 +12,13 @@
 //! A function is a [`PciDevice`]: it keeps its configuration space behind its own lock, and the
 //! root only finds which function an access is for.
 
+use vmm_sys_util::eventfd::EventFd;
+
 pub mod config;
 pub mod msix;
 pub mod root;
 
-pub use config::{Bar, ConfigSpace, PciIds, CONFIG_SPACE_SIZE};
+pub use config::{Bar, BarMove, ConfigSpace, PciIds, CONFIG_SPACE_SIZE};
 pub use msix::{MsiMessage, MsiRoutes, Msix};
 pub use root::{PciBars, PciConfigIo, PciEcam, PciRoot, ECAM_BUS_SIZE};
 
@@ -49,6 +51,16 @@ pub enum PciError {
     /// Every slot of the bus is taken.
     #[error("no free PCI slot")]
     BusFull,
+}
+
+/// The VM's ioeventfds, as the vmm registers them with KVM: a guest write of any width and value
+/// at `addr` signals `fd` in the kernel, with no exit. A function moves its own with the BAR
+/// they are in.
+pub trait Ioevents: Send + Sync + std::fmt::Debug {
+    /// Signals `fd` on writes at `addr`.
+    fn register(&self, fd: &EventFd, addr: u64) -> Result<(), std::io::Error>;
+    /// Undoes [`register`](Self::register) of `fd` at `addr`.
+    fn unregister(&self, fd: &EventFd, addr: u64) -> Result<(), std::io::Error>;
 }
 
 /// A PCI function on the root bus. It guards its own state: vCPUs call it without the global lock,

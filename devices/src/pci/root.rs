@@ -6,9 +6,10 @@
 //! ([`ECAM_BUS_SIZE`]). A function that does not exist reads as all ones (vendor 0xffff, what
 //! the guest's scan looks for) and ignores writes.
 //!
-//! The BAR window is one range of the shared MMIO bus; an access is for the function whose BAR
-//! holds it now, so a BAR the guest moves within the window still answers (the vmm's ioeventfds
-//! stay where the VMM placed the BAR: after a move, notifications arrive by exit instead).
+//! The BAR window is one range of the shared MMIO bus; an access is for the function that decodes
+//! it now (memory decoding on, its BAR holding the address), so a BAR the guest moves within the
+//! window answers at its new place only. A function moves what it has registered at its BARs'
+//! addresses itself (the virtio-pci transport, its ioeventfds), from its configuration writes.
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 

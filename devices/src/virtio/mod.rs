@@ -25,7 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::context::Context;
 
 pub use mmio::{MmioTransport, MMIO_SIZE, QUEUE_NOTIFY_OFFSET};
-pub use pci::{VirtioPciTransport, BAR_SIZE as PCI_BAR_SIZE, NO_VECTOR};
+pub use pci::{PciWiring, VirtioPciTransport, BAR_SIZE as PCI_BAR_SIZE, NO_VECTOR};
 
 /// The one guest memory type of the VMM (no dirty-page tracking).
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;

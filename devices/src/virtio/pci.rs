@@ -1,7 +1,7 @@
 //! The virtio-pci transport, modern interface only (virtio 1.2, 4.1 "Virtio Over PCI Bus"): a PCI
-//! function whose one 32-bit memory BAR holds the virtio structures its vendor capabilities
-//! point at, and the MSI-X table that carries its interrupts, one vector per queue and one for
-//! configuration changes.
+//! function whose one 64-bit memory BAR (registers 0 and 1) holds the virtio structures its
+//! vendor capabilities point at, and the MSI-X table that carries its interrupts, one vector per
+//! queue and one for configuration changes.
 //!
 //! BAR 0 ([`BAR_SIZE`] bytes):
 //!
@@ -18,18 +18,29 @@
 //! configuration space: the driver writes a BAR (0), an offset and a length (1, 2 or 4), and its
 //! reads and writes of the capability's data are done at that place in the BAR.
 //!
-//! The vmm registers each queue's eventfd as an ioeventfd on its notification address
+//! Each queue's eventfd is an ioeventfd on its notification address
 //! ([`VirtioPciTransport::notify_address`], any width, no datamatch), so a vCPU's notification
-//! reaches the device's context with no lock at all; a notification that does reach the
-//! transport (a BAR the guest moved) signals the same eventfd.
+//! reaches the device's context with no lock at all. The ioeventfds follow BAR 0 as QEMU's memory
+//! regions take theirs along: registered (through the vmm's [`Ioevents`]) once the guest turns
+//! memory decoding on, moved when it writes the BAR a new address, taken away while decoding is
+//! off or the notification region is outside the host bridge's window (where no access reaches
+//! the function). A notification that does reach the transport (an ioeventfd KVM refused)
+//! signals the same eventfd.
+//!
+//! BAR 0 is 64-bit, as QEMU's modern virtio-pci BAR, but not prefetchable: its reads have side
+//! effects (the ISR status clears on read) and it holds the MSI-X table. The vmm places it in the
+//! 32-bit window; the guest may move it anywhere.
 //!
 //! Locking: the transport state (feature selection, queue set-up, status, activation, reset) is
 //! the one every transport shares (`transport.rs`: its mutex, then the device's context).
 //! Configuration space is behind its own mutex, and MSI-X behind another (order: configuration
-//! space, then MSI-X); the device's context signals vectors through [`Interrupt`] with the MSI-X
-//! lock only, and the queues' and configuration's vector numbers are atomics, so neither waits
-//! for the transport state. Table writes take the MSI-X lock, never a context.
+//! space, then MSI-X; configuration space, then the ioeventfds' places, whose moves are made
+//! with the configuration lock held so that concurrent writes move them in order); the device's
+//! context signals vectors through [`Interrupt`] with the MSI-X lock only, and the queues' and
+//! configuration's vector numbers are atomics, so neither waits for the transport state. Table
+//! writes take the MSI-X lock, never a context.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -39,7 +50,7 @@ use super::transport::{half, set_half, Core, State};
 use super::{status, GuestMemoryMmap, Interrupt, InterruptVectors, TransportError, VirtioDevice};
 use crate::pci::config::{Bar, ConfigSpace, PciIds};
 use crate::pci::msix::{self, MsiRoutes, Msix};
-use crate::pci::PciDevice;
+use crate::pci::{Ioevents, PciDevice};
 
 /// Bytes of BAR 0.
 pub const BAR_SIZE: u64 = 0x8000;
@@ -141,10 +152,70 @@ impl InterruptVectors for Vectors {
     }
 }
 
+/// What the vmm gives a transport: where BAR 0 starts, its MSI-X vectors' GSIs and routes, the
+/// VM's ioeventfds and the host bridge's memory window.
+#[derive(Debug)]
+pub struct PciWiring {
+    /// BAR 0's first address: a multiple of [`BAR_SIZE`] in the window.
+    pub bar: u64,
+    /// The GSI of vector 0; the others follow.
+    pub first_gsi: u32,
+    /// Where the vectors' messages go.
+    pub routes: Arc<dyn MsiRoutes>,
+    /// Where the queues' ioeventfds are registered.
+    pub ioevents: Arc<dyn Ioevents>,
+    /// The memory range the host bridge forwards to the bus.
+    pub window: Range<u64>,
+}
+
+/// The queues' ioeventfds and where each is registered now.
+#[derive(Debug)]
+struct Notifications {
+    ioevents: Arc<dyn Ioevents>,
+    window: Range<u64>,
+    /// Queue N's registered notification address, if any.
+    at: Mutex<Vec<Option<u64>>>,
+}
+
+impl Notifications {
+    /// BAR 0 is now decoded at `bar` (None: nowhere): each queue's ioeventfd leaves its old
+    /// address and goes to its notification address there, if the notification region is in the
+    /// window. A failure is the guest's doing (two functions' regions on one address): logged,
+    /// and that queue's notifications come by exit, or not at all.
+    fn follow(&self, fds: &[EventFd], bar: Option<u64>) {
+        let region = bar.and_then(|b| {
+            let start = b.checked_add(NOTIFY_OFFSET)?;
+            let end = start.checked_add(NOTIFY_SIZE)?;
+            (self.window.start <= start && end <= self.window.end).then_some(b)
+        });
+        let mut at = self.at.lock().unwrap_or_else(PoisonError::into_inner);
+        for ((queue, fd), at) in (0u16..).zip(fds).zip(at.iter_mut()) {
+            let want = region.map(|b| VirtioPciTransport::notify_address(b, queue));
+            if *at == want {
+                continue;
+            }
+            if let Some(old) = at.take() {
+                if let Err(e) = self.ioevents.unregister(fd, old) {
+                    log::warn!("virtio-pci: queue {queue}'s ioeventfd at {old:#x} stays: {e}");
+                }
+            }
+            if let Some(new) = want {
+                match self.ioevents.register(fd, new) {
+                    Ok(()) => *at = Some(new),
+                    Err(e) => {
+                        log::warn!("virtio-pci: no ioeventfd for queue {queue} at {new:#x}: {e}")
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A virtio-pci transport for one device: a PCI function for [`crate::pci::PciRoot`].
 pub struct VirtioPciTransport {
     core: Core,
     config: Mutex<ConfigSpace>,
+    notifications: Notifications,
     /// Where the MSI-X capability is in configuration space.
     msix_capability: usize,
     /// Where the `VIRTIO_PCI_CAP_PCI_CFG` capability is.
@@ -172,16 +243,21 @@ fn virtio_capability(kind: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8
 }
 
 impl VirtioPciTransport {
-    /// A transport for `device` with BAR 0 at `bar_address` (a multiple of [`BAR_SIZE`] below
-    /// 4 GiB) and one MSI-X vector per queue plus one for configuration changes, on GSIs
-    /// `first_gsi` on, routed through `routes`.
+    /// A transport for `device` with BAR 0 at `wiring.bar` and one MSI-X vector per queue plus
+    /// one for configuration changes, on GSIs `wiring.first_gsi` on. The queues' ioeventfds are
+    /// registered once the guest turns memory decoding on.
     pub fn new(
         device: Arc<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
-        bar_address: u64,
-        first_gsi: u32,
-        routes: Arc<dyn MsiRoutes>,
+        wiring: PciWiring,
     ) -> Result<Self, TransportError> {
+        let PciWiring {
+            bar: bar_address,
+            first_gsi,
+            routes,
+            ioevents,
+            window: bar_window,
+        } = wiring;
         let queues = device.queue_max_sizes().len();
         let count = u16::try_from(queues + 1)
             .map_err(|_| TransportError::Pci(crate::pci::PciError::VectorCount(u16::MAX)))?;
@@ -208,7 +284,7 @@ impl VirtioPciTransport {
         let mut config = ConfigSpace::new(ids);
         let bar = Bar {
             size: BAR_SIZE,
-            mem64: false,
+            mem64: true,
         };
         config
             .add_bar(0, bar, bar_address)
@@ -253,6 +329,11 @@ impl VirtioPciTransport {
         Ok(VirtioPciTransport {
             core: Core::new("virtio-pci", device, mem, interrupt)?,
             config: Mutex::new(config),
+            notifications: Notifications {
+                ioevents,
+                window: bar_window,
+                at: Mutex::new(vec![None; queues]),
+            },
             msix_capability,
             window,
             vectors,
@@ -277,11 +358,6 @@ impl VirtioPciTransport {
     fn touches_window_data(&self, offset: usize, len: usize) -> bool {
         let data = self.window + window::DATA;
         offset < data + 4 && offset.saturating_add(len) > data
-    }
-
-    /// The eventfds to register as ioeventfds, queue N's at [`Self::notify_address`]`(base, N)`.
-    pub fn queue_events(&self) -> &[EventFd] {
-        &self.core.queue_events
     }
 
     /// Queue `queue`'s notification address when BAR 0 is at `bar_address`.
@@ -503,7 +579,11 @@ impl PciDevice for VirtioPciTransport {
     fn write_config(&self, offset: usize, data: &[u8]) {
         let window_write = {
             let mut config = self.config_space();
-            config.write(offset, data);
+            for moved in config.write(offset, data) {
+                if moved.index == 0 {
+                    self.notifications.follow(&self.core.queue_events, moved.to);
+                }
+            }
             // Message control of MSI-X: the enable and function-mask bits.
             let control = self.msix_capability + 2;
             let end = offset.saturating_add(data.len());
@@ -575,15 +655,94 @@ mod tests {
     use crate::context::Context;
     use crate::pci::config::{command, reg};
     use crate::pci::msix::tests::Routes;
+    use crate::pci::PciBars;
     use crate::virtio::block::test_util::*;
+    use std::os::fd::AsRawFd;
 
     const BAR: u64 = 0xc000_8000;
 
-    fn transport(rig: &Rig<impl block::DiskImage + 'static>) -> (VirtioPciTransport, Arc<Routes>) {
+    /// The window the tests' host bridge forwards: BAR's 256 MiB.
+    const WINDOW: Range<u64> = 0xc000_0000..0xd000_0000;
+
+    /// KVM's ioeventfds as the tests see them: (address, the registered fd's number, a copy of
+    /// it). A guest write at a registered address signals it, with no exit, as KVM does.
+    #[derive(Debug, Default)]
+    struct Kvm(Mutex<Vec<(u64, i32, EventFd)>>);
+
+    impl Ioevents for Kvm {
+        fn register(&self, fd: &EventFd, addr: u64) -> Result<(), std::io::Error> {
+            let mut all = self.0.lock().unwrap();
+            if all.iter().any(|e| e.0 == addr) {
+                return Err(std::io::Error::from_raw_os_error(libc::EEXIST));
+            }
+            all.push((addr, fd.as_raw_fd(), fd.try_clone()?));
+            Ok(())
+        }
+
+        fn unregister(&self, fd: &EventFd, addr: u64) -> Result<(), std::io::Error> {
+            let mut all = self.0.lock().unwrap();
+            let i = all
+                .iter()
+                .position(|e| (e.0, e.1) == (addr, fd.as_raw_fd()))
+                .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOENT))?;
+            all.remove(i);
+            Ok(())
+        }
+    }
+
+    impl Kvm {
+        /// The registered addresses, in order.
+        fn addresses(&self) -> Vec<u64> {
+            let mut v: Vec<u64> = self.0.lock().unwrap().iter().map(|e| e.0).collect();
+            v.sort_unstable();
+            v
+        }
+
+        /// A guest's 2-byte write of `value` at `addr`: an ioeventfd there takes it, else the
+        /// exit reaches the BAR window (when `addr` is in it).
+        fn guest_write(&self, bars: &PciBars, addr: u64, value: u16) {
+            let fd = self
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|e| e.0 == addr)
+                .map(|e| e.2.try_clone().unwrap());
+            match fd {
+                Some(fd) => fd.write(1).unwrap(),
+                None if WINDOW.contains(&addr) => {
+                    crate::bus::SharedBusDevice::write(bars, addr - bars.base, &value.to_le_bytes())
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// A device with `queues` queues on a 64 KiB image in memory, served by a context of its own
+    /// named `name` that the test runs.
+    fn mem_rig(name: &str, queues: u16) -> Rig {
+        Rig::new(
+            Context::new(name).unwrap(),
+            MemImage::new(1 << 16, false),
+            queues,
+            false,
+        )
+    }
+
+    fn transport(
+        rig: &Rig<impl block::DiskImage + 'static>,
+    ) -> (VirtioPciTransport, Arc<Routes>, Arc<Kvm>) {
         let routes = Arc::new(Routes::default());
-        let t = VirtioPciTransport::new(rig.dev.clone(), rig.mem.clone(), BAR, 40, routes.clone())
-            .unwrap();
-        (t, routes)
+        let kvm = Arc::new(Kvm::default());
+        let wiring = PciWiring {
+            bar: BAR,
+            first_gsi: 40,
+            routes: routes.clone(),
+            ioevents: kvm.clone(),
+            window: WINDOW,
+        };
+        let t = VirtioPciTransport::new(rig.dev.clone(), rig.mem.clone(), wiring).unwrap();
+        (t, routes, kvm)
     }
 
     fn read(t: &VirtioPciTransport, offset: u64, len: usize) -> u64 {
@@ -621,20 +780,17 @@ mod tests {
 
     #[test]
     fn the_function_describes_its_structures_in_vendor_capabilities() {
-        let rig = Rig::new(
-            Context::new("pci-caps").unwrap(),
-            MemImage::new(1 << 16, false),
-            3,
-            false,
-        );
-        let (t, _) = transport(&rig);
+        let rig = mem_rig("pci-caps", 3);
+        let (t, _, _) = transport(&rig);
         assert_eq!(config32(&t, 0), 0x1042_1af4, "virtio, modern block device");
         assert_eq!(config8(&t, 8), 1, "revision 1: modern only");
-        // BAR 0: the VMM's address, and its size to a probe.
-        assert_eq!(config32(&t, 0x10), 0xc000_8000);
+        // BAR 0: the VMM's address, 64-bit, and its size to a probe of both halves.
+        assert_eq!((config32(&t, 0x10), config32(&t, 0x14)), (0xc000_8004, 0));
         t.write_config(0x10, &[0xff; 4]);
-        assert_eq!(config32(&t, 0x10), 0xffff_8000);
+        t.write_config(0x14, &[0xff; 4]);
+        assert_eq!((config32(&t, 0x10), config32(&t, 0x14)), (0xffff_8004, !0));
         t.write_config(0x10, &0xc000_8000u32.to_le_bytes());
+        t.write_config(0x14, &[0; 4]);
         let mut structures = Vec::new();
         let mut msix = None;
         for (id, at) in capabilities(&t) {
@@ -685,13 +841,8 @@ mod tests {
 
     #[test]
     fn the_configuration_window_reaches_bar_0() {
-        let rig = Rig::new(
-            Context::new("pci-window").unwrap(),
-            MemImage::new(1 << 16, false),
-            3,
-            false,
-        );
-        let (t, _) = transport(&rig);
+        let rig = mem_rig("pci-window", 3);
+        let (t, _, _) = transport(&rig);
         let window = capabilities(&t)
             .into_iter()
             .find(|&(id, at)| id == 0x09 && config8(&t, at + 3) == 5)
@@ -783,6 +934,128 @@ mod tests {
         assert_eq!(read(t, common::DEVICE_STATUS, 1), u64::from(ok));
     }
 
+    /// The guest moves BAR 0 as Linux does (memory decoding off, a probe of both halves, a new
+    /// address, decoding on): the queues' ioeventfds go with it, so a notification at the new
+    /// address reaches its queue with no exit and one at the old address reaches nothing. With
+    /// decoding off nothing answers, nor with the BAR moved past the window.
+    #[test]
+    fn notifications_follow_bar_0_and_memory_decoding() {
+        let rig = mem_rig("pci-move", 2);
+        let (t, _, kvm) = transport(&rig);
+        let t = Arc::new(t);
+        let mut root = crate::pci::PciRoot::new();
+        root.add(t.clone()).unwrap();
+        let bars = PciBars {
+            root: Arc::new(root),
+            base: WINDOW.start,
+        };
+        let notify = VirtioPciTransport::notify_address;
+        let command = |c: u16| t.write_config(reg::COMMAND, &c.to_le_bytes());
+        let request = |q: u16, first: u16| {
+            rig.header(HDR, crate::virtio::block::request_type::IN, 0);
+            rig.submit(
+                q,
+                first,
+                &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+            );
+        };
+        // Whether queue `q`'s used index is still `n` after the context ran a while.
+        let still = |q: u16, n: u16| {
+            for _ in 0..5 {
+                rig.ctx
+                    .run_once(Some(std::time::Duration::from_millis(20)))
+                    .unwrap();
+            }
+            rig.used_idx(q) == n
+        };
+        let num_queues = |base: u64| {
+            let mut b = [0u8; 2];
+            crate::bus::SharedBusDevice::read(
+                &bars,
+                base + common::NUM_QUEUES - WINDOW.start,
+                &mut b,
+            );
+            u16::from_le_bytes(b)
+        };
+        assert_eq!(
+            kvm.addresses(),
+            [0u64; 0],
+            "nothing before the guest decodes the BAR"
+        );
+        start(&t, 2);
+        assert_eq!(kvm.addresses(), [notify(BAR, 0), notify(BAR, 1)]);
+        request(0, 0);
+        kvm.guest_write(&bars, notify(BAR, 0), 0);
+        rig.run_until_used(0, 1);
+
+        // Linux's __pci_read_base, then the new place.
+        const NEW: u64 = 0xc010_0000;
+        command(command::BUS_MASTER);
+        assert_eq!(kvm.addresses(), [0u64; 0], "decoding off");
+        t.write_config(0x10, &[0xff; 4]);
+        assert_eq!(config32(&t, 0x10), 0xffff_8004);
+        t.write_config(0x14, &[0xff; 4]);
+        assert_eq!(config32(&t, 0x14), 0xffff_ffff);
+        t.write_config(0x10, &0xc010_0000u32.to_le_bytes());
+        t.write_config(0x14, &[0; 4]);
+        assert_eq!(kvm.addresses(), [0u64; 0]);
+        command(command::MEMORY | command::BUS_MASTER);
+        assert_eq!(kvm.addresses(), [notify(NEW, 0), notify(NEW, 1)]);
+        assert_eq!((num_queues(NEW), num_queues(BAR)), (2, 0xffff));
+        request(1, 0);
+        kvm.guest_write(&bars, notify(BAR, 1), 1);
+        assert!(still(1, 0), "the old address reaches nothing");
+        kvm.guest_write(&bars, notify(NEW, 1), 1);
+        rig.run_until_used(1, 1);
+
+        // Decoding off: no ioeventfd and no exit reach the queue; on again, they do.
+        command(command::BUS_MASTER);
+        assert_eq!(kvm.addresses(), [0u64; 0]);
+        assert_eq!(num_queues(NEW), 0xffff);
+        request(0, 3);
+        kvm.guest_write(&bars, notify(NEW, 0), 0);
+        assert!(still(0, 1), "decoding off");
+        command(command::MEMORY | command::BUS_MASTER);
+        kvm.guest_write(&bars, notify(NEW, 0), 0);
+        rig.run_until_used(0, 2);
+
+        // The high half moves it past the window (above 4 GiB): no ioeventfd there; back again.
+        t.write_config(0x14, &1u32.to_le_bytes());
+        assert_eq!(kvm.addresses(), [0u64; 0]);
+        t.write_config(0x14, &[0; 4]);
+        assert_eq!(kvm.addresses(), [notify(NEW, 0), notify(NEW, 1)]);
+        rig.dev.shutdown().unwrap();
+    }
+
+    /// The guest puts a second function's BAR on the first's: KVM refuses the second's
+    /// ioeventfds (logged, no panic), the first keeps its own; moved away, the second gets its
+    /// ioeventfds at the new place.
+    #[test]
+    fn a_bar_moved_onto_another_keeps_the_first_ones_ioeventfds() {
+        let (a, b) = (mem_rig("pci-a", 1), mem_rig("pci-b", 1));
+        let (ta, _, kvm) = transport(&a);
+        // b on the same KVM, in the next 32 KiB.
+        let wiring = PciWiring {
+            bar: BAR + BAR_SIZE,
+            first_gsi: 50,
+            routes: Arc::new(Routes::default()),
+            ioevents: kvm.clone(),
+            window: WINDOW,
+        };
+        let tb = VirtioPciTransport::new(b.dev.clone(), b.mem.clone(), wiring).unwrap();
+        let on = (command::MEMORY | command::BUS_MASTER).to_le_bytes();
+        ta.write_config(reg::COMMAND, &on);
+        tb.write_config(reg::COMMAND, &on);
+        let notify = VirtioPciTransport::notify_address;
+        assert_eq!(kvm.addresses(), [notify(BAR, 0), notify(BAR + BAR_SIZE, 0)]);
+        let a_fd = kvm.0.lock().unwrap()[0].1;
+        tb.write_config(0x10, &0xc000_8000u32.to_le_bytes());
+        assert_eq!(kvm.addresses(), [notify(BAR, 0)]);
+        assert_eq!(kvm.0.lock().unwrap()[0].1, a_fd, "still a's");
+        tb.write_config(0x10, &0xc020_0000u32.to_le_bytes());
+        assert_eq!(kvm.addresses(), [notify(BAR, 0), notify(0xc020_0000, 0)]);
+    }
+
     fn fired(irqfds: &[(u32, EventFd)]) -> Vec<u32> {
         irqfds
             .iter()
@@ -815,13 +1088,8 @@ mod tests {
     /// never the other queue's nor the configuration vector, whatever the number of requests.
     #[test]
     fn one_reap_over_two_queues_fires_each_queue_vector_once() {
-        let rig = Rig::new(
-            Context::new("pci-batch").unwrap(),
-            MemImage::new(1 << 16, false),
-            2,
-            false,
-        );
-        let (t, _) = transport(&rig);
+        let rig = mem_rig("pci-batch", 2);
+        let (t, _, _) = transport(&rig);
         let irqfds = t.vector_irqfds().unwrap();
         start(&t, 2);
         rig.image.set_gate(false);
@@ -859,7 +1127,7 @@ mod tests {
         let io = crate::context::IoThread::spawn("io-pci").unwrap();
         let image = raw_image(&dir, 1 << 16);
         let rig = Rig::new(io.context().clone(), Arc::clone(&image), 2, false);
-        let (t, routes) = transport(&rig);
+        let (t, routes, _) = transport(&rig);
         let irqfds = t.vector_irqfds().unwrap();
         start(&t, 2);
         // Every vector routed to what the guest wrote.

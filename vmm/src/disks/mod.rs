@@ -16,8 +16,9 @@
 //! [`VIRTIO_MMIO_START`] + n × [`VIRTIO_MMIO_SIZE`], with one ioeventfd per queue at its
 //! QueueNotify register (datamatch: the queue index), its irqfd on GSI [`VIRTIO_IRQ_FIRST`] + n
 //! and an `LNRO0005` DSDT entry, edge-triggered. A virtio-pci disk: its function goes on the PCI
-//! root bus at the next device number d, its BAR at [`PCI_MMIO_START`] + d × 32 KiB, one
-//! ioeventfd per queue at its notification address, and one irqfd per MSI-X vector (queues + 1)
+//! root bus at the next device number d, its 64-bit BAR at [`PCI_MMIO_START`] + d × 32 KiB, one
+//! ioeventfd per queue at its notification address wherever the guest decodes the BAR (the
+//! transport moves them through `KvmIoevents`), and one irqfd per MSI-X vector (queues + 1)
 //! on GSIs from [`PCI_MSI_GSI_FIRST`] on; with any, the ECAM and BAR windows go on the shared
 //! MMIO bus and the host bridge in the DSDT ([`Disks::pci_root`] gives the bus to the 0xCF8
 //! ports and says the MCFG is needed).
@@ -53,7 +54,7 @@ use block::DiskImage;
 
 use devices::bus::{BusError, SharedBus};
 use devices::context::{self, IoThreadHandle};
-use devices::pci::{MsiRoutes, PciBars, PciEcam, PciError, PciRoot};
+use devices::pci::{Ioevents, MsiRoutes, PciBars, PciEcam, PciError, PciRoot};
 use devices::virtio::PCI_BAR_SIZE;
 use kvm_ioctls::VmFd;
 
@@ -71,7 +72,7 @@ use iothreads::IoThreads;
 use msi::KvmMsiRoutes;
 use open::open_image;
 use query::{block_device, Names};
-use wiring::{add_mmio, add_pci, device, NewDisk};
+use wiring::{add_mmio, add_pci, device, KvmIoevents, NewDisk};
 
 pub use io_errors::{IoErrorStop, IoErrors};
 pub use iothreads::MainContext;
@@ -299,6 +300,7 @@ impl Disks {
         let mut namer = NodeNamer::default();
         let mut pci = PciRoot::new();
         let routes: Arc<dyn MsiRoutes> = Arc::new(KvmMsiRoutes::new(Arc::clone(vm_fd)));
+        let ioevents: Arc<dyn Ioevents> = Arc::new(KvmIoevents(Arc::clone(vm_fd)));
         let mut mmio_index = 0u8;
         let mut next_gsi = PCI_MSI_GSI_FIRST;
         for ((index, spec), image) in (0u8..).zip(specs).zip(images) {
@@ -342,7 +344,7 @@ impl Disks {
                         (bar, first_gsi),
                         vm_fd,
                         memory,
-                        (&mut pci, Arc::clone(&routes)),
+                        (&mut pci, Arc::clone(&routes), Arc::clone(&ioevents)),
                     )?;
                     // One vector per queue and one for configuration changes.
                     next_gsi += u32::from(queues) + 1;

@@ -2,29 +2,32 @@
 //! transport; and the KVM notifications that spare userspace a round trip. On virtio-mmio: the
 //! transport on the shared MMIO bus, one ioeventfd per queue at its QueueNotify register
 //! (datamatch: the queue index) and one irqfd on its GSI. On virtio-pci: the transport on the
-//! PCI root bus with its BAR where the VMM placed it, one ioeventfd per queue at its own
-//! notification address, and one irqfd per MSI-X vector, each on a GSI of its own that KVM routes
-//! to the guest's message once the guest programs it.
+//! PCI root bus with its BAR where the VMM placed it, [`KvmIoevents`] through which it keeps one
+//! ioeventfd per queue at its own notification address wherever the guest has the BAR, and one
+//! irqfd per MSI-X vector, each on a GSI of its own that KVM routes to the guest's message once
+//! the guest programs it.
 //!
 //! Locks: this runs while the VM is built, before any vCPU exists and before the shared bus goes
 //! behind the global lock's read-write lock, so it takes none of the VM's locks. Afterwards the
 //! ioeventfds are read and the irqfds written in the contexts serving their queues, and a vCPU
 //! reaches the transport through the shared bus without the global lock.
 
+use std::io;
 use std::sync::Arc;
 
 use block::aio::Workers;
 use block::{Image, WithPolicy};
 use devices::bus::SharedBus;
 use devices::context::Context;
-use devices::pci::{MsiRoutes, PciRoot};
+use devices::pci::{Ioevents, MsiRoutes, PciRoot};
 use devices::virtio::block::{Block, BlockConfig, ErrorSink};
-use devices::virtio::{MmioTransport, VirtioPciTransport, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::{MmioTransport, PciWiring, VirtioPciTransport, QUEUE_NOTIFY_OFFSET};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::snapshot::LiveImage;
 use super::DiskError;
-use crate::arch::x86_64::layout::VIRTIO_MMIO_SIZE;
+use crate::arch::x86_64::layout::{PCI_MMIO_SIZE, PCI_MMIO_START, VIRTIO_MMIO_SIZE};
 use crate::arch::x86_64::memory::GuestMemory;
 use crate::drive::DiskSpec;
 
@@ -110,29 +113,46 @@ pub(super) fn add_mmio(
     Ok(())
 }
 
-/// Puts the virtio-pci transport of `block` (of drive `drive`) on `pci` with its BAR at `bar` and its MSI-X vectors on
-/// GSIs `first_gsi` on, registering one ioeventfd per queue on its notification address and
-/// one irqfd per vector. Returns its device number on the bus.
+/// The VM's ioeventfds for the virtio-pci transports: `KVM_IOEVENTFD` on MMIO addresses, any
+/// width, no datamatch. A vCPU moving a BAR calls it; KVM takes its own locks.
+#[derive(Debug)]
+pub(super) struct KvmIoevents(pub(super) Arc<VmFd>);
+
+impl Ioevents for KvmIoevents {
+    fn register(&self, fd: &EventFd, addr: u64) -> Result<(), io::Error> {
+        self.0
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn unregister(&self, fd: &EventFd, addr: u64) -> Result<(), io::Error> {
+        self.0
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+/// Puts the virtio-pci transport of `block` (of drive `drive`) on `pci` with its BAR at `bar` and
+/// its MSI-X vectors on GSIs `first_gsi` on, registering one irqfd per vector; its queues'
+/// ioeventfds go through `ioevents` once the guest decodes the BAR. Returns its device number on
+/// the bus.
 pub(super) fn add_pci(
     (drive, block): (&str, &Arc<Block>),
     (bar, first_gsi): (u64, u32),
     vm_fd: &VmFd,
     memory: &GuestMemory,
-    (pci, routes): (&mut PciRoot, Arc<dyn MsiRoutes>),
+    (pci, routes, ioevents): (&mut PciRoot, Arc<dyn MsiRoutes>, Arc<dyn Ioevents>),
 ) -> Result<u8, DiskError> {
     let id = || drive.to_owned();
-    let transport = VirtioPciTransport::new(block.clone(), memory.clone(), bar, first_gsi, routes)
+    let wiring = PciWiring {
+        bar,
+        first_gsi,
+        routes,
+        ioevents,
+        window: PCI_MMIO_START..PCI_MMIO_START + PCI_MMIO_SIZE,
+    };
+    let transport = VirtioPciTransport::new(block.clone(), memory.clone(), wiring)
         .map_err(|source| DiskError::Transport { id: id(), source })?;
-    for (queue, fd) in (0u16..).zip(transport.queue_events()) {
-        let addr = IoEventAddress::Mmio(VirtioPciTransport::notify_address(bar, queue));
-        vm_fd
-            .register_ioevent(fd, &addr, NoDatamatch)
-            .map_err(|source| DiskError::Ioevent {
-                id: id(),
-                queue: u32::from(queue),
-                source,
-            })?;
-    }
     let irqfds = transport
         .vector_irqfds()
         .map_err(|source| DiskError::Transport {
