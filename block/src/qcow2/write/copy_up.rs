@@ -112,6 +112,8 @@ impl Qcow2 {
                     Ok(l2) if l2 == p.l2 && m.l2_words(l2, p.guest) == (p.entry, p.bitmap) => {
                         let bitmap = if self.geo.extended { ALL_ALLOC } else { 0 };
                         m.publish_data(l2, p.guest, p.host | COPIED, bitmap);
+                        // A host cluster the entry kept with no subcluster allocated.
+                        m.drop_refs(self.entry_clusters(p.entry));
                         wrote = true;
                         continue;
                     }
