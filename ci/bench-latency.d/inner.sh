@@ -244,12 +244,14 @@ stream_start() {
   echo "$(uptime_s) start $speed" >> "$stream"
   stream_send "{\"execute\":\"block-stream\",\"arguments\":{\"device\":\"d0\",\"job-id\":\"stream0\",\"speed\":$speed}}"
 }
-# stream_stop: fio has stopped: whether the job still runs (query-block-jobs), then its cancel;
+# stream_stop: fio has stopped: how long ago the disk's last request completed (query-blockstats'
+# idle_time_ns, against fio's last completion on the guest's clock), whether the job still runs
+# (query-block-jobs), then its cancel;
 # waits (up to 10 s) for that reply and for the job's end (its event, or the cancel's error when
 # there was no job).
 stream_stop() {
   echo "$(uptime_s) fio-stop" >> "$stream"
-  stream_send '{"execute":"query-block-jobs"}' \
+  stream_send '{"execute":"query-blockstats"}' '{"execute":"query-block-jobs"}' \
     '{"execute":"block-job-cancel","arguments":{"device":"stream0"}}'
   i=0
   while ! awk '/ fio-stop$/ { s = 1 } s && /"return": *\[/ { q = 1 }

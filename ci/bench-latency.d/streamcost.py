@@ -6,7 +6,9 @@ raw/TAG.stream (inner.sh) holds, each line after the nested host's uptime in sec
 marks `clock EPOCH` (this host's wall clock, seconds, beside that uptime), `start SPEED`
 (block-stream sent) and `fio-stop` (fio's end seen on the guest's console, query-block-jobs then
 sent) and every line the QMP connection got: the greeting, the replies to
-qmp_capabilities, block-stream, query-block-jobs and block-job-cancel, and the job's events. The
+qmp_capabilities, block-stream, query-blockstats (its idle_time_ns: how long ago the disk's last
+request completed, which checks the guest's clock), query-block-jobs and block-job-cancel, and
+the job's events. The
 job walks the disk from offset 0 (`offset` and `len` are QEMU's progress: a range the top holds
 already counts without being copied).
 
@@ -24,9 +26,10 @@ import statistics
 MIB = 1 << 20
 # Fewer completions than this in a window leave its p99 without one beyond it: no figures.
 MIN_WINDOW_IOS = 100
-# fio's stop is seen on the console here (polled every half second) after its last completion
-# logged by at most this: a larger gap, or a negative one, says the guest's clock is not the host's.
-CLOCK_SLACK_S = 3.0
+# The guest's clock (fio's log) may differ from the host's by this much at most: fio's last
+# completion on the guest's clock against the disk's last one on the host's (query-blockstats'
+# idle_time_ns after fio's stop, read within tens of milliseconds here).
+CLOCK_TOLERANCE_S = 0.3
 
 
 def stream_record(path, window_s):
@@ -39,7 +42,7 @@ def stream_record(path, window_s):
     "mib_per_s" (the disk walked per second)}."""
     if not path.exists():
         return {"error": f"no {path.name}"}
-    start = stop = completed = asked = replied = clock = None
+    start = stop = completed = asked = replied = clock = last_io = None
     speed = error = jobs = None
     returns = 0
     done = (0, 0)
@@ -77,6 +80,10 @@ def stream_record(path, window_s):
             # Before fio's stop only block-stream can fail (the cancel after it may find the
             # job gone).
             error = error or msg["error"].get("desc", "an error")
+        elif (stop is not None and last_io is None and msg.get("return")
+              and isinstance(msg["return"], list) and "stats" in msg["return"][0]):
+            idle = msg["return"][0]["stats"].get("idle_time_ns")
+            last_io = None if idle is None else t - idle / 1e9
         elif stop is not None and jobs is None and isinstance(msg.get("return"), list):
             jobs, asked = msg["return"], t
     if start is None or stop is None:
@@ -98,6 +105,7 @@ def stream_record(path, window_s):
     running_until = completed if completed is not None else asked if job is not None else None
     return {
         "running_s": (epoch(replied), epoch(running_until)), "fio_stop_s": epoch(stop),
+        "last_io_s": epoch(last_io),
         "speed": speed, "error": error,
         "running_at_end": job is not None or (completed is not None and not ended_early),
         "ended_s": completed - start if ended_early else None,
@@ -149,8 +157,10 @@ def window_figures(ios, start_s=None, end_s=None):
 
 def stream_window(record, ios):
     """window_figures of the completions while the stream ran (record: stream_record's), with
-    "clock_gap_s": fio's stop seen here after its last completion, which checks that the
-    guest's clock is the host's (an "error" when it is not)."""
+    "clock_gap_s": fio's stop seen here after its last completion (never negative on clocks
+    alike), and "clock_offset_s": the guest's clock ahead of the host's, fio's last completion
+    against the disk's (an "error" beyond CLOCK_TOLERANCE_S; None in a record without
+    query-blockstats, whose clocks are unchecked)."""
     if record.get("error"):
         return {"ios": 0, "span_s": 0.0, "error": record["error"]}
     (start, end), stop = record.get("running_s", (None, None)), record.get("fio_stop_s")
@@ -160,12 +170,16 @@ def stream_window(record, ios):
         return {"ios": 0, "span_s": 0.0, "error": "no clock mark, block-stream reply or job's "
                                                   "end in the stream's record"}
     gap = stop - ios[-1][0] / 1000
-    if not 0 <= gap <= CLOCK_SLACK_S:
-        return {"ios": 0, "span_s": 0.0, "clock_gap_s": gap,
-                "error": f"fio's stop seen {gap:+.2f} s after its last completion: the guest's "
-                         "clock is not the host's"}
+    offset = None if record.get("last_io_s") is None else ios[-1][0] / 1000 - record["last_io_s"]
+    clocks = {"clock_gap_s": gap, "clock_offset_s": offset}
+    if gap < 0 or (offset is not None and abs(offset) > CLOCK_TOLERANCE_S):
+        return {"ios": 0, "span_s": 0.0, **clocks,
+                "error": f"the guest's clock is not the host's (fio's stop seen {gap:+.2f} s "
+                         "after its last completion"
+                         + ("" if offset is None else f", its last completion {offset:+.2f} s "
+                                                       "from the disk's") + ")"}
     # A job still running at query-block-jobs' reply ran through fio's window.
-    return {**window_figures(ios, start, end), "clock_gap_s": gap}
+    return {**window_figures(ios, start, end), **clocks}
 
 
 def combine_windows(windows):
@@ -173,7 +187,9 @@ def combine_windows(windows):
     the rounds that have them, "ios" (the count of each round) and "errors"."""
     ok = [w for w in windows if not w.get("error")]
     out = {k: statistics.median(w[k] for w in ok) if ok else None for k in ("iops", "p50", "p99")}
+    offsets = [w.get("clock_offset_s") for w in windows if "clock_gap_s" in w]
     return {**out, "ios": [w["ios"] for w in windows],
+            "clock_offsets_s": None if None in offsets else offsets,
             "errors": [w["error"] for w in windows if w.get("error")]}
 
 
@@ -183,6 +199,11 @@ def window_cell(window):
     if window is None:
         return "—"
     cell = "/".join(str(n) for n in window["ios"]) + " I/Os"
+    offsets = window.get("clock_offsets_s")
+    if offsets:
+        cell += f", clocks within {max(abs(o) for o in offsets) * 1000:.0f} ms"
+    elif offsets is None:
+        cell += ", clocks unchecked"
     if window["errors"]:
         cell += f"; no figures in {len(window['errors'])}: {window['errors'][0]}"
     return cell

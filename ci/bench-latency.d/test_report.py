@@ -404,8 +404,9 @@ class ReportFigures(unittest.TestCase):
                       "3.00 | — | running at fio's end 0/1, 100% walked, 85 MiB/s; ended after "
                       "3.0 s (the least of fio's window covered: 25%) | running at fio's end "
                       "0/1, 100% walked, 171 MiB/s; ended after 1.5 s (the least of fio's "
-                      "window covered: 0%) | 201 I/Os | 51 I/Os; no figures in 1: 51 "
-                      "completions in the window (fewer than 100) |", md)
+                      "window covered: 0%) | 201 I/Os, clocks unchecked | 51 I/Os, clocks "
+                      "unchecked; no figures in 1: 51 completions in the window (fewer than "
+                      "100) |", md)
         self.assertEqual(md[-1], "- iothread chain3 randread QD1 stream-full: no verdict: "
                          "qemu's stream has no figures in a round (51 completions in the window "
                          "(fewer than 100)).")

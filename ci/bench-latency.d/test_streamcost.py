@@ -55,7 +55,8 @@ class StreamRecord(unittest.TestCase):
                               (108.1, event("BLOCK_JOB_CANCELLED", device="stream0"))))
         self.assertEqual(r, {"speed": 0, "error": None, "running_at_end": True, "ended_s": None,
                              "coverage": 1.0, "progress": 0.25, "mib_per_s": 8.0,
-                             "running_s": (None, None), "fio_stop_s": None})
+                             "running_s": (None, None), "fio_stop_s": None,
+                             "last_io_s": None})
 
     def test_a_stream_that_ends_before_fio(self):
         # Completed 4 s after its start: the window [101, 107] covered from 101 to 104, half of
@@ -67,7 +68,8 @@ class StreamRecord(unittest.TestCase):
                                                  "desc": "Block job 'stream0' not found"}})))
         self.assertEqual(r, {"speed": 0, "error": None, "running_at_end": False,
                              "ended_s": 4.0, "coverage": 0.5, "progress": 1.0,
-                             "mib_per_s": 64.0, "running_s": (None, None), "fio_stop_s": None})
+                             "mib_per_s": 64.0, "running_s": (None, None), "fio_stop_s": None,
+                             "last_io_s": None})
 
     def test_a_stream_that_ends_between_fio_stop_and_the_query(self):
         # It ran through the window: still running when fio stopped.
@@ -114,10 +116,15 @@ class StreamRecord(unittest.TestCase):
                               (107.0, "fio-stop"), (107.5, {"return": []})))
         self.assertEqual(r["running_s"], (5000.1, 5004.0))
         self.assertEqual(r["fio_stop_s"], 5007.0)
-        # Still running at query-block-jobs' reply: it ran until then.
+        self.assertIsNone(r["last_io_s"])
+        # Still running at query-block-jobs' reply: it ran until then. query-blockstats before
+        # it: the disk's last request completed 0.75 s before its reply at 5007.5.
+        stats = {"device": "d0", "stats": {"rd_operations": 600, "idle_time_ns": 750000000}}
         r = self.parse(record((100.0, "clock 5000.0"), *STARTED, (107.0, "fio-stop"),
-                              (108.0, {"return": [job(64 * MIB)]})))
+                              (107.5, {"return": [stats]}), (108.0, {"return": [job(64 * MIB)]})))
         self.assertEqual(r["running_s"], (5000.1, 5008.0))
+        self.assertEqual(r["last_io_s"], 5006.75)
+        self.assertTrue(r["running_at_end"])
         # Gone from query-block-jobs without a completion seen: its end is unknown.
         r = self.parse(record((100.0, "clock 5000.0"), *STARTED, (107.0, "fio-stop"),
                               (108.0, {"return": []})))
@@ -146,11 +153,16 @@ class StreamRecord(unittest.TestCase):
         ios = [(5001000 + 10 * i, 1000 * (i + 1)) for i in range(600)]
         rec = {"error": None, "running_s": (5000.1, 5004.0), "fio_stop_s": 5007.5}
         w = stream_window(rec, ios)
-        self.assertEqual((w["ios"], w["p50"]), (301, 151.0))
+        self.assertEqual((w["ios"], w["p50"], w["clock_offset_s"]), (301, 151.0, None))
         self.assertAlmostEqual(w["clock_gap_s"], 0.51)
-        # fio's stop seen before its last completion, or long after: the clocks differ.
-        for stop in (5006.5, 5011.0):
-            w = stream_window(dict(rec, fio_stop_s=stop), ios)
+        # The disk's last completion on the host's clock 0.1 s after fio's last on the guest's.
+        w = stream_window(dict(rec, last_io_s=5007.09), ios)
+        self.assertEqual(w["ios"], 301)
+        self.assertAlmostEqual(w["clock_offset_s"], -0.1)
+        # fio's stop seen before its last completion, or the disk's last completion far from
+        # fio's: the clocks differ.
+        for bad in ({"fio_stop_s": 5006.5}, {"last_io_s": 5008.0}, {"last_io_s": 5006.5}):
+            w = stream_window(dict(rec, **bad), ios)
             self.assertIn("the guest's clock is not the host's", w["error"])
             self.assertNotIn("p50", w)
         # No clock mark (an older record), no job's end, no stream, no log.
@@ -161,16 +173,20 @@ class StreamRecord(unittest.TestCase):
         self.assertEqual(stream_window(rec, [])["error"], "no completion logged")
 
     def test_windows_combined_over_rounds(self):
-        rounds = [{"ios": 300, "iops": 100.0, "p50": 150.0, "p99": 300.0},
-                  {"ios": 320, "iops": 110.0, "p50": 140.0, "p99": 500.0},
+        rounds = [{"ios": 300, "iops": 100.0, "p50": 150.0, "p99": 300.0, "clock_gap_s": 1.0,
+                   "clock_offset_s": 0.02},
+                  {"ios": 320, "iops": 110.0, "p50": 140.0, "p99": 500.0, "clock_gap_s": 1.0,
+                   "clock_offset_s": -0.04},
                   {"ios": 40, "span_s": 0.4,
                    "error": "40 completions in the window (fewer than 100)"}]
         both = combine_windows(rounds)
         self.assertEqual(both, {"iops": 105.0, "p50": 145.0, "p99": 400.0, "ios": [300, 320, 40],
+                                "clock_offsets_s": [0.02, -0.04],
                                 "errors": ["40 completions in the window (fewer than 100)"]})
-        self.assertEqual(window_cell(both), "300/320/40 I/Os; no figures in 1: 40 completions "
-                         "in the window (fewer than 100)")
-        self.assertEqual(window_cell(combine_windows(rounds[:2])), "300/320 I/Os")
+        self.assertEqual(window_cell(both), "300/320/40 I/Os, clocks within 40 ms; no figures "
+                         "in 1: 40 completions in the window (fewer than 100)")
+        unchecked = combine_windows([dict(rounds[0], clock_offset_s=None), rounds[1]])
+        self.assertEqual(window_cell(unchecked), "300/320 I/Os, clocks unchecked")
         self.assertEqual(combine_windows(rounds[2:])["p50"], None)
         self.assertEqual(window_cell(None), "—")
 
