@@ -438,7 +438,8 @@ def stream_cost(runs, per_round, rounds):
         place, image, rw, qd, load = key
         rows.append(f"| {place} | {image} | {rw} | {qd} | {load} | " + " | ".join(
             fmt(cells[who].get(f), 2) for f, _ in COST_FIGURES for who in ("vmm", "qemu"))
-            + " | " + " | ".join(stream_cell((sides[who] or {}).get("stream"))
+            + " | " + " | ".join(stream_cell((sides[who] or {}).get("stream"),
+                                             "window" in (sides[who] or {}))
                                  for who in ("vmm", "qemu"))
             + " | " + " | ".join(window_cell((sides[who] or {}).get("window"))
                                  for who in ("vmm", "qemu")) + " |")

@@ -184,9 +184,11 @@ class StreamRecord(unittest.TestCase):
         self.assertEqual(both, {"iops": 105.0, "p50": 145.0, "p99": 400.0, "ios": [300, 320, 40],
                                 "clock_offsets_s": [0.02, -0.04],
                                 "errors": ["40 completions in the window (fewer than 100)"]})
-        self.assertEqual(window_cell(both), "300/320/40 I/Os, clocks within 40 ms; no figures "
-                         "in 1: 40 completions in the window (fewer than 100)")
+        self.assertEqual(window_cell(both), "300/320/40 I/Os, clocks within 40 ms in 2/2; no "
+                         "figures in 1: 40 completions in the window (fewer than 100)")
         unchecked = combine_windows([dict(rounds[0], clock_offset_s=None), rounds[1]])
+        self.assertEqual(window_cell(unchecked), "300/320 I/Os, clocks within 40 ms in 1/2")
+        unchecked = combine_windows([dict(w, clock_offset_s=None) for w in rounds[:2]])
         self.assertEqual(window_cell(unchecked), "300/320 I/Os, clocks unchecked")
         self.assertEqual(combine_windows(rounds[2:])["p50"], None)
         self.assertEqual(window_cell(None), "—")
@@ -202,6 +204,9 @@ class StreamRecord(unittest.TestCase):
                                 "errors": []})
         self.assertEqual(stream_cell(both), "running at fio's end 2/3, 25% walked, 10 MiB/s; "
                          "ended after 4.0 s (the least of fio's window covered: 50%)")
+        # Beside a completion log, which says what the stream covered, no share from the marks.
+        self.assertEqual(stream_cell(both, logged=True), "running at fio's end 2/3, 25% walked, "
+                         "10 MiB/s; ended after 4.0 s")
         self.assertEqual(stream_cell(combine_streams([running])),
                          "running at fio's end 1/1, 25% walked, 8 MiB/s")
         failed = combine_streams([running, {"speed": 0, "error": "Device 'd0' not found"}])
