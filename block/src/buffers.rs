@@ -8,6 +8,9 @@
 //! one (an unaligned sector, a metadata table) comes from the heap: a mapping's `munmap` would
 //! cost a TLB shootdown across the process's threads, vCPUs included, for every small copy.
 //!
+//! A block job keeps one [`AlignedBuf`] for its whole run: its reads and writes through the
+//! images go straight to the files, with no bounce (and no mapping made and unmapped) per step.
+//!
 //! A [`BufPool`] lends buffers to whoever needs one for a request and keeps a few of those given
 //! back (`keep`), so that steady-state I/O reuses them and a burst of concurrent requests, each
 //! with a buffer of its own, leaves at most `keep` behind. Locking: one mutex around the kept
@@ -25,7 +28,7 @@ const MAP_MIN: usize = 64 << 10;
 
 /// A zero-filled buffer aligned for `O_DIRECT`, from the heap or mapped for itself alone (see
 /// the module documentation).
-pub(crate) struct AlignedBuf {
+pub struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
 }
@@ -35,7 +38,7 @@ unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
     /// A zeroed buffer of `len` bytes (at least [`DIRECT_ALIGN`]).
-    pub(crate) fn zeroed(len: usize) -> AlignedBuf {
+    pub fn zeroed(len: usize) -> AlignedBuf {
         let len = len.max(DIRECT_ALIGN);
         if len < MAP_MIN {
             let layout = Self::heap_layout(len);
@@ -80,14 +83,27 @@ impl AlignedBuf {
     }
 
     /// The buffer's length in bytes.
-    pub(crate) fn len(&self) -> usize {
+    #[allow(clippy::len_without_is_empty)] // Never empty: at least DIRECT_ALIGN bytes.
+    pub fn len(&self) -> usize {
         self.len
     }
 
     /// The whole buffer.
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: ptr points to len initialised (zero-filled by the kernel) bytes owned by self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// The whole buffer, to read.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: as `as_mut_slice`, shared.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} bytes)", self.len)
     }
 }
 

@@ -44,9 +44,9 @@ impl Image {
         Ok((None, len))
     }
 
-    /// Writes `data` at `offset` (within one cluster) only if this image still reads that range
-    /// from its backing image, so that a guest write which got there first stays; returns
-    /// whether it wrote. A raw image has no backing image and never takes a copy.
+    /// Writes `data` at `offset` only where this image still reads that range from its backing
+    /// image, so that a guest write which got there first stays and the rest is copied; returns
+    /// whether it wrote anything. A raw image has no backing image and never takes a copy.
     pub fn copy_up(&self, data: &[u8], offset: u64) -> Result<bool, Error> {
         match self {
             Image::Raw(_) => Ok(false),
@@ -196,25 +196,99 @@ mod tests {
             // A guest write of one 4 KiB block into a cluster the top does not have.
             top.write_at(&[9u8; 4096], 64 * K).unwrap();
             assert!(top.copy_up(&[1u8; 64 * 1024], 0).unwrap(), "{opts}");
-            // The cluster the guest wrote to is the top's now (whole, or that subcluster).
-            assert!(!top.copy_up(&[7u8; 4096], 64 * K).unwrap(), "{opts}");
-            let sub = top.copy_up(&[7u8; 4096], 96 * K).unwrap();
+            // The cluster the guest wrote to is the top's now (whole, or those subclusters):
+            // with subclusters, the rest of it is still copied.
+            let sub = top.copy_up(&[7u8; 64 * 1024], 64 * K).unwrap();
             assert_eq!(
                 sub,
                 opts == "extended_l2=on",
-                "{opts}: a subcluster still unallocated"
+                "{opts}: subclusters still unallocated"
             );
+            assert!(!top.copy_up(&[8u8; 4096], 96 * K).unwrap(), "{opts}");
             assert!(!top.copy_up(&[7u8; 64 * 1024], 256 * K).unwrap(), "{opts}");
             assert_eq!(byte_at(&top, 64 * K), 9);
             assert_eq!(byte_at(&top, 96 * K), if sub { 7 } else { 1 });
+            assert_eq!(byte_at(&top, 127 * K), if sub { 7 } else { 1 });
             assert_eq!(byte_at(&top, 256 * K), 3);
             assert!(matches!(
-                top.copy_up(&[0u8; 4096], 62 * K),
+                top.copy_up(&[0u8; 4096], 2048 * K - 2 * K),
                 Err(Error::OutOfRange { .. })
             ));
             drop(top);
             run("qemu-img", &["check", "-q", path.to_str().unwrap()]);
         }
+    }
+
+    /// A copy-up over several clusters writes every part the top still reads from its backing
+    /// image, in one go or piece by piece: whole clusters it lacks, the parts of clusters
+    /// around, the subclusters a guest write left unallocated in a cluster (extended L2), and
+    /// zeroes; the guest's data stays.
+    #[test]
+    fn a_copy_up_over_several_clusters_fills_every_part_the_top_lacks() {
+        for opts in ["", "extended_l2=on"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = chain(dir.path(), opts);
+            let top = open_rw(&path);
+            // The guest writes 4 KiB at the start of the second cluster of the range.
+            top.write_at(&[9u8; 4096], 128 * K).unwrap();
+            let len = top.file().len().unwrap();
+            // [32K, 600K): part of a cluster, a cluster partly the guest's, whole clusters
+            // (the top's own at 256K among them), zeroes at [512K, 576K), part of a cluster.
+            let mut data = vec![7u8; 568 * 1024];
+            data[480 * 1024..544 * 1024].fill(0);
+            assert!(top.copy_up(&data, 32 * K).unwrap(), "{opts}");
+            let mut got = vec![0u8; 2048 * 1024];
+            top.read_at(&mut got, 0).unwrap();
+            for (i, &b) in got.iter().enumerate() {
+                let at = i as u64;
+                let want = match at {
+                    _ if at < 32 * K => 1,
+                    _ if (128 * K..132 * K).contains(&at) => 9,
+                    // The cluster the guest's write copied from the backing image whole (no
+                    // subclusters).
+                    _ if opts.is_empty() && (132 * K..192 * K).contains(&at) => 2,
+                    _ if (256 * K..320 * K).contains(&at) => 3,
+                    _ if (512 * K..576 * K).contains(&at) => 0,
+                    _ if at < 600 * K => 7,
+                    _ if (1024 * K..1088 * K).contains(&at) => 4,
+                    _ => 0,
+                };
+                assert_eq!(b, want, "{opts}: byte {at}");
+            }
+            // The zero cluster took no room: 8 data clusters at most, and a refcount or L2
+            // table's growth.
+            assert!(top.file().len().unwrap() <= len + 9 * 64 * K, "{opts}");
+            drop(top);
+            run("qemu-img", &["check", "-q", path.to_str().unwrap()]);
+        }
+    }
+
+    /// Whole clusters the top lacks are copied up as QEMU's copy-on-read writes them: one
+    /// write for the run (new clusters next to each other in the file), none per cluster.
+    #[test]
+    fn a_copy_up_of_clusters_the_top_lacks_is_one_write() {
+        use crate::file::test_hook::{Hook, Op};
+        let dir = tempfile::tempdir().unwrap();
+        let path = chain(dir.path(), "");
+        let top = open_rw(&path);
+        let writes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = std::sync::Arc::clone(&writes);
+        top.file()
+            .set_hook(Some(Hook(std::sync::Arc::new(move |op| {
+                if let Op::Write { len, .. } = op {
+                    seen.lock().unwrap().push(len);
+                }
+                Ok(())
+            }))));
+        let mut data = crate::AlignedBuf::zeroed(512 * 1024);
+        data.as_mut_slice().fill(7);
+        assert!(top.copy_up(data.as_slice(), 640 * K).unwrap());
+        assert_eq!(*writes.lock().unwrap(), [512 * K]);
+        top.file().set_hook(None);
+        assert_eq!(byte_at(&top, 640 * K), 7);
+        assert_eq!(byte_at(&top, 1151 * K), 7);
+        drop(top);
+        run("qemu-img", &["check", "-q", path.to_str().unwrap()]);
     }
 
     /// Zeroes copied up are a zero cluster, as QEMU's copy-on-read makes them: the file does not
@@ -237,39 +311,48 @@ mod tests {
         run("qemu-img", &["check", "-q", path.to_str().unwrap()]);
     }
 
-    /// A copier pulls every cluster of the backing data up while a writer overwrites every
-    /// cluster: whatever the interleaving, the writer's data is what stays.
+    /// A copier pulls every cluster of the backing data up, one or eight clusters a copy-up,
+    /// while a writer overwrites part of every cluster: whatever the interleaving, the writer's
+    /// data is what stays, and every other byte reads as the backing data.
     #[test]
     fn a_guest_write_racing_a_copy_up_is_never_overwritten() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = chain(dir.path(), "");
-        let top = std::sync::Arc::new(open_rw(&path));
-        let clusters = 32u64;
-        let copier = {
-            let top = std::sync::Arc::clone(&top);
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 64 * 1024];
-                for c in 0..clusters {
-                    // Read first, as a job does: the data may be stale when it is copied up.
-                    top.chain()
-                        .nth(1)
-                        .unwrap()
-                        .read_at(&mut buf, c * 64 * K)
-                        .unwrap();
-                    std::thread::yield_now();
-                    top.copy_up(&buf, c * 64 * K).unwrap();
-                }
-            })
-        };
-        for c in 0..clusters {
-            top.write_at(&[0xEE; 4096], c * 64 * K + 8 * K).unwrap();
+        for (opts, clusters_a_copy) in [("", 1), ("", 8), ("extended_l2=on", 8)] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = chain(dir.path(), opts);
+            let top = std::sync::Arc::new(open_rw(&path));
+            let clusters = 32u64;
+            let mut want = vec![0u8; 2048 * 1024];
+            top.read_at(&mut want, 0).unwrap();
+            let copier = {
+                let top = std::sync::Arc::clone(&top);
+                std::thread::spawn(move || {
+                    let step = clusters_a_copy * 64 * K;
+                    let mut buf = crate::AlignedBuf::zeroed(usize::try_from(step).unwrap());
+                    for at in (0..clusters * 64 * K).step_by(usize::try_from(step).unwrap()) {
+                        // Read first, as a job does: the data may be stale when it is copied
+                        // up.
+                        let buf = buf.as_mut_slice();
+                        top.chain().nth(1).unwrap().read_at(buf, at).unwrap();
+                        std::thread::yield_now();
+                        top.copy_up(buf, at).unwrap();
+                    }
+                })
+            };
+            for c in 0..clusters {
+                let at = c * 64 * K + 8 * K;
+                top.write_at(&[0xEE; 4096], at).unwrap();
+                let at = usize::try_from(at).unwrap();
+                want[at..at + 4096].fill(0xEE);
+            }
+            copier.join().unwrap();
+            let mut got = vec![0u8; 2048 * 1024];
+            top.read_at(&mut got, 0).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g, w, "{opts}, {clusters_a_copy} a copy: byte {i}");
+            }
+            drop(top);
+            run("qemu-img", &["check", "-q", path.to_str().unwrap()]);
         }
-        copier.join().unwrap();
-        for c in 0..clusters {
-            assert_eq!(byte_at(&top, c * 64 * K + 8 * K), 0xEE, "cluster {c}");
-        }
-        drop(top);
-        run("qemu-img", &["check", "-q", path.to_str().unwrap()]);
     }
 
     #[test]

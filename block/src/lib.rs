@@ -25,6 +25,7 @@ pub mod trace;
 /// none.
 pub const THREAD_STACK: usize = (2 << 20) - (64 << 10);
 
+pub use buffers::AlignedBuf;
 pub use error::{Error, ErrorKind};
 pub use file::{CacheMode, FileId};
 pub use image::{Allocation, BlockStatus, DiskImage};

@@ -53,8 +53,11 @@
 # after it, printed after the run as BENCH-IRQ0/1 TAG lines: "NAME DELTA" for each virtio vector,
 # the console, LOC timer ticks and RES/CAL IPIs, summed over the vCPUs), console/BOOT.log and
 # BOOT.debug.log (the VMM's -D log: why it stopped),
-# raw/TAG.stream (stream loads: every line the client got and its own marks "start SPEED" and
-# "fio-stop", each after this host's uptime), version-VMM.json (query-version), host.txt.
+# raw/TAG.stream (stream loads: every line the client got and its own marks "clock EPOCH" (this
+# host's wall clock), "start SPEED" and "fio-stop", each after this host's uptime), raw/TAG.lat
+# (every run of a part with stream loads: fio's completion log, "EPOCH_MS LAT_NS" per completion
+# of its measured window on the guest's wall clock, printed after its JSON as BENCH-LAT TAG lines),
+# version-VMM.json (query-version), host.txt.
 set -u
 G=$GUEST_DIR
 cd "$DISK_DIR"
@@ -128,7 +131,8 @@ wr=""
 [ $ld = fsync-writer ] && wr="--name=writer --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=1 --fsync=1 --ramp_time=1 --runtime=$RT --time_based --cpus_allowed=1"
 irqs > i0
 echo BENCH-FIO-START $t
-fio --eta=never --output-format=json --output=f.json --name=bench --filename=/dev/vda --direct=1 --ioengine=libaio --rw=$rw --bs=4k --iodepth=$qd --ramp_time=1 --runtime=$RT --time_based $jobs $wr 2>f.err
+rm -f f_*.log
+fio --eta=never --output-format=json --output=f.json --name=bench --filename=/dev/vda --direct=1 --ioengine=libaio --rw=$rw --bs=4k --iodepth=$qd --ramp_time=1 --runtime=$RT --time_based $jobs $LL $wr 2>f.err
 r=$?
 irqs > i1
 echo BENCH-FIO-STOP $t
@@ -136,6 +140,7 @@ if [ $ld = disturbed ]; then kill $s1 $s2; wait $s1 $s2 2>/dev/null; echo BENCH-
 case $ld in stream-*) echo BENCH-LOAD-OFF $t ;; esac
 dmesg -n 1 2>/dev/null
 echo BENCH-FIO-BEGIN $t; cat f.json; echo BENCH-FIO-END $t $r; sed "s/^/BENCH-FIO-ERR /" f.err
+[ -z "$LL" ] || cat f_clat.*.log | sed "s/^/BENCH-LAT $t /"
 sed "s/^/BENCH-IRQ0 $t /" i0; sed "s/^/BENCH-IRQ1 $t /" i1
 dmesg -n 4 2>/dev/null
 done
@@ -150,6 +155,10 @@ guest_script() {
     sed '/^if \[ \$ld = disturbed \]; then$/,/^fi$/d; /^if \[ \$ld = disturbed \]; then kill/d') ;; esac
   case " $2" in *:fsync-writer*) ;; *) body=$(printf '%s\n' "$body" | sed '/^\[ \$ld = fsync-writer \]/d') ;; esac
   case " $2" in *:stream-*) ;; *) body=$(printf '%s\n' "$body" | sed '/^case \$ld in stream-/d') ;; esac
+  case " $CONFS" in
+    *:stream-*) ;;
+    *) body=$(printf '%s\n' "$body" | sed '/^\[ -z "\$LL" \]/d') ;;
+  esac
   printf '%s\n%s\n' "$1" "$body" | base64 | tr -d '\n'
 }
 
@@ -204,6 +213,14 @@ poll_stop() {
 mount -t debugfs none /sys/kernel/debug 2>/dev/null
 kvm_snap() { for f in /sys/kernel/debug/kvm/*; do [ -f "$f" ] && echo "${f##*/} $(cat "$f")"; done; }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
+# epoch_s: this host's wall clock in seconds with microseconds (busybox's date has no %N).
+epoch_s() {
+  case $(date +%N) in
+    *N) adjtimex |
+      awk '/tv_sec/ { s = $2 } /tv_usec/ { u = $2 } END { printf "%d.%06d\n", s, u }' ;;
+    *) date +%s.%N ;;
+  esac
+}
 # stream_send LINE...: to the stream's QMP connection, in a subshell (a VMM gone makes the write
 # raise SIGPIPE, which must not end this script).
 stream_send() { (printf '%s\n' "$@" >&5) 2>/dev/null; }
@@ -223,15 +240,18 @@ stream_start() {
   stream_reader=$!
   exec 5> stream.in
   stream_send '{"execute":"qmp_capabilities"}'
+  echo "$(uptime_s) clock $(epoch_s)" >> "$stream"
   echo "$(uptime_s) start $speed" >> "$stream"
   stream_send "{\"execute\":\"block-stream\",\"arguments\":{\"device\":\"d0\",\"job-id\":\"stream0\",\"speed\":$speed}}"
 }
-# stream_stop: fio has stopped: whether the job still runs (query-block-jobs), then its cancel;
+# stream_stop: fio has stopped: how long ago the disk's last request completed (query-blockstats'
+# idle_time_ns, against fio's last completion on the guest's clock), whether the job still runs
+# (query-block-jobs), then its cancel;
 # waits (up to 10 s) for that reply and for the job's end (its event, or the cancel's error when
 # there was no job).
 stream_stop() {
   echo "$(uptime_s) fio-stop" >> "$stream"
-  stream_send '{"execute":"query-block-jobs"}' \
+  stream_send '{"execute":"query-blockstats"}' '{"execute":"query-block-jobs"}' \
     '{"execute":"block-job-cancel","arguments":{"device":"stream0"}}'
   i=0
   while ! awk '/ fio-stop$/ { s = 1 } s && /"return": *\[/ { q = 1 }
@@ -334,6 +354,11 @@ run_boot() {
   p=$vmm.$place.$image
   [ "$ROUNDS" = 1 ] || p=$p.r$round
   vars="P=$vmm.$place.$image RT=$RUNTIME NJ=$NUMJOBS CONFS=\"$confs\""
+  # With stream loads, every run of the part (quiet's too) logs each completion (fio's clat log,
+  # its times on the guest's wall clock), printed after its JSON as BENCH-LAT TAG lines.
+  case " $CONFS" in
+    *:stream-*) vars="$vars LL=\"--write_lat_log=f --log_avg_msec=0 --log_unix_epoch=1\"" ;;
+  esac
   gs=$(guest_script "$vars" "$confs")
   n=$(echo $confs | wc -w)
   say "boot $vmm $place $image$([ "$ROUNDS" = 1 ] || echo " round $round") ($n configurations)"
@@ -391,6 +416,10 @@ run_boot() {
     /^BENCH-FIO-BEGIN /{f=dir "/" $2 (rounds == 1 ? "" : ".r" round) ".json"; next}
     /^BENCH-FIO-END /{if (f != "") {close(f ".part"); system("mv " f ".part " f)}; f=""; next}
     f != "" {print > (f ".part")}' "$log.log"
+  # Each run's completion log (stream parts): "EPOCH_MS LAT_NS" per completion, raw/TAG.lat.
+  awk -v dir="$OUT_DIR/raw" -v round="$round" -v rounds="$ROUNDS" '
+    $1 == "BENCH-LAT" { gsub(",", "")
+      print $3, $4 > (dir "/" $2 (rounds == 1 ? "" : ".r" round) ".lat") }' "$log.log"
   # Each run's guest interrupts: /proc/interrupts just before fio and just after, summed over
   # the vCPUs, as "NAME DELTA" (NAME: the line's device, e.g. virtio0-req.1, or LOC, RES, CAL).
   awk -v dir="$OUT_DIR/raw" -v round="$round" -v rounds="$ROUNDS" '

@@ -32,7 +32,8 @@ import statistics
 import sys
 
 from abtest import ALPHA, MIN_CHANGE, verdict
-from streamcost import combine_streams, stream_cell, stream_record
+from streamcost import (MIN_WINDOW_IOS, combine_streams, combine_windows, read_clat_log,
+                        stream_cell, stream_record, stream_window, window_cell, window_figures)
 
 # fio's default percentile list (fio(1), "percentile_list"): the points of the curves.
 PCTS = ["1.000000", "5.000000", "10.000000", "20.000000", "30.000000", "40.000000",
@@ -150,6 +151,13 @@ def parse_run(path):
         obj["stages_us"] = stage_means(path.with_suffix(".stages"))
     if load.startswith("stream-"):
         obj["stream"] = stream_record(path.with_suffix(".stream"), side.get("runtime", 0) / 1000)
+    # A stream part's completion log: a stream's figures from its run's completions only, and
+    # quiet's from all of fio's, so that both are taken alike.
+    ios = read_clat_log(path.with_suffix(".lat"))
+    if ios and load.startswith("stream-"):
+        obj["window"] = stream_window(obj["stream"], ios)
+    elif ios:
+        obj["window"] = window_figures(ios)
     curve = [(float(k), pct[k] / 1000) for k in PCTS if k in pct]
     if n < P9999_MIN_IOS:
         curve = [(p, v) for p, v in curve if p < 99.99]
@@ -278,6 +286,9 @@ def combine(rounds):
         del obj["round"]
         if "stream" in first:
             obj["stream"] = combine_streams([r[0]["stream"] for r in runs])
+        if "window" in first:
+            obj["window"] = combine_windows([r[0].get("window", {"ios": 0, "error": "no log"})
+                                             for r in runs])
         if "stages_us" in first:
             obj["stages_us"] = medians("stages_us")
         if "irq_per_io" in first:
@@ -354,6 +365,9 @@ def per_round_figures(runs):
         fig["iops"].append(run[0]["iops"])
         for p in ("p50", "p99"):
             fig[p].append(run[0]["lat_us"][p])
+        if "window" in run[0]:
+            for f in ("iops", "p50", "p99"):
+                fig.setdefault("window_" + f, []).append(run[0]["window"].get(f))
     return per_round
 
 
@@ -364,7 +378,10 @@ COST_WORDS = {"faster": "vmm's guest pays less", "slower": "vmm's guest pays mor
 
 
 def figure(obj, name):
-    """IOPS or a percentile of a configuration."""
+    """IOPS or a percentile of a configuration: from its completion log's window where it has
+    one (stream parts), else fio's own."""
+    if "window" in obj:
+        return obj["window"][name]
     return obj["iops"] if name == "iops" else obj["lat_us"][name]
 
 
@@ -373,6 +390,9 @@ def round_ratios(per_round, t, name):
     load, idle = per_round.get(t), per_round.get(t[:5] + ("quiet",))
     if not load or not idle:
         return []
+    # The completion logs' windows where both have them.
+    if "window_" + name in load and "window_" + name in idle:
+        name = "window_" + name
     quiet = dict(zip(idle["round"], idle[name]))
     return [v / quiet[r] for r, v in zip(load["round"], load[name])
             if v is not None and quiet.get(r)]
@@ -418,12 +438,17 @@ def stream_cost(runs, per_round, rounds):
         place, image, rw, qd, load = key
         rows.append(f"| {place} | {image} | {rw} | {qd} | {load} | " + " | ".join(
             fmt(cells[who].get(f), 2) for f, _ in COST_FIGURES for who in ("vmm", "qemu"))
-            + " | " + " | ".join(stream_cell((sides[who] or {}).get("stream"))
+            + " | " + " | ".join(stream_cell((sides[who] or {}).get("stream"),
+                                             "window" in (sides[who] or {}))
+                                 for who in ("vmm", "qemu"))
+            + " | " + " | ".join(window_cell((sides[who] or {}).get("window"))
                                  for who in ("vmm", "qemu")) + " |")
         said = []
+        short = [who for who in ("vmm", "qemu")
+                 if ((sides[who] or {}).get("window") or {}).get("errors")]
         for f, higher_is_better in COST_FIGURES:
             a, b = (round_ratios(per_round, (who,) + key, f) for who in ("vmm", "qemu"))
-            if not a or not b:
+            if not a or not b or short:
                 continue
             v = verdict(a, b, higher_is_better)
             sides["vmm"]["stream_cost_vs_qemu"] = {
@@ -432,6 +457,11 @@ def stream_cost(runs, per_round, rounds):
                         f"×{fmt(cells['qemu'].get(f), 2)} under QEMU: "
                         f"{COST_WORDS.get(v['verdict'], v['verdict'])} "
                         f"({v['change']:+.0%}, p={v['p']:.3g})")
+        if short:
+            lines.append(f"- {place} {image} {rw} QD{qd} {load}: no verdict: "
+                         + ", ".join(f"{who}'s stream has no figures in a round "
+                                     f"({sides[who]['window']['errors'][0]})" for who in short)
+                         + ".")
         if said:
             lines.append(f"- {place} {image} {rw} QD{qd} {load}: " + "; ".join(said) + "."
                          + unequal_work(*((sides[who] or {}).get("stream", {})
@@ -443,12 +473,20 @@ def stream_cost(runs, per_round, rounds):
             "(query-block-jobs after fio's end), how much of the disk it had walked by then and "
             "how fast (QEMU's `offset`: the range the top holds already is walked without a "
             "copy), and a stream that ended before fio, its duration and the least share of "
-            "fio's window it covered. Verdicts: vmm's per-round ratios over QEMU's, with the "
+            "fio's window it covered. Where the runs logged each completion (fio's clat log on "
+            "the guest's wall clock, kvmclock's, checked against the host's by the disk's last "
+            "completion, query-blockstats' idle_time_ns after fio's stop), the figures under a "
+            "stream are those of the completions while the stream ran (from block-stream's reply "
+            "to its BLOCK_JOB_COMPLETED, or to fio's stop, shrunk at both ends by the clocks' "
+            "offset), quiet's those of "
+            "all of fio's, both nearest-rank percentiles; the I/Os columns count them per round, "
+            f"and a round with fewer than {MIN_WINDOW_IOS} has no figures (nor the configuration a "
+            "verdict). Verdicts: vmm's per-round ratios over QEMU's, with the "
             f"A/B rule above (a change of at least {MIN_CHANGE:.0%} with p < {ALPHA})"
             + ("" if rounds >= 5 else f"; with {rounds} round(s) none can be called") + ".", "",
             "| placement | image | rw | QD | load | IOPS vmm | IOPS QEMU | p50 vmm | p50 QEMU | "
-            "p99 vmm | p99 QEMU | vmm's stream | QEMU's stream |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"] + rows + [""] + (
+            "p99 vmm | p99 QEMU | vmm's stream | QEMU's stream | I/Os vmm | I/Os QEMU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"] + rows + [""] + (
             lines or ["- No verdict: a VMM has no quiet run to compare with."])
 
 

@@ -333,7 +333,7 @@ class ReportFigures(unittest.TestCase):
                          "(under the stream over quiet)")
         self.assertIn("| iothread | chain3 | randread | 1 | stream-full | 0.80 | 0.80 | 1.20 | "
                       "1.20 | 1.50 | 2.00 | running at fio's end 5/5, 25% walked, 8 MiB/s | "
-                      "running at fio's end 5/5, 50% walked, 16 MiB/s |", md)
+                      "running at fio's end 5/5, 50% walked, 16 MiB/s | — | — |", md)
         # vmm's p99 ratios all below QEMU's: the smallest p of 5 + 5 rounds, 2 / 252.
         self.assertEqual(md[-1], "- iothread chain3 randread QD1 stream-full: IOPS ×0.80 under "
                          "vmm, ×0.80 under QEMU: no difference at this noise (+0%, p=1); p50 "
@@ -359,9 +359,58 @@ class ReportFigures(unittest.TestCase):
         md = stream_cost([r for r in runs if tag(r[0])[::5] != ("qemu", "quiet")], per_round, 3)
         self.assertIn("| iothread | chain3 | randread | 1 | stream-full | 0.80 | — | 1.20 | — | "
                       "1.50 | — | running at fio's end 5/5, 25% walked, 8 MiB/s | "
-                      "running at fio's end 5/5, 50% walked, 16 MiB/s |", md)
+                      "running at fio's end 5/5, 50% walked, 16 MiB/s | — | — |", md)
         self.assertIn("with 3 round(s) none can be called", md[3])
         self.assertEqual(md[-1], "- No verdict: a VMM has no quiet run to compare with.")
+
+    def test_a_streams_cost_from_the_completions_while_it_ran(self):
+        raw = self.dir / "raw"
+        raw.mkdir()
+        # fio logs a completion every 10 ms from epoch 5001 to 5006.99 in every run, 100 µs
+        # each, but 300 µs while vmm's stream ran (block-stream's reply at 5000.1 to its
+        # completion at 5003: 201 completions, the last one after it). QEMU's stream ended at
+        # 5001.5: 51 completions, too few. fio's JSON (its whole window) says 100 µs for all.
+        ends = {"vmm": 103.0, "qemu": 101.5}
+        runs = []
+        for vmm in ("vmm", "qemu"):
+            for load in ("quiet", "stream-full"):
+                name = f"{vmm}.iothread.chain3.randread.qd1.{load}"
+                doc = fio_json("randread", 100, 600, {"50.000000": 100, "99.000000": 100}, 300)
+                doc["jobs"][0]["read"]["runtime"] = 6000
+                (raw / f"{name}.json").write_text(json.dumps(doc))
+                slow = load != "quiet" and vmm == "vmm"
+                (raw / f"{name}.lat").write_text("".join(
+                    f"{5001000 + 10 * i} {300000 if slow and i < 200 else 100000}\n"
+                    for i in range(600)))
+                if load != "quiet":
+                    done = {"event": "BLOCK_JOB_COMPLETED",
+                            "data": {"device": "stream0", "len": 256 * MIB, "offset": 256 * MIB}}
+                    (raw / f"{name}.stream").write_text(
+                        "100.0 clock 5000.0\n100.0 {\"return\": {}}\n100.0 start 0\n"
+                        f"100.1 {{\"return\": {{}}}}\n{ends[vmm]} {json.dumps(done)}\n"
+                        "107.5 fio-stop\n107.6 {\"return\": []}\n")
+                run, why = parse_run(raw / f"{name}.json")
+                self.assertIsNone(why)
+                runs.append((*run, ""))
+        window = {tag(r[0]): r[0]["window"] for r in runs}
+        self.assertEqual(window[("vmm",) + ("iothread", "chain3", "randread", 1, "stream-full")]
+                         ["ios"], 201)
+        per_round = per_round_figures(runs)
+        runs = combine(runs)
+        runs.sort(key=lambda r: sort_key(r[0]))
+        md = stream_cost(runs, per_round, 1)
+        # vmm: IOPS 100.5 over quiet's 600 / 5.99 s, p50 and p99 300 over 100.
+        self.assertIn("| iothread | chain3 | randread | 1 | stream-full | 1.00 | — | 3.00 | — | "
+                      "3.00 | — | running at fio's end 0/1, 100% walked, 85 MiB/s; ended after "
+                      "3.0 s | running at fio's end 0/1, 100% walked, 171 MiB/s; ended after "
+                      "1.5 s | 201 I/Os, clocks unchecked | 51 I/Os, clocks "
+                      "unchecked; no figures in 1: 51 completions in the window (fewer than "
+                      "100) |", md)
+        self.assertEqual(md[-1], "- iothread chain3 randread QD1 stream-full: no verdict: "
+                         "qemu's stream has no figures in a round (51 completions in the window "
+                         "(fewer than 100)).")
+        self.assertEqual(round_ratios(per_round, ("vmm", "iothread", "chain3", "randread", 1,
+                                                  "stream-full"), "p99"), [3.0])
 
 
 if __name__ == "__main__":

@@ -185,7 +185,8 @@ struct ActiveCommit {
     scanned: u64,
     /// Where the next copy starts looking.
     cursor: u64,
-    buf: Vec<u8>,
+    /// A chunk's worth, aligned for `O_DIRECT`, kept for the job's run.
+    buf: block::AlignedBuf,
 }
 
 fn chain_error(e: &Error) -> String {
@@ -222,10 +223,10 @@ impl ActiveCommit {
         };
         let len = len.min(top.size().saturating_sub(offset));
         let size = usize::try_from(len).map_err(|e| StepError::Other(e.to_string()))?;
-        self.buf.resize(size, 0);
-        let copied = match top.read_at(&mut self.buf[..size], offset) {
+        let buf = &mut self.buf.as_mut_slice()[..size];
+        let copied = match top.read_at(buf, offset) {
             Ok(()) => base
-                .write_at(&self.buf[..size], offset)
+                .write_at(buf, offset)
                 .map_err(|e| StepError::write(&e, len)),
             Err(e) => Err(StepError::read(&e, len)),
         };
@@ -419,7 +420,7 @@ pub(super) fn start_active_commit(
         base: Some(writable),
         scanned: 0,
         cursor: 0,
-        buf: Vec::new(),
+        buf: super::chunk_buffer(CHUNK),
     };
     jobs.start(new, Box::new(work)).inspect_err(|_| {
         // The job never ran: the device gets its plain top back.

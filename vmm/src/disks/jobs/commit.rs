@@ -57,7 +57,8 @@ struct Commit {
     base: Option<Image>,
     /// The backing file (name, format) the image above `top` names at the end.
     backing: (String, String),
-    buf: Vec<u8>,
+    /// A chunk's worth, aligned for `O_DIRECT`, kept for the job's run.
+    buf: block::AlignedBuf,
 }
 
 fn chain_error(e: &block::Error) -> String {
@@ -84,10 +85,10 @@ impl Work for Commit {
             });
         }
         let size = usize::try_from(n).map_err(|e| StepError::Other(e.to_string()))?;
-        self.buf.resize(size, 0);
-        top.read_at(&mut self.buf[..size], offset)
+        let buf = &mut self.buf.as_mut_slice()[..size];
+        top.read_at(buf, offset)
             .map_err(|e| StepError::read(&e, n))?;
-        base.write_at(&self.buf[..size], offset)
+        base.write_at(buf, offset)
             .map_err(|e| StepError::write(&e, n))?;
         Ok(Step {
             advanced: n,
@@ -253,7 +254,7 @@ pub fn start_commit(jobs: &mut Jobs, disk: &VmDisk, args: CommitArgs) -> Result<
         base_depth,
         base: Some(writable),
         backing,
-        buf: Vec::new(),
+        buf: super::chunk_buffer(CHUNK),
     };
     let new = NewJob {
         id: args.job_id.unwrap_or_else(|| drive.clone()),

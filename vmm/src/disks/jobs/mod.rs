@@ -349,6 +349,13 @@ impl StepError {
     }
 }
 
+/// A job's buffer for chunks of `len` bytes, aligned for `O_DIRECT` so that its reads and
+/// writes go straight to the images' files, kept for the job's run.
+fn chunk_buffer(len: u64) -> block::AlignedBuf {
+    // A chunk is at most a few MiB.
+    block::AlignedBuf::zeroed(usize::try_from(len).unwrap_or(usize::MAX))
+}
+
 /// The copying part of a job: steps on the job's thread, then its end on the main loop.
 trait Work: Send + std::fmt::Debug {
     /// Deals with the disk from `offset`, at most one chunk.

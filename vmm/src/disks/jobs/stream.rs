@@ -4,9 +4,11 @@
 //!
 //! Steps (on the job's thread): at most [`CHUNK`] bytes each, the chain asked which layer
 //! first allocates the range ([`block::Image::allocated_at`]); a range the top lacks and an image
-//! above `base` holds is read through the top's backing image and written into the top cluster
-//! by cluster with [`block::Image::copy_up`], which skips a cluster the top got meanwhile, so a
-//! guest write racing the copy is never overwritten by the older data.
+//! above `base` holds is read through the top's backing image into the job's buffer (aligned for
+//! `O_DIRECT`, kept for the job's run) and written into the top with [`block::Image::copy_up`]
+//! (a run of clusters planned, written and published at once, as QEMU's copy-on-read writes its
+//! bounce buffer), which skips what the top got meanwhile, so a guest write racing the copy is
+//! never overwritten by the older data.
 //!
 //! The end (main loop, [`super::Work::finish`]): the disk is drained in its context
 //! ([`Block::with_drained_io`](devices::virtio::block::Block::with_drained_io)); with nothing in
@@ -56,9 +58,8 @@ struct Stream {
     base_depth: Option<usize>,
     /// The backing file (name, format) the top names at the end.
     backing: Option<(String, String)>,
-    /// The top's cluster size: copy-ups go cluster by cluster.
-    cluster: u64,
-    buf: Vec<u8>,
+    /// A chunk's worth, aligned for `O_DIRECT`, kept for the job's run.
+    buf: block::AlignedBuf,
 }
 
 impl Work for Stream {
@@ -78,21 +79,13 @@ impl Work for Stream {
             });
         };
         let size = usize::try_from(n).map_err(|e| StepError::Other(e.to_string()))?;
-        self.buf.resize(size, 0);
+        let buf = &mut self.buf.as_mut_slice()[..size];
         backing
-            .read_at(&mut self.buf[..size], offset)
+            .read_at(buf, offset)
             .map_err(|e| StepError::read(&e, n))?;
-        let mut pos = 0;
-        while pos < n {
-            let at = offset + pos;
-            let piece = (self.cluster - at % self.cluster).min(n - pos);
-            let range =
-                usize::try_from(pos).unwrap_or(size)..usize::try_from(pos + piece).unwrap_or(size);
-            // A copy-on-read, as QEMU's stream does it: its errors are reads' too.
-            top.copy_up(&self.buf[range], at)
-                .map_err(|e| StepError::read(&e, n))?;
-            pos += piece;
-        }
+        // A copy-on-read, as QEMU's stream does it: its errors are reads' too.
+        top.copy_up(buf, offset)
+            .map_err(|e| StepError::read(&e, n))?;
         Ok(Step {
             advanced: n,
             copied: n,
@@ -246,10 +239,6 @@ pub fn start_stream(jobs: &mut Jobs, disk: &VmDisk, args: StreamArgs) -> Result<
             .unwrap_or_else(|| base.file().path().to_owned());
         (name, base.format().name().to_owned())
     });
-    let cluster = match image {
-        Image::Qcow2(q) => q.header().cluster_size(),
-        Image::Raw(_) => CHUNK,
-    };
     // As QEMU's: with the base right below the top, or no backing file, there is nothing to
     // stream, and no length.
     let nothing = base_depth == Some(1) || image.chain().nth(1).is_none();
@@ -258,8 +247,7 @@ pub fn start_stream(jobs: &mut Jobs, disk: &VmDisk, args: StreamArgs) -> Result<
         top: Some(Arc::clone(&top)),
         base_depth,
         backing,
-        cluster,
-        buf: Vec::new(),
+        buf: super::chunk_buffer(CHUNK),
     };
     let new = NewJob {
         id: args.job_id.unwrap_or_else(|| drive.clone()),
