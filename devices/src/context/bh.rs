@@ -3,46 +3,15 @@
 //! Scheduling pushes onto a lock-free multi-producer stack (a Treiber stack whose only consumer
 //! takes the whole list at once, so there is no ABA problem) and then writes the context's
 //! eventfd; the context's loop takes the list, restores submission order and runs each item with
-//! the context held. A reusable [`Bh`] (QEMU's `QEMUBH`) is queued at most once however many
-//! times it is scheduled before it runs.
+//! the context held.
 
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 use super::Context;
 
-/// A closure run once.
-type OnceFn = Box<dyn FnOnce(&Context) + Send>;
-
-/// The body of a reusable bottom half.
-pub(crate) struct BhBody {
-    /// Set while the bottom half is queued, so scheduling it twice queues it once.
-    scheduled: AtomicBool,
-    func: Box<dyn Fn(&Context) + Send + Sync>,
-}
-
-/// Queued work.
-pub(crate) enum Work {
-    /// A one-shot closure.
-    Once(OnceFn),
-    /// A reusable bottom half.
-    Reusable(Arc<BhBody>),
-}
-
-impl Work {
-    /// Runs the work in the context's thread.
-    pub(crate) fn run(self, ctx: &Context) {
-        match self {
-            Work::Once(f) => f(ctx),
-            Work::Reusable(body) => {
-                // Cleared before running, so the body may schedule itself again.
-                body.scheduled.store(false, Ordering::Release);
-                (body.func)(ctx);
-            }
-        }
-    }
-}
+/// Queued work: a closure run once in the context's thread.
+pub(crate) type Work = Box<dyn FnOnce(&Context) + Send>;
 
 /// One stack node.
 struct Node {
@@ -111,37 +80,3 @@ impl Drop for BhQueue {
 unsafe impl Send for BhQueue {}
 // SAFETY: as above; shared access goes through the atomic head only.
 unsafe impl Sync for BhQueue {}
-
-/// A reusable bottom half bound to a context: create once, schedule from any thread.
-pub struct Bh {
-    ctx: Arc<Context>,
-    body: Arc<BhBody>,
-}
-
-impl std::fmt::Debug for Bh {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bh")
-            .field("context", &self.ctx.name())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Bh {
-    /// A bottom half that runs `func` in `ctx`'s thread each time it is scheduled.
-    pub fn new(ctx: Arc<Context>, func: impl Fn(&Context) + Send + Sync + 'static) -> Self {
-        Bh {
-            ctx,
-            body: Arc::new(BhBody {
-                scheduled: AtomicBool::new(false),
-                func: Box::new(func),
-            }),
-        }
-    }
-
-    /// Schedules the bottom half; takes no lock. A no-op if it is already pending.
-    pub fn schedule(&self) {
-        if !self.body.scheduled.swap(true, Ordering::AcqRel) {
-            self.ctx.push_work(Work::Reusable(Arc::clone(&self.body)));
-        }
-    }
-}

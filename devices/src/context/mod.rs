@@ -1,5 +1,5 @@
 //! The context that the main loop and every iothread run, after QEMU's `AioContext`: an event
-//! loop over epoll, a nestable acquire/release lock, bottom halves and timers.
+//! loop over epoll, a nestable acquire/release lock and bottom halves (one-shot scheduled work).
 //!
 //! One iteration of the loop ([`Context::run_once`]) waits in `epoll_wait` holding nothing, then
 //! takes the context (inside the optional dispatch hook, which can take an outer lock first; the
@@ -25,7 +25,6 @@ mod bh;
 mod iothread;
 mod lock;
 mod poll;
-mod timer;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,15 +35,13 @@ use std::{fmt, io};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use bh::Bh;
 pub use iothread::{set_iothread_start, IoThread, IoThreadHandle, OnFailure};
 pub use lock::{
     debug_assert_may_take_global_lock, global_lock_held, in_iothread, set_global_lock_held,
 };
 pub use poll::{PollSetting, PollSettings};
-pub use timer::Timer;
 
-use bh::{BhQueue, Work};
+use bh::BhQueue;
 use lock::NestLock;
 use poll::{PollWindow, SharedSettings};
 
@@ -85,12 +82,6 @@ pub enum Error {
     /// `epoll_wait` failed.
     #[error("waiting for events in context {0} failed")]
     Wait(String, #[source] io::Error),
-    /// Creating a timer's timerfd failed.
-    #[error("cannot create a timerfd")]
-    TimerCreate(#[source] io::Error),
-    /// Arming or disarming a timerfd failed.
-    #[error("cannot set a timerfd")]
-    TimerSet(#[source] vmm_sys_util::errno::Error),
     /// Spawning an iothread failed.
     #[error("cannot spawn iothread {0}")]
     Spawn(String, #[source] io::Error),
@@ -425,14 +416,10 @@ impl Context {
         let _ = self.wake.write(1);
     }
 
-    pub(crate) fn push_work(&self, work: Work) {
-        self.bottom_halves.push(work);
-        self.notify();
-    }
-
     /// Schedules `f` to run once in the context's thread with the context held. Takes no lock.
     pub fn schedule(&self, f: impl FnOnce(&Context) + Send + 'static) {
-        self.push_work(Work::Once(Box::new(f)));
+        self.bottom_halves.push(Box::new(f));
+        self.notify();
     }
 
     /// Runs one iteration: waits up to `timeout` (forever with `None`) for events without holding
@@ -638,7 +625,7 @@ impl Context {
             }
         }
         for work in self.bottom_halves.take_all() {
-            work.run(self);
+            work(self);
             ran += 1;
         }
         self.lock.release();
@@ -705,26 +692,15 @@ mod tests {
     }
 
     #[test]
-    fn bottom_halves_run_in_order_and_a_reusable_one_is_queued_once() {
+    fn bottom_halves_run_in_order() {
         let ctx = Context::new("t").unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         for i in 0..3 {
             let log = Arc::clone(&log);
             ctx.schedule(move |_| log.lock().unwrap().push(i));
         }
-        let runs = Arc::new(AtomicUsize::new(0));
-        let r = Arc::clone(&runs);
-        let bh = Bh::new(Arc::clone(&ctx), move |_| {
-            r.fetch_add(1, Ordering::SeqCst);
-        });
-        bh.schedule();
-        bh.schedule();
-        assert_eq!(ctx.run_once(Some(Duration::from_secs(5))).unwrap(), 4);
+        assert_eq!(ctx.run_once(Some(Duration::from_secs(5))).unwrap(), 3);
         assert_eq!(*log.lock().unwrap(), vec![0, 1, 2]);
-        assert_eq!(runs.load(Ordering::SeqCst), 1);
-        bh.schedule();
-        assert_eq!(ctx.run_once(Some(Duration::from_secs(5))).unwrap(), 1);
-        assert_eq!(runs.load(Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -19,8 +19,6 @@ pub fn rules() -> Rules {
         libc::SYS_epoll_wait,
         libc::SYS_epoll_pwait,
         libc::SYS_eventfd2,
-        libc::SYS_timerfd_create,
-        libc::SYS_timerfd_settime,
         libc::SYS_tgkill,
         libc::SYS_getpid,
         libc::SYS_accept4,
