@@ -37,7 +37,7 @@ pub struct AlignedBuf {
 unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
-    /// A zeroed buffer of `len` bytes (at least [`DIRECT_ALIGN`]).
+    /// A zeroed buffer of `len` bytes (at least 4 KiB, the alignment `O_DIRECT` needs).
     pub fn zeroed(len: usize) -> AlignedBuf {
         let len = len.max(DIRECT_ALIGN);
         if len < MAP_MIN {
