@@ -242,6 +242,84 @@ fn convert_flattens_chains_and_io_edits_like_qemu_io() {
     }
 }
 
+/// `io -C` copies up what reads found in the backing file as `qemu-io -C` does: the same
+/// clusters become the top's (whole clusters around each read, zeroes as zero clusters), the
+/// disk reads the same, the image checks clean; guest data already in the top stays.
+#[test]
+fn io_copy_on_read_allocates_what_qemu_io_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tmp(&dir, "base.qcow2");
+    create_qcow2(&[base.to_str().unwrap(), "4M"]);
+    qemu_io(&base, "qcow2", &["write -P 0xa1 0 3M", "write -z 1M 256k"]);
+    let mut tops = Vec::new();
+    for name in ["ours.qcow2", "qemu.qcow2"] {
+        let t = tmp(&dir, name);
+        create_qcow2(&[
+            "-o",
+            "cluster_size=512",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            t.to_str().unwrap(),
+            "4M",
+        ]);
+        qemu_io(&t, "qcow2", &["write -P 7 40000 3000"]);
+        tops.push(t.to_str().unwrap().to_string());
+    }
+    let reads = [
+        "read -P 0xa1 4096 30000",
+        "read 30000 40000",
+        "read -P 7 40000 3000",
+        "read -P 0 1100000 200000",
+        "read 1000000 400000",
+        "read 4193000 1304",
+    ];
+    let mut args = vec!["-C", "-f", "qcow2"];
+    for r in reads {
+        args.extend(["-c", r]);
+    }
+    let mut ours = vec!["io"];
+    ours.extend(args.iter().copied());
+    ours.push(&tops[0]);
+    ok(&ours);
+    args.push(&tops[1]);
+    run("qemu-io", &args);
+    // Where each byte comes from (depth) and whether it reads as zeroes; where the data sits
+    // in the file (which splits extents) may differ.
+    let map = |t: &str| {
+        let mut extents: Vec<(u64, u64, u64, bool)> = Vec::new();
+        for e in json(&qemu_img(&["map", "--output=json", t]))
+            .as_array()
+            .unwrap()
+        {
+            let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            let (depth, zero) = (e["depth"].as_u64().unwrap(), e["zero"].as_bool().unwrap());
+            match extents.last_mut() {
+                Some(last) if (last.2, last.3) == (depth, zero) => last.1 += len,
+                _ => extents.push((start, len, depth, zero)),
+            }
+        }
+        extents
+    };
+    let ours_map = map(&tops[0]);
+    assert!(
+        ours_map.iter().any(|e| e.2 == 0 && !e.3),
+        "nothing copied up: {ours_map:?}"
+    );
+    assert!(
+        ours_map.iter().any(|e| e.2 == 0 && e.3),
+        "no zero cluster: {ours_map:?}"
+    );
+    assert_eq!(ours_map, map(&tops[1]));
+    qemu_img(&["compare", "-q", &tops[0], &tops[1]]);
+    assert_check_clean(std::path::Path::new(&tops[0]));
+    // Copy-on-read writes: not on an image opened read-only.
+    assert!(!vmm_img(&["io", "-C", "-r", "-c", "read 0 512", &tops[0]])
+        .status
+        .success());
+}
+
 #[test]
 fn io_and_qemu_io_refuse_each_others_writers() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,8 @@
-//! `vmm-img io [-f FMT | --image-opts] [-r] [-t CACHE] [-U] -c CMD... FILE`: qemu-io's command syntax for
-//! `read [-P pattern]`, `write [-P pattern] [-z [-u]]`, `discard`, `flush`, with k/M/G suffixes.
-//! `read -P` fails on a mismatch. Without `-c`, commands are read from standard input one line
+//! `vmm-img io [-f FMT | --image-opts] [-r] [-t CACHE] [-U] [-C] -c CMD... FILE`: qemu-io's command
+//! syntax for `read [-P pattern]`, `write [-P pattern] [-z [-u]]`, `discard`, `flush`, with k/M/G
+//! suffixes. `read -P` fails on a mismatch. `-C` (`--copy-on-read`, as qemu-io's) makes every read
+//! copy what it found in the backing chain into the image, over the read's whole clusters, the
+//! way a `block-stream` step does (`Image::copy_up`). Without `-c`, commands are read from standard input one line
 //! at a time after a `vmm-img> ` prompt (as qemu-io's `qemu-io> `), each run and reported
 //! before the next prompt, so a driver knows when a command (a flush too) has returned; the
 //! first failing command ends the run.
@@ -106,15 +108,35 @@ fn report(what: &str, off: u64, len: u64, t0: Instant) {
     );
 }
 
-fn exec(img: &Image, cmd: &Cmd) -> Result<(), CliError> {
-    let t0 = Instant::now();
-    let buf_len = |len: u64| {
-        usize::try_from(len).map_err(|_| CliError::Usage(format!("length {len} too large")))
+fn buf_len(len: u64) -> Result<usize, CliError> {
+    usize::try_from(len).map_err(|_| CliError::Usage(format!("length {len} too large")))
+}
+
+/// Reads `len` bytes at `off`; with `copy_on_read`, reads the clusters around them whole (QEMU
+/// widens a copy-on-read to clusters too) and copies up what the backing chain gave.
+fn read(img: &Image, off: u64, len: u64, copy_on_read: bool) -> Result<Vec<u8>, CliError> {
+    let end = off.checked_add(len).filter(|&e| e <= img.size());
+    let (Image::Qcow2(q), true, Some(end)) = (img, copy_on_read, end) else {
+        // A raw image has no backing file to copy from; a request past the end fails as is.
+        let mut buf = vec![0u8; buf_len(len)?];
+        img.read_at(&mut buf, off)?;
+        return Ok(buf);
     };
+    let cs = q.header().cluster_size();
+    let start = off - off % cs;
+    let mut buf = vec![0u8; buf_len(end.next_multiple_of(cs).min(img.size()) - start)?];
+    img.read_at(&mut buf, start)?;
+    img.copy_up(&buf, start)?;
+    buf.drain(..buf_len(off - start)?);
+    buf.truncate(buf_len(len)?);
+    Ok(buf)
+}
+
+fn exec(img: &Image, cmd: &Cmd, copy_on_read: bool) -> Result<(), CliError> {
+    let t0 = Instant::now();
     match *cmd {
         Cmd::Read { pattern, off, len } => {
-            let mut buf = vec![0u8; buf_len(len)?];
-            img.read_at(&mut buf, off)?;
+            let buf = read(img, off, len, copy_on_read)?;
             if let Some(p) = pattern {
                 if buf.iter().any(|&b| b != p) {
                     return Err(CliError::Pattern { offset: off, len });
@@ -147,7 +169,17 @@ fn exec(img: &Image, cmd: &Cmd) -> Result<(), CliError> {
 
 pub fn run(argv: &[String]) -> CmdResult {
     let a = Args::parse(argv, &["f", "c", "t"])?;
-    a.only(&["f", "c", "t", "r", "U", "force-share", "image-opts"])?;
+    a.only(&[
+        "f",
+        "c",
+        "t",
+        "r",
+        "U",
+        "force-share",
+        "image-opts",
+        "C",
+        "copy-on-read",
+    ])?;
     let file = &a.positional(1, "one image file")?[0];
     let cmds = a
         .values("c")
@@ -161,9 +193,15 @@ pub fn run(argv: &[String]) -> CmdResult {
     };
     let read_only = a.has("r");
     let lock = !(a.has("U") || a.has("force-share")) || !read_only;
+    let copy_on_read = a.has("C") || a.has("copy-on-read");
+    if copy_on_read && read_only {
+        return Err(CliError::Usage(
+            "copy-on-read writes into the image: not with -r".into(),
+        ));
+    }
     let img = ImageSpec::from_args(&a, file)?.open(read_only, cache, lock)?;
     for c in &cmds {
-        exec(&img, c)?;
+        exec(&img, c, copy_on_read)?;
     }
     if a.values("c").is_empty() {
         let mut lines = std::io::stdin().lock().lines();
@@ -174,7 +212,7 @@ pub fn run(argv: &[String]) -> CmdResult {
             let Some(line) = lines.next() else { break };
             let line = line.map_err(|e| CliError::Usage(format!("reading commands: {e}")))?;
             if !line.trim().is_empty() {
-                exec(&img, &parse(&line)?)?;
+                exec(&img, &parse(&line)?, copy_on_read)?;
             }
         }
     }

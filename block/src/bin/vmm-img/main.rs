@@ -192,8 +192,9 @@ const COMMANDS: &[Command] = &[
         run: io::run,
         usage:
             "Run qemu-io commands on an image.\n\n  vmm-img io [-f FMT | --image-opts] [-t CACHE] \
-                [-r [-U]] -c 'read|write|discard|flush ...' [-c ...] FILENAME\n\n  With \
-                --image-opts, FILENAME is driver=raw|qcow2,file.filename=FILE[,l2-cache-size=SIZE]\
+                [-r [-U] | -C] -c 'read|write|discard|flush ...' [-c ...] FILENAME\n\n  -C \
+                (--copy-on-read): every read copies what the backing chain gave into the image, \
+                over the read's whole clusters.\n\n  With --image-opts, FILENAME is driver=raw|qcow2,file.filename=FILE[,l2-cache-size=SIZE]\
                 [,refcount-cache-size=SIZE][,cache-size=SIZE].",
     },
 ];
