@@ -110,6 +110,50 @@ fn copy_up(cs: u64, seed: u64) -> Workload {
         batches: g.batches(cmds),
         command: None,
         image_opts: None,
+        copy_on_read: false,
+    }
+}
+
+/// Reads that copy what the backing file gives into the top (`io -C`, a `block-stream` step's
+/// write: the whole clusters the top lacks in one batch per L2 table, parts of clusters and
+/// zeroes piece by piece) among guest writes into the same clusters. The backing file has a
+/// zeroed region, copied up as zero clusters. With 512-byte clusters an L2 table maps 32 KiB, so
+/// a read of up to 64 KiB spans tables.
+fn copy_on_read(cs: u64, seed: u64) -> Workload {
+    let mut g = Gen::new(seed);
+    let max = (64 << 10).max(4 * cs) / SECTOR;
+    let cmds = (0..48)
+        .map(|_| {
+            let (o, l) = g.range(SIZE, max);
+            if g.rng.u8(0..3) == 0 {
+                g.write(o, l)
+            } else {
+                format!("read {o} {l}")
+            }
+        })
+        .collect();
+    Workload {
+        name: format!("copy-on-read cluster_size={cs}"),
+        create: Box::new(move |d| {
+            let t = overlay(d, SIZE, &format!("cluster_size={cs}"));
+            qemu_io(&d.join("base.qcow2"), "qcow2", &["write -z 1M 256k"]);
+            t
+        }),
+        batches: g.batches(cmds),
+        command: None,
+        image_opts: None,
+        copy_on_read: true,
+    }
+}
+
+/// `copy_on_read`'s reads and writes with the smallest metadata caches (2 L2 tables, 4 refcount
+/// blocks, as `small_cache`): a copy-up's batch spans more L2 tables than the cache holds, so
+/// dirty tables holding copied-up entries are written back between flushes.
+fn copy_on_read_small_cache(seed: u64) -> Workload {
+    Workload {
+        name: "copy-on-read, small metadata cache cluster_size=512".into(),
+        image_opts: Some("l2-cache-size=1024,refcount-cache-size=1024".into()),
+        ..copy_on_read(512, seed)
     }
 }
 
@@ -128,6 +172,7 @@ fn whole_clusters(cs: u64, seed: u64) -> Workload {
         batches: g.batches(cmds),
         command: None,
         image_opts: None,
+        copy_on_read: false,
     }
 }
 
@@ -157,6 +202,7 @@ fn zeroes_and_discards(cs: u64, seed: u64, discard: bool) -> Workload {
         batches: g.batches(cmds),
         command: None,
         image_opts: None,
+        copy_on_read: false,
     }
 }
 
@@ -193,6 +239,7 @@ fn cow(cs: u64, seed: u64, compressed: bool) -> Workload {
         batches: g.batches(cmds),
         command: None,
         image_opts: None,
+        copy_on_read: false,
     }
 }
 
@@ -214,6 +261,7 @@ fn extended_l2(cs: u64, seed: u64) -> Workload {
         batches: g.batches(cmds),
         command: None,
         image_opts: None,
+        copy_on_read: false,
     }
 }
 
@@ -238,6 +286,7 @@ fn table_growth(seed: u64) -> Workload {
         batches: g.batches(cmds),
         command: None,
         image_opts: None,
+        copy_on_read: false,
     }
 }
 
@@ -264,6 +313,7 @@ fn small_cache(seed: u64) -> Workload {
         batches: g.batches(cmds),
         command: None,
         image_opts: Some("l2-cache-size=1024,refcount-cache-size=1024".into()),
+        copy_on_read: false,
     }
 }
 
@@ -281,6 +331,7 @@ fn small_cache_growth(seed: u64) -> Workload {
         batches,
         command: None,
         image_opts: Some("l2-cache-size=1024,refcount-cache-size=1024".into()),
+        copy_on_read: false,
     }
 }
 
@@ -310,6 +361,7 @@ fn bench(cs: u64, drain: bool) -> Workload {
         batches: vec![cmds],
         command: Some(args),
         image_opts: None,
+        copy_on_read: false,
     }
 }
 
@@ -350,6 +402,7 @@ fn bench_small_cache_growth() -> Workload {
         batches: vec![cmds],
         command: Some(args),
         image_opts: Some("l2-cache-size=1024,refcount-cache-size=1024".into()),
+        copy_on_read: false,
     }
 }
 
@@ -384,6 +437,7 @@ fn bench_small_l2_cache() -> Workload {
         batches: vec![cmds],
         command: Some(args),
         image_opts: Some("l2-cache-size=8192".into()),
+        copy_on_read: false,
     }
 }
 
@@ -409,6 +463,7 @@ fn snapshot(cs: u64, delete: bool) -> Workload {
         batches: vec![Vec::new()],
         command: Some(vec!["snapshot".into(), op.into(), "s0".into()]),
         image_opts: None,
+        copy_on_read: false,
     }
 }
 
@@ -448,6 +503,7 @@ fn snapshot_apply_smaller(cs: u64) -> Workload {
         .to_vec()],
         command: Some(vec!["snapshot".into(), "-a".into(), "s0".into()]),
         image_opts: None,
+        copy_on_read: false,
     }
 }
 
@@ -472,6 +528,7 @@ fn amend_refcount_bits(bits: u64) -> Workload {
             format!("refcount_bits={bits}"),
         ]),
         image_opts: None,
+        copy_on_read: false,
     }
 }
 
@@ -507,6 +564,7 @@ fn amend_compat_0_10(backing: bool, seed: u64) -> Workload {
         batches: vec![Vec::new()],
         command: Some(vec!["amend".into(), "-o".into(), "compat=0.10".into()]),
         image_opts: None,
+        copy_on_read: false,
     }
 }
 
@@ -619,6 +677,9 @@ workload_tests! {
     copy_up_512: |s| copy_up(512, s);
     copy_up_4k: |s| copy_up(4096, s);
     copy_up_64k: |s| copy_up(65536, s);
+    copy_on_read_512: |s| copy_on_read(512, s);
+    copy_on_read_64k: |s| copy_on_read(65536, s);
+    copy_on_read_small_cache_512: copy_on_read_small_cache;
     whole_clusters_4k: |s| whole_clusters(4096, s);
     whole_clusters_64k: |s| whole_clusters(65536, s);
     write_zeroes_4k: |s| zeroes_and_discards(4096, s, false);

@@ -135,7 +135,7 @@ fn each_call_fails(kind: &str, errno: &str, only: &[&str]) -> usize {
         dir: work.clone(),
         log: dir.path().join("clean.log"),
     };
-    let clean = driver::run_batches(Tool::Ours, &rec, &top, None, &batches, &[]);
+    let clean = driver::run_batches(Tool::Ours, &rec, &top, None, false, &batches, &[]);
     assert!(clean.status.success(), "clean run: {}", clean.stderr);
     let end = std::fs::read(&top).unwrap();
     // vmm-img io issues its calls from one thread, so the Nth call of a faulted run is the Nth
@@ -165,7 +165,7 @@ fn each_call_fails(kind: &str, errno: &str, only: &[&str]) -> usize {
             ("POWERCUT_FAIL_OPS", kind.to_string()),
             ("POWERCUT_FAIL_ERRNO", errno.to_string()),
         ];
-        let out = driver::run_batches(Tool::Ours, &rec, &top, None, &batches, &env);
+        let out = driver::run_batches(Tool::Ours, &rec, &top, None, false, &batches, &env);
         let recs = log::read(&rec.log);
         let Some(fault) = recs.iter().position(|r| is_fault(r, kind)) else {
             panic!(

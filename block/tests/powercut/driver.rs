@@ -90,12 +90,13 @@ fn until_prompt(out: &mut impl Read, prompt: &[u8]) -> Option<String> {
 /// command (`B k`), before its flush is sent (`S k`: the batch's commands have returned) and
 /// once its flush returned (`F k`). With `image_opts`, the image is opened with
 /// `--image-opts driver=qcow2,file.filename=IMAGE,IMAGE_OPTS` (qemu-io's form) instead of `-f
-/// qcow2 IMAGE`.
+/// qcow2 IMAGE`; with `copy_on_read`, with `-C`.
 pub fn run_batches(
     tool: Tool,
     rec: &Recording,
     image: &Path,
     image_opts: Option<&str>,
+    copy_on_read: bool,
     batches: &[Vec<String>],
     env: &[(&str, String)],
 ) -> Outcome {
@@ -107,6 +108,9 @@ pub fn run_batches(
         }
         Tool::Qemu => (rec.command("qemu-io", env), "qemu-io> "),
     };
+    if copy_on_read {
+        cmd.arg("-C");
+    }
     match image_opts {
         None => cmd.args(["-f", "qcow2"]).arg(image),
         Some(opts) => cmd.arg("--image-opts").arg(format!(

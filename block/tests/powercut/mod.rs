@@ -37,6 +37,8 @@ pub struct Workload {
     /// `--image-opts driver=qcow2,file.filename=IMAGE,...` in place of IMAGE (a command then
     /// names no format).
     pub image_opts: Option<String>,
+    /// Whether the batches' reads copy up (`-C`, both tools).
+    pub copy_on_read: bool,
 }
 
 impl std::fmt::Debug for Workload {
@@ -126,7 +128,15 @@ pub fn run(w: &Workload, tool: Tool, seed: u64, n: usize, ignore_barriers: bool)
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         driver::run(&rec, program, &all);
     } else {
-        let out = driver::run_batches(tool, &rec, &top, w.image_opts.as_deref(), &w.batches, &[]);
+        let out = driver::run_batches(
+            tool,
+            &rec,
+            &top,
+            w.image_opts.as_deref(),
+            w.copy_on_read,
+            &w.batches,
+            &[],
+        );
         assert!(
             out.status.success() && !out.failed && out.flushed == w.batches.len(),
             "{} under {}: {:?}, {} of {} batches flushed: {}",

@@ -28,11 +28,12 @@ fn number(s: &str) -> u64 {
     }
 }
 
-/// The effect of a qemu-io command on a range of sectors (`None` for `flush`).
+/// The effect of a qemu-io command on a range of sectors (`None` for `flush` and `read`: a read,
+/// one that copies up too, leaves what the disk reads as it was).
 fn effect(cmd: &str) -> Option<(u64, u64, Effect)> {
     let w: Vec<&str> = cmd.split_whitespace().collect();
     let (off, len) = match w.as_slice() {
-        ["flush"] => return None,
+        ["flush"] | ["read", ..] => return None,
         [.., o, l] => (number(o), number(l)),
         _ => panic!("unexpected command {cmd}"),
     };
