@@ -18,10 +18,11 @@ use miniz_oxide::inflate::core::{decompress as inflate, inflate_flags, Decompres
 use super::header::Compression;
 use crate::buffers::DIRECT_ALIGN;
 
-/// How many decompression buffers an image keeps between reads: the stream and the cluster of
-/// two reads at a time. A burst of concurrent reads of compressed clusters borrows more, and
-/// frees them as it ends.
-pub const COMPRESSED_KEEP: usize = 4;
+/// How many decompression buffers an image keeps between reads besides the one holding a
+/// read-only image's last decompressed cluster: with it, the stream and the cluster of two reads
+/// at a time. A burst of concurrent reads of compressed clusters borrows more, and frees them as
+/// it ends.
+pub const COMPRESSED_KEEP: usize = 3;
 
 /// The size of every decompression buffer of an image with `cluster_size`-byte clusters: room
 /// for the aligned blocks around a compressed stream (at most two clusters long, spec

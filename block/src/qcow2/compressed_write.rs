@@ -182,4 +182,84 @@ mod tests {
         assert_eq!(back, cluster(1));
         assert_eq!(q.compressed_bufs.kept_count(), kept);
     }
+
+    /// Writes three compressed clusters of distinct bytes to a new image at `p`, and returns
+    /// them with their streams' host offsets.
+    fn three_compressed(p: &std::path::Path) -> (Vec<Vec<u8>>, Vec<u64>) {
+        create(p, "cluster_size=65536", "1M");
+        let img = open_rw(p);
+        let q = qcow2(&img);
+        let mut w = CompressedWriter::new();
+        let clusters: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| {
+                (0..65536u32)
+                    .map(|j| (j / 300).to_le_bytes()[0] ^ i)
+                    .collect()
+            })
+            .collect();
+        let mut hosts = Vec::new();
+        for (i, c) in clusters.iter().enumerate() {
+            let guest = i as u64 * 65536;
+            assert!(w.write(q, guest, c).unwrap());
+            match q.lookup(guest).unwrap().0 {
+                Mapping::Compressed { host, .. } => hosts.push(host),
+                m => panic!("{m:?}"),
+            }
+        }
+        img.flush().unwrap();
+        (clusters, hosts)
+    }
+
+    /// Spoils the start of the stream at `host`, behind the open image's back.
+    fn spoil(p: &std::path::Path, host: u64) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.write_all_at(&[0xff; 16], host).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    #[test]
+    fn a_read_only_image_decompresses_a_cluster_once_for_the_reads_that_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.qcow2");
+        let (clusters, hosts) = three_compressed(&p);
+        let img = crate::open(
+            &p,
+            crate::OpenOptions {
+                format: Some(crate::Format::Qcow2),
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut page = vec![0u8; 4096];
+        img.read_at(&mut page, 0).unwrap();
+        assert_eq!(page, clusters[0][..4096]);
+        // The next pages of cluster 0 come from its decompressed copy: its stream is not read.
+        spoil(&p, hosts[0]);
+        for at in [4096usize, 61440] {
+            img.read_at(&mut page, at as u64).unwrap();
+            assert_eq!(page, clusters[0][at..at + 4096]);
+        }
+        // Another cluster takes its place, and cluster 0's spoilt stream is read again.
+        img.read_at(&mut page, 65536 + 512).unwrap();
+        assert_eq!(page, clusters[1][512..4608]);
+        assert!(matches!(
+            img.read_at(&mut page, 8192),
+            Err(Error::Format { .. })
+        ));
+    }
+
+    #[test]
+    fn a_writable_image_decompresses_every_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.qcow2");
+        let (clusters, hosts) = three_compressed(&p);
+        let img = open_rw(&p);
+        let mut page = vec![0u8; 4096];
+        img.read_at(&mut page, 2 * 65536).unwrap();
+        assert_eq!(page, clusters[2][..4096]);
+        spoil(&p, hosts[2]);
+        assert!(img.read_at(&mut page, 2 * 65536 + 4096).is_err());
+    }
 }
