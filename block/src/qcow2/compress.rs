@@ -8,6 +8,7 @@
 //! empties its dictionary, so no match crosses a 4 KiB boundary (each flush costs 5 bytes).
 
 use std::io::Read;
+use std::sync::{Mutex, PoisonError};
 
 use miniz_oxide::deflate::core::{
     compress as deflate, create_comp_flags_from_zip_params, CompressorOxide, TDEFLFlush,
@@ -32,17 +33,42 @@ pub fn compressed_scratch_len(cluster_size: usize) -> usize {
     2 * cluster_size + 2 * DIRECT_ALIGN
 }
 
+/// Deflate decoders' states (11 KiB each), kept between decompressions for every image: a state
+/// built in a worker's frame would leave those pages of its stack resident for the worker's life,
+/// in every worker that ever decompressed (a stack never shrinks), where a kept state is heap
+/// reused by the next worker. `init` readies a kept one in place.
+static INFLATERS: Mutex<Vec<Box<DecompressorOxide>>> = Mutex::new(Vec::new());
+
+/// How many deflate decoders' states are kept: one per decompression that may run at once in
+/// the usual case; a burst of more builds extra ones and drops them.
+const INFLATERS_KEEP: usize = 4;
+
+/// A new deflate decoder's state on the heap. Never inlined: it is built in this frame and moved,
+/// so only the stacks of the threads that build one (at most `INFLATERS_KEEP` in the steady state)
+/// ever held one.
+#[inline(never)]
+fn new_inflater() -> Box<DecompressorOxide> {
+    Box::default()
+}
+
 /// Decompresses `input` into `out` (one cluster); false when the stream is bad or too short.
-/// Never inlined: the deflate decoder's state (11 KiB) is on the stack only while a cluster is
-/// decompressed, not in the frame of every read through a chain (a read of an overlay calls the
-/// same read again for its backing file, which would then hold that much stack twice).
+/// Never inlined: zstd's decoder is large too, and should sit on the stack only while a cluster
+/// is decompressed, not in the frame of every read through a chain (a read of an overlay calls
+/// the same read again for its backing file, which would then hold that much stack twice).
 #[inline(never)]
 pub fn decompress(kind: Compression, input: &[u8], out: &mut [u8]) -> bool {
     match kind {
         Compression::Zlib => {
-            let mut st = DecompressorOxide::new();
+            // Only pushes and pops run under the lock: none panics.
+            let kept = || INFLATERS.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut st = kept().pop().unwrap_or_else(new_inflater);
+            st.init();
             let flags = inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
             let (_, _, written) = inflate(&mut st, input, out, 0, flags);
+            let mut kept = kept();
+            if kept.len() < INFLATERS_KEEP {
+                kept.push(st);
+            }
             written == out.len()
         }
         Compression::Zstd => {
