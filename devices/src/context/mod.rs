@@ -27,7 +27,7 @@ mod lock;
 mod poll;
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use std::{fmt, io};
@@ -96,6 +96,11 @@ pub enum Error {
 /// A handler for a ready file descriptor, run in the context's thread with the context held.
 pub type Handler = Arc<dyn Fn(&Context, EventSet) + Send + Sync>;
 
+/// Whether the source behind a registered descriptor has work without the descriptor being
+/// signalled (a virtqueue with requests the driver made available without notifying): what a
+/// polling loop asks, without holding the context ([`Context::add_polled_fd`]).
+pub type PollReady = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// Runs one dispatch (the closure) in whatever surroundings the owner of a loop needs: the vmm's
 /// main loop takes the global lock around it.
 pub type DispatchHook = Box<dyn Fn(&mut dyn FnMut()) + Send + Sync>;
@@ -124,6 +129,8 @@ struct Entry {
     generation: u32,
     fd: RawFd,
     handler: Handler,
+    /// Whether its source has work unsignalled, for a polling loop.
+    ready: Option<PollReady>,
 }
 
 /// Handlers by slot, with a generation per slot.
@@ -135,6 +142,10 @@ struct HandlerTable {
 }
 
 impl HandlerTable {
+    fn token(slot: usize, generation: u32) -> u64 {
+        (u64::from(generation) << 32) | u64::try_from(slot).unwrap_or(u64::MAX)
+    }
+
     fn split(token: u64) -> (usize, u32) {
         let slot = usize::try_from(token & 0xffff_ffff).unwrap_or(usize::MAX);
         let generation = u32::try_from(token >> 32).unwrap_or(u32::MAX);
@@ -160,6 +171,9 @@ pub struct Context {
     handlers: Mutex<HandlerTable>,
     bottom_halves: BhQueue,
     hook: Option<DispatchHook>,
+    /// Poll mode: set while an iothread's loop polls and stays in poll mode, cleared before it
+    /// blocks (see [`Context::polling`]).
+    poll_mode: AtomicBool,
 }
 
 impl fmt::Debug for Context {
@@ -231,6 +245,7 @@ impl Context {
             handlers: Mutex::new(HandlerTable::default()),
             bottom_halves: BhQueue::new(),
             hook,
+            poll_mode: AtomicBool::new(false),
         }))
     }
 
@@ -297,6 +312,32 @@ impl Context {
         events: EventSet,
         handler: Handler,
     ) -> Result<HandlerId, Error> {
+        self.add_entry(fd, events, handler, None)
+    }
+
+    /// As [`Context::add_fd`], for a source an iothread's loop also polls, as QEMU's
+    /// `io_poll`: while it polls, the loop runs `handler` whenever `ready` says the source has
+    /// work, signalled or not. A handler may then leave its source's notifications off for as
+    /// long as [`Context::polling`] says so: before it blocks, the loop leaves poll mode and runs
+    /// every such handler once more, so that each turns its notifications back on and takes
+    /// what came meanwhile.
+    pub fn add_polled_fd(
+        &self,
+        fd: RawFd,
+        events: EventSet,
+        handler: Handler,
+        ready: PollReady,
+    ) -> Result<HandlerId, Error> {
+        self.add_entry(fd, events, handler, Some(ready))
+    }
+
+    fn add_entry(
+        &self,
+        fd: RawFd,
+        events: EventSet,
+        handler: Handler,
+        ready: Option<PollReady>,
+    ) -> Result<HandlerId, Error> {
         let mut table = self.table();
         let generation = table.next_generation;
         table.next_generation = table.next_generation.wrapping_add(1);
@@ -307,7 +348,7 @@ impl Context {
                 table.slots.len() - 1
             }
         };
-        let token = (u64::from(generation) << 32) | u64::try_from(slot).unwrap_or(u64::MAX);
+        let token = HandlerTable::token(slot, generation);
         if let Err(source) =
             self.epoll
                 .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
@@ -323,6 +364,7 @@ impl Context {
             generation,
             fd,
             handler,
+            ready,
         });
         Ok(HandlerId(token))
     }
@@ -380,9 +422,12 @@ impl Context {
         Ok(self.dispatch_in_hook(&events[..ready]))
     }
 
-    /// As `run_once(None)`, but first polls the context's descriptors without blocking for up to
-    /// the current window of `poll` (see `poll.rs`), then adapts the window to how long the
-    /// event took. Holds nothing while it polls or waits.
+    /// As `run_once(None)`, but first polls the context's descriptors without blocking, and
+    /// the sources of its polled handlers ([`Context::add_polled_fd`]), for up to the current
+    /// window of `poll` (see `poll.rs`), then adapts the window to how long the event took.
+    /// Polling puts the context in poll mode ([`Context::polling`]), which lasts across
+    /// iterations for as long as polling finds work; before it blocks, the loop leaves poll mode
+    /// and runs every polled handler once. Holds nothing while it polls or waits.
     pub(crate) fn run_once_polling(
         &self,
         settings: &SharedSettings,
@@ -398,27 +443,87 @@ impl Context {
         if current.max_ns == 0 {
             // Off: no window, no clock reads.
             poll.window.reset();
+            let ran = self.leave_poll_mode();
             let ready = self.wait(-1, &mut events)?;
-            return Ok(self.dispatch_in_hook(&events[..ready]));
+            return Ok(ran + self.dispatch_in_hook(&events[..ready]));
         }
         let window = Duration::from_nanos(poll.window.ns(&current));
         let start = Instant::now();
         let mut ready = 0;
         if !window.is_zero() {
+            self.poll_mode.store(true, Ordering::SeqCst);
+            let sources = self.polled_sources();
             loop {
                 ready = self.wait(0, &mut events)?;
+                if ready == 0 {
+                    ready = poll_sources(&sources, &mut events);
+                }
                 if ready > 0 || start.elapsed() >= window {
                     break;
                 }
                 std::hint::spin_loop();
             }
         }
+        let mut ran = 0;
         if ready == 0 {
+            ran = self.leave_poll_mode();
             ready = self.wait(-1, &mut events)?;
         }
         let block_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         poll.window.adjust(&current, block_ns);
-        Ok(self.dispatch_in_hook(&events[..ready]))
+        Ok(ran + self.dispatch_in_hook(&events[..ready]))
+    }
+
+    /// Whether the context is in poll mode: its loop polls the sources of its polled handlers
+    /// and runs each of them once more before it next blocks (QEMU's `poll_set_started`), so a
+    /// polled handler may leave its source's notifications off meanwhile. Only an iothread's
+    /// loop polls; the main loop's context is never in poll mode.
+    pub fn polling(&self) -> bool {
+        self.poll_mode.load(Ordering::SeqCst)
+    }
+
+    /// One iteration of an iothread's loop whose polling window is `window` (tests).
+    #[cfg(test)]
+    pub(crate) fn run_once_polling_for(&self, window: Duration) -> Result<usize, Error> {
+        let settings = SharedSettings::new(PollSettings {
+            max_ns: u64::MAX,
+            ..PollSettings::default()
+        });
+        let mut poll = PollState {
+            window: PollWindow::of(u64::try_from(window.as_nanos()).unwrap_or(u64::MAX)),
+            generation: settings.generation(),
+        };
+        self.run_once_polling(&settings, &mut poll)
+    }
+
+    /// The tokens and readiness checks of the polled handlers.
+    fn polled_sources(&self) -> Vec<(u64, PollReady)> {
+        let table = self.table();
+        table
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, entry)| {
+                let entry = entry.as_ref()?;
+                let ready = Arc::clone(entry.ready.as_ref()?);
+                Some((HandlerTable::token(slot, entry.generation), ready))
+            })
+            .collect()
+    }
+
+    /// Leaves poll mode, if the context was in it: runs every polled handler once, with the
+    /// context held and out of poll mode, so that each turns its notifications back on and
+    /// takes the work that came meanwhile. Returns how many handlers and bottom halves ran.
+    fn leave_poll_mode(&self) -> usize {
+        if !self.poll_mode.swap(false, Ordering::SeqCst) {
+            return 0;
+        }
+        let events: Vec<EpollEvent> = self
+            .polled_sources()
+            .into_iter()
+            .map(|(token, _)| EpollEvent::new(EventSet::IN, token))
+            .collect();
+        self.dispatch_in_hook(&events)
     }
 
     /// One `epoll_wait` of up to `timeout_ms` (-1: forever) into `events`; an interrupted wait
@@ -473,6 +578,22 @@ impl Context {
         self.lock.release();
         ran
     }
+}
+
+/// Asks each of `sources` whether it has work and puts an event for each that has into
+/// `events`; returns how many it put.
+fn poll_sources(sources: &[(u64, PollReady)], events: &mut [EpollEvent]) -> usize {
+    let mut found = 0;
+    for (token, ready) in sources {
+        let Some(slot) = events.get_mut(found) else {
+            break;
+        };
+        if ready() {
+            *slot = EpollEvent::new(EventSet::IN, *token);
+            found += 1;
+        }
+    }
+    found
 }
 
 #[cfg(test)]

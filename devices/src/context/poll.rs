@@ -2,7 +2,10 @@
 //! poll-grow=,poll-shrink=`): before it blocks in `epoll_wait`, the loop polls its sources (every
 //! registered descriptor: the virtqueues' ioeventfds, the disks' completion eventfds, the wake-up
 //! eventfd of bottom halves) with non-blocking waits for up to a window of time, so that
-//! an event arriving soon is picked up without the thread going to sleep and being woken.
+//! an event arriving soon is picked up without the thread going to sleep and being woken; and it
+//! asks the polled handlers' sources (the virtqueues' avail rings) whether they have work, which
+//! lets a queue leave the guest's notifications off while the loop polls (poll mode, see
+//! [`super::Context::polling`]).
 //!
 //! The window adapts to how long the loop waited for its last event, `block_ns` (polling and
 //! blocking together), as QEMU's does: an event within the window leaves it as it is; one that
@@ -159,6 +162,12 @@ impl PollWindow {
     /// How long to poll before blocking, in nanoseconds, under `settings`.
     pub(crate) fn ns(self, settings: &PollSettings) -> u64 {
         self.ns.min(settings.max_ns)
+    }
+
+    /// A window of `ns` nanoseconds (tests).
+    #[cfg(test)]
+    pub(crate) fn of(ns: u64) -> Self {
+        PollWindow { ns }
     }
 
     /// Back to no window (the settings changed).
