@@ -728,6 +728,44 @@ mod tests {
         assert!(poll.window.ns(&settings.get()) <= 4_000, "{poll:?}");
     }
 
+    /// A polled handler runs when its source says it has work, its descriptor silent, with the
+    /// context in poll mode; a loop whose polling is turned off leaves poll mode by running it
+    /// once more, out of poll mode, before it blocks.
+    #[test]
+    fn a_polled_source_runs_its_handler_and_leaving_poll_mode_runs_it_again() {
+        let ctx = Context::new("t").unwrap();
+        let efd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let work = Arc::new(AtomicBool::new(true));
+        let runs = Arc::new(Mutex::new(Vec::new()));
+        let (w, r) = (Arc::clone(&work), Arc::clone(&runs));
+        ctx.add_polled_fd(
+            efd.as_raw_fd(),
+            EventSet::IN,
+            Arc::new(move |ctx: &Context, _| {
+                w.store(false, Ordering::SeqCst);
+                r.lock().unwrap().push(ctx.polling());
+            }),
+            {
+                let work = Arc::clone(&work);
+                Arc::new(move || work.load(Ordering::SeqCst))
+            },
+        )
+        .unwrap();
+        assert_eq!(ctx.run_once_polling_for(Duration::from_secs(5)).unwrap(), 1);
+        assert_eq!(*runs.lock().unwrap(), [true]);
+        assert!(ctx.polling());
+
+        let settings = SharedSettings::new(PollSettings {
+            max_ns: 0,
+            ..PollSettings::default()
+        });
+        ctx.notify();
+        ctx.run_once_polling(&settings, &mut PollState::default())
+            .unwrap();
+        assert_eq!(*runs.lock().unwrap(), [true, false]);
+        assert!(!ctx.polling());
+    }
+
     #[test]
     fn unlocked_releases_every_level_and_restores_them() {
         let ctx = Context::new("t").unwrap();
