@@ -117,7 +117,9 @@ const MAX_EVENTS: usize = 32;
 /// Contexts get distinct non-zero ids.
 static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Where a polling loop stands: its window, and the settings' generation it was adapted under.
+/// Where a polling loop stands: the window of the context's own wake-up (bottom halves; each
+/// registered descriptor has its own, in its entry), and the settings' generation they were
+/// adapted under.
 #[derive(Debug, Default)]
 pub(crate) struct PollState {
     window: PollWindow,
@@ -131,6 +133,8 @@ struct Entry {
     handler: Handler,
     /// Whether its source has work unsignalled, for a polling loop.
     ready: Option<PollReady>,
+    /// How long a polling loop polls for this descriptor's events (`poll.rs`).
+    window: PollWindow,
 }
 
 /// Handlers by slot, with a generation per slot.
@@ -157,6 +161,14 @@ impl HandlerTable {
         self.slots
             .get(slot)?
             .as_ref()
+            .filter(|e| e.generation == generation)
+    }
+
+    fn get_mut(&mut self, token: u64) -> Option<&mut Entry> {
+        let (slot, generation) = Self::split(token);
+        self.slots
+            .get_mut(slot)?
+            .as_mut()
             .filter(|e| e.generation == generation)
     }
 }
@@ -365,6 +377,7 @@ impl Context {
             fd,
             handler,
             ready,
+            window: PollWindow::default(),
         });
         Ok(HandlerId(token))
     }
@@ -436,6 +449,7 @@ impl Context {
         let generation = settings.generation();
         if generation != poll.generation {
             poll.window.reset();
+            self.reset_windows();
             poll.generation = generation;
         }
         let current = settings.get();
@@ -447,7 +461,7 @@ impl Context {
             let ready = self.wait(-1, &mut events)?;
             return Ok(ran + self.dispatch_in_hook(&events[..ready]));
         }
-        let window = Duration::from_nanos(poll.window.ns(&current));
+        let window = Duration::from_nanos(self.longest_window(&current, poll.window));
         let start = Instant::now();
         let mut ready = 0;
         if !window.is_zero() {
@@ -470,8 +484,47 @@ impl Context {
             ready = self.wait(-1, &mut events)?;
         }
         let block_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        poll.window.adjust(&current, block_ns);
+        self.adjust_windows(&events[..ready], &current, block_ns, &mut poll.window);
         Ok(ran + self.dispatch_in_hook(&events[..ready]))
+    }
+
+    /// How long to poll: the longest window of the wake-up's (`wake`) and every descriptor's,
+    /// as QEMU polls for the longest of its handlers' (`try_poll_mode`).
+    fn longest_window(&self, settings: &PollSettings, wake: PollWindow) -> u64 {
+        let table = self.table();
+        table
+            .slots
+            .iter()
+            .flatten()
+            .map(|e| e.window.ns(settings))
+            .fold(wake.ns(settings), u64::max)
+    }
+
+    /// Adapts the window of each of `ready`'s sources (the wake-up's is `wake`) to an event that
+    /// came `block_ns` after the loop began waiting, as QEMU adapts each ready handler's
+    /// (`aio_dispatch_ready_handlers`): a source that was not ready keeps its window.
+    fn adjust_windows(
+        &self,
+        ready: &[EpollEvent],
+        settings: &PollSettings,
+        block_ns: u64,
+        wake: &mut PollWindow,
+    ) {
+        let mut table = self.table();
+        for event in ready {
+            if event.data() == WAKE_TOKEN {
+                wake.adjust(settings, block_ns);
+            } else if let Some(entry) = table.get_mut(event.data()) {
+                entry.window.adjust(settings, block_ns);
+            }
+        }
+    }
+
+    /// Back to no window for every descriptor (the settings changed).
+    fn reset_windows(&self) {
+        for entry in self.table().slots.iter_mut().flatten() {
+            entry.window.reset();
+        }
     }
 
     /// Whether the context is in poll mode: its loop polls the sources of its polled handlers
@@ -764,6 +817,47 @@ mod tests {
             .unwrap();
         assert_eq!(*runs.lock().unwrap(), [true, false]);
         assert!(!ctx.polling());
+    }
+
+    /// Each descriptor has a window of its own, adapted to its own events only: one whose
+    /// events come soon keeps the loop polling when another's come late, as QEMU's handlers
+    /// each have theirs (`AioPolledEvent`), and the loop polls for the longest.
+    #[test]
+    fn each_descriptor_adapts_a_window_of_its_own() {
+        let ctx = Context::new("t").unwrap();
+        let (a, b) = (
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        );
+        let add = |fd: &EventFd| {
+            ctx.add_fd(fd.as_raw_fd(), EventSet::IN, Arc::new(|_: &Context, _| {}))
+                .unwrap()
+        };
+        let (id_a, id_b) = (add(&a), add(&b));
+        let event = |id: HandlerId| EpollEvent::new(EventSet::IN, id.0);
+        let s = PollSettings::default();
+        let mut wake = PollWindow::default();
+        for _ in 0..3 {
+            ctx.adjust_windows(&[event(id_a)], &s, 10_000, &mut wake);
+        }
+        assert_eq!(ctx.longest_window(&s, wake), 16_000);
+        // B's event, long after: B's window stays at none, A's and the loop's stay.
+        ctx.adjust_windows(&[event(id_b)], &s, 5_000_000, &mut wake);
+        assert_eq!(ctx.longest_window(&s, wake), 16_000);
+        // A's own late event shrinks A's.
+        ctx.adjust_windows(&[event(id_a)], &s, 5_000_000, &mut wake);
+        assert_eq!(ctx.longest_window(&s, wake), 0);
+        // The wake-up's window counts too; a change of settings resets every descriptor's.
+        ctx.adjust_windows(&[event(id_b)], &s, 10_000, &mut wake);
+        ctx.adjust_windows(
+            &[EpollEvent::new(EventSet::IN, WAKE_TOKEN)],
+            &s,
+            1,
+            &mut wake,
+        );
+        assert_eq!(ctx.longest_window(&s, wake), 4_000);
+        ctx.reset_windows();
+        assert_eq!(ctx.longest_window(&s, PollWindow::default()), 0);
     }
 
     #[test]

@@ -7,18 +7,22 @@
 //! lets a queue leave the guest's notifications off while the loop polls (poll mode, see
 //! [`super::Context::polling`]).
 //!
-//! The window adapts to how long the loop waited for its last event, `block_ns` (polling and
-//! blocking together), as QEMU's does: an event within the window leaves it as it is; one that
-//! came later than `poll-max-ns` shrinks it (divided by `poll-shrink`, or back to zero when that
-//! is 0); one that came after the window but within `poll-max-ns` grows it (multiplied by
-//! `poll-grow`, 2 when that is 0, starting from 4 µs), never past `poll-max-ns`. `poll-max-ns=0`
-//! turns polling off: the loop blocks at once.
+//! Each source has a window of its own (every registered descriptor, and the wake-up of bottom
+//! halves), and the loop polls for the longest, as QEMU's handlers each have theirs: a source's
+//! window adapts only to its own events, so a source whose events come late (a rare bottom
+//! half) does not stop the loop polling for one whose events come soon (a busy queue's
+//! requests or completions). A window adapts to how long the loop waited before that event,
+//! `block_ns` (polling and blocking together), as QEMU's does: an event within the window
+//! leaves it as it is; one that came later than `poll-max-ns` shrinks it (divided by
+//! `poll-shrink`, or back to zero when that is 0); one that came after the window but within
+//! `poll-max-ns` grows it (multiplied by `poll-grow`, 2 when that is 0, starting from 4 µs),
+//! never past `poll-max-ns`. `poll-max-ns=0` turns polling off: the loop blocks at once.
 //!
 //! The settings are atomics shared by the iothread and whoever changes them at run time (QMP
-//! `qom-set`): the loop reads them once per iteration and restarts from a zero window when they
-//! change. Polling holds no lock (the context is acquired only to dispatch), so a thread crossing
-//! over to the context is never held up by it, and a bottom half or a stop request ends it as
-//! soon as its descriptor becomes ready.
+//! `qom-set`): the loop reads them once per iteration and restarts every window from zero when
+//! they change. Polling holds no lock (the context is acquired only to dispatch), so a thread
+//! crossing over to the context is never held up by it, and a bottom half or a stop request
+//! ends it as soon as its descriptor becomes ready.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
