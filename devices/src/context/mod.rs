@@ -453,25 +453,32 @@ impl Context {
             poll.generation = generation;
         }
         let current = settings.get();
-        let mut events = [EpollEvent::default(); MAX_EVENTS];
         if current.max_ns == 0 {
             // Off: no window, no clock reads.
             poll.window.reset();
             let ran = self.leave_poll_mode();
+            let mut events = [EpollEvent::default(); MAX_EVENTS];
             let ready = self.wait(-1, &mut events)?;
             return Ok(ran + self.dispatch_in_hook(&events[..ready]));
         }
         let window = Duration::from_nanos(self.longest_window(&current, poll.window));
         let start = Instant::now();
         let mut ready = 0;
+        let sources = if window.is_zero() {
+            Vec::new()
+        } else {
+            self.polled_sources()
+        };
+        // Room for as many events as epoll gives, and one from every polled source.
+        let mut events = vec![EpollEvent::default(); MAX_EVENTS + sources.len()];
         if !window.is_zero() {
             self.poll_mode.store(true, Ordering::SeqCst);
-            let sources = self.polled_sources();
             loop {
-                ready = self.wait(0, &mut events)?;
-                if ready == 0 {
-                    ready = poll_sources(&sources, &mut events);
-                }
+                // Every source is asked on every pass, whatever epoll found: a descriptor that
+                // is ready pass after pass (a busy disk's completions) must not hide a queue
+                // whose notifications are off, or its requests wait for as long as it stays so.
+                ready = self.wait(0, &mut events[..MAX_EVENTS])?;
+                ready = poll_sources(&sources, &mut events, ready);
                 if ready > 0 || start.elapsed() >= window {
                     break;
                 }
@@ -634,14 +641,18 @@ impl Context {
 }
 
 /// Asks each of `sources` whether it has work and puts an event for each that has into
-/// `events`; returns how many it put.
-fn poll_sources(sources: &[(u64, PollReady)], events: &mut [EpollEvent]) -> usize {
-    let mut found = 0;
-    for (token, ready) in sources {
+/// `events` after the `ready` there already, unless one of those is its descriptor's; returns
+/// how many events there are now.
+fn poll_sources(sources: &[(u64, PollReady)], events: &mut [EpollEvent], ready: usize) -> usize {
+    let mut found = ready;
+    for (token, has_work) in sources {
+        if events[..ready].iter().any(|e| e.data() == *token) {
+            continue;
+        }
         let Some(slot) = events.get_mut(found) else {
             break;
         };
-        if ready() {
+        if has_work() {
             *slot = EpollEvent::new(EventSet::IN, *token);
             found += 1;
         }
@@ -817,6 +828,44 @@ mod tests {
             .unwrap();
         assert_eq!(*runs.lock().unwrap(), [true, false]);
         assert!(!ctx.polling());
+    }
+
+    /// A polled source is asked on every pass of the polling, not only when epoll finds
+    /// nothing: a descriptor ready pass after pass (here one whose handler never clears it, as
+    /// a completion eventfd signalled after its completions were reaped) must not hide a queue
+    /// whose notifications are off, which would then wait for as long as that lasts.
+    #[test]
+    fn a_descriptor_ready_on_every_pass_does_not_hide_a_polled_source() {
+        let ctx = Context::new("t").unwrap();
+        let busy = EventFd::new(EFD_NONBLOCK).unwrap();
+        busy.write(1).unwrap();
+        ctx.add_fd(
+            busy.as_raw_fd(),
+            EventSet::IN,
+            Arc::new(|_: &Context, _| {}),
+        )
+        .unwrap();
+        let queue = EventFd::new(EFD_NONBLOCK).unwrap();
+        let work = Arc::new(AtomicBool::new(true));
+        let w = Arc::clone(&work);
+        ctx.add_polled_fd(
+            queue.as_raw_fd(),
+            EventSet::IN,
+            Arc::new(move |_: &Context, _| w.store(false, Ordering::SeqCst)),
+            {
+                let work = Arc::clone(&work);
+                Arc::new(move || work.load(Ordering::SeqCst))
+            },
+        )
+        .unwrap();
+        for _ in 0..3 {
+            ctx.run_once_polling_for(Duration::from_secs(5)).unwrap();
+        }
+        assert!(
+            !work.load(Ordering::SeqCst),
+            "the polled source's work was never taken"
+        );
+        assert!(ctx.polling());
     }
 
     /// Each descriptor has a window of its own, adapted to its own events only: one whose

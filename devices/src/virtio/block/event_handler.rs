@@ -993,6 +993,61 @@ mod tests {
         assert_eq!(rig.used_idx(0), 2);
     }
 
+    /// The wake-up lost under fio at queue depth 32: a reap that clears the completion
+    /// eventfd, then takes a completion a worker pushed and announced meanwhile, leaves the
+    /// eventfd signalled with nothing to reap (as written here). A polling loop then finds it
+    /// ready on every pass; the queue's notifications are off (with event idx, `avail_event`
+    /// left behind) and the driver does not notify, so a request it makes available now must
+    /// still be found in the ring, not wait there for ever while the loop spins.
+    #[test]
+    fn a_stale_completion_signal_does_not_hide_requests_while_polling() {
+        let rig = Rig::new(
+            Context::new("io-polled").unwrap(),
+            MemImage::new(1 << 16, false),
+            1,
+            false,
+        );
+        rig.start(!0);
+        let get_id = |head: u16, status: u64| {
+            rig.header(HDR, t::GET_ID, 0);
+            let chain = [(HDR, 16, 0), (BUF, 20, F_WRITE), (status, 1, F_WRITE)];
+            rig.store_chain(0, head, &chain);
+        };
+        let window = std::time::Duration::from_secs(5);
+        // Poll mode, the driver's notifications off.
+        get_id(0, STATUS);
+        rig.publish(0, 0);
+        rig.ctx.run_once_polling_for(window).unwrap();
+        assert_eq!(rig.used_idx(0), 1);
+        assert!(rig.ctx.polling());
+
+        let signal = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to the group's completion eventfd.
+        let wrote = unsafe {
+            libc::write(
+                rig.dev.groups[0].aio.completion_fd(),
+                signal.as_ptr().cast(),
+                signal.len(),
+            )
+        };
+        assert_eq!(wrote, 8);
+        get_id(3, STATUS + 1);
+        rig.make_available(0, 3);
+        // Each pass returns at once while the eventfd stays signalled.
+        for _ in 0..3 {
+            if rig.used_idx(0) == 2 {
+                break;
+            }
+            rig.ctx.run_once_polling_for(window).unwrap();
+        }
+        assert_eq!(
+            rig.used_idx(0),
+            2,
+            "a request left in the ring while polling"
+        );
+        assert_eq!(rig.byte(STATUS + 1), st::OK);
+    }
+
     #[test]
     fn several_queues_complete_on_their_own_ring() {
         let rig = Rig::new(
