@@ -933,18 +933,7 @@ mod tests {
     /// queue turns them back on (`avail_event` at the next request) before the loop blocks.
     #[test]
     fn a_polling_loop_keeps_notifications_off_and_finds_requests_in_the_ring() {
-        let rig = Rig::new(
-            Context::new("io-polled").unwrap(),
-            MemImage::new(1 << 16, false),
-            1,
-            false,
-        );
-        rig.start(!0);
-        let get_id = |head: u16, status: u64| {
-            rig.header(HDR, t::GET_ID, 0);
-            let chain = [(HDR, 16, 0), (BUF, 20, F_WRITE), (status, 1, F_WRITE)];
-            rig.store_chain(0, head, &chain);
-        };
+        let rig = polled_rig();
         let window = std::time::Duration::from_millis(200);
         // Wakes the loop once it has blocked, as the next event would.
         let wake_later = || {
@@ -957,11 +946,8 @@ mod tests {
         assert_eq!(rig.avail_event(0), 0);
 
         // A notified request, served while polling: notifications stay off.
-        get_id(0, STATUS);
-        rig.publish(0, 0);
-        rig.ctx.run_once_polling_for(window).unwrap();
-        assert_eq!((rig.used_idx(0), rig.byte(STATUS)), (1, st::OK));
-        assert!(rig.ctx.polling());
+        enter_poll_mode(&rig, window);
+        assert_eq!(rig.byte(STATUS), st::OK);
         assert_eq!(
             rig.avail_event(0),
             0,
@@ -969,7 +955,7 @@ mod tests {
         );
 
         // One made available without a notification: found in the ring.
-        get_id(3, STATUS + 1);
+        store_get_id(&rig, 3, STATUS + 1);
         rig.make_available(0, 3);
         let waker = wake_later();
         rig.ctx.run_once_polling_for(window).unwrap();
@@ -992,14 +978,9 @@ mod tests {
         assert_eq!(rig.used_idx(0), 2);
     }
 
-    /// The wake-up lost under fio at queue depth 32: a reap that clears the completion
-    /// eventfd, then takes a completion a worker pushed and announced meanwhile, leaves the
-    /// eventfd signalled with nothing to reap (as written here). A polling loop then finds it
-    /// ready on every pass; the queue's notifications are off (with event idx, `avail_event`
-    /// left behind) and the driver does not notify, so a request it makes available now must
-    /// still be found in the ring, not wait there for ever while the loop spins.
-    #[test]
-    fn a_stale_completion_signal_does_not_hide_requests_while_polling() {
+    /// A device on a context the test thread runs as an iothread's loop, started with every
+    /// feature it offers (event idx among them).
+    fn polled_rig() -> Rig {
         let rig = Rig::new(
             Context::new("io-polled").unwrap(),
             MemImage::new(1 << 16, false),
@@ -1007,19 +988,29 @@ mod tests {
             false,
         );
         rig.start(!0);
-        let get_id = |head: u16, status: u64| {
-            rig.header(HDR, t::GET_ID, 0);
-            let chain = [(HDR, 16, 0), (BUF, 20, F_WRITE), (status, 1, F_WRITE)];
-            rig.store_chain(0, head, &chain);
-        };
-        let window = std::time::Duration::from_secs(5);
-        // Poll mode, the driver's notifications off.
-        get_id(0, STATUS);
+        rig
+    }
+
+    /// Places a GET_ID request at head `head` of queue 0, its status byte at `status`.
+    fn store_get_id(rig: &Rig, head: u16, status: u64) {
+        rig.header(HDR, t::GET_ID, 0);
+        let chain = [(HDR, 16, 0), (BUF, 20, F_WRITE), (status, 1, F_WRITE)];
+        rig.store_chain(0, head, &chain);
+    }
+
+    /// Puts the context in poll mode, the queue's notifications off: a notified request (head
+    /// 0, status at `STATUS`), served by a loop polling for `window`.
+    fn enter_poll_mode(rig: &Rig, window: std::time::Duration) {
+        store_get_id(rig, 0, STATUS);
         rig.publish(0, 0);
         rig.ctx.run_once_polling_for(window).unwrap();
         assert_eq!(rig.used_idx(0), 1);
         assert!(rig.ctx.polling());
+    }
 
+    /// Signals group 0's completion eventfd with no completion queued: what a reap leaves when
+    /// it cleared the eventfd, then took a completion a worker announced meanwhile.
+    fn signal_completions_with_none(rig: &Rig) {
         let signal = 1u64.to_ne_bytes();
         // SAFETY: writes 8 bytes from a live buffer to the group's completion eventfd.
         let wrote = unsafe {
@@ -1030,7 +1021,20 @@ mod tests {
             )
         };
         assert_eq!(wrote, 8);
-        get_id(3, STATUS + 1);
+    }
+
+    /// A wake-up lost while polling: with the completion eventfd signalled and nothing to reap,
+    /// a polling loop finds it ready on every pass; the queue's notifications are off (with
+    /// event idx, `avail_event` left behind) and the driver does not notify, so a request it
+    /// makes available now must still be found in the ring, not wait there for ever while the
+    /// loop spins.
+    #[test]
+    fn a_stale_completion_signal_does_not_hide_requests_while_polling() {
+        let rig = polled_rig();
+        let window = std::time::Duration::from_secs(5);
+        enter_poll_mode(&rig, window);
+        signal_completions_with_none(&rig);
+        store_get_id(&rig, 3, STATUS + 1);
         rig.make_available(0, 3);
         // Each pass returns at once while the eventfd stays signalled.
         for _ in 0..3 {
@@ -1054,11 +1058,7 @@ mod tests {
     fn a_completion_signal_with_nothing_to_reap_is_cleared() {
         let rig = main_loop_rig(1 << 16, false);
         rig.start(!0);
-        let fd = rig.dev.groups[0].aio.completion_fd();
-        let signal = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer to the group's completion eventfd.
-        let wrote = unsafe { libc::write(fd, signal.as_ptr().cast(), signal.len()) };
-        assert_eq!(wrote, 8);
+        signal_completions_with_none(&rig);
         let now = Some(std::time::Duration::ZERO);
         assert_eq!(rig.ctx.run_once(now).unwrap(), 1);
         assert_eq!(
