@@ -27,7 +27,7 @@ mod lock;
 mod poll;
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use std::{fmt, io};
@@ -96,6 +96,11 @@ pub enum Error {
 /// A handler for a ready file descriptor, run in the context's thread with the context held.
 pub type Handler = Arc<dyn Fn(&Context, EventSet) + Send + Sync>;
 
+/// Whether the source behind a registered descriptor has work without the descriptor being
+/// signalled (a virtqueue with requests the driver made available without notifying): what a
+/// polling loop asks, without holding the context ([`Context::add_polled_fd`]).
+pub type PollReady = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// Runs one dispatch (the closure) in whatever surroundings the owner of a loop needs: the vmm's
 /// main loop takes the global lock around it.
 pub type DispatchHook = Box<dyn Fn(&mut dyn FnMut()) + Send + Sync>;
@@ -112,7 +117,9 @@ const MAX_EVENTS: usize = 32;
 /// Contexts get distinct non-zero ids.
 static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Where a polling loop stands: its window, and the settings' generation it was adapted under.
+/// Where a polling loop stands: the window of the context's own wake-up (bottom halves; each
+/// registered descriptor has its own, in its entry), and the settings' generation they were
+/// adapted under.
 #[derive(Debug, Default)]
 pub(crate) struct PollState {
     window: PollWindow,
@@ -124,6 +131,10 @@ struct Entry {
     generation: u32,
     fd: RawFd,
     handler: Handler,
+    /// Whether its source has work unsignalled, for a polling loop.
+    ready: Option<PollReady>,
+    /// How long a polling loop polls for this descriptor's events (`poll.rs`).
+    window: PollWindow,
 }
 
 /// Handlers by slot, with a generation per slot.
@@ -135,6 +146,10 @@ struct HandlerTable {
 }
 
 impl HandlerTable {
+    fn token(slot: usize, generation: u32) -> u64 {
+        (u64::from(generation) << 32) | u64::try_from(slot).unwrap_or(u64::MAX)
+    }
+
     fn split(token: u64) -> (usize, u32) {
         let slot = usize::try_from(token & 0xffff_ffff).unwrap_or(usize::MAX);
         let generation = u32::try_from(token >> 32).unwrap_or(u32::MAX);
@@ -146,6 +161,14 @@ impl HandlerTable {
         self.slots
             .get(slot)?
             .as_ref()
+            .filter(|e| e.generation == generation)
+    }
+
+    fn get_mut(&mut self, token: u64) -> Option<&mut Entry> {
+        let (slot, generation) = Self::split(token);
+        self.slots
+            .get_mut(slot)?
+            .as_mut()
             .filter(|e| e.generation == generation)
     }
 }
@@ -160,6 +183,9 @@ pub struct Context {
     handlers: Mutex<HandlerTable>,
     bottom_halves: BhQueue,
     hook: Option<DispatchHook>,
+    /// Poll mode: set while an iothread's loop polls and stays in poll mode, cleared before it
+    /// blocks (see [`Context::polling`]).
+    poll_mode: AtomicBool,
 }
 
 impl fmt::Debug for Context {
@@ -231,6 +257,7 @@ impl Context {
             handlers: Mutex::new(HandlerTable::default()),
             bottom_halves: BhQueue::new(),
             hook,
+            poll_mode: AtomicBool::new(false),
         }))
     }
 
@@ -297,6 +324,32 @@ impl Context {
         events: EventSet,
         handler: Handler,
     ) -> Result<HandlerId, Error> {
+        self.add_entry(fd, events, handler, None)
+    }
+
+    /// As [`Context::add_fd`], for a source an iothread's loop also polls, as QEMU's
+    /// `io_poll`: while it polls, the loop runs `handler` whenever `ready` says the source has
+    /// work, signalled or not. A handler may then leave its source's notifications off for as
+    /// long as [`Context::polling`] says so: before it blocks, the loop leaves poll mode and runs
+    /// every such handler once more, so that each turns its notifications back on and takes
+    /// what came meanwhile.
+    pub fn add_polled_fd(
+        &self,
+        fd: RawFd,
+        events: EventSet,
+        handler: Handler,
+        ready: PollReady,
+    ) -> Result<HandlerId, Error> {
+        self.add_entry(fd, events, handler, Some(ready))
+    }
+
+    fn add_entry(
+        &self,
+        fd: RawFd,
+        events: EventSet,
+        handler: Handler,
+        ready: Option<PollReady>,
+    ) -> Result<HandlerId, Error> {
         let mut table = self.table();
         let generation = table.next_generation;
         table.next_generation = table.next_generation.wrapping_add(1);
@@ -307,7 +360,7 @@ impl Context {
                 table.slots.len() - 1
             }
         };
-        let token = (u64::from(generation) << 32) | u64::try_from(slot).unwrap_or(u64::MAX);
+        let token = HandlerTable::token(slot, generation);
         if let Err(source) =
             self.epoll
                 .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
@@ -323,6 +376,8 @@ impl Context {
             generation,
             fd,
             handler,
+            ready,
+            window: PollWindow::default(),
         });
         Ok(HandlerId(token))
     }
@@ -380,9 +435,12 @@ impl Context {
         Ok(self.dispatch_in_hook(&events[..ready]))
     }
 
-    /// As `run_once(None)`, but first polls the context's descriptors without blocking for up to
-    /// the current window of `poll` (see `poll.rs`), then adapts the window to how long the
-    /// event took. Holds nothing while it polls or waits.
+    /// As `run_once(None)`, but first polls the context's descriptors without blocking, and
+    /// the sources of its polled handlers ([`Context::add_polled_fd`]), for up to the current
+    /// window of `poll` (see `poll.rs`), then adapts the window to how long the event took.
+    /// Polling puts the context in poll mode ([`Context::polling`]), which lasts across
+    /// iterations for as long as polling finds work; before it blocks, the loop leaves poll mode
+    /// and runs every polled handler once. Holds nothing while it polls or waits.
     pub(crate) fn run_once_polling(
         &self,
         settings: &SharedSettings,
@@ -391,34 +449,141 @@ impl Context {
         let generation = settings.generation();
         if generation != poll.generation {
             poll.window.reset();
+            self.reset_windows();
             poll.generation = generation;
         }
         let current = settings.get();
-        let mut events = [EpollEvent::default(); MAX_EVENTS];
         if current.max_ns == 0 {
             // Off: no window, no clock reads.
             poll.window.reset();
+            let ran = self.leave_poll_mode();
+            let mut events = [EpollEvent::default(); MAX_EVENTS];
             let ready = self.wait(-1, &mut events)?;
-            return Ok(self.dispatch_in_hook(&events[..ready]));
+            return Ok(ran + self.dispatch_in_hook(&events[..ready]));
         }
-        let window = Duration::from_nanos(poll.window.ns(&current));
+        let window = Duration::from_nanos(self.longest_window(&current, poll.window));
         let start = Instant::now();
         let mut ready = 0;
+        let sources = if window.is_zero() {
+            Vec::new()
+        } else {
+            self.polled_sources()
+        };
+        // Room for as many events as epoll gives, and one from every polled source.
+        let mut events = vec![EpollEvent::default(); MAX_EVENTS + sources.len()];
         if !window.is_zero() {
+            self.poll_mode.store(true, Ordering::SeqCst);
             loop {
-                ready = self.wait(0, &mut events)?;
+                // Every source is asked on every pass, whatever epoll found: a descriptor that
+                // is ready pass after pass (a busy disk's completions) must not hide a queue
+                // whose notifications are off, or its requests wait for as long as it stays so.
+                ready = self.wait(0, &mut events[..MAX_EVENTS])?;
+                ready = poll_sources(&sources, &mut events, ready);
                 if ready > 0 || start.elapsed() >= window {
                     break;
                 }
                 std::hint::spin_loop();
             }
         }
+        let mut ran = 0;
         if ready == 0 {
+            ran = self.leave_poll_mode();
             ready = self.wait(-1, &mut events)?;
         }
         let block_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        poll.window.adjust(&current, block_ns);
-        Ok(self.dispatch_in_hook(&events[..ready]))
+        self.adjust_windows(&events[..ready], &current, block_ns, &mut poll.window);
+        Ok(ran + self.dispatch_in_hook(&events[..ready]))
+    }
+
+    /// How long to poll: the longest window of the wake-up's (`wake`) and every descriptor's,
+    /// as QEMU polls for the longest of its handlers' (`try_poll_mode`).
+    fn longest_window(&self, settings: &PollSettings, wake: PollWindow) -> u64 {
+        let table = self.table();
+        table
+            .slots
+            .iter()
+            .flatten()
+            .map(|e| e.window.ns(settings))
+            .fold(wake.ns(settings), u64::max)
+    }
+
+    /// Adapts the window of each of `ready`'s sources (the wake-up's is `wake`) to an event that
+    /// came `block_ns` after the loop began waiting, as QEMU adapts each ready handler's
+    /// (`aio_dispatch_ready_handlers`): a source that was not ready keeps its window.
+    fn adjust_windows(
+        &self,
+        ready: &[EpollEvent],
+        settings: &PollSettings,
+        block_ns: u64,
+        wake: &mut PollWindow,
+    ) {
+        let mut table = self.table();
+        for event in ready {
+            if event.data() == WAKE_TOKEN {
+                wake.adjust(settings, block_ns);
+            } else if let Some(entry) = table.get_mut(event.data()) {
+                entry.window.adjust(settings, block_ns);
+            }
+        }
+    }
+
+    /// Back to no window for every descriptor (the settings changed).
+    fn reset_windows(&self) {
+        for entry in self.table().slots.iter_mut().flatten() {
+            entry.window.reset();
+        }
+    }
+
+    /// Whether the context is in poll mode: its loop polls the sources of its polled handlers
+    /// and runs each of them once more before it next blocks (QEMU's `poll_set_started`), so a
+    /// polled handler may leave its source's notifications off meanwhile. Only an iothread's
+    /// loop polls; the main loop's context is never in poll mode.
+    pub fn polling(&self) -> bool {
+        self.poll_mode.load(Ordering::SeqCst)
+    }
+
+    /// One iteration of an iothread's loop whose polling window is `window` (tests).
+    #[cfg(test)]
+    pub(crate) fn run_once_polling_for(&self, window: Duration) -> Result<usize, Error> {
+        let settings = SharedSettings::new(PollSettings {
+            max_ns: u64::MAX,
+            ..PollSettings::default()
+        });
+        let mut poll = PollState {
+            window: PollWindow::of(u64::try_from(window.as_nanos()).unwrap_or(u64::MAX)),
+            generation: settings.generation(),
+        };
+        self.run_once_polling(&settings, &mut poll)
+    }
+
+    /// The tokens and readiness checks of the polled handlers.
+    fn polled_sources(&self) -> Vec<(u64, PollReady)> {
+        let table = self.table();
+        table
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, entry)| {
+                let entry = entry.as_ref()?;
+                let ready = Arc::clone(entry.ready.as_ref()?);
+                Some((HandlerTable::token(slot, entry.generation), ready))
+            })
+            .collect()
+    }
+
+    /// Leaves poll mode, if the context was in it: runs every polled handler once, with the
+    /// context held and out of poll mode, so that each turns its notifications back on and
+    /// takes the work that came meanwhile. Returns how many handlers and bottom halves ran.
+    fn leave_poll_mode(&self) -> usize {
+        if !self.poll_mode.swap(false, Ordering::SeqCst) {
+            return 0;
+        }
+        let events: Vec<EpollEvent> = self
+            .polled_sources()
+            .into_iter()
+            .map(|(token, _)| EpollEvent::new(EventSet::IN, token))
+            .collect();
+        self.dispatch_in_hook(&events)
     }
 
     /// One `epoll_wait` of up to `timeout_ms` (-1: forever) into `events`; an interrupted wait
@@ -473,6 +638,26 @@ impl Context {
         self.lock.release();
         ran
     }
+}
+
+/// Asks each of `sources` whether it has work and puts an event for each that has into
+/// `events` after the `ready` there already, unless one of those is its descriptor's; returns
+/// how many events there are now.
+fn poll_sources(sources: &[(u64, PollReady)], events: &mut [EpollEvent], ready: usize) -> usize {
+    let mut found = ready;
+    for (token, has_work) in sources {
+        if events[..ready].iter().any(|e| e.data() == *token) {
+            continue;
+        }
+        let Some(slot) = events.get_mut(found) else {
+            break;
+        };
+        if has_work() {
+            *slot = EpollEvent::new(EventSet::IN, *token);
+            found += 1;
+        }
+    }
+    found
 }
 
 #[cfg(test)]
@@ -605,6 +790,123 @@ mod tests {
         ctx.schedule(|_| {});
         ctx.run_once_polling(&settings, &mut poll).unwrap();
         assert!(poll.window.ns(&settings.get()) <= 4_000, "{poll:?}");
+    }
+
+    /// A polled handler runs when its source says it has work, its descriptor silent, with the
+    /// context in poll mode; a loop whose polling is turned off leaves poll mode by running it
+    /// once more, out of poll mode, before it blocks.
+    #[test]
+    fn a_polled_source_runs_its_handler_and_leaving_poll_mode_runs_it_again() {
+        let ctx = Context::new("t").unwrap();
+        let efd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let work = Arc::new(AtomicBool::new(true));
+        let runs = Arc::new(Mutex::new(Vec::new()));
+        let (w, r) = (Arc::clone(&work), Arc::clone(&runs));
+        ctx.add_polled_fd(
+            efd.as_raw_fd(),
+            EventSet::IN,
+            Arc::new(move |ctx: &Context, _| {
+                w.store(false, Ordering::SeqCst);
+                r.lock().unwrap().push(ctx.polling());
+            }),
+            {
+                let work = Arc::clone(&work);
+                Arc::new(move || work.load(Ordering::SeqCst))
+            },
+        )
+        .unwrap();
+        assert_eq!(ctx.run_once_polling_for(Duration::from_secs(5)).unwrap(), 1);
+        assert_eq!(*runs.lock().unwrap(), [true]);
+        assert!(ctx.polling());
+
+        let settings = SharedSettings::new(PollSettings {
+            max_ns: 0,
+            ..PollSettings::default()
+        });
+        ctx.notify();
+        ctx.run_once_polling(&settings, &mut PollState::default())
+            .unwrap();
+        assert_eq!(*runs.lock().unwrap(), [true, false]);
+        assert!(!ctx.polling());
+    }
+
+    /// A polled source is asked on every pass of the polling, not only when epoll finds
+    /// nothing: a descriptor ready pass after pass (here one whose handler never clears it, as
+    /// a completion eventfd signalled after its completions were reaped) must not hide a queue
+    /// whose notifications are off, which would then wait for as long as that lasts.
+    #[test]
+    fn a_descriptor_ready_on_every_pass_does_not_hide_a_polled_source() {
+        let ctx = Context::new("t").unwrap();
+        let busy = EventFd::new(EFD_NONBLOCK).unwrap();
+        busy.write(1).unwrap();
+        ctx.add_fd(
+            busy.as_raw_fd(),
+            EventSet::IN,
+            Arc::new(|_: &Context, _| {}),
+        )
+        .unwrap();
+        let queue = EventFd::new(EFD_NONBLOCK).unwrap();
+        let work = Arc::new(AtomicBool::new(true));
+        let w = Arc::clone(&work);
+        ctx.add_polled_fd(
+            queue.as_raw_fd(),
+            EventSet::IN,
+            Arc::new(move |_: &Context, _| w.store(false, Ordering::SeqCst)),
+            {
+                let work = Arc::clone(&work);
+                Arc::new(move || work.load(Ordering::SeqCst))
+            },
+        )
+        .unwrap();
+        for _ in 0..3 {
+            ctx.run_once_polling_for(Duration::from_secs(5)).unwrap();
+        }
+        assert!(
+            !work.load(Ordering::SeqCst),
+            "the polled source's work was never taken"
+        );
+        assert!(ctx.polling());
+    }
+
+    /// Each descriptor has a window of its own, adapted to its own events only: one whose
+    /// events come soon keeps the loop polling when another's come late, as QEMU's handlers
+    /// each have theirs (`AioPolledEvent`), and the loop polls for the longest.
+    #[test]
+    fn each_descriptor_adapts_a_window_of_its_own() {
+        let ctx = Context::new("t").unwrap();
+        let (a, b) = (
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        );
+        let add = |fd: &EventFd| {
+            ctx.add_fd(fd.as_raw_fd(), EventSet::IN, Arc::new(|_: &Context, _| {}))
+                .unwrap()
+        };
+        let (id_a, id_b) = (add(&a), add(&b));
+        let event = |id: HandlerId| EpollEvent::new(EventSet::IN, id.0);
+        let s = PollSettings::default();
+        let mut wake = PollWindow::default();
+        for _ in 0..3 {
+            ctx.adjust_windows(&[event(id_a)], &s, 10_000, &mut wake);
+        }
+        assert_eq!(ctx.longest_window(&s, wake), 16_000);
+        // B's event, long after: B's window stays at none, A's and the loop's stay.
+        ctx.adjust_windows(&[event(id_b)], &s, 5_000_000, &mut wake);
+        assert_eq!(ctx.longest_window(&s, wake), 16_000);
+        // A's own late event shrinks A's.
+        ctx.adjust_windows(&[event(id_a)], &s, 5_000_000, &mut wake);
+        assert_eq!(ctx.longest_window(&s, wake), 0);
+        // The wake-up's window counts too; a change of settings resets every descriptor's.
+        ctx.adjust_windows(&[event(id_b)], &s, 10_000, &mut wake);
+        ctx.adjust_windows(
+            &[EpollEvent::new(EventSet::IN, WAKE_TOKEN)],
+            &s,
+            1,
+            &mut wake,
+        );
+        assert_eq!(ctx.longest_window(&s, wake), 4_000);
+        ctx.reset_windows();
+        assert_eq!(ctx.longest_window(&s, PollWindow::default()), 0);
     }
 
     #[test]

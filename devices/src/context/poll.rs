@@ -2,20 +2,27 @@
 //! poll-grow=,poll-shrink=`): before it blocks in `epoll_wait`, the loop polls its sources (every
 //! registered descriptor: the virtqueues' ioeventfds, the disks' completion eventfds, the wake-up
 //! eventfd of bottom halves) with non-blocking waits for up to a window of time, so that
-//! an event arriving soon is picked up without the thread going to sleep and being woken.
+//! an event arriving soon is picked up without the thread going to sleep and being woken; and it
+//! asks the polled handlers' sources (the virtqueues' avail rings) whether they have work, which
+//! lets a queue leave the guest's notifications off while the loop polls (poll mode, see
+//! [`super::Context::polling`]).
 //!
-//! The window adapts to how long the loop waited for its last event, `block_ns` (polling and
-//! blocking together), as QEMU's does: an event within the window leaves it as it is; one that
-//! came later than `poll-max-ns` shrinks it (divided by `poll-shrink`, or back to zero when that
-//! is 0); one that came after the window but within `poll-max-ns` grows it (multiplied by
-//! `poll-grow`, 2 when that is 0, starting from 4 µs), never past `poll-max-ns`. `poll-max-ns=0`
-//! turns polling off: the loop blocks at once.
+//! Each source has a window of its own (every registered descriptor, and the wake-up of bottom
+//! halves), and the loop polls for the longest, as QEMU's handlers each have theirs: a source's
+//! window adapts only to its own events, so a source whose events come late (a rare bottom
+//! half) does not stop the loop polling for one whose events come soon (a busy queue's
+//! requests or completions). A window adapts to how long the loop waited before that event,
+//! `block_ns` (polling and blocking together), as QEMU's does: an event within the window
+//! leaves it as it is; one that came later than `poll-max-ns` shrinks it (divided by
+//! `poll-shrink`, or back to zero when that is 0); one that came after the window but within
+//! `poll-max-ns` grows it (multiplied by `poll-grow`, 2 when that is 0, starting from 4 µs),
+//! never past `poll-max-ns`. `poll-max-ns=0` turns polling off: the loop blocks at once.
 //!
 //! The settings are atomics shared by the iothread and whoever changes them at run time (QMP
-//! `qom-set`): the loop reads them once per iteration and restarts from a zero window when they
-//! change. Polling holds no lock (the context is acquired only to dispatch), so a thread crossing
-//! over to the context is never held up by it, and a bottom half or a stop request ends it as
-//! soon as its descriptor becomes ready.
+//! `qom-set`): the loop reads them once per iteration and restarts every window from zero when
+//! they change. Polling holds no lock (the context is acquired only to dispatch), so a thread
+//! crossing over to the context is never held up by it, and a bottom half or a stop request
+//! ends it as soon as its descriptor becomes ready.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -159,6 +166,12 @@ impl PollWindow {
     /// How long to poll before blocking, in nanoseconds, under `settings`.
     pub(crate) fn ns(self, settings: &PollSettings) -> u64 {
         self.ns.min(settings.max_ns)
+    }
+
+    /// A window of `ns` nanoseconds (tests).
+    #[cfg(test)]
+    pub(crate) fn of(ns: u64) -> Self {
+        PollWindow { ns }
     }
 
     /// Back to no window (the settings changed).

@@ -25,8 +25,6 @@ use std::sync::{Arc, Weak};
 
 use block::aio::{Aio, AioError, Engine, Workers};
 use block::DiskImage;
-use std::os::fd::AsRawFd;
-use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
 
 use super::event_handler::QueueState;
@@ -36,7 +34,7 @@ use super::request::Buf;
 use super::stages::{StageStats, Times};
 use super::stats::BlockStats;
 use super::{features, DEVICE_ID, ID_BYTES, SECTOR_SHIFT};
-use crate::context::{in_lock_order, Context, HandlerId};
+use crate::context::{in_lock_order, Context, Handler, HandlerId, PollReady};
 use crate::virtio::{
     features as common, ActivateError, Activation, GuestMemoryMmap, Interrupt, VirtioDevice,
 };
@@ -598,21 +596,30 @@ impl VirtioDevice for Block {
                 let Some(&Home { group, slot }) = self.homes.get(index) else {
                     continue;
                 };
-                if queue.ready() {
+                let state = QueueState::new(queue, event);
+                if state.ready() {
                     let me = self.me.clone();
-                    let fd = event.as_raw_fd();
-                    register(
-                        &mut handlers,
-                        group,
-                        fd,
-                        Arc::new(move |_: &Context, _| {
-                            if let Some(dev) = me.upgrade() {
-                                dev.queue_notified(index);
-                            }
-                        }),
-                    )?;
+                    let handler: Handler = Arc::new(move |_: &Context, _| {
+                        if let Some(dev) = me.upgrade() {
+                            dev.queue_notified(index);
+                        }
+                    });
+                    let me = self.me.clone();
+                    let has_requests = state.poll_ready(activation.mem.clone());
+                    // A device that cannot take requests has none to poll for.
+                    let ready: PollReady = Arc::new(move || {
+                        me.upgrade().is_some_and(|dev| {
+                            !dev.broken.load(Ordering::Acquire)
+                                && !dev.quiescing.load(Ordering::Acquire)
+                        }) && has_requests()
+                    });
+                    self.groups[group]
+                        .ctx
+                        .add_polled_fd(state.event_fd(), EventSet::IN, handler, ready)
+                        .map(|id| handlers[group].push(id))
+                        .map_err(ActivateError::Register)?;
                 }
-                slots[group][slot] = Some(QueueState::new(queue, event));
+                slots[group][slot] = Some(state);
             }
             for (group, g) in self.groups.iter().enumerate() {
                 let me = self.me.clone();

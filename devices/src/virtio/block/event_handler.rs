@@ -24,7 +24,11 @@ use super::{
     SECTOR_SHIFT, WRITE_ZEROES_FLAG_UNMAP,
 };
 use std::num::Wrapping;
-use std::sync::atomic::Ordering;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+
+use crate::virtio::GuestMemoryMmap;
 
 /// A request handed to the worker pool.
 #[derive(Debug, Clone, Copy)]
@@ -50,15 +54,43 @@ pub(super) struct QueueState {
     queue: Queue,
     event: EventFd,
     in_flight: Vec<Option<InFlight>>,
+    /// The queue's next available index as the device last left it, for a polling loop to
+    /// compare with the driver's (`taken_up_to`).
+    taken: Arc<AtomicU16>,
 }
 
 impl QueueState {
     pub(super) fn new(queue: Queue, event: EventFd) -> Self {
         let in_flight = (0..queue.max_size()).map(|_| None).collect();
+        let taken = Arc::new(AtomicU16::new(queue.next_avail()));
         QueueState {
             queue,
             event,
             in_flight,
+            taken,
+        }
+    }
+
+    /// Whether the driver set the queue up and enabled it.
+    pub(super) fn ready(&self) -> bool {
+        self.queue.ready()
+    }
+
+    /// The eventfd the driver's notifications of the queue signal.
+    pub(super) fn event_fd(&self) -> RawFd {
+        self.event.as_raw_fd()
+    }
+
+    /// Whether the driver has made requests available that the device has not taken, as an
+    /// iothread's loop asks while it polls, without the group's state: reads the available
+    /// index in `mem` and compares it with where the device left the queue.
+    pub(super) fn poll_ready(&self, mem: GuestMemoryMmap) -> impl Fn() -> bool + Send + Sync {
+        let taken = Arc::clone(&self.taken);
+        // The available ring's `idx` follows its 16-bit `flags`.
+        let idx = self.queue.avail_ring().checked_add(2).map(GuestAddress);
+        move || {
+            idx.and_then(|idx| mem.load::<u16>(idx, Ordering::Acquire).ok())
+                .is_some_and(|avail| u16::from_le(avail) != taken.load(Ordering::Acquire))
         }
     }
 }
@@ -148,6 +180,10 @@ impl Block {
             return Ok(());
         }
         let mut notify = false;
+        // While the iothread's loop polls, the driver's notifications stay off: the loop finds
+        // new requests in the ring, and has the queue turn them back on before it blocks
+        // (`Context::add_polled_fd`), as QEMU's virtqueues in an AioContext's poll mode.
+        let polling = group.ctx.polling();
         loop {
             qs.queue
                 .disable_notification(&*mem)
@@ -212,14 +248,16 @@ impl Block {
                 }
             }
             // Re-enable notifications; if the driver added more meanwhile, go round again.
-            if !qs
-                .queue
-                .enable_notification(&*mem)
-                .map_err(|e| QueueError::EnableNotification(index, e))?
+            if polling
+                || !qs
+                    .queue
+                    .enable_notification(&*mem)
+                    .map_err(|e| QueueError::EnableNotification(index, e))?
             {
                 break;
             }
         }
+        qs.taken.store(qs.queue.next_avail(), Ordering::Release);
         if notify
             && qs
                 .queue
@@ -420,11 +458,10 @@ impl Block {
     }
 
     /// Completes every request `group`'s engine has finished, and interrupts the driver where
-    /// needed.
+    /// needed. Reaps even with nothing in flight: that clears the completion eventfd, which a
+    /// reap leaves signalled when it took a completion announced after it cleared it, and
+    /// which the loop would otherwise find ready on every pass.
     pub(super) fn complete_all(&self, group: &Group, active: &mut Active) {
-        if active.in_flight == 0 && group.aio.in_flight() == 0 {
-            return;
-        }
         // Queues that got used entries, by their place in the group (at most 64).
         let mut notify: u64 = 0;
         let mut fault = None;
@@ -888,6 +925,147 @@ mod tests {
         }
         // The device asks to be notified at the next available index (avail_event).
         assert_eq!(rig.avail_event(0), 2);
+    }
+
+    /// While an iothread's loop polls, the device leaves the driver's notifications off (with
+    /// event idx: `avail_event` where it was) and takes the requests the driver makes available
+    /// without notifying, which the loop finds in the ring; once the loop runs out of work, the
+    /// queue turns them back on (`avail_event` at the next request) before the loop blocks.
+    #[test]
+    fn a_polling_loop_keeps_notifications_off_and_finds_requests_in_the_ring() {
+        let rig = polled_rig();
+        let window = std::time::Duration::from_millis(200);
+        // Wakes the loop once it has blocked, as the next event would.
+        let wake_later = || {
+            let ctx = std::sync::Arc::clone(&rig.ctx);
+            std::thread::spawn(move || {
+                std::thread::sleep(2 * window);
+                ctx.notify();
+            })
+        };
+        assert_eq!(rig.avail_event(0), 0);
+
+        // A notified request, served while polling: notifications stay off.
+        enter_poll_mode(&rig, window);
+        assert_eq!(rig.byte(STATUS), st::OK);
+        assert_eq!(
+            rig.avail_event(0),
+            0,
+            "notifications turned back on while polling"
+        );
+
+        // One made available without a notification: found in the ring.
+        store_get_id(&rig, 3, STATUS + 1);
+        rig.make_available(0, 3);
+        let waker = wake_later();
+        rig.ctx.run_once_polling_for(window).unwrap();
+        assert_eq!(
+            rig.used_idx(0),
+            2,
+            "a request left in the ring while polling"
+        );
+        assert_eq!(rig.byte(STATUS + 1), st::OK);
+        waker.join().unwrap();
+        rig.ctx.run_once(Some(std::time::Duration::ZERO)).unwrap();
+
+        // Nothing more: the loop leaves poll mode, the queue turns notifications back on, and
+        // the loop blocks (until woken).
+        let waker = wake_later();
+        rig.ctx.run_once_polling_for(window).unwrap();
+        waker.join().unwrap();
+        assert!(!rig.ctx.polling());
+        assert_eq!(rig.avail_event(0), 2);
+        assert_eq!(rig.used_idx(0), 2);
+    }
+
+    /// A device on a context the test thread runs as an iothread's loop, started with every
+    /// feature it offers (event idx among them).
+    fn polled_rig() -> Rig {
+        let rig = Rig::new(
+            Context::new("io-polled").unwrap(),
+            MemImage::new(1 << 16, false),
+            1,
+            false,
+        );
+        rig.start(!0);
+        rig
+    }
+
+    /// Places a GET_ID request at head `head` of queue 0, its status byte at `status`.
+    fn store_get_id(rig: &Rig, head: u16, status: u64) {
+        rig.header(HDR, t::GET_ID, 0);
+        let chain = [(HDR, 16, 0), (BUF, 20, F_WRITE), (status, 1, F_WRITE)];
+        rig.store_chain(0, head, &chain);
+    }
+
+    /// Puts the context in poll mode, the queue's notifications off: a notified request (head
+    /// 0, status at `STATUS`), served by a loop polling for `window`.
+    fn enter_poll_mode(rig: &Rig, window: std::time::Duration) {
+        store_get_id(rig, 0, STATUS);
+        rig.publish(0, 0);
+        rig.ctx.run_once_polling_for(window).unwrap();
+        assert_eq!(rig.used_idx(0), 1);
+        assert!(rig.ctx.polling());
+    }
+
+    /// Signals group 0's completion eventfd with no completion queued: what a reap leaves when
+    /// it cleared the eventfd, then took a completion a worker announced meanwhile.
+    fn signal_completions_with_none(rig: &Rig) {
+        let signal = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to the group's completion eventfd.
+        let wrote = unsafe {
+            libc::write(
+                rig.dev.groups[0].aio.completion_fd(),
+                signal.as_ptr().cast(),
+                signal.len(),
+            )
+        };
+        assert_eq!(wrote, 8);
+    }
+
+    /// A wake-up lost while polling: with the completion eventfd signalled and nothing to reap,
+    /// a polling loop finds it ready on every pass; the queue's notifications are off (with
+    /// event idx, `avail_event` left behind) and the driver does not notify, so a request it
+    /// makes available now must still be found in the ring, not wait there for ever while the
+    /// loop spins.
+    #[test]
+    fn a_stale_completion_signal_does_not_hide_requests_while_polling() {
+        let rig = polled_rig();
+        let window = std::time::Duration::from_secs(5);
+        enter_poll_mode(&rig, window);
+        signal_completions_with_none(&rig);
+        store_get_id(&rig, 3, STATUS + 1);
+        rig.make_available(0, 3);
+        // Each pass returns at once while the eventfd stays signalled.
+        for _ in 0..3 {
+            if rig.used_idx(0) == 2 {
+                break;
+            }
+            rig.ctx.run_once_polling_for(window).unwrap();
+        }
+        assert_eq!(
+            rig.used_idx(0),
+            2,
+            "a request left in the ring while polling"
+        );
+        assert_eq!(rig.byte(STATUS + 1), st::OK);
+    }
+
+    /// A completion eventfd signalled with nothing left to reap (a reap took the completion
+    /// announced after it cleared the eventfd) is cleared when its handler runs, so the loop
+    /// goes back to sleep instead of finding it ready again and again.
+    #[test]
+    fn a_completion_signal_with_nothing_to_reap_is_cleared() {
+        let rig = main_loop_rig(1 << 16, false);
+        rig.start(!0);
+        signal_completions_with_none(&rig);
+        let now = Some(std::time::Duration::ZERO);
+        assert_eq!(rig.ctx.run_once(now).unwrap(), 1);
+        assert_eq!(
+            rig.ctx.run_once(now).unwrap(),
+            0,
+            "the signal is still there"
+        );
     }
 
     #[test]

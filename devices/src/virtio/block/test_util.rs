@@ -322,6 +322,13 @@ impl<I: DiskImage + 'static> Rig<I> {
     /// Places a chain of `(addr, len, flags)` descriptors at table index `first` onwards (NEXT
     /// links added), makes it available on queue `q` and notifies.
     pub fn submit(&self, q: u16, first: u16, descs: &[(u64, u32, u16)]) {
+        self.store_chain(q, first, descs);
+        self.publish(q, first);
+    }
+
+    /// Places a chain of `(addr, len, flags)` descriptors at table index `first` onwards (NEXT
+    /// links added) in queue `q`'s table.
+    pub fn store_chain(&self, q: u16, first: u16, descs: &[(u64, u32, u16)]) {
         let n = u16::try_from(descs.len()).unwrap();
         for (i, (addr, len, flags)) in (0u16..).zip(descs) {
             let (flags, next) = if i + 1 < n {
@@ -331,18 +338,23 @@ impl<I: DiskImage + 'static> Rig<I> {
             };
             self.store_desc(q, first + i, Descriptor::new(*addr, *len, flags, next));
         }
-        self.publish(q, first);
     }
 
     /// Makes head `head` available on queue `q` and notifies.
     pub fn publish(&self, q: u16, head: u16) {
+        self.make_available(q, head);
+        self.set_reg(0x50, u32::from(q));
+    }
+
+    /// Makes head `head` available on queue `q` without notifying (a driver whose notifications
+    /// the device turned off).
+    pub fn make_available(&self, q: u16, head: u16) {
         let idx = self.avail_idx(q);
         self.write16(
             avail_addr(q).unchecked_add(4 + 2 * u64::from(idx % QSIZE)),
             head,
         );
         self.set_avail_idx(q, idx.wrapping_add(1));
-        self.set_reg(0x50, u32::from(q));
     }
 
     /// Runs the context on this thread until queue `q`'s used index reaches `want`.
