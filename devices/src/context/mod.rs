@@ -119,11 +119,25 @@ static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Where a polling loop stands: the window of the context's own wake-up (bottom halves; each
 /// registered descriptor has its own, in its entry), and the settings' generation they were
-/// adapted under.
-#[derive(Debug, Default)]
+/// adapted under; and the buffers its iterations reuse, so that polling allocates nothing per
+/// iteration once they have grown.
+#[derive(Default)]
 pub(crate) struct PollState {
     window: PollWindow,
     generation: u64,
+    /// The polled handlers' tokens and readiness checks, for one iteration (emptied after it).
+    sources: Vec<(u64, PollReady)>,
+    /// Room for as many events as epoll gives and one from every polled source.
+    events: Vec<EpollEvent>,
+}
+
+impl std::fmt::Debug for PollState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PollState")
+            .field("window", &self.window)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A registered file descriptor.
@@ -464,13 +478,13 @@ impl Context {
         let window = Duration::from_nanos(self.longest_window(&current, poll.window));
         let start = Instant::now();
         let mut ready = 0;
-        let sources = if window.is_zero() {
-            Vec::new()
-        } else {
-            self.polled_sources()
-        };
-        // Room for as many events as epoll gives, and one from every polled source.
-        let mut events = vec![EpollEvent::default(); MAX_EVENTS + sources.len()];
+        let PollState {
+            sources, events, ..
+        } = poll;
+        if !window.is_zero() {
+            self.polled_sources(sources);
+        }
+        events.resize(MAX_EVENTS + sources.len(), EpollEvent::default());
         if !window.is_zero() {
             self.poll_mode.store(true, Ordering::SeqCst);
             loop {
@@ -478,7 +492,7 @@ impl Context {
                 // is ready pass after pass (a busy disk's completions) must not hide a queue
                 // whose notifications are off, or its requests wait for as long as it stays so.
                 ready = self.wait(0, &mut events[..MAX_EVENTS])?;
-                ready = poll_sources(&sources, &mut events, ready);
+                ready = poll_sources(sources, events, ready);
                 if ready > 0 || start.elapsed() >= window {
                     break;
                 }
@@ -488,8 +502,10 @@ impl Context {
         let mut ran = 0;
         if ready == 0 {
             ran = self.leave_poll_mode();
-            ready = self.wait(-1, &mut events)?;
+            ready = self.wait(-1, events)?;
         }
+        // The readiness checks hold their handlers' state: not kept past the iteration.
+        sources.clear();
         let block_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.adjust_windows(&events[..ready], &current, block_ns, &mut poll.window);
         Ok(ran + self.dispatch_in_hook(&events[..ready]))
@@ -552,23 +568,19 @@ impl Context {
         let mut poll = PollState {
             window: PollWindow::of(u64::try_from(window.as_nanos()).unwrap_or(u64::MAX)),
             generation: settings.generation(),
+            ..PollState::default()
         };
         self.run_once_polling(&settings, &mut poll)
     }
 
-    /// The tokens and readiness checks of the polled handlers.
-    fn polled_sources(&self) -> Vec<(u64, PollReady)> {
+    /// Puts the tokens and readiness checks of the polled handlers into `sources`.
+    fn polled_sources(&self, sources: &mut Vec<(u64, PollReady)>) {
         let table = self.table();
-        table
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(slot, entry)| {
-                let entry = entry.as_ref()?;
-                let ready = Arc::clone(entry.ready.as_ref()?);
-                Some((HandlerTable::token(slot, entry.generation), ready))
-            })
-            .collect()
+        sources.extend(table.slots.iter().enumerate().filter_map(|(slot, entry)| {
+            let entry = entry.as_ref()?;
+            let ready = Arc::clone(entry.ready.as_ref()?);
+            Some((HandlerTable::token(slot, entry.generation), ready))
+        }));
     }
 
     /// Leaves poll mode, if the context was in it: runs every polled handler once, with the
@@ -578,8 +590,9 @@ impl Context {
         if !self.poll_mode.swap(false, Ordering::SeqCst) {
             return 0;
         }
-        let events: Vec<EpollEvent> = self
-            .polled_sources()
+        let mut sources = Vec::new();
+        self.polled_sources(&mut sources);
+        let events: Vec<EpollEvent> = sources
             .into_iter()
             .map(|(token, _)| EpollEvent::new(EventSet::IN, token))
             .collect();
