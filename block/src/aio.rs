@@ -37,7 +37,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, TryLockError};
 use std::thread::{self, JoinHandle};
 use std::{fmt, io};
@@ -233,6 +233,11 @@ struct Queues {
     /// Submitted and not yet completed by a worker.
     unfinished: usize,
     stopping: bool,
+    /// Whether the completions in `done` need no eventfd write of their own: one was written
+    /// since the last reap that left completions to the eventfd, or the reaper polls
+    /// ([`Aio::reap_polling`]). A completion is announced only when this was false, so a batch
+    /// finishing while the reaper is away or busy costs one write and one wake-up, not one each.
+    announced: bool,
     /// How many workers there are and how many wait for work.
     census: pool::Census,
 }
@@ -256,6 +261,8 @@ struct Shared {
     /// Signalled when `unfinished` drops to zero.
     idle: Condvar,
     completion_fd: EventFd,
+    /// How many completions wait in `done`: what a polling reaper asks without the mutex.
+    waiting: AtomicUsize,
     /// The bounce buffers of requests the image cannot place ([`pool::BOUNCE_KEEP`] kept).
     bounces: BufPool,
     /// The workers not yet joined.
@@ -295,6 +302,21 @@ impl Shared {
         let i = threads.running.iter().position(|h| h.thread().id() == me)?;
         let mine = threads.running.swap_remove(i);
         threads.ended.replace(mine)
+    }
+
+    /// Queues `completion` for the reaper, with `queues` held; true when the caller must
+    /// announce it ([`Shared::announce`], once it has let go of the mutex): nothing announced
+    /// the completions waiting before it, and the reaper does not poll for them.
+    fn push_done(&self, queues: &mut Queues, completion: Completion) -> bool {
+        queues.done.push_back(completion);
+        self.waiting.store(queues.done.len(), Ordering::Release);
+        !std::mem::replace(&mut queues.announced, true)
+    }
+
+    /// Makes the completion eventfd readable.
+    fn announce(&self) {
+        // Only fails when the counter would overflow, which still leaves it readable.
+        let _ = self.completion_fd.write(1);
     }
 
     /// The image requests run against now, with its host file.
@@ -374,11 +396,13 @@ impl Aio {
                 in_flight: 0,
                 unfinished: 0,
                 stopping: false,
+                announced: false,
                 census: pool::Census::default(),
             }),
             work: Condvar::new(),
             idle: Condvar::new(),
             completion_fd: EventFd::new(EFD_NONBLOCK).map_err(AioError::EventFd)?,
+            waiting: AtomicUsize::new(0),
             bounces: BufPool::new(pool::BOUNCE_KEEP),
             threads: Mutex::new(Threads {
                 running: Vec::with_capacity(max),
@@ -472,9 +496,10 @@ impl Aio {
         }
     }
 
-    /// Queues a completion the ring produced (or a request that needed no I/O).
-    fn push_done(&self, completion: Completion) {
-        self.shared.queues().done.push_back(completion);
+    /// Queues a completion the ring produced (or a request that needed no I/O); true when the
+    /// caller must announce it (see [`Shared::push_done`]).
+    fn push_done(&self, completion: Completion) -> bool {
+        self.shared.push_done(&mut self.shared.queues(), completion)
     }
 
     /// The image the pool serves.
@@ -553,9 +578,9 @@ impl Aio {
                 uring::Submitted::Done(completion) => {
                     drop(ring);
                     self.on_ring.fetch_add(1, Ordering::Relaxed);
-                    self.push_done(completion);
-                    // Only fails when the counter would overflow, which still leaves it readable.
-                    let _ = self.shared.completion_fd.write(1);
+                    if self.push_done(completion) {
+                        self.shared.announce();
+                    }
                     return Ok(());
                 }
                 uring::Submitted::Declined(request) => request,
@@ -589,20 +614,50 @@ impl Aio {
     }
 
     /// Hands every ready completion to `f`, oldest first, and returns how many there were.
-    /// Clears the eventfd first, so a completion arriving meanwhile makes it readable again.
-    pub fn reap(&self, mut f: impl FnMut(Completion)) -> usize {
+    /// Clears the eventfd first; the completions that come while it runs are taken too, without
+    /// an eventfd write. Once it has found no more, the next completion makes the eventfd
+    /// readable again.
+    pub fn reap(&self, f: impl FnMut(Completion)) -> usize {
+        self.take_done(false, f)
+    }
+
+    /// As [`Aio::reap`], for a reaper that polls [`Aio::has_completions`]: the completions
+    /// that come after it leave the eventfd alone (as QEMU's `aio_notify` skips the write while
+    /// its loop is not about to sleep). The caller must [`Aio::reap`] before it next waits for
+    /// the eventfd, or those completions wait unseen.
+    pub fn reap_polling(&self, f: impl FnMut(Completion)) -> usize {
+        self.take_done(true, f)
+    }
+
+    /// Whether completions wait to be reaped (io_uring's are announced on the eventfd only).
+    pub fn has_completions(&self) -> bool {
+        self.shared.waiting.load(Ordering::Acquire) > 0
+    }
+
+    /// [`Aio::reap`] and [`Aio::reap_polling`]: `polling` says whether the next completions
+    /// need no eventfd write.
+    fn take_done(&self, polling: bool, mut f: impl FnMut(Completion)) -> usize {
         // EAGAIN just means nothing was signalled since the last reap.
         let _ = self.shared.completion_fd.read();
         if let Some(mut ring) = self.try_ring() {
-            ring.process(|c| self.push_done(c));
+            // Taken by this reap: nothing to announce.
+            ring.process(|c| {
+                self.push_done(c);
+            });
         }
         let mut count = 0;
         loop {
             let completion = {
                 let mut queues = self.shared.queues();
                 let completion = queues.done.pop_front();
-                if completion.is_some() {
-                    queues.in_flight -= 1;
+                self.shared
+                    .waiting
+                    .store(queues.done.len(), Ordering::Release);
+                match completion {
+                    Some(_) => queues.in_flight -= 1,
+                    // Decided with the mutex held, as the workers decide whether to announce:
+                    // a completion queued after this is announced unless the caller polls.
+                    None => queues.announced = polling,
                 }
                 completion
             };
@@ -632,15 +687,12 @@ impl Aio {
         drop(queues);
         if let Some(ring) = &self.ring {
             let mut ring = ring.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut found = false;
-            ring.wait(|c| {
-                found = true;
-                self.push_done(c);
-            });
+            let mut announce = false;
+            ring.wait(|c| announce |= self.push_done(c));
             drop(ring);
-            if found {
-                // Announce them: the submitter's reap may have found the ring busy.
-                let _ = self.shared.completion_fd.write(1);
+            if announce {
+                // The submitter's reap may have found the ring busy.
+                self.shared.announce();
             }
         }
     }
@@ -864,6 +916,113 @@ mod tests {
         // The worker was stuck until the gate opened, so the drop cannot have returned earlier.
         assert!(*image.gate.lock().unwrap());
         opener.join().unwrap();
+    }
+
+    /// Submits a one-segment read of `seg` at offset 0 with `token`.
+    fn submit_read(aio: &Aio, seg: IoSeg, token: u64) {
+        aio.submit(Request {
+            op: Op::Read,
+            offset: 0,
+            segs: vec![seg],
+            token,
+        })
+        .unwrap();
+    }
+
+    /// Whether the completion eventfd becomes readable within `ms` milliseconds.
+    fn signalled_within(aio: &Aio, ms: i32) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: aio.completion_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd array of length one for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        assert!(n >= 0);
+        n == 1
+    }
+
+    /// Completions that finish before the reaper comes share one eventfd write; once a reap
+    /// has found no more, the next one writes again; after a polling reap it does not, and
+    /// the poll finds it.
+    #[test]
+    fn a_batch_of_completions_is_announced_once() {
+        let image = RawFile::new(1 << 16);
+        image.set_gate(false);
+        let aio = Aio::new("t", image.clone(), Workers::fixed(4), 4).unwrap();
+        let mut buf = vec![0u8; 512];
+        for token in 0..4 {
+            submit_read(&aio, seg(&mut buf), token);
+        }
+        while image.reads_started.load(Ordering::SeqCst) < 4 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        image.set_gate(true);
+        aio.wait_idle();
+        assert!(aio.has_completions());
+        // A worker writes the eventfd just after it counts its request finished.
+        assert!(signalled_within(&aio, 1000));
+        thread::sleep(Duration::from_millis(20));
+        // The eventfd's counter: how many writes announced the four.
+        assert_eq!(aio.shared.completion_fd.read().unwrap(), 1);
+        assert_eq!(aio.reap(|c| c.result.unwrap()), 4);
+        assert!(!aio.has_completions());
+
+        submit_read(&aio, seg(&mut buf), 4);
+        aio.wait_idle();
+        assert!(
+            signalled_within(&aio, 1000),
+            "a completion after a reap is not announced"
+        );
+        assert_eq!(aio.reap_polling(|c| c.result.unwrap()), 1);
+
+        submit_read(&aio, seg(&mut buf), 5);
+        aio.wait_idle();
+        assert!(aio.has_completions());
+        assert!(!signalled_within(&aio, 20), "announced to a polling reaper");
+        assert_eq!(aio.reap(|c| c.result.unwrap()), 1);
+        assert!(!signalled_within(&aio, 20));
+    }
+
+    /// Many workers completing at once while the submitter reaps, now as a loop that sleeps on
+    /// the eventfd after each reap, now as one that polls a while first (`reap_polling`, then
+    /// `reap` before it sleeps): a completion is never left waiting with the eventfd clear
+    /// while the reaper sleeps.
+    #[test]
+    fn no_completion_waits_unannounced_while_the_reaper_sleeps() {
+        const TOTAL: u64 = 20_000;
+        let image = RawFile::new(1 << 16);
+        let aio = Aio::new("t", image, Workers::fixed(8), 16).unwrap();
+        let mut buf = vec![0u8; 512];
+        let seg = seg(&mut buf);
+        let (mut submitted, mut reaped) = (0, 0);
+        let take = |c: Completion| c.result.unwrap();
+        for round in 0.. {
+            while submitted < TOTAL && aio.has_room() {
+                submit_read(&aio, seg, submitted);
+                submitted += 1;
+            }
+            if round % 2 == 1 {
+                for _ in 0..(round % 7) * 50 {
+                    if aio.has_completions() {
+                        reaped += aio.reap_polling(take) as u64;
+                    }
+                    std::hint::spin_loop();
+                }
+            }
+            reaped += aio.reap(take) as u64;
+            if reaped == TOTAL {
+                break;
+            }
+            if aio.in_flight() > 0 {
+                assert!(
+                    signalled_within(&aio, 5000),
+                    "{} in flight, none announced",
+                    aio.in_flight()
+                );
+            }
+        }
+        assert_eq!(aio.in_flight(), 0);
     }
 
     #[test]

@@ -143,18 +143,20 @@ pub(super) fn worker(shared: &Shared) {
             depth,
         };
         let mut queues = shared.queues();
-        queues.done.push_back(Completion {
+        let completion = Completion {
             request,
             result,
             trace,
-        });
+        };
+        let announce = shared.push_done(&mut queues, completion);
         queues.unfinished -= 1;
         if queues.unfinished == 0 {
             shared.idle.notify_all();
         }
         drop(queues);
-        // Only fails when the counter would overflow, which still leaves it readable.
-        let _ = shared.completion_fd.write(1);
+        if announce {
+            shared.announce();
+        }
     }
 }
 
