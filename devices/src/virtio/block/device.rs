@@ -410,7 +410,7 @@ impl Block {
             self.wait_idle();
             for group in &self.groups {
                 if let Some(active) = group.active().as_mut() {
-                    self.complete_all(group, active);
+                    self.complete_all(group, active, false);
                 }
             }
         }
@@ -457,7 +457,7 @@ impl Block {
         for group in &self.groups {
             let mut guard = group.active();
             if let Some(active) = guard.as_mut() {
-                self.complete_all(group, active);
+                self.complete_all(group, active, false);
                 // Requests kept for a retry are dropped unanswered, as QEMU's reset drops them:
                 // the driver is starting over (or the VM is ending) and never saw them complete.
                 self.drop_parked(group, active);
@@ -578,10 +578,10 @@ impl VirtioDevice for Block {
             .map(|g| g.queues.iter().map(|_| None).collect())
             .collect();
         let mut handlers: Vec<Vec<HandlerId>> = self.groups.iter().map(|_| Vec::new()).collect();
-        let register = |handlers: &mut Vec<Vec<HandlerId>>, group: usize, fd, handler| {
+        let register = |handlers: &mut Vec<Vec<HandlerId>>, group: usize, fd, handler, ready| {
             self.groups[group]
                 .ctx
-                .add_fd(fd, EventSet::IN, handler)
+                .add_polled_fd(fd, EventSet::IN, handler, ready)
                 .map(|id| handlers[group].push(id))
                 .map_err(ActivateError::Register)
         };
@@ -613,26 +613,26 @@ impl VirtioDevice for Block {
                                 && !dev.quiescing.load(Ordering::Acquire)
                         }) && has_requests()
                     });
-                    self.groups[group]
-                        .ctx
-                        .add_polled_fd(state.event_fd(), EventSet::IN, handler, ready)
-                        .map(|id| handlers[group].push(id))
-                        .map_err(ActivateError::Register)?;
+                    register(&mut handlers, group, state.event_fd(), handler, ready)?;
                 }
                 slots[group][slot] = Some(state);
             }
             for (group, g) in self.groups.iter().enumerate() {
                 let me = self.me.clone();
-                register(
-                    &mut handlers,
-                    group,
-                    g.aio.completion_fd(),
-                    Arc::new(move |_: &Context, _| {
-                        if let Some(dev) = me.upgrade() {
-                            dev.completions_ready(group);
-                        }
-                    }),
-                )?;
+                let handler: Handler = Arc::new(move |ctx: &Context, _| {
+                    if let Some(dev) = me.upgrade() {
+                        dev.completions_ready(group, ctx.polling());
+                    }
+                });
+                // Polled, so that completions coming while the loop polls need no eventfd
+                // write and wake-up each (`Block::completions_ready`).
+                let me = self.me.clone();
+                let ready: PollReady = Arc::new(move || {
+                    me.upgrade()
+                        .and_then(|dev| dev.groups.get(group).map(|g| g.aio.has_completions()))
+                        .unwrap_or(false)
+                });
+                register(&mut handlers, group, g.aio.completion_fd(), handler, ready)?;
             }
             Ok(())
         })();

@@ -144,14 +144,17 @@ impl Block {
         Some((self.groups.get(group)?, slot))
     }
 
-    /// The engine of group `group` has completions.
-    pub(super) fn completions_ready(&self, group: usize) {
+    /// The engine of group `group` has completions; `polling`: its context is in poll mode
+    /// ([`Context::polling`](crate::context::Context::polling)), whose loop finds the next ones
+    /// with [`Aio::has_completions`](block::aio::Aio::has_completions) and runs this once more
+    /// out of poll mode before it blocks, so they need not signal the eventfd.
+    pub(super) fn completions_ready(&self, group: usize, polling: bool) {
         let Some(group) = self.groups.get(group) else {
             return;
         };
         let mut guard = group.active();
         if let Some(active) = guard.as_mut() {
-            self.complete_all(group, active);
+            self.complete_all(group, active, polling);
         }
     }
 
@@ -460,18 +463,23 @@ impl Block {
     /// Completes every request `group`'s engine has finished, and interrupts the driver where
     /// needed. Reaps even with nothing in flight: that clears the completion eventfd, which a
     /// reap leaves signalled when it took a completion announced after it cleared it, and
-    /// which the loop would otherwise find ready on every pass.
-    pub(super) fn complete_all(&self, group: &Group, active: &mut Active) {
+    /// which the loop would otherwise find ready on every pass. With `polling`, the completions
+    /// that come next leave the eventfd alone ([`block::aio::Aio::reap_polling`]): the caller
+    /// polls for them and calls this again without `polling` before it sleeps.
+    pub(super) fn complete_all(&self, group: &Group, active: &mut Active, polling: bool) {
         // Queues that got used entries, by their place in the group (at most 64).
         let mut notify: u64 = 0;
         let mut fault = None;
-        group
-            .aio
-            .reap(|done| match self.complete(group, active, done) {
-                Ok(Some(slot)) => notify |= 1 << slot,
-                Ok(None) => {}
-                Err(e) => fault = Some(e),
-            });
+        let each = |done| match self.complete(group, active, done) {
+            Ok(Some(slot)) => notify |= 1 << slot,
+            Ok(None) => {}
+            Err(e) => fault = Some(e),
+        };
+        if polling {
+            group.aio.reap_polling(each);
+        } else {
+            group.aio.reap(each);
+        }
         for (&index, (slot, qs)) in group
             .queues
             .iter()
@@ -1006,6 +1014,86 @@ mod tests {
         rig.ctx.run_once_polling_for(window).unwrap();
         assert_eq!(rig.used_idx(0), 1);
         assert!(rig.ctx.polling());
+    }
+
+    /// Makes a 512-byte read of sector 0 available at head `head` of queue 0 (status at
+    /// `status`) and notifies; the image's gate holds it in a worker until `release` opens it.
+    fn read_held(rig: &Rig, head: u16, status: u64) {
+        rig.image.set_gate(false);
+        rig.header(HDR, t::IN, 0);
+        rig.submit(
+            0,
+            head,
+            &[(HDR, 16, 0), (BUF, 512, F_WRITE), (status, 1, F_WRITE)],
+        );
+    }
+
+    /// Opens the image's gate after 20 ms, from another thread.
+    fn release(rig: &Rig) -> std::thread::JoinHandle<()> {
+        let image = std::sync::Arc::clone(&rig.image);
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            image.set_gate(true);
+        })
+    }
+
+    /// Completions reaped while the loop polls leave the eventfd alone (the poll finds the next
+    /// ones); before the loop blocks it reaps once more out of poll mode, after which a
+    /// completion signals the eventfd again and wakes the sleeping loop.
+    #[test]
+    fn completions_found_by_polling_still_wake_the_loop_once_it_blocks() {
+        use std::sync::mpsc::{self, RecvTimeoutError};
+        let rig = polled_rig();
+        let window = std::time::Duration::from_secs(1);
+        enter_poll_mode(&rig, window);
+        for (head, used) in [(4u16, 2u16), (8, 3)] {
+            read_held(&rig, head, STATUS + u64::from(head));
+            let opener = release(&rig);
+            // Passes end on the read's notification, its completion, or a wake-up that a lost
+            // completion would leave the loop waiting for.
+            let ctx = std::sync::Arc::clone(&rig.ctx);
+            let (done, finished) = mpsc::channel::<()>();
+            let waker = std::thread::spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(2 * window) {
+                    ctx.notify();
+                }
+            });
+            for _ in 0..3 {
+                if rig.used_idx(0) == used {
+                    break;
+                }
+                rig.ctx.run_once_polling_for(window).unwrap();
+            }
+            drop(done);
+            waker.join().unwrap();
+            assert_eq!(rig.used_idx(0), used, "a completion lost while polling");
+            opener.join().unwrap();
+            assert_eq!(rig.byte(STATUS + u64::from(head)), st::OK);
+        }
+        assert!(rig.ctx.polling());
+        // Nothing more to poll for: the loop leaves poll mode and blocks until woken.
+        let ctx = std::sync::Arc::clone(&rig.ctx);
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            ctx.notify();
+        });
+        // (A pass may first take a signal a completion left after the poll reaped it.)
+        for _ in 0..3 {
+            if !rig.ctx.polling() {
+                break;
+            }
+            rig.ctx
+                .run_once_polling_for(std::time::Duration::from_millis(10))
+                .unwrap();
+        }
+        waker.join().unwrap();
+        assert!(!rig.ctx.polling());
+        // A loop that only sleeps on its descriptors still hears of the next completion.
+        read_held(&rig, 12, STATUS + 12);
+        let opener = release(&rig);
+        rig.run_until_used(0, 4);
+        opener.join().unwrap();
+        assert_eq!(rig.byte(STATUS + 12), st::OK);
     }
 
     /// Signals group 0's completion eventfd with no completion queued: what a reap leaves when
