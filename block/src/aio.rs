@@ -734,7 +734,7 @@ mod tests {
     // Tests of submission, completion and draining against a raw file image with a gate.
     #![allow(clippy::unwrap_used)]
 
-    use super::test_image::{reap_one, seg, RawFile};
+    use super::test_image::{reap_one, seg, signalled_within, RawFile};
     use super::*;
     use std::sync::atomic::Ordering;
     use std::time::Duration;
@@ -927,19 +927,6 @@ mod tests {
             token,
         })
         .unwrap();
-    }
-
-    /// Whether the completion eventfd becomes readable within `ms` milliseconds.
-    fn signalled_within(aio: &Aio, ms: i32) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: aio.completion_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is a valid pollfd array of length one for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        assert!(n >= 0);
-        n == 1
     }
 
     /// Completions that finish before the reaper comes share one eventfd write; once a reap

@@ -120,18 +120,24 @@ pub(super) fn seg(buf: &mut [u8]) -> IoSeg {
     unsafe { IoSeg::new(buf.as_mut_ptr(), buf.len()) }
 }
 
-/// Waits (bounded) for the completion eventfd and reaps exactly one completion.
-pub(super) fn reap_one(aio: &Aio) -> Completion {
+/// Whether the completion eventfd becomes readable within `ms` milliseconds.
+pub(super) fn signalled_within(aio: &Aio, ms: i32) -> bool {
     let mut pfd = libc::pollfd {
         fd: aio.completion_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
+    // SAFETY: `pfd` is a valid pollfd array of length one for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    assert!(n >= 0);
+    n == 1
+}
+
+/// Waits (bounded) for the completion eventfd and reaps exactly one completion.
+pub(super) fn reap_one(aio: &Aio) -> Completion {
     let mut got = None;
     for _ in 0..100 {
-        // SAFETY: `pfd` is a valid pollfd array of length one for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, 100) };
-        assert!(n >= 0);
+        signalled_within(aio, 100);
         aio.reap(|c| {
             assert!(got.is_none(), "one completion expected");
             got = Some(c);
