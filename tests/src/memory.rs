@@ -300,39 +300,29 @@ Rss:                  16 kB
         // Four blocks of fresh memory, aligned to a block: touch all of the second block's
         // pages and one page of the fourth.
         let block = usize::try_from(BLOCK).unwrap();
-        let len = 5 * block;
-        // SAFETY: a fresh private anonymous mapping, unmapped below; nothing else uses it.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
+        // Zeroed by the allocator as fresh pages the kernel maps when first touched (calloc).
+        let mut memory = vec![0u8; 5 * block];
+        let skip = memory.as_ptr().align_offset(block);
+        let blocks = memory.get_mut(skip..skip + 4 * block).unwrap();
+        // SAFETY: advice on memory this test owns; it changes how it is backed, not its contents.
+        let advised = unsafe {
+            libc::madvise(
+                blocks.as_mut_ptr().cast(),
+                blocks.len(),
+                libc::MADV_NOHUGEPAGE,
             )
         };
-        assert_ne!(addr, libc::MAP_FAILED);
-        let start = (addr as u64).next_multiple_of(BLOCK);
-        // SAFETY: within the mapping (one block of slack for the alignment).
-        unsafe {
-            // Small pages, so that the test sees pages and not the host's choice of huge ones.
-            assert_eq!(
-                libc::madvise(
-                    start as *mut libc::c_void,
-                    4 * block,
-                    libc::MADV_NOHUGEPAGE
-                ),
-                0
-            );
-            for page in (0..BLOCK).step_by(4096) {
-                ((start + BLOCK + page) as *mut u8).write_volatile(1);
-            }
-            ((start + 3 * BLOCK + 8192) as *mut u8).write_volatile(1);
+        // Small pages, so that the test sees pages and not the host's choice of huge ones.
+        assert_eq!(advised, 0);
+        for page in (0..block).step_by(4096) {
+            blocks[block + page] = 1;
         }
+        blocks[3 * block + 8192] = 1;
+        // The writes are what the test is about: keep the optimizer from dropping them.
+        std::hint::black_box(&blocks);
+        let start = blocks.as_ptr() as u64;
         let map = resident_blocks(std::process::id(), start, start + 4 * BLOCK).unwrap();
-        // SAFETY: the mapping made above, no longer used.
-        unsafe { libc::munmap(addr, len) };
+        drop(memory);
         assert_eq!(map, ".#.+");
     }
 
