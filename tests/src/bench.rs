@@ -596,6 +596,13 @@ fn resident_memory(
         source,
     })?;
     print_memory(target, run, &mem);
+    for &(start, end) in &mem.guest_ranges {
+        // Only to tell where the guest touched memory: a VMM whose pagemap cannot be read is
+        // measured all the same.
+        if let Ok(map) = memory::resident_blocks(g.pid(), start, end) {
+            println!("RESIDENT {target} {run} {map}");
+        }
+    }
     Ok(mem)
 }
 

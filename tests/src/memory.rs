@@ -40,6 +40,8 @@ pub struct Resident {
     pub total_kib: u64,
     /// Resident in the guest-RAM mappings.
     pub guest_kib: u64,
+    /// The guest-RAM mappings' host address ranges (start, end), in address order.
+    pub guest_ranges: Vec<(u64, u64)>,
     /// The rest by kind (see the module documentation), in the order first met.
     pub kinds: Vec<(String, u64)>,
     /// Each resident mapping outside guest RAM: its header line, its size and what is resident.
@@ -98,6 +100,7 @@ pub fn parse_smaps(text: &str, guest_mem_kib: u64) -> Result<Resident, Error> {
         r.total_kib += m.rss;
         if m.name.is_empty() && m.size >= guest_mem_kib / 2 {
             r.guest_kib += m.rss;
+            r.guest_ranges.push((m.start, m.end));
             continue;
         }
         if m.rss == 0 {
@@ -126,6 +129,48 @@ pub fn parse_smaps(text: &str, guest_mem_kib: u64) -> Result<Resident, Error> {
             .push(format!("{} size={} rss={}", m.header, m.size, m.rss));
     }
     Ok(r)
+}
+
+/// The block [`resident_blocks`] maps by one character: x86's huge page, 2 MiB.
+pub const BLOCK: u64 = 2 << 20;
+
+/// Which [`BLOCK`]s of the host range `start..end` of process `pid` are resident, from
+/// `/proc/PID/pagemap` (bit 63 of each 4 KiB page's entry: present; readable without privileges):
+/// one character per block, `.` for none of its pages, `#` for all, `+` for some. Where in guest
+/// RAM a guest touched memory, so each VMM's guest can be compared block by block.
+pub fn resident_blocks(pid: u32, start: u64, end: u64) -> Result<String, Error> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: u64 = 4096;
+    const PRESENT: u64 = 1 << 63;
+    let path = format!("/proc/{pid}/pagemap");
+    let read_err = |source| Error::Read {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::File::open(&path).map_err(read_err)?;
+    let pages_per_block = BLOCK / PAGE;
+    let mut entries = vec![0u8; usize::try_from(pages_per_block * 8).unwrap_or(0)];
+    let mut map = String::new();
+    let mut block = start;
+    while block < end {
+        let pages = (end - block).min(BLOCK) / PAGE;
+        let bytes = entries
+            .get_mut(..usize::try_from(pages * 8).unwrap_or(0))
+            .unwrap_or_default();
+        file.read_exact_at(bytes, block / PAGE * 8)
+            .map_err(read_err)?;
+        let present = bytes
+            .chunks_exact(8)
+            .filter(|e| u64::from_le_bytes((*e).try_into().unwrap_or_default()) & PRESENT != 0)
+            .count();
+        map.push(match present {
+            0 => '.',
+            n if n as u64 == pages => '#',
+            _ => '+',
+        });
+        block += BLOCK;
+    }
+    Ok(map)
 }
 
 /// glibc's arenas other than the main one are heaps reserved on this boundary (`HEAP_MAX_SIZE`,
@@ -248,6 +293,37 @@ Rss:                  16 kB
     fn reading_a_missing_process_names_the_file() {
         let err = resident(u32::MAX, 1024).unwrap_err();
         assert!(matches!(err, Error::Read { ref path, .. } if path == "/proc/4294967295/smaps"));
+    }
+
+    #[test]
+    fn resident_blocks_tell_touched_huge_pages_from_untouched() {
+        // Four blocks of fresh memory, aligned to a block: touch all of the second block's
+        // pages and one page of the fourth.
+        let block = usize::try_from(BLOCK).unwrap();
+        // Zeroed by the allocator as fresh pages the kernel maps when first touched (calloc).
+        let mut memory = vec![0u8; 5 * block];
+        let skip = memory.as_ptr().align_offset(block);
+        let blocks = memory.get_mut(skip..skip + 4 * block).unwrap();
+        // SAFETY: advice on memory this test owns; it changes how it is backed, not its contents.
+        let advised = unsafe {
+            libc::madvise(
+                blocks.as_mut_ptr().cast(),
+                blocks.len(),
+                libc::MADV_NOHUGEPAGE,
+            )
+        };
+        // Small pages, so that the test sees pages and not the host's choice of huge ones.
+        assert_eq!(advised, 0);
+        for page in (0..block).step_by(4096) {
+            blocks[block + page] = 1;
+        }
+        blocks[3 * block + 8192] = 1;
+        // The writes are what the test is about: keep the optimizer from dropping them.
+        std::hint::black_box(&blocks);
+        let start = blocks.as_ptr() as u64;
+        let map = resident_blocks(std::process::id(), start, start + 4 * BLOCK).unwrap();
+        drop(memory);
+        assert_eq!(map, ".#.+");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Loading a kernel and describing the machine to it: the one place that orders the boot steps.
 //!
 //! [`load_guest`] prepares guest memory, in this order:
-//! 1. the kernel: a bzImage (64-bit boot protocol; one without a 64-bit entry is refused) or an
-//!    ELF vmlinux (PVH; one without the PVH note is refused), through linux-loader;
+//! 1. the kernel: a bzImage (64-bit boot protocol; one without a 64-bit entry is refused), at the
+//!    address it prefers where it fits, or an ELF vmlinux (PVH; one without the PVH note is
+//!    refused), through linux-loader;
 //! 2. the command line at [`CMDLINE_START`];
 //! 3. the initramfs, page-aligned at the top of RAM below 3 GiB (and below the kernel's
 //!    `initrd_addr_max`), clear of the kernel's decompression area;
@@ -25,13 +26,13 @@ use kvm_ioctls::VcpuFd;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, BzImage, Cmdline, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::acpi::{create_acpi_tables, AcpiError, DsdtDevice};
 use super::cpuid::{setup_cpuid, CpuidError};
@@ -46,6 +47,10 @@ use super::topology::Topology;
 
 /// `HdrS`, the setup header's magic (boot.rst, offset 0x202).
 const SETUP_HEADER_MAGIC: u32 = 0x5372_6448;
+/// The setup header's offset in a bzImage (boot.rst).
+const SETUP_HEADER_OFFSET: u64 = 0x1f1;
+/// Boot protocol 2.10, the first with `pref_address` and `init_size`.
+const PREF_ADDRESS_PROTOCOL: u16 = 0x020a;
 /// Boot protocol 2.12, the first with `xloadflags`.
 const MIN_64BIT_PROTOCOL: u16 = 0x020c;
 /// `xloadflags` bit 0: the kernel has the 64-bit entry at 0x200 (boot.rst).
@@ -258,7 +263,8 @@ fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError
             end: loaded.kernel_end,
         });
     }
-    let loaded = match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
+    let at = preferred_load_address(mem, &mut file).map_err(read_err)?;
+    let loaded = match BzImage::load(mem, at, &mut file, Some(GuestAddress(HIMEM_START))) {
         Ok(loaded) => loaded,
         Err(linux_loader::loader::Error::Bzimage(
             linux_loader::loader::bzimage::Error::InvalidBzImage
@@ -286,7 +292,8 @@ fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError
             xloadflags: header.xloadflags,
         });
     }
-    // The kernel decompresses in place: it needs `init_size` bytes from where it was loaded.
+    // The kernel needs `init_size` bytes from where it was loaded (it decompresses in place when
+    // loaded where it prefers).
     let end = loaded
         .kernel_end
         .max(loaded.kernel_load.0 + u64::from(header.init_size));
@@ -295,6 +302,46 @@ fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError
         header: Some(header),
         end,
     })
+}
+
+/// Where to load a bzImage's protected-mode kernel: at the address it prefers (`pref_address`,
+/// boot protocol 2.10+; the kernel's `LOAD_PHYSICAL_ADDR`, 16 MiB by default, where it decompresses
+/// itself) when the file and the `init_size` bytes the kernel needs from there fit in low RAM;
+/// otherwise `None`, linux-loader's choice, `code32_start` (1 MiB). Loaded at 1 MiB, the compressed
+/// kernel fills memory the kernel never decompresses to and leaves, once running, in `ZONE_DMA`,
+/// which it rarely allocates from: RAM the host backs and zeroes for nothing. Loaded where it
+/// decompresses, the kernel overwrites the memory it was read into, and what it frees there is
+/// what it allocates first.
+fn preferred_load_address(
+    mem: &GuestMemory,
+    file: &mut File,
+) -> std::io::Result<Option<GuestAddress>> {
+    let mut header = setup_header::default();
+    file.seek(SeekFrom::Start(SETUP_HEADER_OFFSET))?;
+    match file.read_exact(header.as_mut_slice()) {
+        Ok(()) => {}
+        // Too short to be a bzImage: linux-loader says so.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    if header.header != SETUP_HEADER_MAGIC || header.version < PREF_ADDRESS_PROTOCOL {
+        return Ok(None);
+    }
+    let at = header.pref_address;
+    let needs = file.metadata()?.len().max(u64::from(header.init_size));
+    let fits = at >= HIMEM_START
+        && at
+            .checked_add(needs)
+            .is_some_and(|end| end <= low_ram_end(mem));
+    Ok(fits.then_some(GuestAddress(at)))
+}
+
+/// The end of guest RAM below the PCI hole.
+fn low_ram_end(mem: &GuestMemory) -> u64 {
+    mem.last_addr()
+        .raw_value()
+        .saturating_add(1)
+        .min(MMIO_GAP_START)
 }
 
 /// Loads the initramfs at the top of low RAM; returns (address, size).
@@ -310,12 +357,7 @@ fn load_initrd(
     };
     let mut file = File::open(path).map_err(open_err)?;
     let size = file.metadata().map_err(open_err)?.len();
-    let lowmem_end = mem
-        .last_addr()
-        .raw_value()
-        .saturating_add(1)
-        .min(MMIO_GAP_START);
-    let limit = lowmem_end.min(addr_max.saturating_add(1));
+    let limit = low_ram_end(mem).min(addr_max.saturating_add(1));
     let too_large = || BootError::InitrdTooLarge {
         path: path.to_owned(),
         size,
@@ -531,6 +573,35 @@ mod tests {
         mem.read_slice(&mut stub, GuestAddress(RESET_VECTOR))
             .expect("in RAM");
         assert_eq!(stub, RESET_STUB);
+    }
+
+    #[test]
+    fn bzimage_loads_where_it_prefers_when_it_fits() {
+        const PREFERRED: u64 = 16 << 20;
+        let code = [0xf4, 0xeb, 0xfd];
+        let mut image = images::bzimage(&code);
+        image[0x258..0x260].copy_from_slice(&PREFERRED.to_le_bytes()); // pref_address
+        let kernel = TempFile::new("bz-pref", &image);
+        let (mem, entry) = load(&kernel.0, None, 32 << 20).expect("boots");
+        assert_eq!(entry, EntryPoint::Linux64(GuestAddress(PREFERRED + 0x200)));
+        let mut loaded = [0u8; 3];
+        mem.read_slice(&mut loaded, GuestAddress(PREFERRED + 0x200))
+            .expect("in RAM");
+        assert_eq!(loaded, code);
+        let mut below = [0xffu8; 0x300];
+        mem.read_slice(&mut below, GuestAddress(HIMEM_START))
+            .expect("in RAM");
+        assert_eq!(below, [0; 0x300], "nothing loaded at code32_start");
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).expect("in RAM");
+        assert_eq!(u64::from(params.hdr.code32_start), PREFERRED);
+        // The kernel's init_size (64 KiB) from its preferred address passes the end of RAM: it
+        // loads at code32_start.
+        let small = (16 << 20) + (32 << 10);
+        let (_, entry) = load(&kernel.0, None, small).expect("boots");
+        assert_eq!(
+            entry,
+            EntryPoint::Linux64(GuestAddress(HIMEM_START + 0x200))
+        );
     }
 
     #[test]

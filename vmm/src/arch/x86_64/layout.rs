@@ -44,8 +44,8 @@ pub const ACPI_END: u64 = 0xf0000;
 /// hardware-reduced ACPI platform without EFI). A BIOS would reset the machine from there; we put
 /// a stub that pulses the i8042 reset line, so such a reboot ends the VM too.
 pub const RESET_VECTOR: u64 = 0xffff0;
-/// Start of high memory (1 MiB): where a bzImage's protected-mode kernel loads
-/// (`code32_start`) and the kernel's lowest acceptable load address.
+/// Start of high memory (1 MiB): where a bzImage's protected-mode kernel loads (`code32_start`)
+/// when it cannot where it prefers, and the kernel's lowest acceptable load address.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit PCI hole (3 GiB): RAM beyond this goes above 4 GiB.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
