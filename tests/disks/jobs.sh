@@ -60,35 +60,171 @@ jobs_images() {
   )
 }
 
-# The guest: names its disks by serial, then fio rounds on d0 and d1 until the phase is JOBS_STOP.
-JOBS_GUEST=$(b64 "for d in /sys/block/vd*; do eval \"v_\$(cat \$d/serial)=\${d##*/}\"; done
-ph() { echo \$((\$(cat /sys/block/\$v_ctl/size) / 2048 - 1)); }
+# The guest: names its disks by serial, then fio rounds on d0 and d1 until the phase is JOBS_STOP,
+# each round's end (the guest's uptime) kept in /tmp/DISK.at. Beside them its own watch, every
+# 10 s: a heartbeat (GUEST-BEAT and its uptime; none coming means the guest's timers or scheduler
+# stopped) and, for a disk whose round has not ended for 30 s, once, the state of its I/O: the
+# requests in flight, the virtio and timer interrupts taken, and each fio process's state, wait
+# channel and kernel stack (lines starting GUEST-STUCK).
+JOBS_GUEST=$(b64 'for d in /sys/block/vd*; do eval "v_$(cat $d/serial)=${d##*/}"; done
+up() { cut -d. -f1 /proc/uptime; }
+ph() { echo $(($(cat /sys/block/$v_ctl/size) / 2048 - 1)); }
 run() {
-  while p=\$(ph); [ \$p -lt $JOBS_STOP ]; do
-    fio --name=\$1 --filename=/dev/\$2 --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite \
---bs=4k --offset=2M --size=512K --verify=crc32c --verify_fatal=1 --randrepeat=1 --randseed=\$p \
-> /tmp/\$1.txt 2>&1 || { echo GUEST-FIO-FAIL \$1 \$p; tail -20 /tmp/\$1.txt; return; }
-    echo GUEST-ROUND \$1 \$p
+  up > /tmp/$1.at
+  while p=$(ph); [ $p -lt '"$JOBS_STOP"' ]; do
+    fio --name=$1 --filename=/dev/$2 --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite \
+--bs=4k --offset=2M --size=512K --verify=crc32c --verify_fatal=1 --randrepeat=1 --randseed=$p \
+> /tmp/$1.txt 2>&1 || { echo GUEST-FIO-FAIL $1 $p; tail -20 /tmp/$1.txt; rm /tmp/$1.at; return; }
+    echo GUEST-ROUND $1 $p
+    up > /tmp/$1.at
   done
-  echo GUEST-FIO-OK \$1
+  rm /tmp/$1.at
+  echo GUEST-FIO-OK $1
+}
+stuck() {
+  echo "GUEST-STUCK $1 (/dev/$2): no fio round for $3 s; in flight (reads writes): $(cat /sys/block/$2/inflight)"
+  grep -E "virtio|LOC|CAL|RES|TLB" /proc/interrupts | sed "s/^/GUEST-STUCK irq /"
+  for p in $(pidof fio); do
+    echo "GUEST-STUCK fio $p state $(sed "s/.*) //" /proc/$p/stat | cut -d" " -f1) wchan $(cat /proc/$p/wchan)"
+    sed "s/^/GUEST-STUCK fio $p stack /" /proc/$p/stack
+  done
+}
+watch() {
+  told=""
+  while sleep 10; do
+    now=$(up)
+    echo "GUEST-BEAT $now s"
+    for d in d0 d1; do
+      at=$(cat /tmp/$d.at 2>/dev/null) || continue
+      eval "v=\$v_$d"
+      age=$((now - at))
+      case " $told " in *" $d "*) ;; *) [ $age -lt 30 ] || { stuck $d $v $age; told="$told $d"; } ;; esac
+    done
+  done
 }
 echo GUEST-JOBS-UP
-run d0 \$v_d0 & run d1 \$v_d1 & wait")
+watch & w=$!
+run d0 $v_d0 & r0=$!
+run d1 $v_d1 & r1=$!
+wait $r0 $r1
+kill $w')
+
+# stalled: whether the guest's fio rounds stopped: a disk whose fio goes on (neither GUEST-FIO-OK
+# nor -FAIL) has had no new round for JOBS_STALL s (by the host's clock, counted from the guest's
+# boot marker; rounds take seconds). Checked every few calls (the waits call it at each nap); the
+# first time it holds it says so in one line, prints the stalled guest's state (stall_state) and
+# then holds for the rest of the run, which every step below skips, so the run ends at once (its
+# checks failing: no GUEST-FIO-OK). Needs seen0, seen1, at0, at1 and stall set by jobs_run.
+JOBS_STALL=60
+stalled() {
+  [ -z "$stall" ] || return 0
+  [ -z "${JOBS_LOCAL:-}" ] || return 1
+  tick=$((tick + 1))
+  [ $((tick % 5)) = 0 ] || return 1
+  now=$(date +%s)
+  n=$(grep -c "GUEST-ROUND d0 " console.log); [ "$n" = "$seen0" ] || seen0=$n at0=$now
+  n=$(grep -c "GUEST-ROUND d1 " console.log); [ "$n" = "$seen1" ] || seen1=$n at1=$now
+  for d in d0 d1; do
+    has console.log "GUEST-FIO-[A-Z]* $d" && continue
+    if [ $d = d0 ]; then at=$at0 other=d1 other_at=$at1; else at=$at1 other=d0 other_at=$at0; fi
+    [ $((now - at)) -ge $JOBS_STALL ] || continue
+    stall="no fio round on $d for $((now - at)) s after round $(last_round $d) ($other: round $(last_round $other), $((now - other_at)) s ago)"
+    echo "E2E-NOTE jobs-$run: inner guest under $run stalled: $stall"
+    stall_state
+    return 0
+  done
+  return 1
+}
+# last_round DISK: the phase of DISK's last fio round ("none" before the first).
+last_round() { r=$(grep "GUEST-ROUND $1 " console.log | tail -1 | cut -d' ' -f3); echo "${r:-none}"; }
+# stall_state: the stalled guest's state, to tell a halted guest from a spinning one and a lost
+# interrupt from a lost request: the guest's last console lines (with its own watch's GUEST-BEAT
+# and GUEST-STUCK lines), the VMM's run state and block statistics over QMP (and under QEMU its
+# vCPUs' registers, whose HLT says halted, and local APICs, whose IRR holds what is pending), and,
+# over 2 s, each of the VMM's threads' state, wait channel and CPU time (a vCPU thread in
+# kvm_vcpu_block is halted), this host's KVM counters for the VM (debugfs) and its kvm trace events
+# counted (exits by reason, interrupts injected, timers).
+stall_state() {
+  echo "--- jobs-$run: the stalled guest's state"
+  echo "console (last 25 lines):"
+  tail -n 25 console.log
+  dbg=/sys/kernel/debug
+  [ -d $dbg/kvm ] || mount -t debugfs debugfs $dbg 2>/dev/null
+  kvm=$(find $dbg/kvm -maxdepth 1 -name "$vm_pid-*" 2>/dev/null | head -1)
+  tr=$dbg/tracing
+  stall_qmp
+  stall_sample > stall.before
+  if [ -d $tr/events/kvm ]; then
+    echo 8192 > $tr/buffer_size_kb; : > $tr/trace; echo 1 > $tr/events/kvm/enable
+  fi
+  sleep 2
+  [ -d $tr/events/kvm ] && echo 0 > $tr/events/kvm/enable
+  stall_sample > stall.after
+  echo "threads and KVM counters over 2 s (name, state, wait channel, CPU ticks; counter: change, value):"
+  awk 'NR == FNR { b[$1] = $NF; next }
+    $1 ~ /^thread/ { print $0 " +" ($NF - b[$1]) " ticks"; next }
+    $NF != b[$1] { print $1 ": +" ($NF - b[$1]) " (" $NF ")"; c++ }
+    END { if (!c) print "kvm: no counter changed" }' stall.before stall.after
+  for t in /proc/"$vm_pid"/task/*; do
+    case $(cat "$t/comm") in vcpu* | CPU*) echo "$(cat "$t/comm") kernel stack:"; head -n 8 "$t/stack";; esac
+  done
+  if [ -d $tr/events/kvm ]; then
+    echo "kvm events in 2 s:"
+    sed -n 's/.*: \(kvm_[a-z_]*\): .*/\1/p' $tr/trace | sort | uniq -c
+    echo "kvm exits by reason:"
+    sed -n 's/.*kvm_exit: .*reason \([A-Za-z_0-9]*\).*/\1/p' $tr/trace | sort | uniq -c
+    echo "last kvm events other than exits and entries:"
+    grep -v 'kvm_exit:\|kvm_entry:\|^#' $tr/trace | tail -n 20
+    : > $tr/trace
+  fi
+  stall_qmp
+  echo "--- jobs-$run: end of the stalled guest's state"
+}
+# stall_sample: the VMM's threads (tid:name state wchan ticks) and the VM's KVM counters, a line each.
+stall_sample() {
+  for t in /proc/"$vm_pid"/task/*; do
+    echo "thread${t##*/}:$(tr ' ' _ < "$t/comm") $(sed 's/.*) //' "$t/stat" | awk '{print $1}') $(cat "$t/wchan") $(sed 's/.*) //' "$t/stat" | awk '{print $12 + $13}')"
+  done
+  [ -z "$kvm" ] || for f in "$kvm"/*; do [ -f "$f" ] && echo "kvm:${f##*/} $(cat "$f" 2>/dev/null)"; done
+}
+# stall_qmp: the VMM's run state and each disk's request counts; under QEMU, every vCPU's
+# general registers (HLT=1: halted) and both local APICs. Nothing once the monitor is closed or silent.
+stall_qmp() {
+  [ -n "$qmp_up" ] || return 0
+  qmp_cmd '{"execute":"query-status"}'
+  echo "query-status: ${reply:-no reply}"
+  [ -n "$reply" ] || return 0
+  qmp_cmd '{"execute":"query-blockstats"}'
+  echo "query-blockstats: $(echo "$reply" | grep -o '"device": "[^"]*"\|"[rw][dr]_operations": [0-9]*' | tr '\n' ' ')"
+  [ "$run" = qemu ] || return 0
+  for c in "info registers -a" "info lapic 0" "info lapic 1"; do
+    qmp_cmd "{\"execute\":\"human-monitor-command\",\"arguments\":{\"command-line\":\"$c\"}}"
+    echo "$c:"
+    # The general registers and CR0 of the registers' dump (not the segments, FPU, vectors).
+    echo "$reply" | sed 's/\\r\\n/\n/g; s/\\t/ /g' | grep -Ev '^(ES|CS|SS|DS|FS|GS|LDT|TR|GDT|IDT|DR[0-9]|FCW|FPR[0-9]|YMM[0-9]*|XMM[0-9]*)[ =]'
+  done
+}
+# go: no stall seen in this run (every step and wait below starts with it).
+go() { [ -z "$stall" ]; }
 
 # ask NAME JSON: sends JSON, puts "NAME: kind" in the trace.
-ask() { qmp_cmd "$2"; echo "$1: $(kind)" >> trace; }
+ask() { go || return 0; qmp_cmd "$2"; echo "$1: $(kind)" >> trace; }
 # until_event JOB EVENT: waits (120 s at most) for JOB's EVENT; puts the job's events in the trace.
 until_event() {
-  wait_event "$1" "$2"
+  go || return 0
+  i=0
+  until events "$1" | grep -q "$2" || stalled || [ $i -ge 600 ]; do nap; i=$((i + 1)); done
   echo "$1 events: $(events "$1")" >> trace
 }
 # until_job JOB STATUS: waits (60 s at most) until query-block-jobs shows JOB with STATUS and
 # some progress; says so in the trace.
 until_job() {
+  go || return 0
   i=0
   while [ $i -lt 300 ]; do
     qmp_cmd '{"execute":"query-block-jobs"}'
     echo "$reply" | grep -q "\"status\": \"$2\"" && ! echo "$reply" | grep -q '"offset": 0[,}]' && break
+    stalled && return 0
     nap; i=$((i + 1))
   done
   echo "$1 seen $2 with progress: $([ $i -lt 300 ] && echo yes || echo no)" >> trace
@@ -98,11 +234,13 @@ values() { echo "$reply" | grep -o "\"$1\": [^,}]*" | sed "s/\"$1\": //" | sort 
 # chain STEP: query-block's disks in the trace: the tops, their depths, every image of the chains
 # and the backing names they hold.
 chain() {
+  go || return 0
   qmp_cmd '{"execute":"query-block"}'
   echo "$1 chain: tops $(values file)depths $(values backing_file_depth)images $(values filename)backing names $(values backing-filename)" >> trace
 }
 # phase N: the guest's next fio rounds write with seed N.
 phase() {
+  go || return 0
   cur_phase=$1
   echo "E2E-NOTE jobs-$run: phase $1 at $(($(date +%s) - start)) s"
   qmp_cmd "{\"execute\":\"block_resize\",\"arguments\":{\"device\":\"ctl\",\"size\":$((($1 + 1) * 1048576))}}"
@@ -111,9 +249,10 @@ phase() {
 # rounds: waits (120 s at most) for a round of the current phase to finish on both disks.
 rounds() {
   [ -n "${JOBS_LOCAL:-}" ] && return 0
+  go || return 0
   i=0
   until { has console.log "GUEST-ROUND d0 $cur_phase" && has console.log "GUEST-ROUND d1 $cur_phase"; } ||
-    has console.log GUEST-FIO-FAIL || [ $i -ge 600 ]; do nap; i=$((i + 1)); done
+    has console.log GUEST-FIO-FAIL || stalled || [ $i -ge 600 ]; do nap; i=$((i + 1)); done
   echo "phase $cur_phase rounds: $(has console.log "GUEST-ROUND d0 $cur_phase" && echo d0) $(has console.log "GUEST-ROUND d1 $cur_phase" && echo d1)" >> trace
 }
 
@@ -170,6 +309,7 @@ jobs_sequence() {
   rounds
   phase 6
   rounds
+  go || return 0
   qmp_cmd '{"execute":"query-block"}'
   values file | tr -d '"' > final-tops
   phase $JOBS_STOP
@@ -199,15 +339,19 @@ jobs_run() {
     until has console.log GUEST-JOBS-UP || ! kill -0 $vm_pid 2>/dev/null || [ $i -ge 750 ]; do nap; i=$((i + 1)); done
     has console.log GUEST-JOBS-UP || { bad "jobs-$run-guest-up"; tail -30 console.log; }
   fi
+  stall="" tick=0 seen0=0 seen1=0 at0=$(date +%s) at1=$(date +%s)
+  qmp_up=""
   if qmp_open $JOBS_PORT; then
+    qmp_up=1
     jobs_sequence
     [ -n "${JOBS_LOCAL:-}" ] && qmp_cmd '{"execute":"quit"}'
     qmp_close
+    qmp_up=""
   else
     bad "jobs-$run-monitor"
   fi
   i=0
-  while kill -0 $vm_pid 2>/dev/null && [ $i -lt 600 ]; do nap; i=$((i + 1)); done
+  while kill -0 $vm_pid 2>/dev/null && ! stalled && [ $i -lt 600 ]; do nap; i=$((i + 1)); done
   kill $vm_pid 2>/dev/null
   wait $vm_pid
   rc=$?
