@@ -25,6 +25,7 @@
 #      $DISK_DIR/only-jobs exists: ci/disk-tests --only-jobs).
 #   6. the full Debian 12 guest to systemd's `running`, fio through ext4, systemd's power-off, and
 #      a second boot reading the data back (debian.sh, sourced from $DISK_DIR).
+# $DISK_DIR/guest-append, if there, holds what to add to the guests' kernel command line.
 # Prints "E2E-PASS name" / "E2E-FAIL name" per check, "E2E-TIME" per boot, and a summary line; the
 # exit status is the number of failed checks (capped at 100). A guest that resets itself before its
 # userspace starts (vmm exits 0, no GUEST-USERSPACE-UP: the nested host's emulated virtualization
@@ -66,7 +67,7 @@ finish() {
   [ $fail -gt 100 ] && fail=100
   exit $fail
 }
-APPEND="console=ttyS0 quiet"
+APPEND="console=ttyS0 quiet $(cat guest-append 2>/dev/null)"
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 JOBS_QEMU_ARGS=$DISK_DIR/qemu-baseline.args
 . "$DISK_DIR/jobs.sh"
