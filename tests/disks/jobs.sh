@@ -114,7 +114,9 @@ kill $w')
 # boot marker; rounds take seconds). Checked every few calls (the waits call it at each nap); the
 # first time it holds it says so in one line, prints the stalled guest's state (stall_state) and
 # then holds for the rest of the run, which every step below skips, so the run ends at once (its
-# checks failing: no GUEST-FIO-OK). Needs seen0, seen1, at0, at1 and stall set by jobs_run.
+# checks failing: no GUEST-FIO-OK). Keeps in $longest the longest a round was waited for (to the
+# second or so: rounds that came while no wait was checking count when the next one checks), said
+# at the end of each run. Needs seen0, seen1, at0, at1, longest and stall set by jobs_run.
 JOBS_STALL=60
 stalled() {
   [ -z "$stall" ] || return 0
@@ -122,8 +124,10 @@ stalled() {
   tick=$((tick + 1))
   [ $((tick % 5)) = 0 ] || return 1
   now=$(date +%s)
-  n=$(grep -c "GUEST-ROUND d0 " console.log); [ "$n" = "$seen0" ] || seen0=$n at0=$now
-  n=$(grep -c "GUEST-ROUND d1 " console.log); [ "$n" = "$seen1" ] || seen1=$n at1=$now
+  n=$(grep -c "GUEST-ROUND d0 " console.log)
+  [ "$n" = "$seen0" ] || { [ $((now - at0)) -le "$longest" ] || longest=$((now - at0)); seen0=$n at0=$now; }
+  n=$(grep -c "GUEST-ROUND d1 " console.log)
+  [ "$n" = "$seen1" ] || { [ $((now - at1)) -le "$longest" ] || longest=$((now - at1)); seen1=$n at1=$now; }
   for d in d0 d1; do
     has console.log "GUEST-FIO-[A-Z]* $d" && continue
     if [ $d = d0 ]; then at=$at0 other=d1 other_at=$at1; else at=$at1 other=d0 other_at=$at0; fi
@@ -339,7 +343,7 @@ jobs_run() {
     until has console.log GUEST-JOBS-UP || ! kill -0 $vm_pid 2>/dev/null || [ $i -ge 750 ]; do nap; i=$((i + 1)); done
     has console.log GUEST-JOBS-UP || { bad "jobs-$run-guest-up"; tail -30 console.log; }
   fi
-  stall="" tick=0 seen0=0 seen1=0 at0=$(date +%s) at1=$(date +%s)
+  stall="" tick=0 seen0=0 seen1=0 at0=$(date +%s) at1=$(date +%s) longest=0
   qmp_up=""
   if qmp_open $JOBS_PORT; then
     qmp_up=1
@@ -356,6 +360,7 @@ jobs_run() {
   wait $vm_pid
   rc=$?
   echo "E2E-TIME jobs-$run $(($(date +%s) - start)) s rc=$rc"
+  [ -n "${JOBS_LOCAL:-}" ] || echo "E2E-NOTE jobs-$run: fio rounds: $seen0 on d0, $seen1 on d1, the longest waited for $longest s"
   check "jobs-$run-exit-0" [ "$rc" = 0 ]
   if [ -z "${JOBS_LOCAL:-}" ]; then
     check "jobs-$run-fio-d0" has console.log "GUEST-FIO-OK d0"
