@@ -64,8 +64,12 @@ jobs_images() {
 # each round's end (the guest's uptime) kept in /tmp/DISK.at. Beside them its own watch, every
 # 10 s: a heartbeat (GUEST-BEAT and its uptime; none coming means the guest's timers or scheduler
 # stopped) and, for a disk whose round has not ended for 30 s, once, the state of its I/O: the
-# requests in flight, the virtio and timer interrupts taken, and each fio process's state, wait
-# channel and kernel stack (lines starting GUEST-STUCK).
+# requests in flight (reads, writes), the virtio and timer interrupts taken, and each fio
+# process's state, wait channel and kernel stack (lines starting GUEST-STUCK). The script goes on
+# the kernel's command line, base64-encoded, within its 2048 bytes (with room for --guest-append):
+# hence its terse names. It says first where its kernel's text
+# starts (GUEST-TEXT, from /proc/kallsyms: the kernel is relocated at random), so an instruction
+# pointer the VMM shows can be looked up in the guest's vmlinux.
 JOBS_GUEST=$(b64 'for d in /sys/block/vd*; do eval "v_$(cat $d/serial)=${d##*/}"; done
 up() { cut -d. -f1 /proc/uptime; }
 ph() { echo $(($(cat /sys/block/$v_ctl/size) / 2048 - 1)); }
@@ -82,31 +86,31 @@ run() {
   echo GUEST-FIO-OK $1
 }
 stuck() {
-  echo "GUEST-STUCK $1 (/dev/$2): no fio round for $3 s; in flight (reads writes): $(cat /sys/block/$2/inflight)"
-  grep -E "virtio|LOC|CAL|RES|TLB" /proc/interrupts | sed "s/^/GUEST-STUCK irq /"
+  echo "GUEST-STUCK $1: no round for $3 s, in flight $(cat /sys/block/$2/inflight)"
+  grep -E "virtio|LOC" /proc/interrupts | sed "s/^/GUEST-STUCK /"
   for p in $(pidof fio); do
-    echo "GUEST-STUCK fio $p state $(sed "s/.*) //" /proc/$p/stat | cut -d" " -f1) wchan $(cat /proc/$p/wchan)"
-    sed "s/^/GUEST-STUCK fio $p stack /" /proc/$p/stack
+    echo "GUEST-STUCK fio $p $(cut -d" " -f3 /proc/$p/stat) $(cat /proc/$p/wchan)"
+    sed "s/^/GUEST-STUCK $p /" /proc/$p/stack
   done
 }
 watch() {
-  told=""
+  t=""
   while sleep 10; do
-    now=$(up)
-    echo "GUEST-BEAT $now s"
+    n=$(up)
+    echo GUEST-BEAT $n
     for d in d0 d1; do
-      at=$(cat /tmp/$d.at 2>/dev/null) || continue
-      eval "v=\$v_$d"
-      age=$((now - at))
-      case " $told " in *" $d "*) ;; *) [ $age -lt 30 ] || { stuck $d $v $age; told="$told $d"; } ;; esac
+      a=$(cat /tmp/$d.at 2>/dev/null) || continue
+      eval v=\$v_$d
+      case "$t" in *$d*) ;; *) [ $((n - a)) -lt 30 ] || { stuck $d $v $((n - a)); t="$t $d"; } ;; esac
     done
   done
 }
+echo GUEST-TEXT $(grep -m1 " _text$" /proc/kallsyms)
 echo GUEST-JOBS-UP
 watch & w=$!
-run d0 $v_d0 & r0=$!
-run d1 $v_d1 & r1=$!
-wait $r0 $r1
+run d0 $v_d0 & r=$!
+run d1 $v_d1
+wait $r
 kill $w')
 
 # stalled: whether the guest's fio rounds stopped: a disk whose fio goes on (neither GUEST-FIO-OK
@@ -150,6 +154,7 @@ last_round() { r=$(grep "GUEST-ROUND $1 " console.log | tail -1 | cut -d' ' -f3)
 # counted (exits by reason, interrupts injected, timers).
 stall_state() {
   echo "--- jobs-$run: the stalled guest's state"
+  echo "guest kernel text: $(grep -m1 GUEST-TEXT console.log)"
   echo "console (last 25 lines):"
   tail -n 25 console.log
   dbg=/sys/kernel/debug
@@ -206,7 +211,24 @@ stall_qmp() {
     echo "$c:"
     # The general registers and CR0 of the registers' dump (not the segments, FPU, vectors).
     echo "$reply" | sed 's/\\r\\n/\n/g; s/\\t/ /g' | grep -Ev '^(ES|CS|SS|DS|FS|GS|LDT|TR|GDT|IDT|DR[0-9]|FCW|FPR[0-9]|YMM[0-9]*|XMM[0-9]*)[ =]'
+    for r in $(echo "$reply" | grep -o 'RIP=[0-9a-f]*'); do echo "$r is in $(where "${r#RIP=}")"; done
   done
+}
+# where ADDR: the guest's instruction pointer ADDR as SYMBOL+OFFSET, looked up in this host's
+# /proc/kallsyms: the host runs the guest's kernel (the same bzImage), relocated elsewhere, and
+# GUEST-TEXT says where the guest's text starts. Both lie in the top 2 GiB, so the low 32 bits do.
+where() {
+  case $1 in
+    ffffffff[89ab]*) ;;
+    ffffffff*) echo "a module"; return ;;
+    *) echo "user space"; return ;;
+  esac
+  gt=$(grep -m1 GUEST-TEXT console.log | cut -d' ' -f2)
+  ht=$(grep -m1 ' _text$' /proc/kallsyms | cut -d' ' -f1)
+  [ -n "$gt" ] && [ -n "$ht" ] || { echo "?"; return; }
+  a=$(printf 'ffffffff%08x' $(((0x${1#ffffffff} - 0x${gt#ffffffff} + 0x${ht#ffffffff}) & 0xffffffff)))
+  awk -v a="$a" 'NF == 3 && $1 <= a && $1 > b { b = $1; s = $3 } END { print s, b }' /proc/kallsyms | {
+    read -r s b; echo "$s+0x$(printf %x $((0x${a#ffffffff} - 0x${b#ffffffff})))"; }
 }
 # go: no stall seen in this run (every step and wait below starts with it).
 go() { [ -z "$stall" ]; }
@@ -327,6 +349,10 @@ jobs_run() {
   : > trace; : > qmp.log
   start=$(date +%s)
   if [ -n "${JOBS_LOCAL:-}" ]; then set -- "$@" -S; fi
+  cmdline="$APPEND guest.sh=$JOBS_GUEST guest.run=poweroff"
+  # Linux keeps 2047 bytes of its command line: vmm refuses a longer one, QEMU boots it into a
+  # silent hang in the kernel's first steps.
+  [ ${#cmdline} -lt 2048 ] || bad "jobs-$run-command-line-of-${#cmdline}-bytes"
   "$@" -m 512M -smp 2 -kernel "$G/bzImage" -initrd "$G/initrd-fio.img" -object iothread,id=io0 \
     -drive file=top.qcow2,format=qcow2,if=none,id=d0,cache=none \
     -device virtio-blk-device,drive=d0,id=v0,iothread=io0,serial=d0 \
@@ -335,7 +361,7 @@ jobs_run() {
     -drive file=ctl.raw,format=raw,if=none,id=ctl,cache=none \
     -device virtio-blk-device,drive=ctl,id=vc,serial=ctl \
     -qmp tcp:127.0.0.1:$JOBS_PORT,server=on,wait=off \
-    -append "$APPEND guest.sh=$JOBS_GUEST guest.run=poweroff" < /dev/null > console.log 2>&1 &
+    -append "$cmdline" < /dev/null > console.log 2>&1 &
   vm_pid=$!
   if [ -z "${JOBS_LOCAL:-}" ]; then
     i=0
