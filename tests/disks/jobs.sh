@@ -373,6 +373,12 @@ jobs_run() {
   qmp_up=""
   if qmp_open $JOBS_PORT; then
     qmp_up=1
+    # A guest that is there but never started its fio: its state, and no steps.
+    if [ -z "${JOBS_LOCAL:-}" ] && ! has console.log GUEST-JOBS-UP && kill -0 $vm_pid 2>/dev/null; then
+      stall="not up"
+      echo "E2E-NOTE jobs-$run: inner guest under $run stalled: not up within 150 s"
+      stall_state
+    fi
     jobs_sequence
     [ -n "${JOBS_LOCAL:-}" ] && qmp_cmd '{"execute":"quit"}'
     qmp_close
