@@ -115,14 +115,15 @@ kill $w')
 
 # stalled: whether the guest's fio rounds stopped: a disk whose fio goes on (neither GUEST-FIO-OK
 # nor -FAIL) has had no new round for JOBS_STALL s (by the host's clock, counted from the guest's
-# boot marker; rounds take seconds: the longest wait was 35 s at a load of 12 on 2 cores, where a
-# stalled guest never resumed in 10 minutes). Checked every few calls (the waits call it at each nap); the
+# boot marker; rounds take seconds, but one was waited for 63 s in a passing run at a load of 6 on
+# 2 cores, while a stalled guest never resumed in 10 minutes; 120 s is what each phase waits for
+# its rounds anyway, so no run that would pass fails here). Checked every few calls (the waits call it at each nap); the
 # first time it holds it says so in one line, prints the stalled guest's state (stall_state) and
 # then holds for the rest of the run, which every step below skips, so the run ends at once (its
 # checks failing: no GUEST-FIO-OK). Keeps in $longest the longest a round was waited for (to the
 # second or so: rounds that came while no wait was checking count when the next one checks), said
 # at the end of each run. Needs seen0, seen1, at0, at1, longest and stall set by jobs_run.
-JOBS_STALL=90
+JOBS_STALL=120
 stalled() {
   [ -z "$stall" ] || return 0
   [ -z "${JOBS_LOCAL:-}" ] || return 1
@@ -130,9 +131,9 @@ stalled() {
   [ $((tick % 5)) = 0 ] || return 1
   now=$(date +%s)
   n=$(grep -c "GUEST-ROUND d0 " console.log)
-  [ "$n" = "$seen0" ] || { [ $((now - at0)) -le "$longest" ] || longest=$((now - at0)); seen0=$n at0=$now; }
+  [ "$n" = "$seen0" ] || { waited d0 $((now - at0)) "$n"; seen0=$n at0=$now; }
   n=$(grep -c "GUEST-ROUND d1 " console.log)
-  [ "$n" = "$seen1" ] || { [ $((now - at1)) -le "$longest" ] || longest=$((now - at1)); seen1=$n at1=$now; }
+  [ "$n" = "$seen1" ] || { waited d1 $((now - at1)) "$n"; seen1=$n at1=$now; }
   for d in d0 d1; do
     has console.log "GUEST-FIO-[A-Z]* $d" && continue
     if [ $d = d0 ]; then at=$at0 other=d1 other_at=$at1; else at=$at1 other=d0 other_at=$at0; fi
@@ -143,6 +144,12 @@ stalled() {
     return 0
   done
   return 1
+}
+# waited DISK SECONDS N: DISK's round N came after SECONDS; kept in $longest (and which round in
+# $longest_at) if no round was waited for longer.
+waited() {
+  [ "$2" -gt "$longest" ] || return 0
+  longest=$2 longest_at="on $1: its round $3, of phase $(last_round "$1")"
 }
 # last_round DISK: the phase of DISK's last fio round ("none" before the first).
 last_round() { r=$(grep "GUEST-ROUND $1 " console.log | tail -1 | cut -d' ' -f3); echo "${r:-none}"; }
@@ -370,7 +377,7 @@ jobs_run() {
     until has console.log GUEST-JOBS-UP || ! kill -0 $vm_pid 2>/dev/null || [ $i -ge 750 ]; do nap; i=$((i + 1)); done
     has console.log GUEST-JOBS-UP || { bad "jobs-$run-guest-up"; tail -30 console.log; }
   fi
-  stall="" tick=0 seen0=0 seen1=0 at0=$(date +%s) at1=$(date +%s) longest=0
+  stall="" tick=0 seen0=0 seen1=0 at0=$(date +%s) at1=$(date +%s) longest=0 longest_at=""
   qmp_up=""
   if qmp_open $JOBS_PORT; then
     qmp_up=1
@@ -393,7 +400,7 @@ jobs_run() {
   wait $vm_pid
   rc=$?
   echo "E2E-TIME jobs-$run $(($(date +%s) - start)) s rc=$rc"
-  [ -n "${JOBS_LOCAL:-}" ] || echo "E2E-NOTE jobs-$run: fio rounds: $seen0 on d0, $seen1 on d1, the longest waited for $longest s"
+  [ -n "${JOBS_LOCAL:-}" ] || echo "E2E-NOTE jobs-$run: fio rounds: $seen0 on d0, $seen1 on d1, the longest waited for $longest s ($longest_at)"
   check "jobs-$run-exit-0" [ "$rc" = 0 ]
   if [ -z "${JOBS_LOCAL:-}" ]; then
     check "jobs-$run-fio-d0" has console.log "GUEST-FIO-OK d0"
