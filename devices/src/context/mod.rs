@@ -170,6 +170,14 @@ impl HandlerTable {
         (slot, generation)
     }
 
+    /// The token and readiness check of every polled handler ([`Context::add_polled_fd`]).
+    fn polled(&self) -> impl Iterator<Item = (u64, &PollReady)> {
+        self.slots.iter().enumerate().filter_map(|(slot, entry)| {
+            let entry = entry.as_ref()?;
+            Some((Self::token(slot, entry.generation), entry.ready.as_ref()?))
+        })
+    }
+
     fn get(&self, token: u64) -> Option<&Entry> {
         let (slot, generation) = Self::split(token);
         self.slots
@@ -576,11 +584,11 @@ impl Context {
     /// Puts the tokens and readiness checks of the polled handlers into `sources`.
     fn polled_sources(&self, sources: &mut Vec<(u64, PollReady)>) {
         let table = self.table();
-        sources.extend(table.slots.iter().enumerate().filter_map(|(slot, entry)| {
-            let entry = entry.as_ref()?;
-            let ready = Arc::clone(entry.ready.as_ref()?);
-            Some((HandlerTable::token(slot, entry.generation), ready))
-        }));
+        sources.extend(
+            table
+                .polled()
+                .map(|(token, ready)| (token, Arc::clone(ready))),
+        );
     }
 
     /// Leaves poll mode, if the context was in it: runs every polled handler once, with the
@@ -590,10 +598,9 @@ impl Context {
         if !self.poll_mode.swap(false, Ordering::SeqCst) {
             return 0;
         }
-        let mut sources = Vec::new();
-        self.polled_sources(&mut sources);
-        let events: Vec<EpollEvent> = sources
-            .into_iter()
+        let events: Vec<EpollEvent> = self
+            .table()
+            .polled()
             .map(|(token, _)| EpollEvent::new(EventSet::IN, token))
             .collect();
         self.dispatch_in_hook(&events)
