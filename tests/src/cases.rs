@@ -114,6 +114,9 @@ enum Kind {
     /// A raw disk on virtio-blk-pci on an iothread: verified I/O and a vector per queue
     /// ([`crate::pci`]).
     PciDisk,
+    /// A raw disk on virtio-blk-pci whose BAR the VMM places above 4 GiB: the guest keeps it
+    /// there, in the host bridge's 64-bit window ([`crate::pci`]).
+    PciBar64,
     /// fio with a job per vCPU on virtio-blk-pci: each queue's vector fires on its own CPU only
     /// ([`crate::pci`]).
     PciAffinity,
@@ -203,6 +206,7 @@ pub fn cases(targets: &[Target], filter: Option<&str>, groups: Groups) -> Vec<Ca
         // QEMU's microvm as the baseline runs it has no PCI bus.
         if target == Target::Vmm {
             add("virtio-blk-pci".into(), Kind::PciDisk);
+            add("virtio-blk-pci-bar64".into(), Kind::PciBar64);
             add("virtio-blk-pci-mq-affinity".into(), Kind::PciAffinity);
             add("virtio-blk-pci-vq-mapping".into(), Kind::PciVqMapping);
         }
@@ -266,6 +270,10 @@ pub fn run(case: &Case, guest_dir: &Path) -> Outcome {
         }
         Kind::PciDisk => {
             crate::pci::disk_on_pci(case.target, guest_dir, &case.name, &mut transcript)
+                .map_err(|e| e.to_string())
+        }
+        Kind::PciBar64 => {
+            crate::pci::bar_above_4_gib(case.target, guest_dir, &case.name, &mut transcript)
                 .map_err(|e| e.to_string())
         }
         Kind::PciAffinity => {
@@ -580,9 +588,9 @@ mod tests {
         };
         assert_eq!(
             cases(&[Target::Vmm, Target::Qemu], None, everything).len(),
-            25
+            26
         );
-        assert_eq!(all.len(), 18);
+        assert_eq!(all.len(), 19);
         assert!(all.iter().any(|c| c.name == "vmm/virtio-blk-pci"));
         assert!(!all.iter().any(|c| c.name == "qemu/virtio-blk-pci"));
         assert!(all

@@ -11,6 +11,10 @@
 //! one MSI-X vector per queue (`virtio0-req.N`, each having fired) and one for configuration
 //! changes (`virtio0-config`).
 //!
+//! [`bar_above_4_gib`] (the guest's kernel keeps the VMM's placement): the same I/O and checks,
+//! and the case wants the root bus's resources (its dmesg) to hold a memory window above 4 GiB
+//! and BAR 0 (64-bit) to be in it, where the VMM placed it.
+//!
 //! [`queues_on_their_cpus`] (`num-queues` given, the guest with fio): fio reads with one job per
 //! vCPU, each pinned to its own (`--cpus_allowed_policy=split`), and the case wants each queue's
 //! vector to have fired on its own CPU only: `virtio0-req.K` counted in the column of CPU K and
@@ -42,6 +46,7 @@ const SCRIPT_TIMEOUT: Duration = Duration::from_secs(240);
 /// The guest's script: says where BAR 0 is, writes and reads back half of the data from each
 /// CPU, then reports.
 const SCRIPT: &str = "\
+dmesg | grep 'root bus resource' | sed 's/^/GUEST-PCI-ROOT /'
 echo GUEST-PCI-BAR $(head -n 1 /sys/bus/pci/devices/0000:00:01.0/resource)
 dd if=/dev/urandom of=/tmp/p bs=64k count=64 2>/dev/null
 taskset -c 0 dd if=/tmp/p of=/dev/vda bs=64k count=32 oflag=direct 2>/dev/null
@@ -114,6 +119,14 @@ pub enum Error {
     /// The guest's kernel did not move BAR 0 as asked, or it is not a 64-bit BAR.
     #[error("expected BAR 0 moved to a 1 MiB boundary, 64-bit; the guest said {0:?}")]
     Bar(String),
+    /// BAR 0 is not in a root bus window above 4 GiB, or the guest has no such window.
+    #[error("expected BAR 0 (64-bit) in the root bus's window above 4 GiB; the guest said BAR {bar:?}, windows {windows:?}")]
+    Bar64 {
+        /// The guest's sysfs `resource` line of BAR 0.
+        bar: String,
+        /// The root bus's memory windows the guest's kernel printed (start, end).
+        windows: Vec<(u64, u64)>,
+    },
     /// A boot failed.
     #[error(transparent)]
     Boot(#[from] Failure),
@@ -142,19 +155,66 @@ fn bar_moved(line: &str) -> bool {
         && flags & RESOURCE_MEM_64 != 0
 }
 
-/// [`Error::Bar`] unless the transcript's `GUEST-PCI-BAR` line passes [`bar_moved`].
-fn check_bar(transcript: Option<&str>) -> Result<(), Error> {
-    let line = transcript
+/// The transcript's `GUEST-PCI-BAR` line: BAR 0's sysfs `resource` line.
+fn bar_line(transcript: Option<&str>) -> String {
+    transcript
         .unwrap_or("")
         .lines()
         .find_map(|l| Some(l.split_once("GUEST-PCI-BAR")?.1))
         .unwrap_or("")
         .trim()
-        .to_owned();
+        .to_owned()
+}
+
+/// [`Error::Bar`] unless the transcript's `GUEST-PCI-BAR` line passes [`bar_moved`].
+fn check_bar(transcript: Option<&str>) -> Result<(), Error> {
+    let line = bar_line(transcript);
     if bar_moved(&line) {
         Ok(())
     } else {
         Err(Error::Bar(line))
+    }
+}
+
+/// The root bus's memory windows in the transcript's `GUEST-PCI-ROOT` lines (the kernel's
+/// `pci_bus 0000:00: root bus resource [mem 0x100000000-0x8ffffffff window]`).
+fn root_windows(transcript: &str) -> Vec<(u64, u64)> {
+    let hex = |w: &str| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok();
+    transcript
+        .lines()
+        .filter(|l| l.contains("GUEST-PCI-ROOT"))
+        .filter_map(|l| {
+            let range = l.split_once("[mem ")?.1.split_once(" window]")?.0;
+            let (start, end) = range.split_once('-')?;
+            Some((hex(start)?, hex(end)?))
+        })
+        .collect()
+}
+
+/// Whether BAR 0's sysfs `resource` line is a 64-bit memory BAR of 32 KiB at or above 4 GiB,
+/// within one of the root bus's `windows`.
+fn bar_above_4_gib_in(line: &str, windows: &[(u64, u64)]) -> bool {
+    let words: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok())
+        .collect();
+    let [start, end, flags] = words[..] else {
+        return false;
+    };
+    start >= 1 << 32
+        && end.checked_sub(start) == Some(0x7fff)
+        && flags & RESOURCE_MEM_64 != 0
+        && windows.iter().any(|&(s, e)| s <= start && end <= e)
+}
+
+/// [`Error::Bar64`] unless [`bar_above_4_gib_in`] holds for the transcript's BAR and windows.
+fn check_bar_above_4_gib(transcript: Option<&str>) -> Result<(), Error> {
+    let bar = bar_line(transcript);
+    let windows = root_windows(transcript.unwrap_or(""));
+    if bar_above_4_gib_in(&bar, &windows) {
+        Ok(())
+    } else {
+        Err(Error::Bar64 { bar, windows })
     }
 }
 
@@ -344,6 +404,42 @@ pub fn disk_on_pci(
     checked
 }
 
+/// Runs the `virtio-blk-pci-bar64` case for `target`.
+pub fn bar_above_4_gib(
+    target: Target,
+    guest_dir: &Path,
+    name: &str,
+    transcript: &mut Option<String>,
+) -> Result<String, Error> {
+    let (image, boot) = pci_boot(
+        name,
+        "initrd.img",
+        SCRIPT,
+        &["io0"],
+        "virtio-blk-pci,drive=d0,id=vd0,iothread=io0",
+    )?;
+    // "GUEST-PCI-VERIFY mismatch": the guest read back other data than it wrote.
+    let result = written_and_checked(
+        target,
+        &boot,
+        guest_dir,
+        transcript,
+        "GUEST-PCI-VERIFY",
+        &image,
+    );
+    let checked = result.and_then(|(up, irqs)| {
+        check_bar_above_4_gib(transcript.as_deref())?;
+        Ok(format!(
+            "{up}; BAR 0 {} in the root bus window above 4 GiB; 4 MiB written and read back \
+             with O_DIRECT from both CPUs, the image holds it; vectors (per CPU): {}",
+            bar_line(transcript.as_deref()),
+            describe(&irqs)
+        ))
+    });
+    let _ = std::fs::remove_file(&image);
+    checked
+}
+
 /// Runs the `virtio-blk-pci-mq-affinity` case for `target`.
 pub fn queues_on_their_cpus(
     target: Target,
@@ -501,6 +597,45 @@ mod tests {
             "0x0000000000000000 0x0000000000000000 0x0000000000000000"
         ));
         assert!(matches!(check_bar(None), Err(Error::Bar(l)) if l.is_empty()));
+    }
+
+    #[test]
+    fn the_bar_must_be_above_4_gib_in_a_root_window() {
+        // What the guest printed in the nested host, with the transcript's times.
+        let transcript = "   1.2 GUEST-PCI-ROOT [    0.31] pci_bus 0000:00: root bus resource \
+            [mem 0xc0000000-0xcfffffff window]\n   1.2 GUEST-PCI-ROOT [    0.31] pci_bus \
+            0000:00: root bus resource [mem 0x100000000-0x8ffffffff window]\n   1.2 \
+            GUEST-PCI-ROOT [    0.31] pci_bus 0000:00: root bus resource [bus 00]\n   1.3 \
+            GUEST-PCI-BAR 0x0000000100008000 0x000000010000ffff 0x0000000000140204\n";
+        let windows = root_windows(transcript);
+        assert_eq!(
+            windows,
+            [(0xc000_0000, 0xcfff_ffff), (0x1_0000_0000, 0x8_ffff_ffff)]
+        );
+        assert!(check_bar_above_4_gib(Some(transcript)).is_ok());
+        let high = "0x0000000100008000 0x000000010000ffff 0x0000000000140204";
+        // Below 4 GiB, outside every window, 32-bit, another size, no window above 4 GiB.
+        assert!(!bar_above_4_gib_in(
+            "0x00000000c0008000 0x00000000c000ffff 0x0000000000140204",
+            &windows
+        ));
+        assert!(!bar_above_4_gib_in(
+            "0x0000000900008000 0x000000090000ffff 0x0000000000140204",
+            &windows
+        ));
+        assert!(!bar_above_4_gib_in(
+            "0x0000000100008000 0x000000010000ffff 0x0000000000040200",
+            &windows
+        ));
+        assert!(!bar_above_4_gib_in(
+            "0x0000000100000000 0x00000001000fffff 0x0000000000140204",
+            &windows
+        ));
+        assert!(!bar_above_4_gib_in(high, &windows[..1]));
+        assert!(matches!(
+            check_bar_above_4_gib(None),
+            Err(Error::Bar64 { bar, windows }) if bar.is_empty() && windows.is_empty()
+        ));
     }
 
     #[test]

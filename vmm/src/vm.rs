@@ -23,6 +23,7 @@ use devices::legacy::{
     AcpiSleep, EventFdTrigger, Ged, GuestExit, Rtc, Serial, GED_MMIO_SIZE, I8042,
 };
 use devices::pci::PciConfigIo;
+use devices::virtio::PCI_BAR_SIZE;
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -32,10 +33,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::x86_64::boot::{
     configure_vcpu, load_guest, BootConfig, BootError, VcpuSetupError,
 };
-use crate::arch::x86_64::cpuid::{supported_cpuid, CpuidError};
+use crate::arch::x86_64::cpuid::{phys_bits, supported_cpuid, CpuidError};
 use crate::arch::x86_64::layout::{
-    ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, GED_IRQ, GED_START, I8042_PORT, KVM_TSS_START,
-    PCI_CONFIG_PORT, RTC_PORT,
+    pci_mmio64_window, ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, GED_IRQ, GED_START, I8042_PORT,
+    KVM_TSS_START, PCI_CONFIG_PORT, RTC_PORT,
 };
 use crate::arch::x86_64::memory::{create_guest_memory, host_ram_bytes, GuestMemory, MemoryError};
 use crate::cli::Config;
@@ -187,6 +188,9 @@ pub struct Vm {
     /// Where the disks report failed requests.
     io_errors: Arc<IoErrors>,
 }
+
+/// The least room the 64-bit PCI window must have: one BAR per device number of the bus.
+const PCI_BARS_BYTES: u64 = devices::pci::SLOTS as u64 * PCI_BAR_SIZE;
 
 /// The KVM device.
 const KVM_PATH: &std::ffi::CStr = c"/dev/kvm";
@@ -340,11 +344,15 @@ impl Vm {
         let mmio = mmio_devices(&vm_fd)?;
         let mut shared_mmio = SharedBus::new();
         let io_errors = IoErrors::new().map_err(VmError::EventFd)?;
+        let cpuid = supported_cpuid(&kvm).map_err(VmError::Cpuid)?;
+        let ram_end = memory.last_addr().0.saturating_add(1);
+        let window64 = pci_mmio64_window(ram_end, phys_bits(cpuid.as_slice()), PCI_BARS_BYTES);
         let (disks, dsdt_devices) = Disks::build(
             &cfg.iothreads,
             &exit_events.iothread_failed,
             &cfg.disks,
             cpus,
+            window64,
             &vm_fd,
             &memory,
             &mut shared_mmio,
@@ -381,7 +389,6 @@ impl Vm {
         )
         .map_err(VmError::Boot)?;
 
-        let cpuid = supported_cpuid(&kvm).map_err(VmError::Cpuid)?;
         let mut vcpus = Vec::with_capacity(usize::from(cpus));
         for index in 0..cpus {
             // KVM gives the local APIC the vCPU's id: make it the topology's APIC id.

@@ -20,7 +20,7 @@ pub mod root;
 
 pub use config::{Bar, BarMove, ConfigSpace, PciIds, CONFIG_SPACE_SIZE};
 pub use msix::{MsiMessage, MsiRoutes, Msix};
-pub use root::{PciBars, PciConfigIo, PciEcam, PciRoot, ECAM_BUS_SIZE};
+pub use root::{PciBars, PciConfigIo, PciEcam, PciRoot, ECAM_BUS_SIZE, SLOTS};
 
 /// Errors of building PCI functions and the bus.
 #[derive(Debug, thiserror::Error)]

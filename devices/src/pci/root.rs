@@ -20,7 +20,7 @@ use crate::bus::SharedBusDevice;
 /// Bytes of ECAM for one bus: 32 devices of 8 functions of 4 KiB.
 pub const ECAM_BUS_SIZE: u64 = 32 * 8 * 4096;
 /// Device numbers on a bus.
-const SLOTS: usize = 32;
+pub const SLOTS: usize = 32;
 
 /// The host bridge's identity: QEMU's generic PCIe host bridge (Red Hat, 0x0008), class host
 /// bridge.

@@ -23,13 +23,14 @@
 //! reaches the device's context with no lock at all. The ioeventfds follow BAR 0 as QEMU's memory
 //! regions take theirs along: registered (through the vmm's [`Ioevents`]) once the guest turns
 //! memory decoding on, moved when it writes the BAR a new address, taken away while decoding is
-//! off or the notification region is outside the host bridge's window (where no access reaches
+//! off or the notification region is outside the host bridge's windows (where no access reaches
 //! the function). A notification that does reach the transport (an ioeventfd KVM refused)
 //! signals the same eventfd.
 //!
 //! BAR 0 is 64-bit, as QEMU's modern virtio-pci BAR, but not prefetchable: its reads have side
 //! effects (the ISR status clears on read) and it holds the MSI-X table. The vmm places it in the
-//! 32-bit window; the guest may move it anywhere.
+//! host bridge's 64-bit window above 4 GiB (in the 32-bit one when the machine has none); the
+//! guest may move it anywhere.
 //!
 //! Locking: the transport state (feature selection, queue set-up, status, activation, reset) is
 //! the one every transport shares (`transport.rs`: its mutex, then the device's context).
@@ -153,10 +154,10 @@ impl InterruptVectors for Vectors {
 }
 
 /// What the vmm gives a transport: where BAR 0 starts, its MSI-X vectors' GSIs and routes, the
-/// VM's ioeventfds and the host bridge's memory window.
+/// VM's ioeventfds and the host bridge's memory windows.
 #[derive(Debug)]
 pub struct PciWiring {
-    /// BAR 0's first address: a multiple of [`BAR_SIZE`] in the window.
+    /// BAR 0's first address: a multiple of [`BAR_SIZE`] in a window.
     pub bar: u64,
     /// The GSI of vector 0; the others follow.
     pub first_gsi: u32,
@@ -164,29 +165,30 @@ pub struct PciWiring {
     pub routes: Arc<dyn MsiRoutes>,
     /// Where the queues' ioeventfds are registered.
     pub ioevents: Arc<dyn Ioevents>,
-    /// The memory range the host bridge forwards to the bus.
-    pub window: Range<u64>,
+    /// The memory ranges the host bridge forwards to the bus.
+    pub windows: Vec<Range<u64>>,
 }
 
 /// The queues' ioeventfds and where each is registered now.
 #[derive(Debug)]
 struct Notifications {
     ioevents: Arc<dyn Ioevents>,
-    window: Range<u64>,
+    windows: Vec<Range<u64>>,
     /// Queue N's registered notification address, if any.
     at: Mutex<Vec<Option<u64>>>,
 }
 
 impl Notifications {
     /// BAR 0 is now decoded at `bar` (None: nowhere): each queue's ioeventfd leaves its old
-    /// address and goes to its notification address there, if the notification region is in the
+    /// address and goes to its notification address there, if the notification region is in a
     /// window. A failure is the guest's doing (two functions' regions on one address): logged,
     /// and that queue's notifications come by exit, or not at all.
     fn follow(&self, fds: &[EventFd], bar: Option<u64>) {
         let region = bar.and_then(|b| {
             let start = b.checked_add(NOTIFY_OFFSET)?;
             let end = start.checked_add(NOTIFY_SIZE)?;
-            (self.window.start <= start && end <= self.window.end).then_some(b)
+            let inside = |w: &Range<u64>| w.start <= start && end <= w.end;
+            self.windows.iter().any(inside).then_some(b)
         });
         let mut at = self.at.lock().unwrap_or_else(PoisonError::into_inner);
         for ((queue, fd), at) in (0u16..).zip(fds).zip(at.iter_mut()) {
@@ -256,7 +258,7 @@ impl VirtioPciTransport {
             first_gsi,
             routes,
             ioevents,
-            window: bar_window,
+            windows,
         } = wiring;
         let queues = device.queue_max_sizes().len();
         let count = u16::try_from(queues + 1)
@@ -331,7 +333,7 @@ impl VirtioPciTransport {
             config: Mutex::new(config),
             notifications: Notifications {
                 ioevents,
-                window: bar_window,
+                windows,
                 at: Mutex::new(vec![None; queues]),
             },
             msix_capability,
@@ -661,8 +663,10 @@ mod tests {
 
     const BAR: u64 = 0xc000_8000;
 
-    /// The window the tests' host bridge forwards: BAR's 256 MiB.
+    /// The window the tests' host bridge forwards below 4 GiB: BAR's 256 MiB.
     const WINDOW: Range<u64> = 0xc000_0000..0xd000_0000;
+    /// The one it forwards above 4 GiB.
+    const WINDOW64: Range<u64> = 0x8_0000_0000..0x10_0000_0000;
 
     /// KVM's ioeventfds as the tests see them: (address, the registered fd's number, a copy of
     /// it). A guest write at a registered address signals it, with no exit, as KVM does.
@@ -699,7 +703,7 @@ mod tests {
         }
 
         /// A guest's 2-byte write of `value` at `addr`: an ioeventfd there takes it, else the
-        /// exit reaches the BAR window (when `addr` is in it).
+        /// exit reaches the 32-bit BAR window (when `addr` is in it).
         fn guest_write(&self, bars: &PciBars, addr: u64, value: u16) {
             let fd = self
                 .0
@@ -739,7 +743,7 @@ mod tests {
             first_gsi: 40,
             routes: routes.clone(),
             ioevents: kvm.clone(),
-            window: WINDOW,
+            windows: vec![WINDOW, WINDOW64],
         };
         let t = VirtioPciTransport::new(rig.dev.clone(), rig.mem.clone(), wiring).unwrap();
         (t, routes, kvm)
@@ -937,7 +941,7 @@ mod tests {
     /// The guest moves BAR 0 as Linux does (memory decoding off, a probe of both halves, a new
     /// address, decoding on): the queues' ioeventfds go with it, so a notification at the new
     /// address reaches its queue with no exit and one at the old address reaches nothing. With
-    /// decoding off nothing answers, nor with the BAR moved past the window.
+    /// decoding off nothing answers, nor with the BAR moved past the windows.
     #[test]
     fn notifications_follow_bar_0_and_memory_decoding() {
         let rig = mem_rig("pci-move", 2);
@@ -1019,9 +1023,14 @@ mod tests {
         kvm.guest_write(&bars, notify(NEW, 0), 0);
         rig.run_until_used(0, 2);
 
-        // The high half moves it past the window (above 4 GiB): no ioeventfd there; back again.
+        // The high half moves it past the windows (above 4 GiB): no ioeventfd there; into the
+        // 64-bit window, they follow; back again.
         t.write_config(0x14, &1u32.to_le_bytes());
         assert_eq!(kvm.addresses(), [0u64; 0]);
+        t.write_config(0x14, &8u32.to_le_bytes());
+        let high = 0x8_c010_0000;
+        assert!(WINDOW64.contains(&high));
+        assert_eq!(kvm.addresses(), [notify(high, 0), notify(high, 1)]);
         t.write_config(0x14, &[0; 4]);
         assert_eq!(kvm.addresses(), [notify(NEW, 0), notify(NEW, 1)]);
         rig.dev.shutdown().unwrap();
@@ -1040,7 +1049,7 @@ mod tests {
             first_gsi: 50,
             routes: Arc::new(Routes::default()),
             ioevents: kvm.clone(),
-            window: WINDOW,
+            windows: vec![WINDOW, WINDOW64],
         };
         let tb = VirtioPciTransport::new(b.dev.clone(), b.mem.clone(), wiring).unwrap();
         let on = (command::MEMORY | command::BUS_MASTER).to_le_bytes();

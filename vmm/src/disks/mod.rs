@@ -16,10 +16,11 @@
 //! [`VIRTIO_MMIO_START`] + n × [`VIRTIO_MMIO_SIZE`], with one ioeventfd per queue at its
 //! QueueNotify register (datamatch: the queue index), its irqfd on GSI [`VIRTIO_IRQ_FIRST`] + n
 //! and an `LNRO0005` DSDT entry, edge-triggered. A virtio-pci disk: its function goes on the PCI
-//! root bus at the next device number d, its 64-bit BAR at [`PCI_MMIO_START`] + d × 32 KiB, one
+//! root bus at the next device number d, its 64-bit BAR at the start of the host bridge's 64-bit
+//! window above 4 GiB (or at [`PCI_MMIO_START`], when the machine has none) + d × 32 KiB, one
 //! ioeventfd per queue at its notification address wherever the guest decodes the BAR (the
 //! transport moves them through `KvmIoevents`), and one irqfd per MSI-X vector (queues + 1)
-//! on GSIs from [`PCI_MSI_GSI_FIRST`] on; with any, the ECAM and BAR windows go on the shared
+//! on GSIs from [`PCI_MSI_GSI_FIRST`] on; with any, the ECAM and both BAR windows go on the shared
 //! MMIO bus and the host bridge in the DSDT ([`Disks::pci_root`] gives the bus to the 0xCF8
 //! ports and says the MCFG is needed).
 //!
@@ -48,6 +49,7 @@ mod resize;
 mod snapshot;
 mod wiring;
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use block::DiskImage;
@@ -256,13 +258,16 @@ impl Disks {
     /// Builds the iothreads and disks (steps in the module doc), putting the transports on
     /// `shared_mmio` (or on the PCI bus, itself on `shared_mmio`); returns them with the DSDT
     /// entries of the transports and of the PCI host bridge. A virtio-pci disk without
-    /// `num-queues` gets one queue per vCPU (`vcpus`).
+    /// `num-queues` gets one queue per vCPU (`vcpus`). The virtio-pci functions' BARs go in
+    /// `window64` (the host bridge's window above 4 GiB, see `layout::pci_mmio64_window`), or
+    /// in the 32-bit window when there is none.
     #[allow(clippy::too_many_arguments)]
     pub fn build(
         iothreads: &[IoThreadSpec],
         iothread_failed: &IoThreadFailures,
         specs: &[DiskSpec],
         vcpus: u8,
+        window64: Option<Range<u64>>,
         vm_fd: &Arc<VmFd>,
         memory: &GuestMemory,
         shared_mmio: &mut SharedBus,
@@ -303,6 +308,11 @@ impl Disks {
         let ioevents: Arc<dyn Ioevents> = Arc::new(KvmIoevents(Arc::clone(vm_fd)));
         let mut mmio_index = 0u8;
         let mut next_gsi = PCI_MSI_GSI_FIRST;
+        let windows: Vec<Range<u64>> =
+            std::iter::once(PCI_MMIO_START..PCI_MMIO_START + PCI_MMIO_SIZE)
+                .chain(window64.clone())
+                .collect();
+        let bars_start = window64.as_ref().map_or(PCI_MMIO_START, |w| w.start);
         for ((index, spec), image) in (0u8..).zip(specs).zip(images) {
             let groups = spec
                 .groups
@@ -337,11 +347,11 @@ impl Disks {
                         source,
                     };
                     let slot = pci.next_slot().ok_or(PciError::BusFull).map_err(pci_err)?;
-                    let bar = PCI_MMIO_START + u64::from(slot) * PCI_BAR_SIZE;
+                    let bar = bars_start + u64::from(slot) * PCI_BAR_SIZE;
                     let first_gsi = next_gsi;
                     let slot = add_pci(
                         drive,
-                        (bar, first_gsi),
+                        (bar, first_gsi, &windows),
                         vm_fd,
                         memory,
                         (&mut pci, Arc::clone(&routes), Arc::clone(&ioevents)),
@@ -376,14 +386,21 @@ impl Disks {
                     Arc::new(PciEcam(Arc::clone(&root))),
                 )
                 .map_err(DiskError::PciBus)?;
-            let bars = PciBars {
-                root: Arc::clone(&root),
-                base: PCI_MMIO_START,
-            };
-            shared_mmio
-                .insert("pci-bars", PCI_MMIO_START, PCI_MMIO_SIZE, Arc::new(bars))
-                .map_err(DiskError::PciBus)?;
-            dsdt.push(pci_host_bridge());
+            for (name, window) in ["pci-bars", "pci-bars64"].into_iter().zip(&windows) {
+                let bars = PciBars {
+                    root: Arc::clone(&root),
+                    base: window.start,
+                };
+                shared_mmio
+                    .insert(
+                        name,
+                        window.start,
+                        window.end - window.start,
+                        Arc::new(bars),
+                    )
+                    .map_err(DiskError::PciBus)?;
+            }
+            dsdt.push(pci_host_bridge(window64.as_ref()));
             Some(root)
         } else {
             None

@@ -13,6 +13,7 @@
 //! reaches the transport through the shared bus without the global lock.
 
 use std::io;
+use std::ops::Range;
 use std::sync::Arc;
 
 use block::aio::Workers;
@@ -27,7 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::snapshot::LiveImage;
 use super::DiskError;
-use crate::arch::x86_64::layout::{PCI_MMIO_SIZE, PCI_MMIO_START, VIRTIO_MMIO_SIZE};
+use crate::arch::x86_64::layout::VIRTIO_MMIO_SIZE;
 use crate::arch::x86_64::memory::GuestMemory;
 use crate::drive::DiskSpec;
 
@@ -132,13 +133,13 @@ impl Ioevents for KvmIoevents {
     }
 }
 
-/// Puts the virtio-pci transport of `block` (of drive `drive`) on `pci` with its BAR at `bar` and
-/// its MSI-X vectors on GSIs `first_gsi` on, registering one irqfd per vector; its queues'
+/// Puts the virtio-pci transport of `block` (of drive `drive`) on `pci` with its BAR at `bar`
+/// (in one of the host bridge's `windows`) and its MSI-X vectors on GSIs `first_gsi` on, registering one irqfd per vector; its queues'
 /// ioeventfds go through `ioevents` once the guest decodes the BAR. Returns its device number on
 /// the bus.
 pub(super) fn add_pci(
     (drive, block): (&str, &Arc<Block>),
-    (bar, first_gsi): (u64, u32),
+    (bar, first_gsi, windows): (u64, u32, &[Range<u64>]),
     vm_fd: &VmFd,
     memory: &GuestMemory,
     (pci, routes, ioevents): (&mut PciRoot, Arc<dyn MsiRoutes>, Arc<dyn Ioevents>),
@@ -149,7 +150,7 @@ pub(super) fn add_pci(
         first_gsi,
         routes,
         ioevents,
-        window: PCI_MMIO_START..PCI_MMIO_START + PCI_MMIO_SIZE,
+        windows: windows.to_vec(),
     };
     let transport = VirtioPciTransport::new(block.clone(), memory.clone(), wiring)
         .map_err(|source| DiskError::Transport { id: id(), source })?;

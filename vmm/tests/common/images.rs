@@ -142,7 +142,8 @@ pub fn power_button_guest() -> Vec<u8> {
 /// 32-bit PVH (paging off, so the ECAM window is reachable as is): reads the first dword of
 /// 00:01.0's configuration space through ECAM (0xE0008000), probes BAR 0's size (writes all ones
 /// at 0xE0008010 and reads it back), reads the same first dword through the 0xCF8/0xCFC ports,
-/// then puts BAR 0 back (0xC0008000), turns memory decoding on, moves the BAR to 0xC0100000 and
+/// then puts BAR 0 in the 32-bit window (0xC0008000, both halves: the VMM placed it above 4 GiB,
+/// out of this guest's reach), turns memory decoding on, moves the BAR to 0xC0100000 and
 /// reads the virtio common configuration's `num_queues` (offset 0x12, 16 bits) at its new place and
 /// at its old one; writes each of the five values to COM1 as four raw bytes, low first, then
 /// powers off.
@@ -168,8 +169,10 @@ pub fn pci_probe_guest() -> Vec<u8> {
     ]);
     code.extend(out4);
     code.extend([
-        0xc7, 0x05, 0x10, 0x80, 0x00, 0xe0, // movl $0xc0008000, 0xe0008010  # BAR 0 back
-        0x00, 0x80, 0x00, 0xc0, //
+        0xc7, 0x05, 0x10, 0x80, 0x00, 0xe0, // movl $0xc0008000, 0xe0008010  # BAR 0 into the
+        0x00, 0x80, 0x00, 0xc0, //                                            32-bit window,
+        0xc7, 0x05, 0x14, 0x80, 0x00, 0xe0, // movl $0, 0xe0008014           # both halves
+        0x00, 0x00, 0x00, 0x00, //
         0x66, 0xc7, 0x05, 0x04, 0x80, 0x00, 0xe0, // movw $2, 0xe0008004  # memory decoding on
         0x02, 0x00, //
         0xc7, 0x05, 0x10, 0x80, 0x00, 0xe0, // movl $0xc0100000, 0xe0008010  # moved

@@ -15,6 +15,8 @@
 //!   virtio-mmio transports, [`virtio_mmio_device`]; the PCI host bridge, [`pci_host_bridge`]).
 //! - MCFG (PCI Firmware 3.3, 4.1.2), only when the machine has PCI: the ECAM window of bus 0.
 
+use std::ops::Range;
+
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -104,15 +106,39 @@ pub fn virtio_mmio_device(index: u8, base: u64, gsi: u32) -> DsdtDevice {
 }
 
 /// The PCI root bridge of bus 0 (`PNP0A08`, PCI Express, compatible with `PNP0A03`): its bus
-/// range, the configuration mechanism #1 ports and the BAR window it decodes, and, in a
-/// `PNP0C02` motherboard device, the ECAM window, which Linux wants reserved there before it uses
-/// the MCFG entry.
-pub fn pci_host_bridge() -> DsdtDevice {
+/// range, the configuration mechanism #1 ports and the BAR windows it decodes (the 32-bit one,
+/// and `window64` above 4 GiB if any: a QWord memory range, not prefetchable, as QEMU's generic
+/// PCIe host describes its 64-bit window; a guest puts no non-prefetchable BAR in a prefetchable
+/// window), and, in a `PNP0C02` motherboard device, the ECAM window, which Linux wants reserved
+/// there before it uses the MCFG entry.
+pub fn pci_host_bridge(window64: Option<&Range<u64>>) -> DsdtDevice {
     let port = u16::try_from(PCI_CONFIG_PORT).unwrap_or(0xcf8);
     let mmio_start = u32::try_from(PCI_MMIO_START).unwrap_or(0);
     let mmio_end = u32::try_from(PCI_MMIO_START + PCI_MMIO_SIZE - 1).unwrap_or(0);
     let ecam_start = u32::try_from(PCI_ECAM_START).unwrap_or(0);
     let ecam_size = u32::try_from(PCI_ECAM_SIZE).unwrap_or(0);
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let ports = aml::IO::new(port, port, 1, 8);
+    let mmio = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        mmio_start,
+        mmio_end,
+        None,
+    );
+    let mmio64 = window64.map(|w| {
+        aml::AddressSpace::new_memory(
+            aml::AddressSpaceCacheable::NotCacheable,
+            true,
+            w.start,
+            w.end - 1,
+            None,
+        )
+    });
+    let mut resources: Vec<&dyn Aml> = vec![&bus, &ports, &mmio];
+    if let Some(m) = &mmio64 {
+        resources.push(m);
+    }
     let mut aml = aml_bytes(&aml::Device::new(
         "PCI0".into(),
         vec![
@@ -122,20 +148,7 @@ pub fn pci_host_bridge() -> DsdtDevice {
             &aml::Name::new("_SEG".into(), &aml::ZERO),
             &aml::Name::new("_UID".into(), &aml::ZERO),
             &aml::Name::new("_BBN".into(), &aml::ZERO),
-            &aml::Name::new(
-                "_CRS".into(),
-                &aml::ResourceTemplate::new(vec![
-                    &aml::AddressSpace::new_bus_number(0u16, 0u16),
-                    &aml::IO::new(port, port, 1, 8),
-                    &aml::AddressSpace::new_memory(
-                        aml::AddressSpaceCacheable::NotCacheable,
-                        true,
-                        mmio_start,
-                        mmio_end,
-                        None,
-                    ),
-                ]),
-            ),
+            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(resources)),
         ],
     ));
     aml.extend(aml_bytes(&aml::Device::new(
@@ -497,7 +510,8 @@ mod tests {
     fn a_machine_with_pci_has_an_mcfg_and_a_host_bridge() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("maps");
         let topology = Topology::cores(1).expect("valid");
-        let bridge = pci_host_bridge();
+        let window64 = 0x1_0000_0000..0x9_0000_0000;
+        let bridge = pci_host_bridge(Some(&window64));
         let rsdp =
             create_acpi_tables(&mem, &topology, std::slice::from_ref(&bridge), true).expect("fits");
         let xsdt = table(&mem, u64_at(&read(&mem, rsdp.0, 36), 24));
@@ -517,6 +531,14 @@ mod tests {
         let mut window = PCI_MMIO_START.to_le_bytes()[..4].to_vec();
         window.extend(&(PCI_MMIO_START + PCI_MMIO_SIZE - 1).to_le_bytes()[..4]);
         assert!(find(&window));
+        // The 64-bit window: a QWord memory descriptor (6.4.3.5.1, tag 0x8A, 43 bytes),
+        // read-write and not prefetchable, granularity 0, then its first and last address.
+        let mut window = vec![0x8a, 43, 0, 0, 0x0c, 0b01];
+        window.extend(0u64.to_le_bytes());
+        window.extend(0x1_0000_0000u64.to_le_bytes());
+        window.extend(0x8_ffff_ffffu64.to_le_bytes());
+        assert!(find(&window));
+        assert!(!pci_host_bridge(None).windows(2).any(|w| w == [0x8a, 43]));
         // The ECAM window in the motherboard resources.
         let mut ecam = vec![0x86, 9, 0, 1];
         ecam.extend(&PCI_ECAM_START.to_le_bytes()[..4]);

@@ -127,6 +127,17 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuidError> {
     Ok(cpuid)
 }
 
+/// The physical address width the vCPUs report (leaf 0x80000008, EAX bits 7 to 0); 36 bits where the
+/// leaf is missing, as the Intel SDM says of a processor without it (vol. 3A, 4.1.4).
+pub fn phys_bits(entries: &[kvm_cpuid_entry2]) -> u8 {
+    entries
+        .iter()
+        .find(|e| e.function == 0x8000_0008 && e.index == 0)
+        .map(|e| u8::try_from(e.eax & 0xff).unwrap_or(36))
+        .filter(|&bits| bits != 0)
+        .unwrap_or(36)
+}
+
 /// Reports the TSC-deadline timer in leaf 1.
 fn add_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
     for e in entries.iter_mut().filter(|e| e.function == 0x1) {
@@ -184,6 +195,21 @@ mod tests {
             kvm.check_extension(Cap::TscDeadlineTimer),
             "leaf 1 ECX {:#x}",
             leaf1.ecx
+        );
+    }
+
+    #[test]
+    fn the_physical_address_width_is_leaf_0x80000008_eax_low_byte() {
+        let e = [
+            leaf(1, 0, 0, 0, 0, 0),
+            leaf(0x8000_0008, 0, 0x3028, 0, 0, 0),
+        ];
+        assert_eq!(phys_bits(&e), 40);
+        assert_eq!(phys_bits(&e[..1]), 36, "no leaf");
+        assert_eq!(
+            phys_bits(&[leaf(0x8000_0008, 0, 0x3000, 0, 0, 0)]),
+            36,
+            "zero"
         );
     }
 

@@ -79,6 +79,26 @@ pub const VIRTIO_IRQ_LAST: u32 = 22;
 pub const PCI_MMIO_START: u64 = MMIO_GAP_START;
 /// Bytes of the PCI BAR window.
 pub const PCI_MMIO_SIZE: u64 = VIRTIO_MMIO_START - PCI_MMIO_START;
+/// Bytes of the 64-bit PCI BAR window (QEMU's q35 default `pci-hole64-size`), or less where
+/// the vCPU's physical addresses end sooner.
+pub const PCI_MMIO64_SIZE: u64 = 32 << 30;
+/// The 64-bit window starts on a GiB boundary, as QEMU rounds the start of its 64-bit hole.
+pub const PCI_MMIO64_ALIGN: u64 = 1 << 30;
+
+/// The 64-bit PCI BAR window of a guest whose RAM ends at `ram_end` (exclusive) and whose vCPUs
+/// address `phys_bits` bits of physical memory (CPUID 0x80000008, EAX bits 7 to 0): from the first GiB
+/// boundary at or above 4 GiB and RAM's end, [`PCI_MMIO64_SIZE`] bytes, cut at the last address
+/// the vCPU can reach (a window past it the guest's kernel refuses, and its BARs could not be
+/// reached). None when less than `min` bytes would be left.
+pub fn pci_mmio64_window(ram_end: u64, phys_bits: u8, min: u64) -> Option<std::ops::Range<u64>> {
+    let start = ram_end
+        .max(MMIO_GAP_END)
+        .checked_next_multiple_of(PCI_MMIO64_ALIGN)?;
+    let limit = 1u64.checked_shl(u32::from(phys_bits)).unwrap_or(u64::MAX);
+    let end = start.saturating_add(PCI_MMIO64_SIZE).min(limit);
+    (end.checked_sub(start)? >= min.max(1)).then_some(start..end)
+}
+
 /// The PCI root bus's ECAM window (PCIe memory-mapped configuration space), bus 0 only: 1 MiB
 /// (`devices::pci::ECAM_BUS_SIZE`).
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
@@ -154,5 +174,45 @@ mod tests {
             assert!(pair[0].0 + pair[0].1 <= pair[1].0, "{pair:x?}");
         }
         assert_eq!(RESET_VECTOR + 16, HIMEM_START);
+    }
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn the_64_bit_window_starts_above_4_gib_and_above_ram() {
+        // RAM below the hole: the window starts at 4 GiB.
+        assert_eq!(
+            pci_mmio64_window(512 << 20, 40, 1 << 20),
+            Some(4 * GIB..36 * GIB)
+        );
+        // RAM above 4 GiB: past its end, on the next GiB boundary.
+        assert_eq!(
+            pci_mmio64_window(6 * GIB, 40, 1 << 20),
+            Some(6 * GIB..38 * GIB)
+        );
+        assert_eq!(
+            pci_mmio64_window(6 * GIB + 4096, 40, 1 << 20),
+            Some(7 * GIB..39 * GIB)
+        );
+    }
+
+    #[test]
+    fn the_64_bit_window_stays_below_what_the_vcpu_addresses() {
+        // 36 bits: 64 GiB; the window ends there.
+        assert_eq!(
+            pci_mmio64_window(40 * GIB, 36, 1 << 20),
+            Some(40 * GIB..64 * GIB)
+        );
+        // RAM up to the limit: no room, no window; too little room for `min`, none either.
+        assert_eq!(pci_mmio64_window(64 * GIB, 36, 1 << 20), None);
+        assert_eq!(pci_mmio64_window(64 * GIB - 1, 36, 1 << 20), None);
+        assert_eq!(pci_mmio64_window(63 * GIB, 36, 2 * GIB), None);
+        assert_eq!(
+            pci_mmio64_window(63 * GIB, 36, GIB),
+            Some(63 * GIB..64 * GIB)
+        );
+        // Address widths no shift can take are no limit; RAM at the top, no window.
+        assert_eq!(pci_mmio64_window(GIB, 64, 1 << 20), Some(4 * GIB..36 * GIB));
+        assert_eq!(pci_mmio64_window(u64::MAX - 5, 64, 1 << 20), None);
     }
 }
