@@ -117,6 +117,9 @@ enum Kind {
     /// A raw disk on virtio-blk-pci whose BAR the VMM places above 4 GiB: the guest keeps it
     /// there, in the host bridge's 64-bit window ([`crate::pci`]).
     PciBar64,
+    /// fio `--verify` on virtio-blk-pci in a guest booted with `pci=nomsi`: the disk interrupts
+    /// through INTx, a level-triggered IOAPIC pin ([`crate::pci`]).
+    PciIntx,
     /// fio with a job per vCPU on virtio-blk-pci: each queue's vector fires on its own CPU only
     /// ([`crate::pci`]).
     PciAffinity,
@@ -207,6 +210,7 @@ pub fn cases(targets: &[Target], filter: Option<&str>, groups: Groups) -> Vec<Ca
         if target == Target::Vmm {
             add("virtio-blk-pci".into(), Kind::PciDisk);
             add("virtio-blk-pci-bar64".into(), Kind::PciBar64);
+            add("virtio-blk-pci-intx".into(), Kind::PciIntx);
             add("virtio-blk-pci-mq-affinity".into(), Kind::PciAffinity);
             add("virtio-blk-pci-vq-mapping".into(), Kind::PciVqMapping);
         }
@@ -274,6 +278,10 @@ pub fn run(case: &Case, guest_dir: &Path) -> Outcome {
         }
         Kind::PciBar64 => {
             crate::pci::bar_above_4_gib(case.target, guest_dir, &case.name, &mut transcript)
+                .map_err(|e| e.to_string())
+        }
+        Kind::PciIntx => {
+            crate::pci::intx_without_msi(case.target, guest_dir, &case.name, &mut transcript)
                 .map_err(|e| e.to_string())
         }
         Kind::PciAffinity => {
@@ -588,9 +596,9 @@ mod tests {
         };
         assert_eq!(
             cases(&[Target::Vmm, Target::Qemu], None, everything).len(),
-            26
+            27
         );
-        assert_eq!(all.len(), 19);
+        assert_eq!(all.len(), 20);
         assert!(all.iter().any(|c| c.name == "vmm/virtio-blk-pci"));
         assert!(!all.iter().any(|c| c.name == "qemu/virtio-blk-pci"));
         assert!(all

@@ -15,6 +15,12 @@
 //! and the case wants the root bus's resources (its dmesg) to hold a memory window above 4 GiB
 //! and BAR 0 (64-bit) to be in it, where the VMM placed it.
 //!
+//! [`intx_without_msi`] (the guest booted with `pci=nomsi`, so the function interrupts through
+//! INTA#, the `_PRT`'s GSI, level-triggered): the fio `--verify` run of
+//! [`queues_on_two_iothreads`] on one iothread, and the case wants fio to pass, the image to hold
+//! what the guest reads, and the disk's one interrupt to be an IOAPIC pin in fasteoi (level)
+//! mode that fired, with no MSI-X vector.
+//!
 //! [`queues_on_their_cpus`] (`num-queues` given, the guest with fio): fio reads with one job per
 //! vCPU, each pinned to its own (`--cpus_allowed_policy=split`), and the case wants each queue's
 //! vector to have fired on its own CPU only: `virtio0-req.K` counted in the column of CPU K and
@@ -108,6 +114,14 @@ pub enum Error {
         /// The guest's `/proc/interrupts` lines.
         lines: Vec<String>,
     },
+    /// The guest's interrupts are not one IOAPIC level-triggered line of the disk that fired.
+    #[error(
+        "expected one IO-APIC fasteoi line virtio0 that fired, no MSI-X vector; got {lines:?}"
+    )]
+    Intx {
+        /// The guest's `/proc/interrupts` lines.
+        lines: Vec<String>,
+    },
     /// A queue's vector fired on another CPU than its own, or not on its own.
     #[error("expected virtio0-req.K to fire on CPU K only, K = 0 to {last}; got {lines:?}")]
     Affinity {
@@ -138,15 +152,23 @@ const MOVED_ALIGN: u64 = 1 << 20;
 /// IORESOURCE_MEM_64, in the flags of a sysfs `resource` line.
 const RESOURCE_MEM_64: u64 = 0x0010_0000;
 
-/// Whether a sysfs `resource` line (start, end, flags, in hex) is a 64-bit memory BAR of at least
-/// 32 KiB on a [`MOVED_ALIGN`] boundary (the kernel grows the resource to the alignment it was
-/// asked for; the BAR itself stays 32 KiB).
-fn bar_moved(line: &str) -> bool {
+/// The start, end and flags of a sysfs `resource` line (three hex numbers).
+fn resource(line: &str) -> Option<(u64, u64, u64)> {
     let words: Vec<u64> = line
         .split_whitespace()
         .filter_map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok())
         .collect();
     let [start, end, flags] = words[..] else {
+        return None;
+    };
+    Some((start, end, flags))
+}
+
+/// Whether a sysfs `resource` line is a 64-bit memory BAR of at least 32 KiB on a
+/// [`MOVED_ALIGN`] boundary (the kernel grows the resource to the alignment it was asked for;
+/// the BAR itself stays 32 KiB).
+fn bar_moved(line: &str) -> bool {
+    let Some((start, end, flags)) = resource(line) else {
         return false;
     };
     start != 0
@@ -166,11 +188,12 @@ fn bar_line(transcript: Option<&str>) -> String {
         .to_owned()
 }
 
-/// [`Error::Bar`] unless the transcript's `GUEST-PCI-BAR` line passes [`bar_moved`].
-fn check_bar(transcript: Option<&str>) -> Result<(), Error> {
+/// [`Error::Bar`] unless the transcript's `GUEST-PCI-BAR` line passes [`bar_moved`]; what it
+/// found otherwise.
+fn check_bar(transcript: Option<&str>) -> Result<String, Error> {
     let line = bar_line(transcript);
     if bar_moved(&line) {
-        Ok(())
+        Ok("BAR 0 moved by the guest to a 1 MiB boundary".to_owned())
     } else {
         Err(Error::Bar(line))
     }
@@ -194,11 +217,7 @@ fn root_windows(transcript: &str) -> Vec<(u64, u64)> {
 /// Whether BAR 0's sysfs `resource` line is a 64-bit memory BAR of 32 KiB at or above 4 GiB,
 /// within one of the root bus's `windows`.
 fn bar_above_4_gib_in(line: &str, windows: &[(u64, u64)]) -> bool {
-    let words: Vec<u64> = line
-        .split_whitespace()
-        .filter_map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok())
-        .collect();
-    let [start, end, flags] = words[..] else {
+    let Some((start, end, flags)) = resource(line) else {
         return false;
     };
     start >= 1 << 32
@@ -207,12 +226,20 @@ fn bar_above_4_gib_in(line: &str, windows: &[(u64, u64)]) -> bool {
         && windows.iter().any(|&(s, e)| s <= start && end <= e)
 }
 
-/// [`Error::Bar64`] unless [`bar_above_4_gib_in`] holds for the transcript's BAR and windows.
-fn check_bar_above_4_gib(transcript: Option<&str>) -> Result<(), Error> {
+/// [`Error::Bar64`] unless [`bar_above_4_gib_in`] holds for the transcript's BAR and windows;
+/// what it found otherwise.
+fn check_bar_above_4_gib(transcript: Option<&str>) -> Result<String, Error> {
     let bar = bar_line(transcript);
     let windows = root_windows(transcript.unwrap_or(""));
     if bar_above_4_gib_in(&bar, &windows) {
-        Ok(())
+        let windows: Vec<String> = windows
+            .iter()
+            .map(|(s, e)| format!("{s:#x}-{e:#x}"))
+            .collect();
+        Ok(format!(
+            "BAR 0 {bar} in the root bus window above 4 GiB (windows {})",
+            windows.join(", ")
+        ))
     } else {
         Err(Error::Bar64 { bar, windows })
     }
@@ -250,6 +277,30 @@ fn check_vectors(lines: &[String]) -> Result<(), Error> {
     }
     Err(Error::Vectors {
         last: CPUS - 1,
+        lines: lines.to_vec(),
+    })
+}
+
+/// Whether `lines` show the disk's one interrupt: `virtio0` on an IOAPIC pin, level-triggered
+/// (Linux's fasteoi flow), having fired; nothing else of the disk (no MSI-X vector).
+fn intx_ok(lines: &[String]) -> bool {
+    let [line] = lines else {
+        return false;
+    };
+    vector(line).is_some_and(|(name, counts)| {
+        name == "virtio0"
+            && counts.iter().sum::<u64>() > 0
+            && line.contains("IO-APIC")
+            && line.contains("-fasteoi")
+    })
+}
+
+/// [`Error::Intx`] unless [`intx_ok`] holds for these `/proc/interrupts` lines.
+fn check_intx(lines: &[String]) -> Result<(), Error> {
+    if intx_ok(lines) {
+        return Ok(());
+    }
+    Err(Error::Intx {
         lines: lines.to_vec(),
     })
 }
@@ -372,36 +423,8 @@ pub fn disk_on_pci(
     name: &str,
     transcript: &mut Option<String>,
 ) -> Result<String, Error> {
-    let (image, mut boot) = pci_boot(
-        name,
-        "initrd.img",
-        SCRIPT,
-        &["io0"],
-        "virtio-blk-pci,drive=d0,id=vd0,iothread=io0",
-    )?;
-    boot.append.push_str(&format!(
-        " pci=resource_alignment={}@00:01.0",
-        MOVED_ALIGN.ilog2()
-    ));
-    // "GUEST-PCI-VERIFY mismatch": the guest read back other data than it wrote.
-    let result = written_and_checked(
-        target,
-        &boot,
-        guest_dir,
-        transcript,
-        "GUEST-PCI-VERIFY",
-        &image,
-    );
-    let checked = result.and_then(|(up, irqs)| {
-        check_bar(transcript.as_deref())?;
-        Ok(format!(
-            "{up}; BAR 0 moved by the guest to a 1 MiB boundary; 4 MiB written and read back \
-             with O_DIRECT from both CPUs, the image holds it; vectors (per CPU): {}",
-            describe(&irqs)
-        ))
-    });
-    let _ = std::fs::remove_file(&image);
-    checked
+    let append = format!(" pci=resource_alignment={}@00:01.0", MOVED_ALIGN.ilog2());
+    verified_io(target, guest_dir, (name, &append), transcript, check_bar)
 }
 
 /// Runs the `virtio-blk-pci-bar64` case for `target`.
@@ -411,28 +434,47 @@ pub fn bar_above_4_gib(
     name: &str,
     transcript: &mut Option<String>,
 ) -> Result<String, Error> {
-    let (image, boot) = pci_boot(
+    verified_io(
+        target,
+        guest_dir,
+        (name, ""),
+        transcript,
+        check_bar_above_4_gib,
+    )
+}
+
+/// Boots the guest of [`SCRIPT`] (case `name`, `append` added to its command line) with the
+/// disk on an iothread, checks its I/O, vectors and image, then its BAR with `bar` (which says
+/// what it found).
+fn verified_io(
+    target: Target,
+    guest_dir: &Path,
+    (name, append): (&str, &str),
+    transcript: &mut Option<String>,
+    bar: fn(Option<&str>) -> Result<String, Error>,
+) -> Result<String, Error> {
+    let (image, mut boot) = pci_boot(
         name,
         "initrd.img",
         SCRIPT,
         &["io0"],
         "virtio-blk-pci,drive=d0,id=vd0,iothread=io0",
     )?;
+    boot.append.push_str(append);
     // "GUEST-PCI-VERIFY mismatch": the guest read back other data than it wrote.
     let result = written_and_checked(
         target,
         &boot,
         guest_dir,
         transcript,
-        "GUEST-PCI-VERIFY",
+        ("GUEST-PCI-VERIFY", check_vectors),
         &image,
     );
     let checked = result.and_then(|(up, irqs)| {
-        check_bar_above_4_gib(transcript.as_deref())?;
+        let bar = bar(transcript.as_deref())?;
         Ok(format!(
-            "{up}; BAR 0 {} in the root bus window above 4 GiB; 4 MiB written and read back \
-             with O_DIRECT from both CPUs, the image holds it; vectors (per CPU): {}",
-            bar_line(transcript.as_deref()),
+            "{up}; {bar}; 4 MiB written and read back with O_DIRECT from both CPUs, the image \
+             holds it; vectors (per CPU): {}",
             describe(&irqs)
         ))
     });
@@ -474,15 +516,18 @@ pub fn queues_on_their_cpus(
     checked
 }
 
+/// A check of the guest's `/proc/interrupts` lines of the disk.
+type IrqCheck = fn(&[String]) -> Result<(), Error>;
+
 /// Boots `boot`, waits for the guest script's `marker` line saying `ok`, then for the checksum
-/// of what it wrote and its interrupt counts; checks that the vectors fired and that `image`
-/// holds the data the guest read. Returns the boot's summary and the interrupt lines.
+/// of what it wrote and its interrupt counts; checks the interrupts with `irqs_ok` and that
+/// `image` holds the data the guest read. Returns the boot's summary and the interrupt lines.
 fn written_and_checked(
     target: Target,
     boot: &Boot,
     guest_dir: &Path,
     transcript: &mut Option<String>,
-    marker: &str,
+    (marker, irqs_ok): (&str, IrqCheck),
     image: &Path,
 ) -> Result<(String, Vec<String>), Error> {
     let mut guest_sum = String::new();
@@ -493,7 +538,7 @@ fn written_and_checked(
         irqs = read_irqs(g)?;
         Ok(String::new())
     })?;
-    check_vectors(&irqs)?;
+    irqs_ok(&irqs)?;
     check_host_data(image, &guest_sum)?;
     Ok((up, irqs))
 }
@@ -524,12 +569,54 @@ pub fn queues_on_two_iothreads(
         device,
     )?;
     // "GUEST-FIO status N": fio failed (a verify error among them), its output just before.
-    let result = written_and_checked(target, &boot, guest_dir, transcript, "GUEST-FIO", &image);
+    let result = written_and_checked(
+        target,
+        &boot,
+        guest_dir,
+        transcript,
+        ("GUEST-FIO", check_vectors),
+        &image,
+    );
     let checked = result.map(|(up, irqs)| {
         format!(
             "{up}; fio --verify=crc32c with a job per CPU over queues on io0 and io1 passed, the \
              image holds what the guest reads; vectors (per CPU): {}",
             describe(&irqs)
+        )
+    });
+    let _ = std::fs::remove_file(&image);
+    checked
+}
+
+/// Runs the `virtio-blk-pci-intx` case for `target`.
+pub fn intx_without_msi(
+    target: Target,
+    guest_dir: &Path,
+    name: &str,
+    transcript: &mut Option<String>,
+) -> Result<String, Error> {
+    let (image, mut boot) = pci_boot(
+        name,
+        "initrd-fio.img",
+        FIO_VERIFY_SCRIPT,
+        &["io0"],
+        "virtio-blk-pci,drive=d0,id=vd0,iothread=io0",
+    )?;
+    boot.append.push_str(" pci=nomsi");
+    // "GUEST-FIO status N": fio failed (a verify error among them), its output just before.
+    let result = written_and_checked(
+        target,
+        &boot,
+        guest_dir,
+        transcript,
+        ("GUEST-FIO", check_intx),
+        &image,
+    );
+    let checked = result.map(|(up, irqs)| {
+        format!(
+            "{up}; pci=nomsi: fio --verify=crc32c with a job per CPU passed, the image holds \
+             what the guest reads; the disk's interrupt: {}",
+            irqs.join(" | ")
         )
     });
     let _ = std::fs::remove_file(&image);
@@ -636,6 +723,18 @@ mod tests {
             check_bar_above_4_gib(None),
             Err(Error::Bar64 { bar, windows }) if bar.is_empty() && windows.is_empty()
         ));
+    }
+
+    #[test]
+    fn without_msi_the_disk_must_have_one_fired_level_ioapic_line() {
+        let line = "17:        210        198   IO-APIC  17-fasteoi   virtio0".to_owned();
+        assert!(check_intx(std::slice::from_ref(&line)).is_ok());
+        // Never fired; edge-triggered; MSI-X vectors; another line beside it; none.
+        assert!(!intx_ok(&[line.replace("210        198", "0          0")]));
+        assert!(!intx_ok(&[line.replace("fasteoi", "edge")]));
+        assert!(!intx_ok(&two_queues()));
+        assert!(!intx_ok(&[line.clone(), two_queues()[1].clone()]));
+        assert!(matches!(check_intx(&[]), Err(Error::Intx { lines }) if lines.is_empty()));
     }
 
     #[test]

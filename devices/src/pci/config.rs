@@ -46,6 +46,8 @@ pub mod reg {
     pub const CAPABILITIES: usize = 0x34;
     /// Interrupt line (8 bits, scratch for the guest).
     pub const INTERRUPT_LINE: usize = 0x3c;
+    /// Interrupt pin (8 bits, read-only): 0 none, 1 to 4 INTA# to INTD#.
+    pub const INTERRUPT_PIN: usize = 0x3d;
 }
 
 /// Command register bits.
@@ -229,6 +231,16 @@ impl ConfigSpace {
             address |= u64::from(self.u32_at(offset + 4)) << 32;
         }
         Some((address, bar.size))
+    }
+
+    /// Gives the function interrupt pin `pin` (1 to 4: INTA# to INTD#; 0: none).
+    pub fn set_interrupt_pin(&mut self, pin: u8) {
+        self.bytes[reg::INTERRUPT_PIN] = pin;
+    }
+
+    /// Whether the command register's INTx-disable bit is set.
+    pub fn intx_disabled(&self) -> bool {
+        self.u16_at(reg::COMMAND) & command::INTX_DISABLE != 0
     }
 
     /// Whether the function answers memory accesses (command register).

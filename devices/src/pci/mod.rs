@@ -5,6 +5,8 @@
 //! - [`config`]: one function's configuration space (header, capabilities, BAR sizing).
 //! - [`msix`]: the MSI-X capability, table and pending bits, delivered through irqfds whose GSIs
 //!   the vmm routes to the guest's messages.
+//! - [`intx`]: the legacy INTx line, for a guest that leaves MSI-X off: a level-triggered irqfd
+//!   with a resample eventfd.
 //! - [`root`]: the bus: the host bridge at 00.0, the functions in the other slots, the ECAM window
 //!   and the BAR window, both on the shared MMIO bus (vCPUs reach them without the global lock),
 //!   and the configuration mechanism #1 ports (0xCF8), on the PIO bus.
@@ -15,10 +17,12 @@
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod config;
+pub mod intx;
 pub mod msix;
 pub mod root;
 
 pub use config::{Bar, BarMove, ConfigSpace, PciIds, CONFIG_SPACE_SIZE};
+pub use intx::Intx;
 pub use msix::{MsiMessage, MsiRoutes, Msix};
 pub use root::{PciBars, PciConfigIo, PciEcam, PciRoot, ECAM_BUS_SIZE, SLOTS};
 
@@ -45,8 +49,8 @@ pub enum PciError {
     /// An MSI-X table of no vector or more than 2048.
     #[error("invalid MSI-X vector count {0}")]
     VectorCount(u16),
-    /// Creating a vector's eventfd failed.
-    #[error("cannot create an MSI-X vector's eventfd")]
+    /// Creating a vector's or the INTx line's eventfd failed.
+    #[error("cannot create an interrupt eventfd")]
     Irqfd(#[source] std::io::Error),
     /// Every slot of the bus is taken.
     #[error("no free PCI slot")]

@@ -134,6 +134,12 @@ impl Msix {
         u64::from(self.len()).div_ceil(64) * 8
     }
 
+    /// Whether the guest enabled MSI-X (message control); while it has not, the function
+    /// interrupts through INTx.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// The guest wrote message control (its enable and function-mask bits).
     pub fn set_control(&mut self, control: u16) {
         self.enabled = control & CONTROL_ENABLE != 0;

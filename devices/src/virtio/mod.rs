@@ -76,6 +76,9 @@ pub enum TransportError {
     /// The PCI function could not be built (its BAR, capabilities or MSI-X vectors).
     #[error("cannot build the PCI function")]
     Pci(#[source] crate::pci::PciError),
+    /// The INTx line's resample eventfd could not be watched in the device's context.
+    #[error("cannot watch the INTx resample eventfd")]
+    Context(#[source] crate::context::Error),
 }
 
 /// Errors of activating a device.

@@ -27,6 +27,14 @@
 //! the function). A notification that does reach the transport (an ioeventfd KVM refused)
 //! signals the same eventfd.
 //!
+//! Interrupts: through MSI-X once the guest enables it; until then (a guest that never does:
+//! Linux with `pci=nomsi`) through INTA# ([`Intx`], when the vmm gives the function a GSI):
+//! each notification sets its bit of the ISR status (bit 0 a queue, bit 1 the configuration)
+//! and asserts the level-triggered line; the guest's read of the ISR status clears it, and at
+//! the guest's EOI the line is asserted again only if the status is not clear by then (KVM's
+//! resample eventfd, watched in the device's first context, so an iothread's disk needs no
+//! global lock for it either). The command register's INTx-disable bit gates the line.
+//!
 //! BAR 0 is 64-bit, as QEMU's modern virtio-pci BAR, but not prefetchable: its reads have side
 //! effects (the ISR status clears on read) and it holds the MSI-X table. The vmm places it in the
 //! host bridge's 64-bit window above 4 GiB (in the 32-bit one when the machine has none); the
@@ -42,14 +50,18 @@
 //! writes take the MSI-X lock, never a context.
 
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::transport::{half, set_half, Core, State};
 use super::{status, GuestMemoryMmap, Interrupt, InterruptVectors, TransportError, VirtioDevice};
+use crate::context::Context;
 use crate::pci::config::{Bar, ConfigSpace, PciIds};
+use crate::pci::intx::{self, Intx};
 use crate::pci::msix::{self, MsiRoutes, Msix};
 use crate::pci::{Ioevents, PciDevice};
 
@@ -116,12 +128,14 @@ mod common {
     pub const QUEUE_ADDRESS_END: u64 = QUEUE_DEVICE + 8;
 }
 
-/// Which vector each cause goes to, and the MSI-X state that sends it.
+/// Which vector each cause goes to, and the MSI-X state that sends it; the INTx line that
+/// carries them all while MSI-X is off.
 #[derive(Debug)]
 struct Vectors {
     queues: Vec<AtomicU16>,
     config: AtomicU16,
     msix: Mutex<Msix>,
+    intx: Option<Intx>,
 }
 
 impl Vectors {
@@ -137,30 +151,52 @@ impl Vectors {
         }
         self.config.store(NO_VECTOR, Ordering::Release);
     }
+
+    /// Sends `vector` through MSI-X when the guest enabled it, else asserts INTx (the cause is
+    /// already in the ISR status). Without INTx, MSI-X holds it as pending.
+    fn signal(&self, vector: u16) {
+        let mut msix = self.msix();
+        match &self.intx {
+            Some(intx) if !msix.enabled() => {
+                drop(msix);
+                intx.assert();
+            }
+            _ => msix.signal(vector),
+        }
+    }
+
+    /// KVM deasserted the INTx line at the guest's EOI: asserts it again if the ISR status
+    /// (`status`) still holds a cause and MSI-X is off.
+    fn resampled(&self, status: u32) {
+        if let Some(intx) = &self.intx {
+            let pending = status != 0 && !self.msix().enabled();
+            intx.resampled(pending);
+        }
+    }
 }
 
 impl InterruptVectors for Vectors {
     fn queue(&self, queue: usize) {
         if let Some(v) = self.queues.get(queue) {
-            let vector = v.load(Ordering::Acquire);
-            self.msix().signal(vector);
+            self.signal(v.load(Ordering::Acquire));
         }
     }
 
     fn config(&self) {
-        let vector = self.config.load(Ordering::Acquire);
-        self.msix().signal(vector);
+        self.signal(self.config.load(Ordering::Acquire));
     }
 }
 
-/// What the vmm gives a transport: where BAR 0 starts, its MSI-X vectors' GSIs and routes, the
-/// VM's ioeventfds and the host bridge's memory windows.
+/// What the vmm gives a transport: where BAR 0 starts, its MSI-X vectors' GSIs and routes, its
+/// INTx line's GSI, the VM's ioeventfds and the host bridge's memory windows.
 #[derive(Debug)]
 pub struct PciWiring {
     /// BAR 0's first address: a multiple of [`BAR_SIZE`] in a window.
     pub bar: u64,
     /// The GSI of vector 0; the others follow.
     pub first_gsi: u32,
+    /// The GSI of INTA# (the host bridge's `_PRT` says which), if the function has the pin.
+    pub intx_gsi: Option<u32>,
     /// Where the vectors' messages go.
     pub routes: Arc<dyn MsiRoutes>,
     /// Where the queues' ioeventfds are registered.
@@ -256,6 +292,7 @@ impl VirtioPciTransport {
         let PciWiring {
             bar: bar_address,
             first_gsi,
+            intx_gsi,
             routes,
             ioevents,
             windows,
@@ -322,14 +359,24 @@ impl VirtioPciTransport {
             .add_capability(msix::CAPABILITY_ID, &msix.capability(0, table, pba))
             .map_err(TransportError::Pci)?;
         config.set_writable(msix_capability + 2, &Msix::CONTROL_WRITABLE.to_le_bytes());
+        let intx = intx_gsi
+            .map(Intx::new)
+            .transpose()
+            .map_err(TransportError::Pci)?;
+        if intx.is_some() {
+            config.set_interrupt_pin(intx::PIN_INTA);
+        }
         let vectors = Arc::new(Vectors {
             queues: (0..queues).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
             config: AtomicU16::new(NO_VECTOR),
             msix: Mutex::new(msix),
+            intx,
         });
         let interrupt = Interrupt::with_vectors(Arc::clone(&vectors) as Arc<dyn InterruptVectors>);
+        let core = Core::new("virtio-pci", device, mem, interrupt)?;
+        Self::watch_resample(&core, &vectors)?;
         Ok(VirtioPciTransport {
-            core: Core::new("virtio-pci", device, mem, interrupt)?,
+            core,
             config: Mutex::new(config),
             notifications: Notifications {
                 ioevents,
@@ -340,6 +387,24 @@ impl VirtioPciTransport {
             window,
             vectors,
         })
+    }
+
+    /// Watches the INTx line's resample eventfd, if any, in the device's first context: at each
+    /// EOI of the line, it is asserted again while the ISR status holds a cause. The handler
+    /// stays for the context's life; it holds the status and the vectors, not the device.
+    fn watch_resample(core: &Core, vectors: &Arc<Vectors>) -> Result<(), TransportError> {
+        let (Some(intx), Some(ctx)) = (&vectors.intx, core.device.contexts().first()) else {
+            return Ok(());
+        };
+        let (interrupt, handler_vectors) = (Arc::clone(&core.interrupt), Arc::clone(vectors));
+        let _held = ctx.acquire();
+        ctx.add_fd(
+            intx.resample_fd().as_raw_fd(),
+            EventSet::IN,
+            Arc::new(move |_: &Context, _| handler_vectors.resampled(interrupt.status())),
+        )
+        .map(drop)
+        .map_err(TransportError::Context)
     }
 
     /// The BAR 0 access the configuration window selects (4.1.4.9): its offset and length, when
@@ -370,6 +435,17 @@ impl VirtioPciTransport {
     /// The device's interrupt.
     pub fn interrupt(&self) -> &Arc<Interrupt> {
         &self.core.interrupt
+    }
+
+    /// The INTx line's GSI, and copies of its irqfd and resample eventfd, to register with KVM
+    /// as a resampling irqfd; None for a function without INTx.
+    pub fn intx_irqfd(&self) -> Option<Result<(u32, EventFd, EventFd), std::io::Error>> {
+        let intx = self.vectors.intx.as_ref()?;
+        let fds = intx.irqfd().try_clone().and_then(|irqfd| {
+            let resample = intx.resample_fd().try_clone()?;
+            Ok((intx.gsi(), irqfd, resample))
+        });
+        Some(fds)
     }
 
     /// Each MSI-X vector's GSI and a copy of its eventfd, to register with KVM as its irqfd.
@@ -589,10 +665,22 @@ impl PciDevice for VirtioPciTransport {
             // Message control of MSI-X: the enable and function-mask bits.
             let control = self.msix_capability + 2;
             let end = offset.saturating_add(data.len());
+            let mut intx_now = false;
             if offset < control + 2 && end > control {
                 let mut b = [0u8; 2];
                 config.read(control, &mut b);
-                self.vectors.msix().set_control(u16::from_le_bytes(b));
+                let mut msix = self.vectors.msix();
+                let was = msix.enabled();
+                msix.set_control(u16::from_le_bytes(b));
+                // MSI-X off again: what is pending goes by INTx.
+                intx_now = was && !msix.enabled();
+            }
+            // The command register's INTx-disable bit; cleared, what is pending goes now.
+            if let Some(intx) = &self.vectors.intx {
+                intx_now |= intx.set_disabled(config.intx_disabled());
+                if intx_now && self.core.interrupt.status() != 0 && !self.vectors.msix().enabled() {
+                    intx.assert();
+                }
             }
             let mut bytes = [0u8; 4];
             config.read(self.window + window::DATA, &mut bytes);
@@ -741,6 +829,7 @@ mod tests {
         let wiring = PciWiring {
             bar: BAR,
             first_gsi: 40,
+            intx_gsi: None,
             routes: routes.clone(),
             ioevents: kvm.clone(),
             windows: vec![WINDOW, WINDOW64],
@@ -881,12 +970,23 @@ mod tests {
     /// `first_vector + i`, the configuration on vector 0, MSI-X enabled with every vector
     /// unmasked and programmed, then DRIVER_OK.
     fn start(t: &VirtioPciTransport, queues: u16) {
+        start_with(t, queues, true);
+    }
+
+    /// Where the MSI-X capability is.
+    fn msix_capability(t: &VirtioPciTransport) -> usize {
+        capabilities(t).iter().find(|c| c.0 == 0x11).unwrap().1
+    }
+
+    /// Sets the device up as a driver does, with MSI-X enabled or left off (`msix`).
+    fn start_with(t: &VirtioPciTransport, queues: u16, msix: bool) {
         t.write_config(
             reg::COMMAND,
             &(command::MEMORY | command::BUS_MASTER).to_le_bytes(),
         );
-        let msix = capabilities(t).iter().find(|c| c.0 == 0x11).unwrap().1;
-        t.write_config(msix + 3, &[0x80]);
+        if msix {
+            t.write_config(msix_capability(t) + 3, &[0x80]);
+        }
         for v in 0..=u64::from(queues) {
             write(t, TABLE_OFFSET + 16 * v, 8, 0xfee0_0000);
             write(t, TABLE_OFFSET + 16 * v + 8, 4, 0x30 + v);
@@ -1047,6 +1147,7 @@ mod tests {
         let wiring = PciWiring {
             bar: BAR + BAR_SIZE,
             first_gsi: 50,
+            intx_gsi: None,
             routes: Arc::new(Routes::default()),
             ioevents: kvm.clone(),
             windows: vec![WINDOW, WINDOW64],
@@ -1063,6 +1164,104 @@ mod tests {
         assert_eq!(kvm.0.lock().unwrap()[0].1, a_fd, "still a's");
         tb.write_config(0x10, &0xc020_0000u32.to_le_bytes());
         assert_eq!(kvm.addresses(), [notify(BAR, 0), notify(0xc020_0000, 0)]);
+    }
+
+    /// Whether `fd` is readable now, without reading it.
+    fn readable(fd: &EventFd) -> bool {
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        unsafe { libc::poll(&mut p, 1, 0) == 1 }
+    }
+
+    /// Without MSI-X (a guest booted with `pci=nomsi`), interrupts go through INTA#: the pin
+    /// register says INTA#; a completion sets ISR bit 0 and asserts the line; the guest's ISR
+    /// read clears the status; at its EOI (KVM's resample) the line is asserted again only while
+    /// the status holds a cause; the INTx-disable bit holds the line back and clearing it sends
+    /// what is pending; with MSI-X on, the vector fires and the line stays quiet. The device is
+    /// served by an iothread, which raises the line and handles the resample on its own.
+    #[test]
+    fn without_msix_completions_assert_intx_and_a_resample_only_what_is_pending() {
+        let io = crate::context::IoThread::spawn("io-intx").unwrap();
+        let rig = Rig::new(
+            io.context().clone(),
+            MemImage::new(1 << 16, false),
+            1,
+            false,
+        );
+        let wiring = PciWiring {
+            bar: BAR,
+            first_gsi: 40,
+            intx_gsi: Some(17),
+            routes: Arc::new(Routes::default()),
+            ioevents: Arc::new(Kvm::default()),
+            windows: vec![WINDOW],
+        };
+        let t = VirtioPciTransport::new(rig.dev.clone(), rig.mem.clone(), wiring).unwrap();
+        assert_eq!(config8(&t, reg::INTERRUPT_PIN), 1);
+        let (gsi, line, resample) = t.intx_irqfd().unwrap().unwrap();
+        assert_eq!(gsi, 17);
+        let vectors = t.vector_irqfds().unwrap();
+        start_with(&t, 1, false);
+        let mut used = 0;
+        let mut complete_one = || {
+            rig.header(HDR, crate::virtio::block::request_type::IN, 0);
+            rig.submit(
+                0,
+                used * 3,
+                &[(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+            );
+            write(&t, NOTIFY_OFFSET, 2, 0);
+            used += 1;
+            rig.wait_used(0, used);
+            assert!(poll(|| t.interrupt().status() != 0));
+        };
+        let asserted = || poll(|| line.read().is_ok());
+        // The EOI: KVM signals the resample eventfd, and the iothread takes it.
+        let eoi = || {
+            resample.write(1).unwrap();
+            assert!(poll(|| !readable(&resample)), "the resample was handled");
+        };
+
+        complete_one();
+        assert!(asserted(), "INTx asserted");
+        assert_eq!(read(&t, ISR_OFFSET, 1), 1, "queue bit");
+        assert_eq!(read(&t, ISR_OFFSET, 1), 0, "cleared by the read");
+        eoi();
+        assert!(line.read().is_err(), "nothing pending: not asserted again");
+
+        // A completion after the guest's ISR read, before its EOI: asserted again at the EOI.
+        complete_one();
+        assert!(asserted());
+        eoi();
+        assert!(asserted(), "still pending at the EOI");
+        assert_eq!(read(&t, ISR_OFFSET, 1), 1);
+
+        // INTx disabled: the status is set, the line left alone; cleared, the line goes up.
+        let on = command::MEMORY | command::BUS_MASTER;
+        t.write_config(reg::COMMAND, &(on | command::INTX_DISABLE).to_le_bytes());
+        complete_one();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(line.read().is_err(), "disabled");
+        eoi();
+        assert!(line.read().is_err(), "disabled, even at an EOI");
+        t.write_config(reg::COMMAND, &on.to_le_bytes());
+        assert!(line.read().is_ok(), "asserted as the bit clears");
+        assert_eq!(read(&t, ISR_OFFSET, 1), 1);
+
+        // MSI-X on: queue 0's vector (1) fires, not the line.
+        t.write_config(msix_capability(&t) + 3, &[0x80]);
+        complete_one();
+        assert!(poll(|| vectors[1].1.read().is_ok()), "the vector fired");
+        assert!(line.read().is_err(), "not INTx");
+        eoi();
+        assert!(line.read().is_err(), "nor at an EOI");
+        rig.dev.shutdown().unwrap();
+        drop((t, rig));
+        io.stop().unwrap();
     }
 
     fn fired(irqfds: &[(u32, EventFd)]) -> Vec<u32> {

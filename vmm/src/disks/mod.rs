@@ -19,9 +19,10 @@
 //! root bus at the next device number d, its 64-bit BAR at the start of the host bridge's 64-bit
 //! window above 4 GiB (or at [`PCI_MMIO_START`], when the machine has none) + d × 32 KiB, one
 //! ioeventfd per queue at its notification address wherever the guest decodes the BAR (the
-//! transport moves them through `KvmIoevents`), and one irqfd per MSI-X vector (queues + 1)
-//! on GSIs from [`PCI_MSI_GSI_FIRST`] on; with any, the ECAM and both BAR windows go on the shared
-//! MMIO bus and the host bridge in the DSDT ([`Disks::pci_root`] gives the bus to the 0xCF8
+//! transport moves them through `KvmIoevents`), one irqfd per MSI-X vector (queues + 1)
+//! on GSIs from [`PCI_MSI_GSI_FIRST`] on, and a resampling irqfd for its INTx line on the GSI
+//! [`pci_intx_gsi`] gives its slot (none when the virtio-mmio disks take every pin); with any, the ECAM and both BAR windows go on the shared
+//! MMIO bus and the host bridge in the DSDT, its `_PRT` naming each slot's INTx GSI ([`Disks::pci_root`] gives the bus to the 0xCF8
 //! ports and says the MCFG is needed).
 //!
 //! Threads and locks: a disk on an iothread is served entirely in that thread's context (its
@@ -56,13 +57,13 @@ use block::DiskImage;
 
 use devices::bus::{BusError, SharedBus};
 use devices::context::{self, IoThreadHandle};
-use devices::pci::{Ioevents, MsiRoutes, PciBars, PciEcam, PciError, PciRoot};
+use devices::pci::{Ioevents, MsiRoutes, PciBars, PciEcam, PciError, PciRoot, SLOTS};
 use devices::virtio::PCI_BAR_SIZE;
 use kvm_ioctls::VmFd;
 
 use crate::arch::x86_64::acpi::{pci_host_bridge, virtio_mmio_device, DsdtDevice};
 use crate::arch::x86_64::layout::{
-    PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START, PCI_MSI_GSI_FIRST,
+    pci_intx_gsi, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START, PCI_MSI_GSI_FIRST,
     VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::memory::GuestMemory;
@@ -308,6 +309,7 @@ impl Disks {
         let ioevents: Arc<dyn Ioevents> = Arc::new(KvmIoevents(Arc::clone(vm_fd)));
         let mut mmio_index = 0u8;
         let mut next_gsi = PCI_MSI_GSI_FIRST;
+        let mmio_lines = u32::try_from(mmio_count).unwrap_or(u32::MAX);
         let windows: Vec<Range<u64>> =
             std::iter::once(PCI_MMIO_START..PCI_MMIO_START + PCI_MMIO_SIZE)
                 .chain(window64.clone())
@@ -349,17 +351,19 @@ impl Disks {
                     let slot = pci.next_slot().ok_or(PciError::BusFull).map_err(pci_err)?;
                     let bar = bars_start + u64::from(slot) * PCI_BAR_SIZE;
                     let first_gsi = next_gsi;
+                    let intx_gsi = pci_intx_gsi(mmio_lines, slot);
                     let slot = add_pci(
                         drive,
-                        (bar, first_gsi, &windows),
+                        (bar, first_gsi, intx_gsi, &windows),
                         vm_fd,
                         memory,
                         (&mut pci, Arc::clone(&routes), Arc::clone(&ioevents)),
                     )?;
                     // One vector per queue and one for configuration changes.
                     next_gsi += u32::from(queues) + 1;
+                    let intx = intx_gsi.map_or("no INTx".to_owned(), |g| format!("INTx GSI {g}"));
                     format!(
-                        "virtio-pci 00:{slot:02x}.0, BAR {bar:#x}, {} MSI-X vectors from GSI {first_gsi}",
+                        "virtio-pci 00:{slot:02x}.0, BAR {bar:#x}, {} MSI-X vectors from GSI {first_gsi}, {intx}",
                         u32::from(queues) + 1
                     )
                 }
@@ -400,7 +404,11 @@ impl Disks {
                     )
                     .map_err(DiskError::PciBus)?;
             }
-            dsdt.push(pci_host_bridge(window64.as_ref()));
+            let intx: Vec<(u8, u32)> = (1..)
+                .take(SLOTS - 1)
+                .filter_map(|slot| Some((slot, pci_intx_gsi(mmio_lines, slot)?)))
+                .collect();
+            dsdt.push(pci_host_bridge(window64.as_ref(), &intx));
             Some(root)
         } else {
             None

@@ -134,12 +134,13 @@ impl Ioevents for KvmIoevents {
 }
 
 /// Puts the virtio-pci transport of `block` (of drive `drive`) on `pci` with its BAR at `bar`
-/// (in one of the host bridge's `windows`) and its MSI-X vectors on GSIs `first_gsi` on, registering one irqfd per vector; its queues'
-/// ioeventfds go through `ioevents` once the guest decodes the BAR. Returns its device number on
-/// the bus.
+/// (in one of the host bridge's `windows`), its MSI-X vectors on GSIs `first_gsi` on and its INTx
+/// line on `intx_gsi` if any, registering one irqfd per vector and a resampling irqfd
+/// (`KVM_IRQFD_FLAG_RESAMPLE`) for the line; its queues' ioeventfds go through `ioevents` once
+/// the guest decodes the BAR. Returns its device number on the bus.
 pub(super) fn add_pci(
     (drive, block): (&str, &Arc<Block>),
-    (bar, first_gsi, windows): (u64, u32, &[Range<u64>]),
+    (bar, first_gsi, intx_gsi, windows): (u64, u32, Option<u32>, &[Range<u64>]),
     vm_fd: &VmFd,
     memory: &GuestMemory,
     (pci, routes, ioevents): (&mut PciRoot, Arc<dyn MsiRoutes>, Arc<dyn Ioevents>),
@@ -148,6 +149,7 @@ pub(super) fn add_pci(
     let wiring = PciWiring {
         bar,
         first_gsi,
+        intx_gsi,
         routes,
         ioevents,
         windows: windows.to_vec(),
@@ -166,6 +168,19 @@ pub(super) fn add_pci(
             .map_err(|source| DiskError::Irqfd {
                 id: id(),
                 gsi: *gsi,
+                source,
+            })?;
+    }
+    if let Some(fds) = transport.intx_irqfd() {
+        let (gsi, irqfd, resample) = fds.map_err(|source| DiskError::Transport {
+            id: id(),
+            source: devices::virtio::TransportError::Irqfd(source),
+        })?;
+        vm_fd
+            .register_irqfd_with_resample(&irqfd, &resample, gsi)
+            .map_err(|source| DiskError::Irqfd {
+                id: id(),
+                gsi,
                 source,
             })?;
     }

@@ -109,9 +109,12 @@ pub fn virtio_mmio_device(index: u8, base: u64, gsi: u32) -> DsdtDevice {
 /// range, the configuration mechanism #1 ports and the BAR windows it decodes (the 32-bit one,
 /// and `window64` above 4 GiB if any: a QWord memory range, not prefetchable, as QEMU's generic
 /// PCIe host describes its 64-bit window; a guest puts no non-prefetchable BAR in a prefetchable
-/// window), and, in a `PNP0C02` motherboard device, the ECAM window, which Linux wants reserved
-/// there before it uses the MCFG entry.
-pub fn pci_host_bridge(window64: Option<&Range<u64>>) -> DsdtDevice {
+/// window), its `_PRT` (ACPI 6.5, 6.2.13) from `intx`, (slot, GSI) pairs: INTA# of that slot's
+/// function goes to that IOAPIC pin (a GSI in the source index, with no link device; the guest
+/// makes such a pin level-triggered and active low, as PCI wants), and, in a `PNP0C02`
+/// motherboard device, the ECAM window, which Linux wants reserved there before it uses the
+/// MCFG entry.
+pub fn pci_host_bridge(window64: Option<&Range<u64>>, intx: &[(u8, u32)]) -> DsdtDevice {
     let port = u16::try_from(PCI_CONFIG_PORT).unwrap_or(0xcf8);
     let mmio_start = u32::try_from(PCI_MMIO_START).unwrap_or(0);
     let mmio_end = u32::try_from(PCI_MMIO_START + PCI_MMIO_SIZE - 1).unwrap_or(0);
@@ -139,18 +142,31 @@ pub fn pci_host_bridge(window64: Option<&Range<u64>>) -> DsdtDevice {
     if let Some(m) = &mmio64 {
         resources.push(m);
     }
-    let mut aml = aml_bytes(&aml::Device::new(
-        "PCI0".into(),
-        vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
-            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
-            &aml::Name::new("_ADR".into(), &aml::ZERO),
-            &aml::Name::new("_SEG".into(), &aml::ZERO),
-            &aml::Name::new("_UID".into(), &aml::ZERO),
-            &aml::Name::new("_BBN".into(), &aml::ZERO),
-            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(resources)),
-        ],
-    ));
+    // _PRT entries: the slot's address (device in the high word, any function), pin 0 (INTA#),
+    // source 0 (a GSI, not a link), the GSI.
+    let routes: Vec<(u32, u32)> = intx
+        .iter()
+        .map(|&(slot, gsi)| ((u32::from(slot) << 16) | 0xffff, gsi))
+        .collect();
+    let entries: Vec<aml::Package> = routes
+        .iter()
+        .map(|(address, gsi)| aml::Package::new(vec![address, &aml::ZERO, &aml::ZERO, gsi]))
+        .collect();
+    let prt = aml::Package::new(entries.iter().map(|e| e as &dyn Aml).collect());
+    let prt = aml::Name::new("_PRT".into(), &prt);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let crs = aml::ResourceTemplate::new(resources);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    let mut children: Vec<&dyn Aml> = vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs];
+    if !intx.is_empty() {
+        children.push(&prt);
+    }
+    let mut aml = aml_bytes(&aml::Device::new("PCI0".into(), children));
     aml.extend(aml_bytes(&aml::Device::new(
         "MBRD".into(),
         vec![
@@ -511,7 +527,7 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("maps");
         let topology = Topology::cores(1).expect("valid");
         let window64 = 0x1_0000_0000..0x9_0000_0000;
-        let bridge = pci_host_bridge(Some(&window64));
+        let bridge = pci_host_bridge(Some(&window64), &[(1, 17), (2, 18)]);
         let rsdp =
             create_acpi_tables(&mem, &topology, std::slice::from_ref(&bridge), true).expect("fits");
         let xsdt = table(&mem, u64_at(&read(&mem, rsdp.0, 36), 24));
@@ -538,7 +554,19 @@ mod tests {
         window.extend(0x1_0000_0000u64.to_le_bytes());
         window.extend(0x8_ffff_ffffu64.to_le_bytes());
         assert!(find(&window));
-        assert!(!pci_host_bridge(None).windows(2).any(|w| w == [0x8a, 43]));
+        assert!(!pci_host_bridge(None, &[])
+            .windows(2)
+            .any(|w| w == [0x8a, 43]));
+        // The _PRT: a package of two packages, each a DWord slot address (0x000N_FFFF), pin
+        // and source zero, and the GSI as a byte.
+        assert!(find(b"_PRT"));
+        let entry = |slot: u8, gsi: u8| {
+            [
+                0x12, 0x0b, 4, 0x0c, 0xff, 0xff, slot, 0, 0x00, 0x00, 0x0a, gsi,
+            ]
+        };
+        assert!(find(&entry(1, 17)) && find(&entry(2, 18)));
+        assert!(!pci_host_bridge(None, &[]).windows(4).any(|w| w == b"_PRT"));
         // The ECAM window in the motherboard resources.
         let mut ecam = vec![0x86, 9, 0, 1];
         ecam.extend(&PCI_ECAM_START.to_le_bytes()[..4]);

@@ -74,6 +74,21 @@ pub const VIRTIO_IRQ_FIRST: u32 = 10;
 /// The last GSI a virtio-mmio transport may have, so at most 13 disks.
 pub const VIRTIO_IRQ_LAST: u32 = 22;
 
+/// The first IOAPIC pin (GSI) a PCI function's INTx line may have: past the ISA interrupts (0 to
+/// 15), whose trigger mode the MADT would otherwise have to override.
+pub const PCI_INTX_GSI_FIRST: u32 = 16;
+
+/// The GSI of the INTx line (INTA#) of the PCI function in slot `slot`, on a machine with
+/// `mmio_count` virtio-mmio transports: the pins from [`PCI_INTX_GSI_FIRST`] to
+/// [`VIRTIO_IRQ_LAST`] that those leave free, shared round the slots as a PCI bridge swizzles
+/// its slots over four lines (a PCI interrupt is level-triggered, so functions may share one).
+/// None when the virtio-mmio transports take them all.
+pub fn pci_intx_gsi(mmio_count: u32, slot: u8) -> Option<u32> {
+    let first = PCI_INTX_GSI_FIRST.max(VIRTIO_IRQ_FIRST.saturating_add(mmio_count));
+    let pins = VIRTIO_IRQ_LAST.checked_sub(first)? + 1;
+    Some(first + u32::from(slot) % pins)
+}
+
 /// The window the PCI functions' BARs are placed in (32-bit, non-prefetchable), from the start
 /// of the hole up to the virtio-mmio transports.
 pub const PCI_MMIO_START: u64 = MMIO_GAP_START;
@@ -144,6 +159,8 @@ const _: () = assert!(
         && PCI_ECAM_START + PCI_ECAM_SIZE <= GED_START
 );
 const _: () = assert!(GED_IRQ < PCI_MSI_GSI_FIRST);
+const _: () =
+    assert!(VIRTIO_IRQ_FIRST < PCI_INTX_GSI_FIRST && PCI_INTX_GSI_FIRST <= VIRTIO_IRQ_LAST);
 const _: () = assert!(
     VIRTIO_IRQ_LAST < GED_IRQ && GED_IRQ < 24,
     "IOAPIC pins 0 to 23"
@@ -174,6 +191,31 @@ mod tests {
             assert!(pair[0].0 + pair[0].1 <= pair[1].0, "{pair:x?}");
         }
         assert_eq!(RESET_VECTOR + 16, HIMEM_START);
+    }
+
+    #[test]
+    fn intx_lines_take_the_pins_the_mmio_transports_leave() {
+        // No virtio-mmio disk: GSIs 16 to 22, seven pins shared round the slots.
+        let gsis: Vec<u32> = (1..=8)
+            .map(|slot| pci_intx_gsi(0, slot).expect("a pin"))
+            .collect();
+        assert_eq!(gsis, [17, 18, 19, 20, 21, 22, 16, 17]);
+        // Eight virtio-mmio disks hold GSIs 10 to 17: 18 to 22 are left.
+        assert_eq!(pci_intx_gsi(8, 1), Some(19));
+        assert_eq!(pci_intx_gsi(8, 5), Some(18));
+        // Twelve: 22 alone; thirteen: none.
+        assert_eq!(pci_intx_gsi(12, 1), Some(22));
+        assert_eq!(pci_intx_gsi(12, 31), Some(22));
+        assert_eq!(pci_intx_gsi(13, 1), None);
+        assert_eq!(pci_intx_gsi(u32::MAX, 1), None);
+        for mmio in 0..=13 {
+            for slot in 1..32 {
+                if let Some(gsi) = pci_intx_gsi(mmio, slot) {
+                    assert!(gsi >= PCI_INTX_GSI_FIRST && gsi >= VIRTIO_IRQ_FIRST + mmio);
+                    assert!(gsi <= VIRTIO_IRQ_LAST && gsi != GED_IRQ && gsi != COM1_IRQ);
+                }
+            }
+        }
     }
 
     const GIB: u64 = 1 << 30;
