@@ -1,8 +1,9 @@
 """The report of ci/bench-latency: reads a results folder (raw/TAG.json, fio's JSON per run, TAG being
 VMM.PLACEMENT.IMAGE.RW.qdN.LOAD, VMM vmm, vmm-NAME (a variant: vmm with the arguments machine.txt
-names as vmm_variant.vmm-NAME) or qemu, PLACEMENT main-loop or iothread, then +pci for a
-virtio-blk-pci disk (else virtio-mmio), +per-queue for one iothread per queue (iothread+pci only)
-and +nopoll for iothreads with poll-max-ns=0, with .rN for
+names as vmm_variant.vmm-NAME, or the vmm executable at PATH where they read `binary PATH`) or
+qemu, PLACEMENT main-loop or iothread, then +pci for a virtio-blk-pci disk (else virtio-mmio),
++per-queue for one iothread per queue (iothread+pci only) and +nopoll for iothreads with
+poll-max-ns=0, with .rN for
 round N when there are several; raw/TAG.polls; raw/TAG.sched; raw/TAG.stages; raw/TAG.irq; raw/TAG.stream;
 raw/host.PLACEMENT.IMAGE.RW.qdN.native.json, the host-native baseline; machine.txt, host.txt,
 version-*.json) and writes summary.json (one object per configuration, the fields issue 6 names,
@@ -816,8 +817,10 @@ def main():
     md += [f"- Host: {where}.",
            f"- vmm: query-version {versions['vmm']}, package {machine.get('vmm_package')}, "
            f"commit {machine.get('vmm_commit')}.",
-           *[f"- {name}: vmm with `{args}` appended to its command line, booted in the same "
-             "parts as vmm and QEMU." for name, args in variants.items()],
+           *[f"- {name}: " + (f"the vmm executable {args.removeprefix('binary ')}"
+                              if args.startswith("binary ") else
+                              f"vmm with `{args}` appended to its command line")
+             + ", booted in the same parts as vmm and QEMU." for name, args in variants.items()],
            f"- QEMU: query-version {versions['qemu']} ({host.get('qemu')}), "
            f"`{machine.get('qemu_baseline', '').strip()}` (ci/qemu-baseline.args)"
            + (f"; on PCI (`+pci`) `{machine['qemu_baseline_pci'].strip()}`"
