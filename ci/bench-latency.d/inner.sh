@@ -6,6 +6,7 @@
 #            iothreads with poll-max-ns=0, IMAGE raw|qcow2|chain3): one guest boot each,
 #            interleaved;
 #   VARIANT_NAME  for each vmm-NAME of BOOTS: the arguments appended to vmm's command line;
+#   VARIANT_BIN_NAME  for a vmm-NAME that is another build of vmm: the executable's name in PATH;
 #   CONFS    "RW:QD:LOAD ..." what each boot runs (randread/randwrite, 1/32,
 #            quiet/disturbed/fsync-writer/stream-full/stream-10M);
 #   ROUND, ROUNDS  this run is round ROUND of ROUNDS (with several, results are named TAG.rN);
@@ -348,7 +349,7 @@ run_boot() {
   esac
   case $vmm in
     vmm) cmd="vmm -m 1G -smp $VCPUS" ;;
-    vmm-*) cmd="vmm -m 1G -smp $VCPUS"; eval "extra=\$VARIANT_${vmm#vmm-}" ;;
+    vmm-*) eval "extra=\$VARIANT_${vmm#vmm-} bin=\${VARIANT_BIN_${vmm#vmm-}:-vmm}"; cmd="$bin -m 1G -smp $VCPUS" ;;
     qemu) cmd="$qemu -m 1G -smp $VCPUS -name bench,debug-threads=on" ;;
   esac
   p=$vmm.$place.$image

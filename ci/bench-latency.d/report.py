@@ -1,8 +1,9 @@
 """The report of ci/bench-latency: reads a results folder (raw/TAG.json, fio's JSON per run, TAG being
 VMM.PLACEMENT.IMAGE.RW.qdN.LOAD, VMM vmm, vmm-NAME (a variant: vmm with the arguments machine.txt
-names as vmm_variant.vmm-NAME) or qemu, PLACEMENT main-loop or iothread, then +pci for a
-virtio-blk-pci disk (else virtio-mmio), +per-queue for one iothread per queue (iothread+pci only)
-and +nopoll for iothreads with poll-max-ns=0, with .rN for
+names as vmm_variant.vmm-NAME, or the vmm executable at PATH where they read `binary PATH`) or
+qemu, PLACEMENT main-loop or iothread, then +pci for a virtio-blk-pci disk (else virtio-mmio),
++per-queue for one iothread per queue (iothread+pci only) and +nopoll for iothreads with
+poll-max-ns=0, with .rN for
 round N when there are several; raw/TAG.polls; raw/TAG.sched; raw/TAG.stages; raw/TAG.irq; raw/TAG.stream;
 raw/host.PLACEMENT.IMAGE.RW.qdN.native.json, the host-native baseline; machine.txt, host.txt,
 version-*.json) and writes summary.json (one object per configuration, the fields issue 6 names,
@@ -149,6 +150,7 @@ def parse_run(path):
         obj["irq_per_io"] = irq_per_io(path.with_suffix(".irq"),
                                        side["iops"] * doc["jobs"][0].get("elapsed", 0))
         obj["stages_us"] = stage_means(path.with_suffix(".stages"))
+        obj["reaps"] = reap_figures(path.with_suffix(".stages"))
     if load.startswith("stream-"):
         obj["stream"] = stream_record(path.with_suffix(".stream"), side.get("runtime", 0) / 1000)
     # A stream part's completion log: a stream's figures from its run's completions only, and
@@ -234,6 +236,31 @@ def stage_means(path):
     return out
 
 
+def reap_figures(path):
+    """vmm's completions per reap and interrupts per reap while fio ran, all disks and queues,
+    from the reaps, reaped and interrupts counters of the two x-query-blockstats-stages replies
+    of raw/TAG.stages. Empty without two replies or without a reap between them."""
+    if not path.exists():
+        return {}
+    sums = []
+    for line in path.read_text(errors="replace").splitlines()[:2]:
+        acc = [0, 0, 0]
+        try:
+            for disk in json.loads(line)["return"]:
+                for queue in disk["queues"]:
+                    for i, key in enumerate(("reaps", "reaped", "interrupts")):
+                        acc[i] += queue[key]
+        except (ValueError, KeyError, TypeError):
+            return {}
+        sums.append(acc)
+    if len(sums) != 2:
+        return {}
+    reaps, reaped, irqs = (b - a for a, b in zip(*sums))
+    if reaps <= 0:
+        return {}
+    return {"per_reap": reaped / reaps, "irq_per_reap": irqs / reaps}
+
+
 def run_name(obj):
     """A configuration's name in raw/ (without the round)."""
     return "{vmm}.{placement}.{image}.{rw}.qd{iodepth}.{load}".format(**obj)
@@ -291,6 +318,8 @@ def combine(rounds):
                                              for r in runs])
         if "stages_us" in first:
             obj["stages_us"] = medians("stages_us")
+        if "reaps" in first:
+            obj["reaps"] = medians("reaps")
         if "irq_per_io" in first:
             obj["irq_per_io"] = medians("irq_per_io")
         points = [dict(r[2]) for r in runs]
@@ -636,9 +665,12 @@ def stage_table(runs):
         cells = [guest, total, outside] + [
             st.get(k) for k in ("queue-wait", "submission", "backend", "backend-dispatch",
                                 "backend-metadata", "backend-data", "completion")]
+        reaps = obj.get("reaps", {})
         rows.append(f"| {obj['vmm']} | {obj['placement']} | {obj['image']} | {obj['rw']} | "
                     f"{obj['iodepth']} | {obj['load']} | "
-                    + " | ".join(fmt(c, 1) for c in cells) + " |")
+                    + " | ".join(fmt(c, 1) for c in cells) + " | "
+                    + " | ".join(fmt(reaps.get(k), 2) for k in ("per_reap", "irq_per_reap"))
+                    + " |")
     if not rows:
         return []
     return ["", "## Where vmm's requests spend their time (mean µs per request)", "",
@@ -648,10 +680,13 @@ def stage_table(runs):
             "vmm: the stages' sum, from the handler waking for the queue's notification to the "
             "interrupt injected; outside: the rest (the guest's notification reaching the "
             "handler, the interrupt reaching fio, the guest's own path). backend = dispatch + "
-            "metadata + data.", "",
+            "metadata + data. per reap: the requests each reap of the disk's engine completed, "
+            "and the interrupts the device injected per reap (its reaps, reaped and interrupts "
+            "counters; a reap is counted once per queue it completed requests of).", "",
             "| VMM | placement | image | rw | QD | load | guest | vmm | outside | queue wait | "
-            "submission | backend | dispatch | metadata | data | completion |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"] + rows
+            "submission | backend | dispatch | metadata | data | completion | per reap | "
+            "irq per reap |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"] + rows
 
 
 def irq_table(runs):
@@ -782,8 +817,10 @@ def main():
     md += [f"- Host: {where}.",
            f"- vmm: query-version {versions['vmm']}, package {machine.get('vmm_package')}, "
            f"commit {machine.get('vmm_commit')}.",
-           *[f"- {name}: vmm with `{args}` appended to its command line, booted in the same "
-             "parts as vmm and QEMU." for name, args in variants.items()],
+           *[f"- {name}: " + (f"the vmm executable {args.removeprefix('binary ')}"
+                              if args.startswith("binary ") else
+                              f"vmm with `{args}` appended to its command line")
+             + ", booted in the same parts as vmm and QEMU." for name, args in variants.items()],
            f"- QEMU: query-version {versions['qemu']} ({host.get('qemu')}), "
            f"`{machine.get('qemu_baseline', '').strip()}` (ci/qemu-baseline.args)"
            + (f"; on PCI (`+pci`) `{machine['qemu_baseline_pci'].strip()}`"

@@ -7,7 +7,8 @@ import tempfile
 import unittest
 
 from report import (ab_verdicts, baseline_key, beyond, combine, cpu_per_io, over_host, parse_run,
-                    plus, sort_key, stage_means, suffix_over, tag, vmm_over)
+                    plus, reap_figures, sort_key, stage_means, suffix_over, tag,
+                    vmm_over)
 from report import per_round_figures, round_ratios, stream_cost, unequal_work
 from report import fio_jobs, irq_per_io, irq_table
 from streamcost import MIB
@@ -71,6 +72,22 @@ class ReportFigures(unittest.TestCase):
         self.assertEqual(stage_means(self.write("b.stages", before + "\n")), {})
         self.assertEqual(stage_means(self.write("c.stages", before + "\n{\n")), {})
         self.assertEqual(stage_means(self.dir / "missing.stages"), {})
+
+    def test_reap_figures_are_the_growth_over_the_run(self):
+        def reply(*queues):
+            return json.dumps({"return": [{"device": "d0", "queues": [
+                {"queue": q, "stages": [], "reaps": r, "reaped": n, "interrupts": i}
+                for q, (r, n, i) in enumerate(queues)]}]})
+        before = reply((10, 20, 10), (5, 5, 5))
+        # 40 reaps more over the two queues, 120 requests, 30 interrupts.
+        after = reply((30, 100, 30), (25, 45, 15))
+        path = self.write("r.stages", before + "\n" + after + "\n")
+        self.assertEqual(reap_figures(path), {"per_reap": 3.0, "irq_per_reap": 0.75})
+        # No reap between the replies, counters missing (an older vmm), one reply: nothing.
+        self.assertEqual(reap_figures(self.write("s.stages", before + "\n" + before)), {})
+        old = stages_reply({"total": (1, 1)})
+        self.assertEqual(reap_figures(self.write("t.stages", old + "\n" + old)), {})
+        self.assertEqual(reap_figures(self.write("u.stages", before + "\n")), {})
 
     def test_cpu_per_io_from_the_thread_profile(self):
         # 2 s of wall time, 500 + 300 ms on vCPUs and 200 ms elsewhere, at 1000 IOPS:

@@ -281,6 +281,12 @@ pub struct QueueStagesInfo {
     pub stages: Vec<StageInfo>,
     /// Layers that served requests, the top first.
     pub chain_depth: Vec<ChainLayerInfo>,
+    /// Reaps of the disk's engine that completed requests of the queue.
+    pub reaps: u64,
+    /// The requests those reaps completed (timed or not).
+    pub reaped: u64,
+    /// Interrupts the device injected for the queue.
+    pub interrupts: u64,
 }
 
 /// A disk's per-stage timing, per queue.

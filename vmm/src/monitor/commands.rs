@@ -1238,6 +1238,16 @@ mod tests {
         );
         // Queue 0 timed nothing: zero means, not a division by zero.
         assert_eq!(queues[0]["stages"][0]["mean-ns"], 0);
+        let reaps = |q: &Value| {
+            (
+                q["reaps"].clone(),
+                q["reaped"].clone(),
+                q["interrupts"].clone(),
+            )
+        };
+        assert_eq!(reaps(q1), (json!(2), json!(3), json!(1)));
+        // A reap that completed nothing of queue 0 counts nothing there.
+        assert_eq!(reaps(&queues[0]), (json!(0), json!(0), json!(0)));
         assert_eq!(f.calls(), ["stages d0", "stages d1"]);
 
         // query-blockstats carries the same only when asked.

@@ -112,6 +112,9 @@ pub fn block_stages(queues: &[QueueSnapshot]) -> BlockStages {
                         backend_mean_ns: mean(d.backend_ns, d.count),
                     })
                     .collect(),
+                reaps: q.reaps,
+                reaped: q.reaped,
+                interrupts: q.interrupts,
             })
             .collect(),
     }

@@ -218,7 +218,8 @@ impl MonitorBackend for RecordingBackend {
 
     /// Real stage statistics of two queues: one request on queue 1 whose stages took 200 ns
     /// (queue wait), 300 (submission), 52 000 (backend: 2000 dispatch, 10 000 metadata, 40 000
-    /// data, at layer 1) and 500 (completion), in histograms with boundaries 1000 and 100 000.
+    /// data, at layer 1) and 500 (completion), in histograms with boundaries 1000 and 100 000;
+    /// queue 1 also had two reaps completing three requests, and one interrupt.
     fn block_stages(&self, drive_id: &str) -> Result<BlockStages, BackendError> {
         self.record(format!("stages {drive_id}"));
         let stats = StageStats::new(2);
@@ -240,6 +241,10 @@ impl MonitorBackend for RecordingBackend {
             completed: at(53_000),
         };
         stats.record(1, &times);
+        stats.reaped(1, 2);
+        stats.reaped(1, 1);
+        stats.reaped(0, 0);
+        stats.interrupted(1);
         Ok(block_stages(&stats.snapshot()))
     }
 

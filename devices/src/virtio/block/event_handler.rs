@@ -268,6 +268,7 @@ impl Block {
                 .map_err(|e| QueueError::NeedsNotification(index, e))?
         {
             active.interrupt.signal_used_queue(index);
+            self.stages.interrupted(index);
         }
         Ok(())
     }
@@ -467,11 +468,15 @@ impl Block {
     /// that come next leave the eventfd alone ([`block::aio::Aio::reap_polling`]): the caller
     /// polls for them and calls this again without `polling` before it sleeps.
     pub(super) fn complete_all(&self, group: &Group, active: &mut Active, polling: bool) {
-        // Queues that got used entries, by their place in the group (at most 64).
-        let mut notify: u64 = 0;
+        // Requests completed, by their queue's place in the group (at most 64).
+        let mut reaped = [0u64; 64];
         let mut fault = None;
         let each = |done| match self.complete(group, active, done) {
-            Ok(Some(slot)) => notify |= 1 << slot,
+            Ok(Some(slot)) => {
+                if let Some(n) = reaped.get_mut(slot) {
+                    *n += 1;
+                }
+            }
             Ok(None) => {}
             Err(e) => fault = Some(e),
         };
@@ -480,14 +485,14 @@ impl Block {
         } else {
             group.aio.reap(each);
         }
-        for (&index, (slot, qs)) in group
-            .queues
-            .iter()
-            .zip(active.queues.iter_mut().enumerate())
-        {
-            if notify & (1 << slot) != 0 {
+        for ((&index, &n), qs) in group.queues.iter().zip(&reaped).zip(&mut active.queues) {
+            self.stages.reaped(index, n);
+            if n > 0 {
                 match qs.queue.needs_notification(&active.mem) {
-                    Ok(true) => active.interrupt.signal_used_queue(index),
+                    Ok(true) => {
+                        active.interrupt.signal_used_queue(index);
+                        self.stages.interrupted(index);
+                    }
                     Ok(false) => {}
                     Err(e) => fault = Some(QueueError::NeedsNotification(index, e)),
                 }

@@ -19,6 +19,10 @@
 //! `backend = dispatch + metadata + data`), exactly, since each boundary is one clock read. Each
 //! queue also counts its requests by the backing-chain layer that served them (0 = the top image).
 //! Only requests that reached the image and succeeded are timed, as the end-to-end latencies.
+//! Each queue also counts how its completions reach the driver, whatever the timing: the reaps of
+//! its group's engine that completed requests of the queue, those requests, and the interrupts
+//! the device injected for the queue (for completions, and for requests answered at once), so
+//! that completions per reap and interrupts per reap show how completions are batched.
 //!
 //! Cost and locking: the counters of a queue are written only by the context serving the queue,
 //! with its queue group's state mutex held, so an increment is a plain load and store of a relaxed atomic (no
@@ -200,6 +204,10 @@ struct QueueStages {
     /// Requests and their backend nanoseconds, by backing layer.
     depth_count: [AtomicU64; DEPTHS],
     depth_backend_ns: [AtomicU64; DEPTHS],
+    /// Reaps that completed requests of this queue, those requests, and interrupts injected.
+    reaps: AtomicU64,
+    reaped: AtomicU64,
+    interrupts: AtomicU64,
 }
 
 impl QueueStages {
@@ -212,6 +220,9 @@ impl QueueStages {
             cells: std::array::from_fn(|_| StageCell::new()),
             depth_count: std::array::from_fn(|_| AtomicU64::new(0)),
             depth_backend_ns: std::array::from_fn(|_| AtomicU64::new(0)),
+            reaps: AtomicU64::new(0),
+            reaped: AtomicU64::new(0),
+            interrupts: AtomicU64::new(0),
         }
     }
 
@@ -293,6 +304,22 @@ impl StageStats {
         bump(&q.depth_backend_ns[depth], ns[2]);
     }
 
+    /// Counts a reap that completed `requests` requests of `queue` (none: nothing counted).
+    /// Called only with the device's state mutex held, as [`StageStats::record`].
+    pub fn reaped(&self, queue: usize, requests: u64) {
+        if let Some(q) = self.queues.get(queue).filter(|_| requests > 0) {
+            bump(&q.reaps, 1);
+            bump(&q.reaped, requests);
+        }
+    }
+
+    /// Counts an interrupt injected for `queue`; with the device's state mutex held.
+    pub fn interrupted(&self, queue: usize) {
+        if let Some(q) = self.queues.get(queue) {
+            bump(&q.interrupts, 1);
+        }
+    }
+
     /// Every queue's figures now.
     pub fn snapshot(&self) -> Vec<QueueSnapshot> {
         let pending = {
@@ -338,7 +365,13 @@ impl StageStats {
                     })
                     .filter(|d| d.count > 0)
                     .collect();
-                QueueSnapshot { stages, depths }
+                QueueSnapshot {
+                    stages,
+                    depths,
+                    reaps: q.reaps.load(Ordering::Relaxed),
+                    reaped: q.reaped.load(Ordering::Relaxed),
+                    interrupts: q.interrupts.load(Ordering::Relaxed),
+                }
             })
             .collect()
     }
@@ -377,6 +410,12 @@ pub struct QueueSnapshot {
     pub stages: Vec<StageSnapshot>,
     /// Layers that served requests, shallowest first.
     pub depths: Vec<DepthSnapshot>,
+    /// Reaps that completed requests of the queue.
+    pub reaps: u64,
+    /// The requests those reaps completed.
+    pub reaped: u64,
+    /// Interrupts the device injected for the queue.
+    pub interrupts: u64,
 }
 
 #[cfg(test)]
@@ -606,6 +645,9 @@ mod tests {
                     .collect::<Vec<_>>(),
                 vec![(0, 1), (1, 2)]
             );
+            // Each request had a reap of its own; event idx (the driver's used event left at 0)
+            // wanted the first interrupt only.
+            assert_eq!((q.reaps, q.reaped, q.interrupts), (3, 3, 1));
             // The backing read went through a worker (no direct mapping of a backing cluster),
             // which moved data.
             assert!(q.stages[5].sum_ns > 0);
