@@ -42,6 +42,19 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const DEBIAN_TIMEOUT: Duration = Duration::from_secs(600);
 /// The raw disk of [`Disk::Pci`], in MiB.
 const PCI_DISK_MIB: u64 = 64;
+/// The nested outer kernel zeroes pages when they are freed rather than when they are allocated
+/// (`init_on_free=1`), for the boot benchmark only. Under TCG, a write to a page that held
+/// translated code invalidates that page's translation blocks, store by store, and Debian's kernel
+/// zeroes a page as it allocates it: each inner boot's memory comes from pages that held the
+/// previous guests' code, so 50,000 to 80,000 invalidations (1 to 3 s of the outer QEMU's CPU,
+/// `perf`) landed in a random phase of a boot, most often "first KVM_RUN → kernel clock".
+/// Zeroed when the previous VMM exits, between boots, they cost no boot anything: `ci/bench-boot
+/// --runs 5`, two runs each way, that phase 1.9 to 7.0 s → 1.1 to 2.0 s, vmm to userspace
+/// 6.5–10.7 s → 3.9–6.5 s, QEMU 6.7–14.3 s → 4.5–6.8 s (`resources/nested-host`'s timeline
+/// shows the counts). The price: the outer kernel zeroes all its memory as it boots (about 33 s
+/// more before the script starts, and the outer QEMU's RSS reaches 7.3 GB: its 6 GiB and the
+/// translation cache's 0.55 GB), so tests, which time nothing, go without.
+pub const OUTER_APPEND: &str = "init_on_free=1";
 
 /// Errors of one measured boot.
 #[derive(Debug, thiserror::Error)]

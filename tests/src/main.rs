@@ -214,6 +214,7 @@ fn host(o: &Options) -> Result<nested::Host, Error> {
         bins,
         force: o.force,
         disk_dir,
+        outer_append: None,
     })
 }
 
@@ -343,7 +344,9 @@ fn bench_boot(o: &Options) -> Result<bool, Error> {
             format!("{name}={}", v.args.join(" ")),
         ]);
     }
-    let (code, output) = host(o)?.run_inner(&args)?;
+    let mut outer = host(o)?;
+    outer.outer_append = Some(bench::OUTER_APPEND);
+    let (code, output) = outer.run_inner(&args)?;
     let host_line = output
         .lines()
         .find_map(|l| l.strip_prefix("HOST "))

@@ -46,6 +46,8 @@ pub struct Host {
     pub force: Option<&'static str>,
     /// A folder to give the inner half as `$DISK_DIR` (a writable copy, on ext4).
     pub disk_dir: Option<PathBuf>,
+    /// Words for the nested outer kernel's command line (nested-host's `--append`).
+    pub outer_append: Option<&'static str>,
 }
 
 impl Host {
@@ -74,6 +76,9 @@ impl Host {
         }
         if let Some(d) = &self.disk_dir {
             c.arg("--disk-dir").arg(d);
+        }
+        if let Some(a) = self.outer_append {
+            c.arg("--append").arg(a);
         }
         let out = c
             .stdin(Stdio::null())
@@ -113,12 +118,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_outer_kernels_words_go_to_nested_host_as_append() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("nested-append-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = dir.join("nested-host");
+        std::fs::write(&fake, "#!/bin/sh\nprintf '%s|' \"$@\"\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let host = |outer_append| Host {
+            resources: dir.clone(),
+            bins: vec![],
+            force: None,
+            disk_dir: None,
+            outer_append,
+        };
+        let (_, with) = host(Some("init_on_free=1")).run_inner(&[]).unwrap();
+        let (_, without) = host(None).run_inner(&[]).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(with.contains("|--append|init_on_free=1|"), "{with}");
+        assert!(!without.contains("--append"), "{without}");
+    }
+
+    #[test]
     fn a_missing_nested_host_is_named() {
         let host = Host {
             resources: PathBuf::from("/nonexistent"),
             bins: vec![],
             force: None,
             disk_dir: None,
+            outer_append: None,
         };
         let err = host.run_inner(&[]).unwrap_err();
         assert!(
