@@ -21,9 +21,10 @@
 //! ioeventfd per queue at its notification address wherever the guest decodes the BAR (the
 //! transport moves them through `KvmIoevents`), one irqfd per MSI-X vector (queues + 1)
 //! on GSIs from [`PCI_MSI_GSI_FIRST`] on, and a resampling irqfd for its INTx line on the GSI
-//! [`pci_intx_gsi`] gives its slot (none when the virtio-mmio disks take every pin); with any, the ECAM and both BAR windows go on the shared
-//! MMIO bus and the host bridge in the DSDT, its `_PRT` naming each slot's INTx GSI ([`Disks::pci_root`] gives the bus to the 0xCF8
-//! ports and says the MCFG is needed).
+//! [`pci_intx_gsi`] gives its slot (none when the virtio-mmio disks take every pin); with any,
+//! the ECAM and both BAR windows go on the shared MMIO bus and the host bridge in the DSDT, its
+//! `_PRT` naming each slot's INTx GSI ([`Disks::pci_root`] gives the bus to the 0xCF8 ports and
+//! says the MCFG is needed).
 //!
 //! Threads and locks: a disk on an iothread is served entirely in that thread's context (its
 //! ioeventfds, the completions of its worker pool, the used ring and the irqfd), which never
