@@ -359,29 +359,6 @@ mod tests {
         std::fs::remove_file(&path).expect("removes");
     }
 
-    /// A disk's hold timer for the interrupts it holds (created with the device, before any
-    /// filter) is armed and read by whichever thread serves the disk.
-    #[test]
-    fn a_disk_handler_arms_and_reads_its_hold_timer() {
-        trap::install_handler().expect("installs");
-        for handler in [Kind::Main, Kind::IoThread, Kind::Vcpu] {
-            let mut timer = vmm_sys_util::timerfd::TimerFd::new().expect("creates");
-            let fired = std::thread::Builder::new()
-                .name(format!("{handler:?}"))
-                .spawn(move || {
-                    confine(handler);
-                    timer
-                        .reset(std::time::Duration::from_millis(1), None)
-                        .expect("arms");
-                    timer.wait().expect("fires")
-                })
-                .expect("spawns")
-                .join()
-                .expect("the handler ran");
-            assert_eq!(fired, 1, "{handler:?}");
-        }
-    }
-
     #[test]
     fn every_kind_s_program_gives_seccompiler_s_verdicts_in_fewer_instructions() {
         for kind in Kind::ALL {

@@ -371,14 +371,13 @@ pub fn spawner(r: &mut Rules) {
 
 /// What a thread makes that runs a virtio-blk device's handlers (its context's thread, and a
 /// vCPU while it activates or resets the device): cloning, reading, adding and removing (in the
-/// context's epoll set) the queues' and the pool's eventfds, submitting to the io_uring engine,
-/// arming the timer of the interrupts it holds, and growing the pool.
+/// context's epoll set) the queues' and the pool's eventfds, submitting to the io_uring engine, and
+/// growing the pool.
 pub fn disk_handler(r: &mut Rules) {
     r.allow(&[
         libc::SYS_read,
         libc::SYS_epoll_ctl,
         libc::SYS_io_uring_enter,
-        libc::SYS_timerfd_settime,
     ])
     // Activation clones the queues' eventfds.
     .allow_arg(libc::SYS_fcntl, 1, &[arg(libc::F_DUPFD_CLOEXEC)]);

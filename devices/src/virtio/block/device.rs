@@ -45,9 +45,6 @@ pub enum Error {
     /// Starting the worker pool or the io_uring ring failed.
     #[error("cannot start the I/O engine of drive {0}")]
     Aio(String, #[source] AioError),
-    /// Creating the timer of held interrupts failed.
-    #[error("cannot create the interrupt timer of drive {0}")]
-    HoldTimer(String, #[source] std::io::Error),
     /// A queue size that is not a power of two between 2 and 32768 (virtio 1.2, 2.7).
     #[error("queue size {0} is not a power of two between 2 and 32768")]
     QueueSize(u16),
@@ -240,7 +237,7 @@ impl Block {
                     config.aio,
                 )
                 .map_err(|e| Error::Aio(config.id.clone(), e))?;
-                Group::new(ctx, aio, queues).map_err(|e| Error::HoldTimer(config.id.clone(), e))
+                Ok(Group::new(ctx, aio, queues))
             })
             .collect::<Result<Vec<_>, Error>>()?;
         let mut homes = vec![Home { group: 0, slot: 0 }; listed.len()];
@@ -636,17 +633,6 @@ impl VirtioDevice for Block {
                         .unwrap_or(false)
                 });
                 register(&mut handlers, group, g.aio.completion_fd(), handler, ready)?;
-                // The hold timer: held interrupts that are due go out.
-                let me = self.me.clone();
-                let handler: Handler = Arc::new(move |ctx: &Context, _| {
-                    if let Some(dev) = me.upgrade() {
-                        dev.hold_expired(group, ctx.polling());
-                    }
-                });
-                g.ctx
-                    .add_fd(g.hold_fd(), EventSet::IN, handler)
-                    .map(|id| handlers[group].push(id))
-                    .map_err(ActivateError::Register)?;
             }
             Ok(())
         })();

@@ -16,7 +16,6 @@ use vmm_sys_util::eventfd::EventFd;
 use super::device::{Active, Block};
 use super::groups::{Group, Home};
 use super::io_error::{errno_of, ErrorAction, IoErrorEvent};
-use super::moderation::{Moderation, Verdict};
 use super::request::{self, Parsed};
 use super::stages::Times;
 use super::stats::Kind;
@@ -55,10 +54,6 @@ pub(super) struct QueueState {
     queue: Queue,
     event: EventFd,
     in_flight: Vec<Option<InFlight>>,
-    /// Requests of the queue in flight (the `Some`s of `in_flight`).
-    outstanding: usize,
-    /// Whether to hold the queue's interrupt (`moderation.rs`).
-    moderation: Moderation,
     /// The queue's next available index as the device last left it, for a polling loop to
     /// compare with the driver's (`taken_up_to`).
     taken: Arc<AtomicU16>,
@@ -72,8 +67,6 @@ impl QueueState {
             queue,
             event,
             in_flight,
-            outstanding: 0,
-            moderation: Moderation::default(),
             taken,
         }
     }
@@ -165,15 +158,6 @@ impl Block {
         }
     }
 
-    /// The hold timer of group `group` fired: the interrupts held past their deadline go out
-    /// (`moderation.rs`); `polling` as for [`Block::completions_ready`].
-    pub(super) fn hold_expired(&self, group: usize, polling: bool) {
-        if let Some(g) = self.groups.get(group) {
-            g.hold_fired();
-        }
-        self.completions_ready(group, polling);
-    }
-
     /// Takes every available request from queue `index` (at `slot` in `group`), whose handler
     /// woke at `woke`.
     fn process_queue(
@@ -246,10 +230,7 @@ impl Block {
                     &mut qs.in_flight,
                 );
                 match outcome {
-                    Immediate::Submitted => {
-                        *in_flight += 1;
-                        qs.outstanding += 1;
-                    }
+                    Immediate::Submitted => *in_flight += 1,
                     Immediate::Status(st, used) => {
                         mem.write_obj(st, parsed.status).map_err(|source| {
                             QueueError::WriteStatus {
@@ -280,17 +261,14 @@ impl Block {
             }
         }
         qs.taken.store(qs.queue.next_avail(), Ordering::Release);
-        if notify {
-            // The interrupt (or the driver's refusal of one) covers the completions held too.
-            qs.moderation.released();
-            if qs
+        if notify
+            && qs
                 .queue
                 .needs_notification(&*mem)
                 .map_err(|e| QueueError::NeedsNotification(index, e))?
-            {
-                active.interrupt.signal_used_queue(index);
-                self.stages.interrupted(index);
-            }
+        {
+            active.interrupt.signal_used_queue(index);
+            self.stages.interrupted(index);
         }
         Ok(())
     }
@@ -507,31 +485,18 @@ impl Block {
         } else {
             group.aio.reap(each);
         }
-        // When the guest got the reap's used entries.
-        let now = Instant::now();
-        let mut hold_until: Option<Instant> = None;
         for ((&index, &n), qs) in group.queues.iter().zip(&reaped).zip(&mut active.queues) {
             self.stages.reaped(index, n);
-            match qs.moderation.completed(now, n, qs.outstanding) {
-                Verdict::Nothing => {}
-                Verdict::Hold(until) => {
-                    hold_until = Some(hold_until.map_or(until, |h| h.min(until)));
-                }
-                Verdict::Signal => {
-                    qs.moderation.released();
-                    match qs.queue.needs_notification(&active.mem) {
-                        Ok(true) => {
-                            active.interrupt.signal_used_queue(index);
-                            self.stages.interrupted(index);
-                        }
-                        Ok(false) => {}
-                        Err(e) => fault = Some(QueueError::NeedsNotification(index, e)),
+            if n > 0 {
+                match qs.queue.needs_notification(&active.mem) {
+                    Ok(true) => {
+                        active.interrupt.signal_used_queue(index);
+                        self.stages.interrupted(index);
                     }
+                    Ok(false) => {}
+                    Err(e) => fault = Some(QueueError::NeedsNotification(index, e)),
                 }
             }
-        }
-        if let Some(until) = hold_until {
-            group.hold_until(until);
         }
         // One clock read for the reap: the guest has its used entries and interrupts.
         if !active.finished.is_empty() {
@@ -587,9 +552,6 @@ impl Block {
         };
         *slot = None;
         active.in_flight -= 1;
-        if let Some(qs) = active.queues.get_mut(place) {
-            qs.outstanding -= 1;
-        }
         active.seg_pool.push(request.segs);
         // An ignored error counts as done, as QEMU counts it.
         self.stats.done(info.kind, info.bytes, info.start, ok);
@@ -707,13 +669,12 @@ impl Block {
     pub(super) fn drop_parked(&self, group: &Group, active: &mut Active) {
         while let Some(request) = active.parked.pop_front() {
             let (queue, head) = untoken(request.token);
-            if let Some(qs) = group
+            if let Some(slot) = group
                 .slot_of(queue)
                 .and_then(|place| active.queues.get_mut(place))
+                .and_then(|qs| qs.in_flight.get_mut(head))
             {
-                if qs.in_flight.get_mut(head).and_then(Option::take).is_some() {
-                    qs.outstanding -= 1;
-                }
+                *slot = None;
             }
             active.in_flight -= 1;
             active.seg_pool.push(request.segs);
@@ -977,130 +938,6 @@ mod tests {
         }
         // The device asks to be notified at the next available index (avail_event).
         assert_eq!(rig.avail_event(0), 2);
-    }
-
-    /// A disk whose read of sector `s` waits until more than `s` sectors are let through.
-    #[derive(Debug)]
-    struct Paced {
-        mem: std::sync::Arc<MemImage>,
-        through: std::sync::Mutex<u64>,
-        moved: std::sync::Condvar,
-    }
-
-    impl Paced {
-        fn let_through(&self, sectors: u64) {
-            *self.through.lock().unwrap() = sectors;
-            self.moved.notify_all();
-        }
-    }
-
-    /// Lets every read of a [`Paced`] through when dropped, so that a failing test does not
-    /// leave its device draining reads that never end.
-    struct Opener(std::sync::Arc<Paced>);
-
-    impl Drop for Opener {
-        fn drop(&mut self) {
-            self.0.let_through(u64::MAX);
-        }
-    }
-
-    impl DiskImage for Paced {
-        fn size(&self) -> u64 {
-            self.mem.size()
-        }
-        fn read_only(&self) -> bool {
-            false
-        }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), block::Error> {
-            let mut through = self.through.lock().unwrap();
-            while *through <= offset / 512 {
-                through = self.moved.wait(through).unwrap();
-            }
-            drop(through);
-            self.mem.read_at(buf, offset)
-        }
-        fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), block::Error> {
-            self.mem.write_at(buf, offset)
-        }
-        fn flush(&self) -> Result<(), block::Error> {
-            Ok(())
-        }
-        fn discard(&self, offset: u64, len: u64) -> Result<(), block::Error> {
-            self.mem.discard(offset, len)
-        }
-        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), block::Error> {
-            self.mem.write_zeroes(offset, len, unmap)
-        }
-        fn block_status(&self, offset: u64, len: u64) -> Result<block::BlockStatus, block::Error> {
-            self.mem.block_status(offset, len)
-        }
-    }
-
-    /// Interrupt moderation (`moderation.rs`) on a queue with three reads in flight, completing
-    /// one at a time: the first interrupts at once (no pace known yet); the second, coming at
-    /// the pace the first set with the third still in flight, goes to the used ring without an
-    /// interrupt, which the hold timer sends once it is due; the third, the last in flight,
-    /// interrupts at once. A read alone in its queue always interrupts at once.
-    #[test]
-    fn a_completion_s_interrupt_waits_while_its_queue_has_more_in_flight() {
-        let image = std::sync::Arc::new(Paced {
-            mem: MemImage::new(1 << 16, false),
-            through: std::sync::Mutex::new(0),
-            moved: std::sync::Condvar::new(),
-        });
-        let rig = Rig::new(Context::new("moderated").unwrap(), image, 1, false);
-        let _opener = Opener(std::sync::Arc::clone(&rig.image));
-        // Without event idx every interrupt is wanted.
-        rig.start(!crate::virtio::features::RING_EVENT_IDX);
-        let read = |sector: u64, head: u16| {
-            let hdr = HDR + 0x20 * u64::from(head);
-            rig.header(hdr, t::IN, sector);
-            rig.submit(
-                0,
-                head,
-                &[
-                    (hdr, 16, 0),
-                    (BUF, 512, F_WRITE),
-                    (STATUS + u64::from(head), 1, F_WRITE),
-                ],
-            );
-        };
-        for sector in 0..3 {
-            read(sector, u16::try_from(sector).unwrap() * 3);
-        }
-        rig.ctx.run_once(Some(std::time::Duration::ZERO)).unwrap();
-        rig.image.let_through(1);
-        rig.run_until_used(0, 1);
-        assert!(rig.irq_fired(), "the first completion, no pace known");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        rig.image.let_through(2);
-        rig.run_until_used(0, 2);
-        assert_eq!(rig.byte(STATUS + 3), st::OK);
-        assert!(
-            !rig.irq_fired(),
-            "the second, with the third in flight, is held"
-        );
-        // The hold timer lets it go (within MAX_HOLD; the loop runs for up to a second).
-        let held = std::time::Instant::now();
-        while !rig.irq_fired() {
-            assert!(
-                held.elapsed().as_secs() < 1,
-                "the held interrupt never went out"
-            );
-            rig.ctx
-                .run_once(Some(std::time::Duration::from_millis(10)))
-                .unwrap();
-        }
-        rig.image.let_through(3);
-        rig.run_until_used(0, 3);
-        assert!(rig.irq_fired(), "the last in flight");
-        // Alone in its queue, a read is never held, whatever the pace.
-        for head in [9u16, 12] {
-            read(0, head);
-            rig.run_until_used(0, head / 3 + 1);
-            assert!(rig.irq_fired(), "read at head {head}");
-        }
-        assert_eq!(rig.dev.stats().snapshot().rd.operations, 5);
     }
 
     /// While an iothread's loop polls, the device leaves the driver's notifications off (with

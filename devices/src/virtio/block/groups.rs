@@ -13,14 +13,10 @@
 //! (activation, reset, drain, [`super::Block::with_drained_io`]) holds every group's context,
 //! taken in lock order ([`crate::context::in_lock_order`]).
 
-use std::io;
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
 
 use block::aio::{Aio, AioError};
 use block::DiskImage;
-use vmm_sys_util::timerfd::TimerFd;
 
 use super::device::Active;
 use crate::context::Context;
@@ -33,69 +29,17 @@ pub(super) struct Group {
     /// The device's indices of the group's queues, ascending.
     pub queues: Vec<usize>,
     active: Mutex<Option<Active>>,
-    /// Fires when the first interrupt its queues hold is due (`moderation.rs`); taken only with
-    /// the context held.
-    hold: Mutex<HoldTimer>,
-}
-
-/// A group's timer for its held interrupts, and the time it is armed for.
-struct HoldTimer {
-    fd: TimerFd,
-    armed: Option<Instant>,
 }
 
 impl Group {
     /// A group of `queues` (the device's indices, ascending) served in `ctx` by `aio`.
-    pub(super) fn new(ctx: Arc<Context>, aio: Aio, queues: Vec<usize>) -> io::Result<Self> {
-        let fd = TimerFd::new()?;
-        // Non-blocking: a handler that finds the timer re-armed meanwhile must not wait on it.
-        // SAFETY: F_SETFL on a descriptor the timer owns.
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Group {
+    pub(super) fn new(ctx: Arc<Context>, aio: Aio, queues: Vec<usize>) -> Self {
+        Group {
             ctx,
             aio,
             queues,
             active: Mutex::new(None),
-            hold: Mutex::new(HoldTimer { fd, armed: None }),
-        })
-    }
-
-    /// The descriptor of the group's hold timer, readable when it fired.
-    pub(super) fn hold_fd(&self) -> RawFd {
-        self.hold_timer().fd.as_raw_fd()
-    }
-
-    /// Has the hold timer fire at `until` at the latest.
-    pub(super) fn hold_until(&self, until: Instant) {
-        let mut timer = self.hold_timer();
-        if timer.armed.is_some_and(|armed| armed <= until) {
-            // It fires first; the handler arms it again for what is still held then.
-            return;
         }
-        // A zero time would disarm the timer.
-        let after = until
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_nanos(1));
-        match timer.fd.reset(after, None) {
-            Ok(()) => timer.armed = Some(until),
-            // Only with a bad descriptor or time; the next reap asks again.
-            Err(e) => log::error!("cannot arm the interrupt hold timer: {e}"),
-        }
-    }
-
-    /// Takes the hold timer's expiry: it is armed no more.
-    pub(super) fn hold_fired(&self) {
-        let mut timer = self.hold_timer();
-        // Nothing to read (EAGAIN) when it was re-armed after it fired.
-        let _ = timer.fd.wait();
-        timer.armed = None;
-    }
-
-    fn hold_timer(&self) -> MutexGuard<'_, HoldTimer> {
-        // Only taken with the context held, by code that does not panic while holding it.
-        self.hold.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The place of the device's queue `queue` among the group's, if the group serves it.

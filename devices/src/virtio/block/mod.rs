@@ -4,8 +4,7 @@
 //! Files: `device.rs` (the device: features, configuration space, activation, reset and drain),
 //! `request.rs` (descriptor chains to requests), `event_handler.rs` (the work done in the
 //! device's context: queue notifications, submission to the worker pool, completions),
-//! `io_error.rs` (what a failed request does: `werror=`/`rerror=`), `moderation.rs` (when a
-//! queue's interrupt waits for more completions), `stats.rs` (I/O statistics
+//! `io_error.rs` (what a failed request does: `werror=`/`rerror=`), `stats.rs` (I/O statistics
 //! under QEMU's `query-blockstats` names), `stages.rs` (where each request's time goes, per queue
 //! and stage), `groups.rs` (the queue groups, each served in its own context), `mapping.rs`
 //! (which iothread serves which queue: QEMU's `iothread-vq-mapping`).
@@ -21,7 +20,6 @@ mod event_handler;
 mod groups;
 mod io_error;
 pub mod mapping;
-mod moderation;
 mod request;
 pub mod stages;
 pub mod stats;
