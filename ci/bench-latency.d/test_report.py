@@ -6,8 +6,8 @@ import pathlib
 import tempfile
 import unittest
 
-from report import (ab_verdicts, baseline_key, beyond, combine, cpu_per_io, over_host, parse_run,
-                    plus, reap_figures, sort_key, stage_means, suffix_over, tag,
+from report import (ab_verdicts, aio_engines, baseline_key, beyond, combine, cpu_per_io, over_host,
+                    parse_run, plus, reap_figures, sort_key, stage_means, suffix_over, tag,
                     vmm_over)
 from report import per_round_figures, round_ratios, stream_cost, unequal_work
 from report import fio_jobs, irq_per_io, irq_table
@@ -304,6 +304,63 @@ class ReportFigures(unittest.TestCase):
         # vmm over QEMU pairs the rows of the same mapping: 170 over 150.
         md = vmm_over(runs, "qemu", "QEMU", {}, 1)
         self.assertIn("| iothread+pci+per-queue | qcow2 | randread | 32 | quiet | 1.13 | 1.00 | "
+                      "1.00 | 1.00 | — | — |", md)
+
+    def test_the_aio_engine_in_the_placement_field(self):
+        raw = self.dir / "raw"
+        raw.mkdir()
+        # IOPS per run: vmm 80 on threads, 100 on io_uring; QEMU 60 on threads, 72 on io_uring,
+        # 120 on native and with its best engine (unsuffixed).
+        figures = {("vmm", "iothread+aio-threads"): 80, ("vmm", "iothread+aio-io_uring"): 100,
+                   ("qemu", "iothread+aio-native"): 120, ("qemu", "iothread+aio-io_uring"): 72,
+                   ("qemu", "iothread+aio-threads"): 60, ("qemu", "iothread"): 120}
+        runs = []
+        for (vmm, place), iops in figures.items():
+            path = raw / f"{vmm}.{place}.raw.randread.qd32.quiet.json"
+            path.write_text(json.dumps(fio_json("randread", iops, 1000, PCT, 450)))
+            run, why = parse_run(path)
+            self.assertIsNone(why)
+            runs.append((*run, ""))
+        objs = {(r[0]["vmm"], r[0]["placement"]): r[0] for r in runs}
+        self.assertEqual(objs[("qemu", "iothread+aio-native")]["aio"], "native")
+        self.assertEqual(objs[("qemu", "iothread")]["aio"], "best")
+        self.assertEqual(baseline_key(objs[("vmm", "iothread+aio-io_uring")]),
+                         ("iothread", "raw", "randread", 32))
+        # Not run names: two engines, out of order, an unknown one, native for vmm or a
+        # variant (vmm has no linux-aio), an engine on the host.
+        for name in ["qemu.iothread+aio-threads+aio-native", "qemu.iothread+aio-native+nopoll",
+                     "qemu.iothread+aio-posix", "vmm.iothread+aio-native",
+                     "vmm-main.iothread+aio-native", "host.iothread+aio-threads"]:
+            load = "native" if name.startswith("host") else "quiet"
+            path = raw / f"{name}.raw.randread.qd1.{load}.json"
+            path.write_text(json.dumps(fio_json("randread", 1, 1000, PCT, 450)))
+            self.assertEqual(parse_run(path)[1], f"{path.name}: not a run name")
+        runs = combine(runs)
+        runs.sort(key=lambda r: sort_key(r[0]))
+        self.assertEqual([(r[0]["vmm"], r[0]["placement"]) for r in runs],
+                         [("qemu", "iothread"), ("vmm", "iothread+aio-threads"),
+                          ("qemu", "iothread+aio-threads"), ("vmm", "iothread+aio-io_uring"),
+                          ("qemu", "iothread+aio-io_uring"), ("qemu", "iothread+aio-native")])
+        # Each VMM's engines over its fastest: vmm first, then QEMU, its best engine first.
+        md = aio_engines(runs, {"vmm": "io_uring", "qemu": "native"})
+        self.assertEqual(md[7:], [
+            "| vmm | iothread | raw | randread | 32 | quiet | threads | 80 | 100 | 200 | 0.80 | "
+            "1.00 |",
+            "| vmm | iothread | raw | randread | 32 | quiet | io_uring | 100 | 100 | 200 | 1.00 | "
+            "1.00 |",
+            "| qemu | iothread | raw | randread | 32 | quiet | best (native) | 120 | 100 | 200 | "
+            "1.00 | 1.00 |",
+            "| qemu | iothread | raw | randread | 32 | quiet | threads | 60 | 100 | 200 | 0.50 | "
+            "1.00 |",
+            "| qemu | iothread | raw | randread | 32 | quiet | io_uring | 72 | 100 | 200 | 0.60 | "
+            "1.00 |",
+            "| qemu | iothread | raw | randread | 32 | quiet | native | 120 | 100 | 200 | 1.00 | "
+            "1.00 |"])
+        # One engine per VMM and row: no table.
+        self.assertEqual(aio_engines(runs[:2], {}), [])
+        # vmm over QEMU pairs the rows of the same engine: 80 over 60 on threads.
+        md = vmm_over(runs, "qemu", "QEMU", {}, 1)
+        self.assertIn("| iothread+aio-threads | raw | randread | 32 | quiet | 1.33 | 1.00 | "
                       "1.00 | 1.00 | — | — |", md)
 
     def test_a_streams_cost_beside_qemus(self):
