@@ -883,7 +883,7 @@ def main():
            "`iothread-vq-mapping` over them; `+nopoll`: the iothreads' "
            f"`poll-max-ns=0`; {machine.get('image_mib')} MiB, every cluster allocated, "
            f"`cache=none`; `aio=` each VMM's best here, QEMU `{best['qemu']}` and vmm "
-           f"`{best['vmm']}` (ci/bench-latency's aio_qemu and aio_vmm), or with `+aio-ENGINE` "
+           f"`{best['vmm']}` (ci/aio-best), or with `+aio-ENGINE` "
            "ENGINE for both, `native` (linux-aio) QEMU's only), fresh "
            "copy per boot; fio 4 KiB `--direct=1 --ioengine=libaio`, " + fio_jobs(machine)
            + f", {machine.get('runtime_s')} s after 1 s of ramp, `--output-format=json`.",
