@@ -3,7 +3,8 @@
 #   BOOTS    "VMM:PLACEMENT:IMAGE ..." in run order (VMM vmm|vmm-NAME|qemu, PLACEMENT
 #            main-loop|iothread, then +pci for a virtio-blk-pci disk (else virtio-mmio),
 #            +per-queue for one iothread per queue (iothread+pci only) and +nopoll for
-#            iothreads with poll-max-ns=0, IMAGE raw|qcow2|chain3): one guest boot each,
+#            iothreads with poll-max-ns=0, +aio-ENGINE for the drive's aio=ENGINE (else the
+#            VMM's best, AIO_QEMU or AIO_VMM), IMAGE raw|qcow2|chain3): one guest boot each,
 #            interleaved;
 #   VARIANT_NAME  for each vmm-NAME of BOOTS: the arguments appended to vmm's command line;
 #   VARIANT_BIN_NAME  for a vmm-NAME that is another build of vmm: the executable's name in PATH;
@@ -17,11 +18,12 @@
 #   POLL_INTERVAL  seconds between a QMP reply and the next query-blockstats (0: flood, pipelined);
 #   QEMU_BASELINE  the start of QEMU's command line (ci/qemu-baseline.args);
 #   QEMU_BASELINE_PCI  the same with microvm's PCIe root (pcie=on), for +pci boots.
+#   AIO_QEMU, AIO_VMM  each VMM's fastest aio engine (-drive aio=), for boots without +aio-.
 # Each boot: a 2-vCPU 1 GiB guest with initrd-fio.img, its one disk a fresh copy of the image, the
 # same flags for both VMMs (QEMU: microvm, -object iothread, -device virtio-blk-device or
 # virtio-blk-pci with microvm's pcie=on; +per-queue: VCPUS iothreads io0... and the JSON -device
 # with num-queues VCPUS and iothread-vq-mapping over them, round-robin: queue i on ioI),
-# cache=none, and a monitor on -qmp tcp:127.0.0.1:PORT.
+# cache=none with the aio engine the boot names, and a monitor on -qmp tcp:127.0.0.1:PORT.
 # The guest (a script on its command line) runs fio with --output-format=json per configuration
 # and prints the JSON between BENCH-FIO-BEGIN/END lines.
 # "disturbed": on the guest's second vCPU (fio is pinned to the first) a shell spins and another
@@ -337,6 +339,8 @@ run_boot() {
   case +$place+ in *+pci+*) device=virtio-blk-pci qemu=$QEMU_BASELINE_PCI ;; esac
   case +$place+ in *+nopoll+*) popt=",poll-max-ns=0" ;; esac
   case $place in iothread*) io="-object iothread,id=io0$popt"; dev=",iothread=io0" ;; esac
+  case $vmm in qemu) aio=$AIO_QEMU ;; *) aio=$AIO_VMM ;; esac
+  case +$place+ in *+aio-*) aio=${place##*+aio-} ;; esac
   devarg="$device,drive=d0,id=vd0$dev"
   case +$place+ in
     *+per-queue+*)
@@ -364,10 +368,10 @@ run_boot() {
   n=$(echo $confs | wc -w)
   say "boot $vmm $place $image$([ "$ROUNDS" = 1 ] || echo " round $round") ($n configurations)"
   # The exact command line (the guest's script, base64 on the kernel's, shortened).
-  say "command: $cmd -kernel $G/bzImage -initrd $G/initrd-fio.img $io -drive file=$file,format=$fmt,if=none,id=d0,cache=none -device '$devarg' -qmp tcp:127.0.0.1:$port,server=on,wait=off -D run/debug.log -append 'console=ttyS0 quiet guest.sh=... guest.run=poweroff' $extra"
+  say "command: $cmd -kernel $G/bzImage -initrd $G/initrd-fio.img $io -drive file=$file,format=$fmt,if=none,id=d0,cache=none,aio=$aio -device '$devarg' -qmp tcp:127.0.0.1:$port,server=on,wait=off -D run/debug.log -append 'console=ttyS0 quiet guest.sh=... guest.run=poweroff' $extra"
   # shellcheck disable=SC2086 # $cmd, $io and $extra are word lists on purpose
   $cmd -kernel "$G/bzImage" -initrd "$G/initrd-fio.img" $io \
-    -drive "file=$file,format=$fmt,if=none,id=d0,cache=none" \
+    -drive "file=$file,format=$fmt,if=none,id=d0,cache=none,aio=$aio" \
     -device "$devarg" \
     -qmp "tcp:127.0.0.1:$port,server=on,wait=off" \
     -D run/debug.log -append "console=ttyS0 quiet guest.sh=$gs guest.run=poweroff" $extra \

@@ -2,20 +2,22 @@
 VMM.PLACEMENT.IMAGE.RW.qdN.LOAD, VMM vmm, vmm-NAME (a variant: vmm with the arguments machine.txt
 names as vmm_variant.vmm-NAME, or the vmm executable at PATH where they read `binary PATH`) or
 qemu, PLACEMENT main-loop or iothread, then +pci for a virtio-blk-pci disk (else virtio-mmio),
-+per-queue for one iothread per queue (iothread+pci only) and +nopoll for iothreads with
-poll-max-ns=0, with .rN for
-round N when there are several; raw/TAG.polls; raw/TAG.sched; raw/TAG.stages; raw/TAG.irq; raw/TAG.stream;
++per-queue for one iothread per queue (iothread+pci only), +nopoll for iothreads with
+poll-max-ns=0 and +aio-ENGINE for the drive's aio=ENGINE (threads, io_uring or native; without
+it each VMM's best engine, machine.txt's aio_best.VMM), with .rN for round N when there are
+several; raw/TAG.polls; raw/TAG.sched; raw/TAG.stages; raw/TAG.irq; raw/TAG.stream;
 raw/host.PLACEMENT.IMAGE.RW.qdN.native.json, the host-native baseline; machine.txt, host.txt,
 version-*.json) and writes summary.json (one object per configuration, the fields issue 6 names,
 each figure the median over the rounds, plus `runs`, `completions` (the fewest of a round),
-`transport`, `mapping`, `poll`, `lat_us.max`, `cpu_us_per_io`, `irq_per_io`, vmm's `stages_us` and
-the baseline under `host_native`), summary.md (the host, both VMMs' versions, the table, each
-VMM's percentiles as host-native + overhead with the samples behind the tail ones and its CPU per
-I/O, where vmm's requests spent their time by stage, the guest's interrupts per I/O by kind, PCI over MMIO, one iothread per queue over one and polling
-off over on per VMM, vmm over QEMU
-with an A/B verdict per row on IOPS and p99 from the per-round figures (abtest.py), the rows
-listed by verdict, vmm over each variant with the same verdicts (in summary.json the vmm row's
-`vs_qemu` and `vs_vmm-NAME`), iothread over main loop under load, where the VMMs' threads spent
+`transport`, `mapping`, `poll`, `aio`, `lat_us.max`, `cpu_us_per_io`, `irq_per_io`, vmm's
+`stages_us` and the baseline under `host_native`), summary.md (the host, both VMMs' versions and
+drive options, the table, each VMM's percentiles as host-native + overhead with the samples
+behind the tail ones and its CPU per I/O, where vmm's requests spent their time by stage, the
+guest's interrupts per I/O by kind, each VMM's aio engines side by side, PCI over MMIO, one
+iothread per queue over one and polling off over on per VMM, vmm over QEMU with an A/B verdict
+per row on IOPS and p99 from the per-round figures (abtest.py), the rows listed by verdict, vmm
+over each variant with the same verdicts (in summary.json the vmm row's `vs_qemu` and
+`vs_vmm-NAME`), iothread over main loop under load, where the VMMs' threads spent
 the disturbed runs, what a block-stream costs the guest: each VMM's figures under a stream load
 over quiet's, side by side, the stream's progress, and an A/B verdict on vmm's ratios over
 QEMU's (in summary.json each stream row's `stream`, `vs_quiet`, and the vmm row's
@@ -50,10 +52,13 @@ ORDER = {
     "image": ["raw", "qcow2", "chain3"], "rw": ["randread", "randwrite"],
     "load": ["quiet", "disturbed", "fsync-writer", "stream-full", "stream-10M"],
 }
-# A placement field's suffixes (in this order), each a dimension: its value with the suffix, and
-# without it.
+# A placement field's suffixes (in this order), each of a dimension: its value with the suffix,
+# and without it. The aio engines are one dimension, at most one of them in a field; without one
+# a VMM runs its best engine (machine.txt's aio_best.VMM).
+AIOS = ("threads", "io_uring", "native")
 SUFFIXES = {"pci": ("transport", "pci", "mmio"), "per-queue": ("mapping", "per-queue", "one"),
-            "nopoll": ("poll", "off", "default")}
+            "nopoll": ("poll", "off", "default"),
+            **{f"aio-{a}": ("aio", a, "best") for a in AIOS}}
 
 
 def split_placement(field):
@@ -66,7 +71,11 @@ def split_placement(field):
         return None
     if "per-queue" in suffixes and (place != "iothread" or "pci" not in suffixes):
         return None
-    return place, {dim: (on if s in suffixes else off) for s, (dim, on, off) in SUFFIXES.items()}
+    if sum(s.startswith("aio-") for s in suffixes) > 1:
+        return None
+    dims = {dim: off for dim, _, off in SUFFIXES.values()}
+    dims.update(SUFFIXES[s][:2] for s in suffixes)
+    return place, dims
 
 
 def with_placement(field, place=None, drop=None):
@@ -114,8 +123,10 @@ def parse_run(path):
         return None, f"{path.name}: not a run name"
     vmm, placement, image, rw, qd, load = parts
     split = split_placement(placement)
+    # vmm has no aio=native (linux-aio).
     if (vmm == "host") != (load == "native") or split is None or (
-            vmm == "host" and placement != split[0]):
+            vmm == "host" and placement != split[0]) or (
+            vmm.startswith("vmm") and split[1]["aio"] == "native"):
         return None, f"{path.name}: not a run name"
     text = path.read_text(errors="replace")
     start = text.find("{")
@@ -336,10 +347,11 @@ def vmm_rank(vmm):
 
 
 def sort_key(obj):
-    place = obj["placement"].split("+")
+    place, dims = split_placement(obj["placement"])
     return (ORDER["image"].index(obj["image"]), ORDER["rw"].index(obj["rw"]), obj["iodepth"],
-            ORDER["load"].index(obj["load"]), ORDER["placement"].index(place[0]),
-            [s in place for s in SUFFIXES], vmm_rank(obj["vmm"]))
+            ORDER["load"].index(obj["load"]), ORDER["placement"].index(place),
+            [dims[dim] == on for dim, on, _ in SUFFIXES.values() if dim != "aio"],
+            (("best",) + AIOS).index(dims["aio"]), vmm_rank(obj["vmm"]))
 
 
 def baseline_key(obj):
@@ -565,6 +577,43 @@ def suffix_over(runs, suffix, title):
     return ["", f"## {title} (IOPS above 1, latencies below 1: the first faster)", "",
             "| VMM | placement | image | rw | QD | load | IOPS | p50 | p99 | p99.9 |",
             "|---|---|---|---|---|---|---|---|---|---|"] + rows
+
+
+def aio_engines(runs, best):
+    """The table of each VMM's aio engines side by side: per VMM and configuration (its placement
+    without the aio suffix) with runs of two engines or more, each engine's IOPS, p50 and p99, and
+    its IOPS and p99 over those of the fastest engine there (the most IOPS). BEST: {"vmm": engine,
+    "qemu": engine}, what the runs without a suffix ran (machine.txt's aio_best; vmm's variants
+    run vmm's). Empty without such a configuration."""
+    bare = lambda o: dict(o, placement=with_placement(o["placement"],  # noqa: E731
+                                                      drop="aio-" + o["aio"]))
+    groups = {}
+    # In the order of the other tables, each VMM's engines in a row: best, then as in AIOS.
+    for obj in sorted((r[0] for r in runs), key=lambda o: (sort_key(bare(o)), sort_key(o))):
+        groups.setdefault(tag(bare(obj)), []).append(obj)
+    rows = []
+    for (vmm, place, *rest), objs in groups.items():
+        if len(objs) < 2:
+            continue
+        fastest = max(objs, key=lambda o: o["iops"])
+        for obj in objs:
+            engine = obj["aio"]
+            if engine == "best":
+                engine = f"best ({best.get('qemu' if vmm == 'qemu' else 'vmm', '?')})"
+            cells = [obj["iops"], obj["lat_us"]["p50"], obj["lat_us"]["p99"]]
+            over = [ratio(obj["iops"], fastest["iops"]),
+                    ratio(obj["lat_us"]["p99"], fastest["lat_us"]["p99"])]
+            rows.append(f"| {vmm} | {place} | " + " | ".join(str(x) for x in rest)
+                        + f" | {engine} | " + " | ".join(fmt(c) for c in cells) + " | "
+                        + " | ".join(fmt(c, 2) for c in over) + " |")
+    if not rows:
+        return []
+    return ["", "## Each VMM's aio engines (`-drive aio=`) side by side", "",
+            "Per VMM and configuration, each engine's figures and its IOPS and p99 over those of "
+            "the engine with the most IOPS there (1.00: the fastest).", "",
+            "| VMM | placement | image | rw | QD | load | aio | IOPS | p50 µs | p99 µs | "
+            "IOPS over fastest | p99 over fastest's |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"] + rows
 
 
 def say(v):
@@ -804,6 +853,8 @@ def main():
         except (OSError, IndexError, KeyError, ValueError):
             versions[vmm] = "unknown (no query-version reply)"
     level0 = machine.get("level0", "?")
+    # Each VMM's engine in the runs without +aio-ENGINE (before the option: no aio=, threads).
+    best = {vmm: machine.get(f"aio_best.{vmm}", "threads") for vmm in ("vmm", "qemu")}
     md = ["# Block latency: vmm beside QEMU microvm", ""]
     if level0 == "nested":
         where = (f"the **nested KVM host**: this machine ({machine.get('machine_cpus')} CPUs, "
@@ -831,7 +882,9 @@ def main():
            "queue, `-object iothread` io0 to ioN-1 and the JSON `-device` with `num-queues` N and "
            "`iothread-vq-mapping` over them; `+nopoll`: the iothreads' "
            f"`poll-max-ns=0`; {machine.get('image_mib')} MiB, every cluster allocated, "
-           "`cache=none`), fresh "
+           f"`cache=none`; `aio=` each VMM's best here, QEMU `{best['qemu']}` and vmm "
+           f"`{best['vmm']}` (ci/aio-best), or with `+aio-ENGINE` "
+           "ENGINE for both, `native` (linux-aio) QEMU's only), fresh "
            "copy per boot; fio 4 KiB `--direct=1 --ioengine=libaio`, " + fio_jobs(machine)
            + f", {machine.get('runtime_s')} s after 1 s of ramp, `--output-format=json`.",
            "- disturbed: on the guest's vCPU 1 a shell spins and another writes a line to the "
@@ -863,6 +916,7 @@ def main():
     md += over_host(runs, baselines)
     md += stage_table(runs)
     md += irq_table(runs)
+    md += aio_engines(runs, best)
     by = {tag(r[0]): r[0] for r in runs}
     md += suffix_over(runs, "pci", "PCI over MMIO")
     md += suffix_over(runs, "per-queue", "One iothread per queue over one iothread")

@@ -27,7 +27,7 @@ def guest_script(vars_line, confs):
     return out.stdout
 
 
-def plan(confs, p="vmm-nosandbox.iothread+pci+per-queue+nopoll.chain3", nj=2):
+def plan(confs, p="vmm-nosandbox.iothread+pci+per-queue+nopoll+aio-io_uring.chain3", nj=2):
     return f'P={p} RT=10 NJ={nj} CONFS="{confs}"'
 
 

@@ -6,8 +6,8 @@ import pathlib
 import tempfile
 import unittest
 
-from report import (ab_verdicts, baseline_key, beyond, combine, cpu_per_io, over_host, parse_run,
-                    plus, reap_figures, sort_key, stage_means, suffix_over, tag,
+from report import (ab_verdicts, aio_engines, baseline_key, beyond, combine, cpu_per_io, over_host,
+                    parse_run, plus, reap_figures, sort_key, stage_means, suffix_over, tag,
                     vmm_over)
 from report import per_round_figures, round_ratios, stream_cost, unequal_work
 from report import fio_jobs, irq_per_io, irq_table
@@ -48,6 +48,31 @@ class ReportFigures(unittest.TestCase):
     def write(self, name, text):
         (self.dir / name).write_text(text)
         return self.dir / name
+
+    def placement_runs(self, figures, image="qcow2", rnd=""):
+        """The parsed runs of {(VMM, placement field): IOPS}, randread at QD32, quiet (the host's
+        native), each in raw/ as fio's JSON."""
+        raw = self.dir / "raw"
+        raw.mkdir(exist_ok=True)
+        runs = []
+        for (vmm, place), iops in figures.items():
+            load = "native" if vmm == "host" else "quiet"
+            path = raw / f"{vmm}.{place}.{image}.randread.qd32.{load}{rnd}.json"
+            path.write_text(json.dumps(fio_json("randread", iops, 1000, PCT, 450)))
+            run, why = parse_run(path)
+            self.assertIsNone(why)
+            runs.append((*run, ""))
+        return runs
+
+    def assert_not_run_names(self, names, image="qcow2"):
+        """Each of NAMES (VMM.PLACEMENT) makes a result parse_run turns down."""
+        raw = self.dir / "raw"
+        raw.mkdir(exist_ok=True)
+        for name in names:
+            load = "native" if name.startswith("host") else "quiet"
+            path = raw / f"{name}.{image}.randread.qd1.{load}.json"
+            path.write_text(json.dumps(fio_json("randread", 1, 1000, PCT, 450)))
+            self.assertEqual(parse_run(path)[1], f"{path.name}: not a run name")
 
     def test_samples_beyond_a_percentile(self):
         # 700 completions: 0.7 beyond p99.9, so the figure is the slowest one.
@@ -200,20 +225,11 @@ class ReportFigures(unittest.TestCase):
                       "slower (-17%, p=0.00794) | no difference at this noise (+0%, p=1) |", md)
 
     def test_transport_and_polling_in_the_placement_field(self):
-        raw = self.dir / "raw"
-        raw.mkdir()
         # IOPS per run: on PCI vmm 200 and QEMU 160, on MMIO both 100; polling off on PCI: 150.
         figures = {("vmm", "iothread"): 100, ("qemu", "iothread"): 100,
                    ("vmm", "iothread+pci"): 200, ("qemu", "iothread+pci"): 160,
                    ("vmm", "iothread+pci+nopoll"): 150, ("host", "iothread"): 400}
-        runs = []
-        for (vmm, place), iops in figures.items():
-            load = "native" if vmm == "host" else "quiet"
-            path = raw / f"{vmm}.{place}.qcow2.randread.qd32.{load}.r2.json"
-            path.write_text(json.dumps(fio_json("randread", iops, 1000, PCT, 450)))
-            run, why = parse_run(path)
-            self.assertIsNone(why)
-            runs.append((*run, ""))
+        runs = self.placement_runs(figures, rnd=".r2")
         objs = {(r[0]["vmm"], r[0]["placement"]): r[0] for r in runs}
         pci_off = objs[("vmm", "iothread+pci+nopoll")]
         self.assertEqual((pci_off["placement"], pci_off["transport"], pci_off["poll"]),
@@ -225,12 +241,9 @@ class ReportFigures(unittest.TestCase):
         self.assertEqual(baseline_key(pci_off), ("iothread", "qcow2", "randread", 32))
         # Not run names: suffixes out of order, unknown or repeated, polling off on the main
         # loop, a host baseline with a transport.
-        for name in ["vmm.iothread+nopoll+pci", "vmm.iothread+virtio", "vmm.iothread+pci+pci",
-                     "vmm.main-loop+nopoll", "host.iothread+pci"]:
-            load = "native" if name.startswith("host") else "quiet"
-            path = raw / f"{name}.qcow2.randread.qd1.{load}.json"
-            path.write_text(json.dumps(fio_json("randread", 1, 1000, PCT, 450)))
-            self.assertEqual(parse_run(path)[1], f"{path.name}: not a run name")
+        self.assert_not_run_names(["vmm.iothread+nopoll+pci", "vmm.iothread+virtio",
+                                   "vmm.iothread+pci+pci", "vmm.main-loop+nopoll",
+                                   "host.iothread+pci"])
         runs = [r for r in combine(runs) if r[0]["vmm"] != "host"]
         runs.sort(key=lambda r: sort_key(r[0]))
         self.assertEqual([(r[0]["vmm"], r[0]["placement"]) for r in runs],
@@ -255,21 +268,13 @@ class ReportFigures(unittest.TestCase):
         self.assertEqual(suffix_over(runs[:2], "pci", "PCI over MMIO"), [])
 
     def test_one_iothread_per_queue_in_the_placement_field(self):
-        raw = self.dir / "raw"
-        raw.mkdir()
         # IOPS per run on PCI: one iothread 100 for both, one per queue vmm 170 and QEMU 150,
         # one per queue with polling off vmm 160.
         figures = {("vmm", "iothread+pci"): 100, ("qemu", "iothread+pci"): 100,
                    ("vmm", "iothread+pci+per-queue"): 170,
                    ("qemu", "iothread+pci+per-queue"): 150,
                    ("vmm", "iothread+pci+per-queue+nopoll"): 160}
-        runs = []
-        for (vmm, place), iops in figures.items():
-            path = raw / f"{vmm}.{place}.qcow2.randread.qd32.quiet.json"
-            path.write_text(json.dumps(fio_json("randread", iops, 1000, PCT, 450)))
-            run, why = parse_run(path)
-            self.assertIsNone(why)
-            runs.append((*run, ""))
+        runs = self.placement_runs(figures)
         objs = {(r[0]["vmm"], r[0]["placement"]): r[0] for r in runs}
         mapped = objs[("vmm", "iothread+pci+per-queue+nopoll")]
         self.assertEqual((mapped["transport"], mapped["mapping"], mapped["poll"]),
@@ -277,12 +282,9 @@ class ReportFigures(unittest.TestCase):
         self.assertEqual(objs[("qemu", "iothread+pci")]["mapping"], "one")
         self.assertEqual(baseline_key(mapped), ("iothread", "qcow2", "randread", 32))
         # Not run names: per-queue without PCI or on the main loop, out of order, on the host.
-        for name in ["vmm.iothread+per-queue", "vmm.main-loop+pci+per-queue",
-                     "vmm.iothread+pci+nopoll+per-queue", "host.iothread+pci+per-queue"]:
-            load = "native" if name.startswith("host") else "quiet"
-            path = raw / f"{name}.qcow2.randread.qd1.{load}.json"
-            path.write_text(json.dumps(fio_json("randread", 1, 1000, PCT, 450)))
-            self.assertEqual(parse_run(path)[1], f"{path.name}: not a run name")
+        self.assert_not_run_names(["vmm.iothread+per-queue", "vmm.main-loop+pci+per-queue",
+                                   "vmm.iothread+pci+nopoll+per-queue",
+                                   "host.iothread+pci+per-queue"])
         runs = combine(runs)
         runs.sort(key=lambda r: sort_key(r[0]))
         self.assertEqual([(r[0]["vmm"], r[0]["placement"]) for r in runs],
@@ -304,6 +306,52 @@ class ReportFigures(unittest.TestCase):
         # vmm over QEMU pairs the rows of the same mapping: 170 over 150.
         md = vmm_over(runs, "qemu", "QEMU", {}, 1)
         self.assertIn("| iothread+pci+per-queue | qcow2 | randread | 32 | quiet | 1.13 | 1.00 | "
+                      "1.00 | 1.00 | — | — |", md)
+
+    def test_the_aio_engine_in_the_placement_field(self):
+        # IOPS per run: vmm 80 on threads, 100 on io_uring; QEMU 60 on threads, 72 on io_uring,
+        # 120 on native and with its best engine (unsuffixed).
+        figures = {("vmm", "iothread+aio-threads"): 80, ("vmm", "iothread+aio-io_uring"): 100,
+                   ("qemu", "iothread+aio-native"): 120, ("qemu", "iothread+aio-io_uring"): 72,
+                   ("qemu", "iothread+aio-threads"): 60, ("qemu", "iothread"): 120}
+        runs = self.placement_runs(figures, image="raw")
+        objs = {(r[0]["vmm"], r[0]["placement"]): r[0] for r in runs}
+        self.assertEqual(objs[("qemu", "iothread+aio-native")]["aio"], "native")
+        self.assertEqual(objs[("qemu", "iothread")]["aio"], "best")
+        self.assertEqual(baseline_key(objs[("vmm", "iothread+aio-io_uring")]),
+                         ("iothread", "raw", "randread", 32))
+        # Not run names: two engines, out of order, an unknown one, native for vmm or a
+        # variant (vmm has no linux-aio), an engine on the host.
+        self.assert_not_run_names(["qemu.iothread+aio-threads+aio-native",
+                                   "qemu.iothread+aio-native+nopoll", "qemu.iothread+aio-posix",
+                                   "vmm.iothread+aio-native", "vmm-main.iothread+aio-native",
+                                   "host.iothread+aio-threads"], image="raw")
+        runs = combine(runs)
+        runs.sort(key=lambda r: sort_key(r[0]))
+        self.assertEqual([(r[0]["vmm"], r[0]["placement"]) for r in runs],
+                         [("qemu", "iothread"), ("vmm", "iothread+aio-threads"),
+                          ("qemu", "iothread+aio-threads"), ("vmm", "iothread+aio-io_uring"),
+                          ("qemu", "iothread+aio-io_uring"), ("qemu", "iothread+aio-native")])
+        # Each VMM's engines over its fastest: vmm first, then QEMU, its best engine first.
+        md = aio_engines(runs, {"vmm": "io_uring", "qemu": "native"})
+        self.assertEqual(md[7:], [
+            "| vmm | iothread | raw | randread | 32 | quiet | threads | 80 | 100 | 200 | 0.80 | "
+            "1.00 |",
+            "| vmm | iothread | raw | randread | 32 | quiet | io_uring | 100 | 100 | 200 | 1.00 | "
+            "1.00 |",
+            "| qemu | iothread | raw | randread | 32 | quiet | best (native) | 120 | 100 | 200 | "
+            "1.00 | 1.00 |",
+            "| qemu | iothread | raw | randread | 32 | quiet | threads | 60 | 100 | 200 | 0.50 | "
+            "1.00 |",
+            "| qemu | iothread | raw | randread | 32 | quiet | io_uring | 72 | 100 | 200 | 0.60 | "
+            "1.00 |",
+            "| qemu | iothread | raw | randread | 32 | quiet | native | 120 | 100 | 200 | 1.00 | "
+            "1.00 |"])
+        # One engine per VMM and row: no table.
+        self.assertEqual(aio_engines(runs[:2], {}), [])
+        # vmm over QEMU pairs the rows of the same engine: 80 over 60 on threads.
+        md = vmm_over(runs, "qemu", "QEMU", {}, 1)
+        self.assertIn("| iothread+aio-threads | raw | randread | 32 | quiet | 1.33 | 1.00 | "
                       "1.00 | 1.00 | — | — |", md)
 
     def test_a_streams_cost_beside_qemus(self):

@@ -10,7 +10,8 @@
 //! disk or with a small raw disk on virtio-blk-pci ([`Disk::Pci`], QEMU's microvm then with
 //! `pcie=on`); and a full Debian 12 (`resources/debian`, systemd) from its own kernel and initramfs,
 //! its root on a fresh qcow2 overlay of its zlib-compressed base per boot, served by an iothread
-//! (`cache=none`), to `systemctl is-system-running` = `running`.
+//! (`cache=none`, each VMM's fastest `aio=` engine, [`crate::target::AIO_BEST`]), to
+//! `systemctl is-system-running` = `running`.
 //!
 //! The inner half ([`measure`]) prints each VMM's exact command line (`COMMAND`), then boots the
 //! guests with their debug logs on (`-D`; QEMU also traces `kvm_cpu_exec`) and prints per boot a
@@ -220,6 +221,7 @@ impl Setup {
                     ",cache=none",
                     "virtio-blk-device",
                 );
+                boot.aio_best = true;
                 boot
             }
         }
@@ -228,7 +230,7 @@ impl Setup {
     /// The first line of the summary: what was booted, and where.
     fn title(&self, host: &str) -> String {
         let what = match (self.guest, self.disk) {
-            (GuestImage::Debian, _) => "Debian 12 to `systemctl is-system-running` = running, its kernel and initramfs, root on a qcow2 overlay of a zlib-compressed base on an iothread (`cache=none`), `console=ttyS0 quiet`",
+            (GuestImage::Debian, _) => "Debian 12 to `systemctl is-system-running` = running, its kernel and initramfs, root on a qcow2 overlay of a zlib-compressed base on an iothread (`cache=none`, each VMM's fastest `aio=`: `ci/aio-best`), `console=ttyS0 quiet`",
             (GuestImage::Initramfs, Disk::None) => "Boot to userspace, bzImage, `console=ttyS0 quiet`",
             (GuestImage::Initramfs, Disk::Pci) => "Boot to userspace with a raw disk on virtio-blk-pci on an iothread (QEMU: `-M microvm,pcie=on,rtc=on`), bzImage, `console=ttyS0 quiet`",
         };
@@ -1340,10 +1342,13 @@ mod tests {
         let b = debian_setup().boot(Path::new("/d"));
         let v = args(&b, Target::Vmm);
         assert!(v.contains(&"/d/vmlinuz".to_owned()), "{v:?}");
-        assert!(
-            v.contains(&"file=/d/bench-top.qcow2,format=qcow2,if=none,id=d0,cache=none".to_owned()),
-            "{v:?}"
-        );
+        for (t, a) in [(Target::Vmm, &v), (Target::Qemu, &args(&b, Target::Qemu))] {
+            let drive = format!(
+                "file=/d/bench-top.qcow2,format=qcow2,if=none,id=d0,cache=none,aio={}",
+                t.aio_best().unwrap()
+            );
+            assert!(a.contains(&drive), "{a:?}");
+        }
         assert!(
             v.contains(&"virtio-blk-device,drive=d0,iothread=io0".to_owned()),
             "{v:?}"

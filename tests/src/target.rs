@@ -23,6 +23,10 @@ pub fn qemu_baseline() -> Vec<&'static str> {
         .collect()
 }
 
+/// Each VMM's fastest `-drive aio=` engine for a `cache=none` disk, `VMM ENGINE` lines after `#`
+/// comments: the project's one definition, shared with `ci/bench-latency`.
+pub const AIO_BEST: &str = include_str!("../../ci/aio-best");
+
 /// The kernel command line every boot starts with: the same for every VMM compared, since each
 /// byte on the console is an exit (DESIGN.md, "Guest boot").
 pub const BASE_APPEND: &str = "console=ttyS0 quiet";
@@ -69,6 +73,19 @@ impl Target {
             args.extend(["-trace", "kvm_cpu_exec", "-msg", "timestamp=on"].map(OsString::from));
         }
         args
+    }
+
+    /// This VMM's engine in [`AIO_BEST`] (what its `cache=none` disks get in a comparison), or
+    /// `None` where the file has no line for it.
+    pub fn aio_best(self) -> Option<&'static str> {
+        let name = self.to_string();
+        AIO_BEST
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+                [vmm, engine] if vmm == name => Some(engine),
+                _ => None,
+            })
     }
 }
 
@@ -118,6 +135,9 @@ pub struct Boot {
     pub append: String,
     /// Further VMM arguments, the same for every VMM (QEMU's `-object`, `-drive`, `-device`).
     pub extra: Vec<String>,
+    /// Each `-drive` of [`Boot::extra`] gets the VMM's fastest engine ([`Target::aio_best`],
+    /// `,aio=` appended): for the `cache=none` disks of a comparison, each VMM at its best.
+    pub aio_best: bool,
     /// The guest has PCI devices: QEMU's microvm is then told `pcie=on` (vmm's PCI bus needs no
     /// flag).
     pub pcie: bool,
@@ -133,6 +153,7 @@ impl Boot {
             initrd: "initrd.img",
             append: append.to_owned(),
             extra: Vec::new(),
+            aio_best: false,
             pcie: false,
         }
     }
@@ -178,7 +199,14 @@ impl Boot {
         c.arg("-smp").arg(self.smp.to_string());
         c.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd);
         c.arg("-append").arg(self.cmdline());
-        c.args(&self.extra);
+        let mut drive = false;
+        for a in &self.extra {
+            match target.aio_best() {
+                Some(aio) if drive && self.aio_best => c.arg(format!("{a},aio={aio}")),
+                _ => c.arg(a),
+            };
+            drive = a == "-drive";
+        }
         c
     }
 }
@@ -262,6 +290,58 @@ mod tests {
         assert_eq!(qa.iter().filter(|a| a.contains("microvm")).count(), 1);
         let va = args(&b.command(Target::Vmm, Path::new("/g")));
         assert!(va.iter().all(|a| !a.contains("pcie")), "{va:?}");
+    }
+
+    #[test]
+    fn each_vmm_has_a_fastest_aio_engine_it_takes() {
+        assert!(
+            matches!(
+                Target::Qemu.aio_best(),
+                Some("threads" | "io_uring" | "native")
+            ),
+            "{:?}",
+            Target::Qemu.aio_best()
+        );
+        // vmm takes threads and io_uring (vmm/src/drive.rs), not QEMU's linux-aio.
+        assert!(
+            matches!(Target::Vmm.aio_best(), Some("threads" | "io_uring")),
+            "{:?}",
+            Target::Vmm.aio_best()
+        );
+    }
+
+    #[test]
+    fn a_boot_gives_its_drives_each_vmms_fastest_aio_engine_when_asked() {
+        let mut b = Boot::new(Kernel::BzImage, 1, 256, "");
+        b.extra = [
+            "-object",
+            "iothread,id=io0",
+            "-drive",
+            "file=d,if=none,id=d0,cache=none",
+        ]
+        .map(String::from)
+        .to_vec();
+        for t in [Target::Vmm, Target::Qemu] {
+            let a = args(&b.command(t, Path::new("/g")));
+            assert!(a.ends_with(&b.extra), "{a:?}");
+        }
+        b.aio_best = true;
+        for t in [Target::Vmm, Target::Qemu] {
+            let a = args(&b.command(t, Path::new("/g")));
+            let drive = format!(
+                "file=d,if=none,id=d0,cache=none,aio={}",
+                t.aio_best().unwrap()
+            );
+            assert!(
+                a.ends_with(&[
+                    b.extra[0].clone(),
+                    b.extra[1].clone(),
+                    "-drive".into(),
+                    drive
+                ]),
+                "{a:?}"
+            );
+        }
     }
 
     #[test]
