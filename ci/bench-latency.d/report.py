@@ -219,25 +219,36 @@ def is_vcpu(thread):
     return thread.startswith("vcpu") or thread.startswith("CPU_")
 
 
+def stages_replies(path, fold, empty):
+    """The two x-query-blockstats-stages replies of raw/TAG.stages (at fio's start and stop), each
+    folded over every disk's queues: fold(acc, queue) from empty() per reply. None without two
+    readable replies."""
+    if not path.exists():
+        return None
+    sums = []
+    for line in path.read_text(errors="replace").splitlines()[:2]:
+        acc = empty()
+        try:
+            for disk in json.loads(line)["return"]:
+                for queue in disk["queues"]:
+                    fold(acc, queue)
+        except (ValueError, KeyError, TypeError):
+            return None
+        sums.append(acc)
+    return sums if len(sums) == 2 else None
+
+
 def stage_means(path):
     """vmm's mean µs per request and stage while fio ran, all disks and queues, from the two
     x-query-blockstats-stages replies of raw/TAG.stages (at fio's start and stop): the growth of
     each stage's total over the growth of its count. Empty without two replies."""
-    if not path.exists():
-        return {}
-    sums = []
-    for line in path.read_text(errors="replace").splitlines()[:2]:
-        acc = {}
-        try:
-            for disk in json.loads(line)["return"]:
-                for queue in disk["queues"]:
-                    for st in queue["stages"]:
-                        count, total = acc.get(st["stage"], (0, 0))
-                        acc[st["stage"]] = (count + st["count"], total + st["total-ns"])
-        except (ValueError, KeyError, TypeError):
-            return {}
-        sums.append(acc)
-    if len(sums) != 2:
+    def fold(acc, queue):
+        for st in queue["stages"]:
+            count, total = acc.get(st["stage"], (0, 0))
+            acc[st["stage"]] = (count + st["count"], total + st["total-ns"])
+
+    sums = stages_replies(path, fold, dict)
+    if sums is None:
         return {}
     out = {}
     for stage, (count, total) in sums[1].items():
@@ -251,20 +262,14 @@ def reap_figures(path):
     """vmm's completions per reap and interrupts per reap while fio ran, all disks and queues,
     from the reaps, reaped and interrupts counters of the two x-query-blockstats-stages replies
     of raw/TAG.stages. Empty without two replies or without a reap between them."""
-    if not path.exists():
-        return {}
-    sums = []
-    for line in path.read_text(errors="replace").splitlines()[:2]:
-        acc = [0, 0, 0]
-        try:
-            for disk in json.loads(line)["return"]:
-                for queue in disk["queues"]:
-                    for i, key in enumerate(("reaps", "reaped", "interrupts")):
-                        acc[i] += queue[key]
-        except (ValueError, KeyError, TypeError):
-            return {}
-        sums.append(acc)
-    if len(sums) != 2:
+    keys = ("reaps", "reaped", "interrupts")
+
+    def fold(acc, queue):
+        for i, key in enumerate(keys):
+            acc[i] += queue[key]
+
+    sums = stages_replies(path, fold, lambda: [0] * len(keys))
+    if sums is None:
         return {}
     reaps, reaped, irqs = (b - a for a, b in zip(*sums))
     if reaps <= 0:
