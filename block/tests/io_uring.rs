@@ -111,6 +111,19 @@ fn uring(image: Arc<dyn DiskImage>) -> Aio {
     Aio::with_engine("t", image, Workers::fixed(2), 16, Engine::IoUring).unwrap()
 }
 
+/// A fresh 1 MiB raw file `name` in `dir`, opened through a counting wrapper, and an io_uring
+/// engine on it.
+fn raw_on_uring(
+    dir: &tempfile::TempDir,
+    name: &str,
+) -> (PathBuf, Arc<Counting<block::Image>>, Aio) {
+    let p = tmp(dir, name);
+    qemu_img(&["create", "-q", "-f", "raw", p.to_str().unwrap(), "1M"]);
+    let image = Counting::new(open_rw_fmt(&p, Format::Raw));
+    let aio = uring(image.clone());
+    (p, image, aio)
+}
+
 fn seg(buf: &mut [u8]) -> IoSeg {
     // SAFETY: every test keeps `buf` alive and untouched until the completion is reaped.
     unsafe { IoSeg::new(buf.as_mut_ptr(), buf.len()) }
@@ -155,10 +168,7 @@ fn run(aio: &Aio, op: Op, offset: u64, segs: Vec<IoSeg>) -> Result<(), Error> {
 #[test]
 fn raw_reads_writes_and_flushes_go_through_the_ring() {
     let dir = tempfile::tempdir().unwrap();
-    let p = tmp(&dir, "r.raw");
-    qemu_img(&["create", "-q", "-f", "raw", p.to_str().unwrap(), "1M"]);
-    let image = Counting::new(open_rw_fmt(&p, Format::Raw));
-    let aio = uring(image.clone());
+    let (p, image, aio) = raw_on_uring(&dir, "r.raw");
     assert_eq!(aio.engine(), Engine::IoUring);
     // Two segments of one request, at an unaligned offset.
     let mut a = vec![0xa5u8; 1000];
@@ -654,10 +664,7 @@ fn reap_all(aio: &Aio, n: usize) -> Vec<u64> {
 #[test]
 fn a_batch_reaches_the_kernel_in_one_submission() {
     let dir = tempfile::tempdir().unwrap();
-    let p = tmp(&dir, "b.raw");
-    qemu_img(&["create", "-q", "-f", "raw", p.to_str().unwrap(), "1M"]);
-    let image = Counting::new(open_rw_fmt(&p, Format::Raw));
-    let aio = uring(image.clone());
+    let (p, image, aio) = raw_on_uring(&dir, "b.raw");
     // Unbatched: one submission per request.
     let mut bufs = vec![vec![0x33u8; 4096]; 8];
     submit_each(&aio, Op::Write, &mut bufs);
@@ -703,10 +710,8 @@ fn a_batch_reaches_the_kernel_in_one_submission() {
 #[test]
 fn a_drain_submits_what_an_open_batch_holds() {
     let dir = tempfile::tempdir().unwrap();
-    let p = tmp(&dir, "d.raw");
-    qemu_img(&["create", "-q", "-f", "raw", p.to_str().unwrap(), "1M"]);
-    let image = Counting::new(open_rw_fmt(&p, Format::Raw));
-    let aio = Arc::new(uring(image.clone()));
+    let (_, _image, aio) = raw_on_uring(&dir, "d.raw");
+    let aio = Arc::new(aio);
     let mut bufs = vec![vec![0u8; 4096]; 4];
     let batch = aio.batch(0);
     submit_each(&aio, Op::Read, &mut bufs);

@@ -478,8 +478,7 @@ impl Context {
             poll.generation = generation;
         }
         let current = settings.get();
-        self.aio_max_batch
-            .store(current.aio_max_batch, Ordering::Relaxed);
+        self.set_aio_max_batch(current.aio_max_batch);
         if current.max_ns == 0 {
             // Off: no window, no clock reads.
             poll.window.reset();
@@ -576,6 +575,11 @@ impl Context {
     /// engine's choice, and always 0 on the main loop's), as QEMU's `AioContext` carries it.
     pub fn aio_max_batch(&self) -> u64 {
         self.aio_max_batch.load(Ordering::Relaxed)
+    }
+
+    /// Sets what [`Context::aio_max_batch`] gives (the iothread's loop, at every iteration).
+    pub(crate) fn set_aio_max_batch(&self, max: u64) {
+        self.aio_max_batch.store(max, Ordering::Relaxed);
     }
 
     /// One iteration of an iothread's loop whose polling window is `window` (tests).

@@ -138,6 +138,15 @@ impl Block {
         }
     }
 
+    /// A batch of submissions on `group`'s engine when its context's `aio-max-batch` asks for
+    /// one (see [`Context::aio_max_batch`](crate::context::Context::aio_max_batch)).
+    fn batch<'g>(&self, group: &'g Group) -> Option<block::aio::Batch<'g>> {
+        match group.ctx.aio_max_batch() {
+            0 => None,
+            max => Some(group.aio.batch(max)),
+        }
+    }
+
     /// The group serving queue `index` and the queue's place in it.
     fn home_of(&self, index: usize) -> Option<(&Group, usize)> {
         let &Home { group, slot } = self.homes.get(index)?;
@@ -187,9 +196,10 @@ impl Block {
         // new requests in the ring, and has the queue turn them back on before it blocks
         // (`Context::add_polled_fd`), as QEMU's virtqueues in an AioContext's poll mode.
         let polling = group.ctx.polling();
-        // The pass's requests reach the kernel together when it ends (`aio-max-batch` at a
-        // time), as QEMU plugs a virtqueue's pass (`blk_io_plug`).
-        let batch = group.aio.batch(group.ctx.aio_max_batch());
+        // With `aio-max-batch` set, the pass's requests reach the kernel together when it ends
+        // (that many at a time), as QEMU plugs a virtqueue's pass (`blk_io_plug`); at 0 each goes
+        // as it is taken (docs/DESIGN.md, "Threads and locks", for why).
+        let batch = self.batch(group);
         loop {
             qs.queue
                 .disable_notification(&*mem)
@@ -647,7 +657,7 @@ impl Block {
             return;
         }
         let now = Instant::now();
-        let _batch = group.aio.batch(group.ctx.aio_max_batch());
+        let _batch = self.batch(group);
         while let Some(request) = active.parked.pop_front() {
             let (queue, head) = untoken(request.token);
             if let Some(Some(info)) = group
@@ -1300,14 +1310,28 @@ mod tests {
     }
 
     #[test]
-    fn a_queue_pass_reaches_io_uring_in_one_submission() {
+    fn aio_max_batch_batches_a_queue_pass_on_io_uring() {
         // Five reads (as many as a 16-entry queue holds) made available before one
-        // notification: the pass that takes them tells the kernel of all five in one
-        // io_uring_enter.
+        // notification, three times: by default each reaches the kernel in a submission of its
+        // own; with aio-max-batch 0 < N the pass tells the kernel of them N at a time.
+        for (max_batch, submissions) in [(0, 5), (100, 1), (2, 3)] {
+            let ctx = Context::new("main-loop").unwrap();
+            ctx.set_aio_max_batch(max_batch);
+            assert_eq!(
+                five_reads_in_one_pass(ctx),
+                submissions,
+                "aio-max-batch {max_batch}"
+            );
+        }
+    }
+
+    /// Submits five reads in one pass of queue 0 of a device on a raw file with io_uring in
+    /// `ctx`, and returns the ring's submissions.
+    fn five_reads_in_one_pass(ctx: std::sync::Arc<Context>) -> u64 {
         let dir = tempfile::tempdir().unwrap();
         let image = raw_image(&dir, 1 << 16);
         let engine = block::aio::Engine::IoUring;
-        let rig = Rig::with_engine(Context::new("main-loop").unwrap(), image, 1, false, engine);
+        let rig = Rig::with_engine(ctx, image, 1, false, engine);
         rig.start(!0);
         for i in 0..5u16 {
             let hdr = HDR + u64::from(i) * 0x20;
@@ -1330,8 +1354,9 @@ mod tests {
         rig.run_until_used(0, 5);
         assert!((0..5).all(|i| rig.byte(STATUS + i) == st::OK));
         assert_eq!(rig.dev.groups[0].aio.requests_by_engine(), (5, 0));
-        assert_eq!(rig.dev.groups[0].aio.ring_submissions(), 1);
+        let submissions = rig.dev.groups[0].aio.ring_submissions();
         rig.dev.shutdown().unwrap();
+        submissions
     }
 
     #[test]
