@@ -138,15 +138,6 @@ impl Block {
         }
     }
 
-    /// A batch of submissions on `group`'s engine when its context's `aio-max-batch` asks for
-    /// one (see [`Context::aio_max_batch`](crate::context::Context::aio_max_batch)).
-    fn batch<'g>(&self, group: &'g Group) -> Option<block::aio::Batch<'g>> {
-        match group.ctx.aio_max_batch() {
-            0 => None,
-            max => Some(group.aio.batch(max)),
-        }
-    }
-
     /// The group serving queue `index` and the queue's place in it.
     fn home_of(&self, index: usize) -> Option<(&Group, usize)> {
         let &Home { group, slot } = self.homes.get(index)?;
@@ -196,10 +187,9 @@ impl Block {
         // new requests in the ring, and has the queue turn them back on before it blocks
         // (`Context::add_polled_fd`), as QEMU's virtqueues in an AioContext's poll mode.
         let polling = group.ctx.polling();
-        // With `aio-max-batch` set, the pass's requests reach the kernel together when it ends
-        // (that many at a time), as QEMU plugs a virtqueue's pass (`blk_io_plug`); at 0 each goes
-        // as it is taken (docs/DESIGN.md, "Threads and locks", for why).
-        let batch = self.batch(group);
+        // The pass's requests reach the kernel together when it ends (`aio-max-batch` at a
+        // time, 0: all), as QEMU plugs a virtqueue's pass (`blk_io_plug`).
+        let batch = group.aio.batch(group.ctx.aio_max_batch());
         loop {
             qs.queue
                 .disable_notification(&*mem)
@@ -657,7 +647,7 @@ impl Block {
             return;
         }
         let now = Instant::now();
-        let _batch = self.batch(group);
+        let _batch = group.aio.batch(group.ctx.aio_max_batch());
         while let Some(request) = active.parked.pop_front() {
             let (queue, head) = untoken(request.token);
             if let Some(Some(info)) = group
@@ -1312,9 +1302,9 @@ mod tests {
     #[test]
     fn aio_max_batch_batches_a_queue_pass_on_io_uring() {
         // Five reads (as many as a 16-entry queue holds) made available before one
-        // notification, three times: by default each reaches the kernel in a submission of its
-        // own; with aio-max-batch 0 < N the pass tells the kernel of them N at a time.
-        for (max_batch, submissions) in [(0, 5), (100, 1), (2, 3)] {
+        // notification: by default the pass that takes them tells the kernel of all five in one
+        // io_uring_enter; with aio-max-batch N, N at a time (1: one each).
+        for (max_batch, submissions) in [(0, 1), (1, 5), (2, 3)] {
             let ctx = Context::new("main-loop").unwrap();
             ctx.set_aio_max_batch(max_batch);
             assert_eq!(
