@@ -111,6 +111,19 @@ fn uring(image: Arc<dyn DiskImage>) -> Aio {
     Aio::with_engine("t", image, Workers::fixed(2), 16, Engine::IoUring).unwrap()
 }
 
+/// A fresh 1 MiB raw file `name` in `dir`, opened through a counting wrapper, and an io_uring
+/// engine on it.
+fn raw_on_uring(
+    dir: &tempfile::TempDir,
+    name: &str,
+) -> (PathBuf, Arc<Counting<block::Image>>, Aio) {
+    let p = tmp(dir, name);
+    qemu_img(&["create", "-q", "-f", "raw", p.to_str().unwrap(), "1M"]);
+    let image = Counting::new(open_rw_fmt(&p, Format::Raw));
+    let aio = uring(image.clone());
+    (p, image, aio)
+}
+
 fn seg(buf: &mut [u8]) -> IoSeg {
     // SAFETY: every test keeps `buf` alive and untouched until the completion is reaped.
     unsafe { IoSeg::new(buf.as_mut_ptr(), buf.len()) }
@@ -155,10 +168,7 @@ fn run(aio: &Aio, op: Op, offset: u64, segs: Vec<IoSeg>) -> Result<(), Error> {
 #[test]
 fn raw_reads_writes_and_flushes_go_through_the_ring() {
     let dir = tempfile::tempdir().unwrap();
-    let p = tmp(&dir, "r.raw");
-    qemu_img(&["create", "-q", "-f", "raw", p.to_str().unwrap(), "1M"]);
-    let image = Counting::new(open_rw_fmt(&p, Format::Raw));
-    let aio = uring(image.clone());
+    let (p, image, aio) = raw_on_uring(&dir, "r.raw");
     assert_eq!(aio.engine(), Engine::IoUring);
     // Two segments of one request, at an unaligned offset.
     let mut a = vec![0xa5u8; 1000];
@@ -623,4 +633,95 @@ fn random_mixed_batches_match_a_mirror_and_qemu() {
             i as u64 / cs
         );
     }
+}
+
+/// Submits `n` 4 KiB requests of `op` on `bufs` (one each), tokens from 0.
+fn submit_each(aio: &Aio, op: Op, bufs: &mut [Vec<u8>]) {
+    for (i, b) in bufs.iter_mut().enumerate() {
+        aio.submit(Request {
+            op,
+            offset: i as u64 * 4096,
+            segs: vec![seg(b)],
+            token: i as u64,
+        })
+        .unwrap();
+    }
+}
+
+/// Reaps until `n` completions came back, each successful; returns their tokens, sorted.
+fn reap_all(aio: &Aio, n: usize) -> Vec<u64> {
+    let mut tokens = Vec::new();
+    while tokens.len() < n {
+        for c in reap_some(aio) {
+            c.result.unwrap();
+            tokens.push(c.request.token);
+        }
+    }
+    tokens.sort_unstable();
+    tokens
+}
+
+#[test]
+fn a_batch_reaches_the_kernel_in_one_submission() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, image, aio) = raw_on_uring(&dir, "b.raw");
+    // Unbatched: one submission per request.
+    let mut bufs = vec![vec![0x33u8; 4096]; 8];
+    submit_each(&aio, Op::Write, &mut bufs);
+    assert_eq!(aio.ring_submissions(), 8);
+    assert_eq!(reap_all(&aio, 8), (0..8).collect::<Vec<_>>());
+    // Writes and a flush in one batch: nothing reaches the kernel until the batch ends, then
+    // all of it at once.
+    let mut bufs = vec![vec![0x44u8; 4096]; 8];
+    let batch = aio.batch(0);
+    submit_each(&aio, Op::Write, &mut bufs);
+    aio.submit(Request {
+        op: Op::Flush,
+        offset: 0,
+        segs: Vec::new(),
+        token: 8,
+    })
+    .unwrap();
+    assert_eq!(aio.ring_submissions(), 8, "held while the batch is open");
+    let mut none = 0;
+    aio.reap(|_| none += 1);
+    assert_eq!(none, 0, "nothing ran before the batch ended");
+    drop(batch);
+    assert_eq!(aio.ring_submissions(), 9);
+    assert_eq!(reap_all(&aio, 9), (0..9).collect::<Vec<_>>());
+    // aio-max-batch 3: the kernel is told every third request, and of the rest at the end.
+    let mut bufs = vec![vec![0u8; 4096]; 8];
+    {
+        let _outer = aio.batch(3);
+        // A nested batch neither submits nor changes the outer one's size when it ends.
+        drop(aio.batch(100));
+        submit_each(&aio, Op::Read, &mut bufs);
+        assert_eq!(aio.ring_submissions(), 9 + 2);
+    }
+    assert_eq!(aio.ring_submissions(), 9 + 3);
+    assert_eq!(reap_all(&aio, 8), (0..8).collect::<Vec<_>>());
+    assert!(bufs.iter().all(|b| b.iter().all(|&v| v == 0x44)));
+    assert_eq!(image.pool(), (0, 0, 0), "the pool ran nothing");
+    drop(aio);
+    drop(image);
+    qemu_io(&p, "raw", &["read -P 0x44 0 32K"]);
+}
+
+#[test]
+fn a_drain_submits_what_an_open_batch_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _image, aio) = raw_on_uring(&dir, "d.raw");
+    let aio = Arc::new(aio);
+    let mut bufs = vec![vec![0u8; 4096]; 4];
+    let batch = aio.batch(0);
+    submit_each(&aio, Op::Read, &mut bufs);
+    // The batch is still open: the drain must not wait for it to end.
+    let waiter = {
+        let aio = Arc::clone(&aio);
+        std::thread::spawn(move || aio.wait_idle())
+    };
+    waiter.join().unwrap();
+    drop(batch);
+    assert_eq!(reap_all(&aio, 4), (0..4).collect::<Vec<_>>());
+    assert_eq!(aio.in_flight(), 0);
 }

@@ -335,6 +335,10 @@ run_boot() {
     chain3) cp img/chain/top.qcow2 run/; ln img/chain/base.qcow2 img/chain/mid.qcow2 run/
       file=run/top.qcow2; fmt=qcow2 ;;
   esac
+  # The copy's pages are dirty in this host's page cache until written back (30 s and more, after
+  # the images' own): meanwhile io_uring's non-blocking reads of them fail (-EAGAIN) and the
+  # kernel hands them to io-wq workers, which on one CPU swamped the first boots of each part.
+  sync
   io="" dev="" extra="" device=virtio-blk-device qemu=$QEMU_BASELINE popt=""
   case +$place+ in *+pci+*) device=virtio-blk-pci qemu=$QEMU_BASELINE_PCI ;; esac
   case +$place+ in *+nopoll+*) popt=",poll-max-ns=0" ;; esac

@@ -83,6 +83,11 @@ pub(super) struct Ring {
     max_sqes: usize,
     /// Requests on the ring.
     outstanding: usize,
+    /// Requests queued since the kernel was last told of the submission queue.
+    batched: usize,
+    /// The times the kernel was told of queued submissions (`io_uring_enter`), a drain's waits
+    /// aside.
+    submissions: u64,
     /// Scratch for mappings and reaped completions.
     extents: Vec<Extent>,
     cqes: Vec<(u64, i32)>,
@@ -179,13 +184,22 @@ impl Ring {
             sqes: 0,
             max_sqes,
             outstanding: 0,
+            batched: 0,
+            submissions: 0,
             extents: Vec::with_capacity(MAX_EXTENTS),
             cqes: Vec::with_capacity(max_sqes),
         })
     }
 
-    /// Puts `request` on the ring when its data can go there directly, else declines it.
-    pub(super) fn submit(&mut self, image: &dyn DiskImage, request: Request) -> Submitted {
+    /// Puts `request` on the ring when its data can go there directly, else declines it. The
+    /// kernel is told once `batch` requests are queued (1: at once); the rest wait for
+    /// [`Ring::submit_queued`], or for the next reap or wait.
+    pub(super) fn submit(
+        &mut self,
+        image: &dyn DiskImage,
+        request: Request,
+        batch: usize,
+    ) -> Submitted {
         let write = match request.op {
             Op::Read => false,
             Op::Write => true,
@@ -197,7 +211,7 @@ impl Ring {
                         trace: IoTrace::unworked(Instant::now()),
                     })
                 }
-                FlushPlan::SyncData => return self.queue(request, None, false),
+                FlushPlan::SyncData => return self.queue(request, None, false, batch),
                 FlushPlan::Image => return Submitted::Declined(request),
             },
             Op::Discard { .. } | Op::WriteZeroes { .. } => return Submitted::Declined(request),
@@ -210,11 +224,18 @@ impl Ring {
         let Some(pin) = image.map_direct(request.offset, len, write, &mut self.extents) else {
             return Submitted::Declined(request);
         };
-        self.queue(request, Some(pin), write)
+        self.queue(request, Some(pin), write, batch)
     }
 
-    /// Builds the request's submissions (the flush's, without a pin) and queues them.
-    fn queue(&mut self, request: Request, pin: Option<DirectPin>, write: bool) -> Submitted {
+    /// Builds the request's submissions (the flush's, without a pin) and queues them, telling
+    /// the kernel once `batch` requests are queued.
+    fn queue(
+        &mut self,
+        request: Request,
+        pin: Option<DirectPin>,
+        write: bool,
+        batch: usize,
+    ) -> Submitted {
         let flush = pin.is_none();
         let count = if flush { 1 } else { self.extents.len() };
         let room = {
@@ -253,8 +274,23 @@ impl Ring {
             self.push(index, part, op, write);
         }
         self.outstanding += 1;
-        self.enter();
+        self.batched += 1;
+        if self.batched >= batch {
+            self.enter();
+        }
         Submitted::Queued
+    }
+
+    /// Tells the kernel about the submissions queued and not yet submitted, if any.
+    pub(super) fn submit_queued(&mut self) {
+        if !self.ring.submission().is_empty() {
+            self.enter();
+        }
+    }
+
+    /// The times the kernel was told of queued submissions.
+    pub(super) fn submissions(&self) -> u64 {
+        self.submissions
     }
 
     /// Pushes the submission of part `part` of slot `index`. There is room: `sqes` counts the
@@ -293,8 +329,12 @@ impl Ring {
     /// Tells the kernel about queued submissions. A failure leaves them queued for the next
     /// call (`process`, `wait`), so nothing is lost.
     fn enter(&mut self) {
-        if let Err(e) = self.ring.submit() {
-            log::warn!("io_uring submission on {} deferred: {e}", self.target.path);
+        match self.ring.submit() {
+            Ok(_) => {
+                self.batched = 0;
+                self.submissions += 1;
+            }
+            Err(e) => log::warn!("io_uring submission on {} deferred: {e}", self.target.path),
         }
     }
 
@@ -332,8 +372,10 @@ impl Ring {
             if self.outstanding == 0 {
                 return;
             }
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                if e.kind() != io::ErrorKind::Interrupted {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => self.batched = 0,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
                     log::warn!("waiting for io_uring on {}: {e}", self.target.path);
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }

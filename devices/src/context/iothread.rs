@@ -244,6 +244,17 @@ mod tests {
             .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap())
             .collect();
         assert_eq!(got, (0..100).collect::<Vec<_>>());
+        // Its context carries the new aio-max-batch for the disks it serves, from the loop's
+        // next iteration on.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while io.context().aio_max_batch() != 8 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "aio-max-batch not taken up"
+            );
+            io.context().notify();
+            thread::sleep(Duration::from_millis(1));
+        }
         io.stop().unwrap();
     }
 

@@ -208,6 +208,8 @@ pub struct Context {
     /// Poll mode: set while an iothread's loop polls and stays in poll mode, cleared before it
     /// blocks (see [`Context::polling`]).
     poll_mode: AtomicBool,
+    /// The iothread's `aio-max-batch` (0 on the main loop's), see [`Context::aio_max_batch`].
+    aio_max_batch: AtomicU64,
 }
 
 impl fmt::Debug for Context {
@@ -280,6 +282,7 @@ impl Context {
             bottom_halves: BhQueue::new(),
             hook,
             poll_mode: AtomicBool::new(false),
+            aio_max_batch: AtomicU64::new(0),
         }))
     }
 
@@ -475,6 +478,7 @@ impl Context {
             poll.generation = generation;
         }
         let current = settings.get();
+        self.set_aio_max_batch(current.aio_max_batch);
         if current.max_ns == 0 {
             // Off: no window, no clock reads.
             poll.window.reset();
@@ -564,6 +568,18 @@ impl Context {
     /// loop polls; the main loop's context is never in poll mode.
     pub fn polling(&self) -> bool {
         self.poll_mode.load(Ordering::SeqCst)
+    }
+
+    /// The most requests a disk served here should hand its engine in one submission
+    /// (`aio-max-batch` of the iothread running the context, as its loop last read it; 0: the
+    /// engine's choice, and always 0 on the main loop's), as QEMU's `AioContext` carries it.
+    pub fn aio_max_batch(&self) -> u64 {
+        self.aio_max_batch.load(Ordering::Relaxed)
+    }
+
+    /// Sets what [`Context::aio_max_batch`] gives (the iothread's loop, at every iteration).
+    pub(crate) fn set_aio_max_batch(&self, max: u64) {
+        self.aio_max_batch.store(max, Ordering::Relaxed);
     }
 
     /// One iteration of an iothread's loop whose polling window is `window` (tests).

@@ -380,12 +380,13 @@ impl Block {
     pub fn shutdown(&self) -> Result<(), block::Error> {
         let _guards = Context::acquire_all(&self.contexts);
         self.drain_and_stop();
-        let (ring, pool) = self.groups.iter().fold((0, 0), |(ring, pool), g| {
+        let (ring, entered, pool) = self.groups.iter().fold((0, 0, 0), |(ring, e, pool), g| {
             let (r, p) = g.aio.requests_by_engine();
-            (ring + r, pool + p)
+            (ring + r, e + g.aio.ring_submissions(), pool + p)
         });
         log::info!(
-            "virtio-blk {}: aio={}, {ring} requests on io_uring, {pool} on the worker pool",
+            "virtio-blk {}: aio={}, {ring} requests on io_uring in {entered} submissions, \
+             {pool} on the worker pool",
             self.config.id,
             self.engine().name()
         );
