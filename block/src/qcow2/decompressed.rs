@@ -1,6 +1,6 @@
-//! The last few clusters an image decompressed, by the host offset of their stream: a guest
-//! reading a compressed cluster in pieces (pages, or readahead windows that split it), or going
-//! back to it between reads of others, decompresses it once, not once per read.
+//! The last clusters an image decompressed ([`KEPT`] of them), by the host offset of their
+//! stream: a guest reading a compressed cluster in pieces (pages, or readahead windows that
+//! split it) decompresses it once, not once per read.
 //!
 //! A stream's bytes change only when its host cluster is freed (its refcount dropped to zero:
 //! a rewrite of its guest cluster copies it elsewhere, a discard, a snapshot's deletion) and
@@ -19,8 +19,11 @@ use crate::buffers::{AlignedBuf, BufPool};
 use crate::direct::Epochs;
 
 /// How many decompressed clusters an image keeps: each is a cluster of resident memory (64 KiB
-/// for the usual size), counted in the VMM's memory beyond guest RAM.
-pub const KEPT: usize = 4;
+/// for the usual size), counted in the VMM's memory beyond guest RAM. In a Debian boot from a
+/// compressed base (1413 reads of 692 compressed clusters), one kept saved 299 decompressions,
+/// four 421, eight 491, for 192 and 448 KiB more: not worth it where the whole VMM, beyond
+/// guest RAM, fits in 5 MiB.
+pub const KEPT: usize = 1;
 
 /// The kept clusters (see the module documentation).
 #[derive(Debug, Default)]
