@@ -81,6 +81,8 @@ pub struct Epochs {
     pins: [AtomicU64; 2],
     /// Releases wait for the epoch to move: ending pins move it on.
     waiting: AtomicBool,
+    /// How many times freed clusters became reusable (see [`Epochs::reuses`]).
+    reuses: AtomicU64,
 }
 
 impl Epochs {
@@ -112,6 +114,17 @@ impl Epochs {
     /// Whether every pin that could reach a cluster released in `epoch` has ended.
     pub fn is_past(&self, epoch: u64) -> bool {
         self.current() >= epoch.saturating_add(2)
+    }
+
+    /// Counts freed clusters becoming reusable, before any of them is handed out again.
+    pub fn note_reuse(&self) {
+        self.reuses.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How many times freed clusters became reusable: a compressed stream (never written in
+    /// place) read while this stays the same is still what its host offset holds.
+    pub fn reuses(&self) -> u64 {
+        self.reuses.load(Ordering::SeqCst)
     }
 
     fn slot(epoch: u64) -> usize {

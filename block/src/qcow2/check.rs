@@ -381,6 +381,8 @@ fn write_refcounts(f: &HostFile, m: &mut Meta, refs: Refs) -> Result<(), Error> 
     m.rc_table = table;
     m.rc_blocks.clear();
     m.note_refcounts_moved();
+    // Every cluster no reference counts is free from now on.
+    m.epochs.note_reuse();
     m.free_hint = 1;
     m.end = start + tc + nb;
     Ok(())

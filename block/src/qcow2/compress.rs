@@ -19,9 +19,9 @@ use miniz_oxide::inflate::core::{decompress as inflate, inflate_flags, Decompres
 use super::header::Compression;
 use crate::buffers::DIRECT_ALIGN;
 
-/// How many decompression buffers an image keeps between reads besides the one holding a
-/// read-only image's last decompressed cluster: with it, the stream and the cluster of two reads
-/// at a time. A burst of concurrent reads of compressed clusters borrows more, and frees them as
+/// How many decompression buffers an image keeps between reads besides those holding its last
+/// decompressed clusters (`decompressed.rs`): the stream and the cluster of a read, and the
+/// stream of a second at the same time. A burst of concurrent reads of compressed clusters borrows more, and frees them as
 /// it ends.
 pub const COMPRESSED_KEEP: usize = 3;
 

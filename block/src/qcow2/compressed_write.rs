@@ -98,6 +98,7 @@ impl CompressedWriter {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use super::super::decompressed::KEPT;
     use super::super::tests::{assert_consistent, create, open_rw, qcow2};
     use super::super::COMPRESSED_KEEP;
     use super::*;
@@ -183,14 +184,14 @@ mod tests {
         assert_eq!(q.compressed_bufs.kept_count(), kept);
     }
 
-    /// Writes three compressed clusters of distinct bytes to a new image at `p`, and returns
-    /// them with their streams' host offsets.
-    fn three_compressed(p: &std::path::Path) -> (Vec<Vec<u8>>, Vec<u64>) {
+    /// Writes `n` compressed clusters of distinct bytes to a new image at `p`, and returns them
+    /// with their streams' host offsets.
+    fn compressed_clusters(p: &std::path::Path, n: u8) -> (Vec<Vec<u8>>, Vec<u64>) {
         create(p, "cluster_size=65536", "1M");
         let img = open_rw(p);
         let q = qcow2(&img);
         let mut w = CompressedWriter::new();
-        let clusters: Vec<Vec<u8>> = (0..3u8)
+        let clusters: Vec<Vec<u8>> = (0..n)
             .map(|i| {
                 (0..65536u32)
                     .map(|j| (j / 300).to_le_bytes()[0] ^ i)
@@ -201,13 +202,18 @@ mod tests {
         for (i, c) in clusters.iter().enumerate() {
             let guest = i as u64 * 65536;
             assert!(w.write(q, guest, c).unwrap());
-            match q.lookup(guest).unwrap().0 {
-                Mapping::Compressed { host, .. } => hosts.push(host),
-                m => panic!("{m:?}"),
-            }
+            hosts.push(stream_at(q, guest));
         }
         img.flush().unwrap();
         (clusters, hosts)
+    }
+
+    /// The host offset of the stream of the compressed cluster at `guest`.
+    fn stream_at(q: &Qcow2, guest: u64) -> u64 {
+        match q.lookup(guest).unwrap().0 {
+            Mapping::Compressed { host, .. } => host,
+            m => panic!("{m:?}"),
+        }
     }
 
     /// Spoils the start of the stream at `host`, behind the open image's back.
@@ -219,47 +225,66 @@ mod tests {
     }
 
     #[test]
-    fn a_read_only_image_decompresses_a_cluster_once_for_the_reads_that_follow() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.qcow2");
-        let (clusters, hosts) = three_compressed(&p);
-        let img = crate::open(
-            &p,
-            crate::OpenOptions {
+    fn an_image_decompresses_a_cluster_once_while_it_is_among_the_last_kept() {
+        let kept = u8::try_from(KEPT).unwrap();
+        for read_only in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("c.qcow2");
+            let (clusters, hosts) = compressed_clusters(&p, kept + 1);
+            let options = crate::OpenOptions {
                 format: Some(crate::Format::Qcow2),
-                read_only: true,
+                read_only,
                 ..Default::default()
-            },
-        )
-        .unwrap();
-        let mut page = vec![0u8; 4096];
-        img.read_at(&mut page, 0).unwrap();
-        assert_eq!(page, clusters[0][..4096]);
-        // The next pages of cluster 0 come from its decompressed copy: its stream is not read.
-        spoil(&p, hosts[0]);
-        for at in [4096usize, 61440] {
-            img.read_at(&mut page, at as u64).unwrap();
-            assert_eq!(page, clusters[0][at..at + 4096]);
+            };
+            let img = crate::open(&p, options).unwrap();
+            let mut page = vec![0u8; 4096];
+            img.read_at(&mut page, 0).unwrap();
+            assert_eq!(page, clusters[0][..4096]);
+            // The next pages of cluster 0 come from its decompressed copy: its stream is not
+            // read, even between reads of as many other clusters as are kept less one.
+            spoil(&p, hosts[0]);
+            for at in [4096usize, 61440] {
+                for c in 1..kept {
+                    img.read_at(&mut page, u64::from(c) * 65536 + 512).unwrap();
+                    assert_eq!(page, clusters[usize::from(c)][512..4608]);
+                }
+                img.read_at(&mut page, at as u64).unwrap();
+                assert_eq!(page, clusters[0][at..at + 4096]);
+            }
+            // Reads of `kept` other clusters push cluster 0 out: its spoilt stream is read again.
+            for c in 1..=kept {
+                img.read_at(&mut page, u64::from(c) * 65536).unwrap();
+                assert_eq!(page, clusters[usize::from(c)][..4096]);
+            }
+            assert!(
+                matches!(img.read_at(&mut page, 8192), Err(Error::Format { .. })),
+                "read_only {read_only}"
+            );
         }
-        // Another cluster takes its place, and cluster 0's spoilt stream is read again.
-        img.read_at(&mut page, 65536 + 512).unwrap();
-        assert_eq!(page, clusters[1][512..4608]);
-        assert!(matches!(
-            img.read_at(&mut page, 8192),
-            Err(Error::Format { .. })
-        ));
     }
 
     #[test]
-    fn a_writable_image_decompresses_every_read() {
+    fn a_decompressed_cluster_is_not_read_once_its_stream_is_freed_and_the_space_reused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.qcow2");
-        let (clusters, hosts) = three_compressed(&p);
+        let (clusters, hosts) = compressed_clusters(&p, 1);
         let img = open_rw(&p);
+        let q = qcow2(&img);
         let mut page = vec![0u8; 4096];
-        img.read_at(&mut page, 2 * 65536).unwrap();
-        assert_eq!(page, clusters[2][..4096]);
-        spoil(&p, hosts[2]);
-        assert!(img.read_at(&mut page, 2 * 65536 + 4096).is_err());
+        img.read_at(&mut page, 0).unwrap();
+        assert_eq!(page, clusters[0][..4096]);
+        // Rewriting cluster 0 copies it elsewhere and frees its stream's host cluster.
+        img.write_at(&[7u8; 65536], 0).unwrap();
+        img.flush().unwrap();
+        // A new stream takes the freed host cluster: the same host offset, other contents.
+        let other: Vec<u8> = (0..65536u32).map(|j| (j / 200).to_le_bytes()[0]).collect();
+        assert!(CompressedWriter::new().write(q, 65536, &other).unwrap());
+        assert_eq!(stream_at(q, 65536), hosts[0], "the space was not reused");
+        img.read_at(&mut page, 65536).unwrap();
+        assert!(page == other[..4096], "the freed stream's cluster was read");
+        img.read_at(&mut page, 0).unwrap();
+        assert_eq!(page, [7u8; 4096]);
+        drop(img);
+        assert_consistent(&p, false);
     }
 }

@@ -1,7 +1,8 @@
 //! qcow2 images (QEMU's `docs/interop/qcow2.txt`), v2 and v3, split by specification section:
 //! `header` (header, extensions, backing name), `validate` (limits and errors), `l2` (cluster
 //! mapping entries), `cache` (bounded table caches), `meta` (metadata state and write ordering),
-//! `refcount` (refcounts and allocation), `compress`, `compressed_write` (compressed clusters of
+//! `refcount` (refcounts and allocation), `compress`, `decompressed` (the last clusters
+//! decompressed), `compressed_write` (compressed clusters of
 //! `convert -c`), `write` (allocation and copy-on-write),
 //! `snapshot` (the snapshot table), `snapshot_ops` (creating, applying and deleting internal
 //! snapshots), `check` (consistency check and refcount rebuild), `overlap`
@@ -35,6 +36,7 @@ pub mod check;
 mod compress;
 mod compressed_write;
 pub mod create;
+mod decompressed;
 mod header;
 mod l2;
 mod meta;
@@ -68,7 +70,7 @@ pub fn validate_magic() -> u32 {
     validate::MAGIC
 }
 
-use crate::buffers::{AlignedBuf, BufPool, DIRECT_ALIGN};
+use crate::buffers::{BufPool, DIRECT_ALIGN};
 use crate::direct::{push_extent, DirectPin, DirectTarget, Epochs, Extent, FlushPlan};
 use crate::file::HostFile;
 use crate::trace;
@@ -112,11 +114,8 @@ pub struct Qcow2 {
     overlap: Arc<overlap::Overlap>,
     /// Buffers for reading and decompressing compressed clusters, lent per read.
     compressed_bufs: BufPool,
-    /// A read-only image's last decompressed cluster, by the host offset of its stream, in one
-    /// of `compressed_bufs`'s buffers: reads smaller than a cluster that follow one another (a
-    /// guest reading its compressed base in pages) decompress it once, not once per read. Only a
-    /// read-only image keeps one, so nothing can write the stream it came from while kept.
-    last_decompressed: Mutex<Option<(u64, AlignedBuf)>>,
+    /// The last few clusters decompressed, in buffers of `compressed_bufs`'s size.
+    decompressed: decompressed::Decompressed,
 }
 
 /// The metadata lock of a path that may write tables under it to make room
@@ -296,7 +295,7 @@ impl Qcow2 {
             epochs,
             overlap,
             compressed_bufs: BufPool::new(COMPRESSED_KEEP),
-            last_decompressed: Mutex::new(None),
+            decompressed: decompressed::Decompressed::default(),
             file: f,
         };
         if !read_only {
@@ -547,8 +546,8 @@ impl Qcow2 {
 
     /// Reads `buf` at `guest` from the compressed cluster stored in `len` bytes at `host`: the
     /// aligned blocks holding the stream are read (so `O_DIRECT` needs no bounce of its own) into
-    /// one buffer of `compressed_bufs` and decompressed into another, which a read-only image
-    /// keeps as its last decompressed cluster (`last_decompressed`) for the reads that follow.
+    /// one buffer of `compressed_bufs` and decompressed into another, kept among the last few
+    /// decompressed (`decompressed`) for the reads that follow.
     fn read_compressed(
         &self,
         buf: &mut [u8],
@@ -569,15 +568,9 @@ impl Qcow2 {
         ) else {
             return Err(fmt_err(&self.file, FormatError::Decompress { guest, host }));
         };
-        if self.read_only {
-            if let Some((_, cluster)) = self
-                .last_decompressed()
-                .as_ref()
-                .filter(|(h, _)| *h == host)
-            {
-                buf.copy_from_slice(&cluster.as_slice()[..cs_len][at..at + buf.len()]);
-                return Ok(());
-            }
+        let (epochs, pool) = (&*self.epochs, &self.compressed_bufs);
+        if self.decompressed.read(epochs, pool, host, cs_len, at, buf) {
+            return Ok(());
         }
         let scratch_len = compressed_scratch_len(cs_len);
         let mut input = self.compressed_bufs.take(scratch_len);
@@ -596,23 +589,12 @@ impl Qcow2 {
             Ok(())
         })();
         self.compressed_bufs.give(input);
-        if self.read_only && result.is_ok() {
-            let evicted = self.last_decompressed().replace((host, cluster));
-            if let Some((_, old)) = evicted {
-                self.compressed_bufs.give(old);
-            }
+        if result.is_ok() {
+            self.decompressed.keep(epochs, pool, host, cluster);
         } else {
             self.compressed_bufs.give(cluster);
         }
         result
-    }
-
-    /// The last decompressed cluster's slot (see `last_decompressed`).
-    fn last_decompressed(&self) -> MutexGuard<'_, Option<(u64, AlignedBuf)>> {
-        // Only a swap and a copy between in-range slices run under the lock: neither panics.
-        self.last_decompressed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Reads from the backing image, or zeroes past its end or without one.

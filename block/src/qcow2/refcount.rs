@@ -113,8 +113,8 @@ impl Quarantine {
     }
 
     /// Releases the clusters no request can reach any more, moving the epoch on as far as the
-    /// requests in flight allow (two steps release everything when none is); returns the
-    /// lowest released.
+    /// requests in flight allow (two steps release everything when none is), and counts the
+    /// release in the epochs' reuses; returns the lowest released.
     fn release(&mut self, epochs: &crate::direct::Epochs) -> Option<u64> {
         if self.queue.is_empty() {
             return None;
@@ -129,6 +129,9 @@ impl Quarantine {
             self.queue.pop_front();
             self.held.remove(&c);
             lowest = Some(lowest.map_or(c, |l: u64| l.min(c)));
+        }
+        if lowest.is_some() {
+            epochs.note_reuse();
         }
         lowest
     }
