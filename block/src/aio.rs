@@ -343,6 +343,13 @@ pub struct Aio {
     batch_max: AtomicUsize,
 }
 
+/// The most requests a batch hands the kernel in one submission when `aio-max-batch` is 0:
+/// QEMU's Linux AIO default, chosen there as the trade between a queued request's wait and
+/// the submission's system call. Without a cap, one queue's pass at queue depth 32 from two
+/// guest jobs (64 requests) went to the kernel at its end in one submission, and the p99
+/// latency over virtio-mmio rose past QEMU's (docs/DESIGN.md, "Measuring latency").
+pub const DEFAULT_MAX_BATCH: usize = 32;
+
 /// An open batch of submissions ([`Aio::batch`]); dropping it hands the ring's queued
 /// submissions to the kernel.
 #[derive(Debug)]
@@ -523,16 +530,17 @@ impl Aio {
 
     /// Opens a batch: until the returned guard is dropped, the requests the io_uring engine
     /// takes are queued on its ring and the kernel is told of them together, `max` requests at
-    /// a time (0: all of them, when the batch ends), in one `io_uring_enter` rather than one
-    /// each; after QEMU's `blk_io_plug` and `aio-max-batch`. Batches nest: the outermost's
+    /// a time (0: [`DEFAULT_MAX_BATCH`]) and the rest when the batch ends, in one
+    /// `io_uring_enter` rather than one each; after QEMU's `blk_io_plug` and `aio-max-batch`. Batches nest: the outermost's
     /// `max` counts. The worker pool's requests start at once, as before. Nothing orders
     /// requests in flight together on either engine, so holding some back changes no ordering
     /// a caller may rely on (a flush covers the writes completed before it was submitted).
     pub fn batch(&self, max: u64) -> Batch<'_> {
         if self.batches.fetch_add(1, Ordering::AcqRel) == 0 {
             let max = match usize::try_from(max) {
-                Ok(0) | Err(_) => usize::MAX,
+                Ok(0) => DEFAULT_MAX_BATCH,
                 Ok(n) => n,
+                Err(_) => usize::MAX,
             };
             self.batch_max.store(max, Ordering::Relaxed);
         }

@@ -725,3 +725,23 @@ fn a_drain_submits_what_an_open_batch_holds() {
     assert_eq!(reap_all(&aio, 4), (0..4).collect::<Vec<_>>());
     assert_eq!(aio.in_flight(), 0);
 }
+
+#[test]
+fn a_batch_left_uncapped_goes_to_the_kernel_32_requests_at_a_time() {
+    // aio-max-batch 0 is QEMU's Linux AIO default, 32 a submission: 40 reads in one batch reach
+    // the kernel in two submissions, 32 as the 32nd is queued and 8 when the batch ends.
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "c.raw");
+    qemu_img(&["create", "-q", "-f", "raw", p.to_str().unwrap(), "1M"]);
+    let image = Counting::new(open_rw_fmt(&p, Format::Raw));
+    let aio = Aio::with_engine("t", image.clone(), Workers::fixed(2), 64, Engine::IoUring).unwrap();
+    let mut bufs = vec![vec![0u8; 4096]; 40];
+    {
+        let _batch = aio.batch(0);
+        submit_each(&aio, Op::Read, &mut bufs);
+        assert_eq!(aio.ring_submissions(), 1);
+    }
+    assert_eq!(aio.ring_submissions(), 2);
+    assert_eq!(reap_all(&aio, 40), (0..40).collect::<Vec<_>>());
+    assert_eq!(image.pool(), (0, 0, 0), "the pool ran nothing");
+}

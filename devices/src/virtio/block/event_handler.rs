@@ -188,7 +188,7 @@ impl Block {
         // (`Context::add_polled_fd`), as QEMU's virtqueues in an AioContext's poll mode.
         let polling = group.ctx.polling();
         // The pass's requests reach the kernel together when it ends (`aio-max-batch` at a
-        // time, 0: all), as QEMU plugs a virtqueue's pass (`blk_io_plug`).
+        // time, 0: 32), as QEMU plugs a virtqueue's pass (`blk_io_plug`).
         let batch = group.aio.batch(group.ctx.aio_max_batch());
         loop {
             qs.queue
