@@ -108,19 +108,24 @@ fn qcow2(dir: &tempfile::TempDir, cluster: u64, size: &str, cmds: &[&str]) -> Pa
 }
 
 fn uring(image: Arc<dyn DiskImage>) -> Aio {
-    Aio::with_engine("t", image, Workers::fixed(2), 16, Engine::IoUring).unwrap()
+    uring_of_depth(image, 16)
+}
+
+fn uring_of_depth(image: Arc<dyn DiskImage>, depth: usize) -> Aio {
+    Aio::with_engine("t", image, Workers::fixed(2), depth, Engine::IoUring).unwrap()
 }
 
 /// A fresh 1 MiB raw file `name` in `dir`, opened through a counting wrapper, and an io_uring
-/// engine on it.
+/// engine of `depth` requests on it.
 fn raw_on_uring(
     dir: &tempfile::TempDir,
     name: &str,
+    depth: usize,
 ) -> (PathBuf, Arc<Counting<block::Image>>, Aio) {
     let p = tmp(dir, name);
     qemu_img(&["create", "-q", "-f", "raw", p.to_str().unwrap(), "1M"]);
     let image = Counting::new(open_rw_fmt(&p, Format::Raw));
-    let aio = uring(image.clone());
+    let aio = uring_of_depth(image.clone(), depth);
     (p, image, aio)
 }
 
@@ -168,7 +173,7 @@ fn run(aio: &Aio, op: Op, offset: u64, segs: Vec<IoSeg>) -> Result<(), Error> {
 #[test]
 fn raw_reads_writes_and_flushes_go_through_the_ring() {
     let dir = tempfile::tempdir().unwrap();
-    let (p, image, aio) = raw_on_uring(&dir, "r.raw");
+    let (p, image, aio) = raw_on_uring(&dir, "r.raw", 16);
     assert_eq!(aio.engine(), Engine::IoUring);
     // Two segments of one request, at an unaligned offset.
     let mut a = vec![0xa5u8; 1000];
@@ -664,7 +669,7 @@ fn reap_all(aio: &Aio, n: usize) -> Vec<u64> {
 #[test]
 fn a_batch_reaches_the_kernel_in_one_submission() {
     let dir = tempfile::tempdir().unwrap();
-    let (p, image, aio) = raw_on_uring(&dir, "b.raw");
+    let (p, image, aio) = raw_on_uring(&dir, "b.raw", 16);
     // Unbatched: one submission per request.
     let mut bufs = vec![vec![0x33u8; 4096]; 8];
     submit_each(&aio, Op::Write, &mut bufs);
@@ -710,7 +715,7 @@ fn a_batch_reaches_the_kernel_in_one_submission() {
 #[test]
 fn a_drain_submits_what_an_open_batch_holds() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, _image, aio) = raw_on_uring(&dir, "d.raw");
+    let (_, _image, aio) = raw_on_uring(&dir, "d.raw", 16);
     let aio = Arc::new(aio);
     let mut bufs = vec![vec![0u8; 4096]; 4];
     let batch = aio.batch(0);
@@ -727,14 +732,11 @@ fn a_drain_submits_what_an_open_batch_holds() {
 }
 
 #[test]
-fn a_batch_left_uncapped_goes_to_the_kernel_32_requests_at_a_time() {
+fn a_batch_of_aio_max_batch_0_goes_to_the_kernel_32_requests_at_a_time() {
     // aio-max-batch 0 is QEMU's Linux AIO default, 32 a submission: 40 reads in one batch reach
     // the kernel in two submissions, 32 as the 32nd is queued and 8 when the batch ends.
     let dir = tempfile::tempdir().unwrap();
-    let p = tmp(&dir, "c.raw");
-    qemu_img(&["create", "-q", "-f", "raw", p.to_str().unwrap(), "1M"]);
-    let image = Counting::new(open_rw_fmt(&p, Format::Raw));
-    let aio = Aio::with_engine("t", image.clone(), Workers::fixed(2), 64, Engine::IoUring).unwrap();
+    let (_, image, aio) = raw_on_uring(&dir, "c.raw", 64);
     let mut bufs = vec![vec![0u8; 4096]; 40];
     {
         let _batch = aio.batch(0);
