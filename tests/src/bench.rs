@@ -18,12 +18,13 @@
 //! `BOOT` line, a `PHASES` line and, for vmm, a `STARTUP` line per start-up step; once per VMM it
 //! prints the small guest's `dmesg` (`DMESG`), or per boot Debian's `systemd-analyze` lines
 //! (`ANALYZE`). Per boot it prints the memory beyond guest RAM by kind of mapping (`MEMORY`), and
-//! on each VMM's first boot every resident mapping outside guest RAM (`SMAPS`). For the small
-//! guest it also prints, per boot at its prompt, each VMM thread's CPU time so far, and the system
-//! part of it (`THREADS`), and KVM's counters of the VM from debugfs (`KVMSTATS`: exits, page
-//! faults, guest memory mapped in 4 KiB or 2 MiB pages); for every guest, per boot, how the host's
-//! memory counters grew (`HOSTMM`: transparent huge pages, compaction, faults); all kept with the
-//! raw lines to tell where a slow phase's time went. The outer half ([`summarize`]) reads them
+//! on each VMM's first boot every resident mapping outside guest RAM (`SMAPS`). It also prints,
+//! per boot when the guest is up, each VMM thread's CPU time so far, and the system part of it
+//! (`THREADS`), and KVM's counters of the VM from debugfs (`KVMSTATS`: exits, page faults, guest
+//! memory mapped in 4 KiB or 2 MiB pages); per boot, how the host's memory counters grew
+//! (`HOSTMM`: transparent huge pages, compaction, faults) and where the host's CPUs spent the boot
+//! (`HOSTCPU`: milliseconds user, system, idle, waiting for I/O, in interrupts, in guests); all
+//! kept with the raw lines to tell where a slow phase's time went. The outer half ([`summarize`]) reads them
 //! back and writes Markdown tables.
 
 use std::fmt::Write as _;
@@ -427,6 +428,7 @@ pub fn measure(
             let mut command = col.command(&boot, &dir);
             command.args(target.debug_log_args(&log));
             let host_before = host_memory_counters();
+            let cpu_before = host_cpu_ms();
             let mut g = Guest::spawn(command).map_err(|source| Error::Guest {
                 target: name.to_owned(),
                 run,
@@ -446,6 +448,10 @@ pub fn measure(
             println!(
                 "HOSTMM {name} {run} {}",
                 counter_deltas(&host_before, &host_memory_counters())
+            );
+            println!(
+                "HOSTCPU {name} {run} {}",
+                counter_deltas(&cpu_before, &host_cpu_ms())
             );
             println!("{}", sample.line());
             // The log is complete: the VMM has exited. Without it the phases say "-".
@@ -643,11 +649,12 @@ fn print_memory(target: &str, run: u32, mem: &memory::Resident) {
     }
 }
 
-/// The CPU time each thread of process `pid` has used so far, `NAME:TID=MS/SYS` separated by
-/// spaces (user plus system time, then system time alone, from `/proc/PID/task/TID/stat`, at 100
-/// ticks a second), to tell which of a VMM's threads took the host's CPUs during the boot, and for
-/// a vCPU whether in the guest (user time: the host counts a guest's time as its thread's) or in
-/// the host's kernel (system time: exits, faults on guest memory); empty where `/proc` says nothing.
+/// The CPU time each thread of process `pid` has used so far, `NAME:TID=MS/SYS/GUEST` separated
+/// by spaces (user plus system time, the system time alone, and the time in a guest, from
+/// `/proc/PID/task/TID/stat`, at 100 ticks a second), to tell which of a VMM's threads took the
+/// host's CPUs during the boot, and for a vCPU whether running the guest (guest time, which the
+/// host counts in its user time too), in the VMM (the rest of its user time) or in the host's
+/// kernel (system time: exits, faults on guest memory); empty where `/proc` says nothing.
 fn thread_times(pid: u32) -> String {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return String::new();
@@ -663,19 +670,21 @@ fn thread_times(pid: u32) -> String {
         };
         let name = stat[open + 1..close].replace(' ', "_");
         let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        // utime and stime are the 14th and 15th fields of stat, the 12th and 13th after the name.
+        // utime, stime and guest_time are the 14th, 15th and 43rd fields of stat: the 12th, 13th
+        // and 41st after the name.
         let ticks = |i: usize| {
             fields
                 .get(i)
                 .and_then(|f| f.parse::<u64>().ok())
                 .unwrap_or(0)
         };
-        let (user, system) = (ticks(11), ticks(12));
+        let (user, system, guest) = (ticks(11), ticks(12), ticks(40));
         out.push(format!(
-            "{name}:{}={}/{}",
+            "{name}:{}={}/{}/{}",
             task.file_name().to_string_lossy(),
             (user + system) * 10,
-            system * 10
+            system * 10,
+            guest * 10
         ));
     }
     out.join(" ")
@@ -702,6 +711,26 @@ fn host_memory_counters() -> Vec<(String, u64)> {
         .filter_map(|l| l.split_once(' '))
         .filter(|(name, _)| NAMES.contains(name))
         .filter_map(|(name, v)| Some((name.to_owned(), v.trim().parse().ok()?)))
+        .collect()
+}
+
+/// Where the host's CPUs have spent their time since it booted, in milliseconds summed over the
+/// CPUs (the `cpu` line of `/proc/stat`, at 100 ticks a second): in user space (guests' time
+/// included, which `guest` gives again), the kernel, idle, idle waiting for I/O, and interrupts.
+/// Read before and after a boot ([`counter_deltas`]): with one CPU, whether the boot waited on
+/// anything but that CPU.
+fn host_cpu_ms() -> Vec<(String, u64)> {
+    const NAMES: [&str; 9] = [
+        "user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal", "guest",
+    ];
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find_map(|l| l.strip_prefix("cpu ")) else {
+        return Vec::new();
+    };
+    NAMES
+        .iter()
+        .zip(cpu.split_whitespace())
+        .filter_map(|(name, ticks)| Some(((*name).to_owned(), ticks.parse::<u64>().ok()? * 10)))
         .collect()
 }
 
@@ -778,6 +807,8 @@ fn sample_debian(
     };
     let up = g.wait_for(STATE, DEBIAN_TIMEOUT).map_err(err)?;
     let mem = resident_memory(g, target, run, mem_mib)?;
+    println!("THREADS {target} {run} {}", thread_times(g.pid()));
+    println!("KVMSTATS {target} {run} {}", kvm_stats(g.pid()));
     let from = g.lines().len().saturating_sub(1);
     g.wait_line(END, DEBIAN_TIMEOUT, |l| l.ends_with(END))
         .map_err(err)?;
@@ -847,6 +878,7 @@ pub fn summarize(output: &str, setup: Setup, host: &str) -> String {
     }
     md.push_str(&memory_table(output, &targets));
     md.push_str(&phase_table(output, &targets, setup.guest.phases()));
+    md.push_str(&cpu_table(output, &targets));
     md.push_str(&startup_table(output, &targets));
     md.push_str("\nCommands (each boot adds its debug log: `-D FILE`, and for QEMU `-trace kvm_cpu_exec -msg timestamp=on`):\n\n");
     for l in output.lines() {
@@ -978,6 +1010,81 @@ fn phase_table(output: &str, targets: &[&str], phases: &[Phase]) -> String {
                 _ => "–".to_owned(),
             };
             let _ = write!(md, " {ratio} |");
+        }
+        md.push('\n');
+    }
+    md
+}
+
+/// Where each column's CPU time went in a boot (`THREADS` and `HOSTCPU` lines): its vCPU threads
+/// (those with guest time) in the guest and out of it, its other threads, and the host's CPUs
+/// idle; median milliseconds of the boots.
+fn cpu_table(output: &str, targets: &[&str]) -> String {
+    const ROWS: [&str; 4] = [
+        "vCPUs running the guest",
+        "vCPUs outside the guest (exits in the VMM and the host kernel)",
+        "the VMM's other threads (I/O, main loop)",
+        "the host's CPUs idle, VMM start to exit",
+    ];
+    // (target, row, ms): a value per row and boot.
+    let mut seen: Vec<(&str, usize, f64)> = Vec::new();
+    for l in output.lines() {
+        let mut w = l.split_whitespace();
+        let (Some(kind), Some(t), Some(_run)) = (w.next(), w.next(), w.next()) else {
+            continue;
+        };
+        let mut rows = [0.0; ROWS.len()];
+        match kind {
+            "THREADS" => {
+                for thread in w {
+                    let Some((_, times)) = thread.rsplit_once('=') else {
+                        continue;
+                    };
+                    let n: Vec<f64> = times.split('/').filter_map(|x| x.parse().ok()).collect();
+                    let [all, _, guest] = n[..] else {
+                        continue;
+                    };
+                    if guest > 0.0 {
+                        rows[0] += guest;
+                        rows[1] += all - guest;
+                    } else {
+                        rows[2] += all;
+                    }
+                }
+                seen.extend((0..3).map(|i| (t, i, rows[i])));
+            }
+            "HOSTCPU" => {
+                let idle: f64 = w
+                    .filter_map(|x| x.split_once('='))
+                    .filter(|(k, _)| matches!(*k, "idle" | "iowait"))
+                    .filter_map(|(_, v)| v.parse::<f64>().ok())
+                    .sum();
+                seen.push((t, 3, idle));
+            }
+            _ => {}
+        }
+    }
+    if seen.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from("
+Where the host's CPU time went, ms, median of the boots (each thread's time when the guest was up, `THREADS`; the host's idle time from `/proc/stat`, `HOSTCPU`):\n\n| CPU time |");
+    for t in targets {
+        let _ = write!(md, " {t} |");
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---|".repeat(targets.len()));
+    md.push('\n');
+    for (i, row) in ROWS.iter().enumerate() {
+        let _ = write!(md, "| {row} |");
+        for t in targets {
+            let v: Vec<f64> = seen
+                .iter()
+                .filter(|s| s.0 == *t && s.1 == i)
+                .map(|s| s.2)
+                .collect();
+            let cell = median(&v).map_or_else(|| "–".to_owned(), |m| format!("{m:.0}"));
+            let _ = write!(md, " {cell} |");
         }
         md.push('\n');
     }
@@ -1116,6 +1223,34 @@ mod tests {
     }
 
     #[test]
+    fn the_cpu_table_splits_vcpus_from_the_other_threads() {
+        // Two boots each: vCPU threads are those with guest time.
+        let out = "THREADS vmm 1 vmm:1=100/90/0 vcpu0:2=5000/400/4000 io0:3=300/100/0\n\
+                   HOSTCPU vmm 1 user=9000 system=800 idle=50 iowait=10 guest=4000\n\
+                   THREADS vmm 2 vmm:1=200/90/0 vcpu0:2=7000/400/6000 io0:3=500/100/0\n\
+                   HOSTCPU vmm 2 user=9000 system=800 idle=70 iowait=10 guest=6000\n\
+                   THREADS qemu 1 qemu-system-x86:7=900/100/0 qemu-system-x86:8=6000/600/5500\n\
+                   THREADS qemu 2 qemu-system-x86:7=1100/100/0 qemu-system-x86:8=6000/600/5500\n";
+        let md = cpu_table(out, &["qemu", "vmm"]);
+        assert!(
+            md.contains("| CPU time | qemu | vmm |\n|---|---|---|\n"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| vCPUs running the guest | 5500 | 5000 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("(exits in the VMM and the host kernel) | 500 | 1000 |"),
+            "{md}"
+        );
+        assert!(md.contains("(I/O, main loop) | 1000 | 550 |"), "{md}");
+        // QEMU's boots had no HOSTCPU line.
+        assert!(md.contains("VMM start to exit | – | 70 |"), "{md}");
+        assert_eq!(cpu_table("BOOT vmm 1 1.0 2 1\n", &["vmm"]), "");
+    }
+
+    #[test]
     fn a_variant_is_a_column_with_vmm_over_it() {
         let out = "BOOT qemu 1 1000.0 100000 60000\nBOOT vmm 1 500.0 70000 60000\n\
                    BOOT vmm-nosandbox 1 400.0 70000 60000\n\
@@ -1175,15 +1310,15 @@ mod tests {
             .split(' ')
             .find(|e| e.starts_with("cpu-probe:"))
             .unwrap_or_else(|| panic!("no cpu-probe thread in {times:?}"));
-        // NAME:TID=MS/SYS, with numbers for all three, the system time within the whole.
+        // NAME:TID=MS/SYS/GUEST, with numbers for all four, the system time within the whole,
+        // and no guest time in a thread that runs none.
         let (tid, times) = entry["cpu-probe:".len()..]
             .split_once('=')
-            .expect("TID=MS/SYS");
-        let (ms, sys) = times.split_once('/').expect("MS/SYS");
-        let (ms, sys) = (ms.parse::<u64>(), sys.parse::<u64>());
+            .expect("TID=MS/SYS/GUEST");
+        let n: Vec<Result<u64, _>> = times.split('/').map(str::parse::<u64>).collect();
         assert!(tid.parse::<u32>().is_ok(), "{entry}");
         assert!(
-            matches!((ms, sys), (Ok(ms), Ok(sys)) if sys <= ms),
+            matches!(n[..], [Ok(ms), Ok(sys), Ok(0)] if sys <= ms),
             "{entry}"
         );
         assert_eq!(thread_times(u32::MAX), "", "no such process");
@@ -1206,6 +1341,25 @@ mod tests {
         );
         // This host's own counters hold the fault count, which every kernel keeps.
         assert!(host_memory_counters().iter().any(|(n, _)| n == "pgfault"));
+    }
+
+    #[test]
+    fn the_hosts_cpu_time_is_read_by_kind_and_only_grows() {
+        let before = host_cpu_ms();
+        let names: Vec<&str> = before.iter().map(|(n, _)| n.as_str()).collect();
+        // Every kernel since 2.6.33 gives these nine; the harness's hosts all do.
+        assert_eq!(
+            names,
+            ["user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal", "guest"]
+        );
+        // Spin until the host's clock has ticked at least once while this thread ran.
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_millis(50) {
+            std::hint::spin_loop();
+        }
+        let after = host_cpu_ms();
+        let grew: u64 = before.iter().zip(&after).map(|(b, a)| a.1 - b.1).sum();
+        assert!(grew > 0, "{before:?} -> {after:?}");
     }
 
     #[test]
