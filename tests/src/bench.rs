@@ -19,12 +19,13 @@
 //! prints the small guest's `dmesg` (`DMESG`), or per boot Debian's `systemd-analyze` lines
 //! (`ANALYZE`). Per boot it prints the memory beyond guest RAM by kind of mapping (`MEMORY`), and
 //! on each VMM's first boot every resident mapping outside guest RAM (`SMAPS`). It also prints,
-//! per boot when the guest is up, each VMM thread's CPU time so far, and the system part of it
-//! (`THREADS`), and KVM's counters of the VM from debugfs (`KVMSTATS`: exits, page faults, guest
-//! memory mapped in 4 KiB or 2 MiB pages); per boot, how the host's memory counters grew
-//! (`HOSTMM`: transparent huge pages, compaction, faults) and where the host's CPUs spent the boot
-//! (`HOSTCPU`: milliseconds user, system, idle, waiting for I/O, in interrupts, in guests); all
-//! kept with the raw lines to tell where a slow phase's time went. The outer half ([`summarize`]) reads them
+//! per boot when the guest is up, each VMM thread's CPU time so far, the system part of it and
+//! the part in the guest (`THREADS`), where the host's CPUs spent the time since the VMM started
+//! (`HOSTCPU`: milliseconds user, system, idle, waiting for I/O, in interrupts, in guests), and
+//! KVM's counters of the VM from debugfs (`KVMSTATS`: exits, page faults, guest memory mapped in
+//! 4 KiB or 2 MiB pages); per boot, how the host's memory counters grew (`HOSTMM`: transparent
+//! huge pages, compaction, faults); all kept with the raw lines to tell where a slow phase's time
+//! went, and the CPU times summed in a table. The outer half ([`summarize`]) reads them
 //! back and writes Markdown tables.
 
 use std::fmt::Write as _;
@@ -438,8 +439,10 @@ pub fn measure(
             // since every console byte costs the guest an exit.
             let whole = run == 1;
             let sample = match setup.guest {
-                GuestImage::Initramfs => sample(&mut g, name, run, setup.mem_mib, whole),
-                GuestImage::Debian => sample_debian(&mut g, name, run, setup.mem_mib),
+                GuestImage::Initramfs => {
+                    sample(&mut g, name, run, setup.mem_mib, whole, &cpu_before)
+                }
+                GuestImage::Debian => sample_debian(&mut g, name, run, setup.mem_mib, &cpu_before),
             };
             if sample.is_err() {
                 print!("{}", g.transcript());
@@ -448,10 +451,6 @@ pub fn measure(
             println!(
                 "HOSTMM {name} {run} {}",
                 counter_deltas(&host_before, &host_memory_counters())
-            );
-            println!(
-                "HOSTCPU {name} {run} {}",
-                counter_deltas(&cpu_before, &host_cpu_ms())
             );
             println!("{}", sample.line());
             // The log is complete: the VMM has exited. Without it the phases say "-".
@@ -561,6 +560,7 @@ fn sample(
     run: u32,
     mem_mib: u64,
     whole_dmesg: bool,
+    cpu_before: &[(String, u64)],
 ) -> Result<(BootSample, GuestLogs), Error> {
     let err = |source| Error::Guest {
         target: target.to_owned(),
@@ -572,8 +572,7 @@ fn sample(
         .map_err(err)?;
     g.wait_prompt("GUEST-PROMPT#", BOOT_TIMEOUT).map_err(err)?;
     let mem = resident_memory(g, target, run, mem_mib)?;
-    println!("THREADS {target} {run} {}", thread_times(g.pid()));
-    println!("KVMSTATS {target} {run} {}", kvm_stats(g.pid()));
+    print_cpu(target, run, g.pid(), cpu_before);
     let from = g.lines().len();
     let command = if whole_dmesg {
         "dmesg".to_owned()
@@ -690,6 +689,18 @@ fn thread_times(pid: u32) -> String {
     out.join(" ")
 }
 
+/// Prints, with the guest up, where the CPU time went since the VMM started: each of its threads'
+/// (`THREADS`), the host's by kind since `cpu_before` (`HOSTCPU`), and KVM's counters of the VM
+/// (`KVMSTATS`).
+fn print_cpu(target: &str, run: u32, pid: u32, cpu_before: &[(String, u64)]) {
+    println!("THREADS {target} {run} {}", thread_times(pid));
+    println!(
+        "HOSTCPU {target} {run} {}",
+        counter_deltas(cpu_before, &host_cpu_ms())
+    );
+    println!("KVMSTATS {target} {run} {}", kvm_stats(pid));
+}
+
 /// The host kernel's counters (`/proc/vmstat`) of how it backs memory: transparent huge pages
 /// given or refused at a fault, compaction, faults; read before and after a boot ([`counter_deltas`])
 /// to tell whether the host had to compact or zero memory for the guest's first touches.
@@ -799,6 +810,7 @@ fn sample_debian(
     target: &str,
     run: u32,
     mem_mib: u64,
+    cpu_before: &[(String, u64)],
 ) -> Result<(BootSample, GuestLogs), Error> {
     let err = |source| Error::Guest {
         target: target.to_owned(),
@@ -807,8 +819,7 @@ fn sample_debian(
     };
     let up = g.wait_for(STATE, DEBIAN_TIMEOUT).map_err(err)?;
     let mem = resident_memory(g, target, run, mem_mib)?;
-    println!("THREADS {target} {run} {}", thread_times(g.pid()));
-    println!("KVMSTATS {target} {run} {}", kvm_stats(g.pid()));
+    print_cpu(target, run, g.pid(), cpu_before);
     let from = g.lines().len().saturating_sub(1);
     g.wait_line(END, DEBIAN_TIMEOUT, |l| l.ends_with(END))
         .map_err(err)?;
@@ -1016,59 +1027,85 @@ fn phase_table(output: &str, targets: &[&str], phases: &[Phase]) -> String {
     md
 }
 
-/// Where each column's CPU time went in a boot (`THREADS` and `HOSTCPU` lines): its vCPU threads
-/// (those with guest time) in the guest and out of it, its other threads, and the host's CPUs
-/// idle; median milliseconds of the boots.
+/// Where the host's CPU time went in each column's boots, from the VMM's start to the guest being
+/// up (`THREADS` and `HOSTCPU` lines of the same boot): the VMM's vCPU threads (those with guest
+/// time) in the guest and out of it, its other threads, the rest of the host (its kernel's
+/// threads and interrupts, the harness), and the host's CPUs idle; median milliseconds of the
+/// boots. With one host CPU busy throughout, the rows add up to the boot's time.
 fn cpu_table(output: &str, targets: &[&str]) -> String {
-    const ROWS: [&str; 4] = [
+    const ROWS: [&str; 5] = [
         "vCPUs running the guest",
         "vCPUs outside the guest (exits in the VMM and the host kernel)",
         "the VMM's other threads (I/O, main loop)",
-        "the host's CPUs idle, VMM start to exit",
+        "the rest of the host (kernel threads, interrupts, the harness)",
+        "the host's CPUs idle",
     ];
-    // (target, row, ms): a value per row and boot.
-    let mut seen: Vec<(&str, usize, f64)> = Vec::new();
+    // Per boot (target, run): the VMM's threads split in three, then the host's busy and idle
+    // time, each once its line is read.
+    type Boot<'a> = ((&'a str, &'a str), [Option<f64>; 5]);
+    let mut boots: Vec<Boot> = Vec::new();
     for l in output.lines() {
         let mut w = l.split_whitespace();
-        let (Some(kind), Some(t), Some(_run)) = (w.next(), w.next(), w.next()) else {
+        let (Some(kind), Some(t), Some(run)) = (w.next(), w.next(), w.next()) else {
             continue;
         };
-        let mut rows = [0.0; ROWS.len()];
-        match kind {
-            "THREADS" => {
-                for thread in w {
-                    let Some((_, times)) = thread.rsplit_once('=') else {
-                        continue;
-                    };
-                    let n: Vec<f64> = times.split('/').filter_map(|x| x.parse().ok()).collect();
-                    let [all, _, guest] = n[..] else {
-                        continue;
-                    };
-                    if guest > 0.0 {
-                        rows[0] += guest;
-                        rows[1] += all - guest;
-                    } else {
-                        rows[2] += all;
-                    }
+        if !matches!(kind, "THREADS" | "HOSTCPU") {
+            continue;
+        }
+        let i = match boots.iter().position(|(k, _)| *k == (t, run)) {
+            Some(i) => i,
+            None => {
+                boots.push(((t, run), [None; 5]));
+                boots.len() - 1
+            }
+        };
+        let cells = &mut boots[i].1;
+        if kind == "THREADS" {
+            let mut vmm = [0.0; 3];
+            for thread in w {
+                let Some((_, times)) = thread.rsplit_once('=') else {
+                    continue;
+                };
+                let n: Vec<f64> = times.split('/').filter_map(|x| x.parse().ok()).collect();
+                let [all, _, guest] = n[..] else {
+                    continue;
+                };
+                if guest > 0.0 {
+                    vmm[0] += guest;
+                    vmm[1] += all - guest;
+                } else {
+                    vmm[2] += all;
                 }
-                seen.extend((0..3).map(|i| (t, i, rows[i])));
             }
-            "HOSTCPU" => {
-                let idle: f64 = w
-                    .filter_map(|x| x.split_once('='))
-                    .filter(|(k, _)| matches!(*k, "idle" | "iowait"))
-                    .filter_map(|(_, v)| v.parse::<f64>().ok())
-                    .sum();
-                seen.push((t, 3, idle));
+            for (cell, v) in cells.iter_mut().zip(vmm) {
+                *cell = Some(v);
             }
-            _ => {}
+        } else {
+            let (mut busy, mut idle) = (0.0, 0.0);
+            for (k, v) in w.filter_map(|x| x.split_once('=')) {
+                let Ok(v) = v.parse::<f64>() else { continue };
+                match k {
+                    "idle" | "iowait" => idle += v,
+                    // Guest time is in user time already.
+                    "guest" => {}
+                    _ => busy += v,
+                }
+            }
+            cells[3] = Some(busy);
+            cells[4] = Some(idle);
         }
     }
-    if seen.is_empty() {
+    // The rest of the host: its busy time less the VMM's threads', where both were read.
+    for (_, cells) in &mut boots {
+        cells[3] = match (cells[0], cells[1], cells[2], cells[3]) {
+            (Some(a), Some(b), Some(c), Some(busy)) => Some((busy - a - b - c).max(0.0)),
+            _ => None,
+        };
+    }
+    if boots.is_empty() {
         return String::new();
     }
-    let mut md = String::from("
-Where the host's CPU time went, ms, median of the boots (each thread's time when the guest was up, `THREADS`; the host's idle time from `/proc/stat`, `HOSTCPU`):\n\n| CPU time |");
+    let mut md = String::from("\nWhere the host's CPU time went from the VMM's start to the guest being up, ms, median of the boots (each VMM thread's time, `THREADS`; the host's, from `/proc/stat`, `HOSTCPU`):\n\n| CPU time |");
     for t in targets {
         let _ = write!(md, " {t} |");
     }
@@ -1078,10 +1115,10 @@ Where the host's CPU time went, ms, median of the boots (each thread's time when
     for (i, row) in ROWS.iter().enumerate() {
         let _ = write!(md, "| {row} |");
         for t in targets {
-            let v: Vec<f64> = seen
+            let v: Vec<f64> = boots
                 .iter()
-                .filter(|s| s.0 == *t && s.1 == i)
-                .map(|s| s.2)
+                .filter(|((target, _), _)| target == t)
+                .filter_map(|(_, cells)| cells[i])
                 .collect();
             let cell = median(&v).map_or_else(|| "–".to_owned(), |m| format!("{m:.0}"));
             let _ = write!(md, " {cell} |");
@@ -1224,11 +1261,12 @@ mod tests {
 
     #[test]
     fn the_cpu_table_splits_vcpus_from_the_other_threads() {
-        // Two boots each: vCPU threads are those with guest time.
+        // Two boots each: vCPU threads are those with guest time; the host's guest time is in
+        // its user time already.
         let out = "THREADS vmm 1 vmm:1=100/90/0 vcpu0:2=5000/400/4000 io0:3=300/100/0\n\
-                   HOSTCPU vmm 1 user=9000 system=800 idle=50 iowait=10 guest=4000\n\
+                   HOSTCPU vmm 1 user=5300 system=900 idle=50 iowait=10 guest=4000\n\
                    THREADS vmm 2 vmm:1=200/90/0 vcpu0:2=7000/400/6000 io0:3=500/100/0\n\
-                   HOSTCPU vmm 2 user=9000 system=800 idle=70 iowait=10 guest=6000\n\
+                   HOSTCPU vmm 2 user=7500 system=900 idle=70 iowait=10 guest=6000\n\
                    THREADS qemu 1 qemu-system-x86:7=900/100/0 qemu-system-x86:8=6000/600/5500\n\
                    THREADS qemu 2 qemu-system-x86:7=1100/100/0 qemu-system-x86:8=6000/600/5500\n";
         let md = cpu_table(out, &["qemu", "vmm"]);
@@ -1245,8 +1283,10 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("(I/O, main loop) | 1000 | 550 |"), "{md}");
+        // Busy 6200 and 8400 less the VMM's 5400 and 7700.
+        assert!(md.contains("the harness) | – | 750 |"), "{md}");
         // QEMU's boots had no HOSTCPU line.
-        assert!(md.contains("VMM start to exit | – | 70 |"), "{md}");
+        assert!(md.contains("| the host's CPUs idle | – | 70 |"), "{md}");
         assert_eq!(cpu_table("BOOT vmm 1 1.0 2 1\n", &["vmm"]), "");
     }
 
