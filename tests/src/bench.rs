@@ -927,15 +927,11 @@ fn memory_table(output: &str, targets: &[&str]) -> String {
     if seen.is_empty() {
         return String::new();
     }
-    let mut md = String::from(
-        "\nMemory beyond guest RAM by kind of mapping, KiB, median of the boots (`tests/src/memory.rs`):\n\n| kind |",
+    let mut md = table_head(
+        "Memory beyond guest RAM by kind of mapping, KiB, median of the boots (`tests/src/memory.rs`):",
+        "kind",
+        targets.iter().map(ToString::to_string),
     );
-    for t in targets {
-        let _ = write!(md, " {t} |");
-    }
-    md.push_str("\n|---|");
-    md.push_str(&"---|".repeat(targets.len()));
-    md.push('\n');
     for kind in kinds {
         let _ = write!(md, "| {kind} |");
         for &t in targets {
@@ -983,20 +979,18 @@ fn phase_table(output: &str, targets: &[&str], phases: &[Phase]) -> String {
     if all.is_empty() {
         return String::new();
     }
-    let mut md = String::from("\nWhere the time goes, ms, median of the boots (milestones from the VMM's debug log, the guest's dmesg and systemd, `tests/src/phases.rs`):\n\n| phase |");
-    for t in targets {
-        let _ = write!(md, " {t} |");
-    }
     // vmm over QEMU, then over each variant (the columns named vmm-NAME).
     let others: Vec<&str> = std::iter::once("qemu")
         .chain(targets.iter().copied().filter(|t| t.starts_with("vmm-")))
         .collect();
-    for o in &others {
-        let _ = write!(md, " vmm / {o} |");
-    }
-    md.push_str("\n|---|");
-    md.push_str(&"---|".repeat(targets.len() + others.len()));
-    md.push('\n');
+    let mut md = table_head(
+        "Where the time goes, ms, median of the boots (milestones from the VMM's debug log, the guest's dmesg and systemd, `tests/src/phases.rs`):",
+        "phase",
+        targets
+            .iter()
+            .map(ToString::to_string)
+            .chain(others.iter().map(|o| format!("vmm / {o}"))),
+    );
     for (name, from, to) in phases {
         let _ = write!(md, "| {name} |");
         let mut by = Vec::new();
@@ -1105,13 +1099,11 @@ fn cpu_table(output: &str, targets: &[&str]) -> String {
     if boots.is_empty() {
         return String::new();
     }
-    let mut md = String::from("\nWhere the host's CPU time went from the VMM's start to the guest being up, ms, median of the boots (each VMM thread's time, `THREADS`; the host's, from `/proc/stat`, `HOSTCPU`):\n\n| CPU time |");
-    for t in targets {
-        let _ = write!(md, " {t} |");
-    }
-    md.push_str("\n|---|");
-    md.push_str(&"---|".repeat(targets.len()));
-    md.push('\n');
+    let mut md = table_head(
+        "Where the host's CPU time went from the VMM's start to the guest being up, ms, median of the boots (each VMM thread's time, `THREADS`; the host's, from `/proc/stat`, `HOSTCPU`):",
+        "CPU time",
+        targets.iter().map(ToString::to_string),
+    );
     for (i, row) in ROWS.iter().enumerate() {
         let _ = write!(md, "| {row} |");
         for t in targets {
@@ -1159,13 +1151,11 @@ fn startup_table(output: &str, targets: &[&str]) -> String {
     if columns.is_empty() {
         return String::new();
     }
-    let mut md = String::from("\nvmm's own start-up, µs from its start (the process started by the harness), median:\n\n| step |");
-    for c in &columns {
-        let _ = write!(md, " {c} µs |");
-    }
-    md.push_str("\n|---|");
-    md.push_str(&"---|".repeat(columns.len()));
-    md.push('\n');
+    let mut md = table_head(
+        "vmm's own start-up, µs from its start (the process started by the harness), median:",
+        "step",
+        columns.iter().map(|c| format!("{c} µs")),
+    );
     for (step, v) in steps {
         let _ = write!(md, "| {step} |");
         for c in &columns {
@@ -1179,6 +1169,21 @@ fn startup_table(output: &str, targets: &[&str]) -> String {
         }
         md.push('\n');
     }
+    md
+}
+
+/// A Markdown table's caption (a paragraph of its own) and head: its first column's heading,
+/// then one per column.
+fn table_head(caption: &str, first: &str, columns: impl Iterator<Item = String>) -> String {
+    let mut md = format!("\n{caption}\n\n| {first} |");
+    let mut count = 0;
+    for c in columns {
+        let _ = write!(md, " {c} |");
+        count += 1;
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---|".repeat(count));
+    md.push('\n');
     md
 }
 
