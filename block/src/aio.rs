@@ -531,8 +531,9 @@ impl Aio {
     /// Opens a batch: until the returned guard is dropped, the requests the io_uring engine
     /// takes are queued on its ring and the kernel is told of them together, `max` requests at
     /// a time (0: [`DEFAULT_MAX_BATCH`]) and the rest when the batch ends, in one
-    /// `io_uring_enter` rather than one each; after QEMU's `blk_io_plug` and `aio-max-batch`. Batches nest: the outermost's
-    /// `max` counts. The worker pool's requests start at once, as before. Nothing orders
+    /// `io_uring_enter` rather than one each; after QEMU's `blk_io_plug` and `aio-max-batch`.
+    /// Batches nest: the outermost's `max` counts. The worker pool's requests start at once, as
+    /// before. Nothing orders
     /// requests in flight together on either engine, so holding some back changes no ordering
     /// a caller may rely on (a flush covers the writes completed before it was submitted).
     pub fn batch(&self, max: u64) -> Batch<'_> {
@@ -802,24 +803,10 @@ mod tests {
     // Tests of submission, completion and draining against a raw file image with a gate.
     #![allow(clippy::unwrap_used)]
 
-    use super::test_image::{reap_one, seg, signalled_within, RawFile};
+    use super::test_image::{reap_one, roundtrip, seg, signalled_within, RawFile};
     use super::*;
     use std::sync::atomic::Ordering;
     use std::time::Duration;
-
-    /// Submits one request and reaps its completion, checking the token came back.
-    fn roundtrip(aio: &Aio, op: Op, offset: u64, segs: Vec<IoSeg>, token: u64) -> Completion {
-        aio.submit(Request {
-            op,
-            offset,
-            segs,
-            token,
-        })
-        .unwrap();
-        let done = reap_one(aio);
-        assert_eq!(done.request.token, token);
-        done
-    }
 
     #[test]
     fn write_then_read_back_across_segments() {

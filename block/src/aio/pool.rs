@@ -294,7 +294,7 @@ fn next_offset(offset: u64, len: usize, size: u64) -> Result<u64, Error> {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use super::super::test_image::{reap_one, seg, RawFile};
+    use super::super::test_image::{reap_one, roundtrip, seg, RawFile};
     use super::super::{Aio, AioError, Request};
     use super::*;
     use std::sync::atomic::Ordering;
@@ -513,26 +513,16 @@ mod tests {
         let data: Vec<u8> = (0..251u8).cycle().take(len).collect();
         let (mut a, mut b) = (data[..5000].to_vec(), data[5000..].to_vec());
         let at = 1 << 20;
-        aio.submit(Request {
-            op: Op::Write,
-            offset: at,
-            segs: vec![seg(&mut a), seg(&mut b)],
-            token: 1,
-        })
-        .unwrap();
-        reap_one(&aio).result.unwrap();
+        roundtrip(&aio, Op::Write, at, vec![seg(&mut a), seg(&mut b)], 1)
+            .result
+            .unwrap();
         let (mut c, mut d) = (
             vec![0u8; BOUNCE_MAX + 100],
             vec![0u8; len - BOUNCE_MAX - 100],
         );
-        aio.submit(Request {
-            op: Op::Read,
-            offset: at,
-            segs: vec![seg(&mut c), seg(&mut d)],
-            token: 2,
-        })
-        .unwrap();
-        reap_one(&aio).result.unwrap();
+        roundtrip(&aio, Op::Read, at, vec![seg(&mut c), seg(&mut d)], 2)
+            .result
+            .unwrap();
         assert!(c.iter().chain(&d).eq(&data), "read back what was written");
         // The file holds it at the request's offset, and nothing before it.
         let mut file = vec![0u8; len + 4096];

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::{Aio, Completion, IoSeg};
+use super::{Aio, Completion, IoSeg, Op, Request};
 use crate::direct::{DirectPin, DirectTarget, Extent};
 use crate::{BlockStatus, DiskImage, Error};
 
@@ -147,4 +147,24 @@ pub(super) fn reap_one(aio: &Aio) -> Completion {
         }
     }
     got.expect("a completion within 10 s")
+}
+
+/// Submits one request and reaps its completion, checking the token came back.
+pub(super) fn roundtrip(
+    aio: &Aio,
+    op: Op,
+    offset: u64,
+    segs: Vec<IoSeg>,
+    token: u64,
+) -> Completion {
+    aio.submit(Request {
+        op,
+        offset,
+        segs,
+        token,
+    })
+    .unwrap();
+    let done = reap_one(aio);
+    assert_eq!(done.request.token, token);
+    done
 }
