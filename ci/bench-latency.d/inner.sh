@@ -19,6 +19,7 @@
 #   QEMU_BASELINE  the start of QEMU's command line (ci/qemu-baseline.args);
 #   QEMU_BASELINE_PCI  the same with microvm's PCIe root (pcie=on), for +pci boots.
 #   AIO_QEMU, AIO_VMM  each VMM's fastest aio engine (-drive aio=), for boots without +aio-.
+#   GUEST_TRACE  1: the guest traces its block layer while fio runs (raw/TAG.gt below).
 # Each boot: a 2-vCPU 1 GiB guest with initrd-fio.img, its one disk a fresh copy of the image, the
 # same flags for both VMMs (QEMU: microvm, -object iothread, -device virtio-blk-device or
 # virtio-blk-pci with microvm's pcie=on; +per-queue: VCPUS iothreads io0... and the JSON -device
@@ -60,6 +61,11 @@
 # host's wall clock), "start SPEED" and "fio-stop", each after this host's uptime), raw/TAG.lat
 # (every run of a part with stream loads: fio's completion log, "EPOCH_MS LAT_NS" per completion
 # of its measured window on the guest's wall clock, printed after its JSON as BENCH-LAT TAG lines),
+# raw/TAG.gt (GUEST_TRACE=1: the guest's block layer over the run, ramp included, from its
+# block_bio_queue, block_rq_issue and block_rq_complete tracepoints: "IOS BEFORE DEVICE P99 MAX",
+# the requests completed, the mean µs from the bio queued to the request issued to the driver
+# and from issued to completed (the notification, the VMM and the interrupt), and the p99 and
+# maximum of queued to completed, printed after the run as a BENCH-GT TAG line),
 # version-VMM.json (query-version), host.txt.
 set -u
 G=$GUEST_DIR
@@ -118,6 +124,7 @@ need raw || rm -f img/raw.raw
 # The guest's script: the fio runs of one boot (variables P CONFS RT NJ prepended). Its dmesg -n 1
 # keeps kernel messages (an RCU stall report under load) from landing inside the JSON on the console.
 guest_body='cd /tmp
+[ -z "$GT" ]||{ T=/sys/kernel/tracing;mount -t tracefs t $T;echo 8192 >$T/buffer_size_kb;for e in bio_queue rq_issue rq_complete;do echo 1 >$T/events/block/block_$e/enable;done;}
 irqs() { grep -E "CPU|virtio|ttyS|LOC|RES|CAL" /proc/interrupts; }
 jobs=--cpus_allowed=0
 [ $NJ = 1 ] || jobs="--numjobs=$NJ --cpus_allowed=0-$((NJ - 1)) --cpus_allowed_policy=split --group_reporting"
@@ -134,6 +141,7 @@ wr=""
 [ $ld = fsync-writer ] && wr="--name=writer --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=1 --fsync=1 --ramp_time=1 --runtime=$RT --time_based --cpus_allowed=1"
 irqs > i0
 echo BENCH-FIO-START $t
+[ -z "$GT" ]||echo >$T/trace
 rm -f f_*.log
 fio --eta=never --output-format=json --output=f.json --name=bench --filename=/dev/vda --direct=1 --ioengine=libaio --rw=$rw --bs=4k --iodepth=$qd --ramp_time=1 --runtime=$RT --time_based $jobs $LL $wr 2>f.err
 r=$?
@@ -144,6 +152,7 @@ case $ld in stream-*) echo BENCH-LOAD-OFF $t ;; esac
 dmesg -n 1 2>/dev/null
 echo BENCH-FIO-BEGIN $t; cat f.json; echo BENCH-FIO-END $t $r; sed "s/^/BENCH-FIO-ERR /" f.err
 [ -z "$LL" ] || cat f_clat.*.log | sed "s/^/BENCH-LAT $t /"
+[ -z "$GT" ]||awk "{for(i=6;i<NF;i++)if(\$i==\"+\")s=\$(i-1);x=\$4*1e6}/_queue:/{q[s]=x}/_issue:/&&q[s]{u[s]=x}/_complete:/&&u[s]{print u[s]-q[s],x-u[s],x-q[s]}" $T/trace|sort -nk3|awk -vt=$t "{a+=\$1;b+=\$2;c[NR]=\$3}END{if(NR)print \"BENCH-GT\",t,NR,a/NR,b/NR,c[int(NR*.99)+1],c[NR]}"
 sed "s/^/BENCH-IRQ0 $t /" i0; sed "s/^/BENCH-IRQ1 $t /" i1
 dmesg -n 4 2>/dev/null
 done
@@ -161,6 +170,10 @@ guest_script() {
   case " $CONFS" in
     *:stream-*) ;;
     *) body=$(printf '%s\n' "$body" | sed '/^\[ -z "\$LL" \]/d') ;;
+  esac
+  case " $1" in
+    *" GT=1"*) ;;
+    *) body=$(printf '%s\n' "$body" | sed '/^\[ -z "\$GT" \]/d') ;;
   esac
   printf '%s\n%s\n' "$1" "$body" | base64 | tr -d '\n'
 }
@@ -368,6 +381,7 @@ run_boot() {
   case " $CONFS" in
     *:stream-*) vars="$vars LL=\"--write_lat_log=f --log_avg_msec=0 --log_unix_epoch=1\"" ;;
   esac
+  [ "${GUEST_TRACE:-}" != 1 ] || vars="$vars GT=1"
   gs=$(guest_script "$vars" "$confs")
   n=$(echo $confs | wc -w)
   say "boot $vmm $place $image$([ "$ROUNDS" = 1 ] || echo " round $round") ($n configurations)"
@@ -429,6 +443,10 @@ run_boot() {
   awk -v dir="$OUT_DIR/raw" -v round="$round" -v rounds="$ROUNDS" '
     $1 == "BENCH-LAT" { gsub(",", "")
       print $3, $4 > (dir "/" $2 (rounds == 1 ? "" : ".r" round) ".lat") }' "$log.log"
+  # Each run's guest block-layer figures (GUEST_TRACE=1), raw/TAG.gt.
+  awk -v dir="$OUT_DIR/raw" -v round="$round" -v rounds="$ROUNDS" '
+    $1 == "BENCH-GT" && NF == 7 {
+      print $3, $4, $5, $6, $7 > (dir "/" $2 (rounds == 1 ? "" : ".r" round) ".gt") }' "$log.log"
   # Each run's guest interrupts: /proc/interrupts just before fio and just after, summed over
   # the vCPUs, as "NAME DELTA" (NAME: the line's device, e.g. virtio0-req.1, or LOC, RES, CAL).
   awk -v dir="$OUT_DIR/raw" -v round="$round" -v rounds="$ROUNDS" '

@@ -5,15 +5,16 @@ qemu, PLACEMENT main-loop or iothread, then +pci for a virtio-blk-pci disk (else
 +per-queue for one iothread per queue (iothread+pci only), +nopoll for iothreads with
 poll-max-ns=0 and +aio-ENGINE for the drive's aio=ENGINE (threads, io_uring or native; without
 it each VMM's best engine, machine.txt's aio_best.VMM), with .rN for round N when there are
-several; raw/TAG.polls; raw/TAG.sched; raw/TAG.stages; raw/TAG.irq; raw/TAG.stream;
+several; raw/TAG.polls; raw/TAG.sched; raw/TAG.stages; raw/TAG.irq; raw/TAG.stream; raw/TAG.gt;
 raw/host.PLACEMENT.IMAGE.RW.qdN.native.json, the host-native baseline; machine.txt, host.txt,
 version-*.json) and writes summary.json (one object per configuration, the fields issue 6 names,
 each figure the median over the rounds, plus `runs`, `completions` (the fewest of a round),
 `transport`, `mapping`, `poll`, `aio`, `lat_us.max`, `cpu_us_per_io`, `irq_per_io`, vmm's
-`stages_us` and the baseline under `host_native`), summary.md (the host, both VMMs' versions and
-drive options, the table, each VMM's percentiles as host-native + overhead with the samples
-behind the tail ones and its CPU per I/O, where vmm's requests spent their time by stage, the
-guest's interrupts per I/O by kind, each VMM's aio engines side by side, PCI over MMIO, one
+`stages_us`, with --guest-trace `guest_block_us`, and the baseline under `host_native`),
+summary.md (the host, both VMMs' versions and drive options, the table, each VMM's percentiles
+as host-native + overhead with the samples behind the tail ones and its CPU per I/O, where vmm's
+requests spent their time by stage, the guest's interrupts per I/O by kind, with --guest-trace
+where fio's latency went in the guest, each VMM's aio engines side by side, PCI over MMIO, one
 iothread per queue over one and polling off over on per VMM, vmm over QEMU with an A/B verdict
 per row on IOPS and p99 from the per-round figures (abtest.py), the rows listed by verdict, vmm
 over each variant with the same verdicts (in summary.json the vmm row's `vs_qemu` and
@@ -162,6 +163,9 @@ def parse_run(path):
                                        side["iops"] * doc["jobs"][0].get("elapsed", 0))
         obj["stages_us"] = stage_means(path.with_suffix(".stages"))
         obj["reaps"] = reap_figures(path.with_suffix(".stages"))
+        block = guest_block(path.with_suffix(".gt"))
+        if block:
+            obj["guest_block_us"] = block
     if load.startswith("stream-"):
         obj["stream"] = stream_record(path.with_suffix(".stream"), side.get("runtime", 0) / 1000)
     # A stream part's completion log: a stream's figures from its run's completions only, and
@@ -212,6 +216,23 @@ def irq_per_io(path, ios):
                  if name.startswith("virtio") and not name.endswith("-config"))
     return {"virtio": virtio / ios, "timer": counts.get("LOC", 0) / ios,
             "ipi": (counts.get("RES", 0) + counts.get("CAL", 0)) / ios}
+
+
+def guest_block(path):
+    """{"ios", "before", "device", "p99", "max"}: the guest's block layer over a fio run, from
+    raw/TAG.gt (inner.sh, --guest-trace: "IOS BEFORE DEVICE P99 MAX", the requests its trace saw
+    complete, the mean µs from the bio queued to the request issued to the driver and from
+    issued to completed, and the p99 and maximum of queued to completed). Empty without it."""
+    if not path.exists():
+        return {}
+    parts = path.read_text(errors="replace").split()
+    try:
+        values = [float(v) for v in parts]
+    except ValueError:
+        return {}
+    if len(values) != 5 or not values[0]:
+        return {}
+    return dict(zip(("ios", "before", "device", "p99", "max"), values))
 
 
 def is_vcpu(thread):
@@ -338,6 +359,10 @@ def combine(rounds):
             obj["reaps"] = medians("reaps")
         if "irq_per_io" in first:
             obj["irq_per_io"] = medians("irq_per_io")
+        if "guest_block_us" in first:
+            obj["guest_block_us"] = {
+                k: median_or_none([r[0].get("guest_block_us", {}).get(k) for r in runs])
+                for k in first["guest_block_us"]}
         points = [dict(r[2]) for r in runs]
         curve = [(p, statistics.median(pts[p] for pts in points))
                  for p, _ in runs[0][2] if all(p in pts for pts in points)]
@@ -762,6 +787,38 @@ def irq_table(runs):
             "|---|---|---|---|---|---|---|---|---|"] + rows
 
 
+def guest_block_table(runs):
+    """Where fio's latency went in the guest (--guest-trace), for every VMM row traced."""
+    rows = []
+    for obj in (r[0] for r in runs if r[0].get("guest_block_us")):
+        block = obj["guest_block_us"]
+        fio = obj["lat_us"]["lat_mean"]
+        inside = (block["before"] + block["device"]
+                  if None not in (block.get("before"), block.get("device")) else None)
+        rest = fio - inside if None not in (fio, inside) else None
+        cells = [fio, block.get("before"), block.get("device"), rest, block.get("p99"),
+                 block.get("max"), obj["lat_us"]["p99"]]
+        rows.append(f"| {obj['vmm']} | {obj['placement']} | {obj['image']} | {obj['rw']} | "
+                    f"{obj['iodepth']} | {obj['load']} | " + " | ".join(fmt(c) for c in cells)
+                    + f" | {fmt(block.get('ios'))} |")
+    if not rows:
+        return []
+    return ["", "## Where fio's latency went in the guest (µs)", "",
+            "From the guest's block-layer tracepoints over each fio run, ramp included "
+            "(`--guest-trace`: block_bio_queue, block_rq_issue, block_rq_complete). fio: its "
+            "mean latency (`lat`); before the driver: the bio queued to the request issued to "
+            "virtio-blk (the guest's block layer); device: issued to completed (the "
+            "notification, the VMM or QEMU, the host's I/O and the interrupt, up to the guest "
+            "completing the request); rest: fio's mean less those two (the completion reaching "
+            "fio, and fio's own path); then the block layer's p99 and maximum of queued to "
+            "completed beside fio's p99 (clat): a fio tail well beyond the block layer's is "
+            "the guest's, not the device's. Tracing costs the guest CPU: compare rows of one "
+            "run.", "",
+            "| VMM | placement | image | rw | QD | load | fio | before the driver | device | "
+            "rest | block p99 | block max | fio p99 | requests traced |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"] + rows
+
+
 def plot(runs, path):
     """One panel per configuration, vmm's and QEMU's percentile curves on a 'nines' axis."""
     import matplotlib
@@ -921,6 +978,7 @@ def main():
     md += over_host(runs, baselines)
     md += stage_table(runs)
     md += irq_table(runs)
+    md += guest_block_table(runs)
     md += aio_engines(runs, best)
     by = {tag(r[0]): r[0] for r in runs}
     md += suffix_over(runs, "pci", "PCI over MMIO")

@@ -4,6 +4,7 @@ ci/unit): the script runs as its inner half does, in sh, on the plans ci/bench-l
 import base64
 import os
 import subprocess
+import tempfile
 import unittest
 
 INNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "inner.sh")
@@ -57,6 +58,46 @@ class GuestScript(unittest.TestCase):
             for line in kept:
                 self.assertIn(line, script, confs)
             subprocess.run(["sh", "-n", "-c", script], check=True)
+
+    def test_the_guest_trace_fits_beside_every_quiet_plan_and_goes_without_it(self):
+        quiet = " ".join(f"{rw}:{qd}:quiet" for rw in ("randread", "randwrite") for qd in (1, 32))
+        for confs in (quiet, "randread:32:quiet"):
+            traced = guest_script(plan(confs) + " GT=1", confs)
+            self.assertLessEqual(len(APPEND.format(traced)), KERNEL_CMDLINE_MAX, confs)
+            script = base64.b64decode(traced).decode()
+            self.assertEqual(script.count('[ -z "$GT" ]'), 3)
+            subprocess.run(["sh", "-n", "-c", script], check=True)
+            script = base64.b64decode(guest_script(plan(confs), confs)).decode()
+            self.assertNotIn("$GT", script)
+
+    def test_the_guest_trace_sums_up_each_request_from_queued_to_completed(self):
+        confs = "randread:32:quiet"
+        script = base64.b64decode(guest_script(plan(confs) + " GT=1", confs)).decode()
+        summary = next(line for line in script.splitlines()
+                       if line.startswith('[ -z "$GT" ]||awk'))
+        # Three reads as the kernel's trace file shows them (another request's events between
+        # each one's), two completed: 10 + 400 µs and 20 + 3,000 µs; the third never completes.
+        events = [("fio-80", "001", "100.000100", "block_bio_queue", "254,0 R 2048 + 8 [fio]"),
+                  ("fio-81", "002", "100.000110", "block_bio_queue", "254,0 R 4096 + 8 [fio]"),
+                  ("fio-80", "001", "100.000110", "block_rq_issue",
+                   "254,0 R 4096 () 2048 + 8 none,0,0 [fio]"),
+                  ("fio-81", "002", "100.000130", "block_rq_issue",
+                   "254,0 R 4096 () 4096 + 8 none,0,0 [fio]"),
+                  ("fio-80", "001", "100.000200", "block_bio_queue", "254,0 R 8192 + 8 [fio]"),
+                  ("<idle>-0", "000", "100.000510", "block_rq_complete",
+                   "254,0 R () 2048 + 8 none,0,0 [0]"),
+                  ("<idle>-0", "000", "100.003130", "block_rq_complete",
+                   "254,0 R () 4096 + 8 none,0,0 [0]")]
+        with tempfile.TemporaryDirectory() as tracing:
+            with open(os.path.join(tracing, "trace"), "w", encoding="utf-8") as f:
+                f.write("# tracer: nop\n#\n")
+                for task, cpu, at, event, fields in events:
+                    f.write(f"{task:>16} [{cpu}] ..... {at:>12}: {event}: {fields}\n")
+            out = subprocess.run(["sh", "-c", f"GT=1 T={tracing} t=TAG; {summary}"],
+                                 check=True, capture_output=True, text=True).stdout.split()
+        self.assertEqual(out[:3], ["BENCH-GT", "TAG", "2"])
+        # Means of before the driver and at the device; the p99 and the maximum: the slower.
+        self.assertEqual([round(float(v)) for v in out[3:]], [15, 1700, 3020, 3020])
 
 
 if __name__ == "__main__":

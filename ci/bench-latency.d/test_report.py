@@ -10,7 +10,7 @@ from report import (ab_verdicts, aio_engines, baseline_key, beyond, combine, cpu
                     parse_run, plus, reap_figures, sort_key, stage_means, suffix_over, tag,
                     vmm_over)
 from report import per_round_figures, round_ratios, stream_cost, unequal_work
-from report import fio_jobs, irq_per_io, irq_table
+from report import fio_jobs, guest_block, guest_block_table, irq_per_io, irq_table
 from streamcost import MIB
 
 
@@ -147,6 +147,41 @@ class ReportFigures(unittest.TestCase):
         self.assertEqual(runs[0][0]["irq_per_io"], {"virtio": 0.3, "timer": 0.8, "ipi": 0.1})
         self.assertIn("| vmm | iothread+pci | qcow2 | randread | 32 | quiet | 0.30 | 0.80 | 0.10 |",
                       irq_table(runs))
+
+    def test_where_fios_latency_went_in_the_guest(self):
+        self.assertEqual(guest_block(self.write("a.gt", "2000 300.5 4000 9000 12000\n")),
+                         {"ios": 2000, "before": 300.5, "device": 4000, "p99": 9000,
+                          "max": 12000})
+        # No trace, a trace that saw nothing, a torn line: no figures.
+        self.assertEqual(guest_block(self.dir / "missing.gt"), {})
+        self.assertEqual(guest_block(self.write("b.gt", "0 0 0 0 0\n")), {})
+        self.assertEqual(guest_block(self.write("c.gt", "2000 300 4000\n")), {})
+        raw = self.dir / "raw"
+        raw.mkdir()
+        rounds = []
+        # Two rounds: fio's mean latency 5,000 and 7,000 µs, its p99 200 (PCT) both times; the
+        # block layer's p99 9,000 and 11,000, so the median row reads 10,000.
+        for rnd, (fio_mean, p99) in enumerate(((5000, 9000), (7000, 11000)), 1):
+            name = f"vmm.iothread.qcow2.randread.qd32.quiet.r{rnd}"
+            doc = fio_json("randread", 500, 2500, PCT, 450, lat_mean_us=fio_mean)
+            (raw / f"{name}.json").write_text(json.dumps(doc))
+            (raw / f"{name}.gt").write_text(f"2000 300 4000 {p99} 12000\n")
+            run, why = parse_run(raw / f"{name}.json")
+            self.assertIsNone(why)
+            rounds.append((*run, ""))
+        # QEMU's run was not traced: no row of its own, nothing borrowed from vmm's.
+        doc = fio_json("randread", 400, 2000, PCT, 450, lat_mean_us=8000)
+        (raw / "qemu.iothread.qcow2.randread.qd32.quiet.r1.json").write_text(json.dumps(doc))
+        run, why = parse_run(raw / "qemu.iothread.qcow2.randread.qd32.quiet.r1.json")
+        self.assertIsNone(why)
+        runs = combine(rounds + [(*run, "")])
+        self.assertEqual(runs[0][0]["guest_block_us"]["p99"], 10000)
+        table = guest_block_table(runs)
+        # fio 6,000 = 300 before the driver + 4,000 at the device + 1,700 after.
+        self.assertIn("| vmm | iothread | qcow2 | randread | 32 | quiet | 6,000 | 300 | 4,000 | "
+                      "1,700 | 10,000 | 12,000 | 200 | 2,000 |", table)
+        self.assertFalse([row for row in table if row.startswith("| qemu")])
+        self.assertEqual(guest_block_table(combine([(*run, "")])), [])
 
     def test_fio_jobs_from_the_machine_file(self):
         self.assertEqual(fio_jobs({}), "one job pinned to vCPU 0")
