@@ -439,14 +439,12 @@ run_boot() {
     /^BENCH-FIO-BEGIN /{f=dir "/" $2 (rounds == 1 ? "" : ".r" round) ".json"; next}
     /^BENCH-FIO-END /{if (f != "") {close(f ".part"); system("mv " f ".part " f)}; f=""; next}
     f != "" {print > (f ".part")}' "$log.log"
-  # Each run's completion log (stream parts): "EPOCH_MS LAT_NS" per completion, raw/TAG.lat.
+  # In one pass: each run's completion log (stream parts), "EPOCH_MS LAT_NS" per completion,
+  # raw/TAG.lat; its guest block-layer figures (GUEST_TRACE=1), raw/TAG.gt.
   awk -v dir="$OUT_DIR/raw" -v round="$round" -v rounds="$ROUNDS" '
-    $1 == "BENCH-LAT" { gsub(",", "")
-      print $3, $4 > (dir "/" $2 (rounds == 1 ? "" : ".r" round) ".lat") }' "$log.log"
-  # Each run's guest block-layer figures (GUEST_TRACE=1), raw/TAG.gt.
-  awk -v dir="$OUT_DIR/raw" -v round="$round" -v rounds="$ROUNDS" '
-    $1 == "BENCH-GT" && NF == 7 {
-      print $3, $4, $5, $6, $7 > (dir "/" $2 (rounds == 1 ? "" : ".r" round) ".gt") }' "$log.log"
+    { out = dir "/" $2 (rounds == 1 ? "" : ".r" round) }
+    $1 == "BENCH-LAT" { gsub(",", ""); print $3, $4 > (out ".lat") }
+    $1 == "BENCH-GT" && NF == 7 { print $3, $4, $5, $6, $7 > (out ".gt") }' "$log.log"
   # Each run's guest interrupts: /proc/interrupts just before fio and just after, summed over
   # the vCPUs, as "NAME DELTA" (NAME: the line's device, e.g. virtio0-req.1, or LOC, RES, CAL).
   awk -v dir="$OUT_DIR/raw" -v round="$round" -v rounds="$ROUNDS" '
