@@ -533,9 +533,9 @@ impl Aio {
     /// a time (0: [`DEFAULT_MAX_BATCH`]) and the rest when the batch ends, in one
     /// `io_uring_enter` rather than one each; after QEMU's `blk_io_plug` and `aio-max-batch`.
     /// Batches nest: the outermost's `max` counts. The worker pool's requests start at once, as
-    /// before. Nothing orders
-    /// requests in flight together on either engine, so holding some back changes no ordering
-    /// a caller may rely on (a flush covers the writes completed before it was submitted).
+    /// before. Nothing orders requests in flight together on either engine, so holding some
+    /// back changes no ordering a caller may rely on (a flush covers the writes completed before
+    /// it was submitted).
     pub fn batch(&self, max: u64) -> Batch<'_> {
         if self.batches.fetch_add(1, Ordering::AcqRel) == 0 {
             let max = match usize::try_from(max) {
